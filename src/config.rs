@@ -1,0 +1,713 @@
+//! Configuration: every flag, its `TRIGGERS_*` environment variable and its default, in one table.
+//!
+//! A value is taken from the command line first, then from the environment, then from the default.
+//! Unknown flags, unknown `TRIGGERS_*` variables and malformed values stop start-up with a message
+//! that names the option; relations between limits are checked in [`Config::validate`].
+
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+/// What the process was asked to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Command {
+    /// Run the server (the default).
+    Serve,
+    /// Apply pending migrations and exit.
+    Migrate,
+    /// Print the help text and exit.
+    Help,
+    /// Print the version and exit.
+    Version,
+}
+
+/// When a `POST /api/events` is answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AckMode {
+    /// 201 once the event's transaction has committed.
+    Durable,
+    /// 202 once the event is queued for the store; a crash loses what is queued.
+    Fast,
+}
+
+/// Which monoio driver the ingress cores run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IoDriver {
+    /// io_uring when the kernel allows it, else epoll.
+    Auto,
+    /// io_uring or fail to start.
+    Uring,
+    /// epoll (monoio's legacy driver).
+    Epoll,
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// One JSON object per line.
+    Json,
+    /// Human-readable lines.
+    Text,
+}
+
+/// A configuration error, naming the option at fault.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError(pub String);
+
+impl std::fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// Parses one option value from its text form.
+pub trait OptionValue: Sized {
+    /// Parse `text`; the error is a short phrase saying what was expected.
+    fn parse_value(text: &str) -> Result<Self, String>;
+    /// Whether a bare `--flag` (no value) means "true".
+    const IS_FLAG: bool = false;
+}
+
+impl OptionValue for String {
+    fn parse_value(text: &str) -> Result<Self, String> {
+        Ok(text.to_string())
+    }
+}
+
+impl OptionValue for Option<String> {
+    fn parse_value(text: &str) -> Result<Self, String> {
+        Ok(if text.is_empty() {
+            None
+        } else {
+            Some(text.to_string())
+        })
+    }
+}
+
+impl OptionValue for bool {
+    fn parse_value(text: &str) -> Result<Self, String> {
+        match text.to_ascii_lowercase().as_str() {
+            "true" | "1" | "yes" | "on" => Ok(true),
+            "false" | "0" | "no" | "off" => Ok(false),
+            _ => Err("expected true or false".into()),
+        }
+    }
+    const IS_FLAG: bool = true;
+}
+
+impl OptionValue for usize {
+    fn parse_value(text: &str) -> Result<Self, String> {
+        text.replace('_', "")
+            .parse()
+            .map_err(|_| "expected a whole number".into())
+    }
+}
+
+impl OptionValue for u64 {
+    fn parse_value(text: &str) -> Result<Self, String> {
+        text.replace('_', "")
+            .parse()
+            .map_err(|_| "expected a whole number".into())
+    }
+}
+
+impl OptionValue for SocketAddr {
+    fn parse_value(text: &str) -> Result<Self, String> {
+        text.parse()
+            .map_err(|_| "expected an address such as 0.0.0.0:8080".into())
+    }
+}
+
+impl OptionValue for Option<SocketAddr> {
+    fn parse_value(text: &str) -> Result<Self, String> {
+        if text.is_empty() || text == "off" {
+            return Ok(None);
+        }
+        SocketAddr::parse_value(text).map(Some)
+    }
+}
+
+impl OptionValue for AckMode {
+    fn parse_value(text: &str) -> Result<Self, String> {
+        match text {
+            "durable" => Ok(AckMode::Durable),
+            "fast" => Ok(AckMode::Fast),
+            _ => Err("expected durable or fast".into()),
+        }
+    }
+}
+
+impl OptionValue for IoDriver {
+    fn parse_value(text: &str) -> Result<Self, String> {
+        match text {
+            "auto" => Ok(IoDriver::Auto),
+            "uring" | "io_uring" | "io-uring" => Ok(IoDriver::Uring),
+            "epoll" | "legacy" => Ok(IoDriver::Epoll),
+            _ => Err("expected auto, uring or epoll".into()),
+        }
+    }
+}
+
+impl OptionValue for LogFormat {
+    fn parse_value(text: &str) -> Result<Self, String> {
+        match text {
+            "json" => Ok(LogFormat::Json),
+            "text" => Ok(LogFormat::Text),
+            _ => Err("expected json or text".into()),
+        }
+    }
+}
+
+/// A list of durations such as `1s,2s,4s` or `500ms,1s`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RetrySchedule(pub Vec<Duration>);
+
+impl OptionValue for RetrySchedule {
+    fn parse_value(text: &str) -> Result<Self, String> {
+        let mut delays = Vec::new();
+        for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            delays.push(parse_duration(part)?);
+        }
+        if delays.len() > 30 {
+            return Err("at most 30 retries".into());
+        }
+        Ok(RetrySchedule(delays))
+    }
+}
+
+/// Parses `250ms`, `2s`, `1m` or a bare number of seconds.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let err = || format!("`{text}` is not a duration such as 500ms, 2s or 1m");
+    let (digits, unit) = match text.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => text.split_at(i),
+        None => (text, "s"),
+    };
+    let n: u64 = digits.parse().map_err(|_| err())?;
+    match unit {
+        "ms" => Ok(Duration::from_millis(n)),
+        "s" => Ok(Duration::from_secs(n)),
+        "m" => Ok(Duration::from_secs(n * 60)),
+        _ => Err(err()),
+    }
+}
+
+macro_rules! options {
+    ($( $(#[doc = $doc:literal])+ $field:ident : $ty:ty = $default:expr, $flag:literal, $env:literal; )+) => {
+        /// The server's configuration. Each field documents its flag, environment variable and default.
+        #[derive(Debug, Clone)]
+        pub struct Config {
+            $( $(#[doc = $doc])+ pub $field: $ty, )+
+        }
+
+        /// (flag, environment variable, default, first doc line, whether it is a bare flag)
+        const OPTIONS: &[(&str, &str, &str, &str, bool)] = &[
+            $( ($flag, $env, $default, first_line(&[$($doc),+]), <$ty as OptionValue>::IS_FLAG), )+
+        ];
+
+        impl Config {
+            fn set(&mut self, flag: &str, text: &str) -> Result<(), String> {
+                match flag {
+                    $( $flag => { self.$field = <$ty as OptionValue>::parse_value(text)?; Ok(()) } )+
+                    _ => unreachable!("flag table and setter come from one macro"),
+                }
+            }
+
+            fn defaults() -> Self {
+                Config {
+                    $( $field: <$ty as OptionValue>::parse_value($default)
+                        .expect(concat!("default of --", $flag, " parses")), )+
+                }
+            }
+        }
+    };
+}
+
+const fn first_line(doc: &[&'static str]) -> &'static str {
+    doc[0]
+}
+
+options! {
+    /// Address the API listens on; every ingress core binds it with SO_REUSEPORT.
+    listen: SocketAddr = "0.0.0.0:8080", "listen", "TRIGGERS_LISTEN";
+    /// PostgreSQL connection URL (postgres://user:pass@host:port/db). Required. DATABASE_URL works too.
+    database_url: String = "", "database-url", "TRIGGERS_DATABASE_URL";
+    /// Address of the Prometheus /metrics listener; `off` disables it (/metrics stays on the API port).
+    metrics_listen: Option<SocketAddr> = "0.0.0.0:9090", "metrics-listen", "TRIGGERS_METRICS_LISTEN";
+    /// Ingress threads, one pinned per core, each with its own listener and org shard. 0: CPUs.
+    ingress_cores: usize = "0", "ingress-cores", "TRIGGERS_INGRESS_CORES";
+    /// `durable`: 201 after COMMIT. `fast`: 202 once queued (a crash loses queued events).
+    ack: AckMode = "durable", "ack", "TRIGGERS_ACK";
+    /// Bearer token required by POST /api/keys/generate; empty: key generation is open.
+    admin_token: Option<String> = "", "admin-token", "TRIGGERS_ADMIN_TOKEN";
+    /// Allow webhooks to loopback, private, link-local and CGNAT addresses.
+    allow_private_webhooks: bool = "false", "allow-private-webhooks", "TRIGGERS_ALLOW_PRIVATE_WEBHOOKS";
+    /// Delays before each retry of a failed delivery; one attempt plus one per entry.
+    retry_schedule: RetrySchedule = "1s,2s,4s,8s,16s", "retry-schedule", "TRIGGERS_RETRY_SCHEDULE";
+    /// `auto` (io_uring, else epoll), `uring` or `epoll`.
+    io_driver: IoDriver = "auto", "io-driver", "TRIGGERS_IO_DRIVER";
+    /// `json` or `text`.
+    log_format: LogFormat = "json", "log-format", "TRIGGERS_LOG_FORMAT";
+    /// Log filter: a level (error, warn, info, debug, trace) or `target=level,...`.
+    log: String = "info", "log", "TRIGGERS_LOG";
+    /// Worker threads of the store and delivery runtime (tokio). 0: half the CPUs, at least 1.
+    store_threads: usize = "0", "store-threads", "TRIGGERS_STORE_THREADS";
+    /// Group-commit writers: transactions in flight at once, each on its own connection.
+    store_writers: usize = "2", "store-writers", "TRIGGERS_STORE_WRITERS";
+    /// Connections for reads and small writes (inbox, ack, keys), beside the writers' own.
+    store_pool_size: usize = "8", "store-pool-size", "TRIGGERS_STORE_POOL_SIZE";
+    /// Most events in one group-commit transaction. Memory: about 1 KiB per queued event.
+    batch_events_max: usize = "4096", "batch-events-max", "TRIGGERS_BATCH_EVENTS_MAX";
+    /// How long a writer waits for more events before writing a partial batch, in microseconds.
+    /// 0 writes whatever is queued at once; batches still grow under load while the other writers commit.
+    batch_linger_us: u64 = "0", "batch-linger-us", "TRIGGERS_BATCH_LINGER_US";
+    /// Events waiting for a writer; beyond this POST /api/events answers 503 at once.
+    write_queue_events_max: usize = "16384", "write-queue-events-max", "TRIGGERS_WRITE_QUEUE_EVENTS_MAX";
+    /// Reads and small writes waiting for a connection; beyond this they answer 503 at once.
+    query_queue_max: usize = "4096", "query-queue-max", "TRIGGERS_QUERY_QUEUE_MAX";
+    /// Messages waiting at one core from the others (org hops); beyond this: 503.
+    hop_queue_max: usize = "16384", "hop-queue-max", "TRIGGERS_HOP_QUEUE_MAX";
+    /// Largest request body, in bytes; larger ones get 413 before the body is read.
+    body_bytes_max: usize = "524288", "body-bytes-max", "TRIGGERS_BODY_BYTES_MAX";
+    /// Largest event payload as received JSON text, in bytes; larger: 413.
+    payload_bytes_max: usize = "262144", "payload-bytes-max", "TRIGGERS_PAYLOAD_BYTES_MAX";
+    /// Largest request head (request line and headers), in bytes; larger: 431.
+    head_bytes_max: usize = "16384", "head-bytes-max", "TRIGGERS_HEAD_BYTES_MAX";
+    /// Time a client has to send a whole request head once it started, in ms; then 408 and close.
+    head_timeout_ms: u64 = "10000", "head-timeout-ms", "TRIGGERS_HEAD_TIMEOUT_MS";
+    /// Time a client has to send a whole body once the head arrived, in ms; then 408 and close.
+    body_timeout_ms: u64 = "30000", "body-timeout-ms", "TRIGGERS_BODY_TIMEOUT_MS";
+    /// An idle keep-alive connection is closed after this many ms.
+    idle_timeout_ms: u64 = "75000", "idle-timeout-ms", "TRIGGERS_IDLE_TIMEOUT_MS";
+    /// Open connections per ingress core; beyond this new ones get 503 and are closed.
+    connections_per_core_max: usize = "20000", "connections-per-core-max", "TRIGGERS_CONNECTIONS_PER_CORE_MAX";
+    /// Recent dedup ids remembered per core (about 40 bytes each) to answer repeats without a query.
+    dedup_window_entries: usize = "65536", "dedup-window-entries", "TRIGGERS_DEDUP_WINDOW_ENTRIES";
+    /// Verified keys cached per core (about 100 bytes each).
+    auth_cache_entries: usize = "65536", "auth-cache-entries", "TRIGGERS_AUTH_CACHE_ENTRIES";
+    /// Failed key checks allowed per client address per minute before it is refused without checking.
+    auth_failures_per_minute: usize = "60", "auth-failures-per-minute", "TRIGGERS_AUTH_FAILURES_PER_MINUTE";
+    /// Argon2id verifications running at once (each ~20 ms of CPU and 19 MiB); more wait their turn.
+    argon2_concurrency: usize = "2", "argon2-concurrency", "TRIGGERS_ARGON2_CONCURRENCY";
+    /// Longest a database round trip may take before the request gets 503, in ms.
+    db_timeout_ms: u64 = "5000", "db-timeout-ms", "TRIGGERS_DB_TIMEOUT_MS";
+    /// Longest a new database connection may take, in ms; also how fast an outage is noticed.
+    db_connect_timeout_ms: u64 = "1000", "db-connect-timeout-ms", "TRIGGERS_DB_CONNECT_TIMEOUT_MS";
+    /// Longest a graceful shutdown waits for in-flight requests and batches, in seconds.
+    shutdown_timeout_s: u64 = "25", "shutdown-timeout-s", "TRIGGERS_SHUTDOWN_TIMEOUT_S";
+    /// Time a webhook receiver has to answer one delivery, in ms.
+    delivery_timeout_ms: u64 = "10000", "delivery-timeout-ms", "TRIGGERS_DELIVERY_TIMEOUT_MS";
+    /// Deliveries in flight at once across all organizations.
+    delivery_concurrency: usize = "512", "delivery-concurrency", "TRIGGERS_DELIVERY_CONCURRENCY";
+    /// Deliveries in flight at once for one organization, so a slow receiver holds only its share.
+    delivery_org_concurrency: usize = "32", "delivery-org-concurrency", "TRIGGERS_DELIVERY_ORG_CONCURRENCY";
+    /// Deliveries held in memory; beyond this due work waits in the database and is claimed later.
+    delivery_queue_max: usize = "50000", "delivery-queue-max", "TRIGGERS_DELIVERY_QUEUE_MAX";
+    /// Longest a receiver's Retry-After is honoured, in seconds.
+    retry_after_max_s: u64 = "60", "retry-after-max-s", "TRIGGERS_RETRY_AFTER_MAX_S";
+    /// How long a node owns a claimed delivery before another node may take it over, in seconds.
+    delivery_lease_s: u64 = "60", "delivery-lease-s", "TRIGGERS_DELIVERY_LEASE_S";
+    /// How often due deliveries are claimed from the database, in ms.
+    delivery_poll_ms: u64 = "1000", "delivery-poll-ms", "TRIGGERS_DELIVERY_POLL_MS";
+}
+
+impl Config {
+    /// Parse `args` (without the program name) and the environment.
+    pub fn from_args_and_env<I, E>(args: I, env: E) -> Result<(Command, Config), ConfigError>
+    where
+        I: IntoIterator<Item = String>,
+        E: IntoIterator<Item = (String, String)>,
+    {
+        let mut config = Config::defaults();
+        let mut command = None;
+        let mut from_flags: Vec<(String, String)> = Vec::new();
+        let mut args = args.into_iter().peekable();
+        while let Some(arg) = args.next() {
+            if arg == "--help" || arg == "-h" || arg == "help" {
+                return Ok((Command::Help, config));
+            }
+            if arg == "--version" || arg == "-V" {
+                return Ok((Command::Version, config));
+            }
+            if let Some(rest) = arg.strip_prefix("--") {
+                let (name, inline) = match rest.split_once('=') {
+                    Some((n, v)) => (n.to_string(), Some(v.to_string())),
+                    None => (rest.to_string(), None),
+                };
+                let Some(&(_, _, _, _, is_flag)) = OPTIONS.iter().find(|o| o.0 == name) else {
+                    return Err(ConfigError(format!(
+                        "unknown flag --{name}; `triggers --help` lists them"
+                    )));
+                };
+                let value = match inline {
+                    Some(v) => v,
+                    None if is_flag => match args.peek().map(|v| bool::parse_value(v)) {
+                        Some(Ok(_)) => args.next().unwrap_or_default(),
+                        _ => "true".to_string(),
+                    },
+                    None => args
+                        .next()
+                        .ok_or_else(|| ConfigError(format!("flag --{name} needs a value")))?,
+                };
+                from_flags.push((name, value));
+                continue;
+            }
+            match (command, arg.as_str()) {
+                (None, "serve") => command = Some(Command::Serve),
+                (None, "migrate") => command = Some(Command::Migrate),
+                _ => {
+                    return Err(ConfigError(format!(
+                        "unexpected argument `{arg}`; commands are serve (default) and migrate"
+                    )))
+                }
+            }
+        }
+
+        let mut database_url_env = None;
+        let mut from_env: Vec<(String, String)> = Vec::new();
+        for (key, value) in env {
+            if key == "DATABASE_URL" {
+                database_url_env = Some(value);
+                continue;
+            }
+            if !key.starts_with("TRIGGERS_") {
+                continue;
+            }
+            match OPTIONS.iter().find(|o| o.1 == key) {
+                Some(o) => from_env.push((o.0.to_string(), value)),
+                None => {
+                    return Err(ConfigError(format!(
+                        "unknown environment variable {key}; `triggers --help` lists them"
+                    )))
+                }
+            }
+        }
+        if let Some(url) = database_url_env {
+            // TRIGGERS_DATABASE_URL, when also set, wins over the generic DATABASE_URL.
+            if !from_env.iter().any(|(f, _)| f == "database-url") {
+                from_env.insert(0, ("database-url".to_string(), url));
+            }
+        }
+        for (flag, value) in from_env {
+            let env = OPTIONS
+                .iter()
+                .find(|o| o.0 == flag)
+                .map(|o| o.1)
+                .unwrap_or("");
+            config
+                .set(&flag, &value)
+                .map_err(|why| ConfigError(format!("{env}={value:?}: {why}")))?;
+        }
+        for (flag, value) in from_flags {
+            config
+                .set(&flag, &value)
+                .map_err(|why| ConfigError(format!("--{flag} {value:?}: {why}")))?;
+        }
+        let command = command.unwrap_or(Command::Serve);
+        if matches!(command, Command::Serve | Command::Migrate) {
+            config.resolve_and_validate()?;
+        }
+        Ok((command, config))
+    }
+
+    /// Fill the "0 means derive it" defaults and check the relations between limits.
+    fn resolve_and_validate(&mut self) -> Result<(), ConfigError> {
+        let cpus = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1);
+        if self.ingress_cores == 0 {
+            self.ingress_cores = cpus;
+        }
+        if self.store_threads == 0 {
+            self.store_threads = (cpus / 2).max(1);
+        }
+        self.validate()
+    }
+
+    /// Check every limit and the relations between them.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let fail = |msg: String| Err(ConfigError(msg));
+        if self.database_url.is_empty() {
+            return fail(
+                "--database-url (or DATABASE_URL / TRIGGERS_DATABASE_URL) is required".into(),
+            );
+        }
+        if self.database_url.parse::<tokio_postgres::Config>().is_err() {
+            return fail("--database-url is not a PostgreSQL URL or key=value string".into());
+        }
+        if !(1..=1024).contains(&self.ingress_cores) {
+            return fail("--ingress-cores must be 1..=1024".into());
+        }
+        for (name, value, min, max) in [
+            ("store-writers", self.store_writers, 1, 64),
+            ("store-pool-size", self.store_pool_size, 1, 1024),
+            ("batch-events-max", self.batch_events_max, 1, 100_000),
+            (
+                "write-queue-events-max",
+                self.write_queue_events_max,
+                1,
+                10_000_000,
+            ),
+            ("query-queue-max", self.query_queue_max, 1, 1_000_000),
+            ("hop-queue-max", self.hop_queue_max, 1, 10_000_000),
+            (
+                "connections-per-core-max",
+                self.connections_per_core_max,
+                1,
+                1_000_000,
+            ),
+            (
+                "dedup-window-entries",
+                self.dedup_window_entries,
+                0,
+                100_000_000,
+            ),
+            (
+                "auth-cache-entries",
+                self.auth_cache_entries,
+                1,
+                100_000_000,
+            ),
+            ("argon2-concurrency", self.argon2_concurrency, 1, 1024),
+            (
+                "delivery-concurrency",
+                self.delivery_concurrency,
+                1,
+                100_000,
+            ),
+            (
+                "delivery-org-concurrency",
+                self.delivery_org_concurrency,
+                1,
+                100_000,
+            ),
+            ("delivery-queue-max", self.delivery_queue_max, 1, 10_000_000),
+        ] {
+            if !(min..=max).contains(&value) {
+                return fail(format!("--{name} must be {min}..={max}, got {value}"));
+            }
+        }
+        if self.head_bytes_max < 1024 {
+            return fail("--head-bytes-max must be at least 1024".into());
+        }
+        if self.payload_bytes_max == 0 || self.payload_bytes_max >= self.body_bytes_max {
+            return fail(format!(
+                "--payload-bytes-max ({}) must be above 0 and below --body-bytes-max ({}): \
+                 the body also holds the type and dedup id",
+                self.payload_bytes_max, self.body_bytes_max
+            ));
+        }
+        if self.body_bytes_max > 64 << 20 {
+            return fail("--body-bytes-max must be at most 64 MiB".into());
+        }
+        if self.batch_events_max > self.write_queue_events_max {
+            return fail(format!(
+                "--batch-events-max ({}) cannot exceed --write-queue-events-max ({})",
+                self.batch_events_max, self.write_queue_events_max
+            ));
+        }
+        if self.batch_linger_us > 100_000 {
+            return fail("--batch-linger-us must be at most 100000 (100 ms)".into());
+        }
+        for (name, ms) in [
+            ("head-timeout-ms", self.head_timeout_ms),
+            ("body-timeout-ms", self.body_timeout_ms),
+            ("idle-timeout-ms", self.idle_timeout_ms),
+            ("db-timeout-ms", self.db_timeout_ms),
+            ("db-connect-timeout-ms", self.db_connect_timeout_ms),
+            ("delivery-timeout-ms", self.delivery_timeout_ms),
+            ("delivery-poll-ms", self.delivery_poll_ms),
+        ] {
+            if ms == 0 || ms > 3_600_000 {
+                return fail(format!("--{name} must be 1..=3600000"));
+            }
+        }
+        if self.delivery_lease_s * 1000 <= self.delivery_timeout_ms {
+            return fail(format!(
+                "--delivery-lease-s ({} s) must exceed --delivery-timeout-ms ({} ms): \
+                 a lease must outlive the attempt it covers",
+                self.delivery_lease_s, self.delivery_timeout_ms
+            ));
+        }
+        if self.shutdown_timeout_s == 0 || self.shutdown_timeout_s > 600 {
+            return fail("--shutdown-timeout-s must be 1..=600".into());
+        }
+        if self.admin_token.as_deref().is_some_and(|t| t.len() < 16) {
+            return fail("--admin-token must be at least 16 characters".into());
+        }
+        Ok(())
+    }
+
+    /// The text of `triggers --help`.
+    pub fn help() -> String {
+        let mut out = String::from(
+            "triggers: the Triggers API server\n\n\
+             usage: triggers [serve|migrate] [--flag value]...\n\n\
+             commands:\n  serve    run the server (default); applies migrations first\n  \
+             migrate  apply migrations and exit\n\noptions (flag, environment variable, default):\n",
+        );
+        for (flag, env, default, doc, _) in OPTIONS {
+            let default = if default.is_empty() { "none" } else { default };
+            let _ = writeln!(
+                out,
+                "  --{flag}\n      {env}  [default: {default}]\n      {doc}"
+            );
+        }
+        out
+    }
+
+    /// The configured retry delays.
+    pub fn retry_delays(&self) -> &[Duration] {
+        &self.retry_schedule.0
+    }
+
+    /// Shorthand for a millisecond option as a Duration.
+    pub fn ms(value: u64) -> Duration {
+        Duration::from_millis(value)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str], env: &[(&str, &str)]) -> Result<(Command, Config), ConfigError> {
+        Config::from_args_and_env(
+            args.iter().map(|s| s.to_string()),
+            env.iter().map(|(k, v)| (k.to_string(), v.to_string())),
+        )
+    }
+
+    const DB: (&str, &str) = ("DATABASE_URL", "postgres://u@localhost/db");
+
+    #[test]
+    fn defaults_match_the_documented_table() {
+        // The defaults that scripts and the Dockerfile rely on.
+        let (cmd, c) = parse(&[], &[DB]).unwrap();
+        assert_eq!(cmd, Command::Serve);
+        assert_eq!(c.listen, "0.0.0.0:8080".parse().unwrap());
+        assert_eq!(c.metrics_listen, Some("0.0.0.0:9090".parse().unwrap()));
+        assert_eq!(c.ack, AckMode::Durable);
+        assert_eq!(c.io_driver, IoDriver::Auto);
+        assert_eq!(c.log_format, LogFormat::Json);
+        assert!(!c.allow_private_webhooks);
+        assert_eq!(c.admin_token, None);
+        assert_eq!(
+            c.retry_schedule.0,
+            [1, 2, 4, 8, 16].map(Duration::from_secs).to_vec()
+        );
+        assert!(c.ingress_cores >= 1);
+    }
+
+    #[test]
+    fn flags_win_over_environment() {
+        // A flag overrides the variable, which overrides the default.
+        let (_, c) = parse(
+            &["--ack", "fast", "--ingress-cores=3"],
+            &[
+                DB,
+                ("TRIGGERS_ACK", "durable"),
+                ("TRIGGERS_LISTEN", "127.0.0.1:1"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.ack, AckMode::Fast);
+        assert_eq!(c.ingress_cores, 3);
+        assert_eq!(c.listen, "127.0.0.1:1".parse().unwrap());
+    }
+
+    #[test]
+    fn triggers_database_url_wins_over_database_url() {
+        let (_, c) = parse(
+            &[],
+            &[DB, ("TRIGGERS_DATABASE_URL", "postgres://x@h/other")],
+        )
+        .unwrap();
+        assert_eq!(c.database_url, "postgres://x@h/other");
+    }
+
+    #[test]
+    fn bare_boolean_flag_means_true() {
+        let (_, c) = parse(&["--allow-private-webhooks", "migrate"], &[DB]).unwrap();
+        assert!(c.allow_private_webhooks);
+        let (cmd, c) = parse(&["--allow-private-webhooks", "false", "migrate"], &[DB]).unwrap();
+        assert!(!c.allow_private_webhooks);
+        assert_eq!(cmd, Command::Migrate);
+    }
+
+    #[test]
+    fn malformed_values_name_the_option() {
+        let e = parse(&["--ack", "maybe"], &[DB]).unwrap_err();
+        assert_eq!(e.0, "--ack \"maybe\": expected durable or fast");
+        let e = parse(&[], &[DB, ("TRIGGERS_INGRESS_CORES", "two")]).unwrap_err();
+        assert_eq!(
+            e.0,
+            "TRIGGERS_INGRESS_CORES=\"two\": expected a whole number"
+        );
+        let e = parse(&["--retry-schedule", "1s,2x"], &[DB]).unwrap_err();
+        assert!(e.0.contains("`2x` is not a duration"), "{}", e.0);
+    }
+
+    #[test]
+    fn unknown_flags_and_variables_stop_start_up() {
+        assert!(parse(&["--lsiten", "x"], &[DB])
+            .unwrap_err()
+            .0
+            .contains("unknown flag --lsiten"));
+        let e = parse(&[], &[DB, ("TRIGGERS_LISTN", "x")]).unwrap_err();
+        assert!(e.0.contains("unknown environment variable TRIGGERS_LISTN"));
+    }
+
+    #[test]
+    fn database_url_is_required() {
+        let e = parse(&[], &[]).unwrap_err();
+        assert!(e.0.contains("--database-url"), "{}", e.0);
+        // --help needs nothing.
+        assert_eq!(parse(&["--help"], &[]).unwrap().0, Command::Help);
+    }
+
+    #[test]
+    fn limit_relations_are_checked() {
+        let e = parse(&["--payload-bytes-max", "600000"], &[DB]).unwrap_err();
+        assert!(
+            e.0.contains("must be above 0 and below --body-bytes-max"),
+            "{}",
+            e.0
+        );
+        let e = parse(
+            &[
+                "--batch-events-max",
+                "20000",
+                "--write-queue-events-max",
+                "100",
+            ],
+            &[DB],
+        )
+        .unwrap_err();
+        assert!(e.0.contains("cannot exceed"), "{}", e.0);
+    }
+
+    #[test]
+    fn durations_parse_with_units() {
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("3"), Ok(Duration::from_secs(3)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert!(parse_duration("s").is_err());
+        let (_, c) = parse(&["--retry-schedule", "100ms, 200ms"], &[DB]).unwrap();
+        assert_eq!(
+            c.retry_delays(),
+            &[Duration::from_millis(100), Duration::from_millis(200)]
+        );
+    }
+
+    #[test]
+    fn help_lists_every_option_with_env_and_default() {
+        let help = Config::help();
+        for (flag, env, _, _, _) in OPTIONS {
+            assert!(help.contains(&format!("--{flag}")), "{flag}");
+            assert!(help.contains(env), "{env}");
+        }
+        assert!(help.contains("[default: 0.0.0.0:8080]"));
+    }
+}

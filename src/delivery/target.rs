@@ -1,0 +1,255 @@
+//! Webhook targets: URL rules and the SSRF policy.
+//!
+//! A webhook URL must be `http` or `https`, at most 2048 characters, with a host and no user
+//! credentials. Unless the server allows private targets, every address the host resolves to must
+//! be public: loopback, private (RFC 1918, ULA), link-local, CGNAT, unspecified, multicast,
+//! broadcast, documentation and benchmarking ranges, and cloud metadata addresses are refused, also
+//! when embedded in IPv6 (v4-mapped, NAT64). The check runs when the URL is configured and again at
+//! every delivery, on the address actually connected to.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::time::Duration;
+
+/// Longest webhook URL accepted.
+pub const URL_CHARS_MAX: usize = 2048;
+
+/// How long a DNS lookup may take.
+pub const RESOLVE_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// A parsed webhook URL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WebhookUrl {
+    /// The URL as configured.
+    pub text: String,
+    /// `https`?
+    pub tls: bool,
+    /// Host name or IP literal (without brackets).
+    pub host: String,
+    /// Port, defaulted by scheme.
+    pub port: u16,
+    /// Path and query, at least `/`.
+    pub path_and_query: String,
+}
+
+/// Parse and check the shape of a webhook URL.
+pub fn parse_url(text: &str) -> Result<WebhookUrl, String> {
+    if text.chars().count() > URL_CHARS_MAX {
+        return Err(format!(
+            "webhook_url must be at most {URL_CHARS_MAX} characters"
+        ));
+    }
+    let uri: http::Uri = text
+        .parse()
+        .map_err(|_| "webhook_url is not a valid absolute URL".to_string())?;
+    let tls = match uri.scheme_str() {
+        Some("https") => true,
+        Some("http") => false,
+        Some(other) => return Err(format!("webhook_url must use http or https, not {other}")),
+        None => return Err("webhook_url must be an absolute http(s) URL".into()),
+    };
+    let authority = uri.authority().ok_or("webhook_url has no host")?;
+    if authority.as_str().contains('@') {
+        return Err("webhook_url must not contain credentials; verify signatures instead".into());
+    }
+    let host = authority
+        .host()
+        .trim_start_matches('[')
+        .trim_end_matches(']');
+    if host.is_empty() {
+        return Err("webhook_url has no host".into());
+    }
+    let port = authority.port_u16().unwrap_or(if tls { 443 } else { 80 });
+    if port == 0 {
+        return Err("webhook_url has port 0".into());
+    }
+    let path_and_query = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+    Ok(WebhookUrl {
+        text: text.to_string(),
+        tls,
+        host: host.to_ascii_lowercase(),
+        port,
+        path_and_query: if path_and_query.is_empty() {
+            "/".into()
+        } else {
+            path_and_query.into()
+        },
+    })
+}
+
+/// Why an address may not be a webhook target, or `None` when it may.
+pub fn forbidden_reason(ip: IpAddr) -> Option<&'static str> {
+    match ip {
+        IpAddr::V4(v4) => forbidden_v4(v4),
+        IpAddr::V6(v6) => forbidden_v6(v6),
+    }
+}
+
+fn forbidden_v4(ip: Ipv4Addr) -> Option<&'static str> {
+    let o = ip.octets();
+    if ip.is_loopback() {
+        Some("loopback")
+    } else if ip.is_private() {
+        Some("private")
+    } else if ip.is_link_local() {
+        // Includes 169.254.169.254, the metadata service of most clouds.
+        Some("link-local")
+    } else if o[0] == 100 && (64..128).contains(&o[1]) {
+        // Includes 100.100.100.200, Alibaba Cloud's metadata service.
+        Some("CGNAT")
+    } else if o[0] == 0 || ip.is_broadcast() || ip.is_multicast() || o[0] >= 240 {
+        Some("reserved")
+    } else if o[0] == 192 && o[1] == 0 && o[2] == 0 {
+        // IETF protocol assignments, including 192.0.0.192 (Oracle Cloud metadata).
+        Some("reserved")
+    } else if ip.is_documentation() || (o[0] == 198 && (o[1] == 18 || o[1] == 19)) {
+        Some("reserved")
+    } else {
+        None
+    }
+}
+
+fn forbidden_v6(ip: Ipv6Addr) -> Option<&'static str> {
+    if let Some(v4) = ip.to_ipv4_mapped() {
+        return forbidden_v4(v4);
+    }
+    let s = ip.segments();
+    if ip.is_loopback() {
+        Some("loopback")
+    } else if ip.is_unspecified() || ip.is_multicast() {
+        Some("reserved")
+    } else if s[0] & 0xfe00 == 0xfc00 {
+        // Unique local, including fd00:ec2::254 (AWS metadata over IPv6).
+        Some("private")
+    } else if s[0] & 0xffc0 == 0xfe80 || s[0] & 0xffc0 == 0xfec0 {
+        Some("link-local")
+    } else if s[0] == 0x64 && s[1] == 0xff9b {
+        // NAT64: judge the IPv4 address inside.
+        let v4 = Ipv4Addr::new((s[6] >> 8) as u8, s[6] as u8, (s[7] >> 8) as u8, s[7] as u8);
+        forbidden_v4(v4)
+    } else if s[0] == 0x2001 && s[1] == 0x0db8 {
+        Some("reserved")
+    } else if s[0] == 0 && s[1] == 0 && s[2] == 0 && s[3] == 0 && s[4] == 0 && s[5] == 0 {
+        // IPv4-compatible (deprecated) addresses.
+        Some("reserved")
+    } else {
+        None
+    }
+}
+
+/// Resolve `url`'s host and apply the policy; returns the addresses that may be connected to.
+pub async fn resolve(url: &WebhookUrl, allow_private: bool) -> Result<Vec<SocketAddr>, String> {
+    let addrs: Vec<SocketAddr> = match url.host.parse::<IpAddr>() {
+        Ok(ip) => vec![SocketAddr::new(ip, url.port)],
+        Err(_) => {
+            let lookup = tokio::net::lookup_host((url.host.as_str(), url.port));
+            match tokio::time::timeout(RESOLVE_TIMEOUT, lookup).await {
+                Ok(Ok(it)) => it.collect(),
+                Ok(Err(_)) | Err(_) => {
+                    return Err(format!("webhook host {} does not resolve", url.host));
+                }
+            }
+        }
+    };
+    if addrs.is_empty() {
+        return Err(format!("webhook host {} does not resolve", url.host));
+    }
+    if !allow_private {
+        for a in &addrs {
+            if let Some(why) = forbidden_reason(a.ip()) {
+                return Err(format!(
+                    "webhook host {} resolves to a {why} address ({}); private targets are not allowed",
+                    url.host,
+                    a.ip()
+                ));
+            }
+        }
+    }
+    Ok(addrs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn forbidden(s: &str) -> Option<&'static str> {
+        forbidden_reason(s.parse().unwrap())
+    }
+
+    #[test]
+    fn parses_http_and_https_urls() {
+        let u = parse_url("https://Hooks.Example.com/in?x=1").unwrap();
+        assert_eq!(
+            (u.tls, u.host.as_str(), u.port),
+            (true, "hooks.example.com", 443)
+        );
+        assert_eq!(u.path_and_query, "/in?x=1");
+        let u = parse_url("http://[2606:4700::1]:8080").unwrap();
+        assert_eq!(
+            (u.host.as_str(), u.port, u.path_and_query.as_str()),
+            ("2606:4700::1", 8080, "/")
+        );
+    }
+
+    #[test]
+    fn refuses_bad_urls_with_reasons() {
+        assert!(parse_url("ftp://example.com/")
+            .unwrap_err()
+            .contains("http or https"));
+        assert!(parse_url("example.com/hook").is_err());
+        assert!(parse_url("not a url").is_err());
+        assert!(parse_url("https://user:pw@example.com/")
+            .unwrap_err()
+            .contains("credentials"));
+        let long = format!("https://example.com/{}", "a".repeat(2048));
+        assert!(parse_url(&long).unwrap_err().contains("2048"));
+    }
+
+    #[test]
+    fn private_ranges_are_forbidden() {
+        for (ip, why) in [
+            ("127.0.0.1", "loopback"),
+            ("10.1.2.3", "private"),
+            ("172.16.0.1", "private"),
+            ("192.168.1.1", "private"),
+            ("169.254.169.254", "link-local"),
+            ("100.64.0.1", "CGNAT"),
+            ("100.100.100.200", "CGNAT"),
+            ("0.0.0.0", "reserved"),
+            ("224.0.0.1", "reserved"),
+            ("192.0.0.192", "reserved"),
+            ("::1", "loopback"),
+            ("fd00:ec2::254", "private"),
+            ("fe80::1", "link-local"),
+            ("::ffff:127.0.0.1", "loopback"),
+            ("64:ff9b::a00:1", "private"),
+            ("::", "reserved"),
+        ] {
+            assert_eq!(forbidden(ip), Some(why), "{ip}");
+        }
+        for ip in [
+            "93.184.216.34",
+            "8.8.8.8",
+            "100.128.0.1",
+            "2606:4700::1111",
+            "::ffff:8.8.8.8",
+        ] {
+            assert_eq!(forbidden(ip), None, "{ip}");
+        }
+    }
+
+    #[test]
+    fn literal_addresses_are_checked_without_dns() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let u = parse_url("http://127.0.0.1:9/x").unwrap();
+            assert!(resolve(&u, false).await.unwrap_err().contains("loopback"));
+            assert_eq!(
+                resolve(&u, true).await.unwrap(),
+                vec!["127.0.0.1:9".parse().unwrap()]
+            );
+        });
+    }
+}

@@ -1,0 +1,207 @@
+//! `GET /api/inbox`, `POST /api/ack/{id}`, `POST /api/ack` (and the `/api/inbox/ack` aliases).
+
+use std::rc::Rc;
+
+use super::{path_uuid, require_json, with_body, CoreCtx, Request};
+use crate::auth::OrgInfo;
+use crate::error::ApiError;
+use crate::ids::{decode_cursor, parse_uuid};
+use crate::json::Field;
+use crate::reply::Reply;
+use crate::store::{EventStatus, Query};
+
+/// Most events per inbox page and per batch ack.
+pub const PAGE_MAX: u32 = 1000;
+const PAGE_DEFAULT: u32 = 100;
+
+/// `GET /api/inbox?limit=&status=&cursor=`.
+pub async fn list(ctx: &Rc<CoreCtx>, req: &Request, org: OrgInfo) -> Reply {
+    match parse_query(req.head.query.as_deref().unwrap_or(b"")) {
+        Ok(q) => ctx.query(org, q).await,
+        Err(e) => e.reply(),
+    }
+}
+
+/// The inbox parameters. Unknown parameters are ignored; a repeated one counts by its last value.
+pub fn parse_query(query: &[u8]) -> Result<Query, ApiError> {
+    let (mut limit, mut status, mut before) = (PAGE_DEFAULT, EventStatus::Pending, None);
+    for pair in query.split(|&b| b == b'&').filter(|p| !p.is_empty()) {
+        let (key, value) = match pair.iter().position(|&b| b == b'=') {
+            Some(i) => (&pair[..i], &pair[i + 1..]),
+            None => (pair, &b""[..]),
+        };
+        let value = percent_decode(value);
+        match key {
+            b"limit" => {
+                limit = value
+                    .parse::<u32>()
+                    .ok()
+                    .filter(|n| (1..=PAGE_MAX).contains(n))
+                    .ok_or_else(|| {
+                        ApiError::validation(
+                            "limit",
+                            format!("limit must be an integer from 1 to {PAGE_MAX}"),
+                        )
+                    })?;
+            }
+            b"status" => {
+                status = EventStatus::parse(&value).ok_or_else(|| {
+                    ApiError::validation("status", "status must be pending, delivered or failed")
+                })?;
+            }
+            b"cursor" => {
+                before = if value.is_empty() {
+                    None
+                } else {
+                    Some(decode_cursor(&value).ok_or_else(|| {
+                        ApiError::validation("cursor", "cursor is not one this server returned")
+                    })?)
+                };
+            }
+            _ => {}
+        }
+    }
+    Ok(Query::Inbox {
+        limit,
+        status,
+        before,
+    })
+}
+
+/// Decode `%XX` escapes and `+`; invalid escapes are kept as they are.
+fn percent_decode(v: &[u8]) -> String {
+    let mut out = Vec::with_capacity(v.len());
+    let mut i = 0;
+    while i < v.len() {
+        match v[i] {
+            b'%' if i + 2 < v.len() => {
+                let hex = std::str::from_utf8(&v[i + 1..i + 3])
+                    .ok()
+                    .and_then(|h| u8::from_str_radix(h, 16).ok());
+                match hex {
+                    Some(b) => {
+                        out.push(b);
+                        i += 3;
+                        continue;
+                    }
+                    None => out.push(b'%'),
+                }
+            }
+            b'+' => out.push(b' '),
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// `POST /api/ack/{event_id}`.
+pub async fn ack(ctx: &Rc<CoreCtx>, org: OrgInfo, param: Option<&str>) -> Reply {
+    match path_uuid(param, "event_id") {
+        Ok(id) => ctx.query(org, Query::Ack { id }).await,
+        Err(e) => e.reply(),
+    }
+}
+
+/// `POST /api/ack` with `{"event_ids": [1..1000 ids]}`.
+pub async fn ack_batch(ctx: &Rc<CoreCtx>, req: &Request, org: OrgInfo) -> Reply {
+    let ids = require_json(req).and_then(|()| {
+        with_body(ctx, &req.body, |body| {
+            let field = body
+                .get("event_ids")
+                .ok_or_else(|| ApiError::validation("event_ids", "event_ids is required"))?;
+            let items = match field {
+                Field::Array { len, .. } if (1..=PAGE_MAX as usize).contains(&len) => {
+                    body.array_items(field)
+                }
+                Field::Array { len, .. } => {
+                    return Err(ApiError::validation(
+                        "event_ids",
+                        format!("event_ids must hold 1 to {PAGE_MAX} ids, got {len}"),
+                    ))
+                }
+                other => {
+                    return Err(ApiError::validation(
+                        "event_ids",
+                        format!("event_ids must be an array, not {}", other.type_name()),
+                    ))
+                }
+            };
+            let mut ids = Vec::with_capacity(items.len());
+            for item in items {
+                let id = match item {
+                    Field::Str(s) => parse_uuid(s),
+                    _ => None,
+                }
+                .ok_or_else(|| {
+                    ApiError::validation("event_ids", "every event id must be a UUID string")
+                })?;
+                if !ids.contains(&id) {
+                    ids.push(id);
+                }
+            }
+            Ok(ids)
+        })
+    });
+    match ids {
+        Ok(ids) => ctx.query(org, Query::AckBatch { ids }).await,
+        Err(e) => e.reply(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ids::encode_cursor;
+    use uuid::Uuid;
+
+    #[test]
+    fn defaults_and_values() {
+        assert_eq!(
+            parse_query(b"").unwrap(),
+            Query::Inbox {
+                limit: 100,
+                status: EventStatus::Pending,
+                before: None
+            }
+        );
+        let id = Uuid::from_u128(99);
+        let q = format!("limit=5&status=failed&cursor={}&other=x", encode_cursor(id));
+        assert_eq!(
+            parse_query(q.as_bytes()).unwrap(),
+            Query::Inbox {
+                limit: 5,
+                status: EventStatus::Failed,
+                before: Some(id)
+            }
+        );
+        assert!(matches!(
+            parse_query(b"cursor=").unwrap(),
+            Query::Inbox { before: None, .. }
+        ));
+    }
+
+    #[test]
+    fn out_of_range_and_malformed_values_name_the_parameter() {
+        for (q, field) in [
+            ("limit=0", "limit"),
+            ("limit=1001", "limit"),
+            ("limit=ten", "limit"),
+            ("status=done", "status"),
+            ("cursor=%%%", "cursor"),
+            ("cursor=abc", "cursor"),
+        ] {
+            match parse_query(q.as_bytes()) {
+                Err(ApiError::Validation { field: f, .. }) => assert_eq!(f, field, "{q}"),
+                other => panic!("{q}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn percent_decoding() {
+        assert_eq!(percent_decode(b"a%20b+c"), "a b c");
+        assert_eq!(percent_decode(b"100%"), "100%");
+        assert_eq!(percent_decode(b"%zz"), "%zz");
+    }
+}

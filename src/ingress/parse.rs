@@ -1,0 +1,455 @@
+//! The request head and body framing.
+//!
+//! The head is parsed with httparse into a fixed header array, only once it is complete; the few
+//! headers the server needs are kept as `Bytes` slices of the head (a refcount, no copy). Framing
+//! rules: `Content-Length` or `Transfer-Encoding: chunked` (both at once is refused, as is any other
+//! transfer coding), `Expect: 100-continue`, HTTP/1.0 and 1.1 keep-alive rules.
+
+use bytes::{Buf, Bytes, BytesMut};
+
+/// Headers httparse may see in one request; more is answered 431.
+pub const HEADERS_MAX: usize = 64;
+
+/// The request methods the API uses, and everything else.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Method {
+    /// GET
+    Get,
+    /// POST
+    Post,
+    /// DELETE
+    Delete,
+    /// Any other method.
+    Other,
+}
+
+/// How the body is framed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Framing {
+    /// No body (no Content-Length, no Transfer-Encoding).
+    None,
+    /// `Content-Length: n`.
+    Length(usize),
+    /// `Transfer-Encoding: chunked`.
+    Chunked,
+}
+
+/// A complete request head.
+#[derive(Debug, Clone)]
+pub struct Head {
+    /// Bytes of the head, request line to the empty line.
+    pub len: usize,
+    /// The method.
+    pub method: Method,
+    /// Path without the query string.
+    pub path: Bytes,
+    /// The query string, without `?`.
+    pub query: Option<Bytes>,
+    /// Body framing.
+    pub framing: Framing,
+    /// Keep the connection open after the response.
+    pub keep_alive: bool,
+    /// `Expect: 100-continue` was sent.
+    pub expect_continue: bool,
+    /// `Content-Type`.
+    pub content_type: Option<Bytes>,
+    /// `X-API-Key`.
+    pub api_key: Option<Bytes>,
+    /// `Authorization`.
+    pub authorization: Option<Bytes>,
+}
+
+/// Why a head could not be used.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HeadError {
+    /// More headers than [`HEADERS_MAX`]: 431.
+    TooManyHeaders,
+    /// Malformed or contradictory: 400 with this sentence.
+    Bad(&'static str),
+}
+
+/// The head, or "need more bytes".
+#[derive(Debug)]
+pub enum Parsed {
+    /// A complete head, taken out of the buffer.
+    Complete(Head),
+    /// Not complete yet.
+    Partial,
+}
+
+/// Parse the head at the start of `buf`; on success the head's bytes are split off `buf`.
+pub fn parse_head(buf: &mut BytesMut) -> Result<Parsed, HeadError> {
+    let mut headers = [httparse::EMPTY_HEADER; HEADERS_MAX];
+    let mut req = httparse::Request::new(&mut headers);
+    let len = match req.parse(buf) {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) => return Ok(Parsed::Partial),
+        Err(httparse::Error::TooManyHeaders) => return Err(HeadError::TooManyHeaders),
+        Err(httparse::Error::Version) => return Err(HeadError::Bad("unsupported HTTP version")),
+        Err(_) => return Err(HeadError::Bad("malformed request head")),
+    };
+    let base = buf.as_ptr() as usize;
+    let offset = |s: &[u8]| {
+        let start = s.as_ptr() as usize - base;
+        start..start + s.len()
+    };
+    let method = match req.method {
+        Some("GET") => Method::Get,
+        Some("POST") => Method::Post,
+        Some("DELETE") => Method::Delete,
+        _ => Method::Other,
+    };
+    let target = req.path.ok_or(HeadError::Bad("missing request target"))?;
+    if !target.starts_with('/') {
+        return Err(HeadError::Bad("request target must be an absolute path"));
+    }
+    let target_range = offset(target.as_bytes());
+    let http11 = req.version == Some(1);
+
+    let mut content_length: Option<usize> = None;
+    let mut chunked = false;
+    let mut connection_close = false;
+    let mut connection_keep_alive = false;
+    let mut expect_continue = false;
+    let (mut content_type, mut api_key, mut authorization) = (None, None, None);
+    for h in req.headers.iter() {
+        let name = h.name;
+        if name.eq_ignore_ascii_case("content-length") {
+            let v = std::str::from_utf8(h.value)
+                .ok()
+                .map(str::trim)
+                .unwrap_or("");
+            if v.is_empty() || !v.bytes().all(|b| b.is_ascii_digit()) {
+                return Err(HeadError::Bad("invalid Content-Length"));
+            }
+            // Longer than any body we would take: saturate, it is refused as too large anyway.
+            let n = v.parse::<usize>().unwrap_or(usize::MAX);
+            if content_length.is_some_and(|c| c != n) {
+                return Err(HeadError::Bad("conflicting Content-Length headers"));
+            }
+            content_length = Some(n);
+        } else if name.eq_ignore_ascii_case("transfer-encoding") {
+            let v = std::str::from_utf8(h.value).unwrap_or("").trim();
+            if !v.eq_ignore_ascii_case("chunked") || chunked {
+                return Err(HeadError::Bad(
+                    "only Transfer-Encoding: chunked is supported",
+                ));
+            }
+            chunked = true;
+        } else if name.eq_ignore_ascii_case("connection") {
+            for token in h.value.split(|&b| b == b',') {
+                let t = trim(token);
+                connection_close |= t.eq_ignore_ascii_case(b"close");
+                connection_keep_alive |= t.eq_ignore_ascii_case(b"keep-alive");
+            }
+        } else if name.eq_ignore_ascii_case("expect") {
+            if trim(h.value).eq_ignore_ascii_case(b"100-continue") {
+                expect_continue = true;
+            } else {
+                return Err(HeadError::Bad("unsupported Expect header"));
+            }
+        } else if name.eq_ignore_ascii_case("content-type") {
+            content_type = Some(offset(h.value));
+        } else if name.eq_ignore_ascii_case("x-api-key") {
+            api_key = Some(offset(h.value));
+        } else if name.eq_ignore_ascii_case("authorization") {
+            authorization = Some(offset(h.value));
+        }
+    }
+    if chunked && content_length.is_some() {
+        return Err(HeadError::Bad(
+            "Content-Length and Transfer-Encoding must not both be sent",
+        ));
+    }
+    if chunked && !http11 {
+        return Err(HeadError::Bad("chunked bodies need HTTP/1.1"));
+    }
+    let framing = match (chunked, content_length) {
+        (true, _) => Framing::Chunked,
+        (false, Some(0)) | (false, None) => Framing::None,
+        (false, Some(n)) => Framing::Length(n),
+    };
+    let keep_alive = if http11 {
+        !connection_close
+    } else {
+        connection_keep_alive && !connection_close
+    };
+
+    let head = buf.split_to(len).freeze();
+    let target = head.slice(target_range);
+    let (path, query) = match target.iter().position(|&b| b == b'?') {
+        Some(q) => (target.slice(..q), Some(target.slice(q + 1..))),
+        None => (target, None),
+    };
+    Ok(Parsed::Complete(Head {
+        len,
+        method,
+        path,
+        query,
+        framing,
+        keep_alive,
+        expect_continue: expect_continue && http11,
+        content_type: content_type.map(|r| head.slice(r)),
+        api_key: api_key.map(|r| head.slice(r)),
+        authorization: authorization.map(|r| head.slice(r)),
+    }))
+}
+
+fn trim(b: &[u8]) -> &[u8] {
+    let start = b
+        .iter()
+        .position(|c| !c.is_ascii_whitespace())
+        .unwrap_or(b.len());
+    let end = b
+        .iter()
+        .rposition(|c| !c.is_ascii_whitespace())
+        .map_or(start, |e| e + 1);
+    &b[start..end]
+}
+
+/// Why a chunked body could not be decoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChunkError {
+    /// The decoded body passed the limit: 413.
+    TooLarge,
+    /// Malformed chunk framing: 400.
+    Malformed,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ChunkState {
+    Size,
+    Data(u64),
+    DataEnd,
+    Trailer,
+    Done,
+}
+
+/// Incremental `Transfer-Encoding: chunked` decoder: feed it the read buffer as bytes arrive.
+#[derive(Debug)]
+pub struct ChunkedDecoder {
+    state: ChunkState,
+    body: BytesMut,
+    limit: usize,
+    trailer_bytes: usize,
+}
+
+/// Longest chunk-size line or trailer section accepted, in bytes.
+const CHUNK_META_MAX: usize = 8 * 1024;
+
+impl ChunkedDecoder {
+    /// A decoder refusing bodies over `limit` bytes.
+    pub fn new(limit: usize) -> Self {
+        ChunkedDecoder {
+            state: ChunkState::Size,
+            body: BytesMut::new(),
+            limit,
+            trailer_bytes: 0,
+        }
+    }
+
+    /// Consume what `buf` holds; `Ok(Some(body))` once the last chunk and trailers are in.
+    pub fn decode(&mut self, buf: &mut BytesMut) -> Result<Option<Bytes>, ChunkError> {
+        loop {
+            match self.state {
+                ChunkState::Size => match httparse::parse_chunk_size(buf) {
+                    Ok(httparse::Status::Complete((used, size))) => {
+                        buf.advance(used);
+                        if size == 0 {
+                            self.state = ChunkState::Trailer;
+                        } else if self.body.len() as u64 + size > self.limit as u64 {
+                            return Err(ChunkError::TooLarge);
+                        } else {
+                            self.body.reserve(size as usize);
+                            self.state = ChunkState::Data(size);
+                        }
+                    }
+                    Ok(httparse::Status::Partial) if buf.len() < CHUNK_META_MAX => return Ok(None),
+                    _ => return Err(ChunkError::Malformed),
+                },
+                ChunkState::Data(left) => {
+                    let take = (left as usize).min(buf.len());
+                    if take == 0 {
+                        return Ok(None);
+                    }
+                    self.body.extend_from_slice(&buf[..take]);
+                    buf.advance(take);
+                    let left = left - take as u64;
+                    self.state = if left == 0 {
+                        ChunkState::DataEnd
+                    } else {
+                        ChunkState::Data(left)
+                    };
+                }
+                ChunkState::DataEnd => {
+                    if buf.len() < 2 {
+                        return Ok(None);
+                    }
+                    if &buf[..2] != b"\r\n" {
+                        return Err(ChunkError::Malformed);
+                    }
+                    buf.advance(2);
+                    self.state = ChunkState::Size;
+                }
+                ChunkState::Trailer => match buf.windows(2).position(|w| w == b"\r\n") {
+                    Some(0) => {
+                        buf.advance(2);
+                        self.state = ChunkState::Done;
+                    }
+                    Some(line) => {
+                        // Trailer fields are allowed and ignored.
+                        self.trailer_bytes += line + 2;
+                        if self.trailer_bytes > CHUNK_META_MAX {
+                            return Err(ChunkError::Malformed);
+                        }
+                        buf.advance(line + 2);
+                    }
+                    None if buf.len() + self.trailer_bytes < CHUNK_META_MAX => return Ok(None),
+                    None => return Err(ChunkError::Malformed),
+                },
+                ChunkState::Done => return Ok(Some(std::mem::take(&mut self.body).freeze())),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn head(text: &str) -> Result<Parsed, HeadError> {
+        parse_head(&mut BytesMut::from(text))
+    }
+
+    fn complete(text: &str) -> Head {
+        match head(text) {
+            Ok(Parsed::Complete(h)) => h,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn parses_a_post_with_length_and_keeps_the_rest() {
+        let mut buf = BytesMut::from(
+            "POST /api/events?x=1 HTTP/1.1\r\nHost: a\r\nContent-Type: application/json\r\n\
+             X-API-Key: k1\r\nContent-Length: 2\r\n\r\n{}GET /",
+        );
+        let Parsed::Complete(h) = parse_head(&mut buf).unwrap() else {
+            panic!()
+        };
+        assert_eq!(h.method, Method::Post);
+        assert_eq!(&h.path[..], b"/api/events");
+        assert_eq!(h.query.as_deref(), Some(&b"x=1"[..]));
+        assert_eq!(h.framing, Framing::Length(2));
+        assert_eq!(h.content_type.as_deref(), Some(&b"application/json"[..]));
+        assert_eq!(h.api_key.as_deref(), Some(&b"k1"[..]));
+        assert!(h.keep_alive);
+        assert_eq!(
+            &buf[..],
+            b"{}GET /",
+            "the body and the next request stay in the buffer"
+        );
+    }
+
+    #[test]
+    fn partial_heads_wait_for_more() {
+        assert!(matches!(
+            head("GET /health HTTP/1.1\r\nHost: a\r\n"),
+            Ok(Parsed::Partial)
+        ));
+        assert!(matches!(head("GE"), Ok(Parsed::Partial)));
+    }
+
+    #[test]
+    fn keep_alive_rules() {
+        assert!(!complete("GET / HTTP/1.1\r\nConnection: close\r\n\r\n").keep_alive);
+        assert!(!complete("GET / HTTP/1.0\r\n\r\n").keep_alive);
+        assert!(complete("GET / HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n").keep_alive);
+        assert!(complete("GET / HTTP/1.1\r\nConnection: upgrade, keep-alive\r\n\r\n").keep_alive);
+    }
+
+    #[test]
+    fn framing_rules() {
+        assert_eq!(complete("POST / HTTP/1.1\r\n\r\n").framing, Framing::None);
+        assert_eq!(
+            complete("POST / HTTP/1.1\r\nContent-Length: 0\r\n\r\n").framing,
+            Framing::None
+        );
+        assert_eq!(
+            complete("POST / HTTP/1.1\r\nTransfer-Encoding: Chunked\r\n\r\n").framing,
+            Framing::Chunked
+        );
+        let both = "POST / HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n";
+        assert_eq!(
+            head(both).unwrap_err(),
+            HeadError::Bad("Content-Length and Transfer-Encoding must not both be sent")
+        );
+        assert!(head("POST / HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n").is_err());
+        assert!(head("POST / HTTP/1.1\r\nContent-Length: -1\r\n\r\n").is_err());
+        assert!(head("POST / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n").is_err());
+        assert_eq!(
+            complete("POST / HTTP/1.1\r\nContent-Length: 99999999999999999999999\r\n\r\n").framing,
+            Framing::Length(usize::MAX)
+        );
+        assert!(complete("POST / HTTP/1.1\r\nExpect: 100-continue\r\n\r\n").expect_continue);
+    }
+
+    #[test]
+    fn malformed_heads_are_refused() {
+        assert_eq!(
+            head("GET\r\n\r\n").unwrap_err(),
+            HeadError::Bad("malformed request head")
+        );
+        assert!(head("GET / HTTP/2.0\r\n\r\n").is_err());
+        assert!(head("GET http://x/ HTTP/1.1\r\n\r\n").is_err());
+        let many: String = (0..HEADERS_MAX + 1)
+            .map(|i| format!("X-{i}: v\r\n"))
+            .collect();
+        assert_eq!(
+            head(&format!("GET / HTTP/1.1\r\n{many}\r\n")).unwrap_err(),
+            HeadError::TooManyHeaders
+        );
+    }
+
+    #[test]
+    fn chunked_bodies_decode_across_reads() {
+        let wire = b"4\r\nWiki\r\n5;ext=1\r\npedia\r\n0\r\nX-Trailer: t\r\n\r\nNEXT";
+        for split in 0..wire.len() {
+            let mut d = ChunkedDecoder::new(100);
+            let mut buf = BytesMut::from(&wire[..split]);
+            let first = d.decode(&mut buf).unwrap();
+            if let Some(body) = first {
+                assert_eq!(&body[..], b"Wikipedia");
+                continue;
+            }
+            buf.extend_from_slice(&wire[split..]);
+            let body = d.decode(&mut buf).unwrap().expect("complete");
+            assert_eq!(&body[..], b"Wikipedia", "split at {split}");
+            assert_eq!(&buf[..], b"NEXT");
+        }
+    }
+
+    #[test]
+    fn chunked_limits_and_errors() {
+        let mut d = ChunkedDecoder::new(8);
+        assert_eq!(
+            d.decode(&mut BytesMut::from("9\r\n")),
+            Err(ChunkError::TooLarge)
+        );
+        let mut d = ChunkedDecoder::new(8);
+        assert_eq!(
+            d.decode(&mut BytesMut::from("zz\r\n")),
+            Err(ChunkError::Malformed)
+        );
+        let mut d = ChunkedDecoder::new(8);
+        assert_eq!(
+            d.decode(&mut BytesMut::from("2\r\nabXY")),
+            Err(ChunkError::Malformed)
+        );
+        let mut d = ChunkedDecoder::new(8);
+        assert_eq!(
+            d.decode(&mut BytesMut::from("5\r\nabcde\r\n4\r\n")),
+            Err(ChunkError::TooLarge)
+        );
+    }
+}

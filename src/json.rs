@@ -1,0 +1,547 @@
+//! JSON in and out without a value tree.
+//!
+//! In: [`Body`] validates a request body with simd-json (on a padded scratch copy, since simd-json
+//! unescapes strings in place) and reads top-level members from its tape. [`member_value_spans`]
+//! finds where each top-level value sits in the *original* bytes, so an event payload is stored
+//! and served as the exact bytes that arrived: validated, never re-serialized.
+//!
+//! Out: [`Obj`] writes an object straight into a response buffer.
+
+use std::ops::Range;
+
+use simd_json::{Buffers, Node, StaticNode, Tape};
+
+/// Why a body is not usable JSON.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JsonError {
+    /// Not valid JSON; the text says where.
+    Invalid(String),
+    /// Valid JSON, but the root is not an object.
+    NotAnObject,
+}
+
+/// Per-core parse state, reused across requests so a parse allocates nothing once warm.
+pub struct Parser {
+    buffers: Buffers,
+    scratch: Vec<u8>,
+}
+
+impl Default for Parser {
+    fn default() -> Self {
+        Parser {
+            buffers: Buffers::new(4096),
+            scratch: Vec::with_capacity(4096),
+        }
+    }
+}
+
+impl Parser {
+    /// Validate `body` as a JSON object and hand its top level to `f`.
+    pub fn with_object<R>(
+        &mut self,
+        body: &[u8],
+        f: impl FnOnce(&Body<'_>) -> R,
+    ) -> Result<R, JsonError> {
+        self.scratch.clear();
+        self.scratch.extend_from_slice(body);
+        self.scratch
+            .resize(body.len() + simd_json::INPUT_PADDING, 0);
+        let mut tape = Tape::null();
+        simd_json::fill_tape_padded(&mut self.scratch, body.len(), &mut self.buffers, &mut tape)
+            .map_err(|e| JsonError::Invalid(describe(&e, body)))?;
+        let nodes = &tape.0;
+        match nodes.first() {
+            Some(Node::Object { .. }) => Ok(f(&Body { nodes })),
+            _ => Err(JsonError::NotAnObject),
+        }
+    }
+}
+
+fn describe(e: &simd_json::Error, body: &[u8]) -> String {
+    if body.iter().all(|b| b.is_ascii_whitespace()) {
+        return "request body is empty; a JSON object was expected".into();
+    }
+    let kind = format!("{:?}", e.error());
+    let at = e.index();
+    let words = kind
+        .chars()
+        .flat_map(|c| {
+            let lower = c.to_ascii_lowercase();
+            if c.is_ascii_uppercase() {
+                vec![' ', lower]
+            } else {
+                vec![c]
+            }
+        })
+        .collect::<String>();
+    let words = words.trim();
+    let words: String = words.split('(').next().unwrap_or(words).trim().to_string();
+    format!("request body is not valid JSON: {words} near byte {at}")
+}
+
+/// A field value as far as validation needs it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Field<'a> {
+    /// A string, unescaped.
+    Str(&'a str),
+    /// `null`.
+    Null,
+    /// `true` or `false`.
+    Bool(bool),
+    /// Any number.
+    Number,
+    /// An object.
+    Object,
+    /// An array; `first` is the tape index of its first element.
+    Array {
+        /// Tape index of the first element.
+        first: usize,
+        /// Number of elements.
+        len: usize,
+    },
+}
+
+impl Field<'_> {
+    /// The JSON type name, for error messages.
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            Field::Str(_) => "a string",
+            Field::Null => "null",
+            Field::Bool(_) => "a boolean",
+            Field::Number => "a number",
+            Field::Object => "an object",
+            Field::Array { .. } => "an array",
+        }
+    }
+}
+
+/// The top level of a validated JSON object.
+pub struct Body<'t> {
+    nodes: &'t [Node<'t>],
+}
+
+impl<'t> Body<'t> {
+    /// The value of member `name`; with repeated names the last one wins, as in most parsers.
+    pub fn get(&self, name: &str) -> Option<Field<'t>> {
+        let mut found = None;
+        self.for_each_member(|i, key, field| {
+            if key == name {
+                found = Some((i, field));
+            }
+        });
+        found.map(|(_, f)| f)
+    }
+
+    /// The member index (document order) of the last member named `name`.
+    pub fn member_index(&self, name: &str) -> Option<usize> {
+        let mut found = None;
+        self.for_each_member(|i, key, _| {
+            if key == name {
+                found = Some(i);
+            }
+        });
+        found
+    }
+
+    /// The elements of an array field, each a `Field`.
+    pub fn array_items(&self, field: Field<'t>) -> Vec<Field<'t>> {
+        let Field::Array { first, len } = field else {
+            return Vec::new();
+        };
+        let mut out = Vec::with_capacity(len);
+        let mut i = first;
+        for _ in 0..len {
+            out.push(self.field_at(i));
+            i = self.skip(i);
+        }
+        out
+    }
+
+    fn for_each_member(&self, mut f: impl FnMut(usize, &'t str, Field<'t>)) {
+        let Some(Node::Object { len, .. }) = self.nodes.first() else {
+            return;
+        };
+        let mut i = 1;
+        for member in 0..*len {
+            let key = match self.nodes.get(i) {
+                Some(Node::String(k)) => *k,
+                _ => return,
+            };
+            let value = i + 1;
+            f(member, key, self.field_at(value));
+            i = self.skip(value);
+        }
+    }
+
+    fn field_at(&self, i: usize) -> Field<'t> {
+        match self.nodes.get(i) {
+            Some(Node::String(s)) => Field::Str(s),
+            Some(Node::Object { .. }) => Field::Object,
+            Some(Node::Array { len, .. }) => Field::Array {
+                first: i + 1,
+                len: *len,
+            },
+            Some(Node::Static(StaticNode::Null)) | None => Field::Null,
+            Some(Node::Static(StaticNode::Bool(b))) => Field::Bool(*b),
+            Some(Node::Static(_)) => Field::Number,
+        }
+    }
+
+    /// The tape index just past the value at `i`.
+    fn skip(&self, i: usize) -> usize {
+        match self.nodes.get(i) {
+            Some(Node::Object { count, .. }) | Some(Node::Array { count, .. }) => i + count + 1,
+            _ => i + 1,
+        }
+    }
+}
+
+/// Byte ranges of the values of a top-level object's members, in document order, in `json` as
+/// received. `json` must already be valid JSON with an object root (see [`Parser`]); `None` if it
+/// is not, so a disagreement between the two scanners is an error, never a panic.
+pub fn member_value_spans(json: &[u8]) -> Option<Vec<Range<usize>>> {
+    let mut spans = Vec::with_capacity(4);
+    let mut i = skip_ws(json, 0);
+    if *json.get(i)? != b'{' {
+        return None;
+    }
+    i = skip_ws(json, i + 1);
+    if *json.get(i)? == b'}' {
+        return Some(spans);
+    }
+    loop {
+        i = skip_string(json, i)?;
+        i = skip_ws(json, i);
+        if *json.get(i)? != b':' {
+            return None;
+        }
+        let start = skip_ws(json, i + 1);
+        let end = skip_value(json, start)?;
+        spans.push(start..end);
+        i = skip_ws(json, end);
+        match *json.get(i)? {
+            b',' => i = skip_ws(json, i + 1),
+            b'}' => return Some(spans),
+            _ => return None,
+        }
+    }
+}
+
+fn skip_ws(json: &[u8], mut i: usize) -> usize {
+    while matches!(json.get(i), Some(b' ' | b'\t' | b'\n' | b'\r')) {
+        i += 1;
+    }
+    i
+}
+
+/// `json[i]` is an opening quote; returns the index after the closing one.
+fn skip_string(json: &[u8], i: usize) -> Option<usize> {
+    if *json.get(i)? != b'"' {
+        return None;
+    }
+    let mut j = i + 1;
+    loop {
+        match *json.get(j)? {
+            b'\\' => j += 2,
+            b'"' => return Some(j + 1),
+            _ => j += 1,
+        }
+    }
+}
+
+fn skip_value(json: &[u8], i: usize) -> Option<usize> {
+    match *json.get(i)? {
+        b'"' => skip_string(json, i),
+        b'{' | b'[' => {
+            let mut depth = 0usize;
+            let mut j = i;
+            loop {
+                match *json.get(j)? {
+                    b'"' => {
+                        j = skip_string(json, j)?;
+                        continue;
+                    }
+                    b'{' | b'[' => depth += 1,
+                    b'}' | b']' => {
+                        depth -= 1;
+                        if depth == 0 {
+                            return Some(j + 1);
+                        }
+                    }
+                    _ => {}
+                }
+                j += 1;
+            }
+        }
+        _ => {
+            let mut j = i;
+            while let Some(b) = json.get(j) {
+                if matches!(b, b',' | b'}' | b']' | b' ' | b'\t' | b'\n' | b'\r') {
+                    break;
+                }
+                j += 1;
+            }
+            (j > i).then_some(j)
+        }
+    }
+}
+
+/// Append `s` as a JSON string literal.
+pub fn write_str(out: &mut Vec<u8>, s: &str) {
+    out.push(b'"');
+    let bytes = s.as_bytes();
+    let mut start = 0;
+    for (i, &b) in bytes.iter().enumerate() {
+        let esc: &[u8] = match b {
+            b'"' => b"\\\"",
+            b'\\' => b"\\\\",
+            b'\n' => b"\\n",
+            b'\r' => b"\\r",
+            b'\t' => b"\\t",
+            0..=0x1f => {
+                out.extend_from_slice(&bytes[start..i]);
+                const HEX: &[u8; 16] = b"0123456789abcdef";
+                out.extend_from_slice(b"\\u00");
+                out.push(HEX[(b >> 4) as usize]);
+                out.push(HEX[(b & 0xf) as usize]);
+                start = i + 1;
+                continue;
+            }
+            _ => continue,
+        };
+        out.extend_from_slice(&bytes[start..i]);
+        out.extend_from_slice(esc);
+        start = i + 1;
+    }
+    out.extend_from_slice(&bytes[start..]);
+    out.push(b'"');
+}
+
+/// Writes one JSON object member by member.
+pub struct Obj<'a> {
+    out: &'a mut Vec<u8>,
+    first: bool,
+}
+
+impl<'a> Obj<'a> {
+    /// Open an object in `out`.
+    pub fn new(out: &'a mut Vec<u8>) -> Self {
+        out.push(b'{');
+        Obj { out, first: true }
+    }
+
+    /// Write `"name":` and return the buffer for the value.
+    pub fn key(&mut self, name: &str) -> &mut Vec<u8> {
+        if !self.first {
+            self.out.push(b',');
+        }
+        self.first = false;
+        write_str(self.out, name);
+        self.out.push(b':');
+        self.out
+    }
+
+    /// A string member.
+    pub fn str(&mut self, name: &str, value: &str) -> &mut Self {
+        let out = self.key(name);
+        write_str(out, value);
+        self
+    }
+
+    /// A string member, or `null`.
+    pub fn opt_str(&mut self, name: &str, value: Option<&str>) -> &mut Self {
+        match value {
+            Some(v) => self.str(name, v),
+            None => self.null(name),
+        }
+    }
+
+    /// A member whose value is already JSON text.
+    pub fn raw(&mut self, name: &str, json: &[u8]) -> &mut Self {
+        self.key(name).extend_from_slice(json);
+        self
+    }
+
+    /// An integer member.
+    pub fn int(&mut self, name: &str, value: i64) -> &mut Self {
+        write_int(self.key(name), value);
+        self
+    }
+
+    /// A boolean member.
+    pub fn bool(&mut self, name: &str, value: bool) -> &mut Self {
+        self.key(name)
+            .extend_from_slice(if value { b"true" } else { b"false" });
+        self
+    }
+
+    /// A `null` member.
+    pub fn null(&mut self, name: &str) -> &mut Self {
+        self.key(name).extend_from_slice(b"null");
+        self
+    }
+
+    /// A timestamp member in RFC 3339.
+    pub fn time(&mut self, name: &str, t: crate::ids::Micros) -> &mut Self {
+        let out = self.key(name);
+        out.push(b'"');
+        t.write_rfc3339(out);
+        out.push(b'"');
+        self
+    }
+
+    /// A timestamp member, or `null`.
+    pub fn opt_time(&mut self, name: &str, t: Option<crate::ids::Micros>) -> &mut Self {
+        match t {
+            Some(t) => self.time(name, t),
+            None => self.null(name),
+        }
+    }
+
+    /// An id member (hyphenated UUID).
+    pub fn id(&mut self, name: &str, id: &uuid::Uuid) -> &mut Self {
+        let out = self.key(name);
+        write_uuid(out, id);
+        self
+    }
+
+    /// Close the object.
+    pub fn finish(&mut self) {
+        self.out.push(b'}');
+    }
+}
+
+/// Append a UUID as a quoted hyphenated string.
+pub fn write_uuid(out: &mut Vec<u8>, id: &uuid::Uuid) {
+    out.push(b'"');
+    let mut buf = [0u8; uuid::fmt::Hyphenated::LENGTH];
+    out.extend_from_slice(id.hyphenated().encode_lower(&mut buf).as_bytes());
+    out.push(b'"');
+}
+
+/// Append an integer in decimal, without going through `fmt`.
+pub fn write_int(out: &mut Vec<u8>, v: i64) {
+    let mut buf = [0u8; 20];
+    let mut n = v.unsigned_abs();
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    if v < 0 {
+        out.push(b'-');
+    }
+    out.extend_from_slice(&buf[i..]);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spans(s: &str) -> Vec<&str> {
+        member_value_spans(s.as_bytes())
+            .unwrap()
+            .into_iter()
+            .map(|r| &s[r])
+            .collect()
+    }
+
+    #[test]
+    fn spans_are_the_values_as_received() {
+        assert_eq!(
+            spans(r#" { "type" : "a\"b" , "payload":{"x":[1,{"y":"}"}], "z":null} ,"n":-1.5e3 } "#),
+            vec![r#""a\"b""#, r#"{"x":[1,{"y":"}"}], "z":null}"#, "-1.5e3"]
+        );
+        assert_eq!(spans("{}"), Vec::<&str>::new());
+        assert_eq!(
+            spans(r#"{"a":[],"b":true,"c":"\\"}"#),
+            vec!["[]", "true", r#""\\""#]
+        );
+    }
+
+    #[test]
+    fn spans_refuse_what_is_not_an_object() {
+        assert!(member_value_spans(b"[1]").is_none());
+        assert!(member_value_spans(br#"{"a":1"#).is_none());
+        assert!(member_value_spans(br#"{"a" 1}"#).is_none());
+    }
+
+    #[test]
+    fn body_reads_members_last_one_wins() {
+        let mut p = Parser::default();
+        let body = br#"{"type":"a","n":3,"type":"b\u00e9","arr":["x",1,{"k":[2]},"y"],"o":{}}"#;
+        p.with_object(body, |b| {
+            assert_eq!(b.get("type"), Some(Field::Str("bé")));
+            assert_eq!(b.member_index("type"), Some(2));
+            assert_eq!(b.get("n"), Some(Field::Number));
+            assert_eq!(b.get("o"), Some(Field::Object));
+            assert_eq!(b.get("missing"), None);
+            let items = b.array_items(b.get("arr").unwrap());
+            assert_eq!(
+                items,
+                vec![
+                    Field::Str("x"),
+                    Field::Number,
+                    Field::Object,
+                    Field::Str("y")
+                ]
+            );
+        })
+        .unwrap();
+    }
+
+    #[test]
+    fn body_rejects_invalid_and_non_objects() {
+        let mut p = Parser::default();
+        assert_eq!(p.with_object(b"[1,2]", |_| ()), Err(JsonError::NotAnObject));
+        assert!(matches!(
+            p.with_object(b"{\"a\":", |_| ()),
+            Err(JsonError::Invalid(_))
+        ));
+        let Err(JsonError::Invalid(msg)) = p.with_object(b"  ", |_| ()) else {
+            panic!()
+        };
+        assert_eq!(msg, "request body is empty; a JSON object was expected");
+        // Invalid UTF-8 inside a string is invalid JSON.
+        assert!(matches!(
+            p.with_object(b"{\"a\":\"\xff\"}", |_| ()),
+            Err(JsonError::Invalid(_))
+        ));
+        // Big numbers are valid JSON even if they don't fit 64 bits.
+        assert!(p
+            .with_object(b"{\"a\":123456789012345678901234567890}", |_| ())
+            .is_ok());
+    }
+
+    #[test]
+    fn writer_escapes_and_nests() {
+        let mut out = Vec::new();
+        let mut o = Obj::new(&mut out);
+        o.str("s", "a\"\\\n\u{1}é")
+            .int("i", -42)
+            .null("n")
+            .bool("b", true)
+            .raw("r", b"[1]");
+        o.finish();
+        let text = String::from_utf8(out).unwrap();
+        assert_eq!(
+            text,
+            r#"{"s":"a\"\\\n\u0001é","i":-42,"n":null,"b":true,"r":[1]}"#
+        );
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(v["s"], "a\"\\\n\u{1}é");
+    }
+
+    #[test]
+    fn ints_format() {
+        for v in [0i64, 7, -1, 1234567890, i64::MIN, i64::MAX] {
+            let mut out = Vec::new();
+            write_int(&mut out, v);
+            assert_eq!(String::from_utf8(out).unwrap(), v.to_string());
+        }
+    }
+}

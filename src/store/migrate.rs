@@ -1,0 +1,86 @@
+//! Migrations: the plain SQL files of `migrations/`, compiled into the binary, applied in order at
+//! start and by `triggers migrate`. An advisory lock makes nodes that start together take turns;
+//! each file runs in its own transaction with its version recorded.
+
+use tokio_postgres::Client;
+
+/// (version, file name, SQL), in order.
+pub const MIGRATIONS: &[(i32, &str, &str)] = &[(
+    1,
+    "0001_init.sql",
+    include_str!("../../migrations/0001_init.sql"),
+)];
+
+/// Arbitrary constant naming the migration lock.
+const LOCK_ID: i64 = 0x7472_6967_6765_7273; // "triggers"
+
+/// Apply pending migrations; returns the versions applied.
+pub async fn migrate(client: &mut Client) -> Result<Vec<i32>, tokio_postgres::Error> {
+    client
+        .batch_execute(
+            "CREATE TABLE IF NOT EXISTS triggers_migrations (
+                version    integer PRIMARY KEY,
+                name       text NOT NULL,
+                applied_at timestamptz NOT NULL DEFAULT now()
+            )",
+        )
+        .await?;
+    client
+        .execute("SELECT pg_advisory_lock($1)", &[&LOCK_ID])
+        .await?;
+    let result = apply_pending(client).await;
+    let unlock = client
+        .execute("SELECT pg_advisory_unlock($1)", &[&LOCK_ID])
+        .await;
+    let applied = result?;
+    unlock?;
+    Ok(applied)
+}
+
+async fn apply_pending(client: &mut Client) -> Result<Vec<i32>, tokio_postgres::Error> {
+    let done: Vec<i32> = client
+        .query("SELECT version FROM triggers_migrations", &[])
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let mut applied = Vec::new();
+    for (version, name, sql) in MIGRATIONS {
+        if done.contains(version) {
+            continue;
+        }
+        let tx = client.transaction().await?;
+        tx.batch_execute(sql).await?;
+        tx.execute(
+            "INSERT INTO triggers_migrations (version, name) VALUES ($1, $2)",
+            &[version, name],
+        )
+        .await?;
+        tx.commit().await?;
+        tracing::info!(version, name, "migration applied");
+        applied.push(*version);
+    }
+    Ok(applied)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_file_in_migrations_is_listed_in_order() {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/migrations");
+        let mut files: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .filter(|n| n.ends_with(".sql"))
+            .collect();
+        files.sort();
+        let listed: Vec<&str> = MIGRATIONS.iter().map(|m| m.1).collect();
+        assert_eq!(files, listed);
+        for (i, (version, name, _)) in MIGRATIONS.iter().enumerate() {
+            assert_eq!(*version as usize, i + 1);
+            assert!(name.starts_with(&format!("{version:04}_")));
+        }
+    }
+}

@@ -1,0 +1,368 @@
+//! Group commit.
+//!
+//! `store_writers` writers take turns at the bounded write queue. A writer takes everything waiting
+//! (up to `batch_events_max`, lingering `batch_linger_us` for more when the batch is small), then
+//! releases the queue to the next writer and writes its batch:
+//!
+//! - events without a dedup id: one binary `COPY` into `events` (no unique check to pay for);
+//! - events with one: one `INSERT … SELECT FROM unnest(…) ON CONFLICT DO NOTHING RETURNING id`,
+//!   rows sorted by (organization, dedup id) so two writers always lock keys in the same order; the
+//!   conflicting ones are looked up in the same transaction to answer 409 with the first event's id;
+//! - both kinds in one batch share one transaction.
+//!
+//! Every waiting request is answered after COMMIT, the answers for one core in one message. While
+//! one writer commits, the queue fills for the next: batches grow with load by themselves.
+//!
+//! A batch that fails for its data (a value PostgreSQL refuses) is retried row by row, so one bad
+//! row never fails its neighbours. A batch that fails for the database answers 503 (durable mode);
+//! in fast-ack mode, where the client already has its 202, it is retried until it is written.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use futures_util::SinkExt;
+use tokio::sync::{mpsc, Mutex};
+use uuid::Uuid;
+
+use super::copy::{CopyEncoder, COPY_EVENTS};
+use super::{is_connection_error, StoreCtx, WriteJob};
+use crate::config::AckMode;
+use crate::error::ApiError;
+use crate::ids::{CoreId, EventId};
+use crate::shard::mesh::{Completion, CoreMsg, Outcome, WriteResult};
+
+const INSERT_DEDUP: &str = "\
+    INSERT INTO events (id, org_id, type, payload, dedup_id, next_attempt_at, created_at) \
+    SELECT id, org_id, type, payload::json, dedup_id, next_attempt_at, created_at \
+    FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::text[], $6::timestamptz[], $7::timestamptz[]) \
+      AS t(id, org_id, type, payload, dedup_id, next_attempt_at, created_at) \
+    ON CONFLICT (org_id, dedup_id) WHERE dedup_id IS NOT NULL DO NOTHING \
+    RETURNING id";
+
+const FIND_DEDUP: &str = "\
+    SELECT k.org_id, k.dedup_id, e.id \
+    FROM unnest($1::uuid[], $2::text[]) AS k(org_id, dedup_id) \
+    JOIN events e ON e.org_id = k.org_id AND e.dedup_id = k.dedup_id";
+
+/// What happened to one row of a batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum RowResult {
+    Committed,
+    Duplicate(EventId),
+    Failed(ApiError),
+}
+
+/// Why a batch failed as a whole.
+#[derive(Debug)]
+enum BatchError {
+    /// The database is gone or too slow: nothing in the batch is known to be written.
+    Database(String),
+    /// PostgreSQL refused the data of some row.
+    Data(String),
+}
+
+/// One writer's loop: take a batch, write it, answer, until the queue closes and is drained.
+pub(super) async fn run(n: usize, queue: Arc<Mutex<mpsc::Receiver<WriteJob>>>, ctx: Arc<StoreCtx>) {
+    let max = ctx.config.batch_events_max;
+    let linger = Duration::from_micros(ctx.config.batch_linger_us);
+    let mut batch = Vec::with_capacity(max);
+    let mut encoder = CopyEncoder::default();
+    loop {
+        batch.clear();
+        {
+            let mut rx = queue.lock().await;
+            if rx.recv_many(&mut batch, max).await == 0 {
+                break;
+            }
+            if !linger.is_zero() && batch.len() < max {
+                let deadline = tokio::time::Instant::now() + linger;
+                while batch.len() < max {
+                    let room = max - batch.len();
+                    match tokio::time::timeout_at(deadline, rx.recv_many(&mut batch, room)).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(_) => {}
+                    }
+                }
+            }
+        }
+        let results = write_until_settled(&ctx, &mut encoder, &batch).await;
+        answer(&ctx, &mut batch, results);
+    }
+    tracing::debug!(writer = n, "write queue closed and drained");
+}
+
+/// Write a batch. In fast-ack mode a database failure is retried until it succeeds (the clients
+/// were told 202), giving up only when the process is being killed anyway.
+async fn write_until_settled(
+    ctx: &StoreCtx,
+    encoder: &mut CopyEncoder,
+    batch: &[WriteJob],
+) -> Vec<RowResult> {
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        let results = write_batch(ctx, encoder, batch).await;
+        let retry = ctx.config.ack == AckMode::Fast
+            && results.contains(&RowResult::Failed(ApiError::Unavailable));
+        if !retry {
+            return results;
+        }
+        tracing::warn!(
+            events = batch.len(),
+            "fast-ack batch not written yet; retrying"
+        );
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(2));
+    }
+}
+
+async fn write_batch(
+    ctx: &StoreCtx,
+    encoder: &mut CopyEncoder,
+    batch: &[WriteJob],
+) -> Vec<RowResult> {
+    if !ctx.health.is_up() && ctx.config.ack == AckMode::Durable {
+        return vec![RowResult::Failed(ApiError::Unavailable); batch.len()];
+    }
+    let all: Vec<usize> = (0..batch.len()).collect();
+    match write_rows(ctx, encoder, batch, &all).await {
+        Ok(results) => results,
+        Err(BatchError::Data(why)) if batch.len() > 1 => {
+            tracing::warn!(error = %why, events = batch.len(), "batch refused; writing row by row");
+            let mut results = Vec::with_capacity(batch.len());
+            for i in 0..batch.len() {
+                results.push(match write_rows(ctx, encoder, batch, &[i]).await {
+                    Ok(mut r) => r.pop().unwrap_or(RowResult::Failed(ApiError::Internal)),
+                    Err(BatchError::Data(why)) => {
+                        tracing::error!(error = %why, event = %batch[i].event.id, "event refused by the database");
+                        RowResult::Failed(ApiError::validation("payload", format!("the database refused the event: {why}")))
+                    }
+                    Err(BatchError::Database(_)) => RowResult::Failed(ApiError::Unavailable),
+                });
+            }
+            results
+        }
+        Err(BatchError::Data(why)) => {
+            tracing::error!(error = %why, event = %batch[0].event.id, "event refused by the database");
+            vec![RowResult::Failed(ApiError::validation(
+                "payload",
+                format!("the database refused the event: {why}"),
+            ))]
+        }
+        Err(BatchError::Database(why)) => {
+            tracing::warn!(error = %why, events = batch.len(), "batch not written");
+            ctx.health.set_down();
+            vec![RowResult::Failed(ApiError::Unavailable); batch.len()]
+        }
+    }
+}
+
+/// Write the rows `rows` of `batch` in one transaction (or one statement when that is enough).
+async fn write_rows(
+    ctx: &StoreCtx,
+    encoder: &mut CopyEncoder,
+    batch: &[WriteJob],
+    rows: &[usize],
+) -> Result<Vec<RowResult>, BatchError> {
+    let client = match tokio::time::timeout(ctx.db_timeout, ctx.writer_pool.get()).await {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => return Err(BatchError::Database(format!("no connection: {e}"))),
+        Err(_) => return Err(BatchError::Database("no connection in time".into())),
+    };
+    let work = write_rows_on(&client, encoder, batch, rows);
+    match tokio::time::timeout(ctx.db_timeout, work).await {
+        Ok(Ok(results)) => Ok(results),
+        Ok(Err(e)) => {
+            // The connection may be mid-transaction: never hand it back to the pool.
+            let _ = deadpool_postgres::Object::take(client);
+            if is_connection_error(&e) {
+                Err(BatchError::Database(e.to_string()))
+            } else {
+                Err(BatchError::Data(db_message(&e)))
+            }
+        }
+        Err(_) => {
+            let _ = deadpool_postgres::Object::take(client);
+            Err(BatchError::Database(format!(
+                "no commit within {:?}",
+                ctx.db_timeout
+            )))
+        }
+    }
+}
+
+async fn write_rows_on(
+    client: &deadpool_postgres::Client,
+    encoder: &mut CopyEncoder,
+    batch: &[WriteJob],
+    rows: &[usize],
+) -> Result<Vec<RowResult>, tokio_postgres::Error> {
+    let (deduped, plain): (Vec<usize>, Vec<usize>) = rows
+        .iter()
+        .partition(|&&i| batch[i].event.dedup_id.is_some());
+    let in_transaction = !deduped.is_empty() && !plain.is_empty();
+    if in_transaction {
+        client.batch_execute("BEGIN").await?;
+    }
+    let mut results: HashMap<usize, RowResult> = HashMap::with_capacity(rows.len());
+    if !plain.is_empty() {
+        encoder.begin();
+        for &i in &plain {
+            let e = &batch[i].event;
+            encoder.row(e, e.deliver.then_some(e.created_at));
+        }
+        debug_assert_eq!(encoder.rows(), plain.len());
+        let statement = client.prepare_cached(COPY_EVENTS).await?;
+        let sink = client.copy_in::<_, bytes::Bytes>(&statement).await?;
+        futures_util::pin_mut!(sink);
+        sink.send(encoder.finish()).await?;
+        let written = sink.finish().await?;
+        debug_assert_eq!(written as usize, plain.len(), "COPY wrote every row");
+        for &i in &plain {
+            results.insert(i, RowResult::Committed);
+        }
+    }
+    if !deduped.is_empty() {
+        insert_deduped(client, batch, deduped, &mut results).await?;
+    }
+    if in_transaction {
+        client.batch_execute("COMMIT").await?;
+    }
+    Ok(rows
+        .iter()
+        .map(|i| {
+            results
+                .remove(i)
+                .unwrap_or(RowResult::Failed(ApiError::Internal))
+        })
+        .collect())
+}
+
+async fn insert_deduped(
+    client: &deadpool_postgres::Client,
+    batch: &[WriteJob],
+    mut rows: Vec<usize>,
+    results: &mut HashMap<usize, RowResult>,
+) -> Result<(), tokio_postgres::Error> {
+    // One lock order for all writers: no deadlock between two batches sharing keys. The sort is
+    // stable, so of two rows with one key in a batch the first to arrive wins.
+    rows.sort_by(|&a, &b| {
+        let (ea, eb) = (&batch[a].event, &batch[b].event);
+        (ea.org, &ea.dedup_id).cmp(&(eb.org, &eb.dedup_id))
+    });
+    let n = rows.len();
+    let mut ids = Vec::with_capacity(n);
+    let mut orgs = Vec::with_capacity(n);
+    let mut types = Vec::with_capacity(n);
+    let mut payloads = Vec::with_capacity(n);
+    let mut dedups = Vec::with_capacity(n);
+    let mut due: Vec<Option<SystemTime>> = Vec::with_capacity(n);
+    let mut created = Vec::with_capacity(n);
+    for &i in &rows {
+        let e = &batch[i].event;
+        ids.push(e.id.0);
+        orgs.push(e.org.0);
+        types.push(&*e.event_type);
+        // Validated JSON is UTF-8.
+        payloads.push(std::str::from_utf8(&e.payload).unwrap_or("null"));
+        dedups.push(e.dedup_id.as_deref().unwrap_or(""));
+        due.push(e.deliver.then(|| e.created_at.to_system_time()));
+        created.push(e.created_at.to_system_time());
+    }
+    let statement = client.prepare_cached(INSERT_DEDUP).await?;
+    let inserted: std::collections::HashSet<Uuid> = client
+        .query(
+            &statement,
+            &[&ids, &orgs, &types, &payloads, &dedups, &due, &created],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get::<_, Uuid>(0))
+        .collect();
+    let mut conflicts = Vec::new();
+    for &i in &rows {
+        if inserted.contains(&batch[i].event.id.0) {
+            results.insert(i, RowResult::Committed);
+        } else {
+            conflicts.push(i);
+        }
+    }
+    if conflicts.is_empty() {
+        return Ok(());
+    }
+    let orgs: Vec<Uuid> = conflicts.iter().map(|&i| batch[i].event.org.0).collect();
+    let keys: Vec<&str> = conflicts
+        .iter()
+        .map(|&i| batch[i].event.dedup_id.as_deref().unwrap_or(""))
+        .collect();
+    let statement = client.prepare_cached(FIND_DEDUP).await?;
+    let found: HashMap<(Uuid, String), Uuid> = client
+        .query(&statement, &[&orgs, &keys])
+        .await?
+        .iter()
+        .map(|r| ((r.get(0), r.get(1)), r.get(2)))
+        .collect();
+    for &i in &conflicts {
+        let e = &batch[i].event;
+        let key = (e.org.0, e.dedup_id.as_deref().unwrap_or("").to_string());
+        results.insert(
+            i,
+            match found.get(&key) {
+                Some(first) => RowResult::Duplicate(EventId(*first)),
+                // The conflicting row vanished between the two statements: only a manual
+                // delete does that. Refuse rather than claim a duplicate we can't name.
+                None => RowResult::Failed(ApiError::Unavailable),
+            },
+        );
+    }
+    Ok(())
+}
+
+fn db_message(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!("{} ({})", db.message(), db.code().code()),
+        None => e.to_string(),
+    }
+}
+
+/// Send every answer (one message per origin core) and settle the dedup keys on their owners.
+fn answer(ctx: &StoreCtx, batch: &mut Vec<WriteJob>, results: Vec<RowResult>) {
+    debug_assert_eq!(batch.len(), results.len(), "one result per row");
+    let mut replies: HashMap<CoreId, Vec<Completion>> = HashMap::new();
+    let mut settled: HashMap<CoreId, Vec<_>> = HashMap::new();
+    let mut committed = 0u64;
+    for (job, result) in batch.drain(..).zip(results) {
+        if let Some((key, owner)) = job.dedup {
+            let outcome = match &result {
+                RowResult::Committed => Some(job.event.id),
+                RowResult::Duplicate(first) => Some(*first),
+                RowResult::Failed(_) => None,
+            };
+            settled.entry(owner).or_default().push((key, outcome));
+        }
+        if result == RowResult::Committed {
+            committed += 1;
+        }
+        if let Some(to) = job.reply {
+            let result = match result {
+                RowResult::Committed => WriteResult::Committed,
+                RowResult::Duplicate(first) => WriteResult::Duplicate(first),
+                RowResult::Failed(e) => WriteResult::Refused(e),
+            };
+            replies.entry(to.core).or_default().push(Completion {
+                slot: to.slot,
+                outcome: Outcome::Write {
+                    result,
+                    rate: job.rate,
+                },
+            });
+        }
+    }
+    crate::metrics::global().events_committed(committed);
+    for (core, completions) in replies {
+        ctx.mesh.complete(core, completions);
+    }
+    for (core, keys) in settled {
+        ctx.mesh.send(core, CoreMsg::Settled(keys));
+    }
+}

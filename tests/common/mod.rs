@@ -1,0 +1,452 @@
+//! Test harness: the real `triggers` binary on a free port, a real PostgreSQL over a real socket,
+//! and a small HTTP/1.1 client over a real TCP connection (raw, so tests can also send what no
+//! well-behaved client would).
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// The test database URL: `TRIGGERS_TEST_DATABASE_URL`, else the project's private cluster
+/// (started by `scripts/postgres.sh` if needed) with a `triggers_test` database.
+pub fn database_url() -> String {
+    static URL: OnceLock<String> = OnceLock::new();
+    URL.get_or_init(|| {
+        if let Ok(url) = std::env::var("TRIGGERS_TEST_DATABASE_URL") {
+            return url;
+        }
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/postgres.sh");
+        let out = Command::new("bash").arg(script).output().expect("run scripts/postgres.sh");
+        assert!(out.status.success(), "scripts/postgres.sh failed: {}", String::from_utf8_lossy(&out.stderr));
+        let base = String::from_utf8(out.stdout).unwrap().trim().to_string();
+        let url = base.rsplit_once('/').unwrap().0.to_string() + "/triggers_test";
+        // Create the test database if missing (never dropped here: other test binaries share it).
+        let status = Command::new("bash")
+            .arg("-c")
+            .arg(format!(
+                "psql '{base}' -qAtc \"SELECT 1 FROM pg_database WHERE datname='triggers_test'\" | grep -q 1 || psql '{base}' -qc 'CREATE DATABASE triggers_test'"
+            ))
+            .status()
+            .unwrap();
+        assert!(status.success());
+        url
+    })
+    .clone()
+}
+
+/// A direct connection to the test database, for checking what the server wrote.
+pub async fn db() -> tokio_postgres::Client {
+    let (client, conn) = tokio_postgres::connect(&database_url(), tokio_postgres::NoTls)
+        .await
+        .expect("connect to test database");
+    tokio::spawn(conn);
+    client
+}
+
+/// A running server process.
+pub struct Server {
+    child: Option<Child>,
+    /// The API address.
+    pub addr: SocketAddr,
+    /// The metrics address.
+    pub metrics_addr: Option<SocketAddr>,
+    /// Every log line so far.
+    pub log: Arc<Mutex<Vec<String>>>,
+    args: Vec<String>,
+    database_url: String,
+}
+
+impl Server {
+    /// Start with the defaults tests want plus `args`.
+    pub fn start(args: &[&str]) -> Server {
+        Self::start_with_db(args, &database_url())
+    }
+
+    /// Start against another database URL (a proxy, say).
+    pub fn start_with_db(args: &[&str], database_url: &str) -> Server {
+        let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        Self::spawn(
+            args,
+            database_url.to_string(),
+            "127.0.0.1:0".parse().unwrap(),
+        )
+    }
+
+    fn spawn(args: Vec<String>, database_url: String, listen: SocketAddr) -> Server {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_triggers"));
+        cmd.env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("DATABASE_URL", &database_url)
+            .args([
+                "--listen",
+                &listen.to_string(),
+                "--metrics-listen",
+                "127.0.0.1:0",
+            ])
+            .args([
+                "--ingress-cores",
+                "2",
+                "--store-threads",
+                "2",
+                "--log",
+                "info",
+            ])
+            .args(&args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("start triggers");
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let stdout = child.stdout.take().unwrap();
+        let stderr = child.stderr.take().unwrap();
+        {
+            let log = Arc::clone(&log);
+            std::thread::spawn(move || {
+                for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                    if line.contains("\"triggers ready\"") {
+                        let _ = ready_tx.send(line.clone());
+                    }
+                    log.lock().unwrap().push(line);
+                }
+            });
+        }
+        {
+            let log = Arc::clone(&log);
+            std::thread::spawn(move || {
+                for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                    log.lock().unwrap().push(line);
+                }
+            });
+        }
+        let ready = match ready_rx.recv_timeout(Duration::from_secs(60)) {
+            Ok(line) => line,
+            Err(_) => {
+                let _ = child.kill();
+                panic!(
+                    "server did not start; log:\n{}",
+                    log.lock().unwrap().join("\n")
+                );
+            }
+        };
+        let v: Value = serde_json::from_str(&ready).unwrap();
+        let addr = v["listen"].as_str().unwrap().parse().unwrap();
+        let metrics_addr = v["metrics"].as_str().and_then(|m| m.parse().ok());
+        Server {
+            child: Some(child),
+            addr,
+            metrics_addr,
+            log,
+            args,
+            database_url,
+        }
+    }
+
+    /// Send SIGTERM and wait for the process to exit; returns its exit code.
+    pub fn stop(&mut self) -> Option<i32> {
+        let mut child = self.child.take()?;
+        unsafe_signal(child.id(), libc::SIGTERM);
+        let status = wait_timeout(&mut child, Duration::from_secs(40));
+        status.and_then(|s| s.code())
+    }
+
+    /// SIGKILL: no chance to drain anything.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Start a new process with the same arguments on the same port.
+    pub fn restart(&mut self) {
+        self.kill();
+        let args = self.args.clone();
+        let next = Self::spawn(args, self.database_url.clone(), self.addr);
+        *self = next;
+    }
+
+    /// Log lines containing `needle`.
+    pub fn log_lines(&self, needle: &str) -> Vec<String> {
+        self.log
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.contains(needle))
+            .cloned()
+            .collect()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn unsafe_signal(pid: u32, sig: i32) {
+    // SAFETY: kill(2) with a pid of our own child process and a valid signal number.
+    unsafe {
+        libc::kill(pid as i32, sig);
+    }
+}
+
+fn wait_timeout(child: &mut Child, limit: Duration) -> Option<std::process::ExitStatus> {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Some(status);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            return child.wait().ok();
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// One HTTP response.
+#[derive(Debug, Clone)]
+pub struct Response {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl Response {
+    /// The body as JSON (panics with the body when it is not).
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", String::from_utf8_lossy(&self.body)))
+    }
+
+    /// A header value by name.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// The body as text.
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+/// A keep-alive connection that sends raw bytes and reads responses.
+pub struct Conn {
+    stream: TcpStream,
+    buf: Vec<u8>,
+}
+
+impl Conn {
+    pub async fn open(addr: SocketAddr) -> Conn {
+        let stream = TcpStream::connect(addr).await.expect("connect");
+        stream.set_nodelay(true).unwrap();
+        Conn {
+            stream,
+            buf: Vec::new(),
+        }
+    }
+
+    pub async fn send(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).await.expect("write");
+    }
+
+    /// Read one response; `None` if the server closed the connection first.
+    pub async fn read(&mut self) -> Option<Response> {
+        loop {
+            if let Some((resp, used)) = parse_response(&self.buf) {
+                self.buf.drain(..used);
+                return Some(resp);
+            }
+            let mut chunk = [0u8; 16384];
+            let n = tokio::time::timeout(Duration::from_secs(30), self.stream.read(&mut chunk))
+                .await
+                .expect("response within 30 s")
+                .ok()?;
+            if n == 0 {
+                return None;
+            }
+            self.buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+
+    /// Whether the server has closed the connection (reads EOF within `limit`).
+    pub async fn closed_within(&mut self, limit: Duration) -> bool {
+        let mut chunk = [0u8; 1024];
+        matches!(
+            tokio::time::timeout(limit, self.stream.read(&mut chunk)).await,
+            Ok(Ok(0)) | Ok(Err(_))
+        )
+    }
+
+    /// Send a request and read its response.
+    pub async fn call(
+        &mut self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Option<&[u8]>,
+    ) -> Response {
+        let req = build_request(method, path, headers, body);
+        self.send(&req).await;
+        self.read().await.expect("a response")
+    }
+}
+
+/// Serialize a request with Host and Content-Length.
+pub fn build_request(
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<&[u8]>,
+) -> Vec<u8> {
+    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: test\r\n");
+    for (n, v) in headers {
+        req.push_str(&format!("{n}: {v}\r\n"));
+    }
+    if let Some(b) = body {
+        req.push_str(&format!("Content-Length: {}\r\n", b.len()));
+    }
+    req.push_str("\r\n");
+    let mut bytes = req.into_bytes();
+    if let Some(b) = body {
+        bytes.extend_from_slice(b);
+    }
+    bytes
+}
+
+fn parse_response(buf: &[u8]) -> Option<(Response, usize)> {
+    let mut headers = [httparse::EMPTY_HEADER; 64];
+    let mut resp = httparse::Response::new(&mut headers);
+    let head_len = match resp.parse(buf).ok()? {
+        httparse::Status::Complete(n) => n,
+        httparse::Status::Partial => return None,
+    };
+    let status = resp.code?;
+    let headers: Vec<(String, String)> = resp
+        .headers
+        .iter()
+        .map(|h| {
+            (
+                h.name.to_string(),
+                String::from_utf8_lossy(h.value).into_owned(),
+            )
+        })
+        .collect();
+    if status == 100 {
+        return Some((
+            Response {
+                status,
+                headers,
+                body: Vec::new(),
+            },
+            head_len,
+        ));
+    }
+    let len: usize = headers
+        .iter()
+        .find(|(n, _)| n.eq_ignore_ascii_case("content-length"))
+        .map(|(_, v)| v.parse().unwrap())
+        .expect("the server always sends Content-Length");
+    if buf.len() < head_len + len {
+        return None;
+    }
+    Some((
+        Response {
+            status,
+            headers,
+            body: buf[head_len..head_len + len].to_vec(),
+        },
+        head_len + len,
+    ))
+}
+
+/// One request on a fresh connection.
+pub async fn call(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<&[u8]>,
+) -> Response {
+    Conn::open(addr)
+        .await
+        .call(method, path, headers, body)
+        .await
+}
+
+/// GET with an API key.
+pub async fn get(addr: SocketAddr, key: &str, path: &str) -> Response {
+    call(addr, "GET", path, &[("X-API-Key", key)], None).await
+}
+
+/// POST JSON with an API key.
+pub async fn post(addr: SocketAddr, key: &str, path: &str, body: &Value) -> Response {
+    let body = serde_json::to_vec(body).unwrap();
+    call(
+        addr,
+        "POST",
+        path,
+        &[("X-API-Key", key), ("Content-Type", "application/json")],
+        Some(&body),
+    )
+    .await
+}
+
+/// POST without a body, with an API key.
+pub async fn post_empty(addr: SocketAddr, key: &str, path: &str) -> Response {
+    call(addr, "POST", path, &[("X-API-Key", key)], None).await
+}
+
+/// A new organization; returns (api_key, organization_id).
+pub async fn new_org(addr: SocketAddr, tier: &str) -> (String, String) {
+    let body = serde_json::json!({"organization_name": format!("test-{tier}"), "tier": tier});
+    let r = call(
+        addr,
+        "POST",
+        "/api/keys/generate",
+        &[("Content-Type", "application/json")],
+        Some(body.to_string().as_bytes()),
+    )
+    .await;
+    assert_eq!(r.status, 201, "{}", r.text());
+    let v = r.json();
+    (
+        v["api_key"].as_str().unwrap().to_string(),
+        v["organization_id"].as_str().unwrap().to_string(),
+    )
+}
+
+/// POST /api/events with `{"type", "payload"}` and an optional dedup id.
+pub async fn post_event(
+    addr: SocketAddr,
+    key: &str,
+    event_type: &str,
+    payload: Value,
+    dedup: Option<&str>,
+) -> Response {
+    let mut body = serde_json::json!({"type": event_type, "payload": payload});
+    if let Some(d) = dedup {
+        body["dedup_id"] = Value::String(d.to_string());
+    }
+    post(addr, key, "/api/events", &body).await
+}
+
+/// The error body's `code`, asserting the whole error shape.
+pub fn error_code(r: &Response) -> String {
+    let v = r.json();
+    assert!(
+        v["error"].as_str().is_some_and(|e| !e.is_empty()),
+        "error sentence in {v}"
+    );
+    assert_eq!(r.header("content-type"), Some("application/json"));
+    v["code"].as_str().expect("code").to_string()
+}
