@@ -178,6 +178,44 @@ pub enum Cached {
 /// How long a refused key is refused without asking again.
 const REFUSED_TTL: Duration = Duration::from_secs(10);
 
+/// When organizations last changed, so a verification that began before *its* organization changed
+/// is not cached, while changes to other organizations don't disturb it.
+#[derive(Debug, Default)]
+pub struct Changes {
+    epoch: u64,
+    flushed_at: u64,
+    by_org: HashMap<OrgId, u64, ahash::RandomState>,
+}
+
+/// Organizations remembered by [`Changes`]; past this they are forgotten and count as one flush.
+const CHANGES_MAX: usize = 16_384;
+
+impl Changes {
+    /// The current epoch: take it before a verification starts.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// `org` changed now (`None`: any may have).
+    pub fn record(&mut self, org: Option<OrgId>) {
+        self.epoch += 1;
+        match org {
+            Some(org) if self.by_org.len() < CHANGES_MAX => {
+                self.by_org.insert(org, self.epoch);
+            }
+            _ => {
+                self.by_org.clear();
+                self.flushed_at = self.epoch;
+            }
+        }
+    }
+
+    /// Whether `org` changed after `epoch`.
+    pub fn changed_since(&self, org: OrgId, epoch: u64) -> bool {
+        self.flushed_at > epoch || self.by_org.get(&org).is_some_and(|&at| at > epoch)
+    }
+}
+
 /// One core's verified keys. Invalidated by organization when a key rotates or a webhook changes.
 pub struct KeyCache {
     verified: HashMap<KeyHash, OrgInfo, ahash::RandomState>,
@@ -185,7 +223,7 @@ pub struct KeyCache {
     capacity: usize,
     hash_a: ahash::RandomState,
     hash_b: ahash::RandomState,
-    epoch: u64,
+    changes: Changes,
 }
 
 impl KeyCache {
@@ -197,7 +235,7 @@ impl KeyCache {
             capacity,
             hash_a: ahash::RandomState::new(),
             hash_b: ahash::RandomState::new(),
-            epoch: 0,
+            changes: Changes::default(),
         }
     }
 
@@ -228,13 +266,13 @@ impl KeyCache {
 
     /// The invalidation epoch: take it before asking the store, hand it back to `insert`.
     pub fn epoch(&self) -> u64 {
-        self.epoch
+        self.changes.epoch()
     }
 
-    /// Remember a verified key, unless an invalidation happened since `epoch` (then the answer may
+    /// Remember a verified key, unless its organization changed since `epoch` (then the answer may
     /// describe a key that was just rotated away, and the caller must verify again).
     pub fn insert(&mut self, hash: KeyHash, info: OrgInfo, epoch: u64) -> bool {
-        if epoch != self.epoch {
+        if self.changes.changed_since(info.id, epoch) {
             return false;
         }
         if self.verified.len() >= self.capacity {
@@ -260,7 +298,7 @@ impl KeyCache {
 
     /// Forget what is cached about `org` (all organizations with `None`).
     pub fn org_changed(&mut self, org: Option<OrgId>) {
-        self.epoch += 1;
+        self.changes.record(org);
         match org {
             Some(org) => self.verified.retain(|_, info| info.id != org),
             None => self.verified.clear(),
@@ -368,9 +406,29 @@ mod tests {
         c.org_changed(Some(a.id));
         assert_eq!(c.get(ha), Cached::Miss);
         assert_eq!(c.get(hb), Cached::Hit(b));
-        // An answer that raced with the invalidation is not cached.
+        // An answer that raced with the invalidation is not cached...
         assert!(!c.insert(ha, a, e));
         assert_eq!(c.get(ha), Cached::Miss);
+        // ...but a change to another organization does not disturb B's verification.
+        assert!(c.insert(hb, b, e));
+        c.org_changed(None);
+        assert!(
+            !c.insert(hb, b, e),
+            "a flush invalidates every answer in flight"
+        );
+    }
+
+    #[test]
+    fn changes_are_tracked_per_organization() {
+        let (a, b) = (OrgId(Uuid::from_u128(1)), OrgId(Uuid::from_u128(2)));
+        let mut ch = Changes::default();
+        let start = ch.epoch();
+        ch.record(Some(a));
+        assert!(ch.changed_since(a, start));
+        assert!(!ch.changed_since(b, start));
+        assert!(!ch.changed_since(a, ch.epoch()));
+        ch.record(None);
+        assert!(ch.changed_since(b, start));
     }
 
     #[test]

@@ -1,11 +1,17 @@
 //! Key verification in the store pool: Argon2id on blocking threads, never on an ingress core, at
-//! most `argon2_concurrency` at once; and a throttle on failures per client address, so a flood of
-//! bad keys costs a map lookup each, not 20 ms of CPU.
+//! most `argon2_concurrency` at once; a throttle on failures per client address, so a flood of bad
+//! keys costs a map lookup each, not 20 ms of CPU; and the node's cache of verified keys, shared by
+//! its cores, so a key pays for Argon2 once per node (not once per core) and a key verified before
+//! a flood of bad ones keeps working whichever core its next request lands on.
 
 use std::collections::HashMap;
+use std::hash::{BuildHasher, Hasher};
 use std::net::IpAddr;
 use std::sync::Mutex;
 use std::time::Instant;
+
+use super::{ApiKey, Changes, KeyHash, OrgInfo};
+use crate::ids::OrgId;
 
 use argon2::password_hash::{PasswordHasher, PasswordVerifier};
 use argon2::Argon2;
@@ -38,15 +44,74 @@ pub struct Verifier {
     argon2_slots: Semaphore,
     failures: Mutex<HashMap<IpAddr, FailureBucket>>,
     failures_per_minute: f64,
+    verified: Mutex<(HashMap<KeyHash, OrgInfo>, Changes)>,
+    verified_max: usize,
+    hash_a: ahash::RandomState,
+    hash_b: ahash::RandomState,
 }
 
 impl Verifier {
-    /// `concurrency` Argon2 runs at once; `failures_per_minute` failed keys per address.
-    pub fn new(concurrency: usize, failures_per_minute: usize) -> Self {
+    /// `concurrency` Argon2 runs at once; `failures_per_minute` failed keys per address;
+    /// `verified_max` keys remembered.
+    pub fn new(concurrency: usize, failures_per_minute: usize, verified_max: usize) -> Self {
         Verifier {
             argon2_slots: Semaphore::new(concurrency),
             failures: Mutex::new(HashMap::new()),
             failures_per_minute: failures_per_minute as f64,
+            verified: Mutex::new((HashMap::new(), Changes::default())),
+            verified_max,
+            hash_a: ahash::RandomState::new(),
+            hash_b: ahash::RandomState::new(),
+        }
+    }
+
+    /// This node's hash of a key.
+    pub fn hash_key(&self, key: &ApiKey) -> KeyHash {
+        let h = |s: &ahash::RandomState| {
+            let mut h = s.build_hasher();
+            h.write(key.as_str().as_bytes());
+            h.finish()
+        };
+        (u128::from(h(&self.hash_a)) << 64) | u128::from(h(&self.hash_b))
+    }
+
+    fn verified(&self) -> std::sync::MutexGuard<'_, (HashMap<KeyHash, OrgInfo>, Changes)> {
+        self.verified.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A key this node verified before, if it still stands.
+    pub fn cached(&self, hash: KeyHash) -> Option<OrgInfo> {
+        self.verified().0.get(&hash).copied()
+    }
+
+    /// The invalidation epoch; take it before looking a key up, hand it to [`Verifier::remember`].
+    pub fn epoch(&self) -> u64 {
+        self.verified().1.epoch()
+    }
+
+    /// Remember a verified key unless its organization changed since `epoch`.
+    pub fn remember(&self, hash: KeyHash, org: OrgInfo, epoch: u64) {
+        let mut guard = self.verified();
+        let (map, changes) = &mut *guard;
+        if changes.changed_since(org.id, epoch) {
+            return;
+        }
+        if map.len() >= self.verified_max {
+            if let Some(k) = map.keys().next().copied() {
+                map.remove(&k);
+            }
+        }
+        map.insert(hash, org);
+    }
+
+    /// Forget what is known about `org` (every organization with `None`).
+    pub fn org_changed(&self, org: Option<OrgId>) {
+        let mut guard = self.verified();
+        let (map, changes) = &mut *guard;
+        changes.record(org);
+        match org {
+            Some(org) => map.retain(|_, info| info.id != org),
+            None => map.clear(),
         }
     }
 
@@ -127,8 +192,24 @@ mod tests {
     }
 
     #[test]
+    fn verified_keys_are_shared_until_their_org_changes() {
+        let v = Verifier::new(1, 3, 10);
+        let key = ApiKey::generate().unwrap();
+        let org = OrgInfo::test(OrgId(uuid::Uuid::from_u128(1)));
+        let h = v.hash_key(&key);
+        let e = v.epoch();
+        v.remember(h, org, e);
+        assert_eq!(v.cached(h), Some(org));
+        v.org_changed(Some(org.id));
+        assert_eq!(v.cached(h), None);
+        // A verification that raced with the change is not remembered.
+        v.remember(h, org, e);
+        assert_eq!(v.cached(h), None);
+    }
+
+    #[test]
     fn failures_are_throttled_per_address() {
-        let v = Verifier::new(1, 3);
+        let v = Verifier::new(1, 3, 10);
         let a: IpAddr = "10.0.0.1".parse().unwrap();
         let b: IpAddr = "10.0.0.2".parse().unwrap();
         for _ in 0..3 {

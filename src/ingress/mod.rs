@@ -550,6 +550,7 @@ impl CoreCtx {
                 other => return Err(unexpected(other)),
             }
         }
+        tracing::warn!("key verification kept racing with changes to its organization");
         Err(ApiError::Unavailable)
     }
 }

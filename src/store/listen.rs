@@ -50,14 +50,16 @@ async fn listen(ctx: &StoreCtx, flush_first: bool) -> Result<(), String> {
         .await
         .map_err(|e| e.to_string())?;
     if flush_first {
-        ctx.mesh.org_changed(None).await;
-        ctx.delivery.org_changed(None);
+        ctx.org_changed(None).await;
     }
     while let Some(payload) = rx.recv().await {
         match payload.parse::<uuid::Uuid>() {
             Ok(id) => {
-                ctx.mesh.notify_org_changed(Some(OrgId(id)));
-                ctx.delivery.org_changed(Some(OrgId(id)));
+                // Not waited for: this node's own changes were applied before it answered.
+                let org = Some(OrgId(id));
+                ctx.verifier.org_changed(org);
+                ctx.delivery.org_changed(org);
+                ctx.mesh.notify_org_changed(org);
             }
             Err(_) => tracing::warn!(payload, "unexpected org-change notification"),
         }

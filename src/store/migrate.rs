@@ -15,7 +15,30 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[(
 const LOCK_ID: i64 = 0x7472_6967_6765_7273; // "triggers"
 
 /// Apply pending migrations; returns the versions applied.
-pub async fn migrate(client: &mut Client) -> Result<Vec<i32>, tokio_postgres::Error> {
+pub async fn migrate(client: &mut Client) -> Result<Vec<i32>, String> {
+    // The lock comes first: even CREATE TABLE IF NOT EXISTS fails when two nodes run it at once.
+    client
+        .execute("SELECT pg_advisory_lock($1)", &[&LOCK_ID])
+        .await
+        .map_err(describe)?;
+    let result = apply_pending(client).await;
+    let unlock = client
+        .execute("SELECT pg_advisory_unlock($1)", &[&LOCK_ID])
+        .await;
+    let applied = result.map_err(describe)?;
+    unlock.map_err(describe)?;
+    Ok(applied)
+}
+
+/// A database error with PostgreSQL's own message, not just "db error".
+pub fn describe(e: tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!("{}: {} ({})", e, db.message(), db.code().code()),
+        None => e.to_string(),
+    }
+}
+
+async fn apply_pending(client: &mut Client) -> Result<Vec<i32>, tokio_postgres::Error> {
     client
         .batch_execute(
             "CREATE TABLE IF NOT EXISTS triggers_migrations (
@@ -25,19 +48,6 @@ pub async fn migrate(client: &mut Client) -> Result<Vec<i32>, tokio_postgres::Er
             )",
         )
         .await?;
-    client
-        .execute("SELECT pg_advisory_lock($1)", &[&LOCK_ID])
-        .await?;
-    let result = apply_pending(client).await;
-    let unlock = client
-        .execute("SELECT pg_advisory_unlock($1)", &[&LOCK_ID])
-        .await;
-    let applied = result?;
-    unlock?;
-    Ok(applied)
-}
-
-async fn apply_pending(client: &mut Client) -> Result<Vec<i32>, tokio_postgres::Error> {
     let done: Vec<i32> = client
         .query("SELECT version FROM triggers_migrations", &[])
         .await?

@@ -31,7 +31,7 @@ use crate::auth::{ApiKey, OrgInfo, Tier};
 use crate::config::{AckMode, Config};
 use crate::delivery::DeliveryHandle;
 use crate::error::ApiError;
-use crate::ids::CoreId;
+use crate::ids::{CoreId, OrgId};
 use crate::reply::RateSnapshot;
 use crate::shard::dedup::DedupKey;
 use crate::shard::mesh::{Mesh, NewEvent, ReplyTo};
@@ -261,6 +261,16 @@ pub(crate) struct StoreCtx {
     pub db_timeout: Duration,
 }
 
+impl StoreCtx {
+    /// An organization's key or webhook changed (`None`: any may have): drop what this node
+    /// caches about it, and wait until every ingress core has.
+    pub async fn org_changed(&self, org: Option<OrgId>) {
+        self.verifier.org_changed(org);
+        self.delivery.org_changed(org);
+        self.mesh.org_changed(org).await;
+    }
+}
+
 /// The running store pool.
 pub struct Store {
     handle: StoreHandle,
@@ -343,7 +353,11 @@ impl Store {
             pool: build_pool(&config, config.store_pool_size)?,
             writer_pool: build_pool(&config, config.store_writers)?,
             mesh,
-            verifier: Verifier::new(config.argon2_concurrency, config.auth_failures_per_minute),
+            verifier: Verifier::new(
+                config.argon2_concurrency,
+                config.auth_failures_per_minute,
+                config.auth_cache_entries,
+            ),
             health: Arc::clone(&health),
             delivery,
             db_timeout: Config::ms(config.db_timeout_ms),

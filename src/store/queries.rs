@@ -176,9 +176,14 @@ async fn run_query(ctx: &StoreCtx, org: OrgInfo, query: Query) -> Result<Reply, 
 
 /// Look the key id up, check the secret with Argon2 off any connection, throttle failures.
 async fn verify(ctx: &StoreCtx, key: ApiKey, peer: IpAddr) -> Result<OrgInfo, ApiError> {
+    let hash = ctx.verifier.hash_key(&key);
+    if let Some(org) = ctx.verifier.cached(hash) {
+        return Ok(org);
+    }
     if let Some(retry_after_s) = ctx.verifier.throttled(peer) {
         return Err(ApiError::AuthThrottled { retry_after_s });
     }
+    let epoch = ctx.verifier.epoch();
     let key_id = key.key_id().to_string();
     let row = ctx
         .timed("auth lookup", async {
@@ -210,11 +215,13 @@ async fn verify(ctx: &StoreCtx, key: ApiKey, peer: IpAddr) -> Result<OrgInfo, Ap
         return refuse();
     }
     let limit: i32 = row.get(1);
-    Ok(OrgInfo {
+    let org = OrgInfo {
         id: OrgId(row.get(0)),
         limit: limit.max(1) as u32,
         has_webhook: row.get(4),
-    })
+    };
+    ctx.verifier.remember(hash, org, epoch);
+    Ok(org)
 }
 
 /// A fresh key and its hash; the hash runs on a blocking thread.
@@ -244,6 +251,7 @@ async fn generate(ctx: &StoreCtx, name: String, tier: Tier) -> Result<Reply, Api
         let (key, hash) = new_key(ctx).await?;
         let now = Micros::now();
         let id = new_v7(now);
+        let epoch = ctx.verifier.epoch();
         let limit = tier.limit_per_minute() as i32;
         let insert = async {
             let client = ctx.pool.get().await?;
@@ -273,6 +281,14 @@ async fn generate(ctx: &StoreCtx, name: String, tier: Tier) -> Result<Reply, Api
         };
         match tokio::time::timeout(ctx.db_timeout, insert).await {
             Ok(Ok(())) => {
+                // The first request with the new key needs no Argon2 run.
+                let org = OrgInfo {
+                    id: OrgId(id),
+                    limit: limit as u32,
+                    has_webhook: false,
+                };
+                ctx.verifier
+                    .remember(ctx.verifier.hash_key(&key), org, epoch);
                 return Ok(Reply::build(201, |out| {
                     let mut o = Obj::new(out);
                     o.str("api_key", key.as_str())
@@ -282,7 +298,7 @@ async fn generate(ctx: &StoreCtx, name: String, tier: Tier) -> Result<Reply, Api
                         .int("rate_limit_per_minute", i64::from(limit))
                         .time("created_at", now);
                     o.finish();
-                }))
+                }));
             }
             Ok(Err(f)) if is_unique_violation(&f) => continue,
             Ok(Err(f)) => return Err(ctx.fail("generate key", f)),
@@ -348,8 +364,7 @@ async fn change_org(
             Ok(row)
         })
         .await?;
-    ctx.mesh.org_changed(Some(org)).await;
-    ctx.delivery.org_changed(Some(org));
+    ctx.org_changed(Some(org)).await;
     Ok(row)
 }
 

@@ -102,6 +102,7 @@ impl Server {
             .stderr(Stdio::piped());
         let mut child = cmd.spawn().expect("start triggers");
         let log = Arc::new(Mutex::new(Vec::new()));
+        register_log(&log);
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let stdout = child.stdout.take().unwrap();
         let stderr = child.stderr.take().unwrap();
@@ -189,6 +190,32 @@ impl Drop for Server {
     }
 }
 
+/// Every server's log, so a failing test shows what the servers said.
+static LOGS: Mutex<Vec<Arc<Mutex<Vec<String>>>>> = Mutex::new(Vec::new());
+
+fn register_log(log: &Arc<Mutex<Vec<String>>>) {
+    static HOOK: std::sync::Once = std::sync::Once::new();
+    HOOK.call_once(|| {
+        let default = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            default(info);
+            if let Ok(logs) = LOGS.try_lock() {
+                for (i, log) in logs.iter().enumerate() {
+                    if let Ok(log) = log.try_lock() {
+                        let tail = log.len().saturating_sub(40);
+                        eprintln!(
+                            "--- server {i} log (last {} lines) ---\n{}",
+                            log.len() - tail,
+                            log[tail..].join("\n")
+                        );
+                    }
+                }
+            }
+        }));
+    });
+    LOGS.lock().unwrap().push(Arc::clone(log));
+}
+
 fn unsafe_signal(pid: u32, sig: i32) {
     // SAFETY: kill(2) with a pid of our own child process and a valid signal number.
     unsafe {
@@ -247,16 +274,26 @@ pub struct Conn {
 
 impl Conn {
     pub async fn open(addr: SocketAddr) -> Conn {
-        let stream = TcpStream::connect(addr).await.expect("connect");
-        stream.set_nodelay(true).unwrap();
-        Conn {
+        Self::try_open(addr).await.expect("connect")
+    }
+
+    /// Connect, or `None` when the server refuses or resets the connection.
+    pub async fn try_open(addr: SocketAddr) -> Option<Conn> {
+        let stream = TcpStream::connect(addr).await.ok()?;
+        stream.set_nodelay(true).ok()?;
+        Some(Conn {
             stream,
             buf: Vec::new(),
-        }
+        })
     }
 
     pub async fn send(&mut self, bytes: &[u8]) {
         self.stream.write_all(bytes).await.expect("write");
+    }
+
+    /// Send, reporting whether the connection took the bytes.
+    pub async fn try_send(&mut self, bytes: &[u8]) -> bool {
+        self.stream.write_all(bytes).await.is_ok()
     }
 
     /// Read one response; `None` if the server closed the connection first.

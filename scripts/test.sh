@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Run the whole test suite on a fresh Debian/Ubuntu machine: installs PostgreSQL if missing, starts
+# the project's private cluster, recreates the test database, then checks formatting and lints and
+# runs every test (unit and integration; the integration tests start the real server).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. scripts/common.sh
+ensure_cargo
+export TRIGGERS_TEST_DATABASE_URL=$(bash scripts/postgres.sh db triggers_test)
+echo "== cargo fmt --check" >&2
+cargo fmt --all -- --check
+echo "== cargo clippy" >&2
+cargo clippy --locked --all-targets -- -D warnings
+echo "== cargo test" >&2
+cargo test --locked -- --test-threads 4

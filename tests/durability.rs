@@ -1,0 +1,343 @@
+//! What every 201 promises: the event is committed. A server killed mid-stream loses nothing it
+//! acknowledged; a graceful stop finishes what is in flight; a database that goes away makes the
+//! server answer 503 within a second (never hang) and it recovers by itself; a full write queue
+//! answers 503 at once.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// Keep posting events on `connections` connections until `stop`; returns the acknowledged ids.
+async fn post_until(
+    addr: SocketAddr,
+    key: String,
+    connections: usize,
+    stop: Arc<AtomicBool>,
+) -> Vec<String> {
+    let mut tasks = Vec::new();
+    for c in 0..connections {
+        let (key, stop) = (key.clone(), Arc::clone(&stop));
+        tasks.push(tokio::spawn(async move {
+            let mut acked = Vec::new();
+            let mut i = 0;
+            'outer: while !stop.load(Ordering::Relaxed) {
+                let Some(mut conn) = Conn::try_open(addr).await else {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    continue;
+                };
+                while !stop.load(Ordering::Relaxed) {
+                    i += 1;
+                    let body = json!({"type": "durable", "payload": {"c": c, "i": i}}).to_string();
+                    let req = build_request(
+                        "POST",
+                        "/api/events",
+                        &[("X-API-Key", &key), ("Content-Type", "application/json")],
+                        Some(body.as_bytes()),
+                    );
+                    if !conn.try_send(&req).await {
+                        continue 'outer;
+                    }
+                    match conn.read().await {
+                        Some(r) if r.status == 201 => {
+                            acked.push(r.json()["id"].as_str().unwrap().to_string())
+                        }
+                        Some(_) => {}
+                        None => continue 'outer,
+                    }
+                }
+            }
+            acked
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.unwrap());
+    }
+    all
+}
+
+async fn count_present(ids: &[String]) -> usize {
+    let ids: Vec<uuid::Uuid> = ids.iter().map(|s| s.parse().unwrap()).collect();
+    let n: i64 = db()
+        .await
+        .query_one("SELECT count(*) FROM events WHERE id = ANY($1)", &[&ids])
+        .await
+        .unwrap()
+        .get(0);
+    n as usize
+}
+
+#[tokio::test]
+async fn sigkill_mid_stream_loses_no_acknowledged_event() {
+    let mut s = Server::start(&[]);
+    let (key, _) = new_org(s.addr, "enterprise").await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = tokio::spawn(post_until(s.addr, key.clone(), 16, Arc::clone(&stop)));
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    s.kill();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    stop.store(true, Ordering::Relaxed);
+    let acked = load.await.unwrap();
+    assert!(
+        acked.len() > 50,
+        "only {} events acknowledged before the kill",
+        acked.len()
+    );
+    // Every acknowledged event is in the database, and the restarted server serves them.
+    assert_eq!(count_present(&acked).await, acked.len());
+    s.restart();
+    let last = acked.last().unwrap();
+    let r = get(s.addr, &key, &format!("/api/events/{last}")).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["type"], "durable");
+}
+
+#[tokio::test]
+async fn sigterm_finishes_in_flight_requests_and_exits_cleanly() {
+    let mut s = Server::start(&[]);
+    let (key, _) = new_org(s.addr, "enterprise").await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = tokio::spawn(post_until(s.addr, key.clone(), 16, Arc::clone(&stop)));
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let started = Instant::now();
+    let addr = s.addr;
+    let code = tokio::task::spawn_blocking(move || s.stop()).await.unwrap();
+    assert_eq!(code, Some(0));
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "{:?}",
+        started.elapsed()
+    );
+    stop.store(true, Ordering::Relaxed);
+    let acked = load.await.unwrap();
+    assert!(acked.len() > 50);
+    assert_eq!(count_present(&acked).await, acked.len());
+    assert!(
+        TcpStream::connect(addr).await.is_err(),
+        "no longer listening"
+    );
+}
+
+/// A TCP proxy to PostgreSQL that a test can cut and pause.
+struct Proxy {
+    addr: SocketAddr,
+    /// 0: pass, 1: cut (connections dropped, new ones refused), 2: paused (bytes held).
+    mode: Arc<AtomicU8>,
+    conns: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+}
+
+impl Proxy {
+    async fn start() -> Proxy {
+        let upstream: SocketAddr = {
+            let url = database_url();
+            let hostport = url
+                .split('@')
+                .nth(1)
+                .unwrap()
+                .split('/')
+                .next()
+                .unwrap()
+                .to_string();
+            tokio::net::lookup_host(hostport)
+                .await
+                .unwrap()
+                .next()
+                .unwrap()
+        };
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mode = Arc::new(AtomicU8::new(0));
+        let conns = Arc::new(Mutex::new(Vec::new()));
+        let (m, cs) = (Arc::clone(&mode), Arc::clone(&conns));
+        tokio::spawn(async move {
+            loop {
+                let Ok((client, _)) = listener.accept().await else {
+                    return;
+                };
+                if m.load(Ordering::SeqCst) == 1 {
+                    drop(client);
+                    continue;
+                }
+                let m = Arc::clone(&m);
+                let task = tokio::spawn(async move {
+                    let Ok(server) = TcpStream::connect(upstream).await else {
+                        return;
+                    };
+                    let (cr, cw) = client.into_split();
+                    let (sr, sw) = server.into_split();
+                    let a = tokio::spawn(pump(cr, sw, Arc::clone(&m)));
+                    let b = tokio::spawn(pump(sr, cw, m));
+                    let _ = tokio::join!(a, b);
+                });
+                cs.lock().unwrap().push(task);
+            }
+        });
+        Proxy { addr, mode, conns }
+    }
+
+    fn url(&self) -> String {
+        let url = database_url();
+        let (scheme_user, rest) = url.split_once('@').unwrap();
+        let db = rest.split_once('/').unwrap().1;
+        format!("{scheme_user}@{}/{db}", self.addr)
+    }
+
+    fn cut(&self) {
+        self.mode.store(1, Ordering::SeqCst);
+        for c in self.conns.lock().unwrap().drain(..) {
+            c.abort();
+        }
+    }
+
+    fn pause(&self) {
+        self.mode.store(2, Ordering::SeqCst);
+    }
+
+    fn restore(&self) {
+        self.mode.store(0, Ordering::SeqCst);
+    }
+}
+
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    mode: Arc<AtomicU8>,
+) {
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        while mode.load(Ordering::SeqCst) == 2 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        if mode.load(Ordering::SeqCst) == 1 || to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
+}
+
+// The proxy runs on the test's runtime while the server start blocks a thread: two workers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn database_outage_answers_503_within_a_second_and_recovers() {
+    let proxy = Proxy::start().await;
+    let s = Server::start_with_db(&[], &proxy.url());
+    let (key, _) = new_org(s.addr, "enterprise").await;
+    assert_eq!(
+        post_event(s.addr, &key, "t", json!(1), None).await.status,
+        201
+    );
+
+    proxy.cut();
+    let mut saw_503 = 0;
+    for _ in 0..6 {
+        let started = Instant::now();
+        let r = post_event(s.addr, &key, "t", json!(2), None).await;
+        let took = started.elapsed();
+        assert!(took < Duration::from_secs(1), "answered after {took:?}");
+        if r.status == 503 {
+            saw_503 += 1;
+            assert_eq!(error_code(&r), "unavailable");
+            assert_eq!(r.header("retry-after"), Some("1"));
+        }
+    }
+    assert!(saw_503 >= 5, "{saw_503}");
+    let started = Instant::now();
+    let r = get(s.addr, &key, "/api/inbox").await;
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert!(started.elapsed() < Duration::from_secs(1));
+    let r = call(s.addr, "GET", "/health/ready", &[], None).await;
+    assert_eq!(r.status, 503);
+    assert_eq!(
+        call(s.addr, "GET", "/health/live", &[], None).await.status,
+        200
+    );
+
+    proxy.restore();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = post_event(s.addr, &key, "t", json!(3), None).await;
+        if r.status == 201 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no recovery: {}", r.text());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        call(s.addr, "GET", "/health/ready", &[], None).await.status,
+        200
+    );
+}
+
+// The proxy runs on the test's runtime while the server start blocks a thread: two workers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_write_queue_answers_503_at_once() {
+    // With the database stalled, the writers can't drain the queue: once it is full, requests are
+    // refused immediately instead of piling up in memory.
+    let proxy = Proxy::start().await;
+    let s = Server::start_with_db(
+        &[
+            "--write-queue-events-max",
+            "8",
+            "--batch-events-max",
+            "4",
+            "--store-writers",
+            "1",
+            "--db-timeout-ms",
+            "3000",
+        ],
+        &proxy.url(),
+    );
+    let (key, _) = new_org(s.addr, "enterprise").await;
+    proxy.pause();
+    let mut tasks = Vec::new();
+    for i in 0..40 {
+        let key = key.clone();
+        let addr = s.addr;
+        tasks.push(tokio::spawn(async move {
+            let started = Instant::now();
+            let r = post_event(addr, &key, "t", json!(i), None).await;
+            (r, started.elapsed())
+        }));
+    }
+    let mut overloaded = 0;
+    for t in tasks {
+        let (r, took) = t.await.unwrap();
+        if r.status == 503 && error_code(&r) == "overloaded" {
+            overloaded += 1;
+            assert_eq!(r.header("retry-after"), Some("1"));
+            assert!(took < Duration::from_millis(500), "{took:?}");
+        }
+    }
+    assert!(overloaded >= 20, "{overloaded}");
+    proxy.restore();
+}
+
+#[tokio::test]
+async fn fast_ack_mode_answers_202_and_still_stores_the_event() {
+    let s = Server::start(&["--ack", "fast"]);
+    let (key, _) = new_org(s.addr, "pro").await;
+    let r = post_event(s.addr, &key, "fast", json!({"x": 1}), Some("f-1")).await;
+    assert_eq!(r.status, 202, "{}", r.text());
+    let v = r.json();
+    assert_eq!(v["status"], "accepted");
+    let id = v["id"].as_str().unwrap().to_string();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while count_present(std::slice::from_ref(&id)).await == 0 {
+        assert!(Instant::now() < deadline, "queued event never written");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Once committed, the dedup window knows it.
+    let again = post_event(s.addr, &key, "fast", json!({"x": 2}), Some("f-1")).await;
+    assert_eq!(again.status, 409);
+    assert_eq!(again.json()["event_id"], id.as_str());
+}
