@@ -12,7 +12,10 @@ use std::task::{Context, Poll, Waker};
 #[derive(Default)]
 struct SignalState {
     set: bool,
-    waiters: Vec<Waker>,
+    /// One slot per pending wait; a dropped wait frees its slot, so the list never outgrows the
+    /// waits alive at once (one per idle connection, at most).
+    slots: Vec<Option<Waker>>,
+    free: Vec<usize>,
 }
 
 /// A one-shot flag a core's tasks can wait on. Core-local: `Rc`, no atomics.
@@ -22,12 +25,12 @@ pub struct Signal(Rc<RefCell<SignalState>>);
 impl Signal {
     /// Raise the flag and wake every waiter.
     pub fn set(&self) {
-        let waiters = {
+        let wakers: Vec<Waker> = {
             let mut s = self.0.borrow_mut();
             s.set = true;
-            std::mem::take(&mut s.waiters)
+            s.slots.iter_mut().filter_map(Option::take).collect()
         };
-        for w in waiters {
+        for w in wakers {
             w.wake();
         }
     }
@@ -39,25 +42,65 @@ impl Signal {
 
     /// Resolves once the flag is raised.
     pub fn wait(&self) -> SignalWait {
-        SignalWait(self.clone())
+        SignalWait {
+            signal: self.clone(),
+            slot: None,
+        }
+    }
+
+    #[cfg(test)]
+    fn slots_in_use(&self) -> usize {
+        let s = self.0.borrow();
+        s.slots.len() - s.free.len()
     }
 }
 
 /// The future of [`Signal::wait`].
-pub struct SignalWait(Signal);
+pub struct SignalWait {
+    signal: Signal,
+    slot: Option<usize>,
+}
 
 impl Future for SignalWait {
     type Output = ();
 
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        let mut s = self.0 .0.borrow_mut();
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = &mut *self;
+        let mut s = this.signal.0.borrow_mut();
         if s.set {
             return Poll::Ready(());
         }
-        if !s.waiters.iter().any(|w| w.will_wake(cx.waker())) {
-            s.waiters.push(cx.waker().clone());
+        match this.slot {
+            Some(i) => match &mut s.slots[i] {
+                Some(w) if w.will_wake(cx.waker()) => {}
+                slot => *slot = Some(cx.waker().clone()),
+            },
+            None => {
+                let waker = Some(cx.waker().clone());
+                let i = match s.free.pop() {
+                    Some(i) => {
+                        s.slots[i] = waker;
+                        i
+                    }
+                    None => {
+                        s.slots.push(waker);
+                        s.slots.len() - 1
+                    }
+                };
+                this.slot = Some(i);
+            }
         }
         Poll::Pending
+    }
+}
+
+impl Drop for SignalWait {
+    fn drop(&mut self) {
+        if let Some(i) = self.slot {
+            let mut s = self.signal.0.borrow_mut();
+            s.slots[i] = None;
+            s.free.push(i);
+        }
     }
 }
 
@@ -112,6 +155,26 @@ mod tests {
             b.await;
             assert!(s.is_set());
             s.wait().await; // already set: immediate
+        });
+    }
+
+    #[test]
+    fn finished_waits_free_their_slots() {
+        block_on(async {
+            let s = Signal::default();
+            for _ in 0..100 {
+                let r = race(async { 1 }, s.wait()).await;
+                assert_eq!(r, Either::Left(1));
+                // A wait polled once and dropped leaves nothing behind.
+                let mut w = Box::pin(s.wait());
+                let waker = std::task::Waker::noop();
+                assert!(w
+                    .as_mut()
+                    .poll(&mut Context::from_waker(waker))
+                    .is_pending());
+                assert_eq!(s.slots_in_use(), 1);
+            }
+            assert_eq!(s.slots_in_use(), 0);
         });
     }
 

@@ -73,6 +73,8 @@ pub struct CoreCtx {
     pub drained: Signal,
     /// The cached `Date` header.
     pub date: RefCell<response::DateCache>,
+    /// Keys being verified right now, by hash.
+    pub verifying: RefCell<std::collections::HashMap<auth::KeyHash, Rc<Flight>>>,
 }
 
 /// One request, head and body complete.
@@ -264,6 +266,7 @@ async fn serve(
         connections: Cell::new(0),
         drained: Signal::default(),
         date: RefCell::new(response::DateCache::default()),
+        verifying: RefCell::new(std::collections::HashMap::new()),
         config,
         mesh,
         store,
@@ -526,13 +529,41 @@ impl CoreCtx {
             self.keys.borrow_mut().insert_refused(hash);
             return Err(ApiError::Unauthorized("invalid API key"));
         };
+        // Single flight: while one request on this core verifies a key, the others with the same
+        // key wait for its answer instead of each asking the store (and each running Argon2).
+        let pending = self.verifying.borrow().get(&hash).cloned();
+        if let Some(flight) = pending {
+            flight.done.wait().await;
+            match flight.result.borrow().clone() {
+                Some(Ok(org)) => return Ok(org),
+                Some(Err(e @ ApiError::Unauthorized(_))) => return Err(e),
+                // The leader failed for its own reasons (a throttled address, an outage): try.
+                _ => {}
+            }
+        }
+        let flight = Rc::new(Flight::default());
+        self.verifying.borrow_mut().insert(hash, Rc::clone(&flight));
+        let result = self.verify(key, hash, req.peer).await;
+        self.verifying.borrow_mut().remove(&hash);
+        *flight.result.borrow_mut() = Some(result.clone());
+        flight.done.set();
+        result
+    }
+
+    /// Ask the store to verify a key this core doesn't know, and cache the answer.
+    async fn verify(
+        self: &Rc<Self>,
+        key: ApiKey,
+        hash: auth::KeyHash,
+        peer: IpAddr,
+    ) -> Result<OrgInfo, ApiError> {
         // A rotation that lands while the store verifies makes the answer stale: ask again.
         for _ in 0..3 {
             let epoch = self.keys.borrow().epoch();
             let wait = self.waiters.register();
             self.store.submit(StoreJob::Auth {
                 key: key.clone(),
-                peer: req.peer,
+                peer,
                 reply: wait.reply_to(self.core),
             })?;
             match wait.await {
@@ -553,6 +584,13 @@ impl CoreCtx {
         tracing::warn!("key verification kept racing with changes to its organization");
         Err(ApiError::Unavailable)
     }
+}
+
+/// One verification in progress on a core, shared by the requests that wait for it.
+#[derive(Default)]
+pub struct Flight {
+    done: Signal,
+    result: RefCell<Option<Result<OrgInfo, ApiError>>>,
 }
 
 /// An answer of the wrong kind reached a waiting request: a bug, logged and answered 500.

@@ -16,6 +16,7 @@ use tokio_postgres::Row;
 use uuid::Uuid;
 
 use super::{is_connection_error, EventStatus, Query, StoreCtx, StoreJob};
+use crate::auth::verify::Flight;
 use crate::auth::{ApiKey, OrgInfo, Tier};
 use crate::delivery::target;
 use crate::error::ApiError;
@@ -180,6 +181,30 @@ async fn verify(ctx: &StoreCtx, key: ApiKey, peer: IpAddr) -> Result<OrgInfo, Ap
     if let Some(org) = ctx.verifier.cached(hash) {
         return Ok(org);
     }
+    match ctx.verifier.join(hash) {
+        Flight::Leader(leader) => {
+            let answer = verify_uncached(ctx, &key, peer, hash).await;
+            leader.land(&answer);
+            answer
+        }
+        Flight::Follower(rx) => match rx.await {
+            Ok(Ok(org)) => Ok(org),
+            Ok(Err(ApiError::Unauthorized(m))) => {
+                ctx.verifier.record_failure(peer);
+                Err(ApiError::Unauthorized(m))
+            }
+            // The leader was throttled, hit an outage or gave up: verify on our own account.
+            _ => verify_uncached(ctx, &key, peer, hash).await,
+        },
+    }
+}
+
+async fn verify_uncached(
+    ctx: &StoreCtx,
+    key: &ApiKey,
+    peer: IpAddr,
+    hash: crate::auth::KeyHash,
+) -> Result<OrgInfo, ApiError> {
     if let Some(retry_after_s) = ctx.verifier.throttled(peer) {
         return Err(ApiError::AuthThrottled { retry_after_s });
     }

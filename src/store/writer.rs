@@ -45,6 +45,9 @@ const FIND_DEDUP: &str = "\
     FROM unnest($1::uuid[], $2::text[]) AS k(org_id, dedup_id) \
     JOIN events e ON e.org_id = k.org_id AND e.dedup_id = k.dedup_id";
 
+/// A batch slower than this is logged: it holds every request in it.
+const SLOW_BATCH: Duration = Duration::from_millis(250);
+
 /// What happened to one row of a batch.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum RowResult {
@@ -169,9 +172,20 @@ async fn write_rows(
         Ok(Err(e)) => return Err(BatchError::Database(format!("no connection: {e}"))),
         Err(_) => return Err(BatchError::Database("no connection in time".into())),
     };
+    let started = std::time::Instant::now();
     let work = write_rows_on(&client, encoder, batch, rows);
     match tokio::time::timeout(ctx.db_timeout, work).await {
-        Ok(Ok(results)) => Ok(results),
+        Ok(Ok(results)) => {
+            let took = started.elapsed();
+            if took > SLOW_BATCH {
+                tracing::warn!(
+                    events = rows.len(),
+                    ms = took.as_millis() as u64,
+                    "slow commit: the database took long to write a batch (disk or checkpoint?)"
+                );
+            }
+            Ok(results)
+        }
         Ok(Err(e)) => {
             // The connection may be mid-transaction: never hand it back to the pool.
             let _ = deadpool_postgres::Object::take(client);

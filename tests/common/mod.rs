@@ -101,6 +101,7 @@ impl Server {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         let mut child = cmd.spawn().expect("start triggers");
+        reap_at_exit(child.id());
         let log = Arc::new(Mutex::new(Vec::new()));
         register_log(&log);
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
@@ -214,6 +215,27 @@ fn register_log(log: &Arc<Mutex<Vec<String>>>) {
         }));
     });
     LOGS.lock().unwrap().push(Arc::clone(log));
+}
+
+/// Servers shared by a test file live in statics that are never dropped: kill every server this
+/// process started when it exits, so no test run leaves servers behind.
+fn reap_at_exit(pid: u32) {
+    static PIDS: Mutex<Vec<u32>> = Mutex::new(Vec::new());
+    static HOOK: std::sync::Once = std::sync::Once::new();
+    extern "C" fn kill_all() {
+        if let Ok(pids) = PIDS.lock() {
+            for &pid in pids.iter() {
+                unsafe_signal(pid, libc::SIGKILL);
+            }
+        }
+    }
+    HOOK.call_once(|| {
+        // SAFETY: registering a plain extern "C" function with atexit(3).
+        unsafe {
+            libc::atexit(kill_all);
+        }
+    });
+    PIDS.lock().unwrap().push(pid);
 }
 
 fn unsafe_signal(pid: u32, sig: i32) {
