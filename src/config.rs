@@ -262,6 +262,10 @@ options! {
     /// How long a writer waits for more events before writing a partial batch, in microseconds.
     /// 0 writes whatever is queued at once; batches still grow under load while the other writers commit.
     batch_linger_us: u64 = "0", "batch-linger-us", "TRIGGERS_BATCH_LINGER_US";
+    /// While one writer's transaction is in flight, another starts only when this many
+    /// microseconds pass (or its batch is full): one commit at a time while commits are quick, so
+    /// batches grow with load; two as soon as one is slow. 0: writers never wait for each other.
+    batch_overlap_us: u64 = "2000", "batch-overlap-us", "TRIGGERS_BATCH_OVERLAP_US";
     /// Events waiting for a writer; beyond this POST /api/events answers 503 at once.
     write_queue_events_max: usize = "16384", "write-queue-events-max", "TRIGGERS_WRITE_QUEUE_EVENTS_MAX";
     /// Reads and small writes waiting for a connection; beyond this they answer 503 at once.
@@ -507,8 +511,11 @@ impl Config {
                 self.batch_events_max, self.write_queue_events_max
             ));
         }
-        if self.batch_linger_us > 100_000 {
-            return fail("--batch-linger-us must be at most 100000 (100 ms)".into());
+        if self.batch_linger_us > 100_000 || self.batch_overlap_us > 1_000_000 {
+            return fail(
+                "--batch-linger-us must be at most 100000 and --batch-overlap-us at most 1000000"
+                    .into(),
+            );
         }
         for (name, ms) in [
             ("head-timeout-ms", self.head_timeout_ms),

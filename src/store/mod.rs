@@ -364,8 +364,13 @@ impl Store {
             config: Arc::clone(&config),
         });
         let write_rx = Arc::new(tokio::sync::Mutex::new(write_rx));
+        let turns = Arc::new(writer::Turns::default());
         let writers = (0..config.store_writers)
-            .map(|n| tokio::spawn(writer::run(n, Arc::clone(&write_rx), Arc::clone(&ctx))))
+            .map(|n| {
+                let (rx, turns, ctx) =
+                    (Arc::clone(&write_rx), Arc::clone(&turns), Arc::clone(&ctx));
+                tokio::spawn(writer::run(n, rx, turns, ctx))
+            })
             .collect();
         let jobs = tokio::spawn(queries::run(job_rx, Arc::clone(&ctx)));
         let background = vec![

@@ -22,7 +22,9 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use futures_util::SinkExt;
-use tokio::sync::{mpsc, Mutex};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use tokio::sync::{mpsc, Mutex, Notify};
 use uuid::Uuid;
 
 use super::copy::{CopyEncoder, COPY_EVENTS};
@@ -66,9 +68,29 @@ enum BatchError {
 }
 
 /// One writer's loop: take a batch, write it, answer, until the queue closes and is drained.
-pub(super) async fn run(n: usize, queue: Arc<Mutex<mpsc::Receiver<WriteJob>>>, ctx: Arc<StoreCtx>) {
+/// How many writers are in a transaction, and a signal each time one finishes.
+#[derive(Default)]
+pub(super) struct Turns {
+    writing: AtomicUsize,
+    done: Notify,
+}
+
+/// One writer's loop: take a batch, write it, answer, until the queue closes and is drained.
+///
+/// While another writer's transaction is in flight, a writer lets its batch grow until that
+/// transaction ends, the batch is full, or `batch_overlap_us` passes: one transaction at a time
+/// while commits are quick (so batches are as large as the load makes them, which is what makes
+/// PostgreSQL cheap per event), a second one as soon as a commit is slow (so one slow fsync doesn't
+/// hold every request behind it).
+pub(super) async fn run(
+    n: usize,
+    queue: Arc<Mutex<mpsc::Receiver<WriteJob>>>,
+    turns: Arc<Turns>,
+    ctx: Arc<StoreCtx>,
+) {
     let max = ctx.config.batch_events_max;
     let linger = Duration::from_micros(ctx.config.batch_linger_us);
+    let overlap = Duration::from_micros(ctx.config.batch_overlap_us);
     let mut batch = Vec::with_capacity(max);
     let mut encoder = CopyEncoder::default();
     loop {
@@ -77,6 +99,27 @@ pub(super) async fn run(n: usize, queue: Arc<Mutex<mpsc::Receiver<WriteJob>>>, c
             let mut rx = queue.lock().await;
             if rx.recv_many(&mut batch, max).await == 0 {
                 break;
+            }
+            if batch.len() < max && turns.writing.load(Ordering::Acquire) > 0 {
+                let deadline = tokio::time::Instant::now() + overlap;
+                loop {
+                    let done = turns.done.notified();
+                    tokio::pin!(done);
+                    done.as_mut().enable();
+                    if turns.writing.load(Ordering::Acquire) == 0 {
+                        break;
+                    }
+                    tokio::select! {
+                        _ = &mut done => {}
+                        _ = tokio::time::sleep_until(deadline) => break,
+                    }
+                }
+                while batch.len() < max {
+                    match rx.try_recv() {
+                        Ok(job) => batch.push(job),
+                        Err(_) => break,
+                    }
+                }
             }
             if !linger.is_zero() && batch.len() < max {
                 let deadline = tokio::time::Instant::now() + linger;
@@ -89,7 +132,10 @@ pub(super) async fn run(n: usize, queue: Arc<Mutex<mpsc::Receiver<WriteJob>>>, c
                 }
             }
         }
+        turns.writing.fetch_add(1, Ordering::AcqRel);
         let results = write_until_settled(&ctx, &mut encoder, &batch).await;
+        turns.writing.fetch_sub(1, Ordering::AcqRel);
+        turns.done.notify_waiters();
         answer(&ctx, &mut batch, results);
     }
     tracing::debug!(writer = n, "write queue closed and drained");
