@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use triggers::config::{Command, Config};
-use triggers::delivery::DeliveryHandle;
+use triggers::delivery::Delivery;
 use triggers::ids::CoreId;
 use triggers::ingress::{self, CoreParts};
 use triggers::metrics::{self, CoreMetrics};
@@ -93,8 +93,8 @@ fn serve(config: Config) -> Result<(), String> {
         (0..config.ingress_cores).map(|_| Arc::default()).collect();
     metrics::global().set_cores(core_metrics.clone());
 
-    let delivery = DeliveryHandle::default();
-    let store = Store::start(Arc::clone(&config), mesh.clone(), delivery)?;
+    let (delivery, delivery_handle) = Delivery::start(Arc::clone(&config))?;
+    let store = Store::start(Arc::clone(&config), mesh.clone(), delivery_handle)?;
 
     let mut metrics_listener = listeners.metrics;
     let parts = listeners
@@ -155,6 +155,9 @@ fn serve(config: Config) -> Result<(), String> {
     {
         tracing::warn!("store did not finish within the shutdown deadline");
     }
+    // Attempts in flight get a moment; whatever is still in memory goes back to the database.
+    let left = Duration::from_secs(config.shutdown_timeout_s).saturating_sub(stopping.elapsed());
+    rt.block_on(delivery.finish(left.min(Duration::from_secs(5))));
     tracing::info!(
         elapsed_ms = stopping.elapsed().as_millis() as u64,
         "stopped"

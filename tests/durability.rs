@@ -111,8 +111,9 @@ async fn sigterm_finishes_in_flight_requests_and_exits_cleanly() {
     let addr = s.addr;
     let code = tokio::task::spawn_blocking(move || s.stop()).await.unwrap();
     assert_eq!(code, Some(0));
+    // Well inside the 30 s promise: nothing waits for a deadline when there is nothing to wait for.
     assert!(
-        started.elapsed() < Duration::from_secs(30),
+        started.elapsed() < Duration::from_secs(5),
         "{:?}",
         started.elapsed()
     );

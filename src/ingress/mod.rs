@@ -271,7 +271,8 @@ async fn serve(
         mesh,
         store,
     });
-    let mailbox = monoio::spawn(run_mailbox(Rc::clone(&ctx), part.mailbox));
+    let closing = Signal::default();
+    let mailbox = monoio::spawn(run_mailbox(Rc::clone(&ctx), part.mailbox, closing.clone()));
     if let Some(l) = metrics_listener {
         monoio::spawn(accept_loop(Rc::clone(&ctx), l, true));
     }
@@ -291,7 +292,10 @@ async fn serve(
             );
         }
     }
-    drop(mailbox);
+    // The mailbox task must end before the runtime goes: parked, it would be owned by its waker
+    // in the channel and keep this core's store handle (and so the store) alive.
+    closing.set();
+    mailbox.await;
     Ok(())
 }
 
@@ -320,12 +324,42 @@ async fn accept_loop(ctx: Rc<CoreCtx>, listener: monoio::net::TcpListener, metri
 
 /// The core's mailbox: hops for the organizations it owns, answers for its waiting requests,
 /// cache invalidations, shutdown. A burst is handled in one go after one wake-up.
-async fn run_mailbox(ctx: Rc<CoreCtx>, mut mailbox: Mailbox) {
-    while let Some(msg) = mailbox.recv().await {
+///
+/// It ends once `closing` is raised (this core's connections are gone): the mailbox is closed, so
+/// other cores' hops to it are refused at once, and what is still in it is answered 503, so no
+/// request on another core waits for a core that has stopped.
+async fn run_mailbox(ctx: Rc<CoreCtx>, mut mailbox: Mailbox, closing: Signal) {
+    while let Either::Left(Some(msg)) = race(mailbox.recv(), closing.wait()).await {
         handle_message(&ctx, msg);
         while let Some(msg) = mailbox.try_recv() {
             handle_message(&ctx, msg);
         }
+    }
+    mailbox.close();
+    while let Some(msg) = mailbox.try_recv() {
+        refuse_message(&ctx, msg);
+    }
+}
+
+/// A message that reaches a core that has stopped: hops are answered 503, the rest needs nothing.
+fn refuse_message(ctx: &CoreCtx, msg: CoreMsg) {
+    match msg {
+        CoreMsg::Hop(Hop::Ingest { reply, .. }) => ctx.mesh.complete_one(
+            reply,
+            Outcome::Write {
+                result: WriteResult::Refused(ApiError::Unavailable),
+                rate: None,
+            },
+        ),
+        CoreMsg::Hop(Hop::Query { reply, .. }) | CoreMsg::Hop(Hop::Peek { reply, .. }) => ctx
+            .mesh
+            .complete_one(reply, Outcome::Reply(ApiError::Unavailable.reply())),
+        CoreMsg::OrgChanged {
+            done: Some(done), ..
+        } => {
+            let _ = done.send(());
+        }
+        _ => {}
     }
 }
 

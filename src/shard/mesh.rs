@@ -293,6 +293,11 @@ impl Mailbox {
         Some(self.account(msg))
     }
 
+    /// Refuse further messages; those already queued can still be taken.
+    pub fn close(&mut self) {
+        self.rx.close();
+    }
+
     /// The next message if one is waiting.
     pub fn try_recv(&mut self) -> Option<CoreMsg> {
         self.rx.try_recv().ok().map(|m| self.account(m))

@@ -14,6 +14,7 @@ pub mod copy;
 mod listen;
 pub mod migrate;
 mod queries;
+pub use queries::ORG_CHANGED_CHANNEL;
 pub mod writer;
 
 use std::net::IpAddr;
@@ -294,7 +295,8 @@ pub fn pg_config(config: &Config) -> Result<tokio_postgres::Config, String> {
     Ok(pg)
 }
 
-fn build_pool(config: &Config, size: usize) -> Result<Pool, String> {
+/// A connection pool of `size` with the configured timeouts.
+pub(crate) fn build_pool(config: &Config, size: usize) -> Result<Pool, String> {
     let manager = Manager::from_config(
         pg_config(config)?,
         tokio_postgres::NoTls,

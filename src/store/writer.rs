@@ -31,7 +31,7 @@ use super::copy::{CopyEncoder, COPY_EVENTS};
 use super::{is_connection_error, StoreCtx, WriteJob};
 use crate::config::AckMode;
 use crate::error::ApiError;
-use crate::ids::{CoreId, EventId};
+use crate::ids::{CoreId, EventId, Micros};
 use crate::shard::mesh::{Completion, CoreMsg, Outcome, WriteResult};
 
 const INSERT_DEDUP: &str = "\
@@ -132,13 +132,42 @@ pub(super) async fn run(
                 }
             }
         }
+        let plan = plan_delivery(&ctx, &batch);
         turns.writing.fetch_add(1, Ordering::AcqRel);
-        let results = write_until_settled(&ctx, &mut encoder, &batch).await;
+        let results = write_until_settled(&ctx, &mut encoder, &batch, &plan).await;
         turns.writing.fetch_sub(1, Ordering::AcqRel);
         turns.done.notify_waiters();
-        answer(&ctx, &mut batch, results);
+        answer(&ctx, &mut batch, results, plan);
     }
     tracing::debug!(writer = n, "write queue closed and drained");
+}
+
+/// How each row of a batch is to be delivered.
+struct DeliveryPlan {
+    /// The row's `next_attempt_at`: `None` without webhook; the lease end when this node takes the
+    /// event in memory; its creation time (due now, for any node's claimer) when it has no room.
+    next: Vec<Option<Micros>>,
+    /// Whether this node took an in-memory slot for the row.
+    owned: Vec<bool>,
+}
+
+fn plan_delivery(ctx: &StoreCtx, batch: &[WriteJob]) -> DeliveryPlan {
+    let lease = ctx.delivery.lease();
+    let mut plan = DeliveryPlan {
+        next: Vec::with_capacity(batch.len()),
+        owned: Vec::with_capacity(batch.len()),
+    };
+    for job in batch {
+        let e = &job.event;
+        let owned = e.deliver && ctx.delivery.reserve(e.org);
+        plan.owned.push(owned);
+        plan.next.push(match (e.deliver, owned) {
+            (false, _) => None,
+            (true, true) => Some(e.created_at.plus(lease)),
+            (true, false) => Some(e.created_at),
+        });
+    }
+    plan
 }
 
 /// Write a batch. In fast-ack mode a database failure is retried until it succeeds (the clients
@@ -147,10 +176,11 @@ async fn write_until_settled(
     ctx: &StoreCtx,
     encoder: &mut CopyEncoder,
     batch: &[WriteJob],
+    plan: &DeliveryPlan,
 ) -> Vec<RowResult> {
     let mut backoff = Duration::from_millis(50);
     loop {
-        let results = write_batch(ctx, encoder, batch).await;
+        let results = write_batch(ctx, encoder, batch, plan).await;
         let retry = ctx.config.ack == AckMode::Fast
             && results.contains(&RowResult::Failed(ApiError::Unavailable));
         if !retry {
@@ -169,18 +199,19 @@ async fn write_batch(
     ctx: &StoreCtx,
     encoder: &mut CopyEncoder,
     batch: &[WriteJob],
+    plan: &DeliveryPlan,
 ) -> Vec<RowResult> {
     if !ctx.health.is_up() && ctx.config.ack == AckMode::Durable {
         return vec![RowResult::Failed(ApiError::Unavailable); batch.len()];
     }
     let all: Vec<usize> = (0..batch.len()).collect();
-    match write_rows(ctx, encoder, batch, &all).await {
+    match write_rows(ctx, encoder, batch, plan, &all).await {
         Ok(results) => results,
         Err(BatchError::Data(why)) if batch.len() > 1 => {
             tracing::warn!(error = %why, events = batch.len(), "batch refused; writing row by row");
             let mut results = Vec::with_capacity(batch.len());
             for i in 0..batch.len() {
-                results.push(match write_rows(ctx, encoder, batch, &[i]).await {
+                results.push(match write_rows(ctx, encoder, batch, plan, &[i]).await {
                     Ok(mut r) => r.pop().unwrap_or(RowResult::Failed(ApiError::Internal)),
                     Err(BatchError::Data(why)) => {
                         tracing::error!(error = %why, event = %batch[i].event.id, "event refused by the database");
@@ -211,6 +242,7 @@ async fn write_rows(
     ctx: &StoreCtx,
     encoder: &mut CopyEncoder,
     batch: &[WriteJob],
+    plan: &DeliveryPlan,
     rows: &[usize],
 ) -> Result<Vec<RowResult>, BatchError> {
     let client = match tokio::time::timeout(ctx.db_timeout, ctx.writer_pool.get()).await {
@@ -219,7 +251,7 @@ async fn write_rows(
         Err(_) => return Err(BatchError::Database("no connection in time".into())),
     };
     let started = std::time::Instant::now();
-    let work = write_rows_on(&client, encoder, batch, rows);
+    let work = write_rows_on(&client, encoder, batch, &plan.next, rows);
     match tokio::time::timeout(ctx.db_timeout, work).await {
         Ok(Ok(results)) => {
             let took = started.elapsed();
@@ -255,6 +287,7 @@ async fn write_rows_on(
     client: &deadpool_postgres::Client,
     encoder: &mut CopyEncoder,
     batch: &[WriteJob],
+    next: &[Option<Micros>],
     rows: &[usize],
 ) -> Result<Vec<RowResult>, tokio_postgres::Error> {
     let (deduped, plain): (Vec<usize>, Vec<usize>) = rows
@@ -268,8 +301,7 @@ async fn write_rows_on(
     if !plain.is_empty() {
         encoder.begin();
         for &i in &plain {
-            let e = &batch[i].event;
-            encoder.row(e, e.deliver.then_some(e.created_at));
+            encoder.row(&batch[i].event, next[i]);
         }
         debug_assert_eq!(encoder.rows(), plain.len());
         let statement = client.prepare_cached(COPY_EVENTS).await?;
@@ -283,7 +315,7 @@ async fn write_rows_on(
         }
     }
     if !deduped.is_empty() {
-        insert_deduped(client, batch, deduped, &mut results).await?;
+        insert_deduped(client, batch, next, deduped, &mut results).await?;
     }
     if in_transaction {
         client.batch_execute("COMMIT").await?;
@@ -301,6 +333,7 @@ async fn write_rows_on(
 async fn insert_deduped(
     client: &deadpool_postgres::Client,
     batch: &[WriteJob],
+    next: &[Option<Micros>],
     mut rows: Vec<usize>,
     results: &mut HashMap<usize, RowResult>,
 ) -> Result<(), tokio_postgres::Error> {
@@ -326,7 +359,7 @@ async fn insert_deduped(
         // Validated JSON is UTF-8.
         payloads.push(std::str::from_utf8(&e.payload).unwrap_or("null"));
         dedups.push(e.dedup_id.as_deref().unwrap_or(""));
-        due.push(e.deliver.then(|| e.created_at.to_system_time()));
+        due.push(next[i].map(Micros::to_system_time));
         created.push(e.created_at.to_system_time());
     }
     let statement = client.prepare_cached(INSERT_DEDUP).await?;
@@ -386,12 +419,14 @@ fn db_message(e: &tokio_postgres::Error) -> String {
 }
 
 /// Send every answer (one message per origin core) and settle the dedup keys on their owners.
-fn answer(ctx: &StoreCtx, batch: &mut Vec<WriteJob>, results: Vec<RowResult>) {
+fn answer(ctx: &StoreCtx, batch: &mut Vec<WriteJob>, results: Vec<RowResult>, plan: DeliveryPlan) {
     debug_assert_eq!(batch.len(), results.len(), "one result per row");
     let mut replies: HashMap<CoreId, Vec<Completion>> = HashMap::new();
     let mut settled: HashMap<CoreId, Vec<_>> = HashMap::new();
+    let mut deliveries = Vec::new();
+    let mut left_due = false;
     let mut committed = 0u64;
-    for (job, result) in batch.drain(..).zip(results) {
+    for (i, (job, result)) in batch.drain(..).zip(results).enumerate() {
         if let Some((key, owner)) = job.dedup {
             let outcome = match &result {
                 RowResult::Committed => Some(job.event.id),
@@ -402,6 +437,13 @@ fn answer(ctx: &StoreCtx, batch: &mut Vec<WriteJob>, results: Vec<RowResult>) {
         }
         if result == RowResult::Committed {
             committed += 1;
+            match (plan.owned[i], plan.next[i]) {
+                (true, Some(held)) => deliveries.push(crate::delivery::new_job(&job.event, held)),
+                (false, Some(_)) => left_due = true,
+                _ => {}
+            }
+        } else if plan.owned[i] {
+            ctx.delivery.release(job.event.org);
         }
         if let Some(to) = job.reply {
             let result = match result {
@@ -424,5 +466,12 @@ fn answer(ctx: &StoreCtx, batch: &mut Vec<WriteJob>, results: Vec<RowResult>) {
     }
     for (core, keys) in settled {
         ctx.mesh.send(core, CoreMsg::Settled(keys));
+    }
+    // Clients first, then deliveries: committed events go straight to the pool, no polling.
+    for job in deliveries {
+        ctx.delivery.hand_off(job);
+    }
+    if left_due {
+        ctx.delivery.wake();
     }
 }

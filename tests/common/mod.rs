@@ -509,3 +509,220 @@ pub fn error_code(r: &Response) -> String {
     assert_eq!(r.header("content-type"), Some("application/json"));
     v["code"].as_str().expect("code").to_string()
 }
+
+/// A webhook receiver on loopback, scripted per test: it records every request and answers what
+/// the script says for it (status, delay, headers).
+pub struct Receiver {
+    pub addr: SocketAddr,
+    state: Arc<Mutex<ReceiverState>>,
+    arrived: Arc<tokio::sync::Notify>,
+}
+
+/// What the receiver answers.
+#[derive(Clone, Debug)]
+pub struct Answer {
+    pub status: u16,
+    pub delay: Duration,
+    pub headers: Vec<(String, String)>,
+}
+
+impl Answer {
+    pub fn status(status: u16) -> Answer {
+        Answer {
+            status,
+            delay: Duration::ZERO,
+            headers: Vec::new(),
+        }
+    }
+}
+
+/// One request the receiver got.
+#[derive(Clone, Debug)]
+pub struct Received {
+    pub at: Instant,
+    pub path: String,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+    pub answered: u16,
+}
+
+impl Received {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).expect("delivery body is JSON")
+    }
+    pub fn event_id(&self) -> String {
+        self.header("x-event-id").unwrap_or_default().to_string()
+    }
+}
+
+/// The script: the request and how many earlier requests carried the same event id.
+pub type Script = Arc<dyn Fn(&Received, usize) -> Answer + Send + Sync>;
+
+struct ReceiverState {
+    received: Vec<Received>,
+    script: Script,
+}
+
+impl Receiver {
+    pub async fn start(
+        script: impl Fn(&Received, usize) -> Answer + Send + Sync + 'static,
+    ) -> Receiver {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let state = Arc::new(Mutex::new(ReceiverState {
+            received: Vec::new(),
+            script: Arc::new(script),
+        }));
+        let arrived = Arc::new(tokio::sync::Notify::new());
+        let (st, ar) = (Arc::clone(&state), Arc::clone(&arrived));
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
+                tokio::spawn(serve_receiver(stream, Arc::clone(&st), Arc::clone(&ar)));
+            }
+        });
+        Receiver {
+            addr,
+            state,
+            arrived,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    pub fn set_script(&self, script: impl Fn(&Received, usize) -> Answer + Send + Sync + 'static) {
+        self.state.lock().unwrap().script = Arc::new(script);
+    }
+
+    pub fn received(&self) -> Vec<Received> {
+        self.state.lock().unwrap().received.clone()
+    }
+
+    pub fn for_event(&self, id: &str) -> Vec<Received> {
+        self.received()
+            .into_iter()
+            .filter(|r| r.event_id() == id)
+            .collect()
+    }
+
+    /// Wait until `done` holds for what arrived, or panic after `limit`.
+    pub async fn wait_until(
+        &self,
+        limit: Duration,
+        done: impl Fn(&[Received]) -> bool,
+    ) -> Vec<Received> {
+        let deadline = Instant::now() + limit;
+        loop {
+            let notified = self.arrived.notified();
+            let now = self.received();
+            if done(&now) {
+                return now;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                panic!(
+                    "receiver condition not met within {limit:?}; got {} requests",
+                    now.len()
+                );
+            }
+            let _ = tokio::time::timeout(left.min(Duration::from_millis(200)), notified).await;
+        }
+    }
+}
+
+async fn serve_receiver(
+    mut stream: TcpStream,
+    state: Arc<Mutex<ReceiverState>>,
+    arrived: Arc<tokio::sync::Notify>,
+) {
+    let mut buf: Vec<u8> = Vec::new();
+    loop {
+        // One request: head, then a Content-Length body.
+        let (head_len, path, headers, body_len) = loop {
+            let mut hs = [httparse::EMPTY_HEADER; 64];
+            let mut req = httparse::Request::new(&mut hs);
+            if let Ok(httparse::Status::Complete(n)) = req.parse(&buf) {
+                let headers: Vec<(String, String)> = req
+                    .headers
+                    .iter()
+                    .map(|h| {
+                        (
+                            h.name.to_ascii_lowercase(),
+                            String::from_utf8_lossy(h.value).into_owned(),
+                        )
+                    })
+                    .collect();
+                let len = headers
+                    .iter()
+                    .find(|(n, _)| n == "content-length")
+                    .and_then(|(_, v)| v.parse().ok())
+                    .unwrap_or(0usize);
+                break (n, req.path.unwrap_or("").to_string(), headers, len);
+            }
+            let mut chunk = [0u8; 16384];
+            match stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        };
+        while buf.len() < head_len + body_len {
+            let mut chunk = [0u8; 16384];
+            match stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+        let body = buf[head_len..head_len + body_len].to_vec();
+        buf.drain(..head_len + body_len);
+        let mut received = Received {
+            at: Instant::now(),
+            path,
+            headers,
+            body,
+            answered: 0,
+        };
+        let answer = {
+            let st = state.lock().unwrap();
+            let id = received.event_id();
+            let before = st.received.iter().filter(|r| r.event_id() == id).count();
+            (st.script)(&received, before)
+        };
+        received.answered = answer.status;
+        state.lock().unwrap().received.push(received);
+        arrived.notify_waiters();
+        if !answer.delay.is_zero() {
+            tokio::time::sleep(answer.delay).await;
+        }
+        let mut out = format!("HTTP/1.1 {} X\r\nContent-Length: 0\r\n", answer.status);
+        for (n, v) in &answer.headers {
+            out.push_str(&format!("{n}: {v}\r\n"));
+        }
+        out.push_str("\r\n");
+        if stream.write_all(out.as_bytes()).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Point `key`'s organization at `url` (the server must allow private targets for loopback).
+pub async fn set_webhook(addr: SocketAddr, key: &str, url: &str) -> String {
+    let r = post(
+        addr,
+        key,
+        "/api/webhook/config",
+        &serde_json::json!({"webhook_url": url}),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    r.json()["signing_secret"].as_str().unwrap().to_string()
+}
