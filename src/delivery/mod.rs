@@ -129,8 +129,11 @@ pub struct DeliveryHandle(Arc<Shared>);
 pub struct Delivery {
     shared: Arc<Shared>,
     claimer: JoinHandle<()>,
-    recorder: JoinHandle<()>,
+    recorders: Vec<JoinHandle<()>>,
 }
+
+/// Recorder transactions in flight at once.
+const RECORDERS: usize = 2;
 
 impl Delivery {
     /// Start the pool on the current tokio runtime.
@@ -147,12 +150,14 @@ impl Delivery {
         let client =
             hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
                 .pool_idle_timeout(Duration::from_secs(60))
-                .pool_max_idle_per_host(config.delivery_org_concurrency)
+                // Several organizations may share a host: keep as many idle connections as deliveries
+                // can be in flight, or the pool closes and reopens connections all the time.
+                .pool_max_idle_per_host(config.delivery_concurrency)
                 .build(https);
         let (recorder_tx, recorder_rx) = mpsc::channel(config.delivery_concurrency * 4);
         let per_org_max = (config.delivery_org_concurrency * 4).min(config.delivery_queue_max);
         let shared = Arc::new(Shared {
-            pool: crate::store::build_pool(&config, 4)?,
+            pool: crate::store::build_bookkeeping_pool(&config, RECORDERS + 3)?,
             client,
             targets: Mutex::new((HashMap::new(), Changes::default())),
             orgs: Mutex::new(HashMap::new()),
@@ -169,13 +174,22 @@ impl Delivery {
             config,
         });
         let claimer = tokio::spawn(claim::claim_loop(Arc::clone(&shared)));
-        let recorder = tokio::spawn(claim::record_loop(Arc::clone(&shared), recorder_rx));
+        // Two recorders: one writes while the other gathers the next batch.
+        let recorder_rx = Arc::new(tokio::sync::Mutex::new(recorder_rx));
+        let recorders = (0..RECORDERS)
+            .map(|_| {
+                tokio::spawn(claim::record_loop(
+                    Arc::clone(&shared),
+                    Arc::clone(&recorder_rx),
+                ))
+            })
+            .collect();
         let handle = DeliveryHandle(Arc::clone(&shared));
         Ok((
             Delivery {
                 shared,
                 claimer,
-                recorder,
+                recorders,
             },
             handle,
         ))
@@ -199,7 +213,9 @@ impl Delivery {
         if released > 0 {
             tracing::info!(events = released, "deliveries handed back to the database");
         }
-        self.recorder.abort();
+        for r in self.recorders {
+            r.abort();
+        }
     }
 }
 
@@ -398,17 +414,17 @@ async fn run_job(shared: Arc<Shared>, mut job: Job) {
             return;
         }
         let slots = shared.org_slots(job.org);
-        let Ok(_org_slot) = slots.acquire().await else {
+        let Ok(org_slot) = slots.acquire_owned().await else {
             break;
         };
-        let Ok(_slot) = shared.global.acquire().await else {
+        let Ok(slot) = shared.global.acquire().await else {
             break;
         };
         let _busy = Busy::new(&shared.busy);
         if shared.stopping.load(Ordering::SeqCst) {
             return;
         }
-        match attempt_once(&shared, &job).await {
+        match attempt_once(&shared, &job, (org_slot, slot)).await {
             Some((due, held)) => {
                 job.attempts += 1;
                 job.due = due;
@@ -427,7 +443,17 @@ async fn run_job(shared: Arc<Shared>, mut job: Job) {
 }
 
 /// One attempt and its recorded outcome. `Some((due, lease))` when this node retries it later.
-async fn attempt_once(shared: &Shared, job: &Job) -> Option<(Micros, Micros)> {
+///
+/// `slots` (the organization's and the global one) are given back as soon as the HTTP exchange is
+/// over: waiting for the outcome to be recorded must not hold delivery concurrency.
+async fn attempt_once(
+    shared: &Shared,
+    job: &Job,
+    slots: (
+        tokio::sync::OwnedSemaphorePermit,
+        tokio::sync::SemaphorePermit<'_>,
+    ),
+) -> Option<(Micros, Micros)> {
     let target = match shared.target(job.org).await {
         Ok(t) => t,
         Err(e) => {
@@ -438,6 +464,7 @@ async fn attempt_once(shared: &Shared, job: &Job) -> Option<(Micros, Micros)> {
     };
     let (tx, rx) = oneshot::channel();
     let Some(target) = target else {
+        drop(slots);
         // The webhook was removed after the event arrived: it stays in the inbox, pending.
         shared
             .record(claim::Attempted::no_webhook(job, tx), rx)
@@ -447,6 +474,7 @@ async fn attempt_once(shared: &Shared, job: &Job) -> Option<(Micros, Micros)> {
     let number = job.attempts + 1;
     let timeout = Duration::from_millis(shared.config.delivery_timeout_ms);
     let attempt = worker::attempt(&shared.client, &target, job, number, timeout).await;
+    drop(slots);
     let m = metrics::global();
     m.attempt_latency
         .observe_us(attempt.duration.as_micros() as u64);

@@ -297,8 +297,29 @@ pub fn pg_config(config: &Config) -> Result<tokio_postgres::Config, String> {
 
 /// A connection pool of `size` with the configured timeouts.
 pub(crate) fn build_pool(config: &Config, size: usize) -> Result<Pool, String> {
+    build_pool_with(config, size, pg_config(config)?)
+}
+
+/// The delivery pool's connections: its writes (attempt outcomes, leases) commit without waiting
+/// for the disk. A crash that loses the last milliseconds of them only means those events are
+/// delivered again (at-least-once); events themselves are always written synchronously.
+pub(crate) fn build_bookkeeping_pool(config: &Config, size: usize) -> Result<Pool, String> {
+    let mut pg = pg_config(config)?;
+    let options = match pg.get_options() {
+        Some(o) => format!("{o} -c synchronous_commit=off"),
+        None => "-c synchronous_commit=off".to_string(),
+    };
+    pg.options(options);
+    build_pool_with(config, size, pg)
+}
+
+fn build_pool_with(
+    config: &Config,
+    size: usize,
+    pg: tokio_postgres::Config,
+) -> Result<Pool, String> {
     let manager = Manager::from_config(
-        pg_config(config)?,
+        pg,
         tokio_postgres::NoTls,
         ManagerConfig {
             recycling_method: RecyclingMethod::Fast,
