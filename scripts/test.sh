@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Run the whole test suite on a fresh Debian/Ubuntu machine: installs PostgreSQL if missing, starts
-# the project's private cluster, recreates the test database, then checks formatting and lints and
-# runs every test (unit and integration; the integration tests start the real server).
+# the project's private cluster, recreates the test database, checks formatting and lints, runs
+# every test (unit and integration; the integration tests start the real server), then runs every
+# load-test scenario for a few seconds at a low rate so the benchmark scripts never rot (no speed
+# is asserted). TRIGGERS_SKIP_LOADTEST=1 skips that last step.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/common.sh
@@ -13,3 +15,7 @@ echo "== cargo clippy" >&2
 cargo clippy --locked --all-targets -- -D warnings
 echo "== cargo test" >&2
 cargo test --locked -- --test-threads 4
+if [ "${TRIGGERS_SKIP_LOADTEST:-0}" != "1" ]; then
+  echo "== load-test scenarios (smoke)" >&2
+  bash loadtest/run.sh all --smoke
+fi

@@ -426,15 +426,7 @@ async fn sigkill_with_deliveries_pending_delivers_all_after_restart() {
     let mut s = Server::start(&args);
     let (key, _) = new_org(s.addr, "business").await;
     set_webhook(s.addr, &key, &recv.url("/")).await;
-    let mut ids = Vec::new();
-    for i in 0..30 {
-        ids.push(
-            post_event(s.addr, &key, "t", json!(i), None).await.json()["id"]
-                .as_str()
-                .unwrap()
-                .to_string(),
-        );
-    }
+    let ids = create_events(s.addr, &key, 30, "t").await;
     recv.wait_until(Duration::from_secs(10), |r| {
         let seen: std::collections::HashSet<String> = r.iter().map(|x| x.event_id()).collect();
         ids.iter().all(|id| seen.contains(id))
@@ -444,15 +436,8 @@ async fn sigkill_with_deliveries_pending_delivers_all_after_restart() {
     recv.set_script(|_, _| Answer::status(200));
     let killed_at = Instant::now();
     tokio::task::block_in_place(|| s.restart());
-    recv.wait_until(Duration::from_secs(20), |r| {
-        let ok: std::collections::HashSet<String> = r
-            .iter()
-            .filter(|x| x.answered == 200)
-            .map(|x| x.event_id())
-            .collect();
-        ids.iter().all(|id| ok.contains(id))
-    })
-    .await;
+    recv.wait_until(Duration::from_secs(20), |r| all_answered(r, &ids, 200))
+        .await;
     assert!(killed_at.elapsed() < Duration::from_secs(15));
     for id in &ids {
         wait_status(s.addr, &key, id, "delivered", Duration::from_secs(5)).await;
@@ -519,15 +504,7 @@ async fn graceful_stop_hands_pending_deliveries_back_at_once() {
     let mut s = Server::start(&args);
     let (key, _) = new_org(s.addr, "pro").await;
     set_webhook(s.addr, &key, &recv.url("/")).await;
-    let mut ids = Vec::new();
-    for i in 0..10 {
-        ids.push(
-            post_event(s.addr, &key, "t", json!(i), None).await.json()["id"]
-                .as_str()
-                .unwrap()
-                .to_string(),
-        );
-    }
+    let ids = create_events(s.addr, &key, 10, "t").await;
     recv.wait_until(Duration::from_secs(5), |r| r.len() >= 10)
         .await;
     let code = tokio::task::block_in_place(|| s.stop());
@@ -535,15 +512,8 @@ async fn graceful_stop_hands_pending_deliveries_back_at_once() {
     recv.set_script(|_, _| Answer::status(200));
     let stopped_at = Instant::now();
     tokio::task::block_in_place(|| s.restart());
-    recv.wait_until(Duration::from_secs(10), |r| {
-        let ok: std::collections::HashSet<String> = r
-            .iter()
-            .filter(|x| x.answered == 200)
-            .map(|x| x.event_id())
-            .collect();
-        ids.iter().all(|id| ok.contains(id))
-    })
-    .await;
+    recv.wait_until(Duration::from_secs(10), |r| all_answered(r, &ids, 200))
+        .await;
     assert!(
         stopped_at.elapsed() < Duration::from_secs(8),
         "{:?}",

@@ -183,15 +183,7 @@ async fn concurrent_duplicates_commit_exactly_one() {
     }
     assert_eq!(created.len(), 1, "{created:?}");
     assert!(dup_ids.iter().all(|d| *d == created[0]));
-    let n: i64 = db()
-        .await
-        .query_one(
-            "SELECT count(*) FROM events WHERE org_id = $1::text::uuid",
-            &[&org],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let n = count_events(&org).await;
     assert_eq!(n, 1);
 }
 
@@ -240,15 +232,7 @@ async fn validation_errors_name_the_field_and_change_nothing() {
     )
     .await;
     assert_eq!(r.status, 201, "{}", r.text());
-    let n: i64 = db()
-        .await
-        .query_one(
-            "SELECT count(*) FROM events WHERE org_id = $1::text::uuid",
-            &[&org],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let n = count_events(&org).await;
     assert_eq!(n, 1, "only the valid event was written");
 }
 
@@ -333,15 +317,7 @@ async fn payload_limit_is_262144_bytes_of_json_text() {
     assert_eq!(over.status, 413);
     assert_eq!(error_code(&over), "payload_too_large");
     assert!(over.json()["error"].as_str().unwrap().contains("262145"));
-    let n: i64 = db()
-        .await
-        .query_one(
-            "SELECT count(*) FROM events WHERE org_id = $1::text::uuid",
-            &[&org],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let n = count_events(&org).await;
     assert_eq!(n, 1);
 }
 
@@ -406,15 +382,7 @@ async fn free_tier_gets_429_with_retry_after_after_100_events() {
         .await;
     assert_eq!(inbox.status, 200);
     assert_eq!(inbox.header("x-ratelimit-remaining"), Some("0"));
-    let n: i64 = db()
-        .await
-        .query_one(
-            "SELECT count(*) FROM events WHERE org_id = $1::text::uuid",
-            &[&org],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let n = count_events(&org).await;
     assert_eq!(n, 100);
 }
 

@@ -13,26 +13,6 @@ fn server() -> &'static Server {
     S.get_or_init(|| Server::start(&[]))
 }
 
-async fn create_events(key: &str, n: usize, tag: &str) -> Vec<String> {
-    let s = server();
-    let mut c = Conn::open(s.addr).await;
-    let mut ids = Vec::with_capacity(n);
-    for i in 0..n {
-        let body = json!({"type": tag, "payload": {"i": i}}).to_string();
-        let r = c
-            .call(
-                "POST",
-                "/api/events",
-                &[("X-API-Key", key), ("Content-Type", "application/json")],
-                Some(body.as_bytes()),
-            )
-            .await;
-        assert_eq!(r.status, 201, "{}", r.text());
-        ids.push(r.json()["id"].as_str().unwrap().to_string());
-    }
-    ids
-}
-
 async fn page(key: &str, query: &str) -> Value {
     let r = get(server().addr, key, &format!("/api/inbox{query}")).await;
     assert_eq!(r.status, 200, "{}", r.text());
@@ -44,12 +24,15 @@ async fn page(key: &str, query: &str) -> Value {
 async fn walking_every_page_returns_each_event_once_while_new_ones_arrive() {
     let s = server();
     let (key, _) = new_org(s.addr, "business").await;
-    let before: HashSet<String> = create_events(&key, 350, "old").await.into_iter().collect();
+    let before: HashSet<String> = create_events(server().addr, &key, 350, "old")
+        .await
+        .into_iter()
+        .collect();
 
     // Keep posting while the walk runs.
     let writer = {
         let key = key.clone();
-        tokio::spawn(async move { create_events(&key, 120, "new").await })
+        tokio::spawn(async move { create_events(server().addr, &key, 120, "new").await })
     };
     let mut seen = Vec::new();
     let mut cursor: Option<String> = None;
@@ -118,7 +101,7 @@ async fn inbox_items_carry_the_documented_fields() {
 async fn ack_moves_an_event_to_delivered_idempotently() {
     let s = server();
     let (key, _) = new_org(s.addr, "pro").await;
-    let ids = create_events(&key, 3, "t").await;
+    let ids = create_events(server().addr, &key, 3, "t").await;
     let r = post_empty(s.addr, &key, &format!("/api/ack/{}", ids[0])).await;
     assert_eq!(r.status, 200);
     let v = r.json();
@@ -150,7 +133,7 @@ async fn ack_errors() {
     let s = server();
     let (a, _) = new_org(s.addr, "pro").await;
     let (b, _) = new_org(s.addr, "pro").await;
-    let ids = create_events(&a, 1, "t").await;
+    let ids = create_events(server().addr, &a, 1, "t").await;
     let r = post_empty(s.addr, &b, &format!("/api/ack/{}", ids[0])).await;
     assert_eq!(r.status, 404, "another organization's event");
     assert_eq!(error_code(&r), "not_found");
@@ -168,8 +151,8 @@ async fn batch_ack_reports_acknowledged_and_not_found_in_request_order() {
     let s = server();
     let (key, _) = new_org(s.addr, "pro").await;
     let (other, _) = new_org(s.addr, "pro").await;
-    let ids = create_events(&key, 4, "t").await;
-    let foreign = create_events(&other, 1, "t").await;
+    let ids = create_events(server().addr, &key, 4, "t").await;
+    let foreign = create_events(server().addr, &other, 1, "t").await;
     let missing = "01900000-0000-7000-8000-000000000001";
     let body = json!({"event_ids": [ids[2], missing, ids[0], foreign[0], ids[2]]});
     let r = post(s.addr, &key, "/api/ack", &body).await;

@@ -324,25 +324,13 @@ pub fn key_from_headers<'a>(
     authorization: Option<&'a [u8]>,
 ) -> Option<&'a [u8]> {
     if let Some(k) = api_key {
-        return Some(trim(k));
+        return Some(k.trim_ascii());
     }
-    let auth = trim(authorization?);
+    let auth = authorization?.trim_ascii();
     if auth.len() > 7 && auth[..7].eq_ignore_ascii_case(b"bearer ") {
-        return Some(trim(&auth[7..]));
+        return Some(auth[7..].trim_ascii());
     }
     None
-}
-
-fn trim(b: &[u8]) -> &[u8] {
-    let start = b
-        .iter()
-        .position(|c| !c.is_ascii_whitespace())
-        .unwrap_or(b.len());
-    let end = b
-        .iter()
-        .rposition(|c| !c.is_ascii_whitespace())
-        .map_or(start, |e| e + 1);
-    &b[start..end]
 }
 
 #[cfg(test)]

@@ -9,32 +9,25 @@
 
 use std::net::SocketAddr;
 use std::rc::Rc;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use monoio::buf::IoBufMut;
 use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
 use monoio::net::TcpStream;
 
-use super::parse::{parse_head, ChunkError, ChunkedDecoder, Framing, HeadError, Parsed};
+use super::parse::{parse_head, ChunkError, ChunkedDecoder, Framing, Head, HeadError, Parsed};
 use super::response::{write_reply, CONTINUE};
 use super::router::Route;
 use super::{handle, CoreCtx, Request};
 use crate::error::ApiError;
+use crate::reply::Reply;
 use crate::shutdown::{race, Either};
 
 /// Spare room made in the read buffer before each read.
 const READ_CHUNK: usize = 8 * 1024;
 /// Responses to pipelined requests are flushed once this many bytes are waiting.
 const WRITE_FLUSH: usize = 64 * 1024;
-
-enum ReadOutcome {
-    Data(BytesMut),
-    Closed,
-    TimedOut,
-    Shutdown,
-}
 
 /// Counts the connection in and out of its core's tally, and raises `drained` when the last
 /// connection of a shutting-down core closes.
@@ -59,221 +52,236 @@ impl Drop for Tally {
     }
 }
 
-/// Read more bytes into `buf`, giving up at `deadline` or, while `idle`, at shutdown.
-async fn read_more(
-    ctx: &CoreCtx,
-    stream: &mut TcpStream,
-    mut buf: BytesMut,
-    deadline: Instant,
-    idle: bool,
-) -> ReadOutcome {
-    if buf.capacity() - buf.len() < READ_CHUNK / 2 {
-        buf.reserve(READ_CHUNK);
-    }
-    let left = deadline.saturating_duration_since(Instant::now());
-    // monoio reads into the start of an IoBufMut: hand it only the spare capacity, or it would
-    // overwrite what is already buffered.
-    let (filled, capacity) = (buf.len(), buf.capacity());
-    let read = monoio::time::timeout(left, stream.read(buf.slice_mut(filled..capacity)));
-    let result = if idle {
-        match race(read, ctx.shutdown.wait()).await {
-            Either::Left(r) => r,
-            Either::Right(()) => return ReadOutcome::Shutdown,
+/// Why a connection stops: with an error to answer first, or quietly (the client went away, the
+/// connection was idle at a timeout or at shutdown).
+enum Stop {
+    Answer(ApiError),
+    Quiet,
+}
+
+/// One connection: its socket, its read and write buffers, its limits.
+struct Connection {
+    ctx: Rc<CoreCtx>,
+    stream: TcpStream,
+    buf: BytesMut,
+    out: Vec<u8>,
+    head_timeout: Duration,
+    body_timeout: Duration,
+    idle_timeout: Duration,
+}
+
+impl Connection {
+    fn new(ctx: Rc<CoreCtx>, stream: TcpStream) -> Self {
+        let c = &ctx.config;
+        Connection {
+            head_timeout: Duration::from_millis(c.head_timeout_ms),
+            body_timeout: Duration::from_millis(c.body_timeout_ms),
+            idle_timeout: Duration::from_millis(c.idle_timeout_ms),
+            stream,
+            buf: BytesMut::with_capacity(READ_CHUNK),
+            out: Vec::with_capacity(1024),
+            ctx,
         }
-    } else {
-        read.await
-    };
-    match result {
-        Ok((Ok(0), _)) | Ok((Err(_), _)) => ReadOutcome::Closed,
-        Ok((Ok(_), slice)) => ReadOutcome::Data(slice.into_inner()),
-        Err(_) => ReadOutcome::TimedOut,
+    }
+
+    /// Read more bytes, giving up at `deadline` or, while `idle`, at shutdown.
+    async fn read_more(&mut self, deadline: Instant, idle: bool) -> ReadOutcome {
+        let mut buf = std::mem::take(&mut self.buf);
+        if buf.capacity() - buf.len() < READ_CHUNK / 2 {
+            buf.reserve(READ_CHUNK);
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        // monoio reads into the start of an IoBufMut: hand it only the spare capacity, or it
+        // would overwrite what is already buffered.
+        let (filled, capacity) = (buf.len(), buf.capacity());
+        let read = monoio::time::timeout(left, self.stream.read(buf.slice_mut(filled..capacity)));
+        let result = if idle {
+            match race(read, self.ctx.shutdown.wait()).await {
+                Either::Left(r) => r,
+                Either::Right(()) => return ReadOutcome::Shutdown,
+            }
+        } else {
+            read.await
+        };
+        match result {
+            Ok((Ok(0), _)) | Ok((Err(_), _)) => ReadOutcome::Closed,
+            Ok((Ok(_), slice)) => {
+                self.buf = slice.into_inner();
+                ReadOutcome::Data
+            }
+            Err(_) => ReadOutcome::TimedOut,
+        }
+    }
+
+    /// Read more of a body before `deadline`.
+    async fn more_body(&mut self, deadline: Instant) -> Result<(), Stop> {
+        match self.read_more(deadline, false).await {
+            ReadOutcome::Data => Ok(()),
+            ReadOutcome::TimedOut => Err(Stop::Answer(ApiError::RequestTimeout(
+                "the request body was not received in time",
+            ))),
+            ReadOutcome::Closed | ReadOutcome::Shutdown => Err(Stop::Quiet),
+        }
+    }
+
+    /// Write what is waiting in the write buffer.
+    async fn flush(&mut self) -> Result<(), Stop> {
+        if self.out.is_empty() {
+            return Ok(());
+        }
+        let (result, mut out) = self.stream.write_all(std::mem::take(&mut self.out)).await;
+        out.clear();
+        self.out = out;
+        result.map(|_| ()).map_err(|_| Stop::Quiet)
+    }
+
+    /// Parse what is buffered, reading more until a whole head is there.
+    async fn read_head(&mut self) -> Result<Head, Stop> {
+        let max = self.ctx.config.head_bytes_max;
+        let mut started: Option<Instant> = None;
+        loop {
+            match parse_head(&mut self.buf) {
+                Ok(Parsed::Complete(head)) if head.len <= max => return Ok(head),
+                Ok(Parsed::Complete(_)) | Err(HeadError::TooManyHeaders) => {
+                    return Err(Stop::Answer(ApiError::HeadersTooLarge(max)))
+                }
+                Err(HeadError::Bad(why)) => {
+                    return Err(Stop::Answer(ApiError::BadRequest(why.into())))
+                }
+                Ok(Parsed::Partial) if self.buf.len() > max => {
+                    return Err(Stop::Answer(ApiError::HeadersTooLarge(max)))
+                }
+                Ok(Parsed::Partial) => {}
+            }
+            // Nothing complete is left: send the answers to earlier pipelined requests first.
+            self.flush().await?;
+            let idle = self.buf.is_empty();
+            if idle && self.ctx.shutdown.is_set() {
+                return Err(Stop::Quiet);
+            }
+            let deadline = if idle {
+                Instant::now() + self.idle_timeout
+            } else {
+                *started.get_or_insert_with(Instant::now) + self.head_timeout
+            };
+            match self.read_more(deadline, idle).await {
+                ReadOutcome::Data => {
+                    started.get_or_insert_with(Instant::now);
+                }
+                ReadOutcome::TimedOut if !idle => {
+                    return Err(Stop::Answer(ApiError::RequestTimeout(
+                        "the request head was not received in time",
+                    )))
+                }
+                ReadOutcome::TimedOut | ReadOutcome::Closed | ReadOutcome::Shutdown => {
+                    return Err(Stop::Quiet)
+                }
+            }
+        }
+    }
+
+    /// Read the body its head announces: refused unread when too large, by `Content-Length` or
+    /// as soon as the chunk sizes pass the limit.
+    async fn read_body(&mut self, head: &Head, started: Instant) -> Result<Bytes, Stop> {
+        let max = self.ctx.config.body_bytes_max;
+        let deadline = started + self.body_timeout;
+        match head.framing {
+            Framing::None => Ok(Bytes::new()),
+            Framing::Length(n) if n > max => Err(Stop::Answer(ApiError::PayloadTooLarge(format!(
+                "request body of {n} bytes exceeds the limit of {max} bytes"
+            )))),
+            Framing::Length(n) => {
+                if self.buf.len() < n && head.expect_continue {
+                    self.out.extend_from_slice(CONTINUE);
+                    self.flush().await?;
+                }
+                while self.buf.len() < n {
+                    if self.buf.capacity() < n {
+                        let need = n - self.buf.len();
+                        self.buf.reserve(need);
+                    }
+                    self.more_body(deadline).await?;
+                }
+                Ok(self.buf.split_to(n).freeze())
+            }
+            Framing::Chunked => {
+                if self.buf.is_empty() && head.expect_continue {
+                    self.out.extend_from_slice(CONTINUE);
+                    self.flush().await?;
+                }
+                let mut decoder = ChunkedDecoder::new(max);
+                loop {
+                    match decoder.decode(&mut self.buf) {
+                        Ok(Some(body)) => return Ok(body),
+                        Ok(None) => self.more_body(deadline).await?,
+                        Err(ChunkError::TooLarge) => {
+                            return Err(Stop::Answer(ApiError::PayloadTooLarge(format!(
+                                "request body exceeds the limit of {max} bytes"
+                            ))))
+                        }
+                        Err(ChunkError::Malformed) => {
+                            return Err(Stop::Answer(ApiError::BadRequest(
+                                "malformed chunked body".into(),
+                            )))
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Write `reply` and count it.
+    fn write(&mut self, route: Route, reply: &Reply, keep_alive: bool, started: Instant) {
+        {
+            let mut date = self.ctx.date.borrow_mut();
+            write_reply(&mut self.out, reply, keep_alive, date.get());
+        }
+        self.ctx
+            .metrics
+            .request(route, reply.status, started.elapsed().as_micros() as u64);
+    }
+
+    /// Answer the error a stop carries, if any, and close.
+    async fn stop(mut self, stop: Stop, started: Instant) {
+        if let Stop::Answer(e) = stop {
+            self.write(Route::BadRequest, &e.reply(), false, started);
+            let _ = self.flush().await;
+        }
     }
 }
 
-async fn flush(stream: &mut TcpStream, out: &mut Vec<u8>) -> bool {
-    if out.is_empty() {
-        return true;
-    }
-    let (result, mut buf) = stream.write_all(std::mem::take(out)).await;
-    buf.clear();
-    *out = buf;
-    result.is_ok()
-}
-
-/// Write one error, close.
-async fn fail(
-    ctx: &CoreCtx,
-    stream: &mut TcpStream,
-    mut out: Vec<u8>,
-    route: Route,
-    e: ApiError,
-    started: Instant,
-) {
-    let reply = e.reply();
-    let date = *ctx.date.borrow_mut().get();
-    write_reply(&mut out, &reply, false, &date);
-    ctx.metrics
-        .request(route, reply.status, started.elapsed().as_micros() as u64);
-    let _ = flush(stream, &mut out).await;
+enum ReadOutcome {
+    Data,
+    Closed,
+    TimedOut,
+    Shutdown,
 }
 
 /// Answer a connection over the per-core limit with 503 and close it.
-pub async fn refuse(ctx: Rc<CoreCtx>, mut stream: TcpStream) {
-    let started = Instant::now();
-    fail(
-        &ctx,
-        &mut stream,
-        Vec::new(),
-        Route::BadRequest,
-        ApiError::Overloaded("too many connections"),
-        started,
+pub async fn refuse(ctx: Rc<CoreCtx>, stream: TcpStream) {
+    let conn = Connection::new(ctx, stream);
+    conn.stop(
+        Stop::Answer(ApiError::Overloaded("too many connections")),
+        Instant::now(),
     )
     .await;
 }
 
 /// Serve one connection until it closes.
-pub async fn serve(ctx: Rc<CoreCtx>, mut stream: TcpStream, peer: SocketAddr, metrics_only: bool) {
+pub async fn serve(ctx: Rc<CoreCtx>, stream: TcpStream, peer: SocketAddr, metrics_only: bool) {
     let _tally = Tally::new(&ctx);
     let _ = stream.set_nodelay(true);
-    let config = Arc::clone(&ctx.config);
-    let head_timeout = Duration::from_millis(config.head_timeout_ms);
-    let body_timeout = Duration::from_millis(config.body_timeout_ms);
-    let idle_timeout = Duration::from_millis(config.idle_timeout_ms);
-    let mut buf = BytesMut::with_capacity(READ_CHUNK);
-    let mut out: Vec<u8> = Vec::with_capacity(1024);
+    let mut conn = Connection::new(Rc::clone(&ctx), stream);
     loop {
-        // The head: parse what is buffered, read more until it is complete.
-        let mut head_started: Option<Instant> = None;
-        let head = loop {
-            match parse_head(&mut buf) {
-                Ok(Parsed::Complete(head)) if head.len > config.head_bytes_max => {
-                    let e = ApiError::HeadersTooLarge(config.head_bytes_max);
-                    return fail(&ctx, &mut stream, out, Route::BadRequest, e, Instant::now())
-                        .await;
-                }
-                Ok(Parsed::Complete(head)) => break head,
-                Ok(Parsed::Partial) => {}
-                Err(HeadError::TooManyHeaders) => {
-                    let e = ApiError::HeadersTooLarge(config.head_bytes_max);
-                    return fail(&ctx, &mut stream, out, Route::BadRequest, e, Instant::now())
-                        .await;
-                }
-                Err(HeadError::Bad(why)) => {
-                    let e = ApiError::BadRequest(why.to_string());
-                    return fail(&ctx, &mut stream, out, Route::BadRequest, e, Instant::now())
-                        .await;
-                }
-            }
-            if buf.len() > config.head_bytes_max {
-                let e = ApiError::HeadersTooLarge(config.head_bytes_max);
-                return fail(&ctx, &mut stream, out, Route::BadRequest, e, Instant::now()).await;
-            }
-            // Nothing complete is left: send the answers to earlier pipelined requests first.
-            if !flush(&mut stream, &mut out).await {
-                return;
-            }
-            let idle = buf.is_empty();
-            if idle && ctx.shutdown.is_set() {
-                return;
-            }
-            let deadline = match (idle, head_started) {
-                (true, _) => Instant::now() + idle_timeout,
-                (false, Some(t)) => t + head_timeout,
-                (false, None) => *head_started.insert(Instant::now()) + head_timeout,
-            };
-            match read_more(&ctx, &mut stream, buf, deadline, idle).await {
-                ReadOutcome::Data(b) => {
-                    buf = b;
-                    head_started.get_or_insert_with(Instant::now);
-                }
-                ReadOutcome::TimedOut if !idle => {
-                    let e = ApiError::RequestTimeout("the request head was not received in time");
-                    return fail(&ctx, &mut stream, out, Route::BadRequest, e, Instant::now())
-                        .await;
-                }
-                ReadOutcome::TimedOut | ReadOutcome::Closed | ReadOutcome::Shutdown => return,
-            }
+        let head = match conn.read_head().await {
+            Ok(head) => head,
+            Err(stop) => return conn.stop(stop, Instant::now()).await,
         };
         let started = Instant::now();
-
-        // The body, by its framing.
-        let body_deadline = started + body_timeout;
-        let body = match head.framing {
-            Framing::None => bytes::Bytes::new(),
-            Framing::Length(n) if n > config.body_bytes_max => {
-                let e = ApiError::PayloadTooLarge(format!(
-                    "request body of {n} bytes exceeds the limit of {} bytes",
-                    config.body_bytes_max
-                ));
-                return fail(&ctx, &mut stream, out, Route::BadRequest, e, started).await;
-            }
-            Framing::Length(n) => {
-                if buf.len() < n && head.expect_continue {
-                    out.extend_from_slice(CONTINUE);
-                    if !flush(&mut stream, &mut out).await {
-                        return;
-                    }
-                }
-                while buf.len() < n {
-                    if buf.capacity() < n {
-                        buf.reserve(n - buf.len());
-                    }
-                    match read_more(&ctx, &mut stream, buf, body_deadline, false).await {
-                        ReadOutcome::Data(b) => buf = b,
-                        ReadOutcome::TimedOut => {
-                            let e = ApiError::RequestTimeout(
-                                "the request body was not received in time",
-                            );
-                            return fail(&ctx, &mut stream, out, Route::BadRequest, e, started)
-                                .await;
-                        }
-                        _ => return,
-                    }
-                }
-                buf.split_to(n).freeze()
-            }
-            Framing::Chunked => {
-                if buf.is_empty() && head.expect_continue {
-                    out.extend_from_slice(CONTINUE);
-                    if !flush(&mut stream, &mut out).await {
-                        return;
-                    }
-                }
-                let mut decoder = ChunkedDecoder::new(config.body_bytes_max);
-                loop {
-                    match decoder.decode(&mut buf) {
-                        Ok(Some(body)) => break body,
-                        Ok(None) => {}
-                        Err(ChunkError::TooLarge) => {
-                            let e = ApiError::PayloadTooLarge(format!(
-                                "request body exceeds the limit of {} bytes",
-                                config.body_bytes_max
-                            ));
-                            return fail(&ctx, &mut stream, out, Route::BadRequest, e, started)
-                                .await;
-                        }
-                        Err(ChunkError::Malformed) => {
-                            let e = ApiError::BadRequest("malformed chunked body".into());
-                            return fail(&ctx, &mut stream, out, Route::BadRequest, e, started)
-                                .await;
-                        }
-                    }
-                    match read_more(&ctx, &mut stream, buf, body_deadline, false).await {
-                        ReadOutcome::Data(b) => buf = b,
-                        ReadOutcome::TimedOut => {
-                            let e = ApiError::RequestTimeout(
-                                "the request body was not received in time",
-                            );
-                            return fail(&ctx, &mut stream, out, Route::BadRequest, e, started)
-                                .await;
-                        }
-                        _ => return,
-                    }
-                }
-            }
+        let body = match conn.read_body(&head, started).await {
+            Ok(body) => body,
+            Err(stop) => return conn.stop(stop, started).await,
         };
-
-        // The answer.
         let keep_alive_asked = head.keep_alive;
         let request = Request {
             head,
@@ -282,17 +290,12 @@ pub async fn serve(ctx: Rc<CoreCtx>, mut stream: TcpStream, peer: SocketAddr, me
         };
         let (route, reply) = handle(&ctx, request, metrics_only).await;
         let keep_alive = keep_alive_asked && !reply.extra.close && !ctx.shutdown.is_set();
-        {
-            let mut date = ctx.date.borrow_mut();
-            write_reply(&mut out, &reply, keep_alive, date.get());
-        }
-        ctx.metrics
-            .request(route, reply.status, started.elapsed().as_micros() as u64);
+        conn.write(route, &reply, keep_alive, started);
         if !keep_alive {
-            let _ = flush(&mut stream, &mut out).await;
+            let _ = conn.flush().await;
             return;
         }
-        if (buf.is_empty() || out.len() >= WRITE_FLUSH) && !flush(&mut stream, &mut out).await {
+        if (conn.buf.is_empty() || conn.out.len() >= WRITE_FLUSH) && conn.flush().await.is_err() {
             return;
         }
     }

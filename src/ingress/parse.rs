@@ -138,12 +138,12 @@ pub fn parse_head(buf: &mut BytesMut) -> Result<Parsed, HeadError> {
             chunked = true;
         } else if name.eq_ignore_ascii_case("connection") {
             for token in h.value.split(|&b| b == b',') {
-                let t = trim(token);
+                let t = token.trim_ascii();
                 connection_close |= t.eq_ignore_ascii_case(b"close");
                 connection_keep_alive |= t.eq_ignore_ascii_case(b"keep-alive");
             }
         } else if name.eq_ignore_ascii_case("expect") {
-            if trim(h.value).eq_ignore_ascii_case(b"100-continue") {
+            if h.value.trim_ascii().eq_ignore_ascii_case(b"100-continue") {
                 expect_continue = true;
             } else {
                 return Err(HeadError::Bad("unsupported Expect header"));
@@ -193,18 +193,6 @@ pub fn parse_head(buf: &mut BytesMut) -> Result<Parsed, HeadError> {
         api_key: api_key.map(|r| head.slice(r)),
         authorization: authorization.map(|r| head.slice(r)),
     }))
-}
-
-fn trim(b: &[u8]) -> &[u8] {
-    let start = b
-        .iter()
-        .position(|c| !c.is_ascii_whitespace())
-        .unwrap_or(b.len());
-    let end = b
-        .iter()
-        .rposition(|c| !c.is_ascii_whitespace())
-        .map_or(start, |e| e + 1);
-    &b[start..end]
 }
 
 /// Why a chunked body could not be decoded.

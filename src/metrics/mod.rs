@@ -199,6 +199,12 @@ fn histogram(out: &mut String, name: &str, labels: &str, h: &[&Histogram], scale
     let _ = writeln!(out, "{name}_count{braces} {cumulative}");
 }
 
+/// One metric with a single value: its HELP and TYPE lines, then the value.
+fn single(out: &mut String, name: &str, help: &str, kind: &str, value: impl std::fmt::Display) {
+    counter(out, name, help, kind);
+    let _ = writeln!(out, "{name} {value}");
+}
+
 /// The Prometheus text of every metric.
 pub fn render() -> String {
     let g = global();
@@ -206,39 +212,28 @@ pub fn render() -> String {
     let cores = g.cores.get().unwrap_or(&empty);
     let mut out = String::with_capacity(16 * 1024);
     let sum = |f: &dyn Fn(&CoreMetrics) -> u64| cores.iter().map(|c| f(c)).sum::<u64>();
+    let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
 
-    counter(
+    single(
         &mut out,
         "triggers_events_ingested_total",
         "Events answered 201 (durable) or 202 (fast ack).",
         "counter",
+        sum(&|c| load(&c.events_ingested)),
     );
-    let _ = writeln!(
-        out,
-        "triggers_events_ingested_total {}",
-        sum(&|c| c.events_ingested.load(Ordering::Relaxed))
-    );
-    counter(
+    single(
         &mut out,
         "triggers_events_committed_total",
         "Events committed by the group-commit writers.",
         "counter",
+        load(&g.events_committed),
     );
-    let _ = writeln!(
-        out,
-        "triggers_events_committed_total {}",
-        g.events_committed.load(Ordering::Relaxed)
-    );
-    counter(
+    single(
         &mut out,
         "triggers_write_batches_total",
         "Group-commit transactions.",
         "counter",
-    );
-    let _ = writeln!(
-        out,
-        "triggers_write_batches_total {}",
-        g.write_batches.load(Ordering::Relaxed)
+        load(&g.write_batches),
     );
     counter(
         &mut out,
@@ -263,7 +258,7 @@ pub fn render() -> String {
     for route in Route::ALL {
         let (method, path) = route.labels();
         for (slot, status) in STATUSES.iter().enumerate() {
-            let n = sum(&|c| c.requests[route as usize][slot].load(Ordering::Relaxed));
+            let n = sum(&|c| load(&c.requests[route as usize][slot]));
             if n > 0 {
                 let status = if *status == 0 {
                     "other".to_string()
@@ -295,49 +290,37 @@ pub fn render() -> String {
             1e6,
         );
     }
-    counter(
-        &mut out,
-        "triggers_connections_open",
-        "Open client connections.",
-        "gauge",
-    );
     let open: i64 = cores
         .iter()
         .map(|c| c.connections_open.load(Ordering::Relaxed))
         .sum();
-    let _ = writeln!(out, "triggers_connections_open {open}");
-    counter(
+    single(
+        &mut out,
+        "triggers_connections_open",
+        "Open client connections.",
+        "gauge",
+        open,
+    );
+    single(
         &mut out,
         "triggers_connections_total",
         "Accepted client connections.",
         "counter",
+        sum(&|c| load(&c.connections_total)),
     );
-    let _ = writeln!(
-        out,
-        "triggers_connections_total {}",
-        sum(&|c| c.connections_total.load(Ordering::Relaxed))
-    );
-    counter(
+    single(
         &mut out,
         "triggers_shard_hops_total",
         "Requests handed to their organization's owner core.",
         "counter",
+        sum(&|c| load(&c.hops)),
     );
-    let _ = writeln!(
-        out,
-        "triggers_shard_hops_total {}",
-        sum(&|c| c.hops.load(Ordering::Relaxed))
-    );
-    counter(
+    single(
         &mut out,
         "triggers_auth_cache_misses_total",
         "Keys verified in the store pool.",
         "counter",
-    );
-    let _ = writeln!(
-        out,
-        "triggers_auth_cache_misses_total {}",
-        sum(&|c| c.auth_misses.load(Ordering::Relaxed))
+        sum(&|c| load(&c.auth_misses)),
     );
 
     counter(
@@ -355,7 +338,7 @@ pub fn render() -> String {
         let _ = writeln!(
             out,
             "triggers_deliveries_total{{outcome=\"{outcome}\"}} {}",
-            v.load(Ordering::Relaxed)
+            load(v)
         );
     }
     counter(
@@ -384,27 +367,19 @@ pub fn render() -> String {
         &[&g.delivery_lag],
         1e6,
     );
-    counter(
+    single(
         &mut out,
         "triggers_delivery_queue_depth",
         "Deliveries held in memory (queued, in flight or waiting to retry).",
         "gauge",
+        g.delivery_in_memory.load(Ordering::Relaxed),
     );
-    let _ = writeln!(
-        out,
-        "triggers_delivery_queue_depth {}",
-        g.delivery_in_memory.load(Ordering::Relaxed)
-    );
-    counter(
+    single(
         &mut out,
         "triggers_delivery_due_backlog",
         "Due deliveries found waiting in the database at the last claim.",
         "gauge",
-    );
-    let _ = writeln!(
-        out,
-        "triggers_delivery_due_backlog {}",
-        g.delivery_due_backlog.load(Ordering::Relaxed)
+        g.delivery_due_backlog.load(Ordering::Relaxed),
     );
     out
 }

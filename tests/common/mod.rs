@@ -726,3 +726,45 @@ pub async fn set_webhook(addr: SocketAddr, key: &str, url: &str) -> String {
     assert_eq!(r.status, 200, "{}", r.text());
     r.json()["signing_secret"].as_str().unwrap().to_string()
 }
+
+/// Events the organization has in the database.
+pub async fn count_events(org: &str) -> i64 {
+    db().await
+        .query_one(
+            "SELECT count(*) FROM events WHERE org_id = $1::text::uuid",
+            &[&org],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// Post `n` events of `event_type` (payload: their index) and return their ids, asserting 201.
+pub async fn create_events(addr: SocketAddr, key: &str, n: usize, event_type: &str) -> Vec<String> {
+    let mut conn = Conn::open(addr).await;
+    let mut ids = Vec::with_capacity(n);
+    for i in 0..n {
+        let body = serde_json::json!({"type": event_type, "payload": {"i": i}}).to_string();
+        let r = conn
+            .call(
+                "POST",
+                "/api/events",
+                &[("X-API-Key", key), ("Content-Type", "application/json")],
+                Some(body.as_bytes()),
+            )
+            .await;
+        assert_eq!(r.status, 201, "{}", r.text());
+        ids.push(r.json()["id"].as_str().unwrap().to_string());
+    }
+    ids
+}
+
+/// Whether every event in `ids` got an answer of `status` from the receiver.
+pub fn all_answered(received: &[Received], ids: &[String], status: u16) -> bool {
+    let ok: std::collections::HashSet<String> = received
+        .iter()
+        .filter(|r| r.answered == status)
+        .map(|r| r.event_id())
+        .collect();
+    ids.iter().all(|id| ok.contains(id))
+}
