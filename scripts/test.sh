@@ -8,7 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/common.sh
 ensure_cargo
-export TRIGGERS_TEST_DATABASE_URL=$(bash scripts/postgres.sh db triggers_test)
+export TEST_DATABASE_URL=$(bash scripts/postgres.sh db triggers_test)
 echo "== cargo fmt --check" >&2
 cargo fmt --all -- --check
 echo "== cargo clippy" >&2

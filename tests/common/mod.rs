@@ -13,12 +13,12 @@ use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-/// The test database URL: `TRIGGERS_TEST_DATABASE_URL`, else the project's private cluster
+/// The test database URL: `TEST_DATABASE_URL`, else the project's private cluster
 /// (started by `scripts/postgres.sh` if needed) with a `triggers_test` database.
 pub fn database_url() -> String {
     static URL: OnceLock<String> = OnceLock::new();
     URL.get_or_init(|| {
-        if let Ok(url) = std::env::var("TRIGGERS_TEST_DATABASE_URL") {
+        if let Ok(url) = std::env::var("TEST_DATABASE_URL") {
             return url;
         }
         let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/postgres.sh");
