@@ -11,8 +11,9 @@ scenario, and prints: offered and achieved rate, latency p50/p90/p99/max, errors
 CPU and RSS, and the share of the raw binary-COPY ceiling measured on the same machine in the same
 run. Results are also written to loadtest/results/<time>-<scenario>.json.
 
-Scenarios (see SCENARIOS below): ingest-1k, ingest-2.5k, ingest-10k (k6, fixed rates), ingest-max
-(wrk), mixed, dedup (k6), delivery (k6 at a fixed rate: end-to-end lag), delivery-max (wrk:
+Scenarios (see SCENARIOS below): ingest-1k, ingest-2.5k, ingest-10k (k6, fixed rates), latency-2.5k
+(examples/openloop: a fixed rate measured from each request's due time, light enough for 2 cores),
+ingest-max (wrk), mixed, dedup (k6), delivery (k6 at a fixed rate: end-to-end lag), delivery-max (wrk:
 deliveries/s), hot-org and many-orgs (wrk), drill, ceiling (COPY only), footprint (binary size,
 cold start, RSS idle and with 10k idle connections), cores (ingest-max per ingress core count),
 and all.
@@ -38,6 +39,7 @@ RESULTS = os.path.join(HERE, "results")
 SERVER = os.path.join(ROOT, "target", "release", "triggers")
 RECEIVER = os.path.join(ROOT, "target", "release", "examples", "receiver")
 CEILING = os.path.join(ROOT, "target", "release", "examples", "copy_ceiling")
+OPENLOOP = os.path.join(ROOT, "target", "release", "examples", "openloop")
 PORT, METRICS_PORT, RECEIVER_PORT = 18080, 19090, 19999
 
 # name: (tool, script, default rate, default connections, organizations, webhooks)
@@ -46,6 +48,7 @@ SCENARIOS = {
     "ingest-2.5k": ("k6", "ingest.js", 2500, None, "many", False),
     "ingest-10k": ("k6", "ingest.js", 10000, None, "many", False),
     "ingest-max": ("wrk", "ingest.lua", None, 512, "many", False),
+    "latency-2.5k": ("openloop", None, 2500, 64, "many", False),
     "mixed": ("k6", "mixed.js", 1000, None, "many", False),
     "dedup": ("k6", "dedup.js", 1000, None, "many", False),
     "delivery": ("k6", "ingest.js", 1000, None, "many", True),
@@ -211,6 +214,18 @@ def run_wrk(script, connections, duration, keys_file):
             "max": float(lat.group(4)), "statuses": statuses}
 
 
+def run_openloop(rate, connections, duration, keys_file):
+    out = os.path.join(RESULTS, "openloop.json")
+    subprocess.run([OPENLOOP, f"http://127.0.0.1:{PORT}/api/events", str(rate), str(duration), str(connections),
+                    keys_file, out], check=True, capture_output=True)
+    r = json.load(open(out))
+    statuses = dict(r["statuses"])
+    if r["errors"]:
+        statuses["errors"] = r["errors"]
+    return {"achieved": r["achieved"], "p50": r["p50"], "p90": r["p90"], "p99": r["p99"], "max": r["max"],
+            "statuses": statuses}
+
+
 def run_drill(iterations, concurrency, keys):
     plan = open(os.path.join(HERE, "benchmark.yml")).read()
     plan = plan.replace("base: 'http://127.0.0.1:8080'", f"base: 'http://127.0.0.1:{PORT}'")
@@ -314,6 +329,8 @@ def scenario(name, db, args, ceiling, binary=SERVER):
             r = run_k6(script, rate, duration, keys_file)
         elif tool == "wrk":
             r = run_wrk(script, conns, duration, keys_file)
+        elif tool == "openloop":
+            r = run_openloop(rate, conns, duration, keys_file)
         else:
             r = run_drill(400 if args.smoke else 20000, conns, keys)
         elapsed = time.monotonic() - started

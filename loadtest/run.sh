@@ -31,5 +31,5 @@ case " $* " in
 esac
 bash scripts/postgres.sh >/dev/null
 echo "loadtest: building the release server and the load-test tools" >&2
-cargo build -q --release --locked --bin triggers --example receiver --example copy_ceiling
+cargo build -q --release --locked --bin triggers --example receiver --example copy_ceiling --example openloop
 exec python3 loadtest/run.py "$@"
