@@ -24,8 +24,11 @@ use crate::error::ApiError;
 use crate::reply::Reply;
 use crate::shutdown::{race, Either};
 
-/// Spare room made in the read buffer before each read.
-const READ_CHUNK: usize = 8 * 1024;
+/// The read buffer of a new connection: a typical request fits. It grows (doubling, up to
+/// `READ_CHUNK_MAX`) when reads fill it; an idle connection holds no more than this.
+const READ_CHUNK_MIN: usize = 2 * 1024;
+/// The most spare room made in the read buffer before one read.
+const READ_CHUNK_MAX: usize = 64 * 1024;
 /// Responses to pipelined requests are flushed once this many bytes are waiting.
 const WRITE_FLUSH: usize = 64 * 1024;
 
@@ -78,8 +81,8 @@ impl Connection {
             body_timeout: Duration::from_millis(c.body_timeout_ms),
             idle_timeout: Duration::from_millis(c.idle_timeout_ms),
             stream,
-            buf: BytesMut::with_capacity(READ_CHUNK),
-            out: Vec::with_capacity(1024),
+            buf: BytesMut::with_capacity(READ_CHUNK_MIN),
+            out: Vec::new(),
             ctx,
         }
     }
@@ -87,8 +90,9 @@ impl Connection {
     /// Read more bytes, giving up at `deadline` or, while `idle`, at shutdown.
     async fn read_more(&mut self, deadline: Instant, idle: bool) -> ReadOutcome {
         let mut buf = std::mem::take(&mut self.buf);
-        if buf.capacity() - buf.len() < READ_CHUNK / 2 {
-            buf.reserve(READ_CHUNK);
+        if buf.capacity() - buf.len() < READ_CHUNK_MIN / 2 {
+            // Room for at least as much again as is buffered: large bodies arrive in few reads.
+            buf.reserve(buf.len().clamp(READ_CHUNK_MIN, READ_CHUNK_MAX));
         }
         let left = deadline.saturating_duration_since(Instant::now());
         // monoio reads into the start of an IoBufMut: hand it only the spare capacity, or it
