@@ -14,7 +14,7 @@ run. Results are also written to loadtest/results/<time>-<scenario>.json.
 Scenarios (see SCENARIOS below): ingest-1k, ingest-2.5k, ingest-10k (k6, fixed rates), latency-2.5k
 (examples/openloop: a fixed rate measured from each request's due time, light enough for 2 cores),
 ingest-max (wrk), mixed, dedup (k6), delivery (k6 at a fixed rate: end-to-end lag), delivery-max (wrk:
-deliveries/s), hot-org and many-orgs (wrk), drill, ceiling (COPY only), footprint (binary size,
+deliveries/s while ingesting), delivery-drain (a restart with a backlog of due deliveries), hot-org and many-orgs (wrk), drill, ceiling (COPY only), footprint (binary size,
 cold start, RSS idle and with 10k idle connections), cores (ingest-max per ingress core count),
 and all.
 """
@@ -53,6 +53,7 @@ SCENARIOS = {
     "dedup": ("k6", "dedup.js", 1000, None, "many", False),
     "delivery": ("k6", "ingest.js", 1000, None, "many", True),
     "delivery-max": ("wrk", "ingest.lua", None, 256, "many", True),
+    "delivery-drain": ("drain", None, None, None, "many", True),
     "hot-org": ("wrk", "ingest.lua", None, 512, "one", False),
     "many-orgs": ("wrk", "ingest.lua", None, 512, "many", False),
     "drill": ("drill", "benchmark.yml", None, 32, "many", False),
@@ -178,6 +179,58 @@ class Sampler(threading.Thread):
         self.join()
         self.peak_rss = max(self.peak_rss, self.server.rss_mb())
         return 100 * (self.server.cpu_s() - self.cpu0) / (time.monotonic() - self.t0), self.peak_rss
+
+
+# A backlog of due deliveries as a crash would leave it: committed events of organizations with a
+# webhook, ~200-byte payloads like ingest.lua's, spread over every such organization.
+DRAIN_SQL = """
+INSERT INTO events (id, org_id, type, payload, created_at, next_attempt_at)
+SELECT gen_random_uuid(), o.id, 'order.created',
+       json_build_object('order_id', 'ord_' || lpad(g::text, 8, '0'), 'customer', 'cus_4f9a8b7c',
+                         'amount', g % 10000, 'currency', 'usd',
+                         'items', json_build_array(json_build_object('sku', 'sku_1234', 'qty', 2),
+                                                   json_build_object('sku', 'sku_5678', 'qty', 1)),
+                         'note', 'load test event'),
+       now(), now()
+FROM generate_series(0, {n} - 1) g
+JOIN (SELECT id, row_number() OVER (ORDER BY id) - 1 AS i, count(*) OVER () AS k
+      FROM organizations WHERE webhook_url IS NOT NULL) o ON o.i = g % o.k
+"""
+
+
+def run_drain(db, args, server_args, binary, receiver, backlog):
+    """Stops the server, leaves `backlog` due deliveries in the database, starts the server again
+    and times it from start until every one is delivered: the delivery pool's rate on its own
+    (claim with SKIP LOCKED, POST, record), with no ingest competing for the cores."""
+    db.reset()
+    db.sql(DRAIN_SQL.format(n=backlog))
+    db.sql("VACUUM ANALYZE events")
+    db.sql("CHECKPOINT")
+    receiver.send_signal(signal.SIGUSR1)
+    time.sleep(0.2)
+    server = Server(db, args.cores, extra=server_args, binary=binary)
+    sampler = Sampler(server)
+    sampler.start()
+    delivered = "triggers_deliveries_total{outcome=\"delivered\"}"
+    deadline = server.started + max(60.0, backlog / 1000)
+    done = 0.0
+    while time.monotonic() < deadline:
+        done = server.metric(delivered)
+        if done >= backlog:
+            break
+        time.sleep(0.02)
+    elapsed = time.monotonic() - server.started
+    cpu, rss = sampler.finish()
+    statuses = {"delivered": int(done)}
+    retried = int(server.metric("triggers_deliveries_total{outcome=\"retry\"}"))
+    if retried:
+        statuses["retry"] = retried
+    if done < backlog:
+        statuses["undelivered"] = backlog - int(done)
+    r = dict(achieved=done / elapsed, p50=None, p90=None, p99=None, max=None, statuses=statuses,
+             committed_per_s=0.0, cpu_pct=cpu, rss_mb=rss, deliveries_per_s=done / elapsed, backlog=backlog,
+             drain_s=elapsed)
+    return r, server
 
 
 def run_k6(script, rate, duration, keys_file):
@@ -315,6 +368,11 @@ def scenario(name, db, args, ceiling, binary=SERVER):
             time.sleep(1.0)
             receiver.send_signal(signal.SIGUSR1)
             time.sleep(0.2)
+        if tool == "drain":
+            server.stop()
+            r, server = run_drain(db, args, server_args, binary, receiver, 2_000 if args.smoke else 200_000)
+            r.update(scenario=name, tool=tool, offered=f"{r['backlog']:,} due", duration_s=round(r["drain_s"], 2))
+            return r
         committed0 = server.metric("triggers_events_committed_total")
         sampler = Sampler(server)
         sampler.start()
@@ -379,7 +437,7 @@ def print_table(rows, ceiling, extra):
     print()
     if ceiling:
         print(f"COPY ceiling (same machine, same run): {ceiling:,.0f} rows/s")
-    head = f"{'scenario':<14}{'tool':<6}{'offered':>11}{'achieved/s':>12}{'p50 ms':>9}{'p90 ms':>9}{'p99 ms':>9}{'max ms':>9}" \
+    head = f"{'scenario':<16}{'tool':<6}{'offered':>11}{'achieved/s':>12}{'p50 ms':>9}{'p90 ms':>9}{'p99 ms':>9}{'max ms':>9}" \
            f"{'cpu %':>7}{'rss MB':>8}{'ceil %':>8}  statuses / extra"
     print(head)
     print("-" * len(head))
@@ -389,9 +447,9 @@ def print_table(rows, ceiling, extra):
         if "lag_ms" in r:
             statuses += f" | delivered {r['deliveries_per_s']:,.0f}/s lag p50 {r['lag_ms']['p50']} p99 {r['lag_ms']['p99']} ms"
         offered = f"{r['offered']:,}" if isinstance(r["offered"], int) else r["offered"]
-        p90 = f"{r['p90']:>9.2f}" if r["p90"] is not None else f"{'-':>9}"
-        print(f"{r['scenario']:<14}{r['tool']:<6}{offered:>11}{r['achieved']:>12,.0f}{r['p50']:>9.2f}{p90}"
-              f"{r['p99']:>9.2f}{r['max']:>9.1f}{r['cpu_pct']:>7.0f}{r['rss_mb']:>8.1f}{share:>8}  {statuses}")
+        ms = "".join(f"{r[k]:>9.2f}" if r[k] is not None else f"{'-':>9}" for k in ("p50", "p90", "p99", "max"))
+        print(f"{r['scenario']:<16}{r['tool']:<6}{offered:>11}{r['achieved']:>12,.0f}{ms}"
+              f"{r['cpu_pct']:>7.0f}{r['rss_mb']:>8.1f}{share:>8}  {statuses}")
     for line in extra:
         print(line)
 
