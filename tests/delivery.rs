@@ -141,10 +141,7 @@ async fn retries_on_the_schedule_until_success() {
     let s = Server::start(&["--allow-private-webhooks"]);
     let (key, _) = new_org(s.addr, "pro").await;
     set_webhook(s.addr, &key, &recv.url("/")).await;
-    let id = post_event(s.addr, &key, "t", json!(1), None).await.json()["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let id = new_event_id(s.addr, &key, json!(1)).await;
     let got = recv
         .wait_until(Duration::from_secs(10), |r| r.len() >= 3)
         .await;
@@ -230,10 +227,7 @@ async fn six_failures_make_a_dead_letter_that_can_be_redelivered_or_acked() {
 
     // A dead letter can also be acked: it becomes delivered.
     recv.set_script(|_, _| Answer::status(500));
-    let id2 = post_event(s.addr, &key, "t", json!(2), None).await.json()["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let id2 = new_event_id(s.addr, &key, json!(2)).await;
     wait_status(s.addr, &key, &id2, "failed", Duration::from_secs(10)).await;
     let r = post_empty(s.addr, &key, &format!("/api/ack/{id2}")).await;
     assert_eq!(r.status, 200);
@@ -274,10 +268,7 @@ async fn gone_removes_the_webhook_and_keeps_the_event_pending() {
     let s = Server::start(&["--allow-private-webhooks"]);
     let (key, _) = new_org(s.addr, "pro").await;
     set_webhook(s.addr, &key, &recv.url("/")).await;
-    let id = post_event(s.addr, &key, "t", json!(1), None).await.json()["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let id = new_event_id(s.addr, &key, json!(1)).await;
     recv.wait_until(Duration::from_secs(5), |r| !r.is_empty())
         .await;
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -300,10 +291,7 @@ async fn gone_removes_the_webhook_and_keeps_the_event_pending() {
         Value::Null
     );
     // From now on events stay in the inbox.
-    let id2 = post_event(s.addr, &key, "t", json!(2), None).await.json()["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let id2 = new_event_id(s.addr, &key, json!(2)).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(recv.received().len(), 1);
     let pending: Vec<Value> = get(s.addr, &key, "/api/inbox").await.json()["events"]
@@ -390,10 +378,7 @@ async fn private_targets_are_refused_at_connect_time_too() {
         .await
         .unwrap();
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let id = post_event(s.addr, &key, "t", json!(1), None).await.json()["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let id = new_event_id(s.addr, &key, json!(1)).await;
     let e = wait_status(s.addr, &key, &id, "failed", Duration::from_secs(10)).await;
     let error = e["delivery_attempts"][0]["error"]
         .as_str()

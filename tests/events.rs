@@ -427,10 +427,7 @@ async fn event_reads_are_scoped_to_the_organization() {
     let s = server();
     let (a, _) = new_org(s.addr, "pro").await;
     let (b, _) = new_org(s.addr, "pro").await;
-    let id = post_event(s.addr, &a, "t", json!(1), None).await.json()["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let id = new_event_id(s.addr, &a, json!(1)).await;
     let r = get(s.addr, &b, &format!("/api/events/{id}")).await;
     assert_eq!(r.status, 404);
     assert_eq!(error_code(&r), "not_found");
@@ -445,10 +442,7 @@ async fn event_reads_are_scoped_to_the_organization() {
 async fn redeliver_needs_a_webhook() {
     let s = server();
     let (key, _) = new_org(s.addr, "pro").await;
-    let id = post_event(s.addr, &key, "t", json!(1), None).await.json()["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let id = new_event_id(s.addr, &key, json!(1)).await;
     let r = post_empty(s.addr, &key, &format!("/api/events/{id}/redeliver")).await;
     assert_eq!(r.status, 409);
     assert_eq!(error_code(&r), "no_webhook");

@@ -294,14 +294,7 @@ async fn webhook_configuration_rules() {
         "nothing changed"
     );
     // Delete without a webhook is fine.
-    let r = call(
-        s.addr,
-        "DELETE",
-        "/api/webhook/config",
-        &[("X-API-Key", &key)],
-        None,
-    )
-    .await;
+    let r = delete(s.addr, &key, "/api/webhook/config").await;
     assert_eq!(r.status, 200);
     let v = r.json();
     assert_eq!(v["organization_id"], org.as_str());
@@ -345,14 +338,7 @@ async fn signing_secret_is_kept_for_the_organizations_life() {
         get(s.addr, &key, "/api/keys").await.json()["webhook_url"],
         "http://127.0.0.1:9/b"
     );
-    let r = call(
-        s.addr,
-        "DELETE",
-        "/api/webhook/config",
-        &[("X-API-Key", &key)],
-        None,
-    )
-    .await;
+    let r = delete(s.addr, &key, "/api/webhook/config").await;
     assert_eq!(r.status, 200);
     assert_eq!(
         get(s.addr, &key, "/api/keys").await.json()["webhook_url"],

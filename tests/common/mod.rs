@@ -465,6 +465,11 @@ pub async fn post_empty(addr: SocketAddr, key: &str, path: &str) -> Response {
     call(addr, "POST", path, &[("X-API-Key", key)], None).await
 }
 
+/// DELETE with an API key.
+pub async fn delete(addr: SocketAddr, key: &str, path: &str) -> Response {
+    call(addr, "DELETE", path, &[("X-API-Key", key)], None).await
+}
+
 /// A new organization; returns (api_key, organization_id).
 pub async fn new_org(addr: SocketAddr, tier: &str) -> (String, String) {
     let body = serde_json::json!({"organization_name": format!("test-{tier}"), "tier": tier});
@@ -497,6 +502,13 @@ pub async fn post_event(
         body["dedup_id"] = Value::String(d.to_string());
     }
     post(addr, key, "/api/events", &body).await
+}
+
+/// POST an event without a dedup id, asserting 201; returns its id.
+pub async fn new_event_id(addr: SocketAddr, key: &str, payload: Value) -> String {
+    let r = post_event(addr, key, "t", payload, None).await;
+    assert_eq!(r.status, 201, "{}", r.text());
+    r.json()["id"].as_str().unwrap().to_string()
 }
 
 /// The error body's `code`, asserting the whole error shape.
