@@ -295,3 +295,26 @@ async fn connections_over_the_per_core_limit_get_503() {
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert_eq!(call(s.addr, "GET", "/health", &[], None).await.status, 200);
 }
+
+both_drivers!(
+    a_hostile_chunk_size_is_413_and_every_core_keeps_serving,
+    hostile_chunk_size
+);
+async fn hostile_chunk_size(addr: SocketAddr) {
+    // Issue 8: a chunk size near 2^64 wrapped the body-limit sum and killed an ingress core.
+    // Twelve of them (enough to land on every core), then every new connection must be answered.
+    let wire = "POST /api/events HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+                Transfer-Encoding: chunked\r\n\r\n1\r\na\r\nFFFFFFFFFFFFFFFF\r\n";
+    for _ in 0..12 {
+        let mut c = Conn::open(addr).await;
+        c.send(wire.as_bytes()).await;
+        let r = c.read().await.expect("an answer, not a dead core");
+        assert_eq!(r.status, 413);
+        assert_eq!(error_code(&r), "payload_too_large");
+        assert!(c.closed_within(Duration::from_secs(2)).await);
+    }
+    for i in 0..40 {
+        let r = call(addr, "GET", "/health", &[], None).await;
+        assert_eq!(r.status, 200, "request {i} after the hostile ones");
+    }
+}

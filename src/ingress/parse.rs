@@ -236,6 +236,15 @@ impl ChunkedDecoder {
         }
     }
 
+    /// Bytes the body may still grow by. The body never passes the limit, so this can't wrap.
+    fn room(&self) -> u64 {
+        debug_assert!(
+            self.body.len() <= self.limit,
+            "the body stays within its limit"
+        );
+        (self.limit - self.body.len()) as u64
+    }
+
     /// Consume what `buf` holds; `Ok(Some(body))` once the last chunk and trailers are in.
     pub fn decode(&mut self, buf: &mut BytesMut) -> Result<Option<Bytes>, ChunkError> {
         loop {
@@ -245,7 +254,9 @@ impl ChunkedDecoder {
                         buf.advance(used);
                         if size == 0 {
                             self.state = ChunkState::Trailer;
-                        } else if self.body.len() as u64 + size > self.limit as u64 {
+                        } else if size > self.room() {
+                            // Compared against the room left, never as `len + size`: a chunk
+                            // size near u64::MAX would wrap the sum past the check.
                             return Err(ChunkError::TooLarge);
                         } else {
                             self.body.reserve(size as usize);
@@ -439,5 +450,27 @@ mod tests {
             d.decode(&mut BytesMut::from("5\r\nabcde\r\n4\r\n")),
             Err(ChunkError::TooLarge)
         );
+    }
+
+    #[test]
+    fn chunk_sizes_near_u64_max_are_too_large_not_a_wrap() {
+        // The hostile request of issue 8: one byte of body, then a chunk of 2^64 - 1 bytes.
+        // `len + size` wraps to 0 and would pass a sum-based check, then `reserve` panics.
+        for size in ["FFFFFFFFFFFFFFFF", "FFFFFFFFFFFFFFFE", "8000000000000000"] {
+            let mut d = ChunkedDecoder::new(524_288);
+            let wire = format!("1\r\na\r\n{size}\r\n");
+            assert_eq!(
+                d.decode(&mut BytesMut::from(wire.as_str())),
+                Err(ChunkError::TooLarge),
+                "{size}"
+            );
+        }
+        // Exactly up to the limit is fine; one more byte is not.
+        let mut d = ChunkedDecoder::new(3);
+        let mut buf = BytesMut::from("1\r\na\r\n2\r\nbc\r\n0\r\n\r\n");
+        assert_eq!(d.decode(&mut buf).unwrap().as_deref(), Some(&b"abc"[..]));
+        let mut d = ChunkedDecoder::new(3);
+        let mut buf = BytesMut::from("1\r\na\r\n3\r\n");
+        assert_eq!(d.decode(&mut buf), Err(ChunkError::TooLarge));
     }
 }
