@@ -13,8 +13,8 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use futures_util::SinkExt;
+use triggers::flow::event::NewEvent;
 use triggers::ids::{new_v7, EventId, Micros, OrgId};
-use triggers::shard::mesh::NewEvent;
 use triggers::store::copy::{CopyEncoder, COPY_EVENTS};
 
 const PAYLOAD: &str = r#"{"order_id":"ord_00001234","customer":"cus_4f9a8b7c","amount":4999,"currency":"usd","items":[{"sku":"sku_1234","qty":2},{"sku":"sku_5678","qty":1}],"note":"load test event"}"#;

@@ -11,6 +11,8 @@ ensure_cargo
 export TEST_DATABASE_URL=$(bash scripts/postgres.sh db triggers_test)
 echo "== cargo fmt --check" >&2
 cargo fmt --all -- --check
+echo "== import loops between files" >&2
+python3 scripts/import-cycles.py
 echo "== cargo clippy" >&2
 cargo clippy --locked --all-targets -- -D warnings
 echo "== cargo test" >&2

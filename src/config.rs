@@ -8,6 +8,110 @@ use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::time::Duration;
 
+// ---------------------------------------------------------------------------------------------
+// Fixed limits. Every number that bounds something is named here once, unit last, with what it
+// costs; the ones an operator may want to change are `Config` fields below instead.
+// ---------------------------------------------------------------------------------------------
+
+/// Headers one request may carry; more is answered 431. Costs a fixed array per parse.
+pub const HEADERS_MAX: usize = 64;
+/// Longest chunk-size line or trailer section of a chunked body.
+pub const CHUNK_META_BYTES_MAX: usize = 8 * 1024;
+/// The read buffer of a new connection: a typical request fits. It grows (doubling, up to
+/// `READ_CHUNK_MAX`) when reads fill it; an idle connection holds no more than this.
+pub const READ_CHUNK_MIN: usize = 2 * 1024;
+/// The most spare room made in the read buffer before one read.
+pub const READ_CHUNK_MAX: usize = 64 * 1024;
+/// Responses to pipelined requests are flushed once this many bytes are waiting.
+pub const WRITE_FLUSH_BYTES: usize = 64 * 1024;
+/// Connections the kernel queues per listener before the accept loop takes them.
+pub const LISTEN_BACKLOG: i32 = 4096;
+/// io_uring submission queue entries per core.
+pub const URING_ENTRIES: u32 = 4096;
+/// Pause after a failed accept (EMFILE and friends) instead of spinning.
+pub const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
+/// Longest text field (type, dedup id, organization name), in Unicode characters.
+pub const TEXT_FIELD_CHARS_MAX: usize = 255;
+/// Inbox page size when none is asked for.
+pub const INBOX_PAGE_DEFAULT: u32 = 100;
+/// Largest inbox page.
+pub const INBOX_PAGE_MAX: u32 = 1000;
+/// Most ids in one batch ack.
+pub const ACK_BATCH_IDS_MAX: usize = 1000;
+/// Seconds a client is told to wait after a 503.
+pub const RETRY_AFTER_UNAVAILABLE_S: u32 = 1;
+
+/// How long a refused key is refused by a core without asking the store again.
+pub const AUTH_REFUSED_TTL: Duration = Duration::from_secs(10);
+/// Organizations whose last change is remembered for cache races; past this a change counts as a
+/// change to every organization (a flush). About 24 bytes each.
+pub const ORG_CHANGES_REMEMBERED_MAX: usize = 16_384;
+/// Times a core asks again when a key's organization changed while the store verified it.
+pub const VERIFY_RACE_TRIES: usize = 3;
+/// Keys tried when a generated key id collides with an existing one (one in 62^16).
+pub const KEY_ID_COLLISION_TRIES: usize = 3;
+/// Random bytes of a webhook signing secret.
+pub const SIGNING_SECRET_BYTES: usize = 32;
+/// How often a core forgets buckets that are full again (they equal a new bucket), in µs.
+pub const BUCKET_SWEEP_EVERY_US: u64 = 60_000_000;
+
+/// How long start-up waits for the database to accept connections.
+pub const DATABASE_PATIENCE: Duration = Duration::from_secs(30);
+/// Pause between connection attempts while the database starts.
+pub const DB_CONNECT_RETRY: Duration = Duration::from_millis(500);
+/// TCP keepalive idle time on database connections.
+pub const DB_KEEPALIVE_IDLE: Duration = Duration::from_secs(30);
+/// How often the health probe checks a database that is up.
+pub const HEALTH_PROBE_EVERY_UP: Duration = Duration::from_secs(1);
+/// How often it checks one that is down (how soon writes resume after an outage).
+pub const HEALTH_PROBE_EVERY_DOWN: Duration = Duration::from_millis(200);
+/// Pause before the LISTEN connection reconnects.
+pub const LISTEN_RECONNECT_DELAY: Duration = Duration::from_millis(500);
+/// A group commit slower than this is logged: it holds every request in its batch.
+pub const SLOW_BATCH: Duration = Duration::from_millis(250);
+/// Query jobs running at once per read-pool connection (the rest wait in the bounded job queue).
+pub const QUERY_JOBS_PER_CONNECTION: usize = 8;
+
+/// Longest webhook URL accepted, in characters.
+pub const URL_CHARS_MAX: usize = 2048;
+/// How long a webhook host's DNS lookup may take.
+pub const RESOLVE_TIMEOUT: Duration = Duration::from_secs(3);
+/// Bytes of a receiver's response body read (and dropped) so its connection can be reused.
+pub const RESPONSE_BODY_READ_BYTES_MAX: usize = 64 * 1024;
+/// How long an idle connection to a receiver is kept for reuse.
+pub const DELIVERY_POOL_IDLE: Duration = Duration::from_secs(60);
+/// Recorder transactions in flight at once: one writes while the other gathers the next batch.
+pub const RECORDERS: usize = 2;
+/// Delivery pool connections beyond the recorders': the claimer, webhook lookups, the hand-back.
+pub const DELIVERY_POOL_EXTRA_CONNECTIONS: usize = 3;
+/// Outcomes waiting for a recorder per delivery slot.
+pub const RECORDER_QUEUE_PER_SLOT: usize = 4;
+/// Events an organization may hold in memory per delivery slot of its own.
+pub const DELIVERY_ORG_IN_MEMORY_PER_SLOT: usize = 4;
+/// Most outcomes one recorder transaction writes.
+pub const RECORD_BATCH_MAX: usize = 1000;
+/// Most rows one claim takes.
+pub const CLAIM_BATCH_MAX: usize = 1000;
+/// How often the due backlog is counted for the metric.
+pub const DELIVERY_BACKLOG_COUNT_EVERY: Duration = Duration::from_secs(5);
+/// The backlog count stops here (so counting stays cheap on a huge backlog).
+pub const DELIVERY_BACKLOG_COUNT_MAX: i64 = 1_000_000;
+/// Longest the shutdown hand-back of deliveries may take.
+pub const RELEASE_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// The store gets at least this long to write what is queued at shutdown, however late it is.
+pub const SHUTDOWN_GRACE_MIN: Duration = Duration::from_secs(2);
+/// Attempts in flight get at most this long to finish at shutdown.
+pub const DELIVERY_GRACE_MAX: Duration = Duration::from_secs(5);
+/// How often shutdown checks whether attempts in flight have finished.
+pub const SHUTDOWN_POLL: Duration = Duration::from_millis(10);
+/// How long the runtime waits for its last tasks at exit.
+pub const RUNTIME_STOP_WAIT: Duration = Duration::from_millis(500);
+/// Worker threads of the pools' runtime at least, even on one CPU.
+pub const STORE_THREADS_MIN: usize = 2;
+/// Longest retry schedule.
+pub const RETRY_SCHEDULE_ENTRIES_MAX: usize = 30;
+
 /// What the process was asked to do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Command {
@@ -170,8 +274,8 @@ impl OptionValue for RetrySchedule {
         for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
             delays.push(parse_duration(part)?);
         }
-        if delays.len() > 30 {
-            return Err("at most 30 retries".into());
+        if delays.len() > RETRY_SCHEDULE_ENTRIES_MAX {
+            return Err(format!("at most {RETRY_SCHEDULE_ENTRIES_MAX} retries"));
         }
         Ok(RetrySchedule(delays))
     }
@@ -426,7 +530,7 @@ impl Config {
         if self.store_threads == 0 {
             // Two even on a 2-core box: measured there, delivery keeps up with 22k events/s on
             // two threads against 18k on one, and ingest alone is no slower.
-            self.store_threads = (cpus / 2).max(2);
+            self.store_threads = (cpus / 2).max(STORE_THREADS_MIN);
         }
         self.validate()
     }
@@ -569,6 +673,27 @@ impl Config {
     /// The configured retry delays.
     pub fn retry_delays(&self) -> &[Duration] {
         &self.retry_schedule.0
+    }
+
+    /// Query jobs running at once in the store pool.
+    pub fn query_jobs_running_max(&self) -> usize {
+        self.store_pool_size * QUERY_JOBS_PER_CONNECTION
+    }
+
+    /// Outcomes waiting for the delivery recorders.
+    pub fn recorder_queue_max(&self) -> usize {
+        self.delivery_concurrency * RECORDER_QUEUE_PER_SLOT
+    }
+
+    /// Connections of the delivery pool.
+    pub fn delivery_pool_size(&self) -> usize {
+        RECORDERS + DELIVERY_POOL_EXTRA_CONNECTIONS
+    }
+
+    /// Events one organization may hold in memory for delivery; the rest wait in the database.
+    pub fn delivery_org_in_memory_max(&self) -> usize {
+        (self.delivery_org_concurrency * DELIVERY_ORG_IN_MEMORY_PER_SLOT)
+            .min(self.delivery_queue_max)
     }
 
     /// Shorthand for a millisecond option as a Duration.

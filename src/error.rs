@@ -4,6 +4,8 @@
 
 use uuid::Uuid;
 
+use crate::config::RETRY_AFTER_UNAVAILABLE_S;
+use crate::flow::answer::Refusal;
 use crate::json::Obj;
 use crate::reply::{Extra, Reply};
 
@@ -65,8 +67,27 @@ pub enum ApiError {
     Internal,
 }
 
-/// Seconds a client is told to wait after a 503.
-pub const RETRY_AFTER_UNAVAILABLE_S: u32 = 1;
+impl From<Refusal> for ApiError {
+    fn from(r: Refusal) -> ApiError {
+        match r {
+            Refusal::Unavailable => ApiError::Unavailable,
+            Refusal::Overloaded(what) => ApiError::Overloaded(what),
+            Refusal::RateLimited {
+                limit,
+                retry_after_s,
+            } => ApiError::RateLimited {
+                limit,
+                retry_after_s,
+            },
+            Refusal::Unauthorized(m) => ApiError::Unauthorized(m),
+            Refusal::AuthThrottled { retry_after_s } => ApiError::AuthThrottled { retry_after_s },
+            Refusal::NotFound(m) => ApiError::NotFound(m),
+            Refusal::NoWebhook => ApiError::NoWebhook,
+            Refusal::Invalid { field, message } => ApiError::Validation { field, message },
+            Refusal::Internal => ApiError::Internal,
+        }
+    }
+}
 
 impl ApiError {
     /// A 422 on `field`.

@@ -131,6 +131,25 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
     (if m <= 2 { y + 1 } else { y }, m, d)
 }
 
+/// Format Unix seconds as an IMF-fixdate.
+pub fn http_date(secs: u64) -> [u8; 29] {
+    const DAYS: [&[u8; 3]; 7] = [b"Thu", b"Fri", b"Sat", b"Sun", b"Mon", b"Tue", b"Wed"];
+    const MONTHS: [&[u8; 3]; 12] = [
+        b"Jan", b"Feb", b"Mar", b"Apr", b"May", b"Jun", b"Jul", b"Aug", b"Sep", b"Oct", b"Nov",
+        b"Dec",
+    ];
+    let rfc = Micros((secs as i64) * 1_000_000).rfc3339();
+    let b = rfc.as_bytes();
+    let month = ((b[5] - b'0') * 10 + (b[6] - b'0')) as usize;
+    let mut out = *b"Thu, 01 Jan 1970 00:00:00 GMT";
+    out[..3].copy_from_slice(DAYS[((secs / 86_400) % 7) as usize]);
+    out[5..7].copy_from_slice(&b[8..10]);
+    out[8..11].copy_from_slice(MONTHS[month - 1]);
+    out[12..16].copy_from_slice(&b[0..4]);
+    out[17..25].copy_from_slice(&b[11..19]);
+    out
+}
+
 /// The last (milliseconds << 20 | sequence) handed out by this process. One atomic for all cores
 /// keeps ids strictly increasing process-wide, so two events created one after the other sort in
 /// creation order whichever cores took them.
@@ -208,6 +227,13 @@ pub fn decode_cursor(text: &str) -> Option<Uuid> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dates_are_imf_fixdate() {
+        assert_eq!(&http_date(0), b"Thu, 01 Jan 1970 00:00:00 GMT");
+        assert_eq!(&http_date(784_111_777), b"Sun, 06 Nov 1994 08:49:37 GMT");
+        assert_eq!(&http_date(1_795_000_000), b"Wed, 18 Nov 2026 11:06:40 GMT");
+    }
 
     #[test]
     fn cursors_round_trip_and_refuse_garbage() {

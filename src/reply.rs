@@ -1,19 +1,9 @@
-//! A finished answer to one request: built wherever the work was done (an ingress core, the store
-//! pool) and written to the socket by the connection's own core.
+//! A finished answer to one request: built by the connection's own core from the values the other
+//! stages answered, and written to its socket.
 
 use bytes::Bytes;
 
-/// What an organization's token bucket looked like when the request was handled; written as the
-/// `X-RateLimit-*` headers of every authenticated response.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct RateSnapshot {
-    /// Events per minute (the bucket's capacity).
-    pub limit: u32,
-    /// Whole tokens left.
-    pub remaining: u32,
-    /// Whole seconds until the bucket is full again.
-    pub reset_s: u32,
-}
+use crate::flow::answer::RateSnapshot;
 
 /// Headers beyond the fixed set (`Content-Type`, `Content-Length`, `Date`, rate limits).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

@@ -408,7 +408,7 @@ async fn sigkill_with_deliveries_pending_delivers_all_after_restart() {
         "--delivery-poll-ms",
         "200",
     ];
-    let mut s = Server::start(&args);
+    let mut s = Server::process(&args);
     let (key, _) = new_org(s.addr, "business").await;
     set_webhook(s.addr, &key, &recv.url("/")).await;
     let ids = create_events(s.addr, &key, 30, "t").await;
@@ -486,7 +486,7 @@ async fn graceful_stop_hands_pending_deliveries_back_at_once() {
         "--retry-schedule",
         "2s,2s,2s,2s,2s",
     ];
-    let mut s = Server::start(&args);
+    let mut s = Server::process(&args);
     let (key, _) = new_org(s.addr, "pro").await;
     set_webhook(s.addr, &key, &recv.url("/")).await;
     let ids = create_events(s.addr, &key, 10, "t").await;

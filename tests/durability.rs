@@ -77,7 +77,7 @@ async fn count_present(ids: &[String]) -> usize {
 
 #[tokio::test]
 async fn sigkill_mid_stream_loses_no_acknowledged_event() {
-    let mut s = Server::start(&[]);
+    let mut s = Server::process(&[]);
     let (key, _) = new_org(s.addr, "enterprise").await;
     let stop = Arc::new(AtomicBool::new(false));
     let load = tokio::spawn(post_until(s.addr, key.clone(), 16, Arc::clone(&stop)));
@@ -102,7 +102,7 @@ async fn sigkill_mid_stream_loses_no_acknowledged_event() {
 
 #[tokio::test]
 async fn sigterm_finishes_in_flight_requests_and_exits_cleanly() {
-    let mut s = Server::start(&[]);
+    let mut s = Server::process(&[]);
     let (key, _) = new_org(s.addr, "enterprise").await;
     let stop = Arc::new(AtomicBool::new(false));
     let load = tokio::spawn(post_until(s.addr, key.clone(), 16, Arc::clone(&stop)));

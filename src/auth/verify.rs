@@ -10,15 +10,25 @@ use std::net::IpAddr;
 use std::sync::Mutex;
 use std::time::Instant;
 
-use super::{ApiKey, Changes, KeyHash, OrgInfo};
-use crate::ids::OrgId;
-
 use argon2::password_hash::{PasswordHasher, PasswordVerifier};
-use tokio::sync::oneshot;
-
-use crate::error::ApiError;
 use argon2::Argon2;
 use tokio::sync::Semaphore;
+
+use super::cache::{Changes, KeyHash};
+use super::key::{ApiKey, OrgInfo};
+use crate::ids::OrgId;
+
+/// Why a key was not accepted (the database's own trouble is the caller's to report).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthFailure {
+    /// Unknown key id, wrong secret, or a malformed key.
+    Refused,
+    /// This client address failed too often; it may try again after this many seconds.
+    Throttled {
+        /// Seconds until the next try is checked.
+        retry_after_s: u32,
+    },
+}
 
 /// Hash a secret with Argon2id (default parameters: 19 MiB, 2 passes) and a fresh random salt.
 /// Blocking: call it on a blocking thread.
@@ -51,41 +61,6 @@ pub struct Verifier {
     verified_max: usize,
     hash_a: ahash::RandomState,
     hash_b: ahash::RandomState,
-    in_flight: Mutex<HashMap<KeyHash, Vec<oneshot::Sender<Verified>>>>,
-}
-
-/// The answer of one verification.
-pub type Verified = Result<OrgInfo, ApiError>;
-
-/// Whether this task verifies a key or waits for another that already does.
-pub enum Flight<'v> {
-    /// Verify, then [`Leader::land`] the answer for the waiting ones.
-    Leader(Leader<'v>),
-    /// Another task verifies this key: its answer arrives here.
-    Follower(oneshot::Receiver<Verified>),
-}
-
-/// The task verifying a key. Dropped without landing, it tells the waiting ones to try themselves.
-pub struct Leader<'v> {
-    verifier: &'v Verifier,
-    hash: KeyHash,
-    landed: bool,
-}
-
-impl Leader<'_> {
-    /// Hand the answer to every task waiting for this key.
-    pub fn land(mut self, answer: &Verified) {
-        self.landed = true;
-        self.verifier.land(self.hash, Some(answer));
-    }
-}
-
-impl Drop for Leader<'_> {
-    fn drop(&mut self) {
-        if !self.landed {
-            self.verifier.land(self.hash, None);
-        }
-    }
 }
 
 impl Verifier {
@@ -100,42 +75,6 @@ impl Verifier {
             verified_max,
             hash_a: ahash::RandomState::new(),
             hash_b: ahash::RandomState::new(),
-            in_flight: Mutex::new(HashMap::new()),
-        }
-    }
-
-    /// Single flight per key: one task verifies, the others wait for its answer, so a burst of
-    /// requests with a key not yet verified costs one Argon2 run, not one each.
-    pub fn join(&self, hash: KeyHash) -> Flight<'_> {
-        let mut map = self.in_flight.lock().unwrap_or_else(|p| p.into_inner());
-        match map.get_mut(&hash) {
-            Some(waiting) => {
-                let (tx, rx) = oneshot::channel();
-                waiting.push(tx);
-                Flight::Follower(rx)
-            }
-            None => {
-                map.insert(hash, Vec::new());
-                Flight::Leader(Leader {
-                    verifier: self,
-                    hash,
-                    landed: false,
-                })
-            }
-        }
-    }
-
-    fn land(&self, hash: KeyHash, answer: Option<&Verified>) {
-        let waiting = self
-            .in_flight
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&hash);
-        for tx in waiting.into_iter().flatten() {
-            // No answer (the leader gave up): the receivers see a closed channel and try alone.
-            if let Some(a) = answer {
-                let _ = tx.send(a.clone());
-            }
         }
     }
 
@@ -279,35 +218,6 @@ mod tests {
         // A verification that raced with the change is not remembered.
         v.remember(h, org, e);
         assert_eq!(v.cached(h), None);
-    }
-
-    #[test]
-    fn one_verification_per_key_at_a_time() {
-        let v = Verifier::new(1, 3, 10);
-        let key = ApiKey::generate().unwrap();
-        let h = v.hash_key(&key);
-        let Flight::Leader(leader) = v.join(h) else {
-            panic!("first is the leader")
-        };
-        let Flight::Follower(mut a) = v.join(h) else {
-            panic!("second follows")
-        };
-        let Flight::Follower(b) = v.join(h) else {
-            panic!("third follows")
-        };
-        let org = OrgInfo::test(OrgId(uuid::Uuid::from_u128(3)));
-        leader.land(&Ok(org));
-        assert_eq!(a.try_recv().unwrap(), Ok(org));
-        drop(b);
-        // The flight is over: the next one leads again; a leader that gives up closes the channel.
-        let Flight::Leader(leader) = v.join(h) else {
-            panic!()
-        };
-        let Flight::Follower(mut c) = v.join(h) else {
-            panic!()
-        };
-        drop(leader);
-        assert!(c.try_recv().is_err());
     }
 
     #[test]

@@ -146,7 +146,7 @@ mod tests {
         );
         assert_eq!(parse_retry_after("soon", now), None);
         // The formatter's output parses back.
-        let text = crate::ingress::response::http_date(1_795_000_000);
+        let text = crate::ids::http_date(1_795_000_000);
         assert_eq!(
             parse_http_date(std::str::from_utf8(&text).unwrap()),
             Some(1_795_000_000)

@@ -7,49 +7,13 @@ use bytes::Bytes;
 use http::header::{HeaderName, HeaderValue};
 use http_body_util::{BodyExt, Full, Limited};
 
+use super::connector::HttpClient;
+use super::model::{Attempt, Job, Target, Verdict};
 use super::schedule::parse_retry_after;
 use super::sign::signature;
-use super::{Job, Target};
+use crate::config::RESPONSE_BODY_READ_BYTES_MAX;
 use crate::ids::Micros;
 use crate::json::Obj;
-
-/// The client the pool delivers with.
-pub type HttpClient = hyper_util::client::legacy::Client<
-    hyper_rustls::HttpsConnector<super::target::SafeConnector>,
-    Full<Bytes>,
->;
-
-/// Bytes of a receiver's response body read (and dropped) so the connection can be reused.
-const RESPONSE_BODY_MAX: usize = 64 * 1024;
-
-/// How an attempt ended.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Verdict {
-    /// A 2xx.
-    Delivered,
-    /// 410 Gone: the receiver asks us to stop; the webhook is removed.
-    Gone,
-    /// Anything else; `retry_after` when the receiver said when to come back.
-    Failed {
-        /// The receiver's `Retry-After`.
-        retry_after: Option<Duration>,
-    },
-}
-
-/// What one attempt did, as the attempt log records it.
-#[derive(Debug, Clone)]
-pub struct Attempt {
-    /// When it started.
-    pub at: Micros,
-    /// The response status, if a response came.
-    pub status: Option<u16>,
-    /// Why it failed, if it did.
-    pub error: Option<String>,
-    /// How long it took.
-    pub duration: Duration,
-    /// The outcome.
-    pub verdict: Verdict,
-}
 
 /// The JSON body a receiver gets: `{"event_id","type","data","created_at"}`.
 pub fn body(job: &Job) -> Vec<u8> {
@@ -131,7 +95,7 @@ pub async fn attempt(
             .and_then(|v| v.to_str().ok())
             .and_then(|v| parse_retry_after(v, SystemTime::now()));
         // Read what the receiver sent (up to a limit) so the connection goes back to the pool.
-        let _ = Limited::new(response.into_body(), RESPONSE_BODY_MAX)
+        let _ = Limited::new(response.into_body(), RESPONSE_BODY_READ_BYTES_MAX)
             .collect()
             .await;
         Ok::<_, hyper_util::client::legacy::Error>((status, retry_after))

@@ -1,21 +1,22 @@
-//! `POST /api/keys/generate` and `POST /api/webhook/config`: the two admin calls with a body.
-//! (`GET /api/keys`, `POST /api/keys/rotate` and `DELETE /api/webhook/config` have no body and go
-//! straight to the store.)
+//! Keys and the webhook: `POST /api/keys/generate`, `GET /api/keys`, `POST /api/keys/rotate`,
+//! `POST` and `DELETE /api/webhook/config`, and the rendering of their answers.
 
 use std::rc::Rc;
 
-use super::{require_json, text_field, with_body, CoreCtx, Request};
-use crate::auth::{OrgInfo, Tier};
-use crate::delivery::target;
+use super::core::CoreCtx;
+use super::request::{require_json, text_field, with_body, Request};
+use crate::auth::{key_from_headers, OrgInfo, Tier};
 use crate::error::ApiError;
-use crate::json::Field;
+use crate::flow::answer::{Answer, NewKey, WebhookConfig};
+use crate::flow::job::{Query, StoreJob};
+use crate::json::{Field, Obj};
 use crate::reply::Reply;
-use crate::store::{Query, StoreJob};
+use crate::url_policy;
 
 /// `POST /api/keys/generate`: a new organization and its key.
 pub async fn generate(ctx: &Rc<CoreCtx>, req: &Request) -> Reply {
     if let Some(token) = ctx.config.admin_token.as_deref() {
-        let sent = crate::auth::key_from_headers(None, req.head.authorization.as_deref());
+        let sent = key_from_headers(None, req.head.authorization.as_deref());
         if !sent.is_some_and(|s| constant_time_eq(s, token.as_bytes())) {
             return ApiError::Unauthorized(
                 "this server requires its admin token: Authorization: Bearer <admin token>",
@@ -24,7 +25,7 @@ pub async fn generate(ctx: &Rc<CoreCtx>, req: &Request) -> Reply {
         }
     }
     let parsed = require_json(req).and_then(|()| {
-        with_body(ctx, &req.body, |body| {
+        with_body(&ctx.parser, &req.body, |body| {
             let name = text_field(
                 body,
                 &["organization_name", "org_name"],
@@ -51,19 +52,76 @@ pub async fn generate(ctx: &Rc<CoreCtx>, req: &Request) -> Reply {
             Ok((name, tier))
         })
     });
-    match parsed {
-        Ok((name, tier)) => {
-            ctx.ask_store(|reply| StoreJob::Generate { name, tier, reply })
-                .await
-        }
-        Err(e) => e.reply(),
+    let (name, tier) = match parsed {
+        Ok(p) => p,
+        Err(e) => return e.reply(),
+    };
+    match ctx
+        .ask_store(|reply| StoreJob::Generate { name, tier, reply })
+        .await
+    {
+        Ok(Answer::Generated(key)) => new_key_reply(201, &key),
+        Ok(_) => ApiError::Internal.reply(),
+        Err(r) => ApiError::from(r).reply(),
     }
+}
+
+/// A key shown once: at generation (with tier, limit and creation time) or rotation.
+fn new_key_reply(status: u16, key: &NewKey) -> Reply {
+    Reply::build(status, |out| {
+        let mut o = Obj::new(out);
+        o.str("api_key", &key.api_key)
+            .id("organization_id", &key.organization_id)
+            .str("organization_name", &key.organization_name);
+        match key.tier {
+            Some(tier) => {
+                o.str("tier", tier.as_str())
+                    .int("rate_limit_per_minute", i64::from(tier.limit_per_minute()))
+                    .time("created_at", key.at);
+            }
+            None => {
+                o.time("rotated_at", key.at);
+            }
+        }
+        o.finish();
+    })
+}
+
+/// `GET /api/keys`.
+pub async fn key_info(ctx: &Rc<CoreCtx>, org: OrgInfo) -> Reply {
+    ctx.query(org, Query::KeyInfo)
+        .await
+        .render(|answer| match answer {
+            Answer::KeyInfo(k) => Some(Reply::build(200, |out| {
+                let mut o = Obj::new(out);
+                o.id("organization_id", &k.organization_id)
+                    .str("organization_name", &k.organization_name)
+                    .str("tier", &k.tier)
+                    .int("rate_limit_per_minute", i64::from(k.rate_limit_per_minute))
+                    .opt_str("webhook_url", k.webhook_url.as_deref())
+                    .str("key_prefix", &k.key_prefix)
+                    .time("created_at", k.created_at)
+                    .opt_time("rotated_at", k.rotated_at);
+                o.finish();
+            })),
+            _ => None,
+        })
+}
+
+/// `POST /api/keys/rotate`.
+pub async fn rotate(ctx: &Rc<CoreCtx>, org: OrgInfo) -> Reply {
+    ctx.query(org, Query::Rotate)
+        .await
+        .render(|answer| match answer {
+            Answer::Rotated(key) => Some(new_key_reply(200, &key)),
+            _ => None,
+        })
 }
 
 /// `POST /api/webhook/config`: the URL's shape is checked here; its resolution in the store pool.
 pub async fn set_webhook(ctx: &Rc<CoreCtx>, req: &Request, org: OrgInfo) -> Reply {
     let url = require_json(req).and_then(|()| {
-        with_body(ctx, &req.body, |body| {
+        with_body(&ctx.parser, &req.body, |body| {
             let url = match body.get("webhook_url") {
                 Some(Field::Str(s)) => s,
                 None | Some(Field::Null) => {
@@ -79,14 +137,46 @@ pub async fn set_webhook(ctx: &Rc<CoreCtx>, req: &Request, org: OrgInfo) -> Repl
                     ))
                 }
             };
-            target::parse_url(url).map_err(|why| ApiError::validation("webhook_url", why))?;
+            url_policy::parse_url(url).map_err(|why| ApiError::validation("webhook_url", why))?;
             Ok(url.to_string())
         })
     });
-    match url {
-        Ok(url) => ctx.query(org, Query::SetWebhook { url }).await,
-        Err(e) => e.reply(),
-    }
+    let url = match url {
+        Ok(url) => url,
+        Err(e) => return e.reply(),
+    };
+    ctx.query(org, Query::SetWebhook { url })
+        .await
+        .render(|answer| match answer {
+            Answer::WebhookSet(w) => Some(webhook_reply(&w)),
+            _ => None,
+        })
+}
+
+/// `DELETE /api/webhook/config`.
+pub async fn delete_webhook(ctx: &Rc<CoreCtx>, org: OrgInfo) -> Reply {
+    ctx.query(org, Query::DeleteWebhook)
+        .await
+        .render(|answer| match answer {
+            Answer::WebhookDeleted(w) => Some(webhook_reply(&w)),
+            _ => None,
+        })
+}
+
+fn webhook_reply(w: &WebhookConfig) -> Reply {
+    Reply::build(200, |out| {
+        let mut o = Obj::new(out);
+        o.id("organization_id", &w.organization_id);
+        match &w.webhook_url {
+            Some(url) => o.str("webhook_url", url),
+            None => o.null("webhook_url"),
+        };
+        if let Some(secret) = &w.signing_secret {
+            o.str("signing_secret", secret);
+        }
+        o.time("updated_at", w.updated_at);
+        o.finish();
+    })
 }
 
 /// Compare secrets without an early exit that would leak how much of them matched.

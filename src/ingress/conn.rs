@@ -16,21 +16,16 @@ use monoio::buf::IoBufMut;
 use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
 use monoio::net::TcpStream;
 
+use super::core::CoreCtx;
+use super::handle::handle;
 use super::parse::{parse_head, ChunkError, ChunkedDecoder, Framing, Head, HeadError, Parsed};
+use super::request::Request;
 use super::response::{write_reply, CONTINUE};
 use super::router::Route;
-use super::{handle, CoreCtx, Request};
+use crate::config::{READ_CHUNK_MAX, READ_CHUNK_MIN, WRITE_FLUSH_BYTES};
 use crate::error::ApiError;
 use crate::reply::Reply;
 use crate::shutdown::{race, Either};
-
-/// The read buffer of a new connection: a typical request fits. It grows (doubling, up to
-/// `READ_CHUNK_MAX`) when reads fill it; an idle connection holds no more than this.
-const READ_CHUNK_MIN: usize = 2 * 1024;
-/// The most spare room made in the read buffer before one read.
-const READ_CHUNK_MAX: usize = 64 * 1024;
-/// Responses to pipelined requests are flushed once this many bytes are waiting.
-const WRITE_FLUSH: usize = 64 * 1024;
 
 /// Counts the connection in and out of its core's tally, and raises `drained` when the last
 /// connection of a shutting-down core closes.
@@ -240,9 +235,15 @@ impl Connection {
             let mut date = self.ctx.date.borrow_mut();
             write_reply(&mut self.out, reply, keep_alive, date.get());
         }
-        self.ctx
-            .metrics
-            .request(route, reply.status, started.elapsed().as_micros() as u64);
+        let metrics = &self.ctx.metrics;
+        metrics.request(
+            route as usize,
+            reply.status,
+            started.elapsed().as_micros() as u64,
+        );
+        if route == Route::EventsCreate && matches!(reply.status, 201 | 202) {
+            metrics.events_ingested(1);
+        }
     }
 
     /// Answer the error a stop carries, if any, and close.
@@ -299,7 +300,9 @@ pub async fn serve(ctx: Rc<CoreCtx>, stream: TcpStream, peer: SocketAddr, metric
             let _ = conn.flush().await;
             return;
         }
-        if (conn.buf.is_empty() || conn.out.len() >= WRITE_FLUSH) && conn.flush().await.is_err() {
+        if (conn.buf.is_empty() || conn.out.len() >= WRITE_FLUSH_BYTES)
+            && conn.flush().await.is_err()
+        {
             return;
         }
     }

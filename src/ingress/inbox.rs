@@ -2,29 +2,55 @@
 
 use std::rc::Rc;
 
-use super::{path_uuid, require_json, with_body, CoreCtx, Request};
+use super::core::CoreCtx;
+use super::events::write_event;
+use super::request::{path_uuid, require_json, with_body, Request};
 use crate::auth::OrgInfo;
+use crate::config::{ACK_BATCH_IDS_MAX, INBOX_PAGE_DEFAULT, INBOX_PAGE_MAX};
 use crate::error::ApiError;
-use crate::ids::{decode_cursor, parse_uuid};
-use crate::json::Field;
+use crate::flow::answer::{Answer, InboxPage};
+use crate::flow::event::EventStatus;
+use crate::flow::job::Query;
+use crate::ids::{decode_cursor, encode_cursor, parse_uuid};
+use crate::json::{write_str, Field, Obj};
 use crate::reply::Reply;
-use crate::store::{EventStatus, Query};
-
-/// Most events per inbox page and per batch ack.
-pub const PAGE_MAX: u32 = 1000;
-const PAGE_DEFAULT: u32 = 100;
 
 /// `GET /api/inbox?limit=&status=&cursor=`.
 pub async fn list(ctx: &Rc<CoreCtx>, req: &Request, org: OrgInfo) -> Reply {
-    match parse_query(req.head.query.as_deref().unwrap_or(b"")) {
-        Ok(q) => ctx.query(org, q).await,
-        Err(e) => e.reply(),
+    let query = match parse_query(req.head.query.as_deref().unwrap_or(b"")) {
+        Ok(q) => q,
+        Err(e) => return e.reply(),
+    };
+    ctx.query(org, query).await.render(|answer| match answer {
+        Answer::Inbox(page) => Some(Reply::build(200, |out| write_page(out, &page))),
+        _ => None,
+    })
+}
+
+fn write_page(out: &mut Vec<u8>, page: &InboxPage) {
+    out.reserve(page.events.iter().map(|e| e.payload.len() + 256).sum());
+    let mut o = Obj::new(out);
+    let list = o.key("events");
+    list.push(b'[');
+    for (i, e) in page.events.iter().enumerate() {
+        if i > 0 {
+            list.push(b',');
+        }
+        let mut item = Obj::new(list);
+        write_event(&mut item, e);
+        item.finish();
     }
+    list.push(b']');
+    match page.more_before {
+        Some(last) => o.str("next_cursor", &encode_cursor(last)),
+        None => o.null("next_cursor"),
+    };
+    o.finish();
 }
 
 /// The inbox parameters. Unknown parameters are ignored; a repeated one counts by its last value.
 pub fn parse_query(query: &[u8]) -> Result<Query, ApiError> {
-    let (mut limit, mut status, mut before) = (PAGE_DEFAULT, EventStatus::Pending, None);
+    let (mut limit, mut status, mut before) = (INBOX_PAGE_DEFAULT, EventStatus::Pending, None);
     for pair in query.split(|&b| b == b'&').filter(|p| !p.is_empty()) {
         let (key, value) = match pair.iter().position(|&b| b == b'=') {
             Some(i) => (&pair[..i], &pair[i + 1..]),
@@ -36,11 +62,11 @@ pub fn parse_query(query: &[u8]) -> Result<Query, ApiError> {
                 limit = value
                     .parse::<u32>()
                     .ok()
-                    .filter(|n| (1..=PAGE_MAX).contains(n))
+                    .filter(|n| (1..=INBOX_PAGE_MAX).contains(n))
                     .ok_or_else(|| {
                         ApiError::validation(
                             "limit",
-                            format!("limit must be an integer from 1 to {PAGE_MAX}"),
+                            format!("limit must be an integer from 1 to {INBOX_PAGE_MAX}"),
                         )
                     })?;
             }
@@ -97,27 +123,42 @@ fn percent_decode(v: &[u8]) -> String {
 
 /// `POST /api/ack/{event_id}`.
 pub async fn ack(ctx: &Rc<CoreCtx>, org: OrgInfo, param: Option<&str>) -> Reply {
-    match path_uuid(param, "event_id") {
-        Ok(id) => ctx.query(org, Query::Ack { id }).await,
-        Err(e) => e.reply(),
-    }
+    let id = match path_uuid(param, "event_id") {
+        Ok(id) => id,
+        Err(e) => return e.reply(),
+    };
+    ctx.query(org, Query::Ack { id })
+        .await
+        .render(|answer| match answer {
+            Answer::Acked {
+                id,
+                acknowledged_at,
+            } => Some(Reply::build(200, |out| {
+                let mut o = Obj::new(out);
+                o.id("id", &id)
+                    .str("status", "delivered")
+                    .time("acknowledged_at", acknowledged_at);
+                o.finish();
+            })),
+            _ => None,
+        })
 }
 
 /// `POST /api/ack` with `{"event_ids": [1..1000 ids]}`.
 pub async fn ack_batch(ctx: &Rc<CoreCtx>, req: &Request, org: OrgInfo) -> Reply {
     let ids = require_json(req).and_then(|()| {
-        with_body(ctx, &req.body, |body| {
+        with_body(&ctx.parser, &req.body, |body| {
             let field = body
                 .get("event_ids")
                 .ok_or_else(|| ApiError::validation("event_ids", "event_ids is required"))?;
             let items = match field {
-                Field::Array { len, .. } if (1..=PAGE_MAX as usize).contains(&len) => {
+                Field::Array { len, .. } if (1..=ACK_BATCH_IDS_MAX).contains(&len) => {
                     body.array_items(field)
                 }
                 Field::Array { len, .. } => {
                     return Err(ApiError::validation(
                         "event_ids",
-                        format!("event_ids must hold 1 to {PAGE_MAX} ids, got {len}"),
+                        format!("event_ids must hold 1 to {ACK_BATCH_IDS_MAX} ids, got {len}"),
                     ))
                 }
                 other => {
@@ -143,16 +184,38 @@ pub async fn ack_batch(ctx: &Rc<CoreCtx>, req: &Request, org: OrgInfo) -> Reply 
             Ok(ids)
         })
     });
-    match ids {
-        Ok(ids) => ctx.query(org, Query::AckBatch { ids }).await,
-        Err(e) => e.reply(),
-    }
+    let ids = match ids {
+        Ok(ids) => ids,
+        Err(e) => return e.reply(),
+    };
+    ctx.query(org, Query::AckBatch { ids })
+        .await
+        .render(|answer| match answer {
+            Answer::AckedBatch {
+                acknowledged,
+                not_found,
+            } => Some(Reply::build(200, |out| {
+                let mut o = Obj::new(out);
+                for (name, ids) in [("acknowledged", &acknowledged), ("not_found", &not_found)] {
+                    let list = o.key(name);
+                    list.push(b'[');
+                    for (i, id) in ids.iter().enumerate() {
+                        if i > 0 {
+                            list.push(b',');
+                        }
+                        write_str(list, &id.hyphenated().to_string());
+                    }
+                    list.push(b']');
+                }
+                o.finish();
+            })),
+            _ => None,
+        })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ids::encode_cursor;
     use uuid::Uuid;
 
     #[test]

@@ -2,9 +2,11 @@
 
 use std::rc::Rc;
 
-use super::CoreCtx;
+use super::core::CoreCtx;
+use crate::error::ApiError;
+use crate::flow::answer::Answer;
+use crate::flow::job::StoreJob;
 use crate::reply::Reply;
-use crate::store::StoreJob;
 
 /// The OpenAPI 3.1 document of the whole API.
 pub const OPENAPI: &[u8] = include_bytes!("openapi.json");
@@ -21,12 +23,15 @@ pub fn live() -> Reply {
 
 /// `GET /health/ready`: 200 when the database answers, else 503.
 pub async fn ready(ctx: &Rc<CoreCtx>) -> Reply {
-    ctx.ask_store(|reply| StoreJob::Ready { reply }).await
+    match ctx.ask_store(|reply| StoreJob::Ready { reply }).await {
+        Ok(Answer::Ready) => Reply::json(200, &br#"{"status":"ready"}"#[..]),
+        _ => ApiError::Unavailable.reply(),
+    }
 }
 
 /// `GET /metrics`: Prometheus text format.
-pub fn metrics() -> Reply {
-    let mut reply = Reply::json(200, crate::metrics::render());
+pub fn metrics(ctx: &CoreCtx) -> Reply {
+    let mut reply = Reply::json(200, ctx.all_metrics.render());
     reply.content_type = "text/plain; version=0.0.4; charset=utf-8";
     reply
 }

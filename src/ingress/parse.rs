@@ -7,8 +7,8 @@
 
 use bytes::{Buf, Bytes, BytesMut};
 
-/// Headers httparse may see in one request; more is answered 431.
-pub const HEADERS_MAX: usize = 64;
+use crate::config::CHUNK_META_BYTES_MAX as CHUNK_META_MAX;
+pub use crate::config::HEADERS_MAX;
 
 /// The request methods the API uses, and everything else.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -221,9 +221,6 @@ pub struct ChunkedDecoder {
     limit: usize,
     trailer_bytes: usize,
 }
-
-/// Longest chunk-size line or trailer section accepted, in bytes.
-const CHUNK_META_MAX: usize = 8 * 1024;
 
 impl ChunkedDecoder {
     /// A decoder refusing bodies over `limit` bytes.

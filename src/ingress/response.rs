@@ -62,28 +62,9 @@ impl DateCache {
             .unwrap_or(0);
         if now != self.second {
             self.second = now;
-            self.text = http_date(now);
+            self.text = crate::ids::http_date(now);
         }
     }
-}
-
-/// Format Unix seconds as an IMF-fixdate.
-pub fn http_date(secs: u64) -> [u8; 29] {
-    const DAYS: [&[u8; 3]; 7] = [b"Thu", b"Fri", b"Sat", b"Sun", b"Mon", b"Tue", b"Wed"];
-    const MONTHS: [&[u8; 3]; 12] = [
-        b"Jan", b"Feb", b"Mar", b"Apr", b"May", b"Jun", b"Jul", b"Aug", b"Sep", b"Oct", b"Nov",
-        b"Dec",
-    ];
-    let rfc = crate::ids::Micros((secs as i64) * 1_000_000).rfc3339();
-    let b = rfc.as_bytes();
-    let month = ((b[5] - b'0') * 10 + (b[6] - b'0')) as usize;
-    let mut out = *b"Thu, 01 Jan 1970 00:00:00 GMT";
-    out[..3].copy_from_slice(DAYS[((secs / 86_400) % 7) as usize]);
-    out[5..7].copy_from_slice(&b[8..10]);
-    out[8..11].copy_from_slice(MONTHS[month - 1]);
-    out[12..16].copy_from_slice(&b[0..4]);
-    out[17..25].copy_from_slice(&b[11..19]);
-    out
 }
 
 /// Append `reply` as an HTTP/1.1 response. `keep_alive` false adds `Connection: close`.
@@ -132,14 +113,7 @@ pub const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
 mod tests {
     use super::*;
     use crate::error::ApiError;
-    use crate::reply::RateSnapshot;
-
-    #[test]
-    fn dates_are_imf_fixdate() {
-        assert_eq!(&http_date(0), b"Thu, 01 Jan 1970 00:00:00 GMT");
-        assert_eq!(&http_date(784_111_777), b"Sun, 06 Nov 1994 08:49:37 GMT");
-        assert_eq!(&http_date(1_795_000_000), b"Wed, 18 Nov 2026 11:06:40 GMT");
-    }
+    use crate::flow::answer::RateSnapshot;
 
     #[test]
     fn writes_status_headers_and_body() {

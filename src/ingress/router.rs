@@ -1,7 +1,7 @@
 //! (method, path) to a [`Route`]. Routes double as metric labels.
 
+use super::parse::Method;
 use crate::error::ApiError;
-use crate::ingress::parse::Method;
 
 /// Every endpoint, plus the outcomes that have no endpoint (for metrics).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -74,8 +74,19 @@ impl Route {
         Route::BadRequest,
     ];
 
+    /// The metric labels of every route, by index.
+    pub const LABELS: [(&'static str, &'static str); Route::COUNT] = {
+        let mut labels = [("", ""); Route::COUNT];
+        let mut i = 0;
+        while i < Route::COUNT {
+            labels[i] = Route::ALL[i].labels();
+            i += 1;
+        }
+        labels
+    };
+
     /// (method, path template) labels for metrics.
-    pub fn labels(self) -> (&'static str, &'static str) {
+    pub const fn labels(self) -> (&'static str, &'static str) {
         match self {
             Route::Health => ("GET", "/health"),
             Route::Live => ("GET", "/health/live"),

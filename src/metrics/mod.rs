@@ -1,26 +1,26 @@
 //! Metrics: counted where they happen, merged when scraped.
 //!
 //! Each ingress core owns a [`CoreMetrics`] (requests by route and status, latency by route): only
-//! that core writes it, so its atomics are never contended. The pools count into [`Global`].
-//! [`render`] merges everything into the Prometheus text format.
+//! that core writes it, so its atomics are never contended. The pools count into [`Metrics`]
+//! itself. [`Metrics::render`] merges everything into the Prometheus text format. One `Metrics`
+//! per server, made by `server::run`; routes are indexes whose labels the server hands in, so this
+//! module knows nothing of HTTP routing.
+//!
+//! - `histogram`: the fixed-bucket histogram.
+
+pub mod histogram;
 
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
-use crate::ingress::router::Route;
+use histogram::Histogram;
 
-/// Status codes counted individually; anything else counts as `other`.
+/// Status codes counted individually; anything else counts as `other` (the 0 slot).
 pub const STATUSES: [u16; 18] = [
     200, 201, 202, 400, 401, 404, 405, 408, 409, 413, 415, 422, 429, 431, 500, 503, 100, 0,
 ];
 const STATUS_SLOTS: usize = STATUSES.len();
-
-/// Histogram bucket upper bounds, in microseconds.
-pub const BUCKETS_US: [u64; 16] = [
-    100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000,
-    1_000_000, 2_500_000, 5_000_000, 10_000_000,
-];
 
 fn status_slot(status: u16) -> usize {
     STATUSES
@@ -29,44 +29,13 @@ fn status_slot(status: u16) -> usize {
         .unwrap_or(STATUS_SLOTS - 1)
 }
 
-/// A latency histogram with fixed buckets; safe to update from any thread.
-pub struct Histogram {
-    buckets: [AtomicU64; BUCKETS_US.len() + 1],
-    sum_us: AtomicU64,
-}
-
-impl Default for Histogram {
-    fn default() -> Self {
-        Histogram {
-            buckets: std::array::from_fn(|_| AtomicU64::new(0)),
-            sum_us: AtomicU64::new(0),
-        }
-    }
-}
-
-impl Histogram {
-    /// Record one observation.
-    pub fn observe_us(&self, us: u64) {
-        let i = BUCKETS_US
-            .iter()
-            .position(|&b| us <= b)
-            .unwrap_or(BUCKETS_US.len());
-        self.buckets[i].fetch_add(1, Ordering::Relaxed);
-        self.sum_us.fetch_add(us, Ordering::Relaxed);
-    }
-
-    fn add_into(&self, counts: &mut [u64; BUCKETS_US.len() + 1], sum: &mut u64) {
-        for (c, b) in counts.iter_mut().zip(&self.buckets) {
-            *c += b.load(Ordering::Relaxed);
-        }
-        *sum += self.sum_us.load(Ordering::Relaxed);
-    }
-}
+/// (method, path template) of each route index, for the labels.
+pub type RouteLabels = &'static [(&'static str, &'static str)];
 
 /// One ingress core's counters.
 pub struct CoreMetrics {
-    requests: [[AtomicU64; STATUS_SLOTS]; Route::COUNT],
-    latency: [Histogram; Route::COUNT],
+    requests: Box<[[AtomicU64; STATUS_SLOTS]]>,
+    latency: Box<[Histogram]>,
     events_ingested: AtomicU64,
     connections_open: AtomicI64,
     connections_total: AtomicU64,
@@ -74,11 +43,13 @@ pub struct CoreMetrics {
     auth_misses: AtomicU64,
 }
 
-impl Default for CoreMetrics {
-    fn default() -> Self {
+impl CoreMetrics {
+    fn new(routes: usize) -> Self {
         CoreMetrics {
-            requests: std::array::from_fn(|_| std::array::from_fn(|_| AtomicU64::new(0))),
-            latency: std::array::from_fn(|_| Histogram::default()),
+            requests: (0..routes)
+                .map(|_| std::array::from_fn(|_| AtomicU64::new(0)))
+                .collect(),
+            latency: (0..routes).map(|_| Histogram::default()).collect(),
             events_ingested: AtomicU64::new(0),
             connections_open: AtomicI64::new(0),
             connections_total: AtomicU64::new(0),
@@ -86,16 +57,16 @@ impl Default for CoreMetrics {
             auth_misses: AtomicU64::new(0),
         }
     }
-}
 
-impl CoreMetrics {
-    /// Count one answered request.
-    pub fn request(&self, route: Route, status: u16, elapsed_us: u64) {
-        self.requests[route as usize][status_slot(status)].fetch_add(1, Ordering::Relaxed);
-        self.latency[route as usize].observe_us(elapsed_us);
-        if matches!(status, 201 | 202) && route == Route::EventsCreate {
-            self.events_ingested.fetch_add(1, Ordering::Relaxed);
-        }
+    /// Count one answered request on route index `route`.
+    pub fn request(&self, route: usize, status: u16, elapsed_us: u64) {
+        self.requests[route][status_slot(status)].fetch_add(1, Ordering::Relaxed);
+        self.latency[route].observe_us(elapsed_us);
+    }
+
+    /// Events answered 201 or 202.
+    pub fn events_ingested(&self, n: u64) {
+        self.events_ingested.fetch_add(n, Ordering::Relaxed);
     }
 
     /// A connection opened (+1) or closed (-1).
@@ -117,10 +88,10 @@ impl CoreMetrics {
     }
 }
 
-/// Counters of the store and delivery pools.
-#[derive(Default)]
-pub struct Global {
-    cores: OnceLock<Vec<Arc<CoreMetrics>>>,
+/// The server's metrics: the cores' counters, and the pools' own.
+pub struct Metrics {
+    routes: RouteLabels,
+    cores: Vec<Arc<CoreMetrics>>,
     events_committed: AtomicU64,
     write_batches: AtomicU64,
     write_batch_events: Histogram,
@@ -142,17 +113,31 @@ pub struct Global {
     pub delivery_due_backlog: AtomicI64,
 }
 
-static GLOBAL: OnceLock<Global> = OnceLock::new();
+impl Metrics {
+    /// Metrics for `cores` ingress cores serving the routes labelled by `routes`.
+    pub fn new(routes: RouteLabels, cores: usize) -> Arc<Metrics> {
+        Arc::new(Metrics {
+            routes,
+            cores: (0..cores)
+                .map(|_| Arc::new(CoreMetrics::new(routes.len())))
+                .collect(),
+            events_committed: AtomicU64::new(0),
+            write_batches: AtomicU64::new(0),
+            write_batch_events: Histogram::default(),
+            deliveries_ok: AtomicU64::new(0),
+            deliveries_retry: AtomicU64::new(0),
+            deliveries_dead: AtomicU64::new(0),
+            deliveries_gone: AtomicU64::new(0),
+            attempt_latency: Histogram::default(),
+            delivery_lag: Histogram::default(),
+            delivery_in_memory: AtomicI64::new(0),
+            delivery_due_backlog: AtomicI64::new(0),
+        })
+    }
 
-/// The process-wide metrics.
-pub fn global() -> &'static Global {
-    GLOBAL.get_or_init(Global::default)
-}
-
-impl Global {
-    /// Register the ingress cores' metrics (once, at start).
-    pub fn set_cores(&self, cores: Vec<Arc<CoreMetrics>>) {
-        let _ = self.cores.set(cores);
+    /// The counters of core `i`.
+    pub fn core(&self, i: usize) -> Arc<CoreMetrics> {
+        Arc::clone(&self.cores[i])
     }
 
     /// A batch of `committed` events was written.
@@ -163,225 +148,191 @@ impl Global {
         // Batch sizes reuse the histogram type: one "microsecond" per event.
         self.write_batch_events.observe_us(committed);
     }
-}
 
-fn counter(out: &mut String, name: &str, help: &str, kind: &str) {
-    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-}
+    /// The Prometheus text of every metric.
+    pub fn render(&self) -> String {
+        let cores = &self.cores;
+        let mut out = String::with_capacity(16 * 1024);
+        let sum = |f: &dyn Fn(&CoreMetrics) -> u64| cores.iter().map(|c| f(c)).sum::<u64>();
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
 
-fn histogram(out: &mut String, name: &str, labels: &str, h: &[&Histogram], scale: f64) {
-    let mut counts = [0u64; BUCKETS_US.len() + 1];
-    let mut sum = 0u64;
-    for x in h {
-        x.add_into(&mut counts, &mut sum);
-    }
-    let sep = if labels.is_empty() { "" } else { "," };
-    let mut cumulative = 0;
-    for (i, bound) in BUCKETS_US.iter().enumerate() {
-        cumulative += counts[i];
-        let _ = writeln!(
-            out,
-            "{name}_bucket{{{labels}{sep}le=\"{}\"}} {cumulative}",
-            *bound as f64 / scale
+        single(
+            &mut out,
+            "triggers_events_ingested_total",
+            "Events answered 201 (durable) or 202 (fast ack).",
+            "counter",
+            sum(&|c| load(&c.events_ingested)),
         );
+        single(
+            &mut out,
+            "triggers_events_committed_total",
+            "Events committed by the group-commit writers.",
+            "counter",
+            load(&self.events_committed),
+        );
+        single(
+            &mut out,
+            "triggers_write_batches_total",
+            "Group-commit transactions.",
+            "counter",
+            load(&self.write_batches),
+        );
+        header(
+            &mut out,
+            "triggers_write_batch_events",
+            "Events per group-commit transaction.",
+            "histogram",
+        );
+        histogram::render(
+            &mut out,
+            "triggers_write_batch_events",
+            "",
+            &[&self.write_batch_events],
+            1.0,
+        );
+
+        header(
+            &mut out,
+            "triggers_http_requests_total",
+            "HTTP responses by route and status.",
+            "counter",
+        );
+        for (route, (method, path)) in self.routes.iter().enumerate() {
+            for (slot, status) in STATUSES.iter().enumerate() {
+                let n = sum(&|c| load(&c.requests[route][slot]));
+                if n > 0 {
+                    let status = if *status == 0 {
+                        "other".to_string()
+                    } else {
+                        status.to_string()
+                    };
+                    let _ = writeln!(
+                        out,
+                        "triggers_http_requests_total{{method=\"{method}\",route=\"{path}\",status=\"{status}\"}} {n}"
+                    );
+                }
+            }
+        }
+        header(
+            &mut out,
+            "triggers_http_request_duration_seconds",
+            "Time from a complete request head to the response being written.",
+            "histogram",
+        );
+        for (route, (method, path)) in self.routes.iter().enumerate() {
+            let hs: Vec<&Histogram> = cores.iter().map(|c| &c.latency[route]).collect();
+            let labels = format!("method=\"{method}\",route=\"{path}\"");
+            histogram::render(
+                &mut out,
+                "triggers_http_request_duration_seconds",
+                &labels,
+                &hs,
+                1e6,
+            );
+        }
+        let open: i64 = cores
+            .iter()
+            .map(|c| c.connections_open.load(Ordering::Relaxed))
+            .sum();
+        single(
+            &mut out,
+            "triggers_connections_open",
+            "Open client connections.",
+            "gauge",
+            open,
+        );
+        single(
+            &mut out,
+            "triggers_connections_total",
+            "Accepted client connections.",
+            "counter",
+            sum(&|c| load(&c.connections_total)),
+        );
+        single(
+            &mut out,
+            "triggers_shard_hops_total",
+            "Requests handed to their organization's owner core.",
+            "counter",
+            sum(&|c| load(&c.hops)),
+        );
+        single(
+            &mut out,
+            "triggers_auth_cache_misses_total",
+            "Keys verified in the store pool.",
+            "counter",
+            sum(&|c| load(&c.auth_misses)),
+        );
+
+        header(
+            &mut out,
+            "triggers_deliveries_total",
+            "Delivery attempts by outcome.",
+            "counter",
+        );
+        for (outcome, v) in [
+            ("delivered", &self.deliveries_ok),
+            ("retry", &self.deliveries_retry),
+            ("failed", &self.deliveries_dead),
+            ("gone", &self.deliveries_gone),
+        ] {
+            let _ = writeln!(
+                out,
+                "triggers_deliveries_total{{outcome=\"{outcome}\"}} {}",
+                load(v)
+            );
+        }
+        header(
+            &mut out,
+            "triggers_delivery_attempt_duration_seconds",
+            "Time of one webhook POST.",
+            "histogram",
+        );
+        histogram::render(
+            &mut out,
+            "triggers_delivery_attempt_duration_seconds",
+            "",
+            &[&self.attempt_latency],
+            1e6,
+        );
+        header(
+            &mut out,
+            "triggers_delivery_lag_seconds",
+            "From an event's creation to its receiver's 2xx.",
+            "histogram",
+        );
+        histogram::render(
+            &mut out,
+            "triggers_delivery_lag_seconds",
+            "",
+            &[&self.delivery_lag],
+            1e6,
+        );
+        single(
+            &mut out,
+            "triggers_delivery_queue_depth",
+            "Deliveries held in memory (queued, in flight or waiting to retry).",
+            "gauge",
+            self.delivery_in_memory.load(Ordering::Relaxed),
+        );
+        single(
+            &mut out,
+            "triggers_delivery_due_backlog",
+            "Due deliveries found waiting in the database at the last claim.",
+            "gauge",
+            self.delivery_due_backlog.load(Ordering::Relaxed),
+        );
+        out
     }
-    cumulative += counts[BUCKETS_US.len()];
-    let _ = writeln!(
-        out,
-        "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {cumulative}"
-    );
-    let braces = if labels.is_empty() {
-        String::new()
-    } else {
-        format!("{{{labels}}}")
-    };
-    let _ = writeln!(out, "{name}_sum{braces} {}", sum as f64 / scale);
-    let _ = writeln!(out, "{name}_count{braces} {cumulative}");
+}
+
+fn header(out: &mut String, name: &str, help: &str, kind: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
 }
 
 /// One metric with a single value: its HELP and TYPE lines, then the value.
 fn single(out: &mut String, name: &str, help: &str, kind: &str, value: impl std::fmt::Display) {
-    counter(out, name, help, kind);
+    header(out, name, help, kind);
     let _ = writeln!(out, "{name} {value}");
-}
-
-/// The Prometheus text of every metric.
-pub fn render() -> String {
-    let g = global();
-    let empty = Vec::new();
-    let cores = g.cores.get().unwrap_or(&empty);
-    let mut out = String::with_capacity(16 * 1024);
-    let sum = |f: &dyn Fn(&CoreMetrics) -> u64| cores.iter().map(|c| f(c)).sum::<u64>();
-    let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
-
-    single(
-        &mut out,
-        "triggers_events_ingested_total",
-        "Events answered 201 (durable) or 202 (fast ack).",
-        "counter",
-        sum(&|c| load(&c.events_ingested)),
-    );
-    single(
-        &mut out,
-        "triggers_events_committed_total",
-        "Events committed by the group-commit writers.",
-        "counter",
-        load(&g.events_committed),
-    );
-    single(
-        &mut out,
-        "triggers_write_batches_total",
-        "Group-commit transactions.",
-        "counter",
-        load(&g.write_batches),
-    );
-    counter(
-        &mut out,
-        "triggers_write_batch_events",
-        "Events per group-commit transaction.",
-        "histogram",
-    );
-    histogram(
-        &mut out,
-        "triggers_write_batch_events",
-        "",
-        &[&g.write_batch_events],
-        1.0,
-    );
-
-    counter(
-        &mut out,
-        "triggers_http_requests_total",
-        "HTTP responses by route and status.",
-        "counter",
-    );
-    for route in Route::ALL {
-        let (method, path) = route.labels();
-        for (slot, status) in STATUSES.iter().enumerate() {
-            let n = sum(&|c| load(&c.requests[route as usize][slot]));
-            if n > 0 {
-                let status = if *status == 0 {
-                    "other".to_string()
-                } else {
-                    status.to_string()
-                };
-                let _ = writeln!(
-                    out,
-                    "triggers_http_requests_total{{method=\"{method}\",route=\"{path}\",status=\"{status}\"}} {n}"
-                );
-            }
-        }
-    }
-    counter(
-        &mut out,
-        "triggers_http_request_duration_seconds",
-        "Time from a complete request head to the response being written.",
-        "histogram",
-    );
-    for route in Route::ALL {
-        let hs: Vec<&Histogram> = cores.iter().map(|c| &c.latency[route as usize]).collect();
-        let (method, path) = route.labels();
-        let labels = format!("method=\"{method}\",route=\"{path}\"");
-        histogram(
-            &mut out,
-            "triggers_http_request_duration_seconds",
-            &labels,
-            &hs,
-            1e6,
-        );
-    }
-    let open: i64 = cores
-        .iter()
-        .map(|c| c.connections_open.load(Ordering::Relaxed))
-        .sum();
-    single(
-        &mut out,
-        "triggers_connections_open",
-        "Open client connections.",
-        "gauge",
-        open,
-    );
-    single(
-        &mut out,
-        "triggers_connections_total",
-        "Accepted client connections.",
-        "counter",
-        sum(&|c| load(&c.connections_total)),
-    );
-    single(
-        &mut out,
-        "triggers_shard_hops_total",
-        "Requests handed to their organization's owner core.",
-        "counter",
-        sum(&|c| load(&c.hops)),
-    );
-    single(
-        &mut out,
-        "triggers_auth_cache_misses_total",
-        "Keys verified in the store pool.",
-        "counter",
-        sum(&|c| load(&c.auth_misses)),
-    );
-
-    counter(
-        &mut out,
-        "triggers_deliveries_total",
-        "Delivery attempts by outcome.",
-        "counter",
-    );
-    for (outcome, v) in [
-        ("delivered", &g.deliveries_ok),
-        ("retry", &g.deliveries_retry),
-        ("failed", &g.deliveries_dead),
-        ("gone", &g.deliveries_gone),
-    ] {
-        let _ = writeln!(
-            out,
-            "triggers_deliveries_total{{outcome=\"{outcome}\"}} {}",
-            load(v)
-        );
-    }
-    counter(
-        &mut out,
-        "triggers_delivery_attempt_duration_seconds",
-        "Time of one webhook POST.",
-        "histogram",
-    );
-    histogram(
-        &mut out,
-        "triggers_delivery_attempt_duration_seconds",
-        "",
-        &[&g.attempt_latency],
-        1e6,
-    );
-    counter(
-        &mut out,
-        "triggers_delivery_lag_seconds",
-        "From an event's creation to its receiver's 2xx.",
-        "histogram",
-    );
-    histogram(
-        &mut out,
-        "triggers_delivery_lag_seconds",
-        "",
-        &[&g.delivery_lag],
-        1e6,
-    );
-    single(
-        &mut out,
-        "triggers_delivery_queue_depth",
-        "Deliveries held in memory (queued, in flight or waiting to retry).",
-        "gauge",
-        g.delivery_in_memory.load(Ordering::Relaxed),
-    );
-    single(
-        &mut out,
-        "triggers_delivery_due_backlog",
-        "Due deliveries found waiting in the database at the last claim.",
-        "gauge",
-        g.delivery_due_backlog.load(Ordering::Relaxed),
-    );
-    out
 }
 
 #[cfg(test)]
@@ -389,24 +340,24 @@ mod tests {
     use super::*;
 
     #[test]
-    fn histogram_buckets_are_cumulative() {
-        let h = Histogram::default();
-        h.observe_us(50);
-        h.observe_us(900);
-        h.observe_us(20_000_000);
-        let mut out = String::new();
-        histogram(&mut out, "x", "a=\"b\"", &[&h], 1e6);
-        assert!(out.contains("x_bucket{a=\"b\",le=\"0.0001\"} 1\n"), "{out}");
-        assert!(out.contains("x_bucket{a=\"b\",le=\"0.001\"} 2\n"));
-        assert!(out.contains("x_bucket{a=\"b\",le=\"10\"} 2\n"));
-        assert!(out.contains("x_bucket{a=\"b\",le=\"+Inf\"} 3\n"));
-        assert!(out.contains("x_count{a=\"b\"} 3\n"));
-        assert!(out.contains("x_sum{a=\"b\"} 20.00095\n"));
-    }
-
-    #[test]
     fn statuses_outside_the_list_count_as_other() {
         assert_eq!(STATUSES[status_slot(418)], 0);
         assert_eq!(STATUSES[status_slot(201)], 201);
+    }
+
+    #[test]
+    fn requests_are_merged_across_cores_by_route_label() {
+        static ROUTES: [(&str, &str); 2] = [("GET", "/a"), ("POST", "/b")];
+        let m = Metrics::new(&ROUTES, 2);
+        m.core(0).request(1, 201, 10);
+        m.core(1).request(1, 201, 10);
+        m.core(1).request(0, 418, 10);
+        let text = m.render();
+        assert!(text.contains(
+            "triggers_http_requests_total{method=\"POST\",route=\"/b\",status=\"201\"} 2\n"
+        ));
+        assert!(text.contains(
+            "triggers_http_requests_total{method=\"GET\",route=\"/a\",status=\"other\"} 1\n"
+        ));
     }
 }

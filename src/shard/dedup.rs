@@ -7,10 +7,8 @@
 
 use std::collections::{HashMap, VecDeque};
 
+use crate::flow::event::DedupKey;
 use crate::ids::EventId;
-
-/// A 128-bit keyed hash of (organization, dedup id); see `Shard::dedup_key`.
-pub type DedupKey = u128;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Entry {

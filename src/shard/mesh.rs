@@ -1,4 +1,4 @@
-//! The mesh: how ingress cores and the pools talk.
+//! The mesh: how ingress cores and the pools talk. It is the [`CoreLink`] the pools are given.
 //!
 //! Every core has one mailbox (a channel any thread can send to). Its single reader, the core's
 //! mailbox task, handles hops from other cores and completions from the pools, so a burst of
@@ -17,87 +17,14 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 
-use bytes::Bytes;
 use tokio::sync::mpsc;
 
 use crate::auth::OrgInfo;
-use crate::error::ApiError;
-use crate::ids::{CoreId, EventId, Micros, OrgId};
-use crate::reply::{RateSnapshot, Reply};
-use crate::shard::dedup::DedupKey;
-use crate::store::Query;
-
-/// Identifies one waiting request within its core: slot index and generation.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct SlotToken(u64);
-
-/// Where an answer goes: a core and a slot there.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ReplyTo {
-    /// The core that holds the connection.
-    pub core: CoreId,
-    /// The waiting request's slot on that core.
-    pub slot: SlotToken,
-}
-
-/// An event that passed validation, on its way to the store.
-#[derive(Debug, Clone)]
-pub struct NewEvent {
-    /// UUIDv7, assigned when the event was validated.
-    pub id: EventId,
-    /// The owning organization.
-    pub org: OrgId,
-    /// The event type, 1..255 characters.
-    pub event_type: Box<str>,
-    /// The payload exactly as received (valid JSON text).
-    pub payload: Bytes,
-    /// The optional dedup id, 1..255 characters.
-    pub dedup_id: Option<Box<str>>,
-    /// When the event was accepted.
-    pub created_at: Micros,
-    /// Whether the organization had a webhook when the event arrived (then it is delivered).
-    pub deliver: bool,
-}
-
-/// How an ingest ended, as far as the origin core needs to know.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum WriteResult {
-    /// Committed (durable mode): 201.
-    Committed,
-    /// Queued (fast-ack mode): 202.
-    Queued,
-    /// The organization already has an event with this dedup id: 409.
-    Duplicate(EventId),
-    /// Refused with this error (429, 503, ...).
-    Refused(ApiError),
-}
-
-/// An answer for a waiting request.
-#[derive(Debug)]
-pub enum Outcome {
-    /// A finished response.
-    Reply(Reply),
-    /// The result of an ingest, with the bucket as the owner saw it.
-    Write {
-        /// What happened to the event.
-        result: WriteResult,
-        /// Rate-limit headers.
-        rate: Option<RateSnapshot>,
-    },
-    /// The result of verifying an API key that was not in the core's cache.
-    Auth(Result<OrgInfo, ApiError>),
-    /// An organization's bucket, read by its owner.
-    Rate(RateSnapshot),
-}
-
-/// An answer addressed to a slot.
-#[derive(Debug)]
-pub struct Completion {
-    /// The waiting request.
-    pub slot: SlotToken,
-    /// Its answer.
-    pub outcome: Outcome,
-}
+use crate::flow::answer::{Completion, Outcome, ReplyTo, SlotToken};
+use crate::flow::event::{DedupKey, NewEvent};
+use crate::flow::job::Query;
+use crate::flow::sink::{CoreLink, Pending};
+use crate::ids::{CoreId, EventId, OrgId};
 
 /// Work sent to an organization's owner core.
 #[derive(Debug)]
@@ -241,11 +168,6 @@ impl Mesh {
         );
     }
 
-    /// Send any other message to `core`.
-    pub fn send(&self, core: CoreId, msg: CoreMsg) {
-        let _ = self.links[core.0].tx.send(msg);
-    }
-
     /// Tell every core that `org` changed and wait until each has dropped its cached state.
     pub async fn org_changed(&self, org: Option<OrgId>) {
         let (tx, mut rx) = mpsc::unbounded_channel();
@@ -283,6 +205,24 @@ impl Mesh {
         for link in self.links.iter() {
             let _ = link.tx.send(CoreMsg::Shutdown);
         }
+    }
+}
+
+impl CoreLink for Mesh {
+    fn complete(&self, core: CoreId, completions: Vec<Completion>) {
+        Mesh::complete(self, core, completions);
+    }
+
+    fn settle(&self, core: CoreId, keys: Vec<(DedupKey, Option<EventId>)>) {
+        let _ = self.links[core.0].tx.send(CoreMsg::Settled(keys));
+    }
+
+    fn org_changed(&self, org: Option<OrgId>) -> Pending<'_> {
+        Box::pin(Mesh::org_changed(self, org))
+    }
+
+    fn notify_org_changed(&self, org: Option<OrgId>) {
+        Mesh::notify_org_changed(self, org);
     }
 }
 
@@ -470,6 +410,7 @@ impl Drop for Wait {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::flow::answer::Refusal;
     use uuid::Uuid;
 
     fn block_on<F: Future>(f: F) -> F::Output {
@@ -505,10 +446,10 @@ mod tests {
             drop(first);
             let wait = w.register();
             assert_ne!(wait.token(), stale, "a reused slot gets a new generation");
-            w.complete(stale, Outcome::Auth(Err(ApiError::Internal)));
-            w.complete(wait.token(), Outcome::Auth(Err(ApiError::NotFound("x"))));
+            w.complete(stale, Outcome::Auth(Err(Refusal::Internal)));
+            w.complete(wait.token(), Outcome::Auth(Err(Refusal::NotFound("x"))));
             match wait.await {
-                Outcome::Auth(Err(ApiError::NotFound("x"))) => {}
+                Outcome::Auth(Err(Refusal::NotFound("x"))) => {}
                 other => panic!("{other:?}"),
             }
             assert_eq!(w.waiting(), 0);

@@ -3,7 +3,7 @@
 //! The bucket holds the tier's per-minute limit, is full when first seen (an organization's
 //! first request on this node), and refills continuously at limit/60 tokens a second.
 
-use crate::reply::RateSnapshot;
+use crate::flow::answer::RateSnapshot;
 
 /// One organization's budget.
 #[derive(Debug, Clone, Copy, PartialEq)]

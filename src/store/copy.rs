@@ -7,7 +7,7 @@
 
 use bytes::{BufMut, BytesMut};
 
-use crate::shard::mesh::NewEvent;
+use crate::flow::event::NewEvent;
 
 /// The columns the encoder writes, in order; the statement must list the same.
 pub const COPY_EVENTS: &str =

@@ -3,22 +3,24 @@
 //! every cache is flushed, since notifications sent meanwhile were missed.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use tokio_postgres::AsyncMessage;
 
-use super::queries::ORG_CHANGED_CHANNEL;
-use super::{pg_config, StoreCtx};
+use super::ctx::StoreCtx;
+use crate::config::LISTEN_RECONNECT_DELAY;
+use crate::db::pg_config;
+use crate::flow::ORG_CHANGED_CHANNEL;
 use crate::ids::OrgId;
 
-pub(super) async fn run(ctx: Arc<StoreCtx>) {
+/// Listen until aborted at shutdown, reconnecting after a lost connection.
+pub async fn run(ctx: Arc<StoreCtx>) {
     let mut connected_before = false;
     loop {
         if let Err(e) = listen(&ctx, connected_before).await {
             tracing::debug!(error = %e, "org-change listener disconnected");
         }
         connected_before = true;
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        tokio::time::sleep(LISTEN_RECONNECT_DELAY).await;
     }
 }
 
@@ -59,7 +61,7 @@ async fn listen(ctx: &StoreCtx, flush_first: bool) -> Result<(), String> {
                 let org = Some(OrgId(id));
                 ctx.verifier.org_changed(org);
                 ctx.delivery.org_changed(org);
-                ctx.mesh.notify_org_changed(org);
+                ctx.cores.notify_org_changed(org);
             }
             Err(_) => tracing::warn!(payload, "unexpected org-change notification"),
         }

@@ -28,11 +28,15 @@ use tokio::sync::{mpsc, Mutex, Notify};
 use uuid::Uuid;
 
 use super::copy::{CopyEncoder, COPY_EVENTS};
-use super::{is_connection_error, StoreCtx, WriteJob};
-use crate::config::AckMode;
-use crate::error::ApiError;
-use crate::ids::{CoreId, EventId, Micros};
-use crate::shard::mesh::{Completion, CoreMsg, Outcome, WriteResult};
+use super::ctx::StoreCtx;
+use crate::config::{AckMode, SLOW_BATCH};
+use crate::db::is_connection_error;
+use crate::flow::answer::{Completion, Outcome, Refusal};
+use crate::flow::answer::{IngestOutcome, Ingested};
+use crate::flow::event::NewEvent;
+use crate::flow::job::WriteJob;
+use crate::flow::sink::Planned;
+use crate::ids::{CoreId, EventId, Micros, OrgId};
 
 const INSERT_DEDUP: &str = "\
     INSERT INTO events (id, org_id, type, payload, dedup_id, next_attempt_at, created_at) \
@@ -47,17 +51,6 @@ const FIND_DEDUP: &str = "\
     FROM unnest($1::uuid[], $2::text[]) AS k(org_id, dedup_id) \
     JOIN events e ON e.org_id = k.org_id AND e.dedup_id = k.dedup_id";
 
-/// A batch slower than this is logged: it holds every request in it.
-const SLOW_BATCH: Duration = Duration::from_millis(250);
-
-/// What happened to one row of a batch.
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum RowResult {
-    Committed,
-    Duplicate(EventId),
-    Failed(ApiError),
-}
-
 /// Why a batch failed as a whole.
 #[derive(Debug)]
 enum BatchError {
@@ -67,10 +60,9 @@ enum BatchError {
     Data(String),
 }
 
-/// One writer's loop: take a batch, write it, answer, until the queue closes and is drained.
 /// How many writers are in a transaction, and a signal each time one finishes.
 #[derive(Default)]
-pub(super) struct Turns {
+pub struct Turns {
     writing: AtomicUsize,
     done: Notify,
 }
@@ -82,7 +74,7 @@ pub(super) struct Turns {
 /// while commits are quick (so batches are as large as the load makes them, which is what makes
 /// PostgreSQL cheap per event), a second one as soon as a commit is slow (so one slow fsync doesn't
 /// hold every request behind it).
-pub(super) async fn run(
+pub async fn run(
     n: usize,
     queue: Arc<Mutex<mpsc::Receiver<WriteJob>>>,
     turns: Arc<Turns>,
@@ -142,32 +134,11 @@ pub(super) async fn run(
     tracing::debug!(writer = n, "write queue closed and drained");
 }
 
-/// How each row of a batch is to be delivered.
-struct DeliveryPlan {
-    /// The row's `next_attempt_at`: `None` without webhook; the lease end when this node takes the
-    /// event in memory; its creation time (due now, for any node's claimer) when it has no room.
-    next: Vec<Option<Micros>>,
-    /// Whether this node took an in-memory slot for the row.
-    owned: Vec<bool>,
-}
-
-fn plan_delivery(ctx: &StoreCtx, batch: &[WriteJob]) -> DeliveryPlan {
-    let lease = ctx.delivery.lease();
-    let mut plan = DeliveryPlan {
-        next: Vec::with_capacity(batch.len()),
-        owned: Vec::with_capacity(batch.len()),
-    };
-    for job in batch {
-        let e = &job.event;
-        let owned = e.deliver && ctx.delivery.reserve(e.org);
-        plan.owned.push(owned);
-        plan.next.push(match (e.deliver, owned) {
-            (false, _) => None,
-            (true, true) => Some(e.created_at.plus(lease)),
-            (true, false) => Some(e.created_at),
-        });
-    }
-    plan
+fn plan_delivery(ctx: &StoreCtx, batch: &[WriteJob]) -> Vec<Planned> {
+    batch
+        .iter()
+        .map(|job| ctx.delivery.plan(&job.event))
+        .collect()
 }
 
 /// Write a batch. In fast-ack mode a database failure is retried until it succeeds (the clients
@@ -176,13 +147,13 @@ async fn write_until_settled(
     ctx: &StoreCtx,
     encoder: &mut CopyEncoder,
     batch: &[WriteJob],
-    plan: &DeliveryPlan,
-) -> Vec<RowResult> {
+    plan: &[Planned],
+) -> Vec<Ingested> {
     let mut backoff = Duration::from_millis(50);
     loop {
         let results = write_batch(ctx, encoder, batch, plan).await;
         let retry = ctx.config.ack == AckMode::Fast
-            && results.contains(&RowResult::Failed(ApiError::Unavailable));
+            && results.contains(&Ingested::Refused(Refusal::Unavailable));
         if !retry {
             return results;
         }
@@ -199,10 +170,10 @@ async fn write_batch(
     ctx: &StoreCtx,
     encoder: &mut CopyEncoder,
     batch: &[WriteJob],
-    plan: &DeliveryPlan,
-) -> Vec<RowResult> {
+    plan: &[Planned],
+) -> Vec<Ingested> {
     if !ctx.health.is_up() && ctx.config.ack == AckMode::Durable {
-        return vec![RowResult::Failed(ApiError::Unavailable); batch.len()];
+        return vec![Ingested::Refused(Refusal::Unavailable); batch.len()];
     }
     let all: Vec<usize> = (0..batch.len()).collect();
     match write_rows(ctx, encoder, batch, plan, &all).await {
@@ -212,27 +183,30 @@ async fn write_batch(
             let mut results = Vec::with_capacity(batch.len());
             for i in 0..batch.len() {
                 results.push(match write_rows(ctx, encoder, batch, plan, &[i]).await {
-                    Ok(mut r) => r.pop().unwrap_or(RowResult::Failed(ApiError::Internal)),
+                    Ok(mut r) => r.pop().unwrap_or(Ingested::Refused(Refusal::Internal)),
                     Err(BatchError::Data(why)) => {
                         tracing::error!(error = %why, event = %batch[i].event.id, "event refused by the database");
-                        RowResult::Failed(ApiError::validation("payload", format!("the database refused the event: {why}")))
+                        Ingested::Refused(Refusal::Invalid {
+                            field: "payload",
+                            message: format!("the database refused the event: {why}"),
+                        })
                     }
-                    Err(BatchError::Database(_)) => RowResult::Failed(ApiError::Unavailable),
+                    Err(BatchError::Database(_)) => Ingested::Refused(Refusal::Unavailable),
                 });
             }
             results
         }
         Err(BatchError::Data(why)) => {
             tracing::error!(error = %why, event = %batch[0].event.id, "event refused by the database");
-            vec![RowResult::Failed(ApiError::validation(
-                "payload",
-                format!("the database refused the event: {why}"),
-            ))]
+            vec![Ingested::Refused(Refusal::Invalid {
+                field: "payload",
+                message: format!("the database refused the event: {why}"),
+            })]
         }
         Err(BatchError::Database(why)) => {
             tracing::warn!(error = %why, events = batch.len(), "batch not written");
             ctx.health.set_down();
-            vec![RowResult::Failed(ApiError::Unavailable); batch.len()]
+            vec![Ingested::Refused(Refusal::Unavailable); batch.len()]
         }
     }
 }
@@ -242,16 +216,17 @@ async fn write_rows(
     ctx: &StoreCtx,
     encoder: &mut CopyEncoder,
     batch: &[WriteJob],
-    plan: &DeliveryPlan,
+    plan: &[Planned],
     rows: &[usize],
-) -> Result<Vec<RowResult>, BatchError> {
+) -> Result<Vec<Ingested>, BatchError> {
     let client = match tokio::time::timeout(ctx.db_timeout, ctx.writer_pool.get()).await {
         Ok(Ok(c)) => c,
         Ok(Err(e)) => return Err(BatchError::Database(format!("no connection: {e}"))),
         Err(_) => return Err(BatchError::Database("no connection in time".into())),
     };
     let started = std::time::Instant::now();
-    let work = write_rows_on(&client, encoder, batch, &plan.next, rows);
+    let next: Vec<Option<Micros>> = plan.iter().map(|p| p.next_attempt_at).collect();
+    let work = write_rows_on(&client, encoder, batch, &next, rows);
     match tokio::time::timeout(ctx.db_timeout, work).await {
         Ok(Ok(results)) => {
             let took = started.elapsed();
@@ -289,7 +264,7 @@ async fn write_rows_on(
     batch: &[WriteJob],
     next: &[Option<Micros>],
     rows: &[usize],
-) -> Result<Vec<RowResult>, tokio_postgres::Error> {
+) -> Result<Vec<Ingested>, tokio_postgres::Error> {
     let (deduped, plain): (Vec<usize>, Vec<usize>) = rows
         .iter()
         .partition(|&&i| batch[i].event.dedup_id.is_some());
@@ -297,7 +272,7 @@ async fn write_rows_on(
     if in_transaction {
         client.batch_execute("BEGIN").await?;
     }
-    let mut results: HashMap<usize, RowResult> = HashMap::with_capacity(rows.len());
+    let mut results: HashMap<usize, Ingested> = HashMap::with_capacity(rows.len());
     if !plain.is_empty() {
         encoder.begin();
         for &i in &plain {
@@ -311,7 +286,7 @@ async fn write_rows_on(
         let written = sink.finish().await?;
         debug_assert_eq!(written as usize, plain.len(), "COPY wrote every row");
         for &i in &plain {
-            results.insert(i, RowResult::Committed);
+            results.insert(i, Ingested::Committed);
         }
     }
     if !deduped.is_empty() {
@@ -325,7 +300,7 @@ async fn write_rows_on(
         .map(|i| {
             results
                 .remove(i)
-                .unwrap_or(RowResult::Failed(ApiError::Internal))
+                .unwrap_or(Ingested::Refused(Refusal::Internal))
         })
         .collect())
 }
@@ -335,7 +310,7 @@ async fn insert_deduped(
     batch: &[WriteJob],
     next: &[Option<Micros>],
     mut rows: Vec<usize>,
-    results: &mut HashMap<usize, RowResult>,
+    results: &mut HashMap<usize, Ingested>,
 ) -> Result<(), tokio_postgres::Error> {
     // One lock order for all writers: no deadlock between two batches sharing keys. The sort is
     // stable, so of two rows with one key in a batch the first to arrive wins.
@@ -375,7 +350,7 @@ async fn insert_deduped(
     let mut conflicts = Vec::new();
     for &i in &rows {
         if inserted.contains(&batch[i].event.id.0) {
-            results.insert(i, RowResult::Committed);
+            results.insert(i, Ingested::Committed);
         } else {
             conflicts.push(i);
         }
@@ -401,10 +376,10 @@ async fn insert_deduped(
         results.insert(
             i,
             match found.get(&key) {
-                Some(first) => RowResult::Duplicate(EventId(*first)),
+                Some(first) => Ingested::Duplicate(EventId(*first)),
                 // The conflicting row vanished between the two statements: only a manual
                 // delete does that. Refuse rather than claim a duplicate we can't name.
-                None => RowResult::Failed(ApiError::Unavailable),
+                None => Ingested::Refused(Refusal::Unavailable),
             },
         );
     }
@@ -418,60 +393,53 @@ fn db_message(e: &tokio_postgres::Error) -> String {
     }
 }
 
-/// Send every answer (one message per origin core) and settle the dedup keys on their owners.
-fn answer(ctx: &StoreCtx, batch: &mut Vec<WriteJob>, results: Vec<RowResult>, plan: DeliveryPlan) {
+/// Send every answer (one message per origin core), settle the dedup keys on their owners, and
+/// publish the committed events to delivery.
+fn answer(ctx: &StoreCtx, batch: &mut Vec<WriteJob>, results: Vec<Ingested>, plan: Vec<Planned>) {
     debug_assert_eq!(batch.len(), results.len(), "one result per row");
+    debug_assert_eq!(batch.len(), plan.len(), "one plan per row");
     let mut replies: HashMap<CoreId, Vec<Completion>> = HashMap::new();
     let mut settled: HashMap<CoreId, Vec<_>> = HashMap::new();
-    let mut deliveries = Vec::new();
-    let mut left_due = false;
+    let mut to_deliver: Vec<(NewEvent, Planned)> = Vec::new();
+    let mut not_written: Vec<(OrgId, Planned)> = Vec::new();
     let mut committed = 0u64;
-    for (i, (job, result)) in batch.drain(..).zip(results).enumerate() {
+    for ((job, result), planned) in batch.drain(..).zip(results).zip(plan) {
         if let Some((key, owner)) = job.dedup {
             let outcome = match &result {
-                RowResult::Committed => Some(job.event.id),
-                RowResult::Duplicate(first) => Some(*first),
-                RowResult::Failed(_) => None,
+                Ingested::Committed => Some(job.event.id),
+                Ingested::Duplicate(first) => Some(*first),
+                Ingested::Queued | Ingested::Refused(_) => None,
             };
             settled.entry(owner).or_default().push((key, outcome));
         }
-        if result == RowResult::Committed {
-            committed += 1;
-            match (plan.owned[i], plan.next[i]) {
-                (true, Some(held)) => deliveries.push(crate::delivery::new_job(&job.event, held)),
-                (false, Some(_)) => left_due = true,
-                _ => {}
-            }
-        } else if plan.owned[i] {
-            ctx.delivery.release(job.event.org);
-        }
+        let written = result == Ingested::Committed;
         if let Some(to) = job.reply {
-            let result = match result {
-                RowResult::Committed => WriteResult::Committed,
-                RowResult::Duplicate(first) => WriteResult::Duplicate(first),
-                RowResult::Failed(e) => WriteResult::Refused(e),
-            };
             replies.entry(to.core).or_default().push(Completion {
                 slot: to.slot,
-                outcome: Outcome::Write {
+                outcome: Outcome::Ingested(IngestOutcome {
                     result,
                     rate: job.rate,
-                },
+                }),
             });
         }
+        if written {
+            committed += 1;
+            if planned.next_attempt_at.is_some() {
+                to_deliver.push((job.event, planned));
+            }
+        } else if planned.held {
+            not_written.push((job.event.org, planned));
+        }
     }
-    crate::metrics::global().events_committed(committed);
+    ctx.metrics.events_committed(committed);
     for (core, completions) in replies {
-        ctx.mesh.complete(core, completions);
+        ctx.cores.complete(core, completions);
     }
     for (core, keys) in settled {
-        ctx.mesh.send(core, CoreMsg::Settled(keys));
+        ctx.cores.settle(core, keys);
     }
     // Clients first, then deliveries: committed events go straight to the pool, no polling.
-    for job in deliveries {
-        ctx.delivery.hand_off(job);
-    }
-    if left_due {
-        ctx.delivery.wake();
+    if !to_deliver.is_empty() || !not_written.is_empty() {
+        ctx.delivery.publish(to_deliver, not_written);
     }
 }

@@ -49,33 +49,106 @@ pub async fn db() -> tokio_postgres::Client {
     client
 }
 
-/// A running server process.
+/// How a test server runs.
+enum Kind {
+    /// `triggers::server::run` in this process, on its own threads; stopped through `stop`.
+    InProcess {
+        stop: Option<tokio::sync::oneshot::Sender<()>>,
+        thread: Option<std::thread::JoinHandle<()>>,
+    },
+    /// The real binary, for what needs a process: SIGKILL, SIGTERM, a restart on the same port.
+    Process(Option<Child>),
+}
+
+/// A running server.
 pub struct Server {
-    child: Option<Child>,
+    kind: Kind,
     /// The API address.
     pub addr: SocketAddr,
     /// The metrics address.
     pub metrics_addr: Option<SocketAddr>,
-    /// Every log line so far.
+    /// Every log line so far (in-process servers share the test binary's log).
     pub log: Arc<Mutex<Vec<String>>>,
     args: Vec<String>,
     database_url: String,
 }
 
+/// The flags every test server gets before its own.
+fn base_args(listen: SocketAddr) -> Vec<String> {
+    [
+        "--listen",
+        &listen.to_string(),
+        "--metrics-listen",
+        "127.0.0.1:0",
+        "--ingress-cores",
+        "2",
+        "--store-threads",
+        "2",
+        "--log",
+        "info",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
 impl Server {
-    /// Start with the defaults tests want plus `args`.
+    /// Start in this process with the defaults tests want plus `args`, on a free port.
     pub fn start(args: &[&str]) -> Server {
         Self::start_with_db(args, &database_url())
     }
 
-    /// Start against another database URL (a proxy, say).
+    /// Start in this process against another database URL (a proxy, say).
     pub fn start_with_db(args: &[&str], database_url: &str) -> Server {
         let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
-        Self::spawn(
+        let mut all = base_args("127.0.0.1:0".parse().unwrap());
+        all.extend(args.iter().cloned());
+        let env = vec![("DATABASE_URL".to_string(), database_url.to_string())];
+        let (_, config) = triggers::config::Config::from_args_and_env(all, env)
+            .unwrap_or_else(|e| panic!("test server configuration: {e}"));
+        let log = capture_log();
+        let listeners = triggers::ingress::listen::bind(&config).expect("bind test server");
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let thread = std::thread::Builder::new()
+            .name("test-server".into())
+            .spawn(move || {
+                let shutdown = async move {
+                    let _ = stop_rx.await;
+                };
+                match triggers::server::run(config, listeners, shutdown) {
+                    Ok(running) => {
+                        let _ = ready_tx.send(Ok((running.api_addr(), running.metrics_addr())));
+                        running.finish();
+                    }
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                    }
+                }
+            })
+            .expect("spawn test server");
+        let (addr, metrics_addr) = match ready_rx.recv_timeout(Duration::from_secs(60)) {
+            Ok(Ok(addrs)) => addrs,
+            Ok(Err(e)) => panic!("server did not start: {e}"),
+            Err(_) => panic!("server did not start within 60 s"),
+        };
+        Server {
+            kind: Kind::InProcess {
+                stop: Some(stop_tx),
+                thread: Some(thread),
+            },
+            addr,
+            metrics_addr,
+            log,
             args,
-            database_url.to_string(),
-            "127.0.0.1:0".parse().unwrap(),
-        )
+            database_url: database_url.to_string(),
+        }
+    }
+
+    /// Start the real binary (for SIGKILL, SIGTERM and restarts) with the defaults plus `args`.
+    pub fn process(args: &[&str]) -> Server {
+        let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        Self::spawn(args, database_url(), "127.0.0.1:0".parse().unwrap())
     }
 
     fn spawn(args: Vec<String>, database_url: String, listen: SocketAddr) -> Server {
@@ -83,20 +156,7 @@ impl Server {
         cmd.env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
             .env("DATABASE_URL", &database_url)
-            .args([
-                "--listen",
-                &listen.to_string(),
-                "--metrics-listen",
-                "127.0.0.1:0",
-            ])
-            .args([
-                "--ingress-cores",
-                "2",
-                "--store-threads",
-                "2",
-                "--log",
-                "info",
-            ])
+            .args(base_args(listen))
             .args(&args)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
@@ -140,7 +200,7 @@ impl Server {
         let addr = v["listen"].as_str().unwrap().parse().unwrap();
         let metrics_addr = v["metrics"].as_str().and_then(|m| m.parse().ok());
         Server {
-            child: Some(child),
+            kind: Kind::Process(Some(child)),
             addr,
             metrics_addr,
             log,
@@ -149,24 +209,43 @@ impl Server {
         }
     }
 
-    /// Send SIGTERM and wait for the process to exit; returns its exit code.
+    /// Stop gracefully (SIGTERM for a process) and wait until it has; returns the exit code
+    /// (0 for an in-process server that finished).
     pub fn stop(&mut self) -> Option<i32> {
-        let mut child = self.child.take()?;
-        unsafe_signal(child.id(), libc::SIGTERM);
-        let status = wait_timeout(&mut child, Duration::from_secs(40));
-        status.and_then(|s| s.code())
+        match &mut self.kind {
+            Kind::Process(child) => {
+                let mut child = child.take()?;
+                unsafe_signal(child.id(), libc::SIGTERM);
+                let status = wait_timeout(&mut child, Duration::from_secs(40));
+                status.and_then(|s| s.code())
+            }
+            Kind::InProcess { stop, thread } => {
+                let _ = stop.take()?.send(());
+                let finished = thread.take()?.join();
+                finished.is_ok().then_some(0)
+            }
+        }
     }
 
-    /// SIGKILL: no chance to drain anything.
+    /// SIGKILL: no chance to drain anything. Only a process can be killed.
     pub fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
+        match &mut self.kind {
+            Kind::Process(child) => {
+                if let Some(mut child) = child.take() {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                }
+            }
+            Kind::InProcess { .. } => panic!("start the server with Server::process to kill it"),
         }
     }
 
     /// Start a new process with the same arguments on the same port.
     pub fn restart(&mut self) {
+        assert!(
+            matches!(self.kind, Kind::Process(_)),
+            "start the server with Server::process to restart it"
+        );
         self.kill();
         let args = self.args.clone();
         let next = Self::spawn(args, self.database_url.clone(), self.addr);
@@ -187,7 +266,53 @@ impl Server {
 
 impl Drop for Server {
     fn drop(&mut self) {
-        self.kill();
+        match &mut self.kind {
+            Kind::Process(_) => self.kill(),
+            Kind::InProcess { stop, thread } => {
+                // Stop without waiting: the next test need not wait for this one's shutdown.
+                if let Some(stop) = stop.take() {
+                    let _ = stop.send(());
+                }
+                drop(thread.take());
+            }
+        }
+    }
+}
+
+/// The log of this test binary's in-process servers: one JSON object per line, as the binary
+/// writes them, captured once for the whole binary (the tracing subscriber is process-wide).
+fn capture_log() -> Arc<Mutex<Vec<String>>> {
+    static LOG: OnceLock<Arc<Mutex<Vec<String>>>> = OnceLock::new();
+    Arc::clone(LOG.get_or_init(|| {
+        let log = Arc::new(Mutex::new(Vec::new()));
+        register_log(&log);
+        let sink = LogSink(Arc::clone(&log));
+        let subscriber = tracing_subscriber::fmt()
+            .event_format(triggers::logging::JsonLines)
+            .with_writer(move || sink.clone())
+            .with_max_level(tracing::Level::INFO)
+            .finish();
+        let _ = tracing::subscriber::set_global_default(subscriber);
+        log
+    }))
+}
+
+/// Collects formatted log lines.
+#[derive(Clone)]
+struct LogSink(Arc<Mutex<Vec<String>>>);
+
+impl std::io::Write for LogSink {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let text = String::from_utf8_lossy(buf);
+        let mut log = self.0.lock().unwrap();
+        for line in text.lines().filter(|l| !l.is_empty()) {
+            log.push(line.to_string());
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }
 

@@ -1,0 +1,78 @@
+//! The connector under the delivery client: it resolves the host itself, applies the SSRF policy
+//! to every address it would use, and connects only to an allowed one.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+
+use crate::url_policy::{forbidden_reason, parse_url, resolve};
+
+/// The client the pool delivers with: pooled HTTP/1.1, TLS by rustls, over [`SafeConnector`].
+pub type HttpClient = hyper_util::client::legacy::Client<
+    hyper_rustls::HttpsConnector<SafeConnector>,
+    http_body_util::Full<bytes::Bytes>,
+>;
+
+/// The connector under the delivery client: it resolves the host itself, applies the policy to
+/// every address it would use, and connects only to an allowed one. The TCP connection (pooled for
+/// keep-alive) stays pinned to that vetted address; DNS answers that change later cannot redirect
+/// it. TLS, when the URL is https, is layered on top by hyper-rustls with the host name for SNI.
+#[derive(Clone)]
+pub struct SafeConnector {
+    /// Allow private, loopback, link-local and CGNAT targets.
+    pub allow_private: bool,
+    /// Longest a TCP connect may take.
+    pub connect_timeout: Duration,
+}
+
+impl tower_service::Service<http::Uri> for SafeConnector {
+    type Response = TokioIo<TcpStream>;
+    type Error = std::io::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: http::Uri) -> Self::Future {
+        let this = self.clone();
+        Box::pin(async move {
+            let refuse =
+                |msg: String| std::io::Error::new(std::io::ErrorKind::PermissionDenied, msg);
+            let url = parse_url(&uri.to_string()).map_err(refuse)?;
+            let addrs = resolve(&url, this.allow_private)
+                .await
+                .map_err(|e| std::io::Error::new(std::io::ErrorKind::NotFound, e))?;
+            let mut last = None;
+            for addr in addrs {
+                // The policy holds for the address connected to, not just for what DNS said earlier.
+                if !this.allow_private {
+                    if let Some(why) = forbidden_reason(addr.ip()) {
+                        return Err(refuse(format!(
+                            "refused to connect to a {why} address ({})",
+                            addr.ip()
+                        )));
+                    }
+                }
+                match tokio::time::timeout(this.connect_timeout, TcpStream::connect(addr)).await {
+                    Ok(Ok(stream)) => {
+                        let _ = stream.set_nodelay(true);
+                        return Ok(TokioIo::new(stream));
+                    }
+                    Ok(Err(e)) => last = Some(e),
+                    Err(_) => {
+                        last = Some(std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            format!("connect to {addr} timed out"),
+                        ))
+                    }
+                }
+            }
+            Err(last.unwrap_or_else(|| std::io::Error::other("no address to connect to")))
+        })
+    }
+}

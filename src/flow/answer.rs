@@ -1,0 +1,272 @@
+//! What the store and the owner cores answer, as values, and where an answer goes.
+//!
+//! A request that waits for another thread registers a slot on its core and sends the slot's
+//! address ([`ReplyTo`]) with the work; whoever finishes the work sends a [`Completion`] back to
+//! that core. The answer is a value ([`Outcome`]); the connection's core renders it as HTTP.
+
+use bytes::Bytes;
+use uuid::Uuid;
+
+use super::event::EventStatus;
+use crate::auth::{AuthFailure, OrgInfo, Tier};
+use crate::ids::{CoreId, EventId, Micros};
+
+/// What an organization's token bucket looked like when the request was handled; written as the
+/// `X-RateLimit-*` headers of every authenticated response.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateSnapshot {
+    /// Events per minute (the bucket's capacity).
+    pub limit: u32,
+    /// Whole tokens left.
+    pub remaining: u32,
+    /// Whole seconds until the bucket is full again.
+    pub reset_s: u32,
+}
+
+/// Why a stage did not do what was asked. The edge maps each to a status (`crate::error`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    /// The database cannot be reached, or it cannot write right now (read-only, disk full...).
+    Unavailable,
+    /// A bounded queue or pool is full; the phrase says which.
+    Overloaded(&'static str),
+    /// The organization's budget is spent.
+    RateLimited {
+        /// Events per minute.
+        limit: u32,
+        /// Seconds until one event fits again.
+        retry_after_s: u32,
+    },
+    /// The key is not valid.
+    Unauthorized(&'static str),
+    /// Too many failed keys from this client address.
+    AuthThrottled {
+        /// Seconds until the address may try again.
+        retry_after_s: u32,
+    },
+    /// No such thing for this organization.
+    NotFound(&'static str),
+    /// The organization has no webhook.
+    NoWebhook,
+    /// A value was refused (a webhook host that does not resolve, a row the database refused).
+    Invalid {
+        /// The field at fault.
+        field: &'static str,
+        /// What is wrong, as a sentence.
+        message: String,
+    },
+    /// A bug or an unexpected database answer; the details are in the log.
+    Internal,
+}
+
+impl From<AuthFailure> for Refusal {
+    fn from(f: AuthFailure) -> Refusal {
+        match f {
+            AuthFailure::Refused => Refusal::Unauthorized("invalid API key"),
+            AuthFailure::Throttled { retry_after_s } => Refusal::AuthThrottled { retry_after_s },
+        }
+    }
+}
+
+/// How an ingest ended: the one outcome type from the owner core and the writer back to the
+/// connection, which renders it (201, 202, 409, or the refusal's status).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Ingested {
+    /// Committed (durable mode).
+    Committed,
+    /// Queued (fast-ack mode).
+    Queued,
+    /// The organization already has an event with this dedup id: this is the first one.
+    Duplicate(EventId),
+    /// Not taken (rate limit, overload, the database's trouble, a row the database refused).
+    Refused(Refusal),
+}
+
+/// An [`Ingested`] with the organization's bucket as its owner saw it, for the rate headers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IngestOutcome {
+    /// What happened to the event.
+    pub result: Ingested,
+    /// The bucket, when the request reached the owner.
+    pub rate: Option<RateSnapshot>,
+}
+
+/// Identifies one waiting request within its core: slot index and generation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SlotToken(pub u64);
+
+/// Where an answer goes: a core and a slot there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReplyTo {
+    /// The core that holds the connection.
+    pub core: CoreId,
+    /// The waiting request's slot on that core.
+    pub slot: SlotToken,
+}
+
+/// An answer for a waiting request.
+#[derive(Debug)]
+pub enum Outcome {
+    /// How an ingest ended.
+    Ingested(IngestOutcome),
+    /// The store's answer to a query, with the bucket for the rate headers.
+    Answered {
+        /// The answer, or why there is none.
+        answer: Result<Answer, Refusal>,
+        /// The bucket as the owner saw it (authenticated queries).
+        rate: Option<RateSnapshot>,
+    },
+    /// The result of verifying a key that was not in the core's cache.
+    Auth(Result<OrgInfo, Refusal>),
+    /// An organization's bucket, read by its owner.
+    Rate(RateSnapshot),
+}
+
+/// An answer addressed to a slot.
+#[derive(Debug)]
+pub struct Completion {
+    /// The waiting request.
+    pub slot: SlotToken,
+    /// Its answer.
+    pub outcome: Outcome,
+}
+
+/// The store's answer to a [`super::job::Query`] or an unauthenticated job.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Answer {
+    /// `GET /api/keys`.
+    KeyInfo(KeyInfo),
+    /// `POST /api/keys/generate`.
+    Generated(NewKey),
+    /// `POST /api/keys/rotate`.
+    Rotated(NewKey),
+    /// `POST /api/webhook/config`.
+    WebhookSet(WebhookConfig),
+    /// `DELETE /api/webhook/config`.
+    WebhookDeleted(WebhookConfig),
+    /// `GET /api/events/{id}`.
+    Event(Box<EventDetail>),
+    /// `POST /api/events/{id}/redeliver`: queued again.
+    Redelivered(Uuid),
+    /// `GET /api/inbox`.
+    Inbox(InboxPage),
+    /// `POST /api/ack/{id}`.
+    Acked {
+        /// The event.
+        id: Uuid,
+        /// When it was first acknowledged.
+        acknowledged_at: Micros,
+    },
+    /// `POST /api/ack`.
+    AckedBatch {
+        /// Acknowledged now or before, in request order.
+        acknowledged: Vec<Uuid>,
+        /// Not this organization's, or unknown, in request order.
+        not_found: Vec<Uuid>,
+    },
+    /// `GET /health/ready`: the database answers.
+    Ready,
+}
+
+/// An organization as `GET /api/keys` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyInfo {
+    /// The organization.
+    pub organization_id: Uuid,
+    /// Its name.
+    pub organization_name: String,
+    /// Its tier's API name.
+    pub tier: String,
+    /// Its limit.
+    pub rate_limit_per_minute: i32,
+    /// Its webhook, if any.
+    pub webhook_url: Option<String>,
+    /// Scheme and key id of its key.
+    pub key_prefix: String,
+    /// When it was created.
+    pub created_at: Micros,
+    /// When its key was last rotated.
+    pub rotated_at: Option<Micros>,
+}
+
+/// A key just made (generated with a new organization, or rotated); shown once.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewKey {
+    /// The whole key.
+    pub api_key: String,
+    /// The organization.
+    pub organization_id: Uuid,
+    /// Its name.
+    pub organization_name: String,
+    /// Its tier (generation only).
+    pub tier: Option<Tier>,
+    /// When the key was made.
+    pub at: Micros,
+}
+
+/// An organization's webhook configuration after a change.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WebhookConfig {
+    /// The organization.
+    pub organization_id: Uuid,
+    /// The URL; `None` after a delete.
+    pub webhook_url: Option<String>,
+    /// The signing secret (set only).
+    pub signing_secret: Option<String>,
+    /// When it changed.
+    pub updated_at: Micros,
+}
+
+/// An event as the inbox shows it; the payload is the bytes that were received.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EventView {
+    /// The event.
+    pub id: Uuid,
+    /// Its type.
+    pub event_type: String,
+    /// Its payload, JSON text as received.
+    pub payload: Bytes,
+    /// Its dedup id.
+    pub dedup_id: Option<String>,
+    /// Its status.
+    pub status: EventStatus,
+    /// Delivery attempts so far.
+    pub attempts: i32,
+    /// When it was accepted.
+    pub created_at: Micros,
+    /// When it was delivered or acknowledged.
+    pub delivered_at: Option<Micros>,
+}
+
+/// One delivery attempt as the event detail shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AttemptView {
+    /// 1, 2, ...
+    pub attempt: i32,
+    /// When it started.
+    pub at: Micros,
+    /// The receiver's status, if it answered.
+    pub response_status: Option<i16>,
+    /// Why it failed, if it did.
+    pub error: Option<String>,
+    /// How long it took.
+    pub duration_ms: i32,
+}
+
+/// `GET /api/events/{id}`: the event and its attempts, oldest first.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EventDetail {
+    /// The event.
+    pub event: EventView,
+    /// Its attempts.
+    pub attempts: Vec<AttemptView>,
+}
+
+/// One page of the inbox, newest first.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InboxPage {
+    /// The events.
+    pub events: Vec<EventView>,
+    /// The last id of this page when there are more (the next page's cursor).
+    pub more_before: Option<Uuid>,
+}

@@ -1,0 +1,172 @@
+//! How the stages reach each other: the store's bounded queues and its health flag, and the two
+//! traits the server wires, so that no stage names a later one.
+//!
+//! - [`StoreQueues`]: what the owner cores and ingress hold of the store (bounded; full → refused).
+//! - [`CoreLink`]: what the store and delivery hold of the ingress cores (answers, dedup
+//!   settlements, cache invalidation). Implemented by the mesh.
+//! - [`DeliverySink`]: what the store holds of delivery (a plan per event before the write, the
+//!   committed batch after it). Implemented by the delivery pool.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use tokio::sync::{mpsc, Notify};
+
+use super::answer::{Completion, Refusal};
+use super::event::{DedupKey, NewEvent};
+use super::job::{StoreJob, WriteJob};
+use crate::config::{AckMode, Config};
+use crate::ids::{CoreId, EventId, Micros, OrgId};
+
+/// Whether the database takes writes: read by ingress cores (a load, no lock) to refuse writes at
+/// once while it does not; set by the store's health probe and by failed writes.
+pub struct Health {
+    up: AtomicBool,
+    kick: Notify,
+}
+
+impl Default for Health {
+    fn default() -> Self {
+        Health {
+            up: AtomicBool::new(true),
+            kick: Notify::new(),
+        }
+    }
+}
+
+impl Health {
+    /// Whether the last contact with the database worked.
+    pub fn is_up(&self) -> bool {
+        self.up.load(Ordering::Relaxed)
+    }
+
+    /// The database failed us: refuse writes until the probe succeeds, and wake the probe.
+    /// Returns whether it was up until now.
+    pub fn set_down(&self) -> bool {
+        let was_up = self.up.swap(false, Ordering::Relaxed);
+        self.kick.notify_one();
+        was_up
+    }
+
+    /// The probe reached the database. Returns whether it was down until now.
+    pub fn set_up(&self) -> bool {
+        !self.up.swap(true, Ordering::Relaxed)
+    }
+
+    /// Resolves when [`Health::set_down`] is called (the probe waits on it).
+    pub async fn kicked(&self) {
+        self.kick.notified().await
+    }
+}
+
+/// What ingress cores hold of the store: two bounded queues and the health flag.
+#[derive(Clone)]
+pub struct StoreQueues {
+    writes: mpsc::Sender<WriteJob>,
+    jobs: mpsc::Sender<StoreJob>,
+    health: Arc<Health>,
+    ack: AckMode,
+}
+
+/// The store's ends of [`StoreQueues`].
+pub struct StoreInbox {
+    /// Events to write.
+    pub writes: mpsc::Receiver<WriteJob>,
+    /// Everything else.
+    pub jobs: mpsc::Receiver<StoreJob>,
+    /// The flag the store keeps.
+    pub health: Arc<Health>,
+}
+
+/// The store's queues, sized from the configuration.
+pub fn store_queues(config: &Config) -> (StoreQueues, StoreInbox) {
+    let (writes, write_rx) = mpsc::channel(config.write_queue_events_max);
+    let (jobs, job_rx) = mpsc::channel(config.query_queue_max);
+    let health = Arc::new(Health::default());
+    (
+        StoreQueues {
+            writes,
+            jobs,
+            health: Arc::clone(&health),
+            ack: config.ack,
+        },
+        StoreInbox {
+            writes: write_rx,
+            jobs: job_rx,
+            health,
+        },
+    )
+}
+
+impl StoreQueues {
+    /// Queue an event; refused at once when the queue is full or the database is down.
+    pub fn write(&self, job: WriteJob) -> Result<(), Refusal> {
+        if !self.health.is_up() {
+            return Err(Refusal::Unavailable);
+        }
+        self.writes.try_send(job).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => Refusal::Overloaded("write queue full"),
+            mpsc::error::TrySendError::Closed(_) => Refusal::Unavailable,
+        })
+    }
+
+    /// Queue other work; refused at once when the queue is full.
+    pub fn submit(&self, job: StoreJob) -> Result<(), Refusal> {
+        self.jobs.try_send(job).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => Refusal::Overloaded("query queue full"),
+            mpsc::error::TrySendError::Closed(_) => Refusal::Unavailable,
+        })
+    }
+
+    /// The ack mode writes are answered in.
+    pub fn ack_mode(&self) -> AckMode {
+        self.ack
+    }
+
+    /// The database health flag.
+    pub fn health(&self) -> &Health {
+        &self.health
+    }
+}
+
+/// A boxed future, for the one async method of [`CoreLink`].
+pub type Pending<'a> = Pin<Box<dyn Future<Output = ()> + Send + 'a>>;
+
+/// What the pools hold of the ingress cores.
+pub trait CoreLink: Send + Sync + 'static {
+    /// Deliver answers to requests waiting on `core`.
+    fn complete(&self, core: CoreId, completions: Vec<Completion>);
+    /// Tell the owner core how the dedup keys it reserved were settled: committed as the event,
+    /// or not written (`None`).
+    fn settle(&self, core: CoreId, keys: Vec<(DedupKey, Option<EventId>)>);
+    /// `org`'s key or webhook changed (`None`: any may have); resolves once every core has
+    /// dropped what it cached about it.
+    fn org_changed(&self, org: Option<OrgId>) -> Pending<'_>;
+    /// The same, without waiting (a change made by another node).
+    fn notify_org_changed(&self, org: Option<OrgId>);
+}
+
+/// How one event is to be delivered, decided before it is written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Planned {
+    /// The row's `next_attempt_at`: `None` without webhook; the end of this node's lease when it
+    /// holds the event in memory; the creation time (due now, for any node's claimer) otherwise.
+    pub next_attempt_at: Option<Micros>,
+    /// Whether this node took an in-memory slot for it.
+    pub held: bool,
+}
+
+/// What the store holds of the delivery pool.
+pub trait DeliverySink: Send + Sync + 'static {
+    /// Plan the delivery of an event about to be written (may take an in-memory slot).
+    fn plan(&self, event: &NewEvent) -> Planned;
+    /// After a write: `committed` events go to delivery with their plans; the slots of events
+    /// that were not written are given back.
+    fn publish(&self, committed: Vec<(NewEvent, Planned)>, not_written: Vec<(OrgId, Planned)>);
+    /// Due work was written to the database (a redelivery): claim it now, not at the next poll.
+    fn wake(&self);
+    /// `org`'s webhook may have changed (`None`: any may have).
+    fn org_changed(&self, org: Option<OrgId>);
+}

@@ -1,0 +1,266 @@
+//! The listeners and the core threads: one SO_REUSEPORT listener per core (bound before any core
+//! starts, so port 0 works), one thread pinned per core running its own monoio runtime (io_uring,
+//! or epoll), and each core's accept loop.
+
+use std::cell::{Cell, RefCell};
+use std::io;
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::conn;
+use super::core::{run_mailbox, CoreCtx};
+use super::response::DateCache;
+use crate::auth::flight::Flights;
+use crate::auth::KeyCache;
+use crate::config::{Config, IoDriver, ACCEPT_BACKOFF, LISTEN_BACKLOG, URING_ENTRIES};
+use crate::flow::sink::StoreQueues;
+use crate::ids::CoreId;
+use crate::json;
+use crate::metrics::Metrics;
+use crate::shard::mesh::{Mailbox, Mesh, Waiters};
+use crate::shard::owner::Owner;
+use crate::shutdown::{race, Either, Signal};
+
+/// The listeners, bound before any core starts so that port 0 works and every core shares it.
+pub struct Listeners {
+    /// One API listener per core, all on one address.
+    pub api: Vec<std::net::TcpListener>,
+    /// The address they are bound to.
+    pub api_addr: SocketAddr,
+    /// The metrics listener, served by core 0.
+    pub metrics: Option<std::net::TcpListener>,
+    /// Its address.
+    pub metrics_addr: Option<SocketAddr>,
+}
+
+fn reuseport_listener(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(LISTEN_BACKLOG)?;
+    Ok(socket.into())
+}
+
+/// Bind one SO_REUSEPORT listener per core on `config.listen` (the first decides the port when
+/// it is 0), and the metrics listener.
+pub fn bind(config: &Config) -> io::Result<Listeners> {
+    let first = reuseport_listener(config.listen)?;
+    let api_addr = first.local_addr()?;
+    let mut api = vec![first];
+    for _ in 1..config.ingress_cores {
+        api.push(reuseport_listener(api_addr)?);
+    }
+    let (metrics, metrics_addr) = match config.metrics_listen {
+        Some(addr) => {
+            let l = reuseport_listener(addr)?;
+            let a = l.local_addr()?;
+            (Some(l), Some(a))
+        }
+        None => (None, None),
+    };
+    Ok(Listeners {
+        api,
+        api_addr,
+        metrics,
+        metrics_addr,
+    })
+}
+
+/// What a core thread needs to start.
+pub struct CoreParts {
+    /// The core.
+    pub core: CoreId,
+    /// Its API listener.
+    pub listener: std::net::TcpListener,
+    /// The metrics listener (core 0 only).
+    pub metrics_listener: Option<std::net::TcpListener>,
+    /// Its mailbox.
+    pub mailbox: Mailbox,
+}
+
+/// Start one pinned thread per core. Each returns when the core has shut down and drained.
+pub fn start(
+    config: Arc<Config>,
+    mesh: Mesh,
+    store: StoreQueues,
+    metrics: Arc<Metrics>,
+    parts: Vec<CoreParts>,
+) -> io::Result<Vec<std::thread::JoinHandle<()>>> {
+    let cpus = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    let mut threads = Vec::new();
+    for part in parts {
+        let (config, mesh, store) = (Arc::clone(&config), mesh.clone(), store.clone());
+        let metrics = Arc::clone(&metrics);
+        let handle = std::thread::Builder::new()
+            .name(format!("ingress-{}", part.core.0))
+            .spawn(move || {
+                if config.ingress_cores <= cpus {
+                    pin_to_cpu(part.core.0);
+                }
+                if let Err(e) = run_core(config, mesh, store, metrics, part) {
+                    tracing::error!(error = %e, "ingress core failed");
+                    std::process::exit(1);
+                }
+            })?;
+        threads.push(handle);
+    }
+    Ok(threads)
+}
+
+fn pin_to_cpu(cpu: usize) {
+    // SAFETY: cpu_set_t is plain data; CPU_SET writes within it for cpu < CPU_SETSIZE, and
+    // sched_setaffinity(0, ...) only affects the calling thread.
+    unsafe {
+        if cpu >= libc::CPU_SETSIZE as usize {
+            return;
+        }
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+            tracing::debug!(cpu, "could not pin ingress thread");
+        }
+    }
+}
+
+fn run_core(
+    config: Arc<Config>,
+    mesh: Mesh,
+    store: StoreQueues,
+    metrics: Arc<Metrics>,
+    part: CoreParts,
+) -> io::Result<()> {
+    let core = part.core;
+    let uring = || {
+        monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
+            .with_entries(URING_ENTRIES)
+            .enable_timer()
+            .build()
+    };
+    let epoll = || {
+        monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
+            .enable_timer()
+            .build()
+    };
+    match config.io_driver {
+        IoDriver::Uring => {
+            let mut rt = uring().map_err(|e| io::Error::new(e.kind(), format!("io_uring: {e}")))?;
+            log_driver(core, "io_uring");
+            rt.block_on(serve(config, mesh, store, metrics, part))
+        }
+        IoDriver::Epoll => {
+            log_driver(core, "epoll");
+            epoll()?.block_on(serve(config, mesh, store, metrics, part))
+        }
+        IoDriver::Auto => match uring() {
+            Ok(mut rt) => {
+                log_driver(core, "io_uring");
+                rt.block_on(serve(config, mesh, store, metrics, part))
+            }
+            Err(e) => {
+                if core.0 == 0 {
+                    tracing::warn!(error = %e, "io_uring unavailable; using epoll");
+                }
+                log_driver(core, "epoll");
+                epoll()?.block_on(serve(config, mesh, store, metrics, part))
+            }
+        },
+    }
+}
+
+fn log_driver(core: CoreId, driver: &str) {
+    tracing::debug!(core = core.0, driver, "ingress core started");
+}
+
+async fn serve(
+    config: Arc<Config>,
+    mesh: Mesh,
+    store: StoreQueues,
+    all_metrics: Arc<Metrics>,
+    part: CoreParts,
+) -> io::Result<()> {
+    let listener = monoio::net::TcpListener::from_std(part.listener)?;
+    let metrics_listener = part
+        .metrics_listener
+        .map(monoio::net::TcpListener::from_std)
+        .transpose()?;
+    let metrics = all_metrics.core(part.core.0);
+    let ctx = Rc::new(CoreCtx {
+        core: part.core,
+        owner: Owner::new(
+            part.core,
+            config.dedup_window_entries,
+            store.clone(),
+            mesh.clone(),
+            Arc::clone(&metrics),
+        ),
+        keys: RefCell::new(KeyCache::new(config.auth_cache_entries)),
+        flights: Flights::default(),
+        waiters: Rc::new(Waiters::default()),
+        parser: RefCell::new(json::Parser::default()),
+        metrics,
+        all_metrics,
+        shutdown: Signal::default(),
+        connections: Cell::new(0),
+        drained: Signal::default(),
+        date: RefCell::new(DateCache::default()),
+        config,
+        mesh,
+        store,
+    });
+    let closing = Signal::default();
+    let mailbox = monoio::spawn(run_mailbox(Rc::clone(&ctx), part.mailbox, closing.clone()));
+    if let Some(l) = metrics_listener {
+        monoio::spawn(accept_loop(Rc::clone(&ctx), l, true));
+    }
+    accept_loop(Rc::clone(&ctx), listener, false).await;
+
+    // Shutdown: no more accepts; wait for open connections to finish their requests.
+    if ctx.connections.get() > 0 {
+        let limit = Duration::from_secs(ctx.config.shutdown_timeout_s);
+        if monoio::time::timeout(limit, ctx.drained.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                core = ctx.core.0,
+                open = ctx.connections.get(),
+                "connections still open at the shutdown deadline"
+            );
+        }
+    }
+    // The mailbox task must end before the runtime goes: parked, it would be owned by its waker
+    // in the channel and keep this core's store handle (and so the store) alive.
+    closing.set();
+    mailbox.await;
+    Ok(())
+}
+
+async fn accept_loop(ctx: Rc<CoreCtx>, listener: monoio::net::TcpListener, metrics_only: bool) {
+    loop {
+        let accepted = match race(listener.accept(), ctx.shutdown.wait()).await {
+            Either::Left(r) => r,
+            Either::Right(()) => return,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                if ctx.connections.get() >= ctx.config.connections_per_core_max {
+                    monoio::spawn(conn::refuse(Rc::clone(&ctx), stream));
+                    continue;
+                }
+                monoio::spawn(conn::serve(Rc::clone(&ctx), stream, peer, metrics_only));
+            }
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning.
+                tracing::warn!(error = %e, "accept failed");
+                monoio::time::sleep(ACCEPT_BACKOFF).await;
+            }
+        }
+    }
+}

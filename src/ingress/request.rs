@@ -1,0 +1,99 @@
+//! A complete request, and the checks every handler shares: JSON content type, a JSON object
+//! body, text fields, path ids.
+
+use std::cell::RefCell;
+use std::net::IpAddr;
+
+use bytes::Bytes;
+
+use super::parse::Head;
+use crate::config::TEXT_FIELD_CHARS_MAX;
+use crate::error::ApiError;
+use crate::json;
+
+/// One request, head and body complete.
+pub struct Request {
+    /// The head.
+    pub head: Head,
+    /// The body (empty when there is none).
+    pub body: Bytes,
+    /// The client's address.
+    pub peer: IpAddr,
+}
+
+/// 415 unless the request says its body is JSON (`application/json` or `application/*+json`,
+/// parameters such as `charset` allowed).
+pub fn require_json(req: &Request) -> Result<(), ApiError> {
+    let ok = req.head.content_type.as_deref().is_some_and(|ct| {
+        let media = ct.split(|&b| b == b';').next().unwrap_or(b"");
+        let media = std::str::from_utf8(media)
+            .unwrap_or("")
+            .trim()
+            .to_ascii_lowercase();
+        media == "application/json"
+            || (media.starts_with("application/") && media.ends_with("+json"))
+    });
+    if ok {
+        Ok(())
+    } else {
+        Err(ApiError::UnsupportedMediaType)
+    }
+}
+
+/// A path id: any UUID, else 422 naming `field`.
+pub fn path_uuid(param: Option<&str>, field: &'static str) -> Result<uuid::Uuid, ApiError> {
+    param
+        .and_then(crate::ids::parse_uuid)
+        .ok_or_else(|| ApiError::validation(field, format!("{field} must be a UUID")))
+}
+
+/// Validate a JSON body as an object and hand it to `f`; 400 for anything that is not.
+pub fn with_body<R>(
+    parser: &RefCell<json::Parser>,
+    body: &[u8],
+    f: impl FnOnce(&json::Body<'_>) -> Result<R, ApiError>,
+) -> Result<R, ApiError> {
+    match parser.borrow_mut().with_object(body, f) {
+        Ok(r) => r,
+        Err(json::JsonError::Invalid(msg)) => Err(ApiError::InvalidJson(msg)),
+        Err(json::JsonError::NotAnObject) => Err(ApiError::InvalidJson(
+            "request body must be a JSON object".into(),
+        )),
+    }
+}
+
+/// A required-or-optional string field of 1..=`TEXT_FIELD_CHARS_MAX` characters without NUL.
+pub fn text_field<'a>(
+    body: &json::Body<'a>,
+    names: &[&str],
+    field: &'static str,
+    required: bool,
+) -> Result<Option<&'a str>, ApiError> {
+    let value = names.iter().find_map(|n| body.get(n));
+    match value {
+        None | Some(json::Field::Null) if !required => Ok(None),
+        None | Some(json::Field::Null) => {
+            Err(ApiError::validation(field, format!("{field} is required")))
+        }
+        Some(json::Field::Str(s)) => {
+            let chars = s.chars().count();
+            if chars == 0 || chars > TEXT_FIELD_CHARS_MAX {
+                Err(ApiError::validation(
+                    field,
+                    format!("{field} must be 1 to {TEXT_FIELD_CHARS_MAX} characters, got {chars}"),
+                ))
+            } else if s.contains('\0') {
+                Err(ApiError::validation(
+                    field,
+                    format!("{field} must not contain NUL characters"),
+                ))
+            } else {
+                Ok(Some(s))
+            }
+        }
+        Some(other) => Err(ApiError::validation(
+            field,
+            format!("{field} must be a string, not {}", other.type_name()),
+        )),
+    }
+}

@@ -1,0 +1,200 @@
+//! The whole server in-process: [`run`] starts the pools and the ingress cores on listeners bound
+//! by the caller, wiring each later stage into the earlier ones as a sink, and returns a
+//! [`Running`] server; [`Running::finish`] waits for the shutdown future and then stops in order:
+//! no new connections, in-flight requests answered, every queued event written, pending deliveries
+//! handed back. `main` runs it on the configured address with SIGTERM/SIGINT as the shutdown; tests
+//! run it on port 0 with a channel.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::task::JoinHandle;
+
+use crate::config::{
+    Config, DATABASE_PATIENCE, DELIVERY_GRACE_MAX, RUNTIME_STOP_WAIT, SHUTDOWN_GRACE_MIN,
+};
+use crate::delivery::pool::Delivery;
+use crate::flow::sink::{store_queues, CoreLink, DeliverySink};
+use crate::ids::CoreId;
+use crate::ingress::listen::{self, CoreParts, Listeners};
+use crate::ingress::router::Route;
+use crate::metrics::Metrics;
+use crate::shard::mesh::Mesh;
+use crate::store::migrate;
+use crate::store::pool::Store;
+
+/// A running server: its runtime, cores and pools, until [`Running::finish`].
+pub struct Running {
+    config: Arc<Config>,
+    rt: tokio::runtime::Runtime,
+    mesh: Mesh,
+    threads: Vec<std::thread::JoinHandle<()>>,
+    store: Store,
+    delivery: Delivery,
+    stop: JoinHandle<()>,
+    api_addr: SocketAddr,
+    metrics_addr: Option<SocketAddr>,
+    metrics: Arc<Metrics>,
+}
+
+/// The tokio runtime of the store and delivery pools.
+pub fn runtime(config: &Config) -> Result<tokio::runtime::Runtime, String> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(config.store_threads)
+        .thread_name("pool")
+        .enable_all()
+        .build()
+        .map_err(|e| format!("tokio runtime: {e}"))
+}
+
+/// Apply pending migrations, waiting up to `DATABASE_PATIENCE` for the database to accept
+/// connections.
+pub async fn migrate(config: &Config) -> Result<Vec<i32>, String> {
+    let mut client = crate::db::connect(config, DATABASE_PATIENCE).await?;
+    migrate::migrate(&mut client)
+        .await
+        .map_err(|e| format!("migration failed: {e}"))
+}
+
+/// Start everything on `listeners`; the server stops when `shutdown` resolves and
+/// [`Running::finish`] is called. `shutdown` is polled from the start (signal handlers it installs
+/// are in place before the database is reached).
+pub fn run(
+    config: Config,
+    listeners: Listeners,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<Running, String> {
+    let started = Instant::now();
+    let config = Arc::new(config);
+    let rt = runtime(&config)?;
+    let stop = rt.spawn(shutdown);
+    let applied = rt.block_on(migrate(&config))?;
+    tracing::info!(applied = applied.len(), "migrations up to date");
+
+    let (mesh, mailboxes) = Mesh::new(config.ingress_cores, config.hop_queue_max);
+    let metrics = Metrics::new(&Route::LABELS, config.ingress_cores);
+    let (queues, inbox) = store_queues(&config);
+    let _guard = rt.enter();
+    let (delivery, delivery_handle) = Delivery::start(Arc::clone(&config), Arc::clone(&metrics))?;
+    let cores: Arc<dyn CoreLink> = Arc::new(mesh.clone());
+    let sink: Arc<dyn DeliverySink> = Arc::new(delivery_handle);
+    let store = Store::start(
+        Arc::clone(&config),
+        inbox,
+        cores,
+        sink,
+        Arc::clone(&metrics),
+    )?;
+
+    let Listeners {
+        api,
+        api_addr,
+        metrics: metrics_listener,
+        metrics_addr,
+    } = listeners;
+    let mut metrics_listener = metrics_listener;
+    let parts = api
+        .into_iter()
+        .zip(mailboxes)
+        .enumerate()
+        .map(|(i, (listener, mailbox))| CoreParts {
+            core: CoreId(i),
+            listener,
+            metrics_listener: if i == 0 {
+                metrics_listener.take()
+            } else {
+                None
+            },
+            mailbox,
+        })
+        .collect();
+    let threads = listen::start(
+        Arc::clone(&config),
+        mesh.clone(),
+        queues,
+        Arc::clone(&metrics),
+        parts,
+    )
+    .map_err(|e| format!("ingress threads: {e}"))?;
+    drop(_guard);
+    tracing::info!(
+        listen = %api_addr,
+        metrics = %metrics_addr.map(|a| a.to_string()).unwrap_or_else(|| "off".into()),
+        cores = config.ingress_cores,
+        ack = ?config.ack,
+        io_driver = ?config.io_driver,
+        startup_ms = started.elapsed().as_millis() as u64,
+        "triggers ready"
+    );
+    Ok(Running {
+        config,
+        rt,
+        mesh,
+        threads,
+        store,
+        delivery,
+        stop,
+        api_addr,
+        metrics_addr,
+        metrics,
+    })
+}
+
+impl Running {
+    /// Where the API listens.
+    pub fn api_addr(&self) -> SocketAddr {
+        self.api_addr
+    }
+
+    /// Where `/metrics` listens, if it has its own port.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
+    }
+
+    /// The server's metrics.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// Wait for the shutdown future, then stop: no new connections, in-flight requests finished
+    /// (answered with `Connection: close`), every queued event written, attempts in flight given
+    /// a moment, and pending deliveries handed back to the database.
+    pub fn finish(self) {
+        let Running {
+            config,
+            rt,
+            mesh,
+            threads,
+            store,
+            delivery,
+            stop,
+            ..
+        } = self;
+        let _ = rt.block_on(stop);
+        let stopping = Instant::now();
+        tracing::info!("shutting down: no new connections, finishing in-flight requests");
+        mesh.shutdown();
+        for t in threads {
+            let _ = t.join();
+        }
+        tracing::info!("ingress drained; writing what is queued");
+        let total = Duration::from_secs(config.shutdown_timeout_s);
+        let grace = total
+            .saturating_sub(stopping.elapsed())
+            .max(SHUTDOWN_GRACE_MIN);
+        let finished = rt.block_on(async { tokio::time::timeout(grace, store.finish()).await });
+        if finished.is_err() {
+            tracing::warn!("store did not finish within the shutdown deadline");
+        }
+        // Attempts in flight get a moment; whatever is still in memory goes back to the database.
+        let left = total.saturating_sub(stopping.elapsed());
+        rt.block_on(delivery.finish(left.min(DELIVERY_GRACE_MAX)));
+        tracing::info!(
+            elapsed_ms = stopping.elapsed().as_millis() as u64,
+            "stopped"
+        );
+        rt.shutdown_timeout(RUNTIME_STOP_WAIT);
+    }
+}

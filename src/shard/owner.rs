@@ -1,0 +1,239 @@
+//! Owner-core logic: every organization has one owner core (a pure function of its id) that spends
+//! its tokens and keeps its dedup window, so no lock is ever taken. A request that lands on another
+//! core hops there as a small message and its answer comes back; on the owner nothing is shared.
+//!
+//! - Sending side ([`Owner::ingest`], [`Owner::query`], [`Owner::rate`]): run here when this core
+//!   is the owner, else hop. `Some` is an answer now; `None` means one will come to the slot.
+//! - Owner side ([`Owner::serve`]): admit an event (token, dedup window, store queue), read the
+//!   bucket for a query's headers and hand the query to the store.
+
+use std::cell::RefCell;
+use std::sync::Arc;
+
+use super::mesh::{owner_core, Hop, Mesh};
+use super::state::{Admit, Shard};
+use crate::auth::OrgInfo;
+use crate::config::AckMode;
+use crate::flow::answer::{IngestOutcome, Ingested};
+use crate::flow::answer::{Outcome, RateSnapshot, Refusal, ReplyTo};
+use crate::flow::event::{DedupKey, NewEvent};
+use crate::flow::job::{Query, StoreJob, WriteJob};
+use crate::flow::sink::StoreQueues;
+use crate::ids::{CoreId, EventId};
+use crate::metrics::CoreMetrics;
+
+/// Where a rate read went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RateRead {
+    /// This core owns the organization: here it is.
+    Now(RateSnapshot),
+    /// Hopped to the owner: the answer comes to the slot.
+    Sent,
+    /// The owner's queue is full: no headers.
+    Refused,
+}
+
+/// One core's owner role: its shard of organizations and the queues it hands work to.
+pub struct Owner {
+    core: CoreId,
+    shard: RefCell<Shard>,
+    store: StoreQueues,
+    mesh: Mesh,
+    metrics: Arc<CoreMetrics>,
+}
+
+impl Owner {
+    /// The owner role of `core`, remembering up to `dedup_entries` dedup ids.
+    pub fn new(
+        core: CoreId,
+        dedup_entries: usize,
+        store: StoreQueues,
+        mesh: Mesh,
+        metrics: Arc<CoreMetrics>,
+    ) -> Owner {
+        Owner {
+            core,
+            shard: RefCell::new(Shard::new(core, dedup_entries)),
+            store,
+            mesh,
+            metrics,
+        }
+    }
+
+    fn owner(&self, org: &OrgInfo) -> CoreId {
+        owner_core(&org.id, self.mesh.cores())
+    }
+
+    fn hop(&self, owner: CoreId, hop: Hop) -> Result<(), Refusal> {
+        self.metrics.hop();
+        self.mesh
+            .hop(owner, hop)
+            .map_err(|_| Refusal::Overloaded("owner core queue full"))
+    }
+
+    /// Ingest `event` through its organization's owner core.
+    pub fn ingest(&self, org: OrgInfo, event: NewEvent, reply: ReplyTo) -> Option<IngestOutcome> {
+        let owner = self.owner(&org);
+        if owner == self.core {
+            return self.admit(org, event, reply);
+        }
+        match self.hop(owner, Hop::Ingest { org, event, reply }) {
+            Ok(()) => None,
+            Err(r) => Some(IngestOutcome {
+                result: Ingested::Refused(r),
+                rate: None,
+            }),
+        }
+    }
+
+    /// Run `query` in the store through its organization's owner core (which adds the headers).
+    pub fn query(
+        &self,
+        org: OrgInfo,
+        query: Query,
+        reply: ReplyTo,
+    ) -> Option<(Refusal, Option<RateSnapshot>)> {
+        let owner = self.owner(&org);
+        if owner == self.core {
+            return self
+                .forward(org, query, reply)
+                .map(|(r, rate)| (r, Some(rate)));
+        }
+        match self.hop(owner, Hop::Query { org, query, reply }) {
+            Ok(()) => None,
+            Err(r) => Some((r, None)),
+        }
+    }
+
+    /// The organization's bucket, for the headers of an answer that never reached the owner.
+    pub fn rate(&self, org: OrgInfo, reply: ReplyTo) -> RateRead {
+        let owner = self.owner(&org);
+        if owner == self.core {
+            return RateRead::Now(self.shard.borrow_mut().snapshot(&org));
+        }
+        match self.hop(owner, Hop::Peek { org, reply }) {
+            Ok(()) => RateRead::Sent,
+            Err(_) => RateRead::Refused,
+        }
+    }
+
+    /// Owner side of a hop from another core: answer it now, or let the store answer it.
+    pub fn serve(&self, hop: Hop) {
+        match hop {
+            Hop::Ingest { org, event, reply } => {
+                if let Some(outcome) = self.admit(org, event, reply) {
+                    self.mesh.complete_one(reply, Outcome::Ingested(outcome));
+                }
+            }
+            Hop::Query { org, query, reply } => {
+                if let Some((refusal, rate)) = self.forward(org, query, reply) {
+                    self.mesh.complete_one(
+                        reply,
+                        Outcome::Answered {
+                            answer: Err(refusal),
+                            rate: Some(rate),
+                        },
+                    );
+                }
+            }
+            Hop::Peek { org, reply } => {
+                let rate = self.shard.borrow_mut().snapshot(&org);
+                self.mesh.complete_one(reply, Outcome::Rate(rate));
+            }
+        }
+    }
+
+    /// A hop that reached this core after it stopped: answered 503, so no request on another core
+    /// waits for a core that has gone.
+    pub fn refuse(&self, hop: Hop) {
+        let (reply, outcome) = match hop {
+            Hop::Ingest { reply, .. } => (
+                reply,
+                Outcome::Ingested(IngestOutcome {
+                    result: Ingested::Refused(Refusal::Unavailable),
+                    rate: None,
+                }),
+            ),
+            Hop::Query { reply, .. } | Hop::Peek { reply, .. } => (
+                reply,
+                Outcome::Answered {
+                    answer: Err(Refusal::Unavailable),
+                    rate: None,
+                },
+            ),
+        };
+        self.mesh.complete_one(reply, outcome);
+    }
+
+    /// The store settled dedup keys this core reserved.
+    pub fn settle(&self, keys: Vec<(DedupKey, Option<EventId>)>) {
+        let mut shard = self.shard.borrow_mut();
+        for (key, outcome) in keys {
+            shard.settle(key, outcome);
+        }
+    }
+
+    /// Spend a token, check the dedup window, queue the event. `Some` is an answer now; `None`
+    /// means the store will answer `reply` after COMMIT.
+    fn admit(&self, org: OrgInfo, event: NewEvent, reply: ReplyTo) -> Option<IngestOutcome> {
+        debug_assert_eq!(self.owner(&org), self.core, "only the owner admits");
+        let decision = self
+            .shard
+            .borrow_mut()
+            .admit(&org, event.dedup_id.as_deref());
+        let (result, rate) = match decision {
+            Admit::Limited {
+                rate,
+                retry_after_s,
+            } => (
+                Ingested::Refused(Refusal::RateLimited {
+                    limit: org.limit,
+                    retry_after_s,
+                }),
+                rate,
+            ),
+            Admit::Duplicate { rate, event_id } => (Ingested::Duplicate(event_id), rate),
+            Admit::Go { rate, dedup_key } => {
+                let fast = self.store.ack_mode() == AckMode::Fast;
+                let job = WriteJob {
+                    event,
+                    reply: (!fast).then_some(reply),
+                    rate: Some(rate),
+                    dedup: dedup_key.map(|k| (k, self.core)),
+                };
+                match self.store.write(job) {
+                    Ok(()) if fast => (Ingested::Queued, rate),
+                    Ok(()) => return None,
+                    Err(refusal) => {
+                        let mut shard = self.shard.borrow_mut();
+                        shard.undo(&org, dedup_key);
+                        (Ingested::Refused(refusal), shard.snapshot(&org))
+                    }
+                }
+            }
+        };
+        Some(IngestOutcome {
+            result,
+            rate: Some(rate),
+        })
+    }
+
+    /// Read the bucket for the headers, hand the query to the store. `Some` when it was refused.
+    fn forward(
+        &self,
+        org: OrgInfo,
+        query: Query,
+        reply: ReplyTo,
+    ) -> Option<(Refusal, RateSnapshot)> {
+        let rate = self.shard.borrow_mut().snapshot(&org);
+        match self.store.submit(StoreJob::Query {
+            org,
+            query,
+            rate,
+            reply,
+        }) {
+            Ok(()) => None,
+            Err(refusal) => Some((refusal, rate)),
+        }
+    }
+}

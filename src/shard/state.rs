@@ -1,0 +1,207 @@
+//! What one core owns of its organizations: their token buckets and the recent-dedup window. Plain
+//! structs touched only by that core: no locks.
+
+use std::collections::HashMap;
+use std::hash::{BuildHasher, Hasher};
+use std::time::Instant;
+
+use super::dedup::{DedupWindow, Seen};
+use super::rate_limit::TokenBucket;
+use crate::auth::OrgInfo;
+use crate::config::BUCKET_SWEEP_EVERY_US;
+use crate::flow::answer::RateSnapshot;
+use crate::flow::event::DedupKey;
+use crate::ids::{CoreId, EventId, OrgId};
+
+/// The owner's decision on one event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admit {
+    /// Spent a token; the event goes to the store. `dedup_key` is set when it has a dedup id.
+    Go {
+        /// The bucket after spending.
+        rate: RateSnapshot,
+        /// The key reserved in the dedup window.
+        dedup_key: Option<DedupKey>,
+    },
+    /// Out of tokens: 429.
+    Limited {
+        /// The bucket as it is.
+        rate: RateSnapshot,
+        /// Seconds until one token is there.
+        retry_after_s: u32,
+    },
+    /// The dedup id is known committed: 409 with the first event.
+    Duplicate {
+        /// The bucket after spending.
+        rate: RateSnapshot,
+        /// The first event with this dedup id.
+        event_id: EventId,
+    },
+}
+
+/// One core's share of the organizations.
+pub struct Shard {
+    core: CoreId,
+    buckets: HashMap<OrgId, TokenBucket, ahash::RandomState>,
+    dedup: DedupWindow,
+    hash_a: ahash::RandomState,
+    hash_b: ahash::RandomState,
+    epoch: Instant,
+    last_sweep_us: u64,
+}
+
+impl Shard {
+    /// The shard of `core`, remembering up to `dedup_entries` dedup ids.
+    pub fn new(core: CoreId, dedup_entries: usize) -> Self {
+        Shard {
+            core,
+            buckets: HashMap::with_hasher(ahash::RandomState::new()),
+            dedup: DedupWindow::new(dedup_entries),
+            hash_a: ahash::RandomState::new(),
+            hash_b: ahash::RandomState::new(),
+            epoch: Instant::now(),
+            last_sweep_us: 0,
+        }
+    }
+
+    /// Microseconds on this shard's monotonic clock.
+    fn now_us(&self) -> u64 {
+        self.epoch.elapsed().as_micros() as u64
+    }
+
+    fn bucket(&mut self, org: &OrgInfo, now_us: u64) -> &mut TokenBucket {
+        if now_us.saturating_sub(self.last_sweep_us) > BUCKET_SWEEP_EVERY_US {
+            self.last_sweep_us = now_us;
+            self.buckets.retain(|_, b| !b.is_full(now_us));
+        }
+        self.buckets
+            .entry(org.id)
+            .or_insert_with(|| TokenBucket::new(org.limit, now_us))
+    }
+
+    fn dedup_key(&self, org: &OrgId, dedup_id: &str) -> DedupKey {
+        let hash = |state: &ahash::RandomState| {
+            let mut h = state.build_hasher();
+            h.write(org.as_bytes());
+            h.write(dedup_id.as_bytes());
+            h.finish()
+        };
+        (u128::from(hash(&self.hash_a)) << 64) | u128::from(hash(&self.hash_b))
+    }
+
+    /// Decide on one event of `org`: spend a token, then check the dedup window.
+    pub fn admit(&mut self, org: &OrgInfo, dedup_id: Option<&str>) -> Admit {
+        let now = self.now_us();
+        let bucket = self.bucket(org, now);
+        let rate = match bucket.try_take(now, org.limit) {
+            Ok(rate) => rate,
+            Err(retry_after_s) => {
+                return Admit::Limited {
+                    rate: bucket.snapshot(now, org.limit),
+                    retry_after_s,
+                }
+            }
+        };
+        let dedup_key = dedup_id.map(|d| self.dedup_key(&org.id, d));
+        if let Some(key) = dedup_key {
+            if let Seen::Committed(event_id) = self.dedup.check_and_reserve(key) {
+                return Admit::Duplicate { rate, event_id };
+            }
+        }
+        Admit::Go { rate, dedup_key }
+    }
+
+    /// The event admitted with `dedup_key` could not be queued: give its token back and free the key.
+    pub fn undo(&mut self, org: &OrgInfo, dedup_key: Option<DedupKey>) {
+        if let Some(b) = self.buckets.get_mut(&org.id) {
+            b.refund();
+        }
+        if let Some(key) = dedup_key {
+            self.dedup.settle(key, None);
+        }
+    }
+
+    /// The bucket of `org` for the rate-limit headers, without spending.
+    pub fn snapshot(&mut self, org: &OrgInfo) -> RateSnapshot {
+        let now = self.now_us();
+        self.bucket(org, now).snapshot(now, org.limit)
+    }
+
+    /// The store settled a dedup key this shard reserved.
+    pub fn settle(&mut self, key: DedupKey, outcome: Option<EventId>) {
+        self.dedup.settle(key, outcome);
+    }
+
+    /// This shard's core.
+    pub fn core(&self) -> CoreId {
+        self.core
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use uuid::Uuid;
+
+    fn org(limit: u32) -> OrgInfo {
+        OrgInfo {
+            limit,
+            ..OrgInfo::test(OrgId(Uuid::from_u128(42)))
+        }
+    }
+
+    #[test]
+    fn admits_until_the_budget_is_spent() {
+        let mut s = Shard::new(CoreId(0), 16);
+        let o = org(2);
+        assert!(
+            matches!(s.admit(&o, None), Admit::Go { rate, dedup_key: None } if rate.remaining == 1)
+        );
+        assert!(matches!(s.admit(&o, None), Admit::Go { .. }));
+        match s.admit(&o, None) {
+            Admit::Limited {
+                rate,
+                retry_after_s,
+            } => {
+                assert_eq!((rate.limit, rate.remaining), (2, 0));
+                assert_eq!(retry_after_s, 30);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn committed_dedup_ids_come_back_as_duplicates() {
+        let mut s = Shard::new(CoreId(0), 16);
+        let o = org(100);
+        let Admit::Go {
+            dedup_key: Some(key),
+            ..
+        } = s.admit(&o, Some("order-1"))
+        else {
+            panic!()
+        };
+        // In flight: the database decides.
+        assert!(matches!(s.admit(&o, Some("order-1")), Admit::Go { .. }));
+        let first = EventId(Uuid::from_u128(7));
+        s.settle(key, Some(first));
+        assert!(
+            matches!(s.admit(&o, Some("order-1")), Admit::Duplicate { event_id, .. } if event_id == first)
+        );
+        // Same dedup id, other organization: not a duplicate.
+        let other = OrgInfo::test(OrgId(Uuid::from_u128(43)));
+        assert!(matches!(s.admit(&other, Some("order-1")), Admit::Go { .. }));
+    }
+
+    #[test]
+    fn undo_refunds_and_frees_the_key() {
+        let mut s = Shard::new(CoreId(0), 16);
+        let o = org(1);
+        let Admit::Go { dedup_key, .. } = s.admit(&o, Some("k")) else {
+            panic!()
+        };
+        s.undo(&o, dedup_key);
+        assert_eq!(s.snapshot(&o).remaining, 1);
+        assert!(matches!(s.admit(&o, Some("k")), Admit::Go { .. }));
+    }
+}

@@ -1,0 +1,119 @@
+//! What the store pool's tasks share, and the two helpers every query uses: a deadline, and the
+//! mapping of a failure to the refusal a client gets.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use deadpool_postgres::Pool;
+
+use crate::auth::flight::Flights;
+use crate::auth::verify::Verifier;
+use crate::auth::OrgInfo;
+use crate::config::Config;
+use crate::db::is_connection_error;
+use crate::flow::answer::Refusal;
+use crate::flow::sink::{CoreLink, DeliverySink, Health};
+use crate::ids::OrgId;
+use crate::metrics::Metrics;
+
+/// Shared state of the store pool's tasks.
+pub struct StoreCtx {
+    /// The configuration.
+    pub config: Arc<Config>,
+    /// Connections for reads and small writes.
+    pub pool: Pool,
+    /// The group-commit writers' own connections.
+    pub writer_pool: Pool,
+    /// The ingress cores: answers, dedup settlements, cache invalidation.
+    pub cores: Arc<dyn CoreLink>,
+    /// The delivery pool: plans before a write, committed batches after it.
+    pub delivery: Arc<dyn DeliverySink>,
+    /// Argon2, the failure throttle, the node's verified keys.
+    pub verifier: Verifier,
+    /// Key verifications in progress on this node.
+    pub flights: Flights<Result<OrgInfo, Refusal>>,
+    /// Whether the database takes writes.
+    pub health: Arc<Health>,
+    /// The server's metrics.
+    pub metrics: Arc<Metrics>,
+    /// Longest a database round trip may take.
+    pub db_timeout: Duration,
+}
+
+/// Why a job failed.
+pub enum Failure {
+    /// A refusal to answer as it is.
+    Refused(Refusal),
+    /// A database error: 503 if the database is gone, 500 otherwise.
+    Db(tokio_postgres::Error),
+    /// No connection could be had.
+    Pool(String),
+}
+
+impl From<Refusal> for Failure {
+    fn from(r: Refusal) -> Self {
+        Failure::Refused(r)
+    }
+}
+
+impl From<tokio_postgres::Error> for Failure {
+    fn from(e: tokio_postgres::Error) -> Self {
+        Failure::Db(e)
+    }
+}
+
+impl From<deadpool_postgres::PoolError> for Failure {
+    fn from(e: deadpool_postgres::PoolError) -> Self {
+        Failure::Pool(e.to_string())
+    }
+}
+
+/// A job's result before the deadline and the failure mapping.
+pub type Done<T> = Result<T, Failure>;
+
+impl StoreCtx {
+    /// An organization's key or webhook changed (`None`: any may have): drop what this node
+    /// caches about it, and wait until every ingress core has.
+    pub async fn org_changed(&self, org: Option<OrgId>) {
+        self.verifier.org_changed(org);
+        self.delivery.org_changed(org);
+        self.cores.org_changed(org).await;
+    }
+
+    /// The refusal a failure becomes; a database that is gone also lowers the health flag.
+    pub fn fail(&self, what: &str, failure: Failure) -> Refusal {
+        match failure {
+            Failure::Refused(r) => r,
+            Failure::Db(e) if is_connection_error(&e) => {
+                tracing::warn!(error = %e, what, "database unavailable");
+                self.health.set_down();
+                Refusal::Unavailable
+            }
+            Failure::Db(e) => {
+                tracing::error!(error = %e, what, "query failed");
+                Refusal::Internal
+            }
+            Failure::Pool(e) => {
+                tracing::warn!(error = %e, what, "no database connection");
+                self.health.set_down();
+                Refusal::Unavailable
+            }
+        }
+    }
+
+    /// Run `work` under the database deadline.
+    pub async fn timed<T>(
+        &self,
+        what: &str,
+        work: impl std::future::Future<Output = Done<T>>,
+    ) -> Result<T, Refusal> {
+        match tokio::time::timeout(self.db_timeout, work).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(f)) => Err(self.fail(what, f)),
+            Err(_) => {
+                tracing::warn!(what, "database deadline passed");
+                Err(Refusal::Unavailable)
+            }
+        }
+    }
+}

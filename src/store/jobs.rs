@@ -1,0 +1,123 @@
+//! Everything a request waits for besides event writes. Each job runs as its own task (at most
+//! `Config::query_jobs_running_max` at once; beyond that the bounded job queue fills and ingress
+//! answers 503) with a deadline of `db_timeout_ms`; its answer, a value, goes to the waiting core.
+
+use std::sync::Arc;
+
+use tokio::sync::{mpsc, Semaphore};
+
+use super::ctx::StoreCtx;
+use super::{events, inbox, keys, webhook};
+use crate::auth::OrgInfo;
+use crate::flow::answer::{Answer, Completion, Outcome, Refusal, ReplyTo};
+use crate::flow::job::{Query, StoreJob};
+
+/// Take jobs off the queue until it closes, then wait for those still running.
+pub async fn run(mut jobs: mpsc::Receiver<StoreJob>, ctx: Arc<StoreCtx>) {
+    let running_max = ctx.config.query_jobs_running_max();
+    let slots = Arc::new(Semaphore::new(running_max));
+    while let Some(job) = jobs.recv().await {
+        let Ok(slot) = Arc::clone(&slots).acquire_owned().await else {
+            break;
+        };
+        let ctx = Arc::clone(&ctx);
+        tokio::spawn(async move {
+            handle(&ctx, job).await;
+            drop(slot);
+        });
+    }
+    let _ = slots.acquire_many(running_max as u32).await;
+}
+
+fn answer(ctx: &StoreCtx, to: ReplyTo, outcome: Outcome) {
+    ctx.cores.complete(
+        to.core,
+        vec![Completion {
+            slot: to.slot,
+            outcome,
+        }],
+    );
+}
+
+async fn handle(ctx: &StoreCtx, job: StoreJob) {
+    match job {
+        StoreJob::Auth { key, peer, reply } => {
+            let result = keys::verify(ctx, key, peer).await;
+            answer(ctx, reply, Outcome::Auth(result));
+        }
+        StoreJob::Query {
+            org,
+            query,
+            rate,
+            reply,
+        } => {
+            let result = run_query(ctx, org, query).await;
+            answer(
+                ctx,
+                reply,
+                Outcome::Answered {
+                    answer: result,
+                    rate: Some(rate),
+                },
+            );
+        }
+        StoreJob::Generate { name, tier, reply } => {
+            let result = keys::generate(ctx, name, tier).await;
+            answer(
+                ctx,
+                reply,
+                Outcome::Answered {
+                    answer: result,
+                    rate: None,
+                },
+            );
+        }
+        StoreJob::Ready { reply } => {
+            let result = ctx
+                .timed("ready", async {
+                    let client = ctx.pool.get().await?;
+                    client.simple_query("SELECT 1").await?;
+                    Ok(Answer::Ready)
+                })
+                .await;
+            answer(
+                ctx,
+                reply,
+                Outcome::Answered {
+                    answer: result,
+                    rate: None,
+                },
+            );
+        }
+    }
+}
+
+async fn run_query(ctx: &StoreCtx, org: OrgInfo, query: Query) -> Result<Answer, Refusal> {
+    match query {
+        Query::KeyInfo => ctx.timed("key info", keys::key_info(ctx, org.id)).await,
+        Query::Rotate => keys::rotate(ctx, org.id).await,
+        Query::SetWebhook { url } => webhook::set_webhook(ctx, org.id, url).await,
+        Query::DeleteWebhook => webhook::delete_webhook(ctx, org.id).await,
+        Query::GetEvent { id } => {
+            ctx.timed("get event", events::get_event(ctx, org.id, id))
+                .await
+        }
+        Query::Redeliver { id } => {
+            ctx.timed("redeliver", events::redeliver(ctx, org.id, id))
+                .await
+        }
+        Query::Inbox {
+            limit,
+            status,
+            before,
+        } => {
+            ctx.timed("inbox", inbox::inbox(ctx, org.id, limit, status, before))
+                .await
+        }
+        Query::Ack { id } => ctx.timed("ack", inbox::ack(ctx, org.id, id)).await,
+        Query::AckBatch { ids } => {
+            ctx.timed("ack batch", inbox::ack_batch(ctx, org.id, ids))
+                .await
+        }
+    }
+}

@@ -1,0 +1,226 @@
+//! Keys: verification of a key a core doesn't know, generation with a new organization, rotation,
+//! and the key's description. Every statement finds organizations by primary key or `key_id`.
+
+use std::net::IpAddr;
+use std::time::SystemTime;
+
+use super::ctx::{Done, Failure, StoreCtx};
+use super::org::change_org;
+use crate::auth::flight::Flight;
+use crate::auth::{ApiKey, AuthFailure, KeyHash, OrgInfo, Tier};
+use crate::config::KEY_ID_COLLISION_TRIES;
+use crate::flow::answer::{Answer, KeyInfo, NewKey, Refusal};
+use crate::ids::{new_v7, Micros, OrgId};
+
+/// Look the key id up, check the secret with Argon2 off any connection, throttle failures. One
+/// verification per key at a time on this node; the others wait for its answer.
+pub async fn verify(ctx: &StoreCtx, key: ApiKey, peer: IpAddr) -> Result<OrgInfo, Refusal> {
+    let hash = ctx.verifier.hash_key(&key);
+    if let Some(org) = ctx.verifier.cached(hash) {
+        return Ok(org);
+    }
+    match ctx.flights.join(hash) {
+        Flight::Leader(leader) => {
+            let answer = verify_uncached(ctx, &key, peer, hash).await;
+            leader.land(&answer);
+            answer
+        }
+        Flight::Follower(rx) => match rx.await {
+            Ok(Ok(org)) => Ok(org),
+            Ok(Err(r @ Refusal::Unauthorized(_))) => {
+                ctx.verifier.record_failure(peer);
+                Err(r)
+            }
+            // The leader was throttled, hit an outage or gave up: verify on our own account.
+            _ => verify_uncached(ctx, &key, peer, hash).await,
+        },
+    }
+}
+
+async fn verify_uncached(
+    ctx: &StoreCtx,
+    key: &ApiKey,
+    peer: IpAddr,
+    hash: KeyHash,
+) -> Result<OrgInfo, Refusal> {
+    if let Some(retry_after_s) = ctx.verifier.throttled(peer) {
+        return Err(AuthFailure::Throttled { retry_after_s }.into());
+    }
+    let epoch = ctx.verifier.epoch();
+    let key_id = key.key_id().to_string();
+    let row = ctx
+        .timed("auth lookup", async {
+            let client = ctx.pool.get().await?;
+            let stmt = client
+                .prepare_cached(
+                    "SELECT id, rate_limit_per_minute, key_hash, key_prefix, webhook_url IS NOT NULL \
+                     FROM organizations WHERE key_id = $1",
+                )
+                .await?;
+            Ok(client.query_opt(&stmt, &[&key_id]).await?)
+        })
+        .await?;
+    let refuse = || {
+        ctx.verifier.record_failure(peer);
+        Err(AuthFailure::Refused.into())
+    };
+    // An unknown key id costs an index lookup, never Argon2.
+    let Some(row) = row else { return refuse() };
+    let prefix: String = row.get(3);
+    if prefix != key.prefix() {
+        return refuse();
+    }
+    if !ctx
+        .verifier
+        .check(key.secret().to_string(), row.get(2))
+        .await
+    {
+        return refuse();
+    }
+    let limit: i32 = row.get(1);
+    let org = OrgInfo {
+        id: OrgId(row.get(0)),
+        limit: limit.max(1) as u32,
+        has_webhook: row.get(4),
+    };
+    ctx.verifier.remember(hash, org, epoch);
+    Ok(org)
+}
+
+/// A fresh key and its hash; the hash runs on a blocking thread.
+async fn new_key(ctx: &StoreCtx) -> Result<(ApiKey, String), Refusal> {
+    let key = ApiKey::generate().map_err(|e| {
+        tracing::error!(error = %e, "OS random source failed");
+        Refusal::Internal
+    })?;
+    let hash = ctx
+        .verifier
+        .hash(key.secret().to_string())
+        .await
+        .map_err(|e| {
+            tracing::error!(error = %e, "hashing a key failed");
+            Refusal::Internal
+        })?;
+    Ok((key, hash))
+}
+
+fn is_unique_violation(f: &Failure) -> bool {
+    matches!(f, Failure::Db(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION))
+}
+
+/// `POST /api/keys/generate`: a new organization and its key.
+pub async fn generate(ctx: &StoreCtx, name: String, tier: Tier) -> Result<Answer, Refusal> {
+    // A key-id collision (one in 62^16) just means trying another key.
+    for _ in 0..KEY_ID_COLLISION_TRIES {
+        let (key, hash) = new_key(ctx).await?;
+        let now = Micros::now();
+        let id = new_v7(now);
+        let epoch = ctx.verifier.epoch();
+        let limit = tier.limit_per_minute() as i32;
+        let insert = async {
+            let client = ctx.pool.get().await?;
+            let stmt = client
+                .prepare_cached(
+                    "INSERT INTO organizations \
+                     (id, name, tier, rate_limit_per_minute, key_id, key_hash, key_prefix, created_at) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+                )
+                .await?;
+            client
+                .execute(
+                    &stmt,
+                    &[
+                        &id,
+                        &name,
+                        &tier.as_str(),
+                        &limit,
+                        &key.key_id(),
+                        &hash,
+                        &key.prefix(),
+                        &now.to_system_time(),
+                    ],
+                )
+                .await?;
+            Ok(())
+        };
+        match tokio::time::timeout(ctx.db_timeout, insert).await {
+            Ok(Ok(())) => {
+                // The first request with the new key needs no Argon2 run.
+                let org = OrgInfo {
+                    id: OrgId(id),
+                    limit: limit as u32,
+                    has_webhook: false,
+                };
+                ctx.verifier
+                    .remember(ctx.verifier.hash_key(&key), org, epoch);
+                return Ok(Answer::Generated(NewKey {
+                    api_key: key.as_str().to_string(),
+                    organization_id: id,
+                    organization_name: name,
+                    tier: Some(tier),
+                    at: now,
+                }));
+            }
+            Ok(Err(f)) if is_unique_violation(&f) => continue,
+            Ok(Err(f)) => return Err(ctx.fail("generate key", f)),
+            Err(_) => return Err(Refusal::Unavailable),
+        }
+    }
+    Err(Refusal::Internal)
+}
+
+/// `GET /api/keys`.
+pub async fn key_info(ctx: &StoreCtx, org: OrgId) -> Done<Answer> {
+    let client = ctx.pool.get().await?;
+    let stmt = client
+        .prepare_cached(
+            "SELECT name, tier, rate_limit_per_minute, webhook_url, key_prefix, created_at, rotated_at \
+             FROM organizations WHERE id = $1",
+        )
+        .await?;
+    let row = client
+        .query_opt(&stmt, &[&org.0])
+        .await?
+        .ok_or(Refusal::NotFound("organization not found"))?;
+    Ok(Answer::KeyInfo(KeyInfo {
+        organization_id: org.0,
+        organization_name: row.get(0),
+        tier: row.get(1),
+        rate_limit_per_minute: row.get(2),
+        webhook_url: row.get(3),
+        key_prefix: row.get(4),
+        created_at: Micros::from_system_time(row.get(5)),
+        rotated_at: row
+            .get::<_, Option<SystemTime>>(6)
+            .map(Micros::from_system_time),
+    }))
+}
+
+/// `POST /api/keys/rotate`: the old key is refused on every core of this node before this
+/// answers, and on the others when they hear the NOTIFY.
+pub async fn rotate(ctx: &StoreCtx, org: OrgId) -> Result<Answer, Refusal> {
+    let (key, hash) = new_key(ctx).await?;
+    let now = Micros::now();
+    let row = change_org(
+        ctx,
+        org,
+        "rotate key",
+        "UPDATE organizations SET key_id = $2, key_hash = $3, key_prefix = $4, rotated_at = $5 \
+         WHERE id = $1 RETURNING name",
+        &[
+            &org.0,
+            &key.key_id(),
+            &hash,
+            &key.prefix(),
+            &now.to_system_time(),
+        ],
+    )
+    .await?;
+    Ok(Answer::Rotated(NewKey {
+        api_key: key.as_str().to_string(),
+        organization_id: org.0,
+        organization_name: row.get(0),
+        tier: None,
+        at: now,
+    }))
+}

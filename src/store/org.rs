@@ -1,0 +1,40 @@
+//! Changes to an organization that every node must hear about: one transaction with a NOTIFY,
+//! then this node's caches are cleared before the change is answered.
+
+use tokio_postgres::Row;
+
+use super::ctx::StoreCtx;
+use crate::flow::answer::Refusal;
+use crate::flow::ORG_CHANGED_CHANNEL;
+use crate::ids::OrgId;
+
+/// Run `sql` (returning one row) and a NOTIFY in one transaction, then make sure no core of this
+/// node still holds the organization's old state before answering. Other nodes hear the NOTIFY
+/// within milliseconds.
+pub async fn change_org(
+    ctx: &StoreCtx,
+    org: OrgId,
+    what: &str,
+    sql: &str,
+    params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+) -> Result<Row, Refusal> {
+    let row = ctx
+        .timed(what, async {
+            let mut client = ctx.pool.get().await?;
+            let tx = client.transaction().await?;
+            let row = tx
+                .query_opt(sql, params)
+                .await?
+                .ok_or(Refusal::NotFound("organization not found"))?;
+            tx.execute(
+                "SELECT pg_notify($1, $2)",
+                &[&ORG_CHANGED_CHANNEL, &org.to_string()],
+            )
+            .await?;
+            tx.commit().await?;
+            Ok(row)
+        })
+        .await?;
+    ctx.org_changed(Some(org)).await;
+    Ok(row)
+}

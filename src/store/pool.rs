@@ -1,0 +1,81 @@
+//! The running store pool: its tasks, how it starts, and how it finishes at shutdown.
+
+use std::sync::Arc;
+
+use tokio::task::JoinHandle;
+
+use super::ctx::StoreCtx;
+use super::{health, jobs, listen, writer};
+use crate::auth::flight::Flights;
+use crate::auth::verify::Verifier;
+use crate::config::Config;
+use crate::db::build_pool;
+use crate::flow::sink::{CoreLink, DeliverySink, StoreInbox};
+use crate::metrics::Metrics;
+
+/// The running store pool.
+pub struct Store {
+    writers: Vec<JoinHandle<()>>,
+    jobs: JoinHandle<()>,
+    background: Vec<JoinHandle<()>>,
+}
+
+impl Store {
+    /// Start the pool's tasks on the current tokio runtime, reading `inbox` (the far ends of the
+    /// queues the ingress cores hold), answering through `cores`, publishing to `delivery`.
+    pub fn start(
+        config: Arc<Config>,
+        inbox: StoreInbox,
+        cores: Arc<dyn CoreLink>,
+        delivery: Arc<dyn DeliverySink>,
+        metrics: Arc<Metrics>,
+    ) -> Result<Store, String> {
+        let ctx = Arc::new(StoreCtx {
+            pool: build_pool(&config, config.store_pool_size)?,
+            writer_pool: build_pool(&config, config.store_writers)?,
+            cores,
+            delivery,
+            verifier: Verifier::new(
+                config.argon2_concurrency,
+                config.auth_failures_per_minute,
+                config.auth_cache_entries,
+            ),
+            flights: Flights::default(),
+            health: inbox.health,
+            metrics,
+            db_timeout: Config::ms(config.db_timeout_ms),
+            config: Arc::clone(&config),
+        });
+        let write_rx = Arc::new(tokio::sync::Mutex::new(inbox.writes));
+        let turns = Arc::new(writer::Turns::default());
+        let writers = (0..config.store_writers)
+            .map(|n| {
+                let (rx, turns, ctx) =
+                    (Arc::clone(&write_rx), Arc::clone(&turns), Arc::clone(&ctx));
+                tokio::spawn(writer::run(n, rx, turns, ctx))
+            })
+            .collect();
+        let jobs = tokio::spawn(jobs::run(inbox.jobs, Arc::clone(&ctx)));
+        let background = vec![
+            tokio::spawn(health::probe(Arc::clone(&ctx))),
+            tokio::spawn(listen::run(Arc::clone(&ctx))),
+        ];
+        Ok(Store {
+            writers,
+            jobs,
+            background,
+        })
+    }
+
+    /// Once every queue sender is gone (the cores have stopped): write what is queued, finish
+    /// in-flight work, stop.
+    pub async fn finish(self) {
+        for w in self.writers {
+            let _ = w.await;
+        }
+        let _ = self.jobs.await;
+        for b in self.background {
+            b.abort();
+        }
+    }
+}
