@@ -24,6 +24,11 @@ pub const READ_CHUNK_MIN: usize = 2 * 1024;
 pub const READ_CHUNK_MAX: usize = 64 * 1024;
 /// Responses to pipelined requests are flushed once this many bytes are waiting.
 pub const WRITE_FLUSH_BYTES: usize = 64 * 1024;
+/// A connection's write buffer grown past this by a large answer is given back once written.
+pub const WRITE_BUFFER_KEEP_BYTES: usize = 64 * 1024;
+/// Payloads up to this size are copied out of the connection's read buffer when validated, so a
+/// small event queued for writing or delivery never pins a large read buffer.
+pub const PAYLOAD_COPY_BYTES_MAX: usize = 16 * 1024;
 /// Connections the kernel queues per listener before the accept loop takes them.
 pub const LISTEN_BACKLOG: i32 = 4096;
 /// io_uring submission queue entries per core.
@@ -48,6 +53,8 @@ pub const AUTH_REFUSED_TTL: Duration = Duration::from_secs(10);
 pub const ORG_CHANGES_REMEMBERED_MAX: usize = 16_384;
 /// Times a core asks again when a key's organization changed while the store verified it.
 pub const VERIFY_RACE_TRIES: usize = 3;
+/// Longest a key verification or key hash waits for an Argon2 slot before it gets 503.
+pub const ARGON2_SLOT_WAIT: Duration = Duration::from_secs(2);
 /// Keys tried when a generated key id collides with an existing one (one in 62^16).
 pub const KEY_ID_COLLISION_TRIES: usize = 3;
 /// Random bytes of a webhook signing secret.
@@ -372,6 +379,8 @@ options! {
     batch_overlap_us: u64 = "2000", "batch-overlap-us", "TRIGGERS_BATCH_OVERLAP_US";
     /// Events waiting for a writer; beyond this POST /api/events answers 503 at once.
     write_queue_events_max: usize = "16384", "write-queue-events-max", "TRIGGERS_WRITE_QUEUE_EVENTS_MAX";
+    /// Payload bytes waiting for a writer; beyond this POST /api/events answers 503 at once.
+    write_queue_bytes_max: usize = "67108864", "write-queue-bytes-max", "TRIGGERS_WRITE_QUEUE_BYTES_MAX";
     /// Reads and small writes waiting for a connection; beyond this they answer 503 at once.
     query_queue_max: usize = "4096", "query-queue-max", "TRIGGERS_QUERY_QUEUE_MAX";
     /// Messages waiting at one core from the others (org hops); beyond this: 503.
@@ -380,6 +389,9 @@ options! {
     body_bytes_max: usize = "524288", "body-bytes-max", "TRIGGERS_BODY_BYTES_MAX";
     /// Largest event payload as received JSON text, in bytes; larger: 413.
     payload_bytes_max: usize = "262144", "payload-bytes-max", "TRIGGERS_PAYLOAD_BYTES_MAX";
+    /// Bytes of request bodies being read or handled at once on this node; beyond it a request
+    /// with a body gets 503 before its body is read. Bounds what slow uploads can pin.
+    inflight_body_bytes_max: usize = "268435456", "inflight-body-bytes-max", "TRIGGERS_INFLIGHT_BODY_BYTES_MAX";
     /// Largest request head (request line and headers), in bytes; larger: 431.
     head_bytes_max: usize = "16384", "head-bytes-max", "TRIGGERS_HEAD_BYTES_MAX";
     /// Time a client has to send a whole request head once it started, in ms; then 408 and close.
@@ -396,8 +408,25 @@ options! {
     auth_cache_entries: usize = "65536", "auth-cache-entries", "TRIGGERS_AUTH_CACHE_ENTRIES";
     /// Failed key checks allowed per client address per minute before it is refused without checking.
     auth_failures_per_minute: usize = "60", "auth-failures-per-minute", "TRIGGERS_AUTH_FAILURES_PER_MINUTE";
+    /// Failed-key buckets remembered (by IPv4 address or IPv6 /64); the oldest is forgotten first.
+    auth_throttle_entries: usize = "65536", "auth-throttle-entries", "TRIGGERS_AUTH_THROTTLE_ENTRIES";
+    /// Take the client address from the last X-Forwarded-For entry (only behind a proxy you run
+    /// that sets it); off: the TCP peer address.
+    trust_forwarded_for: bool = "false", "trust-forwarded-for", "TRIGGERS_TRUST_FORWARDED_FOR";
+    /// Key generations and rotations per client address per minute; more get 429.
+    key_ops_per_minute: usize = "10", "key-ops-per-minute", "TRIGGERS_KEY_OPS_PER_MINUTE";
+    /// Key generations and rotations per minute on this node, all addresses together.
+    key_ops_per_minute_node: usize = "120", "key-ops-per-minute-node", "TRIGGERS_KEY_OPS_PER_MINUTE_NODE";
+    /// Argon2id hashes of new keys (generation, rotation) running at once; apart from the
+    /// verification slots, so key creation can't starve verification.
+    argon2_hash_concurrency: usize = "1", "argon2-hash-concurrency", "TRIGGERS_ARGON2_HASH_CONCURRENCY";
     /// Argon2id verifications running at once (each ~20 ms of CPU and 19 MiB); more wait their turn.
     argon2_concurrency: usize = "2", "argon2-concurrency", "TRIGGERS_ARGON2_CONCURRENCY";
+    /// Longest a request waits for another core or a pool before it gets 503, in ms (a bound on
+    /// every cross-thread wait, so no request waits forever for a core or a pool that has gone).
+    reply_timeout_ms: u64 = "15000", "reply-timeout-ms", "TRIGGERS_REPLY_TIMEOUT_MS";
+    /// Largest inbox page in payload bytes; a page stops early (with a cursor) beyond it.
+    inbox_page_bytes_max: usize = "8388608", "inbox-page-bytes-max", "TRIGGERS_INBOX_PAGE_BYTES_MAX";
     /// Longest a database round trip may take before the request gets 503, in ms.
     db_timeout_ms: u64 = "5000", "db-timeout-ms", "TRIGGERS_DB_TIMEOUT_MS";
     /// Longest a new database connection may take, in ms; also how fast an outage is noticed.
@@ -410,6 +439,8 @@ options! {
     delivery_concurrency: usize = "512", "delivery-concurrency", "TRIGGERS_DELIVERY_CONCURRENCY";
     /// Deliveries in flight at once for one organization, so a slow receiver holds only its share.
     delivery_org_concurrency: usize = "32", "delivery-org-concurrency", "TRIGGERS_DELIVERY_ORG_CONCURRENCY";
+    /// Payload bytes of deliveries held in memory; beyond this due work waits in the database.
+    delivery_memory_bytes_max: usize = "268435456", "delivery-memory-bytes-max", "TRIGGERS_DELIVERY_MEMORY_BYTES_MAX";
     /// Deliveries held in memory; beyond this due work waits in the database and is claimed later.
     delivery_queue_max: usize = "50000", "delivery-queue-max", "TRIGGERS_DELIVERY_QUEUE_MAX";
     /// Longest a receiver's Retry-After is honoured, in seconds.
@@ -581,6 +612,25 @@ impl Config {
             ),
             ("argon2-concurrency", self.argon2_concurrency, 1, 1024),
             (
+                "argon2-hash-concurrency",
+                self.argon2_hash_concurrency,
+                1,
+                1024,
+            ),
+            (
+                "auth-throttle-entries",
+                self.auth_throttle_entries,
+                1,
+                100_000_000,
+            ),
+            ("key-ops-per-minute", self.key_ops_per_minute, 1, 1_000_000),
+            (
+                "key-ops-per-minute-node",
+                self.key_ops_per_minute_node,
+                1,
+                1_000_000,
+            ),
+            (
                 "delivery-concurrency",
                 self.delivery_concurrency,
                 1,
@@ -597,6 +647,34 @@ impl Config {
             if !(min..=max).contains(&value) {
                 return fail(format!("--{name} must be {min}..={max}, got {value}"));
             }
+        }
+        if self.reply_timeout_ms <= self.db_timeout_ms {
+            return fail(format!(
+                "--reply-timeout-ms ({}) must exceed --db-timeout-ms ({}): a request waits for \
+                 the database's answer before its own deadline",
+                self.reply_timeout_ms, self.db_timeout_ms
+            ));
+        }
+        if self.inflight_body_bytes_max < self.body_bytes_max {
+            return fail(format!(
+                "--inflight-body-bytes-max ({}) must hold at least one body (--body-bytes-max {})",
+                self.inflight_body_bytes_max, self.body_bytes_max
+            ));
+        }
+        if self.write_queue_bytes_max < self.payload_bytes_max
+            || self.delivery_memory_bytes_max < self.payload_bytes_max
+        {
+            return fail(format!(
+                "--write-queue-bytes-max and --delivery-memory-bytes-max must hold at least one \
+                 payload (--payload-bytes-max {})",
+                self.payload_bytes_max
+            ));
+        }
+        if self.inbox_page_bytes_max < self.payload_bytes_max {
+            return fail(format!(
+                "--inbox-page-bytes-max ({}) must hold at least one payload (--payload-bytes-max {})",
+                self.inbox_page_bytes_max, self.payload_bytes_max
+            ));
         }
         if self.head_bytes_max < 1024 {
             return fail("--head-bytes-max must be at least 1024".into());
@@ -628,6 +706,7 @@ impl Config {
             ("body-timeout-ms", self.body_timeout_ms),
             ("idle-timeout-ms", self.idle_timeout_ms),
             ("db-timeout-ms", self.db_timeout_ms),
+            ("reply-timeout-ms", self.reply_timeout_ms),
             ("db-connect-timeout-ms", self.db_connect_timeout_ms),
             ("delivery-timeout-ms", self.delivery_timeout_ms),
             ("delivery-poll-ms", self.delivery_poll_ms),

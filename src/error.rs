@@ -16,9 +16,15 @@ pub enum ApiError {
     BadRequest(String),
     /// 401 `unauthorized`, with `WWW-Authenticate: ApiKey`.
     Unauthorized(&'static str),
-    /// 401 after too many failed keys from one address; carries Retry-After.
+    /// 429 after too many failed keys from one address, refused without checking; carries
+    /// Retry-After.
     AuthThrottled {
         /// Seconds until the address may try again.
+        retry_after_s: u32,
+    },
+    /// 429 after too many key generations or rotations; carries Retry-After.
+    KeyOpsLimited {
+        /// Seconds until one more is allowed.
         retry_after_s: u32,
     },
     /// 400 `invalid_json`.
@@ -81,6 +87,7 @@ impl From<Refusal> for ApiError {
             },
             Refusal::Unauthorized(m) => ApiError::Unauthorized(m),
             Refusal::AuthThrottled { retry_after_s } => ApiError::AuthThrottled { retry_after_s },
+            Refusal::KeyOpsLimited { retry_after_s } => ApiError::KeyOpsLimited { retry_after_s },
             Refusal::NotFound(m) => ApiError::NotFound(m),
             Refusal::NoWebhook => ApiError::NoWebhook,
             Refusal::Invalid { field, message } => ApiError::Validation { field, message },
@@ -102,7 +109,7 @@ impl ApiError {
     pub fn status(&self) -> u16 {
         match self {
             ApiError::BadRequest(_) | ApiError::InvalidJson(_) => 400,
-            ApiError::Unauthorized(_) | ApiError::AuthThrottled { .. } => 401,
+            ApiError::Unauthorized(_) => 401,
             ApiError::NotFound(_) => 404,
             ApiError::MethodNotAllowed { .. } => 405,
             ApiError::RequestTimeout(_) => 408,
@@ -110,7 +117,9 @@ impl ApiError {
             ApiError::PayloadTooLarge(_) => 413,
             ApiError::UnsupportedMediaType => 415,
             ApiError::Validation { .. } => 422,
-            ApiError::RateLimited { .. } => 429,
+            ApiError::RateLimited { .. }
+            | ApiError::AuthThrottled { .. }
+            | ApiError::KeyOpsLimited { .. } => 429,
             ApiError::HeadersTooLarge(_) => 431,
             ApiError::Internal => 500,
             ApiError::Unavailable | ApiError::Overloaded(_) => 503,
@@ -121,12 +130,14 @@ impl ApiError {
     pub fn code(&self) -> &'static str {
         match self {
             ApiError::BadRequest(_) => "bad_request",
-            ApiError::Unauthorized(_) | ApiError::AuthThrottled { .. } => "unauthorized",
+            ApiError::Unauthorized(_) => "unauthorized",
             ApiError::InvalidJson(_) => "invalid_json",
             ApiError::Validation { .. } => "validation_failed",
             ApiError::PayloadTooLarge(_) => "payload_too_large",
             ApiError::Duplicate { .. } => "duplicate",
-            ApiError::RateLimited { .. } => "rate_limited",
+            ApiError::RateLimited { .. }
+            | ApiError::AuthThrottled { .. }
+            | ApiError::KeyOpsLimited { .. } => "rate_limited",
             ApiError::NotFound(_) => "not_found",
             ApiError::MethodNotAllowed { .. } => "method_not_allowed",
             ApiError::UnsupportedMediaType => "unsupported_media_type",
@@ -149,8 +160,12 @@ impl ApiError {
             ApiError::Unauthorized(m) | ApiError::NotFound(m) | ApiError::RequestTimeout(m) => {
                 m.to_string()
             }
-            ApiError::AuthThrottled { retry_after_s } => {
-                format!("too many failed API keys from this address; retry after {retry_after_s} s")
+            ApiError::AuthThrottled { retry_after_s } => format!(
+                "too many failed API keys from this address; refused without checking; retry \
+                 after {retry_after_s} s"
+            ),
+            ApiError::KeyOpsLimited { retry_after_s } => {
+                format!("too many key generations or rotations; retry after {retry_after_s} s")
             }
             ApiError::Duplicate { .. } => {
                 "an event with this dedup_id already exists for the organization".into()
@@ -191,8 +206,8 @@ impl ApiError {
         };
         match self {
             ApiError::Unauthorized(_) => extra.www_authenticate = true,
-            ApiError::AuthThrottled { retry_after_s } => {
-                extra.www_authenticate = true;
+            ApiError::AuthThrottled { retry_after_s }
+            | ApiError::KeyOpsLimited { retry_after_s } => {
                 extra.retry_after_s = Some(*retry_after_s);
             }
             ApiError::RateLimited { retry_after_s, .. } => {
@@ -221,7 +236,8 @@ impl ApiError {
                     o.int("limit", i64::from(*limit))
                         .int("retry_after", i64::from(*retry_after_s));
                 }
-                ApiError::AuthThrottled { retry_after_s } => {
+                ApiError::AuthThrottled { retry_after_s }
+                | ApiError::KeyOpsLimited { retry_after_s } => {
                     o.int("retry_after", i64::from(*retry_after_s));
                 }
                 _ => {}
@@ -247,6 +263,7 @@ mod tests {
             ApiError::BadRequest("x".into()),
             ApiError::Unauthorized("missing API key"),
             ApiError::AuthThrottled { retry_after_s: 3 },
+            ApiError::KeyOpsLimited { retry_after_s: 3 },
             ApiError::InvalidJson("x".into()),
             ApiError::validation("type", "x"),
             ApiError::PayloadTooLarge("x".into()),

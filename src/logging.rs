@@ -86,3 +86,73 @@ where
         writeln!(writer, "{}", String::from_utf8_lossy(&out))
     }
 }
+
+thread_local! {
+    /// The route of the request this thread is working on, for the panic log.
+    static ROUTE: std::cell::Cell<&'static str> = const { std::cell::Cell::new("") };
+}
+
+/// A future that marks its thread as working on `route` whenever it runs, so a panic inside it
+/// is logged with the route (on an ingress core many requests interleave: the mark is set on every
+/// poll and taken off after it).
+pub struct InRoute<F> {
+    route: &'static str,
+    inner: std::pin::Pin<Box<F>>,
+}
+
+/// Run `fut` marked with `route` (see [`InRoute`]).
+pub fn in_route<F: std::future::Future>(route: &'static str, fut: F) -> InRoute<F> {
+    InRoute {
+        route,
+        inner: Box::pin(fut),
+    }
+}
+
+impl<F: std::future::Future> std::future::Future for InRoute<F> {
+    type Output = F::Output;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<F::Output> {
+        let before = ROUTE.with(|r| r.replace(self.route));
+        let polled = self.inner.as_mut().poll(cx);
+        ROUTE.with(|r| r.set(before));
+        polled
+    }
+}
+
+/// Log every panic through `tracing` (thread, ingress core, route, message, location) before the
+/// default hook runs. Release builds abort on panic (`panic = "abort"`): the process exits and its
+/// supervisor (systemd, Docker, Fly) starts it again, so no half-alive server keeps running.
+pub fn install_panic_hook() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let thread = std::thread::current();
+        let name = thread.name().unwrap_or("unnamed");
+        let core = name
+            .strip_prefix("ingress-")
+            .and_then(|n| n.parse::<i64>().ok())
+            .unwrap_or(-1);
+        let route = ROUTE.with(|r| r.get());
+        let message = info
+            .payload()
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| info.payload().downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "(no message)".into());
+        let location = info
+            .location()
+            .map(|l| format!("{}:{}", l.file(), l.line()))
+            .unwrap_or_default();
+        tracing::error!(
+            thread = name,
+            core,
+            route,
+            location,
+            message,
+            "panic: the process stops; its supervisor restarts it"
+        );
+        default(info);
+    }));
+}

@@ -52,8 +52,23 @@ fn migrate(config: &Config) -> Result<(), String> {
 }
 
 fn serve(config: Config) -> Result<(), String> {
+    triggers::logging::install_panic_hook();
+    match server::raise_open_files_limit() {
+        Ok((before, after)) => tracing::info!(before, after, "open files limit"),
+        Err(e) => tracing::warn!(error = %e, "could not raise the open files limit"),
+    }
+    let connections = config.ingress_cores * config.connections_per_core_max;
     let listeners =
         listen::bind(&config).map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
+    if let Ok((_, limit)) = server::raise_open_files_limit() {
+        if (limit as usize) < connections {
+            tracing::warn!(
+                limit,
+                connections,
+                "the open files limit is below the connection limits; raise its hard limit"
+            );
+        }
+    }
     let running = server::run(config, listeners, signals())?;
     running.finish();
     Ok(())

@@ -19,6 +19,7 @@ use crate::delivery::pool::Delivery;
 use crate::flow::sink::{store_queues, CoreLink, DeliverySink};
 use crate::ids::CoreId;
 use crate::ingress::listen::{self, CoreParts, Listeners};
+use crate::ingress::node::{BodyBudget, Liveness, Node};
 use crate::ingress::router::Route;
 use crate::metrics::Metrics;
 use crate::shard::mesh::Mesh;
@@ -37,6 +38,31 @@ pub struct Running {
     api_addr: SocketAddr,
     metrics_addr: Option<SocketAddr>,
     metrics: Arc<Metrics>,
+    liveness: Arc<Liveness>,
+}
+
+/// Raise the open-files limit to its hard limit, so the per-core connection limits can be reached
+/// (a soft limit of 1,024 would refuse connections long before 20,000 per core). Returns the limit
+/// before and after.
+pub fn raise_open_files_limit() -> std::io::Result<(u64, u64)> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit with a valid resource and a pointer to a local struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let before = limit.rlim_cur;
+        if limit.rlim_cur < limit.rlim_max {
+            limit.rlim_cur = limit.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+        }
+        Ok((before, limit.rlim_cur))
+    }
 }
 
 /// The tokio runtime of the store and delivery pools.
@@ -110,11 +136,17 @@ pub fn run(
             mailbox,
         })
         .collect();
+    let liveness = Liveness::new(config.ingress_cores);
+    let node = Node {
+        bodies: BodyBudget::new(config.inflight_body_bytes_max),
+        liveness: Arc::clone(&liveness),
+    };
     let threads = listen::start(
         Arc::clone(&config),
         mesh.clone(),
         queues,
         Arc::clone(&metrics),
+        node,
         parts,
     )
     .map_err(|e| format!("ingress threads: {e}"))?;
@@ -139,6 +171,7 @@ pub fn run(
         api_addr,
         metrics_addr,
         metrics,
+        liveness,
     })
 }
 
@@ -158,6 +191,15 @@ impl Running {
         &self.metrics
     }
 
+    /// Hooks for tests (debug builds only).
+    #[cfg(debug_assertions)]
+    #[doc(hidden)]
+    pub fn test_hooks(&self) -> TestHooks {
+        TestHooks {
+            mesh: self.mesh.clone(),
+        }
+    }
+
     /// Wait for the shutdown future, then stop: no new connections, in-flight requests finished
     /// (answered with `Connection: close`), every queued event written, attempts in flight given
     /// a moment, and pending deliveries handed back to the database.
@@ -170,11 +212,13 @@ impl Running {
             store,
             delivery,
             stop,
+            liveness,
             ..
         } = self;
         let _ = rt.block_on(stop);
         let stopping = Instant::now();
         tracing::info!("shutting down: no new connections, finishing in-flight requests");
+        liveness.stopping();
         mesh.shutdown();
         for t in threads {
             let _ = t.join();
@@ -196,5 +240,21 @@ impl Running {
             "stopped"
         );
         rt.shutdown_timeout(RUNTIME_STOP_WAIT);
+    }
+}
+
+/// What tests may do to a running server (debug builds only).
+#[cfg(debug_assertions)]
+#[doc(hidden)]
+#[derive(Clone)]
+pub struct TestHooks {
+    mesh: Mesh,
+}
+
+#[cfg(debug_assertions)]
+impl TestHooks {
+    /// Make ingress core `core` panic, as a bug would.
+    pub fn crash_core(&self, core: usize) {
+        self.mesh.crash_for_tests(CoreId(core));
     }
 }

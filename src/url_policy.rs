@@ -55,10 +55,16 @@ pub fn parse_url(text: &str) -> Result<WebhookUrl, String> {
     if host.is_empty() {
         return Err("webhook_url has no host".into());
     }
-    let port = authority.port_u16().unwrap_or(if tls { 443 } else { 80 });
-    if port == 0 {
-        return Err("webhook_url has port 0".into());
-    }
+    // The port as written: the `http` crate reads a port that does not fit 16 bits as no port at
+    // all, which would send the delivery to port 80. Refuse it instead.
+    let port = match written_port(authority.as_str()) {
+        None if tls => 443,
+        None => 80,
+        Some(p) => match p.parse::<u16>() {
+            Ok(n) if n > 0 => n,
+            _ => return Err("webhook_url port must be 1 to 65535".into()),
+        },
+    };
     let path_and_query = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
     Ok(WebhookUrl {
         text: text.to_string(),
@@ -71,6 +77,15 @@ pub fn parse_url(text: &str) -> Result<WebhookUrl, String> {
             path_and_query.into()
         },
     })
+}
+
+/// The port written in an authority (`host:port`, `[v6]:port`), if one is.
+fn written_port(authority: &str) -> Option<&str> {
+    let after_host = match authority.strip_prefix('[') {
+        Some(v6) => v6.split_once(']').map_or("", |(_, rest)| rest),
+        None => authority.find(':').map_or("", |i| &authority[i..]),
+    };
+    after_host.strip_prefix(':')
 }
 
 /// Why an address may not be a webhook target, or `None` when it may.
@@ -134,32 +149,36 @@ fn forbidden_v6(ip: Ipv6Addr) -> Option<&'static str> {
 }
 
 /// Resolve `url`'s host and apply the policy; returns the addresses that may be connected to.
+///
+/// Unless private targets are allowed, the refusal says neither which address the host resolved
+/// to nor whether it resolved at all: either would make the server an oracle for internal DNS.
 pub async fn resolve(url: &WebhookUrl, allow_private: bool) -> Result<Vec<SocketAddr>, String> {
+    let refused = || {
+        if allow_private {
+            format!("webhook host {} does not resolve", url.host)
+        } else {
+            format!(
+                "webhook host {} does not resolve to a public address; private, loopback, \
+                 link-local and metadata addresses are not allowed",
+                url.host
+            )
+        }
+    };
     let addrs: Vec<SocketAddr> = match url.host.parse::<IpAddr>() {
         Ok(ip) => vec![SocketAddr::new(ip, url.port)],
         Err(_) => {
             let lookup = tokio::net::lookup_host((url.host.as_str(), url.port));
             match tokio::time::timeout(RESOLVE_TIMEOUT, lookup).await {
                 Ok(Ok(it)) => it.collect(),
-                Ok(Err(_)) | Err(_) => {
-                    return Err(format!("webhook host {} does not resolve", url.host));
-                }
+                Ok(Err(_)) | Err(_) => return Err(refused()),
             }
         }
     };
     if addrs.is_empty() {
-        return Err(format!("webhook host {} does not resolve", url.host));
+        return Err(refused());
     }
-    if !allow_private {
-        for a in &addrs {
-            if let Some(why) = forbidden_reason(a.ip()) {
-                return Err(format!(
-                    "webhook host {} resolves to a {why} address ({}); private targets are not allowed",
-                    url.host,
-                    a.ip()
-                ));
-            }
-        }
+    if !allow_private && addrs.iter().any(|a| forbidden_reason(a.ip()).is_some()) {
+        return Err(refused());
     }
     Ok(addrs)
 }
@@ -199,6 +218,11 @@ mod tests {
             .contains("credentials"));
         let long = format!("https://example.com/{}", "a".repeat(2048));
         assert!(parse_url(&long).unwrap_err().contains("2048"));
+        for port in ["0", "65536", "99999", "4294967297"] {
+            let e = parse_url(&format!("http://127.0.0.1:{port}/hook")).unwrap_err();
+            assert!(e.contains("1 to 65535"), "{port}: {e}");
+        }
+        assert_eq!(parse_url("http://127.0.0.1:65535/").unwrap().port, 65535);
     }
 
     #[test]
@@ -242,7 +266,19 @@ mod tests {
             .unwrap();
         rt.block_on(async {
             let u = parse_url("http://127.0.0.1:9/x").unwrap();
-            assert!(resolve(&u, false).await.unwrap_err().contains("loopback"));
+            let refused = resolve(&u, false).await.unwrap_err();
+            assert!(
+                refused.contains("does not resolve to a public address"),
+                "{refused}"
+            );
+            assert!(!refused.contains("127.0.0.1:9"), "{refused}");
+            // A name that does not resolve gets the same sentence: no DNS oracle.
+            let nx = parse_url("http://no-such-host.invalid/x").unwrap();
+            let nx_refused = resolve(&nx, false).await.unwrap_err();
+            assert_eq!(
+                nx_refused.replace("no-such-host.invalid", "H"),
+                refused.replace("127.0.0.1", "H")
+            );
             assert_eq!(
                 resolve(&u, true).await.unwrap(),
                 vec!["127.0.0.1:9".parse().unwrap()]

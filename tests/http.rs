@@ -303,15 +303,31 @@ both_drivers!(
 async fn hostile_chunk_size(addr: SocketAddr) {
     // Issue 8: a chunk size near 2^64 wrapped the body-limit sum and killed an ingress core.
     // Twelve of them (enough to land on every core), then every new connection must be answered.
-    let wire = "POST /api/events HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
-                Transfer-Encoding: chunked\r\n\r\n1\r\na\r\nFFFFFFFFFFFFFFFF\r\n";
-    for _ in 0..12 {
-        let mut c = Conn::open(addr).await;
-        c.send(wire.as_bytes()).await;
-        let r = c.read().await.expect("an answer, not a dead core");
-        assert_eq!(r.status, 413);
-        assert_eq!(error_code(&r), "payload_too_large");
-        assert!(c.closed_within(Duration::from_secs(2)).await);
+    // Without a key the body is never read (401 from the head); with one the decoder sees it.
+    let (key, _) = new_org(addr, "pro").await;
+    for with_key in [false, true] {
+        let key_header = if with_key {
+            format!("X-API-Key: {key}\r\n")
+        } else {
+            String::new()
+        };
+        let wire = format!(
+            "POST /api/events HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+             {key_header}Transfer-Encoding: chunked\r\n\r\n1\r\na\r\nFFFFFFFFFFFFFFFF\r\n"
+        );
+        for _ in 0..12 {
+            let mut c = Conn::open(addr).await;
+            c.send(wire.as_bytes()).await;
+            let r = c.read().await.expect("an answer, not a dead core");
+            let (status, code) = if with_key {
+                (413, "payload_too_large")
+            } else {
+                (401, "unauthorized")
+            };
+            assert_eq!(r.status, status);
+            assert_eq!(error_code(&r), code);
+            assert!(c.closed_within(Duration::from_secs(2)).await);
+        }
     }
     for i in 0..40 {
         let r = call(addr, "GET", "/health", &[], None).await;

@@ -8,7 +8,6 @@ use std::collections::HashMap;
 use std::hash::{BuildHasher, Hasher};
 use std::net::IpAddr;
 use std::sync::Mutex;
-use std::time::Instant;
 
 use argon2::password_hash::{PasswordHasher, PasswordVerifier};
 use argon2::Argon2;
@@ -16,6 +15,8 @@ use tokio::sync::Semaphore;
 
 use super::cache::{Changes, KeyHash};
 use super::key::{ApiKey, OrgInfo};
+use super::throttle::FailureThrottle;
+use crate::config::ARGON2_SLOT_WAIT;
 use crate::ids::OrgId;
 
 /// Why a key was not accepted (the database's own trouble is the caller's to report).
@@ -46,17 +47,12 @@ pub fn secret_matches(secret: &str, phc: &str) -> bool {
         .is_ok()
 }
 
-/// Failures allowed per address: a bucket of `per_minute` refilled over a minute.
-struct FailureBucket {
-    tokens: f64,
-    at: Instant,
-}
-
 /// Verification state shared by the store pool's tasks.
 pub struct Verifier {
-    argon2_slots: Semaphore,
-    failures: Mutex<HashMap<IpAddr, FailureBucket>>,
-    failures_per_minute: f64,
+    verify_slots: Semaphore,
+    hash_slots: Semaphore,
+    /// Failed keys per client address.
+    pub failures: FailureThrottle,
     verified: Mutex<(HashMap<KeyHash, OrgInfo>, Changes)>,
     verified_max: usize,
     hash_a: ahash::RandomState,
@@ -64,13 +60,19 @@ pub struct Verifier {
 }
 
 impl Verifier {
-    /// `concurrency` Argon2 runs at once; `failures_per_minute` failed keys per address;
-    /// `verified_max` keys remembered.
-    pub fn new(concurrency: usize, failures_per_minute: usize, verified_max: usize) -> Self {
+    /// Argon2 verifications (`verify_concurrency` at once) apart from hashes of new keys
+    /// (`hash_concurrency`), so key creation can't starve verification; `failures` throttles
+    /// failed keys by address; `verified_max` keys remembered.
+    pub fn new(
+        verify_concurrency: usize,
+        hash_concurrency: usize,
+        failures: FailureThrottle,
+        verified_max: usize,
+    ) -> Self {
         Verifier {
-            argon2_slots: Semaphore::new(concurrency),
-            failures: Mutex::new(HashMap::new()),
-            failures_per_minute: failures_per_minute as f64,
+            verify_slots: Semaphore::new(verify_concurrency),
+            hash_slots: Semaphore::new(hash_concurrency),
+            failures,
             verified: Mutex::new((HashMap::new(), Changes::default())),
             verified_max,
             hash_a: ahash::RandomState::new(),
@@ -128,64 +130,45 @@ impl Verifier {
         }
     }
 
-    fn refill(&self, b: &mut FailureBucket, now: Instant) {
-        let per_s = self.failures_per_minute / 60.0;
-        b.tokens = (b.tokens + now.duration_since(b.at).as_secs_f64() * per_s)
-            .min(self.failures_per_minute);
-        b.at = now;
-    }
-
     /// `Some(seconds)` when `peer` has used up its failures and must wait before trying again.
     pub fn throttled(&self, peer: IpAddr) -> Option<u32> {
-        let now = Instant::now();
-        let mut map = self.failures.lock().unwrap_or_else(|p| p.into_inner());
-        let b = map.get_mut(&peer)?;
-        self.refill(b, now);
-        if b.tokens >= 1.0 {
-            return None;
-        }
-        let per_s = self.failures_per_minute / 60.0;
-        Some((((1.0 - b.tokens) / per_s).ceil() as u32).max(1))
+        self.failures.throttled(peer)
     }
 
     /// Count one failed key from `peer`.
     pub fn record_failure(&self, peer: IpAddr) {
-        let now = Instant::now();
-        let mut map = self.failures.lock().unwrap_or_else(|p| p.into_inner());
-        if map.len() > 100_000 {
-            // Addresses whose bucket is full again are the same as unknown ones.
-            let full = self.failures_per_minute;
-            let per_s = full / 60.0;
-            map.retain(|_, b| b.tokens + now.duration_since(b.at).as_secs_f64() * per_s < full);
-        }
-        let b = map.entry(peer).or_insert(FailureBucket {
-            tokens: self.failures_per_minute,
-            at: now,
-        });
-        self.refill(b, now);
-        b.tokens = (b.tokens - 1.0).max(0.0);
+        self.failures.record_failure(peer);
     }
 
-    /// Check `secret` against `phc` on a blocking thread, waiting for an Argon2 slot first.
-    pub async fn check(&self, secret: String, phc: String) -> bool {
-        let Ok(_slot) = self.argon2_slots.acquire().await else {
-            return false;
-        };
-        tokio::task::spawn_blocking(move || secret_matches(&secret, &phc))
-            .await
-            .unwrap_or(false)
+    /// Check `secret` against `phc` on a blocking thread, waiting at most `ARGON2_SLOT_WAIT` for
+    /// a verification slot.
+    pub async fn check(&self, secret: String, phc: String) -> Result<bool, SlotsBusy> {
+        let _slot = slot(&self.verify_slots).await?;
+        Ok(
+            tokio::task::spawn_blocking(move || secret_matches(&secret, &phc))
+                .await
+                .unwrap_or(false),
+        )
     }
 
-    /// Hash a new secret on a blocking thread, sharing the Argon2 slots with checks.
-    pub async fn hash(&self, secret: String) -> Result<String, String> {
-        let _slot = self
-            .argon2_slots
-            .acquire()
+    /// Hash a new secret on a blocking thread, in the key-creation slots.
+    pub async fn hash(&self, secret: String) -> Result<Result<String, String>, SlotsBusy> {
+        let _slot = slot(&self.hash_slots).await?;
+        Ok(tokio::task::spawn_blocking(move || hash_secret(&secret))
             .await
-            .map_err(|e| e.to_string())?;
-        tokio::task::spawn_blocking(move || hash_secret(&secret))
-            .await
-            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())
+            .and_then(|r| r))
+    }
+}
+
+/// Every Argon2 slot stayed busy for `ARGON2_SLOT_WAIT`: the caller answers 503.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SlotsBusy;
+
+async fn slot(slots: &Semaphore) -> Result<tokio::sync::SemaphorePermit<'_>, SlotsBusy> {
+    match tokio::time::timeout(ARGON2_SLOT_WAIT, slots.acquire()).await {
+        Ok(Ok(permit)) => Ok(permit),
+        _ => Err(SlotsBusy),
     }
 }
 
@@ -206,7 +189,7 @@ mod tests {
 
     #[test]
     fn verified_keys_are_shared_until_their_org_changes() {
-        let v = Verifier::new(1, 3, 10);
+        let v = Verifier::new(1, 1, FailureThrottle::new(3, 10), 10);
         let key = ApiKey::generate().unwrap();
         let org = OrgInfo::test(OrgId(uuid::Uuid::from_u128(1)));
         let h = v.hash_key(&key);
@@ -218,20 +201,5 @@ mod tests {
         // A verification that raced with the change is not remembered.
         v.remember(h, org, e);
         assert_eq!(v.cached(h), None);
-    }
-
-    #[test]
-    fn failures_are_throttled_per_address() {
-        let v = Verifier::new(1, 3, 10);
-        let a: IpAddr = "10.0.0.1".parse().unwrap();
-        let b: IpAddr = "10.0.0.2".parse().unwrap();
-        for _ in 0..3 {
-            assert_eq!(v.throttled(a), None);
-            v.record_failure(a);
-        }
-        // 3 a minute: the next one is 20 s away.
-        let wait = v.throttled(a).unwrap();
-        assert!((19..=20).contains(&wait), "{wait}");
-        assert_eq!(v.throttled(b), None, "other addresses are not affected");
     }
 }

@@ -42,15 +42,19 @@ pub(super) async fn claim_loop(shared: Arc<Shared>) {
                 .config
                 .delivery_queue_max
                 .saturating_sub(shared.in_memory.load(Ordering::Relaxed));
-            if free == 0 {
+            // Room for one more payload of the largest size, or nothing is claimed.
+            if free == 0 || shared.memory.free() < shared.config.payload_bytes_max {
                 break;
             }
-            let limit = free.min(CLAIM_BATCH_MAX);
+            // At most as many rows as largest payloads fit the memory budget: claimed rows are
+            // taken into memory whatever their size.
+            let by_bytes = shared.memory.free() / shared.config.payload_bytes_max.max(1);
+            let limit = free.min(CLAIM_BATCH_MAX).min(by_bytes);
             match claim(&shared, limit).await {
                 Ok(jobs) => {
                     let n = jobs.len();
                     for job in jobs {
-                        shared.reserve(job.org, true);
+                        shared.reserve(job.org, job.payload.len(), true);
                         tokio::spawn(run_job(Arc::clone(&shared), job));
                     }
                     if n < limit {

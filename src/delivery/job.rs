@@ -56,7 +56,7 @@ pub(super) async fn run_job(shared: Arc<Shared>, mut job: Job) {
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .remove(&job.event);
-    shared.release_slot(job.org);
+    shared.release_slot(job.org, job.payload.len());
 }
 
 /// One attempt and its recorded outcome. `Some((due, lease))` when this node retries it later.

@@ -18,7 +18,7 @@ use crate::auth::Changes;
 use crate::config::{Config, DELIVERY_POOL_IDLE, RECORDERS};
 use crate::db::build_bookkeeping_pool;
 use crate::flow::event::NewEvent;
-use crate::flow::sink::{DeliverySink, Planned};
+use crate::flow::sink::{ByteBudget, DeliverySink, Planned};
 use crate::ids::OrgId;
 use crate::metrics::Metrics;
 
@@ -72,6 +72,7 @@ impl Delivery {
             busy: AtomicUsize::new(0),
             lease: Duration::from_secs(config.delivery_lease_s),
             per_org_max: config.delivery_org_in_memory_max(),
+            memory: ByteBudget::new(config.delivery_memory_bytes_max),
             metrics,
             config: Arc::clone(&config),
         });
@@ -131,9 +132,11 @@ impl DeliverySink for DeliveryHandle {
             return Planned {
                 next_attempt_at: None,
                 held: false,
+                held_bytes: 0,
             };
         }
-        let held = self.0.reserve(event.org, false);
+        let bytes = event.payload.len();
+        let held = self.0.reserve(event.org, bytes, false);
         let next = if held {
             event.created_at.plus(self.0.lease)
         } else {
@@ -142,6 +145,7 @@ impl DeliverySink for DeliveryHandle {
         Planned {
             next_attempt_at: Some(next),
             held,
+            held_bytes: if held { bytes } else { 0 },
         }
     }
 
@@ -159,7 +163,7 @@ impl DeliverySink for DeliveryHandle {
         }
         for (org, planned) in not_written {
             if planned.held {
-                self.0.release_slot(org);
+                self.0.release_slot(org, planned.held_bytes);
             }
         }
         if left_due {

@@ -13,6 +13,7 @@ use super::model::{Job, Target};
 use super::record::Attempted;
 use crate::auth::Changes;
 use crate::config::Config;
+use crate::flow::sink::ByteBudget;
 use crate::ids::{EventId, Micros, OrgId};
 use crate::metrics::Metrics;
 
@@ -44,6 +45,7 @@ pub(super) struct Shared {
     pub(super) busy: AtomicUsize,
     pub(super) lease: Duration,
     pub(super) per_org_max: usize,
+    pub(super) memory: Arc<ByteBudget>,
     pub(super) metrics: Arc<Metrics>,
 }
 
@@ -62,7 +64,8 @@ impl Shared {
     }
 
     /// Take an in-memory slot for `org`; `force` ignores the bounds (claimed rows are already ours).
-    pub(super) fn reserve(&self, org: OrgId, force: bool) -> bool {
+    /// The payload's `bytes` count against `delivery_memory_bytes_max` as well.
+    pub(super) fn reserve(&self, org: OrgId, bytes: usize, force: bool) -> bool {
         let mut orgs = self.orgs.lock().unwrap_or_else(|p| p.into_inner());
         if !force && self.in_memory.load(Ordering::Relaxed) >= self.config.delivery_queue_max {
             return false;
@@ -74,6 +77,12 @@ impl Shared {
         if !force && state.in_memory >= self.per_org_max {
             return false;
         }
+        if !self.memory.take(bytes, force) {
+            if state.in_memory == 0 {
+                orgs.remove(&org);
+            }
+            return false;
+        }
         state.in_memory += 1;
         let n = self.in_memory.fetch_add(1, Ordering::Relaxed) + 1;
         self.metrics
@@ -82,7 +91,9 @@ impl Shared {
         true
     }
 
-    pub(super) fn release_slot(&self, org: OrgId) {
+    /// Give back an in-memory slot and its payload's `bytes`.
+    pub(super) fn release_slot(&self, org: OrgId, bytes: usize) {
+        self.memory.give(bytes);
         let mut orgs = self.orgs.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(state) = orgs.get_mut(&org) {
             state.in_memory = state.in_memory.saturating_sub(1);

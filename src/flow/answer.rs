@@ -44,6 +44,11 @@ pub enum Refusal {
         /// Seconds until the address may try again.
         retry_after_s: u32,
     },
+    /// Too many key generations or rotations from this address, or on this node.
+    KeyOpsLimited {
+        /// Seconds until one more is allowed.
+        retry_after_s: u32,
+    },
     /// No such thing for this organization.
     NotFound(&'static str),
     /// The organization has no webhook.

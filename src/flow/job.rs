@@ -15,8 +15,11 @@ use crate::ids::CoreId;
 pub enum Query {
     /// `GET /api/keys`.
     KeyInfo,
-    /// `POST /api/keys/rotate`.
-    Rotate,
+    /// `POST /api/keys/rotate`, from this client address.
+    Rotate {
+        /// The client's address (key operations are limited per address).
+        peer: IpAddr,
+    },
     /// `POST /api/webhook/config`, URL already shape-checked.
     SetWebhook {
         /// The URL as given.
@@ -84,6 +87,8 @@ pub enum StoreJob {
         name: String,
         /// Its tier.
         tier: Tier,
+        /// The client's address (key operations are limited per address).
+        peer: IpAddr,
         /// Where the answer goes.
         reply: ReplyTo,
     },

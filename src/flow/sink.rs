@@ -9,7 +9,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use tokio::sync::{mpsc, Notify};
@@ -61,10 +61,63 @@ impl Health {
     }
 }
 
-/// What ingress cores hold of the store: two bounded queues and the health flag.
+/// A byte budget shared across threads: payloads held in a queue or in memory take from it, and
+/// give back when they leave.
+pub struct ByteBudget {
+    used: AtomicUsize,
+    max: usize,
+}
+
+impl ByteBudget {
+    /// A budget of `max` bytes.
+    pub fn new(max: usize) -> Arc<ByteBudget> {
+        Arc::new(ByteBudget {
+            used: AtomicUsize::new(0),
+            max,
+        })
+    }
+
+    /// Take `n` bytes; `false` (nothing taken) when they don't fit. `force` takes them anyway
+    /// (for what is already in memory and must be tracked).
+    pub fn take(&self, n: usize, force: bool) -> bool {
+        let mut used = self.used.load(Ordering::Relaxed);
+        loop {
+            let next = used.saturating_add(n);
+            if next > self.max && !force {
+                return false;
+            }
+            match self
+                .used
+                .compare_exchange_weak(used, next, Ordering::Relaxed, Ordering::Relaxed)
+            {
+                Ok(_) => return true,
+                Err(actual) => used = actual,
+            }
+        }
+    }
+
+    /// Give back `n` bytes.
+    pub fn give(&self, n: usize) {
+        self.used.fetch_sub(n, Ordering::Relaxed);
+    }
+
+    /// Bytes held now.
+    pub fn used(&self) -> usize {
+        self.used.load(Ordering::Relaxed)
+    }
+
+    /// Bytes left.
+    pub fn free(&self) -> usize {
+        self.max.saturating_sub(self.used())
+    }
+}
+
+/// What ingress cores hold of the store: two bounded queues (the write queue bounded in events
+/// and in payload bytes) and the health flag.
 #[derive(Clone)]
 pub struct StoreQueues {
     writes: mpsc::Sender<WriteJob>,
+    write_bytes: Arc<ByteBudget>,
     jobs: mpsc::Sender<StoreJob>,
     health: Arc<Health>,
     ack: AckMode,
@@ -74,6 +127,8 @@ pub struct StoreQueues {
 pub struct StoreInbox {
     /// Events to write.
     pub writes: mpsc::Receiver<WriteJob>,
+    /// Payload bytes queued or being written: the writer gives them back after each batch.
+    pub write_bytes: Arc<ByteBudget>,
     /// Everything else.
     pub jobs: mpsc::Receiver<StoreJob>,
     /// The flag the store keeps.
@@ -85,15 +140,18 @@ pub fn store_queues(config: &Config) -> (StoreQueues, StoreInbox) {
     let (writes, write_rx) = mpsc::channel(config.write_queue_events_max);
     let (jobs, job_rx) = mpsc::channel(config.query_queue_max);
     let health = Arc::new(Health::default());
+    let write_bytes = ByteBudget::new(config.write_queue_bytes_max);
     (
         StoreQueues {
             writes,
+            write_bytes: Arc::clone(&write_bytes),
             jobs,
             health: Arc::clone(&health),
             ack: config.ack,
         },
         StoreInbox {
             writes: write_rx,
+            write_bytes,
             jobs: job_rx,
             health,
         },
@@ -101,14 +159,22 @@ pub fn store_queues(config: &Config) -> (StoreQueues, StoreInbox) {
 }
 
 impl StoreQueues {
-    /// Queue an event; refused at once when the queue is full or the database is down.
+    /// Queue an event; refused at once when the queue is full (in events or payload bytes) or
+    /// the database is down.
     pub fn write(&self, job: WriteJob) -> Result<(), Refusal> {
         if !self.health.is_up() {
             return Err(Refusal::Unavailable);
         }
-        self.writes.try_send(job).map_err(|e| match e {
-            mpsc::error::TrySendError::Full(_) => Refusal::Overloaded("write queue full"),
-            mpsc::error::TrySendError::Closed(_) => Refusal::Unavailable,
+        let bytes = job.event.payload.len();
+        if !self.write_bytes.take(bytes, false) {
+            return Err(Refusal::Overloaded("write queue bytes full"));
+        }
+        self.writes.try_send(job).map_err(|e| {
+            self.write_bytes.give(bytes);
+            match e {
+                mpsc::error::TrySendError::Full(_) => Refusal::Overloaded("write queue full"),
+                mpsc::error::TrySendError::Closed(_) => Refusal::Unavailable,
+            }
         })
     }
 
@@ -156,6 +222,8 @@ pub struct Planned {
     pub next_attempt_at: Option<Micros>,
     /// Whether this node took an in-memory slot for it.
     pub held: bool,
+    /// Payload bytes held in the delivery pool's memory budget with the slot.
+    pub held_bytes: usize,
 }
 
 /// What the store holds of the delivery pool.

@@ -57,7 +57,12 @@ pub async fn generate(ctx: &Rc<CoreCtx>, req: &Request) -> Reply {
         Err(e) => return e.reply(),
     };
     match ctx
-        .ask_store(|reply| StoreJob::Generate { name, tier, reply })
+        .ask_store(|reply| StoreJob::Generate {
+            name,
+            tier,
+            peer: req.peer,
+            reply,
+        })
         .await
     {
         Ok(Answer::Generated(key)) => new_key_reply(201, &key),
@@ -109,8 +114,8 @@ pub async fn key_info(ctx: &Rc<CoreCtx>, org: OrgInfo) -> Reply {
 }
 
 /// `POST /api/keys/rotate`.
-pub async fn rotate(ctx: &Rc<CoreCtx>, org: OrgInfo) -> Reply {
-    ctx.query(org, Query::Rotate)
+pub async fn rotate(ctx: &Rc<CoreCtx>, req: &Request, org: OrgInfo) -> Reply {
+    ctx.query(org, Query::Rotate { peer: req.peer })
         .await
         .render(|answer| match answer {
             Answer::Rotated(key) => Some(new_key_reply(200, &key)),

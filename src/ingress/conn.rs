@@ -1,28 +1,40 @@
 //! One keep-alive connection.
 //!
 //! The read buffer and the write buffer belong to the connection and travel round the loop. Limits
-//! come before work: a head over `head_bytes_max` gets 431, a declared body over `body_bytes_max`
-//! gets 413 before a byte of it is read, a client that stalls mid-head or mid-body gets 408; each of
-//! those closes the connection. Pipelined requests are answered in order, their responses written
-//! together once no complete request is left in the buffer. At shutdown an idle connection closes
-//! at once and a busy one after its current response (sent with `Connection: close`).
+//! come before work, and each costs a slow or hostile client only what it sends:
+//! - the head is searched for its end only in the bytes that just arrived (a head sent a byte at a
+//!   time costs O(its length)); over `head_bytes_max`: 431; stalled: 408; both close;
+//! - the route and the API key are checked from the head, before the body is read and before
+//!   `100 Continue`: a request that will be refused never gets to upload its body;
+//! - a declared body over `body_bytes_max` gets 413 before a byte of it is read; bodies in flight
+//!   share a node-wide byte budget (`inflight_body_bytes_max`; beyond it 503); stalled: 408;
+//! - a client that does not read its answers is closed after `idle_timeout_ms`;
+//! - buffers grown by a large request or answer are given back once it is done.
+//!
+//! Pipelined requests are answered in order, their responses written together once no complete
+//! request is left in the buffer. At shutdown an idle connection closes at once and a busy one
+//! after its current response (sent with `Connection: close`).
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use monoio::buf::IoBufMut;
 use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
 use monoio::net::TcpStream;
 
 use super::core::CoreCtx;
-use super::handle::handle;
-use super::parse::{parse_head, ChunkError, ChunkedDecoder, Framing, Head, HeadError, Parsed};
-use super::request::Request;
+use super::handle::{self, Prepared};
+use super::node::BodyLease;
+use super::parse::{
+    find_head_end, leading_blank_lines, parse_head, ChunkError, ChunkedDecoder, Framing, Head,
+    HeadError, Parsed,
+};
+use super::request::{client_addr, Request};
 use super::response::{write_reply, CONTINUE};
 use super::router::Route;
-use crate::config::{READ_CHUNK_MAX, READ_CHUNK_MIN, WRITE_FLUSH_BYTES};
+use crate::config::{READ_CHUNK_MAX, READ_CHUNK_MIN, WRITE_BUFFER_KEEP_BYTES, WRITE_FLUSH_BYTES};
 use crate::error::ApiError;
 use crate::reply::Reply;
 use crate::shutdown::{race, Either};
@@ -62,6 +74,8 @@ struct Connection {
     ctx: Rc<CoreCtx>,
     stream: TcpStream,
     buf: BytesMut,
+    /// Bytes at the start of `buf` already searched for the end of a head.
+    head_scanned: usize,
     out: Vec<u8>,
     head_timeout: Duration,
     body_timeout: Duration,
@@ -77,6 +91,7 @@ impl Connection {
             idle_timeout: Duration::from_millis(c.idle_timeout_ms),
             stream,
             buf: BytesMut::with_capacity(READ_CHUNK_MIN),
+            head_scanned: 0,
             out: Vec::new(),
             ctx,
         }
@@ -123,13 +138,22 @@ impl Connection {
         }
     }
 
-    /// Write what is waiting in the write buffer.
+    /// Write what is waiting in the write buffer. A client that does not take it within the idle
+    /// timeout (it pipelines and never reads) is closed.
     async fn flush(&mut self) -> Result<(), Stop> {
         if self.out.is_empty() {
             return Ok(());
         }
-        let (result, mut out) = self.stream.write_all(std::mem::take(&mut self.out)).await;
+        let write = self.stream.write_all(std::mem::take(&mut self.out));
+        let (result, mut out) = match monoio::time::timeout(self.idle_timeout, write).await {
+            Ok(done) => done,
+            Err(_) => return Err(Stop::Quiet),
+        };
         out.clear();
+        if out.capacity() > WRITE_BUFFER_KEEP_BYTES {
+            // A large answer (an inbox page) grew it: don't keep that for the connection's life.
+            out = Vec::new();
+        }
         self.out = out;
         result.map(|_| ()).map_err(|_| Stop::Quiet)
     }
@@ -139,24 +163,38 @@ impl Connection {
         let max = self.ctx.config.head_bytes_max;
         let mut started: Option<Instant> = None;
         loop {
-            match parse_head(&mut self.buf) {
-                Ok(Parsed::Complete(head)) if head.len <= max => return Ok(head),
-                Ok(Parsed::Complete(_)) | Err(HeadError::TooManyHeaders) => {
-                    return Err(Stop::Answer(ApiError::HeadersTooLarge(max)))
+            let blank = leading_blank_lines(&self.buf);
+            if blank > 0 {
+                self.buf.advance(blank);
+                self.head_scanned = 0;
+            }
+            if find_head_end(&self.buf, self.head_scanned).is_some() {
+                self.head_scanned = 0;
+                match parse_head(&mut self.buf) {
+                    Ok(Parsed::Complete(head)) if head.len <= max => return Ok(head),
+                    Ok(Parsed::Complete(_)) | Err(HeadError::TooManyHeaders) => {
+                        return Err(Stop::Answer(ApiError::HeadersTooLarge(max)))
+                    }
+                    Err(HeadError::Bad(why)) => {
+                        return Err(Stop::Answer(ApiError::BadRequest(why.into())))
+                    }
+                    Ok(Parsed::Partial) => self.head_scanned = self.buf.len(),
                 }
-                Err(HeadError::Bad(why)) => {
-                    return Err(Stop::Answer(ApiError::BadRequest(why.into())))
-                }
-                Ok(Parsed::Partial) if self.buf.len() > max => {
-                    return Err(Stop::Answer(ApiError::HeadersTooLarge(max)))
-                }
-                Ok(Parsed::Partial) => {}
+            } else {
+                self.head_scanned = self.buf.len();
+            }
+            if self.buf.len() > max {
+                return Err(Stop::Answer(ApiError::HeadersTooLarge(max)));
             }
             // Nothing complete is left: send the answers to earlier pipelined requests first.
             self.flush().await?;
             let idle = self.buf.is_empty();
             if idle && self.ctx.shutdown.is_set() {
                 return Err(Stop::Quiet);
+            }
+            if idle && self.buf.capacity() > READ_CHUNK_MAX {
+                // A large body grew it: an idle connection holds no more than a small buffer.
+                self.buf = BytesMut::with_capacity(READ_CHUNK_MIN);
             }
             let deadline = if idle {
                 Instant::now() + self.idle_timeout
@@ -179,9 +217,14 @@ impl Connection {
         }
     }
 
-    /// Read the body its head announces: refused unread when too large, by `Content-Length` or
-    /// as soon as the chunk sizes pass the limit.
-    async fn read_body(&mut self, head: &Head, started: Instant) -> Result<Bytes, Stop> {
+    /// Read the body its head announces: refused unread when too large (by `Content-Length`, or
+    /// as soon as the chunk sizes pass the limit) or when the node's body budget is spent.
+    async fn read_body(
+        &mut self,
+        head: &Head,
+        started: Instant,
+        lease: &mut BodyLease,
+    ) -> Result<Bytes, Stop> {
         let max = self.ctx.config.body_bytes_max;
         let deadline = started + self.body_timeout;
         match head.framing {
@@ -190,6 +233,11 @@ impl Connection {
                 "request body of {n} bytes exceeds the limit of {max} bytes"
             )))),
             Framing::Length(n) => {
+                if !lease.grow(n) {
+                    return Err(Stop::Answer(ApiError::Overloaded(
+                        "request bodies in flight",
+                    )));
+                }
                 if self.buf.len() < n && head.expect_continue {
                     self.out.extend_from_slice(CONTINUE);
                     self.flush().await?;
@@ -209,8 +257,20 @@ impl Connection {
                     self.flush().await?;
                 }
                 let mut decoder = ChunkedDecoder::new(max);
+                let mut leased = 0;
                 loop {
-                    match decoder.decode(&mut self.buf) {
+                    let decoded = decoder.decode(&mut self.buf);
+                    // Every announced chunk is held in the budget before its bytes are taken.
+                    let announced = decoder.announced();
+                    if announced > leased {
+                        if !lease.grow(announced - leased) {
+                            return Err(Stop::Answer(ApiError::Overloaded(
+                                "request bodies in flight",
+                            )));
+                        }
+                        leased = announced;
+                    }
+                    match decoded {
                         Ok(Some(body)) => return Ok(body),
                         Ok(None) => self.more_body(deadline).await?,
                         Err(ChunkError::TooLarge) => {
@@ -226,6 +286,19 @@ impl Connection {
                     }
                 }
             }
+        }
+    }
+
+    /// Skip the body of a request answered from its head when it is already buffered, so the
+    /// connection stays usable; `false` when it is not (then the connection must close).
+    fn skip_body(&mut self, head: &Head) -> bool {
+        match head.framing {
+            Framing::None => true,
+            Framing::Length(n) if self.buf.len() >= n => {
+                self.buf.advance(n);
+                true
+            }
+            Framing::Length(_) | Framing::Chunked => false,
         }
     }
 
@@ -247,9 +320,9 @@ impl Connection {
     }
 
     /// Answer the error a stop carries, if any, and close.
-    async fn stop(mut self, stop: Stop, started: Instant) {
+    async fn stop(mut self, stop: Stop, route: Route, started: Instant) {
         if let Stop::Answer(e) = stop {
-            self.write(Route::BadRequest, &e.reply(), false, started);
+            self.write(route, &e.reply(), false, started);
             let _ = self.flush().await;
         }
     }
@@ -267,6 +340,7 @@ pub async fn refuse(ctx: Rc<CoreCtx>, stream: TcpStream) {
     let conn = Connection::new(ctx, stream);
     conn.stop(
         Stop::Answer(ApiError::Overloaded("too many connections")),
+        Route::BadRequest,
         Instant::now(),
     )
     .await;
@@ -280,21 +354,38 @@ pub async fn serve(ctx: Rc<CoreCtx>, stream: TcpStream, peer: SocketAddr, metric
     loop {
         let head = match conn.read_head().await {
             Ok(head) => head,
-            Err(stop) => return conn.stop(stop, Instant::now()).await,
+            Err(stop) => return conn.stop(stop, Route::BadRequest, Instant::now()).await,
         };
         let started = Instant::now();
-        let body = match conn.read_body(&head, started).await {
-            Ok(body) => body,
-            Err(stop) => return conn.stop(stop, started).await,
-        };
+        let client: IpAddr = client_addr(peer.ip(), &head, ctx.config.trust_forwarded_for);
         let keep_alive_asked = head.keep_alive;
-        let request = Request {
-            head,
-            body,
-            peer: peer.ip(),
-        };
-        let (route, reply) = handle(&ctx, request, metrics_only).await;
-        let keep_alive = keep_alive_asked && !reply.extra.close && !ctx.shutdown.is_set();
+        let (route, reply, reusable) =
+            match handle::prepare(&ctx, &head, client, metrics_only).await {
+                Prepared::Answer(route, reply) => {
+                    let reusable = conn.skip_body(&head);
+                    (route, reply, reusable)
+                }
+                Prepared::Ready(ready) => {
+                    let route = ready.route;
+                    let mut lease = ctx.bodies.lease();
+                    let body = match conn.read_body(&head, started, &mut lease).await {
+                        Ok(body) => body,
+                        Err(stop) => return conn.stop(stop, route, started).await,
+                    };
+                    let request = Request {
+                        head,
+                        body,
+                        peer: client,
+                    };
+                    let label = route.labels().1;
+                    let reply =
+                        crate::logging::in_route(label, handle::run(&ctx, ready, request)).await;
+                    drop(lease);
+                    (route, reply, true)
+                }
+            };
+        let keep_alive =
+            keep_alive_asked && reusable && !reply.extra.close && !ctx.shutdown.is_set();
         conn.write(route, &reply, keep_alive, started);
         if !keep_alive {
             let _ = conn.flush().await;

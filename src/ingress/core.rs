@@ -11,6 +11,7 @@ use std::net::IpAddr;
 use std::rc::Rc;
 use std::sync::Arc;
 
+use super::node::{BodyBudget, Liveness};
 use super::response::DateCache;
 use crate::auth::flight::{Flight, Flights};
 use crate::auth::{ApiKey, Cached, KeyCache, KeyHash, OrgInfo};
@@ -25,7 +26,7 @@ use crate::ids::CoreId;
 use crate::json;
 use crate::metrics::{CoreMetrics, Metrics};
 use crate::reply::Reply;
-use crate::shard::mesh::{CoreMsg, Mailbox, Mesh, Waiters};
+use crate::shard::mesh::{CoreMsg, Mailbox, Mesh, Wait, Waiters};
 use crate::shard::owner::{Owner, RateRead};
 use crate::shutdown::{race, Either, Signal};
 
@@ -61,6 +62,10 @@ pub struct CoreCtx {
     pub drained: Signal,
     /// The cached `Date` header.
     pub date: RefCell<DateCache>,
+    /// The node's in-flight body budget.
+    pub bodies: Arc<BodyBudget>,
+    /// Which cores of the node are alive.
+    pub liveness: Arc<Liveness>,
 }
 
 /// The store's answer to a query, with the bucket for the rate headers.
@@ -126,6 +131,8 @@ fn handle_message(ctx: &Rc<CoreCtx>, msg: CoreMsg) {
             }
         }
         CoreMsg::Shutdown => ctx.shutdown.set(),
+        #[cfg(debug_assertions)]
+        CoreMsg::CrashForTests => panic!("core {} crashed on purpose by a test", ctx.core.0),
     }
 }
 
@@ -136,15 +143,29 @@ fn unexpected(outcome: Outcome) -> Refusal {
 }
 
 impl CoreCtx {
+    /// The answer to `wait`, or `None` after `reply_timeout_ms`: every cross-thread wait has a
+    /// deadline, so a request never waits forever for a core or a pool that has gone.
+    async fn answer(&self, wait: Wait) -> Option<Outcome> {
+        let answer = wait.within(Config::ms(self.config.reply_timeout_ms)).await;
+        if answer.is_none() {
+            tracing::warn!(core = self.core.0, "no answer within the reply timeout");
+        }
+        answer
+    }
+
     /// Ingest `event` through its organization's owner core.
     pub async fn ingest(self: &Rc<Self>, org: OrgInfo, event: NewEvent) -> IngestOutcome {
         let wait = self.waiters.register();
         if let Some(now) = self.owner.ingest(org, event, wait.reply_to(self.core)) {
             return now;
         }
-        match wait.await {
-            Outcome::Ingested(outcome) => outcome,
-            other => IngestOutcome {
+        match self.answer(wait).await {
+            Some(Outcome::Ingested(outcome)) => outcome,
+            None => IngestOutcome {
+                result: Ingested::Refused(Refusal::Unavailable),
+                rate: None,
+            },
+            Some(other) => IngestOutcome {
                 result: Ingested::Refused(unexpected(other)),
                 rate: None,
             },
@@ -160,9 +181,13 @@ impl CoreCtx {
                 rate,
             };
         }
-        match wait.await {
-            Outcome::Answered { answer, rate } => Answered { answer, rate },
-            other => Answered {
+        match self.answer(wait).await {
+            Some(Outcome::Answered { answer, rate }) => Answered { answer, rate },
+            None => Answered {
+                answer: Err(Refusal::Unavailable),
+                rate: None,
+            },
+            Some(other) => Answered {
                 answer: Err(unexpected(other)),
                 rate: None,
             },
@@ -175,8 +200,8 @@ impl CoreCtx {
         match self.owner.rate(org, wait.reply_to(self.core)) {
             RateRead::Now(rate) => Some(rate),
             RateRead::Refused => None,
-            RateRead::Sent => match wait.await {
-                Outcome::Rate(r) => Some(r),
+            RateRead::Sent => match self.answer(wait).await {
+                Some(Outcome::Rate(r)) => Some(r),
                 _ => None,
             },
         }
@@ -189,9 +214,10 @@ impl CoreCtx {
     ) -> Result<Answer, Refusal> {
         let wait = self.waiters.register();
         self.store.submit(job(wait.reply_to(self.core)))?;
-        match wait.await {
-            Outcome::Answered { answer, .. } => answer,
-            other => Err(unexpected(other)),
+        match self.answer(wait).await {
+            Some(Outcome::Answered { answer, .. }) => answer,
+            None => Err(Refusal::Unavailable),
+            Some(other) => Err(unexpected(other)),
         }
     }
 
@@ -244,19 +270,20 @@ impl CoreCtx {
                 peer,
                 reply: wait.reply_to(self.core),
             })?;
-            match wait.await {
-                Outcome::Auth(Ok(org)) => {
+            match self.answer(wait).await {
+                None => return Err(Refusal::Unavailable),
+                Some(Outcome::Auth(Ok(org))) => {
                     if self.keys.borrow_mut().insert(hash, org, epoch) {
                         return Ok(org);
                     }
                 }
-                Outcome::Auth(Err(e)) => {
+                Some(Outcome::Auth(Err(e))) => {
                     if matches!(e, Refusal::Unauthorized(_)) {
                         self.keys.borrow_mut().insert_refused(hash);
                     }
                     return Err(e);
                 }
-                other => return Err(unexpected(other)),
+                Some(other) => return Err(unexpected(other)),
             }
         }
         tracing::warn!("key verification kept racing with changes to its organization");

@@ -5,7 +5,10 @@ use std::rc::Rc;
 
 use super::core::CoreCtx;
 use super::request::{path_uuid, require_json, text_field, with_body, Request};
+use bytes::Bytes;
+
 use crate::auth::OrgInfo;
+use crate::config::PAYLOAD_COPY_BYTES_MAX;
 use crate::error::ApiError;
 use crate::flow::answer::{Answer, AttemptView, EventDetail, EventView};
 use crate::flow::answer::{IngestOutcome, Ingested};
@@ -74,12 +77,19 @@ fn validate(ctx: &CoreCtx, req: &Request, org: OrgInfo) -> Result<NewEvent, ApiE
             span.len()
         )));
     }
+    // A small payload is copied out, so queued and in-memory events never pin the connection's
+    // read buffer (a 64 KiB allocation for a 200-byte event); a large one is most of its body.
+    let payload = if span.len() <= PAYLOAD_COPY_BYTES_MAX {
+        Bytes::copy_from_slice(&req.body[span])
+    } else {
+        req.body.slice(span)
+    };
     let now = Micros::now();
     Ok(NewEvent {
         id: EventId(new_v7(now)),
         org: org.id,
         event_type,
-        payload: req.body.slice(span),
+        payload,
         dedup_id,
         created_at: now,
         deliver: org.has_webhook,

@@ -1,9 +1,13 @@
-//! Route a complete request to its handler: unauthenticated routes first, then the key, then the
-//! handler of the route's API area. Every authenticated answer carries the rate headers.
+//! Route a request to its handler, in two steps: [`prepare`] works from the head alone (route,
+//! method, the API key), so a request that will be refused is refused before its body is read and
+//! before `100 Continue` is sent; [`run`] takes the body and calls the handler of the route's API
+//! area. Every authenticated answer carries the rate headers.
 
+use std::net::IpAddr;
 use std::rc::Rc;
 
 use super::core::CoreCtx;
+use super::parse::Head;
 use super::request::Request;
 use super::router::{self, Route};
 use super::{admin, events, inbox, ops};
@@ -11,31 +15,36 @@ use crate::auth::{key_from_headers, OrgInfo};
 use crate::error::ApiError;
 use crate::reply::Reply;
 
-/// The organization of the request's key (`X-API-Key` or `Authorization: Bearer`).
-async fn authenticate(ctx: &Rc<CoreCtx>, req: &Request) -> Result<OrgInfo, ApiError> {
-    let raw = key_from_headers(
-        req.head.api_key.as_deref(),
-        req.head.authorization.as_deref(),
-    )
-    .ok_or(ApiError::Unauthorized(
-        "missing API key; send X-API-Key: <key> or Authorization: Bearer <key>",
-    ))?;
-    ctx.authenticate(raw, req.peer)
-        .await
-        .map_err(ApiError::from)
+/// A request ready for its body: its route, its path id, and its organization when the route
+/// needs a key.
+pub struct Ready {
+    /// The route.
+    pub route: Route,
+    /// The `{id}` path segment.
+    pub param: Option<Box<str>>,
+    /// The organization of the key (authenticated routes).
+    pub org: Option<OrgInfo>,
 }
 
-/// Route a complete request to its handler. Returns the route (for metrics) and the reply.
-pub async fn handle(ctx: &Rc<CoreCtx>, req: Request, metrics_only: bool) -> (Route, Reply) {
-    let Ok(path) = std::str::from_utf8(&req.head.path) else {
-        return (
+/// What the head alone decided.
+pub enum Prepared {
+    /// Read the body and run the handler.
+    Ready(Ready),
+    /// Answered without the body: 404, 405, 401, 429, 503.
+    Answer(Route, Reply),
+}
+
+/// Route the head and, for routes that need one, authenticate its key.
+pub async fn prepare(ctx: &Rc<CoreCtx>, head: &Head, peer: IpAddr, metrics_only: bool) -> Prepared {
+    let Ok(path) = std::str::from_utf8(&head.path) else {
+        return Prepared::Answer(
             Route::NotFound,
             ApiError::NotFound("no such endpoint").reply(),
         );
     };
-    let matched = match router::route(req.head.method, path) {
+    let matched = match router::route(head.method, path) {
         Ok(m) if metrics_only && m.route != Route::Metrics => {
-            return (
+            return Prepared::Answer(
                 Route::NotFound,
                 ApiError::NotFound("only /metrics is served here").reply(),
             )
@@ -47,43 +56,77 @@ pub async fn handle(ctx: &Rc<CoreCtx>, req: Request, metrics_only: bool) -> (Rou
             } else {
                 Route::NotFound
             };
-            return (route, e.reply());
+            return Prepared::Answer(route, e.reply());
         }
     };
     let route = matched.route;
-    let reply = match route {
-        Route::Health => ops::health(),
-        Route::Live => ops::live(),
-        Route::Ready => ops::ready(ctx).await,
-        Route::Metrics => ops::metrics(ctx),
-        Route::OpenApi => ops::openapi(),
-        Route::KeysGenerate => admin::generate(ctx, &req).await,
-        _ => match authenticate(ctx, &req).await {
-            Err(e) => e.reply(),
-            Ok(org) => {
-                let reply = match route {
-                    Route::EventsCreate => events::create(ctx, &req, org).await,
-                    Route::EventGet => events::get(ctx, org, matched.param).await,
-                    Route::EventRedeliver => events::redeliver(ctx, org, matched.param).await,
-                    Route::Inbox => inbox::list(ctx, &req, org).await,
-                    Route::Ack => inbox::ack(ctx, org, matched.param).await,
-                    Route::AckBatch => inbox::ack_batch(ctx, &req, org).await,
-                    Route::KeysInfo => admin::key_info(ctx, org).await,
-                    Route::KeysRotate => admin::rotate(ctx, org).await,
-                    Route::WebhookSet => admin::set_webhook(ctx, &req, org).await,
-                    Route::WebhookDelete => admin::delete_webhook(ctx, org).await,
-                    _ => unreachable!("unauthenticated routes are matched above"),
-                };
-                match reply {
-                    // Answers refused before reaching the owner still carry the rate headers.
-                    r if r.rate.is_none() => {
-                        let rate = ctx.rate(org).await;
-                        r.with_rate(rate)
-                    }
-                    r => r,
-                }
+    let param = matched.param.map(Box::<str>::from);
+    if !route.needs_key() {
+        return Prepared::Ready(Ready {
+            route,
+            param,
+            org: None,
+        });
+    }
+    match authenticate(ctx, head, peer).await {
+        Ok(org) => Prepared::Ready(Ready {
+            route,
+            param,
+            org: Some(org),
+        }),
+        Err(e) => Prepared::Answer(route, e.reply()),
+    }
+}
+
+/// The organization of the request's key (`X-API-Key` or `Authorization: Bearer`).
+async fn authenticate(ctx: &Rc<CoreCtx>, head: &Head, peer: IpAddr) -> Result<OrgInfo, ApiError> {
+    let raw = key_from_headers(head.api_key.as_deref(), head.authorization.as_deref()).ok_or(
+        ApiError::Unauthorized(
+            "missing API key; send X-API-Key: <key> or Authorization: Bearer <key>",
+        ),
+    )?;
+    ctx.authenticate(raw, peer).await.map_err(ApiError::from)
+}
+
+/// Run the handler of a prepared request with its body.
+pub async fn run(ctx: &Rc<CoreCtx>, ready: Ready, req: Request) -> Reply {
+    let param = ready.param.as_deref();
+    let Some(org) = ready.org else {
+        return match ready.route {
+            Route::Health => ops::health(),
+            Route::Live => ops::live(ctx),
+            Route::Ready => ops::ready(ctx).await,
+            Route::Metrics => ops::metrics(ctx),
+            Route::OpenApi => ops::openapi(),
+            Route::KeysGenerate => admin::generate(ctx, &req).await,
+            other => {
+                tracing::error!(route = ?other, "a route that needs a key came without one");
+                ApiError::Internal.reply()
             }
-        },
+        };
     };
-    (route, reply)
+    let reply = match ready.route {
+        Route::EventsCreate => events::create(ctx, &req, org).await,
+        Route::EventGet => events::get(ctx, org, param).await,
+        Route::EventRedeliver => events::redeliver(ctx, org, param).await,
+        Route::Inbox => inbox::list(ctx, &req, org).await,
+        Route::Ack => inbox::ack(ctx, org, param).await,
+        Route::AckBatch => inbox::ack_batch(ctx, &req, org).await,
+        Route::KeysInfo => admin::key_info(ctx, org).await,
+        Route::KeysRotate => admin::rotate(ctx, &req, org).await,
+        Route::WebhookSet => admin::set_webhook(ctx, &req, org).await,
+        Route::WebhookDelete => admin::delete_webhook(ctx, org).await,
+        other => {
+            tracing::error!(route = ?other, "an unauthenticated route came with a key");
+            ApiError::Internal.reply()
+        }
+    };
+    match reply {
+        // Answers refused before reaching the owner still carry the rate headers.
+        r if r.rate.is_none() => {
+            let rate = ctx.rate(org).await;
+            r.with_rate(rate)
+        }
+        r => r,
+    }
 }

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use super::conn;
 use super::core::{run_mailbox, CoreCtx};
+use super::node::Node;
 use super::response::DateCache;
 use crate::auth::flight::Flights;
 use crate::auth::KeyCache;
@@ -89,6 +90,7 @@ pub fn start(
     mesh: Mesh,
     store: StoreQueues,
     metrics: Arc<Metrics>,
+    node: Node,
     parts: Vec<CoreParts>,
 ) -> io::Result<Vec<std::thread::JoinHandle<()>>> {
     let cpus = std::thread::available_parallelism()
@@ -98,13 +100,20 @@ pub fn start(
     for part in parts {
         let (config, mesh, store) = (Arc::clone(&config), mesh.clone(), store.clone());
         let metrics = Arc::clone(&metrics);
+        let node = node.clone();
         let handle = std::thread::Builder::new()
             .name(format!("ingress-{}", part.core.0))
             .spawn(move || {
                 if config.ingress_cores <= cpus {
                     pin_to_cpu(part.core.0);
                 }
-                if let Err(e) = run_core(config, mesh, store, metrics, part) {
+                // Marks the core dead if this thread ends other than by shutdown (a panic).
+                use std::os::fd::AsRawFd;
+                let fds = std::iter::once(part.listener.as_raw_fd())
+                    .chain(part.metrics_listener.as_ref().map(|l| l.as_raw_fd()))
+                    .collect();
+                let _alive = node.liveness.guard(part.core.0, fds);
+                if let Err(e) = run_core(config, mesh, store, metrics, node, part) {
                     tracing::error!(error = %e, "ingress core failed");
                     std::process::exit(1);
                 }
@@ -134,6 +143,7 @@ fn run_core(
     mesh: Mesh,
     store: StoreQueues,
     metrics: Arc<Metrics>,
+    node: Node,
     part: CoreParts,
 ) -> io::Result<()> {
     let core = part.core;
@@ -152,23 +162,23 @@ fn run_core(
         IoDriver::Uring => {
             let mut rt = uring().map_err(|e| io::Error::new(e.kind(), format!("io_uring: {e}")))?;
             log_driver(core, "io_uring");
-            rt.block_on(serve(config, mesh, store, metrics, part))
+            rt.block_on(serve(config, mesh, store, metrics, node, part))
         }
         IoDriver::Epoll => {
             log_driver(core, "epoll");
-            epoll()?.block_on(serve(config, mesh, store, metrics, part))
+            epoll()?.block_on(serve(config, mesh, store, metrics, node, part))
         }
         IoDriver::Auto => match uring() {
             Ok(mut rt) => {
                 log_driver(core, "io_uring");
-                rt.block_on(serve(config, mesh, store, metrics, part))
+                rt.block_on(serve(config, mesh, store, metrics, node, part))
             }
             Err(e) => {
                 if core.0 == 0 {
                     tracing::warn!(error = %e, "io_uring unavailable; using epoll");
                 }
                 log_driver(core, "epoll");
-                epoll()?.block_on(serve(config, mesh, store, metrics, part))
+                epoll()?.block_on(serve(config, mesh, store, metrics, node, part))
             }
         },
     }
@@ -183,6 +193,7 @@ async fn serve(
     mesh: Mesh,
     store: StoreQueues,
     all_metrics: Arc<Metrics>,
+    node: Node,
     part: CoreParts,
 ) -> io::Result<()> {
     let listener = monoio::net::TcpListener::from_std(part.listener)?;
@@ -210,6 +221,8 @@ async fn serve(
         connections: Cell::new(0),
         drained: Signal::default(),
         date: RefCell::new(DateCache::default()),
+        bodies: node.bodies,
+        liveness: node.liveness,
         config,
         mesh,
         store,

@@ -2,7 +2,8 @@
 //! owner-core logic behind a request lives in `shard`; the work behind a query in `store`.
 //!
 //! - `listen`: the SO_REUSEPORT listeners, the pinned core threads, each core's accept loop.
-//! - `core`: a core's context, its mailbox task, and the waits of its requests.
+//! - `core`: a core's context, its mailbox task, and the waits of its requests (each bounded).
+//! - `node`: what the cores share: the in-flight body budget, each core's liveness.
 //! - `conn`: one keep-alive connection: buffers, limits, timeouts, pipelining.
 //! - `parse`: request head and body framing. `router`: (method, path) to a route.
 //! - `request`: a complete request and the checks every handler shares.
@@ -17,7 +18,8 @@ mod events;
 pub mod handle;
 mod inbox;
 pub mod listen;
-mod ops;
+pub mod node;
+pub mod ops;
 pub mod parse;
 pub mod request;
 pub mod response;

@@ -3,9 +3,11 @@
 use std::rc::Rc;
 
 use super::core::CoreCtx;
+use crate::config::RETRY_AFTER_UNAVAILABLE_S;
 use crate::error::ApiError;
 use crate::flow::answer::Answer;
 use crate::flow::job::StoreJob;
+use crate::json::{write_int, Obj};
 use crate::reply::Reply;
 
 /// The OpenAPI 3.1 document of the whole API.
@@ -16,9 +18,31 @@ pub fn health() -> Reply {
     Reply::json(200, &br#"{"status":"healthy"}"#[..])
 }
 
-/// `GET /health/live`: the process answers (for liveness probes).
-pub fn live() -> Reply {
-    Reply::json(200, &br#"{"status":"alive"}"#[..])
+/// `GET /health/live`: every ingress core runs (for liveness probes: 503 tells the supervisor to
+/// restart a process with a dead core).
+pub fn live(ctx: &CoreCtx) -> Reply {
+    let dead = ctx.liveness.dead();
+    if dead.is_empty() {
+        return Reply::json(200, &br#"{"status":"alive"}"#[..]);
+    }
+    let mut reply = Reply::build(503, |out| {
+        let mut o = Obj::new(out);
+        o.str("error", "an ingress core has stopped; restart the process")
+            .str("code", "unavailable")
+            .str("status", "dead_cores");
+        let list = o.key("dead_cores");
+        list.push(b'[');
+        for (i, core) in dead.iter().enumerate() {
+            if i > 0 {
+                list.push(b',');
+            }
+            write_int(list, *core as i64);
+        }
+        list.push(b']');
+        o.finish();
+    });
+    reply.extra.retry_after_s = Some(RETRY_AFTER_UNAVAILABLE_S);
+    reply
 }
 
 /// `GET /health/ready`: 200 when the database answers, else 503.

@@ -57,6 +57,8 @@ pub struct Head {
     pub api_key: Option<Bytes>,
     /// `Authorization`.
     pub authorization: Option<Bytes>,
+    /// `X-Forwarded-For` (used only with `--trust-forwarded-for`).
+    pub forwarded_for: Option<Bytes>,
 }
 
 /// Why a head could not be used.
@@ -68,13 +70,40 @@ pub enum HeadError {
     Bad(&'static str),
 }
 
-/// The head, or "need more bytes".
+/// The head, or "need more bytes". Returned by value once per request and taken apart at once:
+/// boxing the head would cost an allocation per request to save a move.
 #[derive(Debug)]
+#[allow(clippy::large_enum_variant)]
 pub enum Parsed {
     /// A complete head, taken out of the buffer.
     Complete(Head),
     /// Not complete yet.
     Partial,
+}
+
+/// Where the head that starts `buf` ends (just past its empty line, CRLF or bare LF), searching
+/// only from `from` (minus the 3 bytes an end may straddle): the bytes before were searched when
+/// they arrived, so a head sent a byte at a time costs O(its length), not O(length²).
+pub fn find_head_end(buf: &[u8], from: usize) -> Option<usize> {
+    let mut i = from.saturating_sub(3);
+    while i < buf.len() {
+        let nl = i + buf[i..].iter().position(|&b| b == b'\n')?;
+        let blank_lf = nl >= 1 && buf[nl - 1] == b'\n';
+        let blank_crlf = nl >= 2 && buf[nl - 1] == b'\r' && buf[nl - 2] == b'\n';
+        if blank_lf || blank_crlf {
+            return Some(nl + 1);
+        }
+        i = nl + 1;
+    }
+    None
+}
+
+/// Bytes of empty lines at the start of `buf`, which a server ignores before a request line
+/// (RFC 9112, 2.2).
+pub fn leading_blank_lines(buf: &[u8]) -> usize {
+    buf.iter()
+        .take_while(|&&b| b == b'\r' || b == b'\n')
+        .count()
 }
 
 /// Parse the head at the start of `buf`; on success the head's bytes are split off `buf`.
@@ -111,7 +140,8 @@ pub fn parse_head(buf: &mut BytesMut) -> Result<Parsed, HeadError> {
     let mut connection_close = false;
     let mut connection_keep_alive = false;
     let mut expect_continue = false;
-    let (mut content_type, mut api_key, mut authorization) = (None, None, None);
+    let (mut content_type, mut api_key, mut authorization, mut forwarded_for) =
+        (None, None, None, None);
     for h in req.headers.iter() {
         let name = h.name;
         if name.eq_ignore_ascii_case("content-length") {
@@ -154,6 +184,9 @@ pub fn parse_head(buf: &mut BytesMut) -> Result<Parsed, HeadError> {
             api_key = Some(offset(h.value));
         } else if name.eq_ignore_ascii_case("authorization") {
             authorization = Some(offset(h.value));
+        } else if name.eq_ignore_ascii_case("x-forwarded-for") {
+            // Several headers: the last one is the nearest proxy's.
+            forwarded_for = Some(offset(h.value));
         }
     }
     if chunked && content_length.is_some() {
@@ -192,6 +225,7 @@ pub fn parse_head(buf: &mut BytesMut) -> Result<Parsed, HeadError> {
         content_type: content_type.map(|r| head.slice(r)),
         api_key: api_key.map(|r| head.slice(r)),
         authorization: authorization.map(|r| head.slice(r)),
+        forwarded_for: forwarded_for.map(|r| head.slice(r)),
     }))
 }
 
@@ -219,6 +253,7 @@ pub struct ChunkedDecoder {
     state: ChunkState,
     body: BytesMut,
     limit: usize,
+    announced: usize,
     trailer_bytes: usize,
 }
 
@@ -229,6 +264,7 @@ impl ChunkedDecoder {
             state: ChunkState::Size,
             body: BytesMut::new(),
             limit,
+            announced: 0,
             trailer_bytes: 0,
         }
     }
@@ -240,6 +276,11 @@ impl ChunkedDecoder {
             "the body stays within its limit"
         );
         (self.limit - self.body.len()) as u64
+    }
+
+    /// Bytes of the chunks announced so far (received or not): what the body will hold.
+    pub fn announced(&self) -> usize {
+        self.announced
     }
 
     /// Consume what `buf` holds; `Ok(Some(body))` once the last chunk and trailers are in.
@@ -256,6 +297,9 @@ impl ChunkedDecoder {
                             // size near u64::MAX would wrap the sum past the check.
                             return Err(ChunkError::TooLarge);
                         } else {
+                            // `size` fits the room left, so it fits a usize and the sum can't
+                            // pass the limit.
+                            self.announced += size as usize;
                             self.body.reserve(size as usize);
                             self.state = ChunkState::Data(size);
                         }
@@ -345,6 +389,21 @@ mod tests {
             b"{}GET /",
             "the body and the next request stay in the buffer"
         );
+    }
+
+    #[test]
+    fn head_ends_are_found_incrementally() {
+        let wire = b"GET / HTTP/1.1\r\nHost: a\r\n\r\nNEXT";
+        let end = wire.len() - 4;
+        for split in 0..wire.len() {
+            // Searched up to `split` when those bytes came, then from there when the rest came.
+            let first = find_head_end(&wire[..split], 0);
+            let found = first.or_else(|| find_head_end(wire, split));
+            assert_eq!(found, Some(end), "split at {split}");
+        }
+        assert_eq!(find_head_end(b"GET / HTTP/1.0\n\n", 0), Some(16));
+        assert_eq!(find_head_end(b"GET / HTTP/1.1\r\nHost: a\r\n", 0), None);
+        assert_eq!(leading_blank_lines(b"\r\n\nGET"), 3);
     }
 
     #[test]

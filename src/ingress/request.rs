@@ -21,6 +21,21 @@ pub struct Request {
     pub peer: IpAddr,
 }
 
+/// The client's address: the TCP peer, or with `trust` (`--trust-forwarded-for`, for a server
+/// behind a proxy you run) the last `X-Forwarded-For` entry, which that proxy appended. An entry
+/// that is not an address leaves the peer.
+pub fn client_addr(peer: IpAddr, head: &Head, trust: bool) -> IpAddr {
+    if !trust {
+        return peer;
+    }
+    head.forwarded_for
+        .as_deref()
+        .and_then(|v| std::str::from_utf8(v).ok())
+        .and_then(|v| v.rsplit(',').next())
+        .and_then(|last| last.trim().parse().ok())
+        .unwrap_or(peer)
+}
+
 /// 415 unless the request says its body is JSON (`application/json` or `application/*+json`,
 /// parameters such as `charset` allowed).
 pub fn require_json(req: &Request) -> Result<(), ApiError> {
@@ -56,8 +71,10 @@ pub fn with_body<R>(
     match parser.borrow_mut().with_object(body, f) {
         Ok(r) => r,
         Err(json::JsonError::Invalid(msg)) => Err(ApiError::InvalidJson(msg)),
-        Err(json::JsonError::NotAnObject) => Err(ApiError::InvalidJson(
-            "request body must be a JSON object".into(),
+        // Valid JSON of the wrong shape is a validation error, not a syntax error.
+        Err(json::JsonError::NotAnObject) => Err(ApiError::validation(
+            "body",
+            "request body must be a JSON object",
         )),
     }
 }

@@ -74,6 +74,22 @@ impl Route {
         Route::BadRequest,
     ];
 
+    /// Whether the route needs an API key (everything but operations and key generation).
+    pub fn needs_key(self) -> bool {
+        !matches!(
+            self,
+            Route::Health
+                | Route::Live
+                | Route::Ready
+                | Route::Metrics
+                | Route::OpenApi
+                | Route::KeysGenerate
+                | Route::NotFound
+                | Route::MethodNotAllowed
+                | Route::BadRequest
+        )
+    }
+
     /// The metric labels of every route, by index.
     pub const LABELS: [(&'static str, &'static str); Route::COUNT] = {
         let mut labels = [("", ""); Route::COUNT];

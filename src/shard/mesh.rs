@@ -75,6 +75,10 @@ pub enum CoreMsg {
     },
     /// Stop accepting, finish in-flight requests, close.
     Shutdown,
+    /// Panic on this core's thread: tests use it to show what a dead core does to the rest.
+    #[cfg(debug_assertions)]
+    #[doc(hidden)]
+    CrashForTests,
 }
 
 /// A hop could not be queued at its owner core.
@@ -198,6 +202,13 @@ impl Mesh {
         for link in self.links.iter() {
             let _ = link.tx.send(CoreMsg::OrgChanged { org, done: None });
         }
+    }
+
+    /// Make `core` panic (tests only).
+    #[cfg(debug_assertions)]
+    #[doc(hidden)]
+    pub fn crash_for_tests(&self, core: CoreId) {
+        let _ = self.links[core.0].tx.send(CoreMsg::CrashForTests);
     }
 
     /// Tell every core to shut down.
@@ -369,6 +380,15 @@ impl Wait {
             slot: self.token,
         }
     }
+
+    /// The answer, or `None` once `limit` has passed without one (the slot is freed then, and a
+    /// late answer is ignored). Runs on the core's monoio runtime (its timer).
+    pub async fn within(self, limit: std::time::Duration) -> Option<Outcome> {
+        match crate::shutdown::race(self, monoio::time::sleep(limit)).await {
+            crate::shutdown::Either::Left(outcome) => Some(outcome),
+            crate::shutdown::Either::Right(()) => None,
+        }
+    }
 }
 
 impl Future for Wait {
@@ -415,9 +435,40 @@ mod tests {
 
     fn block_on<F: Future>(f: F) -> F::Output {
         let mut rt = monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
+            .enable_timer()
             .build()
             .unwrap();
         rt.block_on(f)
+    }
+
+    #[test]
+    fn a_wait_gives_up_at_its_deadline_and_a_late_answer_is_ignored() {
+        block_on(async {
+            let w = Rc::new(Waiters::default());
+            let lost = w.register();
+            let token = lost.token();
+            let started = std::time::Instant::now();
+            assert!(lost
+                .within(std::time::Duration::from_millis(30))
+                .await
+                .is_none());
+            assert!(started.elapsed() >= std::time::Duration::from_millis(30));
+            assert_eq!(w.waiting(), 0, "the slot is free again");
+            w.complete(
+                token,
+                Outcome::Rate(crate::flow::answer::RateSnapshot {
+                    limit: 1,
+                    remaining: 1,
+                    reset_s: 0,
+                }),
+            );
+            let answered = w.register();
+            w.complete(answered.token(), Outcome::Auth(Err(Refusal::Internal)));
+            assert!(answered
+                .within(std::time::Duration::from_secs(5))
+                .await
+                .is_some());
+        });
     }
 
     #[test]

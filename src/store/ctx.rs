@@ -7,12 +7,13 @@ use std::time::Duration;
 use deadpool_postgres::Pool;
 
 use crate::auth::flight::Flights;
+use crate::auth::throttle::KeyOpsLimiter;
 use crate::auth::verify::Verifier;
 use crate::auth::OrgInfo;
 use crate::config::Config;
 use crate::db::is_connection_error;
 use crate::flow::answer::Refusal;
-use crate::flow::sink::{CoreLink, DeliverySink, Health};
+use crate::flow::sink::{ByteBudget, CoreLink, DeliverySink, Health};
 use crate::ids::OrgId;
 use crate::metrics::Metrics;
 
@@ -30,10 +31,14 @@ pub struct StoreCtx {
     pub delivery: Arc<dyn DeliverySink>,
     /// Argon2, the failure throttle, the node's verified keys.
     pub verifier: Verifier,
+    /// Key generations and rotations per address and per node.
+    pub key_ops: KeyOpsLimiter,
     /// Key verifications in progress on this node.
     pub flights: Flights<Result<OrgInfo, Refusal>>,
     /// Whether the database takes writes.
     pub health: Arc<Health>,
+    /// Payload bytes in the write queue and in the batches being written.
+    pub write_bytes: Arc<ByteBudget>,
     /// The server's metrics.
     pub metrics: Arc<Metrics>,
     /// Longest a database round trip may take.

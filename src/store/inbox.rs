@@ -3,6 +3,8 @@
 
 use std::collections::HashSet;
 
+use futures_util::TryStreamExt;
+use tokio_postgres::types::ToSql;
 use uuid::Uuid;
 
 use super::ctx::{Done, StoreCtx};
@@ -11,7 +13,9 @@ use crate::flow::answer::{Answer, InboxPage, Refusal};
 use crate::flow::event::EventStatus;
 use crate::ids::{Micros, OrgId};
 
-/// One page, newest first; `more_before` is set when another page follows.
+/// One page, newest first; `more_before` is set when another page follows. A page stops early
+/// once its payloads pass `inbox_page_bytes_max` (at least one event is always given), and rows
+/// are read as they stream in, so a page of large payloads never sits in memory whole.
 pub async fn inbox(
     ctx: &StoreCtx,
     org: OrgId,
@@ -27,15 +31,23 @@ pub async fn inbox(
         ))
         .await?;
     let before = before.unwrap_or(Uuid::max());
-    let mut rows = client
-        .query(
-            &stmt,
-            &[&org.0, &status.code(), &before, &(i64::from(limit) + 1)],
-        )
-        .await?;
-    let more = rows.len() > limit as usize;
-    rows.truncate(limit as usize);
-    let events: Vec<_> = rows.iter().map(event_view).collect();
+    let (status, fetch) = (status.code(), i64::from(limit) + 1);
+    let params: [&(dyn ToSql + Sync); 4] = [&org.0, &status, &before, &fetch];
+    let rows = client.query_raw(&stmt, params).await?;
+    futures_util::pin_mut!(rows);
+    let cap = ctx.config.inbox_page_bytes_max;
+    let (mut events, mut bytes, mut more) = (Vec::new(), 0usize, false);
+    while let Some(row) = rows.try_next().await? {
+        let event = event_view(&row);
+        let full = events.len() == limit as usize
+            || (!events.is_empty() && bytes + event.payload.len() > cap);
+        if full {
+            more = true;
+            break;
+        }
+        bytes += event.payload.len();
+        events.push(event);
+    }
     let more_before = events.last().filter(|_| more).map(|e| e.id);
     Ok(Answer::Inbox(InboxPage {
         events,

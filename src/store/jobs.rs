@@ -61,8 +61,13 @@ async fn handle(ctx: &StoreCtx, job: StoreJob) {
                 },
             );
         }
-        StoreJob::Generate { name, tier, reply } => {
-            let result = keys::generate(ctx, name, tier).await;
+        StoreJob::Generate {
+            name,
+            tier,
+            peer,
+            reply,
+        } => {
+            let result = keys::generate(ctx, name, tier, peer).await;
             answer(
                 ctx,
                 reply,
@@ -95,7 +100,7 @@ async fn handle(ctx: &StoreCtx, job: StoreJob) {
 async fn run_query(ctx: &StoreCtx, org: OrgInfo, query: Query) -> Result<Answer, Refusal> {
     match query {
         Query::KeyInfo => ctx.timed("key info", keys::key_info(ctx, org.id)).await,
-        Query::Rotate => keys::rotate(ctx, org.id).await,
+        Query::Rotate { peer } => keys::rotate(ctx, org.id, peer).await,
         Query::SetWebhook { url } => webhook::set_webhook(ctx, org.id, url).await,
         Query::DeleteWebhook => webhook::delete_webhook(ctx, org.id).await,
         Query::GetEvent { id } => {

@@ -7,6 +7,7 @@ use std::time::SystemTime;
 use super::ctx::{Done, Failure, StoreCtx};
 use super::org::change_org;
 use crate::auth::flight::Flight;
+use crate::auth::verify::SlotsBusy;
 use crate::auth::{ApiKey, AuthFailure, KeyHash, OrgInfo, Tier};
 use crate::config::KEY_ID_COLLISION_TRIES;
 use crate::flow::answer::{Answer, KeyInfo, NewKey, Refusal};
@@ -70,12 +71,14 @@ async fn verify_uncached(
     if prefix != key.prefix() {
         return refuse();
     }
-    if !ctx
+    match ctx
         .verifier
         .check(key.secret().to_string(), row.get(2))
         .await
     {
-        return refuse();
+        Ok(true) => {}
+        Ok(false) => return refuse(),
+        Err(SlotsBusy) => return Err(Refusal::Overloaded("key verification busy")),
     }
     let limit: i32 = row.get(1);
     let org = OrgInfo {
@@ -87,20 +90,24 @@ async fn verify_uncached(
     Ok(org)
 }
 
-/// A fresh key and its hash; the hash runs on a blocking thread.
-async fn new_key(ctx: &StoreCtx) -> Result<(ApiKey, String), Refusal> {
+/// A fresh key and its hash; the hash runs on a blocking thread in the key-creation slots. Key
+/// creations are limited per client address and per node before any hashing.
+async fn new_key(ctx: &StoreCtx, peer: IpAddr) -> Result<(ApiKey, String), Refusal> {
+    ctx.key_ops
+        .take(peer)
+        .map_err(|retry_after_s| Refusal::KeyOpsLimited { retry_after_s })?;
     let key = ApiKey::generate().map_err(|e| {
         tracing::error!(error = %e, "OS random source failed");
         Refusal::Internal
     })?;
-    let hash = ctx
-        .verifier
-        .hash(key.secret().to_string())
-        .await
-        .map_err(|e| {
+    let hash = match ctx.verifier.hash(key.secret().to_string()).await {
+        Ok(Ok(hash)) => hash,
+        Ok(Err(e)) => {
             tracing::error!(error = %e, "hashing a key failed");
-            Refusal::Internal
-        })?;
+            return Err(Refusal::Internal);
+        }
+        Err(SlotsBusy) => return Err(Refusal::Overloaded("key creation busy")),
+    };
     Ok((key, hash))
 }
 
@@ -109,10 +116,15 @@ fn is_unique_violation(f: &Failure) -> bool {
 }
 
 /// `POST /api/keys/generate`: a new organization and its key.
-pub async fn generate(ctx: &StoreCtx, name: String, tier: Tier) -> Result<Answer, Refusal> {
+pub async fn generate(
+    ctx: &StoreCtx,
+    name: String,
+    tier: Tier,
+    peer: IpAddr,
+) -> Result<Answer, Refusal> {
     // A key-id collision (one in 62^16) just means trying another key.
     for _ in 0..KEY_ID_COLLISION_TRIES {
-        let (key, hash) = new_key(ctx).await?;
+        let (key, hash) = new_key(ctx, peer).await?;
         let now = Micros::now();
         let id = new_v7(now);
         let epoch = ctx.verifier.epoch();
@@ -198,8 +210,8 @@ pub async fn key_info(ctx: &StoreCtx, org: OrgId) -> Done<Answer> {
 
 /// `POST /api/keys/rotate`: the old key is refused on every core of this node before this
 /// answers, and on the others when they hear the NOTIFY.
-pub async fn rotate(ctx: &StoreCtx, org: OrgId) -> Result<Answer, Refusal> {
-    let (key, hash) = new_key(ctx).await?;
+pub async fn rotate(ctx: &StoreCtx, org: OrgId, peer: IpAddr) -> Result<Answer, Refusal> {
+    let (key, hash) = new_key(ctx, peer).await?;
     let now = Micros::now();
     let row = change_org(
         ctx,

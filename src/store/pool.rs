@@ -7,6 +7,7 @@ use tokio::task::JoinHandle;
 use super::ctx::StoreCtx;
 use super::{health, jobs, listen, writer};
 use crate::auth::flight::Flights;
+use crate::auth::throttle::{FailureThrottle, KeyOpsLimiter};
 use crate::auth::verify::Verifier;
 use crate::config::Config;
 use crate::db::build_pool;
@@ -37,11 +38,21 @@ impl Store {
             delivery,
             verifier: Verifier::new(
                 config.argon2_concurrency,
-                config.auth_failures_per_minute,
+                config.argon2_hash_concurrency,
+                FailureThrottle::new(
+                    config.auth_failures_per_minute,
+                    config.auth_throttle_entries,
+                ),
                 config.auth_cache_entries,
+            ),
+            key_ops: KeyOpsLimiter::new(
+                config.key_ops_per_minute,
+                config.key_ops_per_minute_node,
+                config.auth_throttle_entries,
             ),
             flights: Flights::default(),
             health: inbox.health,
+            write_bytes: inbox.write_bytes,
             metrics,
             db_timeout: Config::ms(config.db_timeout_ms),
             config: Arc::clone(&config),

@@ -403,6 +403,7 @@ fn answer(ctx: &StoreCtx, batch: &mut Vec<WriteJob>, results: Vec<Ingested>, pla
     let mut to_deliver: Vec<(NewEvent, Planned)> = Vec::new();
     let mut not_written: Vec<(OrgId, Planned)> = Vec::new();
     let mut committed = 0u64;
+    let bytes: usize = batch.iter().map(|j| j.event.payload.len()).sum();
     for ((job, result), planned) in batch.drain(..).zip(results).zip(plan) {
         if let Some((key, owner)) = job.dedup {
             let outcome = match &result {
@@ -431,6 +432,7 @@ fn answer(ctx: &StoreCtx, batch: &mut Vec<WriteJob>, results: Vec<Ingested>, pla
             not_written.push((job.event.org, planned));
         }
     }
+    ctx.write_bytes.give(bytes);
     ctx.metrics.events_committed(committed);
     for (core, completions) in replies {
         ctx.cores.complete(core, completions);

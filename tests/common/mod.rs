@@ -55,6 +55,7 @@ enum Kind {
     InProcess {
         stop: Option<tokio::sync::oneshot::Sender<()>>,
         thread: Option<std::thread::JoinHandle<()>>,
+        hooks: triggers::server::TestHooks,
     },
     /// The real binary, for what needs a process: SIGKILL, SIGTERM, a restart on the same port.
     Process(Option<Child>),
@@ -86,6 +87,11 @@ fn base_args(listen: SocketAddr) -> Vec<String> {
         "2",
         "--log",
         "info",
+        // Tests make many organizations from one address; tests of the limit set their own.
+        "--key-ops-per-minute",
+        "1000000",
+        "--key-ops-per-minute-node",
+        "1000000",
     ]
     .iter()
     .map(|s| s.to_string())
@@ -118,7 +124,12 @@ impl Server {
                 };
                 match triggers::server::run(config, listeners, shutdown) {
                     Ok(running) => {
-                        let _ = ready_tx.send(Ok((running.api_addr(), running.metrics_addr())));
+                        let ready = (
+                            running.api_addr(),
+                            running.metrics_addr(),
+                            running.test_hooks(),
+                        );
+                        let _ = ready_tx.send(Ok(ready));
                         running.finish();
                     }
                     Err(e) => {
@@ -127,7 +138,7 @@ impl Server {
                 }
             })
             .expect("spawn test server");
-        let (addr, metrics_addr) = match ready_rx.recv_timeout(Duration::from_secs(60)) {
+        let (addr, metrics_addr, hooks) = match ready_rx.recv_timeout(Duration::from_secs(60)) {
             Ok(Ok(addrs)) => addrs,
             Ok(Err(e)) => panic!("server did not start: {e}"),
             Err(_) => panic!("server did not start within 60 s"),
@@ -136,6 +147,7 @@ impl Server {
             kind: Kind::InProcess {
                 stop: Some(stop_tx),
                 thread: Some(thread),
+                hooks,
             },
             addr,
             metrics_addr,
@@ -219,7 +231,7 @@ impl Server {
                 let status = wait_timeout(&mut child, Duration::from_secs(40));
                 status.and_then(|s| s.code())
             }
-            Kind::InProcess { stop, thread } => {
+            Kind::InProcess { stop, thread, .. } => {
                 let _ = stop.take()?.send(());
                 let finished = thread.take()?.join();
                 finished.is_ok().then_some(0)
@@ -252,6 +264,14 @@ impl Server {
         *self = next;
     }
 
+    /// Make ingress core `core` panic, as a bug would (in-process servers only).
+    pub fn crash_core(&self, core: usize) {
+        match &self.kind {
+            Kind::InProcess { hooks, .. } => hooks.crash_core(core),
+            Kind::Process(_) => panic!("only an in-process server can be crashed from a test"),
+        }
+    }
+
     /// Log lines containing `needle`.
     pub fn log_lines(&self, needle: &str) -> Vec<String> {
         self.log
@@ -268,7 +288,7 @@ impl Drop for Server {
     fn drop(&mut self) {
         match &mut self.kind {
             Kind::Process(_) => self.kill(),
-            Kind::InProcess { stop, thread } => {
+            Kind::InProcess { stop, thread, .. } => {
                 // Stop without waiting: the next test need not wait for this one's shutdown.
                 if let Some(stop) = stop.take() {
                     let _ = stop.send(());
@@ -469,6 +489,21 @@ impl Conn {
             tokio::time::timeout(limit, self.stream.read(&mut chunk)).await,
             Ok(Ok(0)) | Ok(Err(_))
         )
+    }
+
+    /// Read and drop whatever arrives until the server closes; the bytes read, or `None` when it
+    /// is still open after `limit`.
+    pub async fn drain_until_closed(&mut self, limit: Duration) -> Option<usize> {
+        let deadline = tokio::time::Instant::now() + limit;
+        let mut total = std::mem::take(&mut self.buf).len();
+        let mut chunk = vec![0u8; 65536];
+        loop {
+            match tokio::time::timeout_at(deadline, self.stream.read(&mut chunk)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => return Some(total),
+                Ok(Ok(n)) => total += n,
+                Err(_) => return None,
+            }
+        }
     }
 
     /// Send a request and read its response.

@@ -1,0 +1,275 @@
+//! Hostile and broken clients cost bounded memory and CPU and never take a core down: a dead core
+//! is reported and routed around, the key is checked before a body is read, bodies in flight share
+//! a budget, a client that never reads is closed, inbox pages stop at a byte budget, key creation
+//! and failed keys are throttled per address.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use serde_json::json;
+use triggers::ids::OrgId;
+use triggers::shard::mesh::owner_core;
+
+/// A new organization whose owner is ingress core `core` (of `cores`).
+async fn org_owned_by(s: &Server, core: usize, cores: usize) -> String {
+    for _ in 0..64 {
+        let (key, org) = new_org(s.addr, "pro").await;
+        let id = OrgId(org.parse().unwrap());
+        if owner_core(&id, cores).0 == core {
+            return key;
+        }
+    }
+    panic!("no organization owned by core {core} in 64 tries");
+}
+
+#[tokio::test]
+async fn a_dead_core_fails_liveness_and_its_organizations_get_503_not_a_hang() {
+    // Proves: /health/live stops answering 200 once a core has died; every new connection is still
+    // answered (the dead core's listener is gone); its organizations get 503 at once.
+    let s = Server::start(&[]);
+    let survivor = org_owned_by(&s, 0, 2).await;
+    let orphan = org_owned_by(&s, 1, 2).await;
+    assert_eq!(
+        call(s.addr, "GET", "/health/live", &[], None).await.status,
+        200
+    );
+    s.crash_core(1);
+    // A connection the dying core had already accepted dies with it (in release builds the whole
+    // process stops on a panic): each probe has its own timeout.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let live = loop {
+        let probe = call(s.addr, "GET", "/health/live", &[], None);
+        match tokio::time::timeout(Duration::from_secs(1), probe).await {
+            Ok(r) if r.status != 200 => break r,
+            _ if std::time::Instant::now() > deadline => panic!("/health/live still 200"),
+            _ => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    };
+    assert_eq!(live.status, 503);
+    assert_eq!(live.json()["dead_cores"], json!([1]));
+    assert_eq!(live.header("retry-after"), Some("1"));
+    assert!(!s.log_lines("ingress core stopped by a panic").is_empty());
+    for i in 0..20 {
+        let r = post_event(s.addr, &survivor, "t", json!(i), None).await;
+        assert_eq!(r.status, 201, "{}", r.text());
+        let r = post_event(s.addr, &orphan, "t", json!(i), None).await;
+        assert_eq!(r.status, 503, "{}", r.text());
+        assert_eq!(r.header("retry-after"), Some("1"));
+    }
+}
+
+#[tokio::test]
+async fn the_key_is_checked_before_the_body_and_before_100_continue() {
+    // Proves: a request with a bad key is refused from its head (no 100 Continue, no upload);
+    // one with a good key gets 100 Continue and its body is read.
+    let s = Server::start(&[]);
+    let (key, _) = new_org(s.addr, "pro").await;
+    let body = br#"{"type":"t","payload":{"n":1234567890}}"#;
+    let head = |key: &str| {
+        format!(
+            "POST /api/events HTTP/1.1\r\nHost: t\r\nX-API-Key: {key}\r\n\
+             Content-Type: application/json\r\nContent-Length: {}\r\n\
+             Expect: 100-continue\r\n\r\n",
+            body.len()
+        )
+    };
+    let mut c = Conn::open(s.addr).await;
+    c.send(head(&format!("{}x", &key[..63])).as_bytes()).await;
+    let r = c.read().await.expect("an answer without the body");
+    assert_eq!(r.status, 401);
+    assert_eq!(
+        r.header("connection"),
+        Some("close"),
+        "the body was never read"
+    );
+    assert!(c.closed_within(Duration::from_secs(2)).await);
+
+    let mut c = Conn::open(s.addr).await;
+    c.send(head(&key).as_bytes()).await;
+    let r = c.read().await.expect("100 Continue");
+    assert_eq!(r.status, 100);
+    c.send(body).await;
+    let r = c.read().await.expect("the answer");
+    assert_eq!(r.status, 201, "{}", r.text());
+}
+
+#[tokio::test]
+async fn a_refused_request_whose_body_is_already_here_keeps_the_connection() {
+    // Proves: skipping a small, fully received body keeps keep-alive working after a 401.
+    let s = Server::start(&[]);
+    let mut c = Conn::open(s.addr).await;
+    let body = br#"{"type":"t","payload":1}"#;
+    let bad = format!("zap_live_{}", "C".repeat(55));
+    let r = c
+        .call(
+            "POST",
+            "/api/events",
+            &[("X-API-Key", &bad), ("Content-Type", "application/json")],
+            Some(body),
+        )
+        .await;
+    assert_eq!(r.status, 401);
+    assert_eq!(c.call("GET", "/health", &[], None).await.status, 200);
+}
+
+#[tokio::test]
+async fn bodies_in_flight_share_a_node_wide_byte_budget() {
+    // Proves: once uploads in flight hold the budget, another upload gets 503 before its body is
+    // read; when they finish, uploads are taken again.
+    let s = Server::start(&["--inflight-body-bytes-max", "600000"]);
+    let (key, _) = new_org(s.addr, "enterprise").await;
+    let head = |n: usize| {
+        format!(
+            "POST /api/events HTTP/1.1\r\nHost: t\r\nX-API-Key: {key}\r\n\
+             Content-Type: application/json\r\nContent-Length: {n}\r\n\r\n"
+        )
+    };
+    // A slow upload that holds 500,000 bytes of the budget.
+    let mut slow = Conn::open(s.addr).await;
+    slow.send(head(500_000).as_bytes()).await;
+    slow.send(b"{\"type\":\"t\",\"payload\":\"").await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut other = Conn::open(s.addr).await;
+    other.send(head(200_000).as_bytes()).await;
+    let r = other.read().await.expect("refused at once");
+    assert_eq!(r.status, 503);
+    assert_eq!(error_code(&r), "overloaded");
+    assert_eq!(r.header("retry-after"), Some("1"));
+    drop(slow);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let payload = "x".repeat(199_000);
+    let r = post_event(s.addr, &key, "t", json!(payload), None).await;
+    assert_eq!(r.status, 201, "{}", r.text());
+}
+
+#[tokio::test]
+async fn a_client_that_never_reads_its_answers_is_closed() {
+    // Proves: writes have a deadline. 400 pipelined requests for the OpenAPI document (~25 MB of
+    // answers, more than the socket buffers hold), never read: the server closes the connection
+    // within the idle timeout instead of holding it and its buffers for ever.
+    let s = Server::start(&["--idle-timeout-ms", "1000"]);
+    let mut c = Conn::open(s.addr).await;
+    let one = b"GET /openapi.json HTTP/1.1\r\nHost: t\r\n\r\n";
+    let wire: Vec<u8> = one.iter().copied().cycle().take(one.len() * 400).collect();
+    let _ = c.try_send(&wire).await;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let read = c
+        .drain_until_closed(Duration::from_secs(10))
+        .await
+        .expect("the server closed the connection");
+    let all = 400 * triggers::ingress::ops::OPENAPI.len();
+    assert!(
+        read < all,
+        "{read} of {all} bytes: not every answer was written"
+    );
+}
+
+#[tokio::test]
+async fn an_inbox_page_stops_at_its_byte_budget_and_the_cursor_walks_on() {
+    // Proves: `--inbox-page-bytes-max` caps a page (with a cursor to the rest), and walking the
+    // pages still returns every event once.
+    let s = Server::start(&["--inbox-page-bytes-max", "300000"]);
+    let (key, _) = new_org(s.addr, "enterprise").await;
+    let big = "y".repeat(120_000);
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        ids.push(new_event_id(s.addr, &key, json!({"i": i, "big": big})).await);
+    }
+    let mut seen = Vec::new();
+    let mut cursor = String::new();
+    loop {
+        let page = get(
+            s.addr,
+            &key,
+            &format!("/api/inbox?limit=1000&cursor={cursor}"),
+        )
+        .await
+        .json();
+        let events = page["events"].as_array().unwrap();
+        assert!(
+            (1..=2).contains(&events.len()),
+            "two 120 kB payloads fit 300 kB, a third does not: {}",
+            events.len()
+        );
+        seen.extend(events.iter().map(|e| e["id"].as_str().unwrap().to_string()));
+        match page["next_cursor"].as_str() {
+            Some(c) => cursor = c.to_string(),
+            None => break,
+        }
+    }
+    ids.reverse();
+    assert_eq!(seen, ids, "every event once, newest first");
+}
+
+#[tokio::test]
+async fn key_generation_and_rotation_are_limited_per_address() {
+    // Proves: `--key-ops-per-minute` caps generations and rotations from one address with 429
+    // and Retry-After; nothing is created beyond it.
+    let s = Server::start(&["--key-ops-per-minute", "3"]);
+    let generate = || async {
+        call(
+            s.addr,
+            "POST",
+            "/api/keys/generate",
+            &[("Content-Type", "application/json")],
+            Some(br#"{"organization_name":"limited"}"#),
+        )
+        .await
+    };
+    let first = generate().await;
+    assert_eq!(first.status, 201);
+    let key = first.json()["api_key"].as_str().unwrap().to_string();
+    assert_eq!(generate().await.status, 201);
+    let r = post_empty(s.addr, &key, "/api/keys/rotate").await;
+    assert_eq!(r.status, 200, "a rotation is a key operation too");
+    let key = r.json()["api_key"].as_str().unwrap().to_string();
+    let r = generate().await;
+    assert_eq!(r.status, 429);
+    assert_eq!(error_code(&r), "rate_limited");
+    let wait: u32 = r.header("retry-after").unwrap().parse().unwrap();
+    assert!((1..=20).contains(&wait), "{wait}");
+    let r = post_empty(s.addr, &key, "/api/keys/rotate").await;
+    assert_eq!(r.status, 429);
+    assert_eq!(
+        get(s.addr, &key, "/api/keys").await.status,
+        200,
+        "the refused rotation left the key as it was"
+    );
+}
+
+#[tokio::test]
+async fn forwarded_for_is_the_client_address_only_when_trusted() {
+    // Proves: behind a trusted proxy, failed keys are counted per X-Forwarded-For address; without
+    // `--trust-forwarded-for` the header is ignored and the TCP peer counts.
+    for trusted in [true, false] {
+        let mut args = vec!["--auth-failures-per-minute", "2"];
+        if trusted {
+            args.push("--trust-forwarded-for");
+        }
+        let s = Server::start(&args);
+        let (good, _) = new_org(s.addr, "pro").await;
+        let bad_from = |i: usize, ip: &'static str| {
+            let bad = format!("{}{:0>39}", &good[..25], i);
+            let addr = s.addr;
+            async move {
+                call(
+                    addr,
+                    "GET",
+                    "/api/keys",
+                    &[("X-API-Key", &bad), ("X-Forwarded-For", ip)],
+                    None,
+                )
+                .await
+                .status
+            }
+        };
+        for i in 0..2 {
+            assert_eq!(bad_from(i, "203.0.113.7").await, 401);
+        }
+        assert_eq!(bad_from(2, "203.0.113.7").await, 429, "trusted: {trusted}");
+        let other = bad_from(3, "198.51.100.9").await;
+        assert_eq!(other, if trusted { 401 } else { 429 }, "trusted: {trusted}");
+    }
+}
