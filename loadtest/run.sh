@@ -3,6 +3,7 @@
 # scenario runs), builds the release server and the load-test tools, then runs loadtest/run.py.
 #   bash loadtest/run.sh ingest-max --duration 30s
 #   bash loadtest/run.sh all --smoke        # every scenario for a few seconds (CI)
+#   bash loadtest/run.sh slowloris          # what hostile clients cost (loadtest/hostile.py)
 # See loadtest/README.md for the scenarios and how to read the table.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -32,4 +33,7 @@ esac
 bash scripts/postgres.sh >/dev/null
 echo "loadtest: building the release server and the load-test tools" >&2
 cargo build -q --release --locked --bin triggers --example receiver --example copy_ceiling --example openloop
+case "${1:-}" in
+  slowloris|big-payloads) exec python3 loadtest/hostile.py "$@" ;;
+esac
 exec python3 loadtest/run.py "$@"

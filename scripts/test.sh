@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Run the whole test suite on a fresh Debian/Ubuntu machine: installs PostgreSQL if missing, starts
-# the project's private cluster, recreates the test database, checks formatting and lints, runs
-# every test (unit and integration; the integration tests start the real server), then runs every
-# load-test scenario for a few seconds at a low rate so the benchmark scripts never rot (no speed
-# is asserted). TRIGGERS_SKIP_LOADTEST=1 skips that last step.
+# the project's private cluster, recreates the test database, checks formatting, import loops and
+# lints, runs every test (unit and integration; the integration tests start the real server), runs
+# schemathesis over the OpenAPI document against a real server, fuzzes every parser briefly, then
+# runs every load-test scenario for a few seconds at a low rate so the benchmark scripts never rot
+# (no speed is asserted). Skips: TRIGGERS_SKIP_SCHEMATHESIS=1, TRIGGERS_SKIP_FUZZ=1,
+# TRIGGERS_SKIP_LOADTEST=1. TRIGGERS_FUZZ_SECONDS sets the fuzzing time per target (default 20).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/common.sh
@@ -17,6 +19,14 @@ echo "== cargo clippy" >&2
 cargo clippy --locked --all-targets -- -D warnings
 echo "== cargo test" >&2
 cargo test --locked -- --test-threads 4
+if [ "${TRIGGERS_SKIP_SCHEMATHESIS:-0}" != "1" ]; then
+  echo "== schemathesis over /openapi.json" >&2
+  bash scripts/schemathesis.sh 100
+fi
+if [ "${TRIGGERS_SKIP_FUZZ:-0}" != "1" ]; then
+  echo "== fuzzing (${TRIGGERS_FUZZ_SECONDS:-20} s per target)" >&2
+  bash scripts/fuzz.sh "${TRIGGERS_FUZZ_SECONDS:-20}"
+fi
 if [ "${TRIGGERS_SKIP_LOADTEST:-0}" != "1" ]; then
   echo "== load-test scenarios (smoke)" >&2
   bash loadtest/run.sh all --smoke

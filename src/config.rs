@@ -915,6 +915,17 @@ mod tests {
     }
 
     #[test]
+    fn the_readme_table_lists_every_option() {
+        // `python3 scripts/readme-config.py` rewrites it from `triggers --help`.
+        let readme = include_str!("../README.md");
+        for (flag, env, default, _, _) in OPTIONS {
+            let default = if default.is_empty() { "none" } else { default };
+            let row = format!("| `--{flag}` | `{env}` | `{default}` |");
+            assert!(readme.contains(&row), "README.md lacks {row}");
+        }
+    }
+
+    #[test]
     fn help_lists_every_option_with_env_and_default() {
         let help = Config::help();
         for (flag, env, _, _, _) in OPTIONS {

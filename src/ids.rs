@@ -305,4 +305,20 @@ mod tests {
     fn pg_epoch_offset() {
         assert_eq!(Micros(946_684_800_000_000).to_pg_epoch(), 0);
     }
+
+    proptest::proptest! {
+        #[test]
+        fn any_cursor_round_trips(id in proptest::prelude::any::<u128>()) {
+            let id = Uuid::from_u128(id);
+            proptest::prop_assert_eq!(decode_cursor(&encode_cursor(id)), Some(id));
+        }
+
+        #[test]
+        fn garbage_is_never_a_cursor_but_never_a_panic(text in ".{0,40}") {
+            if let Some(id) = decode_cursor(&text) {
+                proptest::prop_assert_eq!(text.len(), 22);
+                proptest::prop_assert_eq!(encode_cursor(id), text);
+            }
+        }
+    }
 }

@@ -26,14 +26,22 @@ pub async fn generate(ctx: &Rc<CoreCtx>, req: &Request) -> Reply {
     }
     let parsed = require_json(req).and_then(|()| {
         with_body(&ctx.parser, &req.body, |body| {
-            let name = text_field(
-                body,
-                &["organization_name", "org_name"],
-                "organization_name",
-                true,
-            )?
-            .unwrap_or_default()
-            .to_string();
+            // Either name; when both are sent both must be valid, and `organization_name` wins.
+            for field in ["organization_name", "org_name"] {
+                if body.get(field) == Some(Field::Null) {
+                    return Err(ApiError::validation(
+                        "organization_name",
+                        format!("{field} must be a string, not null"),
+                    ));
+                }
+            }
+            let alias = text_field(body, &["org_name"], "org_name", false)?;
+            let name = text_field(body, &["organization_name"], "organization_name", false)?
+                .or(alias)
+                .ok_or_else(|| {
+                    ApiError::validation("organization_name", "organization_name is required")
+                })?
+                .to_string();
             let tier = match body.get("tier") {
                 None | Some(Field::Null) => Tier::Free,
                 Some(Field::Str(s)) => Tier::parse(s).ok_or_else(|| {

@@ -1,6 +1,7 @@
 //! `POST /api/events`, `GET /api/events/{id}`, `POST /api/events/{id}/redeliver`: validation on
 //! the request's core, and the rendering of their answers.
 
+use std::cell::RefCell;
 use std::rc::Rc;
 
 use super::core::CoreCtx;
@@ -15,7 +16,7 @@ use crate::flow::answer::{IngestOutcome, Ingested};
 use crate::flow::event::NewEvent;
 use crate::flow::job::Query;
 use crate::ids::{new_v7, EventId, Micros};
-use crate::json::{member_value_spans, Field, Obj};
+use crate::json::{member_value_spans, Field, Obj, Parser};
 use crate::reply::Reply;
 
 /// `POST /api/events`: validate on this core, then ingest through the organization's owner core.
@@ -45,22 +46,38 @@ fn accepted(status: u16, id: EventId, created_at: Micros) -> Reply {
     })
 }
 
-/// Check the body and build the event. The payload stays the bytes it arrived in: a slice of
-/// the request body, found by its position among the top-level members.
-fn validate(ctx: &CoreCtx, req: &Request, org: OrgInfo) -> Result<NewEvent, ApiError> {
-    require_json(req)?;
-    let (event_type, dedup_id, payload_member) = with_body(&ctx.parser, &req.body, |body| {
-        let event_type = text_field(body, &["type"], "type", true)?.unwrap_or_default();
-        let payload_member = match body.get("payload") {
+/// An event body that passed validation: its type, dedup id and payload (the bytes received).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ValidEvent {
+    /// 1..255 characters.
+    pub event_type: Box<str>,
+    /// 1..255 characters, if given.
+    pub dedup_id: Option<Box<str>>,
+    /// The `payload` member's JSON text exactly as received.
+    pub payload: Bytes,
+}
+
+/// Check an event body (`{"type", "payload", "dedup_id"?}`): JSON object, field rules, the
+/// payload limit. The payload stays the bytes it arrived in, found by its position among the
+/// top-level members; a small one is copied out, so queued and in-memory events never pin the
+/// connection's read buffer (a 64 KiB allocation for a 200-byte event).
+pub fn validate_event(
+    parser: &RefCell<Parser>,
+    body: &Bytes,
+    payload_bytes_max: usize,
+) -> Result<ValidEvent, ApiError> {
+    let (event_type, dedup_id, payload_member) = with_body(parser, body, |b| {
+        let event_type = text_field(b, &["type"], "type", true)?.unwrap_or_default();
+        let payload_member = match b.get("payload") {
             None | Some(Field::Null) => {
                 return Err(ApiError::validation(
                     "payload",
                     "payload is required and must not be null",
                 ))
             }
-            Some(_) => body.member_index("payload"),
+            Some(_) => b.member_index("payload"),
         };
-        let dedup_id = text_field(body, &["dedup_id"], "dedup_id", false)?;
+        let dedup_id = text_field(b, &["dedup_id"], "dedup_id", false)?;
         Ok((
             Box::<str>::from(event_type),
             dedup_id.map(Box::<str>::from),
@@ -68,29 +85,37 @@ fn validate(ctx: &CoreCtx, req: &Request, org: OrgInfo) -> Result<NewEvent, ApiE
         ))
     })?;
     let span = payload_member
-        .and_then(|i| member_value_spans(&req.body)?.get(i).cloned())
+        .and_then(|i| member_value_spans(body)?.get(i).cloned())
         .ok_or(ApiError::Internal)?;
-    let max = ctx.config.payload_bytes_max;
-    if span.len() > max {
+    if span.len() > payload_bytes_max {
         return Err(ApiError::PayloadTooLarge(format!(
-            "payload of {} bytes exceeds the limit of {max} bytes",
+            "payload of {} bytes exceeds the limit of {payload_bytes_max} bytes",
             span.len()
         )));
     }
-    // A small payload is copied out, so queued and in-memory events never pin the connection's
-    // read buffer (a 64 KiB allocation for a 200-byte event); a large one is most of its body.
     let payload = if span.len() <= PAYLOAD_COPY_BYTES_MAX {
-        Bytes::copy_from_slice(&req.body[span])
+        Bytes::copy_from_slice(&body[span])
     } else {
-        req.body.slice(span)
+        body.slice(span)
     };
+    Ok(ValidEvent {
+        event_type,
+        dedup_id,
+        payload,
+    })
+}
+
+/// Check the request and build the event.
+fn validate(ctx: &CoreCtx, req: &Request, org: OrgInfo) -> Result<NewEvent, ApiError> {
+    require_json(req)?;
+    let valid = validate_event(&ctx.parser, &req.body, ctx.config.payload_bytes_max)?;
     let now = Micros::now();
     Ok(NewEvent {
         id: EventId(new_v7(now)),
         org: org.id,
-        event_type,
-        payload,
-        dedup_id,
+        event_type: valid.event_type,
+        payload: valid.payload,
+        dedup_id: valid.dedup_id,
         created_at: now,
         deliver: org.has_webhook,
     })

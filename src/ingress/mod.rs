@@ -14,9 +14,9 @@
 mod admin;
 pub mod conn;
 pub mod core;
-mod events;
+pub mod events;
 pub mod handle;
-mod inbox;
+pub mod inbox;
 pub mod listen;
 pub mod node;
 pub mod ops;

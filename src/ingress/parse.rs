@@ -529,4 +529,149 @@ mod tests {
         let mut buf = BytesMut::from("1\r\na\r\n3\r\n");
         assert_eq!(d.decode(&mut buf), Err(ChunkError::TooLarge));
     }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// A valid request: a head with a few headers and a Content-Length body, or a chunked one.
+        fn request() -> impl Strategy<Value = (Vec<u8>, Vec<u8>)> {
+            let name = "[A-Za-z][A-Za-z0-9-]{0,12}";
+            let value = "[ -~]{0,40}";
+            (
+                prop::collection::vec((name, value), 0..6),
+                prop::collection::vec(any::<u8>(), 0..300),
+                any::<bool>(),
+                prop::collection::vec(1usize..40, 0..6),
+            )
+                .prop_map(|(headers, body, chunked, chunks)| {
+                    let mut head = b"POST /api/events?q=1 HTTP/1.1\r\n".to_vec();
+                    for (n, v) in headers {
+                        let lower = n.to_ascii_lowercase();
+                        if [
+                            "content-length",
+                            "transfer-encoding",
+                            "expect",
+                            "connection",
+                        ]
+                        .contains(&lower.as_str())
+                        {
+                            continue;
+                        }
+                        head.extend_from_slice(format!("{n}: {}\r\n", v.trim()).as_bytes());
+                    }
+                    let mut wire = Vec::new();
+                    if chunked {
+                        head.extend_from_slice(b"Transfer-Encoding: chunked\r\n\r\n");
+                        let mut rest = &body[..];
+                        for size in chunks {
+                            if rest.is_empty() {
+                                break;
+                            }
+                            let n = size.min(rest.len());
+                            wire.extend_from_slice(format!("{n:x}\r\n").as_bytes());
+                            wire.extend_from_slice(&rest[..n]);
+                            wire.extend_from_slice(b"\r\n");
+                            rest = &rest[n..];
+                        }
+                        if !rest.is_empty() {
+                            wire.extend_from_slice(format!("{:x}\r\n", rest.len()).as_bytes());
+                            wire.extend_from_slice(rest);
+                            wire.extend_from_slice(b"\r\n");
+                        }
+                        wire.extend_from_slice(b"0\r\n\r\n");
+                    } else {
+                        head.extend_from_slice(
+                            format!("Content-Length: {}\r\n\r\n", body.len()).as_bytes(),
+                        );
+                        wire.extend_from_slice(&body);
+                    }
+                    head.extend_from_slice(&wire);
+                    (head, body)
+                })
+        }
+
+        /// Read `wire` as the connection does, one slice at a time: the head once its end has
+        /// arrived (searching only the new bytes), then the body.
+        fn read_in_parts(wire: &[u8], cuts: &[usize]) -> (Head, Bytes) {
+            let mut cuts: Vec<usize> = cuts.iter().map(|c| c % (wire.len() + 1)).collect();
+            cuts.sort_unstable();
+            cuts.push(wire.len());
+            let mut buf = BytesMut::new();
+            let (mut from, mut scanned) = (0, 0);
+            let mut head = None;
+            let mut decoder = ChunkedDecoder::new(1 << 20);
+            for cut in cuts {
+                buf.extend_from_slice(&wire[from..cut]);
+                from = cut;
+                if head.is_none() {
+                    if find_head_end(&buf, scanned).is_none() {
+                        scanned = buf.len();
+                        continue;
+                    }
+                    match parse_head(&mut buf).expect("a valid head") {
+                        Parsed::Complete(h) => head = Some(h),
+                        Parsed::Partial => panic!("a found end is a complete head"),
+                    }
+                }
+                let h = head.as_ref().expect("parsed above");
+                match h.framing {
+                    Framing::Length(n) if buf.len() >= n => {
+                        return (head.unwrap(), buf.split_to(n).freeze())
+                    }
+                    Framing::None => return (head.unwrap(), Bytes::new()),
+                    Framing::Chunked => {
+                        if let Some(body) = decoder.decode(&mut buf).expect("valid chunks") {
+                            return (head.unwrap(), body);
+                        }
+                    }
+                    Framing::Length(_) => {}
+                }
+            }
+            panic!("the whole request did not parse")
+        }
+
+        proptest! {
+            #[test]
+            fn any_split_of_a_valid_request_parses_to_the_same_request(
+                (wire, body) in request(),
+                cuts in prop::collection::vec(any::<usize>(), 0..8),
+            ) {
+                let (whole_head, whole_body) = read_in_parts(&wire, &[]);
+                let (head, got) = read_in_parts(&wire, &cuts);
+                prop_assert_eq!(&got[..], &body[..]);
+                prop_assert_eq!(&whole_body[..], &body[..]);
+                prop_assert_eq!(head.len, whole_head.len);
+                prop_assert_eq!(head.framing, whole_head.framing);
+                prop_assert_eq!(&head.path[..], b"/api/events");
+            }
+
+            #[test]
+            fn the_chunked_decoder_never_takes_more_than_its_limit(
+                sizes in prop::collection::vec(0u64..5000, 1..10),
+                limit in 0usize..8000,
+            ) {
+                let mut wire = Vec::new();
+                for s in &sizes {
+                    wire.extend_from_slice(format!("{s:x}\r\n").as_bytes());
+                    wire.extend(std::iter::repeat_n(b'z', *s as usize));
+                    wire.extend_from_slice(b"\r\n");
+                }
+                wire.extend_from_slice(b"0\r\n\r\n");
+                let mut d = ChunkedDecoder::new(limit);
+                let total: u64 = sizes.iter().sum();
+                match d.decode(&mut BytesMut::from(&wire[..])) {
+                    Ok(Some(body)) => {
+                        prop_assert!(body.len() <= limit);
+                        prop_assert_eq!(body.len() as u64, total);
+                    }
+                    Err(ChunkError::TooLarge) => {
+                        prop_assert!(total > limit as u64);
+                        prop_assert!(d.announced() <= limit);
+                    }
+                    other => prop_assert!(false, "{:?}", other),
+                }
+            }
+        }
+    }
 }

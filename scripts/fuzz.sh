@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Fuzz every parser that reads what a client sends, for SECONDS each (default 60), with
+# libFuzzer through cargo-fuzz (nightly). Installs cargo-fuzz when it is missing.
+#
+#   bash scripts/fuzz.sh            # 60 s per target
+#   bash scripts/fuzz.sh 600        # a long run
+#
+# Targets (fuzz/fuzz_targets/): head (request head, incremental end search), chunked (chunked
+# decoder: limit and split invariance), event_body (event validator), inbox_query (inbox query
+# string and cursor). Seeds are in fuzz/seeds/<target>; what libFuzzer learns goes to
+# fuzz/corpus/<target> (not committed); a crash is saved in fuzz/artifacts/<target> and fails
+# the run. Prints executions and crashes per target.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. scripts/common.sh
+ensure_cargo
+EACH=${1:-60}
+if ! rustup toolchain list 2>/dev/null | grep -q '^nightly'; then
+  echo "fuzz: installing the nightly toolchain (cargo fuzz needs it)" >&2
+  rustup toolchain install nightly --profile minimal >&2
+fi
+if ! command -v cargo-fuzz >/dev/null 2>&1; then
+  echo "fuzz: installing cargo-fuzz" >&2
+  cargo install -q cargo-fuzz --locked >&2
+fi
+targets=(head chunked event_body inbox_query)
+echo "fuzz: building ${#targets[@]} targets" >&2
+(cd fuzz && cargo +nightly fuzz build -O >&2)
+total=0
+failed=0
+printf '%-14s %14s %10s\n' target executions crashes
+for t in "${targets[@]}"; do
+  mkdir -p "fuzz/corpus/$t" "fuzz/artifacts/$t"
+  log=$(mktemp)
+  status=0
+  (cd fuzz && cargo +nightly fuzz run -O "$t" "corpus/$t" "seeds/$t" -- \
+      -max_total_time="$EACH" -print_final_stats=1 -timeout=10 -rss_limit_mb=2048) >"$log" 2>&1 || status=$?
+  execs=$(grep -o 'stat::number_of_executed_units: *[0-9]*' "$log" | grep -o '[0-9]*$' | tail -n 1)
+  execs=${execs:-0}
+  crashes=$(find "fuzz/artifacts/$t" -type f | wc -l)
+  printf '%-14s %14s %10s\n' "$t" "$execs" "$crashes"
+  total=$((total + execs))
+  if [ "$status" -ne 0 ] || [ "$crashes" -ne 0 ]; then
+    failed=1
+    echo "fuzz: $t failed (exit $status); the end of its log:" >&2
+    tail -n 40 "$log" >&2
+  fi
+  rm -f "$log"
+done
+printf '%-14s %14s\n' total "$total"
+exit "$failed"
