@@ -22,93 +22,53 @@ import argparse
 import json
 import os
 import resource
-import socket
 import subprocess
 import sys
-import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import run  # noqa: E402  (the harness: Database, Server, Sampler, create_orgs, ...)
 
 
-def slowloris_clients(n, stop, counts):
-    """N connections, one byte of a request head per connection per second; reconnect on close."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    head = b"POST /api/events HTTP/1.1\r\nHost: slow\r\nX-Padding: " + b"a" * 100000
-    socks = []
-
-    def connect():
-        s = socket.socket()
-        s.setblocking(False)
-        try:
-            s.connect(("127.0.0.1", run.PORT))
-        except BlockingIOError:
-            pass
-        except OSError:
-            s.close()
-            return None
-        return [s, 0]
-
-    while len(socks) < n and not stop.is_set():
-        c = connect()
-        if c:
-            socks.append(c)
-    counts["opened"] = len(socks)
-    while not stop.wait(1.0):
-        for c in socks:
-            if c[0] is None:
-                c[:] = connect() or [None, 0]
-                counts["reconnects"] = counts.get("reconnects", 0) + 1
-                continue
-            try:
-                c[0].send(head[c[1] % len(head):c[1] % len(head) + 1])
-                c[1] += 1
-            except BlockingIOError:
-                pass
-            except OSError:
-                c[0].close()
-                c[0] = None
-        counts["open"] = sum(1 for c in socks if c[0] is not None)
-    for c in socks:
-        if c[0] is not None:
-            c[0].close()
+SLOWLORIS = os.path.join(run.ROOT, "target", "release", "examples", "slowloris")
 
 
 def slowloris(args):
+    # The client (a child process) inherits this limit: 10,000 sockets need more than 1,024.
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     db = run.Database("triggers_loadtest")
     run.Server(db, 1).stop()
-    rows = {}
-    for label, n in (("alone", 0), (f"with {args.connections:,} slow connections", args.connections)):
+    runs = {}
+    plan = [("alone", 0), (f"with {args.connections:,} slow connections", args.connections)]
+    for label, n in plan * args.repeat:
         db.reset()
         server = run.Server(db, args.cores)
         try:
             keys = run.create_orgs(20)
             keys_file = os.path.join(run.RESULTS, "keys.txt")
             open(keys_file, "w").write("\n".join(keys) + "\n")
-            stop, counts = threading.Event(), {}
-            loris = threading.Thread(target=slowloris_clients, args=(n, stop, counts), daemon=True)
+            loris = None
             if n:
-                loris.start()
-                deadline = time.monotonic() + 60
-                while counts.get("opened", 0) < n and time.monotonic() < deadline:
-                    time.sleep(0.2)
-                time.sleep(2.0)
+                # The slow connections open over the first second and run past the measurement.
+                loris = subprocess.Popen([SLOWLORIS, f"127.0.0.1:{run.PORT}", str(n), str(int(args.duration) + 5)],
+                                         stdout=subprocess.PIPE, text=True)
+                time.sleep(3.0)
             sampler = run.Sampler(server)
             sampler.start()
             r = run.run_openloop(args.rate, 64, args.duration, keys_file)
             cpu, rss = sampler.finish()
-            stop.set()
-            if n:
-                loris.join()
-            r.update(cpu_pct=cpu, rss_mb=rss, slow=dict(counts))
-            rows[label] = r
+            counts = json.loads(loris.communicate()[0]) if loris else {}
+            r.update(cpu_pct=cpu, rss_mb=rss, slow=counts)
+            runs.setdefault(label, []).append(r)
             run.log(f"slowloris {label}: p50 {r['p50']:.2f} p99 {r['p99']:.2f} ms, {r['achieved']:,.0f}/s, "
                     f"cpu {cpu:.0f}%, rss {rss:.1f} MB, {counts}")
         finally:
             server.stop()
+    # The median run of each kind by p99 (these machines are noisy; the runs alternate).
+    rows = {label: sorted(rs, key=lambda r: r["p99"])[len(rs) // 2] for label, rs in runs.items()}
     print()
+    print(f"p99 of each run: " + "; ".join(f"{label}: {[round(r['p99'], 2) for r in rs]}" for label, rs in runs.items()))
     print(f"{'run':<40}{'achieved/s':>12}{'p50 ms':>9}{'p99 ms':>9}{'max ms':>9}{'cpu %':>7}{'rss MB':>8}  statuses")
     for label, r in rows.items():
         statuses = " ".join(f"{k}:{v}" for k, v in sorted(r["statuses"].items()))
@@ -116,7 +76,7 @@ def slowloris(args):
               f"{r['cpu_pct']:>7.0f}{r['rss_mb']:>8.1f}  {statuses}")
     base, loaded = list(rows.values())
     print(f"p99 ratio {loaded['p99'] / base['p99']:.2f}x (goal <= 2x); peak RSS {loaded['rss_mb']:.1f} MB (goal <= 256)")
-    save("slowloris", rows)
+    save("slowloris", runs)
 
 
 def big_payloads(args):
@@ -195,12 +155,13 @@ def main():
     p.add_argument("--connections", type=int, default=None)
     p.add_argument("--cores", type=int)
     p.add_argument("--smoke", action="store_true")
+    p.add_argument("--repeat", type=int, default=3, help="runs of each kind, alternating (medians)")
     args = p.parse_args()
     if args.scenario == "slowloris":
         args.connections = args.connections or (200 if args.smoke else 10000)
         args.duration = run.seconds(args.duration or ("3s" if args.smoke else "20s"))
         if args.smoke:
-            args.rate = min(args.rate, 200)
+            args.rate, args.repeat = min(args.rate, 200), 1
         slowloris(args)
     else:
         args.connections = args.connections or (4 if args.smoke else 64)

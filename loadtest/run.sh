@@ -32,7 +32,7 @@ case " $* " in
 esac
 bash scripts/postgres.sh >/dev/null
 echo "loadtest: building the release server and the load-test tools" >&2
-cargo build -q --release --locked --bin triggers --example receiver --example copy_ceiling --example openloop
+cargo build -q --release --locked --bin triggers --example receiver --example copy_ceiling --example openloop --example slowloris
 case "${1:-}" in
   slowloris|big-payloads) exec python3 loadtest/hostile.py "$@" ;;
 esac

@@ -35,7 +35,7 @@ for t in "${targets[@]}"; do
   status=0
   (cd fuzz && cargo +nightly fuzz run -O "$t" "corpus/$t" "seeds/$t" -- \
       -max_total_time="$EACH" -print_final_stats=1 -timeout=10 -rss_limit_mb=2048) >"$log" 2>&1 || status=$?
-  execs=$(grep -o 'stat::number_of_executed_units: *[0-9]*' "$log" | grep -o '[0-9]*$' | tail -n 1)
+  execs=$(grep -o 'stat::number_of_executed_units: *[0-9]*' "$log" | grep -o '[0-9]*$' | tail -n 1 || true)
   execs=${execs:-0}
   crashes=$(find "fuzz/artifacts/$t" -type f | wc -l)
   printf '%-14s %14s %10s\n' "$t" "$execs" "$crashes"

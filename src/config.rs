@@ -72,8 +72,23 @@ pub const DB_KEEPALIVE_IDLE: Duration = Duration::from_secs(30);
 pub const HEALTH_PROBE_EVERY_UP: Duration = Duration::from_secs(1);
 /// How often it checks one that is down (how soon writes resume after an outage).
 pub const HEALTH_PROBE_EVERY_DOWN: Duration = Duration::from_millis(200);
+/// After a failed write the health flag stays down at least this long, whatever the probe finds.
+pub const HEALTH_DOWN_HOLD: Duration = Duration::from_millis(300);
+/// How often the LISTEN connection notifies itself a heartbeat (and, while it is down, how often
+/// every cache is flushed).
+pub const LISTEN_HEARTBEAT_EVERY: Duration = Duration::from_millis(250);
+/// A LISTEN connection that has heard nothing for this long is given up as silent: with the
+/// flush that follows, a change on another node is honoured here within about a second.
+pub const LISTEN_HEARTBEAT_MISSED: Duration = Duration::from_millis(750);
 /// Pause before the LISTEN connection reconnects.
 pub const LISTEN_RECONNECT_DELAY: Duration = Duration::from_millis(500);
+/// A COPY stream is sent in pieces of about this size, so a writer holds one piece of a batch of
+/// large payloads, not the whole batch twice.
+pub const COPY_PIECE_BYTES: usize = 1024 * 1024;
+/// First pause before a fast-ack batch the database did not take is written again; it doubles.
+pub const WRITE_RETRY_BACKOFF_MIN: Duration = Duration::from_millis(50);
+/// Longest pause between those attempts.
+pub const WRITE_RETRY_BACKOFF_MAX: Duration = Duration::from_secs(2);
 /// A group commit slower than this is logged: it holds every request in its batch.
 pub const SLOW_BATCH: Duration = Duration::from_millis(250);
 /// Query jobs running at once per read-pool connection (the rest wait in the bounded job queue).
@@ -391,7 +406,7 @@ options! {
     payload_bytes_max: usize = "262144", "payload-bytes-max", "TRIGGERS_PAYLOAD_BYTES_MAX";
     /// Bytes of request bodies being read or handled at once on this node; beyond it a request
     /// with a body gets 503 before its body is read. Bounds what slow uploads can pin.
-    inflight_body_bytes_max: usize = "268435456", "inflight-body-bytes-max", "TRIGGERS_INFLIGHT_BODY_BYTES_MAX";
+    inflight_body_bytes_max: usize = "67108864", "inflight-body-bytes-max", "TRIGGERS_INFLIGHT_BODY_BYTES_MAX";
     /// Largest request head (request line and headers), in bytes; larger: 431.
     head_bytes_max: usize = "16384", "head-bytes-max", "TRIGGERS_HEAD_BYTES_MAX";
     /// Time a client has to send a whole request head once it started, in ms; then 408 and close.
@@ -440,7 +455,7 @@ options! {
     /// Deliveries in flight at once for one organization, so a slow receiver holds only its share.
     delivery_org_concurrency: usize = "32", "delivery-org-concurrency", "TRIGGERS_DELIVERY_ORG_CONCURRENCY";
     /// Payload bytes of deliveries held in memory; beyond this due work waits in the database.
-    delivery_memory_bytes_max: usize = "268435456", "delivery-memory-bytes-max", "TRIGGERS_DELIVERY_MEMORY_BYTES_MAX";
+    delivery_memory_bytes_max: usize = "67108864", "delivery-memory-bytes-max", "TRIGGERS_DELIVERY_MEMORY_BYTES_MAX";
     /// Deliveries held in memory; beyond this due work waits in the database and is claimed later.
     delivery_queue_max: usize = "50000", "delivery-queue-max", "TRIGGERS_DELIVERY_QUEUE_MAX";
     /// Longest a receiver's Retry-After is honoured, in seconds.

@@ -90,18 +90,71 @@ pub async fn connect(
     }
 }
 
-/// Whether a database error means the database (or the connection to it) is gone, as opposed to
-/// a problem with this statement's data.
-pub fn is_connection_error(e: &tokio_postgres::Error) -> bool {
-    if e.is_closed() {
-        return true;
+/// Whose fault a database error is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// The statement's own data was refused: class 22 (data exception) or 23 (integrity
+    /// constraint). Only a row that is itself bad may be answered as the client's fault.
+    Data,
+    /// Anything else is the server's trouble: the connection is gone (class 08, a closed socket),
+    /// the database is read-only (25006, after a failover), its disk or memory is full (53xxx),
+    /// a statement timed out (57014), it is shutting down (57P), a transaction must be retried
+    /// (40001, 40P01), or an error came without a code. Never the client's fault: 503.
+    Server,
+}
+
+/// Classify a database error.
+pub fn fault(e: &tokio_postgres::Error) -> Fault {
+    fault_of_code(e.code().map(|c| c.code()))
+}
+
+/// Classify an SQLSTATE (`None`: an error without one, such as a closed connection).
+pub fn fault_of_code(code: Option<&str>) -> Fault {
+    match code {
+        Some(c) if c.starts_with("22") || c.starts_with("23") => Fault::Data,
+        _ => Fault::Server,
     }
-    match e.code() {
-        // Class 08: connection exception; 57P01-03: admin shutdown, crash shutdown, cannot connect now.
-        Some(code) => {
-            let c = code.code();
-            c.starts_with("08") || c.starts_with("57P") || c == "53300"
+}
+
+/// Whether a database error means the database (or the connection to it) is gone or cannot do
+/// its job: everything that is not the statement's own data ([`Fault::Server`]).
+pub fn is_connection_error(e: &tokio_postgres::Error) -> bool {
+    fault(e) == Fault::Server
+}
+
+/// Whether a pool error is only a wait for a free connection that ran out (the pool is busy,
+/// the database may be fine) rather than a failure to reach the database.
+pub fn is_pool_busy(e: &deadpool_postgres::PoolError) -> bool {
+    matches!(
+        e,
+        deadpool_postgres::PoolError::Timeout(deadpool_postgres::TimeoutType::Wait)
+    )
+}
+
+/// A database error with PostgreSQL's own message and code, not just "db error".
+pub fn describe(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!("{} ({})", db.message(), db.code().code()),
+        None => e.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_data_errors_are_the_clients() {
+        for c in ["22P02", "22021", "23505", "23502"] {
+            assert_eq!(fault_of_code(Some(c)), Fault::Data, "{c}");
         }
-        None => true,
+        // Read-only after a failover, disk full, out of memory, too many connections, statement
+        // timeout, serialization failure, deadlock, lost connection, admin shutdown, no code.
+        for c in [
+            "25006", "53100", "53200", "53300", "57014", "40001", "40P01", "08006", "57P01",
+        ] {
+            assert_eq!(fault_of_code(Some(c)), Fault::Server, "{c}");
+        }
+        assert_eq!(fault_of_code(None), Fault::Server);
     }
 }

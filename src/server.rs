@@ -228,7 +228,12 @@ impl Running {
         let grace = total
             .saturating_sub(stopping.elapsed())
             .max(SHUTDOWN_GRACE_MIN);
-        let finished = rt.block_on(async { tokio::time::timeout(grace, store.finish()).await });
+        let finished = rt.block_on(async {
+            let deadline = tokio::time::Instant::now() + grace;
+            // The store gives up on unwritable events at the deadline; a moment later this stops
+            // waiting for it in any case.
+            tokio::time::timeout(grace + SHUTDOWN_GRACE_MIN, store.finish(deadline)).await
+        });
         if finished.is_err() {
             tracing::warn!("store did not finish within the shutdown deadline");
         }

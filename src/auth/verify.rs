@@ -47,13 +47,37 @@ pub fn secret_matches(secret: &str, phc: &str) -> bool {
         .is_ok()
 }
 
+/// A key this node verified: its organization, the Argon2 hash it matched, and the change epoch
+/// when it was stored (a later change to its organization makes it stale).
+struct Known {
+    org: OrgInfo,
+    phc: String,
+    epoch: u64,
+}
+
+/// What the node knows of a key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Remembered {
+    /// Verified, and its organization has not changed since: use it.
+    Fresh(OrgInfo),
+    /// Verified against this Argon2 hash, but its organization may have changed since (or every
+    /// cache was flushed): if the organization's row still holds the same hash, the key is still
+    /// its key, and no Argon2 run is needed to say so.
+    Stale {
+        /// The hash the key matched.
+        phc: String,
+    },
+    /// Not verified on this node.
+    Unknown,
+}
+
 /// Verification state shared by the store pool's tasks.
 pub struct Verifier {
     verify_slots: Semaphore,
     hash_slots: Semaphore,
     /// Failed keys per client address.
     pub failures: FailureThrottle,
-    verified: Mutex<(HashMap<KeyHash, OrgInfo>, Changes)>,
+    verified: Mutex<(HashMap<KeyHash, Known>, Changes)>,
     verified_max: usize,
     hash_a: ahash::RandomState,
     hash_b: ahash::RandomState,
@@ -90,13 +114,19 @@ impl Verifier {
         (u128::from(h(&self.hash_a)) << 64) | u128::from(h(&self.hash_b))
     }
 
-    fn verified(&self) -> std::sync::MutexGuard<'_, (HashMap<KeyHash, OrgInfo>, Changes)> {
+    fn verified(&self) -> std::sync::MutexGuard<'_, (HashMap<KeyHash, Known>, Changes)> {
         self.verified.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// A key this node verified before, if it still stands.
-    pub fn cached(&self, hash: KeyHash) -> Option<OrgInfo> {
-        self.verified().0.get(&hash).copied()
+    /// What this node knows of a key.
+    pub fn cached(&self, hash: KeyHash) -> Remembered {
+        let guard = self.verified();
+        let (map, changes) = &*guard;
+        match map.get(&hash) {
+            Some(k) if !changes.changed_since(k.org.id, k.epoch) => Remembered::Fresh(k.org),
+            Some(k) => Remembered::Stale { phc: k.phc.clone() },
+            None => Remembered::Unknown,
+        }
     }
 
     /// The invalidation epoch; take it before looking a key up, hand it to [`Verifier::remember`].
@@ -104,30 +134,34 @@ impl Verifier {
         self.verified().1.epoch()
     }
 
-    /// Remember a verified key unless its organization changed since `epoch`.
-    pub fn remember(&self, hash: KeyHash, org: OrgInfo, epoch: u64) {
+    /// Remember a key verified against `phc`, unless its organization changed since `epoch`
+    /// (then the answer may describe a key just rotated away).
+    pub fn remember(&self, hash: KeyHash, org: OrgInfo, phc: &str, epoch: u64) {
         let mut guard = self.verified();
         let (map, changes) = &mut *guard;
         if changes.changed_since(org.id, epoch) {
             return;
         }
-        if map.len() >= self.verified_max {
+        if map.len() >= self.verified_max && !map.contains_key(&hash) {
             if let Some(k) = map.keys().next().copied() {
                 map.remove(&k);
             }
         }
-        map.insert(hash, org);
+        let epoch = changes.epoch();
+        map.insert(
+            hash,
+            Known {
+                org,
+                phc: phc.to_string(),
+                epoch,
+            },
+        );
     }
 
-    /// Forget what is known about `org` (every organization with `None`).
+    /// `org` changed (every organization with `None`): what is known of its keys becomes stale,
+    /// to be checked against the database before it is used again.
     pub fn org_changed(&self, org: Option<OrgId>) {
-        let mut guard = self.verified();
-        let (map, changes) = &mut *guard;
-        changes.record(org);
-        match org {
-            Some(org) => map.retain(|_, info| info.id != org),
-            None => map.clear(),
-        }
+        self.verified().1.record(org);
     }
 
     /// `Some(seconds)` when `peer` has used up its failures and must wait before trying again.
@@ -194,12 +228,20 @@ mod tests {
         let org = OrgInfo::test(OrgId(uuid::Uuid::from_u128(1)));
         let h = v.hash_key(&key);
         let e = v.epoch();
-        v.remember(h, org, e);
-        assert_eq!(v.cached(h), Some(org));
+        v.remember(h, org, "$argon2id$x", e);
+        assert_eq!(v.cached(h), Remembered::Fresh(org));
         v.org_changed(Some(org.id));
-        assert_eq!(v.cached(h), None);
+        let stale = Remembered::Stale {
+            phc: "$argon2id$x".into(),
+        };
+        assert_eq!(v.cached(h), stale, "kept, to be checked without Argon2");
         // A verification that raced with the change is not remembered.
-        v.remember(h, org, e);
-        assert_eq!(v.cached(h), None);
+        v.remember(h, org, "$argon2id$y", e);
+        assert_eq!(v.cached(h), stale);
+        // One that began after it is.
+        v.remember(h, org, "$argon2id$y", v.epoch());
+        assert_eq!(v.cached(h), Remembered::Fresh(org));
+        v.org_changed(None);
+        assert!(matches!(v.cached(h), Remembered::Stale { .. }));
     }
 }

@@ -169,8 +169,6 @@ pub enum Answer {
         /// Not this organization's, or unknown, in request order.
         not_found: Vec<Uuid>,
     },
-    /// `GET /health/ready`: the database answers.
-    Ready,
 }
 
 /// An organization as `GET /api/keys` shows it.

@@ -92,11 +92,6 @@ pub enum StoreJob {
         /// Where the answer goes.
         reply: ReplyTo,
     },
-    /// `GET /health/ready`.
-    Ready {
-        /// Where the answer goes.
-        reply: ReplyTo,
-    },
 }
 
 /// One event to write.

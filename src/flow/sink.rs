@@ -17,7 +17,7 @@ use tokio::sync::{mpsc, Notify};
 use super::answer::{Completion, Refusal};
 use super::event::{DedupKey, NewEvent};
 use super::job::{StoreJob, WriteJob};
-use crate::config::{AckMode, Config};
+use crate::config::{AckMode, Config, HEALTH_DOWN_HOLD};
 use crate::ids::{CoreId, EventId, Micros, OrgId};
 
 /// Whether the database takes writes: read by ingress cores (a load, no lock) to refuse writes at
@@ -25,6 +25,9 @@ use crate::ids::{CoreId, EventId, Micros, OrgId};
 pub struct Health {
     up: AtomicBool,
     kick: Notify,
+    epoch: std::time::Instant,
+    /// Milliseconds after `epoch` of the last `set_down`.
+    down_at_ms: std::sync::atomic::AtomicU64,
 }
 
 impl Default for Health {
@@ -32,6 +35,8 @@ impl Default for Health {
         Health {
             up: AtomicBool::new(true),
             kick: Notify::new(),
+            epoch: std::time::Instant::now(),
+            down_at_ms: std::sync::atomic::AtomicU64::new(0),
         }
     }
 }
@@ -45,13 +50,22 @@ impl Health {
     /// The database failed us: refuse writes until the probe succeeds, and wake the probe.
     /// Returns whether it was up until now.
     pub fn set_down(&self) -> bool {
+        let now = self.epoch.elapsed().as_millis() as u64;
+        self.down_at_ms.store(now, Ordering::Relaxed);
         let was_up = self.up.swap(false, Ordering::Relaxed);
         self.kick.notify_one();
         was_up
     }
 
-    /// The probe reached the database. Returns whether it was down until now.
+    /// The probe's write went through. The flag goes up only once `HEALTH_DOWN_HOLD` has passed
+    /// since the last failure, so a database that fails every other write does not flap between
+    /// up and down. Returns whether it was down until now (and is up now).
     pub fn set_up(&self) -> bool {
+        let now = self.epoch.elapsed().as_millis() as u64;
+        let since = now.saturating_sub(self.down_at_ms.load(Ordering::Relaxed));
+        if !self.is_up() && since < HEALTH_DOWN_HOLD.as_millis() as u64 {
+            return false;
+        }
         !self.up.swap(true, Ordering::Relaxed)
     }
 

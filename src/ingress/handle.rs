@@ -95,7 +95,7 @@ pub async fn run(ctx: &Rc<CoreCtx>, ready: Ready, req: Request) -> Reply {
         return match ready.route {
             Route::Health => ops::health(),
             Route::Live => ops::live(ctx),
-            Route::Ready => ops::ready(ctx).await,
+            Route::Ready => ops::ready(ctx),
             Route::Metrics => ops::metrics(ctx),
             Route::OpenApi => ops::openapi(),
             Route::KeysGenerate => admin::generate(ctx, &req).await,

@@ -93,6 +93,7 @@ pub struct Metrics {
     routes: RouteLabels,
     cores: Vec<Arc<CoreMetrics>>,
     events_committed: AtomicU64,
+    events_dropped: AtomicU64,
     write_batches: AtomicU64,
     write_batch_events: Histogram,
     /// Deliveries by outcome.
@@ -122,6 +123,7 @@ impl Metrics {
                 .map(|_| Arc::new(CoreMetrics::new(routes.len())))
                 .collect(),
             events_committed: AtomicU64::new(0),
+            events_dropped: AtomicU64::new(0),
             write_batches: AtomicU64::new(0),
             write_batch_events: Histogram::default(),
             deliveries_ok: AtomicU64::new(0),
@@ -149,6 +151,11 @@ impl Metrics {
         self.write_batch_events.observe_us(committed);
     }
 
+    /// Events answered 202 (fast-ack mode) that could not be written and were dropped.
+    pub fn events_dropped(&self, n: u64) {
+        self.events_dropped.fetch_add(n, Ordering::Relaxed);
+    }
+
     /// The Prometheus text of every metric.
     pub fn render(&self) -> String {
         let cores = &self.cores;
@@ -169,6 +176,13 @@ impl Metrics {
             "Events committed by the group-commit writers.",
             "counter",
             load(&self.events_committed),
+        );
+        single(
+            &mut out,
+            "triggers_events_dropped_total",
+            "Events answered 202 (fast-ack mode) and then not written: 0 unless the database refused them for their data or stayed unwritable past the shutdown deadline.",
+            "counter",
+            load(&self.events_dropped),
         );
         single(
             &mut out,

@@ -65,7 +65,18 @@ impl CopyEncoder {
         self.rows += 1;
     }
 
-    /// Close the stream and take its bytes.
+    /// Bytes encoded since `begin` or the last `take`.
+    pub fn pending_bytes(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// Take what is encoded so far, to send it while more rows are encoded (so a batch of large
+    /// payloads never sits in the encoder whole).
+    pub fn take(&mut self) -> bytes::Bytes {
+        self.buf.split().freeze()
+    }
+
+    /// Close the stream and take the rest of its bytes.
     pub fn finish(&mut self) -> bytes::Bytes {
         self.buf.put_i16(-1);
         self.buf.split().freeze()
@@ -122,5 +133,11 @@ mod tests {
         // The buffer is reusable.
         enc.begin();
         assert_eq!(enc.rows(), 0);
+        // Taken in pieces, the stream is the same bytes.
+        enc.row(&e, None);
+        let mut pieces = enc.take().to_vec();
+        enc.row(&e, Some(Micros(946_684_800_000_002)));
+        pieces.extend_from_slice(&enc.finish());
+        assert_eq!(pieces, out);
     }
 }

@@ -11,7 +11,7 @@ use crate::auth::throttle::KeyOpsLimiter;
 use crate::auth::verify::Verifier;
 use crate::auth::OrgInfo;
 use crate::config::Config;
-use crate::db::is_connection_error;
+use crate::db::{fault, is_pool_busy, Fault};
 use crate::flow::answer::Refusal;
 use crate::flow::sink::{ByteBudget, CoreLink, DeliverySink, Health};
 use crate::ids::OrgId;
@@ -43,6 +43,9 @@ pub struct StoreCtx {
     pub metrics: Arc<Metrics>,
     /// Longest a database round trip may take.
     pub db_timeout: Duration,
+    /// When the shutdown gives up on writes the database does not take (fast-ack mode): the
+    /// events still unwritten then are dropped and counted. Unset until shutdown.
+    pub stop_deadline: std::sync::OnceLock<tokio::time::Instant>,
 }
 
 /// Why a job failed.
@@ -51,8 +54,10 @@ pub enum Failure {
     Refused(Refusal),
     /// A database error: 503 if the database is gone, 500 otherwise.
     Db(tokio_postgres::Error),
-    /// No connection could be had.
+    /// No connection could be had: the database is unreachable.
     Pool(String),
+    /// Every connection stayed busy for the wait timeout: the pool is overloaded.
+    PoolBusy,
 }
 
 impl From<Refusal> for Failure {
@@ -69,7 +74,11 @@ impl From<tokio_postgres::Error> for Failure {
 
 impl From<deadpool_postgres::PoolError> for Failure {
     fn from(e: deadpool_postgres::PoolError) -> Self {
-        Failure::Pool(e.to_string())
+        if is_pool_busy(&e) {
+            Failure::PoolBusy
+        } else {
+            Failure::Pool(e.to_string())
+        }
     }
 }
 
@@ -85,17 +94,19 @@ impl StoreCtx {
         self.cores.org_changed(org).await;
     }
 
-    /// The refusal a failure becomes; a database that is gone also lowers the health flag.
+    /// The refusal a failure becomes. The database's trouble is never the client's: it is a
+    /// 503 (and lowers the health flag); a busy pool is `overloaded`, not "down"; a query of ours
+    /// that the database refused for its data is a bug (500).
     pub fn fail(&self, what: &str, failure: Failure) -> Refusal {
         match failure {
             Failure::Refused(r) => r,
-            Failure::Db(e) if is_connection_error(&e) => {
-                tracing::warn!(error = %e, what, "database unavailable");
+            Failure::Db(e) if fault(&e) == Fault::Server => {
+                tracing::warn!(error = %crate::db::describe(&e), what, "database unavailable");
                 self.health.set_down();
                 Refusal::Unavailable
             }
             Failure::Db(e) => {
-                tracing::error!(error = %e, what, "query failed");
+                tracing::error!(error = %crate::db::describe(&e), what, "query failed");
                 Refusal::Internal
             }
             Failure::Pool(e) => {
@@ -103,7 +114,18 @@ impl StoreCtx {
                 self.health.set_down();
                 Refusal::Unavailable
             }
+            Failure::PoolBusy => {
+                tracing::debug!(what, "every read connection busy");
+                Refusal::Overloaded("database connections busy")
+            }
         }
+    }
+
+    /// Whether the shutdown deadline has passed.
+    pub fn past_stop_deadline(&self) -> bool {
+        self.stop_deadline
+            .get()
+            .is_some_and(|d| tokio::time::Instant::now() >= *d)
     }
 
     /// Run `work` under the database deadline.

@@ -5,42 +5,56 @@ use super::ctx::{Done, StoreCtx};
 use super::rows::{event_view, EVENT_COLUMNS};
 use crate::flow::answer::{Answer, AttemptView, EventDetail, Refusal};
 use crate::flow::event::EventStatus;
-use crate::ids::{Micros, OrgId};
+use std::time::SystemTime;
+
 use uuid::Uuid;
 
-/// The event and its attempts, oldest first.
+use crate::ids::{Micros, OrgId};
+
+/// The event and its attempts, oldest first, read in one statement: one snapshot, so `attempts`
+/// always equals the number of attempts listed.
 pub async fn get_event(ctx: &StoreCtx, org: OrgId, id: Uuid) -> Done<Answer> {
     let client = ctx.pool.get().await?;
-    let event_sql = format!("SELECT {EVENT_COLUMNS} FROM events WHERE id = $1 AND org_id = $2");
-    let (event_stmt, attempts_stmt) = tokio::try_join!(
-        client.prepare_cached(&event_sql),
-        client.prepare_cached(
-            "SELECT attempt, at, response_status, error, duration_ms FROM delivery_attempts \
-             WHERE event_id = $1 ORDER BY attempt"
-        ),
-    )?;
-    // Both statements go out together on the one connection.
-    let (event_params, attempt_params): (
-        [&(dyn tokio_postgres::types::ToSql + Sync); 2],
-        [&(dyn tokio_postgres::types::ToSql + Sync); 1],
-    ) = ([&id, &org.0], [&id]);
-    let (event, attempts) = tokio::try_join!(
-        client.query_opt(&event_stmt, &event_params),
-        client.query(&attempts_stmt, &attempt_params),
-    )?;
-    let event = event.ok_or(Refusal::NotFound("event not found"))?;
+    let sql = format!(
+        "SELECT {EVENT_COLUMNS}, a.numbers, a.ats, a.statuses, a.errors, a.durations \
+         FROM events e LEFT JOIN LATERAL ( \
+             SELECT array_agg(attempt ORDER BY attempt) AS numbers, \
+                    array_agg(at ORDER BY attempt) AS ats, \
+                    array_agg(response_status ORDER BY attempt) AS statuses, \
+                    array_agg(error ORDER BY attempt) AS errors, \
+                    array_agg(duration_ms ORDER BY attempt) AS durations \
+             FROM delivery_attempts WHERE event_id = e.id) a ON true \
+         WHERE e.id = $1 AND e.org_id = $2"
+    );
+    let stmt = client.prepare_cached(&sql).await?;
+    let row = client
+        .query_opt(&stmt, &[&id, &org.0])
+        .await?
+        .ok_or(Refusal::NotFound("event not found"))?;
+    let numbers: Vec<i32> = row.get::<_, Option<Vec<i32>>>(8).unwrap_or_default();
+    let ats: Vec<SystemTime> = row.get::<_, Option<Vec<SystemTime>>>(9).unwrap_or_default();
+    let statuses: Vec<Option<i16>> = row.get::<_, Option<_>>(10).unwrap_or_default();
+    let errors: Vec<Option<String>> = row.get::<_, Option<_>>(11).unwrap_or_default();
+    let durations: Vec<i32> = row.get::<_, Option<Vec<i32>>>(12).unwrap_or_default();
+    let attempts = numbers
+        .into_iter()
+        .zip(ats)
+        .zip(statuses)
+        .zip(errors)
+        .zip(durations)
+        .map(
+            |((((attempt, at), response_status), error), duration_ms)| AttemptView {
+                attempt,
+                at: Micros::from_system_time(at),
+                response_status,
+                error,
+                duration_ms,
+            },
+        )
+        .collect();
     Ok(Answer::Event(Box::new(EventDetail {
-        event: event_view(&event),
-        attempts: attempts
-            .iter()
-            .map(|a| AttemptView {
-                attempt: a.get(0),
-                at: Micros::from_system_time(a.get(1)),
-                response_status: a.get(2),
-                error: a.get(3),
-                duration_ms: a.get(4),
-            })
-            .collect(),
+        event: event_view(&row),
+        attempts,
     })))
 }
 

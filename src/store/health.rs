@@ -1,13 +1,20 @@
-//! The health probe: checks the database every second while it is up, every 200 ms while it is
-//! down, and at once when a failed query says it may be down. Ingress reads the flag it keeps.
+//! The health probe: on its own connection (never waiting behind a busy pool), it checks every
+//! second while the database is up, every 200 ms while it is down, and at once when a failed
+//! write says it may be down, that the database *takes writes*: not a replica in recovery, not
+//! read-only, and a real write of one tiny row commits. Ingress reads the flag it keeps (a
+//! refused write answers 503 at once) and `/health/ready` answers from it.
 
 use std::sync::Arc;
 
+use tokio_postgres::{Client, NoTls};
+
 use super::ctx::StoreCtx;
 use crate::config::{Config, HEALTH_PROBE_EVERY_DOWN, HEALTH_PROBE_EVERY_UP};
+use crate::db::{describe, pg_config};
 
 /// Probe until aborted at shutdown.
 pub async fn probe(ctx: Arc<StoreCtx>) {
+    let mut conn: Option<Client> = None;
     loop {
         let wait = if ctx.health.is_up() {
             HEALTH_PROBE_EVERY_UP
@@ -15,32 +22,56 @@ pub async fn probe(ctx: Arc<StoreCtx>) {
             HEALTH_PROBE_EVERY_DOWN
         };
         let _ = tokio::time::timeout(wait, ctx.health.kicked()).await;
-        let check = async {
-            let client = ctx.pool.get().await.map_err(|e| e.to_string())?;
-            client
-                .simple_query("SELECT 1")
-                .await
-                .map_err(|e| e.to_string())?;
-            Ok::<_, String>(())
-        };
         let timeout = Config::ms(ctx.config.db_connect_timeout_ms);
-        match tokio::time::timeout(timeout, check).await {
-            Ok(Ok(())) => {
+        let result = match tokio::time::timeout(timeout, check(&ctx, &mut conn)).await {
+            Ok(r) => r,
+            Err(_) => Err("the database did not answer the probe in time".to_string()),
+        };
+        match result {
+            Ok(()) => {
                 if ctx.health.set_up() {
-                    tracing::info!("database reachable again");
+                    tracing::info!("database takes writes again");
                 }
             }
-            Ok(Err(e)) => {
-                tracing::debug!(error = %e, "health probe failed");
+            Err(e) => {
+                conn = None;
                 if ctx.health.set_down() {
-                    tracing::warn!(error = %e, "database unreachable; answering 503 until it returns");
-                }
-            }
-            Err(_) => {
-                if ctx.health.set_down() {
-                    tracing::warn!("database not answering; answering 503 until it returns");
+                    tracing::warn!(error = %e, "database does not take writes; answering 503 until it does");
+                } else {
+                    tracing::debug!(error = %e, "health probe failed");
                 }
             }
         }
     }
+}
+
+/// One check on the probe's own connection (made if it has none).
+async fn check(ctx: &StoreCtx, conn: &mut Option<Client>) -> Result<(), String> {
+    if conn.as_ref().is_none_or(|c| c.is_closed()) {
+        let pg = pg_config(&ctx.config)?;
+        let (client, connection) = pg.connect(NoTls).await.map_err(|e| describe(&e))?;
+        tokio::spawn(async move {
+            let _ = connection.await;
+        });
+        *conn = Some(client);
+    }
+    let client = conn.as_ref().expect("connected above");
+    let row = client
+        .query_one(
+            "SELECT pg_is_in_recovery(), current_setting('transaction_read_only') = 'on'",
+            &[],
+        )
+        .await
+        .map_err(|e| describe(&e))?;
+    if row.get::<_, bool>(0) {
+        return Err("the database is a replica in recovery".into());
+    }
+    if row.get::<_, bool>(1) {
+        return Err("the database is read-only".into());
+    }
+    client
+        .execute("UPDATE triggers_probe SET at = now() WHERE id = 1", &[])
+        .await
+        .map_err(|e| describe(&e))?;
+    Ok(())
 }

@@ -26,8 +26,8 @@ pub async fn inbox(
     let client = ctx.pool.get().await?;
     let stmt = client
         .prepare_cached(&format!(
-            "SELECT {EVENT_COLUMNS} FROM events \
-             WHERE org_id = $1 AND status = $2 AND id < $3 ORDER BY id DESC LIMIT $4"
+            "SELECT {EVENT_COLUMNS} FROM events e \
+             WHERE e.org_id = $1 AND e.status = $2 AND e.id < $3 ORDER BY e.id DESC LIMIT $4"
         ))
         .await?;
     let before = before.unwrap_or(Uuid::max());

@@ -77,23 +77,6 @@ async fn handle(ctx: &StoreCtx, job: StoreJob) {
                 },
             );
         }
-        StoreJob::Ready { reply } => {
-            let result = ctx
-                .timed("ready", async {
-                    let client = ctx.pool.get().await?;
-                    client.simple_query("SELECT 1").await?;
-                    Ok(Answer::Ready)
-                })
-                .await;
-            answer(
-                ctx,
-                reply,
-                Outcome::Answered {
-                    answer: result,
-                    rate: None,
-                },
-            );
-        }
     }
 }
 

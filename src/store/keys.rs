@@ -7,17 +7,20 @@ use std::time::SystemTime;
 use super::ctx::{Done, Failure, StoreCtx};
 use super::org::change_org;
 use crate::auth::flight::Flight;
-use crate::auth::verify::SlotsBusy;
+use crate::auth::verify::{Remembered, SlotsBusy};
 use crate::auth::{ApiKey, AuthFailure, KeyHash, OrgInfo, Tier};
 use crate::config::KEY_ID_COLLISION_TRIES;
 use crate::flow::answer::{Answer, KeyInfo, NewKey, Refusal};
 use crate::ids::{new_v7, Micros, OrgId};
 
 /// Look the key id up, check the secret with Argon2 off any connection, throttle failures. One
-/// verification per key at a time on this node; the others wait for its answer.
+/// verification per key at a time on this node; the others wait for its answer. A key this node
+/// verified before whose organization may have changed since (a rotation, a webhook change, or
+/// every cache flushed while LISTEN was down) is checked against the row without Argon2: if the
+/// row still holds the hash the key matched, it is still the organization's key.
 pub async fn verify(ctx: &StoreCtx, key: ApiKey, peer: IpAddr) -> Result<OrgInfo, Refusal> {
     let hash = ctx.verifier.hash_key(&key);
-    if let Some(org) = ctx.verifier.cached(hash) {
+    if let Remembered::Fresh(org) = ctx.verifier.cached(hash) {
         return Ok(org);
     }
     match ctx.flights.join(hash) {
@@ -47,6 +50,7 @@ async fn verify_uncached(
     if let Some(retry_after_s) = ctx.verifier.throttled(peer) {
         return Err(AuthFailure::Throttled { retry_after_s }.into());
     }
+    let known = ctx.verifier.cached(hash);
     let epoch = ctx.verifier.epoch();
     let key_id = key.key_id().to_string();
     let row = ctx
@@ -71,14 +75,14 @@ async fn verify_uncached(
     if prefix != key.prefix() {
         return refuse();
     }
-    match ctx
-        .verifier
-        .check(key.secret().to_string(), row.get(2))
-        .await
-    {
-        Ok(true) => {}
-        Ok(false) => return refuse(),
-        Err(SlotsBusy) => return Err(Refusal::Overloaded("key verification busy")),
+    let phc: String = row.get(2);
+    let same_hash = matches!(&known, Remembered::Stale { phc: old } if *old == phc);
+    if !same_hash {
+        match ctx.verifier.check(key.secret().to_string(), phc.clone()).await {
+            Ok(true) => {}
+            Ok(false) => return refuse(),
+            Err(SlotsBusy) => return Err(Refusal::Overloaded("key verification busy")),
+        }
     }
     let limit: i32 = row.get(1);
     let org = OrgInfo {
@@ -86,7 +90,7 @@ async fn verify_uncached(
         limit: limit.max(1) as u32,
         has_webhook: row.get(4),
     };
-    ctx.verifier.remember(hash, org, epoch);
+    ctx.verifier.remember(hash, org, &phc, epoch);
     Ok(org)
 }
 
@@ -164,7 +168,7 @@ pub async fn generate(
                     has_webhook: false,
                 };
                 ctx.verifier
-                    .remember(ctx.verifier.hash_key(&key), org, epoch);
+                    .remember(ctx.verifier.hash_key(&key), org, &hash, epoch);
                 return Ok(Answer::Generated(NewKey {
                     api_key: key.as_str().to_string(),
                     organization_id: id,

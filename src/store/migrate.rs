@@ -5,11 +5,18 @@
 use tokio_postgres::Client;
 
 /// (version, file name, SQL), in order.
-pub const MIGRATIONS: &[(i32, &str, &str)] = &[(
-    1,
-    "0001_init.sql",
-    include_str!("../../migrations/0001_init.sql"),
-)];
+pub const MIGRATIONS: &[(i32, &str, &str)] = &[
+    (
+        1,
+        "0001_init.sql",
+        include_str!("../../migrations/0001_init.sql"),
+    ),
+    (
+        2,
+        "0002_probe.sql",
+        include_str!("../../migrations/0002_probe.sql"),
+    ),
+];
 
 /// Arbitrary constant naming the migration lock.
 const LOCK_ID: i64 = 0x7472_6967_6765_7273; // "triggers"

@@ -16,6 +16,7 @@ use crate::metrics::Metrics;
 
 /// The running store pool.
 pub struct Store {
+    ctx: Arc<StoreCtx>,
     writers: Vec<JoinHandle<()>>,
     jobs: JoinHandle<()>,
     background: Vec<JoinHandle<()>>,
@@ -55,6 +56,7 @@ impl Store {
             write_bytes: inbox.write_bytes,
             metrics,
             db_timeout: Config::ms(config.db_timeout_ms),
+            stop_deadline: std::sync::OnceLock::new(),
             config: Arc::clone(&config),
         });
         let write_rx = Arc::new(tokio::sync::Mutex::new(inbox.writes));
@@ -72,6 +74,7 @@ impl Store {
             tokio::spawn(listen::run(Arc::clone(&ctx))),
         ];
         Ok(Store {
+            ctx,
             writers,
             jobs,
             background,
@@ -79,8 +82,10 @@ impl Store {
     }
 
     /// Once every queue sender is gone (the cores have stopped): write what is queued, finish
-    /// in-flight work, stop.
-    pub async fn finish(self) {
+    /// in-flight work, stop. Writes the database does not take by `deadline` (fast-ack mode,
+    /// where they were answered 202) are dropped and counted; durable mode answered them 503.
+    pub async fn finish(self, deadline: tokio::time::Instant) {
+        let _ = self.ctx.stop_deadline.set(deadline);
         for w in self.writers {
             let _ = w.await;
         }

@@ -11,9 +11,9 @@ use crate::flow::answer::EventView;
 use crate::flow::event::EventStatus;
 use crate::ids::Micros;
 
-/// The columns of an event, in the order [`event_view`] reads them.
+/// The columns of an event (table alias `e`), in the order [`event_view`] reads them.
 pub const EVENT_COLUMNS: &str =
-    "id, type, payload::text, dedup_id, status, attempts, created_at, delivered_at";
+    "e.id, e.type, e.payload::text, e.dedup_id, e.status, e.attempts, e.created_at, e.delivered_at";
 
 /// One event row as a value; the payload is the bytes that were received.
 pub fn event_view(row: &Row) -> EventView {

@@ -29,8 +29,10 @@ use uuid::Uuid;
 
 use super::copy::{CopyEncoder, COPY_EVENTS};
 use super::ctx::StoreCtx;
-use crate::config::{AckMode, SLOW_BATCH};
-use crate::db::is_connection_error;
+use crate::config::{
+    AckMode, COPY_PIECE_BYTES, SLOW_BATCH, WRITE_RETRY_BACKOFF_MAX, WRITE_RETRY_BACKOFF_MIN,
+};
+use crate::db::{describe, fault, Fault};
 use crate::flow::answer::{Completion, Outcome, Refusal};
 use crate::flow::answer::{IngestOutcome, Ingested};
 use crate::flow::event::NewEvent;
@@ -141,28 +143,46 @@ fn plan_delivery(ctx: &StoreCtx, batch: &[WriteJob]) -> Vec<Planned> {
         .collect()
 }
 
-/// Write a batch. In fast-ack mode a database failure is retried until it succeeds (the clients
-/// were told 202), giving up only when the process is being killed anyway.
+/// Write a batch. In fast-ack mode (the clients already have their 202) a failure of the server's
+/// is retried until the batch is written or the shutdown deadline passes; what is then still not
+/// written, and any row the database refused for its data, is dropped, counted in
+/// `triggers_events_dropped_total` and logged.
 async fn write_until_settled(
     ctx: &StoreCtx,
     encoder: &mut CopyEncoder,
     batch: &[WriteJob],
     plan: &[Planned],
 ) -> Vec<Ingested> {
-    let mut backoff = Duration::from_millis(50);
+    let mut backoff = WRITE_RETRY_BACKOFF_MIN;
     loop {
         let results = write_batch(ctx, encoder, batch, plan).await;
-        let retry = ctx.config.ack == AckMode::Fast
-            && results.contains(&Ingested::Refused(Refusal::Unavailable));
-        if !retry {
+        if ctx.config.ack == AckMode::Durable {
+            return results;
+        }
+        let unwritten = results
+            .iter()
+            .filter(|r| **r == Ingested::Refused(Refusal::Unavailable))
+            .count();
+        if unwritten == 0 || ctx.past_stop_deadline() {
+            let dropped = results
+                .iter()
+                .filter(|r| matches!(r, Ingested::Refused(_)))
+                .count();
+            if dropped > 0 {
+                ctx.metrics.events_dropped(dropped as u64);
+                tracing::error!(
+                    events = dropped,
+                    "fast-ack events answered 202 were not written and are dropped"
+                );
+            }
             return results;
         }
         tracing::warn!(
-            events = batch.len(),
+            events = unwritten,
             "fast-ack batch not written yet; retrying"
         );
         tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(Duration::from_secs(2));
+        backoff = (backoff * 2).min(WRITE_RETRY_BACKOFF_MAX);
     }
 }
 
@@ -172,43 +192,45 @@ async fn write_batch(
     batch: &[WriteJob],
     plan: &[Planned],
 ) -> Vec<Ingested> {
-    if !ctx.health.is_up() && ctx.config.ack == AckMode::Durable {
+    if !ctx.health.is_up() {
         return vec![Ingested::Refused(Refusal::Unavailable); batch.len()];
     }
     let all: Vec<usize> = (0..batch.len()).collect();
     match write_rows(ctx, encoder, batch, plan, &all).await {
         Ok(results) => results,
         Err(BatchError::Data(why)) if batch.len() > 1 => {
+            // One row's data was refused: write each on its own, so it fails alone.
             tracing::warn!(error = %why, events = batch.len(), "batch refused; writing row by row");
             let mut results = Vec::with_capacity(batch.len());
             for i in 0..batch.len() {
                 results.push(match write_rows(ctx, encoder, batch, plan, &[i]).await {
                     Ok(mut r) => r.pop().unwrap_or(Ingested::Refused(Refusal::Internal)),
-                    Err(BatchError::Data(why)) => {
-                        tracing::error!(error = %why, event = %batch[i].event.id, "event refused by the database");
-                        Ingested::Refused(Refusal::Invalid {
-                            field: "payload",
-                            message: format!("the database refused the event: {why}"),
-                        })
+                    Err(BatchError::Data(why)) => refused_row(&batch[i], &why),
+                    Err(BatchError::Database(why)) => {
+                        tracing::warn!(error = %why, "row not written");
+                        ctx.health.set_down();
+                        Ingested::Refused(Refusal::Unavailable)
                     }
-                    Err(BatchError::Database(_)) => Ingested::Refused(Refusal::Unavailable),
                 });
             }
             results
         }
-        Err(BatchError::Data(why)) => {
-            tracing::error!(error = %why, event = %batch[0].event.id, "event refused by the database");
-            vec![Ingested::Refused(Refusal::Invalid {
-                field: "payload",
-                message: format!("the database refused the event: {why}"),
-            })]
-        }
+        Err(BatchError::Data(why)) => vec![refused_row(&batch[0], &why)],
         Err(BatchError::Database(why)) => {
             tracing::warn!(error = %why, events = batch.len(), "batch not written");
             ctx.health.set_down();
             vec![Ingested::Refused(Refusal::Unavailable); batch.len()]
         }
     }
+}
+
+/// A row the database refused for its own data (SQLSTATE class 22 or 23): the client's fault.
+fn refused_row(job: &WriteJob, why: &str) -> Ingested {
+    tracing::error!(error = %why, event = %job.event.id, "event refused by the database");
+    Ingested::Refused(Refusal::Invalid {
+        field: "payload",
+        message: format!("the database refused the event: {why}"),
+    })
 }
 
 /// Write the rows `rows` of `batch` in one transaction (or one statement when that is enough).
@@ -242,10 +264,9 @@ async fn write_rows(
         Ok(Err(e)) => {
             // The connection may be mid-transaction: never hand it back to the pool.
             let _ = deadpool_postgres::Object::take(client);
-            if is_connection_error(&e) {
-                Err(BatchError::Database(e.to_string()))
-            } else {
-                Err(BatchError::Data(db_message(&e)))
+            match fault(&e) {
+                Fault::Data => Err(BatchError::Data(describe(&e))),
+                Fault::Server => Err(BatchError::Database(describe(&e))),
             }
         }
         Err(_) => {
@@ -268,20 +289,23 @@ async fn write_rows_on(
     let (deduped, plain): (Vec<usize>, Vec<usize>) = rows
         .iter()
         .partition(|&&i| batch[i].event.dedup_id.is_some());
-    let in_transaction = !deduped.is_empty() && !plain.is_empty();
-    if in_transaction {
-        client.batch_execute("BEGIN").await?;
-    }
+    // Always an explicit transaction: the 201 is sent after COMMIT's answer, never on the
+    // strength of a COPY's CommandComplete in autocommit.
+    client.batch_execute("BEGIN").await?;
     let mut results: HashMap<usize, Ingested> = HashMap::with_capacity(rows.len());
     if !plain.is_empty() {
-        encoder.begin();
-        for &i in &plain {
-            encoder.row(&batch[i].event, next[i]);
-        }
-        debug_assert_eq!(encoder.rows(), plain.len());
         let statement = client.prepare_cached(COPY_EVENTS).await?;
         let sink = client.copy_in::<_, bytes::Bytes>(&statement).await?;
         futures_util::pin_mut!(sink);
+        // Encoded and sent in pieces: the encoder holds at most one piece, not the batch.
+        encoder.begin();
+        for &i in &plain {
+            encoder.row(&batch[i].event, next[i]);
+            if encoder.pending_bytes() >= COPY_PIECE_BYTES {
+                sink.send(encoder.take()).await?;
+            }
+        }
+        debug_assert_eq!(encoder.rows(), plain.len());
         sink.send(encoder.finish()).await?;
         let written = sink.finish().await?;
         debug_assert_eq!(written as usize, plain.len(), "COPY wrote every row");
@@ -292,9 +316,7 @@ async fn write_rows_on(
     if !deduped.is_empty() {
         insert_deduped(client, batch, next, deduped, &mut results).await?;
     }
-    if in_transaction {
-        client.batch_execute("COMMIT").await?;
-    }
+    client.batch_execute("COMMIT").await?;
     Ok(rows
         .iter()
         .map(|i| {
@@ -384,13 +406,6 @@ async fn insert_deduped(
         );
     }
     Ok(())
-}
-
-fn db_message(e: &tokio_postgres::Error) -> String {
-    match e.as_db_error() {
-        Some(db) => format!("{} ({})", db.message(), db.code().code()),
-        None => e.to_string(),
-    }
 }
 
 /// Send every answer (one message per origin core), settle the dedup keys on their owners, and
