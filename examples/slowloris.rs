@@ -32,7 +32,8 @@ fn main() {
     let open = Arc::new(AtomicU64::new(0));
     rt.block_on(async {
         for i in 0..n {
-            let (addr, reconnects, open) = (addr.clone(), Arc::clone(&reconnects), Arc::clone(&open));
+            let (addr, reconnects, open) =
+                (addr.clone(), Arc::clone(&reconnects), Arc::clone(&open));
             tokio::spawn(async move {
                 // Spread the first bytes over the first second, as a real client would.
                 tokio::time::sleep(Duration::from_micros((i as u64 * 1_000_000) / n as u64)).await;

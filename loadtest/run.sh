@@ -4,6 +4,7 @@
 #   bash loadtest/run.sh ingest-max --duration 30s
 #   bash loadtest/run.sh all --smoke        # every scenario for a few seconds (CI)
 #   bash loadtest/run.sh slowloris          # what hostile clients cost (loadtest/hostile.py)
+#   bash loadtest/run.sh faults [--smoke]   # fault drills under load (loadtest/faults.py)
 # See loadtest/README.md for the scenarios and how to read the table.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -35,5 +36,6 @@ echo "loadtest: building the release server and the load-test tools" >&2
 cargo build -q --release --locked --bin triggers --example receiver --example copy_ceiling --example openloop --example slowloris
 case "${1:-}" in
   slowloris|big-payloads) exec python3 loadtest/hostile.py "$@" ;;
+  faults) exec python3 loadtest/faults.py "$@" ;;
 esac
 exec python3 loadtest/run.py "$@"

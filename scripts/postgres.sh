@@ -2,8 +2,10 @@
 # Start (or reuse) a private PostgreSQL cluster for this project and print its URL on stdout.
 #
 #   scripts/postgres.sh            start if needed; print postgres://triggers@127.0.0.1:54329/triggers
-#   scripts/postgres.sh stop       stop it
-#   scripts/postgres.sh db NAME    also (re)create database NAME and print its URL instead
+#   scripts/postgres.sh stop [MODE]      stop it (MODE fast, the default, or immediate)
+#   scripts/postgres.sh restart [MODE]   restart it (fault drills)
+#   scripts/postgres.sh start            start it if needed (same as no argument)
+#   scripts/postgres.sh db NAME          also (re)create database NAME and print its URL instead
 #
 # Installs Debian's `postgresql` package when no server binaries are found (root or sudo needed).
 # The cluster lives in $TRIGGERS_PG_DIR (default /var/tmp/triggers-pg), listens on 127.0.0.1 and a
@@ -41,7 +43,11 @@ fi
 pgctl() { "${AS[@]}" "$BIN/pg_ctl" -D "$DIR/data" "$@"; }
 
 if [ "${1:-}" = "stop" ]; then
-  pgctl status >/dev/null 2>&1 && pgctl stop -m fast -w >&2
+  pgctl status >/dev/null 2>&1 && pgctl stop -m "${2:-fast}" -w >&2
+  exit 0
+fi
+if [ "${1:-}" = "restart" ]; then
+  pgctl restart -m "${2:-fast}" -w -t 60 -l "$DIR/server.log" >&2
   exit 0
 fi
 

@@ -4,8 +4,10 @@
 # lints, runs every test (unit and integration; the integration tests start the real server), runs
 # schemathesis over the OpenAPI document against a real server, fuzzes every parser briefly, then
 # runs every load-test scenario for a few seconds at a low rate so the benchmark scripts never rot
-# (no speed is asserted). Skips: TRIGGERS_SKIP_SCHEMATHESIS=1, TRIGGERS_SKIP_FUZZ=1,
-# TRIGGERS_SKIP_LOADTEST=1. TRIGGERS_FUZZ_SECONDS sets the fuzzing time per target (default 20).
+# (no speed is asserted), then the fault drills briefly (these do assert: nothing acknowledged
+# lost, no 4xx for the server's trouble). Skips: TRIGGERS_SKIP_SCHEMATHESIS=1,
+# TRIGGERS_SKIP_FUZZ=1, TRIGGERS_SKIP_LOADTEST=1, TRIGGERS_SKIP_FAULTS=1. TRIGGERS_FUZZ_SECONDS
+# sets the fuzzing time per target (default 20).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/common.sh
@@ -30,4 +32,10 @@ fi
 if [ "${TRIGGERS_SKIP_LOADTEST:-0}" != "1" ]; then
   echo "== load-test scenarios (smoke)" >&2
   bash loadtest/run.sh all --smoke
+  bash loadtest/run.sh slowloris --smoke
+  bash loadtest/run.sh big-payloads --smoke
+fi
+if [ "${TRIGGERS_SKIP_FAULTS:-0}" != "1" ]; then
+  echo "== fault drills (smoke)" >&2
+  bash loadtest/run.sh faults --smoke
 fi

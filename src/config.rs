@@ -80,6 +80,8 @@ pub const LISTEN_HEARTBEAT_EVERY: Duration = Duration::from_millis(250);
 /// A LISTEN connection that has heard nothing for this long is given up as silent: with the
 /// flush that follows, a change on another node is honoured here within about a second.
 pub const LISTEN_HEARTBEAT_MISSED: Duration = Duration::from_millis(750);
+/// How long start-up waits for the LISTEN connection before serving anyway.
+pub const LISTEN_START_PATIENCE: Duration = Duration::from_secs(5);
 /// Pause before the LISTEN connection reconnects.
 pub const LISTEN_RECONNECT_DELAY: Duration = Duration::from_millis(500);
 /// A COPY stream is sent in pieces of about this size, so a writer holds one piece of a batch of

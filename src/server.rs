@@ -13,7 +13,8 @@ use std::time::{Duration, Instant};
 use tokio::task::JoinHandle;
 
 use crate::config::{
-    Config, DATABASE_PATIENCE, DELIVERY_GRACE_MAX, RUNTIME_STOP_WAIT, SHUTDOWN_GRACE_MIN,
+    Config, DATABASE_PATIENCE, DELIVERY_GRACE_MAX, LISTEN_START_PATIENCE, RUNTIME_STOP_WAIT,
+    SHUTDOWN_GRACE_MIN,
 };
 use crate::delivery::pool::Delivery;
 use crate::flow::sink::{store_queues, CoreLink, DeliverySink};
@@ -113,6 +114,9 @@ pub fn run(
         sink,
         Arc::clone(&metrics),
     )?;
+    if !rt.block_on(store.wait_listening(LISTEN_START_PATIENCE)) {
+        tracing::warn!("serving before LISTEN works: caches are flushed until it does");
+    }
 
     let Listeners {
         api,

@@ -47,9 +47,36 @@ fn reuseport_listener(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
     Ok(socket.into())
 }
 
+/// Fail when another process already listens on `addr`: SO_REUSEPORT would otherwise let this
+/// server bind beside it, and the kernel would split connections between the two (a forgotten
+/// old server answering half the requests). A plain bind (SO_REUSEADDR, which ignores TIME_WAIT,
+/// but not SO_REUSEPORT) tells; it is closed at once.
+fn ensure_unused(addr: SocketAddr) -> io::Result<()> {
+    use socket2::{Domain, Socket, Type};
+    if addr.port() == 0 {
+        return Ok(());
+    }
+    let probe = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    probe.set_reuse_address(true)?;
+    probe.bind(&addr.into()).map_err(|e| {
+        if e.kind() == io::ErrorKind::AddrInUse {
+            io::Error::new(
+                e.kind(),
+                format!("{addr} is in use by another process (another triggers server?)"),
+            )
+        } else {
+            e
+        }
+    })
+}
+
 /// Bind one SO_REUSEPORT listener per core on `config.listen` (the first decides the port when
 /// it is 0), and the metrics listener.
 pub fn bind(config: &Config) -> io::Result<Listeners> {
+    ensure_unused(config.listen)?;
+    if let Some(addr) = config.metrics_listen {
+        ensure_unused(addr)?;
+    }
     let first = reuseport_listener(config.listen)?;
     let api_addr = first.local_addr()?;
     let mut api = vec![first];

@@ -43,6 +43,9 @@ pub struct StoreCtx {
     pub metrics: Arc<Metrics>,
     /// Longest a database round trip may take.
     pub db_timeout: Duration,
+    /// Raised once the LISTEN connection first listens (start-up waits for it, so no request is
+    /// served with caches a missed notification could have made stale).
+    pub listening: tokio::sync::watch::Sender<bool>,
     /// When the shutdown gives up on writes the database does not take (fast-ack mode): the
     /// events still unwritten then are dropped and counted. Unset until shutdown.
     pub stop_deadline: std::sync::OnceLock<tokio::time::Instant>,

@@ -78,7 +78,11 @@ async fn verify_uncached(
     let phc: String = row.get(2);
     let same_hash = matches!(&known, Remembered::Stale { phc: old } if *old == phc);
     if !same_hash {
-        match ctx.verifier.check(key.secret().to_string(), phc.clone()).await {
+        match ctx
+            .verifier
+            .check(key.secret().to_string(), phc.clone())
+            .await
+        {
             Ok(true) => {}
             Ok(false) => return refuse(),
             Err(SlotsBusy) => return Err(Refusal::Overloaded("key verification busy")),

@@ -27,6 +27,7 @@ const HEARTBEAT: &str = "heartbeat:";
 pub async fn run(ctx: Arc<StoreCtx>) {
     loop {
         let why = listen(&ctx).await;
+        ctx.listening.send_replace(false);
         tracing::warn!(error = %why, "org-change listener lost; flushing caches until it is back");
         // Deaf: no cached organization state can be trusted. Flush now, then every heartbeat
         // period until listening again (reconnecting can take as long as the outage).
@@ -116,8 +117,10 @@ async fn listen(ctx: &StoreCtx) -> String {
         driver.abort();
         return "LISTEN did not go through".into();
     }
-    // Anything that changed before LISTEN took effect was not heard.
-    ctx.org_changed(None).await;
+    // Anything that changed before LISTEN took effect was not heard. Not waited for: at start-up
+    // the cores are not serving yet (they wait for this).
+    flush(ctx);
+    ctx.listening.send_replace(true);
     let mut last_heard = Instant::now();
     let mut beat = 0u64;
     let mut ticker = tokio::time::interval(LISTEN_HEARTBEAT_EVERY);

@@ -57,6 +57,7 @@ impl Store {
             metrics,
             db_timeout: Config::ms(config.db_timeout_ms),
             stop_deadline: std::sync::OnceLock::new(),
+            listening: tokio::sync::watch::channel(false).0,
             config: Arc::clone(&config),
         });
         let write_rx = Arc::new(tokio::sync::Mutex::new(inbox.writes));
@@ -79,6 +80,16 @@ impl Store {
             jobs,
             background,
         })
+    }
+
+    /// Wait (up to `limit`) until the LISTEN connection listens: changes made on other nodes reach
+    /// this one from then on. Start-up waits for it before serving, so no cache is filled before
+    /// this node can hear what makes it stale.
+    pub async fn wait_listening(&self, limit: std::time::Duration) -> bool {
+        let mut rx = self.ctx.listening.subscribe();
+        tokio::time::timeout(limit, rx.wait_for(|l| *l))
+            .await
+            .is_ok_and(|r| r.is_ok())
     }
 
     /// Once every queue sender is gone (the cores have stopped): write what is queued, finish
