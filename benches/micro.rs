@@ -24,7 +24,7 @@ use triggers::reply::Reply;
 use triggers::shard::dedup::DedupWindow;
 use triggers::shard::rate_limit::TokenBucket;
 use triggers::shard::state::Shard;
-use triggers::store::copy::CopyEncoder;
+use triggers::store::copy::{CopyEncoder, RowPlan};
 
 const BASELINE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/benches/baseline.json");
 const SAMPLES: usize = 7;
@@ -139,7 +139,6 @@ fn main() {
         let org = OrgInfo {
             id: OrgId(new_v7(Micros::now())),
             limit: u32::MAX,
-            has_webhook: false,
         };
         let ids: Vec<String> = (0..4096).map(|i| format!("order-{i}")).collect();
         let mut i = 0;
@@ -176,7 +175,6 @@ fn main() {
             OrgInfo {
                 id: OrgId(new_v7(Micros::now())),
                 limit: 1,
-                has_webhook: false,
             },
             epoch,
         );
@@ -197,13 +195,19 @@ fn main() {
             payload: Bytes::from_static(&BODY[36..BODY.len() - 1]),
             dedup_id: None,
             created_at: Micros::now(),
-            deliver: false,
         };
         measure(
             || {
                 encoder.begin();
                 for _ in 0..1000 {
-                    encoder.row(&event, None);
+                    encoder.row(
+                        &event,
+                        RowPlan {
+                            status: 0,
+                            endpoints: None,
+                            batch: None,
+                        },
+                    );
                 }
                 black_box(encoder.finish());
             },

@@ -15,7 +15,7 @@ use bytes::Bytes;
 use futures_util::SinkExt;
 use triggers::flow::event::NewEvent;
 use triggers::ids::{new_v7, EventId, Micros, OrgId};
-use triggers::store::copy::{CopyEncoder, COPY_EVENTS};
+use triggers::store::copy::{CopyEncoder, RowPlan, COPY_EVENTS};
 
 const PAYLOAD: &str = r#"{"order_id":"ord_00001234","customer":"cus_4f9a8b7c","amount":4999,"currency":"usd","items":[{"sku":"sku_1234","qty":2},{"sku":"sku_5678","qty":1}],"note":"load test event"}"#;
 
@@ -70,9 +70,13 @@ fn main() {
                             payload: payload.clone(),
                             dedup_id: None,
                             created_at: now,
-                            deliver: false,
                         };
-                        encoder.row(&event, None);
+                        let plan = RowPlan {
+                            status: 0,
+                            endpoints: None,
+                            batch: None,
+                        };
+                        encoder.row(&event, plan);
                     }
                     let sink = client.copy_in::<_, Bytes>(&statement).await.unwrap();
                     futures_util::pin_mut!(sink);

@@ -37,10 +37,19 @@ pub const URING_ENTRIES: u32 = 4096;
 pub const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 /// Longest text field (type, dedup id, organization name), in Unicode characters.
 pub const TEXT_FIELD_CHARS_MAX: usize = 255;
+/// Patterns one endpoint may have.
+pub const ENDPOINT_PATTERNS_MAX: usize = 50;
+/// Characters of an endpoint's description.
+pub const ENDPOINT_DESCRIPTION_CHARS_MAX: usize = 255;
+/// Highest `rate_limit_per_second` of an endpoint.
+pub const ENDPOINT_RATE_LIMIT_MAX: u32 = 10_000;
 /// Inbox page size when none is asked for.
 pub const INBOX_PAGE_DEFAULT: u32 = 100;
 /// Largest inbox page.
 pub const INBOX_PAGE_MAX: u32 = 1000;
+/// Most events one inbox page looks at to find those of the status asked for (their status is
+/// derived from their deliveries); a page that stops there says where to go on.
+pub const INBOX_SCAN_ROWS: i64 = 2000;
 /// Most ids in one batch ack.
 pub const ACK_BATCH_IDS_MAX: usize = 1000;
 /// Seconds a client is told to wait after a 503.
@@ -102,6 +111,17 @@ pub const URL_CHARS_MAX: usize = 2048;
 pub const RESOLVE_TIMEOUT: Duration = Duration::from_secs(3);
 /// Bytes of a receiver's response body read (and dropped) so its connection can be reused.
 pub const RESPONSE_BODY_READ_BYTES_MAX: usize = 64 * 1024;
+/// How long start-up waits for its port to be released before it calls it taken (a server
+/// killed a moment ago may hold it a little longer than its process lives).
+pub const PORT_RELEASE_WAIT: Duration = Duration::from_secs(3);
+/// Bytes of a receiver's answer kept in the attempt log.
+pub const RESPONSE_BODY_KEPT_BYTES: usize = 1024;
+/// An attempt starts only while its lease has this much left beyond the attempt timeout.
+pub const LEASE_MARGIN: Duration = Duration::from_secs(2);
+/// A healthy endpoint's last success is written at most this often.
+pub const HEALTH_SUCCESS_WRITE_EVERY: Duration = Duration::from_secs(5);
+/// Organizations whose endpoints the delivery pool caches; beyond this the cache starts over.
+pub const ENDPOINT_CACHE_ORGS_MAX: usize = 100_000;
 /// How long an idle connection to a receiver is kept for reuse.
 pub const DELIVERY_POOL_IDLE: Duration = Duration::from_secs(60);
 /// Recorder transactions in flight at once: one writes while the other gathers the next batch.
@@ -110,8 +130,8 @@ pub const RECORDERS: usize = 2;
 pub const DELIVERY_POOL_EXTRA_CONNECTIONS: usize = 3;
 /// Outcomes waiting for a recorder per delivery slot.
 pub const RECORDER_QUEUE_PER_SLOT: usize = 4;
-/// Events an organization may hold in memory per delivery slot of its own.
-pub const DELIVERY_ORG_IN_MEMORY_PER_SLOT: usize = 4;
+/// Deliveries an endpoint may hold in memory per delivery slot of its own.
+pub const DELIVERY_ENDPOINT_IN_MEMORY_PER_SLOT: usize = 4;
 /// Most outcomes one recorder transaction writes.
 pub const RECORD_BATCH_MAX: usize = 1000;
 /// Most rows one claim takes.
@@ -454,8 +474,18 @@ options! {
     delivery_timeout_ms: u64 = "10000", "delivery-timeout-ms", "TRIGGERS_DELIVERY_TIMEOUT_MS";
     /// Deliveries in flight at once across all organizations.
     delivery_concurrency: usize = "512", "delivery-concurrency", "TRIGGERS_DELIVERY_CONCURRENCY";
-    /// Deliveries in flight at once for one organization, so a slow receiver holds only its share.
-    delivery_org_concurrency: usize = "32", "delivery-org-concurrency", "TRIGGERS_DELIVERY_ORG_CONCURRENCY";
+    /// Deliveries in flight at once to one endpoint, so a slow receiver holds only its share.
+    delivery_endpoint_concurrency: usize = "32", "delivery-endpoint-concurrency", "TRIGGERS_DELIVERY_ENDPOINT_CONCURRENCY";
+    /// Endpoints an organization may have (active, paused or disabled); more: 422.
+    endpoints_per_org_max: usize = "20", "endpoints-per-org-max", "TRIGGERS_ENDPOINTS_PER_ORG_MAX";
+    /// After a secret rotation, how long deliveries carry the previous secret's signature too, in s.
+    secret_rotation_grace_s: u64 = "86400", "secret-rotation-grace-s", "TRIGGERS_SECRET_ROTATION_GRACE_S";
+    /// Consecutive failed attempts to an endpoint that open its circuit.
+    circuit_failures: usize = "10", "circuit-failures", "TRIGGERS_CIRCUIT_FAILURES";
+    /// How long an open circuit stays open before one probe goes through (half-open), in s.
+    circuit_open_s: u64 = "30", "circuit-open-s", "TRIGGERS_CIRCUIT_OPEN_S";
+    /// An endpoint whose every attempt has failed for this long is disabled, in s; 0: never.
+    endpoint_disable_after_s: u64 = "259200", "endpoint-disable-after-s", "TRIGGERS_ENDPOINT_DISABLE_AFTER_S";
     /// Payload bytes of deliveries held in memory; beyond this due work waits in the database.
     delivery_memory_bytes_max: usize = "67108864", "delivery-memory-bytes-max", "TRIGGERS_DELIVERY_MEMORY_BYTES_MAX";
     /// Deliveries held in memory; beyond this due work waits in the database and is claimed later.
@@ -654,12 +684,19 @@ impl Config {
                 100_000,
             ),
             (
-                "delivery-org-concurrency",
-                self.delivery_org_concurrency,
+                "delivery-endpoint-concurrency",
+                self.delivery_endpoint_concurrency,
                 1,
                 100_000,
             ),
             ("delivery-queue-max", self.delivery_queue_max, 1, 10_000_000),
+            (
+                "endpoints-per-org-max",
+                self.endpoints_per_org_max,
+                1,
+                10_000,
+            ),
+            ("circuit-failures", self.circuit_failures, 1, 1_000_000),
         ] {
             if !(min..=max).contains(&value) {
                 return fail(format!("--{name} must be {min}..={max}, got {value}"));
@@ -786,9 +823,9 @@ impl Config {
         RECORDERS + DELIVERY_POOL_EXTRA_CONNECTIONS
     }
 
-    /// Events one organization may hold in memory for delivery; the rest wait in the database.
-    pub fn delivery_org_in_memory_max(&self) -> usize {
-        (self.delivery_org_concurrency * DELIVERY_ORG_IN_MEMORY_PER_SLOT)
+    /// Deliveries one endpoint may hold in memory; the rest wait in the database.
+    pub fn delivery_endpoint_in_memory_max(&self) -> usize {
+        (self.delivery_endpoint_concurrency * DELIVERY_ENDPOINT_IN_MEMORY_PER_SLOT)
             .min(self.delivery_queue_max)
     }
 

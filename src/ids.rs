@@ -44,7 +44,7 @@ uuid_id!(
 pub struct CoreId(pub usize);
 
 /// Microseconds since the Unix epoch.
-#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug, Hash)]
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug, Hash, Default)]
 pub struct Micros(pub i64);
 
 impl Micros {
@@ -201,6 +201,13 @@ pub fn new_v7(now: Micros) -> Uuid {
     Uuid::from_u64_pair(hi, lo)
 }
 
+/// Parse an RFC 3339 time (`2026-01-31T12:00:00Z`, `…+02:00`, fractions allowed).
+pub fn parse_rfc3339(text: &str) -> Option<Micros> {
+    let t =
+        time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339).ok()?;
+    Some(Micros((t.unix_timestamp_nanos() / 1000) as i64))
+}
+
 /// Parse a path segment as a UUID (any version), hyphenated or simple form.
 pub fn parse_uuid(text: &str) -> Option<Uuid> {
     if text.len() != 36 && text.len() != 32 {
@@ -243,6 +250,22 @@ mod tests {
         assert_eq!(decode_cursor(&c), Some(id));
         assert_eq!(decode_cursor("abc"), None);
         assert_eq!(decode_cursor("!!!!!!!!!!!!!!!!!!!!!!"), None);
+    }
+
+    #[test]
+    fn rfc3339_parses_offsets_and_fractions() {
+        assert_eq!(
+            parse_rfc3339("1970-01-01T00:00:01Z"),
+            Some(Micros(1_000_000))
+        );
+        assert_eq!(
+            parse_rfc3339("1970-01-01T02:00:01.5+02:00"),
+            Some(Micros(1_500_000))
+        );
+        let t = Micros(1_795_000_000_123_456);
+        assert_eq!(parse_rfc3339(&t.rfc3339()), Some(t));
+        assert_eq!(parse_rfc3339("yesterday"), None);
+        assert_eq!(parse_rfc3339("2026-13-01T00:00:00Z"), None);
     }
 
     #[test]

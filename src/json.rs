@@ -88,7 +88,9 @@ pub enum Field<'a> {
     Null,
     /// `true` or `false`.
     Bool(bool),
-    /// Any number.
+    /// An integer that fits an i64.
+    Int(i64),
+    /// Any other number.
     Number,
     /// An object.
     Object,
@@ -108,7 +110,7 @@ impl Field<'_> {
             Field::Str(_) => "a string",
             Field::Null => "null",
             Field::Bool(_) => "a boolean",
-            Field::Number => "a number",
+            Field::Int(_) | Field::Number => "a number",
             Field::Object => "an object",
             Field::Array { .. } => "an array",
         }
@@ -183,6 +185,10 @@ impl<'t> Body<'t> {
             },
             Some(Node::Static(StaticNode::Null)) | None => Field::Null,
             Some(Node::Static(StaticNode::Bool(b))) => Field::Bool(*b),
+            Some(Node::Static(StaticNode::I64(n))) => Field::Int(*n),
+            Some(Node::Static(StaticNode::U64(n))) if i64::try_from(*n).is_ok() => {
+                Field::Int(*n as i64)
+            }
             Some(Node::Static(_)) => Field::Number,
         }
     }
@@ -477,7 +483,7 @@ mod tests {
         p.with_object(body, |b| {
             assert_eq!(b.get("type"), Some(Field::Str("bé")));
             assert_eq!(b.member_index("type"), Some(2));
-            assert_eq!(b.get("n"), Some(Field::Number));
+            assert_eq!(b.get("n"), Some(Field::Int(3)));
             assert_eq!(b.get("o"), Some(Field::Object));
             assert_eq!(b.get("missing"), None);
             let items = b.array_items(b.get("arr").unwrap());
@@ -485,7 +491,7 @@ mod tests {
                 items,
                 vec![
                     Field::Str("x"),
-                    Field::Number,
+                    Field::Int(1),
                     Field::Object,
                     Field::Str("y")
                 ]

@@ -49,6 +49,7 @@ pub mod config;
 pub mod db;
 pub mod delivery;
 pub mod error;
+pub mod event_types;
 pub mod flow;
 pub mod ids;
 pub mod ingress;

@@ -263,7 +263,7 @@ async fn receiver_retry_after_is_honoured() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn gone_removes_the_webhook_and_keeps_the_event_pending() {
+async fn gone_disables_the_endpoint_and_keeps_the_event_pending() {
     let recv = Receiver::start(|_, _| Answer::status(410)).await;
     let s = Server::start(&["--allow-private-webhooks"]);
     let (key, _) = new_org(s.addr, "pro").await;
@@ -280,7 +280,8 @@ async fn gone_removes_the_webhook_and_keeps_the_event_pending() {
             assert!(e["delivery_attempts"][0]["error"]
                 .as_str()
                 .unwrap()
-                .contains("pull-only"));
+                .contains("410 Gone"));
+            assert_eq!(e["deliveries"][0]["status"], "pending");
             break;
         }
         assert!(Instant::now() < deadline);
@@ -299,7 +300,18 @@ async fn gone_removes_the_webhook_and_keeps_the_event_pending() {
         .unwrap()
         .clone();
     let ids: Vec<&str> = pending.iter().map(|e| e["id"].as_str().unwrap()).collect();
-    assert_eq!(ids, vec![id2.as_str(), id.as_str()]);
+    // The operational event about the disabled endpoint is in the inbox too, between them.
+    assert_eq!(ids.len(), 3, "{pending:?}");
+    assert_eq!((ids[0], ids[2]), (id2.as_str(), id.as_str()));
+    assert_eq!(pending[1]["type"], "triggers.endpoint.disabled");
+    let endpoints = get(s.addr, &key, "/api/endpoints").await.json();
+    let endpoint = &endpoints["endpoints"][0];
+    assert_eq!(endpoint["status"], "disabled");
+    assert_eq!(pending[1]["payload"]["endpoint_id"], endpoint["id"]);
+    assert!(pending[1]["payload"]["reason"]
+        .as_str()
+        .unwrap()
+        .contains("410"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -313,7 +325,7 @@ async fn a_slow_receiver_does_not_delay_other_organizations() {
     let fast = Receiver::start(|_, _| Answer::status(200)).await;
     let s = Server::start(&[
         "--allow-private-webhooks",
-        "--delivery-org-concurrency",
+        "--delivery-endpoint-concurrency",
         "8",
         "--delivery-concurrency",
         "16",
@@ -367,12 +379,14 @@ async fn private_targets_are_refused_at_connect_time_too() {
     let (key, org) = new_org(s.addr, "pro").await;
     db().await
         .execute(
-            "UPDATE organizations SET webhook_url = $1, signing_secret = 'whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw' WHERE id = $2::text::uuid",
+            "INSERT INTO endpoints (id, org_id, is_default, url, signing_secret, created_at, updated_at) \
+             VALUES (gen_random_uuid(), $2::text::uuid, true, $1, 'whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw', now(), now())",
             &[&recv.url("/"), &org],
         )
         .await
         .unwrap();
-    // Forget the cached key so the server sees the webhook (a NOTIFY does that in production).
+    // Forget the cached endpoints so the server sees the webhook (a NOTIFY does that in
+    // production).
     db().await
         .execute("SELECT pg_notify('triggers_org_changed', $1)", &[&org])
         .await
@@ -407,6 +421,9 @@ async fn sigkill_with_deliveries_pending_delivers_all_after_restart() {
         "2000",
         "--delivery-poll-ms",
         "200",
+        // Thirty failing events would open the endpoint's circuit for 30 s; not the point here.
+        "--circuit-failures",
+        "1000",
     ];
     let mut s = Server::process(&args);
     let (key, _) = new_org(s.addr, "business").await;
@@ -462,7 +479,9 @@ async fn two_nodes_on_one_database_deliver_every_event() {
     let delivered: i64 = db()
         .await
         .query_one(
-            "SELECT count(*) FROM events WHERE id = ANY($1) AND status = 1",
+            "SELECT count(*) FROM events e, \
+                 triggers_event_state(e.status, e.id, e.endpoints, e.delivered_at) st \
+             WHERE e.id = ANY($1) AND st.status = 1",
             &[&ids
                 .iter()
                 .map(|i| i.parse::<uuid::Uuid>().unwrap())
@@ -485,6 +504,8 @@ async fn graceful_stop_hands_pending_deliveries_back_at_once() {
         "200",
         "--retry-schedule",
         "2s,2s,2s,2s,2s",
+        "--circuit-failures",
+        "1000",
     ];
     let mut s = Server::process(&args);
     let (key, _) = new_org(s.addr, "pro").await;

@@ -77,7 +77,8 @@ async fn created_event_is_committed_before_201_and_readable() {
         json!({
             "id": id, "type": "order.paid", "payload": {"amount": 12.5, "items": ["a", "b"]},
             "dedup_id": null, "status": "pending", "attempts": 0,
-            "created_at": v["created_at"], "delivered_at": null, "delivery_attempts": []
+            "created_at": v["created_at"], "delivered_at": null, "deliveries": [],
+            "delivery_attempts": []
         })
     );
     assert_eq!(g.header("x-ratelimit-limit"), Some("1000"));

@@ -70,8 +70,6 @@ pub struct OrgInfo {
     pub id: OrgId,
     /// Events per minute (from the organization's row, so an operator can tune one org).
     pub limit: u32,
-    /// Whether a webhook is configured (its events are delivered).
-    pub has_webhook: bool,
 }
 
 impl OrgInfo {
@@ -81,7 +79,6 @@ impl OrgInfo {
         OrgInfo {
             id,
             limit: Tier::Free.limit_per_minute(),
-            has_webhook: false,
         }
     }
 }

@@ -1,10 +1,15 @@
-//! Durable delivery state: claims and the hand-back.
+//! Durable delivery state: claims, lease renewal, and the hand-back.
 //!
-//! - [`claim_loop`]: at start, every `delivery_poll_ms`, and when woken, take due deliveries from
-//!   the database: `FOR UPDATE SKIP LOCKED` picks rows no other node is claiming, and the claim
-//!   writes this node's lease into `next_attempt_at`. Organizations already at their in-memory bound
-//!   are skipped, so one organization's backlog can't crowd out the others.
-//! - [`release_all`]: at shutdown, events still in memory are handed back, due when planned.
+//! - [`claim_loop`]: at start, every `delivery_poll_ms`, and when woken:
+//!   - renews the leases of the batches whose deliveries are still in memory, and expires at once
+//!     those this node let go;
+//!   - takes over expired batches (a node that crashed or stalled): what they still owe (no
+//!     `deliveries` row, no successful attempt) becomes `deliveries` rows, due now;
+//!   - claims due rows: `FOR UPDATE SKIP LOCKED` picks rows no other node is claiming, and the
+//!     claim writes this node's lease into `next_attempt_at`. Endpoints at their in-memory bound
+//!     or with an open circuit are skipped, so one endpoint's backlog can't crowd out the others.
+//! - [`release_all`]: at shutdown, deliveries still in memory are handed back, due when planned,
+//!   and the batches still held expire at once.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -13,29 +18,59 @@ use std::time::{Duration, Instant, SystemTime};
 use uuid::Uuid;
 
 use super::job::run_job;
-use super::model::Job;
+use super::model::{Job, Lease};
 use super::shared::Shared;
 use crate::config::{
     CLAIM_BATCH_MAX, DELIVERY_BACKLOG_COUNT_EVERY, DELIVERY_BACKLOG_COUNT_MAX, RELEASE_TIMEOUT,
 };
+use crate::flow::event::{EventStatus, STATUS_DERIVED};
 use crate::ids::{EventId, Micros, OrgId};
 
 const CLAIM: &str = "\
     WITH due AS ( \
-        SELECT id FROM events \
-        WHERE next_attempt_at <= $1 AND org_id <> ALL($2::uuid[]) \
+        SELECT event_id, endpoint_id FROM deliveries \
+        WHERE next_attempt_at <= $1 AND endpoint_id <> ALL($2::uuid[]) \
         ORDER BY next_attempt_at LIMIT $3 \
         FOR UPDATE SKIP LOCKED) \
-    UPDATE events e SET next_attempt_at = $4 FROM due WHERE e.id = due.id \
-    RETURNING e.id, e.org_id, e.type, e.payload::text, e.created_at, e.attempts, e.retry_base";
+    UPDATE deliveries d SET next_attempt_at = $4 FROM due, events e \
+    WHERE d.event_id = due.event_id AND d.endpoint_id = due.endpoint_id AND e.id = d.event_id \
+    RETURNING d.event_id, d.endpoint_id, d.org_id, d.attempts, d.retry_base, e.type, \
+              e.payload::text, e.created_at, e.status";
+
+/// Expired batches: what they still owe becomes rows due now; the batch rows go.
+const TAKE_OVER: &str = "\
+    WITH b AS ( \
+        DELETE FROM delivery_batches WHERE id IN ( \
+            SELECT id FROM delivery_batches WHERE lease_until < $1 \
+            ORDER BY lease_until LIMIT $2 FOR UPDATE SKIP LOCKED) \
+        RETURNING id, first_event, last_event) \
+    INSERT INTO deliveries (event_id, endpoint_id, org_id, next_attempt_at) \
+    SELECT e.id, ep.id, e.org_id, $1 \
+    FROM b JOIN events e ON e.id BETWEEN b.first_event AND b.last_event AND e.batch_id = b.id \
+    CROSS JOIN LATERAL unnest(e.endpoints) AS ep(id) \
+    WHERE e.status = $3 AND NOT EXISTS ( \
+        SELECT 1 FROM delivery_attempts a \
+        WHERE a.event_id = e.id AND a.endpoint_id = ep.id AND a.response_status BETWEEN 200 AND 299) \
+    ON CONFLICT DO NOTHING";
+
+/// Batches taken over per statement.
+const TAKE_OVER_BATCHES: i64 = 100;
 
 /// Claim due deliveries until the pool stops.
 pub(super) async fn claim_loop(shared: Arc<Shared>) {
     let poll = Duration::from_millis(shared.config.delivery_poll_ms);
-    let mut backlog_at = Instant::now() - DELIVERY_BACKLOG_COUNT_EVERY;
+    let mut counted_at = Instant::now() - DELIVERY_BACKLOG_COUNT_EVERY;
     loop {
         if shared.stopping.load(Ordering::SeqCst) {
             return;
+        }
+        if let Err(e) = renew(&shared).await {
+            tracing::warn!(error = %e, "renewing delivery leases failed");
+        }
+        match take_over(&shared).await {
+            Ok(n) if n > 0 => tracing::info!(deliveries = n, "expired delivery batches taken over"),
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "taking over expired batches failed"),
         }
         loop {
             let free = shared
@@ -51,29 +86,19 @@ pub(super) async fn claim_loop(shared: Arc<Shared>) {
             let by_bytes = shared.memory.free() / shared.config.payload_bytes_max.max(1);
             let limit = free.min(CLAIM_BATCH_MAX).min(by_bytes);
             match claim(&shared, limit).await {
-                Ok(jobs) => {
-                    let n = jobs.len();
-                    for job in jobs {
-                        shared.reserve(job.org, job.payload.len(), true);
-                        tokio::spawn(run_job(Arc::clone(&shared), job));
-                    }
-                    if n < limit {
-                        break;
-                    }
-                }
+                Ok(n) if n < limit => break,
+                Ok(_) => {}
                 Err(e) => {
                     tracing::warn!(error = %e, "claiming due deliveries failed");
                     break;
                 }
             }
         }
-        if backlog_at.elapsed() >= DELIVERY_BACKLOG_COUNT_EVERY {
-            backlog_at = Instant::now();
-            if let Ok(n) = count_backlog(&shared).await {
-                shared
-                    .metrics
-                    .delivery_due_backlog
-                    .store(n, Ordering::Relaxed);
+        if counted_at.elapsed() >= DELIVERY_BACKLOG_COUNT_EVERY {
+            counted_at = Instant::now();
+            shared.prune_runtimes();
+            if let Err(e) = count_gauges(&shared).await {
+                tracing::debug!(error = %e, "delivery gauges not counted");
             }
         }
         tokio::select! {
@@ -84,8 +109,100 @@ pub(super) async fn claim_loop(shared: Arc<Shared>) {
     }
 }
 
-async fn claim(shared: &Shared, limit: usize) -> Result<Vec<Job>, String> {
-    let busy = shared.saturated_orgs();
+fn db_timeout(shared: &Shared) -> Duration {
+    Duration::from_millis(shared.config.db_timeout_ms)
+}
+
+/// Move on the leases of the batches whose deliveries are still in memory (when half their time
+/// is gone); expire at once the batches this node let go.
+async fn renew(shared: &Shared) -> Result<(), String> {
+    let now = Micros::now();
+    let half = Duration::from_micros(shared.lease.as_micros() as u64 / 2);
+    let due: Vec<Arc<super::model::BatchLease>> = shared
+        .batches
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .values()
+        .filter(|b| !b.abandoned.load(Ordering::Acquire) && b.until() < now.plus(half))
+        .cloned()
+        .collect();
+    let expire: Vec<Uuid> =
+        std::mem::take(&mut *shared.expire.lock().unwrap_or_else(|p| p.into_inner()));
+    if due.is_empty() && expire.is_empty() {
+        return Ok(());
+    }
+    let until = now.plus(shared.lease);
+    let ids: Vec<Uuid> = due.iter().map(|b| b.id).collect();
+    let work = async {
+        let client = shared.pool.get().await.map_err(|e| e.to_string())?;
+        if !expire.is_empty() {
+            client
+                .execute(
+                    "UPDATE delivery_batches SET lease_until = $2 WHERE id = ANY($1)",
+                    &[&expire, &now.to_system_time()],
+                )
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let rows = client
+            .query(
+                "UPDATE delivery_batches SET lease_until = $2 WHERE id = ANY($1) RETURNING id",
+                &[&ids, &until.to_system_time()],
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok::<_, String>(rows.iter().map(|r| r.get::<_, Uuid>(0)).collect::<Vec<_>>())
+    };
+    let renewed = tokio::time::timeout(db_timeout(shared), work)
+        .await
+        .map_err(|_| "database deadline passed".to_string())?;
+    let renewed = match renewed {
+        Ok(r) => r,
+        Err(e) => {
+            shared
+                .expire
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .extend(expire);
+            return Err(e);
+        }
+    };
+    for b in due {
+        if renewed.contains(&b.id) {
+            b.until.store(until.0, Ordering::Relaxed);
+        } else {
+            // Taken over by another node: its deliveries here find out when they record.
+            b.abandoned.store(true, Ordering::Release);
+        }
+    }
+    Ok(())
+}
+
+/// Take over expired batches; returns how many deliveries became due rows.
+async fn take_over(shared: &Shared) -> Result<u64, String> {
+    let now = Micros::now().to_system_time();
+    let work = async {
+        let client = shared.pool.get().await.map_err(|e| e.to_string())?;
+        let stmt = client
+            .prepare_cached(TAKE_OVER)
+            .await
+            .map_err(|e| e.to_string())?;
+        client
+            .execute(&stmt, &[&now, &TAKE_OVER_BATCHES, &STATUS_DERIVED])
+            .await
+            .map_err(|e| e.to_string())
+    };
+    tokio::time::timeout(db_timeout(shared), work)
+        .await
+        .map_err(|_| "database deadline passed".to_string())?
+}
+
+/// Claim up to `limit` due rows into memory; returns how many were claimed.
+async fn claim(shared: &Arc<Shared>, limit: usize) -> Result<usize, String> {
+    let excluded = shared.excluded_endpoints();
     let now = Micros::now();
     let held = now.plus(shared.lease);
     let work = async {
@@ -99,7 +216,7 @@ async fn claim(shared: &Shared, limit: usize) -> Result<Vec<Job>, String> {
                 &stmt,
                 &[
                     &now.to_system_time(),
-                    &busy,
+                    &excluded,
                     &(limit as i64),
                     &held.to_system_time(),
                 ],
@@ -107,67 +224,109 @@ async fn claim(shared: &Shared, limit: usize) -> Result<Vec<Job>, String> {
             .await
             .map_err(|e| e.to_string())
     };
-    let rows = tokio::time::timeout(Duration::from_millis(shared.config.db_timeout_ms), work)
+    let rows = tokio::time::timeout(db_timeout(shared), work)
         .await
         .map_err(|_| "database deadline passed".to_string())??;
-    Ok(rows
-        .iter()
-        .map(|r| Job {
+    let n = rows.len();
+    for r in rows {
+        let acked = r.get::<_, i16>(8) == EventStatus::Delivered.code();
+        let job = Job {
             event: EventId(r.get(0)),
-            org: OrgId(r.get(1)),
-            event_type: r.get::<_, &str>(2).into(),
-            payload: bytes::Bytes::copy_from_slice(r.get::<_, &str>(3).as_bytes()),
-            created_at: Micros::from_system_time(r.get(4)),
-            attempts: r.get::<_, i32>(5).max(0) as u32,
-            retry_base: r.get::<_, i32>(6).max(0) as u32,
-            held,
+            endpoint: r.get(1),
+            org: OrgId(r.get(2)),
+            attempts: r.get::<_, i32>(3).max(0) as u32,
+            retry_base: r.get::<_, i32>(4).max(0) as u32,
+            event_type: r.get::<_, &str>(5).into(),
+            payload: bytes::Bytes::copy_from_slice(r.get::<_, &str>(6).as_bytes()),
+            created_at: Micros::from_system_time(r.get(7)),
+            lease: Lease::Row { held },
             due: now,
-        })
-        .collect())
+        };
+        let runtime = shared.runtime(job.endpoint);
+        shared.reserve(&runtime, None, job.payload.len(), true);
+        tokio::spawn(run_job(Arc::clone(shared), job, runtime, acked));
+    }
+    Ok(n)
 }
 
-async fn count_backlog(shared: &Shared) -> Result<i64, String> {
+/// Count what waits in the database, for the metrics: due deliveries (bounded), parked ones,
+/// and endpoints by status.
+async fn count_gauges(shared: &Shared) -> Result<(), String> {
     let client = shared.pool.get().await.map_err(|e| e.to_string())?;
     let row = client
         .query_one(
-            "SELECT count(*) FROM (SELECT 1 FROM events WHERE next_attempt_at <= now() LIMIT $1) d",
+            "SELECT (SELECT count(*) FROM (SELECT 1 FROM deliveries \
+                     WHERE next_attempt_at <= now() LIMIT $1) d), \
+                    (SELECT count(*) FROM (SELECT 1 FROM deliveries \
+                     WHERE status = 0 AND next_attempt_at IS NULL LIMIT $1) p), \
+                    (SELECT count(*) FROM endpoints WHERE status = 0), \
+                    (SELECT count(*) FROM endpoints WHERE status = 1), \
+                    (SELECT count(*) FROM endpoints WHERE status = 2)",
             &[&DELIVERY_BACKLOG_COUNT_MAX],
         )
         .await
         .map_err(|e| e.to_string())?;
-    Ok(row.get(0))
+    let m = &shared.metrics;
+    m.delivery_due_backlog.store(row.get(0), Ordering::Relaxed);
+    m.deliveries_parked.store(row.get(1), Ordering::Relaxed);
+    for (i, gauge) in m.endpoints_by_status.iter().enumerate() {
+        gauge.store(row.get(2 + i), Ordering::Relaxed);
+    }
+    Ok(())
 }
 
-/// Hand every event still in memory back to the database, due at once (if this node still holds
-/// its lease). Returns how many were handed back.
+/// Hand every delivery still in memory back to the database, due when it was planned (if this
+/// node still holds it), and expire the batches still held so any node takes them over now.
+/// Returns how many deliveries and batches were handed back.
 pub(super) async fn release_all(shared: &Shared) -> usize {
-    let held: Vec<(EventId, (Micros, Micros))> = shared
+    let held: Vec<((EventId, Uuid), (Micros, Micros))> = shared
         .held
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .drain()
         .collect();
-    if held.is_empty() {
+    let mut batches: Vec<Uuid> = shared
+        .batches
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .drain()
+        .map(|(id, _)| id)
+        .collect();
+    batches.extend(std::mem::take(
+        &mut *shared.expire.lock().unwrap_or_else(|p| p.into_inner()),
+    ));
+    if held.is_empty() && batches.is_empty() {
         return 0;
     }
-    let ids: Vec<Uuid> = held.iter().map(|(e, _)| e.0).collect();
+    let events: Vec<Uuid> = held.iter().map(|((e, _), _)| e.0).collect();
+    let endpoints: Vec<Uuid> = held.iter().map(|((_, p), _)| *p).collect();
     let leases: Vec<SystemTime> = held.iter().map(|(_, (h, _))| h.to_system_time()).collect();
     // Each keeps its planned time: a retry scheduled in 8 s is still due in 8 s, on any node.
     let due: Vec<SystemTime> = held.iter().map(|(_, (_, d))| d.to_system_time()).collect();
+    let now = Micros::now().to_system_time();
     let work = async {
         let client = shared.pool.get().await.map_err(|e| e.to_string())?;
-        client
+        let rows = client
             .execute(
-                "UPDATE events e SET next_attempt_at = u.due \
-                 FROM unnest($1::uuid[], $2::timestamptz[], $3::timestamptz[]) AS u(id, held, due) \
-                 WHERE e.id = u.id AND e.next_attempt_at = u.held",
-                &[&ids, &leases, &due],
+                "UPDATE deliveries d SET next_attempt_at = u.due \
+                 FROM unnest($1::uuid[], $2::uuid[], $3::timestamptz[], $4::timestamptz[]) \
+                      AS u(ev, ep, held, due) \
+                 WHERE d.event_id = u.ev AND d.endpoint_id = u.ep AND d.next_attempt_at = u.held",
+                &[&events, &endpoints, &leases, &due],
             )
             .await
-            .map_err(|e| e.to_string())
+            .map_err(|e| e.to_string())?;
+        let expired = client
+            .execute(
+                "UPDATE delivery_batches SET lease_until = $2 WHERE id = ANY($1)",
+                &[&batches, &now],
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok::<_, String>((rows + expired) as usize)
     };
     match tokio::time::timeout(RELEASE_TIMEOUT, work).await {
-        Ok(Ok(n)) => n as usize,
+        Ok(Ok(n)) => n,
         Ok(Err(e)) => {
             tracing::warn!(error = %e, "handing deliveries back failed; they resume after their lease");
             0

@@ -1,6 +1,10 @@
-//! One event's life in memory: wait until it is due, take its organization's slot and a global
-//! one, attempt, record the outcome, and retry on the schedule until it is delivered, dead-lettered,
-//! or no longer this node's.
+//! One delivery's life in memory: wait until it is due, pass its endpoint's gates (status,
+//! circuit, rate limit, concurrency), attempt, record the outcome, and retry on the schedule
+//! until it is delivered, failed, parked, handed back, or no longer this node's.
+//!
+//! Nothing a delivery waits for is shared with another endpoint's deliveries except the global
+//! concurrency, taken last and held only for the HTTP exchange: a slow, failing, paused or
+//! rate-limited endpoint delays only its own deliveries.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -8,125 +12,375 @@ use std::time::Duration;
 
 use tokio::sync::oneshot;
 
-use super::model::{Job, Verdict};
-use super::record::Attempted;
+use super::model::{Endpoint, Job, Lease, Verdict};
+use super::model::{HealthWrite, Held, Next, Outcome, Recorded};
+use super::runtime::{Admit, EndpointRuntime};
 use super::shared::{Busy, Shared};
 use super::{schedule, worker};
-use crate::flow::event::EventStatus;
+use crate::config::{HEALTH_SUCCESS_WRITE_EVERY, LEASE_MARGIN};
+use crate::event_types::is_operational;
+use crate::flow::answer::EndpointStatus;
 use crate::ids::{fast_random, Micros};
+use crate::metrics::Waiting;
 
-/// Deliver one event until it is delivered, dead-lettered, given up by this node, or the pool stops.
-pub(super) async fn run_job(shared: Arc<Shared>, mut job: Job) {
-    shared.remember(&job);
+/// How a step of the loop ended.
+enum Step {
+    /// Go round again (the job's `due` and lease say when).
+    Again,
+    /// The job is over.
+    Done,
+    /// The pool is stopping: leave the job as it is for the hand-back.
+    Stopping,
+}
+
+/// Deliver until delivered, failed, parked, handed back, lost, or the pool stops. `park`: the
+/// event was acknowledged; the delivery is parked at once.
+pub(super) async fn run_job(
+    shared: Arc<Shared>,
+    mut job: Job,
+    runtime: Arc<EndpointRuntime>,
+    park: bool,
+) {
+    if let Lease::Row { held } = job.lease {
+        shared.remember(job.event, job.endpoint, held, job.due);
+    }
+    if park {
+        settle(&shared, &mut job, None, Next::Parked, None, None).await;
+        finish(&shared, &job, &runtime, true);
+        return;
+    }
     loop {
         let wait = Duration::from_micros((job.due.0 - Micros::now().0).max(0) as u64);
         if !wait.is_zero() {
+            let _w = shared.metrics.waiting(Waiting::Scheduled);
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}
                 _ = shared.stop.notified() => {}
             }
         }
         if shared.stopping.load(Ordering::SeqCst) {
-            // Left in `held`: `Delivery::finish` hands it back to the database.
-            return;
-        }
-        let slots = shared.org_slots(job.org);
-        let Ok(org_slot) = slots.acquire_owned().await else {
             break;
-        };
-        let Ok(slot) = shared.global.acquire().await else {
-            break;
-        };
-        let _busy = Busy::new(&shared.busy);
-        if shared.stopping.load(Ordering::SeqCst) {
-            return;
         }
-        match attempt_once(&shared, &job, (org_slot, slot)).await {
-            Some((due, held)) => {
-                job.attempts += 1;
-                job.due = due;
-                job.held = held;
-                shared.remember(&job);
+        match step(&shared, &mut job, &runtime).await {
+            Step::Again => continue,
+            Step::Done => {
+                finish(&shared, &job, &runtime, true);
+                return;
             }
-            None => break,
+            Step::Stopping => break,
         }
     }
-    shared
-        .held
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .remove(&job.event);
-    shared.release_slot(job.org, job.payload.len());
+    // Stopping: a delivery under its own row stays in `held` for the hand-back; one under its
+    // batch is covered by the batch row, which the hand-back expires.
+    finish(&shared, &job, &runtime, false);
 }
 
-/// One attempt and its recorded outcome. `Some((due, lease))` when this node retries it later.
-///
-/// `slots` (the organization's and the global one) are given back as soon as the HTTP exchange is
-/// over: waiting for the outcome to be recorded must not hold delivery concurrency.
-async fn attempt_once(
+/// Give back what the job held in memory.
+fn finish(shared: &Shared, job: &Job, runtime: &EndpointRuntime, done: bool) {
+    if done {
+        shared.forget(job.event, job.endpoint);
+    }
+    if let Lease::Batch(b) = &job.lease {
+        if !done {
+            b.abandoned.store(true, Ordering::Release);
+        }
+        shared.settle(b);
+    }
+    shared.release(runtime, job.payload.len());
+}
+
+fn held(job: &Job) -> Held {
+    match &job.lease {
+        Lease::Batch(b) => Held::Batch(b.id),
+        Lease::Row { held } => Held::Row(*held),
+    }
+}
+
+/// How much of its lease an attempt needs left when it starts: the attempt timeout and a
+/// margin (`LEASE_MARGIN`, or half what the lease has beyond the timeout if that is less).
+fn attempt_needs(shared: &Shared) -> Duration {
+    let timeout = Duration::from_millis(shared.config.delivery_timeout_ms);
+    timeout + LEASE_MARGIN.min(shared.lease.saturating_sub(timeout) / 2)
+}
+
+/// Whether the job's lease leaves room for an attempt started now.
+fn lease_allows_attempt(shared: &Shared, job: &Job) -> bool {
+    job.lease.until() > Micros::now().plus(attempt_needs(shared))
+}
+
+/// One pass: the endpoint's gates, then an attempt and its outcome.
+async fn step(shared: &Shared, job: &mut Job, runtime: &EndpointRuntime) -> Step {
+    let endpoint = match shared.endpoint(job.org, job.endpoint).await {
+        Ok(Some(e)) => e,
+        // Deleted or disabled: the delivery waits, parked, for a resume or a recovery.
+        Ok(None) => return settle(shared, job, None, Next::Parked, None, None).await,
+        Err(e) => {
+            // Can't tell where to deliver: let the lease run out; it is claimed again.
+            tracing::warn!(error = %e, event = %job.event, "endpoint lookup failed; delivery postponed");
+            abandon(shared, job);
+            return Step::Done;
+        }
+    };
+    if endpoint.status != EndpointStatus::Active {
+        return settle(shared, job, None, Next::Parked, None, None).await;
+    }
+    shared.sync_gates(runtime, &endpoint);
+
+    // An open circuit: wait without taking anything, or hand back what can't wait that long.
+    let closed_until = {
+        let g = runtime.gates();
+        g.breaker.closed_until(Micros::now())
+    };
+    if let Some(until) = closed_until {
+        return wait_for(shared, job, until, Waiting::CircuitOpen).await;
+    }
+
+    let slot = {
+        let _w = shared.metrics.waiting(Waiting::Concurrency);
+        let Ok(slot) = Arc::clone(&runtime.slots).acquire_owned().await else {
+            return Step::Done;
+        };
+        slot
+    };
+    let token = runtime
+        .gates()
+        .bucket
+        .as_mut()
+        .map_or(Ok(()), |b| b.take(Micros::now()));
+    if let Err(at) = token {
+        drop(slot);
+        return wait_for(shared, job, at, Waiting::RateLimited).await;
+    }
+    let global = {
+        let _w = shared.metrics.waiting(Waiting::Concurrency);
+        let Ok(g) = shared.global.acquire().await else {
+            return Step::Done;
+        };
+        g
+    };
+    let _busy = Busy::new(&shared.busy);
+    if shared.stopping.load(Ordering::SeqCst) {
+        return Step::Stopping;
+    }
+    let admit = {
+        let mut g = runtime.gates();
+        g.breaker.admit(Micros::now())
+    };
+    let probe = match admit {
+        Admit::Go { probe } => probe,
+        Admit::Wait(until) => {
+            drop((slot, global));
+            return wait_for(shared, job, until, Waiting::CircuitOpen).await;
+        }
+    };
+    if !lease_allows_attempt(shared, job) {
+        runtime.gates().breaker.cancel_probe(probe);
+        drop((slot, global));
+        return settle(shared, job, None, Next::Due(Micros::now()), None, None).await;
+    }
+    attempt(shared, job, runtime, &endpoint, probe, (slot, global)).await
+}
+
+/// Wait until `until` in memory when the lease covers it, else hand the delivery back to the
+/// database due then (it is no longer held; any node takes it up when it is due).
+async fn wait_for(shared: &Shared, job: &mut Job, until: Micros, why: Waiting) -> Step {
+    if job.lease.until() <= until.plus(attempt_needs(shared)) {
+        return settle(shared, job, None, Next::Due(until), None, None).await;
+    }
+    let _w = shared.metrics.waiting(why);
+    let wait = Duration::from_micros((until.0 - Micros::now().0).max(0) as u64);
+    tokio::select! {
+        _ = tokio::time::sleep(wait) => Step::Again,
+        _ = shared.stop.notified() => Step::Stopping,
+    }
+}
+
+/// The delivery is let go without an outcome (the database failed us): its lease runs out and
+/// any node claims it then.
+fn abandon(shared: &Shared, job: &Job) {
+    if let Lease::Batch(b) = &job.lease {
+        b.abandoned.store(true, Ordering::Release);
+    }
+    shared.forget(job.event, job.endpoint);
+}
+
+/// Record a decision or an attempt's outcome; the job ends unless it was a retry still ours.
+async fn settle(
     shared: &Shared,
-    job: &Job,
+    job: &mut Job,
+    attempt: Option<(u32, super::model::Attempt)>,
+    next: Next,
+    health: Option<HealthWrite>,
+    disable: Option<String>,
+) -> Step {
+    let (tx, rx) = oneshot::channel();
+    let retry_held = match &next {
+        Next::Retry { held } => Some(*held),
+        _ => None,
+    };
+    let outcome = Outcome {
+        event: job.event,
+        endpoint: job.endpoint,
+        org: job.org,
+        operational: is_operational(&job.event_type),
+        held: held(job),
+        attempt,
+        next,
+        health,
+        disable,
+        reply: tx,
+    };
+    let recorded = shared.record(outcome, rx).await;
+    match (recorded, retry_held) {
+        (
+            Recorded {
+                owned: true,
+                parked: false,
+            },
+            Some(held),
+        ) => {
+            // Retried by this node under the delivery's own row from now on.
+            if let Lease::Batch(b) = &job.lease {
+                shared.settle(b);
+            }
+            job.lease = Lease::Row { held };
+            shared.remember(job.event, job.endpoint, held, job.due);
+            Step::Again
+        }
+        (Recorded { owned: false, .. }, _) if matches!(job.lease, Lease::Batch(_)) => {
+            // The batch is gone (claimed elsewhere) or someone else took the delivery over.
+            Step::Done
+        }
+        _ => Step::Done,
+    }
+}
+
+/// One attempt and its recorded outcome.
+///
+/// `slots` (the endpoint's and the global one) are given back as soon as the HTTP exchange is
+/// over: waiting for the outcome to be recorded must not hold delivery concurrency.
+async fn attempt(
+    shared: &Shared,
+    job: &mut Job,
+    runtime: &EndpointRuntime,
+    endpoint: &Endpoint,
+    probe: bool,
     slots: (
         tokio::sync::OwnedSemaphorePermit,
         tokio::sync::SemaphorePermit<'_>,
     ),
-) -> Option<(Micros, Micros)> {
-    let target = match shared.target(job.org).await {
-        Ok(t) => t,
-        Err(e) => {
-            // Can't tell where to deliver: the lease runs out and the event is claimed again.
-            tracing::warn!(error = %e, event = %job.event, "webhook lookup failed; delivery postponed");
-            return None;
-        }
-    };
-    let (tx, rx) = oneshot::channel();
-    let Some(target) = target else {
-        drop(slots);
-        // The webhook was removed after the event arrived: it stays in the inbox, pending.
-        shared.record(Attempted::no_webhook(job, tx), rx).await;
-        return None;
-    };
+) -> Step {
     let number = job.attempts + 1;
     let timeout = Duration::from_millis(shared.config.delivery_timeout_ms);
-    let attempt = worker::attempt(&shared.client, &target, job, number, timeout).await;
+    let attempt = worker::attempt(&shared.client, endpoint, job, number, timeout).await;
     drop(slots);
     let m = &shared.metrics;
     m.attempt_latency
         .observe_us(attempt.duration.as_micros() as u64);
-    let mut retry = None;
-    let (status, next, delivered) = match &attempt.verdict {
+    let now = Micros::now();
+    let config = &shared.config;
+    let (next, disable) = match &attempt.verdict {
         Verdict::Delivered => {
             m.deliveries_ok.fetch_add(1, Ordering::Relaxed);
             m.delivery_lag
-                .observe_us((Micros::now().0 - job.created_at.0).max(0) as u64);
-            (EventStatus::Delivered, None, Some(Micros::now()))
+                .observe_us((now.0 - job.created_at.0).max(0) as u64);
+            (Next::Delivered(now), None)
         }
         Verdict::Gone => {
             m.deliveries_gone.fetch_add(1, Ordering::Relaxed);
-            shared.remove_webhook(job.org, &target.url).await;
-            (EventStatus::Pending, None, None)
+            (
+                Next::Parked,
+                Some("the receiver answered 410 Gone".to_string()),
+            )
         }
         Verdict::Failed { retry_after } => {
-            let schedule = shared.config.retry_delays();
             let failed_in_round = number - job.retry_base;
-            let cap = Duration::from_secs(shared.config.retry_after_max_s);
-            match schedule::next_delay(schedule, failed_in_round, *retry_after, cap, fast_random())
-            {
+            let cap = Duration::from_secs(config.retry_after_max_s);
+            let delay = schedule::next_delay(
+                config.retry_delays(),
+                failed_in_round,
+                *retry_after,
+                cap,
+                fast_random(),
+            );
+            match delay {
                 Some(delay) => {
                     m.deliveries_retry.fetch_add(1, Ordering::Relaxed);
-                    let due = Micros::now().plus(delay);
-                    let held = due.plus(shared.lease);
-                    retry = Some((due, held));
-                    (EventStatus::Pending, Some(held), None)
+                    job.due = now.plus(delay);
+                    (
+                        Next::Retry {
+                            held: job.due.plus(shared.lease),
+                        },
+                        None,
+                    )
                 }
                 None => {
                     m.deliveries_dead.fetch_add(1, Ordering::Relaxed);
-                    (EventStatus::Failed, None, None)
+                    let reason = attempt
+                        .error
+                        .clone()
+                        .unwrap_or_else(|| "every attempt failed".into());
+                    (Next::Failed { at: now, reason }, None)
                 }
             }
         }
     };
-    let attempted = Attempted::attempt(job, number, attempt, status, next, delivered, tx);
-    let still_ours = shared.record(attempted, rx).await;
-    retry.filter(|_| still_ours)
+    let (health, disable) = judge_health(shared, runtime, &attempt.verdict, probe, now, disable);
+    job.attempts = number;
+    settle(shared, job, Some((number, attempt)), next, health, disable).await
+}
+
+/// What an attempt's verdict does to the endpoint's circuit and recorded health; a failure that
+/// makes the endpoint's failing spell longer than `endpoint_disable_after_s` disables it.
+fn judge_health(
+    shared: &Shared,
+    runtime: &EndpointRuntime,
+    verdict: &Verdict,
+    probe: bool,
+    now: Micros,
+    disable: Option<String>,
+) -> (Option<HealthWrite>, Option<String>) {
+    let config = &shared.config;
+    let mut g = runtime.gates();
+    let write = |g: &super::runtime::Gates, ok: bool| HealthWrite {
+        endpoint: runtime.id,
+        failures: g.breaker.failures.min(i32::MAX as u32) as i32,
+        failing_since: g.breaker.failing_since,
+        success_at: ok.then_some(now),
+        failure_at: (!ok).then_some(now),
+        open_until: g.breaker.open_until,
+    };
+    match verdict {
+        Verdict::Delivered => {
+            let changed = g.breaker.success();
+            let stale = g
+                .success_written_at
+                .is_none_or(|t| now.0 - t.0 >= HEALTH_SUCCESS_WRITE_EVERY.as_micros() as i64);
+            if changed || stale {
+                g.success_written_at = Some(now);
+                return (Some(write(&g, true)), disable);
+            }
+            (None, disable)
+        }
+        // A 410 is an answer, not a failure of the endpoint; it disables it.
+        Verdict::Gone => {
+            g.breaker.cancel_probe(probe);
+            (None, disable)
+        }
+        Verdict::Failed { .. } => {
+            let open_for = Duration::from_secs(config.circuit_open_s);
+            let threshold = config.circuit_failures as u32;
+            if let Some(until) = g.breaker.failure(now, probe, threshold, open_for) {
+                tracing::info!(endpoint = %runtime.id, until = %until.rfc3339(), "circuit open");
+            }
+            let limit = config.endpoint_disable_after_s;
+            let too_long = limit > 0
+                && g.breaker
+                    .failing_since
+                    .is_some_and(|since| now.0 - since.0 >= (limit as i64) * 1_000_000);
+            let disable =
+                disable.or_else(|| too_long.then(|| format!("every attempt failed for {limit} s")));
+            (Some(write(&g, false)), disable)
+        }
+    }
 }

@@ -1,24 +1,30 @@
-//! The delivery pool: every committed event of an organization with a webhook is POSTed to it, with
-//! retries, on tokio tasks beside the store pool. It owns its connections and its SQL; the store
-//! reaches it only through the [`crate::flow::sink::DeliverySink`] the server wires.
+//! The delivery pool: every committed event is POSTed to each endpoint of its organization that
+//! takes its type, with retries, on tokio tasks beside the store pool. It owns its connections
+//! and its SQL; the store reaches it only through the [`crate::flow::sink::DeliverySink`] the
+//! server wires.
 //!
-//! - Hand-off: before a write the group-commit writer asks for a plan per event; an event with an
-//!   in-memory slot is written already leased to this node and published to the pool after COMMIT
-//!   (no polling on the hot path); one without waits in the database, due, for the claimer.
-//! - Leases: an event's `next_attempt_at` is when a delivery is due or, while a node holds it, the
-//!   end of that node's lease. Any node claims due rows with `FOR UPDATE SKIP LOCKED`
-//!   (`claim`), so a crashed node's work is taken over after its lease and two nodes never own one
-//!   delivery at once. Every state change is conditional on the lease still being held.
-//! - Isolation: an attempt takes its organization's slot (`delivery_org_concurrency`) before a
-//!   global one (`delivery_concurrency`), so a slow receiver holds only its organization's share.
-//!   Events in memory are bounded per organization and in all; beyond that, due work waits in
-//!   the database.
+//! - Plan: before a group commit is written, the writer asks for a plan: each event's matching
+//!   endpoints (decided then, once, and stored with the event) and, per delivery, whether this
+//!   node holds it in memory, leaves it due in the database, or parks it (paused endpoint).
+//! - Leases: the deliveries a node holds from one commit are leased by one `delivery_batches`
+//!   row, renewed while they are in memory; a delivery that needs state of its own (a failed
+//!   attempt, a wait, a redelivery) gets a `deliveries` row whose `next_attempt_at` is when it is
+//!   due or, while a node holds it, that node's lease. Any node takes over expired batches and
+//!   claims due rows with `FOR UPDATE SKIP LOCKED` (`claim`); every outcome is written only if
+//!   the lease is still the node's (`record`). Two nodes never own one delivery at once.
+//! - Cost: a delivery that succeeds at its first attempt writes one attempt-log row, nothing
+//!   else; an event's status is derived from its deliveries when it is read.
+//! - Isolation: an attempt takes its endpoint's slot (`delivery_endpoint_concurrency`) before a
+//!   global one (`delivery_concurrency`), after its endpoint's circuit breaker and rate limit let
+//!   it; deliveries in memory are bounded per endpoint and in all. A slow, failing, paused or
+//!   rate-limited endpoint holds only its own share.
 //!
-//! Files: `pool` (start, the sink, finish), `shared` (the state the tasks share), `job` (one
-//! event's life in memory), `worker` (one HTTP attempt), `record` (outcomes written in batches),
-//! `claim` (claims, the hand-back at shutdown), `targets` (webhook cache, 410 removal), `model`
-//! (the values), `schedule` (retry delays, Retry-After), `sign` (Standard Webhooks), `connector`
-//! (the SSRF-checking connector under the HTTP client).
+//! Files: `pool` (start, the sink, finish), `shared` (the state the tasks share, the endpoints
+//! cache), `runtime` (per endpoint: slots, circuit breaker, token bucket), `job` (one delivery's
+//! life in memory), `worker` (one HTTP attempt), `record` (outcomes written in batches, health,
+//! operational events), `claim` (take-over, claims, renewal, the hand-back), `model` (the
+//! values), `schedule` (retry delays, Retry-After), `sign` (Standard Webhooks), `connector` (the
+//! SSRF-checking connector under the HTTP client).
 
 mod claim;
 pub mod connector;
@@ -26,8 +32,8 @@ mod job;
 pub mod model;
 pub mod pool;
 mod record;
+pub mod runtime;
 pub mod schedule;
 mod shared;
 pub mod sign;
-mod targets;
 pub mod worker;

@@ -1,77 +1,153 @@
-//! The values delivery works with: an event held in memory, where it goes, and what one attempt did.
+//! The values delivery works with: an endpoint as delivery sees it, one delivery held in memory
+//! and the lease it is held under, and what one attempt did.
 
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use tokio::sync::oneshot;
+use uuid::Uuid;
 
-use crate::flow::event::NewEvent;
+use crate::event_types::endpoint_takes;
+use crate::flow::answer::EndpointStatus;
 use crate::ids::{EventId, Micros, OrgId};
 
-/// An event this node holds in memory for delivery.
+/// An endpoint as delivery sees it (active or paused; others are not loaded).
+#[derive(Debug)]
+pub struct Endpoint {
+    /// Its id.
+    pub id: Uuid,
+    /// Its organization.
+    pub org: OrgId,
+    /// The URL as configured.
+    pub url: String,
+    /// The URL as a request URI (`None`: it does not parse as one; deliveries to it fail).
+    pub uri: Option<http::Uri>,
+    /// Its patterns (`None`: every type but the operational ones).
+    pub patterns: Option<Vec<String>>,
+    /// Active or paused.
+    pub status: EndpointStatus,
+    /// The decoded signing keys: the current one, then the previous one while it still signs.
+    pub keys: Vec<Vec<u8>>,
+    /// Until when the previous key signs too.
+    pub previous_until: Option<Micros>,
+    /// Attempts per second at most.
+    pub rate_limit: Option<u32>,
+    /// When its configuration last changed (a resume resets the circuit kept in memory).
+    pub updated_at: Micros,
+    /// Its recorded health: failed attempts since the last success.
+    pub consecutive_failures: u32,
+    /// Since when every attempt has failed.
+    pub failing_since: Option<Micros>,
+    /// Until when its circuit is open.
+    pub circuit_open_until: Option<Micros>,
+}
+
+impl Endpoint {
+    /// Whether an event of `event_type` goes to it.
+    pub fn takes(&self, event_type: &str) -> bool {
+        endpoint_takes(self.patterns.as_deref(), event_type)
+    }
+
+    /// The keys a delivery made at `now` is signed with: the current one, and the previous one
+    /// during the rotation's grace period.
+    pub fn signing_keys(&self, now: Micros) -> &[Vec<u8>] {
+        let both = self.previous_until.is_some_and(|t| t > now);
+        &self.keys[..if both {
+            self.keys.len()
+        } else {
+            1.min(self.keys.len())
+        }]
+    }
+}
+
+/// The lease of one group commit's deliveries held by this node: one `delivery_batches` row.
+#[derive(Debug)]
+pub struct BatchLease {
+    /// The row's id (the events' `batch_id`).
+    pub id: Uuid,
+    /// The lease's end, in microseconds; the renewer moves it on.
+    pub until: AtomicI64,
+    /// Deliveries of the batch still covered by it (in memory, not yet delivered or given their
+    /// own row). At 0 the row is deleted.
+    pub outstanding: AtomicUsize,
+    /// A delivery of the batch was let go without an outcome (the database failed us): the row
+    /// is no longer renewed nor deleted, so it expires and the claimer takes what is owed.
+    pub abandoned: AtomicBool,
+}
+
+impl BatchLease {
+    /// The lease's end.
+    pub fn until(&self) -> Micros {
+        Micros(self.until.load(Ordering::Relaxed))
+    }
+}
+
+/// What a delivery in memory is held under.
+#[derive(Debug, Clone)]
+pub enum Lease {
+    /// Its batch's row: it has no `deliveries` row (it is at its first attempt).
+    Batch(Arc<BatchLease>),
+    /// Its own `deliveries` row, whose `next_attempt_at` is this node's lease end.
+    Row {
+        /// The `next_attempt_at` this node wrote; changes are conditional on it.
+        held: Micros,
+    },
+}
+
+impl Lease {
+    /// When the lease ends.
+    pub fn until(&self) -> Micros {
+        match self {
+            Lease::Batch(b) => b.until(),
+            Lease::Row { held } => *held,
+        }
+    }
+}
+
+/// One (event, endpoint) delivery held in memory.
 #[derive(Debug, Clone)]
 pub struct Job {
     /// The event.
     pub event: EventId,
     /// Its organization.
     pub org: OrgId,
-    /// Its type.
+    /// The endpoint.
+    pub endpoint: Uuid,
+    /// The event's type.
     pub event_type: Box<str>,
-    /// Its payload, as received.
+    /// Its payload, as received (shared by the event's deliveries).
     pub payload: Bytes,
     /// When it was accepted.
     pub created_at: Micros,
-    /// Attempts made so far, all rounds.
+    /// Attempts made to this endpoint so far, every round.
     pub attempts: u32,
-    /// Attempts made when the current round began (a redelivery starts a round).
+    /// Attempts made when the current round began (a redelivery or recovery starts a round).
     pub retry_base: u32,
-    /// The `next_attempt_at` this node holds: its lease. Updates are conditional on it.
-    pub held: Micros,
+    /// What it is held under.
+    pub lease: Lease,
     /// When to attempt.
     pub due: Micros,
 }
 
 impl Job {
-    /// A job for an event just committed with a lease for this node, due now.
-    pub fn committed(event: NewEvent, held: Micros) -> Job {
-        Job {
-            event: event.id,
-            org: event.org,
-            event_type: event.event_type,
-            payload: event.payload,
-            created_at: event.created_at,
-            attempts: 0,
-            retry_base: 0,
-            held,
-            due: Micros::now(),
-        }
-    }
-
     /// A job with a payload, for unit tests.
     #[cfg(test)]
     pub fn test(event: EventId, org: OrgId, payload: &str) -> Job {
         Job {
             event,
             org,
+            endpoint: Uuid::nil(),
             event_type: "t".into(),
             payload: Bytes::copy_from_slice(payload.as_bytes()),
             created_at: Micros(1_000_000),
             attempts: 0,
             retry_base: 0,
-            held: Micros(0),
+            lease: Lease::Row { held: Micros(0) },
             due: Micros(0),
         }
     }
-}
-
-/// Where an organization's events go: its webhook URL and signing key.
-#[derive(Debug)]
-pub struct Target {
-    /// The URL as configured.
-    pub url: String,
-    /// The URL as a request URI.
-    pub uri: http::Uri,
-    /// The decoded signing secret.
-    pub key: Vec<u8>,
 }
 
 /// How an attempt ended.
@@ -79,7 +155,7 @@ pub struct Target {
 pub enum Verdict {
     /// A 2xx.
     Delivered,
-    /// 410 Gone: the receiver asks us to stop; the webhook is removed.
+    /// 410 Gone: the receiver asks us to stop; the endpoint is disabled.
     Gone,
     /// Anything else; `retry_after` when the receiver said when to come back.
     Failed {
@@ -99,6 +175,136 @@ pub struct Attempt {
     pub error: Option<String>,
     /// How long it took.
     pub duration: Duration,
+    /// The first bytes of the receiver's answer (UTF-8, lossy), if it sent any.
+    pub response_body: Option<String>,
     /// The outcome.
     pub verdict: Verdict,
+}
+
+/// What a delivery is held under, as the recorder checks it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Held {
+    /// Its batch's row (it has no row of its own).
+    Batch(Uuid),
+    /// Its own row, whose `next_attempt_at` this node wrote.
+    Row(Micros),
+}
+
+/// What becomes of the delivery.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Next {
+    /// Delivered then.
+    Delivered(Micros),
+    /// Pending; this node retries it and holds it until `held`.
+    Retry {
+        /// The lease's end (the retry's due time plus a lease).
+        held: Micros,
+    },
+    /// Its round is over: failed, for the inbox, `recover` and redelivery.
+    Failed {
+        /// When.
+        at: Micros,
+        /// The last attempt's error, for the operational event.
+        reason: String,
+    },
+    /// Pending, parked: nothing is sent until its endpoint is resumed.
+    Parked,
+    /// Pending, handed back to the database, due then for any node.
+    Due(Micros),
+}
+
+/// An endpoint's health to write.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthWrite {
+    /// The endpoint.
+    pub endpoint: Uuid,
+    /// Failed attempts since the last success.
+    pub failures: i32,
+    /// Since when every attempt has failed.
+    pub failing_since: Option<Micros>,
+    /// A success to record.
+    pub success_at: Option<Micros>,
+    /// A failure to record.
+    pub failure_at: Option<Micros>,
+    /// Until when its circuit is open.
+    pub open_until: Option<Micros>,
+}
+
+/// One outcome for the recorder.
+pub struct Outcome {
+    /// The event.
+    pub event: EventId,
+    /// The endpoint.
+    pub endpoint: Uuid,
+    /// The organization.
+    pub org: OrgId,
+    /// Whether the event is an operational one (no operational event is made about it).
+    pub operational: bool,
+    /// What it is held under.
+    pub held: Held,
+    /// The attempt made, numbered.
+    pub attempt: Option<(u32, Attempt)>,
+    /// What becomes of it.
+    pub next: Next,
+    /// Its endpoint's health, when it changed.
+    pub health: Option<HealthWrite>,
+    /// Disable its endpoint, for this reason.
+    pub disable: Option<String>,
+    /// Where the answer goes.
+    pub reply: oneshot::Sender<Recorded>,
+}
+
+/// What became of an outcome.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Recorded {
+    /// It was written: this node held the delivery.
+    pub owned: bool,
+    /// The delivery's row is parked (an ack or a pause came meanwhile): stop.
+    pub parked: bool,
+}
+
+impl Recorded {
+    /// Not written (not this node's any more, or the database failed).
+    pub const LOST: Recorded = Recorded {
+        owned: false,
+        parked: false,
+    };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn endpoint(previous_until: Option<Micros>) -> Endpoint {
+        Endpoint {
+            id: Uuid::nil(),
+            org: OrgId(Uuid::nil()),
+            url: "http://x".into(),
+            uri: None,
+            patterns: Some(vec!["order.*".into()]),
+            status: EndpointStatus::Active,
+            keys: vec![vec![1], vec![2]],
+            previous_until,
+            rate_limit: None,
+            updated_at: Micros(0),
+            consecutive_failures: 0,
+            failing_since: None,
+            circuit_open_until: None,
+        }
+    }
+
+    #[test]
+    fn the_previous_key_signs_only_during_the_grace_period() {
+        let now = Micros(1_000);
+        assert_eq!(endpoint(Some(Micros(2_000))).signing_keys(now).len(), 2);
+        assert_eq!(endpoint(Some(Micros(1_000))).signing_keys(now).len(), 1);
+        assert_eq!(endpoint(None).signing_keys(now), &[vec![1u8]]);
+    }
+
+    #[test]
+    fn patterns_decide_what_an_endpoint_takes() {
+        let e = endpoint(None);
+        assert!(e.takes("order.paid"));
+        assert!(!e.takes("user.created"));
+    }
 }

@@ -1,7 +1,7 @@
 //! The running delivery pool: start, the sink the store publishes to, and finish at shutdown.
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -11,15 +11,15 @@ use tokio::task::JoinHandle;
 use super::claim::{claim_loop, release_all};
 use super::connector::SafeConnector;
 use super::job::run_job;
-use super::model::Job;
+use super::model::{BatchLease, Job, Lease};
 use super::record::record_loop;
 use super::shared::Shared;
-use crate::auth::Changes;
 use crate::config::{Config, DELIVERY_POOL_IDLE, RECORDERS};
 use crate::db::build_bookkeeping_pool;
+use crate::flow::answer::EndpointStatus;
 use crate::flow::event::NewEvent;
-use crate::flow::sink::{ByteBudget, DeliverySink, Planned};
-use crate::ids::OrgId;
+use crate::flow::sink::{BatchPlan, ByteBudget, DeliverySink, Disposition, Planned, Planning};
+use crate::ids::{new_v7, Micros, OrgId};
 use crate::metrics::Metrics;
 
 /// The running delivery pool.
@@ -51,42 +51,37 @@ impl Delivery {
         let client =
             hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
                 .pool_idle_timeout(DELIVERY_POOL_IDLE)
-                // Several organizations may share a host: keep as many idle connections as deliveries
+                // Several endpoints may share a host: keep as many idle connections as deliveries
                 // can be in flight, or the pool closes and reopens connections all the time.
                 .pool_max_idle_per_host(config.delivery_concurrency)
                 .build(https);
         let (recorder_tx, recorder_rx) = mpsc::channel(config.recorder_queue_max());
         let pool = build_bookkeeping_pool(&config, config.delivery_pool_size())?;
         let shared = Arc::new(Shared {
-            pool: pool.clone(),
+            pool,
             client,
-            targets: Mutex::new((HashMap::new(), Changes::default())),
-            orgs: Mutex::new(HashMap::new()),
+            endpoints: Mutex::new(Default::default()),
+            runtimes: Mutex::new(HashMap::new()),
             in_memory: AtomicUsize::new(0),
             global: Semaphore::new(config.delivery_concurrency),
             held: Mutex::new(HashMap::new()),
+            batches: Mutex::new(HashMap::new()),
+            finished: Mutex::new(Vec::new()),
+            expire: Mutex::new(Vec::new()),
             recorder: recorder_tx,
             wake: Notify::new(),
             stopping: AtomicBool::new(false),
             stop: Notify::new(),
             busy: AtomicUsize::new(0),
             lease: Duration::from_secs(config.delivery_lease_s),
-            per_org_max: config.delivery_org_in_memory_max(),
             memory: ByteBudget::new(config.delivery_memory_bytes_max),
             metrics,
             config: Arc::clone(&config),
         });
         let claimer = tokio::spawn(claim_loop(Arc::clone(&shared)));
         let recorder_rx = Arc::new(tokio::sync::Mutex::new(recorder_rx));
-        let db_timeout = Config::ms(config.db_timeout_ms);
         let recorders = (0..RECORDERS)
-            .map(|_| {
-                tokio::spawn(record_loop(
-                    pool.clone(),
-                    db_timeout,
-                    Arc::clone(&recorder_rx),
-                ))
-            })
+            .map(|_| tokio::spawn(record_loop(Arc::clone(&shared), Arc::clone(&recorder_rx))))
             .collect();
         let handle = DeliveryHandle(Arc::clone(&shared));
         Ok((
@@ -99,9 +94,9 @@ impl Delivery {
         ))
     }
 
-    /// Stop claiming, give attempts in flight up to `grace` to finish, then hand every event still
-    /// in memory back to the database, due when it was planned, so another node (or this one
-    /// restarted) takes it over without waiting for the lease to run out.
+    /// Stop claiming, give attempts in flight up to `grace` to finish, then hand every delivery
+    /// still in memory back to the database, due when it was planned, so another node (or this
+    /// one restarted) takes it over without waiting for the lease to run out.
     pub async fn finish(self, grace: Duration) {
         let shared = &self.shared;
         shared.stopping.store(true, Ordering::SeqCst);
@@ -115,7 +110,10 @@ impl Delivery {
         self.claimer.abort();
         let released = release_all(shared).await;
         if released > 0 {
-            tracing::info!(events = released, "deliveries handed back to the database");
+            tracing::info!(
+                deliveries = released,
+                "deliveries handed back to the database"
+            );
         }
         for r in self.recorders {
             r.abort();
@@ -123,47 +121,119 @@ impl Delivery {
     }
 }
 
+impl DeliveryHandle {
+    /// Plan a batch: the endpoints each event matches, and for each delivery whether this node
+    /// holds it in memory (under one lease for the batch), leaves it due in the database (no
+    /// room, or its endpoint's circuit is open), or parks it (a paused endpoint).
+    async fn plan_batch(&self, events: &[&NewEvent]) -> Result<BatchPlan, String> {
+        let shared = &self.0;
+        let orgs: Vec<OrgId> = events
+            .iter()
+            .map(|e| e.org)
+            .collect::<HashSet<_>>()
+            .into_iter()
+            .collect();
+        let endpoints = shared.org_endpoints(&orgs).await?;
+        let now = Micros::now();
+        let mut any_held = false;
+        let plans = events
+            .iter()
+            .map(|event| {
+                let mut planned = Planned::default();
+                let Some(eps) = endpoints.get(&event.org) else {
+                    return planned;
+                };
+                for ep in eps.iter().filter(|ep| ep.takes(&event.event_type)) {
+                    let disposition = if ep.status == EndpointStatus::Paused {
+                        Disposition::Parked
+                    } else {
+                        let runtime = shared.runtime(ep.id);
+                        let open = runtime.gates().breaker.closed_until(now).is_some();
+                        let bytes = event.payload.len();
+                        if !open && shared.reserve(&runtime, ep.rate_limit, bytes, false) {
+                            planned.held_bytes += bytes;
+                            any_held = true;
+                            Disposition::Held
+                        } else {
+                            Disposition::Due
+                        }
+                    };
+                    planned.endpoints.push(ep.id);
+                    planned.dispositions.push(disposition);
+                }
+                planned
+            })
+            .collect();
+        Ok(BatchPlan {
+            events: plans,
+            lease: any_held.then(|| (new_v7(now), now.plus(shared.lease))),
+        })
+    }
+}
+
 impl DeliverySink for DeliveryHandle {
-    /// An event of an organization with a webhook is written leased to this node when it has an
-    /// in-memory slot for it (handed over after COMMIT, no polling), else due now for any node's
-    /// claimer.
-    fn plan(&self, event: &NewEvent) -> Planned {
-        if !event.deliver {
-            return Planned {
-                next_attempt_at: None,
-                held: false,
-                held_bytes: 0,
-            };
-        }
-        let bytes = event.payload.len();
-        let held = self.0.reserve(event.org, bytes, false);
-        let next = if held {
-            event.created_at.plus(self.0.lease)
-        } else {
-            event.created_at
-        };
-        Planned {
-            next_attempt_at: Some(next),
-            held,
-            held_bytes: if held { bytes } else { 0 },
-        }
+    fn plan<'a>(&'a self, events: &'a [&'a NewEvent]) -> Planning<'a> {
+        Box::pin(self.plan_batch(events))
     }
 
-    fn publish(&self, committed: Vec<(NewEvent, Planned)>, not_written: Vec<(OrgId, Planned)>) {
+    fn publish(
+        &self,
+        lease: Option<(uuid::Uuid, Micros)>,
+        committed: Vec<(NewEvent, Planned)>,
+        not_written: Vec<(OrgId, Planned)>,
+    ) {
+        let shared = &self.0;
+        for (_, planned) in not_written {
+            give_back(shared, &planned);
+        }
         let mut left_due = false;
+        let mut jobs = Vec::new();
         for (event, planned) in committed {
-            match (planned.held, planned.next_attempt_at) {
-                (true, Some(held)) => {
-                    let job = Job::committed(event, held);
-                    tokio::spawn(run_job(Arc::clone(&self.0), job));
+            for (endpoint, disposition) in planned.endpoints.iter().zip(&planned.dispositions) {
+                match disposition {
+                    Disposition::Held => jobs.push((event.clone(), *endpoint)),
+                    Disposition::Due => left_due = true,
+                    Disposition::Parked => {}
                 }
-                (false, Some(_)) => left_due = true,
-                _ => {}
             }
         }
-        for (org, planned) in not_written {
-            if planned.held {
-                self.0.release_slot(org, planned.held_bytes);
+        if let Some((id, until)) = lease {
+            let batch = Arc::new(BatchLease {
+                id,
+                until: AtomicI64::new(until.0),
+                outstanding: AtomicUsize::new(jobs.len()),
+                abandoned: AtomicBool::new(false),
+            });
+            if jobs.is_empty() {
+                // Nothing of the batch was written (or its row never was): nothing to lease.
+                shared
+                    .finished
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(id);
+            } else {
+                shared
+                    .batches
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(id, Arc::clone(&batch));
+            }
+            let now = Micros::now();
+            for (event, endpoint) in jobs {
+                let job = Job {
+                    event: event.id,
+                    org: event.org,
+                    endpoint,
+                    event_type: event.event_type,
+                    payload: event.payload,
+                    created_at: event.created_at,
+                    attempts: 0,
+                    retry_base: 0,
+                    lease: Lease::Batch(Arc::clone(&batch)),
+                    due: now,
+                };
+                let runtime = shared.runtime(endpoint);
+                tokio::spawn(run_job(Arc::clone(shared), job, runtime, false));
             }
         }
         if left_due {
@@ -176,6 +246,24 @@ impl DeliverySink for DeliveryHandle {
     }
 
     fn org_changed(&self, org: Option<OrgId>) {
-        self.0.forget_target(org);
+        self.0.forget_endpoints(org);
+    }
+}
+
+/// Give back the in-memory places a plan took for deliveries that were not written.
+fn give_back(shared: &Shared, planned: &Planned) {
+    for (endpoint, disposition) in planned.endpoints.iter().zip(&planned.dispositions) {
+        if *disposition == Disposition::Held {
+            let runtime = shared.runtime(*endpoint);
+            // Each held delivery took its payload's bytes; the plan's total is their sum.
+            let per = planned.held_bytes
+                / planned
+                    .dispositions
+                    .iter()
+                    .filter(|d| **d == Disposition::Held)
+                    .count()
+                    .max(1);
+            shared.release(&runtime, per);
+        }
     }
 }

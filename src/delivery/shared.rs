@@ -1,5 +1,5 @@
-//! The delivery pool's shared state: its connections and HTTP client, the webhook cache, each
-//! organization's share of memory and concurrency, and the leases held on events in memory.
+//! The delivery pool's shared state: its connections and HTTP client, the endpoints cache, what
+//! it keeps per endpoint, its memory bounds, and the leases it holds.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -7,83 +7,237 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot, Notify, Semaphore};
+use uuid::Uuid;
 
 use super::connector::HttpClient;
-use super::model::{Job, Target};
-use super::record::Attempted;
+use super::model::{BatchLease, Endpoint};
+use super::model::{Outcome, Recorded};
+use super::runtime::{EndpointRuntime, TokenBucket};
+use super::sign;
 use crate::auth::Changes;
-use crate::config::Config;
+use crate::config::{Config, ENDPOINT_CACHE_ORGS_MAX};
+use crate::flow::answer::EndpointStatus;
 use crate::flow::sink::ByteBudget;
 use crate::ids::{EventId, Micros, OrgId};
 use crate::metrics::Metrics;
 
-/// Webhooks by organization (`None`: the organization has none).
-pub(super) type Targets = HashMap<OrgId, Option<Arc<Target>>>;
+/// An organization's active and paused endpoints.
+pub(super) type OrgEndpoints = Arc<[Arc<Endpoint>]>;
 
-/// An organization's share of the pool.
-pub(super) struct OrgState {
-    pub(super) in_memory: usize,
-    pub(super) slots: Arc<Semaphore>,
+/// Endpoints by organization, cached until a change (on any node: LISTEN/NOTIFY) drops them.
+#[derive(Default)]
+pub(super) struct EndpointCache {
+    pub(super) orgs: HashMap<OrgId, OrgEndpoints>,
+    pub(super) changes: Changes,
 }
+
+const LOAD_ENDPOINTS: &str = "\
+    SELECT id, org_id, url, event_types, status, signing_secret, previous_secret, \
+           previous_secret_expires_at, rate_limit_per_second, updated_at, consecutive_failures, \
+           failing_since, circuit_open_until \
+    FROM endpoints WHERE org_id = ANY($1) AND status = ANY($2)";
 
 /// The pool's shared state.
 pub(super) struct Shared {
     pub(super) config: Arc<Config>,
     pub(super) pool: deadpool_postgres::Pool,
     pub(super) client: HttpClient,
-    pub(super) targets: Mutex<(Targets, Changes)>,
-    pub(super) orgs: Mutex<HashMap<OrgId, OrgState>>,
+    pub(super) endpoints: Mutex<EndpointCache>,
+    pub(super) runtimes: Mutex<HashMap<Uuid, Arc<EndpointRuntime>>>,
     pub(super) in_memory: AtomicUsize,
     pub(super) global: Semaphore,
-    /// Every event in memory and the lease held on it, for release at shutdown.
-    pub(super) held: Mutex<HashMap<EventId, (Micros, Micros)>>,
-    pub(super) recorder: mpsc::Sender<Attempted>,
+    /// Deliveries in memory under their own row's lease: (held, due), for the hand-back.
+    pub(super) held: Mutex<HashMap<(EventId, Uuid), (Micros, Micros)>>,
+    /// Batches whose deliveries are in memory, for renewal and the hand-back.
+    pub(super) batches: Mutex<HashMap<Uuid, Arc<BatchLease>>>,
+    /// Batch rows whose deliveries are all settled: deleted by the next recorder transaction.
+    pub(super) finished: Mutex<Vec<Uuid>>,
+    /// Batch rows this node let go of: expired by the claimer, so any node takes them over now.
+    pub(super) expire: Mutex<Vec<Uuid>>,
+    pub(super) recorder: mpsc::Sender<Outcome>,
     pub(super) wake: Notify,
     pub(super) stopping: AtomicBool,
     pub(super) stop: Notify,
     /// Jobs between taking their slots and having their outcome recorded.
     pub(super) busy: AtomicUsize,
     pub(super) lease: Duration,
-    pub(super) per_org_max: usize,
     pub(super) memory: Arc<ByteBudget>,
     pub(super) metrics: Arc<Metrics>,
 }
 
+fn endpoint_from_row(row: &tokio_postgres::Row) -> Arc<Endpoint> {
+    let url: String = row.get(2);
+    let time = |i: usize| {
+        row.get::<_, Option<std::time::SystemTime>>(i)
+            .map(Micros::from_system_time)
+    };
+    let current: String = row.get(5);
+    let previous: Option<String> = row.get(6);
+    let keys = std::iter::once(current)
+        .chain(previous)
+        .filter_map(|s| sign::secret_key(&s))
+        .collect();
+    Arc::new(Endpoint {
+        id: row.get(0),
+        org: OrgId(row.get(1)),
+        uri: url.parse().ok(),
+        url,
+        patterns: row.get(3),
+        status: EndpointStatus::from_i16(row.get(4)),
+        keys,
+        previous_until: time(7),
+        rate_limit: row.get::<_, Option<i32>>(8).map(|r| r.max(1) as u32),
+        updated_at: Micros::from_system_time(row.get(9)),
+        consecutive_failures: row.get::<_, i32>(10).max(0) as u32,
+        failing_since: time(11),
+        circuit_open_until: time(12),
+    })
+}
+
 impl Shared {
-    /// Drop the cached webhook of `org` (of every organization with `None`).
-    pub(super) fn forget_target(&self, org: Option<OrgId>) {
-        let mut guard = self.targets.lock().unwrap_or_else(|p| p.into_inner());
-        let (map, changes) = &mut *guard;
-        changes.record(org);
+    /// Drop the cached endpoints of `org` (of every organization with `None`).
+    pub(super) fn forget_endpoints(&self, org: Option<OrgId>) {
+        let mut cache = self.endpoints.lock().unwrap_or_else(|p| p.into_inner());
+        cache.changes.record(org);
         match org {
             Some(org) => {
-                map.remove(&org);
+                cache.orgs.remove(&org);
             }
-            None => map.clear(),
+            None => cache.orgs.clear(),
         }
     }
 
-    /// Take an in-memory slot for `org`; `force` ignores the bounds (claimed rows are already ours).
-    /// The payload's `bytes` count against `delivery_memory_bytes_max` as well.
-    pub(super) fn reserve(&self, org: OrgId, bytes: usize, force: bool) -> bool {
-        let mut orgs = self.orgs.lock().unwrap_or_else(|p| p.into_inner());
-        if !force && self.in_memory.load(Ordering::Relaxed) >= self.config.delivery_queue_max {
-            return false;
+    /// The active and paused endpoints of each of `orgs`, from the cache or the database.
+    pub(super) async fn org_endpoints(
+        &self,
+        orgs: &[OrgId],
+    ) -> Result<HashMap<OrgId, OrgEndpoints>, String> {
+        let (mut found, missing, epoch) = {
+            let cache = self.endpoints.lock().unwrap_or_else(|p| p.into_inner());
+            let mut found = HashMap::with_capacity(orgs.len());
+            let mut missing = Vec::new();
+            for org in orgs {
+                match cache.orgs.get(org) {
+                    Some(eps) => {
+                        found.insert(*org, Arc::clone(eps));
+                    }
+                    None => missing.push(org.0),
+                }
+            }
+            (found, missing, cache.changes.epoch())
+        };
+        if missing.is_empty() {
+            return Ok(found);
         }
-        let state = orgs.entry(org).or_insert_with(|| OrgState {
-            in_memory: 0,
-            slots: Arc::new(Semaphore::new(self.config.delivery_org_concurrency)),
-        });
-        if !force && state.in_memory >= self.per_org_max {
+        let load = async {
+            let client = self.pool.get().await.map_err(|e| e.to_string())?;
+            let stmt = client
+                .prepare_cached(LOAD_ENDPOINTS)
+                .await
+                .map_err(|e| e.to_string())?;
+            let live = [EndpointStatus::Active.code(), EndpointStatus::Paused.code()];
+            client
+                .query(&stmt, &[&missing, &&live[..]])
+                .await
+                .map_err(|e| e.to_string())
+        };
+        let rows = tokio::time::timeout(Duration::from_millis(self.config.db_timeout_ms), load)
+            .await
+            .map_err(|_| "database deadline passed".to_string())??;
+        let mut loaded: HashMap<OrgId, Vec<Arc<Endpoint>>> =
+            missing.iter().map(|o| (OrgId(*o), Vec::new())).collect();
+        for row in &rows {
+            let e = endpoint_from_row(row);
+            loaded.entry(e.org).or_default().push(e);
+        }
+        let mut cache = self.endpoints.lock().unwrap_or_else(|p| p.into_inner());
+        if cache.orgs.len() + loaded.len() > ENDPOINT_CACHE_ORGS_MAX {
+            cache.orgs.clear();
+        }
+        for (org, eps) in loaded {
+            let eps: OrgEndpoints = eps.into();
+            if !cache.changes.changed_since(org, epoch) {
+                cache.orgs.insert(org, Arc::clone(&eps));
+            }
+            found.insert(org, eps);
+        }
+        Ok(found)
+    }
+
+    /// One endpoint of `org`, if it is active or paused.
+    pub(super) async fn endpoint(
+        &self,
+        org: OrgId,
+        id: Uuid,
+    ) -> Result<Option<Arc<Endpoint>>, String> {
+        let eps = self.org_endpoints(&[org]).await?;
+        Ok(eps
+            .get(&org)
+            .and_then(|list| list.iter().find(|e| e.id == id).cloned()))
+    }
+
+    /// What this node keeps for endpoint `id`.
+    pub(super) fn runtime(&self, id: Uuid) -> Arc<EndpointRuntime> {
+        let mut runtimes = self.runtimes.lock().unwrap_or_else(|p| p.into_inner());
+        Arc::clone(runtimes.entry(id).or_insert_with(|| {
+            Arc::new(EndpointRuntime::new(
+                id,
+                self.config.delivery_endpoint_concurrency,
+            ))
+        }))
+    }
+
+    /// Bring an endpoint's gates in line with its configuration: its rate limit, and its
+    /// recorded health when its configuration is newer than what the gates were set up with
+    /// (a new node learns an open circuit; a resume starts the circuit afresh).
+    pub(super) fn sync_gates(&self, runtime: &EndpointRuntime, endpoint: &Endpoint) {
+        let mut g = runtime.gates();
+        if endpoint.updated_at > g.config_at {
+            g.config_at = endpoint.updated_at;
+            g.breaker.failures = endpoint.consecutive_failures;
+            g.breaker.failing_since = endpoint.failing_since;
+            g.breaker.open_until = endpoint.circuit_open_until;
+            g.breaker.probing = false;
+        }
+        match endpoint.rate_limit {
+            Some(rate) if g.bucket.as_ref().map(TokenBucket::rate) != Some(rate) => {
+                g.bucket = Some(TokenBucket::new(rate, Micros::now()));
+            }
+            Some(_) => {}
+            None => g.bucket = None,
+        }
+    }
+
+    /// Deliveries one endpoint may hold in memory: its share, and with a rate limit no more than
+    /// it can attempt within half a lease (the rest waits in the database, unleased).
+    pub(super) fn endpoint_memory_max(&self, rate: Option<u32>) -> usize {
+        let max = self.config.delivery_endpoint_in_memory_max();
+        match rate {
+            Some(r) => max.min(((r as u64 * self.lease.as_secs() / 2) as usize).max(1)),
+            None => max,
+        }
+    }
+
+    /// Take an in-memory place for a delivery to `runtime`'s endpoint; `force` ignores the
+    /// bounds (claimed rows are already ours). The payload's `bytes` count against
+    /// `delivery_memory_bytes_max` as well.
+    pub(super) fn reserve(
+        &self,
+        runtime: &EndpointRuntime,
+        rate: Option<u32>,
+        bytes: usize,
+        force: bool,
+    ) -> bool {
+        if !force
+            && (self.in_memory.load(Ordering::Relaxed) >= self.config.delivery_queue_max
+                || runtime.held() >= self.endpoint_memory_max(rate))
+        {
             return false;
         }
         if !self.memory.take(bytes, force) {
-            if state.in_memory == 0 {
-                orgs.remove(&org);
-            }
             return false;
         }
-        state.in_memory += 1;
+        runtime.in_memory.fetch_add(1, Ordering::Relaxed);
         let n = self.in_memory.fetch_add(1, Ordering::Relaxed) + 1;
         self.metrics
             .delivery_in_memory
@@ -91,16 +245,10 @@ impl Shared {
         true
     }
 
-    /// Give back an in-memory slot and its payload's `bytes`.
-    pub(super) fn release_slot(&self, org: OrgId, bytes: usize) {
+    /// Give back an in-memory place and its payload's `bytes`.
+    pub(super) fn release(&self, runtime: &EndpointRuntime, bytes: usize) {
         self.memory.give(bytes);
-        let mut orgs = self.orgs.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(state) = orgs.get_mut(&org) {
-            state.in_memory = state.in_memory.saturating_sub(1);
-            if state.in_memory == 0 {
-                orgs.remove(&org);
-            }
-        }
+        runtime.in_memory.fetch_sub(1, Ordering::Relaxed);
         let n = self
             .in_memory
             .fetch_sub(1, Ordering::Relaxed)
@@ -110,42 +258,78 @@ impl Shared {
             .store(n as i64, Ordering::Relaxed);
     }
 
-    /// Organizations at their in-memory bound: the claimer leaves their due rows in the database.
-    pub(super) fn saturated_orgs(&self) -> Vec<uuid::Uuid> {
-        let orgs = self.orgs.lock().unwrap_or_else(|p| p.into_inner());
-        orgs.iter()
-            .filter(|(_, s)| s.in_memory >= self.per_org_max)
-            .map(|(o, _)| o.0)
+    /// Endpoints whose due rows the claimer leaves in the database for now: those at their
+    /// in-memory bound and those with an open circuit.
+    pub(super) fn excluded_endpoints(&self) -> Vec<Uuid> {
+        let now = Micros::now();
+        let max = self.config.delivery_endpoint_in_memory_max();
+        let runtimes = self.runtimes.lock().unwrap_or_else(|p| p.into_inner());
+        runtimes
+            .values()
+            .filter(|r| r.held() >= max || r.gates().breaker.closed_until(now).is_some())
+            .map(|r| r.id)
             .collect()
     }
 
-    pub(super) fn org_slots(&self, org: OrgId) -> Arc<Semaphore> {
-        let mut orgs = self.orgs.lock().unwrap_or_else(|p| p.into_inner());
-        let state = orgs.entry(org).or_insert_with(|| OrgState {
-            in_memory: 0,
-            slots: Arc::new(Semaphore::new(self.config.delivery_org_concurrency)),
+    /// Forget what is kept of endpoints with nothing in memory and a healthy circuit; count
+    /// the open circuits.
+    pub(super) fn prune_runtimes(&self) {
+        let mut open = 0;
+        let mut runtimes = self.runtimes.lock().unwrap_or_else(|p| p.into_inner());
+        runtimes.retain(|_, r| {
+            let g = r.gates();
+            if g.breaker.open_until.is_some() {
+                open += 1;
+            }
+            r.held() > 0 || g.breaker.failures > 0 || g.bucket.is_some()
         });
-        Arc::clone(&state.slots)
+        self.metrics.circuits_open.store(open, Ordering::Relaxed);
     }
 
-    /// Note the lease this node holds on an event in memory, for the hand-back at shutdown.
-    pub(super) fn remember(&self, job: &Job) {
+    /// Note a delivery held under its own row's lease, for the hand-back at shutdown.
+    pub(super) fn remember(&self, event: EventId, endpoint: Uuid, held: Micros, due: Micros) {
         self.held
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(job.event, (job.held, job.due));
+            .insert((event, endpoint), (held, due));
     }
 
-    /// Send an attempt's outcome to the recorder and learn whether this node still holds the event.
+    /// The delivery is no longer held under its own row's lease.
+    pub(super) fn forget(&self, event: EventId, endpoint: Uuid) {
+        self.held
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&(event, endpoint));
+    }
+
+    /// A delivery of `batch` is no longer covered by it; the last one queues the row's deletion.
+    pub(super) fn settle(&self, batch: &BatchLease) {
+        if batch.outstanding.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.batches
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&batch.id);
+            let list = if batch.abandoned.load(Ordering::Acquire) {
+                &self.expire
+            } else {
+                &self.finished
+            };
+            list.lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(batch.id);
+        }
+    }
+
+    /// Send an outcome to the recorder and learn what became of it.
     pub(super) async fn record(
         &self,
-        attempted: Attempted,
-        answer: oneshot::Receiver<bool>,
-    ) -> bool {
-        if self.recorder.send(attempted).await.is_err() {
-            return false;
+        outcome: Outcome,
+        answer: oneshot::Receiver<Recorded>,
+    ) -> Recorded {
+        if self.recorder.send(outcome).await.is_err() {
+            return Recorded::LOST;
         }
-        answer.await.unwrap_or(false)
+        answer.await.unwrap_or(Recorded::LOST)
     }
 }
 

@@ -8,10 +8,10 @@ use http::header::{HeaderName, HeaderValue};
 use http_body_util::{BodyExt, Full, Limited};
 
 use super::connector::HttpClient;
-use super::model::{Attempt, Job, Target, Verdict};
+use super::model::{Attempt, Endpoint, Job, Verdict};
 use super::schedule::parse_retry_after;
 use super::sign::signature;
-use crate::config::RESPONSE_BODY_READ_BYTES_MAX;
+use crate::config::{RESPONSE_BODY_KEPT_BYTES, RESPONSE_BODY_READ_BYTES_MAX};
 use crate::ids::Micros;
 use crate::json::Obj;
 
@@ -45,21 +45,48 @@ fn type_header(event_type: &str) -> HeaderValue {
     HeaderValue::from_str(&s).expect("percent-encoded ASCII is a valid header value")
 }
 
+/// The `webhook-signature` value: one `v1,` signature per key, space-separated (the current
+/// secret's first; during a rotation's grace period the previous secret's too).
+pub fn signatures(keys: &[Vec<u8>], id: &str, timestamp: i64, body: &[u8]) -> String {
+    keys.iter()
+        .map(|k| signature(k, id, timestamp, body))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// The first `RESPONSE_BODY_KEPT_BYTES` of a receiver's answer as text (invalid UTF-8, or a
+/// character cut at the end, becomes U+FFFD); `None` when it sent nothing.
+pub fn kept_body(bytes: &[u8]) -> Option<String> {
+    if bytes.is_empty() {
+        return None;
+    }
+    let head = &bytes[..bytes.len().min(RESPONSE_BODY_KEPT_BYTES)];
+    Some(String::from_utf8_lossy(head).into_owned())
+}
+
 /// POST the event once.
 pub async fn attempt(
     client: &HttpClient,
-    target: &Target,
+    endpoint: &Endpoint,
     job: &Job,
     number: u32,
     timeout: Duration,
 ) -> Attempt {
     let at = Micros::now();
     let started = Instant::now();
+    let Some(uri) = endpoint.uri.clone() else {
+        return failed(
+            at,
+            started,
+            None,
+            "the endpoint URL is not a valid URI".into(),
+        );
+    };
     let body = body(job);
     let timestamp = at.0 / 1_000_000;
     let id = job.event.to_string();
-    let sig = signature(&target.key, &id, timestamp, &body);
-    let request = http::Request::post(target.uri.clone())
+    let sig = signatures(endpoint.signing_keys(at), &id, timestamp, &body);
+    let request = http::Request::post(uri)
         .header(http::header::CONTENT_TYPE, "application/json")
         .header(
             http::header::USER_AGENT,
@@ -94,23 +121,23 @@ pub async fn attempt(
             .get(http::header::RETRY_AFTER)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| parse_retry_after(v, SystemTime::now()));
-        // Read what the receiver sent (up to a limit) so the connection goes back to the pool.
-        let _ = Limited::new(response.into_body(), RESPONSE_BODY_READ_BYTES_MAX)
+        // Read what the receiver sent (up to a limit) so the connection goes back to the pool;
+        // its first KiB goes to the attempt log.
+        let answer = Limited::new(response.into_body(), RESPONSE_BODY_READ_BYTES_MAX)
             .collect()
-            .await;
-        Ok::<_, hyper_util::client::legacy::Error>((status, retry_after))
+            .await
+            .ok()
+            .and_then(|b| kept_body(&b.to_bytes()));
+        Ok::<_, hyper_util::client::legacy::Error>((status, retry_after, answer))
     };
     match tokio::time::timeout(timeout, exchange).await {
-        Ok(Ok((status, retry_after))) => {
+        Ok(Ok((status, retry_after, response_body))) => {
             let duration = started.elapsed();
             let (verdict, error) = match status {
                 200..=299 => (Verdict::Delivered, None),
                 410 => (
                     Verdict::Gone,
-                    Some(
-                        "410 Gone: the webhook was removed; the organization is now pull-only"
-                            .into(),
-                    ),
+                    Some("410 Gone: the endpoint is disabled until it is resumed".into()),
                 ),
                 _ => (
                     Verdict::Failed { retry_after },
@@ -122,6 +149,7 @@ pub async fn attempt(
                 status: Some(status),
                 error,
                 duration,
+                response_body,
                 verdict,
             }
         }
@@ -141,6 +169,7 @@ fn failed(at: Micros, started: Instant, status: Option<u16>, error: String) -> A
         status,
         error: Some(error),
         duration: started.elapsed(),
+        response_body: None,
         verdict: Verdict::Failed { retry_after: None },
     }
 }
@@ -174,6 +203,30 @@ mod tests {
             text,
             r#"{"event_id":"00000000-0000-0000-0000-000000000001","type":"t","data":{ "a" : 1 },"created_at":"1970-01-01T00:00:01.000000Z"}"#
         );
+    }
+
+    #[test]
+    fn both_secrets_sign_during_a_rotation() {
+        let a =
+            crate::delivery::sign::secret_key("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw").unwrap();
+        let b = vec![7u8; 32];
+        let one = signatures(std::slice::from_ref(&a), "id", 1, b"{}");
+        let two = signatures(&[a.clone(), b.clone()], "id", 1, b"{}");
+        assert_eq!(two, format!("{one} {}", signature(&b, "id", 1, b"{}")));
+        assert!(one.starts_with("v1,") && !one.contains(' '));
+    }
+
+    #[test]
+    fn the_kept_answer_is_its_first_kib_as_text() {
+        assert_eq!(kept_body(b""), None);
+        assert_eq!(kept_body(b"ok").as_deref(), Some("ok"));
+        let long = vec![b'a'; 5000];
+        assert_eq!(kept_body(&long).unwrap().len(), RESPONSE_BODY_KEPT_BYTES);
+        // A character cut at the boundary, and invalid bytes, become replacement characters.
+        let mut cut = vec![b'a'; RESPONSE_BODY_KEPT_BYTES - 1];
+        cut.extend_from_slice("é".as_bytes());
+        assert!(kept_body(&cut).unwrap().ends_with('\u{FFFD}'));
+        assert_eq!(kept_body(&[0xff, b'x']).as_deref(), Some("\u{FFFD}x"));
     }
 
     #[test]

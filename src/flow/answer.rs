@@ -153,6 +153,24 @@ pub enum Answer {
     Event(Box<EventDetail>),
     /// `POST /api/events/{id}/redeliver`: queued again.
     Redelivered(Uuid),
+    /// One endpoint (created, read, changed, paused, resumed).
+    Endpoint(Box<EndpointView>),
+    /// Every endpoint of the organization.
+    Endpoints(Vec<EndpointView>),
+    /// An endpoint's secret (read or rotated).
+    EndpointSecret {
+        /// `whsec_…`.
+        signing_secret: String,
+        /// Until when deliveries carry the previous secret's signature too.
+        previous_secret_expires_at: Option<Micros>,
+    },
+    /// `DELETE /api/endpoints/{id}`.
+    EndpointDeleted(Uuid),
+    /// `POST /api/endpoints/{id}/recover`: deliveries that start a new round.
+    Recovered {
+        /// How many.
+        queued: u64,
+    },
     /// `GET /api/inbox`.
     Inbox(InboxPage),
     /// `POST /api/ack/{id}`.
@@ -241,10 +259,127 @@ pub struct EventView {
     pub delivered_at: Option<Micros>,
 }
 
+/// An endpoint's status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EndpointStatus {
+    /// Deliveries go to it.
+    Active = 0,
+    /// Deliveries wait (new events too) until it is resumed.
+    Paused = 1,
+    /// Turned off by a 410 Gone or by failing for too long; events no longer match it.
+    Disabled = 2,
+    /// Deleted (kept for history; a deleted default endpoint keeps the organization's secret).
+    Removed = 3,
+}
+
+impl EndpointStatus {
+    /// From the database's smallint.
+    pub fn from_i16(v: i16) -> EndpointStatus {
+        match v {
+            1 => EndpointStatus::Paused,
+            2 => EndpointStatus::Disabled,
+            3 => EndpointStatus::Removed,
+            _ => EndpointStatus::Active,
+        }
+    }
+
+    /// The database's smallint.
+    pub fn code(self) -> i16 {
+        self as i16
+    }
+
+    /// The API name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EndpointStatus::Active => "active",
+            EndpointStatus::Paused => "paused",
+            EndpointStatus::Disabled => "disabled",
+            EndpointStatus::Removed => "removed",
+        }
+    }
+}
+
+/// An endpoint's circuit breaker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Circuit {
+    /// Deliveries flow.
+    Closed,
+    /// Too many consecutive failures: nothing is sent until it is half-open.
+    Open,
+    /// One probe may go through; its success closes the circuit.
+    HalfOpen,
+}
+
+impl Circuit {
+    /// The API name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Circuit::Closed => "closed",
+            Circuit::Open => "open",
+            Circuit::HalfOpen => "half_open",
+        }
+    }
+}
+
+/// An endpoint's health as the API shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EndpointHealth {
+    /// The circuit breaker.
+    pub circuit: Circuit,
+    /// Failed attempts since the last success.
+    pub consecutive_failures: i32,
+    /// The last success.
+    pub last_success_at: Option<Micros>,
+    /// The last failure.
+    pub last_failure_at: Option<Micros>,
+}
+
+/// An endpoint as the API shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EndpointView {
+    /// Its id.
+    pub id: Uuid,
+    /// Where deliveries go.
+    pub url: String,
+    /// Its patterns (`None`: every type).
+    pub event_types: Option<Vec<String>>,
+    /// Its description.
+    pub description: Option<String>,
+    /// Attempts per second at most.
+    pub rate_limit_per_second: Option<i32>,
+    /// Its status.
+    pub status: EndpointStatus,
+    /// The secret, only when just created.
+    pub signing_secret: Option<String>,
+    /// Its health.
+    pub health: EndpointHealth,
+    /// When it was created.
+    pub created_at: Micros,
+    /// When it last changed.
+    pub updated_at: Micros,
+}
+
+/// One endpoint's delivery of an event as the event detail shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeliveryView {
+    /// The endpoint.
+    pub endpoint_id: Uuid,
+    /// Pending, delivered or failed.
+    pub status: EventStatus,
+    /// Attempts made, every round.
+    pub attempts: i32,
+    /// When the next attempt is due (or, while a node holds it, its lease's end).
+    pub next_attempt_at: Option<Micros>,
+    /// When it was delivered.
+    pub delivered_at: Option<Micros>,
+}
+
 /// One delivery attempt as the event detail shows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AttemptView {
-    /// 1, 2, ...
+    /// The endpoint it went to.
+    pub endpoint_id: Uuid,
+    /// 1, 2, ... per endpoint.
     pub attempt: i32,
     /// When it started.
     pub at: Micros,
@@ -254,13 +389,17 @@ pub struct AttemptView {
     pub error: Option<String>,
     /// How long it took.
     pub duration_ms: i32,
+    /// The first 1 KiB of the receiver's answer.
+    pub response_body: Option<String>,
 }
 
-/// `GET /api/events/{id}`: the event and its attempts, oldest first.
+/// `GET /api/events/{id}`: the event, its delivery per endpoint, and its attempts, oldest first.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EventDetail {
     /// The event.
     pub event: EventView,
+    /// Its delivery to each endpoint it matched.
+    pub deliveries: Vec<DeliveryView>,
     /// Its attempts.
     pub attempts: Vec<AttemptView>,
 }

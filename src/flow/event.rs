@@ -22,9 +22,12 @@ pub struct NewEvent {
     pub dedup_id: Option<Box<str>>,
     /// When the event was accepted.
     pub created_at: Micros,
-    /// Whether the organization had a webhook when the event arrived (then it is delivered).
-    pub deliver: bool,
 }
+
+/// The events table's status of an event that matched endpoints: its status is derived from its
+/// deliveries (see `migrations/0003_endpoints.sql`). 0 and 1 are stored as they are: pending
+/// without endpoint, and acknowledged.
+pub const STATUS_DERIVED: i16 = 3;
 
 /// An event's delivery status, stored as a smallint.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -8,7 +8,7 @@ use uuid::Uuid;
 use super::answer::{RateSnapshot, ReplyTo};
 use super::event::{DedupKey, EventStatus, NewEvent};
 use crate::auth::{ApiKey, OrgInfo, Tier};
-use crate::ids::CoreId;
+use crate::ids::{CoreId, Micros};
 
 /// An authenticated request that the store answers.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -36,6 +36,53 @@ pub enum Query {
     Redeliver {
         /// The event.
         id: Uuid,
+        /// Only this endpoint (else every endpoint matching the event's type now).
+        endpoint: Option<Uuid>,
+    },
+    /// `POST /api/endpoints`, fields shape-checked.
+    CreateEndpoint(EndpointSpec),
+    /// `GET /api/endpoints`.
+    ListEndpoints,
+    /// `GET /api/endpoints/{id}`.
+    GetEndpoint {
+        /// The endpoint.
+        id: Uuid,
+    },
+    /// `GET /api/endpoints/{id}/secret`.
+    GetEndpointSecret {
+        /// The endpoint.
+        id: Uuid,
+    },
+    /// `PATCH /api/endpoints/{id}`.
+    PatchEndpoint {
+        /// The endpoint.
+        id: Uuid,
+        /// What changes.
+        patch: EndpointPatch,
+    },
+    /// `DELETE /api/endpoints/{id}`.
+    DeleteEndpoint {
+        /// The endpoint.
+        id: Uuid,
+    },
+    /// `POST /api/endpoints/{id}/pause` (`paused`) and `/resume`.
+    SetEndpointPaused {
+        /// The endpoint.
+        id: Uuid,
+        /// Pause or resume.
+        paused: bool,
+    },
+    /// `POST /api/endpoints/{id}/secret/rotate`.
+    RotateEndpointSecret {
+        /// The endpoint.
+        id: Uuid,
+    },
+    /// `POST /api/endpoints/{id}/recover`.
+    RecoverEndpoint {
+        /// The endpoint.
+        id: Uuid,
+        /// Deliveries that ended failed at or after this time start a new round.
+        since: Micros,
     },
     /// `GET /api/inbox`.
     Inbox {
@@ -56,6 +103,32 @@ pub enum Query {
         /// The events.
         ids: Vec<Uuid>,
     },
+}
+
+/// A new endpoint, its fields checked for shape (the URL's host is resolved by the store).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EndpointSpec {
+    /// http(s) URL.
+    pub url: String,
+    /// Patterns; `None`: every type (not the operational ones).
+    pub event_types: Option<Vec<String>>,
+    /// Up to 255 characters.
+    pub description: Option<String>,
+    /// Attempts per second at most; `None`: no limit.
+    pub rate_limit_per_second: Option<u32>,
+}
+
+/// A change to an endpoint: `None` leaves a field as it is; `Some(None)` clears it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EndpointPatch {
+    /// A new URL.
+    pub url: Option<String>,
+    /// New patterns (`Some(None)`: every type).
+    pub event_types: Option<Option<Vec<String>>>,
+    /// A new description.
+    pub description: Option<Option<String>>,
+    /// A new limit.
+    pub rate_limit_per_second: Option<Option<u32>>,
 }
 
 /// Work for the store pool other than event writes.

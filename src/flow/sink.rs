@@ -228,27 +228,65 @@ pub trait CoreLink: Send + Sync + 'static {
     fn notify_org_changed(&self, org: Option<OrgId>);
 }
 
-/// How one event is to be delivered, decided before it is written.
+/// What happens to one (event, endpoint) delivery once the event is committed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Disposition {
+    /// This node holds it in memory under the batch's lease and attempts it at once.
+    Held,
+    /// Written due now for any node's claimer (this node has no room for it in memory).
+    Due,
+    /// Written parked (its endpoint is paused): it waits until the endpoint is resumed.
+    Parked,
+}
+
+/// How one event is to be delivered, decided before it is written: the endpoints it matched
+/// (active and paused ones whose patterns take its type) and what happens to each.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Planned {
-    /// The row's `next_attempt_at`: `None` without webhook; the end of this node's lease when it
-    /// holds the event in memory; the creation time (due now, for any node's claimer) otherwise.
-    pub next_attempt_at: Option<Micros>,
-    /// Whether this node took an in-memory slot for it.
-    pub held: bool,
-    /// Payload bytes held in the delivery pool's memory budget with the slot.
+    /// Every endpoint the event matched, stored with the event.
+    pub endpoints: Vec<uuid::Uuid>,
+    /// What happens to the delivery to each, in the same order.
+    pub dispositions: Vec<Disposition>,
+    /// Payload bytes held in the delivery pool's memory budget for the held deliveries.
     pub held_bytes: usize,
 }
 
+impl Planned {
+    /// Whether this node holds any delivery of the event (then it is in the batch's lease).
+    pub fn held(&self) -> bool {
+        self.dispositions.contains(&Disposition::Held)
+    }
+}
+
+/// The plan of one group-commit batch: a plan per event, and the lease this node takes on the
+/// events it holds (one row, `delivery_batches`, for all of them).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BatchPlan {
+    /// One per event, in the batch's order.
+    pub events: Vec<Planned>,
+    /// (batch id, lease end) when any event is held.
+    pub lease: Option<(uuid::Uuid, Micros)>,
+}
+
+/// A boxed future for the async method of [`DeliverySink`].
+pub type Planning<'a> = Pin<Box<dyn Future<Output = Result<BatchPlan, String>> + Send + 'a>>;
+
 /// What the store holds of the delivery pool.
 pub trait DeliverySink: Send + Sync + 'static {
-    /// Plan the delivery of an event about to be written (may take an in-memory slot).
-    fn plan(&self, event: &NewEvent) -> Planned;
-    /// After a write: `committed` events go to delivery with their plans; the slots of events
-    /// that were not written are given back.
-    fn publish(&self, committed: Vec<(NewEvent, Planned)>, not_written: Vec<(OrgId, Planned)>);
-    /// Due work was written to the database (a redelivery): claim it now, not at the next poll.
+    /// Plan the delivery of a batch about to be written: match each event against its
+    /// organization's endpoints (loading the ones not cached), take in-memory slots. `Err` when
+    /// the endpoints could not be read (the batch is then not written: 503).
+    fn plan<'a>(&'a self, events: &'a [&'a NewEvent]) -> Planning<'a>;
+    /// After a write: `committed` events go to delivery with their plans (under the batch's
+    /// lease); the slots of events that were not written are given back.
+    fn publish(
+        &self,
+        lease: Option<(uuid::Uuid, Micros)>,
+        committed: Vec<(NewEvent, Planned)>,
+        not_written: Vec<(OrgId, Planned)>,
+    );
+    /// Due work was written to the database (a redelivery, a resume): claim it now.
     fn wake(&self);
-    /// `org`'s webhook may have changed (`None`: any may have).
+    /// `org`'s endpoints may have changed (`None`: any organization's may have).
     fn org_changed(&self, org: Option<OrgId>);
 }

@@ -11,7 +11,8 @@ use bytes::Bytes;
 use crate::auth::OrgInfo;
 use crate::config::PAYLOAD_COPY_BYTES_MAX;
 use crate::error::ApiError;
-use crate::flow::answer::{Answer, AttemptView, EventDetail, EventView};
+use crate::event_types::{is_operational, OPERATIONAL_PREFIX};
+use crate::flow::answer::{Answer, AttemptView, DeliveryView, EventDetail, EventView};
 use crate::flow::answer::{IngestOutcome, Ingested};
 use crate::flow::event::NewEvent;
 use crate::flow::job::Query;
@@ -68,6 +69,12 @@ pub fn validate_event(
 ) -> Result<ValidEvent, ApiError> {
     let (event_type, dedup_id, payload_member) = with_body(parser, body, |b| {
         let event_type = text_field(b, &["type"], "type", true)?.unwrap_or_default();
+        if is_operational(event_type) {
+            return Err(ApiError::validation(
+                "type",
+                format!("types starting with `{OPERATIONAL_PREFIX}` are the server's own"),
+            ));
+        }
         let payload_member = match b.get("payload") {
             None | Some(Field::Null) => {
                 return Err(ApiError::validation(
@@ -117,7 +124,6 @@ fn validate(ctx: &CoreCtx, req: &Request, org: OrgInfo) -> Result<NewEvent, ApiE
         payload: valid.payload,
         dedup_id: valid.dedup_id,
         created_at: now,
-        deliver: org.has_webhook,
     })
 }
 
@@ -135,13 +141,42 @@ pub async fn get(ctx: &Rc<CoreCtx>, org: OrgInfo, param: Option<&str>) -> Reply 
         })
 }
 
-/// `POST /api/events/{id}/redeliver`.
-pub async fn redeliver(ctx: &Rc<CoreCtx>, org: OrgInfo, param: Option<&str>) -> Reply {
+/// The optional body of a redelivery: `{"endpoint_id"}` names the one endpoint to send to.
+fn redeliver_target(ctx: &CoreCtx, req: &Request) -> Result<Option<uuid::Uuid>, ApiError> {
+    if req.body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(None);
+    }
+    require_json(req)?;
+    with_body(&ctx.parser, &req.body, |body| {
+        match body.get("endpoint_id") {
+            None | Some(Field::Null) => Ok(None),
+            Some(Field::Str(s)) => crate::ids::parse_uuid(s)
+                .map(Some)
+                .ok_or_else(|| ApiError::validation("endpoint_id", "endpoint_id must be a UUID")),
+            Some(other) => Err(ApiError::validation(
+                "endpoint_id",
+                format!("endpoint_id must be a string, not {}", other.type_name()),
+            )),
+        }
+    })
+}
+
+/// `POST /api/events/{id}/redeliver`, optional body `{"endpoint_id"}`.
+pub async fn redeliver(
+    ctx: &Rc<CoreCtx>,
+    req: &Request,
+    org: OrgInfo,
+    param: Option<&str>,
+) -> Reply {
     let id = match path_uuid(param, "id") {
         Ok(id) => id,
         Err(e) => return e.reply(),
     };
-    ctx.query(org, Query::Redeliver { id })
+    let endpoint = match redeliver_target(ctx, req) {
+        Ok(e) => e,
+        Err(e) => return e.reply(),
+    };
+    ctx.query(org, Query::Redeliver { id, endpoint })
         .await
         .render(|answer| match answer {
             Answer::Redelivered(id) => Some(Reply::build(202, |out| {
@@ -167,19 +202,41 @@ pub fn write_event(o: &mut Obj<'_>, e: &EventView) {
 
 fn write_attempt(out: &mut Vec<u8>, a: &AttemptView) {
     let mut item = Obj::new(out);
-    item.int("attempt", i64::from(a.attempt)).time("at", a.at);
+    item.id("endpoint_id", &a.endpoint_id)
+        .int("attempt", i64::from(a.attempt))
+        .time("at", a.at);
     match a.response_status {
         Some(s) => item.int("response_status", i64::from(s)),
         None => item.null("response_status"),
     };
     item.opt_str("error", a.error.as_deref())
-        .int("duration_ms", i64::from(a.duration_ms));
+        .int("duration_ms", i64::from(a.duration_ms))
+        .opt_str("response_body", a.response_body.as_deref());
+    item.finish();
+}
+
+fn write_delivery(out: &mut Vec<u8>, d: &DeliveryView) {
+    let mut item = Obj::new(out);
+    item.id("endpoint_id", &d.endpoint_id)
+        .str("status", d.status.as_str())
+        .int("attempts", i64::from(d.attempts))
+        .opt_time("next_attempt_at", d.next_attempt_at)
+        .opt_time("delivered_at", d.delivered_at);
     item.finish();
 }
 
 fn write_detail(out: &mut Vec<u8>, detail: &EventDetail) {
     let mut o = Obj::new(out);
     write_event(&mut o, &detail.event);
+    let list = o.key("deliveries");
+    list.push(b'[');
+    for (i, d) in detail.deliveries.iter().enumerate() {
+        if i > 0 {
+            list.push(b',');
+        }
+        write_delivery(list, d);
+    }
+    list.push(b']');
     let list = o.key("delivery_attempts");
     list.push(b'[');
     for (i, a) in detail.attempts.iter().enumerate() {

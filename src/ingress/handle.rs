@@ -10,7 +10,7 @@ use super::core::CoreCtx;
 use super::parse::Head;
 use super::request::Request;
 use super::router::{self, Route};
-use super::{admin, events, inbox, ops};
+use super::{admin, endpoints, events, inbox, ops};
 use crate::auth::{key_from_headers, OrgInfo};
 use crate::error::ApiError;
 use crate::reply::Reply;
@@ -108,7 +108,6 @@ pub async fn run(ctx: &Rc<CoreCtx>, ready: Ready, req: Request) -> Reply {
     let reply = match ready.route {
         Route::EventsCreate => events::create(ctx, &req, org).await,
         Route::EventGet => events::get(ctx, org, param).await,
-        Route::EventRedeliver => events::redeliver(ctx, org, param).await,
         Route::Inbox => inbox::list(ctx, &req, org).await,
         Route::Ack => inbox::ack(ctx, org, param).await,
         Route::AckBatch => inbox::ack_batch(ctx, &req, org).await,
@@ -116,6 +115,17 @@ pub async fn run(ctx: &Rc<CoreCtx>, ready: Ready, req: Request) -> Reply {
         Route::KeysRotate => admin::rotate(ctx, &req, org).await,
         Route::WebhookSet => admin::set_webhook(ctx, &req, org).await,
         Route::WebhookDelete => admin::delete_webhook(ctx, org).await,
+        Route::EndpointsCreate => endpoints::create(ctx, &req, org).await,
+        Route::EndpointsList => endpoints::list(ctx, org).await,
+        Route::EndpointGet => endpoints::get(ctx, org, param).await,
+        Route::EndpointPatch => endpoints::patch(ctx, &req, org, param).await,
+        Route::EndpointDelete => endpoints::delete(ctx, org, param).await,
+        Route::EndpointSecret => endpoints::secret(ctx, org, param).await,
+        Route::EndpointRotate => endpoints::rotate(ctx, org, param).await,
+        Route::EndpointPause => endpoints::set_paused(ctx, org, param, true).await,
+        Route::EndpointResume => endpoints::set_paused(ctx, org, param, false).await,
+        Route::EndpointRecover => endpoints::recover(ctx, &req, org, param).await,
+        Route::EventRedeliver => events::redeliver(ctx, &req, org, param).await,
         other => {
             tracing::error!(route = ?other, "an unauthenticated route came with a key");
             ApiError::Internal.reply()

@@ -15,7 +15,9 @@ use super::node::Node;
 use super::response::DateCache;
 use crate::auth::flight::Flights;
 use crate::auth::KeyCache;
-use crate::config::{Config, IoDriver, ACCEPT_BACKOFF, LISTEN_BACKLOG, URING_ENTRIES};
+use crate::config::{
+    Config, IoDriver, ACCEPT_BACKOFF, LISTEN_BACKLOG, PORT_RELEASE_WAIT, URING_ENTRIES,
+};
 use crate::flow::sink::StoreQueues;
 use crate::ids::CoreId;
 use crate::json;
@@ -50,24 +52,32 @@ fn reuseport_listener(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
 /// Fail when another process already listens on `addr`: SO_REUSEPORT would otherwise let this
 /// server bind beside it, and the kernel would split connections between the two (a forgotten
 /// old server answering half the requests). A plain bind (SO_REUSEADDR, which ignores TIME_WAIT,
-/// but not SO_REUSEPORT) tells; it is closed at once.
+/// but not SO_REUSEPORT) tells; it is closed at once. A server killed a moment ago may hold its
+/// port a little longer than its process lives (io_uring releases the files of a dead ring from a
+/// kernel worker), so a refusal is confirmed over `PORT_RELEASE_WAIT` first.
 fn ensure_unused(addr: SocketAddr) -> io::Result<()> {
     use socket2::{Domain, Socket, Type};
     if addr.port() == 0 {
         return Ok(());
     }
-    let probe = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
-    probe.set_reuse_address(true)?;
-    probe.bind(&addr.into()).map_err(|e| {
-        if e.kind() == io::ErrorKind::AddrInUse {
-            io::Error::new(
-                e.kind(),
-                format!("{addr} is in use by another process (another triggers server?)"),
-            )
-        } else {
-            e
+    let deadline = std::time::Instant::now() + PORT_RELEASE_WAIT;
+    loop {
+        let probe = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+        probe.set_reuse_address(true)?;
+        match probe.bind(&addr.into()) {
+            Ok(()) => return Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::AddrInUse => {
+                if std::time::Instant::now() >= deadline {
+                    return Err(io::Error::new(
+                        e.kind(),
+                        format!("{addr} is in use by another process (another triggers server?)"),
+                    ));
+                }
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            Err(e) => return Err(e),
         }
-    })
+    }
 }
 
 /// Bind one SO_REUSEPORT listener per core on `config.listen` (the first decides the port when

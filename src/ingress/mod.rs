@@ -8,12 +8,14 @@
 //! - `parse`: request head and body framing. `router`: (method, path) to a route.
 //! - `request`: a complete request and the checks every handler shares.
 //! - `handle`: authentication and dispatch to the handlers, one file per API area, each rendering
-//!   its own answers: `events`, `inbox`, `admin` (keys and webhook), `ops` (health, metrics).
+//!   its own answers: `events`, `inbox`, `endpoints`, `admin` (keys and webhook), `ops` (health,
+//!   metrics).
 //! - `response`: status line, headers and body into the write buffer.
 
 mod admin;
 pub mod conn;
 pub mod core;
+mod endpoints;
 pub mod events;
 pub mod handle;
 pub mod inbox;

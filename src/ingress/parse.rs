@@ -19,6 +19,8 @@ pub enum Method {
     Post,
     /// DELETE
     Delete,
+    /// PATCH
+    Patch,
     /// Any other method.
     Other,
 }
@@ -126,6 +128,7 @@ pub fn parse_head(buf: &mut BytesMut) -> Result<Parsed, HeadError> {
         Some("GET") => Method::Get,
         Some("POST") => Method::Post,
         Some("DELETE") => Method::Delete,
+        Some("PATCH") => Method::Patch,
         _ => Method::Other,
     };
     let target = req.path.ok_or(HeadError::Bad("missing request target"))?;
@@ -648,7 +651,8 @@ mod tests {
 
             #[test]
             fn the_chunked_decoder_never_takes_more_than_its_limit(
-                sizes in prop::collection::vec(0u64..5000, 1..10),
+                // A 0-size chunk ends the body, so every chunk before the last has a size.
+                sizes in prop::collection::vec(1u64..5000, 1..10),
                 limit in 0usize..8000,
             ) {
                 let mut wire = Vec::new();

@@ -39,6 +39,26 @@ pub enum Route {
     Ack,
     /// POST /api/ack (and /api/inbox/ack)
     AckBatch,
+    /// POST /api/endpoints
+    EndpointsCreate,
+    /// GET /api/endpoints
+    EndpointsList,
+    /// GET /api/endpoints/{id}
+    EndpointGet,
+    /// PATCH /api/endpoints/{id}
+    EndpointPatch,
+    /// DELETE /api/endpoints/{id}
+    EndpointDelete,
+    /// GET /api/endpoints/{id}/secret
+    EndpointSecret,
+    /// POST /api/endpoints/{id}/secret/rotate
+    EndpointRotate,
+    /// POST /api/endpoints/{id}/pause
+    EndpointPause,
+    /// POST /api/endpoints/{id}/resume
+    EndpointResume,
+    /// POST /api/endpoints/{id}/recover
+    EndpointRecover,
     /// No such path.
     NotFound,
     /// A known path with another method.
@@ -69,6 +89,16 @@ impl Route {
         Route::Inbox,
         Route::Ack,
         Route::AckBatch,
+        Route::EndpointsCreate,
+        Route::EndpointsList,
+        Route::EndpointGet,
+        Route::EndpointPatch,
+        Route::EndpointDelete,
+        Route::EndpointSecret,
+        Route::EndpointRotate,
+        Route::EndpointPause,
+        Route::EndpointResume,
+        Route::EndpointRecover,
         Route::NotFound,
         Route::MethodNotAllowed,
         Route::BadRequest,
@@ -120,6 +150,16 @@ impl Route {
             Route::Inbox => ("GET", "/api/inbox"),
             Route::Ack => ("POST", "/api/ack/{event_id}"),
             Route::AckBatch => ("POST", "/api/ack"),
+            Route::EndpointsCreate => ("POST", "/api/endpoints"),
+            Route::EndpointsList => ("GET", "/api/endpoints"),
+            Route::EndpointGet => ("GET", "/api/endpoints/{id}"),
+            Route::EndpointPatch => ("PATCH", "/api/endpoints/{id}"),
+            Route::EndpointDelete => ("DELETE", "/api/endpoints/{id}"),
+            Route::EndpointSecret => ("GET", "/api/endpoints/{id}/secret"),
+            Route::EndpointRotate => ("POST", "/api/endpoints/{id}/secret/rotate"),
+            Route::EndpointPause => ("POST", "/api/endpoints/{id}/pause"),
+            Route::EndpointResume => ("POST", "/api/endpoints/{id}/resume"),
+            Route::EndpointRecover => ("POST", "/api/endpoints/{id}/recover"),
             Route::NotFound => ("", "unmatched"),
             Route::MethodNotAllowed => ("", "method_not_allowed"),
             Route::BadRequest => ("", "bad_request"),
@@ -148,7 +188,7 @@ pub fn route(method: Method, path: &str) -> Result<Matched<'_>, ApiError> {
     if segments.next().is_some() {
         return Err(ApiError::NotFound("no such endpoint"));
     }
-    use Method::{Delete, Get, Post};
+    use Method::{Delete, Get, Patch, Post};
     let (allow, found): (&'static str, Option<(Route, Option<&str>)>) = match parts {
         [Some("health"), None, ..] => ("GET", (method == Get).then_some((Route::Health, None))),
         [Some("health"), Some("live"), None, ..] => {
@@ -203,6 +243,41 @@ pub fn route(method: Method, path: &str) -> Result<Matched<'_>, ApiError> {
         | [Some("api"), Some("inbox"), Some("ack"), Some(id), None] => {
             ("POST", (method == Post).then_some((Route::Ack, Some(id))))
         }
+        [Some("api"), Some("endpoints"), None, ..] => (
+            "GET, POST",
+            match method {
+                Get => Some((Route::EndpointsList, None)),
+                Post => Some((Route::EndpointsCreate, None)),
+                _ => None,
+            },
+        ),
+        [Some("api"), Some("endpoints"), Some(id), None, _] => (
+            "GET, PATCH, DELETE",
+            match method {
+                Get => Some((Route::EndpointGet, Some(id))),
+                Patch => Some((Route::EndpointPatch, Some(id))),
+                Delete => Some((Route::EndpointDelete, Some(id))),
+                _ => None,
+            },
+        ),
+        [Some("api"), Some("endpoints"), Some(id), Some("secret"), None] => (
+            "GET",
+            (method == Get).then_some((Route::EndpointSecret, Some(id))),
+        ),
+        [Some("api"), Some("endpoints"), Some(id), Some("secret"), Some("rotate")] => (
+            "POST",
+            (method == Post).then_some((Route::EndpointRotate, Some(id))),
+        ),
+        [Some("api"), Some("endpoints"), Some(id), Some(action), None]
+            if matches!(action, "pause" | "resume" | "recover") =>
+        {
+            let route = match action {
+                "pause" => Route::EndpointPause,
+                "resume" => Route::EndpointResume,
+                _ => Route::EndpointRecover,
+            };
+            ("POST", (method == Post).then_some((route, Some(id))))
+        }
         _ => return Err(ApiError::NotFound("no such endpoint")),
     };
     match found {
@@ -248,6 +323,47 @@ mod tests {
         assert_eq!(ok(Post, "/api/inbox/ack/x"), (Route::Ack, Some("x")));
         assert_eq!(ok(Post, "/api/ack"), (Route::AckBatch, None));
         assert_eq!(ok(Post, "/api/inbox/ack"), (Route::AckBatch, None));
+        assert_eq!(ok(Post, "/api/endpoints"), (Route::EndpointsCreate, None));
+        assert_eq!(ok(Get, "/api/endpoints/"), (Route::EndpointsList, None));
+        assert_eq!(ok(Get, "/api/endpoints/e"), (Route::EndpointGet, Some("e")));
+        assert_eq!(
+            ok(Patch, "/api/endpoints/e"),
+            (Route::EndpointPatch, Some("e"))
+        );
+        assert_eq!(
+            ok(Delete, "/api/endpoints/e"),
+            (Route::EndpointDelete, Some("e"))
+        );
+        assert_eq!(
+            ok(Get, "/api/endpoints/e/secret"),
+            (Route::EndpointSecret, Some("e"))
+        );
+        assert_eq!(
+            ok(Post, "/api/endpoints/e/secret/rotate"),
+            (Route::EndpointRotate, Some("e"))
+        );
+        assert_eq!(
+            ok(Post, "/api/endpoints/e/pause"),
+            (Route::EndpointPause, Some("e"))
+        );
+        assert_eq!(
+            ok(Post, "/api/endpoints/e/resume"),
+            (Route::EndpointResume, Some("e"))
+        );
+        assert_eq!(
+            ok(Post, "/api/endpoints/e/recover"),
+            (Route::EndpointRecover, Some("e"))
+        );
+        assert_eq!(
+            route(Post, "/api/endpoints/e"),
+            Err(ApiError::MethodNotAllowed {
+                allow: "GET, PATCH, DELETE"
+            })
+        );
+        assert_eq!(
+            route(Post, "/api/endpoints/e/stop"),
+            Err(ApiError::NotFound("no such endpoint"))
+        );
     }
 
     #[test]

@@ -112,6 +112,60 @@ pub struct Metrics {
     pub delivery_in_memory: AtomicI64,
     /// Due deliveries waiting in the database at the last poll.
     pub delivery_due_backlog: AtomicI64,
+    /// Deliveries parked in the database (paused or disabled endpoint) at the last count.
+    pub deliveries_parked: AtomicI64,
+    /// Deliveries in memory waiting, by [`Waiting`] reason.
+    pub deliveries_waiting: [AtomicI64; Waiting::ALL.len()],
+    /// Endpoints active, paused and disabled at the last count.
+    pub endpoints_by_status: [AtomicI64; 3],
+    /// Endpoints whose circuit this node holds open (or half-open) at the last count.
+    pub circuits_open: AtomicI64,
+    /// Endpoints this node disabled (410 Gone, or failing too long).
+    pub endpoints_disabled: AtomicU64,
+    /// Operational events this node stored.
+    pub operational_events: AtomicU64,
+}
+
+/// Why a delivery held in memory is waiting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Waiting {
+    /// For its retry's due time.
+    Scheduled,
+    /// For its endpoint's circuit to let it through.
+    CircuitOpen,
+    /// For its endpoint's rate limit.
+    RateLimited,
+    /// For a free slot (its endpoint's concurrency, or the node's).
+    Concurrency,
+}
+
+impl Waiting {
+    /// Every reason, in index order.
+    pub const ALL: [Waiting; 4] = [
+        Waiting::Scheduled,
+        Waiting::CircuitOpen,
+        Waiting::RateLimited,
+        Waiting::Concurrency,
+    ];
+
+    /// The metric label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Waiting::Scheduled => "retry_scheduled",
+            Waiting::CircuitOpen => "circuit_open",
+            Waiting::RateLimited => "rate_limited",
+            Waiting::Concurrency => "concurrency",
+        }
+    }
+}
+
+/// Counts one waiting delivery while it lives.
+pub struct WaitingGuard<'a>(&'a AtomicI64);
+
+impl Drop for WaitingGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl Metrics {
@@ -134,12 +188,25 @@ impl Metrics {
             delivery_lag: Histogram::default(),
             delivery_in_memory: AtomicI64::new(0),
             delivery_due_backlog: AtomicI64::new(0),
+            deliveries_parked: AtomicI64::new(0),
+            deliveries_waiting: std::array::from_fn(|_| AtomicI64::new(0)),
+            endpoints_by_status: std::array::from_fn(|_| AtomicI64::new(0)),
+            circuits_open: AtomicI64::new(0),
+            endpoints_disabled: AtomicU64::new(0),
+            operational_events: AtomicU64::new(0),
         })
     }
 
     /// The counters of core `i`.
     pub fn core(&self, i: usize) -> Arc<CoreMetrics> {
         Arc::clone(&self.cores[i])
+    }
+
+    /// Count a delivery waiting for `why` until the guard drops.
+    pub fn waiting(&self, why: Waiting) -> WaitingGuard<'_> {
+        let gauge = &self.deliveries_waiting[why as usize];
+        gauge.fetch_add(1, Ordering::Relaxed);
+        WaitingGuard(gauge)
     }
 
     /// A batch of `committed` events was written.
@@ -334,6 +401,61 @@ impl Metrics {
             "Due deliveries found waiting in the database at the last claim.",
             "gauge",
             self.delivery_due_backlog.load(Ordering::Relaxed),
+        );
+        single(
+            &mut out,
+            "triggers_deliveries_parked",
+            "Deliveries parked in the database (paused or disabled endpoint, acknowledged event) at the last count.",
+            "gauge",
+            self.deliveries_parked.load(Ordering::Relaxed),
+        );
+        header(
+            &mut out,
+            "triggers_deliveries_waiting",
+            "Deliveries held in memory that wait, by reason.",
+            "gauge",
+        );
+        for why in Waiting::ALL {
+            let _ = writeln!(
+                out,
+                "triggers_deliveries_waiting{{reason=\"{}\"}} {}",
+                why.label(),
+                self.deliveries_waiting[why as usize].load(Ordering::Relaxed)
+            );
+        }
+        header(
+            &mut out,
+            "triggers_endpoints",
+            "Endpoints by status, at the last count.",
+            "gauge",
+        );
+        for (i, status) in ["active", "paused", "disabled"].iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "triggers_endpoints{{status=\"{status}\"}} {}",
+                self.endpoints_by_status[i].load(Ordering::Relaxed)
+            );
+        }
+        single(
+            &mut out,
+            "triggers_endpoint_circuits_open",
+            "Endpoints whose circuit breaker is open or half-open on this node.",
+            "gauge",
+            self.circuits_open.load(Ordering::Relaxed),
+        );
+        single(
+            &mut out,
+            "triggers_endpoints_disabled_total",
+            "Endpoints this node disabled (410 Gone, or every attempt failing too long).",
+            "counter",
+            load(&self.endpoints_disabled),
+        );
+        single(
+            &mut out,
+            "triggers_operational_events_total",
+            "Operational events (triggers.endpoint.disabled, triggers.delivery.failed) stored.",
+            "counter",
+            load(&self.operational_events),
         );
         out
     }

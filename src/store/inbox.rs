@@ -1,5 +1,12 @@
-//! `GET /api/inbox` and the acks. Every statement uses `events_inbox` (org_id, status, id) or the
-//! primary key.
+//! `GET /api/inbox` and the acks.
+//!
+//! A page is read in two statements. The first walks the organization's events newest first
+//! through `events_inbox` (org_id, status, id), or, for `failed`, the events with a failed
+//! delivery through `deliveries_failed`, and judges each one's derived status; the second reads
+//! the chosen events' fields by primary key, streamed, so a page of large payloads never sits in
+//! memory whole. An organization with endpoints keeps most events in one stored status (derived
+//! from their deliveries), so the walk looks at no more than `INBOX_SCAN_ROWS` events per page:
+//! a page can then hold fewer events than asked for, with a cursor to go on from.
 
 use std::collections::HashSet;
 
@@ -8,14 +15,34 @@ use tokio_postgres::types::ToSql;
 use uuid::Uuid;
 
 use super::ctx::{Done, StoreCtx};
-use super::rows::{event_view, EVENT_COLUMNS};
-use crate::flow::answer::{Answer, InboxPage, Refusal};
+use crate::config::INBOX_SCAN_ROWS;
+use crate::flow::answer::{Answer, EventView, InboxPage, Refusal};
 use crate::flow::event::EventStatus;
+use crate::flow::event::STATUS_DERIVED;
 use crate::ids::{Micros, OrgId};
 
-/// One page, newest first; `more_before` is set when another page follows. A page stops early
-/// once its payloads pass `inbox_page_bytes_max` (at least one event is always given), and rows
-/// are read as they stream in, so a page of large payloads never sits in memory whole.
+const JUDGE_RECENT: &str = "\
+    SELECT e.id, st.status, st.attempts, st.delivered_at \
+    FROM (SELECT id, status, endpoints, delivered_at FROM events \
+          WHERE org_id = $1 AND status = ANY($2) AND id < $3 ORDER BY id DESC LIMIT $4) e, \
+    LATERAL triggers_event_state(e.status, e.id, e.endpoints, e.delivered_at) st \
+    ORDER BY e.id DESC";
+
+const JUDGE_FAILED: &str = "\
+    SELECT e.id, st.status, st.attempts, st.delivered_at \
+    FROM (SELECT DISTINCT event_id FROM deliveries \
+          WHERE org_id = $1 AND status = 2 AND event_id < $3 \
+          ORDER BY event_id DESC LIMIT $4) f \
+    JOIN events e ON e.id = f.event_id AND e.status = ANY($2), \
+    LATERAL triggers_event_state(e.status, e.id, e.endpoints, e.delivered_at) st \
+    ORDER BY e.id DESC";
+
+const FIELDS: &str = "\
+    SELECT id, type, payload::text, dedup_id, created_at FROM events \
+    WHERE id = ANY($1) ORDER BY id DESC";
+
+/// One page, newest first; `more_before` is set when another page may follow. A page stops
+/// early once its payloads pass `inbox_page_bytes_max` (at least one event is always given).
 pub async fn inbox(
     ctx: &StoreCtx,
     org: OrgId,
@@ -24,49 +51,99 @@ pub async fn inbox(
     before: Option<Uuid>,
 ) -> Done<Answer> {
     let client = ctx.pool.get().await?;
-    let stmt = client
-        .prepare_cached(&format!(
-            "SELECT {EVENT_COLUMNS} FROM events e \
-             WHERE e.org_id = $1 AND e.status = $2 AND e.id < $3 ORDER BY e.id DESC LIMIT $4"
-        ))
-        .await?;
+    let (judge, stored): (&str, Vec<i16>) = match status {
+        EventStatus::Pending => (
+            JUDGE_RECENT,
+            vec![EventStatus::Pending.code(), STATUS_DERIVED],
+        ),
+        EventStatus::Delivered => (
+            JUDGE_RECENT,
+            vec![EventStatus::Delivered.code(), STATUS_DERIVED],
+        ),
+        EventStatus::Failed => (JUDGE_FAILED, vec![STATUS_DERIVED]),
+    };
+    let scan = (i64::from(limit) + 1).max(INBOX_SCAN_ROWS);
     let before = before.unwrap_or(Uuid::max());
-    let (status, fetch) = (status.code(), i64::from(limit) + 1);
-    let params: [&(dyn ToSql + Sync); 4] = [&org.0, &status, &before, &fetch];
+    let stmt = client.prepare_cached(judge).await?;
+    let judged = client
+        .query(&stmt, &[&org.0, &stored, &before, &scan])
+        .await?;
+    // (id, attempts, delivered_at) of the events in the wanted status, newest first.
+    let mut chosen = Vec::new();
+    let mut more_before = None;
+    for row in &judged {
+        if EventStatus::from_i16(row.get(1)) != status {
+            continue;
+        }
+        if chosen.len() == limit as usize {
+            more_before = chosen.last().map(|c: &(Uuid, i32, _)| c.0);
+            break;
+        }
+        chosen.push((
+            row.get::<_, Uuid>(0),
+            row.get::<_, i32>(2),
+            row.get::<_, Option<std::time::SystemTime>>(3),
+        ));
+    }
+    if more_before.is_none() && judged.len() as i64 == scan {
+        // The walk stopped at its bound: go on from the last event it looked at.
+        more_before = judged.last().map(|r| r.get::<_, Uuid>(0));
+    }
+    let ids: Vec<Uuid> = chosen.iter().map(|c| c.0).collect();
+    let stmt = client.prepare_cached(FIELDS).await?;
+    let params: [&(dyn ToSql + Sync); 1] = [&ids];
     let rows = client.query_raw(&stmt, params).await?;
     futures_util::pin_mut!(rows);
     let cap = ctx.config.inbox_page_bytes_max;
-    let (mut events, mut bytes, mut more) = (Vec::new(), 0usize, false);
+    let (mut events, mut bytes) = (Vec::with_capacity(chosen.len()), 0usize);
+    let mut chosen = chosen.into_iter();
     while let Some(row) = rows.try_next().await? {
-        let event = event_view(&row);
-        let full = events.len() == limit as usize
-            || (!events.is_empty() && bytes + event.payload.len() > cap);
-        if full {
-            more = true;
+        let id: Uuid = row.get(0);
+        // Both statements list newest first; an event gone in between is skipped.
+        let Some((_, attempts, delivered_at)) = chosen.find(|c| c.0 == id) else {
+            break;
+        };
+        let payload = bytes::Bytes::copy_from_slice(row.get::<_, &str>(2).as_bytes());
+        if !events.is_empty() && bytes + payload.len() > cap {
+            more_before = events.last().map(|e: &EventView| e.id);
             break;
         }
-        bytes += event.payload.len();
-        events.push(event);
+        bytes += payload.len();
+        events.push(EventView {
+            id,
+            event_type: row.get(1),
+            payload,
+            dedup_id: row.get(3),
+            status,
+            attempts,
+            created_at: Micros::from_system_time(row.get(4)),
+            delivered_at: delivered_at.map(Micros::from_system_time),
+        });
     }
-    let more_before = events.last().filter(|_| more).map(|e| e.id);
     Ok(Answer::Inbox(InboxPage {
         events,
         more_before,
     }))
 }
 
-/// The ack update; `$3` is now, `$4` the delivered status.
-const ACK: &str =
-    "UPDATE events SET status = $4, acknowledged_at = COALESCE(acknowledged_at, $3), \
-                   delivered_at = COALESCE(delivered_at, $3), next_attempt_at = NULL";
+/// The ack: the event is delivered as far as the API goes, and its deliveries still pending are
+/// parked (nothing more is sent). `$3` is now, `$4` the delivered status.
+const ACK: &str = "\
+    WITH a AS ( \
+        UPDATE events SET status = $4, acknowledged_at = COALESCE(acknowledged_at, $3), \
+            delivered_at = COALESCE(delivered_at, $3) \
+        WHERE {WHERE} RETURNING id, acknowledged_at, endpoints), \
+    parked AS ( \
+        UPDATE deliveries d SET next_attempt_at = NULL FROM a \
+        WHERE a.endpoints IS NOT NULL AND d.event_id = a.id AND d.status = 0 \
+          AND d.next_attempt_at IS NOT NULL) \
+    SELECT id, acknowledged_at FROM a";
 
 /// `POST /api/ack/{id}`: idempotent; a repeat answers the first acknowledgement time.
 pub async fn ack(ctx: &StoreCtx, org: OrgId, id: Uuid) -> Done<Answer> {
     let client = ctx.pool.get().await?;
     let stmt = client
-        .prepare_cached(&format!(
-            "{ACK} WHERE id = $1 AND org_id = $2 RETURNING acknowledged_at"
-        ))
+        .prepare_cached(&ACK.replace("{WHERE}", "id = $1 AND org_id = $2"))
         .await?;
     let now = Micros::now().to_system_time();
     let row = client
@@ -75,7 +152,7 @@ pub async fn ack(ctx: &StoreCtx, org: OrgId, id: Uuid) -> Done<Answer> {
         .ok_or(Refusal::NotFound("event not found"))?;
     Ok(Answer::Acked {
         id,
-        acknowledged_at: Micros::from_system_time(row.get(0)),
+        acknowledged_at: Micros::from_system_time(row.get(1)),
     })
 }
 
@@ -83,9 +160,7 @@ pub async fn ack(ctx: &StoreCtx, org: OrgId, id: Uuid) -> Done<Answer> {
 pub async fn ack_batch(ctx: &StoreCtx, org: OrgId, ids: Vec<Uuid>) -> Done<Answer> {
     let client = ctx.pool.get().await?;
     let stmt = client
-        .prepare_cached(&format!(
-            "{ACK} WHERE org_id = $2 AND id = ANY($1) RETURNING id"
-        ))
+        .prepare_cached(&ACK.replace("{WHERE}", "org_id = $2 AND id = ANY($1)"))
         .await?;
     let now = Micros::now().to_system_time();
     let acked: HashSet<Uuid> = client

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use tokio::sync::{mpsc, Semaphore};
 
 use super::ctx::StoreCtx;
-use super::{events, inbox, keys, webhook};
+use super::{endpoints, events, inbox, keys, webhook};
 use crate::auth::OrgInfo;
 use crate::flow::answer::{Answer, Completion, Outcome, Refusal, ReplyTo};
 use crate::flow::job::{Query, StoreJob};
@@ -90,9 +90,35 @@ async fn run_query(ctx: &StoreCtx, org: OrgInfo, query: Query) -> Result<Answer,
             ctx.timed("get event", events::get_event(ctx, org.id, id))
                 .await
         }
-        Query::Redeliver { id } => {
-            ctx.timed("redeliver", events::redeliver(ctx, org.id, id))
+        Query::Redeliver { id, endpoint } => {
+            ctx.timed("redeliver", events::redeliver(ctx, org.id, id, endpoint))
                 .await
+        }
+        Query::CreateEndpoint(spec) => endpoints::create(ctx, org.id, spec).await,
+        Query::ListEndpoints => {
+            ctx.timed("list endpoints", endpoints::list(ctx, org.id))
+                .await
+        }
+        Query::GetEndpoint { id } => {
+            ctx.timed("get endpoint", endpoints::get(ctx, org.id, id))
+                .await
+        }
+        Query::GetEndpointSecret { id } => {
+            ctx.timed("endpoint secret", endpoints::secret(ctx, org.id, id))
+                .await
+        }
+        Query::PatchEndpoint { id, patch } => endpoints::patch(ctx, org.id, id, patch).await,
+        Query::DeleteEndpoint { id } => endpoints::delete(ctx, org.id, id).await,
+        Query::SetEndpointPaused { id, paused } => {
+            endpoints::set_paused(ctx, org.id, id, paused).await
+        }
+        Query::RotateEndpointSecret { id } => endpoints::rotate_secret(ctx, org.id, id).await,
+        Query::RecoverEndpoint { id, since } => {
+            ctx.timed(
+                "recover endpoint",
+                endpoints::recover(ctx, org.id, id, since),
+            )
+            .await
         }
         Query::Inbox {
             limit,

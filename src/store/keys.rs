@@ -58,7 +58,7 @@ async fn verify_uncached(
             let client = ctx.pool.get().await?;
             let stmt = client
                 .prepare_cached(
-                    "SELECT id, rate_limit_per_minute, key_hash, key_prefix, webhook_url IS NOT NULL \
+                    "SELECT id, rate_limit_per_minute, key_hash, key_prefix \
                      FROM organizations WHERE key_id = $1",
                 )
                 .await?;
@@ -92,7 +92,6 @@ async fn verify_uncached(
     let org = OrgInfo {
         id: OrgId(row.get(0)),
         limit: limit.max(1) as u32,
-        has_webhook: row.get(4),
     };
     ctx.verifier.remember(hash, org, &phc, epoch);
     Ok(org)
@@ -169,7 +168,6 @@ pub async fn generate(
                 let org = OrgInfo {
                     id: OrgId(id),
                     limit: limit as u32,
-                    has_webhook: false,
                 };
                 ctx.verifier
                     .remember(ctx.verifier.hash_key(&key), org, &hash, epoch);
@@ -194,8 +192,11 @@ pub async fn key_info(ctx: &StoreCtx, org: OrgId) -> Done<Answer> {
     let client = ctx.pool.get().await?;
     let stmt = client
         .prepare_cached(
-            "SELECT name, tier, rate_limit_per_minute, webhook_url, key_prefix, created_at, rotated_at \
-             FROM organizations WHERE id = $1",
+            "SELECT o.name, o.tier, o.rate_limit_per_minute, \
+                    (SELECT p.url FROM endpoints p \
+                     WHERE p.org_id = o.id AND p.is_default AND p.status IN (0, 1)), \
+                    o.key_prefix, o.created_at, o.rotated_at \
+             FROM organizations o WHERE o.id = $1",
         )
         .await?;
     let row = client

@@ -16,6 +16,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "0002_probe.sql",
         include_str!("../../migrations/0002_probe.sql"),
     ),
+    (
+        3,
+        "0003_endpoints.sql",
+        include_str!("../../migrations/0003_endpoints.sql"),
+    ),
 ];
 
 /// Arbitrary constant naming the migration lock.

@@ -8,7 +8,8 @@
 //!   one `INSERT … ON CONFLICT DO NOTHING` for those with one) and answers every event after COMMIT.
 //!   `copy`: the binary COPY row encoder.
 //! - `jobs`: everything else a request waits for, one file per area: `keys` (verification,
-//!   generation, rotation), `webhook`, `events` (detail, redeliver), `inbox` (pages, acks);
+//!   generation, rotation), `endpoints` (the endpoints API), `webhook` (the default endpoint),
+//!   `events` (detail, redeliver), `inbox` (pages, acks);
 //!   `org`: changes every node must hear of; `rows`: the event columns the reads share.
 //! - `health`: the probe behind the health flag. `listen`: LISTEN/NOTIFY, so a key rotated or a
 //!   webhook changed on another node reaches this node's caches within milliseconds.
@@ -18,6 +19,7 @@
 
 pub mod copy;
 pub mod ctx;
+pub mod endpoints;
 pub mod events;
 pub mod health;
 pub mod inbox;

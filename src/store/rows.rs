@@ -1,5 +1,7 @@
 //! The columns of an event as the inbox and the event detail read them, and the reader that turns
-//! such a row into a value.
+//! such a row into a value. An event's status, attempts and delivery time are derived (see
+//! `migrations/0003_endpoints.sql`): from its acknowledgement, or from its per-endpoint
+//! deliveries and attempt log, by the SQL function `triggers_event_state`.
 
 use std::time::SystemTime;
 
@@ -11,9 +13,14 @@ use crate::flow::answer::EventView;
 use crate::flow::event::EventStatus;
 use crate::ids::Micros;
 
-/// The columns of an event (table alias `e`), in the order [`event_view`] reads them.
-pub const EVENT_COLUMNS: &str =
-    "e.id, e.type, e.payload::text, e.dedup_id, e.status, e.attempts, e.created_at, e.delivered_at";
+/// The derived state of event `e` as table `st`, for a `FROM events e, …` clause.
+pub const EVENT_STATE: &str =
+    "LATERAL triggers_event_state(e.status, e.id, e.endpoints, e.delivered_at) st";
+
+/// The columns of an event (table alias `e`, its state `st`), in the order [`event_view`] reads
+/// them.
+pub const EVENT_COLUMNS: &str = "e.id, e.type, e.payload::text, e.dedup_id, st.status, \
+     st.attempts, e.created_at, st.delivered_at";
 
 /// One event row as a value; the payload is the bytes that were received.
 pub fn event_view(row: &Row) -> EventView {

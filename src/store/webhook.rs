@@ -1,65 +1,90 @@
-//! `POST` and `DELETE /api/webhook/config`: the organization's webhook and its signing secret.
-
-use base64::Engine;
+//! `POST` and `DELETE /api/webhook/config`: the organization's default endpoint (every event
+//! type), whose signing secret is created with the first configuration and kept for the
+//! organization's life: a deleted default endpoint is kept, removed, with its secret.
 
 use super::ctx::StoreCtx;
-use super::org::change_org;
-use crate::config::SIGNING_SECRET_BYTES;
-use crate::flow::answer::{Answer, Refusal, WebhookConfig};
-use crate::ids::{Micros, OrgId};
-use crate::url_policy;
+use super::endpoints::{check_room, check_url, new_signing_secret, notify, PARK};
+use crate::flow::answer::{Answer, EndpointStatus, Refusal, WebhookConfig};
+use crate::ids::{new_v7, Micros, OrgId};
 
-/// `whsec_` and the standard base64 of random bytes.
-fn new_signing_secret() -> Result<String, Refusal> {
-    let mut bytes = [0u8; SIGNING_SECRET_BYTES];
-    getrandom::fill(&mut bytes).map_err(|_| Refusal::Internal)?;
-    Ok(format!(
-        "whsec_{}",
-        base64::engine::general_purpose::STANDARD.encode(bytes)
-    ))
-}
-
-/// Resolve the URL's host and apply the SSRF policy, then store it; the secret is made with the
-/// first configuration and kept for the organization's life.
+/// Resolve the URL's host and apply the SSRF policy, then point the default endpoint at it
+/// (active again if it was paused, disabled or deleted).
 pub async fn set_webhook(ctx: &StoreCtx, org: OrgId, url: String) -> Result<Answer, Refusal> {
-    let invalid = |message: String| Refusal::Invalid {
-        field: "webhook_url",
-        message,
-    };
-    let parsed = url_policy::parse_url(&url).map_err(invalid)?;
-    url_policy::resolve(&parsed, ctx.config.allow_private_webhooks)
-        .await
-        .map_err(invalid)?;
-    let secret = new_signing_secret()?;
+    check_url(ctx, &url, "webhook_url").await?;
     let now = Micros::now();
-    let row = change_org(
-        ctx,
-        org,
-        "set webhook",
-        "UPDATE organizations SET webhook_url = $2, signing_secret = COALESCE(signing_secret, $3), \
-         webhook_updated_at = $4 WHERE id = $1 RETURNING signing_secret",
-        &[&org.0, &url, &secret, &now.to_system_time()],
-    )
-    .await?;
+    let secret: String = ctx
+        .timed("set webhook", async {
+            let mut client = ctx.pool.get().await?;
+            let tx = client.transaction().await?;
+            let updated = tx
+                .query_opt(
+                    "UPDATE endpoints SET url = $2, status = $3, updated_at = $4, \
+                         disabled_reason = NULL, consecutive_failures = 0, failing_since = NULL, \
+                         circuit_open_until = NULL \
+                     WHERE org_id = $1 AND is_default RETURNING signing_secret",
+                    &[
+                        &org.0,
+                        &url,
+                        &EndpointStatus::Active.code(),
+                        &now.to_system_time(),
+                    ],
+                )
+                .await?;
+            let secret = match updated {
+                Some(row) => row.get(0),
+                None => {
+                    check_room(ctx, &tx, org, "webhook_url").await?;
+                    let secret = new_signing_secret()?;
+                    tx.execute(
+                        "INSERT INTO endpoints (id, org_id, is_default, url, signing_secret, \
+                             created_at, updated_at) VALUES ($1, $2, true, $3, $4, $5, $5)",
+                        &[&new_v7(now), &org.0, &url, &secret, &now.to_system_time()],
+                    )
+                    .await?;
+                    secret
+                }
+            };
+            notify(&tx, org).await?;
+            tx.commit().await?;
+            Ok(secret)
+        })
+        .await?;
+    ctx.org_changed(Some(org)).await;
     Ok(Answer::WebhookSet(WebhookConfig {
         organization_id: org.0,
         webhook_url: Some(url),
-        signing_secret: Some(row.get(0)),
+        signing_secret: Some(secret),
         updated_at: now,
     }))
 }
 
-/// The organization becomes pull-only; its secret is kept for a later configuration.
+/// The default endpoint is removed (its secret kept); deliveries to it stop.
 pub async fn delete_webhook(ctx: &StoreCtx, org: OrgId) -> Result<Answer, Refusal> {
     let now = Micros::now();
-    change_org(
-        ctx,
-        org,
-        "delete webhook",
-        "UPDATE organizations SET webhook_url = NULL, webhook_updated_at = $2 WHERE id = $1 RETURNING id",
-        &[&org.0, &now.to_system_time()],
-    )
+    ctx.timed("delete webhook", async {
+        let mut client = ctx.pool.get().await?;
+        let tx = client.transaction().await?;
+        let removed = tx
+            .query_opt(
+                "UPDATE endpoints SET status = $2, updated_at = $3 \
+                 WHERE org_id = $1 AND is_default AND status <> $2 RETURNING id",
+                &[
+                    &org.0,
+                    &EndpointStatus::Removed.code(),
+                    &now.to_system_time(),
+                ],
+            )
+            .await?;
+        if let Some(row) = removed {
+            let id: uuid::Uuid = row.get(0);
+            tx.execute(PARK, &[&id]).await?;
+        }
+        notify(&tx, org).await?;
+        tx.commit().await?;
+        Ok(())
+    })
     .await?;
+    ctx.org_changed(Some(org)).await;
     Ok(Answer::WebhookDeleted(WebhookConfig {
         organization_id: org.0,
         webhook_url: None,

@@ -8,7 +8,11 @@
 //! - events with one: one `INSERT … SELECT FROM unnest(…) ON CONFLICT DO NOTHING RETURNING id`,
 //!   rows sorted by (organization, dedup id) so two writers always lock keys in the same order; the
 //!   conflicting ones are looked up in the same transaction to answer 409 with the first event's id;
-//! - both kinds in one batch share one transaction.
+//! - both kinds in one batch share one transaction, with what delivery needs of them: each event
+//!   carries the endpoints it matched (planned by the delivery pool just before the write); the
+//!   deliveries this node holds in memory are leased by one `delivery_batches` row for the whole
+//!   batch; deliveries it can't hold (no room, a paused endpoint) get their `deliveries` row, due
+//!   or parked.
 //!
 //! Every waiting request is answered after COMMIT, the answers for one core in one message. While
 //! one writer commits, the queue fills for the next: batches grow with load by themselves.
@@ -27,7 +31,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use tokio::sync::{mpsc, Mutex, Notify};
 use uuid::Uuid;
 
-use super::copy::{CopyEncoder, COPY_EVENTS};
+use super::copy::{CopyEncoder, RowPlan, COPY_EVENTS};
 use super::ctx::StoreCtx;
 use crate::config::{
     AckMode, COPY_PIECE_BYTES, SLOW_BATCH, WRITE_RETRY_BACKOFF_MAX, WRITE_RETRY_BACKOFF_MIN,
@@ -35,18 +39,28 @@ use crate::config::{
 use crate::db::{describe, fault, Fault};
 use crate::flow::answer::{Completion, Outcome, Refusal};
 use crate::flow::answer::{IngestOutcome, Ingested};
-use crate::flow::event::NewEvent;
+use crate::flow::event::{NewEvent, STATUS_DERIVED};
 use crate::flow::job::WriteJob;
-use crate::flow::sink::Planned;
+use crate::flow::sink::{BatchPlan, Disposition, Planned};
 use crate::ids::{CoreId, EventId, Micros, OrgId};
 
 const INSERT_DEDUP: &str = "\
-    INSERT INTO events (id, org_id, type, payload, dedup_id, next_attempt_at, created_at) \
-    SELECT id, org_id, type, payload::json, dedup_id, next_attempt_at, created_at \
-    FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::text[], $6::timestamptz[], $7::timestamptz[]) \
-      AS t(id, org_id, type, payload, dedup_id, next_attempt_at, created_at) \
+    INSERT INTO events (id, org_id, type, payload, dedup_id, status, endpoints, batch_id, created_at) \
+    SELECT id, org_id, type, payload::json, dedup_id, status, endpoints::uuid[], batch_id, created_at \
+    FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::text[], $6::int2[], $7::text[], \
+                $8::uuid[], $9::timestamptz[]) \
+      AS t(id, org_id, type, payload, dedup_id, status, endpoints, batch_id, created_at) \
     ON CONFLICT (org_id, dedup_id) WHERE dedup_id IS NOT NULL DO NOTHING \
     RETURNING id";
+
+/// Deliveries this node does not hold in memory: due now for any node's claimer, or parked.
+const INSERT_DELIVERIES: &str = "\
+    INSERT INTO deliveries (event_id, endpoint_id, org_id, next_attempt_at) \
+    SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::timestamptz[]) \
+    ON CONFLICT DO NOTHING";
+
+const INSERT_BATCH: &str = "\
+    INSERT INTO delivery_batches (id, lease_until, first_event, last_event) VALUES ($1, $2, $3, $4)";
 
 const FIND_DEDUP: &str = "\
     SELECT k.org_id, k.dedup_id, e.id \
@@ -126,9 +140,8 @@ pub async fn run(
                 }
             }
         }
-        let plan = plan_delivery(&ctx, &batch);
         turns.writing.fetch_add(1, Ordering::AcqRel);
-        let results = write_until_settled(&ctx, &mut encoder, &batch, &plan).await;
+        let (results, plan) = write_until_settled(&ctx, &mut encoder, &batch).await;
         turns.writing.fetch_sub(1, Ordering::AcqRel);
         turns.done.notify_waiters();
         answer(&ctx, &mut batch, results, plan);
@@ -136,11 +149,25 @@ pub async fn run(
     tracing::debug!(writer = n, "write queue closed and drained");
 }
 
-fn plan_delivery(ctx: &StoreCtx, batch: &[WriteJob]) -> Vec<Planned> {
-    batch
-        .iter()
-        .map(|job| ctx.delivery.plan(&job.event))
-        .collect()
+/// Ask the delivery pool how each event of the batch is to be delivered. When the endpoints can't
+/// be read the batch is not written (the database is in trouble; 503).
+async fn plan_delivery(ctx: &StoreCtx, batch: &[WriteJob]) -> Option<BatchPlan> {
+    let events: Vec<&NewEvent> = batch.iter().map(|j| &j.event).collect();
+    match tokio::time::timeout(ctx.db_timeout, ctx.delivery.plan(&events)).await {
+        Ok(Ok(plan)) => Some(plan),
+        Ok(Err(why)) => {
+            tracing::warn!(error = %why, events = batch.len(), "endpoints unreadable; batch not written");
+            ctx.health.set_down();
+            None
+        }
+        Err(_) => {
+            tracing::warn!(
+                events = batch.len(),
+                "endpoints not read in time; batch not written"
+            );
+            None
+        }
+    }
 }
 
 /// Write a batch. In fast-ack mode (the clients already have their 202) a failure of the server's
@@ -151,19 +178,30 @@ async fn write_until_settled(
     ctx: &StoreCtx,
     encoder: &mut CopyEncoder,
     batch: &[WriteJob],
-    plan: &[Planned],
-) -> Vec<Ingested> {
+) -> (Vec<Ingested>, BatchPlan) {
     let mut backoff = WRITE_RETRY_BACKOFF_MIN;
     loop {
-        let results = write_batch(ctx, encoder, batch, plan).await;
+        let (results, plan) = match plan_delivery(ctx, batch).await {
+            Some(plan) => (write_batch(ctx, encoder, batch, &plan).await, plan),
+            None => (
+                vec![Ingested::Refused(Refusal::Unavailable); batch.len()],
+                BatchPlan {
+                    events: vec![Planned::default(); batch.len()],
+                    lease: None,
+                },
+            ),
+        };
         if ctx.config.ack == AckMode::Durable {
-            return results;
+            return (results, plan);
         }
         let unwritten = results
             .iter()
             .filter(|r| **r == Ingested::Refused(Refusal::Unavailable))
             .count();
-        if unwritten == 0 || ctx.past_stop_deadline() {
+        // A batch is retried only when nothing of it was written (the usual case: a failed
+        // transaction writes nothing). Part of it written happens only in the row-by-row
+        // fallback when the database fails half-way: what is unwritten then is dropped, counted.
+        if unwritten == 0 || unwritten < results.len() || ctx.past_stop_deadline() {
             let dropped = results
                 .iter()
                 .filter(|r| matches!(r, Ingested::Refused(_)))
@@ -175,12 +213,19 @@ async fn write_until_settled(
                     "fast-ack events answered 202 were not written and are dropped"
                 );
             }
-            return results;
+            return (results, plan);
         }
         tracing::warn!(
             events = unwritten,
             "fast-ack batch not written yet; retrying"
         );
+        // The plan is made again for the retry: give back what this one held.
+        let not_written = batch
+            .iter()
+            .zip(plan.events)
+            .map(|(j, p)| (j.event.org, p))
+            .collect();
+        ctx.delivery.publish(None, Vec::new(), not_written);
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(WRITE_RETRY_BACKOFF_MAX);
     }
@@ -190,7 +235,7 @@ async fn write_batch(
     ctx: &StoreCtx,
     encoder: &mut CopyEncoder,
     batch: &[WriteJob],
-    plan: &[Planned],
+    plan: &BatchPlan,
 ) -> Vec<Ingested> {
     if !ctx.health.is_up() {
         return vec![Ingested::Refused(Refusal::Unavailable); batch.len()];
@@ -238,7 +283,7 @@ async fn write_rows(
     ctx: &StoreCtx,
     encoder: &mut CopyEncoder,
     batch: &[WriteJob],
-    plan: &[Planned],
+    plan: &BatchPlan,
     rows: &[usize],
 ) -> Result<Vec<Ingested>, BatchError> {
     let client = match tokio::time::timeout(ctx.db_timeout, ctx.writer_pool.get()).await {
@@ -247,8 +292,7 @@ async fn write_rows(
         Err(_) => return Err(BatchError::Database("no connection in time".into())),
     };
     let started = std::time::Instant::now();
-    let next: Vec<Option<Micros>> = plan.iter().map(|p| p.next_attempt_at).collect();
-    let work = write_rows_on(&client, encoder, batch, &next, rows);
+    let work = write_rows_on(&client, encoder, batch, plan, rows);
     match tokio::time::timeout(ctx.db_timeout, work).await {
         Ok(Ok(results)) => {
             let took = started.elapsed();
@@ -279,11 +323,25 @@ async fn write_rows(
     }
 }
 
+/// What the events table stores of an event's plan.
+fn row_plan<'a>(planned: &'a Planned, lease: Option<(Uuid, Micros)>) -> RowPlan<'a> {
+    let matched = !planned.endpoints.is_empty();
+    RowPlan {
+        status: if matched {
+            STATUS_DERIVED
+        } else {
+            crate::flow::event::EventStatus::Pending.code()
+        },
+        endpoints: matched.then_some(&planned.endpoints[..]),
+        batch: lease.filter(|_| planned.held()).map(|(id, _)| id),
+    }
+}
+
 async fn write_rows_on(
     client: &deadpool_postgres::Client,
     encoder: &mut CopyEncoder,
     batch: &[WriteJob],
-    next: &[Option<Micros>],
+    plan: &BatchPlan,
     rows: &[usize],
 ) -> Result<Vec<Ingested>, tokio_postgres::Error> {
     let (deduped, plain): (Vec<usize>, Vec<usize>) = rows
@@ -300,7 +358,7 @@ async fn write_rows_on(
         // Encoded and sent in pieces: the encoder holds at most one piece, not the batch.
         encoder.begin();
         for &i in &plain {
-            encoder.row(&batch[i].event, next[i]);
+            encoder.row(&batch[i].event, row_plan(&plan.events[i], plan.lease));
             if encoder.pending_bytes() >= COPY_PIECE_BYTES {
                 sink.send(encoder.take()).await?;
             }
@@ -314,8 +372,9 @@ async fn write_rows_on(
         }
     }
     if !deduped.is_empty() {
-        insert_deduped(client, batch, next, deduped, &mut results).await?;
+        insert_deduped(client, batch, plan, deduped, &mut results).await?;
     }
+    write_delivery_state(client, batch, plan, rows, &results).await?;
     client.batch_execute("COMMIT").await?;
     Ok(rows
         .iter()
@@ -327,10 +386,59 @@ async fn write_rows_on(
         .collect())
 }
 
+/// In the batch's transaction: the `deliveries` rows of the deliveries this node does not hold,
+/// and the lease row of those it does.
+async fn write_delivery_state(
+    client: &deadpool_postgres::Client,
+    batch: &[WriteJob],
+    plan: &BatchPlan,
+    rows: &[usize],
+    results: &HashMap<usize, Ingested>,
+) -> Result<(), tokio_postgres::Error> {
+    let committed = || {
+        rows.iter()
+            .copied()
+            .filter(|i| results.get(i) == Some(&Ingested::Committed))
+    };
+    let (mut events, mut endpoints, mut orgs, mut due) = (vec![], vec![], vec![], vec![]);
+    let (mut first, mut last): (Option<Uuid>, Option<Uuid>) = (None, None);
+    for i in committed() {
+        let (e, p) = (&batch[i].event, &plan.events[i]);
+        for (endpoint, disposition) in p.endpoints.iter().zip(&p.dispositions) {
+            let next = match disposition {
+                Disposition::Held => {
+                    first = Some(first.map_or(e.id.0, |f| f.min(e.id.0)));
+                    last = Some(last.map_or(e.id.0, |l| l.max(e.id.0)));
+                    continue;
+                }
+                Disposition::Due => Some(e.created_at.to_system_time()),
+                Disposition::Parked => None,
+            };
+            events.push(e.id.0);
+            endpoints.push(*endpoint);
+            orgs.push(e.org.0);
+            due.push(next);
+        }
+    }
+    if !events.is_empty() {
+        let statement = client.prepare_cached(INSERT_DELIVERIES).await?;
+        client
+            .execute(&statement, &[&events, &endpoints, &orgs, &due])
+            .await?;
+    }
+    if let (Some((id, until)), Some(first), Some(last)) = (plan.lease, first, last) {
+        let statement = client.prepare_cached(INSERT_BATCH).await?;
+        client
+            .execute(&statement, &[&id, &until.to_system_time(), &first, &last])
+            .await?;
+    }
+    Ok(())
+}
+
 async fn insert_deduped(
     client: &deadpool_postgres::Client,
     batch: &[WriteJob],
-    next: &[Option<Micros>],
+    plan: &BatchPlan,
     mut rows: Vec<usize>,
     results: &mut HashMap<usize, Ingested>,
 ) -> Result<(), tokio_postgres::Error> {
@@ -346,8 +454,10 @@ async fn insert_deduped(
     let mut types = Vec::with_capacity(n);
     let mut payloads = Vec::with_capacity(n);
     let mut dedups = Vec::with_capacity(n);
-    let mut due: Vec<Option<SystemTime>> = Vec::with_capacity(n);
-    let mut created = Vec::with_capacity(n);
+    let mut statuses: Vec<i16> = Vec::with_capacity(n);
+    let mut endpoints: Vec<Option<String>> = Vec::with_capacity(n);
+    let mut batches: Vec<Option<Uuid>> = Vec::with_capacity(n);
+    let mut created: Vec<SystemTime> = Vec::with_capacity(n);
     for &i in &rows {
         let e = &batch[i].event;
         ids.push(e.id.0);
@@ -356,14 +466,23 @@ async fn insert_deduped(
         // Validated JSON is UTF-8.
         payloads.push(std::str::from_utf8(&e.payload).unwrap_or("null"));
         dedups.push(e.dedup_id.as_deref().unwrap_or(""));
-        due.push(next[i].map(Micros::to_system_time));
+        let row = row_plan(&plan.events[i], plan.lease);
+        statuses.push(row.status);
+        // An array of arrays can't be bound; each event's endpoints go as an array literal.
+        endpoints.push(row.endpoints.map(|eps| {
+            let ids: Vec<String> = eps.iter().map(Uuid::to_string).collect();
+            format!("{{{}}}", ids.join(","))
+        }));
+        batches.push(row.batch);
         created.push(e.created_at.to_system_time());
     }
     let statement = client.prepare_cached(INSERT_DEDUP).await?;
     let inserted: std::collections::HashSet<Uuid> = client
         .query(
             &statement,
-            &[&ids, &orgs, &types, &payloads, &dedups, &due, &created],
+            &[
+                &ids, &orgs, &types, &payloads, &dedups, &statuses, &endpoints, &batches, &created,
+            ],
         )
         .await?
         .iter()
@@ -410,16 +529,17 @@ async fn insert_deduped(
 
 /// Send every answer (one message per origin core), settle the dedup keys on their owners, and
 /// publish the committed events to delivery.
-fn answer(ctx: &StoreCtx, batch: &mut Vec<WriteJob>, results: Vec<Ingested>, plan: Vec<Planned>) {
+fn answer(ctx: &StoreCtx, batch: &mut Vec<WriteJob>, results: Vec<Ingested>, plan: BatchPlan) {
     debug_assert_eq!(batch.len(), results.len(), "one result per row");
-    debug_assert_eq!(batch.len(), plan.len(), "one plan per row");
+    debug_assert_eq!(batch.len(), plan.events.len(), "one plan per row");
+    let lease = plan.lease;
     let mut replies: HashMap<CoreId, Vec<Completion>> = HashMap::new();
     let mut settled: HashMap<CoreId, Vec<_>> = HashMap::new();
     let mut to_deliver: Vec<(NewEvent, Planned)> = Vec::new();
     let mut not_written: Vec<(OrgId, Planned)> = Vec::new();
     let mut committed = 0u64;
     let bytes: usize = batch.iter().map(|j| j.event.payload.len()).sum();
-    for ((job, result), planned) in batch.drain(..).zip(results).zip(plan) {
+    for ((job, result), planned) in batch.drain(..).zip(results).zip(plan.events) {
         if let Some((key, owner)) = job.dedup {
             let outcome = match &result {
                 Ingested::Committed => Some(job.event.id),
@@ -440,10 +560,10 @@ fn answer(ctx: &StoreCtx, batch: &mut Vec<WriteJob>, results: Vec<Ingested>, pla
         }
         if written {
             committed += 1;
-            if planned.next_attempt_at.is_some() {
+            if !planned.endpoints.is_empty() {
                 to_deliver.push((job.event, planned));
             }
-        } else if planned.held {
+        } else if planned.held() {
             not_written.push((job.event.org, planned));
         }
     }
@@ -456,7 +576,7 @@ fn answer(ctx: &StoreCtx, batch: &mut Vec<WriteJob>, results: Vec<Ingested>, pla
         ctx.cores.settle(core, keys);
     }
     // Clients first, then deliveries: committed events go straight to the pool, no polling.
-    if !to_deliver.is_empty() || !not_written.is_empty() {
-        ctx.delivery.publish(to_deliver, not_written);
+    if !to_deliver.is_empty() || !not_written.is_empty() || lease.is_some() {
+        ctx.delivery.publish(lease, to_deliver, not_written);
     }
 }

@@ -1,0 +1,273 @@
+//! What this node keeps in memory per endpoint: its share of delivery concurrency, the
+//! deliveries it holds, its circuit breaker and its rate limiter. The breaker and the limiter are
+//! plain values (times passed in) so their rules are tested without clocks.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::Semaphore;
+use uuid::Uuid;
+
+use crate::flow::answer::Circuit;
+use crate::ids::Micros;
+
+/// How long a delivery waits before looking again while another one probes a half-open circuit.
+pub const PROBE_WAIT: Duration = Duration::from_millis(100);
+
+/// A circuit breaker: `threshold` consecutive failures open it for `open_for`; then one attempt
+/// (the probe) goes through; its success closes it, its failure opens it again.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Breaker {
+    /// Failed attempts since the last success.
+    pub failures: u32,
+    /// Since when every attempt has failed.
+    pub failing_since: Option<Micros>,
+    /// Until when it is open (then half-open until a success).
+    pub open_until: Option<Micros>,
+    /// A probe is in flight.
+    pub probing: bool,
+}
+
+/// Whether an attempt may go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admit {
+    /// Go; `probe` when it is the half-open circuit's one probe.
+    Go {
+        /// Whether this attempt is the probe.
+        probe: bool,
+    },
+    /// Wait until then (no attempt is spent).
+    Wait(Micros),
+}
+
+impl Breaker {
+    /// Take the decision for an attempt about to start at `now`.
+    pub fn admit(&mut self, now: Micros) -> Admit {
+        match self.open_until {
+            None => Admit::Go { probe: false },
+            Some(until) if now < until => Admit::Wait(until),
+            Some(_) if self.probing => Admit::Wait(now.plus(PROBE_WAIT)),
+            Some(_) => {
+                self.probing = true;
+                Admit::Go { probe: true }
+            }
+        }
+    }
+
+    /// When deliveries must wait without taking anything (the circuit is open), until when.
+    pub fn closed_until(&self, now: Micros) -> Option<Micros> {
+        self.open_until.filter(|&until| now < until)
+    }
+
+    /// A probe that was admitted did not go after all.
+    pub fn cancel_probe(&mut self, probe: bool) {
+        if probe {
+            self.probing = false;
+        }
+    }
+
+    /// An attempt succeeded: the circuit closes. Returns whether anything changed.
+    pub fn success(&mut self) -> bool {
+        let changed = self.failures > 0 || self.open_until.is_some();
+        *self = Breaker::default();
+        changed
+    }
+
+    /// An attempt failed at `now`. Returns the new end of the open period when this failure
+    /// opened the circuit (the threshold reached, or the probe failed).
+    pub fn failure(
+        &mut self,
+        now: Micros,
+        probe: bool,
+        threshold: u32,
+        open_for: Duration,
+    ) -> Option<Micros> {
+        self.failures = self.failures.saturating_add(1);
+        self.failing_since.get_or_insert(now);
+        if probe {
+            self.probing = false;
+        }
+        let reopen = probe || (self.open_until.is_none() && self.failures >= threshold);
+        if reopen {
+            let until = now.plus(open_for);
+            self.open_until = Some(until);
+            return Some(until);
+        }
+        None
+    }
+
+    /// The circuit as the API shows it.
+    pub fn circuit(&self, now: Micros) -> Circuit {
+        match self.open_until {
+            None => Circuit::Closed,
+            Some(until) if now < until => Circuit::Open,
+            Some(_) => Circuit::HalfOpen,
+        }
+    }
+}
+
+/// A token bucket of `rate` tokens per second holding at most `rate` (one second's worth).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenBucket {
+    rate: u32,
+    tokens: f64,
+    at: Micros,
+}
+
+impl TokenBucket {
+    /// A full bucket.
+    pub fn new(rate: u32, now: Micros) -> TokenBucket {
+        TokenBucket {
+            rate: rate.max(1),
+            tokens: f64::from(rate.max(1)),
+            at: now,
+        }
+    }
+
+    /// Its rate.
+    pub fn rate(&self) -> u32 {
+        self.rate
+    }
+
+    /// Take a token at `now`, or learn when one will be there.
+    pub fn take(&mut self, now: Micros) -> Result<(), Micros> {
+        let elapsed = (now.0 - self.at.0).max(0) as f64 / 1e6;
+        self.tokens = (self.tokens + elapsed * f64::from(self.rate)).min(f64::from(self.rate));
+        self.at = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            return Ok(());
+        }
+        let missing = 1.0 - self.tokens;
+        let wait_us = (missing / f64::from(self.rate) * 1e6).ceil() as i64;
+        Err(Micros(now.0 + wait_us.max(1)))
+    }
+}
+
+/// The breaker and the limiter of one endpoint, under one lock.
+#[derive(Debug, Default)]
+pub struct Gates {
+    /// The circuit breaker.
+    pub breaker: Breaker,
+    /// The limiter, while the endpoint has a limit.
+    pub bucket: Option<TokenBucket>,
+    /// The endpoint's `updated_at` these gates were set up for.
+    pub config_at: Micros,
+    /// When a success was last written to the endpoint's health.
+    pub success_written_at: Option<Micros>,
+}
+
+/// What this node keeps per endpoint.
+#[derive(Debug)]
+pub struct EndpointRuntime {
+    /// The endpoint.
+    pub id: Uuid,
+    /// Its share of delivery concurrency.
+    pub slots: Arc<Semaphore>,
+    /// Deliveries to it held in memory.
+    pub in_memory: AtomicUsize,
+    /// Its breaker and limiter.
+    pub gates: Mutex<Gates>,
+}
+
+impl EndpointRuntime {
+    /// A fresh runtime with `slots` concurrent attempts.
+    pub fn new(id: Uuid, slots: usize) -> EndpointRuntime {
+        EndpointRuntime {
+            id,
+            slots: Arc::new(Semaphore::new(slots)),
+            in_memory: AtomicUsize::new(0),
+            gates: Mutex::new(Gates::default()),
+        }
+    }
+
+    /// The gates, locked.
+    pub fn gates(&self) -> std::sync::MutexGuard<'_, Gates> {
+        self.gates.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Deliveries held in memory.
+    pub fn held(&self) -> usize {
+        self.in_memory.load(Ordering::Relaxed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const S: i64 = 1_000_000;
+
+    #[test]
+    fn the_breaker_opens_after_the_threshold_and_probes_once() {
+        let mut b = Breaker::default();
+        let open = Duration::from_secs(30);
+        for i in 0..9 {
+            assert_eq!(b.failure(Micros(i), false, 10, open), None);
+            assert_eq!(b.admit(Micros(i)), Admit::Go { probe: false });
+        }
+        assert_eq!(
+            b.failure(Micros(10 * S), false, 10, open),
+            Some(Micros(40 * S))
+        );
+        assert_eq!(b.circuit(Micros(10 * S)), Circuit::Open);
+        assert_eq!(b.admit(Micros(20 * S)), Admit::Wait(Micros(40 * S)));
+        assert_eq!(b.closed_until(Micros(20 * S)), Some(Micros(40 * S)));
+        // Half-open: one probe, the others wait.
+        assert_eq!(b.circuit(Micros(40 * S)), Circuit::HalfOpen);
+        assert_eq!(b.admit(Micros(40 * S)), Admit::Go { probe: true });
+        assert!(matches!(b.admit(Micros(40 * S)), Admit::Wait(_)));
+        // A failed probe opens it again for the whole period.
+        assert_eq!(
+            b.failure(Micros(41 * S), true, 10, open),
+            Some(Micros(71 * S))
+        );
+        assert_eq!(b.admit(Micros(50 * S)), Admit::Wait(Micros(71 * S)));
+        // A successful probe closes it.
+        assert_eq!(b.admit(Micros(71 * S)), Admit::Go { probe: true });
+        assert!(b.success());
+        assert_eq!(b.circuit(Micros(71 * S)), Circuit::Closed);
+        assert_eq!(b.failures, 0);
+        assert!(!b.success(), "nothing changes on a healthy endpoint");
+    }
+
+    #[test]
+    fn late_failures_of_attempts_started_before_it_opened_keep_the_period() {
+        let mut b = Breaker::default();
+        let open = Duration::from_secs(30);
+        for _ in 0..10 {
+            b.failure(Micros(0), false, 10, open);
+        }
+        assert_eq!(b.failure(Micros(5 * S), false, 10, open), None);
+        assert_eq!(b.open_until, Some(Micros(30 * S)));
+        assert_eq!(b.failing_since, Some(Micros(0)));
+    }
+
+    #[test]
+    fn a_cancelled_probe_lets_the_next_one_go() {
+        let mut b = Breaker {
+            open_until: Some(Micros(0)),
+            ..Breaker::default()
+        };
+        assert_eq!(b.admit(Micros(1)), Admit::Go { probe: true });
+        b.cancel_probe(true);
+        assert_eq!(b.admit(Micros(2)), Admit::Go { probe: true });
+    }
+
+    #[test]
+    fn the_bucket_spends_its_second_then_refills_at_its_rate() {
+        let mut t = TokenBucket::new(5, Micros(0));
+        for _ in 0..5 {
+            assert_eq!(t.take(Micros(0)), Ok(()));
+        }
+        assert_eq!(t.take(Micros(0)), Err(Micros(200_000)));
+        assert_eq!(t.take(Micros(200_000)), Ok(()));
+        // A long idle spell refills it only to one second's worth.
+        let later = Micros(100 * S);
+        for _ in 0..5 {
+            assert_eq!(t.take(later), Ok(()));
+        }
+        assert!(t.take(later).is_err());
+    }
+}

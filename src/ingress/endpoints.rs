@@ -1,0 +1,358 @@
+//! `/api/endpoints…`: the shape of each request is checked on the request's core (URL syntax,
+//! patterns, lengths, ranges); the store resolves URLs and does the rest. Answers are rendered
+//! here.
+
+use std::rc::Rc;
+
+use super::core::CoreCtx;
+use super::request::{path_uuid, require_json, with_body, Request};
+use crate::auth::OrgInfo;
+use crate::config::{
+    ENDPOINT_DESCRIPTION_CHARS_MAX, ENDPOINT_PATTERNS_MAX, ENDPOINT_RATE_LIMIT_MAX,
+};
+use crate::error::ApiError;
+use crate::event_types::pattern_error;
+use crate::flow::answer::{Answer, EndpointView};
+use crate::flow::job::{EndpointPatch, EndpointSpec, Query};
+use crate::ids::parse_rfc3339;
+use crate::json::{Body, Field, Obj};
+use crate::reply::Reply;
+use crate::url_policy;
+
+/// The `url` member: required on create; an http(s) URL the policy accepts in shape.
+fn url_field(value: Option<Field<'_>>) -> Result<Option<String>, ApiError> {
+    match value {
+        None => Ok(None),
+        Some(Field::Str(s)) => {
+            url_policy::parse_url(s)
+                .map_err(|why| ApiError::validation("url", why.replace("webhook_url", "url")))?;
+            Ok(Some(s.to_string()))
+        }
+        Some(Field::Null) => Err(ApiError::validation("url", "url must not be null")),
+        Some(other) => Err(ApiError::validation(
+            "url",
+            format!("url must be a string, not {}", other.type_name()),
+        )),
+    }
+}
+
+/// `event_types`: absent (`None`), null (`Some(None)`: every type), or 1..50 valid patterns.
+fn patterns_field(body: &Body<'_>) -> Result<Option<Option<Vec<String>>>, ApiError> {
+    let invalid = |m: String| ApiError::validation("event_types", m);
+    match body.get("event_types") {
+        None => Ok(None),
+        Some(Field::Null) => Ok(Some(None)),
+        Some(f @ Field::Array { len, .. }) => {
+            if len == 0 || len > ENDPOINT_PATTERNS_MAX {
+                return Err(invalid(format!(
+                    "event_types must hold 1 to {ENDPOINT_PATTERNS_MAX} patterns (null: every type)"
+                )));
+            }
+            let mut out = Vec::with_capacity(len);
+            for item in body.array_items(f) {
+                let Field::Str(p) = item else {
+                    return Err(invalid(format!(
+                        "event_types must be strings, not {}",
+                        item.type_name()
+                    )));
+                };
+                if let Some(why) = pattern_error(p) {
+                    return Err(invalid(why));
+                }
+                if !out.iter().any(|q: &String| q == p) {
+                    out.push(p.to_string());
+                }
+            }
+            Ok(Some(Some(out)))
+        }
+        Some(other) => Err(invalid(format!(
+            "event_types must be an array of patterns or null, not {}",
+            other.type_name()
+        ))),
+    }
+}
+
+/// `description`: absent, null, or up to 255 characters.
+fn description_field(body: &Body<'_>) -> Result<Option<Option<String>>, ApiError> {
+    match body.get("description") {
+        None => Ok(None),
+        Some(Field::Null) => Ok(Some(None)),
+        Some(Field::Str(s)) => {
+            let chars = s.chars().count();
+            if chars > ENDPOINT_DESCRIPTION_CHARS_MAX || s.contains('\0') {
+                return Err(ApiError::validation(
+                    "description",
+                    format!(
+                        "description must be at most {ENDPOINT_DESCRIPTION_CHARS_MAX} characters \
+                         without NUL, got {chars}"
+                    ),
+                ));
+            }
+            Ok(Some(Some(s.to_string())))
+        }
+        Some(other) => Err(ApiError::validation(
+            "description",
+            format!(
+                "description must be a string or null, not {}",
+                other.type_name()
+            ),
+        )),
+    }
+}
+
+/// `rate_limit_per_second`: absent, null (no limit), or an integer 1..10000.
+fn rate_field(body: &Body<'_>) -> Result<Option<Option<u32>>, ApiError> {
+    let invalid = || {
+        ApiError::validation(
+            "rate_limit_per_second",
+            format!(
+                "rate_limit_per_second must be an integer from 1 to {ENDPOINT_RATE_LIMIT_MAX}, or null"
+            ),
+        )
+    };
+    match body.get("rate_limit_per_second") {
+        None => Ok(None),
+        Some(Field::Null) => Ok(Some(None)),
+        Some(Field::Int(n)) if (1..=i64::from(ENDPOINT_RATE_LIMIT_MAX)).contains(&n) => {
+            Ok(Some(Some(n as u32)))
+        }
+        Some(_) => Err(invalid()),
+    }
+}
+
+fn parse_spec(ctx: &CoreCtx, req: &Request) -> Result<EndpointSpec, ApiError> {
+    require_json(req)?;
+    with_body(&ctx.parser, &req.body, |body| {
+        let url = url_field(body.get("url"))?
+            .ok_or_else(|| ApiError::validation("url", "url is required"))?;
+        Ok(EndpointSpec {
+            url,
+            event_types: patterns_field(body)?.flatten(),
+            description: description_field(body)?.flatten(),
+            rate_limit_per_second: rate_field(body)?.flatten(),
+        })
+    })
+}
+
+fn parse_patch(ctx: &CoreCtx, req: &Request) -> Result<EndpointPatch, ApiError> {
+    require_json(req)?;
+    with_body(&ctx.parser, &req.body, |body| {
+        let patch = EndpointPatch {
+            url: url_field(body.get("url"))?,
+            event_types: patterns_field(body)?,
+            description: description_field(body)?,
+            rate_limit_per_second: rate_field(body)?,
+        };
+        if patch == EndpointPatch::default() {
+            return Err(ApiError::validation(
+                "body",
+                "send at least one of url, event_types, description, rate_limit_per_second",
+            ));
+        }
+        Ok(patch)
+    })
+}
+
+/// An endpoint as JSON; the secret only when the answer carries it (creation).
+pub fn write_endpoint(o: &mut Obj<'_>, e: &EndpointView) {
+    o.id("id", &e.id).str("url", &e.url);
+    match &e.event_types {
+        Some(types) => {
+            let list = o.key("event_types");
+            list.push(b'[');
+            for (i, t) in types.iter().enumerate() {
+                if i > 0 {
+                    list.push(b',');
+                }
+                crate::json::write_str(list, t);
+            }
+            list.push(b']');
+        }
+        None => {
+            o.null("event_types");
+        }
+    }
+    o.opt_str("description", e.description.as_deref());
+    match e.rate_limit_per_second {
+        Some(r) => o.int("rate_limit_per_second", i64::from(r)),
+        None => o.null("rate_limit_per_second"),
+    };
+    o.str("status", e.status.as_str());
+    if let Some(secret) = &e.signing_secret {
+        o.str("signing_secret", secret);
+    }
+    let h = o.key("health");
+    let mut health = Obj::new(h);
+    health
+        .str("circuit", e.health.circuit.as_str())
+        .int(
+            "consecutive_failures",
+            i64::from(e.health.consecutive_failures),
+        )
+        .opt_time("last_success_at", e.health.last_success_at)
+        .opt_time("last_failure_at", e.health.last_failure_at);
+    health.finish();
+    o.time("created_at", e.created_at)
+        .time("updated_at", e.updated_at);
+}
+
+fn endpoint_reply(status: u16, e: &EndpointView) -> Reply {
+    Reply::build(status, |out| {
+        let mut o = Obj::new(out);
+        write_endpoint(&mut o, e);
+        o.finish();
+    })
+}
+
+/// Run `query` for the endpoint in the path (a UUID, else 422) and render its answer.
+async fn on_endpoint(
+    ctx: &Rc<CoreCtx>,
+    org: OrgInfo,
+    param: Option<&str>,
+    query: impl FnOnce(uuid::Uuid) -> Query,
+) -> Reply {
+    let id = match path_uuid(param, "id") {
+        Ok(id) => id,
+        Err(e) => return e.reply(),
+    };
+    ctx.query(org, query(id)).await.render(render)
+}
+
+/// Every endpoint answer.
+fn render(answer: Answer) -> Option<Reply> {
+    Some(match answer {
+        Answer::Endpoint(e) => {
+            endpoint_reply(if e.signing_secret.is_some() { 201 } else { 200 }, &e)
+        }
+        Answer::Endpoints(list) => Reply::build(200, |out| {
+            let mut o = Obj::new(out);
+            let items = o.key("endpoints");
+            items.push(b'[');
+            for (i, e) in list.iter().enumerate() {
+                if i > 0 {
+                    items.push(b',');
+                }
+                let mut item = Obj::new(items);
+                write_endpoint(&mut item, e);
+                item.finish();
+            }
+            items.push(b']');
+            o.finish();
+        }),
+        Answer::EndpointSecret {
+            signing_secret,
+            previous_secret_expires_at,
+        } => Reply::build(200, |out| {
+            let mut o = Obj::new(out);
+            o.str("signing_secret", &signing_secret)
+                .opt_time("previous_secret_expires_at", previous_secret_expires_at);
+            o.finish();
+        }),
+        Answer::EndpointDeleted(id) => Reply::build(200, |out| {
+            let mut o = Obj::new(out);
+            o.id("id", &id).bool("deleted", true);
+            o.finish();
+        }),
+        Answer::Recovered { queued } => Reply::build(202, |out| {
+            let mut o = Obj::new(out);
+            o.int("queued", queued.min(i64::MAX as u64) as i64);
+            o.finish();
+        }),
+        _ => return None,
+    })
+}
+
+/// `POST /api/endpoints`.
+pub async fn create(ctx: &Rc<CoreCtx>, req: &Request, org: OrgInfo) -> Reply {
+    match parse_spec(ctx, req) {
+        Ok(spec) => ctx
+            .query(org, Query::CreateEndpoint(spec))
+            .await
+            .render(render),
+        Err(e) => e.reply(),
+    }
+}
+
+/// `GET /api/endpoints`.
+pub async fn list(ctx: &Rc<CoreCtx>, org: OrgInfo) -> Reply {
+    ctx.query(org, Query::ListEndpoints).await.render(render)
+}
+
+/// `GET /api/endpoints/{id}`.
+pub async fn get(ctx: &Rc<CoreCtx>, org: OrgInfo, param: Option<&str>) -> Reply {
+    on_endpoint(ctx, org, param, |id| Query::GetEndpoint { id }).await
+}
+
+/// `GET /api/endpoints/{id}/secret`.
+pub async fn secret(ctx: &Rc<CoreCtx>, org: OrgInfo, param: Option<&str>) -> Reply {
+    on_endpoint(ctx, org, param, |id| Query::GetEndpointSecret { id }).await
+}
+
+/// `POST /api/endpoints/{id}/secret/rotate`.
+pub async fn rotate(ctx: &Rc<CoreCtx>, org: OrgInfo, param: Option<&str>) -> Reply {
+    on_endpoint(ctx, org, param, |id| Query::RotateEndpointSecret { id }).await
+}
+
+/// `PATCH /api/endpoints/{id}`.
+pub async fn patch(ctx: &Rc<CoreCtx>, req: &Request, org: OrgInfo, param: Option<&str>) -> Reply {
+    let id = match path_uuid(param, "id") {
+        Ok(id) => id,
+        Err(e) => return e.reply(),
+    };
+    match parse_patch(ctx, req) {
+        Ok(patch) => ctx
+            .query(org, Query::PatchEndpoint { id, patch })
+            .await
+            .render(render),
+        Err(e) => e.reply(),
+    }
+}
+
+/// `DELETE /api/endpoints/{id}`.
+pub async fn delete(ctx: &Rc<CoreCtx>, org: OrgInfo, param: Option<&str>) -> Reply {
+    on_endpoint(ctx, org, param, |id| Query::DeleteEndpoint { id }).await
+}
+
+/// `POST /api/endpoints/{id}/pause` (`paused`) and `/resume`.
+pub async fn set_paused(
+    ctx: &Rc<CoreCtx>,
+    org: OrgInfo,
+    param: Option<&str>,
+    paused: bool,
+) -> Reply {
+    on_endpoint(ctx, org, param, |id| Query::SetEndpointPaused {
+        id,
+        paused,
+    })
+    .await
+}
+
+/// `POST /api/endpoints/{id}/recover` body `{"since": RFC 3339}`.
+pub async fn recover(ctx: &Rc<CoreCtx>, req: &Request, org: OrgInfo, param: Option<&str>) -> Reply {
+    let id = match path_uuid(param, "id") {
+        Ok(id) => id,
+        Err(e) => return e.reply(),
+    };
+    let since = require_json(req).and_then(|()| {
+        with_body(&ctx.parser, &req.body, |body| match body.get("since") {
+            Some(Field::Str(s)) => parse_rfc3339(s).ok_or_else(|| {
+                ApiError::validation(
+                    "since",
+                    "since must be an RFC 3339 time such as 2026-01-31T12:00:00Z",
+                )
+            }),
+            None | Some(Field::Null) => Err(ApiError::validation("since", "since is required")),
+            Some(other) => Err(ApiError::validation(
+                "since",
+                format!("since must be a string, not {}", other.type_name()),
+            )),
+        })
+    });
+    match since {
+        Ok(since) => ctx
+            .query(org, Query::RecoverEndpoint { id, since })
+            .await
+            .render(render),
+        Err(e) => e.reply(),
+    }
+}

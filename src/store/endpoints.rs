@@ -1,0 +1,432 @@
+//! `/api/endpoints…`: an organization's endpoints, their secrets, pause and resume, and the
+//! recovery of failed deliveries. Every change is one transaction with a NOTIFY, so every node's
+//! delivery pool drops what it cached of the organization's endpoints (as for a key change).
+//!
+//! A deleted endpoint is kept with status `removed` (3): the history of its deliveries keeps
+//! its id, and a deleted default endpoint keeps the organization's v1 signing secret for the
+//! next `POST /api/webhook/config`.
+
+use std::time::{Duration, SystemTime};
+
+use base64::Engine;
+use tokio_postgres::{Row, Transaction};
+use uuid::Uuid;
+
+use super::ctx::{Done, StoreCtx};
+use crate::config::SIGNING_SECRET_BYTES;
+use crate::flow::answer::{Answer, Circuit, EndpointHealth, EndpointStatus, EndpointView, Refusal};
+use crate::flow::job::{EndpointPatch, EndpointSpec};
+use crate::flow::ORG_CHANGED_CHANNEL;
+use crate::ids::{new_v7, Micros, OrgId};
+use crate::url_policy;
+
+/// The columns [`endpoint_view`] reads, in its order.
+pub const ENDPOINT_COLUMNS: &str = "id, url, event_types, description, rate_limit_per_second, \
+     status, consecutive_failures, last_success_at, last_failure_at, circuit_open_until, \
+     created_at, updated_at";
+
+/// `whsec_` and the standard base64 of random bytes.
+pub fn new_signing_secret() -> Result<String, Refusal> {
+    let mut bytes = [0u8; SIGNING_SECRET_BYTES];
+    getrandom::fill(&mut bytes).map_err(|_| Refusal::Internal)?;
+    Ok(format!(
+        "whsec_{}",
+        base64::engine::general_purpose::STANDARD.encode(bytes)
+    ))
+}
+
+/// Resolve a URL's host and apply the SSRF policy (its shape was checked by ingress).
+pub async fn check_url(ctx: &StoreCtx, url: &str, field: &'static str) -> Result<(), Refusal> {
+    let invalid = |message: String| Refusal::Invalid { field, message };
+    let parsed = url_policy::parse_url(url).map_err(invalid)?;
+    url_policy::resolve(&parsed, ctx.config.allow_private_webhooks)
+        .await
+        .map_err(invalid)?;
+    Ok(())
+}
+
+fn time(row: &Row, i: usize) -> Option<Micros> {
+    row.get::<_, Option<SystemTime>>(i)
+        .map(Micros::from_system_time)
+}
+
+/// An endpoint row (read with [`ENDPOINT_COLUMNS`]) as the API shows it. The circuit is as
+/// last recorded: open until `circuit_open_until`, then half-open until an attempt succeeds.
+pub fn endpoint_view(row: &Row, circuit_failures: usize) -> EndpointView {
+    let failures: i32 = row.get(6);
+    let open_until = time(row, 9);
+    let circuit = match open_until {
+        Some(t) if t > Micros::now() => Circuit::Open,
+        _ if failures as usize >= circuit_failures => Circuit::HalfOpen,
+        _ => Circuit::Closed,
+    };
+    EndpointView {
+        id: row.get(0),
+        url: row.get(1),
+        event_types: row.get(2),
+        description: row.get(3),
+        rate_limit_per_second: row.get(4),
+        status: EndpointStatus::from_i16(row.get(5)),
+        signing_secret: None,
+        health: EndpointHealth {
+            circuit,
+            consecutive_failures: failures,
+            last_success_at: time(row, 7),
+            last_failure_at: time(row, 8),
+        },
+        created_at: Micros::from_system_time(row.get(10)),
+        updated_at: Micros::from_system_time(row.get(11)),
+    }
+}
+
+/// Tell every node the organization's endpoints changed (delivered at COMMIT).
+pub async fn notify(tx: &Transaction<'_>, org: OrgId) -> Result<(), tokio_postgres::Error> {
+    tx.execute(
+        "SELECT pg_notify($1, $2)",
+        &[&ORG_CHANGED_CHANNEL, &org.to_string()],
+    )
+    .await
+    .map(|_| ())
+}
+
+/// Lock the organization (endpoint creations take turns, so the limit holds) and refuse when it
+/// has as many endpoints as it may.
+pub async fn check_room(
+    ctx: &StoreCtx,
+    tx: &Transaction<'_>,
+    org: OrgId,
+    field: &'static str,
+) -> Done<()> {
+    tx.query_opt(
+        "SELECT 1 FROM organizations WHERE id = $1 FOR UPDATE",
+        &[&org.0],
+    )
+    .await?
+    .ok_or(Refusal::NotFound("organization not found"))?;
+    let row = tx
+        .query_one(
+            "SELECT count(*) FROM endpoints WHERE org_id = $1 AND status <> $2",
+            &[&org.0, &EndpointStatus::Removed.code()],
+        )
+        .await?;
+    let max = ctx.config.endpoints_per_org_max;
+    if row.get::<_, i64>(0) as usize >= max {
+        return Err(Refusal::Invalid {
+            field,
+            message: format!("an organization may have at most {max} endpoints; delete one first"),
+        }
+        .into());
+    }
+    Ok(())
+}
+
+/// Run `work` in a transaction that ends with a NOTIFY, then wait until this node's cores and
+/// delivery pool dropped what they cached of the organization.
+macro_rules! org_change {
+    ($ctx:expr, $org:expr, $what:expr, |$tx:ident| $body:block) => {{
+        let out = $ctx
+            .timed($what, async {
+                let mut client = $ctx.pool.get().await?;
+                let $tx = client.transaction().await?;
+                let out = $body;
+                notify(&$tx, $org).await?;
+                $tx.commit().await?;
+                Ok(out)
+            })
+            .await?;
+        $ctx.org_changed(Some($org)).await;
+        out
+    }};
+}
+
+/// `POST /api/endpoints`.
+pub async fn create(ctx: &StoreCtx, org: OrgId, spec: EndpointSpec) -> Result<Answer, Refusal> {
+    check_url(ctx, &spec.url, "url").await?;
+    let secret = new_signing_secret()?;
+    let now = Micros::now();
+    let id = new_v7(now);
+    let rate = spec.rate_limit_per_second.map(|r| r as i32);
+    let row = org_change!(ctx, org, "create endpoint", |tx| {
+        check_room(ctx, &tx, org, "url").await?;
+        tx.query_one(
+            &format!(
+                "INSERT INTO endpoints (id, org_id, url, event_types, description, \
+                     rate_limit_per_second, signing_secret, created_at, updated_at) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $8) RETURNING {ENDPOINT_COLUMNS}"
+            ),
+            &[
+                &id,
+                &org.0,
+                &spec.url,
+                &spec.event_types,
+                &spec.description,
+                &rate,
+                &secret,
+                &now.to_system_time(),
+            ],
+        )
+        .await?
+    });
+    let mut view = endpoint_view(&row, ctx.config.circuit_failures);
+    view.signing_secret = Some(secret);
+    Ok(Answer::Endpoint(Box::new(view)))
+}
+
+/// `GET /api/endpoints`: every endpoint but the deleted ones, oldest first.
+pub async fn list(ctx: &StoreCtx, org: OrgId) -> Done<Answer> {
+    let client = ctx.pool.get().await?;
+    let stmt = client
+        .prepare_cached(&format!(
+            "SELECT {ENDPOINT_COLUMNS} FROM endpoints WHERE org_id = $1 AND status <> $2 \
+             ORDER BY created_at, id"
+        ))
+        .await?;
+    let rows = client
+        .query(&stmt, &[&org.0, &EndpointStatus::Removed.code()])
+        .await?;
+    Ok(Answer::Endpoints(
+        rows.iter()
+            .map(|r| endpoint_view(r, ctx.config.circuit_failures))
+            .collect(),
+    ))
+}
+
+const NOT_FOUND: Refusal = Refusal::NotFound("endpoint not found");
+
+/// `GET /api/endpoints/{id}`.
+pub async fn get(ctx: &StoreCtx, org: OrgId, id: Uuid) -> Done<Answer> {
+    let client = ctx.pool.get().await?;
+    let stmt = client
+        .prepare_cached(&format!(
+            "SELECT {ENDPOINT_COLUMNS} FROM endpoints WHERE id = $1 AND org_id = $2 AND status <> $3"
+        ))
+        .await?;
+    let row = client
+        .query_opt(&stmt, &[&id, &org.0, &EndpointStatus::Removed.code()])
+        .await?
+        .ok_or(NOT_FOUND)?;
+    Ok(Answer::Endpoint(Box::new(endpoint_view(
+        &row,
+        ctx.config.circuit_failures,
+    ))))
+}
+
+/// The secret answer: the previous secret's expiry only while it still signs.
+fn secret_answer(row: &Row) -> Answer {
+    Answer::EndpointSecret {
+        signing_secret: row.get(0),
+        previous_secret_expires_at: time(row, 1).filter(|t| *t > Micros::now()),
+    }
+}
+
+/// `GET /api/endpoints/{id}/secret`.
+pub async fn secret(ctx: &StoreCtx, org: OrgId, id: Uuid) -> Done<Answer> {
+    let client = ctx.pool.get().await?;
+    let row = client
+        .query_opt(
+            "SELECT signing_secret, previous_secret_expires_at FROM endpoints \
+             WHERE id = $1 AND org_id = $2 AND status <> $3",
+            &[&id, &org.0, &EndpointStatus::Removed.code()],
+        )
+        .await?
+        .ok_or(NOT_FOUND)?;
+    Ok(secret_answer(&row))
+}
+
+/// `POST /api/endpoints/{id}/secret/rotate`: a new secret; the old one signs too for the grace
+/// period (`--secret-rotation-grace-s`), so receivers can switch without losing a delivery.
+pub async fn rotate_secret(ctx: &StoreCtx, org: OrgId, id: Uuid) -> Result<Answer, Refusal> {
+    let secret = new_signing_secret()?;
+    let now = Micros::now();
+    let expires = now.plus(Duration::from_secs(ctx.config.secret_rotation_grace_s));
+    let row = org_change!(ctx, org, "rotate endpoint secret", |tx| {
+        tx.query_opt(
+            "UPDATE endpoints SET previous_secret = signing_secret, \
+                 previous_secret_expires_at = $4, signing_secret = $3, updated_at = $5 \
+             WHERE id = $1 AND org_id = $2 AND status <> $6 \
+             RETURNING signing_secret, previous_secret_expires_at",
+            &[
+                &id,
+                &org.0,
+                &secret,
+                &expires.to_system_time(),
+                &now.to_system_time(),
+                &EndpointStatus::Removed.code(),
+            ],
+        )
+        .await?
+        .ok_or(NOT_FOUND)?
+    });
+    Ok(secret_answer(&row))
+}
+
+/// `PATCH /api/endpoints/{id}`: only the fields sent change.
+pub async fn patch(
+    ctx: &StoreCtx,
+    org: OrgId,
+    id: Uuid,
+    patch: EndpointPatch,
+) -> Result<Answer, Refusal> {
+    if let Some(url) = &patch.url {
+        check_url(ctx, url, "url").await?;
+    }
+    let now = Micros::now().to_system_time();
+    let rate = patch.rate_limit_per_second.map(|r| r.map(|r| r as i32));
+    let row = org_change!(ctx, org, "patch endpoint", |tx| {
+        tx.query_opt(
+            &format!(
+                "UPDATE endpoints SET \
+                     url = CASE WHEN $3 THEN $4 ELSE url END, \
+                     event_types = CASE WHEN $5 THEN $6 ELSE event_types END, \
+                     description = CASE WHEN $7 THEN $8 ELSE description END, \
+                     rate_limit_per_second = CASE WHEN $9 THEN $10 ELSE rate_limit_per_second END, \
+                     updated_at = $11 \
+                 WHERE id = $1 AND org_id = $2 AND status <> $12 RETURNING {ENDPOINT_COLUMNS}"
+            ),
+            &[
+                &id,
+                &org.0,
+                &patch.url.is_some(),
+                &patch.url.as_deref().unwrap_or(""),
+                &patch.event_types.is_some(),
+                &patch.event_types.clone().flatten(),
+                &patch.description.is_some(),
+                &patch.description.clone().flatten(),
+                &rate.is_some(),
+                &rate.flatten(),
+                &now,
+                &EndpointStatus::Removed.code(),
+            ],
+        )
+        .await?
+        .ok_or(NOT_FOUND)?
+    });
+    Ok(Answer::Endpoint(Box::new(endpoint_view(
+        &row,
+        ctx.config.circuit_failures,
+    ))))
+}
+
+/// Park an endpoint's pending deliveries that are due or scheduled: they wait, no attempt spent.
+/// A node holding one in memory records its attempt in flight and then leaves it parked.
+pub const PARK: &str = "UPDATE deliveries SET next_attempt_at = NULL \
+     WHERE endpoint_id = $1 AND status = 0 AND next_attempt_at IS NOT NULL";
+
+/// `DELETE /api/endpoints/{id}`: nothing more is sent to it; events it matched no longer wait
+/// for it (their status is judged over the endpoints that still exist).
+pub async fn delete(ctx: &StoreCtx, org: OrgId, id: Uuid) -> Result<Answer, Refusal> {
+    let now = Micros::now().to_system_time();
+    org_change!(ctx, org, "delete endpoint", |tx| {
+        tx.query_opt(
+            "UPDATE endpoints SET status = $3, updated_at = $4 \
+             WHERE id = $1 AND org_id = $2 AND status <> $3 RETURNING id",
+            &[&id, &org.0, &EndpointStatus::Removed.code(), &now],
+        )
+        .await?
+        .ok_or(NOT_FOUND)?;
+        tx.execute(PARK, &[&id]).await?;
+    });
+    Ok(Answer::EndpointDeleted(id))
+}
+
+/// `POST /api/endpoints/{id}/pause` and `/resume`. Pausing parks the endpoint's pending
+/// deliveries (new events that match it are stored parked too). Resuming (also a disabled
+/// endpoint) starts its circuit afresh and makes every parked delivery due now, except those of
+/// acknowledged events.
+pub async fn set_paused(
+    ctx: &StoreCtx,
+    org: OrgId,
+    id: Uuid,
+    paused: bool,
+) -> Result<Answer, Refusal> {
+    let now = Micros::now().to_system_time();
+    let row = org_change!(ctx, org, "pause or resume endpoint", |tx| {
+        let row = if paused {
+            tx.query_opt(
+                &format!(
+                    "UPDATE endpoints SET status = $3, updated_at = $4 \
+                     WHERE id = $1 AND org_id = $2 AND status <> $5 RETURNING {ENDPOINT_COLUMNS}"
+                ),
+                &[
+                    &id,
+                    &org.0,
+                    &EndpointStatus::Paused.code(),
+                    &now,
+                    &EndpointStatus::Removed.code(),
+                ],
+            )
+            .await?
+            .ok_or(NOT_FOUND)?
+        } else {
+            tx.query_opt(
+                &format!(
+                    "UPDATE endpoints SET status = $3, updated_at = $4, disabled_reason = NULL, \
+                         consecutive_failures = 0, failing_since = NULL, circuit_open_until = NULL \
+                     WHERE id = $1 AND org_id = $2 AND status <> $5 RETURNING {ENDPOINT_COLUMNS}"
+                ),
+                &[
+                    &id,
+                    &org.0,
+                    &EndpointStatus::Active.code(),
+                    &now,
+                    &EndpointStatus::Removed.code(),
+                ],
+            )
+            .await?
+            .ok_or(NOT_FOUND)?
+        };
+        if paused {
+            tx.execute(PARK, &[&id]).await?;
+        } else {
+            tx.execute(
+                "UPDATE deliveries d SET next_attempt_at = $2 FROM events e \
+                 WHERE d.endpoint_id = $1 AND d.status = 0 AND d.next_attempt_at IS NULL \
+                   AND e.id = d.event_id AND e.status <> $3",
+                &[
+                    &id,
+                    &now,
+                    &crate::flow::event::EventStatus::Delivered.code(),
+                ],
+            )
+            .await?;
+        }
+        row
+    });
+    if !paused {
+        ctx.delivery.wake();
+    }
+    Ok(Answer::Endpoint(Box::new(endpoint_view(
+        &row,
+        ctx.config.circuit_failures,
+    ))))
+}
+
+/// `POST /api/endpoints/{id}/recover`: every delivery to the endpoint that ended failed at or
+/// after `since` starts a new round (due now; parked while the endpoint is paused or disabled).
+pub async fn recover(ctx: &StoreCtx, org: OrgId, id: Uuid, since: Micros) -> Done<Answer> {
+    let mut client = ctx.pool.get().await?;
+    let tx = client.transaction().await?;
+    let status: i16 = tx
+        .query_opt(
+            "SELECT status FROM endpoints WHERE id = $1 AND org_id = $2 AND status <> $3",
+            &[&id, &org.0, &EndpointStatus::Removed.code()],
+        )
+        .await?
+        .ok_or(NOT_FOUND)?
+        .get(0);
+    let now = Micros::now().to_system_time();
+    let due = (status == EndpointStatus::Active.code()).then_some(now);
+    let queued = tx
+        .execute(
+            "UPDATE deliveries SET status = 0, retry_base = attempts, next_attempt_at = $3, \
+                 failed_at = NULL \
+             WHERE endpoint_id = $1 AND status = 2 AND failed_at >= $2",
+            &[&id, &since.to_system_time(), &due],
+        )
+        .await?;
+    tx.commit().await?;
+    if queued > 0 {
+        ctx.delivery.wake();
+    }
+    Ok(Answer::Recovered { queued })
+}
