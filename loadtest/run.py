@@ -54,6 +54,7 @@ SCENARIOS = {
     "delivery": ("k6", "ingest.js", 1000, None, "many", True),
     "delivery-max": ("wrk", "ingest.lua", None, 256, "many", True),
     "delivery-drain": ("drain", None, None, None, "many", True),
+    "fanout-max": ("wrk", "ingest.lua", None, 256, "many", "fanout"),
     "hot-org": ("wrk", "ingest.lua", None, 512, "one", False),
     "many-orgs": ("wrk", "ingest.lua", None, 512, "many", False),
     "drill": ("drill", "benchmark.yml", None, 32, "many", False),
@@ -85,11 +86,43 @@ class Database:
         self.url = out.stdout.strip()
 
     def sql(self, statement):
-        subprocess.run(["psql", self.url, "-qAtc", statement], check=True, capture_output=True)
+        return subprocess.run(["psql", self.url, "-qAtc", statement], check=True, capture_output=True,
+                              text=True).stdout.strip()
+
+    def has_endpoints(self):
+        """Whether the schema is version 2's (endpoints, per-endpoint deliveries)."""
+        return self.sql("SELECT to_regclass('endpoints') IS NOT NULL") == "t"
 
     def reset(self):
         """Every measured phase starts from the same state: no events, a fresh checkpoint."""
-        self.sql("TRUNCATE events, delivery_attempts; CHECKPOINT")
+        tables = "events, delivery_attempts"
+        if self.has_endpoints():
+            tables += ", deliveries, delivery_batches"
+        self.sql(f"TRUNCATE {tables}; CHECKPOINT")
+
+
+def postgres_cpu_s():
+    """CPU seconds used so far by the project's PostgreSQL (the postmaster and every backend):
+    the database's cost, read from /proc, whoever else shares the machine."""
+    pid_file = os.environ.get("TRIGGERS_PG_PIDFILE", "/var/tmp/triggers-pg/data/postmaster.pid")
+    try:
+        master = int(open(pid_file).readline())
+    except (OSError, ValueError):
+        return None
+    total = 0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            fields = open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(entry) == master or int(fields[1]) == master:
+            # utime + stime, and for the postmaster the CPU of children that have exited.
+            total += int(fields[11]) + int(fields[12])
+            if int(entry) == master:
+                total += int(fields[13]) + int(fields[14])
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 def supported_flags(binary):
@@ -182,6 +215,7 @@ class Sampler(threading.Thread):
         super().__init__(daemon=True)
         self.server, self.stop_flag, self.peak_rss = server, threading.Event(), 0.0
         self.cpu0, self.t0 = server.cpu_s(), time.monotonic()
+        self.pg0 = postgres_cpu_s()
 
     def run(self):
         while not self.stop_flag.wait(0.25):
@@ -191,11 +225,40 @@ class Sampler(threading.Thread):
         self.stop_flag.set()
         self.join()
         self.peak_rss = max(self.peak_rss, self.server.rss_mb())
-        return 100 * (self.server.cpu_s() - self.cpu0) / (time.monotonic() - self.t0), self.peak_rss
+        pg1 = postgres_cpu_s()
+        self.server_cpu_s = self.server.cpu_s() - self.cpu0
+        self.pg_cpu_s = pg1 - self.pg0 if pg1 is not None and self.pg0 is not None else None
+        return 100 * self.server_cpu_s / (time.monotonic() - self.t0), self.peak_rss
+
+    def per_event_us(self, events):
+        """Server and PostgreSQL CPU per event, in microseconds."""
+        if events <= 0:
+            return {}
+        out = {"server_us_per_event": round(1e6 * self.server_cpu_s / events, 1)}
+        if self.pg_cpu_s is not None:
+            out["pg_us_per_event"] = round(1e6 * self.pg_cpu_s / events, 1)
+        return out
 
 
 # A backlog of due deliveries as a crash would leave it: committed events of organizations with a
-# webhook, ~200-byte payloads like ingest.lua's, spread over every such organization.
+# webhook, ~200-byte payloads like ingest.lua's, spread over every such organization. Version 2's
+# schema keeps each (event, endpoint) delivery due in its own row.
+PAYLOAD_SQL = """json_build_object('order_id', 'ord_' || lpad(g::text, 8, '0'), 'customer', 'cus_4f9a8b7c',
+                         'amount', g % 10000, 'currency', 'usd',
+                         'items', json_build_array(json_build_object('sku', 'sku_1234', 'qty', 2),
+                                                   json_build_object('sku', 'sku_5678', 'qty', 1)),
+                         'note', 'load test event')"""
+DRAIN_SQL_V2 = """
+WITH o AS (SELECT org_id AS id, array_agg(id) AS eps, row_number() OVER (ORDER BY org_id) - 1 AS i,
+                  count(*) OVER () AS k
+           FROM endpoints WHERE status = 0 GROUP BY org_id),
+ev AS (INSERT INTO events (id, org_id, type, payload, status, endpoints, created_at)
+       SELECT gen_random_uuid(), o.id, 'order.created', """ + PAYLOAD_SQL + """, 3, o.eps, now()
+       FROM generate_series(0, {n} - 1) g JOIN o ON o.i = g % o.k
+       RETURNING id, org_id, endpoints)
+INSERT INTO deliveries (event_id, endpoint_id, org_id, next_attempt_at)
+SELECT ev.id, ep, ev.org_id, now() FROM ev, unnest(ev.endpoints) AS ep
+"""
 DRAIN_SQL = """
 INSERT INTO events (id, org_id, type, payload, created_at, next_attempt_at)
 SELECT gen_random_uuid(), o.id, 'order.created',
@@ -216,8 +279,12 @@ def run_drain(db, args, server_args, binary, receiver, backlog):
     and times it from start until every one is delivered: the delivery pool's rate on its own
     (claim with SKIP LOCKED, POST, record), with no ingest competing for the cores."""
     db.reset()
-    db.sql(DRAIN_SQL.format(n=backlog))
-    db.sql("VACUUM ANALYZE events")
+    if db.has_endpoints():
+        db.sql(DRAIN_SQL_V2.format(n=backlog))
+        db.sql("VACUUM ANALYZE events, deliveries")
+    else:
+        db.sql(DRAIN_SQL.format(n=backlog))
+        db.sql("VACUUM ANALYZE events")
     db.sql("CHECKPOINT")
     receiver.send_signal(signal.SIGUSR1)
     time.sleep(0.2)
@@ -235,6 +302,7 @@ def run_drain(db, args, server_args, binary, receiver, backlog):
     elapsed = time.monotonic() - server.started
     cpu, rss = sampler.finish()
     statuses = {"delivered": int(done)}
+    per_delivery = sampler.per_event_us(done)
     retried = int(server.metric("triggers_deliveries_total{outcome=\"retry\"}"))
     if retried:
         statuses["retry"] = retried
@@ -242,7 +310,7 @@ def run_drain(db, args, server_args, binary, receiver, backlog):
         statuses["undelivered"] = backlog - int(done)
     r = dict(achieved=done / elapsed, p50=None, p90=None, p99=None, max=None, statuses=statuses,
              committed_per_s=0.0, cpu_pct=cpu, rss_mb=rss, deliveries_per_s=done / elapsed, backlog=backlog,
-             drain_s=elapsed)
+             drain_s=elapsed, cpu_per_delivery=per_delivery)
     return r, server
 
 
@@ -360,7 +428,7 @@ def scenario(name, db, args, ceiling, binary=SERVER):
     server_args = args.server_args.split() if args.server_args else ()
     server = Server(db, args.cores, extra=server_args, binary=binary)
     try:
-        n_orgs = 1 if orgs == "one" else (20 if args.smoke else 200)
+        n_orgs = 1 if orgs == "one" else (20 if args.smoke else args.orgs)
         keys = create_orgs(n_orgs)
         if orgs == "one":
             # One organization past any tier: the limit is the organization row's, tunable by operators.
@@ -372,7 +440,13 @@ def scenario(name, db, args, ceiling, binary=SERVER):
         if hooks:
             wait_http(f"http://127.0.0.1:{RECEIVER_PORT}/", 10, receiver)
             for k in keys:
-                call("POST", "/api/webhook/config", k, {"webhook_url": f"http://127.0.0.1:{RECEIVER_PORT}/hook"})
+                if hooks == "fanout":
+                    # Three endpoints; every order.created event matches two of them.
+                    for path, types in (("a", ["order.*"]), ("b", None), ("c", ["invoice.*"])):
+                        call("POST", "/api/endpoints", k,
+                             {"url": f"http://127.0.0.1:{RECEIVER_PORT}/hook/{path}", "event_types": types})
+                else:
+                    call("POST", "/api/webhook/config", k, {"webhook_url": f"http://127.0.0.1:{RECEIVER_PORT}/hook"})
         # Warm up: every key verified on every core, connections and caches established.
         subprocess.run(["wrk", "-t2", "-c16", "-d2s", "-s", os.path.join(HERE, "ingest.lua"), f"http://127.0.0.1:{PORT}"],
                        env=dict(os.environ, KEYS_FILE=keys_file), check=True, capture_output=True)
@@ -408,7 +482,9 @@ def scenario(name, db, args, ceiling, binary=SERVER):
         if perf:
             perf.wait()
         cpu, rss = sampler.finish()
-        r["committed_per_s"] = (server.metric("triggers_events_committed_total") - committed0) / elapsed
+        committed = server.metric("triggers_events_committed_total") - committed0
+        r["committed_per_s"] = committed / elapsed
+        r["cpu_per_event"] = sampler.per_event_us(committed)
         r.update(scenario=name, tool=tool, offered=rate if rate else f"max/{conns}c", cpu_pct=cpu, rss_mb=rss,
                  duration_s=duration)
         if ceiling:
@@ -418,6 +494,7 @@ def scenario(name, db, args, ceiling, binary=SERVER):
             stats = json.load(open(os.path.join(RESULTS, "receiver.json")))
             r["deliveries_per_s"] = stats["deliveries"] / max(elapsed, 0.001)
             r["lag_ms"] = stats["lag_ms"]
+            r["cpu_per_delivery"] = sampler.per_event_us(stats["deliveries"])
         return r
     finally:
         server.stop()
@@ -428,10 +505,14 @@ def scenario(name, db, args, ceiling, binary=SERVER):
 def compare(name, db, args, ceiling):
     """The same scenario with two binaries, alternating A B A B ..., medians of each."""
     runs = {"A": [], "B": []}
+    # Each binary on its own database: two versions may not share a schema.
+    other = Database("triggers_loadtest_b")
+    Server(other, 1, binary=args.against).stop()
+    dbs = {"A": db, "B": other}
     for i in range(args.repeat):
         for label, binary in (("A", args.server_bin), ("B", args.against)):
             log(f"running {name} with {label} ({os.path.relpath(binary, ROOT)}), run {i + 1}/{args.repeat}")
-            runs[label].append(scenario(name, db, args, ceiling, binary))
+            runs[label].append(scenario(name, dbs[label], args, ceiling, binary))
     rows = []
     for label, binary in (("A", args.server_bin), ("B", args.against)):
         ordered = sorted(runs[label], key=lambda r: r["achieved"])
@@ -459,6 +540,11 @@ def print_table(rows, ceiling, extra):
         statuses = " ".join(f"{k}:{v}" for k, v in sorted(r["statuses"].items()))
         if "lag_ms" in r:
             statuses += f" | delivered {r['deliveries_per_s']:,.0f}/s lag p50 {r['lag_ms']['p50']} p99 {r['lag_ms']['p99']} ms"
+        for label, key in (("per event", "cpu_per_event"), ("per delivery", "cpu_per_delivery")):
+            c = r.get(key) or {}
+            if c:
+                pg = f", postgres {c['pg_us_per_event']} us" if "pg_us_per_event" in c else ""
+                statuses += f" | cpu {label}: server {c['server_us_per_event']} us{pg}"
         offered = f"{r['offered']:,}" if isinstance(r["offered"], int) else r["offered"]
         ms = "".join(f"{r[k]:>9.2f}" if r[k] is not None else f"{'-':>9}" for k in ("p50", "p90", "p99", "max"))
         print(f"{r['scenario']:<16}{r['tool']:<6}{offered:>11}{r['achieved']:>12,.0f}{ms}"
@@ -474,6 +560,7 @@ def main():
     p.add_argument("--rate", type=int, help="offered rate for fixed-rate scenarios")
     p.add_argument("--connections", type=int, help="connections for wrk scenarios")
     p.add_argument("--cores", type=int, help="--ingress-cores for the server (default: its own)")
+    p.add_argument("--orgs", type=int, default=200, help="organizations created (default 200)")
     p.add_argument("--smoke", action="store_true", help="a few seconds at low rate: what CI runs")
     p.add_argument("--server-args", default="", help="extra flags for the server")
     p.add_argument("--no-ceiling", action="store_true", help="skip the COPY ceiling measurement")

@@ -106,8 +106,11 @@ UPDATE delivery_attempts a SET endpoint_id = e.endpoints[1]
 FROM events e WHERE e.id = a.event_id AND e.endpoints IS NOT NULL;
 DELETE FROM delivery_attempts WHERE endpoint_id IS NULL;
 ALTER TABLE delivery_attempts ALTER COLUMN endpoint_id SET NOT NULL;
+-- The log is appended with COPY and read by event: a plain index on the event is all it needs
+-- (a unique key on (event, endpoint, attempt) costs every append a wider index entry and a
+-- uniqueness check, for a race that the leases already rule out).
 ALTER TABLE delivery_attempts DROP CONSTRAINT delivery_attempts_pkey;
-ALTER TABLE delivery_attempts ADD PRIMARY KEY (event_id, endpoint_id, attempt);
+CREATE INDEX delivery_attempts_event ON delivery_attempts (event_id);
 
 -- An event's status column now holds only what is not derived:
 --   0 pending with no endpoint (the inbox's), 1 acknowledged, 3 derived from its deliveries.

@@ -134,6 +134,10 @@ pub const RECORDER_QUEUE_PER_SLOT: usize = 4;
 pub const DELIVERY_ENDPOINT_IN_MEMORY_PER_SLOT: usize = 4;
 /// Most outcomes one recorder transaction writes.
 pub const RECORD_BATCH_MAX: usize = 1000;
+/// A recorder with fewer outcomes than this waits up to `RECORD_LINGER` for more.
+pub const RECORD_BATCH_LINGER_BELOW: usize = 200;
+/// How long a recorder waits for a small batch to grow.
+pub const RECORD_LINGER: Duration = Duration::from_millis(2);
 /// Most rows one claim takes.
 pub const CLAIM_BATCH_MAX: usize = 1000;
 /// How often the due backlog is counted for the metric.

@@ -230,15 +230,8 @@ async fn settle(
         disable,
         reply: tx,
     };
-    let recorded = shared.record(outcome, rx).await;
-    match (recorded, retry_held) {
-        (
-            Recorded {
-                owned: true,
-                parked: false,
-            },
-            Some(held),
-        ) => {
+    match (shared.record(outcome, rx).await, retry_held) {
+        (Recorded::Owned { parked: false }, Some(held)) => {
             // Retried by this node under the delivery's own row from now on.
             if let Lease::Batch(b) = &job.lease {
                 shared.settle(b);
@@ -247,10 +240,11 @@ async fn settle(
             shared.remember(job.event, job.endpoint, held, job.due);
             Step::Again
         }
-        (Recorded { owned: false, .. }, _) if matches!(job.lease, Lease::Batch(_)) => {
-            // The batch is gone (claimed elsewhere) or someone else took the delivery over.
+        (Recorded::Failed, _) => {
+            abandon(shared, job);
             Step::Done
         }
+        // Settled (delivered, failed, parked, handed back), or not this node's any more.
         _ => Step::Done,
     }
 }

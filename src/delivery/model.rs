@@ -256,19 +256,18 @@ pub struct Outcome {
 
 /// What became of an outcome.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Recorded {
-    /// It was written: this node held the delivery.
-    pub owned: bool,
-    /// The delivery's row is parked (an ack or a pause came meanwhile): stop.
-    pub parked: bool,
-}
-
-impl Recorded {
-    /// Not written (not this node's any more, or the database failed).
-    pub const LOST: Recorded = Recorded {
-        owned: false,
-        parked: false,
-    };
+pub enum Recorded {
+    /// Written: this node held the delivery. `parked`: its row is parked (an ack or a pause came
+    /// meanwhile), so it stops.
+    Owned {
+        /// Whether the row is parked.
+        parked: bool,
+    },
+    /// Not this node's any more (taken over, redelivered, acknowledged): nothing was written.
+    Lost,
+    /// The database failed us: nothing was written, and whether the delivery is still this
+    /// node's is unknown. It is let go: its lease runs out and any node takes it over.
+    Failed,
 }
 
 #[cfg(test)]

@@ -5,12 +5,15 @@
 //!
 //! What one outcome writes depends on what the delivery is held under:
 //! - its batch's lease (no row of its own, first attempt): a success is one appended attempt
-//!   row, nothing else; anything else gives the delivery its `deliveries` row (with the attempt);
+//!   row, nothing else (when the batch row still exists and no one gave the delivery a row of its
+//!   own meanwhile: two index lookups per transaction, not per row); anything else gives the
+//!   delivery its `deliveries` row (with the attempt);
 //! - its own row: the row is updated (narrow, HOT where no indexed column changes) with the
 //!   attempt appended.
 //!
-//! The same transaction writes what the outcomes did to their endpoints' health (only on a
-//! change), disables endpoints, stores operational events, and deletes settled batch rows.
+//! Every attempt row of a transaction goes in one binary COPY. The same transaction writes what
+//! the outcomes did to their endpoints' health (only on a change), disables endpoints, stores
+//! operational events, and deletes settled batch rows.
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
@@ -21,29 +24,22 @@ use deadpool_postgres::Transaction;
 use tokio::sync::mpsc;
 use uuid::Uuid;
 
-use super::model::{Attempt, HealthWrite, Held, Next, Outcome, Recorded};
+use super::model::{HealthWrite, Held, Next, Outcome, Recorded};
 use super::shared::Shared;
-use crate::config::RECORD_BATCH_MAX;
+use crate::config::{RECORD_BATCH_LINGER_BELOW, RECORD_BATCH_MAX, RECORD_LINGER};
+use crate::db::copy::BinaryRows;
 use crate::event_types::{DELIVERY_FAILED, ENDPOINT_DISABLED};
 use crate::flow::answer::EndpointStatus;
 use crate::flow::event::EventStatus;
 use crate::flow::ORG_CHANGED_CHANNEL;
 use crate::ids::{new_v7, EventId, Micros, OrgId};
 use crate::json::Obj;
+use futures_util::SinkExt;
+use std::sync::atomic::Ordering;
+use tokio_postgres::types::ToSql;
 
-const LOG_COLUMNS: &str =
-    "event_id, endpoint_id, attempt, at, response_status, error, duration_ms, response_body";
-
-const LOG_UNDER_BATCH: &str = "\
-    INSERT INTO delivery_attempts (event_id, endpoint_id, attempt, at, response_status, error, \
-        duration_ms, response_body) \
-    SELECT u.ev, u.ep, u.n, u.at, u.st, u.err, u.dur, u.body \
-    FROM unnest($1::uuid[], $2::uuid[], $3::int[], $4::timestamptz[], $5::int2[], $6::text[], \
-                $7::int[], $8::text[], $9::uuid[]) AS u(ev, ep, n, at, st, err, dur, body, batch) \
-    WHERE EXISTS (SELECT 1 FROM delivery_batches b WHERE b.id = u.batch) \
-      AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.event_id = u.ev AND d.endpoint_id = u.ep) \
-    ON CONFLICT DO NOTHING \
-    RETURNING event_id, endpoint_id";
+const COPY_LOG: &str = "COPY delivery_attempts (event_id, endpoint_id, attempt, at, \
+     response_status, error, duration_ms, response_body) FROM STDIN (FORMAT binary)";
 
 const MATERIALIZE: &str = "\
     INSERT INTO deliveries (event_id, endpoint_id, org_id, status, attempts, retry_base, \
@@ -100,39 +96,46 @@ const OPERATIONAL_EVENT: &str = "\
     FROM m, unnest(m.eps, m.sts) AS x(ep, st)";
 
 /// Write outcomes in batches until the pool stops; several recorders share one queue, so one
-/// writes while the next gathers.
+/// writes while the next gathers. A small batch waits up to `RECORD_LINGER` for more: a
+/// transaction costs the database about as much as a few hundred attempt rows.
 pub(super) async fn record_loop(
     shared: Arc<Shared>,
     rx: Arc<tokio::sync::Mutex<mpsc::Receiver<Outcome>>>,
 ) {
     let db_timeout = Duration::from_millis(shared.config.db_timeout_ms);
     let mut batch = Vec::with_capacity(RECORD_BATCH_MAX);
-    while rx
-        .lock()
-        .await
-        .recv_many(&mut batch, RECORD_BATCH_MAX)
-        .await
-        > 0
-    {
+    let mut copy = BinaryRows::default();
+    loop {
+        {
+            let mut rx = rx.lock().await;
+            if rx.recv_many(&mut batch, RECORD_BATCH_MAX).await == 0 {
+                return;
+            }
+            let deadline = tokio::time::Instant::now() + RECORD_LINGER;
+            while batch.len() < RECORD_BATCH_LINGER_BELOW {
+                let room = RECORD_BATCH_MAX - batch.len();
+                match tokio::time::timeout_at(deadline, rx.recv_many(&mut batch, room)).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {}
+                }
+            }
+        }
         let finished: Vec<Uuid> =
             std::mem::take(&mut *shared.finished.lock().unwrap_or_else(|p| p.into_inner()));
-        let written = write_outcomes(&shared.pool, db_timeout, &batch, &finished).await;
+        let written = write_outcomes(&shared.pool, db_timeout, &batch, &finished, &mut copy).await;
         match &written {
             Some(w) => {
                 for org in &w.disabled_orgs {
                     shared.forget_endpoints(Some(*org));
                 }
+                let m = &shared.metrics;
                 if w.operational > 0 {
-                    shared
-                        .metrics
-                        .operational_events
-                        .fetch_add(w.operational, std::sync::atomic::Ordering::Relaxed);
+                    m.operational_events
+                        .fetch_add(w.operational, Ordering::Relaxed);
                     shared.wake.notify_one();
                 }
-                shared.metrics.endpoints_disabled.fetch_add(
-                    w.disabled_orgs.len() as u64,
-                    std::sync::atomic::Ordering::Relaxed,
-                );
+                m.endpoints_disabled
+                    .fetch_add(w.disabled_orgs.len() as u64, Ordering::Relaxed);
             }
             None => shared
                 .finished
@@ -143,11 +146,11 @@ pub(super) async fn record_loop(
         for o in batch.drain(..) {
             let key = (o.event.0, o.endpoint);
             let recorded = match &written {
-                Some(w) if w.owned.contains(&key) => Recorded {
-                    owned: true,
+                Some(w) if w.owned.contains(&key) => Recorded::Owned {
                     parked: w.parked.contains(&key),
                 },
-                _ => Recorded::LOST,
+                Some(_) => Recorded::Lost,
+                None => Recorded::Failed,
             };
             let _ = o.reply.send(recorded);
         }
@@ -169,11 +172,12 @@ async fn write_outcomes(
     db_timeout: Duration,
     batch: &[Outcome],
     finished: &[Uuid],
+    copy: &mut BinaryRows,
 ) -> Option<Written> {
     let work = async {
         let mut client = pool.get().await.map_err(|e| e.to_string())?;
         let tx = client.transaction().await.map_err(|e| e.to_string())?;
-        let w = write_in(&tx, batch, finished)
+        let w = write_in(&tx, batch, finished, copy)
             .await
             .map_err(|e| crate::db::describe(&e))?;
         tx.commit().await.map_err(|e| e.to_string())?;
@@ -217,114 +221,118 @@ fn row_state(
     }
 }
 
-/// Attempt rows, column by column.
-#[derive(Default)]
-struct LogRows<'a> {
-    ev: Vec<Uuid>,
-    ep: Vec<Uuid>,
-    n: Vec<i32>,
-    at: Vec<SystemTime>,
-    status: Vec<Option<i16>>,
-    error: Vec<Option<&'a str>>,
-    duration: Vec<i32>,
-    body: Vec<Option<&'a str>>,
-    batch: Vec<Uuid>,
+/// Whether an outcome is a first-attempt success under its batch's lease (an append only).
+fn batch_success(o: &Outcome) -> bool {
+    matches!((o.held, &o.next), (Held::Batch(_), Next::Delivered(_)))
 }
 
-impl<'a> LogRows<'a> {
-    fn push(&mut self, o: &Outcome, number: u32, a: &'a Attempt) {
-        self.ev.push(o.event.0);
-        self.ep.push(o.endpoint);
-        self.n.push(number as i32);
-        self.at.push(sys(a.at));
-        self.status.push(a.status.map(|s| s as i16));
-        self.error.push(a.error.as_deref());
-        self.duration
-            .push(a.duration.as_millis().min(i32::MAX as u128) as i32);
-        self.body.push(a.response_body.as_deref());
-    }
-
-    async fn insert(&self, tx: &Transaction<'_>) -> Result<(), tokio_postgres::Error> {
-        if self.ev.is_empty() {
-            return Ok(());
+/// The successes under a batch's lease that are still this node's: their batch row exists and
+/// no one gave the delivery a row of its own (a redelivery, a take-over).
+async fn owned_batch_successes(
+    tx: &Transaction<'_>,
+    batch: &[Outcome],
+) -> Result<HashSet<(Uuid, Uuid)>, tokio_postgres::Error> {
+    let mut batches: Vec<Uuid> = Vec::new();
+    let mut events: Vec<Uuid> = Vec::new();
+    for o in batch.iter().filter(|o| batch_success(o)) {
+        if let Held::Batch(b) = o.held {
+            if !batches.contains(&b) {
+                batches.push(b);
+            }
         }
-        let sql = format!(
-            "INSERT INTO delivery_attempts ({LOG_COLUMNS}) \
-             SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::int[], $4::timestamptz[], \
-                                  $5::int2[], $6::text[], $7::int[], $8::text[]) \
-             ON CONFLICT DO NOTHING"
-        );
-        let stmt = tx.prepare_cached(&sql).await?;
-        tx.execute(
-            &stmt,
-            &[
-                &self.ev,
-                &self.ep,
-                &self.n,
-                &self.at,
-                &self.status,
-                &self.error,
-                &self.duration,
-                &self.body,
-            ],
-        )
-        .await?;
-        Ok(())
+        events.push(o.event.0);
     }
+    if events.is_empty() {
+        return Ok(HashSet::new());
+    }
+    let live_stmt = tx
+        .prepare_cached("SELECT id FROM delivery_batches WHERE id = ANY($1)")
+        .await?;
+    let rows_stmt = tx
+        .prepare_cached("SELECT event_id, endpoint_id FROM deliveries WHERE event_id = ANY($1)")
+        .await?;
+    let (live_params, rows_params): ([&(dyn ToSql + Sync); 1], [&(dyn ToSql + Sync); 1]) =
+        ([&batches], [&events]);
+    // Both in one round trip (the client pipelines them).
+    let (live, taken) = tokio::try_join!(
+        tx.query(&live_stmt, &live_params),
+        tx.query(&rows_stmt, &rows_params)
+    )?;
+    let live: HashSet<Uuid> = live.iter().map(|r| r.get(0)).collect();
+    let taken: HashSet<(Uuid, Uuid)> = taken.iter().map(|r| (r.get(0), r.get(1))).collect();
+    Ok(batch
+        .iter()
+        .filter(|o| batch_success(o))
+        .filter(|o| matches!(o.held, Held::Batch(b) if live.contains(&b)))
+        .map(|o| (o.event.0, o.endpoint))
+        .filter(|key| !taken.contains(key))
+        .collect())
+}
+
+/// Append the attempts of the owned outcomes with one binary COPY.
+async fn append_attempts(
+    tx: &Transaction<'_>,
+    batch: &[Outcome],
+    owned: &HashSet<(Uuid, Uuid)>,
+    copy: &mut BinaryRows,
+) -> Result<(), tokio_postgres::Error> {
+    copy.begin();
+    for o in batch {
+        let Some((n, a)) = &o.attempt else { continue };
+        if !owned.contains(&(o.event.0, o.endpoint)) {
+            continue;
+        }
+        let size = 8 * 4
+            + 16 * 2
+            + 4
+            + 8
+            + 2
+            + 4
+            + a.error.as_ref().map_or(0, String::len)
+            + a.response_body.as_ref().map_or(0, String::len);
+        copy.row(8, size)
+            .uuid(&o.event.0)
+            .uuid(&o.endpoint)
+            .i32(*n as i32)
+            .time(a.at)
+            .opt_i16(a.status.map(|s| s as i16))
+            .opt_text(a.error.as_deref())
+            .i32(a.duration.as_millis().min(i32::MAX as u128) as i32)
+            .opt_text(a.response_body.as_deref());
+    }
+    if copy.rows() == 0 {
+        return Ok(());
+    }
+    let stmt = tx.prepare_cached(COPY_LOG).await?;
+    let sink = tx.copy_in::<_, bytes::Bytes>(&stmt).await?;
+    futures_util::pin_mut!(sink);
+    sink.send(copy.finish()).await?;
+    sink.finish().await?;
+    Ok(())
 }
 
 async fn write_in(
     tx: &Transaction<'_>,
     batch: &[Outcome],
     finished: &[Uuid],
+    copy: &mut BinaryRows,
 ) -> Result<Written, tokio_postgres::Error> {
-    let mut owned: HashSet<(Uuid, Uuid)> = HashSet::with_capacity(batch.len());
+    let mut owned = owned_batch_successes(tx, batch).await?;
     let mut parked: HashSet<(Uuid, Uuid)> = HashSet::new();
-    let mut take_rows = |rows: Vec<tokio_postgres::Row>, with_parked: bool| {
+    let mut take_rows = |rows: Vec<tokio_postgres::Row>| {
         for r in rows {
             let key: (Uuid, Uuid) = (r.get(0), r.get(1));
-            if with_parked && r.get::<_, bool>(2) {
+            if r.get::<_, bool>(2) {
                 parked.insert(key);
             }
             owned.insert(key);
         }
     };
 
-    // Successes under a batch's lease: one appended row each, when the batch is still this
-    // node's and no one gave the delivery a row of its own meanwhile.
-    let mut under_batch = LogRows::default();
-    for o in batch {
-        if let (Held::Batch(b), Next::Delivered(_), Some((n, a))) = (o.held, &o.next, &o.attempt) {
-            under_batch.push(o, *n, a);
-            under_batch.batch.push(b);
-        }
-    }
-    if !under_batch.ev.is_empty() {
-        let l = &under_batch;
-        let stmt = tx.prepare_cached(LOG_UNDER_BATCH).await?;
-        let rows = tx
-            .query(
-                &stmt,
-                &[
-                    &l.ev,
-                    &l.ep,
-                    &l.n,
-                    &l.at,
-                    &l.status,
-                    &l.error,
-                    &l.duration,
-                    &l.body,
-                    &l.batch,
-                ],
-            )
-            .await?;
-        take_rows(rows, false);
-    }
-
     // Anything else under a batch's lease: the delivery gets its own row.
     let mat: Vec<&Outcome> = batch
         .iter()
-        .filter(|o| matches!(o.held, Held::Batch(_)) && !matches!(o.next, Next::Delivered(_)))
+        .filter(|o| matches!(o.held, Held::Batch(_)) && !batch_success(o))
         .collect();
     if !mat.is_empty() {
         let mut cols = (
@@ -366,7 +374,7 @@ async fn write_in(
                 ],
             )
             .await?;
-        take_rows(rows, true);
+        take_rows(rows);
     }
 
     // Deliveries under their own row's lease: the row is updated.
@@ -406,20 +414,10 @@ async fn write_in(
                 ],
             )
             .await?;
-        take_rows(rows, true);
+        take_rows(rows);
     }
 
-    // The attempts of the rows written above.
-    let mut log = LogRows::default();
-    for o in batch {
-        let logged_above = matches!((o.held, &o.next), (Held::Batch(_), Next::Delivered(_)));
-        if let Some((n, a)) = &o.attempt {
-            if !logged_above && owned.contains(&(o.event.0, o.endpoint)) {
-                log.push(o, *n, a);
-            }
-        }
-    }
-    log.insert(tx).await?;
+    append_attempts(tx, batch, &owned, copy).await?;
 
     // Health: the last change of each endpoint, in id order (two recorders never deadlock).
     let mut health: BTreeMap<Uuid, &HealthWrite> = BTreeMap::new();

@@ -27,7 +27,7 @@ pub(super) type OrgEndpoints = Arc<[Arc<Endpoint>]>;
 /// Endpoints by organization, cached until a change (on any node: LISTEN/NOTIFY) drops them.
 #[derive(Default)]
 pub(super) struct EndpointCache {
-    pub(super) orgs: HashMap<OrgId, OrgEndpoints>,
+    pub(super) orgs: HashMap<OrgId, OrgEndpoints, ahash::RandomState>,
     pub(super) changes: Changes,
 }
 
@@ -43,11 +43,11 @@ pub(super) struct Shared {
     pub(super) pool: deadpool_postgres::Pool,
     pub(super) client: HttpClient,
     pub(super) endpoints: Mutex<EndpointCache>,
-    pub(super) runtimes: Mutex<HashMap<Uuid, Arc<EndpointRuntime>>>,
+    pub(super) runtimes: Mutex<HashMap<Uuid, Arc<EndpointRuntime>, ahash::RandomState>>,
     pub(super) in_memory: AtomicUsize,
     pub(super) global: Semaphore,
     /// Deliveries in memory under their own row's lease: (held, due), for the hand-back.
-    pub(super) held: Mutex<HashMap<(EventId, Uuid), (Micros, Micros)>>,
+    pub(super) held: Mutex<HashMap<(EventId, Uuid), (Micros, Micros), ahash::RandomState>>,
     /// Batches whose deliveries are in memory, for renewal and the hand-back.
     pub(super) batches: Mutex<HashMap<Uuid, Arc<BatchLease>>>,
     /// Batch rows whose deliveries are all settled: deleted by the next recorder transaction.
@@ -170,6 +170,13 @@ impl Shared {
         org: OrgId,
         id: Uuid,
     ) -> Result<Option<Arc<Endpoint>>, String> {
+        {
+            // The usual case: the organization's endpoints are cached.
+            let cache = self.endpoints.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(list) = cache.orgs.get(&org) {
+                return Ok(list.iter().find(|e| e.id == id).cloned());
+            }
+        }
         let eps = self.org_endpoints(&[org]).await?;
         Ok(eps
             .get(&org)
@@ -327,9 +334,9 @@ impl Shared {
         answer: oneshot::Receiver<Recorded>,
     ) -> Recorded {
         if self.recorder.send(outcome).await.is_err() {
-            return Recorded::LOST;
+            return Recorded::Failed;
         }
-        answer.await.unwrap_or(Recorded::LOST)
+        answer.await.unwrap_or(Recorded::Failed)
     }
 }
 

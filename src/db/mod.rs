@@ -1,6 +1,10 @@
 //! Connections to PostgreSQL, shared by the store and delivery pools (each builds its own pool and
 //! owns its SQL): connection settings from the configuration, pool construction, and which
 //! database errors mean "the database is in trouble" rather than "this data is bad".
+//!
+//! - `copy`: the binary COPY encoding both pools append rows with.
+
+pub mod copy;
 
 use std::time::Duration;
 
