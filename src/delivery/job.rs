@@ -346,7 +346,9 @@ fn judge_health(
     };
     match verdict {
         Verdict::Delivered => {
+            let was_open = g.breaker.open_until.is_some();
             let changed = g.breaker.success();
+            shared.circuit_moved(was_open, false);
             let stale = g
                 .success_written_at
                 .is_none_or(|t| now.0 - t.0 >= HEALTH_SUCCESS_WRITE_EVERY.as_micros() as i64);
@@ -364,7 +366,9 @@ fn judge_health(
         Verdict::Failed { .. } => {
             let open_for = Duration::from_secs(config.circuit_open_s);
             let threshold = config.circuit_failures as u32;
+            let was_open = g.breaker.open_until.is_some();
             if let Some(until) = g.breaker.failure(now, probe, threshold, open_for) {
+                shared.circuit_moved(was_open, true);
                 tracing::info!(endpoint = %runtime.id, until = %until.rfc3339(), "circuit open");
             }
             let limit = config.endpoint_disable_after_s;

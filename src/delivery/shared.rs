@@ -24,6 +24,9 @@ use crate::metrics::Metrics;
 /// An organization's active and paused endpoints.
 pub(super) type OrgEndpoints = Arc<[Arc<Endpoint>]>;
 
+/// (event, endpoint) to (lease end, due time) of the deliveries held under their own rows.
+pub(super) type HeldRows = HashMap<(EventId, Uuid), (Micros, Micros), ahash::RandomState>;
+
 /// Endpoints by organization, cached until a change (on any node: LISTEN/NOTIFY) drops them.
 #[derive(Default)]
 pub(super) struct EndpointCache {
@@ -47,7 +50,7 @@ pub(super) struct Shared {
     pub(super) in_memory: AtomicUsize,
     pub(super) global: Semaphore,
     /// Deliveries in memory under their own row's lease: (held, due), for the hand-back.
-    pub(super) held: Mutex<HashMap<(EventId, Uuid), (Micros, Micros), ahash::RandomState>>,
+    pub(super) held: Mutex<HeldRows>,
     /// Batches whose deliveries are in memory, for renewal and the hand-back.
     pub(super) batches: Mutex<HashMap<Uuid, Arc<BatchLease>>>,
     /// Batch rows whose deliveries are all settled: deleted by the next recorder transaction.
@@ -200,6 +203,10 @@ impl Shared {
     pub(super) fn sync_gates(&self, runtime: &EndpointRuntime, endpoint: &Endpoint) {
         let mut g = runtime.gates();
         if endpoint.updated_at > g.config_at {
+            self.circuit_moved(
+                g.breaker.open_until.is_some(),
+                endpoint.circuit_open_until.is_some(),
+            );
             g.config_at = endpoint.updated_at;
             g.breaker.failures = endpoint.consecutive_failures;
             g.breaker.failing_since = endpoint.failing_since;
@@ -212,6 +219,16 @@ impl Shared {
             }
             Some(_) => {}
             None => g.bucket = None,
+        }
+    }
+
+    /// Keep the open-circuits gauge current when a circuit opens (`false` to `true`) or closes.
+    pub(super) fn circuit_moved(&self, was_open: bool, is_open: bool) {
+        let delta = i64::from(is_open) - i64::from(was_open);
+        if delta != 0 {
+            self.metrics
+                .circuits_open
+                .fetch_add(delta, Ordering::Relaxed);
         }
     }
 

@@ -97,8 +97,11 @@ pub async fn get_event(ctx: &StoreCtx, org: OrgId, id: Uuid) -> Done<Answer> {
 }
 
 /// Upsert a delivery's row for a new round: its retry budget starts over from the attempts
-/// logged so far; due now (`$4` NULL: parked, for a paused endpoint). A node holding the delivery
-/// in memory loses it: its lease no longer matches (or, unmaterialized, a row now exists).
+/// logged so far; due now (`$4` NULL: parked, for a paused endpoint). A row whose
+/// `next_attempt_at` lies ahead is held by a node (or scheduled): it keeps it, so the holder's
+/// attempt in flight is recorded and the round goes on from there; a lease is never taken from
+/// under an attempt. (A first attempt still in flight under its batch's lease has no row yet: a
+/// redelivery racing it may repeat it; at-least-once.)
 const NEW_ROUND: &str = "\
     INSERT INTO deliveries (event_id, endpoint_id, org_id, status, attempts, retry_base, next_attempt_at) \
     SELECT $1, t.ep, $2, 0, c.n, c.n, t.next \
@@ -106,7 +109,10 @@ const NEW_ROUND: &str = "\
     LATERAL (SELECT count(*)::int AS n FROM delivery_attempts a \
              WHERE a.event_id = $1 AND a.endpoint_id = t.ep) c \
     ON CONFLICT (event_id, endpoint_id) DO UPDATE SET status = 0, \
-        retry_base = deliveries.attempts, next_attempt_at = EXCLUDED.next_attempt_at, \
+        retry_base = deliveries.attempts, \
+        next_attempt_at = CASE WHEN deliveries.next_attempt_at > EXCLUDED.next_attempt_at \
+                               THEN deliveries.next_attempt_at \
+                               ELSE EXCLUDED.next_attempt_at END, \
         delivered_at = NULL, failed_at = NULL";
 
 /// A new round of attempts to every endpoint the event matched and every endpoint that takes

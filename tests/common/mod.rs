@@ -940,3 +940,76 @@ pub fn all_answered(received: &[Received], ids: &[String], status: u16) -> bool 
         .collect();
     ids.iter().all(|id| ok.contains(id))
 }
+
+/// HMAC-SHA256 built from the hash alone (RFC 2104), independent of the server's signing code.
+pub fn hmac_sha256(key: &[u8], msg: &[u8]) -> Vec<u8> {
+    use sha2::Digest;
+    let mut k = [0u8; 64];
+    if key.len() > 64 {
+        k[..32].copy_from_slice(&sha2::Sha256::digest(key));
+    } else {
+        k[..key.len()].copy_from_slice(key);
+    }
+    let inner: Vec<u8> = k
+        .iter()
+        .map(|b| b ^ 0x36)
+        .chain(msg.iter().copied())
+        .collect();
+    let inner_hash = sha2::Sha256::digest(&inner);
+    let outer: Vec<u8> = k
+        .iter()
+        .map(|b| b ^ 0x5c)
+        .chain(inner_hash.iter().copied())
+        .collect();
+    sha2::Sha256::digest(&outer).to_vec()
+}
+
+/// The Standard Webhooks signature `secret` gives the delivery `r` (`v1,<base64>`).
+pub fn standard_signature(secret: &str, r: &Received) -> String {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let key = b64.decode(secret.strip_prefix("whsec_").unwrap()).unwrap();
+    let id = r.header("webhook-id").expect("webhook-id");
+    let ts = r.header("webhook-timestamp").expect("webhook-timestamp");
+    let mut msg = format!("{id}.{ts}.").into_bytes();
+    msg.extend_from_slice(&r.body);
+    format!("v1,{}", b64.encode(hmac_sha256(&key, &msg)))
+}
+
+/// Check a delivery the way a Standard Webhooks receiver does: `secret`'s signature is one of
+/// the space-separated ones in `webhook-signature`, and the timestamp is current.
+pub fn verify_standard_webhook(secret: &str, r: &Received) {
+    let expected = standard_signature(secret, r);
+    let header = r.header("webhook-signature").expect("webhook-signature");
+    assert!(
+        header.split(' ').any(|s| s == expected),
+        "{expected} not in {header}"
+    );
+    let ts = r.header("webhook-timestamp").unwrap();
+    let age = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+        - ts.parse::<i64>().unwrap();
+    assert!((0..30).contains(&age), "timestamp is current: {age}");
+}
+
+/// PATCH JSON with an API key.
+pub async fn patch(addr: SocketAddr, key: &str, path: &str, body: &Value) -> Response {
+    let body = serde_json::to_vec(body).unwrap();
+    call(
+        addr,
+        "PATCH",
+        path,
+        &[("X-API-Key", key), ("Content-Type", "application/json")],
+        Some(&body),
+    )
+    .await
+}
+
+/// Create an endpoint (201 expected); returns its JSON (with the secret).
+pub async fn create_endpoint(addr: SocketAddr, key: &str, body: Value) -> Value {
+    let r = post(addr, key, "/api/endpoints", &body).await;
+    assert_eq!(r.status, 201, "{}", r.text());
+    r.json()
+}

@@ -1,0 +1,992 @@
+//! Endpoints with real receivers on loopback: the API and its checks, fan-out by event type,
+//! delivery per endpoint, secret rotation checked with the Standard Webhooks scheme for both
+//! secrets, the circuit breaker's timings, rate limits, pause and resume, recovery, auto-disable,
+//! operational events, isolation between endpoints, and a version 1 database migrated with
+//! pending deliveries.
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::{json, Value};
+
+const PRIVATE: &str = "--allow-private-webhooks";
+
+async fn event_json(addr: std::net::SocketAddr, key: &str, id: &str) -> Value {
+    let r = get(addr, key, &format!("/api/events/{id}")).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    r.json()
+}
+
+/// Wait until `check` holds for the event's detail.
+async fn wait_event(
+    addr: std::net::SocketAddr,
+    key: &str,
+    id: &str,
+    limit: Duration,
+    check: impl Fn(&Value) -> bool,
+) -> Value {
+    let deadline = Instant::now() + limit;
+    loop {
+        let e = event_json(addr, key, id).await;
+        if check(&e) {
+            return e;
+        }
+        assert!(Instant::now() < deadline, "condition never met: {e}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn ids_at(received: &[Received], path: &str) -> HashSet<String> {
+    received
+        .iter()
+        .filter(|r| r.path == path)
+        .map(|r| r.event_id())
+        .collect()
+}
+
+async fn post_typed(addr: std::net::SocketAddr, key: &str, event_type: &str) -> String {
+    let r = post_event(addr, key, event_type, json!({"t": event_type}), None).await;
+    assert_eq!(r.status, 201, "{}", r.text());
+    r.json()["id"].as_str().unwrap().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_endpoints_api_creates_reads_changes_and_deletes() {
+    let s = Server::start(&[PRIVATE, "--endpoints-per-org-max", "3"]);
+    let (key, _) = new_org(s.addr, "pro").await;
+    let created = create_endpoint(
+        s.addr,
+        &key,
+        json!({"url": "http://127.0.0.1:9/a", "event_types": ["order.*", "user.created", "order.*"],
+               "description": "orders", "rate_limit_per_second": 50}),
+    )
+    .await;
+    let id = created["id"].as_str().unwrap().to_string();
+    assert_eq!(created["url"], "http://127.0.0.1:9/a");
+    assert_eq!(
+        created["event_types"],
+        json!(["order.*", "user.created"]),
+        "repeated patterns are kept once"
+    );
+    assert_eq!(created["description"], "orders");
+    assert_eq!(created["rate_limit_per_second"], 50);
+    assert_eq!(created["status"], "active");
+    assert!(created["signing_secret"]
+        .as_str()
+        .unwrap()
+        .starts_with("whsec_"));
+    assert_eq!(
+        created["health"],
+        json!({"circuit": "closed", "consecutive_failures": 0, "last_success_at": null,
+               "last_failure_at": null})
+    );
+    assert_eq!(created["created_at"], created["updated_at"]);
+
+    // Reads never show the secret; the secret has its own route.
+    let one = get(s.addr, &key, &format!("/api/endpoints/{id}")).await;
+    assert_eq!(one.status, 200);
+    assert_eq!(one.json().get("signing_secret"), None);
+    let list = get(s.addr, &key, "/api/endpoints").await.json();
+    assert_eq!(list["endpoints"].as_array().unwrap().len(), 1);
+    assert_eq!(list["endpoints"][0].get("signing_secret"), None);
+    let secret = get(s.addr, &key, &format!("/api/endpoints/{id}/secret"))
+        .await
+        .json();
+    assert_eq!(
+        secret,
+        json!({"signing_secret": created["signing_secret"], "previous_secret_expires_at": null})
+    );
+
+    // PATCH changes only what is sent; null clears.
+    let changed = patch(
+        s.addr,
+        &key,
+        &format!("/api/endpoints/{id}"),
+        &json!({"description": null, "event_types": null}),
+    )
+    .await;
+    assert_eq!(changed.status, 200, "{}", changed.text());
+    let changed = changed.json();
+    assert_eq!(changed["description"], Value::Null);
+    assert_eq!(changed["event_types"], Value::Null);
+    assert_eq!(changed["rate_limit_per_second"], 50);
+    assert_eq!(changed["url"], "http://127.0.0.1:9/a");
+
+    // Another organization sees none of it.
+    let (other, _) = new_org(s.addr, "pro").await;
+    for path in [
+        format!("/api/endpoints/{id}"),
+        format!("/api/endpoints/{id}/secret"),
+    ] {
+        assert_eq!(get(s.addr, &other, &path).await.status, 404, "{path}");
+    }
+    assert_eq!(
+        delete(s.addr, &other, &format!("/api/endpoints/{id}"))
+            .await
+            .status,
+        404
+    );
+    assert_eq!(
+        get(s.addr, &other, "/api/endpoints").await.json()["endpoints"],
+        json!([])
+    );
+
+    // Shape checks: 422 naming the field, nothing created.
+    let bad: [(Value, &str); 11] = [
+        (json!({}), "url"),
+        (json!({"url": "ftp://x/"}), "url"),
+        (json!({"url": 7}), "url"),
+        (
+            json!({"url": "http://127.0.0.1:9/", "event_types": []}),
+            "event_types",
+        ),
+        (
+            json!({"url": "http://127.0.0.1:9/", "event_types": ["or*der"]}),
+            "event_types",
+        ),
+        (
+            json!({"url": "http://127.0.0.1:9/", "event_types": ["a.*.b"]}),
+            "event_types",
+        ),
+        (
+            json!({"url": "http://127.0.0.1:9/", "event_types": (0..51).map(|i| format!("t{i}")).collect::<Vec<_>>()}),
+            "event_types",
+        ),
+        (
+            json!({"url": "http://127.0.0.1:9/", "description": "d".repeat(256)}),
+            "description",
+        ),
+        (
+            json!({"url": "http://127.0.0.1:9/", "rate_limit_per_second": 0}),
+            "rate_limit_per_second",
+        ),
+        (
+            json!({"url": "http://127.0.0.1:9/", "rate_limit_per_second": 10001}),
+            "rate_limit_per_second",
+        ),
+        (
+            json!({"url": "http://127.0.0.1:9/", "rate_limit_per_second": 1.5}),
+            "rate_limit_per_second",
+        ),
+    ];
+    for (body, field) in bad {
+        let r = post(s.addr, &key, "/api/endpoints", &body).await;
+        assert_eq!(r.status, 422, "{body}: {}", r.text());
+        assert_eq!(r.json()["field"], field, "{body}");
+    }
+    let r = patch(s.addr, &key, &format!("/api/endpoints/{id}"), &json!({})).await;
+    assert_eq!(r.status, 422);
+    let r = get(s.addr, &key, "/api/endpoints/not-a-uuid").await;
+    assert_eq!(r.status, 422);
+
+    // At most `--endpoints-per-org-max`; a deleted one makes room again.
+    create_endpoint(s.addr, &key, json!({"url": "http://127.0.0.1:9/b"})).await;
+    create_endpoint(s.addr, &key, json!({"url": "http://127.0.0.1:9/c"})).await;
+    let r = post(
+        s.addr,
+        &key,
+        "/api/endpoints",
+        &json!({"url": "http://127.0.0.1:9/d"}),
+    )
+    .await;
+    assert_eq!(r.status, 422);
+    assert!(r.json()["error"].as_str().unwrap().contains("at most 3"));
+    let gone = delete(s.addr, &key, &format!("/api/endpoints/{id}")).await;
+    assert_eq!(gone.status, 200);
+    assert_eq!(gone.json(), json!({"id": id, "deleted": true}));
+    assert_eq!(
+        get(s.addr, &key, &format!("/api/endpoints/{id}"))
+            .await
+            .status,
+        404
+    );
+    create_endpoint(s.addr, &key, json!({"url": "http://127.0.0.1:9/d"})).await;
+    assert_eq!(
+        get(s.addr, &key, "/api/endpoints").await.json()["endpoints"]
+            .as_array()
+            .unwrap()
+            .len(),
+        3
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_event_goes_to_the_endpoints_whose_patterns_take_it_each_on_its_own() {
+    // /b fails each event's first attempt: its retries are its own, not the others'.
+    let recv = Receiver::start(
+        |r, _| match (r.path.as_str(), r.header("x-delivery-attempt")) {
+            ("/b", Some("1")) => Answer::status(500),
+            _ => Answer::status(200),
+        },
+    )
+    .await;
+    let s = Server::start(&[PRIVATE, "--retry-schedule", "200ms,200ms"]);
+    let (key, _) = new_org(s.addr, "pro").await;
+    let a = create_endpoint(
+        s.addr,
+        &key,
+        json!({"url": recv.url("/a"), "event_types": ["order.*"]}),
+    )
+    .await;
+    let b = create_endpoint(
+        s.addr,
+        &key,
+        json!({"url": recv.url("/b"), "event_types": ["order.paid", "user.created"]}),
+    )
+    .await;
+    let c = create_endpoint(s.addr, &key, json!({"url": recv.url("/c")})).await;
+    let paid = post_typed(s.addr, &key, "order.paid").await;
+    let refund = post_typed(s.addr, &key, "order.refund.created").await;
+    let user = post_typed(s.addr, &key, "user.created").await;
+    let misc = post_typed(s.addr, &key, "misc").await;
+    let plain_order = post_typed(s.addr, &key, "order").await;
+    let got = recv
+        .wait_until(Duration::from_secs(10), |r| {
+            r.iter().filter(|x| x.answered == 200).count() >= 9
+        })
+        .await;
+    let set = |ids: &[&String]| ids.iter().map(|s| s.to_string()).collect::<HashSet<_>>();
+    assert_eq!(ids_at(&got, "/a"), set(&[&paid, &refund]));
+    assert_eq!(ids_at(&got, "/b"), set(&[&paid, &user]));
+    assert_eq!(
+        ids_at(&got, "/c"),
+        set(&[&paid, &refund, &user, &misc, &plain_order])
+    );
+    // Each endpoint counts its own attempts.
+    let to_b: Vec<&Received> = got
+        .iter()
+        .filter(|r| r.path == "/b" && r.event_id() == paid)
+        .collect();
+    assert_eq!(
+        to_b.iter()
+            .map(|r| r.header("x-delivery-attempt").unwrap())
+            .collect::<Vec<_>>(),
+        ["1", "2"]
+    );
+    let to_a = got
+        .iter()
+        .find(|r| r.path == "/a" && r.event_id() == paid)
+        .unwrap();
+    assert_eq!(to_a.header("x-delivery-attempt"), Some("1"));
+    for (r, endpoint) in [(to_a, &a), (to_b[1], &b)] {
+        verify_standard_webhook(endpoint["signing_secret"].as_str().unwrap(), r);
+        assert_eq!(r.header("webhook-id"), Some(paid.as_str()));
+    }
+    // The detail: one delivery per matching endpoint, attempts per endpoint, and the event's
+    // attempts equal to the log's length; each attempt names its endpoint and keeps the answer.
+    let e = wait_event(s.addr, &key, &paid, Duration::from_secs(5), |e| {
+        e["status"] == "delivered"
+    })
+    .await;
+    let deliveries: HashMap<String, Value> = e["deliveries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| (d["endpoint_id"].as_str().unwrap().to_string(), d.clone()))
+        .collect();
+    assert_eq!(deliveries.len(), 3);
+    assert_eq!(deliveries[a["id"].as_str().unwrap()]["attempts"], 1);
+    assert_eq!(deliveries[b["id"].as_str().unwrap()]["attempts"], 2);
+    assert_eq!(deliveries[c["id"].as_str().unwrap()]["attempts"], 1);
+    for d in deliveries.values() {
+        assert_eq!(d["status"], "delivered");
+        assert!(d["delivered_at"].is_string());
+    }
+    let log = e["delivery_attempts"].as_array().unwrap();
+    assert_eq!(e["attempts"], 4);
+    assert_eq!(log.len(), 4);
+    let failed: Vec<&Value> = log.iter().filter(|x| x["response_status"] == 500).collect();
+    assert_eq!(failed.len(), 1);
+    assert_eq!(failed[0]["endpoint_id"], b["id"]);
+    assert_eq!(failed[0]["attempt"], 1);
+    // An event no endpoint takes (once the catch-all endpoint is deleted) is pending, for the
+    // inbox, with no deliveries.
+    delete(
+        s.addr,
+        &key,
+        &format!("/api/endpoints/{}", c["id"].as_str().unwrap()),
+    )
+    .await;
+    let lonely = post_typed(s.addr, &key, "nobody.listens").await;
+    let e = event_json(s.addr, &key, &lonely).await;
+    assert_eq!(e["status"], "pending");
+    assert_eq!(e["deliveries"], json!([]));
+    assert_eq!(e["attempts"], 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_secret_signs_beside_the_new_one_for_the_grace_period() {
+    let recv = Receiver::start(|_, _| Answer::status(200)).await;
+    let s = Server::start(&[PRIVATE, "--secret-rotation-grace-s", "2"]);
+    let (key, _) = new_org(s.addr, "pro").await;
+    let ep = create_endpoint(s.addr, &key, json!({"url": recv.url("/r")})).await;
+    let id = ep["id"].as_str().unwrap();
+    let old = ep["signing_secret"].as_str().unwrap().to_string();
+    let rotated = post_empty(s.addr, &key, &format!("/api/endpoints/{id}/secret/rotate")).await;
+    assert_eq!(rotated.status, 200, "{}", rotated.text());
+    let rotated = rotated.json();
+    let new = rotated["signing_secret"].as_str().unwrap().to_string();
+    assert_ne!(new, old);
+    assert!(rotated["previous_secret_expires_at"].is_string());
+    assert_eq!(
+        get(s.addr, &key, &format!("/api/endpoints/{id}/secret"))
+            .await
+            .json(),
+        rotated
+    );
+    // During the grace period: both signatures, the new one first; either secret verifies.
+    let first = post_typed(s.addr, &key, "t").await;
+    let got = recv
+        .wait_until(Duration::from_secs(5), |r| r.len() == 1)
+        .await;
+    assert_eq!(got[0].event_id(), first);
+    let header = got[0].header("webhook-signature").unwrap().to_string();
+    let parts: Vec<&str> = header.split(' ').collect();
+    assert_eq!(parts.len(), 2, "{header}");
+    assert_eq!(parts[0], standard_signature(&new, &got[0]));
+    assert_eq!(parts[1], standard_signature(&old, &got[0]));
+    verify_standard_webhook(&new, &got[0]);
+    verify_standard_webhook(&old, &got[0]);
+    // After it: the new secret only.
+    tokio::time::sleep(Duration::from_millis(2300)).await;
+    post_typed(s.addr, &key, "t").await;
+    let got = recv
+        .wait_until(Duration::from_secs(5), |r| r.len() == 2)
+        .await;
+    assert_eq!(
+        got[1].header("webhook-signature"),
+        Some(standard_signature(&new, &got[1]).as_str())
+    );
+    assert_eq!(
+        get(s.addr, &key, &format!("/api/endpoints/{id}/secret"))
+            .await
+            .json()["previous_secret_expires_at"],
+        Value::Null
+    );
+}
+
+async fn metric(s: &Server, name: &str) -> f64 {
+    let text = call(s.metrics_addr.unwrap(), "GET", "/metrics", &[], None)
+        .await
+        .text();
+    text.lines()
+        .find(|l| l.starts_with(name) && !l.starts_with('#'))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(f64::NAN)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_circuit_opens_after_consecutive_failures_probes_once_and_closes() {
+    let recv = Receiver::start(|_, _| Answer::status(500)).await;
+    let s = Server::start(&[
+        PRIVATE,
+        "--circuit-failures",
+        "3",
+        "--circuit-open-s",
+        "2",
+        "--retry-schedule",
+        "100ms,100ms,100ms,100ms,100ms,100ms,100ms,100ms",
+    ]);
+    let (key, _) = new_org(s.addr, "pro").await;
+    let ep = create_endpoint(s.addr, &key, json!({"url": recv.url("/x")})).await;
+    let path = format!("/api/endpoints/{}", ep["id"].as_str().unwrap());
+    let first = post_typed(s.addr, &key, "t").await;
+    // Three failures ~100 ms apart open the circuit.
+    recv.wait_until(Duration::from_secs(5), |r| r.len() >= 3)
+        .await;
+    let opened = Instant::now();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let health = get(s.addr, &key, &path).await.json()["health"].clone();
+    assert_eq!(health["circuit"], "open", "{health}");
+    assert_eq!(health["consecutive_failures"], 3);
+    assert!(health["last_failure_at"].is_string());
+    // (Test servers share one database, so this node may hold other tests' circuits too.)
+    assert!(metric(&s, "triggers_endpoint_circuits_open").await >= 1.0);
+    // A delivery falling due while the circuit is open waits: no attempt is spent on it.
+    let second = post_typed(s.addr, &key, "t").await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(recv.received().len(), 3, "nothing is sent while open");
+    assert!(recv.for_event(&second).is_empty());
+    assert!(
+        metric(&s, "triggers_deliveries_waiting{reason=\"circuit_open\"}").await >= 1.0,
+        "the waiting deliveries are counted by reason"
+    );
+    // Half-open after 2 s: exactly one probe; it fails, so the circuit opens for 2 s more.
+    let got = recv
+        .wait_until(Duration::from_secs(5), |r| r.len() >= 4)
+        .await;
+    let probe_gap = got[3].at - got[2].at;
+    assert!(
+        (Duration::from_millis(1800)..Duration::from_millis(3500)).contains(&probe_gap),
+        "{probe_gap:?}"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(recv.received().len(), 4, "one probe at a time");
+    // The receiver recovers; the next probe succeeds and closes the circuit.
+    recv.set_script(|_, _| Answer::status(200));
+    let got = recv
+        .wait_until(Duration::from_secs(6), |r| {
+            r.iter()
+                .any(|x| x.answered == 200 && x.event_id() == second)
+        })
+        .await;
+    let second_probe = got.iter().position(|x| x.answered == 200).unwrap();
+    assert!(got[second_probe].at - got[3].at >= Duration::from_millis(1800));
+    assert!(opened.elapsed() >= Duration::from_millis(4000));
+    let e1 = wait_event(s.addr, &key, &first, Duration::from_secs(5), |e| {
+        e["status"] == "delivered"
+    })
+    .await;
+    assert_eq!(
+        e1["attempts"], 5,
+        "three failures, the failed probe, the success"
+    );
+    let e2 = wait_event(s.addr, &key, &second, Duration::from_secs(5), |e| {
+        e["status"] == "delivered"
+    })
+    .await;
+    assert_eq!(e2["attempts"], 1, "it waited without spending attempts");
+    let health = get(s.addr, &key, &path).await.json()["health"].clone();
+    assert_eq!(health["circuit"], "closed", "{health}");
+    assert_eq!(health["consecutive_failures"], 0);
+    assert!(health["last_success_at"].is_string());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recover_resends_exactly_the_deliveries_that_failed_since_a_time() {
+    let recv = Receiver::start(|_, _| Answer::status(500)).await;
+    let s = Server::start(&[
+        PRIVATE,
+        "--retry-schedule",
+        "50ms",
+        "--circuit-failures",
+        "1000",
+    ]);
+    let (key, _) = new_org(s.addr, "pro").await;
+    let ep = create_endpoint(
+        s.addr,
+        &key,
+        json!({"url": recv.url("/x"), "event_types": ["order.*"]}),
+    )
+    .await;
+    let id = ep["id"].as_str().unwrap().to_string();
+    let mut early = Vec::new();
+    for _ in 0..3 {
+        early.push(post_typed(s.addr, &key, "order.a").await);
+    }
+    for e in &early {
+        wait_event(s.addr, &key, e, Duration::from_secs(5), |v| {
+            v["status"] == "failed"
+        })
+        .await;
+    }
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let since = now_rfc3339();
+    let mut late = Vec::new();
+    for _ in 0..2 {
+        late.push(post_typed(s.addr, &key, "order.b").await);
+    }
+    for e in &late {
+        wait_event(s.addr, &key, e, Duration::from_secs(5), |v| {
+            v["status"] == "failed"
+        })
+        .await;
+    }
+    // The inbox shows them failed, newest first.
+    let failed = get(s.addr, &key, "/api/inbox?status=failed").await.json();
+    let listed: Vec<&str> = failed["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["id"].as_str().unwrap())
+        .collect();
+    let mut all: Vec<&str> = early.iter().chain(&late).map(|s| s.as_str()).collect();
+    all.reverse();
+    assert_eq!(listed, all);
+    recv.set_script(|_, _| Answer::status(200));
+    let r = post(
+        s.addr,
+        &key,
+        &format!("/api/endpoints/{id}/recover"),
+        &json!({"since": since}),
+    )
+    .await;
+    assert_eq!(r.status, 202, "{}", r.text());
+    assert_eq!(r.json(), json!({"queued": 2}));
+    for e in &late {
+        let v = wait_event(s.addr, &key, e, Duration::from_secs(5), |v| {
+            v["status"] == "delivered"
+        })
+        .await;
+        assert_eq!(v["attempts"], 3);
+        assert_eq!(
+            recv.for_event(e)
+                .last()
+                .unwrap()
+                .header("x-delivery-attempt"),
+            Some("3")
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for e in &early {
+        assert_eq!(event_json(s.addr, &key, e).await["status"], "failed");
+        assert_eq!(recv.for_event(e).len(), 2, "not resent");
+    }
+    // Bad bodies and another organization's endpoint.
+    let path = format!("/api/endpoints/{id}/recover");
+    for body in [
+        json!({}),
+        json!({"since": "yesterday"}),
+        json!({"since": 5}),
+    ] {
+        let r = post(s.addr, &key, &path, &body).await;
+        assert_eq!(r.status, 422, "{body}");
+        assert_eq!(r.json()["field"], "since");
+    }
+    let (other, _) = new_org(s.addr, "pro").await;
+    let r = post(s.addr, &other, &path, &json!({"since": since})).await;
+    assert_eq!(r.status, 404);
+}
+
+fn now_rfc3339() -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap();
+    let secs = now.as_secs() as i64;
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // Civil from days (Howard Hinnant).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{:06}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60,
+        now.subsec_micros()
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_endpoint_gets_its_whole_backlog_after_resume() {
+    let recv = Receiver::start(|_, _| Answer::status(200)).await;
+    let s = Server::start(&[PRIVATE]);
+    let (key, _) = new_org(s.addr, "pro").await;
+    let paused = create_endpoint(s.addr, &key, json!({"url": recv.url("/p")})).await;
+    create_endpoint(s.addr, &key, json!({"url": recv.url("/q")})).await;
+    let pid = paused["id"].as_str().unwrap();
+    let r = post_empty(s.addr, &key, &format!("/api/endpoints/{pid}/pause")).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["status"], "paused");
+    let ids = create_events(s.addr, &key, 20, "t").await;
+    // The other endpoint is not held up; the paused one gets nothing, and no attempt is spent.
+    recv.wait_until(Duration::from_secs(5), |r| ids_at(r, "/q").len() == 20)
+        .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(ids_at(&recv.received(), "/p").is_empty());
+    let e = event_json(s.addr, &key, &ids[0]).await;
+    assert_eq!(e["status"], "pending", "pending while one endpoint waits");
+    assert_eq!(e["attempts"], 1);
+    let waiting = e["deliveries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["endpoint_id"] == paused["id"])
+        .unwrap()
+        .clone();
+    assert_eq!(waiting["status"], "pending");
+    assert_eq!(waiting["attempts"], 0);
+    let r = post_empty(s.addr, &key, &format!("/api/endpoints/{pid}/resume")).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["status"], "active");
+    let got = recv
+        .wait_until(Duration::from_secs(10), |r| ids_at(r, "/p").len() == 20)
+        .await;
+    assert_eq!(ids_at(&got, "/p"), ids.iter().cloned().collect());
+    for id in &ids {
+        wait_event(s.addr, &key, id, Duration::from_secs(5), |e| {
+            e["status"] == "delivered"
+        })
+        .await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rate_limited_endpoint_spreads_its_deliveries_and_fails_none() {
+    let recv = Receiver::start(|_, _| Answer::status(200)).await;
+    let s = Server::start(&[PRIVATE]);
+    let (key, _) = new_org(s.addr, "pro").await;
+    create_endpoint(
+        s.addr,
+        &key,
+        json!({"url": recv.url("/slow"), "rate_limit_per_second": 5}),
+    )
+    .await;
+    create_endpoint(s.addr, &key, json!({"url": recv.url("/free")})).await;
+    let started = Instant::now();
+    let ids = create_events(s.addr, &key, 15, "t").await;
+    let got = recv
+        .wait_until(Duration::from_secs(10), |r| ids_at(r, "/slow").len() == 15)
+        .await;
+    // Five at once (a second's worth), then five a second: the last is ~2 s after the first.
+    let slow: Vec<&Received> = got.iter().filter(|r| r.path == "/slow").collect();
+    let spread = slow.last().unwrap().at - slow[0].at;
+    assert!(spread >= Duration::from_millis(1700), "{spread:?}");
+    // The unlimited endpoint got everything at once.
+    let free_done = got
+        .iter()
+        .filter(|r| r.path == "/free")
+        .map(|r| r.at)
+        .max()
+        .unwrap();
+    assert!(free_done - started < Duration::from_millis(1500));
+    assert!(got.iter().all(|r| r.answered == 200));
+    for id in &ids {
+        let e = wait_event(s.addr, &key, id, Duration::from_secs(5), |e| {
+            e["status"] == "delivered"
+        })
+        .await;
+        assert_eq!(e["attempts"], 2, "one attempt per endpoint, none failed");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_or_failing_endpoint_never_delays_another_of_the_same_organization() {
+    let recv = Receiver::start(|r, _| match r.path.as_str() {
+        "/slow" => Answer {
+            status: 200,
+            delay: Duration::from_secs(3),
+            headers: vec![],
+        },
+        "/failing" => Answer::status(503),
+        _ => Answer::status(200),
+    })
+    .await;
+    let s = Server::start(&[PRIVATE, "--delivery-endpoint-concurrency", "4"]);
+    let (key, _) = new_org(s.addr, "pro").await;
+    for path in ["/slow", "/failing", "/fast"] {
+        create_endpoint(s.addr, &key, json!({"url": recv.url(path)})).await;
+    }
+    let started = Instant::now();
+    let ids = create_events(s.addr, &key, 40, "t").await;
+    recv.wait_until(Duration::from_secs(3), |r| ids_at(r, "/fast").len() == 40)
+        .await;
+    assert!(
+        started.elapsed() < Duration::from_millis(2500),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(
+        ids_at(&recv.received(), "/slow").len() <= 4,
+        "the slow endpoint holds only its own share"
+    );
+    drop(ids);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operational_events_reach_subscribers_and_are_never_about_themselves() {
+    let recv = Receiver::start(|_, _| Answer::status(500)).await;
+    let s = Server::start(&[
+        PRIVATE,
+        "--retry-schedule",
+        "50ms",
+        "--circuit-failures",
+        "1000",
+    ]);
+    let (key, _) = new_org(s.addr, "pro").await;
+    let failing = create_endpoint(s.addr, &key, json!({"url": recv.url("/all")})).await;
+    let watcher = create_endpoint(
+        s.addr,
+        &key,
+        json!({"url": recv.url("/ops"), "event_types": ["triggers.*"]}),
+    )
+    .await;
+    let id = post_typed(s.addr, &key, "order.paid").await;
+    // The event fails at /all; a triggers.delivery.failed event goes to /ops (which fails too,
+    // and makes no event about that).
+    let got = recv
+        .wait_until(Duration::from_secs(5), |r| {
+            r.iter().filter(|x| x.path == "/ops").count() >= 2
+        })
+        .await;
+    let ops: Vec<&Received> = got.iter().filter(|r| r.path == "/ops").collect();
+    let body = ops[0].json();
+    assert_eq!(body["type"], "triggers.delivery.failed");
+    assert_eq!(
+        ops[0].header("x-event-type"),
+        Some("triggers.delivery.failed")
+    );
+    assert_eq!(body["data"]["endpoint_id"], failing["id"]);
+    assert_eq!(body["data"]["event_id"], id.as_str());
+    assert!(body["data"]["reason"].as_str().unwrap().contains("500"));
+    verify_standard_webhook(watcher["signing_secret"].as_str().unwrap(), ops[0]);
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let all = recv.received();
+    assert!(
+        all.iter()
+            .filter(|r| r.path == "/all")
+            .all(|r| r.event_id() == id),
+        "`*` never takes an operational event"
+    );
+    assert!(all
+        .iter()
+        .filter(|r| r.path == "/ops")
+        .all(|r| r.json()["type"] == "triggers.delivery.failed"
+            && r.json()["data"]["event_id"] == id.as_str()));
+    // The organization holds the event and one operational event: none about the failed
+    // delivery of the operational event itself.
+    let failed = get(s.addr, &key, "/api/inbox?status=failed").await.json();
+    let types: Vec<&str> = failed["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["type"].as_str().unwrap())
+        .collect();
+    assert_eq!(types, ["triggers.delivery.failed", "order.paid"]);
+    // Clients can't send operational types.
+    let r = post_event(s.addr, &key, "triggers.delivery.failed", json!({}), None).await;
+    assert_eq!(r.status, 422);
+    assert_eq!(r.json()["field"], "type");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endpoint_failing_for_too_long_is_disabled_and_keeps_its_deliveries() {
+    let recv = Receiver::start(|_, _| Answer::status(500)).await;
+    let s = Server::start(&[
+        PRIVATE,
+        "--endpoint-disable-after-s",
+        "1",
+        "--circuit-failures",
+        "1000",
+        "--retry-schedule",
+        "300ms,300ms,300ms,300ms,300ms,300ms,300ms,300ms",
+    ]);
+    let (key, _) = new_org(s.addr, "pro").await;
+    let ep = create_endpoint(s.addr, &key, json!({"url": recv.url("/x")})).await;
+    let path = format!("/api/endpoints/{}", ep["id"].as_str().unwrap());
+    let id = post_typed(s.addr, &key, "t").await;
+    let deadline = Instant::now() + Duration::from_secs(6);
+    loop {
+        let e = get(s.addr, &key, &path).await.json();
+        if e["status"] == "disabled" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never disabled: {e}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let attempts = recv.received().len();
+    assert!((4..=6).contains(&attempts), "{attempts}");
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert_eq!(
+        recv.received().len(),
+        attempts,
+        "nothing is sent once disabled"
+    );
+    let e = event_json(s.addr, &key, &id).await;
+    assert_eq!(e["status"], "pending");
+    let inbox = get(s.addr, &key, "/api/inbox").await.json();
+    let disabled: Vec<&Value> = inbox["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["type"] == "triggers.endpoint.disabled")
+        .collect();
+    assert_eq!(disabled.len(), 1);
+    assert_eq!(disabled[0]["payload"]["endpoint_id"], ep["id"]);
+    // Resumed, it delivers what waited.
+    recv.set_script(|_, _| Answer::status(200));
+    let r = post_empty(s.addr, &key, &format!("{path}/resume")).await;
+    assert_eq!(r.json()["status"], "active");
+    assert_eq!(r.json()["health"]["consecutive_failures"], 0);
+    wait_event(s.addr, &key, &id, Duration::from_secs(5), |e| {
+        e["status"] == "delivered"
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redelivery_starts_a_round_for_every_endpoint_or_the_one_named() {
+    let recv = Receiver::start(|_, _| Answer::status(200)).await;
+    let s = Server::start(&[PRIVATE]);
+    let (key, _) = new_org(s.addr, "pro").await;
+    let a = create_endpoint(s.addr, &key, json!({"url": recv.url("/a")})).await;
+    create_endpoint(s.addr, &key, json!({"url": recv.url("/b")})).await;
+    let id = post_typed(s.addr, &key, "t").await;
+    recv.wait_until(Duration::from_secs(5), |r| r.len() == 2)
+        .await;
+    wait_event(s.addr, &key, &id, Duration::from_secs(5), |e| {
+        e["status"] == "delivered"
+    })
+    .await;
+    let path = format!("/api/events/{id}/redeliver");
+    let r = post(s.addr, &key, &path, &json!({"endpoint_id": a["id"]})).await;
+    assert_eq!(r.status, 202, "{}", r.text());
+    let got = recv
+        .wait_until(Duration::from_secs(5), |r| r.len() == 3)
+        .await;
+    assert_eq!(got[2].path, "/a");
+    assert_eq!(got[2].header("x-delivery-attempt"), Some("2"));
+    wait_event(s.addr, &key, &id, Duration::from_secs(5), |e| {
+        e["status"] == "delivered" && e["attempts"] == 3
+    })
+    .await;
+    // No body: every endpoint.
+    assert_eq!(post_empty(s.addr, &key, &path).await.status, 202);
+    recv.wait_until(Duration::from_secs(5), |r| r.len() == 5)
+        .await;
+    let e = wait_event(s.addr, &key, &id, Duration::from_secs(5), |e| {
+        e["status"] == "delivered" && e["attempts"] == 5
+    })
+    .await;
+    assert_eq!(e["delivery_attempts"].as_array().unwrap().len(), 5);
+    let r = post(
+        s.addr,
+        &key,
+        &path,
+        &json!({"endpoint_id": "00000000-0000-7000-8000-000000000000"}),
+    )
+    .await;
+    assert_eq!(r.status, 404);
+    let r = post(s.addr, &key, &path, &json!({"endpoint_id": "nope"})).await;
+    assert_eq!(r.status, 422);
+    assert_eq!(r.json()["field"], "endpoint_id");
+}
+
+/// Apply the version 1 schema (migrations 1 and 2) to a fresh database, as a server of the
+/// previous release left it.
+async fn v1_database(name: &str) -> String {
+    let admin = db().await;
+    admin
+        .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+        .await
+        .unwrap();
+    admin
+        .batch_execute(&format!("CREATE DATABASE {name}"))
+        .await
+        .unwrap();
+    let base = database_url();
+    let url = format!("{}/{name}", &base[..base.rfind('/').unwrap()]);
+    let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    client
+        .batch_execute(include_str!("../migrations/0001_init.sql"))
+        .await
+        .unwrap();
+    client
+        .batch_execute(include_str!("../migrations/0002_probe.sql"))
+        .await
+        .unwrap();
+    client
+        .batch_execute(
+            "CREATE TABLE triggers_migrations (version integer PRIMARY KEY, name text NOT NULL, \
+                 applied_at timestamptz NOT NULL DEFAULT now()); \
+             INSERT INTO triggers_migrations (version, name) \
+                 VALUES (1, '0001_init.sql'), (2, '0002_probe.sql')",
+        )
+        .await
+        .unwrap();
+    url
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_version_1_database_migrates_and_its_pending_events_are_delivered() {
+    let recv = Receiver::start(|_, _| Answer::status(200)).await;
+    let url = v1_database("triggers_test_v1").await;
+    let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+    client
+        .execute(
+            "INSERT INTO organizations (id, name, tier, rate_limit_per_minute, key_id, key_hash, \
+                 key_prefix, webhook_url, signing_secret, webhook_updated_at, created_at) \
+             VALUES ('00000000-0000-7000-8000-0000000000a1', 'v1', 'pro', 1000, 'k1', 'h', 'p', \
+                     $1, $2, now(), now())",
+            &[&recv.url("/v1"), &secret],
+        )
+        .await
+        .unwrap();
+    // Pending with two failed attempts and a retry due now; delivered; failed; pull-only.
+    client
+        .batch_execute(
+            "INSERT INTO events (id, org_id, type, payload, status, attempts, next_attempt_at, \
+                 created_at, delivered_at) VALUES \
+             ('00000000-0000-7000-8000-0000000000e1', '00000000-0000-7000-8000-0000000000a1', \
+              't', '{\"n\":1}', 0, 2, now(), now(), NULL), \
+             ('00000000-0000-7000-8000-0000000000e2', '00000000-0000-7000-8000-0000000000a1', \
+              't', '{\"n\":2}', 1, 1, NULL, now(), now()), \
+             ('00000000-0000-7000-8000-0000000000e3', '00000000-0000-7000-8000-0000000000a1', \
+              't', '{\"n\":3}', 2, 6, NULL, now(), NULL); \
+             INSERT INTO delivery_attempts (event_id, attempt, at, response_status, error, duration_ms) VALUES \
+             ('00000000-0000-7000-8000-0000000000e1', 1, now(), 500, 'receiver answered 500', 1), \
+             ('00000000-0000-7000-8000-0000000000e1', 2, now(), 500, 'receiver answered 500', 1), \
+             ('00000000-0000-7000-8000-0000000000e2', 1, now(), 200, NULL, 1)",
+        )
+        .await
+        .unwrap();
+    let s = Server::start_with_db(&[PRIVATE], &url);
+    let got = recv
+        .wait_until(Duration::from_secs(10), |r| !r.is_empty())
+        .await;
+    assert_eq!(got[0].event_id(), "00000000-0000-7000-8000-0000000000e1");
+    assert_eq!(
+        got[0].header("x-delivery-attempt"),
+        Some("3"),
+        "the count goes on"
+    );
+    verify_standard_webhook(secret, &got[0]);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        recv.received().len(),
+        1,
+        "delivered and failed events are not resent"
+    );
+    let state = |id: &'static str| {
+        let client = &client;
+        async move {
+            let row = client
+                .query_one(
+                    "SELECT st.status, st.attempts FROM events e, \
+                         triggers_event_state(e.status, e.id, e.endpoints, e.delivered_at) st \
+                     WHERE e.id = $1::text::uuid",
+                    &[&id],
+                )
+                .await
+                .unwrap();
+            (row.get::<_, i16>(0), row.get::<_, i32>(1))
+        }
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while state("00000000-0000-7000-8000-0000000000e1").await != (1, 3) {
+        assert!(Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(state("00000000-0000-7000-8000-0000000000e2").await, (1, 1));
+    assert_eq!(state("00000000-0000-7000-8000-0000000000e3").await.0, 2);
+    // The webhook is the organization's default endpoint now, with its secret.
+    let row = client
+        .query_one(
+            "SELECT url, signing_secret, is_default, status FROM endpoints",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, String>(0), recv.url("/v1"));
+    assert_eq!(row.get::<_, String>(1), secret);
+    assert!(row.get::<_, bool>(2));
+    assert_eq!(row.get::<_, i16>(3), 0);
+    drop(s);
+}
