@@ -1,8 +1,9 @@
 //! # triggers
 //!
 //! A Triggers API server: organizations POST events with an API key; every `201` means the event
-//! is committed to PostgreSQL; committed events are delivered to the organization's webhook with
-//! retries, and pull clients page and ack their inbox.
+//! is committed to PostgreSQL; committed events are delivered, with retries, to each of the
+//! organization's endpoints whose event-type patterns take them, and pull clients page and ack
+//! their inbox.
 //!
 //! ## Layout
 //! The runtime flow is ingress → shard (the owner core) → store (group commit) → delivery, and the
@@ -20,7 +21,8 @@
 //! - [`delivery`]: the webhook delivery pool: its connections and SQL, claims, attempts, retries.
 //! - Bottom modules every stage may use: [`flow`] (the messages between stages and the sinks),
 //!   [`auth`] (keys, caches, Argon2, single flight), [`config`] (every option and fixed limit),
-//!   [`db`] (connections, error classes), [`url_policy`] (webhook URL rules, SSRF policy),
+//!   [`db`] (connections, error classes, binary COPY), [`url_policy`] (webhook URL rules, SSRF
+//!   policy), [`event_types`] (endpoint patterns, the operational types),
 //!   [`metrics`], [`error`] and [`reply`] (the HTTP error table and answer), [`json`], [`ids`],
 //!   [`logging`], [`shutdown`] (core-local signals).
 //!
