@@ -123,8 +123,10 @@ ALTER TABLE events DROP COLUMN attempts;
 ALTER TABLE events DROP COLUMN retry_base;
 
 -- One delivery's state and when it was delivered: its row when it has one, else delivered when
--- an attempt succeeded, else pending. Status 0 pending, 1 delivered, 2 failed.
-CREATE FUNCTION triggers_delivery(ev uuid, ep uuid, OUT status smallint, OUT delivered_at timestamptz)
+-- an attempt succeeded, else pending. Status 0 pending, 1 delivered, 2 failed. Written as
+-- single-SELECT table functions so the planner inlines them into the queries that use them.
+CREATE FUNCTION triggers_delivery(ev uuid, ep uuid)
+RETURNS TABLE (status smallint, delivered_at timestamptz)
 LANGUAGE sql STABLE AS $$
     SELECT COALESCE(d.status, CASE WHEN ok.at IS NULL THEN 0 ELSE 1 END)::smallint,
            COALESCE(d.delivered_at, ok.at)
@@ -140,8 +142,8 @@ $$;
 -- matched that still exist: delivered to every one: delivered; any delivery failed: failed; else
 -- (also with no endpoint) pending. `attempts` counts the attempt log, so it always equals the
 -- number of attempts listed in the same read.
-CREATE FUNCTION triggers_event_state(st smallint, ev uuid, eps uuid[], acked_at timestamptz,
-    OUT status smallint, OUT attempts integer, OUT delivered_at timestamptz)
+CREATE FUNCTION triggers_event_state(st smallint, ev uuid, eps uuid[], acked_at timestamptz)
+RETURNS TABLE (status smallint, attempts integer, delivered_at timestamptz)
 LANGUAGE sql STABLE AS $$
     SELECT CASE WHEN st <> 3 THEN st
                 WHEN bool_or(d.status = 2) THEN 2::smallint
@@ -152,8 +154,10 @@ LANGUAGE sql STABLE AS $$
            CASE WHEN st = 1 THEN acked_at
                 WHEN st = 3 AND bool_and(d.status = 1) THEN max(d.delivered_at) END
     FROM (SELECT s.status, s.delivered_at
-          FROM endpoints p, LATERAL triggers_delivery(ev, p.id) s
-          WHERE st = 3 AND p.id = ANY(eps) AND p.status <> 3) d
+          FROM unnest(eps) AS u(id)
+          JOIN endpoints p ON p.id = u.id AND p.status <> 3
+          CROSS JOIN LATERAL triggers_delivery(ev, p.id) s
+          WHERE st = 3) d
 $$;
 
 -- The webhook lives in endpoints now.

@@ -990,3 +990,71 @@ async fn a_version_1_database_migrates_and_its_pending_events_are_delivered() {
     assert_eq!(row.get::<_, i16>(3), 0);
     drop(s);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_inbox_walks_past_thousands_of_delivered_events_with_a_cursor() {
+    let s = Server::start(&[PRIVATE]);
+    let (key, org) = new_org(s.addr, "pro").await;
+    let ep = create_endpoint(s.addr, &key, json!({"url": "http://127.0.0.1:9/x"})).await;
+    // As delivery leaves them: one pending event (its endpoint paused meanwhile, say), then
+    // 2,500 newer ones delivered at their first attempt.
+    db().await
+        .batch_execute(&format!(
+            "INSERT INTO events (id, org_id, type, payload, status, endpoints, created_at) \
+             VALUES ('00000000-0000-7000-8000-000000000001', '{org}', 'old', '{{}}', 3, \
+                     ARRAY['{ep}']::uuid[], now()); \
+             INSERT INTO events (id, org_id, type, payload, status, endpoints, created_at) \
+             SELECT ('00000000-0000-7000-8001-' || lpad(to_hex(g), 12, '0'))::uuid, '{org}', \
+                    'new', '{{}}', 3, ARRAY['{ep}']::uuid[], now() \
+             FROM generate_series(1, 2500) g; \
+             INSERT INTO delivery_attempts (event_id, endpoint_id, attempt, at, response_status, \
+                                            duration_ms) \
+             SELECT ('00000000-0000-7000-8001-' || lpad(to_hex(g), 12, '0'))::uuid, '{ep}', 1, \
+                    now(), 200, 1 FROM generate_series(1, 2500) g",
+            ep = ep["id"].as_str().unwrap()
+        ))
+        .await
+        .unwrap();
+    // Pending: the first page looks at 2,000 events, finds none, and says where to go on.
+    let first = get(s.addr, &key, "/api/inbox?status=pending&limit=10").await;
+    assert_eq!(first.status, 200);
+    let first = first.json();
+    assert_eq!(first["events"], json!([]));
+    let cursor = first["next_cursor"]
+        .as_str()
+        .expect("a cursor to go on from");
+    let second = get(
+        s.addr,
+        &key,
+        &format!("/api/inbox?status=pending&limit=10&cursor={cursor}"),
+    )
+    .await
+    .json();
+    let ids: Vec<&str> = second["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["00000000-0000-7000-8000-000000000001"]);
+    assert_eq!(second["next_cursor"], Value::Null);
+    // Delivered: full pages at once, walking all 2,500 exactly once.
+    let (mut seen, mut cursor) = (HashSet::new(), None::<String>);
+    loop {
+        let path = match &cursor {
+            Some(c) => format!("/api/inbox?status=delivered&limit=1000&cursor={c}"),
+            None => "/api/inbox?status=delivered&limit=1000".to_string(),
+        };
+        let page = get(s.addr, &key, &path).await.json();
+        for e in page["events"].as_array().unwrap() {
+            assert_eq!(e["status"], "delivered");
+            assert_eq!(e["attempts"], 1);
+            assert!(seen.insert(e["id"].as_str().unwrap().to_string()));
+        }
+        match page["next_cursor"].as_str() {
+            Some(c) => cursor = Some(c.to_string()),
+            None => break,
+        }
+    }
+    assert_eq!(seen.len(), 2500);
+}

@@ -62,32 +62,40 @@ pub async fn inbox(
         ),
         EventStatus::Failed => (JUDGE_FAILED, vec![STATUS_DERIVED]),
     };
-    let scan = (i64::from(limit) + 1).max(INBOX_SCAN_ROWS);
-    let before = before.unwrap_or(Uuid::max());
     let stmt = client.prepare_cached(judge).await?;
-    let judged = client
-        .query(&stmt, &[&org.0, &stored, &before, &scan])
-        .await?;
-    // (id, attempts, delivered_at) of the events in the wanted status, newest first.
-    let mut chosen = Vec::new();
+    // (id, attempts, delivered_at) of the events in the wanted status, newest first. The walk
+    // starts with a window of one page (enough when every event matches: a pull-only
+    // organization) and widens while too few match, up to `INBOX_SCAN_ROWS` events in all.
+    let mut chosen: Vec<(Uuid, i32, Option<std::time::SystemTime>)> = Vec::new();
     let mut more_before = None;
-    for row in &judged {
-        if EventStatus::from_i16(row.get(1)) != status {
-            continue;
+    let (mut cursor, mut scanned) = (before.unwrap_or(Uuid::max()), 0i64);
+    let mut window = i64::from(limit) + 1;
+    loop {
+        let rows = client
+            .query(&stmt, &[&org.0, &stored, &cursor, &window])
+            .await?;
+        scanned += rows.len() as i64;
+        for row in &rows {
+            if EventStatus::from_i16(row.get(1)) != status {
+                continue;
+            }
+            if chosen.len() == limit as usize {
+                more_before = chosen.last().map(|c| c.0);
+                break;
+            }
+            chosen.push((row.get(0), row.get(2), row.get(3)));
         }
-        if chosen.len() == limit as usize {
-            more_before = chosen.last().map(|c: &(Uuid, i32, _)| c.0);
+        let exhausted = (rows.len() as i64) < window;
+        if more_before.is_some() || exhausted {
             break;
         }
-        chosen.push((
-            row.get::<_, Uuid>(0),
-            row.get::<_, i32>(2),
-            row.get::<_, Option<std::time::SystemTime>>(3),
-        ));
-    }
-    if more_before.is_none() && judged.len() as i64 == scan {
-        // The walk stopped at its bound: go on from the last event it looked at.
-        more_before = judged.last().map(|r| r.get::<_, Uuid>(0));
+        cursor = rows.last().map(|r| r.get(0)).unwrap_or(cursor);
+        if scanned >= INBOX_SCAN_ROWS {
+            // The walk stopped at its bound: go on from the last event it looked at.
+            more_before = Some(cursor);
+            break;
+        }
+        window = (window * 4).min(INBOX_SCAN_ROWS - scanned);
     }
     let ids: Vec<Uuid> = chosen.iter().map(|c| c.0).collect();
     let stmt = client.prepare_cached(FIELDS).await?;
