@@ -568,14 +568,17 @@ def main():
     p.add_argument("--against", help="another server binary: run the scenario with both, alternating, and compare")
     p.add_argument("--repeat", type=int, default=3, help="runs per binary with --against (default 3; medians)")
     p.add_argument("--perf", help="record a cpu-clock profile of the server during the scenario into this file")
+    p.add_argument("--database", default="triggers_loadtest",
+                   help="the database to run in (default triggers_loadtest; give an older binary its own: "
+                        "two versions may not share a schema)")
     args = p.parse_args()
     args.duration = seconds(args.duration)
     os.makedirs(RESULTS, exist_ok=True)
-    db = Database("triggers_loadtest")
+    db = Database(args.database)
     names = ALL if args.scenario == "all" else [args.scenario]
     rows, extra, ceiling = [], [], None
     # Migrations: a first start of the server applies them.
-    Server(db, 1).stop()
+    Server(db, 1, binary=args.server_bin).stop()
     if not args.no_ceiling and args.scenario not in ("footprint",):
         ceiling = measure_ceiling(db, 40_000 if args.smoke else 400_000)
     for name in names:
