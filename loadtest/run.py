@@ -13,7 +13,8 @@ run. Results are also written to loadtest/results/<time>-<scenario>.json.
 
 Scenarios (see SCENARIOS below): ingest-1k, ingest-2.5k, ingest-10k (k6, fixed rates), latency-2.5k
 (examples/openloop: a fixed rate measured from each request's due time, light enough for 2 cores),
-ingest-max (wrk), mixed, dedup (k6), delivery (k6 at a fixed rate: end-to-end lag), delivery-max (wrk:
+ingest-max (wrk), ingest-batch (wrk) and ingest-batch-k6 (k6 at a fixed rate of batches; --batch-size
+events a request, achieved = events committed/s), mixed, dedup (k6), delivery (k6 at a fixed rate: end-to-end lag), delivery-max (wrk:
 deliveries/s while ingesting), delivery-drain (a restart with a backlog of due deliveries), hot-org and many-orgs (wrk), drill, ceiling (COPY only), footprint (binary size,
 cold start, RSS idle and with 10k idle connections), cores (ingest-max per ingress core count),
 and all.
@@ -48,6 +49,8 @@ SCENARIOS = {
     "ingest-2.5k": ("k6", "ingest.js", 2500, None, "many", False),
     "ingest-10k": ("k6", "ingest.js", 10000, None, "many", False),
     "ingest-max": ("wrk", "ingest.lua", None, 512, "many", False),
+    "ingest-batch": ("wrk", "batch.lua", None, 64, "many", False),
+    "ingest-batch-k6": ("k6", "batch.js", 200, None, "many", False),
     "latency-2.5k": ("openloop", None, 2500, 64, "many", False),
     "mixed": ("k6", "mixed.js", 1000, None, "many", False),
     "dedup": ("k6", "dedup.js", 1000, None, "many", False),
@@ -314,15 +317,18 @@ def run_drain(db, args, server_args, binary, receiver, backlog):
     return r, server
 
 
-def run_k6(script, rate, duration, keys_file):
+def run_k6(script, rate, duration, keys_file, batch_size=100):
     summary = os.path.join(RESULTS, "k6-summary.json")
-    env = dict(os.environ, K6_NO_USAGE_REPORT="true")
+    env = dict(os.environ, K6_NO_USAGE_REPORT="true", BATCH_SIZE=str(batch_size))
     cmd = ["k6", "run", "-q", "--summary-export", summary, "-e", f"RATE={rate}", "-e", f"DURATION={duration}s",
            "-e", f"BASE=http://127.0.0.1:{PORT}", "-e", f"KEYS_FILE={keys_file}", os.path.join(HERE, script)]
     subprocess.run(cmd, cwd=HERE, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     m = json.load(open(summary))["metrics"]
     d = m["http_req_duration"]
     statuses = {k[len("status_"):]: int(v["count"]) for k, v in m.items() if k.startswith("status_") and v.get("count")}
+    item_errors = int(m.get("batch_item_errors", {}).get("count", 0))
+    if item_errors:
+        statuses["item_errors"] = item_errors
     dropped = int(m.get("dropped_iterations", {}).get("count", 0))
     if dropped:
         statuses["dropped"] = dropped
@@ -330,8 +336,8 @@ def run_k6(script, rate, duration, keys_file):
             "max": d["max"], "statuses": statuses}
 
 
-def run_wrk(script, connections, duration, keys_file):
-    env = dict(os.environ, KEYS_FILE=keys_file)
+def run_wrk(script, connections, duration, keys_file, batch_size=100):
+    env = dict(os.environ, KEYS_FILE=keys_file, BATCH_SIZE=str(batch_size))
     out = subprocess.run(["wrk", "-t2", f"-c{connections}", f"-d{duration}s", "-s", os.path.join(HERE, script),
                           f"http://127.0.0.1:{PORT}"], env=env, check=True, capture_output=True, text=True).stdout
     rate = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
@@ -471,9 +477,9 @@ def scenario(name, db, args, ceiling, binary=SERVER):
                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         started = time.monotonic()
         if tool == "k6":
-            r = run_k6(script, rate, duration, keys_file)
+            r = run_k6(script, rate, duration, keys_file, args.batch_size)
         elif tool == "wrk":
-            r = run_wrk(script, conns, duration, keys_file)
+            r = run_wrk(script, conns, duration, keys_file, args.batch_size)
         elif tool == "openloop":
             r = run_openloop(rate, conns, duration, keys_file)
         else:
@@ -484,6 +490,11 @@ def scenario(name, db, args, ceiling, binary=SERVER):
         cpu, rss = sampler.finish()
         committed = server.metric("triggers_events_committed_total") - committed0
         r["committed_per_s"] = committed / elapsed
+        if name.startswith("ingest-batch"):
+            # Requests are batches: the rate that counts is events committed.
+            r["requests_per_s"] = r["achieved"]
+            r["achieved"] = r["committed_per_s"]
+            r["batch_size"] = args.batch_size
         r["cpu_per_event"] = sampler.per_event_us(committed)
         r.update(scenario=name, tool=tool, offered=rate if rate else f"max/{conns}c", cpu_pct=cpu, rss_mb=rss,
                  duration_s=duration)
@@ -561,6 +572,8 @@ def main():
     p.add_argument("--connections", type=int, help="connections for wrk scenarios")
     p.add_argument("--cores", type=int, help="--ingress-cores for the server (default: its own)")
     p.add_argument("--orgs", type=int, default=200, help="organizations created (default 200)")
+    p.add_argument("--batch-size", type=int, default=100,
+                   help="events per request in ingest-batch and ingest-batch-k6 (default 100; 1..1000)")
     p.add_argument("--smoke", action="store_true", help="a few seconds at low rate: what CI runs")
     p.add_argument("--server-args", default="", help="extra flags for the server")
     p.add_argument("--no-ceiling", action="store_true", help="skip the COPY ceiling measurement")

@@ -29,6 +29,9 @@ pub const WRITE_BUFFER_KEEP_BYTES: usize = 64 * 1024;
 /// Payloads up to this size are copied out of the connection's read buffer when validated, so a
 /// small event queued for writing or delivery never pins a large read buffer.
 pub const PAYLOAD_COPY_BYTES_MAX: usize = 16 * 1024;
+
+/// Events in one `POST /api/events/batch`, at most.
+pub const BATCH_ITEMS_MAX: usize = 1000;
 /// Connections the kernel queues per listener before the accept loop takes them.
 pub const LISTEN_BACKLOG: i32 = 4096;
 /// io_uring submission queue entries per core.
@@ -428,6 +431,9 @@ options! {
     hop_queue_max: usize = "16384", "hop-queue-max", "TRIGGERS_HOP_QUEUE_MAX";
     /// Largest request body, in bytes; larger ones get 413 before the body is read.
     body_bytes_max: usize = "524288", "body-bytes-max", "TRIGGERS_BODY_BYTES_MAX";
+    /// Largest body of `POST /api/events/batch`, in bytes (at most `--inflight-body-bytes-max`);
+    /// larger ones get 413 before it is read.
+    batch_body_bytes_max: usize = "4194304", "batch-body-bytes-max", "TRIGGERS_BATCH_BODY_BYTES_MAX";
     /// Largest event payload as received JSON text, in bytes; larger: 413.
     payload_bytes_max: usize = "262144", "payload-bytes-max", "TRIGGERS_PAYLOAD_BYTES_MAX";
     /// Bytes of request bodies being read or handled at once on this node; beyond it a request
@@ -503,6 +509,11 @@ options! {
 }
 
 impl Config {
+    /// The largest batch body taken: its own limit, within the node's body budget.
+    pub fn batch_body_max(&self) -> usize {
+        self.batch_body_bytes_max.min(self.inflight_body_bytes_max)
+    }
+
     /// Parse `args` (without the program name) and the environment.
     pub fn from_args_and_env<I, E>(args: I, env: E) -> Result<(Command, Config), ConfigError>
     where
@@ -718,6 +729,9 @@ impl Config {
                 "--inflight-body-bytes-max ({}) must hold at least one body (--body-bytes-max {})",
                 self.inflight_body_bytes_max, self.body_bytes_max
             ));
+        }
+        if self.batch_body_bytes_max > 64 << 20 || self.batch_body_bytes_max < 1024 {
+            return fail("--batch-body-bytes-max must be from 1 KiB to 64 MiB".into());
         }
         if self.write_queue_bytes_max < self.payload_bytes_max
             || self.delivery_memory_bytes_max < self.payload_bytes_max

@@ -233,6 +233,31 @@ pub fn member_value_spans(json: &[u8]) -> Option<Vec<Range<usize>>> {
     }
 }
 
+/// Byte ranges of the elements of the array at `span` of `json` (valid JSON, see
+/// [`member_value_spans`]), in order; `None` if `span` does not hold an array.
+pub fn array_element_spans(json: &[u8], span: Range<usize>) -> Option<Vec<Range<usize>>> {
+    let json = json.get(..span.end)?;
+    let mut spans = Vec::new();
+    let mut i = skip_ws(json, span.start);
+    if *json.get(i)? != b'[' {
+        return None;
+    }
+    i = skip_ws(json, i + 1);
+    if *json.get(i)? == b']' {
+        return Some(spans);
+    }
+    loop {
+        let end = skip_value(json, i)?;
+        spans.push(i..end);
+        i = skip_ws(json, end);
+        match *json.get(i)? {
+            b',' => i = skip_ws(json, i + 1),
+            b']' => return Some(spans),
+            _ => return None,
+        }
+    }
+}
+
 fn skip_ws(json: &[u8], mut i: usize) -> usize {
     while matches!(json.get(i), Some(b' ' | b'\t' | b'\n' | b'\r')) {
         i += 1;
@@ -474,6 +499,28 @@ mod tests {
         assert!(member_value_spans(b"[1]").is_none());
         assert!(member_value_spans(br#"{"a":1"#).is_none());
         assert!(member_value_spans(br#"{"a" 1}"#).is_none());
+    }
+
+    #[test]
+    fn array_elements_are_found_as_received() {
+        let s = r#"{"x":1, "events" : [ {"a":"]"} , "s\"" ,[1,[2]], 3 ,null ] }"#;
+        let member = member_value_spans(s.as_bytes()).unwrap()[1].clone();
+        let items: Vec<&str> = array_element_spans(s.as_bytes(), member)
+            .unwrap()
+            .into_iter()
+            .map(|r| &s[r])
+            .collect();
+        assert_eq!(
+            items,
+            vec![r#"{"a":"]"}"#, r#""s\"""#, "[1,[2]]", "3", "null"]
+        );
+        let empty = r#"{"events":[ ]}"#;
+        let member = member_value_spans(empty.as_bytes()).unwrap()[0].clone();
+        assert_eq!(array_element_spans(empty.as_bytes(), member), Some(vec![]));
+        // Not an array, or a span that runs past the text: none, never a panic.
+        assert!(array_element_spans(b"{\"a\":1}", 5..6).is_none());
+        assert!(array_element_spans(b"[1,2]", 0..99).is_none());
+        assert!(array_element_spans(b"[1,2", 0..4).is_none());
     }
 
     #[test]

@@ -672,7 +672,10 @@ async fn a_slow_or_failing_endpoint_never_delays_another_of_the_same_organizatio
         _ => Answer::status(200),
     })
     .await;
-    let s = Server::start(&[PRIVATE, "--delivery-endpoint-concurrency", "4"]);
+    // Its own database: the deliveries that don't fit in memory wait as due rows, which any
+    // node may claim, and the other tests' servers would (each with its own slots).
+    let url = own_database("triggers_test_isolation").await;
+    let s = Server::start_with_db(&[PRIVATE, "--delivery-endpoint-concurrency", "4"], &url);
     let (key, _) = new_org(s.addr, "pro").await;
     for path in ["/slow", "/failing", "/fast"] {
         create_endpoint(s.addr, &key, json!({"url": recv.url(path)})).await;
@@ -865,17 +868,7 @@ async fn redelivery_starts_a_round_for_every_endpoint_or_the_one_named() {
 /// Apply the version 1 schema (migrations 1 and 2) to a fresh database, as a server of the
 /// previous release left it.
 async fn v1_database(name: &str) -> String {
-    let admin = db().await;
-    admin
-        .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-        .await
-        .unwrap();
-    admin
-        .batch_execute(&format!("CREATE DATABASE {name}"))
-        .await
-        .unwrap();
-    let base = database_url();
-    let url = format!("{}/{name}", &base[..base.rfind('/').unwrap()]);
+    let url = own_database(name).await;
     let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
         .await
         .unwrap();
@@ -997,19 +990,22 @@ async fn the_inbox_walks_past_thousands_of_delivered_events_with_a_cursor() {
     let (key, org) = new_org(s.addr, "pro").await;
     let ep = create_endpoint(s.addr, &key, json!({"url": "http://127.0.0.1:9/x"})).await;
     // As delivery leaves them: one pending event (its endpoint paused meanwhile, say), then
-    // 2,500 newer ones delivered at their first attempt.
+    // 2,500 newer ones delivered at their first attempt. Ids of this run's own (the test
+    // database outlives runs).
+    let nanos = std::time::UNIX_EPOCH.elapsed().unwrap().as_nanos();
+    let p = format!("{:08x}", nanos as u32);
     db().await
         .batch_execute(&format!(
             "INSERT INTO events (id, org_id, type, payload, status, endpoints, created_at) \
-             VALUES ('00000000-0000-7000-8000-000000000001', '{org}', 'old', '{{}}', 3, \
+             VALUES ('{p}-0000-7000-8000-000000000001', '{org}', 'old', '{{}}', 3, \
                      ARRAY['{ep}']::uuid[], now()); \
              INSERT INTO events (id, org_id, type, payload, status, endpoints, created_at) \
-             SELECT ('00000000-0000-7000-8001-' || lpad(to_hex(g), 12, '0'))::uuid, '{org}', \
+             SELECT ('{p}-0000-7000-8001-' || lpad(to_hex(g), 12, '0'))::uuid, '{org}', \
                     'new', '{{}}', 3, ARRAY['{ep}']::uuid[], now() \
              FROM generate_series(1, 2500) g; \
              INSERT INTO delivery_attempts (event_id, endpoint_id, attempt, at, response_status, \
                                             duration_ms) \
-             SELECT ('00000000-0000-7000-8001-' || lpad(to_hex(g), 12, '0'))::uuid, '{ep}', 1, \
+             SELECT ('{p}-0000-7000-8001-' || lpad(to_hex(g), 12, '0'))::uuid, '{ep}', 1, \
                     now(), 200, 1 FROM generate_series(1, 2500) g",
             ep = ep["id"].as_str().unwrap()
         ))
@@ -1036,7 +1032,7 @@ async fn the_inbox_walks_past_thousands_of_delivered_events_with_a_cursor() {
         .iter()
         .map(|e| e["id"].as_str().unwrap())
         .collect();
-    assert_eq!(ids, ["00000000-0000-7000-8000-000000000001"]);
+    assert_eq!(ids, [format!("{p}-0000-7000-8000-000000000001")]);
     assert_eq!(second["next_cursor"], Value::Null);
     // Delivered: full pages at once, walking all 2,500 exactly once.
     let (mut seen, mut cursor) = (HashSet::new(), None::<String>);

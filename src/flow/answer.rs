@@ -64,6 +64,16 @@ pub enum Refusal {
     Internal,
 }
 
+impl Refusal {
+    /// Whether this is the server's own trouble (503, retry), not the client's.
+    pub fn is_servers(&self) -> bool {
+        matches!(
+            self,
+            Refusal::Unavailable | Refusal::Overloaded(_) | Refusal::Internal
+        )
+    }
+}
+
 impl From<AuthFailure> for Refusal {
     fn from(f: AuthFailure) -> Refusal {
         match f {

@@ -192,6 +192,36 @@ impl StoreQueues {
         })
     }
 
+    /// Queue the events of one batch request, all or none: refused at once, with nothing queued,
+    /// when they don't all fit (in events or payload bytes) or the database is down. They enter
+    /// the queue back to back, so a writer takes them into one group commit when it can.
+    pub fn write_many(&self, jobs: Vec<WriteJob>) -> Result<(), Refusal> {
+        if !self.health.is_up() {
+            return Err(Refusal::Unavailable);
+        }
+        if jobs.is_empty() {
+            return Ok(());
+        }
+        let bytes: usize = jobs.iter().map(|j| j.event.payload.len()).sum();
+        if !self.write_bytes.take(bytes, false) {
+            return Err(Refusal::Overloaded("write queue bytes full"));
+        }
+        let permits = match self.writes.try_reserve_many(jobs.len()) {
+            Ok(p) => p,
+            Err(e) => {
+                self.write_bytes.give(bytes);
+                return Err(match e {
+                    mpsc::error::TrySendError::Full(()) => Refusal::Overloaded("write queue full"),
+                    mpsc::error::TrySendError::Closed(()) => Refusal::Unavailable,
+                });
+            }
+        };
+        for (permit, job) in permits.zip(jobs) {
+            permit.send(job);
+        }
+        Ok(())
+    }
+
     /// Queue other work; refused at once when the queue is full.
     pub fn submit(&self, job: StoreJob) -> Result<(), Refusal> {
         self.jobs.try_send(job).map_err(|e| match e {

@@ -222,10 +222,10 @@ impl Connection {
     async fn read_body(
         &mut self,
         head: &Head,
+        max: usize,
         started: Instant,
         lease: &mut BodyLease,
     ) -> Result<Bytes, Stop> {
-        let max = self.ctx.config.body_bytes_max;
         let deadline = started + self.body_timeout;
         match head.framing {
             Framing::None => Ok(Bytes::new()),
@@ -368,7 +368,11 @@ pub async fn serve(ctx: Rc<CoreCtx>, stream: TcpStream, peer: SocketAddr, metric
                 Prepared::Ready(ready) => {
                     let route = ready.route;
                     let mut lease = ctx.bodies.lease();
-                    let body = match conn.read_body(&head, started, &mut lease).await {
+                    let max = match route {
+                        Route::EventsBatch => ctx.config.batch_body_max(),
+                        _ => ctx.config.body_bytes_max,
+                    };
+                    let body = match conn.read_body(&head, max, started, &mut lease).await {
                         Ok(body) => body,
                         Err(stop) => return conn.stop(stop, route, started).await,
                     };

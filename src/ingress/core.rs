@@ -10,6 +10,7 @@ use std::cell::{Cell, RefCell};
 use std::net::IpAddr;
 use std::rc::Rc;
 use std::sync::Arc;
+use std::time::Instant;
 
 use super::node::{BodyBudget, Liveness};
 use super::response::DateCache;
@@ -170,6 +171,41 @@ impl CoreCtx {
                 rate: None,
             },
         }
+    }
+
+    /// Ingest the valid events of one batch request (which spends `tokens`) through the
+    /// organization's owner core; one outcome per event, in order, once every one is answered
+    /// (the committed ones after their COMMIT). One deadline for the whole batch.
+    pub async fn ingest_batch(
+        self: &Rc<Self>,
+        org: OrgInfo,
+        tokens: u32,
+        events: Vec<NewEvent>,
+    ) -> Vec<IngestOutcome> {
+        let waits: Vec<Wait> = events.iter().map(|_| self.waiters.register()).collect();
+        let sent = events
+            .into_iter()
+            .zip(&waits)
+            .map(|(e, w)| (e, w.reply_to(self.core)))
+            .collect();
+        self.owner.ingest_batch(org, tokens, sent);
+        let deadline = Instant::now() + Config::ms(self.config.reply_timeout_ms);
+        let mut out = Vec::with_capacity(waits.len());
+        for wait in waits {
+            let left = deadline.saturating_duration_since(Instant::now());
+            out.push(match wait.within(left).await {
+                Some(Outcome::Ingested(outcome)) => outcome,
+                None => IngestOutcome {
+                    result: Ingested::Refused(Refusal::Unavailable),
+                    rate: None,
+                },
+                Some(other) => IngestOutcome {
+                    result: Ingested::Refused(unexpected(other)),
+                    rate: None,
+                },
+            });
+        }
+        out
     }
 
     /// Run `query` in the store through its organization's owner core.

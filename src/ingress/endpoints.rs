@@ -2,6 +2,7 @@
 //! patterns, lengths, ranges); the store resolves URLs and does the rest. Answers are rendered
 //! here.
 
+use std::cell::RefCell;
 use std::rc::Rc;
 
 use super::core::CoreCtx;
@@ -14,8 +15,8 @@ use crate::error::ApiError;
 use crate::event_types::pattern_error;
 use crate::flow::answer::{Answer, EndpointView};
 use crate::flow::job::{EndpointPatch, EndpointSpec, Query};
-use crate::ids::parse_rfc3339;
-use crate::json::{Body, Field, Obj};
+use crate::ids::{parse_rfc3339, Micros};
+use crate::json::{Body, Field, Obj, Parser};
 use crate::reply::Reply;
 use crate::url_policy;
 
@@ -120,9 +121,14 @@ fn rate_field(body: &Body<'_>) -> Result<Option<Option<u32>>, ApiError> {
     }
 }
 
-fn parse_spec(ctx: &CoreCtx, req: &Request) -> Result<EndpointSpec, ApiError> {
-    require_json(req)?;
-    with_body(&ctx.parser, &req.body, |body| {
+/// The body of `POST /api/endpoints`: what an accepted one holds is checked in shape (the URL's
+/// syntax, 1..50 distinct valid patterns, a description of at most 255 characters, a rate in
+/// range); the store resolves the URL.
+pub fn validate_endpoint_spec(
+    parser: &RefCell<Parser>,
+    body: &[u8],
+) -> Result<EndpointSpec, ApiError> {
+    with_body(parser, body, |body| {
         let url = url_field(body.get("url"))?
             .ok_or_else(|| ApiError::validation("url", "url is required"))?;
         Ok(EndpointSpec {
@@ -134,9 +140,13 @@ fn parse_spec(ctx: &CoreCtx, req: &Request) -> Result<EndpointSpec, ApiError> {
     })
 }
 
-fn parse_patch(ctx: &CoreCtx, req: &Request) -> Result<EndpointPatch, ApiError> {
-    require_json(req)?;
-    with_body(&ctx.parser, &req.body, |body| {
+/// The body of `PATCH /api/endpoints/{id}`: the members sent, each checked as on creation; at
+/// least one.
+pub fn validate_endpoint_patch(
+    parser: &RefCell<Parser>,
+    body: &[u8],
+) -> Result<EndpointPatch, ApiError> {
+    with_body(parser, body, |body| {
         let patch = EndpointPatch {
             url: url_field(body.get("url"))?,
             event_types: patterns_field(body)?,
@@ -150,6 +160,23 @@ fn parse_patch(ctx: &CoreCtx, req: &Request) -> Result<EndpointPatch, ApiError> 
             ));
         }
         Ok(patch)
+    })
+}
+
+/// The body of `POST /api/endpoints/{id}/recover`: `{"since": RFC 3339}`.
+pub fn validate_recover(parser: &RefCell<Parser>, body: &[u8]) -> Result<Micros, ApiError> {
+    with_body(parser, body, |body| match body.get("since") {
+        Some(Field::Str(s)) => parse_rfc3339(s).ok_or_else(|| {
+            ApiError::validation(
+                "since",
+                "since must be an RFC 3339 time such as 2026-01-31T12:00:00Z",
+            )
+        }),
+        None | Some(Field::Null) => Err(ApiError::validation("since", "since is required")),
+        Some(other) => Err(ApiError::validation(
+            "since",
+            format!("since must be a string, not {}", other.type_name()),
+        )),
     })
 }
 
@@ -264,7 +291,7 @@ fn render(answer: Answer) -> Option<Reply> {
 
 /// `POST /api/endpoints`.
 pub async fn create(ctx: &Rc<CoreCtx>, req: &Request, org: OrgInfo) -> Reply {
-    match parse_spec(ctx, req) {
+    match require_json(req).and_then(|()| validate_endpoint_spec(&ctx.parser, &req.body)) {
         Ok(spec) => ctx
             .query(org, Query::CreateEndpoint(spec))
             .await
@@ -299,7 +326,7 @@ pub async fn patch(ctx: &Rc<CoreCtx>, req: &Request, org: OrgInfo, param: Option
         Ok(id) => id,
         Err(e) => return e.reply(),
     };
-    match parse_patch(ctx, req) {
+    match require_json(req).and_then(|()| validate_endpoint_patch(&ctx.parser, &req.body)) {
         Ok(patch) => ctx
             .query(org, Query::PatchEndpoint { id, patch })
             .await
@@ -333,21 +360,7 @@ pub async fn recover(ctx: &Rc<CoreCtx>, req: &Request, org: OrgInfo, param: Opti
         Ok(id) => id,
         Err(e) => return e.reply(),
     };
-    let since = require_json(req).and_then(|()| {
-        with_body(&ctx.parser, &req.body, |body| match body.get("since") {
-            Some(Field::Str(s)) => parse_rfc3339(s).ok_or_else(|| {
-                ApiError::validation(
-                    "since",
-                    "since must be an RFC 3339 time such as 2026-01-31T12:00:00Z",
-                )
-            }),
-            None | Some(Field::Null) => Err(ApiError::validation("since", "since is required")),
-            Some(other) => Err(ApiError::validation(
-                "since",
-                format!("since must be a string, not {}", other.type_name()),
-            )),
-        })
-    });
+    let since = require_json(req).and_then(|()| validate_recover(&ctx.parser, &req.body));
     match since {
         Ok(since) => ctx
             .query(org, Query::RecoverEndpoint { id, since })

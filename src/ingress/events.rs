@@ -2,6 +2,7 @@
 //! the request's core, and the rendering of their answers.
 
 use std::cell::RefCell;
+use std::collections::HashMap;
 use std::rc::Rc;
 
 use super::core::CoreCtx;
@@ -9,15 +10,15 @@ use super::request::{path_uuid, require_json, text_field, with_body, Request};
 use bytes::Bytes;
 
 use crate::auth::OrgInfo;
-use crate::config::PAYLOAD_COPY_BYTES_MAX;
+use crate::config::{BATCH_ITEMS_MAX, PAYLOAD_COPY_BYTES_MAX, RETRY_AFTER_UNAVAILABLE_S};
 use crate::error::ApiError;
 use crate::event_types::{is_operational, OPERATIONAL_PREFIX};
 use crate::flow::answer::{Answer, AttemptView, DeliveryView, EventDetail, EventView};
-use crate::flow::answer::{IngestOutcome, Ingested};
+use crate::flow::answer::{IngestOutcome, Ingested, Refusal};
 use crate::flow::event::NewEvent;
 use crate::flow::job::Query;
 use crate::ids::{new_v7, EventId, Micros};
-use crate::json::{member_value_spans, Field, Obj, Parser};
+use crate::json::{array_element_spans, member_value_spans, Field, Obj, Parser};
 use crate::reply::Reply;
 
 /// `POST /api/events`: validate on this core, then ingest through the organization's owner core.
@@ -45,6 +46,193 @@ fn accepted(status: u16, id: EventId, created_at: Micros) -> Reply {
             .time("created_at", created_at);
         o.finish();
     })
+}
+
+/// `POST /api/events/batch`: every item checked like a single event on this core; the valid ones
+/// (a repeated dedup id inside the batch: the first wins) go to the organization's owner core
+/// together, which spends one token per item or answers 429 for the whole batch; the answer, one
+/// result per item in order, is sent once every accepted item is committed.
+pub async fn create_batch(ctx: &Rc<CoreCtx>, req: &Request, org: OrgInfo) -> Reply {
+    let items = match require_json(req)
+        .and_then(|()| validate_batch(&ctx.parser, &req.body, ctx.config.payload_bytes_max))
+    {
+        Ok(items) => items,
+        Err(e) => return e.reply(),
+    };
+    let now = Micros::now();
+    let tokens = items.len() as u32;
+    // Each item: its own error, the index of the event it sends, or the earlier item it repeats.
+    let mut plan: Vec<Item> = Vec::with_capacity(items.len());
+    let mut events = Vec::with_capacity(items.len());
+    let mut first_of: HashMap<Box<str>, usize> = HashMap::new();
+    for item in items {
+        match item {
+            Err(e) => plan.push(Item::Invalid(e)),
+            Ok(valid) => {
+                if let Some(d) = &valid.dedup_id {
+                    if let Some(&first) = first_of.get(d) {
+                        plan.push(Item::Repeats(first));
+                        continue;
+                    }
+                    first_of.insert(d.clone(), events.len());
+                }
+                plan.push(Item::Sent(events.len()));
+                events.push(NewEvent {
+                    id: EventId(new_v7(now)),
+                    org: org.id,
+                    event_type: valid.event_type,
+                    payload: valid.payload,
+                    dedup_id: valid.dedup_id,
+                    created_at: now,
+                });
+            }
+        }
+    }
+    if events.is_empty() {
+        // Nothing to store: no token is spent.
+        return batch_reply(&plan, &[], &[], now);
+    }
+    let ids: Vec<EventId> = events.iter().map(|e| e.id).collect();
+    let outcomes = ctx.ingest_batch(org, tokens, events).await;
+    let rate = outcomes.iter().find_map(|o| o.rate);
+    // The whole batch was refused (rate limit, the server's trouble): one answer for it.
+    let refused = |o: &IngestOutcome| match &o.result {
+        Ingested::Refused(r) => Some(r.clone()),
+        _ => None,
+    };
+    if let Some(first) = outcomes.first().and_then(refused) {
+        let whole = matches!(first, Refusal::RateLimited { .. })
+            || outcomes
+                .iter()
+                .all(|o| refused(o).is_some_and(|r| r.is_servers()));
+        if whole {
+            return ApiError::from(first).reply().with_rate(rate);
+        }
+    }
+    batch_reply(&plan, &ids, &outcomes, now).with_rate(rate)
+}
+
+/// What became of one item of a batch request.
+enum Item {
+    /// Refused on its own (422, 413).
+    Invalid(ApiError),
+    /// Sent as the event with this index.
+    Sent(usize),
+    /// Repeats the dedup id of the event with this index: 409 naming that one's event.
+    Repeats(usize),
+}
+
+/// `200 {"results":[…]}`: each item's status and what goes with it.
+fn batch_reply(
+    plan: &[Item],
+    ids: &[EventId],
+    outcomes: &[IngestOutcome],
+    created_at: Micros,
+) -> Reply {
+    let mut retry_after = None;
+    let mut reply = Reply::build(200, |out| {
+        out.extend_from_slice(b"{\"results\":[");
+        for (n, item) in plan.iter().enumerate() {
+            if n > 0 {
+                out.push(b',');
+            }
+            let mut o = Obj::new(out);
+            let result = |i: usize| (ids[i], &outcomes[i].result);
+            let (index, repeat) = match item {
+                Item::Invalid(e) => {
+                    write_item_error(&mut o, e);
+                    o.finish();
+                    continue;
+                }
+                Item::Sent(i) => (*i, false),
+                Item::Repeats(i) => (*i, true),
+            };
+            match result(index) {
+                (id, Ingested::Committed | Ingested::Queued) if repeat => {
+                    write_item_error(&mut o, &ApiError::Duplicate { event_id: id.0 });
+                }
+                (_, Ingested::Duplicate(first)) => {
+                    write_item_error(&mut o, &ApiError::Duplicate { event_id: first.0 });
+                }
+                (id, Ingested::Committed) => {
+                    o.int("status", 201)
+                        .id("id", &id.0)
+                        .time("created_at", created_at);
+                }
+                (id, Ingested::Queued) => {
+                    o.int("status", 202)
+                        .id("id", &id.0)
+                        .time("created_at", created_at);
+                }
+                (_, Ingested::Refused(r)) => {
+                    let e = ApiError::from(r.clone());
+                    if r.is_servers() {
+                        retry_after = Some(RETRY_AFTER_UNAVAILABLE_S);
+                    }
+                    write_item_error(&mut o, &e);
+                }
+            }
+            o.finish();
+        }
+        out.extend_from_slice(b"]}");
+    });
+    reply.extra.retry_after_s = retry_after;
+    reply
+}
+
+/// One item's error: `{"status","code","error"}` and the field or first event when there is one.
+fn write_item_error(o: &mut Obj<'_>, e: &ApiError) {
+    o.int("status", i64::from(e.status()))
+        .str("code", e.code())
+        .str("error", &e.message());
+    match e {
+        ApiError::Validation { field, .. } => {
+            o.str("field", field);
+        }
+        ApiError::Duplicate { event_id } => {
+            o.id("event_id", event_id);
+        }
+        _ => {}
+    }
+}
+
+/// Check a batch body (`{"events":[…]}`, 1..1000 items): the envelope's errors refuse the whole
+/// request (422 on `events`); each item is checked like a single event, its error its own.
+pub fn validate_batch(
+    parser: &RefCell<Parser>,
+    body: &Bytes,
+    payload_bytes_max: usize,
+) -> Result<Vec<Result<ValidEvent, ApiError>>, ApiError> {
+    let member = with_body(parser, body, |b| match b.get("events") {
+        Some(Field::Array { len, .. }) if (1..=BATCH_ITEMS_MAX).contains(&len) => {
+            Ok(b.member_index("events"))
+        }
+        Some(Field::Array { len, .. }) => Err(ApiError::validation(
+            "events",
+            format!("events must hold 1 to {BATCH_ITEMS_MAX} events, got {len}"),
+        )),
+        None | Some(Field::Null) => Err(ApiError::validation("events", "events is required")),
+        Some(other) => Err(ApiError::validation(
+            "events",
+            format!("events must be an array, not {}", other.type_name()),
+        )),
+    })?;
+    let span = member
+        .and_then(|i| member_value_spans(body)?.get(i).cloned())
+        .ok_or(ApiError::Internal)?;
+    let items = array_element_spans(body, span).ok_or(ApiError::Internal)?;
+    Ok(items
+        .into_iter()
+        .map(|item| {
+            if body[item.start] != b'{' {
+                return Err(ApiError::validation(
+                    "events",
+                    "each item of events must be an event object",
+                ));
+            }
+            validate_event(parser, &body.slice(item), payload_bytes_max)
+        })
+        .collect())
 }
 
 /// An event body that passed validation: its type, dedup id and payload (the bytes received).

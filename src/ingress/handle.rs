@@ -107,6 +107,7 @@ pub async fn run(ctx: &Rc<CoreCtx>, ready: Ready, req: Request) -> Reply {
     };
     let reply = match ready.route {
         Route::EventsCreate => events::create(ctx, &req, org).await,
+        Route::EventsBatch => events::create_batch(ctx, &req, org).await,
         Route::EventGet => events::get(ctx, org, param).await,
         Route::Inbox => inbox::list(ctx, &req, org).await,
         Route::Ack => inbox::ack(ctx, org, param).await,

@@ -15,7 +15,7 @@
 mod admin;
 pub mod conn;
 pub mod core;
-mod endpoints;
+pub mod endpoints;
 pub mod events;
 pub mod handle;
 pub mod inbox;

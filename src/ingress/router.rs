@@ -29,6 +29,8 @@ pub enum Route {
     WebhookDelete,
     /// POST /api/events
     EventsCreate,
+    /// POST /api/events/batch
+    EventsBatch,
     /// GET /api/events/{id}
     EventGet,
     /// POST /api/events/{id}/redeliver
@@ -84,6 +86,7 @@ impl Route {
         Route::WebhookSet,
         Route::WebhookDelete,
         Route::EventsCreate,
+        Route::EventsBatch,
         Route::EventGet,
         Route::EventRedeliver,
         Route::Inbox,
@@ -145,6 +148,7 @@ impl Route {
             Route::WebhookSet => ("POST", "/api/webhook/config"),
             Route::WebhookDelete => ("DELETE", "/api/webhook/config"),
             Route::EventsCreate => ("POST", "/api/events"),
+            Route::EventsBatch => ("POST", "/api/events/batch"),
             Route::EventGet => ("GET", "/api/events/{id}"),
             Route::EventRedeliver => ("POST", "/api/events/{id}/redeliver"),
             Route::Inbox => ("GET", "/api/inbox"),
@@ -223,6 +227,10 @@ pub fn route(method: Method, path: &str) -> Result<Matched<'_>, ApiError> {
         [Some("api"), Some("events"), None, ..] => (
             "POST",
             (method == Post).then_some((Route::EventsCreate, None)),
+        ),
+        [Some("api"), Some("events"), Some("batch"), None, _] => (
+            "POST",
+            (method == Post).then_some((Route::EventsBatch, None)),
         ),
         [Some("api"), Some("events"), Some(id), None, _] => (
             "GET",

@@ -38,6 +38,16 @@ pub enum Hop {
         /// Where the answer goes.
         reply: ReplyTo,
     },
+    /// Spend a token per item of a batch request (all or none), check each event's dedup id,
+    /// hand the events to the store together.
+    IngestBatch {
+        /// The organization as authenticated.
+        org: OrgInfo,
+        /// Tokens to spend: one per item of the request, valid or not.
+        tokens: u32,
+        /// The valid events, each with where its answer goes.
+        events: Vec<(NewEvent, ReplyTo)>,
+    },
     /// Read the bucket for the rate-limit headers, then hand the query to the store.
     Query {
         /// The organization as authenticated.

@@ -14,8 +14,8 @@ use super::mesh::{owner_core, Hop, Mesh};
 use super::state::{Admit, Shard};
 use crate::auth::OrgInfo;
 use crate::config::AckMode;
+use crate::flow::answer::{Completion, Outcome, RateSnapshot, Refusal, ReplyTo};
 use crate::flow::answer::{IngestOutcome, Ingested};
-use crate::flow::answer::{Outcome, RateSnapshot, Refusal, ReplyTo};
 use crate::flow::event::{DedupKey, NewEvent};
 use crate::flow::job::{Query, StoreJob, WriteJob};
 use crate::flow::sink::StoreQueues;
@@ -86,6 +86,24 @@ impl Owner {
         }
     }
 
+    /// Ingest the valid events of one batch request through the organization's owner core; every
+    /// event's answer comes to its own slot.
+    pub fn ingest_batch(&self, org: OrgInfo, tokens: u32, events: Vec<(NewEvent, ReplyTo)>) {
+        let owner = self.owner(&org);
+        if owner == self.core {
+            return self.admit_batch(org, tokens, events);
+        }
+        let replies: Vec<ReplyTo> = events.iter().map(|(_, r)| *r).collect();
+        let hop = Hop::IngestBatch {
+            org,
+            tokens,
+            events,
+        };
+        if let Err(refusal) = self.hop(owner, hop) {
+            self.answer_all(replies.into_iter(), Ingested::Refused(refusal), None);
+        }
+    }
+
     /// Run `query` in the store through its organization's owner core (which adds the headers).
     pub fn query(
         &self,
@@ -125,6 +143,11 @@ impl Owner {
                     self.mesh.complete_one(reply, Outcome::Ingested(outcome));
                 }
             }
+            Hop::IngestBatch {
+                org,
+                tokens,
+                events,
+            } => self.admit_batch(org, tokens, events),
             Hop::Query { org, query, reply } => {
                 if let Some((refusal, rate)) = self.forward(org, query, reply) {
                     self.mesh.complete_one(
@@ -147,6 +170,10 @@ impl Owner {
     /// waits for a core that has gone.
     pub fn refuse(&self, hop: Hop) {
         let (reply, outcome) = match hop {
+            Hop::IngestBatch { events, .. } => {
+                let replies = events.into_iter().map(|(_, r)| r);
+                return self.answer_all(replies, Ingested::Refused(Refusal::Unavailable), None);
+            }
             Hop::Ingest { reply, .. } => (
                 reply,
                 Outcome::Ingested(IngestOutcome {
@@ -218,6 +245,81 @@ impl Owner {
         })
     }
 
+    /// A batch request's events: spend `tokens` (all or none: 429 for every event otherwise),
+    /// answer the dedup ids known committed at once (409), queue the rest together (all or none:
+    /// 503 for every event otherwise, with the tokens given back). Every event's slot gets exactly
+    /// one answer, now or from the store after COMMIT.
+    fn admit_batch(&self, org: OrgInfo, tokens: u32, events: Vec<(NewEvent, ReplyTo)>) {
+        debug_assert_eq!(self.owner(&org), self.core, "only the owner admits");
+        let mut answers: Vec<(ReplyTo, Ingested)> = Vec::new();
+        let mut shard = self.shard.borrow_mut();
+        let rate = match shard.take_batch(&org, tokens) {
+            Ok(rate) => rate,
+            Err((rate, retry_after_s)) => {
+                drop(shard);
+                let refusal = Refusal::RateLimited {
+                    limit: org.limit,
+                    retry_after_s,
+                };
+                let replies = events.into_iter().map(|(_, r)| r);
+                return self.answer_all(replies, Ingested::Refused(refusal), Some(rate));
+            }
+        };
+        let fast = self.store.ack_mode() == AckMode::Fast;
+        let mut jobs = Vec::with_capacity(events.len());
+        let mut keys = Vec::new();
+        for (event, reply) in events {
+            match shard.reserve_dedup(&org, event.dedup_id.as_deref()) {
+                Err(first) => answers.push((reply, Ingested::Duplicate(first))),
+                Ok(key) => {
+                    keys.extend(key);
+                    if fast {
+                        answers.push((reply, Ingested::Queued));
+                    }
+                    jobs.push(WriteJob {
+                        event,
+                        reply: (!fast).then_some(reply),
+                        rate: Some(rate),
+                        dedup: key.map(|k| (k, self.core)),
+                    });
+                }
+            }
+        }
+        let replies: Vec<ReplyTo> = jobs.iter().filter_map(|j| j.reply).collect();
+        if let Err(refusal) = self.store.write_many(jobs) {
+            shard.undo_batch(&org, tokens, &keys);
+            let rate = shard.snapshot(&org);
+            drop(shard);
+            // Nothing of the batch was queued: every event is refused, even those answered 409.
+            let all = answers.into_iter().map(|(r, _)| r).chain(replies);
+            return self.answer_all(all, Ingested::Refused(refusal), Some(rate));
+        }
+        drop(shard);
+        let mut by_core: Vec<(CoreId, Vec<Completion>)> = Vec::new();
+        for (reply, result) in answers {
+            push_completion(&mut by_core, reply, result, Some(rate));
+        }
+        for (core, completions) in by_core {
+            self.mesh.complete(core, completions);
+        }
+    }
+
+    /// The same answer for many waiting events, one message per core.
+    fn answer_all(
+        &self,
+        replies: impl Iterator<Item = ReplyTo>,
+        result: Ingested,
+        rate: Option<RateSnapshot>,
+    ) {
+        let mut by_core: Vec<(CoreId, Vec<Completion>)> = Vec::new();
+        for reply in replies {
+            push_completion(&mut by_core, reply, result.clone(), rate);
+        }
+        for (core, completions) in by_core {
+            self.mesh.complete(core, completions);
+        }
+    }
+
     /// Read the bucket for the headers, hand the query to the store. `Some` when it was refused.
     fn forward(
         &self,
@@ -235,5 +337,22 @@ impl Owner {
             Ok(()) => None,
             Err(refusal) => Some((refusal, rate)),
         }
+    }
+}
+
+/// Add one answer to the completions grouped by the core that waits for it.
+fn push_completion(
+    by_core: &mut Vec<(CoreId, Vec<Completion>)>,
+    reply: ReplyTo,
+    result: Ingested,
+    rate: Option<RateSnapshot>,
+) {
+    let completion = Completion {
+        slot: reply.slot,
+        outcome: Outcome::Ingested(IngestOutcome { result, rate }),
+    };
+    match by_core.iter_mut().find(|(core, _)| *core == reply.core) {
+        Some((_, list)) => list.push(completion),
+        None => by_core.push((reply.core, vec![completion])),
     }
 }

@@ -42,19 +42,32 @@ impl TokenBucket {
 
     /// Take one token. `Err(seconds)` says how long until one is there.
     pub fn try_take(&mut self, now_us: u64, limit: u32) -> Result<RateSnapshot, u32> {
+        self.try_take_n(now_us, limit, 1)
+    }
+
+    /// Take `n` tokens, or none. `Err(seconds)` says how long until `n` are there (at most a
+    /// minute's refill when `n` is above the capacity: the answer then is the full bucket's wait).
+    pub fn try_take_n(&mut self, now_us: u64, limit: u32, n: u32) -> Result<RateSnapshot, u32> {
         self.refill(now_us, limit);
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
+        let want = f64::from(n.max(1));
+        if self.tokens >= want {
+            self.tokens -= want;
             Ok(self.snapshot_now())
         } else {
-            let wait_us = (1.0 - self.tokens) / self.rate_per_us();
+            let want = want.min(f64::from(self.limit));
+            let wait_us = (want - self.tokens).max(0.0) / self.rate_per_us();
             Err(((wait_us / 1_000_000.0).ceil() as u32).max(1))
         }
     }
 
+    /// Give back `n` tokens taken for a request that was then refused (queue full).
+    pub fn refund_n(&mut self, n: u32) {
+        self.tokens = (self.tokens + f64::from(n)).min(f64::from(self.limit));
+    }
+
     /// Give back a token taken for a request that was then refused (queue full).
     pub fn refund(&mut self) {
-        self.tokens = (self.tokens + 1.0).min(f64::from(self.limit));
+        self.refund_n(1);
     }
 
     /// The bucket as the rate-limit headers show it, without spending.

@@ -111,6 +111,47 @@ impl Shard {
         Admit::Go { rate, dedup_key }
     }
 
+    /// Spend `n` tokens of `org` for one batch request, or none: `Err` is the 429's bucket and
+    /// seconds to wait.
+    pub fn take_batch(
+        &mut self,
+        org: &OrgInfo,
+        n: u32,
+    ) -> Result<RateSnapshot, (RateSnapshot, u32)> {
+        let now = self.now_us();
+        let bucket = self.bucket(org, now);
+        bucket
+            .try_take_n(now, org.limit, n)
+            .map_err(|retry| (bucket.snapshot(now, org.limit), retry))
+    }
+
+    /// Check one dedup id of a batch whose tokens are spent: `Ok(key)` reserved (or no id), or
+    /// `Err(first)` when it is known committed.
+    pub fn reserve_dedup(
+        &mut self,
+        org: &OrgInfo,
+        dedup_id: Option<&str>,
+    ) -> Result<Option<DedupKey>, EventId> {
+        let Some(key) = dedup_id.map(|d| self.dedup_key(&org.id, d)) else {
+            return Ok(None);
+        };
+        match self.dedup.check_and_reserve(key) {
+            Seen::Committed(first) => Err(first),
+            _ => Ok(Some(key)),
+        }
+    }
+
+    /// A batch admitted with `tokens` and `keys` could not be queued: give its tokens back and
+    /// free its keys.
+    pub fn undo_batch(&mut self, org: &OrgInfo, tokens: u32, keys: &[DedupKey]) {
+        if let Some(b) = self.buckets.get_mut(&org.id) {
+            b.refund_n(tokens);
+        }
+        for key in keys {
+            self.dedup.settle(*key, None);
+        }
+    }
+
     /// The event admitted with `dedup_key` could not be queued: give its token back and free the key.
     pub fn undo(&mut self, org: &OrgInfo, dedup_key: Option<DedupKey>) {
         if let Some(b) = self.buckets.get_mut(&org.id) {

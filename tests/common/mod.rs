@@ -41,6 +41,21 @@ pub fn database_url() -> String {
 }
 
 /// A direct connection to the test database, for checking what the server wrote.
+/// A fresh, empty database of its own (dropped first if a previous run left it), for a test
+/// whose server must not share its due deliveries with the other tests' servers (they act as
+/// one cluster on the shared database). The server's start migrates it.
+pub async fn own_database(name: &str) -> String {
+    let admin = db().await;
+    for statement in [
+        format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"),
+        format!("CREATE DATABASE {name}"),
+    ] {
+        admin.batch_execute(&statement).await.unwrap();
+    }
+    let base = database_url();
+    format!("{}/{name}", &base[..base.rfind('/').unwrap()])
+}
+
 pub async fn db() -> tokio_postgres::Client {
     let (client, conn) = tokio_postgres::connect(&database_url(), tokio_postgres::NoTls)
         .await

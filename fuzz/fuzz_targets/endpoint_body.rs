@@ -1,0 +1,97 @@
+//! The endpoint bodies (create, patch, recover) and the event-type patterns they carry: any
+//! bytes. Never panics; an accepted body holds only what its checks allow: a URL the policy
+//! parses, 1..50 distinct valid patterns, a description of at most 255 characters, a rate from 1
+//! to 10,000, a `since` that writes back as RFC 3339 and reads again as the same instant.
+#![no_main]
+
+use std::cell::RefCell;
+
+use libfuzzer_sys::fuzz_target;
+use triggers::event_types::{pattern_error, pattern_matches};
+use triggers::ids::{parse_rfc3339, Micros};
+use triggers::ingress::endpoints::{
+    validate_endpoint_patch, validate_endpoint_spec, validate_recover,
+};
+use triggers::json::Parser;
+use triggers::url_policy::parse_url;
+
+thread_local! {
+    static PARSER: RefCell<Parser> = RefCell::new(Parser::default());
+}
+
+fn check_patterns(patterns: &[String]) {
+    assert!((1..=50).contains(&patterns.len()));
+    for (i, p) in patterns.iter().enumerate() {
+        assert_eq!(pattern_error(p), None, "an accepted pattern is valid");
+        assert!(!patterns[..i].contains(p), "accepted patterns are distinct");
+        // A pattern without a wildcard matches exactly itself.
+        if !p.ends_with('*') {
+            assert!(pattern_matches(p, p));
+        }
+    }
+}
+
+fn check_description(d: &str) {
+    assert!(d.chars().count() <= 255 && !d.contains('\0'));
+}
+
+fn check_rate(r: u32) {
+    assert!((1..=10_000).contains(&r));
+}
+
+fn check_since(since: Micros) {
+    let mut text = Vec::new();
+    since.write_rfc3339(&mut text);
+    let text = std::str::from_utf8(&text).expect("RFC 3339 is ASCII");
+    assert_eq!(parse_rfc3339(text), Some(since), "{text} reads back");
+}
+
+fuzz_target!(|data: &[u8]| {
+    PARSER.with(|parser| {
+        if let Ok(spec) = validate_endpoint_spec(parser, data) {
+            assert!(parse_url(&spec.url).is_ok());
+            if let Some(patterns) = &spec.event_types {
+                check_patterns(patterns);
+            }
+            if let Some(d) = &spec.description {
+                check_description(d);
+            }
+            if let Some(r) = spec.rate_limit_per_second {
+                check_rate(r);
+            }
+        }
+        if let Ok(patch) = validate_endpoint_patch(parser, data) {
+            assert!(
+                patch.url.is_some()
+                    || patch.event_types.is_some()
+                    || patch.description.is_some()
+                    || patch.rate_limit_per_second.is_some(),
+                "a patch changes something"
+            );
+            if let Some(url) = &patch.url {
+                assert!(parse_url(url).is_ok());
+            }
+            if let Some(Some(patterns)) = &patch.event_types {
+                check_patterns(patterns);
+            }
+            if let Some(Some(d)) = &patch.description {
+                check_description(d);
+            }
+            if let Some(Some(r)) = patch.rate_limit_per_second {
+                check_rate(r);
+            }
+        }
+        if let Ok(since) = validate_recover(parser, data) {
+            check_since(since);
+        }
+    });
+    // Any text as a pattern and as a type: never panics; `*` takes every non-operational type.
+    if let Ok(text) = std::str::from_utf8(data) {
+        let (pattern, event_type) = text.split_once('\n').unwrap_or((text, text));
+        let _ = pattern_error(pattern);
+        let matched = pattern_matches(pattern, event_type);
+        if pattern == event_type && pattern_error(pattern).is_none() && !pattern.ends_with('*') {
+            assert!(matched);
+        }
+    }
+});
