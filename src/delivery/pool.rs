@@ -188,6 +188,7 @@ impl DeliverySink for DeliveryHandle {
         }
         let mut left_due = false;
         let mut jobs = Vec::new();
+        let known_written = !committed.is_empty();
         for (event, planned) in committed {
             for (endpoint, disposition) in planned.endpoints.iter().zip(&planned.dispositions) {
                 match disposition {
@@ -204,8 +205,17 @@ impl DeliverySink for DeliveryHandle {
                 outstanding: AtomicUsize::new(jobs.len()),
                 abandoned: AtomicBool::new(false),
             });
-            if jobs.is_empty() {
-                // Nothing of the batch was written (or its row never was): nothing to lease.
+            if jobs.is_empty() && !known_written {
+                // Nothing of the batch is known written, yet its COMMIT may still land after the
+                // writer gave up (a silent network): expire the row rather than delete it, so
+                // whatever did commit is taken over by any node, now or when its lease runs out.
+                shared
+                    .expire
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(id);
+            } else if jobs.is_empty() {
+                // Written, but nothing of it held in memory: nothing to lease.
                 shared
                     .finished
                     .lock()

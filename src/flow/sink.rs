@@ -28,6 +28,9 @@ pub struct Health {
     epoch: std::time::Instant,
     /// Milliseconds after `epoch` of the last `set_down`.
     down_at_ms: std::sync::atomic::AtomicU64,
+    /// The probe could not reach the database at all (no answer in time, no connection), as
+    /// opposed to reaching one that refuses writes (read-only, in recovery, full).
+    unreachable: AtomicBool,
 }
 
 impl Default for Health {
@@ -37,6 +40,7 @@ impl Default for Health {
             kick: Notify::new(),
             epoch: std::time::Instant::now(),
             down_at_ms: std::sync::atomic::AtomicU64::new(0),
+            unreachable: AtomicBool::new(false),
         }
     }
 }
@@ -67,6 +71,17 @@ impl Health {
             return false;
         }
         !self.up.swap(true, Ordering::Relaxed)
+    }
+
+    /// Whether the probe's last try could not reach the database at all: then reads would only
+    /// wait out their deadline, and are refused at once instead.
+    pub fn is_unreachable(&self) -> bool {
+        self.unreachable.load(Ordering::Relaxed)
+    }
+
+    /// The probe's last try reached the database (`true`) or not (`false`).
+    pub fn set_reachable(&self, reachable: bool) {
+        self.unreachable.store(!reachable, Ordering::Relaxed);
     }
 
     /// Resolves when [`Health::set_down`] is called (the probe waits on it).

@@ -137,6 +137,21 @@ fn handle_message(ctx: &Rc<CoreCtx>, msg: CoreMsg) {
     }
 }
 
+/// An ingest's answer, or 503 when none came in time.
+fn ingested(answer: Option<Outcome>) -> IngestOutcome {
+    match answer {
+        Some(Outcome::Ingested(outcome)) => outcome,
+        None => IngestOutcome {
+            result: Ingested::Refused(Refusal::Unavailable),
+            rate: None,
+        },
+        Some(other) => IngestOutcome {
+            result: Ingested::Refused(unexpected(other)),
+            rate: None,
+        },
+    }
+}
+
 /// An answer of the wrong kind reached a waiting request: a bug, logged and answered 500.
 fn unexpected(outcome: Outcome) -> Refusal {
     tracing::error!(?outcome, "unexpected answer kind");
@@ -160,17 +175,7 @@ impl CoreCtx {
         if let Some(now) = self.owner.ingest(org, event, wait.reply_to(self.core)) {
             return now;
         }
-        match self.answer(wait).await {
-            Some(Outcome::Ingested(outcome)) => outcome,
-            None => IngestOutcome {
-                result: Ingested::Refused(Refusal::Unavailable),
-                rate: None,
-            },
-            Some(other) => IngestOutcome {
-                result: Ingested::Refused(unexpected(other)),
-                rate: None,
-            },
-        }
+        ingested(self.answer(wait).await)
     }
 
     /// Ingest the valid events of one batch request (which spends `tokens`) through the
@@ -193,17 +198,7 @@ impl CoreCtx {
         let mut out = Vec::with_capacity(waits.len());
         for wait in waits {
             let left = deadline.saturating_duration_since(Instant::now());
-            out.push(match wait.within(left).await {
-                Some(Outcome::Ingested(outcome)) => outcome,
-                None => IngestOutcome {
-                    result: Ingested::Refused(Refusal::Unavailable),
-                    rate: None,
-                },
-                Some(other) => IngestOutcome {
-                    result: Ingested::Refused(unexpected(other)),
-                    rate: None,
-                },
-            });
+            out.push(ingested(wait.within(left).await));
         }
         out
     }
@@ -283,9 +278,13 @@ impl CoreCtx {
             }
             Flight::Follower(rx) => match rx.await {
                 Ok(Ok(org)) => Ok(org),
-                Ok(Err(r @ Refusal::Unauthorized(_))) => Err(r),
-                // The leader failed for its own reasons (a throttled address, an outage): try.
-                _ => self.verify(key, hash, peer).await,
+                // A throttled address is the leader's own, not this request's: verify.
+                Ok(Err(Refusal::AuthThrottled { .. })) => self.verify(key, hash, peer).await,
+                // The leader's answer is this one's too (a refused key, the database's trouble:
+                // asking again would only wait a second database deadline for the same 503).
+                Ok(Err(r)) => Err(r),
+                // The leader's request went away before its answer: verify.
+                Err(_) => self.verify(key, hash, peer).await,
             },
         }
     }

@@ -77,14 +77,7 @@ pub async fn create_batch(ctx: &Rc<CoreCtx>, req: &Request, org: OrgInfo) -> Rep
                     first_of.insert(d.clone(), events.len());
                 }
                 plan.push(Item::Sent(events.len()));
-                events.push(NewEvent {
-                    id: EventId(new_v7(now)),
-                    org: org.id,
-                    event_type: valid.event_type,
-                    payload: valid.payload,
-                    dedup_id: valid.dedup_id,
-                    created_at: now,
-                });
+                events.push(new_event(valid, org, now));
             }
         }
     }
@@ -304,15 +297,19 @@ pub fn validate_event(
 fn validate(ctx: &CoreCtx, req: &Request, org: OrgInfo) -> Result<NewEvent, ApiError> {
     require_json(req)?;
     let valid = validate_event(&ctx.parser, &req.body, ctx.config.payload_bytes_max)?;
-    let now = Micros::now();
-    Ok(NewEvent {
+    Ok(new_event(valid, org, Micros::now()))
+}
+
+/// A validated event of `org`, created `now`, with its new id.
+fn new_event(valid: ValidEvent, org: OrgInfo, now: Micros) -> NewEvent {
+    NewEvent {
         id: EventId(new_v7(now)),
         org: org.id,
         event_type: valid.event_type,
         payload: valid.payload,
         dedup_id: valid.dedup_id,
         created_at: now,
-    })
+    }
 }
 
 /// `GET /api/events/{id}`.

@@ -137,6 +137,10 @@ impl StoreCtx {
         what: &str,
         work: impl std::future::Future<Output = Done<T>>,
     ) -> Result<T, Refusal> {
+        // The probe can't reach the database: waiting out the deadline would end in the same 503.
+        if self.health.is_unreachable() {
+            return Err(Refusal::Unavailable);
+        }
         match tokio::time::timeout(self.db_timeout, work).await {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(f)) => Err(self.fail(what, f)),

@@ -23,10 +23,13 @@ pub async fn probe(ctx: Arc<StoreCtx>) {
         };
         let _ = tokio::time::timeout(wait, ctx.health.kicked()).await;
         let timeout = Config::ms(ctx.config.db_connect_timeout_ms);
-        let result = match tokio::time::timeout(timeout, check(&ctx, &mut conn)).await {
+        let mut reached = false;
+        let result = match tokio::time::timeout(timeout, check(&ctx, &mut conn, &mut reached)).await
+        {
             Ok(r) => r,
             Err(_) => Err("the database did not answer the probe in time".to_string()),
         };
+        ctx.health.set_reachable(reached);
         match result {
             Ok(()) => {
                 if ctx.health.set_up() {
@@ -45,8 +48,13 @@ pub async fn probe(ctx: Arc<StoreCtx>) {
     }
 }
 
-/// One check on the probe's own connection (made if it has none).
-async fn check(ctx: &StoreCtx, conn: &mut Option<Client>) -> Result<(), String> {
+/// One check on the probe's own connection (made if it has none); `reached` says whether the
+/// database answered at all.
+async fn check(
+    ctx: &StoreCtx,
+    conn: &mut Option<Client>,
+    reached: &mut bool,
+) -> Result<(), String> {
     if conn.as_ref().is_none_or(|c| c.is_closed()) {
         let pg = pg_config(&ctx.config)?;
         let (client, connection) = pg.connect(NoTls).await.map_err(|e| describe(&e))?;
@@ -63,6 +71,8 @@ async fn check(ctx: &StoreCtx, conn: &mut Option<Client>) -> Result<(), String> 
         )
         .await
         .map_err(|e| describe(&e))?;
+    // It answered: whatever follows, reads can be served.
+    *reached = true;
     if row.get::<_, bool>(0) {
         return Err("the database is a replica in recovery".into());
     }

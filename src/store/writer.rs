@@ -29,6 +29,7 @@ use futures_util::SinkExt;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use tokio::sync::{mpsc, Mutex, Notify};
+use tokio::time::Instant;
 use uuid::Uuid;
 
 use super::copy::{CopyEncoder, RowPlan, COPY_EVENTS};
@@ -151,9 +152,9 @@ pub async fn run(
 
 /// Ask the delivery pool how each event of the batch is to be delivered. When the endpoints can't
 /// be read the batch is not written (the database is in trouble; 503).
-async fn plan_delivery(ctx: &StoreCtx, batch: &[WriteJob]) -> Option<BatchPlan> {
+async fn plan_delivery(ctx: &StoreCtx, batch: &[WriteJob], deadline: Instant) -> Option<BatchPlan> {
     let events: Vec<&NewEvent> = batch.iter().map(|j| &j.event).collect();
-    match tokio::time::timeout(ctx.db_timeout, ctx.delivery.plan(&events)).await {
+    match tokio::time::timeout_at(deadline, ctx.delivery.plan(&events)).await {
         Ok(Ok(plan)) => Some(plan),
         Ok(Err(why)) => {
             tracing::warn!(error = %why, events = batch.len(), "endpoints unreadable; batch not written");
@@ -181,8 +182,19 @@ async fn write_until_settled(
 ) -> (Vec<Ingested>, BatchPlan) {
     let mut backoff = WRITE_RETRY_BACKOFF_MIN;
     loop {
-        let (results, plan) = match plan_delivery(ctx, batch).await {
-            Some(plan) => (write_batch(ctx, encoder, batch, &plan).await, plan),
+        // One deadline for the whole attempt (the plan, a connection, the transaction), so no
+        // request waits more than `db_timeout` for its answer once a writer took it.
+        let deadline = Instant::now() + ctx.db_timeout;
+        // While the database is known down not even the plan is tried (it may need a read).
+        let planned = match ctx.health.is_up() {
+            true => plan_delivery(ctx, batch, deadline).await,
+            false => None,
+        };
+        let (results, plan) = match planned {
+            Some(plan) => (
+                write_batch(ctx, encoder, batch, &plan, deadline).await,
+                plan,
+            ),
             None => (
                 vec![Ingested::Refused(Refusal::Unavailable); batch.len()],
                 BatchPlan {
@@ -236,27 +248,32 @@ async fn write_batch(
     encoder: &mut CopyEncoder,
     batch: &[WriteJob],
     plan: &BatchPlan,
+    deadline: Instant,
 ) -> Vec<Ingested> {
     if !ctx.health.is_up() {
         return vec![Ingested::Refused(Refusal::Unavailable); batch.len()];
     }
     let all: Vec<usize> = (0..batch.len()).collect();
-    match write_rows(ctx, encoder, batch, plan, &all).await {
+    match write_rows(ctx, encoder, batch, plan, &all, deadline).await {
         Ok(results) => results,
         Err(BatchError::Data(why)) if batch.len() > 1 => {
             // One row's data was refused: write each on its own, so it fails alone.
             tracing::warn!(error = %why, events = batch.len(), "batch refused; writing row by row");
             let mut results = Vec::with_capacity(batch.len());
             for i in 0..batch.len() {
-                results.push(match write_rows(ctx, encoder, batch, plan, &[i]).await {
-                    Ok(mut r) => r.pop().unwrap_or(Ingested::Refused(Refusal::Internal)),
-                    Err(BatchError::Data(why)) => refused_row(&batch[i], &why),
-                    Err(BatchError::Database(why)) => {
-                        tracing::warn!(error = %why, "row not written");
-                        ctx.health.set_down();
-                        Ingested::Refused(Refusal::Unavailable)
-                    }
-                });
+                // The database answered (it refused a row): each row gets its own time.
+                let deadline = Instant::now() + ctx.db_timeout;
+                results.push(
+                    match write_rows(ctx, encoder, batch, plan, &[i], deadline).await {
+                        Ok(mut r) => r.pop().unwrap_or(Ingested::Refused(Refusal::Internal)),
+                        Err(BatchError::Data(why)) => refused_row(&batch[i], &why),
+                        Err(BatchError::Database(why)) => {
+                            tracing::warn!(error = %why, "row not written");
+                            ctx.health.set_down();
+                            Ingested::Refused(Refusal::Unavailable)
+                        }
+                    },
+                );
             }
             results
         }
@@ -285,15 +302,16 @@ async fn write_rows(
     batch: &[WriteJob],
     plan: &BatchPlan,
     rows: &[usize],
+    deadline: Instant,
 ) -> Result<Vec<Ingested>, BatchError> {
-    let client = match tokio::time::timeout(ctx.db_timeout, ctx.writer_pool.get()).await {
+    let client = match tokio::time::timeout_at(deadline, ctx.writer_pool.get()).await {
         Ok(Ok(c)) => c,
         Ok(Err(e)) => return Err(BatchError::Database(format!("no connection: {e}"))),
         Err(_) => return Err(BatchError::Database("no connection in time".into())),
     };
     let started = std::time::Instant::now();
     let work = write_rows_on(&client, encoder, batch, plan, rows);
-    match tokio::time::timeout(ctx.db_timeout, work).await {
+    match tokio::time::timeout_at(deadline, work).await {
         Ok(Ok(results)) => {
             let took = started.elapsed();
             if took > SLOW_BATCH {
