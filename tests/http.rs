@@ -182,7 +182,9 @@ both_drivers!(oversized_heads_get_431, head_too_large);
 async fn head_too_large(addr: SocketAddr) {
     let big = "a".repeat(20_000);
     let mut c = Conn::open(addr).await;
-    c.send(format!("GET /health HTTP/1.1\r\nHost: t\r\nX-Big: {big}\r\n\r\n").as_bytes())
+    // The server answers once it has 16 KiB and closes: the end of this write may meet the
+    // closed socket (EPIPE), which is not what is tested; the 431 is.
+    c.try_send(format!("GET /health HTTP/1.1\r\nHost: t\r\nX-Big: {big}\r\n\r\n").as_bytes())
         .await;
     let r = c.read().await.unwrap();
     assert_eq!(r.status, 431);
@@ -192,7 +194,8 @@ async fn head_too_large(addr: SocketAddr) {
     let mut c = Conn::open(addr).await;
     c.send(b"GET /health HTTP/1.1\r\n").await;
     for _ in 0..20 {
-        c.send(format!("X-Pad: {}\r\n", "b".repeat(1000)).as_bytes())
+        // The server may answer and stop reading before the last lines: not a failure.
+        c.try_send(format!("X-Pad: {}\r\n", "b".repeat(1000)).as_bytes())
             .await;
     }
     assert_eq!(c.read().await.unwrap().status, 431);
