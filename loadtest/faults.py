@@ -239,6 +239,15 @@ class Load:
         ends = [e for s, e, st in self.answers if st in statuses and s >= since]
         return min(ends) if ends else None
 
+    def recovered_after(self, since, statuses=(201,), limit=30):
+        """Seconds from `since` to the first answer of `statuses` to a request sent from then on,
+        waiting up to `limit` seconds for one; None if none came."""
+        first = self.first(statuses, since)
+        while first is None and time.monotonic() - since < limit:
+            time.sleep(0.05)
+            first = self.first(statuses, since)
+        return None if first is None else first - since
+
 
 class Receiver:
     """A webhook receiver that records every request with its start and end, answers after
@@ -448,12 +457,9 @@ def drill_kill9(db, args):
         t_kill = time.monotonic()
         node.kill()
         node.start()
-        first = load.first((201,), t_kill)
-        while first is None and time.monotonic() - t_kill < 30:
-            time.sleep(0.05)
-            first = load.first((201,), t_kill)
-        if first is not None:
-            r.recover = max(r.recover or 0, first - t_kill)
+        took = load.recovered_after(t_kill)
+        if took is not None:
+            r.recover = max(r.recover or 0, took)
     time.sleep(1.0)
     settle(load, node, r, db, [o for _, o in keys])
     node.stop()
@@ -480,12 +486,9 @@ def drill_pg(db, args, mode):
         worst = load.worst_wait_for(503, t_fault, t_back)
         if worst is not None:
             r.t503 = max(r.t503 or 0, worst)
-        first = None
-        while first is None and time.monotonic() - t_back < 30:
-            time.sleep(0.05)
-            first = load.first((201,), t_back)
-        if first is not None:
-            r.recover = max(r.recover or 0, first - t_back)
+        took = load.recovered_after(t_back)
+        if took is not None:
+            r.recover = max(r.recover or 0, took)
     time.sleep(1.0)
     settle(load, node, r, db, [o for _, o in keys])
     node.stop()
@@ -509,12 +512,9 @@ def drill_sql_fault(db, args, name, inject_sql, clear_sql, fast):
         worst = load.worst_wait_for(503, t_fault, t_back)
         if worst is not None:
             r.t503 = max(r.t503 or 0, worst)
-        first = None
-        while first is None and time.monotonic() - t_back < 30:
-            time.sleep(0.05)
-            first = load.first((201, 202), t_back)
-        if first is not None:
-            r.recover = max(r.recover or 0, first - t_back)
+        took = load.recovered_after(t_back, (201, 202))
+        if took is not None:
+            r.recover = max(r.recover or 0, took)
     # Fast mode: what was answered 202 during the fault is written once it clears.
     time.sleep(3.0 if fast else 1.0)
     settle(load, node, r, db, [o for _, o in keys])
@@ -555,11 +555,7 @@ def drill_blackhole(db, args):
     proxy.flowing.set()
     t_back = time.monotonic()
     r.t503 = load.worst_wait_for(503, t_fault, t_back)
-    first = None
-    while first is None and time.monotonic() - t_back < 30:
-        time.sleep(0.05)
-        first = load.first((201,), t_back)
-    r.recover = (first - t_back) if first else None
+    r.recover = load.recovered_after(t_back)
     time.sleep(1.0)
     settle(load, node, r, db, [o for _, o in keys])
     # Deliveries resume: every acknowledged event reaches the receiver.

@@ -16,7 +16,7 @@ use crate::event_types::pattern_error;
 use crate::flow::answer::{Answer, EndpointView};
 use crate::flow::job::{EndpointPatch, EndpointSpec, Query};
 use crate::ids::{parse_rfc3339, Micros};
-use crate::json::{Body, Field, Obj, Parser};
+use crate::json::{write_list, write_str, Body, Field, Obj, Parser};
 use crate::reply::Reply;
 use crate::url_policy;
 
@@ -185,15 +185,7 @@ pub fn write_endpoint(o: &mut Obj<'_>, e: &EndpointView) {
     o.id("id", &e.id).str("url", &e.url);
     match &e.event_types {
         Some(types) => {
-            let list = o.key("event_types");
-            list.push(b'[');
-            for (i, t) in types.iter().enumerate() {
-                if i > 0 {
-                    list.push(b',');
-                }
-                crate::json::write_str(list, t);
-            }
-            list.push(b']');
+            write_list(o.key("event_types"), types, |out, t| write_str(out, t));
         }
         None => {
             o.null("event_types");
@@ -253,17 +245,11 @@ fn render(answer: Answer) -> Option<Reply> {
         }
         Answer::Endpoints(list) => Reply::build(200, |out| {
             let mut o = Obj::new(out);
-            let items = o.key("endpoints");
-            items.push(b'[');
-            for (i, e) in list.iter().enumerate() {
-                if i > 0 {
-                    items.push(b',');
-                }
-                let mut item = Obj::new(items);
+            write_list(o.key("endpoints"), &list, |out, e| {
+                let mut item = Obj::new(out);
                 write_endpoint(&mut item, e);
                 item.finish();
-            }
-            items.push(b']');
+            });
             o.finish();
         }),
         Answer::EndpointSecret {

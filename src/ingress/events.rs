@@ -18,7 +18,7 @@ use crate::flow::answer::{IngestOutcome, Ingested, Refusal};
 use crate::flow::event::NewEvent;
 use crate::flow::job::Query;
 use crate::ids::{new_v7, EventId, Micros};
-use crate::json::{array_element_spans, member_value_spans, Field, Obj, Parser};
+use crate::json::{array_element_spans, member_value_spans, write_list, Field, Obj, Parser};
 use crate::reply::Reply;
 
 /// `POST /api/events`: validate on this core, then ingest through the organization's owner core.
@@ -413,23 +413,7 @@ fn write_delivery(out: &mut Vec<u8>, d: &DeliveryView) {
 fn write_detail(out: &mut Vec<u8>, detail: &EventDetail) {
     let mut o = Obj::new(out);
     write_event(&mut o, &detail.event);
-    let list = o.key("deliveries");
-    list.push(b'[');
-    for (i, d) in detail.deliveries.iter().enumerate() {
-        if i > 0 {
-            list.push(b',');
-        }
-        write_delivery(list, d);
-    }
-    list.push(b']');
-    let list = o.key("delivery_attempts");
-    list.push(b'[');
-    for (i, a) in detail.attempts.iter().enumerate() {
-        if i > 0 {
-            list.push(b',');
-        }
-        write_attempt(list, a);
-    }
-    list.push(b']');
+    write_list(o.key("deliveries"), &detail.deliveries, write_delivery);
+    write_list(o.key("delivery_attempts"), &detail.attempts, write_attempt);
     o.finish();
 }
