@@ -12,6 +12,15 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/common.sh
 ensure_cargo
+# The skips are this script's own: read them, then keep them out of the environment (the server
+# refuses TRIGGERS_* variables it does not know, and the stages below start servers).
+SKIP_SCHEMATHESIS=${TRIGGERS_SKIP_SCHEMATHESIS:-0}
+SKIP_FUZZ=${TRIGGERS_SKIP_FUZZ:-0}
+SKIP_LOADTEST=${TRIGGERS_SKIP_LOADTEST:-0}
+SKIP_FAULTS=${TRIGGERS_SKIP_FAULTS:-0}
+FUZZ_SECONDS=${TRIGGERS_FUZZ_SECONDS:-20}
+unset TRIGGERS_SKIP_SCHEMATHESIS TRIGGERS_SKIP_FUZZ TRIGGERS_SKIP_LOADTEST TRIGGERS_SKIP_FAULTS \
+  TRIGGERS_FUZZ_SECONDS
 export TEST_DATABASE_URL=$(bash scripts/postgres.sh db triggers_test)
 echo "== cargo fmt --check" >&2
 cargo fmt --all -- --check
@@ -21,21 +30,21 @@ echo "== cargo clippy" >&2
 cargo clippy --locked --all-targets -- -D warnings
 echo "== cargo test" >&2
 cargo test --locked -- --test-threads 4
-if [ "${TRIGGERS_SKIP_SCHEMATHESIS:-0}" != "1" ]; then
+if [ "$SKIP_SCHEMATHESIS" != "1" ]; then
   echo "== schemathesis over /openapi.json" >&2
   bash scripts/schemathesis.sh 100
 fi
-if [ "${TRIGGERS_SKIP_FUZZ:-0}" != "1" ]; then
-  echo "== fuzzing (${TRIGGERS_FUZZ_SECONDS:-20} s per target)" >&2
-  bash scripts/fuzz.sh "${TRIGGERS_FUZZ_SECONDS:-20}"
+if [ "$SKIP_FUZZ" != "1" ]; then
+  echo "== fuzzing ($FUZZ_SECONDS s per target)" >&2
+  bash scripts/fuzz.sh "$FUZZ_SECONDS"
 fi
-if [ "${TRIGGERS_SKIP_LOADTEST:-0}" != "1" ]; then
+if [ "$SKIP_LOADTEST" != "1" ]; then
   echo "== load-test scenarios (smoke)" >&2
   bash loadtest/run.sh all --smoke
   bash loadtest/run.sh slowloris --smoke
   bash loadtest/run.sh big-payloads --smoke
 fi
-if [ "${TRIGGERS_SKIP_FAULTS:-0}" != "1" ]; then
+if [ "$SKIP_FAULTS" != "1" ]; then
   echo "== fault drills (smoke)" >&2
   bash loadtest/run.sh faults --smoke
 fi
