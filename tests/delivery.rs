@@ -146,11 +146,18 @@ async fn retries_on_the_schedule_until_success() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn six_failures_make_a_dead_letter_that_can_be_redelivered_or_acked() {
     let recv = Receiver::start(|_, _| Answer::status(503)).await;
-    let s = Server::start(&[
-        "--allow-private-webhooks",
-        "--retry-schedule",
-        "100ms,100ms,100ms,100ms,100ms",
-    ]);
+    // Its own database: a redelivery is due at once to any node on the database, and a success
+    // seen by another test's server would leave this node's breaker counting the first event's
+    // six failures, so the second event's fourth failure would open the circuit.
+    let url = own_database("triggers_test_dead_letter").await;
+    let s = Server::start_with_db(
+        &[
+            "--allow-private-webhooks",
+            "--retry-schedule",
+            "100ms,100ms,100ms,100ms,100ms",
+        ],
+        &url,
+    );
     let (key, _) = new_org(s.addr, "pro").await;
     set_webhook(s.addr, &key, &recv.url("/")).await;
     let id = post_event(s.addr, &key, "t", json!({"n": 1}), None)
