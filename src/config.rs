@@ -145,6 +145,13 @@ pub const RECORD_LINGER: Duration = Duration::from_millis(2);
 pub const CLAIM_BATCH_MAX: usize = 1000;
 /// How often the due backlog is counted for the metric.
 pub const DELIVERY_BACKLOG_COUNT_EVERY: Duration = Duration::from_secs(5);
+/// How often one node creates the partitions ahead and drops the expired ones.
+pub const RETENTION_EVERY: Duration = Duration::from_secs(3600);
+/// Daily partitions kept ready beyond today: a week of the maintainer not running (every node
+/// down, or the database refusing DDL) before an insert finds no partition.
+pub const PARTITIONS_AHEAD_DAYS: i64 = 7;
+/// How long partition DDL waits for a lock before it gives up until the next round.
+pub const PARTITION_LOCK_TIMEOUT: Duration = Duration::from_secs(5);
 /// The backlog count stops here (so counting stays cheap on a huge backlog).
 pub const DELIVERY_BACKLOG_COUNT_MAX: i64 = 1_000_000;
 /// Longest the shutdown hand-back of deliveries may take.
@@ -506,6 +513,9 @@ options! {
     delivery_lease_s: u64 = "60", "delivery-lease-s", "TRIGGERS_DELIVERY_LEASE_S";
     /// How often due deliveries are claimed from the database, in ms.
     delivery_poll_ms: u64 = "1000", "delivery-poll-ms", "TRIGGERS_DELIVERY_POLL_MS";
+    /// Days events and their delivery records are kept (whole daily partitions go within a day
+    /// of expiring); 0 keeps everything.
+    retention_days: u64 = "30", "retention-days", "TRIGGERS_RETENTION_DAYS";
 }
 
 impl Config {
@@ -728,6 +738,12 @@ impl Config {
             return fail(format!(
                 "--inflight-body-bytes-max ({}) must hold at least one body (--body-bytes-max {})",
                 self.inflight_body_bytes_max, self.body_bytes_max
+            ));
+        }
+        if self.retention_days > 36_500 {
+            return fail(format!(
+                "--retention-days must be 0 (keep everything) to 36500, got {}",
+                self.retention_days
             ));
         }
         if self.batch_body_bytes_max > 64 << 20 || self.batch_body_bytes_max < 1024 {

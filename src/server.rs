@@ -24,8 +24,8 @@ use crate::ingress::node::{BodyBudget, Liveness, Node};
 use crate::ingress::router::Route;
 use crate::metrics::Metrics;
 use crate::shard::mesh::Mesh;
-use crate::store::migrate;
 use crate::store::pool::Store;
+use crate::store::{migrate, retention};
 
 /// A running server: its runtime, cores and pools, until [`Running::finish`].
 pub struct Running {
@@ -102,8 +102,12 @@ pub fn run(
 
     let (mesh, mailboxes) = Mesh::new(config.ingress_cores, config.hop_queue_max);
     let metrics = Metrics::new(&Route::LABELS, config.ingress_cores);
+    // The partitions ahead exist before the first event is taken (a node down for a week would
+    // otherwise find none); a failure here is retried every hour while the node serves.
+    rt.block_on(retention::round(&config, &metrics));
     let (queues, inbox) = store_queues(&config);
     let _guard = rt.enter();
+    retention::spawn(Arc::clone(&config), Arc::clone(&metrics));
     let (delivery, delivery_handle) = Delivery::start(Arc::clone(&config), Arc::clone(&metrics))?;
     let cores: Arc<dyn CoreLink> = Arc::new(mesh.clone());
     let sink: Arc<dyn DeliverySink> = Arc::new(delivery_handle);

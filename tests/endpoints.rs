@@ -931,11 +931,26 @@ async fn a_version_1_database_migrates_and_its_pending_events_are_delivered() {
              INSERT INTO delivery_attempts (event_id, attempt, at, response_status, error, duration_ms) VALUES \
              ('00000000-0000-7000-8000-0000000000e1', 1, now(), 500, 'receiver answered 500', 1), \
              ('00000000-0000-7000-8000-0000000000e1', 2, now(), 500, 'receiver answered 500', 1), \
-             ('00000000-0000-7000-8000-0000000000e2', 1, now(), 200, NULL, 1)",
+             ('00000000-0000-7000-8000-0000000000e2', 1, now(), 200, NULL, 1); \
+             UPDATE events SET dedup_id = 'legacy-1' WHERE id = '00000000-0000-7000-8000-0000000000e2'",
         )
         .await
         .unwrap();
     let s = Server::start_with_db(&[PRIVATE], &url);
+    // Partitioned (migration 4): the old rows are the first partition, and the dedup id kept.
+    let row = client
+        .query_one(
+            "SELECT tableoid::regclass::text, (SELECT event_id FROM dedup_keys \
+                 WHERE dedup_id = 'legacy-1') FROM events WHERE dedup_id = 'legacy-1'",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, String>(0), "events_initial");
+    assert_eq!(
+        row.get::<_, uuid::Uuid>(1).to_string(),
+        "00000000-0000-7000-8000-0000000000e2"
+    );
     let got = recv
         .wait_until(Duration::from_secs(10), |r| !r.is_empty())
         .await;
@@ -996,21 +1011,22 @@ async fn the_inbox_walks_past_thousands_of_delivered_events_with_a_cursor() {
     let ep = create_endpoint(s.addr, &key, json!({"url": "http://127.0.0.1:9/x"})).await;
     // As delivery leaves them: one pending event (its endpoint paused meanwhile, say), then
     // 2,500 newer ones delivered at their first attempt. Ids of this run's own (the test
-    // database outlives runs).
-    let nanos = std::time::UNIX_EPOCH.elapsed().unwrap().as_nanos();
-    let p = format!("{:08x}", nanos as u32);
+    // database outlives runs): UUIDv7 of this millisecond, so today's partition takes them.
+    let ms = std::time::UNIX_EPOCH.elapsed().unwrap().as_millis();
+    let hex = format!("{ms:012x}");
+    let p = format!("{}-{}", &hex[..8], &hex[8..]);
     db().await
         .batch_execute(&format!(
             "INSERT INTO events (id, org_id, type, payload, status, endpoints, created_at) \
-             VALUES ('{p}-0000-7000-8000-000000000001', '{org}', 'old', '{{}}', 3, \
+             VALUES ('{p}-7000-8000-000000000001', '{org}', 'old', '{{}}', 3, \
                      ARRAY['{ep}']::uuid[], now()); \
              INSERT INTO events (id, org_id, type, payload, status, endpoints, created_at) \
-             SELECT ('{p}-0000-7000-8001-' || lpad(to_hex(g), 12, '0'))::uuid, '{org}', \
+             SELECT ('{p}-7000-8001-' || lpad(to_hex(g), 12, '0'))::uuid, '{org}', \
                     'new', '{{}}', 3, ARRAY['{ep}']::uuid[], now() \
              FROM generate_series(1, 2500) g; \
              INSERT INTO delivery_attempts (event_id, endpoint_id, attempt, at, response_status, \
                                             duration_ms) \
-             SELECT ('{p}-0000-7000-8001-' || lpad(to_hex(g), 12, '0'))::uuid, '{ep}', 1, \
+             SELECT ('{p}-7000-8001-' || lpad(to_hex(g), 12, '0'))::uuid, '{ep}', 1, \
                     now(), 200, 1 FROM generate_series(1, 2500) g",
             ep = ep["id"].as_str().unwrap()
         ))
@@ -1037,7 +1053,7 @@ async fn the_inbox_walks_past_thousands_of_delivered_events_with_a_cursor() {
         .iter()
         .map(|e| e["id"].as_str().unwrap())
         .collect();
-    assert_eq!(ids, [format!("{p}-0000-7000-8000-000000000001")]);
+    assert_eq!(ids, [format!("{p}-7000-8000-000000000001")]);
     assert_eq!(second["next_cursor"], Value::Null);
     // Delivered: full pages at once, walking all 2,500 exactly once.
     let (mut seen, mut cursor) = (HashSet::new(), None::<String>);

@@ -123,6 +123,9 @@ pub fn fault(e: &tokio_postgres::Error) -> Fault {
 /// Classify an SQLSTATE (`None`: an error without one, such as a closed connection).
 pub fn fault_of_code(code: Option<&str>) -> Fault {
     match code {
+        // A row no partition takes (the partitions ahead were not created) is a check
+        // violation; no other CHECK can fail on input the server validated: ours, not theirs.
+        Some("23514") => Fault::Server,
         Some(c) if c.starts_with("22") || c.starts_with("23") => Fault::Data,
         _ => Fault::Server,
     }
@@ -164,6 +167,7 @@ mod tests {
         // timeout, serialization failure, deadlock, lost connection, admin shutdown, no code.
         for c in [
             "25006", "53100", "53200", "53300", "57014", "40001", "40P01", "08006", "57P01",
+            "23514",
         ] {
             assert_eq!(fault_of_code(Some(c)), Fault::Server, "{c}");
         }

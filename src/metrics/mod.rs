@@ -122,6 +122,12 @@ pub struct Metrics {
     pub circuits_open: AtomicI64,
     /// Endpoints this node disabled (410 Gone, or failing too long).
     pub endpoints_disabled: AtomicU64,
+    /// Expired partitions this node dropped.
+    pub partitions_dropped: AtomicU64,
+    /// Failed partition-maintenance rounds on this node.
+    pub retention_failures: AtomicU64,
+    /// When this node last finished a partition-maintenance round (Unix seconds; 0: never).
+    pub retention_ok_at: AtomicI64,
     /// Operational events this node stored.
     pub operational_events: AtomicU64,
 }
@@ -193,6 +199,9 @@ impl Metrics {
             endpoints_by_status: std::array::from_fn(|_| AtomicI64::new(0)),
             circuits_open: AtomicI64::new(0),
             endpoints_disabled: AtomicU64::new(0),
+            partitions_dropped: AtomicU64::new(0),
+            retention_failures: AtomicU64::new(0),
+            retention_ok_at: AtomicI64::new(0),
             operational_events: AtomicU64::new(0),
         })
     }
@@ -449,6 +458,28 @@ impl Metrics {
             "Endpoints this node disabled (410 Gone, or every attempt failing too long).",
             "counter",
             load(&self.endpoints_disabled),
+        );
+        single(
+            &mut out,
+            "triggers_partitions_dropped_total",
+            "Expired daily partitions (events, deliveries, attempts) this node dropped.",
+            "counter",
+            load(&self.partitions_dropped),
+        );
+        single(
+            &mut out,
+            "triggers_retention_failures_total",
+            "Partition-maintenance rounds on this node that failed (retried every hour).",
+            "counter",
+            load(&self.retention_failures),
+        );
+        single(
+            &mut out,
+            "triggers_retention_last_success_timestamp_seconds",
+            "When this node last finished a partition-maintenance round or saw another node \
+             doing one (0: never).",
+            "gauge",
+            self.retention_ok_at.load(Ordering::Relaxed),
         );
         single(
             &mut out,

@@ -21,6 +21,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "0003_endpoints.sql",
         include_str!("../../migrations/0003_endpoints.sql"),
     ),
+    (
+        4,
+        "0004_retention.sql",
+        include_str!("../../migrations/0004_retention.sql"),
+    ),
 ];
 
 /// Arbitrary constant naming the migration lock.

@@ -5,7 +5,8 @@
 //! - `pool`: start and finish. `ctx`: what the tasks share; deadlines and failure mapping.
 //! - `writer`: group commit. Writers take turns at the write queue; each takes what is waiting (up
 //!   to `batch_events_max`), writes it in one transaction (binary COPY for events without dedup id,
-//!   one `INSERT … ON CONFLICT DO NOTHING` for those with one) and answers every event after COMMIT.
+//!   one `INSERT … ON CONFLICT DO NOTHING` into `dedup_keys` and `events` for those with one) and
+//!   answers every event after COMMIT.
 //!   `copy`: the binary COPY row encoder.
 //! - `jobs`: everything else a request waits for, one file per area: `keys` (verification,
 //!   generation, rotation), `endpoints` (the endpoints API), `webhook` (the default endpoint),
@@ -13,7 +14,8 @@
 //!   `org`: changes every node must hear of; `rows`: the event columns the reads share.
 //! - `health`: the probe behind the health flag. `listen`: LISTEN/NOTIFY, so a key rotated or a
 //!   webhook changed on another node reaches this node's caches within milliseconds.
-//! - `migrate`: the SQL files of `migrations/`.
+//! - `migrate`: the SQL files of `migrations/`. `retention`: the daily partitions, created ahead and
+//!   dropped when expired.
 //!
 //! Every queue is bounded; a full one, or a database known to be down, answers 503 at once.
 
@@ -29,6 +31,7 @@ pub mod listen;
 pub mod migrate;
 pub mod org;
 pub mod pool;
+pub mod retention;
 pub mod rows;
 pub mod webhook;
 pub mod writer;

@@ -45,13 +45,19 @@ use crate::flow::job::WriteJob;
 use crate::flow::sink::{BatchPlan, Disposition, Planned};
 use crate::ids::{CoreId, EventId, Micros, OrgId};
 
+/// The dedup keys first (`dedup_keys` is unique on (org_id, dedup_id); `events` is partitioned
+/// and can't be), then the events whose key was new.
 const INSERT_DEDUP: &str = "\
+    WITH t AS ( \
+        SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::text[], \
+                             $6::int2[], $7::text[], $8::uuid[], $9::timestamptz[]) \
+          AS t(id, org_id, type, payload, dedup_id, status, endpoints, batch_id, created_at)), \
+    k AS ( \
+        INSERT INTO dedup_keys (org_id, dedup_id, event_id) \
+        SELECT org_id, dedup_id, id FROM t ON CONFLICT DO NOTHING RETURNING event_id) \
     INSERT INTO events (id, org_id, type, payload, dedup_id, status, endpoints, batch_id, created_at) \
     SELECT id, org_id, type, payload::json, dedup_id, status, endpoints::uuid[], batch_id, created_at \
-    FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::text[], $6::int2[], $7::text[], \
-                $8::uuid[], $9::timestamptz[]) \
-      AS t(id, org_id, type, payload, dedup_id, status, endpoints, batch_id, created_at) \
-    ON CONFLICT (org_id, dedup_id) WHERE dedup_id IS NOT NULL DO NOTHING \
+    FROM t WHERE id IN (SELECT event_id FROM k) \
     RETURNING id";
 
 /// Deliveries this node does not hold in memory: due now for any node's claimer, or parked.
@@ -64,9 +70,9 @@ const INSERT_BATCH: &str = "\
     INSERT INTO delivery_batches (id, lease_until, first_event, last_event) VALUES ($1, $2, $3, $4)";
 
 const FIND_DEDUP: &str = "\
-    SELECT k.org_id, k.dedup_id, e.id \
+    SELECT k.org_id, k.dedup_id, d.event_id \
     FROM unnest($1::uuid[], $2::text[]) AS k(org_id, dedup_id) \
-    JOIN events e ON e.org_id = k.org_id AND e.dedup_id = k.dedup_id";
+    JOIN dedup_keys d ON d.org_id = k.org_id AND d.dedup_id = k.dedup_id";
 
 /// Why a batch failed as a whole.
 #[derive(Debug)]

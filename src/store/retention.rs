@@ -1,0 +1,321 @@
+//! Retention: the daily partitions of `events`, `deliveries` and `delivery_attempts` (see
+//! `migrations/0004_retention.sql`). One node at a time (an advisory lock) creates the partitions
+//! a week ahead and drops, whole, those older than `--retention-days`, with their dedup keys. It
+//! runs at start (before the node is ready) and every `RETENTION_EVERY`.
+//!
+//! Locks: a new partition is created on its own and then attached, and an expired one detached
+//! `CONCURRENTLY` before it is dropped; both take `SHARE UPDATE EXCLUSIVE` on the parent, which
+//! does not wait for (nor stop) the writers' COPY. DDL waits at most `PARTITION_LOCK_TIMEOUT` for
+//! its locks; what it could not do is done at the next round.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use tokio_postgres::Client;
+use uuid::Uuid;
+
+use crate::config::{Config, PARTITIONS_AHEAD_DAYS, PARTITION_LOCK_TIMEOUT, RETENTION_EVERY};
+use crate::db::describe;
+use crate::ids::Micros;
+use crate::metrics::Metrics;
+
+/// The partitioned tables, in the order a day is dropped (the records before their events).
+pub const TABLES: [&str; 3] = ["delivery_attempts", "deliveries", "events"];
+
+/// Arbitrary constant naming the maintainer's lock ("retentio").
+const LOCK_ID: i64 = 0x7265_7465_6e74_696f;
+
+const MS_PER_DAY: i64 = 86_400_000;
+
+/// What one round did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Maintained {
+    /// Partitions created.
+    pub created: Vec<String>,
+    /// Partitions dropped.
+    pub dropped: Vec<String>,
+    /// Dedup keys removed with the dropped events.
+    pub dedup_keys_removed: u64,
+}
+
+/// One partition as the catalog shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Partition {
+    name: String,
+    /// Its lower bound in ms (`None`: MINVALUE).
+    from_ms: Option<i64>,
+    /// Its upper bound in ms.
+    to_ms: i64,
+    /// A `DETACH … CONCURRENTLY` was interrupted: it must be finalized.
+    detach_pending: bool,
+}
+
+/// The uuid that starts UTC day `day` (days since 1970-01-01): its first millisecond in the
+/// UUIDv7 time field, every other bit zero. Every id created that day sorts at or after it.
+pub fn day_bound(day: i64) -> Uuid {
+    let ms = (day * MS_PER_DAY) as u128;
+    Uuid::from_u128(ms << 80)
+}
+
+/// The millisecond time field of a UUIDv7.
+fn uuid_ms(id: Uuid) -> i64 {
+    (id.as_u128() >> 80) as i64
+}
+
+/// The UTC day (days since 1970-01-01) of `t`.
+fn day_of(t: Micros) -> i64 {
+    t.0.div_euclid(MS_PER_DAY * 1000)
+}
+
+/// `YYYYMMDD` of UTC day `day`, the suffix of its partitions' names.
+fn day_name(day: i64) -> String {
+    let rfc = Micros(day * MS_PER_DAY * 1000).rfc3339();
+    rfc[..10].replace('-', "")
+}
+
+/// The bounds of `FOR VALUES FROM (…) TO (…)` as `pg_get_expr` writes them; `None` for anything
+/// else (a partition someone attached by hand with other bounds is left alone).
+fn parse_bounds(expr: &str) -> Option<(Option<i64>, i64)> {
+    let rest = expr.strip_prefix("FOR VALUES FROM (")?;
+    let (from, rest) = rest.split_once(") TO (")?;
+    let to = rest.strip_suffix(')')?;
+    let value = |v: &str| -> Option<Option<i64>> {
+        if v == "MINVALUE" {
+            return Some(None);
+        }
+        let text = v.strip_prefix('\'')?.strip_suffix('\'')?;
+        Some(Some(uuid_ms(Uuid::parse_str(text).ok()?)))
+    };
+    Some((value(from)?, value(to)??))
+}
+
+async fn partitions(client: &Client, table: &str) -> Result<Vec<Partition>, String> {
+    let rows = client
+        .query(
+            "SELECT c.relname, pg_get_expr(c.relpartbound, c.oid), i.inhdetachpending \
+             FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid \
+             WHERE i.inhparent = $1::text::regclass",
+            &[&table],
+        )
+        .await
+        .map_err(|e| describe(&e))?;
+    let mut out: Vec<Partition> = rows
+        .iter()
+        .filter_map(|r| {
+            let (from_ms, to_ms) = parse_bounds(r.get::<_, &str>(1))?;
+            Some(Partition {
+                name: r.get(0),
+                from_ms,
+                to_ms,
+                detach_pending: r.get(2),
+            })
+        })
+        .collect();
+    out.sort_by_key(|p| p.to_ms);
+    Ok(out)
+}
+
+/// Create the partitions up to `PARTITIONS_AHEAD_DAYS` after `now`'s day and drop, when
+/// `retention_days` is not 0, those whose every event is older than `retention_days`. The caller
+/// makes sure no other node does the same at once ([`maintain_once`] takes a lock).
+pub async fn maintain(
+    client: &Client,
+    now: Micros,
+    retention_days: u64,
+) -> Result<Maintained, String> {
+    let mut done = Maintained::default();
+    client
+        .batch_execute(&format!(
+            "SET lock_timeout = {}",
+            PARTITION_LOCK_TIMEOUT.as_millis()
+        ))
+        .await
+        .map_err(|e| describe(&e))?;
+    let today = day_of(now);
+    let cutoff_ms = (now.0 / 1000) - retention_days as i64 * MS_PER_DAY;
+    for table in TABLES {
+        let existing = partitions(client, table).await?;
+        // Ahead: from the end of the last partition (day-aligned by construction).
+        let mut day = existing
+            .last()
+            .map(|p| p.to_ms.div_euclid(MS_PER_DAY))
+            .unwrap_or(today);
+        while day <= today + PARTITIONS_AHEAD_DAYS {
+            let name = format!("{table}_{}", day_name(day));
+            let sql = format!(
+                "CREATE TABLE IF NOT EXISTS {name} (LIKE {table} INCLUDING DEFAULTS); \
+                 ALTER TABLE {table} ATTACH PARTITION {name} FOR VALUES FROM ('{}') TO ('{}')",
+                day_bound(day),
+                day_bound(day + 1)
+            );
+            client.batch_execute(&sql).await.map_err(|e| describe(&e))?;
+            done.created.push(name);
+            day += 1;
+        }
+        if retention_days == 0 {
+            continue;
+        }
+        for p in existing.iter().filter(|p| p.to_ms <= cutoff_ms) {
+            if table == "events" {
+                let from = p
+                    .from_ms
+                    .map_or(Uuid::nil(), |ms| day_bound(ms / MS_PER_DAY));
+                let to = day_bound(p.to_ms / MS_PER_DAY);
+                done.dedup_keys_removed += client
+                    .execute(
+                        "DELETE FROM dedup_keys WHERE event_id >= $1 AND event_id < $2",
+                        &[&from, &to],
+                    )
+                    .await
+                    .map_err(|e| describe(&e))?;
+            }
+            let detach = if p.detach_pending {
+                format!("ALTER TABLE {table} DETACH PARTITION {} FINALIZE", p.name)
+            } else {
+                format!(
+                    "ALTER TABLE {table} DETACH PARTITION {} CONCURRENTLY",
+                    p.name
+                )
+            };
+            client
+                .batch_execute(&detach)
+                .await
+                .map_err(|e| describe(&e))?;
+            client
+                .batch_execute(&format!("DROP TABLE {}", p.name))
+                .await
+                .map_err(|e| describe(&e))?;
+            done.dropped.push(p.name.clone());
+        }
+    }
+    client
+        .batch_execute("RESET lock_timeout")
+        .await
+        .map_err(|e| describe(&e))?;
+    Ok(done)
+}
+
+/// One round on its own connection, if no other node is doing one; `Ok(None)` when another is.
+pub async fn maintain_once(
+    config: &Config,
+    metrics: &Metrics,
+) -> Result<Option<Maintained>, String> {
+    let client = crate::db::connect(config, std::time::Duration::ZERO).await?;
+    let locked: bool = client
+        .query_one("SELECT pg_try_advisory_lock($1)", &[&LOCK_ID])
+        .await
+        .map_err(|e| describe(&e))?
+        .get(0);
+    if !locked {
+        metrics
+            .retention_ok_at
+            .store(Micros::now().0 / 1_000_000, Ordering::Relaxed);
+        return Ok(None);
+    }
+    let result = maintain(&client, Micros::now(), config.retention_days).await;
+    // The lock goes with the connection when it is dropped here.
+    match &result {
+        Ok(done) => {
+            metrics
+                .partitions_dropped
+                .fetch_add(done.dropped.len() as u64, Ordering::Relaxed);
+            metrics
+                .retention_ok_at
+                .store(Micros::now().0 / 1_000_000, Ordering::Relaxed);
+        }
+        Err(_) => {
+            metrics.retention_failures.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+    result.map(Some)
+}
+
+/// A round now, logged; `false` when it failed.
+pub async fn round(config: &Config, metrics: &Metrics) -> bool {
+    match maintain_once(config, metrics).await {
+        Ok(Some(done)) => {
+            if !done.created.is_empty() || !done.dropped.is_empty() {
+                tracing::info!(
+                    created = ?done.created,
+                    dropped = ?done.dropped,
+                    dedup_keys_removed = done.dedup_keys_removed,
+                    retention_days = config.retention_days,
+                    "partitions maintained"
+                );
+            }
+            true
+        }
+        Ok(None) => {
+            tracing::debug!("another node is maintaining the partitions");
+            true
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "partition maintenance failed; retrying at the next round");
+            false
+        }
+    }
+}
+
+/// Maintain the partitions every `RETENTION_EVERY` until the runtime stops.
+pub fn spawn(config: Arc<Config>, metrics: Arc<Metrics>) {
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(RETENTION_EVERY).await;
+            round(&config, &metrics).await;
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_day_bound_is_the_v7_prefix_of_its_first_millisecond() {
+        // 2026-12-02T00:00:00Z = 1_796_169_600_000 ms = 0x01a2_340d_0c00.
+        let day = 1_796_169_600_000 / MS_PER_DAY;
+        assert_eq!(
+            day_bound(day).to_string(),
+            "01a2340d-0c00-0000-0000-000000000000"
+        );
+        assert_eq!(day_name(day), "20261202");
+        // An id made at any time that day (whatever its other bits) sorts in
+        // [bound(day), bound(day + 1)), and its time field reads back.
+        for offset_ms in [0, 1, MS_PER_DAY - 1] {
+            let ms = day * MS_PER_DAY + offset_ms;
+            for low in [0, (1u128 << 80) - 1] {
+                let id = Uuid::from_u128(((ms as u128) << 80) | low);
+                assert!(
+                    day_bound(day) <= id && id < day_bound(day + 1),
+                    "{offset_ms}"
+                );
+                assert_eq!(uuid_ms(id), ms);
+            }
+            assert_eq!(day_of(Micros(ms * 1000)), day);
+        }
+        assert_eq!(day_of(Micros(-1)), -1);
+    }
+
+    #[test]
+    fn bounds_parse_as_postgres_writes_them() {
+        assert_eq!(
+            parse_bounds(
+                "FOR VALUES FROM ('01a2340d-0c00-0000-0000-000000000000') \
+                 TO ('01a23933-6800-0000-0000-000000000000')"
+            ),
+            Some((Some(1_796_169_600_000), 1_796_256_000_000))
+        );
+        assert_eq!(
+            parse_bounds("FOR VALUES FROM (MINVALUE) TO ('01a2340d-0c00-0000-0000-000000000000')"),
+            Some((None, 1_796_169_600_000))
+        );
+        for other in [
+            "DEFAULT",
+            "FOR VALUES IN (1)",
+            "FOR VALUES FROM (MINVALUE) TO (MAXVALUE)",
+            "FOR VALUES FROM ('x') TO ('y')",
+        ] {
+            assert_eq!(parse_bounds(other), None, "{other}");
+        }
+    }
+}

@@ -1,0 +1,187 @@
+//! Retention: daily partitions created ahead at start, expired days dropped whole with their
+//! delivery records and dedup keys, nothing within the window touched. The maintenance round is
+//! called with a clock moved forward (`retention::maintain` takes `now`), against a real database
+//! of its own.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use serde_json::json;
+use triggers::ids::Micros;
+use triggers::store::retention::{maintain, TABLES};
+
+const DAY_US: i64 = 86_400 * 1_000_000;
+
+async fn connect(url: &str) -> tokio_postgres::Client {
+    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    client
+}
+
+async fn partitions(client: &tokio_postgres::Client, table: &str) -> Vec<String> {
+    let mut names: Vec<String> = client
+        .query(
+            "SELECT c.relname::text FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid \
+             WHERE i.inhparent = $1::text::regclass",
+            &[&table],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    names.sort();
+    names
+}
+
+async fn count(client: &tokio_postgres::Client, sql: &str) -> i64 {
+    client.query_one(sql, &[]).await.unwrap().get(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_days_go_whole_with_their_records_and_dedup_keys() {
+    let recv = Receiver::start(|_, _| Answer::status(500)).await;
+    let url = own_database("triggers_test_retention").await;
+    let mut s = Server::start_with_db(
+        &[
+            "--allow-private-webhooks",
+            "--retention-days",
+            "2",
+            "--retry-schedule",
+            "60m",
+        ],
+        &url,
+    );
+    let client = connect(&url).await;
+    // At start: the first partition (every id before tomorrow) and a week ahead.
+    for table in TABLES {
+        let names = partitions(&client, table).await;
+        assert_eq!(names.len(), 8, "{table}: {names:?}");
+        assert!(names.contains(&format!("{table}_initial")), "{names:?}");
+    }
+
+    let (key, org) = new_org(s.addr, "pro").await;
+    set_webhook(s.addr, &key, &recv.url("/")).await;
+    let r = post_event(s.addr, &key, "t", json!(1), Some("order-1")).await;
+    assert_eq!(r.status, 201, "{}", r.text());
+    let deduped = r.json()["id"].as_str().unwrap().to_string();
+    let plain = new_event_id(s.addr, &key, json!(2)).await;
+    // The receiver fails: a delivery_attempts row and a deliveries row (retry in an hour).
+    recv.wait_until(Duration::from_secs(5), |r| r.len() >= 2)
+        .await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while count(&client, "SELECT count(*) FROM deliveries").await < 2 {
+        assert!(std::time::Instant::now() < deadline, "no deliveries rows");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        count(&client, "SELECT count(*) FROM delivery_attempts").await,
+        2
+    );
+    let r = post_event(s.addr, &key, "t", json!(1), Some("order-1")).await;
+    assert_eq!(r.status, 409, "a duplicate within the window");
+    assert_eq!(r.json()["event_id"], deduped.as_str());
+
+    // Within the window (today, and a day later with two days kept): nothing goes.
+    for days in [0, 1] {
+        let done = maintain(&client, Micros(Micros::now().0 + days * DAY_US), 2)
+            .await
+            .unwrap();
+        assert_eq!(done.dropped, Vec::<String>::new(), "+{days} days");
+    }
+    assert_eq!(
+        get(s.addr, &key, &format!("/api/events/{plain}"))
+            .await
+            .status,
+        200
+    );
+
+    // Four days on, with two kept: today's events (in the first partition, which ends tomorrow)
+    // and tomorrow's partitions have expired; the days after are kept and a week is ready ahead.
+    let later = Micros(Micros::now().0 + 4 * DAY_US);
+    let done = maintain(&client, later, 2).await.unwrap();
+    assert_eq!(done.dropped.len(), 6, "{:?}", done.dropped);
+    for table in TABLES {
+        assert!(done.dropped.contains(&format!("{table}_initial")));
+    }
+    assert_eq!(done.dedup_keys_removed, 1);
+    assert_eq!(done.created.len(), 3 * 3, "{:?}", done.created);
+    for table in TABLES {
+        let names = partitions(&client, table).await;
+        // Kept: the day before yesterday-relative-to-later .. later + 7 days.
+        assert_eq!(names.len(), 10, "{table}: {names:?}");
+    }
+    for id in [&deduped, &plain] {
+        let r = get(s.addr, &key, &format!("/api/events/{id}")).await;
+        assert_eq!(r.status, 404, "{}", r.text());
+    }
+    assert_eq!(count(&client, "SELECT count(*) FROM deliveries").await, 0);
+    assert_eq!(
+        count(&client, "SELECT count(*) FROM delivery_attempts").await,
+        0
+    );
+    assert_eq!(count(&client, "SELECT count(*) FROM dedup_keys").await, 0);
+    let inbox = get(s.addr, &key, "/api/inbox?status=pending").await.json();
+    assert_eq!(inbox["events"], json!([]));
+
+    // Today's partition is gone (the clock above ran four days ahead): an event now has no
+    // partition to go to, which is the server's trouble, not the client's.
+    let r = post_event(s.addr, &key, "t", json!(3), None).await;
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert!(r.header("retry-after").is_some());
+    for table in TABLES {
+        client
+            .batch_execute(&format!(
+                "CREATE TABLE {table}_today PARTITION OF {table} FOR VALUES \
+                 FROM (triggers_day_bound((now() AT TIME ZONE 'UTC')::date)) \
+                 TO (triggers_day_bound((now() AT TIME ZONE 'UTC')::date + 1))"
+            ))
+            .await
+            .unwrap();
+    }
+    // The dedup id is free again (a new node: the old one remembers recent keys in memory).
+    s.stop();
+    drop(s);
+    let s = Server::start_with_db(&["--allow-private-webhooks"], &url);
+    let r = post_event(s.addr, &key, "t", json!(3), Some("order-1")).await;
+    assert_eq!(r.status, 201, "{}", r.text());
+    assert_ne!(r.json()["id"], deduped.as_str());
+    assert_eq!(
+        count(
+            &client,
+            &format!("SELECT count(*) FROM dedup_keys WHERE org_id = '{org}'")
+        )
+        .await,
+        1
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn zero_keeps_everything_and_rounds_are_idempotent() {
+    let url = own_database("triggers_test_retention_zero").await;
+    let s = Server::start_with_db(&["--retention-days", "0"], &url);
+    let (key, _) = new_org(s.addr, "pro").await;
+    let id = new_event_id(s.addr, &key, json!(1)).await;
+    let client = connect(&url).await;
+    let far = Micros(Micros::now().0 + 40 * DAY_US);
+    let done = maintain(&client, far, 0).await.unwrap();
+    assert!(done.dropped.is_empty());
+    // From the end of the week ahead to 40 days on, a week ahead of that.
+    assert_eq!(done.created.len(), 3 * 40, "{}", done.created.len());
+    let again = maintain(&client, far, 0).await.unwrap();
+    assert_eq!(
+        again,
+        Default::default(),
+        "a second round has nothing to do"
+    );
+    assert_eq!(
+        get(s.addr, &key, &format!("/api/events/{id}")).await.status,
+        200
+    );
+    // Events still go in (today's partition) with hundreds of partitions attached.
+    new_event_id(s.addr, &key, json!(2)).await;
+}
