@@ -17,7 +17,8 @@ ingest-max (wrk), ingest-batch (wrk) and ingest-batch-k6 (k6 at a fixed rate of 
 events a request, achieved = events committed/s), mixed, dedup (k6), delivery (k6 at a fixed rate: end-to-end lag), delivery-max (wrk:
 deliveries/s while ingesting), delivery-drain (a restart with a backlog of due deliveries), hot-org and many-orgs (wrk), drill, ceiling (COPY only), footprint (binary size,
 cold start, RSS idle and with 10k idle connections), cores (ingest-max per ingress core count),
-and all.
+disk (delivery-max, then bytes on disk per event and per attempt, and the steady-state bound for a
+rate and a retention), and all.
 """
 
 import argparse
@@ -62,8 +63,8 @@ SCENARIOS = {
     "many-orgs": ("wrk", "ingest.lua", None, 512, "many", False),
     "drill": ("drill", "benchmark.yml", None, 32, "many", False),
 }
-SPECIAL = ["ceiling", "footprint", "cores"]
-ALL = ["ceiling"] + list(SCENARIOS) + ["footprint"]
+SPECIAL = ["ceiling", "footprint", "cores", "disk"]
+ALL = ["ceiling"] + list(SCENARIOS) + ["footprint", "disk"]
 
 
 def log(msg):
@@ -101,7 +102,15 @@ class Database:
         tables = "events, delivery_attempts"
         if self.has_endpoints():
             tables += ", deliveries, delivery_batches"
+        if self.sql("SELECT to_regclass('dedup_keys') IS NOT NULL") == "t":
+            tables += ", dedup_keys"
         self.sql(f"TRUNCATE {tables}; CHECKPOINT")
+
+    def bytes_of(self, table):
+        """Table, indexes and TOAST of `table` and all its partitions (0 if it does not exist)."""
+        return int(self.sql(f"SELECT CASE WHEN to_regclass('{table}') IS NULL THEN 0 ELSE "
+                            f"(SELECT coalesce(sum(pg_total_relation_size(relid)), 0) "
+                            f"FROM pg_partition_tree('{table}')) END"))
 
 
 def postgres_cpu_s():
@@ -419,6 +428,28 @@ def footprint(db, args):
             "rss_idle_mb": idle, "idle_connections": len(socks), "rss_with_idle_connections_mb": held}
 
 
+def disk(db, args, ceiling):
+    """Disk per event: delivery-max (every event delivered once, one attempt row each), then the
+    bytes of each table with its indexes, after VACUUM, divided by the rows; and the steady-state
+    bound that gives for a rate and --retention-days."""
+    r = scenario("delivery-max", db, args, ceiling, args.server_bin)
+    db.sql("VACUUM ANALYZE")
+    events = int(db.sql("SELECT count(*) FROM events"))
+    attempts = int(db.sql("SELECT count(*) FROM delivery_attempts"))
+    payload = float(db.sql("SELECT coalesce(avg(octet_length(payload::text)), 0) FROM events"))
+    sizes = {t: db.bytes_of(t) for t in ("events", "delivery_attempts", "deliveries", "delivery_batches", "dedup_keys")}
+    per_event = sum(sizes.values()) / max(events, 1)
+    days = 30
+    out = {"events": events, "attempts": attempts, "payload_bytes": round(payload, 1),
+           "events_bytes_per_event": round(sizes["events"] / max(events, 1), 1),
+           "attempt_bytes_per_attempt": round(sizes["delivery_attempts"] / max(attempts, 1), 1),
+           "all_bytes_per_delivered_event": round(per_event, 1),
+           # A day is dropped within a day of expiring, and a week of empty partitions waits ahead.
+           f"bound_gb_at_1000_per_s_{days}_days": round(per_event * 1000 * 86400 * (days + 1) / 1e9, 1)}
+    r.update(scenario="disk", disk=out)
+    return r, "disk: " + ", ".join(f"{k} {v}" for k, v in out.items())
+
+
 def scenario(name, db, args, ceiling, binary=SERVER):
     tool, script, rate, conns, orgs, hooks = SCENARIOS[name]
     rate = args.rate or rate
@@ -600,6 +631,11 @@ def main():
         if name == "footprint":
             f = footprint(db, args)
             extra.append("footprint: " + ", ".join(f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}" for k, v in f.items()))
+            continue
+        if name == "disk":
+            r, line = disk(db, args, ceiling)
+            rows.append(r)
+            extra.append(line)
             continue
         if name == "cores":
             for cores in range(1, os.cpu_count() + 1):

@@ -181,6 +181,9 @@ pub enum Command {
     Help,
     /// Print the version and exit.
     Version,
+    /// Ask the server on `--listen` for `/health/live`; exit 0 on 200 (a container HEALTHCHECK
+    /// in an image with no shell or curl).
+    Probe,
 }
 
 /// When a `POST /api/events` is answered.
@@ -567,9 +570,11 @@ impl Config {
             match (command, arg.as_str()) {
                 (None, "serve") => command = Some(Command::Serve),
                 (None, "migrate") => command = Some(Command::Migrate),
+                (None, "probe") => command = Some(Command::Probe),
                 _ => {
                     return Err(ConfigError(format!(
-                        "unexpected argument `{arg}`; commands are serve (default) and migrate"
+                        "unexpected argument `{arg}`; commands are serve (default), migrate \
+                         and probe"
                     )))
                 }
             }
@@ -823,9 +828,11 @@ impl Config {
     pub fn help() -> String {
         let mut out = String::from(
             "triggers: the Triggers API server\n\n\
-             usage: triggers [serve|migrate] [--flag value]...\n\n\
+             usage: triggers [serve|migrate|probe] [--flag value]...\n\n\
              commands:\n  serve    run the server (default); applies migrations first\n  \
-             migrate  apply migrations and exit\n\noptions (flag, environment variable, default):\n",
+             migrate  apply migrations and exit\n  \
+             probe    exit 0 if the server on --listen answers /health/live with 200 \
+             (a container health check)\n\noptions (flag, environment variable, default):\n",
         );
         for (flag, env, default, doc, _) in OPTIONS {
             let default = if default.is_empty() { "none" } else { default };
@@ -935,6 +942,10 @@ mod tests {
         let (cmd, c) = parse(&["--allow-private-webhooks", "false", "migrate"], &[DB]).unwrap();
         assert!(!c.allow_private_webhooks);
         assert_eq!(cmd, Command::Migrate);
+        // probe needs no database URL: an image's health check has only the listen address.
+        let (cmd, c) = parse(&["probe", "--listen", "0.0.0.0:8181"], &[]).unwrap();
+        assert_eq!(cmd, Command::Probe);
+        assert_eq!(c.listen, "0.0.0.0:8181".parse().unwrap());
     }
 
     #[test]

@@ -31,6 +31,7 @@ fn main() -> ExitCode {
         Command::Migrate => {
             triggers::logging::init(config.log_format, &config.log).and_then(|()| migrate(&config))
         }
+        Command::Probe => probe(&config),
         Command::Serve => {
             triggers::logging::init(config.log_format, &config.log).and_then(|()| serve(config))
         }
@@ -42,6 +43,44 @@ fn main() -> ExitCode {
             let _ = writeln!(std::io::stderr(), "triggers: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// `GET /health/live` from the server on `--listen` (an unspecified address is asked on
+/// loopback); Ok on 200.
+fn probe(config: &Config) -> Result<(), String> {
+    use std::io::Read;
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream};
+    use std::time::Duration;
+    let mut addr = config.listen;
+    if addr.ip().is_unspecified() {
+        let ip: IpAddr = match addr {
+            SocketAddr::V4(_) => Ipv4Addr::LOCALHOST.into(),
+            SocketAddr::V6(_) => Ipv6Addr::LOCALHOST.into(),
+        };
+        addr.set_ip(ip);
+    }
+    let patience = Duration::from_secs(2);
+    let mut stream = TcpStream::connect_timeout(&addr, patience)
+        .map_err(|e| format!("probe: cannot connect to {addr}: {e}"))?;
+    stream
+        .set_read_timeout(Some(patience))
+        .and_then(|()| stream.set_write_timeout(Some(patience)))
+        .and_then(|()| {
+            stream
+                .write_all(b"GET /health/live HTTP/1.1\r\nHost: probe\r\nConnection: close\r\n\r\n")
+        })
+        .map_err(|e| format!("probe: {addr}: {e}"))?;
+    let mut head = [0u8; 12];
+    stream
+        .read_exact(&mut head)
+        .map_err(|e| format!("probe: {addr}: no answer: {e}"))?;
+    match &head[..] {
+        b"HTTP/1.1 200" => Ok(()),
+        other => Err(format!(
+            "probe: {addr}/health/live answered {}",
+            String::from_utf8_lossy(other)
+        )),
     }
 }
 
