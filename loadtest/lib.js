@@ -1,4 +1,10 @@
-// Shared by the k6 scripts: keys, event bodies, a counter per response status, the scenario shape.
+// Shared by the k6 scripts: keys, event bodies, a counter per response status, the scenario shape,
+// and the pass/fail rules of a hand-run `k6 run`: a check per response (its status is one the
+// script expects) and thresholds, so a run with more than 1 % unexpected statuses (errors, 503s,
+// 429s) or a p99 over P99_MS (default 1000 ms) exits non-zero. The harness (loadtest/run.sh) runs
+// the scripts with --no-thresholds and reports statuses and percentiles itself.
+//   k6 run -e BASE=https://triggers.example.com -e KEYS_FILE=keys.txt -e RATE=1000 -e P99_MS=50 loadtest/ingest.js
+import { check } from 'k6';
 import { Counter } from 'k6/metrics';
 
 export const base = __ENV.BASE || 'http://127.0.0.1:8080';
@@ -12,8 +18,11 @@ const counters = {};
 for (const s of statuses) counters[s] = new Counter(`status_${s}`);
 const other = new Counter('status_other');
 
-export function count(res) {
+// Count the response's status, and check it is one of `expected` (default: 200, 201, 202).
+export function count(res, expected) {
   (counters[res.status] || other).add(1);
+  const ok = expected || [200, 201, 202];
+  check(res, { 'expected status': (r) => ok.includes(r.status) });
 }
 
 export function options(defaultRate) {
@@ -21,6 +30,12 @@ export function options(defaultRate) {
   return {
     discardResponseBodies: false,
     summaryTrendStats: ['min', 'med', 'p(90)', 'p(99)', 'max'],
+    thresholds: {
+      checks: ['rate>=0.99'],
+      http_req_duration: [`p(99)<${parseInt(__ENV.P99_MS || '1000')}`],
+      // Arrivals k6 could not start (too few VUs: the server is too slow for the rate).
+      dropped_iterations: ['count<1'],
+    },
     scenarios: {
       main: {
         executor: 'constant-arrival-rate',

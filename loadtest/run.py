@@ -43,6 +43,8 @@ RECEIVER = os.path.join(ROOT, "target", "release", "examples", "receiver")
 CEILING = os.path.join(ROOT, "target", "release", "examples", "copy_ceiling")
 OPENLOOP = os.path.join(ROOT, "target", "release", "examples", "openloop")
 PORT, METRICS_PORT, RECEIVER_PORT = 18080, 19090, 19999
+# Where the tools send their requests: the server the harness starts, or --url.
+BASE = f"http://127.0.0.1:{PORT}"
 
 # name: (tool, script, default rate, default connections, organizations, webhooks)
 SCENARIOS = {
@@ -208,7 +210,7 @@ def call(method, path, key=None, body=None):
     if key:
         headers["X-API-Key"] = key
     data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(f"http://127.0.0.1:{PORT}{path}", data=data, method=method, headers=headers)
+    req = urllib.request.Request(f"{BASE}{path}", data=data, method=method, headers=headers)
     with urllib.request.urlopen(req, timeout=30) as r:
         return json.loads(r.read() or b"null")
 
@@ -329,8 +331,11 @@ def run_drain(db, args, server_args, binary, receiver, backlog):
 def run_k6(script, rate, duration, keys_file, batch_size=100):
     summary = os.path.join(RESULTS, "k6-summary.json")
     env = dict(os.environ, K6_NO_USAGE_REPORT="true", BATCH_SIZE=str(batch_size))
-    cmd = ["k6", "run", "-q", "--summary-export", summary, "-e", f"RATE={rate}", "-e", f"DURATION={duration}s",
-           "-e", f"BASE=http://127.0.0.1:{PORT}", "-e", f"KEYS_FILE={keys_file}", os.path.join(HERE, script)]
+    # The scripts' own thresholds make a hand-run `k6 run` fail on errors or a blown p99; here the
+    # harness reports statuses and percentiles itself, so a run is never cut short by them.
+    cmd = ["k6", "run", "-q", "--no-thresholds", "--summary-export", summary, "-e", f"RATE={rate}",
+           "-e", f"DURATION={duration}s", "-e", f"BASE={BASE}", "-e", f"KEYS_FILE={keys_file}",
+           os.path.join(HERE, script)]
     subprocess.run(cmd, cwd=HERE, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     m = json.load(open(summary))["metrics"]
     d = m["http_req_duration"]
@@ -348,7 +353,7 @@ def run_k6(script, rate, duration, keys_file, batch_size=100):
 def run_wrk(script, connections, duration, keys_file, batch_size=100):
     env = dict(os.environ, KEYS_FILE=keys_file, BATCH_SIZE=str(batch_size))
     out = subprocess.run(["wrk", "-t2", f"-c{connections}", f"-d{duration}s", "-s", os.path.join(HERE, script),
-                          f"http://127.0.0.1:{PORT}"], env=env, check=True, capture_output=True, text=True).stdout
+                          BASE], env=env, check=True, capture_output=True, text=True).stdout
     rate = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
     lat = re.search(r"latency p50 ([\d.]+) ms, p90 ([\d.]+) ms, p99 ([\d.]+) ms, max ([\d.]+) ms", out)
     total = int(re.search(r"(\d+) requests in", out).group(1))
@@ -365,7 +370,7 @@ def run_wrk(script, connections, duration, keys_file, batch_size=100):
 
 def run_openloop(rate, connections, duration, keys_file):
     out = os.path.join(RESULTS, "openloop.json")
-    subprocess.run([OPENLOOP, f"http://127.0.0.1:{PORT}/api/events", str(rate), str(duration), str(connections),
+    subprocess.run([OPENLOOP, f"{BASE}/api/events", str(rate), str(duration), str(connections),
                     keys_file, out], check=True, capture_output=True)
     r = json.load(open(out))
     statuses = dict(r["statuses"])
@@ -377,7 +382,7 @@ def run_openloop(rate, connections, duration, keys_file):
 
 def run_drill(iterations, concurrency, keys):
     plan = open(os.path.join(HERE, "benchmark.yml")).read()
-    plan = plan.replace("base: 'http://127.0.0.1:8080'", f"base: 'http://127.0.0.1:{PORT}'")
+    plan = plan.replace("base: 'http://127.0.0.1:8080'", f"base: '{BASE}'")
     plan = re.sub(r"(?m)^iterations: \d+", f"iterations: {iterations}", plan)
     plan = re.sub(r"(?m)^concurrency: \d+", f"concurrency: {concurrency}", plan)
     open(os.path.join(RESULTS, "benchmark.yml"), "w").write(plan)
@@ -544,6 +549,38 @@ def scenario(name, db, args, ceiling, binary=SERVER):
             receiver.terminate()
 
 
+def remote(name, args, keys_file):
+    """A scenario against a server the harness did not start (--url): only what the client sees
+    (rate, latency, statuses); the server's CPU and the database are not this machine's to read."""
+    if name not in SCENARIOS:
+        raise SystemExit(f"{name} needs the server on this machine; with --url run one of: "
+                         + ", ".join(n for n, v in SCENARIOS.items() if not v[5] and v[4] == "many"))
+    tool, script, rate, conns, orgs, hooks = SCENARIOS[name]
+    if hooks or orgs != "many":
+        raise SystemExit(f"{name} needs the server on this machine (webhooks to a local receiver, or "
+                         "an organization's limit raised in SQL); not with --url")
+    rate = args.rate or rate
+    conns = args.connections or conns
+    duration = args.duration
+    if args.smoke:
+        rate, conns, duration = (min(rate, 200) if rate else None), (min(conns, 16) if conns else None), min(duration, 3)
+    keys = [k for k in open(keys_file).read().split() if len(k) == 64]
+    if not keys:
+        raise SystemExit(f"{keys_file} holds no API keys (one per line; loadtest/orgs.sh writes them)")
+    log(f"running {name} against {BASE} with {len(keys)} keys")
+    if tool == "k6":
+        r = run_k6(script, rate, duration, keys_file, args.batch_size)
+    elif tool == "wrk":
+        r = run_wrk(script, conns, duration, keys_file, args.batch_size)
+    elif tool == "openloop":
+        r = run_openloop(rate, conns, duration, keys_file)
+    else:
+        r = run_drill(400 if args.smoke else 20000, conns, keys)
+    r.update(scenario=name, tool=tool, offered=rate if rate else f"max/{conns}c", cpu_pct=0.0, rss_mb=0.0,
+             duration_s=duration, url=BASE)
+    return r
+
+
 def compare(name, db, args, ceiling):
     """The same scenario with two binaries, alternating A B A B ..., medians of each."""
     runs = {"A": [], "B": []}
@@ -612,12 +649,29 @@ def main():
     p.add_argument("--against", help="another server binary: run the scenario with both, alternating, and compare")
     p.add_argument("--repeat", type=int, default=3, help="runs per binary with --against (default 3; medians)")
     p.add_argument("--perf", help="record a cpu-clock profile of the server during the scenario into this file")
+    p.add_argument("--url", help="measure a server that is already running (local or remote) at this base URL, "
+                                  "e.g. https://triggers.example.com; needs --keys; no server or database is started")
+    p.add_argument("--keys", help="with --url: a file of API keys, one per line (bash loadtest/orgs.sh writes it)")
     p.add_argument("--database", default="triggers_loadtest",
                    help="the database to run in (default triggers_loadtest; give an older binary its own: "
                         "two versions may not share a schema)")
     args = p.parse_args()
     args.duration = seconds(args.duration)
     os.makedirs(RESULTS, exist_ok=True)
+    if args.url:
+        global BASE
+        BASE = args.url.rstrip("/")
+        if not args.keys:
+            raise SystemExit("--url needs --keys FILE (bash loadtest/orgs.sh 200 URL DIR writes DIR/keys.txt)")
+        names = [n for n in SCENARIOS if not SCENARIOS[n][5] and SCENARIOS[n][4] == "many"] \
+            if args.scenario == "all" else [args.scenario]
+        rows = [remote(name, args, os.path.abspath(args.keys)) for name in names]
+        print_table(rows, None, [f"server: {BASE} (not started here; its CPU and RSS are not measured)"])
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        out = os.path.join(RESULTS, f"{stamp}-{args.scenario}-remote.json")
+        json.dump({"results": rows, "args": vars(args)}, open(out, "w"), indent=1)
+        log(f"results saved to {os.path.relpath(out, ROOT)}")
+        return
     db = Database(args.database)
     names = ALL if args.scenario == "all" else [args.scenario]
     rows, extra, ceiling = [], [], None

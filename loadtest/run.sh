@@ -5,6 +5,7 @@
 #   bash loadtest/run.sh all --smoke        # every scenario for a few seconds (CI)
 #   bash loadtest/run.sh slowloris          # what hostile clients cost (loadtest/hostile.py)
 #   bash loadtest/run.sh faults [--smoke]   # fault drills under load (loadtest/faults.py)
+#   bash loadtest/run.sh ingest-1k --url https://triggers.example.com --keys keys.txt   # a running server
 # See loadtest/README.md for the scenarios and how to read the table.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -30,6 +31,13 @@ case " $* " in
       echo "loadtest: installing drill (cargo install drill --locked)" >&2
       cargo install -q drill --locked >&2
     fi ;;
+esac
+case " $* " in
+  *" --url "*|*" --url="*)
+    # A server that is already running: no database, no server here; only the open-loop client.
+    echo "loadtest: building the load-test client" >&2
+    cargo build -q --release --locked --example openloop
+    exec python3 loadtest/run.py "$@" ;;
 esac
 bash scripts/postgres.sh >/dev/null
 echo "loadtest: building the release server and the load-test tools" >&2

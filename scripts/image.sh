@@ -16,7 +16,8 @@ ensure_cargo
 SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
 if ! command -v podman >/dev/null 2>&1; then
   echo "image: installing podman" >&2
-  $SUDO apt-get update -qq >&2 && $SUDO apt-get install -y -qq podman >&2
+  $SUDO apt-get update -qq >&2
+  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends podman >&2
 fi
 URL=$(bash scripts/postgres.sh db triggers_image)
 cargo build -q --release --locked --bin triggers
@@ -57,16 +58,18 @@ echo "image: localhost/triggers:scratch $(awk -v b="$bytes" 'BEGIN{printf "%.1f 
 # Its filesystem, as a container runtime would unpack it.
 out="$work/exported"
 mkdir -p "$out"
-ctr=$(podman create localhost/triggers:scratch)
+# (podman may complain that it has no systemd to time the health check: no container runs here.)
+ctr=$(podman create localhost/triggers:scratch 2>/dev/null)
 podman export "$ctr" | tar -x -C "$out"
-podman rm "$ctr" >/dev/null
+podman rm "$ctr" >/dev/null 2>&1
 [ -x "$out/usr/local/bin/triggers" ] || { echo "image: the binary is not in the image" >&2; exit 1; }
-ls "$out" >&2
+echo "image: exported filesystem: $(cd "$out" && find . -type f | sort | tr '\n' ' ')" >&2
 
 # Start it from that filesystem: chroot, as the image's user, with the image's environment.
 port=18180
+CHROOT=$(command -v chroot)
 env -i TRIGGERS_LISTEN=127.0.0.1:$port TRIGGERS_METRICS_LISTEN=127.0.0.1:$((port + 1)) \
-  DATABASE_URL="$URL" chroot --userspec=65534:65534 "$out" /usr/local/bin/triggers serve \
+  DATABASE_URL="$URL" "$CHROOT" --userspec=65534:65534 "$out" /usr/local/bin/triggers serve \
   > "$work/server.log" 2>&1 &
 pid=$!
 for _ in $(seq 1 100); do
@@ -80,7 +83,7 @@ key=$(curl -fsS -X POST "http://127.0.0.1:$port/api/keys/generate" -H 'Content-T
 status=$(curl -s -o /dev/null -w '%{http_code}' -X POST "http://127.0.0.1:$port/api/events" \
   -H "X-API-Key: $key" -H 'Content-Type: application/json' -d '{"type": "image.check", "payload": {}}')
 [ "$status" = 201 ] || { echo "image: POST /api/events answered $status" >&2; exit 1; }
-env -i TRIGGERS_LISTEN=127.0.0.1:$port chroot --userspec=65534:65534 "$out" \
+env -i TRIGGERS_LISTEN=127.0.0.1:$port "$CHROOT" --userspec=65534:65534 "$out" \
   /usr/local/bin/triggers probe || { echo "image: its health check failed" >&2; exit 1; }
 kill "$pid"; wait "$pid" 2>/dev/null || true; pid=""
 echo "image: started from the exported image: /health/ready 200, an event stored (201), health check ok"

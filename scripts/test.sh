@@ -5,9 +5,12 @@
 # schemathesis over the OpenAPI document against a real server, fuzzes every parser briefly, then
 # runs every load-test scenario for a few seconds at a low rate so the benchmark scripts never rot
 # (no speed is asserted), then the fault drills briefly (these do assert: nothing acknowledged
-# lost, no 4xx for the server's trouble). Skips: TRIGGERS_SKIP_SCHEMATHESIS=1,
-# TRIGGERS_SKIP_FUZZ=1, TRIGGERS_SKIP_LOADTEST=1, TRIGGERS_SKIP_FAULTS=1. TRIGGERS_FUZZ_SECONDS
-# sets the fuzzing time per target (default 20).
+# lost, no 4xx for the server's trouble), then builds the container image from scratch with podman
+# and starts the server from its exported filesystem (scripts/image.sh). Skips:
+# TRIGGERS_SKIP_SCHEMATHESIS=1, TRIGGERS_SKIP_FUZZ=1, TRIGGERS_SKIP_LOADTEST=1,
+# TRIGGERS_SKIP_FAULTS=1, TRIGGERS_SKIP_IMAGE=1. TRIGGERS_FUZZ_SECONDS sets the fuzzing time per
+# target (default 20). TRIGGERS_ARM64=1 adds the aarch64 build, unit tests and smoke run under
+# qemu (scripts/arm64.sh; about 20 min on 2 cores, so not in CI's default run).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/common.sh
@@ -18,9 +21,11 @@ SKIP_SCHEMATHESIS=${TRIGGERS_SKIP_SCHEMATHESIS:-0}
 SKIP_FUZZ=${TRIGGERS_SKIP_FUZZ:-0}
 SKIP_LOADTEST=${TRIGGERS_SKIP_LOADTEST:-0}
 SKIP_FAULTS=${TRIGGERS_SKIP_FAULTS:-0}
+SKIP_IMAGE=${TRIGGERS_SKIP_IMAGE:-0}
+ARM64=${TRIGGERS_ARM64:-0}
 FUZZ_SECONDS=${TRIGGERS_FUZZ_SECONDS:-20}
 unset TRIGGERS_SKIP_SCHEMATHESIS TRIGGERS_SKIP_FUZZ TRIGGERS_SKIP_LOADTEST TRIGGERS_SKIP_FAULTS \
-  TRIGGERS_FUZZ_SECONDS
+  TRIGGERS_SKIP_IMAGE TRIGGERS_ARM64 TRIGGERS_FUZZ_SECONDS
 export TEST_DATABASE_URL=$(bash scripts/postgres.sh db triggers_test)
 echo "== cargo fmt --check" >&2
 cargo fmt --all -- --check
@@ -47,4 +52,12 @@ fi
 if [ "$SKIP_FAULTS" != "1" ]; then
   echo "== fault drills (smoke)" >&2
   bash loadtest/run.sh faults --smoke
+fi
+if [ "$SKIP_IMAGE" != "1" ]; then
+  echo "== container image (podman, from scratch)" >&2
+  bash scripts/image.sh
+fi
+if [ "$ARM64" = "1" ]; then
+  echo "== aarch64 build, unit tests and smoke run under qemu" >&2
+  bash scripts/arm64.sh
 fi
