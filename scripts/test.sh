@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Run the whole test suite on a fresh Debian/Ubuntu machine: installs PostgreSQL if missing, starts
 # the project's private cluster, recreates the test database, checks formatting, import loops and
-# lints, runs every test (unit and integration; the integration tests start the real server), runs
+# lints, runs every test (unit and integration; the integration tests start the real server), checks
+# the alert rules and a live /metrics scrape with promtool, runs
 # schemathesis over the OpenAPI document against a real server, fuzzes every parser briefly, then
 # runs every load-test scenario for a few seconds at a low rate so the benchmark scripts never rot
 # (no speed is asserted), then the fault drills briefly (these do assert: nothing acknowledged
@@ -35,6 +36,8 @@ echo "== cargo clippy" >&2
 cargo clippy --locked --all-targets -- -D warnings
 echo "== cargo test" >&2
 cargo test --locked -- --test-threads 4
+echo "== alert rules, Prometheus configuration and a live scrape (promtool)" >&2
+bash scripts/observability.sh
 if [ "$SKIP_SCHEMATHESIS" != "1" ]; then
   echo "== schemathesis over /openapi.json" >&2
   bash scripts/schemathesis.sh 100

@@ -91,6 +91,85 @@ async fn metrics_count_requests_on_both_ports() {
     assert_eq!(error_code(&r), "not_found");
 }
 
+/// Metric names in `text`: every `triggers_…` and `process_…` word.
+fn metric_names(text: &str) -> std::collections::BTreeSet<String> {
+    let mut names = std::collections::BTreeSet::new();
+    for prefix in ["triggers_", "process_"] {
+        let mut rest = text;
+        while let Some(at) = rest.find(prefix) {
+            let before = rest[..at].chars().last();
+            let word: String = rest[at..]
+                .chars()
+                .take_while(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '_')
+                .collect();
+            if !before.is_some_and(|c| c.is_ascii_alphanumeric() || c == '_') {
+                names.insert(word.clone());
+            }
+            rest = &rest[at + word.len()..];
+        }
+    }
+    names
+}
+
+#[tokio::test]
+async fn every_metric_the_alerts_and_the_dashboard_name_is_served() {
+    let s = Server::start(&[]);
+    let (key, _) = new_org(s.addr, "pro").await;
+    assert_eq!(
+        post_event(s.addr, &key, "t", json!(1), None).await.status,
+        201
+    );
+    let scrape = call(s.addr, "GET", "/metrics", &[], None).await.text();
+    // What the scrape declares (histograms also as their _bucket, _sum and _count series).
+    let mut served = std::collections::BTreeSet::new();
+    for line in scrape.lines() {
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let mut parts = rest.split(' ');
+            let (name, kind) = (parts.next().unwrap(), parts.next().unwrap());
+            served.insert(name.to_string());
+            if kind == "histogram" {
+                for suffix in ["_bucket", "_sum", "_count"] {
+                    served.insert(format!("{name}{suffix}"));
+                }
+            }
+        }
+    }
+    for (file, text) in [
+        (
+            "deploy/prometheus/alerts.yml",
+            include_str!("../deploy/prometheus/alerts.yml"),
+        ),
+        (
+            "deploy/grafana/triggers.json",
+            include_str!("../deploy/grafana/triggers.json"),
+        ),
+    ] {
+        let named = metric_names(text);
+        assert!(named.len() >= 8, "{file}: {named:?}");
+        for name in named {
+            assert!(
+                served.contains(&name),
+                "{file} names {name}, which /metrics does not serve"
+            );
+        }
+    }
+    // The per-core and process series the dashboard draws have values.
+    assert!(scrape.contains("triggers_core_connections_open{core=\"0\"}"));
+    assert!(scrape.contains("triggers_thread_cpu_seconds_total{thread=\"ingress-0\"}"));
+    assert_eq!(metric(&scrape, "triggers_database_up "), 1.0);
+    assert_eq!(metric(&scrape, "triggers_write_queue_events "), 0.0);
+}
+
+#[test]
+fn metric_names_are_whole_words() {
+    let names =
+        metric_names("rate(triggers_a_total[1m]) / x_triggers_b + process_c{d=\"triggers_e\"}");
+    assert_eq!(
+        names.into_iter().collect::<Vec<_>>(),
+        ["process_c", "triggers_a_total", "triggers_e"]
+    );
+}
+
 #[tokio::test]
 async fn openapi_document_describes_every_route() {
     let s = Server::start(&[]);

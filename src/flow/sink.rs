@@ -188,6 +188,16 @@ pub fn store_queues(config: &Config) -> (StoreQueues, StoreInbox) {
 }
 
 impl StoreQueues {
+    /// A reading of the write queue's depth that does not keep the queue open (the writers stop
+    /// once every core's sender is gone).
+    pub fn write_depth_probe(&self) -> Box<dyn Fn() -> usize + Send + Sync> {
+        let weak = self.writes.downgrade();
+        Box::new(move || {
+            weak.upgrade()
+                .map_or(0, |tx| tx.max_capacity() - tx.capacity())
+        })
+    }
+
     /// Queue an event; refused at once when the queue is full (in events or payload bytes) or
     /// the database is down.
     pub fn write(&self, job: WriteJob) -> Result<(), Refusal> {

@@ -9,6 +9,7 @@
 //! - `histogram`: the fixed-bucket histogram.
 
 pub mod histogram;
+pub mod process;
 
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
@@ -128,6 +129,10 @@ pub struct Metrics {
     pub retention_failures: AtomicU64,
     /// When this node last finished a partition-maintenance round (Unix seconds; 0: never).
     pub retention_ok_at: AtomicI64,
+    /// 1 while the health probe finds that the database takes writes, else 0.
+    pub database_up: AtomicI64,
+    /// Events waiting in the write queue, read at each scrape (installed by the server).
+    write_queue: std::sync::OnceLock<Box<dyn Fn() -> usize + Send + Sync>>,
     /// Operational events this node stored.
     pub operational_events: AtomicU64,
 }
@@ -202,6 +207,9 @@ impl Metrics {
             partitions_dropped: AtomicU64::new(0),
             retention_failures: AtomicU64::new(0),
             retention_ok_at: AtomicI64::new(0),
+            // The server starts only after migrations ran: the database took writes then.
+            database_up: AtomicI64::new(1),
+            write_queue: std::sync::OnceLock::new(),
             operational_events: AtomicU64::new(0),
         })
     }
@@ -225,6 +233,11 @@ impl Metrics {
         self.write_batches.fetch_add(1, Ordering::Relaxed);
         // Batch sizes reuse the histogram type: one "microsecond" per event.
         self.write_batch_events.observe_us(committed);
+    }
+
+    /// How to read the write queue's depth at a scrape (the first call wins).
+    pub fn set_write_queue_probe(&self, probe: Box<dyn Fn() -> usize + Send + Sync>) {
+        let _ = self.write_queue.set(probe);
     }
 
     /// Events answered 202 (fast-ack mode) that could not be written and were dropped.
@@ -331,6 +344,19 @@ impl Metrics {
             "gauge",
             open,
         );
+        header(
+            &mut out,
+            "triggers_core_connections_open",
+            "Open client connections per ingress core.",
+            "gauge",
+        );
+        for (i, c) in cores.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "triggers_core_connections_open{{core=\"{i}\"}} {}",
+                c.connections_open.load(Ordering::Relaxed)
+            );
+        }
         single(
             &mut out,
             "triggers_connections_total",
@@ -481,6 +507,21 @@ impl Metrics {
             "gauge",
             self.retention_ok_at.load(Ordering::Relaxed),
         );
+        single(
+            &mut out,
+            "triggers_database_up",
+            "1 while the database takes writes (the health probe's last verdict), else 0.",
+            "gauge",
+            self.database_up.load(Ordering::Relaxed),
+        );
+        single(
+            &mut out,
+            "triggers_write_queue_events",
+            "Events accepted and waiting for a group commit.",
+            "gauge",
+            self.write_queue.get().map_or(0, |probe| probe()),
+        );
+        process::render(&mut out);
         single(
             &mut out,
             "triggers_operational_events_total",

@@ -45,6 +45,10 @@ pub async fn probe(ctx: Arc<StoreCtx>) {
                 }
             }
         }
+        ctx.metrics.database_up.store(
+            i64::from(ctx.health.is_up()),
+            std::sync::atomic::Ordering::Relaxed,
+        );
     }
 }
 
