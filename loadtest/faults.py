@@ -25,6 +25,11 @@ Drills (all real faults, no mocks):
   node-kill        two nodes share the database; one is killed -9 with deliveries in flight
   read-pool        the read pool is held by slow queries (a lock on organizations) while
                    events are ingested at 1,000/s
+  haproxy          three nodes behind deploy/haproxy/haproxy.cfg: the API through it, a free-tier
+                   organization's limit across the nodes, kill -9 of one node under load (nothing
+                   acknowledged lost, its deliveries taken over after the lease without
+                   overlapping attempts); without --smoke also wrk throughput through HAProxy
+                   with 1, 2 and 3 nodes
 
 Prints one row per drill: rounds, load, acknowledged, missing, duplicates, worst time-to-503
 (how long a client waited for a 503 while the fault lasted), worst time-to-recover (from the end
@@ -48,8 +53,9 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import run  # noqa: E402
 
-API_PORTS = (18280, 18281)
-METRICS_PORTS = (19280, 19281)
+API_PORTS = (18280, 18281, 18282)
+METRICS_PORTS = (19280, 19281, 19282)
+HAPROXY_PORT = 18290
 PROXY_PORT = 15432
 RECEIVER_PORT = 19998
 
@@ -700,6 +706,140 @@ def drill_read_pool(db, args):
     return r
 
 
+class HAProxy:
+    """deploy/haproxy/haproxy.cfg as shipped, with the drill's ports, in front of `ports`."""
+
+    def __init__(self, ports):
+        cfg = open(os.path.join(run.ROOT, "deploy", "haproxy", "haproxy.cfg")).read()
+        cfg = cfg.replace("bind :8080", f"bind 127.0.0.1:{HAPROXY_PORT}")
+        # HAProxy needs two descriptors per connection; a test machine's limit may be 20,000.
+        cfg = cfg.replace("maxconn 100000", "maxconn 4000")
+        lines = [l for l in cfg.splitlines() if not l.strip().startswith("server node")]
+        lines += [f"    server node{i + 1} 127.0.0.1:{p} check" for i, p in enumerate(ports)]
+        path = os.path.join(run.RESULTS, "haproxy.cfg")
+        open(path, "w").write("\n".join(lines) + "\n")
+        subprocess.run(["haproxy", "-c", "-q", "-f", path], check=True)
+        self.proc = subprocess.Popen(["haproxy", "-f", path], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        run.wait_http(f"http://127.0.0.1:{HAPROXY_PORT}/health", 10, self.proc)
+        # Every node up in HAProxy's eyes (checks every second, two to rise).
+        time.sleep(2.5)
+
+    def stop(self):
+        self.proc.terminate()
+        self.proc.wait(10)
+
+
+def burst(port, key, n, threads=8):
+    """Send n events as fast as `threads` connections allow; returns answers by status."""
+    counts, lock = {}, threading.Lock()
+
+    def worker(share):
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        for j in range(share):
+            conn.request("POST", "/api/events", body=json.dumps({"type": "burst", "payload": j}),
+                         headers={"Content-Type": "application/json", "X-API-Key": key})
+            r = conn.getresponse()
+            r.read()
+            with lock:
+                counts[r.status] = counts.get(r.status, 0) + 1
+        conn.close()
+
+    ts = [threading.Thread(target=worker, args=(n // threads + (1 if i < n % threads else 0),))
+          for i in range(threads)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    return counts
+
+
+def drill_haproxy(db, args):
+    r = Result("3 nodes behind HAProxy, kill -9 one", 1, f"{args.rate}/s through HAProxy")
+    receiver = Receiver(hold=0.05)
+    extra = ["--delivery-lease-s", "3", "--delivery-timeout-ms", "2000", "--delivery-poll-ms", "200"]
+    nodes = [Node(db.url, i, extra) for i in range(3)]
+    proxy = HAProxy([n.port for n in nodes])
+    port = HAPROXY_PORT
+    try:
+        # The API through the proxy: keys, webhooks, events, reads.
+        keys = [new_org(port, f"haproxy-{i}") for i in range(12)]
+        for k, _ in keys:
+            status, _ = call(port, "POST", "/api/webhook/config", k, {"webhook_url": f"http://127.0.0.1:{RECEIVER_PORT}/hook"})
+            assert status == 200, status
+        status, body = call(port, "GET", "/api/keys", keys[0][0])
+        assert status == 200, (status, body)
+        # Organizations spread over the nodes (hash on the key), each pinned to one.
+        served = [n.metric("triggers_auth_cache_misses_total") for n in nodes]
+        r.notes.append("key checks per node " + "/".join(f"{v:.0f}" for v in served))
+
+        # A free-tier organization: 100 a minute in total, whichever node the proxy picks.
+        status, body = call(port, "POST", "/api/keys/generate", body={"organization_name": "free", "tier": "free"})
+        assert status == 201, (status, body)
+        counts = burst(port, body["api_key"], 300)
+        accepted = counts.get(201, 0)
+        r.notes.append(f"free tier, 300 sent at once: {accepted} accepted, {counts.get(429, 0)} answered 429")
+        # The bucket holds 100 and refills at 100/min: a few seconds' burst gets ~100, not 300.
+        if not 100 <= accepted <= 110 or accepted + counts.get(429, 0) != 300:
+            r.failures.append(f"free tier through the proxy: {counts}")
+
+        # Kill -9 one node under load through the proxy.
+        load = Load([port], [k for k, _ in keys], args.rate, threads=12).start()
+        time.sleep(2.0 if args.smoke else 5.0)
+        t_kill = time.monotonic()
+        nodes[0].kill()
+        time.sleep(3.0 if args.smoke else 8.0)
+        load.stop()
+        r.acked = len(load.acked)
+        r.missing, r.duplicates = check(db, [o for _, o in keys], load)
+        if r.missing or r.duplicates:
+            r.failures.append(f"missing {r.missing}, duplicates {r.duplicates}")
+        blamed = blamed_client(load.statuses())
+        if blamed:
+            r.failures.append(f"client blamed: {blamed}")
+        r.recover = load.recovered_after(t_kill, limit=10)
+        after = load.statuses(since=t_kill)
+        r.notes.append("answers after the kill " + ", ".join(f"{k}:{v}" for k, v in sorted(after.items())))
+        acked = set(load.acked.values())
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not acked <= receiver.delivered():
+            time.sleep(0.5)
+        undelivered = len(acked - receiver.delivered())
+        if undelivered:
+            r.failures.append(f"{undelivered} acknowledged events never delivered")
+        overlaps = receiver.overlaps()
+        if overlaps:
+            r.failures.append(f"{overlaps} overlapping attempts of one event")
+        r.notes.append(f"delivered {len(acked & receiver.delivered()):,} of {len(acked):,}, "
+                       f"overlapping attempts {overlaps}")
+        if not args.smoke:
+            proxy.stop()
+            nodes[0].start()
+            r.notes.append("wrk through HAProxy: " + throughput(nodes, [k for k, _ in keys]))
+            proxy = HAProxy([n.port for n in nodes])
+    finally:
+        proxy.stop()
+        for n in nodes:
+            n.stop()
+        receiver.down()
+    return r
+
+
+def throughput(nodes, keys):
+    """wrk ingest through HAProxy in front of 1, 2 and 3 of the nodes (10 s each)."""
+    keys_file = os.path.join(run.RESULTS, "haproxy-keys.txt")
+    open(keys_file, "w").write("\n".join(keys) + "\n")
+    out = []
+    for n in (1, 2, 3):
+        proxy = HAProxy([x.port for x in nodes[:n]])
+        try:
+            run.BASE = f"http://127.0.0.1:{HAPROXY_PORT}"
+            res = run.run_wrk("ingest.lua", 256, 10, keys_file)
+        finally:
+            proxy.stop()
+        out.append(f"{n} node{'s' if n > 1 else ''} {res['achieved']:,.0f}/s p99 {res['p99']:.1f} ms")
+    return "; ".join(out)
+
+
 DRILLS = {
     "kill9": drill_kill9,
     "pg-fast": lambda db, a: drill_pg(db, a, "fast"),
@@ -714,6 +854,7 @@ DRILLS = {
     "receiver-down": drill_receiver_down,
     "node-kill": drill_node_kill,
     "read-pool": drill_read_pool,
+    "haproxy": drill_haproxy,
 }
 
 

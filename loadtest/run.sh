@@ -16,6 +16,8 @@ need_apt=()
 command -v wrk >/dev/null 2>&1 || need_apt+=(wrk)
 command -v python3 >/dev/null 2>&1 || need_apt+=(python3 python3-pip)
 command -v curl >/dev/null 2>&1 || need_apt+=(curl)
+# The fault drills put HAProxy (deploy/haproxy/haproxy.cfg) in front of three nodes.
+if [ "${1:-}" = faults ] && ! command -v haproxy >/dev/null 2>&1; then need_apt+=(haproxy); fi
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "loadtest: installing ${need_apt[*]}" >&2
   $SUDO apt-get update -qq >&2 && $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}" >&2
