@@ -195,6 +195,7 @@ fn main() {
             payload: Bytes::from_static(&BODY[36..BODY.len() - 1]),
             dedup_id: None,
             created_at: Micros::now(),
+            traceparent: None,
         };
         measure(
             || {

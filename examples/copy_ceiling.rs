@@ -70,6 +70,7 @@ fn main() {
                             payload: payload.clone(),
                             dedup_id: None,
                             created_at: now,
+                            traceparent: None,
                         };
                         let plan = RowPlan {
                             status: 0,

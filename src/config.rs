@@ -408,6 +408,9 @@ options! {
     admin_token: Option<String> = "", "admin-token", "TRIGGERS_ADMIN_TOKEN";
     /// Allow webhooks to loopback, private, link-local and CGNAT addresses.
     allow_private_webhooks: bool = "false", "allow-private-webhooks", "TRIGGERS_ALLOW_PRIVATE_WEBHOOKS";
+    /// One JSON line per request on stdout (method, route, status, duration, organization,
+    /// request id, client), buffered per core.
+    access_log: bool = "false", "access-log", "TRIGGERS_ACCESS_LOG";
     /// Delays before each retry of a failed delivery; one attempt plus one per entry.
     retry_schedule: RetrySchedule = "1s,2s,4s,8s,16s", "retry-schedule", "TRIGGERS_RETRY_SCHEDULE";
     /// `auto` (io_uring, else epoll), `uring` or `epoll`.

@@ -4,6 +4,7 @@
 use bytes::Bytes;
 
 use crate::flow::answer::RateSnapshot;
+use crate::ids::OrgId;
 
 /// Headers beyond the fixed set (`Content-Type`, `Content-Length`, `Date`, rate limits).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -31,6 +32,8 @@ pub struct Reply {
     pub extra: Extra,
     /// Rate-limit headers, on authenticated responses.
     pub rate: Option<RateSnapshot>,
+    /// The organization the request was authenticated as (for the access log).
+    pub org: Option<OrgId>,
 }
 
 /// The JSON content type every API response carries.
@@ -45,6 +48,7 @@ impl Reply {
             content_type: JSON,
             extra: Extra::default(),
             rate: None,
+            org: None,
         }
     }
 

@@ -3,7 +3,7 @@
 mod common;
 
 use common::*;
-use serde_json::json;
+use serde_json::{json, Value};
 
 #[tokio::test]
 async fn health_live_and_ready() {
@@ -247,5 +247,112 @@ async fn help_and_bad_configuration() {
     assert_eq!(
         String::from_utf8_lossy(&out.stderr).trim(),
         "triggers: TRIGGERS_INGRESS_CORES=\"many\": expected a whole number"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn access_log_lines_and_trace_context_reach_the_receiver() {
+    const TP: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let recv = Receiver::start(|_, _| Answer::status(200)).await;
+    let s = Server::process(&["--access-log", "--allow-private-webhooks"]);
+    let (key, org) = new_org(s.addr, "pro").await;
+    set_webhook(s.addr, &key, &recv.url("/")).await;
+    let send = |trace: &'static str, request_id: &'static str, path: &'static str, body: Value| {
+        let key = key.clone();
+        async move {
+            let r = call(
+                s.addr,
+                "POST",
+                path,
+                &[
+                    ("X-API-Key", &key),
+                    ("Content-Type", "application/json"),
+                    ("traceparent", trace),
+                    ("X-Request-Id", request_id),
+                ],
+                Some(body.to_string().as_bytes()),
+            )
+            .await;
+            assert!(matches!(r.status, 200 | 201), "{}", r.text());
+            r.json()
+        }
+    };
+    let traced = send(
+        TP,
+        "req-traced",
+        "/api/events",
+        json!({"type": "t", "payload": 1}),
+    )
+    .await;
+    let untraced = send(
+        "00-not-a-trace",
+        "req-untraced",
+        "/api/events",
+        json!({"type": "t", "payload": 2}),
+    )
+    .await;
+    let batch = send(
+        TP,
+        "req-batch",
+        "/api/events/batch",
+        json!({"events": [{"type": "t", "payload": 3}, {"type": "t", "payload": 4}]}),
+    )
+    .await;
+    let got = recv
+        .wait_until(std::time::Duration::from_secs(10), |r| r.len() >= 4)
+        .await;
+    let trace_of = |id: &str| {
+        got.iter()
+            .find(|r| r.event_id() == id)
+            .unwrap_or_else(|| panic!("{id} not delivered"))
+            .header("traceparent")
+            .map(str::to_string)
+    };
+    assert_eq!(
+        trace_of(traced["id"].as_str().unwrap()).as_deref(),
+        Some(TP)
+    );
+    assert_eq!(
+        trace_of(untraced["id"].as_str().unwrap()),
+        None,
+        "a malformed one is not sent"
+    );
+    for item in batch["results"].as_array().unwrap() {
+        assert_eq!(trace_of(item["id"].as_str().unwrap()).as_deref(), Some(TP));
+    }
+
+    // The access log: one JSON line per request, within a second of it.
+    call(
+        s.addr,
+        "GET",
+        "/health",
+        &[("X-Request-Id", "bad id!")],
+        None,
+    )
+    .await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let line = |needle: &str| {
+        s.log_lines(needle)
+            .into_iter()
+            .find(|l| l.contains("\"access\""))
+    };
+    while line("req-batch").is_none() || line("\"/health\"").is_none() {
+        assert!(std::time::Instant::now() < deadline, "no access lines");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let v: Value = serde_json::from_str(&line("req-traced").unwrap()).unwrap();
+    assert_eq!(v["method"], "POST");
+    assert_eq!(v["route"], "/api/events");
+    assert_eq!(v["status"], 201);
+    assert_eq!(v["org_id"], org.as_str());
+    assert_eq!(v["client"], "127.0.0.1");
+    assert!(v["duration_us"].as_u64().is_some());
+    let v: Value = serde_json::from_str(&line("\"/health\"").unwrap()).unwrap();
+    assert_eq!(v["org_id"], Value::Null);
+    assert_eq!(v["status"], 200);
+    let id = v["request_id"].as_str().unwrap();
+    assert!(
+        id.len() == 16 && id.bytes().all(|b| b.is_ascii_hexdigit()),
+        "{id}"
     );
 }

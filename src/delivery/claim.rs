@@ -35,7 +35,7 @@ const CLAIM: &str = "\
     UPDATE deliveries d SET next_attempt_at = $4 FROM due, events e \
     WHERE d.event_id = due.event_id AND d.endpoint_id = due.endpoint_id AND e.id = d.event_id \
     RETURNING d.event_id, d.endpoint_id, d.org_id, d.attempts, d.retry_base, e.type, \
-              e.payload::text, e.created_at, e.status";
+              e.payload::text, e.created_at, e.status, e.traceparent";
 
 /// Expired batches: what they still owe becomes rows due now; the batch rows go.
 const TAKE_OVER: &str = "\
@@ -239,6 +239,7 @@ async fn claim(shared: &Arc<Shared>, limit: usize) -> Result<usize, String> {
             event_type: r.get::<_, &str>(5).into(),
             payload: bytes::Bytes::copy_from_slice(r.get::<_, &str>(6).as_bytes()),
             created_at: Micros::from_system_time(r.get(7)),
+            traceparent: r.get::<_, Option<&str>>(9).map(Into::into),
             lease: Lease::Row { held },
             due: now,
         };

@@ -121,6 +121,8 @@ pub struct Job {
     pub payload: Bytes,
     /// When it was accepted.
     pub created_at: Micros,
+    /// The W3C `traceparent` the event came with, sent with each attempt.
+    pub traceparent: Option<Box<str>>,
     /// Attempts made to this endpoint so far, every round.
     pub attempts: u32,
     /// Attempts made when the current round began (a redelivery or recovery starts a round).
@@ -142,6 +144,7 @@ impl Job {
             event_type: "t".into(),
             payload: Bytes::copy_from_slice(payload.as_bytes()),
             created_at: Micros(1_000_000),
+            traceparent: None,
             attempts: 0,
             retry_base: 0,
             lease: Lease::Row { held: Micros(0) },

@@ -237,6 +237,7 @@ impl DeliverySink for DeliveryHandle {
                     event_type: event.event_type,
                     payload: event.payload,
                     created_at: event.created_at,
+                    traceparent: event.traceparent,
                     attempts: 0,
                     retry_base: 0,
                     lease: Lease::Batch(Arc::clone(&batch)),

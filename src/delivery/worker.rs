@@ -100,8 +100,13 @@ pub async fn attempt(
         .header(HeaderName::from_static("x-delivery-attempt"), number)
         .header(HeaderName::from_static("webhook-id"), id.as_str())
         .header(HeaderName::from_static("webhook-timestamp"), timestamp)
-        .header(HeaderName::from_static("webhook-signature"), sig)
-        .body(Full::new(Bytes::from(body)));
+        .header(HeaderName::from_static("webhook-signature"), sig);
+    // The producer's trace context, checked when the event was taken.
+    let request = match &job.traceparent {
+        Some(t) => request.header(HeaderName::from_static("traceparent"), t.as_ref()),
+        None => request,
+    }
+    .body(Full::new(Bytes::from(body)));
     let request = match request {
         Ok(r) => r,
         Err(e) => {

@@ -22,6 +22,8 @@ pub struct NewEvent {
     pub dedup_id: Option<Box<str>>,
     /// When the event was accepted.
     pub created_at: Micros,
+    /// The W3C `traceparent` it came with (checked), sent with its deliveries.
+    pub traceparent: Option<Box<str>>,
 }
 
 /// The events table's status of an event that matched endpoints: its status is derived from its

@@ -24,6 +24,7 @@ use monoio::buf::IoBufMut;
 use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
 use monoio::net::TcpStream;
 
+use super::access::Entry;
 use super::core::CoreCtx;
 use super::handle::{self, Prepared};
 use super::node::BodyLease;
@@ -80,6 +81,8 @@ struct Connection {
     head_timeout: Duration,
     body_timeout: Duration,
     idle_timeout: Duration,
+    /// With `--access-log`: the current request's `X-Request-Id` and client address.
+    access: Option<(Option<Bytes>, IpAddr)>,
 }
 
 impl Connection {
@@ -93,6 +96,7 @@ impl Connection {
             buf: BytesMut::with_capacity(READ_CHUNK_MIN),
             head_scanned: 0,
             out: Vec::new(),
+            access: None,
             ctx,
         }
     }
@@ -317,6 +321,20 @@ impl Connection {
         if route == Route::EventsCreate && matches!(reply.status, 201 | 202) {
             metrics.events_ingested(1);
         }
+        if let Some(log) = &self.ctx.access {
+            let (request_id, client) = match self.access.take() {
+                Some((id, client)) => (id, Some(client)),
+                None => (None, None),
+            };
+            log.line(Entry {
+                route: route.labels(),
+                status: reply.status,
+                duration_us: started.elapsed().as_micros() as u64,
+                org: reply.org,
+                request_id: request_id.as_deref(),
+                client,
+            });
+        }
     }
 
     /// Answer the error a stop carries, if any, and close.
@@ -358,6 +376,9 @@ pub async fn serve(ctx: Rc<CoreCtx>, stream: TcpStream, peer: SocketAddr, metric
         };
         let started = Instant::now();
         let client: IpAddr = client_addr(peer.ip(), &head, ctx.config.trust_forwarded_for);
+        if ctx.access.is_some() {
+            conn.access = Some((head.request_id.clone(), client));
+        }
         let keep_alive_asked = head.keep_alive;
         let (route, reply, reusable) =
             match handle::prepare(&ctx, &head, client, metrics_only).await {

@@ -67,6 +67,8 @@ pub struct CoreCtx {
     pub bodies: Arc<BodyBudget>,
     /// Which cores of the node are alive.
     pub liveness: Arc<Liveness>,
+    /// This core's access-log buffer, with `--access-log`.
+    pub access: Option<super::access::AccessLog>,
 }
 
 /// The store's answer to a query, with the bucket for the rate headers.

@@ -77,7 +77,7 @@ pub async fn create_batch(ctx: &Rc<CoreCtx>, req: &Request, org: OrgInfo) -> Rep
                     first_of.insert(d.clone(), events.len());
                 }
                 plan.push(Item::Sent(events.len()));
-                events.push(new_event(valid, org, now));
+                events.push(new_event(valid, org, now, traceparent(req)));
             }
         }
     }
@@ -297,11 +297,47 @@ pub fn validate_event(
 fn validate(ctx: &CoreCtx, req: &Request, org: OrgInfo) -> Result<NewEvent, ApiError> {
     require_json(req)?;
     let valid = validate_event(&ctx.parser, &req.body, ctx.config.payload_bytes_max)?;
-    Ok(new_event(valid, org, Micros::now()))
+    Ok(new_event(valid, org, Micros::now(), traceparent(req)))
+}
+
+/// The request's `traceparent` when it is one (W3C Trace Context, version-00 form: `00-` 32 hex
+/// digits of trace id `-` 16 of parent id `-` 2 of flags, lowercase, neither id all zeros; a later
+/// version's longer header is kept by its first 55 characters, as the specification asks). Anything
+/// else is ignored, as a tracing system ignores a malformed header: the event is still taken.
+pub fn traceparent(req: &Request) -> Option<Box<str>> {
+    checked_traceparent(req.head.traceparent.as_deref()?)
+}
+
+fn checked_traceparent(sent: &[u8]) -> Option<Box<str>> {
+    let sent = sent.trim_ascii();
+    let v = sent.get(..55)?;
+    let hex = |r: std::ops::Range<usize>| {
+        v[r].iter()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(b))
+    };
+    let zeros = |r: std::ops::Range<usize>| v[r].iter().all(|&b| b == b'0');
+    let version = &v[..2];
+    let length_ok = if version == b"00" {
+        sent.len() == 55
+    } else {
+        sent.len() == 55 || sent[55] == b'-'
+    };
+    let form = v[2] == b'-' && v[35] == b'-' && v[52] == b'-';
+    let digits = hex(0..2) && hex(3..35) && hex(36..52) && hex(53..55);
+    if !(form && digits && length_ok) || version == b"ff" || zeros(3..35) || zeros(36..52) {
+        return None;
+    }
+    // Checked to be ASCII above.
+    std::str::from_utf8(v).ok().map(Into::into)
 }
 
 /// A validated event of `org`, created `now`, with its new id.
-fn new_event(valid: ValidEvent, org: OrgInfo, now: Micros) -> NewEvent {
+fn new_event(
+    valid: ValidEvent,
+    org: OrgInfo,
+    now: Micros,
+    traceparent: Option<Box<str>>,
+) -> NewEvent {
     NewEvent {
         id: EventId(new_v7(now)),
         org: org.id,
@@ -309,6 +345,7 @@ fn new_event(valid: ValidEvent, org: OrgInfo, now: Micros) -> NewEvent {
         payload: valid.payload,
         dedup_id: valid.dedup_id,
         created_at: now,
+        traceparent,
     }
 }
 
@@ -416,4 +453,43 @@ fn write_detail(out: &mut Vec<u8>, detail: &EventDetail) {
     write_list(o.key("deliveries"), &detail.deliveries, write_delivery);
     write_list(o.key("delivery_attempts"), &detail.attempts, write_attempt);
     o.finish();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::checked_traceparent;
+
+    const OK: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+
+    #[test]
+    fn traceparents_of_the_w3c_form_are_kept_and_nothing_else() {
+        assert_eq!(checked_traceparent(OK.as_bytes()).as_deref(), Some(OK));
+        assert_eq!(
+            checked_traceparent(format!(" {OK} ").as_bytes()).as_deref(),
+            Some(OK)
+        );
+        // A later version may be longer: its first 55 characters are the version-00 fields.
+        let later = "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-what-comes-next";
+        assert_eq!(
+            checked_traceparent(later.as_bytes()).as_deref(),
+            Some(&later[..55])
+        );
+        for bad in [
+            "",
+            "00",
+            &OK[..54],
+            &format!("{OK}-x"), // version 00 is exactly 55
+            "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01", // forbidden version
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01", // zero trace id
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01", // zero parent id
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01", // uppercase
+            "00_4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e473g-00f067aa0ba902b7-01",
+            "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01x",
+        ] {
+            assert_eq!(checked_traceparent(bad.as_bytes()), None, "{bad:?}");
+        }
+        // Not UTF-8 at all: refused, never a panic.
+        assert_eq!(checked_traceparent(&[0xff; 60]), None);
+    }
 }

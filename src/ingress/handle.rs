@@ -132,12 +132,14 @@ pub async fn run(ctx: &Rc<CoreCtx>, ready: Ready, req: Request) -> Reply {
             ApiError::Internal.reply()
         }
     };
-    match reply {
+    let mut reply = match reply {
         // Answers refused before reaching the owner still carry the rate headers.
         r if r.rate.is_none() => {
             let rate = ctx.rate(org).await;
             r.with_rate(rate)
         }
         r => r,
-    }
+    };
+    reply.org = Some(org.id);
+    reply
 }

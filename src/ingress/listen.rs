@@ -260,6 +260,7 @@ async fn serve(
         date: RefCell::new(DateCache::default()),
         bodies: node.bodies,
         liveness: node.liveness,
+        access: config.access_log.then(super::access::AccessLog::default),
         config,
         mesh,
         store,
@@ -268,6 +269,18 @@ async fn serve(
     let mailbox = monoio::spawn(run_mailbox(Rc::clone(&ctx), part.mailbox, closing.clone()));
     if let Some(l) = metrics_listener {
         monoio::spawn(accept_loop(Rc::clone(&ctx), l, true));
+    }
+    if ctx.access.is_some() {
+        // Lines of a quiet core go out within a second too.
+        let c = Rc::clone(&ctx);
+        monoio::spawn(async move {
+            loop {
+                monoio::time::sleep(super::access::FLUSH_EVERY).await;
+                if let Some(log) = &c.access {
+                    log.flush();
+                }
+            }
+        });
     }
     accept_loop(Rc::clone(&ctx), listener, false).await;
 
@@ -284,6 +297,9 @@ async fn serve(
                 "connections still open at the shutdown deadline"
             );
         }
+    }
+    if let Some(log) = &ctx.access {
+        log.flush();
     }
     // The mailbox task must end before the runtime goes: parked, it would be owned by its waker
     // in the channel and keep this core's store handle (and so the store) alive.

@@ -12,6 +12,7 @@
 //!   metrics).
 //! - `response`: status line, headers and body into the write buffer.
 
+pub mod access;
 mod admin;
 pub mod conn;
 pub mod core;

@@ -61,6 +61,10 @@ pub struct Head {
     pub authorization: Option<Bytes>,
     /// `X-Forwarded-For` (used only with `--trust-forwarded-for`).
     pub forwarded_for: Option<Bytes>,
+    /// `traceparent` (W3C Trace Context), as sent; checked where it is used.
+    pub traceparent: Option<Bytes>,
+    /// `X-Request-Id`, as sent (the access log's request id when it is a plain token).
+    pub request_id: Option<Bytes>,
 }
 
 /// Why a head could not be used.
@@ -145,6 +149,7 @@ pub fn parse_head(buf: &mut BytesMut) -> Result<Parsed, HeadError> {
     let mut expect_continue = false;
     let (mut content_type, mut api_key, mut authorization, mut forwarded_for) =
         (None, None, None, None);
+    let (mut traceparent, mut request_id) = (None, None);
     for h in req.headers.iter() {
         let name = h.name;
         if name.eq_ignore_ascii_case("content-length") {
@@ -190,6 +195,10 @@ pub fn parse_head(buf: &mut BytesMut) -> Result<Parsed, HeadError> {
         } else if name.eq_ignore_ascii_case("x-forwarded-for") {
             // Several headers: the last one is the nearest proxy's.
             forwarded_for = Some(offset(h.value));
+        } else if name.eq_ignore_ascii_case("traceparent") {
+            traceparent = Some(offset(h.value));
+        } else if name.eq_ignore_ascii_case("x-request-id") {
+            request_id = Some(offset(h.value));
         }
     }
     if chunked && content_length.is_some() {
@@ -229,6 +238,8 @@ pub fn parse_head(buf: &mut BytesMut) -> Result<Parsed, HeadError> {
         api_key: api_key.map(|r| head.slice(r)),
         authorization: authorization.map(|r| head.slice(r)),
         forwarded_for: forwarded_for.map(|r| head.slice(r)),
+        traceparent: traceparent.map(|r| head.slice(r)),
+        request_id: request_id.map(|r| head.slice(r)),
     }))
 }
 

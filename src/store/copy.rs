@@ -6,9 +6,9 @@ use crate::flow::event::NewEvent;
 /// The columns the encoder writes, in order; the statement must list the same.
 pub const COPY_EVENTS: &str =
     "COPY events (id, org_id, type, payload, status, endpoints, batch_id, \
-     created_at) FROM STDIN (FORMAT binary)";
+     created_at, traceparent) FROM STDIN (FORMAT binary)";
 
-const FIELDS: i16 = 8;
+const FIELDS: i16 = 9;
 
 /// What the writer stores of an event's delivery plan.
 #[derive(Debug, Clone, Copy)]
@@ -36,7 +36,9 @@ impl CopyEncoder {
     /// Append one event with its delivery plan.
     pub fn row(&mut self, e: &NewEvent, plan: RowPlan<'_>) {
         let endpoints = plan.endpoints.map_or(0, |eps| 20 + eps.len() * 20);
-        let size = 8 * 4 + 16 * 3 + e.event_type.len() + e.payload.len() + 2 + 8 + endpoints;
+        let trace = e.traceparent.as_ref().map_or(0, |t| t.len());
+        let size =
+            9 * 4 + 16 * 3 + e.event_type.len() + e.payload.len() + 2 + 8 + endpoints + trace;
         self.rows
             .row(FIELDS, size)
             .uuid(&e.id.0)
@@ -46,7 +48,8 @@ impl CopyEncoder {
             .i16(plan.status)
             .opt_uuids(plan.endpoints)
             .opt_uuid(plan.batch.as_ref())
-            .time(e.created_at);
+            .time(e.created_at)
+            .opt_text(e.traceparent.as_deref());
     }
 
     /// Bytes encoded since `begin` or the last `take`.
@@ -87,6 +90,7 @@ mod tests {
             payload: Bytes::from_static(b"{}"),
             dedup_id: None,
             created_at: Micros(946_684_800_000_001),
+            traceparent: None,
         };
         let none = RowPlan {
             status: 0,
@@ -105,11 +109,11 @@ mod tests {
         enc.row(&e, some);
         assert_eq!(enc.rows(), 2);
         let out = enc.finish();
-        let row_len = 2 + 4 + 16 + 4 + 16 + 4 + 1 + 4 + 2 + 4 + 2 + 4 + 4 + 4 + 8;
+        let row_len = 2 + 4 + 16 + 4 + 16 + 4 + 1 + 4 + 2 + 4 + 2 + 4 + 4 + 4 + 8 + 4;
         assert_eq!(out.len(), 19 + row_len + (row_len + 40 + 16) + 2);
         assert_eq!(&out[..11], b"PGCOPY\n\xff\r\n\0");
         let row = &out[19..];
-        assert_eq!(&row[..2], &8i16.to_be_bytes());
+        assert_eq!(&row[..2], &9i16.to_be_bytes());
         assert_eq!(&row[2..6], &16i32.to_be_bytes());
         assert_eq!(&row[6..22], Uuid::from_u128(1).as_bytes());
         // type "t", payload "{}", status 0, endpoints NULL, batch NULL, created_at = 1 µs after
@@ -120,6 +124,8 @@ mod tests {
         assert_eq!(&row[59..63], &(-1i32).to_be_bytes());
         assert_eq!(&row[63..67], &(-1i32).to_be_bytes());
         assert_eq!(&row[67..79], &[0, 0, 0, 8, 0, 0, 0, 0, 0, 0, 0, 1]);
+        // No traceparent: NULL.
+        assert_eq!(&row[79..83], &(-1i32).to_be_bytes());
         // The second row's array: one dimension of one uuid, then the batch id.
         let second = &row[row_len..];
         assert_eq!(&second[53..59], &[0, 0, 0, 2, 0, 3]);

@@ -26,6 +26,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "0004_retention.sql",
         include_str!("../../migrations/0004_retention.sql"),
     ),
+    (
+        5,
+        "0005_traceparent.sql",
+        include_str!("../../migrations/0005_traceparent.sql"),
+    ),
 ];
 
 /// Arbitrary constant naming the migration lock.

@@ -50,13 +50,16 @@ use crate::ids::{CoreId, EventId, Micros, OrgId};
 const INSERT_DEDUP: &str = "\
     WITH t AS ( \
         SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::text[], \
-                             $6::int2[], $7::text[], $8::uuid[], $9::timestamptz[]) \
-          AS t(id, org_id, type, payload, dedup_id, status, endpoints, batch_id, created_at)), \
+                             $6::int2[], $7::text[], $8::uuid[], $9::timestamptz[], $10::text[]) \
+          AS t(id, org_id, type, payload, dedup_id, status, endpoints, batch_id, created_at, \
+               traceparent)), \
     k AS ( \
         INSERT INTO dedup_keys (org_id, dedup_id, event_id) \
         SELECT org_id, dedup_id, id FROM t ON CONFLICT DO NOTHING RETURNING event_id) \
-    INSERT INTO events (id, org_id, type, payload, dedup_id, status, endpoints, batch_id, created_at) \
-    SELECT id, org_id, type, payload::json, dedup_id, status, endpoints::uuid[], batch_id, created_at \
+    INSERT INTO events (id, org_id, type, payload, dedup_id, status, endpoints, batch_id, created_at, \
+                        traceparent) \
+    SELECT id, org_id, type, payload::json, dedup_id, status, endpoints::uuid[], batch_id, created_at, \
+           traceparent \
     FROM t WHERE id IN (SELECT event_id FROM k) \
     RETURNING id";
 
@@ -482,6 +485,7 @@ async fn insert_deduped(
     let mut endpoints: Vec<Option<String>> = Vec::with_capacity(n);
     let mut batches: Vec<Option<Uuid>> = Vec::with_capacity(n);
     let mut created: Vec<SystemTime> = Vec::with_capacity(n);
+    let mut traces: Vec<Option<&str>> = Vec::with_capacity(n);
     for &i in &rows {
         let e = &batch[i].event;
         ids.push(e.id.0);
@@ -499,6 +503,7 @@ async fn insert_deduped(
         }));
         batches.push(row.batch);
         created.push(e.created_at.to_system_time());
+        traces.push(e.traceparent.as_deref());
     }
     let statement = client.prepare_cached(INSERT_DEDUP).await?;
     let inserted: std::collections::HashSet<Uuid> = client
@@ -506,6 +511,7 @@ async fn insert_deduped(
             &statement,
             &[
                 &ids, &orgs, &types, &payloads, &dedups, &statuses, &endpoints, &batches, &created,
+                &traces,
             ],
         )
         .await?
