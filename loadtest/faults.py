@@ -637,6 +637,22 @@ def drill_receiver_down(db, args):
     return r
 
 
+def check_deliveries(load, receiver, r, limit=60):
+    """Wait up to `limit` s for every acknowledged event to reach the receiver; a failure on `r`
+    for any that did not and for overlapping attempts. Returns (delivered, overlapping)."""
+    acked = set(load.acked.values())
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline and not acked <= receiver.delivered():
+        time.sleep(0.5)
+    undelivered = len(acked - receiver.delivered())
+    if undelivered:
+        r.failures.append(f"{undelivered} acknowledged events never delivered")
+    overlaps = receiver.overlaps()
+    if overlaps:
+        r.failures.append(f"{overlaps} overlapping attempts of one event")
+    return len(acked & receiver.delivered()), overlaps
+
+
 def drill_node_kill(db, args):
     r = Result("kill -9 one of two nodes", 1, f"{args.rate}/s over 2 nodes")
     receiver = Receiver(hold=0.05)
@@ -656,19 +672,9 @@ def drill_node_kill(db, args):
     r.missing, r.duplicates = check(db, [o for _, o in keys], load)
     if r.missing or r.duplicates:
         r.failures.append(f"missing {r.missing}, duplicates {r.duplicates}")
-    acked = set(load.acked.values())
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and not acked <= receiver.delivered():
-        time.sleep(0.5)
-    undelivered = len(acked - receiver.delivered())
-    if undelivered:
-        r.failures.append(f"{undelivered} acknowledged events never delivered")
-    overlaps = receiver.overlaps()
-    if overlaps:
-        r.failures.append(f"{overlaps} overlapping attempts of one event")
-    r.recover = None
+    delivered, overlaps = check_deliveries(load, receiver, r)
     r.recover = time.monotonic() - t_kill
-    r.notes.append(f"delivered {len(acked & receiver.delivered()):,} (the killed node's taken over after "
+    r.notes.append(f"delivered {delivered:,} (the killed node's taken over after "
                    f"its 3 s lease), overlapping attempts {overlaps}")
     nodes[1].stop()
     receiver.down()
@@ -799,18 +805,8 @@ def drill_haproxy(db, args):
         r.recover = load.recovered_after(t_kill, limit=10)
         after = load.statuses(since=t_kill)
         r.notes.append("answers after the kill " + ", ".join(f"{k}:{v}" for k, v in sorted(after.items())))
-        acked = set(load.acked.values())
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and not acked <= receiver.delivered():
-            time.sleep(0.5)
-        undelivered = len(acked - receiver.delivered())
-        if undelivered:
-            r.failures.append(f"{undelivered} acknowledged events never delivered")
-        overlaps = receiver.overlaps()
-        if overlaps:
-            r.failures.append(f"{overlaps} overlapping attempts of one event")
-        r.notes.append(f"delivered {len(acked & receiver.delivered()):,} of {len(acked):,}, "
-                       f"overlapping attempts {overlaps}")
+        delivered, overlaps = check_deliveries(load, receiver, r)
+        r.notes.append(f"delivered {delivered:,} of {len(load.acked):,}, overlapping attempts {overlaps}")
         if not args.smoke:
             proxy.stop()
             nodes[0].start()

@@ -328,6 +328,17 @@ def run_drain(db, args, server_args, binary, receiver, backlog):
     return r, server
 
 
+def run_tool(tool, script, rate, conns, duration, keys_file, keys, args):
+    """Run a scenario's load tool against BASE; its rate, latency percentiles and statuses."""
+    if tool == "k6":
+        return run_k6(script, rate, duration, keys_file, args.batch_size)
+    if tool == "wrk":
+        return run_wrk(script, conns, duration, keys_file, args.batch_size)
+    if tool == "openloop":
+        return run_openloop(rate, conns, duration, keys_file)
+    return run_drill(400 if args.smoke else 20000, conns, keys)
+
+
 def run_k6(script, rate, duration, keys_file, batch_size=100):
     summary = os.path.join(RESULTS, "k6-summary.json")
     env = dict(os.environ, K6_NO_USAGE_REPORT="true", BATCH_SIZE=str(batch_size))
@@ -512,14 +523,7 @@ def scenario(name, db, args, ceiling, binary=SERVER):
                                      "-o", args.perf, "--", "sleep", str(duration)],
                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         started = time.monotonic()
-        if tool == "k6":
-            r = run_k6(script, rate, duration, keys_file, args.batch_size)
-        elif tool == "wrk":
-            r = run_wrk(script, conns, duration, keys_file, args.batch_size)
-        elif tool == "openloop":
-            r = run_openloop(rate, conns, duration, keys_file)
-        else:
-            r = run_drill(400 if args.smoke else 20000, conns, keys)
+        r = run_tool(tool, script, rate, conns, duration, keys_file, keys, args)
         elapsed = time.monotonic() - started
         if perf:
             perf.wait()
@@ -568,14 +572,7 @@ def remote(name, args, keys_file):
     if not keys:
         raise SystemExit(f"{keys_file} holds no API keys (one per line; loadtest/orgs.sh writes them)")
     log(f"running {name} against {BASE} with {len(keys)} keys")
-    if tool == "k6":
-        r = run_k6(script, rate, duration, keys_file, args.batch_size)
-    elif tool == "wrk":
-        r = run_wrk(script, conns, duration, keys_file, args.batch_size)
-    elif tool == "openloop":
-        r = run_openloop(rate, conns, duration, keys_file)
-    else:
-        r = run_drill(400 if args.smoke else 20000, conns, keys)
+    r = run_tool(tool, script, rate, conns, duration, keys_file, keys, args)
     r.update(scenario=name, tool=tool, offered=rate if rate else f"max/{conns}c", cpu_pct=0.0, rss_mb=0.0,
              duration_s=duration, url=BASE)
     return r

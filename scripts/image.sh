@@ -14,11 +14,7 @@ cd "$(dirname "$0")/.."
 . scripts/common.sh
 ensure_cargo
 SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
-if ! command -v podman >/dev/null 2>&1; then
-  echo "image: installing podman" >&2
-  $SUDO apt-get update -qq >&2
-  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends podman >&2
-fi
+need_packages podman podman
 URL=$(bash scripts/postgres.sh db triggers_image)
 cargo build -q --release --locked --bin triggers
 work=$(mktemp -d)
@@ -72,11 +68,7 @@ env -i TRIGGERS_LISTEN=127.0.0.1:$port TRIGGERS_METRICS_LISTEN=127.0.0.1:$((port
   DATABASE_URL="$URL" "$CHROOT" --userspec=65534:65534 "$out" /usr/local/bin/triggers serve \
   > "$work/server.log" 2>&1 &
 pid=$!
-for _ in $(seq 1 100); do
-  curl -fs "http://127.0.0.1:$port/health/ready" >/dev/null 2>&1 && break
-  kill -0 "$pid" 2>/dev/null || { cat "$work/server.log" >&2; echo "image: the server exited" >&2; exit 1; }
-  sleep 0.2
-done
+wait_ready "http://127.0.0.1:$port/health/ready" "$pid" "$work/server.log"
 curl -fsS "http://127.0.0.1:$port/health/ready" >&2; echo >&2
 key=$(curl -fsS -X POST "http://127.0.0.1:$port/api/keys/generate" -H 'Content-Type: application/json' \
   -d '{"organization_name": "image", "tier": "pro"}' | python3 -c 'import json,sys; print(json.load(sys.stdin)["api_key"])')

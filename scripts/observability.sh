@@ -8,13 +8,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/common.sh
 ensure_cargo
-SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
 if ! command -v promtool >/dev/null 2>&1; then
-  echo "observability: installing promtool (Debian's prometheus package)" >&2
-  $SUDO apt-get update -qq >&2
-  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >&2
+  need_packages promtool prometheus
   # The package starts a Prometheus service where systemd runs; this check needs only promtool.
-  $SUDO systemctl disable --now prometheus >/dev/null 2>&1 || true
+  systemctl disable --now prometheus >/dev/null 2>&1 || true
 fi
 promtool check rules deploy/prometheus/alerts.yml
 promtool check config deploy/prometheus/prometheus.yml
@@ -26,10 +23,7 @@ port=18380
   --metrics-listen 127.0.0.1:$((port + 1)) --log warn > /dev/null 2>&1 &
 pid=$!
 trap 'kill $pid 2>/dev/null; wait $pid 2>/dev/null || true' EXIT
-for _ in $(seq 1 100); do
-  curl -fs "http://127.0.0.1:$port/health/ready" >/dev/null 2>&1 && break
-  sleep 0.1
-done
+wait_ready "http://127.0.0.1:$port/health/ready" "$pid" /dev/null
 curl -fsS "http://127.0.0.1:$((port + 1))/metrics" > /tmp/triggers-metrics.txt
 promtool check metrics < /tmp/triggers-metrics.txt
 echo "observability: rules, configuration and a live scrape ($(grep -c '^# TYPE' /tmp/triggers-metrics.txt) metrics) pass promtool"
