@@ -637,6 +637,21 @@ def drill_receiver_down(db, args):
     return r
 
 
+def kill_under_load(db, r, load, node, org_ids, smoke, after):
+    """Under `load`, kill -9 `node`, let the load go on for `after` (smoke, full) seconds, stop it
+    and record on `r` what was acknowledged, missing and duplicated. Returns the time of the kill."""
+    time.sleep(2.0 if smoke else 5.0)
+    t_kill = time.monotonic()
+    node.kill()
+    time.sleep(after[0] if smoke else after[1])
+    load.stop()
+    r.acked = len(load.acked)
+    r.missing, r.duplicates = check(db, org_ids, load)
+    if r.missing or r.duplicates:
+        r.failures.append(f"missing {r.missing}, duplicates {r.duplicates}")
+    return t_kill
+
+
 def check_deliveries(load, receiver, r, limit=60):
     """Wait up to `limit` s for every acknowledged event to reach the receiver; a failure on `r`
     for any that did not and for overlapping attempts. Returns (delivered, overlapping)."""
@@ -662,16 +677,8 @@ def drill_node_kill(db, args):
     for k, _ in keys:
         call(nodes[0].port, "POST", "/api/webhook/config", k, {"webhook_url": f"http://127.0.0.1:{RECEIVER_PORT}/hook"})
     load = Load([n.port for n in nodes], [k for k, _ in keys], args.rate).start()
-    time.sleep(2.0 if args.smoke else 5.0)
-    t_kill = time.monotonic()
-    nodes[0].kill()
-    time.sleep(1.0 if args.smoke else 3.0)
     # The survivor's clients keep going; the dead node's clients get connection errors and retry.
-    load.stop()
-    r.acked = len(load.acked)
-    r.missing, r.duplicates = check(db, [o for _, o in keys], load)
-    if r.missing or r.duplicates:
-        r.failures.append(f"missing {r.missing}, duplicates {r.duplicates}")
+    t_kill = kill_under_load(db, r, load, nodes[0], [o for _, o in keys], args.smoke, (1.0, 3.0))
     delivered, overlaps = check_deliveries(load, receiver, r)
     r.recover = time.monotonic() - t_kill
     r.notes.append(f"delivered {delivered:,} (the killed node's taken over after "
@@ -790,15 +797,7 @@ def drill_haproxy(db, args):
 
         # Kill -9 one node under load through the proxy.
         load = Load([port], [k for k, _ in keys], args.rate, threads=12).start()
-        time.sleep(2.0 if args.smoke else 5.0)
-        t_kill = time.monotonic()
-        nodes[0].kill()
-        time.sleep(3.0 if args.smoke else 8.0)
-        load.stop()
-        r.acked = len(load.acked)
-        r.missing, r.duplicates = check(db, [o for _, o in keys], load)
-        if r.missing or r.duplicates:
-            r.failures.append(f"missing {r.missing}, duplicates {r.duplicates}")
+        t_kill = kill_under_load(db, r, load, nodes[0], [o for _, o in keys], args.smoke, (3.0, 8.0))
         blamed = blamed_client(load.statuses())
         if blamed:
             r.failures.append(f"client blamed: {blamed}")
