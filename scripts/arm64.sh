@@ -87,14 +87,15 @@ tested=$(date +%s)
 # Smoke run under qemu against the local PostgreSQL.
 . scripts/common.sh
 if [ "$THREADS" != 1 ]; then
-  # The aarch64 binary's own health probe against the x86-64 server of this machine.
-  cargo build -q --release --locked --bin triggers
+  # The aarch64 binary's own health probe against the x86-64 server of this machine (built by
+  # the host toolchain into the usual target/, not with the settings above).
+  (unset RUSTC CARGO_TARGET_DIR; cargo build -q --release --locked --bin triggers)
   URL=$(bash scripts/postgres.sh db triggers_arm64)
-  ./target/release/triggers serve --database-url "$URL" --listen 127.0.0.1:18280 \
-    --metrics-listen 127.0.0.1:18281 --log warn >/dev/null 2>&1 &
+  ./target/release/triggers serve --database-url "$URL" --listen 127.0.0.1:18480 \
+    --metrics-listen 127.0.0.1:18481 --log warn >/dev/null 2>&1 &
   host=$!
-  for _ in $(seq 1 100); do curl -fs http://127.0.0.1:18280/health >/dev/null 2>&1 && break; sleep 0.1; done
-  $QEMU "$BIN" probe --listen 127.0.0.1:18280 || { kill $host; echo "arm64: probe failed" >&2; exit 1; }
+  wait_ready http://127.0.0.1:18480/health "$host" /dev/null
+  $QEMU "$BIN" probe --listen 127.0.0.1:18480 || { kill $host; echo "arm64: probe failed" >&2; exit 1; }
   kill $host; wait $host 2>/dev/null || true
   echo "arm64: aarch64 release binary and unit tests built; under qemu: --version, --help, a bad" \
     "configuration refused, triggers probe against a live server ok; unit tests and the server" \
@@ -104,7 +105,7 @@ if [ "$THREADS" != 1 ]; then
   exit 0
 fi
 URL=$(bash scripts/postgres.sh db triggers_arm64)
-port=18280
+port=18480
 work=$(mktemp -d)
 server=""; receiver=""
 cleanup() {
@@ -133,11 +134,7 @@ receiver=$!
 $QEMU "$BIN" serve --database-url "$URL" --listen 127.0.0.1:$port \
   --metrics-listen 127.0.0.1:$((port + 1)) --allow-private-webhooks > "$work/server.log" 2>&1 &
 server=$!
-for _ in $(seq 1 300); do
-  curl -fs "http://127.0.0.1:$port/health/ready" >/dev/null 2>&1 && break
-  kill -0 "$server" 2>/dev/null || { cat "$work/server.log" >&2; echo "arm64: the server exited" >&2; exit 1; }
-  sleep 0.2
-done
+wait_ready "http://127.0.0.1:$port/health/ready" "$server" "$work/server.log"
 api() { curl -fsS "$@"; }
 key=$(api -X POST "http://127.0.0.1:$port/api/keys/generate" -H 'Content-Type: application/json' \
   -d '{"organization_name": "arm64", "tier": "pro"}' | python3 -c 'import json,sys; print(json.load(sys.stdin)["api_key"])')
