@@ -535,11 +535,14 @@ READ_ONLY = (["ALTER SYSTEM SET default_transaction_read_only = on", RELOAD],
              ["ALTER SYSTEM RESET default_transaction_read_only", RELOAD])
 TIMEOUT = (["ALTER SYSTEM SET statement_timeout = '1ms'", RELOAD],
            ["ALTER SYSTEM RESET statement_timeout", RELOAD])
+# Trigger DDL on the partitioned events table takes the partition maintainer's advisory lock
+# (src/store/retention.rs LOCK_ID), so it never races a partition being attached.
+MAINTAINER_LOCK = "SELECT pg_advisory_xact_lock(8243122671965202799); "
 DISK_FULL = (["""CREATE OR REPLACE FUNCTION triggers_drill_disk_full() RETURNS trigger LANGUAGE plpgsql AS $$
                  BEGIN RAISE EXCEPTION 'could not extend file: No space left on device' USING ERRCODE = 'disk_full'; END $$""",
-              """CREATE TRIGGER triggers_drill_disk_full BEFORE INSERT ON events FOR EACH ROW
+              MAINTAINER_LOCK + """CREATE TRIGGER triggers_drill_disk_full BEFORE INSERT ON events FOR EACH ROW
                  EXECUTE FUNCTION triggers_drill_disk_full()"""],
-             ["DROP TRIGGER IF EXISTS triggers_drill_disk_full ON events"])
+             [MAINTAINER_LOCK + "DROP TRIGGER IF EXISTS triggers_drill_disk_full ON events"])
 
 
 def drill_blackhole(db, args):

@@ -245,14 +245,19 @@ async fn a_read_only_database_answers_503_not_the_clients_fault() {
     // Only this test's organization's inserts fail: a trigger refusing them as a read-only
     // database would (SQLSTATE 25006), so other tests sharing the database are untouched.
     let func = format!("refuse_{}", org.replace('-', "_"));
+    // Under the partition maintainer's lock: an ATTACH copying the parent's triggers while this
+    // one is created or dropped fails one of the two.
+    let lock = triggers::store::retention::LOCK_ID;
     admin
         .batch_execute(&format!(
-            "CREATE FUNCTION {func}() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
+            "BEGIN; SELECT pg_advisory_xact_lock({lock}); \
+             CREATE FUNCTION {func}() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
                IF NEW.org_id = '{org}'::uuid THEN \
                  RAISE EXCEPTION 'cannot execute INSERT in a read-only transaction' \
                    USING ERRCODE = '25006'; \
                END IF; RETURN NEW; END $$; \
-             CREATE TRIGGER {func} BEFORE INSERT ON events FOR EACH ROW EXECUTE FUNCTION {func}();"
+             CREATE TRIGGER {func} BEFORE INSERT ON events FOR EACH ROW EXECUTE FUNCTION {func}(); \
+             COMMIT;"
         ))
         .await
         .unwrap();
@@ -264,7 +269,8 @@ async fn a_read_only_database_answers_503_not_the_clients_fault() {
     .await;
     admin
         .batch_execute(&format!(
-            "DROP TRIGGER {func} ON events; DROP FUNCTION {func}();"
+            "BEGIN; SELECT pg_advisory_xact_lock({lock}); \
+             DROP TRIGGER {func} ON events; DROP FUNCTION {func}(); COMMIT;"
         ))
         .await
         .unwrap();

@@ -22,8 +22,10 @@ use crate::metrics::Metrics;
 /// The partitioned tables, in the order a day is dropped (the records before their events).
 pub const TABLES: [&str; 3] = ["delivery_attempts", "deliveries", "events"];
 
-/// Arbitrary constant naming the maintainer's lock ("retentio").
-const LOCK_ID: i64 = 0x7265_7465_6e74_696f;
+/// Arbitrary constant naming the maintainer's lock ("retentio"). DDL of one's own on the
+/// partitioned tables (a trigger, say) takes it too, so it never races a partition being attached
+/// (which copies the parent's triggers to the new partition).
+pub const LOCK_ID: i64 = 0x7265_7465_6e74_696f;
 
 const MS_PER_DAY: i64 = 86_400_000;
 
