@@ -267,7 +267,10 @@ WITH o AS (SELECT org_id AS id, array_agg(id) AS eps, row_number() OVER (ORDER B
                   count(*) OVER () AS k
            FROM endpoints WHERE status = 0 GROUP BY org_id),
 ev AS (INSERT INTO events (id, org_id, type, payload, status, endpoints, created_at)
-       SELECT gen_random_uuid(), o.id, 'order.created', """ + PAYLOAD_SQL + """, 3, o.eps, now()
+       -- UUIDv7-shaped ids of now (time in the first 48 bits): today's partition takes them.
+       SELECT (lpad(to_hex((extract(epoch FROM now()) * 1000)::bigint), 12, '0')
+               || substr(replace(gen_random_uuid()::text, '-', ''), 13))::uuid,
+              o.id, 'order.created', """ + PAYLOAD_SQL + """, 3, o.eps, now()
        FROM generate_series(0, {n} - 1) g JOIN o ON o.i = g % o.k
        RETURNING id, org_id, endpoints)
 INSERT INTO deliveries (event_id, endpoint_id, org_id, next_attempt_at)
