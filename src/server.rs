@@ -106,7 +106,7 @@ pub fn run(
     // otherwise find none); a failure here is retried every hour while the node serves.
     rt.block_on(retention::round(&config, &metrics));
     let (queues, inbox) = store_queues(&config);
-    metrics.set_write_queue_probe(queues.write_depth_probe());
+    metrics.set_store_probe(queues.gauges_probe());
     let _guard = rt.enter();
     retention::spawn(Arc::clone(&config), Arc::clone(&metrics));
     let (delivery, delivery_handle) = Delivery::start(Arc::clone(&config), Arc::clone(&metrics))?;

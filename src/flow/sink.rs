@@ -19,6 +19,7 @@ use super::event::{DedupKey, NewEvent};
 use super::job::{StoreJob, WriteJob};
 use crate::config::{AckMode, Config, HEALTH_DOWN_HOLD};
 use crate::ids::{CoreId, EventId, Micros, OrgId};
+use crate::metrics::StoreGauges;
 
 /// Whether the database takes writes: read by ingress cores (a load, no lock) to refuse writes at
 /// once while it does not; set by the store's health probe and by failed writes.
@@ -188,13 +189,16 @@ pub fn store_queues(config: &Config) -> (StoreQueues, StoreInbox) {
 }
 
 impl StoreQueues {
-    /// A reading of the write queue's depth that does not keep the queue open (the writers stop
-    /// once every core's sender is gone).
-    pub fn write_depth_probe(&self) -> Box<dyn Fn() -> usize + Send + Sync> {
+    /// A reading of the health flag and the write queue's depth for the metrics, which does not
+    /// keep the queue open (the writers stop once every core's sender is gone).
+    pub fn gauges_probe(&self) -> Box<dyn Fn() -> StoreGauges + Send + Sync> {
         let weak = self.writes.downgrade();
-        Box::new(move || {
-            weak.upgrade()
-                .map_or(0, |tx| tx.max_capacity() - tx.capacity())
+        let health = Arc::clone(&self.health);
+        Box::new(move || StoreGauges {
+            database_up: health.is_up(),
+            write_queue_events: weak
+                .upgrade()
+                .map_or(0, |tx| tx.max_capacity() - tx.capacity()),
         })
     }
 

@@ -30,6 +30,15 @@ fn status_slot(status: u16) -> usize {
         .unwrap_or(STATUS_SLOTS - 1)
 }
 
+/// What the store's queues and health flag say at a scrape.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct StoreGauges {
+    /// The database takes writes (the health probe's verdict).
+    pub database_up: bool,
+    /// Events accepted and waiting for a group commit.
+    pub write_queue_events: usize,
+}
+
 /// (method, path template) of each route index, for the labels.
 pub type RouteLabels = &'static [(&'static str, &'static str)];
 
@@ -129,10 +138,8 @@ pub struct Metrics {
     pub retention_failures: AtomicU64,
     /// When this node last finished a partition-maintenance round (Unix seconds; 0: never).
     pub retention_ok_at: AtomicI64,
-    /// 1 while the health probe finds that the database takes writes, else 0.
-    pub database_up: AtomicI64,
-    /// Events waiting in the write queue, read at each scrape (installed by the server).
-    write_queue: std::sync::OnceLock<Box<dyn Fn() -> usize + Send + Sync>>,
+    /// The store's state, read at each scrape (installed by the server).
+    store: std::sync::OnceLock<Box<dyn Fn() -> StoreGauges + Send + Sync>>,
     /// Operational events this node stored.
     pub operational_events: AtomicU64,
 }
@@ -207,9 +214,7 @@ impl Metrics {
             partitions_dropped: AtomicU64::new(0),
             retention_failures: AtomicU64::new(0),
             retention_ok_at: AtomicI64::new(0),
-            // The server starts only after migrations ran: the database took writes then.
-            database_up: AtomicI64::new(1),
-            write_queue: std::sync::OnceLock::new(),
+            store: std::sync::OnceLock::new(),
             operational_events: AtomicU64::new(0),
         })
     }
@@ -235,9 +240,9 @@ impl Metrics {
         self.write_batch_events.observe_us(committed);
     }
 
-    /// How to read the write queue's depth at a scrape (the first call wins).
-    pub fn set_write_queue_probe(&self, probe: Box<dyn Fn() -> usize + Send + Sync>) {
-        let _ = self.write_queue.set(probe);
+    /// How to read the store's gauges at a scrape (the first call wins).
+    pub fn set_store_probe(&self, probe: Box<dyn Fn() -> StoreGauges + Send + Sync>) {
+        let _ = self.store.set(probe);
     }
 
     /// Events answered 202 (fast-ack mode) that could not be written and were dropped.
@@ -507,19 +512,20 @@ impl Metrics {
             "gauge",
             self.retention_ok_at.load(Ordering::Relaxed),
         );
+        let store = self.store.get().map(|probe| probe()).unwrap_or_default();
         single(
             &mut out,
             "triggers_database_up",
             "1 while the database takes writes (the health probe's last verdict), else 0.",
             "gauge",
-            self.database_up.load(Ordering::Relaxed),
+            i64::from(store.database_up),
         );
         single(
             &mut out,
             "triggers_write_queue_events",
             "Events accepted and waiting for a group commit.",
             "gauge",
-            self.write_queue.get().map_or(0, |probe| probe()),
+            store.write_queue_events,
         );
         process::render(&mut out);
         single(

@@ -5,8 +5,23 @@
 
 use std::fmt::Write as _;
 
-/// Clock ticks per second of `/proc/*/stat` times (USER_HZ; 100 on every Linux we run on).
-const TICKS_PER_SECOND: f64 = 100.0;
+/// Clock ticks per second of `/proc/*/stat` times (USER_HZ).
+fn ticks_per_second() -> f64 {
+    // SAFETY: sysconf only reads a configuration value.
+    match unsafe { libc::sysconf(libc::_SC_CLK_TCK) } {
+        n if n > 0 => n as f64,
+        _ => 100.0,
+    }
+}
+
+/// Bytes per page of `/proc/*/statm` (4 KiB on x86-64; 16 or 64 KiB on some arm64 kernels).
+fn page_bytes() -> u64 {
+    // SAFETY: sysconf only reads a configuration value.
+    match unsafe { libc::sysconf(libc::_SC_PAGESIZE) } {
+        n if n > 0 => n as u64,
+        _ => 4096,
+    }
+}
 
 /// utime + stime of a `/proc/*/stat` line, in ticks: fields 14 and 15, counted after the
 /// parenthesized command name (which may itself hold spaces or parentheses).
@@ -29,15 +44,14 @@ pub fn render(out: &mut String) {
             "# HELP process_cpu_seconds_total User and system CPU time of the process.\n\
              # TYPE process_cpu_seconds_total counter\n\
              process_cpu_seconds_total {}",
-            ticks as f64 / TICKS_PER_SECOND
+            ticks as f64 / ticks_per_second()
         );
     }
     if let Some(rss) = std::fs::read_to_string("/proc/self/statm")
         .ok()
         .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
     {
-        // statm counts pages; 4 KiB on x86-64 and on the usual arm64 kernels.
-        let page = 4096;
+        let page = page_bytes();
         let _ = writeln!(
             out,
             "# HELP process_resident_memory_bytes Resident memory of the process.\n\
@@ -76,7 +90,7 @@ pub fn render(out: &mut String) {
             let _ = writeln!(
                 out,
                 "triggers_thread_cpu_seconds_total{{thread=\"{name}\"}} {}",
-                ticks as f64 / TICKS_PER_SECOND
+                ticks as f64 / ticks_per_second()
             );
         }
     }

@@ -45,10 +45,6 @@ pub async fn probe(ctx: Arc<StoreCtx>) {
                 }
             }
         }
-        ctx.metrics.database_up.store(
-            i64::from(ctx.health.is_up()),
-            std::sync::atomic::Ordering::Relaxed,
-        );
     }
 }
 
