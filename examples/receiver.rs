@@ -79,6 +79,11 @@ fn main() {
     });
 }
 
+/// The quantiles of the lag written for the report's distribution chart.
+const LAG_QUANTILES: [f64; 13] = [
+    0.01, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99, 0.995, 0.999, 0.9995, 0.9999, 1.0,
+];
+
 fn render(s: &Stats) -> String {
     let secs = s
         .since
@@ -87,8 +92,14 @@ fn render(s: &Stats) -> String {
         .unwrap_or(0.0)
         .max(0.001);
     let ms = |q: f64| s.lag_us.value_at_quantile(q) as f64 / 1000.0;
+    // The lag's distribution for the report's chart: [percentile, ms] pairs.
+    let cdf = LAG_QUANTILES
+        .iter()
+        .map(|&q| format!("[{},{:.3}]", q * 100.0, ms(q)))
+        .collect::<Vec<_>>()
+        .join(",");
     format!(
-        "{{\"deliveries\":{},\"events\":{},\"seconds\":{secs:.1},\"rate\":{:.0},\"lag_ms\":{{\"p50\":{:.2},\"p90\":{:.2},\"p99\":{:.2},\"max\":{:.2}}}}}\n",
+        "{{\"deliveries\":{},\"events\":{},\"seconds\":{secs:.1},\"rate\":{:.0},\"lag_ms\":{{\"p50\":{:.2},\"p90\":{:.2},\"p99\":{:.2},\"max\":{:.2}}},\"lag_cdf\":[{cdf}]}}\n",
         s.deliveries,
         s.events.len(),
         s.deliveries as f64 / secs,

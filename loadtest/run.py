@@ -18,7 +18,11 @@ events a request, achieved = events committed/s), mixed, dedup (k6), delivery (k
 deliveries/s while ingesting), delivery-drain (a restart with a backlog of due deliveries), hot-org and many-orgs (wrk), drill, ceiling (COPY only), footprint (binary size,
 cold start, RSS idle and with 10k idle connections), cores (ingest-max per ingress core count),
 disk (delivery-max, then bytes on disk per event and per attempt, and the steady-state bound for a
-rate and a retention), and all.
+rate and a retention), sweep (open loop from 1,000/s doubling to saturation), connections (wrk at 8
+to 1,024 connections), report (sweep, connections, ingest-max, ingest-batch, delivery and
+delivery-max: everything the report draws), and all.
+
+--report DIR writes DIR/index.html with SVG charts of whatever the run measured (loadtest/report.py).
 """
 
 import argparse
@@ -34,6 +38,8 @@ import threading
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+
+import report
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HERE = os.path.join(ROOT, "loadtest")
@@ -65,8 +71,11 @@ SCENARIOS = {
     "many-orgs": ("wrk", "ingest.lua", None, 512, "many", False),
     "drill": ("drill", "benchmark.yml", None, 32, "many", False),
 }
-SPECIAL = ["ceiling", "footprint", "cores", "disk"]
-ALL = ["ceiling"] + list(SCENARIOS) + ["footprint", "disk"]
+SPECIAL = ["ceiling", "footprint", "cores", "disk", "sweep", "connections", "report"]
+# What `report` measures: the open-loop sweep, throughput per connection count, CPU per event of
+# single and batch ingest, and delivery (lag distribution, CPU per delivery).
+REPORT = ["sweep", "connections", "ingest-max", "ingest-batch", "delivery", "delivery-max"]
+ALL = ["ceiling"] + list(SCENARIOS) + ["footprint", "disk", "sweep", "connections"]
 
 
 def log(msg):
@@ -469,7 +478,10 @@ def disk(db, args, ceiling):
     return r, "disk: " + ", ".join(f"{k} {v}" for k, v in out.items())
 
 
-def scenario(name, db, args, ceiling, binary=SERVER):
+def scenario(name, db, args, ceiling, binary=SERVER, plan=None):
+    """Sets up `name` (a fresh database, the server, organizations, webhooks, a warm-up) and measures
+    it once; or, with `plan`, once per step: plan(rows so far) gives the next (rate, connections), or
+    None when the series is done, and the rows come back as a list."""
     tool, script, rate, conns, orgs, hooks = SCENARIOS[name]
     rate = args.rate or rate
     conns = args.connections or conns
@@ -516,44 +528,101 @@ def scenario(name, db, args, ceiling, binary=SERVER):
             r, server = run_drain(db, args, server_args, binary, receiver, 2_000 if args.smoke else 200_000)
             r.update(scenario=name, tool=tool, offered=f"{r['backlog']:,} due", duration_s=round(r["drain_s"], 2))
             return r
-        committed0 = server.metric("triggers_events_committed_total")
-        sampler = Sampler(server)
-        sampler.start()
-        perf = None
-        if args.perf:
-            # cpu-clock sampling works where hardware counters don't (VMs).
-            perf = subprocess.Popen(["perf", "record", "-e", "cpu-clock", "-F", "999", "-g", "-p", str(server.proc.pid),
-                                     "-o", args.perf, "--", "sleep", str(duration)],
-                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        started = time.monotonic()
-        r = run_tool(tool, script, rate, conns, duration, keys_file, keys, args)
-        elapsed = time.monotonic() - started
-        if perf:
-            perf.wait()
-        cpu, rss = sampler.finish()
-        committed = server.metric("triggers_events_committed_total") - committed0
-        r["committed_per_s"] = committed / elapsed
-        if name.startswith("ingest-batch"):
-            # Requests are batches: the rate that counts is events committed.
-            r["requests_per_s"] = r["achieved"]
-            r["achieved"] = r["committed_per_s"]
-            r["batch_size"] = args.batch_size
-        r["cpu_per_event"] = sampler.per_event_us(committed)
-        r.update(scenario=name, tool=tool, offered=rate if rate else f"max/{conns}c", cpu_pct=cpu, rss_mb=rss,
-                 duration_s=duration)
-        if ceiling:
-            r["ceiling_share"] = r["committed_per_s"] / ceiling
-        if receiver:
-            time.sleep(1.5)
-            stats = json.load(open(os.path.join(RESULTS, "receiver.json")))
-            r["deliveries_per_s"] = stats["deliveries"] / max(elapsed, 0.001)
-            r["lag_ms"] = stats["lag_ms"]
-            r["cpu_per_delivery"] = sampler.per_event_us(stats["deliveries"])
-        return r
+        if plan is None:
+            return measure(name, tool, script, rate, conns, duration, server, receiver, keys_file, keys, args,
+                           ceiling)
+        steps = []
+        while (step := plan(steps)) is not None:
+            step_rate, step_conns = step
+            log(f"  {name}: " + (f"{step_rate:,}/s offered" if step_rate else f"{step_conns} connections"))
+            if receiver:
+                receiver.send_signal(signal.SIGUSR1)
+            steps.append(measure(name, tool, script, step_rate, step_conns, duration, server, receiver,
+                                 keys_file, keys, args, ceiling))
+        return steps
     finally:
         server.stop()
         if receiver:
             receiver.terminate()
+
+
+def measure(name, tool, script, rate, conns, duration, server, receiver, keys_file, keys, args, ceiling):
+    """One measured phase on a server that is set up and warm: the tool's figures, events committed,
+    CPU per event (server and PostgreSQL), and deliveries and lag when a receiver runs."""
+    committed0 = server.metric("triggers_events_committed_total")
+    sampler = Sampler(server)
+    sampler.start()
+    perf = None
+    if args.perf:
+        # cpu-clock sampling works where hardware counters don't (VMs).
+        perf = subprocess.Popen(["perf", "record", "-e", "cpu-clock", "-F", "999", "-g", "-p", str(server.proc.pid),
+                                 "-o", args.perf, "--", "sleep", str(duration)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    started = time.monotonic()
+    r = run_tool(tool, script, rate, conns, duration, keys_file, keys, args)
+    elapsed = time.monotonic() - started
+    if perf:
+        perf.wait()
+    cpu, rss = sampler.finish()
+    committed = server.metric("triggers_events_committed_total") - committed0
+    r["committed_per_s"] = committed / elapsed
+    if name.startswith("ingest-batch"):
+        # Requests are batches: the rate that counts is events committed.
+        r["requests_per_s"] = r["achieved"]
+        r["achieved"] = r["committed_per_s"]
+        r["batch_size"] = args.batch_size
+    r["cpu_per_event"] = sampler.per_event_us(committed)
+    r.update(scenario=name, tool=tool, offered=rate if rate else f"max/{conns}c", cpu_pct=cpu, rss_mb=rss,
+             duration_s=duration)
+    if ceiling:
+        r["ceiling_share"] = r["committed_per_s"] / ceiling
+    if receiver:
+        time.sleep(1.5)
+        stats = json.load(open(os.path.join(RESULTS, "receiver.json")))
+        r["deliveries_per_s"] = stats["deliveries"] / max(elapsed, 0.001)
+        r["lag_ms"] = stats["lag_ms"]
+        r["cpu_per_delivery"] = sampler.per_event_us(stats["deliveries"])
+        if "lag_cdf" in stats:
+            r["lag_cdf"] = stats["lag_cdf"]
+    return r
+
+
+def sweep(db, args, ceiling):
+    """Open loop from 1,000 events/s up, doubling (then by half steps), until the server no longer
+    keeps up: achieved below 90 % of offered, errors, or p99 above a second. Latency counts from each
+    request's due time, so a stall is measured, not hidden. One server and one set of organizations
+    for every step."""
+    rates = [100, 200] if args.smoke else [1000, 2000, 4000, 8000, 12000, 16000, 24000, 32000, 48000, 64000,
+                                           96000, 128000]
+
+    def plan(done):
+        if len(done) == len(rates):
+            return None
+        if done:
+            last = done[-1]
+            bad = sum(v for k, v in last["statuses"].items() if not k.startswith("2"))
+            if last["achieved"] < 0.9 * last["offered"] or bad or last["p99"] > 1000:
+                return None
+        return rates[len(done)], args.connections or 64
+
+    rows = scenario("latency-2.5k", db, args, ceiling, args.server_bin, plan)
+    for r in rows:
+        r.update(scenario=f"sweep {r['offered']:,}/s", sweep=True)
+    return rows
+
+
+def connections(db, args, ceiling):
+    """Closed loop (wrk, single events) at 8 to 1,024 connections: throughput and latency as the
+    number of clients grows."""
+    counts = [4, 16] if args.smoke else [8, 32, 128, 512, 1024]
+    args_c = argparse.Namespace(**{**vars(args), "smoke": False})
+    if args.smoke:
+        args_c.duration = min(args.duration, 3)
+    rows = scenario("ingest-max", db, args_c, ceiling, args.server_bin,
+                    lambda done: (None, counts[len(done)]) if len(done) < len(counts) else None)
+    for r, c in zip(rows, counts):
+        r.update(scenario=f"wrk c{c}", connections=c, connections_sweep=True)
+    return rows
 
 
 def remote(name, args, keys_file):
@@ -652,6 +721,8 @@ def main():
     p.add_argument("--url", help="measure a server that is already running (local or remote) at this base URL, "
                                   "e.g. https://triggers.example.com; needs --keys; no server or database is started")
     p.add_argument("--keys", help="with --url: a file of API keys, one per line (bash loadtest/orgs.sh writes it)")
+    p.add_argument("--report", metavar="DIR", help="also write DIR/index.html: the run's figures as SVG charts "
+                                                   "(loadtest/report.py; `report` measures everything it draws)")
     p.add_argument("--database", default="triggers_loadtest",
                    help="the database to run in (default triggers_loadtest; give an older binary its own: "
                         "two versions may not share a schema)")
@@ -669,11 +740,15 @@ def main():
         print_table(rows, None, [f"server: {BASE} (not started here; its CPU and RSS are not measured)"])
         stamp = time.strftime("%Y%m%d-%H%M%S")
         out = os.path.join(RESULTS, f"{stamp}-{args.scenario}-remote.json")
-        json.dump({"results": rows, "args": vars(args)}, open(out, "w"), indent=1)
+        data = {"results": rows, "args": vars(args), "when": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+        json.dump(data, open(out, "w"), indent=1)
         log(f"results saved to {os.path.relpath(out, ROOT)}")
+        if args.report:
+            path, charts = report.write(data, args.report)
+            log(f"report written to {path} (charts: {', '.join(charts) or 'none'})")
         return
     db = Database(args.database)
-    names = ALL if args.scenario == "all" else [args.scenario]
+    names = ALL if args.scenario == "all" else REPORT if args.scenario == "report" else [args.scenario]
     rows, extra, ceiling = [], [], None
     # Migrations: a first start of the server applies them.
     Server(db, 1, binary=args.server_bin).stop()
@@ -691,6 +766,12 @@ def main():
             rows.append(r)
             extra.append(line)
             continue
+        if name == "sweep":
+            rows.extend(sweep(db, args, ceiling))
+            continue
+        if name == "connections":
+            rows.extend(connections(db, args, ceiling))
+            continue
         if name == "cores":
             for cores in range(1, os.cpu_count() + 1):
                 args.cores = cores
@@ -706,9 +787,14 @@ def main():
     print_table(rows, ceiling, extra)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     out = os.path.join(RESULTS, f"{stamp}-{args.scenario}.json")
-    json.dump({"ceiling_rows_per_s": ceiling, "results": rows, "extra": extra, "args": vars(args),
-               "machine": {"cpus": os.cpu_count(), "kernel": os.uname().release}}, open(out, "w"), indent=1)
+    data = {"ceiling_rows_per_s": ceiling, "results": rows, "extra": extra, "args": vars(args),
+            "when": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+            "machine": {"cpus": os.cpu_count(), "kernel": os.uname().release}}
+    json.dump(data, open(out, "w"), indent=1)
     log(f"results saved to {os.path.relpath(out, ROOT)}")
+    if args.report:
+        path, charts = report.write(data, args.report)
+        log(f"report written to {path} (charts: {', '.join(charts) or 'none'})")
 
 
 if __name__ == "__main__":

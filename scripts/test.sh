@@ -5,7 +5,7 @@
 # the alert rules and a live /metrics scrape with promtool, runs
 # schemathesis over the OpenAPI document against a real server, fuzzes every parser briefly, then
 # runs every load-test scenario for a few seconds at a low rate so the benchmark scripts never rot
-# (no speed is asserted), then the fault drills briefly (these do assert: nothing acknowledged
+# (no speed is asserted) and checks its HTML report in headless Chromium, then the fault drills briefly (these do assert: nothing acknowledged
 # lost, no 4xx for the server's trouble), then builds the container image from scratch with podman
 # and starts the server from its exported filesystem (scripts/image.sh). Skips:
 # TRIGGERS_SKIP_SCHEMATHESIS=1, TRIGGERS_SKIP_FUZZ=1, TRIGGERS_SKIP_LOADTEST=1,
@@ -48,7 +48,9 @@ if [ "$SKIP_FUZZ" != "1" ]; then
 fi
 if [ "$SKIP_LOADTEST" != "1" ]; then
   echo "== load-test scenarios (smoke)" >&2
-  bash loadtest/run.sh all --smoke
+  bash loadtest/run.sh all --smoke --report target/report
+  # The report as a reader sees it: rendered by headless Chromium, every chart drawn.
+  bash scripts/report-check.sh target/report latency achieved sweep-cpu connections cpu lag
   bash loadtest/run.sh slowloris --smoke
   bash loadtest/run.sh big-payloads --smoke
 fi
