@@ -1025,9 +1025,9 @@ async fn the_inbox_walks_past_thousands_of_delivered_events_with_a_cursor() {
                     'new', '{{}}', 3, ARRAY['{ep}']::uuid[], now() \
              FROM generate_series(1, 2500) g; \
              INSERT INTO delivery_attempts (event_id, endpoint_id, attempt, at, response_status, \
-                                            duration_ms) \
+                                            duration_ms, org_id) \
              SELECT ('{p}-7000-8001-' || lpad(to_hex(g), 12, '0'))::uuid, '{ep}', 1, \
-                    now(), 200, 1 FROM generate_series(1, 2500) g",
+                    now(), 200, 1, '{org}' FROM generate_series(1, 2500) g",
             ep = ep["id"].as_str().unwrap()
         ))
         .await

@@ -355,4 +355,14 @@ async fn access_log_lines_and_trace_context_reach_the_receiver() {
         id.len() == 16 && id.bytes().all(|b| b.is_ascii_hexdigit()),
         "{id}"
     );
+    // The core's periodic flush does not hold the shutdown up (a task left parked kept the
+    // store alive until the shutdown deadline).
+    let mut s = s;
+    let stopping = std::time::Instant::now();
+    assert_eq!(tokio::task::block_in_place(|| s.stop()), Some(0));
+    assert!(
+        stopping.elapsed() < std::time::Duration::from_secs(5),
+        "SIGTERM took {:?}",
+        stopping.elapsed()
+    );
 }

@@ -39,7 +39,7 @@ use std::sync::atomic::Ordering;
 use tokio_postgres::types::ToSql;
 
 const COPY_LOG: &str = "COPY delivery_attempts (event_id, endpoint_id, attempt, at, \
-     response_status, error, duration_ms, response_body) FROM STDIN (FORMAT binary)";
+     response_status, error, duration_ms, response_body, org_id) FROM STDIN (FORMAT binary)";
 
 const MATERIALIZE: &str = "\
     INSERT INTO deliveries (event_id, endpoint_id, org_id, status, attempts, retry_base, \
@@ -289,15 +289,15 @@ async fn append_attempts(
         if !owned.contains(&(o.event.0, o.endpoint)) {
             continue;
         }
-        let size = 8 * 4
-            + 16 * 2
+        let size = 9 * 4
+            + 16 * 3
             + 4
             + 8
             + 2
             + 4
             + a.error.as_ref().map_or(0, String::len)
             + a.response_body.as_ref().map_or(0, String::len);
-        copy.row(8, size)
+        copy.row(9, size)
             .uuid(&o.event.0)
             .uuid(&o.endpoint)
             .i32(*n as i32)
@@ -305,7 +305,8 @@ async fn append_attempts(
             .opt_i16(a.status.map(|s| s as i16))
             .opt_text(a.error.as_deref())
             .i32(a.duration.as_millis().min(i32::MAX as u128) as i32)
-            .opt_text(a.response_body.as_deref());
+            .opt_text(a.response_body.as_deref())
+            .uuid(&o.org.0);
     }
     if copy.rows() == 0 {
         return Ok(());

@@ -8,7 +8,7 @@ use uuid::Uuid;
 use super::answer::{RateSnapshot, ReplyTo};
 use super::event::{DedupKey, EventStatus, NewEvent};
 use crate::auth::{ApiKey, OrgInfo, Tier};
-use crate::ids::{CoreId, Micros};
+use crate::ids::{CoreId, Micros, OrgId};
 
 /// An authenticated request that the store answers.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -154,6 +154,14 @@ pub enum StoreJob {
         /// Where the answer goes.
         reply: ReplyTo,
     },
+    /// What one core's organizations spent of their rate limits since its last report: the
+    /// cluster's balance of each comes back to that core.
+    RateReport {
+        /// The core whose buckets spent it.
+        core: CoreId,
+        /// One entry per organization with spend.
+        spent: Vec<RateSpend>,
+    },
     /// `POST /api/keys/generate`.
     Generate {
         /// Organization name, 1..=255 characters.
@@ -165,6 +173,17 @@ pub enum StoreJob {
         /// Where the answer goes.
         reply: ReplyTo,
     },
+}
+
+/// Tokens one organization spent on one node since that node last reported.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateSpend {
+    /// The organization.
+    pub org: OrgId,
+    /// Its limit, events per minute (the cluster's bucket takes the latest).
+    pub limit: u32,
+    /// Tokens spent.
+    pub spent: u32,
 }
 
 /// One event to write.

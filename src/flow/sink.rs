@@ -285,6 +285,8 @@ pub trait CoreLink: Send + Sync + 'static {
     fn org_changed(&self, org: Option<OrgId>) -> Pending<'_>;
     /// The same, without waiting (a change made by another node).
     fn notify_org_changed(&self, org: Option<OrgId>);
+    /// The cluster's rate-limit balances after `core`'s report (`None`: the report failed).
+    fn rate_reported(&self, core: CoreId, balances: Option<Vec<(OrgId, f64)>>);
 }
 
 /// What happens to one (event, endpoint) delivery once the event is committed.

@@ -127,6 +127,7 @@ fn handle_message(ctx: &Rc<CoreCtx>, msg: CoreMsg) {
             }
         }
         CoreMsg::Settled(keys) => ctx.owner.settle(keys),
+        CoreMsg::RateReported(balances) => ctx.owner.rate_reported(balances),
         CoreMsg::OrgChanged { org, done } => {
             ctx.keys.borrow_mut().org_changed(org);
             if let Some(done) = done {

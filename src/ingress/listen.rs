@@ -16,7 +16,8 @@ use super::response::DateCache;
 use crate::auth::flight::Flights;
 use crate::auth::KeyCache;
 use crate::config::{
-    Config, IoDriver, ACCEPT_BACKOFF, LISTEN_BACKLOG, PORT_RELEASE_WAIT, URING_ENTRIES,
+    Config, IoDriver, ACCEPT_BACKOFF, LISTEN_BACKLOG, PORT_RELEASE_WAIT, RATE_REPORT_TICK,
+    URING_ENTRIES,
 };
 use crate::flow::sink::StoreQueues;
 use crate::ids::CoreId;
@@ -270,18 +271,7 @@ async fn serve(
     if let Some(l) = metrics_listener {
         monoio::spawn(accept_loop(Rc::clone(&ctx), l, true));
     }
-    if ctx.access.is_some() {
-        // Lines of a quiet core go out within a second too.
-        let c = Rc::clone(&ctx);
-        monoio::spawn(async move {
-            loop {
-                monoio::time::sleep(super::access::FLUSH_EVERY).await;
-                if let Some(log) = &c.access {
-                    log.flush();
-                }
-            }
-        });
-    }
+    let ticker = monoio::spawn(tick(Rc::clone(&ctx)));
     accept_loop(Rc::clone(&ctx), listener, false).await;
 
     // Shutdown: no more accepts; wait for open connections to finish their requests.
@@ -301,11 +291,27 @@ async fn serve(
     if let Some(log) = &ctx.access {
         log.flush();
     }
-    // The mailbox task must end before the runtime goes: parked, it would be owned by its waker
-    // in the channel and keep this core's store handle (and so the store) alive.
+    // The last spend goes to the cluster's buckets while the store still takes jobs.
+    ctx.owner.report_rates_now();
+    // The mailbox and ticker tasks must end before the runtime goes: a task left parked is not
+    // dropped with it, and would keep this core's store handle (and so the store) alive.
+    ticker.await;
     closing.set();
     mailbox.await;
     Ok(())
+}
+
+/// The core's periodic work until shutdown: rate-limit spend reported to the cluster (at once
+/// when due, else every `RATE_REPORT_EVERY`), and access lines of a quiet core written out.
+async fn tick(ctx: Rc<CoreCtx>) {
+    while let Either::Left(()) =
+        race(monoio::time::sleep(RATE_REPORT_TICK), ctx.shutdown.wait()).await
+    {
+        ctx.owner.report_rates();
+        if let Some(log) = &ctx.access {
+            log.flush_stale();
+        }
+    }
 }
 
 async fn accept_loop(ctx: Rc<CoreCtx>, listener: monoio::net::TcpListener, metrics_only: bool) {

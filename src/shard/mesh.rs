@@ -83,6 +83,8 @@ pub enum CoreMsg {
         /// Acknowledgement channel.
         done: Option<mpsc::UnboundedSender<()>>,
     },
+    /// The cluster's rate-limit balances after this core's report (`None`: it failed).
+    RateReported(Option<Vec<(OrgId, f64)>>),
     /// Stop accepting, finish in-flight requests, close.
     Shutdown,
     /// Panic on this core's thread: tests use it to show what a dead core does to the rest.
@@ -240,6 +242,10 @@ impl CoreLink for Mesh {
 
     fn org_changed(&self, org: Option<OrgId>) -> Pending<'_> {
         Box::pin(Mesh::org_changed(self, org))
+    }
+
+    fn rate_reported(&self, core: CoreId, balances: Option<Vec<(OrgId, f64)>>) {
+        let _ = self.links[core.0].tx.send(CoreMsg::RateReported(balances));
     }
 
     fn notify_org_changed(&self, org: Option<OrgId>) {

@@ -14,12 +14,13 @@ use super::mesh::{owner_core, Hop, Mesh};
 use super::state::{Admit, Shard};
 use crate::auth::OrgInfo;
 use crate::config::AckMode;
+use crate::config::RATE_REPORT_EVERY;
 use crate::flow::answer::{Completion, Outcome, RateSnapshot, Refusal, ReplyTo};
 use crate::flow::answer::{IngestOutcome, Ingested};
 use crate::flow::event::{DedupKey, NewEvent};
 use crate::flow::job::{Query, StoreJob, WriteJob};
 use crate::flow::sink::StoreQueues;
-use crate::ids::{CoreId, EventId};
+use crate::ids::{CoreId, EventId, OrgId};
 use crate::metrics::CoreMetrics;
 
 /// Where a rate read went.
@@ -200,6 +201,55 @@ impl Owner {
         }
     }
 
+    /// Report this core's rate-limit spend to the cluster when one is due (see
+    /// [`Shard::take_rate_report`]); the balances come back to [`Owner::rate_reported`].
+    pub fn report_rates(&self) {
+        let every_us = RATE_REPORT_EVERY.as_micros() as u64;
+        let Some(spent) = self.shard.borrow_mut().take_rate_report(every_us, false) else {
+            return;
+        };
+        if self
+            .store
+            .submit(StoreJob::RateReport {
+                core: self.core,
+                spent,
+            })
+            .is_err()
+        {
+            // The query queue is full or closed: the spend stays and goes with the next report.
+            self.rate_reported(None);
+        }
+    }
+
+    /// Report whatever spend is left, report on its way or not (the core is stopping).
+    pub fn report_rates_now(&self) {
+        let Some(spent) = self.shard.borrow_mut().take_rate_report(0, true) else {
+            return;
+        };
+        let _ = self.store.submit(StoreJob::RateReport {
+            core: self.core,
+            spent,
+        });
+    }
+
+    /// The cluster's balances after this core's report (`None`: it failed).
+    pub fn rate_reported(&self, balances: Option<Vec<(OrgId, f64)>>) {
+        let failed = balances.is_none();
+        self.shard.borrow_mut().rate_reported(balances);
+        if !failed {
+            self.report_urgent();
+        }
+    }
+
+    /// Report at once, not at the next tick, when a bucket's spend is due (a slice spent, or an
+    /// organization new here) and no report is on its way: the nodes' views of a bucket then
+    /// differ by at most what they admit in one round trip to the database.
+    fn report_urgent(&self) {
+        if self.shard.borrow().report_urgent() {
+            self.report_rates();
+        }
+    }
+
     /// Spend a token, check the dedup window, queue the event. `Some` is an answer now; `None`
     /// means the store will answer `reply` after COMMIT.
     fn admit(&self, org: OrgInfo, event: NewEvent, reply: ReplyTo) -> Option<IngestOutcome> {
@@ -208,6 +258,7 @@ impl Owner {
             .shard
             .borrow_mut()
             .admit(&org, event.dedup_id.as_deref());
+        self.report_urgent();
         let (result, rate) = match decision {
             Admit::Limited {
                 rate,
@@ -295,6 +346,7 @@ impl Owner {
             return self.answer_all(all, Ingested::Refused(refusal), Some(rate));
         }
         drop(shard);
+        self.report_urgent();
         let mut by_core: Vec<(CoreId, Vec<Completion>)> = Vec::new();
         for (reply, result) in answers {
             push_completion(&mut by_core, reply, result, Some(rate));

@@ -2,7 +2,16 @@
 //!
 //! The bucket holds the tier's per-minute limit, is full when first seen (an organization's
 //! first request on this node), and refills continuously at limit/60 tokens a second.
+//!
+//! Across nodes the bucket is one: the organization's balance lives in PostgreSQL
+//! (`rate_budgets`). Each node spends from its own view of it and reports what it spent since
+//! its last report ([`TokenBucket::take_unreported`]); the answer is the cluster's balance after
+//! every node's reports, which becomes this node's view less what it spent meanwhile
+//! ([`TokenBucket::reported`]). The balance may go below zero (nodes spent at once what only one
+//! could): then every node refuses until the refill has paid the debt, so over time the cluster
+//! admits exactly the limit, and at any moment at most what the nodes have not yet reported more.
 
+use crate::config::RATE_SLICES_PER_MINUTE;
 use crate::flow::answer::RateSnapshot;
 
 /// One organization's budget.
@@ -11,6 +20,12 @@ pub struct TokenBucket {
     tokens: f64,
     last_us: u64,
     limit: u32,
+    /// Tokens spent here and not yet reported to the cluster.
+    unreported: u32,
+    /// Tokens in the report on its way to the cluster.
+    reporting: u32,
+    /// The cluster's balance has not come back yet since this bucket was made: report at once.
+    fresh: bool,
 }
 
 impl TokenBucket {
@@ -20,7 +35,50 @@ impl TokenBucket {
             tokens: f64::from(limit),
             last_us: now_us,
             limit,
+            unreported: 0,
+            reporting: 0,
+            fresh: true,
         }
+    }
+
+    /// The limit the bucket holds, events per minute.
+    pub fn limit(&self) -> u32 {
+        self.limit
+    }
+
+    /// The tokens of one slice: a tenth of a second's refill, at least one. A node reports as soon
+    /// as it has spent a slice (and at the latest every `RATE_REPORT_EVERY`).
+    pub fn slice(&self) -> u32 {
+        (self.limit / RATE_SLICES_PER_MINUTE).max(1)
+    }
+
+    /// Whether this bucket's spend should be reported now rather than at the next periodic report:
+    /// a slice is spent, or the cluster's balance was never heard.
+    pub fn report_due(&self) -> bool {
+        self.unreported > 0 && (self.fresh || self.unreported >= self.slice())
+    }
+
+    /// Tokens spent and not yet reported; they move to the report on its way.
+    pub fn take_unreported(&mut self) -> u32 {
+        let n = self.unreported;
+        self.reporting += n;
+        self.unreported = 0;
+        n
+    }
+
+    /// The cluster's balance came back for the report on its way: it becomes this bucket's,
+    /// less what was spent here since the report left. `None`: the report failed; its tokens
+    /// go out with the next one.
+    pub fn reported(&mut self, balance: Option<f64>, now_us: u64) {
+        match balance {
+            Some(balance) => {
+                self.tokens = (balance - f64::from(self.unreported)).min(f64::from(self.limit));
+                self.last_us = self.last_us.max(now_us);
+                self.fresh = false;
+            }
+            None => self.unreported += self.reporting,
+        }
+        self.reporting = 0;
     }
 
     fn rate_per_us(&self) -> f64 {
@@ -52,6 +110,7 @@ impl TokenBucket {
         let want = f64::from(n.max(1));
         if self.tokens >= want {
             self.tokens -= want;
+            self.unreported = self.unreported.saturating_add(n.max(1));
             Ok(self.snapshot_now())
         } else {
             let want = want.min(f64::from(self.limit));
@@ -63,6 +122,7 @@ impl TokenBucket {
     /// Give back `n` tokens taken for a request that was then refused (queue full).
     pub fn refund_n(&mut self, n: u32) {
         self.tokens = (self.tokens + f64::from(n)).min(f64::from(self.limit));
+        self.unreported = self.unreported.saturating_sub(n);
     }
 
     /// Give back a token taken for a request that was then refused (queue full).
@@ -90,10 +150,13 @@ impl TokenBucket {
         }
     }
 
-    /// Whether the bucket is full at `now_us` (then forgetting it changes nothing).
+    /// Whether the bucket is full at `now_us` with nothing left to report (then forgetting it
+    /// changes nothing).
     pub fn is_full(&self, now_us: u64) -> bool {
         let elapsed = now_us.saturating_sub(self.last_us);
-        self.tokens + elapsed as f64 * self.rate_per_us() >= f64::from(self.limit)
+        self.unreported == 0
+            && self.reporting == 0
+            && self.tokens + elapsed as f64 * self.rate_per_us() >= f64::from(self.limit)
     }
 }
 
@@ -159,9 +222,70 @@ mod tests {
     }
 
     #[test]
+    fn spend_is_reported_once_and_the_clusters_balance_replaces_the_view() {
+        let mut b = TokenBucket::new(600, 0);
+        assert_eq!(b.slice(), 1);
+        assert!(!b.report_due(), "nothing spent, nothing to report");
+        b.try_take_n(0, 600, 5).unwrap();
+        assert!(b.report_due(), "a fresh bucket reports at once");
+        assert_eq!(b.take_unreported(), 5);
+        assert_eq!(b.take_unreported(), 0, "a token is reported once");
+        // Spent while the report is out: kept off the balance that comes back.
+        b.try_take_n(0, 600, 2).unwrap();
+        // Other nodes spent 400 of the cluster's 600: 600 - 5 - 400 = 195 there.
+        b.reported(Some(195.0), 0);
+        assert_eq!(b.snapshot(0, 600).remaining, 193);
+        assert_eq!(b.take_unreported(), 2);
+        // A balance never goes above the limit.
+        b.reported(Some(10_000.0), 0);
+        assert_eq!(b.snapshot(0, 600).remaining, 600);
+    }
+
+    #[test]
+    fn a_failed_report_goes_out_again_and_a_debt_is_waited_out() {
+        let mut b = TokenBucket::new(60, 0);
+        b.try_take_n(0, 60, 3).unwrap();
+        assert_eq!(b.take_unreported(), 3);
+        b.reported(None, 0);
+        assert_eq!(
+            b.take_unreported(),
+            3,
+            "the failed report's tokens go with the next"
+        );
+        // The cluster is 30 tokens in debt: refused, and told to wait for 31 tokens (31 s).
+        b.reported(Some(-30.0), 0);
+        assert_eq!(b.snapshot(0, 60).remaining, 0);
+        assert_eq!(b.try_take(0, 60), Err(31));
+        assert!(b.try_take(31 * S, 60).is_ok());
+    }
+
+    #[test]
+    fn slices_are_a_tenth_of_a_seconds_refill_and_only_full_idle_buckets_are_forgotten() {
+        assert_eq!(TokenBucket::new(100_000, 0).slice(), 166);
+        assert_eq!(TokenBucket::new(100, 0).slice(), 1);
+        let mut b = TokenBucket::new(100_000, 0);
+        b.reported(Some(100_000.0), 0);
+        b.try_take_n(0, 100_000, 165).unwrap();
+        assert!(
+            !b.report_due(),
+            "below a slice: the periodic report takes it"
+        );
+        b.try_take(0, 100_000).unwrap();
+        assert!(b.report_due());
+        assert!(!b.is_full(3600 * S), "unreported spend keeps the bucket");
+        b.take_unreported();
+        assert!(!b.is_full(3600 * S), "so does a report on its way");
+        b.reported(Some(0.0), 3600 * S);
+        assert!(b.is_full(3700 * S));
+    }
+
+    #[test]
     fn a_clock_going_back_does_not_mint_tokens() {
         let mut b = TokenBucket::new(60, 10 * S);
         b.try_take(10 * S, 60).unwrap();
+        // Reported, and the cluster agrees: only the clock decides fullness below.
+        b.take_unreported();
+        b.reported(Some(59.0), 10 * S);
         assert_eq!(b.snapshot(5 * S, 60).remaining, 59);
         assert!(!b.is_full(10 * S));
         assert!(b.is_full(12 * S));

@@ -11,6 +11,7 @@ use crate::auth::OrgInfo;
 use crate::config::BUCKET_SWEEP_EVERY_US;
 use crate::flow::answer::RateSnapshot;
 use crate::flow::event::DedupKey;
+use crate::flow::job::RateSpend;
 use crate::ids::{CoreId, EventId, OrgId};
 
 /// The owner's decision on one event.
@@ -43,6 +44,13 @@ pub enum Admit {
 pub struct Shard {
     core: CoreId,
     buckets: HashMap<OrgId, TokenBucket, ahash::RandomState>,
+    /// Some bucket spent since the last report.
+    spent: bool,
+    /// Some bucket's spend is due now (a slice spent, or a bucket new here).
+    report_due: bool,
+    /// A report is on its way; the next waits for its answer.
+    reporting: bool,
+    last_report_us: u64,
     dedup: DedupWindow,
     hash_a: ahash::RandomState,
     hash_b: ahash::RandomState,
@@ -56,6 +64,10 @@ impl Shard {
         Shard {
             core,
             buckets: HashMap::with_hasher(ahash::RandomState::new()),
+            spent: false,
+            report_due: false,
+            reporting: false,
+            last_report_us: 0,
             dedup: DedupWindow::new(dedup_entries),
             hash_a: ahash::RandomState::new(),
             hash_b: ahash::RandomState::new(),
@@ -93,7 +105,9 @@ impl Shard {
     pub fn admit(&mut self, org: &OrgInfo, dedup_id: Option<&str>) -> Admit {
         let now = self.now_us();
         let bucket = self.bucket(org, now);
-        let rate = match bucket.try_take(now, org.limit) {
+        let taken = bucket.try_take(now, org.limit);
+        let due = bucket.report_due();
+        let rate = match taken {
             Ok(rate) => rate,
             Err(retry_after_s) => {
                 return Admit::Limited {
@@ -102,6 +116,8 @@ impl Shard {
                 }
             }
         };
+        self.spent = true;
+        self.report_due |= due;
         let dedup_key = dedup_id.map(|d| self.dedup_key(&org.id, d));
         if let Some(key) = dedup_key {
             if let Seen::Committed(event_id) = self.dedup.check_and_reserve(key) {
@@ -120,9 +136,70 @@ impl Shard {
     ) -> Result<RateSnapshot, (RateSnapshot, u32)> {
         let now = self.now_us();
         let bucket = self.bucket(org, now);
-        bucket
+        let taken = bucket
             .try_take_n(now, org.limit, n)
-            .map_err(|retry| (bucket.snapshot(now, org.limit), retry))
+            .map_err(|retry| (bucket.snapshot(now, org.limit), retry));
+        let due = bucket.report_due();
+        if taken.is_ok() {
+            self.spent = true;
+            self.report_due |= due;
+        }
+        taken
+    }
+
+    /// Whether a bucket's spend is due at once and no report is on its way.
+    pub fn report_urgent(&self) -> bool {
+        self.report_due && !self.reporting
+    }
+
+    /// The spend to report to the cluster now, if any: when a bucket's spend is due at once, or
+    /// `every_us` has passed since the last report; never while one is on its way, unless
+    /// `last` (the core is stopping: whatever is unreported goes).
+    pub fn take_rate_report(&mut self, every_us: u64, last: bool) -> Option<Vec<RateSpend>> {
+        let now = self.now_us();
+        let periodic = self.spent && now.saturating_sub(self.last_report_us) >= every_us;
+        if !last && (self.reporting || !(self.report_due || periodic)) {
+            return None;
+        }
+        let spent: Vec<RateSpend> = self
+            .buckets
+            .iter_mut()
+            .filter_map(|(org, b)| {
+                let (limit, spent) = (b.limit(), b.take_unreported());
+                (spent > 0).then_some(RateSpend {
+                    org: *org,
+                    limit,
+                    spent,
+                })
+            })
+            .collect();
+        self.spent = false;
+        self.report_due = false;
+        self.last_report_us = now;
+        self.reporting = !spent.is_empty();
+        self.reporting.then_some(spent)
+    }
+
+    /// The cluster's balances after this shard's report (`None`: the report failed, and its
+    /// spend goes with the next).
+    pub fn rate_reported(&mut self, balances: Option<Vec<(OrgId, f64)>>) {
+        let now = self.now_us();
+        self.reporting = false;
+        match balances {
+            Some(balances) => {
+                for (org, balance) in balances {
+                    if let Some(b) = self.buckets.get_mut(&org) {
+                        b.reported(Some(balance), now);
+                    }
+                }
+            }
+            None => {
+                for b in self.buckets.values_mut() {
+                    b.reported(None, now);
+                }
+                self.spent = true;
+            }
+        }
     }
 
     /// Check one dedup id of a batch whose tokens are spent: `Ok(key)` reserved (or no id), or
@@ -232,6 +309,59 @@ mod tests {
         // Same dedup id, other organization: not a duplicate.
         let other = OrgInfo::test(OrgId(Uuid::from_u128(43)));
         assert!(matches!(s.admit(&other, Some("order-1")), Admit::Go { .. }));
+    }
+
+    #[test]
+    fn spend_is_reported_at_once_when_due_once_at_a_time_and_again_after_a_failure() {
+        let mut s = Shard::new(CoreId(0), 16);
+        let (a, b) = (org(100_000), OrgInfo::test(OrgId(Uuid::from_u128(43))));
+        assert_eq!(s.take_rate_report(u64::MAX, false), None, "nothing spent");
+        assert!(matches!(s.admit(&a, None), Admit::Go { .. }));
+        assert!(
+            s.report_urgent(),
+            "an organization new here is reported at once"
+        );
+        let spent = s.take_rate_report(u64::MAX, false).unwrap();
+        assert_eq!(
+            spent,
+            vec![RateSpend {
+                org: a.id,
+                limit: 100_000,
+                spent: 1
+            }]
+        );
+        assert!(matches!(s.admit(&a, None), Admit::Go { .. }));
+        assert!(!s.report_urgent(), "one report at a time");
+        assert_eq!(s.take_rate_report(0, false), None);
+        // The cluster's balance: others spent 50_000.
+        s.rate_reported(Some(vec![(a.id, 49_999.0)]));
+        assert_eq!(s.snapshot(&a).remaining, 49_998);
+        // What was spent before the balance was heard goes at once; then it can wait.
+        assert!(s.report_urgent());
+        assert_eq!(s.take_rate_report(u64::MAX, false).unwrap()[0].spent, 1);
+        s.rate_reported(Some(vec![(a.id, 49_998.0)]));
+        assert!(matches!(s.admit(&a, None), Admit::Go { .. }));
+        assert!(
+            !s.report_urgent(),
+            "below a slice, and heard: the periodic report takes it"
+        );
+        assert_eq!(s.take_rate_report(u64::MAX, false), None);
+        assert_eq!(s.take_rate_report(0, false).unwrap()[0].spent, 1);
+        s.rate_reported(Some(vec![(a.id, 49_997.0)]));
+        assert!(s.take_batch(&b, 3).is_ok());
+        // b is new here: reported at once.
+        assert!(s.report_urgent());
+        let spent = s.take_rate_report(u64::MAX, false).unwrap();
+        assert_eq!(
+            spent.iter().map(|x| (x.org, x.spent)).collect::<Vec<_>>(),
+            [(b.id, 3)]
+        );
+        // The report failed: the same spend goes out with the next one.
+        s.rate_reported(None);
+        assert_eq!(s.take_rate_report(0, false).unwrap(), spent);
+        // Stopping: whatever is unreported goes, even with a report on its way.
+        assert!(matches!(s.admit(&a, None), Admit::Go { .. }));
+        assert_eq!(s.take_rate_report(u64::MAX, true).unwrap().len(), 1);
     }
 
     #[test]

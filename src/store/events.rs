@@ -108,7 +108,7 @@ const NEW_ROUND: &str = "\
     FROM unnest($3::uuid[], $4::timestamptz[]) AS t(ep, next), \
     LATERAL (SELECT count(*)::int AS n FROM delivery_attempts a \
              WHERE a.event_id = $1 AND a.endpoint_id = t.ep) c \
-    ON CONFLICT (event_id, endpoint_id) DO UPDATE SET status = 0, \
+    ON CONFLICT (event_id, endpoint_id, org_id) DO UPDATE SET status = 0, \
         retry_base = deliveries.attempts, \
         next_attempt_at = CASE WHEN deliveries.next_attempt_at > EXCLUDED.next_attempt_at \
                                THEN deliveries.next_attempt_at \

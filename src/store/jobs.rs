@@ -7,7 +7,7 @@ use std::sync::Arc;
 use tokio::sync::{mpsc, Semaphore};
 
 use super::ctx::StoreCtx;
-use super::{endpoints, events, inbox, keys, webhook};
+use super::{endpoints, events, inbox, keys, rate, webhook};
 use crate::auth::OrgInfo;
 use crate::flow::answer::{Answer, Completion, Outcome, Refusal, ReplyTo};
 use crate::flow::job::{Query, StoreJob};
@@ -60,6 +60,10 @@ async fn handle(ctx: &StoreCtx, job: StoreJob) {
                     rate: Some(rate),
                 },
             );
+        }
+        StoreJob::RateReport { core, spent } => {
+            let balances = rate::report(ctx, &spent).await;
+            ctx.cores.rate_reported(core, balances);
         }
         StoreJob::Generate {
             name,

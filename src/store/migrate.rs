@@ -31,6 +31,16 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "0005_traceparent.sql",
         include_str!("../../migrations/0005_traceparent.sql"),
     ),
+    (
+        6,
+        "0006_rate_budgets.sql",
+        include_str!("../../migrations/0006_rate_budgets.sql"),
+    ),
+    (
+        7,
+        "0007_distribution_keys.sql",
+        include_str!("../../migrations/0007_distribution_keys.sql"),
+    ),
 ];
 
 /// Arbitrary constant naming the migration lock.

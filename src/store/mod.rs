@@ -11,7 +11,8 @@
 //! - `jobs`: everything else a request waits for, one file per area: `keys` (verification,
 //!   generation, rotation), `endpoints` (the endpoints API), `webhook` (the default endpoint),
 //!   `events` (detail, redeliver), `inbox` (pages, acks);
-//!   `org`: changes every node must hear of; `rows`: the event columns the reads share.
+//!   `org`: changes every node must hear of; `rows`: the event columns the reads share;
+//!   `rate`: each core's rate-limit spend, reported into the cluster's buckets.
 //! - `health`: the probe behind the health flag. `listen`: LISTEN/NOTIFY, so a key rotated or a
 //!   webhook changed on another node reaches this node's caches within milliseconds.
 //! - `migrate`: the SQL files of `migrations/`. `retention`: the daily partitions, created ahead and
@@ -31,6 +32,7 @@ pub mod listen;
 pub mod migrate;
 pub mod org;
 pub mod pool;
+pub mod rate;
 pub mod retention;
 pub mod rows;
 pub mod webhook;

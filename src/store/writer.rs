@@ -70,7 +70,8 @@ const INSERT_DELIVERIES: &str = "\
     ON CONFLICT DO NOTHING";
 
 const INSERT_BATCH: &str = "\
-    INSERT INTO delivery_batches (id, lease_until, first_event, last_event) VALUES ($1, $2, $3, $4)";
+    INSERT INTO delivery_batches (id, lease_until, first_event, last_event, org_id) \
+    VALUES ($1, $2, $3, $4, $5)";
 
 const FIND_DEDUP: &str = "\
     SELECT k.org_id, k.dedup_id, d.event_id \
@@ -429,12 +430,18 @@ async fn write_delivery_state(
     };
     let (mut events, mut endpoints, mut orgs, mut due) = (vec![], vec![], vec![], vec![]);
     let (mut first, mut last): (Option<Uuid>, Option<Uuid>) = (None, None);
+    // The batch row names the organization of its first event (the distribution key, see
+    // migrations/0007).
+    let mut first_org: Option<Uuid> = None;
     for i in committed() {
         let (e, p) = (&batch[i].event, &plan.events[i]);
         for (endpoint, disposition) in p.endpoints.iter().zip(&p.dispositions) {
             let next = match disposition {
                 Disposition::Held => {
-                    first = Some(first.map_or(e.id.0, |f| f.min(e.id.0)));
+                    if first.is_none_or(|f| e.id.0 < f) {
+                        first = Some(e.id.0);
+                        first_org = Some(e.org.0);
+                    }
                     last = Some(last.map_or(e.id.0, |l| l.max(e.id.0)));
                     continue;
                 }
@@ -453,10 +460,15 @@ async fn write_delivery_state(
             .execute(&statement, &[&events, &endpoints, &orgs, &due])
             .await?;
     }
-    if let (Some((id, until)), Some(first), Some(last)) = (plan.lease, first, last) {
+    if let (Some((id, until)), Some(first), Some(last), Some(org)) =
+        (plan.lease, first, last, first_org)
+    {
         let statement = client.prepare_cached(INSERT_BATCH).await?;
         client
-            .execute(&statement, &[&id, &until.to_system_time(), &first, &last])
+            .execute(
+                &statement,
+                &[&id, &until.to_system_time(), &first, &last, &org],
+            )
             .await?;
     }
     Ok(())
