@@ -26,7 +26,8 @@ Drills (all real faults, no mocks):
   read-pool        the read pool is held by slow queries (a lock on organizations) while
                    events are ingested at 1,000/s
   haproxy          three nodes behind deploy/haproxy/haproxy.cfg: the API through it, a free-tier
-                   organization's limit across the nodes, kill -9 of one node under load (nothing
+                   organization's limit through the proxy and sent to all three nodes at once
+                   (the cluster's bucket: at most RATE_OVERSHOOT_MAX over), kill -9 of one node under load (nothing
                    acknowledged lost, its deliveries taken over after the lease without
                    overlapping attempts); without --smoke also wrk throughput through HAProxy
                    with 1, 2 and 3 nodes
@@ -748,8 +749,9 @@ class HAProxy:
 
 
 # Events of a free-tier organization admitted beyond its 100 when three nodes are hit at once:
-# a bound on what they spend before their reports to the cluster's bucket cross.
-RATE_OVERSHOOT_MAX = 30
+# a bound on what they spend before their reports to the cluster's bucket cross (measured 3 and 16
+# on the 2-core box; buckets per node admitted 200).
+RATE_OVERSHOOT_MAX = 50
 
 
 def burst(port, key, n, threads=8):

@@ -162,7 +162,7 @@ def line_chart(title, xlabel, ylabel, series, xlog=False, ylog=False, hlines=(),
         color = COLORS[(len(series) + j) % len(COLORS)]
         out.append(f'<line x1="{LEFT}" y1="{y(value):.1f}" x2="{WIDTH - RIGHT}" y2="{y(value):.1f}" '
                    f'stroke="{color}" stroke-width="2" stroke-dasharray="6 4"/>')
-        names.append((f"{name} {fmt(round(value))}", color, True))
+        names.append((f"{name} {fmt(float(f'{value:.3g}'))}", color, True))
     out += legend(names)
     out.append("</svg>")
     return "\n".join(out)

@@ -592,6 +592,15 @@ def sweep(db, args, ceiling):
     keeps up: achieved below 90 % of offered, errors, or p99 above a second. Latency counts from each
     request's due time, so a stall is measured, not hidden. One server and one set of organizations
     for every step."""
+    rows = scenario("latency-2.5k", db, args, ceiling, args.server_bin, sweep_plan(args))
+    for r in rows:
+        r.update(scenario=f"sweep {r['offered']:,}/s", sweep=True)
+    return rows
+
+
+def sweep_plan(args):
+    """The sweep's steps: the next (rate, connections) after the rows so far, or None once the
+    server fell behind (or the rates ran out)."""
     rates = [100, 200] if args.smoke else [1000, 2000, 4000, 8000, 12000, 16000, 24000, 32000, 48000, 64000,
                                            96000, 128000]
 
@@ -604,10 +613,21 @@ def sweep(db, args, ceiling):
             if last["achieved"] < 0.9 * last["offered"] or bad or last["p99"] > 1000:
                 return None
         return rates[len(done)], args.connections or 64
+    return plan
 
-    rows = scenario("latency-2.5k", db, args, ceiling, args.server_bin, plan)
-    for r in rows:
-        r.update(scenario=f"sweep {r['offered']:,}/s", sweep=True)
+
+def remote_sweep(args, keys_file):
+    """The open-loop sweep against a server the harness did not start (--url): latency against
+    offered rate as the client sees it."""
+    keys = [k for k in open(keys_file).read().split() if len(k) == 64]
+    plan, rows = sweep_plan(args), []
+    duration = min(args.duration, 3) if args.smoke else args.duration
+    while (step := plan(rows)) is not None:
+        log(f"  sweep against {BASE}: {step[0]:,}/s offered")
+        r = run_tool("openloop", None, step[0], step[1], duration, keys_file, keys, args)
+        r.update(scenario=f"sweep {step[0]:,}/s", tool="openloop", offered=step[0], cpu_pct=0.0, rss_mb=0.0,
+                 duration_s=duration, url=BASE, sweep=True)
+        rows.append(r)
     return rows
 
 
@@ -736,7 +756,12 @@ def main():
             raise SystemExit("--url needs --keys FILE (bash loadtest/orgs.sh 200 URL DIR writes DIR/keys.txt)")
         names = [n for n in SCENARIOS if not SCENARIOS[n][5] and SCENARIOS[n][4] == "many"] \
             if args.scenario == "all" else [args.scenario]
-        rows = [remote(name, args, os.path.abspath(args.keys)) for name in names]
+        rows = []
+        for name in names:
+            if name == "sweep":
+                rows.extend(remote_sweep(args, os.path.abspath(args.keys)))
+            else:
+                rows.append(remote(name, args, os.path.abspath(args.keys)))
         print_table(rows, None, [f"server: {BASE} (not started here; its CPU and RSS are not measured)"])
         stamp = time.strftime("%Y%m%d-%H%M%S")
         out = os.path.join(RESULTS, f"{stamp}-{args.scenario}-remote.json")
