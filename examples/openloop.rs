@@ -25,6 +25,8 @@ struct Shared {
     interval: Duration,
     requests: Vec<Vec<u8>>,
     latency_us: RefCell<Histogram<u64>>,
+    /// The worst latency of the requests due in each second of the run: where a stall was.
+    worst_us_by_second: RefCell<Vec<u64>>,
     statuses: RefCell<BTreeMap<u16, u64>>,
     errors: Cell<u64>,
 }
@@ -72,6 +74,7 @@ fn main() {
         interval: Duration::from_secs_f64(1.0 / rate),
         requests,
         latency_us: RefCell::new(Histogram::new_with_bounds(1, 60_000_000, 3).unwrap()),
+        worst_us_by_second: RefCell::new(vec![0; seconds.ceil() as usize + 1]),
         statuses: RefCell::new(BTreeMap::new()),
         errors: Cell::new(0),
     });
@@ -103,7 +106,7 @@ fn main() {
         .map(|(s, n)| format!("\"{s}\":{n}"))
         .collect();
     let json = format!(
-        "{{\"offered\":{rate},\"achieved\":{:.1},\"p50\":{:.3},\"p90\":{:.3},\"p99\":{:.3},\"p999\":{:.3},\"max\":{:.3},\"statuses\":{{{}}},\"errors\":{}}}",
+        "{{\"offered\":{rate},\"achieved\":{:.1},\"p50\":{:.3},\"p90\":{:.3},\"p99\":{:.3},\"p999\":{:.3},\"max\":{:.3},\"statuses\":{{{}}},\"errors\":{},\"worst_ms_by_second\":[{}]}}",
         h.len() as f64 / elapsed,
         ms(0.5),
         ms(0.9),
@@ -111,7 +114,14 @@ fn main() {
         ms(0.999),
         h.max() as f64 / 1000.0,
         statuses.join(","),
-        shared.errors.get()
+        shared.errors.get(),
+        shared
+            .worst_us_by_second
+            .borrow()
+            .iter()
+            .map(|us| format!("{:.1}", *us as f64 / 1000.0))
+            .collect::<Vec<_>>()
+            .join(",")
     );
     println!("{json}");
     if let Some(path) = out {
@@ -156,10 +166,12 @@ async fn connection(shared: Rc<Shared>, authority: String) {
         free_since = Instant::now();
         match answer {
             Some(status) => {
-                let _ = shared
-                    .latency_us
-                    .borrow_mut()
-                    .record(from.elapsed().as_micros().max(1) as u64);
+                let us = from.elapsed().as_micros().max(1) as u64;
+                let _ = shared.latency_us.borrow_mut().record(us);
+                let second = due.saturating_duration_since(shared.start).as_secs() as usize;
+                if let Some(w) = shared.worst_us_by_second.borrow_mut().get_mut(second) {
+                    *w = (*w).max(us);
+                }
                 *shared.statuses.borrow_mut().entry(status).or_default() += 1;
             }
             None => {

@@ -7,6 +7,7 @@
 Charts (each drawn only when the run measured it; each also written as DIR/<name>.svg):
   latency     p50/p90/p99/max against the offered rate of the open-loop sweep (`sweep`), log scales
   achieved    achieved against offered rate in the sweep, with the COPY ceiling line
+  stalls      the worst latency in each second of each sweep step (where a stall was)
   sweep-cpu   server and PostgreSQL CPU per event at each rate of the sweep
   connections events/s against wrk connections (`connections`), with the COPY ceiling line
   cpu         server and PostgreSQL CPU per event (and per delivery) for every scenario of the run
@@ -216,6 +217,14 @@ def charts(data):
                                [("achieved", [(r["offered"], r["achieved"]) for r in sweep]),
                                 ("offered", [(r["offered"], r["offered"]) for r in sweep])],
                                xlog=True, ylog=True, hlines=hlines)))
+        timeline = [(f"{fmt(r['offered'])}/s", [(i + 1, max(ms, 0.01)) for i, ms in enumerate(r["worst_ms_by_second"])])
+                    for r in sweep if r.get("worst_ms_by_second")]
+        if timeline:
+            out.append(("stalls", "Open-loop sweep: the worst latency of the requests due in each second of each "
+                        "step. A pause of the server, of PostgreSQL or of the box shows as one bad second; "
+                        "a server falling behind as a climb.",
+                        line_chart("Worst latency in each second", "second of the step", "worst latency, ms",
+                                   timeline, ylog=True)))
         cpu = [("server", [(r["offered"], r["cpu_per_event"]["server_us_per_event"]) for r in sweep
                            if r.get("cpu_per_event")])]
         pg = [(r["offered"], r["cpu_per_event"]["pg_us_per_event"]) for r in sweep

@@ -399,8 +399,12 @@ def run_openloop(rate, connections, duration, keys_file):
     statuses = dict(r["statuses"])
     if r["errors"]:
         statuses["errors"] = r["errors"]
-    return {"achieved": r["achieved"], "p50": r["p50"], "p90": r["p90"], "p99": r["p99"], "max": r["max"],
-            "statuses": statuses}
+    out = {"achieved": r["achieved"], "p50": r["p50"], "p90": r["p90"], "p99": r["p99"], "max": r["max"],
+           "statuses": statuses}
+    if "worst_ms_by_second" in r:
+        # Where in the run the slow requests were: a stall shows as one bad second.
+        out["worst_ms_by_second"] = r["worst_ms_by_second"][:-1]
+    return out
 
 
 def run_drill(iterations, concurrency, keys):

@@ -50,7 +50,7 @@ if [ "$SKIP_LOADTEST" != "1" ]; then
   echo "== load-test scenarios (smoke)" >&2
   bash loadtest/run.sh all --smoke --report target/report
   # The report as a reader sees it: rendered by headless Chromium, every chart drawn.
-  bash scripts/report-check.sh target/report latency achieved sweep-cpu connections cpu lag
+  bash scripts/report-check.sh target/report latency achieved stalls sweep-cpu connections cpu lag
   bash loadtest/run.sh slowloris --smoke
   bash loadtest/run.sh big-payloads --smoke
 fi
