@@ -393,12 +393,17 @@ async fn a_free_tier_limit_holds_across_three_nodes() {
         per_node.iter().all(|&n| n > 0),
         "every node took a share: {per_node:?}"
     );
-    // Once the reports are in, every node agrees the budget is spent.
+    // Once the reports are in, every node agrees the budget is spent: reads (which spend nothing)
+    // show what each node's view holds. The refill (100 a minute) may have brought a token back
+    // since; a node's own bucket would still hold about 65.
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     for c in conns.iter_mut() {
-        let r = c.call("POST", "/api/events", &h, Some(body)).await;
-        assert_eq!(r.status, 429, "{}", r.text());
-        assert_eq!(r.header("x-ratelimit-remaining"), Some("0"));
+        let r = c
+            .call("GET", "/api/inbox?limit=1", &[("X-API-Key", &key)], None)
+            .await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        let remaining: u32 = r.header("x-ratelimit-remaining").unwrap().parse().unwrap();
+        assert!(remaining <= 2, "a node still sees {remaining} left");
     }
     assert_eq!(
         count_events(&org).await,
