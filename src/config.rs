@@ -76,9 +76,8 @@ pub const BUCKET_SWEEP_EVERY_US: u64 = 60_000_000;
 /// A rate-limit slice is the limit over this many (a tenth of a second's refill): a node reports
 /// its spend to the cluster as soon as it has spent one.
 pub const RATE_SLICES_PER_MINUTE: u32 = 600;
-/// How often a core looks for spend to report at once (a slice spent, or a bucket new here).
-pub const RATE_REPORT_TICK: Duration = Duration::from_millis(10);
-/// The longest spend waits before it is reported to the cluster.
+/// The longest spend waits before it is reported to the cluster: the core's periodic tick. (A
+/// slice spent, or an organization new here, is reported at once, from the admission.)
 pub const RATE_REPORT_EVERY: Duration = Duration::from_millis(100);
 
 /// How long start-up waits for the database to accept connections.

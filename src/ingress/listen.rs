@@ -16,7 +16,7 @@ use super::response::DateCache;
 use crate::auth::flight::Flights;
 use crate::auth::KeyCache;
 use crate::config::{
-    Config, IoDriver, ACCEPT_BACKOFF, LISTEN_BACKLOG, PORT_RELEASE_WAIT, RATE_REPORT_TICK,
+    Config, IoDriver, ACCEPT_BACKOFF, LISTEN_BACKLOG, PORT_RELEASE_WAIT, RATE_REPORT_EVERY,
     URING_ENTRIES,
 };
 use crate::flow::sink::StoreQueues;
@@ -301,11 +301,12 @@ async fn serve(
     Ok(())
 }
 
-/// The core's periodic work until shutdown: rate-limit spend reported to the cluster (at once
-/// when due, else every `RATE_REPORT_EVERY`), and access lines of a quiet core written out.
+/// The core's periodic work until shutdown, every `RATE_REPORT_EVERY` (ten wake-ups a second, so
+/// an idle core stays idle): rate-limit spend not yet reported goes to the cluster (what is due at
+/// once went from the admission), and access lines of a quiet core are written out.
 async fn tick(ctx: Rc<CoreCtx>) {
     while let Either::Left(()) =
-        race(monoio::time::sleep(RATE_REPORT_TICK), ctx.shutdown.wait()).await
+        race(monoio::time::sleep(RATE_REPORT_EVERY), ctx.shutdown.wait()).await
     {
         ctx.owner.report_rates();
         if let Some(log) = &ctx.access {

@@ -14,7 +14,6 @@ use super::mesh::{owner_core, Hop, Mesh};
 use super::state::{Admit, Shard};
 use crate::auth::OrgInfo;
 use crate::config::AckMode;
-use crate::config::RATE_REPORT_EVERY;
 use crate::flow::answer::{Completion, Outcome, RateSnapshot, Refusal, ReplyTo};
 use crate::flow::answer::{IngestOutcome, Ingested};
 use crate::flow::event::{DedupKey, NewEvent};
@@ -201,11 +200,11 @@ impl Owner {
         }
     }
 
-    /// Report this core's rate-limit spend to the cluster when one is due (see
-    /// [`Shard::take_rate_report`]); the balances come back to [`Owner::rate_reported`].
+    /// Report whatever this core's organizations spent since the last report, unless one is on
+    /// its way (the core's tick, every `RATE_REPORT_EVERY`); the balances come back to
+    /// [`Owner::rate_reported`].
     pub fn report_rates(&self) {
-        let every_us = RATE_REPORT_EVERY.as_micros() as u64;
-        let Some(spent) = self.shard.borrow_mut().take_rate_report(every_us, false) else {
+        let Some(spent) = self.shard.borrow_mut().take_rate_report(false) else {
             return;
         };
         if self
@@ -223,7 +222,7 @@ impl Owner {
 
     /// Report whatever spend is left, report on its way or not (the core is stopping).
     pub fn report_rates_now(&self) {
-        let Some(spent) = self.shard.borrow_mut().take_rate_report(0, true) else {
+        let Some(spent) = self.shard.borrow_mut().take_rate_report(true) else {
             return;
         };
         let _ = self.store.submit(StoreJob::RateReport {

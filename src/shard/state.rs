@@ -50,7 +50,6 @@ pub struct Shard {
     report_due: bool,
     /// A report is on its way; the next waits for its answer.
     reporting: bool,
-    last_report_us: u64,
     dedup: DedupWindow,
     hash_a: ahash::RandomState,
     hash_b: ahash::RandomState,
@@ -67,7 +66,6 @@ impl Shard {
             spent: false,
             report_due: false,
             reporting: false,
-            last_report_us: 0,
             dedup: DedupWindow::new(dedup_entries),
             hash_a: ahash::RandomState::new(),
             hash_b: ahash::RandomState::new(),
@@ -152,13 +150,12 @@ impl Shard {
         self.report_due && !self.reporting
     }
 
-    /// The spend to report to the cluster now, if any: when a bucket's spend is due at once, or
-    /// `every_us` has passed since the last report; never while one is on its way, unless
-    /// `last` (the core is stopping: whatever is unreported goes).
-    pub fn take_rate_report(&mut self, every_us: u64, last: bool) -> Option<Vec<RateSpend>> {
-        let now = self.now_us();
-        let periodic = self.spent && now.saturating_sub(self.last_report_us) >= every_us;
-        if !last && (self.reporting || !(self.report_due || periodic)) {
+    /// What this shard's organizations spent since the last report, to report now; `None` when
+    /// nothing was spent or a report is on its way (unless `last`: the core is stopping, and
+    /// whatever is unreported goes). Called from the core's tick, and at once when
+    /// [`Shard::report_urgent`].
+    pub fn take_rate_report(&mut self, last: bool) -> Option<Vec<RateSpend>> {
+        if !last && (self.reporting || !self.spent) {
             return None;
         }
         let spent: Vec<RateSpend> = self
@@ -175,7 +172,6 @@ impl Shard {
             .collect();
         self.spent = false;
         self.report_due = false;
-        self.last_report_us = now;
         self.reporting = !spent.is_empty();
         self.reporting.then_some(spent)
     }
@@ -315,13 +311,13 @@ mod tests {
     fn spend_is_reported_at_once_when_due_once_at_a_time_and_again_after_a_failure() {
         let mut s = Shard::new(CoreId(0), 16);
         let (a, b) = (org(100_000), OrgInfo::test(OrgId(Uuid::from_u128(43))));
-        assert_eq!(s.take_rate_report(u64::MAX, false), None, "nothing spent");
+        assert_eq!(s.take_rate_report(false), None, "nothing spent");
         assert!(matches!(s.admit(&a, None), Admit::Go { .. }));
         assert!(
             s.report_urgent(),
             "an organization new here is reported at once"
         );
-        let spent = s.take_rate_report(u64::MAX, false).unwrap();
+        let spent = s.take_rate_report(false).unwrap();
         assert_eq!(
             spent,
             vec![RateSpend {
@@ -332,36 +328,35 @@ mod tests {
         );
         assert!(matches!(s.admit(&a, None), Admit::Go { .. }));
         assert!(!s.report_urgent(), "one report at a time");
-        assert_eq!(s.take_rate_report(0, false), None);
+        assert_eq!(s.take_rate_report(false), None);
         // The cluster's balance: others spent 50_000.
         s.rate_reported(Some(vec![(a.id, 49_999.0)]));
         assert_eq!(s.snapshot(&a).remaining, 49_998);
         // What was spent before the balance was heard goes at once; then it can wait.
         assert!(s.report_urgent());
-        assert_eq!(s.take_rate_report(u64::MAX, false).unwrap()[0].spent, 1);
+        assert_eq!(s.take_rate_report(false).unwrap()[0].spent, 1);
         s.rate_reported(Some(vec![(a.id, 49_998.0)]));
         assert!(matches!(s.admit(&a, None), Admit::Go { .. }));
         assert!(
             !s.report_urgent(),
             "below a slice, and heard: the periodic report takes it"
         );
-        assert_eq!(s.take_rate_report(u64::MAX, false), None);
-        assert_eq!(s.take_rate_report(0, false).unwrap()[0].spent, 1);
+        assert_eq!(s.take_rate_report(false).unwrap()[0].spent, 1);
         s.rate_reported(Some(vec![(a.id, 49_997.0)]));
         assert!(s.take_batch(&b, 3).is_ok());
         // b is new here: reported at once.
         assert!(s.report_urgent());
-        let spent = s.take_rate_report(u64::MAX, false).unwrap();
+        let spent = s.take_rate_report(false).unwrap();
         assert_eq!(
             spent.iter().map(|x| (x.org, x.spent)).collect::<Vec<_>>(),
             [(b.id, 3)]
         );
         // The report failed: the same spend goes out with the next one.
         s.rate_reported(None);
-        assert_eq!(s.take_rate_report(0, false).unwrap(), spent);
+        assert_eq!(s.take_rate_report(false).unwrap(), spent);
         // Stopping: whatever is unreported goes, even with a report on its way.
         assert!(matches!(s.admit(&a, None), Admit::Go { .. }));
-        assert_eq!(s.take_rate_report(u64::MAX, true).unwrap().len(), 1);
+        assert_eq!(s.take_rate_report(true).unwrap().len(), 1);
     }
 
     #[test]

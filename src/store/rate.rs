@@ -1,6 +1,6 @@
 //! Cluster-wide rate limits: one bucket per organization in `rate_budgets`, shared by every node.
 //! A core reports what its organizations spent since its last report (one statement for all of
-//! them, at most every `RATE_REPORT_TICK`); each bucket is refilled for the time since it was
+//! them: every `RATE_REPORT_EVERY`, or at once for a spent slice or an organization new to it); each bucket is refilled for the time since it was
 //! last touched, capped at the limit, the spend taken off, and the balance goes back to the core.
 //! A balance may go below zero (nodes spent at once what only one could) down to minus one
 //! minute's limit: every node then refuses until the refill has paid it back.
