@@ -292,7 +292,7 @@ async fn serve(
         log.flush();
     }
     // The last spend goes to the cluster's buckets while the store still takes jobs.
-    ctx.owner.report_rates_now();
+    ctx.owner.report_rates(true);
     // The mailbox and ticker tasks must end before the runtime goes: a task left parked is not
     // dropped with it, and would keep this core's store handle (and so the store) alive.
     ticker.await;
@@ -308,7 +308,7 @@ async fn tick(ctx: Rc<CoreCtx>) {
     while let Either::Left(()) =
         race(monoio::time::sleep(RATE_REPORT_EVERY), ctx.shutdown.wait()).await
     {
-        ctx.owner.report_rates();
+        ctx.owner.report_rates(false);
         if let Some(log) = &ctx.access {
             log.flush_stale();
         }

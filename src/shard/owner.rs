@@ -201,34 +201,20 @@ impl Owner {
     }
 
     /// Report whatever this core's organizations spent since the last report, unless one is on
-    /// its way (the core's tick, every `RATE_REPORT_EVERY`); the balances come back to
-    /// [`Owner::rate_reported`].
-    pub fn report_rates(&self) {
-        let Some(spent) = self.shard.borrow_mut().take_rate_report(false) else {
+    /// its way (the core's tick, every `RATE_REPORT_EVERY`) or `last` (the core is stopping:
+    /// whatever is left goes); the balances come back to [`Owner::rate_reported`].
+    pub fn report_rates(&self, last: bool) {
+        let Some(spent) = self.shard.borrow_mut().take_rate_report(last) else {
             return;
         };
-        if self
-            .store
-            .submit(StoreJob::RateReport {
-                core: self.core,
-                spent,
-            })
-            .is_err()
-        {
+        let job = StoreJob::RateReport {
+            core: self.core,
+            spent,
+        };
+        if self.store.submit(job).is_err() && !last {
             // The query queue is full or closed: the spend stays and goes with the next report.
             self.rate_reported(None);
         }
-    }
-
-    /// Report whatever spend is left, report on its way or not (the core is stopping).
-    pub fn report_rates_now(&self) {
-        let Some(spent) = self.shard.borrow_mut().take_rate_report(true) else {
-            return;
-        };
-        let _ = self.store.submit(StoreJob::RateReport {
-            core: self.core,
-            spent,
-        });
     }
 
     /// The cluster's balances after this core's report (`None`: it failed).
@@ -245,7 +231,7 @@ impl Owner {
     /// differ by at most what they admit in one round trip to the database.
     fn report_urgent(&self) {
         if self.shard.borrow().report_urgent() {
-            self.report_rates();
+            self.report_rates(false);
         }
     }
 
@@ -303,7 +289,7 @@ impl Owner {
         debug_assert_eq!(self.owner(&org), self.core, "only the owner admits");
         let mut answers: Vec<(ReplyTo, Ingested)> = Vec::new();
         let mut shard = self.shard.borrow_mut();
-        let rate = match shard.take_batch(&org, tokens) {
+        let rate = match shard.take(&org, tokens) {
             Ok(rate) => rate,
             Err((rate, retry_after_s)) => {
                 drop(shard);

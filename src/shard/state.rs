@@ -101,21 +101,15 @@ impl Shard {
 
     /// Decide on one event of `org`: spend a token, then check the dedup window.
     pub fn admit(&mut self, org: &OrgInfo, dedup_id: Option<&str>) -> Admit {
-        let now = self.now_us();
-        let bucket = self.bucket(org, now);
-        let taken = bucket.try_take(now, org.limit);
-        let due = bucket.report_due();
-        let rate = match taken {
+        let rate = match self.take(org, 1) {
             Ok(rate) => rate,
-            Err(retry_after_s) => {
+            Err((rate, retry_after_s)) => {
                 return Admit::Limited {
-                    rate: bucket.snapshot(now, org.limit),
+                    rate,
                     retry_after_s,
                 }
             }
         };
-        self.spent = true;
-        self.report_due |= due;
         let dedup_key = dedup_id.map(|d| self.dedup_key(&org.id, d));
         if let Some(key) = dedup_key {
             if let Seen::Committed(event_id) = self.dedup.check_and_reserve(key) {
@@ -125,13 +119,9 @@ impl Shard {
         Admit::Go { rate, dedup_key }
     }
 
-    /// Spend `n` tokens of `org` for one batch request, or none: `Err` is the 429's bucket and
-    /// seconds to wait.
-    pub fn take_batch(
-        &mut self,
-        org: &OrgInfo,
-        n: u32,
-    ) -> Result<RateSnapshot, (RateSnapshot, u32)> {
+    /// Spend `n` tokens of `org` (one event, or one batch request), or none: `Err` is the 429's
+    /// bucket and seconds to wait.
+    pub fn take(&mut self, org: &OrgInfo, n: u32) -> Result<RateSnapshot, (RateSnapshot, u32)> {
         let now = self.now_us();
         let bucket = self.bucket(org, now);
         let taken = bucket
@@ -343,7 +333,7 @@ mod tests {
         );
         assert_eq!(s.take_rate_report(false).unwrap()[0].spent, 1);
         s.rate_reported(Some(vec![(a.id, 49_997.0)]));
-        assert!(s.take_batch(&b, 3).is_ok());
+        assert!(s.take(&b, 3).is_ok());
         // b is new here: reported at once.
         assert!(s.report_urgent());
         let spent = s.take_rate_report(false).unwrap();
