@@ -121,9 +121,22 @@ async fn a_dedup_id_already_stored_answers_409_with_the_first_event() {
 async fn a_batch_larger_than_the_tokens_left_is_refused_whole_and_spends_nothing() {
     let s = server();
     let (key, org) = new_org(s.addr, "free").await;
+    // Six a minute (one token back every 10 s) rather than the free tier's 100 (one every 0.6 s):
+    // a commit stalled by a checkpoint or another test's DDL must not refill the one token this
+    // test's boundary is about. The node that generated the key remembers the tier's limit, so
+    // the requests go to a node of their own, which reads the changed row.
+    db().await
+        .execute(
+            "UPDATE organizations SET rate_limit_per_minute = 6 WHERE id = $1::text::uuid",
+            &[&org],
+        )
+        .await
+        .unwrap();
+    let s = Server::start(&[]);
     let r = batch(s.addr, &key, json!([{"type": "a", "payload": 1}])).await;
     assert_eq!(r.status, 200);
     let limit: usize = r.header("x-ratelimit-limit").unwrap().parse().unwrap();
+    assert_eq!(limit, 6);
     let left: usize = r.header("x-ratelimit-remaining").unwrap().parse().unwrap();
     assert_eq!(left, limit - 1);
     // One more item than tokens left: 429, nothing stored, nothing spent.
@@ -237,6 +250,25 @@ async fn fast_ack_answers_202_items_and_stores_them() {
     panic!("the 202 items were not stored");
 }
 
+/// Run a DDL transaction, again if PostgreSQL picked it as a deadlock's victim: a trigger on the
+/// partitioned `events` locks the parent and then each partition, while another test's query may
+/// hold a partition and wait for the parent. The victim's transaction is rolled back whole, so
+/// running it again is safe.
+async fn ddl(admin: &tokio_postgres::Client, sql: &str) {
+    for attempt in 1.. {
+        match admin.batch_execute(sql).await {
+            Ok(()) => return,
+            Err(e)
+                if e.code() == Some(&tokio_postgres::error::SqlState::T_R_DEADLOCK_DETECTED)
+                    && attempt < 10 =>
+            {
+                admin.batch_execute("ROLLBACK").await.unwrap();
+            }
+            Err(e) => panic!("{sql}: {e:?}"),
+        }
+    }
+}
+
 #[tokio::test]
 async fn a_read_only_database_answers_503_not_the_clients_fault() {
     let s = Server::start(&[]);
@@ -248,8 +280,9 @@ async fn a_read_only_database_answers_503_not_the_clients_fault() {
     // Under the partition maintainer's lock: an ATTACH copying the parent's triggers while this
     // one is created or dropped fails one of the two.
     let lock = triggers::store::retention::LOCK_ID;
-    admin
-        .batch_execute(&format!(
+    ddl(
+        &admin,
+        &format!(
             "BEGIN; SELECT pg_advisory_xact_lock({lock}); \
              CREATE FUNCTION {func}() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
                IF NEW.org_id = '{org}'::uuid THEN \
@@ -258,22 +291,23 @@ async fn a_read_only_database_answers_503_not_the_clients_fault() {
                END IF; RETURN NEW; END $$; \
              CREATE TRIGGER {func} BEFORE INSERT ON events FOR EACH ROW EXECUTE FUNCTION {func}(); \
              COMMIT;"
-        ))
-        .await
-        .unwrap();
+        ),
+    )
+    .await;
     let r = batch(
         s.addr,
         &key,
         json!([{"type": "a", "payload": 1}, {"type": "b", "payload": 2, "dedup_id": "x"}]),
     )
     .await;
-    admin
-        .batch_execute(&format!(
+    ddl(
+        &admin,
+        &format!(
             "BEGIN; SELECT pg_advisory_xact_lock({lock}); \
              DROP TRIGGER {func} ON events; DROP FUNCTION {func}(); COMMIT;"
-        ))
-        .await
-        .unwrap();
+        ),
+    )
+    .await;
     assert_eq!(r.status, 503, "{}", r.text());
     assert!(r.header("retry-after").is_some());
     assert!(stored(&org).await.is_empty());
