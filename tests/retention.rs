@@ -185,3 +185,41 @@ async fn zero_keeps_everything_and_rounds_are_idempotent() {
     // Events still go in (today's partition) with hundreds of partitions attached.
     new_event_id(s.addr, &key, json!(2)).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rate_buckets_idle_long_enough_to_be_full_are_removed_and_no_other() {
+    let url = own_database("triggers_test_retention_rates").await;
+    let s = Server::start_with_db(&[], &url);
+    let (key, org) = new_org(s.addr, "free").await;
+    new_event_id(s.addr, &key, json!(1)).await;
+    let client = connect(&url).await;
+    let row = |org: String| format!("SELECT count(*) FROM rate_budgets WHERE org_id = '{org}'");
+    // The node reports its spend within 100 ms.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while count(&client, &row(org.clone())).await == 0 {
+        assert!(std::time::Instant::now() < deadline, "no report");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // One bucket idle for 3 minutes (full by now, even from the lowest balance), one for 1 minute
+    // at the lowest balance (still refilling: its row says more than a missing row would).
+    let (idle, refilling) = (uuid::Uuid::from_u128(1), uuid::Uuid::from_u128(2));
+    client
+        .execute(
+            "INSERT INTO rate_budgets (org_id, limit_per_minute, tokens, updated_at) VALUES \
+             ($1, 100, -100, clock_timestamp() - interval '3 minutes'), \
+             ($2, 100, -100, clock_timestamp() - interval '1 minute')",
+            &[&idle, &refilling],
+        )
+        .await
+        .unwrap();
+    let done = maintain(&client, Micros::now(), 30).await.unwrap();
+    assert_eq!(done.rate_budgets_removed, 1);
+    assert_eq!(count(&client, &row(idle.to_string())).await, 0);
+    assert_eq!(count(&client, &row(refilling.to_string())).await, 1);
+    assert_eq!(count(&client, &row(org)).await, 1);
+    // The active organization's limit still holds: its next event spends from the same bucket.
+    let r = post_event(s.addr, &key, "t", json!(2), None).await;
+    assert_eq!(r.status, 201, "{}", r.text());
+    let left: u32 = r.header("x-ratelimit-remaining").unwrap().parse().unwrap();
+    assert!(left < 99, "{left}");
+}

@@ -5,9 +5,17 @@
 //! A balance may go below zero (nodes spent at once what only one could) down to minus one
 //! minute's limit: every node then refuses until the refill has paid it back.
 
+use tokio_postgres::Client;
+
 use super::ctx::{Done, StoreCtx};
+use crate::db::describe;
 use crate::flow::job::RateSpend;
 use crate::ids::OrgId;
+
+/// A bucket no node has touched for this long has refilled to its limit even from the lowest
+/// balance (minus one minute's limit), so its row says no more than a missing row does (a node
+/// that finds none starts full): it can go.
+pub const RATE_BUDGET_IDLE: &str = "2 minutes";
 
 /// Rows in organization order, so two nodes reporting the same organizations lock them in the
 /// same order and never deadlock.
@@ -49,4 +57,24 @@ async fn write(ctx: &StoreCtx, spent: &[RateSpend]) -> Done<Vec<(OrgId, f64)>> {
         .iter()
         .map(|r| (OrgId(r.get(0)), r.get::<_, f64>(1)))
         .collect())
+}
+
+/// Remove the buckets idle for `RATE_BUDGET_IDLE` by the database's clock (the one `updated_at` is
+/// written with), so the table holds the organizations active lately, not every one ever seen.
+/// Rows a report holds are skipped (they are not idle), so this never waits on nor deadlocks with a
+/// report; a report racing the delete inserts the row again, full less its spend, which is what
+/// the deleted row held. Returns how many went.
+pub async fn prune_idle(client: &Client) -> Result<u64, String> {
+    client
+        .execute(
+            &format!(
+                "DELETE FROM rate_budgets WHERE org_id IN (\
+                   SELECT org_id FROM rate_budgets \
+                   WHERE updated_at < clock_timestamp() - interval '{RATE_BUDGET_IDLE}' \
+                   FOR UPDATE SKIP LOCKED)"
+            ),
+            &[],
+        )
+        .await
+        .map_err(|e| describe(&e))
 }

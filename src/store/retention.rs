@@ -1,7 +1,8 @@
 //! Retention: the daily partitions of `events`, `deliveries` and `delivery_attempts` (see
 //! `migrations/0004_retention.sql`). One node at a time (an advisory lock) creates the partitions
-//! a week ahead and drops, whole, those older than `--retention-days`, with their dedup keys. It
-//! runs at start (before the node is ready) and every `RETENTION_EVERY`.
+//! a week ahead and drops, whole, those older than `--retention-days`, with their dedup keys; and
+//! it removes the rate-limit buckets idle long enough to be full. It runs at start (before the
+//! node is ready) and every `RETENTION_EVERY`.
 //!
 //! Locks: a new partition is created on its own and then attached, and an expired one detached
 //! `CONCURRENTLY` before it is dropped; both take `SHARE UPDATE EXCLUSIVE` on the parent, which
@@ -38,6 +39,8 @@ pub struct Maintained {
     pub dropped: Vec<String>,
     /// Dedup keys removed with the dropped events.
     pub dedup_keys_removed: u64,
+    /// Idle rate-limit buckets removed (`rate::prune_idle`).
+    pub rate_budgets_removed: u64,
 }
 
 /// One partition as the catalog shows it.
@@ -190,6 +193,7 @@ pub async fn maintain(
             done.dropped.push(p.name.clone());
         }
     }
+    done.rate_budgets_removed = super::rate::prune_idle(client).await?;
     client
         .batch_execute("RESET lock_timeout")
         .await
@@ -241,6 +245,7 @@ pub async fn round(config: &Config, metrics: &Metrics) -> bool {
                     created = ?done.created,
                     dropped = ?done.dropped,
                     dedup_keys_removed = done.dedup_keys_removed,
+                    rate_budgets_removed = done.rate_budgets_removed,
                     retention_days = config.retention_days,
                     "partitions maintained"
                 );
