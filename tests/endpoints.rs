@@ -1075,3 +1075,69 @@ async fn the_inbox_walks_past_thousands_of_delivered_events_with_a_cursor() {
     }
     assert_eq!(seen.len(), 2500);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_nodes_failing_spell_does_not_disable_an_endpoint_other_nodes_reach() {
+    // Node A's attempts fail (the receiver refuses what was sent to A), node B's succeed: the
+    // same endpoint, reached from one node and not from the other. A alone has failed for longer
+    // than the disable limit, but B delivered within it: the endpoint stays active. Once B stops
+    // delivering, A's spell disables it after the limit.
+    let recv = Receiver::start(|r, _| {
+        let via_a = String::from_utf8_lossy(&r.body).contains("\"via\":\"a\"");
+        Answer::status(if via_a { 500 } else { 200 })
+    })
+    .await;
+    let args = [
+        PRIVATE,
+        "--endpoint-disable-after-s",
+        "7",
+        "--circuit-failures",
+        "1000000",
+        "--retry-schedule",
+        "10m",
+    ];
+    let (a, b) = (Server::start(&args), Server::start(&args));
+    let (key, _) = new_org(a.addr, "pro").await;
+    let ep = create_endpoint(a.addr, &key, json!({"url": recv.url("/x")})).await;
+    let path = format!("/api/endpoints/{}", ep["id"].as_str().unwrap());
+    let send = |s: &Server, via: &'static str| {
+        let (addr, key) = (s.addr, key.clone());
+        async move {
+            let r = post_event(addr, &key, "t", json!({ "via": via }), None).await;
+            assert_eq!(r.status, 201, "{}", r.text());
+        }
+    };
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(9) {
+        send(&a, "a").await;
+        send(&b, "b").await;
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let e = get(a.addr, &key, &path).await.json();
+    assert_eq!(e["status"], "active", "{e}");
+    let failed = recv.received().iter().filter(|r| r.answered == 500).count();
+    assert!(failed >= 20, "A attempted {failed}");
+    // Only A now: disabled once B's last recorded success is 7 s old.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        send(&a, "a").await;
+        let e = get(a.addr, &key, &path).await.json();
+        if e["status"] == "disabled" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never disabled: {e}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let inbox = get(a.addr, &key, "/api/inbox?limit=1000").await.json();
+    let disabled: Vec<&Value> = inbox["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["type"] == "triggers.endpoint.disabled")
+        .collect();
+    assert_eq!(disabled.len(), 1);
+    assert_eq!(
+        disabled[0]["payload"]["reason"],
+        "every attempt failed for 7 s"
+    );
+}

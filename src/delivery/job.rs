@@ -12,8 +12,8 @@ use std::time::Duration;
 
 use tokio::sync::oneshot;
 
+use super::model::{Disable, HealthWrite, Held, Next, Outcome, Recorded};
 use super::model::{Endpoint, Job, Lease, Verdict};
-use super::model::{HealthWrite, Held, Next, Outcome, Recorded};
 use super::runtime::{Admit, EndpointRuntime};
 use super::shared::{Busy, Shared};
 use super::{schedule, worker};
@@ -211,7 +211,7 @@ async fn settle(
     attempt: Option<(u32, super::model::Attempt)>,
     next: Next,
     health: Option<HealthWrite>,
-    disable: Option<String>,
+    disable: Option<Disable>,
 ) -> Step {
     let (tx, rx) = oneshot::channel();
     let retry_held = match &next {
@@ -284,7 +284,10 @@ async fn attempt(
             m.deliveries_gone.fetch_add(1, Ordering::Relaxed);
             (
                 Next::Parked,
-                Some("the receiver answered 410 Gone".to_string()),
+                Some(Disable {
+                    reason: "the receiver answered 410 Gone".to_string(),
+                    unless_delivered_after: None,
+                }),
             )
         }
         Verdict::Failed { retry_after } => {
@@ -332,8 +335,8 @@ fn judge_health(
     verdict: &Verdict,
     probe: bool,
     now: Micros,
-    disable: Option<String>,
-) -> (Option<HealthWrite>, Option<String>) {
+    disable: Option<Disable>,
+) -> (Option<HealthWrite>, Option<Disable>) {
     let config = &shared.config;
     let mut g = runtime.gates();
     let write = |g: &super::runtime::Gates, ok: bool| HealthWrite {
@@ -376,8 +379,14 @@ fn judge_health(
                 && g.breaker
                     .failing_since
                     .is_some_and(|since| now.0 - since.0 >= (limit as i64) * 1_000_000);
-            let disable =
-                disable.or_else(|| too_long.then(|| format!("every attempt failed for {limit} s")));
+            // This node's spell is long enough; the recorder checks that no other node delivered
+            // to the endpoint within the same time.
+            let disable = disable.or_else(|| {
+                too_long.then(|| Disable {
+                    reason: format!("every attempt failed for {limit} s"),
+                    unless_delivered_after: Some(Micros(now.0 - (limit as i64) * 1_000_000)),
+                })
+            });
             (Some(write(&g, false)), disable)
         }
     }

@@ -233,6 +233,17 @@ pub struct HealthWrite {
     pub open_until: Option<Micros>,
 }
 
+/// An outcome's request to disable its endpoint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Disable {
+    /// Why, as the endpoint and the `endpoint.disabled` event will say.
+    pub reason: String,
+    /// Unless any node recorded a success to the endpoint after this time (`None`: whatever
+    /// happened): one node's long failing spell does not disable an endpoint that other nodes
+    /// reach. Successes are recorded at least every `HEALTH_SUCCESS_WRITE_EVERY`.
+    pub unless_delivered_after: Option<Micros>,
+}
+
 /// One outcome for the recorder.
 pub struct Outcome {
     /// The event.
@@ -251,8 +262,8 @@ pub struct Outcome {
     pub next: Next,
     /// Its endpoint's health, when it changed.
     pub health: Option<HealthWrite>,
-    /// Disable its endpoint, for this reason.
-    pub disable: Option<String>,
+    /// Disable its endpoint.
+    pub disable: Option<Disable>,
     /// Where the answer goes.
     pub reply: oneshot::Sender<Recorded>,
 }

@@ -24,7 +24,7 @@ use deadpool_postgres::Transaction;
 use tokio::sync::mpsc;
 use uuid::Uuid;
 
-use super::model::{HealthWrite, Held, Next, Outcome, Recorded};
+use super::model::{Disable, HealthWrite, Held, Next, Outcome, Recorded};
 use super::shared::Shared;
 use crate::config::{RECORD_BATCH_LINGER_BELOW, RECORD_BATCH_MAX, RECORD_LINGER};
 use crate::db::copy::BinaryRows;
@@ -81,7 +81,9 @@ const WRITE_HEALTH: &str = "\
 
 const DISABLE: &str = "\
     UPDATE endpoints SET status = $2, disabled_reason = $3, updated_at = $4 \
-    WHERE id = $1 AND status = $5 RETURNING org_id";
+    WHERE id = $1 AND status = $5 \
+      AND ($6::timestamptz IS NULL OR last_success_at IS NULL OR last_success_at <= $6) \
+    RETURNING org_id";
 
 /// An operational event in its organization, matched to the endpoints that name its type in a
 /// pattern (`*` and no patterns never match an operational type), with their deliveries due
@@ -475,7 +477,13 @@ async fn write_in(
     let mut operational = 0u64;
     let mut disabled: HashSet<Uuid> = HashSet::new();
     for o in batch {
-        let Some(reason) = &o.disable else { continue };
+        let Some(Disable {
+            reason,
+            unless_delivered_after,
+        }) = &o.disable
+        else {
+            continue;
+        };
         if !disabled.insert(o.endpoint) {
             continue;
         }
@@ -488,6 +496,7 @@ async fn write_in(
                     reason,
                     &sys(now),
                     &EndpointStatus::Active.code(),
+                    &unless_delivered_after.map(sys),
                 ],
             )
             .await?;
