@@ -766,6 +766,18 @@ async fn operational_events_reach_subscribers_and_are_never_about_themselves() {
     assert_eq!(r.json()["field"], "type");
 }
 
+/// The `triggers.endpoint.disabled` events in the organization's inbox.
+async fn disabled_events(addr: std::net::SocketAddr, key: &str) -> Vec<Value> {
+    let inbox = get(addr, key, "/api/inbox?limit=1000").await.json();
+    inbox["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["type"] == "triggers.endpoint.disabled")
+        .cloned()
+        .collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_endpoint_failing_for_too_long_is_disabled_and_keeps_its_deliveries() {
     let recv = Receiver::start(|_, _| Answer::status(500)).await;
@@ -801,13 +813,7 @@ async fn an_endpoint_failing_for_too_long_is_disabled_and_keeps_its_deliveries()
     );
     let e = event_json(s.addr, &key, &id).await;
     assert_eq!(e["status"], "pending");
-    let inbox = get(s.addr, &key, "/api/inbox").await.json();
-    let disabled: Vec<&Value> = inbox["events"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|e| e["type"] == "triggers.endpoint.disabled")
-        .collect();
+    let disabled = disabled_events(s.addr, &key).await;
     assert_eq!(disabled.len(), 1);
     assert_eq!(disabled[0]["payload"]["endpoint_id"], ep["id"]);
     // Resumed, it delivers what waited.
@@ -1137,13 +1143,7 @@ async fn one_nodes_failing_spell_does_not_disable_an_endpoint_other_nodes_reach(
         assert!(Instant::now() < deadline, "never disabled: {e}");
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
-    let inbox = get(a.addr, &key, "/api/inbox?limit=1000").await.json();
-    let disabled: Vec<&Value> = inbox["events"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|e| e["type"] == "triggers.endpoint.disabled")
-        .collect();
+    let disabled = disabled_events(a.addr, &key).await;
     assert_eq!(disabled.len(), 1);
     assert_eq!(
         disabled[0]["payload"]["reason"],
