@@ -12,8 +12,9 @@ use std::time::Duration;
 
 use tokio::sync::oneshot;
 
-use super::model::{Disable, HealthWrite, Held, Next, Outcome, Recorded};
-use super::model::{Endpoint, Job, Lease, Verdict};
+use super::model::{
+    Disable, Endpoint, HealthWrite, Held, Job, Lease, Next, Outcome, Recorded, Verdict,
+};
 use super::runtime::{Admit, EndpointRuntime};
 use super::shared::{Busy, Shared};
 use super::{schedule, worker};
@@ -375,16 +376,17 @@ fn judge_health(
                 tracing::info!(endpoint = %runtime.id, until = %until.rfc3339(), "circuit open");
             }
             let limit = config.endpoint_disable_after_s;
+            let limit_ago = Micros(now.0 - (limit as i64) * 1_000_000);
             let too_long = limit > 0
                 && g.breaker
                     .failing_since
-                    .is_some_and(|since| now.0 - since.0 >= (limit as i64) * 1_000_000);
+                    .is_some_and(|since| since <= limit_ago);
             // This node's spell is long enough; the recorder checks that no other node delivered
             // to the endpoint within the same time.
             let disable = disable.or_else(|| {
                 too_long.then(|| Disable {
                     reason: format!("every attempt failed for {limit} s"),
-                    unless_delivered_after: Some(Micros(now.0 - (limit as i64) * 1_000_000)),
+                    unless_delivered_after: Some(limit_ago),
                 })
             });
             (Some(write(&g, false)), disable)

@@ -1,7 +1,8 @@
 //! Cluster-wide rate limits: one bucket per organization in `rate_budgets`, shared by every node.
 //! A core reports what its organizations spent since its last report (one statement for all of
-//! them: every `RATE_REPORT_EVERY`, or at once for a spent slice or an organization new to it); each bucket is refilled for the time since it was
-//! last touched, capped at the limit, the spend taken off, and the balance goes back to the core.
+//! them: every `RATE_REPORT_EVERY`, or at once for a spent slice or an organization new to it);
+//! each bucket is refilled for the time since it was last touched, capped at the limit, the spend
+//! taken off, and the balance goes back to the core.
 //! A balance may go below zero (nodes spent at once what only one could) down to minus one
 //! minute's limit: every node then refuses until the refill has paid it back.
 
@@ -12,10 +13,14 @@ use crate::db::describe;
 use crate::flow::job::RateSpend;
 use crate::ids::OrgId;
 
-/// A bucket no node has touched for this long has refilled to its limit even from the lowest
-/// balance (minus one minute's limit), so its row says no more than a missing row does (a node
-/// that finds none starts full): it can go.
-pub const RATE_BUDGET_IDLE: &str = "2 minutes";
+/// The buckets no node touched for 2 minutes: by then one has refilled to its limit even from the
+/// lowest balance (minus one minute's limit), so its row says no more than a missing row does (a
+/// node that finds none starts full). Rows a report holds are skipped.
+const PRUNE_SQL: &str = "\
+    DELETE FROM rate_budgets WHERE org_id IN ( \
+        SELECT org_id FROM rate_budgets \
+        WHERE updated_at < clock_timestamp() - interval '2 minutes' \
+        FOR UPDATE SKIP LOCKED)";
 
 /// Rows in organization order, so two nodes reporting the same organizations lock them in the
 /// same order and never deadlock.
@@ -59,22 +64,14 @@ async fn write(ctx: &StoreCtx, spent: &[RateSpend]) -> Done<Vec<(OrgId, f64)>> {
         .collect())
 }
 
-/// Remove the buckets idle for `RATE_BUDGET_IDLE` by the database's clock (the one `updated_at` is
+/// Remove the buckets idle long enough to be full ([`PRUNE_SQL`]), by the database's clock (the one `updated_at` is
 /// written with), so the table holds the organizations active lately, not every one ever seen.
 /// Rows a report holds are skipped (they are not idle), so this never waits on nor deadlocks with a
 /// report; a report racing the delete inserts the row again, full less its spend, which is what
 /// the deleted row held. Returns how many went.
 pub async fn prune_idle(client: &Client) -> Result<u64, String> {
     client
-        .execute(
-            &format!(
-                "DELETE FROM rate_budgets WHERE org_id IN (\
-                   SELECT org_id FROM rate_budgets \
-                   WHERE updated_at < clock_timestamp() - interval '{RATE_BUDGET_IDLE}' \
-                   FOR UPDATE SKIP LOCKED)"
-            ),
-            &[],
-        )
+        .execute(PRUNE_SQL, &[])
         .await
         .map_err(|e| describe(&e))
 }
