@@ -111,6 +111,9 @@ pub const WRITE_RETRY_BACKOFF_MIN: Duration = Duration::from_millis(50);
 pub const WRITE_RETRY_BACKOFF_MAX: Duration = Duration::from_secs(2);
 /// A group commit slower than this is logged: it holds every request in its batch.
 pub const SLOW_BATCH: Duration = Duration::from_millis(250);
+/// How many times a writer runs a batch's transaction when PostgreSQL asks for it to be run
+/// again (a deadlock's victim, a serialization failure), all within the one `db_timeout`.
+pub const WRITE_RUNS_MAX: u32 = 3;
 /// Query jobs running at once per read-pool connection (the rest wait in the bounded job queue).
 pub const QUERY_JOBS_PER_CONNECTION: usize = 8;
 

@@ -250,77 +250,78 @@ async fn fast_ack_answers_202_items_and_stores_them() {
     panic!("the 202 items were not stored");
 }
 
-/// Run a DDL transaction, again if PostgreSQL picked it as a deadlock's victim: a trigger on the
-/// partitioned `events` locks the parent and then each partition, while another test's query may
-/// hold a partition and wait for the parent. The victim's transaction is rolled back whole, so
-/// running it again is safe.
-async fn ddl(admin: &tokio_postgres::Client, sql: &str) {
-    for attempt in 1.. {
-        match admin.batch_execute(sql).await {
-            Ok(()) => return,
-            Err(e)
-                if e.code() == Some(&tokio_postgres::error::SqlState::T_R_DEADLOCK_DETECTED)
-                    && attempt < 10 =>
-            {
-                admin.batch_execute("ROLLBACK").await.unwrap();
-            }
-            Err(e) => panic!("{sql}: {e:?}"),
-        }
-    }
+/// A connection to a database of a test's own (see [`own_database`]).
+async fn connect(url: &str) -> tokio_postgres::Client {
+    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    client
+}
+
+/// The events stored in a database of a test's own.
+async fn count_events(url: &str) -> i64 {
+    connect(url)
+        .await
+        .query_one("SELECT count(*) FROM events", &[])
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// Make a database of a test's own read-only (or writable again) for real: every new session
+/// starts read-only, and the sessions open now are ended, so the server's next ones are.
+async fn set_read_only(name: &str, on: bool) {
+    let admin = db().await;
+    let setting = match on {
+        true => "SET default_transaction_read_only = on",
+        false => "RESET default_transaction_read_only",
+    };
+    admin
+        .batch_execute(&format!("ALTER DATABASE {name} {setting}"))
+        .await
+        .unwrap();
+    admin
+        .execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1",
+            &[&name],
+        )
+        .await
+        .unwrap();
 }
 
 #[tokio::test]
 async fn a_read_only_database_answers_503_not_the_clients_fault() {
-    let s = Server::start(&[]);
-    let (key, org) = new_org(s.addr, "pro").await;
-    let admin = db().await;
-    // Only this test's organization's inserts fail: a trigger refusing them as a read-only
-    // database would (SQLSTATE 25006), so other tests sharing the database are untouched.
-    let func = format!("refuse_{}", org.replace('-', "_"));
-    // Under the partition maintainer's lock: an ATTACH copying the parent's triggers while this
-    // one is created or dropped fails one of the two.
-    let lock = triggers::store::retention::LOCK_ID;
-    ddl(
-        &admin,
-        &format!(
-            "BEGIN; SELECT pg_advisory_xact_lock({lock}); \
-             CREATE FUNCTION {func}() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
-               IF NEW.org_id = '{org}'::uuid THEN \
-                 RAISE EXCEPTION 'cannot execute INSERT in a read-only transaction' \
-                   USING ERRCODE = '25006'; \
-               END IF; RETURN NEW; END $$; \
-             CREATE TRIGGER {func} BEFORE INSERT ON events FOR EACH ROW EXECUTE FUNCTION {func}(); \
-             COMMIT;"
-        ),
-    )
-    .await;
-    let r = batch(
-        s.addr,
-        &key,
-        json!([{"type": "a", "payload": 1}, {"type": "b", "payload": 2, "dedup_id": "x"}]),
-    )
-    .await;
-    ddl(
-        &admin,
-        &format!(
-            "BEGIN; SELECT pg_advisory_xact_lock({lock}); \
-             DROP TRIGGER {func} ON events; DROP FUNCTION {func}(); COMMIT;"
-        ),
-    )
-    .await;
-    assert_eq!(r.status, 503, "{}", r.text());
-    assert!(r.header("retry-after").is_some());
-    assert!(stored(&org).await.is_empty());
-    // Once the database takes writes again (the server notices within seconds; until then it
-    // answers 503, never a 4xx) the same batch goes through.
+    // A database of its own: the others' servers keep writing to theirs.
+    let name = "triggers_test_read_only";
+    let url = own_database(name).await;
+    let s = Server::start_with_db(&[], &url);
+    let (key, _) = new_org(s.addr, "pro").await;
+    let events = json!([{"type": "a", "payload": 1}, {"type": "b", "payload": 2, "dedup_id": "x"}]);
+    set_read_only(name, true).await;
+    // Every answer is 503 with Retry-After (the first may be for the ended sessions, the rest
+    // for the read-only ones), never a 4xx, until the server has met the read-only database.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
     loop {
-        let r = batch(
-            s.addr,
-            &key,
-            json!([{"type": "a", "payload": 1}, {"type": "b", "payload": 2, "dedup_id": "x"}]),
-        )
-        .await;
+        let r = batch(s.addr, &key, events.clone()).await;
+        assert_eq!(r.status, 503, "{}", r.text());
+        assert!(r.header("retry-after").is_some());
+        if !s.log_lines("read-only").is_empty() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the read-only database was not noticed"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(count_events(&url).await, 0);
+    // Once the database takes writes again (the server notices within seconds; until then it
+    // answers 503, never a 4xx) the same batch goes through.
+    set_read_only(name, false).await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    loop {
+        let r = batch(s.addr, &key, events.clone()).await;
         if r.status == 200 {
             let results = r.json()["results"].clone();
             assert_eq!(results[0]["status"], 201, "{results}");
@@ -331,7 +332,47 @@ async fn a_read_only_database_answers_503_not_the_clients_fault() {
         assert!(std::time::Instant::now() < deadline, "still 503");
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     }
-    assert_eq!(stored(&org).await.len(), 2);
+    assert_eq!(count_events(&url).await, 2);
+}
+
+#[tokio::test]
+async fn a_deadlock_victims_batch_is_written_again_not_answered_503() {
+    let url = own_database("triggers_test_rerun").await;
+    let s = Server::start_with_db(&[], &url);
+    let (key, _) = new_org(s.addr, "pro").await;
+    // The first insert into events is refused as a deadlock's victim would be (40P01); the
+    // sequence counts outside the transaction, so the rerun goes through.
+    let lock = triggers::store::retention::LOCK_ID;
+    connect(&url)
+        .await
+        .batch_execute(&format!(
+            "BEGIN; SELECT pg_advisory_xact_lock({lock}); \
+             CREATE SEQUENCE victims; \
+             CREATE FUNCTION victim_once() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
+               IF nextval('victims') = 1 THEN \
+                 RAISE EXCEPTION 'deadlock detected' USING ERRCODE = '40P01'; \
+               END IF; RETURN NEW; END $$; \
+             CREATE TRIGGER victim_once BEFORE INSERT ON events \
+               FOR EACH ROW EXECUTE FUNCTION victim_once(); \
+             COMMIT;"
+        ))
+        .await
+        .unwrap();
+    let r = batch(
+        s.addr,
+        &key,
+        json!([{"type": "a", "payload": 1}, {"type": "b", "payload": 2}]),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let results = r.json()["results"].clone();
+    assert_eq!(results[0]["status"], 201, "{results}");
+    assert_eq!(results[1]["status"], 201, "{results}");
+    assert_eq!(count_events(&url).await, 2);
+    assert!(
+        !s.log_lines("must be run again").is_empty(),
+        "the deadlock was never met"
+    );
 }
 
 #[tokio::test]

@@ -131,6 +131,13 @@ pub fn fault_of_code(code: Option<&str>) -> Fault {
     }
 }
 
+/// Whether PostgreSQL asks for the transaction to be run again: it failed to serialize (40001)
+/// or was picked as a deadlock's victim (40P01). It was rolled back whole and the database is
+/// fine, so running it again is both safe and the right answer, not a 503.
+pub fn must_rerun(e: &tokio_postgres::Error) -> bool {
+    matches!(e.code().map(|c| c.code()), Some("40001" | "40P01"))
+}
+
 /// Whether a database error means the database (or the connection to it) is gone or cannot do
 /// its job: everything that is not the statement's own data ([`Fault::Server`]).
 pub fn is_connection_error(e: &tokio_postgres::Error) -> bool {

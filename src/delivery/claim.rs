@@ -23,6 +23,7 @@ use super::shared::Shared;
 use crate::config::{
     CLAIM_BATCH_MAX, DELIVERY_BACKLOG_COUNT_EVERY, DELIVERY_BACKLOG_COUNT_MAX, RELEASE_TIMEOUT,
 };
+use crate::db::describe;
 use crate::flow::event::{EventStatus, STATUS_DERIVED};
 use crate::ids::{EventId, Micros, OrgId};
 
@@ -142,7 +143,7 @@ async fn renew(shared: &Shared) -> Result<(), String> {
                     &[&expire, &now.to_system_time()],
                 )
                 .await
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| describe(&e))?;
         }
         if ids.is_empty() {
             return Ok(Vec::new());
@@ -153,7 +154,7 @@ async fn renew(shared: &Shared) -> Result<(), String> {
                 &[&ids, &until.to_system_time()],
             )
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| describe(&e))?;
         Ok::<_, String>(rows.iter().map(|r| r.get::<_, Uuid>(0)).collect::<Vec<_>>())
     };
     let renewed = tokio::time::timeout(db_timeout(shared), work)
@@ -189,11 +190,11 @@ async fn take_over(shared: &Shared) -> Result<u64, String> {
         let stmt = client
             .prepare_cached(TAKE_OVER)
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| describe(&e))?;
         client
             .execute(&stmt, &[&now, &TAKE_OVER_BATCHES, &STATUS_DERIVED])
             .await
-            .map_err(|e| e.to_string())
+            .map_err(|e| describe(&e))
     };
     tokio::time::timeout(db_timeout(shared), work)
         .await
@@ -210,7 +211,7 @@ async fn claim(shared: &Arc<Shared>, limit: usize) -> Result<usize, String> {
         let stmt = client
             .prepare_cached(CLAIM)
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| describe(&e))?;
         client
             .query(
                 &stmt,
@@ -222,7 +223,7 @@ async fn claim(shared: &Arc<Shared>, limit: usize) -> Result<usize, String> {
                 ],
             )
             .await
-            .map_err(|e| e.to_string())
+            .map_err(|e| describe(&e))
     };
     let rows = tokio::time::timeout(db_timeout(shared), work)
         .await
@@ -266,7 +267,7 @@ async fn count_gauges(shared: &Shared) -> Result<(), String> {
             &[&DELIVERY_BACKLOG_COUNT_MAX],
         )
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| describe(&e))?;
     let m = &shared.metrics;
     m.delivery_due_backlog.store(row.get(0), Ordering::Relaxed);
     m.deliveries_parked.store(row.get(1), Ordering::Relaxed);
@@ -316,14 +317,14 @@ pub(super) async fn release_all(shared: &Shared) -> usize {
                 &[&events, &endpoints, &leases, &due],
             )
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| describe(&e))?;
         let expired = client
             .execute(
                 "UPDATE delivery_batches SET lease_until = $2 WHERE id = ANY($1)",
                 &[&batches, &now],
             )
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| describe(&e))?;
         Ok::<_, String>((rows + expired) as usize)
     };
     match tokio::time::timeout(RELEASE_TIMEOUT, work).await {

@@ -27,7 +27,7 @@ use uuid::Uuid;
 use super::model::{Disable, HealthWrite, Held, Next, Outcome, Recorded};
 use super::shared::Shared;
 use crate::config::{RECORD_BATCH_LINGER_BELOW, RECORD_BATCH_MAX, RECORD_LINGER};
-use crate::db::copy::BinaryRows;
+use crate::db::{copy::BinaryRows, describe};
 use crate::event_types::{DELIVERY_FAILED, ENDPOINT_DISABLED};
 use crate::flow::answer::EndpointStatus;
 use crate::flow::event::EventStatus;
@@ -185,11 +185,11 @@ async fn write_outcomes(
 ) -> Option<Written> {
     let work = async {
         let mut client = pool.get().await.map_err(|e| e.to_string())?;
-        let tx = client.transaction().await.map_err(|e| e.to_string())?;
+        let tx = client.transaction().await.map_err(|e| describe(&e))?;
         let w = write_in(&tx, batch, finished, copy)
             .await
-            .map_err(|e| crate::db::describe(&e))?;
-        tx.commit().await.map_err(|e| e.to_string())?;
+            .map_err(|e| describe(&e))?;
+        tx.commit().await.map_err(|e| describe(&e))?;
         Ok::<_, String>(w)
     };
     match tokio::time::timeout(db_timeout, work).await {

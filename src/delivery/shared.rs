@@ -16,6 +16,7 @@ use super::runtime::{EndpointRuntime, TokenBucket};
 use super::sign;
 use crate::auth::Changes;
 use crate::config::{Config, ENDPOINT_CACHE_ORGS_MAX};
+use crate::db::describe;
 use crate::flow::answer::EndpointStatus;
 use crate::flow::sink::ByteBudget;
 use crate::ids::{EventId, Micros, OrgId};
@@ -137,12 +138,12 @@ impl Shared {
             let stmt = client
                 .prepare_cached(LOAD_ENDPOINTS)
                 .await
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| describe(&e))?;
             let live = [EndpointStatus::Active.code(), EndpointStatus::Paused.code()];
             client
                 .query(&stmt, &[&missing, &&live[..]])
                 .await
-                .map_err(|e| e.to_string())
+                .map_err(|e| describe(&e))
         };
         let rows = tokio::time::timeout(Duration::from_millis(self.config.db_timeout_ms), load)
             .await

@@ -36,8 +36,9 @@ use super::copy::{CopyEncoder, RowPlan, COPY_EVENTS};
 use super::ctx::StoreCtx;
 use crate::config::{
     AckMode, COPY_PIECE_BYTES, SLOW_BATCH, WRITE_RETRY_BACKOFF_MAX, WRITE_RETRY_BACKOFF_MIN,
+    WRITE_RUNS_MAX,
 };
-use crate::db::{describe, fault, Fault};
+use crate::db::{describe, fault, must_rerun, Fault};
 use crate::flow::answer::{Completion, Outcome, Refusal};
 use crate::flow::answer::{IngestOutcome, Ingested};
 use crate::flow::event::{NewEvent, STATUS_DERIVED};
@@ -314,40 +315,50 @@ async fn write_rows(
     rows: &[usize],
     deadline: Instant,
 ) -> Result<Vec<Ingested>, BatchError> {
-    let client = match tokio::time::timeout_at(deadline, ctx.writer_pool.get()).await {
-        Ok(Ok(c)) => c,
-        Ok(Err(e)) => return Err(BatchError::Database(format!("no connection: {e}"))),
-        Err(_) => return Err(BatchError::Database("no connection in time".into())),
-    };
-    let started = std::time::Instant::now();
-    let work = write_rows_on(&client, encoder, batch, plan, rows);
-    match tokio::time::timeout_at(deadline, work).await {
-        Ok(Ok(results)) => {
-            let took = started.elapsed();
-            if took > SLOW_BATCH {
-                tracing::warn!(
-                    events = rows.len(),
-                    ms = took.as_millis() as u64,
-                    "slow commit: the database took long to write a batch (disk or checkpoint?)"
-                );
+    let mut runs = 0;
+    loop {
+        runs += 1;
+        let client = match tokio::time::timeout_at(deadline, ctx.writer_pool.get()).await {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => return Err(BatchError::Database(format!("no connection: {e}"))),
+            Err(_) => return Err(BatchError::Database("no connection in time".into())),
+        };
+        let started = std::time::Instant::now();
+        let work = write_rows_on(&client, encoder, batch, plan, rows);
+        return match tokio::time::timeout_at(deadline, work).await {
+            Ok(Ok(results)) => {
+                let took = started.elapsed();
+                if took > SLOW_BATCH {
+                    tracing::warn!(
+                        events = rows.len(),
+                        ms = took.as_millis() as u64,
+                        "slow commit: the database took long to write a batch (disk or checkpoint?)"
+                    );
+                }
+                Ok(results)
             }
-            Ok(results)
-        }
-        Ok(Err(e)) => {
-            // The connection may be mid-transaction: never hand it back to the pool.
-            let _ = deadpool_postgres::Object::take(client);
-            match fault(&e) {
-                Fault::Data => Err(BatchError::Data(describe(&e))),
-                Fault::Server => Err(BatchError::Database(describe(&e))),
+            Ok(Err(e)) => {
+                // The connection may be mid-transaction: never hand it back to the pool.
+                let _ = deadpool_postgres::Object::take(client);
+                if must_rerun(&e) && runs < WRITE_RUNS_MAX {
+                    // Rolled back whole and the database is fine: the same rows again, within
+                    // the same deadline (the pool's next connection, or none in time: 503).
+                    tracing::warn!(error = %describe(&e), events = rows.len(), "batch transaction must be run again; writing it again");
+                    continue;
+                }
+                match fault(&e) {
+                    Fault::Data => Err(BatchError::Data(describe(&e))),
+                    Fault::Server => Err(BatchError::Database(describe(&e))),
+                }
             }
-        }
-        Err(_) => {
-            let _ = deadpool_postgres::Object::take(client);
-            Err(BatchError::Database(format!(
-                "no commit within {:?}",
-                ctx.db_timeout
-            )))
-        }
+            Err(_) => {
+                let _ = deadpool_postgres::Object::take(client);
+                Err(BatchError::Database(format!(
+                    "no commit within {:?}",
+                    ctx.db_timeout
+                )))
+            }
+        };
     }
 }
 
