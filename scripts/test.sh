@@ -35,7 +35,7 @@ python3 scripts/import-cycles.py
 echo "== cargo clippy" >&2
 cargo clippy --locked --all-targets -- -D warnings
 echo "== cargo test" >&2
-cargo test --locked -- --test-threads 4
+cargo test --locked --no-fail-fast -- --test-threads 4
 echo "== alert rules, Prometheus configuration and a live scrape (promtool)" >&2
 bash scripts/observability.sh
 if [ "$SKIP_SCHEMATHESIS" != "1" ]; then

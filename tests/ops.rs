@@ -336,7 +336,11 @@ async fn access_log_lines_and_trace_context_reach_the_receiver() {
             .into_iter()
             .find(|l| l.contains("\"access\""))
     };
-    while line("req-batch").is_none() || line("\"/health\"").is_none() {
+    // Each core flushes its own lines: wait for every one the test reads, not just the last.
+    while ["req-traced", "req-batch", "\"/health\""]
+        .iter()
+        .any(|needle| line(needle).is_none())
+    {
         assert!(std::time::Instant::now() < deadline, "no access lines");
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
