@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
-use http::header::{HeaderName, HeaderValue};
+use http::header::{HeaderMap, HeaderName, HeaderValue};
 use http_body_util::{BodyExt, Full, Limited};
 
 use super::connector::HttpClient;
@@ -64,6 +64,63 @@ pub fn kept_body(bytes: &[u8]) -> Option<String> {
     Some(String::from_utf8_lossy(head).into_owned())
 }
 
+/// The request of one attempt, built in place: the header map is made at its final size and
+/// nothing is moved through a fallible builder.
+fn request(uri: http::Uri, headers: HeaderMap, body: Vec<u8>) -> http::Request<Full<Bytes>> {
+    let mut request = http::Request::new(Full::new(Bytes::from(body)));
+    *request.method_mut() = http::Method::POST;
+    *request.uri_mut() = uri;
+    *request.headers_mut() = headers;
+    request
+}
+
+/// The headers of one attempt: content type, user agent, the event's id and type, the attempt's
+/// number, the Standard Webhooks trio and the producer's trace context.
+fn headers(job: &Job, id: &str, number: u32, timestamp: i64, signature: String) -> HeaderMap {
+    let mut h = HeaderMap::with_capacity(HEADERS);
+    h.insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    h.insert(
+        http::header::USER_AGENT,
+        HeaderValue::from_static(concat!("triggers/", env!("CARGO_PKG_VERSION"))),
+    );
+    // A UUID's text is a valid header value; one allocation, shared by both headers.
+    let id = HeaderValue::from_str(id).expect("a UUID is a valid header value");
+    h.insert(HeaderName::from_static("x-event-id"), id.clone());
+    h.insert(
+        HeaderName::from_static("x-event-type"),
+        type_header(&job.event_type),
+    );
+    h.insert(
+        HeaderName::from_static("x-delivery-attempt"),
+        HeaderValue::from(number),
+    );
+    h.insert(HeaderName::from_static("webhook-id"), id);
+    h.insert(
+        HeaderName::from_static("webhook-timestamp"),
+        HeaderValue::from(timestamp),
+    );
+    h.insert(
+        HeaderName::from_static("webhook-signature"),
+        HeaderValue::try_from(signature).expect("base64 signatures are a valid header value"),
+    );
+    // The producer's trace context, checked when the event was taken (a value that would not
+    // make a header is not sent rather than failing the attempt).
+    if let Some(t) = job
+        .traceparent
+        .as_deref()
+        .and_then(|t| HeaderValue::from_str(t).ok())
+    {
+        h.insert(HeaderName::from_static("traceparent"), t);
+    }
+    h
+}
+
+/// How many headers an attempt sends at most.
+const HEADERS: usize = 9;
+
 /// POST the event once.
 pub async fn attempt(
     client: &HttpClient,
@@ -86,38 +143,7 @@ pub async fn attempt(
     let timestamp = at.0 / 1_000_000;
     let id = job.event.to_string();
     let sig = signatures(endpoint.signing_keys(at), &id, timestamp, &body);
-    let request = http::Request::post(uri)
-        .header(http::header::CONTENT_TYPE, "application/json")
-        .header(
-            http::header::USER_AGENT,
-            concat!("triggers/", env!("CARGO_PKG_VERSION")),
-        )
-        .header(HeaderName::from_static("x-event-id"), id.as_str())
-        .header(
-            HeaderName::from_static("x-event-type"),
-            type_header(&job.event_type),
-        )
-        .header(HeaderName::from_static("x-delivery-attempt"), number)
-        .header(HeaderName::from_static("webhook-id"), id.as_str())
-        .header(HeaderName::from_static("webhook-timestamp"), timestamp)
-        .header(HeaderName::from_static("webhook-signature"), sig);
-    // The producer's trace context, checked when the event was taken.
-    let request = match &job.traceparent {
-        Some(t) => request.header(HeaderName::from_static("traceparent"), t.as_ref()),
-        None => request,
-    }
-    .body(Full::new(Bytes::from(body)));
-    let request = match request {
-        Ok(r) => r,
-        Err(e) => {
-            return failed(
-                at,
-                started,
-                None,
-                format!("could not build the request: {e}"),
-            )
-        }
-    };
+    let request = request(uri, headers(job, &id, number, timestamp, sig), body);
     let exchange = async {
         let response = client.request(request).await?;
         let status = response.status().as_u16();
@@ -208,6 +234,45 @@ mod tests {
             text,
             r#"{"event_id":"00000000-0000-0000-0000-000000000001","type":"t","data":{ "a" : 1 },"created_at":"1970-01-01T00:00:01.000000Z"}"#
         );
+    }
+
+    #[test]
+    fn an_attempt_sends_every_header_once() {
+        let mut job = Job::test(
+            EventId(uuid::Uuid::from_u128(1)),
+            OrgId(uuid::Uuid::from_u128(2)),
+            "{}",
+        );
+        let id = job.event.to_string();
+        let plain = headers(&job, &id, 3, 1_700_000_000, "v1,abc".into());
+        job.traceparent = Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into());
+        let traced = headers(&job, &id, 3, 1_700_000_000, "v1,abc".into());
+        assert_eq!(plain.len() + 1, traced.len());
+        assert_eq!(traced.len(), HEADERS);
+        for (name, value) in [
+            ("content-type", "application/json"),
+            ("x-event-id", id.as_str()),
+            ("webhook-id", id.as_str()),
+            ("x-event-type", "t"),
+            ("x-delivery-attempt", "3"),
+            ("webhook-timestamp", "1700000000"),
+            ("webhook-signature", "v1,abc"),
+            (
+                "traceparent",
+                "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+            ),
+        ] {
+            assert_eq!(
+                traced.get_all(name).iter().collect::<Vec<_>>(),
+                [value],
+                "{name}"
+            );
+        }
+        assert!(traced[http::header::USER_AGENT]
+            .to_str()
+            .unwrap()
+            .starts_with("triggers/"));
+        assert!(plain.get("traceparent").is_none());
     }
 
     #[test]
