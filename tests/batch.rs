@@ -250,18 +250,9 @@ async fn fast_ack_answers_202_items_and_stores_them() {
     panic!("the 202 items were not stored");
 }
 
-/// A connection to a database of a test's own (see [`own_database`]).
-async fn connect(url: &str) -> tokio_postgres::Client {
-    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    tokio::spawn(conn);
-    client
-}
-
 /// The events stored in a database of a test's own.
 async fn count_events(url: &str) -> i64 {
-    connect(url)
+    db_at(url)
         .await
         .query_one("SELECT count(*) FROM events", &[])
         .await
@@ -343,7 +334,7 @@ async fn a_deadlock_victims_batch_is_written_again_not_answered_503() {
     // The first insert into events is refused as a deadlock's victim would be (40P01); the
     // sequence counts outside the transaction, so the rerun goes through.
     let lock = triggers::store::retention::LOCK_ID;
-    connect(&url)
+    db_at(&url)
         .await
         .batch_execute(&format!(
             "BEGIN; SELECT pg_advisory_xact_lock({lock}); \

@@ -879,10 +879,7 @@ async fn redelivery_starts_a_round_for_every_endpoint_or_the_one_named() {
 /// previous release left it.
 async fn v1_database(name: &str) -> String {
     let url = own_database(name).await;
-    let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    tokio::spawn(conn);
+    let client = db_at(&url).await;
     client
         .batch_execute(include_str!("../migrations/0001_init.sql"))
         .await
@@ -907,10 +904,7 @@ async fn v1_database(name: &str) -> String {
 async fn a_version_1_database_migrates_and_its_pending_events_are_delivered() {
     let recv = Receiver::start(|_, _| Answer::status(200)).await;
     let url = v1_database("triggers_test_v1").await;
-    let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    tokio::spawn(conn);
+    let client = db_at(&url).await;
     let secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
     client
         .execute(

@@ -14,14 +14,6 @@ use triggers::store::retention::{maintain, TABLES};
 
 const DAY_US: i64 = 86_400 * 1_000_000;
 
-async fn connect(url: &str) -> tokio_postgres::Client {
-    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    tokio::spawn(conn);
-    client
-}
-
 async fn partitions(client: &tokio_postgres::Client, table: &str) -> Vec<String> {
     let mut names: Vec<String> = client
         .query(
@@ -56,7 +48,7 @@ async fn expired_days_go_whole_with_their_records_and_dedup_keys() {
         ],
         &url,
     );
-    let client = connect(&url).await;
+    let client = db_at(&url).await;
     // At start: the first partition (every id before tomorrow) and a week ahead.
     for table in TABLES {
         let names = partitions(&client, table).await;
@@ -166,7 +158,7 @@ async fn zero_keeps_everything_and_rounds_are_idempotent() {
     let s = Server::start_with_db(&["--retention-days", "0"], &url);
     let (key, _) = new_org(s.addr, "pro").await;
     let id = new_event_id(s.addr, &key, json!(1)).await;
-    let client = connect(&url).await;
+    let client = db_at(&url).await;
     let far = Micros(Micros::now().0 + 40 * DAY_US);
     let done = maintain(&client, far, 0).await.unwrap();
     assert!(done.dropped.is_empty());
@@ -192,7 +184,7 @@ async fn rate_buckets_idle_long_enough_to_be_full_are_removed_and_no_other() {
     let s = Server::start_with_db(&[], &url);
     let (key, org) = new_org(s.addr, "free").await;
     new_event_id(s.addr, &key, json!(1)).await;
-    let client = connect(&url).await;
+    let client = db_at(&url).await;
     let row = |org: String| format!("SELECT count(*) FROM rate_budgets WHERE org_id = '{org}'");
     // The node reports its spend within 100 ms.
     let deadline = std::time::Instant::now() + Duration::from_secs(5);

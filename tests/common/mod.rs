@@ -40,7 +40,6 @@ pub fn database_url() -> String {
     .clone()
 }
 
-/// A direct connection to the test database, for checking what the server wrote.
 /// A fresh, empty database of its own (dropped first if a previous run left it), for a test
 /// whose server must not share its due deliveries with the other tests' servers (they act as
 /// one cluster on the shared database). The server's start migrates it.
@@ -56,8 +55,14 @@ pub async fn own_database(name: &str) -> String {
     format!("{}/{name}", &base[..base.rfind('/').unwrap()])
 }
 
+/// A direct connection to the test database, for checking what the server wrote.
 pub async fn db() -> tokio_postgres::Client {
-    let (client, conn) = tokio_postgres::connect(&database_url(), tokio_postgres::NoTls)
+    db_at(&database_url()).await
+}
+
+/// A direct connection to another database (one of [`own_database`]).
+pub async fn db_at(url: &str) -> tokio_postgres::Client {
+    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
         .await
         .expect("connect to test database");
     tokio::spawn(conn);
