@@ -339,10 +339,13 @@ async fn private_targets_are_refused_at_connect_time_too() {
     // A URL that slipped past the configuration check (set directly in the database) is still
     // refused when the server connects, because it resolves to loopback.
     let recv = Receiver::start(|_, _| Answer::status(200)).await;
-    let s = Server::start(&["--retry-schedule", "100ms"]);
+    // Its own database: this node refuses private targets, and would refuse the other tests'
+    // due deliveries to their local receivers if it shared theirs.
+    let url = own_database("triggers_test_private").await;
+    let s = Server::start_with_db(&["--retry-schedule", "100ms"], &url);
     let (key, org) = new_org(s.addr, "pro").await;
-    db().await
-        .execute(
+    let db = db_at(&url).await;
+    db.execute(
             "INSERT INTO endpoints (id, org_id, is_default, url, signing_secret, created_at, updated_at) \
              VALUES (gen_random_uuid(), $2::text::uuid, true, $1, 'whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw', now(), now())",
             &[&recv.url("/"), &org],
@@ -351,8 +354,7 @@ async fn private_targets_are_refused_at_connect_time_too() {
         .unwrap();
     // Forget the cached endpoints so the server sees the webhook (a NOTIFY does that in
     // production).
-    db().await
-        .execute("SELECT pg_notify('triggers_org_changed', $1)", &[&org])
+    db.execute("SELECT pg_notify('triggers_org_changed', $1)", &[&org])
         .await
         .unwrap();
     tokio::time::sleep(Duration::from_millis(200)).await;

@@ -464,13 +464,19 @@ async fn the_circuit_opens_after_consecutive_failures_probes_once_and_closes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn recover_resends_exactly_the_deliveries_that_failed_since_a_time() {
     let recv = Receiver::start(|_, _| Answer::status(500)).await;
-    let s = Server::start(&[
-        PRIVATE,
-        "--retry-schedule",
-        "50ms",
-        "--circuit-failures",
-        "1000",
-    ]);
+    // Its own database: recovered deliveries are due rows that any node may claim, and another
+    // test's node would retry them on its own schedule.
+    let url = own_database("triggers_test_recover").await;
+    let s = Server::start_with_db(
+        &[
+            PRIVATE,
+            "--retry-schedule",
+            "50ms",
+            "--circuit-failures",
+            "1000",
+        ],
+        &url,
+    );
     let (key, _) = new_org(s.addr, "pro").await;
     let ep = create_endpoint(
         s.addr,
@@ -703,13 +709,19 @@ async fn a_slow_or_failing_endpoint_never_delays_another_of_the_same_organizatio
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn operational_events_reach_subscribers_and_are_never_about_themselves() {
     let recv = Receiver::start(|_, _| Answer::status(500)).await;
-    let s = Server::start(&[
-        PRIVATE,
-        "--retry-schedule",
-        "50ms",
-        "--circuit-failures",
-        "1000",
-    ]);
+    // Its own database: an operational event's deliveries are due rows that any node may claim,
+    // and another test's node would retry them on its own schedule.
+    let url = own_database("triggers_test_operational").await;
+    let s = Server::start_with_db(
+        &[
+            PRIVATE,
+            "--retry-schedule",
+            "50ms",
+            "--circuit-failures",
+            "1000",
+        ],
+        &url,
+    );
     let (key, _) = new_org(s.addr, "pro").await;
     let failing = create_endpoint(s.addr, &key, json!({"url": recv.url("/all")})).await;
     let watcher = create_endpoint(
