@@ -24,6 +24,8 @@ pub struct Endpoint {
     pub url: String,
     /// The URL as a request URI (`None`: it does not parse as one; deliveries to it fail).
     pub uri: Option<http::Uri>,
+    /// The `Host` header of its requests, made once (the client adds none when one is set).
+    pub host: Option<http::HeaderValue>,
     /// Its patterns (`None`: every type but the operational ones).
     pub patterns: Option<Vec<String>>,
     /// Active or paused.
@@ -294,6 +296,7 @@ mod tests {
             org: OrgId(Uuid::nil()),
             url: "http://x".into(),
             uri: None,
+            host: None,
             patterns: Some(vec!["order.*".into()]),
             status: EndpointStatus::Active,
             keys: vec![vec![1], vec![2]],

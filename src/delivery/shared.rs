@@ -13,7 +13,7 @@ use super::connector::HttpClient;
 use super::model::{BatchLease, Endpoint};
 use super::model::{Outcome, Recorded};
 use super::runtime::{EndpointRuntime, TokenBucket};
-use super::sign;
+use super::{sign, worker};
 use crate::auth::Changes;
 use crate::config::{Config, ENDPOINT_CACHE_ORGS_MAX};
 use crate::db::describe;
@@ -81,10 +81,12 @@ fn endpoint_from_row(row: &tokio_postgres::Row) -> Arc<Endpoint> {
         .chain(previous)
         .filter_map(|s| sign::secret_key(&s))
         .collect();
+    let uri: Option<http::Uri> = url.parse().ok();
     Arc::new(Endpoint {
         id: row.get(0),
         org: OrgId(row.get(1)),
-        uri: url.parse().ok(),
+        host: uri.as_ref().and_then(worker::host_header),
+        uri,
         url,
         patterns: row.get(3),
         status: EndpointStatus::from_i16(row.get(4)),

@@ -74,10 +74,34 @@ fn request(uri: http::Uri, headers: HeaderMap, body: Vec<u8>) -> http::Request<F
     request
 }
 
-/// The headers of one attempt: content type, user agent, the event's id and type, the attempt's
-/// number, the Standard Webhooks trio and the producer's trace context.
-fn headers(job: &Job, id: &str, number: u32, timestamp: i64, signature: String) -> HeaderMap {
+/// The `Host` header for requests to `uri`: its host, and its port when not the scheme's default
+/// (what the client would add to each request itself, formatting it every time).
+pub fn host_header(uri: &http::Uri) -> Option<HeaderValue> {
+    let host = uri.host()?;
+    let default = match uri.scheme_str() {
+        Some("https") => 443,
+        _ => 80,
+    };
+    match uri.port_u16() {
+        Some(port) if port != default => HeaderValue::from_str(&format!("{host}:{port}")).ok(),
+        _ => HeaderValue::from_str(host).ok(),
+    }
+}
+
+/// The headers of one attempt: host, content type, user agent, the event's id and type, the
+/// attempt's number, the Standard Webhooks trio and the producer's trace context.
+fn headers(
+    job: &Job,
+    host: Option<&HeaderValue>,
+    id: &str,
+    number: u32,
+    timestamp: i64,
+    signature: String,
+) -> HeaderMap {
     let mut h = HeaderMap::with_capacity(HEADERS);
+    if let Some(host) = host {
+        h.insert(http::header::HOST, host.clone());
+    }
     h.insert(
         http::header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),
@@ -119,7 +143,7 @@ fn headers(job: &Job, id: &str, number: u32, timestamp: i64, signature: String) 
 }
 
 /// How many headers an attempt sends at most.
-const HEADERS: usize = 9;
+const HEADERS: usize = 10;
 
 /// POST the event once.
 pub async fn attempt(
@@ -143,7 +167,8 @@ pub async fn attempt(
     let timestamp = at.0 / 1_000_000;
     let id = job.event.to_string();
     let sig = signatures(endpoint.signing_keys(at), &id, timestamp, &body);
-    let request = request(uri, headers(job, &id, number, timestamp, sig), body);
+    let headers = headers(job, endpoint.host.as_ref(), &id, number, timestamp, sig);
+    let request = request(uri, headers, body);
     let exchange = async {
         let response = client.request(request).await?;
         let status = response.status().as_u16();
@@ -244,12 +269,14 @@ mod tests {
             "{}",
         );
         let id = job.event.to_string();
-        let plain = headers(&job, &id, 3, 1_700_000_000, "v1,abc".into());
+        let host = host_header(&"http://127.0.0.1:8080/hook".parse().unwrap());
+        let plain = headers(&job, None, &id, 3, 1_700_000_000, "v1,abc".into());
         job.traceparent = Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into());
-        let traced = headers(&job, &id, 3, 1_700_000_000, "v1,abc".into());
-        assert_eq!(plain.len() + 1, traced.len());
+        let traced = headers(&job, host.as_ref(), &id, 3, 1_700_000_000, "v1,abc".into());
+        assert_eq!(plain.len() + 2, traced.len());
         assert_eq!(traced.len(), HEADERS);
         for (name, value) in [
+            ("host", "127.0.0.1:8080"),
             ("content-type", "application/json"),
             ("x-event-id", id.as_str()),
             ("webhook-id", id.as_str()),
@@ -273,6 +300,17 @@ mod tests {
             .unwrap()
             .starts_with("triggers/"));
         assert!(plain.get("traceparent").is_none());
+    }
+
+    #[test]
+    fn the_host_header_names_the_port_only_when_it_is_not_the_default() {
+        let host = |url: &str| host_header(&url.parse().unwrap()).unwrap();
+        assert_eq!(host("http://example.com/a"), "example.com");
+        assert_eq!(host("http://example.com:80/a"), "example.com");
+        assert_eq!(host("https://example.com:443/a"), "example.com");
+        assert_eq!(host("https://example.com:80/a"), "example.com:80");
+        assert_eq!(host("http://example.com:8443/a"), "example.com:8443");
+        assert_eq!(host("http://[::1]:9000/a"), "[::1]:9000");
     }
 
     #[test]
