@@ -179,8 +179,17 @@ impl Server {
 
     /// Start the real binary (for SIGKILL, SIGTERM and restarts) with the defaults plus `args`.
     pub fn process(args: &[&str]) -> Server {
+        Self::process_with_db(args, &database_url())
+    }
+
+    /// The real binary on a database of the test's own (see [`own_database`]).
+    pub fn process_with_db(args: &[&str], database_url: &str) -> Server {
         let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
-        Self::spawn(args, database_url(), "127.0.0.1:0".parse().unwrap())
+        Self::spawn(
+            args,
+            database_url.to_string(),
+            "127.0.0.1:0".parse().unwrap(),
+        )
     }
 
     fn spawn(args: Vec<String>, database_url: String, listen: SocketAddr) -> Server {
