@@ -461,13 +461,12 @@ async fn the_circuit_opens_after_consecutive_failures_probes_once_and_closes() {
     assert!(health["last_success_at"].is_string());
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn recover_resends_exactly_the_deliveries_that_failed_since_a_time() {
-    let recv = Receiver::start(|_, _| Answer::status(500)).await;
-    // Its own database: recovered deliveries are due rows that any node may claim, and another
-    // test's node would retry them on its own schedule.
-    let url = own_database("triggers_test_recover").await;
-    let s = Server::start_with_db(
+/// A node that retries once after 50 ms and never opens a circuit, on a database of its own: for
+/// a test whose deliveries become due rows, which another test's node would claim and retry on its
+/// own schedule.
+async fn quick_retry_node(database: &str) -> Server {
+    let url = own_database(database).await;
+    Server::start_with_db(
         &[
             PRIVATE,
             "--retry-schedule",
@@ -476,7 +475,14 @@ async fn recover_resends_exactly_the_deliveries_that_failed_since_a_time() {
             "1000",
         ],
         &url,
-    );
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recover_resends_exactly_the_deliveries_that_failed_since_a_time() {
+    let recv = Receiver::start(|_, _| Answer::status(500)).await;
+    // Recovered deliveries are due rows that any node may claim.
+    let s = quick_retry_node("triggers_test_recover").await;
     let (key, _) = new_org(s.addr, "pro").await;
     let ep = create_endpoint(
         s.addr,
@@ -709,19 +715,8 @@ async fn a_slow_or_failing_endpoint_never_delays_another_of_the_same_organizatio
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn operational_events_reach_subscribers_and_are_never_about_themselves() {
     let recv = Receiver::start(|_, _| Answer::status(500)).await;
-    // Its own database: an operational event's deliveries are due rows that any node may claim,
-    // and another test's node would retry them on its own schedule.
-    let url = own_database("triggers_test_operational").await;
-    let s = Server::start_with_db(
-        &[
-            PRIVATE,
-            "--retry-schedule",
-            "50ms",
-            "--circuit-failures",
-            "1000",
-        ],
-        &url,
-    );
+    // An operational event's deliveries are due rows that any node may claim.
+    let s = quick_retry_node("triggers_test_operational").await;
     let (key, _) = new_org(s.addr, "pro").await;
     let failing = create_endpoint(s.addr, &key, json!({"url": recv.url("/all")})).await;
     let watcher = create_endpoint(
