@@ -343,7 +343,11 @@ async fn write_rows(
                 if must_rerun(&e) && runs < WRITE_RUNS_MAX {
                     // Rolled back whole and the database is fine: the same rows again, within
                     // the same deadline (the pool's next connection, or none in time: 503).
-                    tracing::warn!(error = %describe(&e), events = rows.len(), "batch transaction must be run again; writing it again");
+                    tracing::warn!(
+                        error = %describe(&e),
+                        events = rows.len(),
+                        "batch transaction must be run again; writing it again"
+                    );
                     continue;
                 }
                 match fault(&e) {
