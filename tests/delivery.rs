@@ -413,6 +413,43 @@ async fn sigkill_with_deliveries_pending_delivers_all_after_restart() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deadlock_victims_outcomes_are_recorded_again_not_repeated_after_the_lease() {
+    let url = own_database("triggers_test_record_rerun").await;
+    let s = Server::start_with_db(&["--allow-private-webhooks"], &url);
+    let recv = Receiver::start(|_, _| Answer::status(200)).await;
+    let (key, _) = new_org(s.addr, "pro").await;
+    set_webhook(s.addr, &key, &recv.url("/")).await;
+    // The recorder's first append of an attempt is refused as a deadlock's victim would be
+    // (40P01); the sequence counts outside the transaction, so the rerun goes through.
+    db_at(&url)
+        .await
+        .batch_execute(
+            "CREATE SEQUENCE victims; \
+             CREATE FUNCTION victim_once() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
+               IF nextval('victims') = 1 THEN \
+                 RAISE EXCEPTION 'deadlock detected' USING ERRCODE = '40P01'; \
+               END IF; RETURN NEW; END $$; \
+             CREATE TRIGGER victim_once BEFORE INSERT ON delivery_attempts \
+               FOR EACH ROW EXECUTE FUNCTION victim_once();",
+        )
+        .await
+        .unwrap();
+    let r = post_event(s.addr, &key, "t", json!(1), None).await;
+    assert_eq!(r.status, 201);
+    let id = r.json()["id"].as_str().unwrap().to_string();
+    // Recorded at once, and delivered once: an outcome the recorder gives up on is let go
+    // unrecorded, and its delivery is made again when its lease is claimed anew.
+    let e = wait_status(s.addr, &key, &id, "delivered", Duration::from_secs(5)).await;
+    assert_eq!(e["attempts"], 1);
+    assert_eq!(e["delivery_attempts"].as_array().unwrap().len(), 1);
+    assert_eq!(recv.received().len(), 1);
+    assert!(
+        !s.log_lines("must be run again").is_empty(),
+        "the deadlock was never met"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_nodes_on_one_database_deliver_every_event() {
     let recv = Receiver::start(|_, _| Answer::status(200)).await;
     let args = ["--allow-private-webhooks", "--delivery-poll-ms", "200"];

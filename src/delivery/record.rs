@@ -26,8 +26,8 @@ use uuid::Uuid;
 
 use super::model::{Disable, HealthWrite, Held, Next, Outcome, Recorded};
 use super::shared::Shared;
-use crate::config::{RECORD_BATCH_LINGER_BELOW, RECORD_BATCH_MAX, RECORD_LINGER};
-use crate::db::{copy::BinaryRows, describe};
+use crate::config::{RECORD_BATCH_LINGER_BELOW, RECORD_BATCH_MAX, RECORD_LINGER, WRITE_RUNS_MAX};
+use crate::db::{copy::BinaryRows, describe, must_rerun};
 use crate::event_types::{DELIVERY_FAILED, ENDPOINT_DISABLED};
 use crate::flow::answer::EndpointStatus;
 use crate::flow::event::EventStatus;
@@ -174,8 +174,11 @@ struct Written {
     operational: u64,
 }
 
-/// One transaction for a batch. `None` when it failed: the deliveries then stay as they were
-/// (held by leases that run out), and are claimed again (an attempt may repeat: at-least-once).
+/// One transaction for a batch, run again (up to `WRITE_RUNS_MAX` times, all within the one
+/// `db_timeout`) when PostgreSQL asks for it: a deadlock's victim or a serialization failure was
+/// rolled back whole, and answering it `Failed` would only repeat the attempts after their lease.
+/// `None` when it failed: the deliveries then stay as they were (held by leases that run out),
+/// and are claimed again (an attempt may repeat: at-least-once).
 async fn write_outcomes(
     pool: &Pool,
     db_timeout: Duration,
@@ -183,28 +186,51 @@ async fn write_outcomes(
     finished: &[Uuid],
     copy: &mut BinaryRows,
 ) -> Option<Written> {
-    let work = async {
-        let mut client = pool.get().await.map_err(|e| e.to_string())?;
-        let tx = client.transaction().await.map_err(|e| describe(&e))?;
-        let w = write_in(&tx, batch, finished, copy)
-            .await
-            .map_err(|e| describe(&e))?;
-        tx.commit().await.map_err(|e| describe(&e))?;
-        Ok::<_, String>(w)
-    };
-    match tokio::time::timeout(db_timeout, work).await {
-        Ok(Ok(w)) => Some(w),
-        Ok(Err(e)) => {
-            tracing::warn!(error = %e, outcomes = batch.len(), "delivery outcomes not recorded; they will be retried after the lease");
-            None
-        }
-        Err(_) => {
-            tracing::warn!(
-                outcomes = batch.len(),
-                "delivery outcomes not recorded in time"
-            );
-            None
-        }
+    let deadline = tokio::time::Instant::now() + db_timeout;
+    let mut runs = 0;
+    loop {
+        runs += 1;
+        let work = async {
+            let mut client = pool.get().await.map_err(|e| Fail::Pool(e.to_string()))?;
+            let tx = client.transaction().await?;
+            let w = write_in(&tx, batch, finished, copy).await?;
+            tx.commit().await?;
+            Ok::<_, Fail>(w)
+        };
+        let error = match tokio::time::timeout_at(deadline, work).await {
+            Ok(Ok(w)) => return Some(w),
+            Ok(Err(Fail::Db(e))) if must_rerun(&e) && runs < WRITE_RUNS_MAX => {
+                tracing::warn!(
+                    error = %describe(&e),
+                    outcomes = batch.len(),
+                    "delivery outcomes' transaction must be run again; writing it again"
+                );
+                continue;
+            }
+            Ok(Err(Fail::Db(e))) => describe(&e),
+            Ok(Err(Fail::Pool(e))) => e,
+            Err(_) => {
+                tracing::warn!(
+                    outcomes = batch.len(),
+                    "delivery outcomes not recorded in time"
+                );
+                return None;
+            }
+        };
+        tracing::warn!(error = %error, outcomes = batch.len(), "delivery outcomes not recorded; they will be retried after the lease");
+        return None;
+    }
+}
+
+/// Why a run of [`write_outcomes`] failed.
+enum Fail {
+    Pool(String),
+    Db(tokio_postgres::Error),
+}
+
+impl From<tokio_postgres::Error> for Fail {
+    fn from(e: tokio_postgres::Error) -> Self {
+        Fail::Db(e)
     }
 }
 
