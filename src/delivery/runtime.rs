@@ -1,6 +1,7 @@
 //! What this node keeps in memory per endpoint: its share of delivery concurrency, the
-//! deliveries it holds, its circuit breaker and its rate limiter. The breaker and the limiter are
-//! plain values (times passed in) so their rules are tested without clocks.
+//! deliveries it holds, its circuit breaker, its rate limiter and its idle connections. The
+//! breaker and the limiter are plain values (times passed in) so their rules are tested without
+//! clocks.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -9,6 +10,7 @@ use std::time::Duration;
 use tokio::sync::Semaphore;
 use uuid::Uuid;
 
+use super::client::Conns;
 use crate::flow::answer::Circuit;
 use crate::ids::Micros;
 
@@ -169,6 +171,8 @@ pub struct EndpointRuntime {
     pub in_memory: AtomicUsize,
     /// Its breaker and limiter.
     pub gates: Mutex<Gates>,
+    /// Its idle HTTP connections.
+    pub conns: Conns,
 }
 
 impl EndpointRuntime {
@@ -179,6 +183,7 @@ impl EndpointRuntime {
             slots: Arc::new(Semaphore::new(slots)),
             in_memory: AtomicUsize::new(0),
             gates: Mutex::new(Gates::default()),
+            conns: Conns::default(),
         }
     }
 
