@@ -11,22 +11,11 @@ use tokio::net::TcpStream;
 
 use crate::url_policy::{forbidden_reason, parse_url, resolve};
 
-/// What the delivery client connects with: TLS by rustls (when the URL is https) over
-/// [`SafeConnector`].
-pub type Connector = hyper_rustls::HttpsConnector<SafeConnector>;
-
-/// The delivery client's connector: https (the web PKI's roots, HTTP/1.1 by ALPN) or plain http
-/// over a [`SafeConnector`].
-pub fn connector(allow_private: bool, connect_timeout: Duration) -> Connector {
-    hyper_rustls::HttpsConnectorBuilder::new()
-        .with_webpki_roots()
-        .https_or_http()
-        .enable_http1()
-        .wrap_connector(SafeConnector {
-            allow_private,
-            connect_timeout,
-        })
-}
+/// The client the pool delivers with: pooled HTTP/1.1, TLS by rustls, over [`SafeConnector`].
+pub type HttpClient = hyper_util::client::legacy::Client<
+    hyper_rustls::HttpsConnector<SafeConnector>,
+    http_body_util::Full<bytes::Bytes>,
+>;
 
 /// The connector under the delivery client: it resolves the host itself, applies the policy to
 /// every address it would use, and connects only to an allowed one. The TCP connection (pooled for

@@ -267,15 +267,7 @@ async fn attempt(
 ) -> Step {
     let number = job.attempts + 1;
     let timeout = Duration::from_millis(shared.config.delivery_timeout_ms);
-    let attempt = worker::attempt(
-        &shared.client,
-        &runtime.conns,
-        endpoint,
-        job,
-        number,
-        timeout,
-    )
-    .await;
+    let attempt = worker::attempt(&shared.client, endpoint, job, number, timeout).await;
     drop(slots);
     let m = &shared.metrics;
     m.attempt_latency

@@ -23,11 +23,10 @@
 //! cache), `runtime` (per endpoint: slots, circuit breaker, token bucket), `job` (one delivery's
 //! life in memory), `worker` (one HTTP attempt), `record` (outcomes written in batches, health,
 //! operational events), `claim` (take-over, claims, renewal, the hand-back), `model` (the
-//! values), `schedule` (retry delays, Retry-After), `sign` (Standard Webhooks), `client` (each
-//! endpoint's HTTP/1.1 connections), `connector` (the SSRF-checking connector under them).
+//! values), `schedule` (retry delays, Retry-After), `sign` (Standard Webhooks), `connector` (the
+//! SSRF-checking connector under the HTTP client).
 
 mod claim;
-pub mod client;
 pub mod connector;
 mod job;
 pub mod model;

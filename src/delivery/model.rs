@@ -24,10 +24,8 @@ pub struct Endpoint {
     pub url: String,
     /// The URL as a request URI (`None`: it does not parse as one; deliveries to it fail).
     pub uri: Option<http::Uri>,
-    /// The `Host` header of its requests, made once.
+    /// The `Host` header of its requests, made once (the client adds none when one is set).
     pub host: Option<http::HeaderValue>,
-    /// What its requests' request line carries: the URL's path and query.
-    pub target: Option<http::Uri>,
     /// Its patterns (`None`: every type but the operational ones).
     pub patterns: Option<Vec<String>>,
     /// Active or paused.
@@ -299,7 +297,6 @@ mod tests {
             url: "http://x".into(),
             uri: None,
             host: None,
-            target: None,
             patterns: Some(vec!["order.*".into()]),
             status: EndpointStatus::Active,
             keys: vec![vec![1], vec![2]],

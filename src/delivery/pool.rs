@@ -9,8 +9,7 @@ use tokio::sync::{mpsc, Notify, Semaphore};
 use tokio::task::JoinHandle;
 
 use super::claim::{claim_loop, release_all};
-use super::client::Client;
-use super::connector::connector;
+use super::connector::SafeConnector;
 use super::job::run_job;
 use super::model::{BatchLease, Job, Lease};
 use super::record::record_loop;
@@ -40,13 +39,22 @@ impl Delivery {
         config: Arc<Config>,
         metrics: Arc<Metrics>,
     ) -> Result<(Delivery, DeliveryHandle), String> {
-        let https = connector(
-            config.allow_private_webhooks,
-            Duration::from_millis(config.delivery_timeout_ms),
-        );
-        // Idle connections in all: as many as deliveries can be in flight, or connections are
-        // closed and opened again all the time.
-        let client = Client::new(https, config.delivery_concurrency, DELIVERY_POOL_IDLE);
+        let connector = SafeConnector {
+            allow_private: config.allow_private_webhooks,
+            connect_timeout: Duration::from_millis(config.delivery_timeout_ms),
+        };
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_webpki_roots()
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(connector);
+        let client =
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .pool_idle_timeout(DELIVERY_POOL_IDLE)
+                // Several endpoints may share a host: keep as many idle connections as deliveries
+                // can be in flight, or the pool closes and reopens connections all the time.
+                .pool_max_idle_per_host(config.delivery_concurrency)
+                .build(https);
         let (recorder_tx, recorder_rx) = mpsc::channel(config.recorder_queue_max());
         let pool = build_bookkeeping_pool(&config, config.delivery_pool_size())?;
         let shared = Arc::new(Shared {

@@ -1,7 +1,6 @@
 //! What this node keeps in memory per endpoint: its share of delivery concurrency, the
-//! deliveries it holds, its circuit breaker, its rate limiter and its idle connections. The
-//! breaker and the limiter are plain values (times passed in) so their rules are tested without
-//! clocks.
+//! deliveries it holds, its circuit breaker and its rate limiter. The breaker and the limiter are
+//! plain values (times passed in) so their rules are tested without clocks.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -10,7 +9,6 @@ use std::time::Duration;
 use tokio::sync::Semaphore;
 use uuid::Uuid;
 
-use super::client::Conns;
 use crate::flow::answer::Circuit;
 use crate::ids::Micros;
 
@@ -171,8 +169,6 @@ pub struct EndpointRuntime {
     pub in_memory: AtomicUsize,
     /// Its breaker and limiter.
     pub gates: Mutex<Gates>,
-    /// Its idle HTTP connections.
-    pub conns: Conns,
 }
 
 impl EndpointRuntime {
@@ -183,7 +179,6 @@ impl EndpointRuntime {
             slots: Arc::new(Semaphore::new(slots)),
             in_memory: AtomicUsize::new(0),
             gates: Mutex::new(Gates::default()),
-            conns: Conns::default(),
         }
     }
 

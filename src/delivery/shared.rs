@@ -9,7 +9,7 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, Notify, Semaphore};
 use uuid::Uuid;
 
-use super::client::{origin_form, Client};
+use super::connector::HttpClient;
 use super::model::{BatchLease, Endpoint};
 use super::model::{Outcome, Recorded};
 use super::runtime::{EndpointRuntime, TokenBucket};
@@ -45,7 +45,7 @@ const LOAD_ENDPOINTS: &str = "\
 pub(super) struct Shared {
     pub(super) config: Arc<Config>,
     pub(super) pool: deadpool_postgres::Pool,
-    pub(super) client: Client,
+    pub(super) client: HttpClient,
     pub(super) endpoints: Mutex<EndpointCache>,
     pub(super) runtimes: Mutex<HashMap<Uuid, Arc<EndpointRuntime>, ahash::RandomState>>,
     pub(super) in_memory: AtomicUsize,
@@ -86,7 +86,6 @@ fn endpoint_from_row(row: &tokio_postgres::Row) -> Arc<Endpoint> {
         id: row.get(0),
         org: OrgId(row.get(1)),
         host: uri.as_ref().and_then(worker::host_header),
-        target: uri.as_ref().map(origin_form),
         uri,
         url,
         patterns: row.get(3),
@@ -299,8 +298,8 @@ impl Shared {
             .collect()
     }
 
-    /// Close the connections idle too long; forget what is kept of endpoints with nothing in
-    /// memory, a healthy circuit and no idle connection; count the open circuits.
+    /// Forget what is kept of endpoints with nothing in memory and a healthy circuit; count
+    /// the open circuits.
     pub(super) fn prune_runtimes(&self) {
         let mut open = 0;
         let mut runtimes = self.runtimes.lock().unwrap_or_else(|p| p.into_inner());
@@ -309,9 +308,7 @@ impl Shared {
             if g.breaker.open_until.is_some() {
                 open += 1;
             }
-            // Its idle connections are kept too (while they are not idle too long).
-            let connected = self.client.sweep(&r.conns);
-            r.held() > 0 || g.breaker.failures > 0 || g.bucket.is_some() || connected
+            r.held() > 0 || g.breaker.failures > 0 || g.bucket.is_some()
         });
         self.metrics.circuits_open.store(open, Ordering::Relaxed);
     }

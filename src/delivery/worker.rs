@@ -1,5 +1,5 @@
-//! One delivery attempt: build the body and the Standard Webhooks headers, POST on one of the
-//! endpoint's connections under the attempt timeout, and classify what came back.
+//! One delivery attempt: build the body and the Standard Webhooks headers, POST with the pooled
+//! client under the attempt timeout, and classify what came back.
 
 use std::time::{Duration, Instant, SystemTime};
 
@@ -7,7 +7,7 @@ use bytes::Bytes;
 use http::header::{HeaderMap, HeaderName, HeaderValue};
 use http_body_util::{BodyExt, Full, Limited};
 
-use super::client::{Client, Conns};
+use super::connector::HttpClient;
 use super::model::{Attempt, Endpoint, Job, Verdict};
 use super::schedule::parse_retry_after;
 use super::sign::signature;
@@ -74,7 +74,8 @@ fn request(uri: http::Uri, headers: HeaderMap, body: Vec<u8>) -> http::Request<F
     request
 }
 
-/// The `Host` header for requests to `uri`: its host, and its port when not the scheme's default.
+/// The `Host` header for requests to `uri`: its host, and its port when not the scheme's default
+/// (what the client would add to each request itself, formatting it every time).
 pub fn host_header(uri: &http::Uri) -> Option<HeaderValue> {
     let host = uri.host()?;
     let default = match uri.scheme_str() {
@@ -146,8 +147,7 @@ const HEADERS: usize = 10;
 
 /// POST the event once.
 pub async fn attempt(
-    client: &Client,
-    conns: &Conns,
+    client: &HttpClient,
     endpoint: &Endpoint,
     job: &Job,
     number: u32,
@@ -155,7 +155,7 @@ pub async fn attempt(
 ) -> Attempt {
     let at = Micros::now();
     let started = Instant::now();
-    let (Some(uri), Some(target)) = (&endpoint.uri, &endpoint.target) else {
+    let Some(uri) = endpoint.uri.clone() else {
         return failed(
             at,
             started,
@@ -168,28 +168,23 @@ pub async fn attempt(
     let id = job.event.to_string();
     let sig = signatures(endpoint.signing_keys(at), &id, timestamp, &body);
     let headers = headers(job, endpoint.host.as_ref(), &id, number, timestamp, sig);
-    let request = request(target.clone(), headers, body);
+    let request = request(uri, headers, body);
     let exchange = async {
-        let (response, conn) = client.send(conns, uri, request).await?;
+        let response = client.request(request).await?;
         let status = response.status().as_u16();
         let retry_after = response
             .headers()
             .get(http::header::RETRY_AFTER)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| parse_retry_after(v, SystemTime::now()));
-        // Read what the receiver sent (up to a limit): read whole, the connection serves the
-        // endpoint's next attempt. Its first KiB goes to the attempt log.
-        let answer = match Limited::new(response.into_body(), RESPONSE_BODY_READ_BYTES_MAX)
+        // Read what the receiver sent (up to a limit) so the connection goes back to the pool;
+        // its first KiB goes to the attempt log.
+        let answer = Limited::new(response.into_body(), RESPONSE_BODY_READ_BYTES_MAX)
             .collect()
             .await
-        {
-            Ok(read) => {
-                client.put_back(conns, uri, conn);
-                kept_body(&read.to_bytes())
-            }
-            Err(_) => None,
-        };
-        Ok::<_, super::client::Error>((status, retry_after, answer))
+            .ok()
+            .and_then(|b| kept_body(&b.to_bytes()));
+        Ok::<_, hyper_util::client::legacy::Error>((status, retry_after, answer))
     };
     match tokio::time::timeout(timeout, exchange).await {
         Ok(Ok((status, retry_after, response_body))) => {
@@ -214,7 +209,7 @@ pub async fn attempt(
                 verdict,
             }
         }
-        Ok(Err(e)) => failed(at, started, None, describe(&*e)),
+        Ok(Err(e)) => failed(at, started, None, describe(&e)),
         Err(_) => failed(
             at,
             started,
