@@ -32,6 +32,7 @@ import re
 import resource
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import threading
@@ -694,6 +695,21 @@ def compare(name, db, args, ceiling):
     log(f"A {os.path.relpath(args.server_bin, ROOT)}: {rows[0]['runs']} median {a:,.0f}/s")
     log(f"B {os.path.relpath(args.against, ROOT)}: {rows[1]['runs']} median {b:,.0f}/s")
     log(f"B/A = {b / a:.3f} ({(b / a - 1) * 100:+.1f}%)")
+    # Latency and CPU per event, each as its own median over the runs (the row shown is the
+    # run of median throughput; at a fixed rate every run achieves the same, so these decide).
+    figures = (("p50", "p50 ms", lambda r: r.get("p50")), ("p99", "p99 ms", lambda r: r.get("p99")),
+               ("server_us", "server CPU us/event",
+                lambda r: (r.get("cpu_per_event") or {}).get("server_us_per_event")))
+    for key, what, get in figures:
+        per = {label: [get(r) for r in runs[label]] for label in runs}
+        if any(v is None for vs in per.values() for v in vs):
+            continue
+        med = {label: statistics.median(vs) for label, vs in per.items()}
+        for row, label in zip(rows, ("A", "B")):
+            row[f"{key}_runs"] = per[label]
+            row[f"{key}_median"] = med[label]
+        ratio = f" B/A = {med['B'] / med['A']:.3f}" if med["A"] else ""
+        log(f"{what}: A {per['A']} median {med['A']:g}; B {per['B']} median {med['B']:g};{ratio}")
     return rows
 
 

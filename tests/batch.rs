@@ -367,6 +367,39 @@ async fn a_deadlock_victims_batch_is_written_again_not_answered_503() {
 }
 
 #[tokio::test]
+async fn events_whose_delivery_lease_was_not_written_are_not_committed() {
+    // A group commit's requests go to PostgreSQL together (the COPY, the delivery state, COMMIT):
+    // the lease row failing must still roll back the events, and the answer is the server's
+    // fault. With COMMIT sent before the lease's INSERT the events would be stored here.
+    let url = own_database("triggers_test_lease_fails").await;
+    let s = Server::start_with_db(&["--allow-private-webhooks"], &url);
+    let rx = Receiver::start(|_, _| Answer::status(200)).await;
+    let (key, _) = new_org(s.addr, "pro").await;
+    set_webhook(s.addr, &key, &rx.url("/hook")).await;
+    db_at(&url)
+        .await
+        .batch_execute(
+            "CREATE FUNCTION refuse_lease() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
+               RAISE EXCEPTION 'no space left' USING ERRCODE = '53100'; END $$; \
+             CREATE TRIGGER refuse_lease BEFORE INSERT ON delivery_batches \
+               FOR EACH ROW EXECUTE FUNCTION refuse_lease();",
+        )
+        .await
+        .unwrap();
+    let single = post_event(s.addr, &key, "a", json!(1), None).await;
+    assert_eq!(single.status, 503, "{}", single.text());
+    assert!(single.header("retry-after").is_some());
+    let r = batch(s.addr, &key, json!([{"type": "b", "payload": 2}])).await;
+    assert!(
+        r.status == 503 || r.json()["results"][0]["status"] == 503,
+        "{}",
+        r.text()
+    );
+    assert_eq!(count_events(&url).await, 0);
+    assert!(rx.received().is_empty());
+}
+
+#[tokio::test]
 async fn batch_events_are_delivered_like_single_ones() {
     // Its own database: the other tests' nodes here refuse private targets, and would refuse a
     // delivery of this test's that became a due row any node may claim.

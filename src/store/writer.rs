@@ -392,11 +392,21 @@ async fn write_rows_on(
         .partition(|&&i| batch[i].event.dedup_id.is_some());
     // Always an explicit transaction: the 201 is sent after COMMIT's answer, never on the
     // strength of a COPY's CommandComplete in autocommit.
-    client.batch_execute("BEGIN").await?;
     let mut results: HashMap<usize, Ingested> = HashMap::with_capacity(rows.len());
-    if !plain.is_empty() {
+    if plain.is_empty() {
+        client.batch_execute("BEGIN").await?;
+    } else {
         let statement = client.prepare_cached(COPY_EVENTS).await?;
-        let sink = client.copy_in::<_, bytes::Bytes>(&statement).await?;
+        // BEGIN and the COPY's start in one round trip: the client sends both before it reads
+        // an answer, and the server runs them in order. (Only a broken connection fails a
+        // BEGIN, and then the COPY too.)
+        let (begun, sink) = futures_util::future::join(
+            client.batch_execute("BEGIN"),
+            client.copy_in::<_, bytes::Bytes>(&statement),
+        )
+        .await;
+        begun?;
+        let sink = sink?;
         futures_util::pin_mut!(sink);
         // Encoded and sent in pieces: the encoder holds at most one piece, not the batch.
         encoder.begin();
