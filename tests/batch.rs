@@ -331,24 +331,8 @@ async fn a_deadlock_victims_batch_is_written_again_not_answered_503() {
     let url = own_database("triggers_test_rerun").await;
     let s = Server::start_with_db(&[], &url);
     let (key, _) = new_org(s.addr, "pro").await;
-    // The first insert into events is refused as a deadlock's victim would be (40P01); the
-    // sequence counts outside the transaction, so the rerun goes through.
-    let lock = triggers::store::retention::LOCK_ID;
-    db_at(&url)
-        .await
-        .batch_execute(&format!(
-            "BEGIN; SELECT pg_advisory_xact_lock({lock}); \
-             CREATE SEQUENCE victims; \
-             CREATE FUNCTION victim_once() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
-               IF nextval('victims') = 1 THEN \
-                 RAISE EXCEPTION 'deadlock detected' USING ERRCODE = '40P01'; \
-               END IF; RETURN NEW; END $$; \
-             CREATE TRIGGER victim_once BEFORE INSERT ON events \
-               FOR EACH ROW EXECUTE FUNCTION victim_once(); \
-             COMMIT;"
-        ))
-        .await
-        .unwrap();
+    // The first insert into events is refused as a deadlock's victim would be.
+    deadlock_victim_once(&url, "events").await;
     let r = batch(
         s.addr,
         &key,

@@ -419,25 +419,8 @@ async fn a_deadlock_victims_outcomes_are_recorded_again_not_repeated_after_the_l
     let recv = Receiver::start(|_, _| Answer::status(200)).await;
     let (key, _) = new_org(s.addr, "pro").await;
     set_webhook(s.addr, &key, &recv.url("/")).await;
-    // The recorder's first append of an attempt is refused as a deadlock's victim would be
-    // (40P01); the sequence counts outside the transaction, so the rerun goes through. The
-    // partition maintainer's lock: its ATTACH copies the parent's triggers.
-    let lock = triggers::store::retention::LOCK_ID;
-    db_at(&url)
-        .await
-        .batch_execute(&format!(
-            "BEGIN; SELECT pg_advisory_xact_lock({lock}); \
-             CREATE SEQUENCE victims; \
-             CREATE FUNCTION victim_once() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
-               IF nextval('victims') = 1 THEN \
-                 RAISE EXCEPTION 'deadlock detected' USING ERRCODE = '40P01'; \
-               END IF; RETURN NEW; END $$; \
-             CREATE TRIGGER victim_once BEFORE INSERT ON delivery_attempts \
-               FOR EACH ROW EXECUTE FUNCTION victim_once(); \
-             COMMIT;"
-        ))
-        .await
-        .unwrap();
+    // The recorder's first append of an attempt is refused as a deadlock's victim would be.
+    deadlock_victim_once(&url, "delivery_attempts").await;
     let r = post_event(s.addr, &key, "t", json!(1), None).await;
     assert_eq!(r.status, 201);
     let id = r.json()["id"].as_str().unwrap().to_string();

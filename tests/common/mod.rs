@@ -69,6 +69,29 @@ pub async fn db_at(url: &str) -> tokio_postgres::Client {
     client
 }
 
+/// In the database at `url`, the first row inserted into `table` is refused as a deadlock's
+/// victim would be (40P01); the sequence counts outside the transaction, so a rerun goes
+/// through. Created under the partition maintainer's lock (its ATTACH copies a partitioned
+/// table's triggers).
+pub async fn deadlock_victim_once(url: &str, table: &str) {
+    let lock = triggers::store::retention::LOCK_ID;
+    db_at(url)
+        .await
+        .batch_execute(&format!(
+            "BEGIN; SELECT pg_advisory_xact_lock({lock}); \
+             CREATE SEQUENCE victims; \
+             CREATE FUNCTION victim_once() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
+               IF nextval('victims') = 1 THEN \
+                 RAISE EXCEPTION 'deadlock detected' USING ERRCODE = '40P01'; \
+               END IF; RETURN NEW; END $$; \
+             CREATE TRIGGER victim_once BEFORE INSERT ON {table} \
+               FOR EACH ROW EXECUTE FUNCTION victim_once(); \
+             COMMIT;"
+        ))
+        .await
+        .unwrap();
+}
+
 /// How a test server runs.
 enum Kind {
     /// `triggers::server::run` in this process, on its own threads; stopped through `stop`.
