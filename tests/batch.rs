@@ -352,14 +352,16 @@ async fn a_deadlock_victims_batch_is_written_again_not_answered_503() {
 
 #[tokio::test]
 async fn events_whose_delivery_lease_was_not_written_are_not_committed() {
-    // A group commit's requests go to PostgreSQL together (the COPY, the delivery state, COMMIT):
-    // the lease row failing must still roll back the events, and the answer is the server's
-    // fault. With COMMIT sent before the lease's INSERT the events would be stored here.
-    let url = own_database("triggers_test_lease_fails").await;
-    let s = Server::start_with_db(&["--allow-private-webhooks"], &url);
-    let rx = Receiver::start(|_, _| Answer::status(200)).await;
-    let (key, _) = new_org(s.addr, "pro").await;
-    set_webhook(s.addr, &key, &rx.url("/hook")).await;
+    // The events and their delivery lease are one transaction, however its requests are sent
+    // (BEGIN goes with the COPY): the lease row failing must roll back the events, and the
+    // answer is the server's fault. With COMMIT sent before the lease's INSERT the events would
+    // be stored here.
+    let WebhookNode {
+        url,
+        server: s,
+        receiver: rx,
+        key,
+    } = WebhookNode::start("triggers_test_lease_fails").await;
     db_at(&url)
         .await
         .batch_execute(
@@ -387,11 +389,12 @@ async fn events_whose_delivery_lease_was_not_written_are_not_committed() {
 async fn batch_events_are_delivered_like_single_ones() {
     // Its own database: the other tests' nodes here refuse private targets, and would refuse a
     // delivery of this test's that became a due row any node may claim.
-    let url = own_database("triggers_test_batch_delivery").await;
-    let s = Server::start_with_db(&["--allow-private-webhooks"], &url);
-    let rx = Receiver::start(|_, _| Answer::status(200)).await;
-    let (key, _) = new_org(s.addr, "pro").await;
-    set_webhook(s.addr, &key, &rx.url("/hook")).await;
+    let WebhookNode {
+        server: s,
+        receiver: rx,
+        key,
+        ..
+    } = WebhookNode::start("triggers_test_batch_delivery").await;
     let items: Vec<Value> = (0..50)
         .map(|i| json!({"type": "order.paid", "payload": {"i": i}}))
         .collect();

@@ -414,11 +414,12 @@ async fn sigkill_with_deliveries_pending_delivers_all_after_restart() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_deadlock_victims_outcomes_are_recorded_again_not_repeated_after_the_lease() {
-    let url = own_database("triggers_test_record_rerun").await;
-    let s = Server::start_with_db(&["--allow-private-webhooks"], &url);
-    let recv = Receiver::start(|_, _| Answer::status(200)).await;
-    let (key, _) = new_org(s.addr, "pro").await;
-    set_webhook(s.addr, &key, &recv.url("/")).await;
+    let WebhookNode {
+        url,
+        server: s,
+        receiver: recv,
+        key,
+    } = WebhookNode::start("triggers_test_record_rerun").await;
     // The recorder's first append of an attempt is refused as a deadlock's victim would be.
     deadlock_victim_once(&url, "delivery_attempts").await;
     let r = post_event(s.addr, &key, "t", json!(1), None).await;

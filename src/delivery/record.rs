@@ -197,7 +197,7 @@ async fn write_outcomes(
             tx.commit().await?;
             Ok::<_, Fail>(w)
         };
-        let error = match tokio::time::timeout_at(deadline, work).await {
+        match tokio::time::timeout_at(deadline, work).await {
             Ok(Ok(w)) => return Some(w),
             Ok(Err(Fail::Db(e))) if must_rerun(&e) && runs < WRITE_RUNS_MAX => {
                 tracing::warn!(
@@ -205,10 +205,11 @@ async fn write_outcomes(
                     outcomes = batch.len(),
                     "delivery outcomes' transaction must be run again; writing it again"
                 );
-                continue;
             }
-            Ok(Err(Fail::Db(e))) => describe(&e),
-            Ok(Err(Fail::Pool(e))) => e,
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, outcomes = batch.len(), "delivery outcomes not recorded; they will be retried after the lease");
+                return None;
+            }
             Err(_) => {
                 tracing::warn!(
                     outcomes = batch.len(),
@@ -216,9 +217,7 @@ async fn write_outcomes(
                 );
                 return None;
             }
-        };
-        tracing::warn!(error = %error, outcomes = batch.len(), "delivery outcomes not recorded; they will be retried after the lease");
-        return None;
+        }
     }
 }
 
@@ -226,6 +225,15 @@ async fn write_outcomes(
 enum Fail {
     Pool(String),
     Db(tokio_postgres::Error),
+}
+
+impl std::fmt::Display for Fail {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Fail::Pool(e) => f.write_str(e),
+            Fail::Db(e) => f.write_str(&describe(e)),
+        }
+    }
 }
 
 impl From<tokio_postgres::Error> for Fail {

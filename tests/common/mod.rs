@@ -92,6 +92,33 @@ pub async fn deadlock_victim_once(url: &str, table: &str) {
         .unwrap();
 }
 
+/// A node on a database of its own (see [`own_database`]) that allows private targets, with an
+/// organization whose webhook is a receiver answering 200 at `/hook`.
+pub struct WebhookNode {
+    /// The database's URL.
+    pub url: String,
+    pub server: Server,
+    pub receiver: Receiver,
+    /// The organization's API key.
+    pub key: String,
+}
+
+impl WebhookNode {
+    pub async fn start(database: &str) -> WebhookNode {
+        let url = own_database(database).await;
+        let server = Server::start_with_db(&["--allow-private-webhooks"], &url);
+        let receiver = Receiver::start(|_, _| Answer::status(200)).await;
+        let (key, _) = new_org(server.addr, "pro").await;
+        set_webhook(server.addr, &key, &receiver.url("/hook")).await;
+        WebhookNode {
+            url,
+            server,
+            receiver,
+            key,
+        }
+    }
+}
+
 /// How a test server runs.
 enum Kind {
     /// `triggers::server::run` in this process, on its own threads; stopped through `stop`.
