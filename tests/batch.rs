@@ -351,6 +351,33 @@ async fn a_deadlock_victims_batch_is_written_again_not_answered_503() {
 }
 
 #[tokio::test]
+async fn a_writers_connection_ended_before_commit_is_written_again_not_answered_503() {
+    let url = own_database("triggers_test_writer_reconnect").await;
+    let s = Server::start_with_db(&[], &url);
+    let (key, _) = new_org(s.addr, "pro").await;
+    // The backend writing the first event is terminated mid-transaction: nothing of it was
+    // committed, and the writer's other connections (and the database) are fine.
+    backend_ends_once(&url, "events").await;
+    let r = post_event(s.addr, &key, "a", json!(1), None).await;
+    assert_eq!(r.status, 201, "{}", r.text());
+    let r = batch(
+        s.addr,
+        &key,
+        json!([{"type": "b", "payload": 2}, {"type": "c", "payload": 3, "dedup_id": "x"}]),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let results = r.json()["results"].clone();
+    assert_eq!(results[0]["status"], 201, "{results}");
+    assert_eq!(results[1]["status"], 201, "{results}");
+    assert_eq!(count_events(&url).await, 3);
+    assert!(
+        !s.log_lines("connection lost before COMMIT").is_empty(),
+        "the terminated backend was never met"
+    );
+}
+
+#[tokio::test]
 async fn events_whose_delivery_lease_was_not_written_are_not_committed() {
     // The events and their delivery lease are one transaction, however its requests are sent
     // (BEGIN goes with the COPY): the lease row failing must roll back the events, and the

@@ -438,6 +438,29 @@ async fn a_deadlock_victims_outcomes_are_recorded_again_not_repeated_after_the_l
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outcomes_whose_connection_ended_before_commit_are_recorded_again_not_repeated() {
+    let WebhookNode {
+        url,
+        server: s,
+        receiver: recv,
+        key,
+    } = WebhookNode::start("triggers_test_record_reconnect").await;
+    // The recorder's backend is terminated while it appends the first attempt.
+    backend_ends_once(&url, "delivery_attempts").await;
+    let r = post_event(s.addr, &key, "t", json!(1), None).await;
+    assert_eq!(r.status, 201);
+    let id = r.json()["id"].as_str().unwrap().to_string();
+    let e = wait_status(s.addr, &key, &id, "delivered", Duration::from_secs(5)).await;
+    assert_eq!(e["attempts"], 1);
+    assert_eq!(e["delivery_attempts"].as_array().unwrap().len(), 1);
+    assert_eq!(recv.received().len(), 1);
+    assert!(
+        !s.log_lines("connection lost before COMMIT").is_empty(),
+        "the terminated backend was never met"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_nodes_on_one_database_deliver_every_event() {
     let recv = Receiver::start(|_, _| Answer::status(200)).await;
     let args = ["--allow-private-webhooks", "--delivery-poll-ms", "200"];

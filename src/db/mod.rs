@@ -138,6 +138,23 @@ pub fn must_rerun(e: &tokio_postgres::Error) -> bool {
     matches!(e.code().map(|c| c.code()), Some("40001" | "40P01"))
 }
 
+/// Whether the connection ended under a request: closed or reset (an I/O error), its backend
+/// terminated (57P01 by an administrator or a pooler, 57P02 in a crash) or a connection
+/// exception (class 08). A transaction that met this *before its COMMIT was sent* committed
+/// nothing and may be run again on another connection; once COMMIT is sent its outcome is
+/// unknown, and it must not be.
+pub fn connection_lost(e: &tokio_postgres::Error) -> bool {
+    use std::error::Error as _;
+    let io = e
+        .source()
+        .is_some_and(|s| s.downcast_ref::<std::io::Error>().is_some());
+    let code = e.code().map(|c| c.code());
+    e.is_closed()
+        || io
+        || matches!(code, Some("57P01" | "57P02"))
+        || code.is_some_and(|c| c.starts_with("08"))
+}
+
 /// Whether a database error means the database (or the connection to it) is gone or cannot do
 /// its job: everything that is not the statement's own data ([`Fault::Server`]).
 pub fn is_connection_error(e: &tokio_postgres::Error) -> bool {

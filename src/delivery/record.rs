@@ -27,7 +27,7 @@ use uuid::Uuid;
 use super::model::{Disable, HealthWrite, Held, Next, Outcome, Recorded};
 use super::shared::Shared;
 use crate::config::{RECORD_BATCH_LINGER_BELOW, RECORD_BATCH_MAX, RECORD_LINGER, WRITE_RUNS_MAX};
-use crate::db::{copy::BinaryRows, describe, must_rerun};
+use crate::db::{connection_lost, copy::BinaryRows, describe, must_rerun};
 use crate::event_types::{DELIVERY_FAILED, ENDPOINT_DISABLED};
 use crate::flow::answer::EndpointStatus;
 use crate::flow::event::EventStatus;
@@ -175,8 +175,9 @@ struct Written {
 }
 
 /// One transaction for a batch, run again (up to `WRITE_RUNS_MAX` times, all within the one
-/// `db_timeout`) when PostgreSQL asks for it: a deadlock's victim or a serialization failure was
-/// rolled back whole, and answering it `Failed` would only repeat the attempts after their lease.
+/// `db_timeout`) when PostgreSQL asks for it (a deadlock's victim or a serialization failure was
+/// rolled back whole) or its connection ended before COMMIT was sent (nothing was written):
+/// answering it `Failed` would only repeat the attempts after their lease.
 /// `None` when it failed: the deliveries then stay as they were (held by leases that run out),
 /// and are claimed again (an attempt may repeat: at-least-once).
 async fn write_outcomes(
@@ -194,16 +195,25 @@ async fn write_outcomes(
             let mut client = pool.get().await.map_err(|e| Fail::Pool(e.to_string()))?;
             let tx = client.transaction().await?;
             let w = write_in(&tx, batch, finished, copy).await?;
-            tx.commit().await?;
+            tx.commit().await.map_err(Fail::Commit)?;
             Ok::<_, Fail>(w)
         };
         match tokio::time::timeout_at(deadline, work).await {
             Ok(Ok(w)) => return Some(w),
-            Ok(Err(Fail::Db(e))) if must_rerun(&e) && runs < WRITE_RUNS_MAX => {
+            Ok(Err(Fail::Db(e) | Fail::Commit(e))) if must_rerun(&e) && runs < WRITE_RUNS_MAX => {
                 tracing::warn!(
                     error = %describe(&e),
                     outcomes = batch.len(),
                     "delivery outcomes' transaction must be run again; writing it again"
+                );
+            }
+            // The connection ended before COMMIT was sent: nothing was written (once COMMIT is
+            // sent the outcome is unknown; the lease then settles it).
+            Ok(Err(Fail::Db(e))) if connection_lost(&e) && runs < WRITE_RUNS_MAX => {
+                tracing::warn!(
+                    error = %describe(&e),
+                    outcomes = batch.len(),
+                    "connection lost before COMMIT; writing the delivery outcomes again on another"
                 );
             }
             Ok(Err(e)) => {
@@ -224,14 +234,17 @@ async fn write_outcomes(
 /// Why a run of [`write_outcomes`] failed.
 enum Fail {
     Pool(String),
+    /// Before COMMIT was sent.
     Db(tokio_postgres::Error),
+    /// COMMIT's own answer.
+    Commit(tokio_postgres::Error),
 }
 
 impl std::fmt::Display for Fail {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Fail::Pool(e) => f.write_str(e),
-            Fail::Db(e) => f.write_str(&describe(e)),
+            Fail::Db(e) | Fail::Commit(e) => f.write_str(&describe(e)),
         }
     }
 }

@@ -38,7 +38,7 @@ use crate::config::{
     AckMode, COPY_PIECE_BYTES, SLOW_BATCH, WRITE_RETRY_BACKOFF_MAX, WRITE_RETRY_BACKOFF_MIN,
     WRITE_RUNS_MAX,
 };
-use crate::db::{describe, fault, must_rerun, Fault};
+use crate::db::{connection_lost, describe, fault, must_rerun, Fault};
 use crate::flow::answer::{Completion, Outcome, Refusal};
 use crate::flow::answer::{IngestOutcome, Ingested};
 use crate::flow::event::{NewEvent, STATUS_DERIVED};
@@ -306,7 +306,7 @@ fn refused_row(job: &WriteJob, why: &str) -> Ingested {
     })
 }
 
-/// Write the rows `rows` of `batch` in one transaction (or one statement when that is enough).
+/// Write the rows `rows` of `batch` in one transaction.
 async fn write_rows(
     ctx: &StoreCtx,
     encoder: &mut CopyEncoder,
@@ -324,7 +324,17 @@ async fn write_rows(
             Err(_) => return Err(BatchError::Database("no connection in time".into())),
         };
         let started = std::time::Instant::now();
-        let work = write_rows_on(&client, encoder, batch, plan, rows);
+        // The error, and whether COMMIT had been sent when it came.
+        let work = async {
+            let results = write_rows_on(&client, encoder, batch, plan, rows)
+                .await
+                .map_err(|e| (e, false))?;
+            client
+                .batch_execute("COMMIT")
+                .await
+                .map_err(|e| (e, true))?;
+            Ok::<_, (tokio_postgres::Error, bool)>(results)
+        };
         return match tokio::time::timeout_at(deadline, work).await {
             Ok(Ok(results)) => {
                 let took = started.elapsed();
@@ -337,18 +347,32 @@ async fn write_rows(
                 }
                 Ok(results)
             }
-            Ok(Err(e)) => {
+            Ok(Err((e, commit_sent))) => {
                 // The connection may be mid-transaction: never hand it back to the pool.
                 let _ = deadpool_postgres::Object::take(client);
-                if must_rerun(&e) && runs < WRITE_RUNS_MAX {
-                    // Rolled back whole and the database is fine: the same rows again, within
-                    // the same deadline (the pool's next connection, or none in time: 503).
-                    tracing::warn!(
-                        error = %describe(&e),
-                        events = rows.len(),
-                        "batch transaction must be run again; writing it again"
-                    );
-                    continue;
+                if runs < WRITE_RUNS_MAX {
+                    // Rolled back whole: the same rows again, within the same deadline (the
+                    // pool's next connection, or none in time: 503).
+                    if must_rerun(&e) {
+                        tracing::warn!(
+                            error = %describe(&e),
+                            events = rows.len(),
+                            "batch transaction must be run again; writing it again"
+                        );
+                        continue;
+                    }
+                    // One connection ended (a terminated backend, a reset socket) before
+                    // COMMIT was sent: nothing was written. Not yet a reason to refuse every
+                    // request with 503; if the database itself is gone, the next connection
+                    // fails too.
+                    if !commit_sent && connection_lost(&e) {
+                        tracing::warn!(
+                            error = %describe(&e),
+                            events = rows.len(),
+                            "connection lost before COMMIT; writing the batch again on another"
+                        );
+                        continue;
+                    }
                 }
                 match fault(&e) {
                     Fault::Data => Err(BatchError::Data(describe(&e))),
@@ -380,6 +404,7 @@ fn row_plan<'a>(planned: &'a Planned, lease: Option<(Uuid, Micros)>) -> RowPlan<
     }
 }
 
+/// The batch's transaction up to its COMMIT (which [`write_rows`] sends).
 async fn write_rows_on(
     client: &deadpool_postgres::Client,
     encoder: &mut CopyEncoder,
@@ -428,7 +453,6 @@ async fn write_rows_on(
         insert_deduped(client, batch, plan, deduped, &mut results).await?;
     }
     write_delivery_state(client, batch, plan, rows, &results).await?;
-    client.batch_execute("COMMIT").await?;
     Ok(rows
         .iter()
         .map(|i| {

@@ -71,21 +71,42 @@ pub async fn db_at(url: &str) -> tokio_postgres::Client {
 
 /// In the database at `url`, the first row inserted into `table` is refused as a deadlock's
 /// victim would be (40P01); the sequence counts outside the transaction, so a rerun goes
-/// through. Created under the partition maintainer's lock (its ATTACH copies a partitioned
-/// table's triggers).
+/// through.
 pub async fn deadlock_victim_once(url: &str, table: &str) {
+    first_insert_fails(
+        url,
+        table,
+        "RAISE EXCEPTION 'deadlock detected' USING ERRCODE = '40P01'",
+    )
+    .await;
+}
+
+/// In the database at `url`, the backend inserting the first row into `table` is terminated
+/// (as `pg_terminate_backend` by an administrator or a pooler ends a session: 57P01, then the
+/// socket closes) before its transaction can commit.
+pub async fn backend_ends_once(url: &str, table: &str) {
+    first_insert_fails(
+        url,
+        table,
+        "PERFORM pg_terminate_backend(pg_backend_pid()); PERFORM pg_sleep(5)",
+    )
+    .await;
+}
+
+/// The first row inserted into `table` runs `action` (PL/pgSQL) instead of going in; later ones
+/// go in. Created under the partition maintainer's lock (its ATTACH copies a partitioned
+/// table's triggers).
+async fn first_insert_fails(url: &str, table: &str, action: &str) {
     let lock = triggers::store::retention::LOCK_ID;
     db_at(url)
         .await
         .batch_execute(&format!(
             "BEGIN; SELECT pg_advisory_xact_lock({lock}); \
-             CREATE SEQUENCE victims; \
-             CREATE FUNCTION victim_once() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
-               IF nextval('victims') = 1 THEN \
-                 RAISE EXCEPTION 'deadlock detected' USING ERRCODE = '40P01'; \
-               END IF; RETURN NEW; END $$; \
-             CREATE TRIGGER victim_once BEFORE INSERT ON {table} \
-               FOR EACH ROW EXECUTE FUNCTION victim_once(); \
+             CREATE SEQUENCE first_inserts; \
+             CREATE FUNCTION first_insert_fails() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
+               IF nextval('first_inserts') = 1 THEN {action}; END IF; RETURN NEW; END $$; \
+             CREATE TRIGGER first_insert_fails BEFORE INSERT ON {table} \
+               FOR EACH ROW EXECUTE FUNCTION first_insert_fails(); \
              COMMIT;"
         ))
         .await
