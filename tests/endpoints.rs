@@ -639,6 +639,42 @@ async fn a_paused_endpoint_gets_its_whole_backlog_after_resume() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backlog_larger_than_an_endpoints_bound_is_claimed_as_room_frees_not_per_poll() {
+    // The node holds at most 16 deliveries in memory, an endpoint 2 × 4 = 8 (claimed rows are
+    // taken whatever the endpoint holds), and the claimer's poll is a minute away. A backlog of
+    // 60 must still be delivered at the receiver's pace: the claimer is woken when there is room
+    // again (in the node, for an endpoint it had to leave out), not at the next poll.
+    // A database of its own: due rows other tests left for receivers long gone would fill the
+    // 16 places first.
+    let url = own_database("triggers_test_claim_wake").await;
+    let recv = Receiver::start(|_, _| Answer::status(200)).await;
+    let s = Server::start_with_db(
+        &[
+            PRIVATE,
+            "--delivery-queue-max",
+            "16",
+            "--delivery-endpoint-concurrency",
+            "2",
+            "--delivery-poll-ms",
+            "60000",
+        ],
+        &url,
+    );
+    let (key, _) = new_org(s.addr, "pro").await;
+    let paused = create_endpoint(s.addr, &key, json!({"url": recv.url("/p")})).await;
+    let pid = paused["id"].as_str().unwrap();
+    let r = post_empty(s.addr, &key, &format!("/api/endpoints/{pid}/pause")).await;
+    assert_eq!(r.status, 200);
+    let ids = create_events(s.addr, &key, 60, "t").await;
+    let r = post_empty(s.addr, &key, &format!("/api/endpoints/{pid}/resume")).await;
+    assert_eq!(r.status, 200);
+    let got = recv
+        .wait_until(Duration::from_secs(20), |r| ids_at(r, "/p").len() == 60)
+        .await;
+    assert_eq!(ids_at(&got, "/p"), ids.iter().cloned().collect());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rate_limited_endpoint_spreads_its_deliveries_and_fails_none() {
     let recv = Receiver::start(|_, _| Answer::status(200)).await;
     let s = Server::start(&[PRIVATE]);

@@ -19,7 +19,8 @@ use uuid::Uuid;
 
 use super::job::run_job;
 use super::model::{Job, Lease};
-use super::shared::Shared;
+use super::runtime::EndpointRuntime;
+use super::shared::{Room, Shared};
 use crate::config::{
     CLAIM_BATCH_MAX, DELIVERY_BACKLOG_COUNT_EVERY, DELIVERY_BACKLOG_COUNT_MAX, RELEASE_TIMEOUT,
 };
@@ -37,6 +38,10 @@ const CLAIM: &str = "\
     WHERE d.event_id = due.event_id AND d.endpoint_id = due.endpoint_id AND e.id = d.event_id \
     RETURNING d.event_id, d.endpoint_id, d.org_id, d.attempts, d.retry_base, e.type, \
               e.payload::text, e.created_at, e.status, e.traceparent";
+
+/// Whether any of these endpoints has a delivery due.
+const DUE_FOR: &str = "\
+    SELECT EXISTS (SELECT 1 FROM deliveries WHERE next_attempt_at <= $1 AND endpoint_id = ANY($2))";
 
 /// Expired batches: what they still owe becomes rows due now; the batch rows go.
 const TAKE_OVER: &str = "\
@@ -73,26 +78,40 @@ pub(super) async fn claim_loop(shared: Arc<Shared>) {
             Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "taking over expired batches failed"),
         }
-        loop {
+        // What the claimer stopped for, with the endpoints it had to leave out.
+        let (room, at_bound) = loop {
             let free = shared
                 .config
                 .delivery_queue_max
                 .saturating_sub(shared.in_memory.load(Ordering::Relaxed));
             // Room for one more payload of the largest size, or nothing is claimed.
             if free == 0 || shared.memory.free() < shared.config.payload_bytes_max {
-                break;
+                break (Room::Node, Vec::new());
             }
             // At most as many rows as largest payloads fit the memory budget: claimed rows are
             // taken into memory whatever their size.
             let by_bytes = shared.memory.free() / shared.config.payload_bytes_max.max(1);
             let limit = free.min(CLAIM_BATCH_MAX).min(by_bytes);
             match claim(&shared, limit).await {
-                Ok(n) if n < limit => break,
+                // Fewer than asked: nothing else is due, or what is due is for endpoints that
+                // hold all they may.
+                Ok((n, at_bound)) if n < limit => match at_bound.is_empty() {
+                    true => break (Room::Any, at_bound),
+                    false => break (Room::Endpoint, at_bound),
+                },
                 Ok(_) => {}
                 Err(e) => {
                     tracing::warn!(error = %e, "claiming due deliveries failed");
-                    break;
+                    break (Room::Any, Vec::new());
                 }
+            }
+        };
+        if room != Room::Any {
+            // Say what would wake it, then look again: the room may have come free meanwhile.
+            shared.claim_waits.store(room as u8, Ordering::Relaxed);
+            if shared.has_room(room, &at_bound) {
+                shared.claim_waits.store(Room::Any as u8, Ordering::Relaxed);
+                continue;
             }
         }
         if counted_at.elapsed() >= DELIVERY_BACKLOG_COUNT_EVERY {
@@ -201,9 +220,13 @@ async fn take_over(shared: &Shared) -> Result<u64, String> {
         .map_err(|_| "database deadline passed".to_string())?
 }
 
-/// Claim up to `limit` due rows into memory; returns how many were claimed.
-async fn claim(shared: &Arc<Shared>, limit: usize) -> Result<usize, String> {
-    let excluded = shared.excluded_endpoints();
+/// Claim up to `limit` due rows into memory; returns how many were claimed, and the endpoints
+/// left out for holding all they may.
+async fn claim(
+    shared: &Arc<Shared>,
+    limit: usize,
+) -> Result<(usize, Vec<Arc<EndpointRuntime>>), String> {
+    let (excluded, at_bound) = shared.excluded_endpoints();
     let now = Micros::now();
     let held = now.plus(shared.lease);
     let work = async {
@@ -248,7 +271,27 @@ async fn claim(shared: &Arc<Shared>, limit: usize) -> Result<usize, String> {
         shared.reserve(&runtime, None, job.payload.len(), true);
         tokio::spawn(run_job(Arc::clone(shared), job, runtime, acked));
     }
-    Ok(n)
+    // Fewer than asked: the endpoints left out matter only if rows of theirs are due (under a
+    // steady load they hold what ingest gave them, and none are).
+    let mut at_bound = at_bound;
+    if n < limit && !at_bound.is_empty() {
+        let ids: Vec<Uuid> = at_bound.iter().map(|r| r.id).collect();
+        let waiting = async {
+            let client = shared.pool.get().await.map_err(|e| e.to_string())?;
+            client
+                .query_one(DUE_FOR, &[&now.to_system_time(), &ids])
+                .await
+                .map(|r| r.get::<_, bool>(0))
+                .map_err(|e| describe(&e))
+        };
+        let waiting = tokio::time::timeout(db_timeout(shared), waiting)
+            .await
+            .map_err(|_| "database deadline passed".to_string())??;
+        if !waiting {
+            at_bound.clear();
+        }
+    }
+    Ok((n, at_bound))
 }
 
 /// Count what waits in the database, for the metrics: due deliveries (bounded), parked ones,

@@ -1,7 +1,7 @@
 //! The running delivery pool: start, the sink the store publishes to, and finish at shutdown.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -13,7 +13,7 @@ use super::connector::SafeConnector;
 use super::job::run_job;
 use super::model::{BatchLease, Job, Lease};
 use super::record::record_loop;
-use super::shared::Shared;
+use super::shared::{Room, Shared};
 use crate::config::{Config, DELIVERY_POOL_IDLE, RECORDERS};
 use crate::db::build_bookkeeping_pool;
 use crate::flow::answer::EndpointStatus;
@@ -70,6 +70,7 @@ impl Delivery {
             expire: Mutex::new(Vec::new()),
             recorder: recorder_tx,
             wake: Notify::new(),
+            claim_waits: AtomicU8::new(Room::Any as u8),
             stopping: AtomicBool::new(false),
             stop: Notify::new(),
             busy: AtomicUsize::new(0),

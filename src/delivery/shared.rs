@@ -2,7 +2,7 @@
 //! it keeps per endpoint, its memory bounds, and the leases it holds.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -60,6 +60,10 @@ pub(super) struct Shared {
     pub(super) expire: Mutex<Vec<Uuid>>,
     pub(super) recorder: mpsc::Sender<Outcome>,
     pub(super) wake: Notify,
+    /// What the claimer waits for when it stopped with due rows it had no room for
+    /// ([`Room`]): a release that frees that room wakes it, so a backlog larger than the
+    /// in-memory bounds is claimed as fast as it is delivered, not once per poll.
+    pub(super) claim_waits: AtomicU8,
     pub(super) stopping: AtomicBool,
     pub(super) stop: Notify,
     /// Jobs between taking their slots and having their outcome recorded.
@@ -98,6 +102,28 @@ fn endpoint_from_row(row: &tokio_postgres::Row) -> Arc<Endpoint> {
         failing_since: time(11),
         circuit_open_until: time(12),
     })
+}
+
+/// What room the claimer waits for (`Shared::claim_waits`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub(super) enum Room {
+    /// Nothing: it is not waiting for room.
+    Any = 0,
+    /// The node's bounds: deliveries in memory (`--delivery-queue-max`) or their bytes.
+    Node = 1,
+    /// An endpoint's bound: due rows were left for endpoints holding all they may.
+    Endpoint = 2,
+}
+
+impl From<u8> for Room {
+    fn from(v: u8) -> Room {
+        match v {
+            1 => Room::Node,
+            2 => Room::Endpoint,
+            _ => Room::Any,
+        }
+    }
 }
 
 impl Shared {
@@ -272,10 +298,14 @@ impl Shared {
         true
     }
 
-    /// Give back an in-memory place and its payload's `bytes`.
+    /// Give back an in-memory place and its payload's `bytes`; wake the claimer when this frees
+    /// the room it waits for (half of the bound it met, so it claims in chunks).
     pub(super) fn release(&self, runtime: &EndpointRuntime, bytes: usize) {
-        self.memory.give(bytes);
-        runtime.in_memory.fetch_sub(1, Ordering::Relaxed);
+        let bytes_held = self.memory.give(bytes);
+        let held = runtime
+            .in_memory
+            .fetch_sub(1, Ordering::Relaxed)
+            .saturating_sub(1);
         let n = self
             .in_memory
             .fetch_sub(1, Ordering::Relaxed)
@@ -283,19 +313,54 @@ impl Shared {
         self.metrics
             .delivery_in_memory
             .store(n as i64, Ordering::Relaxed);
+        let freed = match Room::from(self.claim_waits.load(Ordering::Relaxed)) {
+            Room::Any => false,
+            // Each count passes the half-way mark going down once (atomic decrements).
+            Room::Node => {
+                let half = self.memory.max() / 2;
+                n == self.config.delivery_queue_max / 2
+                    || (bytes_held <= half && bytes_held + bytes > half)
+            }
+            Room::Endpoint => held == self.config.delivery_endpoint_in_memory_max() / 2,
+        };
+        if freed && self.claim_waits.swap(Room::Any as u8, Ordering::Relaxed) != Room::Any as u8 {
+            self.wake.notify_one();
+        }
     }
 
-    /// Endpoints whose due rows the claimer leaves in the database for now: those at their
-    /// in-memory bound and those with an open circuit.
-    pub(super) fn excluded_endpoints(&self) -> Vec<Uuid> {
+    /// Whether the room the claimer stopped for is free again: checked after it says what it
+    /// waits for, so a release that came just before is not missed.
+    pub(super) fn has_room(&self, room: Room, at_bound: &[Arc<EndpointRuntime>]) -> bool {
+        match room {
+            Room::Any => true,
+            Room::Node => {
+                self.in_memory.load(Ordering::Relaxed) <= self.config.delivery_queue_max / 2
+                    && self.memory.used() <= self.memory.max() / 2
+            }
+            Room::Endpoint => {
+                let half = self.config.delivery_endpoint_in_memory_max() / 2;
+                at_bound.iter().any(|r| r.held() <= half)
+            }
+        }
+    }
+
+    /// Endpoints whose due rows the claimer leaves in the database for now: those with an open
+    /// circuit (ids), and those at their in-memory bound (ids, and their runtimes).
+    pub(super) fn excluded_endpoints(&self) -> (Vec<Uuid>, Vec<Arc<EndpointRuntime>>) {
         let now = Micros::now();
         let max = self.config.delivery_endpoint_in_memory_max();
         let runtimes = self.runtimes.lock().unwrap_or_else(|p| p.into_inner());
-        runtimes
-            .values()
-            .filter(|r| r.held() >= max || r.gates().breaker.closed_until(now).is_some())
-            .map(|r| r.id)
-            .collect()
+        let mut ids = Vec::new();
+        let mut at_bound = Vec::new();
+        for r in runtimes.values() {
+            if r.held() >= max {
+                ids.push(r.id);
+                at_bound.push(Arc::clone(r));
+            } else if r.gates().breaker.closed_until(now).is_some() {
+                ids.push(r.id);
+            }
+        }
+        (ids, at_bound)
     }
 
     /// Forget what is kept of endpoints with nothing in memory and a healthy circuit; count

@@ -126,9 +126,14 @@ impl ByteBudget {
         }
     }
 
-    /// Give back `n` bytes.
-    pub fn give(&self, n: usize) {
-        self.used.fetch_sub(n, Ordering::Relaxed);
+    /// Give back `n` bytes; returns the bytes held after.
+    pub fn give(&self, n: usize) -> usize {
+        self.used.fetch_sub(n, Ordering::Relaxed).saturating_sub(n)
+    }
+
+    /// The budget's size.
+    pub fn max(&self) -> usize {
+        self.max
     }
 
     /// Bytes held now.
