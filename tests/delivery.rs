@@ -412,52 +412,52 @@ async fn sigkill_with_deliveries_pending_delivers_all_after_restart() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_deadlock_victims_outcomes_are_recorded_again_not_repeated_after_the_lease() {
+/// On a node of its own, `inject` makes the recorder's first append of an attempt fail; the
+/// recorder must write the outcome again at once (its log names `seen`): the event is delivered
+/// with one attempt recorded, and the receiver got it once. An outcome the recorder gave up on
+/// would be let go unrecorded, and its delivery made again when its lease is claimed anew.
+async fn recorder_writes_again_after<F, Fut>(database: &str, inject: F, seen: &str)
+where
+    F: FnOnce(String) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
     let WebhookNode {
         url,
         server: s,
         receiver: recv,
         key,
-    } = WebhookNode::start("triggers_test_record_rerun").await;
-    // The recorder's first append of an attempt is refused as a deadlock's victim would be.
-    deadlock_victim_once(&url, "delivery_attempts").await;
+    } = WebhookNode::start(database).await;
+    inject(url).await;
     let r = post_event(s.addr, &key, "t", json!(1), None).await;
     assert_eq!(r.status, 201);
     let id = r.json()["id"].as_str().unwrap().to_string();
-    // Recorded at once, and delivered once: an outcome the recorder gives up on is let go
-    // unrecorded, and its delivery is made again when its lease is claimed anew.
     let e = wait_status(s.addr, &key, &id, "delivered", Duration::from_secs(5)).await;
     assert_eq!(e["attempts"], 1);
     assert_eq!(e["delivery_attempts"].as_array().unwrap().len(), 1);
     assert_eq!(recv.received().len(), 1);
-    assert!(
-        !s.log_lines("must be run again").is_empty(),
-        "the deadlock was never met"
-    );
+    assert!(!s.log_lines(seen).is_empty(), "the fault was never met");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deadlock_victims_outcomes_are_recorded_again_not_repeated_after_the_lease() {
+    // Refused as a deadlock's victim would be.
+    recorder_writes_again_after(
+        "triggers_test_record_rerun",
+        |url| async move { deadlock_victim_once(&url, "delivery_attempts").await },
+        "must be run again",
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn outcomes_whose_connection_ended_before_commit_are_recorded_again_not_repeated() {
-    let WebhookNode {
-        url,
-        server: s,
-        receiver: recv,
-        key,
-    } = WebhookNode::start("triggers_test_record_reconnect").await;
-    // The recorder's backend is terminated while it appends the first attempt.
-    backend_ends_once(&url, "delivery_attempts").await;
-    let r = post_event(s.addr, &key, "t", json!(1), None).await;
-    assert_eq!(r.status, 201);
-    let id = r.json()["id"].as_str().unwrap().to_string();
-    let e = wait_status(s.addr, &key, &id, "delivered", Duration::from_secs(5)).await;
-    assert_eq!(e["attempts"], 1);
-    assert_eq!(e["delivery_attempts"].as_array().unwrap().len(), 1);
-    assert_eq!(recv.received().len(), 1);
-    assert!(
-        !s.log_lines("connection lost before COMMIT").is_empty(),
-        "the terminated backend was never met"
-    );
+    // The recorder's backend is terminated mid-transaction.
+    recorder_writes_again_after(
+        "triggers_test_record_reconnect",
+        |url| async move { backend_ends_once(&url, "delivery_attempts").await },
+        "connection lost before COMMIT",
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
