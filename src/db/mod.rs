@@ -131,28 +131,45 @@ pub fn fault_of_code(code: Option<&str>) -> Fault {
     }
 }
 
-/// Whether PostgreSQL asks for the transaction to be run again: it failed to serialize (40001)
-/// or was picked as a deadlock's victim (40P01). It was rolled back whole and the database is
-/// fine, so running it again is both safe and the right answer, not a 503.
-pub fn must_rerun(e: &tokio_postgres::Error) -> bool {
-    matches!(e.code().map(|c| c.code()), Some("40001" | "40P01"))
+/// Why a failed transaction may be run again at once (on the pool's next connection, within the
+/// same deadline) rather than answered as the server's trouble.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rerun {
+    /// PostgreSQL asks for it: it failed to serialize (40001) or was picked as a deadlock's
+    /// victim (40P01). It was rolled back whole and the database is fine.
+    Asked,
+    /// Its connection ended before COMMIT was sent (closed or reset, its backend terminated:
+    /// 57P01 by an administrator or a pooler, 57P02 in a crash, class 08): it committed
+    /// nothing. If the database itself is gone, the next connection fails too.
+    ConnectionLost,
 }
 
-/// Whether the connection ended under a request: closed or reset (an I/O error), its backend
-/// terminated (57P01 by an administrator or a pooler, 57P02 in a crash) or a connection
-/// exception (class 08). A transaction that met this *before its COMMIT was sent* committed
-/// nothing and may be run again on another connection; once COMMIT is sent its outcome is
-/// unknown, and it must not be.
-pub fn connection_lost(e: &tokio_postgres::Error) -> bool {
+impl std::fmt::Display for Rerun {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Rerun::Asked => "it must be run again",
+            Rerun::ConnectionLost => "connection lost before COMMIT",
+        })
+    }
+}
+
+/// Whether the transaction that failed with `e` may be run again, and why. `commit_sent`: the
+/// error came in answer to COMMIT (or after it was sent), when a lost connection leaves the
+/// outcome unknown: never run again then.
+pub fn rerun(e: &tokio_postgres::Error, commit_sent: bool) -> Option<Rerun> {
     use std::error::Error as _;
+    let code = e.code().map(|c| c.code());
+    if matches!(code, Some("40001" | "40P01")) {
+        return Some(Rerun::Asked);
+    }
     let io = e
         .source()
         .is_some_and(|s| s.downcast_ref::<std::io::Error>().is_some());
-    let code = e.code().map(|c| c.code());
-    e.is_closed()
+    let lost = e.is_closed()
         || io
         || matches!(code, Some("57P01" | "57P02"))
-        || code.is_some_and(|c| c.starts_with("08"))
+        || code.is_some_and(|c| c.starts_with("08"));
+    (lost && !commit_sent).then_some(Rerun::ConnectionLost)
 }
 
 /// Whether a database error means the database (or the connection to it) is gone or cannot do

@@ -95,22 +95,27 @@ pub(super) async fn claim_loop(shared: Arc<Shared>) {
             match claim(&shared, limit).await {
                 // Fewer than asked: nothing else is due, or what is due is for endpoints that
                 // hold all they may.
-                Ok((n, at_bound)) if n < limit => match at_bound.is_empty() {
-                    true => break (Room::Any, at_bound),
-                    false => break (Room::Endpoint, at_bound),
-                },
+                Ok((n, at_bound)) if n < limit => {
+                    let room = match at_bound.is_empty() {
+                        true => Room::NotWaiting,
+                        false => Room::Endpoint,
+                    };
+                    break (room, at_bound);
+                }
                 Ok(_) => {}
                 Err(e) => {
                     tracing::warn!(error = %e, "claiming due deliveries failed");
-                    break (Room::Any, Vec::new());
+                    break (Room::NotWaiting, Vec::new());
                 }
             }
         };
-        if room != Room::Any {
+        if room != Room::NotWaiting {
             // Say what would wake it, then look again: the room may have come free meanwhile.
             shared.claim_waits.store(room as u8, Ordering::Relaxed);
             if shared.has_room(room, &at_bound) {
-                shared.claim_waits.store(Room::Any as u8, Ordering::Relaxed);
+                shared
+                    .claim_waits
+                    .store(Room::NotWaiting as u8, Ordering::Relaxed);
                 continue;
             }
         }

@@ -70,7 +70,7 @@ impl Delivery {
             expire: Mutex::new(Vec::new()),
             recorder: recorder_tx,
             wake: Notify::new(),
-            claim_waits: AtomicU8::new(Room::Any as u8),
+            claim_waits: AtomicU8::new(Room::NotWaiting as u8),
             stopping: AtomicBool::new(false),
             stop: Notify::new(),
             busy: AtomicUsize::new(0),

@@ -27,7 +27,7 @@ use uuid::Uuid;
 use super::model::{Disable, HealthWrite, Held, Next, Outcome, Recorded};
 use super::shared::Shared;
 use crate::config::{RECORD_BATCH_LINGER_BELOW, RECORD_BATCH_MAX, RECORD_LINGER, WRITE_RUNS_MAX};
-use crate::db::{connection_lost, copy::BinaryRows, describe, must_rerun};
+use crate::db::{copy::BinaryRows, describe, rerun, Rerun};
 use crate::event_types::{DELIVERY_FAILED, ENDPOINT_DISABLED};
 use crate::flow::answer::EndpointStatus;
 use crate::flow::event::EventStatus;
@@ -198,33 +198,25 @@ async fn write_outcomes(
             tx.commit().await.map_err(Fail::Commit)?;
             Ok::<_, Fail>(w)
         };
-        match tokio::time::timeout_at(deadline, work).await {
+        let failed = match tokio::time::timeout_at(deadline, work).await {
             Ok(Ok(w)) => return Some(w),
-            Ok(Err(Fail::Db(e) | Fail::Commit(e))) if must_rerun(&e) && runs < WRITE_RUNS_MAX => {
-                tracing::warn!(
-                    error = %describe(&e),
-                    outcomes = batch.len(),
-                    "delivery outcomes' transaction must be run again; writing it again"
-                );
-            }
-            // The connection ended before COMMIT was sent: nothing was written (once COMMIT is
-            // sent the outcome is unknown; the lease then settles it).
-            Ok(Err(Fail::Db(e))) if connection_lost(&e) && runs < WRITE_RUNS_MAX => {
-                tracing::warn!(
-                    error = %describe(&e),
-                    outcomes = batch.len(),
-                    "connection lost before COMMIT; writing the delivery outcomes again on another"
-                );
-            }
-            Ok(Err(e)) => {
-                tracing::warn!(error = %e, outcomes = batch.len(), "delivery outcomes not recorded; they will be retried after the lease");
-                return None;
-            }
+            Ok(Err(e)) => e,
             Err(_) => {
                 tracing::warn!(
                     outcomes = batch.len(),
                     "delivery outcomes not recorded in time"
                 );
+                return None;
+            }
+        };
+        match failed.rerun().filter(|_| runs < WRITE_RUNS_MAX) {
+            Some(why) => tracing::warn!(
+                error = %failed,
+                outcomes = batch.len(),
+                "delivery outcomes' transaction not written, {why}; writing it again"
+            ),
+            None => {
+                tracing::warn!(error = %failed, outcomes = batch.len(), "delivery outcomes not recorded; they will be retried after the lease");
                 return None;
             }
         }
@@ -238,6 +230,17 @@ enum Fail {
     Db(tokio_postgres::Error),
     /// COMMIT's own answer.
     Commit(tokio_postgres::Error),
+}
+
+impl Fail {
+    /// Whether the transaction may be run again at once (`db::rerun`).
+    fn rerun(&self) -> Option<Rerun> {
+        match self {
+            Fail::Pool(_) => None,
+            Fail::Db(e) => rerun(e, false),
+            Fail::Commit(e) => rerun(e, true),
+        }
+    }
 }
 
 impl std::fmt::Display for Fail {

@@ -108,8 +108,8 @@ fn endpoint_from_row(row: &tokio_postgres::Row) -> Arc<Endpoint> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
 pub(super) enum Room {
-    /// Nothing: it is not waiting for room.
-    Any = 0,
+    /// It is not waiting for room.
+    NotWaiting = 0,
     /// The node's bounds: deliveries in memory (`--delivery-queue-max`) or their bytes.
     Node = 1,
     /// An endpoint's bound: due rows were left for endpoints holding all they may.
@@ -121,7 +121,7 @@ impl From<u8> for Room {
         match v {
             1 => Room::Node,
             2 => Room::Endpoint,
-            _ => Room::Any,
+            _ => Room::NotWaiting,
         }
     }
 }
@@ -314,7 +314,7 @@ impl Shared {
             .delivery_in_memory
             .store(n as i64, Ordering::Relaxed);
         let freed = match Room::from(self.claim_waits.load(Ordering::Relaxed)) {
-            Room::Any => false,
+            Room::NotWaiting => false,
             // Each count passes the half-way mark going down once (atomic decrements).
             Room::Node => {
                 let half = self.memory.max() / 2;
@@ -323,7 +323,12 @@ impl Shared {
             }
             Room::Endpoint => held == self.config.delivery_endpoint_in_memory_max() / 2,
         };
-        if freed && self.claim_waits.swap(Room::Any as u8, Ordering::Relaxed) != Room::Any as u8 {
+        if freed
+            && self
+                .claim_waits
+                .swap(Room::NotWaiting as u8, Ordering::Relaxed)
+                != Room::NotWaiting as u8
+        {
             self.wake.notify_one();
         }
     }
@@ -332,7 +337,7 @@ impl Shared {
     /// waits for, so a release that came just before is not missed.
     pub(super) fn has_room(&self, room: Room, at_bound: &[Arc<EndpointRuntime>]) -> bool {
         match room {
-            Room::Any => true,
+            Room::NotWaiting => true,
             Room::Node => {
                 self.in_memory.load(Ordering::Relaxed) <= self.config.delivery_queue_max / 2
                     && self.memory.used() <= self.memory.max() / 2

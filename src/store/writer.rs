@@ -38,7 +38,7 @@ use crate::config::{
     AckMode, COPY_PIECE_BYTES, SLOW_BATCH, WRITE_RETRY_BACKOFF_MAX, WRITE_RETRY_BACKOFF_MIN,
     WRITE_RUNS_MAX,
 };
-use crate::db::{connection_lost, describe, fault, must_rerun, Fault};
+use crate::db::{describe, fault, rerun, Fault};
 use crate::flow::answer::{Completion, Outcome, Refusal};
 use crate::flow::answer::{IngestOutcome, Ingested};
 use crate::flow::event::{NewEvent, STATUS_DERIVED};
@@ -350,29 +350,16 @@ async fn write_rows(
             Ok(Err((e, commit_sent))) => {
                 // The connection may be mid-transaction: never hand it back to the pool.
                 let _ = deadpool_postgres::Object::take(client);
-                if runs < WRITE_RUNS_MAX {
-                    // Rolled back whole: the same rows again, within the same deadline (the
-                    // pool's next connection, or none in time: 503).
-                    if must_rerun(&e) {
-                        tracing::warn!(
-                            error = %describe(&e),
-                            events = rows.len(),
-                            "batch transaction must be run again; writing it again"
-                        );
-                        continue;
-                    }
-                    // One connection ended (a terminated backend, a reset socket) before
-                    // COMMIT was sent: nothing was written. Not yet a reason to refuse every
-                    // request with 503; if the database itself is gone, the next connection
-                    // fails too.
-                    if !commit_sent && connection_lost(&e) {
-                        tracing::warn!(
-                            error = %describe(&e),
-                            events = rows.len(),
-                            "connection lost before COMMIT; writing the batch again on another"
-                        );
-                        continue;
-                    }
+                if let Some(why) = rerun(&e, commit_sent).filter(|_| runs < WRITE_RUNS_MAX) {
+                    // Nothing of it was written: the same rows again, within the same deadline
+                    // (the pool's next connection, or none in time: 503). The health flag stays
+                    // up: the database may be fine.
+                    tracing::warn!(
+                        error = %describe(&e),
+                        events = rows.len(),
+                        "batch transaction not written, {why}; writing it again"
+                    );
+                    continue;
                 }
                 match fault(&e) {
                     Fault::Data => Err(BatchError::Data(describe(&e))),
