@@ -550,3 +550,49 @@ async fn graceful_stop_hands_pending_deliveries_back_at_once() {
         stopped_at.elapsed()
     );
 }
+
+/// Sequential scans of the events table's partitions so far (as the statistics have them).
+async fn events_seq_scans(client: &tokio_postgres::Client) -> i64 {
+    client
+        .query_one(
+            "SELECT coalesce(sum(seq_scan), 0)::bigint FROM pg_stat_user_tables \
+             WHERE relid IN (SELECT relid FROM pg_partition_tree('events'))",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_claimers_polls_never_scan_the_events_table() {
+    // Every poll takes over expired delivery batches, looking their events up by id range. With
+    // the table full of inbox events and few that wait for endpoints (an ingest-only load), the
+    // planner once turned that join round and scanned every retained event at every poll.
+    let url = own_database("triggers_test_take_over_scans").await;
+    let s = Server::process_with_db(&["--delivery-poll-ms", "20"], &url);
+    let (_, org) = new_org(s.addr, "pro").await;
+    let ms = std::time::UNIX_EPOCH.elapsed().unwrap().as_millis();
+    let hex = format!("{ms:012x}");
+    let p = format!("{}-{}", &hex[..8], &hex[8..]);
+    let client = db_at(&url).await;
+    client
+        .batch_execute(&format!(
+            "INSERT INTO events (id, org_id, type, payload, status, endpoints, created_at) \
+             SELECT ('{p}-7000-8000-' || lpad(to_hex(g), 12, '0'))::uuid, '{org}', 't', '{{}}', \
+                    CASE WHEN g % 5000 = 0 THEN 3 ELSE 0 END, \
+                    CASE WHEN g % 5000 = 0 THEN ARRAY[gen_random_uuid()] END, now() \
+             FROM generate_series(1, 50000) g; \
+             ANALYZE events"
+        ))
+        .await
+        .unwrap();
+    // The statistics are flushed about once a second: let what came before settle, then count
+    // across ~100 polls.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let before = events_seq_scans(&client).await;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let after = events_seq_scans(&client).await;
+    assert_eq!(after - before, 0, "the events table was scanned while idle");
+    drop(s);
+}

@@ -44,6 +44,11 @@ const DUE_FOR: &str = "\
     SELECT EXISTS (SELECT 1 FROM deliveries WHERE next_attempt_at <= $1 AND endpoint_id = ANY($2))";
 
 /// Expired batches: what they still owe becomes rows due now; the batch rows go.
+///
+/// The events are looked up batch by batch, by their id range (the `LATERAL … OFFSET 0` keeps
+/// the planner from turning the join round): left to itself, with few events of the derived
+/// status in its statistics (an ingest-only load), it scanned the whole events table at every
+/// poll to find none (86 ms at 486k events, growing with the table).
 const TAKE_OVER: &str = "\
     WITH b AS ( \
         DELETE FROM delivery_batches WHERE id IN ( \
@@ -52,9 +57,13 @@ const TAKE_OVER: &str = "\
         RETURNING id, first_event, last_event) \
     INSERT INTO deliveries (event_id, endpoint_id, org_id, next_attempt_at) \
     SELECT e.id, ep.id, e.org_id, $1 \
-    FROM b JOIN events e ON e.id BETWEEN b.first_event AND b.last_event AND e.batch_id = b.id \
+    FROM b CROSS JOIN LATERAL ( \
+        SELECT e.id, e.org_id, e.endpoints FROM events e \
+        WHERE e.id BETWEEN b.first_event AND b.last_event AND e.batch_id = b.id \
+          AND e.status = $3 \
+        OFFSET 0) e \
     CROSS JOIN LATERAL unnest(e.endpoints) AS ep(id) \
-    WHERE e.status = $3 AND NOT EXISTS ( \
+    WHERE NOT EXISTS ( \
         SELECT 1 FROM delivery_attempts a \
         WHERE a.event_id = e.id AND a.endpoint_id = ep.id AND a.response_status BETWEEN 200 AND 299) \
     ON CONFLICT DO NOTHING";
