@@ -285,7 +285,11 @@ def table(data):
         c = r.get("cpu_per_event") or {}
         cells = [r.get("scenario"), r.get("offered"), f"{r.get('achieved', 0):,.0f}"]
         cells += [f"{r[k]:.2f}" if isinstance(r.get(k), (int, float)) else "-" for k in ("p50", "p90", "p99", "max")]
-        cells += [c.get("server_us_per_event", "-"), c.get("pg_us_per_event", "-"),
+        pg = str(c.get("pg_us_per_event", "-"))
+        parts = {k: v for k, v in (c.get("pg_us_per_event_by_part") or {}).items() if v >= 0.05}
+        if parts:
+            pg += " (" + ", ".join(f"{k} {v}" for k, v in parts.items()) + ")"
+        cells += [c.get("server_us_per_event", "-"), pg,
                   " ".join(f"{k}:{v}" for k, v in sorted((r.get("statuses") or {}).items()))]
         out.append("<tr>" + "".join(f"<td>{html.escape(str(x))}</td>" for x in cells) + "</tr>")
     out.append("</table>")

@@ -125,15 +125,16 @@ class Database:
                             f"FROM pg_partition_tree('{table}')) END"))
 
 
-def postgres_cpu_s():
-    """CPU seconds used so far by the project's PostgreSQL (the postmaster and every backend):
-    the database's cost, read from /proc, whoever else shares the machine."""
+def postgres_cpu_ticks():
+    """CPU ticks used so far by the project's PostgreSQL, by process: {pid: ticks}, with the
+    postmaster's entry also holding the CPU of its children that have exited. None when it is not
+    this machine's."""
     pid_file = os.environ.get("TRIGGERS_PG_PIDFILE", "/var/tmp/triggers-pg/data/postmaster.pid")
     try:
         master = int(open(pid_file).readline())
     except (OSError, ValueError):
         return None
-    total = 0
+    ticks = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -143,10 +144,29 @@ def postgres_cpu_s():
             continue
         if int(entry) == master or int(fields[1]) == master:
             # utime + stime, and for the postmaster the CPU of children that have exited.
-            total += int(fields[11]) + int(fields[12])
+            ticks[int(entry)] = int(fields[11]) + int(fields[12])
             if int(entry) == master:
-                total += int(fields[13]) + int(fields[14])
-    return total / os.sysconf("SC_CLK_TCK")
+                ticks[int(entry)] += int(fields[13]) + int(fields[14])
+    return ticks
+
+
+# The server names its connections by the part they serve (application_name `triggers`,
+# `triggers-ingest`, `triggers-delivery`, ...): PostgreSQL's CPU is split by them.
+PG_PARTS = {"triggers-ingest": "ingest", "triggers-delivery": "delivery", "triggers": "api"}
+
+
+def postgres_parts(db):
+    """{pid: part} of the server's connections now (other backends are PostgreSQL's own)."""
+    try:
+        rows = db.sql("SELECT pid, application_name FROM pg_stat_activity WHERE pid <> pg_backend_pid()")
+    except subprocess.CalledProcessError:
+        return {}
+    parts = {}
+    for line in rows.splitlines():
+        pid, _, name = line.partition("|")
+        if name in PG_PARTS:
+            parts[int(pid)] = PG_PARTS[name]
+    return parts
 
 
 def supported_flags(binary):
@@ -163,6 +183,7 @@ HARNESS_FLAGS = [("--key-ops-per-minute", "1000000"), ("--key-ops-per-minute-nod
 class Server:
     def __init__(self, db, cores, extra=(), binary=SERVER):
         self.log_path = os.path.join(RESULTS, "server.log")
+        self.db = db
         known = supported_flags(binary)
         harness = [x for flag, value in HARNESS_FLAGS if flag in known for x in (flag, value)]
         args = [binary, "serve", "--database-url", db.url, "--listen", f"127.0.0.1:{PORT}",
@@ -239,7 +260,7 @@ class Sampler(threading.Thread):
         super().__init__(daemon=True)
         self.server, self.stop_flag, self.peak_rss = server, threading.Event(), 0.0
         self.cpu0, self.t0 = server.cpu_s(), time.monotonic()
-        self.pg0 = postgres_cpu_s()
+        self.pg0 = postgres_cpu_ticks()
 
     def run(self):
         while not self.stop_flag.wait(0.25):
@@ -249,9 +270,19 @@ class Sampler(threading.Thread):
         self.stop_flag.set()
         self.join()
         self.peak_rss = max(self.peak_rss, self.server.rss_mb())
-        pg1 = postgres_cpu_s()
+        pg1 = postgres_cpu_ticks()
         self.server_cpu_s = self.server.cpu_s() - self.cpu0
-        self.pg_cpu_s = pg1 - self.pg0 if pg1 is not None and self.pg0 is not None else None
+        self.pg_cpu_s, self.pg_parts_s = None, {}
+        if pg1 is not None and self.pg0 is not None:
+            tick = os.sysconf("SC_CLK_TCK")
+            self.pg_cpu_s = (sum(pg1.values()) - sum(self.pg0.values())) / tick
+            # By the part each backend serves; what is left (PostgreSQL's own processes, and
+            # backends that ended during the phase) is "other".
+            for pid, part in postgres_parts(self.server.db).items():
+                if pid in pg1:
+                    used = (pg1[pid] - self.pg0.get(pid, 0)) / tick
+                    self.pg_parts_s[part] = self.pg_parts_s.get(part, 0.0) + used
+            self.pg_parts_s["other"] = self.pg_cpu_s - sum(self.pg_parts_s.values())
         return 100 * self.server_cpu_s / (time.monotonic() - self.t0), self.peak_rss
 
     def per_event_us(self, events):
@@ -261,6 +292,8 @@ class Sampler(threading.Thread):
         out = {"server_us_per_event": round(1e6 * self.server_cpu_s / events, 1)}
         if self.pg_cpu_s is not None:
             out["pg_us_per_event"] = round(1e6 * self.pg_cpu_s / events, 1)
+            out["pg_us_per_event_by_part"] = {part: round(1e6 * used / events, 1)
+                                              for part, used in sorted(self.pg_parts_s.items())}
         return out
 
 
@@ -730,6 +763,9 @@ def print_table(rows, ceiling, extra):
             c = r.get(key) or {}
             if c:
                 pg = f", postgres {c['pg_us_per_event']} us" if "pg_us_per_event" in c else ""
+                parts = {k: v for k, v in (c.get("pg_us_per_event_by_part") or {}).items() if v >= 0.05}
+                if parts:
+                    pg += " (" + ", ".join(f"{k} {v}" for k, v in parts.items()) + ")"
                 statuses += f" | cpu {label}: server {c['server_us_per_event']} us{pg}"
         offered = f"{r['offered']:,}" if isinstance(r["offered"], int) else r["offered"]
         ms = "".join(f"{r[k]:>9.2f}" if r[k] is not None else f"{'-':>9}" for k in ("p50", "p90", "p99", "max"))

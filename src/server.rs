@@ -79,7 +79,7 @@ pub fn runtime(config: &Config) -> Result<tokio::runtime::Runtime, String> {
 /// Apply pending migrations, waiting up to `DATABASE_PATIENCE` for the database to accept
 /// connections.
 pub async fn migrate(config: &Config) -> Result<Vec<i32>, String> {
-    let mut client = crate::db::connect(config, DATABASE_PATIENCE).await?;
+    let mut client = crate::db::connect(config, crate::db::Part::Api, DATABASE_PATIENCE).await?;
     migrate::migrate(&mut client)
         .await
         .map_err(|e| format!("migration failed: {e}"))

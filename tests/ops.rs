@@ -373,3 +373,59 @@ async fn access_log_lines_and_trace_context_reach_the_receiver() {
         stopping.elapsed()
     );
 }
+
+/// The `application_name`s of a node's connections to its database (the test's own).
+async fn connection_names(url: &str, database: &str) -> std::collections::BTreeSet<String> {
+    let client = db_at(url).await;
+    client
+        .query(
+            "SELECT DISTINCT application_name FROM pg_stat_activity \
+             WHERE datname = $1 AND pid <> pg_backend_pid()",
+            &[&database],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_pools_connections_say_which_part_of_the_node_they_serve() {
+    // An operator reading pg_stat_activity (or the load-test harness splitting PostgreSQL's CPU)
+    // tells the ingest writers from the delivery bookkeeping; a name the URL gives is kept as the
+    // stem.
+    let database = "triggers_test_connection_names";
+    let url = own_database(database).await;
+    for (server_url, stem) in [
+        (url.clone(), "triggers"),
+        (format!("{url}?application_name=edge7"), "edge7"),
+    ] {
+        let mut s = Server::process_with_db(&[], &server_url);
+        let (key, _) = new_org(s.addr, "pro").await;
+        // An event makes the group commit take a writer's connection.
+        let r = post_event(s.addr, &key, "t", json!(1), None).await;
+        assert_eq!(r.status, 201);
+        let want: std::collections::BTreeSet<String> =
+            ["", "-ingest", "-delivery", "-listen", "-probe"]
+                .iter()
+                .map(|part| format!("{stem}{part}"))
+                .collect();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        // Exactly these (retention's upkeep may hold one more); the previous node's connections
+        // may take a moment to go.
+        loop {
+            let mut names = connection_names(&url, database).await;
+            names.remove(&format!("{stem}-retention"));
+            if names == want {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "want {want:?}, connected: {names:?}"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        s.stop();
+    }
+}

@@ -12,8 +12,40 @@ use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 
 use crate::config::{Config, DB_CONNECT_RETRY, DB_KEEPALIVE_IDLE};
 
-/// The PostgreSQL connection settings from the config.
-pub fn pg_config(config: &Config) -> Result<tokio_postgres::Config, String> {
+/// Which part of the server a connection serves. Its `application_name` says so (`triggers`, or
+/// the name the URL gives, then `-ingest`, `-delivery`, …), so `pg_stat_activity`, the logs and
+/// the load-test harness tell the pools apart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Part {
+    /// The API's reads and writes, and migrations: the plain name.
+    Api,
+    /// The group commit's writers (events, dedup keys, delivery batches).
+    Ingest,
+    /// Delivery bookkeeping: claims, outcomes, leases.
+    Delivery,
+    /// The cross-node LISTEN connection.
+    Listen,
+    /// The health probe's own connection.
+    Probe,
+    /// Retention and partition upkeep.
+    Retention,
+}
+
+impl Part {
+    fn suffix(self) -> &'static str {
+        match self {
+            Part::Api => "",
+            Part::Ingest => "-ingest",
+            Part::Delivery => "-delivery",
+            Part::Listen => "-listen",
+            Part::Probe => "-probe",
+            Part::Retention => "-retention",
+        }
+    }
+}
+
+/// The PostgreSQL connection settings from the config, for one part of the server.
+pub fn pg_config(config: &Config, part: Part) -> Result<tokio_postgres::Config, String> {
     let mut pg: tokio_postgres::Config = config
         .database_url
         .parse()
@@ -21,9 +53,12 @@ pub fn pg_config(config: &Config) -> Result<tokio_postgres::Config, String> {
     pg.connect_timeout(Config::ms(config.db_connect_timeout_ms));
     pg.keepalives(true);
     pg.keepalives_idle(DB_KEEPALIVE_IDLE);
-    if pg.get_application_name().is_none() {
-        pg.application_name("triggers");
-    }
+    let name = format!(
+        "{}{}",
+        pg.get_application_name().unwrap_or("triggers"),
+        part.suffix()
+    );
+    pg.application_name(&name);
     // Every query here is short and prepared: JIT compilation (tens of milliseconds, started by
     // the planner's cost estimate) only ever costs more than it saves.
     add_option(&mut pg, "-c jit=off");
@@ -40,15 +75,15 @@ fn add_option(pg: &mut tokio_postgres::Config, option: &str) {
 }
 
 /// A connection pool of `size` with the configured timeouts.
-pub fn build_pool(config: &Config, size: usize) -> Result<Pool, String> {
-    build_pool_with(config, size, pg_config(config)?)
+pub fn build_pool(config: &Config, size: usize, part: Part) -> Result<Pool, String> {
+    build_pool_with(config, size, pg_config(config, part)?)
 }
 
 /// The delivery pool's connections: its writes (attempt outcomes, leases) commit without waiting
 /// for the disk. A crash that loses the last milliseconds of them only means those events are
 /// delivered again (at-least-once); events themselves are always written synchronously.
 pub fn build_bookkeeping_pool(config: &Config, size: usize) -> Result<Pool, String> {
-    let mut pg = pg_config(config)?;
+    let mut pg = pg_config(config, Part::Delivery)?;
     add_option(&mut pg, "-c synchronous_commit=off");
     build_pool_with(config, size, pg)
 }
@@ -79,9 +114,10 @@ fn build_pool_with(
 /// Connect once, retrying for up to `patience` while the database starts.
 pub async fn connect(
     config: &Config,
+    part: Part,
     patience: Duration,
 ) -> Result<tokio_postgres::Client, String> {
-    let pg = pg_config(config)?;
+    let pg = pg_config(config, part)?;
     let deadline = tokio::time::Instant::now() + patience;
     loop {
         match pg.connect(tokio_postgres::NoTls).await {

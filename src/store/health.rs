@@ -10,7 +10,7 @@ use tokio_postgres::{Client, NoTls};
 
 use super::ctx::StoreCtx;
 use crate::config::{Config, HEALTH_PROBE_EVERY_DOWN, HEALTH_PROBE_EVERY_UP};
-use crate::db::{describe, pg_config};
+use crate::db::{describe, pg_config, Part};
 
 /// Probe until aborted at shutdown.
 pub async fn probe(ctx: Arc<StoreCtx>) {
@@ -56,7 +56,7 @@ async fn check(
     reached: &mut bool,
 ) -> Result<(), String> {
     if conn.as_ref().is_none_or(|c| c.is_closed()) {
-        let pg = pg_config(&ctx.config)?;
+        let pg = pg_config(&ctx.config, Part::Probe)?;
         let (client, connection) = pg.connect(NoTls).await.map_err(|e| describe(&e))?;
         tokio::spawn(async move {
             let _ = connection.await;

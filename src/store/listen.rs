@@ -16,7 +16,7 @@ use tokio_postgres::AsyncMessage;
 
 use super::ctx::StoreCtx;
 use crate::config::{LISTEN_HEARTBEAT_EVERY, LISTEN_HEARTBEAT_MISSED, LISTEN_RECONNECT_DELAY};
-use crate::db::pg_config;
+use crate::db::{pg_config, Part};
 use crate::flow::ORG_CHANGED_CHANNEL;
 use crate::ids::OrgId;
 
@@ -62,7 +62,7 @@ fn flush(ctx: &StoreCtx) {
 /// Wait until a new LISTEN connection could be made (then `run` goes round again to listen on
 /// it). Returns at once if the database takes connections.
 async fn listen_until_connected(ctx: &StoreCtx) {
-    let Ok(pg) = pg_config(&ctx.config) else {
+    let Ok(pg) = pg_config(&ctx.config, Part::Listen) else {
         return std::future::pending().await;
     };
     loop {
@@ -82,7 +82,7 @@ async fn listen_until_connected(ctx: &StoreCtx) {
 
 /// One LISTEN connection, until it is lost or a heartbeat goes missing; returns why it ended.
 async fn listen(ctx: &StoreCtx) -> String {
-    let pg = match pg_config(&ctx.config) {
+    let pg = match pg_config(&ctx.config, Part::Listen) {
         Ok(pg) => pg,
         Err(e) => return e,
     };

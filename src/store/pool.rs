@@ -10,7 +10,7 @@ use crate::auth::flight::Flights;
 use crate::auth::throttle::{FailureThrottle, KeyOpsLimiter};
 use crate::auth::verify::Verifier;
 use crate::config::Config;
-use crate::db::build_pool;
+use crate::db::{build_pool, Part};
 use crate::flow::sink::{CoreLink, DeliverySink, StoreInbox};
 use crate::metrics::Metrics;
 
@@ -33,8 +33,8 @@ impl Store {
         metrics: Arc<Metrics>,
     ) -> Result<Store, String> {
         let ctx = Arc::new(StoreCtx {
-            pool: build_pool(&config, config.store_pool_size)?,
-            writer_pool: build_pool(&config, config.store_writers)?,
+            pool: build_pool(&config, config.store_pool_size, Part::Api)?,
+            writer_pool: build_pool(&config, config.store_writers, Part::Ingest)?,
             cores,
             delivery,
             verifier: Verifier::new(

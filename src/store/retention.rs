@@ -206,7 +206,12 @@ pub async fn maintain_once(
     config: &Config,
     metrics: &Metrics,
 ) -> Result<Option<Maintained>, String> {
-    let client = crate::db::connect(config, std::time::Duration::ZERO).await?;
+    let client = crate::db::connect(
+        config,
+        crate::db::Part::Retention,
+        std::time::Duration::ZERO,
+    )
+    .await?;
     let locked: bool = client
         .query_one("SELECT pg_try_advisory_lock($1)", &[&LOCK_ID])
         .await
