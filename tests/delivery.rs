@@ -596,3 +596,136 @@ async fn the_claimers_polls_never_scan_the_events_table() {
     assert_eq!(after - before, 0, "the events table was scanned while idle");
     drop(s);
 }
+
+async fn count(client: &tokio_postgres::Client, sql: &str) -> i64 {
+    client.query_one(sql, &[]).await.unwrap().get(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn first_attempts_claimed_by_a_killed_node_are_delivered_after_its_lease() {
+    // A backlog with no attempt yet (a paused endpoint's, resumed) leaves the deliveries table
+    // when it is claimed, named by one batch row. The node is killed while the receiver sits on
+    // every request; when that row's lease runs out the next node gives each delivery its row
+    // back and delivers it, and no row of either kind is left behind.
+    let url = own_database("triggers_test_claimed_batch").await;
+    let recv = Receiver::start(|_, before| Answer {
+        delay: if before == 0 {
+            Duration::from_secs(30)
+        } else {
+            Duration::ZERO
+        },
+        ..Answer::status(200)
+    })
+    .await;
+    let args = [
+        "--allow-private-webhooks",
+        "--delivery-lease-s",
+        "3",
+        "--delivery-timeout-ms",
+        "2000",
+        "--delivery-poll-ms",
+        "200",
+    ];
+    let mut s = Server::process_with_db(&args, &url);
+    let (key, _) = new_org(s.addr, "pro").await;
+    let ep = create_endpoint(s.addr, &key, json!({"url": recv.url("/")})).await;
+    let path = |verb: &str| format!("/api/endpoints/{}/{verb}", ep["id"].as_str().unwrap());
+    assert_eq!(post_empty(s.addr, &key, &path("pause")).await.status, 200);
+    let ids = create_events(s.addr, &key, 20, "t").await;
+    let client = db_at(&url).await;
+    let parked = "SELECT count(*) FROM deliveries WHERE status = 0 AND next_attempt_at IS NULL";
+    assert_eq!(count(&client, parked).await, 20);
+    assert_eq!(post_empty(s.addr, &key, &path("resume")).await.status, 200);
+    recv.wait_until(Duration::from_secs(10), |r| {
+        ids.iter().all(|id| r.iter().any(|x| x.event_id() == *id))
+    })
+    .await;
+    // In flight: out of the table, named by the claim's batch row.
+    assert_eq!(count(&client, "SELECT count(*) FROM deliveries").await, 0);
+    let members =
+        "SELECT coalesce(sum(cardinality(members_event)), 0)::bigint FROM delivery_batches";
+    assert_eq!(count(&client, members).await, 20);
+    tokio::task::block_in_place(|| s.kill());
+    tokio::task::block_in_place(|| s.restart());
+    recv.wait_until(Duration::from_secs(20), |r| {
+        ids.iter()
+            .all(|id| r.iter().filter(|x| x.event_id() == *id).count() >= 2)
+    })
+    .await;
+    for id in &ids {
+        let e = wait_status(s.addr, &key, id, "delivered", Duration::from_secs(5)).await;
+        assert_eq!(
+            e["attempts"], 1,
+            "the killed node's attempt was never recorded"
+        );
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while count(&client, "SELECT count(*) FROM delivery_batches").await > 0 {
+        assert!(Instant::now() < deadline, "a settled batch row was left");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(count(&client, "SELECT count(*) FROM deliveries").await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_claims_plan_looks_rows_up_by_key_whatever_the_estimates() {
+    // A prepared statement runs on a generic plan after five runs, planned without its
+    // parameters: the claim's LIMIT is taken for a tenth of the table. Written as plain joins,
+    // that plan hashed the whole deliveries table at every claim once a backlog was large (281 µs
+    // of PostgreSQL per claimed row with 200,000 due; here 500,000 due for five endpoints): a
+    // drain's cost grew with its backlog.
+    let url = own_database("triggers_test_claim_plan").await;
+    let mut s = Server::process_with_db(&["--allow-private-webhooks"], &url);
+    let (key, org) = new_org(s.addr, "pro").await;
+    let ep = create_endpoint(s.addr, &key, json!({"url": "http://127.0.0.1:9/x"})).await;
+    let ep = ep["id"].as_str().unwrap();
+    s.stop();
+    let ms = std::time::UNIX_EPOCH.elapsed().unwrap().as_millis();
+    let hex = format!("{ms:012x}");
+    let p = format!("{}-{}", &hex[..8], &hex[8..]);
+    let client = db_at(&url).await;
+    client
+        .batch_execute(&format!(
+            "WITH ev AS ( \
+                 INSERT INTO events (id, org_id, type, payload, status, endpoints, created_at) \
+                 SELECT ('{p}-7000-8000-' || lpad(to_hex(g), 12, '0'))::uuid, '{org}', 't', \
+                        '{{}}', 3, ARRAY['{ep}']::uuid[], now() \
+                 FROM generate_series(1, 100000) g RETURNING id) \
+             INSERT INTO deliveries (event_id, endpoint_id, org_id, next_attempt_at) \
+             SELECT ev.id, x.ep, '{org}', now() \
+             FROM ev, (SELECT '{ep}'::uuid AS ep UNION ALL \
+                       SELECT gen_random_uuid() FROM generate_series(1, 4)) x; \
+             ANALYZE events, deliveries; \
+             SET plan_cache_mode = force_generic_plan; \
+             PREPARE claim(timestamptz, uuid[], bigint, timestamptz, uuid) AS {claim}",
+            claim = triggers::delivery::claim::CLAIM
+        ))
+        .await
+        .unwrap();
+    let plan: Vec<String> = client
+        .query(
+            "EXPLAIN (COSTS OFF) EXECUTE claim(now(), '{}', 1000, now() + interval '1 minute', \
+                                               gen_random_uuid())",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let plan = plan.join("\n");
+    for table in ["deliveries", "events"] {
+        let part: String = client
+            .query_one(
+                &format!("SELECT tableoid::regclass::text FROM {table} LIMIT 1"),
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert!(
+            !plan.contains(&format!("Seq Scan on {part} ")),
+            "the claim scans {part}:\n{plan}"
+        );
+    }
+}

@@ -10,8 +10,9 @@
 //!   row, renewed while they are in memory; a delivery that needs state of its own (a failed
 //!   attempt, a wait, a redelivery) gets a `deliveries` row whose `next_attempt_at` is when it is
 //!   due or, while a node holds it, that node's lease. Any node takes over expired batches and
-//!   claims due rows with `FOR UPDATE SKIP LOCKED` (`claim`); every outcome is written only if
-//!   the lease is still the node's (`record`). Two nodes never own one delivery at once.
+//!   claims due rows with `FOR UPDATE SKIP LOCKED` (`claim`; a claimed row with no attempt yet
+//!   is leased by a batch row too); every outcome is written only if the lease is still the
+//!   node's (`record`). Two nodes never own one delivery at once.
 //! - Cost: a delivery that succeeds at its first attempt writes one attempt-log row, nothing
 //!   else; an event's status is derived from its deliveries when it is read.
 //! - Isolation: an attempt takes its endpoint's slot (`delivery_endpoint_concurrency`) before a
@@ -26,7 +27,7 @@
 //! values), `schedule` (retry delays, Retry-After), `sign` (Standard Webhooks), `connector` (the
 //! SSRF-checking connector under the HTTP client).
 
-mod claim;
+pub mod claim;
 pub mod connector;
 mod job;
 pub mod model;

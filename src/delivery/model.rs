@@ -64,10 +64,11 @@ impl Endpoint {
     }
 }
 
-/// The lease of one group commit's deliveries held by this node: one `delivery_batches` row.
+/// The lease of one group commit's deliveries, or of one claim's first attempts, held by this
+/// node: one `delivery_batches` row.
 #[derive(Debug)]
 pub struct BatchLease {
-    /// The row's id (the events' `batch_id`).
+    /// The row's id (the events' `batch_id` for a group commit's).
     pub id: Uuid,
     /// The lease's end, in microseconds; the renewer moves it on.
     pub until: AtomicI64,
@@ -89,7 +90,8 @@ impl BatchLease {
 /// What a delivery in memory is held under.
 #[derive(Debug, Clone)]
 pub enum Lease {
-    /// Its batch's row: it has no `deliveries` row (it is at its first attempt).
+    /// Its batch's row (a group commit's, or a claim's that names it): it has no `deliveries`
+    /// row (it is at its first attempt).
     Batch(Arc<BatchLease>),
     /// Its own `deliveries` row, whose `next_attempt_at` is this node's lease end.
     Row {

@@ -4,7 +4,8 @@
 //! disk (see `db::build_bookkeeping_pool`).
 //!
 //! What one outcome writes depends on what the delivery is held under:
-//! - its batch's lease (no row of its own, first attempt): a success is one appended attempt
+//! - its batch's lease (no row of its own, first attempt: a fresh event's, or one claimed from
+//!   a backlog): a success is one appended attempt
 //!   row, nothing else (when the batch row still exists and no one gave the delivery a row of its
 //!   own meanwhile: two index lookups per transaction, not per row); anything else gives the
 //!   delivery its `deliveries` row (with the attempt);

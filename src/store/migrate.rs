@@ -41,6 +41,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "0007_distribution_keys.sql",
         include_str!("../../migrations/0007_distribution_keys.sql"),
     ),
+    (
+        8,
+        "0008_claimed_batches.sql",
+        include_str!("../../migrations/0008_claimed_batches.sql"),
+    ),
 ];
 
 /// Arbitrary constant naming the migration lock.
