@@ -8,7 +8,11 @@
 -- died) gives every member still owed its row back, due at once.
 --
 -- A group commit's batch row has no members (its events are found by `batch_id`); a claim's
--- has them, in three parallel arrays.
+-- has them, in three parallel arrays, and its lease in `members_until`: its `lease_until` is
+-- 'infinity', so a node of an older build (during a rolling upgrade), which knows only
+-- `lease_until` and would look for the batch's events by `batch_id`, never takes it over and
+-- drops its members.
 ALTER TABLE delivery_batches ADD COLUMN members_event uuid[];
 ALTER TABLE delivery_batches ADD COLUMN members_endpoint uuid[];
 ALTER TABLE delivery_batches ADD COLUMN members_org uuid[];
+ALTER TABLE delivery_batches ADD COLUMN members_until timestamptz;

@@ -597,6 +597,22 @@ async fn the_claimers_polls_never_scan_the_events_table() {
     drop(s);
 }
 
+/// The take-over of the builds before claims' batches (migrations/0008), run an hour ahead.
+const OLDER_TAKE_OVER: &str = "\
+    WITH b AS ( \
+        DELETE FROM delivery_batches WHERE id IN ( \
+            SELECT id FROM delivery_batches WHERE lease_until < now() + interval '1 hour' \
+            ORDER BY lease_until LIMIT 100 FOR UPDATE SKIP LOCKED) \
+        RETURNING id, first_event, last_event) \
+    INSERT INTO deliveries (event_id, endpoint_id, org_id, next_attempt_at) \
+    SELECT e.id, ep.id, e.org_id, now() \
+    FROM b JOIN events e ON e.id BETWEEN b.first_event AND b.last_event AND e.batch_id = b.id \
+    CROSS JOIN LATERAL unnest(e.endpoints) AS ep(id) \
+    WHERE e.status = 3 AND NOT EXISTS ( \
+        SELECT 1 FROM delivery_attempts a \
+        WHERE a.event_id = e.id AND a.endpoint_id = ep.id AND a.response_status BETWEEN 200 AND 299) \
+    ON CONFLICT DO NOTHING";
+
 async fn count(client: &tokio_postgres::Client, sql: &str) -> i64 {
     client.query_one(sql, &[]).await.unwrap().get(0)
 }
@@ -606,7 +622,8 @@ async fn first_attempts_claimed_by_a_killed_node_are_delivered_after_its_lease()
     // A backlog with no attempt yet (a paused endpoint's, resumed) leaves the deliveries table
     // when it is claimed, named by one batch row. The node is killed while the receiver sits on
     // every request; when that row's lease runs out the next node gives each delivery its row
-    // back and delivers it, and no row of either kind is left behind.
+    // back and delivers it, and no row of either kind is left behind. An older build's node
+    // never takes such a batch over.
     let url = own_database("triggers_test_claimed_batch").await;
     let recv = Receiver::start(|_, before| Answer {
         delay: if before == 0 {
@@ -646,6 +663,10 @@ async fn first_attempts_claimed_by_a_killed_node_are_delivered_after_its_lease()
         "SELECT coalesce(sum(cardinality(members_event)), 0)::bigint FROM delivery_batches";
     assert_eq!(count(&client, members).await, 20);
     tokio::task::block_in_place(|| s.kill());
+    // Meanwhile a node of an older build (a rolling upgrade) takes over all it sees expired: it
+    // would look for a claim's deliveries by `batch_id`, find none, and drop the batch row.
+    client.execute(OLDER_TAKE_OVER, &[]).await.unwrap();
+    assert_eq!(count(&client, members).await, 20);
     tokio::task::block_in_place(|| s.restart());
     recv.wait_until(Duration::from_secs(20), |r| {
         ids.iter()

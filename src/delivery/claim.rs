@@ -61,10 +61,11 @@ pub const CLAIM: &str = "\
                                                WHERE attempts > 0)) IS TRUE \
         RETURNING d.event_id, d.endpoint_id, d.org_id, d.attempts, d.retry_base), \
     lease AS ( \
-        INSERT INTO delivery_batches (id, lease_until, first_event, last_event, org_id, \
-                                      members_event, members_endpoint, members_org) \
-        SELECT $5, $4, (array_agg(event_id))[1], (array_agg(event_id))[1], (array_agg(org_id))[1], \
-               array_agg(event_id), array_agg(endpoint_id), array_agg(org_id) \
+        INSERT INTO delivery_batches (id, lease_until, members_until, first_event, last_event, \
+                                      org_id, members_event, members_endpoint, members_org) \
+        SELECT $5, 'infinity', $4, (array_agg(event_id))[1], (array_agg(event_id))[1], \
+               (array_agg(org_id))[1], array_agg(event_id), array_agg(endpoint_id), \
+               array_agg(org_id) \
         FROM fresh HAVING count(*) > 0) \
     SELECT c.event_id, c.endpoint_id, c.org_id, c.attempts, c.retry_base, e.type, e.payload, \
            e.created_at, e.status, e.traceparent, c.batched \
@@ -90,8 +91,8 @@ const DUE_FOR: &str = "\
 const TAKE_OVER: &str = "\
     WITH b AS ( \
         DELETE FROM delivery_batches WHERE id IN ( \
-            SELECT id FROM delivery_batches WHERE lease_until < $1 \
-            ORDER BY lease_until LIMIT $2 FOR UPDATE SKIP LOCKED) \
+            SELECT id FROM delivery_batches WHERE lease_until < $1 OR members_until < $1 \
+            ORDER BY coalesce(members_until, lease_until) LIMIT $2 FOR UPDATE SKIP LOCKED) \
         RETURNING id, first_event, last_event, members_event, members_endpoint, members_org), \
     owed AS ( \
         SELECT e.id AS ev, ep.id AS ep, e.org_id AS org \
@@ -115,6 +116,15 @@ const TAKE_OVER: &str = "\
         WHERE a.event_id = o.ev AND a.endpoint_id = o.ep AND a.response_status BETWEEN 200 AND 299 \
         OFFSET 0) x) \
     ON CONFLICT DO NOTHING";
+
+/// Move the lease of the batches `$1` to `$2`: a claim's batch keeps it in `members_until` (its
+/// `lease_until` stays 'infinity': see migrations/0008).
+const SET_LEASE: &str = "\
+    UPDATE delivery_batches \
+    SET lease_until = CASE WHEN members_event IS NULL THEN $2::timestamptz \
+                           ELSE 'infinity' END, \
+        members_until = CASE WHEN members_event IS NULL THEN NULL ELSE $2::timestamptz END \
+    WHERE id = ANY($1)";
 
 /// Batches taken over per statement.
 const TAKE_OVER_BATCHES: i64 = 100;
@@ -219,10 +229,7 @@ async fn renew(shared: &Shared) -> Result<(), String> {
         let client = shared.pool.get().await.map_err(|e| e.to_string())?;
         if !expire.is_empty() {
             client
-                .execute(
-                    "UPDATE delivery_batches SET lease_until = $2 WHERE id = ANY($1)",
-                    &[&expire, &now.to_system_time()],
-                )
+                .execute(SET_LEASE, &[&expire, &now.to_system_time()])
                 .await
                 .map_err(|e| describe(&e))?;
         }
@@ -231,7 +238,7 @@ async fn renew(shared: &Shared) -> Result<(), String> {
         }
         let rows = client
             .query(
-                "UPDATE delivery_batches SET lease_until = $2 WHERE id = ANY($1) RETURNING id",
+                &format!("{SET_LEASE} RETURNING id"),
                 &[&ids, &until.to_system_time()],
             )
             .await
@@ -446,10 +453,7 @@ pub(super) async fn release_all(shared: &Shared) -> usize {
             .await
             .map_err(|e| describe(&e))?;
         let expired = client
-            .execute(
-                "UPDATE delivery_batches SET lease_until = $2 WHERE id = ANY($1)",
-                &[&batches, &now],
-            )
+            .execute(SET_LEASE, &[&batches, &now])
             .await
             .map_err(|e| describe(&e))?;
         Ok::<_, String>((rows + expired) as usize)
