@@ -16,3 +16,6 @@ ALTER TABLE delivery_batches ADD COLUMN members_event uuid[];
 ALTER TABLE delivery_batches ADD COLUMN members_endpoint uuid[];
 ALTER TABLE delivery_batches ADD COLUMN members_org uuid[];
 ALTER TABLE delivery_batches ADD COLUMN members_until timestamptz;
+-- When the claim was made: a member is owed unless an attempt made since then succeeded (a
+-- success from before, such as the previous round's of a redelivery, does not count).
+ALTER TABLE delivery_batches ADD COLUMN members_since timestamptz;

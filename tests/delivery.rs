@@ -572,9 +572,7 @@ async fn the_claimers_polls_never_scan_the_events_table() {
     let url = own_database("triggers_test_take_over_scans").await;
     let s = Server::process_with_db(&["--delivery-poll-ms", "20"], &url);
     let (_, org) = new_org(s.addr, "pro").await;
-    let ms = std::time::UNIX_EPOCH.elapsed().unwrap().as_millis();
-    let hex = format!("{ms:012x}");
-    let p = format!("{}-{}", &hex[..8], &hex[8..]);
+    let p = v7_prefix_now();
     let client = db_at(&url).await;
     client
         .batch_execute(&format!(
@@ -701,9 +699,7 @@ async fn the_claims_plan_looks_rows_up_by_key_whatever_the_estimates() {
     let ep = create_endpoint(s.addr, &key, json!({"url": "http://127.0.0.1:9/x"})).await;
     let ep = ep["id"].as_str().unwrap();
     s.stop();
-    let ms = std::time::UNIX_EPOCH.elapsed().unwrap().as_millis();
-    let hex = format!("{ms:012x}");
-    let p = format!("{}-{}", &hex[..8], &hex[8..]);
+    let p = v7_prefix_now();
     let client = db_at(&url).await;
     client
         .batch_execute(&format!(
@@ -749,4 +745,45 @@ async fn the_claims_plan_looks_rows_up_by_key_whatever_the_estimates() {
             "the claim scans {part}:\n{plan}"
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claimed_redelivery_with_an_earlier_success_is_owed_after_a_crash() {
+    // A redelivery racing the first attempt's success can leave a due row with no attempt counted
+    // while the log holds that success. Claimed, the row leaves the table; if its node then dies,
+    // the success from before the claim must not count as this round's: the member is given its
+    // row back and delivered again.
+    let url = own_database("triggers_test_claim_since").await;
+    let recv = Receiver::start(|_, _| Answer::status(200)).await;
+    let args = ["--allow-private-webhooks", "--delivery-poll-ms", "200"];
+    let mut s = Server::process_with_db(&args, &url);
+    let (key, org) = new_org(s.addr, "pro").await;
+    let ep = create_endpoint(s.addr, &key, json!({"url": recv.url("/")})).await;
+    let ep = ep["id"].as_str().unwrap();
+    s.stop();
+    let ev = format!("{}-7000-8000-000000000001", v7_prefix_now());
+    db_at(&url)
+        .await
+        .batch_execute(&format!(
+            "INSERT INTO events (id, org_id, type, payload, status, endpoints, created_at) \
+             VALUES ('{ev}', '{org}', 't', '{{}}', 3, ARRAY['{ep}']::uuid[], now()); \
+             INSERT INTO delivery_attempts (event_id, endpoint_id, attempt, at, response_status, \
+                                            duration_ms, org_id) \
+             VALUES ('{ev}', '{ep}', 1, now() - interval '1 minute', 200, 1, '{org}'); \
+             INSERT INTO delivery_batches (id, lease_until, members_until, members_since, \
+                                           first_event, last_event, org_id, members_event, \
+                                           members_endpoint, members_org) \
+             VALUES (gen_random_uuid(), 'infinity', now() - interval '1 second', \
+                     now() - interval '30 seconds', '{ev}', '{ev}', '{org}', ARRAY['{ev}']::uuid[], \
+                     ARRAY['{ep}']::uuid[], ARRAY['{org}']::uuid[])"
+        ))
+        .await
+        .unwrap();
+    let s = Server::process_with_db(&args, &url);
+    recv.wait_until(Duration::from_secs(10), |r| {
+        r.iter().any(|x| x.event_id() == ev)
+    })
+    .await;
+    let e = wait_status(s.addr, &key, &ev, "delivered", Duration::from_secs(5)).await;
+    assert_eq!(e["attempts"], 2);
 }

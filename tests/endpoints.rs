@@ -1054,9 +1054,7 @@ async fn the_inbox_walks_past_thousands_of_delivered_events_with_a_cursor() {
     // As delivery leaves them: one pending event (its endpoint paused meanwhile, say), then
     // 2,500 newer ones delivered at their first attempt. Ids of this run's own (the test
     // database outlives runs): UUIDv7 of this millisecond, so today's partition takes them.
-    let ms = std::time::UNIX_EPOCH.elapsed().unwrap().as_millis();
-    let hex = format!("{ms:012x}");
-    let p = format!("{}-{}", &hex[..8], &hex[8..]);
+    let p = v7_prefix_now();
     db().await
         .batch_execute(&format!(
             "INSERT INTO events (id, org_id, type, payload, status, endpoints, created_at) \

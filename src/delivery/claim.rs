@@ -61,9 +61,10 @@ pub const CLAIM: &str = "\
                                                WHERE attempts > 0)) IS TRUE \
         RETURNING d.event_id, d.endpoint_id, d.org_id, d.attempts, d.retry_base), \
     lease AS ( \
-        INSERT INTO delivery_batches (id, lease_until, members_until, first_event, last_event, \
-                                      org_id, members_event, members_endpoint, members_org) \
-        SELECT $5, 'infinity', $4, (array_agg(event_id))[1], (array_agg(event_id))[1], \
+        INSERT INTO delivery_batches (id, lease_until, members_until, members_since, \
+                                      first_event, last_event, org_id, members_event, \
+                                      members_endpoint, members_org) \
+        SELECT $5, 'infinity', $4, $1, (array_agg(event_id))[1], (array_agg(event_id))[1], \
                (array_agg(org_id))[1], array_agg(event_id), array_agg(endpoint_id), \
                array_agg(org_id) \
         FROM fresh HAVING count(*) > 0) \
@@ -79,9 +80,9 @@ const DUE_FOR: &str = "\
     SELECT EXISTS (SELECT 1 FROM deliveries WHERE next_attempt_at <= $1 AND endpoint_id = ANY($2))";
 
 /// Expired batches: what they still owe becomes rows due now; the batch rows go. A group
-/// commit's batch owes its events' deliveries (found by `batch_id`), a claim's batch its members
-/// (whose events still exist); either, those with no successful attempt (none of them had one
-/// before the lease).
+/// commit's batch owes its events' deliveries (found by `batch_id`) with no successful attempt,
+/// a claim's batch its members (whose events still exist) with no successful attempt since the
+/// claim (a redelivery's member may have one from its previous round).
 ///
 /// The events are looked up batch by batch, by their id range, or member by member, and the
 /// attempts by event (each `… OFFSET 0` keeps the planner from turning a join round): left to
@@ -93,9 +94,10 @@ const TAKE_OVER: &str = "\
         DELETE FROM delivery_batches WHERE id IN ( \
             SELECT id FROM delivery_batches WHERE lease_until < $1 OR members_until < $1 \
             ORDER BY coalesce(members_until, lease_until) LIMIT $2 FOR UPDATE SKIP LOCKED) \
-        RETURNING id, first_event, last_event, members_event, members_endpoint, members_org), \
+        RETURNING id, first_event, last_event, members_event, members_endpoint, members_org, \
+                  members_since), \
     owed AS ( \
-        SELECT e.id AS ev, ep.id AS ep, e.org_id AS org \
+        SELECT e.id AS ev, ep.id AS ep, e.org_id AS org, NULL::timestamptz AS since \
         FROM b CROSS JOIN LATERAL ( \
             SELECT e.id, e.org_id, e.endpoints FROM events e \
             WHERE b.members_event IS NULL \
@@ -104,7 +106,7 @@ const TAKE_OVER: &str = "\
             OFFSET 0) e \
         CROSS JOIN LATERAL unnest(e.endpoints) AS ep(id) \
         UNION ALL \
-        SELECT m.ev, m.ep, m.org \
+        SELECT m.ev, m.ep, m.org, b.members_since \
         FROM b CROSS JOIN LATERAL unnest(b.members_event, b.members_endpoint, b.members_org) \
                  AS m(ev, ep, org) \
         WHERE EXISTS (SELECT 1 FROM (SELECT 1 FROM events e \
@@ -114,6 +116,7 @@ const TAKE_OVER: &str = "\
     WHERE NOT EXISTS (SELECT 1 FROM ( \
         SELECT 1 FROM delivery_attempts a \
         WHERE a.event_id = o.ev AND a.endpoint_id = o.ep AND a.response_status BETWEEN 200 AND 299 \
+          AND (o.since IS NULL OR a.at >= o.since) \
         OFFSET 0) x) \
     ON CONFLICT DO NOTHING";
 

@@ -40,6 +40,14 @@ pub fn database_url() -> String {
     .clone()
 }
 
+/// The first 48 bits of a UUIDv7 of this millisecond, as text (`xxxxxxxx-xxxx`): ids made with
+/// it fall in today's partition and are this run's own (the test database outlives runs).
+pub fn v7_prefix_now() -> String {
+    let ms = std::time::UNIX_EPOCH.elapsed().unwrap().as_millis();
+    let hex = format!("{ms:012x}");
+    format!("{}-{}", &hex[..8], &hex[8..])
+}
+
 /// A fresh, empty database of its own (dropped first if a previous run left it), for a test
 /// whose server must not share its due deliveries with the other tests' servers (they act as
 /// one cluster on the shared database). The server's start migrates it.
