@@ -553,15 +553,12 @@ async fn graceful_stop_hands_pending_deliveries_back_at_once() {
 
 /// Sequential scans of the events table's partitions so far (as the statistics have them).
 async fn events_seq_scans(client: &tokio_postgres::Client) -> i64 {
-    client
-        .query_one(
-            "SELECT coalesce(sum(seq_scan), 0)::bigint FROM pg_stat_user_tables \
-             WHERE relid IN (SELECT relid FROM pg_partition_tree('events'))",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0)
+    count(
+        client,
+        "SELECT coalesce(sum(seq_scan), 0)::bigint FROM pg_stat_user_tables \
+         WHERE relid IN (SELECT relid FROM pg_partition_tree('events'))",
+    )
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -610,10 +607,6 @@ const OLDER_TAKE_OVER: &str = "\
         SELECT 1 FROM delivery_attempts a \
         WHERE a.event_id = e.id AND a.endpoint_id = ep.id AND a.response_status BETWEEN 200 AND 299) \
     ON CONFLICT DO NOTHING";
-
-async fn count(client: &tokio_postgres::Client, sql: &str) -> i64 {
-    client.query_one(sql, &[]).await.unwrap().get(0)
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn first_attempts_claimed_by_a_killed_node_are_delivered_after_its_lease() {

@@ -30,10 +30,6 @@ async fn partitions(client: &tokio_postgres::Client, table: &str) -> Vec<String>
     names
 }
 
-async fn count(client: &tokio_postgres::Client, sql: &str) -> i64 {
-    client.query_one(sql, &[]).await.unwrap().get(0)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn expired_days_go_whole_with_their_records_and_dedup_keys() {
     let recv = Receiver::start(|_, _| Answer::status(500)).await;

@@ -77,6 +77,11 @@ pub async fn db_at(url: &str) -> tokio_postgres::Client {
     client
 }
 
+/// The one number a query answers (a count, a sum), read on `client`.
+pub async fn count(client: &tokio_postgres::Client, sql: &str) -> i64 {
+    client.query_one(sql, &[]).await.unwrap().get(0)
+}
+
 /// In the database at `url`, the first row inserted into `table` is refused as a deadlock's
 /// victim would be (40P01); the sequence counts outside the transaction, so a rerun goes
 /// through.
