@@ -780,3 +780,49 @@ async fn a_claimed_redelivery_with_an_earlier_success_is_owed_after_a_crash() {
     let e = wait_status(s.addr, &key, &ev, "delivered", Duration::from_secs(5)).await;
     assert_eq!(e["attempts"], 2);
 }
+
+/// The restarted node's `triggers_endpoint_cache_loads_total`.
+async fn endpoint_cache_loads(s: &Server) -> f64 {
+    let text = call(s.metrics_addr.unwrap(), "GET", "/metrics", &[], None)
+        .await
+        .text();
+    text.lines()
+        .find(|l| l.starts_with("triggers_endpoint_cache_loads_total "))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .expect("the endpoint cache loads counter")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cold_endpoint_cache_loads_an_organizations_endpoints_once_for_all_its_deliveries() {
+    // 200 retries handed back at a graceful stop are all due when the node restarts with an
+    // empty cache: their jobs start together and each needs the endpoint. They share one load
+    // (a few more if a health write drops the organization meanwhile), not one each.
+    let url = own_database("triggers_test_cold_cache").await;
+    let recv = Receiver::start(|_, _| Answer::status(500)).await;
+    let args = [
+        "--allow-private-webhooks",
+        "--delivery-poll-ms",
+        "200",
+        "--retry-schedule",
+        "1s,1s,1s,1s,1s",
+        "--circuit-failures",
+        "1000",
+    ];
+    let mut s = Server::process_with_db(&args, &url);
+    let (key, _) = new_org(s.addr, "business").await;
+    set_webhook(s.addr, &key, &recv.url("/")).await;
+    let ids = create_events(s.addr, &key, 200, "t").await;
+    recv.wait_until(Duration::from_secs(10), |r| r.len() >= 200)
+        .await;
+    assert_eq!(tokio::task::block_in_place(|| s.stop()), Some(0));
+    recv.set_script(|_, _| Answer::status(200));
+    tokio::task::block_in_place(|| s.restart());
+    recv.wait_until(Duration::from_secs(20), |r| all_answered(r, &ids, 200))
+        .await;
+    let loads = endpoint_cache_loads(&s).await;
+    assert!(
+        (1.0..=4.0).contains(&loads),
+        "{loads} endpoint loads for one organization's 200 deliveries"
+    );
+}

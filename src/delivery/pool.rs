@@ -61,6 +61,7 @@ impl Delivery {
             pool,
             client,
             endpoints: Mutex::new(Default::default()),
+            loading: tokio::sync::Mutex::new(()),
             runtimes: Mutex::new(HashMap::default()),
             in_memory: AtomicUsize::new(0),
             global: Semaphore::new(config.delivery_concurrency),

@@ -47,6 +47,10 @@ pub(super) struct Shared {
     pub(super) pool: deadpool_postgres::Pool,
     pub(super) client: HttpClient,
     pub(super) endpoints: Mutex<EndpointCache>,
+    /// Held while endpoints are loaded: a miss waits for the load in flight and takes what it
+    /// filled, so a cold cache (a start, a take-over, a change that dropped an organization)
+    /// costs one query, not one per delivery that needs it at that moment.
+    pub(super) loading: tokio::sync::Mutex<()>,
     pub(super) runtimes: Mutex<HashMap<Uuid, Arc<EndpointRuntime>, ahash::RandomState>>,
     pub(super) in_memory: AtomicUsize,
     pub(super) global: Semaphore,
@@ -144,40 +148,40 @@ impl Shared {
         &self,
         orgs: &[OrgId],
     ) -> Result<HashMap<OrgId, OrgEndpoints>, String> {
-        let (mut found, missing, epoch) = {
-            let cache = self.endpoints.lock().unwrap_or_else(|p| p.into_inner());
-            let mut found = HashMap::with_capacity(orgs.len());
-            let mut missing = Vec::new();
-            for org in orgs {
-                match cache.orgs.get(org) {
-                    Some(eps) => {
-                        found.insert(*org, Arc::clone(eps));
-                    }
-                    None => missing.push(org.0),
-                }
-            }
-            (found, missing, cache.changes.epoch())
-        };
+        let mut found = HashMap::with_capacity(orgs.len());
+        let (missing, _) = self.cached(orgs, &mut found);
         if missing.is_empty() {
             return Ok(found);
         }
+        // One load at a time: a miss waits for the load in flight and takes what it filled.
+        // The deadline covers the wait too, so in an outage no caller waits longer than one
+        // query may take.
         let load = async {
+            let _loading = self.loading.lock().await;
+            let (missing, epoch) = self.cached(&missing, &mut found);
+            if missing.is_empty() {
+                return Ok((missing, Vec::new(), epoch));
+            }
+            self.metrics.endpoint_loads.fetch_add(1, Ordering::Relaxed);
             let client = self.pool.get().await.map_err(|e| e.to_string())?;
             let stmt = client
                 .prepare_cached(LOAD_ENDPOINTS)
                 .await
                 .map_err(|e| describe(&e))?;
             let live = [EndpointStatus::Active.code(), EndpointStatus::Paused.code()];
-            client
-                .query(&stmt, &[&missing, &&live[..]])
+            let ids: Vec<Uuid> = missing.iter().map(|o| o.0).collect();
+            let rows = client
+                .query(&stmt, &[&ids, &&live[..]])
                 .await
-                .map_err(|e| describe(&e))
+                .map_err(|e| describe(&e))?;
+            Ok::<_, String>((missing, rows, epoch))
         };
-        let rows = tokio::time::timeout(Duration::from_millis(self.config.db_timeout_ms), load)
-            .await
-            .map_err(|_| "database deadline passed".to_string())??;
+        let (missing, rows, epoch) =
+            tokio::time::timeout(Duration::from_millis(self.config.db_timeout_ms), load)
+                .await
+                .map_err(|_| "database deadline passed".to_string())??;
         let mut loaded: HashMap<OrgId, Vec<Arc<Endpoint>>> =
-            missing.iter().map(|o| (OrgId(*o), Vec::new())).collect();
+            missing.iter().map(|o| (*o, Vec::new())).collect();
         for row in &rows {
             let e = endpoint_from_row(row);
             loaded.entry(e.org).or_default().push(e);
@@ -194,6 +198,26 @@ impl Shared {
             found.insert(org, eps);
         }
         Ok(found)
+    }
+
+    /// Move the cached endpoints of `orgs` into `found`; the organizations not cached, and the
+    /// cache's change epoch to load them under.
+    fn cached(
+        &self,
+        orgs: &[OrgId],
+        found: &mut HashMap<OrgId, OrgEndpoints>,
+    ) -> (Vec<OrgId>, u64) {
+        let cache = self.endpoints.lock().unwrap_or_else(|p| p.into_inner());
+        let mut missing = Vec::new();
+        for org in orgs {
+            match cache.orgs.get(org) {
+                Some(eps) => {
+                    found.insert(*org, Arc::clone(eps));
+                }
+                None => missing.push(*org),
+            }
+        }
+        (missing, cache.changes.epoch())
     }
 
     /// One endpoint of `org`, if it is active or paused.

@@ -142,6 +142,8 @@ pub struct Metrics {
     store: std::sync::OnceLock<Box<dyn Fn() -> StoreGauges + Send + Sync>>,
     /// Operational events this node stored.
     pub operational_events: AtomicU64,
+    /// Queries that loaded organizations' endpoints into the delivery pool's cache.
+    pub endpoint_loads: AtomicU64,
 }
 
 /// Why a delivery held in memory is waiting.
@@ -216,6 +218,7 @@ impl Metrics {
             retention_ok_at: AtomicI64::new(0),
             store: std::sync::OnceLock::new(),
             operational_events: AtomicU64::new(0),
+            endpoint_loads: AtomicU64::new(0),
         })
     }
 
@@ -534,6 +537,13 @@ impl Metrics {
             "Operational events (triggers.endpoint.disabled, triggers.delivery.failed) stored.",
             "counter",
             load(&self.operational_events),
+        );
+        single(
+            &mut out,
+            "triggers_endpoint_cache_loads_total",
+            "Queries that loaded organizations' endpoints into the delivery cache (misses share one).",
+            "counter",
+            load(&self.endpoint_loads),
         );
         out
     }
