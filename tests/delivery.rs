@@ -681,11 +681,11 @@ async fn first_attempts_claimed_by_a_killed_node_are_delivered_after_its_lease()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_claims_plan_looks_rows_up_by_key_whatever_the_estimates() {
-    // A prepared statement runs on a generic plan after five runs, planned without its
-    // parameters: the claim's LIMIT is taken for a tenth of the table. Written as plain joins,
-    // that plan hashed the whole deliveries table at every claim once a backlog was large (281 µs
-    // of PostgreSQL per claimed row with 200,000 due; here 500,000 due for five endpoints): a
-    // drain's cost grew with its backlog.
+    // The claim runs on its generic plan, planned without its parameters (the server forces it:
+    // planning it afresh each time cost ~1 ms a claim): the claim's LIMIT is taken for a tenth
+    // of the table. Written as plain joins, that plan hashed the whole deliveries table at every
+    // claim once a backlog was large (281 µs of PostgreSQL per claimed row with 200,000 due; here
+    // 500,000 due for five endpoints): a drain's cost grew with its backlog.
     let url = own_database("triggers_test_claim_plan").await;
     let mut s = Server::process_with_db(&["--allow-private-webhooks"], &url);
     let (key, org) = new_org(s.addr, "pro").await;
@@ -706,8 +706,9 @@ async fn the_claims_plan_looks_rows_up_by_key_whatever_the_estimates() {
              FROM ev, (SELECT '{ep}'::uuid AS ep UNION ALL \
                        SELECT gen_random_uuid() FROM generate_series(1, 4)) x; \
              ANALYZE events, deliveries; \
-             SET plan_cache_mode = force_generic_plan; \
+             {begin}; \
              PREPARE claim(timestamptz, uuid[], bigint, timestamptz, uuid) AS {claim}",
+            begin = triggers::delivery::claim::CLAIM_BEGIN,
             claim = triggers::delivery::claim::CLAIM
         ))
         .await
@@ -724,6 +725,19 @@ async fn the_claims_plan_looks_rows_up_by_key_whatever_the_estimates() {
         .map(|r| r.get(0))
         .collect();
     let plan = plan.join("\n");
+    // The server's claim transaction runs it on this plan, not on one made for the values.
+    let planned = client
+        .query_one(
+            "SELECT generic_plans, custom_plans FROM pg_prepared_statements WHERE name = 'claim'",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (planned.get::<_, i64>(0), planned.get::<_, i64>(1)),
+        (1, 0),
+        "the claim's plans: (generic, custom)"
+    );
     for table in ["deliveries", "events"] {
         let part: String = client
             .query_one(
