@@ -146,10 +146,12 @@ pub const RECORDER_QUEUE_PER_SLOT: usize = 4;
 pub const DELIVERY_ENDPOINT_IN_MEMORY_PER_SLOT: usize = 4;
 /// Most outcomes one recorder transaction writes.
 pub const RECORD_BATCH_MAX: usize = 1000;
-/// A recorder with fewer outcomes than this waits up to `RECORD_LINGER` for more.
-pub const RECORD_BATCH_LINGER_BELOW: usize = 200;
-/// How long a recorder waits for a small batch to grow.
-pub const RECORD_LINGER: Duration = Duration::from_millis(2);
+/// How long a recorder waits for a batch to fill (to `RECORD_BATCH_MAX`) before writing it.
+/// A recorder transaction costs PostgreSQL about as much as a few hundred attempt rows, so
+/// fuller ones halve the delivery bookkeeping's CPU per event (BENCHMARKS.md, 2026-12-03).
+/// Delivery concurrency never waits for it (slots are given back when the HTTP exchange
+/// ends); an outcome becomes visible to readers, and a retry is scheduled, up to this much later.
+pub const RECORD_LINGER: Duration = Duration::from_millis(10);
 /// Most rows one claim takes.
 pub const CLAIM_BATCH_MAX: usize = 1000;
 /// How often the due backlog is counted for the metric.

@@ -27,7 +27,7 @@ use uuid::Uuid;
 
 use super::model::{Disable, HealthWrite, Held, Next, Outcome, Recorded};
 use super::shared::Shared;
-use crate::config::{RECORD_BATCH_LINGER_BELOW, RECORD_BATCH_MAX, RECORD_LINGER, WRITE_RUNS_MAX};
+use crate::config::{RECORD_BATCH_MAX, RECORD_LINGER, WRITE_RUNS_MAX};
 use crate::db::{copy::BinaryRows, describe, rerun, Rerun};
 use crate::event_types::{DELIVERY_FAILED, ENDPOINT_DISABLED};
 use crate::flow::answer::EndpointStatus;
@@ -106,8 +106,8 @@ const OPERATIONAL_EVENT: &str = "\
     FROM m, unnest(m.eps, m.sts) AS x(ep, st)";
 
 /// Write outcomes in batches until the pool stops; several recorders share one queue, so one
-/// writes while the next gathers. A small batch waits up to `RECORD_LINGER` for more: a
-/// transaction costs the database about as much as a few hundred attempt rows.
+/// writes while the next gathers. A batch waits up to `RECORD_LINGER` to fill: a transaction
+/// costs the database about as much as a few hundred attempt rows.
 pub(super) async fn record_loop(
     shared: Arc<Shared>,
     rx: Arc<tokio::sync::Mutex<mpsc::Receiver<Outcome>>>,
@@ -122,7 +122,7 @@ pub(super) async fn record_loop(
                 return;
             }
             let deadline = tokio::time::Instant::now() + RECORD_LINGER;
-            while batch.len() < RECORD_BATCH_LINGER_BELOW {
+            while batch.len() < RECORD_BATCH_MAX {
                 let room = RECORD_BATCH_MAX - batch.len();
                 match tokio::time::timeout_at(deadline, rx.recv_many(&mut batch, room)).await {
                     Ok(0) | Err(_) => break,
