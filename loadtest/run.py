@@ -730,14 +730,18 @@ def compare(name, db, args, ceiling):
     log(f"B/A = {b / a:.3f} ({(b / a - 1) * 100:+.1f}%)")
     # Latency and CPU per event, each as its own median over the runs (the row shown is the
     # run of median throughput; at a fixed rate every run achieves the same, so these decide).
-    # (A drain has no events ingested: its CPU is per delivery.)
+    # (A drain has no events ingested: its CPU is per delivery. Scenarios without delivery have no
+    # lag and skip those lines.)
     cpu = lambda r: r.get("cpu_per_event") or r.get("cpu_per_delivery") or {}
     part = lambda r, p: (cpu(r).get("pg_us_per_event_by_part") or {}).get(p)
     figures = (("p50", "p50 ms", lambda r: r.get("p50")), ("p99", "p99 ms", lambda r: r.get("p99")),
                ("server_us", "server CPU us/event", lambda r: cpu(r).get("server_us_per_event")),
                ("pg_us", "PostgreSQL CPU us/event", lambda r: cpu(r).get("pg_us_per_event")),
                ("pg_ingest_us", "  of which ingest", lambda r: part(r, "ingest")),
-               ("pg_delivery_us", "  of which delivery", lambda r: part(r, "delivery")))
+               ("pg_delivery_us", "  of which delivery", lambda r: part(r, "delivery")),
+               ("deliveries", "deliveries/s", lambda r: r.get("deliveries_per_s") and round(r["deliveries_per_s"])),
+               ("lag_p50", "delivery lag p50 ms", lambda r: (r.get("lag_ms") or {}).get("p50")),
+               ("lag_p99", "delivery lag p99 ms", lambda r: (r.get("lag_ms") or {}).get("p99")))
     for key, what, get in figures:
         per = {label: [get(r) for r in runs[label]] for label in runs}
         if any(v is None for vs in per.values() for v in vs):

@@ -279,6 +279,45 @@ async fn database_outage_answers_503_within_a_second_and_recovers() {
     );
 }
 
+// A slow commit is not an outage. The health probe's write waits on a lock (as it would on a
+// WAL flush stalled by a checkpoint) for longer than the connect timeout but less than the
+// `--db-timeout-ms` every event write has: the database answers, events commit, and the node
+// must keep taking them and stay ready (it turned every write away with 503 before).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_probe_write_slower_than_the_connect_timeout_is_not_an_outage() {
+    let url = own_database("triggers_test_slow_probe").await;
+    let s = Server::start_with_db(&["--db-connect-timeout-ms", "300"], &url);
+    let (key, _) = new_org(s.addr, "enterprise").await;
+    let holder = db_at(&url).await;
+    holder
+        .batch_execute("BEGIN; SELECT 1 FROM triggers_probe WHERE id = 1 FOR UPDATE")
+        .await
+        .unwrap();
+    let watcher = db_at(&url).await;
+    // The probe writes every second while the database is up: within 2.5 s it meets the lock.
+    let until = Instant::now() + Duration::from_millis(2500);
+    let (mut posted, mut probe_waited) = (0i64, false);
+    while Instant::now() < until {
+        let r = post_event(s.addr, &key, "t", json!(posted), None).await;
+        assert_eq!(r.status, 201, "{}", r.text());
+        posted += 1;
+        let ready = call(s.addr, "GET", "/health/ready", &[], None).await;
+        assert_eq!(ready.status, 200, "{}", ready.text());
+        let waiting = count(
+            &watcher,
+            "SELECT count(*) FROM pg_stat_activity \
+             WHERE application_name = 'triggers-probe' AND wait_event_type = 'Lock'",
+        )
+        .await;
+        probe_waited |= waiting > 0;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(probe_waited, "the probe never met the lock");
+    holder.batch_execute("COMMIT").await.unwrap();
+    assert_eq!(count(&watcher, "SELECT count(*) FROM events").await, posted);
+    assert!(s.log_lines("does not take writes").is_empty());
+}
+
 // The proxy runs on the test's runtime while the server start blocks a thread: two workers.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_write_queue_answers_503_at_once() {

@@ -3,6 +3,11 @@
 //! write says it may be down, that the database *takes writes*: not a replica in recovery, not
 //! read-only, and a real write of one tiny row commits. Ingress reads the flag it keeps (a
 //! refused write answers 503 at once) and `/health/ready` answers from it.
+//!
+//! Two deadlines: the database must answer (connect and a read) within `--db-connect-timeout-ms`,
+//! so an unreachable one is noticed within about a second; the write then has the
+//! `--db-timeout-ms` every event write has, so a slow commit (a WAL flush stalled by a
+//! checkpoint, a lock) that event writes would wait out does not turn the node away.
 
 use std::sync::Arc;
 
@@ -22,13 +27,8 @@ pub async fn probe(ctx: Arc<StoreCtx>) {
             HEALTH_PROBE_EVERY_DOWN
         };
         let _ = tokio::time::timeout(wait, ctx.health.kicked()).await;
-        let timeout = Config::ms(ctx.config.db_connect_timeout_ms);
         let mut reached = false;
-        let result = match tokio::time::timeout(timeout, check(&ctx, &mut conn, &mut reached)).await
-        {
-            Ok(r) => r,
-            Err(_) => Err("the database did not answer the probe in time".to_string()),
-        };
+        let result = check(&ctx, &mut conn, &mut reached).await;
         ctx.health.set_reachable(reached);
         match result {
             Ok(()) => {
@@ -55,6 +55,32 @@ async fn check(
     conn: &mut Option<Client>,
     reached: &mut bool,
 ) -> Result<(), String> {
+    let answer = Config::ms(ctx.config.db_connect_timeout_ms);
+    let (in_recovery, read_only) = tokio::time::timeout(answer, ask(ctx, conn))
+        .await
+        .map_err(|_| "the database did not answer the probe in time".to_string())??;
+    // It answered: whatever follows, reads can be served.
+    *reached = true;
+    if in_recovery {
+        return Err("the database is a replica in recovery".into());
+    }
+    if read_only {
+        return Err("the database is read-only".into());
+    }
+    let client = conn.as_ref().expect("connected by ask");
+    let write = Config::ms(ctx.config.db_timeout_ms);
+    tokio::time::timeout(
+        write,
+        client.execute("UPDATE triggers_probe SET at = now() WHERE id = 1", &[]),
+    )
+    .await
+    .map_err(|_| "the probe's write did not commit in time".to_string())?
+    .map_err(|e| describe(&e))?;
+    Ok(())
+}
+
+/// Connect if needed, then ask whether the database is in recovery and whether it is read-only.
+async fn ask(ctx: &StoreCtx, conn: &mut Option<Client>) -> Result<(bool, bool), String> {
     if conn.as_ref().is_none_or(|c| c.is_closed()) {
         let pg = pg_config(&ctx.config, Part::Probe)?;
         let (client, connection) = pg.connect(NoTls).await.map_err(|e| describe(&e))?;
@@ -71,17 +97,5 @@ async fn check(
         )
         .await
         .map_err(|e| describe(&e))?;
-    // It answered: whatever follows, reads can be served.
-    *reached = true;
-    if row.get::<_, bool>(0) {
-        return Err("the database is a replica in recovery".into());
-    }
-    if row.get::<_, bool>(1) {
-        return Err("the database is read-only".into());
-    }
-    client
-        .execute("UPDATE triggers_probe SET at = now() WHERE id = 1", &[])
-        .await
-        .map_err(|e| describe(&e))?;
-    Ok(())
+    Ok((row.get(0), row.get(1)))
 }
