@@ -426,6 +426,8 @@ options! {
     retry_schedule: RetrySchedule = "1s,2s,4s,8s,16s", "retry-schedule", "TRIGGERS_RETRY_SCHEDULE";
     /// `auto` (io_uring, else epoll), `uring` or `epoll`.
     io_driver: IoDriver = "auto", "io-driver", "TRIGGERS_IO_DRIVER";
+    /// io_uring: completions finish when a core next enters the kernel, not by interrupting it (COOP_TASKRUN, Linux 5.19+; BENCHMARKS.md 2026-12-03).
+    uring_coop_taskrun: bool = "true", "uring-coop-taskrun", "TRIGGERS_URING_COOP_TASKRUN";
     /// `json` or `text`.
     log_format: LogFormat = "json", "log-format", "TRIGGERS_LOG_FORMAT";
     /// Log filter: a level (error, warn, info, debug, trace) or `target=level,...`.
@@ -912,6 +914,7 @@ mod tests {
         assert_eq!(c.metrics_listen, Some("0.0.0.0:9090".parse().unwrap()));
         assert_eq!(c.ack, AckMode::Durable);
         assert_eq!(c.io_driver, IoDriver::Auto);
+        assert!(c.uring_coop_taskrun);
         assert_eq!(c.log_format, LogFormat::Json);
         assert!(!c.allow_private_webhooks);
         assert_eq!(c.admin_token, None);

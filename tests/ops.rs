@@ -22,6 +22,20 @@ async fn health_live_and_ready() {
     );
 }
 
+#[tokio::test]
+async fn the_ingress_serves_without_cooperative_task_running_too() {
+    // Every other test runs the default (COOP_TASKRUN where io_uring allows it); this one the
+    // ring without it, as `--uring-coop-taskrun false` makes it.
+    let s = Server::start(&["--uring-coop-taskrun", "false"]);
+    let (key, _) = new_org(s.addr, "pro").await;
+    for i in 0..3 {
+        let r = post_event(s.addr, &key, "t", json!(i), None).await;
+        assert_eq!(r.status, 201, "{}", r.text());
+    }
+    let r = call(s.addr, "GET", "/health/ready", &[], None).await;
+    assert_eq!(r.status, 200);
+}
+
 fn metric(text: &str, line_start: &str) -> f64 {
     text.lines()
         .find(|l| l.starts_with(line_start))

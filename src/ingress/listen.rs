@@ -185,11 +185,27 @@ fn run_core(
     part: CoreParts,
 ) -> io::Result<()> {
     let core = part.core;
+    // Completions are finished by the kernel's task work; with COOP_TASKRUN it runs when this
+    // thread next enters the kernel (it does, at every loop turn) instead of interrupting it with
+    // an IPI per completion (`--uring-coop-taskrun`). Kernels before 5.19 refuse the flag: the
+    // ring is then made without it.
     let uring = || {
-        monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
-            .with_entries(URING_ENTRIES)
-            .enable_timer()
-            .build()
+        let build = |coop: bool| {
+            let mut flags = io_uring::IoUring::builder();
+            if coop {
+                flags.setup_coop_taskrun();
+            }
+            monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
+                .with_entries(URING_ENTRIES)
+                .uring_builder(flags)
+                .enable_timer()
+                .build()
+        };
+        match build(config.uring_coop_taskrun) {
+            Ok(rt) if config.uring_coop_taskrun => Ok((rt, "io_uring (cooperative task running)")),
+            Ok(rt) => Ok((rt, "io_uring")),
+            Err(_) => build(false).map(|rt| (rt, "io_uring")),
+        }
     };
     let epoll = || {
         monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
@@ -198,8 +214,9 @@ fn run_core(
     };
     match config.io_driver {
         IoDriver::Uring => {
-            let mut rt = uring().map_err(|e| io::Error::new(e.kind(), format!("io_uring: {e}")))?;
-            log_driver(core, "io_uring");
+            let (mut rt, name) =
+                uring().map_err(|e| io::Error::new(e.kind(), format!("io_uring: {e}")))?;
+            log_driver(core, name);
             rt.block_on(serve(config, mesh, store, metrics, node, part))
         }
         IoDriver::Epoll => {
@@ -207,8 +224,8 @@ fn run_core(
             epoll()?.block_on(serve(config, mesh, store, metrics, node, part))
         }
         IoDriver::Auto => match uring() {
-            Ok(mut rt) => {
-                log_driver(core, "io_uring");
+            Ok((mut rt, name)) => {
+                log_driver(core, name);
                 rt.block_on(serve(config, mesh, store, metrics, node, part))
             }
             Err(e) => {
