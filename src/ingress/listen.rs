@@ -201,11 +201,12 @@ fn run_core(
                 .enable_timer()
                 .build()
         };
-        match build(config.uring_coop_taskrun) {
-            Ok(rt) if config.uring_coop_taskrun => Ok((rt, "io_uring (cooperative task running)")),
-            Ok(rt) => Ok((rt, "io_uring")),
-            Err(_) => build(false).map(|rt| (rt, "io_uring")),
+        if config.uring_coop_taskrun {
+            if let Ok(rt) = build(true) {
+                return Ok((rt, "io_uring (cooperative task running)"));
+            }
         }
+        build(false).map(|rt| (rt, "io_uring"))
     };
     let epoll = || {
         monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()

@@ -56,7 +56,7 @@ async fn check(
     reached: &mut bool,
 ) -> Result<(), String> {
     let answer = Config::ms(ctx.config.db_connect_timeout_ms);
-    let (in_recovery, read_only) = tokio::time::timeout(answer, ask(ctx, conn))
+    let (client, in_recovery, read_only) = tokio::time::timeout(answer, ask(ctx, conn))
         .await
         .map_err(|_| "the database did not answer the probe in time".to_string())??;
     // It answered: whatever follows, reads can be served.
@@ -67,7 +67,6 @@ async fn check(
     if read_only {
         return Err("the database is read-only".into());
     }
-    let client = conn.as_ref().expect("connected by ask");
     let write = Config::ms(ctx.config.db_timeout_ms);
     tokio::time::timeout(
         write,
@@ -79,8 +78,12 @@ async fn check(
     Ok(())
 }
 
-/// Connect if needed, then ask whether the database is in recovery and whether it is read-only.
-async fn ask(ctx: &StoreCtx, conn: &mut Option<Client>) -> Result<(bool, bool), String> {
+/// Connect if needed, then ask whether the database is in recovery and whether it is read-only;
+/// also the connection asked on.
+async fn ask<'a>(
+    ctx: &StoreCtx,
+    conn: &'a mut Option<Client>,
+) -> Result<(&'a Client, bool, bool), String> {
     if conn.as_ref().is_none_or(|c| c.is_closed()) {
         let pg = pg_config(&ctx.config, Part::Probe)?;
         let (client, connection) = pg.connect(NoTls).await.map_err(|e| describe(&e))?;
@@ -97,5 +100,5 @@ async fn ask(ctx: &StoreCtx, conn: &mut Option<Client>) -> Result<(bool, bool), 
         )
         .await
         .map_err(|e| describe(&e))?;
-    Ok((row.get(0), row.get(1)))
+    Ok((client, row.get(0), row.get(1)))
 }
