@@ -24,7 +24,7 @@
 //!   [`db`] (connections, error classes, binary COPY), [`url_policy`] (webhook URL rules, SSRF
 //!   policy), [`event_types`] (endpoint patterns, the operational types),
 //!   [`metrics`], [`error`] and [`reply`] (the HTTP error table and answer), [`json`], [`ids`],
-//!   [`logging`], [`shutdown`] (core-local signals).
+//!   [`logging`], [`shutdown`] (core-local signals), [`deadline`] (core-local deadlines).
 //!
 //! ## The life of `POST /api/events`
 //! 1. An ingress core reads the request into the connection's buffer, enforcing head and body
@@ -49,6 +49,7 @@
 pub mod auth;
 pub mod config;
 pub mod db;
+pub mod deadline;
 pub mod delivery;
 pub mod error;
 pub mod event_types;

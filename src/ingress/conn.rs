@@ -108,11 +108,13 @@ impl Connection {
             // Room for at least as much again as is buffered: large bodies arrive in few reads.
             buf.reserve(buf.len().clamp(READ_CHUNK_MIN, READ_CHUNK_MAX));
         }
-        let left = deadline.saturating_duration_since(Instant::now());
         // monoio reads into the start of an IoBufMut: hand it only the spare capacity, or it
         // would overwrite what is already buffered.
         let (filled, capacity) = (buf.len(), buf.capacity());
-        let read = monoio::time::timeout(left, self.stream.read(buf.slice_mut(filled..capacity)));
+        let read = self
+            .ctx
+            .deadlines
+            .until(deadline, self.stream.read(buf.slice_mut(filled..capacity)));
         let result = if idle {
             match race(read, self.ctx.shutdown.wait()).await {
                 Either::Left(r) => r,
@@ -122,12 +124,12 @@ impl Connection {
             read.await
         };
         match result {
-            Ok((Ok(0), _)) | Ok((Err(_), _)) => ReadOutcome::Closed,
-            Ok((Ok(_), slice)) => {
+            Some((Ok(0), _)) | Some((Err(_), _)) => ReadOutcome::Closed,
+            Some((Ok(_), slice)) => {
                 self.buf = slice.into_inner();
                 ReadOutcome::Data
             }
-            Err(_) => ReadOutcome::TimedOut,
+            None => ReadOutcome::TimedOut,
         }
     }
 
@@ -149,9 +151,9 @@ impl Connection {
             return Ok(());
         }
         let write = self.stream.write_all(std::mem::take(&mut self.out));
-        let (result, mut out) = match monoio::time::timeout(self.idle_timeout, write).await {
-            Ok(done) => done,
-            Err(_) => return Err(Stop::Quiet),
+        let Some((result, mut out)) = self.ctx.deadlines.within(self.idle_timeout, write).await
+        else {
+            return Err(Stop::Quiet);
         };
         out.clear();
         if out.capacity() > WRITE_BUFFER_KEEP_BYTES {
@@ -404,7 +406,7 @@ pub async fn serve(ctx: Rc<CoreCtx>, stream: TcpStream, peer: SocketAddr, metric
                     };
                     let label = route.labels().1;
                     let reply =
-                        crate::logging::in_route(label, handle::run(&ctx, ready, request)).await;
+                        crate::logging::in_route(label, handle::run(&ctx, ready, &request)).await;
                     drop(lease);
                     (route, reply, true)
                 }

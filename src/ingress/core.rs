@@ -17,6 +17,7 @@ use super::response::DateCache;
 use crate::auth::flight::{Flight, Flights};
 use crate::auth::{ApiKey, Cached, KeyCache, KeyHash, OrgInfo};
 use crate::config::{Config, VERIFY_RACE_TRIES};
+use crate::deadline::Deadlines;
 use crate::error::ApiError;
 use crate::flow::answer::{Answer, Outcome, RateSnapshot, Refusal, ReplyTo};
 use crate::flow::answer::{IngestOutcome, Ingested};
@@ -49,6 +50,8 @@ pub struct CoreCtx {
     pub flights: Flights<Result<OrgInfo, Refusal>>,
     /// Requests waiting for other threads.
     pub waiters: Rc<Waiters>,
+    /// The deadlines of this core's reads, writes and waits (swept by one task).
+    pub deadlines: Rc<Deadlines>,
     /// Reused JSON parse buffers.
     pub parser: RefCell<json::Parser>,
     /// This core's counters.
@@ -107,7 +110,7 @@ pub async fn run_mailbox(ctx: Rc<CoreCtx>, mut mailbox: Mailbox, closing: Signal
     mailbox.close();
     while let Some(msg) = mailbox.try_recv() {
         match msg {
-            CoreMsg::Hop(hop) => ctx.owner.refuse(hop),
+            CoreMsg::Hops(hops) => hops.into_iter().for_each(|hop| ctx.owner.refuse(hop)),
             CoreMsg::OrgChanged {
                 done: Some(done), ..
             } => {
@@ -120,7 +123,7 @@ pub async fn run_mailbox(ctx: Rc<CoreCtx>, mut mailbox: Mailbox, closing: Signal
 
 fn handle_message(ctx: &Rc<CoreCtx>, msg: CoreMsg) {
     match msg {
-        CoreMsg::Hop(hop) => ctx.owner.serve(hop),
+        CoreMsg::Hops(hops) => hops.into_iter().for_each(|hop| ctx.owner.serve(hop)),
         CoreMsg::Complete(done) => {
             for c in done {
                 ctx.waiters.complete(c.slot, c.outcome);
@@ -165,7 +168,8 @@ impl CoreCtx {
     /// The answer to `wait`, or `None` after `reply_timeout_ms`: every cross-thread wait has a
     /// deadline, so a request never waits forever for a core or a pool that has gone.
     async fn answer(&self, wait: Wait) -> Option<Outcome> {
-        let answer = wait.within(Config::ms(self.config.reply_timeout_ms)).await;
+        let limit = Config::ms(self.config.reply_timeout_ms);
+        let answer = self.deadlines.within(limit, wait).await;
         if answer.is_none() {
             tracing::warn!(core = self.core.0, "no answer within the reply timeout");
         }
@@ -200,8 +204,7 @@ impl CoreCtx {
         let deadline = Instant::now() + Config::ms(self.config.reply_timeout_ms);
         let mut out = Vec::with_capacity(waits.len());
         for wait in waits {
-            let left = deadline.saturating_duration_since(Instant::now());
-            out.push(ingested(wait.within(left).await));
+            out.push(ingested(self.deadlines.until(deadline, wait).await));
         }
         out
     }

@@ -89,7 +89,7 @@ async fn authenticate(ctx: &Rc<CoreCtx>, head: &Head, peer: IpAddr) -> Result<Or
 }
 
 /// Run the handler of a prepared request with its body.
-pub async fn run(ctx: &Rc<CoreCtx>, ready: Ready, req: Request) -> Reply {
+pub async fn run(ctx: &Rc<CoreCtx>, ready: Ready, req: &Request) -> Reply {
     let param = ready.param.as_deref();
     let Some(org) = ready.org else {
         return match ready.route {
@@ -98,7 +98,7 @@ pub async fn run(ctx: &Rc<CoreCtx>, ready: Ready, req: Request) -> Reply {
             Route::Ready => ops::ready(ctx),
             Route::Metrics => ops::metrics(ctx),
             Route::OpenApi => ops::openapi(),
-            Route::KeysGenerate => admin::generate(ctx, &req).await,
+            Route::KeysGenerate => admin::generate(ctx, req).await,
             other => {
                 tracing::error!(route = ?other, "a route that needs a key came without one");
                 ApiError::Internal.reply()
@@ -106,27 +106,27 @@ pub async fn run(ctx: &Rc<CoreCtx>, ready: Ready, req: Request) -> Reply {
         };
     };
     let reply = match ready.route {
-        Route::EventsCreate => events::create(ctx, &req, org).await,
-        Route::EventsBatch => events::create_batch(ctx, &req, org).await,
+        Route::EventsCreate => events::create(ctx, req, org).await,
+        Route::EventsBatch => events::create_batch(ctx, req, org).await,
         Route::EventGet => events::get(ctx, org, param).await,
-        Route::Inbox => inbox::list(ctx, &req, org).await,
+        Route::Inbox => inbox::list(ctx, req, org).await,
         Route::Ack => inbox::ack(ctx, org, param).await,
-        Route::AckBatch => inbox::ack_batch(ctx, &req, org).await,
+        Route::AckBatch => inbox::ack_batch(ctx, req, org).await,
         Route::KeysInfo => admin::key_info(ctx, org).await,
-        Route::KeysRotate => admin::rotate(ctx, &req, org).await,
-        Route::WebhookSet => admin::set_webhook(ctx, &req, org).await,
+        Route::KeysRotate => admin::rotate(ctx, req, org).await,
+        Route::WebhookSet => admin::set_webhook(ctx, req, org).await,
         Route::WebhookDelete => admin::delete_webhook(ctx, org).await,
-        Route::EndpointsCreate => endpoints::create(ctx, &req, org).await,
+        Route::EndpointsCreate => endpoints::create(ctx, req, org).await,
         Route::EndpointsList => endpoints::list(ctx, org).await,
         Route::EndpointGet => endpoints::get(ctx, org, param).await,
-        Route::EndpointPatch => endpoints::patch(ctx, &req, org, param).await,
+        Route::EndpointPatch => endpoints::patch(ctx, req, org, param).await,
         Route::EndpointDelete => endpoints::delete(ctx, org, param).await,
         Route::EndpointSecret => endpoints::secret(ctx, org, param).await,
         Route::EndpointRotate => endpoints::rotate(ctx, org, param).await,
         Route::EndpointPause => endpoints::set_paused(ctx, org, param, true).await,
         Route::EndpointResume => endpoints::set_paused(ctx, org, param, false).await,
-        Route::EndpointRecover => endpoints::recover(ctx, &req, org, param).await,
-        Route::EventRedeliver => events::redeliver(ctx, &req, org, param).await,
+        Route::EndpointRecover => endpoints::recover(ctx, req, org, param).await,
+        Route::EventRedeliver => events::redeliver(ctx, req, org, param).await,
         other => {
             tracing::error!(route = ?other, "an unauthenticated route came with a key");
             ApiError::Internal.reply()

@@ -19,6 +19,7 @@ use crate::config::{
     Config, IoDriver, ACCEPT_BACKOFF, LISTEN_BACKLOG, PORT_RELEASE_WAIT, RATE_REPORT_EVERY,
     URING_ENTRIES,
 };
+use crate::deadline::Deadlines;
 use crate::flow::sink::StoreQueues;
 use crate::ids::CoreId;
 use crate::json;
@@ -270,6 +271,7 @@ async fn serve(
         keys: RefCell::new(KeyCache::new(config.auth_cache_entries)),
         flights: Flights::default(),
         waiters: Rc::new(Waiters::default()),
+        deadlines: Rc::new(Deadlines::default()),
         parser: RefCell::new(json::Parser::default()),
         metrics,
         all_metrics,
@@ -286,6 +288,11 @@ async fn serve(
     });
     let closing = Signal::default();
     let mailbox = monoio::spawn(run_mailbox(Rc::clone(&ctx), part.mailbox, closing.clone()));
+    let sweeper = monoio::spawn(Rc::clone(&ctx.deadlines).sweep(closing.clone()));
+    let hops = monoio::spawn({
+        let (ctx, stop) = (Rc::clone(&ctx), closing.clone());
+        async move { ctx.owner.send_hops(stop).await }
+    });
     if let Some(l) = metrics_listener {
         monoio::spawn(accept_loop(Rc::clone(&ctx), l, true));
     }
@@ -315,7 +322,9 @@ async fn serve(
     // dropped with it, and would keep this core's store handle (and so the store) alive.
     ticker.await;
     closing.set();
+    hops.await;
     mailbox.await;
+    sweeper.await;
     Ok(())
 }
 

@@ -69,8 +69,8 @@ pub enum Hop {
 /// A message to one core's mailbox.
 #[derive(Debug)]
 pub enum CoreMsg {
-    /// Work for the organizations this core owns.
-    Hop(Hop),
+    /// Work for the organizations this core owns: what one core's turn sent here, in order.
+    Hops(Vec<Hop>),
     /// Answers for requests waiting on this core.
     Complete(Vec<Completion>),
     /// The store settled dedup keys this core reserved: committed as the event, or not written.
@@ -150,17 +150,28 @@ impl Mesh {
         self.links.len()
     }
 
-    /// Send a hop to `core`; refused when that core already has `hop_queue_max` waiting (or has
-    /// exited).
-    pub fn hop(&self, core: CoreId, hop: Hop) -> Result<(), HopRefused> {
+    /// Count one hop to `core` against its bound before it is queued for [`Mesh::send_hops`];
+    /// refused when that core already has `hop_queue_max` waiting.
+    pub fn reserve_hop(&self, core: CoreId) -> Result<(), HopRefused> {
         let link = &self.links[core.0];
         if link.hops_waiting.fetch_add(1, Ordering::Relaxed) >= self.hop_queue_max {
             link.hops_waiting.fetch_sub(1, Ordering::Relaxed);
             return Err(HopRefused);
         }
-        link.tx.send(CoreMsg::Hop(hop)).map_err(|_| {
-            link.hops_waiting.fetch_sub(1, Ordering::Relaxed);
-            HopRefused
+        Ok(())
+    }
+
+    /// Send hops reserved with [`Mesh::reserve_hop`] to `core` in one message (one wake-up);
+    /// given back when that core has exited.
+    pub fn send_hops(&self, core: CoreId, hops: Vec<Hop>) -> Result<(), Vec<Hop>> {
+        let link = &self.links[core.0];
+        let n = hops.len();
+        link.tx.send(CoreMsg::Hops(hops)).map_err(|e| {
+            link.hops_waiting.fetch_sub(n, Ordering::Relaxed);
+            match e.0 {
+                CoreMsg::Hops(hops) => hops,
+                _ => unreachable!("the message sent comes back"),
+            }
         })
     }
 
@@ -271,10 +282,10 @@ impl Mailbox {
     }
 
     fn account(&self, msg: CoreMsg) -> CoreMsg {
-        if matches!(msg, CoreMsg::Hop(_)) {
+        if let CoreMsg::Hops(hops) = &msg {
             self.mesh.links[self.core.0]
                 .hops_waiting
-                .fetch_sub(1, Ordering::Relaxed);
+                .fetch_sub(hops.len(), Ordering::Relaxed);
         }
         msg
     }
@@ -396,15 +407,6 @@ impl Wait {
             slot: self.token,
         }
     }
-
-    /// The answer, or `None` once `limit` has passed without one (the slot is freed then, and a
-    /// late answer is ignored). Runs on the core's monoio runtime (its timer).
-    pub async fn within(self, limit: std::time::Duration) -> Option<Outcome> {
-        match crate::shutdown::race(self, monoio::time::sleep(limit)).await {
-            crate::shutdown::Either::Left(outcome) => Some(outcome),
-            crate::shutdown::Either::Right(()) => None,
-        }
-    }
 }
 
 impl Future for Wait {
@@ -446,6 +448,7 @@ impl Drop for Wait {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::deadline::Deadlines;
     use crate::flow::answer::Refusal;
     use uuid::Uuid;
 
@@ -460,12 +463,15 @@ mod tests {
     #[test]
     fn a_wait_gives_up_at_its_deadline_and_a_late_answer_is_ignored() {
         block_on(async {
+            let deadlines = Rc::new(Deadlines::default());
+            let stop = crate::shutdown::Signal::default();
+            monoio::spawn(Rc::clone(&deadlines).sweep(stop.clone()));
             let w = Rc::new(Waiters::default());
             let lost = w.register();
             let token = lost.token();
             let started = std::time::Instant::now();
-            assert!(lost
-                .within(std::time::Duration::from_millis(30))
+            assert!(deadlines
+                .within(std::time::Duration::from_millis(30), lost)
                 .await
                 .is_none());
             assert!(started.elapsed() >= std::time::Duration::from_millis(30));
@@ -480,10 +486,11 @@ mod tests {
             );
             let answered = w.register();
             w.complete(answered.token(), Outcome::Auth(Err(Refusal::Internal)));
-            assert!(answered
-                .within(std::time::Duration::from_secs(5))
+            assert!(deadlines
+                .within(std::time::Duration::from_secs(5), answered)
                 .await
                 .is_some());
+            stop.set();
         });
     }
 
@@ -534,20 +541,31 @@ mod tests {
                 slot: SlotToken(0),
             },
         };
-        assert!(mesh.hop(CoreId(1), hop()).is_ok());
-        assert!(mesh.hop(CoreId(1), hop()).is_ok());
+        assert!(mesh.reserve_hop(CoreId(1)).is_ok());
+        assert!(mesh.reserve_hop(CoreId(1)).is_ok());
         assert!(
-            mesh.hop(CoreId(1), hop()).is_err(),
+            mesh.reserve_hop(CoreId(1)).is_err(),
             "the third waits over the bound"
         );
         assert!(
-            mesh.hop(CoreId(0), hop()).is_ok(),
+            mesh.reserve_hop(CoreId(0)).is_ok(),
             "other cores are not affected"
         );
-        assert!(boxes[1].try_recv().is_some());
+        assert!(mesh.send_hops(CoreId(1), vec![hop(), hop()]).is_ok());
         assert!(
-            mesh.hop(CoreId(1), hop()).is_ok(),
-            "reading one frees a place"
+            mesh.reserve_hop(CoreId(1)).is_err(),
+            "sent and not yet read, they still count"
+        );
+        assert!(matches!(boxes[1].try_recv(), Some(CoreMsg::Hops(h)) if h.len() == 2));
+        assert!(
+            mesh.reserve_hop(CoreId(1)).is_ok(),
+            "reading them frees their places"
+        );
+        drop(boxes);
+        assert_eq!(
+            mesh.send_hops(CoreId(1), vec![hop()]).map_err(|h| h.len()),
+            Err(1),
+            "a core that has exited gives its hops back"
         );
     }
 }

@@ -7,8 +7,10 @@
 //! - Owner side ([`Owner::serve`]): admit an event (token, dedup window, store queue), read the
 //!   bucket for a query's headers and hand the query to the store.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
+use std::future::poll_fn;
 use std::sync::Arc;
+use std::task::{Poll, Waker};
 
 use super::mesh::{owner_core, Hop, Mesh};
 use super::state::{Admit, Shard};
@@ -21,6 +23,7 @@ use crate::flow::job::{Query, StoreJob, WriteJob};
 use crate::flow::sink::StoreQueues;
 use crate::ids::{CoreId, EventId, OrgId};
 use crate::metrics::CoreMetrics;
+use crate::shutdown::{race, Either, Signal};
 
 /// Where a rate read went.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -40,6 +43,18 @@ pub struct Owner {
     store: StoreQueues,
     mesh: Mesh,
     metrics: Arc<CoreMetrics>,
+    outbox: Outbox,
+}
+
+/// Hops waiting to leave this core, per owner core. The requests of one turn of the core's loop
+/// queue theirs here, and [`Owner::send_hops`] sends each core's in one message: one cross-thread
+/// wake-up per core and turn, not one per request.
+#[derive(Default)]
+struct Outbox {
+    waiting: RefCell<Vec<Vec<Hop>>>,
+    /// Whether the sender has been woken for what is waiting.
+    due: Cell<bool>,
+    sender: RefCell<Option<Waker>>,
 }
 
 impl Owner {
@@ -55,6 +70,10 @@ impl Owner {
             core,
             shard: RefCell::new(Shard::new(core, dedup_entries)),
             store,
+            outbox: Outbox {
+                waiting: RefCell::new((0..mesh.cores()).map(|_| Vec::new()).collect()),
+                ..Outbox::default()
+            },
             mesh,
             metrics,
         }
@@ -64,11 +83,56 @@ impl Owner {
         owner_core(&org.id, self.mesh.cores())
     }
 
+    /// Queue `hop` for `owner`; it leaves with the rest of this turn's hops ([`Owner::send_hops`]).
     fn hop(&self, owner: CoreId, hop: Hop) -> Result<(), Refusal> {
         self.metrics.hop();
         self.mesh
-            .hop(owner, hop)
-            .map_err(|_| Refusal::Overloaded("owner core queue full"))
+            .reserve_hop(owner)
+            .map_err(|_| Refusal::Overloaded("owner core queue full"))?;
+        self.outbox.waiting.borrow_mut()[owner.0].push(hop);
+        if !self.outbox.due.replace(true) {
+            if let Some(w) = self.outbox.sender.borrow_mut().take() {
+                w.wake();
+            }
+        }
+        Ok(())
+    }
+
+    /// The core's hop sender: once a request queues a hop, it runs after the tasks already woken
+    /// in this turn (monoio runs them in order) and sends every core's hops in one message each.
+    /// Until `stop` is raised; then whatever is still queued goes.
+    pub async fn send_hops(&self, stop: Signal) {
+        loop {
+            let due = poll_fn(|cx| {
+                if self.outbox.due.get() {
+                    Poll::Ready(())
+                } else {
+                    *self.outbox.sender.borrow_mut() = Some(cx.waker().clone());
+                    Poll::Pending
+                }
+            });
+            let stopped = matches!(race(due, stop.wait()).await, Either::Right(()));
+            self.flush_hops();
+            if stopped {
+                return;
+            }
+        }
+    }
+
+    fn flush_hops(&self) {
+        self.outbox.due.set(false);
+        for core in 0..self.mesh.cores() {
+            let hops = std::mem::take(&mut self.outbox.waiting.borrow_mut()[core]);
+            if hops.is_empty() {
+                continue;
+            }
+            if let Err(back) = self.mesh.send_hops(CoreId(core), hops) {
+                // That core has exited: each request is answered 503 here.
+                for hop in back {
+                    self.refuse(hop);
+                }
+            }
+        }
     }
 
     /// Ingest `event` through its organization's owner core.
@@ -391,5 +455,99 @@ fn push_completion(
     match by_core.iter_mut().find(|(core, _)| *core == reply.core) {
         Some((_, list)) => list.push(completion),
         None => by_core.push((reply.core, vec![completion])),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::flow::answer::SlotToken;
+    use crate::flow::sink::store_queues;
+    use crate::metrics::Metrics;
+    use crate::shard::mesh::CoreMsg;
+    use std::rc::Rc;
+    use uuid::Uuid;
+
+    fn block_on<F: std::future::Future>(f: F) -> F::Output {
+        monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
+            .enable_timer()
+            .build()
+            .unwrap()
+            .block_on(f)
+    }
+
+    /// An organization whose owner is `core` of 2.
+    fn org_on(core: usize) -> OrgInfo {
+        (0u128..)
+            .map(|i| {
+                OrgInfo::test(OrgId(Uuid::from_u128(
+                    i.wrapping_mul(0x9e37_79b9_7f4a_7c15),
+                )))
+            })
+            .find(|o| owner_core(&o.id, 2) == CoreId(core))
+            .unwrap()
+    }
+
+    #[test]
+    fn the_hops_of_one_turn_leave_in_one_message_and_a_gone_core_refuses_them() {
+        let no_args: [(String, String); 1] = [(
+            "DATABASE_URL".to_string(),
+            "postgres://u@localhost/db".to_string(),
+        )];
+        let (_, config) = Config::from_args_and_env(Vec::<String>::new(), no_args).unwrap();
+        let (store, _inbox) = store_queues(&config);
+        let (mesh, mut boxes) = Mesh::new(2, 16);
+        let metrics = Metrics::new(&[("GET", "/")], 2).core(0);
+        let owner = Rc::new(Owner::new(CoreId(0), 16, store, mesh, metrics));
+        let reply = |slot| ReplyTo {
+            core: CoreId(0),
+            slot: SlotToken(slot),
+        };
+        block_on(async {
+            let stop = Signal::default();
+            let sender = monoio::spawn({
+                let (owner, stop) = (Rc::clone(&owner), stop.clone());
+                async move { owner.send_hops(stop).await }
+            });
+            let elsewhere = org_on(1);
+            for slot in 0..3 {
+                assert!(owner
+                    .query(elsewhere, Query::KeyInfo, reply(slot))
+                    .is_none());
+            }
+            assert!(
+                boxes[1].try_recv().is_none(),
+                "nothing leaves before the turn ends"
+            );
+            monoio::time::sleep(std::time::Duration::from_millis(1)).await;
+            match boxes[1].try_recv() {
+                Some(CoreMsg::Hops(hops)) => assert_eq!(hops.len(), 3),
+                other => panic!("one message with the three hops, got {other:?}"),
+            }
+            assert!(boxes[1].try_recv().is_none());
+
+            // Core 1 exits: its hops come back and each request is answered 503 on this core.
+            let gone = boxes.pop().unwrap();
+            drop(gone);
+            assert!(owner.query(elsewhere, Query::KeyInfo, reply(7)).is_none());
+            monoio::time::sleep(std::time::Duration::from_millis(1)).await;
+            match boxes[0].try_recv() {
+                Some(CoreMsg::Complete(done)) => {
+                    assert_eq!(done.len(), 1);
+                    assert_eq!(done[0].slot, SlotToken(7));
+                    assert!(matches!(
+                        done[0].outcome,
+                        Outcome::Answered {
+                            answer: Err(Refusal::Unavailable),
+                            ..
+                        }
+                    ));
+                }
+                other => panic!("a refusal for the request, got {other:?}"),
+            }
+            stop.set();
+            sender.await;
+        });
     }
 }
