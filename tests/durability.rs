@@ -282,11 +282,14 @@ async fn database_outage_answers_503_within_a_second_and_recovers() {
 // A slow commit is not an outage. The health probe's write waits on a lock (as it would on a
 // WAL flush stalled by a checkpoint) for longer than the connect timeout but less than the
 // `--db-timeout-ms` every event write has: the database answers, events commit, and the node
-// must keep taking them and stay ready (it turned every write away with 503 before).
+// must keep taking them and stay ready (it turned every write away with 503 before). The lock is
+// held until the probe has waited on it for half as long again as the connect timeout.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_probe_write_slower_than_the_connect_timeout_is_not_an_outage() {
     let url = own_database("triggers_test_slow_probe").await;
-    let s = Server::start_with_db(&["--db-connect-timeout-ms", "300"], &url);
+    // Long enough for a connection and a query on a busy test machine; shorter than the wait.
+    let connect_timeout = Duration::from_millis(1000);
+    let s = Server::start_with_db(&["--db-connect-timeout-ms", "1000"], &url);
     let (key, _) = new_org(s.addr, "enterprise").await;
     let holder = db_at(&url).await;
     holder
@@ -294,10 +297,10 @@ async fn a_probe_write_slower_than_the_connect_timeout_is_not_an_outage() {
         .await
         .unwrap();
     let watcher = db_at(&url).await;
-    // The probe writes every second while the database is up: within 2.5 s it meets the lock.
-    let until = Instant::now() + Duration::from_millis(2500);
-    let (mut posted, mut probe_waited) = (0i64, false);
-    while Instant::now() < until {
+    // The probe writes every second while the database is up: it soon meets the lock.
+    let give_up = Instant::now() + Duration::from_secs(15);
+    let (mut posted, mut waiting_since) = (0i64, None::<Instant>);
+    loop {
         let r = post_event(s.addr, &key, "t", json!(posted), None).await;
         assert_eq!(r.status, 201, "{}", r.text());
         posted += 1;
@@ -309,13 +312,27 @@ async fn a_probe_write_slower_than_the_connect_timeout_is_not_an_outage() {
              WHERE application_name = 'triggers-probe' AND wait_event_type = 'Lock'",
         )
         .await;
-        probe_waited |= waiting > 0;
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        match waiting_since {
+            None if waiting > 0 => waiting_since = Some(Instant::now()),
+            Some(since) => {
+                assert!(
+                    waiting > 0,
+                    "the probe stopped waiting while the lock was held"
+                );
+                if since.elapsed() > connect_timeout * 3 / 2 {
+                    break;
+                }
+            }
+            None => assert!(Instant::now() < give_up, "the probe never met the lock"),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert!(probe_waited, "the probe never met the lock");
     holder.batch_execute("COMMIT").await.unwrap();
     assert_eq!(count(&watcher, "SELECT count(*) FROM events").await, posted);
-    assert!(s.log_lines("does not take writes").is_empty());
+    // Not asserted from the log: the servers of this test binary share one log, and the outage
+    // test beside this one logs the same line. A down verdict lasts at least one down-probe
+    // interval (200 ms), longer than the loop's turn, so the event or readiness check above
+    // would have been answered 503 in it.
 }
 
 // The proxy runs on the test's runtime while the server start blocks a thread: two workers.
