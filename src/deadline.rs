@@ -222,15 +222,8 @@ impl Deadlines {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::shutdown::block_on_for_tests as block_on;
     use std::pin::pin;
-
-    fn block_on<F: Future>(f: F) -> F::Output {
-        let mut rt = monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
-            .enable_timer()
-            .build()
-            .unwrap();
-        rt.block_on(f)
-    }
 
     fn with_sweeper<F: Future>(test: impl FnOnce(Rc<Deadlines>) -> F) -> F::Output {
         block_on(async {

@@ -129,17 +129,21 @@ pub async fn race<A: Future, B: Future>(a: A, b: B) -> Either<A::Output, B::Outp
     .await
 }
 
+/// Run `f` on a monoio runtime with a timer, as core-local code runs on an ingress core (unit
+/// tests).
+#[cfg(test)]
+pub(crate) fn block_on_for_tests<F: Future>(f: F) -> F::Output {
+    monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
+        .enable_timer()
+        .build()
+        .expect("a monoio runtime for a test")
+        .block_on(f)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn block_on<F: Future>(f: F) -> F::Output {
-        let mut rt = monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
-            .enable_timer()
-            .build()
-            .unwrap();
-        rt.block_on(f)
-    }
+    use block_on_for_tests as block_on;
 
     #[test]
     fn signal_wakes_every_waiter() {

@@ -450,15 +450,8 @@ mod tests {
     use super::*;
     use crate::deadline::Deadlines;
     use crate::flow::answer::Refusal;
+    use crate::shutdown::block_on_for_tests as block_on;
     use uuid::Uuid;
-
-    fn block_on<F: Future>(f: F) -> F::Output {
-        let mut rt = monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
-            .enable_timer()
-            .build()
-            .unwrap();
-        rt.block_on(f)
-    }
 
     #[test]
     fn a_wait_gives_up_at_its_deadline_and_a_late_answer_is_ignored() {

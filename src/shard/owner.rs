@@ -466,16 +466,9 @@ mod tests {
     use crate::flow::sink::store_queues;
     use crate::metrics::Metrics;
     use crate::shard::mesh::CoreMsg;
+    use crate::shutdown::block_on_for_tests as block_on;
     use std::rc::Rc;
     use uuid::Uuid;
-
-    fn block_on<F: std::future::Future>(f: F) -> F::Output {
-        monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
-            .enable_timer()
-            .build()
-            .unwrap()
-            .block_on(f)
-    }
 
     /// An organization whose owner is `core` of 2.
     fn org_on(core: usize) -> OrgInfo {
