@@ -18,6 +18,8 @@ use std::rc::Rc;
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
+use slab::Slab;
+
 use crate::shutdown::{race, Either, Signal};
 
 /// How late a deadline may fire, and the least time between two sweeps.
@@ -31,9 +33,8 @@ struct Slot {
 
 #[derive(Default)]
 struct Table {
-    /// Taken slots are `Some`; a freed slot's index is in `free`.
-    slots: Vec<Option<Slot>>,
-    free: Vec<usize>,
+    /// One slot per waiting operation; a freed slot is reused by the next.
+    slots: Slab<Slot>,
     /// When the sweeper looks next; `None` while it sleeps with nothing to watch.
     planned: Option<Instant>,
     /// The sleeping sweeper, and whether a slot asked it to plan again.
@@ -43,21 +44,11 @@ struct Table {
 
 impl Table {
     fn take(&mut self, deadline: Instant, waker: &Waker) -> usize {
-        let slot = Some(Slot {
+        let i = self.slots.insert(Slot {
             deadline,
             waker: Some(waker.clone()),
             fired: false,
         });
-        let i = match self.free.pop() {
-            Some(i) => {
-                self.slots[i] = slot;
-                i
-            }
-            None => {
-                self.slots.push(slot);
-                self.slots.len() - 1
-            }
-        };
         // Wake the sweeper only when it would otherwise look too late for this deadline.
         if self.planned.is_none_or(|p| deadline + SLACK < p) {
             self.planned = Some(deadline);
@@ -69,15 +60,10 @@ impl Table {
         i
     }
 
-    fn release(&mut self, i: usize) {
-        self.slots[i] = None;
-        self.free.push(i);
-    }
-
     /// Fire every deadline due at `now`; the earliest one still to come.
     fn fire(&mut self, now: Instant, wake: &mut Vec<Waker>) -> Option<Instant> {
         let mut next: Option<Instant> = None;
-        for slot in self.slots.iter_mut().flatten() {
+        for (_, slot) in self.slots.iter_mut() {
             if slot.fired {
                 continue;
             }
@@ -89,10 +75,6 @@ impl Table {
             }
         }
         next
-    }
-
-    fn taken(&self) -> usize {
-        self.slots.len() - self.free.len()
     }
 }
 
@@ -117,9 +99,7 @@ pin_project_lite::pin_project! {
     impl<F> PinnedDrop for Until<'_, F> {
         fn drop(this: Pin<&mut Self>) {
             let this = this.project();
-            if let Some(i) = this.slot.take() {
-                this.deadlines.0.borrow_mut().release(i);
-            }
+            this.deadlines.release(this.slot);
         }
     }
 }
@@ -131,19 +111,17 @@ impl<F: Future> Future for Until<'_, F> {
         let this = self.project();
         // The operation first: one that is ready wins over its deadline.
         if let Poll::Ready(out) = this.fut.poll(cx) {
-            if let Some(i) = this.slot.take() {
-                this.deadlines.0.borrow_mut().release(i);
-            }
+            this.deadlines.release(this.slot);
             return Poll::Ready(Some(out));
         }
         let mut table = this.deadlines.0.borrow_mut();
         match *this.slot {
             None => *this.slot = Some(table.take(*this.deadline, cx.waker())),
             Some(i) => {
-                let slot = table.slots[i].as_mut().expect("a held slot is taken");
+                let slot = &mut table.slots[i];
                 if slot.fired {
-                    table.release(i);
-                    *this.slot = None;
+                    drop(table);
+                    this.deadlines.release(this.slot);
                     return Poll::Ready(None);
                 }
                 if !slot.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
@@ -174,7 +152,14 @@ impl Deadlines {
 
     /// Operations waiting with a deadline now.
     pub fn waiting(&self) -> usize {
-        self.0.borrow().taken()
+        self.0.borrow().slots.len()
+    }
+
+    /// Free the slot an operation holds, if it holds one.
+    fn release(&self, slot: &mut Option<usize>) {
+        if let Some(i) = slot.take() {
+            self.0.borrow_mut().slots.remove(i);
+        }
     }
 
     /// The core's sweeper: fires the deadlines as they pass, sleeping between (on the core's
@@ -310,7 +295,11 @@ mod tests {
             assert_eq!(d.waiting(), 0);
             let out = d.within(Duration::from_millis(15), std::future::pending::<()>());
             assert_eq!(out.await, None);
-            assert_eq!(d.0.borrow().slots.len(), 1, "the freed slot was reused");
+            assert_eq!(
+                d.0.borrow().slots.vacant_key(),
+                0,
+                "the freed slot was reused"
+            );
         });
     }
 }

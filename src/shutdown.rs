@@ -9,13 +9,14 @@ use std::pin::{pin, Pin};
 use std::rc::Rc;
 use std::task::{Context, Poll, Waker};
 
+use slab::Slab;
+
 #[derive(Default)]
 struct SignalState {
     set: bool,
-    /// One slot per pending wait; a dropped wait frees its slot, so the list never outgrows the
-    /// waits alive at once (one per idle connection, at most).
-    slots: Vec<Option<Waker>>,
-    free: Vec<usize>,
+    /// One slot per pending wait (its waker until the flag is raised); a dropped wait frees its
+    /// slot, so the table never outgrows the waits alive at once (one per idle connection, at most).
+    slots: Slab<Option<Waker>>,
 }
 
 /// A one-shot flag a core's tasks can wait on. Core-local: `Rc`, no atomics.
@@ -28,7 +29,7 @@ impl Signal {
         let wakers: Vec<Waker> = {
             let mut s = self.0.borrow_mut();
             s.set = true;
-            s.slots.iter_mut().filter_map(Option::take).collect()
+            s.slots.iter_mut().filter_map(|(_, w)| w.take()).collect()
         };
         for w in wakers {
             w.wake();
@@ -50,8 +51,7 @@ impl Signal {
 
     #[cfg(test)]
     fn slots_in_use(&self) -> usize {
-        let s = self.0.borrow();
-        s.slots.len() - s.free.len()
+        self.0.borrow().slots.len()
     }
 }
 
@@ -75,20 +75,7 @@ impl Future for SignalWait {
                 Some(w) if w.will_wake(cx.waker()) => {}
                 slot => *slot = Some(cx.waker().clone()),
             },
-            None => {
-                let waker = Some(cx.waker().clone());
-                let i = match s.free.pop() {
-                    Some(i) => {
-                        s.slots[i] = waker;
-                        i
-                    }
-                    None => {
-                        s.slots.push(waker);
-                        s.slots.len() - 1
-                    }
-                };
-                this.slot = Some(i);
-            }
+            None => this.slot = Some(s.slots.insert(Some(cx.waker().clone()))),
         }
         Poll::Pending
     }
@@ -97,9 +84,7 @@ impl Future for SignalWait {
 impl Drop for SignalWait {
     fn drop(&mut self) {
         if let Some(i) = self.slot {
-            let mut s = self.signal.0.borrow_mut();
-            s.slots[i] = None;
-            s.free.push(i);
+            self.signal.0.borrow_mut().slots.remove(i);
         }
     }
 }
