@@ -205,9 +205,8 @@ async fn receiver_retry_after_is_honoured() {
     let recv = Receiver::start(|_, before| {
         if before == 0 {
             Answer {
-                status: 429,
-                delay: Duration::ZERO,
                 headers: vec![("Retry-After".into(), "3".into())],
+                ..Answer::status(429)
             }
         } else {
             Answer::status(200)
@@ -283,9 +282,8 @@ async fn gone_disables_the_endpoint_and_keeps_the_event_pending() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_receiver_does_not_delay_other_organizations() {
     let slow = Receiver::start(|_, _| Answer {
-        status: 200,
         delay: Duration::from_secs(20),
-        headers: vec![],
+        ..Answer::status(200)
     })
     .await;
     let fast = Receiver::start(|_, _| Answer::status(200)).await;
@@ -839,4 +837,36 @@ async fn a_cold_endpoint_cache_loads_an_organizations_endpoints_once_for_all_its
         (1.0..=4.0).contains(&loads),
         "{loads} endpoint loads for one organization's 200 deliveries"
     );
+}
+
+/// Proves: deliveries to one receiver reuse one connection while it stays open, and a receiver
+/// that closes its connection after each answer (without a `Connection: close`) costs no failed
+/// attempt: the closed connection is noticed when it is taken again, and a new one is opened.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_are_reused_and_one_the_receiver_closed_costs_no_attempt() {
+    let recv = Receiver::start(|_, _| Answer::status(200)).await;
+    let s = Server::start(&["--allow-private-webhooks"]);
+    let (key, _) = new_org(s.addr, "pro").await;
+    set_webhook(s.addr, &key, &recv.url("/")).await;
+    for _ in 0..5 {
+        let id = new_event_id(s.addr, &key, json!(1)).await;
+        wait_status(s.addr, &key, &id, "delivered", Duration::from_secs(5)).await;
+    }
+    assert_eq!(recv.connections(), 1, "one connection for five deliveries");
+
+    // Closed a little after the answer: the connection is idle again by then.
+    recv.set_script(|_, _| Answer {
+        close_after: Some(Duration::from_millis(20)),
+        ..Answer::status(200)
+    });
+    for _ in 0..5 {
+        let id = new_event_id(s.addr, &key, json!(1)).await;
+        let e = wait_status(s.addr, &key, &id, "delivered", Duration::from_secs(5)).await;
+        assert_eq!(e["attempts"], 1, "{e}");
+        // The receiver's FIN is in before the next delivery takes the connection.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The open one closed after the first answer; each later delivery opened its own.
+    assert_eq!(recv.connections(), 5);
+    assert_eq!(recv.received().len(), 10, "nothing was sent twice");
 }

@@ -717,9 +717,8 @@ async fn a_rate_limited_endpoint_spreads_its_deliveries_and_fails_none() {
 async fn a_slow_or_failing_endpoint_never_delays_another_of_the_same_organization() {
     let recv = Receiver::start(|r, _| match r.path.as_str() {
         "/slow" => Answer {
-            status: 200,
             delay: Duration::from_secs(20),
-            headers: vec![],
+            ..Answer::status(200)
         },
         "/failing" => Answer::status(503),
         _ => Answer::status(200),

@@ -11,12 +11,6 @@ use tokio::net::TcpStream;
 
 use crate::url_policy::{forbidden_reason, parse_url, resolve};
 
-/// The client the pool delivers with: pooled HTTP/1.1, TLS by rustls, over [`SafeConnector`].
-pub type HttpClient = hyper_util::client::legacy::Client<
-    hyper_rustls::HttpsConnector<SafeConnector>,
-    http_body_util::Full<bytes::Bytes>,
->;
-
 /// The connector under the delivery client: it resolves the host itself, applies the policy to
 /// every address it would use, and connects only to an allowed one. The TCP connection (pooled for
 /// keep-alive) stays pinned to that vetted address; DNS answers that change later cannot redirect

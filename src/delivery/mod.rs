@@ -24,10 +24,12 @@
 //! cache), `runtime` (per endpoint: slots, circuit breaker, token bucket), `job` (one delivery's
 //! life in memory), `worker` (one HTTP attempt), `record` (outcomes written in batches, health,
 //! operational events), `claim` (take-over, claims, renewal, the hand-back), `model` (the
-//! values), `schedule` (retry delays, Retry-After), `sign` (Standard Webhooks), `connector` (the
-//! SSRF-checking connector under the HTTP client).
+//! values), `schedule` (retry delays, Retry-After), `sign` (Standard Webhooks), `client` (HTTP/1.1
+//! connections per origin, driven by the attempts' own tasks), `connector` (the SSRF-checking
+//! connector under it).
 
 pub mod claim;
+pub mod client;
 pub mod connector;
 mod job;
 pub mod model;

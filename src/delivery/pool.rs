@@ -9,6 +9,7 @@ use tokio::sync::{mpsc, Notify, Semaphore};
 use tokio::task::JoinHandle;
 
 use super::claim::{claim_loop, release_all};
+use super::client::Client;
 use super::connector::SafeConnector;
 use super::job::run_job;
 use super::model::{BatchLease, Job, Lease};
@@ -48,13 +49,9 @@ impl Delivery {
             .https_or_http()
             .enable_http1()
             .wrap_connector(connector);
-        let client =
-            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-                .pool_idle_timeout(DELIVERY_POOL_IDLE)
-                // Several endpoints may share a host: keep as many idle connections as deliveries
-                // can be in flight, or the pool closes and reopens connections all the time.
-                .pool_max_idle_per_host(config.delivery_concurrency)
-                .build(https);
+        // Several endpoints may share a host: keep as many idle connections as deliveries can
+        // be in flight, or connections are closed and opened all the time.
+        let client = Client::new(https, config.delivery_concurrency, DELIVERY_POOL_IDLE);
         let (recorder_tx, recorder_rx) = mpsc::channel(config.recorder_queue_max());
         let pool = build_bookkeeping_pool(&config, config.delivery_pool_size())?;
         let shared = Arc::new(Shared {

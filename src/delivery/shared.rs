@@ -9,7 +9,7 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, Notify, Semaphore};
 use uuid::Uuid;
 
-use super::connector::HttpClient;
+use super::client::Client;
 use super::model::{BatchLease, Endpoint};
 use super::model::{Outcome, Recorded};
 use super::runtime::{EndpointRuntime, TokenBucket};
@@ -45,7 +45,7 @@ const LOAD_ENDPOINTS: &str = "\
 pub(super) struct Shared {
     pub(super) config: Arc<Config>,
     pub(super) pool: deadpool_postgres::Pool,
-    pub(super) client: HttpClient,
+    pub(super) client: Client,
     pub(super) endpoints: Mutex<EndpointCache>,
     /// Held while endpoints are loaded: a miss waits for the load in flight and takes what it
     /// filled, so a cold cache (a start, a take-over, a change that dropped an organization)

@@ -5,9 +5,9 @@ use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use http::header::{HeaderMap, HeaderName, HeaderValue};
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::Full;
 
-use super::connector::HttpClient;
+use super::client::Client;
 use super::model::{Attempt, Endpoint, Job, Verdict};
 use super::schedule::parse_retry_after;
 use super::sign::signature;
@@ -65,11 +65,10 @@ pub fn kept_body(bytes: &[u8]) -> Option<String> {
 }
 
 /// The request of one attempt, built in place: the header map is made at its final size and
-/// nothing is moved through a fallible builder.
-fn request(uri: http::Uri, headers: HeaderMap, body: Vec<u8>) -> http::Request<Full<Bytes>> {
+/// nothing is moved through a fallible builder (the client sets its target).
+fn request(headers: HeaderMap, body: Vec<u8>) -> http::Request<Full<Bytes>> {
     let mut request = http::Request::new(Full::new(Bytes::from(body)));
     *request.method_mut() = http::Method::POST;
-    *request.uri_mut() = uri;
     *request.headers_mut() = headers;
     request
 }
@@ -147,7 +146,7 @@ const HEADERS: usize = 10;
 
 /// POST the event once.
 pub async fn attempt(
-    client: &HttpClient,
+    client: &Client,
     endpoint: &Endpoint,
     job: &Job,
     number: u32,
@@ -155,7 +154,7 @@ pub async fn attempt(
 ) -> Attempt {
     let at = Micros::now();
     let started = Instant::now();
-    let Some(uri) = endpoint.uri.clone() else {
+    let Some(uri) = endpoint.uri.as_ref() else {
         return failed(
             at,
             started,
@@ -168,26 +167,19 @@ pub async fn attempt(
     let id = job.event.to_string();
     let sig = signatures(endpoint.signing_keys(at), &id, timestamp, &body);
     let headers = headers(job, endpoint.host.as_ref(), &id, number, timestamp, sig);
-    let request = request(uri, headers, body);
-    let exchange = async {
-        let response = client.request(request).await?;
-        let status = response.status().as_u16();
-        let retry_after = response
-            .headers()
-            .get(http::header::RETRY_AFTER)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| parse_retry_after(v, SystemTime::now()));
-        // Read what the receiver sent (up to a limit) so the connection goes back to the pool;
-        // its first KiB goes to the attempt log.
-        let answer = Limited::new(response.into_body(), RESPONSE_BODY_READ_BYTES_MAX)
-            .collect()
-            .await
-            .ok()
-            .and_then(|b| kept_body(&b.to_bytes()));
-        Ok::<_, hyper_util::client::legacy::Error>((status, retry_after, answer))
-    };
+    let request = request(headers, body);
+    let exchange = client.exchange(uri, request, RESPONSE_BODY_READ_BYTES_MAX);
     match tokio::time::timeout(timeout, exchange).await {
-        Ok(Ok((status, retry_after, response_body))) => {
+        Ok(Ok(answer)) => {
+            let status = answer.head.status.as_u16();
+            let retry_after = answer
+                .head
+                .headers
+                .get(http::header::RETRY_AFTER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| parse_retry_after(v, SystemTime::now()));
+            // Its first KiB goes to the attempt log.
+            let response_body = answer.body.as_deref().and_then(kept_body);
             let duration = started.elapsed();
             let (verdict, error) = match status {
                 200..=299 => (Verdict::Delivered, None),
@@ -209,7 +201,7 @@ pub async fn attempt(
                 verdict,
             }
         }
-        Ok(Err(e)) => failed(at, started, None, describe(&e)),
+        Ok(Err(e)) => failed(at, started, None, e),
         Err(_) => failed(
             at,
             started,
@@ -228,18 +220,6 @@ fn failed(at: Micros, started: Instant, status: Option<u16>, error: String) -> A
         response_body: None,
         verdict: Verdict::Failed { retry_after: None },
     }
-}
-
-/// The most specific message in an error's chain ("connection refused", not "client error").
-fn describe(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut messages = vec![e.to_string()];
-    let mut source = e.source();
-    while let Some(s) = source {
-        messages.push(s.to_string());
-        source = s.source();
-    }
-    messages.dedup();
-    messages.join(": ")
 }
 
 #[cfg(test)]

@@ -801,6 +801,7 @@ pub struct Receiver {
     pub addr: SocketAddr,
     state: Arc<Mutex<ReceiverState>>,
     arrived: Arc<tokio::sync::Notify>,
+    accepted: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 /// What the receiver answers.
@@ -809,6 +810,8 @@ pub struct Answer {
     pub status: u16,
     pub delay: Duration,
     pub headers: Vec<(String, String)>,
+    /// Close the connection this long after the answer (without saying so in a header).
+    pub close_after: Option<Duration>,
 }
 
 impl Answer {
@@ -817,6 +820,7 @@ impl Answer {
             status,
             delay: Duration::ZERO,
             headers: Vec::new(),
+            close_after: None,
         }
     }
 }
@@ -865,12 +869,18 @@ impl Receiver {
             script: Arc::new(script),
         }));
         let arrived = Arc::new(tokio::sync::Notify::new());
-        let (st, ar) = (Arc::clone(&state), Arc::clone(&arrived));
+        let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (st, ar, ac) = (
+            Arc::clone(&state),
+            Arc::clone(&arrived),
+            Arc::clone(&accepted),
+        );
         tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
                     return;
                 };
+                ac.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 tokio::spawn(serve_receiver(stream, Arc::clone(&st), Arc::clone(&ar)));
             }
         });
@@ -878,7 +888,13 @@ impl Receiver {
             addr,
             state,
             arrived,
+            accepted,
         }
+    }
+
+    /// How many connections it has accepted.
+    pub fn connections(&self) -> usize {
+        self.accepted.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -994,6 +1010,10 @@ async fn serve_receiver(
         }
         out.push_str("\r\n");
         if stream.write_all(out.as_bytes()).await.is_err() {
+            return;
+        }
+        if let Some(after) = answer.close_after {
+            tokio::time::sleep(after).await;
             return;
         }
     }
