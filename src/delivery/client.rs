@@ -77,19 +77,27 @@ struct Idle {
 }
 
 impl Client {
-    /// A client over `connector` keeping at most `max_idle` idle connections per origin, each
-    /// for at most `idle_timeout`.
-    pub fn new(
-        connector: HttpsConnector<SafeConnector>,
-        max_idle: usize,
-        idle_timeout: Duration,
-    ) -> Client {
+    /// A client over `connector` (TLS by rustls with the webpki roots for https) keeping at
+    /// most `max_idle` idle connections per origin, each for at most `idle_timeout`.
+    pub fn new(connector: SafeConnector, max_idle: usize, idle_timeout: Duration) -> Client {
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_webpki_roots()
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(connector);
         Client {
             connector,
             idle: Mutex::new(Idle::default()),
             max_idle,
             idle_timeout,
         }
+    }
+
+    /// How many idle connections it keeps, in all.
+    #[cfg(test)]
+    fn idle(&self) -> usize {
+        let idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        idle.by_origin.values().map(Vec::len).sum()
     }
 
     /// Send `request` to `uri` and read the answer, its body up to `body_limit` bytes. The
@@ -255,6 +263,12 @@ fn describe(e: &(dyn std::error::Error + 'static)) -> String {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
     use super::*;
 
     #[test]
@@ -263,5 +277,149 @@ mod tests {
         assert_eq!(t("http://example.com:8080/hook?a=1"), "/hook?a=1");
         assert_eq!(t("https://example.com"), "/");
         assert_eq!(t("http://example.com/"), "/");
+    }
+
+    /// A receiver on loopback that answers every request with `answer` after `delay`, keeping
+    /// the connection; it counts the connections it accepted.
+    async fn receiver(answer: &'static [u8], delay: Duration) -> (Uri, Arc<AtomicUsize>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let uri: Uri = format!("http://{}/hook", listener.local_addr().unwrap())
+            .parse()
+            .unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = Arc::clone(&accepted);
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                count.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    loop {
+                        // One request: its head, then its Content-Length body.
+                        let (head, body) = loop {
+                            let mut hs = [httparse::EMPTY_HEADER; 32];
+                            let mut req = httparse::Request::new(&mut hs);
+                            if let Ok(httparse::Status::Complete(n)) = req.parse(&buf) {
+                                let len = req
+                                    .headers
+                                    .iter()
+                                    .find(|h| h.name.eq_ignore_ascii_case("content-length"))
+                                    .and_then(|h| std::str::from_utf8(h.value).ok()?.parse().ok())
+                                    .unwrap_or(0usize);
+                                break (n, len);
+                            }
+                            let mut chunk = [0u8; 4096];
+                            match stream.read(&mut chunk).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                            }
+                        };
+                        while buf.len() < head + body {
+                            let mut chunk = [0u8; 4096];
+                            match stream.read(&mut chunk).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                            }
+                        }
+                        buf.drain(..head + body);
+                        tokio::time::sleep(delay).await;
+                        if stream.write_all(answer).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        (uri, accepted)
+    }
+
+    fn client(max_idle: usize, idle_timeout: Duration) -> Client {
+        Client::new(
+            SafeConnector {
+                allow_private: true,
+                connect_timeout: Duration::from_secs(2),
+            },
+            max_idle,
+            idle_timeout,
+        )
+    }
+
+    fn post() -> Request<Body> {
+        let mut r = Request::new(Full::new(Bytes::from_static(b"{}")));
+        *r.method_mut() = http::Method::POST;
+        r
+    }
+
+    const OK: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
+
+    #[tokio::test]
+    async fn a_connection_is_reused_until_it_has_been_idle_too_long() {
+        let (uri, accepted) = receiver(OK, Duration::ZERO).await;
+        let c = client(8, Duration::from_millis(300));
+        for _ in 0..3 {
+            let a = c.exchange(&uri, post(), 1024).await.unwrap();
+            assert_eq!(a.head.status, 200);
+            assert_eq!(a.body.as_deref(), Some(&b"ok"[..]));
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+        assert_eq!(c.idle(), 1);
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        c.exchange(&uri, post(), 1024).await.unwrap();
+        assert_eq!(
+            accepted.load(Ordering::SeqCst),
+            2,
+            "the idle one had expired"
+        );
+        assert_eq!(c.idle(), 1);
+    }
+
+    #[tokio::test]
+    async fn at_most_max_idle_connections_are_kept_per_origin() {
+        let (uri, accepted) = receiver(OK, Duration::from_millis(100)).await;
+        let c = client(1, Duration::from_secs(60));
+        // Three at once need three connections; one of them is kept afterwards.
+        let ex = || c.exchange(&uri, post(), 1024);
+        let (a, b, d) = tokio::join!(ex(), ex(), ex());
+        for answer in [a, b, d] {
+            assert_eq!(answer.unwrap().head.status, 200);
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 3);
+        assert_eq!(c.idle(), 1);
+        let (a, b) = tokio::join!(ex(), ex());
+        for answer in [a, b] {
+            assert_eq!(answer.unwrap().head.status, 200);
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 4, "one reused, one new");
+    }
+
+    #[tokio::test]
+    async fn an_answer_over_the_limit_is_not_kept_and_its_connection_is_not_reused() {
+        const BIG: &[u8] = b"HTTP/1.1 500 X\r\nContent-Length: 10\r\n\r\n0123456789";
+        let (uri, accepted) = receiver(BIG, Duration::ZERO).await;
+        let c = client(8, Duration::from_secs(60));
+        let a = c.exchange(&uri, post(), 4).await.unwrap();
+        assert_eq!(a.head.status, 500);
+        assert_eq!(a.body, None);
+        assert_eq!(c.idle(), 0);
+        let a = c.exchange(&uri, post(), 64).await.unwrap();
+        assert_eq!(a.body.as_deref(), Some(&b"0123456789"[..]));
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+        assert_eq!(c.idle(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_refused_connection_is_an_error_that_says_so() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let uri: Uri = format!("http://{}/", listener.local_addr().unwrap())
+            .parse()
+            .unwrap();
+        drop(listener);
+        let e = match client(8, Duration::from_secs(60))
+            .exchange(&uri, post(), 1024)
+            .await
+        {
+            Err(e) => e,
+            Ok(_) => panic!("nothing listens there"),
+        };
+        assert!(e.to_lowercase().contains("refused"), "{e}");
     }
 }

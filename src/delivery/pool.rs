@@ -40,18 +40,16 @@ impl Delivery {
         config: Arc<Config>,
         metrics: Arc<Metrics>,
     ) -> Result<(Delivery, DeliveryHandle), String> {
-        let connector = SafeConnector {
-            allow_private: config.allow_private_webhooks,
-            connect_timeout: Duration::from_millis(config.delivery_timeout_ms),
-        };
-        let https = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_webpki_roots()
-            .https_or_http()
-            .enable_http1()
-            .wrap_connector(connector);
         // Several endpoints may share a host: keep as many idle connections as deliveries can
         // be in flight, or connections are closed and opened all the time.
-        let client = Client::new(https, config.delivery_concurrency, DELIVERY_POOL_IDLE);
+        let client = Client::new(
+            SafeConnector {
+                allow_private: config.allow_private_webhooks,
+                connect_timeout: Duration::from_millis(config.delivery_timeout_ms),
+            },
+            config.delivery_concurrency,
+            DELIVERY_POOL_IDLE,
+        );
         let (recorder_tx, recorder_rx) = mpsc::channel(config.recorder_queue_max());
         let pool = build_bookkeeping_pool(&config, config.delivery_pool_size())?;
         let shared = Arc::new(Shared {
