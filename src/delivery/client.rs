@@ -80,8 +80,22 @@ impl Client {
     /// A client over `connector` (TLS by rustls with the webpki roots for https) keeping at
     /// most `max_idle` idle connections per origin, each for at most `idle_timeout`.
     pub fn new(connector: SafeConnector, max_idle: usize, idle_timeout: Duration) -> Client {
-        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+        use hyper_rustls::ConfigBuilderExt;
+        let tls = rustls::ClientConfig::builder()
             .with_webpki_roots()
+            .with_no_client_auth();
+        Client::with_tls(connector, tls, max_idle, idle_timeout)
+    }
+
+    /// The same with TLS as `tls` says (its roots: the tests' own authority).
+    fn with_tls(
+        connector: SafeConnector,
+        tls: rustls::ClientConfig,
+        max_idle: usize,
+        idle_timeout: Duration,
+    ) -> Client {
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
             .https_or_http()
             .enable_http1()
             .wrap_connector(connector);
@@ -404,6 +418,105 @@ mod tests {
         assert_eq!(a.body.as_deref(), Some(&b"0123456789"[..]));
         assert_eq!(accepted.load(Ordering::SeqCst), 2);
         assert_eq!(c.idle(), 1);
+    }
+
+    /// A TLS receiver (a certificate for `localhost` from the test authority in `testdata/`) on
+    /// a thread of its own: it answers every request with 200 and keeps the connection, and
+    /// counts the connections it accepted.
+    fn tls_receiver() -> (Uri, Arc<AtomicUsize>) {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        use std::io::{Read, Write};
+        let cert = CertificateDer::from_pem_slice(include_bytes!("testdata/leaf.pem")).unwrap();
+        let key = PrivateKeyDer::from_pem_slice(include_bytes!("testdata/leaf.key")).unwrap();
+        let config = Arc::new(
+            rustls::ServerConfig::builder()
+                .with_no_client_auth()
+                .with_single_cert(vec![cert], key)
+                .unwrap(),
+        );
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let uri = format!(
+            "https://localhost:{}/hook",
+            listener.local_addr().unwrap().port()
+        )
+        .parse()
+        .unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = Arc::clone(&accepted);
+        std::thread::spawn(move || {
+            for tcp in listener.incoming() {
+                let Ok(tcp) = tcp else { return };
+                count.fetch_add(1, Ordering::SeqCst);
+                let config = Arc::clone(&config);
+                std::thread::spawn(move || {
+                    let conn = rustls::ServerConnection::new(config).unwrap();
+                    let mut tls = rustls::StreamOwned::new(conn, tcp);
+                    let mut buf = Vec::new();
+                    loop {
+                        let mut hs = [httparse::EMPTY_HEADER; 32];
+                        let mut req = httparse::Request::new(&mut hs);
+                        if let Ok(httparse::Status::Complete(n)) = req.parse(&buf) {
+                            let len: usize = req
+                                .headers
+                                .iter()
+                                .find(|h| h.name.eq_ignore_ascii_case("content-length"))
+                                .and_then(|h| std::str::from_utf8(h.value).ok()?.parse().ok())
+                                .unwrap_or(0);
+                            if buf.len() >= n + len {
+                                buf.drain(..n + len);
+                                if tls.write_all(OK).and_then(|_| tls.flush()).is_err() {
+                                    return;
+                                }
+                                continue;
+                            }
+                        }
+                        let mut chunk = [0u8; 4096];
+                        match tls.read(&mut chunk) {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    }
+                });
+            }
+        });
+        (uri, accepted)
+    }
+
+    #[tokio::test]
+    async fn https_answers_come_back_over_one_kept_connection() {
+        use rustls::pki_types::pem::PemObject;
+        let (uri, accepted) = tls_receiver();
+        let mut roots = rustls::RootCertStore::empty();
+        roots
+            .add(
+                rustls::pki_types::CertificateDer::from_pem_slice(include_bytes!(
+                    "testdata/ca.pem"
+                ))
+                .unwrap(),
+            )
+            .unwrap();
+        let tls = rustls::ClientConfig::builder()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let connector = SafeConnector {
+            allow_private: true,
+            connect_timeout: Duration::from_secs(2),
+        };
+        let c = Client::with_tls(connector, tls, 8, Duration::from_secs(60));
+        for _ in 0..3 {
+            let a = c.exchange(&uri, post(), 1024).await.unwrap();
+            assert_eq!(a.head.status, 200);
+            assert_eq!(a.body.as_deref(), Some(&b"ok"[..]));
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+        // The same receiver is refused by the public roots: the certificate is checked.
+        let public = client(8, Duration::from_secs(60));
+        let e = match public.exchange(&uri, post(), 1024).await {
+            Err(e) => e,
+            Ok(_) => panic!("a certificate from an unknown authority was taken"),
+        };
+        assert!(e.contains("certificate"), "{e}");
     }
 
     #[tokio::test]
