@@ -793,16 +793,24 @@ async fn a_claimed_redelivery_with_an_earlier_success_is_owed_after_a_crash() {
     assert_eq!(e["attempts"], 2);
 }
 
-/// The restarted node's `triggers_endpoint_cache_loads_total`.
-async fn endpoint_cache_loads(s: &Server) -> f64 {
+/// A metric without labels of the server's, from its metrics listener.
+async fn metric(s: &Server, name: &str) -> f64 {
     let text = call(s.metrics_addr.unwrap(), "GET", "/metrics", &[], None)
         .await
         .text();
     text.lines()
-        .find(|l| l.starts_with("triggers_endpoint_cache_loads_total "))
+        .find(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with(' '))
+        })
         .and_then(|l| l.rsplit(' ').next())
         .and_then(|v| v.parse().ok())
-        .expect("the endpoint cache loads counter")
+        .unwrap_or_else(|| panic!("{name} is served"))
+}
+
+/// The restarted node's `triggers_endpoint_cache_loads_total`.
+async fn endpoint_cache_loads(s: &Server) -> f64 {
+    metric(s, "triggers_endpoint_cache_loads_total").await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -868,5 +876,9 @@ async fn connections_are_reused_and_one_the_receiver_closed_costs_no_attempt() {
     }
     // The open one closed after the first answer; each later delivery opened its own.
     assert_eq!(recv.connections(), 5);
+    assert_eq!(
+        metric(&s, "triggers_delivery_connections_opened_total").await,
+        5.0
+    );
     assert_eq!(recv.received().len(), 10, "nothing was sent twice");
 }

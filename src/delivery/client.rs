@@ -14,7 +14,8 @@
 use std::collections::HashMap;
 use std::future::{poll_fn, Future};
 use std::pin::{pin, Pin};
-use std::sync::Mutex;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -29,6 +30,7 @@ use tokio::net::TcpStream;
 use tower_service::Service;
 
 use super::connector::SafeConnector;
+use crate::metrics::Metrics;
 
 type Io = MaybeHttpsStream<TokioIo<TcpStream>>;
 type Body = Full<Bytes>;
@@ -64,6 +66,8 @@ pub struct Client {
     max_idle: usize,
     /// How long an idle connection is kept.
     idle_timeout: Duration,
+    /// Where the connections it opens are counted.
+    metrics: Arc<Metrics>,
 }
 
 #[derive(Default)]
@@ -79,12 +83,17 @@ struct Idle {
 impl Client {
     /// A client over `connector` (TLS by rustls with the webpki roots for https) keeping at
     /// most `max_idle` idle connections per origin, each for at most `idle_timeout`.
-    pub fn new(connector: SafeConnector, max_idle: usize, idle_timeout: Duration) -> Client {
+    pub fn new(
+        connector: SafeConnector,
+        max_idle: usize,
+        idle_timeout: Duration,
+        metrics: Arc<Metrics>,
+    ) -> Client {
         use hyper_rustls::ConfigBuilderExt;
         let tls = rustls::ClientConfig::builder()
             .with_webpki_roots()
             .with_no_client_auth();
-        Client::with_tls(connector, tls, max_idle, idle_timeout)
+        Client::with_tls(connector, tls, max_idle, idle_timeout, metrics)
     }
 
     /// The same with TLS as `tls` says (its roots: the tests' own authority).
@@ -93,6 +102,7 @@ impl Client {
         tls: rustls::ClientConfig,
         max_idle: usize,
         idle_timeout: Duration,
+        metrics: Arc<Metrics>,
     ) -> Client {
         let connector = hyper_rustls::HttpsConnectorBuilder::new()
             .with_tls_config(tls)
@@ -104,6 +114,7 @@ impl Client {
             idle: Mutex::new(Idle::default()),
             max_idle,
             idle_timeout,
+            metrics,
         }
     }
 
@@ -222,6 +233,9 @@ impl Client {
             .await
             .map_err(|e| describe(&*e))?;
         let (send, driver) = http1::handshake(io).await.map_err(|e| describe(&e))?;
+        self.metrics
+            .delivery_connections
+            .fetch_add(1, Ordering::Relaxed);
         Ok(Box::new(Conn {
             send,
             driver: Some(driver),
@@ -277,8 +291,7 @@ fn describe(e: &(dyn std::error::Error + 'static)) -> String {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    use std::sync::Arc;
+    use std::sync::atomic::AtomicUsize;
 
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
@@ -354,6 +367,7 @@ mod tests {
             },
             max_idle,
             idle_timeout,
+            Metrics::new(&[("GET", "/")], 1),
         )
     }
 
@@ -503,7 +517,8 @@ mod tests {
             allow_private: true,
             connect_timeout: Duration::from_secs(2),
         };
-        let c = Client::with_tls(connector, tls, 8, Duration::from_secs(60));
+        let metrics = Metrics::new(&[("GET", "/")], 1);
+        let c = Client::with_tls(connector, tls, 8, Duration::from_secs(60), metrics);
         for _ in 0..3 {
             let a = c.exchange(&uri, post(), 1024).await.unwrap();
             assert_eq!(a.head.status, 200);

@@ -49,6 +49,7 @@ impl Delivery {
             },
             config.delivery_concurrency,
             DELIVERY_POOL_IDLE,
+            Arc::clone(&metrics),
         );
         let (recorder_tx, recorder_rx) = mpsc::channel(config.recorder_queue_max());
         let pool = build_bookkeeping_pool(&config, config.delivery_pool_size())?;

@@ -144,6 +144,8 @@ pub struct Metrics {
     pub operational_events: AtomicU64,
     /// Queries that loaded organizations' endpoints into the delivery pool's cache.
     pub endpoint_loads: AtomicU64,
+    /// Connections the delivery client opened to receivers.
+    pub delivery_connections: AtomicU64,
 }
 
 /// Why a delivery held in memory is waiting.
@@ -219,6 +221,7 @@ impl Metrics {
             store: std::sync::OnceLock::new(),
             operational_events: AtomicU64::new(0),
             endpoint_loads: AtomicU64::new(0),
+            delivery_connections: AtomicU64::new(0),
         })
     }
 
@@ -544,6 +547,13 @@ impl Metrics {
             "Queries that loaded organizations' endpoints into the delivery cache (misses share one).",
             "counter",
             load(&self.endpoint_loads),
+        );
+        single(
+            &mut out,
+            "triggers_delivery_connections_opened_total",
+            "Connections the delivery client opened to receivers (kept alive, one serves many deliveries).",
+            "counter",
+            load(&self.delivery_connections),
         );
         out
     }
