@@ -152,6 +152,7 @@ pub(super) async fn claim_loop(shared: Arc<Shared>) {
         if let Err(e) = renew(&shared).await {
             tracing::warn!(error = %e, "renewing delivery leases failed");
         }
+        shared.client.sweep();
         match take_over(&shared).await {
             Ok(n) if n > 0 => tracing::info!(deliveries = n, "expired delivery batches taken over"),
             Ok(_) => {}

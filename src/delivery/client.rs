@@ -195,23 +195,7 @@ impl Client {
     fn put_back(&self, origin: Origin, conn: Box<Conn>) {
         let mut expired = Vec::new();
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        let now = conn.idle_since;
-        if idle
-            .swept
-            .is_none_or(|t| now.duration_since(t) >= self.idle_timeout / 4)
-        {
-            idle.swept = Some(now);
-            let timeout = self.idle_timeout;
-            idle.by_origin.retain(|_, conns| {
-                // Oldest first: the ones past their time are at the front.
-                let old = conns
-                    .iter()
-                    .take_while(|c| now.duration_since(c.idle_since) >= timeout)
-                    .count();
-                expired.extend(conns.drain(..old));
-                !conns.is_empty()
-            });
-        }
+        self.expire(&mut idle, conn.idle_since, &mut expired);
         let conns = idle.by_origin.entry(origin).or_default();
         if conns.len() < self.max_idle {
             conns.push(conn);
@@ -221,6 +205,39 @@ impl Client {
         drop(idle);
         // Closed outside the lock.
         drop(expired);
+    }
+
+    /// Close idle connections past their time, for every origin (the claimer calls this on each
+    /// round, so they are closed when no delivery puts a connection back either).
+    pub fn sweep(&self) {
+        let mut expired = Vec::new();
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        self.expire(&mut idle, Instant::now(), &mut expired);
+        drop(idle);
+        drop(expired);
+    }
+
+    /// Move the idle connections past their time into `expired`, at most once every quarter of
+    /// the idle timeout.
+    #[allow(clippy::vec_box)] // the boxes of the idle lists, moved as they are
+    fn expire(&self, idle: &mut Idle, now: Instant, expired: &mut Vec<Box<Conn>>) {
+        if idle
+            .swept
+            .is_some_and(|t| now.saturating_duration_since(t) < self.idle_timeout / 4)
+        {
+            return;
+        }
+        idle.swept = Some(now);
+        let timeout = self.idle_timeout;
+        idle.by_origin.retain(|_, conns| {
+            // Oldest first: the ones past their time are at the front.
+            let old = conns
+                .iter()
+                .take_while(|c| now.saturating_duration_since(c.idle_since) >= timeout)
+                .count();
+            expired.extend(conns.drain(..old));
+            !conns.is_empty()
+        });
     }
 
     /// A new connection to `uri`'s origin (the connector applies the address policy and the
@@ -398,6 +415,18 @@ mod tests {
             "the idle one had expired"
         );
         assert_eq!(c.idle(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_sweep_closes_idle_connections_past_their_time() {
+        let (uri, _) = receiver(OK, Duration::ZERO).await;
+        let c = client(8, Duration::from_millis(200));
+        c.exchange(&uri, post(), 1024).await.unwrap();
+        c.sweep();
+        assert_eq!(c.idle(), 1, "still within its time");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        c.sweep();
+        assert_eq!(c.idle(), 0);
     }
 
     #[tokio::test]
