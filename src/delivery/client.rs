@@ -190,37 +190,26 @@ impl Client {
         None
     }
 
-    /// Keep a connection for the next request to `origin` (closing it when `max_idle` are
-    /// kept), and close idle connections past their time, for every origin, now and then.
+    /// Keep a connection for the next request to `origin`, or close it when `max_idle` are kept.
     fn put_back(&self, origin: Origin, conn: Box<Conn>) {
-        let mut expired = Vec::new();
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        self.expire(&mut idle, conn.idle_since, &mut expired);
         let conns = idle.by_origin.entry(origin).or_default();
         if conns.len() < self.max_idle {
             conns.push(conn);
-        } else {
-            expired.push(conn);
+            return;
         }
         drop(idle);
         // Closed outside the lock.
-        drop(expired);
+        drop(conn);
     }
 
-    /// Close idle connections past their time, for every origin (the claimer calls this on each
-    /// round, so they are closed when no delivery puts a connection back either).
+    /// Close idle connections past their time, for every origin, at most once every quarter of
+    /// the idle timeout (the claimer calls this on each round; `take` skips any it has not yet
+    /// closed).
     pub fn sweep(&self) {
+        let now = Instant::now();
         let mut expired = Vec::new();
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        self.expire(&mut idle, Instant::now(), &mut expired);
-        drop(idle);
-        drop(expired);
-    }
-
-    /// Move the idle connections past their time into `expired`, at most once every quarter of
-    /// the idle timeout.
-    #[allow(clippy::vec_box)] // the boxes of the idle lists, moved as they are
-    fn expire(&self, idle: &mut Idle, now: Instant, expired: &mut Vec<Box<Conn>>) {
         if idle
             .swept
             .is_some_and(|t| now.saturating_duration_since(t) < self.idle_timeout / 4)
@@ -238,6 +227,9 @@ impl Client {
             expired.extend(conns.drain(..old));
             !conns.is_empty()
         });
+        drop(idle);
+        // Closed outside the lock.
+        drop(expired);
     }
 
     /// A new connection to `uri`'s origin (the connector applies the address policy and the
@@ -323,6 +315,23 @@ mod tests {
         assert_eq!(t("http://example.com/"), "/");
     }
 
+    /// The length of the first request in `buf` (its head and `Content-Length` body) once all of
+    /// it is there.
+    fn whole_request(buf: &[u8]) -> Option<usize> {
+        let mut hs = [httparse::EMPTY_HEADER; 32];
+        let mut req = httparse::Request::new(&mut hs);
+        let httparse::Status::Complete(head) = req.parse(buf).ok()? else {
+            return None;
+        };
+        let body: usize = req
+            .headers
+            .iter()
+            .find(|h| h.name.eq_ignore_ascii_case("content-length"))
+            .and_then(|h| std::str::from_utf8(h.value).ok()?.parse().ok())
+            .unwrap_or(0);
+        (buf.len() >= head + body).then_some(head + body)
+    }
+
     /// A receiver on loopback that answers every request with `answer` after `delay`, keeping
     /// the connection; it counts the connections it accepted.
     async fn receiver(answer: &'static [u8], delay: Duration) -> (Uri, Arc<AtomicUsize>) {
@@ -338,36 +347,18 @@ mod tests {
                 tokio::spawn(async move {
                     let mut buf = Vec::new();
                     loop {
-                        // One request: its head, then its Content-Length body.
-                        let (head, body) = loop {
-                            let mut hs = [httparse::EMPTY_HEADER; 32];
-                            let mut req = httparse::Request::new(&mut hs);
-                            if let Ok(httparse::Status::Complete(n)) = req.parse(&buf) {
-                                let len = req
-                                    .headers
-                                    .iter()
-                                    .find(|h| h.name.eq_ignore_ascii_case("content-length"))
-                                    .and_then(|h| std::str::from_utf8(h.value).ok()?.parse().ok())
-                                    .unwrap_or(0usize);
-                                break (n, len);
+                        if let Some(n) = whole_request(&buf) {
+                            buf.drain(..n);
+                            tokio::time::sleep(delay).await;
+                            if stream.write_all(answer).await.is_err() {
+                                return;
                             }
-                            let mut chunk = [0u8; 4096];
-                            match stream.read(&mut chunk).await {
-                                Ok(0) | Err(_) => return,
-                                Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                            }
-                        };
-                        while buf.len() < head + body {
-                            let mut chunk = [0u8; 4096];
-                            match stream.read(&mut chunk).await {
-                                Ok(0) | Err(_) => return,
-                                Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                            }
+                            continue;
                         }
-                        buf.drain(..head + body);
-                        tokio::time::sleep(delay).await;
-                        if stream.write_all(answer).await.is_err() {
-                            return;
+                        let mut chunk = [0u8; 4096];
+                        match stream.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
                         }
                     }
                 });
@@ -497,22 +488,12 @@ mod tests {
                     let mut tls = rustls::StreamOwned::new(conn, tcp);
                     let mut buf = Vec::new();
                     loop {
-                        let mut hs = [httparse::EMPTY_HEADER; 32];
-                        let mut req = httparse::Request::new(&mut hs);
-                        if let Ok(httparse::Status::Complete(n)) = req.parse(&buf) {
-                            let len: usize = req
-                                .headers
-                                .iter()
-                                .find(|h| h.name.eq_ignore_ascii_case("content-length"))
-                                .and_then(|h| std::str::from_utf8(h.value).ok()?.parse().ok())
-                                .unwrap_or(0);
-                            if buf.len() >= n + len {
-                                buf.drain(..n + len);
-                                if tls.write_all(OK).and_then(|_| tls.flush()).is_err() {
-                                    return;
-                                }
-                                continue;
+                        if let Some(n) = whole_request(&buf) {
+                            buf.drain(..n);
+                            if tls.write_all(OK).and_then(|_| tls.flush()).is_err() {
+                                return;
                             }
+                            continue;
                         }
                         let mut chunk = [0u8; 4096];
                         match tls.read(&mut chunk) {
