@@ -162,13 +162,22 @@ pub fn start(
     Ok(threads)
 }
 
-fn pin_to_cpu(cpu: usize) {
-    // SAFETY: cpu_set_t is plain data; CPU_SET writes within it for cpu < CPU_SETSIZE, and
-    // sched_setaffinity(0, ...) only affects the calling thread.
+/// Pin the calling thread to the `nth` CPU it may run on (the process's affinity mask, which
+/// `taskset` or a container's cpuset narrows), so core 0 is the first allowed CPU, not CPU 0.
+fn pin_to_cpu(nth: usize) {
+    // SAFETY: cpu_set_t is plain data; CPU_ISSET and CPU_SET stay within it for cpu <
+    // CPU_SETSIZE, and sched_{get,set}affinity(0, ...) read and change only the calling thread.
     unsafe {
-        if cpu >= libc::CPU_SETSIZE as usize {
+        let mut allowed: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut allowed) != 0 {
             return;
         }
+        let Some(cpu) = (0..libc::CPU_SETSIZE as usize)
+            .filter(|&c| libc::CPU_ISSET(c, &allowed))
+            .nth(nth)
+        else {
+            return;
+        };
         let mut set: libc::cpu_set_t = std::mem::zeroed();
         libc::CPU_SET(cpu, &mut set);
         if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
@@ -362,5 +371,45 @@ async fn accept_loop(ctx: Rc<CoreCtx>, listener: monoio::net::TcpListener, metri
                 monoio::time::sleep(ACCEPT_BACKOFF).await;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::pin_to_cpu;
+
+    fn allowed() -> Vec<usize> {
+        // SAFETY: as in pin_to_cpu.
+        unsafe {
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            assert_eq!(
+                libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set),
+                0
+            );
+            (0..libc::CPU_SETSIZE as usize)
+                .filter(|&c| libc::CPU_ISSET(c, &set))
+                .collect()
+        }
+    }
+
+    #[test]
+    fn a_core_is_pinned_to_the_nth_cpu_it_may_use() {
+        let before = allowed();
+        let last = before.len() - 1;
+        let pinned = std::thread::spawn(move || {
+            pin_to_cpu(last);
+            allowed()
+        })
+        .join()
+        .unwrap();
+        assert_eq!(pinned, vec![before[last]]);
+        // Past the allowed CPUs: left as it was.
+        let unpinned = std::thread::spawn(move || {
+            pin_to_cpu(last + 1);
+            allowed()
+        })
+        .join()
+        .unwrap();
+        assert_eq!(unpinned, before);
     }
 }
