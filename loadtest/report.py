@@ -10,7 +10,7 @@ Charts (each drawn only when the run measured it; each also written as DIR/<name
   stalls      the worst latency in each second of each sweep step (where a stall was)
   sweep-cpu   server and PostgreSQL CPU per event at each rate of the sweep
   connections events/s against wrk connections (`connections`), with the COPY ceiling line
-  cpu         server and PostgreSQL CPU per event (and per delivery) for every scenario of the run
+  cpu         server, PostgreSQL and box CPU per event (and per delivery) for every scenario of the run
   lag         the distribution of delivery lag (created_at to arrival at the receiver)
 
 Python's standard library only: the charts are lines and bars on scaled axes, and a plotting
@@ -252,11 +252,14 @@ def charts(data):
         cats = [r["scenario"] for r in plain]
         groups = [("server / event", [r["cpu_per_event"].get("server_us_per_event") for r in plain]),
                   ("PostgreSQL / event", [r["cpu_per_event"].get("pg_us_per_event") for r in plain])]
+        if any(r["cpu_per_event"].get("box_us_per_event") for r in plain):
+            groups.append(("box / event", [r["cpu_per_event"].get("box_us_per_event") for r in plain]))
         if any(r.get("cpu_per_delivery") for r in plain):
             groups.append(("server / delivery", [(r.get("cpu_per_delivery") or {}).get("server_us_per_event")
                                                  for r in plain]))
         out.append(("cpu", "CPU per acknowledged event (and per delivery where webhooks were delivered), "
-                    "server and PostgreSQL, read from /proc: a figure that does not depend on who shares the box.",
+                    "server, PostgreSQL and the whole box (every process, the load generator's included), read from /proc: "
+                    "the server's and PostgreSQL's figures do not depend on who shares the box.",
                     bar_chart("CPU per event by scenario", "CPU µs", cats, groups)))
     lag = [r for r in rows if r.get("lag_cdf")]
     if lag:
@@ -279,7 +282,7 @@ def nines(p):
 def table(data):
     rows = data.get("results", [])
     head = ["scenario", "offered", "achieved/s", "p50 ms", "p90 ms", "p99 ms", "max ms", "server µs/event",
-            "PostgreSQL µs/event", "statuses"]
+            "PostgreSQL µs/event", "box µs/event (CPUs busy)", "statuses"]
     out = ["<table><tr>" + "".join(f"<th>{h}</th>" for h in head) + "</tr>"]
     for r in rows:
         c = r.get("cpu_per_event") or {}
@@ -289,7 +292,8 @@ def table(data):
         parts = {k: v for k, v in (c.get("pg_us_per_event_by_part") or {}).items() if v >= 0.05}
         if parts:
             pg += " (" + ", ".join(f"{k} {v}" for k, v in parts.items()) + ")"
-        cells += [c.get("server_us_per_event", "-"), pg,
+        box = f"{c['box_us_per_event']} ({c['box_busy_pct']:.0f} %)" if "box_us_per_event" in c else "-"
+        cells += [c.get("server_us_per_event", "-"), pg, box,
                   " ".join(f"{k}:{v}" for k, v in sorted((r.get("statuses") or {}).items()))]
         out.append("<tr>" + "".join(f"<td>{html.escape(str(x))}</td>" for x in cells) + "</tr>")
     out.append("</table>")

@@ -253,6 +253,15 @@ def create_orgs(n):
         return list(pool.map(one, range(n)))
 
 
+def box_cpu_ticks():
+    """(busy, idle) CPU ticks of the whole machine so far, from /proc/stat: busy is user, nice,
+    system, irq, softirq and steal (guest time is already in user); idle is idle and iowait."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    user, nice, system, idle, iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
+    return user + nice + system + irq + softirq + steal, idle + iowait
+
+
 class Sampler(threading.Thread):
     """Server CPU and peak RSS while a phase runs."""
 
@@ -261,6 +270,7 @@ class Sampler(threading.Thread):
         self.server, self.stop_flag, self.peak_rss = server, threading.Event(), 0.0
         self.cpu0, self.t0 = server.cpu_s(), time.monotonic()
         self.pg0 = postgres_cpu_ticks()
+        self.box0 = box_cpu_ticks()
 
     def run(self):
         while not self.stop_flag.wait(0.25):
@@ -271,7 +281,12 @@ class Sampler(threading.Thread):
         self.join()
         self.peak_rss = max(self.peak_rss, self.server.rss_mb())
         pg1 = postgres_cpu_ticks()
+        box1 = box_cpu_ticks()
         self.server_cpu_s = self.server.cpu_s() - self.cpu0
+        tick = os.sysconf("SC_CLK_TCK")
+        self.box_cpu_s = (box1[0] - self.box0[0]) / tick
+        box_idle_s = (box1[1] - self.box0[1]) / tick
+        self.box_busy_pct = 100 * self.box_cpu_s / max(self.box_cpu_s + box_idle_s, 1e-9)
         self.pg_cpu_s, self.pg_parts_s = None, {}
         if pg1 is not None and self.pg0 is not None:
             tick = os.sysconf("SC_CLK_TCK")
@@ -294,6 +309,11 @@ class Sampler(threading.Thread):
             out["pg_us_per_event"] = round(1e6 * self.pg_cpu_s / events, 1)
             out["pg_us_per_event_by_part"] = {part: round(1e6 * used / events, 1)
                                               for part, used in sorted(self.pg_parts_s.items())}
+        # The whole machine: the server, PostgreSQL, and what else ran (the load generator, the
+        # webhook receiver, the kernel's own threads), with how busy the CPUs were.
+        out["box_us_per_event"] = round(1e6 * self.box_cpu_s / events, 1)
+        out["rest_us_per_event"] = round(1e6 * (self.box_cpu_s - self.server_cpu_s - (self.pg_cpu_s or 0)) / events, 1)
+        out["box_busy_pct"] = round(self.box_busy_pct, 1)
         return out
 
 
@@ -738,6 +758,7 @@ def compare(name, db, args, ceiling):
                ("server_us", "server CPU us/event", lambda r: cpu(r).get("server_us_per_event")),
                ("pg_us", "PostgreSQL CPU us/event", lambda r: cpu(r).get("pg_us_per_event")),
                ("pg_ingest_us", "  of which ingest", lambda r: part(r, "ingest")),
+               ("box_us", "box CPU us/event (all processes)", lambda r: cpu(r).get("box_us_per_event")),
                ("pg_delivery_us", "  of which delivery", lambda r: part(r, "delivery")),
                ("deliveries", "deliveries/s", lambda r: r.get("deliveries_per_s") and round(r["deliveries_per_s"])),
                ("lag_p50", "delivery lag p50 ms", lambda r: (r.get("lag_ms") or {}).get("p50")),
@@ -775,7 +796,11 @@ def print_table(rows, ceiling, extra):
                 parts = {k: v for k, v in (c.get("pg_us_per_event_by_part") or {}).items() if v >= 0.05}
                 if parts:
                     pg += " (" + ", ".join(f"{k} {v}" for k, v in parts.items()) + ")"
-                statuses += f" | cpu {label}: server {c['server_us_per_event']} us{pg}"
+                box = ""
+                if "box_us_per_event" in c:
+                    box = (f", box {c['box_us_per_event']} us (generator, receiver and the rest "
+                           f"{c['rest_us_per_event']}; CPUs {c['box_busy_pct']:.0f} % busy)")
+                statuses += f" | cpu {label}: server {c['server_us_per_event']} us{pg}{box}"
         offered = f"{r['offered']:,}" if isinstance(r["offered"], int) else r["offered"]
         ms = "".join(f"{r[k]:>9.2f}" if r[k] is not None else f"{'-':>9}" for k in ("p50", "p90", "p99", "max"))
         print(f"{r['scenario']:<16}{r['tool']:<6}{offered:>11}{r['achieved']:>12,.0f}{ms}"
