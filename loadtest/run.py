@@ -196,9 +196,7 @@ class Server:
         self.ready_s = wait_http(f"http://127.0.0.1:{PORT}/health", 60, self.proc) - self.started
 
     def cpu_s(self):
-        with open(f"/proc/{self.proc.pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return process_cpu_s(self.proc.pid)
 
     def rss_mb(self):
         with open(f"/proc/{self.proc.pid}/status") as f:
@@ -253,6 +251,16 @@ def create_orgs(n):
         return list(pool.map(one, range(n)))
 
 
+def process_cpu_s(pid):
+    """User and system CPU seconds used so far by process `pid` (all its threads); 0 once gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def box_cpu_ticks():
     """(busy, idle) CPU ticks of the whole machine so far, from /proc/stat: busy is user, nice,
     system, irq, softirq and steal (guest time is already in user); idle is idle and iowait."""
@@ -265,9 +273,11 @@ def box_cpu_ticks():
 class Sampler(threading.Thread):
     """Server CPU and peak RSS while a phase runs."""
 
-    def __init__(self, server):
+    def __init__(self, server, receiver=None):
         super().__init__(daemon=True)
         self.server, self.stop_flag, self.peak_rss = server, threading.Event(), 0.0
+        self.receiver = receiver
+        self.receiver0 = process_cpu_s(receiver.pid) if receiver else 0.0
         self.cpu0, self.t0 = server.cpu_s(), time.monotonic()
         self.pg0 = postgres_cpu_ticks()
         self.box0 = box_cpu_ticks()
@@ -283,6 +293,7 @@ class Sampler(threading.Thread):
         pg1 = postgres_cpu_ticks()
         box1 = box_cpu_ticks()
         self.server_cpu_s = self.server.cpu_s() - self.cpu0
+        self.receiver_cpu_s = process_cpu_s(self.receiver.pid) - self.receiver0 if self.receiver else None
         tick = os.sysconf("SC_CLK_TCK")
         self.box_cpu_s = (box1[0] - self.box0[0]) / tick
         box_idle_s = (box1[1] - self.box0[1]) / tick
@@ -312,7 +323,10 @@ class Sampler(threading.Thread):
         # The whole machine: the server, PostgreSQL, and what else ran (the load generator, the
         # webhook receiver, the kernel's own threads), with how busy the CPUs were.
         out["box_us_per_event"] = round(1e6 * self.box_cpu_s / events, 1)
-        out["rest_us_per_event"] = round(1e6 * (self.box_cpu_s - self.server_cpu_s - (self.pg_cpu_s or 0)) / events, 1)
+        if self.receiver_cpu_s is not None:
+            out["receiver_us_per_event"] = round(1e6 * self.receiver_cpu_s / events, 1)
+        out["rest_us_per_event"] = round(1e6 * (self.box_cpu_s - self.server_cpu_s - (self.pg_cpu_s or 0)
+                                                - (self.receiver_cpu_s or 0)) / events, 1)
         out["box_busy_pct"] = round(self.box_busy_pct, 1)
         return out
 
@@ -369,7 +383,7 @@ def run_drain(db, args, server_args, binary, receiver, backlog):
     receiver.send_signal(signal.SIGUSR1)
     time.sleep(0.2)
     server = Server(db, args.cores, extra=server_args, binary=binary)
-    sampler = Sampler(server)
+    sampler = Sampler(server, receiver)
     sampler.start()
     delivered = "triggers_deliveries_total{outcome=\"delivered\"}"
     deadline = server.started + max(60.0, backlog / 1000)
@@ -608,7 +622,7 @@ def measure(name, tool, script, rate, conns, duration, server, receiver, keys_fi
     """One measured phase on a server that is set up and warm: the tool's figures, events committed,
     CPU per event (server and PostgreSQL), and deliveries and lag when a receiver runs."""
     committed0 = server.metric("triggers_events_committed_total")
-    sampler = Sampler(server)
+    sampler = Sampler(server, receiver)
     sampler.start()
     perf = None
     if args.perf:
@@ -759,6 +773,7 @@ def compare(name, db, args, ceiling):
                ("pg_us", "PostgreSQL CPU us/event", lambda r: cpu(r).get("pg_us_per_event")),
                ("pg_ingest_us", "  of which ingest", lambda r: part(r, "ingest")),
                ("box_us", "box CPU us/event (all processes)", lambda r: cpu(r).get("box_us_per_event")),
+               ("receiver_us", "  of which the webhook receiver", lambda r: cpu(r).get("receiver_us_per_event")),
                ("pg_delivery_us", "  of which delivery", lambda r: part(r, "delivery")),
                ("deliveries", "deliveries/s", lambda r: r.get("deliveries_per_s") and round(r["deliveries_per_s"])),
                ("lag_p50", "delivery lag p50 ms", lambda r: (r.get("lag_ms") or {}).get("p50")),
@@ -798,8 +813,10 @@ def print_table(rows, ceiling, extra):
                     pg += " (" + ", ".join(f"{k} {v}" for k, v in parts.items()) + ")"
                 box = ""
                 if "box_us_per_event" in c:
-                    box = (f", box {c['box_us_per_event']} us (generator, receiver and the rest "
-                           f"{c['rest_us_per_event']}; CPUs {c['box_busy_pct']:.0f} % busy)")
+                    receiver = (f"receiver {c['receiver_us_per_event']}, generator and the rest"
+                                if "receiver_us_per_event" in c else "generator and the rest")
+                    box = (f", box {c['box_us_per_event']} us ({receiver} {c['rest_us_per_event']}; "
+                           f"CPUs {c['box_busy_pct']:.0f} % busy)")
                 statuses += f" | cpu {label}: server {c['server_us_per_event']} us{pg}{box}"
         offered = f"{r['offered']:,}" if isinstance(r["offered"], int) else r["offered"]
         ms = "".join(f"{r[k]:>9.2f}" if r[k] is not None else f"{'-':>9}" for k in ("p50", "p90", "p99", "max"))
