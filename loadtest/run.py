@@ -300,7 +300,6 @@ class Sampler(threading.Thread):
         self.box_busy_pct = 100 * self.box_cpu_s / max(self.box_cpu_s + box_idle_s, 1e-9)
         self.pg_cpu_s, self.pg_parts_s = None, {}
         if pg1 is not None and self.pg0 is not None:
-            tick = os.sysconf("SC_CLK_TCK")
             self.pg_cpu_s = (sum(pg1.values()) - sum(self.pg0.values())) / tick
             # By the part each backend serves; what is left (PostgreSQL's own processes, and
             # backends that ended during the phase) is "other".
@@ -312,7 +311,8 @@ class Sampler(threading.Thread):
         return 100 * self.server_cpu_s / (time.monotonic() - self.t0), self.peak_rss
 
     def per_event_us(self, events):
-        """Server and PostgreSQL CPU per event, in microseconds."""
+        """CPU per event, in microseconds: the server's, PostgreSQL's, the receiver's (when one
+        runs), the whole box's and what of it is none of these."""
         if events <= 0:
             return {}
         out = {"server_us_per_event": round(1e6 * self.server_cpu_s / events, 1)}

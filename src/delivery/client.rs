@@ -367,12 +367,17 @@ mod tests {
         (uri, accepted)
     }
 
+    /// Connections to loopback allowed, as the tests' receivers are there.
+    fn connector() -> SafeConnector {
+        SafeConnector {
+            allow_private: true,
+            connect_timeout: Duration::from_secs(2),
+        }
+    }
+
     fn client(max_idle: usize, idle_timeout: Duration) -> Client {
         Client::new(
-            SafeConnector {
-                allow_private: true,
-                connect_timeout: Duration::from_secs(2),
-            },
+            connector(),
             max_idle,
             idle_timeout,
             Metrics::new(&[("GET", "/")], 1),
@@ -523,12 +528,8 @@ mod tests {
         let tls = rustls::ClientConfig::builder()
             .with_root_certificates(roots)
             .with_no_client_auth();
-        let connector = SafeConnector {
-            allow_private: true,
-            connect_timeout: Duration::from_secs(2),
-        };
         let metrics = Metrics::new(&[("GET", "/")], 1);
-        let c = Client::with_tls(connector, tls, 8, Duration::from_secs(60), metrics);
+        let c = Client::with_tls(connector(), tls, 8, Duration::from_secs(60), metrics);
         for _ in 0..3 {
             let a = c.exchange(&uri, post(), 1024).await.unwrap();
             assert_eq!(a.head.status, 200);

@@ -162,22 +162,33 @@ pub fn start(
     Ok(threads)
 }
 
-/// Pin the calling thread to the `nth` CPU it may run on (the process's affinity mask, which
-/// `taskset` or a container's cpuset narrows), so core 0 is the first allowed CPU, not CPU 0.
-fn pin_to_cpu(nth: usize) {
-    // SAFETY: cpu_set_t is plain data; CPU_ISSET and CPU_SET stay within it for cpu <
-    // CPU_SETSIZE, and sched_{get,set}affinity(0, ...) read and change only the calling thread.
+/// The CPUs the calling thread may run on (its affinity mask, which `taskset` or a container's
+/// cpuset narrows), in order; `None` when the mask can't be read.
+fn allowed_cpus() -> Option<Vec<usize>> {
+    // SAFETY: cpu_set_t is plain data; CPU_ISSET reads within it for cpu < CPU_SETSIZE, and
+    // sched_getaffinity(0, ...) reads the calling thread's mask.
     unsafe {
-        let mut allowed: libc::cpu_set_t = std::mem::zeroed();
-        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut allowed) != 0 {
-            return;
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
+            return None;
         }
-        let Some(cpu) = (0..libc::CPU_SETSIZE as usize)
-            .filter(|&c| libc::CPU_ISSET(c, &allowed))
-            .nth(nth)
-        else {
-            return;
-        };
+        Some(
+            (0..libc::CPU_SETSIZE as usize)
+                .filter(|&c| libc::CPU_ISSET(c, &set))
+                .collect(),
+        )
+    }
+}
+
+/// Pin the calling thread to the `nth` CPU it may run on, so core 0 is the first allowed CPU,
+/// not CPU 0; left as it is when there is no such CPU.
+fn pin_to_cpu(nth: usize) {
+    let Some(cpu) = allowed_cpus().and_then(|cpus| cpus.get(nth).copied()) else {
+        return;
+    };
+    // SAFETY: cpu_set_t is plain data; CPU_SET writes within it for cpu < CPU_SETSIZE (an
+    // allowed CPU is), and sched_setaffinity(0, ...) only affects the calling thread.
+    unsafe {
         let mut set: libc::cpu_set_t = std::mem::zeroed();
         libc::CPU_SET(cpu, &mut set);
         if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
@@ -376,20 +387,10 @@ async fn accept_loop(ctx: Rc<CoreCtx>, listener: monoio::net::TcpListener, metri
 
 #[cfg(test)]
 mod tests {
-    use super::pin_to_cpu;
+    use super::{allowed_cpus, pin_to_cpu};
 
     fn allowed() -> Vec<usize> {
-        // SAFETY: as in pin_to_cpu.
-        unsafe {
-            let mut set: libc::cpu_set_t = std::mem::zeroed();
-            assert_eq!(
-                libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set),
-                0
-            );
-            (0..libc::CPU_SETSIZE as usize)
-                .filter(|&c| libc::CPU_ISSET(c, &set))
-                .collect()
-        }
+        allowed_cpus().expect("the affinity mask is readable")
     }
 
     #[test]
