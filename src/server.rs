@@ -159,6 +159,8 @@ pub fn run(
         parts,
     )
     .map_err(|e| format!("ingress threads: {e}"))?;
+    // Ready means live: a core whose thread has not been scheduled yet is not dead.
+    debug_assert_eq!(liveness.dead(), Vec::<usize>::new(), "dead cores at start");
     drop(_guard);
     tracing::info!(
         listen = %api_addr,

@@ -140,18 +140,21 @@ pub fn start(
         let (config, mesh, store) = (Arc::clone(&config), mesh.clone(), store.clone());
         let metrics = Arc::clone(&metrics);
         let node = node.clone();
+        // Alive from before its thread starts, so /health/live never sees a core that has not
+        // been scheduled yet as dead; dropped in the thread, it marks the core dead if the
+        // thread ends other than by shutdown (a panic).
+        use std::os::fd::AsRawFd;
+        let fds = std::iter::once(part.listener.as_raw_fd())
+            .chain(part.metrics_listener.as_ref().map(|l| l.as_raw_fd()))
+            .collect();
+        let alive = node.liveness.guard(part.core.0, fds);
         let handle = std::thread::Builder::new()
             .name(format!("ingress-{}", part.core.0))
             .spawn(move || {
+                let _alive = alive;
                 if config.ingress_cores <= cpus {
                     pin_to_cpu(part.core.0);
                 }
-                // Marks the core dead if this thread ends other than by shutdown (a panic).
-                use std::os::fd::AsRawFd;
-                let fds = std::iter::once(part.listener.as_raw_fd())
-                    .chain(part.metrics_listener.as_ref().map(|l| l.as_raw_fd()))
-                    .collect();
-                let _alive = node.liveness.guard(part.core.0, fds);
                 if let Err(e) = run_core(config, mesh, store, metrics, node, part) {
                     tracing::error!(error = %e, "ingress core failed");
                     std::process::exit(1);

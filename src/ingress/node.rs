@@ -97,7 +97,7 @@ pub struct AliveGuard {
 }
 
 impl Liveness {
-    /// `cores` cores, none started yet.
+    /// `cores` cores, none started yet (each is alive from when its guard is taken).
     pub fn new(cores: usize) -> Arc<Liveness> {
         Arc::new(Liveness {
             alive: (0..cores).map(|_| AtomicBool::new(false)).collect(),
