@@ -461,6 +461,63 @@ async fn the_circuit_opens_after_consecutive_failures_probes_once_and_closes() {
     assert!(health["last_success_at"].is_string());
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resume_closes_the_circuit_and_what_waited_on_it_goes_at_once() {
+    let recv = Receiver::start(|_, _| Answer::status(500)).await;
+    // Its own database, so the deliveries waiting here are this node's.
+    let url = own_database("triggers_test_resume_circuit").await;
+    let s = Server::start_with_db(
+        &[
+            PRIVATE,
+            "--circuit-failures",
+            "3",
+            "--circuit-open-s",
+            "30",
+            "--retry-schedule",
+            "100ms,100ms,100ms,100ms,100ms,100ms,100ms,100ms",
+        ],
+        &url,
+    );
+    let (key, _) = new_org(s.addr, "pro").await;
+    let ep = create_endpoint(s.addr, &key, json!({"url": recv.url("/x")})).await;
+    let id = ep["id"].as_str().unwrap();
+    let first = post_typed(s.addr, &key, "t").await;
+    recv.wait_until(Duration::from_secs(5), |r| r.len() >= 3)
+        .await;
+    // The circuit is open for 30 s; the delivery's next attempt waits on it, in memory.
+    let waiting = "triggers_deliveries_waiting{reason=\"circuit_open\"}";
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while metric(&s, waiting).await < 1.0 {
+        assert!(
+            Instant::now() < deadline,
+            "no delivery waits on the open circuit"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(recv.received().len(), 3, "nothing is sent while open");
+    // The receiver is fixed and the endpoint resumed: its circuit starts afresh, and the
+    // delivery that waited on the old one goes now, not when the 30 s are over.
+    recv.set_script(|_, _| Answer::status(200));
+    let resumed = Instant::now();
+    let r = post_empty(s.addr, &key, &format!("/api/endpoints/{id}/resume")).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["health"]["circuit"], "closed");
+    recv.wait_until(Duration::from_secs(10), |r| {
+        r.iter().any(|x| x.answered == 200 && x.event_id() == first)
+    })
+    .await;
+    assert!(resumed.elapsed() < Duration::from_secs(10));
+    let e = wait_event(s.addr, &key, &first, Duration::from_secs(5), |e| {
+        e["status"] == "delivered"
+    })
+    .await;
+    assert_eq!(
+        e["attempts"], 4,
+        "three failures and the success: no attempt lost"
+    );
+    assert_eq!(metric(&s, waiting).await, 0.0);
+}
+
 /// A node that retries once after 50 ms and never opens a circuit, on a database of its own: for
 /// a test whose deliveries become due rows, which another test's node would claim and retry on its
 /// own schedule.

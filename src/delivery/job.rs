@@ -133,7 +133,7 @@ async fn step(shared: &Shared, job: &mut Job, runtime: &EndpointRuntime) -> Step
         g.breaker.closed_until(Micros::now())
     };
     if let Some(until) = closed_until {
-        return wait_for(shared, job, until, Waiting::CircuitOpen).await;
+        return wait_for(shared, job, runtime, until, Waiting::CircuitOpen).await;
     }
 
     let slot = {
@@ -150,7 +150,7 @@ async fn step(shared: &Shared, job: &mut Job, runtime: &EndpointRuntime) -> Step
         .map_or(Ok(()), |b| b.take(Micros::now()));
     if let Err(at) = token {
         drop(slot);
-        return wait_for(shared, job, at, Waiting::RateLimited).await;
+        return wait_for(shared, job, runtime, at, Waiting::RateLimited).await;
     }
     let global = {
         let _w = shared.metrics.waiting(Waiting::Concurrency);
@@ -171,7 +171,7 @@ async fn step(shared: &Shared, job: &mut Job, runtime: &EndpointRuntime) -> Step
         Admit::Go { probe } => probe,
         Admit::Wait(until) => {
             drop((slot, global));
-            return wait_for(shared, job, until, Waiting::CircuitOpen).await;
+            return wait_for(shared, job, runtime, until, Waiting::CircuitOpen).await;
         }
     };
     if !lease_allows_attempt(shared, job) {
@@ -183,8 +183,16 @@ async fn step(shared: &Shared, job: &mut Job, runtime: &EndpointRuntime) -> Step
 }
 
 /// Wait until `until` in memory when the lease covers it, else hand the delivery back to the
-/// database due then (it is no longer held; any node takes it up when it is due).
-async fn wait_for(shared: &Shared, job: &mut Job, until: Micros, why: Waiting) -> Step {
+/// database due then (it is no longer held; any node takes it up when it is due). A change to
+/// the endpoint (a resume closes its circuit; a new rate limit) ends the wait early: the
+/// delivery passes the gates again as they are now.
+async fn wait_for(
+    shared: &Shared,
+    job: &mut Job,
+    runtime: &EndpointRuntime,
+    until: Micros,
+    why: Waiting,
+) -> Step {
     if job.lease.until() <= until.plus(attempt_needs(shared)) {
         return settle(shared, job, None, Next::Due(until), None, None).await;
     }
@@ -192,6 +200,7 @@ async fn wait_for(shared: &Shared, job: &mut Job, until: Micros, why: Waiting) -
     let wait = Duration::from_micros((until.0 - Micros::now().0).max(0) as u64);
     tokio::select! {
         _ = tokio::time::sleep(wait) => Step::Again,
+        _ = runtime.changed.notified() => Step::Again,
         _ = shared.stop.notified() => Step::Stopping,
     }
 }

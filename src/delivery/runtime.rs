@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::sync::Semaphore;
+use tokio::sync::{Notify, Semaphore};
 use uuid::Uuid;
 
 use crate::flow::answer::Circuit;
@@ -169,6 +169,9 @@ pub struct EndpointRuntime {
     pub in_memory: AtomicUsize,
     /// Its breaker and limiter.
     pub gates: Mutex<Gates>,
+    /// Woken when its configuration may have changed (on any node): deliveries waiting on its
+    /// gates look again, so a resume (a fresh circuit) or a higher rate limit lets them go now.
+    pub changed: Notify,
 }
 
 impl EndpointRuntime {
@@ -179,6 +182,7 @@ impl EndpointRuntime {
             slots: Arc::new(Semaphore::new(slots)),
             in_memory: AtomicUsize::new(0),
             gates: Mutex::new(Gates::default()),
+            changed: Notify::new(),
         }
     }
 

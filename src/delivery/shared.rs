@@ -131,15 +131,32 @@ impl From<u8> for Room {
 }
 
 impl Shared {
-    /// Drop the cached endpoints of `org` (of every organization with `None`).
+    /// Drop the cached endpoints of `org` (of every organization with `None`), and wake the
+    /// deliveries waiting on those endpoints' gates to look again. A waiting delivery looked its
+    /// endpoint up in this cache, so a dropped list names it; one that misses the wake-up (its
+    /// organization's list was dropped for room meanwhile) goes when its wait ends.
     pub(super) fn forget_endpoints(&self, org: Option<OrgId>) {
-        let mut cache = self.endpoints.lock().unwrap_or_else(|p| p.into_inner());
-        cache.changes.record(org);
-        match org {
-            Some(org) => {
-                cache.orgs.remove(&org);
+        let dropped = {
+            let mut cache = self.endpoints.lock().unwrap_or_else(|p| p.into_inner());
+            cache.changes.record(org);
+            match org {
+                Some(org) => cache.orgs.remove(&org).into_iter().collect(),
+                None => std::mem::take(&mut cache.orgs).into_values().collect(),
             }
-            None => cache.orgs.clear(),
+        };
+        self.wake_waiters(dropped);
+    }
+
+    /// Wake what waits on the gates of the endpoints in `lists`.
+    fn wake_waiters(&self, lists: Vec<OrgEndpoints>) {
+        if lists.is_empty() {
+            return;
+        }
+        let runtimes = self.runtimes.lock().unwrap_or_else(|p| p.into_inner());
+        for e in lists.iter().flat_map(|l| l.iter()) {
+            if let Some(r) = runtimes.get(&e.id) {
+                r.changed.notify_waiters();
+            }
         }
     }
 
