@@ -8,7 +8,8 @@
 # Targets (fuzz/fuzz_targets/): head (request head, incremental end search), chunked (chunked
 # decoder: limit and split invariance), event_body (event validator), inbox_query (inbox query
 # string and cursor), endpoint_body (endpoint create/patch/recover bodies, event-type patterns),
-# batch_body (the batch envelope and its items). Seeds are in fuzz/seeds/<target>; what
+# batch_body (the batch envelope and its items), values (API key, UUID path segment, RFC 3339
+# time, a receiver's Retry-After). Seeds are in fuzz/seeds/<target>; what
 # libFuzzer learns goes to fuzz/corpus/<target> (not committed); a crash is saved in
 # fuzz/artifacts/<target> and fails the run. Prints executions and crashes per target.
 set -euo pipefail
@@ -24,7 +25,7 @@ if ! command -v cargo-fuzz >/dev/null 2>&1; then
   echo "fuzz: installing cargo-fuzz" >&2
   cargo install -q cargo-fuzz --locked >&2
 fi
-targets=(head chunked event_body inbox_query endpoint_body batch_body)
+targets=(head chunked event_body inbox_query endpoint_body batch_body values)
 echo "fuzz: building ${#targets[@]} targets" >&2
 (cd fuzz && cargo +nightly fuzz build -O >&2)
 total=0
