@@ -379,19 +379,20 @@ async fn metric(s: &Server, name: &str) -> f64 {
         .unwrap_or(f64::NAN)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_circuit_opens_after_consecutive_failures_probes_once_and_closes() {
+/// A receiver answering 500, a node on its own database whose circuits open after 3 failures for
+/// `open_s` seconds (retries 100 ms apart), an organization and its endpoint to that receiver.
+/// Its own database: the other tests' servers would claim this endpoint's due rows (each node
+/// keeps its own breaker), and the attempts counted must be this node's.
+async fn failing_endpoint(database: &str, open_s: &str) -> (Receiver, Server, String, Value) {
     let recv = Receiver::start(|_, _| Answer::status(500)).await;
-    // Its own database: the other tests' servers would claim this endpoint's due rows (each
-    // node keeps its own breaker), and the attempts counted here must be this node's.
-    let url = own_database("triggers_test_circuit").await;
+    let url = own_database(database).await;
     let s = Server::start_with_db(
         &[
             PRIVATE,
             "--circuit-failures",
             "3",
             "--circuit-open-s",
-            "2",
+            open_s,
             "--retry-schedule",
             "100ms,100ms,100ms,100ms,100ms,100ms,100ms,100ms",
         ],
@@ -399,6 +400,12 @@ async fn the_circuit_opens_after_consecutive_failures_probes_once_and_closes() {
     );
     let (key, _) = new_org(s.addr, "pro").await;
     let ep = create_endpoint(s.addr, &key, json!({"url": recv.url("/x")})).await;
+    (recv, s, key, ep)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_circuit_opens_after_consecutive_failures_probes_once_and_closes() {
+    let (recv, s, key, ep) = failing_endpoint("triggers_test_circuit", "2").await;
     let path = format!("/api/endpoints/{}", ep["id"].as_str().unwrap());
     let first = post_typed(s.addr, &key, "t").await;
     // Three failures ~100 ms apart open the circuit.
@@ -463,23 +470,7 @@ async fn the_circuit_opens_after_consecutive_failures_probes_once_and_closes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_resume_closes_the_circuit_and_what_waited_on_it_goes_at_once() {
-    let recv = Receiver::start(|_, _| Answer::status(500)).await;
-    // Its own database, so the deliveries waiting here are this node's.
-    let url = own_database("triggers_test_resume_circuit").await;
-    let s = Server::start_with_db(
-        &[
-            PRIVATE,
-            "--circuit-failures",
-            "3",
-            "--circuit-open-s",
-            "30",
-            "--retry-schedule",
-            "100ms,100ms,100ms,100ms,100ms,100ms,100ms,100ms",
-        ],
-        &url,
-    );
-    let (key, _) = new_org(s.addr, "pro").await;
-    let ep = create_endpoint(s.addr, &key, json!({"url": recv.url("/x")})).await;
+    let (recv, s, key, ep) = failing_endpoint("triggers_test_resume_circuit", "30").await;
     let id = ep["id"].as_str().unwrap();
     let first = post_typed(s.addr, &key, "t").await;
     recv.wait_until(Duration::from_secs(5), |r| r.len() >= 3)
