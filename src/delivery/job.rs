@@ -196,11 +196,16 @@ async fn wait_for(
     if job.lease.until() <= until.plus(attempt_needs(shared)) {
         return settle(shared, job, None, Next::Due(until), None, None).await;
     }
+    // Listening for a change before the wait is counted: a change seen after the count is
+    // never missed.
+    let changed = runtime.changed.notified();
+    tokio::pin!(changed);
+    changed.as_mut().enable();
     let _w = shared.metrics.waiting(why);
     let wait = Duration::from_micros((until.0 - Micros::now().0).max(0) as u64);
     tokio::select! {
         _ = tokio::time::sleep(wait) => Step::Again,
-        _ = runtime.changed.notified() => Step::Again,
+        _ = changed => Step::Again,
         _ = shared.stop.notified() => Step::Stopping,
     }
 }
