@@ -9,7 +9,8 @@
 # decoder: limit and split invariance), event_body (event validator), inbox_query (inbox query
 # string and cursor), endpoint_body (endpoint create/patch/recover bodies, event-type patterns),
 # batch_body (the batch envelope and its items), values (API key, UUID path segment, RFC 3339
-# time, a receiver's Retry-After). Seeds are in fuzz/seeds/<target>; what
+# time, a receiver's Retry-After), answer (a webhook receiver's answer, as the delivery client
+# reads it: framing, limit and split invariance). Seeds are in fuzz/seeds/<target>; what
 # libFuzzer learns goes to fuzz/corpus/<target> (not committed); a crash is saved in
 # fuzz/artifacts/<target> and fails the run. Prints executions and crashes per target.
 set -euo pipefail
@@ -25,7 +26,7 @@ if ! command -v cargo-fuzz >/dev/null 2>&1; then
   echo "fuzz: installing cargo-fuzz" >&2
   cargo install -q cargo-fuzz --locked >&2
 fi
-targets=(head chunked event_body inbox_query endpoint_body batch_body values)
+targets=(head chunked event_body inbox_query endpoint_body batch_body values answer)
 echo "fuzz: building ${#targets[@]} targets" >&2
 (cd fuzz && cargo +nightly fuzz build -O >&2)
 total=0

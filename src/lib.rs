@@ -21,7 +21,8 @@
 //! - [`delivery`]: the webhook delivery pool: its connections and SQL, claims, attempts, retries.
 //! - Bottom modules every stage may use: [`flow`] (the messages between stages and the sinks),
 //!   [`auth`] (keys, caches, Argon2, single flight), [`config`] (every option and fixed limit),
-//!   [`db`] (connections, error classes, binary COPY), [`url_policy`] (webhook URL rules, SSRF
+//!   [`db`] (connections, error classes, binary COPY), [`chunked`] (the chunked decoder of
+//!   HTTP/1.1 bodies, for requests and receivers' answers), [`url_policy`] (webhook URL rules, SSRF
 //!   policy), [`event_types`] (endpoint patterns, the operational types),
 //!   [`metrics`], [`error`] and [`reply`] (the HTTP error table and answer), [`json`], [`ids`],
 //!   [`logging`], [`shutdown`] (core-local signals), [`deadline`] (core-local deadlines).
@@ -47,6 +48,7 @@
 #![deny(clippy::print_stdout)]
 
 pub mod auth;
+pub mod chunked;
 pub mod config;
 pub mod db;
 pub mod deadline;

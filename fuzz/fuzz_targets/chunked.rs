@@ -4,7 +4,7 @@
 
 use bytes::BytesMut;
 use libfuzzer_sys::fuzz_target;
-use triggers::ingress::parse::ChunkedDecoder;
+use triggers::chunked::ChunkedDecoder;
 
 fn decode(limit: usize, parts: &[&[u8]]) -> Result<Option<Vec<u8>>, String> {
     let mut d = ChunkedDecoder::new(limit);

@@ -1,66 +1,466 @@
-//! The delivery client: HTTP/1.1 connections kept per origin (scheme and authority), each one
-//! driven by the delivery task that is using it.
+//! The delivery client: HTTP/1.1 connections kept per origin (scheme, host and port), each one
+//! used by one delivery at a time, which writes its request and reads the answer itself.
 //!
-//! A pooled client (hyper-util's) runs every connection as a task of its own: a delivery hands
-//! its request to that task and is woken with the answer, two hand-offs and two wake-ups an
-//! attempt, often across threads. Here the task of the attempt polls the connection itself while
-//! it waits for its answer, and puts it back when the answer is read; an idle connection is
-//! polled by nobody. Its state is looked at when it is taken again: polling it then reads the
-//! EOF of a connection the receiver closed, and such a connection is dropped, not used.
-//! A request that a reused connection could not send (it closed as the request was handed to it)
-//! goes again on another connection, as a pooled client does; one that was written is never sent
-//! twice by the client.
+//! A webhook exchange is the simplest HTTP/1.1 there is: one `POST` with a `Content-Length` body
+//! written whole, one answer read. So the client is small and ours: the request is made as
+//! bytes by the attempt (`worker`), written in one write, and the answer is read by
+//! [`AnswerReader`], a state machine over the bytes as they come (status line and headers by
+//! httparse; a body by its `Content-Length`, by chunks with [`crate::chunked`], or to the close),
+//! which `fuzz/fuzz_targets/answer.rs` fuzzes. No task per connection and no hand-off: the task
+//! of the attempt does the I/O.
+//!
+//! A connection is put back for the next request only when its answer was read whole, within
+//! the limit, with nothing after it, and neither side asked to close it. An idle connection is
+//! polled by nobody; it is looked at when it is taken again, and one the receiver closed (or that
+//! has bytes nobody asked for) is dropped, not used. A request that a kept connection could not
+//! take (its write failed: the receiver cannot have had all of it) goes again on another
+//! connection; one that was written is never sent twice by the client.
 
 use std::collections::HashMap;
-use std::future::{poll_fn, Future};
-use std::pin::{pin, Pin};
+use std::io;
+use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use http::uri::{Authority, Scheme};
-use http::{Request, Uri};
-use http_body_util::{BodyExt, Full, Limited};
-use hyper::body::Incoming;
-use hyper::client::conn::http1;
-use hyper_rustls::{HttpsConnector, MaybeHttpsStream};
-use hyper_util::rt::TokioIo;
+use bytes::{Buf, Bytes, BytesMut};
+use http::Uri;
+use rustls::pki_types::ServerName;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
-use tower_service::Service;
+use tokio_rustls::client::TlsStream;
+use tokio_rustls::TlsConnector;
 
 use super::connector::SafeConnector;
+use crate::chunked::ChunkedDecoder;
 use crate::metrics::Metrics;
 
-type Io = MaybeHttpsStream<TokioIo<TcpStream>>;
-type Body = Full<Bytes>;
-type Driver = http1::Connection<Io, Body>;
+/// The longest answer head read (status line and headers).
+pub const ANSWER_HEAD_MAX: usize = 64 * 1024;
+/// The most header fields an answer may have.
+const ANSWER_HEADERS_MAX: usize = 100;
+/// What a connection's read buffer grows by.
+const READ_CHUNK: usize = 4096;
 
-/// Where a connection goes: requests to one origin share connections.
-type Origin = (Scheme, Authority);
+/// Where an endpoint's requests go, worked out once per endpoint: the origin its connections
+/// are kept for, the name TLS checks, and the request's first lines.
+#[derive(Debug)]
+pub struct Target {
+    /// The URL (what the connector resolves).
+    uri: Uri,
+    /// `scheme://host:port`: requests to one origin share connections.
+    origin: Arc<str>,
+    /// The server name TLS checks the certificate against (`None`: plain HTTP).
+    tls_name: Option<ServerName<'static>>,
+    /// `POST <path and query> HTTP/1.1\r\nhost: <host[:port]>\r\n`.
+    head: Box<[u8]>,
+}
 
-/// One connection: the handle requests are given to, and the state machine that writes them and
-/// reads the answers when it is polled.
+impl Target {
+    /// The target of `uri` (`None`: it has no http or https scheme, or no host).
+    pub fn new(uri: &Uri) -> Option<Target> {
+        let host = uri.host()?;
+        let (https, default) = match uri.scheme_str()? {
+            s if s.eq_ignore_ascii_case("https") => (true, 443),
+            s if s.eq_ignore_ascii_case("http") => (false, 80),
+            _ => return None,
+        };
+        let port = uri.port_u16().unwrap_or(default);
+        let origin = format!("{}://{host}:{port}", if https { "https" } else { "http" });
+        let tls_name = if https {
+            // An IPv6 literal is named without its brackets.
+            let bare = host.trim_start_matches('[').trim_end_matches(']');
+            Some(ServerName::try_from(bare.to_string()).ok()?)
+        } else {
+            None
+        };
+        let target = uri.path_and_query().map_or("/", |p| p.as_str());
+        let target = if target.is_empty() { "/" } else { target };
+        let host_header = match uri.port_u16() {
+            Some(port) if port != default => format!("{host}:{port}"),
+            _ => host.to_string(),
+        };
+        let head = format!("POST {target} HTTP/1.1\r\nhost: {host_header}\r\n");
+        Some(Target {
+            uri: uri.clone(),
+            origin: origin.into(),
+            tls_name,
+            head: head.into_bytes().into_boxed_slice(),
+        })
+    }
+
+    /// The request line and the `Host` header, which every request to it starts with.
+    pub fn head(&self) -> &[u8] {
+        &self.head
+    }
+}
+
+/// What came back from the receiver.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Answer {
+    /// The status code (never 1xx: interim answers are skipped).
+    pub status: u16,
+    /// Its `Retry-After`, when it sent one as text.
+    pub retry_after: Option<String>,
+    /// What it sent, when that was read whole within the limit (`None`: more than the limit,
+    /// or the body was cut short or malformed).
+    pub body: Option<Bytes>,
+}
+
+/// How an answer's body is framed.
+#[derive(Debug)]
+enum Body {
+    /// `Content-Length` bytes.
+    Length(usize),
+    /// Chunked.
+    Chunked(ChunkedDecoder),
+    /// Until the receiver closes the connection.
+    ToClose,
+}
+
+/// Where an [`AnswerReader`] is.
+#[derive(Debug)]
+enum Stage {
+    Head,
+    Body(Body),
+}
+
+/// Reads one answer from the bytes of a connection as they come.
+#[derive(Debug)]
+pub struct AnswerReader {
+    stage: Stage,
+    limit: usize,
+    status: u16,
+    retry_after: Option<String>,
+    /// Whether the connection may carry another request once this answer is read.
+    keep: bool,
+}
+
+/// What [`AnswerReader::feed`] made of the bytes so far.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Read {
+    /// The answer is not whole yet: read more.
+    More,
+    /// The answer, and whether its connection may be used again.
+    Done(Answer, bool),
+}
+
+/// The fields of a head the client acts on.
+#[derive(Default)]
+struct Fields {
+    length: Option<u64>,
+    bad_length: bool,
+    transfer_encoding: bool,
+    chunked: bool,
+    close: bool,
+    keep_alive: bool,
+    retry_after: Option<String>,
+}
+
+impl Fields {
+    fn of(headers: &[httparse::Header<'_>]) -> Fields {
+        let mut f = Fields::default();
+        for h in headers {
+            let name = h.name;
+            if name.eq_ignore_ascii_case("content-length") {
+                // One value, or a list of the same value; anything else is refused.
+                for part in h.value.split(|&b| b == b',') {
+                    let part = part.trim_ascii();
+                    let n = (!part.is_empty() && part.iter().all(u8::is_ascii_digit))
+                        .then(|| std::str::from_utf8(part).ok()?.parse::<u64>().ok())
+                        .flatten();
+                    match (n, f.length) {
+                        (Some(n), None) => f.length = Some(n),
+                        (Some(n), Some(m)) if n == m => {}
+                        _ => f.bad_length = true,
+                    }
+                }
+            } else if name.eq_ignore_ascii_case("transfer-encoding") {
+                // The last coding of the last field decides: chunked, or read to the close.
+                f.transfer_encoding = true;
+                f.chunked = h
+                    .value
+                    .split(|&b| b == b',')
+                    .map(<[u8]>::trim_ascii)
+                    .rfind(|c| !c.is_empty())
+                    .is_some_and(|c| c.eq_ignore_ascii_case(b"chunked"));
+            } else if name.eq_ignore_ascii_case("connection") {
+                for token in h.value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
+                    f.close |= token.eq_ignore_ascii_case(b"close");
+                    f.keep_alive |= token.eq_ignore_ascii_case(b"keep-alive");
+                }
+            } else if name.eq_ignore_ascii_case("retry-after") {
+                f.retry_after = std::str::from_utf8(h.value).ok().map(str::to_string);
+            }
+        }
+        f
+    }
+}
+
+impl AnswerReader {
+    /// A reader keeping bodies of at most `limit` bytes.
+    pub fn new(limit: usize) -> AnswerReader {
+        AnswerReader {
+            stage: Stage::Head,
+            limit,
+            status: 0,
+            retry_after: None,
+            keep: false,
+        }
+    }
+
+    /// Take what `buf` holds of the answer (what is used is removed from it); `eof`: the
+    /// connection has ended after these bytes. Never [`Read::More`] when `eof`. An `Err` says
+    /// why no answer could be read (nothing usable came: no status).
+    pub fn feed(&mut self, buf: &mut BytesMut, eof: bool) -> Result<Read, String> {
+        loop {
+            let body = match &mut self.stage {
+                Stage::Head => match self.head(buf, eof)? {
+                    Head::More => return Ok(Read::More),
+                    Head::Interim | Head::Body => continue,
+                    Head::Done(done) => return Ok(done),
+                },
+                Stage::Body(body) => body,
+            };
+            let limit = self.limit;
+            let got = match body {
+                Body::Length(n) if buf.len() >= *n => Some(Some(buf.split_to(*n).freeze())),
+                Body::Length(_) => None,
+                Body::Chunked(decoder) => match decoder.decode(buf) {
+                    Ok(Some(b)) => Some(Some(b)),
+                    Ok(None) => None,
+                    Err(_) => Some(None),
+                },
+                Body::ToClose if buf.len() > limit => Some(None),
+                Body::ToClose if eof => {
+                    self.keep = false;
+                    Some(Some(buf.split().freeze()))
+                }
+                Body::ToClose => None,
+            };
+            return Ok(match (got, eof) {
+                (Some(body), _) => {
+                    // Anything after the answer was not asked for: the connection is not used
+                    // again.
+                    let keep = self.keep && body.is_some() && buf.is_empty();
+                    Read::Done(self.answer(body), keep)
+                }
+                // Cut short: the status stands, the body is not kept.
+                (None, true) => Read::Done(self.answer(None), false),
+                (None, false) => Read::More,
+            });
+        }
+    }
+
+    fn answer(&mut self, body: Option<Bytes>) -> Answer {
+        Answer {
+            status: self.status,
+            retry_after: self.retry_after.take(),
+            body,
+        }
+    }
+
+    /// Parse a head from `buf`.
+    fn head(&mut self, buf: &mut BytesMut, eof: bool) -> Result<Head, String> {
+        let mut headers = [httparse::EMPTY_HEADER; ANSWER_HEADERS_MAX];
+        let mut r = httparse::Response::new(&mut headers);
+        let len = match r.parse(buf) {
+            Ok(httparse::Status::Complete(len)) => len,
+            Ok(httparse::Status::Partial) if buf.len() > ANSWER_HEAD_MAX => {
+                return Err(format!(
+                    "the receiver's answer head is over {} KiB",
+                    ANSWER_HEAD_MAX / 1024
+                ))
+            }
+            Ok(httparse::Status::Partial) if eof => {
+                return Err(if buf.is_empty() {
+                    "the connection closed before an answer came".into()
+                } else {
+                    "the connection closed in the middle of the answer's head".into()
+                })
+            }
+            Ok(httparse::Status::Partial) => return Ok(Head::More),
+            Err(httparse::Error::TooManyHeaders) => {
+                return Err(format!(
+                    "the receiver's answer has more than {ANSWER_HEADERS_MAX} header fields"
+                ))
+            }
+            Err(e) => return Err(format!("the receiver's answer is not HTTP/1.1: {e}")),
+        };
+        let (Some(code), Some(version)) = (r.code, r.version) else {
+            return Err("the receiver's answer is not HTTP/1.1".into());
+        };
+        let f = Fields::of(r.headers);
+        buf.advance(len);
+        match code {
+            101 => return Err("the receiver switched protocols".into()),
+            // An interim answer (100 Continue, 103 Early Hints): the real one follows.
+            100..=199 => return Ok(Head::Interim),
+            _ => {}
+        }
+        self.status = code;
+        self.retry_after = f.retry_after;
+        self.keep = match version {
+            1 => !f.close,
+            _ => f.keep_alive && !f.close,
+        };
+        let body = if code == 204 || code == 304 {
+            return Ok(Head::Done(Read::Done(
+                self.answer(Some(Bytes::new())),
+                self.keep && buf.is_empty(),
+            )));
+        } else if f.transfer_encoding {
+            // With a Content-Length as well, the chunks decide and the connection ends after.
+            if f.length.is_some() || f.bad_length {
+                self.keep = false;
+            }
+            if f.chunked {
+                Body::Chunked(ChunkedDecoder::new(self.limit))
+            } else {
+                self.keep = false;
+                Body::ToClose
+            }
+        } else if f.bad_length {
+            return Err("the receiver's answer has an invalid Content-Length".into());
+        } else if let Some(n) = f.length {
+            if n > self.limit as u64 {
+                // Not read: over the limit, and the connection is not used again.
+                return Ok(Head::Done(Read::Done(self.answer(None), false)));
+            }
+            buf.reserve(n as usize);
+            Body::Length(n as usize)
+        } else {
+            self.keep = false;
+            Body::ToClose
+        };
+        self.stage = Stage::Body(body);
+        Ok(Head::Body)
+    }
+}
+
+/// What [`AnswerReader::head`] found.
+enum Head {
+    /// Not a whole head yet.
+    More,
+    /// An interim answer, skipped: the real one follows.
+    Interim,
+    /// The head of the answer; its body follows.
+    Body,
+    /// The answer, which has no body to read.
+    Done(Read),
+}
+
+/// A connection's byte stream: plain TCP or TLS over it.
+enum Stream {
+    Plain(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Tls(s) => Pin::new(&mut **s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::Tls(s) => Pin::new(&mut **s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_flush(cx),
+            Stream::Tls(s) => Pin::new(&mut **s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Tls(s) => Pin::new(&mut **s).poll_shutdown(cx),
+        }
+    }
+}
+
+/// One connection and what was read from it.
 struct Conn {
-    send: http1::SendRequest<Body>,
-    /// `None` once the connection has ended.
-    driver: Option<Driver>,
+    io: Stream,
+    buf: BytesMut,
     /// When it was put back (idle connections older than the idle timeout are closed).
     idle_since: Instant,
 }
 
-/// What came back from the receiver.
-pub struct Answer {
-    /// The status and headers.
-    pub head: http::response::Parts,
-    /// What it sent, when that was read whole within the limit (`None`: more than the limit,
-    /// or the connection failed while it was read).
-    pub body: Option<Bytes>,
+impl Conn {
+    /// Whether an idle connection can take a request: nothing came on it since its last
+    /// answer, not even its end. Polled once without waiting (a readiness check: no system call
+    /// unless the socket has something).
+    fn still_open(&mut self) -> bool {
+        if !self.buf.is_empty() {
+            return false;
+        }
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        let mut byte = [0u8; 1];
+        let mut probe = ReadBuf::new(&mut byte);
+        matches!(
+            Pin::new(&mut self.io).poll_read(&mut cx, &mut probe),
+            Poll::Pending
+        )
+    }
+
+    /// Write the whole request.
+    async fn send(&mut self, request: &[u8]) -> io::Result<()> {
+        self.io.write_all(request).await?;
+        self.io.flush().await
+    }
+
+    /// Read the answer; the `bool`: whether the connection may be used again.
+    async fn answer(&mut self, limit: usize) -> Result<(Answer, bool), String> {
+        let mut reader = AnswerReader::new(limit);
+        let mut eof = false;
+        loop {
+            if let Read::Done(answer, keep) = reader.feed(&mut self.buf, eof)? {
+                return Ok((answer, keep));
+            }
+            if eof {
+                return Err("the connection closed before the answer was whole".into());
+            }
+            if self.buf.capacity() - self.buf.len() < READ_CHUNK / 4 {
+                self.buf.reserve(READ_CHUNK);
+            }
+            match self.io.read_buf(&mut self.buf).await {
+                Ok(0) => eof = true,
+                Ok(_) => {}
+                // A reset after the head still leaves the status standing.
+                Err(e) => {
+                    return match reader.feed(&mut self.buf, true) {
+                        Ok(Read::Done(answer, _)) => Ok((answer, false)),
+                        _ => Err(describe(&e)),
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// The delivery client.
 pub struct Client {
-    connector: HttpsConnector<SafeConnector>,
+    connector: SafeConnector,
+    tls: TlsConnector,
     idle: Mutex<Idle>,
     /// Idle connections kept per origin at most.
     max_idle: usize,
@@ -72,10 +472,10 @@ pub struct Client {
 
 #[derive(Default)]
 struct Idle {
-    // Boxed on purpose: a connection is about a kilobyte and moves between the list and the
-    // attempts that use it; a box moves as a pointer.
+    // Boxed on purpose: a connection is a few hundred bytes (more with TLS) and moves between
+    // the list and the attempts that use it; a box moves as a pointer.
     #[allow(clippy::vec_box)]
-    by_origin: HashMap<Origin, Vec<Box<Conn>>, ahash::RandomState>,
+    by_origin: HashMap<Arc<str>, Vec<Box<Conn>>, ahash::RandomState>,
     /// When idle connections past their time were last closed, for every origin.
     swept: Option<Instant>,
 }
@@ -89,9 +489,11 @@ impl Client {
         idle_timeout: Duration,
         metrics: Arc<Metrics>,
     ) -> Client {
-        use hyper_rustls::ConfigBuilderExt;
+        let roots = rustls::RootCertStore {
+            roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+        };
         let tls = rustls::ClientConfig::builder()
-            .with_webpki_roots()
+            .with_root_certificates(roots)
             .with_no_client_auth();
         Client::with_tls(connector, tls, max_idle, idle_timeout, metrics)
     }
@@ -99,18 +501,15 @@ impl Client {
     /// The same with TLS as `tls` says (its roots: the tests' own authority).
     fn with_tls(
         connector: SafeConnector,
-        tls: rustls::ClientConfig,
+        mut tls: rustls::ClientConfig,
         max_idle: usize,
         idle_timeout: Duration,
         metrics: Arc<Metrics>,
     ) -> Client {
-        let connector = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(tls)
-            .https_or_http()
-            .enable_http1()
-            .wrap_connector(connector);
+        tls.alpn_protocols = vec![b"http/1.1".to_vec()];
         Client {
             connector,
+            tls: TlsConnector::from(Arc::new(tls)),
             idle: Mutex::new(Idle::default()),
             max_idle,
             idle_timeout,
@@ -125,61 +524,42 @@ impl Client {
         idle.by_origin.values().map(Vec::len).sum()
     }
 
-    /// Send `request` to `uri` and read the answer, its body up to `body_limit` bytes. The
-    /// request is sent with `uri`'s path and query as its target; its `Host` header is the
-    /// caller's. An `Err` says, in the words of the deepest cause, why nothing came back.
+    /// Send `request` (the whole of it, starting with [`Target::head`]) to `target` and read the
+    /// answer, its body up to `body_limit` bytes. An `Err` says, in the words of the deepest
+    /// cause, why no answer came back.
     pub async fn exchange(
         &self,
-        uri: &Uri,
-        mut request: Request<Body>,
+        target: &Target,
+        request: &[u8],
         body_limit: usize,
     ) -> Result<Answer, String> {
-        let (Some(scheme), Some(authority)) = (uri.scheme(), uri.authority()) else {
-            return Err("the endpoint URL has no scheme or host".into());
-        };
-        let origin = (scheme.clone(), authority.clone());
-        *request.uri_mut() = origin_form(uri);
         loop {
-            let (mut conn, reused) = match self.take(&origin) {
+            let (mut conn, reused) = match self.take(&target.origin) {
                 Some(conn) => (conn, true),
                 // Boxed: a connect's state is large and rare; the exchange's stays small.
-                None => (Box::pin(self.connect(uri)).await?, false),
+                None => (Box::pin(self.connect(target)).await?, false),
             };
-            let c = &mut *conn;
-            let ready = drive(&mut c.driver, poll_fn(|cx| c.send.poll_ready(cx))).await;
-            if ready.is_err() || c.driver.is_none() {
+            if reused && !conn.still_open() {
+                continue;
+            }
+            if let Err(e) = conn.send(request).await {
+                // Not all of it was taken: a kept connection that had closed. Send it on another.
                 if reused {
                     continue;
                 }
-                return Err(match ready {
-                    Err(e) => describe(&e),
-                    Ok(()) => "the connection closed before the request was sent".into(),
-                });
+                return Err(describe(&e));
             }
-            let response = drive(&mut c.driver, c.send.try_send_request(request)).await;
-            let response = match response {
-                Ok(r) => r,
-                Err(mut e) => match e.take_message() {
-                    // Not written: a reused connection that had closed. Send it on another.
-                    Some(r) if reused => {
-                        request = r;
-                        continue;
-                    }
-                    _ => return Err(describe(e.error())),
-                },
-            };
-            let (head, body) = response.into_parts();
-            let body = read(&mut c.driver, body, body_limit).await;
-            if c.driver.is_some() && body.is_some() && !c.send.is_closed() {
-                c.idle_since = Instant::now();
-                self.put_back(origin, conn);
+            let (answer, keep) = conn.answer(body_limit).await?;
+            if keep {
+                conn.idle_since = Instant::now();
+                self.put_back(&target.origin, conn);
             }
-            return Ok(Answer { head, body });
+            return Ok(answer);
         }
     }
 
     /// The most recently used idle connection to `origin` that is not past its time.
-    fn take(&self, origin: &Origin) -> Option<Box<Conn>> {
+    fn take(&self, origin: &Arc<str>) -> Option<Box<Conn>> {
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         let conns = idle.by_origin.get_mut(origin)?;
         while let Some(conn) = conns.pop() {
@@ -191,9 +571,12 @@ impl Client {
     }
 
     /// Keep a connection for the next request to `origin`, or close it when `max_idle` are kept.
-    fn put_back(&self, origin: Origin, conn: Box<Conn>) {
+    fn put_back(&self, origin: &Arc<str>, conn: Box<Conn>) {
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        let conns = idle.by_origin.entry(origin).or_default();
+        let conns = match idle.by_origin.get_mut(origin) {
+            Some(conns) => conns,
+            None => idle.by_origin.entry(Arc::clone(origin)).or_default(),
+        };
         if conns.len() < self.max_idle {
             conns.push(conn);
             return;
@@ -232,58 +615,32 @@ impl Client {
         drop(expired);
     }
 
-    /// A new connection to `uri`'s origin (the connector applies the address policy and the
-    /// connect timeout, and TLS for https).
-    async fn connect(&self, uri: &Uri) -> Result<Box<Conn>, String> {
-        let io = self
+    /// A new connection to `target` (the connector applies the address policy and the connect
+    /// timeout; TLS for https checks the certificate against the host name).
+    async fn connect(&self, target: &Target) -> Result<Box<Conn>, String> {
+        let tcp = self
             .connector
-            .clone()
-            .call(uri.clone())
+            .connect(&target.uri)
             .await
-            .map_err(|e| describe(&*e))?;
-        let (send, driver) = http1::handshake(io).await.map_err(|e| describe(&e))?;
+            .map_err(|e| describe(&e))?;
+        let io = match &target.tls_name {
+            None => Stream::Plain(tcp),
+            Some(name) => Stream::Tls(Box::new(
+                self.tls
+                    .connect(name.clone(), tcp)
+                    .await
+                    .map_err(|e| describe(&e))?,
+            )),
+        };
         self.metrics
             .delivery_connections
             .fetch_add(1, Ordering::Relaxed);
         Ok(Box::new(Conn {
-            send,
-            driver: Some(driver),
+            io,
+            buf: BytesMut::with_capacity(READ_CHUNK),
             idle_since: Instant::now(),
         }))
     }
-}
-
-/// Run `fut` while polling the connection, the connection first: what it reads for `fut` is
-/// there when `fut` is polled. A connection that ends is dropped (`driver` becomes `None`); what
-/// was in flight on it then fails, and `fut` says so.
-async fn drive<F: Future>(driver: &mut Option<Driver>, fut: F) -> F::Output {
-    let mut fut = pin!(fut);
-    poll_fn(|cx| {
-        if let Some(d) = driver.as_mut() {
-            if Pin::new(d).poll(cx).is_ready() {
-                *driver = None;
-            }
-        }
-        fut.as_mut().poll(cx)
-    })
-    .await
-}
-
-/// Read an answer's body, up to `limit` bytes, while polling the connection.
-async fn read(driver: &mut Option<Driver>, body: Incoming, limit: usize) -> Option<Bytes> {
-    let collected = drive(driver, Limited::new(body, limit).collect()).await;
-    collected.ok().map(|c| c.to_bytes())
-}
-
-/// `uri`'s path and query alone: the request target of HTTP/1.1 to an origin server.
-fn origin_form(uri: &Uri) -> Uri {
-    let mut parts = http::uri::Parts::default();
-    parts.path_and_query = Some(
-        uri.path_and_query()
-            .cloned()
-            .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")),
-    );
-    Uri::from_parts(parts).expect("a path and query alone is a valid URI")
 }
 
 /// The most specific message in an error's chain ("connection refused", not "client error").
@@ -307,12 +664,55 @@ mod tests {
 
     use super::*;
 
+    fn target(url: &str) -> Target {
+        Target::new(&url.parse().unwrap()).unwrap()
+    }
+
     #[test]
-    fn the_request_target_is_the_path_and_query() {
-        let t = |u: &str| origin_form(&u.parse().unwrap()).to_string();
-        assert_eq!(t("http://example.com:8080/hook?a=1"), "/hook?a=1");
-        assert_eq!(t("https://example.com"), "/");
-        assert_eq!(t("http://example.com/"), "/");
+    fn a_target_names_the_path_and_the_port_only_when_it_is_not_the_default() {
+        let head = |u: &str| String::from_utf8(target(u).head().to_vec()).unwrap();
+        assert_eq!(
+            head("http://example.com:8080/hook?a=1"),
+            "POST /hook?a=1 HTTP/1.1\r\nhost: example.com:8080\r\n"
+        );
+        assert_eq!(
+            head("https://example.com"),
+            "POST / HTTP/1.1\r\nhost: example.com\r\n"
+        );
+        assert_eq!(
+            head("http://example.com:80/"),
+            "POST / HTTP/1.1\r\nhost: example.com\r\n"
+        );
+        assert_eq!(
+            head("https://example.com:443/a"),
+            "POST /a HTTP/1.1\r\nhost: example.com\r\n"
+        );
+        assert_eq!(
+            head("https://example.com:80/a"),
+            "POST /a HTTP/1.1\r\nhost: example.com:80\r\n"
+        );
+        assert_eq!(
+            head("http://[::1]:9000/a"),
+            "POST /a HTTP/1.1\r\nhost: [::1]:9000\r\n"
+        );
+        // Origins: the scheme and the port, default or not, tell connections apart.
+        assert_eq!(&*target("http://a.example/x").origin, "http://a.example:80");
+        assert_eq!(
+            &*target("http://a.example:80/y").origin,
+            "http://a.example:80"
+        );
+        assert_eq!(
+            &*target("https://a.example/x").origin,
+            "https://a.example:443"
+        );
+        assert!(target("http://a.example/").tls_name.is_none());
+        assert_eq!(
+            target("https://[::1]:8443/").tls_name,
+            Some(ServerName::try_from("::1").unwrap())
+        );
+        for bad in ["ftp://a.example/", "/relative", "mailto:x@a.example"] {
+            assert!(Target::new(&bad.parse().unwrap()).is_none(), "{bad}");
+        }
     }
 
     /// The length of the first request in `buf` (its head and `Content-Length` body) once all of
@@ -384,10 +784,18 @@ mod tests {
         )
     }
 
-    fn post() -> Request<Body> {
-        let mut r = Request::new(Full::new(Bytes::from_static(b"{}")));
-        *r.method_mut() = http::Method::POST;
-        r
+    /// A request of `{}` to `uri`, and its target.
+    fn post(uri: &Uri) -> (Target, Vec<u8>) {
+        let target = Target::new(uri).unwrap();
+        let mut request = target.head().to_vec();
+        request.extend_from_slice(b"content-length: 2\r\n\r\n{}");
+        (target, request)
+    }
+
+    /// Send `{}` to `uri` on `c`.
+    async fn send(c: &Client, uri: &Uri, limit: usize) -> Result<Answer, String> {
+        let (target, request) = post(uri);
+        c.exchange(&target, &request, limit).await
     }
 
     const OK: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
@@ -397,14 +805,14 @@ mod tests {
         let (uri, accepted) = receiver(OK, Duration::ZERO).await;
         let c = client(8, Duration::from_millis(300));
         for _ in 0..3 {
-            let a = c.exchange(&uri, post(), 1024).await.unwrap();
-            assert_eq!(a.head.status, 200);
+            let a = send(&c, &uri, 1024).await.unwrap();
+            assert_eq!(a.status, 200);
             assert_eq!(a.body.as_deref(), Some(&b"ok"[..]));
         }
         assert_eq!(accepted.load(Ordering::SeqCst), 1);
         assert_eq!(c.idle(), 1);
         tokio::time::sleep(Duration::from_millis(400)).await;
-        c.exchange(&uri, post(), 1024).await.unwrap();
+        send(&c, &uri, 1024).await.unwrap();
         assert_eq!(
             accepted.load(Ordering::SeqCst),
             2,
@@ -417,7 +825,7 @@ mod tests {
     async fn a_sweep_closes_idle_connections_past_their_time() {
         let (uri, _) = receiver(OK, Duration::ZERO).await;
         let c = client(8, Duration::from_millis(200));
-        c.exchange(&uri, post(), 1024).await.unwrap();
+        send(&c, &uri, 1024).await.unwrap();
         c.sweep();
         assert_eq!(c.idle(), 1, "still within its time");
         tokio::time::sleep(Duration::from_millis(300)).await;
@@ -430,16 +838,16 @@ mod tests {
         let (uri, accepted) = receiver(OK, Duration::from_millis(100)).await;
         let c = client(1, Duration::from_secs(60));
         // Three at once need three connections; one of them is kept afterwards.
-        let ex = || c.exchange(&uri, post(), 1024);
+        let ex = || send(&c, &uri, 1024);
         let (a, b, d) = tokio::join!(ex(), ex(), ex());
         for answer in [a, b, d] {
-            assert_eq!(answer.unwrap().head.status, 200);
+            assert_eq!(answer.unwrap().status, 200);
         }
         assert_eq!(accepted.load(Ordering::SeqCst), 3);
         assert_eq!(c.idle(), 1);
         let (a, b) = tokio::join!(ex(), ex());
         for answer in [a, b] {
-            assert_eq!(answer.unwrap().head.status, 200);
+            assert_eq!(answer.unwrap().status, 200);
         }
         assert_eq!(accepted.load(Ordering::SeqCst), 4, "one reused, one new");
     }
@@ -449,11 +857,11 @@ mod tests {
         const BIG: &[u8] = b"HTTP/1.1 500 X\r\nContent-Length: 10\r\n\r\n0123456789";
         let (uri, accepted) = receiver(BIG, Duration::ZERO).await;
         let c = client(8, Duration::from_secs(60));
-        let a = c.exchange(&uri, post(), 4).await.unwrap();
-        assert_eq!(a.head.status, 500);
+        let a = send(&c, &uri, 4).await.unwrap();
+        assert_eq!(a.status, 500);
         assert_eq!(a.body, None);
         assert_eq!(c.idle(), 0);
-        let a = c.exchange(&uri, post(), 64).await.unwrap();
+        let a = send(&c, &uri, 64).await.unwrap();
         assert_eq!(a.body.as_deref(), Some(&b"0123456789"[..]));
         assert_eq!(accepted.load(Ordering::SeqCst), 2);
         assert_eq!(c.idle(), 1);
@@ -531,14 +939,14 @@ mod tests {
         let metrics = Metrics::new(&[("GET", "/")], 1);
         let c = Client::with_tls(connector(), tls, 8, Duration::from_secs(60), metrics);
         for _ in 0..3 {
-            let a = c.exchange(&uri, post(), 1024).await.unwrap();
-            assert_eq!(a.head.status, 200);
+            let a = send(&c, &uri, 1024).await.unwrap();
+            assert_eq!(a.status, 200);
             assert_eq!(a.body.as_deref(), Some(&b"ok"[..]));
         }
         assert_eq!(accepted.load(Ordering::SeqCst), 1);
         // The same receiver is refused by the public roots: the certificate is checked.
         let public = client(8, Duration::from_secs(60));
-        let e = match public.exchange(&uri, post(), 1024).await {
+        let e = match send(&public, &uri, 1024).await {
             Err(e) => e,
             Ok(_) => panic!("a certificate from an unknown authority was taken"),
         };
@@ -552,13 +960,306 @@ mod tests {
             .parse()
             .unwrap();
         drop(listener);
-        let e = match client(8, Duration::from_secs(60))
-            .exchange(&uri, post(), 1024)
-            .await
-        {
+        let e = match send(&client(8, Duration::from_secs(60)), &uri, 1024).await {
             Err(e) => e,
             Ok(_) => panic!("nothing listens there"),
         };
         assert!(e.to_lowercase().contains("refused"), "{e}");
+    }
+
+    /// `wire` fed to a reader in the pieces `cuts` makes, then its end.
+    fn read_in_parts(wire: &[u8], cuts: &[usize], limit: usize) -> Result<Read, String> {
+        let mut cuts: Vec<usize> = cuts.iter().map(|c| c % (wire.len() + 1)).collect();
+        cuts.sort_unstable();
+        cuts.push(wire.len());
+        let mut reader = AnswerReader::new(limit);
+        let mut buf = BytesMut::new();
+        let mut from = 0;
+        for cut in cuts {
+            buf.extend_from_slice(&wire[from..cut]);
+            from = cut;
+            match reader.feed(&mut buf, false)? {
+                Read::More => {}
+                done => return Ok(done),
+            }
+        }
+        reader.feed(&mut buf, true)
+    }
+
+    fn read(wire: &str) -> Result<Read, String> {
+        read_in_parts(wire.as_bytes(), &[], 64)
+    }
+
+    fn done(status: u16, body: Option<&str>, keep: bool) -> Result<Read, String> {
+        Ok(Read::Done(
+            Answer {
+                status,
+                retry_after: None,
+                body: body.map(|b| Bytes::copy_from_slice(b.as_bytes())),
+            },
+            keep,
+        ))
+    }
+
+    #[test]
+    fn answers_are_framed_as_http_1_1_says() {
+        // By length, kept.
+        assert_eq!(
+            read("HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"),
+            done(200, Some("ok"), true)
+        );
+        // Interim answers are skipped.
+        assert_eq!(
+            read("HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early\r\nLink: x\r\n\r\nHTTP/1.1 202 A\r\nContent-Length: 0\r\n\r\n"),
+            done(202, Some(""), true)
+        );
+        // Chunked, trailers and extensions ignored.
+        assert_eq!(
+            read("HTTP/1.1 500 E\r\nTransfer-Encoding: gzip, chunked\r\n\r\n2;x=1\r\nno\r\n1\r\n!\r\n0\r\nT: 1\r\n\r\n"),
+            done(500, Some("no!"), true)
+        );
+        // Neither length nor chunks: to the close, and the connection ends.
+        assert_eq!(
+            read("HTTP/1.1 200 OK\r\n\r\nall of it"),
+            done(200, Some("all of it"), false)
+        );
+        assert_eq!(
+            read("HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\nzz"),
+            done(200, Some("zz"), false)
+        );
+        // Chunks and a length: the chunks decide, and the connection ends after.
+        assert_eq!(
+            read("HTTP/1.1 200 OK\r\nContent-Length: 99\r\nTransfer-Encoding: chunked\r\n\r\n1\r\na\r\n0\r\n\r\n"),
+            done(200, Some("a"), false)
+        );
+        // No body for 204 and 304, whatever the length says.
+        assert_eq!(
+            read("HTTP/1.1 204 No\r\nContent-Length: 5\r\n\r\n"),
+            done(204, Some(""), true)
+        );
+        // Who asked to close, and HTTP/1.0.
+        assert_eq!(
+            read("HTTP/1.1 200 OK\r\nConnection: Close\r\nContent-Length: 1\r\n\r\nx"),
+            done(200, Some("x"), false)
+        );
+        assert_eq!(
+            read("HTTP/1.0 200 OK\r\nContent-Length: 1\r\n\r\nx"),
+            done(200, Some("x"), false)
+        );
+        assert_eq!(
+            read("HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nContent-Length: 1\r\n\r\nx"),
+            done(200, Some("x"), true)
+        );
+        // Identical lengths in a list are one length.
+        assert_eq!(
+            read("HTTP/1.1 200 OK\r\nContent-Length: 1, 1\r\n\r\nx"),
+            done(200, Some("x"), true)
+        );
+        // Retry-After is kept as sent.
+        assert_eq!(
+            read("HTTP/1.1 503 Busy\r\nRetry-After: 120\r\nContent-Length: 0\r\n\r\n"),
+            Ok(Read::Done(
+                Answer {
+                    status: 503,
+                    retry_after: Some("120".into()),
+                    body: Some(Bytes::new())
+                },
+                true
+            ))
+        );
+    }
+
+    #[test]
+    fn what_is_over_the_limit_cut_short_or_unasked_for_is_not_kept() {
+        // Over the limit: the status stands; the body is not kept, nor the connection.
+        let big = format!(
+            "HTTP/1.1 500 E\r\nContent-Length: 65\r\n\r\n{}",
+            "x".repeat(65)
+        );
+        assert_eq!(read(&big), done(500, None, false));
+        let chunks = format!(
+            "HTTP/1.1 500 E\r\nTransfer-Encoding: chunked\r\n\r\n41\r\n{}\r\n0\r\n\r\n",
+            "x".repeat(65)
+        );
+        assert_eq!(read(&chunks), done(500, None, false));
+        assert_eq!(
+            read(&format!("HTTP/1.1 200 OK\r\n\r\n{}", "x".repeat(65))),
+            done(200, None, false)
+        );
+        // Cut short.
+        assert_eq!(
+            read("HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nab"),
+            done(200, None, false)
+        );
+        assert_eq!(
+            read("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nab"),
+            done(200, None, false)
+        );
+        // Malformed chunks.
+        assert_eq!(
+            read("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n"),
+            done(200, None, false)
+        );
+        // Bytes after the answer that nobody asked for.
+        assert_eq!(
+            read("HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nxHTTP/1.1 200"),
+            done(200, Some("x"), false)
+        );
+    }
+
+    #[test]
+    fn what_is_not_an_answer_is_an_error_that_says_why() {
+        let err = |wire: &str| read(wire).unwrap_err();
+        assert!(err("").contains("closed before an answer"));
+        assert!(err("HTTP/1.1 200 OK\r\nContent-").contains("middle of the answer's head"));
+        assert!(err("SSH-2.0-OpenSSH\r\n\r\n").contains("not HTTP/1.1"));
+        assert!(err("HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n").contains("Content-Length"));
+        assert!(
+            err("HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nx")
+                .contains("Content-Length")
+        );
+        assert!(
+            err("HTTP/1.1 200 OK\r\nContent-Length: 99999999999999999999999\r\n\r\n")
+                .contains("Content-Length")
+        );
+        assert!(
+            err("HTTP/1.1 101 Switching\r\nUpgrade: h2c\r\n\r\n").contains("switched protocols")
+        );
+        let many: String = (0..=ANSWER_HEADERS_MAX)
+            .map(|i| format!("X-{i}: 1\r\n"))
+            .collect();
+        assert!(err(&format!("HTTP/1.1 200 OK\r\n{many}\r\n")).contains("header fields"));
+        let long = format!("HTTP/1.1 200 OK\r\nX: {}", "a".repeat(ANSWER_HEAD_MAX));
+        assert!(err(&long).contains("KiB"));
+    }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// A well-formed answer: a status, a few fields, and a body by length, by chunks or to
+        /// the close.
+        fn answer() -> impl Strategy<Value = Vec<u8>> {
+            (
+                prop::sample::select(vec![200u16, 201, 204, 301, 404, 410, 429, 500, 503]),
+                prop::collection::vec(("[A-Za-z][A-Za-z0-9-]{0,10}", "[ -~]{0,30}"), 0..5),
+                prop::collection::vec(any::<u8>(), 0..200),
+                0..3u8,
+                any::<bool>(),
+            )
+                .prop_map(|(status, fields, body, framing, interim)| {
+                    let mut wire = Vec::new();
+                    if interim {
+                        wire.extend_from_slice(b"HTTP/1.1 100 Continue\r\n\r\n");
+                    }
+                    wire.extend_from_slice(format!("HTTP/1.1 {status} X\r\n").as_bytes());
+                    for (n, v) in fields {
+                        let lower = n.to_ascii_lowercase();
+                        if !["content-length", "transfer-encoding", "connection"]
+                            .contains(&lower.as_str())
+                        {
+                            wire.extend_from_slice(format!("{n}: {}\r\n", v.trim()).as_bytes());
+                        }
+                    }
+                    match framing {
+                        // A 204 has no body at all.
+                        _ if status == 204 => wire.extend_from_slice(b"\r\n"),
+                        0 => {
+                            wire.extend_from_slice(
+                                format!("Content-Length: {}\r\n\r\n", body.len()).as_bytes(),
+                            );
+                            wire.extend_from_slice(&body);
+                        }
+                        1 => {
+                            wire.extend_from_slice(b"Transfer-Encoding: chunked\r\n\r\n");
+                            for c in body.chunks(7) {
+                                wire.extend_from_slice(format!("{:x}\r\n", c.len()).as_bytes());
+                                wire.extend_from_slice(c);
+                                wire.extend_from_slice(b"\r\n");
+                            }
+                            wire.extend_from_slice(b"0\r\n\r\n");
+                        }
+                        _ => {
+                            wire.extend_from_slice(b"\r\n");
+                            wire.extend_from_slice(&body);
+                        }
+                    }
+                    wire
+                })
+        }
+
+        proptest! {
+            #[test]
+            fn any_split_of_an_answer_reads_as_the_whole(
+                wire in answer(),
+                cuts in prop::collection::vec(any::<usize>(), 0..8),
+                limit in 0usize..300,
+            ) {
+                let whole = read_in_parts(&wire, &[], limit);
+                let split = read_in_parts(&wire, &cuts, limit);
+                prop_assert!(whole.is_ok(), "{:?}", whole);
+                if let Ok(Read::Done(a, _)) = &whole {
+                    prop_assert!(a.body.as_ref().is_none_or(|b| b.len() <= limit));
+                }
+                prop_assert_eq!(whole, split);
+            }
+
+            #[test]
+            fn any_bytes_give_an_answer_or_an_error_never_more_than_the_limit(
+                wire in prop::collection::vec(any::<u8>(), 0..400),
+                cuts in prop::collection::vec(any::<usize>(), 0..4),
+                limit in 0usize..100,
+            ) {
+                if let Ok(Read::Done(a, _)) = read_in_parts(&wire, &cuts, limit) {
+                    prop_assert!(a.body.is_none_or(|b| b.len() <= limit));
+                    prop_assert!(!(100..200).contains(&a.status), "an interim answer is never the answer");
+                }
+            }
+        }
+    }
+
+    /// A receiver on loopback that answers each connection's first request with `OK` and then
+    /// closes it, without saying so; it counts the requests it read.
+    async fn closing_receiver() -> (Uri, Arc<AtomicUsize>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let uri: Uri = format!("http://{}/hook", listener.local_addr().unwrap())
+            .parse()
+            .unwrap();
+        let requests = Arc::new(AtomicUsize::new(0));
+        let count = Arc::clone(&requests);
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let count = Arc::clone(&count);
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    while whole_request(&buf).is_none() {
+                        let mut chunk = [0u8; 4096];
+                        match stream.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    }
+                    count.fetch_add(1, Ordering::SeqCst);
+                    let _ = stream.write_all(OK).await;
+                });
+            }
+        });
+        (uri, requests)
+    }
+
+    #[tokio::test]
+    async fn a_kept_connection_the_receiver_closed_is_not_used() {
+        let (uri, requests) = closing_receiver().await;
+        let c = client(8, Duration::from_secs(60));
+        for n in 1..=3 {
+            let a = send(&c, &uri, 1024).await.unwrap();
+            assert_eq!(a.status, 200);
+            assert_eq!(c.idle(), 1, "kept: the answer did not say it would close");
+            // Its end has come by the time the next request is sent.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            assert_eq!(requests.load(Ordering::SeqCst), n, "each request sent once");
+        }
+        let opened = c.metrics.delivery_connections.load(Ordering::Relaxed);
+        assert_eq!(opened, 3, "a new connection for each request");
     }
 }

@@ -1,12 +1,8 @@
 //! The connector under the delivery client: it resolves the host itself, applies the SSRF policy
 //! to every address it would use, and connects only to an allowed one.
 
-use std::future::Future;
-use std::pin::Pin;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
-use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
 use crate::url_policy::{forbidden_reason, parse_url, resolve};
@@ -14,7 +10,7 @@ use crate::url_policy::{forbidden_reason, parse_url, resolve};
 /// The connector under the delivery client: it resolves the host itself, applies the policy to
 /// every address it would use, and connects only to an allowed one. The TCP connection (pooled for
 /// keep-alive) stays pinned to that vetted address; DNS answers that change later cannot redirect
-/// it. TLS, when the URL is https, is layered on top by hyper-rustls with the host name for SNI.
+/// it. TLS, when the URL is https, is layered on top by the client with the host name for SNI.
 #[derive(Clone)]
 pub struct SafeConnector {
     /// Allow private, loopback, link-local and CGNAT targets.
@@ -23,49 +19,39 @@ pub struct SafeConnector {
     pub connect_timeout: Duration,
 }
 
-impl tower_service::Service<http::Uri> for SafeConnector {
-    type Response = TokioIo<TcpStream>;
-    type Error = std::io::Error;
-    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
-
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, uri: http::Uri) -> Self::Future {
-        let this = self.clone();
-        Box::pin(async move {
-            let refuse =
-                |msg: String| std::io::Error::new(std::io::ErrorKind::PermissionDenied, msg);
-            let url = parse_url(&uri.to_string()).map_err(refuse)?;
-            let addrs = resolve(&url, this.allow_private)
-                .await
-                .map_err(|e| std::io::Error::new(std::io::ErrorKind::NotFound, e))?;
-            let mut last = None;
-            for addr in addrs {
-                // The policy holds for the address connected to, not just for what DNS said earlier.
-                if !this.allow_private && forbidden_reason(addr.ip()).is_some() {
-                    // No address and no reason in the message: the attempt log is the
-                    // organization's to read, and must not map internal networks.
-                    return Err(refuse(
-                        "refused: the host does not resolve to a public address".into(),
-                    ));
+impl SafeConnector {
+    /// A TCP connection to an allowed address of `uri`'s host (`TCP_NODELAY` set: a request is
+    /// written whole, at once).
+    pub async fn connect(&self, uri: &http::Uri) -> std::io::Result<TcpStream> {
+        let refuse = |msg: String| std::io::Error::new(std::io::ErrorKind::PermissionDenied, msg);
+        let url = parse_url(&uri.to_string()).map_err(refuse)?;
+        let addrs = resolve(&url, self.allow_private)
+            .await
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::NotFound, e))?;
+        let mut last = None;
+        for addr in addrs {
+            // The policy holds for the address connected to, not just for what DNS said earlier.
+            if !self.allow_private && forbidden_reason(addr.ip()).is_some() {
+                // No address and no reason in the message: the attempt log is the
+                // organization's to read, and must not map internal networks.
+                return Err(refuse(
+                    "refused: the host does not resolve to a public address".into(),
+                ));
+            }
+            match tokio::time::timeout(self.connect_timeout, TcpStream::connect(addr)).await {
+                Ok(Ok(stream)) => {
+                    let _ = stream.set_nodelay(true);
+                    return Ok(stream);
                 }
-                match tokio::time::timeout(this.connect_timeout, TcpStream::connect(addr)).await {
-                    Ok(Ok(stream)) => {
-                        let _ = stream.set_nodelay(true);
-                        return Ok(TokioIo::new(stream));
-                    }
-                    Ok(Err(e)) => last = Some(e),
-                    Err(_) => {
-                        last = Some(std::io::Error::new(
-                            std::io::ErrorKind::TimedOut,
-                            format!("connect to {addr} timed out"),
-                        ))
-                    }
+                Ok(Err(e)) => last = Some(e),
+                Err(_) => {
+                    last = Some(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!("connect to {addr} timed out"),
+                    ))
                 }
             }
-            Err(last.unwrap_or_else(|| std::io::Error::other("no address to connect to")))
-        })
+        }
+        Err(last.unwrap_or_else(|| std::io::Error::other("no address to connect to")))
     }
 }

@@ -25,8 +25,8 @@
 //! life in memory), `worker` (one HTTP attempt), `record` (outcomes written in batches, health,
 //! operational events), `claim` (take-over, claims, renewal, the hand-back), `model` (the
 //! values), `schedule` (retry delays, Retry-After), `sign` (Standard Webhooks), `client` (HTTP/1.1
-//! connections per origin, driven by the attempts' own tasks), `connector` (the SSRF-checking
-//! connector under it).
+//! connections per origin, written to and read by the attempts' own tasks; the answer reader),
+//! `connector` (the SSRF-checking connector under it).
 
 pub mod claim;
 pub mod client;

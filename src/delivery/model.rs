@@ -9,6 +9,7 @@ use bytes::Bytes;
 use tokio::sync::oneshot;
 use uuid::Uuid;
 
+use super::client::Target;
 use crate::event_types::endpoint_takes;
 use crate::flow::answer::EndpointStatus;
 use crate::ids::{EventId, Micros, OrgId};
@@ -22,10 +23,9 @@ pub struct Endpoint {
     pub org: OrgId,
     /// The URL as configured.
     pub url: String,
-    /// The URL as a request URI (`None`: it does not parse as one; deliveries to it fail).
-    pub uri: Option<http::Uri>,
-    /// The `Host` header of its requests, made once (the client adds none when one is set).
-    pub host: Option<http::HeaderValue>,
+    /// Where its requests go, worked out once (`None`: the URL is not an http or https URI with
+    /// a host; deliveries to it fail).
+    pub target: Option<Target>,
     /// Its patterns (`None`: every type but the operational ones).
     pub patterns: Option<Vec<String>>,
     /// Active or paused.
@@ -297,8 +297,7 @@ mod tests {
             id: Uuid::nil(),
             org: OrgId(Uuid::nil()),
             url: "http://x".into(),
-            uri: None,
-            host: None,
+            target: None,
             patterns: Some(vec!["order.*".into()]),
             status: EndpointStatus::Active,
             keys: vec![vec![1], vec![2]],

@@ -9,11 +9,11 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, Notify, Semaphore};
 use uuid::Uuid;
 
-use super::client::Client;
+use super::client::{Client, Target};
 use super::model::{BatchLease, Endpoint};
 use super::model::{Outcome, Recorded};
 use super::runtime::{EndpointRuntime, TokenBucket};
-use super::{sign, worker};
+use super::sign;
 use crate::auth::Changes;
 use crate::config::{Config, ENDPOINT_CACHE_ORGS_MAX};
 use crate::db::describe;
@@ -89,12 +89,11 @@ fn endpoint_from_row(row: &tokio_postgres::Row) -> Arc<Endpoint> {
         .chain(previous)
         .filter_map(|s| sign::secret_key(&s))
         .collect();
-    let uri: Option<http::Uri> = url.parse().ok();
+    let target = url.parse().ok().as_ref().and_then(Target::new);
     Arc::new(Endpoint {
         id: row.get(0),
         org: OrgId(row.get(1)),
-        host: uri.as_ref().and_then(worker::host_header),
-        uri,
+        target,
         url,
         patterns: row.get(3),
         status: EndpointStatus::from_i16(row.get(4)),

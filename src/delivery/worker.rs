@@ -1,13 +1,12 @@
-//! One delivery attempt: build the body and the Standard Webhooks headers, POST with the pooled
-//! client under the attempt timeout, and classify what came back.
+//! One delivery attempt: build the body and the Standard Webhooks headers into the request's
+//! bytes, POST them with the delivery client under the attempt timeout, and classify what came
+//! back.
 
+use std::borrow::Cow;
+use std::io::Write;
 use std::time::{Duration, Instant, SystemTime};
 
-use bytes::Bytes;
-use http::header::{HeaderMap, HeaderName, HeaderValue};
-use http_body_util::Full;
-
-use super::client::Client;
+use super::client::{Client, Target};
 use super::model::{Attempt, Endpoint, Job, Verdict};
 use super::schedule::parse_retry_after;
 use super::sign::signature;
@@ -27,12 +26,17 @@ pub fn body(job: &Job) -> Vec<u8> {
     out
 }
 
+/// Whether `value` can be sent as a header value as it is: visible ASCII, spaces and tabs.
+fn is_header_text(value: &str) -> bool {
+    value
+        .bytes()
+        .all(|b| b == b'\t' || (0x20..0x7f).contains(&b))
+}
+
 /// An event type as a header value: as it is when it is visible ASCII, percent-encoded otherwise.
-fn type_header(event_type: &str) -> HeaderValue {
-    if let Ok(v) = HeaderValue::from_str(event_type) {
-        if event_type.bytes().all(|b| (0x20..0x7f).contains(&b)) {
-            return v;
-        }
+fn type_header(event_type: &str) -> Cow<'_, str> {
+    if event_type.bytes().all(|b| (0x20..0x7f).contains(&b)) {
+        return Cow::Borrowed(event_type);
     }
     let mut s = String::with_capacity(event_type.len() * 3);
     for b in event_type.bytes() {
@@ -42,7 +46,7 @@ fn type_header(event_type: &str) -> HeaderValue {
             s.push_str(&format!("%{b:02X}"));
         }
     }
-    HeaderValue::from_str(&s).expect("percent-encoded ASCII is a valid header value")
+    Cow::Owned(s)
 }
 
 /// The `webhook-signature` value: one `v1,` signature per key, space-separated (the current
@@ -64,85 +68,43 @@ pub fn kept_body(bytes: &[u8]) -> Option<String> {
     Some(String::from_utf8_lossy(head).into_owned())
 }
 
-/// The request of one attempt, built in place: the header map is made at its final size and
-/// nothing is moved through a fallible builder (the client sets its target).
-fn request(headers: HeaderMap, body: Vec<u8>) -> http::Request<Full<Bytes>> {
-    let mut request = http::Request::new(Full::new(Bytes::from(body)));
-    *request.method_mut() = http::Method::POST;
-    *request.headers_mut() = headers;
-    request
-}
-
-/// The `Host` header for requests to `uri`: its host, and its port when not the scheme's default
-/// (what the client would add to each request itself, formatting it every time).
-pub fn host_header(uri: &http::Uri) -> Option<HeaderValue> {
-    let host = uri.host()?;
-    let default = match uri.scheme_str() {
-        Some("https") => 443,
-        _ => 80,
-    };
-    match uri.port_u16() {
-        Some(port) if port != default => HeaderValue::from_str(&format!("{host}:{port}")).ok(),
-        _ => HeaderValue::from_str(host).ok(),
-    }
-}
-
-/// The headers of one attempt: host, content type, user agent, the event's id and type, the
-/// attempt's number, the Standard Webhooks trio and the producer's trace context.
-fn headers(
+/// The request of one attempt, as it goes on the wire: the request line and host, the content
+/// type, user agent, the event's id and type, the attempt's number, the Standard Webhooks trio,
+/// the producer's trace context, the length, and the body.
+fn request(
+    target: &Target,
     job: &Job,
-    host: Option<&HeaderValue>,
     id: &str,
     number: u32,
     timestamp: i64,
-    signature: String,
-) -> HeaderMap {
-    let mut h = HeaderMap::with_capacity(HEADERS);
-    if let Some(host) = host {
-        h.insert(http::header::HOST, host.clone());
-    }
-    h.insert(
-        http::header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    h.insert(
-        http::header::USER_AGENT,
-        HeaderValue::from_static(concat!("triggers/", env!("CARGO_PKG_VERSION"))),
-    );
-    // A UUID's text is a valid header value; one allocation, shared by both headers.
-    let id = HeaderValue::from_str(id).expect("a UUID is a valid header value");
-    h.insert(HeaderName::from_static("x-event-id"), id.clone());
-    h.insert(
-        HeaderName::from_static("x-event-type"),
-        type_header(&job.event_type),
-    );
-    h.insert(
-        HeaderName::from_static("x-delivery-attempt"),
-        HeaderValue::from(number),
-    );
-    h.insert(HeaderName::from_static("webhook-id"), id);
-    h.insert(
-        HeaderName::from_static("webhook-timestamp"),
-        HeaderValue::from(timestamp),
-    );
-    h.insert(
-        HeaderName::from_static("webhook-signature"),
-        HeaderValue::try_from(signature).expect("base64 signatures are a valid header value"),
+    signature: &str,
+    body: &[u8],
+) -> Vec<u8> {
+    let mut r = Vec::with_capacity(target.head().len() + 400 + signature.len() + body.len());
+    r.extend_from_slice(target.head());
+    // Writes to a Vec do not fail.
+    let _ = write!(
+        r,
+        "content-type: application/json\r\n\
+         user-agent: triggers/{version}\r\n\
+         x-event-id: {id}\r\n\
+         x-event-type: {event_type}\r\n\
+         x-delivery-attempt: {number}\r\n\
+         webhook-id: {id}\r\n\
+         webhook-timestamp: {timestamp}\r\n\
+         webhook-signature: {signature}\r\n",
+        version = env!("CARGO_PKG_VERSION"),
+        event_type = type_header(&job.event_type),
     );
     // The producer's trace context, checked when the event was taken (a value that would not
     // make a header is not sent rather than failing the attempt).
-    if let Some(t) = job
-        .traceparent
-        .as_deref()
-        .and_then(|t| HeaderValue::from_str(t).ok())
-    {
-        h.insert(HeaderName::from_static("traceparent"), t);
+    if let Some(t) = job.traceparent.as_deref().filter(|t| is_header_text(t)) {
+        let _ = write!(r, "traceparent: {t}\r\n");
     }
-    h
+    let _ = write!(r, "content-length: {}\r\n\r\n", body.len());
+    r.extend_from_slice(body);
+    r
 }
-
-/// How many headers an attempt sends at most.
-const HEADERS: usize = 10;
 
 /// POST the event once.
 pub async fn attempt(
@@ -154,29 +116,27 @@ pub async fn attempt(
 ) -> Attempt {
     let at = Micros::now();
     let started = Instant::now();
-    let Some(uri) = endpoint.uri.as_ref() else {
+    let Some(target) = endpoint.target.as_ref() else {
         return failed(
             at,
             started,
             None,
-            "the endpoint URL is not a valid URI".into(),
+            "the endpoint URL is not a valid http or https URI".into(),
         );
     };
     let body = body(job);
     let timestamp = at.0 / 1_000_000;
     let id = job.event.to_string();
     let sig = signatures(endpoint.signing_keys(at), &id, timestamp, &body);
-    let headers = headers(job, endpoint.host.as_ref(), &id, number, timestamp, sig);
-    let request = request(headers, body);
-    let exchange = client.exchange(uri, request, RESPONSE_BODY_READ_BYTES_MAX);
+    let request = request(target, job, &id, number, timestamp, &sig, &body);
+    drop(body);
+    let exchange = client.exchange(target, &request, RESPONSE_BODY_READ_BYTES_MAX);
     match tokio::time::timeout(timeout, exchange).await {
         Ok(Ok(answer)) => {
-            let status = answer.head.status.as_u16();
+            let status = answer.status;
             let retry_after = answer
-                .head
-                .headers
-                .get(http::header::RETRY_AFTER)
-                .and_then(|v| v.to_str().ok())
+                .retry_after
+                .as_deref()
                 .and_then(|v| parse_retry_after(v, SystemTime::now()));
             // Its first KiB goes to the attempt log.
             let response_body = answer.body.as_deref().and_then(kept_body);
@@ -241,6 +201,25 @@ mod tests {
         );
     }
 
+    /// The request's line, its head fields in order, and its body.
+    fn sent(request: &[u8]) -> (String, Vec<(String, String)>, Vec<u8>) {
+        let mut headers = [httparse::EMPTY_HEADER; 32];
+        let mut r = httparse::Request::new(&mut headers);
+        let httparse::Status::Complete(len) = r.parse(request).unwrap() else {
+            panic!("a whole head")
+        };
+        let line = format!("{} {}", r.method.unwrap(), r.path.unwrap());
+        let fields = r
+            .headers
+            .iter()
+            .map(|h| {
+                let value = String::from_utf8(h.value.to_vec()).unwrap();
+                (h.name.to_string(), value)
+            })
+            .collect();
+        (line, fields, request[len..].to_vec())
+    }
+
     #[test]
     fn an_attempt_sends_every_header_once() {
         let mut job = Job::test(
@@ -249,12 +228,18 @@ mod tests {
             "{}",
         );
         let id = job.event.to_string();
-        let host = host_header(&"http://127.0.0.1:8080/hook".parse().unwrap());
-        let plain = headers(&job, None, &id, 3, 1_700_000_000, "v1,abc".into());
+        let target = Target::new(&"http://127.0.0.1:8080/hook?a=1".parse().unwrap()).unwrap();
+        let body = b"{\"x\":1}";
+        let plain = request(&target, &job, &id, 3, 1_700_000_000, "v1,abc", body);
         job.traceparent = Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into());
-        let traced = headers(&job, host.as_ref(), &id, 3, 1_700_000_000, "v1,abc".into());
-        assert_eq!(plain.len() + 2, traced.len());
-        assert_eq!(traced.len(), HEADERS);
+        let traced = request(&target, &job, &id, 3, 1_700_000_000, "v1,abc", body);
+        let (line, plain, plain_body) = sent(&plain);
+        let (_, traced, traced_body) = sent(&traced);
+        assert_eq!(line, "POST /hook?a=1");
+        assert_eq!(plain.len() + 1, traced.len());
+        assert_eq!(traced.len(), 11);
+        assert_eq!(plain_body, body);
+        assert_eq!(traced_body, body);
         for (name, value) in [
             ("host", "127.0.0.1:8080"),
             ("content-type", "application/json"),
@@ -268,29 +253,25 @@ mod tests {
                 "traceparent",
                 "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
             ),
+            ("content-length", "7"),
         ] {
-            assert_eq!(
-                traced.get_all(name).iter().collect::<Vec<_>>(),
-                [value],
-                "{name}"
-            );
+            let found: Vec<&str> = traced
+                .iter()
+                .filter(|(n, _)| n == name)
+                .map(|(_, v)| v.as_str())
+                .collect();
+            assert_eq!(found, [value], "{name}");
         }
-        assert!(traced[http::header::USER_AGENT]
-            .to_str()
-            .unwrap()
-            .starts_with("triggers/"));
-        assert!(plain.get("traceparent").is_none());
-    }
-
-    #[test]
-    fn the_host_header_names_the_port_only_when_it_is_not_the_default() {
-        let host = |url: &str| host_header(&url.parse().unwrap()).unwrap();
-        assert_eq!(host("http://example.com/a"), "example.com");
-        assert_eq!(host("http://example.com:80/a"), "example.com");
-        assert_eq!(host("https://example.com:443/a"), "example.com");
-        assert_eq!(host("https://example.com:80/a"), "example.com:80");
-        assert_eq!(host("http://example.com:8443/a"), "example.com:8443");
-        assert_eq!(host("http://[::1]:9000/a"), "[::1]:9000");
+        assert!(traced
+            .iter()
+            .any(|(n, v)| n == "user-agent" && v.starts_with("triggers/")));
+        assert!(!plain.iter().any(|(n, _)| n == "traceparent"));
+        // A trace context that is not header text is left out, not sent broken.
+        job.traceparent = Some("00-bad\r\nx-injected: 1".into());
+        let (_, fields, _) = sent(&request(&target, &job, &id, 3, 1, "v1,abc", body));
+        assert!(!fields
+            .iter()
+            .any(|(n, _)| n == "traceparent" || n == "x-injected"));
     }
 
     #[test]
@@ -322,5 +303,6 @@ mod tests {
         assert_eq!(type_header("order.paid"), "order.paid");
         assert_eq!(type_header("a b"), "a b");
         assert_eq!(type_header("été\n"), "%C3%A9t%C3%A9%0A");
+        assert_eq!(type_header("a\r\nx: 1"), "a%0D%0Ax:%201");
     }
 }

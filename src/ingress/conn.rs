@@ -29,12 +29,12 @@ use super::core::CoreCtx;
 use super::handle::{self, Prepared};
 use super::node::BodyLease;
 use super::parse::{
-    find_head_end, leading_blank_lines, parse_head, ChunkError, ChunkedDecoder, Framing, Head,
-    HeadError, Parsed,
+    find_head_end, leading_blank_lines, parse_head, Framing, Head, HeadError, Parsed,
 };
 use super::request::{client_addr, Request};
 use super::response::{write_reply, CONTINUE};
 use super::router::Route;
+use crate::chunked::{ChunkError, ChunkedDecoder};
 use crate::config::{READ_CHUNK_MAX, READ_CHUNK_MIN, WRITE_BUFFER_KEEP_BYTES, WRITE_FLUSH_BYTES};
 use crate::error::ApiError;
 use crate::reply::Reply;
