@@ -8,6 +8,9 @@ use bytes::BytesMut;
 use libfuzzer_sys::fuzz_target;
 use triggers::delivery::client::{AnswerReader, Read};
 
+#[path = "split.rs"]
+mod split;
+
 fn read(limit: usize, parts: &[&[u8]]) -> Result<Read, String> {
     let mut reader = AnswerReader::new(limit);
     let mut buf = BytesMut::new();
@@ -19,18 +22,17 @@ fn read(limit: usize, parts: &[&[u8]]) -> Result<Read, String> {
         }
     }
     let end = reader.feed(&mut buf, true);
-    assert!(!matches!(end, Ok(Read::More)), "more asked for after the end");
+    assert!(
+        !matches!(end, Ok(Read::More)),
+        "more asked for after the end"
+    );
     end
 }
 
 fuzz_target!(|data: &[u8]| {
-    if data.len() < 4 {
+    let Some((limit, wire, reads)) = split::limit_and_reads(data) else {
         return;
-    }
-    let limit = u16::from_le_bytes([data[0], data[1]]) as usize;
-    let wire = &data[4..];
-    let a = (data[2] as usize * wire.len()) / 256;
-    let b = a + ((data[3] as usize * (wire.len() - a)) / 256);
+    };
     let whole = read(limit, &[wire]);
     if let Ok(Read::Done(answer, _)) = &whole {
         assert!(
@@ -39,7 +41,7 @@ fuzz_target!(|data: &[u8]| {
         );
         assert!(!(100..200).contains(&answer.status), "an interim answer");
     }
-    let split = read(limit, &[&wire[..a], &wire[a..b], &wire[b..]]);
+    let split = read(limit, &reads);
     match (whole, split) {
         (Ok(Read::Done(w, keep_whole)), Ok(Read::Done(s, keep_split))) => {
             assert_eq!(w, s, "the split changed the answer");

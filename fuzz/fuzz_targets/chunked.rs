@@ -6,6 +6,9 @@ use bytes::BytesMut;
 use libfuzzer_sys::fuzz_target;
 use triggers::chunked::ChunkedDecoder;
 
+#[path = "split.rs"]
+mod split;
+
 fn decode(limit: usize, parts: &[&[u8]]) -> Result<Option<Vec<u8>>, String> {
     let mut d = ChunkedDecoder::new(limit);
     let mut buf = BytesMut::new();
@@ -24,14 +27,10 @@ fn decode(limit: usize, parts: &[&[u8]]) -> Result<Option<Vec<u8>>, String> {
 }
 
 fuzz_target!(|data: &[u8]| {
-    if data.len() < 4 {
+    let Some((limit, wire, reads)) = split::limit_and_reads(data) else {
         return;
-    }
-    let limit = u16::from_le_bytes([data[0], data[1]]) as usize;
-    let wire = &data[4..];
-    let a = (data[2] as usize * wire.len()) / 256;
-    let b = a + ((data[3] as usize * (wire.len() - a)) / 256);
+    };
     let whole = decode(limit, &[wire]);
-    let split = decode(limit, &[&wire[..a], &wire[a..b], &wire[b..]]);
+    let split = decode(limit, &reads);
     assert_eq!(whole, split, "the split changed the result");
 });

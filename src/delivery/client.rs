@@ -42,6 +42,8 @@ pub const ANSWER_HEAD_MAX: usize = 64 * 1024;
 const ANSWER_HEADERS_MAX: usize = 100;
 /// What a connection's read buffer grows by.
 const READ_CHUNK: usize = 4096;
+/// The most read buffer an idle connection keeps.
+const READ_BUFFER_KEPT_MAX: usize = 4 * READ_CHUNK;
 
 /// Where an endpoint's requests go, worked out once per endpoint: the origin its connections
 /// are kept for, the name TLS checks, and the request's first lines.
@@ -75,8 +77,16 @@ impl Target {
         } else {
             None
         };
-        let target = uri.path_and_query().map_or("/", |p| p.as_str());
-        let target = if target.is_empty() { "/" } else { target };
+        // The origin form: the path (`/` when there is none) and the query.
+        let target = match uri.query() {
+            Some(query) => format!("{}?{query}", uri.path()),
+            None => uri.path().to_string(),
+        };
+        let target = if target.starts_with('/') {
+            target
+        } else {
+            format!("/{target}")
+        };
         let host_header = match uri.port_u16() {
             Some(port) if port != default => format!("{host}:{port}"),
             _ => host.to_string(),
@@ -434,6 +444,10 @@ impl Conn {
         let mut eof = false;
         loop {
             if let Read::Done(answer, keep) = reader.feed(&mut self.buf, eof)? {
+                // A kept connection does not keep what a large answer grew its buffer to.
+                if keep && self.buf.capacity() > READ_BUFFER_KEPT_MAX {
+                    self.buf = BytesMut::with_capacity(READ_CHUNK);
+                }
                 return Ok((answer, keep));
             }
             if eof {
@@ -678,6 +692,10 @@ mod tests {
         assert_eq!(
             head("https://example.com"),
             "POST / HTTP/1.1\r\nhost: example.com\r\n"
+        );
+        assert_eq!(
+            head("http://example.com?x=1"),
+            "POST /?x=1 HTTP/1.1\r\nhost: example.com\r\n"
         );
         assert_eq!(
             head("http://example.com:80/"),
