@@ -318,6 +318,85 @@ async fn each_event_goes_to_the_endpoints_whose_patterns_take_it_each_on_its_own
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_attempt_log_keeps_the_first_kib_of_the_answer_however_it_was_framed() {
+    // 1,500 bytes with an invalid UTF-8 byte early and a two-byte character cut by the 1 KiB
+    // boundary: the log keeps 1 KiB as text, with replacement characters.
+    let mut long = vec![b'a'; 1500];
+    long[10] = 0xff;
+    long[1023..1025].copy_from_slice("é".as_bytes());
+    let mut chunked = b"HTTP/1.1 100 Continue\r\n\r\n\
+        HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+        .to_vec();
+    for part in long.chunks(700) {
+        chunked.extend_from_slice(format!("{:x}\r\n", part.len()).as_bytes());
+        chunked.extend_from_slice(part);
+        chunked.extend_from_slice(b"\r\n");
+    }
+    chunked.extend_from_slice(b"0\r\n\r\n");
+    let recv = Receiver::start(move |r, _| match r.path.as_str() {
+        // Chunks after an interim answer, on a kept connection.
+        "/chunked" => Answer {
+            raw: Some(chunked.clone()),
+            ..Answer::status(200)
+        },
+        // A body that ends with the connection.
+        "/to-close" => Answer {
+            raw: Some(b"HTTP/1.1 202 Accepted\r\n\r\nthanks, all of it".to_vec()),
+            close_after: Some(Duration::ZERO),
+            ..Answer::status(202)
+        },
+        // A failure that says why, by length, then a success with no body at all.
+        _ if r.header("x-delivery-attempt") == Some("1") => Answer {
+            raw: Some(b"HTTP/1.1 500 Oops\r\nContent-Length: 9\r\n\r\nno, sorry".to_vec()),
+            ..Answer::status(500)
+        },
+        _ => Answer::status(204),
+    })
+    .await;
+    let s = Server::start(&[PRIVATE, "--retry-schedule", "200ms"]);
+    let (key, _) = new_org(s.addr, "pro").await;
+    for (path, pattern) in [
+        ("/chunked", "chunked"),
+        ("/to-close", "close"),
+        ("/fail", "fail"),
+    ] {
+        create_endpoint(
+            s.addr,
+            &key,
+            json!({"url": recv.url(path), "event_types": [pattern]}),
+        )
+        .await;
+    }
+    let log = |e: &Value| e["delivery_attempts"].as_array().unwrap().clone();
+    let delivered = |e: &Value| e["status"] == "delivered";
+    for _ in 0..2 {
+        let id = post_typed(s.addr, &key, "chunked").await;
+        let e = wait_event(s.addr, &key, &id, Duration::from_secs(10), delivered).await;
+        let kept = log(&e)[0]["response_body"].as_str().unwrap().to_string();
+        assert_eq!(log(&e)[0]["response_status"], 200);
+        let expected = String::from_utf8_lossy(&long[..1024]).into_owned();
+        assert_eq!(kept, expected);
+        assert!(kept.starts_with("aaaaaaaaaa\u{FFFD}a") && kept.ends_with('\u{FFFD}'));
+    }
+    let id = post_typed(s.addr, &key, "close").await;
+    let e = wait_event(s.addr, &key, &id, Duration::from_secs(10), delivered).await;
+    assert_eq!(log(&e)[0]["response_status"], 202);
+    assert_eq!(log(&e)[0]["response_body"], "thanks, all of it");
+    let id = post_typed(s.addr, &key, "fail").await;
+    let e = wait_event(s.addr, &key, &id, Duration::from_secs(10), delivered).await;
+    let log = log(&e);
+    assert_eq!(log.len(), 2, "{e}");
+    assert_eq!(log[0]["response_status"], 500);
+    assert_eq!(log[0]["response_body"], "no, sorry");
+    assert_eq!(log[1]["response_status"], 204);
+    assert_eq!(log[1]["response_body"], Value::Null);
+    // Connections are kept per origin (the three endpoints are one receiver): the chunked
+    // answers and the close-delimited one went on the first, which that answer ended; the
+    // failure and the success on a second.
+    assert_eq!(recv.connections(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rotated_secret_signs_beside_the_new_one_for_the_grace_period() {
     let recv = Receiver::start(|_, _| Answer::status(200)).await;
     let s = Server::start(&[PRIVATE, "--secret-rotation-grace-s", "2"]);

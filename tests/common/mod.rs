@@ -812,6 +812,9 @@ pub struct Answer {
     pub headers: Vec<(String, String)>,
     /// Close the connection this long after the answer (without saying so in a header).
     pub close_after: Option<Duration>,
+    /// The whole answer as sent, in place of a head made of `status` and `headers` with an
+    /// empty body (interim answers, a chunked or a close-delimited body).
+    pub raw: Option<Vec<u8>>,
 }
 
 impl Answer {
@@ -821,6 +824,7 @@ impl Answer {
             delay: Duration::ZERO,
             headers: Vec::new(),
             close_after: None,
+            raw: None,
         }
     }
 }
@@ -1004,12 +1008,15 @@ async fn serve_receiver(
         if !answer.delay.is_zero() {
             tokio::time::sleep(answer.delay).await;
         }
-        let mut out = format!("HTTP/1.1 {} X\r\nContent-Length: 0\r\n", answer.status);
-        for (n, v) in &answer.headers {
-            out.push_str(&format!("{n}: {v}\r\n"));
-        }
-        out.push_str("\r\n");
-        if stream.write_all(out.as_bytes()).await.is_err() {
+        let out = answer.raw.clone().unwrap_or_else(|| {
+            let mut out = format!("HTTP/1.1 {} X\r\nContent-Length: 0\r\n", answer.status);
+            for (n, v) in &answer.headers {
+                out.push_str(&format!("{n}: {v}\r\n"));
+            }
+            out.push_str("\r\n");
+            out.into_bytes()
+        });
+        if stream.write_all(&out).await.is_err() {
             return;
         }
         if let Some(after) = answer.close_after {
