@@ -39,6 +39,11 @@ async fn wait_event(
     }
 }
 
+/// Wait until the event is delivered (to every endpoint it matched); its detail then.
+async fn wait_delivered(addr: std::net::SocketAddr, key: &str, id: &str, limit: Duration) -> Value {
+    wait_event(addr, key, id, limit, |e| e["status"] == "delivered").await
+}
+
 fn ids_at(received: &[Received], path: &str) -> HashSet<String> {
     received
         .iter()
@@ -277,10 +282,7 @@ async fn each_event_goes_to_the_endpoints_whose_patterns_take_it_each_on_its_own
     }
     // The detail: one delivery per matching endpoint, attempts per endpoint, and the event's
     // attempts equal to the log's length; each attempt names its endpoint and keeps the answer.
-    let e = wait_event(s.addr, &key, &paid, Duration::from_secs(5), |e| {
-        e["status"] == "delivered"
-    })
-    .await;
+    let e = wait_delivered(s.addr, &key, &paid, Duration::from_secs(5)).await;
     let deliveries: HashMap<String, Value> = e["deliveries"]
         .as_array()
         .unwrap()
@@ -368,10 +370,9 @@ async fn the_attempt_log_keeps_the_first_kib_of_the_answer_however_it_was_framed
         .await;
     }
     let log = |e: &Value| e["delivery_attempts"].as_array().unwrap().clone();
-    let delivered = |e: &Value| e["status"] == "delivered";
     for _ in 0..2 {
         let id = post_typed(s.addr, &key, "chunked").await;
-        let e = wait_event(s.addr, &key, &id, Duration::from_secs(10), delivered).await;
+        let e = wait_delivered(s.addr, &key, &id, Duration::from_secs(10)).await;
         let kept = log(&e)[0]["response_body"].as_str().unwrap().to_string();
         assert_eq!(log(&e)[0]["response_status"], 200);
         let expected = String::from_utf8_lossy(&long[..1024]).into_owned();
@@ -379,11 +380,11 @@ async fn the_attempt_log_keeps_the_first_kib_of_the_answer_however_it_was_framed
         assert!(kept.starts_with("aaaaaaaaaa\u{FFFD}a") && kept.ends_with('\u{FFFD}'));
     }
     let id = post_typed(s.addr, &key, "close").await;
-    let e = wait_event(s.addr, &key, &id, Duration::from_secs(10), delivered).await;
+    let e = wait_delivered(s.addr, &key, &id, Duration::from_secs(10)).await;
     assert_eq!(log(&e)[0]["response_status"], 202);
     assert_eq!(log(&e)[0]["response_body"], "thanks, all of it");
     let id = post_typed(s.addr, &key, "fail").await;
-    let e = wait_event(s.addr, &key, &id, Duration::from_secs(10), delivered).await;
+    let e = wait_delivered(s.addr, &key, &id, Duration::from_secs(10)).await;
     let log = log(&e);
     assert_eq!(log.len(), 2, "{e}");
     assert_eq!(log[0]["response_status"], 500);
@@ -528,18 +529,12 @@ async fn the_circuit_opens_after_consecutive_failures_probes_once_and_closes() {
     let second_probe = got.iter().position(|x| x.answered == 200).unwrap();
     assert!(got[second_probe].at - got[3].at >= Duration::from_millis(1800));
     assert!(opened.elapsed() >= Duration::from_millis(4000));
-    let e1 = wait_event(s.addr, &key, &first, Duration::from_secs(5), |e| {
-        e["status"] == "delivered"
-    })
-    .await;
+    let e1 = wait_delivered(s.addr, &key, &first, Duration::from_secs(5)).await;
     assert_eq!(
         e1["attempts"], 5,
         "three failures, the failed probe, the success"
     );
-    let e2 = wait_event(s.addr, &key, &second, Duration::from_secs(5), |e| {
-        e["status"] == "delivered"
-    })
-    .await;
+    let e2 = wait_delivered(s.addr, &key, &second, Duration::from_secs(5)).await;
     assert_eq!(e2["attempts"], 1, "it waited without spending attempts");
     let health = get(s.addr, &key, &path).await.json()["health"].clone();
     assert_eq!(health["circuit"], "closed", "{health}");
@@ -577,10 +572,7 @@ async fn a_resume_closes_the_circuit_and_what_waited_on_it_goes_at_once() {
     })
     .await;
     assert!(resumed.elapsed() < Duration::from_secs(10));
-    let e = wait_event(s.addr, &key, &first, Duration::from_secs(5), |e| {
-        e["status"] == "delivered"
-    })
-    .await;
+    let e = wait_delivered(s.addr, &key, &first, Duration::from_secs(5)).await;
     assert_eq!(
         e["attempts"], 4,
         "three failures and the success: no attempt lost"
@@ -758,10 +750,7 @@ async fn a_paused_endpoint_gets_its_whole_backlog_after_resume() {
         .await;
     assert_eq!(ids_at(&got, "/p"), ids.iter().cloned().collect());
     for id in &ids {
-        wait_event(s.addr, &key, id, Duration::from_secs(5), |e| {
-            e["status"] == "delivered"
-        })
-        .await;
+        wait_delivered(s.addr, &key, id, Duration::from_secs(5)).await;
     }
 }
 
@@ -832,10 +821,7 @@ async fn a_rate_limited_endpoint_spreads_its_deliveries_and_fails_none() {
     assert!(free_done - started < Duration::from_millis(1500));
     assert!(got.iter().all(|r| r.answered == 200));
     for id in &ids {
-        let e = wait_event(s.addr, &key, id, Duration::from_secs(5), |e| {
-            e["status"] == "delivered"
-        })
-        .await;
+        let e = wait_delivered(s.addr, &key, id, Duration::from_secs(5)).await;
         assert_eq!(e["attempts"], 2, "one attempt per endpoint, none failed");
     }
 }
@@ -990,10 +976,7 @@ async fn an_endpoint_failing_for_too_long_is_disabled_and_keeps_its_deliveries()
     let r = post_empty(s.addr, &key, &format!("{path}/resume")).await;
     assert_eq!(r.json()["status"], "active");
     assert_eq!(r.json()["health"]["consecutive_failures"], 0);
-    wait_event(s.addr, &key, &id, Duration::from_secs(5), |e| {
-        e["status"] == "delivered"
-    })
-    .await;
+    wait_delivered(s.addr, &key, &id, Duration::from_secs(5)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1006,10 +989,7 @@ async fn redelivery_starts_a_round_for_every_endpoint_or_the_one_named() {
     let id = post_typed(s.addr, &key, "t").await;
     recv.wait_until(Duration::from_secs(5), |r| r.len() == 2)
         .await;
-    wait_event(s.addr, &key, &id, Duration::from_secs(5), |e| {
-        e["status"] == "delivered"
-    })
-    .await;
+    wait_delivered(s.addr, &key, &id, Duration::from_secs(5)).await;
     let path = format!("/api/events/{id}/redeliver");
     let r = post(s.addr, &key, &path, &json!({"endpoint_id": a["id"]})).await;
     assert_eq!(r.status, 202, "{}", r.text());

@@ -107,7 +107,7 @@ impl Target {
 }
 
 /// What came back from the receiver.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, PartialEq, Eq)]
 pub struct Answer {
     /// The status code (never 1xx: interim answers are skipped).
     pub status: u16,
