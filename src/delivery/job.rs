@@ -13,7 +13,8 @@ use std::time::Duration;
 use tokio::sync::oneshot;
 
 use super::model::{
-    Disable, Endpoint, HealthWrite, Held, Job, Lease, Next, Outcome, Recorded, Verdict,
+    Disable, Endpoint, HealthWrite, Held, Job, Lease, Next, Outcome, Recorded, Release, Then,
+    Verdict,
 };
 use super::runtime::{Admit, EndpointRuntime};
 use super::shared::{Busy, Shared};
@@ -28,8 +29,10 @@ use crate::metrics::Waiting;
 enum Step {
     /// Go round again (the job's `due` and lease say when).
     Again,
-    /// The job is over.
+    /// The job is over: let go of what it holds.
     Done,
+    /// The job is over and its outcome handed to the recorder, which lets go of what it holds.
+    Handed,
     /// The pool is stopping: leave the job as it is for the hand-back.
     Stopping,
 }
@@ -45,12 +48,18 @@ pub(super) async fn run_job(
     if let Lease::Row { held } = job.lease {
         shared.remember(job.event, job.endpoint, held, job.due);
     }
-    if park {
-        settle(&shared, &mut job, None, Next::Parked, None, None).await;
-        finish(&shared, &job, &runtime, true);
-        return;
-    }
+    let mut last = if park {
+        settle(&shared, &mut job, &runtime, None, Next::Parked, None, None).await
+    } else {
+        Step::Again
+    };
     loop {
+        match last {
+            Step::Again => {}
+            Step::Done => return finish(&shared, &job, &runtime, false),
+            Step::Handed => return,
+            Step::Stopping => break,
+        }
         let wait = Duration::from_micros((job.due.0 - Micros::now().0).max(0) as u64);
         if !wait.is_zero() {
             let _w = shared.metrics.waiting(Waiting::Scheduled);
@@ -62,32 +71,17 @@ pub(super) async fn run_job(
         if shared.stopping.load(Ordering::SeqCst) {
             break;
         }
-        match step(&shared, &mut job, &runtime).await {
-            Step::Again => continue,
-            Step::Done => {
-                finish(&shared, &job, &runtime, true);
-                return;
-            }
-            Step::Stopping => break,
-        }
+        last = step(&shared, &mut job, &runtime).await;
     }
     // Stopping: a delivery under its own row stays in `held` for the hand-back; one under its
     // batch is covered by the batch row, which the hand-back expires.
-    finish(&shared, &job, &runtime, false);
+    finish(&shared, &job, &runtime, true);
 }
 
-/// Give back what the job held in memory.
-fn finish(shared: &Shared, job: &Job, runtime: &EndpointRuntime, done: bool) {
-    if done {
-        shared.forget(job.event, job.endpoint);
-    }
-    if let Lease::Batch(b) = &job.lease {
-        if !done {
-            b.abandoned.store(true, Ordering::Release);
-        }
-        shared.settle(b);
-    }
-    shared.release(runtime, job.payload.len());
+/// Give back what the job holds in memory (`stopping`: see [`Shared::let_go`]).
+fn finish(shared: &Shared, job: &Job, runtime: &EndpointRuntime, stopping: bool) {
+    let key = (job.event, job.endpoint);
+    shared.let_go(key, &job.lease, runtime, job.payload.len(), stopping);
 }
 
 fn held(job: &Job) -> Held {
@@ -110,20 +104,20 @@ fn lease_allows_attempt(shared: &Shared, job: &Job) -> bool {
 }
 
 /// One pass: the endpoint's gates, then an attempt and its outcome.
-async fn step(shared: &Shared, job: &mut Job, runtime: &EndpointRuntime) -> Step {
+async fn step(shared: &Shared, job: &mut Job, runtime: &Arc<EndpointRuntime>) -> Step {
     let endpoint = match shared.endpoint(job.org, job.endpoint).await {
         Ok(Some(e)) => e,
         // Deleted or disabled: the delivery waits, parked, for a resume or a recovery.
-        Ok(None) => return settle(shared, job, None, Next::Parked, None, None).await,
+        Ok(None) => return settle(shared, job, runtime, None, Next::Parked, None, None).await,
         Err(e) => {
             // Can't tell where to deliver: let the lease run out; it is claimed again.
             tracing::warn!(error = %e, event = %job.event, "endpoint lookup failed; delivery postponed");
-            abandon(shared, job);
+            job.lease.abandon();
             return Step::Done;
         }
     };
     if endpoint.status != EndpointStatus::Active {
-        return settle(shared, job, None, Next::Parked, None, None).await;
+        return settle(shared, job, runtime, None, Next::Parked, None, None).await;
     }
     shared.sync_gates(runtime, &endpoint);
 
@@ -177,7 +171,16 @@ async fn step(shared: &Shared, job: &mut Job, runtime: &EndpointRuntime) -> Step
     if !lease_allows_attempt(shared, job) {
         runtime.gates().breaker.cancel_probe(probe);
         drop((slot, global));
-        return settle(shared, job, None, Next::Due(Micros::now()), None, None).await;
+        return settle(
+            shared,
+            job,
+            runtime,
+            None,
+            Next::Due(Micros::now()),
+            None,
+            None,
+        )
+        .await;
     }
     attempt(shared, job, runtime, &endpoint, probe, (slot, global)).await
 }
@@ -189,12 +192,12 @@ async fn step(shared: &Shared, job: &mut Job, runtime: &EndpointRuntime) -> Step
 async fn wait_for(
     shared: &Shared,
     job: &mut Job,
-    runtime: &EndpointRuntime,
+    runtime: &Arc<EndpointRuntime>,
     until: Micros,
     why: Waiting,
 ) -> Step {
     if job.lease.until() <= until.plus(attempt_needs(shared)) {
-        return settle(shared, job, None, Next::Due(until), None, None).await;
+        return settle(shared, job, runtime, None, Next::Due(until), None, None).await;
     }
     // Listening for a change before the wait is counted: a change seen after the count is
     // never missed.
@@ -210,28 +213,34 @@ async fn wait_for(
     }
 }
 
-/// The delivery is let go without an outcome (the database failed us): its lease runs out and
-/// any node claims it then.
-fn abandon(shared: &Shared, job: &Job) {
-    if let Lease::Batch(b) = &job.lease {
-        b.abandoned.store(true, Ordering::Release);
-    }
-    shared.forget(job.event, job.endpoint);
-}
-
-/// Record a decision or an attempt's outcome; the job ends unless it was a retry still ours.
+/// Hand a decision or an attempt's outcome to the recorder. The job ends there unless it is a
+/// retry: that one waits for the outcome to be written, and goes on if it is still ours.
 async fn settle(
     shared: &Shared,
     job: &mut Job,
+    runtime: &Arc<EndpointRuntime>,
     attempt: Option<(u32, super::model::Attempt)>,
     next: Next,
     health: Option<HealthWrite>,
     disable: Option<Disable>,
 ) -> Step {
-    let (tx, rx) = oneshot::channel();
     let retry_held = match &next {
         Next::Retry { held } => Some(*held),
         _ => None,
+    };
+    let (then, answer) = match retry_held {
+        Some(_) => {
+            let (tx, rx) = oneshot::channel();
+            (Then::Answer(tx), Some(rx))
+        }
+        None => (
+            Then::LetGo(Release {
+                lease: job.lease.clone(),
+                runtime: Arc::clone(runtime),
+                bytes: job.payload.len(),
+            }),
+            None,
+        ),
     };
     let outcome = Outcome {
         event: job.event,
@@ -243,10 +252,14 @@ async fn settle(
         next,
         health,
         disable,
-        reply: tx,
+        then,
     };
-    match (shared.record(outcome, rx).await, retry_held) {
-        (Recorded::Owned { parked: false }, Some(held)) => {
+    shared.record(outcome).await;
+    let (Some(answer), Some(held)) = (answer, retry_held) else {
+        return Step::Handed;
+    };
+    match answer.await.unwrap_or(Recorded::Failed) {
+        Recorded::Owned { parked: false } => {
             // Retried by this node under the delivery's own row from now on.
             if let Lease::Batch(b) = &job.lease {
                 shared.settle(b);
@@ -255,12 +268,12 @@ async fn settle(
             shared.remember(job.event, job.endpoint, held, job.due);
             Step::Again
         }
-        (Recorded::Failed, _) => {
-            abandon(shared, job);
+        Recorded::Failed => {
+            job.lease.abandon();
             Step::Done
         }
-        // Settled (delivered, failed, parked, handed back), or not this node's any more.
-        _ => Step::Done,
+        // Parked meanwhile (an ack, a pause), or not this node's any more.
+        Recorded::Owned { parked: true } | Recorded::Lost => Step::Done,
     }
 }
 
@@ -271,7 +284,7 @@ async fn settle(
 async fn attempt(
     shared: &Shared,
     job: &mut Job,
-    runtime: &EndpointRuntime,
+    runtime: &Arc<EndpointRuntime>,
     endpoint: &Endpoint,
     probe: bool,
     slots: (
@@ -339,7 +352,16 @@ async fn attempt(
     };
     let (health, disable) = judge_health(shared, runtime, &attempt.verdict, probe, now, disable);
     job.attempts = number;
-    settle(shared, job, Some((number, attempt)), next, health, disable).await
+    settle(
+        shared,
+        job,
+        runtime,
+        Some((number, attempt)),
+        next,
+        health,
+        disable,
+    )
+    .await
 }
 
 /// What an attempt's verdict does to the endpoint's circuit and recorded health; a failure that

@@ -10,6 +10,7 @@ use tokio::sync::oneshot;
 use uuid::Uuid;
 
 use super::client::Target;
+use super::runtime::EndpointRuntime;
 use crate::event_types::endpoint_takes;
 use crate::flow::answer::EndpointStatus;
 use crate::ids::{EventId, Micros, OrgId};
@@ -101,6 +102,15 @@ pub enum Lease {
 }
 
 impl Lease {
+    /// Let the delivery go without an outcome (the database failed us): a batch row is no
+    /// longer renewed nor deleted, so it expires and the claimer takes what is owed; a row of
+    /// its own is left to its lease.
+    pub fn abandon(&self) {
+        if let Lease::Batch(b) = self {
+            b.abandoned.store(true, Ordering::Release);
+        }
+    }
+
     /// When the lease ends.
     pub fn until(&self) -> Micros {
         match self {
@@ -268,8 +278,27 @@ pub struct Outcome {
     pub health: Option<HealthWrite>,
     /// Disable its endpoint.
     pub disable: Option<Disable>,
-    /// Where the answer goes.
-    pub reply: oneshot::Sender<Recorded>,
+    /// What follows once it is written.
+    pub then: Then,
+}
+
+/// What follows an outcome's write.
+pub enum Then {
+    /// The job goes on (a retry it keeps under its own row): it waits for the answer.
+    Answer(oneshot::Sender<Recorded>),
+    /// The job is over: it ends when it hands the outcome over, and the recorder lets go of
+    /// what the delivery holds in memory once the outcome is written (or failed).
+    LetGo(Release),
+}
+
+/// What a delivery holds in memory until its outcome is written.
+pub struct Release {
+    /// Its lease: a batch's cover, or its entry among the rows held.
+    pub lease: Lease,
+    /// Its endpoint's place.
+    pub runtime: Arc<EndpointRuntime>,
+    /// Its payload's bytes, counted against the memory bound.
+    pub bytes: usize,
 }
 
 /// What became of an outcome.

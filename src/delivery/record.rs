@@ -162,7 +162,7 @@ pub(super) async fn record_loop(
                 Some(_) => Recorded::Lost,
                 None => Recorded::Failed,
             };
-            let _ = o.reply.send(recorded);
+            shared.written(o, recorded);
         }
     }
 }

@@ -6,12 +6,11 @@ use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::sync::{mpsc, oneshot, Notify, Semaphore};
+use tokio::sync::{mpsc, Notify, Semaphore};
 use uuid::Uuid;
 
 use super::client::{Client, Target};
-use super::model::{BatchLease, Endpoint};
-use super::model::{Outcome, Recorded};
+use super::model::{BatchLease, Endpoint, Lease, Outcome, Recorded, Then};
 use super::runtime::{EndpointRuntime, TokenBucket};
 use super::sign;
 use crate::auth::Changes;
@@ -457,20 +456,61 @@ impl Shared {
         }
     }
 
-    /// Send an outcome to the recorder and learn what became of it.
-    pub(super) async fn record(
+    /// Let go of what a delivery holds in memory: its place and payload bytes, its batch's
+    /// cover (the last one settles the batch row), and its entry among the rows held, unless
+    /// `stopping` (the hand-back takes it; a batch it was covered by expires).
+    pub(super) fn let_go(
         &self,
-        outcome: Outcome,
-        answer: oneshot::Receiver<Recorded>,
-    ) -> Recorded {
-        if self.recorder.send(outcome).await.is_err() {
-            return Recorded::Failed;
+        (event, endpoint): (EventId, Uuid),
+        lease: &Lease,
+        runtime: &EndpointRuntime,
+        bytes: usize,
+        stopping: bool,
+    ) {
+        match lease {
+            Lease::Batch(b) => {
+                if stopping {
+                    lease.abandon();
+                }
+                self.settle(b);
+            }
+            Lease::Row { .. } if !stopping => self.forget(event, endpoint),
+            Lease::Row { .. } => {}
         }
-        answer.await.unwrap_or(Recorded::Failed)
+        self.release(runtime, bytes);
+    }
+
+    /// Hand an outcome to the recorder. One that lets its job go counts as busy until the
+    /// recorder let it go (a shutdown waits for it); if the recorder is gone, it is let go here.
+    pub(super) async fn record(&self, outcome: Outcome) {
+        if matches!(outcome.then, Then::LetGo(_)) {
+            self.busy.fetch_add(1, Ordering::SeqCst);
+        }
+        if let Err(e) = self.recorder.send(outcome).await {
+            self.written(e.0, Recorded::Failed);
+        }
+    }
+
+    /// What follows an outcome's write (or its failure): its job learns what became of it, or
+    /// the delivery is let go (abandoned, its lease left to run out, when `Failed`).
+    pub(super) fn written(&self, outcome: Outcome, recorded: Recorded) {
+        match outcome.then {
+            Then::Answer(tx) => {
+                let _ = tx.send(recorded);
+            }
+            Then::LetGo(r) => {
+                if recorded == Recorded::Failed {
+                    r.lease.abandon();
+                }
+                let key = (outcome.event, outcome.endpoint);
+                self.let_go(key, &r.lease, &r.runtime, r.bytes, false);
+                self.busy.fetch_sub(1, Ordering::SeqCst);
+            }
+        }
     }
 }
 
-/// Counts a job as busy (attempting, or waiting for its outcome to be recorded) while it lives.
+/// Counts a job as busy (attempting, or handing its outcome to the recorder) while it lives.
 pub(super) struct Busy<'a>(&'a AtomicUsize);
 
 impl<'a> Busy<'a> {
