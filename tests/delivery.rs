@@ -882,3 +882,54 @@ async fn connections_are_reused_and_one_the_receiver_closed_costs_no_attempt() {
     );
     assert_eq!(recv.received().len(), 10, "nothing was sent twice");
 }
+
+/// Proves: whatever ends a delivery (a success, a dead letter after its retries), what it held
+/// in memory is given back once its outcome is written: the queue depth returns to 0 and every
+/// batch row is settled and deleted. (Ended jobs do not wait for their outcome's write; the
+/// recorder lets them go, so a missed let-go would leave the gauge up and a batch row behind.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_ended_delivery_gives_its_place_back() {
+    let url = own_database("triggers_test_let_go").await;
+    let recv = Receiver::start(|r, _| {
+        let n = r.json()["data"]["n"].as_i64().unwrap_or(0);
+        Answer::status(if n % 2 == 0 { 200 } else { 500 })
+    })
+    .await;
+    let args = [
+        "--allow-private-webhooks",
+        "--retry-schedule",
+        "100ms",
+        "--circuit-failures",
+        "1000",
+    ];
+    let s = Server::process_with_db(&args, &url);
+    let (key, _) = new_org(s.addr, "pro").await;
+    set_webhook(s.addr, &key, &recv.url("/")).await;
+    let mut ids = Vec::new();
+    for n in 0..30 {
+        ids.push((n, new_event_id(s.addr, &key, json!({ "n": n })).await));
+    }
+    for (n, id) in &ids {
+        let status = if n % 2 == 0 { "delivered" } else { "failed" };
+        wait_status(s.addr, &key, id, status, Duration::from_secs(10)).await;
+    }
+    let client = db_at(&url).await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let depth = metric(&s, "triggers_delivery_queue_depth").await;
+        let batches = count(&client, "SELECT count(*) FROM delivery_batches").await;
+        if depth == 0.0 && batches == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{depth} deliveries still held in memory, {batches} batch rows left"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        recv.received().len(),
+        15 + 15 * 2,
+        "one attempt each, two per failure"
+    );
+}
