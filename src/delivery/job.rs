@@ -254,7 +254,9 @@ async fn settle(
         disable,
         then,
     };
-    shared.record(outcome).await;
+    if let Some(room) = shared.record(outcome) {
+        room.await;
+    }
     let (Some(answer), Some(held)) = (answer, retry_held) else {
         return Step::Handed;
     };

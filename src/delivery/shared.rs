@@ -248,7 +248,9 @@ impl Shared {
                 return Ok(list.iter().find(|e| e.id == id).cloned());
             }
         }
-        let eps = self.org_endpoints(&[org]).await?;
+        // Boxed: the load's state is large and rare; a job's future (which holds this call's
+        // state while it waits) stays small for the usual case.
+        let eps = Box::pin(self.org_endpoints(&[org])).await?;
         Ok(eps
             .get(&org)
             .and_then(|list| list.iter().find(|e| e.id == id).cloned()))
@@ -482,13 +484,25 @@ impl Shared {
 
     /// Hand an outcome to the recorder. One that lets its job go counts as busy until the
     /// recorder let it go (a shutdown waits for it); if the recorder is gone, it is let go here.
-    pub(super) async fn record(&self, outcome: Outcome) {
+    /// When the recorder's queue is full, what is left to await is the wait for its room: boxed,
+    /// so a job's future (which holds it) stays small for the usual case.
+    pub(super) fn record(&self, outcome: Outcome) -> Option<RoomWait<'_>> {
         if matches!(outcome.then, Then::LetGo(_)) {
             self.busy.fetch_add(1, Ordering::SeqCst);
         }
-        if let Err(e) = self.recorder.send(outcome).await {
-            self.written(e.0, Recorded::Failed);
-        }
+        let outcome = match self.recorder.try_send(outcome) {
+            Ok(()) => return None,
+            Err(mpsc::error::TrySendError::Full(o)) => o,
+            Err(mpsc::error::TrySendError::Closed(o)) => {
+                self.written(o, Recorded::Failed);
+                return None;
+            }
+        };
+        Some(Box::pin(async move {
+            if let Err(e) = self.recorder.send(outcome).await {
+                self.written(e.0, Recorded::Failed);
+            }
+        }))
     }
 
     /// What follows an outcome's write (or its failure): its job learns what became of it, or
@@ -509,6 +523,9 @@ impl Shared {
         }
     }
 }
+
+/// The wait for room in the recorder's queue ([`Shared::record`]).
+pub(super) type RoomWait<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'a>>;
 
 /// Counts a job as busy (attempting, or handing its outcome to the recorder) while it lives.
 pub(super) struct Busy<'a>(&'a AtomicUsize);
