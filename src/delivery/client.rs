@@ -40,6 +40,9 @@ use crate::metrics::Metrics;
 pub const ANSWER_HEAD_MAX: usize = 64 * 1024;
 /// The most header fields an answer may have.
 const ANSWER_HEADERS_MAX: usize = 100;
+/// The most interim answers (`100 Continue`, `103 Early Hints`) before the real one: a receiver
+/// that sends them without end fails the attempt at once, not at its timeout.
+const ANSWER_INTERIM_MAX: u8 = 8;
 /// What a connection's read buffer grows by.
 const READ_CHUNK: usize = 4096;
 /// The most read buffer an idle connection keeps.
@@ -145,6 +148,8 @@ pub struct AnswerReader {
     retry_after: Option<String>,
     /// Whether the connection may carry another request once this answer is read.
     keep: bool,
+    /// Interim answers read so far.
+    interim: u8,
 }
 
 /// What [`AnswerReader::feed`] made of the bytes so far.
@@ -217,6 +222,7 @@ impl AnswerReader {
             status: 0,
             retry_after: None,
             keep: false,
+            interim: 0,
         }
     }
 
@@ -306,7 +312,15 @@ impl AnswerReader {
         match code {
             101 => return Err("the receiver switched protocols".into()),
             // An interim answer (100 Continue, 103 Early Hints): the real one follows.
-            100..=199 => return Ok(Head::Interim),
+            100..=199 if self.interim < ANSWER_INTERIM_MAX => {
+                self.interim += 1;
+                return Ok(Head::Interim);
+            }
+            100..=199 => {
+                return Err(format!(
+                    "the receiver sent more than {ANSWER_INTERIM_MAX} interim answers"
+                ))
+            }
             _ => {}
         }
         self.status = code;
@@ -1031,6 +1045,13 @@ mod tests {
             read("HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early\r\nLink: x\r\n\r\nHTTP/1.1 202 A\r\nContent-Length: 0\r\n\r\n"),
             done(202, Some(""), true)
         );
+        // But not without end.
+        let interim = "HTTP/1.1 100 Continue\r\n\r\n";
+        let last = "HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n";
+        let within = interim.repeat(ANSWER_INTERIM_MAX as usize) + last;
+        assert_eq!(read(&within), done(200, Some(""), true));
+        let over = interim.repeat(ANSWER_INTERIM_MAX as usize + 1) + last;
+        assert!(read(&over).unwrap_err().contains("interim answers"));
         // Chunked, trailers and extensions ignored.
         assert_eq!(
             read("HTTP/1.1 500 E\r\nTransfer-Encoding: gzip, chunked\r\n\r\n2;x=1\r\nno\r\n1\r\n!\r\n0\r\nT: 1\r\n\r\n"),
