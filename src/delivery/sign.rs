@@ -7,15 +7,34 @@ use hmac::{KeyInit, Mac};
 
 type HmacSha256 = hmac::Hmac<sha2::Sha256>;
 
-/// The key bytes of a `whsec_…` secret; `None` if it is not one.
-pub fn secret_key(secret: &str) -> Option<Vec<u8>> {
+/// A secret's HMAC key, made once per endpoint load: its padded key blocks are hashed then, and
+/// each signature starts from a copy of that state (two SHA-256 blocks fewer per signature).
+#[derive(Clone)]
+pub struct SigningKey(HmacSha256);
+
+impl SigningKey {
+    /// The key of these bytes.
+    pub fn new(key: &[u8]) -> SigningKey {
+        SigningKey(HmacSha256::new_from_slice(key).expect("HMAC takes keys of any length"))
+    }
+}
+
+impl std::fmt::Debug for SigningKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SigningKey(..)")
+    }
+}
+
+/// The key of a `whsec_…` secret; `None` if it is not one.
+pub fn secret_key(secret: &str) -> Option<SigningKey> {
     let b64 = secret.strip_prefix("whsec_")?;
-    base64::engine::general_purpose::STANDARD.decode(b64).ok()
+    let bytes = base64::engine::general_purpose::STANDARD.decode(b64).ok()?;
+    Some(SigningKey::new(&bytes))
 }
 
 /// The `webhook-signature` header value for one delivery.
-pub fn signature(key: &[u8], msg_id: &str, timestamp: i64, body: &[u8]) -> String {
-    let mut mac = HmacSha256::new_from_slice(key).expect("HMAC takes keys of any length");
+pub fn signature(key: &SigningKey, msg_id: &str, timestamp: i64, body: &[u8]) -> String {
+    let mut mac = key.0.clone();
     mac.update(msg_id.as_bytes());
     mac.update(b".");
     mac.update(timestamp.to_string().as_bytes());

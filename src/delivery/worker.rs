@@ -9,7 +9,7 @@ use std::time::{Duration, Instant, SystemTime};
 use super::client::{Client, Target};
 use super::model::{Attempt, Endpoint, Job, Verdict};
 use super::schedule::parse_retry_after;
-use super::sign::signature;
+use super::sign::{signature, SigningKey};
 use crate::config::{RESPONSE_BODY_KEPT_BYTES, RESPONSE_BODY_READ_BYTES_MAX};
 use crate::ids::Micros;
 use crate::json::Obj;
@@ -51,7 +51,7 @@ fn type_header(event_type: &str) -> Cow<'_, str> {
 
 /// The `webhook-signature` value: one `v1,` signature per key, space-separated (the current
 /// secret's first; during a rotation's grace period the previous secret's too).
-pub fn signatures(keys: &[Vec<u8>], id: &str, timestamp: i64, body: &[u8]) -> String {
+pub fn signatures(keys: &[SigningKey], id: &str, timestamp: i64, body: &[u8]) -> String {
     keys.iter()
         .map(|k| signature(k, id, timestamp, body))
         .collect::<Vec<_>>()
@@ -278,7 +278,7 @@ mod tests {
     fn both_secrets_sign_during_a_rotation() {
         let a =
             crate::delivery::sign::secret_key("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw").unwrap();
-        let b = vec![7u8; 32];
+        let b = SigningKey::new(&[7u8; 32]);
         let one = signatures(std::slice::from_ref(&a), "id", 1, b"{}");
         let two = signatures(&[a.clone(), b.clone()], "id", 1, b"{}");
         assert_eq!(two, format!("{one} {}", signature(&b, "id", 1, b"{}")));
