@@ -315,6 +315,17 @@ async fn a_slow_receiver_does_not_delay_other_organizations() {
     }
     slow.wait_until(Duration::from_secs(5), |r| r.len() >= 8)
         .await;
+    // The other 22 wait for A's slots, and the metrics say so.
+    let waiting = "triggers_deliveries_waiting{reason=\"concurrency\"}";
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while metric(&s, waiting).await != 22.0 {
+        assert!(
+            Instant::now() < deadline,
+            "{} deliveries counted waiting for a slot, not 22",
+            metric(&s, waiting).await
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     // A's receiver holds its 8 slots for 20 s each; B's events still go out at once: all 20 well
     // within the 20 s that waiting for A's slots would take. (Not a fixed second: on a loaded
     // box posting 20 events alone may take more than one.)

@@ -10,7 +10,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, TryAcquireError};
 
 use super::model::{
     Disable, Endpoint, HealthWrite, Held, Job, Lease, Next, Outcome, Recorded, Release, Then,
@@ -130,12 +130,17 @@ async fn step(shared: &Shared, job: &mut Job, runtime: &Arc<EndpointRuntime>) ->
         return wait_for(shared, job, runtime, until, Waiting::CircuitOpen).await;
     }
 
-    let slot = {
-        let _w = shared.metrics.waiting(Waiting::Concurrency);
-        let Ok(slot) = Arc::clone(&runtime.slots).acquire_owned().await else {
-            return Step::Done;
-        };
-        slot
+    // Counted as waiting only when it waits: the usual free slot costs the shared gauge nothing.
+    let slot = match Arc::clone(&runtime.slots).try_acquire_owned() {
+        Ok(slot) => slot,
+        Err(TryAcquireError::Closed) => return Step::Done,
+        Err(TryAcquireError::NoPermits) => {
+            let _w = shared.metrics.waiting(Waiting::Concurrency);
+            let Ok(slot) = Arc::clone(&runtime.slots).acquire_owned().await else {
+                return Step::Done;
+            };
+            slot
+        }
     };
     let token = runtime
         .gates()
@@ -146,12 +151,16 @@ async fn step(shared: &Shared, job: &mut Job, runtime: &Arc<EndpointRuntime>) ->
         drop(slot);
         return wait_for(shared, job, runtime, at, Waiting::RateLimited).await;
     }
-    let global = {
-        let _w = shared.metrics.waiting(Waiting::Concurrency);
-        let Ok(g) = shared.global.acquire().await else {
-            return Step::Done;
-        };
-        g
+    let global = match shared.global.try_acquire() {
+        Ok(g) => g,
+        Err(TryAcquireError::Closed) => return Step::Done,
+        Err(TryAcquireError::NoPermits) => {
+            let _w = shared.metrics.waiting(Waiting::Concurrency);
+            let Ok(g) = shared.global.acquire().await else {
+                return Step::Done;
+            };
+            g
+        }
     };
     let _busy = Busy::new(&shared.busy);
     if shared.stopping.load(Ordering::SeqCst) {
