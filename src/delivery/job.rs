@@ -233,16 +233,13 @@ async fn settle(
     health: Option<HealthWrite>,
     disable: Option<Disable>,
 ) -> Step {
-    let retry_held = match &next {
-        Next::Retry { held } => Some(*held),
-        _ => None,
-    };
-    let (then, answer) = match retry_held {
-        Some(_) => {
+    // A retry waits for its answer (with the lease its row will hold); anything else ends here.
+    let (then, retry) = match next {
+        Next::Retry { held } => {
             let (tx, rx) = oneshot::channel();
-            (Then::Answer(tx), Some(rx))
+            (Then::Answer(tx), Some((rx, held)))
         }
-        None => (
+        _ => (
             Then::LetGo(Release {
                 lease: job.lease.clone(),
                 runtime: Arc::clone(runtime),
@@ -266,7 +263,7 @@ async fn settle(
     if let Some(room) = shared.record(outcome) {
         room.await;
     }
-    let (Some(answer), Some(held)) = (answer, retry_held) else {
+    let Some((answer, held)) = retry else {
         return Step::Handed;
     };
     match answer.await.unwrap_or(Recorded::Failed) {
