@@ -464,23 +464,32 @@ async fn metric(s: &Server, name: &str) -> f64 {
 /// Its own database: the other tests' servers would claim this endpoint's due rows (each node
 /// keeps its own breaker), and the attempts counted must be this node's.
 async fn failing_endpoint(database: &str, open_s: &str) -> (Receiver, Server, String, Value) {
+    let (recv, s, key, ep, _) = failing_endpoint_with(database, open_s, &[]).await;
+    (recv, s, key, ep)
+}
+
+/// [`failing_endpoint`] with more server arguments; also gives the database's URL.
+async fn failing_endpoint_with(
+    database: &str,
+    open_s: &str,
+    more: &[&str],
+) -> (Receiver, Server, String, Value, String) {
     let recv = Receiver::start(|_, _| Answer::status(500)).await;
     let url = own_database(database).await;
-    let s = Server::start_with_db(
-        &[
-            PRIVATE,
-            "--circuit-failures",
-            "3",
-            "--circuit-open-s",
-            open_s,
-            "--retry-schedule",
-            "100ms,100ms,100ms,100ms,100ms,100ms,100ms,100ms",
-        ],
-        &url,
-    );
+    let mut args = vec![
+        PRIVATE,
+        "--circuit-failures",
+        "3",
+        "--circuit-open-s",
+        open_s,
+        "--retry-schedule",
+        "100ms,100ms,100ms,100ms,100ms,100ms,100ms,100ms",
+    ];
+    args.extend_from_slice(more);
+    let s = Server::start_with_db(&args, &url);
     let (key, _) = new_org(s.addr, "pro").await;
     let ep = create_endpoint(s.addr, &key, json!({"url": recv.url("/x")})).await;
-    (recv, s, key, ep)
+    (recv, s, key, ep, url)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -578,6 +587,48 @@ async fn a_resume_closes_the_circuit_and_what_waited_on_it_goes_at_once() {
         "three failures and the success: no attempt lost"
     );
     assert_eq!(metric(&s, waiting).await, 0.0);
+}
+
+/// A lease shorter than the open circuit: the waiting delivery is handed back to the database,
+/// due when the circuit was to close. A resume starts the circuit afresh, so that row is due at
+/// once too, not 30 s later.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resume_makes_what_was_handed_back_for_the_circuit_due_at_once() {
+    let (recv, s, key, ep, url) = failing_endpoint_with(
+        "triggers_test_resume_handed_back",
+        "30",
+        &["--delivery-lease-s", "2", "--delivery-timeout-ms", "1000"],
+    )
+    .await;
+    let id = ep["id"].as_str().unwrap();
+    let first = post_typed(s.addr, &key, "t").await;
+    recv.wait_until(Duration::from_secs(5), |r| r.len() >= 3)
+        .await;
+    // The retry after the third failure can't wait 30 s under a 2 s lease: its row in the
+    // database is due when the circuit closes.
+    let client = db_at(&url).await;
+    let handed_back = "SELECT count(*) FROM deliveries \
+                       WHERE status = 0 AND next_attempt_at > now() + interval '20 seconds'";
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while count(&client, handed_back).await != 1 {
+        assert!(
+            Instant::now() < deadline,
+            "the delivery was not handed back to wait for the circuit"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(recv.received().len(), 3, "nothing is sent while open");
+    recv.set_script(|_, _| Answer::status(200));
+    let r = post_empty(s.addr, &key, &format!("/api/endpoints/{id}/resume")).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["health"]["circuit"], "closed");
+    recv.wait_until(Duration::from_secs(10), |r| {
+        r.iter().any(|x| x.answered == 200 && x.event_id() == first)
+    })
+    .await;
+    let e = wait_delivered(s.addr, &key, &first, Duration::from_secs(5)).await;
+    assert_eq!(e["attempts"], 4, "three failures and the success");
+    assert_eq!(count(&client, handed_back).await, 0);
 }
 
 /// A node that retries once after 50 ms and never opens a circuit, on a database of its own: for

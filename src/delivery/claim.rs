@@ -375,7 +375,7 @@ async fn claim(
             lease,
             due: now,
         };
-        let runtime = shared.runtime(job.endpoint);
+        let runtime = shared.runtime(job.org, job.endpoint);
         shared.reserve(&runtime, None, job.payload.len(), true);
         tokio::spawn(run_job(Arc::clone(shared), job, runtime, acked));
     }

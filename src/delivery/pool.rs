@@ -145,7 +145,7 @@ impl DeliveryHandle {
                     let disposition = if ep.status == EndpointStatus::Paused {
                         Disposition::Parked
                     } else {
-                        let runtime = shared.runtime(ep.id);
+                        let runtime = shared.runtime(event.org, ep.id);
                         let open = runtime.gates().breaker.closed_until(now).is_some();
                         let bytes = event.payload.len();
                         if !open && shared.reserve(&runtime, ep.rate_limit, bytes, false) {
@@ -181,8 +181,8 @@ impl DeliverySink for DeliveryHandle {
         not_written: Vec<(OrgId, Planned)>,
     ) {
         let shared = &self.0;
-        for (_, planned) in not_written {
-            give_back(shared, &planned);
+        for (org, planned) in not_written {
+            give_back(shared, org, &planned);
         }
         let mut left_due = false;
         let mut jobs = Vec::new();
@@ -241,7 +241,7 @@ impl DeliverySink for DeliveryHandle {
                     lease: Lease::Batch(Arc::clone(&batch)),
                     due: now,
                 };
-                let runtime = shared.runtime(endpoint);
+                let runtime = shared.runtime(job.org, endpoint);
                 tokio::spawn(run_job(Arc::clone(shared), job, runtime, false));
             }
         }
@@ -260,10 +260,10 @@ impl DeliverySink for DeliveryHandle {
 }
 
 /// Give back the in-memory places a plan took for deliveries that were not written.
-fn give_back(shared: &Shared, planned: &Planned) {
+fn give_back(shared: &Shared, org: OrgId, planned: &Planned) {
     for (endpoint, disposition) in planned.endpoints.iter().zip(&planned.dispositions) {
         if *disposition == Disposition::Held {
-            let runtime = shared.runtime(*endpoint);
+            let runtime = shared.runtime(org, *endpoint);
             // Each held delivery took its payload's bytes; the plan's total is their sum.
             let per = planned.held_bytes
                 / planned

@@ -10,7 +10,7 @@ use tokio::sync::{Notify, Semaphore};
 use uuid::Uuid;
 
 use crate::flow::answer::Circuit;
-use crate::ids::Micros;
+use crate::ids::{Micros, OrgId};
 
 /// How long a delivery waits before looking again while another one probes a half-open circuit.
 pub const PROBE_WAIT: Duration = Duration::from_millis(100);
@@ -156,6 +156,10 @@ pub struct Gates {
     pub config_at: Micros,
     /// When a success was last written to the endpoint's health.
     pub success_written_at: Option<Micros>,
+    /// Its organization's endpoints changed since the gates were synced (a resume on any node
+    /// starts the circuit afresh): until a job syncs them again, an open breaker here no longer
+    /// keeps the claimer from the endpoint's due rows.
+    pub recheck: bool,
 }
 
 /// What this node keeps per endpoint.
@@ -163,6 +167,8 @@ pub struct Gates {
 pub struct EndpointRuntime {
     /// The endpoint.
     pub id: Uuid,
+    /// Its organization.
+    pub org: OrgId,
     /// Its share of delivery concurrency.
     pub slots: Arc<Semaphore>,
     /// Deliveries to it held in memory.
@@ -176,9 +182,10 @@ pub struct EndpointRuntime {
 
 impl EndpointRuntime {
     /// A fresh runtime with `slots` concurrent attempts.
-    pub fn new(id: Uuid, slots: usize) -> EndpointRuntime {
+    pub fn new(id: Uuid, org: OrgId, slots: usize) -> EndpointRuntime {
         EndpointRuntime {
             id,
+            org,
             slots: Arc::new(Semaphore::new(slots)),
             in_memory: AtomicUsize::new(0),
             gates: Mutex::new(Gates::default()),

@@ -129,32 +129,29 @@ impl From<u8> for Room {
 }
 
 impl Shared {
-    /// Drop the cached endpoints of `org` (of every organization with `None`), and wake the
-    /// deliveries waiting on those endpoints' gates to look again. A waiting delivery looked its
-    /// endpoint up in this cache, so a dropped list names it; one that misses the wake-up (its
-    /// organization's list was dropped for room meanwhile) goes when its wait ends.
+    /// Drop the cached endpoints of `org` (of every organization with `None`); its endpoints'
+    /// gates are to be synced again, and the deliveries waiting on them look again.
     pub(super) fn forget_endpoints(&self, org: Option<OrgId>) {
-        let dropped = {
+        {
             let mut cache = self.endpoints.lock().unwrap_or_else(|p| p.into_inner());
             cache.changes.record(org);
             match org {
-                Some(org) => cache.orgs.remove(&org).into_iter().collect(),
-                None => std::mem::take(&mut cache.orgs).into_values().collect(),
+                Some(org) => drop(cache.orgs.remove(&org)),
+                None => cache.orgs.clear(),
             }
-        };
-        self.wake_waiters(dropped);
+        }
+        self.recheck_gates(org);
     }
 
-    /// Wake what waits on the gates of the endpoints in `lists`.
-    fn wake_waiters(&self, lists: Vec<OrgEndpoints>) {
-        if lists.is_empty() {
-            return;
-        }
+    /// After a change to `org`'s endpoints (every organization's for `None`), on any node: until
+    /// a job syncs them with the endpoint as stored, its gates' open circuit no longer keeps the
+    /// claimer from its due rows (a resume starts the circuit afresh, also of a disabled endpoint
+    /// that no cached list names), and what waits on them looks again.
+    fn recheck_gates(&self, org: Option<OrgId>) {
         let runtimes = self.runtimes.lock().unwrap_or_else(|p| p.into_inner());
-        for e in lists.iter().flat_map(|l| l.iter()) {
-            if let Some(r) = runtimes.get(&e.id) {
-                r.changed.notify_waiters();
-            }
+        for r in runtimes.values().filter(|r| org.is_none_or(|o| o == r.org)) {
+            r.gates().recheck = true;
+            r.changed.notify_waiters();
         }
     }
 
@@ -257,11 +254,12 @@ impl Shared {
     }
 
     /// What this node keeps for endpoint `id`.
-    pub(super) fn runtime(&self, id: Uuid) -> Arc<EndpointRuntime> {
+    pub(super) fn runtime(&self, org: OrgId, id: Uuid) -> Arc<EndpointRuntime> {
         let mut runtimes = self.runtimes.lock().unwrap_or_else(|p| p.into_inner());
         Arc::clone(runtimes.entry(id).or_insert_with(|| {
             Arc::new(EndpointRuntime::new(
                 id,
+                org,
                 self.config.delivery_endpoint_concurrency,
             ))
         }))
@@ -283,6 +281,7 @@ impl Shared {
             g.breaker.open_until = endpoint.circuit_open_until;
             g.breaker.probing = false;
         }
+        g.recheck = false;
         match endpoint.rate_limit {
             Some(rate) if g.bucket.as_ref().map(TokenBucket::rate) != Some(rate) => {
                 g.bucket = Some(TokenBucket::new(rate, Micros::now()));
@@ -402,8 +401,11 @@ impl Shared {
             if r.held() >= max {
                 ids.push(r.id);
                 at_bound.push(Arc::clone(r));
-            } else if r.gates().breaker.closed_until(now).is_some() {
-                ids.push(r.id);
+            } else {
+                let g = r.gates();
+                if !g.recheck && g.breaker.closed_until(now).is_some() {
+                    ids.push(r.id);
+                }
             }
         }
         (ids, at_bound)

@@ -332,7 +332,7 @@ pub async fn delete(ctx: &StoreCtx, org: OrgId, id: Uuid) -> Result<Answer, Refu
 /// `POST /api/endpoints/{id}/pause` and `/resume`. Pausing parks the endpoint's pending
 /// deliveries (new events that match it are stored parked too). Resuming (also a disabled
 /// endpoint) starts its circuit afresh and makes every parked delivery due now, except those of
-/// acknowledged events.
+/// acknowledged events, and so are those handed back due when the old circuit was to close.
 pub async fn set_paused(
     ctx: &StoreCtx,
     org: OrgId,
@@ -341,6 +341,7 @@ pub async fn set_paused(
 ) -> Result<Answer, Refusal> {
     let now = Micros::now().to_system_time();
     let row = org_change!(ctx, org, "pause or resume endpoint", |tx| {
+        let mut circuit_until: Option<SystemTime> = None;
         let row = if paused {
             tx.query_opt(
                 &format!(
@@ -358,6 +359,17 @@ pub async fn set_paused(
             .await?
             .ok_or(NOT_FOUND)?
         } else {
+            // Deliveries handed back to the database while the circuit was open are due when it
+            // was to close; the circuit starts afresh, so they are due now too.
+            circuit_until = tx
+                .query_opt(
+                    "SELECT circuit_open_until FROM endpoints \
+                     WHERE id = $1 AND org_id = $2 AND status <> $3 FOR UPDATE",
+                    &[&id, &org.0, &EndpointStatus::Removed.code()],
+                )
+                .await?
+                .ok_or(NOT_FOUND)?
+                .get(0);
             tx.query_opt(
                 &format!(
                     "UPDATE endpoints SET status = $3, updated_at = $4, disabled_reason = NULL, \
@@ -389,6 +401,14 @@ pub async fn set_paused(
                 ],
             )
             .await?;
+            if let Some(until) = circuit_until {
+                tx.execute(
+                    "UPDATE deliveries SET next_attempt_at = $2 \
+                     WHERE endpoint_id = $1 AND status = 0 AND next_attempt_at = $3",
+                    &[&id, &now, &until],
+                )
+                .await?;
+            }
         }
         row
     });
