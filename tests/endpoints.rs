@@ -1030,6 +1030,61 @@ async fn an_endpoint_failing_for_too_long_is_disabled_and_keeps_its_deliveries()
     wait_delivered(s.addr, &key, &id, Duration::from_secs(5)).await;
 }
 
+/// A redelivery asked for while the first attempt is in flight under a batch's lease gives the
+/// delivery a row of its own (here parked: the endpoint was paused meanwhile). That attempt's
+/// success is then not this node's to record: it is not logged, so the parked row's count of
+/// attempts and the log agree, and the resume delivers the event again. Its own database: no
+/// other test's node takes the row.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redelivery_during_a_first_attempt_takes_the_delivery_over() {
+    redelivery_during_a_first_attempt("triggers_test_redeliver_in_flight", false).await;
+}
+
+/// The same for a first attempt claimed from the database (a backlog: the endpoint was paused
+/// when the event came), leased by a claim's batch row that names it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redelivery_during_a_claimed_first_attempt_takes_the_delivery_over() {
+    redelivery_during_a_first_attempt("triggers_test_redeliver_claimed", true).await;
+}
+
+async fn redelivery_during_a_first_attempt(database: &str, claimed: bool) {
+    let url = own_database(database).await;
+    let recv = Receiver::start(|_, _| Answer {
+        delay: Duration::from_millis(1000),
+        ..Answer::status(200)
+    })
+    .await;
+    let s = Server::start_with_db(&[PRIVATE], &url);
+    let (key, _) = new_org(s.addr, "pro").await;
+    let ep = create_endpoint(s.addr, &key, json!({"url": recv.url("/")})).await;
+    let ep = ep["id"].as_str().unwrap();
+    let pause = format!("/api/endpoints/{ep}/pause");
+    let resume = format!("/api/endpoints/{ep}/resume");
+    if claimed {
+        assert_eq!(post_empty(s.addr, &key, &pause).await.status, 200);
+    }
+    let id = post_typed(s.addr, &key, "t").await;
+    if claimed {
+        assert_eq!(post_empty(s.addr, &key, &resume).await.status, 200);
+    }
+    recv.wait_until(Duration::from_secs(5), |r| r.len() == 1)
+        .await;
+    assert_eq!(post_empty(s.addr, &key, &pause).await.status, 200);
+    let r = post_empty(s.addr, &key, &format!("/api/events/{id}/redeliver")).await;
+    assert_eq!(r.status, 202, "{}", r.text());
+    // The first attempt is answered 200 and its outcome recorded: not logged.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let e = get(s.addr, &key, &format!("/api/events/{id}")).await.json();
+    assert_eq!(e["status"], "pending", "{e}");
+    assert_eq!(e["attempts"], 0, "{e}");
+    assert_eq!(e["delivery_attempts"].as_array().unwrap().len(), 0, "{e}");
+    assert_eq!(post_empty(s.addr, &key, &resume).await.status, 200);
+    let e = wait_delivered(s.addr, &key, &id, Duration::from_secs(10)).await;
+    assert_eq!(e["attempts"], 1, "{e}");
+    assert_eq!(e["delivery_attempts"].as_array().unwrap().len(), 1, "{e}");
+    assert_eq!(recv.received().len(), 2);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redelivery_starts_a_round_for_every_endpoint_or_the_one_named() {
     let recv = Receiver::start(|_, _| Answer::status(200)).await;

@@ -37,7 +37,6 @@ use crate::ids::{new_v7, EventId, Micros, OrgId};
 use crate::json::Obj;
 use futures_util::SinkExt;
 use std::sync::atomic::Ordering;
-use tokio_postgres::types::ToSql;
 
 const COPY_LOG: &str = "COPY delivery_attempts (event_id, endpoint_id, attempt, at, \
      response_status, error, duration_ms, response_body, org_id) FROM STDIN (FORMAT binary)";
@@ -287,43 +286,56 @@ fn batch_success(o: &Outcome) -> bool {
 }
 
 /// The successes under a batch's lease that are still this node's: their batch row exists and
-/// no one gave the delivery a row of its own (a redelivery, a take-over).
+/// no one gave the delivery a row of its own (a redelivery; a take-over deletes the batch row).
+/// Only the successes of batches a redelivery marked are looked up in `deliveries`
+/// (migrations/0009): the usual batch costs one lookup of its row, not one per success.
 async fn owned_batch_successes(
     tx: &Transaction<'_>,
     batch: &[Outcome],
 ) -> Result<HashSet<(Uuid, Uuid)>, tokio_postgres::Error> {
     let mut batches: Vec<Uuid> = Vec::new();
-    let mut events: Vec<Uuid> = Vec::new();
     for o in batch.iter().filter(|o| batch_success(o)) {
         if let Held::Batch(b) = o.held {
             if !batches.contains(&b) {
                 batches.push(b);
             }
         }
-        events.push(o.event.0);
     }
-    if events.is_empty() {
+    if batches.is_empty() {
         return Ok(HashSet::new());
     }
     let live_stmt = tx
-        .prepare_cached("SELECT id FROM delivery_batches WHERE id = ANY($1)")
+        .prepare_cached("SELECT id, redelivered FROM delivery_batches WHERE id = ANY($1)")
         .await?;
-    let rows_stmt = tx
-        .prepare_cached("SELECT event_id, endpoint_id FROM deliveries WHERE event_id = ANY($1)")
-        .await?;
-    let (live_params, rows_params): ([&(dyn ToSql + Sync); 1], [&(dyn ToSql + Sync); 1]) =
-        ([&batches], [&events]);
-    // Both in one round trip (the client pipelines them).
-    let (live, taken) = tokio::try_join!(
-        tx.query(&live_stmt, &live_params),
-        tx.query(&rows_stmt, &rows_params)
-    )?;
-    let live: HashSet<Uuid> = live.iter().map(|r| r.get(0)).collect();
-    let taken: HashSet<(Uuid, Uuid)> = taken.iter().map(|r| (r.get(0), r.get(1))).collect();
+    let mut live: HashSet<Uuid> = HashSet::new();
+    let mut marked: HashSet<Uuid> = HashSet::new();
+    for r in tx.query(&live_stmt, &[&batches]).await? {
+        let id: Uuid = r.get(0);
+        live.insert(id);
+        if r.get::<_, bool>(1) {
+            marked.insert(id);
+        }
+    }
+    let ours =
+        |o: &&Outcome| batch_success(o) && matches!(o.held, Held::Batch(b) if live.contains(&b));
+    let events: Vec<Uuid> = batch
+        .iter()
+        .filter(ours)
+        .filter(|o| matches!(o.held, Held::Batch(b) if marked.contains(&b)))
+        .map(|o| o.event.0)
+        .collect();
+    let mut taken: HashSet<(Uuid, Uuid)> = HashSet::new();
+    if !events.is_empty() {
+        let rows_stmt = tx
+            .prepare_cached("SELECT event_id, endpoint_id FROM deliveries WHERE event_id = ANY($1)")
+            .await?;
+        for r in tx.query(&rows_stmt, &[&events]).await? {
+            taken.insert((r.get(0), r.get(1)));
+        }
+    }
     Ok(batch
         .iter()
-        .filter(|o| batch_success(o))
-        .filter(|o| matches!(o.held, Held::Batch(b) if live.contains(&b)))
+        .filter(ours)
         .map(|o| (o.event.0, o.endpoint))
         .filter(|key| !taken.contains(key))
         .collect())

@@ -115,6 +115,13 @@ const NEW_ROUND: &str = "\
                                ELSE EXCLUDED.next_attempt_at END, \
         delivered_at = NULL, failed_at = NULL";
 
+/// The batch rows that may hold a first attempt of the event in flight (its group commit's, a
+/// claim's naming it) learn that a redelivery gave it a row: the recorder then checks their
+/// successes against `deliveries` (migrations/0009). Few rows: only batches still held.
+const MARK_BATCHES: &str = "\
+    UPDATE delivery_batches SET redelivered = true \
+    WHERE (id = $1 OR $2 = ANY(members_event)) AND NOT redelivered";
+
 /// A new round of attempts to every endpoint the event matched and every endpoint that takes
 /// its type now (active or paused), or only to `endpoint`. An acknowledged event is
 /// unacknowledged: it is pending again, whatever it was.
@@ -128,7 +135,8 @@ pub async fn redeliver(
     let tx = client.transaction().await?;
     let row = tx
         .query_opt(
-            "SELECT type, endpoints, status FROM events WHERE id = $1 AND org_id = $2 FOR UPDATE",
+            "SELECT type, endpoints, status, batch_id FROM events \
+             WHERE id = $1 AND org_id = $2 FOR UPDATE",
             &[&id, &org.0],
         )
         .await?
@@ -136,6 +144,7 @@ pub async fn redeliver(
     let event_type: String = row.get(0);
     let matched: Vec<Uuid> = row.get::<_, Option<Vec<Uuid>>>(1).unwrap_or_default();
     let status: i16 = row.get(2);
+    let batch: Option<Uuid> = row.get(3);
     let live = [EndpointStatus::Active.code(), EndpointStatus::Paused.code()];
     let candidates = tx
         .query(
@@ -169,6 +178,7 @@ pub async fn redeliver(
         .map(|&(_, paused)| (!paused).then_some(now))
         .collect();
     tx.execute(NEW_ROUND, &[&id, &org.0, &eps, &nexts]).await?;
+    tx.execute(MARK_BATCHES, &[&batch, &id]).await?;
     let mut all = matched.clone();
     all.extend(eps.iter().filter(|e| !matched.contains(e)));
     if status != STATUS_DERIVED || all.len() != matched.len() {

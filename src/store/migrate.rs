@@ -46,6 +46,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "0008_claimed_batches.sql",
         include_str!("../../migrations/0008_claimed_batches.sql"),
     ),
+    (
+        9,
+        "0009_redelivered_batches.sql",
+        include_str!("../../migrations/0009_redelivered_batches.sql"),
+    ),
 ];
 
 /// Arbitrary constant naming the migration lock.
