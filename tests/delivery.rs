@@ -761,6 +761,44 @@ async fn the_claims_plan_looks_rows_up_by_key_whatever_the_estimates() {
             "the claim scans {part}:\n{plan}"
         );
     }
+    // Run, the claim's delete looks in its rows' day partition only: the generic plan prunes the
+    // other days by the rows' range of ids (by the array alone it looked in every day's key).
+    let ran: Vec<String> = client
+        .query(
+            "EXPLAIN (ANALYZE, COSTS OFF, TIMING OFF, SUMMARY OFF) \
+             EXECUTE claim(now(), '{}', 1000, now() + interval '1 minute', gen_random_uuid())",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let part: String = client
+        .query_one("SELECT tableoid::regclass::text FROM events LIMIT 1", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let part = part.replace("events", "deliveries");
+    // The delete's and the update's scans (`d_N`), not the due rows' merge (`deliveries_N`).
+    let scans: Vec<&String> = ran
+        .iter()
+        .filter(|l| l.contains("Scan") && l.contains(" on deliveries_") && l.contains(" d_"))
+        .collect();
+    assert!(
+        scans
+            .iter()
+            .any(|l| l.contains(&format!(" on {part} ")) && !l.contains("(never executed)")),
+        "the delete looks in {part}:\n{}",
+        ran.join("\n")
+    );
+    for line in scans {
+        assert!(
+            line.contains(&format!(" on {part} ")) || line.contains("(never executed)"),
+            "only {part} is looked in:\n{}",
+            ran.join("\n")
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

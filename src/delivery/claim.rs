@@ -44,6 +44,11 @@ use crate::ids::{new_v7, EventId, Micros, OrgId};
 /// joins, the prepared statement's generic plan hashed the whole deliveries table at every claim
 /// (281 µs of PostgreSQL per claimed row with a backlog of 200,000; 18 µs now).
 ///
+/// The rows' first and last event ids bound the delete and the update too: the generic plan can't
+/// prune the day partitions by an array, but it prunes them by a range when it runs, so each looks
+/// in the partitions of the claimed rows' days only, not in every day's (~0.2 µs per row and
+/// partition: 38 partitions with the default retention).
+///
 /// It runs on that generic plan ([`CLAIM_BEGIN`]), planned once per connection: left to choose,
 /// PostgreSQL kept planning it afresh at every claim (its generic cost estimate is high), about
 /// 1 ms a claim with a day's partitions of three tables to consider, 4 µs per claimed row.
@@ -56,12 +61,20 @@ pub const CLAIM: &str = "\
     fresh AS ( \
         DELETE FROM deliveries d \
         WHERE d.event_id = ANY(ARRAY(SELECT event_id FROM due WHERE attempts = 0)) \
+          AND d.event_id >= (SELECT event_id FROM due WHERE attempts = 0 \
+                             ORDER BY event_id LIMIT 1) \
+          AND d.event_id <= (SELECT event_id FROM due WHERE attempts = 0 \
+                             ORDER BY event_id DESC LIMIT 1) \
           AND ((d.event_id, d.endpoint_id) IN (SELECT event_id, endpoint_id FROM due \
                                                WHERE attempts = 0)) IS TRUE \
         RETURNING d.event_id, d.endpoint_id, d.org_id, d.attempts, d.retry_base), \
     again AS ( \
         UPDATE deliveries d SET next_attempt_at = $4 \
         WHERE d.event_id = ANY(ARRAY(SELECT event_id FROM due WHERE attempts > 0)) \
+          AND d.event_id >= (SELECT event_id FROM due WHERE attempts > 0 \
+                             ORDER BY event_id LIMIT 1) \
+          AND d.event_id <= (SELECT event_id FROM due WHERE attempts > 0 \
+                             ORDER BY event_id DESC LIMIT 1) \
           AND ((d.event_id, d.endpoint_id) IN (SELECT event_id, endpoint_id FROM due \
                                                WHERE attempts > 0)) IS TRUE \
         RETURNING d.event_id, d.endpoint_id, d.org_id, d.attempts, d.retry_base), \
