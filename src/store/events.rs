@@ -117,10 +117,14 @@ const NEW_ROUND: &str = "\
 
 /// The batch rows that may hold a first attempt of the event in flight (its group commit's, a
 /// claim's naming it) learn that a redelivery gave it a row: the recorder then checks their
-/// successes against `deliveries` (migrations/0009). Few rows: only batches still held.
+/// successes against `deliveries` (migrations/0009). Few rows: only batches still held. Locked in
+/// id order, as the lease renewal and the recorder lock them; a deadlock with a take-over (it
+/// holds the batch and waits for this round's row) makes one of the two retry.
 const MARK_BATCHES: &str = "\
     UPDATE delivery_batches SET redelivered = true \
-    WHERE (id = $1 OR $2 = ANY(members_event)) AND NOT redelivered";
+    WHERE id IN (SELECT id FROM delivery_batches \
+                 WHERE (id = $1 OR $2 = ANY(members_event)) AND NOT redelivered \
+                 ORDER BY id FOR UPDATE)";
 
 /// A new round of attempts to every endpoint the event matched and every endpoint that takes
 /// its type now (active or paused), or only to `endpoint`. An acknowledged event is
