@@ -722,18 +722,7 @@ async fn the_claims_plan_looks_rows_up_by_key_whatever_the_estimates() {
         ))
         .await
         .unwrap();
-    let plan: Vec<String> = client
-        .query(
-            "EXPLAIN (COSTS OFF) EXECUTE claim(now(), '{}', 1000, now() + interval '1 minute', \
-                                               gen_random_uuid())",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
-    let plan = plan.join("\n");
+    let plan = explain_claim(&client, "COSTS OFF").await.join("\n");
     // The server's claim transaction runs it on this plan, not on one made for the values.
     let planned = client
         .query_one(
@@ -763,17 +752,7 @@ async fn the_claims_plan_looks_rows_up_by_key_whatever_the_estimates() {
     }
     // Run, the claim's delete looks in its rows' day partition only: the generic plan prunes the
     // other days by the rows' range of ids (by the array alone it looked in every day's key).
-    let ran: Vec<String> = client
-        .query(
-            "EXPLAIN (ANALYZE, COSTS OFF, TIMING OFF, SUMMARY OFF) \
-             EXECUTE claim(now(), '{}', 1000, now() + interval '1 minute', gen_random_uuid())",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let ran = explain_claim(&client, "ANALYZE, COSTS OFF, TIMING OFF, SUMMARY OFF").await;
     let part: String = client
         .query_one("SELECT tableoid::regclass::text FROM events LIMIT 1", &[])
         .await
@@ -799,6 +778,23 @@ async fn the_claims_plan_looks_rows_up_by_key_whatever_the_estimates() {
             ran.join("\n")
         );
     }
+}
+
+/// The lines of `EXPLAIN (options)` of the prepared claim, for up to 1,000 rows due now.
+async fn explain_claim(client: &tokio_postgres::Client, options: &str) -> Vec<String> {
+    client
+        .query(
+            &format!(
+                "EXPLAIN ({options}) EXECUTE claim(now(), '{{}}', 1000, \
+                 now() + interval '1 minute', gen_random_uuid())"
+            ),
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -551,6 +551,29 @@ async fn the_circuit_opens_after_consecutive_failures_probes_once_and_closes() {
     assert!(health["last_success_at"].is_string());
 }
 
+/// Check `done` every 50 ms for up to 5 s; panic with `failed` if it never holds.
+async fn poll_until<F, Fut>(mut done: F, failed: &str)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !done().await {
+        assert!(Instant::now() < deadline, "{failed}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Nothing was sent past the three failures while the circuit was open; now the receiver answers
+/// 200 and endpoint `id` is resumed, its circuit closed.
+async fn fix_and_resume(recv: &Receiver, s: &Server, key: &str, id: &str) {
+    assert_eq!(recv.received().len(), 3, "nothing is sent while open");
+    recv.set_script(|_, _| Answer::status(200));
+    let r = post_empty(s.addr, key, &format!("/api/endpoints/{id}/resume")).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["health"]["circuit"], "closed");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_resume_closes_the_circuit_and_what_waited_on_it_goes_at_once() {
     let (recv, s, key, ep) = failing_endpoint("triggers_test_resume_circuit", "30").await;
@@ -560,22 +583,12 @@ async fn a_resume_closes_the_circuit_and_what_waited_on_it_goes_at_once() {
         .await;
     // The circuit is open for 30 s; the delivery's next attempt waits on it, in memory.
     let waiting = "triggers_deliveries_waiting{reason=\"circuit_open\"}";
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while metric(&s, waiting).await < 1.0 {
-        assert!(
-            Instant::now() < deadline,
-            "no delivery waits on the open circuit"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert_eq!(recv.received().len(), 3, "nothing is sent while open");
+    let open = || async { metric(&s, waiting).await >= 1.0 };
+    poll_until(open, "no delivery waits on the open circuit").await;
     // The receiver is fixed and the endpoint resumed: its circuit starts afresh, and the
     // delivery that waited on the old one goes now, not when the 30 s are over.
-    recv.set_script(|_, _| Answer::status(200));
     let resumed = Instant::now();
-    let r = post_empty(s.addr, &key, &format!("/api/endpoints/{id}/resume")).await;
-    assert_eq!(r.status, 200);
-    assert_eq!(r.json()["health"]["circuit"], "closed");
+    fix_and_resume(&recv, &s, &key, id).await;
     recv.wait_until(Duration::from_secs(10), |r| {
         r.iter().any(|x| x.answered == 200 && x.event_id() == first)
     })
@@ -609,19 +622,13 @@ async fn a_resume_makes_what_was_handed_back_for_the_circuit_due_at_once() {
     let client = db_at(&url).await;
     let handed_back = "SELECT count(*) FROM deliveries \
                        WHERE status = 0 AND next_attempt_at > now() + interval '20 seconds'";
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while count(&client, handed_back).await != 1 {
-        assert!(
-            Instant::now() < deadline,
-            "the delivery was not handed back to wait for the circuit"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert_eq!(recv.received().len(), 3, "nothing is sent while open");
-    recv.set_script(|_, _| Answer::status(200));
-    let r = post_empty(s.addr, &key, &format!("/api/endpoints/{id}/resume")).await;
-    assert_eq!(r.status, 200);
-    assert_eq!(r.json()["health"]["circuit"], "closed");
+    let one = || async { count(&client, handed_back).await == 1 };
+    poll_until(
+        one,
+        "the delivery was not handed back to wait for the circuit",
+    )
+    .await;
+    fix_and_resume(&recv, &s, &key, id).await;
     recv.wait_until(Duration::from_secs(10), |r| {
         r.iter().any(|x| x.answered == 200 && x.event_id() == first)
     })
