@@ -46,6 +46,9 @@ pub struct Endpoint {
     pub failing_since: Option<Micros>,
     /// Until when its circuit is open.
     pub circuit_open_until: Option<Micros>,
+    /// The endpoint cache's change epoch its load started at: it shows every change recorded
+    /// by then.
+    pub loaded_at: u64,
 }
 
 impl Endpoint {
@@ -337,6 +340,7 @@ mod tests {
             consecutive_failures: 0,
             failing_since: None,
             circuit_open_until: None,
+            loaded_at: 0,
         }
     }
 

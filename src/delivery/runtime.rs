@@ -156,10 +156,27 @@ pub struct Gates {
     pub config_at: Micros,
     /// When a success was last written to the endpoint's health.
     pub success_written_at: Option<Micros>,
-    /// Its organization's endpoints changed since the gates were synced (a resume on any node
-    /// starts the circuit afresh): until a job syncs them again, an open breaker here no longer
-    /// keeps the claimer from the endpoint's due rows.
-    pub recheck: bool,
+    /// The endpoint cache's change epoch of a change to its organization's endpoints since the
+    /// gates were synced (a resume on any node starts the circuit afresh): until a job syncs them
+    /// with the endpoint as loaded after that change, an open breaker here no longer keeps the
+    /// claimer from the endpoint's due rows.
+    pub recheck: Option<u64>,
+}
+
+impl Gates {
+    /// The gates were synced with the endpoint as loaded at change epoch `loaded_at`: a change
+    /// recorded by then is taken into account; a later one still waits for its recheck.
+    pub fn synced(&mut self, loaded_at: u64) {
+        if self.recheck.is_some_and(|change| loaded_at >= change) {
+            self.recheck = None;
+        }
+    }
+
+    /// Whether the claimer leaves the endpoint's due rows alone at `now`: its circuit is open
+    /// and no change since the gates were synced may have closed it.
+    pub fn keeps_claims_away(&self, now: Micros) -> bool {
+        self.recheck.is_none() && self.breaker.closed_until(now).is_some()
+    }
 }
 
 /// What this node keeps per endpoint.
@@ -280,5 +297,27 @@ mod tests {
             assert_eq!(t.take(later), Ok(()));
         }
         assert!(t.take(later).is_err());
+    }
+
+    #[test]
+    fn an_open_circuit_keeps_claims_away_until_a_change_then_until_a_load_after_it() {
+        let mut g = Gates {
+            breaker: Breaker {
+                failures: 10,
+                open_until: Some(Micros(30 * S)),
+                ..Breaker::default()
+            },
+            ..Gates::default()
+        };
+        assert!(g.keeps_claims_away(Micros(S)));
+        // A resume somewhere: recorded at change epoch 5.
+        g.recheck = Some(5);
+        assert!(!g.keeps_claims_away(Micros(S)));
+        // A load that started before the change shows the endpoint as it was.
+        g.synced(4);
+        assert!(!g.keeps_claims_away(Micros(S)));
+        g.synced(5);
+        assert!(g.keeps_claims_away(Micros(S)), "synced, still open");
+        assert!(!g.keeps_claims_away(Micros(30 * S)), "closed by then");
     }
 }

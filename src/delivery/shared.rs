@@ -76,7 +76,7 @@ pub(super) struct Shared {
     pub(super) metrics: Arc<Metrics>,
 }
 
-fn endpoint_from_row(row: &tokio_postgres::Row) -> Arc<Endpoint> {
+fn endpoint_from_row(row: &tokio_postgres::Row, loaded_at: u64) -> Arc<Endpoint> {
     let url: String = row.get(2);
     let time = |i: usize| {
         row.get::<_, Option<std::time::SystemTime>>(i)
@@ -103,6 +103,7 @@ fn endpoint_from_row(row: &tokio_postgres::Row) -> Arc<Endpoint> {
         consecutive_failures: row.get::<_, i32>(10).max(0) as u32,
         failing_since: time(11),
         circuit_open_until: time(12),
+        loaded_at,
     })
 }
 
@@ -132,25 +133,26 @@ impl Shared {
     /// Drop the cached endpoints of `org` (of every organization with `None`); its endpoints'
     /// gates are to be synced again, and the deliveries waiting on them look again.
     pub(super) fn forget_endpoints(&self, org: Option<OrgId>) {
-        {
+        let epoch = {
             let mut cache = self.endpoints.lock().unwrap_or_else(|p| p.into_inner());
             cache.changes.record(org);
             match org {
                 Some(org) => drop(cache.orgs.remove(&org)),
                 None => cache.orgs.clear(),
             }
-        }
-        self.recheck_gates(org);
+            cache.changes.epoch()
+        };
+        self.recheck_gates(org, epoch);
     }
 
     /// After a change to `org`'s endpoints (every organization's for `None`), on any node: until
     /// a job syncs them with the endpoint as stored, its gates' open circuit no longer keeps the
     /// claimer from its due rows (a resume starts the circuit afresh, also of a disabled endpoint
     /// that no cached list names), and what waits on them looks again.
-    fn recheck_gates(&self, org: Option<OrgId>) {
+    fn recheck_gates(&self, org: Option<OrgId>, epoch: u64) {
         let runtimes = self.runtimes.lock().unwrap_or_else(|p| p.into_inner());
         for r in runtimes.values().filter(|r| org.is_none_or(|o| o == r.org)) {
-            r.gates().recheck = true;
+            r.gates().recheck = Some(epoch);
             r.changed.notify_waiters();
         }
     }
@@ -195,7 +197,7 @@ impl Shared {
         let mut loaded: HashMap<OrgId, Vec<Arc<Endpoint>>> =
             missing.iter().map(|o| (*o, Vec::new())).collect();
         for row in &rows {
-            let e = endpoint_from_row(row);
+            let e = endpoint_from_row(row, epoch);
             loaded.entry(e.org).or_default().push(e);
         }
         let mut cache = self.endpoints.lock().unwrap_or_else(|p| p.into_inner());
@@ -281,7 +283,9 @@ impl Shared {
             g.breaker.open_until = endpoint.circuit_open_until;
             g.breaker.probing = false;
         }
-        g.recheck = false;
+        // A load that started before the change (its answer still in flight then) shows the
+        // endpoint as it was: the gates are rechecked again with the next load.
+        g.synced(endpoint.loaded_at);
         match endpoint.rate_limit {
             Some(rate) if g.bucket.as_ref().map(TokenBucket::rate) != Some(rate) => {
                 g.bucket = Some(TokenBucket::new(rate, Micros::now()));
@@ -401,11 +405,8 @@ impl Shared {
             if r.held() >= max {
                 ids.push(r.id);
                 at_bound.push(Arc::clone(r));
-            } else {
-                let g = r.gates();
-                if !g.recheck && g.breaker.closed_until(now).is_some() {
-                    ids.push(r.id);
-                }
+            } else if r.gates().keeps_claims_away(now) {
+                ids.push(r.id);
             }
         }
         (ids, at_bound)
