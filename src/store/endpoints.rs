@@ -341,27 +341,30 @@ pub async fn set_paused(
 ) -> Result<Answer, Refusal> {
     let now = Micros::now().to_system_time();
     let row = org_change!(ctx, org, "pause or resume endpoint", |tx| {
-        let mut circuit_until: Option<SystemTime> = None;
-        let row = if paused {
-            tx.query_opt(
-                &format!(
-                    "UPDATE endpoints SET status = $3, updated_at = $4 \
-                     WHERE id = $1 AND org_id = $2 AND status <> $5 RETURNING {ENDPOINT_COLUMNS}"
-                ),
-                &[
-                    &id,
-                    &org.0,
-                    &EndpointStatus::Paused.code(),
-                    &now,
-                    &EndpointStatus::Removed.code(),
-                ],
-            )
-            .await?
-            .ok_or(NOT_FOUND)?
+        if paused {
+            let row = tx
+                .query_opt(
+                    &format!(
+                        "UPDATE endpoints SET status = $3, updated_at = $4 \
+                         WHERE id = $1 AND org_id = $2 AND status <> $5 \
+                         RETURNING {ENDPOINT_COLUMNS}"
+                    ),
+                    &[
+                        &id,
+                        &org.0,
+                        &EndpointStatus::Paused.code(),
+                        &now,
+                        &EndpointStatus::Removed.code(),
+                    ],
+                )
+                .await?
+                .ok_or(NOT_FOUND)?;
+            tx.execute(PARK, &[&id]).await?;
+            row
         } else {
             // Deliveries handed back to the database while the circuit was open are due when it
             // was to close; the circuit starts afresh, so they are due now too.
-            circuit_until = tx
+            let circuit_until: Option<SystemTime> = tx
                 .query_opt(
                     "SELECT circuit_open_until FROM endpoints \
                      WHERE id = $1 AND org_id = $2 AND status <> $3 FOR UPDATE",
@@ -370,26 +373,25 @@ pub async fn set_paused(
                 .await?
                 .ok_or(NOT_FOUND)?
                 .get(0);
-            tx.query_opt(
-                &format!(
-                    "UPDATE endpoints SET status = $3, updated_at = $4, disabled_reason = NULL, \
-                         consecutive_failures = 0, failing_since = NULL, circuit_open_until = NULL \
-                     WHERE id = $1 AND org_id = $2 AND status <> $5 RETURNING {ENDPOINT_COLUMNS}"
-                ),
-                &[
-                    &id,
-                    &org.0,
-                    &EndpointStatus::Active.code(),
-                    &now,
-                    &EndpointStatus::Removed.code(),
-                ],
-            )
-            .await?
-            .ok_or(NOT_FOUND)?
-        };
-        if paused {
-            tx.execute(PARK, &[&id]).await?;
-        } else {
+            let row = tx
+                .query_opt(
+                    &format!(
+                        "UPDATE endpoints SET status = $3, updated_at = $4, \
+                             disabled_reason = NULL, consecutive_failures = 0, \
+                             failing_since = NULL, circuit_open_until = NULL \
+                         WHERE id = $1 AND org_id = $2 AND status <> $5 \
+                         RETURNING {ENDPOINT_COLUMNS}"
+                    ),
+                    &[
+                        &id,
+                        &org.0,
+                        &EndpointStatus::Active.code(),
+                        &now,
+                        &EndpointStatus::Removed.code(),
+                    ],
+                )
+                .await?
+                .ok_or(NOT_FOUND)?;
             tx.execute(
                 "UPDATE deliveries d SET next_attempt_at = $2 FROM events e \
                  WHERE d.endpoint_id = $1 AND d.status = 0 AND d.next_attempt_at IS NULL \
@@ -409,8 +411,8 @@ pub async fn set_paused(
                 )
                 .await?;
             }
+            row
         }
-        row
     });
     if !paused {
         ctx.delivery.wake();
