@@ -421,10 +421,11 @@ async fn sigkill_with_deliveries_pending_delivers_all_after_restart() {
     }
 }
 
-/// On a node of its own, `inject` makes the recorder's first append of an attempt fail; the
-/// recorder must write the outcome again at once (its log names `seen`): the event is delivered
-/// with one attempt recorded, and the receiver got it once. An outcome the recorder gave up on
-/// would be let go unrecorded, and its delivery made again when its lease is claimed anew.
+/// On a node of its own, `inject` makes the first write to a table fail (the recorder's append of
+/// an attempt, or the group commit's lease row); the transaction must be written again at once
+/// (its log names `seen`): the event is accepted (201), delivered with one attempt recorded, and
+/// the receiver got it once. An outcome the recorder gave up on would be let go unrecorded, and
+/// its delivery made again when its lease is claimed anew.
 async fn recorder_writes_again_after<F, Fut>(database: &str, inject: F, seen: &str)
 where
     F: FnOnce(String) -> Fut,
@@ -464,6 +465,29 @@ async fn outcomes_whose_connection_ended_before_commit_are_recorded_again_not_re
     recorder_writes_again_after(
         "triggers_test_record_reconnect",
         |url| async move { backend_ends_once(&url, "delivery_attempts").await },
+        "connection lost before COMMIT",
+    )
+    .await;
+}
+
+// The group commit sends the lease row's insert and COMMIT behind the COPY without waiting for
+// its answer: when the lease row fails, COMMIT must only roll back, and the batch is written
+// again whole (a first write that had committed would make the second one a duplicate key).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_whose_lease_row_is_a_deadlock_victim_is_written_again_once() {
+    recorder_writes_again_after(
+        "triggers_test_lease_rerun",
+        |url| async move { deadlock_victim_once(&url, "delivery_batches").await },
+        "must be run again",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_whose_backend_ends_at_the_lease_row_is_written_again_once() {
+    recorder_writes_again_after(
+        "triggers_test_lease_reconnect",
+        |url| async move { backend_ends_once(&url, "delivery_batches").await },
         "connection lost before COMMIT",
     )
     .await;

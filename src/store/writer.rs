@@ -325,16 +325,7 @@ async fn write_rows(
         };
         let started = std::time::Instant::now();
         // The error, and whether COMMIT had been sent when it came.
-        let work = async {
-            let results = write_rows_on(&client, encoder, batch, plan, rows)
-                .await
-                .map_err(|e| (e, false))?;
-            client
-                .batch_execute("COMMIT")
-                .await
-                .map_err(|e| (e, true))?;
-            Ok::<_, (tokio_postgres::Error, bool)>(results)
-        };
+        let work = write_rows_on(&client, encoder, batch, plan, rows);
         return match tokio::time::timeout_at(deadline, work).await {
             Ok(Ok(results)) => {
                 let took = started.elapsed();
@@ -391,24 +382,40 @@ fn row_plan<'a>(planned: &'a Planned, lease: Option<(Uuid, Micros)>) -> RowPlan<
     }
 }
 
-/// The batch's transaction up to its COMMIT (which [`write_rows`] sends).
+/// The batch's transaction, COMMIT included. On failure: the error, and whether COMMIT may have
+/// reached the database (then the batch's fate is unknown and it is not written again).
+///
+/// What follows the last statement whose answer decides the rest (the COPY's end when no row has
+/// a dedup id, the delivery rows, the lease row, COMMIT) is sent at once and answered in one round
+/// trip: PostgreSQL runs the statements in order, an error in one aborts the transaction (COMMIT
+/// then only rolls back), and the answers are read in order, the first error being the batch's.
+/// The answer to the client still waits for COMMIT's.
 async fn write_rows_on(
     client: &deadpool_postgres::Client,
     encoder: &mut CopyEncoder,
     batch: &[WriteJob],
     plan: &BatchPlan,
     rows: &[usize],
-) -> Result<Vec<Ingested>, tokio_postgres::Error> {
+) -> Result<Vec<Ingested>, (tokio_postgres::Error, bool)> {
+    let before = |e| (e, false);
     let (deduped, plain): (Vec<usize>, Vec<usize>) = rows
         .iter()
         .partition(|&&i| batch[i].event.dedup_id.is_some());
     // Always an explicit transaction: the 201 is sent after COMMIT's answer, never on the
     // strength of a COPY's CommandComplete in autocommit.
     let mut results: HashMap<usize, Ingested> = HashMap::with_capacity(rows.len());
+    // Prepared before the COPY starts: a statement prepared while it runs would queue behind it
+    // and never be answered. (Cached per connection: a round trip only on its first batch.)
+    let insert_deliveries = client
+        .prepare_cached(INSERT_DELIVERIES)
+        .await
+        .map_err(before)?;
+    let insert_batch = client.prepare_cached(INSERT_BATCH).await.map_err(before)?;
+    let mut copy = None;
     if plain.is_empty() {
-        client.batch_execute("BEGIN").await?;
+        client.batch_execute("BEGIN").await.map_err(before)?;
     } else {
-        let statement = client.prepare_cached(COPY_EVENTS).await?;
+        let statement = client.prepare_cached(COPY_EVENTS).await.map_err(before)?;
         // BEGIN and the COPY's start in one round trip: the client sends both before it reads
         // an answer, and the server runs them in order. (Only a broken connection fails a
         // BEGIN, and then the COPY too.)
@@ -417,29 +424,72 @@ async fn write_rows_on(
             client.copy_in::<_, bytes::Bytes>(&statement),
         )
         .await;
-        begun?;
-        let sink = sink?;
-        futures_util::pin_mut!(sink);
+        begun.map_err(before)?;
+        let mut sink = Box::pin(sink.map_err(before)?);
         // Encoded and sent in pieces: the encoder holds at most one piece, not the batch.
         encoder.begin();
         for &i in &plain {
             encoder.row(&batch[i].event, row_plan(&plan.events[i], plan.lease));
             if encoder.pending_bytes() >= COPY_PIECE_BYTES {
-                sink.send(encoder.take()).await?;
+                sink.send(encoder.take()).await.map_err(before)?;
             }
         }
         debug_assert_eq!(encoder.rows(), plain.len());
-        sink.send(encoder.finish()).await?;
-        let written = sink.finish().await?;
-        debug_assert_eq!(written as usize, plain.len(), "COPY wrote every row");
+        sink.send(encoder.finish()).await.map_err(before)?;
+        // Written if the transaction commits; a failure of any statement fails them all.
         for &i in &plain {
             results.insert(i, Ingested::Committed);
         }
+        copy = Some(sink);
     }
     if !deduped.is_empty() {
-        insert_deduped(client, batch, plan, deduped, &mut results).await?;
+        // The dedup insert's answer decides which events get delivery rows: the COPY ends first.
+        if let Some(mut sink) = copy.take() {
+            sink.as_mut().finish().await.map_err(before)?;
+        }
+        insert_deduped(client, batch, plan, deduped, &mut results)
+            .await
+            .map_err(before)?;
     }
-    write_delivery_state(client, batch, plan, rows, &results).await?;
+    let state = DeliveryState::of(batch, plan, rows, &results);
+    // Polled in this order on the first poll, so sent in this order.
+    let copy_end = async {
+        match copy {
+            Some(mut sink) => sink.as_mut().finish().await.map(drop),
+            None => Ok(()),
+        }
+    };
+    let deliveries = async {
+        match &state.deliveries {
+            Some((events, endpoints, orgs, due)) => client
+                .execute(&insert_deliveries, &[events, endpoints, orgs, due])
+                .await
+                .map(drop),
+            None => Ok(()),
+        }
+    };
+    let lease = async {
+        match &state.lease {
+            Some((id, until, first, last, org)) => client
+                .execute(&insert_batch, &[id, until, first, last, org])
+                .await
+                .map(drop),
+            None => Ok(()),
+        }
+    };
+    let (copied, delivered, leased, committed) =
+        futures_util::future::join4(copy_end, deliveries, lease, client.batch_execute("COMMIT"))
+            .await;
+    // A statement before COMMIT that failed aborted the transaction: nothing was written, even
+    // though COMMIT went out behind it. That holds for a lost connection too: PostgreSQL flushes
+    // each statement's answer before it reads the next one, and a backend that ends after it has
+    // read COMMIT closes the socket with those answers still delivered (only one that ends with
+    // input unread resets it). A path that stops carrying packets is caught by the deadline
+    // first: no answer in time is 503, never a second write.
+    copied.map_err(before)?;
+    delivered.map_err(before)?;
+    leased.map_err(before)?;
+    committed.map_err(|e| (e, true))?;
     Ok(rows
         .iter()
         .map(|i| {
@@ -450,64 +500,64 @@ async fn write_rows_on(
         .collect())
 }
 
-/// In the batch's transaction: the `deliveries` rows of the deliveries this node does not hold,
-/// and the lease row of those it does.
-async fn write_delivery_state(
-    client: &deadpool_postgres::Client,
-    batch: &[WriteJob],
-    plan: &BatchPlan,
-    rows: &[usize],
-    results: &HashMap<usize, Ingested>,
-) -> Result<(), tokio_postgres::Error> {
-    let committed = || {
-        rows.iter()
+/// What the batch's transaction writes for delivery: the `deliveries` rows of the deliveries this
+/// node does not hold, and the lease row of those it does.
+struct DeliveryState {
+    /// Event, endpoint, organization and due time (none: parked) of each `deliveries` row.
+    #[allow(clippy::type_complexity)]
+    deliveries: Option<(Vec<Uuid>, Vec<Uuid>, Vec<Uuid>, Vec<Option<SystemTime>>)>,
+    /// The lease row: its id, end, first and last event, and the first event's organization.
+    lease: Option<(Uuid, SystemTime, Uuid, Uuid, Uuid)>,
+}
+
+impl DeliveryState {
+    fn of(
+        batch: &[WriteJob],
+        plan: &BatchPlan,
+        rows: &[usize],
+        results: &HashMap<usize, Ingested>,
+    ) -> DeliveryState {
+        let committed = rows
+            .iter()
             .copied()
-            .filter(|i| results.get(i) == Some(&Ingested::Committed))
-    };
-    let (mut events, mut endpoints, mut orgs, mut due) = (vec![], vec![], vec![], vec![]);
-    let (mut first, mut last): (Option<Uuid>, Option<Uuid>) = (None, None);
-    // The batch row names the organization of its first event (the distribution key, see
-    // migrations/0007).
-    let mut first_org: Option<Uuid> = None;
-    for i in committed() {
-        let (e, p) = (&batch[i].event, &plan.events[i]);
-        for (endpoint, disposition) in p.endpoints.iter().zip(&p.dispositions) {
-            let next = match disposition {
-                Disposition::Held => {
-                    if first.is_none_or(|f| e.id.0 < f) {
-                        first = Some(e.id.0);
-                        first_org = Some(e.org.0);
+            .filter(|i| results.get(i) == Some(&Ingested::Committed));
+        let (mut events, mut endpoints, mut orgs, mut due) = (vec![], vec![], vec![], vec![]);
+        let (mut first, mut last): (Option<Uuid>, Option<Uuid>) = (None, None);
+        // The batch row names the organization of its first event (the distribution key, see
+        // migrations/0007).
+        let mut first_org: Option<Uuid> = None;
+        for i in committed {
+            let (e, p) = (&batch[i].event, &plan.events[i]);
+            for (endpoint, disposition) in p.endpoints.iter().zip(&p.dispositions) {
+                let next = match disposition {
+                    Disposition::Held => {
+                        if first.is_none_or(|f| e.id.0 < f) {
+                            first = Some(e.id.0);
+                            first_org = Some(e.org.0);
+                        }
+                        last = Some(last.map_or(e.id.0, |l| l.max(e.id.0)));
+                        continue;
                     }
-                    last = Some(last.map_or(e.id.0, |l| l.max(e.id.0)));
-                    continue;
-                }
-                Disposition::Due => Some(e.created_at.to_system_time()),
-                Disposition::Parked => None,
-            };
-            events.push(e.id.0);
-            endpoints.push(*endpoint);
-            orgs.push(e.org.0);
-            due.push(next);
+                    Disposition::Due => Some(e.created_at.to_system_time()),
+                    Disposition::Parked => None,
+                };
+                events.push(e.id.0);
+                endpoints.push(*endpoint);
+                orgs.push(e.org.0);
+                due.push(next);
+            }
+        }
+        let lease = match (plan.lease, first, last, first_org) {
+            (Some((id, until)), Some(first), Some(last), Some(org)) => {
+                Some((id, until.to_system_time(), first, last, org))
+            }
+            _ => None,
+        };
+        DeliveryState {
+            deliveries: (!events.is_empty()).then_some((events, endpoints, orgs, due)),
+            lease,
         }
     }
-    if !events.is_empty() {
-        let statement = client.prepare_cached(INSERT_DELIVERIES).await?;
-        client
-            .execute(&statement, &[&events, &endpoints, &orgs, &due])
-            .await?;
-    }
-    if let (Some((id, until)), Some(first), Some(last), Some(org)) =
-        (plan.lease, first, last, first_org)
-    {
-        let statement = client.prepare_cached(INSERT_BATCH).await?;
-        client
-            .execute(
-                &statement,
-                &[&id, &until.to_system_time(), &first, &last, &org],
-            )
-            .await?;
-    }
-    Ok(())
 }
 
 async fn insert_deduped(
