@@ -419,16 +419,31 @@ async fn write_rows_on(
         // BEGIN and the COPY's start in one round trip: the client sends both before it reads
         // an answer, and the server runs them in order. (Only a broken connection fails a
         // BEGIN, and then the COPY too.)
-        let (begun, sink) = futures_util::future::join(
+        let start = futures_util::future::join(
             client.batch_execute("BEGIN"),
             client.copy_in::<_, bytes::Bytes>(&statement),
-        )
+        );
+        futures_util::pin_mut!(start);
+        // The first poll sends both; the first piece is encoded while they travel.
+        let early = std::future::poll_fn(|cx| {
+            std::task::Poll::Ready(std::future::Future::poll(start.as_mut(), cx))
+        })
         .await;
-        begun.map_err(before)?;
-        let mut sink = Box::pin(sink.map_err(before)?);
         // Encoded and sent in pieces: the encoder holds at most one piece, not the batch.
         encoder.begin();
-        for &i in &plain {
+        let mut first = 0;
+        while first < plain.len() && encoder.pending_bytes() < COPY_PIECE_BYTES {
+            let i = plain[first];
+            encoder.row(&batch[i].event, row_plan(&plan.events[i], plan.lease));
+            first += 1;
+        }
+        let (begun, sink) = match early {
+            std::task::Poll::Ready(started) => started,
+            std::task::Poll::Pending => start.await,
+        };
+        begun.map_err(before)?;
+        let mut sink = Box::pin(sink.map_err(before)?);
+        for &i in &plain[first..] {
             encoder.row(&batch[i].event, row_plan(&plan.events[i], plan.lease));
             if encoder.pending_bytes() >= COPY_PIECE_BYTES {
                 sink.send(encoder.take()).await.map_err(before)?;
