@@ -470,7 +470,9 @@ async fn write_rows_on(
     // Polled in this order on the first poll, so sent in this order.
     let copy_end = async {
         match copy {
-            Some(mut sink) => sink.as_mut().finish().await.map(drop),
+            Some(mut sink) => sink.as_mut().finish().await.map(|written| {
+                debug_assert_eq!(written as usize, plain.len(), "COPY wrote every row");
+            }),
             None => Ok(()),
         }
     };
