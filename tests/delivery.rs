@@ -421,23 +421,37 @@ async fn sigkill_with_deliveries_pending_delivers_all_after_restart() {
     }
 }
 
-/// On a node of its own, `inject` makes the first write to a table fail (the recorder's append of
-/// an attempt, or the group commit's lease row); the transaction must be written again at once
-/// (its log names `seen`): the event is accepted (201), delivered with one attempt recorded, and
-/// the receiver got it once. An outcome the recorder gave up on would be let go unrecorded, and
-/// its delivery made again when its lease is claimed anew.
-async fn recorder_writes_again_after<F, Fut>(database: &str, inject: F, seen: &str)
-where
-    F: FnOnce(String) -> Fut,
-    Fut: std::future::Future<Output = ()>,
-{
+/// How the first write to a table fails.
+#[derive(Clone, Copy)]
+enum Fault {
+    /// Refused as a deadlock's victim would be.
+    DeadlockVictim,
+    /// Its backend is terminated mid-transaction.
+    BackendEnds,
+}
+
+/// On a node of its own, the first write to `table` fails by `fault` (the recorder's append of an
+/// attempt, or the group commit's lease row); the transaction must be written again at once (its
+/// log says why): the event is accepted (201), delivered with one attempt recorded, and the
+/// receiver got it once. An outcome the recorder gave up on would be let go unrecorded, and its
+/// delivery made again when its lease is claimed anew.
+async fn written_again_once(database: &str, fault: Fault, table: &str) {
     let WebhookNode {
         url,
         server: s,
         receiver: recv,
         key,
     } = WebhookNode::start(database).await;
-    inject(url).await;
+    let seen = match fault {
+        Fault::DeadlockVictim => {
+            deadlock_victim_once(&url, table).await;
+            "must be run again"
+        }
+        Fault::BackendEnds => {
+            backend_ends_once(&url, table).await;
+            "connection lost before COMMIT"
+        }
+    };
     let r = post_event(s.addr, &key, "t", json!(1), None).await;
     assert_eq!(r.status, 201);
     let id = r.json()["id"].as_str().unwrap().to_string();
@@ -450,24 +464,14 @@ where
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_deadlock_victims_outcomes_are_recorded_again_not_repeated_after_the_lease() {
-    // Refused as a deadlock's victim would be.
-    recorder_writes_again_after(
-        "triggers_test_record_rerun",
-        |url| async move { deadlock_victim_once(&url, "delivery_attempts").await },
-        "must be run again",
-    )
-    .await;
+    let db = "triggers_test_record_rerun";
+    written_again_once(db, Fault::DeadlockVictim, "delivery_attempts").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn outcomes_whose_connection_ended_before_commit_are_recorded_again_not_repeated() {
-    // The recorder's backend is terminated mid-transaction.
-    recorder_writes_again_after(
-        "triggers_test_record_reconnect",
-        |url| async move { backend_ends_once(&url, "delivery_attempts").await },
-        "connection lost before COMMIT",
-    )
-    .await;
+    let db = "triggers_test_record_reconnect";
+    written_again_once(db, Fault::BackendEnds, "delivery_attempts").await;
 }
 
 // The group commit sends the lease row's insert and COMMIT behind the COPY without waiting for
@@ -475,22 +479,14 @@ async fn outcomes_whose_connection_ended_before_commit_are_recorded_again_not_re
 // again whole (a first write that had committed would make the second one a duplicate key).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_whose_lease_row_is_a_deadlock_victim_is_written_again_once() {
-    recorder_writes_again_after(
-        "triggers_test_lease_rerun",
-        |url| async move { deadlock_victim_once(&url, "delivery_batches").await },
-        "must be run again",
-    )
-    .await;
+    let db = "triggers_test_lease_rerun";
+    written_again_once(db, Fault::DeadlockVictim, "delivery_batches").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_whose_backend_ends_at_the_lease_row_is_written_again_once() {
-    recorder_writes_again_after(
-        "triggers_test_lease_reconnect",
-        |url| async move { backend_ends_once(&url, "delivery_batches").await },
-        "connection lost before COMMIT",
-    )
-    .await;
+    let db = "triggers_test_lease_reconnect";
+    written_again_once(db, Fault::BackendEnds, "delivery_batches").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
