@@ -839,6 +839,9 @@ def main():
     p.add_argument("--smoke", action="store_true", help="a few seconds at low rate: what CI runs")
     p.add_argument("--server-args", default="", help="extra flags for the server")
     p.add_argument("--no-ceiling", action="store_true", help="skip the COPY ceiling measurement")
+    p.add_argument("--ceiling-rows", type=int, default=400_000,
+                   help="rows the COPY ceiling writes (default 400,000: about a second, a burst that meets "
+                        "no checkpoint; ~15 × the ceiling's rate/s sustains it as long as a 15 s scenario)")
     p.add_argument("--server-bin", default=SERVER, help="the server binary to measure (default: the release build)")
     p.add_argument("--against", help="another server binary: run the scenario with both, alternating, and compare")
     p.add_argument("--repeat", type=int, default=3, help="runs per binary with --against (default 3; medians)")
@@ -883,7 +886,7 @@ def main():
     # Migrations: a first start of the server applies them.
     Server(db, 1, binary=args.server_bin).stop()
     if not args.no_ceiling and args.scenario not in ("footprint",):
-        ceiling = measure_ceiling(db, 40_000 if args.smoke else 400_000)
+        ceiling = measure_ceiling(db, 40_000 if args.smoke else args.ceiling_rows)
     for name in names:
         if name == "ceiling":
             continue
