@@ -342,21 +342,7 @@ pub async fn set_paused(
     let now = Micros::now().to_system_time();
     let row = org_change!(ctx, org, "pause or resume endpoint", |tx| {
         if paused {
-            let row = tx
-                .query_opt(
-                    &format!(
-                        "UPDATE endpoints SET status = $3, updated_at = $4 \
-                         WHERE id = $1 AND org_id = $2 AND status <> $5 \
-                         RETURNING {ENDPOINT_COLUMNS}"
-                    ),
-                    &[
-                        &id,
-                        &org.0,
-                        &EndpointStatus::Paused.code(),
-                        &now,
-                        &EndpointStatus::Removed.code(),
-                    ],
-                )
+            let row = set_status(&tx, org, id, EndpointStatus::Paused, "", now)
                 .await?
                 .ok_or(NOT_FOUND)?;
             tx.execute(PARK, &[&id]).await?;
@@ -373,23 +359,9 @@ pub async fn set_paused(
                 .await?
                 .ok_or(NOT_FOUND)?
                 .get(0);
-            let row = tx
-                .query_opt(
-                    &format!(
-                        "UPDATE endpoints SET status = $3, updated_at = $4, \
-                             disabled_reason = NULL, consecutive_failures = 0, \
-                             failing_since = NULL, circuit_open_until = NULL \
-                         WHERE id = $1 AND org_id = $2 AND status <> $5 \
-                         RETURNING {ENDPOINT_COLUMNS}"
-                    ),
-                    &[
-                        &id,
-                        &org.0,
-                        &EndpointStatus::Active.code(),
-                        &now,
-                        &EndpointStatus::Removed.code(),
-                    ],
-                )
+            let healthy = ", disabled_reason = NULL, consecutive_failures = 0, \
+                           failing_since = NULL, circuit_open_until = NULL";
+            let row = set_status(&tx, org, id, EndpointStatus::Active, healthy, now)
                 .await?
                 .ok_or(NOT_FOUND)?;
             tx.execute(
@@ -421,6 +393,33 @@ pub async fn set_paused(
         &row,
         ctx.config.circuit_failures,
     ))))
+}
+
+/// Set an endpoint's status, and what `also` sets (`, column = value…`), unless it was removed:
+/// its row as it is then, or none.
+async fn set_status(
+    tx: &Transaction<'_>,
+    org: OrgId,
+    id: Uuid,
+    status: EndpointStatus,
+    also: &str,
+    now: SystemTime,
+) -> Result<Option<Row>, tokio_postgres::Error> {
+    tx.query_opt(
+        &format!(
+            "UPDATE endpoints SET status = $3, updated_at = $4{also} \
+             WHERE id = $1 AND org_id = $2 AND status <> $5 \
+             RETURNING {ENDPOINT_COLUMNS}"
+        ),
+        &[
+            &id,
+            &org.0,
+            &status.code(),
+            &now,
+            &EndpointStatus::Removed.code(),
+        ],
+    )
+    .await
 }
 
 /// `POST /api/endpoints/{id}/recover`: every delivery to the endpoint that ended failed at or
