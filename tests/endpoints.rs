@@ -638,6 +638,140 @@ async fn a_resume_makes_what_was_handed_back_for_the_circuit_due_at_once() {
     assert_eq!(count(&client, handed_back).await, 0);
 }
 
+/// Another node's resume, in its transaction on its own connection: the endpoint locked and its
+/// circuit started afresh, not committed yet (this node hears of it only at the commit's NOTIFY).
+struct ResumeElsewhere(tokio_postgres::Client);
+
+async fn resume_elsewhere(url: &str, id: &str) -> ResumeElsewhere {
+    let resume = db_at(url).await;
+    resume.batch_execute("BEGIN").await.unwrap();
+    let endpoint = "SELECT 1 FROM endpoints WHERE id = $1::text::uuid FOR UPDATE";
+    assert_eq!(resume.execute(endpoint, &[&id]).await.unwrap(), 1);
+    let afresh = "UPDATE endpoints SET consecutive_failures = 0, failing_since = NULL, \
+                  circuit_open_until = NULL, updated_at = now() WHERE id = $1::text::uuid";
+    assert_eq!(resume.execute(afresh, &[&id]).await.unwrap(), 1);
+    ResumeElsewhere(resume)
+}
+
+impl ResumeElsewhere {
+    /// Commit, notifying every node of the change as a resume does.
+    async fn commit(self, id: &str) {
+        let notify = "SELECT pg_notify('triggers_org_changed', org_id::text) FROM endpoints \
+                      WHERE id = $1::text::uuid";
+        self.0.execute(notify, &[&id]).await.unwrap();
+        self.0.batch_execute("COMMIT").await.unwrap();
+    }
+}
+
+/// Until one session of the database waits for a lock.
+async fn wait_for_a_lock(client: &tokio_postgres::Client, failed: &str) {
+    let waits = "SELECT count(*) FROM pg_stat_activity \
+                 WHERE datname = current_database() AND wait_event_type = 'Lock'";
+    let waiting = || async { count(client, waits).await == 1 };
+    poll_until(waiting, failed).await;
+}
+
+/// Another node's resume, caught between locking its endpoint and committing, while this node
+/// (which has not heard of it yet) records the failure that opens the circuit: the recorded
+/// circuit stays as the resume left it (closed), and the retry goes without waiting 30 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_breaker_does_not_undo_a_resume_elsewhere() {
+    // Failures at ~0, 0.1 and 1.1 s; the third would open the circuit for 30 s.
+    let (recv, s, key, ep, url) = failing_endpoint_with(
+        "triggers_test_resume_stale_health",
+        "30",
+        &["--retry-schedule", "100ms,1s,100ms"],
+    )
+    .await;
+    let id = ep["id"].as_str().unwrap();
+    let first = post_typed(s.addr, &key, "t").await;
+    let client = db_at(&url).await;
+    let two =
+        format!("SELECT count(*) FROM endpoints WHERE id = '{id}' AND consecutive_failures = 2");
+    let recorded = || async { count(&client, &two).await == 1 };
+    poll_until(recorded, "the second failure was not recorded").await;
+    let resume = resume_elsewhere(&url, id).await;
+    // The third failure opens this node's circuit; writing that waits for the resume.
+    wait_for_a_lock(
+        &client,
+        "the third failure's health did not wait for the resume",
+    )
+    .await;
+    assert_eq!(recv.received().len(), 3);
+    recv.set_script(|_, _| Answer::status(200));
+    resume.commit(id).await;
+    let health = "SELECT count(*) FROM endpoints WHERE id = $1::text::uuid \
+                  AND circuit_open_until IS NULL AND consecutive_failures = 0 \
+                  AND last_failure_at IS NOT NULL";
+    let stays = || async {
+        client
+            .query_one(health, &[&id])
+            .await
+            .unwrap()
+            .get::<_, i64>(0)
+            == 1
+    };
+    poll_until(stays, "the resume's fresh circuit was undone").await;
+    recv.wait_until(Duration::from_secs(10), |r| {
+        r.iter().any(|x| x.answered == 200 && x.event_id() == first)
+    })
+    .await;
+    let e = wait_delivered(s.addr, &key, &first, Duration::from_secs(5)).await;
+    assert_eq!(e["attempts"], 4, "three failures and the success");
+    let r = get(s.addr, &key, &format!("/api/endpoints/{id}")).await;
+    assert_eq!(r.json()["health"]["circuit"], "closed");
+}
+
+/// Another node's resume, caught between locking its endpoint and committing, while this node
+/// (which hears of it only at that commit) hands a delivery back to wait for the old circuit:
+/// recording the hand-back waits for the resume, sees the endpoint changed, and makes it due at
+/// once, not when the old circuit was to close. Without the wait, the hand-back would be
+/// written due in 30 s, unseen by the resume's own update of what waited on the circuit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hand_back_racing_a_resume_elsewhere_is_due_at_once() {
+    // The third failure opens the circuit; the retry after it, ~2 s later, can't wait 30 s
+    // under a 2 s lease, so it is handed back.
+    let (recv, s, key, ep, url) = failing_endpoint_with(
+        "triggers_test_resume_race",
+        "30",
+        &[
+            "--delivery-lease-s",
+            "2",
+            "--delivery-timeout-ms",
+            "1000",
+            "--retry-schedule",
+            "100ms,100ms,2s",
+        ],
+    )
+    .await;
+    let id = ep["id"].as_str().unwrap();
+    let first = post_typed(s.addr, &key, "t").await;
+    recv.wait_until(Duration::from_secs(5), |r| r.len() >= 3)
+        .await;
+    recv.set_script(|_, _| Answer::status(200));
+    let client = db_at(&url).await;
+    let open = format!(
+        "SELECT count(*) FROM endpoints WHERE id = '{id}' AND circuit_open_until IS NOT NULL"
+    );
+    let recorded = || async { count(&client, &open).await == 1 };
+    poll_until(recorded, "the open circuit was not recorded").await;
+
+    // This node still goes by the open circuit: the retry is handed back, and recording that
+    // waits for the resume's lock.
+    let resume = resume_elsewhere(&url, id).await;
+    wait_for_a_lock(&client, "the hand-back did not wait for the resume").await;
+    assert_eq!(recv.received().len(), 3, "nothing is sent while open");
+    resume.commit(id).await;
+
+    // Sent at once: the old circuit was to close in ~28 s.
+    recv.wait_until(Duration::from_secs(10), |r| {
+        r.iter().any(|x| x.answered == 200 && x.event_id() == first)
+    })
+    .await;
+    let e = wait_delivered(s.addr, &key, &first, Duration::from_secs(5)).await;
+    assert_eq!(e["attempts"], 4, "three failures and the success");
+}
+
 /// A node that retries once after 50 ms and never opens a circuit, on a database of its own: for
 /// a test whose deliveries become due rows, which another test's node would claim and retry on its
 /// own schedule.

@@ -206,7 +206,11 @@ async fn wait_for(
     why: Waiting,
 ) -> Step {
     if job.lease.until() <= until.plus(attempt_needs(shared)) {
-        return settle(shared, job, runtime, None, Next::Due(until), None, None).await;
+        let next = match why {
+            Waiting::CircuitOpen => Next::AfterCircuit { until },
+            _ => Next::Due(until),
+        };
+        return settle(shared, job, runtime, None, next, None, None).await;
     }
     // Listening for a change before the wait is counted: a change seen after the count is
     // never missed.
@@ -258,6 +262,7 @@ async fn settle(
         next,
         health,
         disable,
+        seen: runtime.gates().config_at,
         then,
     };
     if let Some(room) = shared.record(outcome) {

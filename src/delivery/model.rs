@@ -232,6 +232,14 @@ pub enum Next {
     Parked,
     /// Pending, handed back to the database, due then for any node.
     Due(Micros),
+    /// Pending, handed back to the database to wait for its endpoint's open circuit: due when
+    /// the circuit was to close, or at once when the endpoint as stored is newer than the
+    /// version this node went by (`Outcome::seen`): a resume on any node, not heard of here
+    /// yet, started the circuit afresh.
+    AfterCircuit {
+        /// When the circuit was to close.
+        until: Micros,
+    },
 }
 
 /// An endpoint's health to write.
@@ -282,6 +290,10 @@ pub struct Outcome {
     pub health: Option<HealthWrite>,
     /// Disable its endpoint.
     pub disable: Option<Disable>,
+    /// The version of the endpoint (its `updated_at`) that this node's circuit breaker went by:
+    /// the breaker's state in `health`, a `disable` and an `AfterCircuit` apply only while the
+    /// endpoint as stored is no newer (a resume on any node starts the circuit afresh).
+    pub seen: Micros,
     /// What follows once it is written.
     pub then: Then,
 }

@@ -16,7 +16,7 @@
 //! the outcomes did to their endpoints' health (only on a change), disables endpoints, stores
 //! operational events, and deletes settled batch rows.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -71,17 +71,25 @@ const DELETE_DELIVERED: &str = "\
       AND (d.next_attempt_at = u.held OR (d.next_attempt_at IS NULL AND d.status = 0)) \
     RETURNING d.event_id, d.endpoint_id, false";
 
+/// The last attempts' times are facts, always written; the breaker's state only when the
+/// endpoint is no newer than the version the node's breaker went by (`seen`): a resume that
+/// another node's breaker has not heard of yet is not undone by it.
 const WRITE_HEALTH: &str = "\
-    UPDATE endpoints p SET consecutive_failures = u.failures, failing_since = u.since, \
+    UPDATE endpoints p SET \
+        consecutive_failures = CASE WHEN p.updated_at <= u.seen THEN u.failures \
+                                    ELSE p.consecutive_failures END, \
+        failing_since = CASE WHEN p.updated_at <= u.seen THEN u.since ELSE p.failing_since END, \
+        circuit_open_until = CASE WHEN p.updated_at <= u.seen THEN u.open \
+                                  ELSE p.circuit_open_until END, \
         last_success_at = COALESCE(u.ok, p.last_success_at), \
-        last_failure_at = COALESCE(u.bad, p.last_failure_at), circuit_open_until = u.open \
+        last_failure_at = COALESCE(u.bad, p.last_failure_at) \
     FROM unnest($1::uuid[], $2::int[], $3::timestamptz[], $4::timestamptz[], $5::timestamptz[], \
-                $6::timestamptz[]) AS u(id, failures, since, ok, bad, open) \
+                $6::timestamptz[], $7::timestamptz[]) AS u(id, failures, since, ok, bad, open, seen) \
     WHERE p.id = u.id";
 
 const DISABLE: &str = "\
     UPDATE endpoints SET status = $2, disabled_reason = $3, updated_at = $4 \
-    WHERE id = $1 AND status = $5 \
+    WHERE id = $1 AND status = $5 AND updated_at <= $7 \
       AND ($6::timestamptz IS NULL OR last_success_at IS NULL OR last_success_at <= $6) \
     RETURNING org_id";
 
@@ -264,19 +272,80 @@ fn sys(t: Micros) -> SystemTime {
 
 /// The row state an outcome writes: (status, next_attempt_at, delivered_at, failed_at).
 fn row_state(
-    next: &Next,
+    o: &Outcome,
+    circuits: &CircuitEnds,
 ) -> (
     i16,
     Option<SystemTime>,
     Option<SystemTime>,
     Option<SystemTime>,
 ) {
-    match next {
+    match &o.next {
         Next::Delivered(at) => (EventStatus::Delivered.code(), None, Some(sys(*at)), None),
         Next::Retry { held } => (EventStatus::Pending.code(), Some(sys(*held)), None, None),
         Next::Failed { at, .. } => (EventStatus::Failed.code(), None, None, Some(sys(*at))),
         Next::Parked => (EventStatus::Pending.code(), None, None, None),
         Next::Due(at) => (EventStatus::Pending.code(), Some(sys(*at)), None, None),
+        Next::AfterCircuit { until } => {
+            let due = circuits.due(o.endpoint, *until, o.seen);
+            (EventStatus::Pending.code(), Some(sys(due)), None, None)
+        }
+    }
+}
+
+/// When the deliveries handed back for an open circuit are due: the endpoints they went by as
+/// stored, read before any of them is written.
+#[derive(Default)]
+struct CircuitEnds {
+    /// The endpoints' `updated_at`, as stored (a removed one is absent).
+    stored: HashMap<Uuid, Micros>,
+    /// When they were read.
+    now: Micros,
+}
+
+impl CircuitEnds {
+    /// Read the endpoints of the batch's circuit hand-backs, each under a `KEY SHARE` lock (in
+    /// id order). A resume locks its endpoint `FOR UPDATE` before it changes it, so the two
+    /// serialize: a resume that committed first is seen here (its endpoint is newer, so the
+    /// hand-back is due now), and one that comes after sees this transaction's rows (and makes
+    /// what is due when the old circuit was to close due now). The lock conflicts with nothing
+    /// else a recorder or the ingest takes on an endpoint.
+    async fn read(tx: &Transaction<'_>, batch: &[Outcome]) -> Result<Self, tokio_postgres::Error> {
+        let mut ids: Vec<Uuid> = batch
+            .iter()
+            .filter(|o| matches!(o.next, Next::AfterCircuit { .. }))
+            .map(|o| o.endpoint)
+            .collect();
+        if ids.is_empty() {
+            return Ok(Self::default());
+        }
+        ids.sort_unstable();
+        ids.dedup();
+        let stmt = tx
+            .prepare_cached(
+                "SELECT id, updated_at FROM endpoints WHERE id = ANY($1) AND status <> $2 \
+                 ORDER BY id FOR KEY SHARE",
+            )
+            .await?;
+        let rows = tx
+            .query(&stmt, &[&ids, &EndpointStatus::Removed.code()])
+            .await?;
+        Ok(Self {
+            stored: rows
+                .iter()
+                .map(|r| (r.get(0), Micros::from_system_time(r.get(1))))
+                .collect(),
+            now: Micros::now(),
+        })
+    }
+
+    /// When a delivery handed back for `endpoint`'s circuit, open `until` as of the endpoint's
+    /// version `seen`, is due: then, unless the endpoint changed since (or is gone).
+    fn due(&self, endpoint: Uuid, until: Micros, seen: Micros) -> Micros {
+        match self.stored.get(&endpoint) {
+            Some(at) if *at <= seen => until,
+            _ => self.now,
+        }
     }
 }
 
@@ -390,6 +459,7 @@ async fn write_in(
     finished: &[Uuid],
     copy: &mut BinaryRows,
 ) -> Result<Written, tokio_postgres::Error> {
+    let circuits = CircuitEnds::read(tx, batch).await?;
     let mut owned = owned_batch_successes(tx, batch).await?;
     let mut parked: HashSet<(Uuid, Uuid)> = HashSet::new();
     let mut take_rows = |rows: Vec<tokio_postgres::Row>| {
@@ -419,7 +489,7 @@ async fn write_in(
             vec![],
         );
         for o in &mat {
-            let (status, next, _, failed) = row_state(&o.next);
+            let (status, next, _, failed) = row_state(o, &circuits);
             let Held::Batch(b) = o.held else { continue };
             cols.0.push(o.event.0);
             cols.1.push(o.endpoint);
@@ -488,7 +558,7 @@ async fn write_in(
             vec![],
         );
         for o in &upd {
-            let (status, next, delivered, failed) = row_state(&o.next);
+            let (status, next, delivered, failed) = row_state(o, &circuits);
             let Held::Row(held) = o.held else { continue };
             cols.0.push(o.event.0);
             cols.1.push(o.endpoint);
@@ -514,23 +584,26 @@ async fn write_in(
     append_attempts(tx, batch, &owned, copy).await?;
 
     // Health: the last change of each endpoint, in id order (two recorders never deadlock).
-    let mut health: BTreeMap<Uuid, &HealthWrite> = BTreeMap::new();
+    let mut health: BTreeMap<Uuid, (&HealthWrite, Micros)> = BTreeMap::new();
     for o in batch {
         if let Some(h) = &o.health {
-            health.insert(h.endpoint, h);
+            health.insert(h.endpoint, (h, o.seen));
         }
     }
     if !health.is_empty() {
         let ids: Vec<Uuid> = health.keys().copied().collect();
-        let failures: Vec<i32> = health.values().map(|h| h.failures).collect();
-        let since: Vec<Option<SystemTime>> =
-            health.values().map(|h| h.failing_since.map(sys)).collect();
-        let ok: Vec<Option<SystemTime>> = health.values().map(|h| h.success_at.map(sys)).collect();
-        let bad: Vec<Option<SystemTime>> = health.values().map(|h| h.failure_at.map(sys)).collect();
-        let open: Vec<Option<SystemTime>> =
-            health.values().map(|h| h.open_until.map(sys)).collect();
+        let (mut failures, mut since, mut ok, mut bad, mut open, mut seen) =
+            (vec![], vec![], vec![], vec![], vec![], vec![]);
+        for (h, version) in health.values() {
+            failures.push(h.failures);
+            since.push(h.failing_since.map(sys));
+            ok.push(h.success_at.map(sys));
+            bad.push(h.failure_at.map(sys));
+            open.push(h.open_until.map(sys));
+            seen.push(sys(*version));
+        }
         let stmt = tx.prepare_cached(WRITE_HEALTH).await?;
-        tx.execute(&stmt, &[&ids, &failures, &since, &ok, &bad, &open])
+        tx.execute(&stmt, &[&ids, &failures, &since, &ok, &bad, &open, &seen])
             .await?;
     }
 
@@ -560,6 +633,7 @@ async fn write_in(
                     &sys(now),
                     &EndpointStatus::Active.code(),
                     &unless_delivered_after.map(sys),
+                    &sys(o.seen),
                 ],
             )
             .await?;
