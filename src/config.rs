@@ -377,9 +377,9 @@ macro_rules! options {
             $( $(#[doc = $doc])+ pub $field: $ty, )+
         }
 
-        /// (flag, environment variable, default, first doc line, whether it is a bare flag)
+        /// (flag, environment variable, default, doc (its lines joined), whether it is a bare flag)
         const OPTIONS: &[(&str, &str, &str, &str, bool)] = &[
-            $( ($flag, $env, $default, first_line(&[$($doc),+]), <$ty as OptionValue>::IS_FLAG), )+
+            $( ($flag, $env, $default, concat!($($doc),+), <$ty as OptionValue>::IS_FLAG), )+
         ];
 
         impl Config {
@@ -398,10 +398,6 @@ macro_rules! options {
             }
         }
     };
-}
-
-const fn first_line(doc: &[&'static str]) -> &'static str {
-    doc[0]
 }
 
 options! {
@@ -432,7 +428,8 @@ options! {
     log_format: LogFormat = "json", "log-format", "TRIGGERS_LOG_FORMAT";
     /// Log filter: a level (error, warn, info, debug, trace) or `target=level,...`.
     log: String = "info", "log", "TRIGGERS_LOG";
-    /// Worker threads of the store and delivery runtime (tokio). 0: half the CPUs, at least 2.
+    /// Worker threads of the store and delivery runtime (tokio); the group commit has one more of
+    /// its own. 0: half the CPUs, at least 2.
     store_threads: usize = "0", "store-threads", "TRIGGERS_STORE_THREADS";
     /// Group-commit writers: transactions in flight at once, each on its own connection.
     store_writers: usize = "2", "store-writers", "TRIGGERS_STORE_WRITERS";
@@ -854,7 +851,8 @@ impl Config {
             let default = if default.is_empty() { "none" } else { default };
             let _ = writeln!(
                 out,
-                "  --{flag}\n      {env}  [default: {default}]\n      {doc}"
+                "  --{flag}\n      {env}  [default: {default}]\n      {}",
+                doc.trim()
             );
         }
         out

@@ -54,6 +54,7 @@ impl Delivery {
         let (recorder_tx, recorder_rx) = mpsc::channel(config.recorder_queue_max());
         let pool = build_bookkeeping_pool(&config, config.delivery_pool_size())?;
         let shared = Arc::new(Shared {
+            tasks: tokio::runtime::Handle::current(),
             pool,
             client,
             endpoints: Mutex::new(Default::default()),
@@ -242,7 +243,9 @@ impl DeliverySink for DeliveryHandle {
                     due: now,
                 };
                 let runtime = shared.runtime(job.org, endpoint);
-                tokio::spawn(run_job(Arc::clone(shared), job, runtime, false));
+                shared
+                    .tasks
+                    .spawn(run_job(Arc::clone(shared), job, runtime, false));
             }
         }
         if left_due {

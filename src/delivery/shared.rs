@@ -43,6 +43,10 @@ const LOAD_ENDPOINTS: &str = "\
 /// The pool's shared state.
 pub(super) struct Shared {
     pub(super) config: Arc<Config>,
+    /// The runtime the pool runs on: deliveries published by the group commit (which runs on
+    /// a thread of its own) are spawned here, and the endpoints are loaded here, so this pool's
+    /// connections belong to this runtime whoever asks.
+    pub(super) tasks: tokio::runtime::Handle,
     pub(super) pool: deadpool_postgres::Pool,
     pub(super) client: Client,
     pub(super) endpoints: Mutex<EndpointCache>,
@@ -177,17 +181,26 @@ impl Shared {
                 return Ok((missing, Vec::new(), epoch));
             }
             self.metrics.endpoint_loads.fetch_add(1, Ordering::Relaxed);
-            let client = self.pool.get().await.map_err(|e| e.to_string())?;
-            let stmt = client
-                .prepare_cached(LOAD_ENDPOINTS)
-                .await
-                .map_err(|e| describe(&e))?;
-            let live = [EndpointStatus::Active.code(), EndpointStatus::Paused.code()];
+            let pool = self.pool.clone();
             let ids: Vec<Uuid> = missing.iter().map(|o| o.0).collect();
-            let rows = client
-                .query(&stmt, &[&ids, &&live[..]])
+            let query = async move {
+                let client = pool.get().await.map_err(|e| e.to_string())?;
+                let stmt = client
+                    .prepare_cached(LOAD_ENDPOINTS)
+                    .await
+                    .map_err(|e| describe(&e))?;
+                let live = [EndpointStatus::Active.code(), EndpointStatus::Paused.code()];
+                client
+                    .query(&stmt, &[&ids, &&live[..]])
+                    .await
+                    .map_err(|e| describe(&e))
+            };
+            // On the pool's runtime: a connection the pool opens for it is driven there.
+            let rows = self
+                .tasks
+                .spawn(query)
                 .await
-                .map_err(|e| describe(&e))?;
+                .map_err(|e| format!("endpoint load: {e}"))??;
             Ok::<_, String>((missing, rows, epoch))
         };
         let (missing, rows, epoch) =

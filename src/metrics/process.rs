@@ -78,7 +78,7 @@ pub fn render(out: &mut String) {
     }
     let _ = writeln!(
         out,
-        "# HELP triggers_thread_cpu_seconds_total CPU time by thread name (ingress-N: ingress core N; pool: store and delivery).\n\
+        "# HELP triggers_thread_cpu_seconds_total CPU time by thread name (ingress-N: ingress core N; commit: the group commit; pool: the rest of the store, and delivery).\n\
          # TYPE triggers_thread_cpu_seconds_total counter"
     );
     for (name, ticks) in by_name {
