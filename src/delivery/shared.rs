@@ -195,12 +195,11 @@ impl Shared {
                     .await
                     .map_err(|e| describe(&e))
             };
-            // On the pool's runtime: a connection the pool opens for it is driven there.
-            let rows = self
-                .tasks
-                .spawn(query)
-                .await
-                .map_err(|e| format!("endpoint load: {e}"))??;
+            // On the pool's runtime: a connection the pool opens for it is driven there. Ended
+            // with this future (the deadline below), as it would be were it run here.
+            let task = self.tasks.spawn(query);
+            let _end = AbortOnDrop(task.abort_handle());
+            let rows = task.await.map_err(|e| format!("endpoint load: {e}"))??;
             Ok::<_, String>((missing, rows, epoch))
         };
         let (missing, rows, epoch) =
@@ -556,5 +555,14 @@ impl<'a> Busy<'a> {
 impl Drop for Busy<'_> {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Aborts a task spawned elsewhere when the future that waits for it is dropped.
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
