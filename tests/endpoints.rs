@@ -700,17 +700,11 @@ async fn a_stale_breaker_does_not_undo_a_resume_elsewhere() {
     assert_eq!(recv.received().len(), 3);
     recv.set_script(|_, _| Answer::status(200));
     resume.commit(id).await;
-    let health = "SELECT count(*) FROM endpoints WHERE id = $1::text::uuid \
-                  AND circuit_open_until IS NULL AND consecutive_failures = 0 \
-                  AND last_failure_at IS NOT NULL";
-    let stays = || async {
-        client
-            .query_one(health, &[&id])
-            .await
-            .unwrap()
-            .get::<_, i64>(0)
-            == 1
-    };
+    let health = format!(
+        "SELECT count(*) FROM endpoints WHERE id = '{id}' AND circuit_open_until IS NULL \
+         AND consecutive_failures = 0 AND last_failure_at IS NOT NULL"
+    );
+    let stays = || async { count(&client, &health).await == 1 };
     poll_until(stays, "the resume's fresh circuit was undone").await;
     recv.wait_until(Duration::from_secs(10), |r| {
         r.iter().any(|x| x.answered == 200 && x.event_id() == first)
