@@ -52,6 +52,8 @@ OPENLOOP = os.path.join(ROOT, "target", "release", "examples", "openloop")
 PORT, METRICS_PORT, RECEIVER_PORT = 18080, 19090, 19999
 # Where the tools send their requests: the server the harness starts, or --url.
 BASE = f"http://127.0.0.1:{PORT}"
+# CPUs each part may run on (--server-cpus, --postgres-cpus, --load-cpus); None: anywhere.
+PLACE = {"server": None, "postgres": None, "load": None}
 
 # name: (tool, script, default rate, default connections, organizations, webhooks)
 SCENARIOS = {
@@ -85,6 +87,37 @@ def log(msg):
 
 def sh(cmd, **kw):
     return subprocess.run(cmd, check=True, **kw)
+
+
+def cpu_list(text):
+    """'0-7,12' -> {0, 1, ..., 7, 12}."""
+    cpus = set()
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        cpus.update(range(int(lo), int(hi or lo) + 1))
+    return cpus
+
+
+def pinned(role):
+    """A preexec_fn that keeps a child process on its part's CPUs (None when it is not placed)."""
+    cpus = PLACE[role]
+    return (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
+
+
+def place_postgres():
+    """Keep PostgreSQL on its CPUs: the postmaster and its processes now; backends it forks later
+    inherit the postmaster's."""
+    if PLACE["postgres"]:
+        for pid in postgres_cpu_ticks() or {}:
+            try:
+                os.sched_setaffinity(pid, PLACE["postgres"])
+            except OSError:
+                pass  # a backend that has just exited
+
+
+def load_threads():
+    """wrk's threads: one per load CPU when the load is placed, else 2 (the 2-core box's choice)."""
+    return len(PLACE["load"]) if PLACE["load"] else 2
 
 
 def seconds(text):
@@ -192,7 +225,8 @@ class Server:
         if cores:
             args += ["--ingress-cores", str(cores)]
         self.started = time.monotonic()
-        self.proc = subprocess.Popen(args, stdout=open(self.log_path, "w"), stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(args, stdout=open(self.log_path, "w"), stderr=subprocess.STDOUT,
+                                     preexec_fn=pinned("server"))
         self.ready_s = wait_http(f"http://127.0.0.1:{PORT}/health", 60, self.proc) - self.started
 
     def cpu_s(self):
@@ -261,6 +295,37 @@ def process_cpu_s(pid):
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def thread_ticks(pid):
+    """{thread id: (name, CPU ticks so far)} of every thread of process `pid`."""
+    out = {}
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    for tid in tids:
+        try:
+            head, _, tail = open(f"/proc/{pid}/task/{tid}/stat").read().rpartition(")")
+        except OSError:
+            continue
+        fields = tail.split()
+        out[tid] = (head.partition("(")[2], int(fields[11]) + int(fields[12]))
+    return out
+
+
+def threads_busy(before, after, seconds):
+    """How busy the server's threads were, by kind (the name less its number: ingress-0 → ingress):
+    {kind: {"threads": n, "busy_pct": sum over them, "max_pct": the busiest}}, 100 = one core."""
+    tick = os.sysconf("SC_CLK_TCK")
+    kinds = {}
+    for tid, (name, ticks) in after.items():
+        pct = 100 * (ticks - before.get(tid, (name, 0))[1]) / tick / max(seconds, 1e-9)
+        k = kinds.setdefault(re.sub(r"-\d+$", "", name), {"threads": 0, "busy_pct": 0.0, "max_pct": 0.0})
+        k["threads"] += 1
+        k["busy_pct"] = round(k["busy_pct"] + pct, 1)
+        k["max_pct"] = round(max(k["max_pct"], pct), 1)
+    return kinds
+
+
 def box_cpu_ticks():
     """(busy, idle) CPU ticks of the whole machine so far, from /proc/stat: busy is user, nice,
     system, irq, softirq and steal (guest time is already in user); idle is idle and iowait."""
@@ -279,6 +344,7 @@ class Sampler(threading.Thread):
         self.receiver = receiver
         self.receiver0 = process_cpu_s(receiver.pid) if receiver else 0.0
         self.cpu0, self.t0 = server.cpu_s(), time.monotonic()
+        self.threads0 = thread_ticks(server.proc.pid)
         self.pg0 = postgres_cpu_ticks()
         self.box0 = box_cpu_ticks()
 
@@ -293,6 +359,7 @@ class Sampler(threading.Thread):
         pg1 = postgres_cpu_ticks()
         box1 = box_cpu_ticks()
         self.server_cpu_s = self.server.cpu_s() - self.cpu0
+        self.threads = threads_busy(self.threads0, thread_ticks(self.server.proc.pid), time.monotonic() - self.t0)
         self.receiver_cpu_s = process_cpu_s(self.receiver.pid) - self.receiver0 if self.receiver else None
         tick = os.sysconf("SC_CLK_TCK")
         self.box_cpu_s = (box1[0] - self.box0[0]) / tick
@@ -328,6 +395,7 @@ class Sampler(threading.Thread):
         out["rest_us_per_event"] = round(1e6 * (self.box_cpu_s - self.server_cpu_s - (self.pg_cpu_s or 0)
                                                 - (self.receiver_cpu_s or 0)) / events, 1)
         out["box_busy_pct"] = round(self.box_busy_pct, 1)
+        out["server_threads"] = self.threads
         return out
 
 
@@ -427,7 +495,8 @@ def run_k6(script, rate, duration, keys_file, batch_size=100):
     cmd = ["k6", "run", "-q", "--no-thresholds", "--summary-export", summary, "-e", f"RATE={rate}",
            "-e", f"DURATION={duration}s", "-e", f"BASE={BASE}", "-e", f"KEYS_FILE={keys_file}",
            os.path.join(HERE, script)]
-    subprocess.run(cmd, cwd=HERE, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    subprocess.run(cmd, cwd=HERE, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                   preexec_fn=pinned("load"))
     m = json.load(open(summary))["metrics"]
     d = m["http_req_duration"]
     statuses = {k[len("status_"):]: int(v["count"]) for k, v in m.items() if k.startswith("status_") and v.get("count")}
@@ -443,8 +512,9 @@ def run_k6(script, rate, duration, keys_file, batch_size=100):
 
 def run_wrk(script, connections, duration, keys_file, batch_size=100):
     env = dict(os.environ, KEYS_FILE=keys_file, BATCH_SIZE=str(batch_size))
-    out = subprocess.run(["wrk", "-t2", f"-c{connections}", f"-d{duration}s", "-s", os.path.join(HERE, script),
-                          BASE], env=env, check=True, capture_output=True, text=True).stdout
+    out = subprocess.run(["wrk", f"-t{load_threads()}", f"-c{connections}", f"-d{duration}s", "-s",
+                          os.path.join(HERE, script), BASE], env=env, check=True, capture_output=True, text=True,
+                         preexec_fn=pinned("load")).stdout
     rate = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
     lat = re.search(r"latency p50 ([\d.]+) ms, p90 ([\d.]+) ms, p99 ([\d.]+) ms, max ([\d.]+) ms", out)
     total = int(re.search(r"(\d+) requests in", out).group(1))
@@ -462,7 +532,7 @@ def run_wrk(script, connections, duration, keys_file, batch_size=100):
 def run_openloop(rate, connections, duration, keys_file):
     out = os.path.join(RESULTS, "openloop.json")
     subprocess.run([OPENLOOP, f"{BASE}/api/events", str(rate), str(duration), str(connections),
-                    keys_file, out], check=True, capture_output=True)
+                    keys_file, out], check=True, capture_output=True, preexec_fn=pinned("load"))
     r = json.load(open(out))
     statuses = dict(r["statuses"])
     if r["errors"]:
@@ -501,7 +571,9 @@ def run_drill(iterations, concurrency, keys):
 
 def measure_ceiling(db, rows):
     env = dict(os.environ, DATABASE_URL=db.url)
-    out = subprocess.run([CEILING, str(rows), "5000", "2"], env=env, check=True, capture_output=True, text=True).stdout
+    # The ceiling stands in for the server's writers: it runs on the server's CPUs.
+    out = subprocess.run([CEILING, str(rows), "5000", "2"], env=env, check=True, capture_output=True, text=True,
+                         preexec_fn=pinned("server")).stdout
     db.reset()
     return json.loads(out.strip().splitlines()[-1])["rows_per_s"]
 
@@ -564,7 +636,7 @@ def scenario(name, db, args, ceiling, binary=SERVER, plan=None):
     receiver = None
     if hooks:
         receiver = subprocess.Popen([RECEIVER, f"127.0.0.1:{RECEIVER_PORT}", os.path.join(RESULTS, "receiver.json")],
-                                    stderr=subprocess.DEVNULL)
+                                    stderr=subprocess.DEVNULL, preexec_fn=pinned("load"))
     server_args = args.server_args.split() if args.server_args else ()
     server = Server(db, args.cores, extra=server_args, binary=binary)
     try:
@@ -588,8 +660,9 @@ def scenario(name, db, args, ceiling, binary=SERVER, plan=None):
                 else:
                     call("POST", "/api/webhook/config", k, {"webhook_url": f"http://127.0.0.1:{RECEIVER_PORT}/hook"})
         # Warm up: every key verified on every core, connections and caches established.
-        subprocess.run(["wrk", "-t2", "-c16", "-d2s", "-s", os.path.join(HERE, "ingest.lua"), f"http://127.0.0.1:{PORT}"],
-                       env=dict(os.environ, KEYS_FILE=keys_file), check=True, capture_output=True)
+        subprocess.run(["wrk", f"-t{load_threads()}", "-c16", "-d2s", "-s", os.path.join(HERE, "ingest.lua"),
+                        f"http://127.0.0.1:{PORT}"], env=dict(os.environ, KEYS_FILE=keys_file), check=True,
+                       capture_output=True, preexec_fn=pinned("load"))
         db.sql("CHECKPOINT")
         if receiver:
             time.sleep(1.0)
@@ -622,6 +695,7 @@ def measure(name, tool, script, rate, conns, duration, server, receiver, keys_fi
     """One measured phase on a server that is set up and warm: the tool's figures, events committed,
     CPU per event (server and PostgreSQL), and deliveries and lag when a receiver runs."""
     committed0 = server.metric("triggers_events_committed_total")
+    commits0 = server.metric("triggers_write_batches_total")
     sampler = Sampler(server, receiver)
     sampler.start()
     perf = None
@@ -638,6 +712,11 @@ def measure(name, tool, script, rate, conns, duration, server, receiver, keys_fi
     cpu, rss = sampler.finish()
     committed = server.metric("triggers_events_committed_total") - committed0
     r["committed_per_s"] = committed / elapsed
+    commits = server.metric("triggers_write_batches_total") - commits0
+    if commits > 0:
+        # Group-commit transactions: how many, and how full (what PostgreSQL's cost per event follows).
+        r["commits_per_s"] = round(commits / elapsed)
+        r["events_per_commit"] = round(committed / commits, 1)
     if name.startswith("ingest-batch"):
         # Requests are batches: the rate that counts is events committed.
         r["requests_per_s"] = r["achieved"]
@@ -818,6 +897,14 @@ def print_table(rows, ceiling, extra):
                     box = (f", box {c['box_us_per_event']} us ({receiver} {c['rest_us_per_event']}; "
                            f"CPUs {c['box_busy_pct']:.0f} % busy)")
                 statuses += f" | cpu {label}: server {c['server_us_per_event']} us{pg}{box}"
+                if label == "per event" and r.get("events_per_commit"):
+                    statuses += f" | {r['commits_per_s']:,} commits/s of {r['events_per_commit']} events"
+                if label == "per event" and c.get("server_threads"):
+                    busy = sorted(c["server_threads"].items(), key=lambda kv: -kv[1]["busy_pct"])
+                    statuses += " | server threads busy: " + ", ".join(
+                        f"{kind} {t['busy_pct']:.0f} %" + (f" ({t['threads']}, busiest {t['max_pct']:.0f})"
+                                                          if t["threads"] > 1 else "")
+                        for kind, t in busy if t["busy_pct"] >= 1)
         offered = f"{r['offered']:,}" if isinstance(r["offered"], int) else r["offered"]
         ms = "".join(f"{r[k]:>9.2f}" if r[k] is not None else f"{'-':>9}" for k in ("p50", "p90", "p99", "max"))
         print(f"{r['scenario']:<16}{r['tool']:<6}{offered:>11}{r['achieved']:>12,.0f}{ms}"
@@ -833,6 +920,14 @@ def main():
     p.add_argument("--rate", type=int, help="offered rate for fixed-rate scenarios")
     p.add_argument("--connections", type=int, help="connections for wrk scenarios")
     p.add_argument("--cores", type=int, help="--ingress-cores for the server (default: its own)")
+    p.add_argument("--core-counts", help="`cores`: the ingress core counts to measure, e.g. 1,2,4,8 "
+                                         "(default 1 to the server's CPUs)")
+    p.add_argument("--server-cpus", help="CPUs the server (and the COPY ceiling) may run on, e.g. 0-8; "
+                                         "default: any. Its ingress threads pin to the first of them")
+    p.add_argument("--postgres-cpus", help="CPUs for the project's PostgreSQL, e.g. 9-12 (set on its "
+                                           "processes; new backends inherit it)")
+    p.add_argument("--load-cpus", help="CPUs for the load generator and the receiver, e.g. 13-15; wrk "
+                                       "then runs one thread per CPU (default 2 threads)")
     p.add_argument("--orgs", type=int, default=200, help="organizations created (default 200)")
     p.add_argument("--batch-size", type=int, default=100,
                    help="events per request in ingest-batch and ingest-batch-k6 (default 100; 1..1000)")
@@ -856,6 +951,9 @@ def main():
                         "two versions may not share a schema)")
     args = p.parse_args()
     args.duration = seconds(args.duration)
+    for role in PLACE:
+        text = getattr(args, f"{role}_cpus")
+        PLACE[role] = cpu_list(text) if text else None
     os.makedirs(RESULTS, exist_ok=True)
     if args.url:
         global BASE
@@ -881,6 +979,7 @@ def main():
             log(f"report written to {path} (charts: {', '.join(charts) or 'none'})")
         return
     db = Database(args.database)
+    place_postgres()
     names = ALL if args.scenario == "all" else REPORT if args.scenario == "report" else [args.scenario]
     rows, extra, ceiling = [], [], None
     # Migrations: a first start of the server applies them.
@@ -906,7 +1005,9 @@ def main():
             rows.extend(connections(db, args, ceiling))
             continue
         if name == "cores":
-            for cores in range(1, os.cpu_count() + 1):
+            counts = [int(n) for n in args.core_counts.split(",")] if args.core_counts else \
+                range(1, len(PLACE["server"] or os.sched_getaffinity(0)) + 1)
+            for cores in counts:
                 args.cores = cores
                 r = scenario("ingest-max", db, args, ceiling, args.server_bin)
                 r["scenario"] = f"cores={cores}"
@@ -922,7 +1023,8 @@ def main():
     out = os.path.join(RESULTS, f"{stamp}-{args.scenario}.json")
     data = {"ceiling_rows_per_s": ceiling, "results": rows, "extra": extra, "args": vars(args),
             "when": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-            "machine": {"cpus": os.cpu_count(), "kernel": os.uname().release}}
+            "machine": {"cpus": os.cpu_count(), "kernel": os.uname().release},
+            "placement": {role: sorted(cpus) if cpus else None for role, cpus in PLACE.items()}}
     json.dump(data, open(out, "w"), indent=1)
     log(f"results saved to {os.path.relpath(out, ROOT)}")
     if args.report:
