@@ -305,6 +305,16 @@ impl OptionValue for Option<SocketAddr> {
     }
 }
 
+/// A number, or `auto` (None until start-up resolves it from the machine).
+impl OptionValue for Option<u64> {
+    fn parse_value(text: &str) -> Result<Self, String> {
+        if text == "auto" {
+            return Ok(None);
+        }
+        u64::parse_value(text).map(Some)
+    }
+}
+
 impl OptionValue for AckMode {
     fn parse_value(text: &str) -> Result<Self, String> {
         match text {
@@ -431,8 +441,10 @@ options! {
     /// Worker threads of the store and delivery runtime (tokio); the group commit has one more of
     /// its own. 0: half the CPUs, at least 2.
     store_threads: usize = "0", "store-threads", "TRIGGERS_STORE_THREADS";
-    /// Group-commit writers: transactions in flight at once, each on its own connection.
-    store_writers: usize = "2", "store-writers", "TRIGGERS_STORE_WRITERS";
+    /// Group-commit writers: transactions in flight at once, each on its own connection. 0: 2 on
+    /// up to 4 CPUs, 8 on more (BENCHMARKS.md 2026-12-04: on 16 CPUs, 8 writers with no overlap
+    /// wait commit 30 % more single events a second than 2).
+    store_writers: usize = "0", "store-writers", "TRIGGERS_STORE_WRITERS";
     /// Connections for reads and small writes (inbox, ack, keys), beside the writers' own.
     store_pool_size: usize = "8", "store-pool-size", "TRIGGERS_STORE_POOL_SIZE";
     /// Most events in one group-commit transaction. Memory: about 1 KiB per queued event.
@@ -443,7 +455,8 @@ options! {
     /// While one writer's transaction is in flight, another starts only when this many
     /// microseconds pass (or its batch is full): one commit at a time while commits are quick, so
     /// batches grow with load; two as soon as one is slow. 0: writers never wait for each other.
-    batch_overlap_us: u64 = "2000", "batch-overlap-us", "TRIGGERS_BATCH_OVERLAP_US";
+    /// `auto`: 2000 on up to 4 CPUs (a small box's PostgreSQL shares them), 0 on more.
+    batch_overlap_us: Option<u64> = "auto", "batch-overlap-us", "TRIGGERS_BATCH_OVERLAP_US";
     /// Events waiting for a writer; beyond this POST /api/events answers 503 at once.
     write_queue_events_max: usize = "16384", "write-queue-events-max", "TRIGGERS_WRITE_QUEUE_EVENTS_MAX";
     /// Payload bytes waiting for a writer; beyond this POST /api/events answers 503 at once.
@@ -653,6 +666,11 @@ impl Config {
             // two threads against 18k on one, and ingest alone is no slower.
             self.store_threads = (cpus / 2).max(STORE_THREADS_MIN);
         }
+        let (writers, overlap_us) = default_group_commit(cpus);
+        if self.store_writers == 0 {
+            self.store_writers = writers;
+        }
+        self.batch_overlap_us.get_or_insert(overlap_us);
         self.validate()
     }
 
@@ -801,7 +819,7 @@ impl Config {
                 self.batch_events_max, self.write_queue_events_max
             ));
         }
-        if self.batch_linger_us > 100_000 || self.batch_overlap_us > 1_000_000 {
+        if self.batch_linger_us > 100_000 || self.batch_overlap_us.unwrap_or(0) > 1_000_000 {
             return fail(
                 "--batch-linger-us must be at most 100000 and --batch-overlap-us at most 1000000"
                     .into(),
@@ -902,6 +920,20 @@ fn default_ingress_cores(cpus: usize, database_is_local: bool) -> usize {
     }
 }
 
+/// Group-commit writers and overlap wait (µs) when none are set. Up to 4 CPUs: 2 writers, and a
+/// second commit waits up to 2 ms for the first, so batches grow and PostgreSQL, sharing the CPUs,
+/// spends less per event (the 2-core box: −14 % PostgreSQL CPU at peak, BENCHMARKS.md). More CPUs:
+/// 8 writers that never wait, since there PostgreSQL's commit of one batch on one backend is the
+/// limit, not its CPU (a 16-core box, 8 ingress cores, c512: 107k → 139k events/s,
+/// BENCHMARKS.md 2026-12-04 eleventh session).
+fn default_group_commit(cpus: usize) -> (usize, u64) {
+    if cpus <= 4 {
+        (2, 2000)
+    } else {
+        (8, 0)
+    }
+}
+
 /// Whether every host in the database URL is this machine: a Unix socket, `localhost`, or a
 /// loopback address (no host at all means libpq's default, the local socket).
 fn database_is_local(url: &str) -> bool {
@@ -953,6 +985,28 @@ mod tests {
             [1, 2, 4, 8, 16].map(Duration::from_secs).to_vec()
         );
         assert!(c.ingress_cores >= 1);
+    }
+
+    #[test]
+    fn the_group_commit_follows_the_machine_unless_set() {
+        assert_eq!(default_group_commit(1), (2, 2000));
+        assert_eq!(default_group_commit(4), (2, 2000));
+        assert_eq!(default_group_commit(5), (8, 0));
+        assert_eq!(default_group_commit(64), (8, 0));
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let (_, c) = parse(&[], &[DB]).unwrap();
+        let (writers, overlap_us) = default_group_commit(cpus);
+        assert_eq!(
+            (c.store_writers, c.batch_overlap_us),
+            (writers, Some(overlap_us))
+        );
+        // What an operator sets stays, 0 included.
+        let set = ["--store-writers", "3", "--batch-overlap-us", "0"];
+        let (_, c) = parse(&set, &[DB]).unwrap();
+        assert_eq!((c.store_writers, c.batch_overlap_us), (3, Some(0)));
+        let env = [DB, ("TRIGGERS_BATCH_OVERLAP_US", "2500")];
+        assert_eq!(parse(&[], &env).unwrap().1.batch_overlap_us, Some(2500));
+        assert!(parse(&["--batch-overlap-us", "soon"], &[DB]).is_err());
     }
 
     #[test]

@@ -110,7 +110,7 @@ pub async fn run(
 ) {
     let max = ctx.config.batch_events_max;
     let linger = Duration::from_micros(ctx.config.batch_linger_us);
-    let overlap = Duration::from_micros(ctx.config.batch_overlap_us);
+    let overlap = Duration::from_micros(ctx.config.batch_overlap_us.unwrap_or(0));
     let mut batch = Vec::with_capacity(max);
     let mut encoder = CopyEncoder::default();
     loop {
