@@ -766,6 +766,69 @@ async fn a_hand_back_racing_a_resume_elsewhere_is_due_at_once() {
     assert_eq!(e["attempts"], 4, "three failures and the success");
 }
 
+/// Another node's resume, caught between locking its endpoint and updating its parked
+/// deliveries, while this node records a failed attempt that was in flight when the endpoint was
+/// paused: the recorder writes the delivery's row and the endpoint's health, the resume the
+/// endpoint and then the same row. Both take the endpoint first, so the resume's update of the
+/// parked deliveries never waits for the recorder (before, the recorder held the row while it
+/// waited for the endpoint: a deadlock, broken by PostgreSQL after a second by aborting one).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resume_elsewhere_and_a_recorder_never_wait_for_each_other() {
+    let (recv, s, key, ep, url) =
+        failing_endpoint_with("triggers_test_resume_deadlock", "30", &[]).await;
+    // The first attempt fails at once; the retry 100 ms later fails after 2 s in flight.
+    recv.set_script(|_, before| Answer {
+        delay: Duration::from_millis(if before == 0 { 0 } else { 2000 }),
+        ..Answer::status(500)
+    });
+    let id = ep["id"].as_str().unwrap();
+    let first = post_typed(s.addr, &key, "t").await;
+    recv.wait_until(Duration::from_secs(5), |r| r.len() >= 2)
+        .await;
+    // Paused while the retry is in flight: its row is parked under it.
+    let r = post_empty(s.addr, &key, &format!("/api/endpoints/{id}/pause")).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let client = db_at(&url).await;
+    let parked = format!(
+        "SELECT count(*) FROM deliveries WHERE endpoint_id = '{id}' AND next_attempt_at IS NULL"
+    );
+    assert_eq!(
+        count(&client, &parked).await,
+        1,
+        "the retry's row is parked"
+    );
+    let resume = resume_elsewhere(&url, id).await;
+    let active = "UPDATE endpoints SET status = 0 WHERE id = $1::text::uuid";
+    assert_eq!(resume.0.execute(active, &[&id]).await.unwrap(), 1);
+    // The retry's failure is recorded meanwhile: that waits for the resume.
+    wait_for_a_lock(&client, "recording the failure did not wait for the resume").await;
+    // The resume's own update of the parked deliveries, as `set_paused` makes it; a wait here
+    // would be a deadlock (the lock timeout is below PostgreSQL's deadlock check, 1 s).
+    resume
+        .0
+        .batch_execute("SET LOCAL lock_timeout = '500ms'")
+        .await
+        .unwrap();
+    let due = "UPDATE deliveries d SET next_attempt_at = now() FROM events e \
+               WHERE d.endpoint_id = $1::text::uuid AND d.status = 0 \
+                 AND d.next_attempt_at IS NULL AND e.id = d.event_id AND e.status <> 1";
+    let made_due = resume.0.execute(due, &[&id]).await;
+    assert_eq!(
+        made_due.expect("the resume waited for the recorder's row lock"),
+        1
+    );
+    recv.set_script(|_, _| Answer::status(200));
+    resume.commit(id).await;
+    let e = wait_delivered(s.addr, &key, &first, Duration::from_secs(10)).await;
+    assert_eq!(e["status"], "delivered");
+    let last = recv.received().last().map(|r| r.answered);
+    assert_eq!(
+        last,
+        Some(200),
+        "the delivery went once the endpoint was resumed"
+    );
+}
+
 /// A node that retries once after 50 ms and never opens a circuit, on a database of its own: for
 /// a test whose deliveries become due rows, which another test's node would claim and retry on its
 /// own schedule.

@@ -293,8 +293,9 @@ fn row_state(
     }
 }
 
-/// When the deliveries handed back for an open circuit are due: the endpoints they went by as
-/// stored, read before any of them is written.
+/// The endpoints a batch of outcomes writes or decides by, as stored, read (and locked) before
+/// any delivery row is written; from them, when the deliveries handed back for an open circuit
+/// are due.
 #[derive(Default)]
 struct CircuitEnds {
     /// The endpoints' `updated_at`, as stored (a removed one is absent).
@@ -304,17 +305,25 @@ struct CircuitEnds {
 }
 
 impl CircuitEnds {
-    /// Read the endpoints of the batch's circuit hand-backs, each under a `KEY SHARE` lock (in
-    /// id order). A resume locks its endpoint `FOR UPDATE` before it changes it, so the two
-    /// serialize: a resume that committed first is seen here (its endpoint is newer, so the
-    /// hand-back is due now), and one that comes after sees this transaction's rows (and makes
-    /// what is due when the old circuit was to close due now). The lock conflicts with nothing
-    /// else a recorder or the ingest takes on an endpoint.
+    /// Read the endpoints this transaction will write or decide by (those of circuit
+    /// hand-backs, health writes and disables), each under a `KEY SHARE` lock, in id order,
+    /// before any delivery row is touched. A resume locks its endpoint `FOR UPDATE` first and
+    /// then its deliveries, so the two take their locks in the same order and serialize, never
+    /// deadlock: a resume that committed first is seen here (its endpoint is newer, so a
+    /// hand-back is due now and the breaker's state is not written over it), and one that comes
+    /// after sees this transaction's rows (and makes what is due when the old circuit was to
+    /// close due now). The lock conflicts with nothing else a recorder or the ingest takes on an
+    /// endpoint (their updates of it, `FOR NO KEY UPDATE`, included).
     async fn read(tx: &Transaction<'_>, batch: &[Outcome]) -> Result<Self, tokio_postgres::Error> {
         let mut ids: Vec<Uuid> = batch
             .iter()
-            .filter(|o| matches!(o.next, Next::AfterCircuit { .. }))
+            .filter(|o| matches!(o.next, Next::AfterCircuit { .. }) || o.disable.is_some())
             .map(|o| o.endpoint)
+            .chain(
+                batch
+                    .iter()
+                    .filter_map(|o| Some(o.health.as_ref()?.endpoint)),
+            )
             .collect();
         if ids.is_empty() {
             return Ok(Self::default());
