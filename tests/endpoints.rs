@@ -665,9 +665,14 @@ impl ResumeElsewhere {
 
 /// Until one session of the database waits for a lock.
 async fn wait_for_a_lock(client: &tokio_postgres::Client, failed: &str) {
+    wait_for_locks(client, 1, failed).await;
+}
+
+/// Until `n` sessions of the database wait for a lock.
+async fn wait_for_locks(client: &tokio_postgres::Client, n: i64, failed: &str) {
     let waits = "SELECT count(*) FROM pg_stat_activity \
                  WHERE datname = current_database() AND wait_event_type = 'Lock'";
-    let waiting = || async { count(client, waits).await == 1 };
+    let waiting = || async { count(client, waits).await == n };
     poll_until(waiting, failed).await;
 }
 
@@ -827,6 +832,56 @@ async fn a_resume_elsewhere_and_a_recorder_never_wait_for_each_other() {
         Some(200),
         "the delivery went once the endpoint was resumed"
     );
+}
+
+/// A pause while this node records a failed attempt whose delivery and endpoint it writes: the
+/// recorder is held (by a lock on the attempt log) after it has locked the endpoint and the
+/// delivery's row. The pause then waits for the endpoint, before it touches any delivery; before,
+/// it changed the endpoint at once and waited for the delivery's row, while the recorder would
+/// wait for the endpoint to write its health: a deadlock, broken by aborting one of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pause_waits_for_a_recorder_at_the_endpoint_not_at_its_deliveries() {
+    let (recv, s, key, ep, url) =
+        failing_endpoint_with("triggers_test_pause_order", "30", &[]).await;
+    // The first attempt fails at once; the retry 100 ms later fails after 1 s in flight.
+    recv.set_script(|_, before| Answer {
+        delay: Duration::from_millis(if before == 0 { 0 } else { 1000 }),
+        ..Answer::status(500)
+    });
+    let id = ep["id"].as_str().unwrap().to_string();
+    let first = post_typed(s.addr, &key, "t").await;
+    recv.wait_until(Duration::from_secs(5), |r| r.len() >= 2)
+        .await;
+    // The attempt log is held: recording the retry's failure stops at its COPY.
+    let hold = db_at(&url).await;
+    hold.batch_execute("BEGIN; LOCK TABLE delivery_attempts IN SHARE MODE")
+        .await
+        .unwrap();
+    let client = db_at(&url).await;
+    wait_for_a_lock(
+        &client,
+        "recording the failure did not wait for the attempt log",
+    )
+    .await;
+    let (addr, k, path) = (s.addr, key.clone(), format!("/api/endpoints/{id}/pause"));
+    let pause = tokio::spawn(async move { post_empty(addr, &k, &path).await });
+    wait_for_locks(&client, 2, "the pause did not wait for the recorder").await;
+    let waiting = "SELECT query FROM pg_stat_activity WHERE datname = current_database() \
+                   AND wait_event_type = 'Lock' AND query NOT LIKE '%delivery_attempts%'";
+    let query: String = client.query_one(waiting, &[]).await.unwrap().get(0);
+    assert!(
+        query.contains("FROM endpoints") && query.contains("FOR UPDATE"),
+        "the pause waits for the endpoint, not for a delivery: {query}"
+    );
+    hold.batch_execute("COMMIT").await.unwrap();
+    let r = pause.await.unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["status"], "paused");
+    let health =
+        format!("SELECT count(*) FROM endpoints WHERE id = '{id}' AND consecutive_failures = 2");
+    assert_eq!(count(&client, &health).await, 1, "both failures recorded");
+    let e = event_json(s.addr, &key, &first).await;
+    assert_eq!(e["attempts"], 2);
 }
 
 /// A node that retries once after 50 ms and never opens a circuit, on a database of its own: for

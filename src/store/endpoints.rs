@@ -312,11 +312,24 @@ pub async fn patch(
 pub const PARK: &str = "UPDATE deliveries SET next_attempt_at = NULL \
      WHERE endpoint_id = $1 AND status = 0 AND next_attempt_at IS NOT NULL";
 
+/// The first statement of a change that then writes the endpoint's deliveries (pause, resume,
+/// delete): the endpoint, unless removed, locked `FOR UPDATE`, with when its circuit was to close.
+/// A recorder locks the endpoints it writes (`KEY SHARE`, which only this lock mode blocks)
+/// before their deliveries too, so the two take their locks in one order and never deadlock.
+const LOCK_FOR_DELIVERIES: &str = "SELECT circuit_open_until FROM endpoints \
+     WHERE id = $1 AND org_id = $2 AND status <> $3 FOR UPDATE";
+
 /// `DELETE /api/endpoints/{id}`: nothing more is sent to it; events it matched no longer wait
 /// for it (their status is judged over the endpoints that still exist).
 pub async fn delete(ctx: &StoreCtx, org: OrgId, id: Uuid) -> Result<Answer, Refusal> {
     let now = Micros::now().to_system_time();
     org_change!(ctx, org, "delete endpoint", |tx| {
+        tx.query_opt(
+            LOCK_FOR_DELIVERIES,
+            &[&id, &org.0, &EndpointStatus::Removed.code()],
+        )
+        .await?
+        .ok_or(NOT_FOUND)?;
         tx.query_opt(
             "UPDATE endpoints SET status = $3, updated_at = $4 \
              WHERE id = $1 AND org_id = $2 AND status <> $3 RETURNING id",
@@ -341,6 +354,14 @@ pub async fn set_paused(
 ) -> Result<Answer, Refusal> {
     let now = Micros::now().to_system_time();
     let row = org_change!(ctx, org, "pause or resume endpoint", |tx| {
+        let circuit_until: Option<SystemTime> = tx
+            .query_opt(
+                LOCK_FOR_DELIVERIES,
+                &[&id, &org.0, &EndpointStatus::Removed.code()],
+            )
+            .await?
+            .ok_or(NOT_FOUND)?
+            .get(0);
         if paused {
             let row = set_status(&tx, org, id, EndpointStatus::Paused, "", now)
                 .await?
@@ -350,15 +371,6 @@ pub async fn set_paused(
         } else {
             // Deliveries handed back to the database while the circuit was open are due when it
             // was to close; the circuit starts afresh, so they are due now too.
-            let circuit_until: Option<SystemTime> = tx
-                .query_opt(
-                    "SELECT circuit_open_until FROM endpoints \
-                     WHERE id = $1 AND org_id = $2 AND status <> $3 FOR UPDATE",
-                    &[&id, &org.0, &EndpointStatus::Removed.code()],
-                )
-                .await?
-                .ok_or(NOT_FOUND)?
-                .get(0);
             let healthy = ", disabled_reason = NULL, consecutive_failures = 0, \
                            failing_since = NULL, circuit_open_until = NULL";
             let row = set_status(&tx, org, id, EndpointStatus::Active, healthy, now)
