@@ -39,7 +39,8 @@ make)
   ldd "${files[@]}" "${modules[@]}" 2>/dev/null | awk '$2 == "=>" && $3 ~ /^\// {print $3}' | sort -u |
     grep -Ev '/(libc|libm|libpthread|libdl|librt|libresolv|ld-linux[^/]*)\.so' |
     while read -r lib; do cp -L "$lib" "$stage$LIBS/"; done
-  tar -C "$stage" -cJf "$dir/bundle.tar.xz" .
+  # Its top folders by name, never `.`: unpacked at /, `.` would give / the stage's mode (0700).
+  tar -C "$stage" -cJf "$dir/bundle.tar.xz" usr opt
   du -h "$dir/bundle.tar.xz" >&2
   ;;
 unpack)
