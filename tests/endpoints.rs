@@ -834,15 +834,15 @@ async fn a_resume_elsewhere_and_a_recorder_never_wait_for_each_other() {
     );
 }
 
-/// A pause while this node records a failed attempt whose delivery and endpoint it writes: the
-/// recorder is held (by a lock on the attempt log) after it has locked the endpoint and the
-/// delivery's row. The pause then waits for the endpoint, before it touches any delivery; before,
-/// it changed the endpoint at once and waited for the delivery's row, while the recorder would
-/// wait for the endpoint to write its health: a deadlock, broken by aborting one of them.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_pause_waits_for_a_recorder_at_the_endpoint_not_at_its_deliveries() {
-    let (recv, s, key, ep, url) =
-        failing_endpoint_with("triggers_test_pause_order", "30", &[]).await;
+/// A pause or a delete (`change`) while this node records a failed attempt whose delivery and
+/// endpoint it writes: the recorder is held (by a lock on the attempt log) after it has locked the
+/// endpoint and the delivery's row. The change then waits for the endpoint, before it touches any
+/// delivery; before, it changed the endpoint at once and waited for the delivery's row, while the
+/// recorder would wait for the endpoint to write its health: a deadlock, broken by aborting one of
+/// them (a 503 when the change was the one). The change's answer, the event, and the endpoint's
+/// recorded failures.
+async fn change_racing_a_recorder(database: &str, change: &'static str) -> (Response, Value, i64) {
+    let (recv, s, key, ep, url) = failing_endpoint_with(database, "30", &[]).await;
     // The first attempt fails at once; the retry 100 ms later fails after 1 s in flight.
     recv.set_script(|_, before| Answer {
         delay: Duration::from_millis(if before == 0 { 0 } else { 1000 }),
@@ -863,24 +863,45 @@ async fn a_pause_waits_for_a_recorder_at_the_endpoint_not_at_its_deliveries() {
         "recording the failure did not wait for the attempt log",
     )
     .await;
-    let (addr, k, path) = (s.addr, key.clone(), format!("/api/endpoints/{id}/pause"));
-    let pause = tokio::spawn(async move { post_empty(addr, &k, &path).await });
-    wait_for_locks(&client, 2, "the pause did not wait for the recorder").await;
+    let (addr, k) = (s.addr, key.clone());
+    let path = format!("/api/endpoints/{id}");
+    let changed = tokio::spawn(async move {
+        match change {
+            "pause" => post_empty(addr, &k, &format!("{path}/pause")).await,
+            _ => delete(addr, &k, &path).await,
+        }
+    });
+    wait_for_locks(&client, 2, "the change did not wait for the recorder").await;
     let waiting = "SELECT query FROM pg_stat_activity WHERE datname = current_database() \
                    AND wait_event_type = 'Lock' AND query NOT LIKE '%delivery_attempts%'";
     let query: String = client.query_one(waiting, &[]).await.unwrap().get(0);
     assert!(
         query.contains("FROM endpoints") && query.contains("FOR UPDATE"),
-        "the pause waits for the endpoint, not for a delivery: {query}"
+        "the {change} waits for the endpoint, not for a delivery: {query}"
     );
     hold.batch_execute("COMMIT").await.unwrap();
-    let r = pause.await.unwrap();
+    let r = changed.await.unwrap();
+    let failures = format!("SELECT consecutive_failures FROM endpoints WHERE id = '{id}'");
+    let failures: i32 = client.query_one(&failures, &[]).await.unwrap().get(0);
+    let e = event_json(s.addr, &key, &first).await;
+    (r, e, i64::from(failures))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pause_waits_for_a_recorder_at_the_endpoint_not_at_its_deliveries() {
+    let (r, e, failures) = change_racing_a_recorder("triggers_test_pause_order", "pause").await;
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.json()["status"], "paused");
-    let health =
-        format!("SELECT count(*) FROM endpoints WHERE id = '{id}' AND consecutive_failures = 2");
-    assert_eq!(count(&client, &health).await, 1, "both failures recorded");
-    let e = event_json(s.addr, &key, &first).await;
+    assert_eq!(failures, 2, "both failures recorded");
+    assert_eq!(e["attempts"], 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delete_waits_for_a_recorder_at_the_endpoint_not_at_its_deliveries() {
+    let (r, e, failures) = change_racing_a_recorder("triggers_test_delete_order", "delete").await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["deleted"], true);
+    assert_eq!(failures, 2, "both failures recorded");
     assert_eq!(e["attempts"], 2);
 }
 
