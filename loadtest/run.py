@@ -202,6 +202,48 @@ def postgres_parts(db):
     return parts
 
 
+class PgWaits:
+    """What the server's PostgreSQL backends are doing while a phase runs (`--pg-waits`): one
+    `psql` samples pg_stat_activity every 50 ms; the result is, per part of the server, how many of
+    its backends were in each state on average (`idle`, `cpu`, or the wait event, such as
+    `IO:WALSync` or `Client:ClientRead` for a backend waiting for the server mid-transaction).
+    The sampling's own backend shows in PostgreSQL's `other` CPU."""
+
+    QUERY = ("SELECT '#' UNION ALL SELECT application_name || '|' || CASE WHEN state = 'idle' THEN 'idle' "
+             "WHEN wait_event IS NULL THEN 'cpu' ELSE wait_event_type || ':' || wait_event END "
+             "FROM pg_stat_activity WHERE application_name LIKE 'triggers%' AND pid <> pg_backend_pid()")
+
+    def __init__(self, db):
+        self.samples, self.counts = 0, {}
+        self.proc = subprocess.Popen(["psql", db.url, "-qAt"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.DEVNULL, text=True, preexec_fn=pinned("load"))
+        self.proc.stdin.write(self.QUERY + "\n\\watch 0.05\n")
+        self.proc.stdin.flush()
+        self.reader = threading.Thread(target=self.read, daemon=True)
+        self.reader.start()
+
+    def read(self):
+        for line in self.proc.stdout:
+            line = line.strip()
+            if line == "#":
+                self.samples += 1
+            elif "|" in line:
+                name, _, state = line.partition("|")
+                part = PG_PARTS.get(name, name)
+                key = (part, state)
+                self.counts[key] = self.counts.get(key, 0) + 1
+
+    def finish(self):
+        """{part: {state: backends on average}}, busiest state first."""
+        self.proc.terminate()
+        self.proc.wait()
+        self.reader.join(2)
+        out = {}
+        for (part, state), n in sorted(self.counts.items(), key=lambda kv: -kv[1]):
+            out.setdefault(part, {})[state] = round(n / max(self.samples, 1), 2)
+        return {"samples": self.samples, "backends": out}
+
+
 def supported_flags(binary):
     """The flags a server binary knows (an older build for --against may lack newer ones)."""
     out = subprocess.run([binary, "--help"], capture_output=True, text=True).stdout
@@ -698,6 +740,7 @@ def measure(name, tool, script, rate, conns, duration, server, receiver, keys_fi
     commits0 = server.metric("triggers_write_batches_total")
     sampler = Sampler(server, receiver)
     sampler.start()
+    waits = PgWaits(server.db) if args.pg_waits else None
     perf = None
     if args.perf:
         # cpu-clock sampling works where hardware counters don't (VMs).
@@ -710,6 +753,8 @@ def measure(name, tool, script, rate, conns, duration, server, receiver, keys_fi
     if perf:
         perf.wait()
     cpu, rss = sampler.finish()
+    if waits:
+        r["pg_waits"] = waits.finish()
     committed = server.metric("triggers_events_committed_total") - committed0
     r["committed_per_s"] = committed / elapsed
     commits = server.metric("triggers_write_batches_total") - commits0
@@ -899,6 +944,12 @@ def print_table(rows, ceiling, extra):
                 statuses += f" | cpu {label}: server {c['server_us_per_event']} us{pg}{box}"
                 if label == "per event" and r.get("events_per_commit"):
                     statuses += f" | {r['commits_per_s']:,} commits/s of {r['events_per_commit']} events"
+                if label == "per event" and r.get("pg_waits"):
+                    # Parts that only idled (the listener, the probe) are left out.
+                    statuses += " | postgres backends on average: " + "; ".join(
+                        f"{part} " + ", ".join(f"{state} {n}" for state, n in states.items() if n >= 0.01)
+                        for part, states in r["pg_waits"]["backends"].items()
+                        if any(state != "idle" and n >= 0.01 for state, n in states.items()))
                 if label == "per event" and c.get("server_threads"):
                     busy = sorted(c["server_threads"].items(), key=lambda kv: -kv[1]["busy_pct"])
                     statuses += " | server threads busy: " + ", ".join(
@@ -940,6 +991,9 @@ def main():
     p.add_argument("--server-bin", default=SERVER, help="the server binary to measure (default: the release build)")
     p.add_argument("--against", help="another server binary: run the scenario with both, alternating, and compare")
     p.add_argument("--repeat", type=int, default=3, help="runs per binary with --against (default 3; medians)")
+    p.add_argument("--pg-waits", action="store_true",
+                   help="sample what the server's PostgreSQL backends do (pg_stat_activity every 50 ms) during "
+                        "each measured phase: backends per state on average, by part")
     p.add_argument("--perf", help="record a cpu-clock profile of the server during the scenario into this file")
     p.add_argument("--url", help="measure a server that is already running (local or remote) at this base URL, "
                                   "e.g. https://triggers.example.com; needs --keys; no server or database is started")
