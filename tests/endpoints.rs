@@ -905,6 +905,50 @@ async fn a_delete_waits_for_a_recorder_at_the_endpoint_not_at_its_deliveries() {
     assert_eq!(e["attempts"], 2);
 }
 
+/// A pause picked as a deadlock's victim is run again, within its deadline, rather than answered
+/// 503: another session holds the endpoint's retrying delivery and then asks for the endpoint
+/// itself while the pause, holding the endpoint, waits for that delivery.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pause_picked_as_a_deadlock_victim_is_run_again() {
+    let (recv, s, key, ep, url) = failing_endpoint_with(
+        "triggers_test_pause_rerun",
+        "30",
+        &["--retry-schedule", "60s"],
+    )
+    .await;
+    let id = ep["id"].as_str().unwrap().to_string();
+    post_typed(s.addr, &key, "t").await;
+    recv.wait_until(Duration::from_secs(5), |r| r.len() == 1)
+        .await;
+    let client = db_at(&url).await;
+    let waiting = format!(
+        "SELECT count(*) FROM deliveries WHERE endpoint_id = '{id}' AND next_attempt_at > now()"
+    );
+    let retrying = || async { count(&client, &waiting).await == 1 };
+    poll_until(retrying, "the failure was not recorded").await;
+    let other = db_at(&url).await;
+    other
+        .batch_execute(&format!(
+            "BEGIN; SELECT 1 FROM deliveries WHERE endpoint_id = '{id}' FOR UPDATE"
+        ))
+        .await
+        .unwrap();
+    let (addr, k, path) = (s.addr, key.clone(), format!("/api/endpoints/{id}/pause"));
+    let pause = tokio::spawn(async move { post_empty(addr, &k, &path).await });
+    wait_for_a_lock(&client, "the pause did not wait for the delivery").await;
+    // The cycle: PostgreSQL's check, a second after the pause began to wait, aborts the pause.
+    let endpoint = format!("SELECT 1 FROM endpoints WHERE id = '{id}' FOR UPDATE");
+    other.batch_execute(&endpoint).await.unwrap();
+    other.batch_execute("COMMIT").await.unwrap();
+    let r = pause.await.unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["status"], "paused");
+    let parked = format!(
+        "SELECT count(*) FROM deliveries WHERE endpoint_id = '{id}' AND next_attempt_at IS NULL"
+    );
+    assert_eq!(count(&client, &parked).await, 1, "the run again parked it");
+}
+
 /// A node that retries once after 50 ms and never opens a circuit, on a database of its own: for
 /// a test whose deliveries become due rows, which another test's node would claim and retry on its
 /// own schedule.
@@ -1530,6 +1574,29 @@ async fn a_version_1_database_migrates_and_its_pending_events_are_delivered() {
     assert!(row.get::<_, bool>(2));
     assert_eq!(row.get::<_, i16>(3), 0);
     drop(s);
+}
+
+/// `POST /api/webhook/config` on a default endpoint that was paused (or disabled) makes it active
+/// again, and what it held while paused goes out, as a resume sends it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn setting_the_webhook_again_sends_what_its_paused_endpoint_held() {
+    let recv = Receiver::start(|_, _| Answer::status(200)).await;
+    let s = Server::start(&[PRIVATE]);
+    let (key, _) = new_org(s.addr, "pro").await;
+    set_webhook(s.addr, &key, &recv.url("/v1")).await;
+    let list = get(s.addr, &key, "/api/endpoints").await.json();
+    let id = list["endpoints"][0]["id"].as_str().unwrap().to_string();
+    let r = post_empty(s.addr, &key, &format!("/api/endpoints/{id}/pause")).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let held = post_typed(s.addr, &key, "t").await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        recv.for_event(&held).is_empty(),
+        "nothing goes while paused"
+    );
+    set_webhook(s.addr, &key, &recv.url("/v1")).await;
+    let e = wait_delivered(s.addr, &key, &held, Duration::from_secs(5)).await;
+    assert_eq!(e["attempts"], 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -10,8 +10,8 @@ use crate::auth::flight::Flights;
 use crate::auth::throttle::KeyOpsLimiter;
 use crate::auth::verify::Verifier;
 use crate::auth::OrgInfo;
-use crate::config::Config;
-use crate::db::{fault, is_pool_busy, Fault};
+use crate::config::{Config, WRITE_RUNS_MAX};
+use crate::db::{fault, is_pool_busy, rerun, Fault, Rerun};
 use crate::flow::answer::Refusal;
 use crate::flow::sink::{ByteBudget, CoreLink, DeliverySink, Health};
 use crate::ids::OrgId;
@@ -103,6 +103,12 @@ impl StoreCtx {
     pub fn fail(&self, what: &str, failure: Failure) -> Refusal {
         match failure {
             Failure::Refused(r) => r,
+            // A deadlock's victim or a serialization failure, run as often as it may be: the
+            // database is fine, so the health flag stays as it is.
+            Failure::Db(e) if rerun(&e, true) == Some(Rerun::Asked) => {
+                tracing::warn!(error = %crate::db::describe(&e), what, "transaction conflict");
+                Refusal::Unavailable
+            }
             Failure::Db(e) if fault(&e) == Fault::Server => {
                 tracing::warn!(error = %crate::db::describe(&e), what, "database unavailable");
                 self.health.set_down();
@@ -129,6 +135,31 @@ impl StoreCtx {
         self.stop_deadline
             .get()
             .is_some_and(|d| tokio::time::Instant::now() >= *d)
+    }
+
+    /// Run the transaction that `work` makes under the database deadline, again (up to
+    /// `WRITE_RUNS_MAX` runs in all, within the same deadline) when PostgreSQL asks for it: a
+    /// deadlock's victim or a serialization failure was rolled back whole.
+    pub async fn timed_reruns<T, F, W>(&self, what: &str, mut work: F) -> Result<T, Refusal>
+    where
+        F: FnMut() -> W,
+        W: std::future::Future<Output = Done<T>>,
+    {
+        let runs = async {
+            let mut run = 1;
+            loop {
+                match work().await {
+                    Err(Failure::Db(e))
+                        if run < WRITE_RUNS_MAX && rerun(&e, true) == Some(Rerun::Asked) =>
+                    {
+                        tracing::info!(error = %crate::db::describe(&e), what, run, "run again");
+                        run += 1;
+                    }
+                    done => return done,
+                }
+            }
+        };
+        self.timed(what, runs).await
     }
 
     /// Run `work` under the database deadline.

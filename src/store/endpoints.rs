@@ -120,12 +120,13 @@ pub async fn check_room(
     Ok(())
 }
 
-/// Run `work` in a transaction that ends with a NOTIFY, then wait until this node's cores and
-/// delivery pool dropped what they cached of the organization.
+/// Run `work` in a transaction that ends with a NOTIFY (again when PostgreSQL asks for it: a
+/// deadlock's victim), then wait until this node's cores and delivery pool dropped what they
+/// cached of the organization.
 macro_rules! org_change {
     ($ctx:expr, $org:expr, $what:expr, |$tx:ident| $body:block) => {{
         let out = $ctx
-            .timed($what, async {
+            .timed_reruns($what, || async {
                 let mut client = $ctx.pool.get().await?;
                 let $tx = client.transaction().await?;
                 let out = $body;
@@ -376,25 +377,7 @@ pub async fn set_paused(
             let row = set_status(&tx, org, id, EndpointStatus::Active, healthy, now)
                 .await?
                 .ok_or(NOT_FOUND)?;
-            tx.execute(
-                "UPDATE deliveries d SET next_attempt_at = $2 FROM events e \
-                 WHERE d.endpoint_id = $1 AND d.status = 0 AND d.next_attempt_at IS NULL \
-                   AND e.id = d.event_id AND e.status <> $3",
-                &[
-                    &id,
-                    &now,
-                    &crate::flow::event::EventStatus::Delivered.code(),
-                ],
-            )
-            .await?;
-            if let Some(until) = circuit_until {
-                tx.execute(
-                    "UPDATE deliveries SET next_attempt_at = $2 \
-                     WHERE endpoint_id = $1 AND status = 0 AND next_attempt_at = $3",
-                    &[&id, &now, &until],
-                )
-                .await?;
-            }
+            release_held(&tx, id, circuit_until, now).await?;
             row
         }
     });
@@ -405,6 +388,38 @@ pub async fn set_paused(
         &row,
         ctx.config.circuit_failures,
     ))))
+}
+
+/// What an endpoint made active again with a fresh circuit (a resume, the v1 webhook set again)
+/// releases, due `now`: its parked deliveries, except those of acknowledged events, and those
+/// handed back due when its old circuit (open until `circuit_until`) was to close. Locked first
+/// with `LOCK_FOR_DELIVERIES`.
+pub async fn release_held(
+    tx: &Transaction<'_>,
+    id: Uuid,
+    circuit_until: Option<SystemTime>,
+    now: SystemTime,
+) -> Result<(), tokio_postgres::Error> {
+    tx.execute(
+        "UPDATE deliveries d SET next_attempt_at = $2 FROM events e \
+         WHERE d.endpoint_id = $1 AND d.status = 0 AND d.next_attempt_at IS NULL \
+           AND e.id = d.event_id AND e.status <> $3",
+        &[
+            &id,
+            &now,
+            &crate::flow::event::EventStatus::Delivered.code(),
+        ],
+    )
+    .await?;
+    if let Some(until) = circuit_until {
+        tx.execute(
+            "UPDATE deliveries SET next_attempt_at = $2 \
+             WHERE endpoint_id = $1 AND status = 0 AND next_attempt_at = $3",
+            &[&id, &now, &until],
+        )
+        .await?;
+    }
+    Ok(())
 }
 
 /// Set an endpoint's status, and what `also` sets (`, column = value…`), unless it was removed:

@@ -95,7 +95,7 @@ async fn run_query(ctx: &StoreCtx, org: OrgInfo, query: Query) -> Result<Answer,
                 .await
         }
         Query::Redeliver { id, endpoint } => {
-            ctx.timed("redeliver", events::redeliver(ctx, org.id, id, endpoint))
+            ctx.timed_reruns("redeliver", || events::redeliver(ctx, org.id, id, endpoint))
                 .await
         }
         Query::CreateEndpoint(spec) => endpoints::create(ctx, org.id, spec).await,

@@ -3,7 +3,7 @@
 //! organization's life: a deleted default endpoint is kept, removed, with its secret.
 
 use super::ctx::StoreCtx;
-use super::endpoints::{check_room, check_url, new_signing_secret, notify, PARK};
+use super::endpoints::{check_room, check_url, new_signing_secret, notify, release_held, PARK};
 use crate::flow::answer::{Answer, EndpointStatus, Refusal, WebhookConfig};
 use crate::ids::{new_v7, Micros, OrgId};
 
@@ -13,9 +13,17 @@ pub async fn set_webhook(ctx: &StoreCtx, org: OrgId, url: String) -> Result<Answ
     check_url(ctx, &url, "webhook_url").await?;
     let now = Micros::now();
     let secret: String = ctx
-        .timed("set webhook", async {
+        .timed_reruns("set webhook", || async {
             let mut client = ctx.pool.get().await?;
             let tx = client.transaction().await?;
+            // Locked before its deliveries are written, as every endpoint change that writes them.
+            let held = tx
+                .query_opt(
+                    "SELECT id, status, circuit_open_until FROM endpoints \
+                     WHERE org_id = $1 AND is_default FOR UPDATE",
+                    &[&org.0],
+                )
+                .await?;
             let updated = tx
                 .query_opt(
                     "UPDATE endpoints SET url = $2, status = $3, updated_at = $4, \
@@ -30,6 +38,12 @@ pub async fn set_webhook(ctx: &StoreCtx, org: OrgId, url: String) -> Result<Answ
                     ],
                 )
                 .await?;
+            // A paused or disabled default endpoint is active again with a fresh circuit: what
+            // it held goes now, as after a resume (a deleted one's deliveries stay dropped).
+            if let Some(row) = held.filter(|r| r.get::<_, i16>(1) != EndpointStatus::Removed.code())
+            {
+                release_held(&tx, row.get(0), row.get(2), now.to_system_time()).await?;
+            }
             let secret = match updated {
                 Some(row) => row.get(0),
                 None => {
@@ -50,6 +64,7 @@ pub async fn set_webhook(ctx: &StoreCtx, org: OrgId, url: String) -> Result<Answ
         })
         .await?;
     ctx.org_changed(Some(org)).await;
+    ctx.delivery.wake();
     Ok(Answer::WebhookSet(WebhookConfig {
         organization_id: org.0,
         webhook_url: Some(url),
@@ -61,9 +76,15 @@ pub async fn set_webhook(ctx: &StoreCtx, org: OrgId, url: String) -> Result<Answ
 /// The default endpoint is removed (its secret kept); deliveries to it stop.
 pub async fn delete_webhook(ctx: &StoreCtx, org: OrgId) -> Result<Answer, Refusal> {
     let now = Micros::now();
-    ctx.timed("delete webhook", async {
+    ctx.timed_reruns("delete webhook", || async {
         let mut client = ctx.pool.get().await?;
         let tx = client.transaction().await?;
+        // Locked before its deliveries are parked, as every endpoint change that writes them.
+        tx.query_opt(
+            "SELECT 1 FROM endpoints WHERE org_id = $1 AND is_default AND status <> $2 FOR UPDATE",
+            &[&org.0, &EndpointStatus::Removed.code()],
+        )
+        .await?;
         let removed = tx
             .query_opt(
                 "UPDATE endpoints SET status = $2, updated_at = $3 \
