@@ -370,13 +370,13 @@ pub async fn set_paused(
             tx.execute(PARK, &[&id]).await?;
             row
         } else {
-            // Deliveries handed back to the database while the circuit was open are due when it
-            // was to close; the circuit starts afresh, so they are due now too.
             let healthy = ", disabled_reason = NULL, consecutive_failures = 0, \
                            failing_since = NULL, circuit_open_until = NULL";
             let row = set_status(&tx, org, id, EndpointStatus::Active, healthy, now)
                 .await?
                 .ok_or(NOT_FOUND)?;
+            // Deliveries handed back to the database while the circuit was open are due when it
+            // was to close; the circuit starts afresh, so they are due now too.
             release_held(&tx, id, circuit_until, now).await?;
             row
         }
