@@ -1599,6 +1599,38 @@ async fn setting_the_webhook_again_sends_what_its_paused_endpoint_held() {
     assert_eq!(e["attempts"], 1);
 }
 
+/// A deleted webhook set again: the default endpoint is the same one, active again, and what
+/// was still owed to it when it was deleted (events not acknowledged) goes out; it does not stay
+/// listed as pending for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn setting_a_deleted_webhook_again_sends_what_was_owed_to_it() {
+    let recv = Receiver::start(|_, _| Answer::status(500)).await;
+    let s = Server::start(&[PRIVATE, "--retry-schedule", "60s"]);
+    let (key, _) = new_org(s.addr, "pro").await;
+    set_webhook(s.addr, &key, &recv.url("/v1")).await;
+    let owed = post_typed(s.addr, &key, "t").await;
+    let acked = post_typed(s.addr, &key, "t").await;
+    recv.wait_until(Duration::from_secs(5), |r| r.len() == 2)
+        .await;
+    let retrying = |e: &Value| e["deliveries"][0]["next_attempt_at"].is_string();
+    wait_event(s.addr, &key, &owed, Duration::from_secs(5), retrying).await;
+    wait_event(s.addr, &key, &acked, Duration::from_secs(5), retrying).await;
+    let r = delete(s.addr, &key, "/api/webhook/config").await;
+    assert_eq!(r.status, 200);
+    let r = post_empty(s.addr, &key, &format!("/api/ack/{acked}")).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    recv.set_script(|_, _| Answer::status(200));
+    set_webhook(s.addr, &key, &recv.url("/v1")).await;
+    let e = wait_delivered(s.addr, &key, &owed, Duration::from_secs(5)).await;
+    assert_eq!(e["attempts"], 2);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        recv.for_event(&acked).len(),
+        1,
+        "an acknowledged event is not sent again"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_inbox_walks_past_thousands_of_delivered_events_with_a_cursor() {
     let s = Server::start(&[PRIVATE]);

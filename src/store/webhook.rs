@@ -19,7 +19,7 @@ pub async fn set_webhook(ctx: &StoreCtx, org: OrgId, url: String) -> Result<Answ
             // Locked before its deliveries are written, as every endpoint change that writes them.
             let held = tx
                 .query_opt(
-                    "SELECT id, status, circuit_open_until FROM endpoints \
+                    "SELECT id, circuit_open_until FROM endpoints \
                      WHERE org_id = $1 AND is_default FOR UPDATE",
                     &[&org.0],
                 )
@@ -38,11 +38,11 @@ pub async fn set_webhook(ctx: &StoreCtx, org: OrgId, url: String) -> Result<Answ
                     ],
                 )
                 .await?;
-            // A paused or disabled default endpoint is active again with a fresh circuit: what
-            // it held goes now, as after a resume (a deleted one's deliveries stay dropped).
-            if let Some(row) = held.filter(|r| r.get::<_, i16>(1) != EndpointStatus::Removed.code())
-            {
-                release_held(&tx, row.get(0), row.get(2), now.to_system_time()).await?;
+            // The default endpoint, paused, disabled or deleted, is active again with a fresh
+            // circuit: what it held goes now, as after a resume (what a delete parked too: those
+            // deliveries are the endpoint's again, and would otherwise stay pending for good).
+            if let Some(row) = held {
+                release_held(&tx, row.get(0), row.get(1), now.to_system_time()).await?;
             }
             let secret = match updated {
                 Some(row) => row.get(0),
