@@ -273,7 +273,7 @@ fn sys(t: Micros) -> SystemTime {
 /// The row state an outcome writes: (status, next_attempt_at, delivered_at, failed_at).
 fn row_state(
     o: &Outcome,
-    circuits: &CircuitEnds,
+    endpoints: &LockedEndpoints,
 ) -> (
     i16,
     Option<SystemTime>,
@@ -287,7 +287,7 @@ fn row_state(
         Next::Parked => (EventStatus::Pending.code(), None, None, None),
         Next::Due(at) => (EventStatus::Pending.code(), Some(sys(*at)), None, None),
         Next::AfterCircuit { until } => {
-            let due = circuits.due(o.endpoint, *until, o.seen);
+            let due = endpoints.due(o.endpoint, *until, o.seen);
             (EventStatus::Pending.code(), Some(sys(due)), None, None)
         }
     }
@@ -297,14 +297,14 @@ fn row_state(
 /// any delivery row is written; from them, when the deliveries handed back for an open circuit
 /// are due.
 #[derive(Default)]
-struct CircuitEnds {
+struct LockedEndpoints {
     /// The endpoints' `updated_at`, as stored (a removed one is absent).
     stored: HashMap<Uuid, Micros>,
     /// When they were read.
     now: Micros,
 }
 
-impl CircuitEnds {
+impl LockedEndpoints {
     /// Read the endpoints this transaction will write or decide by (those of circuit
     /// hand-backs, health writes and disables), each under a `KEY SHARE` lock, in id order,
     /// before any delivery row is touched. A resume locks its endpoint `FOR UPDATE` first and
@@ -468,7 +468,7 @@ async fn write_in(
     finished: &[Uuid],
     copy: &mut BinaryRows,
 ) -> Result<Written, tokio_postgres::Error> {
-    let circuits = CircuitEnds::read(tx, batch).await?;
+    let endpoints = LockedEndpoints::read(tx, batch).await?;
     let mut owned = owned_batch_successes(tx, batch).await?;
     let mut parked: HashSet<(Uuid, Uuid)> = HashSet::new();
     let mut take_rows = |rows: Vec<tokio_postgres::Row>| {
@@ -498,7 +498,7 @@ async fn write_in(
             vec![],
         );
         for o in &mat {
-            let (status, next, _, failed) = row_state(o, &circuits);
+            let (status, next, _, failed) = row_state(o, &endpoints);
             let Held::Batch(b) = o.held else { continue };
             cols.0.push(o.event.0);
             cols.1.push(o.endpoint);
@@ -567,7 +567,7 @@ async fn write_in(
             vec![],
         );
         for o in &upd {
-            let (status, next, delivered, failed) = row_state(o, &circuits);
+            let (status, next, delivered, failed) = row_state(o, &endpoints);
             let Held::Row(held) = o.held else { continue };
             cols.0.push(o.event.0);
             cols.1.push(o.endpoint);
