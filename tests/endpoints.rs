@@ -448,6 +448,9 @@ async fn a_rotated_secret_signs_beside_the_new_one_for_the_grace_period() {
     );
 }
 
+/// Deliveries waiting in memory for their retry's time.
+const SCHEDULED: &str = "triggers_deliveries_waiting{reason=\"retry_scheduled\"}";
+
 async fn metric(s: &Server, name: &str) -> f64 {
     let text = call(s.metrics_addr.unwrap(), "GET", "/metrics", &[], None)
         .await
@@ -1403,6 +1406,125 @@ async fn redelivery_during_a_first_attempt(database: &str, claimed: bool) {
     assert_eq!(recv.received().len(), 2);
 }
 
+/// A retry in flight when its endpoint is paused and then resumed keeps its lease through both:
+/// it is not sent again beside itself, and its outcome is logged. (The pause parks its row; the
+/// resume made it due at once, so a claim sent it a second time while the first was still
+/// waiting for its answer, under the same `X-Delivery-Attempt`, and the first went unlogged.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resume_during_a_retry_in_flight_does_not_send_it_again() {
+    resume_during_a_retry_in_flight("triggers_test_resume_retry_in_flight", "resume").await;
+}
+
+/// The same for a redelivery asked for while the retry is in flight and its row parked (the
+/// event acknowledged meanwhile): the new round waits for the attempt it would repeat.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redelivery_of_a_parked_retry_in_flight_does_not_send_it_again() {
+    resume_during_a_retry_in_flight("triggers_test_redeliver_retry_in_flight", "redeliver").await;
+}
+
+async fn resume_during_a_retry_in_flight(database: &str, then: &str) {
+    let recv = Receiver::start(|_, earlier| match earlier {
+        0 => Answer::status(500),
+        _ => Answer {
+            delay: Duration::from_millis(1500),
+            ..Answer::status(200)
+        },
+    })
+    .await;
+    let s = quick_retry_node(database).await;
+    let (key, _) = new_org(s.addr, "pro").await;
+    let ep = create_endpoint(s.addr, &key, json!({"url": recv.url("/")})).await;
+    let ep = ep["id"].as_str().unwrap();
+    let id = post_typed(s.addr, &key, "t").await;
+    // The retry (attempt 2) is in flight: the receiver holds it for 1.5 s.
+    recv.wait_until(Duration::from_secs(5), |r| r.len() == 2)
+        .await;
+    if then == "resume" {
+        let pause = format!("/api/endpoints/{ep}/pause");
+        assert_eq!(post_empty(s.addr, &key, &pause).await.status, 200);
+        let resume = format!("/api/endpoints/{ep}/resume");
+        assert_eq!(post_empty(s.addr, &key, &resume).await.status, 200);
+    } else {
+        assert_eq!(
+            post_empty(s.addr, &key, &format!("/api/ack/{id}"))
+                .await
+                .status,
+            200
+        );
+        let r = post_empty(s.addr, &key, &format!("/api/events/{id}/redeliver")).await;
+        assert_eq!(r.status, 202, "{}", r.text());
+    }
+    let log = |e: &Value| e["delivery_attempts"].as_array().map_or(0, Vec::len);
+    let e = wait_event(s.addr, &key, &id, Duration::from_secs(10), |e| log(e) == 2).await;
+    // Anything sent beside the attempt in flight would have arrived by now.
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let got = recv.for_event(&id);
+    let numbers: Vec<&str> = got
+        .iter()
+        .map(|r| r.header("x-delivery-attempt").unwrap_or(""))
+        .collect();
+    assert_eq!(numbers, ["1", "2"], "{e}");
+    let e = event_json(s.addr, &key, &id).await;
+    assert_eq!(e["status"], "delivered", "{e}");
+    assert_eq!(e["attempts"], 2, "{e}");
+    assert_eq!(log(&e), 2, "{e}");
+    assert_eq!(e["delivery_attempts"][1]["response_status"], 200, "{e}");
+}
+
+/// A retry waiting in memory for its time when its endpoint is paused is parked then (its lease
+/// given up), goes at once on resume, and only once: before, the resume's claim sent it and the
+/// node that still held it sent it again when it was due, under the same attempt number.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_waiting_in_memory_is_parked_by_a_pause_and_sent_once_after_resume() {
+    let recv = Receiver::start(|_, earlier| match earlier {
+        0 => Answer::status(500),
+        _ => Answer::status(200),
+    })
+    .await;
+    let url = own_database("triggers_test_pause_waiting_retry").await;
+    let s = Server::start_with_db(&[PRIVATE, "--retry-schedule", "3s"], &url);
+    let (key, _) = new_org(s.addr, "pro").await;
+    let ep = create_endpoint(s.addr, &key, json!({"url": recv.url("/")})).await;
+    let ep = ep["id"].as_str().unwrap();
+    let id = post_typed(s.addr, &key, "t").await;
+    let first = recv
+        .wait_until(Duration::from_secs(5), |r| r.len() == 1)
+        .await[0]
+        .at;
+    poll_until(
+        || async { metric(&s, SCHEDULED).await == 1.0 },
+        "the retry never waited in memory",
+    )
+    .await;
+    let pause = format!("/api/endpoints/{ep}/pause");
+    assert_eq!(post_empty(s.addr, &key, &pause).await.status, 200);
+    poll_until(
+        || async { metric(&s, SCHEDULED).await == 0.0 },
+        "the paused retry stayed in memory",
+    )
+    .await;
+    let resume = format!("/api/endpoints/{ep}/resume");
+    assert_eq!(post_empty(s.addr, &key, &resume).await.status, 200);
+    let e = wait_delivered(s.addr, &key, &id, Duration::from_secs(5)).await;
+    let second = recv.received()[1].at;
+    assert!(
+        second.duration_since(first) < Duration::from_secs(3),
+        "sent at once on resume, not when its retry was due"
+    );
+    // Past the retry's own time: nothing more comes.
+    let wait = (first + Duration::from_millis(4000)).saturating_duration_since(Instant::now());
+    tokio::time::sleep(wait).await;
+    let numbers: Vec<String> = recv
+        .for_event(&id)
+        .iter()
+        .map(|r| r.header("x-delivery-attempt").unwrap_or("").to_string())
+        .collect();
+    assert_eq!(numbers, ["1", "2"], "{e}");
+    let e = event_json(s.addr, &key, &id).await;
+    assert_eq!(e["attempts"], 2, "{e}");
+    assert_eq!(e["delivery_attempts"].as_array().unwrap().len(), 2, "{e}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redelivery_starts_a_round_for_every_endpoint_or_the_one_named() {
     let recv = Receiver::start(|_, _| Answer::status(200)).await;
@@ -1615,8 +1737,21 @@ async fn setting_a_deleted_webhook_again_sends_what_was_owed_to_it() {
     let retrying = |e: &Value| e["deliveries"][0]["next_attempt_at"].is_string();
     wait_event(s.addr, &key, &owed, Duration::from_secs(5), retrying).await;
     wait_event(s.addr, &key, &acked, Duration::from_secs(5), retrying).await;
+    poll_until(
+        || async { metric(&s, SCHEDULED).await == 2.0 },
+        "the two retries never waited in memory",
+    )
+    .await;
     let r = delete(s.addr, &key, "/api/webhook/config").await;
     assert_eq!(r.status, 200);
+    // Both retries waiting in memory hear of the delete and park, their rows' leases given up:
+    // what is still owed goes at once when the webhook is set again. (One that had not heard of
+    // it yet would keep its lease and go when due, in 60 s.)
+    poll_until(
+        || async { metric(&s, SCHEDULED).await == 0.0 },
+        "the retries waiting in memory never parked",
+    )
+    .await;
     let r = post_empty(s.addr, &key, &format!("/api/ack/{acked}")).await;
     assert_eq!(r.status, 200, "{}", r.text());
     recv.set_script(|_, _| Answer::status(200));

@@ -36,7 +36,7 @@ use crate::ids::{new_v7, EventId, Micros, OrgId};
 /// yet leaves the table and is leased by one new batch row naming it (`$5`; a success is then an
 /// appended attempt only, as for a fresh event's delivery); a row with attempts (a retry, a
 /// redelivery, a recovery: its state is in the row) stays, and this node's lease goes into its
-/// `next_attempt_at`.
+/// `next_attempt_at`, and into `lease_until`, where a pause can't take it (migrations/0010).
 ///
 /// Every lookup is by key, whatever the planner's estimates: the rows by their event ids
 /// (`= ANY(ARRAY(…))`, with the exact pairs checked against a hashed list: `IS TRUE` keeps the
@@ -69,7 +69,7 @@ pub const CLAIM: &str = "\
                                                WHERE attempts = 0)) IS TRUE \
         RETURNING d.event_id, d.endpoint_id, d.org_id, d.attempts, d.retry_base), \
     again AS ( \
-        UPDATE deliveries d SET next_attempt_at = $4 \
+        UPDATE deliveries d SET next_attempt_at = $4, lease_until = $4 \
         WHERE d.event_id = ANY(ARRAY(SELECT event_id FROM due WHERE attempts > 0)) \
           AND d.event_id >= (SELECT event_id FROM due WHERE attempts > 0 \
                              ORDER BY event_id LIMIT 1) \
@@ -474,7 +474,7 @@ pub(super) async fn release_all(shared: &Shared) -> usize {
         let client = shared.pool.get().await.map_err(|e| e.to_string())?;
         let rows = client
             .execute(
-                "UPDATE deliveries d SET next_attempt_at = u.due \
+                "UPDATE deliveries d SET next_attempt_at = u.due, lease_until = NULL \
                  FROM unnest($1::uuid[], $2::uuid[], $3::timestamptz[], $4::timestamptz[]) \
                       AS u(ev, ep, held, due) \
                  WHERE d.event_id = u.ev AND d.endpoint_id = u.ep AND d.next_attempt_at = u.held",

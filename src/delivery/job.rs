@@ -60,13 +60,9 @@ pub(super) async fn run_job(
             Step::Handed => return,
             Step::Stopping => break,
         }
-        let wait = Duration::from_micros((job.due.0 - Micros::now().0).max(0) as u64);
-        if !wait.is_zero() {
-            let _w = shared.metrics.waiting(Waiting::Scheduled);
-            tokio::select! {
-                _ = tokio::time::sleep(wait) => {}
-                _ = shared.stop.notified() => {}
-            }
+        if let Some(parked) = until_due(&shared, &mut job, &runtime).await {
+            last = parked;
+            continue;
         }
         if shared.stopping.load(Ordering::SeqCst) {
             break;
@@ -76,6 +72,40 @@ pub(super) async fn run_job(
     // Stopping: a delivery under its own row stays in `held` for the hand-back; one under its
     // batch is covered by the batch row, which the hand-back expires.
     finish(&shared, &job, &runtime, true);
+}
+
+/// Wait in memory until the job is due (or the pool stops): `None` then. A change to its
+/// endpoint's organization (on any node) wakes it early: when the endpoint is no longer active
+/// (paused, deleted, disabled) the delivery is parked at once, and its row then holds no lease
+/// of this node's, so a resume makes it due now wherever it is claimed. A row parked while this
+/// node still holds it keeps the lease (`lease_until`): a resume gives it back, and the delivery
+/// stays this node's, sent once, when it is due.
+async fn until_due(shared: &Shared, job: &mut Job, runtime: &Arc<EndpointRuntime>) -> Option<Step> {
+    loop {
+        let wait = Duration::from_micros((job.due.0 - Micros::now().0).max(0) as u64);
+        if wait.is_zero() {
+            return None;
+        }
+        let changed = runtime.changed.notified();
+        tokio::pin!(changed);
+        changed.as_mut().enable();
+        {
+            let _w = shared.metrics.waiting(Waiting::Scheduled);
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => return None,
+                _ = shared.stop.notified() => return None,
+                _ = changed => {}
+            }
+        }
+        match shared.endpoint(job.org, job.endpoint).await {
+            Ok(Some(e)) if e.status == EndpointStatus::Active => {}
+            // Can't tell: the step when it is due decides.
+            Err(_) => {}
+            Ok(_) => {
+                return Some(settle(shared, job, runtime, None, Next::Inactive, None, None).await)
+            }
+        }
+    }
 }
 
 /// Give back what the job holds in memory (`stopping`: see [`Shared::let_go`]).
@@ -108,7 +138,7 @@ async fn step(shared: &Shared, job: &mut Job, runtime: &Arc<EndpointRuntime>) ->
     let endpoint = match shared.endpoint(job.org, job.endpoint).await {
         Ok(Some(e)) => e,
         // Deleted or disabled: the delivery waits, parked, for a resume or a recovery.
-        Ok(None) => return settle(shared, job, runtime, None, Next::Parked, None, None).await,
+        Ok(None) => return settle(shared, job, runtime, None, Next::Inactive, None, None).await,
         Err(e) => {
             // Can't tell where to deliver: let the lease run out; it is claimed again.
             tracing::warn!(error = %e, event = %job.event, "endpoint lookup failed; delivery postponed");
@@ -117,7 +147,7 @@ async fn step(shared: &Shared, job: &mut Job, runtime: &Arc<EndpointRuntime>) ->
         }
     };
     if endpoint.status != EndpointStatus::Active {
-        return settle(shared, job, runtime, None, Next::Parked, None, None).await;
+        return settle(shared, job, runtime, None, Next::Inactive, None, None).await;
     }
     shared.sync_gates(runtime, &endpoint);
 

@@ -228,8 +228,13 @@ pub enum Next {
         /// The last attempt's error, for the operational event.
         reason: String,
     },
-    /// Pending, parked: nothing is sent until its endpoint is resumed.
+    /// Pending, parked: nothing is sent until its endpoint is resumed (or, for an acknowledged
+    /// event, until it is redelivered).
     Parked,
+    /// Pending, not attempted: its endpoint was not active (paused, disabled, deleted) when this
+    /// node looked. Parked, unless the endpoint is active again by the time the outcome is
+    /// written (a resume since, on any node): then due at once, as the resume made the rest.
+    Inactive,
     /// Pending, handed back to the database, due then for any node.
     Due(Micros),
     /// Pending, handed back to the database to wait for its endpoint's open circuit: due when

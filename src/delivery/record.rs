@@ -43,11 +43,12 @@ const COPY_LOG: &str = "COPY delivery_attempts (event_id, endpoint_id, attempt, 
 
 const MATERIALIZE: &str = "\
     INSERT INTO deliveries (event_id, endpoint_id, org_id, status, attempts, retry_base, \
-        next_attempt_at, failed_at) \
+        next_attempt_at, failed_at, lease_until) \
     SELECT u.ev, u.ep, u.org, u.status, u.tried, 0, \
-           CASE WHEN e.status = $9 THEN NULL ELSE u.next END, u.failed \
+           CASE WHEN e.status = $9 THEN NULL ELSE u.next END, u.failed, u.lease \
     FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::int2[], $5::int[], $6::timestamptz[], \
-                $7::timestamptz[], $8::uuid[]) AS u(ev, ep, org, status, tried, next, failed, batch) \
+                $7::timestamptz[], $8::uuid[], $10::timestamptz[]) \
+         AS u(ev, ep, org, status, tried, next, failed, batch, lease) \
     JOIN events e ON e.id = u.ev \
     WHERE EXISTS (SELECT 1 FROM delivery_batches b WHERE b.id = u.batch) \
     ON CONFLICT DO NOTHING \
@@ -56,10 +57,11 @@ const MATERIALIZE: &str = "\
 const UPDATE_ROWS: &str = "\
     UPDATE deliveries d SET status = u.status, attempts = d.attempts + u.tried, \
         next_attempt_at = CASE WHEN d.next_attempt_at IS NULL THEN NULL ELSE u.next END, \
-        delivered_at = COALESCE(u.delivered, d.delivered_at), failed_at = u.failed \
+        delivered_at = COALESCE(u.delivered, d.delivered_at), failed_at = u.failed, \
+        lease_until = u.lease \
     FROM unnest($1::uuid[], $2::uuid[], $3::int2[], $4::int[], $5::timestamptz[], \
-                $6::timestamptz[], $7::timestamptz[], $8::timestamptz[]) \
-         AS u(ev, ep, status, tried, next, delivered, failed, held) \
+                $6::timestamptz[], $7::timestamptz[], $8::timestamptz[], $9::timestamptz[]) \
+         AS u(ev, ep, status, tried, next, delivered, failed, held, lease) \
     WHERE d.event_id = u.ev AND d.endpoint_id = u.ep \
       AND (d.next_attempt_at = u.held OR (d.next_attempt_at IS NULL AND d.status = 0)) \
     RETURNING d.event_id, d.endpoint_id, d.next_attempt_at IS NULL";
@@ -153,6 +155,14 @@ pub(super) async fn record_loop(
                 }
                 m.endpoints_disabled
                     .fetch_add(w.disabled_orgs.len() as u64, Ordering::Relaxed);
+                // Found inactive, but resumed by the time it was written: due now, for a claim.
+                let resumed = batch.iter().any(|o| {
+                    let key = (o.event.0, o.endpoint);
+                    o.next == Next::Inactive && w.owned.contains(&key) && !w.parked.contains(&key)
+                });
+                if resumed {
+                    shared.wake.notify_one();
+                }
             }
             None => shared
                 .finished
@@ -285,11 +295,24 @@ fn row_state(
         Next::Retry { held } => (EventStatus::Pending.code(), Some(sys(*held)), None, None),
         Next::Failed { at, .. } => (EventStatus::Failed.code(), None, None, Some(sys(*at))),
         Next::Parked => (EventStatus::Pending.code(), None, None, None),
+        Next::Inactive => {
+            let due = endpoints.active(o.endpoint).then(|| sys(endpoints.now));
+            (EventStatus::Pending.code(), due, None, None)
+        }
         Next::Due(at) => (EventStatus::Pending.code(), Some(sys(*at)), None, None),
         Next::AfterCircuit { until } => {
             let due = endpoints.due(o.endpoint, *until, o.seen);
             (EventStatus::Pending.code(), Some(sys(due)), None, None)
         }
+    }
+}
+
+/// The lease an outcome leaves on the delivery's row (`lease_until`, migrations/0010): the
+/// node's, while it keeps the delivery in memory for its retry; none otherwise.
+fn lease_of(o: &Outcome) -> Option<SystemTime> {
+    match o.next {
+        Next::Retry { held } => Some(sys(held)),
+        _ => None,
     }
 }
 
@@ -300,24 +323,30 @@ fn row_state(
 struct LockedEndpoints {
     /// The endpoints' `updated_at`, as stored (a removed one is absent).
     stored: HashMap<Uuid, Micros>,
+    /// Those of them that are active.
+    active: HashSet<Uuid>,
     /// When they were read.
     now: Micros,
 }
 
 impl LockedEndpoints {
     /// Read the endpoints this transaction will write or decide by (those of circuit
-    /// hand-backs, health writes and disables), each under a `KEY SHARE` lock, in id order,
+    /// hand-backs, deliveries found inactive, health writes and disables), each under a
+    /// `KEY SHARE` lock (a removed one too: the v1 webhook set again locks it), in id order,
     /// before any delivery row is touched. A resume locks its endpoint `FOR UPDATE` first and
     /// then its deliveries, so the two take their locks in the same order and serialize, never
     /// deadlock: a resume that committed first is seen here (its endpoint is newer, so a
-    /// hand-back is due now and the breaker's state is not written over it), and one that comes
-    /// after sees this transaction's rows (and makes what is due when the old circuit was to
-    /// close due now). The lock conflicts with nothing else a recorder or the ingest takes on an
+    /// hand-back is due now and the breaker's state is not written over it; it is active, so a
+    /// delivery found inactive is due now, not parked again), and one that comes after sees this
+    /// transaction's rows (and makes what is due when the old circuit was to close, or parked,
+    /// due now). The lock conflicts with nothing else a recorder or the ingest takes on an
     /// endpoint (their updates of it, `FOR NO KEY UPDATE`, included).
     async fn read(tx: &Transaction<'_>, batch: &[Outcome]) -> Result<Self, tokio_postgres::Error> {
         let mut ids: Vec<Uuid> = batch
             .iter()
-            .filter(|o| matches!(o.next, Next::AfterCircuit { .. }) || o.disable.is_some())
+            .filter(|o| {
+                matches!(o.next, Next::AfterCircuit { .. } | Next::Inactive) || o.disable.is_some()
+            })
             .map(|o| o.endpoint)
             .chain(
                 batch
@@ -332,20 +361,30 @@ impl LockedEndpoints {
         ids.dedup();
         let stmt = tx
             .prepare_cached(
-                "SELECT id, updated_at FROM endpoints WHERE id = ANY($1) AND status <> $2 \
-                 ORDER BY id FOR KEY SHARE",
+                "SELECT id, updated_at, status FROM endpoints \
+                 WHERE id = ANY($1) ORDER BY id FOR KEY SHARE",
             )
             .await?;
-        let rows = tx
-            .query(&stmt, &[&ids, &EndpointStatus::Removed.code()])
-            .await?;
+        let rows = tx.query(&stmt, &[&ids]).await?;
         Ok(Self {
             stored: rows
                 .iter()
+                .filter(|r| r.get::<_, i16>(2) != EndpointStatus::Removed.code())
                 .map(|r| (r.get(0), Micros::from_system_time(r.get(1))))
+                .collect(),
+            active: rows
+                .iter()
+                .filter(|r| r.get::<_, i16>(2) == EndpointStatus::Active.code())
+                .map(|r| r.get(0))
                 .collect(),
             now: Micros::now(),
         })
+    }
+
+    /// Whether `endpoint` is active as stored: a delivery its node found it inactive for is
+    /// then due at once (a resume came since), not parked.
+    fn active(&self, endpoint: Uuid) -> bool {
+        self.active.contains(&endpoint)
     }
 
     /// When a delivery handed back for `endpoint`'s circuit, open `until` as of the endpoint's
@@ -497,6 +536,7 @@ async fn write_in(
             vec![],
             vec![],
         );
+        let mut leases: Vec<Option<SystemTime>> = Vec::with_capacity(mat.len());
         for o in &mat {
             let (status, next, _, failed) = row_state(o, &endpoints);
             let Held::Batch(b) = o.held else { continue };
@@ -508,6 +548,7 @@ async fn write_in(
             cols.5.push(next);
             cols.6.push(failed);
             cols.7.push(b);
+            leases.push(lease_of(o));
         }
         let stmt = tx.prepare_cached(MATERIALIZE).await?;
         let rows = tx
@@ -523,6 +564,7 @@ async fn write_in(
                     &cols.6,
                     &cols.7,
                     &EventStatus::Delivered.code(),
+                    &leases,
                 ],
             )
             .await?;
@@ -566,6 +608,7 @@ async fn write_in(
             vec![],
             vec![],
         );
+        let mut leases: Vec<Option<SystemTime>> = Vec::with_capacity(upd.len());
         for o in &upd {
             let (status, next, delivered, failed) = row_state(o, &endpoints);
             let Held::Row(held) = o.held else { continue };
@@ -577,13 +620,14 @@ async fn write_in(
             cols.5.push(delivered);
             cols.6.push(failed);
             cols.7.push(sys(held));
+            leases.push(lease_of(o));
         }
         let stmt = tx.prepare_cached(UPDATE_ROWS).await?;
         let rows = tx
             .query(
                 &stmt,
                 &[
-                    &cols.0, &cols.1, &cols.2, &cols.3, &cols.4, &cols.5, &cols.6, &cols.7,
+                    &cols.0, &cols.1, &cols.2, &cols.3, &cols.4, &cols.5, &cols.6, &cols.7, &leases,
                 ],
             )
             .await?;

@@ -393,7 +393,10 @@ pub async fn set_paused(
 /// What an endpoint made active again with a fresh circuit (a resume, the v1 webhook set again)
 /// releases, due `now`: its parked deliveries, except those of acknowledged events, and those
 /// handed back due when its old circuit (open until `circuit_until`) was to close. Locked first
-/// with `LOCK_FOR_DELIVERIES`.
+/// with `LOCK_FOR_DELIVERIES`. A parked row a node still holds (its attempt in flight when the
+/// pause came) gets that node's lease back instead, so it is not sent again beside itself: the
+/// holder's outcome is recorded as usual, and only a node that died with it leaves it due when
+/// its lease ends.
 pub async fn release_held(
     tx: &Transaction<'_>,
     id: Uuid,
@@ -401,7 +404,7 @@ pub async fn release_held(
     now: SystemTime,
 ) -> Result<(), tokio_postgres::Error> {
     tx.execute(
-        "UPDATE deliveries d SET next_attempt_at = $2 FROM events e \
+        "UPDATE deliveries d SET next_attempt_at = GREATEST($2, d.lease_until) FROM events e \
          WHERE d.endpoint_id = $1 AND d.status = 0 AND d.next_attempt_at IS NULL \
            AND e.id = d.event_id AND e.status <> $3",
         &[

@@ -100,7 +100,8 @@ pub async fn get_event(ctx: &StoreCtx, org: OrgId, id: Uuid) -> Done<Answer> {
 /// logged so far; due now (`$4` NULL: parked, for a paused endpoint). A row whose
 /// `next_attempt_at` lies ahead is held by a node (or scheduled): it keeps it, so the holder's
 /// attempt in flight is recorded and the round goes on from there; a lease is never taken from
-/// under an attempt. (A first attempt still in flight under its batch's lease has no row yet: a
+/// under an attempt, nor from a parked row whose holder's attempt was in flight when it was
+/// parked (it gets its `lease_until` back while that lasts, as a resume does). (A first attempt still in flight under its batch's lease has no row yet: a
 /// redelivery racing it may repeat it; at-least-once.)
 const NEW_ROUND: &str = "\
     INSERT INTO deliveries (event_id, endpoint_id, org_id, status, attempts, retry_base, next_attempt_at) \
@@ -112,6 +113,9 @@ const NEW_ROUND: &str = "\
         retry_base = deliveries.attempts, \
         next_attempt_at = CASE WHEN deliveries.next_attempt_at > EXCLUDED.next_attempt_at \
                                THEN deliveries.next_attempt_at \
+                               WHEN deliveries.next_attempt_at IS NULL \
+                                    AND EXCLUDED.next_attempt_at IS NOT NULL \
+                               THEN GREATEST(EXCLUDED.next_attempt_at, deliveries.lease_until) \
                                ELSE EXCLUDED.next_attempt_at END, \
         delivered_at = NULL, failed_at = NULL";
 

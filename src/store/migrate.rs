@@ -51,6 +51,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "0009_redelivered_batches.sql",
         include_str!("../../migrations/0009_redelivered_batches.sql"),
     ),
+    (
+        10,
+        "0010_delivery_leases.sql",
+        include_str!("../../migrations/0010_delivery_leases.sql"),
+    ),
 ];
 
 /// Arbitrary constant naming the migration lock.

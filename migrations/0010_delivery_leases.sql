@@ -1,0 +1,16 @@
+-- A row's lease, kept apart from when it is due.
+--
+-- A node that holds a delivery under its own row (a retry, a redelivery, a recovery) writes the
+-- end of its lease into `next_attempt_at`, as it does a retry's time. A pause parks the row
+-- (`next_attempt_at` NULL); a resume, or a new round asked for the row, made it due at once. With
+-- an attempt in flight, a claim then sent it again beside itself (the same `X-Delivery-Attempt`),
+-- and the first attempt's outcome no longer matched the row, so it went unlogged. The lease is now
+-- also written here, and a resume or a new round gives a parked row its lease back while it
+-- lasts: the attempt in flight is recorded, and only then is the delivery sent again, if it must.
+-- NULL: no node holds the row (or its holder ended its lease: an outcome, a hand-back).
+--
+-- Older nodes neither write nor clear it. During a rolling upgrade a row leased by an older node
+-- has none (a resume makes it due at once, as before), and one an older node took over from a
+-- newer one's lease may keep a stale end: a resume then makes it due at that time, at most one
+-- lease (60 s by default) later, never earlier.
+ALTER TABLE deliveries ADD COLUMN lease_until timestamptz;
