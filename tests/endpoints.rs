@@ -952,6 +952,44 @@ async fn a_pause_picked_as_a_deadlock_victim_is_run_again() {
     assert_eq!(count(&client, &parked).await, 1, "the run again parked it");
 }
 
+/// A change PostgreSQL refuses as a deadlock's victim at every run is run three times in all,
+/// then answered 503 with `Retry-After`; the database is fine, so the node is not marked down
+/// for it: readiness stays 200 and an event sent next is stored (a 503 there had the health flag
+/// gone down).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_conflict_left_after_every_run_answers_503_and_leaves_the_node_ready() {
+    let url = own_database("triggers_test_conflict_every_run").await;
+    let recv = Receiver::start(|_, _| Answer::status(200)).await;
+    let s = Server::start_with_db(&[PRIVATE], &url);
+    let (key, _) = new_org(s.addr, "pro").await;
+    let client = db_at(&url).await;
+    client
+        .batch_execute(
+            "CREATE SEQUENCE conflicts; \
+             CREATE FUNCTION always_conflicts() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
+               PERFORM nextval('conflicts'); \
+               RAISE EXCEPTION 'deadlock detected' USING ERRCODE = '40P01'; END $$; \
+             CREATE TRIGGER always_conflicts BEFORE INSERT ON endpoints \
+               FOR EACH ROW EXECUTE FUNCTION always_conflicts();",
+        )
+        .await
+        .unwrap();
+    let body = json!({"webhook_url": recv.url("/hook")});
+    let r = post(s.addr, &key, "/api/webhook/config", &body).await;
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert!(r.header("retry-after").is_some(), "{:?}", r.headers);
+    let runs = "SELECT last_value FROM conflicts";
+    assert_eq!(count(&client, runs).await, 3, "run three times in all");
+    let ready = call(s.addr, "GET", "/health/ready", &[], None).await;
+    assert_eq!(ready.status, 200, "{}", ready.text());
+    post_typed(s.addr, &key, "t").await;
+    client
+        .batch_execute("DROP TRIGGER always_conflicts ON endpoints")
+        .await
+        .unwrap();
+    set_webhook(s.addr, &key, &recv.url("/hook")).await;
+}
+
 /// A node that retries once after 50 ms and never opens a circuit, on a database of its own: for
 /// a test whose deliveries become due rows, which another test's node would claim and retry on its
 /// own schedule.
