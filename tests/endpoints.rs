@@ -1563,6 +1563,42 @@ async fn a_retry_waiting_in_memory_is_parked_by_a_pause_and_sent_once_after_resu
     assert_eq!(e["delivery_attempts"].as_array().unwrap().len(), 2, "{e}");
 }
 
+/// An acknowledged event's delivery is not sent again: not even a retry a node was holding in
+/// memory for its time, which knows nothing of the ack (it looks at its row before the attempt).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_acknowledged_events_retry_waiting_in_memory_is_not_sent() {
+    let recv = Receiver::start(|_, _| Answer::status(500)).await;
+    let url = own_database("triggers_test_ack_waiting_retry").await;
+    let s = Server::start_with_db(&[PRIVATE, "--retry-schedule", "1s"], &url);
+    let (key, _) = new_org(s.addr, "pro").await;
+    create_endpoint(s.addr, &key, json!({"url": recv.url("/")})).await;
+    let id = post_typed(s.addr, &key, "t").await;
+    let first = recv
+        .wait_until(Duration::from_secs(5), |r| r.len() == 1)
+        .await[0]
+        .at;
+    poll_until(
+        || async { metric(&s, SCHEDULED).await == 1.0 },
+        "the retry never waited in memory",
+    )
+    .await;
+    let r = post_empty(s.addr, &key, &format!("/api/ack/{id}")).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    // Well past the retry's time.
+    let wait = (first + Duration::from_millis(2500)).saturating_duration_since(Instant::now());
+    tokio::time::sleep(wait).await;
+    assert_eq!(recv.for_event(&id).len(), 1, "sent after its ack");
+    assert_eq!(metric(&s, SCHEDULED).await, 0.0, "still held in memory");
+    let e = event_json(s.addr, &key, &id).await;
+    assert_eq!(e["status"], "delivered", "{e}");
+    assert_eq!(e["attempts"], 1, "{e}");
+    // A redelivery sends it at once (the retry left no lease behind to wait for).
+    let r = post_empty(s.addr, &key, &format!("/api/events/{id}/redeliver")).await;
+    assert_eq!(r.status, 202, "{}", r.text());
+    recv.wait_until(Duration::from_millis(900), |r| r.len() == 2)
+        .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redelivery_starts_a_round_for_every_endpoint_or_the_one_named() {
     let recv = Receiver::start(|_, _| Answer::status(200)).await;

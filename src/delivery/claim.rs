@@ -151,6 +151,55 @@ const SET_LEASE: &str = "\
         members_until = CASE WHEN members_event IS NULL THEN NULL ELSE $2::timestamptz END \
     WHERE id = ANY($1)";
 
+/// What a delivery's row says of the lease this node holds on it (see [`row_lease`]).
+pub(super) enum RowLease {
+    /// The row holds it: the attempt may go.
+    Ours,
+    /// Parked meanwhile (an ack; a pause this node had not heard of): nothing is sent.
+    Parked,
+    /// Another lease or time, or no row: not this node's any more.
+    Gone,
+}
+
+const ROW_LEASE: &str =
+    "SELECT next_attempt_at FROM deliveries WHERE event_id = $1 AND endpoint_id = $2";
+
+/// Look at the row of a delivery held under its own lease (`held`) before a retry that waited
+/// in memory is attempted: an ack parks the row and tells no node, so without this look the
+/// node would send the acknowledged event once more. When the row can't be read, the attempt
+/// goes (its outcome is written only if the row is still this node's).
+pub(super) async fn row_lease(
+    shared: &Shared,
+    event: EventId,
+    endpoint: Uuid,
+    held: Micros,
+) -> RowLease {
+    let work = async {
+        let client = shared.pool.get().await.map_err(|e| e.to_string())?;
+        let stmt = client
+            .prepare_cached(ROW_LEASE)
+            .await
+            .map_err(|e| describe(&e))?;
+        client
+            .query_opt(&stmt, &[&event.0, &endpoint])
+            .await
+            .map_err(|e| describe(&e))
+    };
+    match tokio::time::timeout(db_timeout(shared), work).await {
+        Ok(Ok(Some(row))) => match row.get::<_, Option<SystemTime>>(0) {
+            None => RowLease::Parked,
+            Some(at) if Micros::from_system_time(at) == held => RowLease::Ours,
+            Some(_) => RowLease::Gone,
+        },
+        Ok(Ok(None)) => RowLease::Gone,
+        Ok(Err(e)) => {
+            tracing::debug!(error = %e, "a retry's row could not be read; the attempt goes");
+            RowLease::Ours
+        }
+        Err(_) => RowLease::Ours,
+    }
+}
+
 /// Batches taken over per statement.
 const TAKE_OVER_BATCHES: i64 = 100;
 

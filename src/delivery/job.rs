@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use tokio::sync::{oneshot, TryAcquireError};
 
+use super::claim::{self, RowLease};
 use super::model::{
     Disable, Endpoint, HealthWrite, Held, Job, Lease, Next, Outcome, Recorded, Release, Then,
     Verdict,
@@ -74,12 +75,13 @@ pub(super) async fn run_job(
     finish(&shared, &job, &runtime, true);
 }
 
-/// Wait in memory until the job is due (or the pool stops): `None` then. A change to its
-/// endpoint's organization (on any node) wakes it early: when the endpoint is no longer active
-/// (paused, deleted, disabled) the delivery is parked at once, and its row then holds no lease
-/// of this node's, so a resume makes it due now wherever it is claimed. A row parked while this
-/// node still holds it keeps the lease (`lease_until`): a resume gives it back, and the delivery
-/// stays this node's, sent once, when it is due.
+/// Wait in memory until the job is due (or the pool stops): `None` then, to go on. A change to
+/// its endpoint's organization (on any node) wakes it early: when the endpoint is no longer
+/// active (paused, deleted, disabled) the delivery is parked at once, and its row then holds no
+/// lease of this node's, so a resume makes it due now wherever it is claimed. A row parked while
+/// this node still holds it keeps the lease (`lease_until`): a resume gives it back, and the
+/// delivery stays this node's, sent once, when it is due. A delivery that waited under its own
+/// row's lease looks at the row when it is due: one parked meanwhile (an ack) is not sent.
 async fn until_due(shared: &Shared, job: &mut Job, runtime: &Arc<EndpointRuntime>) -> Option<Step> {
     loop {
         let wait = Duration::from_micros((job.due.0 - Micros::now().0).max(0) as u64);
@@ -92,7 +94,7 @@ async fn until_due(shared: &Shared, job: &mut Job, runtime: &Arc<EndpointRuntime
         {
             let _w = shared.metrics.waiting(Waiting::Scheduled);
             tokio::select! {
-                _ = tokio::time::sleep(wait) => return None,
+                _ = tokio::time::sleep(wait) => break,
                 _ = shared.stop.notified() => return None,
                 _ = changed => {}
             }
@@ -105,6 +107,16 @@ async fn until_due(shared: &Shared, job: &mut Job, runtime: &Arc<EndpointRuntime
                 return Some(settle(shared, job, runtime, None, Next::Inactive, None, None).await)
             }
         }
+    }
+    let Lease::Row { held } = job.lease else {
+        return None;
+    };
+    match claim::row_lease(shared, job.event, job.endpoint, held).await {
+        RowLease::Ours => None,
+        RowLease::Parked => {
+            Some(settle(shared, job, runtime, None, Next::Parked, None, None).await)
+        }
+        RowLease::Gone => Some(Step::Done),
     }
 }
 
