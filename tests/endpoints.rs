@@ -1599,6 +1599,59 @@ async fn an_acknowledged_events_retry_waiting_in_memory_is_not_sent() {
         .await;
 }
 
+/// A redelivery and the take-over of the event's batch (its node gone) take their locks in one
+/// order, the batch row before the event's delivery rows, so they never deadlock: the take-over,
+/// held here between its two statements, writes the rows of what the batch still owes without
+/// waiting for the redelivery, which waits for the batch row and then starts its round over
+/// those rows. (The redelivery wrote its rows first: the take-over's insert then waited for it,
+/// a lock cycle that PostgreSQL broke after a second by aborting one of the two.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redelivery_and_a_take_over_of_its_batch_never_deadlock() {
+    let recv = Receiver::start(|_, _| Answer {
+        delay: Duration::from_millis(1500),
+        ..Answer::status(200)
+    })
+    .await;
+    let url = own_database("triggers_test_redeliver_take_over").await;
+    let s = Server::start_with_db(&[PRIVATE], &url);
+    let (key, org) = new_org(s.addr, "pro").await;
+    let ep = create_endpoint(s.addr, &key, json!({"url": recv.url("/")})).await;
+    let ep = ep["id"].as_str().unwrap().to_string();
+    let id = post_typed(s.addr, &key, "t").await;
+    // Its first attempt is in flight, under its group commit's batch row.
+    recv.wait_until(Duration::from_secs(5), |r| r.len() == 1)
+        .await;
+    let client = db_at(&url).await;
+    let take_over = db_at(&url).await;
+    take_over
+        .batch_execute(&format!(
+            "BEGIN; SET LOCAL lock_timeout = '500ms'; DELETE FROM delivery_batches \
+             WHERE id = (SELECT batch_id FROM events WHERE id = '{id}')"
+        ))
+        .await
+        .unwrap();
+    let (addr, k, path) = (s.addr, key.clone(), format!("/api/events/{id}/redeliver"));
+    let redeliver = tokio::spawn(async move { post_empty(addr, &k, &path).await });
+    wait_for_a_lock(&client, "the redelivery did not wait for the batch row").await;
+    take_over
+        .batch_execute(&format!(
+            "INSERT INTO deliveries (event_id, endpoint_id, org_id, next_attempt_at) \
+             VALUES ('{id}', '{ep}', '{org}', now()) ON CONFLICT DO NOTHING"
+        ))
+        .await
+        .expect("the take-over's rows waited for the redelivery's");
+    take_over.batch_execute("COMMIT").await.unwrap();
+    let r = redeliver.await.unwrap();
+    assert_eq!(r.status, 202, "{}", r.text());
+    wait_delivered(s.addr, &key, &id, Duration::from_secs(10)).await;
+    // (The log is the test process's: other tests' reruns show too, of other changes.)
+    let reruns = s.log_lines("run again");
+    assert!(
+        !reruns.iter().any(|l| l.contains("\"redeliver\"")),
+        "the redelivery was a deadlock's victim: {reruns:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redelivery_starts_a_round_for_every_endpoint_or_the_one_named() {
     let recv = Receiver::start(|_, _| Answer::status(200)).await;

@@ -508,6 +508,16 @@ async fn write_in(
     copy: &mut BinaryRows,
 ) -> Result<Written, tokio_postgres::Error> {
     let endpoints = LockedEndpoints::read(tx, batch).await?;
+    // The batch rows whose deliveries are all settled (in earlier transactions: none of this
+    // one's outcomes is under them) go before any delivery row is written: a redelivery and a
+    // take-over lock a batch row before delivery rows too, so none of them waits for another in
+    // a cycle.
+    if !finished.is_empty() {
+        let stmt = tx
+            .prepare_cached("DELETE FROM delivery_batches WHERE id = ANY($1)")
+            .await?;
+        tx.execute(&stmt, &[&finished]).await?;
+    }
     let mut owned = owned_batch_successes(tx, batch).await?;
     let mut parked: HashSet<(Uuid, Uuid)> = HashSet::new();
     let mut take_rows = |rows: Vec<tokio_postgres::Row>| {
@@ -720,12 +730,6 @@ async fn write_in(
         }
     }
 
-    if !finished.is_empty() {
-        let stmt = tx
-            .prepare_cached("DELETE FROM delivery_batches WHERE id = ANY($1)")
-            .await?;
-        tx.execute(&stmt, &[&finished]).await?;
-    }
     Ok(Written {
         owned,
         parked,

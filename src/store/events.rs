@@ -122,8 +122,10 @@ const NEW_ROUND: &str = "\
 /// The batch rows that may hold a first attempt of the event in flight (its group commit's, a
 /// claim's naming it) learn that a redelivery gave it a row: the recorder then checks their
 /// successes against `deliveries` (migrations/0009). Few rows: only batches still held. Locked in
-/// id order, as the lease renewal and the recorder lock them; a deadlock with a take-over (it
-/// holds the batch and waits for this round's row) makes one of the two retry.
+/// id order, as the lease renewal locks them, and before the round's delivery rows are written:
+/// a take-over locks the batch row first too, then writes the rows of what it still owes, so the
+/// two never wait for each other in a cycle (the redelivery waits for the batch, then starts its
+/// round over the rows the take-over wrote).
 const MARK_BATCHES: &str = "\
     UPDATE delivery_batches SET redelivered = true \
     WHERE id IN (SELECT id FROM delivery_batches \
@@ -185,8 +187,8 @@ pub async fn redeliver(
         .iter()
         .map(|&(_, paused)| (!paused).then_some(now))
         .collect();
-    tx.execute(NEW_ROUND, &[&id, &org.0, &eps, &nexts]).await?;
     tx.execute(MARK_BATCHES, &[&batch, &id]).await?;
+    tx.execute(NEW_ROUND, &[&id, &org.0, &eps, &nexts]).await?;
     let mut all = matched.clone();
     all.extend(eps.iter().filter(|e| !matched.contains(e)));
     if status != STATUS_DERIVED || all.len() != matched.len() {
