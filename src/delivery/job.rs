@@ -111,7 +111,9 @@ async fn until_due(shared: &Shared, job: &mut Job, runtime: &Arc<EndpointRuntime
     let Lease::Row { held } = job.lease else {
         return None;
     };
-    match claim::row_lease(shared, job.event, job.endpoint, held).await {
+    // Boxed: its state (a pool checkout and a query, ~2 KB) would otherwise be in every job's
+    // future, and only a retry that waited looks.
+    match Box::pin(claim::row_lease(shared, job.event, job.endpoint, held)).await {
         RowLease::Ours => None,
         RowLease::Parked => {
             Some(settle(shared, job, runtime, None, Next::Parked, None, None).await)
