@@ -1652,6 +1652,35 @@ async fn a_redelivery_and_a_take_over_of_its_batch_never_deadlock() {
     );
 }
 
+/// The same for a first attempt waiting in memory for its endpoint's rate limit: acknowledged
+/// meanwhile, it is not sent, and the deliveries behind it go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_acknowledged_events_delivery_waiting_for_a_rate_limit_is_not_sent() {
+    let recv = Receiver::start(|_, _| Answer::status(200)).await;
+    let url = own_database("triggers_test_ack_rate_limited").await;
+    let s = Server::start_with_db(&[PRIVATE], &url);
+    let (key, _) = new_org(s.addr, "pro").await;
+    let body = json!({"url": recv.url("/"), "rate_limit_per_second": 1});
+    create_endpoint(s.addr, &key, body).await;
+    // One a second: the first goes at once, the other two wait in memory for their turns (in
+    // either order), a second and two seconds later.
+    let ids = create_events(s.addr, &key, 3, "t").await;
+    let r = post_empty(s.addr, &key, &format!("/api/ack/{}", ids[1])).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let first = recv
+        .wait_until(Duration::from_secs(5), |r| !r.is_empty())
+        .await[0]
+        .at;
+    let wait = (first + Duration::from_millis(2600)).saturating_duration_since(Instant::now());
+    tokio::time::sleep(wait).await;
+    assert_eq!(recv.for_event(&ids[0]).len(), 1);
+    assert!(recv.for_event(&ids[1]).is_empty(), "sent after its ack");
+    let e = event_json(s.addr, &key, &ids[1]).await;
+    assert_eq!(e["status"], "delivered", "{e}");
+    assert_eq!(e["attempts"], 0, "{e}");
+    wait_delivered(s.addr, &key, &ids[2], Duration::from_secs(5)).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redelivery_starts_a_round_for_every_endpoint_or_the_one_named() {
     let recv = Receiver::start(|_, _| Answer::status(200)).await;

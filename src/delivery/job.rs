@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use tokio::sync::{oneshot, TryAcquireError};
 
-use super::claim::{self, RowLease};
+use super::claim::{self, Owed};
 use super::model::{
     Disable, Endpoint, HealthWrite, Held, Job, Lease, Next, Outcome, Recorded, Release, Then,
     Verdict,
@@ -80,8 +80,8 @@ pub(super) async fn run_job(
 /// active (paused, deleted, disabled) the delivery is parked at once, and its row then holds no
 /// lease of this node's, so a resume makes it due now wherever it is claimed. A row parked while
 /// this node still holds it keeps the lease (`lease_until`): a resume gives it back, and the
-/// delivery stays this node's, sent once, when it is due. A delivery that waited under its own
-/// row's lease looks at the row when it is due: one parked meanwhile (an ack) is not sent.
+/// delivery stays this node's, sent once, when it is due (and looks then whether it is still
+/// owed: see [`step`]).
 async fn until_due(shared: &Shared, job: &mut Job, runtime: &Arc<EndpointRuntime>) -> Option<Step> {
     loop {
         let wait = Duration::from_micros((job.due.0 - Micros::now().0).max(0) as u64);
@@ -108,18 +108,8 @@ async fn until_due(shared: &Shared, job: &mut Job, runtime: &Arc<EndpointRuntime
             }
         }
     }
-    let Lease::Row { held } = job.lease else {
-        return None;
-    };
-    // Boxed: its state (a pool checkout and a query, ~2 KB) would otherwise be in every job's
-    // future, and only a retry that waited looks.
-    match Box::pin(claim::row_lease(shared, job.event, job.endpoint, held)).await {
-        RowLease::Ours => None,
-        RowLease::Parked => {
-            Some(settle(shared, job, runtime, None, Next::Parked, None, None).await)
-        }
-        RowLease::Gone => Some(Step::Done),
-    }
+    job.waited = true;
+    None
 }
 
 /// Give back what the job holds in memory (`stopping`: see [`Shared::let_go`]).
@@ -147,8 +137,20 @@ fn lease_allows_attempt(shared: &Shared, job: &Job) -> bool {
     job.lease.until() > Micros::now().plus(attempt_needs(shared))
 }
 
-/// One pass: the endpoint's gates, then an attempt and its outcome.
+/// One pass: whether it is still owed (after a wait), the endpoint's gates, then an attempt and
+/// its outcome.
 async fn step(shared: &Shared, job: &mut Job, runtime: &Arc<EndpointRuntime>) -> Step {
+    if std::mem::take(&mut job.waited) {
+        // Boxed: its state (a pool checkout and a query, ~2 KB) would otherwise be in every
+        // job's future, and only a delivery that waited looks.
+        match Box::pin(claim::still_owed(shared, job)).await {
+            Owed::Yes => {}
+            Owed::Parked => {
+                return settle(shared, job, runtime, None, Next::Parked, None, None).await;
+            }
+            Owed::Gone => return Step::Done,
+        }
+    }
     let endpoint = match shared.endpoint(job.org, job.endpoint).await {
         Ok(Some(e)) => e,
         // Deleted or disabled: the delivery waits, parked, for a resume or a recovery.
@@ -263,6 +265,7 @@ async fn wait_for(
     changed.as_mut().enable();
     let _w = shared.metrics.waiting(why);
     let wait = Duration::from_micros((until.0 - Micros::now().0).max(0) as u64);
+    job.waited = true;
     tokio::select! {
         _ = tokio::time::sleep(wait) => Step::Again,
         _ = changed => Step::Again,

@@ -149,6 +149,9 @@ pub struct Job {
     pub lease: Lease,
     /// When to attempt.
     pub due: Micros,
+    /// It waited in memory (for its retry's time, a circuit, a rate limit) since it last
+    /// looked whether it is still owed: an ack tells no node, so it looks before it goes on.
+    pub waited: bool,
 }
 
 impl Job {
@@ -167,6 +170,7 @@ impl Job {
             retry_base: 0,
             lease: Lease::Row { held: Micros(0) },
             due: Micros(0),
+            waited: false,
         }
     }
 }

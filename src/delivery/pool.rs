@@ -241,6 +241,7 @@ impl DeliverySink for DeliveryHandle {
                     retry_base: 0,
                     lease: Lease::Batch(Arc::clone(&batch)),
                     due: now,
+                    waited: false,
                 };
                 let runtime = shared.runtime(job.org, endpoint);
                 shared
