@@ -12,5 +12,7 @@
 -- Older nodes neither write nor clear it. During a rolling upgrade a row leased by an older node
 -- has none (a resume makes it due at once, as before), and one an older node took over from a
 -- newer one's lease may keep a stale end: a resume then makes it due at that time, at most one
--- lease (60 s by default) later, never earlier.
+-- lease (60 s by default) later, never earlier. Not declared safe for a rolling upgrade (no test
+-- runs an older build's statements against it): use the procedure in the README (stop the old
+-- nodes, migrate, start).
 ALTER TABLE deliveries ADD COLUMN lease_until timestamptz;
