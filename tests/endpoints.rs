@@ -1509,6 +1509,22 @@ async fn resume_during_a_retry_in_flight(database: &str, then: &str) {
     assert_eq!(e["delivery_attempts"][1]["response_status"], 200, "{e}");
 }
 
+/// An event whose first attempt failed, and when that attempt arrived, once its retry waits in
+/// this node's memory for its time.
+async fn retry_waiting_in_memory(s: &Server, recv: &Receiver, key: &str) -> (String, Instant) {
+    let id = post_typed(s.addr, key, "t").await;
+    let first = recv
+        .wait_until(Duration::from_secs(5), |r| r.len() == 1)
+        .await[0]
+        .at;
+    poll_until(
+        || async { metric(s, SCHEDULED).await == 1.0 },
+        "the retry never waited in memory",
+    )
+    .await;
+    (id, first)
+}
+
 /// A retry waiting in memory for its time when its endpoint is paused is parked then (its lease
 /// given up), goes at once on resume, and only once: before, the resume's claim sent it and the
 /// node that still held it sent it again when it was due, under the same attempt number.
@@ -1524,16 +1540,7 @@ async fn a_retry_waiting_in_memory_is_parked_by_a_pause_and_sent_once_after_resu
     let (key, _) = new_org(s.addr, "pro").await;
     let ep = create_endpoint(s.addr, &key, json!({"url": recv.url("/")})).await;
     let ep = ep["id"].as_str().unwrap();
-    let id = post_typed(s.addr, &key, "t").await;
-    let first = recv
-        .wait_until(Duration::from_secs(5), |r| r.len() == 1)
-        .await[0]
-        .at;
-    poll_until(
-        || async { metric(&s, SCHEDULED).await == 1.0 },
-        "the retry never waited in memory",
-    )
-    .await;
+    let (id, first) = retry_waiting_in_memory(&s, &recv, &key).await;
     let pause = format!("/api/endpoints/{ep}/pause");
     assert_eq!(post_empty(s.addr, &key, &pause).await.status, 200);
     poll_until(
@@ -1572,16 +1579,7 @@ async fn an_acknowledged_events_retry_waiting_in_memory_is_not_sent() {
     let s = Server::start_with_db(&[PRIVATE, "--retry-schedule", "1s"], &url);
     let (key, _) = new_org(s.addr, "pro").await;
     create_endpoint(s.addr, &key, json!({"url": recv.url("/")})).await;
-    let id = post_typed(s.addr, &key, "t").await;
-    let first = recv
-        .wait_until(Duration::from_secs(5), |r| r.len() == 1)
-        .await[0]
-        .at;
-    poll_until(
-        || async { metric(&s, SCHEDULED).await == 1.0 },
-        "the retry never waited in memory",
-    )
-    .await;
+    let (id, first) = retry_waiting_in_memory(&s, &recv, &key).await;
     let r = post_empty(s.addr, &key, &format!("/api/ack/{id}")).await;
     assert_eq!(r.status, 200, "{}", r.text());
     // Well past the retry's time.

@@ -12,11 +12,11 @@ use std::time::Duration;
 
 use tokio::sync::{oneshot, TryAcquireError};
 
-use super::claim::{self, Owed};
 use super::model::{
     Disable, Endpoint, HealthWrite, Held, Job, Lease, Next, Outcome, Recorded, Release, Then,
     Verdict,
 };
+use super::owed::{still_owed, Owed};
 use super::runtime::{Admit, EndpointRuntime};
 use super::shared::{Busy, Shared};
 use super::{schedule, worker};
@@ -143,7 +143,7 @@ async fn step(shared: &Shared, job: &mut Job, runtime: &Arc<EndpointRuntime>) ->
     if std::mem::take(&mut job.waited) {
         // Boxed: its state (a pool checkout and a query, ~2 KB) would otherwise be in every
         // job's future, and only a delivery that waited looks.
-        match Box::pin(claim::still_owed(shared, job)).await {
+        match Box::pin(still_owed(shared, job)).await {
             Owed::Yes => {}
             Owed::Parked => {
                 return settle(shared, job, runtime, None, Next::Parked, None, None).await;

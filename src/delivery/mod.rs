@@ -9,7 +9,8 @@
 //! - Leases: the deliveries a node holds from one commit are leased by one `delivery_batches`
 //!   row, renewed while they are in memory; a delivery that needs state of its own (a failed
 //!   attempt, a wait, a redelivery) gets a `deliveries` row whose `next_attempt_at` is when it is
-//!   due or, while a node holds it, that node's lease. Any node takes over expired batches and
+//!   due or, while a node holds it, that node's lease (kept in `lease_until` too, which a pause
+//!   leaves alone, so a resume gives it back to its holder). Any node takes over expired batches and
 //!   claims due rows with `FOR UPDATE SKIP LOCKED` (`claim`; a claimed row with no attempt yet
 //!   is leased by a batch row too); every outcome is written only if the lease is still the
 //!   node's (`record`). Two nodes never own one delivery at once.
@@ -22,17 +23,19 @@
 //!
 //! Files: `pool` (start, the sink, finish), `shared` (the state the tasks share, the endpoints
 //! cache), `runtime` (per endpoint: slots, circuit breaker, token bucket), `job` (one delivery's
-//! life in memory), `worker` (one HTTP attempt), `record` (outcomes written in batches, health,
-//! operational events), `claim` (take-over, claims, renewal, the hand-back), `model` (the
-//! values), `schedule` (retry delays, Retry-After), `sign` (Standard Webhooks), `client` (HTTP/1.1
-//! connections per origin, written to and read by the attempts' own tasks; the answer reader),
-//! `connector` (the SSRF-checking connector under it).
+//! life in memory), `owed` (whether a delivery that waited is still owed), `worker` (one HTTP
+//! attempt), `record` (outcomes written in batches, health, operational events), `claim`
+//! (take-over, claims, renewal, the hand-back), `model` (the values), `schedule` (retry delays,
+//! Retry-After), `sign` (Standard Webhooks), `client` (HTTP/1.1 connections per origin, written to
+//! and read by the attempts' own tasks; the answer reader), `connector` (the SSRF-checking
+//! connector under it).
 
 pub mod claim;
 pub mod client;
 pub mod connector;
 mod job;
 pub mod model;
+mod owed;
 pub mod pool;
 mod record;
 pub mod runtime;
