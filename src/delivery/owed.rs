@@ -35,15 +35,11 @@ const EVENT_STATUS: &str = "SELECT status FROM events WHERE id = $1 AND org_id =
 pub(super) async fn still_owed(shared: &Shared, job: &Job) -> Owed {
     let work = async {
         let client = shared.pool.get().await.map_err(|e| e.to_string())?;
-        let sql = match job.lease {
-            Lease::Row { .. } => ROW_LEASE,
-            Lease::Batch(_) => EVENT_STATUS,
+        let (sql, key): (&str, Uuid) = match job.lease {
+            Lease::Row { .. } => (ROW_LEASE, job.endpoint),
+            Lease::Batch(_) => (EVENT_STATUS, job.org.0),
         };
         let stmt = client.prepare_cached(sql).await.map_err(|e| describe(&e))?;
-        let key: Uuid = match job.lease {
-            Lease::Row { .. } => job.endpoint,
-            Lease::Batch(_) => job.org.0,
-        };
         client
             .query_opt(&stmt, &[&job.event.0, &key])
             .await

@@ -101,8 +101,9 @@ pub async fn get_event(ctx: &StoreCtx, org: OrgId, id: Uuid) -> Done<Answer> {
 /// `next_attempt_at` lies ahead is held by a node (or scheduled): it keeps it, so the holder's
 /// attempt in flight is recorded and the round goes on from there; a lease is never taken from
 /// under an attempt, nor from a parked row whose holder's attempt was in flight when it was
-/// parked (it gets its `lease_until` back while that lasts, as a resume does). (A first attempt still in flight under its batch's lease has no row yet: a
-/// redelivery racing it may repeat it; at-least-once.)
+/// parked (it gets its `lease_until` back while that lasts, as a resume does). (A first attempt
+/// still in flight under its batch's lease has no row yet: a redelivery racing it may repeat it;
+/// at-least-once.)
 const NEW_ROUND: &str = "\
     INSERT INTO deliveries (event_id, endpoint_id, org_id, status, attempts, retry_base, next_attempt_at) \
     SELECT $1, t.ep, $2, 0, c.n, c.n, t.next \
