@@ -15,7 +15,9 @@ Scenarios (see SCENARIOS below): ingest-1k, ingest-2.5k, ingest-10k (k6, fixed r
 (examples/openloop: a fixed rate measured from each request's due time, light enough for 2 cores),
 ingest-max (wrk), ingest-batch (wrk) and ingest-batch-k6 (k6 at a fixed rate of batches; --batch-size
 events a request, achieved = events committed/s), mixed, dedup (k6), delivery (k6 at a fixed rate: end-to-end lag), delivery-max (wrk:
-deliveries/s while ingesting), delivery-drain (a restart with a backlog of due deliveries), hot-org and many-orgs (wrk), drill, ceiling (COPY only), footprint (binary size,
+deliveries/s while ingesting), delivery-drain (a restart with a backlog of due deliveries), rate-limited (a backlog
+for endpoints with a rate limit, --rate-limit a second each: deliveries/s against the limits' sum,
+and what each delivery costs while most of them wait), hot-org and many-orgs (wrk), drill, ceiling (COPY only), footprint (binary size,
 cold start, RSS idle and with 10k idle connections), cores (ingest-max per ingress core count),
 disk (delivery-max, then bytes on disk per event and per attempt, and the steady-state bound for a
 rate and a retention), sweep (open loop from 1,000/s doubling to saturation), connections (wrk at 8
@@ -70,6 +72,7 @@ SCENARIOS = {
     "delivery-max": ("wrk", "ingest.lua", None, 256, "many", True),
     "delivery-drain": ("drain", None, None, None, "many", True),
     "fanout-max": ("wrk", "ingest.lua", None, 256, "many", "fanout"),
+    "rate-limited": ("limited", None, None, None, "many", "limited"),
     "hot-org": ("wrk", "ingest.lua", None, 512, "one", False),
     "many-orgs": ("wrk", "ingest.lua", None, 512, "many", False),
     "drill": ("drill", "benchmark.yml", None, 32, "many", False),
@@ -518,6 +521,60 @@ def run_drain(db, args, server_args, binary, receiver, backlog):
     return r, server
 
 
+def transactions(db):
+    """Transactions committed or rolled back in the database so far (every statement the server
+    sends outside a transaction of its own counts as one)."""
+    return int(db.sql("SELECT xact_commit + xact_rollback FROM pg_stat_database WHERE datname = current_database()"))
+
+
+def run_limited(db, args, server_args, binary, receiver, keys, duration):
+    """Every organization's one endpoint has a limit of `--rate-limit` deliveries a second, and a
+    backlog larger than it can take during the run: after a start and the buckets' first second,
+    deliveries/s should be the limits' sum, and a delivery that waits for its turn should cost
+    about what any other one does (the transactions per delivery show the database's share)."""
+    limit = args.rate_limit
+    db.reset()
+    # Earlier runs on this database left their organizations' endpoints: paused, so the backlog
+    # is spread over this run's only.
+    prefixes = ", ".join(f"'{k[:25]}'" for k in keys)
+    db.sql(f"UPDATE endpoints SET status = 1 WHERE org_id NOT IN "
+           f"(SELECT id FROM organizations WHERE key_prefix IN ({prefixes}))")
+    n_orgs = int(db.sql("SELECT count(*) FROM endpoints WHERE status = 0"))
+    backlog = int(n_orgs * limit * (duration + 5) * 1.5)
+    db.sql(DRAIN_SQL_V2.format(n=backlog))
+    db.sql("VACUUM ANALYZE events, deliveries")
+    db.sql("CHECKPOINT")
+    server = Server(db, args.cores, extra=server_args, binary=binary)
+    delivered = "triggers_deliveries_total{outcome=\"delivered\"}"
+    # The buckets start full (a second's worth): measured after that burst.
+    time.sleep(min(3.0, duration))
+    done0, xacts0 = server.metric(delivered), transactions(db)
+    since = db.sql("SELECT now()")
+    receiver.send_signal(signal.SIGUSR1)
+    sampler = Sampler(server, receiver)
+    sampler.start()
+    started = time.monotonic()
+    time.sleep(duration)
+    elapsed = time.monotonic() - started
+    done, xacts = server.metric(delivered) - done0, transactions(db) - xacts0
+    cpu, rss = sampler.finish()
+    # The limit kept: the busiest endpoint's attempts in the window (its bucket holds at most
+    # one second's worth, so up to one limit more than the rate times the window).
+    busiest = int(db.sql(f"SELECT coalesce(max(n), 0) FROM (SELECT count(*) AS n FROM delivery_attempts "
+                         f"WHERE at >= '{since}' AND at < '{since}'::timestamptz + interval '{elapsed} s' "
+                         f"GROUP BY endpoint_id) c"))
+    statuses = {"delivered": int(done)}
+    failed = int(server.metric("triggers_deliveries_total{outcome=\"retry\"}"))
+    if failed:
+        statuses["retry"] = failed
+    r = dict(achieved=done / elapsed, p50=None, p90=None, p99=None, max=None, statuses=statuses,
+             committed_per_s=0.0, cpu_pct=cpu, rss_mb=rss, deliveries_per_s=done / elapsed, backlog=backlog,
+             offered=f"{n_orgs}x{limit}/s", limits_per_s=n_orgs * limit, limit=limit,
+             transactions_per_delivery=round(xacts / max(done, 1), 2), cpu_per_delivery=sampler.per_event_us(done),
+             busiest_endpoint_per_s=round(busiest / elapsed, 1))
+    return r, server
+
+
 def run_tool(tool, script, rate, conns, duration, keys_file, keys, args):
     """Run a scenario's load tool against BASE; its rate, latency percentiles and statuses."""
     if tool == "k6":
@@ -694,7 +751,10 @@ def scenario(name, db, args, ceiling, binary=SERVER, plan=None):
         if hooks:
             wait_http(f"http://127.0.0.1:{RECEIVER_PORT}/", 10, receiver)
             for k in keys:
-                if hooks == "fanout":
+                if hooks == "limited":
+                    call("POST", "/api/endpoints", k, {"url": f"http://127.0.0.1:{RECEIVER_PORT}/hook",
+                                                      "rate_limit_per_second": args.rate_limit})
+                elif hooks == "fanout":
                     # Three endpoints; every order.created event matches two of them.
                     for path, types in (("a", ["order.*"]), ("b", None), ("c", ["invoice.*"])):
                         call("POST", "/api/endpoints", k,
@@ -714,6 +774,11 @@ def scenario(name, db, args, ceiling, binary=SERVER, plan=None):
             server.stop()
             r, server = run_drain(db, args, server_args, binary, receiver, 2_000 if args.smoke else 200_000)
             r.update(scenario=name, tool=tool, offered=f"{r['backlog']:,} due", duration_s=round(r["drain_s"], 2))
+            return r
+        if tool == "limited":
+            server.stop()
+            r, server = run_limited(db, args, server_args, binary, receiver, keys, duration)
+            r.update(scenario=name, tool="drain", duration_s=duration)
             return r
         if plan is None:
             return measure(name, tool, script, rate, conns, duration, server, receiver, keys_file, keys, args,
@@ -899,6 +964,7 @@ def compare(name, db, args, ceiling):
                ("box_us", "box CPU us/event (all processes)", lambda r: cpu(r).get("box_us_per_event")),
                ("receiver_us", "  of which the webhook receiver", lambda r: cpu(r).get("receiver_us_per_event")),
                ("pg_delivery_us", "  of which delivery", lambda r: part(r, "delivery")),
+               ("xacts", "database transactions a delivery", lambda r: r.get("transactions_per_delivery")),
                ("deliveries", "deliveries/s", lambda r: r.get("deliveries_per_s") and round(r["deliveries_per_s"])),
                ("lag_p50", "delivery lag p50 ms", lambda r: (r.get("lag_ms") or {}).get("p50")),
                ("lag_p99", "delivery lag p99 ms", lambda r: (r.get("lag_ms") or {}).get("p99")))
@@ -926,6 +992,10 @@ def print_table(rows, ceiling, extra):
     for r in rows:
         share = f"{100 * r['ceiling_share']:.1f}" if "ceiling_share" in r else "-"
         statuses = " ".join(f"{k}:{v}" for k, v in sorted(r["statuses"].items()))
+        if "limits_per_s" in r:
+            statuses += (f" | {100 * r['deliveries_per_s'] / r['limits_per_s']:.1f} % of the limits' sum"
+                         f" | busiest endpoint {r['busiest_endpoint_per_s']:,}/s (limit {r['limit']:,})"
+                         f" | {r['transactions_per_delivery']} database transactions a delivery")
         if "lag_ms" in r:
             statuses += f" | delivered {r['deliveries_per_s']:,.0f}/s lag p50 {r['lag_ms']['p50']} p99 {r['lag_ms']['p99']} ms"
         for label, key in (("per event", "cpu_per_event"), ("per delivery", "cpu_per_delivery")):
@@ -982,6 +1052,8 @@ def main():
     p.add_argument("--orgs", type=int, default=200, help="organizations created (default 200)")
     p.add_argument("--batch-size", type=int, default=100,
                    help="events per request in ingest-batch and ingest-batch-k6 (default 100; 1..1000)")
+    p.add_argument("--rate-limit", type=int, default=100,
+                   help="rate-limited: each endpoint's rate_limit_per_second (default 100)")
     p.add_argument("--smoke", action="store_true", help="a few seconds at low rate: what CI runs")
     p.add_argument("--server-args", default="", help="extra flags for the server")
     p.add_argument("--no-ceiling", action="store_true", help="skip the COPY ceiling measurement")

@@ -1234,6 +1234,13 @@ async fn a_rate_limited_endpoint_spreads_its_deliveries_and_fails_none() {
         let e = wait_delivered(s.addr, &key, id, Duration::from_secs(5)).await;
         assert_eq!(e["attempts"], 2, "one attempt per endpoint, none failed");
     }
+    // Each of the (up to) ten beyond the first second waited once, for a turn of its own: none
+    // woke at another's turn to wait again (each such wake was a database read).
+    let waits = metric(&s, "triggers_delivery_waits_total{reason=\"rate_limited\"}").await;
+    assert!(
+        (5.0..=10.0).contains(&waits),
+        "{waits} waits for the rate limit"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

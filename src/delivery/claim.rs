@@ -388,6 +388,7 @@ async fn claim(
             lease,
             due: now,
             waited: false,
+            reserved: false,
         };
         let runtime = shared.runtime(job.org, job.endpoint);
         shared.reserve(&runtime, None, job.payload.len(), true);

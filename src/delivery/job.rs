@@ -137,20 +137,9 @@ fn lease_allows_attempt(shared: &Shared, job: &Job) -> bool {
     job.lease.until() > Micros::now().plus(attempt_needs(shared))
 }
 
-/// One pass: whether it is still owed (after a wait), the endpoint's gates, then an attempt and
+/// One pass: the endpoint's gates, whether it is still owed (after a wait), then an attempt and
 /// its outcome.
 async fn step(shared: &Shared, job: &mut Job, runtime: &Arc<EndpointRuntime>) -> Step {
-    if std::mem::take(&mut job.waited) {
-        // Boxed: its state (a pool checkout and a query, ~2 KB) would otherwise be in every
-        // job's future, and only a delivery that waited looks.
-        match Box::pin(still_owed(shared, job)).await {
-            Owed::Yes => {}
-            Owed::Parked => {
-                return settle(shared, job, runtime, None, Next::Parked, None, None).await;
-            }
-            Owed::Gone => return Step::Done,
-        }
-    }
     let endpoint = match shared.endpoint(job.org, job.endpoint).await {
         Ok(Some(e)) => e,
         // Deleted or disabled: the delivery waits, parked, for a resume or a recovery.
@@ -188,13 +177,18 @@ async fn step(shared: &Shared, job: &mut Job, runtime: &Arc<EndpointRuntime>) ->
             slot
         }
     };
-    let token = runtime
-        .gates()
-        .bucket
-        .as_mut()
-        .map_or(Ok(()), |b| b.take(Micros::now()));
+    // A delivery back from its turn's wait goes on the token it reserved.
+    let token = match std::mem::take(&mut job.reserved) {
+        true => Ok(()),
+        false => runtime
+            .gates()
+            .bucket
+            .as_mut()
+            .map_or(Ok(()), |b| b.take(Micros::now())),
+    };
     if let Err(at) = token {
         drop(slot);
+        job.reserved = true;
         return wait_for(shared, job, runtime, at, Waiting::RateLimited).await;
     }
     let global = match shared.global.try_acquire() {
@@ -223,6 +217,27 @@ async fn step(shared: &Shared, job: &mut Job, runtime: &Arc<EndpointRuntime>) ->
             return wait_for(shared, job, runtime, until, Waiting::CircuitOpen).await;
         }
     };
+    // Only now, with every gate passed: a delivery that waits again (for its turn, a probe)
+    // does not read the database each time it wakes.
+    if std::mem::take(&mut job.waited) {
+        // Boxed: its state (a pool checkout and a query, ~2 KB) would otherwise be in every
+        // job's future, and only a delivery that waited looks.
+        let owed = Box::pin(still_owed(shared, job)).await;
+        if !matches!(owed, Owed::Yes) {
+            {
+                let mut g = runtime.gates();
+                g.breaker.cancel_probe(probe);
+                if let Some(b) = g.bucket.as_mut() {
+                    b.give_back(Micros::now());
+                }
+            }
+            drop((slot, global));
+            return match owed {
+                Owed::Parked => settle(shared, job, runtime, None, Next::Parked, None, None).await,
+                _ => Step::Done,
+            };
+        }
+    }
     if !lease_allows_attempt(shared, job) {
         runtime.gates().breaker.cancel_probe(probe);
         drop((slot, global));
@@ -268,8 +283,21 @@ async fn wait_for(
     job.waited = true;
     tokio::select! {
         _ = tokio::time::sleep(wait) => Step::Again,
-        _ = changed => Step::Again,
+        _ = changed => {
+            // The gates are passed again as they are now: a turn reserved is given back first.
+            unreserve(job, runtime);
+            Step::Again
+        }
         _ = shared.stop.notified() => Step::Stopping,
+    }
+}
+
+/// Give back the token the job reserved, if it holds one.
+fn unreserve(job: &mut Job, runtime: &EndpointRuntime) {
+    if std::mem::take(&mut job.reserved) {
+        if let Some(b) = runtime.gates().bucket.as_mut() {
+            b.give_back(Micros::now());
+        }
     }
 }
 
@@ -284,6 +312,8 @@ async fn settle(
     health: Option<HealthWrite>,
     disable: Option<Disable>,
 ) -> Step {
+    // Not sent after all (handed back, parked): the turn it reserved goes to the next one.
+    unreserve(job, runtime);
     // A retry waits for its answer (with the lease its row will hold); anything else ends here.
     let (then, retry) = match next {
         Next::Retry { held } => {

@@ -242,6 +242,7 @@ impl DeliverySink for DeliveryHandle {
                     lease: Lease::Batch(Arc::clone(&batch)),
                     due: now,
                     waited: false,
+                    reserved: false,
                 };
                 let runtime = shared.runtime(job.org, endpoint);
                 shared

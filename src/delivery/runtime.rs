@@ -130,18 +130,31 @@ impl TokenBucket {
         self.rate
     }
 
-    /// Take a token at `now`, or learn when one will be there.
+    /// Take a token at `now`: `Ok` to go now, or `Err(at)`: a token is reserved for the caller
+    /// at `at`, when it goes without taking another. Those that wait for their turn so wake one
+    /// at a time, each at its own moment, not all at the next token (where all but one would
+    /// wait again). A reservation not used is given back ([`TokenBucket::give_back`]).
     pub fn take(&mut self, now: Micros) -> Result<(), Micros> {
-        let elapsed = (now.0 - self.at.0).max(0) as f64 / 1e6;
-        self.tokens = (self.tokens + elapsed * f64::from(self.rate)).min(f64::from(self.rate));
-        self.at = now;
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
+        self.refill(now);
+        self.tokens -= 1.0;
+        if self.tokens >= 0.0 {
             return Ok(());
         }
-        let missing = 1.0 - self.tokens;
-        let wait_us = (missing / f64::from(self.rate) * 1e6).ceil() as i64;
+        let wait_us = (-self.tokens / f64::from(self.rate) * 1e6).ceil() as i64;
         Err(Micros(now.0 + wait_us.max(1)))
+    }
+
+    /// Give back a token taken or reserved and not used: the next taker's turn comes sooner.
+    pub fn give_back(&mut self, now: Micros) {
+        self.refill(now);
+        self.tokens = (self.tokens + 1.0).min(f64::from(self.rate));
+    }
+
+    /// What `now` adds since the last look, up to one second's worth.
+    fn refill(&mut self, now: Micros) {
+        let elapsed = (now.0 - self.at.0).max(0) as f64 / 1e6;
+        self.tokens = (self.tokens + elapsed * f64::from(self.rate)).min(f64::from(self.rate));
+        self.at = self.at.max(now);
     }
 }
 
@@ -290,13 +303,36 @@ mod tests {
             assert_eq!(t.take(Micros(0)), Ok(()));
         }
         assert_eq!(t.take(Micros(0)), Err(Micros(200_000)));
-        assert_eq!(t.take(Micros(200_000)), Ok(()));
+        // That token is reserved: the next one comes a fifth of a second later.
+        assert_eq!(t.take(Micros(200_000)), Err(Micros(400_000)));
         // A long idle spell refills it only to one second's worth.
         let later = Micros(100 * S);
         for _ in 0..5 {
             assert_eq!(t.take(later), Ok(()));
         }
         assert!(t.take(later).is_err());
+    }
+
+    #[test]
+    fn waiting_takers_get_one_turn_each_at_the_rate() {
+        let mut t = TokenBucket::new(10, Micros(0));
+        for _ in 0..10 {
+            assert_eq!(t.take(Micros(0)), Ok(()));
+        }
+        // Five wait: each is told its own turn, a tenth of a second apart.
+        let turns: Vec<_> = (0..5).map(|_| t.take(Micros(0)).unwrap_err()).collect();
+        let want: Vec<_> = (1..=5).map(|i| Micros(i * 100_000)).collect();
+        assert_eq!(turns, want);
+        // The third gives its turn back: the next taker gets the fifth's turn, not a sixth.
+        t.give_back(Micros(50_000));
+        assert_eq!(t.take(Micros(50_000)), Err(Micros(500_000)));
+        // Giving back never fills the bucket past one second's worth.
+        let mut full = TokenBucket::new(3, Micros(0));
+        full.give_back(Micros(0));
+        for _ in 0..3 {
+            assert_eq!(full.take(Micros(0)), Ok(()));
+        }
+        assert!(full.take(Micros(0)).is_err());
     }
 
     #[test]

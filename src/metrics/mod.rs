@@ -126,6 +126,8 @@ pub struct Metrics {
     pub deliveries_parked: AtomicI64,
     /// Deliveries in memory waiting, by [`Waiting`] reason.
     pub deliveries_waiting: [AtomicI64; Waiting::ALL.len()],
+    /// Waits begun by deliveries in memory, by [`Waiting`] reason.
+    pub delivery_waits: [AtomicU64; Waiting::ALL.len()],
     /// Endpoints active, paused and disabled at the last count.
     pub endpoints_by_status: [AtomicI64; 3],
     /// Endpoints whose circuit this node holds open (or half-open) at the last count.
@@ -212,6 +214,7 @@ impl Metrics {
             delivery_due_backlog: AtomicI64::new(0),
             deliveries_parked: AtomicI64::new(0),
             deliveries_waiting: std::array::from_fn(|_| AtomicI64::new(0)),
+            delivery_waits: std::array::from_fn(|_| AtomicU64::new(0)),
             endpoints_by_status: std::array::from_fn(|_| AtomicI64::new(0)),
             circuits_open: AtomicI64::new(0),
             endpoints_disabled: AtomicU64::new(0),
@@ -232,6 +235,7 @@ impl Metrics {
 
     /// Count a delivery waiting for `why` until the guard drops.
     pub fn waiting(&self, why: Waiting) -> WaitingGuard<'_> {
+        self.delivery_waits[why as usize].fetch_add(1, Ordering::Relaxed);
         let gauge = &self.deliveries_waiting[why as usize];
         gauge.fetch_add(1, Ordering::Relaxed);
         WaitingGuard(gauge)
@@ -467,6 +471,20 @@ impl Metrics {
                 "triggers_deliveries_waiting{{reason=\"{}\"}} {}",
                 why.label(),
                 self.deliveries_waiting[why as usize].load(Ordering::Relaxed)
+            );
+        }
+        header(
+            &mut out,
+            "triggers_delivery_waits_total",
+            "Waits begun by deliveries held in memory, by reason.",
+            "counter",
+        );
+        for why in Waiting::ALL {
+            let _ = writeln!(
+                out,
+                "triggers_delivery_waits_total{{reason=\"{}\"}} {}",
+                why.label(),
+                self.delivery_waits[why as usize].load(Ordering::Relaxed)
             );
         }
         header(
