@@ -152,6 +152,12 @@ pub const RECORD_BATCH_MAX: usize = 1000;
 /// Delivery concurrency never waits for it (slots are given back when the HTTP exchange
 /// ends); an outcome becomes visible to readers, and a retry is scheduled, up to this much later.
 pub const RECORD_LINGER: Duration = Duration::from_millis(10);
+/// How long the looks of deliveries that waited (whether each is still owed) are gathered
+/// before one read answers them all: a few milliseconds more for a delivery that already
+/// waited for its turn, its retry's time or a circuit.
+pub const LOOK_LINGER: Duration = Duration::from_millis(5);
+/// Most looks one read answers.
+pub const LOOK_BATCH_MAX: usize = 1000;
 /// Most rows one claim takes.
 pub const CLAIM_BATCH_MAX: usize = 1000;
 /// How often the due backlog is counted for the metric.

@@ -13,10 +13,10 @@ use std::time::Duration;
 use tokio::sync::{oneshot, TryAcquireError};
 
 use super::model::{
-    Disable, Endpoint, HealthWrite, Held, Job, Lease, Next, Outcome, Recorded, Release, Then,
+    Disable, Endpoint, HealthWrite, Held, Job, Lease, Next, Outcome, Owed, Recorded, Release, Then,
     Verdict,
 };
-use super::owed::{still_owed, Owed};
+use super::owed::still_owed;
 use super::runtime::{Admit, EndpointRuntime};
 use super::shared::{Busy, Shared};
 use super::{schedule, worker};
@@ -220,9 +220,8 @@ async fn step(shared: &Shared, job: &mut Job, runtime: &Arc<EndpointRuntime>) ->
     // Only now, with every gate passed: a delivery that waits again (for its turn, a probe)
     // does not read the database each time it wakes.
     if std::mem::take(&mut job.waited) {
-        // Boxed: its state (a pool checkout and a query, ~2 KB) would otherwise be in every
-        // job's future, and only a delivery that waited looks.
-        let owed = Box::pin(still_owed(shared, job)).await;
+        // Asked of the node's looker (`owed`): a channel's answer, a few bytes of this future.
+        let owed = still_owed(shared, job).await;
         if !matches!(owed, Owed::Yes) {
             {
                 let mut g = runtime.gates();

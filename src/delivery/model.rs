@@ -346,6 +346,33 @@ pub enum Recorded {
     Failed,
 }
 
+/// Whether a delivery that waited in memory is still owed, as the database says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Owed {
+    /// Still owed and this node's: it may go.
+    Yes,
+    /// Parked meanwhile (an ack; a pause this node had not heard of): nothing is sent.
+    Parked,
+    /// Under another lease or time, or gone: not this node's any more.
+    Gone,
+}
+
+/// A look asked for by a delivery that waited: which one, what it is held under, and where the
+/// answer goes.
+#[derive(Debug)]
+pub struct Look {
+    /// The event.
+    pub event: EventId,
+    /// Its organization.
+    pub org: OrgId,
+    /// The endpoint.
+    pub endpoint: Uuid,
+    /// Under its own row's lease: the lease the row must still hold. `None`: under a batch's.
+    pub held: Option<Micros>,
+    /// The answer.
+    pub answer: oneshot::Sender<Owed>,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,30 +1,29 @@
 //! Whether a delivery that waited in memory is still owed: an ack parks the event's delivery
 //! rows and marks the event, and tells no node, so a delivery that waited (for its retry's time,
-//! a circuit, a rate limit) looks before it goes on.
+//! a circuit, a rate limit) looks before it goes on. The looks of a node are gathered for a few
+//! milliseconds and answered by one read (a delivery that waited can wait that much more): a
+//! rate-limited endpoint sends one delivery after another, each after a wait, and one read each
+//! was half of PostgreSQL's CPU per delivery (BENCHMARKS.md, thirteenth session).
 
+use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
-use super::model::{Job, Lease};
+use super::model::{Job, Lease, Look, Owed};
 use super::shared::Shared;
+use crate::config::{LOOK_BATCH_MAX, LOOK_LINGER};
 use crate::db::describe;
 use crate::flow::event::EventStatus;
 use crate::ids::Micros;
 
-/// Whether a delivery held in memory is still owed, as the database says (see [`still_owed`]).
-pub(super) enum Owed {
-    /// Still owed and this node's: it may go.
-    Yes,
-    /// Parked meanwhile (an ack; a pause this node had not heard of): nothing is sent.
-    Parked,
-    /// Under another lease or time, or gone: not this node's any more.
-    Gone,
-}
-
-const ROW_LEASE: &str =
-    "SELECT next_attempt_at FROM deliveries WHERE event_id = $1 AND endpoint_id = $2";
-const EVENT_STATUS: &str = "SELECT status FROM events WHERE id = $1 AND org_id = $2";
+/// Every delivery row of the events (its lease, by endpoint).
+const ROW_LEASES: &str =
+    "SELECT event_id, endpoint_id, next_attempt_at FROM deliveries WHERE event_id = ANY($1)";
+/// The events' organizations and statuses.
+const EVENT_STATUSES: &str = "SELECT id, org_id, status FROM events WHERE id = ANY($1)";
 
 /// Look before a delivery that waited in memory (for its retry's time, a circuit, a rate limit)
 /// goes on: an ack parks the event's delivery rows and marks the event, and tells no node, so
@@ -33,38 +32,186 @@ const EVENT_STATUS: &str = "SELECT status FROM events WHERE id = $1 AND org_id =
 /// acknowledged. When the database can't be read, it goes (its outcome is written only if the
 /// delivery is still this node's).
 pub(super) async fn still_owed(shared: &Shared, job: &Job) -> Owed {
-    let work = async {
-        let client = shared.pool.get().await.map_err(|e| e.to_string())?;
-        let (sql, key): (&str, Uuid) = match job.lease {
-            Lease::Row { .. } => (ROW_LEASE, job.endpoint),
-            Lease::Batch(_) => (EVENT_STATUS, job.org.0),
-        };
-        let stmt = client.prepare_cached(sql).await.map_err(|e| describe(&e))?;
-        client
-            .query_opt(&stmt, &[&job.event.0, &key])
-            .await
-            .map_err(|e| describe(&e))
-    };
-    let row = match tokio::time::timeout(Duration::from_millis(shared.config.db_timeout_ms), work)
-        .await
-    {
-        Ok(Ok(row)) => row,
-        Ok(Err(e)) => {
-            tracing::debug!(error = %e, "a waiting delivery could not look; it goes");
-            return Owed::Yes;
-        }
-        Err(_) => return Owed::Yes,
-    };
-    let Some(row) = row else {
-        return Owed::Gone;
-    };
-    match job.lease {
-        Lease::Row { held } => match row.get::<_, Option<SystemTime>>(0) {
-            None => Owed::Parked,
-            Some(at) if Micros::from_system_time(at) == held => Owed::Yes,
-            Some(_) => Owed::Gone,
+    let (answer, answered) = oneshot::channel();
+    let look = Look {
+        event: job.event,
+        org: job.org,
+        endpoint: job.endpoint,
+        held: match job.lease {
+            Lease::Row { held } => Some(held),
+            Lease::Batch(_) => None,
         },
-        Lease::Batch(_) if row.get::<_, i16>(0) == EventStatus::Delivered.code() => Owed::Parked,
-        Lease::Batch(_) => Owed::Yes,
+        answer,
+    };
+    if shared.looks.send(look).is_err() {
+        return Owed::Yes;
+    }
+    answered.await.unwrap_or(Owed::Yes)
+}
+
+/// Answer the node's looks: what arrives within [`LOOK_LINGER`] of the first one (up to
+/// [`LOOK_BATCH_MAX`]) is answered by one round trip.
+pub(super) async fn look_loop(shared: Arc<Shared>, mut looks: mpsc::UnboundedReceiver<Look>) {
+    let mut batch = Vec::with_capacity(LOOK_BATCH_MAX);
+    loop {
+        if looks.recv_many(&mut batch, LOOK_BATCH_MAX).await == 0 {
+            return;
+        }
+        if batch.len() < LOOK_BATCH_MAX {
+            tokio::time::sleep(LOOK_LINGER).await;
+            while batch.len() < LOOK_BATCH_MAX {
+                match looks.try_recv() {
+                    Ok(look) => batch.push(look),
+                    Err(_) => break,
+                }
+            }
+        }
+        answer(&shared, &mut batch).await;
+    }
+}
+
+/// What the database holds for a batch of looks.
+#[derive(Default)]
+struct Found {
+    /// (event, endpoint) → the row's lease.
+    rows: HashMap<(Uuid, Uuid), Option<SystemTime>>,
+    /// event → (organization, status).
+    events: HashMap<Uuid, (Uuid, i16)>,
+}
+
+/// Read what the looks need and answer each (every one `Yes` when the database can't say).
+async fn answer(shared: &Shared, batch: &mut Vec<Look>) {
+    let found = tokio::time::timeout(
+        Duration::from_millis(shared.config.db_timeout_ms),
+        read(shared, batch),
+    )
+    .await
+    .unwrap_or_else(|_| Err("timed out".into()));
+    let found = match found {
+        Ok(found) => Some(found),
+        Err(e) => {
+            tracing::debug!(error = %e, "waiting deliveries could not look; they go");
+            None
+        }
+    };
+    for look in batch.drain(..) {
+        let owed = found.as_ref().map_or(Owed::Yes, |f| owed(f, &look));
+        let _ = look.answer.send(owed);
+    }
+}
+
+async fn read(shared: &Shared, batch: &[Look]) -> Result<Found, String> {
+    let mut by_row = Vec::new();
+    let mut by_event = Vec::new();
+    for look in batch {
+        match look.held {
+            Some(_) => by_row.push(look.event.0),
+            None => by_event.push(look.event.0),
+        }
+    }
+    let client = shared.pool.get().await.map_err(|e| e.to_string())?;
+    let mut found = Found::default();
+    if !by_row.is_empty() {
+        let stmt = client
+            .prepare_cached(ROW_LEASES)
+            .await
+            .map_err(|e| describe(&e))?;
+        for row in client
+            .query(&stmt, &[&by_row])
+            .await
+            .map_err(|e| describe(&e))?
+        {
+            found.rows.insert((row.get(0), row.get(1)), row.get(2));
+        }
+    }
+    if !by_event.is_empty() {
+        let stmt = client
+            .prepare_cached(EVENT_STATUSES)
+            .await
+            .map_err(|e| describe(&e))?;
+        for row in client
+            .query(&stmt, &[&by_event])
+            .await
+            .map_err(|e| describe(&e))?
+        {
+            found.events.insert(row.get(0), (row.get(1), row.get(2)));
+        }
+    }
+    Ok(found)
+}
+
+/// One look's answer from what was read.
+fn owed(found: &Found, look: &Look) -> Owed {
+    match look.held {
+        Some(held) => match found.rows.get(&(look.event.0, look.endpoint)) {
+            None => Owed::Gone,
+            Some(None) => Owed::Parked,
+            Some(Some(at)) if Micros::from_system_time(*at) == held => Owed::Yes,
+            Some(Some(_)) => Owed::Gone,
+        },
+        None => match found.events.get(&look.event.0) {
+            Some((org, _)) if *org != look.org.0 => Owed::Gone,
+            None => Owed::Gone,
+            Some((_, status)) if *status == EventStatus::Delivered.code() => Owed::Parked,
+            Some(_) => Owed::Yes,
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ids::{EventId, OrgId};
+
+    fn ids<const N: usize>(from: u128) -> [Uuid; N] {
+        std::array::from_fn(|i| Uuid::from_u128(from + i as u128))
+    }
+
+    fn look(event: Uuid, org: Uuid, endpoint: Uuid, held: Option<Micros>) -> Look {
+        Look {
+            event: EventId(event),
+            org: OrgId(org),
+            endpoint,
+            held,
+            answer: oneshot::channel().0,
+        }
+    }
+
+    #[test]
+    fn a_row_lease_is_owed_only_while_the_row_holds_it() {
+        let [ev, org, ep, other, unknown] = ids(1);
+        let held = Micros(1_700_000_000_000_000);
+        let mut found = Found::default();
+        found.rows.insert((ev, ep), Some(held.to_system_time()));
+        found.rows.insert((ev, other), None);
+        assert_eq!(owed(&found, &look(ev, org, ep, Some(held))), Owed::Yes);
+        // Taken over (another lease), parked (an ack, a pause), or gone.
+        assert_eq!(
+            owed(&found, &look(ev, org, ep, Some(Micros(held.0 + 1)))),
+            Owed::Gone
+        );
+        assert_eq!(
+            owed(&found, &look(ev, org, other, Some(held))),
+            Owed::Parked
+        );
+        assert_eq!(
+            owed(&found, &look(unknown, org, ep, Some(held))),
+            Owed::Gone
+        );
+    }
+
+    #[test]
+    fn a_batch_lease_is_owed_until_the_event_is_acknowledged() {
+        let [ev, acked, org, ep, unknown] = ids(10);
+        let mut found = Found::default();
+        found.events.insert(ev, (org, EventStatus::Pending.code()));
+        found
+            .events
+            .insert(acked, (org, EventStatus::Delivered.code()));
+        assert_eq!(owed(&found, &look(ev, org, ep, None)), Owed::Yes);
+        assert_eq!(owed(&found, &look(acked, org, ep, None)), Owed::Parked);
+        // Another organization's event of that id, or none: not this delivery's.
+        assert_eq!(owed(&found, &look(ev, unknown, ep, None)), Owed::Gone);
+        assert_eq!(owed(&found, &look(unknown, org, ep, None)), Owed::Gone);
     }
 }

@@ -13,6 +13,7 @@ use super::client::Client;
 use super::connector::SafeConnector;
 use super::job::run_job;
 use super::model::{BatchLease, Job, Lease};
+use super::owed::look_loop;
 use super::record::record_loop;
 use super::shared::{Room, Shared};
 use crate::config::{Config, DELIVERY_POOL_IDLE, RECORDERS};
@@ -28,6 +29,7 @@ pub struct Delivery {
     shared: Arc<Shared>,
     claimer: JoinHandle<()>,
     recorders: Vec<JoinHandle<()>>,
+    looker: JoinHandle<()>,
 }
 
 /// What the store holds of the delivery pool: the [`DeliverySink`] the server wires in.
@@ -52,6 +54,7 @@ impl Delivery {
             Arc::clone(&metrics),
         );
         let (recorder_tx, recorder_rx) = mpsc::channel(config.recorder_queue_max());
+        let (looks_tx, looks_rx) = mpsc::unbounded_channel();
         let pool = build_bookkeeping_pool(&config, config.delivery_pool_size())?;
         let shared = Arc::new(Shared {
             tasks: tokio::runtime::Handle::current(),
@@ -67,6 +70,7 @@ impl Delivery {
             finished: Mutex::new(Vec::new()),
             expire: Mutex::new(Vec::new()),
             recorder: recorder_tx,
+            looks: looks_tx,
             wake: Notify::new(),
             claim_waits: AtomicU8::new(Room::NotWaiting as u8),
             stopping: AtomicBool::new(false),
@@ -78,6 +82,7 @@ impl Delivery {
             config: Arc::clone(&config),
         });
         let claimer = tokio::spawn(claim_loop(Arc::clone(&shared)));
+        let looker = tokio::spawn(look_loop(Arc::clone(&shared), looks_rx));
         let recorder_rx = Arc::new(tokio::sync::Mutex::new(recorder_rx));
         let recorders = (0..RECORDERS)
             .map(|_| tokio::spawn(record_loop(Arc::clone(&shared), Arc::clone(&recorder_rx))))
@@ -88,6 +93,7 @@ impl Delivery {
                 shared,
                 claimer,
                 recorders,
+                looker,
             },
             handle,
         ))
@@ -117,6 +123,7 @@ impl Delivery {
         for r in self.recorders {
             r.abort();
         }
+        self.looker.abort();
     }
 }
 

@@ -10,7 +10,7 @@ use tokio::sync::{mpsc, Notify, Semaphore};
 use uuid::Uuid;
 
 use super::client::{Client, Target};
-use super::model::{BatchLease, Endpoint, Lease, Outcome, Recorded, Then};
+use super::model::{BatchLease, Endpoint, Lease, Look, Outcome, Recorded, Then};
 use super::runtime::{EndpointRuntime, TokenBucket};
 use super::sign;
 use crate::auth::Changes;
@@ -66,6 +66,8 @@ pub(super) struct Shared {
     /// Batch rows this node let go of: expired by the claimer, so any node takes them over now.
     pub(super) expire: Mutex<Vec<Uuid>>,
     pub(super) recorder: mpsc::Sender<Outcome>,
+    /// Looks of deliveries that waited, answered in batches (`owed`).
+    pub(super) looks: mpsc::UnboundedSender<Look>,
     pub(super) wake: Notify,
     /// What the claimer waits for when it stopped with due rows it had no room for
     /// ([`Room`]): a release that frees that room wakes it, so a backlog larger than the
