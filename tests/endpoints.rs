@@ -554,6 +554,49 @@ async fn the_circuit_opens_after_consecutive_failures_probes_once_and_closes() {
     assert!(health["last_success_at"].is_string());
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deliveries_waiting_on_a_slow_probe_go_when_it_ends_without_polling_meanwhile() {
+    let (recv, s, key, _) = failing_endpoint("triggers_test_slow_probe", "1").await;
+    // Three failures open the circuit; the eleven wait for it (in memory, or due in the
+    // database until it is half-open).
+    let ids = create_events(s.addr, &key, 11, "t").await;
+    recv.wait_until(Duration::from_secs(5), |r| r.len() >= 3)
+        .await;
+    // The receiver recovers, slowly: the probe, a second after the circuit opened, takes 1.5 s.
+    recv.set_script(|_, _| Answer {
+        delay: Duration::from_millis(1500),
+        ..Answer::status(200)
+    });
+    const WAITS: &str = "triggers_delivery_waits_total{reason=\"circuit_open\"}";
+    let before = metric(&s, WAITS).await;
+    let got = recv
+        .wait_until(Duration::from_secs(10), |r| {
+            r.iter().filter(|x| x.answered == 200).count() == ids.len()
+        })
+        .await;
+    let ok: Vec<&Received> = got.iter().filter(|x| x.answered == 200).collect();
+    // The others went when the probe's answer came, not at their next look a second after
+    // the last (2 s after the probe began).
+    let probe_answered = ok[0].at + Duration::from_millis(1500);
+    assert!(
+        ok[1..]
+            .iter()
+            .all(|x| x.at < probe_answered + Duration::from_millis(300)),
+        "{:?}",
+        ok.iter().map(|x| x.at - ok[0].at).collect::<Vec<_>>()
+    );
+    // Ten waited for the probe: each woke a few times in its 1.5 s (once a second, and at its
+    // end), not every 100 ms (15 times each).
+    let waits = metric(&s, WAITS).await - before;
+    assert!(
+        waits <= 40.0,
+        "{waits} waits for the circuit while it was half-open"
+    );
+    for id in &ids {
+        wait_delivered(s.addr, &key, id, Duration::from_secs(5)).await;
+    }
+}
+
 /// Check `done` every 50 ms for up to 5 s; panic with `failed` if it never holds.
 async fn poll_until<F, Fut>(mut done: F, failed: &str)
 where

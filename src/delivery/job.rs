@@ -231,6 +231,7 @@ async fn step(shared: &Shared, job: &mut Job, runtime: &Arc<EndpointRuntime>) ->
                 }
             }
             drop((slot, global));
+            probe_over(runtime, probe);
             return match owed {
                 Owed::Parked => settle(shared, job, runtime, None, Next::Parked, None, None).await,
                 _ => Step::Done,
@@ -240,6 +241,7 @@ async fn step(shared: &Shared, job: &mut Job, runtime: &Arc<EndpointRuntime>) ->
     if !lease_allows_attempt(shared, job) {
         runtime.gates().breaker.cancel_probe(probe);
         drop((slot, global));
+        probe_over(runtime, probe);
         return settle(
             shared,
             job,
@@ -288,6 +290,14 @@ async fn wait_for(
             Step::Again
         }
         _ = shared.stop.notified() => Step::Stopping,
+    }
+}
+
+/// The half-open circuit's probe is over (answered, or not sent after all): the deliveries
+/// waiting for it pass the gates again now (the breaker says whether they go).
+fn probe_over(runtime: &EndpointRuntime, probe: bool) {
+    if probe {
+        runtime.changed.notify_waiters();
     }
 }
 
@@ -440,6 +450,7 @@ async fn attempt(
         }
     };
     let (health, disable) = judge_health(shared, runtime, &attempt.verdict, probe, now, disable);
+    probe_over(runtime, probe);
     job.attempts = number;
     settle(
         shared,

@@ -12,8 +12,9 @@ use uuid::Uuid;
 use crate::flow::answer::Circuit;
 use crate::ids::{Micros, OrgId};
 
-/// How long a delivery waits before looking again while another one probes a half-open circuit.
-pub const PROBE_WAIT: Duration = Duration::from_millis(100);
+/// How long a delivery waits before looking again while another one probes a half-open circuit,
+/// at most: the probe's end wakes it sooner (`changed`).
+pub const PROBE_WAIT: Duration = Duration::from_secs(1);
 
 /// A circuit breaker: `threshold` consecutive failures open it for `open_for`; then one attempt
 /// (the probe) goes through; its success closes it, its failure opens it again.
@@ -205,8 +206,9 @@ pub struct EndpointRuntime {
     pub in_memory: AtomicUsize,
     /// Its breaker and limiter.
     pub gates: Mutex<Gates>,
-    /// Woken when its configuration may have changed (on any node): deliveries waiting on its
-    /// gates look again, so a resume (a fresh circuit) or a higher rate limit lets them go now.
+    /// Woken when its configuration may have changed (on any node), or its half-open circuit's
+    /// probe is over: deliveries waiting on its gates look again, so a resume (a fresh circuit),
+    /// a higher rate limit or a probe's success lets them go now.
     pub changed: Notify,
 }
 
