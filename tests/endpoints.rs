@@ -1286,6 +1286,50 @@ async fn a_rate_limited_endpoint_spreads_its_deliveries_and_fails_none() {
     );
 }
 
+/// An endpoint's rate limit is the cluster's: two nodes draining its backlog together send it
+/// its limit, not the limit once each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_nodes_draining_one_endpoints_backlog_keep_its_limit_together() {
+    let recv = Receiver::start(|_, _| Answer::status(200)).await;
+    let url = own_database("triggers_test_endpoint_budget").await;
+    // Each node claims at most 10 deliveries at a time: both take part.
+    let args = [PRIVATE, "--delivery-queue-max", "10"];
+    let a = Server::start_with_db(&args, &url);
+    let b = Server::start_with_db(&args, &url);
+    let (key, _) = new_org(a.addr, "pro").await;
+    let body = json!({"url": recv.url("/"), "rate_limit_per_second": 5});
+    let ep = create_endpoint(a.addr, &key, body).await;
+    let path = format!("/api/endpoints/{}", ep["id"].as_str().unwrap());
+    // A backlog: forty events while the endpoint is paused; the resume makes them due on both.
+    assert_eq!(
+        post_empty(a.addr, &key, &format!("{path}/pause"))
+            .await
+            .status,
+        200
+    );
+    let ids = create_events(a.addr, &key, 40, "t").await;
+    assert_eq!(
+        post_empty(a.addr, &key, &format!("{path}/resume"))
+            .await
+            .status,
+        200
+    );
+    let got = recv
+        .wait_until(Duration::from_secs(30), |r| r.len() >= ids.len())
+        .await;
+    // Five a second together, after each node's first second's worth (its view starts full
+    // until its first report): ~7 s. A bucket per node would take ~3 s (ten a second).
+    let spread = got[ids.len() - 1].at - got[0].at;
+    assert!(spread >= Duration::from_millis(5500), "{spread:?}");
+    assert_eq!(got.len(), ids.len(), "none twice");
+    const DELIVERED: &str = "triggers_deliveries_total{outcome=\"delivered\"}";
+    let (by_a, by_b) = (metric(&a, DELIVERED).await, metric(&b, DELIVERED).await);
+    assert!(
+        by_a > 0.0 && by_b > 0.0,
+        "both nodes sent: {by_a} and {by_b}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_or_failing_endpoint_never_delays_another_of_the_same_organization() {
     let recv = Receiver::start(|r, _| match r.path.as_str() {

@@ -44,6 +44,7 @@ async fn every_key_of_an_organizations_data_includes_org_id() {
         "endpoints",
         "dedup_keys",
         "rate_budgets",
+        "endpoint_budgets",
     ] {
         assert!(
             names.contains(&expected),

@@ -22,7 +22,8 @@
 //!   rate-limited endpoint holds only its own share.
 //!
 //! Files: `pool` (start, the sink, finish), `shared` (the state the tasks share, the endpoints
-//! cache), `runtime` (per endpoint: slots, circuit breaker, token bucket), `job` (one delivery's
+//! cache), `runtime` (per endpoint: slots, circuit breaker, token bucket), `budget` (the token
+//! buckets shared by the cluster), `job` (one delivery's
 //! life in memory), `owed` (whether a delivery that waited is still owed), `worker` (one HTTP
 //! attempt), `record` (outcomes written in batches, health, operational events), `claim`
 //! (take-over, claims, renewal, the hand-back), `model` (the values), `schedule` (retry delays,
@@ -30,6 +31,7 @@
 //! and read by the attempts' own tasks; the answer reader), `connector` (the SSRF-checking
 //! connector under it).
 
+mod budget;
 pub mod claim;
 pub mod client;
 pub mod connector;

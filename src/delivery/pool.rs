@@ -8,6 +8,7 @@ use std::time::Duration;
 use tokio::sync::{mpsc, Notify, Semaphore};
 use tokio::task::JoinHandle;
 
+use super::budget::budget_loop;
 use super::claim::{claim_loop, release_all};
 use super::client::Client;
 use super::connector::SafeConnector;
@@ -30,6 +31,7 @@ pub struct Delivery {
     claimer: JoinHandle<()>,
     recorders: Vec<JoinHandle<()>>,
     looker: JoinHandle<()>,
+    budgets: JoinHandle<()>,
 }
 
 /// What the store holds of the delivery pool: the [`DeliverySink`] the server wires in.
@@ -83,6 +85,7 @@ impl Delivery {
         });
         let claimer = tokio::spawn(claim_loop(Arc::clone(&shared)));
         let looker = tokio::spawn(look_loop(Arc::clone(&shared), looks_rx));
+        let budgets = tokio::spawn(budget_loop(Arc::clone(&shared)));
         let recorder_rx = Arc::new(tokio::sync::Mutex::new(recorder_rx));
         let recorders = (0..RECORDERS)
             .map(|_| tokio::spawn(record_loop(Arc::clone(&shared), Arc::clone(&recorder_rx))))
@@ -94,6 +97,7 @@ impl Delivery {
                 claimer,
                 recorders,
                 looker,
+                budgets,
             },
             handle,
         ))
@@ -124,6 +128,7 @@ impl Delivery {
             r.abort();
         }
         self.looker.abort();
+        self.budgets.abort();
     }
 }
 

@@ -108,12 +108,16 @@ impl Breaker {
     }
 }
 
-/// A token bucket of `rate` tokens per second holding at most `rate` (one second's worth).
+/// A token bucket of `rate` tokens per second holding at most `rate` (one second's worth): this
+/// node's view of its endpoint's bucket in the cluster (`endpoint_budgets`), to which it reports
+/// what it spent and whose balance it adopts (`delivery::budget`).
 #[derive(Debug, Clone, PartialEq)]
 pub struct TokenBucket {
     rate: u32,
     tokens: f64,
     at: Micros,
+    /// Tokens taken or reserved (less those given back) since the last report.
+    unreported: i32,
 }
 
 impl TokenBucket {
@@ -123,6 +127,7 @@ impl TokenBucket {
             rate: rate.max(1),
             tokens: f64::from(rate.max(1)),
             at: now,
+            unreported: 0,
         }
     }
 
@@ -138,6 +143,7 @@ impl TokenBucket {
     pub fn take(&mut self, now: Micros) -> Result<(), Micros> {
         self.refill(now);
         self.tokens -= 1.0;
+        self.unreported = self.unreported.saturating_add(1);
         if self.tokens >= 0.0 {
             return Ok(());
         }
@@ -149,6 +155,24 @@ impl TokenBucket {
     pub fn give_back(&mut self, now: Micros) {
         self.refill(now);
         self.tokens = (self.tokens + 1.0).min(f64::from(self.rate));
+        self.unreported = self.unreported.saturating_sub(1);
+    }
+
+    /// What was spent since the last report, to report now (counted afresh from here).
+    pub fn to_report(&mut self) -> i32 {
+        std::mem::take(&mut self.unreported)
+    }
+
+    /// A report of `spent` did not reach the cluster: it is reported again with the next one.
+    pub fn unreported_again(&mut self, spent: i32) {
+        self.unreported = self.unreported.saturating_add(spent);
+    }
+
+    /// The cluster's balance after the last report, as of `now`: this node's view from here,
+    /// less what it spent since that report was taken.
+    pub fn adopt(&mut self, balance: f64, now: Micros) {
+        self.tokens = (balance - f64::from(self.unreported)).min(f64::from(self.rate));
+        self.at = self.at.max(now);
     }
 
     /// What `now` adds since the last look, up to one second's worth.
@@ -335,6 +359,36 @@ mod tests {
             assert_eq!(full.take(Micros(0)), Ok(()));
         }
         assert!(full.take(Micros(0)).is_err());
+    }
+
+    #[test]
+    fn the_bucket_reports_its_spend_and_adopts_the_clusters_balance() {
+        let mut t = TokenBucket::new(10, Micros(0));
+        for _ in 0..4 {
+            assert_eq!(t.take(Micros(0)), Ok(()));
+        }
+        t.give_back(Micros(0));
+        assert_eq!(t.to_report(), 3);
+        assert_eq!(t.to_report(), 0, "counted afresh");
+        // Another node spent 9 meanwhile: the balance comes back at -2; one more was taken here
+        // since the report left.
+        assert!(t.take(Micros(0)).is_ok());
+        t.adopt(-2.0, Micros(0));
+        assert_eq!(
+            t.take(Micros(0)),
+            Err(Micros(400_000)),
+            "four tenths of a second in debt"
+        );
+        assert_eq!(t.to_report(), 2);
+        // A report that failed is sent again with the next one.
+        t.unreported_again(2);
+        assert_eq!(t.to_report(), 2);
+        // A balance above one second's worth (spends given back) is not kept.
+        t.adopt(50.0, Micros(S));
+        for _ in 0..10 {
+            assert_eq!(t.take(Micros(S)), Ok(()));
+        }
+        assert!(t.take(Micros(S)).is_err());
     }
 
     #[test]

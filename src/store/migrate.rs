@@ -56,6 +56,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "0010_delivery_leases.sql",
         include_str!("../../migrations/0010_delivery_leases.sql"),
     ),
+    (
+        11,
+        "0011_endpoint_budgets.sql",
+        include_str!("../../migrations/0011_endpoint_budgets.sql"),
+    ),
 ];
 
 /// Arbitrary constant naming the migration lock.

@@ -21,6 +21,12 @@ const PRUNE_SQL: &str = "\
         SELECT org_id FROM rate_budgets \
         WHERE updated_at < clock_timestamp() - interval '2 minutes' \
         FOR UPDATE SKIP LOCKED)";
+/// The same for endpoints' buckets (`endpoint_budgets`, at least minus a minute's worth).
+const PRUNE_ENDPOINTS_SQL: &str = "\
+    DELETE FROM endpoint_budgets WHERE endpoint_id IN ( \
+        SELECT endpoint_id FROM endpoint_budgets \
+        WHERE updated_at < clock_timestamp() - interval '2 minutes' \
+        FOR UPDATE SKIP LOCKED)";
 
 /// Rows in organization order, so two nodes reporting the same organizations lock them in the
 /// same order and never deadlock.
@@ -70,8 +76,9 @@ async fn write(ctx: &StoreCtx, spent: &[RateSpend]) -> Done<Vec<(OrgId, f64)>> {
 /// a report racing the delete inserts the row again, full less its spend, which is what the
 /// deleted row held. Returns how many went.
 pub async fn prune_idle(client: &Client) -> Result<u64, String> {
-    client
-        .execute(PRUNE_SQL, &[])
-        .await
-        .map_err(|e| describe(&e))
+    let mut removed = 0;
+    for sql in [PRUNE_SQL, PRUNE_ENDPOINTS_SQL] {
+        removed += client.execute(sql, &[]).await.map_err(|e| describe(&e))?;
+    }
+    Ok(removed)
 }

@@ -39,7 +39,7 @@ pub struct Maintained {
     pub dropped: Vec<String>,
     /// Dedup keys removed with the dropped events.
     pub dedup_keys_removed: u64,
-    /// Idle rate-limit buckets removed (`rate::prune_idle`).
+    /// Idle rate-limit buckets removed, organizations' and endpoints' (`rate::prune_idle`).
     pub rate_budgets_removed: u64,
 }
 
