@@ -200,8 +200,20 @@ async fn rate_buckets_idle_long_enough_to_be_full_are_removed_and_no_other() {
         )
         .await
         .unwrap();
+    // And an endpoint's bucket idle as long (`endpoint_budgets`).
+    client
+        .execute(
+            "INSERT INTO endpoint_budgets (endpoint_id, org_id, rate, tokens, updated_at) VALUES \
+             ($1, $1, 5, -300, clock_timestamp() - interval '3 minutes'), \
+             ($2, $2, 5, -300, clock_timestamp() - interval '1 minute')",
+            &[&idle, &refilling],
+        )
+        .await
+        .unwrap();
     let done = maintain(&client, Micros::now(), 30).await.unwrap();
-    assert_eq!(done.rate_budgets_removed, 1);
+    assert_eq!(done.rate_budgets_removed, 2);
+    let left = "SELECT count(*) FROM endpoint_budgets";
+    assert_eq!(count(&client, left).await, 1);
     assert_eq!(count(&client, &row(idle.to_string())).await, 0);
     assert_eq!(count(&client, &row(refilling.to_string())).await, 1);
     assert_eq!(count(&client, &row(org)).await, 1);
