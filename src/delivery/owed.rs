@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use tokio::sync::{mpsc, oneshot};
+use tokio_postgres::Row;
 use uuid::Uuid;
 
 use super::model::{Job, Lease, Look, Owed};
@@ -110,34 +111,34 @@ async fn read(shared: &Shared, batch: &[Look]) -> Result<Found, String> {
         }
     }
     let client = shared.pool.get().await.map_err(|e| e.to_string())?;
-    let mut found = Found::default();
-    if !by_row.is_empty() {
-        let stmt = client
-            .prepare_cached(ROW_LEASES)
-            .await
-            .map_err(|e| describe(&e))?;
-        for row in client
-            .query(&stmt, &[&by_row])
-            .await
-            .map_err(|e| describe(&e))?
-        {
-            found.rows.insert((row.get(0), row.get(1)), row.get(2));
-        }
+    // Both in one round trip when both are asked.
+    let (rows, events) = tokio::try_join!(
+        rows_of(&client, ROW_LEASES, &by_row),
+        rows_of(&client, EVENT_STATUSES, &by_event)
+    )?;
+    Ok(Found {
+        rows: rows
+            .iter()
+            .map(|r| ((r.get(0), r.get(1)), r.get(2)))
+            .collect(),
+        events: events
+            .iter()
+            .map(|r| (r.get(0), (r.get(1), r.get(2))))
+            .collect(),
+    })
+}
+
+/// The rows `sql` finds for `ids` (none asked: none found, no query).
+async fn rows_of(
+    client: &deadpool_postgres::Object,
+    sql: &str,
+    ids: &[Uuid],
+) -> Result<Vec<Row>, String> {
+    if ids.is_empty() {
+        return Ok(Vec::new());
     }
-    if !by_event.is_empty() {
-        let stmt = client
-            .prepare_cached(EVENT_STATUSES)
-            .await
-            .map_err(|e| describe(&e))?;
-        for row in client
-            .query(&stmt, &[&by_event])
-            .await
-            .map_err(|e| describe(&e))?
-        {
-            found.events.insert(row.get(0), (row.get(1), row.get(2)));
-        }
-    }
-    Ok(found)
+    let stmt = client.prepare_cached(sql).await.map_err(|e| describe(&e))?;
+    client.query(&stmt, &[&ids]).await.map_err(|e| describe(&e))
 }
 
 /// One look's answer from what was read.

@@ -459,34 +459,20 @@ impl Metrics {
             "gauge",
             self.deliveries_parked.load(Ordering::Relaxed),
         );
-        header(
+        by_reason(
             &mut out,
             "triggers_deliveries_waiting",
             "Deliveries held in memory that wait, by reason.",
             "gauge",
+            |why| self.deliveries_waiting[why as usize].load(Ordering::Relaxed),
         );
-        for why in Waiting::ALL {
-            let _ = writeln!(
-                out,
-                "triggers_deliveries_waiting{{reason=\"{}\"}} {}",
-                why.label(),
-                self.deliveries_waiting[why as usize].load(Ordering::Relaxed)
-            );
-        }
-        header(
+        by_reason(
             &mut out,
             "triggers_delivery_waits_total",
             "Waits begun by deliveries held in memory, by reason.",
             "counter",
+            |why| self.delivery_waits[why as usize].load(Ordering::Relaxed),
         );
-        for why in Waiting::ALL {
-            let _ = writeln!(
-                out,
-                "triggers_delivery_waits_total{{reason=\"{}\"}} {}",
-                why.label(),
-                self.delivery_waits[why as usize].load(Ordering::Relaxed)
-            );
-        }
         header(
             &mut out,
             "triggers_endpoints",
@@ -579,6 +565,20 @@ impl Metrics {
 
 fn header(out: &mut String, name: &str, help: &str, kind: &str) {
     let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+}
+
+/// One metric with a value per [`Waiting`] reason (label `reason`).
+fn by_reason<V: std::fmt::Display>(
+    out: &mut String,
+    name: &str,
+    help: &str,
+    kind: &str,
+    value: impl Fn(Waiting) -> V,
+) {
+    header(out, name, help, kind);
+    for why in Waiting::ALL {
+        let _ = writeln!(out, "{name}{{reason=\"{}\"}} {}", why.label(), value(why));
+    }
 }
 
 /// One metric with a single value: its HELP and TYPE lines, then the value.
