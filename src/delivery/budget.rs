@@ -9,7 +9,9 @@
 //! reported yet (a tenth of a second's worth), and a node's first second with an endpoint.
 //!
 //! When the database can't be reached the reports fail, each node goes on with its own view
-//! (limits per node), and what it spent meanwhile is reported with the next report that passes.
+//! (limits per node), and what it spent meanwhile is reported with the next report that passes,
+//! up to one second's worth: an outage of minutes would otherwise leave the bucket a minute in
+//! debt, and every node would hold the endpoint's deliveries back for that minute.
 
 use std::collections::HashMap;
 use std::sync::Arc;

@@ -163,9 +163,12 @@ impl TokenBucket {
         std::mem::take(&mut self.unreported)
     }
 
-    /// A report of `spent` did not reach the cluster: it is reported again with the next one.
+    /// A report of `spent` did not reach the cluster: it is reported again with the next one, up
+    /// to one second's worth in all (what a node spent on its own view while the database was
+    /// away does not hold every node back for a minute once it is back).
     pub fn unreported_again(&mut self, spent: i32) {
-        self.unreported = self.unreported.saturating_add(spent);
+        let most = i32::try_from(self.rate).unwrap_or(i32::MAX);
+        self.unreported = self.unreported.saturating_add(spent).min(most);
     }
 
     /// The cluster's balance after the last report, as of `now`: this node's view from here,
@@ -380,9 +383,13 @@ mod tests {
             "four tenths of a second in debt"
         );
         assert_eq!(t.to_report(), 2);
-        // A report that failed is sent again with the next one.
+        // A report that failed is sent again with the next one, up to one second's worth.
         t.unreported_again(2);
         assert_eq!(t.to_report(), 2);
+        for _ in 0..30 {
+            t.unreported_again(7);
+        }
+        assert_eq!(t.to_report(), 10);
         // A balance above one second's worth (spends given back) is not kept.
         t.adopt(50.0, Micros(S));
         for _ in 0..10 {
