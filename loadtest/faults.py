@@ -750,8 +750,10 @@ class HAProxy:
 
 # Events of a free-tier organization admitted beyond its 100 when three nodes are hit at once:
 # a bound on what they spend before their reports to the cluster's bucket cross (measured 3 and 16
-# on the 2-core box; buckets per node admitted 200).
-RATE_OVERSHOOT_MAX = 50
+# on the 2-core box, 116 and 177 in all in two runs of 2026-12-04, the second in CI's smoke pass
+# on a busy box, where the first report's round trip is slow; buckets per node admit 300 in all,
+# an overshoot of 200, so this bound still tells the two apart).
+RATE_OVERSHOOT_MAX = 100
 
 
 def burst(port, key, n, threads=8):
