@@ -15,12 +15,11 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
 
 use tokio::time::MissedTickBehavior;
 use uuid::Uuid;
 
-use super::runtime::EndpointRuntime;
+use super::runtime::{EndpointRuntime, TokenBucket};
 use super::shared::Shared;
 use crate::config::RATE_REPORT_EVERY;
 use crate::db::describe;
@@ -83,32 +82,31 @@ async fn report(shared: &Shared) {
     if spends.is_empty() {
         return;
     }
-    let wait = Duration::from_millis(shared.config.db_timeout_ms);
-    let balances = match tokio::time::timeout(wait, write(shared, &spends)).await {
-        Ok(Ok(balances)) => balances,
-        failed => {
-            if let Ok(Err(e)) = failed {
-                tracing::debug!(error = %e, "endpoint rate report failed; reported again later");
-            }
+    let balances = match shared.timed(write(shared, &spends)).await {
+        Ok(balances) => balances,
+        Err(e) => {
+            tracing::debug!(error = %e, "endpoint rate report failed; reported again later");
             for s in &spends {
-                if let Some(b) = s.runtime.gates().bucket.as_mut() {
-                    if b.rate() == s.rate {
-                        b.unreported_again(s.spent);
-                    }
-                }
+                s.to_bucket(|b| b.unreported_again(s.spent));
             }
             return;
         }
     };
     let now = Micros::now();
     for s in &spends {
-        let Some(&balance) = balances.get(&s.runtime.id) else {
-            continue;
-        };
-        // A bucket set up afresh for a new rate meanwhile has its own count.
-        if let Some(b) = s.runtime.gates().bucket.as_mut() {
-            if b.rate() == s.rate {
-                b.adopt(balance, now);
+        if let Some(&balance) = balances.get(&s.runtime.id) {
+            s.to_bucket(|b| b.adopt(balance, now));
+        }
+    }
+}
+
+impl Spend {
+    /// Apply `f` to the endpoint's bucket, unless it was set up afresh for a new rate since the
+    /// report was taken (that one has its own count).
+    fn to_bucket(&self, f: impl FnOnce(&mut TokenBucket)) {
+        if let Some(b) = self.runtime.gates().bucket.as_mut() {
+            if b.rate() == self.rate {
+                f(b);
             }
         }
     }

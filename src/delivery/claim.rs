@@ -227,10 +227,6 @@ pub(super) async fn claim_loop(shared: Arc<Shared>) {
     }
 }
 
-fn db_timeout(shared: &Shared) -> Duration {
-    Duration::from_millis(shared.config.db_timeout_ms)
-}
-
 /// Move on the leases of the batches whose deliveries are still in memory (when half their time
 /// is gone); expire at once the batches this node let go.
 async fn renew(shared: &Shared) -> Result<(), String> {
@@ -271,7 +267,7 @@ async fn renew(shared: &Shared) -> Result<(), String> {
             .map_err(|e| describe(&e))?;
         Ok::<_, String>(rows.iter().map(|r| r.get::<_, Uuid>(0)).collect::<Vec<_>>())
     };
-    let renewed = tokio::time::timeout(db_timeout(shared), work)
+    let renewed = tokio::time::timeout(shared.db_timeout(), work)
         .await
         .map_err(|_| "database deadline passed".to_string())?;
     let renewed = match renewed {
@@ -310,7 +306,7 @@ async fn take_over(shared: &Shared) -> Result<u64, String> {
             .await
             .map_err(|e| describe(&e))
     };
-    tokio::time::timeout(db_timeout(shared), work)
+    tokio::time::timeout(shared.db_timeout(), work)
         .await
         .map_err(|_| "database deadline passed".to_string())?
 }
@@ -349,7 +345,7 @@ async fn claim(
         committed.map_err(|e| describe(&e))?;
         Ok::<_, String>(rows)
     };
-    let rows = tokio::time::timeout(db_timeout(shared), work)
+    let rows = tokio::time::timeout(shared.db_timeout(), work)
         .await
         .map_err(|_| "database deadline passed".to_string())??;
     let n = rows.len();
@@ -407,7 +403,7 @@ async fn claim(
                 .map(|r| r.get::<_, bool>(0))
                 .map_err(|e| describe(&e))
         };
-        let waiting = tokio::time::timeout(db_timeout(shared), waiting)
+        let waiting = tokio::time::timeout(shared.db_timeout(), waiting)
             .await
             .map_err(|_| "database deadline passed".to_string())??;
         if !waiting {

@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use tokio::sync::{mpsc, oneshot};
 use tokio_postgres::Row;
@@ -85,13 +85,7 @@ struct Found {
 
 /// Read what the looks need and answer each (every one `Yes` when the database can't say).
 async fn answer(shared: &Shared, batch: &mut Vec<Look>) {
-    let found = tokio::time::timeout(
-        Duration::from_millis(shared.config.db_timeout_ms),
-        read(shared, batch),
-    )
-    .await
-    .unwrap_or_else(|_| Err("timed out".into()));
-    let found = match found {
+    let found = match shared.timed(read(shared, batch)).await {
         Ok(found) => Some(found),
         Err(e) => {
             tracing::debug!(error = %e, "waiting deliveries could not look; they go");

@@ -121,7 +121,7 @@ pub(super) async fn record_loop(
     shared: Arc<Shared>,
     rx: Arc<tokio::sync::Mutex<mpsc::Receiver<Outcome>>>,
 ) {
-    let db_timeout = Duration::from_millis(shared.config.db_timeout_ms);
+    let db_timeout = shared.db_timeout();
     let mut batch = Vec::with_capacity(RECORD_BATCH_MAX);
     let mut copy = BinaryRows::default();
     loop {

@@ -136,6 +136,21 @@ impl From<u8> for Room {
 }
 
 impl Shared {
+    /// How long one piece of the pool's database work may take (`--db-timeout-ms`).
+    pub(super) fn db_timeout(&self) -> Duration {
+        Duration::from_millis(self.config.db_timeout_ms)
+    }
+
+    /// `work` within [`Shared::db_timeout`]; past it, an error.
+    pub(super) async fn timed<T>(
+        &self,
+        work: impl std::future::Future<Output = Result<T, String>>,
+    ) -> Result<T, String> {
+        tokio::time::timeout(self.db_timeout(), work)
+            .await
+            .map_err(|_| "database deadline passed".to_string())?
+    }
+
     /// Drop the cached endpoints of `org` (of every organization with `None`); its endpoints'
     /// gates are to be synced again, and the deliveries waiting on them look again.
     pub(super) fn forget_endpoints(&self, org: Option<OrgId>) {
@@ -204,10 +219,7 @@ impl Shared {
             let rows = task.await.map_err(|e| format!("endpoint load: {e}"))??;
             Ok::<_, String>((missing, rows, epoch))
         };
-        let (missing, rows, epoch) =
-            tokio::time::timeout(Duration::from_millis(self.config.db_timeout_ms), load)
-                .await
-                .map_err(|_| "database deadline passed".to_string())??;
+        let (missing, rows, epoch) = self.timed(load).await?;
         let mut loaded: HashMap<OrgId, Vec<Arc<Endpoint>>> =
             missing.iter().map(|o| (*o, Vec::new())).collect();
         for row in &rows {
