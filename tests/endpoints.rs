@@ -1318,9 +1318,10 @@ async fn two_nodes_draining_one_endpoints_backlog_keep_its_limit_together() {
         .wait_until(Duration::from_secs(30), |r| r.len() >= ids.len())
         .await;
     // Five a second together, after each node's first second's worth (its view starts full
-    // until its first report): ~7 s. A bucket per node would take ~3 s (ten a second).
+    // until its first report): ~6–7 s (5.3 s on a loaded CI box, where the first reports are
+    // slow). A bucket per node would take ~3 s (ten a second).
     let spread = got[ids.len() - 1].at - got[0].at;
-    assert!(spread >= Duration::from_millis(5500), "{spread:?}");
+    assert!(spread >= Duration::from_millis(4500), "{spread:?}");
     assert_eq!(got.len(), ids.len(), "none twice");
     const DELIVERED: &str = "triggers_deliveries_total{outcome=\"delivered\"}";
     let (by_a, by_b) = (metric(&a, DELIVERED).await, metric(&b, DELIVERED).await);
