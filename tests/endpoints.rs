@@ -513,7 +513,8 @@ async fn the_circuit_opens_after_consecutive_failures_probes_once_and_closes() {
     // A delivery falling due while the circuit is open waits: no attempt is spent on it.
     let second = post_typed(s.addr, &key, "t").await;
     tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(recv.received().len(), 3, "nothing is sent while open");
+    let got = recv.received();
+    assert_eq!(got.len(), 3, "nothing is sent while open: {}", timeline(&got));
     assert!(recv.for_event(&second).is_empty());
     assert!(
         metric(&s, "triggers_deliveries_waiting{reason=\"circuit_open\"}").await >= 1.0,
@@ -526,10 +527,12 @@ async fn the_circuit_opens_after_consecutive_failures_probes_once_and_closes() {
     let probe_gap = got[3].at - got[2].at;
     assert!(
         (Duration::from_millis(1800)..Duration::from_millis(3500)).contains(&probe_gap),
-        "{probe_gap:?}"
+        "{probe_gap:?}: {}",
+        timeline(&got)
     );
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(recv.received().len(), 4, "one probe at a time");
+    let got = recv.received();
+    assert_eq!(got.len(), 4, "one probe at a time: {}", timeline(&got));
     // The receiver recovers; the next probe succeeds and closes the circuit.
     recv.set_script(|_, _| Answer::status(200));
     let got = recv
@@ -613,7 +616,8 @@ where
 /// Nothing was sent past the three failures while the circuit was open; now the receiver answers
 /// 200 and endpoint `id` is resumed, its circuit closed.
 async fn fix_and_resume(recv: &Receiver, s: &Server, key: &str, id: &str) {
-    assert_eq!(recv.received().len(), 3, "nothing is sent while open");
+    let got = recv.received();
+    assert_eq!(got.len(), 3, "nothing is sent while open: {}", timeline(&got));
     recv.set_script(|_, _| Answer::status(200));
     let r = post_empty(s.addr, key, &format!("/api/endpoints/{id}/resume")).await;
     assert_eq!(r.status, 200);
@@ -805,7 +809,8 @@ async fn a_hand_back_racing_a_resume_elsewhere_is_due_at_once() {
     // waits for the resume's lock.
     let resume = resume_elsewhere(&url, id).await;
     wait_for_a_lock(&client, "the hand-back did not wait for the resume").await;
-    assert_eq!(recv.received().len(), 3, "nothing is sent while open");
+    let got = recv.received();
+    assert_eq!(got.len(), 3, "nothing is sent while open: {}", timeline(&got));
     resume.commit(id).await;
 
     // Sent at once: the old circuit was to close in ~28 s.

@@ -854,6 +854,27 @@ impl Received {
     }
 }
 
+/// The requests as a timeline for a failed assertion: each one's time after the first, the end
+/// of its event id, its attempt number and the answer it got.
+pub fn timeline(got: &[Received]) -> String {
+    let Some(first) = got.first() else {
+        return "no requests".to_string();
+    };
+    got.iter()
+        .map(|r| {
+            let id = r.event_id();
+            format!(
+                "+{}ms {} attempt {} -> {}",
+                (r.at - first.at).as_millis(),
+                &id[id.len().saturating_sub(6)..],
+                r.header("x-delivery-attempt").unwrap_or("?"),
+                r.answered
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
 /// The script: the request and how many earlier requests carried the same event id.
 pub type Script = Arc<dyn Fn(&Received, usize) -> Answer + Send + Sync>;
 
