@@ -291,6 +291,16 @@ class Server:
                 return float(line.rsplit(" ", 1)[1])
         return 0.0
 
+    def histogram(self, name):
+        """A histogram's cumulative bucket counts by upper bound (seconds; inf last)."""
+        text = urllib.request.urlopen(f"http://127.0.0.1:{METRICS_PORT}/metrics").read().decode()
+        buckets = []
+        for line in text.splitlines():
+            if line.startswith(name + "_bucket{"):
+                le = line.split('le="', 1)[1].split('"', 1)[0]
+                buckets.append((float("inf") if le == "+Inf" else float(le), float(line.rsplit(" ", 1)[1])))
+        return buckets
+
     def stop(self):
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
@@ -798,11 +808,34 @@ def scenario(name, db, args, ceiling, binary=SERVER, plan=None):
             receiver.terminate()
 
 
+def quantile_ms(before, after, q):
+    """The q-quantile, in ms, of what a cumulative histogram counted between two reads, interpolated
+    within its bucket as Prometheus' histogram_quantile does (None when it counted nothing)."""
+    counts = [(le, b - a) for (le, b), (_, a) in zip(after, before)] if before else after
+    total = counts[-1][1] if counts else 0
+    if total <= 0:
+        return None
+    rank, low, below = q * total, 0.0, 0.0
+    for le, n in counts:
+        if n >= rank:
+            if le == float("inf"):
+                return low * 1000
+            return (low + (le - low) * (rank - below) / max(n - below, 1e-9)) * 1000
+        low, below = le, n
+    return low * 1000
+
+
+# The group commit's histograms the harness reports: each transaction's time, and how long its
+# oldest event waited for it to begin.
+WRITE_HISTOGRAMS = {"commit": "triggers_write_commit_duration_seconds", "wait": "triggers_write_wait_seconds"}
+
+
 def measure(name, tool, script, rate, conns, duration, server, receiver, keys_file, keys, args, ceiling):
     """One measured phase on a server that is set up and warm: the tool's figures, events committed,
     CPU per event (server and PostgreSQL), and deliveries and lag when a receiver runs."""
     committed0 = server.metric("triggers_events_committed_total")
     commits0 = server.metric("triggers_write_batches_total")
+    writes0 = {k: server.histogram(h) for k, h in WRITE_HISTOGRAMS.items()}
     sampler = Sampler(server, receiver)
     sampler.start()
     waits = PgWaits(server.db) if args.pg_waits else None
@@ -827,6 +860,12 @@ def measure(name, tool, script, rate, conns, duration, server, receiver, keys_fi
         # Group-commit transactions: how many, and how full (what PostgreSQL's cost per event follows).
         r["commits_per_s"] = round(commits / elapsed)
         r["events_per_commit"] = round(committed / commits, 1)
+        for k, h in WRITE_HISTOGRAMS.items():
+            after = server.histogram(h)
+            for q in (0.5, 0.99):
+                v = quantile_ms(writes0[k], after, q)
+                if v is not None:
+                    r[f"{k}_p{round(q * 100)}_ms"] = round(v, 2)
     if name.startswith("ingest-batch"):
         # Requests are batches: the rate that counts is events committed.
         r["requests_per_s"] = r["achieved"]
@@ -1014,6 +1053,11 @@ def print_table(rows, ceiling, extra):
                 statuses += f" | cpu {label}: server {c['server_us_per_event']} us{pg}{box}"
                 if label == "per event" and r.get("events_per_commit"):
                     statuses += f" | {r['commits_per_s']:,} commits/s of {r['events_per_commit']} events"
+                    if r.get("commit_p99_ms") is not None:
+                        # From the server's histograms (buckets 1, 2.5, 5, 10, 25 ms...; interpolated).
+                        statuses += (f" (transaction p50 {r['commit_p50_ms']}, p99 {r['commit_p99_ms']} ms; "
+                                     f"oldest event's wait for it p50 {r.get('wait_p50_ms')}, "
+                                     f"p99 {r.get('wait_p99_ms')} ms)")
                 if label == "per event" and r.get("pg_waits"):
                     # Parts that only idled (the listener, the probe) are left out.
                     statuses += " | postgres backends on average: " + "; ".join(

@@ -514,7 +514,12 @@ async fn the_circuit_opens_after_consecutive_failures_probes_once_and_closes() {
     let second = post_typed(s.addr, &key, "t").await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let got = recv.received();
-    assert_eq!(got.len(), 3, "nothing is sent while open: {}", timeline(&got));
+    assert_eq!(
+        got.len(),
+        3,
+        "nothing is sent while open: {}",
+        timeline(&got)
+    );
     assert!(recv.for_event(&second).is_empty());
     assert!(
         metric(&s, "triggers_deliveries_waiting{reason=\"circuit_open\"}").await >= 1.0,
@@ -617,7 +622,12 @@ where
 /// 200 and endpoint `id` is resumed, its circuit closed.
 async fn fix_and_resume(recv: &Receiver, s: &Server, key: &str, id: &str) {
     let got = recv.received();
-    assert_eq!(got.len(), 3, "nothing is sent while open: {}", timeline(&got));
+    assert_eq!(
+        got.len(),
+        3,
+        "nothing is sent while open: {}",
+        timeline(&got)
+    );
     recv.set_script(|_, _| Answer::status(200));
     let r = post_empty(s.addr, key, &format!("/api/endpoints/{id}/resume")).await;
     assert_eq!(r.status, 200);
@@ -810,7 +820,12 @@ async fn a_hand_back_racing_a_resume_elsewhere_is_due_at_once() {
     let resume = resume_elsewhere(&url, id).await;
     wait_for_a_lock(&client, "the hand-back did not wait for the resume").await;
     let got = recv.received();
-    assert_eq!(got.len(), 3, "nothing is sent while open: {}", timeline(&got));
+    assert_eq!(
+        got.len(),
+        3,
+        "nothing is sent while open: {}",
+        timeline(&got)
+    );
     resume.commit(id).await;
 
     // Sent at once: the old circuit was to close in ~28 s.

@@ -70,6 +70,20 @@ async fn metrics_count_requests_on_both_ports() {
     let text = api.text();
     assert_eq!(metric(&text, "triggers_events_ingested_total "), 3.0);
     assert_eq!(metric(&text, "triggers_events_committed_total "), 3.0);
+    // Each group commit's transaction and its oldest event's wait are timed once.
+    let commits = metric(&text, "triggers_write_batches_total ");
+    assert!((1.0..=3.0).contains(&commits), "{commits}");
+    for h in [
+        "triggers_write_commit_duration_seconds",
+        "triggers_write_wait_seconds",
+    ] {
+        assert_eq!(metric(&text, &format!("{h}_count ")), commits, "{h}");
+        assert_eq!(
+            metric(&text, &format!("{h}_bucket{{le=\"+Inf\"}} ")),
+            commits
+        );
+        assert!(metric(&text, &format!("{h}_sum ")) > 0.0, "{h}");
+    }
     assert_eq!(
         metric(
             &text,

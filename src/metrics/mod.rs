@@ -106,6 +106,10 @@ pub struct Metrics {
     events_dropped: AtomicU64,
     write_batches: AtomicU64,
     write_batch_events: Histogram,
+    /// One group-commit transaction, from its first statement to COMMIT's answer.
+    pub write_commit: Histogram,
+    /// How long a batch's oldest event waited (from its request) before its transaction began.
+    pub write_wait: Histogram,
     /// Deliveries by outcome.
     pub deliveries_ok: AtomicU64,
     /// Failed attempts that will be retried.
@@ -204,6 +208,8 @@ impl Metrics {
             events_dropped: AtomicU64::new(0),
             write_batches: AtomicU64::new(0),
             write_batch_events: Histogram::default(),
+            write_commit: Histogram::default(),
+            write_wait: Histogram::default(),
             deliveries_ok: AtomicU64::new(0),
             deliveries_retry: AtomicU64::new(0),
             deliveries_dead: AtomicU64::new(0),
@@ -307,6 +313,32 @@ impl Metrics {
             "",
             &[&self.write_batch_events],
             1.0,
+        );
+        header(
+            &mut out,
+            "triggers_write_commit_duration_seconds",
+            "One group-commit transaction, from its first statement to COMMIT's answer.",
+            "histogram",
+        );
+        histogram::render(
+            &mut out,
+            "triggers_write_commit_duration_seconds",
+            "",
+            &[&self.write_commit],
+            1e6,
+        );
+        header(
+            &mut out,
+            "triggers_write_wait_seconds",
+            "How long each group-commit transaction's oldest event waited for it to begin.",
+            "histogram",
+        );
+        histogram::render(
+            &mut out,
+            "triggers_write_wait_seconds",
+            "",
+            &[&self.write_wait],
+            1e6,
         );
 
         header(

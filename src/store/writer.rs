@@ -152,6 +152,10 @@ pub async fn run(
                 }
             }
         }
+        if let Some(oldest) = batch.iter().map(|j| j.event.created_at.0).min() {
+            let waited = (Micros::now().0 - oldest).max(0) as u64;
+            ctx.metrics.write_wait.observe_us(waited);
+        }
         turns.writing.fetch_add(1, Ordering::AcqRel);
         let (results, plan) = write_until_settled(&ctx, &mut encoder, &batch).await;
         turns.writing.fetch_sub(1, Ordering::AcqRel);
@@ -329,6 +333,7 @@ async fn write_rows(
         return match tokio::time::timeout_at(deadline, work).await {
             Ok(Ok(results)) => {
                 let took = started.elapsed();
+                ctx.metrics.write_commit.observe_us(took.as_micros() as u64);
                 if took > SLOW_BATCH {
                     tracing::warn!(
                         events = rows.len(),
