@@ -291,12 +291,13 @@ class Server:
                 return float(line.rsplit(" ", 1)[1])
         return 0.0
 
-    def histogram(self, name):
-        """A histogram's cumulative bucket counts by upper bound (seconds; inf last)."""
+    def histogram(self, name, labels=""):
+        """A histogram's cumulative bucket counts by upper bound (seconds; inf last), of the series
+        whose labels start with `labels` (`method="POST",route="/api/events",`)."""
         text = urllib.request.urlopen(f"http://127.0.0.1:{METRICS_PORT}/metrics").read().decode()
         buckets = []
         for line in text.splitlines():
-            if line.startswith(name + "_bucket{"):
+            if line.startswith(name + "_bucket{" + labels):
                 le = line.split('le="', 1)[1].split('"', 1)[0]
                 buckets.append((float("inf") if le == "+Inf" else float(le), float(line.rsplit(" ", 1)[1])))
         return buckets
@@ -827,7 +828,13 @@ def quantile_ms(before, after, q):
 
 # The group commit's histograms the harness reports: each transaction's time, and how long its
 # oldest event waited for it to begin.
-WRITE_HISTOGRAMS = {"commit": "triggers_write_commit_duration_seconds", "wait": "triggers_write_wait_seconds"}
+WRITE_HISTOGRAMS = {"commit": ("triggers_write_commit_duration_seconds", ""),
+                    "wait": ("triggers_write_wait_seconds", ""),
+                    # The server's own time for POST /api/events: from its first bytes read to its
+                    # answer written (what the client's p99 has beyond it is the kernel's, the
+                    # scheduler's and the generator's).
+                    "served": ("triggers_http_request_duration_seconds",
+                               'method="POST",route="/api/events",')}
 
 
 def measure(name, tool, script, rate, conns, duration, server, receiver, keys_file, keys, args, ceiling):
@@ -835,7 +842,7 @@ def measure(name, tool, script, rate, conns, duration, server, receiver, keys_fi
     CPU per event (server and PostgreSQL), and deliveries and lag when a receiver runs."""
     committed0 = server.metric("triggers_events_committed_total")
     commits0 = server.metric("triggers_write_batches_total")
-    writes0 = {k: server.histogram(h) for k, h in WRITE_HISTOGRAMS.items()}
+    writes0 = {k: server.histogram(*h) for k, h in WRITE_HISTOGRAMS.items()}
     sampler = Sampler(server, receiver)
     sampler.start()
     waits = PgWaits(server.db) if args.pg_waits else None
@@ -861,7 +868,7 @@ def measure(name, tool, script, rate, conns, duration, server, receiver, keys_fi
         r["commits_per_s"] = round(commits / elapsed)
         r["events_per_commit"] = round(committed / commits, 1)
         for k, h in WRITE_HISTOGRAMS.items():
-            after = server.histogram(h)
+            after = server.histogram(*h)
             for q in (0.5, 0.99):
                 v = quantile_ms(writes0[k], after, q)
                 if v is not None:
@@ -1058,6 +1065,9 @@ def print_table(rows, ceiling, extra):
                         statuses += (f" (transaction p50 {r['commit_p50_ms']}, p99 {r['commit_p99_ms']} ms; "
                                      f"oldest event's wait for it p50 {r.get('wait_p50_ms')}, "
                                      f"p99 {r.get('wait_p99_ms')} ms)")
+                    if r.get("served_p99_ms") is not None:
+                        statuses += (f" | the server's own time per request p50 {r['served_p50_ms']}, "
+                                     f"p99 {r['served_p99_ms']} ms")
                 if label == "per event" and r.get("pg_waits"):
                     # Parts that only idled (the listener, the probe) are left out.
                     statuses += " | postgres backends on average: " + "; ".join(
