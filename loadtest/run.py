@@ -17,7 +17,8 @@ ingest-max (wrk), ingest-batch (wrk) and ingest-batch-k6 (k6 at a fixed rate of 
 events a request, achieved = events committed/s), mixed, dedup (k6), delivery (k6 at a fixed rate: end-to-end lag), delivery-max (wrk:
 deliveries/s while ingesting), delivery-drain (a restart with a backlog of due deliveries), rate-limited (a backlog
 for endpoints with a rate limit, --rate-limit a second each: deliveries/s against the limits' sum,
-and what each delivery costs while most of them wait), hot-org and many-orgs (wrk), drill, ceiling (COPY only), footprint (binary size,
+and what each delivery costs while most of them wait; --nodes N: N nodes share the backlog and the
+endpoints' buckets), hot-org and many-orgs (wrk), drill, ceiling (COPY only), footprint (binary size,
 cold start, RSS idle and with 10k idle connections), cores (ingest-max per ingress core count),
 disk (delivery-max, then bytes on disk per event and per attempt, and the steady-state bound for a
 rate and a retention), sweep (open loop from 1,000/s doubling to saturation), connections (wrk at 8
@@ -259,20 +260,22 @@ HARNESS_FLAGS = [("--key-ops-per-minute", "1000000"), ("--key-ops-per-minute-nod
 
 
 class Server:
-    def __init__(self, db, cores, extra=(), binary=SERVER):
-        self.log_path = os.path.join(RESULTS, "server.log")
+    def __init__(self, db, cores, extra=(), binary=SERVER, node=0):
+        """`node` > 0: another node on the same database, on ports of its own (PORT + node)."""
+        self.log_path = os.path.join(RESULTS, "server.log" if node == 0 else f"server-{node}.log")
         self.db = db
+        self.metrics_port = METRICS_PORT + node
         known = supported_flags(binary)
         harness = [x for flag, value in HARNESS_FLAGS if flag in known for x in (flag, value)]
-        args = [binary, "serve", "--database-url", db.url, "--listen", f"127.0.0.1:{PORT}",
-                "--metrics-listen", f"127.0.0.1:{METRICS_PORT}", "--log-format", "text",
+        args = [binary, "serve", "--database-url", db.url, "--listen", f"127.0.0.1:{PORT + node}",
+                "--metrics-listen", f"127.0.0.1:{self.metrics_port}", "--log-format", "text",
                 "--log", "warn", "--allow-private-webhooks", *harness, *extra]
         if cores:
             args += ["--ingress-cores", str(cores)]
         self.started = time.monotonic()
         self.proc = subprocess.Popen(args, stdout=open(self.log_path, "w"), stderr=subprocess.STDOUT,
                                      preexec_fn=pinned("server"))
-        self.ready_s = wait_http(f"http://127.0.0.1:{PORT}/health", 60, self.proc) - self.started
+        self.ready_s = wait_http(f"http://127.0.0.1:{PORT + node}/health", 60, self.proc) - self.started
 
     def cpu_s(self):
         return process_cpu_s(self.proc.pid)
@@ -285,7 +288,7 @@ class Server:
         return 0.0
 
     def metric(self, name):
-        text = urllib.request.urlopen(f"http://127.0.0.1:{METRICS_PORT}/metrics").read().decode()
+        text = urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics").read().decode()
         for line in text.splitlines():
             if line.startswith(name + " ") or line.startswith(name + "{"):
                 return float(line.rsplit(" ", 1)[1])
@@ -294,7 +297,7 @@ class Server:
     def histogram(self, name, labels=""):
         """A histogram's cumulative bucket counts by upper bound (seconds; inf last), of the series
         whose labels start with `labels` (`method="POST",route="/api/events",`)."""
-        text = urllib.request.urlopen(f"http://127.0.0.1:{METRICS_PORT}/metrics").read().decode()
+        text = urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics").read().decode()
         buckets = []
         for line in text.splitlines():
             if line.startswith(name + "_bucket{" + labels):
@@ -309,6 +312,28 @@ class Server:
                 self.proc.wait(40)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
+
+
+class Cluster:
+    """Several nodes on one database, measured as one: their CPU, memory and counters summed (the
+    per-thread figures are the first node's)."""
+
+    def __init__(self, servers):
+        self.servers = servers
+        self.db, self.proc, self.started = servers[0].db, servers[0].proc, servers[0].started
+
+    def cpu_s(self):
+        return sum(s.cpu_s() for s in self.servers)
+
+    def rss_mb(self):
+        return sum(s.rss_mb() for s in self.servers)
+
+    def metric(self, name):
+        return sum(s.metric(name) for s in self.servers)
+
+    def stop(self):
+        for s in self.servers:
+            s.stop()
 
 
 def wait_http(url, limit, proc=None):
@@ -555,7 +580,12 @@ def run_limited(db, args, server_args, binary, receiver, keys, duration):
     db.sql(DRAIN_SQL_V2.format(n=backlog))
     db.sql("VACUUM ANALYZE events, deliveries")
     db.sql("CHECKPOINT")
+    # With --nodes, as many nodes share the backlog and every endpoint's one bucket
+    # (`endpoint_budgets`): together they should keep each limit as one node does.
     server = Server(db, args.cores, extra=server_args, binary=binary)
+    if args.nodes > 1:
+        server = Cluster([server] + [Server(db, args.cores, extra=server_args, binary=binary, node=i)
+                                     for i in range(1, args.nodes)])
     delivered = "triggers_deliveries_total{outcome=\"delivered\"}"
     # The buckets start full (a second's worth): measured after that burst.
     time.sleep(min(3.0, duration))
@@ -580,7 +610,8 @@ def run_limited(db, args, server_args, binary, receiver, keys, duration):
         statuses["retry"] = failed
     r = dict(achieved=done / elapsed, p50=None, p90=None, p99=None, max=None, statuses=statuses,
              committed_per_s=0.0, cpu_pct=cpu, rss_mb=rss, deliveries_per_s=done / elapsed, backlog=backlog,
-             offered=f"{n_orgs}x{limit}/s", limits_per_s=n_orgs * limit, limit=limit,
+             offered=f"{n_orgs}x{limit}/s" + (f" {args.nodes} nodes" if args.nodes > 1 else ""),
+             limits_per_s=n_orgs * limit, limit=limit, nodes=args.nodes,
              transactions_per_delivery=round(xacts / max(done, 1), 2), cpu_per_delivery=sampler.per_event_us(done),
              busiest_endpoint_per_s=round(busiest / elapsed, 1))
     return r, server
@@ -1108,6 +1139,8 @@ def main():
                    help="events per request in ingest-batch and ingest-batch-k6 (default 100; 1..1000)")
     p.add_argument("--rate-limit", type=int, default=100,
                    help="rate-limited: each endpoint's rate_limit_per_second (default 100)")
+    p.add_argument("--nodes", type=int, default=1,
+                   help="rate-limited: nodes sharing the database and the endpoints' buckets (default 1)")
     p.add_argument("--smoke", action="store_true", help="a few seconds at low rate: what CI runs")
     p.add_argument("--server-args", default="", help="extra flags for the server")
     p.add_argument("--no-ceiling", action="store_true", help="skip the COPY ceiling measurement")
