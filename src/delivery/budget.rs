@@ -6,7 +6,9 @@
 //! second's worth), the spend taken off (down to minus a minute's worth), and the balance becomes
 //! the node's view. So while several nodes drain one endpoint's backlog, together they send it
 //! its limit, not the limit once per node: beyond it by at most what each node spent and had not
-//! reported yet (a tenth of a second's worth), and a node's first second with an endpoint.
+//! reported yet (a tenth of a second's worth), and a node's first second with an endpoint with the
+//! turns it reserved before its first report (BENCHMARKS.md 2026-12-05: two nodes starting on one
+//! backlog of 100/s endpoints overshoot ~2 s worth, repaid by sending less afterwards).
 //!
 //! When the database can't be reached the reports fail, each node goes on with its own view
 //! (limits per node), and what it spent meanwhile is reported with the next report that passes,
