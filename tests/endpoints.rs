@@ -1297,11 +1297,12 @@ async fn a_rate_limited_endpoint_spreads_its_deliveries_and_fails_none() {
         let e = wait_delivered(s.addr, &key, id, Duration::from_secs(5)).await;
         assert_eq!(e["attempts"], 2, "one attempt per endpoint, none failed");
     }
-    // Each of the (up to) ten beyond the first second waited once, for a turn of its own: none
-    // woke at another's turn to wait again (each such wake was a database read).
+    // Each of the (up to) ten beyond the first second waited at most twice: for the node's first
+    // report (a fresh view of the bucket reserves no turns) and for a turn of its own. None woke
+    // at another's turn to wait again (55 waits; each such wake was a database read).
     let waits = metric(&s, "triggers_delivery_waits_total{reason=\"rate_limited\"}").await;
     assert!(
-        (5.0..=10.0).contains(&waits),
+        (5.0..=20.0).contains(&waits),
         "{waits} waits for the rate limit"
     );
 }
@@ -1343,6 +1344,64 @@ async fn two_nodes_draining_one_endpoints_backlog_keep_its_limit_together() {
     let spread = got[ids.len() - 1].at - got[0].at;
     assert!(spread >= Duration::from_millis(4500), "{spread:?}");
     assert_eq!(got.len(), ids.len(), "none twice");
+    const DELIVERED: &str = "triggers_deliveries_total{outcome=\"delivered\"}";
+    let (by_a, by_b) = (metric(&a, DELIVERED).await, metric(&b, DELIVERED).await);
+    assert!(
+        by_a > 0.0 && by_b > 0.0,
+        "both nodes sent: {by_a} and {by_b}"
+    );
+}
+
+/// Two nodes that start on an endpoint's backlog together send beyond its limit only their first
+/// views' worth: a node reserves no turns until its first report has told it what the other
+/// spent (turns reserved against a full view of its own were each node's to send on top).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_nodes_starting_on_a_backlog_reserve_turns_only_against_the_clusters_bucket() {
+    let recv = Receiver::start(|_, _| Answer::status(200)).await;
+    let url = own_database("triggers_test_endpoint_budget_start").await;
+    // Each node holds at most 10 deliveries: 8 more than its first view's 2 tokens.
+    let args = [PRIVATE, "--delivery-queue-max", "10"];
+    let a = Server::start_with_db(&args, &url);
+    let b = Server::start_with_db(&args, &url);
+    let (key, _) = new_org(a.addr, "pro").await;
+    let body = json!({"url": recv.url("/"), "rate_limit_per_second": 2});
+    let ep = create_endpoint(a.addr, &key, body).await;
+    let path = format!("/api/endpoints/{}", ep["id"].as_str().unwrap());
+    assert_eq!(
+        post_empty(a.addr, &key, &format!("{path}/pause"))
+            .await
+            .status,
+        200
+    );
+    create_events(a.addr, &key, 40, "t").await;
+    assert_eq!(
+        post_empty(a.addr, &key, &format!("{path}/resume"))
+            .await
+            .status,
+        200
+    );
+    let got = recv
+        .wait_until(Duration::from_secs(10), |r| {
+            r.last()
+                .zip(r.first())
+                .is_some_and(|(l, f)| l.at - f.at >= Duration::from_millis(4500))
+        })
+        .await;
+    // Once both nodes have sent their first views' worth (2 each, the second node's within about
+    // a second), the endpoint gets 2 a second: ~6 in the 3 s from 1.5 s on, a few more where a
+    // report was slow. With turns reserved against each node's own view, each node went on at 2 a
+    // second until all 10 it held were sent: ~12.
+    let first = got[0].at;
+    let window = Duration::from_millis(1500)..Duration::from_millis(4500);
+    let steady = got
+        .iter()
+        .filter(|r| window.contains(&(r.at - first)))
+        .count();
+    assert!(
+        (4..=9).contains(&steady),
+        "{steady} from 1.5 s to 4.5 s: {}",
+        timeline(&got)
+    );
     const DELIVERED: &str = "triggers_deliveries_total{outcome=\"delivered\"}";
     let (by_a, by_b) = (metric(&a, DELIVERED).await, metric(&b, DELIVERED).await);
     assert!(

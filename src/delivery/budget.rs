@@ -6,9 +6,10 @@
 //! second's worth), the spend taken off (down to minus a minute's worth), and the balance becomes
 //! the node's view. So while several nodes drain one endpoint's backlog, together they send it
 //! its limit, not the limit once per node: beyond it by at most what each node spent and had not
-//! reported yet (a tenth of a second's worth), and a node's first second with an endpoint with the
-//! turns it reserved before its first report (BENCHMARKS.md 2026-12-05: two nodes starting on one
-//! backlog of 100/s endpoints overshoot ~2 s worth, repaid by sending less afterwards).
+//! reported yet (a tenth of a second's worth), and a node's first second with an endpoint: a
+//! node's first view of a bucket is full, and it reserves no turns until its first report comes
+//! back (turns reserved against a full view of its own, one per delivery it holds, were each
+//! node's to send beyond the limit; BENCHMARKS.md 2026-12-05).
 //!
 //! When the database can't be reached the reports fail, each node goes on with its own view
 //! (limits per node), and what it spent meanwhile is reported with the next report that passes,
@@ -97,7 +98,13 @@ async fn report(shared: &Shared) {
     let now = Micros::now();
     for s in &spends {
         if let Some(&balance) = balances.get(&s.runtime.id) {
-            s.to_bucket(|b| b.adopt(balance, now));
+            let mut first = false;
+            s.to_bucket(|b| first = b.adopt(balance, now));
+            if first {
+                // Deliveries that found the fresh view empty waited without a turn: they take
+                // one now, against the cluster's balance.
+                s.runtime.changed.notify_waiters();
+            }
         }
     }
 }

@@ -17,7 +17,7 @@ use super::model::{
     Verdict,
 };
 use super::owed::still_owed;
-use super::runtime::{Admit, EndpointRuntime};
+use super::runtime::{Admit, EndpointRuntime, Later};
 use super::shared::{Busy, Shared};
 use super::{schedule, worker};
 use crate::config::{HEALTH_SUCCESS_WRITE_EVERY, LEASE_MARGIN};
@@ -186,9 +186,15 @@ async fn step(shared: &Shared, job: &mut Job, runtime: &Arc<EndpointRuntime>) ->
             .as_mut()
             .map_or(Ok(()), |b| b.take(Micros::now())),
     };
-    if let Err(at) = token {
+    if let Err(later) = token {
         drop(slot);
-        job.reserved = true;
+        let at = match later {
+            Later::Reserved(at) => {
+                job.reserved = true;
+                at
+            }
+            Later::Unheard(at) => at,
+        };
         return wait_for(shared, job, runtime, at, Waiting::RateLimited).await;
     }
     let global = match shared.global.try_acquire() {

@@ -9,6 +9,7 @@ use std::time::Duration;
 use tokio::sync::{Notify, Semaphore};
 use uuid::Uuid;
 
+use crate::config::RATE_REPORT_EVERY;
 use crate::flow::answer::Circuit;
 use crate::ids::{Micros, OrgId};
 
@@ -118,16 +119,33 @@ pub struct TokenBucket {
     at: Micros,
     /// Tokens taken or reserved (less those given back) since the last report.
     unreported: i32,
+    /// Whether a report came back since the bucket was set up (or failed: then this node goes by
+    /// its own view). Until then it reserves no turns.
+    heard: bool,
+}
+
+/// When a taker that found no token may go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Later {
+    /// A turn is reserved for it then: it goes without taking another.
+    Reserved(Micros),
+    /// Nothing reserved: the bucket is a fresh view that has not heard from the cluster yet, so
+    /// a turn given now could be one another node has spent. Take again then.
+    Unheard(Micros),
 }
 
 impl TokenBucket {
-    /// A full bucket.
+    /// A full bucket, this node's first view of it: it gives what it holds, and reserves turns
+    /// only once the cluster's balance has come back (`adopt`). Nodes that start together on an
+    /// endpoint's backlog would otherwise each reserve turns for every delivery they hold
+    /// against a full bucket of their own, and together send that many beyond the limit.
     pub fn new(rate: u32, now: Micros) -> TokenBucket {
         TokenBucket {
             rate: rate.max(1),
             tokens: f64::from(rate.max(1)),
             at: now,
             unreported: 0,
+            heard: false,
         }
     }
 
@@ -136,19 +154,23 @@ impl TokenBucket {
         self.rate
     }
 
-    /// Take a token at `now`: `Ok` to go now, or `Err(at)`: a token is reserved for the caller
-    /// at `at`, when it goes without taking another. Those that wait for their turn so wake one
-    /// at a time, each at its own moment, not all at the next token (where all but one would
-    /// wait again). A reservation not used is given back ([`TokenBucket::give_back`]).
-    pub fn take(&mut self, now: Micros) -> Result<(), Micros> {
+    /// Take a token at `now`: `Ok` to go now, or when to go ([`Later`]): usually a token
+    /// reserved for the caller then, when it goes without taking another. Those that wait for
+    /// their turn so wake one at a time, each at its own moment, not all at the next token (where
+    /// all but one would wait again). A reservation not used is given back
+    /// ([`TokenBucket::give_back`]).
+    pub fn take(&mut self, now: Micros) -> Result<(), Later> {
         self.refill(now);
+        if !self.heard && self.tokens < 1.0 {
+            return Err(Later::Unheard(now.plus(RATE_REPORT_EVERY)));
+        }
         self.tokens -= 1.0;
         self.unreported = self.unreported.saturating_add(1);
         if self.tokens >= 0.0 {
             return Ok(());
         }
         let wait_us = (-self.tokens / f64::from(self.rate) * 1e6).ceil() as i64;
-        Err(Micros(now.0 + wait_us.max(1)))
+        Err(Later::Reserved(Micros(now.0 + wait_us.max(1))))
     }
 
     /// Give back a token taken or reserved and not used: the next taker's turn comes sooner.
@@ -169,13 +191,18 @@ impl TokenBucket {
     pub fn unreported_again(&mut self, spent: i32) {
         let most = i32::try_from(self.rate).unwrap_or(i32::MAX);
         self.unreported = self.unreported.saturating_add(spent).min(most);
+        // No balance will come back soon: this node goes by its own view, turns included.
+        self.heard = true;
     }
 
     /// The cluster's balance after the last report, as of `now`: this node's view from here,
     /// less what it spent since that report was taken.
-    pub fn adopt(&mut self, balance: f64, now: Micros) {
+    /// Returns whether it is the first it heard (the takers that found it empty may now reserve
+    /// their turns).
+    pub fn adopt(&mut self, balance: f64, now: Micros) -> bool {
         self.tokens = (balance - f64::from(self.unreported)).min(f64::from(self.rate));
         self.at = self.at.max(now);
+        !std::mem::replace(&mut self.heard, true)
     }
 
     /// What `now` adds since the last look, up to one second's worth.
@@ -327,13 +354,16 @@ mod tests {
 
     #[test]
     fn the_bucket_spends_its_second_then_refills_at_its_rate() {
-        let mut t = TokenBucket::new(5, Micros(0));
+        let mut t = heard(5);
         for _ in 0..5 {
             assert_eq!(t.take(Micros(0)), Ok(()));
         }
-        assert_eq!(t.take(Micros(0)), Err(Micros(200_000)));
+        assert_eq!(t.take(Micros(0)), Err(Later::Reserved(Micros(200_000))));
         // That token is reserved: the next one comes a fifth of a second later.
-        assert_eq!(t.take(Micros(200_000)), Err(Micros(400_000)));
+        assert_eq!(
+            t.take(Micros(200_000)),
+            Err(Later::Reserved(Micros(400_000)))
+        );
         // A long idle spell refills it only to one second's worth.
         let later = Micros(100 * S);
         for _ in 0..5 {
@@ -344,19 +374,24 @@ mod tests {
 
     #[test]
     fn waiting_takers_get_one_turn_each_at_the_rate() {
-        let mut t = TokenBucket::new(10, Micros(0));
+        let mut t = heard(10);
         for _ in 0..10 {
             assert_eq!(t.take(Micros(0)), Ok(()));
         }
         // Five wait: each is told its own turn, a tenth of a second apart.
         let turns: Vec<_> = (0..5).map(|_| t.take(Micros(0)).unwrap_err()).collect();
-        let want: Vec<_> = (1..=5).map(|i| Micros(i * 100_000)).collect();
+        let want: Vec<_> = (1..=5)
+            .map(|i| Later::Reserved(Micros(i * 100_000)))
+            .collect();
         assert_eq!(turns, want);
         // The third gives its turn back: the next taker gets the fifth's turn, not a sixth.
         t.give_back(Micros(50_000));
-        assert_eq!(t.take(Micros(50_000)), Err(Micros(500_000)));
+        assert_eq!(
+            t.take(Micros(50_000)),
+            Err(Later::Reserved(Micros(500_000)))
+        );
         // Giving back never fills the bucket past one second's worth.
-        let mut full = TokenBucket::new(3, Micros(0));
+        let mut full = heard(3);
         full.give_back(Micros(0));
         for _ in 0..3 {
             assert_eq!(full.take(Micros(0)), Ok(()));
@@ -379,7 +414,7 @@ mod tests {
         t.adopt(-2.0, Micros(0));
         assert_eq!(
             t.take(Micros(0)),
-            Err(Micros(400_000)),
+            Err(Later::Reserved(Micros(400_000))),
             "four tenths of a second in debt"
         );
         assert_eq!(t.to_report(), 2);
@@ -396,6 +431,46 @@ mod tests {
             assert_eq!(t.take(Micros(S)), Ok(()));
         }
         assert!(t.take(Micros(S)).is_err());
+    }
+
+    /// A full bucket that has heard from the cluster.
+    fn heard(rate: u32) -> TokenBucket {
+        let mut t = TokenBucket::new(rate, Micros(0));
+        assert!(t.adopt(f64::from(rate), Micros(0)), "the first it heard");
+        assert!(!t.adopt(f64::from(rate), Micros(0)));
+        t
+    }
+
+    #[test]
+    fn a_fresh_view_gives_what_it_holds_and_reserves_turns_only_once_it_has_heard() {
+        let mut t = TokenBucket::new(3, Micros(0));
+        for _ in 0..3 {
+            assert_eq!(t.take(Micros(0)), Ok(()));
+        }
+        // Empty, and the cluster's balance not known: nothing is reserved, look again after
+        // the next report.
+        let again = Later::Unheard(Micros(0).plus(RATE_REPORT_EVERY));
+        assert_eq!(t.take(Micros(0)), Err(again));
+        assert_eq!(t.take(Micros(0)), Err(again));
+        assert_eq!(t.to_report(), 3, "only what was taken is spent");
+        // What refills meanwhile is given.
+        assert_eq!(t.take(Micros(S / 3 + 1)), Ok(()));
+        // The report comes back: another node spent 4 of the cluster's bucket. Turns now.
+        t.adopt(-4.0, Micros(S / 3 + 1));
+        assert_eq!(
+            t.take(Micros(S / 3 + 1)),
+            Err(Later::Reserved(Micros(S / 3 + 1 + 2 * S))),
+            "six in debt, counting the one taken since the report left"
+        );
+        // A report that fails also ends the wait: the node goes by its own view.
+        let mut lone = TokenBucket::new(2, Micros(0));
+        for _ in 0..2 {
+            assert_eq!(lone.take(Micros(0)), Ok(()));
+        }
+        assert!(matches!(lone.take(Micros(0)), Err(Later::Unheard(_))));
+        let spent = lone.to_report();
+        lone.unreported_again(spent);
+        assert_eq!(lone.take(Micros(0)), Err(Later::Reserved(Micros(S / 2))));
     }
 
     #[test]
