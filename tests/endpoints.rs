@@ -1307,34 +1307,37 @@ async fn a_rate_limited_endpoint_spreads_its_deliveries_and_fails_none() {
     );
 }
 
-/// An endpoint's rate limit is the cluster's: two nodes draining its backlog together send it
-/// its limit, not the limit once each.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_nodes_draining_one_endpoints_backlog_keep_its_limit_together() {
+/// Two nodes on database `db`, each holding at most 10 deliveries (so both take part), and a
+/// backlog of `events` deliveries to one endpoint limited to `rate` a second: posted while it is
+/// paused, due on both nodes at once when it resumes. The receiver, the nodes, the events' ids.
+async fn two_nodes_on_a_backlog(
+    db: &str,
+    rate: u32,
+    events: usize,
+) -> (Receiver, Server, Server, Vec<String>) {
     let recv = Receiver::start(|_, _| Answer::status(200)).await;
-    let url = own_database("triggers_test_endpoint_budget").await;
-    // Each node claims at most 10 deliveries at a time: both take part.
+    let url = own_database(db).await;
     let args = [PRIVATE, "--delivery-queue-max", "10"];
     let a = Server::start_with_db(&args, &url);
     let b = Server::start_with_db(&args, &url);
     let (key, _) = new_org(a.addr, "pro").await;
-    let body = json!({"url": recv.url("/"), "rate_limit_per_second": 5});
+    let body = json!({"url": recv.url("/"), "rate_limit_per_second": rate});
     let ep = create_endpoint(a.addr, &key, body).await;
     let path = format!("/api/endpoints/{}", ep["id"].as_str().unwrap());
-    // A backlog: forty events while the endpoint is paused; the resume makes them due on both.
-    assert_eq!(
-        post_empty(a.addr, &key, &format!("{path}/pause"))
-            .await
-            .status,
-        200
-    );
-    let ids = create_events(a.addr, &key, 40, "t").await;
-    assert_eq!(
-        post_empty(a.addr, &key, &format!("{path}/resume"))
-            .await
-            .status,
-        200
-    );
+    let pause = post_empty(a.addr, &key, &format!("{path}/pause")).await;
+    assert_eq!(pause.status, 200);
+    let ids = create_events(a.addr, &key, events, "t").await;
+    let resume = post_empty(a.addr, &key, &format!("{path}/resume")).await;
+    assert_eq!(resume.status, 200);
+    (recv, a, b, ids)
+}
+
+/// An endpoint's rate limit is the cluster's: two nodes draining its backlog together send it
+/// its limit, not the limit once each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_nodes_draining_one_endpoints_backlog_keep_its_limit_together() {
+    // A backlog of forty; the resume makes them due on both nodes.
+    let (recv, a, b, ids) = two_nodes_on_a_backlog("triggers_test_endpoint_budget", 5, 40).await;
     let got = recv
         .wait_until(Duration::from_secs(30), |r| r.len() >= ids.len())
         .await;
@@ -1357,29 +1360,9 @@ async fn two_nodes_draining_one_endpoints_backlog_keep_its_limit_together() {
 /// spent (turns reserved against a full view of its own were each node's to send on top).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_nodes_starting_on_a_backlog_reserve_turns_only_against_the_clusters_bucket() {
-    let recv = Receiver::start(|_, _| Answer::status(200)).await;
-    let url = own_database("triggers_test_endpoint_budget_start").await;
     // Each node holds at most 10 deliveries: 8 more than its first view's 2 tokens.
-    let args = [PRIVATE, "--delivery-queue-max", "10"];
-    let a = Server::start_with_db(&args, &url);
-    let b = Server::start_with_db(&args, &url);
-    let (key, _) = new_org(a.addr, "pro").await;
-    let body = json!({"url": recv.url("/"), "rate_limit_per_second": 2});
-    let ep = create_endpoint(a.addr, &key, body).await;
-    let path = format!("/api/endpoints/{}", ep["id"].as_str().unwrap());
-    assert_eq!(
-        post_empty(a.addr, &key, &format!("{path}/pause"))
-            .await
-            .status,
-        200
-    );
-    create_events(a.addr, &key, 40, "t").await;
-    assert_eq!(
-        post_empty(a.addr, &key, &format!("{path}/resume"))
-            .await
-            .status,
-        200
-    );
+    let (recv, a, b, _) =
+        two_nodes_on_a_backlog("triggers_test_endpoint_budget_start", 2, 40).await;
     let got = recv
         .wait_until(Duration::from_secs(10), |r| {
             r.last()
