@@ -1332,6 +1332,16 @@ async fn two_nodes_on_a_backlog(
     (recv, a, b, ids)
 }
 
+/// Both nodes delivered some of the backlog.
+async fn assert_both_sent(a: &Server, b: &Server) {
+    const DELIVERED: &str = "triggers_deliveries_total{outcome=\"delivered\"}";
+    let (by_a, by_b) = (metric(a, DELIVERED).await, metric(b, DELIVERED).await);
+    assert!(
+        by_a > 0.0 && by_b > 0.0,
+        "both nodes sent: {by_a} and {by_b}"
+    );
+}
+
 /// An endpoint's rate limit is the cluster's: two nodes draining its backlog together send it
 /// its limit, not the limit once each.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1347,12 +1357,7 @@ async fn two_nodes_draining_one_endpoints_backlog_keep_its_limit_together() {
     let spread = got[ids.len() - 1].at - got[0].at;
     assert!(spread >= Duration::from_millis(4500), "{spread:?}");
     assert_eq!(got.len(), ids.len(), "none twice");
-    const DELIVERED: &str = "triggers_deliveries_total{outcome=\"delivered\"}";
-    let (by_a, by_b) = (metric(&a, DELIVERED).await, metric(&b, DELIVERED).await);
-    assert!(
-        by_a > 0.0 && by_b > 0.0,
-        "both nodes sent: {by_a} and {by_b}"
-    );
+    assert_both_sent(&a, &b).await;
 }
 
 /// Two nodes that start on an endpoint's backlog together send beyond its limit only their first
@@ -1385,12 +1390,7 @@ async fn two_nodes_starting_on_a_backlog_reserve_turns_only_against_the_clusters
         "{steady} from 1.5 s to 4.5 s: {}",
         timeline(&got)
     );
-    const DELIVERED: &str = "triggers_deliveries_total{outcome=\"delivered\"}";
-    let (by_a, by_b) = (metric(&a, DELIVERED).await, metric(&b, DELIVERED).await);
-    assert!(
-        by_a > 0.0 && by_b > 0.0,
-        "both nodes sent: {by_a} and {by_b}"
-    );
+    assert_both_sent(&a, &b).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
