@@ -11,6 +11,10 @@
 //! back (turns reserved against a full view of its own, one per delivery it holds, were each
 //! node's to send beyond the limit; BENCHMARKS.md 2026-12-05).
 //!
+//! A node forgets its view of an endpoint's bucket a minute after it last spent from it
+//! ([`super::runtime::BUCKET_FORGET_AFTER`]), so what it keeps and scans here follows the
+//! endpoints it delivers to lately, not every one it ever did.
+//!
 //! When the database can't be reached the reports fail, each node goes on with its own view
 //! (limits per node), and what it spent meanwhile is reported with the next report that passes,
 //! up to one second's worth: an outage of minutes would otherwise leave the bucket a minute in

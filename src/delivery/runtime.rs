@@ -17,6 +17,12 @@ use crate::ids::{Micros, OrgId};
 /// at most: the probe's end wakes it sooner (`changed`).
 pub const PROBE_WAIT: Duration = Duration::from_secs(1);
 
+/// After this long with nothing taken nor reserved, this node forgets its view of an endpoint's
+/// bucket (and the endpoint's runtime, when nothing else keeps it): whatever debt the cluster's
+/// bucket had (a minute's worth at most) is repaid by then, so the fresh view it would start with
+/// (full, reserving nothing until it has heard) holds no more than the cluster's bucket may.
+pub const BUCKET_FORGET_AFTER: Duration = Duration::from_secs(61);
+
 /// A circuit breaker: `threshold` consecutive failures open it for `open_for`; then one attempt
 /// (the probe) goes through; its success closes it, its failure opens it again.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -178,6 +184,12 @@ impl TokenBucket {
         self.refill(now);
         self.tokens = (self.tokens + 1.0).min(f64::from(self.rate));
         self.unreported = self.unreported.saturating_sub(1);
+    }
+
+    /// Whether nothing was taken, reserved or given back for [`BUCKET_FORGET_AFTER`] before
+    /// `now`, and nothing is left to report: the view may be forgotten.
+    pub fn settled(&self, now: Micros) -> bool {
+        self.unreported == 0 && now.0 - self.at.0 >= BUCKET_FORGET_AFTER.as_micros() as i64
     }
 
     /// What was spent since the last report, to report now (counted afresh from here).
@@ -471,6 +483,29 @@ mod tests {
         let spent = lone.to_report();
         lone.unreported_again(spent);
         assert_eq!(lone.take(Micros(0)), Err(Later::Reserved(Micros(S / 2))));
+    }
+
+    #[test]
+    fn a_view_is_settled_a_minute_after_its_last_take_with_nothing_to_report() {
+        let forget = BUCKET_FORGET_AFTER.as_micros() as i64;
+        let mut t = heard(10);
+        assert!(t.take(Micros(S)).is_ok());
+        assert!(
+            !t.settled(Micros(S + forget)),
+            "the take is not reported yet"
+        );
+        assert_eq!(t.to_report(), 1);
+        assert!(!t.settled(Micros(S + forget - 1)));
+        assert!(t.settled(Micros(S + forget)));
+        // A balance adopted (a report: spent, or deliveries held) is a view as of then.
+        t.adopt(10.0, Micros(S + forget));
+        assert!(!t.settled(Micros(S + forget)));
+        assert!(t.settled(Micros(S + 2 * forget)));
+        // A turn given back is left to report.
+        t.give_back(Micros(S + 2 * forget));
+        assert!(!t.settled(Micros(S + 3 * forget)), "left to report");
+        assert_eq!(t.to_report(), -1);
+        assert!(t.settled(Micros(S + 3 * forget)));
     }
 
     #[test]

@@ -438,17 +438,20 @@ impl Shared {
         (ids, at_bound)
     }
 
-    /// Forget what is kept of endpoints with nothing in memory and a healthy circuit; count
-    /// the open circuits.
+    /// Forget what is kept of endpoints with nothing in memory, a healthy circuit and no rate
+    /// limit spent lately ([`TokenBucket::settled`]); count the open circuits.
     pub(super) fn prune_runtimes(&self) {
         let mut open = 0;
+        let now = Micros::now();
         let mut runtimes = self.runtimes.lock().unwrap_or_else(|p| p.into_inner());
         runtimes.retain(|_, r| {
             let g = r.gates();
             if g.breaker.open_until.is_some() {
                 open += 1;
             }
-            r.held() > 0 || g.breaker.failures > 0 || g.bucket.is_some()
+            r.held() > 0
+                || g.breaker.failures > 0
+                || g.bucket.as_ref().is_some_and(|b| !b.settled(now))
         });
         self.metrics.circuits_open.store(open, Ordering::Relaxed);
     }
