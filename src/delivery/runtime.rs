@@ -18,9 +18,10 @@ use crate::ids::{Micros, OrgId};
 pub const PROBE_WAIT: Duration = Duration::from_secs(1);
 
 /// After this long with nothing taken nor reserved, this node forgets its view of an endpoint's
-/// bucket (and the endpoint's runtime, when nothing else keeps it): whatever debt the cluster's
-/// bucket had (a minute's worth at most) is repaid by then, so the fresh view it would start with
-/// (full, reserving nothing until it has heard) holds no more than the cluster's bucket may.
+/// bucket (and the endpoint's runtime, when nothing else keeps it): whatever debt its own spending
+/// left in the cluster's bucket (a minute's worth at most) is repaid by then, and the fresh view
+/// it starts with when it delivers there again (full, reserving nothing until it has heard) goes
+/// beyond the cluster's bucket by no more than any node's first sight of an endpoint does.
 pub const BUCKET_FORGET_AFTER: Duration = Duration::from_secs(61);
 
 /// A circuit breaker: `threshold` consecutive failures open it for `open_for`; then one attempt
