@@ -287,9 +287,11 @@ class Server:
                     return int(line.split()[1]) / 1024
         return 0.0
 
+    def scrape(self):
+        return urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics").read().decode()
+
     def metric(self, name):
-        text = urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics").read().decode()
-        for line in text.splitlines():
+        for line in self.scrape().splitlines():
             if line.startswith(name + " ") or line.startswith(name + "{"):
                 return float(line.rsplit(" ", 1)[1])
         return 0.0
@@ -297,9 +299,8 @@ class Server:
     def histogram(self, name, labels=""):
         """A histogram's cumulative bucket counts by upper bound (seconds; inf last), of the series
         whose labels start with `labels` (`method="POST",route="/api/events",`)."""
-        text = urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics").read().decode()
         buckets = []
-        for line in text.splitlines():
+        for line in self.scrape().splitlines():
             if line.startswith(name + "_bucket{" + labels):
                 le = line.split('le="', 1)[1].split('"', 1)[0]
                 buckets.append((float("inf") if le == "+Inf" else float(le), float(line.rsplit(" ", 1)[1])))

@@ -102,9 +102,7 @@ async fn report(shared: &Shared) {
     let now = Micros::now();
     for s in &spends {
         if let Some(&balance) = balances.get(&s.runtime.id) {
-            let mut first = false;
-            s.to_bucket(|b| first = b.adopt(balance, now));
-            if first {
+            if s.to_bucket(|b| b.adopt(balance, now)) == Some(true) {
                 // Deliveries that found the fresh view empty waited without a turn: they take
                 // one now, against the cluster's balance.
                 s.runtime.changed.notify_waiters();
@@ -115,13 +113,11 @@ async fn report(shared: &Shared) {
 
 impl Spend {
     /// Apply `f` to the endpoint's bucket, unless it was set up afresh for a new rate since the
-    /// report was taken (that one has its own count).
-    fn to_bucket(&self, f: impl FnOnce(&mut TokenBucket)) {
-        if let Some(b) = self.runtime.gates().bucket.as_mut() {
-            if b.rate() == self.rate {
-                f(b);
-            }
-        }
+    /// report was taken (that one has its own count); what `f` returned, if it was applied.
+    fn to_bucket<T>(&self, f: impl FnOnce(&mut TokenBucket) -> T) -> Option<T> {
+        let mut g = self.runtime.gates();
+        let b = g.bucket.as_mut().filter(|b| b.rate() == self.rate)?;
+        Some(f(b))
     }
 }
 
