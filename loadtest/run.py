@@ -590,7 +590,8 @@ def run_limited(db, args, server_args, binary, receiver, keys, duration):
     delivered = "triggers_deliveries_total{outcome=\"delivered\"}"
     # The buckets start full (a second's worth): measured after that burst.
     time.sleep(min(3.0, duration))
-    done0, xacts0 = server.metric(delivered), transactions(db)
+    waits = "triggers_delivery_waits_total{reason=\"rate_limited\"}"
+    done0, xacts0, waits0 = server.metric(delivered), transactions(db), server.metric(waits)
     since = db.sql("SELECT now()")
     receiver.send_signal(signal.SIGUSR1)
     sampler = Sampler(server, receiver)
@@ -599,12 +600,18 @@ def run_limited(db, args, server_args, binary, receiver, keys, duration):
     time.sleep(duration)
     elapsed = time.monotonic() - started
     done, xacts = server.metric(delivered) - done0, transactions(db) - xacts0
+    waited = server.metric(waits) - waits0
     cpu, rss = sampler.finish()
     # The limit kept: the busiest endpoint's attempts in the window (its bucket holds at most
     # one second's worth, so up to one limit more than the rate times the window).
     busiest = int(db.sql(f"SELECT coalesce(max(n), 0) FROM (SELECT count(*) AS n FROM delivery_attempts "
                          f"WHERE at >= '{since}' AND at < '{since}'::timestamptz + interval '{elapsed} s' "
                          f"GROUP BY endpoint_id) c"))
+    # The start kept it too: each endpoint's attempts before the window, against what its bucket
+    # allows from its first attempt on (a second's worth, and the rate since); the busiest.
+    start = float(db.sql(f"SELECT coalesce(max(n / ({limit} * (1 + extract(epoch FROM '{since}'::timestamptz - first)))), 0) "
+                         f"FROM (SELECT count(*) AS n, min(at) AS first FROM delivery_attempts "
+                         f"WHERE at < '{since}' GROUP BY endpoint_id) c"))
     statuses = {"delivered": int(done)}
     failed = int(server.metric("triggers_deliveries_total{outcome=\"retry\"}"))
     if failed:
@@ -614,7 +621,9 @@ def run_limited(db, args, server_args, binary, receiver, keys, duration):
              offered=f"{n_orgs}x{limit}/s" + (f" {args.nodes} nodes" if args.nodes > 1 else ""),
              limits_per_s=n_orgs * limit, limit=limit, nodes=args.nodes,
              transactions_per_delivery=round(xacts / max(done, 1), 2), cpu_per_delivery=sampler.per_event_us(done),
-             busiest_endpoint_per_s=round(busiest / elapsed, 1))
+             waits_per_delivery=round(waited / max(done, 1), 2),
+             busiest_endpoint_per_s=round(busiest / elapsed, 1),
+             start_busiest_pct=round(100 * start, 1))
     return r, server
 
 
@@ -1043,7 +1052,10 @@ def compare(name, db, args, ceiling):
                ("receiver_us", "  of which the webhook receiver", lambda r: cpu(r).get("receiver_us_per_event")),
                ("pg_delivery_us", "  of which delivery", lambda r: part(r, "delivery")),
                ("xacts", "database transactions a delivery", lambda r: r.get("transactions_per_delivery")),
+               ("waits", "waits for a turn a delivery", lambda r: r.get("waits_per_delivery")),
                ("deliveries", "deliveries/s", lambda r: r.get("deliveries_per_s") and round(r["deliveries_per_s"])),
+               ("start_busiest", "start: busiest endpoint, % of what its bucket allows",
+                lambda r: r.get("start_busiest_pct")),
                ("lag_p50", "delivery lag p50 ms", lambda r: (r.get("lag_ms") or {}).get("p50")),
                ("lag_p99", "delivery lag p99 ms", lambda r: (r.get("lag_ms") or {}).get("p99")))
     for key, what, get in figures:
@@ -1073,7 +1085,9 @@ def print_table(rows, ceiling, extra):
         if "limits_per_s" in r:
             statuses += (f" | {100 * r['deliveries_per_s'] / r['limits_per_s']:.1f} % of the limits' sum"
                          f" | busiest endpoint {r['busiest_endpoint_per_s']:,}/s (limit {r['limit']:,})"
-                         f" | {r['transactions_per_delivery']} database transactions a delivery")
+                         f" | at the start {r['start_busiest_pct']} % of what its bucket allows"
+                         f" | {r['transactions_per_delivery']} database transactions and"
+                         f" {r['waits_per_delivery']} waits for a turn a delivery")
         if "lag_ms" in r:
             statuses += f" | delivered {r['deliveries_per_s']:,.0f}/s lag p50 {r['lag_ms']['p50']} p99 {r['lag_ms']['p99']} ms"
         for label, key in (("per event", "cpu_per_event"), ("per delivery", "cpu_per_delivery")):

@@ -1298,7 +1298,7 @@ async fn a_rate_limited_endpoint_spreads_its_deliveries_and_fails_none() {
         assert_eq!(e["attempts"], 2, "one attempt per endpoint, none failed");
     }
     // Each of the (up to) ten beyond the first second waited at most twice: for the node's first
-    // report (a fresh view of the bucket reserves no turns) and for a turn of its own. None woke
+    // report (a fresh view of the bucket is empty until then) and for a turn of its own. None woke
     // at another's turn to wait again (55 waits; each such wake was a database read).
     let waits = metric(&s, "triggers_delivery_waits_total{reason=\"rate_limited\"}").await;
     assert!(
@@ -1351,21 +1351,21 @@ async fn two_nodes_draining_one_endpoints_backlog_keep_its_limit_together() {
     let got = recv
         .wait_until(Duration::from_secs(30), |r| r.len() >= ids.len())
         .await;
-    // Five a second together, after each node's first second's worth (its view starts full
-    // until its first report): ~6–7 s (5.3 s on a loaded CI box, where the first reports are
-    // slow). A bucket per node would take ~3 s (ten a second).
+    // The bucket's 5 at once, then five a second together: ~7 s (5.3 s on a loaded CI box before
+    // migration 0012, when each node's first view was full). A bucket per node would take ~3 s
+    // (ten a second).
     let spread = got[ids.len() - 1].at - got[0].at;
     assert!(spread >= Duration::from_millis(4500), "{spread:?}");
     assert_eq!(got.len(), ids.len(), "none twice");
     assert_both_sent(&a, &b).await;
 }
 
-/// Two nodes that start on an endpoint's backlog together send beyond its limit only their first
-/// views' worth: a node reserves no turns until its first report has told it what the other
-/// spent (turns reserved against a full view of its own were each node's to send on top).
+/// Two nodes that start on an endpoint's backlog together keep its limit: each reserves turns for
+/// the deliveries it holds at its part of the rate, from its part of the cluster's balance (turns
+/// reserved at the whole rate, against a full view of its own, were each node's to send on top).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_nodes_starting_on_a_backlog_reserve_turns_only_against_the_clusters_bucket() {
-    // Each node holds at most 10 deliveries: 8 more than its first view's 2 tokens.
+    // Each node holds at most 10 deliveries: 8 more than the bucket's 2 tokens.
     let (recv, a, b, _) =
         two_nodes_on_a_backlog("triggers_test_endpoint_budget_start", 2, 40).await;
     let got = recv
@@ -1375,10 +1375,10 @@ async fn two_nodes_starting_on_a_backlog_reserve_turns_only_against_the_clusters
                 .is_some_and(|(l, f)| l.at - f.at >= Duration::from_millis(4500))
         })
         .await;
-    // Once both nodes have sent their first views' worth (2 each, the second node's within about
-    // a second), the endpoint gets 2 a second: ~6 in the 3 s from 1.5 s on, a few more where a
-    // report was slow. With turns reserved against each node's own view, each node went on at 2 a
-    // second until all 10 it held were sent: ~12.
+    // The bucket's 2 at once, then 2 a second together (each node 1 a second): ~6 in the 3 s
+    // from 1.5 s on (6 in every run here), a few more where a report was slow. With turns
+    // reserved at the whole rate against each node's own view, each node went on at 2 a second
+    // until all 10 it held were sent: ~12.
     let first = got[0].at;
     let window = Duration::from_millis(1500)..Duration::from_millis(4500);
     let steady = got
@@ -1391,6 +1391,94 @@ async fn two_nodes_starting_on_a_backlog_reserve_turns_only_against_the_clusters
         timeline(&got)
     );
     assert_both_sent(&a, &b).await;
+}
+
+/// Two nodes that come to an endpoint's full bucket at the same moment send it, together, what
+/// the bucket allows: its second's worth at once and then its rate, not a second's worth each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_nodes_coming_to_a_full_bucket_together_share_it() {
+    let (recv, a, b, _) =
+        two_nodes_on_a_backlog("triggers_test_endpoint_budget_share", 5, 40).await;
+    let got = recv
+        .wait_until(Duration::from_secs(10), |r| {
+            r.last()
+                .zip(r.first())
+                .is_some_and(|(l, f)| l.at - f.at >= Duration::from_millis(2500))
+        })
+        .await;
+    // In the first second: the bucket's 5 and a second's refill, 5: 10 at most (9 in every run
+    // here), one more where a node's view refilled before its report told it the other's part.
+    // With a full first view on each node: 5 at once from each, the second node's when it
+    // first held deliveries, on top of the refill (14 in every run here).
+    let first = got[0].at;
+    let early = got
+        .iter()
+        .filter(|r| r.at - first < Duration::from_secs(1))
+        .count();
+    assert!(
+        (5..=11).contains(&early),
+        "{early} in the first second: {}",
+        timeline(&got)
+    );
+    assert_both_sent(&a, &b).await;
+}
+
+/// The cluster's bucket as the budget report hands it out (migration 0012): a node's part of the
+/// rate and of a positive balance is in proportion to what it wants, and its view never holds
+/// what another node was promised; a debt is shared the same way; a node not heard from for a
+/// second no longer counts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_budget_report_gives_each_node_its_part_of_an_endpoints_bucket() {
+    let _s = Server::start(&[]);
+    let client = db().await;
+    let prefix = v7_prefix_now();
+    let (ep, org) = (
+        format!("{prefix}-7000-8000-0000000000e1"),
+        format!("{prefix}-7000-8000-0000000000e2"),
+    );
+    let (a, b) = (
+        "00000000-0000-7000-8000-00000000000a",
+        "00000000-0000-7000-8000-00000000000b",
+    );
+    // Endpoint `ep` at 10 a second: node `node` spent `spent` and holds `wants` deliveries;
+    // its view and its part of the rate.
+    let report = |node: &'static str, spent: i32, wants: i32| {
+        let (client, ep, org) = (&client, &ep, &org);
+        async move {
+            let row = client
+                .query_one(
+                    "SELECT view_tokens, part FROM triggers_endpoint_budget_report(\
+                     $1::text::uuid, ARRAY[$2::text::uuid], ARRAY[$3::text::uuid], \
+                     ARRAY[10], ARRAY[$4::int4], ARRAY[$5::int4])",
+                    &[&node, ep, org, &spent, &wants],
+                )
+                .await
+                .unwrap();
+            (row.get::<_, f64>(0), row.get::<_, f64>(1))
+        }
+    };
+    // (Each step a few ms after the last; up to 150 ms refills 1.5 tokens.)
+    assert_eq!(report(a, 0, 40).await, (10.0, 10.0), "alone: all of it");
+    let (view, part) = report(b, 0, 40).await;
+    assert_eq!(part, 5.0, "both want a second's worth or more: half each");
+    assert!(
+        view < 1.5,
+        "{view}: all of it was promised to the first node"
+    );
+    let (view, part) = report(a, 10, 40).await;
+    assert_eq!(part, 5.0);
+    assert!((0.0..1.5).contains(&view), "{view}: spent");
+    let (view, part) = report(b, 6, 40).await;
+    assert_eq!(part, 5.0);
+    assert!((-3.0..=-1.5).contains(&view), "{view}: half of a debt of 6");
+    let (view, part) = report(b, 0, 2).await;
+    assert!((part - 10.0 / 6.0).abs() < 1e-9, "{part}: it wants 2 of 12");
+    assert!((-1.0..=-0.2).contains(&view), "{view}: a sixth of the debt");
+    // A second later the second node is no longer counted: the first one's view is all of it.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let (view, part) = report(a, 0, 40).await;
+    assert_eq!(part, 10.0);
+    assert!((4.5..=10.0).contains(&view), "{view}: -6 and 1.1 s at 10");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

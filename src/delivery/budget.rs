@@ -1,24 +1,30 @@
 //! Cluster-wide endpoint rate limits: one token bucket per rate-limited endpoint in
 //! `endpoint_budgets`, shared by every node (as `rate_budgets` is for organizations). A node
-//! spends from its own view of the bucket ([`TokenBucket`]: a turn taken or reserved is spent)
-//! and, every `RATE_REPORT_EVERY`, reports in one statement what each endpoint spent since the
-//! last report; each bucket is refilled for the time since it was last touched (capped at one
-//! second's worth), the spend taken off (down to minus a minute's worth), and the balance becomes
-//! the node's view. So while several nodes drain one endpoint's backlog, together they send it
-//! its limit, not the limit once per node: beyond it by at most what each node spent and had not
-//! reported yet (a tenth of a second's worth), and a node's first second with an endpoint: a
-//! node's first view of a bucket is full, and it reserves no turns until its first report comes
-//! back (turns reserved against a full view of its own, one per delivery it holds, were each
-//! node's to send beyond the limit; BENCHMARKS.md 2026-12-05).
+//! spends from its own view of the bucket ([`TokenBucket`]) and, every `RATE_REPORT_EVERY`,
+//! reports in one statement what each endpoint spent since the last report and how many of its
+//! deliveries it holds (`triggers_endpoint_budget_report`, migration 0012): each bucket is
+//! refilled for the time since it was last touched (capped at one second's worth) and the spend
+//! taken off (down to minus a minute's worth). What comes back is the node's part: the bucket
+//! names the nodes that reported it within the last second, and shares its rate among them in
+//! proportion to the deliveries each holds (up to a second's worth each). A node's view is at
+//! most its part of a positive balance, and never what another node was promised and may still
+//! spend; a debt is shared in the same proportion. The view refills at the node's part, and the
+//! turns the node reserves for deliveries that wait are paced at it (reported when used, not
+//! when reserved: one node's plan does not hold another back). So several nodes draining one
+//! endpoint's backlog send it its limit together, from the first second on: a node's first view
+//! is empty, and its first report is made at once when a delivery finds it so (one round trip,
+//! not a wait for the next report). When a node's part changes much (a node came or went), the
+//! turns it reserved at the old part are given back and taken anew at the new one.
 //!
 //! A node forgets its view of an endpoint's bucket a minute after it last spent from it
 //! ([`super::runtime::BUCKET_FORGET_AFTER`]), so what it keeps and scans here follows the
 //! endpoints it delivers to lately, not every one it ever did.
 //!
-//! When the database can't be reached the reports fail, each node goes on with its own view
-//! (limits per node), and what it spent meanwhile is reported with the next report that passes,
-//! up to one second's worth: an outage of minutes would otherwise leave the bucket a minute in
-//! debt, and every node would hold the endpoint's deliveries back for that minute.
+//! When the database can't be reached the reports fail, each node goes on with its own view (its
+//! part of the rate as last heard, all of it if it never heard), and what it spent meanwhile is
+//! reported with the next report that passes, up to one second's worth: an outage of minutes
+//! would otherwise leave the bucket a minute in debt, and every node would hold the endpoint's
+//! deliveries back for that minute.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -32,30 +38,22 @@ use crate::config::RATE_REPORT_EVERY;
 use crate::db::describe;
 use crate::ids::Micros;
 
-/// Rows in endpoint order, so two nodes reporting the same endpoints lock them in the same order
-/// and never deadlock. A new row starts full less the spend (more than full only when the spend
-/// is negative, turns given back: the next report, and every node's view, caps it).
-const REPORT_SQL: &str = "\
-    INSERT INTO endpoint_budgets AS b (endpoint_id, org_id, rate, tokens, updated_at) \
-    SELECT t.ep, t.org, t.rate, t.rate - t.spent, clock_timestamp() \
-    FROM unnest($1::uuid[], $2::uuid[], $3::int4[], $4::int4[]) AS t(ep, org, rate, spent) \
-    ORDER BY t.ep \
-    ON CONFLICT (endpoint_id, org_id) DO UPDATE SET \
-        tokens = least(EXCLUDED.rate::float8, greatest(-60.0 * EXCLUDED.rate, \
-                     least(EXCLUDED.rate::float8, \
-                           b.tokens + greatest(0, extract(epoch FROM EXCLUDED.updated_at - b.updated_at)) \
-                                      * EXCLUDED.rate) \
-                     - (EXCLUDED.rate - EXCLUDED.tokens))), \
-        rate = EXCLUDED.rate, \
-        updated_at = EXCLUDED.updated_at \
-    RETURNING endpoint_id, tokens";
+/// The report (migration 0012 has the function): the node's view and its part of the rate for
+/// each endpoint.
+const REPORT_SQL: &str = "SELECT ep, view_tokens, part \
+    FROM triggers_endpoint_budget_report($1, $2::uuid[], $3::uuid[], $4::int4[], $5::int4[], \
+                                         $6::int4[])";
 
-/// Report every `RATE_REPORT_EVERY` until the pool stops (the task is aborted then).
+/// Report every `RATE_REPORT_EVERY`, and at once when a delivery found a fresh view, until the
+/// pool stops (the task is aborted then).
 pub(super) async fn budget_loop(shared: Arc<Shared>) {
     let mut tick = tokio::time::interval(RATE_REPORT_EVERY);
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     loop {
-        tick.tick().await;
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shared.report_now.notified() => {}
+        }
         report(&shared).await;
     }
 }
@@ -65,10 +63,13 @@ struct Spend {
     runtime: Arc<EndpointRuntime>,
     rate: u32,
     spent: i32,
+    /// The deliveries to it this node holds: what it wants to send.
+    wants: i32,
 }
 
 /// Report what the rate-limited endpoints spent (and, with a spend of 0, ask the balance of
-/// those with deliveries in memory, which may go soon), and adopt the balances.
+/// those with deliveries in memory, which may go soon, and of fresh views), and adopt the
+/// node's parts.
 async fn report(shared: &Shared) {
     let spends: Vec<Spend> = {
         let runtimes = shared.runtimes.lock().unwrap_or_else(|p| p.into_inner());
@@ -78,10 +79,11 @@ async fn report(shared: &Shared) {
                 let mut g = r.gates();
                 let b = g.bucket.as_mut()?;
                 let spent = b.to_report();
-                (spent != 0 || r.held() > 0).then(|| Spend {
+                (spent != 0 || r.held() > 0 || !b.heard()).then(|| Spend {
                     runtime: Arc::clone(r),
                     rate: b.rate(),
                     spent,
+                    wants: i32::try_from(r.held()).unwrap_or(i32::MAX),
                 })
             })
             .collect()
@@ -101,10 +103,11 @@ async fn report(shared: &Shared) {
     };
     let now = Micros::now();
     for s in &spends {
-        if let Some(&balance) = balances.get(&s.runtime.id) {
-            if s.to_bucket(|b| b.adopt(balance, now)) == Some(true) {
+        if let Some(&(view, part)) = balances.get(&s.runtime.id) {
+            if s.to_bucket(|b| b.adopt(view, part, now)) == Some(true) {
                 // Deliveries that found the fresh view empty waited without a turn: they take
-                // one now, against the cluster's balance.
+                // one now, from this node's part of the cluster's balance. Those that held a turn
+                // paced at another part of the rate (a node came or went) take one anew.
                 s.runtime.changed.notify_waiters();
             }
         }
@@ -121,7 +124,8 @@ impl Spend {
     }
 }
 
-async fn write(shared: &Shared, spends: &[Spend]) -> Result<HashMap<Uuid, f64>, String> {
+/// Each endpoint's view for this node, and its part of the rate.
+async fn write(shared: &Shared, spends: &[Spend]) -> Result<HashMap<Uuid, (f64, f64)>, String> {
     let ids: Vec<Uuid> = spends.iter().map(|s| s.runtime.id).collect();
     let orgs: Vec<Uuid> = spends.iter().map(|s| s.runtime.org.0).collect();
     let rates: Vec<i32> = spends
@@ -129,14 +133,18 @@ async fn write(shared: &Shared, spends: &[Spend]) -> Result<HashMap<Uuid, f64>, 
         .map(|s| i32::try_from(s.rate).unwrap_or(i32::MAX))
         .collect();
     let spent: Vec<i32> = spends.iter().map(|s| s.spent).collect();
+    let wants: Vec<i32> = spends.iter().map(|s| s.wants).collect();
     let client = shared.pool.get().await.map_err(|e| e.to_string())?;
     let stmt = client
         .prepare_cached(REPORT_SQL)
         .await
         .map_err(|e| describe(&e))?;
     let rows = client
-        .query(&stmt, &[&ids, &orgs, &rates, &spent])
+        .query(&stmt, &[&shared.node, &ids, &orgs, &rates, &spent, &wants])
         .await
         .map_err(|e| describe(&e))?;
-    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+    Ok(rows
+        .iter()
+        .map(|r| (r.get(0), (r.get(1), r.get(2))))
+        .collect())
 }

@@ -384,7 +384,7 @@ async fn claim(
             lease,
             due: now,
             waited: false,
-            reserved: false,
+            reserved: None,
         };
         let runtime = shared.runtime(job.org, job.endpoint);
         shared.reserve(&runtime, None, job.payload.len(), true);

@@ -177,23 +177,26 @@ async fn step(shared: &Shared, job: &mut Job, runtime: &Arc<EndpointRuntime>) ->
             slot
         }
     };
-    // A delivery back from its turn's wait goes on the token it reserved.
-    let token = match std::mem::take(&mut job.reserved) {
-        true => Ok(()),
-        false => runtime
-            .gates()
-            .bucket
-            .as_mut()
-            .map_or(Ok(()), |b| b.take(Micros::now())),
-    };
+    // A delivery back from its turn's wait goes on the turn it reserved (unless it is void).
+    let turn = std::mem::take(&mut job.reserved);
+    let token = runtime.gates().bucket.as_mut().map_or(Ok(()), |b| {
+        let now = Micros::now();
+        match turn {
+            Some(book) => b.use_turn(book, now),
+            None => b.take(now),
+        }
+    });
     if let Err(later) = token {
         drop(slot);
         let at = match later {
-            Later::Reserved(at) => {
-                job.reserved = true;
+            Later::Reserved(at, book) => {
+                job.reserved = Some(book);
                 at
             }
-            Later::Unheard(at) => at,
+            Later::Unheard(at) => {
+                shared.report_now.notify_one();
+                at
+            }
         };
         return wait_for(shared, job, runtime, at, Waiting::RateLimited).await;
     }
@@ -307,11 +310,11 @@ fn probe_over(runtime: &EndpointRuntime, probe: bool) {
     }
 }
 
-/// Give back the token the job reserved, if it holds one.
+/// Give back the turn the job reserved, if it holds one.
 fn unreserve(job: &mut Job, runtime: &EndpointRuntime) {
-    if std::mem::take(&mut job.reserved) {
+    if let Some(book) = std::mem::take(&mut job.reserved) {
         if let Some(b) = runtime.gates().bucket.as_mut() {
-            b.give_back(Micros::now());
+            b.give_back_turn(book, Micros::now());
         }
     }
 }

@@ -152,9 +152,9 @@ pub struct Job {
     /// It waited in memory (for its retry's time, a circuit, a rate limit) since it last
     /// looked whether it is still owed: an ack tells no node, so it looks before it goes on.
     pub waited: bool,
-    /// It waits for a token of its endpoint's rate limit reserved for it: it goes then without
-    /// taking another, or gives it back if it does not go.
-    pub reserved: bool,
+    /// It waits for a turn of its endpoint's rate limit reserved for it (in this book of the
+    /// bucket's): it goes then without taking another, or gives it back if it does not go.
+    pub reserved: Option<u64>,
 }
 
 impl Job {
@@ -174,7 +174,7 @@ impl Job {
             lease: Lease::Row { held: Micros(0) },
             due: Micros(0),
             waited: false,
-            reserved: false,
+            reserved: None,
         }
     }
 }

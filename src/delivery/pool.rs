@@ -74,6 +74,8 @@ impl Delivery {
             recorder: recorder_tx,
             looks: looks_tx,
             wake: Notify::new(),
+            node: new_v7(Micros::now()),
+            report_now: Notify::new(),
             claim_waits: AtomicU8::new(Room::NotWaiting as u8),
             stopping: AtomicBool::new(false),
             stop: Notify::new(),
@@ -254,7 +256,7 @@ impl DeliverySink for DeliveryHandle {
                     lease: Lease::Batch(Arc::clone(&batch)),
                     due: now,
                     waited: false,
-                    reserved: false,
+                    reserved: None,
                 };
                 let runtime = shared.runtime(job.org, endpoint);
                 shared

@@ -2,7 +2,7 @@
 //! deliveries it holds, its circuit breaker and its rate limiter. The breaker and the limiter are
 //! plain values (times passed in) so their rules are tested without clocks.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -116,81 +116,141 @@ impl Breaker {
     }
 }
 
-/// A token bucket of `rate` tokens per second holding at most `rate` (one second's worth): this
-/// node's view of its endpoint's bucket in the cluster (`endpoint_budgets`), to which it reports
-/// what it spent and whose balance it adopts (`delivery::budget`).
+/// This node's view of its endpoint's token bucket in the cluster (`endpoint_budgets`): the
+/// bucket holds at most `rate` tokens (one second's worth) and refills at `rate` a second; this
+/// node holds and refills at its part of that (`part`, as the last report said), reports what it
+/// spent and adopts the view the report gives back (`delivery::budget`).
+///
+/// A taker that finds no token reserves a turn at this node's pace: the turns reserved are this
+/// node's plan for its part of the rate, counted against its view but reported only when used
+/// (or given back unused), so a node's plan never holds another node back.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TokenBucket {
     rate: u32,
+    /// This node's part of the rate, tokens a second: what its view refills, and holds at most.
+    part: f64,
+    /// Tokens in the view, less the turns reserved (negative: the reserved turns to come).
     tokens: f64,
     at: Micros,
-    /// Tokens taken or reserved (less those given back) since the last report.
+    /// Tokens taken and turns used (less those given back) since the last report.
     unreported: i32,
     /// Whether a report came back since the bucket was set up (or failed: then this node goes by
-    /// its own view). Until then it reserves no turns.
+    /// its own view). Until then the view is empty and refills nothing.
     heard: bool,
+    /// Turns reserved and not used or given back yet.
+    reserved: u32,
+    /// The book those turns are in: a new one when they are all given back at once (this node's
+    /// part changed, so they were paced wrong), or for a new bucket. A turn of another book is
+    /// void: its taker takes again.
+    book: u64,
 }
+
+/// Books of reserved turns, never the same number twice in a process (so no turn of a bucket
+/// replaced for a new rate passes for one of its successor's).
+static BOOKS: AtomicU64 = AtomicU64::new(0);
+
+fn new_book() -> u64 {
+    BOOKS.fetch_add(1, Ordering::Relaxed)
+}
+
+/// A part of the rate that changes by more than this factor (either way) re-paces the turns
+/// reserved; smaller changes (the deliveries each node holds move all the time) leave them.
+const REPACE_AT: f64 = 1.25;
 
 /// When a taker that found no token may go.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Later {
-    /// A turn is reserved for it then: it goes without taking another.
-    Reserved(Micros),
-    /// Nothing reserved: the bucket is a fresh view that has not heard from the cluster yet, so
-    /// a turn given now could be one another node has spent. Take again then.
+    /// A turn is reserved for it then, in the given book: it goes without taking another
+    /// ([`TokenBucket::use_turn`]), unless the book was closed meanwhile.
+    Reserved(Micros, u64),
+    /// Nothing reserved: the bucket is a fresh view that has not heard from the cluster yet
+    /// (the node's first report on it is asked for at once). Take again then, or when the
+    /// report comes back.
     Unheard(Micros),
 }
 
 impl TokenBucket {
-    /// A full bucket, this node's first view of it: it gives what it holds, and reserves turns
-    /// only once the cluster's balance has come back (`adopt`). Nodes that start together on an
-    /// endpoint's backlog would otherwise each reserve turns for every delivery they hold
-    /// against a full bucket of their own, and together send that many beyond the limit.
+    /// This node's first view of the bucket: empty until the cluster's balance comes back
+    /// (`adopt`) with this node's part of it. A view that started full let every node that came
+    /// to the endpoint at the same moment send a second's worth: the limit once per node.
     pub fn new(rate: u32, now: Micros) -> TokenBucket {
+        let rate = rate.max(1);
         TokenBucket {
-            rate: rate.max(1),
-            tokens: f64::from(rate.max(1)),
+            rate,
+            part: f64::from(rate),
+            tokens: 0.0,
             at: now,
             unreported: 0,
             heard: false,
+            reserved: 0,
+            book: new_book(),
         }
     }
 
-    /// Its rate.
+    /// Its rate (the whole cluster's).
     pub fn rate(&self) -> u32 {
         self.rate
     }
 
-    /// Take a token at `now`: `Ok` to go now, or when to go ([`Later`]): usually a token
+    /// Whether the cluster's balance came back (or a report failed) since it was set up.
+    pub fn heard(&self) -> bool {
+        self.heard
+    }
+
+    /// Take a token at `now`: `Ok` to go now, or when to go ([`Later`]): usually a turn
     /// reserved for the caller then, when it goes without taking another. Those that wait for
     /// their turn so wake one at a time, each at its own moment, not all at the next token (where
-    /// all but one would wait again). A reservation not used is given back
-    /// ([`TokenBucket::give_back`]).
+    /// all but one would wait again). A turn not used is given back
+    /// ([`TokenBucket::give_back_turn`]).
     pub fn take(&mut self, now: Micros) -> Result<(), Later> {
         self.refill(now);
-        if !self.heard && self.tokens < 1.0 {
+        if !self.heard {
             return Err(Later::Unheard(now.plus(RATE_REPORT_EVERY)));
         }
         self.tokens -= 1.0;
-        self.unreported = self.unreported.saturating_add(1);
         if self.tokens >= 0.0 {
+            self.unreported = self.unreported.saturating_add(1);
             return Ok(());
         }
-        let wait_us = (-self.tokens / f64::from(self.rate) * 1e6).ceil() as i64;
-        Err(Later::Reserved(Micros(now.0 + wait_us.max(1))))
+        self.reserved += 1;
+        let wait_us = (-self.tokens / self.part * 1e6).ceil() as i64;
+        Err(Later::Reserved(Micros(now.0 + wait_us.max(1)), self.book))
     }
 
-    /// Give back a token taken or reserved and not used: the next taker's turn comes sooner.
+    /// The turn reserved in `book` has come: `Ok` to go on it, or what a fresh take says when
+    /// the turn is void (all turns were given back since, or the bucket is a new one).
+    pub fn use_turn(&mut self, book: u64, now: Micros) -> Result<(), Later> {
+        if book != self.book {
+            return self.take(now);
+        }
+        self.reserved = self.reserved.saturating_sub(1);
+        self.unreported = self.unreported.saturating_add(1);
+        Ok(())
+    }
+
+    /// Give back a turn reserved in `book` and not used (nothing when it is void: it was given
+    /// back with its book): the next taker's turn comes sooner.
+    pub fn give_back_turn(&mut self, book: u64, now: Micros) {
+        if book == self.book {
+            self.refill(now);
+            self.reserved = self.reserved.saturating_sub(1);
+            self.tokens = (self.tokens + 1.0).min(self.part);
+        }
+    }
+
+    /// Give back a token taken (or a turn used) and not sent after all.
     pub fn give_back(&mut self, now: Micros) {
         self.refill(now);
-        self.tokens = (self.tokens + 1.0).min(f64::from(self.rate));
+        self.tokens = (self.tokens + 1.0).min(self.part);
         self.unreported = self.unreported.saturating_sub(1);
     }
 
     /// Whether nothing was taken, reserved or given back for [`BUCKET_FORGET_AFTER`] before
-    /// `now`, and nothing is left to report: the view may be forgotten.
+    /// `now`, and nothing is left to report or to use: the view may be forgotten.
     pub fn settled(&self, now: Micros) -> bool {
-        self.unreported == 0 && now.0 - self.at.0 >= BUCKET_FORGET_AFTER.as_micros() as i64
+        self.unreported == 0
+            && self.reserved == 0
+            && now.0 - self.at.0 >= BUCKET_FORGET_AFTER.as_micros() as i64
     }
 
     /// What was spent since the last report, to report now (counted afresh from here).
@@ -204,24 +264,41 @@ impl TokenBucket {
     pub fn unreported_again(&mut self, spent: i32) {
         let most = i32::try_from(self.rate).unwrap_or(i32::MAX);
         self.unreported = self.unreported.saturating_add(spent).min(most);
-        // No balance will come back soon: this node goes by its own view, turns included.
+        // No balance will come back soon: this node goes by its own view (its part of the rate
+        // as last heard; all of it if it never heard), turns included.
         self.heard = true;
     }
 
-    /// The cluster's balance after the last report, as of `now`: this node's view from here,
-    /// less what it spent since that report was taken.
-    /// Returns whether it is the first it heard (the takers that found it empty may now reserve
-    /// their turns).
-    pub fn adopt(&mut self, balance: f64, now: Micros) -> bool {
-        self.tokens = (balance - f64::from(self.unreported)).min(f64::from(self.rate));
+    /// This node's view as the last report gave it (`view`: its part of the cluster's balance;
+    /// `part`: its part of the rate), as of `now`, less what it spent since that report was
+    /// taken and the turns it has reserved. Returns whether the takers waiting should take
+    /// again: it is the first it heard (those that found it empty hold no turn), or the part
+    /// changed by more than [`REPACE_AT`] with turns reserved: they were paced at the old part
+    /// (too fast when another node has come, too slow when it has gone), so they are all given
+    /// back at once (one by one, each taker would give back its own turn and take the same
+    /// one again) and their takers take anew.
+    pub fn adopt(&mut self, view: f64, part: f64, now: Micros) -> bool {
+        let part = part.max(1e-3);
+        let old = std::mem::replace(&mut self.part, part);
+        self.tokens = (view - f64::from(self.unreported) - f64::from(self.reserved)).min(self.part);
         self.at = self.at.max(now);
-        !std::mem::replace(&mut self.heard, true)
+        let repace = self.reserved > 0 && (part > old * REPACE_AT || part * REPACE_AT < old);
+        if repace {
+            let turns = std::mem::take(&mut self.reserved);
+            self.tokens = (self.tokens + f64::from(turns)).min(self.part);
+            self.book = new_book();
+        }
+        let first = !std::mem::replace(&mut self.heard, true);
+        first || repace
     }
 
-    /// What `now` adds since the last look, up to one second's worth.
+    /// What `now` adds since the last look, up to this node's part of one second's worth; a
+    /// view that has not heard from the cluster gains nothing.
     fn refill(&mut self, now: Micros) {
-        let elapsed = (now.0 - self.at.0).max(0) as f64 / 1e6;
-        self.tokens = (self.tokens + elapsed * f64::from(self.rate)).min(f64::from(self.rate));
+        if self.heard {
+            let elapsed = (now.0 - self.at.0).max(0) as f64 / 1e6;
+            self.tokens = (self.tokens + elapsed * self.part).min(self.part);
+        }
         self.at = self.at.max(now);
     }
 }
@@ -309,6 +386,14 @@ mod tests {
 
     const S: i64 = 1_000_000;
 
+    /// When the turn reserved is, if one was.
+    fn turn(taken: Result<(), Later>) -> Option<Micros> {
+        match taken {
+            Err(Later::Reserved(at, _)) => Some(at),
+            _ => None,
+        }
+    }
+
     #[test]
     fn the_breaker_opens_after_the_threshold_and_probes_once() {
         let mut b = Breaker::default();
@@ -371,12 +456,16 @@ mod tests {
         for _ in 0..5 {
             assert_eq!(t.take(Micros(0)), Ok(()));
         }
-        assert_eq!(t.take(Micros(0)), Err(Later::Reserved(Micros(200_000))));
-        // That token is reserved: the next one comes a fifth of a second later.
-        assert_eq!(
-            t.take(Micros(200_000)),
-            Err(Later::Reserved(Micros(400_000)))
-        );
+        let reserved = t.take(Micros(0));
+        assert_eq!(turn(reserved), Some(Micros(200_000)));
+        // That token is reserved: the next one comes a fifth of a second later, and its taker
+        // goes on it then without taking another.
+        assert_eq!(turn(t.take(Micros(200_000))), Some(Micros(400_000)));
+        let Err(Later::Reserved(at, book)) = reserved else {
+            unreachable!()
+        };
+        assert_eq!(t.use_turn(book, at), Ok(()));
+        assert_eq!(turn(t.take(at)), Some(Micros(600_000)));
         // A long idle spell refills it only to one second's worth.
         let later = Micros(100 * S);
         for _ in 0..5 {
@@ -392,17 +481,16 @@ mod tests {
             assert_eq!(t.take(Micros(0)), Ok(()));
         }
         // Five wait: each is told its own turn, a tenth of a second apart.
-        let turns: Vec<_> = (0..5).map(|_| t.take(Micros(0)).unwrap_err()).collect();
-        let want: Vec<_> = (1..=5)
-            .map(|i| Later::Reserved(Micros(i * 100_000)))
-            .collect();
+        let taken: Vec<_> = (0..5).map(|_| t.take(Micros(0))).collect();
+        let turns: Vec<_> = taken.iter().map(|&r| turn(r)).collect();
+        let want: Vec<_> = (1..=5).map(|i| Some(Micros(i * 100_000))).collect();
         assert_eq!(turns, want);
         // The third gives its turn back: the next taker gets the fifth's turn, not a sixth.
-        t.give_back(Micros(50_000));
-        assert_eq!(
-            t.take(Micros(50_000)),
-            Err(Later::Reserved(Micros(500_000)))
-        );
+        let Err(Later::Reserved(_, book)) = taken[2] else {
+            unreachable!()
+        };
+        t.give_back_turn(book, Micros(50_000));
+        assert_eq!(turn(t.take(Micros(50_000))), Some(Micros(500_000)));
         // Giving back never fills the bucket past one second's worth.
         let mut full = heard(3);
         full.give_back(Micros(0));
@@ -414,7 +502,7 @@ mod tests {
 
     #[test]
     fn the_bucket_reports_its_spend_and_adopts_the_clusters_balance() {
-        let mut t = TokenBucket::new(10, Micros(0));
+        let mut t = heard(10);
         for _ in 0..4 {
             assert_eq!(t.take(Micros(0)), Ok(()));
         }
@@ -424,13 +512,17 @@ mod tests {
         // Another node spent 9 meanwhile: the balance comes back at -2; one more was taken here
         // since the report left.
         assert!(t.take(Micros(0)).is_ok());
-        t.adopt(-2.0, Micros(0));
+        t.adopt(-2.0, 10.0, Micros(0));
         assert_eq!(
-            t.take(Micros(0)),
-            Err(Later::Reserved(Micros(400_000))),
+            turn(t.take(Micros(0))),
+            Some(Micros(400_000)),
             "four tenths of a second in debt"
         );
-        assert_eq!(t.to_report(), 2);
+        assert_eq!(
+            t.to_report(),
+            1,
+            "a turn reserved is reported when it is used"
+        );
         // A report that failed is sent again with the next one, up to one second's worth.
         t.unreported_again(2);
         assert_eq!(t.to_report(), 2);
@@ -439,7 +531,7 @@ mod tests {
         }
         assert_eq!(t.to_report(), 10);
         // A balance above one second's worth (spends given back) is not kept.
-        t.adopt(50.0, Micros(S));
+        t.adopt(50.0, 10.0, Micros(S));
         for _ in 0..10 {
             assert_eq!(t.take(Micros(S)), Ok(()));
         }
@@ -449,41 +541,80 @@ mod tests {
     /// A full bucket that has heard from the cluster.
     fn heard(rate: u32) -> TokenBucket {
         let mut t = TokenBucket::new(rate, Micros(0));
-        assert!(t.adopt(f64::from(rate), Micros(0)), "the first it heard");
-        assert!(!t.adopt(f64::from(rate), Micros(0)));
+        let all = f64::from(rate);
+        assert!(t.adopt(all, all, Micros(0)), "the first it heard");
+        assert!(!t.adopt(all, all, Micros(0)));
         t
     }
 
     #[test]
-    fn a_fresh_view_gives_what_it_holds_and_reserves_turns_only_once_it_has_heard() {
-        let mut t = TokenBucket::new(3, Micros(0));
-        for _ in 0..3 {
-            assert_eq!(t.take(Micros(0)), Ok(()));
-        }
-        // Empty, and the cluster's balance not known: nothing is reserved, look again after
-        // the next report.
-        let again = Later::Unheard(Micros(0).plus(RATE_REPORT_EVERY));
-        assert_eq!(t.take(Micros(0)), Err(again));
-        assert_eq!(t.take(Micros(0)), Err(again));
-        assert_eq!(t.to_report(), 3, "only what was taken is spent");
-        // What refills meanwhile is given.
-        assert_eq!(t.take(Micros(S / 3 + 1)), Ok(()));
-        // The report comes back: another node spent 4 of the cluster's bucket. Turns now.
-        t.adopt(-4.0, Micros(S / 3 + 1));
-        assert_eq!(
-            t.take(Micros(S / 3 + 1)),
-            Err(Later::Reserved(Micros(S / 3 + 1 + 2 * S))),
-            "six in debt, counting the one taken since the report left"
-        );
-        // A report that fails also ends the wait: the node goes by its own view.
-        let mut lone = TokenBucket::new(2, Micros(0));
+    fn a_fresh_view_gives_nothing_until_it_has_heard_its_part() {
+        let mut t = TokenBucket::new(4, Micros(0));
+        // Empty, and refilling nothing while the cluster's balance is not known: nothing is
+        // taken or reserved; look again after the report.
+        let again = Later::Unheard(Micros(S).plus(RATE_REPORT_EVERY));
+        assert_eq!(t.take(Micros(S)), Err(again));
+        assert_eq!(t.take(Micros(S)), Err(again));
+        assert_eq!(t.to_report(), 0, "nothing spent");
+        // The report comes back: another node wants as many, so this one's part is 2 a second
+        // and its view 2 tokens.
+        assert!(t.adopt(2.0, 2.0, Micros(S)), "the first it heard");
+        assert!(!t.adopt(2.0, 2.0, Micros(S)), "nothing new");
         for _ in 0..2 {
-            assert_eq!(lone.take(Micros(0)), Ok(()));
+            assert_eq!(t.take(Micros(S)), Ok(()));
         }
+        // Then its part of the rate: a turn every half second.
+        let first = t.take(Micros(S));
+        assert_eq!(turn(first), Some(Micros(S + S / 2)));
+        assert_eq!(turn(t.take(Micros(S))), Some(Micros(2 * S)));
+        assert_eq!(t.to_report(), 2, "turns are reported when used");
+        // The next report: the cluster's balance is spent. A new taker's turn comes after the
+        // two reserved, and a part that moves a little leaves them as they are.
+        assert!(!t.adopt(0.0, 2.0, Micros(S)));
+        assert_eq!(turn(t.take(Micros(S))), Some(Micros(S + 3 * S / 2)));
+        assert!(!t.adopt(0.0, 2.2, Micros(S)));
+        // The other node has gone: all of the rate. The three turns paced at half of it are
+        // given back at once, and their takers take anew (one by one, each would give back its
+        // own turn and take the same one again).
+        assert!(t.adopt(0.0, 4.0, Micros(S)), "re-paced");
+        let Err(Later::Reserved(_, book)) = first else {
+            unreachable!()
+        };
+        assert_eq!(turn(t.use_turn(book, Micros(S))), Some(Micros(S + S / 4)));
+        assert_eq!(turn(t.use_turn(book, Micros(S))), Some(Micros(S + S / 2)));
+        t.give_back_turn(book, Micros(S));
+        assert_eq!(
+            turn(t.take(Micros(S))),
+            Some(Micros(S + 3 * S / 4)),
+            "a void turn gives nothing back"
+        );
+        assert_eq!(t.to_report(), 0);
+
+        // A debt is shared as the rate is: 3 of it, at a part of 2 a second.
+        let mut d = heard(4);
+        assert!(!d.adopt(-3.0, 2.0, Micros(0)), "no turns to re-pace");
+        let debt = d.take(Micros(0));
+        assert_eq!(turn(debt), Some(Micros(2 * S)));
+        let Err(Later::Reserved(at, book)) = debt else {
+            unreachable!()
+        };
+        assert_eq!(d.use_turn(book, at), Ok(()));
+        assert_eq!(d.to_report(), 1);
+        // A long idle spell refills it only to its part of one second's worth.
+        let later = Micros(100 * S);
+        d.adopt(0.0, 2.0, later);
+        for _ in 0..2 {
+            assert_eq!(d.take(Micros(101 * S)), Ok(()));
+        }
+        assert!(d.take(Micros(101 * S)).is_err());
+
+        // A report that fails also ends the wait: the node goes by its own view, all of the
+        // rate when it never heard its part.
+        let mut lone = TokenBucket::new(2, Micros(0));
         assert!(matches!(lone.take(Micros(0)), Err(Later::Unheard(_))));
         let spent = lone.to_report();
         lone.unreported_again(spent);
-        assert_eq!(lone.take(Micros(0)), Err(Later::Reserved(Micros(S / 2))));
+        assert_eq!(turn(lone.take(Micros(0))), Some(Micros(S / 2)));
     }
 
     #[test]
@@ -499,7 +630,7 @@ mod tests {
         assert!(!t.settled(Micros(S + forget - 1)));
         assert!(t.settled(Micros(S + forget)));
         // A balance adopted (a report: spent, or deliveries held) is a view as of then.
-        t.adopt(10.0, Micros(S + forget));
+        t.adopt(10.0, 10.0, Micros(S + forget));
         assert!(!t.settled(Micros(S + forget)));
         assert!(t.settled(Micros(S + 2 * forget)));
         // A turn given back is left to report.

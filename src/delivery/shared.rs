@@ -69,6 +69,10 @@ pub(super) struct Shared {
     /// Looks of deliveries that waited, answered in batches (`owed`).
     pub(super) looks: mpsc::UnboundedSender<Look>,
     pub(super) wake: Notify,
+    /// This node, as it names itself in the endpoints' rate budgets.
+    pub(super) node: Uuid,
+    /// A delivery found a fresh view of an endpoint's bucket: the budget reporter reports now.
+    pub(super) report_now: Notify,
     /// What the claimer waits for when it stopped with due rows it had no room for
     /// ([`Room`]): a release that frees that room wakes it, so a backlog larger than the
     /// in-memory bounds is claimed as fast as it is delivered, not once per poll.

@@ -61,6 +61,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "0011_endpoint_budgets.sql",
         include_str!("../../migrations/0011_endpoint_budgets.sql"),
     ),
+    (
+        12,
+        "0012_endpoint_budget_shares.sql",
+        include_str!("../../migrations/0012_endpoint_budget_shares.sql"),
+    ),
 ];
 
 /// Arbitrary constant naming the migration lock.
