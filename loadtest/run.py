@@ -592,6 +592,8 @@ def run_limited(db, args, server_args, binary, receiver, keys, duration):
     time.sleep(min(3.0, duration))
     waits = "triggers_delivery_waits_total{reason=\"rate_limited\"}"
     done0, xacts0, waits0 = server.metric(delivered), transactions(db), server.metric(waits)
+    nodes = getattr(server, "servers", [server])
+    by_node0 = [s.metric(delivered) for s in nodes]
     since = db.sql("SELECT now()")
     receiver.send_signal(signal.SIGUSR1)
     sampler = Sampler(server, receiver)
@@ -601,6 +603,7 @@ def run_limited(db, args, server_args, binary, receiver, keys, duration):
     elapsed = time.monotonic() - started
     done, xacts = server.metric(delivered) - done0, transactions(db) - xacts0
     waited = server.metric(waits) - waits0
+    by_node = [s.metric(delivered) - d0 for s, d0 in zip(nodes, by_node0)]
     cpu, rss = sampler.finish()
     # The limit kept: the busiest endpoint's attempts in the window (its bucket holds at most
     # one second's worth, so up to one limit more than the rate times the window).
@@ -622,6 +625,7 @@ def run_limited(db, args, server_args, binary, receiver, keys, duration):
              limits_per_s=n_orgs * limit, limit=limit, nodes=args.nodes,
              transactions_per_delivery=round(xacts / max(done, 1), 2), cpu_per_delivery=sampler.per_event_us(done),
              waits_per_delivery=round(waited / max(done, 1), 2),
+             busiest_node_pct=round(100 * max(by_node) / max(done, 1), 1),
              busiest_endpoint_per_s=round(busiest / elapsed, 1),
              start_busiest_pct=round(100 * start, 1))
     return r, server
@@ -1053,6 +1057,7 @@ def compare(name, db, args, ceiling):
                ("pg_delivery_us", "  of which delivery", lambda r: part(r, "delivery")),
                ("xacts", "database transactions a delivery", lambda r: r.get("transactions_per_delivery")),
                ("waits", "waits for a turn a delivery", lambda r: r.get("waits_per_delivery")),
+               ("busiest_node", "the busiest node's share of the deliveries, %", lambda r: r.get("busiest_node_pct")),
                ("deliveries", "deliveries/s", lambda r: r.get("deliveries_per_s") and round(r["deliveries_per_s"])),
                ("start_busiest", "start: busiest endpoint, % of what its bucket allows",
                 lambda r: r.get("start_busiest_pct")),
@@ -1087,7 +1092,8 @@ def print_table(rows, ceiling, extra):
                          f" | busiest endpoint {r['busiest_endpoint_per_s']:,}/s (limit {r['limit']:,})"
                          f" | at the start {r['start_busiest_pct']} % of what its bucket allows"
                          f" | {r['transactions_per_delivery']} database transactions and"
-                         f" {r['waits_per_delivery']} waits for a turn a delivery")
+                         f" {r['waits_per_delivery']} waits for a turn a delivery"
+                         + (f" | the busiest node sent {r['busiest_node_pct']} %" if r.get("nodes", 1) > 1 else ""))
         if "lag_ms" in r:
             statuses += f" | delivered {r['deliveries_per_s']:,.0f}/s lag p50 {r['lag_ms']['p50']} p99 {r['lag_ms']['p99']} ms"
         for label, key in (("per event", "cpu_per_event"), ("per delivery", "cpu_per_delivery")):

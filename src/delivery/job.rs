@@ -57,7 +57,11 @@ pub(super) async fn run_job(
     loop {
         match last {
             Step::Again => {}
-            Step::Done => return finish(&shared, &job, &runtime, false),
+            Step::Done => {
+                // A turn still reserved (the job ended before it came) goes to the next taker.
+                unreserve(&mut job, &runtime);
+                return finish(&shared, &job, &runtime, false);
+            }
             Step::Handed => return,
             Step::Stopping => break,
         }
@@ -72,6 +76,7 @@ pub(super) async fn run_job(
     }
     // Stopping: a delivery under its own row stays in `held` for the hand-back; one under its
     // batch is covered by the batch row, which the hand-back expires.
+    unreserve(&mut job, &runtime);
     finish(&shared, &job, &runtime, true);
 }
 
