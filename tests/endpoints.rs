@@ -1423,6 +1423,38 @@ async fn two_nodes_coming_to_a_full_bucket_together_share_it() {
     assert_both_sent(&a, &b).await;
 }
 
+/// When one of two nodes sharing an endpoint's limit goes, the other one's part grows back to the
+/// whole limit within a second or so: the turns it had reserved at half of it are given back and
+/// taken anew at the whole rate, not left to play out at half of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn when_a_node_goes_the_other_takes_the_whole_limit_again() {
+    let (recv, a, mut b, _) =
+        two_nodes_on_a_backlog("triggers_test_endpoint_budget_repace", 4, 80).await;
+    // Both at work (each at 2 a second), then the second node stops (its deliveries go back to
+    // the database; the first claims them as it has room).
+    recv.wait_until(Duration::from_secs(10), |r| r.len() >= 10)
+        .await;
+    assert_both_sent(&a, &b).await;
+    tokio::task::block_in_place(|| b.stop());
+    let stopped = Instant::now();
+    let got = recv
+        .wait_until(Duration::from_secs(10), |r| {
+            r.last()
+                .is_some_and(|l| l.at >= stopped + Duration::from_millis(4000))
+        })
+        .await;
+    // A second after its last report the second node no longer counts, and the first one's
+    // 10 turns paced at 2 a second are re-paced at 4: ~8 in the 2 s from 2 s on. Left to play
+    // out, they would give ~4.
+    let window = stopped + Duration::from_millis(2000)..stopped + Duration::from_millis(4000);
+    let late = got.iter().filter(|r| window.contains(&r.at)).count();
+    assert!(
+        (6..=11).contains(&late),
+        "{late} from 2 s to 4 s after the stop: {}",
+        timeline(&got)
+    );
+}
+
 /// The cluster's bucket as the budget report hands it out (migration 0012): a node's part of the
 /// rate and of a positive balance is in proportion to what it wants, and its view never holds
 /// what another node was promised; a debt is shared the same way; a node not heard from for a

@@ -20,8 +20,7 @@ pub const PROBE_WAIT: Duration = Duration::from_secs(1);
 /// After this long with nothing taken nor reserved, this node forgets its view of an endpoint's
 /// bucket (and the endpoint's runtime, when nothing else keeps it): whatever debt its own spending
 /// left in the cluster's bucket (a minute's worth at most) is repaid by then, and the fresh view
-/// it starts with when it delivers there again (full, reserving nothing until it has heard) goes
-/// beyond the cluster's bucket by no more than any node's first sight of an endpoint does.
+/// it starts with when it delivers there again is empty until its first report gives it its part.
 pub const BUCKET_FORGET_AFTER: Duration = Duration::from_secs(61);
 
 /// A circuit breaker: `threshold` consecutive failures open it for `open_for`; then one attempt
