@@ -1332,6 +1332,24 @@ async fn two_nodes_on_a_backlog(
     (recv, a, b, ids)
 }
 
+/// Wait (up to 10 s) until what `recv` got spans `span` from its first request; all it got.
+async fn received_spanning(recv: &Receiver, span: Duration) -> Vec<Received> {
+    recv.wait_until(Duration::from_secs(10), |r| {
+        r.last()
+            .zip(r.first())
+            .is_some_and(|(l, f)| l.at - f.at >= span)
+    })
+    .await
+}
+
+/// How many of `got` came within `window` after the first.
+fn count_within(got: &[Received], window: std::ops::Range<Duration>) -> usize {
+    let first = got[0].at;
+    got.iter()
+        .filter(|r| window.contains(&(r.at - first)))
+        .count()
+}
+
 /// Both nodes delivered some of the backlog.
 async fn assert_both_sent(a: &Server, b: &Server) {
     const DELIVERED: &str = "triggers_deliveries_total{outcome=\"delivered\"}";
@@ -1368,23 +1386,15 @@ async fn two_nodes_starting_on_a_backlog_reserve_turns_only_against_the_clusters
     // Each node holds at most 10 deliveries: 8 more than the bucket's 2 tokens.
     let (recv, a, b, _) =
         two_nodes_on_a_backlog("triggers_test_endpoint_budget_start", 2, 40).await;
-    let got = recv
-        .wait_until(Duration::from_secs(10), |r| {
-            r.last()
-                .zip(r.first())
-                .is_some_and(|(l, f)| l.at - f.at >= Duration::from_millis(4500))
-        })
-        .await;
+    let got = received_spanning(&recv, Duration::from_millis(4500)).await;
     // The bucket's 2 at once, then 2 a second together (each node 1 a second): ~6 in the 3 s
     // from 1.5 s on (6 in every run here), a few more where a report was slow. With turns
     // reserved at the whole rate against each node's own view, each node went on at 2 a second
     // until all 10 it held were sent: ~12.
-    let first = got[0].at;
-    let window = Duration::from_millis(1500)..Duration::from_millis(4500);
-    let steady = got
-        .iter()
-        .filter(|r| window.contains(&(r.at - first)))
-        .count();
+    let steady = count_within(
+        &got,
+        Duration::from_millis(1500)..Duration::from_millis(4500),
+    );
     assert!(
         (4..=9).contains(&steady),
         "{steady} from 1.5 s to 4.5 s: {}",
@@ -1399,22 +1409,12 @@ async fn two_nodes_starting_on_a_backlog_reserve_turns_only_against_the_clusters
 async fn two_nodes_coming_to_a_full_bucket_together_share_it() {
     let (recv, a, b, _) =
         two_nodes_on_a_backlog("triggers_test_endpoint_budget_share", 5, 40).await;
-    let got = recv
-        .wait_until(Duration::from_secs(10), |r| {
-            r.last()
-                .zip(r.first())
-                .is_some_and(|(l, f)| l.at - f.at >= Duration::from_millis(2500))
-        })
-        .await;
+    let got = received_spanning(&recv, Duration::from_millis(2500)).await;
     // In the first second: the bucket's 5 and a second's refill, 5: 10 at most (9 in every run
     // here), one more where a node's view refilled before its report told it the other's part.
     // With a full first view on each node: 5 at once from each, the second node's when it
     // first held deliveries, on top of the refill (14 in every run here).
-    let first = got[0].at;
-    let early = got
-        .iter()
-        .filter(|r| r.at - first < Duration::from_secs(1))
-        .count();
+    let early = count_within(&got, Duration::ZERO..Duration::from_secs(1));
     assert!(
         (5..=11).contains(&early),
         "{early} in the first second: {}",
