@@ -199,8 +199,17 @@ async fn step(shared: &Shared, job: &mut Job, runtime: &Arc<EndpointRuntime>) ->
                 at
             }
             Later::Unheard(at) => {
+                // The node's first report on this endpoint, asked for now: a round trip, not a
+                // wait that needs a look afterwards (no longer than an attempt in flight, which
+                // an ack does not stop either), so the first delivery to a fresh view is not
+                // also held for the looker's linger.
                 shared.report_now.notify_one();
-                at
+                let looked = !job.waited;
+                let next = wait_for(shared, job, runtime, at, Waiting::RateLimited).await;
+                if looked {
+                    job.waited = false;
+                }
+                return next;
             }
         };
         return wait_for(shared, job, runtime, at, Waiting::RateLimited).await;
