@@ -8,7 +8,7 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::{oneshot, TryAcquireError};
 
@@ -20,7 +20,7 @@ use super::owed::still_owed;
 use super::runtime::{Admit, EndpointRuntime, Later};
 use super::shared::{Busy, Shared};
 use super::{schedule, worker};
-use crate::config::{HEALTH_SUCCESS_WRITE_EVERY, LEASE_MARGIN};
+use crate::config::{HEALTH_SUCCESS_WRITE_EVERY, LEASE_MARGIN, RATE_REPORT_EVERY};
 use crate::event_types::is_operational;
 use crate::flow::answer::EndpointStatus;
 use crate::ids::{fast_random, Micros};
@@ -202,11 +202,12 @@ async fn step(shared: &Shared, job: &mut Job, runtime: &Arc<EndpointRuntime>) ->
                 // The node's first report on this endpoint, asked for now: a round trip, not a
                 // wait that needs a look afterwards (no longer than an attempt in flight, which
                 // an ack does not stop either), so the first delivery to a fresh view is not
-                // also held for the looker's linger.
+                // also held for the looker's linger. A wait that ran its whole course (the
+                // database slow to answer) is a wait like any other.
                 shared.report_now.notify_one();
-                let looked = !job.waited;
+                let (looked, started) = (!job.waited, Instant::now());
                 let next = wait_for(shared, job, runtime, at, Waiting::RateLimited).await;
-                if looked {
+                if looked && started.elapsed() < RATE_REPORT_EVERY {
                     job.waited = false;
                 }
                 return next;
