@@ -79,11 +79,12 @@ async fn report(shared: &Shared) {
                 let mut g = r.gates();
                 let b = g.bucket.as_mut()?;
                 let spent = b.to_report();
-                (spent != 0 || r.held() > 0 || !b.heard()).then(|| Spend {
+                let held = r.held();
+                (spent != 0 || held > 0 || !b.heard()).then(|| Spend {
                     runtime: Arc::clone(r),
                     rate: b.rate(),
                     spent,
-                    wants: i32::try_from(r.held()).unwrap_or(i32::MAX),
+                    wants: i32::try_from(held).unwrap_or(i32::MAX),
                 })
             })
             .collect()

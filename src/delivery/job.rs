@@ -57,11 +57,7 @@ pub(super) async fn run_job(
     loop {
         match last {
             Step::Again => {}
-            Step::Done => {
-                // A turn still reserved (the job ended before it came) goes to the next taker.
-                unreserve(&mut job, &runtime);
-                return finish(&shared, &job, &runtime, false);
-            }
+            Step::Done => return finish(&shared, &mut job, &runtime, false),
             Step::Handed => return,
             Step::Stopping => break,
         }
@@ -76,8 +72,7 @@ pub(super) async fn run_job(
     }
     // Stopping: a delivery under its own row stays in `held` for the hand-back; one under its
     // batch is covered by the batch row, which the hand-back expires.
-    unreserve(&mut job, &runtime);
-    finish(&shared, &job, &runtime, true);
+    finish(&shared, &mut job, &runtime, true);
 }
 
 /// Wait in memory until the job is due (or the pool stops): `None` then, to go on. A change to
@@ -118,7 +113,9 @@ async fn until_due(shared: &Shared, job: &mut Job, runtime: &Arc<EndpointRuntime
 }
 
 /// Give back what the job holds in memory (`stopping`: see [`Shared::let_go`]).
-fn finish(shared: &Shared, job: &Job, runtime: &EndpointRuntime, stopping: bool) {
+fn finish(shared: &Shared, job: &mut Job, runtime: &EndpointRuntime, stopping: bool) {
+    // A turn still reserved (the job ended before it came) goes to the next taker.
+    unreserve(job, runtime);
     let key = (job.event, job.endpoint);
     shared.let_go(key, &job.lease, runtime, job.payload.len(), stopping);
 }

@@ -231,17 +231,21 @@ impl TokenBucket {
     /// back with its book): the next taker's turn comes sooner.
     pub fn give_back_turn(&mut self, book: u64, now: Micros) {
         if book == self.book {
-            self.refill(now);
             self.reserved = self.reserved.saturating_sub(1);
-            self.tokens = (self.tokens + 1.0).min(self.part);
+            self.restore(now);
         }
     }
 
     /// Give back a token taken (or a turn used) and not sent after all.
     pub fn give_back(&mut self, now: Micros) {
+        self.restore(now);
+        self.unreported = self.unreported.saturating_sub(1);
+    }
+
+    /// One token back into the view, up to this node's part of one second's worth.
+    fn restore(&mut self, now: Micros) {
         self.refill(now);
         self.tokens = (self.tokens + 1.0).min(self.part);
-        self.unreported = self.unreported.saturating_sub(1);
     }
 
     /// Whether nothing was taken, reserved or given back for [`BUCKET_FORGET_AFTER`] before
