@@ -1455,6 +1455,94 @@ async fn when_a_node_goes_the_other_takes_the_whole_limit_again() {
     );
 }
 
+/// A node's part of an endpoint's rate follows the deliveries it would send now: retries it holds
+/// for a later time ask for none of it, so they don't hold back the turns of a node draining a
+/// backlog.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_waiting_for_their_time_take_no_part_of_an_endpoints_limit() {
+    // Events of type `r` fail and wait a minute for their retry; the others are delivered.
+    let recv =
+        Receiver::start(|r, _| Answer::status(if r.json()["type"] == "r" { 500 } else { 200 }))
+            .await;
+    let url = own_database("triggers_test_endpoint_budget_wants").await;
+    let args = [
+        PRIVATE,
+        "--delivery-queue-max",
+        "8",
+        "--retry-schedule",
+        "60s",
+    ];
+    let a = Server::start_with_db(&args, &url);
+    let (key, _) = new_org(a.addr, "pro").await;
+    let body = json!({"url": recv.url("/"), "rate_limit_per_second": 10});
+    let ep = create_endpoint(a.addr, &key, body).await;
+    // The first node attempts 8 and holds their retries: all it may hold for the endpoint (and
+    // fewer failures than open its circuit).
+    create_events(a.addr, &key, 8, "r").await;
+    recv.wait_until(Duration::from_secs(10), |r| r.len() >= 8)
+        .await;
+    // The second node drains a backlog of 40, holding 8 of them at a time until the last 8.
+    let b = Server::start_with_db(&args, &url);
+    create_events(b.addr, &key, 40, "t").await;
+    let delivered = |got: &[Received]| -> Vec<Instant> {
+        got.iter()
+            .filter(|r| r.json()["type"] == "t")
+            .map(|r| r.at)
+            .collect()
+    };
+    let spans = |span: Duration| {
+        move |r: &[Received]| {
+            let t = delivered(r);
+            t.last()
+                .zip(t.first())
+                .is_some_and(|(l, f)| *l - *f >= span)
+        }
+    };
+    recv.wait_until(Duration::from_secs(10), spans(Duration::from_millis(1500)))
+        .await;
+    // What each node asked of the bucket in its last report: the second node the 8 it holds (7
+    // while one is being let go), the first none (counted as 1), so the second's part is 7/8 to
+    // 8/9 of the rate. With the retries counted, the first asked 8 as well, and the second's
+    // part was about half the rate, which its turns were paced at.
+    let client = db_at(&url).await;
+    let id = ep["id"].as_str().unwrap();
+    let row = client
+        .query_one(
+            "SELECT nodes::text FROM endpoint_budgets WHERE endpoint_id = $1::text::uuid",
+            &[&id],
+        )
+        .await
+        .unwrap();
+    let nodes: Value = serde_json::from_str(row.get(0)).unwrap();
+    let mut asked: Vec<(f64, f64)> = nodes
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|v| (v[3].as_f64().unwrap(), v[2].as_f64().unwrap()))
+        .collect();
+    asked.sort_by(|x, y| x.partial_cmp(y).unwrap());
+    assert_eq!(asked.len(), 2, "both nodes count: {nodes}");
+    assert_eq!(asked[0].0, 1.0, "the node holding only retries: {nodes}");
+    assert!(asked[1].0 >= 5.0, "the node with a backlog: {nodes}");
+    assert!(asked[1].1 >= 8.0, "its part of the 10 a second: {nodes}");
+    // And the two together keep the limit.
+    let got = recv
+        .wait_until(Duration::from_secs(10), spans(Duration::from_millis(3500)))
+        .await;
+    let t = delivered(&got);
+    let window = t[0] + Duration::from_millis(1500)..t[0] + Duration::from_millis(3500);
+    let steady = t.iter().filter(|at| window.contains(*at)).count();
+    assert!(
+        (14..=22).contains(&steady),
+        "{steady} from 1.5 s to 3.5 s: {}",
+        timeline(&got)
+    );
+    const RETRIES: &str = "triggers_deliveries_total{outcome=\"retry\"}";
+    let held = metric(&a, RETRIES).await;
+    assert_eq!(held, 8.0, "the first node held the retries");
+    assert_eq!(metric(&b, RETRIES).await, 0.0);
+}
+
 /// The cluster's bucket as the budget report hands it out (migration 0012): a node's part of the
 /// rate and of a positive balance is in proportion to what it wants, and its view never holds
 /// what another node was promised; a debt is shared the same way; a node not heard from for a

@@ -2,11 +2,12 @@
 //! `endpoint_budgets`, shared by every node (as `rate_budgets` is for organizations). A node
 //! spends from its own view of the bucket ([`TokenBucket`]) and, every `RATE_REPORT_EVERY`,
 //! reports in one statement what each endpoint spent since the last report and how many of its
-//! deliveries it holds (`triggers_endpoint_budget_report`, migration 0012): each bucket is
+//! deliveries it holds would go now (not retries waiting for their time, nor deliveries behind an
+//! open circuit) (`triggers_endpoint_budget_report`, migration 0012): each bucket is
 //! refilled for the time since it was last touched (capped at one second's worth) and the spend
 //! taken off (down to minus a minute's worth). What comes back is the node's part: the bucket
 //! names the nodes that reported it within the last second, and shares its rate among them in
-//! proportion to the deliveries each holds (up to a second's worth each). A node's view is at
+//! proportion to the deliveries each would send now (up to a second's worth each). A node's view is at
 //! most its part of a positive balance, and never what another node was promised and may still
 //! spend; a debt is shared in the same proportion. The view refills at the node's part, and the
 //! turns the node reserves for deliveries that wait are paced at it (reported when used, not
@@ -63,7 +64,8 @@ struct Spend {
     runtime: Arc<EndpointRuntime>,
     rate: u32,
     spent: i32,
-    /// The deliveries to it this node holds: what it wants to send.
+    /// The deliveries to it this node holds and would send now (not those waiting for a
+    /// retry's time or a circuit).
     wants: i32,
 }
 
@@ -84,7 +86,7 @@ async fn report(shared: &Shared) {
                     runtime: Arc::clone(r),
                     rate: b.rate(),
                     spent,
-                    wants: i32::try_from(held).unwrap_or(i32::MAX),
+                    wants: i32::try_from(r.wants()).unwrap_or(i32::MAX),
                 })
             })
             .collect()

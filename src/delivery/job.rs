@@ -93,6 +93,7 @@ async fn until_due(shared: &Shared, job: &mut Job, runtime: &Arc<EndpointRuntime
         changed.as_mut().enable();
         {
             let _w = shared.metrics.waiting(Waiting::Scheduled);
+            let _n = runtime.not_yet();
             tokio::select! {
                 _ = tokio::time::sleep(wait) => break,
                 _ = shared.stop.notified() => return None,
@@ -301,6 +302,7 @@ async fn wait_for(
     tokio::pin!(changed);
     changed.as_mut().enable();
     let _w = shared.metrics.waiting(why);
+    let _n = matches!(why, Waiting::CircuitOpen).then(|| runtime.not_yet());
     let wait = Duration::from_micros((until.0 - Micros::now().0).max(0) as u64);
     job.waited = true;
     tokio::select! {

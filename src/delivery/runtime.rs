@@ -351,6 +351,9 @@ pub struct EndpointRuntime {
     pub slots: Arc<Semaphore>,
     /// Deliveries to it held in memory.
     pub in_memory: AtomicUsize,
+    /// Of those, the ones waiting for a later time (a retry's schedule, an open circuit): held,
+    /// but asking nothing of its rate limit now.
+    pub not_yet: AtomicUsize,
     /// Its breaker and limiter.
     pub gates: Mutex<Gates>,
     /// Woken when its configuration may have changed (on any node), or its half-open circuit's
@@ -367,6 +370,7 @@ impl EndpointRuntime {
             org,
             slots: Arc::new(Semaphore::new(slots)),
             in_memory: AtomicUsize::new(0),
+            not_yet: AtomicUsize::new(0),
             gates: Mutex::new(Gates::default()),
             changed: Notify::new(),
         }
@@ -380,6 +384,29 @@ impl EndpointRuntime {
     /// Deliveries held in memory.
     pub fn held(&self) -> usize {
         self.in_memory.load(Ordering::Relaxed)
+    }
+
+    /// Deliveries held that would go now if its gates let them: what this node asks of the
+    /// cluster's rate limit. Retries not yet due and deliveries behind an open circuit are held
+    /// too, but a node holding many of them would otherwise take a part of the rate it can't use.
+    pub fn wants(&self) -> usize {
+        self.held()
+            .saturating_sub(self.not_yet.load(Ordering::Relaxed))
+    }
+
+    /// Count a delivery as waiting for a later time (not in [`Self::wants`]) while the guard lives.
+    pub fn not_yet(&self) -> NotYet<'_> {
+        self.not_yet.fetch_add(1, Ordering::Relaxed);
+        NotYet(&self.not_yet)
+    }
+}
+
+/// A delivery counted as waiting for a later time; see [`EndpointRuntime::not_yet`].
+pub struct NotYet<'a>(&'a AtomicUsize);
+
+impl Drop for NotYet<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
