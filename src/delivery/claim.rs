@@ -1,6 +1,6 @@
 //! Durable delivery state: claims, lease renewal, and the hand-back.
 //!
-//! - [`claim_loop`]: at start, every `delivery_poll_ms`, and when woken:
+//! - `claim_loop`: at start, every `delivery_poll_ms`, and when woken:
 //!   - renews the leases of the batches whose deliveries are still in memory, and expires at once
 //!     those this node let go;
 //!   - takes over expired batches (a node that crashed or stalled): what they still owe (no
@@ -11,7 +11,7 @@
 //!     commit's deliveries are), and rows with attempts take this node's lease in
 //!     `next_attempt_at`. Endpoints at their in-memory bound or with an open circuit are
 //!     skipped, so one endpoint's backlog can't crowd out the others.
-//! - [`release_all`]: at shutdown, deliveries still in memory are handed back, due when planned,
+//! - `release_all`: at shutdown, deliveries still in memory are handed back, due when planned,
 //!   and the batches still held expire at once.
 
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};

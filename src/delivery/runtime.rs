@@ -276,7 +276,7 @@ impl TokenBucket {
     /// `part`: its part of the rate), as of `now`, less what it spent since that report was
     /// taken and the turns it has reserved. Returns whether the takers waiting should take
     /// again: it is the first it heard (those that found it empty hold no turn), or the part
-    /// changed by more than [`REPACE_AT`] with turns reserved: they were paced at the old part
+    /// changed by more than `REPACE_AT` with turns reserved: they were paced at the old part
     /// (too fast when another node has come, too slow when it has gone), so they are all given
     /// back at once (one by one, each taker would give back its own turn and take the same
     /// one again) and their takers take anew.

@@ -70,7 +70,7 @@ async fn write(ctx: &StoreCtx, spent: &[RateSpend]) -> Done<Vec<(OrgId, f64)>> {
         .collect())
 }
 
-/// Remove the buckets idle long enough to be full ([`PRUNE_SQL`]; by the database's clock, the one
+/// Remove the buckets idle long enough to be full (`PRUNE_SQL`; by the database's clock, the one
 /// `updated_at` is written with), so the table holds the organizations active lately, not every
 /// one ever seen. Skipping the rows a report holds, it never waits on nor deadlocks with a report;
 /// a report racing the delete inserts the row again, full less its spend, which is what the
