@@ -46,6 +46,10 @@ pub const ENDPOINT_PATTERNS_MAX: usize = 50;
 pub const ENDPOINT_DESCRIPTION_CHARS_MAX: usize = 255;
 /// Highest `rate_limit_per_second` of an endpoint.
 pub const ENDPOINT_RATE_LIMIT_MAX: u32 = 10_000;
+/// Headers of its own one endpoint may send (`headers`).
+pub const ENDPOINT_HEADERS_MAX: usize = 20;
+/// Bytes of an endpoint's own headers together, as sent (`name: value` each).
+pub const ENDPOINT_HEADER_BYTES_MAX: usize = 8192;
 /// Inbox page size when none is asked for.
 pub const INBOX_PAGE_DEFAULT: u32 = 100;
 /// Largest inbox page.

@@ -92,8 +92,13 @@ pub enum Field<'a> {
     Int(i64),
     /// Any other number.
     Number,
-    /// An object.
-    Object,
+    /// An object; `first` is the tape index of its first member's name.
+    Object {
+        /// Tape index of the first member's name.
+        first: usize,
+        /// Number of members.
+        len: usize,
+    },
     /// An array; `first` is the tape index of its first element.
     Array {
         /// Tape index of the first element.
@@ -111,7 +116,7 @@ impl Field<'_> {
             Field::Null => "null",
             Field::Bool(_) => "a boolean",
             Field::Int(_) | Field::Number => "a number",
-            Field::Object => "an object",
+            Field::Object { .. } => "an object",
             Field::Array { .. } => "an array",
         }
     }
@@ -159,12 +164,28 @@ impl<'t> Body<'t> {
         out
     }
 
-    fn for_each_member(&self, mut f: impl FnMut(usize, &'t str, Field<'t>)) {
+    /// The members of an object field, each a name and a `Field`, in document order (a name
+    /// repeated is there each time).
+    pub fn object_members(&self, field: Field<'t>) -> Vec<(&'t str, Field<'t>)> {
+        let Field::Object { first, len } = field else {
+            return Vec::new();
+        };
+        let mut out = Vec::with_capacity(len);
+        self.members_from(first, len, |_, key, value| out.push((key, value)));
+        out
+    }
+
+    fn for_each_member(&self, f: impl FnMut(usize, &'t str, Field<'t>)) {
         let Some(Node::Object { len, .. }) = self.nodes.first() else {
             return;
         };
-        let mut i = 1;
-        for member in 0..*len {
+        self.members_from(1, *len, f);
+    }
+
+    /// Visit `len` members whose first name is at tape index `first`.
+    fn members_from(&self, first: usize, len: usize, mut f: impl FnMut(usize, &'t str, Field<'t>)) {
+        let mut i = first;
+        for member in 0..len {
             let key = match self.nodes.get(i) {
                 Some(Node::String(k)) => *k,
                 _ => return,
@@ -178,7 +199,10 @@ impl<'t> Body<'t> {
     fn field_at(&self, i: usize) -> Field<'t> {
         match self.nodes.get(i) {
             Some(Node::String(s)) => Field::Str(s),
-            Some(Node::Object { .. }) => Field::Object,
+            Some(Node::Object { len, .. }) => Field::Object {
+                first: i + 1,
+                len: *len,
+            },
             Some(Node::Array { len, .. }) => Field::Array {
                 first: i + 1,
                 len: *len,
@@ -540,6 +564,22 @@ mod tests {
     }
 
     #[test]
+    fn object_members_are_read_in_order() {
+        let mut p = Parser::default();
+        let body = br#"{"a":1,"h":{"X-A":"1","n":{"deep":[1,{"z":2}]},"X-A":"2"},"b":2}"#;
+        p.with_object(body, |b| {
+            let members = b.object_members(b.get("h").unwrap());
+            let names: Vec<&str> = members.iter().map(|(k, _)| *k).collect();
+            assert_eq!(names, ["X-A", "n", "X-A"]);
+            assert_eq!(members[0].1, Field::Str("1"));
+            assert_eq!(members[2].1, Field::Str("2"));
+            assert_eq!(b.get("b"), Some(Field::Int(2)));
+            assert!(b.object_members(b.get("a").unwrap()).is_empty());
+        })
+        .unwrap();
+    }
+
+    #[test]
     fn body_reads_members_last_one_wins() {
         let mut p = Parser::default();
         let body = br#"{"type":"a","n":3,"type":"b\u00e9","arr":["x",1,{"k":[2]},"y"],"o":{}}"#;
@@ -547,18 +587,13 @@ mod tests {
             assert_eq!(b.get("type"), Some(Field::Str("bé")));
             assert_eq!(b.member_index("type"), Some(2));
             assert_eq!(b.get("n"), Some(Field::Int(3)));
-            assert_eq!(b.get("o"), Some(Field::Object));
+            assert!(matches!(b.get("o"), Some(Field::Object { len: 0, .. })));
             assert_eq!(b.get("missing"), None);
             let items = b.array_items(b.get("arr").unwrap());
-            assert_eq!(
-                items,
-                vec![
-                    Field::Str("x"),
-                    Field::Int(1),
-                    Field::Object,
-                    Field::Str("y")
-                ]
-            );
+            assert_eq!(items.len(), 4);
+            assert_eq!(items[..2], [Field::Str("x"), Field::Int(1)]);
+            assert!(matches!(items[2], Field::Object { len: 1, .. }));
+            assert_eq!(items[3], Field::Str("y"));
         })
         .unwrap();
     }

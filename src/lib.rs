@@ -23,7 +23,8 @@
 //!   [`auth`] (keys, caches, Argon2, single flight), [`config`] (every option and fixed limit),
 //!   [`db`] (connections, error classes, binary COPY), [`chunked`] (the chunked decoder of
 //!   HTTP/1.1 bodies, for requests and receivers' answers), [`url_policy`] (webhook URL rules, SSRF
-//!   policy), [`event_types`] (endpoint patterns, the operational types),
+//!   policy), [`event_types`] (endpoint patterns, the operational types), [`endpoint_headers`]
+//!   (the headers an endpoint sends of its own),
 //!   [`metrics`], [`error`] and [`reply`] (the HTTP error table and answer), [`json`], [`ids`],
 //!   [`logging`], [`shutdown`] (core-local signals), [`deadline`] (core-local deadlines).
 //!
@@ -53,6 +54,7 @@ pub mod config;
 pub mod db;
 pub mod deadline;
 pub mod delivery;
+pub mod endpoint_headers;
 pub mod error;
 pub mod event_types;
 pub mod flow;

@@ -218,6 +218,152 @@ async fn the_endpoints_api_creates_reads_changes_and_deletes() {
     );
 }
 
+/// An endpoint's own headers (an `Authorization` its receiver's gateway asks for) go with every
+/// delivery to it, beside the server's own; a PATCH replaces them, null removes them; reads show
+/// them as set.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endpoints_own_headers_go_with_every_delivery_and_a_patch_replaces_them() {
+    let s = Server::start(&[PRIVATE]);
+    let recv = Receiver::start(|_, _| Answer::status(200)).await;
+    let (key, _) = new_org(s.addr, "pro").await;
+    let own = json!({"Authorization": "Bearer gw-t0k3n", "X-Tenant": "acme eu-1"});
+    let created =
+        create_endpoint(s.addr, &key, json!({"url": recv.url("/h"), "headers": own})).await;
+    assert_eq!(created["headers"], own);
+    let path = format!("/api/endpoints/{}", created["id"].as_str().unwrap());
+    assert_eq!(get(s.addr, &key, &path).await.json()["headers"], own);
+    let listed = get(s.addr, &key, "/api/endpoints").await.json();
+    assert_eq!(listed["endpoints"][0]["headers"], own);
+
+    let first = post_typed(s.addr, &key, "order.paid").await;
+    let got = recv
+        .wait_until(Duration::from_secs(10), |r| !r.is_empty())
+        .await;
+    assert_eq!(got[0].header("authorization"), Some("Bearer gw-t0k3n"));
+    assert_eq!(got[0].header("x-tenant"), Some("acme eu-1"));
+    assert_eq!(got[0].header("webhook-id"), Some(first.as_str()));
+    assert_eq!(got[0].header("content-type"), Some("application/json"));
+    let named = |name: &str| {
+        got[0]
+            .headers
+            .iter()
+            .filter(|(n, _)| n.eq_ignore_ascii_case(name))
+            .count()
+    };
+    assert_eq!((named("host"), named("authorization")), (1, 1));
+
+    // A PATCH replaces the whole set (what is not named goes); deliveries from then on carry it.
+    let changed = patch(
+        s.addr,
+        &key,
+        &path,
+        &json!({"headers": {"X-Tenant": "acme us-2"}}),
+    )
+    .await;
+    assert_eq!(changed.status, 200, "{}", changed.text());
+    assert_eq!(changed.json()["headers"], json!({"X-Tenant": "acme us-2"}));
+    post_typed(s.addr, &key, "order.paid").await;
+    let got = recv
+        .wait_until(Duration::from_secs(10), |r| r.len() >= 2)
+        .await;
+    assert_eq!(got[1].header("x-tenant"), Some("acme us-2"));
+    assert_eq!(got[1].header("authorization"), None);
+
+    // null: none of its own; a PATCH of something else leaves them as they are.
+    let same = patch(s.addr, &key, &path, &json!({"description": "d"})).await;
+    assert_eq!(same.json()["headers"], json!({"X-Tenant": "acme us-2"}));
+    let cleared = patch(s.addr, &key, &path, &json!({"headers": null})).await;
+    assert_eq!(cleared.json()["headers"], json!({}));
+    post_typed(s.addr, &key, "order.paid").await;
+    let got = recv
+        .wait_until(Duration::from_secs(10), |r| r.len() >= 3)
+        .await;
+    assert_eq!(got[2].header("x-tenant"), None);
+}
+
+/// Headers that could change what the request means (a second `Content-Length`, a line break
+/// that starts another header, the server's own signature) are refused with 422 naming
+/// `headers`, and a refused PATCH changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endpoints_headers_are_checked_and_a_refused_change_leaves_them() {
+    let s = Server::start(&[PRIVATE]);
+    let (key, _) = new_org(s.addr, "pro").await;
+    let url = "http://127.0.0.1:9/h";
+    let created = create_endpoint(s.addr, &key, json!({"url": url, "headers": {"X-A": "1"}})).await;
+    let path = format!("/api/endpoints/{}", created["id"].as_str().unwrap());
+    let many: serde_json::Map<String, Value> =
+        (0..21).map(|i| (format!("X-{i}"), json!("v"))).collect();
+    let large: serde_json::Map<String, Value> = (0..9)
+        .map(|i| (format!("X-{i}"), json!("v".repeat(1000))))
+        .collect();
+    let bad = [
+        json!({"Content-Length": "0"}),
+        json!({"webhook-signature": "v1,forged"}),
+        json!({"HOST": "evil.example"}),
+        json!({"Transfer-Encoding": "chunked"}),
+        json!({"X-A": "1\r\nX-Injected: 1"}),
+        json!({"X-A": "line\nbreak"}),
+        json!({"X A": "1"}),
+        json!({"X:A": "1"}),
+        json!({"": "1"}),
+        json!({"X-A": "caf\u{e9}"}),
+        json!({"X-A": " padded"}),
+        json!({"X-A": "x".repeat(1025)}),
+        json!({"X-A": 1}),
+        json!({"X-A": null}),
+        json!(["X-A", "1"]),
+        json!("X-A: 1"),
+        Value::Object(many),
+        Value::Object(large),
+    ];
+    for headers in bad {
+        let r = post(
+            s.addr,
+            &key,
+            "/api/endpoints",
+            &json!({"url": url, "headers": headers}),
+        )
+        .await;
+        assert_eq!(r.status, 422, "{headers}: {}", r.text());
+        assert_eq!(r.json()["field"], "headers", "{headers}");
+        let r = patch(
+            s.addr,
+            &key,
+            &path,
+            &json!({"headers": headers, "description": "d"}),
+        )
+        .await;
+        assert_eq!(r.status, 422, "{headers}: {}", r.text());
+    }
+    // The same name twice in any case (JSON allows it; HTTP would send both).
+    let twice = br#"{"url": "http://127.0.0.1:9/h", "headers": {"X-A": "1", "x-a": "2"}}"#;
+    let r = call(
+        s.addr,
+        "POST",
+        "/api/endpoints",
+        &[("X-API-Key", &key), ("Content-Type", "application/json")],
+        Some(twice),
+    )
+    .await;
+    assert_eq!(r.status, 422, "{}", r.text());
+    assert!(r.json()["error"].as_str().unwrap().contains("twice"));
+    let now = get(s.addr, &key, &path).await.json();
+    assert_eq!(now["headers"], json!({"X-A": "1"}));
+    assert_eq!(
+        now["description"],
+        Value::Null,
+        "nothing of a refused PATCH was kept"
+    );
+    assert_eq!(
+        get(s.addr, &key, "/api/endpoints").await.json()["endpoints"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1,
+        "nothing created"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_event_goes_to_the_endpoints_whose_patterns_take_it_each_on_its_own() {
     // /b fails each event's first attempt: its retries are its own, not the others'.

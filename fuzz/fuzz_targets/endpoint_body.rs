@@ -1,12 +1,15 @@
 //! The endpoint bodies (create, patch, recover) and the event-type patterns they carry: any
 //! bytes. Never panics; an accepted body holds only what its checks allow: a URL the policy
 //! parses, 1..50 distinct valid patterns, a description of at most 255 characters, a rate from 1
-//! to 10,000, a `since` that writes back as RFC 3339 and reads again as the same instant.
+//! to 10,000, headers of its own that read back as sent and can't start another header (no CR or
+//! LF, no reserved name, each name once), a `since` that writes back as RFC 3339 and reads again
+//! as the same instant.
 #![no_main]
 
 use std::cell::RefCell;
 
 use libfuzzer_sys::fuzz_target;
+use triggers::endpoint_headers::{headers_error, parse_line};
 use triggers::event_types::{pattern_error, pattern_matches};
 use triggers::ids::{parse_rfc3339, Micros};
 use triggers::ingress::endpoints::{
@@ -39,6 +42,19 @@ fn check_rate(r: u32) {
     assert!((1..=10_000).contains(&r));
 }
 
+fn check_headers(lines: &[String]) {
+    assert!(lines.len() <= 20);
+    assert!(lines.iter().map(String::len).sum::<usize>() <= 8192);
+    let pairs: Vec<(&str, &str)> = lines
+        .iter()
+        .map(|l| parse_line(l).expect("an accepted header reads back"))
+        .collect();
+    assert_eq!(headers_error(pairs.iter().copied()), None);
+    for l in lines {
+        assert!(!l.contains(['\r', '\n', '\0']), "{l:?}");
+    }
+}
+
 fn check_since(since: Micros) {
     let mut text = Vec::new();
     since.write_rfc3339(&mut text);
@@ -59,13 +75,15 @@ fuzz_target!(|data: &[u8]| {
             if let Some(r) = spec.rate_limit_per_second {
                 check_rate(r);
             }
+            check_headers(&spec.headers);
         }
         if let Ok(patch) = validate_endpoint_patch(parser, data) {
             assert!(
                 patch.url.is_some()
                     || patch.event_types.is_some()
                     || patch.description.is_some()
-                    || patch.rate_limit_per_second.is_some(),
+                    || patch.rate_limit_per_second.is_some()
+                    || patch.headers.is_some(),
                 "a patch changes something"
             );
             if let Some(url) = &patch.url {
@@ -79,6 +97,9 @@ fuzz_target!(|data: &[u8]| {
             }
             if let Some(Some(r)) = patch.rate_limit_per_second {
                 check_rate(r);
+            }
+            if let Some(lines) = &patch.headers {
+                check_headers(lines);
             }
         }
         if let Ok(since) = validate_recover(parser, data) {

@@ -34,6 +34,7 @@ use tokio_rustls::TlsConnector;
 
 use super::connector::SafeConnector;
 use crate::chunked::ChunkedDecoder;
+use crate::endpoint_headers;
 use crate::metrics::Metrics;
 
 /// The longest answer head read (status line and headers).
@@ -103,7 +104,25 @@ impl Target {
         })
     }
 
-    /// The request line and the `Host` header, which every request to it starts with.
+    /// The endpoint's own headers (stored lines, `name: value`) sent after `Host`; a line that is
+    /// not one an endpoint may send ([`endpoint_headers::parse_line`]) is left out.
+    pub fn with_headers(mut self, lines: &[String]) -> Target {
+        if lines.is_empty() {
+            return self;
+        }
+        let mut head = self.head.into_vec();
+        for (name, value) in lines.iter().filter_map(|l| endpoint_headers::parse_line(l)) {
+            head.extend_from_slice(name.as_bytes());
+            head.extend_from_slice(b": ");
+            head.extend_from_slice(value.as_bytes());
+            head.extend_from_slice(b"\r\n");
+        }
+        self.head = head.into_boxed_slice();
+        self
+    }
+
+    /// The request line, the `Host` header and the endpoint's own headers, which every request
+    /// to it starts with.
     pub fn head(&self) -> &[u8] {
         &self.head
     }
@@ -694,6 +713,24 @@ mod tests {
 
     fn target(url: &str) -> Target {
         Target::new(&url.parse().unwrap()).unwrap()
+    }
+
+    #[test]
+    fn an_endpoints_own_headers_follow_host_and_bad_stored_lines_are_left_out() {
+        let lines = [
+            "Authorization: Bearer t0k3n",
+            "X-Evil: a\r\nX-Injected: 1",
+            "Content-Length: 0",
+            "no separator",
+            "X-Tenant: 42",
+        ]
+        .map(String::from);
+        let t = target("http://example.com/hook").with_headers(&lines);
+        assert_eq!(
+            String::from_utf8(t.head().to_vec()).unwrap(),
+            "POST /hook HTTP/1.1\r\nhost: example.com\r\n\
+             Authorization: Bearer t0k3n\r\nX-Tenant: 42\r\n"
+        );
     }
 
     #[test]

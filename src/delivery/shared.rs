@@ -37,7 +37,7 @@ pub(super) struct EndpointCache {
 const LOAD_ENDPOINTS: &str = "\
     SELECT id, org_id, url, event_types, status, signing_secret, previous_secret, \
            previous_secret_expires_at, rate_limit_per_second, updated_at, consecutive_failures, \
-           failing_since, circuit_open_until \
+           failing_since, circuit_open_until, headers \
     FROM endpoints WHERE org_id = ANY($1) AND status = ANY($2)";
 
 /// The pool's shared state.
@@ -98,7 +98,13 @@ fn endpoint_from_row(row: &tokio_postgres::Row, loaded_at: u64) -> Arc<Endpoint>
         .chain(previous)
         .filter_map(|s| sign::secret_key(&s))
         .collect();
-    let target = url.parse().ok().as_ref().and_then(Target::new);
+    let headers: Vec<String> = row.get(13);
+    let target = url
+        .parse()
+        .ok()
+        .as_ref()
+        .and_then(Target::new)
+        .map(|t| t.with_headers(&headers));
     Arc::new(Endpoint {
         id: row.get(0),
         org: OrgId(row.get(1)),

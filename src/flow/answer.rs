@@ -357,6 +357,8 @@ pub struct EndpointView {
     pub description: Option<String>,
     /// Attempts per second at most.
     pub rate_limit_per_second: Option<i32>,
+    /// Headers of its own, as sent (`name: value`).
+    pub headers: Vec<String>,
     /// Its status.
     pub status: EndpointStatus,
     /// The secret, only when just created.

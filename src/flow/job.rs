@@ -116,6 +116,8 @@ pub struct EndpointSpec {
     pub description: Option<String>,
     /// Attempts per second at most; `None`: no limit.
     pub rate_limit_per_second: Option<u32>,
+    /// Headers of its own, as sent (`name: value`), checked by [`crate::endpoint_headers`].
+    pub headers: Vec<String>,
 }
 
 /// A change to an endpoint: `None` leaves a field as it is; `Some(None)` clears it.
@@ -129,6 +131,8 @@ pub struct EndpointPatch {
     pub description: Option<Option<String>>,
     /// A new limit.
     pub rate_limit_per_second: Option<Option<u32>>,
+    /// New headers of its own (`Some(vec![])`: none).
+    pub headers: Option<Vec<String>>,
 }
 
 /// Work for the store pool other than event writes.

@@ -11,6 +11,7 @@ use crate::auth::OrgInfo;
 use crate::config::{
     ENDPOINT_DESCRIPTION_CHARS_MAX, ENDPOINT_PATTERNS_MAX, ENDPOINT_RATE_LIMIT_MAX,
 };
+use crate::endpoint_headers;
 use crate::error::ApiError;
 use crate::event_types::pattern_error;
 use crate::flow::answer::{Answer, EndpointView};
@@ -121,9 +122,45 @@ fn rate_field(body: &Body<'_>) -> Result<Option<Option<u32>>, ApiError> {
     }
 }
 
+/// `headers`: absent, null (none), or an object of header names and string values that
+/// [`endpoint_headers::headers_error`] accepts; kept as the lines sent, in the order given.
+fn headers_field(body: &Body<'_>) -> Result<Option<Vec<String>>, ApiError> {
+    let invalid = |m: String| ApiError::validation("headers", m);
+    match body.get("headers") {
+        None => Ok(None),
+        Some(Field::Null) => Ok(Some(Vec::new())),
+        Some(f @ Field::Object { .. }) => {
+            let members = body.object_members(f);
+            let mut pairs = Vec::with_capacity(members.len());
+            for (name, value) in members {
+                let Field::Str(value) = value else {
+                    return Err(invalid(format!(
+                        "the value of `{name}` must be a string, not {}",
+                        value.type_name()
+                    )));
+                };
+                pairs.push((name, value));
+            }
+            if let Some(why) = endpoint_headers::headers_error(pairs.iter().copied()) {
+                return Err(invalid(why));
+            }
+            Ok(Some(
+                pairs
+                    .into_iter()
+                    .map(|(n, v)| endpoint_headers::line(n, v))
+                    .collect(),
+            ))
+        }
+        Some(other) => Err(invalid(format!(
+            "headers must be an object of header names and values, or null, not {}",
+            other.type_name()
+        ))),
+    }
+}
+
 /// The body of `POST /api/endpoints`: what an accepted one holds is checked in shape (the URL's
 /// syntax, 1..50 distinct valid patterns, a description of at most 255 characters, a rate in
-/// range); the store resolves the URL.
+/// range, headers of its own that may be sent); the store resolves the URL.
 pub fn validate_endpoint_spec(
     parser: &RefCell<Parser>,
     body: &[u8],
@@ -136,6 +173,7 @@ pub fn validate_endpoint_spec(
             event_types: patterns_field(body)?.flatten(),
             description: description_field(body)?.flatten(),
             rate_limit_per_second: rate_field(body)?.flatten(),
+            headers: headers_field(body)?.unwrap_or_default(),
         })
     })
 }
@@ -152,11 +190,12 @@ pub fn validate_endpoint_patch(
             event_types: patterns_field(body)?,
             description: description_field(body)?,
             rate_limit_per_second: rate_field(body)?,
+            headers: headers_field(body)?,
         };
         if patch == EndpointPatch::default() {
             return Err(ApiError::validation(
                 "body",
-                "send at least one of url, event_types, description, rate_limit_per_second",
+                "send at least one of url, event_types, description, rate_limit_per_second, headers",
             ));
         }
         Ok(patch)
@@ -196,6 +235,11 @@ pub fn write_endpoint(o: &mut Obj<'_>, e: &EndpointView) {
         Some(r) => o.int("rate_limit_per_second", i64::from(r)),
         None => o.null("rate_limit_per_second"),
     };
+    let mut headers = Obj::new(o.key("headers"));
+    for (name, value) in e.headers.iter().filter_map(|l| l.split_once(": ")) {
+        headers.str(name, value);
+    }
+    headers.finish();
     o.str("status", e.status.as_str());
     if let Some(secret) = &e.signing_secret {
         o.str("signing_secret", secret);

@@ -23,7 +23,7 @@ use crate::url_policy;
 /// The columns [`endpoint_view`] reads, in its order.
 pub const ENDPOINT_COLUMNS: &str = "id, url, event_types, description, rate_limit_per_second, \
      status, consecutive_failures, last_success_at, last_failure_at, circuit_open_until, \
-     created_at, updated_at";
+     created_at, updated_at, headers";
 
 /// `whsec_` and the standard base64 of random bytes.
 pub fn new_signing_secret() -> Result<String, Refusal> {
@@ -66,6 +66,7 @@ pub fn endpoint_view(row: &Row, circuit_failures: usize) -> EndpointView {
         event_types: row.get(2),
         description: row.get(3),
         rate_limit_per_second: row.get(4),
+        headers: row.get(12),
         status: EndpointStatus::from_i16(row.get(5)),
         signing_secret: None,
         health: EndpointHealth {
@@ -152,8 +153,8 @@ pub async fn create(ctx: &StoreCtx, org: OrgId, spec: EndpointSpec) -> Result<An
         tx.query_one(
             &format!(
                 "INSERT INTO endpoints (id, org_id, url, event_types, description, \
-                     rate_limit_per_second, signing_secret, created_at, updated_at) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $8) RETURNING {ENDPOINT_COLUMNS}"
+                     rate_limit_per_second, signing_secret, created_at, updated_at, headers) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $8, $9) RETURNING {ENDPOINT_COLUMNS}"
             ),
             &[
                 &id,
@@ -164,6 +165,7 @@ pub async fn create(ctx: &StoreCtx, org: OrgId, spec: EndpointSpec) -> Result<An
                 &rate,
                 &secret,
                 &now.to_system_time(),
+                &spec.headers,
             ],
         )
         .await?
@@ -281,6 +283,7 @@ pub async fn patch(
                      event_types = CASE WHEN $5 THEN $6 ELSE event_types END, \
                      description = CASE WHEN $7 THEN $8 ELSE description END, \
                      rate_limit_per_second = CASE WHEN $9 THEN $10 ELSE rate_limit_per_second END, \
+                     headers = COALESCE($13, headers), \
                      updated_at = $11 \
                  WHERE id = $1 AND org_id = $2 AND status <> $12 RETURNING {ENDPOINT_COLUMNS}"
             ),
@@ -297,6 +300,7 @@ pub async fn patch(
                 &rate.flatten(),
                 &now,
                 &EndpointStatus::Removed.code(),
+                &patch.headers,
             ],
         )
         .await?

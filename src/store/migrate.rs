@@ -66,6 +66,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "0012_endpoint_budget_shares.sql",
         include_str!("../../migrations/0012_endpoint_budget_shares.sql"),
     ),
+    (
+        13,
+        "0013_endpoint_headers.sql",
+        include_str!("../../migrations/0013_endpoint_headers.sql"),
+    ),
 ];
 
 /// Arbitrary constant naming the migration lock.
