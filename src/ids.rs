@@ -231,9 +231,69 @@ pub fn decode_cursor(text: &str) -> Option<Uuid> {
     Uuid::from_slice(&bytes).ok()
 }
 
+/// A cursor of a page ordered by (time, id) descending: the last item's, as 32 characters of
+/// URL-safe base64 (the time's 8 bytes, then the id's 16). Opaque to clients.
+pub fn encode_cursor_at(at: Micros, last: Uuid) -> String {
+    use base64::Engine;
+    let mut bytes = [0u8; 24];
+    bytes[..8].copy_from_slice(&at.0.to_be_bytes());
+    bytes[8..].copy_from_slice(last.as_bytes());
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+}
+
+/// Times in a cursor are below 2^58 µs (the year 11,103): past the year 9999, the latest that
+/// RFC 3339 writes, and still a timestamp PostgreSQL takes. So a cursor starts with `A` (its
+/// first six bits are 0).
+const CURSOR_MICROS_END: i64 = 1 << 58;
+
+/// The time and id inside a cursor from [`encode_cursor_at`]; `None` also for a time before 1970
+/// or from 2^58 µs on, which no page holds.
+pub fn decode_cursor_at(text: &str) -> Option<(Micros, Uuid)> {
+    use base64::Engine;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(text)
+        .ok()?;
+    let bytes: [u8; 24] = bytes.try_into().ok()?;
+    let at = i64::from_be_bytes(bytes[..8].try_into().ok()?);
+    if !(0..CURSOR_MICROS_END).contains(&at) {
+        return None;
+    }
+    Some((Micros(at), Uuid::from_slice(&bytes[8..]).ok()?))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_time_and_id_cursor_reads_back_and_nothing_else_does() {
+        let id = Uuid::from_u128(0x0123_4567_89ab_cdef_0123_4567_89ab_cdef);
+        for at in [
+            Micros(0),
+            Micros(1_796_452_411_059_420),
+            Micros(CURSOR_MICROS_END - 1),
+        ] {
+            let c = encode_cursor_at(at, id);
+            assert_eq!(c.len(), 32);
+            assert!(c.starts_with('A'), "{c}");
+            assert_eq!(decode_cursor_at(&c), Some((at, id)));
+        }
+        for at in [
+            Micros(-1),
+            Micros(CURSOR_MICROS_END),
+            Micros(i64::MAX),
+            Micros(i64::MIN),
+        ] {
+            assert_eq!(decode_cursor_at(&encode_cursor_at(at, id)), None, "{at:?}");
+        }
+        assert_eq!(
+            decode_cursor_at(&encode_cursor(id)),
+            None,
+            "an inbox cursor is not one"
+        );
+        assert_eq!(decode_cursor_at("%%%"), None);
+        assert_eq!(decode_cursor_at(""), None);
+    }
 
     #[test]
     fn dates_are_imf_fixdate() {

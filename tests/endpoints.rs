@@ -1307,6 +1307,149 @@ async fn recover_resends_exactly_the_deliveries_that_failed_since_a_time() {
     assert_eq!(r.status, 404);
 }
 
+/// `GET /api/endpoints/{id}/failed` lists the endpoint's failed deliveries, the latest failure
+/// first, each with its attempts and its last attempt from the log; `since` picks what `recover`
+/// with the same `since` would start again; pages walk every one exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endpoints_failed_deliveries_are_listed_as_recover_would_take_them() {
+    let recv = Receiver::start(|_, _| Answer {
+        raw: Some(b"HTTP/1.1 500 Oops\r\nContent-Length: 13\r\n\r\nupstream down".to_vec()),
+        ..Answer::status(500)
+    })
+    .await;
+    let s = quick_retry_node("triggers_test_failed_list").await;
+    let (key, _) = new_org(s.addr, "pro").await;
+    let ep = create_endpoint(s.addr, &key, json!({"url": recv.url("/x")})).await;
+    let id = ep["id"].as_str().unwrap().to_string();
+    let path = format!("/api/endpoints/{id}/failed");
+    let fail = |n: usize| {
+        let (addr, key) = (s.addr, key.clone());
+        async move {
+            let mut ids = Vec::new();
+            for _ in 0..n {
+                ids.push(post_typed(addr, &key, "order.a").await);
+            }
+            for e in &ids {
+                wait_event(addr, &key, e, Duration::from_secs(5), |v| {
+                    v["status"] == "failed"
+                })
+                .await;
+            }
+            ids
+        }
+    };
+    let early = fail(3).await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let since = now_rfc3339();
+    let late = fail(2).await;
+    let listed = |page: &Value| -> Vec<String> {
+        page["deliveries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| d["event_id"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let sorted = |mut v: Vec<String>| {
+        v.sort();
+        v
+    };
+
+    // Since a time: the late ones, with their attempts and the last one's answer.
+    let page = get(s.addr, &key, &format!("{path}?since={since}")).await;
+    assert_eq!(page.status, 200, "{}", page.text());
+    let page = page.json();
+    assert_eq!(sorted(listed(&page)), sorted(late.clone()));
+    assert_eq!(page["next_cursor"], Value::Null);
+    let d = &page["deliveries"][0];
+    assert_eq!(d["type"], "order.a");
+    assert_eq!(d["attempts"], 2, "the first attempt and the one retry");
+    assert_eq!(d["last_attempt"]["attempt"], 2);
+    assert_eq!(d["last_attempt"]["response_status"], 500);
+    assert_eq!(d["last_attempt"]["response_body"], "upstream down");
+    assert_eq!(d["last_attempt"]["endpoint_id"], id.as_str());
+    let times: Vec<&str> = page["deliveries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["failed_at"].as_str().unwrap())
+        .collect();
+    assert!(
+        times.windows(2).all(|w| w[0] >= w[1]),
+        "latest first: {times:?}"
+    );
+    // An offset's `+` sent unescaped reads as the space it decodes to, and still counts.
+    let plus = since.replace('Z', "+00:00");
+    let page = get(s.addr, &key, &format!("{path}?since={plus}")).await;
+    assert_eq!(
+        sorted(listed(&page.json())),
+        sorted(late.clone()),
+        "{}",
+        page.text()
+    );
+
+    // Every one, two a page: each exactly once.
+    let (mut seen, mut cursor) = (Vec::new(), String::new());
+    loop {
+        let page = get(s.addr, &key, &format!("{path}?limit=2&cursor={cursor}"))
+            .await
+            .json();
+        seen.extend(listed(&page));
+        match page["next_cursor"].as_str() {
+            Some(c) => cursor = c.to_string(),
+            None => break,
+        }
+    }
+    assert_eq!(seen.len(), 5, "{seen:?}");
+    assert_eq!(
+        sorted(seen),
+        sorted(early.iter().chain(&late).cloned().collect())
+    );
+
+    // After a recover since that time, only the early ones are left failed.
+    recv.set_script(|_, _| Answer::status(200));
+    let r = post(
+        s.addr,
+        &key,
+        &format!("/api/endpoints/{id}/recover"),
+        &json!({"since": since}),
+    )
+    .await;
+    assert_eq!(r.json(), json!({"queued": 2}));
+    let page = get(s.addr, &key, &path).await.json();
+    assert_eq!(sorted(listed(&page)), sorted(early.clone()));
+    let page = get(s.addr, &key, &format!("{path}?since={since}"))
+        .await
+        .json();
+    assert_eq!(page["deliveries"], json!([]));
+
+    // Bad parameters name themselves; another organization's endpoint is not found.
+    let inbox_cursor = get(s.addr, &key, "/api/inbox?status=failed&limit=1")
+        .await
+        .json()["next_cursor"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    for (query, field) in [
+        ("limit=0", "limit"),
+        ("limit=1001", "limit"),
+        ("since=yesterday", "since"),
+        ("cursor=abc", "cursor"),
+        (&format!("cursor={inbox_cursor}") as &str, "cursor"),
+        // A well-formed cursor of a time no page can hold (the year 292,277).
+        ("cursor=f_________8BI0VniavN7wEjRWeJq83v", "cursor"),
+        ("cursor=gAAAAAAAAAABI0VniavN7wEjRWeJq83v", "cursor"),
+    ] {
+        let r = get(s.addr, &key, &format!("{path}?{query}")).await;
+        assert_eq!(r.status, 422, "{query}: {}", r.text());
+        assert_eq!(r.json()["field"], field, "{query}");
+    }
+    let (other, _) = new_org(s.addr, "pro").await;
+    assert_eq!(get(s.addr, &other, &path).await.status, 404);
+    let r = get(s.addr, &key, "/api/endpoints/not-a-uuid/failed").await;
+    assert_eq!(r.status, 422);
+}
+
 fn now_rfc3339() -> String {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

@@ -181,6 +181,8 @@ pub enum Answer {
         /// How many.
         queued: u64,
     },
+    /// `GET /api/endpoints/{id}/failed`.
+    FailedDeliveries(FailedPage),
     /// `GET /api/inbox`.
     Inbox(InboxPage),
     /// `POST /api/ack/{id}`.
@@ -403,6 +405,30 @@ pub struct AttemptView {
     pub duration_ms: i32,
     /// The first 1 KiB of the receiver's answer.
     pub response_body: Option<String>,
+}
+
+/// One delivery to an endpoint that ended failed, as `GET /api/endpoints/{id}/failed` lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FailedDelivery {
+    /// The event.
+    pub event_id: Uuid,
+    /// Its type.
+    pub event_type: String,
+    /// When its last round ended failed.
+    pub failed_at: Micros,
+    /// Its attempts to this endpoint, every round (the attempt log's count).
+    pub attempts: i32,
+    /// The last of them, when the log still has it.
+    pub last_attempt: Option<AttemptView>,
+}
+
+/// A page of an endpoint's failed deliveries, the latest failure first.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FailedPage {
+    /// The deliveries.
+    pub deliveries: Vec<FailedDelivery>,
+    /// The last one's (failed_at, event id) when there are more (the next page's cursor).
+    pub more_before: Option<(Micros, Uuid)>,
 }
 
 /// `GET /api/events/{id}`: the event, its delivery per endpoint, and its attempts, oldest first.

@@ -84,6 +84,17 @@ pub enum Query {
         /// Deliveries that ended failed at or after this time start a new round.
         since: Micros,
     },
+    /// `GET /api/endpoints/{id}/failed`: what `recover` with the same `since` would start again.
+    FailedDeliveries {
+        /// The endpoint.
+        id: Uuid,
+        /// Only deliveries that ended failed at or after this time.
+        since: Option<Micros>,
+        /// Page size, 1..=1000.
+        limit: u32,
+        /// Only those before this (failed_at, event id): the previous page's last.
+        before: Option<(Micros, Uuid)>,
+    },
     /// `GET /api/inbox`.
     Inbox {
         /// Page size, 1..=1000.

@@ -5,18 +5,22 @@
 use std::cell::RefCell;
 use std::rc::Rc;
 
+use uuid::Uuid;
+
 use super::core::CoreCtx;
-use super::request::{path_uuid, require_json, with_body, Request};
+use super::events::write_attempt;
+use super::request::{path_uuid, query_pairs, require_json, with_body, Request};
 use crate::auth::OrgInfo;
 use crate::config::{
     ENDPOINT_DESCRIPTION_CHARS_MAX, ENDPOINT_PATTERNS_MAX, ENDPOINT_RATE_LIMIT_MAX,
+    INBOX_PAGE_DEFAULT, INBOX_PAGE_MAX,
 };
 use crate::endpoint_headers;
 use crate::error::ApiError;
 use crate::event_types::pattern_error;
-use crate::flow::answer::{Answer, EndpointView};
+use crate::flow::answer::{Answer, EndpointView, FailedPage};
 use crate::flow::job::{EndpointPatch, EndpointSpec, Query};
-use crate::ids::{parse_rfc3339, Micros};
+use crate::ids::{decode_cursor_at, encode_cursor_at, parse_rfc3339, Micros};
 use crate::json::{write_list, write_str, Body, Field, Obj, Parser};
 use crate::reply::Reply;
 use crate::url_policy;
@@ -315,6 +319,7 @@ fn render(answer: Answer) -> Option<Reply> {
             o.int("queued", queued.min(i64::MAX as u64) as i64);
             o.finish();
         }),
+        Answer::FailedDeliveries(page) => Reply::build(200, |out| write_failed(out, &page)),
         _ => return None,
     })
 }
@@ -382,6 +387,117 @@ pub async fn set_paused(
         paused,
     })
     .await
+}
+
+/// The parameters of `GET /api/endpoints/{id}/failed`: `since` (RFC 3339; a `+` of an offset
+/// may come unescaped, as the space it decodes to), `limit` (1..=1000, default 100), `cursor`
+/// (the previous page's `next_cursor`). Unknown parameters are ignored; a repeated one counts by
+/// its last value.
+pub fn parse_failed_query(query: &[u8]) -> Result<FailedQuery, ApiError> {
+    let mut q = FailedQuery {
+        since: None,
+        limit: INBOX_PAGE_DEFAULT,
+        before: None,
+    };
+    for (key, value) in query_pairs(query) {
+        match key {
+            b"since" => {
+                q.since = if value.is_empty() {
+                    None
+                } else {
+                    let time =
+                        parse_rfc3339(&value).or_else(|| parse_rfc3339(&value.replace(' ', "+")));
+                    Some(time.ok_or_else(|| {
+                        ApiError::validation(
+                            "since",
+                            "since must be an RFC 3339 time such as 2026-01-31T12:00:00Z",
+                        )
+                    })?)
+                };
+            }
+            b"limit" => {
+                q.limit = value
+                    .parse::<u32>()
+                    .ok()
+                    .filter(|n| (1..=INBOX_PAGE_MAX).contains(n))
+                    .ok_or_else(|| {
+                        ApiError::validation(
+                            "limit",
+                            format!("limit must be an integer from 1 to {INBOX_PAGE_MAX}"),
+                        )
+                    })?;
+            }
+            b"cursor" => {
+                q.before = if value.is_empty() {
+                    None
+                } else {
+                    Some(decode_cursor_at(&value).ok_or_else(|| {
+                        ApiError::validation("cursor", "cursor is not one this server returned")
+                    })?)
+                };
+            }
+            _ => {}
+        }
+    }
+    Ok(q)
+}
+
+/// What [`parse_failed_query`] read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FailedQuery {
+    /// Only failures at or after this time.
+    pub since: Option<Micros>,
+    /// Page size.
+    pub limit: u32,
+    /// The previous page's last (failed_at, event id).
+    pub before: Option<(Micros, Uuid)>,
+}
+
+fn write_failed(out: &mut Vec<u8>, page: &FailedPage) {
+    let mut o = Obj::new(out);
+    write_list(o.key("deliveries"), &page.deliveries, |out, d| {
+        let mut item = Obj::new(out);
+        item.id("event_id", &d.event_id)
+            .str("type", &d.event_type)
+            .time("failed_at", d.failed_at)
+            .int("attempts", i64::from(d.attempts));
+        match &d.last_attempt {
+            Some(a) => write_attempt(item.key("last_attempt"), a),
+            None => {
+                item.null("last_attempt");
+            }
+        }
+        item.finish();
+    });
+    match page.more_before {
+        Some((at, last)) => o.str("next_cursor", &encode_cursor_at(at, last)),
+        None => o.null("next_cursor"),
+    };
+    o.finish();
+}
+
+/// `GET /api/endpoints/{id}/failed?since=&limit=&cursor=`: the endpoint's deliveries that ended
+/// failed, the latest first: what `recover` with the same `since` would start again.
+pub async fn failed(ctx: &Rc<CoreCtx>, req: &Request, org: OrgInfo, param: Option<&str>) -> Reply {
+    let id = match path_uuid(param, "id") {
+        Ok(id) => id,
+        Err(e) => return e.reply(),
+    };
+    match parse_failed_query(req.head.query.as_deref().unwrap_or(b"")) {
+        Ok(q) => ctx
+            .query(
+                org,
+                Query::FailedDeliveries {
+                    id,
+                    since: q.since,
+                    limit: q.limit,
+                    before: q.before,
+                },
+            )
+            .await
+            .render(render),
+        Err(e) => e.reply(),
+    }
 }
 
 /// `POST /api/endpoints/{id}/recover` body `{"since": RFC 3339}`.

@@ -422,7 +422,8 @@ pub fn write_event(o: &mut Obj<'_>, e: &EventView) {
         .opt_time("delivered_at", e.delivered_at);
 }
 
-fn write_attempt(out: &mut Vec<u8>, a: &AttemptView) {
+/// One attempt of the log as JSON (the event detail's `delivery_attempts`, a failed delivery's `last_attempt`).
+pub fn write_attempt(out: &mut Vec<u8>, a: &AttemptView) {
     let mut item = Obj::new(out);
     item.id("endpoint_id", &a.endpoint_id)
         .int("attempt", i64::from(a.attempt))

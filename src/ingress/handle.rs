@@ -126,6 +126,7 @@ pub async fn run(ctx: &Rc<CoreCtx>, ready: Ready, req: &Request) -> Reply {
         Route::EndpointPause => endpoints::set_paused(ctx, org, param, true).await,
         Route::EndpointResume => endpoints::set_paused(ctx, org, param, false).await,
         Route::EndpointRecover => endpoints::recover(ctx, req, org, param).await,
+        Route::EndpointFailed => endpoints::failed(ctx, req, org, param).await,
         Route::EventRedeliver => events::redeliver(ctx, req, org, param).await,
         other => {
             tracing::error!(route = ?other, "an unauthenticated route came with a key");

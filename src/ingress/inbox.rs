@@ -4,7 +4,7 @@ use std::rc::Rc;
 
 use super::core::CoreCtx;
 use super::events::write_event;
-use super::request::{path_uuid, require_json, with_body, Request};
+use super::request::{path_uuid, query_pairs, require_json, with_body, Request};
 use crate::auth::OrgInfo;
 use crate::config::{ACK_BATCH_IDS_MAX, INBOX_PAGE_DEFAULT, INBOX_PAGE_MAX};
 use crate::error::ApiError;
@@ -51,12 +51,7 @@ fn write_page(out: &mut Vec<u8>, page: &InboxPage) {
 /// The inbox parameters. Unknown parameters are ignored; a repeated one counts by its last value.
 pub fn parse_query(query: &[u8]) -> Result<Query, ApiError> {
     let (mut limit, mut status, mut before) = (INBOX_PAGE_DEFAULT, EventStatus::Pending, None);
-    for pair in query.split(|&b| b == b'&').filter(|p| !p.is_empty()) {
-        let (key, value) = match pair.iter().position(|&b| b == b'=') {
-            Some(i) => (&pair[..i], &pair[i + 1..]),
-            None => (pair, &b""[..]),
-        };
-        let value = percent_decode(value);
+    for (key, value) in query_pairs(query) {
         match key {
             b"limit" => {
                 limit = value
@@ -92,33 +87,6 @@ pub fn parse_query(query: &[u8]) -> Result<Query, ApiError> {
         status,
         before,
     })
-}
-
-/// Decode `%XX` escapes and `+`; invalid escapes are kept as they are.
-fn percent_decode(v: &[u8]) -> String {
-    let mut out = Vec::with_capacity(v.len());
-    let mut i = 0;
-    while i < v.len() {
-        match v[i] {
-            b'%' if i + 2 < v.len() => {
-                let hex = std::str::from_utf8(&v[i + 1..i + 3])
-                    .ok()
-                    .and_then(|h| u8::from_str_radix(h, 16).ok());
-                match hex {
-                    Some(b) => {
-                        out.push(b);
-                        i += 3;
-                        continue;
-                    }
-                    None => out.push(b'%'),
-                }
-            }
-            b'+' => out.push(b' '),
-            b => out.push(b),
-        }
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// `POST /api/ack/{event_id}`.
@@ -259,12 +227,5 @@ mod tests {
                 other => panic!("{q}: {other:?}"),
             }
         }
-    }
-
-    #[test]
-    fn percent_decoding() {
-        assert_eq!(percent_decode(b"a%20b+c"), "a b c");
-        assert_eq!(percent_decode(b"100%"), "100%");
-        assert_eq!(percent_decode(b"%zz"), "%zz");
     }
 }

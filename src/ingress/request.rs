@@ -114,3 +114,64 @@ pub fn text_field<'a>(
         )),
     }
 }
+
+/// The `key=value` pairs of a query string in order, each value percent-decoded (`+` is a space);
+/// empty pairs are skipped, a pair without `=` has an empty value.
+pub fn query_pairs(query: &[u8]) -> impl Iterator<Item = (&[u8], String)> {
+    query
+        .split(|&b| b == b'&')
+        .filter(|p| !p.is_empty())
+        .map(|pair| match pair.iter().position(|&b| b == b'=') {
+            Some(i) => (&pair[..i], percent_decode(&pair[i + 1..])),
+            None => (pair, String::new()),
+        })
+}
+
+/// Decode `%XX` escapes and `+`; invalid escapes are kept as they are.
+fn percent_decode(v: &[u8]) -> String {
+    let mut out = Vec::with_capacity(v.len());
+    let mut i = 0;
+    while i < v.len() {
+        match v[i] {
+            b'%' if i + 2 < v.len() => {
+                let hex = std::str::from_utf8(&v[i + 1..i + 3])
+                    .ok()
+                    .and_then(|h| u8::from_str_radix(h, 16).ok());
+                match hex {
+                    Some(b) => {
+                        out.push(b);
+                        i += 3;
+                        continue;
+                    }
+                    None => out.push(b'%'),
+                }
+            }
+            b'+' => out.push(b' '),
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_pairs_are_split_and_decoded() {
+        assert_eq!(percent_decode(b"a%20b+c"), "a b c");
+        assert_eq!(percent_decode(b"100%"), "100%");
+        assert_eq!(percent_decode(b"%zz"), "%zz");
+        let pairs: Vec<(&[u8], String)> = query_pairs(b"a=1&&b&c=x%2By+z&a=2").collect();
+        assert_eq!(
+            pairs,
+            [
+                (&b"a"[..], "1".to_string()),
+                (&b"b"[..], String::new()),
+                (&b"c"[..], "x+y z".to_string()),
+                (&b"a"[..], "2".to_string()),
+            ]
+        );
+    }
+}

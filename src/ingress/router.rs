@@ -61,6 +61,8 @@ pub enum Route {
     EndpointResume,
     /// POST /api/endpoints/{id}/recover
     EndpointRecover,
+    /// GET /api/endpoints/{id}/failed
+    EndpointFailed,
     /// No such path.
     NotFound,
     /// A known path with another method.
@@ -102,6 +104,7 @@ impl Route {
         Route::EndpointPause,
         Route::EndpointResume,
         Route::EndpointRecover,
+        Route::EndpointFailed,
         Route::NotFound,
         Route::MethodNotAllowed,
         Route::BadRequest,
@@ -164,6 +167,7 @@ impl Route {
             Route::EndpointPause => ("POST", "/api/endpoints/{id}/pause"),
             Route::EndpointResume => ("POST", "/api/endpoints/{id}/resume"),
             Route::EndpointRecover => ("POST", "/api/endpoints/{id}/recover"),
+            Route::EndpointFailed => ("GET", "/api/endpoints/{id}/failed"),
             Route::NotFound => ("", "unmatched"),
             Route::MethodNotAllowed => ("", "method_not_allowed"),
             Route::BadRequest => ("", "bad_request"),
@@ -276,6 +280,10 @@ pub fn route(method: Method, path: &str) -> Result<Matched<'_>, ApiError> {
             "POST",
             (method == Post).then_some((Route::EndpointRotate, Some(id))),
         ),
+        [Some("api"), Some("endpoints"), Some(id), Some("failed"), None] => (
+            "GET",
+            (method == Get).then_some((Route::EndpointFailed, Some(id))),
+        ),
         [Some("api"), Some("endpoints"), Some(id), Some(action), None]
             if matches!(action, "pause" | "resume" | "recover") =>
         {
@@ -357,6 +365,10 @@ mod tests {
         assert_eq!(
             ok(Post, "/api/endpoints/e/resume"),
             (Route::EndpointResume, Some("e"))
+        );
+        assert_eq!(
+            ok(Get, "/api/endpoints/e/failed"),
+            (Route::EndpointFailed, Some("e"))
         );
         assert_eq!(
             ok(Post, "/api/endpoints/e/recover"),

@@ -14,7 +14,10 @@ use uuid::Uuid;
 
 use super::ctx::{Done, StoreCtx};
 use crate::config::SIGNING_SECRET_BYTES;
-use crate::flow::answer::{Answer, Circuit, EndpointHealth, EndpointStatus, EndpointView, Refusal};
+use crate::flow::answer::{
+    Answer, AttemptView, Circuit, EndpointHealth, EndpointStatus, EndpointView, FailedDelivery,
+    FailedPage, Refusal,
+};
 use crate::flow::job::{EndpointPatch, EndpointSpec};
 use crate::flow::ORG_CHANGED_CHANNEL;
 use crate::ids::{new_v7, Micros, OrgId};
@@ -484,4 +487,87 @@ pub async fn recover(ctx: &StoreCtx, org: OrgId, id: Uuid, since: Micros) -> Don
         ctx.delivery.wake();
     }
     Ok(Answer::Recovered { queued })
+}
+
+/// An endpoint's failed deliveries, the latest failure first (ties by event id, descending), each
+/// with its attempt count and last attempt from the log, read in one statement. The same rows as
+/// [`recover`] with the same `since` would start again; `deliveries_recover` (endpoint, failed_at)
+/// serves the order.
+const FAILED: &str = "\
+    SELECT d.event_id, e.type, d.failed_at, c.n, \
+           l.attempt, l.at, l.response_status, l.error, l.duration_ms, l.response_body \
+    FROM deliveries d \
+    JOIN events e ON e.id = d.event_id AND e.org_id = d.org_id \
+    CROSS JOIN LATERAL (SELECT count(*)::int AS n FROM delivery_attempts a \
+                        WHERE a.event_id = d.event_id AND a.endpoint_id = d.endpoint_id) c \
+    LEFT JOIN LATERAL (SELECT a.attempt, a.at, a.response_status, a.error, a.duration_ms, \
+                              a.response_body \
+                       FROM delivery_attempts a \
+                       WHERE a.event_id = d.event_id AND a.endpoint_id = d.endpoint_id \
+                       ORDER BY a.at DESC, a.attempt DESC LIMIT 1) l ON true \
+    WHERE d.endpoint_id = $1 AND d.org_id = $2 AND d.status = 2 \
+      AND d.failed_at >= COALESCE($3, '-infinity'::timestamptz) \
+      AND ($4::timestamptz IS NULL OR (d.failed_at, d.event_id) < ($4, $5)) \
+    ORDER BY d.failed_at DESC, d.event_id DESC \
+    LIMIT $6";
+
+/// `GET /api/endpoints/{id}/failed`: a page of the endpoint's deliveries that ended failed at or
+/// after `since`, before the cursor's (failed_at, event id).
+pub async fn failed(
+    ctx: &StoreCtx,
+    org: OrgId,
+    id: Uuid,
+    since: Option<Micros>,
+    limit: u32,
+    before: Option<(Micros, Uuid)>,
+) -> Done<Answer> {
+    let client = ctx.pool.get().await?;
+    let exists = client
+        .query_opt(
+            "SELECT 1 FROM endpoints WHERE id = $1 AND org_id = $2 AND status <> $3",
+            &[&id, &org.0, &EndpointStatus::Removed.code()],
+        )
+        .await?;
+    exists.ok_or(NOT_FOUND)?;
+    let stmt = client.prepare_cached(FAILED).await?;
+    let rows = client
+        .query(
+            &stmt,
+            &[
+                &id,
+                &org.0,
+                &since.map(Micros::to_system_time),
+                &before.map(|(at, _)| at.to_system_time()),
+                &before.map_or(Uuid::nil(), |(_, last)| last),
+                &(i64::from(limit) + 1),
+            ],
+        )
+        .await?;
+    let more = rows.len() > limit as usize;
+    let deliveries: Vec<FailedDelivery> = rows
+        .iter()
+        .take(limit as usize)
+        .map(|r| FailedDelivery {
+            event_id: r.get(0),
+            event_type: r.get(1),
+            failed_at: Micros::from_system_time(r.get(2)),
+            attempts: r.get(3),
+            last_attempt: r.get::<_, Option<i32>>(4).map(|attempt| AttemptView {
+                endpoint_id: id,
+                attempt,
+                at: Micros::from_system_time(r.get(5)),
+                response_status: r.get(6),
+                error: r.get(7),
+                duration_ms: r.get(8),
+                response_body: r.get(9),
+            }),
+        })
+        .collect();
+    let more_before = more
+        .then(|| deliveries.last().map(|d| (d.failed_at, d.event_id)))
+        .flatten();
+    Ok(Answer::FailedDeliveries(FailedPage {
+        deliveries,
+        more_before,
+    }))
 }

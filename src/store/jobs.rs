@@ -124,6 +124,18 @@ async fn run_query(ctx: &StoreCtx, org: OrgInfo, query: Query) -> Result<Answer,
             )
             .await
         }
+        Query::FailedDeliveries {
+            id,
+            since,
+            limit,
+            before,
+        } => {
+            ctx.timed(
+                "failed deliveries",
+                endpoints::failed(ctx, org.id, id, since, limit, before),
+            )
+            .await
+        }
         Query::Inbox {
             limit,
             status,
