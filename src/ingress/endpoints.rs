@@ -9,11 +9,11 @@ use uuid::Uuid;
 
 use super::core::CoreCtx;
 use super::events::write_attempt;
-use super::request::{path_uuid, query_pairs, require_json, with_body, Request};
+use super::request::{page_limit, path_uuid, query_pairs, require_json, with_body, Request};
 use crate::auth::OrgInfo;
 use crate::config::{
     ENDPOINT_DESCRIPTION_CHARS_MAX, ENDPOINT_PATTERNS_MAX, ENDPOINT_RATE_LIMIT_MAX,
-    INBOX_PAGE_DEFAULT, INBOX_PAGE_MAX,
+    INBOX_PAGE_DEFAULT,
 };
 use crate::endpoint_headers;
 use crate::error::ApiError;
@@ -206,15 +206,15 @@ pub fn validate_endpoint_patch(
     })
 }
 
+/// What a `since` that is not a time is told.
+const SINCE_FORMAT: &str = "since must be an RFC 3339 time such as 2026-01-31T12:00:00Z";
+
 /// The body of `POST /api/endpoints/{id}/recover`: `{"since": RFC 3339}`.
 pub fn validate_recover(parser: &RefCell<Parser>, body: &[u8]) -> Result<Micros, ApiError> {
     with_body(parser, body, |body| match body.get("since") {
-        Some(Field::Str(s)) => parse_rfc3339(s).ok_or_else(|| {
-            ApiError::validation(
-                "since",
-                "since must be an RFC 3339 time such as 2026-01-31T12:00:00Z",
-            )
-        }),
+        Some(Field::Str(s)) => {
+            parse_rfc3339(s).ok_or_else(|| ApiError::validation("since", SINCE_FORMAT))
+        }
         None | Some(Field::Null) => Err(ApiError::validation("since", "since is required")),
         Some(other) => Err(ApiError::validation(
             "since",
@@ -407,26 +407,10 @@ pub fn parse_failed_query(query: &[u8]) -> Result<FailedQuery, ApiError> {
                 } else {
                     let time =
                         parse_rfc3339(&value).or_else(|| parse_rfc3339(&value.replace(' ', "+")));
-                    Some(time.ok_or_else(|| {
-                        ApiError::validation(
-                            "since",
-                            "since must be an RFC 3339 time such as 2026-01-31T12:00:00Z",
-                        )
-                    })?)
+                    Some(time.ok_or_else(|| ApiError::validation("since", SINCE_FORMAT))?)
                 };
             }
-            b"limit" => {
-                q.limit = value
-                    .parse::<u32>()
-                    .ok()
-                    .filter(|n| (1..=INBOX_PAGE_MAX).contains(n))
-                    .ok_or_else(|| {
-                        ApiError::validation(
-                            "limit",
-                            format!("limit must be an integer from 1 to {INBOX_PAGE_MAX}"),
-                        )
-                    })?;
-            }
+            b"limit" => q.limit = page_limit(&value)?,
             b"cursor" => {
                 q.before = if value.is_empty() {
                     None

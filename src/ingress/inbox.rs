@@ -4,9 +4,9 @@ use std::rc::Rc;
 
 use super::core::CoreCtx;
 use super::events::write_event;
-use super::request::{path_uuid, query_pairs, require_json, with_body, Request};
+use super::request::{page_limit, path_uuid, query_pairs, require_json, with_body, Request};
 use crate::auth::OrgInfo;
-use crate::config::{ACK_BATCH_IDS_MAX, INBOX_PAGE_DEFAULT, INBOX_PAGE_MAX};
+use crate::config::{ACK_BATCH_IDS_MAX, INBOX_PAGE_DEFAULT};
 use crate::error::ApiError;
 use crate::flow::answer::{Answer, InboxPage};
 use crate::flow::event::EventStatus;
@@ -53,18 +53,7 @@ pub fn parse_query(query: &[u8]) -> Result<Query, ApiError> {
     let (mut limit, mut status, mut before) = (INBOX_PAGE_DEFAULT, EventStatus::Pending, None);
     for (key, value) in query_pairs(query) {
         match key {
-            b"limit" => {
-                limit = value
-                    .parse::<u32>()
-                    .ok()
-                    .filter(|n| (1..=INBOX_PAGE_MAX).contains(n))
-                    .ok_or_else(|| {
-                        ApiError::validation(
-                            "limit",
-                            format!("limit must be an integer from 1 to {INBOX_PAGE_MAX}"),
-                        )
-                    })?;
-            }
+            b"limit" => limit = page_limit(&value)?,
             b"status" => {
                 status = EventStatus::parse(&value).ok_or_else(|| {
                     ApiError::validation("status", "status must be pending, delivered or failed")

@@ -7,7 +7,7 @@ use std::net::IpAddr;
 use bytes::Bytes;
 
 use super::parse::Head;
-use crate::config::TEXT_FIELD_CHARS_MAX;
+use crate::config::{INBOX_PAGE_MAX, TEXT_FIELD_CHARS_MAX};
 use crate::error::ApiError;
 use crate::json;
 
@@ -113,6 +113,20 @@ pub fn text_field<'a>(
             format!("{field} must be a string, not {}", other.type_name()),
         )),
     }
+}
+
+/// A page's `limit` parameter: an integer from 1 to `INBOX_PAGE_MAX` (422 naming `limit`).
+pub fn page_limit(value: &str) -> Result<u32, ApiError> {
+    value
+        .parse::<u32>()
+        .ok()
+        .filter(|n| (1..=INBOX_PAGE_MAX).contains(n))
+        .ok_or_else(|| {
+            ApiError::validation(
+                "limit",
+                format!("limit must be an integer from 1 to {INBOX_PAGE_MAX}"),
+            )
+        })
 }
 
 /// The `key=value` pairs of a query string in order, each value percent-decoded (`+` is a space);
