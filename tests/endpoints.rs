@@ -1216,6 +1216,35 @@ async fn quick_retry_node(database: &str) -> Server {
     )
 }
 
+/// Three events of type `order.a` whose deliveries fail, then a time, then two of `order.b`:
+/// (the early ones, the time, the late ones), each event failed when this returns.
+async fn failures_around_a_time(s: &Server, key: &str) -> (Vec<String>, String, Vec<String>) {
+    let fail = |n: usize, event_type: &'static str| async move {
+        let mut ids = Vec::new();
+        for _ in 0..n {
+            ids.push(post_typed(s.addr, key, event_type).await);
+        }
+        for e in &ids {
+            wait_event(s.addr, key, e, Duration::from_secs(5), |v| {
+                v["status"] == "failed"
+            })
+            .await;
+        }
+        ids
+    };
+    let early = fail(3, "order.a").await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let since = now_rfc3339();
+    let late = fail(2, "order.b").await;
+    (early, since, late)
+}
+
+/// `POST /api/endpoints/{id}/recover` since `since`: the answer.
+async fn recover_since(s: &Server, key: &str, id: &str, since: &str) -> Response {
+    let path = format!("/api/endpoints/{id}/recover");
+    post(s.addr, key, &path, &json!({"since": since})).await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn recover_resends_exactly_the_deliveries_that_failed_since_a_time() {
     let recv = Receiver::start(|_, _| Answer::status(500)).await;
@@ -1229,28 +1258,7 @@ async fn recover_resends_exactly_the_deliveries_that_failed_since_a_time() {
     )
     .await;
     let id = ep["id"].as_str().unwrap().to_string();
-    let mut early = Vec::new();
-    for _ in 0..3 {
-        early.push(post_typed(s.addr, &key, "order.a").await);
-    }
-    for e in &early {
-        wait_event(s.addr, &key, e, Duration::from_secs(5), |v| {
-            v["status"] == "failed"
-        })
-        .await;
-    }
-    tokio::time::sleep(Duration::from_millis(50)).await;
-    let since = now_rfc3339();
-    let mut late = Vec::new();
-    for _ in 0..2 {
-        late.push(post_typed(s.addr, &key, "order.b").await);
-    }
-    for e in &late {
-        wait_event(s.addr, &key, e, Duration::from_secs(5), |v| {
-            v["status"] == "failed"
-        })
-        .await;
-    }
+    let (early, since, late) = failures_around_a_time(&s, &key).await;
     // The inbox shows them failed, newest first.
     let failed = get(s.addr, &key, "/api/inbox?status=failed").await.json();
     let listed: Vec<&str> = failed["events"]
@@ -1263,13 +1271,7 @@ async fn recover_resends_exactly_the_deliveries_that_failed_since_a_time() {
     all.reverse();
     assert_eq!(listed, all);
     recv.set_script(|_, _| Answer::status(200));
-    let r = post(
-        s.addr,
-        &key,
-        &format!("/api/endpoints/{id}/recover"),
-        &json!({"since": since}),
-    )
-    .await;
+    let r = recover_since(&s, &key, &id, &since).await;
     assert_eq!(r.status, 202, "{}", r.text());
     assert_eq!(r.json(), json!({"queued": 2}));
     for e in &late {
@@ -1322,26 +1324,7 @@ async fn an_endpoints_failed_deliveries_are_listed_as_recover_would_take_them() 
     let ep = create_endpoint(s.addr, &key, json!({"url": recv.url("/x")})).await;
     let id = ep["id"].as_str().unwrap().to_string();
     let path = format!("/api/endpoints/{id}/failed");
-    let fail = |n: usize| {
-        let (addr, key) = (s.addr, key.clone());
-        async move {
-            let mut ids = Vec::new();
-            for _ in 0..n {
-                ids.push(post_typed(addr, &key, "order.a").await);
-            }
-            for e in &ids {
-                wait_event(addr, &key, e, Duration::from_secs(5), |v| {
-                    v["status"] == "failed"
-                })
-                .await;
-            }
-            ids
-        }
-    };
-    let early = fail(3).await;
-    tokio::time::sleep(Duration::from_millis(50)).await;
-    let since = now_rfc3339();
-    let late = fail(2).await;
+    let (early, since, late) = failures_around_a_time(&s, &key).await;
     let listed = |page: &Value| -> Vec<String> {
         page["deliveries"]
             .as_array()
@@ -1362,7 +1345,7 @@ async fn an_endpoints_failed_deliveries_are_listed_as_recover_would_take_them() 
     assert_eq!(sorted(listed(&page)), sorted(late.clone()));
     assert_eq!(page["next_cursor"], Value::Null);
     let d = &page["deliveries"][0];
-    assert_eq!(d["type"], "order.a");
+    assert_eq!(d["type"], "order.b");
     assert_eq!(d["attempts"], 2, "the first attempt and the one retry");
     assert_eq!(d["last_attempt"]["attempt"], 2);
     assert_eq!(d["last_attempt"]["response_status"], 500);
@@ -1408,13 +1391,7 @@ async fn an_endpoints_failed_deliveries_are_listed_as_recover_would_take_them() 
 
     // After a recover since that time, only the early ones are left failed.
     recv.set_script(|_, _| Answer::status(200));
-    let r = post(
-        s.addr,
-        &key,
-        &format!("/api/endpoints/{id}/recover"),
-        &json!({"since": since}),
-    )
-    .await;
+    let r = recover_since(&s, &key, &id, &since).await;
     assert_eq!(r.json(), json!({"queued": 2}));
     let page = get(s.addr, &key, &path).await.json();
     assert_eq!(sorted(listed(&page)), sorted(early.clone()));
