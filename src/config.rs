@@ -83,6 +83,10 @@ pub const RATE_SLICES_PER_MINUTE: u32 = 600;
 /// The longest spend waits before it is reported to the cluster: the core's periodic tick. (A
 /// slice spent, or an organization new here, is reported at once, from the admission.)
 pub const RATE_REPORT_EVERY: Duration = Duration::from_millis(100);
+/// The longest a delivery waits for its node's first report on a rate-limited endpoint before it
+/// takes again: the report's answer (or its failure) wakes it sooner, so a slow database costs
+/// one wait per delivery, not one per `RATE_REPORT_EVERY`.
+pub const UNHEARD_WAIT_MAX: Duration = Duration::from_secs(1);
 
 /// How long start-up waits for the database to accept connections.
 pub const DATABASE_PATIENCE: Duration = Duration::from_secs(30);

@@ -99,7 +99,10 @@ async fn report(shared: &Shared) {
         Err(e) => {
             tracing::debug!(error = %e, "endpoint rate report failed; reported again later");
             for s in &spends {
-                s.to_bucket(|b| b.unreported_again(s.spent));
+                if s.to_bucket(|b| b.unreported_again(s.spent)) == Some(true) {
+                    // Deliveries that found the fresh view empty go by this node's own view now.
+                    s.runtime.changed.notify_waiters();
+                }
             }
             return;
         }

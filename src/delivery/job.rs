@@ -200,7 +200,8 @@ async fn step(shared: &Shared, job: &mut Job, runtime: &Arc<EndpointRuntime>) ->
                 // The node's first report on this endpoint, asked for now: a round trip, not a
                 // wait that needs a look afterwards (no longer than an attempt in flight, which
                 // an ack does not stop either), so the first delivery to a fresh view is not
-                // also held for the looker's linger. A wait that ran its whole course (the
+                // also held for the looker's linger. The report's answer, or its failure, ends
+                // the wait (`UNHEARD_WAIT_MAX` at most); one longer than a report interval (the
                 // database slow to answer) is a wait like any other.
                 shared.report_now.notify_one();
                 let (looked, started) = (!job.waited, Instant::now());

@@ -9,7 +9,7 @@ use std::time::Duration;
 use tokio::sync::{Notify, Semaphore};
 use uuid::Uuid;
 
-use crate::config::RATE_REPORT_EVERY;
+use crate::config::UNHEARD_WAIT_MAX;
 use crate::flow::answer::Circuit;
 use crate::ids::{Micros, OrgId};
 
@@ -204,7 +204,7 @@ impl TokenBucket {
     pub fn take(&mut self, now: Micros) -> Result<(), Later> {
         self.refill(now);
         if !self.heard {
-            return Err(Later::Unheard(now.plus(RATE_REPORT_EVERY)));
+            return Err(Later::Unheard(now.plus(UNHEARD_WAIT_MAX)));
         }
         self.tokens -= 1.0;
         if self.tokens >= 0.0 {
@@ -264,12 +264,13 @@ impl TokenBucket {
     /// A report of `spent` did not reach the cluster: it is reported again with the next one, up
     /// to one second's worth in all (what a node spent on its own view while the database was
     /// away does not hold every node back for a minute once it is back).
-    pub fn unreported_again(&mut self, spent: i32) {
+    /// Returns whether it had not heard before (the takers that found it so wait for this).
+    pub fn unreported_again(&mut self, spent: i32) -> bool {
         let most = i32::try_from(self.rate).unwrap_or(i32::MAX);
         self.unreported = self.unreported.saturating_add(spent).min(most);
         // No balance will come back soon: this node goes by its own view (its part of the rate
         // as last heard; all of it if it never heard), turns included.
-        self.heard = true;
+        !std::mem::replace(&mut self.heard, true)
     }
 
     /// This node's view as the last report gave it (`view`: its part of the cluster's balance;
@@ -582,7 +583,7 @@ mod tests {
         let mut t = TokenBucket::new(4, Micros(0));
         // Empty, and refilling nothing while the cluster's balance is not known: nothing is
         // taken or reserved; look again after the report.
-        let again = Later::Unheard(Micros(S).plus(RATE_REPORT_EVERY));
+        let again = Later::Unheard(Micros(S).plus(UNHEARD_WAIT_MAX));
         assert_eq!(t.take(Micros(S)), Err(again));
         assert_eq!(t.take(Micros(S)), Err(again));
         assert_eq!(t.to_report(), 0, "nothing spent");
@@ -643,7 +644,8 @@ mod tests {
         let mut lone = TokenBucket::new(2, Micros(0));
         assert!(matches!(lone.take(Micros(0)), Err(Later::Unheard(_))));
         let spent = lone.to_report();
-        lone.unreported_again(spent);
+        assert!(lone.unreported_again(spent), "the takers waiting are woken");
+        assert!(!lone.unreported_again(0), "once");
         assert_eq!(turn(lone.take(Micros(0))), Some(Micros(S / 2)));
     }
 
