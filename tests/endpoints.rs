@@ -1309,9 +1309,10 @@ async fn recover_resends_exactly_the_deliveries_that_failed_since_a_time() {
     assert_eq!(r.status, 404);
 }
 
-/// `GET /api/endpoints/{id}/failed` lists the endpoint's failed deliveries, the latest failure
-/// first, each with its attempts and its last attempt from the log; `since` picks what `recover`
-/// with the same `since` would start again; pages walk every one exactly once.
+/// `GET /api/endpoints/{id}/failed` lists the endpoint's failed deliveries (of events not
+/// acknowledged), the latest failure first, each with its attempts and its last attempt from the
+/// log; `since` picks what `recover` with the same `since` would start again; pages walk every
+/// one exactly once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_endpoints_failed_deliveries_are_listed_as_recover_would_take_them() {
     let recv = Receiver::start(|_, _| Answer {
@@ -1389,24 +1390,36 @@ async fn an_endpoints_failed_deliveries_are_listed_as_recover_would_take_them() 
         sorted(early.iter().chain(&late).cloned().collect())
     );
 
+    // An acknowledged event is not sent again: its failed delivery leaves the list, and a
+    // recover leaves it alone.
+    let acked = post_empty(s.addr, &key, &format!("/api/ack/{}", late[0])).await;
+    assert_eq!(acked.status, 200, "{}", acked.text());
+    let page = get(s.addr, &key, &format!("{path}?since={since}"))
+        .await
+        .json();
+    assert_eq!(listed(&page), [late[1].clone()]);
+
     // After a recover since that time, only the early ones are left failed.
     recv.set_script(|_, _| Answer::status(200));
     let r = recover_since(&s, &key, &id, &since).await;
-    assert_eq!(r.json(), json!({"queued": 2}));
+    assert_eq!(r.json(), json!({"queued": 1}));
+    wait_delivered(s.addr, &key, &late[1], Duration::from_secs(5)).await;
     let page = get(s.addr, &key, &path).await.json();
     assert_eq!(sorted(listed(&page)), sorted(early.clone()));
     let page = get(s.addr, &key, &format!("{path}?since={since}"))
         .await
         .json();
     assert_eq!(page["deliveries"], json!([]));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        recv.for_event(&late[0]).len(),
+        2,
+        "the acknowledged one not sent again"
+    );
 
     // Bad parameters name themselves; another organization's endpoint is not found.
-    let inbox_cursor = get(s.addr, &key, "/api/inbox?status=failed&limit=1")
-        .await
-        .json()["next_cursor"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let inbox = get(s.addr, &key, "/api/inbox?status=failed&limit=1").await;
+    let inbox_cursor = inbox.json()["next_cursor"].as_str().unwrap().to_string();
     for (query, field) in [
         ("limit=0", "limit"),
         ("limit=1001", "limit"),
@@ -1425,6 +1438,40 @@ async fn an_endpoints_failed_deliveries_are_listed_as_recover_would_take_them() 
     assert_eq!(get(s.addr, &other, &path).await.status, 404);
     let r = get(s.addr, &key, "/api/endpoints/not-a-uuid/failed").await;
     assert_eq!(r.status, 422);
+}
+
+/// The failed inbox walks past an acknowledged event whose delivery failed: every failed event
+/// is on some page (the walk took the window the acknowledged one left short for the end).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_failed_inbox_pages_past_an_acknowledged_event() {
+    let recv = Receiver::start(|_, _| Answer::status(500)).await;
+    let s = quick_retry_node("triggers_test_failed_inbox_acked").await;
+    let (key, _) = new_org(s.addr, "pro").await;
+    create_endpoint(s.addr, &key, json!({"url": recv.url("/x")})).await;
+    let (early, _, late) = failures_around_a_time(&s, &key).await;
+    // The newest is acknowledged: it is delivered as far as the inbox goes.
+    let acked = post_empty(s.addr, &key, &format!("/api/ack/{}", late[1])).await;
+    assert_eq!(acked.status, 200);
+    let (mut seen, mut cursor) = (Vec::new(), String::new());
+    for _ in 0..10 {
+        let page = get(
+            s.addr,
+            &key,
+            &format!("/api/inbox?status=failed&limit=1&cursor={cursor}"),
+        )
+        .await
+        .json();
+        for e in page["events"].as_array().unwrap() {
+            seen.push(e["id"].as_str().unwrap().to_string());
+        }
+        match page["next_cursor"].as_str() {
+            Some(c) => cursor = c.to_string(),
+            None => break,
+        }
+    }
+    let mut want: Vec<String> = early.iter().chain(&late[..1]).cloned().collect();
+    want.reverse();
+    assert_eq!(seen, want, "every failed event, newest first, once");
 }
 
 fn now_rfc3339() -> String {

@@ -18,6 +18,7 @@ use crate::flow::answer::{
     Answer, AttemptView, Circuit, EndpointHealth, EndpointStatus, EndpointView, FailedDelivery,
     FailedPage, Refusal,
 };
+use crate::flow::event::EventStatus;
 use crate::flow::job::{EndpointPatch, EndpointSpec};
 use crate::flow::ORG_CHANGED_CHANNEL;
 use crate::ids::{new_v7, Micros, OrgId};
@@ -460,7 +461,8 @@ async fn set_status(
 }
 
 /// `POST /api/endpoints/{id}/recover`: every delivery to the endpoint that ended failed at or
-/// after `since` starts a new round (due now; parked while the endpoint is paused or disabled).
+/// after `since` starts a new round (due now; parked while the endpoint is paused or disabled),
+/// but those of events acknowledged since (an acknowledged event is not sent again).
 pub async fn recover(ctx: &StoreCtx, org: OrgId, id: Uuid, since: Micros) -> Done<Answer> {
     let mut client = ctx.pool.get().await?;
     let tx = client.transaction().await?;
@@ -476,10 +478,17 @@ pub async fn recover(ctx: &StoreCtx, org: OrgId, id: Uuid, since: Micros) -> Don
     let due = (status == EndpointStatus::Active.code()).then_some(now);
     let queued = tx
         .execute(
-            "UPDATE deliveries SET status = 0, retry_base = attempts, next_attempt_at = $3, \
+            "UPDATE deliveries d SET status = 0, retry_base = attempts, next_attempt_at = $3, \
                  failed_at = NULL \
-             WHERE endpoint_id = $1 AND status = 2 AND failed_at >= $2",
-            &[&id, &since.to_system_time(), &due],
+             FROM events e \
+             WHERE d.endpoint_id = $1 AND d.status = 2 AND d.failed_at >= $2 \
+               AND e.id = d.event_id AND e.org_id = d.org_id AND e.status <> $4",
+            &[
+                &id,
+                &since.to_system_time(),
+                &due,
+                &EventStatus::Delivered.code(),
+            ],
         )
         .await?;
     tx.commit().await?;
@@ -489,9 +498,9 @@ pub async fn recover(ctx: &StoreCtx, org: OrgId, id: Uuid, since: Micros) -> Don
     Ok(Answer::Recovered { queued })
 }
 
-/// An endpoint's failed deliveries, the latest failure first (ties by event id, descending), each
-/// with its attempt count and last attempt from the log, read in one statement. The same rows as
-/// [`recover`] with the same `since` would start again; `deliveries_recover` (endpoint, failed_at)
+/// An endpoint's failed deliveries of events not acknowledged, the latest failure first (ties by
+/// event id, descending), each with its attempt count and last attempt from the log, read in one
+/// statement. The same rows as [`recover`] with the same `since` would start again; `deliveries_recover` (endpoint, failed_at)
 /// serves the order.
 const FAILED: &str = "\
     SELECT d.event_id, e.type, d.failed_at, c.n, \
@@ -505,7 +514,7 @@ const FAILED: &str = "\
                        FROM delivery_attempts a \
                        WHERE a.event_id = d.event_id AND a.endpoint_id = d.endpoint_id \
                        ORDER BY a.at DESC, a.attempt DESC LIMIT 1) l ON true \
-    WHERE d.endpoint_id = $1 AND d.org_id = $2 AND d.status = 2 \
+    WHERE d.endpoint_id = $1 AND d.org_id = $2 AND d.status = 2 AND e.status <> $7 \
       AND d.failed_at >= COALESCE($3, '-infinity'::timestamptz) \
       AND ($4::timestamptz IS NULL OR (d.failed_at, d.event_id) < ($4, $5)) \
     ORDER BY d.failed_at DESC, d.event_id DESC \
@@ -540,6 +549,7 @@ pub async fn failed(
                 &before.map(|(at, _)| at.to_system_time()),
                 &before.map_or(Uuid::nil(), |(_, last)| last),
                 &(i64::from(limit) + 1),
+                &EventStatus::Delivered.code(),
             ],
         )
         .await?;

@@ -28,12 +28,18 @@ const JUDGE_RECENT: &str = "\
     LATERAL triggers_event_state(e.status, e.id, e.endpoints, e.delivered_at) st \
     ORDER BY e.id DESC";
 
+/// The events of the window are those in a stored status of `$2` (not acknowledged), chosen
+/// before the window's `LIMIT`: the walk takes a window shorter than asked for as the end, so an
+/// acknowledged event with a failed delivery, left out after the `LIMIT`, ended the walk early
+/// (a page with no cursor, and the older failed events never listed).
 const JUDGE_FAILED: &str = "\
     SELECT e.id, st.status, st.attempts, st.delivered_at \
-    FROM (SELECT DISTINCT event_id FROM deliveries \
-          WHERE org_id = $1 AND status = 2 AND event_id < $3 \
-          ORDER BY event_id DESC LIMIT $4) f \
-    JOIN events e ON e.id = f.event_id AND e.status = ANY($2), \
+    FROM (SELECT DISTINCT d.event_id FROM deliveries d \
+          WHERE d.org_id = $1 AND d.status = 2 AND d.event_id < $3 \
+            AND EXISTS (SELECT 1 FROM events x \
+                        WHERE x.id = d.event_id AND x.org_id = d.org_id AND x.status = ANY($2)) \
+          ORDER BY d.event_id DESC LIMIT $4) f \
+    JOIN events e ON e.id = f.event_id, \
     LATERAL triggers_event_state(e.status, e.id, e.endpoints, e.delivered_at) st \
     ORDER BY e.id DESC";
 
