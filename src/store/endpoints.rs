@@ -500,13 +500,16 @@ pub async fn recover(ctx: &StoreCtx, org: OrgId, id: Uuid, since: Micros) -> Don
 
 /// An endpoint's failed deliveries of events not acknowledged, the latest failure first (ties by
 /// event id, descending), each with its attempt count and last attempt from the log, read in one
-/// statement. The same rows as [`recover`] with the same `since` would start again; `deliveries_recover` (endpoint, failed_at)
-/// serves the order.
+/// statement. The same rows as [`recover`] with the same `since` would start again.
+/// `deliveries_recover` (endpoint, failed_at) serves the order, and each event is looked up by
+/// key (`LATERAL … OFFSET 0`: as a join, the planner may read every event of the organization
+/// first).
 const FAILED: &str = "\
     SELECT d.event_id, e.type, d.failed_at, c.n, \
            l.attempt, l.at, l.response_status, l.error, l.duration_ms, l.response_body \
     FROM deliveries d \
-    JOIN events e ON e.id = d.event_id AND e.org_id = d.org_id \
+    CROSS JOIN LATERAL (SELECT e.type, e.status FROM events e \
+                        WHERE e.id = d.event_id AND e.org_id = d.org_id OFFSET 0) e \
     CROSS JOIN LATERAL (SELECT count(*)::int AS n FROM delivery_attempts a \
                         WHERE a.event_id = d.event_id AND a.endpoint_id = d.endpoint_id) c \
     LEFT JOIN LATERAL (SELECT a.attempt, a.at, a.response_status, a.error, a.duration_ms, \

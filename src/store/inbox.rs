@@ -31,13 +31,15 @@ const JUDGE_RECENT: &str = "\
 /// The events of the window are those in a stored status of `$2` (not acknowledged), chosen
 /// before the window's `LIMIT`: the walk takes a window shorter than asked for as the end, so an
 /// acknowledged event with a failed delivery, left out after the `LIMIT`, ended the walk early
-/// (a page with no cursor, and the older failed events never listed).
+/// (a page with no cursor, and the older failed events never listed). Each event's status is
+/// looked up by key (`LATERAL … OFFSET 0`): as a semi-join, the planner may read every event of
+/// the organization in that status first.
 const JUDGE_FAILED: &str = "\
     SELECT e.id, st.status, st.attempts, st.delivered_at \
     FROM (SELECT DISTINCT d.event_id FROM deliveries d \
-          WHERE d.org_id = $1 AND d.status = 2 AND d.event_id < $3 \
-            AND EXISTS (SELECT 1 FROM events x \
-                        WHERE x.id = d.event_id AND x.org_id = d.org_id AND x.status = ANY($2)) \
+          CROSS JOIN LATERAL (SELECT x.status FROM events x \
+                              WHERE x.id = d.event_id AND x.org_id = d.org_id OFFSET 0) x \
+          WHERE d.org_id = $1 AND d.status = 2 AND d.event_id < $3 AND x.status = ANY($2) \
           ORDER BY d.event_id DESC LIMIT $4) f \
     JOIN events e ON e.id = f.event_id, \
     LATERAL triggers_event_state(e.status, e.id, e.endpoints, e.delivered_at) st \
