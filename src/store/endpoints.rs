@@ -462,7 +462,8 @@ async fn set_status(
 
 /// `POST /api/endpoints/{id}/recover`: every delivery to the endpoint that ended failed at or
 /// after `since` starts a new round (due now; parked while the endpoint is paused or disabled),
-/// but those of events acknowledged since (an acknowledged event is not sent again).
+/// but those of events acknowledged since (an acknowledged event is not sent again; each event
+/// looked up by key, a subquery per row, never a join over the organization's events).
 pub async fn recover(ctx: &StoreCtx, org: OrgId, id: Uuid, since: Micros) -> Done<Answer> {
     let mut client = ctx.pool.get().await?;
     let tx = client.transaction().await?;
@@ -480,9 +481,9 @@ pub async fn recover(ctx: &StoreCtx, org: OrgId, id: Uuid, since: Micros) -> Don
         .execute(
             "UPDATE deliveries d SET status = 0, retry_base = attempts, next_attempt_at = $3, \
                  failed_at = NULL \
-             FROM events e \
              WHERE d.endpoint_id = $1 AND d.status = 2 AND d.failed_at >= $2 \
-               AND e.id = d.event_id AND e.org_id = d.org_id AND e.status <> $4",
+               AND (SELECT e.status FROM events e \
+                    WHERE e.id = d.event_id AND e.org_id = d.org_id) <> $4",
             &[
                 &id,
                 &since.to_system_time(),
