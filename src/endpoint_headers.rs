@@ -110,9 +110,14 @@ pub fn line(name: &str, value: &str) -> String {
     format!("{name}: {value}")
 }
 
+/// A stored line's name and value as stored (a name is a token, so the first `: ` ends it).
+pub fn split(line: &str) -> Option<(&str, &str)> {
+    line.split_once(": ")
+}
+
 /// A stored line's name and value, if it is one an endpoint may send.
 pub fn parse_line(line: &str) -> Option<(&str, &str)> {
-    let (name, value) = line.split_once(": ")?;
+    let (name, value) = split(line)?;
     header_error(name, value).is_none().then_some((name, value))
 }
 

@@ -1621,17 +1621,24 @@ async fn a_rate_limited_endpoint_spreads_its_deliveries_and_fails_none() {
     );
 }
 
+/// A node on database `db` and an organization with one endpoint limited to `rate` a second,
+/// to a receiver answering 200: the receiver, the node, the key, the database's URL.
+async fn rate_limited_node(db: &str, rate: u32) -> (Receiver, Server, String, String) {
+    let recv = Receiver::start(|_, _| Answer::status(200)).await;
+    let url = own_database(db).await;
+    let s = Server::start_with_db(&[PRIVATE], &url);
+    let (key, _) = new_org(s.addr, "pro").await;
+    let body = json!({"url": recv.url("/"), "rate_limit_per_second": rate});
+    create_endpoint(s.addr, &key, body).await;
+    (recv, s, key, url)
+}
+
 /// A delivery that finds its node's view of an endpoint's bucket fresh waits once for the node's
 /// first report, however long the database takes to answer it: the answer wakes it. (Woken every
 /// report interval instead, three deliveries waited 19 times over 600 ms.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_first_report_costs_each_delivery_one_wait() {
-    let recv = Receiver::start(|_, _| Answer::status(200)).await;
-    let url = own_database("triggers_test_slow_first_report").await;
-    let s = Server::start_with_db(&[PRIVATE], &url);
-    let (key, _) = new_org(s.addr, "pro").await;
-    let body = json!({"url": recv.url("/"), "rate_limit_per_second": 5});
-    create_endpoint(s.addr, &key, body).await;
+    let (recv, s, key, url) = rate_limited_node("triggers_test_slow_first_report", 5).await;
     // The budget report waits for this lock: the node hears nothing for 600 ms.
     let hold = db_at(&url).await;
     hold.batch_execute("BEGIN; LOCK TABLE endpoint_budgets IN ACCESS EXCLUSIVE MODE")
@@ -2363,12 +2370,7 @@ async fn a_redelivery_and_a_take_over_of_its_batch_never_deadlock() {
 /// meanwhile, it is not sent, and the deliveries behind it go on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_acknowledged_events_delivery_waiting_for_a_rate_limit_is_not_sent() {
-    let recv = Receiver::start(|_, _| Answer::status(200)).await;
-    let url = own_database("triggers_test_ack_rate_limited").await;
-    let s = Server::start_with_db(&[PRIVATE], &url);
-    let (key, _) = new_org(s.addr, "pro").await;
-    let body = json!({"url": recv.url("/"), "rate_limit_per_second": 1});
-    create_endpoint(s.addr, &key, body).await;
+    let (recv, s, key, _) = rate_limited_node("triggers_test_ack_rate_limited", 1).await;
     // One a second: the first goes at once, the other two wait in memory for their turns (in
     // either order), a second and two seconds later.
     let ids = create_events(s.addr, &key, 3, "t").await;

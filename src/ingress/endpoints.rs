@@ -9,7 +9,9 @@ use uuid::Uuid;
 
 use super::core::CoreCtx;
 use super::events::write_attempt;
-use super::request::{page_limit, path_uuid, query_pairs, require_json, with_body, Request};
+use super::request::{
+    page_cursor, page_limit, path_uuid, query_pairs, require_json, with_body, Request,
+};
 use crate::auth::OrgInfo;
 use crate::config::{
     ENDPOINT_DESCRIPTION_CHARS_MAX, ENDPOINT_PATTERNS_MAX, ENDPOINT_RATE_LIMIT_MAX,
@@ -240,7 +242,7 @@ pub fn write_endpoint(o: &mut Obj<'_>, e: &EndpointView) {
         None => o.null("rate_limit_per_second"),
     };
     let mut headers = Obj::new(o.key("headers"));
-    for (name, value) in e.headers.iter().filter_map(|l| l.split_once(": ")) {
+    for (name, value) in e.headers.iter().filter_map(|l| endpoint_headers::split(l)) {
         headers.str(name, value);
     }
     headers.finish();
@@ -411,15 +413,7 @@ pub fn parse_failed_query(query: &[u8]) -> Result<FailedQuery, ApiError> {
                 };
             }
             b"limit" => q.limit = page_limit(&value)?,
-            b"cursor" => {
-                q.before = if value.is_empty() {
-                    None
-                } else {
-                    Some(decode_cursor_at(&value).ok_or_else(|| {
-                        ApiError::validation("cursor", "cursor is not one this server returned")
-                    })?)
-                };
-            }
+            b"cursor" => q.before = page_cursor(&value, decode_cursor_at)?,
             _ => {}
         }
     }

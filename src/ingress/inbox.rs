@@ -4,7 +4,9 @@ use std::rc::Rc;
 
 use super::core::CoreCtx;
 use super::events::write_event;
-use super::request::{page_limit, path_uuid, query_pairs, require_json, with_body, Request};
+use super::request::{
+    page_cursor, page_limit, path_uuid, query_pairs, require_json, with_body, Request,
+};
 use crate::auth::OrgInfo;
 use crate::config::{ACK_BATCH_IDS_MAX, INBOX_PAGE_DEFAULT};
 use crate::error::ApiError;
@@ -59,15 +61,7 @@ pub fn parse_query(query: &[u8]) -> Result<Query, ApiError> {
                     ApiError::validation("status", "status must be pending, delivered or failed")
                 })?;
             }
-            b"cursor" => {
-                before = if value.is_empty() {
-                    None
-                } else {
-                    Some(decode_cursor(&value).ok_or_else(|| {
-                        ApiError::validation("cursor", "cursor is not one this server returned")
-                    })?)
-                };
-            }
+            b"cursor" => before = page_cursor(&value, decode_cursor)?,
             _ => {}
         }
     }

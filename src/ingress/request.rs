@@ -129,6 +129,20 @@ pub fn page_limit(value: &str) -> Result<u32, ApiError> {
         })
 }
 
+/// A page's `cursor` parameter: empty means the first page; otherwise what `decode` reads from
+/// it (422 naming `cursor` when it reads nothing).
+pub fn page_cursor<T>(
+    value: &str,
+    decode: impl Fn(&str) -> Option<T>,
+) -> Result<Option<T>, ApiError> {
+    if value.is_empty() {
+        return Ok(None);
+    }
+    decode(value)
+        .map(Some)
+        .ok_or_else(|| ApiError::validation("cursor", "cursor is not one this server returned"))
+}
+
 /// The `key=value` pairs of a query string in order, each value percent-decoded (`+` is a space);
 /// empty pairs are skipped, a pair without `=` has an empty value.
 pub fn query_pairs(query: &[u8]) -> impl Iterator<Item = (&[u8], String)> {
