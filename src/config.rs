@@ -73,8 +73,12 @@ pub const VERIFY_RACE_TRIES: usize = 3;
 pub const ARGON2_SLOT_WAIT: Duration = Duration::from_secs(2);
 /// Keys tried when a generated key id collides with an existing one (one in 62^16).
 pub const KEY_ID_COLLISION_TRIES: usize = 3;
-/// Random bytes of a webhook signing secret.
+/// Random bytes of a webhook signing secret the server makes.
 pub const SIGNING_SECRET_BYTES: usize = 32;
+/// Fewest bytes of a signing secret given on create or rotate (Svix's minimum: 24).
+pub const SIGNING_SECRET_GIVEN_BYTES_MIN: usize = 24;
+/// Most bytes of a signing secret given on create or rotate (Svix's maximum: 64).
+pub const SIGNING_SECRET_GIVEN_BYTES_MAX: usize = 64;
 /// How often a core forgets buckets that are full again (they equal a new bucket), in µs.
 pub const BUCKET_SWEEP_EVERY_US: u64 = 60_000_000;
 /// A rate-limit slice is the limit over this many (a tenth of a second's refill): a node reports

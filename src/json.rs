@@ -61,8 +61,18 @@ fn describe(e: &simd_json::Error, body: &[u8]) -> String {
     if body.iter().all(|b| b.is_ascii_whitespace()) {
         return "request body is empty; a JSON object was expected".into();
     }
-    let kind = format!("{:?}", e.error());
     let at = e.index();
+    // simd-json reports some syntax errors (a stray control byte, say) as its own "internal"
+    // or "parser" error: to the client they are the body's fault, and read so.
+    if matches!(
+        e.error(),
+        simd_json::ErrorType::InternalError
+            | simd_json::ErrorType::Parser
+            | simd_json::ErrorType::NoStructure
+    ) {
+        return format!("request body is not valid JSON: syntax error near byte {at}");
+    }
+    let kind = format!("{:?}", e.error());
     let words = kind
         .chars()
         .flat_map(|c| {
@@ -512,6 +522,37 @@ pub fn write_int(out: &mut Vec<u8>, v: i64) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn invalid(body: &[u8]) -> String {
+        match Parser::default().with_object(body, |_| ()) {
+            Err(JsonError::Invalid(m)) => m,
+            other => panic!("{body:?} gave {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_syntax_error_never_reads_as_the_servers_own() {
+        for body in [
+            &b"\x00"[..],
+            b"{\x00}",
+            b"{\"a\":\x01}",
+            b"{\"a\" 1}",
+            b"{]",
+            b"{\"a\":tru}",
+        ] {
+            let m = invalid(body);
+            assert!(m.starts_with("request body is not valid JSON: "), "{m}");
+            assert!(
+                !m.contains("internal") && !m.contains("parser"),
+                "{body:?}: {m}"
+            );
+            assert!(m.contains("near byte"), "{m}");
+        }
+        assert_eq!(
+            invalid(b"  "),
+            "request body is empty; a JSON object was expected"
+        );
+    }
 
     fn spans(s: &str) -> Vec<&str> {
         member_value_spans(s.as_bytes())

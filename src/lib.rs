@@ -24,7 +24,8 @@
 //!   [`db`] (connections, error classes, binary COPY), [`chunked`] (the chunked decoder of
 //!   HTTP/1.1 bodies, for requests and receivers' answers), [`url_policy`] (webhook URL rules, SSRF
 //!   policy), [`event_types`] (endpoint patterns, the operational types), [`endpoint_headers`]
-//!   (the headers an endpoint sends of its own),
+//!   (the headers an endpoint sends of its own), [`signing_secret`] (the form of a `whsec_`
+//!   secret),
 //!   [`metrics`], [`error`] and [`reply`] (the HTTP error table and answer), [`json`], [`ids`],
 //!   [`logging`], [`shutdown`] (core-local signals), [`deadline`] (core-local deadlines).
 //!
@@ -67,5 +68,6 @@ pub mod reply;
 pub mod server;
 pub mod shard;
 pub mod shutdown;
+pub mod signing_secret;
 pub mod store;
 pub mod url_policy;

@@ -594,6 +594,138 @@ async fn a_rotated_secret_signs_beside_the_new_one_for_the_grace_period() {
     );
 }
 
+/// A team moving from Svix keeps the secret its receivers verify with: a secret given on create
+/// signs every delivery, one given on rotate signs beside the old for the grace period (padded
+/// base64 or not); one that is not `whsec_` and the base64 of 24 to 64 bytes, or that is the
+/// current secret, is refused naming `signing_secret` and changes nothing, and a PATCH never
+/// changes the secret.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_secret_given_on_create_or_rotate_signs_and_a_refused_one_changes_nothing() {
+    use base64::Engine;
+    let recv = Receiver::start(|_, _| Answer::status(200)).await;
+    let s = Server::start(&[PRIVATE]);
+    let (key, _) = new_org(s.addr, "pro").await;
+    let svix = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+    let ep = create_endpoint(
+        s.addr,
+        &key,
+        json!({"url": recv.url("/r"), "signing_secret": svix}),
+    )
+    .await;
+    assert_eq!(ep["signing_secret"], svix);
+    let id = ep["id"].as_str().unwrap();
+    let secret_path = format!("/api/endpoints/{id}/secret");
+    let rotate_path = format!("/api/endpoints/{id}/secret/rotate");
+    let first = post_typed(s.addr, &key, "t").await;
+    let got = recv
+        .wait_until(Duration::from_secs(5), |r| r.len() == 1)
+        .await;
+    assert_eq!(got[0].event_id(), first);
+    assert_eq!(
+        got[0].header("webhook-signature"),
+        Some(standard_signature(svix, &got[0]).as_str())
+    );
+
+    let b64 = |n: usize| base64::engine::general_purpose::STANDARD.encode(vec![0x5a; n]);
+    let bad = [
+        json!("MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"),
+        json!(format!("whsec_{}", b64(23))),
+        json!(format!("whsec_{}", b64(65))),
+        json!("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLa-w"),
+        json!("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw\r\nX: 1"),
+        json!(""),
+        json!(42),
+        json!({"key": svix}),
+    ];
+    let unchanged = json!({"signing_secret": svix, "previous_secret_expires_at": null});
+    for secret in &bad {
+        let r = post(
+            s.addr,
+            &key,
+            "/api/endpoints",
+            &json!({"url": recv.url("/r"), "signing_secret": secret}),
+        )
+        .await;
+        assert_eq!(r.status, 422, "{secret}: {}", r.text());
+        assert_eq!(r.json()["field"], "signing_secret", "{secret}");
+        let r = post(
+            s.addr,
+            &key,
+            &rotate_path,
+            &json!({"signing_secret": secret}),
+        )
+        .await;
+        assert_eq!(r.status, 422, "{secret}: {}", r.text());
+        assert_eq!(r.json()["field"], "signing_secret", "{secret}");
+    }
+    // Rotating to the current secret would change nothing: refused.
+    let r = post(s.addr, &key, &rotate_path, &json!({"signing_secret": svix})).await;
+    assert_eq!(r.status, 422, "{}", r.text());
+    assert_eq!(r.json()["field"], "signing_secret");
+    // A PATCH names the route that changes the secret, and changes nothing else either.
+    let r = patch(
+        s.addr,
+        &key,
+        &format!("/api/endpoints/{id}"),
+        &json!({"signing_secret": b64(32), "description": "d"}),
+    )
+    .await;
+    assert_eq!(r.status, 422, "{}", r.text());
+    assert_eq!(r.json()["field"], "signing_secret");
+    assert!(r.json()["error"]
+        .as_str()
+        .unwrap()
+        .contains("secret/rotate"));
+    // A body that is not JSON: 415, as everywhere.
+    let r = call(
+        s.addr,
+        "POST",
+        &rotate_path,
+        &[("X-API-Key", &key), ("Content-Type", "text/plain")],
+        Some(b"whsec_x"),
+    )
+    .await;
+    assert_eq!(r.status, 415, "{}", r.text());
+    assert_eq!(get(s.addr, &key, &secret_path).await.json(), unchanged);
+    let list = get(s.addr, &key, "/api/endpoints").await.json();
+    assert_eq!(list["endpoints"].as_array().unwrap().len(), 1, "{list}");
+
+    // A given secret of 32 bytes without its padding: taken as written.
+    let given = format!("whsec_{}", b64(32).trim_end_matches('='));
+    let r = post(
+        s.addr,
+        &key,
+        &rotate_path,
+        &json!({"signing_secret": given}),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["signing_secret"], given.as_str());
+    assert!(r.json()["previous_secret_expires_at"].is_string());
+    post_typed(s.addr, &key, "t").await;
+    let got = recv
+        .wait_until(Duration::from_secs(5), |r| r.len() == 2)
+        .await;
+    let expected = format!(
+        "{} {}",
+        standard_signature(&given, &got[1]),
+        standard_signature(svix, &got[1])
+    );
+    assert_eq!(got[1].header("webhook-signature"), Some(expected.as_str()));
+    // No body, `{}` or a null secret: a random one, as before.
+    let mut seen = HashSet::from([svix.to_string(), given]);
+    for body in [None, Some(json!({})), Some(json!({"signing_secret": null}))] {
+        let r = match &body {
+            None => post_empty(s.addr, &key, &rotate_path).await,
+            Some(b) => post(s.addr, &key, &rotate_path, b).await,
+        };
+        assert_eq!(r.status, 200, "{body:?}: {}", r.text());
+        let made = r.json()["signing_secret"].as_str().unwrap().to_string();
+        assert!(made.starts_with("whsec_") && made.len() == 50, "{made}");
+        assert!(seen.insert(made), "{body:?} made a secret seen before");
+    }
+}
+
 /// Deliveries waiting in memory for their retry's time.
 const SCHEDULED: &str = "triggers_deliveries_waiting{reason=\"retry_scheduled\"}";
 

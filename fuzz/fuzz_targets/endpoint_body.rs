@@ -1,9 +1,9 @@
-//! The endpoint bodies (create, patch, recover) and the event-type patterns they carry: any
-//! bytes. Never panics; an accepted body holds only what its checks allow: a URL the policy
+//! The endpoint bodies (create, patch, rotate, recover) and the event-type patterns they carry:
+//! any bytes. Never panics; an accepted body holds only what its checks allow: a URL the policy
 //! parses, 1..50 distinct valid patterns, a description of at most 255 characters, a rate from 1
 //! to 10,000, headers of its own that read back as sent and can't start another header (no CR or
-//! LF, no reserved name, each name once), a `since` that writes back as RFC 3339 and reads again
-//! as the same instant.
+//! LF, no reserved name, each name once), a signing secret that is `whsec_` and the base64 of 24
+//! to 64 bytes, a `since` that writes back as RFC 3339 and reads again as the same instant.
 #![no_main]
 
 use std::cell::RefCell;
@@ -13,9 +13,10 @@ use triggers::endpoint_headers::{headers_error, parse_line};
 use triggers::event_types::{pattern_error, pattern_matches};
 use triggers::ids::{parse_rfc3339, Micros};
 use triggers::ingress::endpoints::{
-    validate_endpoint_patch, validate_endpoint_spec, validate_recover,
+    validate_endpoint_patch, validate_endpoint_spec, validate_recover, validate_rotate,
 };
 use triggers::json::Parser;
+use triggers::signing_secret::key_bytes;
 use triggers::url_policy::parse_url;
 
 thread_local! {
@@ -55,6 +56,12 @@ fn check_headers(lines: &[String]) {
     }
 }
 
+fn check_secret(secret: &str) {
+    let key = key_bytes(secret).expect("an accepted secret has a key");
+    assert!((24..=64).contains(&key.len()), "{secret:?}");
+    assert!(secret.starts_with("whsec_") && secret.is_ascii());
+}
+
 fn check_since(since: Micros) {
     let mut text = Vec::new();
     since.write_rfc3339(&mut text);
@@ -76,6 +83,12 @@ fuzz_target!(|data: &[u8]| {
                 check_rate(r);
             }
             check_headers(&spec.headers);
+            if let Some(secret) = &spec.signing_secret {
+                check_secret(secret);
+            }
+        }
+        if let Ok(Some(secret)) = validate_rotate(parser, data) {
+            check_secret(&secret);
         }
         if let Ok(patch) = validate_endpoint_patch(parser, data) {
             assert!(

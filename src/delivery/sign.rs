@@ -27,9 +27,7 @@ impl std::fmt::Debug for SigningKey {
 
 /// The key of a `whsec_…` secret; `None` if it is not one.
 pub fn secret_key(secret: &str) -> Option<SigningKey> {
-    let b64 = secret.strip_prefix("whsec_")?;
-    let bytes = base64::engine::general_purpose::STANDARD.decode(b64).ok()?;
-    Some(SigningKey::new(&bytes))
+    crate::signing_secret::key_bytes(secret).map(|bytes| SigningKey::new(&bytes))
 }
 
 /// The `webhook-signature` header value for one delivery.

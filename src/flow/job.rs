@@ -76,6 +76,8 @@ pub enum Query {
     RotateEndpointSecret {
         /// The endpoint.
         id: Uuid,
+        /// The new secret, checked by [`crate::signing_secret::error`]; `None`: a random one.
+        secret: Option<String>,
     },
     /// `POST /api/endpoints/{id}/recover`.
     RecoverEndpoint {
@@ -129,6 +131,8 @@ pub struct EndpointSpec {
     pub rate_limit_per_second: Option<u32>,
     /// Headers of its own, as sent (`name: value`), checked by [`crate::endpoint_headers`].
     pub headers: Vec<String>,
+    /// Its signing secret, checked by [`crate::signing_secret::error`]; `None`: a random one.
+    pub signing_secret: Option<String>,
 }
 
 /// A change to an endpoint: `None` leaves a field as it is; `Some(None)` clears it.

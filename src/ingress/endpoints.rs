@@ -25,7 +25,7 @@ use crate::flow::job::{EndpointPatch, EndpointSpec, Query};
 use crate::ids::{decode_cursor_at, encode_cursor_at, parse_rfc3339, Micros};
 use crate::json::{write_list, write_str, Body, Field, Obj, Parser};
 use crate::reply::Reply;
-use crate::url_policy;
+use crate::{signing_secret, url_policy};
 
 /// The `url` member: required on create; an http(s) URL the policy accepts in shape.
 fn url_field(value: Option<Field<'_>>) -> Result<Option<String>, ApiError> {
@@ -164,9 +164,29 @@ fn headers_field(body: &Body<'_>) -> Result<Option<Vec<String>>, ApiError> {
     }
 }
 
+/// `signing_secret`: absent or null (a random one is made), or a `whsec_` secret of 24 to 64
+/// bytes ([`signing_secret::error`]), kept as given.
+fn secret_field(body: &Body<'_>) -> Result<Option<String>, ApiError> {
+    match body.get("signing_secret") {
+        None | Some(Field::Null) => Ok(None),
+        Some(Field::Str(s)) => match signing_secret::error(s) {
+            Some(why) => Err(ApiError::validation("signing_secret", why)),
+            None => Ok(Some(s.to_string())),
+        },
+        Some(other) => Err(ApiError::validation(
+            "signing_secret",
+            format!(
+                "signing_secret must be a string or null, not {}",
+                other.type_name()
+            ),
+        )),
+    }
+}
+
 /// The body of `POST /api/endpoints`: what an accepted one holds is checked in shape (the URL's
 /// syntax, 1..50 distinct valid patterns, a description of at most 255 characters, a rate in
-/// range, headers of its own that may be sent); the store resolves the URL.
+/// range, headers of its own that may be sent, a signing secret of the Standard Webhooks form
+/// when one is given); the store resolves the URL.
 pub fn validate_endpoint_spec(
     parser: &RefCell<Parser>,
     body: &[u8],
@@ -180,6 +200,7 @@ pub fn validate_endpoint_spec(
             description: description_field(body)?.flatten(),
             rate_limit_per_second: rate_field(body)?.flatten(),
             headers: headers_field(body)?.unwrap_or_default(),
+            signing_secret: secret_field(body)?,
         })
     })
 }
@@ -191,6 +212,14 @@ pub fn validate_endpoint_patch(
     body: &[u8],
 ) -> Result<EndpointPatch, ApiError> {
     with_body(parser, body, |body| {
+        if body.get("signing_secret").is_some() {
+            return Err(ApiError::validation(
+                "signing_secret",
+                "a PATCH does not change the secret: POST /api/endpoints/{id}/secret/rotate \
+                 (optionally with {\"signing_secret\"}) does, and the old one signs beside it \
+                 for the grace period",
+            ));
+        }
         let patch = EndpointPatch {
             url: url_field(body.get("url"))?,
             event_types: patterns_field(body)?,
@@ -206,6 +235,15 @@ pub fn validate_endpoint_patch(
         }
         Ok(patch)
     })
+}
+
+/// The optional body of `POST /api/endpoints/{id}/secret/rotate`: none, `{}`, or
+/// `{"signing_secret"}` (the new secret, as on create; null: a random one).
+pub fn validate_rotate(parser: &RefCell<Parser>, body: &[u8]) -> Result<Option<String>, ApiError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(None);
+    }
+    with_body(parser, body, secret_field)
 }
 
 /// What a `since` that is not a time is told.
@@ -352,9 +390,24 @@ pub async fn secret(ctx: &Rc<CoreCtx>, org: OrgInfo, param: Option<&str>) -> Rep
     on_endpoint(ctx, org, param, |id| Query::GetEndpointSecret { id }).await
 }
 
-/// `POST /api/endpoints/{id}/secret/rotate`.
-pub async fn rotate(ctx: &Rc<CoreCtx>, org: OrgInfo, param: Option<&str>) -> Reply {
-    on_endpoint(ctx, org, param, |id| Query::RotateEndpointSecret { id }).await
+/// `POST /api/endpoints/{id}/secret/rotate`, optional body `{"signing_secret"}`.
+pub async fn rotate(ctx: &Rc<CoreCtx>, req: &Request, org: OrgInfo, param: Option<&str>) -> Reply {
+    let id = match path_uuid(param, "id") {
+        Ok(id) => id,
+        Err(e) => return e.reply(),
+    };
+    let given = if req.body.iter().all(u8::is_ascii_whitespace) {
+        Ok(None)
+    } else {
+        require_json(req).and_then(|()| validate_rotate(&ctx.parser, &req.body))
+    };
+    match given {
+        Ok(secret) => ctx
+            .query(org, Query::RotateEndpointSecret { id, secret })
+            .await
+            .render(render),
+        Err(e) => e.reply(),
+    }
 }
 
 /// `PATCH /api/endpoints/{id}`.

@@ -122,7 +122,7 @@ pub async fn run(ctx: &Rc<CoreCtx>, ready: Ready, req: &Request) -> Reply {
         Route::EndpointPatch => endpoints::patch(ctx, req, org, param).await,
         Route::EndpointDelete => endpoints::delete(ctx, org, param).await,
         Route::EndpointSecret => endpoints::secret(ctx, org, param).await,
-        Route::EndpointRotate => endpoints::rotate(ctx, org, param).await,
+        Route::EndpointRotate => endpoints::rotate(ctx, req, org, param).await,
         Route::EndpointPause => endpoints::set_paused(ctx, org, param, true).await,
         Route::EndpointResume => endpoints::set_paused(ctx, org, param, false).await,
         Route::EndpointRecover => endpoints::recover(ctx, req, org, param).await,

@@ -8,7 +8,6 @@
 
 use std::time::{Duration, SystemTime};
 
-use base64::Engine;
 use tokio_postgres::{Row, Transaction};
 use uuid::Uuid;
 
@@ -22,7 +21,7 @@ use crate::flow::event::EventStatus;
 use crate::flow::job::{EndpointPatch, EndpointSpec};
 use crate::flow::ORG_CHANGED_CHANNEL;
 use crate::ids::{new_v7, Micros, OrgId};
-use crate::url_policy;
+use crate::{signing_secret, url_policy};
 
 /// The columns [`endpoint_view`] reads, in its order.
 pub const ENDPOINT_COLUMNS: &str = "id, url, event_types, description, rate_limit_per_second, \
@@ -33,10 +32,7 @@ pub const ENDPOINT_COLUMNS: &str = "id, url, event_types, description, rate_limi
 pub fn new_signing_secret() -> Result<String, Refusal> {
     let mut bytes = [0u8; SIGNING_SECRET_BYTES];
     getrandom::fill(&mut bytes).map_err(|_| Refusal::Internal)?;
-    Ok(format!(
-        "whsec_{}",
-        base64::engine::general_purpose::STANDARD.encode(bytes)
-    ))
+    Ok(signing_secret::encode(&bytes))
 }
 
 /// Resolve a URL's host and apply the SSRF policy (its shape was checked by ingress).
@@ -148,7 +144,10 @@ macro_rules! org_change {
 /// `POST /api/endpoints`.
 pub async fn create(ctx: &StoreCtx, org: OrgId, spec: EndpointSpec) -> Result<Answer, Refusal> {
     check_url(ctx, &spec.url, "url").await?;
-    let secret = new_signing_secret()?;
+    let secret = match spec.signing_secret {
+        Some(given) => given,
+        None => new_signing_secret()?,
+    };
     let now = Micros::now();
     let id = new_v7(now);
     let rate = spec.rate_limit_per_second.map(|r| r as i32);
@@ -240,29 +239,54 @@ pub async fn secret(ctx: &StoreCtx, org: OrgId, id: Uuid) -> Done<Answer> {
     Ok(secret_answer(&row))
 }
 
-/// `POST /api/endpoints/{id}/secret/rotate`: a new secret; the old one signs too for the grace
-/// period (`--secret-rotation-grace-s`), so receivers can switch without losing a delivery.
-pub async fn rotate_secret(ctx: &StoreCtx, org: OrgId, id: Uuid) -> Result<Answer, Refusal> {
-    let secret = new_signing_secret()?;
+/// `POST /api/endpoints/{id}/secret/rotate`: a new secret (`given`, else a random one); the old
+/// one signs too for the grace period (`--secret-rotation-grace-s`), so receivers can switch
+/// without losing a delivery. A given secret that is the current one is refused: nothing would
+/// change, and a caller who thinks a leaked secret is gone should hear that it is not.
+pub async fn rotate_secret(
+    ctx: &StoreCtx,
+    org: OrgId,
+    id: Uuid,
+    given: Option<String>,
+) -> Result<Answer, Refusal> {
+    let secret = match given {
+        Some(given) => given,
+        None => new_signing_secret()?,
+    };
     let now = Micros::now();
     let expires = now.plus(Duration::from_secs(ctx.config.secret_rotation_grace_s));
     let row = org_change!(ctx, org, "rotate endpoint secret", |tx| {
-        tx.query_opt(
+        let current: String = tx
+            .query_opt(
+                "SELECT signing_secret FROM endpoints \
+                 WHERE id = $1 AND org_id = $2 AND status <> $3 FOR UPDATE",
+                &[&id, &org.0, &EndpointStatus::Removed.code()],
+            )
+            .await?
+            .ok_or(NOT_FOUND)?
+            .get(0);
+        if current == secret {
+            return Err(Refusal::Invalid {
+                field: "signing_secret",
+                message: "signing_secret is the endpoint's current secret; a rotation must \
+                          change it"
+                    .into(),
+            }
+            .into());
+        }
+        tx.query_one(
             "UPDATE endpoints SET previous_secret = signing_secret, \
-                 previous_secret_expires_at = $4, signing_secret = $3, updated_at = $5 \
-             WHERE id = $1 AND org_id = $2 AND status <> $6 \
+                 previous_secret_expires_at = $3, signing_secret = $2, updated_at = $4 \
+             WHERE id = $1 \
              RETURNING signing_secret, previous_secret_expires_at",
             &[
                 &id,
-                &org.0,
                 &secret,
                 &expires.to_system_time(),
                 &now.to_system_time(),
-                &EndpointStatus::Removed.code(),
             ],
         )
         .await?
-        .ok_or(NOT_FOUND)?
     });
     Ok(secret_answer(&row))
 }

@@ -116,7 +116,9 @@ async fn run_query(ctx: &StoreCtx, org: OrgInfo, query: Query) -> Result<Answer,
         Query::SetEndpointPaused { id, paused } => {
             endpoints::set_paused(ctx, org.id, id, paused).await
         }
-        Query::RotateEndpointSecret { id } => endpoints::rotate_secret(ctx, org.id, id).await,
+        Query::RotateEndpointSecret { id, secret } => {
+            endpoints::rotate_secret(ctx, org.id, id, secret).await
+        }
         Query::RecoverEndpoint { id, since } => {
             ctx.timed(
                 "recover endpoint",

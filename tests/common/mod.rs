@@ -1129,7 +1129,10 @@ pub fn hmac_sha256(key: &[u8], msg: &[u8]) -> Vec<u8> {
 pub fn standard_signature(secret: &str, r: &Received) -> String {
     use base64::Engine;
     let b64 = base64::engine::general_purpose::STANDARD;
-    let key = b64.decode(secret.strip_prefix("whsec_").unwrap()).unwrap();
+    // Padded or not, as the server takes a given secret.
+    let key = base64::engine::general_purpose::STANDARD_NO_PAD
+        .decode(secret.strip_prefix("whsec_").unwrap().trim_end_matches('='))
+        .unwrap();
     let id = r.header("webhook-id").expect("webhook-id");
     let ts = r.header("webhook-timestamp").expect("webhook-timestamp");
     let mut msg = format!("{id}.{ts}.").into_bytes();

@@ -1,0 +1,114 @@
+//! The form of an endpoint's signing secret (Standard Webhooks): `whsec_` and the standard
+//! base64 of the key's bytes, padded or not. The key is those bytes (HMAC-SHA256 takes any
+//! length). The server makes [`SIGNING_SECRET_BYTES`] random bytes; a secret given on create or
+//! rotate (a team that keeps the secret its receivers already verify with, as when moving from
+//! Svix or another Standard Webhooks sender) holds 24 to 64 bytes, as Svix takes. It is stored
+//! and shown as given, so a receiver's configuration stays byte for byte what it was.
+
+use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD};
+use base64::Engine;
+
+use crate::config::{
+    SIGNING_SECRET_BYTES, SIGNING_SECRET_GIVEN_BYTES_MAX, SIGNING_SECRET_GIVEN_BYTES_MIN,
+};
+
+/// What every secret starts with.
+pub const PREFIX: &str = "whsec_";
+
+/// The standard base64 (`+` and `/`) of `text`, with all of its `=` padding or none; bits left
+/// over at the end must be zero, so a key has one spelling but for the padding.
+fn decode(text: &str) -> Option<Vec<u8>> {
+    STANDARD
+        .decode(text)
+        .or_else(|_| STANDARD_NO_PAD.decode(text))
+        .ok()
+}
+
+/// A new secret of these random bytes.
+pub fn encode(bytes: &[u8; SIGNING_SECRET_BYTES]) -> String {
+    format!("{PREFIX}{}", STANDARD.encode(bytes))
+}
+
+/// The key of a secret: its bytes; `None` when it is not `whsec_` and base64. Any length, so a
+/// secret stored before the length rule (a version 1 database's) still signs.
+pub fn key_bytes(secret: &str) -> Option<Vec<u8>> {
+    decode(secret.strip_prefix(PREFIX)?)
+}
+
+/// Why a secret given on create or rotate can't be used, or `None` when it can.
+pub fn error(secret: &str) -> Option<String> {
+    let Some(b64) = secret.strip_prefix(PREFIX) else {
+        return Some(format!(
+            "signing_secret must start with `{PREFIX}` (a Standard Webhooks secret)"
+        ));
+    };
+    let Some(bytes) = decode(b64) else {
+        return Some(format!(
+            "signing_secret must be `{PREFIX}` and the standard base64 of the key's bytes"
+        ));
+    };
+    let n = bytes.len();
+    if !(SIGNING_SECRET_GIVEN_BYTES_MIN..=SIGNING_SECRET_GIVEN_BYTES_MAX).contains(&n) {
+        return Some(format!(
+            "signing_secret must hold {SIGNING_SECRET_GIVEN_BYTES_MIN} to \
+             {SIGNING_SECRET_GIVEN_BYTES_MAX} bytes of key, got {n}"
+        ));
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secrets_of_24_to_64_bytes_in_standard_base64_are_taken_padded_or_not() {
+        // Svix's own example secret: 24 bytes, no padding needed.
+        assert_eq!(error("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"), None);
+        let b64 = |n: usize| STANDARD.encode(vec![0xfb; n]);
+        for n in [24, 25, 32, 63, 64] {
+            let padded = format!("whsec_{}", b64(n));
+            assert_eq!(error(&padded), None, "{n} bytes");
+            assert_eq!(key_bytes(&padded), Some(vec![0xfb; n]));
+            let bare = padded.trim_end_matches('=');
+            assert_eq!(error(bare), None, "{n} bytes unpadded");
+            assert_eq!(key_bytes(bare), Some(vec![0xfb; n]));
+        }
+        for n in [0, 1, 23, 65, 1000] {
+            let e = error(&format!("whsec_{}", b64(n))).unwrap();
+            assert!(e.contains(&format!("got {n}")), "{e}");
+        }
+    }
+
+    #[test]
+    fn anything_else_is_refused_with_what_is_wrong() {
+        let form = "the standard base64";
+        for (secret, says) in [
+            (
+                "MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
+                "must start with `whsec_`",
+            ),
+            ("WHSEC_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw", "must start"),
+            ("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLa-w", form), // base64url's `-`
+            ("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLa_w", form),
+            ("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaS w", form),
+            ("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw\n", form),
+            ("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSwA", form), // 33 characters: no whole byte
+            ("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSwAB", form), // leftover bits set
+            ("whsec_", "got 0"),
+            // 25 bytes: `==` or no padding, never half of it.
+            ("whsec_WlpaWlpaWlpaWlpaWlpaWlpaWlpaWlpaWg=", form),
+            ("whsec_WlpaWlpaWlpaWlpaWlpaWlpaWlpaWlpa=Wg", form),
+        ] {
+            let e = error(secret).unwrap_or_else(|| panic!("{secret:?} was taken"));
+            assert!(e.contains(says), "{secret:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn a_made_secret_is_one_that_would_be_taken() {
+        let s = encode(&[7; SIGNING_SECRET_BYTES]);
+        assert_eq!(error(&s), None);
+        assert_eq!(key_bytes(&s), Some(vec![7; SIGNING_SECRET_BYTES]));
+    }
+}
