@@ -2,8 +2,9 @@
 //! base64 of the key's bytes, padded or not. The key is those bytes (HMAC-SHA256 takes any
 //! length). The server makes [`SIGNING_SECRET_BYTES`] random bytes; a secret given on create or
 //! rotate (a team that keeps the secret its receivers already verify with, as when moving from
-//! Svix or another Standard Webhooks sender) holds 24 to 64 bytes, as Svix takes. It is stored
-//! and shown as given, so a receiver's configuration stays byte for byte what it was.
+//! Svix or another Standard Webhooks sender) holds 24 to 64 bytes, as Svix takes. It is kept
+//! with its `=` padding (the form every secret the server makes has), whether it came with it or
+//! not: the key, and so every signature, is the same.
 
 use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD};
 use base64::Engine;
@@ -35,26 +36,28 @@ pub fn key_bytes(secret: &str) -> Option<Vec<u8>> {
     decode(secret.strip_prefix(PREFIX)?)
 }
 
-/// Why a secret given on create or rotate can't be used, or `None` when it can.
-pub fn error(secret: &str) -> Option<String> {
+/// A secret given on create or rotate as it is kept: `whsec_` and the padded base64 of its key
+/// (the same key, and so the same signatures, as the secret given, which may lack its padding;
+/// a node of an older build reads only the padded form). `Err`: why it can't be used.
+pub fn normalize(secret: &str) -> Result<String, String> {
     let Some(b64) = secret.strip_prefix(PREFIX) else {
-        return Some(format!(
+        return Err(format!(
             "signing_secret must start with `{PREFIX}` (a Standard Webhooks secret)"
         ));
     };
     let Some(bytes) = decode(b64) else {
-        return Some(format!(
+        return Err(format!(
             "signing_secret must be `{PREFIX}` and the standard base64 of the key's bytes"
         ));
     };
     let n = bytes.len();
     if !(SIGNING_SECRET_GIVEN_BYTES_MIN..=SIGNING_SECRET_GIVEN_BYTES_MAX).contains(&n) {
-        return Some(format!(
+        return Err(format!(
             "signing_secret must hold {SIGNING_SECRET_GIVEN_BYTES_MIN} to \
              {SIGNING_SECRET_GIVEN_BYTES_MAX} bytes of key, got {n}"
         ));
     }
-    None
+    Ok(format!("{PREFIX}{}", STANDARD.encode(bytes)))
 }
 
 #[cfg(test)]
@@ -64,18 +67,19 @@ mod tests {
     #[test]
     fn secrets_of_24_to_64_bytes_in_standard_base64_are_taken_padded_or_not() {
         // Svix's own example secret: 24 bytes, no padding needed.
-        assert_eq!(error("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"), None);
+        let svix = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+        assert_eq!(normalize(svix).as_deref(), Ok(svix));
         let b64 = |n: usize| STANDARD.encode(vec![0xfb; n]);
-        for n in [24, 25, 32, 63, 64] {
+        for n in [24, 25, 26, 32, 63, 64] {
             let padded = format!("whsec_{}", b64(n));
-            assert_eq!(error(&padded), None, "{n} bytes");
+            assert_eq!(normalize(&padded).as_ref(), Ok(&padded), "{n} bytes");
             assert_eq!(key_bytes(&padded), Some(vec![0xfb; n]));
             let bare = padded.trim_end_matches('=');
-            assert_eq!(error(bare), None, "{n} bytes unpadded");
+            assert_eq!(normalize(bare).as_ref(), Ok(&padded), "{n} bytes unpadded");
             assert_eq!(key_bytes(bare), Some(vec![0xfb; n]));
         }
         for n in [0, 1, 23, 65, 1000] {
-            let e = error(&format!("whsec_{}", b64(n))).unwrap();
+            let e = normalize(&format!("whsec_{}", b64(n))).unwrap_err();
             assert!(e.contains(&format!("got {n}")), "{e}");
         }
     }
@@ -100,7 +104,7 @@ mod tests {
             ("whsec_WlpaWlpaWlpaWlpaWlpaWlpaWlpaWlpaWg=", form),
             ("whsec_WlpaWlpaWlpaWlpaWlpaWlpaWlpaWlpa=Wg", form),
         ] {
-            let e = error(secret).unwrap_or_else(|| panic!("{secret:?} was taken"));
+            let e = normalize(secret).expect_err(secret);
             assert!(e.contains(says), "{secret:?}: {e}");
         }
     }
@@ -108,7 +112,7 @@ mod tests {
     #[test]
     fn a_made_secret_is_one_that_would_be_taken() {
         let s = encode(&[7; SIGNING_SECRET_BYTES]);
-        assert_eq!(error(&s), None);
+        assert_eq!(normalize(&s).as_ref(), Ok(&s));
         assert_eq!(key_bytes(&s), Some(vec![7; SIGNING_SECRET_BYTES]));
     }
 }

@@ -596,7 +596,7 @@ async fn a_rotated_secret_signs_beside_the_new_one_for_the_grace_period() {
 
 /// A team moving from Svix keeps the secret its receivers verify with: a secret given on create
 /// signs every delivery, one given on rotate signs beside the old for the grace period (padded
-/// base64 or not); one that is not `whsec_` and the base64 of 24 to 64 bytes, or that is the
+/// base64 or not: it is kept padded); one that is not `whsec_` and the base64 of 24 to 64 bytes, or that is the
 /// current secret, is refused naming `signing_secret` and changes nothing, and a PATCH never
 /// changes the secret.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -690,13 +690,15 @@ async fn a_secret_given_on_create_or_rotate_signs_and_a_refused_one_changes_noth
     let list = get(s.addr, &key, "/api/endpoints").await.json();
     assert_eq!(list["endpoints"].as_array().unwrap().len(), 1, "{list}");
 
-    // A given secret of 32 bytes without its padding: taken as written.
-    let given = format!("whsec_{}", b64(32).trim_end_matches('='));
+    // A given secret of 32 bytes without its padding: the same key, kept padded.
+    let given = format!("whsec_{}", b64(32));
+    let unpadded = given.trim_end_matches('=');
+    assert_ne!(unpadded, given);
     let r = post(
         s.addr,
         &key,
         &rotate_path,
-        &json!({"signing_secret": given}),
+        &json!({"signing_secret": unpadded}),
     )
     .await;
     assert_eq!(r.status, 200, "{}", r.text());
@@ -712,6 +714,15 @@ async fn a_secret_given_on_create_or_rotate_signs_and_a_refused_one_changes_noth
         standard_signature(svix, &got[1])
     );
     assert_eq!(got[1].header("webhook-signature"), Some(expected.as_str()));
+    assert_eq!(
+        expected.split(' ').next(),
+        Some(standard_signature(unpadded, &got[1]).as_str())
+    );
+    // The same key again, padded or not, is the current secret.
+    for same in [&given[..], unpadded] {
+        let r = post(s.addr, &key, &rotate_path, &json!({"signing_secret": same})).await;
+        assert_eq!(r.status, 422, "{same}: {}", r.text());
+    }
     // No body, `{}` or a null secret: a random one, as before.
     let mut seen = HashSet::from([svix.to_string(), given]);
     for body in [None, Some(json!({})), Some(json!({"signing_secret": null}))] {

@@ -16,7 +16,7 @@ use triggers::ingress::endpoints::{
     validate_endpoint_patch, validate_endpoint_spec, validate_recover, validate_rotate,
 };
 use triggers::json::Parser;
-use triggers::signing_secret::key_bytes;
+use triggers::signing_secret::{key_bytes, normalize};
 use triggers::url_policy::parse_url;
 
 thread_local! {
@@ -60,6 +60,7 @@ fn check_secret(secret: &str) {
     let key = key_bytes(secret).expect("an accepted secret has a key");
     assert!((24..=64).contains(&key.len()), "{secret:?}");
     assert!(secret.starts_with("whsec_") && secret.is_ascii());
+    assert_eq!(normalize(secret).as_deref(), Ok(secret), "kept in its padded form");
 }
 
 fn check_since(since: Micros) {

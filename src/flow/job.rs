@@ -76,7 +76,7 @@ pub enum Query {
     RotateEndpointSecret {
         /// The endpoint.
         id: Uuid,
-        /// The new secret, checked by [`crate::signing_secret::error`]; `None`: a random one.
+        /// The new secret, kept as [`crate::signing_secret::normalize`] gives it; `None`: a random one.
         secret: Option<String>,
     },
     /// `POST /api/endpoints/{id}/recover`.
@@ -131,7 +131,7 @@ pub struct EndpointSpec {
     pub rate_limit_per_second: Option<u32>,
     /// Headers of its own, as sent (`name: value`), checked by [`crate::endpoint_headers`].
     pub headers: Vec<String>,
-    /// Its signing secret, checked by [`crate::signing_secret::error`]; `None`: a random one.
+    /// Its signing secret, kept as [`crate::signing_secret::normalize`] gives it; `None`: a random one.
     pub signing_secret: Option<String>,
 }
 

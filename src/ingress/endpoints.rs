@@ -165,14 +165,13 @@ fn headers_field(body: &Body<'_>) -> Result<Option<Vec<String>>, ApiError> {
 }
 
 /// `signing_secret`: absent or null (a random one is made), or a `whsec_` secret of 24 to 64
-/// bytes ([`signing_secret::error`]), kept as given.
+/// bytes, kept with its padding ([`signing_secret::normalize`]).
 fn secret_field(body: &Body<'_>) -> Result<Option<String>, ApiError> {
     match body.get("signing_secret") {
         None | Some(Field::Null) => Ok(None),
-        Some(Field::Str(s)) => match signing_secret::error(s) {
-            Some(why) => Err(ApiError::validation("signing_secret", why)),
-            None => Ok(Some(s.to_string())),
-        },
+        Some(Field::Str(s)) => signing_secret::normalize(s)
+            .map(Some)
+            .map_err(|why| ApiError::validation("signing_secret", why)),
         Some(other) => Err(ApiError::validation(
             "signing_secret",
             format!(
