@@ -75,6 +75,8 @@ pub const ARGON2_SLOT_WAIT: Duration = Duration::from_secs(2);
 pub const KEY_ID_COLLISION_TRIES: usize = 3;
 /// Random bytes of a webhook signing secret the server makes.
 pub const SIGNING_SECRET_BYTES: usize = 32;
+/// Longest `Idempotency-Key` (as Stripe's), in bytes.
+pub const IDEMPOTENCY_KEY_BYTES_MAX: usize = 255;
 /// Fewest bytes of a signing secret given on create or rotate (Svix's minimum: 24).
 pub const SIGNING_SECRET_GIVEN_BYTES_MIN: usize = 24;
 /// Most bytes of a signing secret given on create or rotate (Svix's maximum: 64).

@@ -17,6 +17,9 @@ pub struct Extra {
     pub allow: Option<&'static str>,
     /// Close the connection after this response.
     pub close: bool,
+    /// `Idempotent-Replayed: true`: the answer of an earlier request with the same
+    /// `Idempotency-Key`.
+    pub replayed: bool,
 }
 
 /// A response ready to be written: status, JSON body and the headers that vary.

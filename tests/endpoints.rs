@@ -596,9 +596,10 @@ async fn a_rotated_secret_signs_beside_the_new_one_for_the_grace_period() {
 
 /// A team moving from Svix keeps the secret its receivers verify with: a secret given on create
 /// signs every delivery, one given on rotate signs beside the old for the grace period (padded
-/// base64 or not: it is kept padded); one that is not `whsec_` and the base64 of 24 to 64 bytes, or that is the
-/// current secret, is refused naming `signing_secret` and changes nothing, and a PATCH never
-/// changes the secret.
+/// base64 or not: it is kept padded), and a rotation to the secret it already has changes
+/// nothing (a retried rotation is safe); one that is not `whsec_` and the base64 of 24 to 64
+/// bytes is refused naming `signing_secret` and changes nothing, and a PATCH never changes the
+/// secret.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_secret_given_on_create_or_rotate_signs_and_a_refused_one_changes_nothing() {
     use base64::Engine;
@@ -658,10 +659,10 @@ async fn a_secret_given_on_create_or_rotate_signs_and_a_refused_one_changes_noth
         assert_eq!(r.status, 422, "{secret}: {}", r.text());
         assert_eq!(r.json()["field"], "signing_secret", "{secret}");
     }
-    // Rotating to the current secret would change nothing: refused.
+    // Rotating to the current secret changes nothing (a retried rotation is safe).
     let r = post(s.addr, &key, &rotate_path, &json!({"signing_secret": svix})).await;
-    assert_eq!(r.status, 422, "{}", r.text());
-    assert_eq!(r.json()["field"], "signing_secret");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json(), unchanged);
     // A PATCH names the route that changes the secret, and changes nothing else either.
     let r = patch(
         s.addr,
@@ -718,10 +719,12 @@ async fn a_secret_given_on_create_or_rotate_signs_and_a_refused_one_changes_noth
         expected.split(' ').next(),
         Some(standard_signature(unpadded, &got[1]).as_str())
     );
-    // The same key again, padded or not, is the current secret.
+    // The same rotation again, padded or not: answered as it is, the grace not extended.
+    let after = get(s.addr, &key, &secret_path).await.json();
     for same in [&given[..], unpadded] {
         let r = post(s.addr, &key, &rotate_path, &json!({"signing_secret": same})).await;
-        assert_eq!(r.status, 422, "{same}: {}", r.text());
+        assert_eq!(r.status, 200, "{same}: {}", r.text());
+        assert_eq!(r.json(), after);
     }
     // No body, `{}` or a null secret: a random one, as before.
     let mut seen = HashSet::from([svix.to_string(), given]);
@@ -735,6 +738,142 @@ async fn a_secret_given_on_create_or_rotate_signs_and_a_refused_one_changes_noth
         assert!(made.starts_with("whsec_") && made.len() == 50, "{made}");
         assert!(seen.insert(made), "{body:?} made a secret seen before");
     }
+}
+
+/// POST /api/endpoints with this `Idempotency-Key` (and a JSON body).
+async fn create_keyed(addr: std::net::SocketAddr, key: &str, idem: &str, body: &[u8]) -> Response {
+    call(
+        addr,
+        "POST",
+        "/api/endpoints",
+        &[
+            ("X-API-Key", key),
+            ("Content-Type", "application/json"),
+            ("Idempotency-Key", idem),
+        ],
+        Some(body),
+    )
+    .await
+}
+
+/// A create whose answer was lost (a timeout, a 503 after the commit) can be sent again with
+/// the same `Idempotency-Key`: it is answered with the endpoint the first made (201, with its
+/// secret, as it is now, `Idempotent-Replayed: true`), never a second endpoint; the same key
+/// with another body is a 422 that creates nothing; creates racing with one key make one
+/// endpoint; a deleted endpoint lets its key go; a malformed key is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_create_sent_again_with_its_idempotency_key_makes_one_endpoint() {
+    let s = Server::start(&[PRIVATE]);
+    let (key, _) = new_org(s.addr, "pro").await;
+    let count = || async {
+        let list = get(s.addr, &key, "/api/endpoints").await.json();
+        list["endpoints"].as_array().unwrap().len()
+    };
+    let body = br#"{"url": "http://127.0.0.1:9/a", "event_types": ["order.*"]}"#;
+    let first = create_keyed(s.addr, &key, "7c9e6679-7425-40de-944b-e07fc1f90ae7", body).await;
+    assert_eq!(first.status, 201, "{}", first.text());
+    assert_eq!(first.header("idempotent-replayed"), None);
+    let first = first.json();
+    let id = first["id"].as_str().unwrap();
+    // Sent again, bare or quoted: the same endpoint, its secret, nothing new.
+    for idem in [
+        "7c9e6679-7425-40de-944b-e07fc1f90ae7",
+        "\"7c9e6679-7425-40de-944b-e07fc1f90ae7\"",
+    ] {
+        let again = create_keyed(s.addr, &key, idem, body).await;
+        assert_eq!(again.status, 201, "{}", again.text());
+        assert_eq!(again.header("idempotent-replayed"), Some("true"));
+        assert_eq!(again.json(), first);
+    }
+    assert_eq!(count().await, 1);
+    // As it is now: a change made since shows.
+    let r = patch(
+        s.addr,
+        &key,
+        &format!("/api/endpoints/{id}"),
+        &json!({"description": "d"}),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let again = create_keyed(s.addr, &key, "7c9e6679-7425-40de-944b-e07fc1f90ae7", body).await;
+    assert_eq!(again.json()["description"], "d");
+    assert_eq!(again.json()["signing_secret"], first["signing_secret"]);
+    // The same key with another body (another URL, or the same JSON written otherwise).
+    for other in [
+        &br#"{"url": "http://127.0.0.1:9/b", "event_types": ["order.*"]}"#[..],
+        br#"{"event_types": ["order.*"], "url": "http://127.0.0.1:9/a"}"#,
+    ] {
+        let r = create_keyed(s.addr, &key, "7c9e6679-7425-40de-944b-e07fc1f90ae7", other).await;
+        assert_eq!(r.status, 422, "{}", r.text());
+        assert_eq!(r.json()["field"], "Idempotency-Key");
+    }
+    assert_eq!(count().await, 1);
+    // Another organization's key space is its own.
+    let (other_org, _) = new_org(s.addr, "pro").await;
+    let r = create_keyed(
+        s.addr,
+        &other_org,
+        "7c9e6679-7425-40de-944b-e07fc1f90ae7",
+        body,
+    )
+    .await;
+    assert_eq!(r.status, 201, "{}", r.text());
+    assert_eq!(r.header("idempotent-replayed"), None);
+    assert_ne!(r.json()["id"], first["id"]);
+
+    // Eight at once with one key: one endpoint, every answer its.
+    let body2 = br#"{"url": "http://127.0.0.1:9/c"}"#;
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..8 {
+        let (addr, key) = (s.addr, key.clone());
+        tasks.spawn(async move { create_keyed(addr, &key, "race-1", body2).await });
+    }
+    let racing: Vec<Response> = tasks.join_all().await;
+    let ids: HashSet<String> = racing
+        .iter()
+        .map(|r| {
+            assert_eq!(r.status, 201, "{}", r.text());
+            r.json()["id"].as_str().unwrap().to_string()
+        })
+        .collect();
+    assert_eq!(ids.len(), 1, "{ids:?}");
+    let replayed = racing
+        .iter()
+        .filter(|r| r.header("idempotent-replayed").is_some())
+        .count();
+    assert_eq!(replayed, 7);
+    assert_eq!(count().await, 2);
+
+    // A deleted endpoint lets its key go: the same create makes a new one.
+    assert_eq!(
+        delete(s.addr, &key, &format!("/api/endpoints/{id}"))
+            .await
+            .status,
+        200
+    );
+    let r = create_keyed(s.addr, &key, "7c9e6679-7425-40de-944b-e07fc1f90ae7", body).await;
+    assert_eq!(r.status, 201, "{}", r.text());
+    assert_eq!(r.header("idempotent-replayed"), None);
+    assert_ne!(r.json()["id"], first["id"]);
+    assert_eq!(count().await, 2);
+
+    // Malformed keys: refused, nothing made.
+    let long = "k".repeat(256);
+    for bad in ["", "\"\"", "a b", "caf\u{e9}", "\"a\"b\"", long.as_str()] {
+        let r = create_keyed(s.addr, &key, bad, br#"{"url": "http://127.0.0.1:9/d"}"#).await;
+        assert_eq!(r.status, 422, "{bad:?}: {}", r.text());
+        assert_eq!(r.json()["field"], "Idempotency-Key", "{bad:?}");
+    }
+    assert_eq!(count().await, 2);
+    // Without a key, a create is a create each time.
+    let plain = json!({"url": "http://127.0.0.1:9/d"});
+    for _ in 0..2 {
+        assert_eq!(
+            post(s.addr, &key, "/api/endpoints", &plain).await.status,
+            201
+        );
+    }
+    assert_eq!(count().await, 4);
 }
 
 /// Deliveries waiting in memory for their retry's time.
@@ -2514,23 +2653,36 @@ async fn a_redelivery_and_a_take_over_of_its_batch_never_deadlock() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_acknowledged_events_delivery_waiting_for_a_rate_limit_is_not_sent() {
     let (recv, s, key, _) = rate_limited_node("triggers_test_ack_rate_limited", 1).await;
-    // One a second: the first goes at once, the other two wait in memory for their turns (in
-    // either order), a second and two seconds later.
+    // One a second: one goes at once, the other two wait in memory for their turns (in either
+    // order), a second and two seconds later. One of those two is acknowledged while it waits
+    // (which went first is up to the scheduler: an acknowledgement before any is sent could
+    // come after the first).
     let ids = create_events(s.addr, &key, 3, "t").await;
-    let r = post_empty(s.addr, &key, &format!("/api/ack/{}", ids[1])).await;
-    assert_eq!(r.status, 200, "{}", r.text());
-    let first = recv
+    let got = recv
         .wait_until(Duration::from_secs(5), |r| !r.is_empty())
-        .await[0]
-        .at;
+        .await;
+    let (first, sent) = (got[0].at, got[0].event_id());
+    let waiting: Vec<&String> = ids.iter().filter(|id| **id != sent).collect();
+    let (acked, other) = (waiting[0], waiting[1]);
+    let r = post_empty(s.addr, &key, &format!("/api/ack/{acked}")).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(
+        first.elapsed() < Duration::from_millis(900),
+        "acknowledged before its turn could come"
+    );
     let wait = (first + Duration::from_millis(2600)).saturating_duration_since(Instant::now());
     tokio::time::sleep(wait).await;
-    assert_eq!(recv.for_event(&ids[0]).len(), 1);
-    assert!(recv.for_event(&ids[1]).is_empty(), "sent after its ack");
-    let e = event_json(s.addr, &key, &ids[1]).await;
+    assert_eq!(
+        recv.for_event(other).len(),
+        1,
+        "{}",
+        timeline(&recv.received())
+    );
+    assert!(recv.for_event(acked).is_empty(), "sent after its ack");
+    let e = event_json(s.addr, &key, acked).await;
     assert_eq!(e["status"], "delivered", "{e}");
     assert_eq!(e["attempts"], 0, "{e}");
-    wait_delivered(s.addr, &key, &ids[2], Duration::from_secs(5)).await;
+    assert_eq!(recv.received().len(), 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,6 +1,7 @@
-//! The small parsers of hostile text, any bytes: an API key as a client sends it, a UUID path
-//! segment, an RFC 3339 time, and a webhook receiver's `Retry-After` (delta-seconds or an
-//! IMF-fixdate). None panics, and what one accepts writes back as what was read.
+//! The small parsers of hostile text, any bytes: an API key as a client sends it, an
+//! `Idempotency-Key`, a UUID path segment, an RFC 3339 time, and a webhook receiver's
+//! `Retry-After` (delta-seconds or an IMF-fixdate). None panics, and what one accepts writes back
+//! as what was read.
 #![no_main]
 
 use std::time::{Duration, UNIX_EPOCH};
@@ -9,6 +10,7 @@ use libfuzzer_sys::fuzz_target;
 use triggers::auth::key::ApiKey;
 use triggers::delivery::schedule::parse_retry_after;
 use triggers::ids::{http_date, parse_rfc3339, parse_uuid};
+use triggers::ingress::endpoints::idempotency_key;
 
 fuzz_target!(|data: &[u8]| {
     if let Some(key) = ApiKey::parse(data) {
@@ -17,6 +19,14 @@ fuzz_target!(|data: &[u8]| {
             data,
             "a key is the bytes it was read from"
         );
+    }
+    if let Ok(Some(once)) = idempotency_key(Some(data), b"{}") {
+        let key = once.key.as_bytes();
+        assert!((1..=255).contains(&key.len()), "{key:?}");
+        assert!(key.iter().all(|b| (0x21..=0x7e).contains(b) && *b != b'"' && *b != b'\\'));
+        // The key is what was sent, less blanks around it and the quotes of a quoted string.
+        let sent = data.trim_ascii();
+        assert!(sent == key || (sent.len() == key.len() + 2 && &sent[1..sent.len() - 1] == key));
     }
     let Ok(text) = std::str::from_utf8(data) else {
         return;

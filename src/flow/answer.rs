@@ -165,6 +165,9 @@ pub enum Answer {
     Redelivered(Uuid),
     /// One endpoint (created, read, changed, paused, resumed).
     Endpoint(Box<EndpointView>),
+    /// The endpoint an earlier create with the same `Idempotency-Key` and body made, as it is
+    /// now, with its secret.
+    EndpointReplayed(Box<EndpointView>),
     /// Every endpoint of the organization.
     Endpoints(Vec<EndpointView>),
     /// An endpoint's secret (read or rotated).

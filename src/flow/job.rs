@@ -40,7 +40,12 @@ pub enum Query {
         endpoint: Option<Uuid>,
     },
     /// `POST /api/endpoints`, fields shape-checked.
-    CreateEndpoint(EndpointSpec),
+    CreateEndpoint {
+        /// The endpoint.
+        spec: EndpointSpec,
+        /// The request's `Idempotency-Key`, if it sent one.
+        once: Option<Once>,
+    },
     /// `GET /api/endpoints`.
     ListEndpoints,
     /// `GET /api/endpoints/{id}`.
@@ -133,6 +138,16 @@ pub struct EndpointSpec {
     pub headers: Vec<String>,
     /// Its signing secret, kept as [`crate::signing_secret::normalize`] gives it; `None`: a random one.
     pub signing_secret: Option<String>,
+}
+
+/// A create's `Idempotency-Key` and what it was sent with: a repeat with the same key and the
+/// same body is answered with what the first made; with another body it is refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Once {
+    /// The key, as sent (checked by ingress).
+    pub key: String,
+    /// SHA-256 of the request body, byte for byte.
+    pub body_sha256: [u8; 32],
 }
 
 /// A change to an endpoint: `None` leaves a field as it is; `Some(None)` clears it.

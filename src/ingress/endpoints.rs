@@ -15,13 +15,13 @@ use super::request::{
 use crate::auth::OrgInfo;
 use crate::config::{
     ENDPOINT_DESCRIPTION_CHARS_MAX, ENDPOINT_PATTERNS_MAX, ENDPOINT_RATE_LIMIT_MAX,
-    INBOX_PAGE_DEFAULT,
+    IDEMPOTENCY_KEY_BYTES_MAX, INBOX_PAGE_DEFAULT,
 };
 use crate::endpoint_headers;
 use crate::error::ApiError;
 use crate::event_types::pattern_error;
 use crate::flow::answer::{Answer, EndpointView, FailedPage};
-use crate::flow::job::{EndpointPatch, EndpointSpec, Query};
+use crate::flow::job::{EndpointPatch, EndpointSpec, Once, Query};
 use crate::ids::{decode_cursor_at, encode_cursor_at, parse_rfc3339, Micros};
 use crate::json::{write_list, write_str, Body, Field, Obj, Parser};
 use crate::reply::Reply;
@@ -330,6 +330,11 @@ fn render(answer: Answer) -> Option<Reply> {
         Answer::Endpoint(e) => {
             endpoint_reply(if e.signing_secret.is_some() { 201 } else { 200 }, &e)
         }
+        Answer::EndpointReplayed(e) => {
+            let mut reply = endpoint_reply(201, &e);
+            reply.extra.replayed = true;
+            reply
+        }
         Answer::Endpoints(list) => Reply::build(200, |out| {
             let mut o = Obj::new(out);
             write_list(o.key("endpoints"), &list, |out, e| {
@@ -363,11 +368,44 @@ fn render(answer: Answer) -> Option<Reply> {
     })
 }
 
-/// `POST /api/endpoints`.
+/// The `Idempotency-Key` header of a create: 1 to 255 visible ASCII characters, bare or as a
+/// quoted string (the form of the IETF draft; the quotes are not part of the key), with the
+/// SHA-256 of the body it came with. Absent: `None`.
+pub fn idempotency_key(value: Option<&[u8]>, body: &[u8]) -> Result<Option<Once>, ApiError> {
+    use sha2::Digest;
+    let Some(value) = value else {
+        return Ok(None);
+    };
+    let value = value.trim_ascii();
+    let key = match value {
+        [b'"', inner @ .., b'"'] => inner,
+        _ => value,
+    };
+    let visible = |b: &u8| (0x21..=0x7e).contains(b) && *b != b'"' && *b != b'\\';
+    if key.is_empty() || key.len() > IDEMPOTENCY_KEY_BYTES_MAX || !key.iter().all(visible) {
+        return Err(ApiError::validation(
+            "Idempotency-Key",
+            format!(
+                "Idempotency-Key must be 1 to {IDEMPOTENCY_KEY_BYTES_MAX} visible ASCII \
+                 characters (a UUID, say), bare or in double quotes"
+            ),
+        ));
+    }
+    Ok(Some(Once {
+        key: String::from_utf8_lossy(key).into_owned(),
+        body_sha256: sha2::Sha256::digest(body).into(),
+    }))
+}
+
+/// `POST /api/endpoints`, optional `Idempotency-Key`.
 pub async fn create(ctx: &Rc<CoreCtx>, req: &Request, org: OrgInfo) -> Reply {
-    match require_json(req).and_then(|()| validate_endpoint_spec(&ctx.parser, &req.body)) {
-        Ok(spec) => ctx
-            .query(org, Query::CreateEndpoint(spec))
+    let asked = require_json(req).and_then(|()| {
+        let once = idempotency_key(req.head.idempotency_key.as_deref(), &req.body)?;
+        Ok((validate_endpoint_spec(&ctx.parser, &req.body)?, once))
+    });
+    match asked {
+        Ok((spec, once)) => ctx
+            .query(org, Query::CreateEndpoint { spec, once })
             .await
             .render(render),
         Err(e) => e.reply(),
@@ -543,5 +581,47 @@ pub async fn recover(ctx: &Rc<CoreCtx>, req: &Request, org: OrgInfo, param: Opti
             .await
             .render(render),
         Err(e) => e.reply(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_idempotency_key_is_visible_ascii_bare_or_quoted_and_names_its_body() {
+        assert_eq!(idempotency_key(None, b"{}").unwrap(), None);
+        let bare = idempotency_key(Some(b" 7c9e-ab_1 "), b"{}")
+            .unwrap()
+            .unwrap();
+        assert_eq!(bare.key, "7c9e-ab_1");
+        let quoted = idempotency_key(Some(b"\"7c9e-ab_1\""), b"{}")
+            .unwrap()
+            .unwrap();
+        assert_eq!(quoted, bare, "the quotes are not part of the key");
+        let other_body = idempotency_key(Some(b"7c9e-ab_1"), b"{ }")
+            .unwrap()
+            .unwrap();
+        assert_ne!(other_body.body_sha256, bare.body_sha256);
+        let longest = vec![b'k'; IDEMPOTENCY_KEY_BYTES_MAX];
+        assert!(idempotency_key(Some(&longest), b"").is_ok());
+        let too_long = vec![b'k'; IDEMPOTENCY_KEY_BYTES_MAX + 1];
+        for bad in [
+            &b""[..],
+            b"\"\"",
+            b"a b",
+            b"a\tb",
+            b"caf\xc3\xa9",
+            b"\"a\"b\"",
+            b"a\\b",
+            b"\"a",
+            &too_long,
+        ] {
+            let e = idempotency_key(Some(bad), b"{}").unwrap_err();
+            assert!(
+                matches!(&e, ApiError::Validation { field, .. } if *field == "Idempotency-Key"),
+                "{bad:?}: {e:?}"
+            );
+        }
     }
 }

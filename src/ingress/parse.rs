@@ -64,6 +64,8 @@ pub struct Head {
     pub traceparent: Option<Bytes>,
     /// `X-Request-Id`, as sent (the access log's request id when it is a plain token).
     pub request_id: Option<Bytes>,
+    /// `Idempotency-Key`, as sent; checked where it is used (`POST /api/endpoints`).
+    pub idempotency_key: Option<Bytes>,
 }
 
 /// Why a head could not be used.
@@ -148,7 +150,7 @@ pub fn parse_head(buf: &mut BytesMut) -> Result<Parsed, HeadError> {
     let mut expect_continue = false;
     let (mut content_type, mut api_key, mut authorization, mut forwarded_for) =
         (None, None, None, None);
-    let (mut traceparent, mut request_id) = (None, None);
+    let (mut traceparent, mut request_id, mut idempotency_key) = (None, None, None);
     for h in req.headers.iter() {
         let name = h.name;
         if name.eq_ignore_ascii_case("content-length") {
@@ -198,6 +200,8 @@ pub fn parse_head(buf: &mut BytesMut) -> Result<Parsed, HeadError> {
             traceparent = Some(offset(h.value));
         } else if name.eq_ignore_ascii_case("x-request-id") {
             request_id = Some(offset(h.value));
+        } else if name.eq_ignore_ascii_case("idempotency-key") {
+            idempotency_key = Some(offset(h.value));
         }
     }
     if chunked && content_length.is_some() {
@@ -239,6 +243,7 @@ pub fn parse_head(buf: &mut BytesMut) -> Result<Parsed, HeadError> {
         forwarded_for: forwarded_for.map(|r| head.slice(r)),
         traceparent: traceparent.map(|r| head.slice(r)),
         request_id: request_id.map(|r| head.slice(r)),
+        idempotency_key: idempotency_key.map(|r| head.slice(r)),
     }))
 }
 

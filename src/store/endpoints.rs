@@ -18,7 +18,7 @@ use crate::flow::answer::{
     FailedPage, Refusal,
 };
 use crate::flow::event::EventStatus;
-use crate::flow::job::{EndpointPatch, EndpointSpec};
+use crate::flow::job::{EndpointPatch, EndpointSpec, Once};
 use crate::flow::ORG_CHANGED_CHANNEL;
 use crate::ids::{new_v7, Micros, OrgId};
 use crate::{signing_secret, url_policy};
@@ -141,8 +141,63 @@ macro_rules! org_change {
     }};
 }
 
-/// `POST /api/endpoints`.
-pub async fn create(ctx: &StoreCtx, org: OrgId, spec: EndpointSpec) -> Result<Answer, Refusal> {
+/// The endpoint an organization's create with this `Idempotency-Key` made, if it still exists:
+/// [`ENDPOINT_COLUMNS`], then its secret and the SHA-256 of that create's body.
+const KEYED: &str = "SELECT {ENDPOINT_COLUMNS}, signing_secret, idempotency_body FROM endpoints \
+     WHERE org_id = $1 AND idempotency_key = $2 AND status <> $3";
+
+async fn keyed<C: deadpool_postgres::GenericClient>(
+    client: &C,
+    org: OrgId,
+    once: &Once,
+) -> Done<Option<Row>> {
+    Ok(client
+        .query_opt(
+            &KEYED.replace("{ENDPOINT_COLUMNS}", ENDPOINT_COLUMNS),
+            &[&org.0, &once.key, &EndpointStatus::Removed.code()],
+        )
+        .await?)
+}
+
+/// What answers a create whose key made `row` before: that endpoint as it is now, with its
+/// secret, when the body is the same; else a refusal (the key names another request).
+fn replay(row: &Row, once: &Once, circuit_failures: usize) -> Result<Answer, Refusal> {
+    let body: Option<Vec<u8>> = row.get(14);
+    if body.as_deref() != Some(&once.body_sha256[..]) {
+        return Err(Refusal::Invalid {
+            field: "Idempotency-Key",
+            message: "this Idempotency-Key was sent before with another body; a new request \
+                      needs a new key"
+                .into(),
+        });
+    }
+    let mut view = endpoint_view(row, circuit_failures);
+    view.signing_secret = Some(row.get(13));
+    Ok(Answer::EndpointReplayed(Box::new(view)))
+}
+
+/// `POST /api/endpoints`. With an `Idempotency-Key` (`once`), a create that repeats an earlier
+/// one (its answer was lost: a timeout, a 503 after the commit) is answered with the endpoint
+/// that one made, before its URL is resolved again; two at once with one key make one endpoint
+/// (the unique index `endpoints_idempotency` decides, and the later is answered as a repeat).
+pub async fn create(
+    ctx: &StoreCtx,
+    org: OrgId,
+    spec: EndpointSpec,
+    once: Option<Once>,
+) -> Result<Answer, Refusal> {
+    let failures = ctx.config.circuit_failures;
+    if let Some(once) = &once {
+        let earlier = ctx
+            .timed("find an endpoint by idempotency key", async {
+                let client = ctx.pool.get().await?;
+                keyed(&client, org, once).await
+            })
+            .await?;
+        if let Some(row) = earlier {
+            return replay(&row, once, failures);
+        }
+    }
     check_url(ctx, &spec.url, "url").await?;
     let secret = match spec.signing_secret {
         Some(given) => given,
@@ -151,31 +206,55 @@ pub async fn create(ctx: &StoreCtx, org: OrgId, spec: EndpointSpec) -> Result<An
     let now = Micros::now();
     let id = new_v7(now);
     let rate = spec.rate_limit_per_second.map(|r| r as i32);
-    let row = org_change!(ctx, org, "create endpoint", |tx| {
+    let (key, body) = match &once {
+        Some(o) => (Some(o.key.as_str()), Some(&o.body_sha256[..])),
+        None => (None, None),
+    };
+    let made = org_change!(ctx, org, "create endpoint", |tx| {
         check_room(ctx, &tx, org, "url").await?;
-        tx.query_one(
-            &format!(
-                "INSERT INTO endpoints (id, org_id, url, event_types, description, \
-                     rate_limit_per_second, signing_secret, created_at, updated_at, headers) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $8, $9) RETURNING {ENDPOINT_COLUMNS}"
-            ),
-            &[
-                &id,
-                &org.0,
-                &spec.url,
-                &spec.event_types,
-                &spec.description,
-                &rate,
-                &secret,
-                &now.to_system_time(),
-                &spec.headers,
-            ],
-        )
-        .await?
+        let inserted = tx
+            .query_opt(
+                &format!(
+                    "INSERT INTO endpoints (id, org_id, url, event_types, description, \
+                         rate_limit_per_second, signing_secret, created_at, updated_at, headers, \
+                         idempotency_key, idempotency_body) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $8, $9, $10, $11) \
+                     ON CONFLICT (org_id, idempotency_key) \
+                         WHERE idempotency_key IS NOT NULL AND status <> {removed} DO NOTHING \
+                     RETURNING {ENDPOINT_COLUMNS}",
+                    removed = EndpointStatus::Removed.code()
+                ),
+                &[
+                    &id,
+                    &org.0,
+                    &spec.url,
+                    &spec.event_types,
+                    &spec.description,
+                    &rate,
+                    &secret,
+                    &now.to_system_time(),
+                    &spec.headers,
+                    &key,
+                    &body,
+                ],
+            )
+            .await?;
+        match (inserted, &once) {
+            (Some(row), _) => Ok(row),
+            // Another create with this key committed first (the insert waited for it).
+            (None, Some(once)) => Err(keyed(&tx, org, once).await?.ok_or(Refusal::Unavailable)?),
+            (None, None) => return Err(Refusal::Internal.into()),
+        }
     });
-    let mut view = endpoint_view(&row, ctx.config.circuit_failures);
-    view.signing_secret = Some(secret);
-    Ok(Answer::Endpoint(Box::new(view)))
+    match (made, &once) {
+        (Ok(row), _) => {
+            let mut view = endpoint_view(&row, failures);
+            view.signing_secret = Some(secret);
+            Ok(Answer::Endpoint(Box::new(view)))
+        }
+        (Err(row), Some(once)) => replay(&row, once, failures),
+        (Err(_), None) => Err(Refusal::Internal),
+    }
 }
 
 /// `GET /api/endpoints`: every endpoint but the deleted ones, oldest first.
@@ -241,8 +320,9 @@ pub async fn secret(ctx: &StoreCtx, org: OrgId, id: Uuid) -> Done<Answer> {
 
 /// `POST /api/endpoints/{id}/secret/rotate`: a new secret (`given`, else a random one); the old
 /// one signs too for the grace period (`--secret-rotation-grace-s`), so receivers can switch
-/// without losing a delivery. A given secret that is the current one is refused: nothing would
-/// change, and a caller who thinks a leaked secret is gone should hear that it is not.
+/// without losing a delivery. A given secret that already is the current one changes nothing
+/// (the previous one's grace is not extended) and is answered with the secret as it is: a
+/// rotation retried after its answer was lost is safe.
 pub async fn rotate_secret(
     ctx: &StoreCtx,
     org: OrgId,
@@ -256,37 +336,31 @@ pub async fn rotate_secret(
     let now = Micros::now();
     let expires = now.plus(Duration::from_secs(ctx.config.secret_rotation_grace_s));
     let row = org_change!(ctx, org, "rotate endpoint secret", |tx| {
-        let current: String = tx
+        let current = tx
             .query_opt(
-                "SELECT signing_secret FROM endpoints \
+                "SELECT signing_secret, previous_secret_expires_at FROM endpoints \
                  WHERE id = $1 AND org_id = $2 AND status <> $3 FOR UPDATE",
                 &[&id, &org.0, &EndpointStatus::Removed.code()],
             )
             .await?
-            .ok_or(NOT_FOUND)?
-            .get(0);
-        if current == secret {
-            return Err(Refusal::Invalid {
-                field: "signing_secret",
-                message: "signing_secret is the endpoint's current secret; a rotation must \
-                          change it"
-                    .into(),
-            }
-            .into());
+            .ok_or(NOT_FOUND)?;
+        if current.get::<_, String>(0) == secret {
+            current
+        } else {
+            tx.query_one(
+                "UPDATE endpoints SET previous_secret = signing_secret, \
+                     previous_secret_expires_at = $3, signing_secret = $2, updated_at = $4 \
+                 WHERE id = $1 \
+                 RETURNING signing_secret, previous_secret_expires_at",
+                &[
+                    &id,
+                    &secret,
+                    &expires.to_system_time(),
+                    &now.to_system_time(),
+                ],
+            )
+            .await?
         }
-        tx.query_one(
-            "UPDATE endpoints SET previous_secret = signing_secret, \
-                 previous_secret_expires_at = $3, signing_secret = $2, updated_at = $4 \
-             WHERE id = $1 \
-             RETURNING signing_secret, previous_secret_expires_at",
-            &[
-                &id,
-                &secret,
-                &expires.to_system_time(),
-                &now.to_system_time(),
-            ],
-        )
-        .await?
     });
     Ok(secret_answer(&row))
 }

@@ -98,7 +98,7 @@ async fn run_query(ctx: &StoreCtx, org: OrgInfo, query: Query) -> Result<Answer,
             ctx.timed_reruns("redeliver", || events::redeliver(ctx, org.id, id, endpoint))
                 .await
         }
-        Query::CreateEndpoint(spec) => endpoints::create(ctx, org.id, spec).await,
+        Query::CreateEndpoint { spec, once } => endpoints::create(ctx, org.id, spec, once).await,
         Query::ListEndpoints => {
             ctx.timed("list endpoints", endpoints::list(ctx, org.id))
                 .await

@@ -71,6 +71,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "0013_endpoint_headers.sql",
         include_str!("../../migrations/0013_endpoint_headers.sql"),
     ),
+    (
+        14,
+        "0014_endpoint_idempotency.sql",
+        include_str!("../../migrations/0014_endpoint_idempotency.sql"),
+    ),
 ];
 
 /// Arbitrary constant naming the migration lock.
