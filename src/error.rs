@@ -63,6 +63,8 @@ pub enum ApiError {
     Unavailable,
     /// 503 `overloaded`: a bounded queue is full.
     Overloaded(&'static str),
+    /// 503 `unavailable`: a webhook host could not be looked up now (the resolver failed).
+    ResolverDown,
     /// 408 `request_timeout`; the connection is closed after it.
     RequestTimeout(&'static str),
     /// 431 `headers_too_large`; the connection is closed after it.
@@ -91,6 +93,7 @@ impl From<Refusal> for ApiError {
             Refusal::NotFound(m) => ApiError::NotFound(m),
             Refusal::NoWebhook => ApiError::NoWebhook,
             Refusal::Invalid { field, message } => ApiError::Validation { field, message },
+            Refusal::ResolverDown => ApiError::ResolverDown,
             Refusal::Internal => ApiError::Internal,
         }
     }
@@ -122,7 +125,7 @@ impl ApiError {
             | ApiError::KeyOpsLimited { .. } => 429,
             ApiError::HeadersTooLarge(_) => 431,
             ApiError::Internal => 500,
-            ApiError::Unavailable | ApiError::Overloaded(_) => 503,
+            ApiError::Unavailable | ApiError::Overloaded(_) | ApiError::ResolverDown => 503,
         }
     }
 
@@ -141,7 +144,7 @@ impl ApiError {
             ApiError::NotFound(_) => "not_found",
             ApiError::MethodNotAllowed { .. } => "method_not_allowed",
             ApiError::UnsupportedMediaType => "unsupported_media_type",
-            ApiError::Unavailable => "unavailable",
+            ApiError::Unavailable | ApiError::ResolverDown => "unavailable",
             ApiError::Overloaded(_) => "overloaded",
             ApiError::RequestTimeout(_) => "request_timeout",
             ApiError::HeadersTooLarge(_) => "headers_too_large",
@@ -181,6 +184,9 @@ impl ApiError {
             }
             ApiError::UnsupportedMediaType => "Content-Type must be application/json".into(),
             ApiError::Unavailable => "the database is unavailable; retry shortly".into(),
+            ApiError::ResolverDown => "the webhook host could not be looked up now: the DNS \
+                                       resolver failed or did not answer; retry shortly"
+                .into(),
             ApiError::Overloaded(what) => format!("server overloaded ({what}); retry shortly"),
             ApiError::HeadersTooLarge(max) => {
                 format!("request head exceeds {max} bytes")
@@ -213,7 +219,7 @@ impl ApiError {
             ApiError::RateLimited { retry_after_s, .. } => {
                 extra.retry_after_s = Some(*retry_after_s)
             }
-            ApiError::Unavailable | ApiError::Overloaded(_) => {
+            ApiError::Unavailable | ApiError::Overloaded(_) | ApiError::ResolverDown => {
                 extra.retry_after_s = Some(RETRY_AFTER_UNAVAILABLE_S)
             }
             ApiError::MethodNotAllowed { allow } => extra.allow = Some(allow),
@@ -279,6 +285,7 @@ mod tests {
             ApiError::UnsupportedMediaType,
             ApiError::Unavailable,
             ApiError::Overloaded("write queue full"),
+            ApiError::ResolverDown,
             ApiError::RequestTimeout("x"),
             ApiError::HeadersTooLarge(16384),
             ApiError::NoWebhook,

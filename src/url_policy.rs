@@ -148,13 +148,67 @@ fn forbidden_v6(ip: Ipv6Addr) -> Option<&'static str> {
     }
 }
 
+/// Why a webhook host gave no address that may be used.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Unresolved {
+    /// The client's: the host does not exist or has no address (or, unless private targets are
+    /// allowed, one that is not public). A 422 when the URL is configured.
+    Refused(String),
+    /// Nobody's answer yet: the resolver failed for now (a temporary failure, a SERVFAIL, no
+    /// answer within [`RESOLVE_TIMEOUT`]). The server's trouble, or the host's DNS servers': a
+    /// 503 with `Retry-After` when the URL is configured, never a 422.
+    ResolverDown(String),
+}
+
+impl std::fmt::Display for Unresolved {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Unresolved::Refused(m) | Unresolved::ResolverDown(m) => f.write_str(m),
+        }
+    }
+}
+
+/// Whether a lookup's failure is the host's own answer (it has no address: the client's to fix)
+/// rather than a failure to get an answer (the resolver's, for now).
+pub fn host_has_no_address(kind: dns_lookup::LookupErrorKind) -> bool {
+    use dns_lookup::LookupErrorKind as K;
+    matches!(kind, K::NoName | K::NoData | K::Family)
+}
+
+/// The addresses of `host`, from the system's resolver (getaddrinfo, on a blocking thread, as
+/// the standard library's lookup does, but keeping its error code: a host that does not exist
+/// and a resolver that did not answer are told apart).
+async fn lookup(host: &str) -> Result<Vec<IpAddr>, Option<dns_lookup::LookupErrorKind>> {
+    let host = host.to_string();
+    let hints = dns_lookup::AddrInfoHints {
+        socktype: libc::SOCK_STREAM,
+        ..Default::default()
+    };
+    let blocking = tokio::task::spawn_blocking(move || {
+        dns_lookup::getaddrinfo(Some(&host), None, Some(hints)).map(|found| {
+            found
+                .filter_map(Result::ok)
+                .map(|a| a.sockaddr.ip())
+                .collect::<Vec<IpAddr>>()
+        })
+    });
+    match tokio::time::timeout(RESOLVE_TIMEOUT, blocking).await {
+        Ok(Ok(Ok(ips))) => Ok(ips),
+        Ok(Ok(Err(e))) => Err(Some(e.kind())),
+        // The blocking thread panicked, or the resolver did not answer in time.
+        Ok(Err(_)) | Err(_) => Err(None),
+    }
+}
+
 /// Resolve `url`'s host and apply the policy; returns the addresses that may be connected to.
 ///
 /// Unless private targets are allowed, the refusal says neither which address the host resolved
 /// to nor whether it resolved at all: either would make the server an oracle for internal DNS.
-pub async fn resolve(url: &WebhookUrl, allow_private: bool) -> Result<Vec<SocketAddr>, String> {
+/// A resolver that fails for now is said as such ([`Unresolved::ResolverDown`]): that tells
+/// nothing about the host.
+pub async fn resolve(url: &WebhookUrl, allow_private: bool) -> Result<Vec<SocketAddr>, Unresolved> {
     let refused = || {
-        if allow_private {
+        Unresolved::Refused(if allow_private {
             format!("webhook host {} does not resolve", url.host)
         } else {
             format!(
@@ -162,17 +216,25 @@ pub async fn resolve(url: &WebhookUrl, allow_private: bool) -> Result<Vec<Socket
                  link-local and metadata addresses are not allowed",
                 url.host
             )
-        }
+        })
     };
     let addrs: Vec<SocketAddr> = match url.host.parse::<IpAddr>() {
         Ok(ip) => vec![SocketAddr::new(ip, url.port)],
-        Err(_) => {
-            let lookup = tokio::net::lookup_host((url.host.as_str(), url.port));
-            match tokio::time::timeout(RESOLVE_TIMEOUT, lookup).await {
-                Ok(Ok(it)) => it.collect(),
-                Ok(Err(_)) | Err(_) => return Err(refused()),
+        Err(_) => match lookup(&url.host).await {
+            Ok(ips) => ips
+                .into_iter()
+                .map(|ip| SocketAddr::new(ip, url.port))
+                .collect(),
+            Err(Some(kind)) if host_has_no_address(kind) => return Err(refused()),
+            Err(_) => {
+                return Err(Unresolved::ResolverDown(format!(
+                    "webhook host {} could not be looked up now: the DNS resolver failed or did \
+                     not answer within {} s",
+                    url.host,
+                    RESOLVE_TIMEOUT.as_secs()
+                )))
             }
-        }
+        },
     };
     if addrs.is_empty() {
         return Err(refused());
@@ -266,7 +328,7 @@ mod tests {
             .unwrap();
         rt.block_on(async {
             let u = parse_url("http://127.0.0.1:9/x").unwrap();
-            let refused = resolve(&u, false).await.unwrap_err();
+            let refused = resolve(&u, false).await.unwrap_err().to_string();
             assert!(
                 refused.contains("does not resolve to a public address"),
                 "{refused}"
@@ -274,7 +336,10 @@ mod tests {
             assert!(!refused.contains("127.0.0.1:9"), "{refused}");
             // A name that does not resolve gets the same sentence: no DNS oracle.
             let nx = parse_url("http://no-such-host.invalid/x").unwrap();
-            let nx_refused = resolve(&nx, false).await.unwrap_err();
+            let nx_refused = match resolve(&nx, false).await {
+                Err(Unresolved::Refused(m)) => m,
+                other => panic!("{other:?}"),
+            };
             assert_eq!(
                 nx_refused.replace("no-such-host.invalid", "H"),
                 refused.replace("127.0.0.1", "H")
@@ -284,5 +349,18 @@ mod tests {
                 vec!["127.0.0.1:9".parse().unwrap()]
             );
         });
+    }
+
+    #[test]
+    fn only_a_host_without_an_address_is_the_clients_fault() {
+        use dns_lookup::LookupErrorKind as K;
+        for kind in [K::NoName, K::NoData, K::Family] {
+            assert!(host_has_no_address(kind), "{kind:?}");
+        }
+        // A temporary failure (SERVFAIL too), a resolver that fails for good, the system's own
+        // trouble: no answer about the host yet.
+        for kind in [K::Again, K::Fail, K::Memory, K::System, K::IO, K::Unknown] {
+            assert!(!host_has_no_address(kind), "{kind:?}");
+        }
     }
 }

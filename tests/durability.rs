@@ -398,3 +398,83 @@ async fn fast_ack_mode_answers_202_and_still_stores_the_event() {
     assert_eq!(again.status, 409);
     assert_eq!(again.json()["event_id"], id.as_str());
 }
+
+/// A resolver that does not answer is the server's trouble, never the client's: with the
+/// server's DNS down (a real fault: the server runs in a mount namespace where
+/// `/etc/resolv.conf` names a port nobody listens on, so getaddrinfo fails with EAI_AGAIN), a
+/// webhook URL with a host name is answered 503 `unavailable` with `Retry-After`, not 422, and
+/// nothing is created or changed; a URL with an address needs no DNS and is taken.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resolver_that_fails_is_a_503_and_changes_nothing() {
+    let probe = std::process::Command::new("unshare")
+        .args(["-rm", "true"])
+        .status();
+    if !probe.is_ok_and(|s| s.success()) {
+        eprintln!("SKIPPED: `unshare -rm` (a user and mount namespace) is not allowed here");
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("triggers-dns-down-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let resolv = dir.join("resolv.conf");
+    std::fs::write(
+        &resolv,
+        "nameserver 127.0.0.1\noptions timeout:1 attempts:1\n",
+    )
+    .unwrap();
+    let resolv = resolv.to_str().unwrap();
+    let s = Server::process_wrapped(
+        &[
+            "unshare",
+            "-rm",
+            "sh",
+            "-c",
+            r#"mount --bind "$1" /etc/resolv.conf && shift && exec "$@""#,
+            "sh",
+            resolv,
+        ],
+        &[],
+    );
+    let (key, _) = new_org(s.addr, "pro").await;
+    let hosts = [
+        "https://hooks.example.com/in",
+        "http://receiver.internal:8080/x",
+    ];
+    for url in hosts {
+        let r = post(s.addr, &key, "/api/endpoints", &json!({"url": url})).await;
+        assert_eq!(r.status, 503, "{url}: {}", r.text());
+        assert_eq!(r.json()["code"], "unavailable");
+        assert!(r.json()["error"]
+            .as_str()
+            .unwrap()
+            .contains("could not be looked up"));
+        assert_eq!(r.header("retry-after"), Some("1"));
+        let r = post(
+            s.addr,
+            &key,
+            "/api/webhook/config",
+            &json!({"webhook_url": url}),
+        )
+        .await;
+        assert_eq!(r.status, 503, "{url}: {}", r.text());
+    }
+    let list = get(s.addr, &key, "/api/endpoints").await.json();
+    assert_eq!(list, json!({"endpoints": []}));
+    // An address needs no DNS: taken; then a change to a host name is refused as the server's
+    // trouble, and the endpoint keeps its URL.
+    let created = post(
+        s.addr,
+        &key,
+        "/api/endpoints",
+        &json!({"url": "https://93.184.216.34/in"}),
+    )
+    .await;
+    assert_eq!(created.status, 201, "{}", created.text());
+    let path = format!("/api/endpoints/{}", created.json()["id"].as_str().unwrap());
+    let r = patch(s.addr, &key, &path, &json!({"url": hosts[0]})).await;
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert_eq!(
+        get(s.addr, &key, &path).await.json()["url"],
+        "https://93.184.216.34/in"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -27,7 +27,7 @@ impl SafeConnector {
         let url = parse_url(&uri.to_string()).map_err(refuse)?;
         let addrs = resolve(&url, self.allow_private)
             .await
-            .map_err(|e| std::io::Error::new(std::io::ErrorKind::NotFound, e))?;
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::NotFound, e.to_string()))?;
         let mut last = None;
         for addr in addrs {
             // The policy holds for the address connected to, not just for what DNS said earlier.

@@ -60,6 +60,9 @@ pub enum Refusal {
         /// What is wrong, as a sentence.
         message: String,
     },
+    /// A webhook host could not be looked up now: the DNS resolver failed or did not answer
+    /// (the server's trouble, or the host's DNS servers'; not the client's).
+    ResolverDown,
     /// A bug or an unexpected database answer; the details are in the log.
     Internal,
 }
@@ -69,7 +72,10 @@ impl Refusal {
     pub fn is_servers(&self) -> bool {
         matches!(
             self,
-            Refusal::Unavailable | Refusal::Overloaded(_) | Refusal::Internal
+            Refusal::Unavailable
+                | Refusal::Overloaded(_)
+                | Refusal::ResolverDown
+                | Refusal::Internal
         )
     }
 }

@@ -21,6 +21,7 @@ use crate::flow::event::EventStatus;
 use crate::flow::job::{EndpointPatch, EndpointSpec, Once};
 use crate::flow::ORG_CHANGED_CHANNEL;
 use crate::ids::{new_v7, Micros, OrgId};
+use crate::url_policy::Unresolved;
 use crate::{signing_secret, url_policy};
 
 /// The columns [`endpoint_view`] reads, in its order.
@@ -39,10 +40,14 @@ pub fn new_signing_secret() -> Result<String, Refusal> {
 pub async fn check_url(ctx: &StoreCtx, url: &str, field: &'static str) -> Result<(), Refusal> {
     let invalid = |message: String| Refusal::Invalid { field, message };
     let parsed = url_policy::parse_url(url).map_err(invalid)?;
-    url_policy::resolve(&parsed, ctx.config.allow_private_webhooks)
-        .await
-        .map_err(invalid)?;
-    Ok(())
+    match url_policy::resolve(&parsed, ctx.config.allow_private_webhooks).await {
+        Ok(_) => Ok(()),
+        Err(Unresolved::Refused(message)) => Err(invalid(message)),
+        Err(Unresolved::ResolverDown(message)) => {
+            tracing::warn!(%message, "webhook host lookup failed");
+            Err(Refusal::ResolverDown)
+        }
+    }
 }
 
 fn time(row: &Row, i: usize) -> Option<Micros> {

@@ -270,14 +270,40 @@ impl Server {
     pub fn process_with_db(args: &[&str], database_url: &str) -> Server {
         let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
         Self::spawn(
+            &[],
             args,
             database_url.to_string(),
             "127.0.0.1:0".parse().unwrap(),
         )
     }
 
-    fn spawn(args: Vec<String>, database_url: String, listen: SocketAddr) -> Server {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_triggers"));
+    /// The real binary run by `wrapper` (a command that ends by running the rest of its
+    /// arguments: `unshare … sh -c '…; exec "$@"'`), with the defaults plus `args`.
+    pub fn process_wrapped(wrapper: &[&str], args: &[&str]) -> Server {
+        let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        Self::spawn(
+            wrapper,
+            args,
+            database_url(),
+            "127.0.0.1:0".parse().unwrap(),
+        )
+    }
+
+    fn spawn(
+        wrapper: &[&str],
+        args: Vec<String>,
+        database_url: String,
+        listen: SocketAddr,
+    ) -> Server {
+        let bin = env!("CARGO_BIN_EXE_triggers");
+        let mut cmd = match wrapper {
+            [] => Command::new(bin),
+            [first, rest @ ..] => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(bin);
+                c
+            }
+        };
         cmd.env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
             .env("DATABASE_URL", &database_url)
@@ -373,7 +399,7 @@ impl Server {
         );
         self.kill();
         let args = self.args.clone();
-        let next = Self::spawn(args, self.database_url.clone(), self.addr);
+        let next = Self::spawn(&[], args, self.database_url.clone(), self.addr);
         *self = next;
     }
 
