@@ -392,3 +392,75 @@ async fn signing_secret_is_kept_for_the_organizations_life() {
     .json();
     assert_ne!(v4["signing_secret"], secret.as_str());
 }
+
+/// POST /api/keys/rotate with `key` and this `Idempotency-Key`.
+async fn rotate_keyed(addr: std::net::SocketAddr, key: &str, idem: &str) -> Response {
+    call(
+        addr,
+        "POST",
+        "/api/keys/rotate",
+        &[("X-API-Key", key), ("Idempotency-Key", idem)],
+        None,
+    )
+    .await
+}
+
+/// The new key of a rotation is shown only in its answer, and the old key stops working as it is
+/// sent: a rotation sent with an `Idempotency-Key` whose answer is lost can be asked again with
+/// the old key and the same Idempotency-Key within `--key-rotation-retry-s`, and it rotates again
+/// (the lost answer's key stops working too). Nothing else takes the old key, and no other
+/// Idempotency-Key, no header, a rotation without one, or the window's end lets it retry.
+#[tokio::test]
+async fn a_rotation_whose_answer_was_lost_can_be_asked_again_with_the_old_key() {
+    let s = Server::start(&["--key-rotation-retry-s", "3"]);
+    let (old, org) = new_org(s.addr, "pro").await;
+    let idem = "rot-3b1f9c2e";
+    let r = rotate_keyed(s.addr, &old, idem).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let lost = r.json()["api_key"].as_str().unwrap().to_string();
+    // The old key is refused for everything else, a retry without the header and one with
+    // another Idempotency-Key included.
+    assert_eq!(get(s.addr, &old, "/api/keys").await.status, 401);
+    assert_eq!(
+        post_empty(s.addr, &old, "/api/keys/rotate").await.status,
+        401
+    );
+    let r = rotate_keyed(s.addr, &old, "another").await;
+    assert_eq!(r.status, 401, "{}", r.text());
+    assert_eq!(r.header("www-authenticate"), Some("ApiKey"));
+    // The answer was lost: ask again.
+    let r = rotate_keyed(s.addr, &old, idem).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["organization_id"], org.as_str());
+    let kept = r.json()["api_key"].as_str().unwrap().to_string();
+    assert_ne!(kept, lost);
+    assert_eq!(get(s.addr, &lost, "/api/keys").await.status, 401);
+    assert_eq!(get(s.addr, &old, "/api/keys").await.status, 401);
+    let info = get(s.addr, &kept, "/api/keys").await;
+    assert_eq!(info.status, 200);
+    assert_eq!(info.json()["key_prefix"], &kept[..25]);
+    // The lost key is no retired key of its own: it can't ask.
+    assert_eq!(rotate_keyed(s.addr, &lost, idem).await.status, 401);
+    // A wrong secret with the old key's id and prefix: refused (Argon2 decides).
+    let forged = format!("{}{}", &old[..25], "x".repeat(39));
+    assert_eq!(rotate_keyed(s.addr, &forged, idem).await.status, 401);
+
+    // A rotation without the header keeps no retired key: nothing can ask it again.
+    let r = post_empty(s.addr, &kept, "/api/keys/rotate").await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let plain = r.json()["api_key"].as_str().unwrap().to_string();
+    assert_eq!(rotate_keyed(s.addr, &kept, idem).await.status, 401);
+    assert_eq!(rotate_keyed(s.addr, &old, idem).await.status, 401);
+
+    // The window ends.
+    let r = rotate_keyed(s.addr, &plain, "rot-2").await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let last = r.json()["api_key"].as_str().unwrap().to_string();
+    tokio::time::sleep(std::time::Duration::from_millis(3300)).await;
+    assert_eq!(rotate_keyed(s.addr, &plain, "rot-2").await.status, 401);
+    assert_eq!(get(s.addr, &last, "/api/keys").await.status, 200);
+    // A malformed Idempotency-Key with the current key is the client's mistake, said so.
+    let r = rotate_keyed(s.addr, &last, "a b").await;
+    assert_eq!(r.status, 422, "{}", r.text());
+    assert_eq!(r.json()["field"], "Idempotency-Key");
+}

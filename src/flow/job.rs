@@ -19,6 +19,9 @@ pub enum Query {
     Rotate {
         /// The client's address (key operations are limited per address).
         peer: IpAddr,
+        /// SHA-256 of the request's `Idempotency-Key`: the retired key may ask this rotation
+        /// again for a while. `None`: it may not.
+        retry_key: Option<[u8; 32]>,
     },
     /// `POST /api/webhook/config`, URL already shape-checked.
     SetWebhook {
@@ -195,6 +198,18 @@ pub enum StoreJob {
         core: CoreId,
         /// One entry per organization with spend.
         spent: Vec<RateSpend>,
+    },
+    /// `POST /api/keys/rotate` asked again with the key an earlier rotation retired and that
+    /// rotation's `Idempotency-Key`, because its answer was lost.
+    RetryRotation {
+        /// The retired key, as sent (not verified by any cache).
+        key: ApiKey,
+        /// SHA-256 of the `Idempotency-Key`.
+        retry_key: [u8; 32],
+        /// The client's address (failures are throttled per address).
+        peer: IpAddr,
+        /// Where the answer goes.
+        reply: ReplyTo,
     },
     /// `POST /api/keys/generate`.
     Generate {

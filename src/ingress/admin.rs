@@ -4,8 +4,8 @@
 use std::rc::Rc;
 
 use super::core::CoreCtx;
-use super::request::{require_json, text_field, with_body, Request};
-use crate::auth::{key_from_headers, OrgInfo, Tier};
+use super::request::{idempotency_key, require_json, text_field, with_body, Request};
+use crate::auth::{key_from_headers, ApiKey, OrgInfo, Tier};
 use crate::error::ApiError;
 use crate::flow::answer::{Answer, NewKey, WebhookConfig};
 use crate::flow::job::{Query, StoreJob};
@@ -121,14 +121,61 @@ pub async fn key_info(ctx: &Rc<CoreCtx>, org: OrgInfo) -> Reply {
         })
 }
 
-/// `POST /api/keys/rotate`.
+/// SHA-256 of an `Idempotency-Key` (as [`idempotency_key`] reads it).
+fn key_digest(key: &str) -> [u8; 32] {
+    use sha2::Digest;
+    sha2::Sha256::digest(key.as_bytes()).into()
+}
+
+/// `POST /api/keys/rotate`, optional `Idempotency-Key`: with one, the key this retires may ask
+/// the same rotation again for `--key-rotation-retry-s` if this answer is lost
+/// ([`retry_rotation`]).
 pub async fn rotate(ctx: &Rc<CoreCtx>, req: &Request, org: OrgInfo) -> Reply {
-    ctx.query(org, Query::Rotate { peer: req.peer })
-        .await
-        .render(|answer| match answer {
-            Answer::Rotated(key) => Some(new_key_reply(200, &key)),
-            _ => None,
+    let retry_key = match idempotency_key(req.head.idempotency_key.as_deref()) {
+        Ok(key) => key.as_deref().map(key_digest),
+        Err(e) => return e.reply(),
+    };
+    ctx.query(
+        org,
+        Query::Rotate {
+            peer: req.peer,
+            retry_key,
+        },
+    )
+    .await
+    .render(|answer| match answer {
+        Answer::Rotated(key) => Some(new_key_reply(200, &key)),
+        _ => None,
+    })
+}
+
+/// `POST /api/keys/rotate` with a key that no cache or lookup took, and an `Idempotency-Key`:
+/// perhaps the key a rotation with that Idempotency-Key retired, asking again because the answer
+/// was lost. The store decides (`store::keys::retry_rotation`); anything else is the 401 it was.
+pub async fn retry_rotation(ctx: &Rc<CoreCtx>, req: &Request) -> Reply {
+    let refused = || ApiError::Unauthorized("invalid API key").reply();
+    let key = key_from_headers(
+        req.head.api_key.as_deref(),
+        req.head.authorization.as_deref(),
+    )
+    .and_then(ApiKey::parse);
+    let retry_key = idempotency_key(req.head.idempotency_key.as_deref());
+    let (Some(key), Ok(Some(retry_key))) = (key, retry_key) else {
+        return refused();
+    };
+    match ctx
+        .ask_store(|reply| StoreJob::RetryRotation {
+            key,
+            retry_key: key_digest(&retry_key),
+            peer: req.peer,
+            reply,
         })
+        .await
+    {
+        Ok(Answer::Rotated(key)) => new_key_reply(200, &key),
+        Ok(_) => ApiError::Internal.reply(),
+        Err(r) => ApiError::from(r).reply(),
+    }
 }
 
 /// `POST /api/webhook/config`: the URL's shape is checked here; its resolution in the store pool.

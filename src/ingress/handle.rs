@@ -74,6 +74,20 @@ pub async fn prepare(ctx: &Rc<CoreCtx>, head: &Head, peer: IpAddr, metrics_only:
             param,
             org: Some(org),
         }),
+        // Perhaps the key a rotation retired, asking it again because its answer was lost: the
+        // store decides (`admin::retry_rotation`), and refuses anything else as this would.
+        Err(ApiError::Unauthorized(_))
+            if route == Route::KeysRotate
+                && head.idempotency_key.is_some()
+                && key_from_headers(head.api_key.as_deref(), head.authorization.as_deref())
+                    .is_some() =>
+        {
+            Prepared::Ready(Ready {
+                route,
+                param,
+                org: None,
+            })
+        }
         Err(e) => Prepared::Answer(route, e.reply()),
     }
 }
@@ -99,6 +113,7 @@ pub async fn run(ctx: &Rc<CoreCtx>, ready: Ready, req: &Request) -> Reply {
             Route::Metrics => ops::metrics(ctx),
             Route::OpenApi => ops::openapi(),
             Route::KeysGenerate => admin::generate(ctx, req).await,
+            Route::KeysRotate => admin::retry_rotation(ctx, req).await,
             other => {
                 tracing::error!(route = ?other, "a route that needs a key came without one");
                 ApiError::Internal.reply()

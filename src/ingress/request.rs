@@ -7,7 +7,7 @@ use std::net::IpAddr;
 use bytes::Bytes;
 
 use super::parse::Head;
-use crate::config::{INBOX_PAGE_MAX, TEXT_FIELD_CHARS_MAX};
+use crate::config::{IDEMPOTENCY_KEY_BYTES_MAX, INBOX_PAGE_MAX, TEXT_FIELD_CHARS_MAX};
 use crate::error::ApiError;
 use crate::json;
 
@@ -53,6 +53,31 @@ pub fn require_json(req: &Request) -> Result<(), ApiError> {
     } else {
         Err(ApiError::UnsupportedMediaType)
     }
+}
+
+/// The `Idempotency-Key` header: 1 to [`IDEMPOTENCY_KEY_BYTES_MAX`] visible ASCII characters
+/// (no `"` or `\\` inside), bare or as a quoted string (the form of the IETF draft; the quotes
+/// are not part of the key). Absent: `None`; malformed: 422 naming the header.
+pub fn idempotency_key(value: Option<&[u8]>) -> Result<Option<String>, ApiError> {
+    let Some(value) = value else {
+        return Ok(None);
+    };
+    let value = value.trim_ascii();
+    let key = match value {
+        [b'"', inner @ .., b'"'] => inner,
+        _ => value,
+    };
+    let visible = |b: &u8| (0x21..=0x7e).contains(b) && *b != b'"' && *b != b'\\';
+    if key.is_empty() || key.len() > IDEMPOTENCY_KEY_BYTES_MAX || !key.iter().all(visible) {
+        return Err(ApiError::validation(
+            "Idempotency-Key",
+            format!(
+                "Idempotency-Key must be 1 to {IDEMPOTENCY_KEY_BYTES_MAX} visible ASCII \
+                 characters (a UUID, say), bare or in double quotes"
+            ),
+        ));
+    }
+    Ok(Some(String::from_utf8_lossy(key).into_owned()))
 }
 
 /// A path id: any UUID, else 422 naming `field`.
@@ -185,6 +210,35 @@ fn percent_decode(v: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_idempotency_key_is_visible_ascii_bare_or_quoted() {
+        assert_eq!(idempotency_key(None).unwrap(), None);
+        let bare = idempotency_key(Some(b" 7c9e-ab_1 ")).unwrap();
+        assert_eq!(bare.as_deref(), Some("7c9e-ab_1"));
+        let quoted = idempotency_key(Some(b"\"7c9e-ab_1\"")).unwrap();
+        assert_eq!(quoted, bare, "the quotes are not part of the key");
+        let longest = vec![b'k'; IDEMPOTENCY_KEY_BYTES_MAX];
+        assert!(idempotency_key(Some(&longest)).is_ok());
+        let too_long = vec![b'k'; IDEMPOTENCY_KEY_BYTES_MAX + 1];
+        for bad in [
+            &b""[..],
+            b"\"\"",
+            b"a b",
+            b"a\tb",
+            b"caf\xc3\xa9",
+            b"\"a\"b\"",
+            b"a\\b",
+            b"\"a",
+            &too_long,
+        ] {
+            let e = idempotency_key(Some(bad)).unwrap_err();
+            assert!(
+                matches!(&e, ApiError::Validation { field, .. } if *field == "Idempotency-Key"),
+                "{bad:?}: {e:?}"
+            );
+        }
+    }
 
     #[test]
     fn query_pairs_are_split_and_decoded() {

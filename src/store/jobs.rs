@@ -65,6 +65,22 @@ async fn handle(ctx: &StoreCtx, job: StoreJob) {
             let balances = rate::report(ctx, &spent).await;
             ctx.cores.rate_reported(core, balances);
         }
+        StoreJob::RetryRotation {
+            key,
+            retry_key,
+            peer,
+            reply,
+        } => {
+            let result = keys::retry_rotation(ctx, key, retry_key, peer).await;
+            answer(
+                ctx,
+                reply,
+                Outcome::Answered {
+                    answer: result,
+                    rate: None,
+                },
+            );
+        }
         StoreJob::Generate {
             name,
             tier,
@@ -87,7 +103,7 @@ async fn handle(ctx: &StoreCtx, job: StoreJob) {
 async fn run_query(ctx: &StoreCtx, org: OrgInfo, query: Query) -> Result<Answer, Refusal> {
     match query {
         Query::KeyInfo => ctx.timed("key info", keys::key_info(ctx, org.id)).await,
-        Query::Rotate { peer } => keys::rotate(ctx, org.id, peer).await,
+        Query::Rotate { peer, retry_key } => keys::rotate(ctx, org.id, peer, retry_key).await,
         Query::SetWebhook { url } => webhook::set_webhook(ctx, org.id, url).await,
         Query::DeleteWebhook => webhook::delete_webhook(ctx, org.id).await,
         Query::GetEvent { id } => {

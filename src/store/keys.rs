@@ -2,7 +2,7 @@
 //! and the key's description. Every statement finds organizations by primary key or `key_id`.
 
 use std::net::IpAddr;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use super::ctx::{Done, Failure, StoreCtx};
 use super::org::change_org;
@@ -218,15 +218,34 @@ pub async fn key_info(ctx: &StoreCtx, org: OrgId) -> Done<Answer> {
 }
 
 /// `POST /api/keys/rotate`: the old key is refused on every core of this node before this
-/// answers, and on the others when they hear the NOTIFY.
-pub async fn rotate(ctx: &StoreCtx, org: OrgId, peer: IpAddr) -> Result<Answer, Refusal> {
+/// answers, and on the others when they hear the NOTIFY. With `retry_key` (the SHA-256 of the
+/// request's `Idempotency-Key`) the retired key is kept, for [`retry_rotation`] alone, until
+/// `--key-rotation-retry-s` from now; without it no retired key is kept.
+pub async fn rotate(
+    ctx: &StoreCtx,
+    org: OrgId,
+    peer: IpAddr,
+    retry_key: Option<[u8; 32]>,
+) -> Result<Answer, Refusal> {
     let (key, hash) = new_key(ctx, peer).await?;
     let now = Micros::now();
+    let retry_key = retry_key.filter(|_| ctx.config.key_rotation_retry_s > 0);
+    let retry_until = retry_key.map(|_| {
+        now.plus(Duration::from_secs(ctx.config.key_rotation_retry_s))
+            .to_system_time()
+    });
+    let retry_key = retry_key.as_ref().map(|k| &k[..]);
+    // Every expression reads the row as it was: the retired key is the one replaced here.
     let row = change_org(
         ctx,
         org,
         "rotate key",
-        "UPDATE organizations SET key_id = $2, key_hash = $3, key_prefix = $4, rotated_at = $5 \
+        "UPDATE organizations SET \
+             previous_key_id = CASE WHEN $6::bytea IS NULL THEN NULL ELSE key_id END, \
+             previous_key_prefix = CASE WHEN $6::bytea IS NULL THEN NULL ELSE key_prefix END, \
+             previous_key_hash = CASE WHEN $6::bytea IS NULL THEN NULL ELSE key_hash END, \
+             rotation_idempotency = $6, rotation_retry_until = $7, \
+             key_id = $2, key_hash = $3, key_prefix = $4, rotated_at = $5 \
          WHERE id = $1 RETURNING name",
         &[
             &org.0,
@@ -234,11 +253,100 @@ pub async fn rotate(ctx: &StoreCtx, org: OrgId, peer: IpAddr) -> Result<Answer, 
             &hash,
             &key.prefix(),
             &now.to_system_time(),
+            &retry_key,
+            &retry_until,
         ],
     )
     .await?;
     Ok(Answer::Rotated(NewKey {
         api_key: key.as_str().to_string(),
+        organization_id: org.0,
+        organization_name: row.get(0),
+        tier: None,
+        at: now,
+    }))
+}
+
+/// `POST /api/keys/rotate` asked again with the key a rotation retired and that rotation's
+/// `Idempotency-Key`, within `--key-rotation-retry-s` of it: its answer was lost, so the
+/// organization has no key it knows. It rotates again from the retired key: the key of the lost
+/// answer is retired too, the retry's window is not extended, and the retired key is still
+/// refused everywhere else. Anything that does not match (no such retired key, another
+/// Idempotency-Key, the window passed, a wrong secret) is a 401 counted against the address,
+/// as any refused key is, and costs no Argon2 unless the key id, prefix and Idempotency-Key
+/// all match.
+pub async fn retry_rotation(
+    ctx: &StoreCtx,
+    key: ApiKey,
+    retry_key: [u8; 32],
+    peer: IpAddr,
+) -> Result<Answer, Refusal> {
+    if let Some(retry_after_s) = ctx.verifier.throttled(peer) {
+        return Err(AuthFailure::Throttled { retry_after_s }.into());
+    }
+    let key_id = key.key_id().to_string();
+    let row = ctx
+        .timed("find a retired key", async {
+            let client = ctx.pool.get().await?;
+            Ok(client
+                .query_opt(
+                    "SELECT id, previous_key_prefix, previous_key_hash FROM organizations \
+                     WHERE previous_key_id = $1 AND rotation_idempotency = $2 \
+                       AND rotation_retry_until > now()",
+                    &[&key_id, &&retry_key[..]],
+                )
+                .await?)
+        })
+        .await?;
+    let refuse = || {
+        ctx.verifier.record_failure(peer);
+        Err(AuthFailure::Refused.into())
+    };
+    let Some(row) = row else { return refuse() };
+    let prefix: Option<String> = row.get(1);
+    let phc: Option<String> = row.get(2);
+    let (Some(prefix), Some(phc)) = (prefix, phc) else {
+        return refuse();
+    };
+    if prefix != key.prefix() {
+        return refuse();
+    }
+    match ctx.verifier.check(key.secret().to_string(), phc).await {
+        Ok(true) => {}
+        Ok(false) => return refuse(),
+        Err(SlotsBusy) => return Err(Refusal::Overloaded("key verification busy")),
+    }
+    let org = OrgId(row.get(0));
+    let (new, hash) = new_key(ctx, peer).await?;
+    let now = Micros::now();
+    // Only while the retired key and the window are still those checked (a rotation made since
+    // by the organization's current key ends the retry).
+    let changed = change_org(
+        ctx,
+        org,
+        "rotate key again",
+        "UPDATE organizations SET key_id = $2, key_hash = $3, key_prefix = $4, rotated_at = $5 \
+         WHERE id = $1 AND previous_key_id = $6 AND rotation_idempotency = $7 \
+           AND rotation_retry_until > now() \
+         RETURNING name",
+        &[
+            &org.0,
+            &new.key_id(),
+            &hash,
+            &new.prefix(),
+            &now.to_system_time(),
+            &key_id,
+            &&retry_key[..],
+        ],
+    )
+    .await;
+    let row = match changed {
+        Ok(row) => row,
+        Err(Refusal::NotFound(_)) => return refuse(),
+        Err(other) => return Err(other),
+    };
+    Ok(Answer::Rotated(NewKey {
+        api_key: new.as_str().to_string(),
         organization_id: org.0,
         organization_name: row.get(0),
         tier: None,

@@ -76,6 +76,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "0014_endpoint_idempotency.sql",
         include_str!("../../migrations/0014_endpoint_idempotency.sql"),
     ),
+    (
+        15,
+        "0015_key_rotation_retry.sql",
+        include_str!("../../migrations/0015_key_rotation_retry.sql"),
+    ),
 ];
 
 /// Arbitrary constant naming the migration lock.
