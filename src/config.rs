@@ -77,6 +77,9 @@ pub const KEY_ID_COLLISION_TRIES: usize = 3;
 pub const SIGNING_SECRET_BYTES: usize = 32;
 /// Longest `Idempotency-Key` (as Stripe's), in bytes.
 pub const IDEMPOTENCY_KEY_BYTES_MAX: usize = 255;
+/// Shortest `Idempotency-Key` of a key rotation, in bytes: with the retired key it is what lets
+/// a rotation be asked again, so it must not be guessable (a UUID has 36).
+pub const ROTATION_IDEMPOTENCY_KEY_BYTES_MIN: usize = 16;
 /// Fewest bytes of a signing secret given on create or rotate (Svix's minimum: 24).
 pub const SIGNING_SECRET_GIVEN_BYTES_MIN: usize = 24;
 /// Most bytes of a signing secret given on create or rotate (Svix's maximum: 64).

@@ -414,7 +414,7 @@ async fn rotate_keyed(addr: std::net::SocketAddr, key: &str, idem: &str) -> Resp
 async fn a_rotation_whose_answer_was_lost_can_be_asked_again_with_the_old_key() {
     let s = Server::start(&["--key-rotation-retry-s", "3"]);
     let (old, org) = new_org(s.addr, "pro").await;
-    let idem = "rot-3b1f9c2e";
+    let idem = "rot-3b1f9c2e-5d0a-4c7e";
     let r = rotate_keyed(s.addr, &old, idem).await;
     assert_eq!(r.status, 200, "{}", r.text());
     let lost = r.json()["api_key"].as_str().unwrap().to_string();
@@ -425,7 +425,7 @@ async fn a_rotation_whose_answer_was_lost_can_be_asked_again_with_the_old_key() 
         post_empty(s.addr, &old, "/api/keys/rotate").await.status,
         401
     );
-    let r = rotate_keyed(s.addr, &old, "another").await;
+    let r = rotate_keyed(s.addr, &old, "another-key-of-16+").await;
     assert_eq!(r.status, 401, "{}", r.text());
     assert_eq!(r.header("www-authenticate"), Some("ApiKey"));
     // The answer was lost: ask again.
@@ -453,14 +453,23 @@ async fn a_rotation_whose_answer_was_lost_can_be_asked_again_with_the_old_key() 
     assert_eq!(rotate_keyed(s.addr, &old, idem).await.status, 401);
 
     // The window ends.
-    let r = rotate_keyed(s.addr, &plain, "rot-2").await;
+    let r = rotate_keyed(s.addr, &plain, "rot-2-0123456789ab").await;
     assert_eq!(r.status, 200, "{}", r.text());
     let last = r.json()["api_key"].as_str().unwrap().to_string();
     tokio::time::sleep(std::time::Duration::from_millis(3300)).await;
-    assert_eq!(rotate_keyed(s.addr, &plain, "rot-2").await.status, 401);
+    assert_eq!(
+        rotate_keyed(s.addr, &plain, "rot-2-0123456789ab")
+            .await
+            .status,
+        401
+    );
     assert_eq!(get(s.addr, &last, "/api/keys").await.status, 200);
-    // A malformed Idempotency-Key with the current key is the client's mistake, said so.
-    let r = rotate_keyed(s.addr, &last, "a b").await;
-    assert_eq!(r.status, 422, "{}", r.text());
-    assert_eq!(r.json()["field"], "Idempotency-Key");
+    // A malformed or guessable Idempotency-Key with the current key is the client's mistake,
+    // said so, and nothing rotates.
+    for bad in ["a b", "short-key-15chr"] {
+        let r = rotate_keyed(s.addr, &last, bad).await;
+        assert_eq!(r.status, 422, "{bad}: {}", r.text());
+        assert_eq!(r.json()["field"], "Idempotency-Key");
+    }
+    assert_eq!(get(s.addr, &last, "/api/keys").await.status, 200);
 }

@@ -6,6 +6,7 @@ use std::rc::Rc;
 use super::core::CoreCtx;
 use super::request::{idempotency_key, require_json, text_field, with_body, Request};
 use crate::auth::{key_from_headers, ApiKey, OrgInfo, Tier};
+use crate::config::ROTATION_IDEMPOTENCY_KEY_BYTES_MIN;
 use crate::error::ApiError;
 use crate::flow::answer::{Answer, NewKey, WebhookConfig};
 use crate::flow::job::{Query, StoreJob};
@@ -132,6 +133,17 @@ fn key_digest(key: &str) -> [u8; 32] {
 /// ([`retry_rotation`]).
 pub async fn rotate(ctx: &Rc<CoreCtx>, req: &Request, org: OrgInfo) -> Reply {
     let retry_key = match idempotency_key(req.head.idempotency_key.as_deref()) {
+        Ok(Some(key)) if key.len() < ROTATION_IDEMPOTENCY_KEY_BYTES_MIN => {
+            return ApiError::validation(
+                "Idempotency-Key",
+                format!(
+                    "the Idempotency-Key of a key rotation must be at least \
+                     {ROTATION_IDEMPOTENCY_KEY_BYTES_MIN} characters (a random UUID): with the \
+                     old key it is what lets a lost rotation be asked again"
+                ),
+            )
+            .reply()
+        }
         Ok(key) => key.as_deref().map(key_digest),
         Err(e) => return e.reply(),
     };
