@@ -72,14 +72,7 @@ async fn handle(ctx: &StoreCtx, job: StoreJob) {
             reply,
         } => {
             let result = keys::retry_rotation(ctx, key, retry_key, peer).await;
-            answer(
-                ctx,
-                reply,
-                Outcome::Answered {
-                    answer: result,
-                    rate: None,
-                },
-            );
+            answer_keyless(ctx, reply, result);
         }
         StoreJob::Generate {
             name,
@@ -88,16 +81,21 @@ async fn handle(ctx: &StoreCtx, job: StoreJob) {
             reply,
         } => {
             let result = keys::generate(ctx, name, tier, peer).await;
-            answer(
-                ctx,
-                reply,
-                Outcome::Answered {
-                    answer: result,
-                    rate: None,
-                },
-            );
+            answer_keyless(ctx, reply, result);
         }
     }
+}
+
+/// The answer to a job asked without an organization's key (no rate headers go with it).
+fn answer_keyless(ctx: &StoreCtx, reply: ReplyTo, result: Result<Answer, Refusal>) {
+    answer(
+        ctx,
+        reply,
+        Outcome::Answered {
+            answer: result,
+            rate: None,
+        },
+    );
 }
 
 async fn run_query(ctx: &StoreCtx, org: OrgInfo, query: Query) -> Result<Answer, Refusal> {

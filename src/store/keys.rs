@@ -258,13 +258,7 @@ pub async fn rotate(
         ],
     )
     .await?;
-    Ok(Answer::Rotated(NewKey {
-        api_key: key.as_str().to_string(),
-        organization_id: org.0,
-        organization_name: row.get(0),
-        tier: None,
-        at: now,
-    }))
+    Ok(rotated(org, row.get(0), &key, now))
 }
 
 /// `POST /api/keys/rotate` asked again with the key a rotation retired and that rotation's
@@ -345,11 +339,16 @@ pub async fn retry_rotation(
         Err(Refusal::NotFound(_)) => return refuse(),
         Err(other) => return Err(other),
     };
-    Ok(Answer::Rotated(NewKey {
-        api_key: new.as_str().to_string(),
+    Ok(rotated(org, row.get(0), &new, now))
+}
+
+/// A rotation's answer: the new key, shown once.
+fn rotated(org: OrgId, name: String, key: &ApiKey, at: Micros) -> Answer {
+    Answer::Rotated(NewKey {
+        api_key: key.as_str().to_string(),
         organization_id: org.0,
-        organization_name: row.get(0),
+        organization_name: name,
         tier: None,
-        at: now,
-    }))
+        at,
+    })
 }
