@@ -1,17 +1,16 @@
 //! The form of an endpoint's signing secret (Standard Webhooks): `whsec_` and the standard
 //! base64 of the key's bytes, padded or not. The key is those bytes (HMAC-SHA256 takes any
-//! length). The server makes [`SIGNING_SECRET_BYTES`] random bytes; a secret given on create or
-//! rotate (a team that keeps the secret its receivers already verify with, as when moving from
-//! Svix or another Standard Webhooks sender) holds 24 to 64 bytes, as Svix takes. It is kept
+//! length). The server makes [`SIGNING_SECRET_BYTES`](crate::config::SIGNING_SECRET_BYTES)
+//! random bytes; a secret given on create or rotate (a team that keeps the secret its receivers
+//! already verify with, as when moving from Svix or another Standard Webhooks sender) holds 24
+//! to 64 bytes, as Svix takes. It is kept
 //! with its `=` padding (the form every secret the server makes has), whether it came with it or
 //! not: the key, and so every signature, is the same.
 
 use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD};
 use base64::Engine;
 
-use crate::config::{
-    SIGNING_SECRET_BYTES, SIGNING_SECRET_GIVEN_BYTES_MAX, SIGNING_SECRET_GIVEN_BYTES_MIN,
-};
+use crate::config::{SIGNING_SECRET_GIVEN_BYTES_MAX, SIGNING_SECRET_GIVEN_BYTES_MIN};
 
 /// What every secret starts with.
 pub const PREFIX: &str = "whsec_";
@@ -25,8 +24,8 @@ fn decode(text: &str) -> Option<Vec<u8>> {
         .ok()
 }
 
-/// A new secret of these random bytes.
-pub fn encode(bytes: &[u8; SIGNING_SECRET_BYTES]) -> String {
+/// The secret of these key bytes (padded base64).
+pub fn encode(bytes: &[u8]) -> String {
     format!("{PREFIX}{}", STANDARD.encode(bytes))
 }
 
@@ -57,12 +56,13 @@ pub fn normalize(secret: &str) -> Result<String, String> {
              {SIGNING_SECRET_GIVEN_BYTES_MAX} bytes of key, got {n}"
         ));
     }
-    Ok(format!("{PREFIX}{}", STANDARD.encode(bytes)))
+    Ok(encode(&bytes))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::SIGNING_SECRET_BYTES;
 
     #[test]
     fn secrets_of_24_to_64_bytes_in_standard_base64_are_taken_padded_or_not() {

@@ -148,9 +148,6 @@ macro_rules! org_change {
 
 /// The endpoint an organization's create with this `Idempotency-Key` made, if it still exists:
 /// [`ENDPOINT_COLUMNS`], then its secret and the SHA-256 of that create's body.
-const KEYED: &str = "SELECT {ENDPOINT_COLUMNS}, signing_secret, idempotency_body FROM endpoints \
-     WHERE org_id = $1 AND idempotency_key = $2 AND status <> $3";
-
 async fn keyed<C: deadpool_postgres::GenericClient>(
     client: &C,
     org: OrgId,
@@ -158,10 +155,20 @@ async fn keyed<C: deadpool_postgres::GenericClient>(
 ) -> Done<Option<Row>> {
     Ok(client
         .query_opt(
-            &KEYED.replace("{ENDPOINT_COLUMNS}", ENDPOINT_COLUMNS),
+            &format!(
+                "SELECT {ENDPOINT_COLUMNS}, signing_secret, idempotency_body FROM endpoints \
+                 WHERE org_id = $1 AND idempotency_key = $2 AND status <> $3"
+            ),
             &[&org.0, &once.key, &EndpointStatus::Removed.code()],
         )
         .await?)
+}
+
+/// What a create's transaction found: the row it inserted, or the one an earlier create with
+/// the same `Idempotency-Key` committed while it waited.
+enum Made {
+    New(Row),
+    Earlier(Row, Once),
 }
 
 /// What answers a create whose key made `row` before: that endpoint as it is now, with its
@@ -245,20 +252,23 @@ pub async fn create(
             )
             .await?;
         match (inserted, &once) {
-            (Some(row), _) => Ok(row),
+            (Some(row), _) => Made::New(row),
             // Another create with this key committed first (the insert waited for it).
-            (None, Some(once)) => Err(keyed(&tx, org, once).await?.ok_or(Refusal::Unavailable)?),
+            (None, Some(once)) => Made::Earlier(
+                keyed(&tx, org, once).await?.ok_or(Refusal::Unavailable)?,
+                once.clone(),
+            ),
+            // Without a key there is nothing to conflict on.
             (None, None) => return Err(Refusal::Internal.into()),
         }
     });
-    match (made, &once) {
-        (Ok(row), _) => {
+    match made {
+        Made::New(row) => {
             let mut view = endpoint_view(&row, failures);
             view.signing_secret = Some(secret);
             Ok(Answer::Endpoint(Box::new(view)))
         }
-        (Err(row), Some(once)) => replay(&row, once, failures),
-        (Err(_), None) => Err(Refusal::Internal),
+        Made::Earlier(row, once) => replay(&row, &once, failures),
     }
 }
 
