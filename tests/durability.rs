@@ -404,13 +404,22 @@ async fn fast_ack_mode_answers_202_and_still_stores_the_event() {
 /// `/etc/resolv.conf` names a port nobody listens on, so getaddrinfo fails with EAI_AGAIN), a
 /// webhook URL with a host name is answered 503 `unavailable` with `Retry-After`, not 422, and
 /// nothing is created or changed; a URL with an address needs no DNS and is taken.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_resolver_that_fails_is_a_503_and_changes_nothing() {
+/// Whether `unshare -rm` (a user and mount namespace, for a real DNS fault) is allowed here; the
+/// DNS drills say SKIPPED and pass where it is not.
+fn namespaces_allowed() -> bool {
     let probe = std::process::Command::new("unshare")
         .args(["-rm", "true"])
         .status();
-    if !probe.is_ok_and(|s| s.success()) {
+    let allowed = probe.is_ok_and(|s| s.success());
+    if !allowed {
         eprintln!("SKIPPED: `unshare -rm` (a user and mount namespace) is not allowed here");
+    }
+    allowed
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resolver_that_fails_is_a_503_and_changes_nothing() {
+    if !namespaces_allowed() {
         return;
     }
     let dir = std::env::temp_dir().join(format!("triggers-dns-down-{}", std::process::id()));
@@ -433,6 +442,7 @@ async fn a_resolver_that_fails_is_a_503_and_changes_nothing() {
             resolv,
         ],
         &[],
+        &database_url(),
     );
     let (key, _) = new_org(s.addr, "pro").await;
     let hosts = [
@@ -477,4 +487,155 @@ async fn a_resolver_that_fails_is_a_503_and_changes_nothing() {
         "https://93.184.216.34/in"
     );
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The server's resolver fails while events are owed to an endpoint with a host name: the
+/// deliveries wait and look again, spending no attempt and opening no circuit (a resolver's
+/// outage is the server's trouble), and each is delivered on its first attempt once the name
+/// resolves again. With no patience (`--lookup-patience-s 0`) each failed lookup is a failed
+/// attempt, as for any receiver that can't be reached.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resolver_outage_spends_no_delivery_attempt() {
+    if !namespaces_allowed() {
+        return;
+    }
+    let recv = Receiver::start(|_, _| Answer {
+        headers: vec![("connection".into(), "close".into())],
+        close_after: Some(Duration::ZERO),
+        ..Answer::status(200)
+    })
+    .await;
+    // The server's view of names: /etc/hosts (ours, changed during the test), then a DNS server
+    // at 127.0.0.1 where nothing listens (getaddrinfo: a temporary failure, at once).
+    let dir = std::env::temp_dir().join(format!("triggers-lookup-down-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = |name: &str, text: &str| {
+        let path = dir.join(name);
+        std::fs::write(&path, text).unwrap();
+        path.to_str().unwrap().to_string()
+    };
+    let resolv = file(
+        "resolv.conf",
+        "nameserver 127.0.0.1\noptions timeout:1 attempts:1\n",
+    );
+    let nsswitch = file("nsswitch.conf", "hosts: files dns\n");
+    let with_receiver = "127.0.0.1 localhost\n127.0.0.1 receiver.test\n";
+    let hosts = file("hosts", with_receiver);
+    let wrapper = [
+        "unshare",
+        "-rm",
+        "sh",
+        "-c",
+        r#"mount --bind "$1" /etc/resolv.conf && mount --bind "$2" /etc/nsswitch.conf && mount --bind "$3" /etc/hosts && shift 3 && exec "$@""#,
+        "sh",
+        &resolv,
+        &nsswitch,
+        &hosts,
+    ];
+    // Retries 100 ms apart and a circuit that opens after 3 failures: without the patience, the
+    // outage below would fail every event and open the circuit within a second.
+    let url = own_database("triggers_test_lookup_outage").await;
+    let args = [
+        "--allow-private-webhooks",
+        "--retry-schedule",
+        "100ms,100ms",
+        "--circuit-failures",
+        "3",
+    ];
+    let mut s = Server::process_wrapped(&wrapper, &args, &url);
+    let (key, _) = new_org(s.addr, "pro").await;
+    let target = format!("http://receiver.test:{}/in", recv.addr.port());
+    let created = post(s.addr, &key, "/api/endpoints", &json!({"url": target})).await;
+    assert_eq!(created.status, 201, "{}", created.text());
+    let path = format!("/api/endpoints/{}", created.json()["id"].as_str().unwrap());
+    let first = new_event_id(s.addr, &key, json!({"n": 0})).await;
+    recv.wait_until(Duration::from_secs(10), |got| got.len() == 1)
+        .await;
+
+    // The name stops resolving: the resolver fails for it.
+    std::fs::write(&hosts, "127.0.0.1 localhost\n").unwrap();
+    let mut ids = Vec::new();
+    for n in 1..=5 {
+        ids.push(new_event_id(s.addr, &key, json!({"n": n})).await);
+    }
+    let waits = "triggers_delivery_waits_total{reason=\"lookup_failed\"}";
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while metric_of(&s, waits).await < 2.0 {
+        assert!(Instant::now() < deadline, "no delivery waited for a lookup");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Long past the whole retry schedule: nothing was attempted, nothing failed.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    for id in &ids {
+        let e = get(s.addr, &key, &format!("/api/events/{id}")).await.json();
+        assert_eq!(e["status"], "pending", "{e}");
+        assert_eq!(e["attempts"], 0, "{e}");
+    }
+    let health = get(s.addr, &key, &path).await.json()["health"].clone();
+    assert_eq!(health["circuit"], "closed", "{health}");
+    assert_eq!(health["consecutive_failures"], 0, "{health}");
+    assert_eq!(recv.received().len(), 1);
+    assert!(
+        !s.log_lines("webhook host lookup failed").is_empty(),
+        "the outage is logged"
+    );
+
+    // The name resolves again: each event goes, on its first attempt.
+    std::fs::write(&hosts, with_receiver).unwrap();
+    let got = recv
+        .wait_until(Duration::from_secs(40), |got| got.len() == 6)
+        .await;
+    for id in &ids {
+        let sent: Vec<_> = got.iter().filter(|r| r.event_id() == *id).collect();
+        assert_eq!(sent.len(), 1, "{}", timeline(&got));
+        assert_eq!(sent[0].header("x-delivery-attempt"), Some("1"));
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    for id in &ids {
+        loop {
+            let e = get(s.addr, &key, &format!("/api/events/{id}")).await.json();
+            if e["status"] == "delivered" {
+                assert_eq!(e["attempts"], 1, "{e}");
+                break;
+            }
+            assert!(Instant::now() < deadline, "{e}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    assert_ne!(first, ids[0]);
+    s.stop();
+
+    // No patience: a failed lookup is a failed attempt, and the schedule runs out.
+    let mut args = args.to_vec();
+    args.extend(["--lookup-patience-s", "0"]);
+    std::fs::write(&hosts, "127.0.0.1 localhost\n").unwrap();
+    let s = Server::process_wrapped(&wrapper, &args, &url);
+    let id = new_event_id(s.addr, &key, json!({"n": 6})).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let e = loop {
+        let e = get(s.addr, &key, &format!("/api/events/{id}")).await.json();
+        if e["status"] == "failed" {
+            break e;
+        }
+        assert!(Instant::now() < deadline, "{e}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(e["attempts"], 3, "{e}");
+    let error = e["delivery_attempts"][0]["error"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(error.contains("could not be looked up"), "{e}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A metric's value on the server's metrics port (NaN when it is not there).
+async fn metric_of(s: &Server, name: &str) -> f64 {
+    let text = call(s.metrics_addr.unwrap(), "GET", "/metrics", &[], None)
+        .await
+        .text();
+    text.lines()
+        .find(|l| l.starts_with(name))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(f64::NAN)
 }

@@ -32,7 +32,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 
-use super::connector::SafeConnector;
+use super::connector::{ConnectError, SafeConnector};
 use crate::chunked::ChunkedDecoder;
 use crate::endpoint_headers;
 use crate::metrics::Metrics;
@@ -572,14 +572,13 @@ impl Client {
     }
 
     /// Send `request` (the whole of it, starting with [`Target::head`]) to `target` and read the
-    /// answer, its body up to `body_limit` bytes. An `Err` says, in the words of the deepest
-    /// cause, why no answer came back.
+    /// answer, its body up to `body_limit` bytes. An `Err` says why no answer came back.
     pub async fn exchange(
         &self,
         target: &Target,
         request: &[u8],
         body_limit: usize,
-    ) -> Result<Answer, String> {
+    ) -> Result<Answer, NoAnswer> {
         loop {
             let (mut conn, reused) = match self.take(&target.origin) {
                 Some(conn) => (conn, true),
@@ -594,9 +593,9 @@ impl Client {
                 if reused {
                     continue;
                 }
-                return Err(describe(&e));
+                return Err(NoAnswer::Failed(describe(&e)));
             }
-            let (answer, keep) = conn.answer(body_limit).await?;
+            let (answer, keep) = conn.answer(body_limit).await.map_err(NoAnswer::Failed)?;
             if keep {
                 conn.idle_since = Instant::now();
                 self.put_back(&target.origin, conn);
@@ -664,19 +663,22 @@ impl Client {
 
     /// A new connection to `target` (the connector applies the address policy and the connect
     /// timeout; TLS for https checks the certificate against the host name).
-    async fn connect(&self, target: &Target) -> Result<Box<Conn>, String> {
+    async fn connect(&self, target: &Target) -> Result<Box<Conn>, NoAnswer> {
         let tcp = self
             .connector
             .connect(&target.uri)
             .await
-            .map_err(|e| describe(&e))?;
+            .map_err(|e| match e {
+                ConnectError::LookupFailed(m) => NoAnswer::LookupFailed(m),
+                ConnectError::Io(e) => NoAnswer::Failed(describe(&e)),
+            })?;
         let io = match &target.tls_name {
             None => Stream::Plain(tcp),
             Some(name) => Stream::Tls(Box::new(
                 self.tls
                     .connect(name.clone(), tcp)
                     .await
-                    .map_err(|e| describe(&e))?,
+                    .map_err(|e| NoAnswer::Failed(describe(&e)))?,
             )),
         };
         self.metrics
@@ -688,6 +690,17 @@ impl Client {
             idle_since: Instant::now(),
         }))
     }
+}
+
+/// Why no answer came back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NoAnswer {
+    /// The host could not be looked up now: the resolver failed or did not answer. Nothing was
+    /// sent; whether the receiver is up is not known.
+    LookupFailed(String),
+    /// Anything else (the host has no address, the connection or the exchange failed), in the
+    /// words of the deepest cause.
+    Failed(String),
 }
 
 /// The most specific message in an error's chain ("connection refused", not "client error").
@@ -864,7 +877,12 @@ mod tests {
     /// Send `{}` to `uri` on `c`.
     async fn send(c: &Client, uri: &Uri, limit: usize) -> Result<Answer, String> {
         let (target, request) = post(uri);
-        c.exchange(&target, &request, limit).await
+        c.exchange(&target, &request, limit)
+            .await
+            .map_err(|e| match e {
+                NoAnswer::Failed(m) => m,
+                other => panic!("{other:?}"),
+            })
     }
 
     const OK: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";

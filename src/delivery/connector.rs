@@ -5,7 +5,17 @@ use std::time::Duration;
 
 use tokio::net::TcpStream;
 
-use crate::url_policy::{forbidden_reason, parse_url, resolve};
+use crate::url_policy::{forbidden_reason, parse_url, resolve, Unresolved};
+
+/// Why no connection was made.
+#[derive(Debug)]
+pub enum ConnectError {
+    /// The host could not be looked up now: the resolver failed or did not answer (the
+    /// server's trouble, or the host's DNS servers'). Nothing was sent.
+    LookupFailed(String),
+    /// Anything else: the host has no (allowed) address, or the connection failed.
+    Io(std::io::Error),
+}
 
 /// The connector under the delivery client: it resolves the host itself, applies the policy to
 /// every address it would use, and connects only to an allowed one. The TCP connection (pooled for
@@ -22,12 +32,22 @@ pub struct SafeConnector {
 impl SafeConnector {
     /// A TCP connection to an allowed address of `uri`'s host (`TCP_NODELAY` set: a request is
     /// written whole, at once).
-    pub async fn connect(&self, uri: &http::Uri) -> std::io::Result<TcpStream> {
-        let refuse = |msg: String| std::io::Error::new(std::io::ErrorKind::PermissionDenied, msg);
+    pub async fn connect(&self, uri: &http::Uri) -> Result<TcpStream, ConnectError> {
+        let refuse = |msg: String| {
+            ConnectError::Io(std::io::Error::new(
+                std::io::ErrorKind::PermissionDenied,
+                msg,
+            ))
+        };
         let url = parse_url(&uri.to_string()).map_err(refuse)?;
         let addrs = resolve(&url, self.allow_private)
             .await
-            .map_err(|e| std::io::Error::new(std::io::ErrorKind::NotFound, e.to_string()))?;
+            .map_err(|e| match e {
+                Unresolved::ResolverDown(m) => ConnectError::LookupFailed(m),
+                Unresolved::Refused(m) => {
+                    ConnectError::Io(std::io::Error::new(std::io::ErrorKind::NotFound, m))
+                }
+            })?;
         let mut last = None;
         for addr in addrs {
             // The policy holds for the address connected to, not just for what DNS said earlier.
@@ -52,6 +72,8 @@ impl SafeConnector {
                 }
             }
         }
-        Err(last.unwrap_or_else(|| std::io::Error::other("no address to connect to")))
+        Err(ConnectError::Io(last.unwrap_or_else(|| {
+            std::io::Error::other("no address to connect to")
+        })))
     }
 }

@@ -17,7 +17,7 @@ use super::model::{
     Verdict,
 };
 use super::owed::still_owed;
-use super::runtime::{Admit, EndpointRuntime, Later};
+use super::runtime::{Admit, EndpointRuntime, Later, LookupVerdict};
 use super::shared::{Busy, Shared};
 use super::{schedule, worker};
 use crate::config::{HEALTH_SUCCESS_WRITE_EVERY, LEASE_MARGIN, RATE_REPORT_EVERY};
@@ -159,13 +159,18 @@ async fn step(shared: &Shared, job: &mut Job, runtime: &Arc<EndpointRuntime>) ->
     }
     shared.sync_gates(runtime, &endpoint);
 
-    // An open circuit: wait without taking anything, or hand back what can't wait that long.
-    let closed_until = {
+    // An open circuit, or a host that could not be looked up a moment ago: wait without taking
+    // anything, or hand back what can't wait that long.
+    let (closed_until, lookup_until) = {
         let g = runtime.gates();
-        g.breaker.closed_until(Micros::now())
+        let now = Micros::now();
+        (g.breaker.closed_until(now), g.lookups.wait_until(now))
     };
     if let Some(until) = closed_until {
         return wait_for(shared, job, runtime, until, Waiting::CircuitOpen).await;
+    }
+    if let Some(until) = lookup_until {
+        return wait_for(shared, job, runtime, until, Waiting::LookupFailed).await;
     }
 
     // Counted as waiting only when it waits: the usual free slot costs the shared gauge nothing.
@@ -303,7 +308,7 @@ async fn wait_for(
     tokio::pin!(changed);
     changed.as_mut().enable();
     let _w = shared.metrics.waiting(why);
-    let _n = matches!(why, Waiting::CircuitOpen).then(|| runtime.not_yet());
+    let _n = matches!(why, Waiting::CircuitOpen | Waiting::LookupFailed).then(|| runtime.not_yet());
     let wait = Duration::from_micros((until.0 - Micros::now().0).max(0) as u64);
     job.waited = true;
     tokio::select! {
@@ -419,6 +424,11 @@ async fn attempt(
     let timeout = Duration::from_millis(shared.config.delivery_timeout_ms);
     let attempt = worker::attempt(&shared.client, endpoint, job, number, timeout).await;
     drop(slots);
+    if matches!(attempt.verdict, Verdict::LookupFailed) {
+        if let Some(until) = lookup_failed(shared, runtime, &attempt, probe) {
+            return wait_for(shared, job, runtime, until, Waiting::LookupFailed).await;
+        }
+    }
     let m = &shared.metrics;
     m.attempt_latency
         .observe_us(attempt.duration.as_micros() as u64);
@@ -441,7 +451,11 @@ async fn attempt(
                 }),
             )
         }
-        Verdict::Failed { retry_after } => {
+        Verdict::Failed { .. } | Verdict::LookupFailed => {
+            let retry_after = match &attempt.verdict {
+                Verdict::Failed { retry_after } => retry_after,
+                _ => &None,
+            };
             let failed_in_round = number - job.retry_base;
             let cap = Duration::from_secs(config.retry_after_max_s);
             let delay = schedule::next_delay(
@@ -488,6 +502,48 @@ async fn attempt(
     .await
 }
 
+/// The endpoint's host could not be looked up: while the endpoint's patience lasts that is not
+/// an attempt (the delivery waits until the time returned, having given back its turn and the
+/// circuit's probe); after it, `None`: a failed attempt like any other.
+fn lookup_failed(
+    shared: &Shared,
+    runtime: &EndpointRuntime,
+    attempt: &super::model::Attempt,
+    probe: bool,
+) -> Option<Micros> {
+    let patience = Duration::from_secs(shared.config.lookup_patience_s);
+    let now = Micros::now();
+    let error = attempt.error.as_deref().unwrap_or_default();
+    let verdict = {
+        let mut g = runtime.gates();
+        let verdict = g.lookups.failed(now, patience);
+        if matches!(verdict, LookupVerdict::Wait { .. }) {
+            g.breaker.cancel_probe(probe);
+            if let Some(b) = g.bucket.as_mut() {
+                b.give_back(now);
+            }
+        }
+        verdict
+    };
+    match verdict {
+        LookupVerdict::Wait { until, first } => {
+            if first {
+                tracing::warn!(endpoint = %runtime.id, error, patience_s = patience.as_secs(),
+                    "webhook host lookup failed; its deliveries wait and look again, not counted as attempts");
+            }
+            probe_over(runtime, probe);
+            Some(until)
+        }
+        LookupVerdict::Attempt { first } => {
+            if first {
+                tracing::warn!(endpoint = %runtime.id, error, patience_s = patience.as_secs(),
+                    "webhook host lookups have failed for longer than the patience; each is now a failed attempt");
+            }
+            None
+        }
+    }
+}
+
 /// What an attempt's verdict does to the endpoint's circuit and recorded health; a failure that
 /// makes the endpoint's failing spell longer than `endpoint_disable_after_s` disables it.
 fn judge_health(
@@ -508,6 +564,9 @@ fn judge_health(
         failure_at: (!ok).then_some(now),
         open_until: g.breaker.open_until,
     };
+    if !matches!(verdict, Verdict::LookupFailed) {
+        g.lookups.over();
+    }
     match verdict {
         Verdict::Delivered => {
             let was_open = g.breaker.open_until.is_some();
@@ -527,7 +586,7 @@ fn judge_health(
             g.breaker.cancel_probe(probe);
             (None, disable)
         }
-        Verdict::Failed { .. } => {
+        Verdict::Failed { .. } | Verdict::LookupFailed => {
             let open_for = Duration::from_secs(config.circuit_open_s);
             let threshold = config.circuit_failures as u32;
             let was_open = g.breaker.open_until.is_some();

@@ -191,6 +191,10 @@ pub enum Verdict {
         /// The receiver's `Retry-After`.
         retry_after: Option<Duration>,
     },
+    /// Not sent: the host could not be looked up now (the resolver failed or did not answer).
+    /// Not an attempt while the endpoint's patience lasts (see [`super::runtime::Lookups`]); a
+    /// failed one after that.
+    LookupFailed,
 }
 
 /// What one attempt did, as the attempt log records it.

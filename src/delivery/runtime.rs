@@ -17,6 +17,12 @@ use crate::ids::{Micros, OrgId};
 /// at most: the probe's end wakes it sooner (`changed`).
 pub const PROBE_WAIT: Duration = Duration::from_secs(1);
 
+/// How long an endpoint's deliveries wait after its host could not be looked up, at first; each
+/// failure in a row doubles it, up to [`LOOKUP_WAIT_MAX`].
+pub const LOOKUP_WAIT_MIN: Duration = Duration::from_secs(1);
+/// The longest wait between lookups of a host that failed.
+pub const LOOKUP_WAIT_MAX: Duration = Duration::from_secs(30);
+
 /// After this long with nothing taken nor reserved, this node forgets its view of an endpoint's
 /// bucket (and the endpoint's runtime, when nothing else keeps it): whatever debt its own spending
 /// left in the cluster's bucket (a minute's worth at most) is repaid by then, and the fresh view
@@ -307,6 +313,79 @@ impl TokenBucket {
     }
 }
 
+/// An endpoint's spell of failed lookups: its host could not be looked up now (the resolver
+/// failed or did not answer). That is the server's trouble, or the host's DNS servers', and
+/// nothing was sent: for `patience` from the spell's first failure the deliveries wait and try
+/// again (1 s, doubling up to 30 s) without it counting as an attempt, so a resolver's outage
+/// burns no attempt, opens no circuit and dead-letters nothing. After that a host whose DNS is
+/// broken is treated like any receiver that fails: each lookup that fails is a failed attempt.
+#[derive(Debug, Default)]
+pub struct Lookups {
+    /// When the spell began.
+    since: Option<Micros>,
+    /// Deliveries wait until then before the next lookup.
+    until: Option<Micros>,
+    /// Failures in the spell.
+    failures: u32,
+}
+
+/// What a failed lookup does, from [`Lookups::failed`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LookupVerdict {
+    /// Not an attempt: the deliveries wait.
+    Wait {
+        /// Until then.
+        until: Micros,
+        /// The spell's first failure.
+        first: bool,
+    },
+    /// The spell is older than the patience: a failed attempt.
+    Attempt {
+        /// The first such in the spell.
+        first: bool,
+    },
+}
+
+impl Lookups {
+    /// A lookup failed at `now`. Failures while the deliveries already wait (lookups that
+    /// started together) are one failure: they wait for the same time.
+    pub fn failed(&mut self, now: Micros, patience: Duration) -> LookupVerdict {
+        if let Some(until) = self.wait_until(now) {
+            return LookupVerdict::Wait {
+                until,
+                first: false,
+            };
+        }
+        let since = *self.since.get_or_insert(now);
+        let n = self.failures;
+        self.failures = n.saturating_add(1);
+        if now.0 - since.0 >= patience.as_micros() as i64 {
+            let first = self.until.is_some() || n == 0;
+            self.until = None;
+            return LookupVerdict::Attempt { first };
+        }
+        let wait = LOOKUP_WAIT_MIN
+            .saturating_mul(1 << n.min(5))
+            .min(LOOKUP_WAIT_MAX);
+        let until = now.plus(wait);
+        self.until = Some(until);
+        LookupVerdict::Wait {
+            until,
+            first: n == 0,
+        }
+    }
+
+    /// Until when deliveries wait before the next lookup, if they wait at `now`.
+    pub fn wait_until(&self, now: Micros) -> Option<Micros> {
+        self.until.filter(|until| *until > now)
+    }
+
+    /// An exchange went past the lookup (or on a kept connection): the spell is over.
+    pub fn over(&mut self) {
+        *self = Lookups::default();
+    }
+}
+
 /// The breaker and the limiter of one endpoint, under one lock.
 #[derive(Debug, Default)]
 pub struct Gates {
@@ -314,6 +393,8 @@ pub struct Gates {
     pub breaker: Breaker,
     /// The limiter, while the endpoint has a limit.
     pub bucket: Option<TokenBucket>,
+    /// Its spell of failed lookups, if one is on.
+    pub lookups: Lookups,
     /// The endpoint's `updated_at` these gates were set up for.
     pub config_at: Micros,
     /// When a success was last written to the endpoint's health.
@@ -423,6 +504,62 @@ mod tests {
             Err(Later::Reserved(at, _)) => Some(at),
             _ => None,
         }
+    }
+
+    #[test]
+    fn failed_lookups_wait_longer_each_time_until_the_patience_is_spent() {
+        let patience = Duration::from_secs(100);
+        let mut l = Lookups::default();
+        assert_eq!(l.wait_until(Micros(0)), None);
+        let mut at = 10 * S;
+        let mut waits = Vec::new();
+        loop {
+            match l.failed(Micros(at), patience) {
+                LookupVerdict::Wait { until, first } => {
+                    assert_eq!(first, waits.is_empty());
+                    assert_eq!(l.wait_until(Micros(at)), Some(until));
+                    // Another lookup that failed meanwhile waits for the same time.
+                    assert_eq!(
+                        l.failed(Micros(at + 1), patience),
+                        LookupVerdict::Wait {
+                            until,
+                            first: false
+                        }
+                    );
+                    assert_eq!(l.wait_until(until), None, "over when it is due");
+                    waits.push((until.0 - at) / S);
+                    at = until.0;
+                }
+                LookupVerdict::Attempt { first } => {
+                    assert!(first);
+                    break;
+                }
+            }
+        }
+        // Waits of 1, 2, 4, 8, 16 s, then 30 s each; the failure 121 s into the spell is past
+        // the 100 s patience: an attempt, and so is every one after it, without waits.
+        assert_eq!(waits, [1, 2, 4, 8, 16, 30, 30, 30]);
+        assert_eq!(at - 10 * S, 121 * S);
+        assert_eq!(
+            l.failed(Micros(at + S), patience),
+            LookupVerdict::Attempt { first: false }
+        );
+        assert_eq!(l.wait_until(Micros(at)), None);
+        // A lookup that goes through ends the spell: the next failure waits 1 s again.
+        l.over();
+        assert_eq!(
+            l.failed(Micros(at + 2 * S), patience),
+            LookupVerdict::Wait {
+                until: Micros(at + 3 * S),
+                first: true
+            }
+        );
+        // No patience: the first failure is an attempt.
+        let mut none = Lookups::default();
+        assert_eq!(
+            none.failed(Micros(S), Duration::ZERO),
+            LookupVerdict::Attempt { first: true }
+        );
     }
 
     #[test]

@@ -6,7 +6,7 @@ use std::borrow::Cow;
 use std::io::Write;
 use std::time::{Duration, Instant, SystemTime};
 
-use super::client::{Client, Target};
+use super::client::{Client, NoAnswer, Target};
 use super::model::{Attempt, Endpoint, Job, Verdict};
 use super::schedule::parse_retry_after;
 use super::sign::{signature, SigningKey};
@@ -161,7 +161,11 @@ pub async fn attempt(
                 verdict,
             }
         }
-        Ok(Err(e)) => failed(at, started, None, e),
+        Ok(Err(NoAnswer::Failed(e))) => failed(at, started, None, e),
+        Ok(Err(NoAnswer::LookupFailed(e))) => Attempt {
+            verdict: Verdict::LookupFailed,
+            ..failed(at, started, None, e)
+        },
         Err(_) => failed(
             at,
             started,

@@ -165,15 +165,18 @@ pub enum Waiting {
     RateLimited,
     /// For a free slot (its endpoint's concurrency, or the node's).
     Concurrency,
+    /// For its endpoint's host to be looked up again: the resolver failed for now.
+    LookupFailed,
 }
 
 impl Waiting {
     /// Every reason, in index order.
-    pub const ALL: [Waiting; 4] = [
+    pub const ALL: [Waiting; 5] = [
         Waiting::Scheduled,
         Waiting::CircuitOpen,
         Waiting::RateLimited,
         Waiting::Concurrency,
+        Waiting::LookupFailed,
     ];
 
     /// The metric label.
@@ -183,6 +186,7 @@ impl Waiting {
             Waiting::CircuitOpen => "circuit_open",
             Waiting::RateLimited => "rate_limited",
             Waiting::Concurrency => "concurrency",
+            Waiting::LookupFailed => "lookup_failed",
         }
     }
 }

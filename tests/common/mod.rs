@@ -278,13 +278,14 @@ impl Server {
     }
 
     /// The real binary run by `wrapper` (a command that ends by running the rest of its
-    /// arguments: `unshare … sh -c '…; exec "$@"'`), with the defaults plus `args`.
-    pub fn process_wrapped(wrapper: &[&str], args: &[&str]) -> Server {
+    /// arguments: `unshare … sh -c '…; exec "$@"'`), with the defaults plus `args`, on
+    /// `database_url`.
+    pub fn process_wrapped(wrapper: &[&str], args: &[&str], database_url: &str) -> Server {
         let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
         Self::spawn(
             wrapper,
             args,
-            database_url(),
+            database_url.to_string(),
             "127.0.0.1:0".parse().unwrap(),
         )
     }
