@@ -558,10 +558,11 @@ options! {
     circuit_failures: usize = "10", "circuit-failures", "TRIGGERS_CIRCUIT_FAILURES";
     /// How long an open circuit stays open before one probe goes through (half-open), in s.
     circuit_open_s: u64 = "30", "circuit-open-s", "TRIGGERS_CIRCUIT_OPEN_S";
-    /// How long deliveries to an endpoint whose host the DNS resolver fails to look up (the
-    /// server's trouble, or the host's DNS servers') wait and try again without it counting as an
-    /// attempt, in s; after that each such failure is a failed attempt. 0: at once.
-    lookup_patience_s: u64 = "900", "lookup-patience-s", "TRIGGERS_LOOKUP_PATIENCE_S";
+    /// How long deliveries the server can't send (the DNS resolver fails to look up the host; no
+    /// socket, port, memory or route to connect with: the server's trouble) wait and try again
+    /// without it counting as an attempt, in s; after that each such failure is a failed
+    /// attempt. 0: at once.
+    unsent_patience_s: u64 = "900", "unsent-patience-s", "TRIGGERS_UNSENT_PATIENCE_S";
     /// An endpoint whose every attempt has failed for this long is disabled, in s; 0: never.
     endpoint_disable_after_s: u64 = "259200", "endpoint-disable-after-s", "TRIGGERS_ENDPOINT_DISABLE_AFTER_S";
     /// Payload bytes of deliveries held in memory; beyond this due work waits in the database.

@@ -492,7 +492,7 @@ async fn a_resolver_that_fails_is_a_503_and_changes_nothing() {
 /// The server's resolver fails while events are owed to an endpoint with a host name: the
 /// deliveries wait and look again, spending no attempt and opening no circuit (a resolver's
 /// outage is the server's trouble), and each is delivered on its first attempt once the name
-/// resolves again. With no patience (`--lookup-patience-s 0`) each failed lookup is a failed
+/// resolves again. With no patience (`--unsent-patience-s 0`) each failed lookup is a failed
 /// attempt, as for any receiver that can't be reached.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_resolver_outage_spends_no_delivery_attempt() {
@@ -558,7 +558,7 @@ async fn a_resolver_outage_spends_no_delivery_attempt() {
     for n in 1..=5 {
         ids.push(new_event_id(s.addr, &key, json!({"n": n})).await);
     }
-    let waits = "triggers_delivery_waits_total{reason=\"lookup_failed\"}";
+    let waits = "triggers_delivery_waits_total{reason=\"unsent\"}";
     let deadline = Instant::now() + Duration::from_secs(10);
     while metric_of(&s, waits).await < 2.0 {
         assert!(Instant::now() < deadline, "no delivery waited for a lookup");
@@ -576,7 +576,7 @@ async fn a_resolver_outage_spends_no_delivery_attempt() {
     assert_eq!(health["consecutive_failures"], 0, "{health}");
     assert_eq!(recv.received().len(), 1);
     assert!(
-        !s.log_lines("webhook host lookup failed").is_empty(),
+        !s.log_lines("delivery could not be sent").is_empty(),
         "the outage is logged"
     );
 
@@ -607,7 +607,7 @@ async fn a_resolver_outage_spends_no_delivery_attempt() {
 
     // No patience: a failed lookup is a failed attempt, and the schedule runs out.
     let mut args = args.to_vec();
-    args.extend(["--lookup-patience-s", "0"]);
+    args.extend(["--unsent-patience-s", "0"]);
     std::fs::write(&hosts, "127.0.0.1 localhost\n").unwrap();
     let s = Server::process_wrapped(&wrapper, &args, &url);
     let id = new_event_id(s.addr, &key, json!({"n": 6})).await;

@@ -669,7 +669,7 @@ impl Client {
             .connect(&target.uri)
             .await
             .map_err(|e| match e {
-                ConnectError::LookupFailed(m) => NoAnswer::LookupFailed(m),
+                ConnectError::Unsent(m) => NoAnswer::Unsent(m),
                 ConnectError::Io(e) => NoAnswer::Failed(describe(&e)),
             })?;
         let io = match &target.tls_name {
@@ -695,9 +695,10 @@ impl Client {
 /// Why no answer came back.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum NoAnswer {
-    /// The host could not be looked up now: the resolver failed or did not answer. Nothing was
-    /// sent; whether the receiver is up is not known.
-    LookupFailed(String),
+    /// The server could not send: the host could not be looked up now (the resolver failed or
+    /// did not answer), or the server had no socket, port, memory or route to connect with.
+    /// Nothing was sent; whether the receiver is up is not known.
+    Unsent(String),
     /// Anything else (the host has no address, the connection or the exchange failed), in the
     /// words of the deepest cause.
     Failed(String),

@@ -17,7 +17,7 @@ use super::model::{
     Verdict,
 };
 use super::owed::still_owed;
-use super::runtime::{Admit, EndpointRuntime, Later, LookupVerdict};
+use super::runtime::{Admit, EndpointRuntime, Later, UnsentVerdict};
 use super::shared::{Busy, Shared};
 use super::{schedule, worker};
 use crate::config::{HEALTH_SUCCESS_WRITE_EVERY, LEASE_MARGIN, RATE_REPORT_EVERY};
@@ -159,18 +159,18 @@ async fn step(shared: &Shared, job: &mut Job, runtime: &Arc<EndpointRuntime>) ->
     }
     shared.sync_gates(runtime, &endpoint);
 
-    // An open circuit, or a host that could not be looked up a moment ago: wait without taking
-    // anything, or hand back what can't wait that long.
+    // An open circuit, or a delivery the server could not send a moment ago: wait without
+    // taking anything, or hand back what can't wait that long.
     let (closed_until, lookup_until) = {
         let g = runtime.gates();
         let now = Micros::now();
-        (g.breaker.closed_until(now), g.lookups.wait_until(now))
+        (g.breaker.closed_until(now), g.unsent.wait_until(now))
     };
     if let Some(until) = closed_until {
         return wait_for(shared, job, runtime, until, Waiting::CircuitOpen).await;
     }
     if let Some(until) = lookup_until {
-        return wait_for(shared, job, runtime, until, Waiting::LookupFailed).await;
+        return wait_for(shared, job, runtime, until, Waiting::Unsent).await;
     }
 
     // Counted as waiting only when it waits: the usual free slot costs the shared gauge nothing.
@@ -308,7 +308,7 @@ async fn wait_for(
     tokio::pin!(changed);
     changed.as_mut().enable();
     let _w = shared.metrics.waiting(why);
-    let _n = matches!(why, Waiting::CircuitOpen | Waiting::LookupFailed).then(|| runtime.not_yet());
+    let _n = matches!(why, Waiting::CircuitOpen | Waiting::Unsent).then(|| runtime.not_yet());
     let wait = Duration::from_micros((until.0 - Micros::now().0).max(0) as u64);
     job.waited = true;
     tokio::select! {
@@ -424,9 +424,9 @@ async fn attempt(
     let timeout = Duration::from_millis(shared.config.delivery_timeout_ms);
     let attempt = worker::attempt(&shared.client, endpoint, job, number, timeout).await;
     drop(slots);
-    if matches!(attempt.verdict, Verdict::LookupFailed) {
-        if let Some(until) = lookup_failed(shared, runtime, &attempt, probe) {
-            return wait_for(shared, job, runtime, until, Waiting::LookupFailed).await;
+    if matches!(attempt.verdict, Verdict::Unsent) {
+        if let Some(until) = unsent(shared, runtime, &attempt, probe) {
+            return wait_for(shared, job, runtime, until, Waiting::Unsent).await;
         }
     }
     let m = &shared.metrics;
@@ -451,7 +451,7 @@ async fn attempt(
                 }),
             )
         }
-        Verdict::Failed { .. } | Verdict::LookupFailed => {
+        Verdict::Failed { .. } | Verdict::Unsent => {
             let retry_after = match &attempt.verdict {
                 Verdict::Failed { retry_after } => retry_after,
                 _ => &None,
@@ -502,22 +502,23 @@ async fn attempt(
     .await
 }
 
-/// The endpoint's host could not be looked up: while the endpoint's patience lasts that is not
-/// an attempt (the delivery waits until the time returned, having given back its turn and the
-/// circuit's probe); after it, `None`: a failed attempt like any other.
-fn lookup_failed(
+/// The server could not send (its resolver failed, or it had no socket, port, memory or route):
+/// while the endpoint's patience lasts that is not an attempt (the delivery waits until the time
+/// returned, having given back its turn and the circuit's probe); after it, `None`: a failed
+/// attempt like any other.
+fn unsent(
     shared: &Shared,
     runtime: &EndpointRuntime,
     attempt: &super::model::Attempt,
     probe: bool,
 ) -> Option<Micros> {
-    let patience = Duration::from_secs(shared.config.lookup_patience_s);
+    let patience = Duration::from_secs(shared.config.unsent_patience_s);
     let now = Micros::now();
     let error = attempt.error.as_deref().unwrap_or_default();
     let verdict = {
         let mut g = runtime.gates();
-        let verdict = g.lookups.failed(now, patience);
-        if matches!(verdict, LookupVerdict::Wait { .. }) {
+        let verdict = g.unsent.failed(now, patience);
+        if matches!(verdict, UnsentVerdict::Wait { .. }) {
             g.breaker.cancel_probe(probe);
             if let Some(b) = g.bucket.as_mut() {
                 b.give_back(now);
@@ -526,18 +527,18 @@ fn lookup_failed(
         verdict
     };
     match verdict {
-        LookupVerdict::Wait { until, first } => {
+        UnsentVerdict::Wait { until, first } => {
             if first {
                 tracing::warn!(endpoint = %runtime.id, error, patience_s = patience.as_secs(),
-                    "webhook host lookup failed; its deliveries wait and look again, not counted as attempts");
+                    "delivery could not be sent (the server's trouble); the endpoint's deliveries wait and try again, not counted as attempts");
             }
             probe_over(runtime, probe);
             Some(until)
         }
-        LookupVerdict::Attempt { first } => {
+        UnsentVerdict::Attempt { first } => {
             if first {
                 tracing::warn!(endpoint = %runtime.id, error, patience_s = patience.as_secs(),
-                    "webhook host lookups have failed for longer than the patience; each is now a failed attempt");
+                    "deliveries could not be sent for longer than the patience; each such failure is now a failed attempt");
             }
             None
         }
@@ -564,8 +565,8 @@ fn judge_health(
         failure_at: (!ok).then_some(now),
         open_until: g.breaker.open_until,
     };
-    if !matches!(verdict, Verdict::LookupFailed) {
-        g.lookups.over();
+    if !matches!(verdict, Verdict::Unsent) {
+        g.unsent.over();
     }
     match verdict {
         Verdict::Delivered => {
@@ -586,7 +587,7 @@ fn judge_health(
             g.breaker.cancel_probe(probe);
             (None, disable)
         }
-        Verdict::Failed { .. } | Verdict::LookupFailed => {
+        Verdict::Failed { .. } | Verdict::Unsent => {
             let open_for = Duration::from_secs(config.circuit_open_s);
             let threshold = config.circuit_failures as u32;
             let was_open = g.breaker.open_until.is_some();

@@ -191,10 +191,10 @@ pub enum Verdict {
         /// The receiver's `Retry-After`.
         retry_after: Option<Duration>,
     },
-    /// Not sent: the host could not be looked up now (the resolver failed or did not answer).
-    /// Not an attempt while the endpoint's patience lasts (see [`super::runtime::Lookups`]); a
+    /// Not sent: the server's trouble (see [`super::client::NoAnswer::Unsent`]). Not an attempt
+    /// while the endpoint's patience lasts (see [`super::runtime::UnsentSpell`]); a
     /// failed one after that.
-    LookupFailed,
+    Unsent,
 }
 
 /// What one attempt did, as the attempt log records it.

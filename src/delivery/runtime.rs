@@ -17,11 +17,11 @@ use crate::ids::{Micros, OrgId};
 /// at most: the probe's end wakes it sooner (`changed`).
 pub const PROBE_WAIT: Duration = Duration::from_secs(1);
 
-/// How long an endpoint's deliveries wait after its host could not be looked up, at first; each
-/// failure in a row doubles it, up to [`LOOKUP_WAIT_MAX`].
-pub const LOOKUP_WAIT_MIN: Duration = Duration::from_secs(1);
-/// The longest wait between lookups of a host that failed.
-pub const LOOKUP_WAIT_MAX: Duration = Duration::from_secs(30);
+/// How long an endpoint's deliveries wait after the server could not send one (see
+/// [`UnsentSpell`]), at first; each failure in a row doubles it, up to [`UNSENT_WAIT_MAX`].
+pub const UNSENT_WAIT_MIN: Duration = Duration::from_secs(1);
+/// The longest wait between tries while the server can't send to an endpoint.
+pub const UNSENT_WAIT_MAX: Duration = Duration::from_secs(30);
 
 /// After this long with nothing taken nor reserved, this node forgets its view of an endpoint's
 /// bucket (and the endpoint's runtime, when nothing else keeps it): whatever debt its own spending
@@ -313,25 +313,26 @@ impl TokenBucket {
     }
 }
 
-/// An endpoint's spell of failed lookups: its host could not be looked up now (the resolver
-/// failed or did not answer). That is the server's trouble, or the host's DNS servers', and
-/// nothing was sent: for `patience` from the spell's first failure the deliveries wait and try
-/// again (1 s, doubling up to 30 s) without it counting as an attempt, so a resolver's outage
-/// burns no attempt, opens no circuit and dead-letters nothing. After that a host whose DNS is
-/// broken is treated like any receiver that fails: each lookup that fails is a failed attempt.
+/// An endpoint's spell of deliveries the server could not send: its host could not be looked up
+/// now (the resolver failed or did not answer), or the server had no socket, port, memory or
+/// route to connect with. That is the server's trouble (or, for a lookup, maybe the host's DNS
+/// servers'), and nothing was sent: for `patience` from the spell's first failure the deliveries
+/// wait and try again (1 s, doubling up to 30 s) without it counting as an attempt, so such an
+/// outage burns no attempt, opens no circuit and dead-letters nothing. After that the endpoint is
+/// treated like any receiver that can't be reached: each such failure is a failed attempt.
 #[derive(Debug, Default)]
-pub struct Lookups {
+pub struct UnsentSpell {
     /// When the spell began.
     since: Option<Micros>,
-    /// Deliveries wait until then before the next lookup.
+    /// Deliveries wait until then before the next try.
     until: Option<Micros>,
     /// Failures in the spell.
     failures: u32,
 }
 
-/// What a failed lookup does, from [`Lookups::failed`].
+/// What a delivery the server could not send does, from [`UnsentSpell::failed`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LookupVerdict {
+pub enum UnsentVerdict {
     /// Not an attempt: the deliveries wait.
     Wait {
         /// Until then.
@@ -346,12 +347,12 @@ pub enum LookupVerdict {
     },
 }
 
-impl Lookups {
-    /// A lookup failed at `now`. Failures while the deliveries already wait (lookups that
-    /// started together) are one failure: they wait for the same time.
-    pub fn failed(&mut self, now: Micros, patience: Duration) -> LookupVerdict {
+impl UnsentSpell {
+    /// A delivery could not be sent at `now`. Failures while the deliveries already wait (tries
+    /// that started together) are one failure: they wait for the same time.
+    pub fn failed(&mut self, now: Micros, patience: Duration) -> UnsentVerdict {
         if let Some(until) = self.wait_until(now) {
-            return LookupVerdict::Wait {
+            return UnsentVerdict::Wait {
                 until,
                 first: false,
             };
@@ -362,27 +363,27 @@ impl Lookups {
         if now.0 - since.0 >= patience.as_micros() as i64 {
             let first = self.until.is_some() || n == 0;
             self.until = None;
-            return LookupVerdict::Attempt { first };
+            return UnsentVerdict::Attempt { first };
         }
-        let wait = LOOKUP_WAIT_MIN
+        let wait = UNSENT_WAIT_MIN
             .saturating_mul(1 << n.min(5))
-            .min(LOOKUP_WAIT_MAX);
+            .min(UNSENT_WAIT_MAX);
         let until = now.plus(wait);
         self.until = Some(until);
-        LookupVerdict::Wait {
+        UnsentVerdict::Wait {
             until,
             first: n == 0,
         }
     }
 
-    /// Until when deliveries wait before the next lookup, if they wait at `now`.
+    /// Until when deliveries wait before the next try, if they wait at `now`.
     pub fn wait_until(&self, now: Micros) -> Option<Micros> {
         self.until.filter(|until| *until > now)
     }
 
-    /// An exchange went past the lookup (or on a kept connection): the spell is over.
+    /// An exchange got a connection (a new one or a kept one): the spell is over.
     pub fn over(&mut self) {
-        *self = Lookups::default();
+        *self = UnsentSpell::default();
     }
 }
 
@@ -393,8 +394,8 @@ pub struct Gates {
     pub breaker: Breaker,
     /// The limiter, while the endpoint has a limit.
     pub bucket: Option<TokenBucket>,
-    /// Its spell of failed lookups, if one is on.
-    pub lookups: Lookups,
+    /// Its spell of deliveries the server could not send, if one is on.
+    pub unsent: UnsentSpell,
     /// The endpoint's `updated_at` these gates were set up for.
     pub config_at: Micros,
     /// When a success was last written to the endpoint's health.
@@ -507,21 +508,21 @@ mod tests {
     }
 
     #[test]
-    fn failed_lookups_wait_longer_each_time_until_the_patience_is_spent() {
+    fn unsent_deliveries_wait_longer_each_time_until_the_patience_is_spent() {
         let patience = Duration::from_secs(100);
-        let mut l = Lookups::default();
+        let mut l = UnsentSpell::default();
         assert_eq!(l.wait_until(Micros(0)), None);
         let mut at = 10 * S;
         let mut waits = Vec::new();
         loop {
             match l.failed(Micros(at), patience) {
-                LookupVerdict::Wait { until, first } => {
+                UnsentVerdict::Wait { until, first } => {
                     assert_eq!(first, waits.is_empty());
                     assert_eq!(l.wait_until(Micros(at)), Some(until));
                     // Another lookup that failed meanwhile waits for the same time.
                     assert_eq!(
                         l.failed(Micros(at + 1), patience),
-                        LookupVerdict::Wait {
+                        UnsentVerdict::Wait {
                             until,
                             first: false
                         }
@@ -530,7 +531,7 @@ mod tests {
                     waits.push((until.0 - at) / S);
                     at = until.0;
                 }
-                LookupVerdict::Attempt { first } => {
+                UnsentVerdict::Attempt { first } => {
                     assert!(first);
                     break;
                 }
@@ -542,23 +543,23 @@ mod tests {
         assert_eq!(at - 10 * S, 121 * S);
         assert_eq!(
             l.failed(Micros(at + S), patience),
-            LookupVerdict::Attempt { first: false }
+            UnsentVerdict::Attempt { first: false }
         );
         assert_eq!(l.wait_until(Micros(at)), None);
-        // A lookup that goes through ends the spell: the next failure waits 1 s again.
+        // A connection made ends the spell: the next failure waits 1 s again.
         l.over();
         assert_eq!(
             l.failed(Micros(at + 2 * S), patience),
-            LookupVerdict::Wait {
+            UnsentVerdict::Wait {
                 until: Micros(at + 3 * S),
                 first: true
             }
         );
         // No patience: the first failure is an attempt.
-        let mut none = Lookups::default();
+        let mut none = UnsentSpell::default();
         assert_eq!(
             none.failed(Micros(S), Duration::ZERO),
-            LookupVerdict::Attempt { first: true }
+            UnsentVerdict::Attempt { first: true }
         );
     }
 

@@ -162,8 +162,8 @@ pub async fn attempt(
             }
         }
         Ok(Err(NoAnswer::Failed(e))) => failed(at, started, None, e),
-        Ok(Err(NoAnswer::LookupFailed(e))) => Attempt {
-            verdict: Verdict::LookupFailed,
+        Ok(Err(NoAnswer::Unsent(e))) => Attempt {
+            verdict: Verdict::Unsent,
             ..failed(at, started, None, e)
         },
         Err(_) => failed(

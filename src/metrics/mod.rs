@@ -165,8 +165,9 @@ pub enum Waiting {
     RateLimited,
     /// For a free slot (its endpoint's concurrency, or the node's).
     Concurrency,
-    /// For its endpoint's host to be looked up again: the resolver failed for now.
-    LookupFailed,
+    /// For the server to try again: it could not send (its resolver failed, or it had no
+    /// socket, port, memory or route).
+    Unsent,
 }
 
 impl Waiting {
@@ -176,7 +177,7 @@ impl Waiting {
         Waiting::CircuitOpen,
         Waiting::RateLimited,
         Waiting::Concurrency,
-        Waiting::LookupFailed,
+        Waiting::Unsent,
     ];
 
     /// The metric label.
@@ -186,7 +187,7 @@ impl Waiting {
             Waiting::CircuitOpen => "circuit_open",
             Waiting::RateLimited => "rate_limited",
             Waiting::Concurrency => "concurrency",
-            Waiting::LookupFailed => "lookup_failed",
+            Waiting::Unsent => "unsent",
         }
     }
 }
