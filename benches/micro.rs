@@ -242,6 +242,45 @@ fn main() {
         )
     });
 
+    // TLS to a receiver, both ends in memory (rustls with ring, as the delivery client uses
+    // it; the receiver's end is rustls too): what a delivery to an https endpoint adds.
+    run("tls_full_handshake", &mut || {
+        let (client, server) = tls_configs();
+        measure(
+            || {
+                black_box(tls_pair(&client, &server));
+            },
+            1,
+        )
+    });
+
+    run("tls_exchange_kept_connection", &mut || {
+        let (client, server) = tls_configs();
+        let (mut c, mut s) = tls_pair(&client, &server);
+        let request = [b'x'; 600];
+        let answer = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
+        let mut buf = vec![0u8; 4096];
+        measure(
+            || {
+                use std::io::{Read, Write};
+                c.writer().write_all(&request).unwrap();
+                tls_move(&mut c, &mut s);
+                let mut got = 0;
+                while got < request.len() {
+                    got += s.reader().read(&mut buf).unwrap();
+                }
+                s.writer().write_all(answer).unwrap();
+                tls_move(&mut s, &mut c);
+                let mut got = 0;
+                while got < answer.len() {
+                    got += c.reader().read(&mut buf).unwrap();
+                }
+                black_box(&buf);
+            },
+            1,
+        )
+    });
+
     run("write_201_response", &mut || {
         let reply = Reply::json(
             201,
@@ -305,4 +344,66 @@ fn parse_baseline(text: &str) -> BTreeMap<String, f64> {
             ))
         })
         .collect()
+}
+
+/// A client config that trusts the test authority and never resumes (every handshake is a full
+/// one), and a server config with the authority's certificate for `localhost`.
+fn tls_configs() -> (
+    std::sync::Arc<rustls::ClientConfig>,
+    std::sync::Arc<rustls::ServerConfig>,
+) {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    const DATA: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/src/delivery/testdata/");
+    let read = |name: &str| std::fs::read(format!("{DATA}{name}")).unwrap();
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(CertificateDer::from_pem_slice(&read("ca.pem")).unwrap())
+        .unwrap();
+    let mut client = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    client.resumption = rustls::client::Resumption::disabled();
+    let server = rustls::ServerConfig::builder()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![CertificateDer::from_pem_slice(&read("leaf.pem")).unwrap()],
+            PrivateKeyDer::from_pem_slice(&read("leaf.key")).unwrap(),
+        )
+        .unwrap();
+    (std::sync::Arc::new(client), std::sync::Arc::new(server))
+}
+
+/// A client and a server connection, handshaken.
+fn tls_pair(
+    client: &std::sync::Arc<rustls::ClientConfig>,
+    server: &std::sync::Arc<rustls::ServerConfig>,
+) -> (rustls::ClientConnection, rustls::ServerConnection) {
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let mut c = rustls::ClientConnection::new(std::sync::Arc::clone(client), name).unwrap();
+    let mut s = rustls::ServerConnection::new(std::sync::Arc::clone(server)).unwrap();
+    while c.is_handshaking() || s.is_handshaking() {
+        tls_move(&mut c, &mut s);
+        tls_move(&mut s, &mut c);
+    }
+    (c, s)
+}
+
+/// Everything `from` has to send, into `to`, processed.
+fn tls_move<A, B, DA, DB>(from: &mut A, to: &mut B)
+where
+    A: std::ops::DerefMut<Target = rustls::ConnectionCommon<DA>>,
+    B: std::ops::DerefMut<Target = rustls::ConnectionCommon<DB>>,
+    DA: rustls::SideData,
+    DB: rustls::SideData,
+{
+    let mut wire = Vec::new();
+    while from.wants_write() {
+        from.write_tls(&mut wire).unwrap();
+    }
+    let mut rest = &wire[..];
+    while !rest.is_empty() {
+        to.read_tls(&mut rest).unwrap();
+        to.process_new_packets().unwrap();
+    }
 }
