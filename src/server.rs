@@ -97,19 +97,35 @@ pub fn run(
     let config = Arc::new(config);
     let rt = runtime(&config)?;
     let stop = rt.spawn(shutdown);
+    // The first retention round's connection is opened while the migrations run.
+    let round_client = rt.spawn({
+        let config = Arc::clone(&config);
+        async move { retention::connect(&config).await }
+    });
     let applied = rt.block_on(migrate(&config))?;
     tracing::info!(applied = applied.len(), "migrations up to date");
 
     let (mesh, mailboxes) = Mesh::new(config.ingress_cores, config.hop_queue_max);
     let metrics = Metrics::new(&Route::LABELS, config.ingress_cores);
-    // The partitions ahead exist before the first event is taken (a node down for a week would
-    // otherwise find none); a failure here is retried every hour while the node serves.
-    rt.block_on(retention::round(&config, &metrics));
     let (queues, inbox) = store_queues(&config);
     metrics.set_store_probe(queues.gauges_probe());
     let _guard = rt.enter();
+    // The partitions ahead exist before the first event is taken or the first delivery claimed
+    // (a node down for a week would otherwise find none); a failure here is retried every hour
+    // while the node serves. The round runs while the pools start and LISTEN is set up (a
+    // quicker start); the ingress cores start, and the delivery claimer begins, after it.
+    let (partitions_tx, partitions) = tokio::sync::watch::channel(false);
+    let first_round = tokio::spawn({
+        let (config, metrics) = (Arc::clone(&config), Arc::clone(&metrics));
+        async move {
+            let client = round_client.await.ok().and_then(Result::ok);
+            retention::round_on(client, &config, &metrics).await;
+            let _ = partitions_tx.send(true);
+        }
+    });
     retention::spawn(Arc::clone(&config), Arc::clone(&metrics));
-    let (delivery, delivery_handle) = Delivery::start(Arc::clone(&config), Arc::clone(&metrics))?;
+    let (delivery, delivery_handle) =
+        Delivery::start(Arc::clone(&config), Arc::clone(&metrics), partitions)?;
     let cores: Arc<dyn CoreLink> = Arc::new(mesh.clone());
     let sink: Arc<dyn DeliverySink> = Arc::new(delivery_handle);
     let store = Store::start(
@@ -119,7 +135,9 @@ pub fn run(
         sink,
         Arc::clone(&metrics),
     )?;
-    if !rt.block_on(store.wait_listening(LISTEN_START_PATIENCE)) {
+    let (listening, _) = rt
+        .block_on(async { tokio::join!(store.wait_listening(LISTEN_START_PATIENCE), first_round) });
+    if !listening {
         tracing::warn!("serving before LISTEN works: caches are flushed until it does");
     }
 

@@ -39,10 +39,12 @@ pub struct Delivery {
 pub struct DeliveryHandle(Arc<Shared>);
 
 impl Delivery {
-    /// Start the pool on the current tokio runtime.
+    /// Start the pool on the current tokio runtime; its claimer begins once `claim_after` is
+    /// true (the partitions it may write to exist).
     pub fn start(
         config: Arc<Config>,
         metrics: Arc<Metrics>,
+        mut claim_after: tokio::sync::watch::Receiver<bool>,
     ) -> Result<(Delivery, DeliveryHandle), String> {
         // Several endpoints may share a host: keep as many idle connections as deliveries can
         // be in flight, or connections are closed and opened all the time.
@@ -85,7 +87,14 @@ impl Delivery {
             metrics,
             config: Arc::clone(&config),
         });
-        let claimer = tokio::spawn(claim_loop(Arc::clone(&shared)));
+        // The first claim waits until `claim_after` says true (or its sender is gone).
+        let claimer = tokio::spawn({
+            let shared = Arc::clone(&shared);
+            async move {
+                let _ = claim_after.wait_for(|ready| *ready).await;
+                claim_loop(shared).await
+            }
+        });
         let looker = tokio::spawn(look_loop(Arc::clone(&shared), looks_rx));
         let budgets = tokio::spawn(budget_loop(Arc::clone(&shared)));
         let recorder_rx = Arc::new(tokio::sync::Mutex::new(recorder_rx));

@@ -206,12 +206,25 @@ pub async fn maintain_once(
     config: &Config,
     metrics: &Metrics,
 ) -> Result<Option<Maintained>, String> {
-    let client = crate::db::connect(
+    maintain_on(connect(config).await?, config, metrics).await
+}
+
+/// A connection for a round (its advisory lock goes with it).
+pub async fn connect(config: &Config) -> Result<Client, String> {
+    crate::db::connect(
         config,
         crate::db::Part::Retention,
         std::time::Duration::ZERO,
     )
-    .await?;
+    .await
+}
+
+/// [`maintain_once`] on a connection of [`connect`]'s, which it closes.
+async fn maintain_on(
+    client: Client,
+    config: &Config,
+    metrics: &Metrics,
+) -> Result<Option<Maintained>, String> {
     let locked: bool = client
         .query_one("SELECT pg_try_advisory_lock($1)", &[&LOCK_ID])
         .await
@@ -243,7 +256,22 @@ pub async fn maintain_once(
 
 /// A round now, logged; `false` when it failed.
 pub async fn round(config: &Config, metrics: &Metrics) -> bool {
-    match maintain_once(config, metrics).await {
+    logged(maintain_once(config, metrics).await, config)
+}
+
+/// A round on a connection opened beforehand (at start, while the migrations ran), or on a new
+/// one when that failed (the database was not up yet), logged.
+pub async fn round_on(client: Option<Client>, config: &Config, metrics: &Metrics) -> bool {
+    let done = match client {
+        Some(client) => maintain_on(client, config, metrics).await,
+        None => maintain_once(config, metrics).await,
+    };
+    logged(done, config)
+}
+
+/// A round's result, logged; `false` when it failed.
+fn logged(done: Result<Option<Maintained>, String>, config: &Config) -> bool {
+    match done {
         Ok(Some(done)) => {
             if !done.created.is_empty() || !done.dropped.is_empty() {
                 tracing::info!(
