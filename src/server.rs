@@ -123,7 +123,6 @@ pub fn run(
             let _ = partitions_tx.send(true);
         }
     });
-    retention::spawn(Arc::clone(&config), Arc::clone(&metrics));
     let (delivery, delivery_handle) =
         Delivery::start(Arc::clone(&config), Arc::clone(&metrics), partitions)?;
     let cores: Arc<dyn CoreLink> = Arc::new(mesh.clone());
@@ -135,6 +134,11 @@ pub fn run(
         sink,
         Arc::clone(&metrics),
     )?;
+    retention::spawn(
+        Arc::clone(&config),
+        Arc::clone(&metrics),
+        store.partitions_missing(),
+    );
     let (listening, _) = rt
         .block_on(async { tokio::join!(store.wait_listening(LISTEN_START_PATIENCE), first_round) });
     if !listening {

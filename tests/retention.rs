@@ -223,3 +223,54 @@ async fn rate_buckets_idle_long_enough_to_be_full_are_removed_and_no_other() {
     let left: u32 = r.header("x-ratelimit-remaining").unwrap().parse().unwrap();
     assert!(left < 99, "{left}");
 }
+
+/// The partitions for now are gone (as after a clock that jumped forward past the week made
+/// ahead, or every node down for longer than that): an event finds no partition, which is the
+/// server's trouble (503 with Retry-After, never a 4xx), and the node makes them at once rather
+/// than at its next hourly round: the same event is taken within seconds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_that_finds_no_partition_has_them_made_at_once() {
+    let url = own_database("triggers_test_no_partition").await;
+    let s = Server::start_with_db(&[], &url);
+    let (key, _) = new_org(s.addr, "pro").await;
+    let r = post_event(s.addr, &key, "t", json!(1), None).await;
+    assert_eq!(r.status, 201, "{}", r.text());
+    let client = db_at(&url).await;
+    for table in TABLES {
+        for p in partitions(&client, table).await {
+            client
+                .batch_execute(&format!(
+                    "ALTER TABLE {table} DETACH PARTITION {p}; DROP TABLE {p}"
+                ))
+                .await
+                .unwrap();
+        }
+    }
+    let started = std::time::Instant::now();
+    let mut refused = 0;
+    loop {
+        let r = post_event(s.addr, &key, "t", json!(2), Some("after-the-gap")).await;
+        if r.status == 201 {
+            break;
+        }
+        assert_eq!(r.status, 503, "{}", r.text());
+        assert!(r.header("retry-after").is_some());
+        refused += 1;
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "still {} after {:?}: {}",
+            r.status,
+            started.elapsed(),
+            r.text()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        refused >= 1,
+        "the first event after the gap found no partition"
+    );
+    for table in TABLES {
+        assert_eq!(partitions(&client, table).await.len(), 8, "{table}");
+    }
+    assert_eq!(count(&client, "SELECT count(*) FROM events").await, 1);
+}

@@ -156,6 +156,12 @@ pub fn fault(e: &tokio_postgres::Error) -> Fault {
     fault_of_code(e.code().map(|c| c.code()))
 }
 
+/// Whether a write found no partition for its row (SQLSTATE 23514: the partitions for its day
+/// were not made, or are gone): the retention round makes them.
+pub fn no_partition(e: &tokio_postgres::Error) -> bool {
+    e.code().map(|c| c.code()) == Some("23514")
+}
+
 /// Classify an SQLSTATE (`None`: an error without one, such as a closed connection).
 pub fn fault_of_code(code: Option<&str>) -> Fault {
     match code {

@@ -46,6 +46,9 @@ pub struct StoreCtx {
     /// Raised once the LISTEN connection first listens (start-up waits for it, so no request is
     /// served with caches a missed notification could have made stale).
     pub listening: tokio::sync::watch::Sender<bool>,
+    /// Told when a write found no partition for its row: the retention loop makes the
+    /// partitions then, not at its next hourly round.
+    pub partitions_missing: Arc<tokio::sync::Notify>,
     /// When the shutdown gives up on writes the database does not take (fast-ack mode): the
     /// events still unwritten then are dropped and counted. Unset until shutdown.
     pub stop_deadline: std::sync::OnceLock<tokio::time::Instant>,

@@ -58,6 +58,7 @@ impl Store {
             metrics,
             db_timeout: Config::ms(config.db_timeout_ms),
             stop_deadline: std::sync::OnceLock::new(),
+            partitions_missing: Arc::new(tokio::sync::Notify::new()),
             listening: tokio::sync::watch::channel(false).0,
             config: Arc::clone(&config),
         });
@@ -73,6 +74,11 @@ impl Store {
             jobs,
             background,
         })
+    }
+
+    /// What the writers tell when a row finds no partition (for [`super::retention::spawn`]).
+    pub fn partitions_missing(&self) -> Arc<tokio::sync::Notify> {
+        Arc::clone(&self.ctx.partitions_missing)
     }
 
     /// Wait (up to `limit`) until the LISTEN connection listens: changes made on other nodes reach

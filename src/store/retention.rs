@@ -15,7 +15,9 @@ use std::sync::Arc;
 use tokio_postgres::Client;
 use uuid::Uuid;
 
-use crate::config::{Config, PARTITIONS_AHEAD_DAYS, PARTITION_LOCK_TIMEOUT, RETENTION_EVERY};
+use crate::config::{
+    Config, PARTITIONS_AHEAD_DAYS, PARTITION_LOCK_TIMEOUT, RETENTION_EVERY, RETENTION_KICK_SPACING,
+};
 use crate::db::describe;
 use crate::ids::Micros;
 use crate::metrics::Metrics;
@@ -296,12 +298,22 @@ fn logged(done: Result<Option<Maintained>, String>, config: &Config) -> bool {
     }
 }
 
-/// Maintain the partitions every `RETENTION_EVERY` until the runtime stops.
-pub fn spawn(config: Arc<Config>, metrics: Arc<Metrics>) {
+/// Maintain the partitions every `RETENTION_EVERY` until the runtime stops, and when told that
+/// a row found no partition (`missing`): then at once, but no sooner than `RETENTION_KICK_SPACING`
+/// after the round before.
+pub fn spawn(config: Arc<Config>, metrics: Arc<Metrics>, missing: Arc<tokio::sync::Notify>) {
     tokio::spawn(async move {
+        let mut last = tokio::time::Instant::now();
         loop {
-            tokio::time::sleep(RETENTION_EVERY).await;
+            tokio::select! {
+                _ = tokio::time::sleep(RETENTION_EVERY) => {}
+                _ = missing.notified() => {
+                    tokio::time::sleep_until(last + RETENTION_KICK_SPACING).await;
+                    tracing::warn!("a row found no partition: making the partitions now");
+                }
+            }
             round(&config, &metrics).await;
+            last = tokio::time::Instant::now();
         }
     });
 }

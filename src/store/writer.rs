@@ -38,7 +38,7 @@ use crate::config::{
     AckMode, COPY_PIECE_BYTES, SLOW_BATCH, WRITE_RETRY_BACKOFF_MAX, WRITE_RETRY_BACKOFF_MIN,
     WRITE_RUNS_MAX,
 };
-use crate::db::{describe, fault, rerun, Fault};
+use crate::db::{describe, fault, no_partition, rerun, Fault};
 use crate::flow::answer::{Completion, Outcome, Refusal};
 use crate::flow::answer::{IngestOutcome, Ingested};
 use crate::flow::event::{NewEvent, STATUS_DERIVED};
@@ -356,6 +356,11 @@ async fn write_rows(
                         "batch transaction not written, {why}; writing it again"
                     );
                     continue;
+                }
+                if no_partition(&e) {
+                    // The partitions for now are missing (a clock that jumped, every node down
+                    // for longer than the week made ahead): made at once, not in an hour.
+                    ctx.partitions_missing.notify_one();
                 }
                 match fault(&e) {
                     Fault::Data => Err(BatchError::Data(describe(&e))),
