@@ -2,7 +2,7 @@
 # Check what operators load into Prometheus and Grafana: the alert rules and the example
 # configuration with `promtool` (Debian's prometheus package), and a real /metrics scrape with
 # `promtool check metrics` (names, types, help text). That every metric the rules and the dashboard
-# name is served is asserted by tests/ops.rs.
+# name is served is asserted by tests/ops.rs. Then the systemd unit (scripts/systemd-check.sh).
 #   bash scripts/observability.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -27,3 +27,7 @@ wait_ready "http://127.0.0.1:$port/health/ready" "$pid" /dev/null
 curl -fsS "http://127.0.0.1:$((port + 1))/metrics" > /tmp/triggers-metrics.txt
 promtool check metrics < /tmp/triggers-metrics.txt
 echo "observability: rules, configuration and a live scrape ($(grep -c '^# TYPE' /tmp/triggers-metrics.txt) metrics) pass promtool"
+kill $pid 2>/dev/null; wait $pid 2>/dev/null || true
+trap - EXIT
+# The systemd unit: verified, its sandbox's exposure, and the server's system calls under it.
+bash scripts/systemd-check.sh

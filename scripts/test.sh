@@ -2,7 +2,8 @@
 # Run the whole test suite on a fresh Debian/Ubuntu machine: installs PostgreSQL if missing, starts
 # the project's private cluster, recreates the test database, checks formatting, import loops and
 # lints, runs every test (unit and integration; the integration tests start the real server), checks
-# the alert rules and a live /metrics scrape with promtool, runs
+# the alert rules and a live /metrics scrape with promtool and the systemd unit (its sandbox
+# against the system calls the server makes), runs
 # schemathesis over the OpenAPI document against a real server, fuzzes every parser briefly, then
 # runs every load-test scenario for a few seconds at a low rate so the benchmark scripts never rot
 # (no speed is asserted) and checks its HTML report in headless Chromium, then the fault drills briefly (these do assert: nothing acknowledged
@@ -36,7 +37,7 @@ echo "== cargo clippy" >&2
 cargo clippy --locked --all-targets -- -D warnings
 echo "== cargo test" >&2
 cargo test --locked --no-fail-fast -- --test-threads 4
-echo "== alert rules, Prometheus configuration and a live scrape (promtool)" >&2
+echo "== alert rules, Prometheus configuration and a live scrape (promtool); the systemd unit" >&2
 bash scripts/observability.sh
 if [ "$SKIP_SCHEMATHESIS" != "1" ]; then
   echo "== schemathesis over /openapi.json" >&2
