@@ -318,6 +318,8 @@ impl Shared {
             g.breaker.failing_since = endpoint.failing_since;
             g.breaker.open_until = endpoint.circuit_open_until;
             g.breaker.probing = false;
+            // A new URL (or a resume) is tried at once, whatever the old one's lookups did.
+            g.unsent.over();
         }
         // A load that started before the change (its answer still in flight then) shows the
         // endpoint as it was: the gates are rechecked again with the next load.
