@@ -388,7 +388,31 @@ impl OptionValue for RetrySchedule {
     }
 }
 
-/// Parses `250ms`, `2s`, `1m` or a bare number of seconds.
+/// The longest time an option may name: ten years. Times are added to clocks as microseconds
+/// in an `i64`; far beyond this they would wrap around (a lease already over, a circuit open in
+/// the past) instead of meaning "very long".
+pub const TIME_OPTION_MAX: Duration = Duration::from_secs(10 * 365 * 86_400);
+
+/// An option counted in seconds, milliseconds or microseconds (its flag ends in `-s`, `-ms` or
+/// `-us`) names at most [`TIME_OPTION_MAX`].
+fn time_bound(flag: &str, text: &str) -> Result<(), String> {
+    let per_second: u64 = if flag.ends_with("-us") {
+        1_000_000
+    } else if flag.ends_with("-ms") {
+        1_000
+    } else if flag.ends_with("-s") {
+        1
+    } else {
+        return Ok(());
+    };
+    let max = TIME_OPTION_MAX.as_secs() * per_second;
+    match text.trim().parse::<u64>() {
+        Ok(v) if v > max => Err(format!("at most {max} (ten years), got {v}")),
+        _ => Ok(()),
+    }
+}
+
+/// Parses `250ms`, `2s`, `1m` or a bare number of seconds (at most [`TIME_OPTION_MAX`]).
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let err = || format!("`{text}` is not a duration such as 500ms, 2s or 1m");
     let (digits, unit) = match text.find(|c: char| !c.is_ascii_digit()) {
@@ -396,12 +420,16 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         None => (text, "s"),
     };
     let n: u64 = digits.parse().map_err(|_| err())?;
-    match unit {
-        "ms" => Ok(Duration::from_millis(n)),
-        "s" => Ok(Duration::from_secs(n)),
-        "m" => Ok(Duration::from_secs(n * 60)),
-        _ => Err(err()),
+    let d = match unit {
+        "ms" => Duration::from_millis(n),
+        "s" => Duration::from_secs(n),
+        "m" => Duration::from_secs(n.checked_mul(60).ok_or_else(err)?),
+        _ => return Err(err()),
+    };
+    if d > TIME_OPTION_MAX {
+        return Err(format!("`{text}` is longer than ten years"));
     }
+    Ok(d)
 }
 
 macro_rules! options {
@@ -419,6 +447,7 @@ macro_rules! options {
 
         impl Config {
             fn set(&mut self, flag: &str, text: &str) -> Result<(), String> {
+                time_bound(flag, text)?;
                 match flag {
                     $( $flag => { self.$field = <$ty as OptionValue>::parse_value(text)?; Ok(()) } )+
                     _ => unreachable!("flag table and setter come from one macro"),
@@ -722,6 +751,9 @@ impl Config {
         }
         if !(1..=1024).contains(&self.ingress_cores) {
             return fail("--ingress-cores must be 1..=1024".into());
+        }
+        if !(1..=1024).contains(&self.store_threads) {
+            return fail("--store-threads must be 0 (chosen from the CPUs) or 1..=1024".into());
         }
         if self.ingress_slice_us != 0 && !(100..=100_000).contains(&self.ingress_slice_us) {
             return fail("--ingress-slice-us must be 0 or 100..=100000".into());
@@ -1193,6 +1225,44 @@ mod tests {
             c.retry_delays(),
             &[Duration::from_millis(100), Duration::from_millis(200)]
         );
+    }
+
+    #[test]
+    fn no_time_option_names_more_than_ten_years() {
+        let base = [("DATABASE_URL", "postgres://x@h/db")];
+        let try_one = |flag: &str, value: String| {
+            let args = vec![format!("--{flag}"), value];
+            let env: Vec<(String, String)> = base
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+            Config::from_args_and_env(args, env).map(|_| ())
+        };
+        let mut checked = 0;
+        for (flag, _, _, _, _) in OPTIONS {
+            let per_second: u64 = match flag.rsplit('-').next() {
+                Some("us") => 1_000_000,
+                Some("ms") => 1_000,
+                Some("s") => 1,
+                _ => continue,
+            };
+            let max = TIME_OPTION_MAX.as_secs() * per_second;
+            for over in [max + 1, u64::MAX] {
+                let e = try_one(flag, over.to_string()).unwrap_err();
+                assert!(format!("{e}").contains("ten years"), "--{flag} {over}: {e}");
+            }
+            checked += 1;
+        }
+        assert!(checked >= 19, "{checked} time options");
+        for schedule in ["18446744073709551615m", "5256001m", "315360001s"] {
+            let e = try_one("retry-schedule", schedule.into()).unwrap_err();
+            let e = format!("{e}");
+            assert!(e.contains("ten years") || e.contains("not a duration"), "{e}");
+        }
+        assert!(try_one("retry-schedule", "1s,5256000m".into()).is_ok());
+        // A count that would make a runtime of that many threads is refused, not a panic.
+        let e = try_one("store-threads", u64::MAX.to_string()).unwrap_err();
+        assert!(format!("{e}").contains("1..=1024"), "{e}");
     }
 
     #[test]
