@@ -10,7 +10,8 @@
 # string and cursor), endpoint_body (endpoint create/patch/recover bodies, event-type patterns),
 # batch_body (the batch envelope and its items), values (API key, UUID path segment, RFC 3339
 # time, a receiver's Retry-After), answer (a webhook receiver's answer, as the delivery client
-# reads it: framing, limit and split invariance). Seeds are in fuzz/seeds/<target>; what
+# reads it: framing, limit and split invariance), config (the arguments and environment an
+# operator gives: no overflow, every time at most ten years). Seeds are in fuzz/seeds/<target>; what
 # libFuzzer learns goes to fuzz/corpus/<target> (not committed); a crash is saved in
 # fuzz/artifacts/<target> and fails the run. Prints executions and crashes per target.
 set -euo pipefail
@@ -26,9 +27,10 @@ if ! command -v cargo-fuzz >/dev/null 2>&1; then
   echo "fuzz: installing cargo-fuzz" >&2
   cargo install -q cargo-fuzz --locked >&2
 fi
-targets=(head chunked event_body inbox_query endpoint_body batch_body values answer)
+targets=(head chunked event_body inbox_query endpoint_body batch_body values answer config)
 echo "fuzz: building ${#targets[@]} targets" >&2
-(cd fuzz && cargo +nightly fuzz build -O >&2)
+# Optimized, with debug assertions and overflow checks (-a): an arithmetic overflow is a crash.
+(cd fuzz && cargo +nightly fuzz build -O -a >&2)
 total=0
 failed=0
 printf '%-14s %14s %10s\n' target executions crashes
@@ -36,7 +38,7 @@ for t in "${targets[@]}"; do
   mkdir -p "fuzz/corpus/$t" "fuzz/artifacts/$t"
   log=$(mktemp)
   status=0
-  (cd fuzz && cargo +nightly fuzz run -O "$t" "corpus/$t" "seeds/$t" -- \
+  (cd fuzz && cargo +nightly fuzz run -O -a "$t" "corpus/$t" "seeds/$t" -- \
       -max_total_time="$EACH" -print_final_stats=1 -timeout=10 -rss_limit_mb=2048) >"$log" 2>&1 || status=$?
   execs=$(grep -o 'stat::number_of_executed_units: *[0-9]*' "$log" | grep -o '[0-9]*$' | tail -n 1 || true)
   execs=${execs:-0}

@@ -1,0 +1,48 @@
+//! The configuration, from any arguments and environment an operator (or a deploy script) might
+//! give: one line per argument, `NAME=value` lines starting with `TRIGGERS_` or `DATABASE_URL`
+//! going to the environment. Parsing and validating never panics (no overflow in a duration, a
+//! count or a product of two), and what it accepts is usable: every time is at most ten years and
+//! the sizes derived from it are computed without overflow.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use triggers::config::{Config, TIME_OPTION_MAX};
+
+fuzz_target!(|data: &[u8]| {
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    let mut args = Vec::new();
+    let mut env = Vec::new();
+    for line in text.split('\n') {
+        match line.split_once('=') {
+            Some((k, v)) if k.starts_with("TRIGGERS_") || k == "DATABASE_URL" => {
+                env.push((k.to_string(), v.to_string()))
+            }
+            _ => args.push(line.to_string()),
+        }
+    }
+    let Ok((_, c)) = Config::from_args_and_env(args, env) else {
+        return;
+    };
+    assert!(c.retry_delays().iter().all(|d| *d <= TIME_OPTION_MAX));
+    for s in [
+        c.delivery_lease_s,
+        c.circuit_open_s,
+        c.unsent_patience_s,
+        c.endpoint_disable_after_s,
+        c.secret_rotation_grace_s,
+        c.key_rotation_retry_s,
+        c.retry_after_max_s,
+        c.shutdown_timeout_s,
+    ] {
+        assert!(s <= TIME_OPTION_MAX.as_secs(), "{s}");
+    }
+    std::hint::black_box((
+        c.batch_body_max(),
+        c.query_jobs_running_max(),
+        c.recorder_queue_max(),
+        c.delivery_pool_size(),
+        c.delivery_endpoint_in_memory_max(),
+    ));
+});
