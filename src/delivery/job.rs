@@ -161,7 +161,7 @@ async fn step(shared: &Shared, job: &mut Job, runtime: &Arc<EndpointRuntime>) ->
 
     // An open circuit, or a delivery the server could not send a moment ago: wait without
     // taking anything, or hand back what can't wait that long.
-    let (closed_until, lookup_until) = {
+    let (closed_until, unsent_until) = {
         let g = runtime.gates();
         let now = Micros::now();
         (g.breaker.closed_until(now), g.unsent.wait_until(now))
@@ -169,7 +169,7 @@ async fn step(shared: &Shared, job: &mut Job, runtime: &Arc<EndpointRuntime>) ->
     if let Some(until) = closed_until {
         return wait_for(shared, job, runtime, until, Waiting::CircuitOpen).await;
     }
-    if let Some(until) = lookup_until {
+    if let Some(until) = unsent_until {
         return wait_for(shared, job, runtime, until, Waiting::Unsent).await;
     }
 

@@ -2,7 +2,8 @@
 //! `migrations/0004_retention.sql`). One node at a time (an advisory lock) creates the partitions
 //! a week ahead and drops, whole, those older than `--retention-days`, with their dedup keys; and
 //! it removes the rate-limit buckets idle long enough to be full. It runs at start (before the
-//! node is ready) and every `RETENTION_EVERY`.
+//! node is ready), every `RETENTION_EVERY`, and at once when a write finds no partition for its
+//! row (a clock that jumped past the week made ahead).
 //!
 //! Locks: a new partition is created on its own and then attached, and an expired one detached
 //! `CONCURRENTLY` before it is dropped; both take `SHARE UPDATE EXCLUSIVE` on the parent, which
