@@ -1257,7 +1257,10 @@ mod tests {
         for schedule in ["18446744073709551615m", "5256001m", "315360001s"] {
             let e = try_one("retry-schedule", schedule.into()).unwrap_err();
             let e = format!("{e}");
-            assert!(e.contains("ten years") || e.contains("not a duration"), "{e}");
+            assert!(
+                e.contains("ten years") || e.contains("not a duration"),
+                "{e}"
+            );
         }
         assert!(try_one("retry-schedule", "1s,5256000m".into()).is_ok());
         // A count that would make a runtime of that many threads is refused, not a panic.
