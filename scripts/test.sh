@@ -29,6 +29,8 @@ FUZZ_SECONDS=${TRIGGERS_FUZZ_SECONDS:-20}
 unset TRIGGERS_SKIP_SCHEMATHESIS TRIGGERS_SKIP_FUZZ TRIGGERS_SKIP_LOADTEST TRIGGERS_SKIP_FAULTS \
   TRIGGERS_SKIP_IMAGE TRIGGERS_ARM64 TRIGGERS_FUZZ_SECONDS
 export TEST_DATABASE_URL=$(bash scripts/postgres.sh db triggers_test)
+# A test runs a node with its clock moved (libfaketime); it says SKIPPED without it.
+need_packages faketime faketime
 echo "== cargo fmt --check" >&2
 cargo fmt --all -- --check
 echo "== import loops between files" >&2

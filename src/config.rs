@@ -181,6 +181,8 @@ pub const CLAIM_BATCH_MAX: usize = 1000;
 pub const DELIVERY_BACKLOG_COUNT_EVERY: Duration = Duration::from_secs(5);
 /// How often one node creates the partitions ahead and drops the expired ones.
 pub const RETENTION_EVERY: Duration = Duration::from_secs(3600);
+/// A node clock this far from the database's is logged (the metric shows any offset).
+pub const CLOCK_OFFSET_WARN: Duration = Duration::from_secs(1);
 /// The least time between two retention rounds when writes find no partition (each one tells).
 pub const RETENTION_KICK_SPACING: Duration = Duration::from_secs(2);
 /// Daily partitions kept ready beyond today: a week of the maintainer not running (every node

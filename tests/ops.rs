@@ -457,3 +457,40 @@ async fn each_pools_connections_say_which_part_of_the_node_they_serve() {
         s.stop();
     }
 }
+
+/// The health probe compares the node's clock with the database's: a node whose clock runs 5 s
+/// ahead (libfaketime under the real binary) shows it in `triggers_clock_offset_seconds` and
+/// logs it once; a node in step shows about 0.
+#[tokio::test]
+async fn a_node_clock_off_the_databases_shows_in_the_metric_and_the_log() {
+    let faketime = std::process::Command::new("faketime")
+        .args(["-f", "+0", "true"])
+        .status();
+    if !faketime.is_ok_and(|s| s.success()) {
+        eprintln!("SKIPPED: faketime (Debian's package) is not installed");
+        return;
+    }
+    async fn offset_once_measured(s: &Server) -> f64 {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let scrape = call(s.metrics_addr.unwrap(), "GET", "/metrics", &[], None)
+                .await
+                .text();
+            let offset = metric(&scrape, "triggers_clock_offset_seconds ");
+            if offset != 0.0 {
+                return offset;
+            }
+            assert!(std::time::Instant::now() < deadline, "no offset measured");
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    }
+    let ahead = Server::process_wrapped(&["faketime", "-f", "+5s"], &[], &database_url());
+    let offset = offset_once_measured(&ahead).await;
+    assert!((4.5..5.5).contains(&offset), "{offset}");
+    let warned = ahead.log_lines("clock differs from the database");
+    assert_eq!(warned.len(), 1, "{warned:?}");
+    let in_step = Server::process(&[]);
+    let offset = offset_once_measured(&in_step).await;
+    assert!(offset.abs() < 0.5, "{offset}");
+    assert!(in_step.log_lines("clock differs").is_empty());
+}

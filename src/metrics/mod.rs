@@ -144,6 +144,8 @@ pub struct Metrics {
     pub retention_failures: AtomicU64,
     /// When this node last finished a partition-maintenance round (Unix seconds; 0: never).
     pub retention_ok_at: AtomicI64,
+    /// This node's clock less the database's, in µs, as the health probe last measured it.
+    pub clock_offset_us: AtomicI64,
     /// The store's state, read at each scrape (installed by the server).
     store: std::sync::OnceLock<Box<dyn Fn() -> StoreGauges + Send + Sync>>,
     /// Operational events this node stored.
@@ -232,6 +234,7 @@ impl Metrics {
             partitions_dropped: AtomicU64::new(0),
             retention_failures: AtomicU64::new(0),
             retention_ok_at: AtomicI64::new(0),
+            clock_offset_us: AtomicI64::new(0),
             store: std::sync::OnceLock::new(),
             operational_events: AtomicU64::new(0),
             endpoint_loads: AtomicU64::new(0),
@@ -558,6 +561,15 @@ impl Metrics {
              doing one (0: never).",
             "gauge",
             self.retention_ok_at.load(Ordering::Relaxed),
+        );
+        single(
+            &mut out,
+            "triggers_clock_offset_seconds",
+            "This node's clock less the database's, as the health probe measured it (within half \
+             its round trip). Leases are compared across nodes by their clocks: keep it well \
+             under a second.",
+            "gauge",
+            self.clock_offset_us.load(Ordering::Relaxed) as f64 / 1e6,
         );
         let store = self.store.get().map(|probe| probe()).unwrap_or_default();
         single(

@@ -9,13 +9,15 @@
 //! `--db-timeout-ms` every event write has, so a slow commit (a WAL flush stalled by a
 //! checkpoint, a lock) that event writes would wait out does not turn the node away.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use tokio_postgres::{Client, NoTls};
 
 use super::ctx::StoreCtx;
-use crate::config::{Config, HEALTH_PROBE_EVERY_DOWN, HEALTH_PROBE_EVERY_UP};
+use crate::config::{Config, CLOCK_OFFSET_WARN, HEALTH_PROBE_EVERY_DOWN, HEALTH_PROBE_EVERY_UP};
 use crate::db::{describe, pg_config, Part};
+use crate::ids::Micros;
 
 /// Probe until aborted at shutdown.
 pub async fn probe(ctx: Arc<StoreCtx>) {
@@ -93,12 +95,37 @@ async fn ask<'a>(
         *conn = Some(client);
     }
     let client = conn.as_ref().expect("connected above");
+    let sent = Micros::now();
     let row = client
         .query_one(
-            "SELECT pg_is_in_recovery(), current_setting('transaction_read_only') = 'on'",
+            "SELECT pg_is_in_recovery(), current_setting('transaction_read_only') = 'on', \
+             (extract(epoch FROM clock_timestamp()) * 1000000)::bigint",
             &[],
         )
         .await
         .map_err(|e| describe(&e))?;
+    let answered = Micros::now();
+    clock_offset(ctx, sent, row.get(2), answered);
     Ok((client, row.get(0), row.get(1)))
+}
+
+/// Record this node's clock less the database's: the database read its clock between `sent`
+/// and `answered` (by this node's clock), taken as halfway. An offset past `CLOCK_OFFSET_WARN`
+/// is logged when it first is, and when it is back within.
+fn clock_offset(ctx: &StoreCtx, sent: Micros, database: i64, answered: Micros) {
+    let offset = sent.0 + (answered.0 - sent.0) / 2 - database;
+    let was = ctx.metrics.clock_offset_us.swap(offset, Ordering::Relaxed);
+    let limit = CLOCK_OFFSET_WARN.as_micros() as i64;
+    match (was.abs() > limit, offset.abs() > limit) {
+        (false, true) => tracing::warn!(
+            offset_ms = offset / 1000,
+            "this node's clock differs from the database's: leases are compared across nodes by \
+             their clocks (run NTP on every node and on the database's host)"
+        ),
+        (true, false) => tracing::info!(
+            offset_ms = offset / 1000,
+            "clock back in step with the database's"
+        ),
+        _ => {}
+    }
 }
