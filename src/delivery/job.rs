@@ -452,16 +452,17 @@ async fn attempt(
             )
         }
         Verdict::Failed { .. } | Verdict::Unsent => {
-            let retry_after = match &attempt.verdict {
+            // An unsent try past the patience has no receiver's Retry-After.
+            let retry_after = match attempt.verdict {
                 Verdict::Failed { retry_after } => retry_after,
-                _ => &None,
+                _ => None,
             };
             let failed_in_round = number - job.retry_base;
             let cap = Duration::from_secs(config.retry_after_max_s);
             let delay = schedule::next_delay(
                 config.retry_delays(),
                 failed_in_round,
-                *retry_after,
+                retry_after,
                 cap,
                 fast_random(),
             );

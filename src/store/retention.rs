@@ -259,21 +259,17 @@ async fn maintain_on(
 
 /// A round now, logged; `false` when it failed.
 pub async fn round(config: &Config, metrics: &Metrics) -> bool {
-    logged(maintain_once(config, metrics).await, config)
+    round_on(None, config, metrics).await
 }
 
 /// A round on a connection opened beforehand (at start, while the migrations ran), or on a new
-/// one when that failed (the database was not up yet), logged.
+/// one (none given, or that one failed: the database was not up yet), logged; `false` when it
+/// failed.
 pub async fn round_on(client: Option<Client>, config: &Config, metrics: &Metrics) -> bool {
     let done = match client {
         Some(client) => maintain_on(client, config, metrics).await,
         None => maintain_once(config, metrics).await,
     };
-    logged(done, config)
-}
-
-/// A round's result, logged; `false` when it failed.
-fn logged(done: Result<Option<Maintained>, String>, config: &Config) -> bool {
     match done {
         Ok(Some(done)) => {
             if !done.created.is_empty() || !done.dropped.is_empty() {
