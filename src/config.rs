@@ -181,6 +181,9 @@ pub const CLAIM_BATCH_MAX: usize = 1000;
 pub const DELIVERY_BACKLOG_COUNT_EVERY: Duration = Duration::from_secs(5);
 /// How often one node creates the partitions ahead and drops the expired ones.
 pub const RETENTION_EVERY: Duration = Duration::from_secs(3600);
+/// The least time between two retention rounds that drop a day (by the earlier of the node's
+/// and the database's clocks): a clock that jumps ahead drops at most a day this often.
+pub const RETENTION_DROP_PACE: Duration = Duration::from_secs(3600);
 /// A node clock this far from the database's is logged (the metric shows any offset).
 pub const CLOCK_OFFSET_WARN: Duration = Duration::from_secs(1);
 /// The least time between two retention rounds when writes find no partition (each one tells).

@@ -10,7 +10,7 @@ use std::time::Duration;
 use common::*;
 use serde_json::json;
 use triggers::ids::Micros;
-use triggers::store::retention::{maintain, TABLES};
+use triggers::store::retention::{maintain, Clocks, TABLES};
 
 const DAY_US: i64 = 86_400 * 1_000_000;
 
@@ -76,9 +76,8 @@ async fn expired_days_go_whole_with_their_records_and_dedup_keys() {
 
     // Within the window (today, and a day later with two days kept): nothing goes.
     for days in [0, 1] {
-        let done = maintain(&client, Micros(Micros::now().0 + days * DAY_US), 2)
-            .await
-            .unwrap();
+        let later = Micros(Micros::now().0 + days * DAY_US);
+        let done = maintain(&client, Clocks::at(later), 2).await.unwrap();
         assert_eq!(done.dropped, Vec::<String>::new(), "+{days} days");
     }
     assert_eq!(
@@ -89,15 +88,29 @@ async fn expired_days_go_whole_with_their_records_and_dedup_keys() {
     );
 
     // Four days on, with two kept: today's events (in the first partition, which ends tomorrow)
-    // and tomorrow's partitions have expired; the days after are kept and a week is ready ahead.
+    // and tomorrow's partitions have expired. A round drops one day: the first partition now,
+    // and a week is made ready ahead.
     let later = Micros(Micros::now().0 + 4 * DAY_US);
-    let done = maintain(&client, later, 2).await.unwrap();
-    assert_eq!(done.dropped.len(), 6, "{:?}", done.dropped);
+    let done = maintain(&client, Clocks::at(later), 2).await.unwrap();
+    assert_eq!(done.dropped.len(), 3, "{:?}", done.dropped);
     for table in TABLES {
         assert!(done.dropped.contains(&format!("{table}_initial")));
     }
     assert_eq!(done.dedup_keys_removed, 1);
     assert_eq!(done.created.len(), 3 * 3, "{:?}", done.created);
+    // The next day goes no sooner than an hour later (by the same clock).
+    let soon = Micros(later.0 + 59 * 60 * 1_000_000);
+    let done = maintain(&client, Clocks::at(soon), 2).await.unwrap();
+    assert_eq!(done.dropped, Vec::<String>::new());
+    let hour_on = Micros(later.0 + 3_600 * 1_000_000);
+    let done = maintain(&client, Clocks::at(hour_on), 2).await.unwrap();
+    assert_eq!(done.dropped.len(), 3, "{:?}", done.dropped);
+    let tomorrow = Micros(Micros::now().0 + DAY_US).rfc3339()[..10].replace('-', "");
+    assert!(
+        done.dropped.iter().all(|n| n.ends_with(&tomorrow)),
+        "{:?}",
+        done.dropped
+    );
     for table in TABLES {
         let names = partitions(&client, table).await;
         // Kept: the day before yesterday-relative-to-later .. later + 7 days.
@@ -156,11 +169,11 @@ async fn zero_keeps_everything_and_rounds_are_idempotent() {
     let id = new_event_id(s.addr, &key, json!(1)).await;
     let client = db_at(&url).await;
     let far = Micros(Micros::now().0 + 40 * DAY_US);
-    let done = maintain(&client, far, 0).await.unwrap();
+    let done = maintain(&client, Clocks::at(far), 0).await.unwrap();
     assert!(done.dropped.is_empty());
     // From the end of the week ahead to 40 days on, a week ahead of that.
     assert_eq!(done.created.len(), 3 * 40, "{}", done.created.len());
-    let again = maintain(&client, far, 0).await.unwrap();
+    let again = maintain(&client, Clocks::at(far), 0).await.unwrap();
     assert_eq!(
         again,
         Default::default(),
@@ -210,7 +223,9 @@ async fn rate_buckets_idle_long_enough_to_be_full_are_removed_and_no_other() {
         )
         .await
         .unwrap();
-    let done = maintain(&client, Micros::now(), 30).await.unwrap();
+    let done = maintain(&client, Clocks::at(Micros::now()), 30)
+        .await
+        .unwrap();
     assert_eq!(done.rate_budgets_removed, 2);
     let left = "SELECT count(*) FROM endpoint_budgets";
     assert_eq!(count(&client, left).await, 1);
@@ -271,6 +286,95 @@ async fn an_event_that_finds_no_partition_has_them_made_at_once() {
     );
     for table in TABLES {
         assert_eq!(partitions(&client, table).await.len(), 8, "{table}");
+    }
+    assert_eq!(count(&client, "SELECT count(*) FROM events").await, 1);
+}
+
+/// A clock running ahead drops nothing early. Where the node's and the database's clocks
+/// differ, expiry goes by the earlier (a node 40 days ahead, or a database host 40 days ahead,
+/// drops no day of a 30-day window), and a node far ahead has partitions made at most two weeks
+/// past the database's day. Where they agree (one box whose clock jumped 40 days ahead, and a
+/// node restarting in a loop under it), a round drops one day, and no more until an hour later.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clock_ahead_drops_nothing_before_it_has_expired() {
+    let url = own_database("triggers_test_retention_clock").await;
+    let s = Server::start_with_db(&[], &url);
+    let (key, _) = new_org(s.addr, "pro").await;
+    let id = new_event_id(s.addr, &key, json!(1)).await;
+    let client = db_at(&url).await;
+    let now = Micros::now();
+    let ahead = Micros(now.0 + 40 * DAY_US);
+    let node_ahead = Clocks {
+        node: ahead,
+        database: now,
+    };
+    let done = maintain(&client, node_ahead, 30).await.unwrap();
+    assert_eq!(done.dropped, Vec::<String>::new());
+    // Made a week ahead at start; now to two weeks past the database's day, not 47 days.
+    assert_eq!(done.created.len(), 3 * 7, "{:?}", done.created);
+    let database_ahead = Clocks {
+        node: now,
+        database: ahead,
+    };
+    let done = maintain(&client, database_ahead, 30).await.unwrap();
+    assert_eq!(done.dropped, Vec::<String>::new());
+    assert_eq!(
+        get(s.addr, &key, &format!("/api/events/{id}")).await.status,
+        200
+    );
+
+    // Both clocks 40 days ahead: the first partition (today's events) has expired by them, and
+    // so have the days after it; a round drops the first only, and restarts drop nothing more.
+    for round in 0..5 {
+        let done = maintain(&client, Clocks::at(Micros(ahead.0 + round)), 30)
+            .await
+            .unwrap();
+        let expected = if round == 0 { 3 } else { 0 };
+        assert_eq!(
+            done.dropped.len(),
+            expected,
+            "round {round}: {:?}",
+            done.dropped
+        );
+    }
+    let pace: i64 = client
+        .query_one("SELECT last_drop_ms FROM triggers_retention", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(pace, ahead.0 / 1000);
+}
+
+/// The real binary with its clock 40 days ahead of the database's (libfaketime), on a database
+/// whose events are today's: it drops none of them at start or after, and its own events, whose
+/// ids carry its clock, find no partition: 503 with Retry-After, the server's trouble, until its
+/// clock is set right.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_started_with_its_clock_weeks_ahead_drops_nothing() {
+    let Some(preload) = libfaketime() else {
+        return;
+    };
+    let url = own_database("triggers_test_retention_node_ahead").await;
+    let mut s = Server::start_with_db(&[], &url);
+    let (key, _) = new_org(s.addr, "pro").await;
+    let id = new_event_id(s.addr, &key, json!(1)).await;
+    s.stop();
+    drop(s);
+    let ahead = Server::process_wrapped(&["env", &preload, "FAKETIME=+40d"], &[], &url);
+    let r = post_event(ahead.addr, &key, "t", json!(2), None).await;
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert!(r.header("retry-after").is_some());
+    assert_eq!(
+        get(ahead.addr, &key, &format!("/api/events/{id}"))
+            .await
+            .status,
+        200
+    );
+    let client = db_at(&url).await;
+    for table in TABLES {
+        let names = partitions(&client, table).await;
+        assert!(names.contains(&format!("{table}_initial")), "{names:?}");
+        assert!(names.len() <= 16, "{table}: {names:?}");
     }
     assert_eq!(count(&client, "SELECT count(*) FROM events").await, 1);
 }

@@ -7,9 +7,14 @@ use common::*;
 
 /// Tables that are not an organization's data: on Citus they are reference tables (the
 /// organizations themselves, looked up by key id; one probe row per node) or stay on the
-/// coordinator (the migration ledger). A new table must be added here on purpose, or carry
+/// coordinator (the migration ledger, the pace of retention). A new table must be added here on purpose, or carry
 /// `org_id` in every key.
-const NOT_DISTRIBUTED: [&str; 3] = ["organizations", "triggers_probe", "triggers_migrations"];
+const NOT_DISTRIBUTED: [&str; 4] = [
+    "organizations",
+    "triggers_probe",
+    "triggers_migrations",
+    "triggers_retention",
+];
 
 /// Proves the data model is ready to be distributed by organization: every other table (and so
 /// every partition, which inherits them) has a NOT NULL `org_id`, and every primary and unique key

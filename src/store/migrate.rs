@@ -81,6 +81,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "0015_key_rotation_retry.sql",
         include_str!("../../migrations/0015_key_rotation_retry.sql"),
     ),
+    (
+        16,
+        "0016_retention_pace.sql",
+        include_str!("../../migrations/0016_retention_pace.sql"),
+    ),
 ];
 
 /// Arbitrary constant naming the migration lock.

@@ -1,6 +1,7 @@
 //! Retention: the daily partitions of `events`, `deliveries` and `delivery_attempts` (see
 //! `migrations/0004_retention.sql`). One node at a time (an advisory lock) creates the partitions
-//! a week ahead and drops, whole, those older than `--retention-days`, with their dedup keys; and
+//! a week ahead and drops, whole, those older than `--retention-days`, with their dedup keys, a
+//! day at a time and by the earlier of two clocks (see [`maintain`], [`Clocks`]); and
 //! it removes the rate-limit buckets idle long enough to be full. It runs at start (before the
 //! node is ready), every `RETENTION_EVERY`, and at once when a write finds no partition for its
 //! row (a clock that jumped past the week made ahead).
@@ -17,7 +18,8 @@ use tokio_postgres::Client;
 use uuid::Uuid;
 
 use crate::config::{
-    Config, PARTITIONS_AHEAD_DAYS, PARTITION_LOCK_TIMEOUT, RETENTION_EVERY, RETENTION_KICK_SPACING,
+    Config, PARTITIONS_AHEAD_DAYS, PARTITION_LOCK_TIMEOUT, RETENTION_DROP_PACE, RETENTION_EVERY,
+    RETENTION_KICK_SPACING,
 };
 use crate::db::describe;
 use crate::ids::Micros;
@@ -123,12 +125,70 @@ async fn partitions(client: &Client, table: &str) -> Result<Vec<Partition>, Stri
     Ok(out)
 }
 
-/// Create the partitions up to `PARTITIONS_AHEAD_DAYS` after `now`'s day and drop, when
-/// `retention_days` is not 0, those whose every event is older than `retention_days`. The caller
-/// makes sure no other node does the same at once ([`maintain_once`] takes a lock).
+/// The two clocks a round goes by: this node's (its ids carry it) and the database's (every
+/// node's round reads the same one).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Clocks {
+    /// This node's clock.
+    pub node: Micros,
+    /// The database's `clock_timestamp()`.
+    pub database: Micros,
+}
+
+impl Clocks {
+    /// Both clocks at `t` (as when they agree; a test moves time with it).
+    pub fn at(t: Micros) -> Clocks {
+        Clocks {
+            node: t,
+            database: t,
+        }
+    }
+
+    /// This node's clock and the database's, read now.
+    pub async fn read(client: &Client) -> Result<Clocks, String> {
+        let database: i64 = client
+            .query_one(
+                "SELECT (extract(epoch FROM clock_timestamp()) * 1000000)::bigint",
+                &[],
+            )
+            .await
+            .map_err(|e| describe(&e))?
+            .get(0);
+        Ok(Clocks {
+            node: Micros::now(),
+            database: Micros(database),
+        })
+    }
+
+    /// What expiry goes by: the earlier clock, so that neither one running ahead (one node's,
+    /// or the database host's) drops a day before it has expired.
+    fn expiry_now(self) -> Micros {
+        Micros(self.node.0.min(self.database.0))
+    }
+
+    /// The last day to have partitions: a week past the later clock's day (this node writes
+    /// ids by its own clock), but no more than two weeks past the database's (a node clock
+    /// years ahead would otherwise have a partition made for every day in between; its events
+    /// find none, and are answered 503, until its clock is set right).
+    fn last_day(self) -> i64 {
+        let database = day_of(self.database);
+        day_of(self.node)
+            .max(database)
+            .min(database + PARTITIONS_AHEAD_DAYS)
+            + PARTITIONS_AHEAD_DAYS
+    }
+}
+
+/// Create the partitions up to [`Clocks::last_day`] and drop, when `retention_days` is not 0,
+/// the oldest day whose every event is older than `retention_days` by [`Clocks::expiry_now`]:
+/// one day a round, and only when the last drop was `RETENTION_DROP_PACE` or more before (by
+/// the same clock; `triggers_retention`). A clock that jumps weeks ahead on a box where the node
+/// and the database share it, or a node restarting in a loop, drops at most a day an hour, not
+/// the whole window at once; after a long stop, expired days go one an hour. The caller makes
+/// sure no other node does the same at once ([`maintain_once`] takes a lock).
 pub async fn maintain(
     client: &Client,
-    now: Micros,
+    clocks: Clocks,
     retention_days: u64,
 ) -> Result<Maintained, String> {
     let mut done = Maintained::default();
@@ -139,16 +199,17 @@ pub async fn maintain(
         ))
         .await
         .map_err(|e| describe(&e))?;
-    let today = day_of(now);
-    let cutoff_ms = (now.0 / 1000) - retention_days as i64 * MS_PER_DAY;
+    let now_ms = clocks.expiry_now().0 / 1000;
+    let cutoff_ms = now_ms - retention_days as i64 * MS_PER_DAY;
+    let mut expired = Vec::new();
     for table in TABLES {
         let existing = partitions(client, table).await?;
         // Ahead: from the end of the last partition (day-aligned by construction).
-        let mut day = existing
-            .last()
-            .map(|p| p.to_ms.div_euclid(MS_PER_DAY))
-            .unwrap_or(today);
-        while day <= today + PARTITIONS_AHEAD_DAYS {
+        let mut day = existing.last().map_or_else(
+            || day_of(clocks.expiry_now()).max(day_of(clocks.database) - 1),
+            |p| p.to_ms.div_euclid(MS_PER_DAY),
+        );
+        while day <= clocks.last_day() {
             let name = format!("{table}_{}", day_name(day));
             let sql = format!(
                 "CREATE TABLE IF NOT EXISTS {name} (LIKE {table} INCLUDING DEFAULTS); \
@@ -160,41 +221,42 @@ pub async fn maintain(
             done.created.push(name);
             day += 1;
         }
-        if retention_days == 0 {
+        if retention_days != 0 {
+            expired.extend(
+                existing
+                    .into_iter()
+                    .filter(|p| p.to_ms <= cutoff_ms)
+                    .map(|p| (table, p)),
+            );
+        }
+    }
+    // One day: the earliest end among the expired partitions of the three tables (they are the
+    // same days, unless a round failed half-way). A detach that was interrupted is finished
+    // whatever the pace.
+    let paced = match last_drop_ms(client).await? {
+        Some(last) => last <= now_ms && now_ms - last < RETENTION_DROP_PACE.as_millis() as i64,
+        None => false,
+    };
+    let day_end = expired
+        .iter()
+        .map(|(_, p)| p.to_ms)
+        .min()
+        .filter(|_| !paced);
+    for (table, p) in &expired {
+        if !p.detach_pending && Some(p.to_ms) > day_end {
             continue;
         }
-        for p in existing.iter().filter(|p| p.to_ms <= cutoff_ms) {
-            if table == "events" {
-                let from = p
-                    .from_ms
-                    .map_or(Uuid::nil(), |ms| day_bound(ms / MS_PER_DAY));
-                let to = day_bound(p.to_ms / MS_PER_DAY);
-                done.dedup_keys_removed += client
-                    .execute(
-                        "DELETE FROM dedup_keys WHERE event_id >= $1 AND event_id < $2",
-                        &[&from, &to],
-                    )
-                    .await
-                    .map_err(|e| describe(&e))?;
-            }
-            let detach = if p.detach_pending {
-                format!("ALTER TABLE {table} DETACH PARTITION {} FINALIZE", p.name)
-            } else {
-                format!(
-                    "ALTER TABLE {table} DETACH PARTITION {} CONCURRENTLY",
-                    p.name
-                )
-            };
-            client
-                .batch_execute(&detach)
-                .await
-                .map_err(|e| describe(&e))?;
-            client
-                .batch_execute(&format!("DROP TABLE {}", p.name))
-                .await
-                .map_err(|e| describe(&e))?;
-            done.dropped.push(p.name.clone());
-        }
+        drop_partition(client, table, p, &mut done).await?;
+    }
+    if day_end.is_some() {
+        client
+            .execute(
+                "INSERT INTO triggers_retention (id, last_drop_ms) VALUES (1, $1) \
+                 ON CONFLICT (id) DO UPDATE SET last_drop_ms = EXCLUDED.last_drop_ms",
+                &[&now_ms],
+            )
+            .await
+            .map_err(|e| describe(&e))?;
     }
     done.rate_budgets_removed = super::rate::prune_idle(client).await?;
     client
@@ -202,6 +264,58 @@ pub async fn maintain(
         .await
         .map_err(|e| describe(&e))?;
     Ok(done)
+}
+
+/// When a round last dropped a day, by the clock it went by.
+async fn last_drop_ms(client: &Client) -> Result<Option<i64>, String> {
+    Ok(client
+        .query_opt(
+            "SELECT last_drop_ms FROM triggers_retention WHERE id = 1",
+            &[],
+        )
+        .await
+        .map_err(|e| describe(&e))?
+        .map(|r| r.get(0)))
+}
+
+/// Detach and drop one expired partition of `table` (an events partition with its dedup keys).
+async fn drop_partition(
+    client: &Client,
+    table: &str,
+    p: &Partition,
+    done: &mut Maintained,
+) -> Result<(), String> {
+    if table == "events" {
+        let from = p
+            .from_ms
+            .map_or(Uuid::nil(), |ms| day_bound(ms / MS_PER_DAY));
+        let to = day_bound(p.to_ms / MS_PER_DAY);
+        done.dedup_keys_removed += client
+            .execute(
+                "DELETE FROM dedup_keys WHERE event_id >= $1 AND event_id < $2",
+                &[&from, &to],
+            )
+            .await
+            .map_err(|e| describe(&e))?;
+    }
+    let detach = if p.detach_pending {
+        format!("ALTER TABLE {table} DETACH PARTITION {} FINALIZE", p.name)
+    } else {
+        format!(
+            "ALTER TABLE {table} DETACH PARTITION {} CONCURRENTLY",
+            p.name
+        )
+    };
+    client
+        .batch_execute(&detach)
+        .await
+        .map_err(|e| describe(&e))?;
+    client
+        .batch_execute(&format!("DROP TABLE {}", p.name))
+        .await
+        .map_err(|e| describe(&e))?;
+    done.dropped.push(p.name.clone());
+    Ok(())
 }
 
 /// One round on its own connection, if no other node is doing one; `Ok(None)` when another is.
@@ -239,7 +353,10 @@ async fn maintain_on(
             .store(Micros::now().0 / 1_000_000, Ordering::Relaxed);
         return Ok(None);
     }
-    let result = maintain(&client, Micros::now(), config.retention_days).await;
+    let result = match Clocks::read(&client).await {
+        Ok(clocks) => maintain(&client, clocks, config.retention_days).await,
+        Err(e) => Err(e),
+    };
     // The lock goes with the connection when it is dropped here.
     match &result {
         Ok(done) => {

@@ -94,6 +94,22 @@ pub async fn deadlock_victim_once(url: &str, table: &str) {
     .await;
 }
 
+/// `LD_PRELOAD=` Debian's libfaketime, for a server whose clock is set apart with `FAKETIME=`
+/// (preloaded into the server itself: the `faketime` command forks, and killing it would leave
+/// the server running); `None`, and the test says it is skipped, where it is not installed.
+pub fn libfaketime() -> Option<String> {
+    let lib = format!(
+        "/usr/lib/{}-linux-gnu/faketime/libfaketime.so.1",
+        std::env::consts::ARCH
+    );
+    if std::path::Path::new(&lib).exists() {
+        Some(format!("LD_PRELOAD={lib}"))
+    } else {
+        eprintln!("SKIPPED: libfaketime (Debian's faketime package) is not installed");
+        None
+    }
+}
+
 /// In the database at `url`, the backend inserting the first row into `table` is terminated
 /// (as `pg_terminate_backend` by an administrator or a pooler ends a session: 57P01, then the
 /// socket closes) before its transaction can commit.
