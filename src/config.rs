@@ -585,8 +585,8 @@ options! {
     delivery_endpoint_concurrency: usize = "32", "delivery-endpoint-concurrency", "TRIGGERS_DELIVERY_ENDPOINT_CONCURRENCY";
     /// Endpoints an organization may have (active, paused or disabled); more: 422.
     endpoints_per_org_max: usize = "20", "endpoints-per-org-max", "TRIGGERS_ENDPOINTS_PER_ORG_MAX";
-    /// After a key rotation sent with an `Idempotency-Key`, how long the retired key may ask the
-    /// same rotation again (its answer lost), in s; 0: never.
+    /// After a key rotation or generation sent with an `Idempotency-Key`, how long the same
+    /// request may be sent again for a new key (its answer lost), in s; 0: never.
     key_rotation_retry_s: u64 = "600", "key-rotation-retry-s", "TRIGGERS_KEY_ROTATION_RETRY_S";
     /// After a secret rotation, how long deliveries carry the previous secret's signature too, in s.
     secret_rotation_grace_s: u64 = "86400", "secret-rotation-grace-s", "TRIGGERS_SECRET_ROTATION_GRACE_S";

@@ -485,3 +485,128 @@ async fn a_rotation_whose_answer_was_lost_can_be_asked_again_with_the_old_key() 
     }
     assert_eq!(get(s.addr, &last, "/api/keys").await.status, 200);
 }
+
+/// POST /api/keys/generate with `body` and this `Idempotency-Key`.
+async fn generate_keyed(
+    addr: std::net::SocketAddr,
+    body: &serde_json::Value,
+    idem: &str,
+) -> Response {
+    call(
+        addr,
+        "POST",
+        "/api/keys/generate",
+        &[
+            ("Content-Type", "application/json"),
+            ("Idempotency-Key", idem),
+        ],
+        Some(&generate_body(body.clone())),
+    )
+    .await
+}
+
+/// The key of a new organization is shown only in the answer to its generation: a generation
+/// sent with an `Idempotency-Key` whose answer is lost can be sent again within
+/// `--key-rotation-retry-s` and answers with the organization the first made and a new key (the
+/// lost answer's key stops working), not a second organization, even when both are sent at
+/// once. The same Idempotency-Key with another body, or a guessable one, is refused and makes
+/// nothing; without the header, or once the window has passed, a generation makes a new
+/// organization.
+#[tokio::test]
+async fn a_generation_whose_answer_was_lost_can_be_sent_again() {
+    let s = Server::start(&["--key-rotation-retry-s", "3", "--key-ops-per-minute", "100"]);
+    let client = db().await;
+    let run = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    let name = format!("lost-answer-{run}");
+    let body = json!({"organization_name": name, "tier": "business"});
+    let orgs_named = || {
+        let (client, name) = (&client, name.clone());
+        async move {
+            client
+                .query_one(
+                    "SELECT count(*) FROM organizations WHERE name = $1",
+                    &[&name],
+                )
+                .await
+                .unwrap()
+                .get::<_, i64>(0)
+        }
+    };
+    let idem = format!("gen-{run}");
+    let r = generate_keyed(s.addr, &body, &idem).await;
+    assert_eq!(r.status, 201, "{}", r.text());
+    let first = r.json();
+    let lost = first["api_key"].as_str().unwrap().to_string();
+    // The answer was lost: the same request again.
+    let r = generate_keyed(s.addr, &body, &idem).await;
+    assert_eq!(r.status, 201, "{}", r.text());
+    let again = r.json();
+    for field in [
+        "organization_id",
+        "organization_name",
+        "tier",
+        "rate_limit_per_minute",
+        "created_at",
+    ] {
+        assert_eq!(again[field], first[field], "{field}");
+    }
+    let kept = again["api_key"].as_str().unwrap().to_string();
+    assert_ne!(kept, lost);
+    assert_eq!(get(s.addr, &lost, "/api/keys").await.status, 401);
+    let info = get(s.addr, &kept, "/api/keys").await;
+    assert_eq!(info.status, 200, "{}", info.text());
+    assert_eq!(info.json()["organization_id"], first["organization_id"]);
+    assert_eq!(orgs_named().await, 1);
+
+    // Another body with the same Idempotency-Key, or a guessable key: refused, nothing made.
+    let other = json!({"organization_name": name, "tier": "pro"});
+    let r = generate_keyed(s.addr, &other, &idem).await;
+    assert_eq!(r.status, 422, "{}", r.text());
+    assert_eq!(r.json()["field"], "Idempotency-Key");
+    let r = generate_keyed(s.addr, &body, "short-key-15chr").await;
+    assert_eq!(r.status, 422, "{}", r.text());
+    assert_eq!(r.json()["field"], "Idempotency-Key");
+    assert_eq!(orgs_named().await, 1);
+    assert_eq!(get(s.addr, &kept, "/api/keys").await.status, 200);
+
+    // Without the header, each generation is an organization of its own.
+    for _ in 0..2 {
+        assert_eq!(generate(s.addr, body.clone()).await.status, 201);
+    }
+    assert_eq!(orgs_named().await, 3);
+
+    // Sent twice at once: one organization, and the key of the later answer is the one.
+    let twice = format!("gen-twice-{run}");
+    let (a, b) = tokio::join!(
+        generate_keyed(s.addr, &body, &twice),
+        generate_keyed(s.addr, &body, &twice)
+    );
+    assert_eq!(
+        (a.status, b.status),
+        (201, 201),
+        "{} {}",
+        a.text(),
+        b.text()
+    );
+    assert_eq!(a.json()["organization_id"], b.json()["organization_id"]);
+    assert_eq!(orgs_named().await, 4);
+    let mut working = 0;
+    for r in [&a, &b] {
+        let key = r.json()["api_key"].as_str().unwrap().to_string();
+        if get(s.addr, &key, "/api/keys").await.status == 200 {
+            working += 1;
+        }
+    }
+    assert_eq!(working, 1);
+
+    // The window ends: the Idempotency-Key makes a new organization, and the first keeps its key.
+    tokio::time::sleep(std::time::Duration::from_millis(3300)).await;
+    let r = generate_keyed(s.addr, &body, &idem).await;
+    assert_eq!(r.status, 201, "{}", r.text());
+    assert_ne!(r.json()["organization_id"], first["organization_id"]);
+    assert_eq!(orgs_named().await, 5);
+    assert_eq!(get(s.addr, &kept, "/api/keys").await.status, 200);
+}

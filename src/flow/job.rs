@@ -153,6 +153,16 @@ pub struct Once {
     pub body_sha256: [u8; 32],
 }
 
+/// A key generation sent with an `Idempotency-Key`: what lets it be asked again when its answer
+/// is lost (`store::keys::generate`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GenerateOnce {
+    /// SHA-256 of the `Idempotency-Key`.
+    pub key_sha256: [u8; 32],
+    /// SHA-256 of the request body, byte for byte.
+    pub body_sha256: [u8; 32],
+}
+
 /// A change to an endpoint: `None` leaves a field as it is; `Some(None)` clears it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct EndpointPatch {
@@ -219,6 +229,9 @@ pub enum StoreJob {
         tier: Tier,
         /// The client's address (key operations are limited per address).
         peer: IpAddr,
+        /// Sent with an `Idempotency-Key`: a repeat within `--key-rotation-retry-s` gets the
+        /// organization the first made.
+        once: Option<GenerateOnce>,
         /// Where the answer goes.
         reply: ReplyTo,
     },

@@ -9,12 +9,14 @@ use crate::auth::{key_from_headers, ApiKey, OrgInfo, Tier};
 use crate::config::ROTATION_IDEMPOTENCY_KEY_BYTES_MIN;
 use crate::error::ApiError;
 use crate::flow::answer::{Answer, NewKey, WebhookConfig};
-use crate::flow::job::{Query, StoreJob};
+use crate::flow::job::{GenerateOnce, Query, StoreJob};
 use crate::json::{Field, Obj};
 use crate::reply::Reply;
 use crate::url_policy;
 
-/// `POST /api/keys/generate`: a new organization and its key.
+/// `POST /api/keys/generate`: a new organization and its key. With an `Idempotency-Key`, the
+/// same request again within `--key-rotation-retry-s` (its answer lost) gets the organization
+/// the first made, with a new key (`store::keys::generate`).
 pub async fn generate(ctx: &Rc<CoreCtx>, req: &Request) -> Reply {
     if let Some(token) = ctx.config.admin_token.as_deref() {
         let sent = key_from_headers(None, req.head.authorization.as_deref());
@@ -65,11 +67,22 @@ pub async fn generate(ctx: &Rc<CoreCtx>, req: &Request) -> Reply {
         Ok(p) => p,
         Err(e) => return e.reply(),
     };
+    let once = match retry_key(req, "a key generation") {
+        Ok(key) => key.map(|key_sha256| {
+            use sha2::Digest;
+            GenerateOnce {
+                key_sha256,
+                body_sha256: sha2::Sha256::digest(&req.body).into(),
+            }
+        }),
+        Err(e) => return e.reply(),
+    };
     match ctx
         .ask_store(|reply| StoreJob::Generate {
             name,
             tier,
             peer: req.peer,
+            once,
             reply,
         })
         .await
@@ -128,23 +141,28 @@ fn key_digest(key: &str) -> [u8; 32] {
     sha2::Sha256::digest(key.as_bytes()).into()
 }
 
+/// The SHA-256 of the `Idempotency-Key` of `what` (a key generation or rotation), which must
+/// not be guessable: it is what lets the request be asked again for a new key.
+fn retry_key(req: &Request, what: &str) -> Result<Option<[u8; 32]>, ApiError> {
+    match idempotency_key(req.head.idempotency_key.as_deref())? {
+        Some(key) if key.len() < ROTATION_IDEMPOTENCY_KEY_BYTES_MIN => Err(ApiError::validation(
+            "Idempotency-Key",
+            format!(
+                "the Idempotency-Key of {what} must be at least \
+                 {ROTATION_IDEMPOTENCY_KEY_BYTES_MIN} characters (a random UUID): it is what \
+                 lets a lost answer be asked again for a new key"
+            ),
+        )),
+        key => Ok(key.as_deref().map(key_digest)),
+    }
+}
+
 /// `POST /api/keys/rotate`, optional `Idempotency-Key`: with one, the key this retires may ask
 /// the same rotation again for `--key-rotation-retry-s` if this answer is lost
 /// ([`retry_rotation`]).
 pub async fn rotate(ctx: &Rc<CoreCtx>, req: &Request, org: OrgInfo) -> Reply {
-    let retry_key = match idempotency_key(req.head.idempotency_key.as_deref()) {
-        Ok(Some(key)) if key.len() < ROTATION_IDEMPOTENCY_KEY_BYTES_MIN => {
-            return ApiError::validation(
-                "Idempotency-Key",
-                format!(
-                    "the Idempotency-Key of a key rotation must be at least \
-                     {ROTATION_IDEMPOTENCY_KEY_BYTES_MIN} characters (a random UUID): with the \
-                     old key it is what lets a lost rotation be asked again"
-                ),
-            )
-            .reply()
-        }
-        Ok(key) => key.as_deref().map(key_digest),
+    let retry_key = match retry_key(req, "a key rotation") {
+        Ok(key) => key,
         Err(e) => return e.reply(),
     };
     ctx.query(

@@ -78,9 +78,10 @@ async fn handle(ctx: &StoreCtx, job: StoreJob) {
             name,
             tier,
             peer,
+            once,
             reply,
         } => {
-            let result = keys::generate(ctx, name, tier, peer).await;
+            let result = keys::generate(ctx, name, tier, peer, once).await;
             answer_keyless(ctx, reply, result);
         }
     }

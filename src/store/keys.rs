@@ -11,6 +11,7 @@ use crate::auth::verify::{Remembered, SlotsBusy};
 use crate::auth::{ApiKey, AuthFailure, KeyHash, OrgInfo, Tier};
 use crate::config::KEY_ID_COLLISION_TRIES;
 use crate::flow::answer::{Answer, KeyInfo, NewKey, Refusal};
+use crate::flow::job::GenerateOnce;
 use crate::ids::{new_v7, Micros, OrgId};
 
 /// Look the key id up, check the secret with Argon2 off any connection, throttle failures. One
@@ -122,27 +123,44 @@ fn is_unique_violation(f: &Failure) -> bool {
     matches!(f, Failure::Db(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION))
 }
 
-/// `POST /api/keys/generate`: a new organization and its key.
+/// `POST /api/keys/generate`: a new organization and its key. With `once` (sent with an
+/// `Idempotency-Key`) the organization keeps the request's digests for `--key-rotation-retry-s`:
+/// the same request again in that time (its answer lost) is [`regenerate`]d, the same
+/// Idempotency-Key with another body is refused, and after that time the Idempotency-Key is
+/// free again.
 pub async fn generate(
     ctx: &StoreCtx,
     name: String,
     tier: Tier,
     peer: IpAddr,
+    once: Option<GenerateOnce>,
 ) -> Result<Answer, Refusal> {
-    // A key-id collision (one in 62^16) just means trying another key.
+    let once = once.filter(|_| ctx.config.key_rotation_retry_s > 0);
+    // A key-id collision (one in 62^16) just means trying another key; an Idempotency-Key taken
+    // meanwhile by the same request sent twice at once, that the next turn finds.
     for _ in 0..KEY_ID_COLLISION_TRIES {
+        if let Some(once) = &once {
+            if let Some(answer) = generated_before(ctx, once, peer).await? {
+                return Ok(answer);
+            }
+        }
         let (key, hash) = new_key(ctx, peer).await?;
         let now = Micros::now();
         let id = new_v7(now);
         let epoch = ctx.verifier.epoch();
         let limit = tier.limit_per_minute() as i32;
+        let retry_until = once.map(|_| {
+            now.plus(Duration::from_secs(ctx.config.key_rotation_retry_s))
+                .to_system_time()
+        });
         let insert = async {
             let client = ctx.pool.get().await?;
             let stmt = client
                 .prepare_cached(
                     "INSERT INTO organizations \
-                     (id, name, tier, rate_limit_per_minute, key_id, key_hash, key_prefix, created_at) \
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+                     (id, name, tier, rate_limit_per_minute, key_id, key_hash, key_prefix, created_at, \
+                      creation_idempotency, creation_body, creation_retry_until) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
                 )
                 .await?;
             client
@@ -157,6 +175,9 @@ pub async fn generate(
                         &hash,
                         &key.prefix(),
                         &now.to_system_time(),
+                        &once.as_ref().map(|o| &o.key_sha256[..]),
+                        &once.as_ref().map(|o| &o.body_sha256[..]),
+                        &retry_until,
                     ],
                 )
                 .await?;
@@ -185,6 +206,94 @@ pub async fn generate(
         }
     }
     Err(Refusal::Internal)
+}
+
+/// A generation's `Idempotency-Key` seen before: within its time and with the same body, the
+/// answer (that organization, a new key); with another body, the refusal; its time passed, the
+/// Idempotency-Key let go and `None` (a new organization is made); never seen, `None`.
+async fn generated_before(
+    ctx: &StoreCtx,
+    once: &GenerateOnce,
+    peer: IpAddr,
+) -> Result<Option<Answer>, Refusal> {
+    let row = ctx
+        .timed("find a generation", async {
+            let client = ctx.pool.get().await?;
+            Ok(client
+                .query_opt(
+                    "SELECT id, creation_body, creation_retry_until > now() FROM organizations \
+                     WHERE creation_idempotency = $1",
+                    &[&&once.key_sha256[..]],
+                )
+                .await?)
+        })
+        .await?;
+    let Some(row) = row else { return Ok(None) };
+    let org = OrgId(row.get(0));
+    let body: Vec<u8> = row.get(1);
+    if !row.get::<_, bool>(2) {
+        ctx.timed("let an Idempotency-Key go", async {
+            let client = ctx.pool.get().await?;
+            client
+                .execute(
+                    "UPDATE organizations SET creation_idempotency = NULL, creation_body = NULL, \
+                     creation_retry_until = NULL WHERE id = $1 AND creation_idempotency = $2",
+                    &[&org.0, &&once.key_sha256[..]],
+                )
+                .await?;
+            Ok(())
+        })
+        .await?;
+        return Ok(None);
+    }
+    if body != once.body_sha256 {
+        return Err(Refusal::Invalid {
+            field: "Idempotency-Key",
+            message: "this Idempotency-Key was sent before with another body; a new request \
+                      needs a new key"
+                .into(),
+        });
+    }
+    match regenerate(ctx, org, once, peer).await {
+        Err(Refusal::NotFound(_)) => Ok(None),
+        other => other.map(Some),
+    }
+}
+
+/// A generation asked again within its time (`--key-rotation-retry-s`), its answer lost: the
+/// organization the first made, with a new key. The key of the lost answer is refused from
+/// this answer on, on every node, as after a rotation; the time is not extended.
+async fn regenerate(
+    ctx: &StoreCtx,
+    org: OrgId,
+    once: &GenerateOnce,
+    peer: IpAddr,
+) -> Result<Answer, Refusal> {
+    let (key, hash) = new_key(ctx, peer).await?;
+    let row = change_org(
+        ctx,
+        org,
+        "generate key again",
+        "UPDATE organizations SET key_id = $2, key_hash = $3, key_prefix = $4 \
+         WHERE id = $1 AND creation_idempotency = $5 AND creation_retry_until > now() \
+         RETURNING name, tier, created_at",
+        &[
+            &org.0,
+            &key.key_id(),
+            &hash,
+            &key.prefix(),
+            &&once.key_sha256[..],
+        ],
+    )
+    .await?;
+    let tier: String = row.get(1);
+    Ok(Answer::Generated(NewKey {
+        api_key: key.as_str().to_string(),
+        organization_id: org.0,
+        organization_name: row.get(0),
+        tier: Some(Tier::parse(&tier).ok_or(Refusal::Internal)?),
+        at: Micros::from_system_time(row.get(2)),
+    }))
 }
 
 /// `GET /api/keys`.

@@ -86,6 +86,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "0016_retention_pace.sql",
         include_str!("../../migrations/0016_retention_pace.sql"),
     ),
+    (
+        17,
+        "0017_generate_retry.sql",
+        include_str!("../../migrations/0017_generate_retry.sql"),
+    ),
 ];
 
 /// Arbitrary constant naming the migration lock.
