@@ -607,6 +607,9 @@ options! {
     delivery_queue_max: usize = "50000", "delivery-queue-max", "TRIGGERS_DELIVERY_QUEUE_MAX";
     /// Longest a receiver's Retry-After is honoured, in seconds.
     retry_after_max_s: u64 = "60", "retry-after-max-s", "TRIGGERS_RETRY_AFTER_MAX_S";
+    /// A node whose clock is further off the database's than this takes no events (503, not
+    /// ready) and claims no deliveries until it is back, in ms; 0: never.
+    clock_offset_max_ms: u64 = "30000", "clock-offset-max-ms", "TRIGGERS_CLOCK_OFFSET_MAX_MS";
     /// How long a node owns a claimed delivery before another node may take it over, in seconds.
     delivery_lease_s: u64 = "60", "delivery-lease-s", "TRIGGERS_DELIVERY_LEASE_S";
     /// How often due deliveries are claimed from the database, in ms.
@@ -617,6 +620,12 @@ options! {
 }
 
 impl Config {
+    /// Whether a clock offset of `offset_us` (this node's clock less the database's) is more
+    /// than `--clock-offset-max-ms` allows.
+    pub fn clock_off(&self, offset_us: i64) -> bool {
+        self.clock_offset_max_ms != 0 && offset_us.unsigned_abs() > self.clock_offset_max_ms * 1000
+    }
+
     /// The largest batch body taken: its own limit, within the node's body budget.
     pub fn batch_body_max(&self) -> usize {
         self.batch_body_bytes_max.min(self.inflight_body_bytes_max)
@@ -919,6 +928,13 @@ impl Config {
                 "--delivery-lease-s ({} s) must exceed --delivery-timeout-ms ({} ms): \
                  a lease must outlive the attempt it covers",
                 self.delivery_lease_s, self.delivery_timeout_ms
+            ));
+        }
+        if self.clock_offset_max_ms != 0 && self.clock_offset_max_ms < 1000 {
+            return fail(format!(
+                "--clock-offset-max-ms must be 0 (never) or at least 1000, got {}: below a \
+                 second the probe's own round trip would count",
+                self.clock_offset_max_ms
             ));
         }
         if self.shutdown_timeout_s == 0 || self.shutdown_timeout_s > 600 {

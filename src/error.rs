@@ -65,6 +65,8 @@ pub enum ApiError {
     Overloaded(&'static str),
     /// 503 `unavailable`: a webhook host could not be looked up now (the resolver failed).
     ResolverDown,
+    /// 503 `unavailable`: this node's clock is too far off the database's.
+    ClockOff,
     /// 408 `request_timeout`; the connection is closed after it.
     RequestTimeout(&'static str),
     /// 431 `headers_too_large`; the connection is closed after it.
@@ -94,6 +96,7 @@ impl From<Refusal> for ApiError {
             Refusal::NoWebhook => ApiError::NoWebhook,
             Refusal::Invalid { field, message } => ApiError::Validation { field, message },
             Refusal::ResolverDown => ApiError::ResolverDown,
+            Refusal::ClockOff => ApiError::ClockOff,
             Refusal::Internal => ApiError::Internal,
         }
     }
@@ -125,7 +128,10 @@ impl ApiError {
             | ApiError::KeyOpsLimited { .. } => 429,
             ApiError::HeadersTooLarge(_) => 431,
             ApiError::Internal => 500,
-            ApiError::Unavailable | ApiError::Overloaded(_) | ApiError::ResolverDown => 503,
+            ApiError::Unavailable
+            | ApiError::Overloaded(_)
+            | ApiError::ResolverDown
+            | ApiError::ClockOff => 503,
         }
     }
 
@@ -144,7 +150,7 @@ impl ApiError {
             ApiError::NotFound(_) => "not_found",
             ApiError::MethodNotAllowed { .. } => "method_not_allowed",
             ApiError::UnsupportedMediaType => "unsupported_media_type",
-            ApiError::Unavailable | ApiError::ResolverDown => "unavailable",
+            ApiError::Unavailable | ApiError::ResolverDown | ApiError::ClockOff => "unavailable",
             ApiError::Overloaded(_) => "overloaded",
             ApiError::RequestTimeout(_) => "request_timeout",
             ApiError::HeadersTooLarge(_) => "headers_too_large",
@@ -187,6 +193,10 @@ impl ApiError {
             ApiError::ResolverDown => "the webhook host could not be looked up now: the DNS \
                                        resolver failed or did not answer; retry shortly"
                 .into(),
+            ApiError::ClockOff => "this node's clock is further off the database's than \
+                                   --clock-offset-max-ms allows: it takes no events until it is \
+                                   back; retry shortly (another node can take it)"
+                .into(),
             ApiError::Overloaded(what) => format!("server overloaded ({what}); retry shortly"),
             ApiError::HeadersTooLarge(max) => {
                 format!("request head exceeds {max} bytes")
@@ -219,9 +229,10 @@ impl ApiError {
             ApiError::RateLimited { retry_after_s, .. } => {
                 extra.retry_after_s = Some(*retry_after_s)
             }
-            ApiError::Unavailable | ApiError::Overloaded(_) | ApiError::ResolverDown => {
-                extra.retry_after_s = Some(RETRY_AFTER_UNAVAILABLE_S)
-            }
+            ApiError::Unavailable
+            | ApiError::Overloaded(_)
+            | ApiError::ResolverDown
+            | ApiError::ClockOff => extra.retry_after_s = Some(RETRY_AFTER_UNAVAILABLE_S),
             ApiError::MethodNotAllowed { allow } => extra.allow = Some(allow),
             _ => {}
         }
@@ -286,6 +297,7 @@ mod tests {
             ApiError::Unavailable,
             ApiError::Overloaded("write queue full"),
             ApiError::ResolverDown,
+            ApiError::ClockOff,
             ApiError::RequestTimeout("x"),
             ApiError::HeadersTooLarge(16384),
             ApiError::NoWebhook,

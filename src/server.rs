@@ -120,7 +120,6 @@ pub fn run(
         async move {
             let client = round_client.await.ok().and_then(Result::ok);
             retention::round_on(client, &config, &metrics).await;
-            let _ = partitions_tx.send(true);
         }
     });
     let (delivery, delivery_handle) =
@@ -139,8 +138,16 @@ pub fn run(
         Arc::clone(&metrics),
         store.partitions_missing(),
     );
-    let (listening, _) = rt
-        .block_on(async { tokio::join!(store.wait_listening(LISTEN_START_PATIENCE), first_round) });
+    // And the health probe's first reading of the clocks: a node whose clock is too far off the
+    // database's takes no change and claims nothing from the start.
+    let (listening, _, _) = rt.block_on(async {
+        tokio::join!(
+            store.wait_listening(LISTEN_START_PATIENCE),
+            first_round,
+            store.wait_clock_read(Config::ms(config.db_connect_timeout_ms)),
+        )
+    });
+    let _ = partitions_tx.send(true);
     if !listening {
         tracing::warn!("serving before LISTEN works: caches are flushed until it does");
     }

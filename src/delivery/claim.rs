@@ -166,6 +166,17 @@ pub(super) async fn claim_loop(shared: Arc<Shared>) {
             tracing::warn!(error = %e, "renewing delivery leases failed");
         }
         shared.client.sweep();
+        // A clock this far off would take over other nodes' live leases (ahead) or write
+        // leases that end late (behind): claim nothing until it is back (the health probe
+        // measures it). What is held in memory is still sent.
+        let offset = shared.metrics.clock_offset_us.load(Ordering::Relaxed);
+        if shared.config.clock_off(offset) {
+            tokio::select! {
+                _ = tokio::time::sleep(poll) => {}
+                _ = shared.stop.notified() => return,
+            }
+            continue;
+        }
         match take_over(&shared).await {
             Ok(n) if n > 0 => tracing::info!(deliveries = n, "expired delivery batches taken over"),
             Ok(_) => {}

@@ -63,6 +63,9 @@ pub enum Refusal {
     /// A webhook host could not be looked up now: the DNS resolver failed or did not answer
     /// (the server's trouble, or the host's DNS servers'; not the client's).
     ResolverDown,
+    /// This node's clock is further off the database's than `--clock-offset-max-ms`: it takes
+    /// no events until it is back (ids, leases and retention go by clocks).
+    ClockOff,
     /// A bug or an unexpected database answer; the details are in the log.
     Internal,
 }
@@ -75,6 +78,7 @@ impl Refusal {
             Refusal::Unavailable
                 | Refusal::Overloaded(_)
                 | Refusal::ResolverDown
+                | Refusal::ClockOff
                 | Refusal::Internal
         )
     }

@@ -32,6 +32,10 @@ pub struct Health {
     /// The probe could not reach the database at all (no answer in time, no connection), as
     /// opposed to reaching one that refuses writes (read-only, in recovery, full).
     unreachable: AtomicBool,
+    /// This node's clock is further off the database's than `--clock-offset-max-ms`.
+    clock_off: AtomicBool,
+    /// The probe has compared the clocks at least once.
+    clock_read: tokio::sync::watch::Sender<bool>,
 }
 
 impl Default for Health {
@@ -42,14 +46,55 @@ impl Default for Health {
             epoch: std::time::Instant::now(),
             down_at_ms: std::sync::atomic::AtomicU64::new(0),
             unreachable: AtomicBool::new(false),
+            clock_off: AtomicBool::new(false),
+            clock_read: tokio::sync::watch::Sender::new(false),
         }
     }
 }
 
 impl Health {
-    /// Whether the last contact with the database worked.
+    /// Whether this node takes writes: the last contact with the database worked, and this
+    /// node's clock is within `--clock-offset-max-ms` of the database's.
     pub fn is_up(&self) -> bool {
+        self.database_up() && !self.clock_off.load(Ordering::Relaxed)
+    }
+
+    /// Whether the last contact with the database worked (whatever the clock).
+    pub fn database_up(&self) -> bool {
         self.up.load(Ordering::Relaxed)
+    }
+
+    /// Whether this node's clock is further off the database's than `--clock-offset-max-ms`.
+    pub fn clock_is_off(&self) -> bool {
+        self.clock_off.load(Ordering::Relaxed)
+    }
+
+    /// Why this node takes no writes now, if it does not.
+    pub fn refusal(&self) -> Option<Refusal> {
+        if !self.database_up() {
+            Some(Refusal::Unavailable)
+        } else if self.clock_is_off() {
+            Some(Refusal::ClockOff)
+        } else {
+            None
+        }
+    }
+
+    /// The probe compared the clocks: this node's is too far off the database's (`true`), or
+    /// within (`false`). Returns whether that changed.
+    pub fn set_clock_off(&self, off: bool) -> bool {
+        let changed = self.clock_off.swap(off, Ordering::Relaxed) != off;
+        self.clock_read.send_replace(true);
+        changed
+    }
+
+    /// Wait (up to `limit`) until the probe has compared the clocks once; whether it has.
+    /// Start-up waits for it before serving or claiming.
+    pub async fn wait_clock_read(&self, limit: std::time::Duration) -> bool {
+        let mut rx = self.clock_read.subscribe();
+        tokio::time::timeout(limit, rx.wait_for(|read| *read))
+            .await
+            .is_ok_and(|r| r.is_ok())
     }
 
     /// The database failed us: refuse writes until the probe succeeds, and wake the probe.
@@ -68,7 +113,7 @@ impl Health {
     pub fn set_up(&self) -> bool {
         let now = self.epoch.elapsed().as_millis() as u64;
         let since = now.saturating_sub(self.down_at_ms.load(Ordering::Relaxed));
-        if !self.is_up() && since < HEALTH_DOWN_HOLD.as_millis() as u64 {
+        if !self.database_up() && since < HEALTH_DOWN_HOLD.as_millis() as u64 {
             return false;
         }
         !self.up.swap(true, Ordering::Relaxed)
@@ -200,7 +245,7 @@ impl StoreQueues {
         let weak = self.writes.downgrade();
         let health = Arc::clone(&self.health);
         Box::new(move || StoreGauges {
-            database_up: health.is_up(),
+            database_up: health.database_up(),
             write_queue_events: weak
                 .upgrade()
                 .map_or(0, |tx| tx.max_capacity() - tx.capacity()),
@@ -210,8 +255,8 @@ impl StoreQueues {
     /// Queue an event; refused at once when the queue is full (in events or payload bytes) or
     /// the database is down.
     pub fn write(&self, job: WriteJob) -> Result<(), Refusal> {
-        if !self.health.is_up() {
-            return Err(Refusal::Unavailable);
+        if let Some(refusal) = self.health.refusal() {
+            return Err(refusal);
         }
         let bytes = job.event.payload.len();
         if !self.write_bytes.take(bytes, false) {
@@ -230,8 +275,8 @@ impl StoreQueues {
     /// when they don't all fit (in events or payload bytes) or the database is down. They enter
     /// the queue back to back, so a writer takes them into one group commit when it can.
     pub fn write_many(&self, jobs: Vec<WriteJob>) -> Result<(), Refusal> {
-        if !self.health.is_up() {
-            return Err(Refusal::Unavailable);
+        if let Some(refusal) = self.health.refusal() {
+            return Err(refusal);
         }
         if jobs.is_empty() {
             return Ok(());

@@ -7,7 +7,7 @@ use std::net::IpAddr;
 use std::rc::Rc;
 
 use super::core::CoreCtx;
-use super::parse::Head;
+use super::parse::{Head, Method};
 use super::request::Request;
 use super::router::{self, Route};
 use super::{admin, endpoints, events, inbox, ops};
@@ -60,6 +60,11 @@ pub async fn prepare(ctx: &Rc<CoreCtx>, head: &Head, peer: IpAddr, metrics_only:
         }
     };
     let route = matched.route;
+    // Every change writes times by this node's clock (event ids, schedules, leases): none while
+    // that clock is too far off the database's (the health probe measures it). Reads go on.
+    if head.method != Method::Get && ctx.store.health().clock_is_off() {
+        return Prepared::Answer(route, ApiError::ClockOff.reply());
+    }
     let param = matched.param.map(Box::<str>::from);
     if !route.needs_key() {
         return Prepared::Ready(Ready {

@@ -44,10 +44,9 @@ pub fn live(ctx: &CoreCtx) -> Reply {
 /// `GET /health/ready`: 200 while the database takes writes (the health probe's flag, kept on its
 /// own connection), else 503. No query per probe request: a load balancer polling it costs nothing.
 pub fn ready(ctx: &CoreCtx) -> Reply {
-    if ctx.store.health().is_up() {
-        Reply::json(200, &br#"{"status":"ready"}"#[..])
-    } else {
-        ApiError::Unavailable.reply()
+    match ctx.store.health().refusal() {
+        None => Reply::json(200, &br#"{"status":"ready"}"#[..]),
+        Some(refusal) => ApiError::from(refusal).reply(),
     }
 }
 

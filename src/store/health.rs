@@ -22,13 +22,17 @@ use crate::ids::Micros;
 /// Probe until aborted at shutdown.
 pub async fn probe(ctx: Arc<StoreCtx>) {
     let mut conn: Option<Client> = None;
+    let mut first = true;
     loop {
-        let wait = if ctx.health.is_up() {
+        // The first check at once (start-up waits for its reading of the clocks).
+        let wait = if ctx.health.database_up() {
             HEALTH_PROBE_EVERY_UP
         } else {
             HEALTH_PROBE_EVERY_DOWN
         };
-        let _ = tokio::time::timeout(wait, ctx.health.kicked()).await;
+        if !std::mem::take(&mut first) {
+            let _ = tokio::time::timeout(wait, ctx.health.kicked()).await;
+        }
         let mut reached = false;
         let result = check(&ctx, &mut conn, &mut reached).await;
         ctx.health.set_reachable(reached);
@@ -111,10 +115,28 @@ async fn ask<'a>(
 
 /// Record this node's clock less the database's: the database read its clock between `sent`
 /// and `answered` (by this node's clock), taken as halfway. An offset past `CLOCK_OFFSET_WARN`
-/// is logged when it first is, and when it is back within.
+/// is logged when it first is, and when it is back within; one past `--clock-offset-max-ms`
+/// stops this node taking events and claiming deliveries until it is back.
 fn clock_offset(ctx: &StoreCtx, sent: Micros, database: i64, answered: Micros) {
     let offset = sent.0 + (answered.0 - sent.0) / 2 - database;
     let was = ctx.metrics.clock_offset_us.swap(offset, Ordering::Relaxed);
+    let off = ctx.config.clock_off(offset);
+    if ctx.health.set_clock_off(off) {
+        match off {
+            true => tracing::error!(
+                offset_ms = offset / 1000,
+                max_ms = ctx.config.clock_offset_max_ms,
+                "this node's clock is further off the database's than --clock-offset-max-ms: \
+                 answering 503 and claiming no deliveries until it is back (event ids, delivery \
+                 leases and retention go by clocks; run NTP on every node and on the database's \
+                 host)"
+            ),
+            false => tracing::info!(
+                offset_ms = offset / 1000,
+                "clock within --clock-offset-max-ms of the database's again: taking events"
+            ),
+        }
+    }
     let limit = CLOCK_OFFSET_WARN.as_micros() as i64;
     match (was.abs() > limit, offset.abs() > limit) {
         (false, true) => tracing::warn!(

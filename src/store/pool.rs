@@ -91,6 +91,13 @@ impl Store {
             .is_ok_and(|r| r.is_ok())
     }
 
+    /// Wait (up to `limit`) until the health probe has compared this node's clock with the
+    /// database's: a node whose clock is too far off serves no change and claims nothing from
+    /// its first request on.
+    pub async fn wait_clock_read(&self, limit: std::time::Duration) -> bool {
+        self.ctx.health.wait_clock_read(limit).await
+    }
+
     /// Once every queue sender is gone (the cores have stopped): write what is queued, finish
     /// in-flight work, stop. Writes the database does not take by `deadline` (fast-ack mode,
     /// where they were answered 202) are dropped and counted; durable mode answered them 503.
