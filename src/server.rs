@@ -119,7 +119,8 @@ pub fn run(
         let (config, metrics) = (Arc::clone(&config), Arc::clone(&metrics));
         async move {
             let client = round_client.await.ok().and_then(Result::ok);
-            retention::round_on(client, &config, &metrics).await;
+            // Its reading of the clocks is start-up's first.
+            retention::round_on(client, &config, &metrics).await
         }
     });
     let (delivery, delivery_handle) =
@@ -138,15 +139,17 @@ pub fn run(
         Arc::clone(&metrics),
         store.partitions_missing(),
     );
-    // And the health probe's first reading of the clocks: a node whose clock is too far off the
-    // database's takes no change and claims nothing from the start.
-    let (listening, _, _) = rt.block_on(async {
-        tokio::join!(
-            store.wait_listening(LISTEN_START_PATIENCE),
-            first_round,
-            store.wait_clock_read(Config::ms(config.db_connect_timeout_ms)),
-        )
-    });
+    let (listening, clocks) = rt
+        .block_on(async { tokio::join!(store.wait_listening(LISTEN_START_PATIENCE), first_round) });
+    // A first reading of the clocks (the round's, else the health probe's) before the first
+    // request or claim: a node whose clock is too far off the database's takes no change and
+    // claims nothing from the start.
+    match clocks.ok().flatten() {
+        Some(clocks) => store.record_clock_offset(clocks.offset_us()),
+        None => {
+            rt.block_on(store.wait_clock_read(Config::ms(config.db_connect_timeout_ms)));
+        }
+    }
     let _ = partitions_tx.send(true);
     if !listening {
         tracing::warn!("serving before LISTEN works: caches are flushed until it does");

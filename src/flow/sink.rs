@@ -130,7 +130,13 @@ impl Health {
         self.unreachable.store(!reachable, Ordering::Relaxed);
     }
 
-    /// Resolves when [`Health::set_down`] is called (the probe waits on it).
+    /// Have the probe check at once.
+    pub fn probe_now(&self) {
+        self.kick.notify_one();
+    }
+
+    /// Resolves when [`Health::set_down`] or [`Health::probe_now`] is called (the probe waits
+    /// on it).
     pub async fn kicked(&self) {
         self.kick.notified().await
     }

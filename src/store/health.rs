@@ -22,17 +22,13 @@ use crate::ids::Micros;
 /// Probe until aborted at shutdown.
 pub async fn probe(ctx: Arc<StoreCtx>) {
     let mut conn: Option<Client> = None;
-    let mut first = true;
     loop {
-        // The first check at once (start-up waits for its reading of the clocks).
         let wait = if ctx.health.database_up() {
             HEALTH_PROBE_EVERY_UP
         } else {
             HEALTH_PROBE_EVERY_DOWN
         };
-        if !std::mem::take(&mut first) {
-            let _ = tokio::time::timeout(wait, ctx.health.kicked()).await;
-        }
+        let _ = tokio::time::timeout(wait, ctx.health.kicked()).await;
         let mut reached = false;
         let result = check(&ctx, &mut conn, &mut reached).await;
         ctx.health.set_reachable(reached);
@@ -109,16 +105,19 @@ async fn ask<'a>(
         .await
         .map_err(|e| describe(&e))?;
     let answered = Micros::now();
-    clock_offset(ctx, sent, row.get(2), answered);
+    record_clock_offset(
+        ctx,
+        sent.0 + (answered.0 - sent.0) / 2 - row.get::<_, i64>(2),
+    );
     Ok((client, row.get(0), row.get(1)))
 }
 
-/// Record this node's clock less the database's: the database read its clock between `sent`
-/// and `answered` (by this node's clock), taken as halfway. An offset past `CLOCK_OFFSET_WARN`
-/// is logged when it first is, and when it is back within; one past `--clock-offset-max-ms`
-/// stops this node taking events and claiming deliveries until it is back.
-fn clock_offset(ctx: &StoreCtx, sent: Micros, database: i64, answered: Micros) {
-    let offset = sent.0 + (answered.0 - sent.0) / 2 - database;
+/// Record this node's clock less the database's (the database read its clock between a query's
+/// sending and its answer, by this node's clock, taken as halfway). An offset past
+/// `CLOCK_OFFSET_WARN` is logged when it first is, and when it is back within; one past
+/// `--clock-offset-max-ms` stops this node taking changes and claiming deliveries until it is
+/// back.
+pub fn record_clock_offset(ctx: &StoreCtx, offset: i64) {
     let was = ctx.metrics.clock_offset_us.swap(offset, Ordering::Relaxed);
     let off = ctx.config.clock_off(offset);
     if ctx.health.set_clock_off(off) {

@@ -91,11 +91,18 @@ impl Store {
             .is_ok_and(|r| r.is_ok())
     }
 
-    /// Wait (up to `limit`) until the health probe has compared this node's clock with the
-    /// database's: a node whose clock is too far off serves no change and claims nothing from
-    /// its first request on.
+    /// Have the health probe check at once, and wait (up to `limit`) until it has compared this
+    /// node's clock with the database's: a node whose clock is too far off serves no change and
+    /// claims nothing from its first request on.
     pub async fn wait_clock_read(&self, limit: std::time::Duration) -> bool {
+        self.ctx.health.probe_now();
         self.ctx.health.wait_clock_read(limit).await
+    }
+
+    /// A reading of this node's clock less the database's taken elsewhere (start-up's, on the
+    /// first retention round's connection), as the health probe's own are recorded.
+    pub fn record_clock_offset(&self, offset_us: i64) {
+        super::health::record_clock_offset(&self.ctx, offset_us)
     }
 
     /// Once every queue sender is gone (the cores have stopped): write what is queued, finish

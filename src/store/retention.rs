@@ -144,20 +144,18 @@ impl Clocks {
         }
     }
 
-    /// This node's clock and the database's, read now.
-    pub async fn read(client: &Client) -> Result<Clocks, String> {
-        let database: i64 = client
-            .query_one(
-                "SELECT (extract(epoch FROM clock_timestamp()) * 1000000)::bigint",
-                &[],
-            )
-            .await
-            .map_err(|e| describe(&e))?
-            .get(0);
-        Ok(Clocks {
-            node: Micros::now(),
-            database: Micros(database),
-        })
+    /// The database's clock read between `sent` and `answered` by this node's, taken as
+    /// halfway.
+    fn halfway(sent: Micros, database_us: i64, answered: Micros) -> Clocks {
+        Clocks {
+            node: Micros(sent.0 + (answered.0 - sent.0) / 2),
+            database: Micros(database_us),
+        }
+    }
+
+    /// This node's clock less the database's, in µs.
+    pub fn offset_us(self) -> i64 {
+        self.node.0 - self.database.0
     }
 
     /// What expiry goes by: the earlier clock, so that neither one running ahead (one node's,
@@ -233,9 +231,12 @@ pub async fn maintain(
     // One day: the earliest end among the expired partitions of the three tables (they are the
     // same days, unless a round failed half-way). A detach that was interrupted is finished
     // whatever the pace.
-    let paced = match last_drop_ms(client).await? {
-        Some(last) => last <= now_ms && now_ms - last < RETENTION_DROP_PACE.as_millis() as i64,
-        None => false,
+    let paced = match expired.is_empty() {
+        true => false,
+        false => match last_drop_ms(client).await? {
+            Some(last) => last <= now_ms && now_ms - last < RETENTION_DROP_PACE.as_millis() as i64,
+            None => false,
+        },
     };
     let day_end = expired
         .iter()
@@ -318,12 +319,16 @@ async fn drop_partition(
     Ok(())
 }
 
-/// One round on its own connection, if no other node is doing one; `Ok(None)` when another is.
+/// One round on its own connection, if no other node is doing one (`Ok(None)` when another
+/// is), with the clocks it read (`None` when it could not).
 pub async fn maintain_once(
     config: &Config,
     metrics: &Metrics,
-) -> Result<Option<Maintained>, String> {
-    maintain_on(connect(config).await?, config, metrics).await
+) -> (Option<Clocks>, Result<Option<Maintained>, String>) {
+    match connect(config).await {
+        Ok(client) => maintain_on(client, config, metrics).await,
+        Err(e) => (None, Err(e)),
+    }
 }
 
 /// A connection for a round (its advisory lock goes with it).
@@ -341,22 +346,27 @@ async fn maintain_on(
     client: Client,
     config: &Config,
     metrics: &Metrics,
-) -> Result<Option<Maintained>, String> {
-    let locked: bool = client
-        .query_one("SELECT pg_try_advisory_lock($1)", &[&LOCK_ID])
-        .await
-        .map_err(|e| describe(&e))?
-        .get(0);
-    if !locked {
+) -> (Option<Clocks>, Result<Option<Maintained>, String>) {
+    let sent = Micros::now();
+    let row = client
+        .query_one(
+            "SELECT pg_try_advisory_lock($1), \
+                    (extract(epoch FROM clock_timestamp()) * 1000000)::bigint",
+            &[&LOCK_ID],
+        )
+        .await;
+    let row = match row {
+        Ok(row) => row,
+        Err(e) => return (None, Err(describe(&e))),
+    };
+    let clocks = Clocks::halfway(sent, row.get(1), Micros::now());
+    if !row.get::<_, bool>(0) {
         metrics
             .retention_ok_at
             .store(Micros::now().0 / 1_000_000, Ordering::Relaxed);
-        return Ok(None);
+        return (Some(clocks), Ok(None));
     }
-    let result = match Clocks::read(&client).await {
-        Ok(clocks) => maintain(&client, clocks, config.retention_days).await,
-        Err(e) => Err(e),
-    };
+    let result = maintain(&client, clocks, config.retention_days).await;
     // The lock goes with the connection when it is dropped here.
     match &result {
         Ok(done) => {
@@ -371,19 +381,23 @@ async fn maintain_on(
             metrics.retention_failures.fetch_add(1, Ordering::Relaxed);
         }
     }
-    result.map(Some)
+    (Some(clocks), result.map(Some))
 }
 
-/// A round now, logged; `false` when it failed.
-pub async fn round(config: &Config, metrics: &Metrics) -> bool {
+/// A round now, logged; the clocks it read, `None` when it could not.
+pub async fn round(config: &Config, metrics: &Metrics) -> Option<Clocks> {
     round_on(None, config, metrics).await
 }
 
 /// A round on a connection opened beforehand (at start, while the migrations ran), or on a new
-/// one (none given, or that one failed: the database was not up yet), logged; `false` when it
-/// failed.
-pub async fn round_on(client: Option<Client>, config: &Config, metrics: &Metrics) -> bool {
-    let done = match client {
+/// one (none given, or that one failed: the database was not up yet), logged; the clocks it
+/// read (this node's and the database's), `None` when it could not.
+pub async fn round_on(
+    client: Option<Client>,
+    config: &Config,
+    metrics: &Metrics,
+) -> Option<Clocks> {
+    let (clocks, done) = match client {
         Some(client) => maintain_on(client, config, metrics).await,
         None => maintain_once(config, metrics).await,
     };
@@ -399,17 +413,13 @@ pub async fn round_on(client: Option<Client>, config: &Config, metrics: &Metrics
                     "partitions maintained"
                 );
             }
-            true
         }
-        Ok(None) => {
-            tracing::debug!("another node is maintaining the partitions");
-            true
-        }
+        Ok(None) => tracing::debug!("another node is maintaining the partitions"),
         Err(e) => {
-            tracing::warn!(error = %e, "partition maintenance failed; retrying at the next round");
-            false
+            tracing::warn!(error = %e, "partition maintenance failed; retrying at the next round")
         }
     }
+    clocks
 }
 
 /// Maintain the partitions every `RETENTION_EVERY` until the runtime stops, and when told that
