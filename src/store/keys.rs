@@ -125,9 +125,9 @@ fn is_unique_violation(f: &Failure) -> bool {
 
 /// `POST /api/keys/generate`: a new organization and its key. With `once` (sent with an
 /// `Idempotency-Key`) the organization keeps the request's digests for `--key-rotation-retry-s`:
-/// the same request again in that time (its answer lost) is [`regenerate`]d, the same
-/// Idempotency-Key with another body is refused, and after that time the Idempotency-Key is
-/// free again.
+/// the same request again in that time (its answer lost) gets it with a new key (`regenerate`),
+/// the same Idempotency-Key with another body is refused, and after that time the
+/// Idempotency-Key is free again.
 pub async fn generate(
     ctx: &StoreCtx,
     name: String,

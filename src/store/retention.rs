@@ -177,8 +177,8 @@ impl Clocks {
     }
 }
 
-/// Create the partitions up to [`Clocks::last_day`] and drop, when `retention_days` is not 0,
-/// the oldest day whose every event is older than `retention_days` by [`Clocks::expiry_now`]:
+/// Create the partitions up to `Clocks::last_day` and drop, when `retention_days` is not 0,
+/// the oldest day whose every event is older than `retention_days` by `Clocks::expiry_now`:
 /// one day a round, and only when the last drop was `RETENTION_DROP_PACE` or more before (by
 /// the same clock; `triggers_retention`). A clock that jumps weeks ahead on a box where the node
 /// and the database share it, or a node restarting in a loop, drops at most a day an hour, not
