@@ -492,12 +492,13 @@ async fn a_node_clock_off_the_databases_shows_in_the_metric_and_the_log() {
 }
 
 /// A node whose clock is further off the database's than `--clock-offset-max-ms` (the real
-/// binary under libfaketime, its wall clock 90 s ahead, then stepped while it runs as NTP steps
-/// a clock; its monotonic clock untouched) takes no change: not ready, and events (and every
-/// other write) are 503 with Retry-After saying why, from its first request on. Reads go on. It
-/// claims no deliveries (its leases would be written by that clock): a retry another node handed
-/// back waits. Stepped back within, it is ready, delivers the retry and takes events; stepped
-/// off again, it stops again. The database's gauge stays up, and the offset shows.
+/// binary under libfaketime, its wall clock stepped 90 s ahead while it runs, as a bad NTP step
+/// does; its monotonic clock untouched) takes no change: within a few probes it is not ready,
+/// and events (and every other write) are 503 with Retry-After saying why. Reads go on. It sends
+/// nothing by that clock: a retry it holds in memory is handed back when it comes due, not
+/// sent, and restarted with the clock still off, it claims nothing from its first moment. Its
+/// clock stepped back, it is ready, delivers the retry and takes events; stepped 90 s behind,
+/// it stops again. The database's gauge stays up, and the offset shows.
 #[tokio::test]
 async fn a_node_whose_clock_is_far_off_takes_no_change_until_it_is_back() {
     let Some(preload) = libfaketime() else {
@@ -505,37 +506,47 @@ async fn a_node_whose_clock_is_far_off_takes_no_change_until_it_is_back() {
     };
     let url = own_database("triggers_test_clock_off").await;
     let recv = Receiver::start(|_, n| Answer::status(if n == 0 { 500 } else { 200 })).await;
-    let args = ["--allow-private-webhooks", "--retry-schedule", "2s"];
-    // An in-step node takes an event; its first attempt fails, and it hands the retry back at
-    // its shutdown (due 2 s after the attempt).
-    let mut first = Server::process_with_db(&args, &url);
-    let (key, _) = new_org(first.addr, "pro").await;
-    set_webhook(first.addr, &key, &recv.url("/hook")).await;
-    let id = new_event_id(first.addr, &key, json!(1)).await;
+    let rc = std::env::temp_dir().join(format!("triggers-faketime-{}.rc", std::process::id()));
+    std::fs::write(&rc, "+0s\n").unwrap();
+    let file = format!("FAKETIME_TIMESTAMP_FILE={}", rc.display());
+    let wrapper = [
+        "env",
+        &preload,
+        &file,
+        "FAKETIME_CACHE_DURATION=1",
+        "FAKETIME_DONT_FAKE_MONOTONIC=1",
+    ];
+    let args = [
+        "--allow-private-webhooks",
+        "--retry-schedule",
+        "5s",
+        "--clock-offset-max-ms",
+        "30000",
+    ];
+    let mut s = Server::process_wrapped(&wrapper, &args, &url);
+    let (key, _) = new_org(s.addr, "pro").await;
+    set_webhook(s.addr, &key, &recv.url("/hook")).await;
+    let id = new_event_id(s.addr, &key, json!(1)).await;
+    // The first attempt fails; its retry, 5 s later, is held in memory. The clock steps at
+    // once: the step ends that wait early (the retry looks overdue by the clock), and is seen
+    // by delivery at once too (its wall clock against its monotonic clock), before any probe.
     recv.wait_until(std::time::Duration::from_secs(5), |r| !r.is_empty())
         .await;
-    first.stop();
-    drop(first);
+    let first_attempt = std::time::Instant::now();
 
-    let rc = std::env::temp_dir().join(format!("triggers-faketime-{}.rc", std::process::id()));
+    async fn ready_turns(s: &Server, want: u16) -> Response {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+        loop {
+            let r = call(s.addr, "GET", "/health/ready", &[], None).await;
+            if r.status == want {
+                return r;
+            }
+            assert!(std::time::Instant::now() < deadline, "never {want}");
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
+    }
     std::fs::write(&rc, "+90s\n").unwrap();
-    let file = format!("FAKETIME_TIMESTAMP_FILE={}", rc.display());
-    let mut args = args.to_vec();
-    args.extend(["--clock-offset-max-ms", "30000"]);
-    let s = Server::process_wrapped(
-        &[
-            "env",
-            &preload,
-            &file,
-            "FAKETIME_CACHE_DURATION=1",
-            "FAKETIME_DONT_FAKE_MONOTONIC=1",
-        ],
-        &args,
-        &url,
-    );
-    let ready = |s: &Server| call(s.addr, "GET", "/health/ready", &[], None);
-    let refused = ready(&s).await;
-    assert_eq!(refused.status, 503, "{}", refused.text());
+    let refused = ready_turns(&s, 503).await;
     assert!(refused.header("retry-after").is_some());
     let said = refused.json()["error"].as_str().unwrap().to_string();
     assert!(said.contains("clock"), "{said}");
@@ -558,30 +569,43 @@ async fn a_node_whose_clock_is_far_off_takes_no_change_until_it_is_back() {
     assert!((89.0..91.0).contains(&offset), "{offset}");
     assert_eq!(metric(&scrape, "triggers_database_up "), 1.0);
     assert_eq!(s.log_lines("further off the database's").len(), 1);
-    // The retry came due 2 s after the first attempt: this node does not claim it.
-    tokio::time::sleep(std::time::Duration::from_secs(4)).await;
+    // The retry came due (5 s after the first attempt, or at the step): handed back, not sent.
+    tokio::time::sleep(
+        (first_attempt + std::time::Duration::from_secs(7))
+            .saturating_duration_since(std::time::Instant::now()),
+    )
+    .await;
     assert_eq!(recv.received().len(), 1);
 
-    let wait_ready = |want: u16| {
-        let s = &s;
-        async move {
-            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
-            while ready(s).await.status != want {
-                assert!(std::time::Instant::now() < deadline, "never {want}");
-                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-            }
-        }
-    };
+    // Started again with the clock still off: it claims the retry handed back from its first
+    // moment on, so not at all.
+    s.stop();
+    drop(s);
+    let s = Server::process_wrapped(&wrapper, &args, &url);
+    let r = call(s.addr, "GET", "/health/ready", &[], None).await;
+    assert_eq!(r.status, 503, "{}", r.text());
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    assert_eq!(recv.received().len(), 1);
+    // Not claimed either (a claim would write a lease by the clock that is off).
+    let scrape = call(s.metrics_addr.unwrap(), "GET", "/metrics", &[], None)
+        .await
+        .text();
+    assert_eq!(metric(&scrape, "triggers_deliveries_claimed_total "), 0.0);
+
     std::fs::write(&rc, "+0s\n").unwrap();
-    wait_ready(200).await;
+    ready_turns(&s, 200).await;
     recv.wait_until(std::time::Duration::from_secs(10), |r| r.len() >= 2)
         .await;
     assert_eq!(recv.received()[1].header("webhook-id"), Some(id.as_str()));
+    let scrape = call(s.metrics_addr.unwrap(), "GET", "/metrics", &[], None)
+        .await
+        .text();
+    assert_eq!(metric(&scrape, "triggers_deliveries_claimed_total "), 1.0);
     let r = post_event(s.addr, &key, "t", json!(3), None).await;
     assert_eq!(r.status, 201, "{}", r.text());
 
     std::fs::write(&rc, "-90s\n").unwrap();
-    wait_ready(503).await;
+    ready_turns(&s, 503).await;
     let _ = std::fs::remove_file(&rc);
     let r = post_event(s.addr, &key, "t", json!(4), None).await;
     assert_eq!(r.status, 503, "{}", r.text());

@@ -162,20 +162,20 @@ pub(super) async fn claim_loop(shared: Arc<Shared>) {
         if shared.stopping.load(Ordering::SeqCst) {
             return;
         }
-        if let Err(e) = renew(&shared).await {
-            tracing::warn!(error = %e, "renewing delivery leases failed");
-        }
         shared.client.sweep();
-        // A clock this far off would take over other nodes' live leases (ahead) or write
-        // leases that end late (behind): claim nothing until it is back (the health probe
-        // measures it). What is held in memory is still sent.
-        let offset = shared.metrics.clock_offset_us.load(Ordering::Relaxed);
-        if shared.config.clock_off(offset) {
+        // A clock this far off would take over other nodes' live leases (ahead), or renew its
+        // own into the past (behind): claim and renew nothing until it is back. What it holds
+        // is handed back, due now, as each comes to its attempt (`job::lease_allows_attempt`),
+        // and its leases run out as they were last written.
+        if shared.clock_off() {
             tokio::select! {
                 _ = tokio::time::sleep(poll) => {}
                 _ = shared.stop.notified() => return,
             }
             continue;
+        }
+        if let Err(e) = renew(&shared).await {
+            tracing::warn!(error = %e, "renewing delivery leases failed");
         }
         match take_over(&shared).await {
             Ok(n) if n > 0 => tracing::info!(deliveries = n, "expired delivery batches taken over"),
@@ -360,6 +360,10 @@ async fn claim(
         .await
         .map_err(|_| "database deadline passed".to_string())??;
     let n = rows.len();
+    shared
+        .metrics
+        .deliveries_claimed
+        .fetch_add(n as u64, Ordering::Relaxed);
     // The first attempts claimed are leased by the claim's batch row.
     let batched = rows.iter().filter(|r| r.get::<_, bool>(10)).count();
     let batch = (batched > 0).then(|| {

@@ -135,9 +135,10 @@ fn attempt_needs(shared: &Shared) -> Duration {
     timeout + LEASE_MARGIN.min(shared.lease.saturating_sub(timeout) / 2)
 }
 
-/// Whether the job's lease leaves room for an attempt started now.
+/// Whether the job's lease leaves room for an attempt started now, by a clock that can be
+/// trusted with it (not one further off the database's than `--clock-offset-max-ms`).
 fn lease_allows_attempt(shared: &Shared, job: &Job) -> bool {
-    job.lease.until() > Micros::now().plus(attempt_needs(shared))
+    !shared.clock_off() && job.lease.until() > Micros::now().plus(attempt_needs(shared))
 }
 
 /// One pass: the endpoint's gates, whether it is still owed (after a wait), then an attempt and
@@ -275,7 +276,7 @@ async fn step(shared: &Shared, job: &mut Job, runtime: &Arc<EndpointRuntime>) ->
             job,
             runtime,
             None,
-            Next::Due(Micros::now()),
+            Next::Due(shared.database_now()),
             None,
             None,
         )

@@ -146,6 +146,20 @@ impl From<u8> for Room {
 }
 
 impl Shared {
+    /// Whether this node's clock is further off the database's than `--clock-offset-max-ms`
+    /// (as last measured, and carried forward to a step of this node's clock since: see
+    /// [`Metrics::clock_offset_now_us`]): then it claims nothing, renews nothing and starts no
+    /// attempt, since leases are written and compared by clocks.
+    pub(super) fn clock_off(&self) -> bool {
+        self.config.clock_off(self.metrics.clock_offset_now_us())
+    }
+
+    /// The database's clock now, as this node's less its offset: the time a delivery handed
+    /// back is due at, so that other nodes take it at once even when this node's clock is off.
+    pub(super) fn database_now(&self) -> Micros {
+        Micros(Micros::now().0 - self.metrics.clock_offset_now_us())
+    }
+
     /// How long one piece of the pool's database work may take (`--db-timeout-ms`).
     pub(super) fn db_timeout(&self) -> Duration {
         Duration::from_millis(self.config.db_timeout_ms)

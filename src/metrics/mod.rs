@@ -146,6 +146,8 @@ pub struct Metrics {
     pub retention_ok_at: AtomicI64,
     /// This node's clock less the database's, in µs, as the health probe last measured it.
     pub clock_offset_us: AtomicI64,
+    /// That offset carried forward: see [`Metrics::clock_offset_now_us`].
+    clock_offset_base_us: AtomicI64,
     /// The store's state, read at each scrape (installed by the server).
     store: std::sync::OnceLock<Box<dyn Fn() -> StoreGauges + Send + Sync>>,
     /// Operational events this node stored.
@@ -154,6 +156,9 @@ pub struct Metrics {
     pub endpoint_loads: AtomicU64,
     /// Connections the delivery client opened to receivers.
     pub delivery_connections: AtomicU64,
+    /// Deliveries this node's claimer took from the database (due retries, handed-back and
+    /// overflowed deliveries, other nodes' expired leases are taken over apart).
+    pub deliveries_claimed: AtomicU64,
 }
 
 /// Why a delivery held in memory is waiting.
@@ -204,6 +209,22 @@ impl Drop for WaitingGuard<'_> {
 }
 
 impl Metrics {
+    /// Record this node's clock less the database's, as just measured (the health probe, or
+    /// start-up's first reading); the measurement before.
+    pub fn record_clock_offset(&self, offset_us: i64) -> i64 {
+        self.clock_offset_base_us
+            .store(offset_us - wall_less_monotonic_us(), Ordering::Relaxed);
+        self.clock_offset_us.swap(offset_us, Ordering::Relaxed)
+    }
+
+    /// This node's clock less the database's now: the last measurement carried forward by how
+    /// far this node's wall clock has moved from its monotonic clock since. A step of the wall
+    /// clock (NTP, an operator, a VM resumed) shows here at once, not at the next probe; a
+    /// change of the database's clock shows at the next probe.
+    pub fn clock_offset_now_us(&self) -> i64 {
+        self.clock_offset_base_us.load(Ordering::Relaxed) + wall_less_monotonic_us()
+    }
+
     /// Metrics for `cores` ingress cores serving the routes labelled by `routes`.
     pub fn new(routes: RouteLabels, cores: usize) -> Arc<Metrics> {
         Arc::new(Metrics {
@@ -235,10 +256,12 @@ impl Metrics {
             retention_failures: AtomicU64::new(0),
             retention_ok_at: AtomicI64::new(0),
             clock_offset_us: AtomicI64::new(0),
+            clock_offset_base_us: AtomicI64::new(-wall_less_monotonic_us()),
             store: std::sync::OnceLock::new(),
             operational_events: AtomicU64::new(0),
             endpoint_loads: AtomicU64::new(0),
             delivery_connections: AtomicU64::new(0),
+            deliveries_claimed: AtomicU64::new(0),
         })
     }
 
@@ -608,8 +631,23 @@ impl Metrics {
             "counter",
             load(&self.delivery_connections),
         );
+        single(
+            &mut out,
+            "triggers_deliveries_claimed_total",
+            "Deliveries this node claimed from the database (due retries, deliveries handed back or not held at ingest).",
+            "counter",
+            load(&self.deliveries_claimed),
+        );
         out
     }
+}
+
+/// This node's wall clock less its monotonic clock (from an arbitrary start), in µs: constant
+/// while the wall clock runs freely, moved by as much as any step of it.
+fn wall_less_monotonic_us() -> i64 {
+    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    let monotonic = START.get_or_init(std::time::Instant::now).elapsed();
+    crate::ids::Micros::now().0 - monotonic.as_micros() as i64
 }
 
 fn header(out: &mut String, name: &str, help: &str, kind: &str) {

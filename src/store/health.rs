@@ -9,7 +9,6 @@
 //! `--db-timeout-ms` every event write has, so a slow commit (a WAL flush stalled by a
 //! checkpoint, a lock) that event writes would wait out does not turn the node away.
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use tokio_postgres::{Client, NoTls};
@@ -118,7 +117,7 @@ async fn ask<'a>(
 /// `--clock-offset-max-ms` stops this node taking changes and claiming deliveries until it is
 /// back.
 pub fn record_clock_offset(ctx: &StoreCtx, offset: i64) {
-    let was = ctx.metrics.clock_offset_us.swap(offset, Ordering::Relaxed);
+    let was = ctx.metrics.record_clock_offset(offset);
     let off = ctx.config.clock_off(offset);
     if ctx.health.set_clock_off(off) {
         match off {
