@@ -446,6 +446,36 @@ pub fn spawn(config: Arc<Config>, metrics: Arc<Metrics>, missing: Arc<tokio::syn
 mod tests {
     use super::*;
 
+    const DAY_US: i64 = MS_PER_DAY * 1000;
+
+    #[test]
+    fn expiry_goes_by_the_earlier_clock_and_partitions_by_the_later_within_two_weeks() {
+        let t = Micros(1_796_169_600_000_000); // 2026-12-02T00:00:00Z
+        let today = day_of(t);
+        let at = |node: i64, database: i64| Clocks {
+            node: Micros(t.0 + node * DAY_US),
+            database: Micros(t.0 + database * DAY_US),
+        };
+        for (node, database) in [(0, 0), (40, 0), (0, 40), (-3, 0), (0, -3)] {
+            let clocks = at(node, database);
+            assert_eq!(
+                clocks.expiry_now(),
+                Micros(t.0 + node.min(database) * DAY_US)
+            );
+        }
+        assert_eq!(at(0, 0).last_day(), today + 7);
+        // A node a day ahead writes tomorrow's ids: a week past its day.
+        assert_eq!(at(1, 0).last_day(), today + 8);
+        // A node behind: a week past the database's day.
+        assert_eq!(at(-3, 0).last_day(), today + 7);
+        // A node far ahead: no more than two weeks past the database's day.
+        assert_eq!(at(40, 0).last_day(), today + 14);
+        assert_eq!(at(3650, 0).last_day(), today + 14);
+        // The database's clock ahead: a week past its day.
+        assert_eq!(at(0, 40).last_day(), today + 47);
+        assert_eq!(at(5, 0).offset_us(), 5 * DAY_US);
+    }
+
     #[test]
     fn a_day_bound_is_the_v7_prefix_of_its_first_millisecond() {
         // 2026-12-02T00:00:00Z = 1_796_169_600_000 ms = 0x01a2_340d_0c00.
