@@ -184,6 +184,9 @@ pub const RETENTION_EVERY: Duration = Duration::from_secs(3600);
 /// The least time between two retention rounds that drop a day (by the earlier of the node's
 /// and the database's clocks): a clock that jumps ahead drops at most a day this often.
 pub const RETENTION_DROP_PACE: Duration = Duration::from_secs(3600);
+/// How often a node compares its wall clock with its monotonic clock between health probes (a
+/// step of its clock past `--clock-offset-max-ms` stops changes within this time).
+pub const CLOCK_STEP_CHECK_EVERY: Duration = Duration::from_millis(100);
 /// A node clock this far from the database's is logged (the metric shows any offset).
 pub const CLOCK_OFFSET_WARN: Duration = Duration::from_secs(1);
 /// The least time between two retention rounds when writes find no partition (each one tells).

@@ -80,12 +80,15 @@ impl Health {
         }
     }
 
-    /// The probe compared the clocks: this node's is too far off the database's (`true`), or
-    /// within (`false`). Returns whether that changed.
+    /// This node's clock is too far off the database's (`true`), or within (`false`). Returns
+    /// whether that changed.
     pub fn set_clock_off(&self, off: bool) -> bool {
-        let changed = self.clock_off.swap(off, Ordering::Relaxed) != off;
+        self.clock_off.swap(off, Ordering::Relaxed) != off
+    }
+
+    /// The clocks have been compared (a probe, or start-up's reading).
+    pub fn clock_measured(&self) {
         self.clock_read.send_replace(true);
-        changed
     }
 
     /// Wait (up to `limit`) until the probe has compared the clocks once; whether it has.

@@ -14,7 +14,10 @@ use std::sync::Arc;
 use tokio_postgres::{Client, NoTls};
 
 use super::ctx::StoreCtx;
-use crate::config::{Config, CLOCK_OFFSET_WARN, HEALTH_PROBE_EVERY_DOWN, HEALTH_PROBE_EVERY_UP};
+use crate::config::{
+    Config, CLOCK_OFFSET_WARN, CLOCK_STEP_CHECK_EVERY, HEALTH_PROBE_EVERY_DOWN,
+    HEALTH_PROBE_EVERY_UP,
+};
 use crate::db::{describe, pg_config, Part};
 use crate::ids::Micros;
 
@@ -118,6 +121,38 @@ async fn ask<'a>(
 /// back.
 pub fn record_clock_offset(ctx: &StoreCtx, offset: i64) {
     let was = ctx.metrics.record_clock_offset(offset);
+    judge_clock(ctx, offset);
+    ctx.health.clock_measured();
+    let limit = CLOCK_OFFSET_WARN.as_micros() as i64;
+    match (was.abs() > limit, offset.abs() > limit) {
+        (false, true) => tracing::warn!(
+            offset_ms = offset / 1000,
+            "this node's clock differs from the database's: leases are compared across nodes by \
+             their clocks (run NTP on every node and on the database's host)"
+        ),
+        (true, false) => tracing::info!(
+            offset_ms = offset / 1000,
+            "clock back in step with the database's"
+        ),
+        _ => {}
+    }
+}
+
+/// Between probes, every `CLOCK_STEP_CHECK_EVERY`: the last measured offset carried forward by
+/// this node's own clocks ([`crate::metrics::Metrics::clock_offset_now_us`]), so that a step
+/// of this node's clock stops changes within that time, not at the next probe.
+pub async fn watch_clock_steps(ctx: Arc<StoreCtx>) {
+    let mut tick = tokio::time::interval(CLOCK_STEP_CHECK_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        judge_clock(&ctx, ctx.metrics.clock_offset_now_us());
+    }
+}
+
+/// Whether this node takes changes and claims deliveries with its clock `offset` µs off the
+/// database's; said in the log when that changes.
+fn judge_clock(ctx: &StoreCtx, offset: i64) {
     let off = ctx.config.clock_off(offset);
     if ctx.health.set_clock_off(off) {
         match off {
@@ -134,18 +169,5 @@ pub fn record_clock_offset(ctx: &StoreCtx, offset: i64) {
                 "clock within --clock-offset-max-ms of the database's again: taking events"
             ),
         }
-    }
-    let limit = CLOCK_OFFSET_WARN.as_micros() as i64;
-    match (was.abs() > limit, offset.abs() > limit) {
-        (false, true) => tracing::warn!(
-            offset_ms = offset / 1000,
-            "this node's clock differs from the database's: leases are compared across nodes by \
-             their clocks (run NTP on every node and on the database's host)"
-        ),
-        (true, false) => tracing::info!(
-            offset_ms = offset / 1000,
-            "clock back in step with the database's"
-        ),
-        _ => {}
     }
 }

@@ -66,6 +66,7 @@ impl Store {
         let jobs = tokio::spawn(jobs::run(inbox.jobs, Arc::clone(&ctx)));
         let background = vec![
             tokio::spawn(health::probe(Arc::clone(&ctx))),
+            tokio::spawn(health::watch_clock_steps(Arc::clone(&ctx))),
             tokio::spawn(listen::run(Arc::clone(&ctx))),
         ];
         Ok(Store {
