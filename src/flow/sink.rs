@@ -34,7 +34,7 @@ pub struct Health {
     unreachable: AtomicBool,
     /// This node's clock is further off the database's than `--clock-offset-max-ms`.
     clock_off: AtomicBool,
-    /// The probe has compared the clocks at least once.
+    /// The clocks have been compared at least once (a probe, or start-up's reading).
     clock_read: tokio::sync::watch::Sender<bool>,
 }
 
@@ -92,7 +92,7 @@ impl Health {
     }
 
     /// Wait (up to `limit`) until the probe has compared the clocks once; whether it has.
-    /// Start-up waits for it before serving or claiming.
+    /// Start-up waits for it before serving or claiming when its own reading failed.
     pub async fn wait_clock_read(&self, limit: std::time::Duration) -> bool {
         let mut rx = self.clock_read.subscribe();
         tokio::time::timeout(limit, rx.wait_for(|read| *read))
