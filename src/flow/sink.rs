@@ -53,12 +53,6 @@ impl Default for Health {
 }
 
 impl Health {
-    /// Whether this node takes writes: the last contact with the database worked, and this
-    /// node's clock is within `--clock-offset-max-ms` of the database's.
-    pub fn is_up(&self) -> bool {
-        self.database_up() && !self.clock_off.load(Ordering::Relaxed)
-    }
-
     /// Whether the last contact with the database worked (whatever the clock).
     pub fn database_up(&self) -> bool {
         self.up.load(Ordering::Relaxed)

@@ -231,13 +231,11 @@ pub async fn maintain(
     // One day: the earliest end among the expired partitions of the three tables (they are the
     // same days, unless a round failed half-way). A detach that was interrupted is finished
     // whatever the pace.
-    let paced = match expired.is_empty() {
-        true => false,
-        false => match last_drop_ms(client).await? {
-            Some(last) => last <= now_ms && now_ms - last < RETENTION_DROP_PACE.as_millis() as i64,
-            None => false,
-        },
-    };
+    let pace_ms = RETENTION_DROP_PACE.as_millis() as i64;
+    let paced = !expired.is_empty()
+        && last_drop_ms(client)
+            .await?
+            .is_some_and(|last| last <= now_ms && now_ms - last < pace_ms);
     let day_end = expired
         .iter()
         .map(|(_, p)| p.to_ms)

@@ -201,7 +201,7 @@ async fn write_until_settled(
         // request waits more than `db_timeout` for its answer once a writer took it.
         let deadline = Instant::now() + ctx.db_timeout;
         // While the database is known down not even the plan is tried (it may need a read).
-        let planned = match ctx.health.is_up() {
+        let planned = match ctx.health.database_up() {
             true => plan_delivery(ctx, batch, deadline).await,
             false => None,
         };
@@ -265,7 +265,7 @@ async fn write_batch(
     plan: &BatchPlan,
     deadline: Instant,
 ) -> Vec<Ingested> {
-    if !ctx.health.is_up() {
+    if !ctx.health.database_up() {
         return vec![Ingested::Refused(Refusal::Unavailable); batch.len()];
     }
     let all: Vec<usize> = (0..batch.len()).collect();
