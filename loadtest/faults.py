@@ -23,6 +23,9 @@ Drills (all real faults, no mocks):
   blackhole        a TCP proxy between server and database stops forwarding without closing
   receiver-down    the webhook receiver is down for 60 s (5 s smoke), then back
   node-kill        two nodes share the database; one is killed -9 with deliveries in flight
+  node-freeze      two nodes share the database; one is stopped (SIGSTOP: a paused VM, a stall)
+                   under load for 10 s (8 s smoke), past its 3 s leases, then goes on (SIGCONT):
+                   what it held is delivered by the other node while it is stopped
   read-pool        the read pool is held by slow queries (a lock on organizations) while
                    events are ingested at 1,000/s
   haproxy          three nodes behind deploy/haproxy/haproxy.cfg: the API through it, a free-tier
@@ -164,6 +167,7 @@ class Load:
         self.stop_flag = threading.Event()
         self.lock = threading.Lock()
         self.acked = {}          # dedup id -> event id
+        self.acked_at = {}       # dedup id -> when its acknowledgement came
         self.answers = []        # (t_start, t_end, status)
         self.stored_anyway = 0   # a retry found the first try stored (409 naming it)
         self.workers = [threading.Thread(target=self.work, args=(i,), daemon=True) for i in range(threads)]
@@ -212,6 +216,7 @@ class Load:
             if status in (201, 202):
                 with self.lock:
                     self.acked[dedup] = answer["id"]
+                    self.acked_at[dedup] = t_end
                 seq, retries = seq + 1, 0
             elif status == 409 and answer and answer.get("code") == "duplicate":
                 # An earlier try of this event was stored after all: acknowledged now.
@@ -694,6 +699,52 @@ def drill_node_kill(db, args):
     return r
 
 
+def drill_node_freeze(db, args):
+    r = Result("SIGSTOP one of two nodes, SIGCONT after its leases", 1, f"{args.rate}/s over 2 nodes")
+    receiver = Receiver(hold=0.05)
+    extra = ["--delivery-lease-s", "3", "--delivery-timeout-ms", "2000", "--delivery-poll-ms", "200",
+             "--db-timeout-ms", "2000"]
+    nodes = [Node(db.url, 0, extra), Node(db.url, 1, extra)]
+    keys = [new_org(nodes[0].port, f"freeze-{i}") for i in range(4)]
+    for k, _ in keys:
+        call(nodes[0].port, "POST", "/api/webhook/config", k, {"webhook_url": f"http://127.0.0.1:{RECEIVER_PORT}/hook"})
+    load = Load([n.port for n in nodes], [k for k, _ in keys], args.rate).start()
+    time.sleep(2.0 if args.smoke else 5.0)
+    t_freeze = time.monotonic()
+    # Stopped where it stands: its sockets stay open, its transactions and leases stay its own
+    # until the database ends the one and the other node takes the other over.
+    nodes[0].proc.send_signal(signal.SIGSTOP)
+    time.sleep(8.0 if args.smoke else 10.0)
+    # Everything acknowledged before the stop is delivered by now, by the other node: its lease
+    # (3 s) and the stopped node's transactions (--db-timeout-ms) are long over.
+    with load.lock:
+        before = {e for d, e in load.acked.items() if load.acked_at[d] < t_freeze - 0.5}
+    held_back = len(before - receiver.delivered())
+    if held_back:
+        r.failures.append(f"{held_back} events acknowledged before the stop were not delivered "
+                          f"while it lasted")
+    nodes[0].proc.send_signal(signal.SIGCONT)
+    t_thaw = time.monotonic()
+    time.sleep(2.0 if args.smoke else 5.0)
+    load.stop()
+    r.acked = len(load.acked)
+    r.missing, r.duplicates = check(db, [o for _, o in keys], load)
+    if r.missing or r.duplicates:
+        r.failures.append(f"missing {r.missing}, duplicates {r.duplicates}")
+    delivered, overlaps = check_deliveries(load, receiver, r)
+    r.recover = time.monotonic() - t_freeze
+    if call(nodes[0].port, "GET", "/health/ready")[0] != 200:
+        r.failures.append("the node that was stopped is not ready again")
+    first_after = load.first((201,), t_thaw)
+    r.notes.append(f"delivered {delivered:,} (the stopped node's taken over after its 3 s lease), "
+                   f"overlapping attempts {overlaps}; first 201 {((first_after or t_thaw) - t_thaw) * 1000:.0f} ms "
+                   f"after SIGCONT; answers {load.statuses(t_freeze, t_thaw)}")
+    for n in nodes:
+        n.stop()
+    receiver.down()
+    return r
+
+
 def drill_read_pool(db, args):
     rate = 200 if args.smoke else 1000
     r = Result("read pool held by slow queries", 1, f"{rate}/s")
@@ -885,6 +936,7 @@ DRILLS = {
     "blackhole": drill_blackhole,
     "receiver-down": drill_receiver_down,
     "node-kill": drill_node_kill,
+    "node-freeze": drill_node_freeze,
     "read-pool": drill_read_pool,
     "haproxy": drill_haproxy,
 }

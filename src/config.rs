@@ -103,6 +103,9 @@ pub const DATABASE_PATIENCE: Duration = Duration::from_secs(30);
 pub const DB_CONNECT_RETRY: Duration = Duration::from_millis(500);
 /// TCP keepalive idle time on database connections.
 pub const DB_KEEPALIVE_IDLE: Duration = Duration::from_secs(30);
+/// The least `idle_in_transaction_session_timeout` (ms) the server's connections set: the larger
+/// of this and `--db-timeout-ms` (`db::pg_config`).
+pub const IDLE_IN_TRANSACTION_MIN_MS: u64 = 1_000;
 /// How often the health probe checks a database that is up.
 pub const HEALTH_PROBE_EVERY_UP: Duration = Duration::from_secs(1);
 /// How often it checks one that is down (how soon writes resume after an outage).
@@ -574,7 +577,10 @@ options! {
     reply_timeout_ms: u64 = "15000", "reply-timeout-ms", "TRIGGERS_REPLY_TIMEOUT_MS";
     /// Largest inbox page in payload bytes; a page stops early (with a cursor) beyond it.
     inbox_page_bytes_max: usize = "8388608", "inbox-page-bytes-max", "TRIGGERS_INBOX_PAGE_BYTES_MAX";
-    /// Longest a database round trip may take before the request gets 503, in ms.
+    /// Longest a database round trip may take before the request gets 503, in ms. Also how long
+    /// PostgreSQL keeps a transaction of this server's open while it waits on the server (at least
+    /// 1 s; `idle_in_transaction_session_timeout`): a node that stalls mid-transaction holds no
+    /// lock longer.
     db_timeout_ms: u64 = "5000", "db-timeout-ms", "TRIGGERS_DB_TIMEOUT_MS";
     /// Longest a new database connection may take, in ms; also how fast an outage is noticed.
     db_connect_timeout_ms: u64 = "1000", "db-connect-timeout-ms", "TRIGGERS_DB_CONNECT_TIMEOUT_MS";

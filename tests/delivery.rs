@@ -709,6 +709,226 @@ async fn first_attempts_claimed_by_a_killed_node_are_delivered_after_its_lease()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_frozen_past_its_leases_sends_nothing_another_node_took_over() {
+    // A node stopped where it is (SIGSTOP: a paused VM, a stall of minutes) while it holds retries
+    // in memory, and in the middle of recording their first attempts: its transaction has written
+    // their rows and waits for the node's next statement, holding their locks. Another node must
+    // still take the retries over when their lease runs out (the database ends the stalled
+    // transaction after `--db-timeout-ms`; before, the take-over waited on its locks until the node
+    // went on) and deliver them. When the frozen node goes on, its retries are long due and its
+    // leases long over: it must send none of them, and record nothing over the other node's record.
+    let url = own_database("triggers_test_frozen_node").await;
+    let recv = Receiver::start(|_, _| Answer::status(503)).await;
+    let args = [
+        "--allow-private-webhooks",
+        "--delivery-lease-s",
+        "3",
+        "--delivery-timeout-ms",
+        "2000",
+        "--delivery-poll-ms",
+        "200",
+        "--db-timeout-ms",
+        "2000",
+        "--retry-schedule",
+        "1s,1s,1s,1s,1s,1s,1s,1s,1s,1s",
+        "--circuit-failures",
+        "1000",
+    ];
+    let a = Server::process_with_db(&args, &url);
+    let (key, _) = new_org(a.addr, "pro").await;
+    let ep = create_endpoint(a.addr, &key, json!({"url": recv.url("/")})).await;
+    let ep: uuid::Uuid = ep["id"].as_str().unwrap().parse().unwrap();
+    // A share lock on the endpoint's row holds the recording back at its health write, the last
+    // statement before COMMIT, with the deliveries' rows already written.
+    let mut held = db_at(&url).await;
+    let lock = held.transaction().await.unwrap();
+    lock.query("SELECT 1 FROM endpoints WHERE id = $1 FOR SHARE", &[&ep])
+        .await
+        .unwrap();
+    let ids = create_events(a.addr, &key, 20, "t").await;
+    recv.wait_until(Duration::from_secs(10), |r| {
+        ids.iter().all(|id| r.iter().any(|x| x.event_id() == *id))
+    })
+    .await;
+    let watch = db_at(&url).await;
+    let recording = |state: &str| {
+        format!(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE '%-delivery' \
+             AND query LIKE 'UPDATE endpoints%' AND {state}"
+        )
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while count(&watch, &recording("wait_event_type = 'Lock'")).await == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the recording never reached the endpoint"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    a.freeze();
+    lock.commit().await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while count(&watch, &recording("state = 'idle in transaction'")).await == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the transaction never waited on the node"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    recv.set_script(|_, _| Answer::status(200));
+    let b = Server::process_with_db(&args, &url);
+    recv.wait_until(Duration::from_secs(20), |r| all_answered(r, &ids, 200))
+        .await;
+    let mut recorded = HashMap::new();
+    for id in &ids {
+        let e = wait_status(b.addr, &key, id, "delivered", Duration::from_secs(10)).await;
+        recorded.insert(id.clone(), e["attempts"].clone());
+    }
+    let thawed_at = Instant::now();
+    a.thaw();
+    // The node goes on with every retry due at once and every lease over; give it time to act on
+    // them, to renew, hand back and record what it would.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let late: Vec<Received> = recv
+        .received()
+        .into_iter()
+        .filter(|r| r.at >= thawed_at)
+        .collect();
+    assert!(
+        late.is_empty(),
+        "sent after the frozen node went on: {}",
+        timeline(&late)
+    );
+    for id in &ids {
+        let oks = recv
+            .for_event(id)
+            .iter()
+            .filter(|r| r.answered == 200)
+            .count();
+        assert_eq!(oks, 1, "{id} was delivered {oks} times");
+        for node in [a.addr, b.addr] {
+            let e = get(node, &key, &format!("/api/events/{id}")).await.json();
+            assert_eq!(e["status"], "delivered", "{e}");
+            assert_eq!(e["attempts"], recorded[id], "{e}");
+            assert_eq!(
+                e["attempts"].as_u64().unwrap() as usize,
+                e["delivery_attempts"].as_array().unwrap().len(),
+                "{e}"
+            );
+        }
+    }
+    let client = db_at(&url).await;
+    assert_eq!(
+        count(
+            &client,
+            "SELECT count(*) FROM deliveries WHERE next_attempt_at IS NOT NULL"
+        )
+        .await,
+        0,
+        "a delivered delivery was made due again"
+    );
+    // The node that was frozen is whole: ready, and it takes and delivers a new event.
+    assert_eq!(get(a.addr, "", "/health/ready").await.status, 200);
+    let id = new_event_id(a.addr, &key, json!({"after": "thaw"})).await;
+    wait_status(a.addr, &key, &id, "delivered", Duration::from_secs(10)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_frozen_mid_attempt_records_nothing_over_the_node_that_took_over() {
+    // The same stall with first attempts in flight under a claimed batch's lease (a resumed
+    // backlog). The receiver answers them while the node is stopped; another node takes the batch
+    // over when its lease runs out and delivers each event. When the stopped node goes on it reads
+    // the old answers: each event was sent twice (at least once allows it; the first was sent
+    // before the stall), but what the stalled node heard is not recorded over the other node's
+    // record: every event reads delivered, with the one attempt the other node made, on both
+    // nodes, and nothing is sent after the stall.
+    let url = own_database("triggers_test_frozen_mid_attempt").await;
+    let recv = Receiver::start(|_, before| Answer {
+        delay: if before == 0 {
+            Duration::from_millis(1500)
+        } else {
+            Duration::ZERO
+        },
+        ..Answer::status(200)
+    })
+    .await;
+    let args = [
+        "--allow-private-webhooks",
+        "--delivery-lease-s",
+        "3",
+        "--delivery-timeout-ms",
+        "2500",
+        "--delivery-poll-ms",
+        "200",
+    ];
+    let a = Server::process_with_db(&args, &url);
+    let (key, _) = new_org(a.addr, "pro").await;
+    let ep = create_endpoint(a.addr, &key, json!({"url": recv.url("/")})).await;
+    let path = |verb: &str| format!("/api/endpoints/{}/{verb}", ep["id"].as_str().unwrap());
+    assert_eq!(post_empty(a.addr, &key, &path("pause")).await.status, 200);
+    let ids = create_events(a.addr, &key, 10, "t").await;
+    assert_eq!(post_empty(a.addr, &key, &path("resume")).await.status, 200);
+    recv.wait_until(Duration::from_secs(10), |r| {
+        ids.iter().all(|id| r.iter().any(|x| x.event_id() == *id))
+    })
+    .await;
+    // Every first attempt is in flight; the receiver answers each 1.5 s after it came.
+    a.freeze();
+    let b = Server::process_with_db(&args, &url);
+    recv.wait_until(Duration::from_secs(20), |r| {
+        ids.iter()
+            .all(|id| r.iter().filter(|x| x.event_id() == *id).count() >= 2)
+    })
+    .await;
+    for id in &ids {
+        wait_status(b.addr, &key, id, "delivered", Duration::from_secs(10)).await;
+    }
+    let thawed_at = Instant::now();
+    a.thaw();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let late: Vec<Received> = recv
+        .received()
+        .into_iter()
+        .filter(|r| r.at >= thawed_at)
+        .collect();
+    assert!(late.is_empty(), "sent after the stall: {}", timeline(&late));
+    for id in &ids {
+        assert_eq!(
+            recv.for_event(id).len(),
+            2,
+            "{}",
+            timeline(&recv.for_event(id))
+        );
+        for node in [a.addr, b.addr] {
+            let e = get(node, &key, &format!("/api/events/{id}")).await.json();
+            assert_eq!(e["status"], "delivered", "{e}");
+            let attempts = e["attempts"].as_u64().unwrap() as usize;
+            let log = e["delivery_attempts"].as_array().unwrap();
+            // The other node's attempt only: the stalled node's answer came under a lease
+            // that was no longer its own.
+            assert_eq!(attempts, 1, "{e}");
+            assert_eq!(log.len(), 1, "{e}");
+            assert_eq!(e["deliveries"][0]["status"], "delivered", "{e}");
+        }
+    }
+    let client = db_at(&url).await;
+    assert_eq!(
+        count(
+            &client,
+            "SELECT count(*) FROM deliveries WHERE next_attempt_at IS NOT NULL"
+        )
+        .await,
+        0,
+        "a delivered delivery was made due again"
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while count(&client, "SELECT count(*) FROM delivery_batches").await > 0 {
+        assert!(Instant::now() < deadline, "a settled batch row was left");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_claims_plan_looks_rows_up_by_key_whatever_the_estimates() {
     // The claim runs on its generic plan, planned without its parameters (the server forces it:
     // planning it afresh each time cost ~1 ms a claim): the claim's LIMIT is taken for a tenth

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 
-use crate::config::{Config, DB_CONNECT_RETRY, DB_KEEPALIVE_IDLE};
+use crate::config::{Config, DB_CONNECT_RETRY, DB_KEEPALIVE_IDLE, IDLE_IN_TRANSACTION_MIN_MS};
 
 /// Which part of the server a connection serves. Its `application_name` says so (`triggers`, or
 /// the name the URL gives, then `-ingest`, `-delivery`, …), so `pg_stat_activity`, the logs and
@@ -62,6 +62,17 @@ pub fn pg_config(config: &Config, part: Part) -> Result<tokio_postgres::Config, 
     // Every query here is short and prepared: JIT compilation (tens of milliseconds, started by
     // the planner's cost estimate) only ever costs more than it saves.
     add_option(&mut pg, "-c jit=off");
+    // A transaction left open by a node that stopped between two of its statements (a paused VM,
+    // a stall of minutes, a network cut that leaves the socket open) would keep its row locks
+    // until the node goes on, or until TCP keepalive gives up on it (hours): other nodes' take-
+    // overs of its deliveries, and any change to the endpoints it touched, would wait that long.
+    // PostgreSQL ends such a session instead. No transaction here waits on the node for longer
+    // than a request may wait on the database, so none is cut that would have finished.
+    let idle = config.db_timeout_ms.max(IDLE_IN_TRANSACTION_MIN_MS);
+    add_option(
+        &mut pg,
+        &format!("-c idle_in_transaction_session_timeout={idle}"),
+    );
     Ok(pg)
 }
 
@@ -250,10 +261,38 @@ mod tests {
         // timeout, serialization failure, deadlock, lost connection, admin shutdown, no code.
         for c in [
             "25006", "53100", "53200", "53300", "57014", "40001", "40P01", "08006", "57P01",
-            "23514",
+            "23514", "25P03",
         ] {
             assert_eq!(fault_of_code(Some(c)), Fault::Server, "{c}");
         }
         assert_eq!(fault_of_code(None), Fault::Server);
+    }
+
+    fn options_with(args: &[&str], url: &str) -> String {
+        let (_, config) = Config::from_args_and_env(
+            args.iter().map(|s| s.to_string()),
+            [("DATABASE_URL".to_string(), url.to_string())],
+        )
+        .unwrap();
+        let pg = pg_config(&config, Part::Delivery).unwrap();
+        pg.get_options().unwrap().to_string()
+    }
+
+    #[test]
+    fn a_transaction_left_open_by_a_stalled_node_is_ended_by_the_database() {
+        let url = "postgres://u@localhost/db";
+        assert!(options_with(&[], url).contains("-c idle_in_transaction_session_timeout=5000"));
+        let short = options_with(&["--db-timeout-ms", "200"], url);
+        assert!(
+            short.contains("-c idle_in_transaction_session_timeout=1000"),
+            "{short}"
+        );
+        // Options the URL carries are kept.
+        let own = options_with(&[], "postgres://u@localhost/db?options=-c%20work_mem%3D8MB");
+        assert!(own.starts_with("-c work_mem=8MB "), "{own}");
+        assert!(
+            own.contains("idle_in_transaction_session_timeout=5000"),
+            "{own}"
+        );
     }
 }

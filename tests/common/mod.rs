@@ -408,6 +408,24 @@ impl Server {
         }
     }
 
+    /// SIGSTOP: the process stops where it is (a paused VM, a long stall), holding everything
+    /// it held; [`Server::thaw`] lets it go on. Only a process can be frozen.
+    pub fn freeze(&self) {
+        self.signal(libc::SIGSTOP);
+    }
+
+    /// SIGCONT after [`Server::freeze`].
+    pub fn thaw(&self) {
+        self.signal(libc::SIGCONT);
+    }
+
+    fn signal(&self, sig: i32) {
+        match &self.kind {
+            Kind::Process(Some(child)) => unsafe_signal(child.id(), sig),
+            _ => panic!("start the server with Server::process to signal it"),
+        }
+    }
+
     /// Start a new process with the same arguments on the same port.
     pub fn restart(&mut self) {
         assert!(
