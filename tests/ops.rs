@@ -620,3 +620,47 @@ async fn a_node_whose_clock_is_far_off_takes_no_change_until_it_is_back() {
     assert_eq!(r.status, 503, "{}", r.text());
     assert_eq!(s.log_lines("further off the database's").len(), 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn start_up_names_the_session_settings_the_database_did_not_take() {
+    // Every connection asks for its settings in the startup packet (`options`); a pooler may drop
+    // them (PgBouncer with `ignore_startup_parameters = options`), and the migration's first
+    // round trip reads them back to say so. A connection without the options reads as dropped;
+    // one of the server's takes them.
+    use triggers::store::migrate::{settings_not_taken, LOCK_AND_SETTINGS, LOCK_ID};
+    let read = |client: tokio_postgres::Client| async move {
+        let row = client
+            .query_one(LOCK_AND_SETTINGS, &[&LOCK_ID])
+            .await
+            .unwrap();
+        client
+            .execute("SELECT pg_advisory_unlock($1)", &[&LOCK_ID])
+            .await
+            .unwrap();
+        let values: [String; 2] = [row.get(0), row.get(1)];
+        settings_not_taken(&[&values[0], &values[1]])
+    };
+    assert_eq!(
+        read(db().await).await,
+        ["idle_in_transaction_session_timeout", "jit"]
+    );
+    let (_, config) = triggers::config::Config::from_args_and_env(
+        ["serve".to_string()],
+        [("DATABASE_URL".to_string(), database_url())],
+    )
+    .unwrap();
+    let own = triggers::db::connect(
+        &config,
+        triggers::db::Part::Api,
+        std::time::Duration::from_secs(5),
+    )
+    .await
+    .unwrap();
+    assert!(read(own).await.is_empty());
+    // And a server started so says nothing of it.
+    let s = Server::start(&[]);
+    assert!(!s.log_lines("migrations up to date").is_empty());
+    assert!(s
+        .log_lines("did not take this server's session settings")
+        .is_empty());
+}

@@ -243,8 +243,26 @@ pub fn is_pool_busy(e: &deadpool_postgres::PoolError) -> bool {
 /// A database error with PostgreSQL's own message and code, not just "db error".
 pub fn describe(e: &tokio_postgres::Error) -> String {
     match e.as_db_error() {
-        Some(db) => format!("{} ({})", db.message(), db.code().code()),
+        Some(db) => format!(
+            "{} ({}){}",
+            db.message(),
+            db.code().code(),
+            pooler_hint(db.code().code())
+        ),
         None => e.to_string(),
+    }
+}
+
+/// What an error says about the way to the database, when it says something: a prepared
+/// statement of this connection gone (26000) is what a pooler in transaction mode leaves.
+pub fn pooler_hint(code: &str) -> &'static str {
+    match code {
+        "26000" => {
+            ": this connection's prepared statements are gone, as behind a pooler in transaction \
+             mode (PgBouncer pool_mode = transaction); the server needs a session per connection: \
+             session mode, or no pooler (README, \"Behind a connection pooler\")"
+        }
+        _ => "",
     }
 }
 
@@ -266,6 +284,14 @@ mod tests {
             assert_eq!(fault_of_code(Some(c)), Fault::Server, "{c}");
         }
         assert_eq!(fault_of_code(None), Fault::Server);
+    }
+
+    #[test]
+    fn a_prepared_statement_gone_names_the_pooler() {
+        assert!(pooler_hint("26000").contains("pool_mode = transaction"));
+        for c in ["57P01", "08006", "25P03", "23505"] {
+            assert_eq!(pooler_hint(c), "", "{c}");
+        }
     }
 
     fn options_with(args: &[&str], url: &str) -> String {

@@ -94,15 +94,38 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
 ];
 
 /// Arbitrary constant naming the migration lock.
-const LOCK_ID: i64 = 0x7472_6967_6765_7273; // "triggers"
+pub const LOCK_ID: i64 = 0x7472_6967_6765_7273; // "triggers"
+
+/// Take the migration lock (`$1`: [`LOCK_ID`]) and read the session's values of
+/// [`SESSION_SETTINGS`], in one round trip.
+pub const LOCK_AND_SETTINGS: &str =
+    "SELECT current_setting('idle_in_transaction_session_timeout'), \
+     current_setting('jit') FROM pg_advisory_lock($1) AS locked";
+
+/// The session settings every connection of the server asks for at start-up (`db::pg_config`),
+/// with the value each has when it was not taken.
+const SESSION_SETTINGS: [(&str, &str); 2] =
+    [("idle_in_transaction_session_timeout", "0"), ("jit", "on")];
 
 /// Apply pending migrations; returns the versions applied.
 pub async fn migrate(client: &mut Client) -> Result<Vec<i32>, String> {
     // The lock comes first: even CREATE TABLE IF NOT EXISTS fails when two nodes run it at once.
-    client
-        .execute("SELECT pg_advisory_lock($1)", &[&LOCK_ID])
+    // The same round trip reads the session's settings.
+    let row = client
+        .query_one(LOCK_AND_SETTINGS, &[&LOCK_ID])
         .await
         .map_err(describe)?;
+    let not_taken = settings_not_taken(&[row.get(0), row.get(1)]);
+    if !not_taken.is_empty() {
+        tracing::warn!(
+            settings = not_taken.join(", "),
+            "the database did not take this server's session settings (a pooler that drops \
+             the `options` startup parameter, as PgBouncer's ignore_startup_parameters does): \
+             set them on the role instead, e.g. ALTER ROLE <user> SET \
+             idle_in_transaction_session_timeout = '5s'; ALTER ROLE <user> SET jit = off \
+             (README, \"Behind a connection pooler\")"
+        );
+    }
     let result = apply_pending(client).await;
     let unlock = client
         .execute("SELECT pg_advisory_unlock($1)", &[&LOCK_ID])
@@ -112,10 +135,27 @@ pub async fn migrate(client: &mut Client) -> Result<Vec<i32>, String> {
     Ok(applied)
 }
 
+/// The names of [`SESSION_SETTINGS`] whose `values` (in that order) are what a session has when it
+/// did not take the server's.
+pub fn settings_not_taken(values: &[&str]) -> Vec<&'static str> {
+    SESSION_SETTINGS
+        .iter()
+        .zip(values)
+        .filter(|((_, untaken), value)| *untaken == **value)
+        .map(|((name, _), _)| *name)
+        .collect()
+}
+
 /// A database error with PostgreSQL's own message, not just "db error".
 pub fn describe(e: tokio_postgres::Error) -> String {
     match e.as_db_error() {
-        Some(db) => format!("{}: {} ({})", e, db.message(), db.code().code()),
+        Some(db) => format!(
+            "{}: {} ({}){}",
+            e,
+            db.message(),
+            db.code().code(),
+            crate::db::pooler_hint(db.code().code())
+        ),
         None => e.to_string(),
     }
 }
@@ -158,6 +198,18 @@ async fn apply_pending(client: &mut Client) -> Result<Vec<i32>, tokio_postgres::
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn settings_a_session_did_not_take_are_named() {
+        assert_eq!(
+            settings_not_taken(&["0", "on"]),
+            ["idle_in_transaction_session_timeout", "jit"]
+        );
+        assert_eq!(settings_not_taken(&["5s", "on"]), ["jit"]);
+        assert!(settings_not_taken(&["5s", "off"]).is_empty());
+        // Set on the role to another value than the server's: taken all the same.
+        assert!(settings_not_taken(&["1min", "off"]).is_empty());
+    }
 
     #[test]
     fn every_file_in_migrations_is_listed_in_order() {
