@@ -50,6 +50,71 @@ fn is_token_byte(b: u8) -> bool {
     b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
 }
 
+/// What reads show in place of a credential's value (see [`is_credential`]). Sent back as the
+/// value in a PATCH, it stands for the value the endpoint has for that name.
+pub const REDACTED: &str = "<redacted>";
+
+/// Parts of a header name that say its value is a credential: its value is never shown again
+/// once set (`Authorization`, `Proxy-Authorization`, `Cookie`, `X-API-Key`, `X-Auth-Token`,
+/// `X-Client-Secret`, `X-Session`, …). Naming too much hides a value that was harmless; naming
+/// too little shows a secret to whoever reads the endpoint.
+const CREDENTIAL_PARTS: [&str; 7] = [
+    "auth", "token", "secret", "key", "pass", "session", "cookie",
+];
+
+/// Whether a header named `name` holds a credential, whose value reads as [`REDACTED`].
+pub fn is_credential(name: &str) -> bool {
+    let lower = name.to_ascii_lowercase();
+    CREDENTIAL_PARTS.iter().any(|part| lower.contains(part))
+}
+
+/// The value a read shows for `name: value`.
+pub fn shown<'a>(name: &str, value: &'a str) -> &'a str {
+    if is_credential(name) {
+        REDACTED
+    } else {
+        value
+    }
+}
+
+/// The lines of a change, each credential whose value is [`REDACTED`] given the endpoint's own
+/// value for that name (names compared in any case) from `stored`; an error naming the header
+/// when the endpoint has no value for it.
+pub fn fill_redacted(lines: &[String], stored: &[String]) -> Result<Vec<String>, String> {
+    lines
+        .iter()
+        .map(|l| match split(l) {
+            Some((name, value)) if is_redacted(name, value) => stored
+                .iter()
+                .filter_map(|s| split(s))
+                .find(|(n, _)| n.eq_ignore_ascii_case(name))
+                .map(|(_, kept)| line(name, kept))
+                .ok_or_else(|| unknown_redacted(name)),
+            _ => Ok(l.clone()),
+        })
+        .collect()
+}
+
+/// Whether `name: value` is a credential's value as reads show it.
+pub fn is_redacted(name: &str, value: &str) -> bool {
+    value == REDACTED && is_credential(name)
+}
+
+/// Whether any line is a credential's value as reads show it.
+pub fn has_redacted(lines: &[String]) -> bool {
+    lines
+        .iter()
+        .any(|l| split(l).is_some_and(|(n, v)| is_redacted(n, v)))
+}
+
+/// The error for a [`REDACTED`] value where the endpoint keeps none for `name`.
+pub fn unknown_redacted(name: &str) -> String {
+    format!(
+        "`{name}` has the value {REDACTED}, which stands for the value the endpoint keeps for it, \
+         and it keeps none: send the value itself"
+    )
+}
+
 /// Why `name: value` may not be one of an endpoint's headers, or `None` when it may.
 pub fn header_error(name: &str, value: &str) -> Option<String> {
     if name.is_empty() || name.len() > NAME_BYTES_MAX || !name.bytes().all(is_token_byte) {
@@ -124,6 +189,44 @@ pub fn parse_line(line: &str) -> Option<(&str, &str)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn credentials_read_redacted_and_a_redacted_value_keeps_the_stored_one() {
+        for name in [
+            "Authorization",
+            "proxy-authorization",
+            "Cookie",
+            "X-API-Key",
+            "X-Auth-Token",
+            "X-Client-Secret",
+            "X-Password",
+            "X-Session-Id",
+        ] {
+            assert!(is_credential(name), "{name}");
+            assert_eq!(shown(name, "s3cr3t"), REDACTED);
+        }
+        for name in ["X-Tenant", "X-Region", "Accept"] {
+            assert!(!is_credential(name), "{name}");
+            assert_eq!(shown(name, "eu-1"), "eu-1");
+        }
+        let stored = vec![line("Authorization", "Bearer t0k"), line("X-Tenant", "a")];
+        let change = vec![line("authorization", REDACTED), line("X-Tenant", "b")];
+        assert!(has_redacted(&change));
+        assert_eq!(
+            fill_redacted(&change, &stored).unwrap(),
+            [line("authorization", "Bearer t0k"), line("X-Tenant", "b")]
+        );
+        let unknown = vec![line("X-API-Key", REDACTED)];
+        assert_eq!(
+            fill_redacted(&unknown, &stored).unwrap_err(),
+            unknown_redacted("X-API-Key")
+        );
+        assert!(!has_redacted(&stored));
+        // Only a credential's value stands for another: any other header's is its value.
+        let plain = vec![line("X-Tenant", REDACTED)];
+        assert!(!has_redacted(&plain));
+        assert_eq!(fill_redacted(&plain, &stored).unwrap(), plain);
+    }
 
     #[test]
     fn names_are_tokens_not_reserved_and_values_printable() {

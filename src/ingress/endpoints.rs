@@ -199,10 +199,20 @@ pub fn validate_endpoint_spec(
             event_types: patterns_field(body)?.flatten(),
             description: description_field(body)?.flatten(),
             rate_limit_per_second: rate_field(body)?.flatten(),
-            headers: headers_field(body)?.unwrap_or_default(),
+            headers: create_headers(body)?,
             signing_secret: secret_field(body)?,
         })
     })
+}
+
+/// A create's `headers`: as any, except that a new endpoint keeps no value for a
+/// [`endpoint_headers::REDACTED`] credential to stand for.
+fn create_headers(body: &Body<'_>) -> Result<Vec<String>, ApiError> {
+    let lines = headers_field(body)?.unwrap_or_default();
+    match endpoint_headers::fill_redacted(&lines, &[]) {
+        Ok(_) => Ok(lines),
+        Err(why) => Err(ApiError::validation("headers", why)),
+    }
 }
 
 /// The body of `PATCH /api/endpoints/{id}`: the members sent, each checked as on creation; at
@@ -281,7 +291,7 @@ pub fn write_endpoint(o: &mut Obj<'_>, e: &EndpointView) {
     };
     let mut headers = Obj::new(o.key("headers"));
     for (name, value) in e.headers.iter().filter_map(|l| endpoint_headers::split(l)) {
-        headers.str(name, value);
+        headers.str(name, endpoint_headers::shown(name, value));
     }
     headers.finish();
     o.str("status", e.status.as_str());

@@ -22,7 +22,7 @@ use crate::flow::job::{EndpointPatch, EndpointSpec, Once};
 use crate::flow::ORG_CHANGED_CHANNEL;
 use crate::ids::{new_v7, Micros, OrgId};
 use crate::url_policy::Unresolved;
-use crate::{signing_secret, url_policy};
+use crate::{endpoint_headers, signing_secret, url_policy};
 
 /// The columns [`endpoint_view`] reads, in its order.
 pub const ENDPOINT_COLUMNS: &str = "id, url, event_types, description, rate_limit_per_second, \
@@ -393,6 +393,29 @@ pub async fn patch(
     let now = Micros::now().to_system_time();
     let rate = patch.rate_limit_per_second.map(|r| r.map(|r| r as i32));
     let row = org_change!(ctx, org, "patch endpoint", |tx| {
+        // A credential sent back as reads show it keeps the value the endpoint has for it.
+        let headers = match &patch.headers {
+            Some(lines) if endpoint_headers::has_redacted(lines) => {
+                let stored: Vec<String> = tx
+                    .query_opt(
+                        "SELECT headers FROM endpoints \
+                         WHERE id = $1 AND org_id = $2 AND status <> $3 FOR UPDATE",
+                        &[&id, &org.0, &EndpointStatus::Removed.code()],
+                    )
+                    .await?
+                    .ok_or(NOT_FOUND)?
+                    .get(0);
+                let filled =
+                    endpoint_headers::fill_redacted(lines, &stored).map_err(|message| {
+                        Refusal::Invalid {
+                            field: "headers",
+                            message,
+                        }
+                    })?;
+                Some(filled)
+            }
+            other => other.clone(),
+        };
         tx.query_opt(
             &format!(
                 "UPDATE endpoints SET \
@@ -417,7 +440,7 @@ pub async fn patch(
                 &rate.flatten(),
                 &now,
                 &EndpointStatus::Removed.code(),
-                &patch.headers,
+                &headers,
             ],
         )
         .await?

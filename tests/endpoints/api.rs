@@ -164,20 +164,21 @@ async fn the_endpoints_api_creates_reads_changes_and_deletes() {
 
 /// An endpoint's own headers (an `Authorization` its receiver's gateway asks for) go with every
 /// delivery to it, beside the server's own; a PATCH replaces them, null removes them; reads show
-/// them as set.
+/// them as set, but for a credential's value, which reads as `<redacted>`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_endpoints_own_headers_go_with_every_delivery_and_a_patch_replaces_them() {
     let s = Server::start(&[PRIVATE]);
     let recv = Receiver::start(|_, _| Answer::status(200)).await;
     let (key, _) = new_org(s.addr, "pro").await;
     let own = json!({"Authorization": "Bearer gw-t0k3n", "X-Tenant": "acme eu-1"});
+    let shown = json!({"Authorization": "<redacted>", "X-Tenant": "acme eu-1"});
     let created =
         create_endpoint(s.addr, &key, json!({"url": recv.url("/h"), "headers": own})).await;
-    assert_eq!(created["headers"], own);
+    assert_eq!(created["headers"], shown);
     let path = format!("/api/endpoints/{}", created["id"].as_str().unwrap());
-    assert_eq!(get(s.addr, &key, &path).await.json()["headers"], own);
+    assert_eq!(get(s.addr, &key, &path).await.json()["headers"], shown);
     let listed = get(s.addr, &key, "/api/endpoints").await.json();
-    assert_eq!(listed["endpoints"][0]["headers"], own);
+    assert_eq!(listed["endpoints"][0]["headers"], shown);
 
     let first = post_typed(s.addr, &key, "order.paid").await;
     let got = recv
@@ -196,6 +197,54 @@ async fn an_endpoints_own_headers_go_with_every_delivery_and_a_patch_replaces_th
     };
     assert_eq!((named("host"), named("authorization")), (1, 1));
 
+    // What a read shows, sent back with one value changed: the credential keeps its value.
+    let back = patch(
+        s.addr,
+        &key,
+        &path,
+        &json!({"headers": {"Authorization": "<redacted>", "X-Tenant": "acme eu-3"}}),
+    )
+    .await;
+    assert_eq!(back.status, 200, "{}", back.text());
+    assert_eq!(
+        back.json()["headers"],
+        json!({"Authorization": "<redacted>", "X-Tenant": "acme eu-3"})
+    );
+    post_typed(s.addr, &key, "order.paid").await;
+    let got = recv
+        .wait_until(Duration::from_secs(10), |r| r.len() >= 2)
+        .await;
+    assert_eq!(got[1].header("authorization"), Some("Bearer gw-t0k3n"));
+    assert_eq!(got[1].header("x-tenant"), Some("acme eu-3"));
+    // A redacted value for a credential the endpoint does not have is refused, and changes
+    // nothing; so is one on a create, which has none.
+    let unknown = patch(
+        s.addr,
+        &key,
+        &path,
+        &json!({"headers": {"X-API-Key": "<redacted>", "X-Tenant": "x"}}),
+    )
+    .await;
+    assert_eq!(unknown.status, 422, "{}", unknown.text());
+    assert_eq!(unknown.json()["field"], "headers");
+    assert!(unknown.json()["error"]
+        .as_str()
+        .unwrap()
+        .contains("X-API-Key"));
+    assert_eq!(
+        get(s.addr, &key, &path).await.json()["headers"]["X-Tenant"],
+        "acme eu-3"
+    );
+    let fresh = post(
+        s.addr,
+        &key,
+        "/api/endpoints",
+        &json!({"url": recv.url("/h"), "headers": {"Authorization": "<redacted>"}}),
+    )
+    .await;
+    assert_eq!(fresh.status, 422, "{}", fresh.text());
+    assert_eq!(fresh.json()["field"], "headers");
+
     // A PATCH replaces the whole set (what is not named goes); deliveries from then on carry it.
     let changed = patch(
         s.addr,
@@ -208,10 +257,10 @@ async fn an_endpoints_own_headers_go_with_every_delivery_and_a_patch_replaces_th
     assert_eq!(changed.json()["headers"], json!({"X-Tenant": "acme us-2"}));
     post_typed(s.addr, &key, "order.paid").await;
     let got = recv
-        .wait_until(Duration::from_secs(10), |r| r.len() >= 2)
+        .wait_until(Duration::from_secs(10), |r| r.len() >= 3)
         .await;
-    assert_eq!(got[1].header("x-tenant"), Some("acme us-2"));
-    assert_eq!(got[1].header("authorization"), None);
+    assert_eq!(got[2].header("x-tenant"), Some("acme us-2"));
+    assert_eq!(got[2].header("authorization"), None);
 
     // null: none of its own; a PATCH of something else leaves them as they are.
     let same = patch(s.addr, &key, &path, &json!({"description": "d"})).await;
@@ -220,9 +269,9 @@ async fn an_endpoints_own_headers_go_with_every_delivery_and_a_patch_replaces_th
     assert_eq!(cleared.json()["headers"], json!({}));
     post_typed(s.addr, &key, "order.paid").await;
     let got = recv
-        .wait_until(Duration::from_secs(10), |r| r.len() >= 3)
+        .wait_until(Duration::from_secs(10), |r| r.len() >= 4)
         .await;
-    assert_eq!(got[2].header("x-tenant"), None);
+    assert_eq!(got[3].header("x-tenant"), None);
 }
 
 /// Headers that could change what the request means (a second `Content-Length`, a line break
