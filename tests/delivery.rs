@@ -1078,21 +1078,6 @@ async fn a_claimed_redelivery_with_an_earlier_success_is_owed_after_a_crash() {
     assert_eq!(e["attempts"], 2);
 }
 
-/// A metric without labels of the server's, from its metrics listener.
-async fn metric(s: &Server, name: &str) -> f64 {
-    let text = call(s.metrics_addr.unwrap(), "GET", "/metrics", &[], None)
-        .await
-        .text();
-    text.lines()
-        .find(|l| {
-            l.strip_prefix(name)
-                .is_some_and(|rest| rest.starts_with(' '))
-        })
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("{name} is served"))
-}
-
 /// The restarted node's `triggers_endpoint_cache_loads_total`.
 async fn endpoint_cache_loads(s: &Server) -> f64 {
     metric(s, "triggers_endpoint_cache_loads_total").await

@@ -387,3 +387,51 @@ async fn a_node_started_with_its_clock_weeks_ahead_drops_nothing() {
     }
     assert_eq!(count(&client, "SELECT count(*) FROM events").await, 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clocks_set_back_behind_the_newest_event_are_reported() {
+    // A single box's clocks (node and database on one) set back, as a board without a real-time
+    // clock starts with an old time: nothing compares the two clocks to see it, but the newest
+    // event stored is then ahead of both. Made here by storing an event two days ahead, which is
+    // what such a box finds when its clocks went back two days. The start-up round reads it: the
+    // metric says how far, and the log says what it means once.
+    let url = own_database("triggers_test_retention_set_back").await;
+    let mut s = Server::start_with_db(&[], &url);
+    let (key, org) = new_org(s.addr, "pro").await;
+    new_event_id(s.addr, &key, json!(1)).await;
+    assert_eq!(metric(&s, "triggers_newest_event_ahead_seconds").await, 0.0);
+    s.stop();
+    drop(s);
+    let client = db_at(&url).await;
+    let ahead: String = client
+        .query_one(
+            "SELECT lpad(to_hex((extract(epoch FROM now() + interval '2 days') * 1000)::bigint), \
+                    12, '0')",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let future = format!("{}-{}-7000-8000-000000000001", &ahead[..8], &ahead[8..]);
+    client
+        .execute(
+            &format!(
+                "INSERT INTO events (id, org_id, type, payload, status, created_at) \
+                 VALUES ('{future}', '{org}', 't', '{{}}', 0, now())"
+            ),
+            &[],
+        )
+        .await
+        .unwrap();
+    let s = Server::start_with_db(&[], &url);
+    let seconds = metric(&s, "triggers_newest_event_ahead_seconds").await;
+    assert!(
+        (2.0 * 86_400.0 - 60.0..=2.0 * 86_400.0 + 1.0).contains(&seconds),
+        "{seconds}"
+    );
+    let said = s.log_lines("the newest event stored is ahead");
+    assert_eq!(said.len(), 1, "{said:?}");
+    // Events are still taken; they sort before the one ahead of the clocks.
+    let id = new_event_id(s.addr, &key, json!(2)).await;
+    assert!(id < future, "{id} {future}");
+}

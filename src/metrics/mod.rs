@@ -144,6 +144,9 @@ pub struct Metrics {
     pub retention_failures: AtomicU64,
     /// When this node last finished a partition-maintenance round (Unix seconds; 0: never).
     pub retention_ok_at: AtomicI64,
+    /// How far the newest event stored is ahead of the earlier of this node's and the database's
+    /// clocks, in µs (0: not ahead), as the last partition-maintenance round read it.
+    pub newest_event_ahead_us: AtomicI64,
     /// This node's clock less the database's, in µs, as the health probe last measured it.
     pub clock_offset_us: AtomicI64,
     /// That offset carried forward: see [`Metrics::clock_offset_now_us`].
@@ -255,6 +258,7 @@ impl Metrics {
             partitions_dropped: AtomicU64::new(0),
             retention_failures: AtomicU64::new(0),
             retention_ok_at: AtomicI64::new(0),
+            newest_event_ahead_us: AtomicI64::new(0),
             clock_offset_us: AtomicI64::new(0),
             clock_offset_base_us: AtomicI64::new(-wall_less_monotonic_us()),
             store: std::sync::OnceLock::new(),
@@ -593,6 +597,16 @@ impl Metrics {
              under a second.",
             "gauge",
             self.clock_offset_us.load(Ordering::Relaxed) as f64 / 1e6,
+        );
+        single(
+            &mut out,
+            "triggers_newest_event_ahead_seconds",
+            "How far the newest event stored is ahead of this node's and the database's clocks \
+             (the earlier of them), as the last partition-maintenance round read it; 0 when it is \
+             not. More than a few seconds: the clocks were set back (a board without a real-time \
+             clock that started with an old time), and new events sort before older ones.",
+            "gauge",
+            self.newest_event_ahead_us.load(Ordering::Relaxed) as f64 / 1e6,
         );
         let store = self.store.get().map(|probe| probe()).unwrap_or_default();
         single(

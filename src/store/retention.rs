@@ -349,7 +349,8 @@ async fn maintain_on(
     let row = client
         .query_one(
             "SELECT pg_try_advisory_lock($1), \
-                    (extract(epoch FROM clock_timestamp()) * 1000000)::bigint",
+                    (extract(epoch FROM clock_timestamp()) * 1000000)::bigint, \
+                    (SELECT id FROM events ORDER BY id DESC LIMIT 1)",
             &[&LOCK_ID],
         )
         .await;
@@ -358,6 +359,7 @@ async fn maintain_on(
         Err(e) => return (None, Err(describe(&e))),
     };
     let clocks = Clocks::halfway(sent, row.get(1), Micros::now());
+    note_newest(metrics, config, clocks, row.get(2));
     if !row.get::<_, bool>(0) {
         metrics
             .retention_ok_at
@@ -380,6 +382,39 @@ async fn maintain_on(
         }
     }
     (Some(clocks), result.map(Some))
+}
+
+/// How far the newest event stored (`newest`) is ahead of the earlier of the two clocks, in µs;
+/// 0 when it is not ahead.
+pub fn newest_ahead_us(clocks: Clocks, newest: Option<Uuid>) -> i64 {
+    let earlier = clocks.node.0.min(clocks.database.0);
+    newest.map_or(0, |id| (uuid_ms(id) * 1000 - earlier).max(0))
+}
+
+/// Record how far the newest event is ahead of the clocks, and say so once when it goes past
+/// `--clock-offset-max-ms` (and once when it is back): the clocks of a single box (node and
+/// database on one clock, so no offset between them shows it) were set back, as on a board
+/// without a real-time clock that started with an old time. Events taken meanwhile sort before
+/// older ones, carry that time in their ids and `created_at`, and expire that much early.
+fn note_newest(metrics: &Metrics, config: &Config, clocks: Clocks, newest: Option<Uuid>) {
+    let ahead = newest_ahead_us(clocks, newest);
+    let before = metrics.newest_event_ahead_us.swap(ahead, Ordering::Relaxed);
+    let limit = config.clock_offset_max_ms as i64 * 1000;
+    if limit == 0 {
+        return;
+    }
+    if ahead > limit && before <= limit {
+        tracing::error!(
+            ahead_s = ahead / 1_000_000,
+            newest = %newest.unwrap_or_default(),
+            "the newest event stored is ahead of this node's and the database's clocks: they were \
+             set back (a board without a real-time clock that started with an old time, or a clock \
+             stepped back from far ahead). Events taken now sort before it and carry the clocks' \
+             time; set the clocks right (NTP)"
+        );
+    } else if ahead <= limit && before > limit {
+        tracing::info!("the clocks are past the newest event stored again");
+    }
 }
 
 /// A round now, logged; the clocks it read, `None` when it could not.
@@ -445,6 +480,29 @@ mod tests {
     use super::*;
 
     const DAY_US: i64 = MS_PER_DAY * 1000;
+
+    #[test]
+    fn the_newest_event_is_measured_against_the_earlier_clock() {
+        let t = Micros(1_796_169_600_000_000);
+        let at = |ms: i64| Some(new_v7_at(ms));
+        let clocks = Clocks {
+            node: t,
+            database: Micros(t.0 + 5_000_000),
+        };
+        assert_eq!(newest_ahead_us(clocks, None), 0);
+        assert_eq!(newest_ahead_us(clocks, at(t.0 / 1000 - 1_000)), 0);
+        assert_eq!(newest_ahead_us(clocks, at(t.0 / 1000 + 2_000)), 2_000_000);
+        let behind = Clocks {
+            node: Micros(t.0 + 5_000_000),
+            database: t,
+        };
+        assert_eq!(newest_ahead_us(behind, at(t.0 / 1000 + 2_000)), 2_000_000);
+    }
+
+    /// A UUIDv7 of millisecond `ms`.
+    fn new_v7_at(ms: i64) -> Uuid {
+        Uuid::from_u128(((ms as u128) << 80) | (0x7 << 76) | (0b10 << 62))
+    }
 
     #[test]
     fn expiry_goes_by_the_earlier_clock_and_partitions_by_the_later_within_two_weeks() {

@@ -1238,3 +1238,18 @@ pub async fn create_endpoint(addr: SocketAddr, key: &str, body: Value) -> Value 
     assert_eq!(r.status, 201, "{}", r.text());
     r.json()
 }
+
+/// The value of the metric `name` (no labels) on the server's metrics listener.
+pub async fn metric(s: &Server, name: &str) -> f64 {
+    let text = call(s.metrics_addr.unwrap(), "GET", "/metrics", &[], None)
+        .await
+        .text();
+    text.lines()
+        .find(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with(' '))
+        })
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("{name} is served"))
+}
