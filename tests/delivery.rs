@@ -637,6 +637,76 @@ const OLDER_TAKE_OVER: &str = "\
         WHERE a.event_id = e.id AND a.endpoint_id = ep.id AND a.response_status BETWEEN 200 AND 299) \
     ON CONFLICT DO NOTHING";
 
+/// Deliveries due or scheduled.
+const DUE: &str = "SELECT count(*) FROM deliveries WHERE next_attempt_at IS NOT NULL";
+
+/// Let a frozen node go on (SIGCONT) with every lease it held over, give it 4 s to act on what it
+/// held (attempt, renew, hand back, record), and see that it sent `recv` nothing meanwhile.
+async fn thaw_and_see_nothing_sent(node: &Server, recv: &Receiver) {
+    let thawed_at = Instant::now();
+    node.thaw();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let late: Vec<Received> = recv
+        .received()
+        .into_iter()
+        .filter(|r| r.at >= thawed_at)
+        .collect();
+    assert!(
+        late.is_empty(),
+        "sent after the frozen node went on: {}",
+        timeline(&late)
+    );
+}
+
+/// A node's arguments for the tests of a node that goes while it holds deliveries: a 3 s lease,
+/// 2 s attempts, claims every 200 ms.
+const SHORT_LEASE: [&str; 7] = [
+    "--allow-private-webhooks",
+    "--delivery-lease-s",
+    "3",
+    "--delivery-timeout-ms",
+    "2000",
+    "--delivery-poll-ms",
+    "200",
+];
+
+/// A receiver that sits on the first request of each event (30 s) and answers the others at once.
+async fn sitting_receiver() -> Receiver {
+    Receiver::start(|_, before| Answer {
+        delay: if before == 0 {
+            Duration::from_secs(30)
+        } else {
+            Duration::ZERO
+        },
+        ..Answer::status(200)
+    })
+    .await
+}
+
+/// A node on `url` (the real binary, [`SHORT_LEASE`]) with `n` events whose first attempts are
+/// in flight to `recv` (a [`sitting_receiver`]), claimed under one batch's lease: a backlog with
+/// no attempt yet (a paused endpoint's), resumed. The node, its key and the events' ids.
+async fn first_attempts_in_flight(
+    url: &str,
+    recv: &Receiver,
+    n: usize,
+) -> (Server, String, Vec<String>) {
+    let s = Server::process_with_db(&SHORT_LEASE, url);
+    let (key, _) = new_org(s.addr, "pro").await;
+    let ep = create_endpoint(s.addr, &key, json!({"url": recv.url("/")})).await;
+    let path = |verb: &str| format!("/api/endpoints/{}/{verb}", ep["id"].as_str().unwrap());
+    assert_eq!(post_empty(s.addr, &key, &path("pause")).await.status, 200);
+    let ids = create_events(s.addr, &key, n, "t").await;
+    let parked = "SELECT count(*) FROM deliveries WHERE status = 0 AND next_attempt_at IS NULL";
+    assert_eq!(count(&db_at(url).await, parked).await, n as i64);
+    assert_eq!(post_empty(s.addr, &key, &path("resume")).await.status, 200);
+    recv.wait_until(Duration::from_secs(10), |r| {
+        ids.iter().all(|id| r.iter().any(|x| x.event_id() == *id))
+    })
+    .await;
+    (s, key, ids)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn first_attempts_claimed_by_a_killed_node_are_delivered_after_its_lease() {
     // A backlog with no attempt yet (a paused endpoint's, resumed) leaves the deliveries table
@@ -645,38 +715,9 @@ async fn first_attempts_claimed_by_a_killed_node_are_delivered_after_its_lease()
     // back and delivers it, and no row of either kind is left behind. An older build's node
     // never takes such a batch over.
     let url = own_database("triggers_test_claimed_batch").await;
-    let recv = Receiver::start(|_, before| Answer {
-        delay: if before == 0 {
-            Duration::from_secs(30)
-        } else {
-            Duration::ZERO
-        },
-        ..Answer::status(200)
-    })
-    .await;
-    let args = [
-        "--allow-private-webhooks",
-        "--delivery-lease-s",
-        "3",
-        "--delivery-timeout-ms",
-        "2000",
-        "--delivery-poll-ms",
-        "200",
-    ];
-    let mut s = Server::process_with_db(&args, &url);
-    let (key, _) = new_org(s.addr, "pro").await;
-    let ep = create_endpoint(s.addr, &key, json!({"url": recv.url("/")})).await;
-    let path = |verb: &str| format!("/api/endpoints/{}/{verb}", ep["id"].as_str().unwrap());
-    assert_eq!(post_empty(s.addr, &key, &path("pause")).await.status, 200);
-    let ids = create_events(s.addr, &key, 20, "t").await;
+    let recv = sitting_receiver().await;
+    let (mut s, key, ids) = first_attempts_in_flight(&url, &recv, 20).await;
     let client = db_at(&url).await;
-    let parked = "SELECT count(*) FROM deliveries WHERE status = 0 AND next_attempt_at IS NULL";
-    assert_eq!(count(&client, parked).await, 20);
-    assert_eq!(post_empty(s.addr, &key, &path("resume")).await.status, 200);
-    recv.wait_until(Duration::from_secs(10), |r| {
-        ids.iter().all(|id| r.iter().any(|x| x.event_id() == *id))
-    })
-    .await;
     // In flight: out of the table, named by the claim's batch row.
     assert_eq!(count(&client, "SELECT count(*) FROM deliveries").await, 0);
     let members =
@@ -719,21 +760,9 @@ async fn a_node_frozen_past_its_leases_sends_nothing_another_node_took_over() {
     // leases long over: it must send none of them, and record nothing over the other node's record.
     let url = own_database("triggers_test_frozen_node").await;
     let recv = Receiver::start(|_, _| Answer::status(503)).await;
-    let args = [
-        "--allow-private-webhooks",
-        "--delivery-lease-s",
-        "3",
-        "--delivery-timeout-ms",
-        "2000",
-        "--delivery-poll-ms",
-        "200",
-        "--db-timeout-ms",
-        "2000",
-        "--retry-schedule",
-        "1s,1s,1s,1s,1s,1s,1s,1s,1s,1s",
-        "--circuit-failures",
-        "1000",
-    ];
+    let retries = ["--retry-schedule", "1s,1s,1s,1s,1s,1s,1s,1s,1s,1s"];
+    let more = ["--db-timeout-ms", "2000", "--circuit-failures", "1000"];
+    let args = [&SHORT_LEASE[..], &retries, &more].concat();
     let a = Server::process_with_db(&args, &url);
     let (key, _) = new_org(a.addr, "pro").await;
     let ep = create_endpoint(a.addr, &key, json!({"url": recv.url("/")})).await;
@@ -757,24 +786,30 @@ async fn a_node_frozen_past_its_leases_sends_nothing_another_node_took_over() {
              AND query LIKE 'UPDATE endpoints%' AND {state}"
         )
     };
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while count(&watch, &recording("wait_event_type = 'Lock'")).await == 0 {
-        assert!(
-            Instant::now() < deadline,
-            "the recording never reached the endpoint"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let seen = |state: &str, limit: u64, what: &'static str| {
+        let (watch, sql) = (&watch, recording(state));
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(limit);
+            while count(watch, &sql).await == 0 {
+                assert!(Instant::now() < deadline, "{what}");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    };
+    seen(
+        "wait_event_type = 'Lock'",
+        10,
+        "the recording never reached the endpoint",
+    )
+    .await;
     a.freeze();
     lock.commit().await.unwrap();
-    let deadline = Instant::now() + Duration::from_secs(2);
-    while count(&watch, &recording("state = 'idle in transaction'")).await == 0 {
-        assert!(
-            Instant::now() < deadline,
-            "the transaction never waited on the node"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    seen(
+        "state = 'idle in transaction'",
+        2,
+        "the transaction never waited on the node",
+    )
+    .await;
     recv.set_script(|_, _| Answer::status(200));
     let b = Server::process_with_db(&args, &url);
     recv.wait_until(Duration::from_secs(20), |r| all_answered(r, &ids, 200))
@@ -784,21 +819,7 @@ async fn a_node_frozen_past_its_leases_sends_nothing_another_node_took_over() {
         let e = wait_status(b.addr, &key, id, "delivered", Duration::from_secs(10)).await;
         recorded.insert(id.clone(), e["attempts"].clone());
     }
-    let thawed_at = Instant::now();
-    a.thaw();
-    // The node goes on with every retry due at once and every lease over; give it time to act on
-    // them, to renew, hand back and record what it would.
-    tokio::time::sleep(Duration::from_secs(4)).await;
-    let late: Vec<Received> = recv
-        .received()
-        .into_iter()
-        .filter(|r| r.at >= thawed_at)
-        .collect();
-    assert!(
-        late.is_empty(),
-        "sent after the frozen node went on: {}",
-        timeline(&late)
-    );
+    thaw_and_see_nothing_sent(&a, &recv).await;
     for id in &ids {
         let oks = recv
             .for_event(id)
@@ -819,11 +840,7 @@ async fn a_node_frozen_past_its_leases_sends_nothing_another_node_took_over() {
     }
     let client = db_at(&url).await;
     assert_eq!(
-        count(
-            &client,
-            "SELECT count(*) FROM deliveries WHERE next_attempt_at IS NOT NULL"
-        )
-        .await,
+        count(&client, DUE).await,
         0,
         "a delivered delivery was made due again"
     );
@@ -843,38 +860,10 @@ async fn a_node_frozen_mid_attempt_records_nothing_over_the_node_that_took_over(
     // node's record: every event reads delivered, with the one attempt the other node made, on
     // both nodes, and nothing is sent after the stall.
     let url = own_database("triggers_test_frozen_mid_attempt").await;
-    let recv = Receiver::start(|_, before| Answer {
-        delay: if before == 0 {
-            Duration::from_secs(30)
-        } else {
-            Duration::ZERO
-        },
-        ..Answer::status(200)
-    })
-    .await;
-    let args = [
-        "--allow-private-webhooks",
-        "--delivery-lease-s",
-        "3",
-        "--delivery-timeout-ms",
-        "2500",
-        "--delivery-poll-ms",
-        "200",
-    ];
-    let a = Server::process_with_db(&args, &url);
-    let (key, _) = new_org(a.addr, "pro").await;
-    let ep = create_endpoint(a.addr, &key, json!({"url": recv.url("/")})).await;
-    let path = |verb: &str| format!("/api/endpoints/{}/{verb}", ep["id"].as_str().unwrap());
-    assert_eq!(post_empty(a.addr, &key, &path("pause")).await.status, 200);
-    let ids = create_events(a.addr, &key, 10, "t").await;
-    assert_eq!(post_empty(a.addr, &key, &path("resume")).await.status, 200);
-    recv.wait_until(Duration::from_secs(10), |r| {
-        ids.iter().all(|id| r.iter().any(|x| x.event_id() == *id))
-    })
-    .await;
-    // Every first attempt is in flight, and stays so.
+    let recv = sitting_receiver().await;
+    let (a, key, ids) = first_attempts_in_flight(&url, &recv, 10).await;
     a.freeze();
-    let b = Server::process_with_db(&args, &url);
+    let b = Server::process_with_db(&SHORT_LEASE, &url);
     recv.wait_until(Duration::from_secs(20), |r| {
         ids.iter()
             .all(|id| r.iter().filter(|x| x.event_id() == *id).count() >= 2)
@@ -883,15 +872,7 @@ async fn a_node_frozen_mid_attempt_records_nothing_over_the_node_that_took_over(
     for id in &ids {
         wait_status(b.addr, &key, id, "delivered", Duration::from_secs(10)).await;
     }
-    let thawed_at = Instant::now();
-    a.thaw();
-    tokio::time::sleep(Duration::from_secs(4)).await;
-    let late: Vec<Received> = recv
-        .received()
-        .into_iter()
-        .filter(|r| r.at >= thawed_at)
-        .collect();
-    assert!(late.is_empty(), "sent after the stall: {}", timeline(&late));
+    thaw_and_see_nothing_sent(&a, &recv).await;
     for id in &ids {
         assert_eq!(
             recv.for_event(id).len(),
@@ -904,8 +885,8 @@ async fn a_node_frozen_mid_attempt_records_nothing_over_the_node_that_took_over(
             assert_eq!(e["status"], "delivered", "{e}");
             let attempts = e["attempts"].as_u64().unwrap() as usize;
             let log = e["delivery_attempts"].as_array().unwrap();
-            // The other node's attempt only: the stalled node's answer came under a lease
-            // that was no longer its own.
+            // The other node's attempt only: the stalled node's ended under a lease that was no
+            // longer its own.
             assert_eq!(attempts, 1, "{e}");
             assert_eq!(log.len(), 1, "{e}");
             assert_eq!(e["deliveries"][0]["status"], "delivered", "{e}");
@@ -913,11 +894,7 @@ async fn a_node_frozen_mid_attempt_records_nothing_over_the_node_that_took_over(
     }
     let client = db_at(&url).await;
     assert_eq!(
-        count(
-            &client,
-            "SELECT count(*) FROM deliveries WHERE next_attempt_at IS NOT NULL"
-        )
-        .await,
+        count(&client, DUE).await,
         0,
         "a delivered delivery was made due again"
     );

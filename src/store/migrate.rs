@@ -104,7 +104,7 @@ pub const LOCK_AND_SETTINGS: &str =
 
 /// The session settings every connection of the server asks for at start-up (`db::pg_config`),
 /// with the value each has when it was not taken.
-const SESSION_SETTINGS: [(&str, &str); 2] =
+pub const SESSION_SETTINGS: [(&str, &str); 2] =
     [("idle_in_transaction_session_timeout", "0"), ("jit", "on")];
 
 /// Apply pending migrations; returns the versions applied.
