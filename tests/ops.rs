@@ -664,3 +664,40 @@ async fn start_up_names_the_session_settings_the_database_did_not_take() {
         .log_lines("did not take this server's session settings")
         .is_empty());
 }
+
+#[test]
+fn a_database_that_cannot_be_reached_is_named_with_postgresqls_own_words() {
+    // Start-up retries while the database comes up, and says why each try failed: PostgreSQL's
+    // message and code (a database or a role that does not exist, a password refused, a pooler
+    // refusing a startup parameter), or the socket's error, not tokio-postgres's "db error".
+    use std::io::BufRead;
+    let url = database_url();
+    let (base, _) = url.rsplit_once('/').unwrap();
+    for (target, says) in [
+        (
+            format!("{base}/triggers_no_such_database"),
+            "database \\\"triggers_no_such_database\\\" does not exist (3D000)",
+        ),
+        (
+            "postgres://triggers@127.0.0.1:1/x".to_string(),
+            "error connecting to server: Connection refused",
+        ),
+    ] {
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_triggers"))
+            .args(["migrate", "--database-url", &target])
+            .env_clear()
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+        let line = stdout
+            .lines()
+            .map_while(Result::ok)
+            .find(|l| l.contains("database not reachable yet"));
+        let _ = child.kill();
+        let _ = child.wait();
+        let line = line.expect("a retry is logged");
+        assert!(line.contains(says), "{line}");
+    }
+}

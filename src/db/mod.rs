@@ -140,11 +140,13 @@ pub async fn connect(
                 });
                 return Ok(client);
             }
+            // PostgreSQL's own words (a database or role that does not exist, a password
+            // refused, a pooler refusing a startup parameter), not tokio-postgres's "db error".
             Err(e) if tokio::time::Instant::now() < deadline => {
-                tracing::warn!(error = %e, "database not reachable yet; retrying");
+                tracing::warn!(error = %describe(&e), "database not reachable yet; retrying");
                 tokio::time::sleep(DB_CONNECT_RETRY).await;
             }
-            Err(e) => return Err(format!("cannot connect to the database: {e}")),
+            Err(e) => return Err(format!("cannot connect to the database: {}", describe(&e))),
         }
     }
 }
@@ -249,7 +251,11 @@ pub fn describe(e: &tokio_postgres::Error) -> String {
             db.code().code(),
             pooler_hint(db.code().code())
         ),
-        None => e.to_string(),
+        // The cause too ("error connecting to server: Connection refused (os error 111)").
+        None => match std::error::Error::source(e) {
+            Some(cause) => format!("{e}: {cause}"),
+            None => e.to_string(),
+        },
     }
 }
 

@@ -146,18 +146,9 @@ pub fn settings_not_taken(values: &[&str]) -> Vec<&'static str> {
         .collect()
 }
 
-/// A database error with PostgreSQL's own message, not just "db error".
+/// A database error with PostgreSQL's own message, not just "db error" ([`crate::db::describe`]).
 pub fn describe(e: tokio_postgres::Error) -> String {
-    match e.as_db_error() {
-        Some(db) => format!(
-            "{}: {} ({}){}",
-            e,
-            db.message(),
-            db.code().code(),
-            crate::db::pooler_hint(db.code().code())
-        ),
-        None => e.to_string(),
-    }
+    crate::db::describe(&e)
 }
 
 async fn apply_pending(client: &mut Client) -> Result<Vec<i32>, tokio_postgres::Error> {
