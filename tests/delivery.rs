@@ -386,20 +386,7 @@ async fn sigkill_with_deliveries_pending_delivers_all_after_restart() {
     // The receiver fails everything until the server is killed; the restarted server (after the
     // 3 s lease of the dead one runs out) delivers every event.
     let recv = Receiver::start(|_, _| Answer::status(500)).await;
-    let args = [
-        "--allow-private-webhooks",
-        "--retry-schedule",
-        "1s,1s,1s,1s,1s,1s,1s,1s,1s,1s",
-        "--delivery-lease-s",
-        "3",
-        "--delivery-timeout-ms",
-        "2000",
-        "--delivery-poll-ms",
-        "200",
-        // Thirty failing events would open the endpoint's circuit for 30 s; not the point here.
-        "--circuit-failures",
-        "1000",
-    ];
+    let args = [&SHORT_LEASE[..], &RETRY_EVERY_SECOND].concat();
     let mut s = Server::process(&args);
     let (key, _) = new_org(s.addr, "business").await;
     set_webhook(s.addr, &key, &recv.url("/")).await;
@@ -670,6 +657,15 @@ const SHORT_LEASE: [&str; 7] = [
     "200",
 ];
 
+/// Ten retries a second apart, and a circuit that does not open on the way (tens of failing
+/// events would open it for 30 s: not the point of the tests that use this).
+const RETRY_EVERY_SECOND: [&str; 4] = [
+    "--retry-schedule",
+    "1s,1s,1s,1s,1s,1s,1s,1s,1s,1s",
+    "--circuit-failures",
+    "1000",
+];
+
 /// A receiver that sits on the first request of each event (30 s) and answers the others at once.
 async fn sitting_receiver() -> Receiver {
     Receiver::start(|_, before| Answer {
@@ -760,9 +756,12 @@ async fn a_node_frozen_past_its_leases_sends_nothing_another_node_took_over() {
     // leases long over: it must send none of them, and record nothing over the other node's record.
     let url = own_database("triggers_test_frozen_node").await;
     let recv = Receiver::start(|_, _| Answer::status(503)).await;
-    let retries = ["--retry-schedule", "1s,1s,1s,1s,1s,1s,1s,1s,1s,1s"];
-    let more = ["--db-timeout-ms", "2000", "--circuit-failures", "1000"];
-    let args = [&SHORT_LEASE[..], &retries, &more].concat();
+    let args = [
+        &SHORT_LEASE[..],
+        &RETRY_EVERY_SECOND,
+        &["--db-timeout-ms", "2000"],
+    ]
+    .concat();
     let a = Server::process_with_db(&args, &url);
     let (key, _) = new_org(a.addr, "pro").await;
     let ep = create_endpoint(a.addr, &key, json!({"url": recv.url("/")})).await;
