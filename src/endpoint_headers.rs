@@ -96,7 +96,7 @@ pub fn fill_redacted(lines: &[String], stored: &[String]) -> Result<Vec<String>,
 }
 
 /// Whether `name: value` is a credential's value as reads show it.
-pub fn is_redacted(name: &str, value: &str) -> bool {
+fn is_redacted(name: &str, value: &str) -> bool {
     value == REDACTED && is_credential(name)
 }
 
@@ -108,7 +108,7 @@ pub fn has_redacted(lines: &[String]) -> bool {
 }
 
 /// The error for a [`REDACTED`] value where the endpoint keeps none for `name`.
-pub fn unknown_redacted(name: &str) -> String {
+fn unknown_redacted(name: &str) -> String {
     format!(
         "`{name}` has the value {REDACTED}, which stands for the value the endpoint keeps for it, \
          and it keeps none: send the value itself"

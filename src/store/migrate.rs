@@ -4,6 +4,8 @@
 
 use tokio_postgres::Client;
 
+use crate::db::describe;
+
 /// (version, file name, SQL), in order.
 pub const MIGRATIONS: &[(i32, &str, &str)] = &[
     (
@@ -114,7 +116,7 @@ pub async fn migrate(client: &mut Client) -> Result<Vec<i32>, String> {
     let row = client
         .query_one(LOCK_AND_SETTINGS, &[&LOCK_ID])
         .await
-        .map_err(describe)?;
+        .map_err(|e| describe(&e))?;
     let not_taken = settings_not_taken(&[row.get(0), row.get(1)]);
     if !not_taken.is_empty() {
         tracing::warn!(
@@ -130,8 +132,8 @@ pub async fn migrate(client: &mut Client) -> Result<Vec<i32>, String> {
     let unlock = client
         .execute("SELECT pg_advisory_unlock($1)", &[&LOCK_ID])
         .await;
-    let applied = result.map_err(describe)?;
-    unlock.map_err(describe)?;
+    let applied = result.map_err(|e| describe(&e))?;
+    unlock.map_err(|e| describe(&e))?;
     Ok(applied)
 }
 
@@ -144,11 +146,6 @@ pub fn settings_not_taken(values: &[&str]) -> Vec<&'static str> {
         .filter(|((_, untaken), value)| *untaken == **value)
         .map(|((name, _), _)| *name)
         .collect()
-}
-
-/// A database error with PostgreSQL's own message, not just "db error" ([`crate::db::describe`]).
-pub fn describe(e: tokio_postgres::Error) -> String {
-    crate::db::describe(&e)
 }
 
 async fn apply_pending(client: &mut Client) -> Result<Vec<i32>, tokio_postgres::Error> {

@@ -386,7 +386,7 @@ async fn maintain_on(
 
 /// How far the newest event stored (`newest`) is ahead of the earlier of the two clocks, in µs;
 /// 0 when it is not ahead.
-pub fn newest_ahead_us(clocks: Clocks, newest: Option<Uuid>) -> i64 {
+fn newest_ahead_us(clocks: Clocks, newest: Option<Uuid>) -> i64 {
     let earlier = clocks.node.0.min(clocks.database.0);
     newest.map_or(0, |id| (uuid_ms(id) * 1000 - earlier).max(0))
 }
