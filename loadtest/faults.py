@@ -17,9 +17,11 @@ Drills (all real faults, no mocks):
   read-only        ALTER SYSTEM default_transaction_read_only = on (as after a failover), durable
   read-only-fast   the same in fast-ack mode (202 events must all be written once it clears)
   timeout          ALTER SYSTEM statement_timeout = 1ms, durable and fast
-  disk-full        an injected disk-full error (a trigger raising SQLSTATE 53100 on every
-                   insert into events: mounting a small filesystem needs privileges a test
-                   machine may lack), durable and fast
+  disk-full        a real full disk: the database's whole data directory, WAL included, on a
+                   64 MB disk of its own (scripts/small-disk.sh, a tmpfs in a mount namespace)
+                   filled to the last byte each round, and in every other round a checkpoint
+                   that makes PostgreSQL panic; freed after 4 s (2 s smoke), durable and fast
+                   (skipped where mount namespaces are not allowed)
   blackhole        a TCP proxy between server and database stops forwarding without closing
   receiver-down    the webhook receiver is down for 60 s (5 s smoke), then back
   node-kill        two nodes share the database; one is killed -9 with deliveries in flight
@@ -541,14 +543,94 @@ READ_ONLY = (["ALTER SYSTEM SET default_transaction_read_only = on", RELOAD],
              ["ALTER SYSTEM RESET default_transaction_read_only", RELOAD])
 TIMEOUT = (["ALTER SYSTEM SET statement_timeout = '1ms'", RELOAD],
            ["ALTER SYSTEM RESET statement_timeout", RELOAD])
-# Trigger DDL on the partitioned events table takes the partition maintainer's advisory lock
-# (src/store/retention.rs LOCK_ID), so it never races a partition being attached.
-MAINTAINER_LOCK = "SELECT pg_advisory_xact_lock(8243122671965202799); "
-DISK_FULL = (["""CREATE OR REPLACE FUNCTION triggers_drill_disk_full() RETURNS trigger LANGUAGE plpgsql AS $$
-                 BEGIN RAISE EXCEPTION 'could not extend file: No space left on device' USING ERRCODE = 'disk_full'; END $$""",
-              MAINTAINER_LOCK + """CREATE TRIGGER triggers_drill_disk_full BEFORE INSERT ON events FOR EACH ROW
-                 EXECUTE FUNCTION triggers_drill_disk_full()"""],
-             [MAINTAINER_LOCK + "DROP TRIGGER IF EXISTS triggers_drill_disk_full ON events"])
+
+
+class SmallDisk:
+    """A PostgreSQL cluster whose whole data directory, WAL included, is on a small disk of its
+    own that fills for real (scripts/small-disk.sh: a tmpfs in a mount namespace); `url` is its
+    `triggers_faults` database, or None where mount namespaces are not allowed."""
+
+    PORT = 15433
+
+    def __init__(self, size_mb=64):
+        self.dir = os.path.join(run.RESULTS, "small-disk")
+        subprocess.run(["rm", "-rf", self.dir], check=True)
+        os.makedirs(self.dir)
+        self.proc = subprocess.Popen(["bash", os.path.join(run.ROOT, "scripts/small-disk.sh"), self.dir,
+                                      str(self.PORT), str(size_mb)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        line = self.proc.stdout.readline().split()
+        self.url = None
+        if line[:1] == ["ready"]:
+            subprocess.run(["psql", line[1], "-qc", "CREATE DATABASE triggers_faults"], check=True,
+                           capture_output=True)
+            self.url = line[1].rsplit("/", 1)[0] + "/triggers_faults"
+        elif self.proc.wait() != 3:
+            raise RuntimeError("scripts/small-disk.sh failed")
+
+    def command(self, command):
+        self.proc.stdin.write(command + "\n")
+        self.proc.stdin.flush()
+        return self.proc.stdout.readline().strip()
+
+    def checkpoint(self):
+        """A checkpoint on a full disk: PostgreSQL's checkpointer panics, every session ends."""
+        subprocess.run(["psql", self.url, "-qc", "CHECKPOINT"], capture_output=True)
+
+    def close(self):
+        if self.proc.poll() is None:
+            self.proc.stdin.close()
+            self.proc.wait()
+        subprocess.run(["rm", "-rf", self.dir])
+
+
+def drill_disk_full(db, args, fast):
+    """A real full disk (SmallDisk) under load: each round fills it to the last byte, and every
+    other round also makes PostgreSQL panic (a checkpoint with no room) so that every session
+    ends; then frees it, as an operator would (starting PostgreSQL again if it stopped)."""
+    rounds = args.rounds or (2 if args.smoke else 4)
+    r = Result(f"disk full, for real ({'fast' if fast else 'durable'})", rounds, f"{args.rate}/s")
+    disk = SmallDisk()
+    if disk.url is None:
+        r.notes.append("skipped: mount namespaces are not allowed here")
+        return r
+    try:
+        small = type("SmallDatabase", (), {"url": disk.url})()
+        node = Node(disk.url, extra=["--ack", "fast"] if fast else [])
+        keys = [new_org(node.port, f"disk-full-{i}") for i in range(4)]
+        load = Load([node.port], [k for k, _ in keys], args.rate, fast=fast).start()
+        freed = []
+        for i in range(rounds):
+            time.sleep(1.5)
+            t_fault = time.monotonic()
+            answer = disk.command("fill")
+            if answer != "full 0":
+                r.failures.append(f"the disk did not fill: {answer}")
+            if i % 2:
+                disk.checkpoint()
+            time.sleep(2.0 if args.smoke else 4.0)
+            t_back = time.monotonic()
+            freed.append(disk.command("free").split()[-1])
+            worst = load.worst_wait_for(503, t_fault, t_back)
+            if worst is not None:
+                r.t503 = max(r.t503 or 0, worst)
+            if not load.statuses(t_fault, t_back).get("503"):
+                r.failures.append(f"round {i + 1}: no 503 while the disk was full")
+            took = load.recovered_after(t_back, (201, 202))
+            if took is not None:
+                r.recover = max(r.recover or 0, took)
+        # Fast mode: what was answered 202 while the disk was full is written once it is freed.
+        time.sleep(3.0 if fast else 1.0)
+        settle(load, node, r, small, [o for _, o in keys])
+        node.stop()
+        r.notes.append("PostgreSQL " + ", ".join(freed) + " after each round")
+    finally:
+        disk.close()
+    if r.t503 is not None and r.t503 > 5.0:
+        r.failures.append(f"a 503 took {r.t503:.2f} s (bound 5 s)")
+    if r.recover is None or r.recover > 10.0:
+        r.failures.append(f"recovery took {r.recover} s (bound 10 s)")
+    return r
 
 
 def drill_blackhole(db, args):
@@ -931,8 +1013,8 @@ DRILLS = {
     "read-only-fast": lambda db, a: drill_sql_fault(db, a, "read-only", *READ_ONLY, fast=True),
     "timeout": lambda db, a: drill_sql_fault(db, a, "statement_timeout 1ms", *TIMEOUT, fast=False),
     "timeout-fast": lambda db, a: drill_sql_fault(db, a, "statement_timeout 1ms", *TIMEOUT, fast=True),
-    "disk-full": lambda db, a: drill_sql_fault(db, a, "disk full", *DISK_FULL, fast=False),
-    "disk-full-fast": lambda db, a: drill_sql_fault(db, a, "disk full", *DISK_FULL, fast=True),
+    "disk-full": lambda db, a: drill_disk_full(db, a, fast=False),
+    "disk-full-fast": lambda db, a: drill_disk_full(db, a, fast=True),
     "blackhole": drill_blackhole,
     "receiver-down": drill_receiver_down,
     "node-kill": drill_node_kill,
@@ -959,7 +1041,7 @@ def main():
         for name in names:
             log(f"drill {name}")
             # Whatever a failed drill left behind is cleared before the next one.
-            for sql in (READ_ONLY[1], TIMEOUT[1], DISK_FULL[1]):
+            for sql in (READ_ONLY[1], TIMEOUT[1]):
                 admin_sql(db, sql)
             r = DRILLS[name](db, args)
             log(f"{name}: acknowledged {r.acked}, missing {r.missing}, duplicates {r.duplicates}"
@@ -969,7 +1051,7 @@ def main():
         # A drill that failed half-way leaves nothing behind: no server, no fault.
         for node in RUNNING:
             node.kill()
-        for sql in (READ_ONLY[1], TIMEOUT[1], DISK_FULL[1]):
+        for sql in (READ_ONLY[1], TIMEOUT[1]):
             try:
                 admin_sql(db, sql)
             except subprocess.CalledProcessError:

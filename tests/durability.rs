@@ -639,3 +639,160 @@ async fn metric_of(s: &Server, name: &str) -> f64 {
         .and_then(|v| v.parse().ok())
         .unwrap_or(f64::NAN)
 }
+
+/// One answer while the disk is full: 201 (there was room after all) or 503 `unavailable` with
+/// `Retry-After`, never a 4xx that blames the client, and never a hang.
+fn while_full(r: &Response, took: Duration) -> bool {
+    assert!(took < Duration::from_secs(10), "an answer took {took:?}");
+    match r.status {
+        201 => true,
+        503 => {
+            assert_eq!(r.json()["code"], "unavailable", "{}", r.text());
+            assert_eq!(r.header("retry-after"), Some("1"));
+            false
+        }
+        other => panic!("while the disk is full: {other} {}", r.text()),
+    }
+}
+
+/// Events with dedup ids `{prefix}-{n}` while the disk is full, until `want` are refused (each
+/// answer checked by [`while_full`]); the ids of those answered 201 go to `acked`. The refused
+/// dedup ids.
+async fn refused_while_full(
+    s: &Server,
+    key: &str,
+    prefix: &str,
+    want: usize,
+    acked: &mut Vec<String>,
+) -> Vec<String> {
+    let pad = "x".repeat(4000);
+    let mut refused = Vec::new();
+    for n in 0..3000 {
+        let dedup = format!("{prefix}-{n}");
+        let started = Instant::now();
+        let r = post_event(
+            s.addr,
+            key,
+            "disk",
+            json!({"n": n, "pad": pad}),
+            Some(&dedup),
+        )
+        .await;
+        if while_full(&r, started.elapsed()) {
+            acked.push(r.json()["id"].as_str().unwrap().to_string());
+        } else {
+            refused.push(dedup);
+            if refused.len() == want {
+                return refused;
+            }
+        }
+    }
+    panic!("the full disk refused {} events of 3,000", refused.len());
+}
+
+/// Once the disk is freed (`how`: whether PostgreSQL had to be started again), each refused
+/// event is retried with its dedup id until it is stored (201) or found stored (409), within
+/// 30 s; its id goes to `acked`.
+async fn retried_after_free(
+    s: &Server,
+    key: &str,
+    refused: &[String],
+    how: &str,
+    acked: &mut Vec<String>,
+) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for dedup in refused {
+        loop {
+            let r = post_event(s.addr, key, "disk", json!({"again": true}), Some(dedup)).await;
+            match r.status {
+                201 => {
+                    acked.push(r.json()["id"].as_str().unwrap().to_string());
+                    break;
+                }
+                409 => {
+                    acked.push(r.json()["event_id"].as_str().unwrap().to_string());
+                    break;
+                }
+                503 => assert!(
+                    Instant::now() < deadline,
+                    "still 503 30 s after the disk was freed ({how})"
+                ),
+                other => panic!("after the disk was freed ({how}): {other} {}", r.text()),
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+/// A real full disk: the database's whole data directory, WAL included, is on a 64 MB disk of
+/// its own (scripts/small-disk.sh), filled to its last byte, so PostgreSQL meets its own "No
+/// space left on device": first as errors (it runs on and refuses what needs room), then as a
+/// checkpoint that panics (every session ends, and each crash recovery panics again until there
+/// is room). Both times events are answered 503 with `Retry-After` (never a 4xx, never a hang),
+/// as are batches and endpoint changes that need room; once the disk is freed the same server
+/// takes events again, every event it answered 201 is there, and each refused one is stored
+/// exactly once when retried.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_is_a_503_and_loses_nothing() {
+    let Some(mut disk) = SmallDisk::start(64) else {
+        return;
+    };
+    let url = disk.database("triggers").await;
+    let s = Server::start_with_db(&["--allow-private-webhooks"], &url);
+    let (key, org) = new_org(s.addr, "enterprise").await;
+    let mut acked = Vec::new();
+    for n in 0..3 {
+        acked.push(new_event_id(s.addr, &key, json!({"before": n})).await);
+    }
+
+    // Full: what is already allocated (pages, WAL segments) may take a few more; then refusals.
+    disk.fill();
+    let refused = refused_while_full(&s, &key, "full", 20, &mut acked).await;
+    let pad = "x".repeat(4000);
+    let items: Vec<_> = (0..50)
+        .map(|n| json!({"type": "disk", "payload": {"batch": n, "pad": pad}}))
+        .collect();
+    let started = Instant::now();
+    let r = post(s.addr, &key, "/api/events/batch", &json!({"events": items})).await;
+    if r.status != 200 {
+        while_full(&r, started.elapsed());
+    }
+    let endpoint = json!({"url": "http://127.0.0.1:9/in"});
+    let started = Instant::now();
+    let r = post(s.addr, &key, "/api/endpoints", &endpoint).await;
+    while_full(&r, started.elapsed());
+    let how = disk.free();
+    retried_after_free(&s, &key, &refused, &how, &mut acked).await;
+    let r = post(s.addr, &key, "/api/endpoints", &endpoint).await;
+    assert_eq!(r.status, 201, "{}", r.text());
+
+    // Full again, and a checkpoint finds no room: PostgreSQL panics.
+    disk.fill();
+    let checkpoint = db_at(&disk.url).await.batch_execute("CHECKPOINT").await;
+    assert!(
+        checkpoint.is_err(),
+        "a checkpoint on a full disk went through"
+    );
+    let refused = refused_while_full(&s, &key, "crash", 20, &mut acked).await;
+    let how = disk.free();
+    retried_after_free(&s, &key, &refused, &how, &mut acked).await;
+
+    let client = db_at(&url).await;
+    for id in &acked {
+        let found = count(
+            &client,
+            &format!("SELECT count(*) FROM events WHERE id = '{id}'"),
+        )
+        .await;
+        assert_eq!(found, 1, "acknowledged event {id} is missing");
+    }
+    let most = count(
+        &client,
+        &format!(
+            "SELECT coalesce(max(n), 0) FROM (SELECT count(*) AS n FROM events \
+             WHERE org_id = '{org}' AND dedup_id IS NOT NULL GROUP BY dedup_id) d"
+        ),
+    )
+    .await;
+    assert_eq!(most, 1, "a dedup id was stored twice");
+}

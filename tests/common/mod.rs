@@ -142,6 +142,111 @@ async fn first_insert_fails(url: &str, table: &str, action: &str) {
         .unwrap();
 }
 
+/// A PostgreSQL cluster of the test's own whose whole data directory, WAL included, is on a small
+/// disk that can be filled for real (`scripts/small-disk.sh`: a tmpfs in a mount namespace). It
+/// stops, and the disk goes, when this is dropped.
+pub struct SmallDisk {
+    child: Child,
+    stdin: Option<std::process::ChildStdin>,
+    stdout: BufReader<std::process::ChildStdout>,
+    /// The cluster's `postgres` database.
+    pub url: String,
+    dir: std::path::PathBuf,
+}
+
+impl SmallDisk {
+    /// A disk of `size_mb` MB; `None`, and the test says it is skipped, where mount namespaces
+    /// are not allowed.
+    pub fn start(size_mb: u32) -> Option<SmallDisk> {
+        // Installs PostgreSQL where it is missing.
+        database_url();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let dir = std::env::temp_dir().join(format!("triggers-small-disk-{port}"));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut child = Command::new("bash")
+            .arg(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/scripts/small-disk.sh"
+            ))
+            .arg(&dir)
+            .arg(port.to_string())
+            .arg(size_mb.to_string())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("run scripts/small-disk.sh");
+        let stdin = child.stdin.take();
+        let mut stdout = BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        stdout.read_line(&mut line).unwrap();
+        let Some(url) = line.trim().strip_prefix("ready ") else {
+            let status = child.wait().unwrap();
+            assert_eq!(
+                status.code(),
+                Some(3),
+                "scripts/small-disk.sh failed: {status}"
+            );
+            eprintln!(
+                "SKIPPED: mount namespaces (for a disk of the test's own) are not allowed here"
+            );
+            return None;
+        };
+        Some(SmallDisk {
+            url: url.to_string(),
+            child,
+            stdin,
+            stdout,
+            dir,
+        })
+    }
+
+    /// Create database `name` on the cluster; its URL.
+    pub async fn database(&self, name: &str) -> String {
+        db_at(&self.url)
+            .await
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .await
+            .unwrap();
+        format!("{}/{name}", &self.url[..self.url.rfind('/').unwrap()])
+    }
+
+    fn command(&mut self, command: &str) -> String {
+        use std::io::Write;
+        let stdin = self.stdin.as_mut().unwrap();
+        writeln!(stdin, "{command}").unwrap();
+        stdin.flush().unwrap();
+        let mut line = String::new();
+        self.stdout.read_line(&mut line).unwrap();
+        line.trim().to_string()
+    }
+
+    /// Fill the disk to its last byte.
+    pub fn fill(&mut self) {
+        let answer = self.command("fill");
+        assert_eq!(answer, "full 0", "the disk did not fill");
+    }
+
+    /// Free the disk, and start PostgreSQL again if the full disk stopped it (what an operator
+    /// does); whether it had to be started (`freed restarted`) or not (`freed running`).
+    pub fn free(&mut self) -> String {
+        self.command("free")
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        // End of input: PostgreSQL stops, the namespace and its disk go.
+        drop(self.stdin.take());
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
 /// A node on a database of its own (see [`own_database`]) that allows private targets, with an
 /// organization whose webhook is a receiver answering 200 at `/hook`.
 pub struct WebhookNode {
