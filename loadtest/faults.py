@@ -596,8 +596,11 @@ def drill_disk_full(db, args, fast):
         return r
     try:
         small = type("SmallDatabase", (), {"url": disk.url})()
+        receiver = Receiver()
         node = Node(disk.url, extra=["--ack", "fast"] if fast else [])
         keys = [new_org(node.port, f"disk-full-{i}") for i in range(4)]
+        for k, _ in keys:
+            call(node.port, "POST", "/api/webhook/config", k, {"webhook_url": f"http://127.0.0.1:{RECEIVER_PORT}/hook"})
         load = Load([node.port], [k for k, _ in keys], args.rate, fast=fast).start()
         freed = []
         for i in range(rounds):
@@ -622,7 +625,19 @@ def drill_disk_full(db, args, fast):
         # Fast mode: what was answered 202 while the disk was full is written once it is freed.
         time.sleep(3.0 if fast else 1.0)
         settle(load, node, r, small, [o for _, o in keys])
+        # Deliveries resume: every acknowledged event reaches the receiver.
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not set(load.acked.values()) <= receiver.delivered():
+            time.sleep(0.5)
+        undelivered = len(set(load.acked.values()) - receiver.delivered())
+        if undelivered:
+            r.failures.append(f"{undelivered} acknowledged events never delivered")
+        r.notes.append(f"delivered {len(set(load.acked.values()) & receiver.delivered()):,}, "
+                       f"{len(receiver.seen) - len(receiver.delivered())} sent more than once")
+        if receiver.overlaps():
+            r.failures.append(f"{receiver.overlaps()} overlapping attempts")
         node.stop()
+        receiver.down()
         r.notes.append("PostgreSQL " + ", ".join(freed) + " after each round")
     finally:
         disk.close()

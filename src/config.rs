@@ -172,6 +172,13 @@ pub const RECORD_BATCH_MAX: usize = 1000;
 /// Delivery concurrency never waits for it (slots are given back when the HTTP exchange
 /// ends); an outcome becomes visible to readers, and a retry is scheduled, up to this much later.
 pub const RECORD_LINGER: Duration = Duration::from_millis(10);
+/// Outcomes the database could not take (nothing of them written: no connection, or an error
+/// before COMMIT, such as a full disk) are written again after this pause, doubling up to
+/// `RECORD_RETRY_MAX`, for as long as a lease lasts: a delivery made is not made again because
+/// the database was away for a moment.
+pub const RECORD_RETRY_MIN: Duration = Duration::from_millis(100);
+/// See [`RECORD_RETRY_MIN`].
+pub const RECORD_RETRY_MAX: Duration = Duration::from_secs(1);
 /// How long the looks of deliveries that waited (whether each is still owed) are gathered
 /// before one read answers them all: a few milliseconds more for a delivery that already
 /// waited for its turn, its retry's time or a circuit.

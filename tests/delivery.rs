@@ -1179,3 +1179,77 @@ async fn every_ended_delivery_gives_its_place_back() {
         "one attempt each, two per failure"
     );
 }
+
+/// The database refuses the record of deliveries that were made (a full disk: every attempt row
+/// is refused with 53100, for a second and a half, well within the 3 s lease). The outcomes are
+/// written again until it takes them: each event was sent once, its log holds that one attempt,
+/// it reads delivered, and nothing is sent again once its lease is over. (Before, the outcomes
+/// were dropped at the first refusal, and every delivery was made again when its lease ran out.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deliveries_whose_record_the_database_refused_for_a_moment_are_not_made_again() {
+    let url = own_database("triggers_test_record_refused").await;
+    let recv = Receiver::start(|_, _| Answer::status(200)).await;
+    let s = Server::start_with_db(&SHORT_LEASE, &url);
+    let (key, _) = new_org(s.addr, "pro").await;
+    create_endpoint(s.addr, &key, json!({"url": recv.url("/")})).await;
+    let db = db_at(&url).await;
+    let lock = triggers::store::retention::LOCK_ID;
+    db.batch_execute(&format!(
+        "BEGIN; SELECT pg_advisory_xact_lock({lock}); \
+         CREATE TABLE refuse_records (); INSERT INTO refuse_records DEFAULT VALUES; \
+         CREATE FUNCTION refuse_records() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
+           IF EXISTS (SELECT 1 FROM refuse_records) THEN \
+             RAISE EXCEPTION 'could not extend file: No space left on device' \
+               USING ERRCODE = 'disk_full'; \
+           END IF; RETURN NEW; END $$; \
+         CREATE TRIGGER refuse_records BEFORE INSERT ON delivery_attempts \
+           FOR EACH ROW EXECUTE FUNCTION refuse_records(); \
+         COMMIT;"
+    ))
+    .await
+    .unwrap();
+    let ids = create_events(s.addr, &key, 20, "t").await;
+    recv.wait_until(Duration::from_secs(10), |r| {
+        ids.iter().all(|id| r.iter().any(|x| x.event_id() == *id))
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(
+        count(&db, "SELECT count(*) FROM delivery_attempts").await,
+        0
+    );
+    db.batch_execute("DELETE FROM refuse_records")
+        .await
+        .unwrap();
+
+    let deadline = Instant::now() + Duration::from_secs(10);
+    for id in &ids {
+        loop {
+            let event = get(s.addr, &key, &format!("/api/events/{id}")).await.json();
+            if event["status"] == "delivered" {
+                assert_eq!(
+                    event["delivery_attempts"].as_array().unwrap().len(),
+                    1,
+                    "{event}"
+                );
+                break;
+            }
+            assert!(Instant::now() < deadline, "not recorded: {event}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    // Past every lease (3 s) and a few claims: nothing was sent again.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    for id in &ids {
+        assert_eq!(
+            recv.for_event(id).len(),
+            1,
+            "{id}: {}",
+            timeline(&recv.received())
+        );
+    }
+    assert_eq!(
+        count(&db, "SELECT count(*) FROM delivery_attempts").await,
+        20
+    );
+}

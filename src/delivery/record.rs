@@ -27,8 +27,10 @@ use uuid::Uuid;
 
 use super::model::{Disable, HealthWrite, Held, Next, Outcome, Recorded};
 use super::shared::Shared;
-use crate::config::{RECORD_BATCH_MAX, RECORD_LINGER, WRITE_RUNS_MAX};
-use crate::db::{copy::BinaryRows, describe, rerun, Rerun};
+use crate::config::{
+    RECORD_BATCH_MAX, RECORD_LINGER, RECORD_RETRY_MAX, RECORD_RETRY_MIN, WRITE_RUNS_MAX,
+};
+use crate::db::{copy::BinaryRows, describe, is_connection_error, rerun, Rerun};
 use crate::event_types::{DELIVERY_FAILED, ENDPOINT_DISABLED};
 use crate::flow::answer::EndpointStatus;
 use crate::flow::event::EventStatus;
@@ -121,7 +123,6 @@ pub(super) async fn record_loop(
     shared: Arc<Shared>,
     rx: Arc<tokio::sync::Mutex<mpsc::Receiver<Outcome>>>,
 ) {
-    let db_timeout = shared.db_timeout();
     let mut batch = Vec::with_capacity(RECORD_BATCH_MAX);
     let mut copy = BinaryRows::default();
     loop {
@@ -141,7 +142,7 @@ pub(super) async fn record_loop(
         }
         let finished: Vec<Uuid> =
             std::mem::take(&mut *shared.finished.lock().unwrap_or_else(|p| p.into_inner()));
-        let written = write_outcomes(&shared.pool, db_timeout, &batch, &finished, &mut copy).await;
+        let written = write_outcomes(&shared, &batch, &finished, &mut copy).await;
         match &written {
             Some(w) => {
                 for org in &w.disabled_orgs {
@@ -192,19 +193,67 @@ struct Written {
     operational: u64,
 }
 
+/// The batch's outcomes written ([`write_once`]); when nothing of them could be written for the
+/// server's trouble (no connection, the database down or restarting, a full disk: an error
+/// before COMMIT, so nothing is half-written), written again after a pause that doubles from
+/// `RECORD_RETRY_MIN` to `RECORD_RETRY_MAX`, for up to a lease (`--delivery-lease-s`) while
+/// the node is not stopping. Each write is conditional on the node still holding the delivery,
+/// so one that comes late, after another node took it over, changes nothing. Not again when
+/// the fate of the last try is unknown (COMMIT sent, then no answer).
+/// `None` when it was not written: the deliveries then stay as they were (held by leases that
+/// run out), and are claimed again (an attempt may repeat: at-least-once).
+async fn write_outcomes(
+    shared: &Shared,
+    batch: &[Outcome],
+    finished: &[Uuid],
+    copy: &mut BinaryRows,
+) -> Option<Written> {
+    let give_up = tokio::time::Instant::now() + shared.lease;
+    let mut pause = RECORD_RETRY_MIN;
+    let mut waited = false;
+    loop {
+        let failed =
+            match write_once(&shared.pool, shared.db_timeout(), batch, finished, copy).await {
+                Ok(w) => {
+                    if waited {
+                        tracing::info!(
+                            outcomes = batch.len(),
+                            "delivery outcomes recorded after all"
+                        );
+                    }
+                    return Some(w);
+                }
+                Err(failed) => failed,
+            };
+        let again = failed.as_ref().is_some_and(Fail::nothing_written)
+            && !shared.stopping.load(Ordering::SeqCst)
+            && tokio::time::Instant::now() + pause < give_up;
+        let error = failed.map_or("no answer in time".to_string(), |f| f.to_string());
+        if !again {
+            tracing::warn!(%error, outcomes = batch.len(), "delivery outcomes not recorded; they will be retried after the lease");
+            return None;
+        }
+        if !waited {
+            tracing::warn!(%error, outcomes = batch.len(), "delivery outcomes not recorded; writing them again until the database takes them");
+            waited = true;
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(RECORD_RETRY_MAX);
+    }
+}
+
 /// One transaction for a batch, run again (up to `WRITE_RUNS_MAX` times, all within the one
 /// `db_timeout`) when PostgreSQL asks for it (a deadlock's victim or a serialization failure was
 /// rolled back whole) or its connection ended before COMMIT was sent (nothing was written):
-/// answering it `Failed` would only repeat the attempts after their lease.
-/// `None` when it failed: the deliveries then stay as they were (held by leases that run out),
-/// and are claimed again (an attempt may repeat: at-least-once).
-async fn write_outcomes(
+/// answering it `Failed` would only repeat the attempts after their lease. The error: why the
+/// last run failed, or none when the time ran out (COMMIT may have been in flight).
+async fn write_once(
     pool: &Pool,
     db_timeout: Duration,
     batch: &[Outcome],
     finished: &[Uuid],
     copy: &mut BinaryRows,
-) -> Option<Written> {
+) -> Result<Written, Option<Fail>> {
     let deadline = tokio::time::Instant::now() + db_timeout;
     let mut runs = 0;
     loop {
@@ -217,15 +266,9 @@ async fn write_outcomes(
             Ok::<_, Fail>(w)
         };
         let failed = match tokio::time::timeout_at(deadline, work).await {
-            Ok(Ok(w)) => return Some(w),
+            Ok(Ok(w)) => return Ok(w),
             Ok(Err(e)) => e,
-            Err(_) => {
-                tracing::warn!(
-                    outcomes = batch.len(),
-                    "delivery outcomes not recorded in time"
-                );
-                return None;
-            }
+            Err(_) => return Err(None),
         };
         match failed.rerun().filter(|_| runs < WRITE_RUNS_MAX) {
             Some(why) => tracing::warn!(
@@ -233,10 +276,7 @@ async fn write_outcomes(
                 outcomes = batch.len(),
                 "delivery outcomes' transaction not written, {why}; writing it again"
             ),
-            None => {
-                tracing::warn!(error = %failed, outcomes = batch.len(), "delivery outcomes not recorded; they will be retried after the lease");
-                return None;
-            }
+            None => return Err(Some(failed)),
         }
     }
 }
@@ -251,6 +291,21 @@ enum Fail {
 }
 
 impl Fail {
+    /// Whether it is the server's trouble and certainly wrote nothing: no connection, or an error
+    /// before COMMIT (the transaction rolled back), or COMMIT answered with an error that is not
+    /// the connection's end.
+    fn nothing_written(&self) -> bool {
+        match self {
+            Fail::Pool(_) => true,
+            Fail::Db(e) => is_connection_error(e),
+            Fail::Commit(e) => {
+                e.as_db_error().is_some()
+                    && is_connection_error(e)
+                    && rerun(e, false) != Some(Rerun::ConnectionLost)
+            }
+        }
+    }
+
     /// Whether the transaction may be run again at once (`db::rerun`).
     fn rerun(&self) -> Option<Rerun> {
         match self {
