@@ -453,6 +453,28 @@ def settle(load, node_or_nodes, result, db, org_ids):
         result.notes.append("answers " + ", ".join(f"{k}:{v}" for k, v in sorted(unavailable.items())))
 
 
+def all_delivered(r, load, receiver, limit=60):
+    """Deliveries resume after the fault: every acknowledged event reaches the receiver within
+    `limit` seconds, no two attempts of one event overlap; how many were sent more than once
+    (at-least-once allows it) goes into the notes."""
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline and not set(load.acked.values()) <= receiver.delivered():
+        time.sleep(0.5)
+    undelivered = len(set(load.acked.values()) - receiver.delivered())
+    if undelivered:
+        r.failures.append(f"{undelivered} acknowledged events never delivered")
+    r.notes.append(f"delivered {len(set(load.acked.values()) & receiver.delivered()):,}, "
+                   f"{len(receiver.seen) - len(receiver.delivered())} sent more than once")
+    if receiver.overlaps():
+        r.failures.append(f"{receiver.overlaps()} overlapping attempts")
+
+
+def with_webhooks(node, keys):
+    """Each organization's webhook is the drill's receiver."""
+    for k, _ in keys:
+        call(node.port, "POST", "/api/webhook/config", k, {"webhook_url": f"http://127.0.0.1:{RECEIVER_PORT}/hook"})
+
+
 def timed_fault(load, hold, inject, clear):
     """Inject a fault, hold it, clear it; returns (fault start, fault end)."""
     t_fault = time.monotonic()
@@ -486,8 +508,10 @@ def drill_pg(db, args, mode):
     rounds = args.rounds or (1 if args.smoke else 3)
     name = "pg_ctl restart -m fast" if mode == "fast" else "pg_ctl stop -m immediate, start after 3 s"
     r = Result(name, rounds, f"{args.rate}/s")
+    receiver = Receiver()
     node = Node(db.url)
     keys = [new_org(node.port, f"pg-{mode}-{i}") for i in range(4)]
+    with_webhooks(node, keys)
     load = Load([node.port], [k for k, _ in keys], args.rate).start()
     for _ in range(rounds):
         time.sleep(2.0)
@@ -507,7 +531,9 @@ def drill_pg(db, args, mode):
             r.recover = max(r.recover or 0, took)
     time.sleep(1.0)
     settle(load, node, r, db, [o for _, o in keys])
+    all_delivered(r, load, receiver)
     node.stop()
+    receiver.down()
     if r.t503 is not None and r.t503 > 1.0:
         r.failures.append(f"a 503 took {r.t503:.2f} s (bound 1 s)")
     if r.recover is None or r.recover > 2.0:
@@ -599,8 +625,7 @@ def drill_disk_full(db, args, fast):
         receiver = Receiver()
         node = Node(disk.url, extra=["--ack", "fast"] if fast else [])
         keys = [new_org(node.port, f"disk-full-{i}") for i in range(4)]
-        for k, _ in keys:
-            call(node.port, "POST", "/api/webhook/config", k, {"webhook_url": f"http://127.0.0.1:{RECEIVER_PORT}/hook"})
+        with_webhooks(node, keys)
         load = Load([node.port], [k for k, _ in keys], args.rate, fast=fast).start()
         freed = []
         for i in range(rounds):
@@ -625,17 +650,7 @@ def drill_disk_full(db, args, fast):
         # Fast mode: what was answered 202 while the disk was full is written once it is freed.
         time.sleep(3.0 if fast else 1.0)
         settle(load, node, r, small, [o for _, o in keys])
-        # Deliveries resume: every acknowledged event reaches the receiver.
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and not set(load.acked.values()) <= receiver.delivered():
-            time.sleep(0.5)
-        undelivered = len(set(load.acked.values()) - receiver.delivered())
-        if undelivered:
-            r.failures.append(f"{undelivered} acknowledged events never delivered")
-        r.notes.append(f"delivered {len(set(load.acked.values()) & receiver.delivered()):,}, "
-                       f"{len(receiver.seen) - len(receiver.delivered())} sent more than once")
-        if receiver.overlaps():
-            r.failures.append(f"{receiver.overlaps()} overlapping attempts")
+        all_delivered(r, load, receiver)
         node.stop()
         receiver.down()
         r.notes.append("PostgreSQL " + ", ".join(freed) + " after each round")
@@ -659,8 +674,7 @@ def drill_blackhole(db, args):
     node = Node(url, extra=["--db-timeout-ms", "2000", "--retry-schedule", "500ms,1s,1s,2s,4s,8s",
                             "--delivery-lease-s", "12"])
     keys = [new_org(node.port, f"blackhole-{i}") for i in range(4)]
-    for k, _ in keys:
-        call(node.port, "POST", "/api/webhook/config", k, {"webhook_url": f"http://127.0.0.1:{RECEIVER_PORT}/hook"})
+    with_webhooks(node, keys)
     load = Load([node.port], [k for k, _ in keys], args.rate).start()
     time.sleep(2.0)
     t_fault = time.monotonic()
@@ -672,14 +686,7 @@ def drill_blackhole(db, args):
     r.recover = load.recovered_after(t_back)
     time.sleep(1.0)
     settle(load, node, r, db, [o for _, o in keys])
-    # Deliveries resume: every acknowledged event reaches the receiver.
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and not set(load.acked.values()) <= receiver.delivered():
-        time.sleep(0.5)
-    undelivered = len(set(load.acked.values()) - receiver.delivered())
-    if undelivered:
-        r.failures.append(f"{undelivered} acknowledged events never delivered")
-    r.notes.append(f"delivered {len(set(load.acked.values()) & receiver.delivered()):,}")
+    all_delivered(r, load, receiver)
     if r.t503 is not None and r.t503 > 2.0 + 1.0:
         r.failures.append(f"a 503 took {r.t503:.2f} s (bound --db-timeout-ms 2 s + 1 s)")
     node.stop()
@@ -694,8 +701,7 @@ def drill_receiver_down(db, args):
     schedule = "1s,2s,4s,8s,16s,32s,60s"
     node = Node(db.url, extra=["--retry-schedule", schedule])
     keys = [new_org(node.port, f"recv-{i}") for i in range(4)]
-    for k, _ in keys:
-        call(node.port, "POST", "/api/webhook/config", k, {"webhook_url": f"http://127.0.0.1:{RECEIVER_PORT}/hook"})
+    with_webhooks(node, keys)
     load = Load([node.port], [k for k, _ in keys], args.rate).start()
     time.sleep(1.0)
     receiver.down()
