@@ -475,6 +475,14 @@ def with_webhooks(node, keys):
         call(node.port, "POST", "/api/webhook/config", k, {"webhook_url": f"http://127.0.0.1:{RECEIVER_PORT}/hook"})
 
 
+def within_bounds(r, t503_max, recover_max):
+    """The worst wait for a 503 while the fault lasted, and the time to the first 201 after it."""
+    if r.t503 is not None and r.t503 > t503_max:
+        r.failures.append(f"a 503 took {r.t503:.2f} s (bound {t503_max:g} s)")
+    if r.recover is None or r.recover > recover_max:
+        r.failures.append(f"recovery took {r.recover} s (bound {recover_max:g} s)")
+
+
 def timed_fault(load, hold, inject, clear):
     """Inject a fault, hold it, clear it; returns (fault start, fault end)."""
     t_fault = time.monotonic()
@@ -534,10 +542,7 @@ def drill_pg(db, args, mode):
     all_delivered(r, load, receiver)
     node.stop()
     receiver.down()
-    if r.t503 is not None and r.t503 > 1.0:
-        r.failures.append(f"a 503 took {r.t503:.2f} s (bound 1 s)")
-    if r.recover is None or r.recover > 2.0:
-        r.failures.append(f"recovery took {r.recover} s (bound 2 s)")
+    within_bounds(r, 1.0, 2.0)
     return r
 
 
@@ -656,10 +661,7 @@ def drill_disk_full(db, args, fast):
         r.notes.append("PostgreSQL " + ", ".join(freed) + " after each round")
     finally:
         disk.close()
-    if r.t503 is not None and r.t503 > 5.0:
-        r.failures.append(f"a 503 took {r.t503:.2f} s (bound 5 s)")
-    if r.recover is None or r.recover > 10.0:
-        r.failures.append(f"recovery took {r.recover} s (bound 10 s)")
+    within_bounds(r, 5.0, 10.0)
     return r
 
 
