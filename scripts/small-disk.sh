@@ -28,9 +28,13 @@ if [ -z "${SMALL_DISK_INSIDE:-}" ]; then
   if [ "$(id -u)" -eq 0 ] && unshare -m true 2>/dev/null; then
     exec unshare -m bash -c "$MOUNT"' && exec bash "$0" "$@"' "$0" "$@"
   elif unshare -rm true 2>/dev/null; then
-    # Mounted as the namespace's root, then a namespace inside it maps this user back to itself:
-    # PostgreSQL refuses to run as root.
+    # Mounted as the namespace's root, then a namespace inside it maps this user back to itself
+    # (root, without the right to mount here, to the postgres user): PostgreSQL refuses to run
+    # as root.
     SMALL_DISK_UID=$(id -u) SMALL_DISK_GID=$(id -g)
+    if [ "$SMALL_DISK_UID" -eq 0 ]; then
+      SMALL_DISK_UID=$(id -u postgres) SMALL_DISK_GID=$(id -g postgres)
+    fi
     export SMALL_DISK_UID SMALL_DISK_GID
     exec unshare -rm bash -c "$MOUNT"' && exec unshare --map-user="$SMALL_DISK_UID" --map-group="$SMALL_DISK_GID" bash "$0" "$@"' \
       "$0" "$@"
