@@ -130,7 +130,8 @@ async fn sigterm_finishes_in_flight_requests_and_exits_cleanly() {
 /// A TCP proxy to PostgreSQL that a test can cut and pause.
 struct Proxy {
     addr: SocketAddr,
-    /// 0: pass, 1: cut (connections dropped, new ones refused), 2: paused (bytes held).
+    /// 0: pass, 1: cut (connections dropped, new ones refused), 2: paused (bytes held), 3: pass
+    /// until a group commit's COMMIT has gone to PostgreSQL, then paused.
     mode: Arc<AtomicU8>,
     conns: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>>,
 }
@@ -174,8 +175,8 @@ impl Proxy {
                     };
                     let (cr, cw) = client.into_split();
                     let (sr, sw) = server.into_split();
-                    let a = tokio::spawn(pump(cr, sw, Arc::clone(&m)));
-                    let b = tokio::spawn(pump(sr, cw, m));
+                    let a = tokio::spawn(pump(cr, sw, Arc::clone(&m), true));
+                    let b = tokio::spawn(pump(sr, cw, m, false));
                     let _ = tokio::join!(a, b);
                 });
                 cs.lock().unwrap().push(task);
@@ -205,23 +206,54 @@ impl Proxy {
     fn restore(&self) {
         self.mode.store(0, Ordering::SeqCst);
     }
+
+    /// Pass until a group commit's COMMIT has gone to PostgreSQL, then hold everything (its
+    /// answer too); whether that happened within `limit`.
+    async fn pause_after_commit(&self, limit: Duration) -> bool {
+        self.mode.store(3, Ordering::SeqCst);
+        let deadline = Instant::now() + limit;
+        while self.mode.load(Ordering::SeqCst) == 3 {
+            if Instant::now() > deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        true
+    }
 }
 
+/// Copy `from` to `to` as the proxy's mode says; `to_database`: this is the direction whose
+/// COMMIT mode 3 waits for (a group commit's: its COPY's end, `CopyDone`, goes with it).
 async fn pump(
     mut from: tokio::net::tcp::OwnedReadHalf,
     mut to: tokio::net::tcp::OwnedWriteHalf,
     mode: Arc<AtomicU8>,
+    to_database: bool,
 ) {
+    let has = |hay: &[u8], needle: &[u8]| hay.windows(needle.len()).any(|w| w == needle);
     let mut buf = vec![0u8; 64 * 1024];
     loop {
         let n = match from.read(&mut buf).await {
             Ok(0) | Err(_) => return,
             Ok(n) => n,
         };
+        let chunk = &buf[..n];
+        if to_database
+            && mode.load(Ordering::SeqCst) == 3
+            && has(chunk, b"COMMIT\0")
+            && has(chunk, b"c\0\0\0\x04")
+        {
+            // Held from now on, before PostgreSQL can answer it.
+            mode.store(2, Ordering::SeqCst);
+            if to.write_all(chunk).await.is_err() {
+                return;
+            }
+            continue;
+        }
         while mode.load(Ordering::SeqCst) == 2 {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        if mode.load(Ordering::SeqCst) == 1 || to.write_all(&buf[..n]).await.is_err() {
+        if mode.load(Ordering::SeqCst) == 1 || to.write_all(chunk).await.is_err() {
             return;
         }
     }
@@ -795,4 +827,78 @@ async fn a_full_disk_is_a_503_and_loses_nothing() {
     )
     .await;
     assert_eq!(most, 1, "a dedup id was stored twice");
+}
+
+/// Fast-ack mode writes a batch again when its COMMIT got no answer. Here that COMMIT went
+/// through (the proxy passes it, holds PostgreSQL's answer and cuts the connection): the second
+/// try finds the event there. It is stored once, reads back, is not counted as dropped, and is
+/// delivered once within seconds. (Before, the second try's primary key violation read as a row
+/// the database refused: the event, stored, was counted in `triggers_events_dropped_total` with
+/// an error in the log; and it was delivered only when the first try's 60 s lease ran out.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fast_ack_batch_whose_commit_answer_was_lost_is_not_written_twice_nor_dropped() {
+    let proxy = Proxy::start().await;
+    let recv = Receiver::start(|_, _| Answer::status(200)).await;
+    let s = Server::start_with_db(&["--ack", "fast", "--allow-private-webhooks"], &proxy.url());
+    let (key, _) = new_org(s.addr, "pro").await;
+    create_endpoint(s.addr, &key, json!({"url": recv.url("/")})).await;
+    let r = post_event(s.addr, &key, "lost-answer", json!({"n": 1}), None).await;
+    assert_eq!(r.status, 202, "{}", r.text());
+    let id = r.json()["id"].as_str().unwrap().to_string();
+    let path = format!("/api/events/{id}");
+    // Before: its batch went while the proxy passed everything; it reads back.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while get(s.addr, &key, &path).await.status != 200 {
+        assert!(
+            Instant::now() < deadline,
+            "the first event was never written"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    let r = post_event(s.addr, &key, "lost-answer", json!({"n": 2}), None).await;
+    assert_eq!(r.status, 202, "{}", r.text());
+    let id = r.json()["id"].as_str().unwrap().to_string();
+    assert!(
+        proxy.pause_after_commit(Duration::from_secs(10)).await,
+        "no group commit went through the proxy"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    proxy.cut();
+    // The held answer is dropped when its pump sees the cut (it looks every 10 ms).
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    proxy.restore();
+
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while s.log_lines("written by an earlier try").is_empty()
+        && s.log_lines("were not written and are dropped").is_empty()
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the batch was never written again"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(metric_of(&s, "triggers_events_dropped_total").await, 0.0);
+    let r = get(s.addr, &key, &format!("/api/events/{id}")).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let stored = count(
+        &db().await,
+        &format!("SELECT count(*) FROM events WHERE id = '{id}'"),
+    )
+    .await;
+    assert_eq!(stored, 1);
+    // Delivered once, by a take-over of the first try's lease row at once, not when its 60 s
+    // lease ends.
+    recv.wait_until(Duration::from_secs(10), |got| {
+        got.iter().any(|r| r.event_id() == id)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        recv.for_event(&id).len(),
+        1,
+        "{}",
+        timeline(&recv.received())
+    );
 }

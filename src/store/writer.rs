@@ -86,6 +86,20 @@ enum BatchError {
     Database(String),
     /// PostgreSQL refused the data of some row.
     Data(String),
+    /// A row's event id is taken. Ids are this server's own (UUIDv7, strictly increasing in the
+    /// process), so the event is there already: an earlier try of this batch (fast-ack mode
+    /// writes a batch again when its COMMIT got no answer) committed after all.
+    WrittenBefore,
+}
+
+/// Whether `e` is a primary key violation of `events` or one of its partitions (see
+/// [`BatchError::WrittenBefore`]).
+fn event_id_taken(e: &tokio_postgres::Error) -> bool {
+    e.as_db_error().is_some_and(|d| {
+        *d.code() == tokio_postgres::error::SqlState::UNIQUE_VIOLATION
+            && d.constraint()
+                .is_some_and(|c| c.starts_with("events") && c.ends_with("_pkey"))
+    })
 }
 
 /// How many writers are in a transaction, and a signal each time one finishes.
@@ -246,13 +260,15 @@ async fn write_until_settled(
             events = unwritten,
             "fast-ack batch not written yet; retrying"
         );
-        // The plan is made again for the retry: give back what this one held.
+        // The plan is made again for the retry: give back what this one held, and expire its
+        // lease row now, since its COMMIT may have landed unanswered: what it wrote is then taken
+        // over at once (the retry finds those events written before), not when the lease ends.
         let not_written = batch
             .iter()
             .zip(plan.events)
             .map(|(j, p)| (j.event.org, p))
             .collect();
-        ctx.delivery.publish(None, Vec::new(), not_written);
+        ctx.delivery.publish(plan.lease, Vec::new(), not_written);
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(WRITE_RETRY_BACKOFF_MAX);
     }
@@ -271,8 +287,13 @@ async fn write_batch(
     let all: Vec<usize> = (0..batch.len()).collect();
     match write_rows(ctx, encoder, batch, plan, &all, deadline).await {
         Ok(results) => results,
-        Err(BatchError::Data(why)) if batch.len() > 1 => {
-            // One row's data was refused: write each on its own, so it fails alone.
+        Err(e @ (BatchError::Data(_) | BatchError::WrittenBefore)) if batch.len() > 1 => {
+            // One row's data was refused, or one row is there already: write each on its own,
+            // so it fails alone.
+            let why = match e {
+                BatchError::Data(why) => why,
+                _ => "an event of it is written already".to_string(),
+            };
             tracing::warn!(error = %why, events = batch.len(), "batch refused; writing row by row");
             let mut results = Vec::with_capacity(batch.len());
             for i in 0..batch.len() {
@@ -282,6 +303,7 @@ async fn write_batch(
                     match write_rows(ctx, encoder, batch, plan, &[i], deadline).await {
                         Ok(mut r) => r.pop().unwrap_or(Ingested::Refused(Refusal::Internal)),
                         Err(BatchError::Data(why)) => refused_row(&batch[i], &why),
+                        Err(BatchError::WrittenBefore) => written_before(&batch[i]),
                         Err(BatchError::Database(why)) => {
                             tracing::warn!(error = %why, "row not written");
                             ctx.health.set_down();
@@ -293,12 +315,21 @@ async fn write_batch(
             results
         }
         Err(BatchError::Data(why)) => vec![refused_row(&batch[0], &why)],
+        Err(BatchError::WrittenBefore) => vec![written_before(&batch[0])],
         Err(BatchError::Database(why)) => {
             tracing::warn!(error = %why, events = batch.len(), "batch not written");
             ctx.health.set_down();
             vec![Ingested::Refused(Refusal::Unavailable); batch.len()]
         }
     }
+}
+
+/// A row whose event is there already ([`BatchError::WrittenBefore`]): the event is its own first
+/// one, as for a dedup id seen before. Not written again, and not published for delivery: the
+/// earlier try's delivery rows or lease have it.
+fn written_before(job: &WriteJob) -> Ingested {
+    tracing::info!(event = %job.event.id, "event written by an earlier try whose answer was lost");
+    Ingested::Duplicate(job.event.id)
 }
 
 /// A row the database refused for its own data (SQLSTATE class 22 or 23): the client's fault.
@@ -361,6 +392,9 @@ async fn write_rows(
                     // The partitions for now are missing (a clock that jumped, every node down
                     // for longer than the week made ahead): made at once, not in an hour.
                     ctx.partitions_missing.notify_one();
+                }
+                if event_id_taken(&e) {
+                    return Err(BatchError::WrittenBefore);
                 }
                 match fault(&e) {
                     Fault::Data => Err(BatchError::Data(describe(&e))),
