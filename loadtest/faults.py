@@ -53,6 +53,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -584,7 +585,9 @@ class SmallDisk:
     PORT = 15433
 
     def __init__(self, size_mb=64):
-        self.dir = os.path.join(run.RESULTS, "small-disk")
+        # Not under the checkout: PostgreSQL runs as the postgres user when the drills run as
+        # root, and a checkout may sit in a directory only root may enter (a mktemp -d).
+        self.dir = os.path.join(tempfile.gettempdir(), "triggers-small-disk-faults")
         subprocess.run(["rm", "-rf", self.dir], check=True)
         os.makedirs(self.dir)
         self.proc = subprocess.Popen(["bash", os.path.join(run.ROOT, "scripts/small-disk.sh"), self.dir,
@@ -621,7 +624,11 @@ def drill_disk_full(db, args, fast):
     ends; then frees it, as an operator would (starting PostgreSQL again if it stopped)."""
     rounds = args.rounds or (2 if args.smoke else 4)
     r = Result(f"disk full, for real ({'fast' if fast else 'durable'})", rounds, f"{args.rate}/s")
-    disk = SmallDisk()
+    try:
+        disk = SmallDisk()
+    except RuntimeError as e:
+        r.failures.append(str(e))
+        return r
     if disk.url is None:
         r.notes.append("skipped: mount namespaces are not allowed here")
         return r

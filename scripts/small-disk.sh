@@ -23,6 +23,7 @@ log() { echo "small-disk.sh: $*" >&2; }
 
 if [ -z "${SMALL_DISK_INSIDE:-}" ]; then
   mkdir -p "$DISK"
+  chmod go+rx "$DIR"
   export SMALL_DISK_INSIDE=1
   MOUNT='mount -t tmpfs -o "size=${3}m,mode=0777" triggers-small-disk "$1/disk"'
   if [ "$(id -u)" -eq 0 ] && unshare -m true 2>/dev/null; then
@@ -43,6 +44,10 @@ if [ -z "${SMALL_DISK_INSIDE:-}" ]; then
   exit 3
 fi
 
+# PostgreSQL runs as another user when this runs as root: it needs to reach DIR (so DIR must not
+# be under a directory only root may enter, such as a mktemp -d), and a working directory it may
+# enter.
+cd "$DIR"
 BIN=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1)
 [ -x "$BIN/postgres" ] || { log "PostgreSQL not found (run scripts/postgres.sh once)"; exit 1; }
 AS=()
