@@ -56,6 +56,7 @@ import sys
 import tempfile
 import threading
 import time
+import types
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import run  # noqa: E402
@@ -633,7 +634,7 @@ def drill_disk_full(db, args, fast):
         r.notes.append("skipped: mount namespaces are not allowed here")
         return r
     try:
-        small = type("SmallDatabase", (), {"url": disk.url})()
+        small = types.SimpleNamespace(url=disk.url)
         receiver = Receiver()
         node = Node(disk.url, extra=["--ack", "fast"] if fast else [])
         keys = [new_org(node.port, f"disk-full-{i}") for i in range(4)]

@@ -645,6 +645,14 @@ async fn thaw_and_see_nothing_sent(node: &Server, recv: &Receiver) {
     );
 }
 
+/// Wait up to 10 s until `recv` got each of `ids` at least once.
+async fn each_received(recv: &Receiver, ids: &[String]) {
+    recv.wait_until(Duration::from_secs(10), |r| {
+        ids.iter().all(|id| r.iter().any(|x| x.event_id() == *id))
+    })
+    .await;
+}
+
 /// A node's arguments for the tests of a node that goes while it holds deliveries: a 3 s lease,
 /// 2 s attempts, claims every 200 ms.
 const SHORT_LEASE: [&str; 7] = [
@@ -696,10 +704,7 @@ async fn first_attempts_in_flight(
     let parked = "SELECT count(*) FROM deliveries WHERE status = 0 AND next_attempt_at IS NULL";
     assert_eq!(count(&db_at(url).await, parked).await, n as i64);
     assert_eq!(post_empty(s.addr, &key, &path("resume")).await.status, 200);
-    recv.wait_until(Duration::from_secs(10), |r| {
-        ids.iter().all(|id| r.iter().any(|x| x.event_id() == *id))
-    })
-    .await;
+    each_received(recv, &ids).await;
     (s, key, ids)
 }
 
@@ -774,10 +779,7 @@ async fn a_node_frozen_past_its_leases_sends_nothing_another_node_took_over() {
         .await
         .unwrap();
     let ids = create_events(a.addr, &key, 20, "t").await;
-    recv.wait_until(Duration::from_secs(10), |r| {
-        ids.iter().all(|id| r.iter().any(|x| x.event_id() == *id))
-    })
-    .await;
+    each_received(&recv, &ids).await;
     let watch = db_at(&url).await;
     let recording = |state: &str| {
         format!(
@@ -1209,10 +1211,7 @@ async fn deliveries_whose_record_the_database_refused_for_a_moment_are_not_made_
     .await
     .unwrap();
     let ids = create_events(s.addr, &key, 20, "t").await;
-    recv.wait_until(Duration::from_secs(10), |r| {
-        ids.iter().all(|id| r.iter().any(|x| x.event_id() == *id))
-    })
-    .await;
+    each_received(&recv, &ids).await;
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert_eq!(
         count(&db, "SELECT count(*) FROM delivery_attempts").await,

@@ -175,6 +175,16 @@ pub fn no_partition(e: &tokio_postgres::Error) -> bool {
     e.code().map(|c| c.code()) == Some("23514")
 }
 
+/// Whether a write met the primary key of `events` or one of its partitions: an event id taken.
+/// Ids are the server's own, so only an earlier write of the same event holds one.
+pub fn event_id_taken(e: &tokio_postgres::Error) -> bool {
+    e.as_db_error().is_some_and(|d| {
+        *d.code() == tokio_postgres::error::SqlState::UNIQUE_VIOLATION
+            && d.constraint()
+                .is_some_and(|c| c.starts_with("events") && c.ends_with("_pkey"))
+    })
+}
+
 /// Classify an SQLSTATE (`None`: an error without one, such as a closed connection).
 pub fn fault_of_code(code: Option<&str>) -> Fault {
     match code {

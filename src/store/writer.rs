@@ -38,7 +38,7 @@ use crate::config::{
     AckMode, COPY_PIECE_BYTES, SLOW_BATCH, WRITE_RETRY_BACKOFF_MAX, WRITE_RETRY_BACKOFF_MIN,
     WRITE_RUNS_MAX,
 };
-use crate::db::{describe, fault, no_partition, rerun, Fault};
+use crate::db::{describe, event_id_taken, fault, no_partition, rerun, Fault};
 use crate::flow::answer::{Completion, Outcome, Refusal};
 use crate::flow::answer::{IngestOutcome, Ingested};
 use crate::flow::event::{NewEvent, STATUS_DERIVED};
@@ -90,16 +90,6 @@ enum BatchError {
     /// process), so the event is there already: an earlier try of this batch (fast-ack mode
     /// writes a batch again when its COMMIT got no answer) committed after all.
     WrittenBefore,
-}
-
-/// Whether `e` is a primary key violation of `events` or one of its partitions (see
-/// [`BatchError::WrittenBefore`]).
-fn event_id_taken(e: &tokio_postgres::Error) -> bool {
-    e.as_db_error().is_some_and(|d| {
-        *d.code() == tokio_postgres::error::SqlState::UNIQUE_VIOLATION
-            && d.constraint()
-                .is_some_and(|c| c.starts_with("events") && c.ends_with("_pkey"))
-    })
 }
 
 /// How many writers are in a transaction, and a signal each time one finishes.
