@@ -115,8 +115,16 @@ async fn failing_endpoint_with(
     open_s: &str,
     more: &[&str],
 ) -> (Receiver, Server, String, Value, String) {
+    failing_endpoint_in(own_database(database).await, open_s, more).await
+}
+
+/// [`failing_endpoint_with`] in database `url`, made and set up by the caller.
+async fn failing_endpoint_in(
+    url: String,
+    open_s: &str,
+    more: &[&str],
+) -> (Receiver, Server, String, Value, String) {
     let recv = Receiver::start(|_, _| Answer::status(500)).await;
-    let url = own_database(database).await;
     let mut args = vec![
         PRIVATE,
         "--circuit-failures",

@@ -186,15 +186,18 @@ async fn a_delete_waits_for_a_recorder_at_the_endpoint_not_at_its_deliveries() {
 
 /// A pause picked as a deadlock's victim is run again, within its deadline, rather than answered
 /// 503: another session holds the endpoint's retrying delivery and then asks for the endpoint
-/// itself while the pause, holding the endpoint, waits for that delivery.
+/// itself while the pause, holding the endpoint, waits for that delivery. PostgreSQL's victim is
+/// the session whose one check, `deadlock_timeout` into its wait, finds the cycle: the server's
+/// sessions check after 2.5 s (the cycle is made well before) and the other session never, so
+/// the pause is the victim however slow the machine (with 1 s for both, a test that took over a
+/// second to make the cycle had the other session picked: it failed now and then under load).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pause_picked_as_a_deadlock_victim_is_run_again() {
-    let (recv, s, key, ep, url) = failing_endpoint_with(
-        "triggers_test_pause_rerun",
-        "30",
-        &["--retry-schedule", "60s"],
-    )
-    .await;
+    let url = own_database("triggers_test_pause_rerun").await;
+    let set = "ALTER DATABASE triggers_test_pause_rerun SET deadlock_timeout = '2500ms'";
+    db_at(&url).await.batch_execute(set).await.unwrap();
+    let (recv, s, key, ep, url) =
+        failing_endpoint_in(url, "30", &["--retry-schedule", "60s"]).await;
     let id = ep["id"].as_str().unwrap().to_string();
     post_typed(s.addr, &key, "t").await;
     recv.wait_until(Duration::from_secs(5), |r| r.len() == 1)
@@ -208,14 +211,15 @@ async fn a_pause_picked_as_a_deadlock_victim_is_run_again() {
     let other = db_at(&url).await;
     other
         .batch_execute(&format!(
-            "BEGIN; SELECT 1 FROM deliveries WHERE endpoint_id = '{id}' FOR UPDATE"
+            "SET deadlock_timeout = '1h'; \
+             BEGIN; SELECT 1 FROM deliveries WHERE endpoint_id = '{id}' FOR UPDATE"
         ))
         .await
         .unwrap();
     let (addr, k, path) = (s.addr, key.clone(), format!("/api/endpoints/{id}/pause"));
     let pause = tokio::spawn(async move { post_empty(addr, &k, &path).await });
     wait_for_a_lock(&client, "the pause did not wait for the delivery").await;
-    // The cycle: PostgreSQL's check, a second after the pause began to wait, aborts the pause.
+    // The cycle: PostgreSQL's check, 2.5 s after the pause began to wait, aborts the pause.
     let endpoint = format!("SELECT 1 FROM endpoints WHERE id = '{id}' FOR UPDATE");
     other.batch_execute(&endpoint).await.unwrap();
     other.batch_execute("COMMIT").await.unwrap();
