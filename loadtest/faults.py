@@ -311,8 +311,15 @@ class Receiver:
             def log_message(self, *a):
                 pass
 
-        http.server.ThreadingHTTPServer.allow_reuse_address = True
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", RECEIVER_PORT), Handler)
+        class Server(http.server.ThreadingHTTPServer):
+            allow_reuse_address = True
+            # socketserver's default backlog is 5: a burst of new connections (a backlog of
+            # deliveries let go at once after a fault) overflowed it, and a request whose
+            # connection the kernel held back reached the handler only after the server had
+            # given that attempt up and made the next (seen as attempt 2 before attempt 1).
+            request_queue_size = 1024
+
+        self.server = Server(("127.0.0.1", RECEIVER_PORT), Handler)
         self.server.daemon_threads = True
         self.is_up = True
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
