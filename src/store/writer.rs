@@ -293,7 +293,7 @@ async fn write_batch(
                     match write_rows(ctx, encoder, batch, plan, &[i], deadline).await {
                         Ok(mut r) => r.pop().unwrap_or(Ingested::Refused(Refusal::Internal)),
                         Err(BatchError::Data(why)) => refused_row(&batch[i], &why),
-                        Err(BatchError::WrittenBefore) => written_before(&batch[i]),
+                        Err(BatchError::WrittenBefore) => Ingested::Duplicate(batch[i].event.id),
                         Err(BatchError::Database(why)) => {
                             tracing::warn!(error = %why, "row not written");
                             ctx.health.set_down();
@@ -302,10 +302,15 @@ async fn write_batch(
                     },
                 );
             }
+            written_before(batch, &results);
             results
         }
         Err(BatchError::Data(why)) => vec![refused_row(&batch[0], &why)],
-        Err(BatchError::WrittenBefore) => vec![written_before(&batch[0])],
+        Err(BatchError::WrittenBefore) => {
+            let results = vec![Ingested::Duplicate(batch[0].event.id)];
+            written_before(batch, &results);
+            results
+        }
         Err(BatchError::Database(why)) => {
             tracing::warn!(error = %why, events = batch.len(), "batch not written");
             ctx.health.set_down();
@@ -314,12 +319,23 @@ async fn write_batch(
     }
 }
 
-/// A row whose event is there already ([`BatchError::WrittenBefore`]): the event is its own first
-/// one, as for a dedup id seen before. Not written again, and not published for delivery: the
-/// earlier try's delivery rows or lease have it.
-fn written_before(job: &WriteJob) -> Ingested {
-    tracing::info!(event = %job.event.id, "event written by an earlier try whose answer was lost");
-    Ingested::Duplicate(job.event.id)
+/// Rows whose event is there already ([`BatchError::WrittenBefore`]) are their own first ones
+/// (`Ingested::Duplicate` of their own id), as for a dedup id seen before: not written again,
+/// and not published for delivery (the earlier try's delivery rows or lease have them). Logged
+/// once for the batch, however many (a large batch whose COMMIT's answer was lost has
+/// thousands).
+fn written_before(batch: &[WriteJob], results: &[Ingested]) {
+    let mut own = batch
+        .iter()
+        .zip(results)
+        .filter(|(j, r)| **r == Ingested::Duplicate(j.event.id));
+    if let Some((first, _)) = own.next() {
+        tracing::info!(
+            events = 1 + own.count(),
+            first = %first.event.id,
+            "events written by an earlier try whose answer was lost; not written again"
+        );
+    }
 }
 
 /// A row the database refused for its own data (SQLSTATE class 22 or 23): the client's fault.
