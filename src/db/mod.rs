@@ -259,7 +259,7 @@ pub fn describe(e: &tokio_postgres::Error) -> String {
             "{} ({}){}",
             db.message(),
             db.code().code(),
-            pooler_hint(db.code().code())
+            hint(db.code().code(), db.message())
         ),
         // The cause too ("error connecting to server: Connection refused (os error 111)").
         None => match std::error::Error::source(e) {
@@ -269,14 +269,21 @@ pub fn describe(e: &tokio_postgres::Error) -> String {
     }
 }
 
-/// What an error says about the way to the database, when it says something: a prepared
-/// statement of this connection gone (26000) is what a pooler in transaction mode leaves.
-pub fn pooler_hint(code: &str) -> &'static str {
+/// What an error says that its words do not, when it says something: a prepared statement of
+/// this connection gone (26000) is what a pooler in transaction mode leaves; an internal error
+/// (XX000) about a file PostgreSQL could not write, with no reason given, is most often its
+/// disk: a session started on a full disk fails so ("could not write init file"), and a
+/// server started then would stop with only that.
+pub fn hint(code: &str, message: &str) -> &'static str {
     match code {
         "26000" => {
             ": this connection's prepared statements are gone, as behind a pooler in transaction \
              mode (PgBouncer pool_mode = transaction); the server needs a session per connection: \
              session mode, or no pooler (README, \"Behind a connection pooler\")"
+        }
+        "XX000" if message.starts_with("could not write") => {
+            ": PostgreSQL could not write a file of its own; is the disk of its data directory \
+             full? (its log says more)"
         }
         _ => "",
     }
@@ -304,10 +311,17 @@ mod tests {
 
     #[test]
     fn a_prepared_statement_gone_names_the_pooler() {
-        assert!(pooler_hint("26000").contains("pool_mode = transaction"));
+        assert!(hint("26000", "prepared statement \"s1\" does not exist")
+            .contains("pool_mode = transaction"));
         for c in ["57P01", "08006", "25P03", "23505"] {
-            assert_eq!(pooler_hint(c), "", "{c}");
+            assert_eq!(hint(c, "could not write init file"), "", "{c}");
         }
+    }
+
+    #[test]
+    fn a_file_postgresql_could_not_write_names_its_disk() {
+        assert!(hint("XX000", "could not write init file").contains("is the disk"));
+        assert_eq!(hint("XX000", "cache lookup failed for relation 1"), "");
     }
 
     fn options_with(args: &[&str], url: &str) -> String {
