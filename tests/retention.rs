@@ -5,7 +5,7 @@
 
 mod common;
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::*;
 use serde_json::json;
@@ -440,4 +440,88 @@ async fn clocks_set_back_behind_the_newest_event_are_reported() {
     // Events are still taken; they sort before the one ahead of the clocks.
     let id = new_event_id(s.addr, &key, json!(2)).await;
     assert!(id < future, "{id} {future}");
+}
+
+/// A node stopped in the middle of a round (SIGSTOP: a paused VM, a long stall) does not keep
+/// the maintainer's lock, and with it every other node's rounds, for as long as it is stopped:
+/// its session, idle with the lock, is ended by PostgreSQL after `--db-timeout-ms`
+/// (`idle_session_timeout`, set when the round takes the lock). The round is held mid-way by a
+/// lock on `delivery_attempts` (it makes a partition of it that was removed), the node stopped
+/// there, the lock let go: the round's statement ends and its session sits idle. Before, the
+/// lock was still held 8 s later; once thawed, the node makes its partitions at a later round.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_round_stopped_mid_way_lets_the_lock_go() {
+    let url = own_database("triggers_test_retention_stopped").await;
+    let s = Server::process_with_db(&["--db-timeout-ms", "2000"], &url);
+    let (key, _) = new_org(s.addr, "pro").await;
+    let client = db_at(&url).await;
+    // Events find no partition (a round is kicked at once); `delivery_attempts` lacks its last.
+    for p in partitions(&client, "events").await {
+        let drop = format!("ALTER TABLE events DETACH PARTITION {p}; DROP TABLE {p}");
+        client.batch_execute(&drop).await.unwrap();
+    }
+    let days = partitions(&client, "delivery_attempts").await;
+    let last = days
+        .into_iter()
+        .filter(|p| !p.ends_with("_initial"))
+        .last()
+        .unwrap();
+    let drop = format!("ALTER TABLE delivery_attempts DETACH PARTITION {last}; DROP TABLE {last}");
+    client.batch_execute(&drop).await.unwrap();
+    let holder = db_at(&url).await;
+    holder
+        .batch_execute("BEGIN; LOCK TABLE delivery_attempts IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    let r = post_event(s.addr, &key, "t", json!(1), None).await;
+    assert_eq!(r.status, 503, "{}", r.text());
+    let round_waits = "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+                       AND application_name LIKE '%-retention' AND wait_event_type = 'Lock'";
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while count(&client, round_waits).await == 0 {
+        assert!(Instant::now() < deadline, "no round waited for the table");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    s.freeze();
+    holder.batch_execute("COMMIT").await.unwrap();
+    let lock = triggers::store::retention::LOCK_ID;
+    let take =
+        format!("SELECT count(*) FROM (SELECT pg_try_advisory_lock({lock}) AS got) t WHERE got");
+    assert_eq!(
+        count(&holder, &take).await,
+        0,
+        "the stopped round holds the lock"
+    );
+    let taken = Instant::now();
+    let deadline = taken + Duration::from_secs(8);
+    while count(&holder, &take).await == 0 {
+        assert!(Instant::now() < deadline, "the stopped node kept the lock");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        taken.elapsed() >= Duration::from_millis(1500),
+        "let go after {:?}, before its session was idle for --db-timeout-ms",
+        taken.elapsed()
+    );
+    holder
+        .batch_execute(&format!("SELECT pg_advisory_unlock({lock})"))
+        .await
+        .unwrap();
+    s.thaw();
+    // The node goes on: its round failed with its session, and a later one makes the partitions.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let r = post_event(s.addr, &key, "t", json!(2), None).await;
+        if r.status == 201 {
+            break;
+        }
+        assert_eq!(r.status, 503, "{}", r.text());
+        assert!(
+            Instant::now() < deadline,
+            "no partition made after the thaw"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let made = partitions(&client, "delivery_attempts").await;
+    assert!(made.contains(&last), "{made:?}");
 }

@@ -68,12 +68,19 @@ pub fn pg_config(config: &Config, part: Part) -> Result<tokio_postgres::Config, 
     // overs of its deliveries, and any change to the endpoints it touched, would wait that long.
     // PostgreSQL ends such a session instead. No transaction here waits on the node for longer
     // than a request may wait on the database, so none is cut that would have finished.
-    let idle = config.db_timeout_ms.max(IDLE_IN_TRANSACTION_MIN_MS);
+    let idle = idle_ms(config);
     add_option(
         &mut pg,
         &format!("-c idle_in_transaction_session_timeout={idle}"),
     );
     Ok(pg)
+}
+
+/// How long a session of the server's may sit idle in a transaction (and a retention round's,
+/// idle at all) before PostgreSQL ends it: as long as a request may wait on the database, and at
+/// least `IDLE_IN_TRANSACTION_MIN_MS`.
+pub fn idle_ms(config: &Config) -> u64 {
+    config.db_timeout_ms.max(IDLE_IN_TRANSACTION_MIN_MS)
 }
 
 /// Append a server option (`-c name=value`) to those the URL may already carry.

@@ -346,12 +346,19 @@ async fn maintain_on(
     metrics: &Metrics,
 ) -> (Option<Clocks>, Result<Option<Maintained>, String>) {
     let sent = Micros::now();
+    // The lock is the session's, so PostgreSQL ends the session (and the lock goes with it) once
+    // it has been idle for `idle_session_timeout`: a round sends its statements back to back, so
+    // only a node stopped mid-round (SIGSTOP, a paused VM) leaves it idle; before, such a node
+    // kept every other node's rounds out for as long as it stayed stopped. Set here, not when
+    // the connection is made: the first round's connection waits idle while migrations run.
+    let idle = crate::db::idle_ms(config).to_string();
     let row = client
         .query_one(
             "SELECT pg_try_advisory_lock($1), \
                     (extract(epoch FROM clock_timestamp()) * 1000000)::bigint, \
-                    (SELECT id FROM events ORDER BY id DESC LIMIT 1)",
-            &[&LOCK_ID],
+                    (SELECT id FROM events ORDER BY id DESC LIMIT 1), \
+                    set_config('idle_session_timeout', $2, false)",
+            &[&LOCK_ID, &idle],
         )
         .await;
     let row = match row {
