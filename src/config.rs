@@ -101,8 +101,14 @@ pub const UNHEARD_WAIT_MAX: Duration = Duration::from_secs(1);
 pub const DATABASE_PATIENCE: Duration = Duration::from_secs(30);
 /// Pause between connection attempts while the database starts.
 pub const DB_CONNECT_RETRY: Duration = Duration::from_millis(500);
-/// TCP keepalive idle time on database connections.
+/// TCP keepalive on database connections, both ends (`db::pg_config`): the first probe after
+/// this long idle, then one every `DB_KEEPALIVE_INTERVAL`, and the connection is given up after
+/// `DB_KEEPALIVE_PROBES` unanswered: a peer gone without a word is found within a minute.
 pub const DB_KEEPALIVE_IDLE: Duration = Duration::from_secs(30);
+/// See [`DB_KEEPALIVE_IDLE`].
+pub const DB_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+/// See [`DB_KEEPALIVE_IDLE`].
+pub const DB_KEEPALIVE_PROBES: u32 = 3;
 /// The least `idle_in_transaction_session_timeout` (ms) the server's connections set: the larger
 /// of this and `--db-timeout-ms` (`db::pg_config`).
 pub const IDLE_IN_TRANSACTION_MIN_MS: u64 = 1_000;

@@ -665,6 +665,51 @@ async fn start_up_names_the_session_settings_the_database_did_not_take() {
         .is_empty());
 }
 
+/// A node cut off from the database without a word (a network cut, a VM paused) is found by
+/// TCP keepalive within a minute on the database's end too: every session of the server asks
+/// PostgreSQL for it (30 s idle, then a probe every 10 s, given up after 3; data unacknowledged
+/// for 60 s ends it too). Without, the system's defaults hold a cut-off session, and what it
+/// locked (a COPY waiting for its rows is active, so no idle timeout ends it), for over two
+/// hours. Read back from PostgreSQL over TCP: it took them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_database_finds_a_node_gone_silent_within_a_minute() {
+    let (_, config) = triggers::config::Config::from_args_and_env(
+        ["serve".to_string()],
+        [("DATABASE_URL".to_string(), database_url())],
+    )
+    .unwrap();
+    let own = triggers::db::connect(
+        &config,
+        triggers::db::Part::Delivery,
+        std::time::Duration::from_secs(5),
+    )
+    .await
+    .unwrap();
+    let row = own
+        .query_one(
+            "SELECT current_setting('tcp_keepalives_idle'), \
+                    current_setting('tcp_keepalives_interval'), \
+                    current_setting('tcp_keepalives_count'), \
+                    current_setting('tcp_user_timeout'), \
+                    inet_client_addr() IS NOT NULL",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert!(row.get::<_, bool>(4), "the test's connection is over TCP");
+    let got: Vec<String> = (0..4).map(|i| row.get(i)).collect();
+    assert_eq!(got, ["30", "10", "3", "60000"]);
+    // A plain connection has the system's (the kernel's default: 7,200 s, then 9 probes 75 s
+    // apart).
+    let plain = db().await;
+    let idle: String = plain
+        .query_one("SELECT current_setting('tcp_keepalives_idle')", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_ne!(idle, "30", "the system's own is not the server's");
+}
+
 #[test]
 fn a_database_that_cannot_be_reached_is_named_with_postgresqls_own_words() {
     // Start-up retries while the database comes up, and says why each try failed: PostgreSQL's

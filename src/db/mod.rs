@@ -10,7 +10,10 @@ use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 
-use crate::config::{Config, DB_CONNECT_RETRY, DB_KEEPALIVE_IDLE, IDLE_IN_TRANSACTION_MIN_MS};
+use crate::config::{
+    Config, DB_CONNECT_RETRY, DB_KEEPALIVE_IDLE, DB_KEEPALIVE_INTERVAL, DB_KEEPALIVE_PROBES,
+    IDLE_IN_TRANSACTION_MIN_MS,
+};
 
 /// Which part of the server a connection serves. Its `application_name` says so (`triggers`, or
 /// the name the URL gives, then `-ingest`, `-delivery`, …), so `pg_stat_activity`, the logs and
@@ -51,8 +54,18 @@ pub fn pg_config(config: &Config, part: Part) -> Result<tokio_postgres::Config, 
         .parse()
         .map_err(|e| format!("--database-url: {e}"))?;
     pg.connect_timeout(Config::ms(config.db_connect_timeout_ms));
+    // A peer gone without a word (a network cut, a host or VM that stopped) is found by TCP
+    // keepalive in about a minute, on both ends; the systems' defaults take over two hours on
+    // the database's end, and some twelve minutes on ours. On the database's end, a session of
+    // a node cut off mid-COPY waits for its data in an active state that no statement or idle
+    // timeout ends: its locks, its connection slot and the vacuum horizon are held until
+    // keepalive gives up. `tcp_user_timeout` does the same for data sent and never acknowledged.
+    // (Unix-socket connections have no TCP; PostgreSQL ignores these there.)
     pg.keepalives(true);
     pg.keepalives_idle(DB_KEEPALIVE_IDLE);
+    pg.keepalives_interval(DB_KEEPALIVE_INTERVAL);
+    pg.keepalives_retries(DB_KEEPALIVE_PROBES);
+    pg.tcp_user_timeout(DB_KEEPALIVE_IDLE + DB_KEEPALIVE_INTERVAL * DB_KEEPALIVE_PROBES);
     let name = format!(
         "{}{}",
         pg.get_application_name().unwrap_or("triggers"),
@@ -68,6 +81,20 @@ pub fn pg_config(config: &Config, part: Part) -> Result<tokio_postgres::Config, 
     // overs of its deliveries, and any change to the endpoints it touched, would wait that long.
     // PostgreSQL ends such a session instead. No transaction here waits on the node for longer
     // than a request may wait on the database, so none is cut that would have finished.
+    for option in [
+        format!("tcp_keepalives_idle={}", DB_KEEPALIVE_IDLE.as_secs()),
+        format!(
+            "tcp_keepalives_interval={}",
+            DB_KEEPALIVE_INTERVAL.as_secs()
+        ),
+        format!("tcp_keepalives_count={DB_KEEPALIVE_PROBES}"),
+        format!(
+            "tcp_user_timeout={}",
+            (DB_KEEPALIVE_IDLE + DB_KEEPALIVE_INTERVAL * DB_KEEPALIVE_PROBES).as_millis()
+        ),
+    ] {
+        add_option(&mut pg, &format!("-c {option}"));
+    }
     let idle = idle_ms(config);
     add_option(
         &mut pg,
