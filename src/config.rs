@@ -109,6 +109,11 @@ pub const DB_KEEPALIVE_IDLE: Duration = Duration::from_secs(30);
 pub const DB_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
 /// See [`DB_KEEPALIVE_IDLE`].
 pub const DB_KEEPALIVE_PROBES: u32 = 3;
+/// How often a node looks for the server's sessions stalled mid-protocol (`store::stalled`).
+pub const STALLED_CHECK_EVERY: Duration = Duration::from_secs(2);
+/// A session waiting for its client, mid-COPY, this many times `--db-timeout-ms` is a stopped
+/// node's: a live one drops its connection at its deadline (`store::stalled`).
+pub const STALLED_AFTER_TIMEOUTS: u32 = 3;
 /// The least `idle_in_transaction_session_timeout` (ms) the server's connections set: the larger
 /// of this and `--db-timeout-ms` (`db::pg_config`).
 pub const IDLE_IN_TRANSACTION_MIN_MS: u64 = 1_000;

@@ -131,7 +131,9 @@ async fn sigterm_finishes_in_flight_requests_and_exits_cleanly() {
 struct Proxy {
     addr: SocketAddr,
     /// 0: pass, 1: cut (connections dropped, new ones refused), 2: paused (bytes held), 3: pass
-    /// until a group commit's COMMIT has gone to PostgreSQL, then paused.
+    /// until a group commit's COMMIT has gone to PostgreSQL, then paused; 4: pass until a binary
+    /// COPY's rows come, then paused before they go (PostgreSQL waits for them, as for a node
+    /// stopped mid-COPY: the held bytes keep the connection open whatever the server does).
     mode: Arc<AtomicU8>,
     conns: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>>,
 }
@@ -186,7 +188,11 @@ impl Proxy {
     }
 
     fn url(&self) -> String {
-        let url = database_url();
+        self.url_to(&database_url())
+    }
+
+    /// `url` (the test cluster's), through the proxy.
+    fn url_to(&self, url: &str) -> String {
         let (scheme_user, rest) = url.split_once('@').unwrap();
         let db = rest.split_once('/').unwrap().1;
         format!("{scheme_user}@{}/{db}", self.addr)
@@ -210,9 +216,20 @@ impl Proxy {
     /// Pass until a group commit's COMMIT has gone to PostgreSQL, then hold everything (its
     /// answer too); whether that happened within `limit`.
     async fn pause_after_commit(&self, limit: Duration) -> bool {
-        self.mode.store(3, Ordering::SeqCst);
+        self.pause_from(3, limit).await
+    }
+
+    /// Pass until a binary COPY's rows come, then hold everything, those rows first; whether
+    /// that happened within `limit`.
+    async fn pause_mid_copy(&self, limit: Duration) -> bool {
+        self.pause_from(4, limit).await
+    }
+
+    /// Set `mode`; whether it turned into a pause within `limit`.
+    async fn pause_from(&self, mode: u8, limit: Duration) -> bool {
+        self.mode.store(mode, Ordering::SeqCst);
         let deadline = Instant::now() + limit;
-        while self.mode.load(Ordering::SeqCst) == 3 {
+        while self.mode.load(Ordering::SeqCst) == mode {
             if Instant::now() > deadline {
                 return false;
             }
@@ -238,6 +255,10 @@ async fn pump(
             Ok(n) => n,
         };
         let chunk = &buf[..n];
+        if to_database && mode.load(Ordering::SeqCst) == 4 && has(chunk, b"PGCOPY\n\xff\r\n\0") {
+            // Held from now on, these rows too.
+            mode.store(2, Ordering::SeqCst);
+        }
         if to_database
             && mode.load(Ordering::SeqCst) == 3
             && has(chunk, b"COMMIT\0")
@@ -901,4 +922,58 @@ async fn a_fast_ack_batch_whose_commit_answer_was_lost_is_not_written_twice_nor_
         "{}",
         timeline(&recv.received())
     );
+}
+
+/// A node stopped mid-COPY (here: its rows held by the proxy, the connection kept open, as a
+/// node stopped with SIGSTOP or a paused container leaves it) leaves a session that is `active`,
+/// waiting for its client: no timeout of PostgreSQL's ends it, and it holds its locks, its
+/// connection slot and the vacuum horizon. Another node ends it within a few `--db-timeout-ms`
+/// (`store::stalled`); before, it stayed for as long as the node was stopped. The stopped node's
+/// request was answered 503 at its deadline: nothing of it was written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_left_mid_copy_by_a_stopped_node_is_ended_by_another() {
+    let url = own_database("triggers_test_stalled_copy").await;
+    let proxy = Proxy::start().await;
+    let fast = ["--db-timeout-ms", "1000"];
+    let a = Server::start_with_db(&fast, &proxy.url_to(&url));
+    let (key, _) = new_org(a.addr, "pro").await;
+    let (addr, k) = (a.addr, key.clone());
+    let stuck = tokio::spawn(async move { post_event(addr, &k, "t", json!(1), None).await });
+    assert!(
+        proxy.pause_mid_copy(Duration::from_secs(5)).await,
+        "no COPY went through the proxy"
+    );
+    let r = stuck.await.unwrap();
+    assert_eq!(r.status, 503, "{}", r.text());
+    let client = db_at(&url).await;
+    let stalled = "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+                   AND state = 'active' AND wait_event = 'ClientRead'";
+    assert_eq!(
+        count(&client, stalled).await,
+        1,
+        "the COPY waits for its rows"
+    );
+    let b = Server::start_with_db(&fast, &url);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while count(&client, stalled).await > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the stopped node's session is still there"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(count(&client, "SELECT count(*) FROM events").await, 0);
+    assert!(!b.log_lines("ended database sessions").is_empty());
+    // B takes events meanwhile, and A does again once its connection is back.
+    let (key_b, _) = new_org(b.addr, "pro").await;
+    assert_eq!(
+        post_event(b.addr, &key_b, "t", json!(2), None).await.status,
+        201
+    );
+    proxy.restore();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while post_event(a.addr, &key, "t", json!(3), None).await.status != 201 {
+        assert!(Instant::now() < deadline, "A takes no event again");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }

@@ -35,6 +35,16 @@ pub enum Part {
 }
 
 impl Part {
+    /// Every part, for what concerns all of a node's sessions.
+    pub const ALL: [Part; 6] = [
+        Part::Api,
+        Part::Ingest,
+        Part::Delivery,
+        Part::Listen,
+        Part::Probe,
+        Part::Retention,
+    ];
+
     fn suffix(self) -> &'static str {
         match self {
             Part::Api => "",

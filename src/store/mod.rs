@@ -14,7 +14,8 @@
 //!   `org`: changes every node must hear of; `rows`: the event columns the reads share;
 //!   `rate`: each core's rate-limit spend, reported into the cluster's buckets.
 //! - `health`: the probe behind the health flag. `listen`: LISTEN/NOTIFY, so a key rotated or a
-//!   webhook changed on another node reaches this node's caches within milliseconds.
+//!   webhook changed on another node reaches this node's caches within milliseconds. `stalled`:
+//!   ends the sessions a stopped node left mid-COPY.
 //! - `migrate`: the SQL files of `migrations/`. `retention`: the daily partitions, created ahead and
 //!   dropped when expired.
 //!
@@ -35,5 +36,6 @@ pub mod pool;
 pub mod rate;
 pub mod retention;
 pub mod rows;
+pub mod stalled;
 pub mod webhook;
 pub mod writer;
