@@ -319,6 +319,12 @@ class Receiver:
             # given that attempt up and made the next (seen as attempt 2 before attempt 1).
             request_queue_size = 1024
 
+            def handle_error(self, request, client_address):
+                # A node killed or stopped mid-request resets its connections: not the drill's
+                # concern (what it delivered is counted), and no traceback on the drill's output.
+                if not isinstance(sys.exc_info()[1], (ConnectionResetError, BrokenPipeError)):
+                    super().handle_error(request, client_address)
+
         self.server = Server(("127.0.0.1", RECEIVER_PORT), Handler)
         self.server.daemon_threads = True
         self.is_up = True

@@ -1,10 +1,11 @@
 //! Sessions a stopped node left mid-protocol. A COPY waiting for its rows (or a pipeline waiting
-//! for its Sync) is `active` in PostgreSQL, waiting on `ClientRead`: no idle timeout ends it, a
-//! statement timeout is not acted on while it waits for the client, and TCP keepalive does not
-//! either when the node's kernel answers for it (a process stopped with SIGSTOP, a container
-//! paused by the cgroup freezer; a network cut or a paused VM is found by keepalive). Its locks
-//! (on the partitions it writes: a retention round's detach waits on them), its connection slot
-//! and the vacuum horizon stay held for as long as the node is stopped.
+//! for its Sync) is `active` in PostgreSQL, waiting on `ClientRead`, and so is a large answer
+//! the node no longer reads (`ClientWrite`): no idle timeout ends it, a statement timeout is not
+//! acted on while it waits for the client, and TCP keepalive does not either when the node's
+//! kernel answers for it (a process stopped with SIGSTOP, a container paused by the cgroup
+//! freezer; a network cut or a paused VM is found by keepalive). Its locks (on the partitions it
+//! writes or reads: a retention round's detach waits on them), its connection slot and the
+//! vacuum horizon stay held for as long as the node is stopped.
 //!
 //! No live node leaves a session so for long: each of its transactions has `--db-timeout-ms`,
 //! after which it drops the connection. So every node, every [`STALLED_CHECK_EVERY`], ends the
@@ -23,7 +24,7 @@ use crate::db::{describe, pg_config, Part};
 const END_STALLED: &str = "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) \
      FROM pg_stat_activity \
      WHERE datname = current_database() AND pid <> pg_backend_pid() \
-       AND application_name = ANY($1) AND state = 'active' AND wait_event = 'ClientRead' \
+       AND application_name = ANY($1) AND state = 'active' AND wait_event IN ('ClientRead', 'ClientWrite') \
        AND query_start < clock_timestamp() - make_interval(secs => $2)";
 
 /// Check until aborted at shutdown.
@@ -63,8 +64,8 @@ pub async fn end_stalled_sessions(ctx: Arc<StoreCtx>) {
             Ok(Ok(ended)) => tracing::warn!(
                 sessions = ended,
                 after_s,
-                "ended database sessions of a node stopped mid-transaction (a COPY or a pipeline \
-                 waiting for its client); their locks are free"
+                "ended database sessions of a node stopped mid-statement (a COPY waiting for its \
+                 rows, an answer not read); their locks are free"
             ),
             // Ending another role's session needs its membership (or pg_signal_backend).
             Ok(Err(e)) if !warned => {
