@@ -91,20 +91,7 @@ pub fn pg_config(config: &Config, part: Part) -> Result<tokio_postgres::Config, 
     // overs of its deliveries, and any change to the endpoints it touched, would wait that long.
     // PostgreSQL ends such a session instead. No transaction here waits on the node for longer
     // than a request may wait on the database, so none is cut that would have finished.
-    for option in [
-        format!("tcp_keepalives_idle={}", DB_KEEPALIVE_IDLE.as_secs()),
-        format!(
-            "tcp_keepalives_interval={}",
-            DB_KEEPALIVE_INTERVAL.as_secs()
-        ),
-        format!("tcp_keepalives_count={DB_KEEPALIVE_PROBES}"),
-        format!(
-            "tcp_user_timeout={}",
-            (DB_KEEPALIVE_IDLE + DB_KEEPALIVE_INTERVAL * DB_KEEPALIVE_PROBES).as_millis()
-        ),
-    ] {
-        add_option(&mut pg, &format!("-c {option}"));
-    }
+    add_option(&mut pg, KEEPALIVE_OPTIONS);
     let idle = idle_ms(config);
     add_option(
         &mut pg,
@@ -119,6 +106,12 @@ pub fn pg_config(config: &Config, part: Part) -> Result<tokio_postgres::Config, 
 pub fn idle_ms(config: &Config) -> u64 {
     config.db_timeout_ms.max(IDLE_IN_TRANSACTION_MIN_MS)
 }
+
+/// PostgreSQL's end of the keepalive `pg_config` sets on ours: [`DB_KEEPALIVE_IDLE`],
+/// [`DB_KEEPALIVE_INTERVAL`], [`DB_KEEPALIVE_PROBES`], and their sum as `tcp_user_timeout` (one
+/// string, checked against them by a test).
+const KEEPALIVE_OPTIONS: &str = "-c tcp_keepalives_idle=30 -c tcp_keepalives_interval=10 \
+     -c tcp_keepalives_count=3 -c tcp_user_timeout=60000";
 
 /// Append a server option (`-c name=value`) to those the URL may already carry.
 fn add_option(pg: &mut tokio_postgres::Config, option: &str) {
@@ -360,6 +353,21 @@ mod tests {
         for c in ["57P01", "08006", "25P03", "23505"] {
             assert_eq!(hint(c, "could not write init file"), "", "{c}");
         }
+    }
+
+    #[test]
+    fn the_databases_keepalive_is_ours() {
+        let user_timeout = DB_KEEPALIVE_IDLE + DB_KEEPALIVE_INTERVAL * DB_KEEPALIVE_PROBES;
+        let expected = format!(
+            "-c tcp_keepalives_idle={} -c tcp_keepalives_interval={} -c tcp_keepalives_count={} \
+             -c tcp_user_timeout={}",
+            DB_KEEPALIVE_IDLE.as_secs(),
+            DB_KEEPALIVE_INTERVAL.as_secs(),
+            DB_KEEPALIVE_PROBES,
+            user_timeout.as_millis()
+        );
+        assert_eq!(KEEPALIVE_OPTIONS, expected);
+        assert!(options_with(&[], "postgres://u@localhost/db").contains(KEEPALIVE_OPTIONS));
     }
 
     #[test]

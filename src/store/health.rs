@@ -14,6 +14,7 @@ use std::sync::Arc;
 use tokio_postgres::{Client, NoTls};
 
 use super::ctx::StoreCtx;
+use super::stalled::Stalled;
 use crate::config::{
     Config, CLOCK_OFFSET_WARN, CLOCK_STEP_CHECK_EVERY, HEALTH_PROBE_EVERY_DOWN,
     HEALTH_PROBE_EVERY_UP,
@@ -24,6 +25,7 @@ use crate::ids::Micros;
 /// Probe until aborted at shutdown.
 pub async fn probe(ctx: Arc<StoreCtx>) {
     let mut conn: Option<Client> = None;
+    let mut stalled = Stalled::new(&ctx.config);
     loop {
         let wait = if ctx.health.database_up() {
             HEALTH_PROBE_EVERY_UP
@@ -38,6 +40,9 @@ pub async fn probe(ctx: Arc<StoreCtx>) {
             Ok(()) => {
                 if ctx.health.set_up() {
                     tracing::info!("database takes writes again");
+                }
+                if let Some(client) = conn.as_ref() {
+                    stalled.check(client, ctx.db_timeout).await;
                 }
             }
             Err(e) => {

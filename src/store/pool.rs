@@ -67,7 +67,6 @@ impl Store {
         let background = vec![
             tokio::spawn(health::probe(Arc::clone(&ctx))),
             tokio::spawn(health::watch_clock_steps(Arc::clone(&ctx))),
-            tokio::spawn(super::stalled::end_stalled_sessions(Arc::clone(&ctx))),
             tokio::spawn(listen::run(Arc::clone(&ctx))),
         ];
         Ok(Store {

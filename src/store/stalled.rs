@@ -8,72 +8,91 @@
 //! vacuum horizon stay held for as long as the node is stopped.
 //!
 //! No live node leaves a session so for long: each of its transactions has `--db-timeout-ms`,
-//! after which it drops the connection. So every node, every [`STALLED_CHECK_EVERY`], ends the
-//! server's sessions (known by their application names) in this database that have waited so
-//! for longer than [`STALLED_AFTER_TIMEOUTS`] times its `--db-timeout-ms` (the nodes of a
-//! cluster share it). The stopped node, when it goes on, finds its connection gone: the
-//! transaction was rolled back whole, and is retried or answered 503 like any other.
+//! after which it drops the connection. So every node, every [`STALLED_CHECK_EVERY`] (on the
+//! health probe's connection, while the database takes writes), ends the server's sessions
+//! (known by their application names) in this database that have waited so for longer than
+//! [`STALLED_AFTER_TIMEOUTS`] times its `--db-timeout-ms` (the nodes of a cluster share it). The
+//! stopped node, when it goes on, finds its connection gone: the transaction was rolled back
+//! whole, and is retried or answered 503 like any other.
 
-use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use super::ctx::StoreCtx;
-use crate::config::{STALLED_AFTER_TIMEOUTS, STALLED_CHECK_EVERY};
+use tokio_postgres::Client;
+
+use crate::config::{Config, STALLED_AFTER_TIMEOUTS, STALLED_CHECK_EVERY};
 use crate::db::{describe, pg_config, Part};
 
-/// End the sessions stalled mid-protocol; how many were ended.
+/// End the sessions stalled mid-protocol (`$1`: the server's application names, one a line,
+/// which PostgreSQL keeps to printable ASCII; `$2`: after how many milliseconds, as text);
+/// how many were ended.
 const END_STALLED: &str = "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) \
      FROM pg_stat_activity \
      WHERE datname = current_database() AND pid <> pg_backend_pid() \
-       AND application_name = ANY($1) AND state = 'active' AND wait_event IN ('ClientRead', 'ClientWrite') \
-       AND query_start < clock_timestamp() - make_interval(secs => $2)";
+       AND application_name = ANY(string_to_array($1, chr(10))) AND state = 'active' \
+       AND wait_event IN ('ClientRead', 'ClientWrite') \
+       AND query_start < clock_timestamp() - $2::text::bigint * interval '1 millisecond'";
 
-/// Check until aborted at shutdown.
-pub async fn end_stalled_sessions(ctx: Arc<StoreCtx>) {
-    let names: Vec<String> = Part::ALL
-        .iter()
-        .filter_map(|&part| {
-            Some(
-                pg_config(&ctx.config, part)
-                    .ok()?
-                    .get_application_name()?
-                    .to_string(),
-            )
-        })
-        .collect();
-    let after_s = (ctx.db_timeout * STALLED_AFTER_TIMEOUTS).as_secs_f64();
-    let mut warned = false;
-    loop {
-        tokio::time::sleep(STALLED_CHECK_EVERY).await;
-        if !ctx.health.database_up() {
-            continue;
+/// What the check needs, and when it last ran.
+pub struct Stalled {
+    names: String,
+    after: Duration,
+    after_ms: String,
+    last: Instant,
+    warned: bool,
+}
+
+impl Stalled {
+    /// The check for `config`'s application names and `--db-timeout-ms`.
+    pub fn new(config: &Config) -> Self {
+        let names: Vec<String> = Part::ALL
+            .iter()
+            .filter_map(|&part| {
+                Some(
+                    pg_config(config, part)
+                        .ok()?
+                        .get_application_name()?
+                        .to_string(),
+                )
+            })
+            .collect();
+        let after = Config::ms(config.db_timeout_ms) * STALLED_AFTER_TIMEOUTS;
+        Self {
+            names: names.join("\n"),
+            after,
+            after_ms: after.as_millis().to_string(),
+            last: Instant::now(),
+            warned: false,
         }
-        let work = async {
-            let client = ctx.pool.get().await.map_err(|e| e.to_string())?;
-            let stmt = client
-                .prepare_cached(END_STALLED)
-                .await
-                .map_err(|e| describe(&e))?;
-            let row = client
-                .query_one(&stmt, &[&names, &after_s])
-                .await
-                .map_err(|e| describe(&e))?;
-            Ok::<i64, String>(row.get(0))
-        };
-        match tokio::time::timeout(ctx.db_timeout, work).await {
-            Ok(Ok(0)) => {}
-            Ok(Ok(ended)) => tracing::warn!(
-                sessions = ended,
-                after_s,
-                "ended database sessions of a node stopped mid-statement (a COPY waiting for its \
-                 rows, an answer not read); their locks are free"
-            ),
-            // Ending another role's session needs its membership (or pg_signal_backend).
-            Ok(Err(e)) if !warned => {
-                warned = true;
-                tracing::warn!(error = %e, "stalled sessions could not be checked");
+    }
+
+    /// When [`STALLED_CHECK_EVERY`] has passed since the last, end the stalled sessions, on
+    /// `client`, within `limit`.
+    pub async fn check(&mut self, client: &Client, limit: Duration) {
+        if self.last.elapsed() < STALLED_CHECK_EVERY {
+            return;
+        }
+        self.last = Instant::now();
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [&self.names, &self.after_ms];
+        let ended = client.query_one(END_STALLED, &params);
+        match tokio::time::timeout(limit, ended).await {
+            Ok(Ok(row)) => {
+                let ended: i64 = row.get(0);
+                if ended > 0 {
+                    tracing::warn!(
+                        sessions = ended,
+                        after_ms = self.after.as_millis() as u64,
+                        "ended database sessions of a node stopped mid-statement (a COPY \
+                         waiting for its rows, an answer not read); their locks are free"
+                    );
+                }
             }
-            Ok(Err(e)) => tracing::debug!(error = %e, "stalled sessions could not be checked"),
-            Err(_) => tracing::debug!("stalled sessions not checked in time"),
+            // Ending another role's session needs its membership (or pg_signal_backend): said
+            // once. A check that failed or took too long is made again at the next.
+            Ok(Err(e)) if !self.warned => {
+                self.warned = true;
+                tracing::warn!(error = %describe(&e), "stalled sessions could not be checked");
+            }
+            _ => {}
         }
     }
 }
