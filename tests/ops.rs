@@ -621,6 +621,18 @@ async fn a_node_whose_clock_is_far_off_takes_no_change_until_it_is_back() {
     assert_eq!(s.log_lines("further off the database's").len(), 2);
 }
 
+/// A connection to the test database as the server makes one for `part` (its settings).
+async fn server_connection(part: triggers::db::Part) -> tokio_postgres::Client {
+    let (_, config) = triggers::config::Config::from_args_and_env(
+        ["serve".to_string()],
+        [("DATABASE_URL".to_string(), database_url())],
+    )
+    .unwrap();
+    triggers::db::connect(&config, part, std::time::Duration::from_secs(5))
+        .await
+        .unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn start_up_names_the_session_settings_the_database_did_not_take() {
     // Every connection asks for its settings in the startup packet (`options`); a pooler may drop
@@ -644,18 +656,7 @@ async fn start_up_names_the_session_settings_the_database_did_not_take() {
         read(db().await).await,
         ["idle_in_transaction_session_timeout", "jit"]
     );
-    let (_, config) = triggers::config::Config::from_args_and_env(
-        ["serve".to_string()],
-        [("DATABASE_URL".to_string(), database_url())],
-    )
-    .unwrap();
-    let own = triggers::db::connect(
-        &config,
-        triggers::db::Part::Api,
-        std::time::Duration::from_secs(5),
-    )
-    .await
-    .unwrap();
+    let own = server_connection(triggers::db::Part::Api).await;
     assert!(read(own).await.is_empty());
     // And a server started so says nothing of it.
     let s = Server::start(&[]);
@@ -673,18 +674,7 @@ async fn start_up_names_the_session_settings_the_database_did_not_take() {
 /// hours. Read back from PostgreSQL over TCP: it took them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_database_finds_a_node_gone_silent_within_a_minute() {
-    let (_, config) = triggers::config::Config::from_args_and_env(
-        ["serve".to_string()],
-        [("DATABASE_URL".to_string(), database_url())],
-    )
-    .unwrap();
-    let own = triggers::db::connect(
-        &config,
-        triggers::db::Part::Delivery,
-        std::time::Duration::from_secs(5),
-    )
-    .await
-    .unwrap();
+    let own = server_connection(triggers::db::Part::Delivery).await;
     let row = own
         .query_one(
             "SELECT current_setting('tcp_keepalives_idle'), \
