@@ -41,8 +41,11 @@ pub async fn probe(ctx: Arc<StoreCtx>) {
                 if ctx.health.set_up() {
                     tracing::info!("database takes writes again");
                 }
+                // Within the probe's own answer deadline: a database that stops answering now
+                // is found by the next probe no later than before.
                 if let Some(client) = conn.as_ref() {
-                    stalled.check(client, ctx.db_timeout).await;
+                    let limit = Config::ms(ctx.config.db_connect_timeout_ms);
+                    stalled.check(client, limit).await;
                 }
             }
             Err(e) => {
