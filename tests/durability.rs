@@ -964,6 +964,10 @@ async fn a_session_left_mid_copy_by_a_stopped_node_is_ended_by_another() {
     }
     assert_eq!(count(&client, "SELECT count(*) FROM events").await, 0);
     assert!(!b.log_lines("ended database sessions").is_empty());
+    assert_eq!(
+        metric(&b, "triggers_db_stalled_sessions_ended_total").await,
+        1.0
+    );
     // B takes events meanwhile, and A does again once its connection is back.
     let (key_b, _) = new_org(b.addr, "pro").await;
     assert_eq!(

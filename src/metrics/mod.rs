@@ -142,6 +142,9 @@ pub struct Metrics {
     pub partitions_dropped: AtomicU64,
     /// Failed partition-maintenance rounds on this node.
     pub retention_failures: AtomicU64,
+    /// Database sessions a stopped node left mid-statement that this node ended
+    /// (`store::stalled`).
+    pub stalled_sessions_ended: AtomicU64,
     /// When this node last finished a partition-maintenance round (Unix seconds; 0: never).
     pub retention_ok_at: AtomicI64,
     /// How far the newest event stored is ahead of the earlier of this node's and the database's
@@ -257,6 +260,7 @@ impl Metrics {
             endpoints_disabled: AtomicU64::new(0),
             partitions_dropped: AtomicU64::new(0),
             retention_failures: AtomicU64::new(0),
+            stalled_sessions_ended: AtomicU64::new(0),
             retention_ok_at: AtomicI64::new(0),
             newest_event_ahead_us: AtomicI64::new(0),
             clock_offset_us: AtomicI64::new(0),
@@ -580,6 +584,14 @@ impl Metrics {
             "Partition-maintenance rounds on this node that failed (retried every hour).",
             "counter",
             load(&self.retention_failures),
+        );
+        single(
+            &mut out,
+            "triggers_db_stalled_sessions_ended_total",
+            "Database sessions of the server's that waited on their client mid-statement for \
+             over 3 x --db-timeout-ms (a node stopped mid-COPY) and that this node ended.",
+            "counter",
+            load(&self.stalled_sessions_ended),
         );
         single(
             &mut out,

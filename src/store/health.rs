@@ -45,7 +45,7 @@ pub async fn probe(ctx: Arc<StoreCtx>) {
                 // is found by the next probe no later than before.
                 if let Some(client) = conn.as_ref() {
                     let limit = Config::ms(ctx.config.db_connect_timeout_ms);
-                    stalled.check(client, limit).await;
+                    stalled.check(client, limit, &ctx.metrics).await;
                 }
             }
             Err(e) => {

@@ -15,12 +15,14 @@
 //! stopped node, when it goes on, finds its connection gone: the transaction was rolled back
 //! whole, and is retried or answered 503 like any other.
 
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use tokio_postgres::Client;
 
 use crate::config::{Config, STALLED_AFTER_TIMEOUTS, STALLED_CHECK_EVERY};
 use crate::db::{describe, pg_config, Part};
+use crate::metrics::Metrics;
 
 /// End the sessions stalled mid-protocol (`$1`: the server's application names, one a line,
 /// which PostgreSQL keeps to printable ASCII; `$2`: after how many milliseconds, as text);
@@ -66,8 +68,8 @@ impl Stalled {
     }
 
     /// When [`STALLED_CHECK_EVERY`] has passed since the last, end the stalled sessions, on
-    /// `client`, within `limit`.
-    pub async fn check(&mut self, client: &Client, limit: Duration) {
+    /// `client`, within `limit`; counted in `triggers_db_stalled_sessions_ended_total`.
+    pub async fn check(&mut self, client: &Client, limit: Duration, metrics: &Metrics) {
         if self.last.elapsed() < STALLED_CHECK_EVERY {
             return;
         }
@@ -78,6 +80,9 @@ impl Stalled {
             Ok(Ok(row)) => {
                 let ended: i64 = row.get(0);
                 if ended > 0 {
+                    metrics
+                        .stalled_sessions_ended
+                        .fetch_add(ended as u64, Ordering::Relaxed);
                     tracing::warn!(
                         sessions = ended,
                         after_ms = self.after.as_millis() as u64,
