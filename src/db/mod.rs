@@ -35,8 +35,8 @@ pub enum Part {
 }
 
 impl Part {
-    /// Every part, for what concerns all of a node's sessions.
-    pub const ALL: [Part; 6] = [
+    /// Every part ([`application_names`]).
+    const ALL: [Part; 6] = [
         Part::Api,
         Part::Ingest,
         Part::Delivery,
@@ -76,11 +76,8 @@ pub fn pg_config(config: &Config, part: Part) -> Result<tokio_postgres::Config, 
     pg.keepalives_interval(DB_KEEPALIVE_INTERVAL);
     pg.keepalives_retries(DB_KEEPALIVE_PROBES);
     pg.tcp_user_timeout(DB_KEEPALIVE_IDLE + DB_KEEPALIVE_INTERVAL * DB_KEEPALIVE_PROBES);
-    let name = format!(
-        "{}{}",
-        pg.get_application_name().unwrap_or("triggers"),
-        part.suffix()
-    );
+    add_option(&mut pg, KEEPALIVE_OPTIONS);
+    let name = application_name(&pg, part);
     pg.application_name(&name);
     // Every query here is short and prepared: JIT compilation (tens of milliseconds, started by
     // the planner's cost estimate) only ever costs more than it saves.
@@ -91,13 +88,32 @@ pub fn pg_config(config: &Config, part: Part) -> Result<tokio_postgres::Config, 
     // overs of its deliveries, and any change to the endpoints it touched, would wait that long.
     // PostgreSQL ends such a session instead. No transaction here waits on the node for longer
     // than a request may wait on the database, so none is cut that would have finished.
-    add_option(&mut pg, KEEPALIVE_OPTIONS);
     let idle = idle_ms(config);
     add_option(
         &mut pg,
         &format!("-c idle_in_transaction_session_timeout={idle}"),
     );
     Ok(pg)
+}
+
+/// The `application_name` of `part`'s sessions: the URL's own (or `triggers`) and the part's
+/// suffix.
+fn application_name(url: &tokio_postgres::Config, part: Part) -> String {
+    let base = url.get_application_name().unwrap_or("triggers");
+    format!("{base}{}", part.suffix())
+}
+
+/// The `application_name` of every part's sessions (what tells the server's sessions apart in
+/// `pg_stat_activity`).
+pub fn application_names(config: &Config) -> Result<Vec<String>, String> {
+    let url: tokio_postgres::Config = config
+        .database_url
+        .parse()
+        .map_err(|e| format!("--database-url: {e}"))?;
+    Ok(Part::ALL
+        .iter()
+        .map(|&part| application_name(&url, part))
+        .collect())
 }
 
 /// How long a session of the server's may sit idle in a transaction (and a retention round's,

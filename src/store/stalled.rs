@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use tokio_postgres::Client;
 
 use crate::config::{Config, STALLED_AFTER_TIMEOUTS, STALLED_CHECK_EVERY};
-use crate::db::{describe, pg_config, Part};
+use crate::db::{application_names, describe};
 use crate::metrics::Metrics;
 
 /// End the sessions stalled mid-protocol (`$1`: the server's application names, one a line,
@@ -37,7 +37,6 @@ const END_STALLED: &str = "SELECT count(*) FILTER (WHERE pg_terminate_backend(pi
 /// What the check needs, and when it last ran.
 pub struct Stalled {
     names: String,
-    after: Duration,
     after_ms: String,
     last: Instant,
     warned: bool,
@@ -46,21 +45,10 @@ pub struct Stalled {
 impl Stalled {
     /// The check for `config`'s application names and `--db-timeout-ms`.
     pub fn new(config: &Config) -> Self {
-        let names: Vec<String> = Part::ALL
-            .iter()
-            .filter_map(|&part| {
-                Some(
-                    pg_config(config, part)
-                        .ok()?
-                        .get_application_name()?
-                        .to_string(),
-                )
-            })
-            .collect();
+        let names = application_names(config).unwrap_or_default();
         let after = Config::ms(config.db_timeout_ms) * STALLED_AFTER_TIMEOUTS;
         Self {
             names: names.join("\n"),
-            after,
             after_ms: after.as_millis().to_string(),
             last: Instant::now(),
             warned: false,
@@ -85,7 +73,7 @@ impl Stalled {
                         .fetch_add(ended as u64, Ordering::Relaxed);
                     tracing::warn!(
                         sessions = ended,
-                        after_ms = self.after.as_millis() as u64,
+                        after_ms = %self.after_ms,
                         "ended database sessions of a node stopped mid-statement (a COPY \
                          waiting for its rows, an answer not read); their locks are free"
                     );
