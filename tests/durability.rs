@@ -133,7 +133,9 @@ struct Proxy {
     /// 0: pass, 1: cut (connections dropped, new ones refused), 2: paused (bytes held), 3: pass
     /// until a group commit's COMMIT has gone to PostgreSQL, then paused; 4: pass until a binary
     /// COPY's rows come, then paused before they go (PostgreSQL waits for them, as for a node
-    /// stopped mid-COPY: the held bytes keep the connection open whatever the server does).
+    /// stopped mid-COPY: the held bytes keep the connection open whatever the server does);
+    /// 5 and 6: as 3 and 4, for a delivery recorder's transaction only (one that copies rows,
+    /// on a connection that asked for its transaction's id).
     mode: Arc<AtomicU8>,
     conns: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>>,
 }
@@ -249,12 +251,30 @@ async fn pump(
 ) {
     let has = |hay: &[u8], needle: &[u8]| hay.windows(needle.len()).any(|w| w == needle);
     let mut buf = vec![0u8; 64 * 1024];
+    // Whether this is a delivery recorder's connection (it asked for its transaction's id), and
+    // whether its transaction copied rows since the last COMMIT.
+    let (mut recorder, mut copied) = (false, false);
     loop {
         let n = match from.read(&mut buf).await {
             Ok(0) | Err(_) => return,
             Ok(n) => n,
         };
         let chunk = &buf[..n];
+        recorder |= to_database && has(chunk, b"pg_current_xact_id");
+        copied |= has(chunk, b"PGCOPY\n\xff\r\n\0");
+        let now = mode.load(Ordering::SeqCst);
+        let commit = has(chunk, b"COMMIT\0");
+        if recorder && copied && commit && now == 5 {
+            mode.store(2, Ordering::SeqCst);
+            if to.write_all(chunk).await.is_err() {
+                return;
+            }
+            continue;
+        }
+        if recorder && copied && now == 6 {
+            mode.store(2, Ordering::SeqCst);
+        }
+        copied &= !commit;
         if to_database && mode.load(Ordering::SeqCst) == 4 && has(chunk, b"PGCOPY\n\xff\r\n\0") {
             // Held from now on, these rows too.
             mode.store(2, Ordering::SeqCst);
@@ -922,6 +942,88 @@ async fn a_fast_ack_batch_whose_commit_answer_was_lost_is_not_written_twice_nor_
         "{}",
         timeline(&recv.received())
     );
+}
+
+/// A delivery's outcome whose transaction got no answer within `--db-timeout-ms` is written
+/// once the database answers again, or found written: the delivery is not made again when its
+/// lease runs out. `hold`: where the proxy holds a recorder's transaction (then everything) for
+/// 2 s. (Before, the recorder gave up at once: held mid-COPY, the delivery was made again after
+/// the lease; its COMMIT gone through, the node's deliveries were left to their leases.)
+async fn an_outcome_without_an_answer_is_not_delivered_again(hold: u8) {
+    let proxy = Proxy::start().await;
+    let recv = Receiver::start(|_, _| Answer::status(200)).await;
+    let s = Server::start_with_db(
+        &[
+            "--allow-private-webhooks",
+            "--db-timeout-ms",
+            "1000",
+            "--delivery-timeout-ms",
+            "2000",
+            "--delivery-lease-s",
+            "4",
+        ],
+        &proxy.url(),
+    );
+    let (key, _) = new_org(s.addr, "pro").await;
+    create_endpoint(s.addr, &key, json!({"url": recv.url("/")})).await;
+    // The recorder's connection is known by its first transaction.
+    let r = post_event(s.addr, &key, "t", json!({"n": 1}), None).await;
+    assert_eq!(r.status, 201, "{}", r.text());
+    let first = r.json()["id"].as_str().unwrap().to_string();
+    let path = format!("/api/events/{first}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while get(s.addr, &key, &path).await.json()["status"] != "delivered" {
+        assert!(
+            Instant::now() < deadline,
+            "the first event was not delivered"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    let (addr, k) = (s.addr, key.clone());
+    let post = tokio::spawn(async move { post_event(addr, &k, "t", json!({"n": 2}), None).await });
+    assert!(
+        proxy.pause_from(hold, Duration::from_secs(10)).await,
+        "no recorder's transaction went through the proxy"
+    );
+    let r = post.await.unwrap();
+    assert_eq!(r.status, 201, "{}", r.text());
+    let id = r.json()["id"].as_str().unwrap().to_string();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    proxy.restore();
+
+    let path = format!("/api/events/{id}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while get(s.addr, &key, &path).await.json()["status"] != "delivered" {
+        assert!(Instant::now() < deadline, "the outcome was never recorded");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Past the lease (4 s) and a claim: still once.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    assert_eq!(
+        recv.for_event(&id).len(),
+        1,
+        "{}",
+        timeline(&recv.received())
+    );
+    let r = get(s.addr, &key, &path).await;
+    assert_eq!(r.json()["attempts"], 1, "{}", r.text());
+    assert!(!s
+        .log_lines("delivery outcomes recorded after all")
+        .is_empty());
+    assert!(s.log_lines("retried after the lease").is_empty());
+}
+
+/// The recorder's COMMIT went through; its answer came after the deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outcome_whose_commit_answer_came_late_is_not_delivered_again() {
+    an_outcome_without_an_answer_is_not_delivered_again(5).await;
+}
+
+/// The recorder's COPY rows were held: its transaction was never committed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outcome_held_mid_copy_is_written_again_not_delivered_again() {
+    an_outcome_without_an_answer_is_not_delivered_again(6).await;
 }
 
 /// A node stopped mid-COPY (here: its rows held by the proxy, the connection kept open, as a

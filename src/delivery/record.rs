@@ -187,6 +187,8 @@ pub(super) async fn record_loop(
 
 /// What one transaction wrote.
 struct Written {
+    /// The transaction's id (`pg_current_xact_id`): whether it committed can be asked after.
+    xid: String,
     owned: HashSet<(Uuid, Uuid)>,
     parked: HashSet<(Uuid, Uuid)>,
     disabled_orgs: Vec<OrgId>,
@@ -194,12 +196,14 @@ struct Written {
 }
 
 /// The batch's outcomes written ([`write_once`]); when nothing of them could be written for the
-/// server's trouble (no connection, the database down or restarting, a full disk: an error
-/// before COMMIT, so nothing is half-written), written again after a pause that doubles from
-/// `RECORD_RETRY_MIN` to `RECORD_RETRY_MAX`, for up to a lease (`--delivery-lease-s`) while
-/// the node is not stopping. Each write is conditional on the node still holding the delivery,
-/// so one that comes late, after another node took it over, changes nothing. Not again when
-/// the fate of the last try is unknown (COMMIT sent, then no answer).
+/// server's trouble (no connection, the database down or restarting, a full disk, no answer
+/// before COMMIT was sent: nothing is half-written), written again after a pause that doubles
+/// from `RECORD_RETRY_MIN` to `RECORD_RETRY_MAX`, for up to a lease (`--delivery-lease-s`)
+/// while the node is not stopping. When COMMIT was sent and no answer came, the database is
+/// asked, as often, whether that transaction committed ([`committed`]): then the outcomes are
+/// written; rolled back, they are written again; still open (its session has not ended yet),
+/// it is asked again. Each write is conditional on the node still holding the delivery, so one
+/// that comes late, after another node took it over, changes nothing.
 /// `None` when it was not written: the deliveries then stay as they were (held by leases that
 /// run out), and are claimed again (an attempt may repeat: at-least-once).
 async fn write_outcomes(
@@ -211,25 +215,38 @@ async fn write_outcomes(
     let give_up = tokio::time::Instant::now() + shared.lease;
     let mut pause = RECORD_RETRY_MIN;
     let mut waited = false;
-    loop {
-        let failed =
-            match write_once(&shared.pool, shared.db_timeout(), batch, finished, copy).await {
-                Ok(w) => {
-                    if waited {
-                        tracing::info!(
-                            outcomes = batch.len(),
-                            "delivery outcomes recorded after all"
-                        );
+    let mut doubt: Option<Box<Written>> = None;
+    let written = loop {
+        // Why it was not written, and whether to try again.
+        let (error, again) = match doubt.take() {
+            None => {
+                match write_once(&shared.pool, shared.db_timeout(), batch, finished, copy).await {
+                    Ok(w) => break w,
+                    Err(Fail::InDoubt(w)) => {
+                        doubt = Some(w);
+                        ("no answer to COMMIT".to_string(), true)
                     }
-                    return Some(w);
+                    Err(failed) => (failed.to_string(), failed.nothing_written()),
                 }
-                Err(failed) => failed,
-            };
-        let again = failed.as_ref().is_some_and(Fail::nothing_written)
-            && !shared.stopping.load(Ordering::SeqCst)
-            && tokio::time::Instant::now() + pause < give_up;
-        let error = failed.map_or("no answer in time".to_string(), |f| f.to_string());
-        if !again {
+            }
+            Some(w) => match committed(&shared.pool, shared.db_timeout(), &w.xid).await {
+                Ok(Some(true)) => break *w,
+                // Rolled back: nothing of it was written; written again at once.
+                Ok(Some(false)) => continue,
+                Ok(None) => {
+                    doubt = Some(w);
+                    ("its transaction is still open".to_string(), true)
+                }
+                Err(error) => {
+                    doubt = Some(w);
+                    (error, true)
+                }
+            },
+        };
+        if !again
+            || shared.stopping.load(Ordering::SeqCst)
+            || tokio::time::Instant::now() + pause >= give_up
+        {
             tracing::warn!(%error, outcomes = batch.len(), "delivery outcomes not recorded; they will be retried after the lease");
             return None;
         }
@@ -239,36 +256,77 @@ async fn write_outcomes(
         }
         tokio::time::sleep(pause).await;
         pause = (pause * 2).min(RECORD_RETRY_MAX);
+    };
+    if waited {
+        tracing::info!(
+            outcomes = batch.len(),
+            "delivery outcomes recorded after all"
+        );
     }
+    Some(written)
+}
+
+/// Whether the transaction `xid`, whose COMMIT had no answer, committed (`Some(true)`), was
+/// rolled back (`Some(false)`), or is still open (`None`: its session has not ended yet;
+/// `idle_in_transaction_session_timeout`, keepalive and other nodes' stalled-session check end
+/// it). An `Err` when the database could not be asked.
+async fn committed(pool: &Pool, db_timeout: Duration, xid: &str) -> Result<Option<bool>, String> {
+    let ask = async {
+        let client = pool.get().await.map_err(|e| e.to_string())?;
+        let row = client
+            .query_one("SELECT pg_xact_status($1::text::xid8)", &[&xid])
+            .await
+            .map_err(|e| describe(&e))?;
+        match row.get::<_, Option<&str>>(0) {
+            Some("committed") => Ok(Some(true)),
+            Some("aborted") => Ok(Some(false)),
+            Some(_) => Ok(None),
+            None => Err("the database no longer knows the transaction".into()),
+        }
+    };
+    tokio::time::timeout(db_timeout, ask)
+        .await
+        .unwrap_or_else(|_| Err("no answer in time".into()))
 }
 
 /// One transaction for a batch, run again (up to `WRITE_RUNS_MAX` times, all within the one
 /// `db_timeout`) when PostgreSQL asks for it (a deadlock's victim or a serialization failure was
 /// rolled back whole) or its connection ended before COMMIT was sent (nothing was written):
-/// answering it `Failed` would only repeat the attempts after their lease. The error: why the
-/// last run failed, or none when the time ran out (COMMIT may have been in flight).
+/// answering it `Failed` would only repeat the attempts after their lease. [`Fail::InDoubt`]
+/// when COMMIT was sent and no answer came (the time ran out, or the connection ended).
 async fn write_once(
     pool: &Pool,
     db_timeout: Duration,
     batch: &[Outcome],
     finished: &[Uuid],
     copy: &mut BinaryRows,
-) -> Result<Written, Option<Fail>> {
+) -> Result<Written, Fail> {
     let deadline = tokio::time::Instant::now() + db_timeout;
     let mut runs = 0;
     loop {
         runs += 1;
+        // What the transaction wrote, kept here once COMMIT is sent: the time may run out
+        // while its answer is on the way.
+        let mut sent: Option<Written> = None;
         let work = async {
             let mut client = pool.get().await.map_err(|e| Fail::Pool(e.to_string()))?;
             let tx = client.transaction().await?;
-            let w = write_in(&tx, batch, finished, copy).await?;
-            tx.commit().await.map_err(Fail::Commit)?;
-            Ok::<_, Fail>(w)
+            sent = Some(write_in(&tx, batch, finished, copy).await?);
+            tx.commit().await.map_err(Fail::Commit)
         };
-        let failed = match tokio::time::timeout_at(deadline, work).await {
-            Ok(Ok(w)) => return Ok(w),
-            Ok(Err(e)) => e,
-            Err(_) => return Err(None),
+        let ended = tokio::time::timeout_at(deadline, work).await;
+        let failed = match (ended, sent) {
+            (Ok(Ok(())), Some(w)) => return Ok(w),
+            // An error before COMMIT was sent: the transaction was rolled back.
+            (Ok(Err(failed)), None) => failed,
+            (_, None) => return Err(Fail::Timeout),
+            // COMMIT's own error: rolled back.
+            (Ok(Err(Fail::Commit(e))), Some(_))
+                if rerun(&e, false) != Some(Rerun::ConnectionLost) =>
+            {
+                Fail::Commit(e)
+            }
+            (_, Some(w)) => return Err(Fail::InDoubt(Box::new(w))),
         };
         match failed.rerun().filter(|_| runs < WRITE_RUNS_MAX) {
             Some(why) => tracing::warn!(
@@ -276,7 +334,7 @@ async fn write_once(
                 outcomes = batch.len(),
                 "delivery outcomes' transaction not written, {why}; writing it again"
             ),
-            None => return Err(Some(failed)),
+            None => return Err(failed),
         }
     }
 }
@@ -288,15 +346,20 @@ enum Fail {
     Db(tokio_postgres::Error),
     /// COMMIT's own answer.
     Commit(tokio_postgres::Error),
+    /// No answer before COMMIT was sent, within `--db-timeout-ms`.
+    Timeout,
+    /// COMMIT was sent and no answer came: what the transaction wrote, if it committed.
+    InDoubt(Box<Written>),
 }
 
 impl Fail {
-    /// Whether it is the server's trouble and certainly wrote nothing: no connection, or an error
-    /// before COMMIT (the transaction rolled back), or COMMIT answered with an error that is not
-    /// the connection's end.
+    /// Whether it is the server's trouble and certainly wrote nothing: no connection, no answer
+    /// or an error before COMMIT (the transaction rolled back), or COMMIT answered with an error
+    /// that is not the connection's end.
     fn nothing_written(&self) -> bool {
         match self {
-            Fail::Pool(_) => true,
+            Fail::Pool(_) | Fail::Timeout => true,
+            Fail::InDoubt(_) => false,
             Fail::Db(e) => is_connection_error(e),
             Fail::Commit(e) => {
                 e.as_db_error().is_some()
@@ -309,7 +372,7 @@ impl Fail {
     /// Whether the transaction may be run again at once (`db::rerun`).
     fn rerun(&self) -> Option<Rerun> {
         match self {
-            Fail::Pool(_) => None,
+            Fail::Pool(_) | Fail::Timeout | Fail::InDoubt(_) => None,
             Fail::Db(e) => rerun(e, false),
             Fail::Commit(e) => rerun(e, true),
         }
@@ -321,6 +384,8 @@ impl std::fmt::Display for Fail {
         match self {
             Fail::Pool(e) => f.write_str(e),
             Fail::Db(e) | Fail::Commit(e) => f.write_str(&describe(e)),
+            Fail::Timeout => f.write_str("no answer in time"),
+            Fail::InDoubt(_) => f.write_str("no answer to COMMIT"),
         }
     }
 }
@@ -573,7 +638,17 @@ async fn write_in(
             .await?;
         tx.execute(&stmt, &[&finished]).await?;
     }
-    let mut owned = owned_batch_successes(tx, batch).await?;
+    // The transaction's id comes with the first lookup's answer: both are sent at once, the
+    // id's statement first (`try_join` polls it first), so an error of the lookup is its own.
+    let (xid, mut owned) = tokio::try_join!(
+        async {
+            let stmt = tx
+                .prepare_cached("SELECT pg_current_xact_id()::text")
+                .await?;
+            Ok(tx.query_one(&stmt, &[]).await?.get::<_, String>(0))
+        },
+        owned_batch_successes(tx, batch)
+    )?;
     let mut parked: HashSet<(Uuid, Uuid)> = HashSet::new();
     let mut take_rows = |rows: Vec<tokio_postgres::Row>| {
         for r in rows {
@@ -786,6 +861,7 @@ async fn write_in(
     }
 
     Ok(Written {
+        xid,
         owned,
         parked,
         disabled_orgs,
