@@ -513,6 +513,14 @@ impl Server {
         }
     }
 
+    /// The process's id (a server started with [`Server::process`]).
+    pub fn pid(&self) -> u32 {
+        match &self.kind {
+            Kind::Process(Some(child)) => child.id(),
+            _ => panic!("start the server with Server::process to know its pid"),
+        }
+    }
+
     /// SIGSTOP: the process stops where it is (a paused VM, a long stall), holding everything
     /// it held; [`Server::thaw`] lets it go on. Only a process can be frozen.
     pub fn freeze(&self) {
