@@ -159,6 +159,10 @@ pub const RESPONSE_BODY_READ_BYTES_MAX: usize = 64 * 1024;
 pub const PORT_RELEASE_WAIT: Duration = Duration::from_secs(3);
 /// Bytes of a receiver's answer kept in the attempt log.
 pub const RESPONSE_BODY_KEPT_BYTES: usize = 1024;
+/// An attempt whose timeout fires this much later than its time was not timed out by its
+/// receiver: the node did not run (SIGSTOP, a paused VM or container). It is the server's
+/// trouble (`Verdict::Unsent`): not counted against the endpoint's circuit, tried again.
+pub const ATTEMPT_TIMER_LATE: Duration = Duration::from_secs(1);
 /// An attempt starts only while its lease has this much left beyond the attempt timeout.
 pub const LEASE_MARGIN: Duration = Duration::from_secs(2);
 /// A healthy endpoint's last success is written at most this often.

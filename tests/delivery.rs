@@ -851,6 +851,42 @@ async fn a_node_frozen_past_its_leases_sends_nothing_another_node_took_over() {
     wait_status(a.addr, &key, &id, "delivered", Duration::from_secs(10)).await;
 }
 
+/// A node stopped while its attempts wait for their answers (SIGSTOP, a paused VM or container)
+/// finds their timers long past when it runs again. That wait was not the receiver's: the
+/// attempts are the server's trouble (tried again, not counted against the endpoint), so no
+/// circuit opens and each event is delivered with one attempt in its log. Before, each counted
+/// as a failed attempt: twelve opened the endpoint's circuit for 30 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attempts_whose_node_was_stopped_open_no_circuit() {
+    let url = own_database("triggers_test_stopped_attempts").await;
+    let recv = sitting_receiver().await;
+    let args = [
+        "--allow-private-webhooks",
+        "--delivery-timeout-ms",
+        "2000",
+        "--delivery-lease-s",
+        "10",
+        "--retry-schedule",
+        "200ms",
+    ];
+    let s = Server::process_with_db(&args, &url);
+    let (key, _) = new_org(s.addr, "pro").await;
+    create_endpoint(s.addr, &key, json!({"url": recv.url("/")})).await;
+    let ids = create_events(s.addr, &key, 12, "t").await;
+    each_received(&recv, &ids).await;
+    // Stopped within the attempts' 2 s, for longer than 2 s and the 1 s a timer may be late.
+    s.freeze();
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    s.thaw();
+    for id in &ids {
+        wait_status(s.addr, &key, id, "delivered", Duration::from_secs(10)).await;
+        let r = get(s.addr, &key, &format!("/api/events/{id}")).await;
+        assert_eq!(r.json()["attempts"], 1, "{}", r.text());
+    }
+    assert_eq!(metric(&s, "triggers_endpoint_circuits_open").await, 0.0);
+    assert!(!s.log_lines("this node did not run meanwhile").is_empty());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_frozen_mid_attempt_records_nothing_over_the_node_that_took_over() {
     // The same stall with first attempts in flight under a claimed batch's lease (a resumed

@@ -10,7 +10,7 @@ use super::client::{Client, NoAnswer, Target};
 use super::model::{Attempt, Endpoint, Job, Verdict};
 use super::schedule::parse_retry_after;
 use super::sign::{signature, SigningKey};
-use crate::config::{RESPONSE_BODY_KEPT_BYTES, RESPONSE_BODY_READ_BYTES_MAX};
+use crate::config::{ATTEMPT_TIMER_LATE, RESPONSE_BODY_KEPT_BYTES, RESPONSE_BODY_READ_BYTES_MAX};
 use crate::ids::Micros;
 use crate::json::Obj;
 
@@ -166,12 +166,30 @@ pub async fn attempt(
             verdict: Verdict::Unsent,
             ..failed(at, started, None, e)
         },
-        Err(_) => failed(
-            at,
-            started,
-            None,
-            format!("no response within {} ms", timeout.as_millis()),
-        ),
+        Err(_) => {
+            // The timer fired long after its time: this node did not run meanwhile (stopped,
+            // a paused VM), and the wait is not the receiver's doing (its request may not even
+            // have been written): the server's trouble, not an attempt the endpoint failed.
+            let late = started.elapsed() > timeout + ATTEMPT_TIMER_LATE;
+            let mut a = failed(
+                at,
+                started,
+                None,
+                format!(
+                    "no response within {} ms{}",
+                    timeout.as_millis(),
+                    if late {
+                        ": this node did not run meanwhile"
+                    } else {
+                        ""
+                    }
+                ),
+            );
+            if late {
+                a.verdict = Verdict::Unsent;
+            }
+            a
+        }
     }
 }
 
