@@ -1345,6 +1345,36 @@ pub async fn patch(addr: SocketAddr, key: &str, path: &str, body: &Value) -> Res
     .await
 }
 
+/// The event's detail (`GET /api/events/{id}`, which must answer 200).
+pub async fn event_json(addr: SocketAddr, key: &str, id: &str) -> Value {
+    let r = get(addr, key, &format!("/api/events/{id}")).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    r.json()
+}
+
+/// Wait until the event's status is `status` (the outcome is recorded just after the receiver
+/// answered); its detail then.
+pub async fn wait_status(
+    addr: SocketAddr,
+    key: &str,
+    id: &str,
+    status: &str,
+    limit: Duration,
+) -> Value {
+    let deadline = Instant::now() + limit;
+    loop {
+        let e = event_json(addr, key, id).await;
+        if e["status"] == status {
+            return e;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "event never became {status}: {e}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// Create an endpoint (201 expected); returns its JSON (with the secret).
 pub async fn create_endpoint(addr: SocketAddr, key: &str, body: Value) -> Value {
     let r = post(addr, key, "/api/endpoints", &body).await;

@@ -26,12 +26,6 @@ mod recovery;
 
 const PRIVATE: &str = "--allow-private-webhooks";
 
-async fn event_json(addr: std::net::SocketAddr, key: &str, id: &str) -> Value {
-    let r = get(addr, key, &format!("/api/events/{id}")).await;
-    assert_eq!(r.status, 200, "{}", r.text());
-    r.json()
-}
-
 /// Wait until `check` holds for the event's detail.
 async fn wait_event(
     addr: std::net::SocketAddr,
