@@ -23,6 +23,10 @@ Drills (all real faults, no mocks):
                    that makes PostgreSQL panic; freed after 4 s (2 s smoke), durable and fast
                    (skipped where mount namespaces are not allowed)
   blackhole        a TCP proxy between server and database stops forwarding without closing
+  db-cut           the same proxy resets every connection at once (a pooler or load balancer
+                   restarted, a firewall's state flushed) while the database stays up, every
+                   1.5 s: each answer must be exact (no event stored after a 503, none answered
+                   409 as its own duplicate)
   receiver-down    the webhook receiver is down for 60 s (5 s smoke), then back
   node-kill        two nodes share the database; one is killed -9 with deliveries in flight
   node-freeze      two nodes share the database; one is stopped (SIGSTOP: a paused VM, a stall)
@@ -51,6 +55,7 @@ import json
 import os
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -369,6 +374,8 @@ class Proxy:
         self.upstream = ("127.0.0.1", upstream_port)
         self.flowing = threading.Event()
         self.flowing.set()
+        self.lock = threading.Lock()
+        self.open = []
         self.listener = socket.socket()
         self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.listener.bind(("127.0.0.1", PROXY_PORT))
@@ -386,8 +393,33 @@ class Proxy:
             except OSError:
                 client.close()
                 continue
+            with self.lock:
+                self.open += [client, server]
             for a, b in ((client, server), (server, client)):
                 threading.Thread(target=self.pump, args=(a, b), daemon=True).start()
+
+    def close(self):
+        """Stop accepting (the port is free for the next drill's proxy) and end what is open."""
+        try:
+            self.listener.shutdown(socket.SHUT_RDWR)  # wakes the accept thread (close alone would not)
+        except OSError:
+            pass
+        self.listener.close()
+        self.cut()
+
+    def cut(self):
+        """End every open connection at once, both sides, data in flight lost."""
+        with self.lock:
+            open_now, self.open = self.open, []
+        for s in open_now:
+            try:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                # shutdown wakes the pumps blocked on it (close alone would not).
+                s.shutdown(socket.SHUT_RDWR)
+                s.close()
+            except OSError:
+                pass
+        return len(open_now) // 2
 
     def pump(self, a, b):
         while True:
@@ -714,6 +746,38 @@ def drill_blackhole(db, args):
         r.failures.append(f"a 503 took {r.t503:.2f} s (bound --db-timeout-ms 2 s + 1 s)")
     node.stop()
     receiver.down()
+    proxy.close()
+    return r
+
+
+def drill_db_cut(db, args):
+    rounds = args.rounds or (2 if args.smoke else 10)
+    r = Result("every database connection reset, the database up", rounds, f"{args.rate}/s")
+    proxy = Proxy(int(db.url.rsplit(":", 1)[1].split("/")[0]))
+    url = db.url.replace(db.url.rsplit("@", 1)[1].split("/")[0], f"127.0.0.1:{PROXY_PORT}")
+    receiver = Receiver()
+    node = Node(url)
+    keys = [new_org(node.port, f"db-cut-{i}") for i in range(4)]
+    with_webhooks(node, keys)
+    load = Load([node.port], [k for k, _ in keys], args.rate).start()
+    t_first, cut = time.monotonic(), 0
+    for _ in range(rounds):
+        time.sleep(1.5)
+        cut += proxy.cut()
+    r.t503 = load.worst_wait_for(503, t_first, time.monotonic())
+    time.sleep(1.0)
+    settle(load, node, r, db, [o for _, o in keys])
+    all_delivered(r, load, receiver)
+    r.notes.append(f"{cut} connections reset")
+    # The database never went away: a writer that lost its connection reaches it again at once,
+    # so every event's answer says what became of it.
+    if load.stored_anyway:
+        r.failures.append(f"{load.stored_anyway} stored anyway (answered 503, or 409 naming itself)")
+    if r.t503 is not None and r.t503 > 1.0:
+        r.failures.append(f"a 503 took {r.t503:.2f} s (bound 1 s)")
+    node.stop()
+    receiver.down()
+    proxy.close()
     return r
 
 
@@ -1060,6 +1124,7 @@ DRILLS = {
     "disk-full": lambda db, a: drill_disk_full(db, a, fast=False),
     "disk-full-fast": lambda db, a: drill_disk_full(db, a, fast=True),
     "blackhole": drill_blackhole,
+    "db-cut": drill_db_cut,
     "receiver-down": drill_receiver_down,
     "node-kill": drill_node_kill,
     "node-freeze": drill_node_freeze,

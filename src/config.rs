@@ -145,6 +145,11 @@ pub const SLOW_BATCH: Duration = Duration::from_millis(250);
 /// How many times a writer runs a batch's transaction when PostgreSQL asks for it to be run
 /// again (a deadlock's victim, a serialization failure), all within the one `db_timeout`.
 pub const WRITE_RUNS_MAX: u32 = 3;
+/// How long a writer whose batch's COMMIT went unanswered keeps trying to reach the database to
+/// learn whether it committed (writing it again): a restart or a cut connection is over within
+/// it; a crash's recovery is not, and its requests are answered 503 within the second an outage
+/// is promised in.
+pub const COMMIT_DOUBT_WAIT: Duration = Duration::from_millis(750);
 /// Query jobs running at once per read-pool connection (the rest wait in the bounded job queue).
 pub const QUERY_JOBS_PER_CONNECTION: usize = 8;
 

@@ -6,7 +6,7 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -135,9 +135,12 @@ struct Proxy {
     /// COPY's rows come, then paused before they go (PostgreSQL waits for them, as for a node
     /// stopped mid-COPY: the held bytes keep the connection open whatever the server does);
     /// 5 and 6: as 3 and 4, for a delivery recorder's transaction only (one that copies rows,
-    /// on a connection that asked for its transaction's id).
+    /// on a connection that asked for its transaction's id); 7: as 3, but that COMMIT (with
+    /// what came with it) is dropped, never sent.
     mode: Arc<AtomicU8>,
     conns: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+    /// Bumped by [`Proxy::reset`]: a connection made before ends at its next byte, either way.
+    generation: Arc<AtomicU64>,
 }
 
 impl Proxy {
@@ -162,7 +165,12 @@ impl Proxy {
         let addr = listener.local_addr().unwrap();
         let mode = Arc::new(AtomicU8::new(0));
         let conns = Arc::new(Mutex::new(Vec::new()));
-        let (m, cs) = (Arc::clone(&mode), Arc::clone(&conns));
+        let generation = Arc::new(AtomicU64::new(0));
+        let (m, cs, g) = (
+            Arc::clone(&mode),
+            Arc::clone(&conns),
+            Arc::clone(&generation),
+        );
         tokio::spawn(async move {
             loop {
                 let Ok((client, _)) = listener.accept().await else {
@@ -173,20 +181,28 @@ impl Proxy {
                     continue;
                 }
                 let m = Arc::clone(&m);
+                let g = Arc::clone(&g);
+                let born = g.load(Ordering::SeqCst);
                 let task = tokio::spawn(async move {
                     let Ok(server) = TcpStream::connect(upstream).await else {
                         return;
                     };
                     let (cr, cw) = client.into_split();
                     let (sr, sw) = server.into_split();
-                    let a = tokio::spawn(pump(cr, sw, Arc::clone(&m), true));
-                    let b = tokio::spawn(pump(sr, cw, m, false));
+                    let a =
+                        tokio::spawn(pump(cr, sw, Arc::clone(&m), true, (Arc::clone(&g), born)));
+                    let b = tokio::spawn(pump(sr, cw, m, false, (g, born)));
                     let _ = tokio::join!(a, b);
                 });
                 cs.lock().unwrap().push(task);
             }
         });
-        Proxy { addr, mode, conns }
+        Proxy {
+            addr,
+            mode,
+            conns,
+            generation,
+        }
     }
 
     fn url(&self) -> String {
@@ -205,6 +221,13 @@ impl Proxy {
         for c in self.conns.lock().unwrap().drain(..) {
             c.abort();
         }
+    }
+
+    /// Every connection made so far ends at its next byte, either way, which is lost (as when a
+    /// firewall's state is flushed: each connection meets a reset when it is next used); new
+    /// connections pass.
+    fn reset(&self) {
+        self.generation.fetch_add(1, Ordering::SeqCst);
     }
 
     fn pause(&self) {
@@ -248,20 +271,26 @@ async fn pump(
     mut to: tokio::net::tcp::OwnedWriteHalf,
     mode: Arc<AtomicU8>,
     to_database: bool,
+    (generation, born): (Arc<AtomicU64>, u64),
 ) {
     let has = |hay: &[u8], needle: &[u8]| hay.windows(needle.len()).any(|w| w == needle);
     let mut buf = vec![0u8; 64 * 1024];
-    // Whether this is a delivery recorder's connection (it asked for its transaction's id), and
-    // whether its transaction copied rows since the last COMMIT.
-    let (mut recorder, mut copied) = (false, false);
+    // Whether this is a delivery recorder's connection (it asked for its transaction's id),
+    // whether its transaction copied rows since the last COMMIT, and whether this is a group
+    // commit's connection (it copied events or wrote dedup keys, and is no recorder's).
+    let (mut recorder, mut copied, mut writer) = (false, false, false);
     loop {
         let n = match from.read(&mut buf).await {
             Ok(0) | Err(_) => return,
             Ok(n) => n,
         };
-        let chunk = &buf[..n];
+        if generation.load(Ordering::SeqCst) != born {
+            return;
+        }
+        let mut chunk = &buf[..n];
         recorder |= to_database && has(chunk, b"pg_current_xact_id");
         copied |= has(chunk, b"PGCOPY\n\xff\r\n\0");
+        writer |= to_database && !recorder && (copied || has(chunk, b"dedup_keys"));
         let now = mode.load(Ordering::SeqCst);
         let commit = has(chunk, b"COMMIT\0");
         if recorder && copied && commit && now == 5 {
@@ -279,17 +308,19 @@ async fn pump(
             // Held from now on, these rows too.
             mode.store(2, Ordering::SeqCst);
         }
-        if to_database
-            && mode.load(Ordering::SeqCst) == 3
-            && has(chunk, b"COMMIT\0")
-            && has(chunk, b"c\0\0\0\x04")
-        {
+        let now = mode.load(Ordering::SeqCst);
+        if writer && commit && now == 3 {
             // Held from now on, before PostgreSQL can answer it.
             mode.store(2, Ordering::SeqCst);
             if to.write_all(chunk).await.is_err() {
                 return;
             }
             continue;
+        }
+        if writer && commit && now == 7 {
+            // Never sent; held from now on.
+            mode.store(2, Ordering::SeqCst);
+            chunk = &[];
         }
         while mode.load(Ordering::SeqCst) == 2 {
             tokio::time::sleep(Duration::from_millis(10)).await;
@@ -911,7 +942,7 @@ async fn a_fast_ack_batch_whose_commit_answer_was_lost_is_not_written_twice_nor_
     proxy.restore();
 
     let deadline = Instant::now() + Duration::from_secs(20);
-    while s.log_lines("written by an earlier try").is_empty()
+    while s.log_lines("not written again").is_empty()
         && s.log_lines("were not written and are dropped").is_empty()
     {
         assert!(
@@ -942,6 +973,119 @@ async fn a_fast_ack_batch_whose_commit_answer_was_lost_is_not_written_twice_nor_
         "{}",
         timeline(&recv.received())
     );
+}
+
+/// Every connection to the database ending while the database stays up (a pooler restarted, a
+/// firewall's state flushed: each connection meets a reset when next used) is no outage: the
+/// health probe finds its own connection gone and asks on a new one before it says the database
+/// is, and a lost connection elsewhere only has the probe look. A request whose own read met a
+/// dead connection may be 503 (then nothing of it is stored); the node is not taken down.
+/// Before, the probe's next check (within a second), or any query that met a dead connection,
+/// took the node down: 503 to every write and to `/health/ready` for a third of a second or more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_reset_with_the_database_up_are_no_outage() {
+    let proxy = Proxy::start().await;
+    let s = Server::start_with_db(&[], &proxy.url());
+    let (key, org) = new_org(s.addr, "pro").await;
+    let mut stored = 0;
+    for round in 0..2 {
+        let r = post_event(s.addr, &key, "before", json!({"round": round}), None).await;
+        assert_eq!(r.status, 201, "{}", r.text());
+        proxy.reset();
+        // Past the probe's next check (every second while the database is up).
+        let until = Instant::now() + Duration::from_millis(1500);
+        let mut n = 0;
+        while Instant::now() < until {
+            let r = post_event(s.addr, &key, "after", json!({"round": round, "n": n}), None).await;
+            assert!(matches!(r.status, 201 | 503), "{}", r.text());
+            stored += i64::from(r.status == 201);
+            let r = call(s.addr, "GET", "/health/ready", &[], None).await;
+            assert_eq!(
+                r.status,
+                200,
+                "round {round}, after event {n}: {}",
+                r.text()
+            );
+            n += 1;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    let sql = format!("SELECT count(*) FROM events WHERE org_id = '{org}' AND type = 'after'");
+    assert_eq!(
+        count(&db().await, &sql).await,
+        stored,
+        "a 503 stored nothing"
+    );
+    assert!(
+        !s.log_lines("writing it again").is_empty(),
+        "no write met a reset connection"
+    );
+}
+
+/// A durable batch whose COMMIT went out and whose connection then ended (the database killed,
+/// the network cut) is written again on a new connection within its deadline, so the client
+/// learns what became of its event: `committed`, the second try finds it there (its event id,
+/// or its dedup id naming the event itself) and answers 201 with the event stored once; not
+/// committed (the proxy drops COMMIT), the second try writes it. (Before, 503 either way: a
+/// client without a dedup id that retried the committed one stored it twice.)
+async fn a_durable_batch_whose_commit_went_unanswered(committed: bool, dedup: Option<&str>) {
+    let proxy = Proxy::start().await;
+    let s = Server::start_with_db(&[], &proxy.url());
+    let (key, org) = new_org(s.addr, "pro").await;
+    let r = post_event(s.addr, &key, "before", json!({}), None).await;
+    assert_eq!(r.status, 201, "{}", r.text());
+
+    let (addr, k, d) = (s.addr, key.clone(), dedup.map(str::to_string));
+    let post = tokio::spawn(async move {
+        post_event(addr, &k, "in-doubt", json!({"n": 1}), d.as_deref()).await
+    });
+    let mode = if committed { 3 } else { 7 };
+    assert!(
+        proxy.pause_from(mode, Duration::from_secs(10)).await,
+        "no group commit went through the proxy"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    proxy.cut();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    proxy.restore();
+
+    let r = post.await.unwrap();
+    assert_eq!(r.status, 201, "{}", r.text());
+    let id = r.json()["id"].as_str().unwrap().to_string();
+    assert!(!s
+        .log_lines("COMMIT unanswered; writing it again")
+        .is_empty());
+    if committed && dedup.is_none() {
+        assert!(!s.log_lines("not written again").is_empty());
+    }
+    let stored = count(
+        &db().await,
+        &format!("SELECT count(*) FROM events WHERE org_id = '{org}' AND type = 'in-doubt' AND id = '{id}'"),
+    )
+    .await;
+    let all = count(
+        &db().await,
+        &format!("SELECT count(*) FROM events WHERE org_id = '{org}' AND type = 'in-doubt'"),
+    )
+    .await;
+    assert_eq!((stored, all), (1, 1));
+    let r = get(s.addr, &key, &format!("/api/events/{id}")).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_durable_event_whose_commit_answer_was_lost_is_answered_201_once() {
+    a_durable_batch_whose_commit_went_unanswered(true, None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_durable_event_whose_commit_answer_was_lost_is_not_its_own_duplicate() {
+    a_durable_batch_whose_commit_went_unanswered(true, Some("in-doubt-1")).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_durable_event_whose_commit_never_arrived_is_written_again() {
+    a_durable_batch_whose_commit_went_unanswered(false, None).await;
 }
 
 /// A delivery's outcome whose transaction got no answer within `--db-timeout-ms` is written

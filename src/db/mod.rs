@@ -275,19 +275,24 @@ impl std::fmt::Display for Rerun {
 /// error came in answer to COMMIT (or after it was sent), when a lost connection leaves the
 /// outcome unknown: never run again then.
 pub fn rerun(e: &tokio_postgres::Error, commit_sent: bool) -> Option<Rerun> {
-    use std::error::Error as _;
-    let code = e.code().map(|c| c.code());
-    if matches!(code, Some("40001" | "40P01")) {
+    if matches!(e.code().map(|c| c.code()), Some("40001" | "40P01")) {
         return Some(Rerun::Asked);
     }
+    (!commit_sent && connection_lost(e)).then_some(Rerun::ConnectionLost)
+}
+
+/// Whether `e` says the connection ended (closed or reset, its backend terminated: 57P01,
+/// 57P02, class 08) rather than that PostgreSQL refused a statement.
+pub fn connection_lost(e: &tokio_postgres::Error) -> bool {
+    use std::error::Error as _;
+    let code = e.code().map(|c| c.code());
     let io = e
         .source()
         .is_some_and(|s| s.downcast_ref::<std::io::Error>().is_some());
-    let lost = e.is_closed()
+    e.is_closed()
         || io
         || matches!(code, Some("57P01" | "57P02"))
-        || code.is_some_and(|c| c.starts_with("08"));
-    (lost && !commit_sent).then_some(Rerun::ConnectionLost)
+        || code.is_some_and(|c| c.starts_with("08"))
 }
 
 /// Whether a database error means the database (or the connection to it) is gone or cannot do

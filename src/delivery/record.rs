@@ -30,7 +30,7 @@ use super::shared::Shared;
 use crate::config::{
     RECORD_BATCH_MAX, RECORD_LINGER, RECORD_RETRY_MAX, RECORD_RETRY_MIN, WRITE_RUNS_MAX,
 };
-use crate::db::{copy::BinaryRows, describe, is_connection_error, rerun, Rerun};
+use crate::db::{connection_lost, copy::BinaryRows, describe, is_connection_error, rerun, Rerun};
 use crate::event_types::{DELIVERY_FAILED, ENDPOINT_DISABLED};
 use crate::flow::answer::EndpointStatus;
 use crate::flow::event::EventStatus;
@@ -321,11 +321,7 @@ async fn write_once(
             (Ok(Err(failed)), None) => failed,
             (_, None) => return Err(Fail::Timeout),
             // COMMIT's own error: rolled back.
-            (Ok(Err(Fail::Commit(e))), Some(_))
-                if rerun(&e, false) != Some(Rerun::ConnectionLost) =>
-            {
-                Fail::Commit(e)
-            }
+            (Ok(Err(Fail::Commit(e))), Some(_)) if !connection_lost(&e) => Fail::Commit(e),
             (_, Some(w)) => return Err(Fail::InDoubt(Box::new(w))),
         };
         match failed.rerun().filter(|_| runs < WRITE_RUNS_MAX) {
@@ -362,9 +358,7 @@ impl Fail {
             Fail::InDoubt(_) => false,
             Fail::Db(e) => is_connection_error(e),
             Fail::Commit(e) => {
-                e.as_db_error().is_some()
-                    && is_connection_error(e)
-                    && rerun(e, false) != Some(Rerun::ConnectionLost)
+                e.as_db_error().is_some() && is_connection_error(e) && !connection_lost(e)
             }
         }
     }

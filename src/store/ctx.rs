@@ -11,7 +11,7 @@ use crate::auth::throttle::KeyOpsLimiter;
 use crate::auth::verify::Verifier;
 use crate::auth::OrgInfo;
 use crate::config::{Config, WRITE_RUNS_MAX};
-use crate::db::{fault, is_pool_busy, rerun, Fault, Rerun};
+use crate::db::{connection_lost, fault, is_pool_busy, rerun, Fault, Rerun};
 use crate::flow::answer::Refusal;
 use crate::flow::sink::{ByteBudget, CoreLink, DeliverySink, Health};
 use crate::ids::OrgId;
@@ -114,7 +114,13 @@ impl StoreCtx {
             }
             Failure::Db(e) if fault(&e) == Fault::Server => {
                 tracing::warn!(error = %crate::db::describe(&e), what, "database unavailable");
-                self.health.set_down();
+                if connection_lost(&e) {
+                    // A connection that ended says little of the database (a pooler restarted,
+                    // a reset): the probe, asked at once, lowers the flag if it is gone.
+                    self.health.probe_now();
+                } else {
+                    self.health.set_down();
+                }
                 Refusal::Unavailable
             }
             Failure::Db(e) => {

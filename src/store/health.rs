@@ -34,7 +34,13 @@ pub async fn probe(ctx: Arc<StoreCtx>) {
         };
         let _ = tokio::time::timeout(wait, ctx.health.kicked()).await;
         let mut reached = false;
-        let result = check(&ctx, &mut conn, &mut reached).await;
+        let had = conn.as_ref().is_some_and(|c| !c.is_closed());
+        let mut result = check(&ctx, &mut conn, &mut reached).await;
+        if result.is_err() && had && conn.as_ref().is_some_and(|c| c.is_closed()) {
+            // Its own connection ended (a pooler restarted, connections reset): a new one says
+            // whether the database did.
+            result = check(&ctx, &mut conn, &mut reached).await;
+        }
         ctx.health.set_reachable(reached);
         match result {
             Ok(()) => {

@@ -35,10 +35,10 @@ use uuid::Uuid;
 use super::copy::{CopyEncoder, RowPlan, COPY_EVENTS};
 use super::ctx::StoreCtx;
 use crate::config::{
-    AckMode, COPY_PIECE_BYTES, SLOW_BATCH, WRITE_RETRY_BACKOFF_MAX, WRITE_RETRY_BACKOFF_MIN,
-    WRITE_RUNS_MAX,
+    AckMode, COMMIT_DOUBT_WAIT, COPY_PIECE_BYTES, SLOW_BATCH, WRITE_RETRY_BACKOFF_MAX,
+    WRITE_RETRY_BACKOFF_MIN, WRITE_RUNS_MAX,
 };
-use crate::db::{describe, event_id_taken, fault, no_partition, rerun, Fault};
+use crate::db::{connection_lost, describe, event_id_taken, fault, no_partition, rerun, Fault};
 use crate::flow::answer::{Completion, Outcome, Refusal};
 use crate::flow::answer::{IngestOutcome, Ingested};
 use crate::flow::event::{NewEvent, STATUS_DERIVED};
@@ -177,7 +177,8 @@ async fn plan_delivery(ctx: &StoreCtx, batch: &[WriteJob], deadline: Instant) ->
         Ok(Ok(plan)) => Some(plan),
         Ok(Err(why)) => {
             tracing::warn!(error = %why, events = batch.len(), "endpoints unreadable; batch not written");
-            ctx.health.set_down();
+            // The probe says whether the database is gone or only this connection was.
+            ctx.health.probe_now();
             None
         }
         Err(_) => {
@@ -357,15 +358,25 @@ async fn write_rows(
     deadline: Instant,
 ) -> Result<Vec<Ingested>, BatchError> {
     let mut runs = 0;
+    // The answers of a try whose COMMIT went out unanswered (its own events counted written):
+    // they stand if a later try finds it committed.
+    let mut doubt: Option<Vec<Ingested>> = None;
+    let mut asking_until = deadline;
     loop {
         runs += 1;
         let client = match tokio::time::timeout_at(deadline, ctx.writer_pool.get()).await {
             Ok(Ok(c)) => c,
+            // In doubt, the database is asked for a while: it may be coming back.
+            Ok(Err(_))
+                if doubt.is_some() && Instant::now() + WRITE_RETRY_BACKOFF_MIN < asking_until =>
+            {
+                tokio::time::sleep(WRITE_RETRY_BACKOFF_MIN).await;
+                continue;
+            }
             Ok(Err(e)) => return Err(BatchError::Database(format!("no connection: {e}"))),
             Err(_) => return Err(BatchError::Database("no connection in time".into())),
         };
         let started = std::time::Instant::now();
-        // The error, and whether COMMIT had been sent when it came.
         let work = write_rows_on(&client, encoder, batch, plan, rows);
         return match tokio::time::timeout_at(deadline, work).await {
             Ok(Ok(results)) => {
@@ -378,12 +389,38 @@ async fn write_rows(
                         "slow commit: the database took long to write a batch (disk or checkpoint?)"
                     );
                 }
-                Ok(results)
+                Ok(match doubt {
+                    Some(_) => as_written(batch, rows, results),
+                    None => results,
+                })
             }
-            Ok(Err((e, commit_sent))) => {
+            Ok(Err((e, sent))) => {
                 // The connection may be mid-transaction: never hand it back to the pool.
                 let _ = deadpool_postgres::Object::take(client);
-                if let Some(why) = rerun(&e, commit_sent).filter(|_| runs < WRITE_RUNS_MAX) {
+                if event_id_taken(&e) && doubt.is_some() {
+                    // An event of the batch is there: the try in doubt committed (whole).
+                    tracing::info!(
+                        events = rows.len(),
+                        "batch written by its unanswered COMMIT; not written again"
+                    );
+                    return Ok(doubt.unwrap_or_default());
+                }
+                if let Some(answers) = sent {
+                    // COMMIT went out and the connection ended: the batch may be written or not.
+                    // Writing it again (same rows, same plan) tells: an event or dedup id that
+                    // is there already (waiting for a transaction still open) means it was.
+                    if doubt.is_none() {
+                        asking_until = deadline.min(Instant::now() + COMMIT_DOUBT_WAIT);
+                        tracing::warn!(
+                            error = %describe(&e),
+                            events = rows.len(),
+                            "batch's COMMIT unanswered; writing it again to find out"
+                        );
+                    }
+                    doubt = Some(as_written(batch, rows, answers));
+                    continue;
+                }
+                if let Some(why) = rerun(&e, false).filter(|_| runs < WRITE_RUNS_MAX) {
                     // Nothing of it was written: the same rows again, within the same deadline
                     // (the pool's next connection, or none in time: 503). The health flag stays
                     // up: the database may be fine.
@@ -432,8 +469,19 @@ fn row_plan<'a>(planned: &'a Planned, lease: Option<(Uuid, Micros)>) -> RowPlan<
     }
 }
 
-/// The batch's transaction, COMMIT included. On failure: the error, and whether COMMIT may have
-/// reached the database (then the batch's fate is unknown and it is not written again).
+/// Answers of a write of `rows` that found some of its own events there already (a dedup id
+/// naming the event itself): those were written by an earlier try, the events are stored.
+fn as_written(batch: &[WriteJob], rows: &[usize], mut results: Vec<Ingested>) -> Vec<Ingested> {
+    for (r, &i) in results.iter_mut().zip(rows) {
+        if *r == Ingested::Duplicate(batch[i].event.id) {
+            *r = Ingested::Committed;
+        }
+    }
+    results
+}
+
+/// The batch's transaction, COMMIT included. On failure: the error, and when the connection
+/// ended once COMMIT was sent (the batch's fate is unknown) the answers it would have had.
 ///
 /// What follows the last statement whose answer decides the rest (the COPY's end when no row has
 /// a dedup id, the delivery rows, the lease row, COMMIT) is sent at once and answered in one round
@@ -446,8 +494,8 @@ async fn write_rows_on(
     batch: &[WriteJob],
     plan: &BatchPlan,
     rows: &[usize],
-) -> Result<Vec<Ingested>, (tokio_postgres::Error, bool)> {
-    let before = |e| (e, false);
+) -> Result<Vec<Ingested>, (tokio_postgres::Error, Option<Vec<Ingested>>)> {
+    let before = |e| (e, None);
     let (deduped, plain): (Vec<usize>, Vec<usize>) = rows
         .iter()
         .partition(|&&i| batch[i].event.dedup_id.is_some());
@@ -547,24 +595,30 @@ async fn write_rows_on(
     let (copied, delivered, leased, committed) =
         futures_util::future::join4(copy_end, deliveries, lease, client.batch_execute("COMMIT"))
             .await;
-    // A statement before COMMIT that failed aborted the transaction: nothing was written, even
-    // though COMMIT went out behind it. That holds for a lost connection too: PostgreSQL flushes
-    // each statement's answer before it reads the next one, and a backend that ends after it has
-    // read COMMIT closes the socket with those answers still delivered (only one that ends with
-    // input unread resets it). A path that stops carrying packets is caught by the deadline
-    // first: no answer in time is 503, never a second write.
-    copied.map_err(before)?;
-    delivered.map_err(before)?;
-    leased.map_err(before)?;
-    committed.map_err(|e| (e, true))?;
-    Ok(rows
+    // An error answer to a statement before COMMIT (a refusal, or the session's end: 57P01)
+    // means PostgreSQL aborted the transaction and never ran COMMIT: nothing was written. A
+    // connection that ended with no answer once COMMIT was sent leaves the batch's fate unknown
+    // (the backend may have committed, and a proxy or a broken path lose answers it sent): the
+    // answers it would have had go with the error, for the caller to find out.
+    let results = rows
         .iter()
         .map(|i| {
             results
                 .remove(i)
                 .unwrap_or(Ingested::Refused(Refusal::Internal))
         })
-        .collect())
+        .collect();
+    let before_commit = copied.and(delivered).and(leased);
+    let unknown = match (&before_commit, &committed) {
+        (Err(e), _) => e.code().is_none() && connection_lost(e),
+        (Ok(()), Err(e)) => connection_lost(e),
+        (Ok(()), Ok(())) => false,
+    };
+    match before_commit.and(committed) {
+        Ok(()) => Ok(results),
+        Err(e) if unknown => Err((e, Some(results))),
+        Err(e) => Err(before(e)),
+    }
 }
 
 /// What the batch's transaction writes for delivery: the `deliveries` rows of the deliveries this
