@@ -26,7 +26,7 @@ Drills (all real faults, no mocks):
   db-cut           the same proxy resets every connection at once (a pooler or load balancer
                    restarted, a firewall's state flushed) while the database stays up, every
                    1.5 s: each answer must be exact (no event stored after a 503, none answered
-                   409 as its own duplicate)
+                   409 as its own duplicate); durable and fast
   receiver-down    the webhook receiver is down for 60 s (5 s smoke), then back
   node-kill        two nodes share the database; one is killed -9 with deliveries in flight
   node-freeze      two nodes share the database; one is stopped (SIGSTOP: a paused VM, a stall)
@@ -750,16 +750,17 @@ def drill_blackhole(db, args):
     return r
 
 
-def drill_db_cut(db, args):
+def drill_db_cut(db, args, fast):
     rounds = args.rounds or (2 if args.smoke else 10)
-    r = Result("every database connection reset, the database up", rounds, f"{args.rate}/s")
+    mode = "fast" if fast else "durable"
+    r = Result(f"every database connection reset, the database up ({mode})", rounds, f"{args.rate}/s")
     proxy = Proxy(int(db.url.rsplit(":", 1)[1].split("/")[0]))
     url = db.url.replace(db.url.rsplit("@", 1)[1].split("/")[0], f"127.0.0.1:{PROXY_PORT}")
     receiver = Receiver()
-    node = Node(url)
-    keys = [new_org(node.port, f"db-cut-{i}") for i in range(4)]
+    node = Node(url, extra=["--ack", "fast"] if fast else [])
+    keys = [new_org(node.port, f"db-cut-{mode}-{i}") for i in range(4)]
     with_webhooks(node, keys)
-    load = Load([node.port], [k for k, _ in keys], args.rate).start()
+    load = Load([node.port], [k for k, _ in keys], args.rate, fast=fast).start()
     t_first, cut = time.monotonic(), 0
     for _ in range(rounds):
         time.sleep(1.5)
@@ -1124,7 +1125,8 @@ DRILLS = {
     "disk-full": lambda db, a: drill_disk_full(db, a, fast=False),
     "disk-full-fast": lambda db, a: drill_disk_full(db, a, fast=True),
     "blackhole": drill_blackhole,
-    "db-cut": drill_db_cut,
+    "db-cut": lambda db, a: drill_db_cut(db, a, fast=False),
+    "db-cut-fast": lambda db, a: drill_db_cut(db, a, fast=True),
     "receiver-down": drill_receiver_down,
     "node-kill": drill_node_kill,
     "node-freeze": drill_node_freeze,
