@@ -136,7 +136,8 @@ struct Proxy {
     /// stopped mid-COPY: the held bytes keep the connection open whatever the server does);
     /// 5 and 6: as 3 and 4, for a delivery recorder's transaction only (one that copies rows,
     /// on a connection that asked for its transaction's id); 7: as 3, but that COMMIT (with
-    /// what came with it) is dropped, never sent.
+    /// what came with it) is dropped, never sent; 9: pass until the answer to a delivery claim
+    /// that took rows comes back (COMMIT's with it), then hold everything, that answer first.
     mode: Arc<AtomicU8>,
     conns: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>>,
     /// Bumped by [`Proxy::reset`]: a connection made before ends at its next byte, either way.
@@ -321,6 +322,14 @@ async fn pump(
             // Never sent; held from now on.
             mode.store(2, Ordering::SeqCst);
             chunk = &[];
+        }
+        // A claim's rows ('D', a length, 11 columns, the first a 16-byte uuid), which come
+        // after its COMMIT went out (the three are sent at once): held, and COMMIT's answer.
+        let claim_rows = chunk
+            .windows(11)
+            .any(|w| w[0] == b'D' && w[5..] == [0, 11, 0, 0, 0, 16]);
+        if !to_database && now == 9 && claim_rows {
+            mode.store(2, Ordering::SeqCst);
         }
         while mode.load(Ordering::SeqCst) == 2 {
             tokio::time::sleep(Duration::from_millis(10)).await;
@@ -1020,6 +1029,73 @@ async fn connections_reset_with_the_database_up_are_no_outage() {
         !s.log_lines("writing it again").is_empty(),
         "no write met a reset connection"
     );
+}
+
+/// A delivery claim whose answer was lost with its connection, COMMIT's included, may have
+/// committed: its batch row is expired at the next lease renewal, so what it leased is taken
+/// over and delivered within seconds, once, not when its lease ends. (Before, the deliveries
+/// waited out the claim's lease: 20 s here, 60 s by default.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deliveries_of_a_claim_whose_answer_was_lost_wait_no_lease() {
+    let proxy = Proxy::start().await;
+    let recv = Receiver::start(|_, _| Answer::status(200)).await;
+    let args = [
+        "--allow-private-webhooks",
+        "--delivery-poll-ms",
+        "200",
+        "--delivery-lease-s",
+        "20",
+    ];
+    // A database of its own: no other test's deliveries in the claims.
+    let url = own_database("triggers_test_claim_lost").await;
+    let s = Server::start_with_db(&args, &proxy.url_to(&url));
+    let (key, _) = new_org(s.addr, "pro").await;
+    let ep = create_endpoint(s.addr, &key, json!({"url": recv.url("/")})).await;
+    let path = format!("/api/endpoints/{}", ep["id"].as_str().unwrap());
+    assert_eq!(
+        post_empty(s.addr, &key, &format!("{path}/pause"))
+            .await
+            .status,
+        200
+    );
+    // Parked while the endpoint is paused: delivered through a claim once it is resumed.
+    let mut ids = Vec::new();
+    for n in 0..5 {
+        let r = post_event(s.addr, &key, "claimed", json!({"n": n}), None).await;
+        assert_eq!(r.status, 201, "{}", r.text());
+        ids.push(r.json()["id"].as_str().unwrap().to_string());
+    }
+    proxy.mode.store(9, Ordering::SeqCst);
+    assert_eq!(
+        post_empty(s.addr, &key, &format!("{path}/resume"))
+            .await
+            .status,
+        200
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while proxy.mode.load(Ordering::SeqCst) == 9 {
+        assert!(Instant::now() < deadline, "no claim took the deliveries");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    proxy.cut();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    proxy.restore();
+    let started = Instant::now();
+    recv.wait_until(Duration::from_secs(10), |got| {
+        ids.iter().all(|id| got.iter().any(|r| &r.event_id() == id))
+    })
+    .await;
+    assert!(started.elapsed() < Duration::from_secs(10));
+    assert!(!s.log_lines("batches taken over").is_empty());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for id in &ids {
+        assert_eq!(
+            recv.for_event(id).len(),
+            1,
+            "{}",
+            timeline(&recv.received())
+        );
+    }
 }
 
 /// A durable batch whose COMMIT went out and whose connection then ended (the database killed,

@@ -28,7 +28,7 @@ use super::shared::{Room, Shared};
 use crate::config::{
     CLAIM_BATCH_MAX, DELIVERY_BACKLOG_COUNT_EVERY, DELIVERY_BACKLOG_COUNT_MAX, RELEASE_TIMEOUT,
 };
-use crate::db::describe;
+use crate::db::{connection_lost, describe};
 use crate::flow::event::{EventStatus, STATUS_DERIVED};
 use crate::ids::{new_v7, EventId, Micros, OrgId};
 
@@ -351,6 +351,13 @@ async fn claim(
             client.batch_execute("COMMIT"),
         )
         .await;
+        if committed.as_ref().is_err_and(connection_lost) {
+            // The connection ended once COMMIT went out: the claim may have committed. Its
+            // batch row, if it did, expires at the next renewal, so what it leased is taken
+            // over now, not when the lease ends.
+            let mut expire = shared.expire.lock().unwrap_or_else(|p| p.into_inner());
+            expire.push(batch_id);
+        }
         begun.map_err(|e| describe(&e))?;
         let rows = rows.map_err(|e| describe(&e))?;
         committed.map_err(|e| describe(&e))?;
