@@ -15,7 +15,7 @@ use super::runtime::{EndpointRuntime, TokenBucket};
 use super::sign;
 use crate::auth::Changes;
 use crate::config::{Config, ENDPOINT_CACHE_ORGS_MAX};
-use crate::db::describe;
+use crate::db::{connection_lost, describe};
 use crate::flow::answer::EndpointStatus;
 use crate::flow::sink::ByteBudget;
 use crate::ids::{EventId, Micros, OrgId};
@@ -225,16 +225,22 @@ impl Shared {
             let pool = self.pool.clone();
             let ids: Vec<Uuid> = missing.iter().map(|o| o.0).collect();
             let query = async move {
-                let client = pool.get().await.map_err(|e| e.to_string())?;
-                let stmt = client
-                    .prepare_cached(LOAD_ENDPOINTS)
-                    .await
-                    .map_err(|e| describe(&e))?;
-                let live = [EndpointStatus::Active.code(), EndpointStatus::Paused.code()];
-                client
-                    .query(&stmt, &[&ids, &&live[..]])
-                    .await
-                    .map_err(|e| describe(&e))
+                // Again on the pool's next connection while this one turns out to be gone (a
+                // reset, a pooler's restart; up to once per connection the pool may hold): the
+                // database may be fine, and a read changes nothing.
+                let mut left = pool.status().max_size;
+                loop {
+                    let client = pool.get().await.map_err(|e| e.to_string())?;
+                    let live = [EndpointStatus::Active.code(), EndpointStatus::Paused.code()];
+                    let rows = match client.prepare_cached(LOAD_ENDPOINTS).await {
+                        Ok(stmt) => client.query(&stmt, &[&ids, &&live[..]]).await,
+                        Err(e) => Err(e),
+                    };
+                    match rows {
+                        Err(e) if left > 0 && connection_lost(&e) => left -= 1,
+                        rows => return rows.map_err(|e| describe(&e)),
+                    }
+                }
             };
             // On the pool's runtime: a connection the pool opens for it is driven there. Ended
             // with this future (the deadline below), as it would be were it run here.

@@ -171,6 +171,27 @@ impl StoreCtx {
         self.timed(what, runs).await
     }
 
+    /// Run the read that `work` makes on the read pool under the database deadline, again on
+    /// the pool's next connection while its connection turns out to be gone (up to once per
+    /// connection the pool may hold): after a reset or a pooler's restart the database is fine,
+    /// and a read changes nothing.
+    pub async fn timed_read<T, F, W>(&self, what: &str, mut work: F) -> Result<T, Refusal>
+    where
+        F: FnMut() -> W,
+        W: std::future::Future<Output = Done<T>>,
+    {
+        let runs = async {
+            let mut left = self.pool.status().max_size;
+            loop {
+                match work().await {
+                    Err(Failure::Db(e)) if left > 0 && connection_lost(&e) => left -= 1,
+                    done => return done,
+                }
+            }
+        };
+        self.timed(what, runs).await
+    }
+
     /// Run `work` under the database deadline.
     pub async fn timed<T>(
         &self,

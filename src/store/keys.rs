@@ -55,7 +55,7 @@ async fn verify_uncached(
     let epoch = ctx.verifier.epoch();
     let key_id = key.key_id().to_string();
     let row = ctx
-        .timed("auth lookup", async {
+        .timed_read("auth lookup", || async {
             let client = ctx.pool.get().await?;
             let stmt = client
                 .prepare_cached(
