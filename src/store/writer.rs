@@ -363,7 +363,6 @@ async fn write_rows(
     let mut doubt: Option<Vec<Ingested>> = None;
     let mut asking_until = deadline;
     loop {
-        runs += 1;
         let client = match tokio::time::timeout_at(deadline, ctx.writer_pool.get()).await {
             Ok(Ok(c)) => c,
             // In doubt, the database is asked for a while: it may be coming back.
@@ -376,6 +375,7 @@ async fn write_rows(
             Ok(Err(e)) => return Err(BatchError::Database(format!("no connection: {e}"))),
             Err(_) => return Err(BatchError::Database("no connection in time".into())),
         };
+        runs += 1;
         let started = std::time::Instant::now();
         let work = write_rows_on(&client, encoder, batch, plan, rows);
         return match tokio::time::timeout_at(deadline, work).await {
