@@ -616,14 +616,6 @@ async fn thaw_and_see_nothing_sent(node: &Server, recv: &Receiver) {
     );
 }
 
-/// Wait up to 10 s until `recv` got each of `ids` at least once.
-async fn each_received(recv: &Receiver, ids: &[String]) {
-    recv.wait_until(Duration::from_secs(10), |r| {
-        ids.iter().all(|id| r.iter().any(|x| x.event_id() == *id))
-    })
-    .await;
-}
-
 /// A node's arguments for the tests of a node that goes while it holds deliveries: a 3 s lease,
 /// 2 s attempts, claims every 200 ms.
 const SHORT_LEASE: [&str; 7] = [
@@ -1245,14 +1237,7 @@ async fn deliveries_whose_record_the_database_refused_for_a_moment_are_not_made_
     }
     // Past every lease (3 s) and a few claims: nothing was sent again.
     tokio::time::sleep(Duration::from_secs(4)).await;
-    for id in &ids {
-        assert_eq!(
-            recv.for_event(id).len(),
-            1,
-            "{id}: {}",
-            timeline(&recv.received())
-        );
-    }
+    each_received_times(&recv, &ids, 1);
     assert_eq!(
         count(&db, "SELECT count(*) FROM delivery_attempts").await,
         20

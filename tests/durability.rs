@@ -1082,21 +1082,11 @@ async fn deliveries_of_a_claim_whose_answer_was_lost_wait_no_lease() {
     tokio::time::sleep(Duration::from_millis(100)).await;
     proxy.restore();
     let started = Instant::now();
-    recv.wait_until(Duration::from_secs(10), |got| {
-        ids.iter().all(|id| got.iter().any(|r| &r.event_id() == id))
-    })
-    .await;
+    each_received(&recv, &ids).await;
     assert!(started.elapsed() < Duration::from_secs(10));
     assert!(!s.log_lines("batches taken over").is_empty());
     tokio::time::sleep(Duration::from_millis(500)).await;
-    for id in &ids {
-        assert_eq!(
-            recv.for_event(id).len(),
-            1,
-            "{}",
-            timeline(&recv.received())
-        );
-    }
+    each_received_times(&recv, &ids, 1);
 }
 
 /// A read whose connection turned out to be gone is run once more on another: a key this node

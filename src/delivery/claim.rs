@@ -355,8 +355,7 @@ async fn claim(
             // The connection ended once COMMIT went out: the claim may have committed. Its
             // batch row, if it did, expires at the next renewal, so what it leased is taken
             // over now, not when the lease ends.
-            let mut expire = shared.expire.lock().unwrap_or_else(|p| p.into_inner());
-            expire.push(batch_id);
+            shared.expire_batch(batch_id);
         }
         begun.map_err(|e| describe(&e))?;
         let rows = rows.map_err(|e| describe(&e))?;

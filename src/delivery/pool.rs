@@ -231,11 +231,7 @@ impl DeliverySink for DeliveryHandle {
                 // Nothing of the batch is known written, yet its COMMIT may still land after the
                 // writer gave up (a silent network): expire the row rather than delete it, so
                 // whatever did commit is taken over by any node, now or when its lease runs out.
-                shared
-                    .expire
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .push(id);
+                shared.expire_batch(id);
             } else if jobs.is_empty() {
                 // Written, but nothing of it held in memory: nothing to lease.
                 shared

@@ -504,6 +504,15 @@ impl Shared {
             .remove(&(event, endpoint));
     }
 
+    /// Expire the batch row `id` at the claimer's next pass, so any node takes over at once what
+    /// it owes, if it was written (if not, there is no such row and nothing changes).
+    pub(super) fn expire_batch(&self, id: Uuid) {
+        self.expire
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(id);
+    }
+
     /// A delivery of `batch` is no longer covered by it; the last one queues the row's deletion.
     pub(super) fn settle(&self, batch: &BatchLease) {
         if batch.outstanding.fetch_sub(1, Ordering::AcqRel) == 1 {

@@ -1030,6 +1030,26 @@ impl Received {
 
 /// The requests as a timeline for a failed assertion: each one's time after the first, the end
 /// of its event id, its attempt number and the answer it got.
+/// Wait up to 10 s until `recv` got each of `ids` at least once.
+pub async fn each_received(recv: &Receiver, ids: &[String]) {
+    recv.wait_until(Duration::from_secs(10), |r| {
+        ids.iter().all(|id| r.iter().any(|x| x.event_id() == *id))
+    })
+    .await;
+}
+
+/// `recv` got each of `ids` exactly `times` times (the receiver's timeline if not).
+pub fn each_received_times(recv: &Receiver, ids: &[String], times: usize) {
+    for id in ids {
+        assert_eq!(
+            recv.for_event(id).len(),
+            times,
+            "{id}: {}",
+            timeline(&recv.received())
+        );
+    }
+}
+
 pub fn timeline(got: &[Received]) -> String {
     let Some(first) = got.first() else {
         return "no requests".to_string();
