@@ -724,10 +724,13 @@ async fn a_node_frozen_past_its_leases_sends_nothing_another_node_took_over() {
     // leases long over: it must send none of them, and record nothing over the other node's record.
     let url = own_database("triggers_test_frozen_node").await;
     let recv = Receiver::start(|_, _| Answer::status(503)).await;
+    // The node gives up on a statement after `--db-timeout-ms` (then it rolls back): the first
+    // recording waits on the lock from before all 20 are received until the node is frozen, which
+    // on a loaded machine took over 2 s.
     let args = [
         &SHORT_LEASE[..],
         &RETRY_EVERY_SECOND,
-        &["--db-timeout-ms", "2000"],
+        &["--db-timeout-ms", "5000"],
     ]
     .concat();
     let a = Server::process_with_db(&args, &url);
