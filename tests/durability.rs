@@ -1112,6 +1112,59 @@ async fn a_key_looked_up_on_a_reset_connection_is_looked_up_again() {
     assert_eq!(r.status, 201, "{}", r.text());
 }
 
+/// The API's reads met on pooled connections that ended under them (a firewall's state flushed,
+/// a load balancer's failover: each connection meets a reset when it is next used) are read again
+/// on new connections: every read answers 200 after the reset, none 503, whether the reads come
+/// one at a time (the first dead connection lets the idle ones beside it go) or all at once.
+/// (Before, each of the read pool's connections cost one 503.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_on_reset_connections_are_read_again() {
+    let proxy = Proxy::start().await;
+    let s = Server::start_with_db(&["--allow-private-webhooks"], &proxy.url());
+    let (key, _) = new_org(s.addr, "pro").await;
+    let ids = create_events(s.addr, &key, 2, "t").await;
+    let ep = create_endpoint(s.addr, &key, json!({"url": "http://127.0.0.1:9/hook"})).await;
+    let ep = ep["id"].as_str().unwrap().to_string();
+    let paths = vec![
+        format!("/api/events/{}", ids[0]),
+        format!("/api/events/{}", ids[1]),
+        "/api/inbox?limit=10".to_string(),
+        "/api/endpoints".to_string(),
+        format!("/api/endpoints/{ep}"),
+        format!("/api/endpoints/{ep}/secret"),
+        format!("/api/endpoints/{ep}/failed"),
+        "/api/keys".to_string(),
+    ];
+    // Each path eight times at once: every connection of the read pool is in use.
+    let read_all = || {
+        let (addr, key) = (s.addr, key.clone());
+        let paths = paths.clone();
+        async move {
+            let mut reads = tokio::task::JoinSet::new();
+            for _ in 0..8 {
+                for p in &paths {
+                    let (key, p) = (key.clone(), p.clone());
+                    reads.spawn(async move { (get(addr, &key, &p).await, p) });
+                }
+            }
+            while let Some(done) = reads.join_next().await {
+                let (r, p) = done.unwrap();
+                assert_eq!(r.status, 200, "GET {p}: {}", r.text());
+            }
+        }
+    };
+    read_all().await;
+    proxy.reset();
+    for p in &paths {
+        let r = get(s.addr, &key, p).await;
+        assert_eq!(r.status, 200, "GET {p}: {}", r.text());
+    }
+    read_all().await;
+    proxy.reset();
+    read_all().await;
+    read_all().await;
+}
+
 /// A durable batch whose COMMIT went out and whose connection then ended (the database killed,
 /// the network cut) is written again on a new connection within its deadline, so the client
 /// learns what became of its event: `committed`, the second try finds it there (its event id,

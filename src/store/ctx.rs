@@ -1,6 +1,7 @@
 //! What the store pool's tasks share, and the two helpers every query uses: a deadline, and the
 //! mapping of a failure to the refusal a client gets.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -52,6 +53,8 @@ pub struct StoreCtx {
     /// When the shutdown gives up on writes the database does not take (fast-ack mode): the
     /// events still unwritten then are dropped and counted. Unset until shutdown.
     pub stop_deadline: std::sync::OnceLock<tokio::time::Instant>,
+    /// Database connections of the store pool's jobs found gone (their reads run again).
+    pub connections_lost: std::sync::atomic::AtomicU64,
 }
 
 /// Why a job failed.
@@ -117,6 +120,7 @@ impl StoreCtx {
                 if connection_lost(&e) {
                     // A connection that ended says little of the database (a pooler restarted,
                     // a reset): the probe, asked at once, lowers the flag if it is gone.
+                    self.connection_lost();
                     self.health.probe_now();
                 } else {
                     self.health.set_down();
@@ -137,6 +141,15 @@ impl StoreCtx {
                 Refusal::Overloaded("database connections busy")
             }
         }
+    }
+
+    /// A connection of the store pool turned out to be gone. What ended it (a firewall's state
+    /// flushed, a failover, a pooler's restart) most likely ended the idle ones beside it, which
+    /// look alive until they are used: they are let go, so a read run again (`jobs`) and the
+    /// next jobs get new ones instead of meeting one dead connection each.
+    fn connection_lost(&self) {
+        self.connections_lost.fetch_add(1, Ordering::Relaxed);
+        self.pool.retain(|_, _| false);
     }
 
     /// Whether the shutdown deadline has passed.
@@ -184,7 +197,10 @@ impl StoreCtx {
             let mut left = self.pool.status().max_size;
             loop {
                 match work().await {
-                    Err(Failure::Db(e)) if left > 0 && connection_lost(&e) => left -= 1,
+                    Err(Failure::Db(e)) if left > 0 && connection_lost(&e) => {
+                        self.connection_lost();
+                        left -= 1;
+                    }
                     done => return done,
                 }
             }

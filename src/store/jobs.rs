@@ -2,6 +2,7 @@
 //! `Config::query_jobs_running_max` at once; beyond that the bounded job queue fills and ingress
 //! answers 503) with a deadline of `db_timeout_ms`; its answer, a value, goes to the waiting core.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use tokio::sync::{mpsc, Semaphore};
@@ -9,8 +10,10 @@ use tokio::sync::{mpsc, Semaphore};
 use super::ctx::StoreCtx;
 use super::{endpoints, events, inbox, keys, rate, webhook};
 use crate::auth::OrgInfo;
+use crate::config::READ_RUNS_MAX;
 use crate::flow::answer::{Answer, Completion, Outcome, Refusal, ReplyTo};
 use crate::flow::job::{Query, StoreJob};
+use crate::ids::OrgId;
 
 /// Take jobs off the queue until it closes, then wait for those still running.
 pub async fn run(mut jobs: mpsc::Receiver<StoreJob>, ctx: Arc<StoreCtx>) {
@@ -101,31 +104,14 @@ fn answer_keyless(ctx: &StoreCtx, reply: ReplyTo, result: Result<Answer, Refusal
 
 async fn run_query(ctx: &StoreCtx, org: OrgInfo, query: Query) -> Result<Answer, Refusal> {
     match query {
-        Query::KeyInfo => ctx.timed("key info", keys::key_info(ctx, org.id)).await,
         Query::Rotate { peer, retry_key } => keys::rotate(ctx, org.id, peer, retry_key).await,
         Query::SetWebhook { url } => webhook::set_webhook(ctx, org.id, url).await,
         Query::DeleteWebhook => webhook::delete_webhook(ctx, org.id).await,
-        Query::GetEvent { id } => {
-            ctx.timed("get event", events::get_event(ctx, org.id, id))
-                .await
-        }
         Query::Redeliver { id, endpoint } => {
             ctx.timed_reruns("redeliver", || events::redeliver(ctx, org.id, id, endpoint))
                 .await
         }
         Query::CreateEndpoint { spec, once } => endpoints::create(ctx, org.id, spec, once).await,
-        Query::ListEndpoints => {
-            ctx.timed("list endpoints", endpoints::list(ctx, org.id))
-                .await
-        }
-        Query::GetEndpoint { id } => {
-            ctx.timed("get endpoint", endpoints::get(ctx, org.id, id))
-                .await
-        }
-        Query::GetEndpointSecret { id } => {
-            ctx.timed("endpoint secret", endpoints::secret(ctx, org.id, id))
-                .await
-        }
         Query::PatchEndpoint { id, patch } => endpoints::patch(ctx, org.id, id, patch).await,
         Query::DeleteEndpoint { id } => endpoints::delete(ctx, org.id, id).await,
         Query::SetEndpointPaused { id, paused } => {
@@ -141,6 +127,53 @@ async fn run_query(ctx: &StoreCtx, org: OrgInfo, query: Query) -> Result<Answer,
             )
             .await
         }
+        Query::Ack { id } => ctx.timed("ack", inbox::ack(ctx, org.id, id)).await,
+        Query::AckBatch { ids } => {
+            ctx.timed("ack batch", inbox::ack_batch(ctx, org.id, ids))
+                .await
+        }
+        read => read_again_on_lost(ctx, org.id, &read).await,
+    }
+}
+
+/// A read, run again (up to `READ_RUNS_MAX` runs, while the first `--db-timeout-ms` lasts) when
+/// a connection of the pool turned out to be gone meanwhile (a reset, a failover, a pooler's
+/// restart): the database is most likely fine, the pool's idle connections were let go
+/// (`StoreCtx::fail`), and a read changes nothing.
+async fn read_again_on_lost(ctx: &StoreCtx, org: OrgId, query: &Query) -> Result<Answer, Refusal> {
+    let started = tokio::time::Instant::now();
+    let mut run = 1;
+    loop {
+        let lost = ctx.connections_lost.load(Ordering::Relaxed);
+        match read(ctx, org, query).await {
+            Err(Refusal::Unavailable)
+                if run < READ_RUNS_MAX
+                    && started.elapsed() < ctx.db_timeout
+                    && ctx.connections_lost.load(Ordering::Relaxed) != lost =>
+            {
+                run += 1;
+            }
+            done => return done,
+        }
+    }
+}
+
+async fn read(ctx: &StoreCtx, org: OrgId, query: &Query) -> Result<Answer, Refusal> {
+    match *query {
+        Query::KeyInfo => ctx.timed("key info", keys::key_info(ctx, org)).await,
+        Query::GetEvent { id } => {
+            ctx.timed("get event", events::get_event(ctx, org, id))
+                .await
+        }
+        Query::ListEndpoints => ctx.timed("list endpoints", endpoints::list(ctx, org)).await,
+        Query::GetEndpoint { id } => {
+            ctx.timed("get endpoint", endpoints::get(ctx, org, id))
+                .await
+        }
+        Query::GetEndpointSecret { id } => {
+            ctx.timed("endpoint secret", endpoints::secret(ctx, org, id))
+                .await
+        }
         Query::FailedDeliveries {
             id,
             since,
@@ -149,7 +182,7 @@ async fn run_query(ctx: &StoreCtx, org: OrgInfo, query: Query) -> Result<Answer,
         } => {
             ctx.timed(
                 "failed deliveries",
-                endpoints::failed(ctx, org.id, id, since, limit, before),
+                endpoints::failed(ctx, org, id, since, limit, before),
             )
             .await
         }
@@ -158,13 +191,10 @@ async fn run_query(ctx: &StoreCtx, org: OrgInfo, query: Query) -> Result<Answer,
             status,
             before,
         } => {
-            ctx.timed("inbox", inbox::inbox(ctx, org.id, limit, status, before))
+            ctx.timed("inbox", inbox::inbox(ctx, org, limit, status, before))
                 .await
         }
-        Query::Ack { id } => ctx.timed("ack", inbox::ack(ctx, org.id, id)).await,
-        Query::AckBatch { ids } => {
-            ctx.timed("ack batch", inbox::ack_batch(ctx, org.id, ids))
-                .await
-        }
+        // Not a read: `run_query` runs each of those itself.
+        _ => Err(Refusal::Internal),
     }
 }

@@ -58,6 +58,7 @@ impl Store {
             metrics,
             db_timeout: Config::ms(config.db_timeout_ms),
             stop_deadline: std::sync::OnceLock::new(),
+            connections_lost: Default::default(),
             partitions_missing: Arc::new(tokio::sync::Notify::new()),
             listening: tokio::sync::watch::channel(false).0,
             config: Arc::clone(&config),
