@@ -26,7 +26,8 @@ Drills (all real faults, no mocks):
   db-cut           the same proxy resets every connection at once (a pooler or load balancer
                    restarted, a firewall's state flushed) while the database stays up, every
                    1.5 s: each answer must be exact (no event stored after a 503, none answered
-                   409 as its own duplicate); durable and fast
+                   409 as its own duplicate), and every read of the inbox and of an event
+                   meanwhile 200; durable and fast
   receiver-down    the webhook receiver is down for 60 s (5 s smoke), then back
   node-kill        two nodes share the database; one is killed -9 with deliveries in flight
   node-freeze      two nodes share the database; one is stopped (SIGSTOP: a paused VM, a stall)
@@ -750,6 +751,57 @@ def drill_blackhole(db, args):
     return r
 
 
+class Reader:
+    """Two clients reading what was acknowledged while the load runs, each over one keep-alive
+    connection: an organization's inbox page, then the first event of it by id. Every answer's
+    status is counted."""
+
+    def __init__(self, port, keys, threads=2):
+        self.port, self.keys = port, keys
+        self.stop_flag = threading.Event()
+        self.lock = threading.Lock()
+        self.counts = {}
+        self.workers = [threading.Thread(target=self.work, args=(i,), daemon=True) for i in range(threads)]
+
+    def start(self):
+        for w in self.workers:
+            w.start()
+        return self
+
+    def stop(self):
+        self.stop_flag.set()
+        for w in self.workers:
+            w.join()
+        return self.counts
+
+    def get(self, conn, path, key):
+        conn.request("GET", path, headers={"X-API-Key": key})
+        r = conn.getresponse()
+        data = r.read()
+        with self.lock:
+            self.counts[r.status] = self.counts.get(r.status, 0) + 1
+        return r.status, (json.loads(data) if data else None)
+
+    def work(self, i):
+        conn, n = None, i
+        while not self.stop_flag.is_set():
+            key = self.keys[n % len(self.keys)]
+            n += 1
+            try:
+                if conn is None:
+                    conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+                status, page = self.get(conn, "/api/inbox?limit=5&status=delivered", key)
+                if status == 200 and page["events"]:
+                    self.get(conn, f"/api/events/{page['events'][0]['id']}", key)
+            except (OSError, http.client.HTTPException):
+                with self.lock:
+                    self.counts["conn"] = self.counts.get("conn", 0) + 1
+                if conn:
+                    conn.close()
+                conn = None
+            time.sleep(0.005)
+
+
 def drill_db_cut(db, args, fast):
     rounds = args.rounds or (2 if args.smoke else 10)
     mode = "fast" if fast else "durable"
@@ -761,11 +813,14 @@ def drill_db_cut(db, args, fast):
     keys = [new_org(node.port, f"db-cut-{mode}-{i}") for i in range(4)]
     with_webhooks(node, keys)
     load = Load([node.port], [k for k, _ in keys], args.rate, fast=fast).start()
+    reader = Reader(node.port, [k for k, _ in keys]).start()
     t_first, cut = time.monotonic(), 0
     for _ in range(rounds):
         time.sleep(1.5)
         cut += proxy.cut()
     r.t503 = load.worst_wait_for(503, t_first, time.monotonic())
+    reads = reader.stop()
+    r.notes.append("reads " + " ".join(f"{k}:{v:,}" for k, v in sorted(reads.items(), key=str)))
     time.sleep(1.0)
     settle(load, node, r, db, [o for _, o in keys])
     all_delivered(r, load, receiver)
@@ -774,6 +829,9 @@ def drill_db_cut(db, args, fast):
     # so every event's answer says what became of it.
     if load.stored_anyway:
         r.failures.append(f"{load.stored_anyway} stored anyway (answered 503, or 409 naming itself)")
+    # Nor did a read find it gone: each goes again on a new connection.
+    if any(k != 200 for k in reads):
+        r.failures.append("reads not answered 200: " + ", ".join(f"{k}: {v}" for k, v in reads.items() if k != 200))
     if r.t503 is not None and r.t503 > 1.0:
         r.failures.append(f"a 503 took {r.t503:.2f} s (bound 1 s)")
     node.stop()
