@@ -145,8 +145,8 @@ pub const SLOW_BATCH: Duration = Duration::from_millis(250);
 /// How many times a writer runs a batch's transaction when PostgreSQL asks for it to be run
 /// again (a deadlock's victim, a serialization failure), all within the one `db_timeout`.
 pub const WRITE_RUNS_MAX: u32 = 3;
-/// Runs of an API read at most when its connections turn out to be gone (`store::jobs`): once
-/// more for the connection that ended under it, once more for one that was handed out meanwhile.
+/// Runs of an API read or ack at most when its connections turn out to be gone (`store::jobs`):
+/// once more for the connection that ended under it, once more for one handed out meanwhile.
 pub const READ_RUNS_MAX: u32 = 3;
 /// How long a writer whose batch's COMMIT went unanswered keeps trying to reach the database to
 /// learn whether it committed (writing it again): a restart or a cut connection is over within

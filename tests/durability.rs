@@ -1115,8 +1115,9 @@ async fn a_key_looked_up_on_a_reset_connection_is_looked_up_again() {
 /// The API's reads met on pooled connections that ended under them (a firewall's state flushed,
 /// a load balancer's failover: each connection meets a reset when it is next used) are read again
 /// on new connections: every read answers 200 after the reset, none 503, whether the reads come
-/// one at a time (the first dead connection lets the idle ones beside it go) or all at once.
-/// (Before, each of the read pool's connections cost one 503.)
+/// one at a time (the first dead connection lets the idle ones beside it go) or all at once. So
+/// are acks (run twice, an ack answers as once). (Before, each of the read pool's connections
+/// cost one 503.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reads_on_reset_connections_are_read_again() {
     let proxy = Proxy::start().await;
@@ -1163,6 +1164,29 @@ async fn reads_on_reset_connections_are_read_again() {
     proxy.reset();
     read_all().await;
     read_all().await;
+    // Acks, each the first request after a reset.
+    let first = format!("/api/ack/{}", ids[0]);
+    let mut acked_at = None;
+    for _ in 0..2 {
+        proxy.reset();
+        let r = call(s.addr, "POST", &first, &[("X-API-Key", &key)], None).await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        let at = r.json()["acknowledged_at"].clone();
+        assert_eq!(
+            *acked_at.get_or_insert(at.clone()),
+            at,
+            "a repeat keeps the first time"
+        );
+    }
+    proxy.reset();
+    let body = json!({"event_ids": ids}).to_string();
+    let headers = [
+        ("X-API-Key", key.as_str()),
+        ("Content-Type", "application/json"),
+    ];
+    let r = call(s.addr, "POST", "/api/ack", &headers, Some(body.as_bytes())).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["acknowledged"], json!(ids), "{}", r.text());
 }
 
 /// A durable batch whose COMMIT went out and whose connection then ended (the database killed,

@@ -173,7 +173,7 @@ pub async fn ack(ctx: &StoreCtx, org: OrgId, id: Uuid) -> Done<Answer> {
 }
 
 /// `POST /api/ack`: which ids were acknowledged and which are not this organization's.
-pub async fn ack_batch(ctx: &StoreCtx, org: OrgId, ids: Vec<Uuid>) -> Done<Answer> {
+pub async fn ack_batch(ctx: &StoreCtx, org: OrgId, ids: &[Uuid]) -> Done<Answer> {
     let client = ctx.pool.get().await?;
     let stmt = client
         .prepare_cached(&ACK.replace("{WHERE}", "org_id = $2 AND id = ANY($1)"))
@@ -185,7 +185,7 @@ pub async fn ack_batch(ctx: &StoreCtx, org: OrgId, ids: Vec<Uuid>) -> Done<Answe
         .iter()
         .map(|r| r.get(0))
         .collect();
-    let (acknowledged, not_found) = ids.into_iter().partition(|id| acked.contains(id));
+    let (acknowledged, not_found) = ids.iter().partition(|id| acked.contains(id));
     Ok(Answer::AckedBatch {
         acknowledged,
         not_found,

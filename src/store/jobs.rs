@@ -127,20 +127,16 @@ async fn run_query(ctx: &StoreCtx, org: OrgInfo, query: Query) -> Result<Answer,
             )
             .await
         }
-        Query::Ack { id } => ctx.timed("ack", inbox::ack(ctx, org.id, id)).await,
-        Query::AckBatch { ids } => {
-            ctx.timed("ack batch", inbox::ack_batch(ctx, org.id, ids))
-                .await
-        }
-        read => read_again_on_lost(ctx, org.id, &read).await,
+        read => again_on_lost(ctx, org.id, &read).await,
     }
 }
 
-/// A read, run again (up to `READ_RUNS_MAX` runs, while the first `--db-timeout-ms` lasts) when
-/// a connection of the pool turned out to be gone meanwhile (a reset, a failover, a pooler's
-/// restart): the database is most likely fine, the pool's idle connections were let go
-/// (`StoreCtx::fail`), and a read changes nothing.
-async fn read_again_on_lost(ctx: &StoreCtx, org: OrgId, query: &Query) -> Result<Answer, Refusal> {
+/// A read or an ack, run again (up to `READ_RUNS_MAX` runs, while the first `--db-timeout-ms`
+/// lasts) when a connection of the pool turned out to be gone meanwhile (a reset, a failover, a
+/// pooler's restart): the database is most likely fine, the pool's idle connections were let go
+/// (`StoreCtx::fail`), a read changes nothing, and an ack run twice answers as once (it keeps
+/// the first acknowledgement's time), whether or not the first run committed.
+async fn again_on_lost(ctx: &StoreCtx, org: OrgId, query: &Query) -> Result<Answer, Refusal> {
     let started = tokio::time::Instant::now();
     let mut run = 1;
     loop {
@@ -158,6 +154,7 @@ async fn read_again_on_lost(ctx: &StoreCtx, org: OrgId, query: &Query) -> Result
     }
 }
 
+/// One run of [`again_on_lost`]'s query.
 async fn read(ctx: &StoreCtx, org: OrgId, query: &Query) -> Result<Answer, Refusal> {
     match *query {
         Query::KeyInfo => ctx.timed("key info", keys::key_info(ctx, org)).await,
@@ -192,6 +189,11 @@ async fn read(ctx: &StoreCtx, org: OrgId, query: &Query) -> Result<Answer, Refus
             before,
         } => {
             ctx.timed("inbox", inbox::inbox(ctx, org, limit, status, before))
+                .await
+        }
+        Query::Ack { id } => ctx.timed("ack", inbox::ack(ctx, org, id)).await,
+        Query::AckBatch { ref ids } => {
+            ctx.timed("ack batch", inbox::ack_batch(ctx, org, ids))
                 .await
         }
         // Not a read: `run_query` runs each of those itself.
