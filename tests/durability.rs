@@ -1189,6 +1189,71 @@ async fn reads_on_reset_connections_are_read_again() {
     assert_eq!(r.json()["acknowledged"], json!(ids), "{}", r.text());
 }
 
+/// An API change (endpoints, the webhook, a redelivery) whose pooled connection turns out to be
+/// gone at its transaction's BEGIN wrote nothing, and runs again on a new connection: each one,
+/// the first request after a reset, is answered as if nothing happened, and did what it says.
+/// (Before, each was 503.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changes_whose_connection_was_gone_at_begin_run_again() {
+    let proxy = Proxy::start().await;
+    let recv = Receiver::start(|_, _| Answer::status(200)).await;
+    let s = Server::start_with_db(&["--allow-private-webhooks"], &proxy.url());
+    let (key, _) = new_org(s.addr, "pro").await;
+    let send = |method: &'static str, path: String, body: Option<serde_json::Value>| {
+        let (addr, key, proxy) = (s.addr, key.clone(), &proxy);
+        async move {
+            proxy.reset();
+            let body = body.map(|b| b.to_string());
+            let headers = [
+                ("X-API-Key", key.as_str()),
+                ("Content-Type", "application/json"),
+            ];
+            let r = call(
+                addr,
+                method,
+                &path,
+                &headers,
+                body.as_deref().map(str::as_bytes),
+            )
+            .await;
+            assert!(r.status < 300, "{method} {path}: {} {}", r.status, r.text());
+            r.json()
+        }
+    };
+    let url = recv.url("/");
+    let ep = send("POST", "/api/endpoints".into(), Some(json!({"url": url}))).await;
+    let ep = ep["id"].as_str().unwrap().to_string();
+    let path = format!("/api/endpoints/{ep}");
+    let patched = send("PATCH", path.clone(), Some(json!({"description": "d"}))).await;
+    assert_eq!(patched["description"], "d");
+    let paused = send("POST", format!("{path}/pause"), None).await;
+    assert_eq!(paused["status"], "paused");
+    let resumed = send("POST", format!("{path}/resume"), None).await;
+    assert_eq!(resumed["status"], "active");
+    let set = send(
+        "POST",
+        "/api/webhook/config".into(),
+        Some(json!({"webhook_url": url})),
+    )
+    .await;
+    assert_eq!(set["webhook_url"], url.as_str());
+    let id = new_event_id(s.addr, &key, json!({"n": 1})).await;
+    recv.wait_until(Duration::from_secs(10), |r| {
+        r.iter().filter(|x| x.event_id() == id).count() == 2
+    })
+    .await;
+    send("POST", format!("/api/events/{id}/redeliver"), None).await;
+    recv.wait_until(Duration::from_secs(10), |r| {
+        r.iter().filter(|x| x.event_id() == id).count() == 4
+    })
+    .await;
+    let deleted = send("DELETE", "/api/webhook/config".into(), None).await;
+    assert_eq!(deleted["webhook_url"], serde_json::Value::Null);
+    send("DELETE", path.clone(), None).await;
+    assert_eq!(get(s.addr, &key, &path).await.status, 404);
+    assert!(!s.log_lines("run again").is_empty());
+}
+
 /// A durable batch whose COMMIT went out and whose connection then ended (the database killed,
 /// the network cut) is written again on a new connection within its deadline, so the client
 /// learns what became of its event: `committed`, the second try finds it there (its event id,

@@ -5,7 +5,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use deadpool_postgres::Pool;
+use deadpool_postgres::{Object, Pool, Transaction};
 
 use crate::auth::flight::Flights;
 use crate::auth::throttle::KeyOpsLimiter;
@@ -63,6 +63,9 @@ pub enum Failure {
     Refused(Refusal),
     /// A database error: 503 if the database is gone, 500 otherwise.
     Db(tokio_postgres::Error),
+    /// The connection turned out to be gone at a transaction's BEGIN ([`begin`]): nothing was
+    /// written, so [`StoreCtx::timed_reruns`] runs the transaction again on a new one.
+    Unbegun(tokio_postgres::Error),
     /// No connection could be had: the database is unreachable.
     Pool(String),
     /// Every connection stayed busy for the wait timeout: the pool is overloaded.
@@ -109,6 +112,7 @@ impl StoreCtx {
     pub fn fail(&self, what: &str, failure: Failure) -> Refusal {
         match failure {
             Failure::Refused(r) => r,
+            Failure::Unbegun(e) => self.fail(what, Failure::Db(e)),
             // A deadlock's victim or a serialization failure, run as often as it may be: the
             // database is fine, so the health flag stays as it is.
             Failure::Db(e) if rerun(&e, true) == Some(Rerun::Asked) => {
@@ -160,8 +164,9 @@ impl StoreCtx {
     }
 
     /// Run the transaction that `work` makes under the database deadline, again (up to
-    /// `WRITE_RUNS_MAX` runs in all, within the same deadline) when PostgreSQL asks for it: a
-    /// deadlock's victim or a serialization failure was rolled back whole.
+    /// `WRITE_RUNS_MAX` runs in all, within the same deadline) when PostgreSQL asks for it (a
+    /// deadlock's victim or a serialization failure was rolled back whole) or its connection
+    /// was found gone at BEGIN ([`begin`]: nothing was written).
     pub async fn timed_reruns<T, F, W>(&self, what: &str, mut work: F) -> Result<T, Refusal>
     where
         F: FnMut() -> W,
@@ -171,17 +176,30 @@ impl StoreCtx {
             let mut run = 1;
             loop {
                 match work().await {
-                    Err(Failure::Db(e))
-                        if run < WRITE_RUNS_MAX && rerun(&e, true) == Some(Rerun::Asked) =>
-                    {
-                        tracing::info!(error = %crate::db::describe(&e), what, run, "run again");
-                        run += 1;
-                    }
+                    Err(f) if self.run_again(what, run, &f) => run += 1,
                     done => return done,
                 }
             }
         };
         self.timed(what, runs).await
+    }
+
+    /// Whether the run `run` of [`StoreCtx::timed_reruns`], failed with `failure`, is run again.
+    #[inline(never)]
+    fn run_again(&self, what: &str, run: u32, failure: &Failure) -> bool {
+        let e = match failure {
+            Failure::Db(e) if rerun(e, true) == Some(Rerun::Asked) => e,
+            Failure::Unbegun(e) => {
+                self.connection_lost();
+                e
+            }
+            _ => return false,
+        };
+        if run >= WRITE_RUNS_MAX {
+            return false;
+        }
+        tracing::info!(error = %crate::db::describe(e), what, run, "run again");
+        true
     }
 
     /// Run the read that `work` makes on the read pool under the database deadline, again on
@@ -227,4 +245,17 @@ impl StoreCtx {
             }
         }
     }
+}
+
+/// BEGIN a transaction on `client`. A connection found gone here (ended under it by a reset, a
+/// failover or a pooler's restart, while it sat in the pool looking alive) wrote nothing:
+/// [`Failure::Unbegun`].
+pub async fn begin(client: &mut Object) -> Done<Transaction<'_>> {
+    client.transaction().await.map_err(|e| {
+        if connection_lost(&e) {
+            Failure::Unbegun(e)
+        } else {
+            Failure::Db(e)
+        }
+    })
 }

@@ -11,7 +11,7 @@ use std::time::{Duration, SystemTime};
 use tokio_postgres::{Row, Transaction};
 use uuid::Uuid;
 
-use super::ctx::{Done, StoreCtx};
+use super::ctx::{begin, Done, StoreCtx};
 use crate::config::SIGNING_SECRET_BYTES;
 use crate::flow::answer::{
     Answer, AttemptView, Circuit, EndpointHealth, EndpointStatus, EndpointView, FailedDelivery,
@@ -134,7 +134,7 @@ macro_rules! org_change {
         let out = $ctx
             .timed_reruns($what, || async {
                 let mut client = $ctx.pool.get().await?;
-                let $tx = client.transaction().await?;
+                let $tx = begin(&mut client).await?;
                 let out = $body;
                 notify(&$tx, $org).await?;
                 $tx.commit().await?;
@@ -602,7 +602,7 @@ async fn set_status(
 /// looked up by key, a subquery per row, never a join over the organization's events).
 pub async fn recover(ctx: &StoreCtx, org: OrgId, id: Uuid, since: Micros) -> Done<Answer> {
     let mut client = ctx.pool.get().await?;
-    let tx = client.transaction().await?;
+    let tx = begin(&mut client).await?;
     let status: i16 = tx
         .query_opt(
             "SELECT status FROM endpoints WHERE id = $1 AND org_id = $2 AND status <> $3",

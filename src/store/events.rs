@@ -5,7 +5,7 @@ use std::time::SystemTime;
 
 use uuid::Uuid;
 
-use super::ctx::{Done, StoreCtx};
+use super::ctx::{begin, Done, StoreCtx};
 use super::rows::{event_view, EVENT_COLUMNS, EVENT_STATE};
 use crate::event_types::endpoint_takes;
 use crate::flow::answer::{
@@ -143,7 +143,7 @@ pub async fn redeliver(
     endpoint: Option<Uuid>,
 ) -> Done<Answer> {
     let mut client = ctx.pool.get().await?;
-    let tx = client.transaction().await?;
+    let tx = begin(&mut client).await?;
     let row = tx
         .query_opt(
             "SELECT type, endpoints, status, batch_id FROM events \

@@ -3,7 +3,7 @@
 
 use tokio_postgres::Row;
 
-use super::ctx::StoreCtx;
+use super::ctx::{begin, StoreCtx};
 use crate::flow::answer::Refusal;
 use crate::flow::ORG_CHANGED_CHANNEL;
 use crate::ids::OrgId;
@@ -21,7 +21,7 @@ pub async fn change_org(
     let row = ctx
         .timed(what, async {
             let mut client = ctx.pool.get().await?;
-            let tx = client.transaction().await?;
+            let tx = begin(&mut client).await?;
             let row = tx
                 .query_opt(sql, params)
                 .await?

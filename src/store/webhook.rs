@@ -2,7 +2,7 @@
 //! type), whose signing secret is created with the first configuration and kept for the
 //! organization's life: a deleted default endpoint is kept, removed, with its secret.
 
-use super::ctx::StoreCtx;
+use super::ctx::{begin, StoreCtx};
 use super::endpoints::{check_room, check_url, new_signing_secret, notify, release_held, PARK};
 use crate::flow::answer::{Answer, EndpointStatus, Refusal, WebhookConfig};
 use crate::ids::{new_v7, Micros, OrgId};
@@ -15,7 +15,7 @@ pub async fn set_webhook(ctx: &StoreCtx, org: OrgId, url: String) -> Result<Answ
     let secret: String = ctx
         .timed_reruns("set webhook", || async {
             let mut client = ctx.pool.get().await?;
-            let tx = client.transaction().await?;
+            let tx = begin(&mut client).await?;
             // Locked before its deliveries are written, as every endpoint change that writes them.
             let held = tx
                 .query_opt(
@@ -78,7 +78,7 @@ pub async fn delete_webhook(ctx: &StoreCtx, org: OrgId) -> Result<Answer, Refusa
     let now = Micros::now();
     ctx.timed_reruns("delete webhook", || async {
         let mut client = ctx.pool.get().await?;
-        let tx = client.transaction().await?;
+        let tx = begin(&mut client).await?;
         // Locked before its deliveries are parked, as every endpoint change that writes them.
         tx.query_opt(
             "SELECT 1 FROM endpoints WHERE org_id = $1 AND is_default AND status <> $2 FOR UPDATE",
