@@ -26,8 +26,8 @@ Drills (all real faults, no mocks):
   db-cut           the same proxy resets every connection at once (a pooler or load balancer
                    restarted, a firewall's state flushed) while the database stays up, every
                    1.5 s: each answer must be exact (no event stored after a 503, none answered
-                   409 as its own duplicate), and every read of the inbox and of an event
-                   meanwhile 200; durable and fast
+                   409 as its own duplicate), and every read of the inbox and of an event,
+                   and every ack, meanwhile 200; durable and fast
   receiver-down    the webhook receiver is down for 60 s (5 s smoke), then back
   node-kill        two nodes share the database; one is killed -9 with deliveries in flight
   node-freeze      two nodes share the database; one is stopped (SIGSTOP: a paused VM, a stall)
@@ -753,7 +753,8 @@ def drill_blackhole(db, args):
 
 class Reader:
     """Two clients reading what was acknowledged while the load runs, each over one keep-alive
-    connection: an organization's inbox page, then the first event of it by id. Every answer's
+    connection: an organization's inbox page of delivered events, then the first event of it by
+    id, and an ack of it (delivered already: nothing left to deliver is parked). Every answer's
     status is counted."""
 
     def __init__(self, port, keys, threads=2):
@@ -774,8 +775,8 @@ class Reader:
             w.join()
         return self.counts
 
-    def get(self, conn, path, key):
-        conn.request("GET", path, headers={"X-API-Key": key})
+    def get(self, conn, path, key, method="GET"):
+        conn.request(method, path, headers={"X-API-Key": key})
         r = conn.getresponse()
         data = r.read()
         with self.lock:
@@ -793,6 +794,7 @@ class Reader:
                 status, page = self.get(conn, "/api/inbox?limit=5&status=delivered", key)
                 if status == 200 and page["events"]:
                     self.get(conn, f"/api/events/{page['events'][0]['id']}", key)
+                    self.get(conn, f"/api/ack/{page['events'][0]['id']}", key, "POST")
             except (OSError, http.client.HTTPException):
                 with self.lock:
                     self.counts["conn"] = self.counts.get("conn", 0) + 1
@@ -820,7 +822,7 @@ def drill_db_cut(db, args, fast):
         cut += proxy.cut()
     r.t503 = load.worst_wait_for(503, t_first, time.monotonic())
     reads = reader.stop()
-    r.notes.append("reads " + " ".join(f"{k}:{v:,}" for k, v in sorted(reads.items(), key=str)))
+    r.notes.append("reads and acks " + " ".join(f"{k}:{v:,}" for k, v in sorted(reads.items(), key=str)))
     time.sleep(1.0)
     settle(load, node, r, db, [o for _, o in keys])
     all_delivered(r, load, receiver)
@@ -831,7 +833,7 @@ def drill_db_cut(db, args, fast):
         r.failures.append(f"{load.stored_anyway} stored anyway (answered 503, or 409 naming itself)")
     # Nor did a read find it gone: each goes again on a new connection.
     if any(k != 200 for k in reads):
-        r.failures.append("reads not answered 200: " + ", ".join(f"{k}: {v}" for k, v in reads.items() if k != 200))
+        r.failures.append("reads or acks not answered 200: " + ", ".join(f"{k}: {v}" for k, v in reads.items() if k != 200))
     if r.t503 is not None and r.t503 > 1.0:
         r.failures.append(f"a 503 took {r.t503:.2f} s (bound 1 s)")
     node.stop()
