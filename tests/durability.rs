@@ -1303,6 +1303,43 @@ async fn a_durable_batch_whose_commit_went_unanswered(committed: bool, dedup: Op
     assert_eq!((stored, all), (1, 1));
     let r = get(s.addr, &key, &format!("/api/events/{id}")).await;
     assert_eq!(r.status, 200, "{}", r.text());
+    let in_doubt = metric(&s, "triggers_write_batches_in_doubt_total").await;
+    let unresolved = metric(&s, "triggers_write_batches_unresolved_total").await;
+    assert_eq!((in_doubt, unresolved), (1.0, 0.0));
+}
+
+/// A batch whose COMMIT went unanswered while the database stays out of reach for longer than
+/// the writer asks (0.75 s) is answered 503: its outcome is unknown, and the metrics say so (an
+/// operator sees how many events may have been stored after a 503). Here it had committed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_in_doubt_past_the_wait_is_answered_503_and_counted() {
+    let proxy = Proxy::start().await;
+    let s = Server::start_with_db(&[], &proxy.url());
+    let (key, org) = new_org(s.addr, "pro").await;
+    let r = post_event(s.addr, &key, "before", json!({}), None).await;
+    assert_eq!(r.status, 201, "{}", r.text());
+    let (addr, k) = (s.addr, key.clone());
+    let post =
+        tokio::spawn(async move { post_event(addr, &k, "unresolved", json!(1), None).await });
+    assert!(
+        proxy.pause_after_commit(Duration::from_secs(10)).await,
+        "no group commit went through the proxy"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    proxy.cut();
+    let r = post.await.unwrap();
+    proxy.restore();
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert_eq!(r.header("retry-after"), Some("1"));
+    let in_doubt = metric(&s, "triggers_write_batches_in_doubt_total").await;
+    let unresolved = metric(&s, "triggers_write_batches_unresolved_total").await;
+    assert_eq!((in_doubt, unresolved), (1.0, 1.0));
+    let stored = count(
+        &db().await,
+        &format!("SELECT count(*) FROM events WHERE org_id = '{org}' AND type = 'unresolved'"),
+    )
+    .await;
+    assert_eq!(stored, 1, "the COMMIT that went through is kept");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -105,6 +105,10 @@ pub struct Metrics {
     events_committed: AtomicU64,
     events_dropped: AtomicU64,
     write_batches: AtomicU64,
+    /// Group commits whose COMMIT went unanswered (written again to learn their outcome).
+    pub write_batches_in_doubt: AtomicU64,
+    /// Of those, the ones whose outcome stayed unknown (answered 503, perhaps stored).
+    pub write_batches_unresolved: AtomicU64,
     write_batch_events: Histogram,
     /// One group-commit transaction, from its first statement to COMMIT's answer.
     pub write_commit: Histogram,
@@ -240,6 +244,8 @@ impl Metrics {
                 .collect(),
             events_committed: AtomicU64::new(0),
             events_dropped: AtomicU64::new(0),
+            write_batches_in_doubt: AtomicU64::new(0),
+            write_batches_unresolved: AtomicU64::new(0),
             write_batches: AtomicU64::new(0),
             write_batch_events: Histogram::default(),
             write_commit: Histogram::default(),
@@ -339,6 +345,20 @@ impl Metrics {
             "Group-commit transactions.",
             "counter",
             load(&self.write_batches),
+        );
+        single(
+            &mut out,
+            "triggers_write_batches_in_doubt_total",
+            "Group-commit transactions whose COMMIT went out and got no answer (the connection ended): each is written again to learn whether it committed, and its events are answered as it did.",
+            "counter",
+            load(&self.write_batches_in_doubt),
+        );
+        single(
+            &mut out,
+            "triggers_write_batches_unresolved_total",
+            "Of those, the ones whose outcome stayed unknown (the database unreachable for 0.75 s after): their events were answered 503 and may be stored (a retry with a dedup_id is exact).",
+            "counter",
+            load(&self.write_batches_unresolved),
         );
         header(
             &mut out,

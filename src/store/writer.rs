@@ -357,6 +357,27 @@ async fn write_rows(
     rows: &[usize],
     deadline: Instant,
 ) -> Result<Vec<Ingested>, BatchError> {
+    let mut doubted = false;
+    let written = write_rows_in(ctx, encoder, batch, plan, rows, deadline, &mut doubted).await;
+    if doubted && written.is_err() {
+        // Its COMMIT went unanswered and what became of it stayed unknown.
+        ctx.metrics
+            .write_batches_unresolved
+            .fetch_add(1, Ordering::Relaxed);
+    }
+    written
+}
+
+/// [`write_rows`]; `doubted` is raised once a COMMIT went unanswered.
+async fn write_rows_in(
+    ctx: &StoreCtx,
+    encoder: &mut CopyEncoder,
+    batch: &[WriteJob],
+    plan: &BatchPlan,
+    rows: &[usize],
+    deadline: Instant,
+    doubted: &mut bool,
+) -> Result<Vec<Ingested>, BatchError> {
     let mut runs = 0;
     // The answers of a try whose COMMIT went out unanswered (its own events counted written):
     // they stand if a later try finds it committed.
@@ -411,6 +432,10 @@ async fn write_rows(
                     // is there already (waiting for a transaction still open) means it was.
                     if doubt.is_none() {
                         asking_until = deadline.min(Instant::now() + COMMIT_DOUBT_WAIT);
+                        *doubted = true;
+                        ctx.metrics
+                            .write_batches_in_doubt
+                            .fetch_add(1, Ordering::Relaxed);
                         tracing::warn!(
                             error = %describe(&e),
                             events = rows.len(),
