@@ -167,19 +167,13 @@ def new_org(port, name):
     return body["api_key"], body["organization_id"]
 
 
-class Load:
-    """Clients posting events at `rate`/s in all over `threads` keep-alive connections, spread over
-    `ports` (nodes). Each logical event has a dedup id and is retried until acknowledged or the
-    load stops; every answer is recorded with its time."""
+class Workers:
+    """`threads` threads, each running `self.work(i)` until `stop`."""
 
-    def __init__(self, ports, keys, rate, threads=8, fast=False):
-        self.ports, self.keys, self.rate, self.threads, self.fast = ports, keys, rate, threads, fast
+    def __init__(self, threads):
+        self.threads = threads
         self.stop_flag = threading.Event()
         self.lock = threading.Lock()
-        self.acked = {}          # dedup id -> event id
-        self.acked_at = {}       # dedup id -> when its acknowledgement came
-        self.answers = []        # (t_start, t_end, status)
-        self.stored_anyway = 0   # a retry found the first try stored (409 naming it)
         self.workers = [threading.Thread(target=self.work, args=(i,), daemon=True) for i in range(threads)]
 
     def start(self):
@@ -192,6 +186,20 @@ class Load:
         self.stop_flag.set()
         for w in self.workers:
             w.join()
+
+
+class Load(Workers):
+    """Clients posting events at `rate`/s in all over `threads` keep-alive connections, spread over
+    `ports` (nodes). Each logical event has a dedup id and is retried until acknowledged or the
+    load stops; every answer is recorded with its time."""
+
+    def __init__(self, ports, keys, rate, threads=8, fast=False):
+        self.ports, self.keys, self.rate, self.fast = ports, keys, rate, fast
+        self.acked = {}          # dedup id -> event id
+        self.acked_at = {}       # dedup id -> when its acknowledgement came
+        self.answers = []        # (t_start, t_end, status)
+        self.stored_anyway = 0   # a retry found the first try stored (409 naming it)
+        super().__init__(threads)
 
     def work(self, i):
         interval = self.threads / self.rate
@@ -751,7 +759,7 @@ def drill_blackhole(db, args):
     return r
 
 
-class Reader:
+class Reader(Workers):
     """Two clients reading what was acknowledged while the load runs, each over one keep-alive
     connection: an organization's inbox page of delivered events, then the first event of it by
     id, and an ack of it (delivered already: nothing left to deliver is parked). Every answer's
@@ -759,20 +767,11 @@ class Reader:
 
     def __init__(self, port, keys, threads=2):
         self.port, self.keys = port, keys
-        self.stop_flag = threading.Event()
-        self.lock = threading.Lock()
         self.counts = {}
-        self.workers = [threading.Thread(target=self.work, args=(i,), daemon=True) for i in range(threads)]
-
-    def start(self):
-        for w in self.workers:
-            w.start()
-        return self
+        super().__init__(threads)
 
     def stop(self):
-        self.stop_flag.set()
-        for w in self.workers:
-            w.join()
+        super().stop()
         return self.counts
 
     def get(self, conn, path, key, method="GET"):
