@@ -357,33 +357,13 @@ async fn write_rows(
     rows: &[usize],
     deadline: Instant,
 ) -> Result<Vec<Ingested>, BatchError> {
-    let mut doubted = false;
-    let written = write_rows_in(ctx, encoder, batch, plan, rows, deadline, &mut doubted).await;
-    if doubted && written.is_err() {
-        // Its COMMIT went unanswered and what became of it stayed unknown.
-        ctx.metrics
-            .write_batches_unresolved
-            .fetch_add(1, Ordering::Relaxed);
-    }
-    written
-}
-
-/// [`write_rows`]; `doubted` is raised once a COMMIT went unanswered.
-async fn write_rows_in(
-    ctx: &StoreCtx,
-    encoder: &mut CopyEncoder,
-    batch: &[WriteJob],
-    plan: &BatchPlan,
-    rows: &[usize],
-    deadline: Instant,
-    doubted: &mut bool,
-) -> Result<Vec<Ingested>, BatchError> {
     let mut runs = 0;
     // The answers of a try whose COMMIT went out unanswered (its own events counted written):
     // they stand if a later try finds it committed.
     let mut doubt: Option<Vec<Ingested>> = None;
     let mut asking_until = deadline;
-    loop {
+    let mut doubted = false;
+    let written = loop {
         let client = match tokio::time::timeout_at(deadline, ctx.writer_pool.get()).await {
             Ok(Ok(c)) => c,
             // In doubt, the database is asked for a while: it may be coming back.
@@ -393,13 +373,13 @@ async fn write_rows_in(
                 tokio::time::sleep(WRITE_RETRY_BACKOFF_MIN).await;
                 continue;
             }
-            Ok(Err(e)) => return Err(BatchError::Database(format!("no connection: {e}"))),
-            Err(_) => return Err(BatchError::Database("no connection in time".into())),
+            Ok(Err(e)) => break Err(BatchError::Database(format!("no connection: {e}"))),
+            Err(_) => break Err(BatchError::Database("no connection in time".into())),
         };
         runs += 1;
         let started = std::time::Instant::now();
         let work = write_rows_on(&client, encoder, batch, plan, rows);
-        return match tokio::time::timeout_at(deadline, work).await {
+        break match tokio::time::timeout_at(deadline, work).await {
             Ok(Ok(results)) => {
                 let took = started.elapsed();
                 ctx.metrics.write_commit.observe_us(took.as_micros() as u64);
@@ -424,7 +404,7 @@ async fn write_rows_in(
                         events = rows.len(),
                         "batch written by its unanswered COMMIT; not written again"
                     );
-                    return Ok(doubt.unwrap_or_default());
+                    break Ok(doubt.unwrap_or_default());
                 }
                 if let Some(answers) = sent {
                     // COMMIT went out and the connection ended: the batch may be written or not.
@@ -432,7 +412,7 @@ async fn write_rows_in(
                     // is there already (waiting for a transaction still open) means it was.
                     if doubt.is_none() {
                         asking_until = deadline.min(Instant::now() + COMMIT_DOUBT_WAIT);
-                        *doubted = true;
+                        doubted = true;
                         ctx.metrics
                             .write_batches_in_doubt
                             .fetch_add(1, Ordering::Relaxed);
@@ -462,7 +442,7 @@ async fn write_rows_in(
                     ctx.partitions_missing.notify_one();
                 }
                 if event_id_taken(&e) {
-                    return Err(BatchError::WrittenBefore);
+                    break Err(BatchError::WrittenBefore);
                 }
                 match fault(&e) {
                     Fault::Data => Err(BatchError::Data(describe(&e))),
@@ -477,7 +457,14 @@ async fn write_rows_in(
                 )))
             }
         };
+    };
+    if doubted && written.is_err() {
+        // Its COMMIT went unanswered and what became of it stayed unknown.
+        ctx.metrics
+            .write_batches_unresolved
+            .fetch_add(1, Ordering::Relaxed);
     }
+    written
 }
 
 /// What the events table stores of an event's plan.
