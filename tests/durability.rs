@@ -1089,6 +1089,59 @@ async fn deliveries_of_a_claim_whose_answer_was_lost_wait_no_lease() {
     each_received_times(&recv, &ids, 1);
 }
 
+/// The same for the rows a claim leases by themselves (a recovered delivery's new round, a retry
+/// handed back): their lease's end names the claim, and the next take-over makes them due again,
+/// so each is delivered within seconds, once. (Before, they waited out the lease: 20 s here.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_of_a_claim_whose_answer_was_lost_wait_no_lease() {
+    let proxy = Proxy::start().await;
+    let recv = Receiver::start(|_, _| Answer::status(503)).await;
+    let args = [
+        "--allow-private-webhooks",
+        "--delivery-poll-ms",
+        "200",
+        "--delivery-lease-s",
+        "20",
+        "--retry-schedule",
+        "",
+    ];
+    let url = own_database("triggers_test_claim_lost_rows").await;
+    let s = Server::start_with_db(&args, &proxy.url_to(&url));
+    let (key, _) = new_org(s.addr, "pro").await;
+    let ep = create_endpoint(s.addr, &key, json!({"url": recv.url("/")})).await;
+    let ids = create_events(s.addr, &key, 5, "t").await;
+    for id in &ids {
+        wait_status(s.addr, &key, id, "failed", Duration::from_secs(10)).await;
+    }
+    recv.set_script(|_, _| Answer::status(200));
+    proxy.mode.store(9, Ordering::SeqCst);
+    let path = format!("/api/endpoints/{}/recover", ep["id"].as_str().unwrap());
+    let since = json!({"since": "2020-01-01T00:00:00Z"});
+    let r = post(s.addr, &key, &path, &since).await;
+    assert_eq!(r.status, 202, "{}", r.text());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while proxy.mode.load(Ordering::SeqCst) == 9 {
+        assert!(Instant::now() < deadline, "no claim took the deliveries");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    proxy.cut();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    proxy.restore();
+    let started = Instant::now();
+    recv.wait_until(Duration::from_secs(20), |r| {
+        ids.iter()
+            .all(|id| r.iter().any(|x| x.event_id() == *id && x.answered == 200))
+    })
+    .await;
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    each_received_times(&recv, &ids, 2);
+}
+
 /// A read whose connection turned out to be gone is run once more on another: a key this node
 /// has not seen, first used just after its connections were reset (the database up), is looked
 /// up again and its event taken. (Before, 503 for the database's trouble, which it was not.)

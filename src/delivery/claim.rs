@@ -111,8 +111,17 @@ const DUE_FOR: &str = "\
 /// itself, with few events of the derived status in its statistics (an ingest-only load), it
 /// scanned the whole events table at every poll to find none (86 ms at 486k events, growing with
 /// the table), and its generic plan read the whole attempt log for any batch taken over.
+///
+/// First, the rows that claims whose answer was lost leased by themselves (`CLAIM`'s `again`:
+/// `next_attempt_at` and `lease_until` both the lease's end, one of `$4`) are made due now:
+/// nothing in memory holds them, and the lease's end, to the microsecond, names the claim.
+/// Gated on `$4` holding any (a one-time filter: no partition is scanned for none).
 const TAKE_OVER: &str = "\
-    WITH b AS ( \
+    WITH due_again AS ( \
+        UPDATE deliveries SET next_attempt_at = $1, lease_until = NULL \
+        WHERE cardinality($4::timestamptz[]) > 0 AND next_attempt_at = ANY($4) \
+          AND lease_until = next_attempt_at), \
+    b AS ( \
         DELETE FROM delivery_batches WHERE id IN ( \
             SELECT id FROM delivery_batches WHERE lease_until < $1 OR members_until < $1 \
             ORDER BY coalesce(members_until, lease_until) LIMIT $2 FOR UPDATE SKIP LOCKED) \
@@ -306,6 +315,7 @@ async fn renew(shared: &Shared) -> Result<(), String> {
 /// Take over expired batches; returns how many deliveries became due rows.
 async fn take_over(shared: &Shared) -> Result<u64, String> {
     let now = Micros::now().to_system_time();
+    let lost = shared.leases_lost();
     let work = async {
         let client = shared.pool.get().await.map_err(|e| e.to_string())?;
         let stmt = client
@@ -313,13 +323,17 @@ async fn take_over(shared: &Shared) -> Result<u64, String> {
             .await
             .map_err(|e| describe(&e))?;
         client
-            .execute(&stmt, &[&now, &TAKE_OVER_BATCHES, &STATUS_DERIVED])
+            .execute(&stmt, &[&now, &TAKE_OVER_BATCHES, &STATUS_DERIVED, &lost])
             .await
             .map_err(|e| describe(&e))
     };
-    tokio::time::timeout(shared.db_timeout(), work)
+    let taken = tokio::time::timeout(shared.db_timeout(), work)
         .await
-        .map_err(|_| "database deadline passed".to_string())?
+        .unwrap_or_else(|_| Err("database deadline passed".to_string()));
+    if taken.is_err() {
+        shared.leases_lost_again(lost);
+    }
+    taken
 }
 
 /// Claim up to `limit` due rows into memory; returns how many were claimed, and the endpoints
@@ -353,9 +367,11 @@ async fn claim(
         .await;
         if committed.as_ref().is_err_and(connection_lost) {
             // The connection ended once COMMIT went out: the claim may have committed. Its
-            // batch row, if it did, expires at the next renewal, so what it leased is taken
-            // over now, not when the lease ends.
+            // batch row, if it did, expires at the next renewal, and the rows it leased by
+            // themselves (retries, new rounds) are made due at the next take-over, so what it
+            // took is taken again now, not when the lease ends.
             shared.expire_batch(batch_id);
+            shared.lease_lost(held_at);
         }
         begun.map_err(|e| describe(&e))?;
         let rows = rows.map_err(|e| describe(&e))?;

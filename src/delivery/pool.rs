@@ -73,6 +73,7 @@ impl Delivery {
             batches: Mutex::new(HashMap::new()),
             finished: Mutex::new(Vec::new()),
             expire: Mutex::new(Vec::new()),
+            lost_leases: Mutex::new(Vec::new()),
             recorder: recorder_tx,
             looks: looks_tx,
             wake: Notify::new(),

@@ -65,6 +65,9 @@ pub(super) struct Shared {
     pub(super) finished: Mutex<Vec<Uuid>>,
     /// Batch rows this node let go of: expired by the claimer, so any node takes them over now.
     pub(super) expire: Mutex<Vec<Uuid>>,
+    /// The ends of the row leases of claims whose answer was lost (they may have committed):
+    /// the rows still leased so are made due by the next take-over, so no lease is waited out.
+    pub(super) lost_leases: Mutex<Vec<std::time::SystemTime>>,
     pub(super) recorder: mpsc::Sender<Outcome>,
     /// Looks of deliveries that waited, answered in batches (`owed`).
     pub(super) looks: mpsc::UnboundedSender<Look>,
@@ -511,6 +514,25 @@ impl Shared {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .push(id);
+    }
+
+    /// The claim whose row leases end at `until` may have committed, and no delivery of it is in
+    /// memory: its rows are made due at the next take-over.
+    pub(super) fn lease_lost(&self, until: std::time::SystemTime) {
+        self.leases_lost_again(vec![until]);
+    }
+
+    /// The lease ends [`Shared::lease_lost`] gathered, taken for a take-over.
+    pub(super) fn leases_lost(&self) -> Vec<std::time::SystemTime> {
+        std::mem::take(&mut *self.lost_leases.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Lease ends taken for a take-over that failed: kept for the next one.
+    pub(super) fn leases_lost_again(&self, until: Vec<std::time::SystemTime>) {
+        self.lost_leases
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend(until);
     }
 
     /// A delivery of `batch` is no longer covered by it; the last one queues the row's deletion.

@@ -349,14 +349,14 @@ impl Metrics {
         single(
             &mut out,
             "triggers_write_batches_in_doubt_total",
-            "Group-commit transactions whose COMMIT went out and got no answer (the connection ended): each is written again to learn whether it committed, and its events are answered as it did.",
+            "Group commits whose COMMIT got no answer (the connection ended): each written again to learn if it committed.",
             "counter",
             load(&self.write_batches_in_doubt),
         );
         single(
             &mut out,
             "triggers_write_batches_unresolved_total",
-            "Of those, the ones whose outcome stayed unknown (the database unreachable for 0.75 s after): their events were answered 503 and may be stored (a retry with a dedup_id is exact).",
+            "Of those, the ones whose outcome stayed unknown: their events were answered 503 and may be stored.",
             "counter",
             load(&self.write_batches_unresolved),
         );
