@@ -97,6 +97,15 @@ pub const CLAIM: &str = "\
 /// [`CLAIM`]), for this transaction only.
 pub const CLAIM_BEGIN: &str = "BEGIN; SET LOCAL plan_cache_mode = force_generic_plan";
 
+/// Put ahead of [`TAKE_OVER`]'s own when claims' answers were lost: the rows those claims leased
+/// by themselves (`CLAIM`'s `again`: `next_attempt_at` and `lease_until` both the lease's end,
+/// one of `$4`) are made due now. Nothing in memory holds them, and the lease's end, to the
+/// microsecond, names the claim.
+const DUE_AGAIN: &str = "\
+    WITH due_again AS ( \
+        UPDATE deliveries SET next_attempt_at = $1, lease_until = NULL \
+        WHERE next_attempt_at = ANY($4) AND lease_until = next_attempt_at), ";
+
 /// Whether any of these endpoints has a delivery due.
 const DUE_FOR: &str = "\
     SELECT EXISTS (SELECT 1 FROM deliveries WHERE next_attempt_at <= $1 AND endpoint_id = ANY($2))";
@@ -111,17 +120,8 @@ const DUE_FOR: &str = "\
 /// itself, with few events of the derived status in its statistics (an ingest-only load), it
 /// scanned the whole events table at every poll to find none (86 ms at 486k events, growing with
 /// the table), and its generic plan read the whole attempt log for any batch taken over.
-///
-/// First, the rows that claims whose answer was lost leased by themselves (`CLAIM`'s `again`:
-/// `next_attempt_at` and `lease_until` both the lease's end, one of `$4`) are made due now:
-/// nothing in memory holds them, and the lease's end, to the microsecond, names the claim.
-/// Gated on `$4` holding any (a one-time filter: no partition is scanned for none).
 const TAKE_OVER: &str = "\
-    WITH due_again AS ( \
-        UPDATE deliveries SET next_attempt_at = $1, lease_until = NULL \
-        WHERE cardinality($4::timestamptz[]) > 0 AND next_attempt_at = ANY($4) \
-          AND lease_until = next_attempt_at), \
-    b AS ( \
+    WITH b AS ( \
         DELETE FROM delivery_batches WHERE id IN ( \
             SELECT id FROM delivery_batches WHERE lease_until < $1 OR members_until < $1 \
             ORDER BY coalesce(members_until, lease_until) LIMIT $2 FOR UPDATE SKIP LOCKED) \
@@ -316,14 +316,19 @@ async fn renew(shared: &Shared) -> Result<(), String> {
 async fn take_over(shared: &Shared) -> Result<u64, String> {
     let now = Micros::now().to_system_time();
     let lost = shared.leases_lost();
+    let (sql, n) = match lost.is_empty() {
+        true => (std::borrow::Cow::Borrowed(TAKE_OVER), 3),
+        false => (TAKE_OVER.replacen("WITH ", DUE_AGAIN, 1).into(), 4),
+    };
     let work = async {
         let client = shared.pool.get().await.map_err(|e| e.to_string())?;
         let stmt = client
-            .prepare_cached(TAKE_OVER)
+            .prepare_cached(&sql)
             .await
             .map_err(|e| describe(&e))?;
+        let params: [&(dyn ToSql + Sync); 4] = [&now, &TAKE_OVER_BATCHES, &STATUS_DERIVED, &lost];
         client
-            .execute(&stmt, &[&now, &TAKE_OVER_BATCHES, &STATUS_DERIVED, &lost])
+            .execute(&stmt, &params[..n])
             .await
             .map_err(|e| describe(&e))
     };
