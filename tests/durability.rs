@@ -239,21 +239,10 @@ impl Proxy {
         self.mode.store(0, Ordering::SeqCst);
     }
 
-    /// Pass until a group commit's COMMIT has gone to PostgreSQL, then hold everything (its
-    /// answer too); whether that happened within `limit`.
-    async fn pause_after_commit(&self, limit: Duration) -> bool {
-        self.pause_from(3, limit).await
-    }
-
-    /// Pass until a binary COPY's rows come, then hold everything, those rows first; whether
-    /// that happened within `limit`.
-    async fn pause_mid_copy(&self, limit: Duration) -> bool {
-        self.pause_from(4, limit).await
-    }
-
-    /// Set `mode`; whether it turned into a pause within `limit`.
-    async fn pause_from(&self, mode: u8, limit: Duration) -> bool {
-        self.mode.store(mode, Ordering::SeqCst);
+    /// Whether `mode` (3, 4, 5, 6, 7 or 9: each turns into a pause once what it waits for went
+    /// through), set before the request that makes it go, turned into a pause within `limit`.
+    /// (Set before, not after: the request could go through first, most often under load.)
+    async fn paused_from(&self, mode: u8, limit: Duration) -> bool {
         let deadline = Instant::now() + limit;
         while self.mode.load(Ordering::SeqCst) == mode {
             if Instant::now() > deadline {
@@ -344,7 +333,7 @@ async fn pump(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn database_outage_answers_503_within_a_second_and_recovers() {
     let proxy = Proxy::start().await;
-    let s = Server::start_with_db(&[], &proxy.url());
+    let s = Server::process_with_db(&[], &proxy.url());
     let (key, _) = new_org(s.addr, "enterprise").await;
     assert_eq!(
         post_event(s.addr, &key, "t", json!(1), None).await.status,
@@ -402,7 +391,7 @@ async fn a_probe_write_slower_than_the_connect_timeout_is_not_an_outage() {
     let url = own_database("triggers_test_slow_probe").await;
     // Long enough for a connection and a query on a busy test machine; shorter than the wait.
     let connect_timeout = Duration::from_millis(1000);
-    let s = Server::start_with_db(&["--db-connect-timeout-ms", "1000"], &url);
+    let s = Server::process_with_db(&["--db-connect-timeout-ms", "1000"], &url);
     let (key, _) = new_org(s.addr, "enterprise").await;
     let holder = db_at(&url).await;
     holder
@@ -454,7 +443,7 @@ async fn a_full_write_queue_answers_503_at_once() {
     // With the database stalled, the writers can't drain the queue: once it is full, requests are
     // refused immediately instead of piling up in memory.
     let proxy = Proxy::start().await;
-    let s = Server::start_with_db(
+    let s = Server::process_with_db(
         &[
             "--write-queue-events-max",
             "8",
@@ -851,7 +840,7 @@ async fn a_full_disk_is_a_503_and_loses_nothing() {
         return;
     };
     let url = disk.database("triggers").await;
-    let s = Server::start_with_db(&["--allow-private-webhooks"], &url);
+    let s = Server::process_with_db(&["--allow-private-webhooks"], &url);
     let (key, org) = new_org(s.addr, "enterprise").await;
     let mut acked = Vec::new();
     for n in 0..3 {
@@ -920,7 +909,7 @@ async fn a_full_disk_is_a_503_and_loses_nothing() {
 async fn a_fast_ack_batch_whose_commit_answer_was_lost_is_not_written_twice_nor_dropped() {
     let proxy = Proxy::start().await;
     let recv = Receiver::start(|_, _| Answer::status(200)).await;
-    let s = Server::start_with_db(&["--ack", "fast", "--allow-private-webhooks"], &proxy.url());
+    let s = Server::process_with_db(&["--ack", "fast", "--allow-private-webhooks"], &proxy.url());
     let (key, _) = new_org(s.addr, "pro").await;
     create_endpoint(s.addr, &key, json!({"url": recv.url("/")})).await;
     let r = post_event(s.addr, &key, "lost-answer", json!({"n": 1}), None).await;
@@ -937,11 +926,13 @@ async fn a_fast_ack_batch_whose_commit_answer_was_lost_is_not_written_twice_nor_
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 
+    // Set before the event is posted: its batch may be written before the answer is read.
+    proxy.mode.store(3, Ordering::SeqCst);
     let r = post_event(s.addr, &key, "lost-answer", json!({"n": 2}), None).await;
     assert_eq!(r.status, 202, "{}", r.text());
     let id = r.json()["id"].as_str().unwrap().to_string();
     assert!(
-        proxy.pause_after_commit(Duration::from_secs(10)).await,
+        proxy.paused_from(3, Duration::from_secs(10)).await,
         "no group commit went through the proxy"
     );
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -995,7 +986,7 @@ async fn a_fast_ack_batch_whose_commit_answer_was_lost_is_not_written_twice_nor_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_reset_with_the_database_up_are_no_outage() {
     let proxy = Proxy::start().await;
-    let s = Server::start_with_db(&[], &proxy.url());
+    let s = Server::process_with_db(&[], &proxy.url());
     let (key, org) = new_org(s.addr, "pro").await;
     let mut stored = 0;
     for round in 0..2 {
@@ -1049,7 +1040,7 @@ async fn deliveries_of_a_claim_whose_answer_was_lost_wait_no_lease() {
     ];
     // A database of its own: no other test's deliveries in the claims.
     let url = own_database("triggers_test_claim_lost").await;
-    let s = Server::start_with_db(&args, &proxy.url_to(&url));
+    let s = Server::process_with_db(&args, &proxy.url_to(&url));
     let (key, _) = new_org(s.addr, "pro").await;
     let ep = create_endpoint(s.addr, &key, json!({"url": recv.url("/")})).await;
     let path = format!("/api/endpoints/{}", ep["id"].as_str().unwrap());
@@ -1106,7 +1097,7 @@ async fn retries_of_a_claim_whose_answer_was_lost_wait_no_lease() {
         "",
     ];
     let url = own_database("triggers_test_claim_lost_rows").await;
-    let s = Server::start_with_db(&args, &proxy.url_to(&url));
+    let s = Server::process_with_db(&args, &proxy.url_to(&url));
     let (key, _) = new_org(s.addr, "pro").await;
     let ep = create_endpoint(s.addr, &key, json!({"url": recv.url("/")})).await;
     let ids = create_events(s.addr, &key, 5, "t").await;
@@ -1148,7 +1139,7 @@ async fn retries_of_a_claim_whose_answer_was_lost_wait_no_lease() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_key_looked_up_on_a_reset_connection_is_looked_up_again() {
     let proxy = Proxy::start().await;
-    let a = Server::start_with_db(&[], &proxy.url());
+    let a = Server::process_with_db(&[], &proxy.url());
     let (key, _) = new_org(a.addr, "pro").await;
     let r = post_event(a.addr, &key, "warm", json!({}), None).await;
     assert_eq!(r.status, 201, "{}", r.text());
@@ -1174,7 +1165,7 @@ async fn a_key_looked_up_on_a_reset_connection_is_looked_up_again() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reads_on_reset_connections_are_read_again() {
     let proxy = Proxy::start().await;
-    let s = Server::start_with_db(&["--allow-private-webhooks"], &proxy.url());
+    let s = Server::process_with_db(&["--allow-private-webhooks"], &proxy.url());
     let (key, _) = new_org(s.addr, "pro").await;
     let ids = create_events(s.addr, &key, 2, "t").await;
     let ep = create_endpoint(s.addr, &key, json!({"url": "http://127.0.0.1:9/hook"})).await;
@@ -1250,7 +1241,7 @@ async fn reads_on_reset_connections_are_read_again() {
 async fn changes_whose_connection_was_gone_at_begin_run_again() {
     let proxy = Proxy::start().await;
     let recv = Receiver::start(|_, _| Answer::status(200)).await;
-    let s = Server::start_with_db(&["--allow-private-webhooks"], &proxy.url());
+    let s = Server::process_with_db(&["--allow-private-webhooks"], &proxy.url());
     let (key, _) = new_org(s.addr, "pro").await;
     let send = |method: &'static str, path: String, body: Option<serde_json::Value>| {
         let (addr, key, proxy) = (s.addr, key.clone(), &proxy);
@@ -1315,18 +1306,20 @@ async fn changes_whose_connection_was_gone_at_begin_run_again() {
 /// client without a dedup id that retried the committed one stored it twice.)
 async fn a_durable_batch_whose_commit_went_unanswered(committed: bool, dedup: Option<&str>) {
     let proxy = Proxy::start().await;
-    let s = Server::start_with_db(&[], &proxy.url());
+    let s = Server::process_with_db(&[], &proxy.url());
     let (key, org) = new_org(s.addr, "pro").await;
     let r = post_event(s.addr, &key, "before", json!({}), None).await;
     assert_eq!(r.status, 201, "{}", r.text());
 
     let (addr, k, d) = (s.addr, key.clone(), dedup.map(str::to_string));
+    // Each mode is set before the request goes, so its batch can't pass before it.
+    let mode = if committed { 3 } else { 7 };
+    proxy.mode.store(mode, Ordering::SeqCst);
     let post = tokio::spawn(async move {
         post_event(addr, &k, "in-doubt", json!({"n": 1}), d.as_deref()).await
     });
-    let mode = if committed { 3 } else { 7 };
     assert!(
-        proxy.pause_from(mode, Duration::from_secs(10)).await,
+        proxy.paused_from(mode, Duration::from_secs(10)).await,
         "no group commit went through the proxy"
     );
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -1367,15 +1360,16 @@ async fn a_durable_batch_whose_commit_went_unanswered(committed: bool, dedup: Op
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_in_doubt_past_the_wait_is_answered_503_and_counted() {
     let proxy = Proxy::start().await;
-    let s = Server::start_with_db(&[], &proxy.url());
+    let s = Server::process_with_db(&[], &proxy.url());
     let (key, org) = new_org(s.addr, "pro").await;
     let r = post_event(s.addr, &key, "before", json!({}), None).await;
     assert_eq!(r.status, 201, "{}", r.text());
     let (addr, k) = (s.addr, key.clone());
+    proxy.mode.store(3, Ordering::SeqCst);
     let post =
         tokio::spawn(async move { post_event(addr, &k, "unresolved", json!(1), None).await });
     assert!(
-        proxy.pause_after_commit(Duration::from_secs(10)).await,
+        proxy.paused_from(3, Duration::from_secs(10)).await,
         "no group commit went through the proxy"
     );
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -1418,7 +1412,7 @@ async fn a_durable_event_whose_commit_never_arrived_is_written_again() {
 async fn an_outcome_without_an_answer_is_not_delivered_again(hold: u8) {
     let proxy = Proxy::start().await;
     let recv = Receiver::start(|_, _| Answer::status(200)).await;
-    let s = Server::start_with_db(
+    let s = Server::process_with_db(
         &[
             "--allow-private-webhooks",
             "--db-timeout-ms",
@@ -1447,9 +1441,10 @@ async fn an_outcome_without_an_answer_is_not_delivered_again(hold: u8) {
     }
 
     let (addr, k) = (s.addr, key.clone());
+    proxy.mode.store(hold, Ordering::SeqCst);
     let post = tokio::spawn(async move { post_event(addr, &k, "t", json!({"n": 2}), None).await });
     assert!(
-        proxy.pause_from(hold, Duration::from_secs(10)).await,
+        proxy.paused_from(hold, Duration::from_secs(10)).await,
         "no recorder's transaction went through the proxy"
     );
     let r = post.await.unwrap();
@@ -1503,12 +1498,13 @@ async fn a_session_left_mid_copy_by_a_stopped_node_is_ended_by_another() {
     let url = own_database("triggers_test_stalled_copy").await;
     let proxy = Proxy::start().await;
     let fast = ["--db-timeout-ms", "1000"];
-    let a = Server::start_with_db(&fast, &proxy.url_to(&url));
+    let a = Server::process_with_db(&fast, &proxy.url_to(&url));
     let (key, _) = new_org(a.addr, "pro").await;
     let (addr, k) = (a.addr, key.clone());
+    proxy.mode.store(4, Ordering::SeqCst);
     let stuck = tokio::spawn(async move { post_event(addr, &k, "t", json!(1), None).await });
     assert!(
-        proxy.pause_mid_copy(Duration::from_secs(5)).await,
+        proxy.paused_from(4, Duration::from_secs(5)).await,
         "no COPY went through the proxy"
     );
     let r = stuck.await.unwrap();
@@ -1521,7 +1517,7 @@ async fn a_session_left_mid_copy_by_a_stopped_node_is_ended_by_another() {
         1,
         "the COPY waits for its rows"
     );
-    let b = Server::start_with_db(&fast, &url);
+    let b = Server::process_with_db(&fast, &url);
     let deadline = Instant::now() + Duration::from_secs(15);
     while count(&client, stalled).await > 0 {
         assert!(
