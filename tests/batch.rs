@@ -286,7 +286,7 @@ async fn a_read_only_database_answers_503_not_the_clients_fault() {
     // A database of its own: the others' servers keep writing to theirs.
     let name = "triggers_test_read_only";
     let url = own_database(name).await;
-    let s = Server::start_with_db(&[], &url);
+    let s = Server::process_with_db(&[], &url);
     let (key, _) = new_org(s.addr, "pro").await;
     let events = json!([{"type": "a", "payload": 1}, {"type": "b", "payload": 2, "dedup_id": "x"}]);
     set_read_only(name, true).await;
@@ -329,7 +329,7 @@ async fn a_read_only_database_answers_503_not_the_clients_fault() {
 #[tokio::test]
 async fn a_deadlock_victims_batch_is_written_again_not_answered_503() {
     let url = own_database("triggers_test_rerun").await;
-    let s = Server::start_with_db(&[], &url);
+    let s = Server::process_with_db(&[], &url);
     let (key, _) = new_org(s.addr, "pro").await;
     // The first insert into events is refused as a deadlock's victim would be.
     deadlock_victim_once(&url, "events").await;
@@ -353,7 +353,7 @@ async fn a_deadlock_victims_batch_is_written_again_not_answered_503() {
 #[tokio::test]
 async fn a_writers_connection_ended_before_commit_is_written_again_not_answered_503() {
     let url = own_database("triggers_test_writer_reconnect").await;
-    let s = Server::start_with_db(&[], &url);
+    let s = Server::process_with_db(&[], &url);
     let (key, _) = new_org(s.addr, "pro").await;
     // The backend writing the first event is terminated mid-transaction: nothing of it was
     // committed, and the writer's other connections (and the database) are fine.
