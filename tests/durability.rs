@@ -1023,6 +1023,43 @@ async fn connections_reset_with_the_database_up_are_no_outage() {
     );
 }
 
+/// A node behind a proxy on a database of its own (no other test's deliveries in its claims),
+/// polling every 200 ms with 20 s leases (and `extra`), with an organization and an endpoint at
+/// `recv`: (the node, its key, the endpoint's path).
+async fn node_with_long_leases(
+    proxy: &Proxy,
+    database: &str,
+    recv: &Receiver,
+    extra: &[&str],
+) -> (Server, String, String) {
+    let mut args = vec![
+        "--allow-private-webhooks",
+        "--delivery-poll-ms",
+        "200",
+        "--delivery-lease-s",
+        "20",
+    ];
+    args.extend(extra);
+    let url = own_database(database).await;
+    let s = Server::process_with_db(&args, &proxy.url_to(&url));
+    let (key, _) = new_org(s.addr, "pro").await;
+    let ep = create_endpoint(s.addr, &key, json!({"url": recv.url("/")})).await;
+    let path = format!("/api/endpoints/{}", ep["id"].as_str().unwrap());
+    (s, key, path)
+}
+
+/// Once the claim that mode 9 (set before what makes it claim) waits for has taken rows and its
+/// answer (COMMIT's with it) is held, end every connection, so that answer is lost.
+async fn lose_the_claims_answer(proxy: &Proxy) {
+    assert!(
+        proxy.paused_from(9, Duration::from_secs(10)).await,
+        "no claim took the deliveries"
+    );
+    proxy.cut();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    proxy.restore();
+}
+
 /// A delivery claim whose answer was lost with its connection, COMMIT's included, may have
 /// committed: its batch row is expired at the next lease renewal, so what it leased is taken
 /// over and delivered within seconds, once, not when its lease ends. (Before, the deliveries
@@ -1031,19 +1068,8 @@ async fn connections_reset_with_the_database_up_are_no_outage() {
 async fn deliveries_of_a_claim_whose_answer_was_lost_wait_no_lease() {
     let proxy = Proxy::start().await;
     let recv = Receiver::start(|_, _| Answer::status(200)).await;
-    let args = [
-        "--allow-private-webhooks",
-        "--delivery-poll-ms",
-        "200",
-        "--delivery-lease-s",
-        "20",
-    ];
-    // A database of its own: no other test's deliveries in the claims.
-    let url = own_database("triggers_test_claim_lost").await;
-    let s = Server::process_with_db(&args, &proxy.url_to(&url));
-    let (key, _) = new_org(s.addr, "pro").await;
-    let ep = create_endpoint(s.addr, &key, json!({"url": recv.url("/")})).await;
-    let path = format!("/api/endpoints/{}", ep["id"].as_str().unwrap());
+    let (s, key, path) =
+        node_with_long_leases(&proxy, "triggers_test_claim_lost", &recv, &[]).await;
     assert_eq!(
         post_empty(s.addr, &key, &format!("{path}/pause"))
             .await
@@ -1064,14 +1090,7 @@ async fn deliveries_of_a_claim_whose_answer_was_lost_wait_no_lease() {
             .status,
         200
     );
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while proxy.mode.load(Ordering::SeqCst) == 9 {
-        assert!(Instant::now() < deadline, "no claim took the deliveries");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    proxy.cut();
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    proxy.restore();
+    lose_the_claims_answer(&proxy).await;
     let started = Instant::now();
     each_received(&recv, &ids).await;
     assert!(started.elapsed() < Duration::from_secs(10));
@@ -1087,37 +1106,20 @@ async fn deliveries_of_a_claim_whose_answer_was_lost_wait_no_lease() {
 async fn retries_of_a_claim_whose_answer_was_lost_wait_no_lease() {
     let proxy = Proxy::start().await;
     let recv = Receiver::start(|_, _| Answer::status(503)).await;
-    let args = [
-        "--allow-private-webhooks",
-        "--delivery-poll-ms",
-        "200",
-        "--delivery-lease-s",
-        "20",
-        "--retry-schedule",
-        "",
-    ];
-    let url = own_database("triggers_test_claim_lost_rows").await;
-    let s = Server::process_with_db(&args, &proxy.url_to(&url));
-    let (key, _) = new_org(s.addr, "pro").await;
-    let ep = create_endpoint(s.addr, &key, json!({"url": recv.url("/")})).await;
+    // No retry: each first attempt's failure is the delivery's last.
+    let no_retry = ["--retry-schedule", ""];
+    let (s, key, path) =
+        node_with_long_leases(&proxy, "triggers_test_claim_lost_rows", &recv, &no_retry).await;
     let ids = create_events(s.addr, &key, 5, "t").await;
     for id in &ids {
         wait_status(s.addr, &key, id, "failed", Duration::from_secs(10)).await;
     }
     recv.set_script(|_, _| Answer::status(200));
     proxy.mode.store(9, Ordering::SeqCst);
-    let path = format!("/api/endpoints/{}/recover", ep["id"].as_str().unwrap());
     let since = json!({"since": "2020-01-01T00:00:00Z"});
-    let r = post(s.addr, &key, &path, &since).await;
+    let r = post(s.addr, &key, &format!("{path}/recover"), &since).await;
     assert_eq!(r.status, 202, "{}", r.text());
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while proxy.mode.load(Ordering::SeqCst) == 9 {
-        assert!(Instant::now() < deadline, "no claim took the deliveries");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    proxy.cut();
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    proxy.restore();
+    lose_the_claims_answer(&proxy).await;
     let started = Instant::now();
     recv.wait_until(Duration::from_secs(20), |r| {
         ids.iter()
