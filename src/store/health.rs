@@ -19,7 +19,7 @@ use crate::config::{
     Config, CLOCK_OFFSET_WARN, CLOCK_STEP_CHECK_EVERY, HEALTH_PROBE_EVERY_DOWN,
     HEALTH_PROBE_EVERY_UP,
 };
-use crate::db::{describe, pg_config, Part};
+use crate::db::{connection_lost, describe, pg_config, Part};
 use crate::ids::Micros;
 
 /// Probe until aborted at shutdown.
@@ -36,7 +36,7 @@ pub async fn probe(ctx: Arc<StoreCtx>) {
         let mut reached = false;
         let had = conn.as_ref().is_some_and(|c| !c.is_closed());
         let mut result = check(&ctx, &mut conn, &mut reached).await;
-        if result.is_err() && had && conn.as_ref().is_some_and(|c| c.is_closed()) {
+        if result.is_err() && had && conn.as_ref().is_none_or(|c| c.is_closed()) {
             // Its own connection ended (a pooler restarted, connections reset): a new one says
             // whether the database did.
             result = check(&ctx, &mut conn, &mut reached).await;
@@ -86,14 +86,13 @@ async fn check(
         return Err("the database is read-only".into());
     }
     let write = Config::ms(ctx.config.db_timeout_ms);
-    tokio::time::timeout(
+    let written = tokio::time::timeout(
         write,
         client.execute("UPDATE triggers_probe SET at = now() WHERE id = 1", &[]),
     )
     .await
-    .map_err(|_| "the probe's write did not commit in time".to_string())?
-    .map_err(|e| describe(&e))?;
-    Ok(())
+    .map_err(|_| "the probe's write did not commit in time".to_string())?;
+    written.map(drop).map_err(|e| lost(conn, &e))
 }
 
 /// Connect if needed, then ask whether the database is in recovery and whether it is read-only;
@@ -112,20 +111,33 @@ async fn ask<'a>(
     }
     let client = conn.as_ref().expect("connected above");
     let sent = Micros::now();
-    let row = client
+    let row = match client
         .query_one(
             "SELECT pg_is_in_recovery(), current_setting('transaction_read_only') = 'on', \
              (extract(epoch FROM clock_timestamp()) * 1000000)::bigint",
             &[],
         )
         .await
-        .map_err(|e| describe(&e))?;
+    {
+        Ok(row) => row,
+        Err(e) => return Err(lost(conn, &e)),
+    };
+    let client = conn.as_ref().expect("connected above");
     let answered = Micros::now();
     record_clock_offset(
         ctx,
         sent.0 + (answered.0 - sent.0) / 2 - row.get::<_, i64>(2),
     );
     Ok((client, row.get(0), row.get(1)))
+}
+
+/// The probe's error `e`; a connection that ended is dropped at once (its client may not say
+/// it is closed yet), so the probe asks again on a new one.
+fn lost(conn: &mut Option<Client>, e: &tokio_postgres::Error) -> String {
+    if connection_lost(e) {
+        *conn = None;
+    }
+    describe(e)
 }
 
 /// Record this node's clock less the database's (the database read its clock between a query's
