@@ -1135,17 +1135,24 @@ async fn retries_of_a_claim_whose_answer_was_lost_wait_no_lease() {
     each_received_times(&recv, &ids, 2);
 }
 
+/// A node behind `proxy` with an organization whose first event went through it (201): (the
+/// node, its key, the organization, that event's id).
+async fn proxied_node(proxy: &Proxy) -> (Server, String, String, String) {
+    let s = Server::process_with_db(&[], &proxy.url());
+    let (key, org) = new_org(s.addr, "pro").await;
+    let r = post_event(s.addr, &key, "before", json!({}), None).await;
+    assert_eq!(r.status, 201, "{}", r.text());
+    let id = r.json()["id"].as_str().unwrap().to_string();
+    (s, key, org, id)
+}
+
 /// A read whose connection turned out to be gone is run once more on another: a key this node
 /// has not seen, first used just after its connections were reset (the database up), is looked
 /// up again and its event taken. (Before, 503 for the database's trouble, which it was not.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_key_looked_up_on_a_reset_connection_is_looked_up_again() {
     let proxy = Proxy::start().await;
-    let a = Server::process_with_db(&[], &proxy.url());
-    let (key, _) = new_org(a.addr, "pro").await;
-    let r = post_event(a.addr, &key, "warm", json!({}), None).await;
-    assert_eq!(r.status, 201, "{}", r.text());
-    let id = r.json()["id"].as_str().unwrap().to_string();
+    let (a, key, _, id) = proxied_node(&proxy).await;
     assert_eq!(
         get(a.addr, &key, &format!("/api/events/{id}")).await.status,
         200
@@ -1320,10 +1327,7 @@ async fn changes_whose_connection_was_gone_at_begin_run_again() {
 /// client without a dedup id that retried the committed one stored it twice.)
 async fn a_durable_batch_whose_commit_went_unanswered(committed: bool, dedup: Option<&str>) {
     let proxy = Proxy::start().await;
-    let s = Server::process_with_db(&[], &proxy.url());
-    let (key, org) = new_org(s.addr, "pro").await;
-    let r = post_event(s.addr, &key, "before", json!({}), None).await;
-    assert_eq!(r.status, 201, "{}", r.text());
+    let (s, key, org, _) = proxied_node(&proxy).await;
 
     let (addr, k, d) = (s.addr, key.clone(), dedup.map(str::to_string));
     // Each mode is set before the request goes, so its batch can't pass before it.
@@ -1374,10 +1378,7 @@ async fn a_durable_batch_whose_commit_went_unanswered(committed: bool, dedup: Op
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_in_doubt_past_the_wait_is_answered_503_and_counted() {
     let proxy = Proxy::start().await;
-    let s = Server::process_with_db(&[], &proxy.url());
-    let (key, org) = new_org(s.addr, "pro").await;
-    let r = post_event(s.addr, &key, "before", json!({}), None).await;
-    assert_eq!(r.status, 201, "{}", r.text());
+    let (s, key, org, _) = proxied_node(&proxy).await;
     let (addr, k) = (s.addr, key.clone());
     proxy.mode.store(3, Ordering::SeqCst);
     let post =

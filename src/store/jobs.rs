@@ -141,7 +141,7 @@ async fn again_on_lost(ctx: &StoreCtx, org: OrgId, query: &Query) -> Result<Answ
     let mut run = 1;
     loop {
         let lost = ctx.connections_lost.load(Ordering::Relaxed);
-        match read(ctx, org, query).await {
+        match query_once(ctx, org, query).await {
             Err(Refusal::Unavailable)
                 if run < READ_RUNS_MAX
                     && started.elapsed() < ctx.db_timeout
@@ -155,7 +155,7 @@ async fn again_on_lost(ctx: &StoreCtx, org: OrgId, query: &Query) -> Result<Answ
 }
 
 /// One run of [`again_on_lost`]'s query.
-async fn read(ctx: &StoreCtx, org: OrgId, query: &Query) -> Result<Answer, Refusal> {
+async fn query_once(ctx: &StoreCtx, org: OrgId, query: &Query) -> Result<Answer, Refusal> {
     match *query {
         Query::KeyInfo => ctx.timed("key info", keys::key_info(ctx, org)).await,
         Query::GetEvent { id } => {
