@@ -33,13 +33,13 @@ pub async fn probe(ctx: Arc<StoreCtx>) {
             HEALTH_PROBE_EVERY_DOWN
         };
         let _ = tokio::time::timeout(wait, ctx.health.kicked()).await;
-        let mut reached = false;
-        let had = conn.as_ref().is_some_and(|c| !c.is_closed());
-        let mut result = check(&ctx, &mut conn, &mut reached).await;
-        if result.is_err() && had && conn.as_ref().is_none_or(|c| c.is_closed()) {
-            // Its own connection ended (a pooler restarted, connections reset): a new one says
-            // whether the database did.
-            result = check(&ctx, &mut conn, &mut reached).await;
+        let (mut reached, mut ended) = (false, false);
+        let mut result = check(&ctx, &mut conn, &mut reached, &mut ended).await;
+        if result.is_err() && ended {
+            // A connection ended (its own, or a new one cut while it was being made: a pooler
+            // restarted, connections reset): that says little of the database; a new one says
+            // whether it is gone.
+            result = check(&ctx, &mut conn, &mut reached, &mut false).await;
         }
         ctx.health.set_reachable(reached);
         match result {
@@ -67,14 +67,15 @@ pub async fn probe(ctx: Arc<StoreCtx>) {
 }
 
 /// One check on the probe's own connection (made if it has none); `reached` says whether the
-/// database answered at all.
+/// database answered at all, `ended` whether a connection ended (or was refused) under it.
 async fn check(
     ctx: &StoreCtx,
     conn: &mut Option<Client>,
     reached: &mut bool,
+    ended: &mut bool,
 ) -> Result<(), String> {
     let answer = Config::ms(ctx.config.db_connect_timeout_ms);
-    let (client, in_recovery, read_only) = tokio::time::timeout(answer, ask(ctx, conn))
+    let (client, in_recovery, read_only) = tokio::time::timeout(answer, ask(ctx, conn, ended))
         .await
         .map_err(|_| "the database did not answer the probe in time".to_string())??;
     // It answered: whatever follows, reads can be served.
@@ -92,7 +93,7 @@ async fn check(
     )
     .await
     .map_err(|_| "the probe's write did not commit in time".to_string())?;
-    written.map(drop).map_err(|e| lost(conn, &e))
+    written.map(drop).map_err(|e| lost(conn, &e, ended))
 }
 
 /// Connect if needed, then ask whether the database is in recovery and whether it is read-only;
@@ -100,10 +101,11 @@ async fn check(
 async fn ask<'a>(
     ctx: &StoreCtx,
     conn: &'a mut Option<Client>,
+    ended: &mut bool,
 ) -> Result<(&'a Client, bool, bool), String> {
     if conn.as_ref().is_none_or(|c| c.is_closed()) {
         let pg = pg_config(&ctx.config, Part::Probe)?;
-        let (client, connection) = pg.connect(NoTls).await.map_err(|e| describe(&e))?;
+        let (client, connection) = pg.connect(NoTls).await.map_err(|e| lost(conn, &e, ended))?;
         tokio::spawn(async move {
             let _ = connection.await;
         });
@@ -120,7 +122,7 @@ async fn ask<'a>(
         .await
     {
         Ok(row) => row,
-        Err(e) => return Err(lost(conn, &e)),
+        Err(e) => return Err(lost(conn, &e, ended)),
     };
     let client = conn.as_ref().expect("connected above");
     let answered = Micros::now();
@@ -131,11 +133,12 @@ async fn ask<'a>(
     Ok((client, row.get(0), row.get(1)))
 }
 
-/// The probe's error `e`; a connection that ended is dropped at once (its client may not say
-/// it is closed yet), so the probe asks again on a new one.
-fn lost(conn: &mut Option<Client>, e: &tokio_postgres::Error) -> String {
+/// The probe's error `e`; a connection that ended (or was refused) is dropped at once (its
+/// client may not say it is closed yet), and the probe asks again on a new one (`ended`).
+fn lost(conn: &mut Option<Client>, e: &tokio_postgres::Error, ended: &mut bool) -> String {
     if connection_lost(e) {
         *conn = None;
+        *ended = true;
     }
     describe(e)
 }

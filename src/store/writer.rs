@@ -383,6 +383,7 @@ async fn write_rows(
             Ok(Ok(results)) => {
                 let took = started.elapsed();
                 ctx.metrics.write_commit.observe_us(took.as_micros() as u64);
+                reached(ctx);
                 if took > SLOW_BATCH {
                     tracing::warn!(
                         events = rows.len(),
@@ -400,6 +401,7 @@ async fn write_rows(
                 let _ = deadpool_postgres::Object::take(client);
                 if event_id_taken(&e) && doubt.is_some() {
                     // An event of the batch is there: the try in doubt committed (whole).
+                    reached(ctx);
                     tracing::info!(
                         events = rows.len(),
                         "batch written by its unanswered COMMIT; not written again"
@@ -465,6 +467,13 @@ async fn write_rows(
             .fetch_add(1, Ordering::Relaxed);
     }
     written
+}
+
+/// The database answered a batch: reads need not wait for the health probe to say it can be
+/// reached (the probe may have found it out of reach a moment before, and asks again only every
+/// 200 ms).
+fn reached(ctx: &StoreCtx) {
+    ctx.health.set_reachable(true);
 }
 
 /// What the events table stores of an event's plan.

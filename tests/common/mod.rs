@@ -574,7 +574,16 @@ impl Server {
 impl Drop for Server {
     fn drop(&mut self) {
         match &mut self.kind {
-            Kind::Process(_) => self.kill(),
+            // Stopped as an operator stops it, so it hands back what it claimed: the test
+            // database is shared, and a node killed at each test's end would leave other tests'
+            // deliveries it had claimed leased for a minute (their receivers wait 10 s). One that
+            // can't finish soon (its database cut off by the test) is killed.
+            Kind::Process(child) => {
+                if let Some(mut child) = child.take() {
+                    unsafe_signal(child.id(), libc::SIGTERM);
+                    wait_timeout(&mut child, Duration::from_secs(3));
+                }
+            }
             Kind::InProcess { stop, thread, .. } => {
                 // Stop without waiting: the next test need not wait for this one's shutdown.
                 if let Some(stop) = stop.take() {
