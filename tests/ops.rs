@@ -658,8 +658,8 @@ async fn start_up_names_the_session_settings_the_database_did_not_take() {
     );
     let own = server_connection(triggers::db::Part::Api).await;
     assert!(read(own).await.is_empty());
-    // And a server started so says nothing of it.
-    let s = Server::start(&[]);
+    // And a server started so says nothing of it (a process: its log is its own).
+    let s = Server::process(&[]);
     assert!(!s.log_lines("migrations up to date").is_empty());
     assert!(s
         .log_lines("did not take this server's session settings")

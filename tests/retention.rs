@@ -402,7 +402,8 @@ async fn clocks_set_back_behind_the_newest_event_are_reported() {
     // what such a box finds when its clocks went back two days. The start-up round reads it: the
     // metric says how far, and the log says what it means once.
     let url = own_database("triggers_test_retention_set_back").await;
-    let mut s = Server::start_with_db(&[], &url);
+    // Processes: the log read below is the node's own.
+    let mut s = Server::process_with_db(&[], &url);
     let (key, org) = new_org(s.addr, "pro").await;
     new_event_id(s.addr, &key, json!(1)).await;
     assert_eq!(metric(&s, "triggers_newest_event_ahead_seconds").await, 0.0);
@@ -429,7 +430,7 @@ async fn clocks_set_back_behind_the_newest_event_are_reported() {
         )
         .await
         .unwrap();
-    let s = Server::start_with_db(&[], &url);
+    let s = Server::process_with_db(&[], &url);
     let seconds = metric(&s, "triggers_newest_event_ahead_seconds").await;
     assert!(
         (2.0 * 86_400.0 - 60.0..=2.0 * 86_400.0 + 1.0).contains(&seconds),

@@ -261,7 +261,8 @@ pub struct WebhookNode {
 impl WebhookNode {
     pub async fn start(database: &str) -> WebhookNode {
         let url = own_database(database).await;
-        let server = Server::start_with_db(&["--allow-private-webhooks"], &url);
+        // A process: its log is its own (tests read it to see that a fault was met).
+        let server = Server::process_with_db(&["--allow-private-webhooks"], &url);
         let receiver = Receiver::start(|_, _| Answer::status(200)).await;
         let (key, _) = new_org(server.addr, "pro").await;
         set_webhook(server.addr, &key, &receiver.url("/hook")).await;

@@ -389,7 +389,8 @@ async fn a_redelivery_and_a_take_over_of_its_batch_never_deadlock() {
     })
     .await;
     let url = own_database("triggers_test_redeliver_take_over").await;
-    let s = Server::start_with_db(&[PRIVATE], &url);
+    // A process: its log is its own.
+    let s = Server::process_with_db(&[PRIVATE], &url);
     let (key, org) = new_org(s.addr, "pro").await;
     let ep = create_endpoint(s.addr, &key, json!({"url": recv.url("/")})).await;
     let ep = ep["id"].as_str().unwrap().to_string();
@@ -420,7 +421,6 @@ async fn a_redelivery_and_a_take_over_of_its_batch_never_deadlock() {
     let r = redeliver.await.unwrap();
     assert_eq!(r.status, 202, "{}", r.text());
     wait_delivered(s.addr, &key, &id, Duration::from_secs(10)).await;
-    // (The log is the test process's: other tests' reruns show too, of other changes.)
     let reruns = s.log_lines("run again");
     assert!(
         !reruns.iter().any(|l| l.contains("\"redeliver\"")),
