@@ -345,7 +345,7 @@ async fn a_deadlock_victims_batch_is_written_again_not_answered_503() {
     assert_eq!(results[1]["status"], 201, "{results}");
     assert_eq!(count_events(&url).await, 2);
     assert!(
-        !s.log_lines("must be run again").is_empty(),
+        s.logged("must be run again").await,
         "the deadlock was never met"
     );
 }
@@ -372,7 +372,7 @@ async fn a_writers_connection_ended_before_commit_is_written_again_not_answered_
     assert_eq!(results[1]["status"], 201, "{results}");
     assert_eq!(count_events(&url).await, 3);
     assert!(
-        !s.log_lines("connection lost before COMMIT").is_empty(),
+        s.logged("connection lost before COMMIT").await,
         "the terminated backend was never met"
     );
 }

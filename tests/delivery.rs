@@ -417,7 +417,7 @@ async fn written_again_once(database: &str, fault: Fault, table: &str) {
     assert_eq!(e["attempts"], 1);
     assert_eq!(e["delivery_attempts"].as_array().unwrap().len(), 1);
     assert_eq!(recv.received().len(), 1);
-    assert!(!s.log_lines(seen).is_empty(), "the fault was never met");
+    assert!(s.logged(seen).await, "the fault was never met");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -750,7 +750,7 @@ async fn a_node_frozen_past_its_leases_sends_nothing_another_node_took_over() {
     let recording = |state: &str| {
         format!(
             "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE '%-delivery' \
-             AND query LIKE 'UPDATE endpoints%' AND {state}"
+             AND datname = current_database() AND query LIKE 'UPDATE endpoints%' AND {state}"
         )
     };
     let seen = |state: &str, limit: u64, what: &'static str| {
@@ -849,7 +849,7 @@ async fn attempts_whose_node_was_stopped_open_no_circuit() {
         assert_eq!(e["attempts"], 1, "{e}");
     }
     assert_eq!(metric(&s, "triggers_endpoint_circuits_open").await, 0.0);
-    assert!(!s.log_lines("this node did not run meanwhile").is_empty());
+    assert!(s.logged("this node did not run meanwhile").await);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -50,7 +50,7 @@ async fn a_dead_core_fails_liveness_and_its_organizations_get_503_not_a_hang() {
     assert_eq!(live.status, 503);
     assert_eq!(live.json()["dead_cores"], json!([1]));
     assert_eq!(live.header("retry-after"), Some("1"));
-    assert!(!s.log_lines("ingress core stopped by a panic").is_empty());
+    assert!(s.logged("ingress core stopped by a panic").await);
     for i in 0..20 {
         let r = post_event(s.addr, &survivor, "t", json!(i), None).await;
         assert_eq!(r.status, 201, "{}", r.text());

@@ -570,6 +570,26 @@ impl Server {
             .cloned()
             .collect()
     }
+
+    /// Whether a line containing `needle` is in the log, or comes within 5 s: a process's log is
+    /// read from its pipe by a thread, so a line the node wrote just before it answered may come
+    /// in a moment after the answer.
+    pub async fn logged(&self, needle: &str) -> bool {
+        !self.log_lines_at_least(needle, 1).await.is_empty()
+    }
+
+    /// The log lines containing `needle` once there are `n` of them, or after 5 s (see
+    /// [`Server::logged`]).
+    pub async fn log_lines_at_least(&self, needle: &str, n: usize) -> Vec<String> {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let lines = self.log_lines(needle);
+            if lines.len() >= n || Instant::now() > deadline {
+                return lines;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
 }
 
 impl Drop for Server {
