@@ -758,7 +758,22 @@ async fn a_node_frozen_past_its_leases_sends_nothing_another_node_took_over() {
         async move {
             let deadline = Instant::now() + Duration::from_secs(limit);
             while count(watch, &sql).await == 0 {
-                assert!(Instant::now() < deadline, "{what}");
+                if Instant::now() >= deadline {
+                    // What the database's sessions were doing, for whoever reads the failure.
+                    let sessions = watch
+                        .query(
+                            "SELECT format('%s | %s | %s | %s ms | %s', application_name, \
+                             state, wait_event_type, \
+                             (extract(epoch FROM now() - state_change) * 1000)::int8, \
+                             left(query, 80)) \
+                             FROM pg_stat_activity WHERE datname = current_database()",
+                            &[],
+                        )
+                        .await
+                        .unwrap();
+                    let sessions: Vec<String> = sessions.iter().map(|r| r.get(0)).collect();
+                    panic!("{what}; sessions: {sessions:#?}");
+                }
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
         }

@@ -524,8 +524,26 @@ impl Server {
 
     /// SIGSTOP: the process stops where it is (a paused VM, a long stall), holding everything
     /// it held; [`Server::thaw`] lets it go on. Only a process can be frozen.
+    /// Returns once every thread of it is stopped: SIGSTOP takes effect on each thread a moment
+    /// after kill(2) returns, and a thread still running could take one more step of what the
+    /// test means to catch half-way.
     pub fn freeze(&self) {
         self.signal(libc::SIGSTOP);
+        let tasks = format!("/proc/{}/task", self.pid());
+        let stopped = || {
+            std::fs::read_dir(&tasks).unwrap().all(|t| {
+                let stat =
+                    std::fs::read_to_string(t.unwrap().path().join("stat")).unwrap_or_default();
+                // The state follows the command name's closing parenthesis.
+                stat.rsplit_once(") ")
+                    .is_some_and(|(_, rest)| rest.starts_with(['T', 't']))
+            })
+        };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !stopped() {
+            assert!(Instant::now() < deadline, "the server never stopped");
+            std::thread::sleep(Duration::from_millis(1));
+        }
     }
 
     /// SIGCONT after [`Server::freeze`].
