@@ -122,9 +122,13 @@ impl Health {
         self.unreachable.load(Ordering::Relaxed)
     }
 
-    /// The probe's last try reached the database (`true`) or not (`false`).
+    /// The database was reached (`true`: the probe's last try, or a batch it answered) or not
+    /// (`false`: the probe's last try). Written only when that changes: ingress cores read the
+    /// flags beside it for every request.
     pub fn set_reachable(&self, reachable: bool) {
-        self.unreachable.store(!reachable, Ordering::Relaxed);
+        if self.unreachable.load(Ordering::Relaxed) == reachable {
+            self.unreachable.store(!reachable, Ordering::Relaxed);
+        }
     }
 
     /// Have the probe check at once.

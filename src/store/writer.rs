@@ -471,12 +471,9 @@ async fn write_rows(
 
 /// The database answered a batch: reads need not wait for the health probe to say it can be
 /// reached (the probe may have found it out of reach a moment before, and asks again only every
-/// 200 ms). Written only when it says otherwise: ingress cores read the flags beside it for
-/// every request.
+/// 200 ms).
 fn reached(ctx: &StoreCtx) {
-    if ctx.health.is_unreachable() {
-        ctx.health.set_reachable(true);
-    }
+    ctx.health.set_reachable(true);
 }
 
 /// What the events table stores of an event's plan.
