@@ -266,6 +266,24 @@ impl Proxy {
         self.mode.store(0, Ordering::SeqCst);
     }
 
+    /// Set `mode` (one that turns into a pause), then send `request` (an event's post), and wait
+    /// until the mode has turned into a pause (`what` went through the proxy), or panic after
+    /// 10 s; the request's answer is still to come.
+    async fn hold_from<R: Send + 'static>(
+        &self,
+        mode: u8,
+        request: impl std::future::Future<Output = R> + Send + 'static,
+        what: &str,
+    ) -> tokio::task::JoinHandle<R> {
+        self.mode.store(mode, Ordering::SeqCst);
+        let answer = tokio::spawn(request);
+        assert!(
+            self.paused_from(mode, Duration::from_secs(10)).await,
+            "no {what} went through the proxy"
+        );
+        answer
+    }
+
     /// Whether `mode` (3, 4, 5, 6, 7 or 9: each turns into a pause once what it waits for went
     /// through), set before the request that makes it go, turned into a pause within `limit`.
     /// (Set before, not after: the request could go through first, most often under load.)
@@ -1282,12 +1300,8 @@ async fn a_write_that_went_through_lets_reads_in_before_the_probe_answers() {
     let (key, _) = new_org(s.addr, "pro").await;
     let first = new_event_id(s.addr, &key, json!({"n": 1})).await;
     let (addr, k) = (s.addr, key.clone());
-    proxy.mode.store(3, Ordering::SeqCst);
-    let post = tokio::spawn(async move { post_event(addr, &k, "t", json!(2), None).await });
-    assert!(
-        proxy.paused_from(3, Duration::from_secs(10)).await,
-        "no group commit went through the proxy"
-    );
+    let request = async move { post_event(addr, &k, "t", json!(2), None).await };
+    let post = proxy.hold_from(3, request, "group commit").await;
     proxy.probe.store(PROBE_HOLD, Ordering::SeqCst);
     proxy.cut();
     // A read meets a cut connection: the probe is asked at once, and finds nothing to reach.
@@ -1472,14 +1486,9 @@ async fn a_durable_batch_whose_commit_went_unanswered(committed: bool, dedup: Op
     let (addr, k, d) = (s.addr, key.clone(), dedup.map(str::to_string));
     // Each mode is set before the request goes, so its batch can't pass before it.
     let mode = if committed { 3 } else { 7 };
-    proxy.mode.store(mode, Ordering::SeqCst);
-    let post = tokio::spawn(async move {
-        post_event(addr, &k, "in-doubt", json!({"n": 1}), d.as_deref()).await
-    });
-    assert!(
-        proxy.paused_from(mode, Duration::from_secs(10)).await,
-        "no group commit went through the proxy"
-    );
+    let request =
+        async move { post_event(addr, &k, "in-doubt", json!({"n": 1}), d.as_deref()).await };
+    let post = proxy.hold_from(mode, request, "group commit").await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     proxy.cut();
     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -1518,13 +1527,8 @@ async fn a_batch_in_doubt_past_the_wait_is_answered_503_and_counted() {
     let proxy = Proxy::start().await;
     let (s, key, org, _) = proxied_node(&proxy).await;
     let (addr, k) = (s.addr, key.clone());
-    proxy.mode.store(3, Ordering::SeqCst);
-    let post =
-        tokio::spawn(async move { post_event(addr, &k, "unresolved", json!(1), None).await });
-    assert!(
-        proxy.paused_from(3, Duration::from_secs(10)).await,
-        "no group commit went through the proxy"
-    );
+    let request = async move { post_event(addr, &k, "unresolved", json!(1), None).await };
+    let post = proxy.hold_from(3, request, "group commit").await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     proxy.cut();
     let r = post.await.unwrap();
@@ -1594,12 +1598,10 @@ async fn an_outcome_without_an_answer_is_not_delivered_again(hold: u8) {
     }
 
     let (addr, k) = (s.addr, key.clone());
-    proxy.mode.store(hold, Ordering::SeqCst);
-    let post = tokio::spawn(async move { post_event(addr, &k, "t", json!({"n": 2}), None).await });
-    assert!(
-        proxy.paused_from(hold, Duration::from_secs(10)).await,
-        "no recorder's transaction went through the proxy"
-    );
+    let request = async move { post_event(addr, &k, "t", json!({"n": 2}), None).await };
+    let post = proxy
+        .hold_from(hold, request, "recorder's transaction")
+        .await;
     let r = post.await.unwrap();
     assert_eq!(r.status, 201, "{}", r.text());
     let id = r.json()["id"].as_str().unwrap().to_string();
