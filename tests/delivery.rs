@@ -14,7 +14,8 @@ use serde_json::{json, Value};
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn delivers_signed_events_with_every_documented_header() {
     let recv = Receiver::start(|_, _| Answer::status(200)).await;
-    let s = Server::start(&["--allow-private-webhooks"]);
+    let url = own_database("triggers_test_signed").await;
+    let s = Server::start_with_db(&["--allow-private-webhooks"], &url);
     let (key, _) = new_org(s.addr, "pro").await;
     let secret = set_webhook(s.addr, &key, &recv.url("/hooks/in")).await;
     let created = post_event(
@@ -68,7 +69,8 @@ async fn retries_on_the_schedule_until_success() {
     // 500, 500, then 200: attempt 2 about 1 s after the first, attempt 3 about 2 s after that.
     let recv =
         Receiver::start(|_, before| Answer::status(if before < 2 { 500 } else { 200 })).await;
-    let s = Server::start(&["--allow-private-webhooks"]);
+    let url = own_database("triggers_test_retries").await;
+    let s = Server::start_with_db(&["--allow-private-webhooks"], &url);
     let (key, _) = new_org(s.addr, "pro").await;
     set_webhook(s.addr, &key, &recv.url("/")).await;
     let id = new_event_id(s.addr, &key, json!(1)).await;
@@ -184,7 +186,8 @@ async fn receiver_retry_after_is_honoured() {
         }
     })
     .await;
-    let s = Server::start(&["--allow-private-webhooks"]);
+    let url = own_database("triggers_test_retry_after").await;
+    let s = Server::start_with_db(&["--allow-private-webhooks"], &url);
     let (key, _) = new_org(s.addr, "pro").await;
     set_webhook(s.addr, &key, &recv.url("/")).await;
     post_event(s.addr, &key, "t", json!(1), None).await;
@@ -201,7 +204,8 @@ async fn receiver_retry_after_is_honoured() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gone_disables_the_endpoint_and_keeps_the_event_pending() {
     let recv = Receiver::start(|_, _| Answer::status(410)).await;
-    let s = Server::start(&["--allow-private-webhooks"]);
+    let url = own_database("triggers_test_gone").await;
+    let s = Server::start_with_db(&["--allow-private-webhooks"], &url);
     let (key, _) = new_org(s.addr, "pro").await;
     set_webhook(s.addr, &key, &recv.url("/")).await;
     let id = new_event_id(s.addr, &key, json!(1)).await;
@@ -258,13 +262,17 @@ async fn a_slow_receiver_does_not_delay_other_organizations() {
     })
     .await;
     let fast = Receiver::start(|_, _| Answer::status(200)).await;
-    let s = Server::start(&[
-        "--allow-private-webhooks",
-        "--delivery-endpoint-concurrency",
-        "8",
-        "--delivery-concurrency",
-        "16",
-    ]);
+    let url = own_database("triggers_test_slow_receiver").await;
+    let s = Server::start_with_db(
+        &[
+            "--allow-private-webhooks",
+            "--delivery-endpoint-concurrency",
+            "8",
+            "--delivery-concurrency",
+            "16",
+        ],
+        &url,
+    );
     let (a, _) = new_org(s.addr, "business").await;
     let (b, _) = new_org(s.addr, "business").await;
     set_webhook(s.addr, &a, &slow.url("/a")).await;
@@ -358,7 +366,8 @@ async fn sigkill_with_deliveries_pending_delivers_all_after_restart() {
     // 3 s lease of the dead one runs out) delivers every event.
     let recv = Receiver::start(|_, _| Answer::status(500)).await;
     let args = [&SHORT_LEASE[..], &RETRY_EVERY_SECOND].concat();
-    let mut s = Server::process(&args);
+    let url = own_database("triggers_test_sigkill_pending").await;
+    let mut s = Server::process_with_db(&args, &url);
     let (key, _) = new_org(s.addr, "business").await;
     set_webhook(s.addr, &key, &recv.url("/")).await;
     let ids = create_events(s.addr, &key, 30, "t").await;
@@ -451,8 +460,9 @@ async fn a_batch_whose_backend_ends_at_the_lease_row_is_written_again_once() {
 async fn two_nodes_on_one_database_deliver_every_event() {
     let recv = Receiver::start(|_, _| Answer::status(200)).await;
     let args = ["--allow-private-webhooks", "--delivery-poll-ms", "200"];
-    let a = Server::start(&args);
-    let b = Server::start(&args);
+    let url = own_database("triggers_test_two_nodes").await;
+    let a = Server::start_with_db(&args, &url);
+    let b = Server::start_with_db(&args, &url);
     let (key, _) = new_org(a.addr, "business").await;
     set_webhook(a.addr, &key, &recv.url("/")).await;
     // The other node learns of the webhook through NOTIFY.
@@ -480,7 +490,7 @@ async fn two_nodes_on_one_database_deliver_every_event() {
     // Each outcome is recorded just after its receiver answered (a recorder batches them): wait
     // for the last ones.
     let ids: Vec<uuid::Uuid> = ids.iter().map(|i| i.parse().unwrap()).collect();
-    let client = db().await;
+    let client = db_at(&url).await;
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let delivered: i64 = client
@@ -518,7 +528,8 @@ async fn graceful_stop_hands_pending_deliveries_back_at_once() {
         "--circuit-failures",
         "1000",
     ];
-    let mut s = Server::process(&args);
+    let url = own_database("triggers_test_graceful_stop").await;
+    let mut s = Server::process_with_db(&args, &url);
     let (key, _) = new_org(s.addr, "pro").await;
     set_webhook(s.addr, &key, &recv.url("/")).await;
     let ids = create_events(s.addr, &key, 10, "t").await;
@@ -1117,7 +1128,8 @@ async fn a_cold_endpoint_cache_loads_an_organizations_endpoints_once_for_all_its
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_are_reused_and_one_the_receiver_closed_costs_no_attempt() {
     let recv = Receiver::start(|_, _| Answer::status(200)).await;
-    let s = Server::start(&["--allow-private-webhooks"]);
+    let url = own_database("triggers_test_reused_connections").await;
+    let s = Server::start_with_db(&["--allow-private-webhooks"], &url);
     let (key, _) = new_org(s.addr, "pro").await;
     set_webhook(s.addr, &key, &recv.url("/")).await;
     for _ in 0..5 {

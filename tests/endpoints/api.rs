@@ -167,7 +167,8 @@ async fn the_endpoints_api_creates_reads_changes_and_deletes() {
 /// them as set, but for a credential's value, which reads as `<redacted>`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_endpoints_own_headers_go_with_every_delivery_and_a_patch_replaces_them() {
-    let s = Server::start(&[PRIVATE]);
+    let url = own_database("triggers_test_own_headers").await;
+    let s = Server::start_with_db(&[PRIVATE], &url);
     let recv = Receiver::start(|_, _| Answer::status(200)).await;
     let (key, _) = new_org(s.addr, "pro").await;
     let own = json!({"Authorization": "Bearer gw-t0k3n", "X-Tenant": "acme eu-1"});
@@ -360,7 +361,8 @@ async fn an_endpoints_headers_are_checked_and_a_refused_change_leaves_them() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rotated_secret_signs_beside_the_new_one_for_the_grace_period() {
     let recv = Receiver::start(|_, _| Answer::status(200)).await;
-    let s = Server::start(&[PRIVATE, "--secret-rotation-grace-s", "2"]);
+    let url = own_database("triggers_test_rotated_secret").await;
+    let s = Server::start_with_db(&[PRIVATE, "--secret-rotation-grace-s", "2"], &url);
     let (key, _) = new_org(s.addr, "pro").await;
     let ep = create_endpoint(s.addr, &key, json!({"url": recv.url("/r")})).await;
     let id = ep["id"].as_str().unwrap();
@@ -418,7 +420,8 @@ async fn a_rotated_secret_signs_beside_the_new_one_for_the_grace_period() {
 async fn a_secret_given_on_create_or_rotate_signs_and_a_refused_one_changes_nothing() {
     use base64::Engine;
     let recv = Receiver::start(|_, _| Answer::status(200)).await;
-    let s = Server::start(&[PRIVATE]);
+    let url = own_database("triggers_test_given_secret").await;
+    let s = Server::start_with_db(&[PRIVATE], &url);
     let (key, _) = new_org(s.addr, "pro").await;
     let svix = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
     let ep = create_endpoint(

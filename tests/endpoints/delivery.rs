@@ -12,7 +12,8 @@ async fn each_event_goes_to_the_endpoints_whose_patterns_take_it_each_on_its_own
         },
     )
     .await;
-    let s = Server::start(&[PRIVATE, "--retry-schedule", "200ms,200ms"]);
+    let url = own_database("triggers_test_patterns").await;
+    let s = Server::start_with_db(&[PRIVATE, "--retry-schedule", "200ms,200ms"], &url);
     let (key, _) = new_org(s.addr, "pro").await;
     let a = create_endpoint(
         s.addr,
@@ -139,7 +140,8 @@ async fn the_attempt_log_keeps_the_first_kib_of_the_answer_however_it_was_framed
         _ => Answer::status(204),
     })
     .await;
-    let s = Server::start(&[PRIVATE, "--retry-schedule", "200ms"]);
+    let url = own_database("triggers_test_answer_kib").await;
+    let s = Server::start_with_db(&[PRIVATE, "--retry-schedule", "200ms"], &url);
     let (key, _) = new_org(s.addr, "pro").await;
     for (path, pattern) in [
         ("/chunked", "chunked"),
@@ -218,7 +220,8 @@ async fn a_slow_or_failing_endpoint_never_delays_another_of_the_same_organizatio
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redelivery_starts_a_round_for_every_endpoint_or_the_one_named() {
     let recv = Receiver::start(|_, _| Answer::status(200)).await;
-    let s = Server::start(&[PRIVATE]);
+    let url = own_database("triggers_test_redelivery_round").await;
+    let s = Server::start_with_db(&[PRIVATE], &url);
     let (key, _) = new_org(s.addr, "pro").await;
     let a = create_endpoint(s.addr, &key, json!({"url": recv.url("/a")})).await;
     create_endpoint(s.addr, &key, json!({"url": recv.url("/b")})).await;

@@ -240,15 +240,19 @@ async fn operational_events_reach_subscribers_and_are_never_about_themselves() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_endpoint_failing_for_too_long_is_disabled_and_keeps_its_deliveries() {
     let recv = Receiver::start(|_, _| Answer::status(500)).await;
-    let s = Server::start(&[
-        PRIVATE,
-        "--endpoint-disable-after-s",
-        "1",
-        "--circuit-failures",
-        "1000",
-        "--retry-schedule",
-        "300ms,300ms,300ms,300ms,300ms,300ms,300ms,300ms",
-    ]);
+    let url = own_database("triggers_test_disabled_endpoint").await;
+    let s = Server::start_with_db(
+        &[
+            PRIVATE,
+            "--endpoint-disable-after-s",
+            "1",
+            "--circuit-failures",
+            "1000",
+            "--retry-schedule",
+            "300ms,300ms,300ms,300ms,300ms,300ms,300ms,300ms",
+        ],
+        &url,
+    );
     let (key, _) = new_org(s.addr, "pro").await;
     let ep = create_endpoint(s.addr, &key, json!({"url": recv.url("/x")})).await;
     let path = format!("/api/endpoints/{}", ep["id"].as_str().unwrap());
@@ -303,7 +307,11 @@ async fn one_nodes_failing_spell_does_not_disable_an_endpoint_other_nodes_reach(
         "--retry-schedule",
         "10m",
     ];
-    let (a, b) = (Server::start(&args), Server::start(&args));
+    let url = own_database("triggers_test_failing_spell").await;
+    let (a, b) = (
+        Server::start_with_db(&args, &url),
+        Server::start_with_db(&args, &url),
+    );
     let (key, _) = new_org(a.addr, "pro").await;
     let ep = create_endpoint(a.addr, &key, json!({"url": recv.url("/x")})).await;
     let path = format!("/api/endpoints/{}", ep["id"].as_str().unwrap());

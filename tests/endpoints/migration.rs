@@ -110,7 +110,8 @@ async fn a_version_1_database_migrates_and_its_pending_events_are_delivered() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn setting_the_webhook_again_sends_what_its_paused_endpoint_held() {
     let recv = Receiver::start(|_, _| Answer::status(200)).await;
-    let s = Server::start(&[PRIVATE]);
+    let url = own_database("triggers_test_webhook_again_paused").await;
+    let s = Server::start_with_db(&[PRIVATE], &url);
     let (key, _) = new_org(s.addr, "pro").await;
     set_webhook(s.addr, &key, &recv.url("/v1")).await;
     let list = get(s.addr, &key, "/api/endpoints").await.json();
@@ -134,7 +135,8 @@ async fn setting_the_webhook_again_sends_what_its_paused_endpoint_held() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn setting_a_deleted_webhook_again_sends_what_was_owed_to_it() {
     let recv = Receiver::start(|_, _| Answer::status(500)).await;
-    let s = Server::start(&[PRIVATE, "--retry-schedule", "60s"]);
+    let url = own_database("triggers_test_webhook_again_deleted").await;
+    let s = Server::start_with_db(&[PRIVATE, "--retry-schedule", "60s"], &url);
     let (key, _) = new_org(s.addr, "pro").await;
     set_webhook(s.addr, &key, &recv.url("/v1")).await;
     let owed = post_typed(s.addr, &key, "t").await;

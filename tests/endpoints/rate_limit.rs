@@ -5,7 +5,8 @@ use super::*;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rate_limited_endpoint_spreads_its_deliveries_and_fails_none() {
     let recv = Receiver::start(|_, _| Answer::status(200)).await;
-    let s = Server::start(&[PRIVATE]);
+    let url = own_database("triggers_test_rate_limited").await;
+    let s = Server::start_with_db(&[PRIVATE], &url);
     let (key, _) = new_org(s.addr, "pro").await;
     create_endpoint(
         s.addr,

@@ -234,7 +234,8 @@ async fn the_failed_inbox_pages_past_an_acknowledged_event() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_paused_endpoint_gets_its_whole_backlog_after_resume() {
     let recv = Receiver::start(|_, _| Answer::status(200)).await;
-    let s = Server::start(&[PRIVATE]);
+    let url = own_database("triggers_test_paused_backlog").await;
+    let s = Server::start_with_db(&[PRIVATE], &url);
     let (key, _) = new_org(s.addr, "pro").await;
     let paused = create_endpoint(s.addr, &key, json!({"url": recv.url("/p")})).await;
     create_endpoint(s.addr, &key, json!({"url": recv.url("/q")})).await;
