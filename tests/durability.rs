@@ -1408,10 +1408,10 @@ async fn reads_on_reset_connections_are_read_again() {
     assert_eq!(r.json()["acknowledged"], json!(ids), "{}", r.text());
 }
 
-/// An API change (endpoints, the webhook, a redelivery) whose pooled connection turns out to be
-/// gone at its transaction's BEGIN wrote nothing, and runs again on a new connection: each one,
-/// the first request after a reset, is answered as if nothing happened, and did what it says.
-/// (Before, each was 503.)
+/// An API change (endpoints, their secrets and recovery, the webhook, a redelivery, the key)
+/// whose pooled connection turns out to be gone at its transaction's BEGIN wrote nothing, and
+/// runs again on a new connection: each one, the first request after a reset, is answered as if
+/// nothing happened, and did what it says. (Before, each was 503.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn changes_whose_connection_was_gone_at_begin_run_again() {
     let proxy = Proxy::start().await;
@@ -1450,6 +1450,14 @@ async fn changes_whose_connection_was_gone_at_begin_run_again() {
     assert_eq!(paused["status"], "paused");
     let resumed = send("POST", format!("{path}/resume"), None).await;
     assert_eq!(resumed["status"], "active");
+    let secret = || async { get(s.addr, &key, &format!("{path}/secret")).await.json() };
+    let before = secret().await["signing_secret"].clone();
+    let rotated = send("POST", format!("{path}/secret/rotate"), None).await;
+    assert_ne!(rotated["signing_secret"], before, "{rotated}");
+    assert_eq!(rotated["signing_secret"], secret().await["signing_secret"]);
+    let since = json!({"since": "2020-01-01T00:00:00Z"});
+    let recovered = send("POST", format!("{path}/recover"), Some(since)).await;
+    assert_eq!(recovered["queued"], 0, "{recovered}");
     let set = send(
         "POST",
         "/api/webhook/config".into(),
@@ -1471,6 +1479,10 @@ async fn changes_whose_connection_was_gone_at_begin_run_again() {
     assert_eq!(deleted["webhook_url"], serde_json::Value::Null);
     send("DELETE", path.clone(), None).await;
     assert_eq!(get(s.addr, &key, &path).await.status, 404);
+    let rotated = send("POST", "/api/keys/rotate".into(), None).await;
+    let new_key = rotated["api_key"].as_str().unwrap();
+    assert_eq!(get(s.addr, &key, "/api/keys").await.status, 401);
+    assert_eq!(get(s.addr, new_key, "/api/keys").await.status, 200);
 }
 
 /// A durable batch whose COMMIT went out and whose connection then ended (the database killed,

@@ -121,10 +121,9 @@ async fn run_query(ctx: &StoreCtx, org: OrgInfo, query: Query) -> Result<Answer,
             endpoints::rotate_secret(ctx, org.id, id, secret).await
         }
         Query::RecoverEndpoint { id, since } => {
-            ctx.timed(
-                "recover endpoint",
-                endpoints::recover(ctx, org.id, id, since),
-            )
+            ctx.timed_reruns("recover endpoint", || {
+                endpoints::recover(ctx, org.id, id, since)
+            })
             .await
         }
         read => again_on_lost(ctx, org.id, &read).await,

@@ -8,8 +8,9 @@ use crate::flow::answer::Refusal;
 use crate::flow::ORG_CHANGED_CHANNEL;
 use crate::ids::OrgId;
 
-/// Run `sql` (returning one row) and a NOTIFY in one transaction, then make sure no core of this
-/// node still holds the organization's old state before answering. Other nodes hear the NOTIFY
+/// Run `sql` (returning one row) and a NOTIFY in one transaction (again when PostgreSQL asks for
+/// it, or its connection was found gone at BEGIN: `StoreCtx::timed_reruns`), then make sure no
+/// core of this node still holds the organization's old state before answering. Other nodes hear the NOTIFY
 /// within milliseconds.
 pub async fn change_org(
     ctx: &StoreCtx,
@@ -19,7 +20,7 @@ pub async fn change_org(
     params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
 ) -> Result<Row, Refusal> {
     let row = ctx
-        .timed(what, async {
+        .timed_reruns(what, || async {
             let mut client = ctx.pool.get().await?;
             let tx = begin(&mut client).await?;
             let row = tx
