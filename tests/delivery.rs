@@ -380,8 +380,12 @@ async fn sigkill_with_deliveries_pending_delivers_all_after_restart() {
     recv.set_script(|_, _| Answer::status(200));
     let killed_at = Instant::now();
     tokio::task::block_in_place(|| s.restart());
-    recv.wait_until(Duration::from_secs(20), |r| all_answered(r, &ids, 200))
-        .await;
+    recv.wait_until_or(
+        Duration::from_secs(20),
+        |r| all_answered(r, &ids, 200),
+        || deliveries_left(&url),
+    )
+    .await;
     assert!(killed_at.elapsed() < Duration::from_secs(15));
     for id in &ids {
         wait_status(s.addr, &key, id, "delivered", Duration::from_secs(5)).await;
@@ -540,8 +544,12 @@ async fn graceful_stop_hands_pending_deliveries_back_at_once() {
     recv.set_script(|_, _| Answer::status(200));
     let stopped_at = Instant::now();
     tokio::task::block_in_place(|| s.restart());
-    recv.wait_until(Duration::from_secs(10), |r| all_answered(r, &ids, 200))
-        .await;
+    recv.wait_until_or(
+        Duration::from_secs(10),
+        |r| all_answered(r, &ids, 200),
+        || deliveries_left(&url),
+    )
+    .await;
     assert!(
         stopped_at.elapsed() < Duration::from_secs(8),
         "{:?}",

@@ -1189,6 +1189,18 @@ impl Receiver {
         limit: Duration,
         done: impl Fn(&[Received]) -> bool,
     ) -> Vec<Received> {
+        self.wait_until_or(limit, done, || async { String::new() })
+            .await
+    }
+
+    /// [`Receiver::wait_until`], and when `limit` passes the panic says what `why` finds too
+    /// (the database's state of the deliveries waited for, say: [`deliveries_left`]).
+    pub async fn wait_until_or<W: std::future::Future<Output = String>>(
+        &self,
+        limit: Duration,
+        done: impl Fn(&[Received]) -> bool,
+        why: impl FnOnce() -> W,
+    ) -> Vec<Received> {
         let deadline = Instant::now() + limit;
         loop {
             let notified = self.arrived.notified();
@@ -1199,13 +1211,45 @@ impl Receiver {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 panic!(
-                    "receiver condition not met within {limit:?}; got {} requests",
-                    now.len()
+                    "receiver condition not met within {limit:?}; got {} requests{}",
+                    now.len(),
+                    why().await
                 );
             }
             let _ = tokio::time::timeout(left.min(Duration::from_millis(200)), notified).await;
         }
     }
+}
+
+/// What the database at `url` holds of the deliveries not yet made (their rows and the batch
+/// leases over them, with the database's clock), for a failure's message.
+pub async fn deliveries_left(url: &str) -> String {
+    let client = db_at(url).await;
+    let rows = |sql: &'static str| {
+        let client = &client;
+        async move {
+            let rows = client.query(sql, &[]).await.unwrap();
+            rows.iter()
+                .map(|r| format!("\n  {}", r.get::<_, String>(0)))
+                .collect::<String>()
+        }
+    };
+    format!(
+        "\nnow: {}\ndeliveries not delivered (event | status | attempts | next | lease):{}\n\
+         batch leases (id | until | events | members until):{}",
+        rows("SELECT now()::text").await.trim_start(),
+        rows(
+            "SELECT format('%s | %s | %s | %s | %s', event_id, status, attempts, \
+             next_attempt_at, lease_until) FROM deliveries WHERE delivered_at IS NULL \
+             ORDER BY event_id"
+        )
+        .await,
+        rows(
+            "SELECT format('%s | %s | %s..%s | %s', id, lease_until, first_event, last_event, \
+             members_until) FROM delivery_batches ORDER BY lease_until"
+        )
+        .await,
+    )
 }
 
 async fn serve_receiver(
