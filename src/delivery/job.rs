@@ -82,24 +82,30 @@ pub(super) async fn run_job(
 /// this node still holds it keeps the lease (`lease_until`): a resume gives it back, and the
 /// delivery stays this node's, sent once, when it is due (and looks then whether it is still
 /// owed: see [`step`]).
+///
+/// It listens for the next change before it looks at the endpoint: a change made while the
+/// look is under way (whose answer may predate it: a load started before a delete committed)
+/// wakes it again, so it looks once more instead of waiting until due on what it saw.
 async fn until_due(shared: &Shared, job: &mut Job, runtime: &Arc<EndpointRuntime>) -> Option<Step> {
+    let changed = runtime.changed.notified();
+    tokio::pin!(changed);
+    changed.as_mut().enable();
     loop {
         let wait = Duration::from_micros((job.due.0 - Micros::now().0).max(0) as u64);
         if wait.is_zero() {
             return None;
         }
-        let changed = runtime.changed.notified();
-        tokio::pin!(changed);
-        changed.as_mut().enable();
         {
             let _w = shared.metrics.waiting(Waiting::Scheduled);
             let _n = runtime.not_yet();
             tokio::select! {
                 _ = tokio::time::sleep(wait) => break,
                 _ = shared.stop.notified() => return None,
-                _ = changed => {}
+                _ = changed.as_mut() => {}
             }
         }
+        changed.set(runtime.changed.notified());
+        changed.as_mut().enable();
         match shared.endpoint(job.org, job.endpoint).await {
             Ok(Some(e)) if e.status == EndpointStatus::Active => {}
             // Can't tell: the step when it is due decides.

@@ -161,6 +161,18 @@ async fn setting_a_deleted_webhook_again_sends_what_was_owed_to_it() {
         "the retries waiting in memory never parked",
     )
     .await;
+    // And their rows say so. (A retry that looked at the endpoint just before the delete, and
+    // was told of the delete while it looked, once went back to wait 60 s on what it saw.)
+    let db = db_at(&url).await;
+    poll_until(
+        || async {
+            let parked = "SELECT count(*) FROM deliveries \
+                          WHERE next_attempt_at IS NULL AND lease_until IS NULL";
+            count(&db, parked).await == 2
+        },
+        "the retries' rows were never parked",
+    )
+    .await;
     let r = post_empty(s.addr, &key, &format!("/api/ack/{acked}")).await;
     assert_eq!(r.status, 200, "{}", r.text());
     recv.set_script(|_, _| Answer::status(200));
