@@ -209,15 +209,16 @@ impl Proxy {
                     let (cr, cw) = client.into_split();
                     let (sr, sw) = server.into_split();
                     let generation = (Arc::clone(&g), born);
+                    let delivery = Arc::new(AtomicBool::new(false));
                     let a = tokio::spawn(pump(
                         cr,
                         sw,
                         Arc::clone(&m),
-                        true,
+                        (true, Arc::clone(&delivery)),
                         generation,
                         Some((probe.0, probe.1, port)),
                     ));
-                    let b = tokio::spawn(pump(sr, cw, m, false, (g, born), None));
+                    let b = tokio::spawn(pump(sr, cw, m, (false, delivery), (g, born), None));
                     let _ = tokio::join!(a, b);
                 });
                 cs.lock().unwrap().push(task);
@@ -303,14 +304,16 @@ impl Proxy {
 type ProbeWatch = (Arc<AtomicU32>, Arc<Mutex<Vec<u16>>>, u16);
 
 /// Copy `from` to `to` as the proxy's mode says; `to_database`: this is the direction whose
-/// COMMIT mode 3 waits for (a group commit's: its COPY's end, `CopyDone`, goes with it); `probe`
-/// (that direction only): a health probe's connection, known by its first bytes (the startup
-/// message names it), is cut, held or noted as [`Proxy::probe`] says.
+/// COMMIT mode 3 waits for (a group commit's: its COPY's end, `CopyDone`, goes with it);
+/// `delivery`: whether the connection is one of the delivery pool's (its startup message, in
+/// that direction, names it), whose answers mode 10 holds; `probe` (that direction only): a
+/// health probe's connection, known by its first bytes, is cut, held or noted as
+/// [`Proxy::probe`] says.
 async fn pump(
     mut from: tokio::net::tcp::OwnedReadHalf,
     mut to: tokio::net::tcp::OwnedWriteHalf,
     mode: Arc<AtomicU8>,
-    to_database: bool,
+    (to_database, delivery): (bool, Arc<AtomicBool>),
     (generation, born): (Arc<AtomicU64>, u64),
     mut probe: Option<ProbeWatch>,
 ) {
@@ -340,6 +343,9 @@ async fn pump(
                     }
                 }
             }
+        }
+        if to_database && has(chunk, b"-delivery\0") {
+            delivery.store(true, Ordering::SeqCst);
         }
         recorder |= to_database && has(chunk, b"pg_current_xact_id");
         copied |= has(chunk, b"PGCOPY\n\xff\r\n\0");
@@ -383,7 +389,9 @@ async fn pump(
         if !to_database && now == 9 && claim_rows {
             mode.store(2, Ordering::SeqCst);
         }
-        while mode.load(Ordering::SeqCst) == 2 {
+        let held =
+            |now: u8| now == 2 || (now == 10 && !to_database && delivery.load(Ordering::SeqCst));
+        while held(mode.load(Ordering::SeqCst)) {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         if mode.load(Ordering::SeqCst) == 1 || to.write_all(chunk).await.is_err() {
@@ -1417,7 +1425,14 @@ async fn changes_whose_connection_was_gone_at_begin_run_again() {
     let proxy = Proxy::start().await;
     let recv = Receiver::start(|_, _| Answer::status(200)).await;
     let url = own_database("triggers_test_changes_rerun").await;
-    let s = Server::process_with_db(&["--allow-private-webhooks"], &proxy.url_to(&url));
+    // The probe's connection is reset too, at each step, and made again: on a busy machine
+    // within 5 s, not the default 1 s, so the node does not call the database unreachable.
+    let args = [
+        "--allow-private-webhooks",
+        "--db-connect-timeout-ms",
+        "5000",
+    ];
+    let s = Server::process_with_db(&args, &proxy.url_to(&url));
     let (key, _) = new_org(s.addr, "pro").await;
     let send = |method: &'static str, path: String, body: Option<serde_json::Value>| {
         let (addr, key, proxy, s) = (s.addr, key.clone(), &proxy, &s);
@@ -1483,6 +1498,61 @@ async fn changes_whose_connection_was_gone_at_begin_run_again() {
     let new_key = rotated["api_key"].as_str().unwrap();
     assert_eq!(get(s.addr, &key, "/api/keys").await.status, 401);
     assert_eq!(get(s.addr, new_key, "/api/keys").await.status, 200);
+}
+
+/// A retry waiting in memory is woken by a change to its organization and looks at its
+/// endpoint; the look's answer (read before what comes next) is slow, and meanwhile the endpoint
+/// is deleted. The delete's word comes while the retry is looking: it must look again and park
+/// (giving its row's lease up, so that setting the endpoint up again sends it at once), not wait
+/// until due (60 s) on the endpoint it saw. (Before, it listened again only once its look was
+/// over, and missed the delete: a full-suite run failed the deleted-webhook test so; this test
+/// failed 3 of 3 runs.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_told_of_a_delete_while_it_looked_at_its_endpoint_parks() {
+    const SCHEDULED: &str = "triggers_deliveries_waiting{reason=\"retry_scheduled\"}";
+    let proxy = Proxy::start().await;
+    let recv = Receiver::start(|_, _| Answer::status(500)).await;
+    let url = own_database("triggers_test_delete_while_looking").await;
+    let args = ["--allow-private-webhooks", "--retry-schedule", "60s"];
+    let s = Server::process_with_db(&args, &proxy.url_to(&url));
+    let (key, _) = new_org(s.addr, "pro").await;
+    let ep = create_endpoint(s.addr, &key, json!({"url": recv.url("/")})).await;
+    let path = format!("/api/endpoints/{}", ep["id"].as_str().unwrap());
+    new_event_id(s.addr, &key, json!(1)).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while metric_of(&s, SCHEDULED).await != 1.0 {
+        assert!(
+            Instant::now() < deadline,
+            "the retry never waited in memory"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The delivery pool's answers are held: a change wakes the retry, whose look at the endpoint
+    // (the organization's endpoints forgotten by the change) is read now and answered later.
+    proxy.mode.store(10, Ordering::SeqCst);
+    let patched = patch(s.addr, &key, &path, &json!({"description": "d"})).await;
+    assert_eq!(patched.status, 200, "{}", patched.text());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let deleted = delete(s.addr, &key, &path).await;
+    assert_eq!(deleted.status, 200, "{}", deleted.text());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    proxy.restore();
+    let db = db_at(&url).await;
+    // The delete parks the row (`next_attempt_at`); the retry gives its lease up as it parks.
+    let parked = "SELECT count(*) FROM deliveries \
+                  WHERE next_attempt_at IS NULL AND lease_until IS NULL";
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while count(&db, parked).await != 1 {
+        assert!(
+            Instant::now() < deadline,
+            "the retry was not parked; waiting in memory: {}{}",
+            metric_of(&s, SCHEDULED).await,
+            deliveries_left(&url).await
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(metric_of(&s, SCHEDULED).await, 0.0);
+    assert_eq!(recv.received().len(), 1, "nothing more was sent");
 }
 
 /// A durable batch whose COMMIT went out and whose connection then ended (the database killed,
