@@ -1555,6 +1555,63 @@ async fn a_retry_told_of_a_delete_while_it_looked_at_its_endpoint_parks() {
     assert_eq!(recv.received().len(), 1, "nothing more was sent");
 }
 
+/// A delivery waiting for its endpoint's open circuit is woken by a change and looks at the
+/// endpoint; the look's answer (read before what comes next) is slow, and meanwhile the endpoint
+/// is resumed (its circuit starts afresh). The resume's word comes while the delivery is looking:
+/// it must look again and go, not wait out the circuit (30 s) on the endpoint it saw. (Before, it
+/// listened again only when it began to wait.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delivery_told_of_a_resume_while_it_looked_at_its_endpoint_goes() {
+    const CIRCUIT: &str = "triggers_deliveries_waiting{reason=\"circuit_open\"}";
+    let proxy = Proxy::start().await;
+    let recv = Receiver::start(|_, _| Answer::status(500)).await;
+    let url = own_database("triggers_test_resume_while_looking").await;
+    let args = [
+        "--allow-private-webhooks",
+        "--retry-schedule",
+        "100ms,100ms,100ms",
+        "--circuit-failures",
+        "2",
+    ];
+    let s = Server::process_with_db(&args, &proxy.url_to(&url));
+    let (key, _) = new_org(s.addr, "pro").await;
+    let ep = create_endpoint(s.addr, &key, json!({"url": recv.url("/")})).await;
+    let path = format!("/api/endpoints/{}", ep["id"].as_str().unwrap());
+    // Two failures open the circuit (for 30 s); the event's next retry waits for it.
+    let id = new_event_id(s.addr, &key, json!(1)).await;
+    recv.wait_until(Duration::from_secs(10), |r| r.len() == 2)
+        .await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while metric_of(&s, CIRCUIT).await != 1.0 {
+        assert!(Instant::now() < deadline, "nothing waited for the circuit");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    recv.set_script(|_, _| Answer::status(200));
+    // The delivery pool's answers are held: a change wakes the delivery, whose look at the
+    // endpoint (the organization's endpoints forgotten by the change) is read now and answered
+    // later.
+    proxy.mode.store(10, Ordering::SeqCst);
+    let patched = patch(s.addr, &key, &path, &json!({"description": "d"})).await;
+    assert_eq!(patched.status, 200, "{}", patched.text());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let resumed = post_empty(s.addr, &key, &format!("{path}/resume")).await;
+    assert_eq!(resumed.status, 200, "{}", resumed.text());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    proxy.restore();
+    recv.wait_until_or(
+        Duration::from_secs(5),
+        |r| r.iter().any(|x| x.event_id() == id && x.answered == 200),
+        || async {
+            format!(
+                "; waiting for the circuit: {}{}",
+                metric_of(&s, CIRCUIT).await,
+                deliveries_left(&url).await
+            )
+        },
+    )
+    .await;
+}
+
 /// A durable batch whose COMMIT went out and whose connection then ended (the database killed,
 /// the network cut) is written again on a new connection within its deadline, so the client
 /// learns what became of its event: `committed`, the second try finds it there (its event id,

@@ -101,7 +101,7 @@ async fn report(shared: &Shared) {
             for s in &spends {
                 if s.to_bucket(|b| b.unreported_again(s.spent)) == Some(true) {
                     // Deliveries that found the fresh view empty go by this node's own view now.
-                    s.runtime.changed.notify_waiters();
+                    s.runtime.change();
                 }
             }
             return;
@@ -114,7 +114,7 @@ async fn report(shared: &Shared) {
                 // Deliveries that found the fresh view empty waited without a turn: they take
                 // one now, from this node's part of the cluster's balance. Those that held a turn
                 // paced at another part of the rate (a node came or went) take one anew.
-                s.runtime.changed.notify_waiters();
+                s.runtime.change();
             }
         }
     }

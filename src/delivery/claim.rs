@@ -427,6 +427,7 @@ async fn claim(
             due: now,
             waited: false,
             reserved: None,
+            looked: 0,
         };
         let runtime = shared.runtime(job.org, job.endpoint);
         shared.reserve(&runtime, None, job.payload.len(), true);

@@ -150,6 +150,7 @@ fn lease_allows_attempt(shared: &Shared, job: &Job) -> bool {
 /// One pass: the endpoint's gates, whether it is still owed (after a wait), then an attempt and
 /// its outcome.
 async fn step(shared: &Shared, job: &mut Job, runtime: &Arc<EndpointRuntime>) -> Step {
+    job.looked = runtime.changes();
     let endpoint = match shared.endpoint(job.org, job.endpoint).await {
         Ok(Some(e)) => e,
         // Deleted or disabled: the delivery waits, parked, for a resume or a recovery.
@@ -310,10 +311,16 @@ async fn wait_for(
         return settle(shared, job, runtime, None, next, None, None).await;
     }
     // Listening for a change before the wait is counted: a change seen after the count is
-    // never missed.
+    // never missed. One since the job began to look at the endpoint (its word came during the
+    // look, whose answer may predate it: a resume's fresh circuit) is not waited on: it looks
+    // again.
     let changed = runtime.changed.notified();
     tokio::pin!(changed);
     changed.as_mut().enable();
+    if runtime.changes() != job.looked {
+        unreserve(job, runtime);
+        return Step::Again;
+    }
     let _w = shared.metrics.waiting(why);
     let _n = matches!(why, Waiting::CircuitOpen | Waiting::Unsent).then(|| runtime.not_yet());
     let wait = Duration::from_micros((until.0 - Micros::now().0).max(0) as u64);
@@ -333,7 +340,7 @@ async fn wait_for(
 /// waiting for it pass the gates again now (the breaker says whether they go).
 fn probe_over(runtime: &EndpointRuntime, probe: bool) {
     if probe {
-        runtime.changed.notify_waiters();
+        runtime.change();
     }
 }
 

@@ -155,6 +155,10 @@ pub struct Job {
     /// It waits for a turn of its endpoint's rate limit reserved for it (in this book of the
     /// bucket's): it goes then without taking another, or gives it back if it does not go.
     pub reserved: Option<u64>,
+    /// The endpoint's change count ([`super::runtime::EndpointRuntime::changes`]) when the job
+    /// last began to look at the endpoint: a change since (whose word came during the look)
+    /// makes it look again rather than wait on what it saw.
+    pub looked: u64,
 }
 
 impl Job {
@@ -175,6 +179,7 @@ impl Job {
             due: Micros(0),
             waited: false,
             reserved: None,
+            looked: 0,
         }
     }
 }

@@ -263,6 +263,7 @@ impl DeliverySink for DeliveryHandle {
                     due: now,
                     waited: false,
                     reserved: None,
+                    looked: 0,
                 };
                 let runtime = shared.runtime(job.org, endpoint);
                 shared

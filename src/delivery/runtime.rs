@@ -441,8 +441,12 @@ pub struct EndpointRuntime {
     pub gates: Mutex<Gates>,
     /// Woken when its configuration may have changed (on any node), or its half-open circuit's
     /// probe is over: deliveries waiting on its gates look again, so a resume (a fresh circuit),
-    /// a higher rate limit or a probe's success lets them go now.
+    /// a higher rate limit or a probe's success lets them go now. Only through
+    /// [`EndpointRuntime::change`].
     pub changed: Notify,
+    /// How many times `changed` was woken: a delivery that looked at the endpoint before the
+    /// last of them (during its look) looks again before it waits.
+    changes: AtomicU64,
 }
 
 impl EndpointRuntime {
@@ -456,7 +460,19 @@ impl EndpointRuntime {
             not_yet: AtomicUsize::new(0),
             gates: Mutex::new(Gates::default()),
             changed: Notify::new(),
+            changes: AtomicU64::new(0),
         }
+    }
+
+    /// Wake the deliveries waiting on the endpoint's gates (see `changed`), and count it.
+    pub fn change(&self) {
+        self.changes.fetch_add(1, Ordering::SeqCst);
+        self.changed.notify_waiters();
+    }
+
+    /// How many times [`EndpointRuntime::change`] was called.
+    pub fn changes(&self) -> u64 {
+        self.changes.load(Ordering::SeqCst)
     }
 
     /// The gates, locked.

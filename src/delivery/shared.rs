@@ -201,7 +201,7 @@ impl Shared {
         let runtimes = self.runtimes.lock().unwrap_or_else(|p| p.into_inner());
         for r in runtimes.values().filter(|r| org.is_none_or(|o| o == r.org)) {
             r.gates().recheck = Some(epoch);
-            r.changed.notify_waiters();
+            r.change();
         }
     }
 
