@@ -10,8 +10,8 @@ use crate::ids::OrgId;
 
 /// Run `sql` (returning one row) and a NOTIFY in one transaction (again when PostgreSQL asks for
 /// it, or its connection was found gone at BEGIN: `StoreCtx::timed_reruns`), then make sure no
-/// core of this node still holds the organization's old state before answering. Other nodes hear the NOTIFY
-/// within milliseconds.
+/// core of this node still holds the organization's old state before answering. Other nodes
+/// hear the NOTIFY within milliseconds.
 pub async fn change_org(
     ctx: &StoreCtx,
     org: OrgId,
