@@ -1500,6 +1500,36 @@ async fn changes_whose_connection_was_gone_at_begin_run_again() {
     assert_eq!(get(s.addr, new_key, "/api/keys").await.status, 200);
 }
 
+/// Wait until the node's metric `name` reads `value`, or panic with `what` after 10 s.
+async fn metric_reaches(s: &Server, name: &str, value: f64, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while metric_of(s, name).await != value {
+        assert!(Instant::now() < deadline, "{what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// With the delivery pool's answers held (the proxy's mode 10), a change to the endpoint at
+/// `path` (its description) wakes its deliveries, whose look at it (the organization's endpoints
+/// forgotten by the change) is read now and answered later; meanwhile `change` is made (answered
+/// 200); then the answers go.
+async fn change_while_a_look_is_held(
+    proxy: &Proxy,
+    s: &Server,
+    key: &str,
+    path: &str,
+    change: impl std::future::Future<Output = Response>,
+) {
+    proxy.mode.store(10, Ordering::SeqCst);
+    let patched = patch(s.addr, key, path, &json!({"description": "d"})).await;
+    assert_eq!(patched.status, 200, "{}", patched.text());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let changed = change.await;
+    assert_eq!(changed.status, 200, "{}", changed.text());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    proxy.restore();
+}
+
 /// A retry waiting in memory is woken by a change to its organization and looks at its
 /// endpoint; the look's answer (read before what comes next) is slow, and meanwhile the endpoint
 /// is deleted. The delete's word comes while the retry is looking: it must look again and park
@@ -1519,24 +1549,8 @@ async fn a_retry_told_of_a_delete_while_it_looked_at_its_endpoint_parks() {
     let ep = create_endpoint(s.addr, &key, json!({"url": recv.url("/")})).await;
     let path = format!("/api/endpoints/{}", ep["id"].as_str().unwrap());
     new_event_id(s.addr, &key, json!(1)).await;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while metric_of(&s, SCHEDULED).await != 1.0 {
-        assert!(
-            Instant::now() < deadline,
-            "the retry never waited in memory"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    // The delivery pool's answers are held: a change wakes the retry, whose look at the endpoint
-    // (the organization's endpoints forgotten by the change) is read now and answered later.
-    proxy.mode.store(10, Ordering::SeqCst);
-    let patched = patch(s.addr, &key, &path, &json!({"description": "d"})).await;
-    assert_eq!(patched.status, 200, "{}", patched.text());
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let deleted = delete(s.addr, &key, &path).await;
-    assert_eq!(deleted.status, 200, "{}", deleted.text());
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    proxy.restore();
+    metric_reaches(&s, SCHEDULED, 1.0, "the retry never waited in memory").await;
+    change_while_a_look_is_held(&proxy, &s, &key, &path, delete(s.addr, &key, &path)).await;
     let db = db_at(&url).await;
     // The delete parks the row (`next_attempt_at`); the retry gives its lease up as it parks.
     let parked = "SELECT count(*) FROM deliveries \
@@ -1581,23 +1595,11 @@ async fn a_delivery_told_of_a_resume_while_it_looked_at_its_endpoint_goes() {
     let id = new_event_id(s.addr, &key, json!(1)).await;
     recv.wait_until(Duration::from_secs(10), |r| r.len() == 2)
         .await;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while metric_of(&s, CIRCUIT).await != 1.0 {
-        assert!(Instant::now() < deadline, "nothing waited for the circuit");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    metric_reaches(&s, CIRCUIT, 1.0, "nothing waited for the circuit").await;
     recv.set_script(|_, _| Answer::status(200));
-    // The delivery pool's answers are held: a change wakes the delivery, whose look at the
-    // endpoint (the organization's endpoints forgotten by the change) is read now and answered
-    // later.
-    proxy.mode.store(10, Ordering::SeqCst);
-    let patched = patch(s.addr, &key, &path, &json!({"description": "d"})).await;
-    assert_eq!(patched.status, 200, "{}", patched.text());
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let resumed = post_empty(s.addr, &key, &format!("{path}/resume")).await;
-    assert_eq!(resumed.status, 200, "{}", resumed.text());
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    proxy.restore();
+    let resume = format!("{path}/resume");
+    let resume = post_empty(s.addr, &key, &resume);
+    change_while_a_look_is_held(&proxy, &s, &key, &path, resume).await;
     recv.wait_until_or(
         Duration::from_secs(5),
         |r| r.iter().any(|x| x.event_id() == id && x.answered == 200),
