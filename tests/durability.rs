@@ -1503,7 +1503,7 @@ async fn changes_whose_connection_was_gone_at_begin_run_again() {
 /// Wait until the node's metric `name` reads `value`, or panic with `what` after 10 s.
 async fn metric_reaches(s: &Server, name: &str, value: f64, what: &str) {
     let deadline = Instant::now() + Duration::from_secs(10);
-    while metric_of(s, name).await != value {
+    while metric(s, name).await != value {
         assert!(Instant::now() < deadline, "{what}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -1560,12 +1560,12 @@ async fn a_retry_told_of_a_delete_while_it_looked_at_its_endpoint_parks() {
         assert!(
             Instant::now() < deadline,
             "the retry was not parked; waiting in memory: {}{}",
-            metric_of(&s, SCHEDULED).await,
+            metric(&s, SCHEDULED).await,
             deliveries_left(&url).await
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert_eq!(metric_of(&s, SCHEDULED).await, 0.0);
+    assert_eq!(metric(&s, SCHEDULED).await, 0.0);
     assert_eq!(recv.received().len(), 1, "nothing more was sent");
 }
 
@@ -1606,7 +1606,7 @@ async fn a_delivery_told_of_a_resume_while_it_looked_at_its_endpoint_goes() {
         || async {
             format!(
                 "; waiting for the circuit: {}{}",
-                metric_of(&s, CIRCUIT).await,
+                metric(&s, CIRCUIT).await,
                 deliveries_left(&url).await
             )
         },

@@ -12,6 +12,7 @@ use tokio_postgres::{Row, Transaction};
 use uuid::Uuid;
 
 use super::ctx::{begin, Done, StoreCtx};
+use super::org::notify;
 use crate::config::SIGNING_SECRET_BYTES;
 use crate::flow::answer::{
     Answer, AttemptView, Circuit, EndpointHealth, EndpointStatus, EndpointView, FailedDelivery,
@@ -19,7 +20,6 @@ use crate::flow::answer::{
 };
 use crate::flow::event::EventStatus;
 use crate::flow::job::{EndpointPatch, EndpointSpec, Once};
-use crate::flow::ORG_CHANGED_CHANNEL;
 use crate::ids::{new_v7, Micros, OrgId};
 use crate::url_policy::Unresolved;
 use crate::{endpoint_headers, signing_secret, url_policy};
@@ -83,16 +83,6 @@ pub fn endpoint_view(row: &Row, circuit_failures: usize) -> EndpointView {
         created_at: Micros::from_system_time(row.get(10)),
         updated_at: Micros::from_system_time(row.get(11)),
     }
-}
-
-/// Tell every node the organization's endpoints changed (delivered at COMMIT).
-pub async fn notify(tx: &Transaction<'_>, org: OrgId) -> Result<(), tokio_postgres::Error> {
-    tx.execute(
-        "SELECT pg_notify($1, $2)",
-        &[&ORG_CHANGED_CHANNEL, &org.to_string()],
-    )
-    .await
-    .map(|_| ())
 }
 
 /// Lock the organization (endpoint creations take turns, so the limit holds) and refuse when it

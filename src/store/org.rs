@@ -1,7 +1,7 @@
 //! Changes to an organization that every node must hear about: one transaction with a NOTIFY,
 //! then this node's caches are cleared before the change is answered.
 
-use tokio_postgres::Row;
+use tokio_postgres::{Row, Transaction};
 
 use super::ctx::{begin, StoreCtx};
 use crate::flow::answer::Refusal;
@@ -27,15 +27,21 @@ pub async fn change_org(
                 .query_opt(sql, params)
                 .await?
                 .ok_or(Refusal::NotFound("organization not found"))?;
-            tx.execute(
-                "SELECT pg_notify($1, $2)",
-                &[&ORG_CHANGED_CHANNEL, &org.to_string()],
-            )
-            .await?;
+            notify(&tx, org).await?;
             tx.commit().await?;
             Ok(row)
         })
         .await?;
     ctx.org_changed(Some(org)).await;
     Ok(row)
+}
+
+/// Tell every node the organization changed (its key, its endpoints; delivered at COMMIT).
+pub async fn notify(tx: &Transaction<'_>, org: OrgId) -> Result<(), tokio_postgres::Error> {
+    tx.execute(
+        "SELECT pg_notify($1, $2)",
+        &[&ORG_CHANGED_CHANNEL, &org.to_string()],
+    )
+    .await
+    .map(|_| ())
 }

@@ -3,7 +3,8 @@
 //! organization's life: a deleted default endpoint is kept, removed, with its secret.
 
 use super::ctx::{begin, StoreCtx};
-use super::endpoints::{check_room, check_url, new_signing_secret, notify, release_held, PARK};
+use super::endpoints::{check_room, check_url, new_signing_secret, release_held, PARK};
+use super::org::notify;
 use crate::flow::answer::{Answer, EndpointStatus, Refusal, WebhookConfig};
 use crate::ids::{new_v7, Micros, OrgId};
 
