@@ -459,7 +459,7 @@ async fn database_outage_answers_503_within_a_second_and_recovers() {
 // held until the probe has waited on it for half as long again as the connect timeout.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_probe_write_slower_than_the_connect_timeout_is_not_an_outage() {
-    let url = own_database("triggers_test_slow_probe").await;
+    let url = own_database("triggers_test_slow_health_probe").await;
     // Long enough for a connection and a query on a busy test machine; shorter than the wait.
     let connect_timeout = Duration::from_millis(1000);
     let s = Server::process_with_db(&["--db-connect-timeout-ms", "1000"], &url);

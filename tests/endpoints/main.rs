@@ -189,9 +189,43 @@ impl ResumeElsewhere {
     }
 }
 
-/// Until one session of the database waits for a lock.
-async fn wait_for_a_lock(client: &tokio_postgres::Client, failed: &str) {
-    wait_for_locks(client, 1, failed).await;
+/// The attempts recorded (when, status, error) and the sessions waiting for a lock (which part
+/// of the node, what they wait on, their statement), for a failure's message.
+async fn attempts_and_waits(client: &tokio_postgres::Client) -> String {
+    let attempts = "SELECT format('%s | %s | %s | %s', attempt, at, response_status, error) \
+                    FROM delivery_attempts ORDER BY at";
+    let waits = "SELECT format('%s | %s | %s | blocked by %s', application_name, wait_event, \
+                 query, pg_blocking_pids(pid)) FROM pg_stat_activity \
+                 WHERE datname = current_database() AND wait_event_type = 'Lock'";
+    let mut out = String::from("\nattempts recorded (attempt | at | status | error):");
+    for r in client.query(attempts, &[]).await.unwrap() {
+        out += &format!("\n  {}", r.get::<_, String>(0));
+    }
+    out += "\nsessions waiting for a lock:";
+    for r in client.query(waits, &[]).await.unwrap() {
+        out += &format!("\n  {}", r.get::<_, String>(0));
+    }
+    out
+}
+
+/// Until a session of the database waits for a lock that `holder`'s session holds (a lock wait
+/// of anything else, however short, does not count).
+async fn wait_for_a_lock(
+    client: &tokio_postgres::Client,
+    holder: &tokio_postgres::Client,
+    failed: &str,
+) {
+    let pid: i32 = holder
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let waits = format!(
+        "SELECT count(*) FROM pg_stat_activity \
+         WHERE datname = current_database() AND {pid} = ANY(pg_blocking_pids(pid))"
+    );
+    let waiting = || async { count(client, &waits).await >= 1 };
+    poll_until(waiting, failed).await;
 }
 
 /// Until `n` sessions of the database wait for a lock.
@@ -228,6 +262,7 @@ async fn change_racing_a_recorder(database: &str, change: &'static str) -> (Resp
     let client = db_at(&url).await;
     wait_for_a_lock(
         &client,
+        &hold,
         "recording the failure did not wait for the attempt log",
     )
     .await;

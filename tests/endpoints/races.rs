@@ -25,10 +25,18 @@ async fn a_stale_breaker_does_not_undo_a_resume_elsewhere() {
     // The third failure opens this node's circuit; writing that waits for the resume.
     wait_for_a_lock(
         &client,
+        &resume.0,
         "the third failure's health did not wait for the resume",
     )
     .await;
-    assert_eq!(recv.received().len(), 3);
+    let got = recv.received();
+    assert_eq!(
+        got.len(),
+        3,
+        "{}{}",
+        timeline(&got),
+        attempts_and_waits(&client).await
+    );
     recv.set_script(|_, _| Answer::status(200));
     resume.commit(id).await;
     let health = format!(
@@ -84,7 +92,12 @@ async fn a_hand_back_racing_a_resume_elsewhere_is_due_at_once() {
     // This node still goes by the open circuit: the retry is handed back, and recording that
     // waits for the resume's lock.
     let resume = resume_elsewhere(&url, id).await;
-    wait_for_a_lock(&client, "the hand-back did not wait for the resume").await;
+    wait_for_a_lock(
+        &client,
+        &resume.0,
+        "the hand-back did not wait for the resume",
+    )
+    .await;
     let got = recv.received();
     assert_eq!(
         got.len(),
@@ -138,7 +151,12 @@ async fn a_resume_elsewhere_and_a_recorder_never_wait_for_each_other() {
     let active = "UPDATE endpoints SET status = 0 WHERE id = $1::text::uuid";
     assert_eq!(resume.0.execute(active, &[&id]).await.unwrap(), 1);
     // The retry's failure is recorded meanwhile: that waits for the resume.
-    wait_for_a_lock(&client, "recording the failure did not wait for the resume").await;
+    wait_for_a_lock(
+        &client,
+        &resume.0,
+        "recording the failure did not wait for the resume",
+    )
+    .await;
     // The resume's own update of the parked deliveries, as `set_paused` makes it; a wait here
     // would be a deadlock (the lock timeout is below PostgreSQL's deadlock check, 1 s).
     resume
@@ -218,7 +236,7 @@ async fn a_pause_picked_as_a_deadlock_victim_is_run_again() {
         .unwrap();
     let (addr, k, path) = (s.addr, key.clone(), format!("/api/endpoints/{id}/pause"));
     let pause = tokio::spawn(async move { post_empty(addr, &k, &path).await });
-    wait_for_a_lock(&client, "the pause did not wait for the delivery").await;
+    wait_for_a_lock(&client, &other, "the pause did not wait for the delivery").await;
     // The cycle: PostgreSQL's check, 2.5 s after the pause began to wait, aborts the pause.
     let endpoint = format!("SELECT 1 FROM endpoints WHERE id = '{id}' FOR UPDATE");
     other.batch_execute(&endpoint).await.unwrap();
@@ -409,7 +427,12 @@ async fn a_redelivery_and_a_take_over_of_its_batch_never_deadlock() {
         .unwrap();
     let (addr, k, path) = (s.addr, key.clone(), format!("/api/events/{id}/redeliver"));
     let redeliver = tokio::spawn(async move { post_empty(addr, &k, &path).await });
-    wait_for_a_lock(&client, "the redelivery did not wait for the batch row").await;
+    wait_for_a_lock(
+        &client,
+        &take_over,
+        "the redelivery did not wait for the batch row",
+    )
+    .await;
     take_over
         .batch_execute(&format!(
             "INSERT INTO deliveries (event_id, endpoint_id, org_id, next_attempt_at) \
