@@ -141,7 +141,10 @@ struct Proxy {
     /// 5 and 6: as 3 and 4, for a delivery recorder's transaction only (one that copies rows,
     /// on a connection that asked for its transaction's id); 7: as 3, but that COMMIT (with
     /// what came with it) is dropped, never sent; 9: pass until the answer to a delivery claim
-    /// that took rows comes back (COMMIT's with it), then hold everything, that answer first.
+    /// that took rows comes back (COMMIT's with it), then hold everything, that answer first;
+    /// 10: hold the answers to the delivery pool's connections (known by their startup message),
+    /// pass the rest; 11: as 5, but then as 10 (COMMIT reaches PostgreSQL, its answer is held,
+    /// and everything else but the delivery pool's answers passes).
     mode: Arc<AtomicU8>,
     conns: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>>,
     /// Bumped by [`Proxy::reset`]: a connection made before ends at its next byte, either way.
@@ -285,7 +288,7 @@ impl Proxy {
         answer
     }
 
-    /// Whether `mode` (3, 4, 5, 6, 7 or 9: each turns into a pause once what it waits for went
+    /// Whether `mode` (3, 4, 5, 6, 7, 9 or 11: each turns into a pause once what it waits for went
     /// through), set before the request that makes it go, turned into a pause within `limit`.
     /// (Set before, not after: the request could go through first, most often under load.)
     async fn paused_from(&self, mode: u8, limit: Duration) -> bool {
@@ -352,8 +355,8 @@ async fn pump(
         writer |= to_database && !recorder && (copied || has(chunk, b"dedup_keys"));
         let now = mode.load(Ordering::SeqCst);
         let commit = has(chunk, b"COMMIT\0");
-        if recorder && copied && commit && now == 5 {
-            mode.store(2, Ordering::SeqCst);
+        if recorder && copied && commit && (now == 5 || now == 11) {
+            mode.store(if now == 5 { 2 } else { 10 }, Ordering::SeqCst);
             if to.write_all(chunk).await.is_err() {
                 return;
             }
@@ -1567,6 +1570,68 @@ async fn a_retry_told_of_a_delete_while_it_looked_at_its_endpoint_parks() {
     }
     assert_eq!(metric(&s, SCHEDULED).await, 0.0);
     assert_eq!(recv.received().len(), 1, "nothing more was sent");
+}
+
+/// A first attempt fails and its outcome is recorded (its COMMIT's answer slow); meanwhile the
+/// endpoint is paused. The pause's word comes after the attempt began (the delivery looked at its
+/// endpoint before it) and before the retry listens for changes: the retry must look before it
+/// waits and park (giving its row's lease up, so that a resume sends it at once), not wait until
+/// due (60 s) on what it saw before its attempt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_told_of_a_pause_while_its_failure_was_recorded_parks() {
+    const SCHEDULED: &str = "triggers_deliveries_waiting{reason=\"retry_scheduled\"}";
+    let proxy = Proxy::start().await;
+    // The first attempt is answered 500 after 500 ms; the next ones 200 at once.
+    let recv = Receiver::start(|_, before| match before {
+        0 => Answer {
+            delay: Duration::from_millis(500),
+            ..Answer::status(500)
+        },
+        _ => Answer::status(200),
+    })
+    .await;
+    let url = own_database("triggers_test_pause_while_recording").await;
+    let args = ["--allow-private-webhooks", "--retry-schedule", "60s"];
+    let s = Server::process_with_db(&args, &proxy.url_to(&url));
+    let (key, _) = new_org(s.addr, "pro").await;
+    let ep = create_endpoint(s.addr, &key, json!({"url": recv.url("/")})).await;
+    let path = format!("/api/endpoints/{}", ep["id"].as_str().unwrap());
+    let id = new_event_id(s.addr, &key, json!(1)).await;
+    recv.wait_until(Duration::from_secs(5), |r| r.len() == 1)
+        .await;
+    // Set while the attempt is in flight: its failure's COMMIT goes, the answer is held.
+    proxy.mode.store(11, Ordering::SeqCst);
+    assert!(
+        proxy.paused_from(11, Duration::from_secs(10)).await,
+        "the failure was not recorded"
+    );
+    let paused = post_empty(s.addr, &key, &format!("{path}/pause")).await;
+    assert_eq!(paused.status, 200, "{}", paused.text());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    proxy.restore();
+    let db = db_at(&url).await;
+    let parked = "SELECT count(*) FROM deliveries \
+                  WHERE next_attempt_at IS NULL AND lease_until IS NULL";
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while count(&db, parked).await != 1 {
+        assert!(
+            Instant::now() < deadline,
+            "the retry was not parked; waiting in memory: {}{}",
+            metric(&s, SCHEDULED).await,
+            deliveries_left(&url).await
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(metric(&s, SCHEDULED).await, 0.0);
+    assert_eq!(recv.received().len(), 1, "nothing more was sent");
+    let resumed = post_empty(s.addr, &key, &format!("{path}/resume")).await;
+    assert_eq!(resumed.status, 200, "{}", resumed.text());
+    recv.wait_until_or(
+        Duration::from_secs(5),
+        |r| r.iter().any(|x| x.event_id() == id && x.answered == 200),
+        || async { deliveries_left(&url).await },
+    )
+    .await;
 }
 
 /// A delivery waiting for its endpoint's open circuit is woken by a change and looks at the

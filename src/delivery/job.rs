@@ -85,17 +85,20 @@ pub(super) async fn run_job(
 ///
 /// It listens for the next change before it looks at the endpoint: a change made while the
 /// look is under way (whose answer may predate it: a load started before a delete committed)
-/// wakes it again, so it looks once more instead of waiting until due on what it saw.
+/// wakes it again, so it looks once more instead of waiting until due on what it saw. A change
+/// whose word came before it listened, since the job last began to look (during its attempt, or
+/// while the attempt's outcome was being recorded), is looked at before it waits.
 async fn until_due(shared: &Shared, job: &mut Job, runtime: &Arc<EndpointRuntime>) -> Option<Step> {
     let changed = runtime.changed.notified();
     tokio::pin!(changed);
     changed.as_mut().enable();
+    let mut unseen = runtime.changes() != job.looked;
     loop {
         let wait = Duration::from_micros((job.due.0 - Micros::now().0).max(0) as u64);
         if wait.is_zero() {
             return None;
         }
-        {
+        if !std::mem::take(&mut unseen) {
             let _w = shared.metrics.waiting(Waiting::Scheduled);
             let _n = runtime.not_yet();
             tokio::select! {
