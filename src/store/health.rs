@@ -35,11 +35,14 @@ pub async fn probe(ctx: Arc<StoreCtx>) {
         let _ = tokio::time::timeout(wait, ctx.health.kicked()).await;
         let (mut reached, mut ended) = (false, false);
         let mut result = check(&ctx, &mut conn, &mut reached, &mut ended).await;
-        if result.is_err() && ended {
+        if let (Err(first), true) = (&result, ended) {
             // A connection ended (its own, or a new one cut while it was being made: a pooler
             // restarted, connections reset): that says little of the database; a new one says
             // whether it is gone.
-            result = check(&ctx, &mut conn, &mut reached, &mut false).await;
+            let first = first.clone();
+            result = check(&ctx, &mut conn, &mut reached, &mut false)
+                .await
+                .map_err(|e| format!("{e} (on a new connection, after: {first})"));
         }
         ctx.health.set_reachable(reached);
         match result {

@@ -437,7 +437,7 @@ impl Server {
         let mut child = cmd.spawn().expect("start triggers");
         reap_at_exit(child.id());
         let log = Arc::new(Mutex::new(Vec::new()));
-        register_log(&log);
+        register_log(&log, false);
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let stdout = child.stdout.take().unwrap();
         let stderr = child.stderr.take().unwrap();
@@ -640,7 +640,7 @@ fn capture_log() -> Arc<Mutex<Vec<String>>> {
     static LOG: OnceLock<Arc<Mutex<Vec<String>>>> = OnceLock::new();
     Arc::clone(LOG.get_or_init(|| {
         let log = Arc::new(Mutex::new(Vec::new()));
-        register_log(&log);
+        register_log(&log, true);
         let sink = LogSink(Arc::clone(&log));
         let subscriber = tracing_subscriber::fmt()
             .event_format(triggers::logging::JsonLines)
@@ -671,21 +671,34 @@ impl std::io::Write for LogSink {
     }
 }
 
-/// Every server's log, so a failing test shows what the servers said.
-static LOGS: Mutex<Vec<Arc<Mutex<Vec<String>>>>> = Mutex::new(Vec::new());
+/// Every server's log with the test that started it (the name of the test's thread; `None`:
+/// the log of the servers run in this process, which every test shares), so a failing test
+/// shows what its servers said.
+type ServerLog = (Option<String>, Arc<Mutex<Vec<String>>>);
+static LOGS: Mutex<Vec<ServerLog>> = Mutex::new(Vec::new());
 
-fn register_log(log: &Arc<Mutex<Vec<String>>>) {
+/// Register `log`, of a server started by the current test (`shared`: of this process's own
+/// servers, every test's).
+fn register_log(log: &Arc<Mutex<Vec<String>>>, shared: bool) {
     static HOOK: std::sync::Once = std::sync::Once::new();
     HOOK.call_once(|| {
         let default = std::panic::take_hook();
         std::panic::set_hook(Box::new(move |info| {
             default(info);
+            let failing = std::thread::current().name().map(str::to_string);
             if let Ok(logs) = LOGS.try_lock() {
-                for (i, log) in logs.iter().enumerate() {
+                // The failing test's servers and the shared log; every server's when the panic
+                // is on a thread no test started a server from.
+                let own = logs.iter().any(|(test, _)| *test == failing);
+                for (i, (test, log)) in logs.iter().enumerate() {
+                    if own && test.is_some() && *test != failing {
+                        continue;
+                    }
                     if let Ok(log) = log.try_lock() {
                         let tail = log.len().saturating_sub(40);
+                        let by = test.as_deref().unwrap_or("this process, every test");
                         eprintln!(
-                            "--- server {i} log (last {} lines) ---\n{}",
+                            "--- server {i} log, started by {by} (last {} lines) ---\n{}",
                             log.len() - tail,
                             log[tail..].join("\n")
                         );
@@ -694,7 +707,8 @@ fn register_log(log: &Arc<Mutex<Vec<String>>>) {
             }
         }));
     });
-    LOGS.lock().unwrap().push(Arc::clone(log));
+    let test = (!shared).then(|| std::thread::current().name().unwrap_or("?").to_string());
+    LOGS.lock().unwrap().push((test, Arc::clone(log)));
 }
 
 /// Servers shared by a test file live in statics that are never dropped: kill every server this
