@@ -121,6 +121,10 @@ pub const IDLE_IN_TRANSACTION_MIN_MS: u64 = 1_000;
 pub const HEALTH_PROBE_EVERY_UP: Duration = Duration::from_secs(1);
 /// How often it checks one that is down (how soon writes resume after an outage).
 pub const HEALTH_PROBE_EVERY_DOWN: Duration = Duration::from_millis(200);
+/// The most checks one probe makes in a row while the connection of each ended under it (or was
+/// refused): resets in a row (a failover, a pooler's restart) say little of the database, and a
+/// database that refuses connections is found as soon (each refusal comes at once).
+pub const HEALTH_PROBE_CHECKS: u32 = 3;
 /// After a failed write the health flag stays down at least this long, whatever the probe finds.
 pub const HEALTH_DOWN_HOLD: Duration = Duration::from_millis(300);
 /// How often the LISTEN connection notifies itself a heartbeat (and, while it is down, how often

@@ -16,8 +16,8 @@ use tokio_postgres::{Client, NoTls};
 use super::ctx::StoreCtx;
 use super::stalled::Stalled;
 use crate::config::{
-    Config, CLOCK_OFFSET_WARN, CLOCK_STEP_CHECK_EVERY, HEALTH_PROBE_EVERY_DOWN,
-    HEALTH_PROBE_EVERY_UP,
+    Config, CLOCK_OFFSET_WARN, CLOCK_STEP_CHECK_EVERY, HEALTH_PROBE_CHECKS,
+    HEALTH_PROBE_EVERY_DOWN, HEALTH_PROBE_EVERY_UP,
 };
 use crate::db::{connection_lost, describe, pg_config, Part};
 use crate::ids::Micros;
@@ -35,14 +35,19 @@ pub async fn probe(ctx: Arc<StoreCtx>) {
         let _ = tokio::time::timeout(wait, ctx.health.kicked()).await;
         let (mut reached, mut ended) = (false, false);
         let mut result = check(&ctx, &mut conn, &mut reached, &mut ended).await;
-        if let (Err(first), true) = (&result, ended) {
-            // A connection ended (its own, or a new one cut while it was being made: a pooler
-            // restarted, connections reset): that says little of the database; a new one says
-            // whether it is gone.
-            let first = first.clone();
-            result = check(&ctx, &mut conn, &mut reached, &mut false)
-                .await
-                .map_err(|e| format!("{e} (on a new connection, after: {first})"));
+        // A connection ended (its own, or a new one cut while it was being made: a pooler
+        // restarted, connections reset): that says little of the database; a new one says
+        // whether it is gone (up to `HEALTH_PROBE_CHECKS` checks in all).
+        let mut earlier: Vec<String> = Vec::new();
+        while ended && earlier.len() + 1 < HEALTH_PROBE_CHECKS as usize {
+            let Err(e) = result else { break };
+            earlier.push(e);
+            ended = false;
+            result = check(&ctx, &mut conn, &mut reached, &mut ended).await;
+        }
+        if !earlier.is_empty() {
+            result = result
+                .map_err(|e| format!("{e} (on a new connection, after: {})", earlier.join("; ")));
         }
         ctx.health.set_reachable(reached);
         match result {
