@@ -736,7 +736,7 @@ async fn a_resolver_outage_spends_no_delivery_attempt() {
     }
     let waits = "triggers_delivery_waits_total{reason=\"unsent\"}";
     let deadline = Instant::now() + Duration::from_secs(10);
-    while metric_of(&s, waits).await < 2.0 {
+    while metric(&s, waits).await < 2.0 {
         assert!(Instant::now() < deadline, "no delivery waited for a lookup");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -802,18 +802,6 @@ async fn a_resolver_outage_spends_no_delivery_attempt() {
         .unwrap_or_default();
     assert!(error.contains("could not be looked up"), "{e}");
     let _ = std::fs::remove_dir_all(&dir);
-}
-
-/// A metric's value on the server's metrics port (NaN when it is not there).
-async fn metric_of(s: &Server, name: &str) -> f64 {
-    let text = call(s.metrics_addr.unwrap(), "GET", "/metrics", &[], None)
-        .await
-        .text();
-    text.lines()
-        .find(|l| l.starts_with(name))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(f64::NAN)
 }
 
 /// One answer while the disk is full: 201 (there was room after all) or 503 `unavailable` with
@@ -1029,7 +1017,7 @@ async fn a_fast_ack_batch_whose_commit_answer_was_lost_is_not_written_twice_nor_
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert_eq!(metric_of(&s, "triggers_events_dropped_total").await, 0.0);
+    assert_eq!(metric(&s, "triggers_events_dropped_total").await, 0.0);
     let r = get(s.addr, &key, &format!("/api/events/{id}")).await;
     assert_eq!(r.status, 200, "{}", r.text());
     let stored = count(
