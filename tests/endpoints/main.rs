@@ -215,11 +215,7 @@ async fn wait_for_a_lock(
     holder: &tokio_postgres::Client,
     failed: &str,
 ) {
-    let pid: i32 = holder
-        .query_one("SELECT pg_backend_pid()", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let pid = pid_of(holder).await;
     let waits = format!(
         "SELECT count(*) FROM pg_stat_activity \
          WHERE datname = current_database() AND {pid} = ANY(pg_blocking_pids(pid))"
@@ -228,12 +224,13 @@ async fn wait_for_a_lock(
     poll_until(waiting, failed).await;
 }
 
-/// Until `n` sessions of the database wait for a lock.
-async fn wait_for_locks(client: &tokio_postgres::Client, n: i64, failed: &str) {
-    let waits = "SELECT count(*) FROM pg_stat_activity \
-                 WHERE datname = current_database() AND wait_event_type = 'Lock'";
-    let waiting = || async { count(client, waits).await == n };
-    poll_until(waiting, failed).await;
+/// The backend process of `client`'s session.
+async fn pid_of(client: &tokio_postgres::Client) -> i32 {
+    client
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0)
 }
 
 /// A pause or a delete (`change`) while this node records a failed attempt whose delivery and
@@ -274,10 +271,26 @@ async fn change_racing_a_recorder(database: &str, change: &'static str) -> (Resp
             _ => delete(addr, &k, &path).await,
         }
     });
-    wait_for_locks(&client, 2, "the change did not wait for the recorder").await;
-    let waiting = "SELECT query FROM pg_stat_activity WHERE datname = current_database() \
-                   AND wait_event_type = 'Lock' AND query NOT LIKE '%delivery_attempts%'";
-    let query: String = client.query_one(waiting, &[]).await.unwrap().get(0);
+    // A session that waits for one that the attempt log's holder blocks: the change, held by
+    // the recorder.
+    let held = pid_of(&hold).await;
+    let waiting = format!(
+        "SELECT w.query FROM pg_stat_activity w \
+         WHERE w.datname = current_database() AND EXISTS ( \
+             SELECT 1 FROM pg_stat_activity r WHERE r.pid = ANY(pg_blocking_pids(w.pid)) \
+             AND {held} = ANY(pg_blocking_pids(r.pid)))"
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let query: String = loop {
+        if let Some(row) = client.query(&waiting, &[]).await.unwrap().first() {
+            break row.get(0);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the change did not wait for the recorder"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
     assert!(
         query.contains("FROM endpoints") && query.contains("FOR UPDATE"),
         "the {change} waits for the endpoint, not for a delivery: {query}"
