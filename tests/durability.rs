@@ -1107,11 +1107,7 @@ async fn node_with_long_leases(
     ];
     args.extend(extra);
     let url = own_database(database).await;
-    let s = Server::process_with_db(&args, &proxy.url_to(&url));
-    let (key, _) = new_org(s.addr, "pro").await;
-    let ep = create_endpoint(s.addr, &key, json!({"url": recv.url("/")})).await;
-    let path = format!("/api/endpoints/{}", ep["id"].as_str().unwrap());
-    (s, key, path)
+    endpoint_behind(proxy, &url, &args, recv).await
 }
 
 /// Once the claim that mode 9 (set before what makes it claim) waits for has taken rows and its
@@ -1535,6 +1531,44 @@ async fn change_while_a_look_is_held(
     proxy.restore();
 }
 
+/// A node with `args` on database `url` through `proxy`, an organization's key, and the path
+/// of its endpoint that posts to `recv`.
+async fn endpoint_behind(
+    proxy: &Proxy,
+    url: &str,
+    args: &[&str],
+    recv: &Receiver,
+) -> (Server, String, String) {
+    let s = Server::process_with_db(args, &proxy.url_to(url));
+    let (key, _) = new_org(s.addr, "pro").await;
+    let ep = create_endpoint(s.addr, &key, json!({"url": recv.url("/")})).await;
+    let path = format!("/api/endpoints/{}", ep["id"].as_str().unwrap());
+    (s, key, path)
+}
+
+/// Retries waiting in memory for their time.
+const SCHEDULED: &str = "triggers_deliveries_waiting{reason=\"retry_scheduled\"}";
+
+/// The retry waiting in memory on node `s` (database `url`) for the one delivery there is
+/// parked within 5 s, its row's lease given up and nothing more sent to `recv`.
+async fn the_retry_parks(s: &Server, url: &str, recv: &Receiver) {
+    let db = db_at(url).await;
+    let parked = "SELECT count(*) FROM deliveries \
+                  WHERE next_attempt_at IS NULL AND lease_until IS NULL";
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while count(&db, parked).await != 1 {
+        assert!(
+            Instant::now() < deadline,
+            "the retry was not parked; waiting in memory: {}{}",
+            metric(s, SCHEDULED).await,
+            deliveries_left(url).await
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(metric(s, SCHEDULED).await, 0.0);
+    assert_eq!(recv.received().len(), 1, "nothing more was sent");
+}
+
 /// A retry waiting in memory is woken by a change to its organization and looks at its
 /// endpoint; the look's answer (read before what comes next) is slow, and meanwhile the endpoint
 /// is deleted. The delete's word comes while the retry is looking: it must look again and park
@@ -1544,34 +1578,16 @@ async fn change_while_a_look_is_held(
 /// failed 3 of 3 runs.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_retry_told_of_a_delete_while_it_looked_at_its_endpoint_parks() {
-    const SCHEDULED: &str = "triggers_deliveries_waiting{reason=\"retry_scheduled\"}";
     let proxy = Proxy::start().await;
     let recv = Receiver::start(|_, _| Answer::status(500)).await;
     let url = own_database("triggers_test_delete_while_looking").await;
     let args = ["--allow-private-webhooks", "--retry-schedule", "60s"];
-    let s = Server::process_with_db(&args, &proxy.url_to(&url));
-    let (key, _) = new_org(s.addr, "pro").await;
-    let ep = create_endpoint(s.addr, &key, json!({"url": recv.url("/")})).await;
-    let path = format!("/api/endpoints/{}", ep["id"].as_str().unwrap());
+    let (s, key, path) = endpoint_behind(&proxy, &url, &args, &recv).await;
     new_event_id(s.addr, &key, json!(1)).await;
     metric_reaches(&s, SCHEDULED, 1.0, "the retry never waited in memory").await;
     change_while_a_look_is_held(&proxy, &s, &key, &path, delete(s.addr, &key, &path)).await;
-    let db = db_at(&url).await;
     // The delete parks the row (`next_attempt_at`); the retry gives its lease up as it parks.
-    let parked = "SELECT count(*) FROM deliveries \
-                  WHERE next_attempt_at IS NULL AND lease_until IS NULL";
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while count(&db, parked).await != 1 {
-        assert!(
-            Instant::now() < deadline,
-            "the retry was not parked; waiting in memory: {}{}",
-            metric(&s, SCHEDULED).await,
-            deliveries_left(&url).await
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert_eq!(metric(&s, SCHEDULED).await, 0.0);
-    assert_eq!(recv.received().len(), 1, "nothing more was sent");
+    the_retry_parks(&s, &url, &recv).await;
 }
 
 /// A first attempt fails and its outcome is recorded (its COMMIT's answer slow); meanwhile the
@@ -1581,7 +1597,6 @@ async fn a_retry_told_of_a_delete_while_it_looked_at_its_endpoint_parks() {
 /// due (60 s) on what it saw before its attempt.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_retry_told_of_a_pause_while_its_failure_was_recorded_parks() {
-    const SCHEDULED: &str = "triggers_deliveries_waiting{reason=\"retry_scheduled\"}";
     let proxy = Proxy::start().await;
     // The first attempt is answered 500 after 500 ms; the next ones 200 at once.
     let recv = Receiver::start(|_, before| match before {
@@ -1594,10 +1609,7 @@ async fn a_retry_told_of_a_pause_while_its_failure_was_recorded_parks() {
     .await;
     let url = own_database("triggers_test_pause_while_recording").await;
     let args = ["--allow-private-webhooks", "--retry-schedule", "60s"];
-    let s = Server::process_with_db(&args, &proxy.url_to(&url));
-    let (key, _) = new_org(s.addr, "pro").await;
-    let ep = create_endpoint(s.addr, &key, json!({"url": recv.url("/")})).await;
-    let path = format!("/api/endpoints/{}", ep["id"].as_str().unwrap());
+    let (s, key, path) = endpoint_behind(&proxy, &url, &args, &recv).await;
     let id = new_event_id(s.addr, &key, json!(1)).await;
     recv.wait_until(Duration::from_secs(5), |r| r.len() == 1)
         .await;
@@ -1611,21 +1623,7 @@ async fn a_retry_told_of_a_pause_while_its_failure_was_recorded_parks() {
     assert_eq!(paused.status, 200, "{}", paused.text());
     tokio::time::sleep(Duration::from_millis(300)).await;
     proxy.restore();
-    let db = db_at(&url).await;
-    let parked = "SELECT count(*) FROM deliveries \
-                  WHERE next_attempt_at IS NULL AND lease_until IS NULL";
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while count(&db, parked).await != 1 {
-        assert!(
-            Instant::now() < deadline,
-            "the retry was not parked; waiting in memory: {}{}",
-            metric(&s, SCHEDULED).await,
-            deliveries_left(&url).await
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert_eq!(metric(&s, SCHEDULED).await, 0.0);
-    assert_eq!(recv.received().len(), 1, "nothing more was sent");
+    the_retry_parks(&s, &url, &recv).await;
     let resumed = post_empty(s.addr, &key, &format!("{path}/resume")).await;
     assert_eq!(resumed.status, 200, "{}", resumed.text());
     recv.wait_until_or(
@@ -1654,10 +1652,7 @@ async fn a_delivery_told_of_a_resume_while_it_looked_at_its_endpoint_goes() {
         "--circuit-failures",
         "2",
     ];
-    let s = Server::process_with_db(&args, &proxy.url_to(&url));
-    let (key, _) = new_org(s.addr, "pro").await;
-    let ep = create_endpoint(s.addr, &key, json!({"url": recv.url("/")})).await;
-    let path = format!("/api/endpoints/{}", ep["id"].as_str().unwrap());
+    let (s, key, path) = endpoint_behind(&proxy, &url, &args, &recv).await;
     // Two failures open the circuit (for 30 s); the event's next retry waits for it.
     let id = new_event_id(s.addr, &key, json!(1)).await;
     recv.wait_until(Duration::from_secs(10), |r| r.len() == 2)
