@@ -38,6 +38,21 @@ pub const LISTEN_BACKLOG: i32 = 4096;
 pub const URING_ENTRIES: u32 = 4096;
 /// Pause after a failed accept (EMFILE and friends) instead of spinning.
 pub const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
+/// While accepts keep failing, a core logs it at most this often (with how many failed).
+pub const ACCEPT_ERROR_LOG_EVERY: Duration = Duration::from_secs(10);
+/// File descriptors kept for the process itself whatever its settings: standard streams, log
+/// files, the runtimes' own (epoll, eventfds, timers, signal pipe), DNS lookups, migrations,
+/// `/proc` reads. An idle node with one ingress core holds 13 such (measured).
+pub const DESCRIPTORS_FIXED: usize = 64;
+/// File descriptors of each ingress core besides its connections: its listeners, its ring or
+/// epoll instance and its wake-up eventfd.
+pub const DESCRIPTORS_PER_CORE: usize = 4;
+/// Database connections beside the pools': the NOTIFY listener, the health probe, the
+/// retention rounds, and one spare.
+pub const DATABASE_CONNECTIONS_BESIDE_POOLS: usize = 4;
+/// Connections per ingress core however low the open files limit: below it the node would
+/// serve nearly nothing.
+pub const CONNECTIONS_PER_CORE_MIN: usize = 16;
 /// Longest text field (type, dedup id, organization name), in Unicode characters.
 pub const TEXT_FIELD_CHARS_MAX: usize = 255;
 /// Patterns one endpoint may have.
@@ -584,7 +599,7 @@ options! {
     body_timeout_ms: u64 = "30000", "body-timeout-ms", "TRIGGERS_BODY_TIMEOUT_MS";
     /// An idle keep-alive connection is closed after this many ms.
     idle_timeout_ms: u64 = "75000", "idle-timeout-ms", "TRIGGERS_IDLE_TIMEOUT_MS";
-    /// Open connections per ingress core; beyond this new ones get 503 and are closed.
+    /// Open connections per ingress core; beyond this new ones get 503 and are closed. Lowered at start to what the open-files limit holds beside the node's own descriptors (logged).
     connections_per_core_max: usize = "20000", "connections-per-core-max", "TRIGGERS_CONNECTIONS_PER_CORE_MAX";
     /// Recent dedup ids remembered per core (about 40 bytes each) to answer repeats without a query.
     dedup_window_entries: usize = "65536", "dedup-window-entries", "TRIGGERS_DEDUP_WINDOW_ENTRIES";
@@ -1030,6 +1045,40 @@ impl Config {
         RECORDERS + DELIVERY_POOL_EXTRA_CONNECTIONS
     }
 
+    /// Connections to PostgreSQL this node opens, at most.
+    pub fn database_connections_max(&self) -> usize {
+        self.store_writers
+            + self.store_pool_size
+            + self.delivery_pool_size()
+            + DATABASE_CONNECTIONS_BESIDE_POOLS
+    }
+
+    /// File descriptors the node needs besides its API connections: its database connections,
+    /// a connection for each delivery in flight and one for each idle connection the delivery
+    /// client keeps (as many), and the process's own.
+    pub fn descriptors_reserved(&self) -> usize {
+        self.database_connections_max()
+            + 2 * self.delivery_concurrency
+            + DESCRIPTORS_FIXED
+            + DESCRIPTORS_PER_CORE * self.ingress_cores
+    }
+
+    /// API connections per ingress core within an open files limit of `open_files`: what is
+    /// left after [`Config::descriptors_reserved`], shared by the cores, at most
+    /// `--connections-per-core-max` and at least [`CONNECTIONS_PER_CORE_MIN`] (or that option,
+    /// if lower). A flood of connections is then answered 503 while the database and the
+    /// deliveries still have the descriptors they need, instead of making the accept fail
+    /// (EMFILE: the connection waits unanswered) and every reconnect to PostgreSQL with it.
+    pub fn connections_within(&self, open_files: u64) -> usize {
+        let left = open_files.saturating_sub(self.descriptors_reserved() as u64);
+        // At least one core: a configuration not yet resolved (`--version`) says 0.
+        let cores = self.ingress_cores.max(1) as u64;
+        let per_core = usize::try_from(left / cores).unwrap_or(usize::MAX);
+        per_core
+            .max(CONNECTIONS_PER_CORE_MIN)
+            .min(self.connections_per_core_max)
+    }
+
     /// Deliveries one endpoint may hold in memory; the rest wait in the database.
     pub fn delivery_endpoint_in_memory_max(&self) -> usize {
         (self.delivery_endpoint_concurrency * DELIVERY_ENDPOINT_IN_MEMORY_PER_SLOT)
@@ -1141,6 +1190,41 @@ mod tests {
         let env = [DB, ("TRIGGERS_BATCH_OVERLAP_US", "2500")];
         assert_eq!(parse(&[], &env).unwrap().1.batch_overlap_us, Some(2500));
         assert!(parse(&["--batch-overlap-us", "soon"], &[DB]).is_err());
+    }
+
+    #[test]
+    fn connections_per_core_leave_the_reserved_descriptors_of_the_open_files_limit() {
+        let args = [
+            "--ingress-cores",
+            "2",
+            "--store-writers",
+            "2",
+            "--store-pool-size",
+            "8",
+            "--delivery-concurrency",
+            "100",
+        ];
+        let (_, c) = parse(&args, &[DB]).unwrap();
+        // 2 + 8 + 5 + 4 database connections, 200 for deliveries, 64 fixed, 8 for the cores.
+        assert_eq!(c.database_connections_max(), 19);
+        assert_eq!(c.descriptors_reserved(), 291);
+        // A limit far above the option's: the option.
+        assert_eq!(c.connections_within(1 << 20), 20_000);
+        assert_eq!(c.connections_within(u64::MAX), 20_000);
+        // Below it: what is left, shared by the cores.
+        assert_eq!(c.connections_within(4096), (4096 - 291) / 2);
+        assert_eq!(c.connections_within(291 + 2 * 500 + 1), 500);
+        // A limit that does not even hold the reserve: the floor.
+        assert_eq!(c.connections_within(300), CONNECTIONS_PER_CORE_MIN);
+        assert_eq!(c.connections_within(0), CONNECTIONS_PER_CORE_MIN);
+        // An option below the floor stays.
+        let (_, c) = parse(
+            &[&args[..], &["--connections-per-core-max", "3"]].concat(),
+            &[DB],
+        )
+        .unwrap();
+        assert_eq!(c.connections_within(0), 3);
+        assert_eq!(c.connections_within(1 << 20), 3);
     }
 
     #[test]

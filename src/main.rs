@@ -3,7 +3,7 @@
 use std::io::Write;
 use std::process::ExitCode;
 
-use triggers::config::{Command, Config};
+use triggers::config::{Command, Config, CONNECTIONS_PER_CORE_MIN};
 use triggers::ingress::listen;
 use triggers::server;
 
@@ -104,27 +104,46 @@ fn migrate(config: &Config) -> Result<(), String> {
     Ok(())
 }
 
-fn serve(config: Config) -> Result<(), String> {
+fn serve(mut config: Config) -> Result<(), String> {
     triggers::logging::install_panic_hook();
     match server::raise_open_files_limit() {
-        Ok((before, after)) => tracing::info!(before, after, "open files limit"),
+        Ok((before, after)) => {
+            tracing::info!(before, after, "open files limit");
+            fit_connections(&mut config, after);
+        }
         Err(e) => tracing::warn!(error = %e, "could not raise the open files limit"),
     }
-    let connections = config.ingress_cores * config.connections_per_core_max;
     let listeners =
         listen::bind(&config).map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
-    if let Ok((_, limit)) = server::raise_open_files_limit() {
-        if (limit as usize) < connections {
-            tracing::warn!(
-                limit,
-                connections,
-                "the open files limit is below the connection limits; raise its hard limit"
-            );
-        }
-    }
     let running = server::run(config, listeners, signals())?;
     running.finish();
     Ok(())
+}
+
+/// Lower the connections per core to what the open files limit holds beside the descriptors
+/// the node keeps for its database and deliveries (`Config::connections_within`), and say so.
+fn fit_connections(config: &mut Config, open_files: u64) {
+    let reserved = config.descriptors_reserved();
+    if open_files < (reserved + config.ingress_cores * CONNECTIONS_PER_CORE_MIN) as u64 {
+        tracing::warn!(
+            open_files,
+            reserved,
+            "the open files limit barely holds what the database connections and deliveries \
+             need; raise its hard limit (ulimit -Hn, systemd's LimitNOFILE) or lower \
+             --delivery-concurrency"
+        );
+    }
+    let per_core = config.connections_within(open_files);
+    if per_core < config.connections_per_core_max {
+        tracing::warn!(
+            open_files,
+            reserved,
+            connections_per_core = per_core,
+            "connections per core lowered to fit the open files limit; more get 503; raise its \
+             hard limit (ulimit -Hn, systemd's LimitNOFILE) for more"
+        );
+        config.connections_per_core_max = per_core;
+    }
 }
 
 /// Resolves at the first SIGTERM or SIGINT. Its handlers are installed when the server first

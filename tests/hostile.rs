@@ -276,3 +276,125 @@ async fn forwarded_for_is_the_client_address_only_when_trusted() {
         assert_eq!(other, if trusted { 401 } else { 429 }, "trusted: {trusted}");
     }
 }
+
+#[tokio::test]
+async fn a_flood_of_connections_gets_503_and_leaves_the_database_and_deliveries_descriptors() {
+    // Proves: under an open files limit, connections beyond what it holds beside the descriptors
+    // the node keeps for itself are answered 503 at once (not left unanswered in the backlog by
+    // a failing accept), and while the flood holds every connection it can, the node still
+    // reconnects to PostgreSQL and opens a connection to a receiver.
+    const LIMIT: usize = 200;
+    let db = own_database("triggers_test_open_files").await;
+    let recv = Receiver::start(|_, _| Answer::status(200)).await;
+    let nofile = format!("--nofile={LIMIT}:{LIMIT}");
+    // Reserved: 2 + 2 + 5 + 4 database connections, 2 × 8 for deliveries, 64, 2 × 4 for the
+    // cores: 101; (200 − 101) / 2 = 49 connections per core.
+    let args = [
+        "--store-writers",
+        "2",
+        "--store-pool-size",
+        "2",
+        "--delivery-concurrency",
+        "8",
+        "--allow-private-webhooks",
+    ];
+    let s = Server::process_wrapped(&["prlimit", &nofile, "--"], &args, &db);
+    let lowered = s.log_lines("connections per core lowered");
+    assert_eq!(lowered.len(), 1, "{lowered:?}");
+    let lowered: serde_json::Value = serde_json::from_str(&lowered[0]).unwrap();
+    assert_eq!(lowered["connections_per_core"], 49, "{lowered}");
+    let (key, _) = new_org(s.addr, "pro").await;
+    let r = post(
+        s.addr,
+        &key,
+        "/api/webhook/config",
+        &json!({"webhook_url": recv.url("/hook")}),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+
+    // A refused connection is answered at once without a request; a served one says nothing.
+    let mut opened = tokio::task::JoinSet::new();
+    for _ in 0..LIMIT {
+        let mut conn = Conn::open(s.addr).await;
+        opened.spawn(async move {
+            let answer = tokio::time::timeout(Duration::from_secs(2), conn.read()).await;
+            (conn, answer.ok().flatten())
+        });
+    }
+    let mut served = Vec::new();
+    while let Some(done) = opened.join_next().await {
+        let (conn, answer) = done.unwrap();
+        match answer {
+            None => served.push(conn),
+            Some(r) => {
+                assert_eq!(r.status, 503, "{}", r.text());
+                assert_eq!(error_code(&r), "overloaded");
+                assert!(r.text().contains("too many connections"), "{}", r.text());
+                assert_eq!(r.header("retry-after"), Some("1"));
+            }
+        }
+    }
+    assert!(
+        served.len() <= 2 * 49,
+        "{} of {LIMIT} connections not answered (served, or waiting unaccepted): the limit did not hold",
+        served.len()
+    );
+    assert!(!served.is_empty());
+
+    // Every connection to PostgreSQL ends (a restart, a failover): the node makes them again.
+    let admin = db_at(&db).await;
+    admin
+        .execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE datname = current_database() AND pid <> pg_backend_pid()",
+            &[],
+        )
+        .await
+        .unwrap();
+    let body = serde_json::to_vec(&json!({"type": "t", "payload": {}, "dedup_id": "d1"})).unwrap();
+    let headers = [
+        ("X-API-Key", key.as_str()),
+        ("Content-Type", "application/json"),
+    ];
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let id = 'posted: loop {
+        for conn in served.iter_mut() {
+            let r = conn
+                .call("POST", "/api/events", &headers, Some(&body))
+                .await;
+            if r.status == 201 || r.status == 409 {
+                break 'posted r.json()["id"].as_str().unwrap_or_default().to_string();
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no event taken within 15 s of the reconnect; the last answer: {} {}",
+                r.status,
+                r.text()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    let id = if id.is_empty() {
+        // A 409: the first try committed; its id is the stored one.
+        let client = db_at(&db).await;
+        let row = client
+            .query_one("SELECT id::text FROM events WHERE dedup_id = 'd1'", &[])
+            .await
+            .unwrap();
+        row.get::<_, String>(0)
+    } else {
+        id
+    };
+    // The delivery needs a new connection to the receiver.
+    recv.wait_until_or(
+        Duration::from_secs(20),
+        |got| got.iter().any(|r| r.event_id() == id),
+        || deliveries_left(&db),
+    )
+    .await;
+    assert!(
+        !s.logged("accept failed").await,
+        "no accept ran out of descriptors"
+    );
+}

@@ -38,6 +38,11 @@ fuzz_target!(|data: &[u8]| {
     ] {
         assert!(s <= TIME_OPTION_MAX.as_secs(), "{s}");
     }
+    // Connections per core within any open files limit: within the option and above 0.
+    for open_files in [0, 1, 1024, c.descriptors_reserved() as u64, 1 << 20, u64::MAX] {
+        let per_core = c.connections_within(open_files);
+        assert!((1..=c.connections_per_core_max).contains(&per_core), "{per_core}");
+    }
     std::hint::black_box((
         c.batch_body_max(),
         c.query_jobs_running_max(),

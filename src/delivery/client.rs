@@ -509,7 +509,8 @@ pub struct Client {
     connector: SafeConnector,
     tls: TlsConnector,
     idle: Mutex<Idle>,
-    /// Idle connections kept per origin at most.
+    /// Idle connections kept at most, all origins together (each is a file descriptor; a node
+    /// delivering to many hosts would otherwise keep one to each for the idle timeout).
     max_idle: usize,
     /// How long an idle connection is kept.
     idle_timeout: Duration,
@@ -523,13 +524,35 @@ struct Idle {
     // the list and the attempts that use it; a box moves as a pointer.
     #[allow(clippy::vec_box)]
     by_origin: HashMap<Arc<str>, Vec<Box<Conn>>, ahash::RandomState>,
+    /// Connections in `by_origin`, all together.
+    kept: usize,
     /// When idle connections past their time were last closed, for every origin.
     swept: Option<Instant>,
 }
 
+impl Idle {
+    /// Take out the connection idle longest, of any origin (each origin's oldest is its first).
+    /// Every list kept holds a connection, so this looks at no more origins than connections
+    /// are kept (`max_idle`).
+    fn oldest(&mut self) -> Option<Box<Conn>> {
+        let (origin, conns) = self
+            .by_origin
+            .iter_mut()
+            .filter(|(_, conns)| !conns.is_empty())
+            .min_by_key(|(_, conns)| conns[0].idle_since)?;
+        let conn = conns.remove(0);
+        if conns.is_empty() {
+            let origin = Arc::clone(origin);
+            self.by_origin.remove(&origin);
+        }
+        self.kept -= 1;
+        Some(conn)
+    }
+}
+
 impl Client {
     /// A client over `connector` (TLS by rustls with the webpki roots for https) keeping at
-    /// most `max_idle` idle connections per origin, each for at most `idle_timeout`.
+    /// most `max_idle` idle connections in all, each for at most `idle_timeout`.
     pub fn new(
         connector: SafeConnector,
         max_idle: usize,
@@ -568,7 +591,9 @@ impl Client {
     #[cfg(test)]
     fn idle(&self) -> usize {
         let idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        idle.by_origin.values().map(Vec::len).sum()
+        let kept = idle.by_origin.values().map(Vec::len).sum();
+        assert_eq!(idle.kept, kept, "the count of kept connections is right");
+        kept
     }
 
     /// Send `request` (the whole of it, starting with [`Target::head`]) to `target` and read the
@@ -608,28 +633,44 @@ impl Client {
     fn take(&self, origin: &Arc<str>) -> Option<Box<Conn>> {
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         let conns = idle.by_origin.get_mut(origin)?;
+        let mut taken = 0;
+        let mut found = None;
         while let Some(conn) = conns.pop() {
+            taken += 1;
             if conn.idle_since.elapsed() < self.idle_timeout {
-                return Some(conn);
+                found = Some(conn);
+                break;
             }
         }
-        None
+        if conns.is_empty() {
+            // No empty lists stay: `Idle::oldest` looks at every origin kept.
+            idle.by_origin.remove(origin);
+        }
+        idle.kept -= taken;
+        found
     }
 
-    /// Keep a connection for the next request to `origin`, or close it when `max_idle` are kept.
+    /// Keep a connection for the next request to `origin`; when `max_idle` are kept, the one
+    /// idle longest (of any origin) is closed for it.
     fn put_back(&self, origin: &Arc<str>, conn: Box<Conn>) {
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        let conns = match idle.by_origin.get_mut(origin) {
-            Some(conns) => conns,
-            None => idle.by_origin.entry(Arc::clone(origin)).or_default(),
+        let oldest = if idle.kept >= self.max_idle {
+            idle.oldest()
+        } else {
+            None
         };
-        if conns.len() < self.max_idle {
-            conns.push(conn);
-            return;
+        idle.kept += 1;
+        match idle.by_origin.get_mut(origin) {
+            Some(conns) => conns.push(conn),
+            None => idle
+                .by_origin
+                .entry(Arc::clone(origin))
+                .or_default()
+                .push(conn),
         }
         drop(idle);
         // Closed outside the lock.
-        drop(conn);
+        drop(oldest);
     }
 
     /// Close idle connections past their time, for every origin, at most once every quarter of
@@ -656,6 +697,7 @@ impl Client {
             expired.extend(conns.drain(..old));
             !conns.is_empty()
         });
+        idle.kept -= expired.len();
         drop(idle);
         // Closed outside the lock.
         drop(expired);
@@ -919,6 +961,35 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(300)).await;
         c.sweep();
         assert_eq!(c.idle(), 0);
+    }
+
+    #[tokio::test]
+    async fn at_most_max_idle_connections_are_kept_in_all_and_the_oldest_goes_first() {
+        // Three receivers, three origins, room for two idle connections in all.
+        let (a, b, d) = (
+            receiver(OK, Duration::ZERO).await,
+            receiver(OK, Duration::ZERO).await,
+            receiver(OK, Duration::ZERO).await,
+        );
+        let c = client(2, Duration::from_secs(60));
+        for (uri, _) in [&a, &b] {
+            send(&c, uri, 1024).await.unwrap();
+        }
+        assert_eq!(c.idle(), 2);
+        // A third origin's connection closes the one idle longest: a's.
+        send(&c, &d.0, 1024).await.unwrap();
+        assert_eq!(c.idle(), 2);
+        send(&c, &b.0, 1024).await.unwrap();
+        assert_eq!(b.1.load(Ordering::SeqCst), 1, "b's was kept and reused");
+        send(&c, &a.0, 1024).await.unwrap();
+        assert_eq!(a.1.load(Ordering::SeqCst), 2, "a's had been closed");
+        // a's new one closed d's, now the oldest; b's stays.
+        assert_eq!(c.idle(), 2);
+        send(&c, &b.0, 1024).await.unwrap();
+        send(&c, &d.0, 1024).await.unwrap();
+        assert_eq!(b.1.load(Ordering::SeqCst), 1);
+        assert_eq!(d.1.load(Ordering::SeqCst), 2);
+        assert_eq!(c.idle(), 2);
     }
 
     #[tokio::test]

@@ -7,7 +7,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use super::conn;
 use super::core::{run_mailbox, CoreCtx};
@@ -16,8 +16,8 @@ use super::response::DateCache;
 use crate::auth::flight::Flights;
 use crate::auth::KeyCache;
 use crate::config::{
-    Config, IoDriver, ACCEPT_BACKOFF, LISTEN_BACKLOG, PORT_RELEASE_WAIT, RATE_REPORT_EVERY,
-    URING_ENTRIES,
+    Config, IoDriver, ACCEPT_BACKOFF, ACCEPT_ERROR_LOG_EVERY, LISTEN_BACKLOG, PORT_RELEASE_WAIT,
+    RATE_REPORT_EVERY, URING_ENTRIES,
 };
 use crate::deadline::Deadlines;
 use crate::flow::sink::StoreQueues;
@@ -430,7 +430,44 @@ async fn tick(ctx: Rc<CoreCtx>) {
     }
 }
 
+/// The accept errors of one listener: logged when they start, then at most every
+/// `ACCEPT_ERROR_LOG_EVERY` with how many there were (a core out of file descriptors fails an
+/// accept every `ACCEPT_BACKOFF`, which would be 20 lines a second), and when accepts work again.
+#[derive(Default)]
+struct AcceptErrors {
+    /// Failed accepts since the last line.
+    unlogged: u64,
+    /// When the errors started and when the last line was written, while they go on.
+    since: Option<(Instant, Instant)>,
+}
+
+impl AcceptErrors {
+    /// An accept failed at `now`: how many failed since the last line, if a line is due.
+    fn failed(&mut self, now: Instant) -> Option<u64> {
+        self.unlogged += 1;
+        match &mut self.since {
+            Some((_, logged)) if now.duration_since(*logged) < ACCEPT_ERROR_LOG_EVERY => None,
+            Some((_, logged)) => {
+                *logged = now;
+                Some(std::mem::take(&mut self.unlogged))
+            }
+            None => {
+                self.since = Some((now, now));
+                Some(std::mem::take(&mut self.unlogged))
+            }
+        }
+    }
+
+    /// An accept worked: if errors came before it, when they started and how many were not
+    /// logged (no clock read on the way of every accept).
+    fn accepted(&mut self) -> Option<(Instant, u64)> {
+        let (started, _) = self.since.take()?;
+        Some((started, std::mem::take(&mut self.unlogged)))
+    }
+}
+
 async fn accept_loop(ctx: Rc<CoreCtx>, listener: monoio::net::TcpListener, metrics_only: bool) {
+    let mut errors = AcceptErrors::default();
     loop {
         let accepted = match race(listener.accept(), ctx.shutdown.wait()).await {
             Either::Left(r) => r,
@@ -438,6 +475,13 @@ async fn accept_loop(ctx: Rc<CoreCtx>, listener: monoio::net::TcpListener, metri
         };
         match accepted {
             Ok((stream, peer)) => {
+                if let Some((started, unlogged)) = errors.accepted() {
+                    tracing::info!(
+                        lasted_ms = started.elapsed().as_millis() as u64,
+                        failed_since_last_line = unlogged,
+                        "accepting connections again"
+                    );
+                }
                 if ctx.connections.get() >= ctx.config.connections_per_core_max {
                     monoio::spawn(conn::refuse(Rc::clone(&ctx), stream));
                     continue;
@@ -446,7 +490,15 @@ async fn accept_loop(ctx: Rc<CoreCtx>, listener: monoio::net::TcpListener, metri
             }
             Err(e) => {
                 // EMFILE and friends: back off instead of spinning.
-                tracing::warn!(error = %e, "accept failed");
+                if let Some(failed) = errors.failed(Instant::now()) {
+                    tracing::warn!(
+                        error = %e,
+                        failed,
+                        backoff_ms = ACCEPT_BACKOFF.as_millis() as u64,
+                        "accept failed; trying again after the backoff (at the open files \
+                         limit: raise its hard limit or lower --connections-per-core-max)"
+                    );
+                }
                 monoio::time::sleep(ACCEPT_BACKOFF).await;
             }
         }
@@ -455,7 +507,37 @@ async fn accept_loop(ctx: Rc<CoreCtx>, listener: monoio::net::TcpListener, metri
 
 #[cfg(test)]
 mod tests {
-    use super::{allowed_cpus, pin_to_cpu, sched_attr, set_slice};
+    use super::{allowed_cpus, pin_to_cpu, sched_attr, set_slice, AcceptErrors};
+    use crate::config::{ACCEPT_BACKOFF, ACCEPT_ERROR_LOG_EVERY};
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn accept_errors_are_logged_when_they_start_then_seldom_and_when_they_end() {
+        let mut errors = AcceptErrors::default();
+        let start = Instant::now();
+        assert_eq!(errors.accepted(), None, "no errors, nothing to say");
+        // A core out of descriptors fails an accept every backoff: 20 a second.
+        let at = |i: u32| start + ACCEPT_BACKOFF * i;
+        let per_line = (ACCEPT_ERROR_LOG_EVERY.as_millis() / ACCEPT_BACKOFF.as_millis()) as u32;
+        let lines: Vec<(u32, u64)> = (0..3 * per_line + 5)
+            .filter_map(|i| errors.failed(at(i)).map(|n| (i, n)))
+            .collect();
+        assert_eq!(
+            lines,
+            [
+                (0, 1),
+                (per_line, u64::from(per_line)),
+                (2 * per_line, u64::from(per_line)),
+                (3 * per_line, u64::from(per_line)),
+            ],
+            "the first error, then one line a period with the count"
+        );
+        let end = at(3 * per_line + 5);
+        assert_eq!(errors.accepted(), Some((start, 4)));
+        assert_eq!(errors.accepted(), None, "said once");
+        // The next episode starts over.
+        assert_eq!(errors.failed(end + Duration::from_millis(1)), Some(1));
+    }
 
     fn allowed() -> Vec<usize> {
         allowed_cpus().expect("the affinity mask is readable")
