@@ -3,7 +3,7 @@
 use std::io::Write;
 use std::process::ExitCode;
 
-use triggers::config::{Command, Config, CONNECTIONS_PER_CORE_MIN};
+use triggers::config::{Command, Config};
 use triggers::ingress::listen;
 use triggers::server;
 
@@ -123,24 +123,13 @@ fn serve(mut config: Config) -> Result<(), String> {
 /// Lower the connections per core to what the open files limit holds beside the descriptors
 /// the node keeps for its database and deliveries (`Config::connections_within`), and say so.
 fn fit_connections(config: &mut Config, open_files: u64) {
-    let reserved = config.descriptors_reserved();
-    if open_files < (reserved + config.ingress_cores * CONNECTIONS_PER_CORE_MIN) as u64 {
-        tracing::warn!(
-            open_files,
-            reserved,
-            "the open files limit barely holds what the database connections and deliveries \
-             need; raise its hard limit (ulimit -Hn, systemd's LimitNOFILE) or lower \
-             --delivery-concurrency"
-        );
-    }
     let per_core = config.connections_within(open_files);
     if per_core < config.connections_per_core_max {
         tracing::warn!(
             open_files,
-            reserved,
+            reserved = config.descriptors_reserved(),
             connections_per_core = per_core,
-            "connections per core lowered to fit the open files limit; more get 503; raise its \
-             hard limit (ulimit -Hn, systemd's LimitNOFILE) for more"
+            "connections per core lowered to fit the open files limit (raise its hard limit)"
         );
         config.connections_per_core_max = per_core;
     }

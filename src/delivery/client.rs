@@ -532,21 +532,17 @@ struct Idle {
 
 impl Idle {
     /// Take out the connection idle longest, of any origin (each origin's oldest is its first).
-    /// Every list kept holds a connection, so this looks at no more origins than connections
-    /// are kept (`max_idle`).
+    /// It looks at every origin with a list, those used since the last sweep (a quarter of the
+    /// idle timeout ago; the sweep drops empty lists), and only once `max_idle` are kept.
+    #[cold]
     fn oldest(&mut self) -> Option<Box<Conn>> {
-        let (origin, conns) = self
+        let conns = self
             .by_origin
-            .iter_mut()
-            .filter(|(_, conns)| !conns.is_empty())
-            .min_by_key(|(_, conns)| conns[0].idle_since)?;
-        let conn = conns.remove(0);
-        if conns.is_empty() {
-            let origin = Arc::clone(origin);
-            self.by_origin.remove(&origin);
-        }
+            .values_mut()
+            .filter(|conns| !conns.is_empty())
+            .min_by_key(|conns| conns[0].idle_since)?;
         self.kept -= 1;
-        Some(conn)
+        Some(conns.remove(0))
     }
 }
 
@@ -641,10 +637,6 @@ impl Client {
                 found = Some(conn);
                 break;
             }
-        }
-        if conns.is_empty() {
-            // No empty lists stay: `Idle::oldest` looks at every origin kept.
-            idle.by_origin.remove(origin);
         }
         idle.kept -= taken;
         found

@@ -430,39 +430,36 @@ async fn tick(ctx: Rc<CoreCtx>) {
     }
 }
 
-/// The accept errors of one listener: logged when they start, then at most every
-/// `ACCEPT_ERROR_LOG_EVERY` with how many there were (a core out of file descriptors fails an
-/// accept every `ACCEPT_BACKOFF`, which would be 20 lines a second), and when accepts work again.
+/// The accept errors of one listener: logged when they start and then at most every
+/// `ACCEPT_ERROR_LOG_EVERY` while they go on, with how many there were (a core out of file
+/// descriptors fails an accept every `ACCEPT_BACKOFF`: 20 lines a second otherwise). No line
+/// for 10 s: they ended.
 #[derive(Default)]
 struct AcceptErrors {
     /// Failed accepts since the last line.
     unlogged: u64,
-    /// When the errors started and when the last line was written, while they go on.
-    since: Option<(Instant, Instant)>,
+    /// When the last line was written, while they go on.
+    logged: Option<Instant>,
 }
 
 impl AcceptErrors {
     /// An accept failed at `now`: how many failed since the last line, if a line is due.
     fn failed(&mut self, now: Instant) -> Option<u64> {
         self.unlogged += 1;
-        match &mut self.since {
-            Some((_, logged)) if now.duration_since(*logged) < ACCEPT_ERROR_LOG_EVERY => None,
-            Some((_, logged)) => {
-                *logged = now;
-                Some(std::mem::take(&mut self.unlogged))
-            }
-            None => {
-                self.since = Some((now, now));
-                Some(std::mem::take(&mut self.unlogged))
-            }
+        if self
+            .logged
+            .is_some_and(|t| now.duration_since(t) < ACCEPT_ERROR_LOG_EVERY)
+        {
+            return None;
         }
+        self.logged = Some(now);
+        Some(std::mem::take(&mut self.unlogged))
     }
 
-    /// An accept worked: if errors came before it, when they started and how many were not
-    /// logged (no clock read on the way of every accept).
-    fn accepted(&mut self) -> Option<(Instant, u64)> {
-        let (started, _) = self.since.take()?;
-        Some((started, std::mem::take(&mut self.unlogged)))
+    /// An accept worked: the errors ended, and the next one starts a new line at once.
+    fn accepted(&mut self) {
+        self.logged = None;
+        self.unlogged = 0;
     }
 }
 
@@ -475,13 +472,7 @@ async fn accept_loop(ctx: Rc<CoreCtx>, listener: monoio::net::TcpListener, metri
         };
         match accepted {
             Ok((stream, peer)) => {
-                if let Some((started, unlogged)) = errors.accepted() {
-                    tracing::info!(
-                        lasted_ms = started.elapsed().as_millis() as u64,
-                        failed_since_last_line = unlogged,
-                        "accepting connections again"
-                    );
-                }
+                errors.accepted();
                 if ctx.connections.get() >= ctx.config.connections_per_core_max {
                     monoio::spawn(conn::refuse(Rc::clone(&ctx), stream));
                     continue;
@@ -494,9 +485,7 @@ async fn accept_loop(ctx: Rc<CoreCtx>, listener: monoio::net::TcpListener, metri
                     tracing::warn!(
                         error = %e,
                         failed,
-                        backoff_ms = ACCEPT_BACKOFF.as_millis() as u64,
-                        "accept failed; trying again after the backoff (at the open files \
-                         limit: raise its hard limit or lower --connections-per-core-max)"
+                        "accept failed; backing off"
                     );
                 }
                 monoio::time::sleep(ACCEPT_BACKOFF).await;
@@ -512,10 +501,9 @@ mod tests {
     use std::time::{Duration, Instant};
 
     #[test]
-    fn accept_errors_are_logged_when_they_start_then_seldom_and_when_they_end() {
+    fn accept_errors_are_logged_when_they_start_then_seldom_with_the_count() {
         let mut errors = AcceptErrors::default();
         let start = Instant::now();
-        assert_eq!(errors.accepted(), None, "no errors, nothing to say");
         // A core out of descriptors fails an accept every backoff: 20 a second.
         let at = |i: u32| start + ACCEPT_BACKOFF * i;
         let per_line = (ACCEPT_ERROR_LOG_EVERY.as_millis() / ACCEPT_BACKOFF.as_millis()) as u32;
@@ -532,11 +520,11 @@ mod tests {
             ],
             "the first error, then one line a period with the count"
         );
-        let end = at(3 * per_line + 5);
-        assert_eq!(errors.accepted(), Some((start, 4)));
-        assert_eq!(errors.accepted(), None, "said once");
-        // The next episode starts over.
-        assert_eq!(errors.failed(end + Duration::from_millis(1)), Some(1));
+        // Once an accept works, the next error is a line at once, counted afresh.
+        errors.accepted();
+        let later = at(3 * per_line + 6);
+        assert_eq!(errors.failed(later), Some(1));
+        assert_eq!(errors.failed(later + Duration::from_millis(1)), None);
     }
 
     fn allowed() -> Vec<usize> {
