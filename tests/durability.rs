@@ -804,9 +804,10 @@ async fn a_resolver_outage_spends_no_delivery_attempt() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// One answer while the disk is full: 201 (there was room after all) or 503 `unavailable` with
-/// `Retry-After`, never a 4xx that blames the client, and never a hang.
-fn while_full(r: &Response, took: Duration) -> bool {
+/// One answer while a fault of the database lasts (a full disk, no connection slots): 201 (there
+/// was room after all) or 503 `unavailable` with `Retry-After`, never a 4xx that blames the
+/// client, and never a hang.
+fn answered_during(r: &Response, took: Duration) -> bool {
     assert!(took < Duration::from_secs(10), "an answer took {took:?}");
     match r.status {
         201 => true,
@@ -815,14 +816,14 @@ fn while_full(r: &Response, took: Duration) -> bool {
             assert_eq!(r.header("retry-after"), Some("1"));
             false
         }
-        other => panic!("while the disk is full: {other} {}", r.text()),
+        other => panic!("while the fault lasts: {other} {}", r.text()),
     }
 }
 
-/// Events with dedup ids `{prefix}-{n}` while the disk is full, until `want` are refused (each
-/// answer checked by [`while_full`]); the ids of those answered 201 go to `acked`. The refused
+/// Events with dedup ids `{prefix}-{n}` while a fault lasts, until `want` are refused (each
+/// answer checked by [`answered_during`]); the ids of those answered 201 go to `acked`. The refused
 /// dedup ids.
-async fn refused_while_full(
+async fn refused_during(
     s: &Server,
     key: &str,
     prefix: &str,
@@ -842,7 +843,7 @@ async fn refused_while_full(
             Some(&dedup),
         )
         .await;
-        if while_full(&r, started.elapsed()) {
+        if answered_during(&r, started.elapsed()) {
             acked.push(r.json()["id"].as_str().unwrap().to_string());
         } else {
             refused.push(dedup);
@@ -851,13 +852,16 @@ async fn refused_while_full(
             }
         }
     }
-    panic!("the full disk refused {} events of 3,000", refused.len());
+    panic!(
+        "the fault ({prefix}) refused {} events of 3,000",
+        refused.len()
+    );
 }
 
-/// Once the disk is freed (`how`: whether PostgreSQL had to be started again), each refused
+/// Once the fault ended (`how`: what ended it), each refused
 /// event is retried with its dedup id until it is stored (201) or found stored (409), within
 /// 30 s; its id goes to `acked`.
-async fn retried_after_free(
+async fn retried_after(
     s: &Server,
     key: &str,
     refused: &[String],
@@ -879,9 +883,9 @@ async fn retried_after_free(
                 }
                 503 => assert!(
                     Instant::now() < deadline,
-                    "still 503 30 s after the disk was freed ({how})"
+                    "still 503 30 s after the fault ended ({how})"
                 ),
-                other => panic!("after the disk was freed ({how}): {other} {}", r.text()),
+                other => panic!("after the fault ended ({how}): {other} {}", r.text()),
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
@@ -911,7 +915,7 @@ async fn a_full_disk_is_a_503_and_loses_nothing() {
 
     // Full: what is already allocated (pages, WAL segments) may take a few more; then refusals.
     disk.fill();
-    let refused = refused_while_full(&s, &key, "full", 20, &mut acked).await;
+    let refused = refused_during(&s, &key, "full", 20, &mut acked).await;
     let pad = "x".repeat(4000);
     let items: Vec<_> = (0..50)
         .map(|n| json!({"type": "disk", "payload": {"batch": n, "pad": pad}}))
@@ -919,14 +923,14 @@ async fn a_full_disk_is_a_503_and_loses_nothing() {
     let started = Instant::now();
     let r = post(s.addr, &key, "/api/events/batch", &json!({"events": items})).await;
     if r.status != 200 {
-        while_full(&r, started.elapsed());
+        answered_during(&r, started.elapsed());
     }
     let endpoint = json!({"url": "http://127.0.0.1:9/in"});
     let started = Instant::now();
     let r = post(s.addr, &key, "/api/endpoints", &endpoint).await;
-    while_full(&r, started.elapsed());
+    answered_during(&r, started.elapsed());
     let how = disk.free();
-    retried_after_free(&s, &key, &refused, &how, &mut acked).await;
+    retried_after(&s, &key, &refused, &how, &mut acked).await;
     let r = post(s.addr, &key, "/api/endpoints", &endpoint).await;
     assert_eq!(r.status, 201, "{}", r.text());
 
@@ -937,10 +941,112 @@ async fn a_full_disk_is_a_503_and_loses_nothing() {
         checkpoint.is_err(),
         "a checkpoint on a full disk went through"
     );
-    let refused = refused_while_full(&s, &key, "crash", 20, &mut acked).await;
+    let refused = refused_during(&s, &key, "crash", 20, &mut acked).await;
     let how = disk.free();
-    retried_after_free(&s, &key, &refused, &how, &mut acked).await;
+    retried_after(&s, &key, &refused, &how, &mut acked).await;
 
+    let client = db_at(&url).await;
+    for id in &acked {
+        let found = count(
+            &client,
+            &format!("SELECT count(*) FROM events WHERE id = '{id}'"),
+        )
+        .await;
+        assert_eq!(found, 1, "acknowledged event {id} is missing");
+    }
+    let most = count(
+        &client,
+        &format!(
+            "SELECT coalesce(max(n), 0) FROM (SELECT count(*) AS n FROM events \
+             WHERE org_id = '{org}' AND dedup_id IS NOT NULL GROUP BY dedup_id) d"
+        ),
+    )
+    .await;
+    assert_eq!(most, 1, "a dedup id was stored twice");
+}
+
+/// PostgreSQL out of connection slots for the node (53300: a managed database's limit per role,
+/// or `max_connections` taken by other clients) while the node's own sessions have ended (a
+/// restart, a pooler's recycling): every reconnect is refused. Events, batches and reads are
+/// answered 503 with `Retry-After` (never a 4xx, never a hang) and `/health/ready` says so;
+/// once slots are free the node takes events again by itself, every event answered 201 is
+/// there, and each refused one is stored exactly once when retried.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_out_of_connection_slots_is_a_503_and_loses_nothing() {
+    const ROLE: &str = "triggers_test_slots";
+    let admin = db().await;
+    // A role of its own (a superuser, as the test cluster's, is exempt from the limits).
+    for statement in [
+        format!(
+            "DO $$ BEGIN CREATE ROLE {ROLE} LOGIN; \
+             EXCEPTION WHEN duplicate_object THEN NULL; END $$"
+        ),
+        format!("ALTER ROLE {ROLE} CONNECTION LIMIT -1"),
+        format!("DROP DATABASE IF EXISTS {ROLE} WITH (FORCE)"),
+        format!("CREATE DATABASE {ROLE} OWNER {ROLE}"),
+    ] {
+        admin.batch_execute(&statement).await.unwrap();
+    }
+    let base = database_url();
+    let (Some((scheme, _)), Some(at)) = (base.split_once("://"), base.find('@')) else {
+        eprintln!("SKIPPED: the test database URL ({base}) names no user to stand in for");
+        return;
+    };
+    let host_and_db = &base[at + 1..];
+    let url = format!(
+        "{scheme}://{ROLE}@{}/{ROLE}",
+        &host_and_db[..host_and_db.rfind('/').unwrap()]
+    );
+    if tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .is_err()
+    {
+        eprintln!("SKIPPED: the cluster does not let {ROLE} in without a password");
+        return;
+    }
+    let s = Server::process_with_db(&["--store-pool-size", "2"], &url);
+    let (key, org) = new_org(s.addr, "enterprise").await;
+    let mut acked = Vec::new();
+    for n in 0..3 {
+        acked.push(new_event_id(s.addr, &key, json!({"before": n})).await);
+    }
+
+    // No new session for the role, and its sessions end.
+    admin
+        .batch_execute(&format!(
+            "ALTER ROLE {ROLE} CONNECTION LIMIT 0; \
+             SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = '{ROLE}';"
+        ))
+        .await
+        .unwrap();
+    let refused = refused_during(&s, &key, "slots", 10, &mut acked).await;
+    let items: Vec<_> = (0..5)
+        .map(|n| json!({"type": "slots", "payload": {"batch": n}}))
+        .collect();
+    let started = Instant::now();
+    let r = post(s.addr, &key, "/api/events/batch", &json!({"events": items})).await;
+    assert!(
+        !answered_during(&r, started.elapsed()),
+        "a batch was taken with no session to write it: {}",
+        r.text()
+    );
+    let started = Instant::now();
+    let r = get(s.addr, &key, "/api/inbox?limit=5").await;
+    assert!(started.elapsed() < Duration::from_secs(10));
+    assert_eq!(r.status, 503, "a read without a session: {}", r.text());
+    assert_eq!(r.header("retry-after"), Some("1"));
+    let ready = call(s.addr, "GET", "/health/ready", &[], None).await;
+    assert_eq!(ready.status, 503, "{}", ready.text());
+    assert!(
+        s.logged("too many connections for role").await,
+        "the log names PostgreSQL's reason"
+    );
+
+    admin
+        .batch_execute(&format!("ALTER ROLE {ROLE} CONNECTION LIMIT -1"))
+        .await
+        .unwrap();
+    retried_after(&s, &key, &refused, "slots free again", &mut acked).await;
     let client = db_at(&url).await;
     for id in &acked {
         let found = count(

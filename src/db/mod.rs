@@ -327,6 +327,15 @@ pub fn describe(e: &tokio_postgres::Error) -> String {
     }
 }
 
+/// A pool's error with PostgreSQL's own words when it refused a new connection ("too many
+/// connections for role", a password refused), not deadpool's "db error".
+pub fn describe_pool(e: &deadpool_postgres::PoolError) -> String {
+    match e {
+        deadpool_postgres::PoolError::Backend(e) => format!("no new connection: {}", describe(e)),
+        other => other.to_string(),
+    }
+}
+
 /// What an error says that its words do not, when it says something: a prepared statement of
 /// this connection gone (26000) is what a pooler in transaction mode leaves; an internal error
 /// (XX000) about a file PostgreSQL could not write, with no reason given, is most often its

@@ -89,7 +89,7 @@ impl From<deadpool_postgres::PoolError> for Failure {
         if is_pool_busy(&e) {
             Failure::PoolBusy
         } else {
-            Failure::Pool(e.to_string())
+            Failure::Pool(crate::db::describe_pool(&e))
         }
     }
 }

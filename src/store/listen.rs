@@ -73,7 +73,7 @@ async fn listen_until_connected(ctx: &StoreCtx) {
                 return;
             }
             Err(e) => {
-                tracing::debug!(error = %e, "listener reconnect failed");
+                tracing::debug!(error = %crate::db::describe(&e), "listener reconnect failed");
                 tokio::time::sleep(LISTEN_RECONNECT_DELAY).await;
             }
         }
@@ -88,7 +88,7 @@ async fn listen(ctx: &StoreCtx) -> String {
     };
     let (client, mut connection) = match pg.connect(tokio_postgres::NoTls).await {
         Ok(c) => c,
-        Err(e) => return e.to_string(),
+        Err(e) => return crate::db::describe(&e),
     };
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let driver = tokio::spawn(async move {

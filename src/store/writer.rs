@@ -373,7 +373,7 @@ async fn write_rows(
                 tokio::time::sleep(WRITE_RETRY_BACKOFF_MIN).await;
                 continue;
             }
-            Ok(Err(e)) => break Err(BatchError::Database(format!("no connection: {e}"))),
+            Ok(Err(e)) => break Err(BatchError::Database(crate::db::describe_pool(&e))),
             Err(_) => break Err(BatchError::Database("no connection in time".into())),
         };
         runs += 1;
