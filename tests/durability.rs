@@ -892,6 +892,29 @@ async fn retried_after(
     }
 }
 
+/// Every acknowledged event of `acked` is in the database at `url`, and no dedup id of `org`'s
+/// was stored twice.
+async fn each_stored_once(url: &str, org: &str, acked: &[String]) {
+    let client = db_at(url).await;
+    for id in acked {
+        let found = count(
+            &client,
+            &format!("SELECT count(*) FROM events WHERE id = '{id}'"),
+        )
+        .await;
+        assert_eq!(found, 1, "acknowledged event {id} is missing");
+    }
+    let most = count(
+        &client,
+        &format!(
+            "SELECT coalesce(max(n), 0) FROM (SELECT count(*) AS n FROM events \
+             WHERE org_id = '{org}' AND dedup_id IS NOT NULL GROUP BY dedup_id) d"
+        ),
+    )
+    .await;
+    assert_eq!(most, 1, "a dedup id was stored twice");
+}
+
 /// A real full disk: the database's whole data directory, WAL included, is on a 64 MB disk of
 /// its own (scripts/small-disk.sh), filled to its last byte, so PostgreSQL meets its own "No
 /// space left on device": first as errors (it runs on and refuses what needs room), then as a
@@ -945,24 +968,7 @@ async fn a_full_disk_is_a_503_and_loses_nothing() {
     let how = disk.free();
     retried_after(&s, &key, &refused, &how, &mut acked).await;
 
-    let client = db_at(&url).await;
-    for id in &acked {
-        let found = count(
-            &client,
-            &format!("SELECT count(*) FROM events WHERE id = '{id}'"),
-        )
-        .await;
-        assert_eq!(found, 1, "acknowledged event {id} is missing");
-    }
-    let most = count(
-        &client,
-        &format!(
-            "SELECT coalesce(max(n), 0) FROM (SELECT count(*) AS n FROM events \
-             WHERE org_id = '{org}' AND dedup_id IS NOT NULL GROUP BY dedup_id) d"
-        ),
-    )
-    .await;
-    assert_eq!(most, 1, "a dedup id was stored twice");
+    each_stored_once(&url, &org, &acked).await;
 }
 
 /// PostgreSQL out of connection slots for the node (53300: a managed database's limit per role,
@@ -1047,24 +1053,7 @@ async fn a_database_out_of_connection_slots_is_a_503_and_loses_nothing() {
         .await
         .unwrap();
     retried_after(&s, &key, &refused, "slots free again", &mut acked).await;
-    let client = db_at(&url).await;
-    for id in &acked {
-        let found = count(
-            &client,
-            &format!("SELECT count(*) FROM events WHERE id = '{id}'"),
-        )
-        .await;
-        assert_eq!(found, 1, "acknowledged event {id} is missing");
-    }
-    let most = count(
-        &client,
-        &format!(
-            "SELECT coalesce(max(n), 0) FROM (SELECT count(*) AS n FROM events \
-             WHERE org_id = '{org}' AND dedup_id IS NOT NULL GROUP BY dedup_id) d"
-        ),
-    )
-    .await;
-    assert_eq!(most, 1, "a dedup id was stored twice");
+    each_stored_once(&url, &org, &acked).await;
 }
 
 /// Fast-ack mode writes a batch again when its COMMIT got no answer. Here that COMMIT went
