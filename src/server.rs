@@ -107,6 +107,10 @@ pub fn run(
 
     let (mesh, mailboxes) = Mesh::new(config.ingress_cores, config.hop_queue_max);
     let metrics = Metrics::new(&Route::LABELS, config.ingress_cores);
+    metrics.connections_max.store(
+        (config.connections_per_core_max * config.ingress_cores) as u64,
+        std::sync::atomic::Ordering::Relaxed,
+    );
     let (queues, inbox) = store_queues(&config);
     metrics.set_store_probe(queues.gauges_probe());
     let _guard = rt.enter();

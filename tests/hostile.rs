@@ -303,6 +303,7 @@ async fn a_flood_of_connections_gets_503_and_leaves_the_database_and_deliveries_
     assert_eq!(lowered.len(), 1, "{lowered:?}");
     let lowered: serde_json::Value = serde_json::from_str(&lowered[0]).unwrap();
     assert_eq!(lowered["connections_per_core"], 49, "{lowered}");
+    assert_eq!(metric(&s, "triggers_connections_max").await, 98.0);
     let (key, _) = new_org(s.addr, "pro").await;
     let r = post(
         s.addr,

@@ -166,6 +166,9 @@ pub struct Metrics {
     pub endpoint_loads: AtomicU64,
     /// Connections the delivery client opened to receivers.
     pub delivery_connections: AtomicU64,
+    /// Client connections the node takes, all cores together (the connections per core, as
+    /// fitted to the open-files limit at start); more get 503.
+    pub connections_max: AtomicU64,
     /// Deliveries this node's claimer took from the database (due retries, handed-back and
     /// overflowed deliveries, other nodes' expired leases are taken over apart).
     pub deliveries_claimed: AtomicU64,
@@ -273,6 +276,7 @@ impl Metrics {
             clock_offset_base_us: AtomicI64::new(-wall_less_monotonic_us()),
             store: std::sync::OnceLock::new(),
             operational_events: AtomicU64::new(0),
+            connections_max: AtomicU64::new(0),
             endpoint_loads: AtomicU64::new(0),
             delivery_connections: AtomicU64::new(0),
             deliveries_claimed: AtomicU64::new(0),
@@ -463,6 +467,13 @@ impl Metrics {
                 c.connections_open.load(Ordering::Relaxed)
             );
         }
+        single(
+            &mut out,
+            "triggers_connections_max",
+            "Client connections the node takes, all cores together (fitted to the open-files limit at start); more get 503.",
+            "gauge",
+            self.connections_max.load(Ordering::Relaxed),
+        );
         single(
             &mut out,
             "triggers_connections_total",
