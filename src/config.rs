@@ -47,6 +47,9 @@ pub const DESCRIPTORS_FIXED: usize = 64;
 /// File descriptors of each ingress core besides its connections: its listeners, its ring or
 /// epoll instance and its wake-up eventfd.
 pub const DESCRIPTORS_PER_CORE: usize = 4;
+/// Connections the metrics listener (core 0) takes beyond the API's limit, so Prometheus still
+/// scrapes a node whose API connections are all taken.
+pub const METRICS_CONNECTIONS_EXTRA: usize = 8;
 /// Database connections beside the pools': the NOTIFY listener, the health probe, the
 /// retention rounds, and one spare.
 pub const DATABASE_CONNECTIONS_BESIDE_POOLS: usize = 4;
@@ -1055,10 +1058,11 @@ impl Config {
 
     /// File descriptors the node needs besides its API connections: its database connections,
     /// a connection for each delivery in flight and one for each idle connection the delivery
-    /// client keeps (as many), and the process's own.
+    /// client keeps (as many), the metrics listener's own connections, and the process's own.
     pub fn descriptors_reserved(&self) -> usize {
         self.database_connections_max()
             + 2 * self.delivery_concurrency
+            + METRICS_CONNECTIONS_EXTRA
             + DESCRIPTORS_FIXED
             + DESCRIPTORS_PER_CORE * self.ingress_cores
     }
@@ -1205,15 +1209,16 @@ mod tests {
             "100",
         ];
         let (_, c) = parse(&args, &[DB]).unwrap();
-        // 2 + 8 + 5 + 4 database connections, 200 for deliveries, 64 fixed, 8 for the cores.
+        // 2 + 8 + 5 + 4 database connections, 200 for deliveries, 8 for scrapes, 64 fixed, 8
+        // for the cores.
         assert_eq!(c.database_connections_max(), 19);
-        assert_eq!(c.descriptors_reserved(), 291);
+        assert_eq!(c.descriptors_reserved(), 299);
         // A limit far above the option's: the option.
         assert_eq!(c.connections_within(1 << 20), 20_000);
         assert_eq!(c.connections_within(u64::MAX), 20_000);
         // Below it: what is left, shared by the cores.
-        assert_eq!(c.connections_within(4096), (4096 - 291) / 2);
-        assert_eq!(c.connections_within(291 + 2 * 500 + 1), 500);
+        assert_eq!(c.connections_within(4096), (4096 - 299) / 2);
+        assert_eq!(c.connections_within(299 + 2 * 500 + 1), 500);
         // A limit that does not even hold the reserve: the floor.
         assert_eq!(c.connections_within(300), CONNECTIONS_PER_CORE_MIN);
         assert_eq!(c.connections_within(0), CONNECTIONS_PER_CORE_MIN);

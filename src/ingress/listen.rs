@@ -16,8 +16,8 @@ use super::response::DateCache;
 use crate::auth::flight::Flights;
 use crate::auth::KeyCache;
 use crate::config::{
-    Config, IoDriver, ACCEPT_BACKOFF, ACCEPT_ERROR_LOG_EVERY, LISTEN_BACKLOG, PORT_RELEASE_WAIT,
-    RATE_REPORT_EVERY, URING_ENTRIES,
+    Config, IoDriver, ACCEPT_BACKOFF, ACCEPT_ERROR_LOG_EVERY, LISTEN_BACKLOG,
+    METRICS_CONNECTIONS_EXTRA, PORT_RELEASE_WAIT, RATE_REPORT_EVERY, URING_ENTRIES,
 };
 use crate::deadline::Deadlines;
 use crate::flow::sink::StoreQueues;
@@ -473,7 +473,15 @@ async fn accept_loop(ctx: Rc<CoreCtx>, listener: monoio::net::TcpListener, metri
         match accepted {
             Ok((stream, peer)) => {
                 errors.accepted();
-                if ctx.connections.get() >= ctx.config.connections_per_core_max {
+                // Scrapes have room of their own: a node whose API connections are all taken
+                // is still seen.
+                let limit = ctx.config.connections_per_core_max
+                    + if metrics_only {
+                        METRICS_CONNECTIONS_EXTRA
+                    } else {
+                        0
+                    };
+                if ctx.connections.get() >= limit {
                     monoio::spawn(conn::refuse(Rc::clone(&ctx), stream));
                     continue;
                 }
