@@ -66,7 +66,9 @@ fn probe(config: &Config) -> Result<(), String> {
     use std::io::Read;
     use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream};
     use std::time::Duration;
-    let mut addr = config.listen;
+    // The metrics listener where there is one: it has room of its own when the API's
+    // connections are all taken (a flood must not get a live node restarted).
+    let mut addr = config.metrics_listen.unwrap_or(config.listen);
     if addr.ip().is_unspecified() {
         let ip: IpAddr = match addr {
             SocketAddr::V4(_) => Ipv4Addr::LOCALHOST.into(),

@@ -346,6 +346,32 @@ async fn a_flood_of_connections_gets_503_and_leaves_the_database_and_deliveries_
     let scrape = call(s.metrics_addr.unwrap(), "GET", "/metrics", &[], None).await;
     assert_eq!(scrape.status, 200, "{}", scrape.text());
     assert!(metric(&s, "triggers_connections_open").await >= served.len() as f64);
+    // So does the liveness probe (`triggers probe`, the container's health check): a flood does
+    // not get a live node restarted.
+    let probe = |metrics_listen: String| {
+        let (db, listen) = (db.clone(), s.addr.to_string());
+        tokio::task::spawn_blocking(move || {
+            std::process::Command::new(env!("CARGO_BIN_EXE_triggers"))
+                .arg("probe")
+                .env_clear()
+                .env("DATABASE_URL", db)
+                .env("TRIGGERS_LISTEN", listen)
+                .env("TRIGGERS_METRICS_LISTEN", metrics_listen)
+                .output()
+                .unwrap()
+        })
+    };
+    let out = probe(s.metrics_addr.unwrap().to_string()).await.unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = probe("off".into()).await.unwrap();
+    assert!(
+        !out.status.success(),
+        "the API's connections are all taken, yet a probe of its port was answered 200"
+    );
 
     // Every connection to PostgreSQL ends (a restart, a failover): the node makes them again.
     let admin = db_at(&db).await;
@@ -398,6 +424,16 @@ async fn a_flood_of_connections_gets_503_and_leaves_the_database_and_deliveries_
         || deliveries_left(&db),
     )
     .await;
+    // The flood gone, the API's port answers the probe too (no metrics listener).
+    drop(served);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !probe("off".into()).await.unwrap().status.success() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the probe of the API's port fails"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     assert!(
         !s.logged("accept failed").await,
         "no accept ran out of descriptors"

@@ -43,10 +43,12 @@ pub async fn prepare(ctx: &Rc<CoreCtx>, head: &Head, peer: IpAddr, metrics_only:
         );
     };
     let matched = match router::route(head.method, path) {
-        Ok(m) if metrics_only && m.route != Route::Metrics => {
+        // The metrics listener serves scrapes and the liveness probe (`triggers probe`), which
+        // then reach a node whose API connections are all taken.
+        Ok(m) if metrics_only && !matches!(m.route, Route::Metrics | Route::Live) => {
             return Prepared::Answer(
                 Route::NotFound,
-                ApiError::NotFound("only /metrics is served here").reply(),
+                ApiError::NotFound("only /metrics and /health/live are served here").reply(),
             )
         }
         Ok(m) => m,
