@@ -336,13 +336,6 @@ pub fn describe_pool(e: &deadpool_postgres::PoolError) -> String {
     }
 }
 
-/// A connection of `pool`, or why none could be had in PostgreSQL's words ([`describe_pool`]).
-pub async fn connection(
-    pool: &deadpool_postgres::Pool,
-) -> Result<deadpool_postgres::Object, String> {
-    pool.get().await.map_err(|e| describe_pool(&e))
-}
-
 /// What an error says that its words do not, when it says something: a prepared statement of
 /// this connection gone (26000) is what a pooler in transaction mode leaves; an internal error
 /// (XX000) about a file PostgreSQL could not write, with no reason given, is most often its

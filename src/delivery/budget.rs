@@ -140,7 +140,11 @@ async fn write(shared: &Shared, spends: &[Spend]) -> Result<HashMap<Uuid, (f64, 
         .collect();
     let spent: Vec<i32> = spends.iter().map(|s| s.spent).collect();
     let wants: Vec<i32> = spends.iter().map(|s| s.wants).collect();
-    let client = crate::db::connection(&shared.pool).await?;
+    let client = shared
+        .pool
+        .get()
+        .await
+        .map_err(|e| crate::db::describe_pool(&e))?;
     let stmt = client
         .prepare_cached(REPORT_SQL)
         .await

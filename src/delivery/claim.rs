@@ -268,7 +268,11 @@ async fn renew(shared: &Shared) -> Result<(), String> {
     let until = now.plus(shared.lease);
     let ids: Vec<Uuid> = due.iter().map(|b| b.id).collect();
     let work = async {
-        let client = crate::db::connection(&shared.pool).await?;
+        let client = shared
+            .pool
+            .get()
+            .await
+            .map_err(|e| crate::db::describe_pool(&e))?;
         if !expire.is_empty() {
             client
                 .execute(SET_LEASE, &[&expire, &now.to_system_time()])
@@ -321,7 +325,11 @@ async fn take_over(shared: &Shared) -> Result<u64, String> {
         false => (TAKE_OVER.replacen("WITH ", DUE_AGAIN, 1).into(), 4),
     };
     let work = async {
-        let client = crate::db::connection(&shared.pool).await?;
+        let client = shared
+            .pool
+            .get()
+            .await
+            .map_err(|e| crate::db::describe_pool(&e))?;
         let stmt = client
             .prepare_cached(&sql)
             .await
@@ -352,7 +360,11 @@ async fn claim(
     let held = now.plus(shared.lease);
     let batch_id = new_v7(now);
     let work = async {
-        let client = crate::db::connection(&shared.pool).await?;
+        let client = shared
+            .pool
+            .get()
+            .await
+            .map_err(|e| crate::db::describe_pool(&e))?;
         let stmt = client
             .prepare_cached(CLAIM)
             .await
@@ -439,7 +451,11 @@ async fn claim(
     if n < limit && !at_bound.is_empty() {
         let ids: Vec<Uuid> = at_bound.iter().map(|r| r.id).collect();
         let waiting = async {
-            let client = crate::db::connection(&shared.pool).await?;
+            let client = shared
+                .pool
+                .get()
+                .await
+                .map_err(|e| crate::db::describe_pool(&e))?;
             client
                 .query_one(DUE_FOR, &[&now.to_system_time(), &ids])
                 .await
@@ -459,7 +475,11 @@ async fn claim(
 /// Count what waits in the database, for the metrics: due deliveries (bounded), parked ones,
 /// and endpoints by status.
 async fn count_gauges(shared: &Shared) -> Result<(), String> {
-    let client = crate::db::connection(&shared.pool).await?;
+    let client = shared
+        .pool
+        .get()
+        .await
+        .map_err(|e| crate::db::describe_pool(&e))?;
     let row = client
         .query_one(
             "SELECT (SELECT count(*) FROM (SELECT 1 FROM deliveries \
@@ -512,7 +532,11 @@ pub(super) async fn release_all(shared: &Shared) -> usize {
     let due: Vec<SystemTime> = held.iter().map(|(_, (_, d))| d.to_system_time()).collect();
     let now = Micros::now().to_system_time();
     let work = async {
-        let client = crate::db::connection(&shared.pool).await?;
+        let client = shared
+            .pool
+            .get()
+            .await
+            .map_err(|e| crate::db::describe_pool(&e))?;
         let rows = client
             .execute(
                 "UPDATE deliveries d SET next_attempt_at = u.due, lease_until = NULL \

@@ -107,7 +107,11 @@ async fn read(shared: &Shared, batch: &[Look]) -> Result<Found, String> {
             None => by_event.push(look.event.0),
         }
     }
-    let client = crate::db::connection(&shared.pool).await?;
+    let client = shared
+        .pool
+        .get()
+        .await
+        .map_err(|e| crate::db::describe_pool(&e))?;
     // Both in one round trip when both are asked.
     let (rows, events) = tokio::try_join!(
         rows_of(&client, ROW_LEASES, &by_row),

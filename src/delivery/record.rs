@@ -272,7 +272,7 @@ async fn write_outcomes(
 /// it). An `Err` when the database could not be asked.
 async fn committed(pool: &Pool, db_timeout: Duration, xid: &str) -> Result<Option<bool>, String> {
     let ask = async {
-        let client = crate::db::connection(pool).await?;
+        let client = pool.get().await.map_err(|e| crate::db::describe_pool(&e))?;
         let row = client
             .query_one("SELECT pg_xact_status($1::text::xid8)", &[&xid])
             .await
@@ -309,7 +309,10 @@ async fn write_once(
         // while its answer is on the way.
         let mut sent: Option<Written> = None;
         let work = async {
-            let mut client = crate::db::connection(pool).await.map_err(Fail::Pool)?;
+            let mut client = pool
+                .get()
+                .await
+                .map_err(|e| Fail::Pool(crate::db::describe_pool(&e)))?;
             let tx = client.transaction().await?;
             sent = Some(write_in(&tx, batch, finished, copy).await?);
             tx.commit().await.map_err(Fail::Commit)

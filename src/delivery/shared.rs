@@ -233,7 +233,7 @@ impl Shared {
                 // database may be fine, and a read changes nothing.
                 let mut left = pool.status().max_size;
                 loop {
-                    let client = crate::db::connection(&pool).await?;
+                    let client = pool.get().await.map_err(|e| crate::db::describe_pool(&e))?;
                     let live = [EndpointStatus::Active.code(), EndpointStatus::Paused.code()];
                     let rows = match client.prepare_cached(LOAD_ENDPOINTS).await {
                         Ok(stmt) => client.query(&stmt, &[&ids, &&live[..]]).await,
