@@ -1014,8 +1014,8 @@ impl Config {
              usage: triggers [serve|migrate|probe] [--flag value]...\n\n\
              commands:\n  serve    run the server (default); applies migrations first\n  \
              migrate  apply migrations and exit\n  \
-             probe    exit 0 if the server on --metrics-listen (else --listen) answers \
-             /health/live with 200 (a container health check)\n\noptions (flag, environment variable, default):\n",
+             probe    exit 0 if the server answers /health/live with 200 on \
+             --metrics-listen or else on --listen (a container health check)\n\noptions (flag, environment variable, default):\n",
         );
         for (flag, env, default, doc, _) in OPTIONS {
             let default = if default.is_empty() { "none" } else { default };

@@ -60,15 +60,25 @@ fn no_transparent_huge_pages() {
     }
 }
 
-/// `GET /health/live` from the server on `--listen` (an unspecified address is asked on
-/// loopback); Ok on 200.
+/// `GET /health/live` from the server (an unspecified address is asked on loopback); Ok on 200.
+/// Asked first on `--metrics-listen`, which has room of its own when the API's connections are
+/// all taken (a flood must not get a live node restarted), then on `--listen` (a probe not told
+/// where the metrics listener is, or one with nothing there).
 fn probe(config: &Config) -> Result<(), String> {
+    let mut failed = Vec::new();
+    for addr in config.metrics_listen.into_iter().chain([config.listen]) {
+        match probe_at(addr) {
+            Ok(()) => return Ok(()),
+            Err(e) => failed.push(e),
+        }
+    }
+    Err(failed.join("; "))
+}
+
+fn probe_at(mut addr: std::net::SocketAddr) -> Result<(), String> {
     use std::io::Read;
     use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream};
     use std::time::Duration;
-    // The metrics listener where there is one: it has room of its own when the API's
-    // connections are all taken (a flood must not get a live node restarted).
-    let mut addr = config.metrics_listen.unwrap_or(config.listen);
     if addr.ip().is_unspecified() {
         let ip: IpAddr = match addr {
             SocketAddr::V4(_) => Ipv4Addr::LOCALHOST.into(),

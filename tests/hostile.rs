@@ -372,6 +372,8 @@ async fn a_flood_of_connections_gets_503_and_leaves_the_database_and_deliveries_
         !out.status.success(),
         "the API's connections are all taken, yet a probe of its port was answered 200"
     );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("answered HTTP/1.1 503"), "{stderr}");
 
     // Every connection to PostgreSQL ends (a restart, a failover): the node makes them again.
     let admin = db_at(&db).await;
@@ -424,7 +426,8 @@ async fn a_flood_of_connections_gets_503_and_leaves_the_database_and_deliveries_
         || deliveries_left(&db),
     )
     .await;
-    // The flood gone, the API's port answers the probe too (no metrics listener).
+    // The flood gone, the API's port answers the probe too: with no metrics listener, and
+    // after a metrics listener where nothing listens (a probe not told where it is).
     drop(served);
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while !probe("off".into()).await.unwrap().status.success() {
@@ -434,6 +437,15 @@ async fn a_flood_of_connections_gets_503_and_leaves_the_database_and_deliveries_
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    let nothing = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let nowhere = nothing.local_addr().unwrap().to_string();
+    drop(nothing);
+    let out = probe(nowhere).await.unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(
         !s.logged("accept failed").await,
         "no accept ran out of descriptors"
