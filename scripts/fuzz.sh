@@ -11,7 +11,8 @@
 # batch_body (the batch envelope and its items), values (API key, UUID path segment, RFC 3339
 # time, a receiver's Retry-After), answer (a webhook receiver's answer, as the delivery client
 # reads it: framing, limit and split invariance), config (the arguments and environment an
-# operator gives: no overflow, every time at most ten years). Seeds are in fuzz/seeds/<target>; what
+# operator gives: no overflow, every time at most ten years; the database URL's TLS parameters
+# taken out whole). Seeds are in fuzz/seeds/<target>; what
 # libFuzzer learns goes to fuzz/corpus/<target> (not committed); a crash is saved in
 # fuzz/artifacts/<target> and fails the run. Prints executions and crashes per target.
 set -euo pipefail

@@ -15,6 +15,10 @@
 #   stop   (or the end of stdin) stop PostgreSQL and exit; the disk goes with the namespace
 # PostgreSQL dies with this script (PR_SET_PDEATHSIG), so a test that is killed leaves no cluster
 # behind. Exits 3, before "ready", where namespaces are not allowed.
+#
+# With SMALL_DISK_TLS=CERT_DIR, PostgreSQL also serves TLS with CERT_DIR's leaf.pem and leaf.key,
+# and takes the role `triggers_tls` over TLS only (every other role as before, without): the
+# database-over-TLS test (tests/ops.rs).
 set -euo pipefail
 
 DIR=${1:?DIR} PORT=${2:?PORT} SIZE=${3:?SIZE_MB}
@@ -59,13 +63,25 @@ as_pg() { setpriv "${AS[@]}" -- "$@"; }
 
 as_pg "$BIN/initdb" -D "$DISK/data" -U triggers --auth=trust -E UTF8 --locale=C.UTF-8 \
   --wal-segsize=1 >/dev/null
+TLS=()
+if [ -n "${SMALL_DISK_TLS:-}" ]; then
+  cp "$SMALL_DISK_TLS/leaf.pem" "$DISK/data/server.crt"
+  cp "$SMALL_DISK_TLS/leaf.key" "$DISK/data/server.key"
+  printf '%s\n' 'hostssl all triggers_tls 127.0.0.1/32 trust' \
+    'hostnossl all triggers_tls 127.0.0.1/32 reject' 'host all all 127.0.0.1/32 trust' \
+    >"$DISK/data/pg_hba.conf"
+  chmod 600 "$DISK/data/server.key"
+  [ "$(id -u)" -eq 0 ] && chown postgres:postgres "$DISK/data/server.crt" "$DISK/data/server.key" \
+    "$DISK/data/pg_hba.conf"
+  TLS=(-c ssl=on)
+fi
 
 PID=""
 start() {
   # Small WAL (1 MB segments, recycled past 8 MB) so that the disk, not a WAL budget, runs out.
   setpriv "${AS[@]}" --pdeathsig KILL -- "$BIN/postgres" -D "$DISK/data" -p "$PORT" \
     -c listen_addresses=127.0.0.1 -c unix_socket_directories= -c max_connections=100 \
-    -c shared_buffers=16MB -c min_wal_size=2MB -c max_wal_size=8MB \
+    -c shared_buffers=16MB -c min_wal_size=2MB -c max_wal_size=8MB "${TLS[@]}" \
     >>"$DIR/server.log" 2>&1 &
   PID=$!
   for _ in $(seq 600); do

@@ -8,6 +8,8 @@ use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use crate::db::tls::DatabaseUrl;
+
 // ---------------------------------------------------------------------------------------------
 // Fixed limits. Every number that bounds something is named here once, unit last, with what it
 // costs; the ones an operator may want to change are `Config` fields below instead.
@@ -340,6 +342,12 @@ impl OptionValue for String {
     }
 }
 
+impl OptionValue for DatabaseUrl {
+    fn parse_value(text: &str) -> Result<Self, String> {
+        DatabaseUrl::parse(text)
+    }
+}
+
 impl OptionValue for Option<String> {
     fn parse_value(text: &str) -> Result<Self, String> {
         Ok(if text.is_empty() {
@@ -530,8 +538,8 @@ macro_rules! options {
 options! {
     /// Address the API listens on; every ingress core binds it with SO_REUSEPORT.
     listen: SocketAddr = "0.0.0.0:8080", "listen", "TRIGGERS_LISTEN";
-    /// PostgreSQL connection URL (postgres://user:pass@host:port/db). Required. DATABASE_URL works too.
-    database_url: String = "", "database-url", "TRIGGERS_DATABASE_URL";
+    /// PostgreSQL connection URL (postgres://user:pass@host:port/db), or libpq's key=value string, with libpq's sslmode (disable, allow, prefer, require, verify-ca, verify-full) and sslrootcert (a PEM file, or system); no sslmode: TLS when the server offers it unless the database is on this machine (README, TLS to PostgreSQL). Required. DATABASE_URL works too.
+    database_url: DatabaseUrl = "", "database-url", "TRIGGERS_DATABASE_URL";
     /// Address of the Prometheus /metrics listener; `off` disables it (/metrics stays on the API port).
     metrics_listen: Option<SocketAddr> = "0.0.0.0:9090", "metrics-listen", "TRIGGERS_METRICS_LISTEN";
     /// Ingress threads, one pinned per core, each with its own listener and org shard. 0: the CPUs, less one left to PostgreSQL when the database is on this host (at least 1).
@@ -798,7 +806,7 @@ impl Config {
             .map(|n| n.get())
             .unwrap_or(1);
         if self.ingress_cores == 0 {
-            self.ingress_cores = default_ingress_cores(cpus, database_is_local(&self.database_url));
+            self.ingress_cores = default_ingress_cores(cpus, self.database_url.is_local());
         }
         if self.store_threads == 0 {
             // Two even on a 2-core box: measured there, delivery keeps up with 22k events/s on
@@ -816,13 +824,15 @@ impl Config {
     /// Check every limit and the relations between them.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let fail = |msg: String| Err(ConfigError(msg));
-        if self.database_url.is_empty() {
+        if self.database_url.pg.is_empty() {
             return fail(
                 "--database-url (or DATABASE_URL / TRIGGERS_DATABASE_URL) is required".into(),
             );
         }
-        if self.database_url.parse::<tokio_postgres::Config>().is_err() {
-            return fail("--database-url is not a PostgreSQL URL or key=value string".into());
+        if let Err(why) = self.database_url.pg_config() {
+            return fail(format!(
+                "--database-url is not a PostgreSQL URL or key=value string: {why}"
+            ));
         }
         if !(1..=1024).contains(&self.ingress_cores) {
             return fail("--ingress-cores must be 1..=1024".into());
@@ -1121,26 +1131,6 @@ fn default_group_commit(cpus: usize) -> (usize, u64) {
     }
 }
 
-/// Whether every host in the database URL is this machine: a Unix socket, `localhost`, or a
-/// loopback address (no host at all means libpq's default, the local socket).
-fn database_is_local(url: &str) -> bool {
-    use tokio_postgres::config::Host;
-    let Ok(config) = url.parse::<tokio_postgres::Config>() else {
-        return false;
-    };
-    config.get_hosts().iter().all(|host| match host {
-        Host::Unix(_) => true,
-        Host::Tcp(name) => {
-            name.eq_ignore_ascii_case("localhost")
-                || name
-                    .trim_start_matches('[')
-                    .trim_end_matches(']')
-                    .parse::<std::net::IpAddr>()
-                    .is_ok_and(|ip| ip.is_loopback())
-        }
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1254,7 +1244,7 @@ mod tests {
             "host=/tmp,localhost dbname=db",
             "dbname=db",
         ] {
-            assert!(database_is_local(url), "{url}");
+            assert!(DatabaseUrl::parse(url).unwrap().is_local(), "{url}");
         }
         for url in [
             "postgres://u@db.internal/db",
@@ -1262,7 +1252,10 @@ mod tests {
             "host=localhost,db.internal dbname=db",
             "not a url",
         ] {
-            assert!(!database_is_local(url), "{url}");
+            assert!(
+                !DatabaseUrl::parse(url).is_ok_and(|u| u.is_local()),
+                "{url}"
+            );
         }
         assert_eq!(default_ingress_cores(2, true), 1);
         assert_eq!(default_ingress_cores(1, true), 1);
@@ -1299,7 +1292,7 @@ mod tests {
             &[DB, ("TRIGGERS_DATABASE_URL", "postgres://x@h/other")],
         )
         .unwrap();
-        assert_eq!(c.database_url, "postgres://x@h/other");
+        assert_eq!(c.database_url.pg, "postgres://x@h/other");
     }
 
     #[test]

@@ -709,7 +709,6 @@ fn a_database_that_cannot_be_reached_is_named_with_postgresqls_own_words() {
     // Start-up retries while the database comes up, and says why each try failed: PostgreSQL's
     // message and code (a database or a role that does not exist, a password refused, a pooler
     // refusing a startup parameter), or the socket's error, not tokio-postgres's "db error".
-    use std::io::BufRead;
     let url = database_url();
     let (base, _) = url.rsplit_once('/').unwrap();
     for (target, says) in [
@@ -722,22 +721,156 @@ fn a_database_that_cannot_be_reached_is_named_with_postgresqls_own_words() {
             "error connecting to server: Connection refused",
         ),
     ] {
-        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_triggers"))
-            .args(["migrate", "--database-url", &target])
-            .env_clear()
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        let stdout = std::io::BufReader::new(child.stdout.take().unwrap());
-        let line = stdout
-            .lines()
-            .map_while(Result::ok)
-            .find(|l| l.contains("database not reachable yet"));
-        let _ = child.kill();
-        let _ = child.wait();
-        let line = line.expect("a retry is logged");
+        let line = first_retry(&target);
         assert!(line.contains(says), "{line}");
+    }
+}
+
+/// The first retry `triggers migrate` logs against `url`: why the database could not be reached.
+fn first_retry(url: &str) -> String {
+    use std::io::BufRead;
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_triggers"))
+        .args(["migrate", "--database-url", url])
+        .env_clear()
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let line = stdout
+        .lines()
+        .map_while(Result::ok)
+        .find(|l| l.contains("database not reachable yet"));
+    let _ = child.kill();
+    let _ = child.wait();
+    line.unwrap_or_else(|| panic!("no retry logged for {url}"))
+}
+
+/// TLS to PostgreSQL as libpq's URLs ask for it (`sslmode`, `sslrootcert`), against a real
+/// PostgreSQL serving TLS with a certificate for `localhost` and `127.0.0.1` signed by the
+/// tests' own authority, which takes the node's role over TLS only. Every one of the node's
+/// sessions is over TLS; what the URL asks to check is checked, and a refusal is logged in
+/// rustls's or PostgreSQL's words.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_database_is_reached_over_tls_as_the_url_asks() {
+    let Some(disk) = SmallDisk::start_tls(64) else {
+        return;
+    };
+    let admin = db_at(&disk.url).await;
+    for statement in [
+        "CREATE ROLE triggers_tls LOGIN SUPERUSER",
+        "CREATE DATABASE triggers_tls OWNER triggers_tls",
+    ] {
+        admin.batch_execute(statement).await.unwrap();
+    }
+    let port = disk
+        .url
+        .rsplit_once(':')
+        .unwrap()
+        .1
+        .split('/')
+        .next()
+        .unwrap();
+    let ca = concat!(env!("CARGO_MANIFEST_DIR"), "/src/delivery/testdata/ca.pem");
+    // The host name is what the certificate is checked against; the address is the cluster's.
+    let url = |host: &str, params: &str| {
+        format!("postgres://triggers_tls@{host}:{port}/triggers_tls?hostaddr=127.0.0.1&{params}")
+    };
+    let refused = [
+        // Not over TLS: PostgreSQL's own refusal.
+        (url("localhost", "sslmode=disable"), "no encryption"),
+        // No `sslmode` to a database on this machine: no TLS (it protects nothing there).
+        (
+            url("localhost", "application_name=triggers"),
+            "no encryption",
+        ),
+        // The tests' authority is none of the public ones.
+        (
+            url("localhost", "sslmode=verify-full"),
+            "UnknownIssuer; name the authority",
+        ),
+        (
+            url("localhost", "sslmode=verify-ca&sslrootcert=system"),
+            "sslrootcert=system needs sslmode=verify-full",
+        ),
+        // Signed by it, but not for this name.
+        (
+            url("db.test", &format!("sslmode=verify-full&sslrootcert={ca}")),
+            "certificate not valid for name",
+        ),
+    ];
+    for (target, says) in &refused {
+        let line = if says.starts_with("sslrootcert") {
+            // A URL that cannot be used is refused at start.
+            let out = std::process::Command::new(env!("CARGO_BIN_EXE_triggers"))
+                .args(["migrate", "--database-url", target])
+                .env_clear()
+                .output()
+                .unwrap();
+            assert_eq!(out.status.code(), Some(2), "{target}");
+            String::from_utf8_lossy(&out.stderr).into_owned()
+        } else {
+            first_retry(target)
+        };
+        assert!(line.contains(says), "{target}: {line}");
+    }
+    let taken = [
+        url(
+            "localhost",
+            &format!("sslmode=verify-full&sslrootcert={ca}"),
+        ),
+        url(
+            "127.0.0.1",
+            &format!("sslmode=verify-full&sslrootcert={ca}"),
+        ),
+        url("db.test", &format!("sslmode=verify-ca&sslrootcert={ca}")),
+        url("db.test", "sslmode=require"),
+        // No `sslmode` to another machine: TLS when the server offers it, nothing checked
+        // (libpq's default).
+        url("db.test", "application_name=triggers"),
+    ];
+    for target in taken {
+        let mut s = Server::process_with_db(&[], &target);
+        let (key, _) = new_org(s.addr, "pro").await;
+        let r = post_event(s.addr, &key, "t", json!(1), None).await;
+        assert_eq!(r.status, 201, "{target}: {}", r.text());
+        let r = get(s.addr, &key, "/api/inbox?limit=1").await;
+        assert_eq!(r.status, 200, "{target}: {}", r.text());
+        let want: std::collections::BTreeSet<String> =
+            ["", "-ingest", "-delivery", "-listen", "-probe"]
+                .iter()
+                .map(|part| format!("triggers{part}"))
+                .collect();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let rows = admin
+                .query(
+                    "SELECT a.application_name, s.ssl FROM pg_stat_activity a \
+                     JOIN pg_stat_ssl s USING (pid) WHERE a.usename = 'triggers_tls'",
+                    &[],
+                )
+                .await
+                .unwrap();
+            let plain: Vec<String> = rows
+                .iter()
+                .filter(|r| !r.get::<_, bool>(1))
+                .map(|r| r.get(0))
+                .collect();
+            assert!(
+                plain.is_empty(),
+                "{target}: sessions without TLS: {plain:?}"
+            );
+            let names: std::collections::BTreeSet<String> = rows.iter().map(|r| r.get(0)).collect();
+            if want.is_subset(&names) {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{target}: want {want:?} over TLS, connected: {names:?}"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        s.stop();
     }
 }
 

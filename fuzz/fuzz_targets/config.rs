@@ -2,16 +2,29 @@
 //! give: one line per argument, `NAME=value` lines starting with `TRIGGERS_` or `DATABASE_URL`
 //! going to the environment. Parsing and validating never panics (no overflow in a duration, a
 //! count or a product of two), and what it accepts is usable: every time is at most ten years and
-//! the sizes derived from it are computed without overflow.
+//! the sizes derived from it are computed without overflow. The database URL's TLS parameters
+//! (`sslmode`, `sslrootcert`, taken out before tokio-postgres reads the rest) are taken out
+//! whole: what is left has none (read again, it asks nothing of TLS and stays as it is).
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 use triggers::config::{Config, TIME_OPTION_MAX};
+use triggers::db::tls::{DatabaseUrl, Tls};
+
+/// A URL read once more from what its first reading left is that text again, asking nothing.
+fn taken_whole(url: &str) {
+    if let Ok(first) = DatabaseUrl::parse(url) {
+        let again = DatabaseUrl::parse(&first.pg).expect("what was left reads again");
+        assert_eq!(again.pg, first.pg);
+        assert_eq!(again.tls, Tls::default());
+    }
+}
 
 fuzz_target!(|data: &[u8]| {
     let Ok(text) = std::str::from_utf8(data) else {
         return;
     };
+    taken_whole(text);
     let mut args = Vec::new();
     let mut env = Vec::new();
     for line in text.split('\n') {
@@ -25,6 +38,7 @@ fuzz_target!(|data: &[u8]| {
     let Ok((_, c)) = Config::from_args_and_env(args, env) else {
         return;
     };
+    taken_whole(&c.database_url.pg);
     assert!(c.retry_delays().iter().all(|d| *d <= TIME_OPTION_MAX));
     for s in [
         c.delivery_lease_s,

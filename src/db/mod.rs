@@ -3,8 +3,10 @@
 //! database errors mean "the database is in trouble" rather than "this data is bad".
 //!
 //! - `copy`: the binary COPY encoding both pools append rows with.
+//! - `tls`: the database URL, and TLS to PostgreSQL as libpq's `sslmode` and `sslrootcert` ask.
 
 pub mod copy;
+pub mod tls;
 
 use std::time::Duration;
 
@@ -59,9 +61,9 @@ impl Part {
 
 /// The PostgreSQL connection settings from the config, for one part of the server.
 pub fn pg_config(config: &Config, part: Part) -> Result<tokio_postgres::Config, String> {
-    let mut pg: tokio_postgres::Config = config
+    let mut pg = config
         .database_url
-        .parse()
+        .pg_config()
         .map_err(|e| format!("--database-url: {e}"))?;
     pg.connect_timeout(Config::ms(config.db_connect_timeout_ms));
     // A peer gone without a word (a network cut, a host or VM that stopped) is found by TCP
@@ -96,6 +98,18 @@ pub fn pg_config(config: &Config, part: Part) -> Result<tokio_postgres::Config, 
     Ok(pg)
 }
 
+/// The TLS connector every connection to PostgreSQL goes through ([`tls`]). Made once per new
+/// connection, never on a hot path: kept out of line (one copy of it).
+#[cold]
+#[inline(never)]
+pub fn tls(config: &Config) -> Result<tls::Connector, String> {
+    config
+        .database_url
+        .tls
+        .connector()
+        .map_err(|e| format!("--database-url: {e}"))
+}
+
 /// The `application_name` of `part`'s sessions: the URL's own (or `triggers`) and the part's
 /// suffix.
 fn application_name(url: &tokio_postgres::Config, part: Part) -> String {
@@ -106,9 +120,9 @@ fn application_name(url: &tokio_postgres::Config, part: Part) -> String {
 /// The `application_name` of every part's sessions (what tells the server's sessions apart in
 /// `pg_stat_activity`).
 pub fn application_names(config: &Config) -> Result<Vec<String>, String> {
-    let url: tokio_postgres::Config = config
+    let url = config
         .database_url
-        .parse()
+        .pg_config()
         .map_err(|e| format!("--database-url: {e}"))?;
     Ok(Part::ALL
         .iter()
@@ -159,7 +173,7 @@ fn build_pool_with(
 ) -> Result<Pool, String> {
     let manager = Manager::from_config(
         pg,
-        tokio_postgres::NoTls,
+        tls(config)?,
         ManagerConfig {
             recycling_method: RecyclingMethod::Fast,
         },
@@ -184,7 +198,7 @@ pub async fn connect(
     let pg = pg_config(config, part)?;
     let deadline = tokio::time::Instant::now() + patience;
     loop {
-        match pg.connect(tokio_postgres::NoTls).await {
+        match pg.connect(tls(config)?).await {
             Ok((client, conn)) => {
                 tokio::spawn(async move {
                     if let Err(e) = conn.await {
@@ -321,7 +335,18 @@ pub fn describe(e: &tokio_postgres::Error) -> String {
         ),
         // The cause too ("error connecting to server: Connection refused (os error 111)").
         None => match std::error::Error::source(e) {
-            Some(cause) => format!("{e}: {cause}"),
+            Some(cause) => {
+                let cause = cause.to_string();
+                // A certificate signed by an authority the URL did not name (a managed
+                // database's own, as Amazon RDS's).
+                let hint = if cause.contains("UnknownIssuer") {
+                    "; name the authority that signed the database's certificate with \
+                     sslrootcert=<PEM file> in the database URL (README, \"TLS to PostgreSQL\")"
+                } else {
+                    ""
+                };
+                format!("{e}: {cause}{hint}")
+            }
             None => e.to_string(),
         },
     }

@@ -11,7 +11,7 @@
 
 use std::sync::Arc;
 
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
 
 use super::ctx::StoreCtx;
 use super::stalled::Stalled;
@@ -113,7 +113,8 @@ async fn ask<'a>(
 ) -> Result<(&'a Client, bool, bool), String> {
     if conn.as_ref().is_none_or(|c| c.is_closed()) {
         let pg = pg_config(&ctx.config, Part::Probe)?;
-        let (client, connection) = pg.connect(NoTls).await.map_err(|e| lost(conn, &e, ended))?;
+        let tls = crate::db::tls(&ctx.config)?;
+        let (client, connection) = pg.connect(tls).await.map_err(|e| lost(conn, &e, ended))?;
         tokio::spawn(async move {
             let _ = connection.await;
         });

@@ -62,11 +62,14 @@ fn flush(ctx: &StoreCtx) {
 /// Wait until a new LISTEN connection could be made (then `run` goes round again to listen on
 /// it). Returns at once if the database takes connections.
 async fn listen_until_connected(ctx: &StoreCtx) {
-    let Ok(pg) = pg_config(&ctx.config, Part::Listen) else {
+    let (Ok(pg), Ok(tls)) = (
+        pg_config(&ctx.config, Part::Listen),
+        crate::db::tls(&ctx.config),
+    ) else {
         return std::future::pending().await;
     };
     loop {
-        match pg.connect(tokio_postgres::NoTls).await {
+        match pg.connect(tls.clone()).await {
             Ok((client, connection)) => {
                 drop(client);
                 drop(connection);
@@ -86,7 +89,11 @@ async fn listen(ctx: &StoreCtx) -> String {
         Ok(pg) => pg,
         Err(e) => return e,
     };
-    let (client, mut connection) = match pg.connect(tokio_postgres::NoTls).await {
+    let tls = match crate::db::tls(&ctx.config) {
+        Ok(tls) => tls,
+        Err(e) => return e,
+    };
+    let (client, mut connection) = match pg.connect(tls).await {
         Ok(c) => c,
         Err(e) => return crate::db::describe(&e),
     };

@@ -158,6 +158,16 @@ impl SmallDisk {
     /// A disk of `size_mb` MB; `None`, and the test says it is skipped, where mount namespaces
     /// are not allowed.
     pub fn start(size_mb: u32) -> Option<SmallDisk> {
+        Self::start_with(size_mb, false)
+    }
+
+    /// The same, and PostgreSQL serves TLS with the tests' certificate for `localhost` and
+    /// `127.0.0.1` (src/delivery/testdata), taking the role `triggers_tls` over TLS only.
+    pub fn start_tls(size_mb: u32) -> Option<SmallDisk> {
+        Self::start_with(size_mb, true)
+    }
+
+    fn start_with(size_mb: u32, tls: bool) -> Option<SmallDisk> {
         // Installs PostgreSQL where it is missing.
         database_url();
         let port = std::net::TcpListener::bind("127.0.0.1:0")
@@ -168,7 +178,14 @@ impl SmallDisk {
         let dir = std::env::temp_dir().join(format!("triggers-small-disk-{port}"));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
-        let mut child = Command::new("bash")
+        let mut command = Command::new("bash");
+        if tls {
+            command.env(
+                "SMALL_DISK_TLS",
+                concat!(env!("CARGO_MANIFEST_DIR"), "/src/delivery/testdata"),
+            );
+        }
+        let mut child = command
             .arg(concat!(
                 env!("CARGO_MANIFEST_DIR"),
                 "/scripts/small-disk.sh"

@@ -272,11 +272,13 @@ async fn change_racing_a_recorder(database: &str, change: &'static str) -> (Resp
         }
     });
     // A session that waits for one that the attempt log's holder blocks: the change, held by
-    // the recorder.
+    // the recorder. Waiting for a lock in the view too: its rows are read once per transaction,
+    // `pg_blocking_pids` at each call, so a session that began to wait meanwhile showed its
+    // statement before (`START TRANSACTION`: seen once, thirtieth session).
     let held = pid_of(&hold).await;
     let waiting = format!(
         "SELECT w.query FROM pg_stat_activity w \
-         WHERE w.datname = current_database() AND EXISTS ( \
+         WHERE w.datname = current_database() AND w.wait_event_type = 'Lock' AND EXISTS ( \
              SELECT 1 FROM pg_stat_activity r WHERE r.pid = ANY(pg_blocking_pids(w.pid)) \
              AND {held} = ANY(pg_blocking_pids(r.pid)))"
     );

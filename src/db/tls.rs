@@ -1,0 +1,644 @@
+//! The database URL, and TLS to PostgreSQL as libpq reads it from there.
+//!
+//! tokio-postgres parses the URL (or `key=value` string) itself but knows only `sslmode=disable`,
+//! `prefer` and `require`, and no `sslrootcert`. The URLs managed databases hand out use libpq's
+//! whole set, so [`DatabaseUrl::parse`] takes `sslmode` and `sslrootcert` out of the text (once,
+//! with the configuration), leaves the rest to tokio-postgres, and keeps what they ask for as a
+//! [`Tls`]; [`Tls::connector`] makes the rustls connector every connection to PostgreSQL goes
+//! through. What each asks (libpq's meanings, but for the default):
+//!
+//! | `sslmode` | TLS | the server's certificate |
+//! |---|---|---|
+//! | `disable` | never | - |
+//! | none (the default) | as `prefer`, but never to a database on this machine | not checked |
+//! | `allow`, `prefer` | when the server offers it | not checked |
+//! | `require` | always | not checked; with `sslrootcert`, as `verify-ca` |
+//! | `verify-ca` | always | signed by an authority of `sslrootcert` |
+//! | `verify-full` | always | signed so, and for the host connected to |
+//!
+//! `sslrootcert` names a PEM file of authorities, or `system`: the public authorities' roots
+//! (Mozilla's, built in), as for webhooks; `verify-ca` and `verify-full` without it use those too
+//! (libpq would look for `~/.postgresql/root.crt`). Client certificates (`sslcert`, `sslkey`) are
+//! not supported: tokio-postgres refuses them as unknown options. Nor is SCRAM's channel binding
+//! (`SCRAM-SHA-256-PLUS`; tokio-postgres then uses `SCRAM-SHA-256`, as libpq does with
+//! `channel_binding=prefer` and no binding on offer): it needs the certificate's signature
+//! algorithm, and the crate that glues tokio-postgres to rustls (`tokio-postgres-rustls`) reads
+//! it with a whole X.509 decoder: 92 KB more binary than the glue here, which is the rest of
+//! that crate's (measured; BENCHMARKS.md).
+
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::{verify_server_cert_signed_by_trust_anchor, verify_server_name};
+use rustls::crypto::{verify_tls12_signature, verify_tls13_signature, WebPkiSupportedAlgorithms};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::server::ParsedCertificate;
+use rustls::{DigitallySignedStruct, SignatureScheme};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio_postgres::config::SslMode;
+use tokio_postgres::tls::{ChannelBinding, MakeTlsConnect, TlsConnect};
+use tokio_rustls::client::TlsStream;
+use tokio_rustls::TlsConnector;
+
+/// How the server's certificate is checked, once TLS is in use.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Check {
+    /// Not at all (`prefer`, `require`): encrypted against a passive listener only.
+    #[default]
+    Nothing,
+    /// Its chain up to a trusted authority (`verify-ca`).
+    Authority,
+    /// Its chain and the host name (`verify-full`).
+    Full,
+}
+
+/// What the URL asked of TLS.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Tls {
+    /// Whether TLS is used at all.
+    pub encrypt: Encrypt,
+    /// How the certificate is checked.
+    pub check: Check,
+    /// The authorities' PEM file; `None`: the built-in public roots.
+    pub roots: Option<String>,
+}
+
+/// Whether connections use TLS (tokio-postgres's `sslmode`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Encrypt {
+    /// Never (`disable`).
+    Never,
+    /// No `sslmode` given: as [`Encrypt::IfOffered`], unless the database is on this machine
+    /// ([`DatabaseUrl::is_local`]), where TLS protects nothing (whoever can read the loopback
+    /// can read the server's memory) and costs CPU for every message: never there.
+    #[default]
+    IfRemote,
+    /// When the server offers it (`allow`, `prefer`).
+    IfOffered,
+    /// Always, or no connection (`require` and stronger).
+    Always,
+}
+
+/// `--database-url` read: the text tokio-postgres parses, and what it asks of TLS.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DatabaseUrl {
+    /// The URL or `key=value` string without `sslmode` and `sslrootcert`.
+    pub pg: String,
+    /// TLS as `sslmode` and `sslrootcert` ask.
+    pub tls: Tls,
+}
+
+impl DatabaseUrl {
+    /// Take `sslmode` and `sslrootcert` out of `url` (the rest is left to tokio-postgres).
+    #[cold]
+    pub fn parse(url: &str) -> Result<DatabaseUrl, String> {
+        let mut mode = None;
+        let mut roots = None;
+        let (pg, taken) = take_params(url, &["sslmode", "sslrootcert"])?;
+        for (key, value) in taken {
+            *if key == "sslmode" {
+                &mut mode
+            } else {
+                &mut roots
+            } = Some(value);
+        }
+        let system = roots.as_deref() == Some("system");
+        let (encrypt, check) = match mode.as_deref() {
+            None if system => (Encrypt::Always, Check::Full),
+            None => (Encrypt::IfRemote, Check::Nothing),
+            Some("prefer") | Some("allow") => (Encrypt::IfOffered, Check::Nothing),
+            Some("disable") => (Encrypt::Never, Check::Nothing),
+            Some("require") if roots.is_some() => (Encrypt::Always, Check::Authority),
+            Some("require") => (Encrypt::Always, Check::Nothing),
+            Some("verify-ca") => (Encrypt::Always, Check::Authority),
+            Some("verify-full") => (Encrypt::Always, Check::Full),
+            Some(other) => {
+                return Err(format!(
+                    "sslmode {other:?} is not one of disable, allow, prefer, require, \
+                     verify-ca, verify-full"
+                ))
+            }
+        };
+        if system && check != Check::Full {
+            return Err("sslrootcert=system needs sslmode=verify-full (as libpq)".into());
+        }
+        if roots.as_deref() == Some("") {
+            return Err("sslrootcert is empty".into());
+        }
+        let roots = roots.filter(|r| r != "system");
+        Ok(DatabaseUrl {
+            pg,
+            tls: Tls {
+                encrypt,
+                check,
+                roots,
+            },
+        })
+    }
+
+    /// tokio-postgres's settings: the URL's own, with its `sslmode`.
+    pub fn pg_config(&self) -> Result<tokio_postgres::Config, String> {
+        let mut pg: tokio_postgres::Config = self.pg.parse().map_err(|e| format!("{e}"))?;
+        let mode = match self.tls.encrypt {
+            Encrypt::IfRemote if hosts_local(&pg) => SslMode::Disable,
+            Encrypt::Never => SslMode::Disable,
+            Encrypt::IfRemote | Encrypt::IfOffered => SslMode::Prefer,
+            Encrypt::Always => SslMode::Require,
+        };
+        pg.ssl_mode(mode);
+        Ok(pg)
+    }
+
+    /// Whether every host in the URL is this machine: a Unix socket, `localhost`, or a loopback
+    /// address (no host at all means libpq's default, the local socket). By name: a `hostaddr`
+    /// is not looked at.
+    pub fn is_local(&self) -> bool {
+        self.pg.parse().is_ok_and(|pg| hosts_local(&pg))
+    }
+}
+
+impl Tls {
+    /// The connector for tokio-postgres: rustls with `ring`, checking the server as asked.
+    /// Reads the authorities' file (each new connection does, so a renewed file is used without
+    /// a restart).
+    #[cold]
+    pub fn connector(&self) -> Result<Connector, String> {
+        let roots = Arc::new(match self.check {
+            Check::Nothing => rustls::RootCertStore::empty(),
+            Check::Authority | Check::Full => self.authorities()?,
+        });
+        // Built as the delivery client's is (one copy of that code), then checked our way.
+        let mut tls = rustls::ClientConfig::builder()
+            .with_root_certificates(roots.clone())
+            .with_no_client_auth();
+        let verifier = Verifier {
+            check: self.check,
+            roots,
+            algorithms: tls.crypto_provider().signature_verification_algorithms,
+        };
+        tls.dangerous().set_certificate_verifier(Arc::new(verifier));
+        // PostgreSQL 17's direct TLS (`sslnegotiation=direct`) requires it; older servers ignore it.
+        tls.alpn_protocols = vec![b"postgresql".to_vec()];
+        Ok(Connector(TlsConnector::from(Arc::new(tls))))
+    }
+
+    fn authorities(&self) -> Result<rustls::RootCertStore, String> {
+        let Some(path) = &self.roots else {
+            return Ok(rustls::RootCertStore {
+                roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+            });
+        };
+        let mut store = rustls::RootCertStore::empty();
+        for cert in
+            CertificateDer::pem_file_iter(path).map_err(|e| format!("sslrootcert {path}: {e}"))?
+        {
+            let cert = cert.map_err(|e| format!("sslrootcert {path}: {e}"))?;
+            store
+                .add(cert)
+                .map_err(|e| format!("sslrootcert {path}: {e}"))?;
+        }
+        if store.is_empty() {
+            return Err(format!("sslrootcert {path}: no certificate in it"));
+        }
+        Ok(store)
+    }
+}
+
+fn hosts_local(pg: &tokio_postgres::Config) -> bool {
+    use tokio_postgres::config::Host;
+    pg.get_hosts().iter().all(|host| match host {
+        Host::Unix(_) => true,
+        Host::Tcp(name) => {
+            name.eq_ignore_ascii_case("localhost")
+                || name
+                    .trim_start_matches('[')
+                    .trim_end_matches(']')
+                    .parse::<std::net::IpAddr>()
+                    .is_ok_and(|ip| ip.is_loopback())
+        }
+    })
+}
+
+/// tokio-postgres's way to TLS: rustls, for the host name the connection is made to.
+#[derive(Clone)]
+pub struct Connector(TlsConnector);
+
+/// One connection's TLS start, for its host.
+pub struct Start(TlsConnector, ServerName<'static>);
+
+/// A connection to PostgreSQL over TLS.
+pub struct Stream<S>(TlsStream<S>);
+
+/// The handshake under way.
+pub struct Handshake<S>(tokio_rustls::Connect<S>);
+
+impl<S> MakeTlsConnect<S> for Connector
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    type Stream = Stream<S>;
+    type TlsConnect = Start;
+    type Error = io::Error;
+
+    fn make_tls_connect(&mut self, host: &str) -> io::Result<Start> {
+        let name = ServerName::try_from(host.to_string())
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        Ok(Start(self.0.clone(), name))
+    }
+}
+
+impl<S> TlsConnect<S> for Start
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    type Stream = Stream<S>;
+    type Error = io::Error;
+    type Future = Handshake<S>;
+
+    fn connect(self, stream: S) -> Handshake<S> {
+        Handshake(self.0.connect(self.1, stream))
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Future for Handshake<S> {
+    type Output = io::Result<Stream<S>>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        Pin::new(&mut self.0).poll(cx).map_ok(Stream)
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> tokio_postgres::tls::TlsStream for Stream<S> {
+    fn channel_binding(&self) -> ChannelBinding {
+        ChannelBinding::none()
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for Stream<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for Stream<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_shutdown(cx)
+    }
+}
+
+/// Cut the parameters named `keys` out of a URL's query or a `key=value` string: the rest of
+/// the text as it was, and each one taken with its value (decoded), in order.
+type Taken = Vec<(&'static str, String)>;
+
+fn take_params(url: &str, keys: &[&'static str]) -> Result<(String, Taken), String> {
+    let mut taken = Vec::new();
+    let ours = |key: &str| keys.iter().find(|k| **k == key).copied();
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        let Some((base, query)) = url.split_once('?') else {
+            return Ok((url.to_string(), taken));
+        };
+        let mut kept: Vec<&str> = Vec::new();
+        for pair in query.split('&') {
+            let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+            match ours(key) {
+                Some(key) => taken.push((key, percent_decoded(value)?)),
+                None => kept.push(pair),
+            }
+        }
+        let rest = if kept.is_empty() {
+            base.to_string()
+        } else {
+            format!("{base}?{}", kept.join("&"))
+        };
+        return Ok((rest, taken));
+    }
+    // `key = value` pairs apart by spaces; a value in single quotes may hold spaces, and a
+    // backslash takes the next character as it is (tokio-postgres's and libpq's rules). Split
+    // at ASCII bytes only, so every piece is UTF-8 as the whole was.
+    let bytes = url.as_bytes();
+    let space = |i: usize| bytes.get(i).is_some_and(u8::is_ascii_whitespace);
+    let mut kept = String::with_capacity(url.len());
+    let mut i = 0;
+    loop {
+        while space(i) {
+            i += 1;
+        }
+        if i == bytes.len() {
+            break;
+        }
+        let start = i;
+        while i < bytes.len() && bytes[i] != b'=' && !space(i) {
+            i += 1;
+        }
+        let key = &url[start..i];
+        while space(i) {
+            i += 1;
+        }
+        if bytes.get(i) != Some(&b'=') {
+            return Err(format!("{key:?} has no value"));
+        }
+        i += 1;
+        while space(i) {
+            i += 1;
+        }
+        let quoted = bytes.get(i) == Some(&b'\'');
+        i += usize::from(quoted);
+        let mut value = Vec::new();
+        loop {
+            match bytes.get(i) {
+                None if quoted => return Err(format!("{key}'s value has no closing quote")),
+                None => break,
+                Some(b'\'') if quoted => {
+                    i += 1;
+                    break;
+                }
+                Some(_) if !quoted && space(i) => break,
+                Some(b'\\') => {
+                    let Some(&c) = bytes.get(i + 1) else {
+                        return Err(format!("{key}'s value ends with a backslash"));
+                    };
+                    value.push(c);
+                    i += 2;
+                }
+                Some(&c) => {
+                    value.push(c);
+                    i += 1;
+                }
+            }
+        }
+        match ours(key) {
+            Some(key) => {
+                let value =
+                    String::from_utf8(value).map_err(|_| format!("{key}'s value is not UTF-8"))?;
+                taken.push((key, value));
+            }
+            None => {
+                kept.push_str(&url[start..i]);
+                kept.push(' ');
+            }
+        }
+    }
+    kept.pop();
+    if taken.is_empty() {
+        return Ok((url.to_string(), taken));
+    }
+    // What was a `key=value` string stays one (tokio-postgres tells the two apart by the start).
+    if kept.starts_with("postgres://") || kept.starts_with("postgresql://") {
+        kept.insert(0, ' ');
+    }
+    Ok((kept, taken))
+}
+
+/// A URL query value with its `%XX` escapes decoded.
+fn percent_decoded(value: &str) -> Result<String, String> {
+    let bytes = value.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = bytes
+                .get(i + 1..i + 3)
+                .and_then(|h| std::str::from_utf8(h).ok())
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+                .ok_or_else(|| format!("{value:?}: a % not followed by two hex digits"))?;
+            out.push(hex);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).map_err(|_| format!("{value:?} is not UTF-8 once decoded"))
+}
+
+/// The server's certificate checked as `check` says, by rustls's webpki functions; the
+/// handshake's signatures are checked against the key it presents in every mode.
+#[derive(Debug)]
+struct Verifier {
+    check: Check,
+    /// The authorities (none for [`Check::Nothing`]).
+    roots: Arc<rustls::RootCertStore>,
+    algorithms: WebPkiSupportedAlgorithms,
+}
+
+impl ServerCertVerifier for Verifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        name: &ServerName<'_>,
+        _: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        if self.check != Check::Nothing {
+            let cert = ParsedCertificate::try_from(end_entity)?;
+            verify_server_cert_signed_by_trust_anchor(
+                &cert,
+                &self.roots,
+                intermediates,
+                now,
+                self.algorithms.all,
+            )?;
+            if self.check == Check::Full {
+                verify_server_name(&cert, name)?;
+            }
+        }
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls12_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls13_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algorithms.supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tls(url: &str) -> (String, Encrypt, Check, Option<String>) {
+        let u = DatabaseUrl::parse(url).unwrap();
+        (u.pg, u.tls.encrypt, u.tls.check, u.tls.roots)
+    }
+
+    #[test]
+    fn sslmode_and_sslrootcert_come_out_of_a_url_and_the_rest_stays() {
+        use Check::*;
+        use Encrypt::*;
+        let base = "postgres://u:p%40ss@db.example:5432/app";
+        assert_eq!(tls(base), (base.into(), IfRemote, Nothing, None));
+        assert_eq!(
+            tls(&format!(
+                "{base}?sslmode=verify-full&sslrootcert=/etc/ca%20dir/rds.pem&application_name=x"
+            )),
+            (
+                format!("{base}?application_name=x"),
+                Always,
+                Full,
+                Some("/etc/ca dir/rds.pem".into())
+            )
+        );
+        assert_eq!(
+            tls(&format!("{base}?connect_timeout=3&sslmode=require")),
+            (format!("{base}?connect_timeout=3"), Always, Nothing, None)
+        );
+        // libpq: `require` with authorities checks the chain, as `verify-ca`.
+        assert_eq!(
+            tls(&format!("{base}?sslmode=require&sslrootcert=ca.pem")).2,
+            Authority
+        );
+        assert_eq!(tls(&format!("{base}?sslmode=verify-ca")).2, Authority);
+        assert_eq!(tls(&format!("{base}?sslmode=disable")).1, Never);
+        assert_eq!(tls(&format!("{base}?sslmode=allow")).1, IfOffered);
+        // `system`: the public roots, and the name checked.
+        assert_eq!(
+            tls(&format!("{base}?sslrootcert=system")),
+            (base.into(), Always, Full, None)
+        );
+        for (bad, says) in [
+            ("sslmode=verify", "is not one of"),
+            (
+                "sslmode=require&sslrootcert=system",
+                "needs sslmode=verify-full",
+            ),
+            ("sslrootcert=", "empty"),
+            ("sslrootcert=%zz", "two hex digits"),
+            ("sslrootcert=%ff", "not UTF-8"),
+        ] {
+            let e = DatabaseUrl::parse(&format!("{base}?{bad}")).unwrap_err();
+            assert!(e.contains(says), "{bad}: {e}");
+        }
+        // tokio-postgres reads the rest, with the mode.
+        let pg = DatabaseUrl::parse(&format!("{base}?sslmode=verify-full&application_name=x"))
+            .unwrap()
+            .pg_config()
+            .unwrap();
+        assert_eq!(pg.get_ssl_mode(), SslMode::Require);
+        assert_eq!(pg.get_application_name(), Some("x"));
+        assert_eq!(pg.get_hosts().len(), 1);
+        // No `sslmode`: TLS when offered, except on this machine.
+        let mode = |url: &str| {
+            DatabaseUrl::parse(url)
+                .unwrap()
+                .pg_config()
+                .unwrap()
+                .get_ssl_mode()
+        };
+        assert_eq!(mode(base), SslMode::Prefer);
+        assert_eq!(mode("postgres://u@127.0.0.1/app"), SslMode::Disable);
+        assert_eq!(
+            mode("postgres://u@localhost/app?sslmode=prefer"),
+            SslMode::Prefer
+        );
+        assert_eq!(
+            mode("host=/run/postgresql,db.example dbname=app"),
+            SslMode::Prefer
+        );
+    }
+
+    #[test]
+    fn sslmode_and_sslrootcert_come_out_of_a_key_value_string() {
+        use Check::*;
+        use Encrypt::*;
+        assert_eq!(
+            tls("host=db user=u sslmode = verify-full  sslrootcert='/a b/c\\'s.pem' dbname=app"),
+            (
+                "host=db user=u dbname=app".into(),
+                Always,
+                Full,
+                Some("/a b/c's.pem".into())
+            )
+        );
+        // Nothing taken: the text as it was.
+        let spaced = "  host='x y'   password=a\\ b  ";
+        assert_eq!(tls(spaced), (spaced.into(), IfRemote, Nothing, None));
+        assert_eq!(
+            tls("host='x y'   sslmode=disable password=a\\ b  "),
+            ("host='x y' password=a\\ b".into(), Never, Nothing, None)
+        );
+        // A string that only looks like a URL once a pair is out stays a `key=value` string.
+        assert_eq!(
+            tls(" sslmode=disable postgresql://x=y").0,
+            " postgresql://x=y"
+        );
+        assert_eq!(tls("sslmode=disable").0, "");
+        for (bad, says) in [
+            ("host", "has no value"),
+            ("host=db sslrootcert='x", "no closing quote"),
+            ("host=db password=x\\", "ends with a backslash"),
+        ] {
+            let e = DatabaseUrl::parse(bad).unwrap_err();
+            assert!(e.contains(says), "{bad}: {e}");
+        }
+        let pg = DatabaseUrl::parse("host=db user=u sslmode=verify-ca dbname='my app'")
+            .unwrap()
+            .pg_config()
+            .unwrap();
+        assert_eq!(pg.get_dbname(), Some("my app"));
+        assert_eq!(pg.get_ssl_mode(), SslMode::Require);
+    }
+
+    #[test]
+    fn a_connector_needs_authorities_it_can_read() {
+        let check = |roots: &str| {
+            DatabaseUrl::parse(&format!(
+                "postgres://h/d?sslmode=verify-ca&sslrootcert={roots}"
+            ))
+            .unwrap()
+            .tls
+            .connector()
+            .map(drop)
+        };
+        let testdata = concat!(env!("CARGO_MANIFEST_DIR"), "/src/delivery/testdata");
+        assert!(check(&format!("{testdata}/ca.pem")).is_ok());
+        let missing = check("/nonexistent/ca.pem").unwrap_err();
+        assert!(missing.contains("/nonexistent/ca.pem"), "{missing}");
+        let none = check(&format!("{testdata}/README.md")).unwrap_err();
+        assert!(none.contains("no certificate"), "{none}");
+        // No file needed where nothing is checked, or the public roots are.
+        for url in [
+            "postgres://h/d?sslmode=require",
+            "postgres://h/d?sslmode=verify-full",
+        ] {
+            assert!(DatabaseUrl::parse(url).unwrap().tls.connector().is_ok());
+        }
+    }
+}
