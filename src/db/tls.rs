@@ -143,7 +143,15 @@ impl DatabaseUrl {
 
     /// tokio-postgres's settings: the URL's own, with its `sslmode`.
     pub fn pg_config(&self) -> Result<tokio_postgres::Config, String> {
-        let mut pg: tokio_postgres::Config = self.pg.parse().map_err(|e| format!("{e}"))?;
+        // tokio-postgres's words and their cause ("invalid connection string: unknown option
+        // `sslcert`").
+        let mut pg =
+            self.pg.parse::<tokio_postgres::Config>().map_err(
+                |e| match std::error::Error::source(&e) {
+                    Some(cause) => format!("{e}: {cause}"),
+                    None => e.to_string(),
+                },
+            )?;
         let mode = match self.tls.encrypt {
             Encrypt::IfRemote if hosts_local(&pg) => SslMode::Disable,
             Encrypt::Never => SslMode::Disable,
