@@ -874,6 +874,46 @@ async fn the_database_is_reached_over_tls_as_the_url_asks() {
     }
 }
 
+/// A database reached over a Unix socket (the edge box's, as Debian sets it up): no TLS there
+/// and none asked for, whatever `sslmode` says short of `require`. tokio-postgres asks the TLS
+/// connector for one with no host name before it knows TLS will not be used; the connector made
+/// that a failure, and every connection over a socket failed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_over_a_unix_socket_is_reached() {
+    let base = database_url();
+    let (Some(rest), Ok(dir)) = (
+        base.strip_prefix("postgres://triggers@127.0.0.1:"),
+        std::env::var("TRIGGERS_PG_DIR").or_else(|_| Ok::<_, ()>("/var/tmp/triggers-pg".into())),
+    ) else {
+        eprintln!("SKIPPED: the test database ({base}) is not the project's own cluster");
+        return;
+    };
+    let port = rest.split('/').next().unwrap();
+    if !std::path::Path::new(&format!("{dir}/.s.PGSQL.{port}")).exists() {
+        eprintln!("SKIPPED: no Unix socket at {dir}");
+        return;
+    }
+    let url = own_database("triggers_test_unix_socket").await;
+    let socket = url.replace("127.0.0.1:", &format!("{}:", dir.replace('/', "%2F")));
+    for target in [socket.clone(), format!("{socket}?sslmode=prefer")] {
+        let mut s = Server::process_with_db(&[], &target);
+        let (key, _) = new_org(s.addr, "pro").await;
+        let r = post_event(s.addr, &key, "t", json!(1), None).await;
+        assert_eq!(r.status, 201, "{target}: {}", r.text());
+        let over_socket = count(
+            &db_at(&url).await,
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+             AND application_name = 'triggers-ingest' AND client_port = -1",
+        )
+        .await;
+        assert!(
+            over_socket >= 1,
+            "{target}: no ingest session over the socket"
+        );
+        s.stop();
+    }
+}
+
 /// The server turns transparent huge pages off for itself (the allocator's arenas would keep
 /// every 2 MiB page it touches whole: 26 MB idle instead of 11), unless `MIMALLOC_ALLOW_THP` is
 /// set (`1`: kept).

@@ -172,8 +172,8 @@ impl DatabaseUrl {
 
 impl Tls {
     /// The connector for tokio-postgres: rustls with `ring`, checking the server as asked.
-    /// Reads the authorities' file (each new connection does, so a renewed file is used without
-    /// a restart).
+    /// Reads the authorities' file: once for each pool (at start), and at each connection of
+    /// the LISTEN connection and the health probe; a renewed file takes a restart.
     #[cold]
     pub fn connector(&self) -> Result<Connector, String> {
         let roots = Arc::new(match self.check {
@@ -236,14 +236,20 @@ fn hosts_local(pg: &tokio_postgres::Config) -> bool {
 #[derive(Clone)]
 pub struct Connector(TlsConnector);
 
-/// One connection's TLS start, for its host.
-pub struct Start(TlsConnector, ServerName<'static>);
+/// One connection's TLS start, for its host name (empty for a Unix socket, where TLS is never
+/// begun: the name is read only when it is).
+pub struct Start(TlsConnector, String);
 
 /// A connection to PostgreSQL over TLS.
 pub struct Stream<S>(TlsStream<S>);
 
-/// The handshake under way.
-pub struct Handshake<S>(tokio_rustls::Connect<S>);
+/// The handshake under way, or the host name that could not be one.
+pub enum Handshake<S> {
+    /// Under way (boxed: a kilobyte of state, once per connection).
+    Going(Box<tokio_rustls::Connect<S>>),
+    /// Not a name a certificate can be for.
+    Failed(Option<io::Error>),
+}
 
 impl<S> MakeTlsConnect<S> for Connector
 where
@@ -254,9 +260,7 @@ where
     type Error = io::Error;
 
     fn make_tls_connect(&mut self, host: &str) -> io::Result<Start> {
-        let name = ServerName::try_from(host.to_string())
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-        Ok(Start(self.0.clone(), name))
+        Ok(Start(self.0.clone(), host.to_string()))
     }
 }
 
@@ -269,7 +273,10 @@ where
     type Future = Handshake<S>;
 
     fn connect(self, stream: S) -> Handshake<S> {
-        Handshake(self.0.connect(self.1, stream))
+        match ServerName::try_from(self.1) {
+            Ok(name) => Handshake::Going(Box::new(self.0.connect(name, stream))),
+            Err(e) => Handshake::Failed(Some(io::Error::new(io::ErrorKind::InvalidInput, e))),
+        }
     }
 }
 
@@ -277,7 +284,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Future for Handshake<S> {
     type Output = io::Result<Stream<S>>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        Pin::new(&mut self.0).poll(cx).map_ok(Stream)
+        match &mut *self {
+            Handshake::Going(connect) => Pin::new(&mut **connect).poll(cx).map_ok(Stream),
+            Handshake::Failed(e) => Poll::Ready(Err(e
+                .take()
+                .unwrap_or_else(|| io::Error::other("polled after its end")))),
+        }
     }
 }
 
@@ -622,6 +634,19 @@ mod tests {
             .unwrap();
         assert_eq!(pg.get_dbname(), Some("my app"));
         assert_eq!(pg.get_ssl_mode(), SslMode::Require);
+    }
+
+    #[test]
+    fn a_unix_socket_has_no_host_name_and_needs_none() {
+        // tokio-postgres asks for a connector with "" for a Unix socket, before it knows that
+        // TLS will not be used there: the name is read only when a handshake begins.
+        let mut connector = DatabaseUrl::parse("postgres://h/d?sslmode=verify-full")
+            .unwrap()
+            .tls
+            .connector()
+            .unwrap();
+        let start = MakeTlsConnect::<tokio::net::TcpStream>::make_tls_connect(&mut connector, "");
+        assert!(start.is_ok());
     }
 
     #[test]
