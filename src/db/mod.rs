@@ -98,8 +98,8 @@ pub fn pg_config(config: &Config, part: Part) -> Result<tokio_postgres::Config, 
     Ok(pg)
 }
 
-/// The TLS connector every connection to PostgreSQL goes through ([`tls`]). Made once per new
-/// connection, never on a hot path: kept out of line (one copy of it).
+/// The TLS connector every connection to PostgreSQL goes through ([`mod@tls`]). Made for each
+/// pool and for each connection made outside one, never on a hot path: kept out of line.
 #[cold]
 #[inline(never)]
 pub fn tls(config: &Config) -> Result<tls::Connector, String> {
