@@ -874,8 +874,8 @@ async fn the_database_is_reached_over_tls_as_the_url_asks() {
     }
 }
 
-/// A database reached over a Unix socket (the edge box's, as Debian sets it up): no TLS there
-/// and none asked for, whatever `sslmode` says short of `require`. tokio-postgres asks the TLS
+/// A database reached over a Unix socket (the edge box's, as Debian sets it up): no TLS there,
+/// whatever `sslmode` says (as libpq: PostgreSQL has none there). tokio-postgres asks the TLS
 /// connector for one with no host name before it knows TLS will not be used; the connector made
 /// that a failure, and every connection over a socket failed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -895,7 +895,11 @@ async fn a_database_over_a_unix_socket_is_reached() {
     }
     let url = own_database("triggers_test_unix_socket").await;
     let socket = url.replace("127.0.0.1:", &format!("{}:", dir.replace('/', "%2F")));
-    for target in [socket.clone(), format!("{socket}?sslmode=prefer")] {
+    for target in [
+        socket.clone(),
+        format!("{socket}?sslmode=prefer"),
+        format!("{socket}?sslmode=require"),
+    ] {
         let mut s = Server::process_with_db(&[], &target);
         let (key, _) = new_org(s.addr, "pro").await;
         let r = post_event(s.addr, &key, "t", json!(1), None).await;

@@ -16,6 +16,8 @@
 //! | `verify-ca` | always | signed by an authority of `sslrootcert` |
 //! | `verify-full` | always | signed so, and for the host connected to |
 //!
+//! Never over a Unix socket, whatever the mode (as libpq: PostgreSQL has no TLS there).
+//!
 //! `sslrootcert` names a PEM file of authorities, or `system`: the public authorities' roots
 //! (Mozilla's, built in), as for webhooks; `verify-ca` and `verify-full` without it use those too
 //! (libpq would look for `~/.postgresql/root.crt`). Client certificates (`sslcert`, `sslkey`) are
@@ -152,7 +154,13 @@ impl DatabaseUrl {
                     None => e.to_string(),
                 },
             )?;
+        // libpq never begins TLS on a Unix socket (PostgreSQL has none there), whatever the mode.
+        let sockets = pg
+            .get_hosts()
+            .iter()
+            .all(|h| matches!(h, tokio_postgres::config::Host::Unix(_)));
         let mode = match self.tls.encrypt {
+            _ if sockets => SslMode::Disable,
             Encrypt::IfRemote if hosts_local(&pg) => SslMode::Disable,
             Encrypt::Never => SslMode::Disable,
             Encrypt::IfRemote | Encrypt::IfOffered => SslMode::Prefer,
