@@ -102,12 +102,12 @@ impl DatabaseUrl {
         let mut mode = None;
         let mut roots = None;
         let (pg, taken) = take_params(url, &["sslmode", "sslrootcert"])?;
+        // The last of each wins, as in libpq.
         for (key, value) in taken {
-            *if key == "sslmode" {
-                &mut mode
-            } else {
-                &mut roots
-            } = Some(value);
+            match key {
+                "sslmode" => mode = Some(value),
+                _ => roots = Some(value),
+            }
         }
         let system = roots.as_deref() == Some("system");
         let (encrypt, check) = match mode.as_deref() {

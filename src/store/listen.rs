@@ -62,21 +62,24 @@ fn flush(ctx: &StoreCtx) {
 /// Wait until a new LISTEN connection could be made (then `run` goes round again to listen on
 /// it). Returns at once if the database takes connections.
 async fn listen_until_connected(ctx: &StoreCtx) {
-    let (Ok(pg), Ok(tls)) = (
-        pg_config(&ctx.config, Part::Listen),
-        crate::db::tls(&ctx.config),
-    ) else {
+    let Ok(pg) = pg_config(&ctx.config, Part::Listen) else {
         return std::future::pending().await;
     };
     loop {
-        match pg.connect(tls.clone()).await {
-            Ok((client, connection)) => {
-                drop(client);
-                drop(connection);
-                return;
-            }
+        // The connector each time: its authorities' file may be back (README, "TLS to
+        // PostgreSQL").
+        let connected = match crate::db::tls(&ctx.config) {
+            Ok(tls) => pg
+                .connect(tls)
+                .await
+                .map(drop)
+                .map_err(|e| crate::db::describe(&e)),
+            Err(e) => Err(e),
+        };
+        match connected {
+            Ok(()) => return,
             Err(e) => {
-                tracing::debug!(error = %crate::db::describe(&e), "listener reconnect failed");
+                tracing::debug!(error = %e, "listener reconnect failed");
                 tokio::time::sleep(LISTEN_RECONNECT_DELAY).await;
             }
         }
