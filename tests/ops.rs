@@ -418,6 +418,15 @@ async fn connection_names(url: &str, database: &str) -> std::collections::BTreeS
         .collect()
 }
 
+/// The `application_name`s of the sessions a node keeps open once it has taken an event (all
+/// but retention's, which comes and goes), with `stem` as the URL names it.
+fn held_session_names(stem: &str) -> std::collections::BTreeSet<String> {
+    ["", "-ingest", "-delivery", "-listen", "-probe"]
+        .iter()
+        .map(|part| format!("{stem}{part}"))
+        .collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_pools_connections_say_which_part_of_the_node_they_serve() {
     // An operator reading pg_stat_activity (or the load-test harness splitting PostgreSQL's CPU)
@@ -434,11 +443,7 @@ async fn each_pools_connections_say_which_part_of_the_node_they_serve() {
         // An event makes the group commit take a writer's connection.
         let r = post_event(s.addr, &key, "t", json!(1), None).await;
         assert_eq!(r.status, 201);
-        let want: std::collections::BTreeSet<String> =
-            ["", "-ingest", "-delivery", "-listen", "-probe"]
-                .iter()
-                .map(|part| format!("{stem}{part}"))
-                .collect();
+        let want = held_session_names(stem);
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         // Exactly these (retention's upkeep may hold one more); the previous node's connections
         // may take a moment to go.
@@ -836,11 +841,7 @@ async fn the_database_is_reached_over_tls_as_the_url_asks() {
         assert_eq!(r.status, 201, "{target}: {}", r.text());
         let r = get(s.addr, &key, "/api/inbox?limit=1").await;
         assert_eq!(r.status, 200, "{target}: {}", r.text());
-        let want: std::collections::BTreeSet<String> =
-            ["", "-ingest", "-delivery", "-listen", "-probe"]
-                .iter()
-                .map(|part| format!("triggers{part}"))
-                .collect();
+        let want = held_session_names("triggers");
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         loop {
             let rows = admin

@@ -225,6 +225,7 @@ impl Tls {
     }
 }
 
+/// Whether every host of `pg` is this machine (see [`DatabaseUrl::is_local`]).
 fn hosts_local(pg: &tokio_postgres::Config) -> bool {
     use tokio_postgres::config::Host;
     pg.get_hosts().iter().all(|host| match host {
@@ -335,10 +336,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for Stream<S> {
     }
 }
 
-/// Cut the parameters named `keys` out of a URL's query or a `key=value` string: the rest of
-/// the text as it was, and each one taken with its value (decoded), in order.
+/// Parameters taken out of a URL, each with its value, in order.
 type Taken = Vec<(&'static str, String)>;
 
+/// Cut the parameters named `keys` out of a URL's query or a `key=value` string: the rest of
+/// the text as it was, and each one taken with its value (decoded), in order.
 fn take_params(url: &str, keys: &[&'static str]) -> Result<(String, Taken), String> {
     let mut taken = Vec::new();
     let ours = |key: &str| keys.iter().find(|k| **k == key).copied();
