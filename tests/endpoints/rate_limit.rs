@@ -203,16 +203,11 @@ async fn retries_waiting_for_their_time_take_no_part_of_an_endpoints_limit() {
             .map(|r| r.at)
             .collect()
     };
-    let spans = |span: Duration| {
-        move |r: &[Received]| {
-            let t = delivered(r);
-            t.last()
-                .zip(t.first())
-                .is_some_and(|(l, f)| *l - *f >= span)
-        }
-    };
-    recv.wait_until(Duration::from_secs(10), spans(Duration::from_millis(1500)))
-        .await;
+    recv.wait_until(Duration::from_secs(10), |r| {
+        let t = delivered(r);
+        t.len() >= 2 && t[t.len() - 1] - t[0] >= Duration::from_millis(1500)
+    })
+    .await;
     // What each node asked of the bucket in its last report: the second node the 8 it holds (7
     // while one is being let go), the first none (counted as 1), so the second's part is 7/8 to
     // 8/9 of the rate. With the retries counted, the first asked 8 as well, and the second's
@@ -248,16 +243,26 @@ async fn retries_waiting_for_their_time_take_no_part_of_an_endpoints_limit() {
     assert_eq!(asked[0].0, 1.0, "the node holding only retries: {nodes}");
     assert!(asked[1].0 >= 5.0, "the node with a backlog: {nodes}");
     assert!(asked[1].1 >= 8.0, "its part of the 10 a second: {nodes}");
-    // And the two together keep the limit.
+    // And the second node's steady part is most of the limit, within it. The 40 are waited for
+    // (not a span: a node starved of CPU sends a burst once its bucket has filled, or the whole
+    // rate while the other node's report is late, and then the drain is over sooner), and the
+    // rate is read from those after the first 1.5 s: ~10 a second here (the first node's unused
+    // part comes back to the second as balance), ~5 with the retries counted. At most the rate
+    // over that span and the bucket's 10 at once.
     let got = recv
-        .wait_until(Duration::from_secs(10), spans(Duration::from_millis(3500)))
+        .wait_until(Duration::from_secs(15), |r| delivered(r).len() >= 40)
         .await;
     let t = delivered(&got);
-    let window = t[0] + Duration::from_millis(1500)..t[0] + Duration::from_millis(3500);
-    let steady = t.iter().filter(|at| window.contains(*at)).count();
+    let steady: Vec<Instant> = t
+        .iter()
+        .copied()
+        .filter(|at| *at >= t[0] + Duration::from_millis(1500))
+        .collect();
+    let span = (*steady.last().unwrap() - steady[0]).as_secs_f64();
+    let n = steady.len() as f64;
     assert!(
-        (14..=22).contains(&steady),
-        "{steady} from 1.5 s to 3.5 s: {}",
+        n >= 10.0 && n - 1.0 >= 7.0 * span && n <= 10.0 * span + 11.0,
+        "{n} deliveries in {span:.2} s from 1.5 s on: {}",
         timeline(&got)
     );
     const RETRIES: &str = "triggers_deliveries_total{outcome=\"retry\"}";
