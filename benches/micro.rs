@@ -360,9 +360,8 @@ fn tls_configs() -> (
     roots
         .add(CertificateDer::from_pem_slice(&read("ca.pem")).unwrap())
         .unwrap();
-    let mut client = rustls::ClientConfig::builder()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+    // The server's own set-up (src/tls.rs).
+    let mut client = triggers::tls::client(roots);
     client.resumption = rustls::client::Resumption::disabled();
     let server = rustls::ServerConfig::builder()
         .with_no_client_auth()

@@ -25,7 +25,7 @@
 //!   HTTP/1.1 bodies, for requests and receivers' answers), [`url_policy`] (webhook URL rules, SSRF
 //!   policy), [`event_types`] (endpoint patterns, the operational types), [`endpoint_headers`]
 //!   (the headers an endpoint sends of its own), [`signing_secret`] (the form of a `whsec_`
-//!   secret),
+//!   secret), [`tls`] (the TLS set-up of every connection out: deliveries, PostgreSQL),
 //!   [`metrics`], [`error`] and [`reply`] (the HTTP error table and answer), [`json`], [`ids`],
 //!   [`logging`], [`shutdown`] (core-local signals), [`deadline`] (core-local deadlines).
 //!
@@ -70,4 +70,5 @@ pub mod shard;
 pub mod shutdown;
 pub mod signing_secret;
 pub mod store;
+pub mod tls;
 pub mod url_policy;

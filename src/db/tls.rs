@@ -188,10 +188,8 @@ impl Tls {
             Check::Nothing => rustls::RootCertStore::empty(),
             Check::Authority | Check::Full => self.authorities()?,
         });
-        // Built as the delivery client's is (one copy of that code), then checked our way.
-        let mut tls = rustls::ClientConfig::builder()
-            .with_root_certificates(roots.clone())
-            .with_no_client_auth();
+        // The set-up the deliveries use too (src/tls.rs), then checked our way.
+        let mut tls = crate::tls::client(roots.clone());
         let verifier = Verifier {
             check: self.check,
             roots,

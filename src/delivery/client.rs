@@ -558,10 +558,13 @@ impl Client {
         let roots = rustls::RootCertStore {
             roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
         };
-        let tls = rustls::ClientConfig::builder()
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        Client::with_tls(connector, tls, max_idle, idle_timeout, metrics)
+        Client::with_tls(
+            connector,
+            crate::tls::client(roots),
+            max_idle,
+            idle_timeout,
+            metrics,
+        )
     }
 
     /// The same with TLS as `tls` says (its roots: the tests' own authority).
@@ -1084,9 +1087,7 @@ mod tests {
                 .unwrap(),
             )
             .unwrap();
-        let tls = rustls::ClientConfig::builder()
-            .with_root_certificates(roots)
-            .with_no_client_auth();
+        let tls = crate::tls::client(roots);
         let metrics = Metrics::new(&[("GET", "/")], 1);
         let c = Client::with_tls(connector(), tls, 8, Duration::from_secs(60), metrics);
         for _ in 0..3 {
