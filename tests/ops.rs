@@ -755,7 +755,7 @@ fn first_retry(url: &str) -> String {
 /// PostgreSQL serving TLS with a certificate for `localhost` and `127.0.0.1` signed by the
 /// tests' own authority, which takes the node's role over TLS only. Every one of the node's
 /// sessions is over TLS; what the URL asks to check is checked, and a refusal is logged in
-/// rustls's or PostgreSQL's words.
+/// rustls's or PostgreSQL's words. A renewed authorities' file is taken without a restart.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_database_is_reached_over_tls_as_the_url_asks() {
     let Some(disk) = SmallDisk::start_tls(64) else {
@@ -873,6 +873,110 @@ async fn the_database_is_reached_over_tls_as_the_url_asks() {
         }
         s.stop();
     }
+    // A renewed authorities' file is taken by the pools' next connections, without a restart.
+    // The database's certificate is renewed by another authority (`leaf2.pem`, signed by
+    // `ca2.pem`), the node's file becomes the bundle of both (renewed by a rename, as Kubernetes
+    // renews a mounted secret) and the node's sessions end: every new one is taken. Read once
+    // at start, the pools refused the new certificate (UnknownIssuer): 503.
+    let testdata = concat!(env!("CARGO_MANIFEST_DIR"), "/src/delivery/testdata");
+    let dir = std::env::temp_dir().join(format!("triggers-roots-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let roots = dir.join("roots.pem");
+    let renew = |pem: String| {
+        let next = dir.join("next.pem");
+        std::fs::write(&next, pem).unwrap();
+        std::fs::rename(&next, &roots).unwrap();
+    };
+    let read = |name: &str| std::fs::read_to_string(format!("{testdata}/{name}")).unwrap();
+    renew(read("ca.pem"));
+    let roots_param = format!("sslmode=verify-full&sslrootcert={}", roots.display());
+    let mut s = Server::process_with_db(&[], &url("localhost", &roots_param));
+    let (key, _) = new_org(s.addr, "pro").await;
+    assert_eq!(
+        post_event(s.addr, &key, "t", json!(1), None).await.status,
+        201
+    );
+    // The new certificate and key, written by the database server (its user owns them,
+    // whoever runs the test; the cluster's own directory is in a mount namespace of its own),
+    // the key then made readable by that user alone (or the server refuses it), and taken by a
+    // reload.
+    let renewed = |ext: &str| {
+        std::env::temp_dir().join(format!("triggers-renewed-{}.{ext}", std::process::id()))
+    };
+    for (ext, file) in [("crt", "leaf2.pem"), ("key", "leaf2.key")] {
+        use std::os::unix::fs::PermissionsExt;
+        // A line a row (COPY takes no parameters; a PEM file holds no `$`).
+        admin
+            .batch_execute(&format!(
+                "COPY (SELECT unnest(string_to_array(rtrim($pem${}$pem$, E'\\n'), E'\\n'))) \
+                 TO '{}'",
+                read(file),
+                renewed(ext).display()
+            ))
+            .await
+            .unwrap();
+        std::fs::set_permissions(renewed(ext), std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+    renew(read("ca.pem") + &read("ca2.pem"));
+    // One statement a message (ALTER SYSTEM is refused in a batch's implicit transaction).
+    for statement in [
+        format!(
+            "ALTER SYSTEM SET ssl_cert_file = '{}'",
+            renewed("crt").display()
+        ),
+        format!(
+            "ALTER SYSTEM SET ssl_key_file = '{}'",
+            renewed("key").display()
+        ),
+        "SELECT pg_reload_conf()".into(),
+    ] {
+        admin.batch_execute(&statement).await.unwrap();
+    }
+    // The reload is a signal: a new session shows when the postmaster has read the file.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let fresh = db_at(&disk.url).await;
+        let row = fresh.query_one("SHOW ssl_cert_file", &[]).await.unwrap();
+        if row.get::<_, String>(0) == renewed("crt").display().to_string() {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "no reload");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    admin
+        .batch_execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE usename = 'triggers_tls'",
+        )
+        .await
+        .unwrap();
+    // Until the answers are 201 and 200, then five times in a row over a second (a request
+    // on a connection just ended gets 503, whatever the file).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let mut in_a_row = 0;
+    while in_a_row < 5 {
+        // The writers' pool, and the API's.
+        let event = post_event(s.addr, &key, "t", json!(1), None).await;
+        let inbox = get(s.addr, &key, "/api/inbox?limit=1").await;
+        if (event.status, inbox.status) == (201, 200) {
+            in_a_row += 1;
+        } else {
+            assert!(
+                in_a_row == 0 && std::time::Instant::now() < deadline,
+                "{} {}, {} {} after {in_a_row} taken",
+                event.status,
+                event.text(),
+                inbox.status,
+                inbox.text()
+            );
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    assert!(s.logged("database authorities read again").await);
+    s.stop();
+    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_file(renewed("crt"));
+    let _ = std::fs::remove_file(renewed("key"));
 }
 
 /// A database reached over a Unix socket (the edge box's, as Debian sets it up): no TLS there,

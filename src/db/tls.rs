@@ -31,7 +31,7 @@
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
@@ -179,11 +179,27 @@ impl DatabaseUrl {
 }
 
 impl Tls {
-    /// The connector for tokio-postgres: rustls with `ring`, checking the server as asked.
-    /// Reads the authorities' file: once for each pool (at start), and at each connection of
-    /// the LISTEN connection and the health probe; a renewed file takes a restart.
+    /// The connector for tokio-postgres: rustls with `ring`, checking the server as asked. The
+    /// authorities' file is read now, and again by a connection that finds it changed since
+    /// (its time, size or inode: a file renewed in place or by a rename, as Kubernetes renews a
+    /// mounted secret), so a renewed bundle is taken by the pools' next connections without a
+    /// restart; one that cannot be read or holds no certificate is logged and the last good one
+    /// kept.
     #[cold]
     pub fn connector(&self) -> Result<Connector, String> {
+        let stamp = self.roots.as_deref().and_then(stamp);
+        let made = Made {
+            stamp,
+            rustls: self.rustls()?,
+        };
+        Ok(Connector(Arc::new(Renewed {
+            tls: self.clone(),
+            made: Mutex::new(made),
+        })))
+    }
+
+    /// rustls's connector, the authorities' file read.
+    fn rustls(&self) -> Result<TlsConnector, String> {
         let roots = Arc::new(match self.check {
             Check::Nothing => rustls::RootCertStore::empty(),
             Check::Authority | Check::Full => self.authorities()?,
@@ -198,7 +214,7 @@ impl Tls {
         tls.dangerous().set_certificate_verifier(Arc::new(verifier));
         // PostgreSQL 17's direct TLS (`sslnegotiation=direct`) requires it; older servers ignore it.
         tls.alpn_protocols = vec![b"postgresql".to_vec()];
-        Ok(Connector(TlsConnector::from(Arc::new(tls))))
+        Ok(TlsConnector::from(Arc::new(tls)))
     }
 
     fn authorities(&self) -> Result<rustls::RootCertStore, String> {
@@ -239,9 +255,59 @@ fn hosts_local(pg: &tokio_postgres::Config) -> bool {
     })
 }
 
-/// tokio-postgres's way to TLS: rustls, for the host name the connection is made to.
+/// tokio-postgres's way to TLS: rustls, for the host name the connection is made to, with the
+/// authorities' file as it is now (see [`Tls::connector`]). Clones share it (a pool clones its
+/// connector for each connection).
 #[derive(Clone)]
-pub struct Connector(TlsConnector);
+pub struct Connector(Arc<Renewed>);
+
+/// The URL's TLS settings and the connector last made from them.
+struct Renewed {
+    tls: Tls,
+    made: Mutex<Made>,
+}
+
+/// A connector, and the authorities' file as it was when it was read.
+struct Made {
+    stamp: Option<Stamp>,
+    rustls: TlsConnector,
+}
+
+/// What tells a file renewed: its time of change, size and inode.
+type Stamp = (std::time::SystemTime, u64, u64);
+
+fn stamp(path: &str) -> Option<Stamp> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(path).ok()?;
+    Some((meta.modified().ok()?, meta.len(), meta.ino()))
+}
+
+impl Connector {
+    /// rustls's connector for the next connection: made again first if the authorities' file
+    /// changed (a stat per connection; connections are made seldom).
+    fn current(&self) -> TlsConnector {
+        let Renewed { tls, made } = &*self.0;
+        let mut made = made.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(path) = &tls.roots {
+            let now = stamp(path);
+            if now != made.stamp {
+                // The stamp taken before the read: a change while reading is seen next time.
+                made.stamp = now;
+                match tls.rustls() {
+                    Ok(rustls) => {
+                        made.rustls = rustls;
+                        tracing::info!(sslrootcert = %path, "database authorities read again");
+                    }
+                    Err(e) => tracing::warn!(
+                        error = %e,
+                        "database authorities not read again; the last ones are kept"
+                    ),
+                }
+            }
+        }
+        made.rustls.clone()
+    }
+}
 
 /// One connection's TLS start, for its host name (empty for a Unix socket, where TLS is never
 /// begun: the name is read only when it is).
@@ -267,7 +333,7 @@ where
     type Error = io::Error;
 
     fn make_tls_connect(&mut self, host: &str) -> io::Result<Start> {
-        Ok(Start(self.0.clone(), host.to_string()))
+        Ok(Start(self.current(), host.to_string()))
     }
 }
 
