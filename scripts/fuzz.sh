@@ -12,7 +12,8 @@
 # time, a receiver's Retry-After), answer (a webhook receiver's answer, as the delivery client
 # reads it: framing, limit and split invariance), config (the arguments and environment an
 # operator gives: no overflow, every time at most ten years; the database URL's TLS parameters
-# taken out whole). Seeds are in fuzz/seeds/<target>; what
+# taken out whole), certificate (the database server's certificate, read for channel binding).
+# Seeds are in fuzz/seeds/<target>; what
 # libFuzzer learns goes to fuzz/corpus/<target> (not committed); a crash is saved in
 # fuzz/artifacts/<target> and fails the run. Prints executions and crashes per target.
 set -euo pipefail
@@ -28,7 +29,7 @@ if ! command -v cargo-fuzz >/dev/null 2>&1; then
   echo "fuzz: installing cargo-fuzz" >&2
   cargo install -q cargo-fuzz --locked >&2
 fi
-targets=(head chunked event_body inbox_query endpoint_body batch_body values answer config)
+targets=(head chunked event_body inbox_query endpoint_body batch_body values answer config certificate)
 echo "fuzz: building ${#targets[@]} targets" >&2
 # Optimized, with debug assertions and overflow checks (-a): an arithmetic overflow is a crash.
 (cd fuzz && cargo +nightly fuzz build -O -a >&2)

@@ -17,8 +17,8 @@
 # behind. Exits 3, before "ready", where namespaces are not allowed.
 #
 # With SMALL_DISK_TLS=CERT_DIR, PostgreSQL also serves TLS with CERT_DIR's leaf.pem and leaf.key,
-# and takes the role `triggers_tls` over TLS only (every other role as before, without): the
-# database-over-TLS test (tests/ops.rs).
+# takes the role `triggers_tls` over TLS only, and `triggers_scram` over TLS with a SCRAM password
+# (channel binding), every other role as before: the database-over-TLS test (tests/ops.rs).
 set -euo pipefail
 
 DIR=${1:?DIR} PORT=${2:?PORT} SIZE=${3:?SIZE_MB}
@@ -68,7 +68,8 @@ if [ -n "${SMALL_DISK_TLS:-}" ]; then
   cp "$SMALL_DISK_TLS/leaf.pem" "$DISK/data/server.crt"
   cp "$SMALL_DISK_TLS/leaf.key" "$DISK/data/server.key"
   printf '%s\n' 'hostssl all triggers_tls 127.0.0.1/32 trust' \
-    'hostnossl all triggers_tls 127.0.0.1/32 reject' 'host all all 127.0.0.1/32 trust' \
+    'hostnossl all triggers_tls 127.0.0.1/32 reject' \
+    'hostssl all triggers_scram 127.0.0.1/32 scram-sha-256' 'host all all 127.0.0.1/32 trust' \
     >"$DISK/data/pg_hba.conf"
   chmod 600 "$DISK/data/server.key"
   [ "$(id -u)" -eq 0 ] && chown postgres:postgres "$DISK/data/server.crt" "$DISK/data/server.key" \

@@ -873,6 +873,22 @@ async fn the_database_is_reached_over_tls_as_the_url_asks() {
         }
         s.stop();
     }
+    // SCRAM bound to the TLS channel (`channel_binding=require`, as Neon's URLs ask): the
+    // password exchange names the server's certificate (SCRAM-SHA-256-PLUS). With no binding to
+    // offer, tokio-postgres refused the URL's demand and the node never connected.
+    admin
+        .batch_execute("CREATE ROLE triggers_scram LOGIN SUPERUSER PASSWORD 'scram-secret'")
+        .await
+        .unwrap();
+    let scram = format!(
+        "postgres://triggers_scram:scram-secret@localhost:{port}/triggers_tls\
+         ?hostaddr=127.0.0.1&sslmode=verify-full&sslrootcert={ca}&channel_binding=require"
+    );
+    let mut s = Server::process_with_db(&[], &scram);
+    let (key, _) = new_org(s.addr, "pro").await;
+    let r = post_event(s.addr, &key, "t", json!(1), None).await;
+    assert_eq!(r.status, 201, "{}", r.text());
+    s.stop();
     // A renewed authorities' file is taken by the pools' next connections, without a restart.
     // The database's certificate is renewed by another authority (`leaf2.pem`, signed by
     // `ca2.pem`), the node's file becomes the bundle of both (renewed by a rename, as Kubernetes

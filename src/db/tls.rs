@@ -21,12 +21,13 @@
 //! `sslrootcert` names a PEM file of authorities, or `system`: the public authorities' roots
 //! (Mozilla's, built in), as for webhooks; `verify-ca` and `verify-full` without it use those too
 //! (libpq would look for `~/.postgresql/root.crt`). Client certificates (`sslcert`, `sslkey`) are
-//! not supported: tokio-postgres refuses them as unknown options. Nor is SCRAM's channel binding
-//! (`SCRAM-SHA-256-PLUS`; tokio-postgres then uses `SCRAM-SHA-256`, as libpq does with
-//! `channel_binding=prefer` and no binding on offer): it needs the certificate's signature
-//! algorithm, and the crate that glues tokio-postgres to rustls (`tokio-postgres-rustls`) reads
-//! it with a whole X.509 decoder: 92 KB more binary than the glue here, which is the rest of
-//! that crate's (measured; BENCHMARKS.md).
+//! not supported: tokio-postgres refuses them as unknown options.
+//!
+//! SCRAM's channel binding (`SCRAM-SHA-256-PLUS`, `channel_binding=prefer`, tokio-postgres's
+//! default as libpq's, or `require`) binds the password exchange to the server's certificate:
+//! [`end_point`] hashes it by its signature's hash, read from its DER frame with a few lines
+//! here (the crate that glues tokio-postgres to rustls, `tokio-postgres-rustls`, reads it with a
+//! whole X.509 decoder: 92 KB more binary; BENCHMARKS.md, thirtieth session).
 
 use std::future::Future;
 use std::io;
@@ -367,8 +368,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Future for Handshake<S> {
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> tokio_postgres::tls::TlsStream for Stream<S> {
+    /// RFC 5929's `tls-server-end-point` for SCRAM-SHA-256-PLUS: the hash of the server's
+    /// certificate, as PostgreSQL computes it (see [`end_point`]).
     fn channel_binding(&self) -> ChannelBinding {
-        ChannelBinding::none()
+        let (_, connection) = self.0.get_ref();
+        match connection
+            .peer_certificates()
+            .and_then(|chain| chain.first())
+            .and_then(|cert| end_point(cert))
+        {
+            Some(hash) => ChannelBinding::tls_server_end_point(hash),
+            None => ChannelBinding::none(),
+        }
     }
 }
 
@@ -584,9 +595,120 @@ impl ServerCertVerifier for Verifier {
     }
 }
 
+/// The server's certificate hashed for channel binding (RFC 5929, 4.1): with the hash of its
+/// signature algorithm, SHA-256 where that is MD5 or SHA-1. `None` for an algorithm with no
+/// single hash there (Ed25519; RSASSA-PSS, whose hash is in its parameters, is not read) or a
+/// certificate that is not DER: no binding is offered then (`channel_binding=require` fails,
+/// `prefer` goes on without).
+pub fn end_point(cert: &[u8]) -> Option<Vec<u8>> {
+    use ring::digest::{digest, SHA256, SHA384, SHA512};
+    // 1.2.840.113549.1.1.{4, 5, 11, 12, 13}: md5, sha1, sha256, sha384, sha512 with RSA.
+    const RSA: &[u8] = &[0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01];
+    // 1.2.840.10045.4.1 (sha1) and 1.2.840.10045.4.3.{2, 3, 4}: ECDSA with sha256, 384, 512.
+    const ECDSA: &[u8] = &[0x2a, 0x86, 0x48, 0xce, 0x3d, 0x04];
+    let oid = signature_algorithm(cert)?;
+    let hash = match oid.strip_prefix(RSA) {
+        Some([4 | 5 | 11]) => &SHA256,
+        Some([12]) => &SHA384,
+        Some([13]) => &SHA512,
+        _ => match oid.strip_prefix(ECDSA) {
+            Some([1] | [3, 2]) => &SHA256,
+            Some([3, 3]) => &SHA384,
+            Some([3, 4]) => &SHA512,
+            _ => return None,
+        },
+    };
+    Some(digest(hash, cert).as_ref().to_vec())
+}
+
+/// The signature algorithm's object identifier in a DER certificate: `SEQUENCE { SEQUENCE
+/// tbsCertificate, SEQUENCE { OBJECT IDENTIFIER algorithm, … }, … }`.
+fn signature_algorithm(cert: &[u8]) -> Option<&[u8]> {
+    const SEQUENCE: u8 = 0x30;
+    let (certificate, _) = der(cert, SEQUENCE)?;
+    let (_, rest) = der(certificate, SEQUENCE)?;
+    let (algorithm, _) = der(rest, SEQUENCE)?;
+    let (oid, _) = der(algorithm, 0x06)?;
+    Some(oid)
+}
+
+/// The DER element with `tag` at the start of `input`: its contents, and what follows it.
+fn der(input: &[u8], tag: u8) -> Option<(&[u8], &[u8])> {
+    let [found, first, rest @ ..] = input else {
+        return None;
+    };
+    if *found != tag {
+        return None;
+    }
+    let (len, rest) = match *first {
+        short @ 0..=0x7f => (usize::from(short), rest),
+        // The long form, in up to four bytes.
+        long @ 0x81..=0x84 => {
+            let (bytes, rest) = rest.split_at_checked(usize::from(long & 0x7f))?;
+            let len = bytes.iter().fold(0usize, |n, b| n << 8 | usize::from(*b));
+            (len, rest)
+        }
+        _ => return None,
+    };
+    rest.split_at_checked(len)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_channel_binding_hashes_the_certificate_by_its_signatures_hash() {
+        use sha2::{Digest, Sha256};
+        // The tests' certificate: ECDSA with SHA-256.
+        let pem = include_bytes!("../delivery/testdata/leaf.pem");
+        let cert = CertificateDer::from_pem_slice(pem).unwrap();
+        assert_eq!(end_point(&cert), Some(Sha256::digest(&cert).to_vec()));
+        // A certificate's frame with only an algorithm in it, in the short and long forms.
+        let with = |oid: &[u8], long: bool| {
+            let mut algorithm = vec![0x06, oid.len() as u8];
+            algorithm.extend_from_slice(oid);
+            let mut body = vec![0x30, 0x00, 0x30, algorithm.len() as u8];
+            body.extend_from_slice(&algorithm);
+            let mut cert = if long {
+                vec![0x30, 0x82, 0x00, body.len() as u8]
+            } else {
+                vec![0x30, body.len() as u8]
+            };
+            cert.extend_from_slice(&body);
+            cert
+        };
+        let rsa = |n: u8| [0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, n];
+        let ecdsa = |n: &[u8]| [&[0x2a, 0x86, 0x48, 0xce, 0x3d, 0x04][..], n].concat();
+        for (oid, len) in [
+            (rsa(4).to_vec(), Some(32)),
+            (rsa(5).to_vec(), Some(32)),
+            (rsa(11).to_vec(), Some(32)),
+            (rsa(12).to_vec(), Some(48)),
+            (rsa(13).to_vec(), Some(64)),
+            // RSASSA-PSS: the hash is in its parameters, not read.
+            (rsa(10).to_vec(), None),
+            (ecdsa(&[1]), Some(32)),
+            (ecdsa(&[3, 2]), Some(32)),
+            (ecdsa(&[3, 3]), Some(48)),
+            (ecdsa(&[3, 4]), Some(64)),
+            (ecdsa(&[3, 5]), None),
+            // Ed25519.
+            (vec![0x2b, 0x65, 0x70], None),
+        ] {
+            for long in [false, true] {
+                let got = end_point(&with(&oid, long)).map(|h| h.len());
+                assert_eq!(got, len, "{oid:x?}");
+            }
+        }
+        // Cut anywhere, or not DER: none.
+        let whole = with(&rsa(11), false);
+        for cut in 0..whole.len() {
+            assert_eq!(end_point(&whole[..cut]), None, "cut at {cut}");
+        }
+        assert_eq!(end_point(b"-----BEGIN CERTIFICATE-----"), None);
+        assert_eq!(end_point(&[0x30, 0x85, 0, 0, 0, 0, 1]), None);
+    }
 
     fn tls(url: &str) -> (String, Encrypt, Check, Option<String>) {
         let u = DatabaseUrl::parse(url).unwrap();
