@@ -538,7 +538,7 @@ macro_rules! options {
 options! {
     /// Address the API listens on; every ingress core binds it with SO_REUSEPORT.
     listen: SocketAddr = "0.0.0.0:8080", "listen", "TRIGGERS_LISTEN";
-    /// PostgreSQL connection URL (postgres://user:pass@host:port/db), or libpq's key=value string, with libpq's sslmode (disable, allow, prefer, require, verify-ca, verify-full) and sslrootcert (a PEM file, or system); no sslmode: TLS when the server offers it unless the database is on this machine (README, TLS to PostgreSQL). Required. DATABASE_URL works too.
+    /// PostgreSQL connection URL (postgres://user:pass@host:port/db), or libpq's key=value string, with libpq's sslmode (disable, allow, prefer, require, verify-ca, verify-full), sslrootcert (a PEM file, read again when it changes, or system) and channel_binding (prefer, require, disable); no sslmode: TLS when the server offers it unless the database is on this machine (README, TLS to PostgreSQL). Required. DATABASE_URL works too.
     database_url: DatabaseUrl = "", "database-url", "TRIGGERS_DATABASE_URL";
     /// Address of the Prometheus /metrics listener; `off` disables it (/metrics stays on the API port).
     metrics_listen: Option<SocketAddr> = "0.0.0.0:9090", "metrics-listen", "TRIGGERS_METRICS_LISTEN";
