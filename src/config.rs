@@ -540,6 +540,8 @@ options! {
     listen: SocketAddr = "0.0.0.0:8080", "listen", "TRIGGERS_LISTEN";
     /// PostgreSQL connection URL (postgres://user:pass@host:port/db), or libpq's key=value string, with libpq's sslmode (disable, allow, prefer, require, verify-ca, verify-full), sslrootcert (a PEM file, read again when it changes, or system) and channel_binding (prefer, require, disable); no sslmode: TLS when the server offers it unless the database is on this machine (README, TLS to PostgreSQL). Required. DATABASE_URL works too.
     database_url: DatabaseUrl = "", "database-url", "TRIGGERS_DATABASE_URL";
+    /// A file holding the database password (a Docker or Kubernetes secret; one line, its end of line dropped), for a --database-url without one; read at start and again by a new connection once it changes (README, TLS to PostgreSQL). Empty: the URL's password, if any.
+    database_password_file: Option<String> = "", "database-password-file", "TRIGGERS_DATABASE_PASSWORD_FILE";
     /// Address of the Prometheus /metrics listener; `off` disables it (/metrics stays on the API port).
     metrics_listen: Option<SocketAddr> = "0.0.0.0:9090", "metrics-listen", "TRIGGERS_METRICS_LISTEN";
     /// Ingress threads, one pinned per core, each with its own listener and org shard. 0: the CPUs, less one left to PostgreSQL when the database is on this host (at least 1).
@@ -829,10 +831,20 @@ impl Config {
                 "--database-url (or DATABASE_URL / TRIGGERS_DATABASE_URL) is required".into(),
             );
         }
-        if let Err(why) = self.database_url.pg_config() {
-            return fail(format!(
-                "--database-url is not a PostgreSQL URL or key=value string: {why}"
-            ));
+        match self.database_url.pg_config() {
+            Err(why) => {
+                return fail(format!(
+                    "--database-url is not a PostgreSQL URL or key=value string: {why}"
+                ))
+            }
+            Ok(pg) if pg.get_password().is_some() && self.database_password_file.is_some() => {
+                return fail(
+                    "--database-url has a password and --database-password-file gives one: \
+                     give it once"
+                        .into(),
+                )
+            }
+            Ok(_) => {}
         }
         if !(1..=1024).contains(&self.ingress_cores) {
             return fail("--ingress-cores must be 1..=1024".into());
@@ -1337,6 +1349,17 @@ mod tests {
         assert!(e.0.contains("--database-url"), "{}", e.0);
         // --help needs nothing.
         assert_eq!(parse(&["--help"], &[]).unwrap().0, Command::Help);
+    }
+
+    #[test]
+    fn a_password_file_is_for_a_url_without_a_password() {
+        let file = ["--database-password-file", "/run/secrets/db"];
+        let (_, c) = parse(&file, &[("DATABASE_URL", "postgres://u@h/d")]).unwrap();
+        assert_eq!(c.database_password_file.as_deref(), Some("/run/secrets/db"));
+        let e = parse(&file, &[("DATABASE_URL", "postgres://u:p@h/d")]).unwrap_err();
+        assert!(e.0.contains("give it once"), "{}", e.0);
+        let e = parse(&file, &[("DATABASE_URL", "host=h user=u password=p")]).unwrap_err();
+        assert!(e.0.contains("give it once"), "{}", e.0);
     }
 
     #[test]

@@ -751,6 +751,31 @@ fn first_retry(url: &str) -> String {
     line.unwrap_or_else(|| panic!("no retry logged for {url}"))
 }
 
+/// Events and inbox reads (the writers' pool, the API's) until both are taken, 201 and 200, then
+/// five times in a row over a second (a request on a connection just ended gets 503 whatever
+/// was renewed).
+async fn taken_five_in_a_row(s: &Server, key: &str) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let mut in_a_row = 0;
+    while in_a_row < 5 {
+        let event = post_event(s.addr, key, "t", json!(1), None).await;
+        let inbox = get(s.addr, key, "/api/inbox?limit=1").await;
+        if (event.status, inbox.status) == (201, 200) {
+            in_a_row += 1;
+        } else {
+            assert!(
+                in_a_row == 0 && std::time::Instant::now() < deadline,
+                "{} {}, {} {} after {in_a_row} taken",
+                event.status,
+                event.text(),
+                inbox.status,
+                inbox.text()
+            );
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+}
+
 /// TLS to PostgreSQL as libpq's URLs ask for it (`sslmode`, `sslrootcert`), against a real
 /// PostgreSQL serving TLS with a certificate for `localhost` and `127.0.0.1` signed by the
 /// tests' own authority, which takes the node's role over TLS only. Every one of the node's
@@ -889,6 +914,43 @@ async fn the_database_is_reached_over_tls_as_the_url_asks() {
     let r = post_event(s.addr, &key, "t", json!(1), None).await;
     assert_eq!(r.status, 201, "{}", r.text());
     s.stop();
+    // The same role with its password in a file (a Docker or Kubernetes secret), renewed while
+    // the node runs: the role's password changed, the file renewed by a rename, the node's
+    // sessions ended, and the pools' new connections log in with the new one (read once, they
+    // were refused: 503).
+    let secrets = std::env::temp_dir().join(format!("triggers-secrets-{}", std::process::id()));
+    std::fs::create_dir_all(&secrets).unwrap();
+    let password = secrets.join("password");
+    let put = |text: &str| {
+        let next = secrets.join("next");
+        std::fs::write(&next, text).unwrap();
+        std::fs::rename(&next, &password).unwrap();
+    };
+    put("scram-secret\n");
+    let without = scram.replace(":scram-secret@", "@");
+    let file = password.display().to_string();
+    let mut s = Server::process_with_db(&["--database-password-file", &file], &without);
+    let (key, _) = new_org(s.addr, "pro").await;
+    assert_eq!(
+        post_event(s.addr, &key, "t", json!(1), None).await.status,
+        201
+    );
+    admin
+        .batch_execute("ALTER ROLE triggers_scram PASSWORD 'rotated-secret'")
+        .await
+        .unwrap();
+    put("rotated-secret\n");
+    admin
+        .batch_execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE usename = 'triggers_scram'",
+        )
+        .await
+        .unwrap();
+    taken_five_in_a_row(&s, &key).await;
+    assert!(s.logged("database password read again").await);
+    s.stop();
+    let _ = std::fs::remove_dir_all(&secrets);
     // A renewed authorities' file is taken by the pools' next connections, without a restart.
     // The database's certificate is renewed by another authority (`leaf2.pem`, signed by
     // `ca2.pem`), the node's file becomes the bundle of both (renewed by a rename, as Kubernetes
@@ -966,28 +1028,7 @@ async fn the_database_is_reached_over_tls_as_the_url_asks() {
         )
         .await
         .unwrap();
-    // Until the answers are 201 and 200, then five times in a row over a second (a request
-    // on a connection just ended gets 503, whatever the file).
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    let mut in_a_row = 0;
-    while in_a_row < 5 {
-        // The writers' pool, and the API's.
-        let event = post_event(s.addr, &key, "t", json!(1), None).await;
-        let inbox = get(s.addr, &key, "/api/inbox?limit=1").await;
-        if (event.status, inbox.status) == (201, 200) {
-            in_a_row += 1;
-        } else {
-            assert!(
-                in_a_row == 0 && std::time::Instant::now() < deadline,
-                "{} {}, {} {} after {in_a_row} taken",
-                event.status,
-                event.text(),
-                inbox.status,
-                inbox.text()
-            );
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-    }
+    taken_five_in_a_row(&s, &key).await;
     assert!(s.logged("database authorities read again").await);
     s.stop();
     let _ = std::fs::remove_dir_all(&dir);

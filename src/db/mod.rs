@@ -4,10 +4,16 @@
 //!
 //! - `copy`: the binary COPY encoding both pools append rows with.
 //! - `tls`: the database URL, and TLS to PostgreSQL as libpq's `sslmode` and `sslrootcert` ask.
+//! - `watched`: values made from files an operator renews (the authorities, the password).
 
 pub mod copy;
 pub mod tls;
+pub mod watched;
 
+use watched::Watched;
+
+use std::future::Future;
+use std::pin::Pin;
 use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
@@ -59,12 +65,16 @@ impl Part {
     }
 }
 
-/// The PostgreSQL connection settings from the config, for one part of the server.
+/// The PostgreSQL connection settings from the config, for one part of the server, with the
+/// password file's password as it is now.
 pub fn pg_config(config: &Config, part: Part) -> Result<tokio_postgres::Config, String> {
     let mut pg = config
         .database_url
         .pg_config()
         .map_err(|e| format!("--database-url: {e}"))?;
+    if let Some(path) = &config.database_password_file {
+        pg.password(read_password(path)?);
+    }
     pg.connect_timeout(Config::ms(config.db_connect_timeout_ms));
     // A peer gone without a word (a network cut, a host or VM that stopped) is found by TCP
     // keepalive in about a minute, on both ends; the systems' defaults take over two hours on
@@ -171,9 +181,21 @@ fn build_pool_with(
     size: usize,
     pg: tokio_postgres::Config,
 ) -> Result<Pool, String> {
-    let manager = Manager::from_config(
+    let password = match &config.database_password_file {
+        Some(path) => Some(Watched::new(
+            Some(path.clone()),
+            "database password",
+            read_password,
+        )?),
+        None => None,
+    };
+    let connect = PoolConnect {
+        tls: tls(config)?,
+        password,
+    };
+    let manager = Manager::from_connect(
         pg,
-        tls(config)?,
+        connect,
         ManagerConfig {
             recycling_method: RecyclingMethod::Fast,
         },
@@ -187,6 +209,59 @@ fn build_pool_with(
         .recycle_timeout(Some(connect))
         .build()
         .map_err(|e| format!("database pool: {e}"))
+}
+
+/// The password in `--database-password-file`: the file's text without its end of line.
+fn read_password(path: &str) -> Result<String, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("--database-password-file {path}: {e}"))?;
+    let password = text
+        .strip_suffix('\n')
+        .map(|t| t.strip_suffix('\r').unwrap_or(t))
+        .unwrap_or(&text);
+    if password.is_empty() {
+        return Err(format!("--database-password-file {path}: empty"));
+    }
+    Ok(password.to_string())
+}
+
+/// How a pool connects: with the password file's password as it is now (renewed, it is read
+/// again: [`Watched`]), over the TLS connector (its authorities' file likewise).
+struct PoolConnect {
+    tls: tls::Connector,
+    password: Option<Watched<String>>,
+}
+
+impl deadpool_postgres::Connect for PoolConnect {
+    fn connect(
+        &self,
+        pg: &tokio_postgres::Config,
+    ) -> Pin<
+        Box<
+            dyn Future<
+                    Output = Result<
+                        (tokio_postgres::Client, tokio::task::JoinHandle<()>),
+                        tokio_postgres::Error,
+                    >,
+                > + Send
+                + '_,
+        >,
+    > {
+        let mut pg = pg.clone();
+        if let Some(password) = &self.password {
+            pg.password(password.current());
+        }
+        let tls = self.tls.clone();
+        Box::pin(async move {
+            let (client, connection) = pg.connect(tls).await?;
+            let driver = tokio::spawn(async move {
+                if let Err(e) = connection.await {
+                    tracing::debug!(error = %e, "pool connection closed");
+                }
+            });
+            Ok((client, driver))
+        })
+    }
 }
 
 /// Connect once, retrying for up to `patience` while the database starts.

@@ -32,7 +32,7 @@
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
@@ -47,6 +47,8 @@ use tokio_postgres::config::SslMode;
 use tokio_postgres::tls::{ChannelBinding, MakeTlsConnect, TlsConnect};
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
+
+use super::watched::Watched;
 
 /// How the server's certificate is checked, once TLS is in use.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -188,15 +190,11 @@ impl Tls {
     /// kept.
     #[cold]
     pub fn connector(&self) -> Result<Connector, String> {
-        let stamp = self.roots.as_deref().and_then(stamp);
-        let made = Made {
-            stamp,
-            rustls: self.rustls()?,
-        };
-        Ok(Connector(Arc::new(Renewed {
-            tls: self.clone(),
-            made: Mutex::new(made),
-        })))
+        let tls = self.clone();
+        let watched = Watched::new(self.roots.clone(), "database authorities", move |_| {
+            tls.rustls()
+        })?;
+        Ok(Connector(Arc::new(watched)))
     }
 
     /// rustls's connector, the authorities' file read.
@@ -260,55 +258,7 @@ fn hosts_local(pg: &tokio_postgres::Config) -> bool {
 /// authorities' file as it is now (see [`Tls::connector`]). Clones share it (a pool clones its
 /// connector for each connection).
 #[derive(Clone)]
-pub struct Connector(Arc<Renewed>);
-
-/// The URL's TLS settings and the connector last made from them.
-struct Renewed {
-    tls: Tls,
-    made: Mutex<Made>,
-}
-
-/// A connector, and the authorities' file as it was when it was read.
-struct Made {
-    stamp: Option<Stamp>,
-    rustls: TlsConnector,
-}
-
-/// What tells a file renewed: its time of change, size and inode.
-type Stamp = (std::time::SystemTime, u64, u64);
-
-fn stamp(path: &str) -> Option<Stamp> {
-    use std::os::unix::fs::MetadataExt;
-    let meta = std::fs::metadata(path).ok()?;
-    Some((meta.modified().ok()?, meta.len(), meta.ino()))
-}
-
-impl Connector {
-    /// rustls's connector for the next connection: made again first if the authorities' file
-    /// changed (a stat per connection; connections are made seldom).
-    fn current(&self) -> TlsConnector {
-        let Renewed { tls, made } = &*self.0;
-        let mut made = made.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(path) = &tls.roots {
-            let now = stamp(path);
-            if now != made.stamp {
-                // The stamp taken before the read: a change while reading is seen next time.
-                made.stamp = now;
-                match tls.rustls() {
-                    Ok(rustls) => {
-                        made.rustls = rustls;
-                        tracing::info!(sslrootcert = %path, "database authorities read again");
-                    }
-                    Err(e) => tracing::warn!(
-                        error = %e,
-                        "database authorities not read again; the last ones are kept"
-                    ),
-                }
-            }
-        }
-        made.rustls.clone()
-    }
-}
+pub struct Connector(Arc<Watched<TlsConnector>>);
 
 /// One connection's TLS start, for its host name (empty for a Unix socket, where TLS is never
 /// begun: the name is read only when it is).
@@ -334,7 +284,7 @@ where
     type Error = io::Error;
 
     fn make_tls_connect(&mut self, host: &str) -> io::Result<Start> {
-        Ok(Start(self.current(), host.to_string()))
+        Ok(Start(self.0.current(), host.to_string()))
     }
 }
 
