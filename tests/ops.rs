@@ -751,6 +751,24 @@ fn first_retry(url: &str) -> String {
     line.unwrap_or_else(|| panic!("no retry logged for {url}"))
 }
 
+/// Writes `text` to `path` by a rename, as Kubernetes renews a mounted secret.
+fn renew_by_rename(path: &std::path::Path, text: &str) {
+    let next = path.with_extension("next");
+    std::fs::write(&next, text).unwrap();
+    std::fs::rename(&next, path).unwrap();
+}
+
+/// Ends every session of `role`, as a failover or a pooler's restart would.
+async fn end_sessions(admin: &tokio_postgres::Client, role: &str) {
+    admin
+        .execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = $1",
+            &[&role],
+        )
+        .await
+        .unwrap();
+}
+
 /// Events and inbox reads (the writers' pool, the API's) until both are taken, 201 and 200, then
 /// five times in a row over a second (a request on a connection just ended gets 503 whatever
 /// was renewed).
@@ -921,12 +939,7 @@ async fn the_database_is_reached_over_tls_as_the_url_asks() {
     let secrets = std::env::temp_dir().join(format!("triggers-secrets-{}", std::process::id()));
     std::fs::create_dir_all(&secrets).unwrap();
     let password = secrets.join("password");
-    let put = |text: &str| {
-        let next = secrets.join("next");
-        std::fs::write(&next, text).unwrap();
-        std::fs::rename(&next, &password).unwrap();
-    };
-    put("scram-secret\n");
+    renew_by_rename(&password, "scram-secret\n");
     let without = scram.replace(":scram-secret@", "@");
     let file = password.display().to_string();
     let mut s = Server::process_with_db(&["--database-password-file", &file], &without);
@@ -939,14 +952,8 @@ async fn the_database_is_reached_over_tls_as_the_url_asks() {
         .batch_execute("ALTER ROLE triggers_scram PASSWORD 'rotated-secret'")
         .await
         .unwrap();
-    put("rotated-secret\n");
-    admin
-        .batch_execute(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
-             WHERE usename = 'triggers_scram'",
-        )
-        .await
-        .unwrap();
+    renew_by_rename(&password, "rotated-secret\n");
+    end_sessions(&admin, "triggers_scram").await;
     taken_five_in_a_row(&s, &key).await;
     assert!(s.logged("database password read again").await);
     s.stop();
@@ -960,13 +967,8 @@ async fn the_database_is_reached_over_tls_as_the_url_asks() {
     let dir = std::env::temp_dir().join(format!("triggers-roots-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let roots = dir.join("roots.pem");
-    let renew = |pem: String| {
-        let next = dir.join("next.pem");
-        std::fs::write(&next, pem).unwrap();
-        std::fs::rename(&next, &roots).unwrap();
-    };
     let read = |name: &str| std::fs::read_to_string(format!("{testdata}/{name}")).unwrap();
-    renew(read("ca.pem"));
+    renew_by_rename(&roots, &read("ca.pem"));
     let roots_param = format!("sslmode=verify-full&sslrootcert={}", roots.display());
     let mut s = Server::process_with_db(&[], &url("localhost", &roots_param));
     let (key, _) = new_org(s.addr, "pro").await;
@@ -995,7 +997,7 @@ async fn the_database_is_reached_over_tls_as_the_url_asks() {
             .unwrap();
         std::fs::set_permissions(renewed(ext), std::fs::Permissions::from_mode(0o600)).unwrap();
     }
-    renew(read("ca.pem") + &read("ca2.pem"));
+    renew_by_rename(&roots, &(read("ca.pem") + &read("ca2.pem")));
     // One statement a message (ALTER SYSTEM is refused in a batch's implicit transaction).
     for statement in [
         format!(
@@ -1021,13 +1023,7 @@ async fn the_database_is_reached_over_tls_as_the_url_asks() {
         assert!(std::time::Instant::now() < deadline, "no reload");
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
-    admin
-        .batch_execute(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
-             WHERE usename = 'triggers_tls'",
-        )
-        .await
-        .unwrap();
+    end_sessions(&admin, "triggers_tls").await;
     taken_five_in_a_row(&s, &key).await;
     assert!(s.logged("database authorities read again").await);
     s.stop();
