@@ -10,13 +10,13 @@ pub mod copy;
 pub mod tls;
 pub mod watched;
 
-use watched::Watched;
-
 use std::future::Future;
 use std::pin::Pin;
 use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+
+use watched::Watched;
 
 use crate::config::{
     Config, DB_CONNECT_RETRY, DB_KEEPALIVE_IDLE, DB_KEEPALIVE_INTERVAL, DB_KEEPALIVE_PROBES,
