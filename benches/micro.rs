@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use triggers::auth::{KeyCache, OrgInfo};
+use triggers::delivery::hosts::Hosts;
 use triggers::delivery::sign;
 use triggers::flow::answer::RateSnapshot;
 use triggers::flow::event::NewEvent;
@@ -25,6 +26,7 @@ use triggers::shard::dedup::DedupWindow;
 use triggers::shard::rate_limit::TokenBucket;
 use triggers::shard::state::Shard;
 use triggers::store::copy::{CopyEncoder, RowPlan};
+use triggers::url_policy::{allowed, parse_url, resolve};
 
 const BASELINE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/benches/baseline.json");
 const SAMPLES: usize = 7;
@@ -276,6 +278,47 @@ fn main() {
                     got += c.reader().read(&mut buf).unwrap();
                 }
                 black_box(&buf);
+            },
+            1,
+        )
+    });
+
+    // A receiver's host for a new connection: looked up each time (getaddrinfo on a blocking
+    // thread, as every connection did before `delivery::hosts`; "localhost" is answered from
+    // /etc/hosts, the cheapest lookup there is: a DNS server adds its round trip), or kept.
+    run("host_resolve_per_connection", &mut || {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let url = parse_url("http://localhost:8080/in").unwrap();
+        measure(
+            || {
+                black_box(rt.block_on(resolve(&url, true)).unwrap());
+            },
+            1,
+        )
+    });
+
+    run("host_resolve_kept", &mut || {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let url = parse_url("http://localhost:8080/in").unwrap();
+        let hosts = Hosts::new(
+            Duration::from_secs(3600),
+            Duration::ZERO,
+            triggers::metrics::Metrics::new(&[("GET", "/")], 1),
+        );
+        measure(
+            || {
+                black_box(rt.block_on(async {
+                    let (ips, _) = hosts.addresses(&url.host).await.unwrap();
+                    allowed(&url, &ips, true).unwrap()
+                }));
             },
             1,
         )

@@ -670,6 +670,13 @@ options! {
     /// without it counting as an attempt, in s; after that each such failure is a failed
     /// attempt. 0: at once.
     unsent_patience_s: u64 = "900", "unsent-patience-s", "TRIGGERS_UNSENT_PATIENCE_S";
+    /// How long a webhook host's addresses, once looked up, serve new connections to it before
+    /// it is looked up again, in s; 0: a lookup for every new connection.
+    delivery_dns_fresh_s: u64 = "30", "delivery-dns-fresh-s", "TRIGGERS_DELIVERY_DNS_FRESH_S";
+    /// How long after that a host's last addresses are still used while the DNS resolver fails or
+    /// does not answer, in s (never once the host is found to have no address); 0: never, such a
+    /// delivery waits as unsent.
+    delivery_dns_stale_s: u64 = "3600", "delivery-dns-stale-s", "TRIGGERS_DELIVERY_DNS_STALE_S";
     /// An endpoint whose every attempt has failed for this long is disabled, in s; 0: never.
     endpoint_disable_after_s: u64 = "259200", "endpoint-disable-after-s", "TRIGGERS_ENDPOINT_DISABLE_AFTER_S";
     /// Payload bytes of deliveries held in memory; beyond this due work waits in the database.

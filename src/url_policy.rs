@@ -175,28 +175,42 @@ pub fn host_has_no_address(kind: dns_lookup::LookupErrorKind) -> bool {
     matches!(kind, K::NoName | K::NoData | K::Family)
 }
 
-/// The addresses of `host`, from the system's resolver (getaddrinfo, on a blocking thread, as
-/// the standard library's lookup does, but keeping its error code: a host that does not exist
-/// and a resolver that did not answer are told apart).
-async fn lookup(host: &str) -> Result<Vec<IpAddr>, Option<dns_lookup::LookupErrorKind>> {
-    let host = host.to_string();
+/// Why a lookup of a host found no address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LookupFailed {
+    /// The host's own answer: it does not exist or has no address (the client's to fix).
+    NoAddress,
+    /// No answer for now: the resolver failed, or did not answer in time (the server's trouble,
+    /// or the host's DNS servers').
+    ResolverDown,
+}
+
+/// The addresses of `host` from the system's resolver (getaddrinfo, as the standard library's
+/// lookup does, but keeping its error code: a host that does not exist and a resolver that did
+/// not answer are told apart). Blocks: call it on a blocking thread.
+pub fn lookup_blocking(host: &str) -> Result<Vec<IpAddr>, LookupFailed> {
     let hints = dns_lookup::AddrInfoHints {
         socktype: libc::SOCK_STREAM,
         ..Default::default()
     };
-    let blocking = tokio::task::spawn_blocking(move || {
-        dns_lookup::getaddrinfo(Some(&host), None, Some(hints)).map(|found| {
-            found
-                .filter_map(Result::ok)
-                .map(|a| a.sockaddr.ip())
-                .collect::<Vec<IpAddr>>()
-        })
-    });
+    match dns_lookup::getaddrinfo(Some(host), None, Some(hints)) {
+        Ok(found) => Ok(found
+            .filter_map(Result::ok)
+            .map(|a| a.sockaddr.ip())
+            .collect()),
+        Err(e) if host_has_no_address(e.kind()) => Err(LookupFailed::NoAddress),
+        Err(_) => Err(LookupFailed::ResolverDown),
+    }
+}
+
+/// [`lookup_blocking`] on a blocking thread, waiting at most [`RESOLVE_TIMEOUT`].
+async fn lookup(host: &str) -> Result<Vec<IpAddr>, LookupFailed> {
+    let host = host.to_string();
+    let blocking = tokio::task::spawn_blocking(move || lookup_blocking(&host));
     match tokio::time::timeout(RESOLVE_TIMEOUT, blocking).await {
-        Ok(Ok(Ok(ips))) => Ok(ips),
-        Ok(Ok(Err(e))) => Err(Some(e.kind())),
+        Ok(Ok(found)) => found,
         // The blocking thread panicked, or the resolver did not answer in time.
-        Ok(Err(_)) | Err(_) => Err(None),
+        Ok(Err(_)) | Err(_) => Err(LookupFailed::ResolverDown),
     }
 }
 
@@ -207,42 +221,48 @@ async fn lookup(host: &str) -> Result<Vec<IpAddr>, Option<dns_lookup::LookupErro
 /// A resolver that fails for now is said as such ([`Unresolved::ResolverDown`]): that tells
 /// nothing about the host.
 pub async fn resolve(url: &WebhookUrl, allow_private: bool) -> Result<Vec<SocketAddr>, Unresolved> {
-    let refused = || {
-        Unresolved::Refused(if allow_private {
-            format!("webhook host {} does not resolve", url.host)
-        } else {
-            format!(
-                "webhook host {} does not resolve to a public address; private, loopback, \
-                 link-local and metadata addresses are not allowed",
-                url.host
-            )
-        })
-    };
-    let addrs: Vec<SocketAddr> = match url.host.parse::<IpAddr>() {
-        Ok(ip) => vec![SocketAddr::new(ip, url.port)],
+    match url.host.parse::<IpAddr>() {
+        Ok(ip) => allowed(url, &[ip], allow_private),
         Err(_) => match lookup(&url.host).await {
-            Ok(ips) => ips
-                .into_iter()
-                .map(|ip| SocketAddr::new(ip, url.port))
-                .collect(),
-            Err(Some(kind)) if host_has_no_address(kind) => return Err(refused()),
-            Err(_) => {
-                return Err(Unresolved::ResolverDown(format!(
-                    "webhook host {} could not be looked up now: the DNS resolver failed or did \
-                     not answer within {} s",
-                    url.host,
-                    RESOLVE_TIMEOUT.as_secs()
-                )))
-            }
+            Ok(ips) => allowed(url, &ips, allow_private),
+            Err(failed) => Err(unresolved(url, failed, allow_private)),
         },
-    };
-    if addrs.is_empty() {
-        return Err(refused());
     }
-    if !allow_private && addrs.iter().any(|a| forbidden_reason(a.ip()).is_some()) {
-        return Err(refused());
+}
+
+/// The addresses of `url` from `ips` (its host's, as found), if the policy allows every one.
+pub fn allowed(
+    url: &WebhookUrl,
+    ips: &[IpAddr],
+    allow_private: bool,
+) -> Result<Vec<SocketAddr>, Unresolved> {
+    if ips.is_empty() || (!allow_private && ips.iter().any(|ip| forbidden_reason(*ip).is_some())) {
+        return Err(unresolved(url, LookupFailed::NoAddress, allow_private));
     }
-    Ok(addrs)
+    Ok(ips
+        .iter()
+        .map(|ip| SocketAddr::new(*ip, url.port))
+        .collect())
+}
+
+/// What a lookup of `url`'s host that `failed` means for it.
+pub fn unresolved(url: &WebhookUrl, failed: LookupFailed, allow_private: bool) -> Unresolved {
+    match failed {
+        LookupFailed::NoAddress if allow_private => {
+            Unresolved::Refused(format!("webhook host {} does not resolve", url.host))
+        }
+        LookupFailed::NoAddress => Unresolved::Refused(format!(
+            "webhook host {} does not resolve to a public address; private, loopback, \
+             link-local and metadata addresses are not allowed",
+            url.host
+        )),
+        LookupFailed::ResolverDown => Unresolved::ResolverDown(format!(
+            "webhook host {} could not be looked up now: the DNS resolver failed or did \
+             not answer within {} s",
+            url.host,
+            RESOLVE_TIMEOUT.as_secs()
+        )),
+    }
 }
 
 #[cfg(test)]

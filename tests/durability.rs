@@ -681,35 +681,13 @@ async fn a_resolver_outage_spends_no_delivery_attempt() {
         ..Answer::status(200)
     })
     .await;
-    // The server's view of names: /etc/hosts (ours, changed during the test), then a DNS server
-    // at 127.0.0.1 where nothing listens (getaddrinfo: a temporary failure, at once).
-    let dir = std::env::temp_dir().join(format!("triggers-lookup-down-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let file = |name: &str, text: &str| {
-        let path = dir.join(name);
-        std::fs::write(&path, text).unwrap();
-        path.to_str().unwrap().to_string()
-    };
-    let resolv = file(
-        "resolv.conf",
-        "nameserver 127.0.0.1\noptions timeout:1 attempts:1\n",
-    );
-    let nsswitch = file("nsswitch.conf", "hosts: files dns\n");
     let with_receiver = "127.0.0.1 localhost\n127.0.0.1 receiver.test\n";
-    let hosts = file("hosts", with_receiver);
-    let wrapper = [
-        "unshare",
-        "-rm",
-        "sh",
-        "-c",
-        r#"mount --bind "$1" /etc/resolv.conf && mount --bind "$2" /etc/nsswitch.conf && mount --bind "$3" /etc/hosts && shift 3 && exec "$@""#,
-        "sh",
-        &resolv,
-        &nsswitch,
-        &hosts,
-    ];
+    let names = OwnNames::new("lookup-outage", with_receiver);
+    let wrapper = names.wrapper();
     // Retries 100 ms apart and a circuit that opens after 3 failures: without the patience, the
-    // outage below would fail every event and open the circuit within a second.
+    // outage below would fail every event and open the circuit within a second. No host's
+    // addresses kept (the receiver closes every connection, so each delivery looks it up), none
+    // served while the resolver fails: the outage reaches the deliveries.
     let url = own_database("triggers_test_lookup_outage").await;
     let args = [
         "--allow-private-webhooks",
@@ -717,6 +695,10 @@ async fn a_resolver_outage_spends_no_delivery_attempt() {
         "100ms,100ms",
         "--circuit-failures",
         "3",
+        "--delivery-dns-fresh-s",
+        "0",
+        "--delivery-dns-stale-s",
+        "0",
     ];
     let mut s = Server::process_wrapped(&wrapper, &args, &url);
     let (key, _) = new_org(s.addr, "pro").await;
@@ -729,7 +711,7 @@ async fn a_resolver_outage_spends_no_delivery_attempt() {
         .await;
 
     // The name stops resolving: the resolver fails for it.
-    std::fs::write(&hosts, "127.0.0.1 localhost\n").unwrap();
+    names.set_hosts("127.0.0.1 localhost\n");
     let mut ids = Vec::new();
     for n in 1..=5 {
         ids.push(new_event_id(s.addr, &key, json!({"n": n})).await);
@@ -757,7 +739,7 @@ async fn a_resolver_outage_spends_no_delivery_attempt() {
     );
 
     // The name resolves again: each event goes, on its first attempt.
-    std::fs::write(&hosts, with_receiver).unwrap();
+    names.set_hosts(with_receiver);
     let got = recv
         .wait_until(Duration::from_secs(40), |got| got.len() == 6)
         .await;
@@ -784,7 +766,7 @@ async fn a_resolver_outage_spends_no_delivery_attempt() {
     // No patience: a failed lookup is a failed attempt, and the schedule runs out.
     let mut args = args.to_vec();
     args.extend(["--unsent-patience-s", "0"]);
-    std::fs::write(&hosts, "127.0.0.1 localhost\n").unwrap();
+    names.set_hosts("127.0.0.1 localhost\n");
     let s = Server::process_wrapped(&wrapper, &args, &url);
     let id = new_event_id(s.addr, &key, json!({"n": 6})).await;
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -801,7 +783,146 @@ async fn a_resolver_outage_spends_no_delivery_attempt() {
         .as_str()
         .unwrap_or_default();
     assert!(error.contains("could not be looked up"), "{e}");
-    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The server's view of names, in a mount namespace of its own: `/etc/hosts` (the test's, changed
+/// while the server runs: written in place, the bind mount sees it), then a DNS server at
+/// 127.0.0.1 where nothing listens (getaddrinfo: a temporary failure, at once).
+struct OwnNames {
+    dir: std::path::PathBuf,
+    files: [String; 3],
+}
+
+impl OwnNames {
+    fn new(name: &str, hosts: &str) -> OwnNames {
+        let dir = std::env::temp_dir().join(format!("triggers-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = |name: &str, text: &str| {
+            let path = dir.join(name);
+            std::fs::write(&path, text).unwrap();
+            path.to_str().unwrap().to_string()
+        };
+        let files = [
+            file(
+                "resolv.conf",
+                "nameserver 127.0.0.1\noptions timeout:1 attempts:1\n",
+            ),
+            file("nsswitch.conf", "hosts: files dns\n"),
+            file("hosts", hosts),
+        ];
+        OwnNames { dir, files }
+    }
+
+    /// The command line the server runs under.
+    fn wrapper(&self) -> Vec<&str> {
+        let mut w = vec![
+            "unshare",
+            "-rm",
+            "sh",
+            "-c",
+            r#"mount --bind "$1" /etc/resolv.conf && mount --bind "$2" /etc/nsswitch.conf && mount --bind "$3" /etc/hosts && shift 3 && exec "$@""#,
+            "sh",
+        ];
+        w.extend(self.files.iter().map(String::as_str));
+        w
+    }
+
+    fn set_hosts(&self, text: &str) {
+        std::fs::write(&self.files[2], text).unwrap();
+    }
+}
+
+impl Drop for OwnNames {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A receiver's addresses serve its deliveries while the server's resolver fails
+/// (`--delivery-dns-stale-s`), and one lookup serves many connections
+/// (`--delivery-dns-fresh-s`). The receiver closes every connection, so each delivery needs a
+/// new one and, without the addresses kept, a lookup of its own: with a resolver down, every
+/// delivery waited as unsent (the test above) although the receiver was fine.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resolver_outage_is_bridged_by_the_receivers_last_addresses() {
+    if !namespaces_allowed() {
+        return;
+    }
+    let recv = Receiver::start(|_, _| Answer {
+        headers: vec![("connection".into(), "close".into())],
+        close_after: Some(Duration::ZERO),
+        ..Answer::status(200)
+    })
+    .await;
+    let with_receiver = "127.0.0.1 localhost\n127.0.0.1 receiver.test\n";
+    let names = OwnNames::new("lookup-stale", with_receiver);
+    let url = own_database("triggers_test_lookup_stale").await;
+    let args = [
+        "--allow-private-webhooks",
+        "--delivery-dns-fresh-s",
+        "2",
+        "--retry-schedule",
+        "100ms,100ms",
+    ];
+    let s = Server::process_wrapped(&names.wrapper(), &args, &url);
+    let (key, _) = new_org(s.addr, "pro").await;
+    let target = format!("http://receiver.test:{}/in", recv.addr.port());
+    let created = post(s.addr, &key, "/api/endpoints", &json!({"url": target})).await;
+    assert_eq!(created.status, 201, "{}", created.text());
+    let mut ids = Vec::new();
+    for n in 0..10 {
+        ids.push(new_event_id(s.addr, &key, json!({"n": n})).await);
+        recv.wait_until(Duration::from_secs(10), |got| got.len() == ids.len())
+            .await;
+    }
+    // Ten connections; the lookups are one per 2 s (a slow run: a few), not one per connection.
+    let opened = metric(&s, "triggers_delivery_connections_opened_total").await;
+    let lookups = metric(&s, "triggers_delivery_dns_lookups_total").await;
+    assert!(opened >= 10.0, "{opened}");
+    assert!(
+        lookups >= 1.0 && lookups < opened / 2.0,
+        "{lookups} of {opened}"
+    );
+
+    // The name stops resolving (the resolver fails for it) and its addresses grow old: the
+    // deliveries go on, each on its first attempt, to the addresses last found.
+    names.set_hosts("127.0.0.1 localhost\n");
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    for n in 10..15 {
+        ids.push(new_event_id(s.addr, &key, json!({"n": n})).await);
+    }
+    let got = recv
+        .wait_until(Duration::from_secs(10), |got| got.len() == 15)
+        .await;
+    for id in &ids[10..] {
+        let sent: Vec<_> = got.iter().filter(|r| r.event_id() == *id).collect();
+        assert_eq!(sent.len(), 1, "{}", timeline(&got));
+        assert_eq!(sent[0].header("x-delivery-attempt"), Some("1"));
+    }
+    assert!(metric(&s, "triggers_delivery_dns_stale_total").await >= 1.0);
+    assert!(metric(&s, "triggers_delivery_dns_failures_total").await >= 1.0);
+    assert_eq!(
+        metric(&s, "triggers_delivery_waits_total{reason=\"unsent\"}").await,
+        0.0
+    );
+    assert!(
+        s.logged("webhook host could not be looked up").await,
+        "the outage is logged"
+    );
+    // The resolver answers again: logged, and the deliveries go on.
+    names.set_hosts(with_receiver);
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    ids.push(new_event_id(s.addr, &key, json!({"n": 15})).await);
+    recv.wait_until(Duration::from_secs(10), |got| got.len() == 16)
+        .await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !s.logged("webhook host looked up again").await {
+        assert!(
+            Instant::now() < deadline,
+            "the end of the outage is not logged"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// One answer while a fault of the database lasts (a full disk, no connection slots): 201 (there

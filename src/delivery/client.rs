@@ -887,12 +887,8 @@ mod tests {
         (uri, accepted)
     }
 
-    /// Connections to loopback allowed, as the tests' receivers are there.
     fn connector() -> SafeConnector {
-        SafeConnector {
-            allow_private: true,
-            connect_timeout: Duration::from_secs(2),
-        }
+        SafeConnector::for_tests()
     }
 
     fn client(max_idle: usize, idle_timeout: Duration) -> Client {

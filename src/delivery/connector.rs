@@ -5,7 +5,8 @@ use std::time::Duration;
 
 use tokio::net::TcpStream;
 
-use crate::url_policy::{forbidden_reason, parse_url, resolve, Unresolved};
+use super::hosts::Hosts;
+use crate::url_policy::{allowed, forbidden_reason, parse_url, unresolved, Unresolved};
 
 /// Why no connection was made.
 #[derive(Debug)]
@@ -36,16 +37,19 @@ pub fn is_local(e: &std::io::Error) -> bool {
     )
 }
 
-/// The connector under the delivery client: it resolves the host itself, applies the policy to
-/// every address it would use, and connects only to an allowed one. The TCP connection (pooled for
-/// keep-alive) stays pinned to that vetted address; DNS answers that change later cannot redirect
-/// it. TLS, when the URL is https, is layered on top by the client with the host name for SNI.
+/// The connector under the delivery client: it resolves the host itself (through [`Hosts`]),
+/// applies the policy to every address it would use, and connects only to an allowed one. The TCP
+/// connection (pooled for keep-alive) stays pinned to that vetted address; DNS answers that change
+/// later cannot redirect it. TLS, when the URL is https, is layered on top by the client with the
+/// host name for SNI.
 #[derive(Clone)]
 pub struct SafeConnector {
     /// Allow private, loopback, link-local and CGNAT targets.
     pub allow_private: bool,
     /// Longest a TCP connect may take.
     pub connect_timeout: Duration,
+    /// Hosts' addresses, looked up once for many connections.
+    pub hosts: Hosts,
 }
 
 impl SafeConnector {
@@ -59,14 +63,19 @@ impl SafeConnector {
             ))
         };
         let url = parse_url(&uri.to_string()).map_err(refuse)?;
-        let addrs = resolve(&url, self.allow_private)
-            .await
-            .map_err(|e| match e {
-                Unresolved::ResolverDown(m) => ConnectError::Unsent(m),
-                Unresolved::Refused(m) => {
-                    ConnectError::Io(std::io::Error::new(std::io::ErrorKind::NotFound, m))
-                }
-            })?;
+        let addrs = match url.host.parse::<std::net::IpAddr>() {
+            Ok(ip) => allowed(&url, &[ip], self.allow_private),
+            Err(_) => match self.hosts.addresses(&url.host).await {
+                Ok((ips, _)) => allowed(&url, &ips, self.allow_private),
+                Err(failed) => Err(unresolved(&url, failed, self.allow_private)),
+            },
+        }
+        .map_err(|e| match e {
+            Unresolved::ResolverDown(m) => ConnectError::Unsent(m),
+            Unresolved::Refused(m) => {
+                ConnectError::Io(std::io::Error::new(std::io::ErrorKind::NotFound, m))
+            }
+        })?;
         let (mut last, mut all_local) = (None, true);
         for addr in addrs {
             // The policy holds for the address connected to, not just for what DNS said earlier.
@@ -103,6 +112,22 @@ impl SafeConnector {
             None => Err(ConnectError::Io(std::io::Error::other(
                 "no address to connect to",
             ))),
+        }
+    }
+}
+
+#[cfg(test)]
+impl SafeConnector {
+    /// Connections to loopback allowed, as the tests' receivers are there; hosts kept 30 s.
+    pub fn for_tests() -> SafeConnector {
+        SafeConnector {
+            allow_private: true,
+            connect_timeout: Duration::from_secs(2),
+            hosts: Hosts::new(
+                Duration::from_secs(30),
+                Duration::ZERO,
+                crate::metrics::Metrics::new(&[("GET", "/")], 1),
+            ),
         }
     }
 }
@@ -149,10 +174,7 @@ mod tests {
         let uri: http::Uri = format!("http://{}/", listener.local_addr().unwrap())
             .parse()
             .unwrap();
-        let c = SafeConnector {
-            allow_private: true,
-            connect_timeout: Duration::from_secs(1),
-        };
+        let c = SafeConnector::for_tests();
         assert!(c.connect(&uri).await.is_ok());
         // In a process of its own: using up the descriptors here would starve the other tests.
         if std::env::var_os("TRIGGERS_EMFILE_CHILD").is_none() {

@@ -12,6 +12,7 @@ use super::budget::budget_loop;
 use super::claim::{claim_loop, release_all};
 use super::client::Client;
 use super::connector::SafeConnector;
+use super::hosts::Hosts;
 use super::job::run_job;
 use super::model::{BatchLease, Job, Lease};
 use super::owed::look_loop;
@@ -52,6 +53,11 @@ impl Delivery {
             SafeConnector {
                 allow_private: config.allow_private_webhooks,
                 connect_timeout: Duration::from_millis(config.delivery_timeout_ms),
+                hosts: Hosts::new(
+                    Duration::from_secs(config.delivery_dns_fresh_s),
+                    Duration::from_secs(config.delivery_dns_stale_s),
+                    Arc::clone(&metrics),
+                ),
             },
             config.delivery_concurrency,
             DELIVERY_POOL_IDLE,

@@ -166,6 +166,12 @@ pub struct Metrics {
     pub endpoint_loads: AtomicU64,
     /// Connections the delivery client opened to receivers.
     pub delivery_connections: AtomicU64,
+    /// Lookups of webhook hosts the delivery client started (one serves many connections).
+    pub delivery_dns_lookups: AtomicU64,
+    /// Of those, lookups that found no address or no answer.
+    pub delivery_dns_failures: AtomicU64,
+    /// Connections made to a host's last addresses found because the resolver failed.
+    pub delivery_dns_stale: AtomicU64,
     /// Client connections the node takes, all cores together (the connections per core, as
     /// fitted to the open-files limit at start); more get 503.
     pub connections_max: AtomicU64,
@@ -279,6 +285,9 @@ impl Metrics {
             connections_max: AtomicU64::new(0),
             endpoint_loads: AtomicU64::new(0),
             delivery_connections: AtomicU64::new(0),
+            delivery_dns_lookups: AtomicU64::new(0),
+            delivery_dns_failures: AtomicU64::new(0),
+            delivery_dns_stale: AtomicU64::new(0),
             deliveries_claimed: AtomicU64::new(0),
         })
     }
@@ -687,6 +696,27 @@ impl Metrics {
             "Connections the delivery client opened to receivers (kept alive, one serves many deliveries).",
             "counter",
             load(&self.delivery_connections),
+        );
+        single(
+            &mut out,
+            "triggers_delivery_dns_lookups_total",
+            "Lookups of webhook hosts for new delivery connections (one serves a host for --delivery-dns-fresh-s; connections at once share one).",
+            "counter",
+            load(&self.delivery_dns_lookups),
+        );
+        single(
+            &mut out,
+            "triggers_delivery_dns_failures_total",
+            "Lookups of webhook hosts that found no address or got no answer.",
+            "counter",
+            load(&self.delivery_dns_failures),
+        );
+        single(
+            &mut out,
+            "triggers_delivery_dns_stale_total",
+            "Connections made to a host's last addresses found because the resolver failed (within --delivery-dns-stale-s).",
+            "counter",
+            load(&self.delivery_dns_stale),
         );
         single(
             &mut out,

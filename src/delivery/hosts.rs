@@ -1,0 +1,450 @@
+//! Webhook hosts' addresses for the delivery client's new connections: one lookup serves every
+//! connection to a host for `--delivery-dns-fresh-s`, connections that need a host looked up at
+//! the same moment share one lookup, and while the resolver fails the last addresses found serve
+//! for `--delivery-dns-stale-s` more (as RFC 8767's "serve stale").
+//!
+//! Without it every new connection looked its host up on a blocking thread of its own: a receiver
+//! that closes its connections cost a DNS query per delivery (a resolver has limits of its own: a
+//! VPC's answers 1,024 packets a second per interface), a host whose DNS servers do not answer
+//! held a blocking thread per connection for as long as the system's resolver tries (the same
+//! threads verify API keys), and a resolver outage stopped deliveries to receivers that were fine.
+//!
+//! The policy on addresses is applied by the caller to what this returns, at every use: an
+//! address kept here is judged again each time.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::watch;
+
+use crate::metrics::Metrics;
+use crate::url_policy::{LookupFailed, RESOLVE_TIMEOUT};
+
+/// What a lookup found.
+type Found = Result<Arc<[IpAddr]>, LookupFailed>;
+
+/// The blocking lookup (getaddrinfo; the tests' own).
+type LookupFn = dyn Fn(&str) -> Result<Vec<IpAddr>, LookupFailed> + Send + Sync;
+
+/// Hosts kept before the first sweep of those whose addresses are too old to use.
+const SWEEP_FIRST: usize = 1024;
+
+/// How long a lookup that got no answer is the answer for a host, before it is asked again: during
+/// an outage a host costs one lookup a second, not one per connection.
+const FAILURE_KEPT: Duration = Duration::from_secs(1);
+
+/// What is known of one host.
+#[derive(Default)]
+struct Entry {
+    /// The last addresses found, and when.
+    known: Option<(Arc<[IpAddr]>, Instant)>,
+    /// A lookup under way: its answer comes on this channel.
+    pending: Option<watch::Receiver<Option<Found>>>,
+    /// When the last lookup got no answer, if it did not (the resolver failed).
+    failed: Option<Instant>,
+}
+
+struct Inner {
+    fresh: Duration,
+    stale: Duration,
+    entries: Mutex<Table>,
+    lookup: Box<LookupFn>,
+    metrics: Arc<Metrics>,
+}
+
+struct Table {
+    hosts: HashMap<String, Entry>,
+    /// Sweep when the table reaches this many hosts.
+    sweep_at: usize,
+}
+
+/// Webhook hosts' addresses (see the module's documentation). Cheap to clone.
+#[derive(Clone)]
+pub struct Hosts(Arc<Inner>);
+
+/// How [`Hosts::addresses`] came by its answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// A lookup of the last `fresh` (this call's, one it shared, or an earlier one's).
+    Fresh,
+    /// The last addresses found, older than `fresh`: the resolver failed or did not answer.
+    Stale,
+}
+
+impl Hosts {
+    /// Hosts looked up with the system's resolver.
+    pub fn new(fresh: Duration, stale: Duration, metrics: Arc<Metrics>) -> Hosts {
+        Hosts::with_lookup(
+            fresh,
+            stale,
+            metrics,
+            Box::new(crate::url_policy::lookup_blocking),
+        )
+    }
+
+    fn with_lookup(
+        fresh: Duration,
+        stale: Duration,
+        metrics: Arc<Metrics>,
+        lookup: Box<LookupFn>,
+    ) -> Hosts {
+        Hosts(Arc::new(Inner {
+            fresh,
+            stale,
+            entries: Mutex::new(Table {
+                hosts: HashMap::new(),
+                sweep_at: SWEEP_FIRST,
+            }),
+            lookup,
+            metrics,
+        }))
+    }
+
+    /// The addresses of `host` (a name, not an address literal), waiting at most
+    /// [`RESOLVE_TIMEOUT`] for a lookup.
+    pub async fn addresses(&self, host: &str) -> Result<(Arc<[IpAddr]>, Source), LookupFailed> {
+        let now = Instant::now();
+        let (mut answer, known) = {
+            let mut table = self.0.entries.lock().unwrap_or_else(|e| e.into_inner());
+            let inner = &self.0;
+            if !table.hosts.contains_key(host) && table.hosts.len() >= table.sweep_at {
+                let keep = inner.fresh.saturating_add(inner.stale);
+                table.hosts.retain(|_, e| {
+                    e.pending.is_some()
+                        || e.known
+                            .as_ref()
+                            .is_some_and(|(_, at)| now.duration_since(*at) < keep)
+                });
+                table.sweep_at = (table.hosts.len() * 2).max(SWEEP_FIRST);
+            }
+            let entry = table.hosts.entry(host.to_string()).or_default();
+            if let Some((ips, at)) = &entry.known {
+                if now.duration_since(*at) < inner.fresh {
+                    return Ok((Arc::clone(ips), Source::Fresh));
+                }
+            }
+            let answer = match &entry.pending {
+                None if entry
+                    .failed
+                    .is_some_and(|at| now.duration_since(at) < FAILURE_KEPT) =>
+                {
+                    let known = entry.known.clone();
+                    drop(table);
+                    return self.stale(known);
+                }
+                Some(pending) => pending.clone(),
+                None => {
+                    let (tx, rx) = watch::channel(None);
+                    entry.pending = Some(rx.clone());
+                    self.start(host.to_string(), tx);
+                    rx
+                }
+            };
+            (answer, entry.known.clone())
+        };
+        let found =
+            match tokio::time::timeout(RESOLVE_TIMEOUT, answer.wait_for(Option::is_some)).await {
+                Ok(Ok(found)) => found.clone().unwrap_or(Err(LookupFailed::ResolverDown)),
+                // The lookup's task ended without an answer (the runtime is stopping), or the
+                // resolver did not answer in time: the lookup goes on, and later calls share it.
+                Ok(Err(_)) | Err(_) => Err(LookupFailed::ResolverDown),
+            };
+        match found {
+            Ok(ips) => Ok((ips, Source::Fresh)),
+            Err(LookupFailed::ResolverDown) => self.stale(known),
+            Err(LookupFailed::NoAddress) => Err(LookupFailed::NoAddress),
+        }
+    }
+
+    /// The resolver failed: the `known` addresses if they are recent enough to serve.
+    fn stale(
+        &self,
+        known: Option<(Arc<[IpAddr]>, Instant)>,
+    ) -> Result<(Arc<[IpAddr]>, Source), LookupFailed> {
+        match known {
+            Some((ips, at))
+                if Instant::now().duration_since(at)
+                    < self.0.fresh.saturating_add(self.0.stale) =>
+            {
+                self.0
+                    .metrics
+                    .delivery_dns_stale
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                Ok((ips, Source::Stale))
+            }
+            _ => Err(LookupFailed::ResolverDown),
+        }
+    }
+
+    /// Look `host` up on a blocking thread, in a task of its own (it ends even when every caller
+    /// waiting for it has gone), and send what it found on `tx`.
+    fn start(&self, host: String, tx: watch::Sender<Option<Found>>) {
+        let hosts = self.clone();
+        let metrics = &self.0.metrics;
+        metrics
+            .delivery_dns_lookups
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        tokio::spawn(async move {
+            let looked_up = {
+                let hosts = hosts.clone();
+                let host = host.clone();
+                tokio::task::spawn_blocking(move || (hosts.0.lookup)(&host)).await
+            };
+            let found: Found = match looked_up {
+                Ok(Ok(ips)) => Ok(ips.into()),
+                Ok(Err(failed)) => Err(failed),
+                Err(_) => Err(LookupFailed::ResolverDown),
+            };
+            if found.is_err() {
+                hosts
+                    .0
+                    .metrics
+                    .delivery_dns_failures
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            {
+                let mut table = hosts.0.entries.lock().unwrap_or_else(|e| e.into_inner());
+                if let Some(entry) = table.hosts.get_mut(&host) {
+                    entry.pending = None;
+                    let failing = entry.failed.is_some();
+                    entry.failed = None;
+                    match &found {
+                        Ok(ips) => {
+                            entry.known = Some((Arc::clone(ips), Instant::now()));
+                            if failing {
+                                tracing::info!(host = %host, "webhook host looked up again");
+                            }
+                        }
+                        // The host is gone: its old addresses are no one's to use.
+                        Err(LookupFailed::NoAddress) => entry.known = None,
+                        Err(LookupFailed::ResolverDown) => {
+                            entry.failed = Some(Instant::now());
+                            if !failing {
+                                tracing::warn!(
+                                    host = %host,
+                                    last_found_s_ago = entry.known.as_ref().map(|(_, at)| at.elapsed().as_secs()),
+                                    "webhook host could not be looked up: the DNS resolver failed \
+                                     or did not answer; its last addresses serve within \
+                                     --delivery-dns-stale-s, else its deliveries wait"
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+            let _ = tx.send(Some(found));
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// A resolver the test sets: what it answers now, how long it takes, and how often it was
+    /// asked.
+    #[derive(Clone)]
+    struct Resolver {
+        answer: Arc<Mutex<Result<Vec<IpAddr>, LookupFailed>>>,
+        delay: Arc<Mutex<Duration>>,
+        asked: Arc<AtomicUsize>,
+    }
+
+    impl Resolver {
+        fn new() -> Resolver {
+            Resolver {
+                answer: Arc::new(Mutex::new(Ok(vec!["192.0.2.1".parse().unwrap()]))),
+                delay: Arc::new(Mutex::new(Duration::ZERO)),
+                asked: Arc::new(AtomicUsize::new(0)),
+            }
+        }
+
+        fn answers(&self, a: Result<Vec<&str>, LookupFailed>) {
+            *self.answer.lock().unwrap() =
+                a.map(|v| v.iter().map(|s| s.parse().unwrap()).collect());
+        }
+
+        fn hosts(&self, fresh_ms: u64, stale_ms: u64) -> (Hosts, Arc<Metrics>) {
+            let me = self.clone();
+            let metrics = Metrics::new(&[("GET", "/")], 1);
+            let hosts = Hosts::with_lookup(
+                Duration::from_millis(fresh_ms),
+                Duration::from_millis(stale_ms),
+                Arc::clone(&metrics),
+                Box::new(move |_host| {
+                    me.asked.fetch_add(1, Ordering::SeqCst);
+                    std::thread::sleep(*me.delay.lock().unwrap());
+                    me.answer.lock().unwrap().clone()
+                }),
+            );
+            (hosts, metrics)
+        }
+
+        fn asked(&self) -> usize {
+            self.asked.load(Ordering::SeqCst)
+        }
+    }
+
+    fn ips(found: &Result<(Arc<[IpAddr]>, Source), LookupFailed>) -> Vec<String> {
+        found
+            .as_ref()
+            .unwrap()
+            .0
+            .iter()
+            .map(ToString::to_string)
+            .collect()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_host_is_looked_up_once_while_fresh_and_again_after() {
+        let r = Resolver::new();
+        let (hosts, metrics) = r.hosts(300, 0);
+        for _ in 0..5 {
+            let found = hosts.addresses("a.test").await;
+            assert_eq!(ips(&found), ["192.0.2.1"]);
+            assert_eq!(found.unwrap().1, Source::Fresh);
+        }
+        assert_eq!(r.asked(), 1);
+        // Another host has a lookup of its own.
+        hosts.addresses("b.test").await.unwrap();
+        assert_eq!(r.asked(), 2);
+        // Past `fresh`, the host is looked up again and its new addresses are used.
+        r.answers(Ok(vec!["192.0.2.2", "2001:db8::2"]));
+        tokio::time::sleep(Duration::from_millis(350)).await;
+        assert_eq!(
+            ips(&hosts.addresses("a.test").await),
+            ["192.0.2.2", "2001:db8::2"]
+        );
+        assert_eq!(r.asked(), 3);
+        assert_eq!(metrics.delivery_dns_lookups.load(Ordering::Relaxed), 3);
+
+        // Fresh 0: a lookup each time.
+        let (hosts, _) = r.hosts(0, 0);
+        for _ in 0..3 {
+            hosts.addresses("a.test").await.unwrap();
+        }
+        assert_eq!(r.asked(), 6);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn connections_needing_a_host_at_once_share_one_lookup() {
+        let r = Resolver::new();
+        *r.delay.lock().unwrap() = Duration::from_millis(200);
+        let (hosts, _) = r.hosts(30_000, 0);
+        let mut tasks = Vec::new();
+        for _ in 0..32 {
+            let hosts = hosts.clone();
+            tasks.push(tokio::spawn(async move { hosts.addresses("a.test").await }));
+        }
+        for t in tasks {
+            assert_eq!(ips(&t.await.unwrap()), ["192.0.2.1"]);
+        }
+        assert_eq!(r.asked(), 1);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_resolver_that_does_not_answer_holds_one_thread_not_one_per_connection() {
+        let r = Resolver::new();
+        // Longer than a caller waits (RESOLVE_TIMEOUT, 3 s).
+        *r.delay.lock().unwrap() = RESOLVE_TIMEOUT + Duration::from_secs(1);
+        let (hosts, metrics) = r.hosts(30_000, 0);
+        let started = Instant::now();
+        let mut tasks = Vec::new();
+        for _ in 0..16 {
+            let hosts = hosts.clone();
+            tasks.push(tokio::spawn(
+                async move { hosts.addresses("slow.test").await },
+            ));
+        }
+        for t in tasks {
+            assert_eq!(t.await.unwrap(), Err(LookupFailed::ResolverDown));
+        }
+        let waited = started.elapsed();
+        assert!(
+            waited >= RESOLVE_TIMEOUT && waited < RESOLVE_TIMEOUT + Duration::from_millis(900),
+            "{waited:?}"
+        );
+        // A connection after the callers gave up joins the lookup still under way.
+        let later = hosts.addresses("slow.test").await;
+        assert_eq!(later.map(|f| f.1), Ok(Source::Fresh));
+        assert_eq!(r.asked(), 1);
+        assert_eq!(metrics.delivery_dns_failures.load(Ordering::Relaxed), 0);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn while_the_resolver_fails_the_last_addresses_serve_until_stale_runs_out() {
+        let r = Resolver::new();
+        let (hosts, metrics) = r.hosts(100, 1500);
+        hosts.addresses("a.test").await.unwrap();
+        r.answers(Err(LookupFailed::ResolverDown));
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        let found = hosts.addresses("a.test").await;
+        assert_eq!(ips(&found), ["192.0.2.1"]);
+        assert_eq!(found.unwrap().1, Source::Stale);
+        assert_eq!(metrics.delivery_dns_stale.load(Ordering::Relaxed), 1);
+        assert_eq!(metrics.delivery_dns_failures.load(Ordering::Relaxed), 1);
+        // Within a second of the failure it is the answer: no lookup per connection.
+        assert_eq!(hosts.addresses("a.test").await.unwrap().1, Source::Stale);
+        assert_eq!(r.asked(), 2);
+        // Past fresh + stale: the resolver's failure is the answer.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        assert_eq!(
+            hosts.addresses("a.test").await,
+            Err(LookupFailed::ResolverDown)
+        );
+        assert_eq!(r.asked(), 3);
+        // The resolver is back: fresh addresses again, a second after the last failure.
+        r.answers(Ok(vec!["192.0.2.3"]));
+        assert_eq!(
+            hosts.addresses("a.test").await,
+            Err(LookupFailed::ResolverDown)
+        );
+        tokio::time::sleep(FAILURE_KEPT).await;
+        assert_eq!(ips(&hosts.addresses("a.test").await), ["192.0.2.3"]);
+        assert_eq!(r.asked(), 4);
+
+        // Stale 0: a failure is a failure as soon as the addresses are not fresh.
+        let (hosts, _) = r.hosts(100, 0);
+        hosts.addresses("a.test").await.unwrap();
+        r.answers(Err(LookupFailed::ResolverDown));
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        assert_eq!(
+            hosts.addresses("a.test").await,
+            Err(LookupFailed::ResolverDown)
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_host_found_to_have_no_address_loses_its_old_addresses() {
+        let r = Resolver::new();
+        let (hosts, _) = r.hosts(100, 60_000);
+        hosts.addresses("a.test").await.unwrap();
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        r.answers(Err(LookupFailed::NoAddress));
+        assert_eq!(
+            hosts.addresses("a.test").await,
+            Err(LookupFailed::NoAddress)
+        );
+        // Then the resolver fails: nothing old to serve.
+        r.answers(Err(LookupFailed::ResolverDown));
+        assert_eq!(
+            hosts.addresses("a.test").await,
+            Err(LookupFailed::ResolverDown)
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn hosts_too_old_to_use_are_swept_as_the_table_grows() {
+        let r = Resolver::new();
+        let (hosts, _) = r.hosts(0, 0);
+        for n in 0..SWEEP_FIRST + 10 {
+            hosts.addresses(&format!("h{n}.test")).await.unwrap();
+        }
+        let table = hosts.0.entries.lock().unwrap();
+        assert!(table.hosts.len() < 20, "{}", table.hosts.len());
+        assert_eq!(table.sweep_at, SWEEP_FIRST);
+    }
+}
