@@ -23,7 +23,8 @@
 //!   [`auth`] (keys, caches, Argon2, single flight), [`config`] (every option and fixed limit),
 //!   [`db`] (connections, error classes, binary COPY), [`chunked`] (the chunked decoder of
 //!   HTTP/1.1 bodies, for requests and receivers' answers), [`url_policy`] (webhook URL rules, SSRF
-//!   policy), [`event_types`] (endpoint patterns, the operational types), [`endpoint_headers`]
+//!   policy), [`hosts`] (webhook hosts' addresses: one lookup for many connections, old addresses
+//!   while the resolver fails), [`event_types`] (endpoint patterns, the operational types), [`endpoint_headers`]
 //!   (the headers an endpoint sends of its own), [`signing_secret`] (the form of a `whsec_`
 //!   secret), [`tls`] (the TLS set-up of every connection out: deliveries, PostgreSQL),
 //!   [`metrics`], [`error`] and [`reply`] (the HTTP error table and answer), [`json`], [`ids`],
@@ -59,6 +60,7 @@ pub mod endpoint_headers;
 pub mod error;
 pub mod event_types;
 pub mod flow;
+pub mod hosts;
 pub mod ids;
 pub mod ingress;
 pub mod json;

@@ -18,6 +18,7 @@ use crate::config::{
 };
 use crate::delivery::pool::Delivery;
 use crate::flow::sink::{store_queues, CoreLink, DeliverySink};
+use crate::hosts::Hosts;
 use crate::ids::CoreId;
 use crate::ingress::listen::{self, CoreParts, Listeners};
 use crate::ingress::node::{BodyBudget, Liveness, Node};
@@ -127,8 +128,19 @@ pub fn run(
             retention::round_on(client, &config, &metrics).await
         }
     });
-    let (delivery, delivery_handle) =
-        Delivery::start(Arc::clone(&config), Arc::clone(&metrics), partitions)?;
+    // Webhook hosts' addresses: the store's checks of configured URLs and the delivery client's
+    // connections share them.
+    let hosts = Hosts::new(
+        Duration::from_secs(config.delivery_dns_fresh_s),
+        Duration::from_secs(config.host_stale_s),
+        Arc::clone(&metrics),
+    );
+    let (delivery, delivery_handle) = Delivery::start(
+        Arc::clone(&config),
+        Arc::clone(&metrics),
+        hosts.clone(),
+        partitions,
+    )?;
     let cores: Arc<dyn CoreLink> = Arc::new(mesh.clone());
     let sink: Arc<dyn DeliverySink> = Arc::new(delivery_handle);
     let store = Store::start(
@@ -137,6 +149,7 @@ pub fn run(
         cores,
         sink,
         Arc::clone(&metrics),
+        hosts,
     )?;
     retention::spawn(
         Arc::clone(&config),

@@ -203,33 +203,10 @@ pub fn lookup_blocking(host: &str) -> Result<Vec<IpAddr>, LookupFailed> {
     }
 }
 
-/// [`lookup_blocking`] on a blocking thread, waiting at most [`RESOLVE_TIMEOUT`].
-async fn lookup(host: &str) -> Result<Vec<IpAddr>, LookupFailed> {
-    let host = host.to_string();
-    let blocking = tokio::task::spawn_blocking(move || lookup_blocking(&host));
-    match tokio::time::timeout(RESOLVE_TIMEOUT, blocking).await {
-        Ok(Ok(found)) => found,
-        // The blocking thread panicked, or the resolver did not answer in time.
-        Ok(Err(_)) | Err(_) => Err(LookupFailed::ResolverDown),
-    }
-}
-
-/// Resolve `url`'s host and apply the policy; returns the addresses that may be connected to.
-///
-/// Unless private targets are allowed, the refusal says neither which address the host resolved
+/// Unless private targets are allowed, a refusal says neither which address the host resolved
 /// to nor whether it resolved at all: either would make the server an oracle for internal DNS.
 /// A resolver that fails for now is said as such ([`Unresolved::ResolverDown`]): that tells
-/// nothing about the host.
-pub async fn resolve(url: &WebhookUrl, allow_private: bool) -> Result<Vec<SocketAddr>, Unresolved> {
-    match url.host.parse::<IpAddr>() {
-        Ok(ip) => allowed(url, &[ip], allow_private),
-        Err(_) => match lookup(&url.host).await {
-            Ok(ips) => allowed(url, &ips, allow_private),
-            Err(failed) => Err(unresolved(url, failed, allow_private)),
-        },
-    }
-}
-
+/// nothing about the host. (Hosts are looked up through [`crate::hosts`].)
 /// The addresses of `url` from `ips` (its host's, as found), if the policy allows every one.
 pub fn allowed(
     url: &WebhookUrl,
@@ -338,48 +315,6 @@ mod tests {
         ] {
             assert_eq!(forbidden(ip), None, "{ip}");
         }
-    }
-
-    #[test]
-    fn literal_addresses_are_checked_without_dns() {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async {
-            let u = parse_url("http://127.0.0.1:9/x").unwrap();
-            let refused = resolve(&u, false).await.unwrap_err().to_string();
-            assert!(
-                refused.contains("does not resolve to a public address"),
-                "{refused}"
-            );
-            assert!(!refused.contains("127.0.0.1:9"), "{refused}");
-            // A name that does not resolve gets the same sentence: no DNS oracle.
-            // Asked of this machine's DNS, which may fail for now: asked again then.
-            let nx = parse_url("http://no-such-host.invalid/x").unwrap();
-            let mut nx_refused = None;
-            for _ in 0..3 {
-                match resolve(&nx, false).await {
-                    Err(Unresolved::Refused(m)) => {
-                        nx_refused = Some(m);
-                        break;
-                    }
-                    Err(Unresolved::ResolverDown(_)) => {
-                        tokio::time::sleep(std::time::Duration::from_secs(1)).await
-                    }
-                    other => panic!("{other:?}"),
-                }
-            }
-            let nx_refused = nx_refused.expect("the resolver failed three times");
-            assert_eq!(
-                nx_refused.replace("no-such-host.invalid", "H"),
-                refused.replace("127.0.0.1", "H")
-            );
-            assert_eq!(
-                resolve(&u, true).await.unwrap(),
-                vec!["127.0.0.1:9".parse().unwrap()]
-            );
-        });
     }
 
     #[test]

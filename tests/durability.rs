@@ -877,7 +877,7 @@ async fn a_resolver_outage_is_bridged_by_the_receivers_last_addresses() {
     }
     // Ten connections; the lookups are one per 2 s (a slow run: a few), not one per connection.
     let opened = metric(&s, "triggers_delivery_connections_opened_total").await;
-    let lookups = metric(&s, "triggers_delivery_dns_lookups_total").await;
+    let lookups = metric(&s, "triggers_webhook_host_lookups_total").await;
     assert!(opened >= 10.0, "{opened}");
     assert!(
         lookups >= 1.0 && lookups < opened / 2.0,
@@ -899,8 +899,8 @@ async fn a_resolver_outage_is_bridged_by_the_receivers_last_addresses() {
         assert_eq!(sent.len(), 1, "{}", timeline(&got));
         assert_eq!(sent[0].header("x-delivery-attempt"), Some("1"));
     }
-    assert!(metric(&s, "triggers_delivery_dns_stale_total").await >= 1.0);
-    assert!(metric(&s, "triggers_delivery_dns_failures_total").await >= 1.0);
+    assert!(metric(&s, "triggers_webhook_host_stale_total").await >= 1.0);
+    assert!(metric(&s, "triggers_webhook_host_lookup_failures_total").await >= 1.0);
     assert_eq!(
         metric(&s, "triggers_delivery_waits_total{reason=\"unsent\"}").await,
         0.0

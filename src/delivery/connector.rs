@@ -5,8 +5,8 @@ use std::time::Duration;
 
 use tokio::net::TcpStream;
 
-use super::hosts::Hosts;
-use crate::url_policy::{allowed, forbidden_reason, parse_url, unresolved, Unresolved};
+use crate::hosts::{Hosts, Use};
+use crate::url_policy::{forbidden_reason, parse_url, Unresolved};
 
 /// Why no connection was made.
 #[derive(Debug)]
@@ -63,19 +63,16 @@ impl SafeConnector {
             ))
         };
         let url = parse_url(&uri.to_string()).map_err(refuse)?;
-        let addrs = match url.host.parse::<std::net::IpAddr>() {
-            Ok(ip) => allowed(&url, &[ip], self.allow_private),
-            Err(_) => match self.hosts.addresses(&url.host).await {
-                Ok((ips, _)) => allowed(&url, &ips, self.allow_private),
-                Err(failed) => Err(unresolved(&url, failed, self.allow_private)),
-            },
-        }
-        .map_err(|e| match e {
-            Unresolved::ResolverDown(m) => ConnectError::Unsent(m),
-            Unresolved::Refused(m) => {
-                ConnectError::Io(std::io::Error::new(std::io::ErrorKind::NotFound, m))
-            }
-        })?;
+        let addrs = self
+            .hosts
+            .resolve(&url, self.allow_private, Use::Connect)
+            .await
+            .map_err(|e| match e {
+                Unresolved::ResolverDown(m) => ConnectError::Unsent(m),
+                Unresolved::Refused(m) => {
+                    ConnectError::Io(std::io::Error::new(std::io::ErrorKind::NotFound, m))
+                }
+            })?;
         let (mut last, mut all_local) = (None, true);
         for addr in addrs {
             // The policy holds for the address connected to, not just for what DNS said earlier.

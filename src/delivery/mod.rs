@@ -35,7 +35,6 @@ mod budget;
 pub mod claim;
 pub mod client;
 pub mod connector;
-pub mod hosts;
 mod job;
 pub mod model;
 mod owed;

@@ -12,7 +12,6 @@ use super::budget::budget_loop;
 use super::claim::{claim_loop, release_all};
 use super::client::Client;
 use super::connector::SafeConnector;
-use super::hosts::Hosts;
 use super::job::run_job;
 use super::model::{BatchLease, Job, Lease};
 use super::owed::look_loop;
@@ -23,6 +22,7 @@ use crate::db::build_bookkeeping_pool;
 use crate::flow::answer::EndpointStatus;
 use crate::flow::event::NewEvent;
 use crate::flow::sink::{BatchPlan, ByteBudget, DeliverySink, Disposition, Planned, Planning};
+use crate::hosts::Hosts;
 use crate::ids::{new_v7, Micros, OrgId};
 use crate::metrics::Metrics;
 
@@ -45,6 +45,7 @@ impl Delivery {
     pub fn start(
         config: Arc<Config>,
         metrics: Arc<Metrics>,
+        hosts: Hosts,
         mut claim_after: tokio::sync::watch::Receiver<bool>,
     ) -> Result<(Delivery, DeliveryHandle), String> {
         // Several endpoints may share a host: keep as many idle connections as deliveries can
@@ -53,11 +54,7 @@ impl Delivery {
             SafeConnector {
                 allow_private: config.allow_private_webhooks,
                 connect_timeout: Duration::from_millis(config.delivery_timeout_ms),
-                hosts: Hosts::new(
-                    Duration::from_secs(config.delivery_dns_fresh_s),
-                    Duration::from_secs(config.delivery_dns_stale_s),
-                    Arc::clone(&metrics),
-                ),
+                hosts,
             },
             config.delivery_concurrency,
             DELIVERY_POOL_IDLE,

@@ -166,12 +166,13 @@ pub struct Metrics {
     pub endpoint_loads: AtomicU64,
     /// Connections the delivery client opened to receivers.
     pub delivery_connections: AtomicU64,
-    /// Lookups of webhook hosts the delivery client started (one serves many connections).
-    pub delivery_dns_lookups: AtomicU64,
+    /// Lookups of webhook hosts started (for delivery connections, one serves many; for URLs
+    /// being configured).
+    pub host_lookups: AtomicU64,
     /// Of those, lookups that found no address or no answer.
-    pub delivery_dns_failures: AtomicU64,
+    pub host_lookup_failures: AtomicU64,
     /// Connections made to a host's last addresses found because the resolver failed.
-    pub delivery_dns_stale: AtomicU64,
+    pub host_stale: AtomicU64,
     /// Client connections the node takes, all cores together (the connections per core, as
     /// fitted to the open-files limit at start); more get 503.
     pub connections_max: AtomicU64,
@@ -285,9 +286,9 @@ impl Metrics {
             connections_max: AtomicU64::new(0),
             endpoint_loads: AtomicU64::new(0),
             delivery_connections: AtomicU64::new(0),
-            delivery_dns_lookups: AtomicU64::new(0),
-            delivery_dns_failures: AtomicU64::new(0),
-            delivery_dns_stale: AtomicU64::new(0),
+            host_lookups: AtomicU64::new(0),
+            host_lookup_failures: AtomicU64::new(0),
+            host_stale: AtomicU64::new(0),
             deliveries_claimed: AtomicU64::new(0),
         })
     }
@@ -699,24 +700,24 @@ impl Metrics {
         );
         single(
             &mut out,
-            "triggers_delivery_dns_lookups_total",
-            "Lookups of webhook hosts for new delivery connections (one serves a host for --delivery-dns-fresh-s; connections at once share one).",
+            "triggers_webhook_host_lookups_total",
+            "Lookups of webhook hosts (for new delivery connections one serves a host for --delivery-dns-fresh-s; for URLs being configured one each; lookups of a host at once are one).",
             "counter",
-            load(&self.delivery_dns_lookups),
+            load(&self.host_lookups),
         );
         single(
             &mut out,
-            "triggers_delivery_dns_failures_total",
+            "triggers_webhook_host_lookup_failures_total",
             "Lookups of webhook hosts that found no address or got no answer.",
             "counter",
-            load(&self.delivery_dns_failures),
+            load(&self.host_lookup_failures),
         );
         single(
             &mut out,
-            "triggers_delivery_dns_stale_total",
+            "triggers_webhook_host_stale_total",
             "Connections made to a host's last addresses found because the resolver failed (within --delivery-dns-stale-s).",
             "counter",
-            load(&self.delivery_dns_stale),
+            load(&self.host_stale),
         );
         single(
             &mut out,

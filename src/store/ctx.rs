@@ -15,6 +15,7 @@ use crate::config::{Config, WRITE_RUNS_MAX};
 use crate::db::{connection_lost, fault, is_pool_busy, rerun, Fault, Rerun};
 use crate::flow::answer::Refusal;
 use crate::flow::sink::{ByteBudget, CoreLink, DeliverySink, Health};
+use crate::hosts::Hosts;
 use crate::ids::OrgId;
 use crate::metrics::Metrics;
 
@@ -36,6 +37,8 @@ pub struct StoreCtx {
     pub key_ops: KeyOpsLimiter,
     /// Key verifications in progress on this node.
     pub flights: Flights<Result<OrgInfo, Refusal>>,
+    /// Webhook hosts' addresses (shared with the delivery client).
+    pub hosts: Hosts,
     /// Whether the database takes writes.
     pub health: Arc<Health>,
     /// Payload bytes in the write queue and in the batches being written.

@@ -20,6 +20,7 @@ use crate::flow::answer::{
 };
 use crate::flow::event::EventStatus;
 use crate::flow::job::{EndpointPatch, EndpointSpec, Once};
+use crate::hosts::Use;
 use crate::ids::{new_v7, Micros, OrgId};
 use crate::url_policy::Unresolved;
 use crate::{endpoint_headers, signing_secret, url_policy};
@@ -40,7 +41,11 @@ pub fn new_signing_secret() -> Result<String, Refusal> {
 pub async fn check_url(ctx: &StoreCtx, url: &str, field: &'static str) -> Result<(), Refusal> {
     let invalid = |message: String| Refusal::Invalid { field, message };
     let parsed = url_policy::parse_url(url).map_err(invalid)?;
-    match url_policy::resolve(&parsed, ctx.config.allow_private_webhooks).await {
+    let checked = ctx
+        .hosts
+        .resolve(&parsed, ctx.config.allow_private_webhooks, Use::Configure)
+        .await;
+    match checked {
         Ok(_) => Ok(()),
         Err(Unresolved::Refused(message)) => Err(invalid(message)),
         Err(Unresolved::ResolverDown(message)) => {

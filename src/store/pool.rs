@@ -12,6 +12,7 @@ use crate::auth::verify::Verifier;
 use crate::config::Config;
 use crate::db::{build_pool, Part};
 use crate::flow::sink::{CoreLink, DeliverySink, StoreInbox};
+use crate::hosts::Hosts;
 use crate::metrics::Metrics;
 
 /// The running store pool.
@@ -32,6 +33,7 @@ impl Store {
         cores: Arc<dyn CoreLink>,
         delivery: Arc<dyn DeliverySink>,
         metrics: Arc<Metrics>,
+        hosts: Hosts,
     ) -> Result<Store, String> {
         let ctx = Arc::new(StoreCtx {
             pool: build_pool(&config, config.store_pool_size, Part::Api)?,
@@ -53,6 +55,7 @@ impl Store {
                 config.auth_throttle_entries,
             ),
             flights: Flights::default(),
+            hosts,
             health: inbox.health,
             write_bytes: inbox.write_bytes,
             metrics,

@@ -1,7 +1,8 @@
-//! Webhook hosts' addresses for the delivery client's new connections: one lookup serves every
-//! connection to a host for `--delivery-dns-fresh-s`, connections that need a host looked up at
-//! the same moment share one lookup, and while the resolver fails the last addresses found serve
-//! for `--delivery-dns-stale-s` more (as RFC 8767's "serve stale").
+//! Webhook hosts' addresses, one table per node: for the delivery client's new connections one
+//! lookup serves every connection to a host for `--delivery-dns-fresh-s`, and while the resolver
+//! fails the last addresses found serve for `--delivery-dns-stale-s` more (as RFC 8767's "serve
+//! stale"). A URL being configured (the store's check) gets a lookup of its own, whose answer
+//! then serves the first deliveries. Lookups of one host at the same moment are one.
 //!
 //! Without it every new connection looked its host up on a blocking thread of its own: a receiver
 //! that closes its connections cost a DNS query per delivery (a resolver has limits of its own: a
@@ -13,14 +14,16 @@
 //! address kept here is judged again each time.
 
 use std::collections::HashMap;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio::sync::watch;
+use tokio::sync::Notify;
 
 use crate::metrics::Metrics;
-use crate::url_policy::{LookupFailed, RESOLVE_TIMEOUT};
+use crate::url_policy::{
+    allowed, unresolved, LookupFailed, Unresolved, WebhookUrl, RESOLVE_TIMEOUT,
+};
 
 /// What a lookup found.
 type Found = Result<Arc<[IpAddr]>, LookupFailed>;
@@ -40,10 +43,30 @@ const FAILURE_KEPT: Duration = Duration::from_secs(1);
 struct Entry {
     /// The last addresses found, and when.
     known: Option<(Arc<[IpAddr]>, Instant)>,
-    /// A lookup under way: its answer comes on this channel.
-    pending: Option<watch::Receiver<Option<Found>>>,
+    /// A lookup under way.
+    pending: Option<Arc<Pending>>,
     /// When the last lookup got no answer, if it did not (the resolver failed).
     failed: Option<Instant>,
+}
+
+/// A lookup under way: its answer, once there, and the callers waiting for it.
+#[derive(Default)]
+struct Pending {
+    found: Mutex<Option<Found>>,
+    done: Notify,
+}
+
+impl Pending {
+    async fn wait(&self) -> Found {
+        loop {
+            let mut notified = std::pin::pin!(self.done.notified());
+            notified.as_mut().enable();
+            if let Some(found) = self.found.lock().unwrap_or_else(|e| e.into_inner()).clone() {
+                return found;
+            }
+            notified.await;
+        }
+    }
 }
 
 struct Inner {
@@ -64,7 +87,16 @@ struct Table {
 #[derive(Clone)]
 pub struct Hosts(Arc<Inner>);
 
-/// How [`Hosts::addresses`] came by its answer.
+/// What addresses are for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Use {
+    /// A new connection to the host.
+    Connect,
+    /// A URL being configured: its host must resolve now.
+    Configure,
+}
+
+/// How [`Hosts::find`] came by its answer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Source {
     /// A lookup of the last `fresh` (this call's, one it shared, or an earlier one's).
@@ -102,11 +134,29 @@ impl Hosts {
         }))
     }
 
-    /// The addresses of `host` (a name, not an address literal), waiting at most
-    /// [`RESOLVE_TIMEOUT`] for a lookup.
-    pub async fn addresses(&self, host: &str) -> Result<(Arc<[IpAddr]>, Source), LookupFailed> {
+    /// The addresses of `url` the policy allows: for a new connection (`Use::Connect`), a
+    /// host's kept addresses while fresh, else a lookup (waiting at most [`RESOLVE_TIMEOUT`]),
+    /// else, while the resolver fails, its kept addresses within `stale`; for a URL being
+    /// configured (`Use::Configure`), a lookup (one under way is shared) and nothing kept.
+    pub async fn resolve(
+        &self,
+        url: &WebhookUrl,
+        allow_private: bool,
+        use_: Use,
+    ) -> Result<Vec<SocketAddr>, Unresolved> {
+        match url.host.parse::<IpAddr>() {
+            Ok(ip) => allowed(url, &[ip], allow_private),
+            Err(_) => match self.find(&url.host, use_ == Use::Connect).await {
+                Ok((ips, _)) => allowed(url, &ips, allow_private),
+                Err(failed) => Err(unresolved(url, failed, allow_private)),
+            },
+        }
+    }
+
+    /// The addresses of `host` (a name): `kept` ones may serve (see [`Hosts::resolve`]).
+    async fn find(&self, host: &str, kept: bool) -> Result<(Arc<[IpAddr]>, Source), LookupFailed> {
         let now = Instant::now();
-        let (mut answer, known) = {
+        let (pending, known) = {
             let mut table = self.0.entries.lock().unwrap_or_else(|e| e.into_inner());
             let inner = &self.0;
             if !table.hosts.contains_key(host) && table.hosts.len() >= table.sweep_at {
@@ -120,37 +170,35 @@ impl Hosts {
                 table.sweep_at = (table.hosts.len() * 2).max(SWEEP_FIRST);
             }
             let entry = table.hosts.entry(host.to_string()).or_default();
-            if let Some((ips, at)) = &entry.known {
+            if let Some((ips, at)) = entry.known.as_ref().filter(|_| kept) {
                 if now.duration_since(*at) < inner.fresh {
                     return Ok((Arc::clone(ips), Source::Fresh));
                 }
             }
-            let answer = match &entry.pending {
-                None if entry
-                    .failed
-                    .is_some_and(|at| now.duration_since(at) < FAILURE_KEPT) =>
+            let pending = match &entry.pending {
+                None if kept
+                    && entry
+                        .failed
+                        .is_some_and(|at| now.duration_since(at) < FAILURE_KEPT) =>
                 {
                     let known = entry.known.clone();
                     drop(table);
                     return self.stale(known);
                 }
-                Some(pending) => pending.clone(),
+                Some(pending) => Arc::clone(pending),
                 None => {
-                    let (tx, rx) = watch::channel(None);
-                    entry.pending = Some(rx.clone());
-                    self.start(host.to_string(), tx);
-                    rx
+                    let pending = Arc::new(Pending::default());
+                    entry.pending = Some(Arc::clone(&pending));
+                    self.start(host.to_string(), Arc::clone(&pending));
+                    pending
                 }
             };
-            (answer, entry.known.clone())
+            (pending, entry.known.clone().filter(|_| kept))
         };
-        let found =
-            match tokio::time::timeout(RESOLVE_TIMEOUT, answer.wait_for(Option::is_some)).await {
-                Ok(Ok(found)) => found.clone().unwrap_or(Err(LookupFailed::ResolverDown)),
-                // The lookup's task ended without an answer (the runtime is stopping), or the
-                // resolver did not answer in time: the lookup goes on, and later calls share it.
-                Ok(Err(_)) | Err(_) => Err(LookupFailed::ResolverDown),
-            };
+        // No answer in time: the lookup goes on, and later calls share it.
+        let found = tokio::time::timeout(RESOLVE_TIMEOUT, pending.wait())
+            .await
+            .unwrap_or(Err(LookupFailed::ResolverDown));
         match found {
             Ok(ips) => Ok((ips, Source::Fresh)),
             Err(LookupFailed::ResolverDown) => self.stale(known),
@@ -170,7 +218,7 @@ impl Hosts {
             {
                 self.0
                     .metrics
-                    .delivery_dns_stale
+                    .host_stale
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 Ok((ips, Source::Stale))
             }
@@ -178,64 +226,57 @@ impl Hosts {
         }
     }
 
-    /// Look `host` up on a blocking thread, in a task of its own (it ends even when every caller
-    /// waiting for it has gone), and send what it found on `tx`.
-    fn start(&self, host: String, tx: watch::Sender<Option<Found>>) {
+    /// Look `host` up on a blocking thread (it goes on when every caller waiting for it has
+    /// gone) and give what it found to `pending`.
+    fn start(&self, host: String, pending: Arc<Pending>) {
         let hosts = self.clone();
-        let metrics = &self.0.metrics;
-        metrics
-            .delivery_dns_lookups
+        self.0
+            .metrics
+            .host_lookups
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        tokio::spawn(async move {
-            let looked_up = {
-                let hosts = hosts.clone();
-                let host = host.clone();
-                tokio::task::spawn_blocking(move || (hosts.0.lookup)(&host)).await
-            };
-            let found: Found = match looked_up {
-                Ok(Ok(ips)) => Ok(ips.into()),
-                Ok(Err(failed)) => Err(failed),
-                Err(_) => Err(LookupFailed::ResolverDown),
-            };
-            if found.is_err() {
-                hosts
-                    .0
-                    .metrics
-                    .delivery_dns_failures
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            }
-            {
-                let mut table = hosts.0.entries.lock().unwrap_or_else(|e| e.into_inner());
-                if let Some(entry) = table.hosts.get_mut(&host) {
-                    entry.pending = None;
-                    let failing = entry.failed.is_some();
-                    entry.failed = None;
-                    match &found {
-                        Ok(ips) => {
-                            entry.known = Some((Arc::clone(ips), Instant::now()));
-                            if failing {
-                                tracing::info!(host = %host, "webhook host looked up again");
-                            }
-                        }
-                        // The host is gone: its old addresses are no one's to use.
-                        Err(LookupFailed::NoAddress) => entry.known = None,
-                        Err(LookupFailed::ResolverDown) => {
-                            entry.failed = Some(Instant::now());
-                            if !failing {
-                                tracing::warn!(
-                                    host = %host,
-                                    last_found_s_ago = entry.known.as_ref().map(|(_, at)| at.elapsed().as_secs()),
-                                    "webhook host could not be looked up: the DNS resolver failed \
-                                     or did not answer; its last addresses serve within \
-                                     --delivery-dns-stale-s, else its deliveries wait"
-                                );
-                            }
-                        }
-                    }
+        tokio::task::spawn_blocking(move || {
+            let found: Found = (hosts.0.lookup)(&host).map(Into::into);
+            hosts.record(&host, &found);
+            *pending.found.lock().unwrap_or_else(|e| e.into_inner()) = Some(found);
+            pending.done.notify_waiters();
+        });
+    }
+
+    /// Keep what a lookup of `host` found.
+    fn record(&self, host: &str, found: &Found) {
+        if found.is_err() {
+            self.0
+                .metrics
+                .host_lookup_failures
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        let mut table = self.0.entries.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(entry) = table.hosts.get_mut(host) else {
+            return;
+        };
+        entry.pending = None;
+        let failing = entry.failed.take().is_some();
+        match found {
+            Ok(ips) => {
+                entry.known = Some((Arc::clone(ips), Instant::now()));
+                if failing {
+                    tracing::info!(host, "webhook host looked up again");
                 }
             }
-            let _ = tx.send(Some(found));
-        });
+            // The host is gone: its old addresses are no one's to use.
+            Err(LookupFailed::NoAddress) => entry.known = None,
+            Err(LookupFailed::ResolverDown) => {
+                entry.failed = Some(Instant::now());
+                if !failing {
+                    tracing::warn!(
+                        host,
+                        "webhook host could not be looked up: the DNS resolver failed or did \
+                         not answer; its last addresses serve within --delivery-dns-stale-s, \
+                         else its deliveries wait"
+                    );
+                }
+            }
+        }
     }
 }
 
@@ -303,28 +344,28 @@ mod tests {
         let r = Resolver::new();
         let (hosts, metrics) = r.hosts(300, 0);
         for _ in 0..5 {
-            let found = hosts.addresses("a.test").await;
+            let found = hosts.find("a.test", true).await;
             assert_eq!(ips(&found), ["192.0.2.1"]);
             assert_eq!(found.unwrap().1, Source::Fresh);
         }
         assert_eq!(r.asked(), 1);
         // Another host has a lookup of its own.
-        hosts.addresses("b.test").await.unwrap();
+        hosts.find("b.test", true).await.unwrap();
         assert_eq!(r.asked(), 2);
         // Past `fresh`, the host is looked up again and its new addresses are used.
         r.answers(Ok(vec!["192.0.2.2", "2001:db8::2"]));
         tokio::time::sleep(Duration::from_millis(350)).await;
         assert_eq!(
-            ips(&hosts.addresses("a.test").await),
+            ips(&hosts.find("a.test", true).await),
             ["192.0.2.2", "2001:db8::2"]
         );
         assert_eq!(r.asked(), 3);
-        assert_eq!(metrics.delivery_dns_lookups.load(Ordering::Relaxed), 3);
+        assert_eq!(metrics.host_lookups.load(Ordering::Relaxed), 3);
 
         // Fresh 0: a lookup each time.
         let (hosts, _) = r.hosts(0, 0);
         for _ in 0..3 {
-            hosts.addresses("a.test").await.unwrap();
+            hosts.find("a.test", true).await.unwrap();
         }
         assert_eq!(r.asked(), 6);
     }
@@ -337,7 +378,9 @@ mod tests {
         let mut tasks = Vec::new();
         for _ in 0..32 {
             let hosts = hosts.clone();
-            tasks.push(tokio::spawn(async move { hosts.addresses("a.test").await }));
+            tasks.push(tokio::spawn(
+                async move { hosts.find("a.test", true).await },
+            ));
         }
         for t in tasks {
             assert_eq!(ips(&t.await.unwrap()), ["192.0.2.1"]);
@@ -356,7 +399,7 @@ mod tests {
         for _ in 0..16 {
             let hosts = hosts.clone();
             tasks.push(tokio::spawn(
-                async move { hosts.addresses("slow.test").await },
+                async move { hosts.find("slow.test", true).await },
             ));
         }
         for t in tasks {
@@ -368,51 +411,51 @@ mod tests {
             "{waited:?}"
         );
         // A connection after the callers gave up joins the lookup still under way.
-        let later = hosts.addresses("slow.test").await;
+        let later = hosts.find("slow.test", true).await;
         assert_eq!(later.map(|f| f.1), Ok(Source::Fresh));
         assert_eq!(r.asked(), 1);
-        assert_eq!(metrics.delivery_dns_failures.load(Ordering::Relaxed), 0);
+        assert_eq!(metrics.host_lookup_failures.load(Ordering::Relaxed), 0);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn while_the_resolver_fails_the_last_addresses_serve_until_stale_runs_out() {
         let r = Resolver::new();
         let (hosts, metrics) = r.hosts(100, 1500);
-        hosts.addresses("a.test").await.unwrap();
+        hosts.find("a.test", true).await.unwrap();
         r.answers(Err(LookupFailed::ResolverDown));
         tokio::time::sleep(Duration::from_millis(150)).await;
-        let found = hosts.addresses("a.test").await;
+        let found = hosts.find("a.test", true).await;
         assert_eq!(ips(&found), ["192.0.2.1"]);
         assert_eq!(found.unwrap().1, Source::Stale);
-        assert_eq!(metrics.delivery_dns_stale.load(Ordering::Relaxed), 1);
-        assert_eq!(metrics.delivery_dns_failures.load(Ordering::Relaxed), 1);
+        assert_eq!(metrics.host_stale.load(Ordering::Relaxed), 1);
+        assert_eq!(metrics.host_lookup_failures.load(Ordering::Relaxed), 1);
         // Within a second of the failure it is the answer: no lookup per connection.
-        assert_eq!(hosts.addresses("a.test").await.unwrap().1, Source::Stale);
+        assert_eq!(hosts.find("a.test", true).await.unwrap().1, Source::Stale);
         assert_eq!(r.asked(), 2);
         // Past fresh + stale: the resolver's failure is the answer.
         tokio::time::sleep(Duration::from_millis(1500)).await;
         assert_eq!(
-            hosts.addresses("a.test").await,
+            hosts.find("a.test", true).await,
             Err(LookupFailed::ResolverDown)
         );
         assert_eq!(r.asked(), 3);
         // The resolver is back: fresh addresses again, a second after the last failure.
         r.answers(Ok(vec!["192.0.2.3"]));
         assert_eq!(
-            hosts.addresses("a.test").await,
+            hosts.find("a.test", true).await,
             Err(LookupFailed::ResolverDown)
         );
         tokio::time::sleep(FAILURE_KEPT).await;
-        assert_eq!(ips(&hosts.addresses("a.test").await), ["192.0.2.3"]);
+        assert_eq!(ips(&hosts.find("a.test", true).await), ["192.0.2.3"]);
         assert_eq!(r.asked(), 4);
 
         // Stale 0: a failure is a failure as soon as the addresses are not fresh.
         let (hosts, _) = r.hosts(100, 0);
-        hosts.addresses("a.test").await.unwrap();
+        hosts.find("a.test", true).await.unwrap();
         r.answers(Err(LookupFailed::ResolverDown));
         tokio::time::sleep(Duration::from_millis(150)).await;
         assert_eq!(
-            hosts.addresses("a.test").await,
+            hosts.find("a.test", true).await,
             Err(LookupFailed::ResolverDown)
         );
     }
@@ -421,17 +464,17 @@ mod tests {
     async fn a_host_found_to_have_no_address_loses_its_old_addresses() {
         let r = Resolver::new();
         let (hosts, _) = r.hosts(100, 60_000);
-        hosts.addresses("a.test").await.unwrap();
+        hosts.find("a.test", true).await.unwrap();
         tokio::time::sleep(Duration::from_millis(150)).await;
         r.answers(Err(LookupFailed::NoAddress));
         assert_eq!(
-            hosts.addresses("a.test").await,
+            hosts.find("a.test", true).await,
             Err(LookupFailed::NoAddress)
         );
         // Then the resolver fails: nothing old to serve.
         r.answers(Err(LookupFailed::ResolverDown));
         assert_eq!(
-            hosts.addresses("a.test").await,
+            hosts.find("a.test", true).await,
             Err(LookupFailed::ResolverDown)
         );
     }
@@ -441,10 +484,61 @@ mod tests {
         let r = Resolver::new();
         let (hosts, _) = r.hosts(0, 0);
         for n in 0..SWEEP_FIRST + 10 {
-            hosts.addresses(&format!("h{n}.test")).await.unwrap();
+            hosts.find(&format!("h{n}.test"), true).await.unwrap();
         }
         let table = hosts.0.entries.lock().unwrap();
         assert!(table.hosts.len() < 20, "{}", table.hosts.len());
         assert_eq!(table.sweep_at, SWEEP_FIRST);
+    }
+
+    #[test]
+    fn literal_addresses_are_checked_without_dns_and_a_missing_host_as_a_forbidden_one() {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let hosts = Hosts::new(
+            Duration::from_secs(30),
+            Duration::ZERO,
+            Metrics::new(&[("GET", "/")], 1),
+        );
+        rt.block_on(async {
+            let u = crate::url_policy::parse_url("http://127.0.0.1:9/x").unwrap();
+            let refused = hosts
+                .resolve(&u, false, Use::Configure)
+                .await
+                .unwrap_err()
+                .to_string();
+            assert!(
+                refused.contains("does not resolve to a public address"),
+                "{refused}"
+            );
+            assert!(!refused.contains("127.0.0.1:9"), "{refused}");
+            // A name that does not resolve gets the same sentence: no DNS oracle.
+            // Asked of this machine's DNS, which may fail for now: asked again then.
+            let nx = crate::url_policy::parse_url("http://no-such-host.invalid/x").unwrap();
+            let mut nx_refused = None;
+            for _ in 0..3 {
+                match hosts.resolve(&nx, false, Use::Configure).await {
+                    Err(Unresolved::Refused(m)) => {
+                        nx_refused = Some(m);
+                        break;
+                    }
+                    Err(Unresolved::ResolverDown(_)) => {
+                        tokio::time::sleep(Duration::from_secs(1)).await
+                    }
+                    other => panic!("{other:?}"),
+                }
+            }
+            let nx_refused = nx_refused.expect("the resolver failed three times");
+            assert_eq!(
+                nx_refused.replace("no-such-host.invalid", "H"),
+                refused.replace("127.0.0.1", "H")
+            );
+            assert_eq!(
+                hosts.resolve(&u, true, Use::Configure).await.unwrap(),
+                vec!["127.0.0.1:9".parse().unwrap()]
+            );
+        });
     }
 }
