@@ -10,8 +10,8 @@
 //! held a blocking thread per connection for as long as the system's resolver tries (the same
 //! threads verify API keys), and a resolver outage stopped deliveries to receivers that were fine.
 //!
-//! The policy on addresses is applied by the caller to what this returns, at every use: an
-//! address kept here is judged again each time.
+//! The SSRF policy ([`crate::url_policy`]) judges the addresses at every use: one kept here is
+//! judged again each time.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -98,7 +98,7 @@ pub enum Use {
 
 /// How [`Hosts::find`] came by its answer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Source {
+enum Source {
     /// A lookup of the last `fresh` (this call's, one it shared, or an earlier one's).
     Fresh,
     /// The last addresses found, older than `fresh`: the resolver failed or did not answer.
@@ -477,6 +477,24 @@ mod tests {
             hosts.find("a.test", true).await,
             Err(LookupFailed::ResolverDown)
         );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_url_being_configured_is_looked_up_anew_and_its_answer_serves_connections() {
+        let r = Resolver::new();
+        let (hosts, _) = r.hosts(30_000, 60_000);
+        let url = crate::url_policy::parse_url("https://a.test/in").unwrap();
+        let configure = || hosts.resolve(&url, true, Use::Configure);
+        assert_eq!(configure().await.unwrap(), ["192.0.2.1:443".parse().unwrap()]);
+        // A connection then needs no lookup of its own.
+        hosts.resolve(&url, true, Use::Connect).await.unwrap();
+        assert_eq!(r.asked(), 1);
+        // Configured again: asked again, and a failure is the answer, whatever is kept.
+        r.answers(Err(LookupFailed::ResolverDown));
+        assert!(matches!(configure().await, Err(Unresolved::ResolverDown(_))));
+        r.answers(Err(LookupFailed::NoAddress));
+        assert!(matches!(configure().await, Err(Unresolved::Refused(_))));
+        assert_eq!(r.asked(), 3);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
