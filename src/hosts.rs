@@ -485,13 +485,19 @@ mod tests {
         let (hosts, _) = r.hosts(30_000, 60_000);
         let url = crate::url_policy::parse_url("https://a.test/in").unwrap();
         let configure = || hosts.resolve(&url, true, Use::Configure);
-        assert_eq!(configure().await.unwrap(), ["192.0.2.1:443".parse().unwrap()]);
+        assert_eq!(
+            configure().await.unwrap(),
+            ["192.0.2.1:443".parse().unwrap()]
+        );
         // A connection then needs no lookup of its own.
         hosts.resolve(&url, true, Use::Connect).await.unwrap();
         assert_eq!(r.asked(), 1);
         // Configured again: asked again, and a failure is the answer, whatever is kept.
         r.answers(Err(LookupFailed::ResolverDown));
-        assert!(matches!(configure().await, Err(Unresolved::ResolverDown(_))));
+        assert!(matches!(
+            configure().await,
+            Err(Unresolved::ResolverDown(_))
+        ));
         r.answers(Err(LookupFailed::NoAddress));
         assert!(matches!(configure().await, Err(Unresolved::Refused(_))));
         assert_eq!(r.asked(), 3);

@@ -1,6 +1,10 @@
 //! The connector under the delivery client: it resolves the host itself, applies the SSRF policy
 //! to every address it would use, and connects only to an allowed one.
 
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::task::Poll;
 use std::time::Duration;
 
 use tokio::net::TcpStream;
@@ -73,44 +77,116 @@ impl SafeConnector {
                     ConnectError::Io(std::io::Error::new(std::io::ErrorKind::NotFound, m))
                 }
             })?;
-        let (mut last, mut all_local) = (None, true);
-        for addr in addrs {
-            // The policy holds for the address connected to, not just for what DNS said earlier.
-            if !self.allow_private && forbidden_reason(addr.ip()).is_some() {
-                // No address and no reason in the message: the attempt log is the
-                // organization's to read, and must not map internal networks.
-                return Err(refuse(
-                    "refused: the host does not resolve to a public address".into(),
-                ));
-            }
-            match tokio::time::timeout(self.connect_timeout, TcpStream::connect(addr)).await {
-                Ok(Ok(stream)) => {
-                    let _ = stream.set_nodelay(true);
-                    return Ok(stream);
-                }
-                Ok(Err(e)) => {
-                    all_local &= is_local(&e);
-                    last = Some(e);
-                }
-                Err(_) => {
-                    all_local = false;
-                    last = Some(std::io::Error::new(
-                        std::io::ErrorKind::TimedOut,
-                        format!("connect to {addr} timed out"),
-                    ))
-                }
-            }
+        // The policy holds for the addresses connected to, not just for what DNS said earlier.
+        if !self.allow_private && addrs.iter().any(|a| forbidden_reason(a.ip()).is_some()) {
+            // No address and no reason in the message: the attempt log is the organization's to
+            // read, and must not map internal networks.
+            return Err(refuse(
+                "refused: the host does not resolve to a public address".into(),
+            ));
         }
-        match last {
-            Some(e) if all_local => Err(ConnectError::Unsent(format!(
+        match first_to_connect(
+            interleave(addrs),
+            self.connect_timeout,
+            CONNECTION_ATTEMPT_DELAY,
+        )
+        .await
+        {
+            Ok(stream) => {
+                let _ = stream.set_nodelay(true);
+                Ok(stream)
+            }
+            Err((e, true)) => Err(ConnectError::Unsent(format!(
                 "could not connect: {e} (the server's trouble; nothing was sent)"
             ))),
-            Some(e) => Err(ConnectError::Io(e)),
-            None => Err(ConnectError::Io(std::io::Error::other(
-                "no address to connect to",
-            ))),
+            Err((e, false)) => Err(ConnectError::Io(e)),
         }
     }
+}
+
+/// How long a connection attempt to one address has before the next address is tried beside it
+/// (RFC 8305's "Connection Attempt Delay", its recommended value).
+pub const CONNECTION_ATTEMPT_DELAY: Duration = Duration::from_millis(250);
+
+/// `addrs` in the resolver's order, the families alternating from the first's (RFC 8305 4): a
+/// host whose addresses of one family are all unreachable costs one attempt delay, not one per
+/// address.
+fn interleave(addrs: Vec<SocketAddr>) -> Vec<SocketAddr> {
+    let first_v6 = addrs.first().is_some_and(SocketAddr::is_ipv6);
+    let (first, other): (Vec<_>, Vec<_>) = addrs.into_iter().partition(|a| a.is_ipv6() == first_v6);
+    let mut out = Vec::with_capacity(first.len() + other.len());
+    let (mut first, mut other) = (first.into_iter(), other.into_iter());
+    loop {
+        match (first.next(), other.next()) {
+            (None, None) => return out,
+            (a, b) => out.extend(a.into_iter().chain(b)),
+        }
+    }
+}
+
+/// One connection attempt.
+type Attempt = Pin<Box<dyn Future<Output = std::io::Result<TcpStream>> + Send>>;
+
+/// The first of `addrs` to take a connection, as RFC 8305 ("Happy Eyeballs") races them: an
+/// attempt to each in turn, the next one started `delay` after the last or at once when an
+/// attempt fails, every attempt given `timeout`; the others are dropped once one connects. So a
+/// host with an address that drops connections (a broken IPv6 route, a dead server behind one
+/// of its A records) is reached through another within `delay`, where attempts one after the
+/// other spent the whole attempt's time on the dead one. When all fail: the last failure, and
+/// whether every failure was this machine's ([`is_local`]).
+async fn first_to_connect(
+    addrs: Vec<SocketAddr>,
+    timeout: Duration,
+    delay: Duration,
+) -> Result<TcpStream, (std::io::Error, bool)> {
+    let mut waiting = addrs.into_iter();
+    let mut racing: Vec<Attempt> = Vec::new();
+    let mut head_start = Box::pin(tokio::time::sleep(delay));
+    let (mut last, mut all_local) = (None, true);
+    std::future::poll_fn(|cx| loop {
+        let mut failed = false;
+        let mut i = 0;
+        while i < racing.len() {
+            match racing[i].as_mut().poll(cx) {
+                Poll::Ready(Ok(stream)) => return Poll::Ready(Ok(stream)),
+                Poll::Ready(Err(e)) => {
+                    all_local &= is_local(&e);
+                    last = Some(e);
+                    drop(racing.swap_remove(i));
+                    failed = true;
+                }
+                Poll::Pending => i += 1,
+            }
+        }
+        if racing.is_empty() || failed || head_start.as_mut().poll(cx).is_ready() {
+            match waiting.next() {
+                Some(addr) => {
+                    racing.push(Box::pin(async move {
+                        match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
+                            Ok(connected) => connected,
+                            Err(_) => Err(std::io::Error::new(
+                                std::io::ErrorKind::TimedOut,
+                                format!("connect to {addr} timed out"),
+                            )),
+                        }
+                    }));
+                    head_start
+                        .as_mut()
+                        .reset(tokio::time::Instant::now() + delay);
+                    continue;
+                }
+                None if racing.is_empty() => {
+                    return Poll::Ready(Err(match last.take() {
+                        Some(e) => (e, all_local),
+                        None => (std::io::Error::other("no address to connect to"), false),
+                    }));
+                }
+                None => {}
+            }
+        }
+        return Poll::Pending;
+    })
+    .await
 }
 
 #[cfg(test)]
@@ -161,6 +237,75 @@ mod tests {
             );
         }
         assert!(!is_local(&std::io::Error::other("no errno")));
+    }
+
+    #[test]
+    fn the_families_alternate_from_the_first_ones() {
+        let a = |s: &str| s.parse::<SocketAddr>().unwrap();
+        let (v6a, v6b, v4a, v4b, v4c) = (
+            a("[2001:db8::1]:1"),
+            a("[2001:db8::2]:1"),
+            a("192.0.2.1:1"),
+            a("192.0.2.2:1"),
+            a("192.0.2.3:1"),
+        );
+        assert_eq!(
+            interleave(vec![v6a, v6b, v4a, v4b, v4c]),
+            [v6a, v4a, v6b, v4b, v4c]
+        );
+        assert_eq!(interleave(vec![v4a, v4b, v6a]), [v4a, v6a, v4b]);
+        assert_eq!(interleave(vec![v4a, v4b]), [v4a, v4b]);
+        assert_eq!(interleave(vec![]), []);
+    }
+
+    /// A real address that drops connections: a listener whose accept queue is full (backlog 0,
+    /// one connection never accepted), so the kernel drops every further SYN, as a dead route
+    /// or a firewall does.
+    async fn black_hole() -> (tokio::net::TcpListener, std::net::TcpStream) {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let listener = socket.listen(0).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let queued = std::net::TcpStream::connect(addr).unwrap();
+        // The queue is full once a connect gets no answer.
+        let probe = tokio::time::timeout(Duration::from_millis(300), TcpStream::connect(addr));
+        assert!(probe.await.is_err(), "the accept queue took more");
+        (listener, queued)
+    }
+
+    #[tokio::test]
+    async fn an_address_that_drops_connections_costs_one_attempt_delay() {
+        let (hole, _queued) = black_hole().await;
+        let hole = hole.local_addr().unwrap();
+        let good = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let good_addr = good.local_addr().unwrap();
+        let delay = Duration::from_millis(250);
+        // The dead address first: the next one is tried beside it after the delay.
+        let started = std::time::Instant::now();
+        let stream = first_to_connect(vec![hole, good_addr], Duration::from_secs(10), delay)
+            .await
+            .unwrap();
+        let took = started.elapsed();
+        assert_eq!(stream.peer_addr().unwrap(), good_addr);
+        assert!(took >= delay && took < Duration::from_secs(3), "{took:?}");
+        // A refused address: the next one at once, without waiting for the delay.
+        let refused = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap()
+        };
+        let started = std::time::Instant::now();
+        let stream = first_to_connect(vec![refused, good_addr], Duration::from_secs(10), delay)
+            .await
+            .unwrap();
+        assert_eq!(stream.peer_addr().unwrap(), good_addr);
+        assert!(started.elapsed() < delay, "{:?}", started.elapsed());
+        // Only dead addresses: each attempt's timeout, then the last failure, not this machine's.
+        let (e, local) = first_to_connect(vec![hole, refused], Duration::from_millis(400), delay)
+            .await
+            .unwrap_err();
+        assert!(!local);
+        assert!(e.to_string().contains("timed out"), "{e}");
+        drop(good);
     }
 
     /// A real shortage: with the process's file descriptors used up, the connect fails with
