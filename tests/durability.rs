@@ -2117,3 +2117,61 @@ async fn a_session_left_mid_copy_by_a_stopped_node_is_ended_by_another() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+/// A receiver's host with an address that drops connections ahead of one that answers: the
+/// delivery goes through the live one on its first attempt. `receiver.test` is `::1` (where a
+/// listener's full accept queue drops every SYN: a real dead address, as a broken IPv6 route)
+/// and `127.0.0.1` (the receiver, same port); the resolver gives the IPv6 loopback first (RFC
+/// 6724's precedence). Before, addresses were tried one after the other, each with the whole
+/// attempt's time: every attempt timed out on `::1`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_whose_first_address_drops_connections_is_delivered_to_at_once() {
+    if !namespaces_allowed() {
+        return;
+    }
+    let recv = Receiver::start(|_, _| Answer::status(200)).await;
+    let port = recv.addr.port();
+    let Ok(socket) = tokio::net::TcpSocket::new_v6() else {
+        eprintln!("SKIPPED: no IPv6 here");
+        return;
+    };
+    if socket
+        .bind(format!("[::1]:{port}").parse().unwrap())
+        .is_err()
+    {
+        eprintln!("SKIPPED: no IPv6 loopback here");
+        return;
+    }
+    let hole = socket.listen(0).unwrap();
+    let _queued = std::net::TcpStream::connect(hole.local_addr().unwrap()).unwrap();
+    let names = OwnNames::new(
+        "dead-address",
+        "127.0.0.1 localhost\n::1 receiver.test\n127.0.0.1 receiver.test\n",
+    );
+    let url = own_database("triggers_test_dead_address").await;
+    let args = [
+        "--allow-private-webhooks",
+        "--delivery-timeout-ms",
+        "3000",
+        "--retry-schedule",
+        "1s",
+    ];
+    let s = Server::process_wrapped(&names.wrapper(), &args, &url);
+    let (key, _) = new_org(s.addr, "pro").await;
+    let target = format!("http://receiver.test:{port}/in");
+    let created = post(s.addr, &key, "/api/endpoints", &json!({"url": target})).await;
+    assert_eq!(created.status, 201, "{}", created.text());
+    let mut ids = Vec::new();
+    for n in 0..3 {
+        ids.push(new_event_id(s.addr, &key, json!({"n": n})).await);
+    }
+    let got = recv
+        .wait_until(Duration::from_secs(10), |got| got.len() == 3)
+        .await;
+    for id in &ids {
+        let sent: Vec<_> = got.iter().filter(|r| r.event_id() == *id).collect();
+        assert_eq!(sent.len(), 1, "{}", timeline(&got));
+        assert_eq!(sent[0].header("x-delivery-attempt"), Some("1"));
+    }
+    drop(hole);
+}
