@@ -50,8 +50,8 @@ struct Entry {
 }
 
 /// A lookup under way: its answer, once there, and the callers waiting for it.
-#[derive(Default)]
 struct Pending {
+    started: Instant,
     found: Mutex<Option<Found>>,
     done: Notify,
 }
@@ -156,7 +156,7 @@ impl Hosts {
     /// The addresses of `host` (a name): `kept` ones may serve (see [`Hosts::resolve`]).
     async fn find(&self, host: &str, kept: bool) -> Result<(Arc<[IpAddr]>, Source), LookupFailed> {
         let now = Instant::now();
-        let (pending, known) = {
+        let (pending, new, known) = {
             let mut table = self.0.entries.lock().unwrap_or_else(|e| e.into_inner());
             let inner = &self.0;
             if !table.hosts.contains_key(host) && table.hosts.len() >= table.sweep_at {
@@ -175,26 +175,35 @@ impl Hosts {
                     return Ok((Arc::clone(ips), Source::Fresh));
                 }
             }
-            let pending = match &entry.pending {
-                None if kept
-                    && entry
-                        .failed
-                        .is_some_and(|at| now.duration_since(at) < FAILURE_KEPT) =>
-                {
-                    let known = entry.known.clone();
-                    drop(table);
-                    return self.stale(known);
-                }
-                Some(pending) => Arc::clone(pending),
+            // Answered at once from what is kept, for a connection: within a second of a
+            // failed lookup, or while a lookup has gone unanswered for as long as a caller waits
+            // (the resolver's own tries take longer: a connection is not held for it).
+            let failed_lately = entry
+                .failed
+                .is_some_and(|at| now.duration_since(at) < FAILURE_KEPT);
+            let hung = |p: &Pending| now.duration_since(p.started) >= RESOLVE_TIMEOUT;
+            if kept && entry.pending.as_deref().map_or(failed_lately, hung) {
+                let known = entry.known.clone();
+                drop(table);
+                return self.stale(known);
+            }
+            let (pending, new) = match &entry.pending {
+                Some(pending) => (Arc::clone(pending), false),
                 None => {
-                    let pending = Arc::new(Pending::default());
+                    let pending = Arc::new(Pending {
+                        started: now,
+                        found: Mutex::new(None),
+                        done: Notify::new(),
+                    });
                     entry.pending = Some(Arc::clone(&pending));
-                    self.start(host.to_string(), Arc::clone(&pending));
-                    pending
+                    (pending, true)
                 }
             };
-            (pending, entry.known.clone().filter(|_| kept))
+            (pending, new, entry.known.clone().filter(|_| kept))
         };
+        if new {
+            self.start(host.to_string(), Arc::clone(&pending));
+        }
         // No answer in time: the lookup goes on, and later calls share it.
         let found = tokio::time::timeout(RESOLVE_TIMEOUT, pending.wait())
             .await
@@ -410,9 +419,15 @@ mod tests {
             waited >= RESOLVE_TIMEOUT && waited < RESOLVE_TIMEOUT + Duration::from_millis(900),
             "{waited:?}"
         );
-        // A connection after the callers gave up joins the lookup still under way.
+        // A connection after the callers gave up is not held for the lookup still under way.
+        let asked_at = Instant::now();
         let later = hosts.find("slow.test", true).await;
-        assert_eq!(later.map(|f| f.1), Ok(Source::Fresh));
+        assert_eq!(later, Err(LookupFailed::ResolverDown));
+        assert!(asked_at.elapsed() < Duration::from_millis(200));
+        // A URL being configured waits for it, and its answer then serves connections.
+        let configured = hosts.find("slow.test", false).await;
+        assert_eq!(configured.map(|f| f.1), Ok(Source::Fresh));
+        hosts.find("slow.test", true).await.unwrap();
         assert_eq!(r.asked(), 1);
         assert_eq!(metrics.host_lookup_failures.load(Ordering::Relaxed), 0);
     }
