@@ -676,7 +676,7 @@ options! {
     /// How long after that a host's last addresses are still used while the DNS resolver fails or
     /// does not answer, in s (never once the host is found to have no address); 0: never, such a
     /// delivery waits as unsent.
-    host_stale_s: u64 = "3600", "delivery-dns-stale-s", "TRIGGERS_DELIVERY_DNS_STALE_S";
+    delivery_dns_stale_s: u64 = "3600", "delivery-dns-stale-s", "TRIGGERS_DELIVERY_DNS_STALE_S";
     /// An endpoint whose every attempt has failed for this long is disabled, in s; 0: never.
     endpoint_disable_after_s: u64 = "259200", "endpoint-disable-after-s", "TRIGGERS_ENDPOINT_DISABLE_AFTER_S";
     /// Payload bytes of deliveries held in memory; beyond this due work waits in the database.

@@ -132,7 +132,7 @@ pub fn run(
     // connections share them.
     let hosts = Hosts::new(
         Duration::from_secs(config.delivery_dns_fresh_s),
-        Duration::from_secs(config.host_stale_s),
+        Duration::from_secs(config.delivery_dns_stale_s),
         Arc::clone(&metrics),
     );
     let (delivery, delivery_handle) = Delivery::start(

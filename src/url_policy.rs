@@ -203,11 +203,13 @@ pub fn lookup_blocking(host: &str) -> Result<Vec<IpAddr>, LookupFailed> {
     }
 }
 
+/// The addresses of `url` from `ips` (its host's, as found, through [`crate::hosts`]), if the
+/// policy allows every one.
+///
 /// Unless private targets are allowed, a refusal says neither which address the host resolved
 /// to nor whether it resolved at all: either would make the server an oracle for internal DNS.
 /// A resolver that fails for now is said as such ([`Unresolved::ResolverDown`]): that tells
-/// nothing about the host. (Hosts are looked up through [`crate::hosts`].)
-/// The addresses of `url` from `ips` (its host's, as found), if the policy allows every one.
+/// nothing about the host.
 pub fn allowed(
     url: &WebhookUrl,
     ips: &[IpAddr],
