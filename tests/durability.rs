@@ -675,14 +675,8 @@ async fn a_resolver_outage_spends_no_delivery_attempt() {
     if !namespaces_allowed() {
         return;
     }
-    let recv = Receiver::start(|_, _| Answer {
-        headers: vec![("connection".into(), "close".into())],
-        close_after: Some(Duration::ZERO),
-        ..Answer::status(200)
-    })
-    .await;
-    let with_receiver = "127.0.0.1 localhost\n127.0.0.1 receiver.test\n";
-    let names = OwnNames::new("lookup-outage", with_receiver);
+    let with_receiver = WITH_RECEIVER;
+    let (recv, names) = closing_receiver_by_name("lookup-outage").await;
     let wrapper = names.wrapper();
     // Retries 100 ms apart and a circuit that opens after 3 failures: without the patience, the
     // outage below would fail every event and open the circuit within a second. No host's
@@ -743,11 +737,7 @@ async fn a_resolver_outage_spends_no_delivery_attempt() {
     let got = recv
         .wait_until(Duration::from_secs(40), |got| got.len() == 6)
         .await;
-    for id in &ids {
-        let sent: Vec<_> = got.iter().filter(|r| r.event_id() == *id).collect();
-        assert_eq!(sent.len(), 1, "{}", timeline(&got));
-        assert_eq!(sent[0].header("x-delivery-attempt"), Some("1"));
-    }
+    sent_once_on_first_attempts(&got, &ids);
     let deadline = Instant::now() + Duration::from_secs(10);
     for id in &ids {
         loop {
@@ -783,6 +773,30 @@ async fn a_resolver_outage_spends_no_delivery_attempt() {
         .as_str()
         .unwrap_or_default();
     assert!(error.contains("could not be looked up"), "{e}");
+}
+
+/// `/etc/hosts` naming the test's receiver `receiver.test`.
+const WITH_RECEIVER: &str = "127.0.0.1 localhost\n127.0.0.1 receiver.test\n";
+
+/// A receiver that closes every connection (so each delivery needs a new one, and a lookup of its
+/// host unless its addresses are kept), named `receiver.test` in names of the server's own.
+async fn closing_receiver_by_name(name: &str) -> (Receiver, OwnNames) {
+    let recv = Receiver::start(|_, _| Answer {
+        headers: vec![("connection".into(), "close".into())],
+        close_after: Some(Duration::ZERO),
+        ..Answer::status(200)
+    })
+    .await;
+    (recv, OwnNames::new(name, WITH_RECEIVER))
+}
+
+/// Each of `ids` reached the receiver once, on its first attempt.
+fn sent_once_on_first_attempts(got: &[Received], ids: &[String]) {
+    for id in ids {
+        let sent: Vec<_> = got.iter().filter(|r| r.event_id() == *id).collect();
+        assert_eq!(sent.len(), 1, "{}", timeline(got));
+        assert_eq!(sent[0].header("x-delivery-attempt"), Some("1"));
+    }
 }
 
 /// The server's view of names, in a mount namespace of its own: `/etc/hosts` (the test's, changed
@@ -848,14 +862,8 @@ async fn a_resolver_outage_is_bridged_by_the_receivers_last_addresses() {
     if !namespaces_allowed() {
         return;
     }
-    let recv = Receiver::start(|_, _| Answer {
-        headers: vec![("connection".into(), "close".into())],
-        close_after: Some(Duration::ZERO),
-        ..Answer::status(200)
-    })
-    .await;
-    let with_receiver = "127.0.0.1 localhost\n127.0.0.1 receiver.test\n";
-    let names = OwnNames::new("lookup-stale", with_receiver);
+    let with_receiver = WITH_RECEIVER;
+    let (recv, names) = closing_receiver_by_name("lookup-stale").await;
     let url = own_database("triggers_test_lookup_stale").await;
     let args = [
         "--allow-private-webhooks",
@@ -894,11 +902,7 @@ async fn a_resolver_outage_is_bridged_by_the_receivers_last_addresses() {
     let got = recv
         .wait_until(Duration::from_secs(10), |got| got.len() == 15)
         .await;
-    for id in &ids[10..] {
-        let sent: Vec<_> = got.iter().filter(|r| r.event_id() == *id).collect();
-        assert_eq!(sent.len(), 1, "{}", timeline(&got));
-        assert_eq!(sent[0].header("x-delivery-attempt"), Some("1"));
-    }
+    sent_once_on_first_attempts(&got, &ids[10..]);
     assert!(metric(&s, "triggers_webhook_host_stale_total").await >= 1.0);
     assert!(metric(&s, "triggers_webhook_host_lookup_failures_total").await >= 1.0);
     assert_eq!(
@@ -2168,10 +2172,6 @@ async fn a_host_whose_first_address_drops_connections_is_delivered_to_at_once() 
     let got = recv
         .wait_until(Duration::from_secs(10), |got| got.len() == 3)
         .await;
-    for id in &ids {
-        let sent: Vec<_> = got.iter().filter(|r| r.event_id() == *id).collect();
-        assert_eq!(sent.len(), 1, "{}", timeline(&got));
-        assert_eq!(sent[0].header("x-delivery-attempt"), Some("1"));
-    }
+    sent_once_on_first_attempts(&got, &ids);
     drop(hole);
 }
