@@ -1086,11 +1086,12 @@ impl Config {
     }
 
     /// File descriptors the node needs besides its API connections: its database connections,
-    /// a connection for each delivery in flight and one for each idle connection the delivery
-    /// client keeps (as many), the metrics listener's own connections, and the process's own.
+    /// a connection for each delivery in flight and a second one it may be racing to another
+    /// address of the host while connecting, one for each idle connection the delivery client
+    /// keeps (as many), the metrics listener's own connections, and the process's own.
     pub fn descriptors_reserved(&self) -> usize {
         self.database_connections_max()
-            + 2 * self.delivery_concurrency
+            + 3 * self.delivery_concurrency
             + METRICS_CONNECTIONS_EXTRA
             + DESCRIPTORS_FIXED
             + DESCRIPTORS_PER_CORE * self.ingress_cores
@@ -1218,18 +1219,18 @@ mod tests {
             "100",
         ];
         let (_, c) = parse(&args, &[DB]).unwrap();
-        // 2 + 8 + 5 + 4 database connections, 200 for deliveries, 8 for scrapes, 64 fixed, 8
-        // for the cores.
+        // 2 + 8 + 5 + 4 database connections, 300 for deliveries (in flight, raced while
+        // connecting, idle), 8 for scrapes, 64 fixed, 8 for the cores.
         assert_eq!(c.database_connections_max(), 19);
-        assert_eq!(c.descriptors_reserved(), 299);
+        assert_eq!(c.descriptors_reserved(), 399);
         // A limit far above the option's: the option.
         assert_eq!(c.connections_within(1 << 20), 20_000);
         assert_eq!(c.connections_within(u64::MAX), 20_000);
         // Below it: what is left, shared by the cores.
-        assert_eq!(c.connections_within(4096), (4096 - 299) / 2);
-        assert_eq!(c.connections_within(299 + 2 * 500 + 1), 500);
+        assert_eq!(c.connections_within(4096), (4096 - 399) / 2);
+        assert_eq!(c.connections_within(399 + 2 * 500 + 1), 500);
         // A limit that does not even hold the reserve: the floor.
-        assert_eq!(c.connections_within(300), CONNECTIONS_PER_CORE_MIN);
+        assert_eq!(c.connections_within(400), CONNECTIONS_PER_CORE_MIN);
         assert_eq!(c.connections_within(0), CONNECTIONS_PER_CORE_MIN);
         // An option below the floor stays.
         let (_, c) = parse(

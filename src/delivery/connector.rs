@@ -124,12 +124,20 @@ fn interleave(addrs: Vec<SocketAddr>) -> Vec<SocketAddr> {
     }
 }
 
+/// Attempts of one connection in flight at once: the one that has had its head start and the
+/// next. More would let one host with many dead addresses hold that many sockets per connection
+/// (its endpoint's 32 connections at once, for the attempt's whole time), out of the descriptors
+/// the node keeps for deliveries and its database ([`crate::config::Config::descriptors_reserved`]
+/// counts one more per delivery in flight for the raced one).
+pub const ATTEMPTS_RACING_MAX: usize = 2;
+
 /// One connection attempt.
 type Attempt = Pin<Box<dyn Future<Output = std::io::Result<TcpStream>> + Send>>;
 
 /// The first of `addrs` to take a connection, as RFC 8305 ("Happy Eyeballs") races them: an
 /// attempt to each in turn, the next one started `delay` after the last or at once when an
-/// attempt fails, every attempt given `timeout`; the others are dropped once one connects. So a
+/// attempt fails (at most [`ATTEMPTS_RACING_MAX`] at once), every attempt given `timeout`; the
+/// others are dropped once one connects. So a
 /// host with an address that drops connections (a broken IPv6 route, a dead server behind one
 /// of its A records) is reached through another within `delay`, where attempts one after the
 /// other spent the whole attempt's time on the dead one. When all fail: the last failure, and
@@ -158,7 +166,10 @@ async fn first_to_connect(
                 Poll::Pending => i += 1,
             }
         }
-        if racing.is_empty() || failed || head_start.as_mut().poll(cx).is_ready() {
+        if racing.is_empty()
+            || (racing.len() < ATTEMPTS_RACING_MAX
+                && (failed || head_start.as_mut().poll(cx).is_ready()))
+        {
             match waiting.next() {
                 Some(addr) => {
                     racing.push(Box::pin(async move {
@@ -299,6 +310,21 @@ mod tests {
             .unwrap();
         assert_eq!(stream.peer_addr().unwrap(), good_addr);
         assert!(started.elapsed() < delay, "{:?}", started.elapsed());
+        // Two dead addresses ahead: the third waits for a place in the race (a timeout).
+        let started = std::time::Instant::now();
+        let stream = first_to_connect(
+            vec![hole, hole, good_addr],
+            Duration::from_millis(600),
+            delay,
+        )
+        .await
+        .unwrap();
+        assert_eq!(stream.peer_addr().unwrap(), good_addr);
+        let took = started.elapsed();
+        assert!(
+            took >= Duration::from_millis(600) && took < Duration::from_secs(3),
+            "{took:?}"
+        );
         // Only dead addresses: each attempt's timeout, then the last failure, not this machine's.
         let (e, local) = first_to_connect(vec![hole, refused], Duration::from_millis(400), delay)
             .await
