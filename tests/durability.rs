@@ -675,7 +675,6 @@ async fn a_resolver_outage_spends_no_delivery_attempt() {
     if !namespaces_allowed() {
         return;
     }
-    let with_receiver = WITH_RECEIVER;
     let (recv, names) = closing_receiver_by_name("lookup-outage").await;
     let wrapper = names.wrapper();
     // Retries 100 ms apart and a circuit that opens after 3 failures: without the patience, the
@@ -733,7 +732,7 @@ async fn a_resolver_outage_spends_no_delivery_attempt() {
     );
 
     // The name resolves again: each event goes, on its first attempt.
-    names.set_hosts(with_receiver);
+    names.set_hosts(WITH_RECEIVER);
     let got = recv
         .wait_until(Duration::from_secs(40), |got| got.len() == 6)
         .await;
@@ -862,7 +861,6 @@ async fn a_resolver_outage_is_bridged_by_the_receivers_last_addresses() {
     if !namespaces_allowed() {
         return;
     }
-    let with_receiver = WITH_RECEIVER;
     let (recv, names) = closing_receiver_by_name("lookup-stale").await;
     let url = own_database("triggers_test_lookup_stale").await;
     let args = [
@@ -914,7 +912,7 @@ async fn a_resolver_outage_is_bridged_by_the_receivers_last_addresses() {
         "the outage is logged"
     );
     // The resolver answers again: logged, and the deliveries go on.
-    names.set_hosts(with_receiver);
+    names.set_hosts(WITH_RECEIVER);
     tokio::time::sleep(Duration::from_millis(1100)).await;
     ids.push(new_event_id(s.addr, &key, json!({"n": 15})).await);
     recv.wait_until(Duration::from_secs(10), |got| got.len() == 16)

@@ -68,13 +68,19 @@ impl Part {
 /// The PostgreSQL connection settings from the config, for one part of the server, with the
 /// password file's password as it is now.
 pub fn pg_config(config: &Config, part: Part) -> Result<tokio_postgres::Config, String> {
+    let mut pg = pg_settings(config, part)?;
+    if let Some(path) = &config.database_password_file {
+        pg.password(read_password(path)?);
+    }
+    Ok(pg)
+}
+
+/// [`pg_config`] but the password file's password: a pool sets that at each connection.
+fn pg_settings(config: &Config, part: Part) -> Result<tokio_postgres::Config, String> {
     let mut pg = config
         .database_url
         .pg_config()
         .map_err(|e| format!("--database-url: {e}"))?;
-    if let Some(path) = &config.database_password_file {
-        pg.password(read_password(path)?);
-    }
     pg.connect_timeout(Config::ms(config.db_connect_timeout_ms));
     // A peer gone without a word (a network cut, a host or VM that stopped) is found by TCP
     // keepalive in about a minute, on both ends; the systems' defaults take over two hours on
@@ -164,14 +170,14 @@ fn add_option(pg: &mut tokio_postgres::Config, option: &str) {
 
 /// A connection pool of `size` with the configured timeouts.
 pub fn build_pool(config: &Config, size: usize, part: Part) -> Result<Pool, String> {
-    build_pool_with(config, size, pg_config(config, part)?)
+    build_pool_with(config, size, pg_settings(config, part)?)
 }
 
 /// The delivery pool's connections: its writes (attempt outcomes, leases) commit without waiting
 /// for the disk. A crash that loses the last milliseconds of them only means those events are
 /// delivered again (at-least-once); events themselves are always written synchronously.
 pub fn build_bookkeeping_pool(config: &Config, size: usize) -> Result<Pool, String> {
-    let mut pg = pg_config(config, Part::Delivery)?;
+    let mut pg = pg_settings(config, Part::Delivery)?;
     add_option(&mut pg, "-c synchronous_commit=off");
     build_pool_with(config, size, pg)
 }

@@ -10,7 +10,7 @@ use std::time::Duration;
 use tokio::net::TcpStream;
 
 use crate::hosts::{Hosts, Use};
-use crate::url_policy::{forbidden_reason, parse_url, Unresolved};
+use crate::url_policy::{parse_url, Unresolved};
 
 /// Why no connection was made.
 #[derive(Debug)]
@@ -60,13 +60,12 @@ impl SafeConnector {
     /// A TCP connection to an allowed address of `uri`'s host (`TCP_NODELAY` set: a request is
     /// written whole, at once).
     pub async fn connect(&self, uri: &http::Uri) -> Result<TcpStream, ConnectError> {
-        let refuse = |msg: String| {
+        let url = parse_url(&uri.to_string()).map_err(|msg| {
             ConnectError::Io(std::io::Error::new(
                 std::io::ErrorKind::PermissionDenied,
                 msg,
             ))
-        };
-        let url = parse_url(&uri.to_string()).map_err(refuse)?;
+        })?;
         let addrs = self
             .hosts
             .resolve(&url, self.allow_private, Use::Connect)
@@ -77,14 +76,8 @@ impl SafeConnector {
                     ConnectError::Io(std::io::Error::new(std::io::ErrorKind::NotFound, m))
                 }
             })?;
-        // The policy holds for the addresses connected to, not just for what DNS said earlier.
-        if !self.allow_private && addrs.iter().any(|a| forbidden_reason(a.ip()).is_some()) {
-            // No address and no reason in the message: the attempt log is the organization's to
-            // read, and must not map internal networks.
-            return Err(refuse(
-                "refused: the host does not resolve to a public address".into(),
-            ));
-        }
+        // `addrs` are what the policy just judged (`url_policy::allowed`, at every connection,
+        // on kept addresses too): the ones connected to, not just what DNS said earlier.
         match first_to_connect(
             interleave(addrs),
             self.connect_timeout,
