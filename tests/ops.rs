@@ -658,8 +658,8 @@ async fn start_up_names_the_session_settings_the_database_did_not_take() {
             .execute("SELECT pg_advisory_unlock($1)", &[&LOCK_ID])
             .await
             .unwrap();
-        let values: [String; 2] = [row.get(0), row.get(1)];
-        settings_not_taken(&[&values[0], &values[1]])
+        let values: [String; 3] = [row.get(0), row.get(1), row.get(2)];
+        settings_not_taken(&[&values[0], &values[1], &values[2]])
     };
     assert_eq!(
         read(db().await).await,

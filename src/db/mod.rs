@@ -82,6 +82,15 @@ fn pg_settings(config: &Config, part: Part) -> Result<tokio_postgres::Config, St
         .pg_config()
         .map_err(|e| format!("--database-url: {e}"))?;
     pg.connect_timeout(Config::ms(config.db_connect_timeout_ms));
+    // A 201 means the event's COMMIT is on disk, whatever the database's or the role's own
+    // `synchronous_commit` (`off` is common tuning advice, and a power cut then loses commits
+    // answered up to 600 ms before). First, so that options in the URL (`-c
+    // synchronous_commit=remote_apply`) win; the delivery pool sets `off` for its bookkeeping.
+    let options = pg.get_options().map(str::to_string);
+    pg.options("-c synchronous_commit=on");
+    if let Some(options) = options {
+        add_option(&mut pg, &options);
+    }
     // A peer gone without a word (a network cut, a host or VM that stopped) is found by TCP
     // keepalive in about a minute, on both ends; the systems' defaults take over two hours on
     // the database's end, and some twelve minutes on ours. On the database's end, a session of
@@ -177,9 +186,14 @@ pub fn build_pool(config: &Config, size: usize, part: Part) -> Result<Pool, Stri
 /// for the disk. A crash that loses the last milliseconds of them only means those events are
 /// delivered again (at-least-once); events themselves are always written synchronously.
 pub fn build_bookkeeping_pool(config: &Config, size: usize) -> Result<Pool, String> {
+    build_pool_with(config, size, bookkeeping_settings(config)?)
+}
+
+/// The delivery pool's session settings: [`pg_settings`], and commits that do not wait.
+fn bookkeeping_settings(config: &Config) -> Result<tokio_postgres::Config, String> {
     let mut pg = pg_settings(config, Part::Delivery)?;
     add_option(&mut pg, "-c synchronous_commit=off");
-    build_pool_with(config, size, pg)
+    Ok(pg)
 }
 
 fn build_pool_with(
@@ -507,6 +521,40 @@ mod tests {
     }
 
     #[test]
+    fn commits_wait_for_the_disk_unless_the_url_says_otherwise() {
+        let sessions = |url: &str| {
+            let (_, config) = Config::from_args_and_env(
+                std::iter::empty(),
+                [("DATABASE_URL".to_string(), url.to_string())],
+            )
+            .unwrap();
+            let pg = pg_config(&config, Part::Ingest).unwrap();
+            pg.get_options().unwrap().to_string()
+        };
+        let plain = sessions("postgres://u@localhost/db");
+        assert!(plain.starts_with("-c synchronous_commit=on "), "{plain}");
+        // PostgreSQL takes the last value of a setting given twice: the URL's comes after ours.
+        let own =
+            sessions("postgres://u@localhost/db?options=-c%20synchronous_commit%3Dremote_apply");
+        assert!(
+            own.starts_with("-c synchronous_commit=on -c synchronous_commit=remote_apply "),
+            "{own}"
+        );
+        // The delivery pool's bookkeeping commits without waiting (at least once, by design).
+        let (_, config) = Config::from_args_and_env(
+            std::iter::empty(),
+            [(
+                "DATABASE_URL".to_string(),
+                "postgres://u@localhost/db".to_string(),
+            )],
+        )
+        .unwrap();
+        let bookkeeping = bookkeeping_settings(&config).unwrap();
+        let options = bookkeeping.get_options().unwrap();
+        assert!(options.ends_with("-c synchronous_commit=off"), "{options}");
+    }
+
+    #[test]
     fn a_file_postgresql_could_not_write_names_its_disk() {
         assert!(hint("XX000", "could not write init file").contains("is the disk"));
         assert_eq!(hint("XX000", "cache lookup failed for relation 1"), "");
@@ -533,7 +581,10 @@ mod tests {
         );
         // Options the URL carries are kept.
         let own = options_with(&[], "postgres://u@localhost/db?options=-c%20work_mem%3D8MB");
-        assert!(own.starts_with("-c work_mem=8MB "), "{own}");
+        assert!(
+            own.starts_with("-c synchronous_commit=on -c work_mem=8MB "),
+            "{own}"
+        );
         assert!(
             own.contains("idle_in_transaction_session_timeout=5000"),
             "{own}"

@@ -102,12 +102,17 @@ pub const LOCK_ID: i64 = 0x7472_6967_6765_7273; // "triggers"
 /// [`SESSION_SETTINGS`], in one round trip.
 pub const LOCK_AND_SETTINGS: &str =
     "SELECT current_setting('idle_in_transaction_session_timeout'), \
-     current_setting('jit') FROM pg_advisory_lock($1) AS locked";
+     current_setting('jit'), current_setting('synchronous_commit') \
+     FROM pg_advisory_lock($1) AS locked";
 
 /// The session settings every connection of the server asks for at start-up (`db::pg_config`),
-/// with the value each has when it was not taken.
-pub const SESSION_SETTINGS: [(&str, &str); 2] =
-    [("idle_in_transaction_session_timeout", "0"), ("jit", "on")];
+/// with the value that shows it was not taken (`synchronous_commit`: `off`, which loses the last
+/// acknowledged events in a crash of PostgreSQL, whoever set it).
+pub const SESSION_SETTINGS: [(&str, &str); 3] = [
+    ("idle_in_transaction_session_timeout", "0"),
+    ("jit", "on"),
+    ("synchronous_commit", "off"),
+];
 
 /// Apply pending migrations; returns the versions applied.
 pub async fn migrate(client: &mut Client) -> Result<Vec<i32>, String> {
@@ -117,15 +122,16 @@ pub async fn migrate(client: &mut Client) -> Result<Vec<i32>, String> {
         .query_one(LOCK_AND_SETTINGS, &[&LOCK_ID])
         .await
         .map_err(|e| describe(&e))?;
-    let not_taken = settings_not_taken(&[row.get(0), row.get(1)]);
+    let not_taken = settings_not_taken(&[row.get(0), row.get(1), row.get(2)]);
     if !not_taken.is_empty() {
         tracing::warn!(
             settings = not_taken.join(", "),
             "the database did not take this server's session settings (a pooler that drops \
              the `options` startup parameter, as PgBouncer's ignore_startup_parameters does): \
              set them on the role instead, e.g. ALTER ROLE <user> SET \
-             idle_in_transaction_session_timeout = '5s'; ALTER ROLE <user> SET jit = off \
-             (README, \"Behind a connection pooler\")"
+             idle_in_transaction_session_timeout = '5s'; ALTER ROLE <user> SET jit = off; \
+             ALTER ROLE <user> SET synchronous_commit = on (README, \"Behind a connection \
+             pooler\")"
         );
     }
     let result = apply_pending(client).await;
@@ -190,13 +196,22 @@ mod tests {
     #[test]
     fn settings_a_session_did_not_take_are_named() {
         assert_eq!(
-            settings_not_taken(&["0", "on"]),
-            ["idle_in_transaction_session_timeout", "jit"]
+            settings_not_taken(&["0", "on", "off"]),
+            [
+                "idle_in_transaction_session_timeout",
+                "jit",
+                "synchronous_commit"
+            ]
         );
-        assert_eq!(settings_not_taken(&["5s", "on"]), ["jit"]);
-        assert!(settings_not_taken(&["5s", "off"]).is_empty());
-        // Set on the role to another value than the server's: taken all the same.
-        assert!(settings_not_taken(&["1min", "off"]).is_empty());
+        assert_eq!(settings_not_taken(&["5s", "on", "on"]), ["jit"]);
+        assert!(settings_not_taken(&["5s", "off", "on"]).is_empty());
+        // Set on the role (or in the URL) to another value than the server's: taken all the
+        // same; only `off` loses acknowledged events.
+        assert!(settings_not_taken(&["1min", "off", "remote_apply"]).is_empty());
+        assert_eq!(
+            settings_not_taken(&["5s", "off", "off"]),
+            ["synchronous_commit"]
+        );
     }
 
     #[test]
