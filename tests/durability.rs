@@ -2173,3 +2173,283 @@ async fn a_host_whose_first_address_drops_connections_is_delivered_to_at_once() 
     sent_once_on_first_attempts(&got, &ids);
     drop(hole);
 }
+
+/// PostgreSQL's client program `name` (`pg_dump`, `pg_restore`), from the newest installed
+/// server's directory, as scripts/postgres.sh finds it.
+fn pg_program(name: &str) -> std::path::PathBuf {
+    let mut dirs: Vec<std::path::PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .expect("PostgreSQL's programs in /usr/lib/postgresql")
+        .map(|e| e.unwrap().path().join("bin"))
+        .filter(|bin| bin.join(name).exists())
+        .collect();
+    dirs.sort_by_key(|d| {
+        let version = d.parent().unwrap().file_name().unwrap().to_string_lossy();
+        version.parse::<u32>().unwrap_or(0)
+    });
+    dirs.pop().expect("no PostgreSQL bin directory").join(name)
+}
+
+/// Run `program` with `args`, asserting that it succeeds.
+fn run_program(program: std::path::PathBuf, args: &[&str]) {
+    let out = std::process::Command::new(&program)
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{program:?} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A backup taken with `pg_dump` while events pour in and a receiver fails holds each event
+/// whole (its row, its deliveries, its dedup id: one transaction writes them, and the dump reads
+/// one snapshot), and a server started on the restored copy, its first node gone as with a lost
+/// machine: serves every event acknowledged before the dump began, with the same API key;
+/// delivers each one the receiver had not taken, under the same `webhook-id` as the attempts
+/// before (so a receiver that took one after the dump can tell it again); sends none again that
+/// had been delivered; answers 409 for their dedup ids; and takes anew an event the backup
+/// never saw (what a restore to an earlier point loses: README, Backups).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backup_taken_under_load_restores_each_event_whole_and_delivers_what_was_pending() {
+    let src = own_database("triggers_test_backup_src").await;
+    let dst = own_database("triggers_test_backup_dst").await;
+    let recv = Receiver::start(|_, _| Answer::status(200)).await;
+    let args = [
+        "--allow-private-webhooks",
+        "--retry-schedule",
+        "1s,1s,1s,1s,1s,1s,1s,1s",
+        "--circuit-failures",
+        "100000",
+        "--delivery-lease-s",
+        "3",
+        "--delivery-timeout-ms",
+        "2000",
+    ];
+    let mut s = Server::process_with_db(&args, &src);
+    let (key, _) = new_org(s.addr, "enterprise").await;
+    set_webhook(s.addr, &key, &recv.url("/in")).await;
+    let delivered = create_events(s.addr, &key, 10, "before").await;
+    for id in &delivered {
+        wait_status(s.addr, &key, id, "delivered", Duration::from_secs(10)).await;
+    }
+    // The receiver fails from now on: what comes next waits for retries.
+    recv.set_script(|_, _| Answer::status(503));
+    let acked: Arc<Mutex<Vec<(String, String, Instant)>>> = Arc::default();
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut load = Vec::new();
+    for c in 0..8 {
+        let (key, stop, acked, addr) = (key.clone(), stop.clone(), acked.clone(), s.addr);
+        load.push(tokio::spawn(async move {
+            let mut conn = Conn::open(addr).await;
+            for i in 0.. {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                let dedup = format!("load-{c}-{i}");
+                let body = json!({"type": "load", "payload": {"i": i}, "dedup_id": dedup});
+                let r = conn
+                    .call(
+                        "POST",
+                        "/api/events",
+                        &[("X-API-Key", &key), ("Content-Type", "application/json")],
+                        Some(body.to_string().as_bytes()),
+                    )
+                    .await;
+                assert_eq!(r.status, 201, "{}", r.text());
+                let id = r.json()["id"].as_str().unwrap().to_string();
+                acked.lock().unwrap().push((id, dedup, Instant::now()));
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let file = std::env::temp_dir().join(format!("triggers-backup-{}.dump", std::process::id()));
+    let path = file.to_str().unwrap().to_string();
+    let dump_began = Instant::now();
+    let dump = {
+        let (src, path) = (src.clone(), path.clone());
+        tokio::task::spawn_blocking(move || {
+            run_program(pg_program("pg_dump"), &["-Fc", "-f", &path, &src])
+        })
+    };
+    dump.await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, Ordering::Relaxed);
+    for task in load {
+        task.await.unwrap();
+    }
+    s.kill();
+    let acked = acked.lock().unwrap().clone();
+    let before: Vec<String> = acked
+        .iter()
+        .filter(|(_, _, at)| *at < dump_began)
+        .map(|(id, _, _)| id.clone())
+        .collect();
+    assert!(
+        before.len() >= 20 && acked.len() > before.len(),
+        "{} events acknowledged before the dump began, {} in all: the load did not straddle it",
+        before.len(),
+        acked.len()
+    );
+
+    let restore = {
+        let (dst, path) = (dst.clone(), path.clone());
+        tokio::task::spawn_blocking(move || {
+            run_program(
+                pg_program("pg_restore"),
+                &["--exit-on-error", "-d", &dst, &path],
+            )
+        })
+    };
+    restore.await.unwrap();
+    let _ = std::fs::remove_file(&file);
+    let copy = db_at(&dst).await;
+    let in_copy: std::collections::HashSet<String> = copy
+        .query("SELECT id::text FROM events WHERE type = 'load'", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    let missing: Vec<&String> = before.iter().filter(|id| !in_copy.contains(*id)).collect();
+    assert!(
+        missing.is_empty(),
+        "acknowledged before the dump began, not in the copy: {missing:?}"
+    );
+    let ids: std::collections::HashSet<&String> = acked.iter().map(|(id, _, _)| id).collect();
+    assert!(
+        in_copy.iter().all(|id| ids.contains(id)),
+        "the copy holds load events never acknowledged"
+    );
+    // Acknowledged after the dump's snapshot: what a restore to that point loses.
+    let (lost_id, lost_dedup, _) = acked
+        .iter()
+        .find(|(id, _, _)| !in_copy.contains(id))
+        .expect("the load went on after the dump: some events are not in the copy");
+
+    let sent_before = recv.received();
+    recv.set_script(|_, _| Answer::status(200));
+    let s = Server::process_with_db(&args, &dst);
+    let pending: Vec<String> = in_copy.iter().cloned().collect();
+    recv.wait_until_or(
+        Duration::from_secs(30),
+        |got| all_answered(got, &pending, 200),
+        || deliveries_left(&dst),
+    )
+    .await;
+    for id in &delivered {
+        assert_eq!(recv.for_event(id).len(), 1, "{id} delivered again");
+    }
+    for got in recv.received().iter().filter(|r| r.answered == 200) {
+        let id = got.event_id();
+        if let Some(first) = sent_before.iter().find(|r| r.event_id() == id) {
+            assert_eq!(got.header("webhook-id"), first.header("webhook-id"), "{id}");
+        }
+    }
+    let r = get(s.addr, &key, &format!("/api/events/{}", before[0])).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let (id, dedup, _) = acked.iter().find(|(id, _, _)| *id == before[0]).unwrap();
+    let again = post(
+        s.addr,
+        &key,
+        "/api/events",
+        &json!({"type": "load", "payload": {}, "dedup_id": dedup}),
+    )
+    .await;
+    assert_eq!(again.status, 409, "{}", again.text());
+    assert_eq!(again.json()["event_id"], id.as_str());
+    let r = get(s.addr, &key, &format!("/api/events/{lost_id}")).await;
+    assert_eq!(r.status, 404, "{}", r.text());
+    let anew = post(
+        s.addr,
+        &key,
+        "/api/events",
+        &json!({"type": "load", "payload": {}, "dedup_id": lost_dedup}),
+    )
+    .await;
+    assert_eq!(anew.status, 201, "{}", anew.text());
+}
+
+/// `synchronous_commit = off` on the database or the role (common tuning advice) lets PostgreSQL
+/// answer a COMMIT before its WAL is on disk: the WAL writer flushes it within three times
+/// `wal_writer_delay` (200 ms by default), and a power cut or an operating system crash meanwhile
+/// loses the commits answered. The server's sessions ask for `on`, so each event's COMMIT record
+/// is flushed before its 201 whatever the database's default. Read from PostgreSQL's own WAL
+/// (`pg_walinspect`): here the database says `off` and the WAL writer flushes every 10 s at the
+/// most (so that what `off` does shows every run); after 200 events posted on four connections
+/// and answered 201, no COMMIT record of theirs lies beyond the WAL flushed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_201_waits_for_its_commit_to_reach_the_disk_whatever_the_databases_default() {
+    let Some(disk) = SmallDisk::start(256) else {
+        return;
+    };
+    let url = disk.database("triggers_async_commit").await;
+    let admin = db_at(&disk.url).await;
+    for statement in [
+        "ALTER DATABASE triggers_async_commit SET synchronous_commit = off",
+        "ALTER SYSTEM SET wal_writer_delay = '10s'",
+        "ALTER SYSTEM SET wal_writer_flush_after = '1GB'",
+        "SELECT pg_reload_conf()",
+    ] {
+        admin.batch_execute(statement).await.unwrap();
+    }
+    let wal = db_at(&url).await;
+    wal.batch_execute("CREATE EXTENSION pg_walinspect")
+        .await
+        .unwrap();
+    let s = Server::process_with_db(&[], &url);
+    let (key, _) = new_org(s.addr, "enterprise").await;
+    let lsn = |sql: &'static str| {
+        let wal = &wal;
+        async move { wal.query_one(sql, &[]).await.unwrap().get::<_, String>(0) }
+    };
+    let before = lsn("SELECT pg_current_wal_insert_lsn()::text").await;
+    let mut posting = Vec::new();
+    for _ in 0..4 {
+        let (addr, key) = (s.addr, key.clone());
+        posting.push(tokio::spawn(async move {
+            create_events(addr, &key, 50, "flushed").await
+        }));
+    }
+    let mut acked: Vec<uuid::Uuid> = Vec::new();
+    for p in posting {
+        acked.extend(
+            p.await
+                .unwrap()
+                .iter()
+                .map(|id| id.parse::<uuid::Uuid>().unwrap()),
+        );
+    }
+    // pg_walinspect reads the WAL flushed only: the COMMIT records found there, from before the
+    // first event to the flushed end, are the events' transactions made durable.
+    let flushed = lsn("SELECT pg_current_wal_flush_lsn()::text").await;
+    let xids: Vec<String> = wal
+        .query_one(
+            "SELECT array_agg(DISTINCT xmin::text) FROM events WHERE id = ANY($1)",
+            &[&acked],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let durable = count(
+        &wal,
+        &format!(
+            "SELECT CASE WHEN '{flushed}'::pg_lsn <= '{before}' THEN 0 ELSE \
+             (SELECT count(DISTINCT xid::text) FROM pg_get_wal_records_info('{before}', \
+             '{flushed}') WHERE resource_manager = 'Transaction' \
+             AND record_type LIKE 'COMMIT%' AND xid::text IN ('{}')) END",
+            xids.join("', '")
+        ),
+    )
+    .await;
+    assert_eq!(
+        durable as usize,
+        xids.len(),
+        "of the {} transactions that stored the {} events answered 201, {} were committed \
+         beyond the WAL flushed ({before} to {flushed})",
+        xids.len(),
+        acked.len(),
+        xids.len() - durable as usize
+    );
+    drop(disk);
+}
