@@ -1095,3 +1095,38 @@ async fn the_server_turns_transparent_huge_pages_off_unless_told() {
     let kept = Server::process_wrapped(&["env", "MIMALLOC_ALLOW_THP=1"], &[], &database_url());
     assert_eq!(thp(&kept), "1");
 }
+
+/// Start-up says when the database cannot keep what a 201 promises: PostgreSQL with `fsync = off`
+/// (a crash of its machine loses acknowledged events and may leave it corrupt), or sessions whose
+/// `synchronous_commit` still reads `off` (here the URL's options ask for it; a pooler that drops
+/// the server's options does the same). A PostgreSQL of the test's own, set so; and before, as it
+/// was made, nothing of it is said.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn start_up_warns_of_a_database_that_would_lose_acknowledged_events() {
+    let Some(disk) = SmallDisk::start(128) else {
+        return;
+    };
+    let url = disk.database("triggers_unsafe").await;
+    let s = Server::process_with_db(&[], &url);
+    assert!(s.logged("migrations up to date").await);
+    assert!(s.log_lines("fsync = off").is_empty());
+    assert!(s.log_lines("did not take").is_empty());
+    drop(s);
+    let admin = db_at(&disk.url).await;
+    for statement in ["ALTER SYSTEM SET fsync = off", "SELECT pg_reload_conf()"] {
+        admin.batch_execute(statement).await.unwrap();
+    }
+    let asked_off = format!("{url}?options=-c%20synchronous_commit%3Doff");
+    let s = Server::process_with_db(&[], &asked_off);
+    assert!(s.logged("migrations up to date").await);
+    assert_eq!(s.log_lines("PostgreSQL runs with fsync = off").len(), 1);
+    let named = s.log_lines("did not take this server's session settings");
+    assert_eq!(named.len(), 1, "{named:?}");
+    assert!(
+        named[0].contains(r#""settings":"synchronous_commit""#),
+        "{}",
+        named[0]
+    );
+    drop(s);
+    drop(disk);
+}

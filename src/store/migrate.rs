@@ -99,10 +99,10 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
 pub const LOCK_ID: i64 = 0x7472_6967_6765_7273; // "triggers"
 
 /// Take the migration lock (`$1`: [`LOCK_ID`]) and read the session's values of
-/// [`SESSION_SETTINGS`], in one round trip.
+/// [`SESSION_SETTINGS`] and the server's `fsync`, in one round trip.
 pub const LOCK_AND_SETTINGS: &str =
     "SELECT current_setting('idle_in_transaction_session_timeout'), \
-     current_setting('jit'), current_setting('synchronous_commit') \
+     current_setting('jit'), current_setting('synchronous_commit'), current_setting('fsync') \
      FROM pg_advisory_lock($1) AS locked";
 
 /// The session settings every connection of the server asks for at start-up (`db::pg_config`),
@@ -132,6 +132,12 @@ pub async fn migrate(client: &mut Client) -> Result<Vec<i32>, String> {
              idle_in_transaction_session_timeout = '5s'; ALTER ROLE <user> SET jit = off; \
              ALTER ROLE <user> SET synchronous_commit = on (README, \"Behind a connection \
              pooler\")"
+        );
+    }
+    if row.get::<_, &str>(3) == "off" {
+        tracing::warn!(
+            "PostgreSQL runs with fsync = off: a crash of its machine loses events answered 201 \
+             and may leave the database corrupt (README, Durability)"
         );
     }
     let result = apply_pending(client).await;

@@ -121,7 +121,7 @@ async fn partitions(client: &Client, table: &str) -> Result<Vec<Partition>, Stri
             })
         })
         .collect();
-    out.sort_by_key(|p| p.to_ms);
+    out.sort_unstable_by_key(|p| p.to_ms);
     Ok(out)
 }
 

@@ -709,11 +709,12 @@ async fn insert_deduped(
     mut rows: Vec<usize>,
     results: &mut HashMap<usize, Ingested>,
 ) -> Result<(), tokio_postgres::Error> {
-    // One lock order for all writers: no deadlock between two batches sharing keys. The sort is
-    // stable, so of two rows with one key in a batch the first to arrive wins.
-    rows.sort_by(|&a, &b| {
+    // One lock order for all writers: no deadlock between two batches sharing keys. Of two rows
+    // with one key in a batch the first to arrive (the lower index) comes first, and wins. (An
+    // unstable sort with the index as the last key: the stable sort's code is 10 KB more.)
+    rows.sort_unstable_by(|&a, &b| {
         let (ea, eb) = (&batch[a].event, &batch[b].event);
-        (ea.org, &ea.dedup_id).cmp(&(eb.org, &eb.dedup_id))
+        (ea.org, &ea.dedup_id, a).cmp(&(eb.org, &eb.dedup_id, b))
     });
     let n = rows.len();
     let mut ids = Vec::with_capacity(n);
