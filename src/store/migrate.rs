@@ -106,8 +106,8 @@ pub const LOCK_AND_SETTINGS: &str =
      FROM pg_advisory_lock($1) AS locked";
 
 /// The session settings every connection of the server asks for at start-up (`db::pg_config`),
-/// with the value that shows it was not taken (`synchronous_commit`: `off`, which loses the last
-/// acknowledged events in a crash of PostgreSQL, whoever set it).
+/// with the value that shows it was not taken (`synchronous_commit`: `off`, with which a crash of
+/// the database's machine loses the last events answered 201, whoever set it).
 pub const SESSION_SETTINGS: [(&str, &str); 3] = [
     ("idle_in_transaction_session_timeout", "0"),
     ("jit", "on"),
