@@ -2458,3 +2458,44 @@ async fn each_201_waits_for_its_commit_to_reach_the_disk_whatever_the_databases_
     );
     drop(disk);
 }
+
+/// A synchronous standby gone: the database names one in `synchronous_standby_names` that is not
+/// connected (as when a primary's only synchronous standby dies), so every COMMIT waits for it,
+/// on disk on the primary and not yet visible. Events are answered 503 with `Retry-After` (the
+/// first within the request's deadline, the rest at once when the probe has seen it; never a
+/// 4xx, never a hang) and `/health/ready` says so; once the standby is no longer required the
+/// commits that waited end, the node takes events again by itself, every event answered 201 is
+/// there, and each refused one is stored exactly once when retried (409 naming it where its
+/// first COMMIT had waited and then landed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_synchronous_standby_gone_is_a_503_and_loses_nothing() {
+    let Some(disk) = SmallDisk::start(128) else {
+        return;
+    };
+    let url = disk.database("triggers").await;
+    let s = Server::process_with_db(&[], &url);
+    let (key, org) = new_org(s.addr, "enterprise").await;
+    let mut acked = Vec::new();
+    for n in 0..3 {
+        acked.push(new_event_id(s.addr, &key, json!({"before": n})).await);
+    }
+    let admin = db_at(&disk.url).await;
+    let standby = |names: &'static str| {
+        let admin = &admin;
+        async move {
+            for statement in [
+                format!("ALTER SYSTEM SET synchronous_standby_names = '{names}'"),
+                "SELECT pg_reload_conf()".to_string(),
+            ] {
+                admin.batch_execute(&statement).await.unwrap();
+            }
+        }
+    };
+    standby("gone").await;
+    let refused = refused_during(&s, &key, "standby", 10, &mut acked).await;
+    let ready = call(s.addr, "GET", "/health/ready", &[], None).await;
+    assert_eq!(ready.status, 503, "{}", ready.text());
+    standby("").await;
+    retried_after(&s, &key, &refused, "no standby required", &mut acked).await;
+    each_stored_once(&url, &org, &acked).await;
+}
