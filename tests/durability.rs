@@ -2349,24 +2349,12 @@ async fn a_backup_taken_under_load_restores_each_event_whole_and_delivers_what_w
     let r = get(s.addr, &key, &format!("/api/events/{}", before[0])).await;
     assert_eq!(r.status, 200, "{}", r.text());
     let (id, dedup, _) = acked.iter().find(|(id, _, _)| *id == before[0]).unwrap();
-    let again = post(
-        s.addr,
-        &key,
-        "/api/events",
-        &json!({"type": "load", "payload": {}, "dedup_id": dedup}),
-    )
-    .await;
+    let again = post_event(s.addr, &key, "load", json!({}), Some(dedup)).await;
     assert_eq!(again.status, 409, "{}", again.text());
     assert_eq!(again.json()["event_id"], id.as_str());
     let r = get(s.addr, &key, &format!("/api/events/{lost_id}")).await;
     assert_eq!(r.status, 404, "{}", r.text());
-    let anew = post(
-        s.addr,
-        &key,
-        "/api/events",
-        &json!({"type": "load", "payload": {}, "dedup_id": lost_dedup}),
-    )
-    .await;
+    let anew = post_event(s.addr, &key, "load", json!({}), Some(lost_dedup)).await;
     assert_eq!(anew.status, 201, "{}", anew.text());
 }
 
