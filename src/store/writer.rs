@@ -711,7 +711,8 @@ async fn insert_deduped(
 ) -> Result<(), tokio_postgres::Error> {
     // One lock order for all writers: no deadlock between two batches sharing keys. Of two rows
     // with one key in a batch the first to arrive (the lower index) comes first, and wins. (An
-    // unstable sort with the index as the last key: the stable sort's code is 10 KB more.)
+    // unstable sort with the index as the last key: the stable sort's code made the binary 3.6 KB
+    // larger.)
     rows.sort_unstable_by(|&a, &b| {
         let (ea, eb) = (&batch[a].event, &batch[b].event);
         (ea.org, &ea.dedup_id, a).cmp(&(eb.org, &eb.dedup_id, b))
