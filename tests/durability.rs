@@ -2487,3 +2487,28 @@ async fn a_synchronous_standby_gone_is_a_503_and_loses_nothing() {
     retried_after(&s, &key, &refused, "no standby required", &mut acked).await;
     each_stored_once(&url, &org, &acked).await;
 }
+
+/// The events table locked by an administrator (`VACUUM FULL`, `CREATE INDEX` without
+/// `CONCURRENTLY`, an `ALTER TABLE`: each holds an ACCESS EXCLUSIVE lock for as long as it runs):
+/// events are answered 503 with `Retry-After`, the first within `--db-timeout-ms`, never a 4xx
+/// and never a hang; once the lock is let go the node takes events again by itself, every event
+/// answered 201 is there, and each refused one is stored exactly once when retried.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_table_locked_by_an_administrator_is_a_503_and_loses_nothing() {
+    let url = own_database("triggers_test_table_locked").await;
+    let s = Server::process_with_db(&["--db-timeout-ms", "1000"], &url);
+    let (key, org) = new_org(s.addr, "enterprise").await;
+    let mut acked = Vec::new();
+    for n in 0..3 {
+        acked.push(new_event_id(s.addr, &key, json!({"before": n})).await);
+    }
+    let admin = db_at(&url).await;
+    admin
+        .batch_execute("BEGIN; LOCK TABLE events IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    let refused = refused_during(&s, &key, "locked", 5, &mut acked).await;
+    admin.batch_execute("COMMIT").await.unwrap();
+    retried_after(&s, &key, &refused, "the lock let go", &mut acked).await;
+    each_stored_once(&url, &org, &acked).await;
+}
