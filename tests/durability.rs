@@ -2372,15 +2372,16 @@ async fn each_201_waits_for_its_commit_to_reach_the_disk_whatever_the_databases_
         return;
     };
     let url = disk.database("triggers_async_commit").await;
-    let admin = db_at(&disk.url).await;
-    for statement in [
-        "ALTER DATABASE triggers_async_commit SET synchronous_commit = off",
-        "ALTER SYSTEM SET wal_writer_delay = '10s'",
-        "ALTER SYSTEM SET wal_writer_flush_after = '1GB'",
-        "SELECT pg_reload_conf()",
-    ] {
-        admin.batch_execute(statement).await.unwrap();
-    }
+    db_at(&disk.url)
+        .await
+        .batch_execute("ALTER DATABASE triggers_async_commit SET synchronous_commit = off")
+        .await
+        .unwrap();
+    disk.set_system(&[
+        ("wal_writer_delay", "10s"),
+        ("wal_writer_flush_after", "1GB"),
+    ])
+    .await;
     let wal = db_at(&url).await;
     let walinspect = "SELECT count(*) FROM pg_available_extensions WHERE name = 'pg_walinspect'";
     if count(&wal, walinspect).await == 0 {
@@ -2467,23 +2468,12 @@ async fn a_synchronous_standby_gone_is_a_503_and_loses_nothing() {
     for n in 0..3 {
         acked.push(new_event_id(s.addr, &key, json!({"before": n})).await);
     }
-    let admin = db_at(&disk.url).await;
-    let standby = |names: &'static str| {
-        let admin = &admin;
-        async move {
-            for statement in [
-                format!("ALTER SYSTEM SET synchronous_standby_names = '{names}'"),
-                "SELECT pg_reload_conf()".to_string(),
-            ] {
-                admin.batch_execute(&statement).await.unwrap();
-            }
-        }
-    };
-    standby("gone").await;
+    disk.set_system(&[("synchronous_standby_names", "gone")])
+        .await;
     let refused = refused_during(&s, &key, "standby", 10, &mut acked).await;
     let ready = call(s.addr, "GET", "/health/ready", &[], None).await;
     assert_eq!(ready.status, 503, "{}", ready.text());
-    standby("").await;
+    disk.set_system(&[("synchronous_standby_names", "")]).await;
     retried_after(&s, &key, &refused, "no standby required", &mut acked).await;
     each_stored_once(&url, &org, &acked).await;
 }

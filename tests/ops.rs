@@ -998,20 +998,12 @@ async fn the_database_is_reached_over_tls_as_the_url_asks() {
         std::fs::set_permissions(renewed(ext), std::fs::Permissions::from_mode(0o600)).unwrap();
     }
     renew_by_rename(&roots, &(read("ca.pem") + &read("ca2.pem")));
-    // One statement a message (ALTER SYSTEM is refused in a batch's implicit transaction).
-    for statement in [
-        format!(
-            "ALTER SYSTEM SET ssl_cert_file = '{}'",
-            renewed("crt").display()
-        ),
-        format!(
-            "ALTER SYSTEM SET ssl_key_file = '{}'",
-            renewed("key").display()
-        ),
-        "SELECT pg_reload_conf()".into(),
-    ] {
-        admin.batch_execute(&statement).await.unwrap();
-    }
+    let (cert_file, key_file) = (renewed("crt"), renewed("key"));
+    disk.set_system(&[
+        ("ssl_cert_file", &cert_file.display().to_string()),
+        ("ssl_key_file", &key_file.display().to_string()),
+    ])
+    .await;
     // The reload is a signal: a new session shows when the postmaster has read the file.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     loop {
@@ -1112,10 +1104,7 @@ async fn start_up_warns_of_a_database_that_would_lose_acknowledged_events() {
     assert!(s.log_lines("fsync = off").is_empty());
     assert!(s.log_lines("did not take").is_empty());
     drop(s);
-    let admin = db_at(&disk.url).await;
-    for statement in ["ALTER SYSTEM SET fsync = off", "SELECT pg_reload_conf()"] {
-        admin.batch_execute(statement).await.unwrap();
-    }
+    disk.set_system(&[("fsync", "off")]).await;
     let asked_off = format!("{url}?options=-c%20synchronous_commit%3Doff");
     let s = Server::process_with_db(&[], &asked_off);
     assert!(s.logged("migrations up to date").await);

@@ -232,6 +232,23 @@ impl SmallDisk {
         format!("{}/{name}", &self.url[..self.url.rfind('/').unwrap()])
     }
 
+    /// `ALTER SYSTEM SET` each `(name, value)` (one statement a message: ALTER SYSTEM is refused
+    /// in a batch's implicit transaction), then reload the configuration. The reload is a
+    /// signal: settings PostgreSQL reads at reload reach sessions a moment later.
+    pub async fn set_system(&self, settings: &[(&str, &str)]) {
+        let admin = db_at(&self.url).await;
+        for (name, value) in settings {
+            admin
+                .batch_execute(&format!("ALTER SYSTEM SET {name} = '{value}'"))
+                .await
+                .unwrap();
+        }
+        admin
+            .batch_execute("SELECT pg_reload_conf()")
+            .await
+            .unwrap();
+    }
+
     fn command(&mut self, command: &str) -> String {
         use std::io::Write;
         let stdin = self.stdin.as_mut().unwrap();
