@@ -2358,6 +2358,90 @@ async fn a_backup_taken_under_load_restores_each_event_whole_and_delivers_what_w
     assert_eq!(anew.status, 201, "{}", anew.text());
 }
 
+/// A node left running while its database is replaced by an earlier copy (a restore, or a
+/// failover to a standby that had not received the last commits) must not answer from memory
+/// that a dedup id is taken when the database no longer holds its event: the client would take
+/// the 409 as "stored" and drop an event that is nowhere. The cores' recent-dedup windows are
+/// forgotten with the other caches when the node's change listener loses its connection (as it
+/// does whenever the database goes away), so the retry is stored anew; a dedup id the copy holds
+/// is still 409, from the database.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dedup_id_the_restored_database_lacks_is_accepted_anew_by_a_node_left_running() {
+    let name = "triggers_test_rerestore";
+    let url = own_database(name).await;
+    let copy = own_database("triggers_test_rerestore_copy").await;
+    let s = Server::process_with_db(&[], &url);
+    let (key, _) = new_org(s.addr, "enterprise").await;
+    let kept = post_event(s.addr, &key, "kept", json!({}), Some("kept")).await;
+    assert_eq!(kept.status, 201, "{}", kept.text());
+    let kept_id = kept.json()["id"].as_str().unwrap().to_string();
+    let file = std::env::temp_dir().join(format!("triggers-rerestore-{}.dump", std::process::id()));
+    let path = file.to_str().unwrap().to_string();
+    {
+        let (url, path) = (url.clone(), path.clone());
+        tokio::task::spawn_blocking(move || {
+            run_program(pg_program("pg_dump"), &["-Fc", "-f", &path, &url])
+        })
+        .await
+        .unwrap();
+    }
+    // After the backup: what the restore loses. The node remembers its dedup id committed.
+    let lost = post_event(s.addr, &key, "lost", json!({}), Some("lost")).await;
+    assert_eq!(lost.status, 201, "{}", lost.text());
+    let lost_id = lost.json()["id"].as_str().unwrap().to_string();
+    let again = post_event(s.addr, &key, "lost", json!({}), Some("lost")).await;
+    assert_eq!(again.status, 409, "{}", again.text());
+
+    {
+        let (copy, path) = (copy.clone(), path.clone());
+        tokio::task::spawn_blocking(move || {
+            run_program(
+                pg_program("pg_restore"),
+                &["--exit-on-error", "-d", &copy, &path],
+            )
+        })
+        .await
+        .unwrap();
+    }
+    let _ = std::fs::remove_file(&file);
+    let admin = db().await;
+    for statement in [
+        format!("DROP DATABASE {name} WITH (FORCE)"),
+        format!("ALTER DATABASE {name}_copy RENAME TO {name}"),
+    ] {
+        admin.batch_execute(&statement).await.unwrap();
+    }
+    // The node finds the copy in its place (its pools and listener reconnect by themselves).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let r = get(s.addr, &key, &format!("/api/events/{kept_id}")).await;
+        let gone = get(s.addr, &key, &format!("/api/events/{lost_id}")).await;
+        if r.status == 200 && gone.status == 404 && s.logged("org-change listener lost").await {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the node did not serve the restored copy within 30 s: {} {}",
+            r.status,
+            gone.status
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let retried = post_event(s.addr, &key, "lost", json!({}), Some("lost")).await;
+    assert_eq!(
+        retried.status,
+        201,
+        "a dedup id whose event the database no longer holds: {}",
+        retried.text()
+    );
+    let anew = retried.json()["id"].as_str().unwrap().to_string();
+    let r = get(s.addr, &key, &format!("/api/events/{anew}")).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let kept_again = post_event(s.addr, &key, "kept", json!({}), Some("kept")).await;
+    assert_eq!(kept_again.status, 409, "{}", kept_again.text());
+    assert_eq!(kept_again.json()["event_id"], kept_id.as_str());
+}
+
 /// `synchronous_commit = off` on the database or the role (common tuning advice) lets PostgreSQL
 /// answer a COMMIT before its WAL is on disk: the WAL writer flushes it within three times
 /// `wal_writer_delay` (200 ms by default), and a power cut or an operating system crash meanwhile

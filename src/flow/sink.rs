@@ -337,8 +337,9 @@ pub trait CoreLink: Send + Sync + 'static {
     /// Tell the owner core how the dedup keys it reserved were settled: committed as the event,
     /// or not written (`None`).
     fn settle(&self, core: CoreId, keys: Vec<(DedupKey, Option<EventId>)>);
-    /// `org`'s key or webhook changed (`None`: any may have); resolves once every core has
-    /// dropped what it cached about it.
+    /// `org`'s key or webhook changed (`None`: any may have, and the database may be another:
+    /// the cores forget their recent-dedup windows too); resolves once every core has dropped
+    /// what it cached about it.
     fn org_changed(&self, org: Option<OrgId>) -> Pending<'_>;
     /// The same, without waiting (a change made by another node).
     fn notify_org_changed(&self, org: Option<OrgId>);

@@ -133,6 +133,9 @@ fn handle_message(ctx: &Rc<CoreCtx>, msg: CoreMsg) {
         CoreMsg::RateReported(balances) => ctx.owner.rate_reported(balances),
         CoreMsg::OrgChanged { org, done } => {
             ctx.keys.borrow_mut().org_changed(org);
+            if org.is_none() {
+                ctx.owner.forget_dedup();
+            }
             if let Some(done) = done {
                 let _ = done.send(());
             }

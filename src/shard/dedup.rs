@@ -89,6 +89,12 @@ impl DedupWindow {
         self.order.push_back(key);
     }
 
+    /// Forget every key (the database may no longer hold what the window says it does).
+    pub fn clear(&mut self) {
+        self.map.clear();
+        self.order.clear();
+    }
+
     /// Keys remembered now.
     pub fn len(&self) -> usize {
         self.map.len()
@@ -117,6 +123,20 @@ mod tests {
         assert_eq!(w.check_and_reserve(1), Seen::Unknown);
         w.settle(1, Some(id(7)));
         assert_eq!(w.check_and_reserve(1), Seen::Committed(id(7)));
+    }
+
+    #[test]
+    fn cleared_keys_go_to_the_database_and_settle_as_before() {
+        let mut w = DedupWindow::new(10);
+        w.check_and_reserve(1);
+        w.settle(1, Some(id(7)));
+        w.check_and_reserve(2);
+        w.clear();
+        assert!(w.is_empty());
+        assert_eq!(w.check_and_reserve(1), Seen::Unknown);
+        // A key in flight when the window was cleared is remembered once it commits.
+        w.settle(2, Some(id(8)));
+        assert_eq!(w.check_and_reserve(2), Seen::Committed(id(8)));
     }
 
     #[test]

@@ -75,8 +75,10 @@ pub enum CoreMsg {
     Complete(Vec<Completion>),
     /// The store settled dedup keys this core reserved: committed as the event, or not written.
     Settled(Vec<(DedupKey, Option<EventId>)>),
-    /// An organization's key or webhook changed (`None`: forget every cached key). `done` gets one
-    /// message once this core's caches no longer hold the old state.
+    /// An organization's key or webhook changed (`None`: forget every cached key and the
+    /// recent-dedup window, as when the change listener lost the database, which may come back as
+    /// another: a restore, a failover). `done` gets one message once this core's caches no
+    /// longer hold the old state.
     OrgChanged {
         /// The organization, or all.
         org: Option<OrgId>,

@@ -264,6 +264,12 @@ impl Owner {
         }
     }
 
+    /// Forget the recent-dedup window: the database may have been replaced by a copy without the
+    /// events it names (a restore, a failover that lost commits). Keys in flight settle as before.
+    pub fn forget_dedup(&self) {
+        self.shard.borrow_mut().forget_dedup();
+    }
+
     /// Report whatever this core's organizations spent since the last report, unless one is on
     /// its way (the core's tick, every `RATE_REPORT_EVERY`) or `last` (the core is stopping:
     /// whatever is left goes); the balances come back to [`Owner::rate_reported`].

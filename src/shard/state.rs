@@ -231,6 +231,11 @@ impl Shard {
         self.bucket(org, now).snapshot(now, org.limit)
     }
 
+    /// Forget every dedup id remembered ([`super::owner::Owner::forget_dedup`]).
+    pub fn forget_dedup(&mut self) {
+        self.dedup.clear();
+    }
+
     /// The store settled a dedup key this shard reserved.
     pub fn settle(&mut self, key: DedupKey, outcome: Option<EventId>) {
         self.dedup.settle(key, outcome);
