@@ -126,12 +126,11 @@ pub async fn migrate(client: &mut Client) -> Result<Vec<i32>, String> {
     if !not_taken.is_empty() {
         tracing::warn!(
             settings = not_taken.join(", "),
-            "the database did not take this server's session settings (a pooler that drops \
-             the `options` startup parameter, as PgBouncer's ignore_startup_parameters does): \
-             set them on the role instead, e.g. ALTER ROLE <user> SET \
-             idle_in_transaction_session_timeout = '5s'; ALTER ROLE <user> SET jit = off; \
-             ALTER ROLE <user> SET synchronous_commit = on (README, \"Behind a connection \
-             pooler\")"
+            "sessions lack this server's settings: the URL's options ask otherwise \
+             (synchronous_commit = off: a crash of the database's machine loses events answered \
+             201), or a pooler drops the `options` parameter: set them on the role, ALTER ROLE \
+             <user> SET idle_in_transaction_session_timeout = '5s'; … jit = off; … \
+             synchronous_commit = on (README, \"Behind a connection pooler\")"
         );
     }
     if row.get::<_, &str>(3) == "off" {
