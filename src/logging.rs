@@ -1,7 +1,18 @@
 //! Log output: one JSON object per line (default) or human-readable text, filtered by `--log`.
 //! The JSON writer is the crate's own response writer, so logging pulls in no serializer.
+//!
+//! The server never waits for its log's reader. A line is written only when stdout can take it:
+//! a reader that stops reading (journald hung, a container runtime's log pipe stalled, a terminal
+//! paused) gets [`STALL_WAIT_MS`] to take the next line, and once one was dropped the next are
+//! dropped at once until it reads again; they are counted (`triggers_log_lines_dropped_total`)
+//! and a warning says how many once lines go through again. Before, the thread that logged
+//! blocked in its write until the reader read: a few database blips with the reader stalled
+//! stopped the group commit and the ingress cores, and every request, health checks too, went
+//! unanswered (RELIABILITY.md).
 
 use std::fmt;
+use std::io::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use tracing::field::{Field, Visit};
 use tracing::{Event, Subscriber};
@@ -13,6 +24,18 @@ use tracing_subscriber::registry::LookupSpan;
 use crate::config::LogFormat;
 use crate::ids::Micros;
 use crate::json::Obj;
+
+/// How long a line waits for stdout to take it while none is being dropped, in ms; once one was
+/// dropped, the next are dropped at once until stdout takes a line again.
+const STALL_WAIT_MS: i32 = 20;
+
+/// The most written at once while stdout says it has room: a pipe that does takes `PIPE_BUF`
+/// (4,096 bytes) without blocking; a longer line goes in pieces.
+const PIECE: usize = 4096;
+
+/// Lines dropped because stdout did not take them, and how many of them a warning has named.
+static DROPPED: AtomicU64 = AtomicU64::new(0);
+static REPORTED: AtomicU64 = AtomicU64::new(0);
 
 /// Install the global subscriber. `filter` is a level or `target=level,...`.
 pub fn init(format: LogFormat, filter: &str) -> Result<(), String> {
@@ -26,16 +49,113 @@ pub fn init(format: LogFormat, filter: &str) -> Result<(), String> {
             .with(
                 tracing_subscriber::fmt::layer()
                     .event_format(JsonLines)
-                    .with_writer(std::io::stdout),
+                    .with_writer(|| Stdout(LogFormat::Json)),
             )
             .with(targets)
             .try_init(),
         LogFormat::Text => tracing_subscriber::registry()
-            .with(tracing_subscriber::fmt::layer().with_writer(std::io::stdout))
+            .with(tracing_subscriber::fmt::layer().with_writer(|| Stdout(LogFormat::Text)))
             .with(targets)
             .try_init(),
     };
     result.map_err(|e| e.to_string())
+}
+
+/// Log lines dropped so far because stdout did not take them.
+pub fn lines_dropped() -> u64 {
+    DROPPED.load(Ordering::Relaxed)
+}
+
+/// Whether stdout takes [`PIECE`] bytes now or within `wait_ms` (never when it is closed).
+fn writable(wait_ms: i32) -> bool {
+    let mut fd = libc::pollfd {
+        fd: 1,
+        events: libc::POLLOUT,
+        revents: 0,
+    };
+    loop {
+        // SAFETY: one valid pollfd, for the call's length.
+        match unsafe { libc::poll(&mut fd, 1, wait_ms) } {
+            1 => return fd.revents & libc::POLLOUT != 0,
+            -1 if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted => {}
+            _ => return false,
+        }
+    }
+}
+
+/// What each event's formatted line is written to: stdout through [`write_lines`].
+struct Stdout(LogFormat);
+
+impl std::io::Write for Stdout {
+    fn write(&mut self, line: &[u8]) -> std::io::Result<usize> {
+        write_lines(line, self.0);
+        Ok(line.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Write whole `lines` to stdout, each piece only when stdout takes it in time (see the module's
+/// note); what it does not take is dropped and counted. `format` is the log's, for the warning
+/// of lines dropped before, written ahead of them. The server's log and the access log both
+/// write here.
+pub fn write_lines(lines: &[u8], format: LogFormat) {
+    // The lock orders the lines of every thread; a thread waits for it at most as long as one
+    // piece waits for the reader.
+    let mut out = std::io::stdout().lock();
+    let (dropped, reported) = (lines_dropped(), REPORTED.load(Ordering::Relaxed));
+    let mut wait = if dropped > reported { 0 } else { STALL_WAIT_MS };
+    for (i, piece) in lines.chunks(PIECE).enumerate() {
+        if !writable(wait) {
+            if i > 0 && lines[i * PIECE - 1] != b'\n' {
+                // Stalled mid-line: end it, so the next line starts whole.
+                let _ = out.write_all(b"\n");
+            }
+            let lost = lines[i * PIECE..].iter().filter(|&&b| b == b'\n').count();
+            DROPPED.fetch_add(lost.max(1) as u64, Ordering::Relaxed);
+            break;
+        }
+        if i == 0 && dropped > reported {
+            write_dropped(&mut out, format, dropped - reported);
+            REPORTED.store(dropped, Ordering::Relaxed);
+        }
+        let _ = out.write_all(piece);
+        wait = STALL_WAIT_MS;
+    }
+    let _ = out.flush();
+}
+
+/// Write the warning that `lines` were dropped, in the log's format, ahead of the first line
+/// stdout takes again (in pieces: the JSON writer or `format!` cost the binary more here).
+#[cold]
+#[inline(never)]
+fn write_dropped(out: &mut dyn std::io::Write, format: LogFormat, lines: u64) {
+    const MESSAGE: &str =
+        "log lines dropped: the log's reader did not keep up (triggers_log_lines_dropped_total)";
+    let (ts, lines) = (Micros::now().rfc3339(), lines.to_string());
+    let pieces: [&str; 7] = match format {
+        LogFormat::Json => [
+            "{\"ts\":\"",
+            &ts,
+            "\",\"level\":\"WARN\",\"target\":\"triggers::logging\",\"message\":\"",
+            MESSAGE,
+            "\",\"lines\":",
+            &lines,
+            "}\n",
+        ],
+        LogFormat::Text => [
+            "",
+            &ts,
+            "  WARN triggers::logging: ",
+            MESSAGE,
+            " lines=",
+            &lines,
+            "\n",
+        ],
+    };
+    let _ = out.write_all(pieces.concat().as_bytes());
 }
 
 /// `{"ts":"…","level":"INFO","target":"…","message":"…",<fields>}`.
@@ -155,4 +275,32 @@ pub fn install_panic_hook() {
         );
         default(info);
     }));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_warning_of_dropped_lines_is_one_line_in_the_logs_format() {
+        let mut json = Vec::new();
+        write_dropped(&mut json, LogFormat::Json, 7);
+        let line = String::from_utf8(json).unwrap();
+        assert_eq!(line.matches('\n').count(), 1, "{line}");
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(
+            (v["level"].as_str(), v["lines"].as_i64()),
+            (Some("WARN"), Some(7))
+        );
+        assert_eq!(v["target"], "triggers::logging");
+        assert!(v["ts"].as_str().unwrap().ends_with('Z'), "{line}");
+        let mut text = Vec::new();
+        write_dropped(&mut text, LogFormat::Text, 7);
+        let line = String::from_utf8(text).unwrap();
+        assert!(
+            line.contains("Z  WARN triggers::logging: log lines dropped"),
+            "{line}"
+        );
+        assert!(line.ends_with(" lines=7\n"), "{line}");
+    }
 }

@@ -4,6 +4,7 @@ mod common;
 
 use common::*;
 use serde_json::{json, Value};
+use std::time::Duration;
 
 #[tokio::test]
 async fn health_live_and_ready() {
@@ -1119,4 +1120,88 @@ async fn start_up_warns_of_a_database_that_would_lose_acknowledged_events() {
     assert!(named[0].contains("the URL's options ask otherwise"));
     drop(s);
     drop(disk);
+}
+
+/// A log reader that stops reading (journald hung, a container runtime's log pipe stalled, a
+/// terminal paused) never stops the server: with its stdout pipe full, each database blip's
+/// warnings and the access log's lines are dropped and counted instead of blocking the thread
+/// that writes them, every event is still answered 201 and stored, and readiness stays 200. Once
+/// the reader reads again, a warning says how many lines were dropped. Before, the first write
+/// that found the pipe full blocked its thread (the group commit, an ingress core writing its
+/// access lines) until the reader read: every request went unanswered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_log_reader_never_stops_the_server() {
+    let name = "triggers_test_log_stall";
+    let url = own_database(name).await;
+    let s = Server::process_with_db(&["--db-timeout-ms", "1000", "--access-log"], &url);
+    let (key, _) = new_org(s.addr, "enterprise").await;
+    let within = |what: &'static str| {
+        move |r: Result<Response, tokio::time::error::Elapsed>| {
+            r.unwrap_or_else(|_| panic!("{what}: no answer within 10 s"))
+        }
+    };
+    s.stall_log_reader();
+    let admin = db().await;
+    let terminate = format!(
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE datname = '{name}'"
+    );
+    let mut acked = Vec::new();
+    let mut rounds_after_drops = 0;
+    for round in 0..60 {
+        // Every connection of the server ends: each pool's warnings, the listener's, the
+        // health flag's.
+        admin.batch_execute(&terminate).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let posted = tokio::time::timeout(
+            Duration::from_secs(10),
+            post_event(s.addr, &key, "blip", json!({ "round": round }), None),
+        )
+        .await;
+        let r = within("an event with the log's reader stalled")(posted);
+        assert_eq!(r.status, 201, "round {round}: {}", r.text());
+        acked.push(r.json()["id"].as_str().unwrap().to_string());
+        let ready = tokio::time::timeout(
+            Duration::from_secs(10),
+            call(s.addr, "GET", "/health/ready", &[], None),
+        )
+        .await;
+        assert_eq!(within("readiness")(ready).status, 200, "round {round}");
+        if common::metric(&s, "triggers_log_lines_dropped_total").await > 0.0 {
+            rounds_after_drops += 1;
+            if rounds_after_drops == 3 {
+                break;
+            }
+        }
+    }
+    assert_eq!(
+        rounds_after_drops, 3,
+        "the server's warnings never filled the log's pipe"
+    );
+    // Three seconds more of requests: each core writes its access lines (every second) into
+    // the full pipe.
+    let until = std::time::Instant::now() + Duration::from_secs(3);
+    while std::time::Instant::now() < until {
+        let posted = tokio::time::timeout(
+            Duration::from_secs(10),
+            post_event(s.addr, &key, "blip", json!({}), None),
+        )
+        .await;
+        let r = within("an event with the access log's pipe full")(posted);
+        assert_eq!(r.status, 201, "{}", r.text());
+        acked.push(r.json()["id"].as_str().unwrap().to_string());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let stored = count(
+        &db_at(&url).await,
+        "SELECT count(*) FROM events WHERE type = 'blip'",
+    )
+    .await;
+    assert_eq!(stored, acked.len() as i64);
+    s.read_log_again();
+    admin.batch_execute(&terminate).await.unwrap();
+    let said = s.log_lines_at_least("log lines dropped", 1).await;
+    assert!(!said.is_empty(), "no warning of the lines dropped");
+    let dropped: Value = serde_json::from_str(&said[0]).unwrap();
+    assert!(dropped["lines"].as_i64().unwrap() > 0, "{}", said[0]);
+    assert_eq!(dropped["level"], "WARN");
 }

@@ -10,6 +10,7 @@ use std::io::Write as _;
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
+use crate::config::LogFormat;
 use crate::ids::{fast_random, Micros, OrgId};
 
 /// Bytes a core gathers before it writes them.
@@ -21,6 +22,8 @@ pub const FLUSH_EVERY: Duration = Duration::from_secs(1);
 pub struct AccessLog {
     buf: RefCell<Vec<u8>>,
     flushed: Cell<Instant>,
+    /// The server's log format (for the warning of lines dropped).
+    format: LogFormat,
 }
 
 /// What one line says about its request.
@@ -39,11 +42,13 @@ pub struct Entry<'a> {
     pub client: Option<IpAddr>,
 }
 
-impl Default for AccessLog {
-    fn default() -> Self {
+impl AccessLog {
+    /// A core's access log, beside a server log in `format`.
+    pub fn new(format: LogFormat) -> Self {
         AccessLog {
             buf: RefCell::new(Vec::with_capacity(FLUSH_BYTES + 1024)),
             flushed: Cell::new(Instant::now()),
+            format,
         }
     }
 }
@@ -114,8 +119,9 @@ impl AccessLog {
         if buf.is_empty() {
             return;
         }
-        // A full or closed stdout loses access lines, never a request.
-        let _ = std::io::stdout().lock().write_all(&buf);
+        // A stalled reader, a full or closed stdout loses access lines (counted), never a
+        // request: the core does not wait for the log's reader.
+        crate::logging::write_lines(&buf, self.format);
         buf.clear();
     }
 }
@@ -139,7 +145,7 @@ mod tests {
 
     #[test]
     fn a_line_is_one_json_object() {
-        let log = AccessLog::default();
+        let log = AccessLog::new(LogFormat::Json);
         log.line(Entry {
             route: ("POST", "/api/events"),
             status: 201,

@@ -369,7 +369,9 @@ async fn serve(
         date: RefCell::new(DateCache::default()),
         bodies: node.bodies,
         liveness: node.liveness,
-        access: config.access_log.then(super::access::AccessLog::default),
+        access: config
+            .access_log
+            .then(|| super::access::AccessLog::new(config.log_format)),
         config,
         mesh,
         store,

@@ -355,6 +355,13 @@ impl Metrics {
         );
         single(
             &mut out,
+            "triggers_log_lines_dropped_total",
+            "Log lines dropped because the log's reader did not take them (the server never waits for it).",
+            "counter",
+            crate::logging::lines_dropped(),
+        );
+        single(
+            &mut out,
             "triggers_write_batches_total",
             "Group-commit transactions.",
             "counter",
@@ -738,6 +745,7 @@ fn wall_less_monotonic_us() -> i64 {
     crate::ids::Micros::now().0 - monotonic.as_micros() as i64
 }
 
+#[inline(never)]
 fn header(out: &mut String, name: &str, help: &str, kind: &str) {
     let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
 }
@@ -758,6 +766,12 @@ fn by_reason<V: std::fmt::Display>(
 
 /// One metric with a single value: its HELP and TYPE lines, then the value.
 fn single(out: &mut String, name: &str, help: &str, kind: &str, value: impl std::fmt::Display) {
+    single_dyn(out, name, help, kind, &value);
+}
+
+/// [`single`], once in the binary rather than once per call (33 calls: 5.8 KB less).
+#[inline(never)]
+fn single_dyn(out: &mut String, name: &str, help: &str, kind: &str, value: &dyn std::fmt::Display) {
     header(out, name, help, kind);
     let _ = writeln!(out, "{name} {value}");
 }

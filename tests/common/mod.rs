@@ -332,6 +332,8 @@ pub struct Server {
     pub log: Arc<Mutex<Vec<String>>>,
     args: Vec<String>,
     database_url: String,
+    /// A process's stdout pipe (its read end) and the switch that stops the test reading it.
+    stdout: Option<(i32, Arc<std::sync::atomic::AtomicBool>)>,
 }
 
 /// The flags every test server gets before its own.
@@ -414,6 +416,7 @@ impl Server {
             log,
             args,
             database_url: database_url.to_string(),
+            stdout: None,
         }
     }
 
@@ -474,11 +477,17 @@ impl Server {
         register_log(&log, false);
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let stdout = child.stdout.take().unwrap();
+        let stdout_fd = std::os::fd::AsRawFd::as_raw_fd(&stdout);
+        let stalled = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let stderr = child.stderr.take().unwrap();
         {
             let log = Arc::clone(&log);
+            let stalled = Arc::clone(&stalled);
             std::thread::spawn(move || {
                 for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                    while stalled.load(std::sync::atomic::Ordering::Relaxed) {
+                        std::thread::sleep(Duration::from_millis(10));
+                    }
                     if line.contains("\"triggers ready\"") {
                         let _ = ready_tx.send(line.clone());
                     }
@@ -514,6 +523,7 @@ impl Server {
             log,
             args,
             database_url,
+            stdout: Some((stdout_fd, stalled)),
         }
     }
 
@@ -602,6 +612,22 @@ impl Server {
         let args = self.args.clone();
         let next = Self::spawn(&[], args, self.database_url.clone(), self.addr);
         *self = next;
+    }
+
+    /// Stop reading the process's stdout, as a log collector that hangs does, with its pipe
+    /// shrunk to one page so that a few lines fill it; [`Server::read_log_again`] reads on.
+    pub fn stall_log_reader(&self) {
+        let (fd, stalled) = self.stdout.as_ref().expect("a process's stdout");
+        stalled.store(true, std::sync::atomic::Ordering::Relaxed);
+        // SAFETY: the pipe's read end, open while the reading thread holds it.
+        let size = unsafe { libc::fcntl(*fd, libc::F_SETPIPE_SZ, 4096) };
+        assert!(size >= 4096, "{}", std::io::Error::last_os_error());
+    }
+
+    /// Read the process's stdout again (after [`Server::stall_log_reader`]).
+    pub fn read_log_again(&self) {
+        let (_, stalled) = self.stdout.as_ref().expect("a process's stdout");
+        stalled.store(false, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Make ingress core `core` panic, as a bug would (in-process servers only).
