@@ -66,10 +66,18 @@ pub fn lines_dropped() -> u64 {
     DROPPED.load(Ordering::Relaxed)
 }
 
-/// Whether stdout takes [`PIECE`] bytes now or within `wait_ms` (never when it is closed).
-fn writable(wait_ms: i32) -> bool {
+/// Whether stderr takes a message now or within 100 ms: the panic hook and a failed start-up
+/// write there only then, so a stalled reader cannot keep the process from exiting (and its
+/// supervisor from starting it again).
+pub fn stderr_takes() -> bool {
+    writable(2, 100)
+}
+
+/// Whether file descriptor `fd` takes [`PIECE`] bytes now or within `wait_ms` (never when it is
+/// closed).
+fn writable(fd: i32, wait_ms: i32) -> bool {
     let mut fd = libc::pollfd {
-        fd: 1,
+        fd,
         events: libc::POLLOUT,
         revents: 0,
     };
@@ -108,7 +116,7 @@ pub fn write_lines(lines: &[u8], format: LogFormat) {
     let (dropped, reported) = (lines_dropped(), REPORTED.load(Ordering::Relaxed));
     let mut wait = if dropped > reported { 0 } else { STALL_WAIT_MS };
     for (i, piece) in lines.chunks(PIECE).enumerate() {
-        if !writable(wait) {
+        if !writable(1, wait) {
             if i > 0 && lines[i * PIECE - 1] != b'\n' {
                 // Stalled mid-line: end it, so the next line starts whole.
                 let _ = out.write_all(b"\n");
@@ -273,13 +281,43 @@ pub fn install_panic_hook() {
             message,
             "panic: the process stops; its supervisor restarts it"
         );
-        default(info);
+        if stderr_takes() {
+            default(info);
+        }
     }));
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_full_pipe_is_not_writable_until_its_reader_reads() {
+        let mut fds = [0; 2];
+        // SAFETY: a two-element array for pipe(2); both ends closed below.
+        assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+        let [read, write] = fds;
+        assert!(writable(write, 0));
+        // SAFETY: the pipe's write end; O_NONBLOCK so that filling it ends.
+        unsafe { libc::fcntl(write, libc::F_SETFL, libc::O_NONBLOCK) };
+        let page = [b'x'; PIECE];
+        // SAFETY: writes from and reads into a buffer of the length given.
+        while unsafe { libc::write(write, page.as_ptr().cast(), PIECE) } > 0 {}
+        assert!(!writable(write, 0));
+        assert!(!writable(write, 20));
+        let mut sink = [0u8; PIECE];
+        while unsafe { libc::read(read, sink.as_mut_ptr().cast(), PIECE) } == PIECE as isize {
+            if writable(write, 0) {
+                break;
+            }
+        }
+        assert!(writable(write, 0));
+        // SAFETY: both ends, once.
+        unsafe {
+            libc::close(read);
+            libc::close(write);
+        }
+    }
 
     #[test]
     fn the_warning_of_dropped_lines_is_one_line_in_the_logs_format() {

@@ -16,7 +16,9 @@ fn main() -> ExitCode {
         match Config::from_args_and_env(std::env::args().skip(1), std::env::vars()) {
             Ok(parsed) => parsed,
             Err(e) => {
-                let _ = writeln!(std::io::stderr(), "triggers: {e}");
+                if triggers::logging::stderr_takes() {
+                    let _ = writeln!(std::io::stderr(), "triggers: {e}");
+                }
                 return ExitCode::from(2);
             }
         };
@@ -41,7 +43,9 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = %e, "triggers stopped");
-            let _ = writeln!(std::io::stderr(), "triggers: {e}");
+            if triggers::logging::stderr_takes() {
+                let _ = writeln!(std::io::stderr(), "triggers: {e}");
+            }
             ExitCode::FAILURE
         }
     }
