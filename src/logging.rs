@@ -12,7 +12,7 @@
 
 use std::fmt;
 use std::io::Write as _;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use tracing::field::{Field, Visit};
 use tracing::{Event, Subscriber};
@@ -36,6 +36,10 @@ const PIECE: usize = 4096;
 /// Lines dropped because stdout did not take them, and how many of them a warning has named.
 static DROPPED: AtomicU64 = AtomicU64::new(0);
 static REPORTED: AtomicU64 = AtomicU64::new(0);
+
+/// The last piece written ended inside a line (the reader stalled before the rest): the next
+/// write ends it first, so each line after starts whole.
+static MID_LINE: AtomicBool = AtomicBool::new(false);
 
 /// Install the global subscriber. `filter` is a level or `target=level,...`.
 pub fn init(format: LogFormat, filter: &str) -> Result<(), String> {
@@ -110,29 +114,52 @@ impl std::io::Write for Stdout {
 /// of lines dropped before, written ahead of them. The server's log and the access log both
 /// write here.
 pub fn write_lines(lines: &[u8], format: LogFormat) {
-    // The lock orders the lines of every thread; a thread waits for it at most as long as one
-    // piece waits for the reader.
-    let mut out = std::io::stdout().lock();
+    // Stdout's lock orders the lines of every thread (a thread waits for it at most as long as
+    // one piece waits for the reader); the bytes go straight to the descriptor, not through
+    // stdout's line buffer, which would hold a cut line's end and write it with the next piece.
+    let _lock = std::io::stdout().lock();
+    // SAFETY: descriptor 1 stays open for the process's life (and is never closed here: the
+    // `File` is not dropped); `writable` said it is open before each write.
+    let mut out = std::mem::ManuallyDrop::new(unsafe {
+        <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(1)
+    });
     let (dropped, reported) = (lines_dropped(), REPORTED.load(Ordering::Relaxed));
-    let mut wait = if dropped > reported { 0 } else { STALL_WAIT_MS };
-    for (i, piece) in lines.chunks(PIECE).enumerate() {
+    let (mut wait, mut notice) = if dropped > reported {
+        (0, true)
+    } else {
+        (STALL_WAIT_MS, false)
+    };
+    let mut at = 0;
+    while at < lines.len() {
         if !writable(1, wait) {
-            if i > 0 && lines[i * PIECE - 1] != b'\n' {
-                // Stalled mid-line: end it, so the next line starts whole.
-                let _ = out.write_all(b"\n");
-            }
-            let lost = lines[i * PIECE..].iter().filter(|&&b| b == b'\n').count();
+            // What is left: the line cut short (ended by the next write that goes through)
+            // and those after it.
+            MID_LINE.store(at > 0 && lines[at - 1] != b'\n', Ordering::Relaxed);
+            let lost = lines[at..].iter().filter(|&&b| b == b'\n').count();
             DROPPED.fetch_add(lost.max(1) as u64, Ordering::Relaxed);
-            break;
+            return;
         }
-        if i == 0 && dropped > reported {
-            write_dropped(&mut out, format, dropped - reported);
-            REPORTED.store(dropped, Ordering::Relaxed);
-        }
-        let _ = out.write_all(piece);
         wait = STALL_WAIT_MS;
+        if MID_LINE.swap(false, Ordering::Relaxed) {
+            let _ = out.write_all(b"\n");
+            continue;
+        }
+        if notice {
+            // A piece of its own: stdout said it takes one.
+            write_dropped(&mut *out, format, dropped - reported);
+            REPORTED.store(dropped, Ordering::Relaxed);
+            notice = false;
+            continue;
+        }
+        let end = lines.len().min(at + PIECE);
+        if out.write_all(&lines[at..end]).is_err() {
+            // A full disk under a file, a closed pipe: what is left is lost.
+            let lost = lines[at..].iter().filter(|&&b| b == b'\n').count();
+            DROPPED.fetch_add(lost.max(1) as u64, Ordering::Relaxed);
+            return;
+        }
+        at = end;
     }
-    let _ = out.flush();
 }
 
 /// Write the warning that `lines` were dropped, in the log's format, ahead of the first line

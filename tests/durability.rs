@@ -2427,7 +2427,15 @@ async fn a_dedup_id_the_restored_database_lacks_is_accepted_anew_by_a_node_left_
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let retried = post_event(s.addr, &key, "lost", json!({}), Some("lost")).await;
+    // Retried as a client does: again after a 503 (the node's health flag may still be down
+    // from the moment the database was missing).
+    let retried = loop {
+        let r = post_event(s.addr, &key, "lost", json!({}), Some("lost")).await;
+        if r.status != 503 || Instant::now() > deadline {
+            break r;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
     assert_eq!(
         retried.status,
         201,
