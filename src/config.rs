@@ -184,6 +184,14 @@ pub const QUERY_JOBS_PER_CONNECTION: usize = 8;
 pub const URL_CHARS_MAX: usize = 2048;
 /// How long a webhook host's DNS lookup may take.
 pub const RESOLVE_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Store jobs that look a webhook host up (a URL configured) running at once, beside the other
+/// jobs' slots; one more is answered 503 at once.
+pub const URL_CHECKS_AT_ONCE: usize = 16;
+
+/// Webhook host lookups running at once (each holds a blocking thread for as long as the host's
+/// DNS servers take to answer, or not); more wait their turn (see `crate::hosts`).
+pub const LOOKUPS_AT_ONCE: usize = 64;
 /// Bytes of a receiver's response body read (and dropped) so its connection can be reused.
 pub const RESPONSE_BODY_READ_BYTES_MAX: usize = 64 * 1024;
 /// How long start-up waits for its port to be released before it calls it taken (a server

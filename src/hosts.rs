@@ -10,16 +10,24 @@
 //! held a blocking thread per connection for as long as the system's resolver tries (the same
 //! threads verify API keys), and a resolver outage stopped deliveries to receivers that were fine.
 //!
+//! At most [`LOOKUPS_AT_ONCE`] lookups run at once, each on a blocking thread; one more is not
+//! run but answered at once as unanswered (the host's last addresses serve, as while the
+//! resolver fails). Without the bound, endpoints on many hosts whose DNS servers do not answer
+//! held a blocking thread per host (up to tokio's 512) for as long as the resolver tried: the
+//! threads that hash and check API keys.
+//!
 //! The SSRF policy ([`crate::url_policy`]) judges the addresses at every use: one kept here is
 //! judged again each time.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
 
+use crate::config::LOOKUPS_AT_ONCE;
 use crate::metrics::Metrics;
 use crate::url_policy::{
     allowed, unresolved, LookupFailed, Unresolved, WebhookUrl, RESOLVE_TIMEOUT,
@@ -74,6 +82,8 @@ struct Inner {
     stale: Duration,
     entries: Mutex<Table>,
     lookup: Box<LookupFn>,
+    /// Lookups running now (at most [`LOOKUPS_AT_ONCE`]).
+    running: AtomicUsize,
     metrics: Arc<Metrics>,
 }
 
@@ -130,6 +140,7 @@ impl Hosts {
                 sweep_at: SWEEP_FIRST,
             }),
             lookup,
+            running: AtomicUsize::new(0),
             metrics,
         }))
     }
@@ -236,23 +247,34 @@ impl Hosts {
     }
 
     /// Look `host` up on a blocking thread (it goes on when every caller waiting for it has
-    /// gone) and give what it found to `pending`.
+    /// gone) and give what it found to `pending`; with [`LOOKUPS_AT_ONCE`] lookups running
+    /// already, it is not run but answered at once as unanswered.
     fn start(&self, host: String, pending: Arc<Pending>) {
+        let inner = &self.0;
+        inner.metrics.host_lookups.fetch_add(1, Ordering::Relaxed);
+        if inner.running.fetch_add(1, Ordering::AcqRel) >= LOOKUPS_AT_ONCE {
+            inner.running.fetch_sub(1, Ordering::AcqRel);
+            self.found(&host, &pending, Err(LookupFailed::ResolverDown), false);
+            return;
+        }
         let hosts = self.clone();
-        self.0
-            .metrics
-            .host_lookups
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         tokio::task::spawn_blocking(move || {
             let found: Found = (hosts.0.lookup)(&host).map(Into::into);
-            hosts.record(&host, &found);
-            *pending.found.lock().unwrap_or_else(|e| e.into_inner()) = Some(found);
-            pending.done.notify_waiters();
+            hosts.0.running.fetch_sub(1, Ordering::AcqRel);
+            hosts.found(&host, &pending, found, true);
         });
     }
 
-    /// Keep what a lookup of `host` found.
-    fn record(&self, host: &str, found: &Found) {
+    /// Keep what a lookup of `host` found and give it to its callers (`ran`: false for one not
+    /// run, which is not warned of).
+    fn found(&self, host: &str, pending: &Pending, found: Found, ran: bool) {
+        self.record(host, &found, ran);
+        *pending.found.lock().unwrap_or_else(|e| e.into_inner()) = Some(found);
+        pending.done.notify_waiters();
+    }
+
+    /// Keep what a lookup of `host` found (`ran`: false for one not run: no warning).
+    fn record(&self, host: &str, found: &Found, ran: bool) {
         if found.is_err() {
             self.0
                 .metrics
@@ -276,7 +298,7 @@ impl Hosts {
             Err(LookupFailed::NoAddress) => entry.known = None,
             Err(LookupFailed::ResolverDown) => {
                 entry.failed = Some(Instant::now());
-                if !failing {
+                if !failing && ran {
                     tracing::warn!(
                         host,
                         "webhook host could not be looked up: the DNS resolver failed or did \
@@ -292,7 +314,6 @@ impl Hosts {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::{AtomicUsize, Ordering};
 
     /// A resolver the test sets: what it answers now, how long it takes, and how often it was
     /// asked.
@@ -301,6 +322,9 @@ mod tests {
         answer: Arc<Mutex<Result<Vec<IpAddr>, LookupFailed>>>,
         delay: Arc<Mutex<Duration>>,
         asked: Arc<AtomicUsize>,
+        /// Lookups running now, and the most that ever ran at once.
+        running: Arc<AtomicUsize>,
+        most: Arc<AtomicUsize>,
     }
 
     impl Resolver {
@@ -309,6 +333,8 @@ mod tests {
                 answer: Arc::new(Mutex::new(Ok(vec!["192.0.2.1".parse().unwrap()]))),
                 delay: Arc::new(Mutex::new(Duration::ZERO)),
                 asked: Arc::new(AtomicUsize::new(0)),
+                running: Arc::new(AtomicUsize::new(0)),
+                most: Arc::new(AtomicUsize::new(0)),
             }
         }
 
@@ -326,7 +352,11 @@ mod tests {
                 Arc::clone(&metrics),
                 Box::new(move |_host| {
                     me.asked.fetch_add(1, Ordering::SeqCst);
-                    std::thread::sleep(*me.delay.lock().unwrap());
+                    let now = me.running.fetch_add(1, Ordering::SeqCst) + 1;
+                    me.most.fetch_max(now, Ordering::SeqCst);
+                    let delay = *me.delay.lock().unwrap();
+                    std::thread::sleep(delay);
+                    me.running.fetch_sub(1, Ordering::SeqCst);
                     me.answer.lock().unwrap().clone()
                 }),
             );
@@ -377,6 +407,53 @@ mod tests {
             hosts.find("a.test", true).await.unwrap();
         }
         assert_eq!(r.asked(), 6);
+    }
+
+    /// Many hosts whose DNS servers do not answer looked up at once: at most
+    /// [`LOOKUPS_AT_ONCE`] lookups hold a blocking thread, the rest are answered at once as
+    /// unanswered and not run, and other blocking work (API keys' hashes) goes on at once.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_flood_of_hosts_that_do_not_answer_holds_a_bounded_number_of_threads() {
+        let r = Resolver::new();
+        *r.delay.lock().unwrap() = RESOLVE_TIMEOUT + Duration::from_secs(1);
+        let (hosts, metrics) = r.hosts(30_000, 0);
+        let started = Instant::now();
+        let mut tasks = Vec::new();
+        for i in 0..200 {
+            let hosts = hosts.clone();
+            tasks.push(tokio::spawn(async move {
+                hosts.find(&format!("h{i}.flood.test"), false).await
+            }));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let other = Instant::now();
+        tokio::task::spawn_blocking(|| ()).await.unwrap();
+        assert!(
+            other.elapsed() < Duration::from_millis(500),
+            "{:?}",
+            other.elapsed()
+        );
+        for t in tasks {
+            assert_eq!(t.await.unwrap(), Err(LookupFailed::ResolverDown));
+        }
+        // Every caller answered when it stopped waiting, or at once.
+        assert!(started.elapsed() < RESOLVE_TIMEOUT + Duration::from_millis(900));
+        assert_eq!(r.most.load(Ordering::SeqCst), LOOKUPS_AT_ONCE);
+        // The lookups that ran end (with an answer, late); the others were never run, and
+        // count as unanswered.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        assert_eq!(r.asked(), LOOKUPS_AT_ONCE);
+        assert_eq!(
+            metrics.host_lookup_failures.load(Ordering::Relaxed),
+            200 - LOOKUPS_AT_ONCE as u64
+        );
+        // A host asked again later gets a lookup of its own at once.
+        *r.delay.lock().unwrap() = Duration::ZERO;
+        tokio::time::sleep(FAILURE_KEPT).await;
+        assert_eq!(
+            ips(&hosts.find("h7.flood.test", false).await),
+            ["192.0.2.1"]
+        );
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -798,6 +798,88 @@ fn sent_once_on_first_attempts(got: &[Received], ids: &[String]) {
     }
 }
 
+/// A tenant configuring endpoint after endpoint on hosts whose DNS servers do not answer (each
+/// check may wait `RESOLVE_TIMEOUT`, 3 s) holds up no other request: such checks run in slots of
+/// their own (16; one more is a 503 at once), so a new key, the first request with a key not
+/// yet cached and a read go on at once. Before, 400 such requests at once held every slot the
+/// store's jobs share for seconds: what came after them waited. The DNS
+/// server here takes every query and answers none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn endpoint_urls_whose_dns_servers_do_not_answer_hold_up_no_other_request() {
+    if !namespaces_allowed() {
+        return;
+    }
+    let Ok(_silent) = std::net::UdpSocket::bind("127.0.2.53:53") else {
+        eprintln!("SKIPPED: no UDP port 53 to listen on (not root)");
+        return;
+    };
+    let dir = std::env::temp_dir().join(format!("triggers-dns-silent-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let resolv = dir.join("resolv.conf");
+    std::fs::write(
+        &resolv,
+        "nameserver 127.0.2.53\noptions timeout:5 attempts:1\n",
+    )
+    .unwrap();
+    let resolv = resolv.to_str().unwrap();
+    let s = Server::process_wrapped(
+        &[
+            "unshare",
+            "-rm",
+            "sh",
+            "-c",
+            r#"mount --bind "$1" /etc/resolv.conf && shift && exec "$@""#,
+            "sh",
+            resolv,
+        ],
+        &[],
+        &database_url(),
+    );
+    let (tenant, _) = new_org(s.addr, "enterprise").await;
+    let (other, _) = new_org(s.addr, "pro").await;
+    let mut flood = Vec::new();
+    for i in 0..400 {
+        let (addr, key) = (s.addr, tenant.clone());
+        flood.push(tokio::spawn(async move {
+            let url = format!("https://h{i}.flood.test/in");
+            post(addr, &key, "/api/endpoints", &json!({ "url": url })).await
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let during = Instant::now();
+    new_org(s.addr, "free").await;
+    let r = get(s.addr, &other, "/api/inbox?limit=1").await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let r = get(s.addr, &tenant, "/api/endpoints").await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    // Well within one DNS wait: nothing waited behind the checks.
+    let waited = during.elapsed();
+    assert!(waited < Duration::from_secs(1), "{waited:?}");
+    let mut codes = std::collections::BTreeMap::new();
+    for f in flood {
+        let r = f.await.unwrap();
+        assert_eq!(r.status, 503, "{}", r.text());
+        assert!(r.header("retry-after").is_some());
+        *codes
+            .entry(r.json()["code"].as_str().unwrap().to_string())
+            .or_insert(0) += 1;
+    }
+    // Each check either waited for the DNS server or found every slot taken.
+    assert!(
+        codes
+            .keys()
+            .all(|c| c == "unavailable" || c == "overloaded"),
+        "{codes:?}"
+    );
+    assert!(
+        codes.get("overloaded").is_some_and(|n| *n >= 300),
+        "{codes:?}"
+    );
+    let list = get(s.addr, &tenant, "/api/endpoints").await.json();
+    assert_eq!(list, json!({"endpoints": []}));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// The server's view of names, in a mount namespace of its own: `/etc/hosts` (the test's, changed
 /// while the server runs: written in place, the bind mount sees it), then a DNS server at
 /// 127.0.0.1 where nothing listens (getaddrinfo: a temporary failure, at once).
