@@ -593,20 +593,13 @@ fn namespaces_allowed() -> bool {
     allowed
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_resolver_that_fails_is_a_503_and_changes_nothing() {
-    if !namespaces_allowed() {
-        return;
-    }
-    let dir = std::env::temp_dir().join(format!("triggers-dns-down-{}", std::process::id()));
+/// The real binary, its `/etc/resolv.conf` replaced by `resolv_conf` in a mount namespace of
+/// its own; and the directory that holds the file (for the test to remove).
+fn with_resolver(name: &str, resolv_conf: &str) -> (Server, std::path::PathBuf) {
+    let dir = std::env::temp_dir().join(format!("triggers-{name}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let resolv = dir.join("resolv.conf");
-    std::fs::write(
-        &resolv,
-        "nameserver 127.0.0.1\noptions timeout:1 attempts:1\n",
-    )
-    .unwrap();
-    let resolv = resolv.to_str().unwrap();
+    std::fs::write(&resolv, resolv_conf).unwrap();
     let s = Server::process_wrapped(
         &[
             "unshare",
@@ -615,10 +608,22 @@ async fn a_resolver_that_fails_is_a_503_and_changes_nothing() {
             "-c",
             r#"mount --bind "$1" /etc/resolv.conf && shift && exec "$@""#,
             "sh",
-            resolv,
+            resolv.to_str().unwrap(),
         ],
         &[],
         &database_url(),
+    );
+    (s, dir)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resolver_that_fails_is_a_503_and_changes_nothing() {
+    if !namespaces_allowed() {
+        return;
+    }
+    let (s, dir) = with_resolver(
+        "dns-down",
+        "nameserver 127.0.0.1\noptions timeout:1 attempts:1\n",
     );
     let (key, _) = new_org(s.addr, "pro").await;
     let hosts = [
@@ -813,27 +818,9 @@ async fn endpoint_urls_whose_dns_servers_do_not_answer_hold_up_no_other_request(
         eprintln!("SKIPPED: no UDP port 53 to listen on (not root)");
         return;
     };
-    let dir = std::env::temp_dir().join(format!("triggers-dns-silent-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let resolv = dir.join("resolv.conf");
-    std::fs::write(
-        &resolv,
+    let (s, dir) = with_resolver(
+        "dns-silent",
         "nameserver 127.0.2.53\noptions timeout:5 attempts:1\n",
-    )
-    .unwrap();
-    let resolv = resolv.to_str().unwrap();
-    let s = Server::process_wrapped(
-        &[
-            "unshare",
-            "-rm",
-            "sh",
-            "-c",
-            r#"mount --bind "$1" /etc/resolv.conf && shift && exec "$@""#,
-            "sh",
-            resolv,
-        ],
-        &[],
-        &database_url(),
     );
     let (tenant, _) = new_org(s.addr, "enterprise").await;
     let (other, _) = new_org(s.addr, "pro").await;
