@@ -3,7 +3,7 @@
 //!
 //! The server never waits for its log's reader. A line is written only when stdout can take it:
 //! a reader that stops reading (journald hung, a container runtime's log pipe stalled, a terminal
-//! paused) gets [`STALL_WAIT_MS`] to take the next line, and once one was dropped the next are
+//! paused) gets 20 ms to take the next line, and once one was dropped the next are
 //! dropped at once until it reads again; they are counted (`triggers_log_lines_dropped_total`)
 //! and a warning says how many once lines go through again. Before, the thread that logged
 //! blocked in its write until the reader read: a few database blips with the reader stalled
