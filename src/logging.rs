@@ -100,7 +100,7 @@ struct Stdout(LogFormat);
 
 impl std::io::Write for Stdout {
     fn write(&mut self, line: &[u8]) -> std::io::Result<usize> {
-        write_lines(line, self.0);
+        write_lines(line, self.0, STALL_WAIT_MS);
         Ok(line.len())
     }
 
@@ -109,11 +109,11 @@ impl std::io::Write for Stdout {
     }
 }
 
-/// Write whole `lines` to stdout, each piece only when stdout takes it in time (see the module's
-/// note); what it does not take is dropped and counted. `format` is the log's, for the warning
-/// of lines dropped before, written ahead of them. The server's log and the access log both
-/// write here.
-pub fn write_lines(lines: &[u8], format: LogFormat) {
+/// Write whole `lines` to stdout, each piece only when stdout takes it within `patience_ms` (see
+/// the module's note; 0: only at once, for the ingress cores' access lines); what it does not
+/// take is dropped and counted. `format` is the log's, for the warning of lines dropped before,
+/// written ahead of them. The server's log and the access log both write here.
+pub fn write_lines(lines: &[u8], format: LogFormat, patience_ms: i32) {
     // Stdout's lock orders the lines of every thread (a thread waits for it at most as long as
     // one piece waits for the reader); the bytes go straight to the descriptor, not through
     // stdout's line buffer, which would hold a cut line's end and write it with the next piece.
@@ -127,7 +127,7 @@ pub fn write_lines(lines: &[u8], format: LogFormat) {
     let (mut wait, mut notice) = if dropped > reported {
         (0, true)
     } else {
-        (STALL_WAIT_MS, false)
+        (patience_ms, false)
     };
     let mut at = 0;
     while at < lines.len() {
@@ -139,7 +139,7 @@ pub fn write_lines(lines: &[u8], format: LogFormat) {
             DROPPED.fetch_add(lost.max(1) as u64, Ordering::Relaxed);
             return;
         }
-        wait = STALL_WAIT_MS;
+        wait = patience_ms;
         if MID_LINE.swap(false, Ordering::Relaxed) {
             let _ = out.write_all(b"\n");
             continue;

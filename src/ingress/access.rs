@@ -119,9 +119,9 @@ impl AccessLog {
         if buf.is_empty() {
             return;
         }
-        // A stalled reader, a full or closed stdout loses access lines (counted), never a
-        // request: the core does not wait for the log's reader.
-        crate::logging::write_lines(&buf, self.format);
+        // A stalled or slow reader, a full or closed stdout loses access lines (counted), never
+        // a request: the core does not wait for the log's reader at all.
+        crate::logging::write_lines(&buf, self.format, 0);
         buf.clear();
     }
 }
