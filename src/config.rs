@@ -188,6 +188,8 @@ pub const RESOLVE_TIMEOUT: Duration = Duration::from_secs(3);
 /// Store jobs that look a webhook host up (a URL configured) running at once, beside the other
 /// jobs' slots; one more is answered 503 at once.
 pub const URL_CHECKS_AT_ONCE: usize = 16;
+/// Of those, the most one organization runs at once.
+pub const URL_CHECKS_PER_LANE: usize = 4;
 
 /// Webhook host lookups running at once (each holds a blocking thread for as long as the host's
 /// DNS servers take to answer, or not); more wait their turn (see `crate::hosts`).
@@ -1073,6 +1075,26 @@ impl Config {
     /// Query jobs running at once in the store pool.
     pub fn query_jobs_running_max(&self) -> usize {
         self.store_pool_size * QUERY_JOBS_PER_CONNECTION
+    }
+
+    /// Query jobs of one tenant (an organization, or a client address for work asked without a
+    /// key) running at once in the store pool: one per connection, so that another tenant's job
+    /// waits for a connection behind none of them (`store::lanes`). Measured with one tenant
+    /// reading inbox pages on 256 connections: its throughput the same as with 2 or 8 per
+    /// connection (within the runs' spread); the other tenant's read p50 9.5 ms against 51 ms
+    /// with 2 (BENCHMARKS.md, thirty-fifth session).
+    pub fn query_jobs_per_lane_max(&self) -> usize {
+        self.store_pool_size
+    }
+
+    /// How long a query job may wait for its turn: a job that waited longer is answered 503
+    /// without being run, so that a run of it under the database deadline still ends within the
+    /// reply timeout.
+    pub fn query_wait_max(&self) -> Duration {
+        Config::ms(
+            self.db_timeout_ms
+                .min(self.reply_timeout_ms.saturating_sub(self.db_timeout_ms)),
+        )
     }
 
     /// Outcomes waiting for the delivery recorders.

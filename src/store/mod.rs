@@ -12,7 +12,8 @@
 //!   generation, rotation), `endpoints` (the endpoints API), `webhook` (the default endpoint),
 //!   `events` (detail, redeliver), `inbox` (pages, acks);
 //!   `org`: changes every node must hear of; `rows`: the event columns the reads share;
-//!   `rate`: each core's rate-limit spend, reported into the cluster's buckets.
+//!   `rate`: each core's rate-limit spend, reported into the cluster's buckets; `lanes`: the
+//!   tenants' fair turns at the job slots.
 //! - `health`: the probe behind the health flag. `listen`: LISTEN/NOTIFY, so a key rotated or a
 //!   webhook changed on another node reaches this node's caches within milliseconds. `stalled`:
 //!   ends the sessions a stopped node left mid-COPY.
@@ -29,6 +30,7 @@ pub mod health;
 pub mod inbox;
 pub mod jobs;
 pub mod keys;
+pub mod lanes;
 pub mod listen;
 pub mod migrate;
 pub mod org;
