@@ -185,12 +185,6 @@ pub const URL_CHARS_MAX: usize = 2048;
 /// How long a webhook host's DNS lookup may take.
 pub const RESOLVE_TIMEOUT: Duration = Duration::from_secs(3);
 
-/// Store jobs that look a webhook host up (a URL configured) running at once, beside the other
-/// jobs' slots; one more is answered 503 at once.
-pub const URL_CHECKS_AT_ONCE: usize = 16;
-/// Of those, the most one organization runs at once.
-pub const URL_CHECKS_PER_LANE: usize = 4;
-
 /// Webhook host lookups running at once (each holds a blocking thread for as long as the host's
 /// DNS servers take to answer, or not); more wait their turn (see `crate::hosts`).
 pub const LOOKUPS_AT_ONCE: usize = 64;
@@ -600,7 +594,8 @@ options! {
     write_queue_events_max: usize = "16384", "write-queue-events-max", "TRIGGERS_WRITE_QUEUE_EVENTS_MAX";
     /// Payload bytes waiting for a writer; beyond this POST /api/events answers 503 at once.
     write_queue_bytes_max: usize = "67108864", "write-queue-bytes-max", "TRIGGERS_WRITE_QUEUE_BYTES_MAX";
-    /// Reads and small writes waiting for a connection; beyond this they answer 503 at once.
+    /// Reads and small writes waiting for their turn; beyond this the organization with the most
+    /// waiting gives up its newest (503 at once).
     query_queue_max: usize = "4096", "query-queue-max", "TRIGGERS_QUERY_QUEUE_MAX";
     /// Messages waiting at one core from the others (org hops); beyond this: 503.
     hop_queue_max: usize = "16384", "hop-queue-max", "TRIGGERS_HOP_QUEUE_MAX";

@@ -237,25 +237,6 @@ pub enum StoreJob {
     },
 }
 
-impl StoreJob {
-    /// Whether the job looks a webhook host up (a URL being configured): it may wait for DNS
-    /// servers for up to `RESOLVE_TIMEOUT`.
-    pub fn looks_up_a_host(&self) -> bool {
-        matches!(
-            self,
-            StoreJob::Query {
-                query: Query::SetWebhook { .. }
-                    | Query::CreateEndpoint { .. }
-                    | Query::PatchEndpoint {
-                        patch: EndpointPatch { url: Some(_), .. },
-                        ..
-                    },
-                ..
-            }
-        )
-    }
-}
-
 /// Tokens one organization spent on one node since that node last reported.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RateSpend {

@@ -1,7 +1,6 @@
 //! Everything a request waits for besides event writes. Each job runs as its own task (at most
-//! `Config::query_jobs_running_max` at once, taking turns by tenant: [`run`]; jobs that look a
-//! webhook host up have slots of their own) with a deadline of `db_timeout_ms`; its answer, a
-//! value, goes to the waiting core.
+//! `Config::query_jobs_running_max` at once, taking turns by tenant: [`run`]) with a deadline of
+//! `db_timeout_ms`; its answer, a value, goes to the waiting core.
 
 use std::net::IpAddr;
 use std::sync::atomic::Ordering;
@@ -14,7 +13,7 @@ use super::ctx::StoreCtx;
 use super::lanes::{Admitted, Lanes};
 use super::{endpoints, events, inbox, keys, rate, webhook};
 use crate::auth::OrgInfo;
-use crate::config::{READ_RUNS_MAX, URL_CHECKS_AT_ONCE, URL_CHECKS_PER_LANE};
+use crate::config::READ_RUNS_MAX;
 use crate::flow::answer::{Answer, Completion, Outcome, Refusal, ReplyTo};
 use crate::flow::job::{Query, StoreJob};
 use crate::ids::OrgId;
@@ -67,17 +66,14 @@ impl Turns {
                 self.lanes().finished(tenant);
                 continue;
             }
-            self.spawn(tenant, job, false);
+            self.spawn(tenant, job);
         }
     }
 
-    /// Out of line: one copy of the spawn for both callers (~1.3 KB a copy).
-    #[inline(never)]
-    fn spawn(self: &Arc<Self>, tenant: Tenant, job: StoreJob, url_check: bool) {
+    fn spawn(self: &Arc<Self>, tenant: Tenant, job: StoreJob) {
         let ending = Ending {
             turns: Arc::clone(self),
             tenant,
-            url_check,
         };
         tokio::spawn(async move {
             handle(&ending.turns.ctx, job).await;
@@ -91,17 +87,12 @@ impl Turns {
 struct Ending {
     turns: Arc<Turns>,
     tenant: Tenant,
-    url_check: bool,
 }
 
 impl Drop for Ending {
     fn drop(&mut self) {
-        if self.url_check {
-            self.turns.lanes().finished_aside(self.tenant);
-        } else {
-            self.turns.lanes().finished(self.tenant);
-            self.turns.start();
-        }
+        self.turns.lanes().finished(self.tenant);
+        self.turns.start();
     }
 }
 
@@ -114,13 +105,12 @@ impl Drop for Ending {
 /// `query_queue_max` jobs wait, the tenant with the most waiting gives up its newest (503); a
 /// job that waited past `Config::query_wait_max` is answered 503 without being run.
 ///
-/// A job that looks a webhook host up (a URL configured) may wait up to `RESOLVE_TIMEOUT` for
-/// DNS servers that do not answer: those run at once in slots of their own
-/// ([`URL_CHECKS_AT_ONCE`], [`URL_CHECKS_PER_LANE`] of one organization; one more is answered 503
-/// at once), so that a tenant configuring endpoint after endpoint on such hosts cannot hold the
-/// slots every key check, read and key creation waits for. It did: with 700 such requests at
-/// once, a new key took 15 s (then 503) and the first request with a key not yet cached 14 s, for
-/// every tenant (RELIABILITY.md).
+/// A job that configures a webhook URL may wait up to `RESOLVE_TIMEOUT` for DNS servers that do
+/// not answer (holding no connection meanwhile): such jobs wait for their turn like any other, so
+/// a tenant configuring endpoint after endpoint on such hosts holds at most its own share of the
+/// slots. Before the turns (and the 16 slots of their own they had in between), their waits held
+/// the slots every tenant shares: with 700 such requests at once, a new key took 15 s (then 503)
+/// and the first request with a key not yet cached 14 s, for every tenant (RELIABILITY.md).
 pub async fn run(mut jobs: mpsc::Receiver<StoreJob>, ctx: Arc<StoreCtx>) {
     let config = &ctx.config;
     let turns = Arc::new(Turns {
@@ -142,21 +132,9 @@ pub async fn run(mut jobs: mpsc::Receiver<StoreJob>, ctx: Arc<StoreCtx>) {
 
 const QUEUE_FULL: Refusal = Refusal::Overloaded("query queue full");
 
-/// Queue `job` in its tenant's lane and start what may start, or start it at once in a URL
-/// check's slot.
+/// Queue `job` in its tenant's lane and start what may start.
 fn admit(turns: &Arc<Turns>, job: StoreJob) {
     let tenant = tenant(&job);
-    if job.looks_up_a_host() {
-        let started = turns
-            .lanes()
-            .start_aside(tenant, URL_CHECKS_PER_LANE, URL_CHECKS_AT_ONCE);
-        if started {
-            turns.spawn(tenant, job, true);
-        } else {
-            refuse(&turns.ctx, job, Refusal::Overloaded("webhook URL checks"));
-        }
-        return;
-    }
     let admitted = turns.lanes().admit(tenant, job, Instant::now());
     let out = match admitted {
         Admitted::Queued => None,

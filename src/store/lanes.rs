@@ -21,8 +21,6 @@ struct Lane<L, J> {
     waiting: VecDeque<(Instant, J)>,
     /// Started and not yet finished.
     running: usize,
-    /// Running outside the turns (a URL being checked).
-    aside: usize,
 }
 
 /// What [`Lanes::admit`] did with a job.
@@ -52,8 +50,6 @@ pub struct Lanes<L, J> {
     running: usize,
     running_max: usize,
     per_lane_max: usize,
-    /// Jobs running outside the turns, of every lane.
-    aside: usize,
 }
 
 impl<L: Copy + Eq, J> Lanes<L, J> {
@@ -67,7 +63,6 @@ impl<L: Copy + Eq, J> Lanes<L, J> {
             running: 0,
             running_max: running_max.max(1),
             per_lane_max: per_lane_max.max(1),
-            aside: 0,
         }
     }
 
@@ -129,32 +124,9 @@ impl<L: Copy + Eq, J> Lanes<L, J> {
         }
     }
 
-    /// Start a job of `lane` outside the turns if fewer than `max` run so, and fewer than
-    /// `per_lane` of that lane; whether it may (then [`Lanes::finished_aside`] when it ends).
-    pub fn start_aside(&mut self, lane: L, per_lane: usize, max: usize) -> bool {
-        let of_lane = self.find(lane).map_or(0, |i| self.lanes[i].aside);
-        if self.aside >= max || of_lane >= per_lane {
-            return false;
-        }
-        let i = self.lane(lane);
-        self.lanes[i].aside += 1;
-        self.aside += 1;
-        true
-    }
-
-    /// A job started with [`Lanes::start_aside`] has finished.
-    pub fn finished_aside(&mut self, lane: L) {
-        if let Some(i) = self.find(lane) {
-            let l = &mut self.lanes[i];
-            l.aside = l.aside.saturating_sub(1);
-            self.aside = self.aside.saturating_sub(1);
-            self.forget_if_idle(i);
-        }
-    }
-
-    /// Nothing waits or runs, in the turns or aside.
+    /// Nothing waits or runs.
     pub fn idle(&self) -> bool {
-        self.waiting == 0 && self.running == 0 && self.aside == 0
+        self.waiting == 0 && self.running == 0
     }
 
     fn find(&self, lane: L) -> Option<usize> {
@@ -168,7 +140,6 @@ impl<L: Copy + Eq, J> Lanes<L, J> {
                 tenant: lane,
                 waiting: VecDeque::new(),
                 running: 0,
-                aside: 0,
             });
             self.lanes.len() - 1
         })
@@ -178,7 +149,7 @@ impl<L: Copy + Eq, J> Lanes<L, J> {
     /// work. The others keep their order, and the cursor its place among them.
     fn forget_if_idle(&mut self, i: usize) {
         let l = &self.lanes[i];
-        if l.waiting.is_empty() && l.running == 0 && l.aside == 0 {
+        if l.waiting.is_empty() && l.running == 0 {
             self.lanes.remove(i);
             if i < self.cursor {
                 self.cursor -= 1;
@@ -287,20 +258,17 @@ mod tests {
         let mut l = lanes(4, 4, 4);
         let now = Instant::now();
         l.admit('a', 1, now);
-        assert_eq!(start_all(&mut l), [('a', 1)]);
-        assert!(l.start_aside('a', 1, 2));
-        assert!(!l.start_aside('a', 1, 2), "one of a lane");
-        assert!(l.start_aside('b', 1, 2));
-        assert!(!l.start_aside('c', 1, 2), "two in all");
+        l.admit('b', 2, now);
+        assert_eq!(start_all(&mut l), [('a', 1), ('b', 2)]);
         l.finished('a');
-        assert_eq!(l.lanes.len(), 2);
+        assert_eq!(l.lanes.len(), 1);
         assert!(!l.idle());
-        l.finished_aside('a');
-        l.finished_aside('b');
+        l.finished('b');
         assert!(l.lanes.is_empty());
         assert!(l.idle());
-        // Not started: nothing is left behind either.
-        assert!(!l.start_aside('c', 0, 2));
-        assert!(l.lanes.is_empty());
+        // A lane that comes back joins the round at its end.
+        l.admit('c', 3, now);
+        l.admit('a', 4, now);
+        assert_eq!(start_all(&mut l), [('c', 3), ('a', 4)]);
     }
 }
