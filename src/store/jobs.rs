@@ -71,28 +71,34 @@ impl Turns {
     }
 
     fn spawn(self: &Arc<Self>, tenant: Tenant, job: StoreJob) {
-        let ending = Ending {
+        let mut ending = Ending {
             turns: Arc::clone(self),
             tenant,
+            ran: false,
         };
         tokio::spawn(async move {
             handle(&ending.turns.ctx, job).await;
+            ending.ran = true;
             drop(ending);
         });
     }
 }
 
-/// Counts its job as ended when dropped (the job's task finished, or was dropped at shutdown),
-/// and starts the jobs whose turn that makes.
+/// Counts its job as ended when dropped, and when the job ran to its end starts the jobs whose
+/// turn that makes. A job dropped unfinished (the runtime shutting down) starts none: a task
+/// spawned then is dropped at once, and its ending would start the next, one inside the other.
 struct Ending {
     turns: Arc<Turns>,
     tenant: Tenant,
+    ran: bool,
 }
 
 impl Drop for Ending {
     fn drop(&mut self) {
         self.turns.lanes().finished(self.tenant);
-        self.turns.start();
+        if self.ran {
+            self.turns.start();
+        }
     }
 }
 
