@@ -183,7 +183,7 @@ impl Clocks {
 /// the same clock; `triggers_retention`). A clock that jumps weeks ahead on a box where the node
 /// and the database share it, or a node restarting in a loop, drops at most a day an hour, not
 /// the whole window at once; after a long stop, expired days go one an hour. The caller makes
-/// sure no other node does the same at once ([`maintain_on`] takes a lock).
+/// sure no other node does the same at once ([`round_on`] takes a lock).
 pub async fn maintain(
     client: &Client,
     clocks: Clocks,
