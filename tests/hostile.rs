@@ -517,6 +517,17 @@ async fn one_organizations_flood_of_reads_holds_up_no_other_organizations_read()
         "{ahead} of the flood's reads were answered before the other organization's one read"
     );
     assert!(codes.get(&503).is_some_and(|n| *n >= 100), "{codes:?}");
+    // Most refused by the turns, counted; a burst beyond the room of the hand-off to the store
+    // (twice the queue) is refused before it reaches them, while the store's threads are busy.
+    let counted = metric(
+        &s,
+        "triggers_store_jobs_refused_total{reason=\"queue_full\"}",
+    )
+    .await;
+    assert!(
+        (50..=codes[&503]).contains(&(counted as usize)),
+        "{counted} {codes:?}"
+    );
 }
 
 /// A read that waited for its turn longer than a run of it may take (`--db-timeout-ms`) and still
@@ -559,5 +570,10 @@ async fn a_read_that_waited_too_long_for_its_turn_is_refused_not_run_for_no_one(
     let refused = codes.remove(&(503, Some(refused.to_string())));
     assert!(refused.is_some_and(|n| n >= 50), "{refused:?} {codes:?}");
     assert!(codes.keys().all(|(status, _)| *status == 200), "{codes:?}");
+    let counted = metric(
+        &s,
+        "triggers_store_jobs_refused_total{reason=\"waited_too_long\"}",
+    );
+    assert_eq!(Some(counted.await as usize), refused);
     assert!(s.log_lines("no answer within the reply timeout").is_empty());
 }

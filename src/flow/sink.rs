@@ -225,7 +225,9 @@ pub struct StoreInbox {
 /// The store's queues, sized from the configuration.
 pub fn store_queues(config: &Config) -> (StoreQueues, StoreInbox) {
     let (writes, write_rx) = mpsc::channel(config.write_queue_events_max);
-    let (jobs, job_rx) = mpsc::channel(config.query_queue_max);
+    // Twice what may wait for a turn (`store::lanes`): a burst from the cores meets the turns,
+    // where the organization with the most waiting gives up its newest, not a full hand-off.
+    let (jobs, job_rx) = mpsc::channel(config.query_queue_max.saturating_mul(2));
     let health = Arc::new(Health::default());
     let write_bytes = ByteBudget::new(config.write_queue_bytes_max);
     (

@@ -179,6 +179,10 @@ pub struct Metrics {
     /// Deliveries this node's claimer took from the database (due retries, handed-back and
     /// overflowed deliveries, other nodes' expired leases are taken over apart).
     pub deliveries_claimed: AtomicU64,
+    /// Store jobs (reads, acks, endpoint and key changes) answered 503 without being run: the
+    /// queue was full and theirs was the tenant with the most waiting (`[0]`), or they waited
+    /// for their turn too long (`[1]`).
+    pub store_jobs_refused: [AtomicU64; 2],
 }
 
 /// Why a delivery held in memory is waiting.
@@ -290,6 +294,7 @@ impl Metrics {
             host_lookup_failures: AtomicU64::new(0),
             host_stale: AtomicU64::new(0),
             deliveries_claimed: AtomicU64::new(0),
+            store_jobs_refused: std::array::from_fn(|_| AtomicU64::new(0)),
         })
     }
 
@@ -733,6 +738,19 @@ impl Metrics {
             "counter",
             load(&self.deliveries_claimed),
         );
+        let name = "triggers_store_jobs_refused_total";
+        header(
+            &mut out,
+            name,
+            "Reads, acks and endpoint or key changes answered 503 without being run: the queue was full and the organization had the most waiting (queue_full; a burst beyond the hand-off's room, twice the queue, is refused before it and not counted), or the request waited for its turn longer than --db-timeout-ms (waited_too_long).",
+            "counter",
+        );
+        for (reason, n) in ["queue_full", "waited_too_long"]
+            .iter()
+            .zip(&self.store_jobs_refused)
+        {
+            let _ = writeln!(out, "{name}{{reason=\"{reason}\"}} {}", load(n));
+        }
         out
     }
 }

@@ -58,6 +58,7 @@ impl Turns {
                 return;
             };
             if came.elapsed() > self.patience && tenant != Tenant::Node {
+                self.ctx.metrics.store_jobs_refused[1].fetch_add(1, Ordering::Relaxed);
                 refuse(
                     &self.ctx,
                     job,
@@ -142,15 +143,19 @@ const QUEUE_FULL: Refusal = Refusal::Overloaded("query queue full");
 fn admit(turns: &Arc<Turns>, job: StoreJob) {
     let tenant = tenant(&job);
     let admitted = turns.lanes().admit(tenant, job, Instant::now());
-    let out = match admitted {
-        Admitted::Queued => None,
-        Admitted::Displaced(out) => Some(out),
-        Admitted::Refused(out) => return refuse(&turns.ctx, out, QUEUE_FULL),
+    let (out, start) = match admitted {
+        Admitted::Queued => (None, true),
+        Admitted::Displaced(out) => (Some(out), true),
+        Admitted::Refused(out) => (Some(out), false),
     };
     if let Some(out) = out {
+        let refused = &turns.ctx.metrics.store_jobs_refused[0];
+        refused.fetch_add(1, Ordering::Relaxed);
         refuse(&turns.ctx, out, QUEUE_FULL);
     }
-    turns.start();
+    if start {
+        turns.start();
+    }
 }
 
 /// Answer `job` with `refusal` without running it.
