@@ -20,7 +20,7 @@ use crate::ids::OrgId;
 
 /// Whose turn a job waits for: its organization's, or for work asked without a key its client
 /// address's; the node's own reports have a lane of their own.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Tenant {
     Org(OrgId),
     Peer(IpAddr),
