@@ -77,6 +77,13 @@ pub fn stderr_takes() -> bool {
     writable(2, 100)
 }
 
+/// `triggers: {message}` on stderr, if it takes it ([`stderr_takes`]): a failed start or run.
+pub fn to_stderr(message: &dyn fmt::Display) {
+    if stderr_takes() {
+        let _ = writeln!(std::io::stderr(), "triggers: {message}");
+    }
+}
+
 /// Whether file descriptor `fd` takes [`PIECE`] bytes now or within `wait_ms` (never when it is
 /// closed).
 fn writable(fd: i32, wait_ms: i32) -> bool {
@@ -135,9 +142,7 @@ pub fn write_lines(lines: &[u8], format: LogFormat, patience_ms: i32) {
             // What is left: the line cut short (ended by the next write that goes through)
             // and those after it.
             MID_LINE.store(at > 0 && lines[at - 1] != b'\n', Ordering::Relaxed);
-            let lost = lines[at..].iter().filter(|&&b| b == b'\n').count();
-            DROPPED.fetch_add(lost.max(1) as u64, Ordering::Relaxed);
-            return;
+            return count_dropped(&lines[at..]);
         }
         wait = patience_ms;
         if MID_LINE.swap(false, Ordering::Relaxed) {
@@ -154,12 +159,16 @@ pub fn write_lines(lines: &[u8], format: LogFormat, patience_ms: i32) {
         let end = lines.len().min(at + PIECE);
         if out.write_all(&lines[at..end]).is_err() {
             // A full disk under a file, a closed pipe: what is left is lost.
-            let lost = lines[at..].iter().filter(|&&b| b == b'\n').count();
-            DROPPED.fetch_add(lost.max(1) as u64, Ordering::Relaxed);
-            return;
+            return count_dropped(&lines[at..]);
         }
         at = end;
     }
+}
+
+/// Count the lines of `rest` as dropped (a line cut short counts as one).
+fn count_dropped(rest: &[u8]) {
+    let lost = rest.iter().filter(|&&b| b == b'\n').count();
+    DROPPED.fetch_add(lost.max(1) as u64, Ordering::Relaxed);
 }
 
 /// Write the warning that `lines` were dropped, in the log's format, ahead of the first line

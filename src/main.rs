@@ -16,9 +16,7 @@ fn main() -> ExitCode {
         match Config::from_args_and_env(std::env::args().skip(1), std::env::vars()) {
             Ok(parsed) => parsed,
             Err(e) => {
-                if triggers::logging::stderr_takes() {
-                    let _ = writeln!(std::io::stderr(), "triggers: {e}");
-                }
+                triggers::logging::to_stderr(&e);
                 return ExitCode::from(2);
             }
         };
@@ -43,9 +41,7 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = %e, "triggers stopped");
-            if triggers::logging::stderr_takes() {
-                let _ = writeln!(std::io::stderr(), "triggers: {e}");
-            }
+            triggers::logging::to_stderr(&e);
             ExitCode::FAILURE
         }
     }
