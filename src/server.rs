@@ -26,7 +26,7 @@ use crate::ingress::router::Route;
 use crate::metrics::Metrics;
 use crate::shard::mesh::Mesh;
 use crate::store::pool::Store;
-use crate::store::{migrate, retention};
+use crate::store::{jobs, migrate, retention};
 
 /// A running server: its runtime, cores and pools, until [`Running::finish`].
 pub struct Running {
@@ -112,7 +112,8 @@ pub fn run(
         (config.connections_per_core_max * config.ingress_cores) as u64,
         std::sync::atomic::Ordering::Relaxed,
     );
-    let (queues, inbox) = store_queues(&config);
+    let jobs = jobs::Door::new(&config);
+    let (queues, inbox) = store_queues(&config, Arc::new(jobs.clone()));
     metrics.set_store_probe(queues.gauges_probe());
     let _guard = rt.enter();
     // The partitions ahead exist before the first event is taken or the first delivery claimed
@@ -146,6 +147,7 @@ pub fn run(
     let store = Store::start(
         Arc::clone(&config),
         inbox,
+        jobs,
         cores,
         sink,
         Arc::clone(&metrics),

@@ -2,6 +2,8 @@
 //! traits the server wires, so that no stage names a later one.
 //!
 //! - [`StoreQueues`]: what the owner cores and ingress hold of the store (bounded; full → refused).
+//! - [`JobDoor`]: where they hand the store everything but event writes. Implemented by the
+//!   store's turns by tenant.
 //! - [`CoreLink`]: what the store and delivery hold of the ingress cores (answers, dedup
 //!   settlements, cache invalidation). Implemented by the mesh.
 //! - [`DeliverySink`]: what the store holds of delivery (a plan per event before the write, the
@@ -199,13 +201,24 @@ impl ByteBudget {
     }
 }
 
-/// What ingress cores hold of the store: two bounded queues (the write queue bounded in events
-/// and in payload bytes) and the health flag.
+/// Where the cores hand the store everything but event writes: each job is admitted or refused
+/// at once on the caller's thread, where the store's turns by tenant see it the moment it is
+/// asked. It was a bounded channel to a task that admitted them: while the store's threads were
+/// busy, a burst filled the channel and was refused before the turns saw it, whichever tenant's
+/// jobs those were.
+pub trait JobDoor: Send + Sync {
+    /// Admit `job` (it will be run, or answered with a refusal, through its reply), or refuse it
+    /// now: nothing of it is done.
+    fn submit(&self, job: StoreJob) -> Result<(), Refusal>;
+}
+
+/// What ingress cores hold of the store: the bounded write queue (in events and in payload
+/// bytes), the door for other jobs, and the health flag.
 #[derive(Clone)]
 pub struct StoreQueues {
     writes: mpsc::Sender<WriteJob>,
     write_bytes: Arc<ByteBudget>,
-    jobs: mpsc::Sender<StoreJob>,
+    jobs: Arc<dyn JobDoor>,
     health: Arc<Health>,
     ack: AckMode,
 }
@@ -216,18 +229,13 @@ pub struct StoreInbox {
     pub writes: mpsc::Receiver<WriteJob>,
     /// Payload bytes queued or being written: the writer gives them back after each batch.
     pub write_bytes: Arc<ByteBudget>,
-    /// Everything else.
-    pub jobs: mpsc::Receiver<StoreJob>,
     /// The flag the store keeps.
     pub health: Arc<Health>,
 }
 
-/// The store's queues, sized from the configuration.
-pub fn store_queues(config: &Config) -> (StoreQueues, StoreInbox) {
+/// The store's write queue, sized from the configuration, and `jobs`, the door for the rest.
+pub fn store_queues(config: &Config, jobs: Arc<dyn JobDoor>) -> (StoreQueues, StoreInbox) {
     let (writes, write_rx) = mpsc::channel(config.write_queue_events_max);
-    // Twice what may wait for a turn (`store::lanes`): a burst from the cores meets the turns,
-    // where the organization with the most waiting gives up its newest, not a full hand-off.
-    let (jobs, job_rx) = mpsc::channel(config.query_queue_max.saturating_mul(2));
     let health = Arc::new(Health::default());
     let write_bytes = ByteBudget::new(config.write_queue_bytes_max);
     (
@@ -241,7 +249,6 @@ pub fn store_queues(config: &Config) -> (StoreQueues, StoreInbox) {
         StoreInbox {
             writes: write_rx,
             write_bytes,
-            jobs: job_rx,
             health,
         },
     )
@@ -310,12 +317,9 @@ impl StoreQueues {
         Ok(())
     }
 
-    /// Queue other work; refused at once when the queue is full.
+    /// Hand over other work; refused at once when it can't wait for its turn ([`JobDoor`]).
     pub fn submit(&self, job: StoreJob) -> Result<(), Refusal> {
-        self.jobs.try_send(job).map_err(|e| match e {
-            mpsc::error::TrySendError::Full(_) => Refusal::Overloaded("query queue full"),
-            mpsc::error::TrySendError::Closed(_) => Refusal::Unavailable,
-        })
+        self.jobs.submit(job)
     }
 
     /// The ack mode writes are answered in.

@@ -742,7 +742,7 @@ impl Metrics {
         header(
             &mut out,
             name,
-            "Reads, acks and endpoint or key changes answered 503 without being run: the queue was full and the organization had the most waiting (queue_full; a burst beyond the hand-off's room, twice the queue, is refused before it and not counted), or the request waited for its turn longer than --db-timeout-ms (waited_too_long).",
+            "Reads, acks and endpoint or key changes answered 503 without being run: the queue was full and the tenant had the most waiting (queue_full), or the request waited for its turn longer than --db-timeout-ms (waited_too_long).",
             "counter",
         );
         for (reason, n) in ["queue_full", "waited_too_long"]

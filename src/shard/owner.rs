@@ -469,7 +469,7 @@ mod tests {
     use super::*;
     use crate::config::Config;
     use crate::flow::answer::SlotToken;
-    use crate::flow::sink::store_queues;
+    use crate::flow::sink::{store_queues, JobDoor};
     use crate::metrics::Metrics;
     use crate::shard::mesh::CoreMsg;
     use crate::shutdown::block_on_for_tests as block_on;
@@ -495,7 +495,14 @@ mod tests {
             "postgres://u@localhost/db".to_string(),
         )];
         let (_, config) = Config::from_args_and_env(Vec::<String>::new(), no_args).unwrap();
-        let (store, _inbox) = store_queues(&config);
+        /// No store behind it.
+        struct Closed;
+        impl JobDoor for Closed {
+            fn submit(&self, _: StoreJob) -> Result<(), Refusal> {
+                Err(Refusal::Unavailable)
+            }
+        }
+        let (store, _inbox) = store_queues(&config, std::sync::Arc::new(Closed));
         let (mesh, mut boxes) = Mesh::new(2, 16);
         let metrics = Metrics::new(&[("GET", "/")], 2).core(0);
         let owner = Rc::new(Owner::new(CoreId(0), 16, store, mesh, metrics));

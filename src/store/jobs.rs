@@ -1,21 +1,22 @@
 //! Everything a request waits for besides event writes. Each job runs as its own task (at most
-//! `Config::query_jobs_running_max` at once, taking turns by tenant: [`run`]) with a deadline of
+//! `Config::query_jobs_running_max` at once, taking turns by tenant: [`Door`]) with a deadline of
 //! `db_timeout_ms`; its answer, a value, goes to the waiting core.
 
 use std::net::IpAddr;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
-use tokio::sync::mpsc;
+use tokio::runtime::Handle;
 
 use super::ctx::StoreCtx;
 use super::lanes::{Admitted, Lanes};
 use super::{endpoints, events, inbox, keys, rate, webhook};
 use crate::auth::OrgInfo;
-use crate::config::READ_RUNS_MAX;
+use crate::config::{Config, READ_RUNS_MAX};
 use crate::flow::answer::{Answer, Completion, Outcome, Refusal, ReplyTo};
 use crate::flow::job::{Query, StoreJob};
+use crate::flow::sink::JobDoor;
 use crate::ids::OrgId;
 
 /// Whose turn a job waits for: its organization's, or for work asked without a key its client
@@ -37,12 +38,20 @@ fn tenant(job: &StoreJob) -> Tenant {
     }
 }
 
-/// The lanes, shared by the loop that takes jobs and the tasks that end them.
+/// The turns: the lanes, and what runs the jobs once the store has started.
 struct Turns {
-    ctx: Arc<StoreCtx>,
     lanes: Mutex<Lanes<Tenant, StoreJob>>,
     /// How long a job may wait for its turn.
     patience: Duration,
+    /// Set by [`Door::open`].
+    store: OnceLock<Started>,
+}
+
+/// What a job needs to run: the store's state, and its runtime to spawn on (the door is called
+/// from the ingress cores' threads, which are not the store's).
+struct Started {
+    ctx: Arc<StoreCtx>,
+    runtime: Handle,
 }
 
 impl Turns {
@@ -52,36 +61,33 @@ impl Turns {
 
     /// Start every job whose turn has come while slots are free; refuse those that waited too
     /// long.
-    fn start(self: &Arc<Self>) {
+    fn start(self: &Arc<Self>, store: &Started) {
         loop {
             let Some((tenant, came, job)) = self.lanes().start_next() else {
                 return;
             };
             if came.elapsed() > self.patience && tenant != Tenant::Node {
-                self.ctx.metrics.store_jobs_refused[1].fetch_add(1, Ordering::Relaxed);
+                store.ctx.metrics.store_jobs_refused[1].fetch_add(1, Ordering::Relaxed);
                 refuse(
-                    &self.ctx,
+                    &store.ctx,
                     job,
                     Refusal::Overloaded("query jobs waited too long"),
                 );
                 self.lanes().finished(tenant);
                 continue;
             }
-            self.spawn(tenant, job);
+            let mut ending = Ending {
+                turns: Arc::clone(self),
+                tenant,
+                ran: false,
+            };
+            let ctx = Arc::clone(&store.ctx);
+            store.runtime.spawn(async move {
+                handle(&ctx, job).await;
+                ending.ran = true;
+                drop(ending);
+            });
         }
-    }
-
-    fn spawn(self: &Arc<Self>, tenant: Tenant, job: StoreJob) {
-        let mut ending = Ending {
-            turns: Arc::clone(self),
-            tenant,
-            ran: false,
-        };
-        tokio::spawn(async move {
-            handle(&ending.turns.ctx, job).await;
-            ending.ran = true;
-            drop(ending);
-        });
     }
 }
 
@@ -97,13 +103,14 @@ struct Ending {
 impl Drop for Ending {
     fn drop(&mut self) {
         self.turns.lanes().finished(self.tenant);
-        if self.ran {
-            self.turns.start();
+        if let Some(store) = self.turns.store.get().filter(|_| self.ran) {
+            self.turns.start(store);
         }
     }
 }
 
-/// Take jobs off the queue until it closes, then wait for those still waiting and running.
+/// The door to the store's jobs ([`JobDoor`]): each job is admitted where it is asked, into its
+/// tenant's lane, and run as its own task on the store's runtime when its turn comes.
 ///
 /// Tenants take turns: each job waits in its tenant's lane ([`super::lanes`]), and the lanes
 /// with work waiting start one job each in turn, one tenant at most
@@ -118,43 +125,62 @@ impl Drop for Ending {
 /// slots. Before the turns (and the 16 slots of their own they had in between), their waits held
 /// the slots every tenant shares: with 700 such requests at once, a new key took 15 s (then 503)
 /// and the first request with a key not yet cached 14 s, for every tenant (RELIABILITY.md).
-pub async fn run(mut jobs: mpsc::Receiver<StoreJob>, ctx: Arc<StoreCtx>) {
-    let config = &ctx.config;
-    let turns = Arc::new(Turns {
-        lanes: Mutex::new(Lanes::new(
-            config.query_jobs_running_max(),
-            config.query_jobs_per_lane_max(),
-            config.query_queue_max,
-        )),
-        patience: config.query_wait_max(),
-        ctx: Arc::clone(&ctx),
-    });
-    while let Some(job) = jobs.recv().await {
-        admit(&turns, job);
+#[derive(Clone)]
+pub struct Door(Arc<Turns>);
+
+impl Door {
+    /// A door that refuses every job (503) until the store opens it (`Store::start`).
+    pub fn new(config: &Config) -> Door {
+        Door(Arc::new(Turns {
+            lanes: Mutex::new(Lanes::new(
+                config.query_jobs_running_max(),
+                config.query_jobs_per_lane_max(),
+                config.query_queue_max,
+            )),
+            patience: config.query_wait_max(),
+            store: OnceLock::new(),
+        }))
     }
-    while !turns.lanes().idle() {
-        tokio::time::sleep(Duration::from_millis(10)).await;
+
+    /// Run jobs from now on with `ctx`, on the current tokio runtime.
+    pub(super) fn open(&self, ctx: Arc<StoreCtx>) {
+        let _ = self.0.store.set(Started {
+            ctx,
+            runtime: Handle::current(),
+        });
+    }
+
+    /// Wait until no job waits or runs (at shutdown, once the cores that hand them over have
+    /// stopped).
+    pub(super) async fn idle(&self) {
+        while !self.0.lanes().idle() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 }
 
 const QUEUE_FULL: Refusal = Refusal::Overloaded("query queue full");
 
-/// Queue `job` in its tenant's lane and start what may start.
-fn admit(turns: &Arc<Turns>, job: StoreJob) {
-    let tenant = tenant(&job);
-    let admitted = turns.lanes().admit(tenant, job, Instant::now());
-    let (out, start) = match admitted {
-        Admitted::Queued => (None, true),
-        Admitted::Displaced(out) => (Some(out), true),
-        Admitted::Refused(out) => (Some(out), false),
-    };
-    if let Some(out) = out {
-        let refused = &turns.ctx.metrics.store_jobs_refused[0];
-        refused.fetch_add(1, Ordering::Relaxed);
-        refuse(&turns.ctx, out, QUEUE_FULL);
-    }
-    if start {
-        turns.start();
+impl JobDoor for Door {
+    fn submit(&self, job: StoreJob) -> Result<(), Refusal> {
+        let turns = &self.0;
+        let Some(store) = turns.store.get() else {
+            return Err(Refusal::Unavailable);
+        };
+        let refused = &store.ctx.metrics.store_jobs_refused[0];
+        match turns.lanes().admit(tenant(&job), job, Instant::now()) {
+            Admitted::Queued => {}
+            Admitted::Displaced(out) => {
+                refused.fetch_add(1, Ordering::Relaxed);
+                refuse(&store.ctx, out, QUEUE_FULL);
+            }
+            Admitted::Refused(_) => {
+                refused.fetch_add(1, Ordering::Relaxed);
+                return Err(QUEUE_FULL);
+            }
+        }
+        turns.start(store);
+        Ok(())
     }
 }
 

@@ -20,16 +20,18 @@ pub struct Store {
     ctx: Arc<StoreCtx>,
     /// Answered when the group-commit thread's writers have drained the queue and stopped.
     writers: tokio::sync::oneshot::Receiver<()>,
-    jobs: JoinHandle<()>,
+    jobs: jobs::Door,
     background: Vec<JoinHandle<()>>,
 }
 
 impl Store {
     /// Start the pool's tasks on the current tokio runtime, reading `inbox` (the far ends of the
-    /// queues the ingress cores hold), answering through `cores`, publishing to `delivery`.
+    /// queues the ingress cores hold), running what comes through `jobs` (the door they hold),
+    /// answering through `cores`, publishing to `delivery`.
     pub fn start(
         config: Arc<Config>,
         inbox: StoreInbox,
+        jobs: jobs::Door,
         cores: Arc<dyn CoreLink>,
         delivery: Arc<dyn DeliverySink>,
         metrics: Arc<Metrics>,
@@ -67,7 +69,7 @@ impl Store {
             config: Arc::clone(&config),
         });
         let writers = spawn_writers(inbox.writes, Arc::clone(&ctx))?;
-        let jobs = tokio::spawn(jobs::run(inbox.jobs, Arc::clone(&ctx)));
+        jobs.open(Arc::clone(&ctx));
         let background = vec![
             tokio::spawn(health::probe(Arc::clone(&ctx))),
             tokio::spawn(health::watch_clock_steps(Arc::clone(&ctx))),
@@ -116,7 +118,7 @@ impl Store {
     pub async fn finish(self, deadline: tokio::time::Instant) {
         let _ = self.ctx.stop_deadline.set(deadline);
         let _ = self.writers.await;
-        let _ = self.jobs.await;
+        self.jobs.idle().await;
         for b in self.background {
             b.abort();
         }
