@@ -186,8 +186,11 @@ pub const URL_CHARS_MAX: usize = 2048;
 pub const RESOLVE_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Webhook host lookups running at once (each holds a blocking thread for as long as the host's
-/// DNS servers take to answer, or not); more wait their turn (see `crate::hosts`).
+/// DNS servers take to answer, or not); one more is not run (see `crate::hosts`).
 pub const LOOKUPS_AT_ONCE: usize = 64;
+/// Of [`LOOKUPS_AT_ONCE`], those that may run at once for hosts whose last lookup got no answer:
+/// the rest are kept for hosts that answer.
+pub const LOOKUPS_UNANSWERED_MAX: usize = LOOKUPS_AT_ONCE / 2;
 /// Bytes of a receiver's response body read (and dropped) so its connection can be reused.
 pub const RESPONSE_BODY_READ_BYTES_MAX: usize = 64 * 1024;
 /// How long start-up waits for its port to be released before it calls it taken (a server

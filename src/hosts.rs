@@ -14,7 +14,10 @@
 //! run but answered at once as unanswered (the host's last addresses serve, as while the
 //! resolver fails). Without the bound, endpoints on many hosts whose DNS servers do not answer
 //! held a blocking thread per host (up to tokio's 512) for as long as the resolver tried: the
-//! threads that hash and check API keys.
+//! threads that hash and check API keys. Of those, at most [`LOOKUPS_UNANSWERED_MAX`] are for
+//! hosts whose last lookup got no answer: endpoints whose DNS died, asked again as their
+//! deliveries come due, held every slot, and a host that answers but had no fresh addresses got
+//! none (its deliveries waited, unsent, for as long as such hosts were asked).
 //!
 //! The SSRF policy ([`crate::url_policy`]) judges the addresses at every use: one kept here is
 //! judged again each time.
@@ -27,7 +30,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
 
-use crate::config::LOOKUPS_AT_ONCE;
+use crate::config::{LOOKUPS_AT_ONCE, LOOKUPS_UNANSWERED_MAX};
 use crate::metrics::Metrics;
 use crate::url_policy::{
     allowed, unresolved, LookupFailed, Unresolved, WebhookUrl, RESOLVE_TIMEOUT,
@@ -55,6 +58,9 @@ struct Entry {
     pending: Option<Arc<Pending>>,
     /// When the last lookup got no answer, if it did not (the resolver failed).
     failed: Option<Instant>,
+    /// The last lookup that ran got no answer: the host's next ones count against
+    /// [`LOOKUPS_UNANSWERED_MAX`].
+    unanswered: bool,
 }
 
 /// A lookup under way: its answer, once there, and the callers waiting for it.
@@ -84,6 +90,9 @@ struct Inner {
     lookup: Box<LookupFn>,
     /// Lookups running now (at most [`LOOKUPS_AT_ONCE`]).
     running: AtomicUsize,
+    /// Of those, lookups of hosts whose last lookup got no answer (at most
+    /// [`LOOKUPS_UNANSWERED_MAX`]).
+    running_unanswered: AtomicUsize,
     metrics: Arc<Metrics>,
 }
 
@@ -141,6 +150,7 @@ impl Hosts {
             }),
             lookup,
             running: AtomicUsize::new(0),
+            running_unanswered: AtomicUsize::new(0),
             metrics,
         }))
     }
@@ -172,11 +182,13 @@ impl Hosts {
             let inner = &self.0;
             if !table.hosts.contains_key(host) && table.hosts.len() >= table.sweep_at {
                 let keep = inner.fresh.saturating_add(inner.stale);
+                // A host that failed lately is kept too: it stays marked unanswered.
                 table.hosts.retain(|_, e| {
                     e.pending.is_some()
                         || e.known
                             .as_ref()
                             .is_some_and(|(_, at)| now.duration_since(*at) < keep)
+                        || e.failed.is_some_and(|at| now.duration_since(at) < keep)
                 });
                 table.sweep_at = (table.hosts.len() * 2).max(SWEEP_FIRST);
             }
@@ -210,10 +222,11 @@ impl Hosts {
                     (pending, true)
                 }
             };
+            let new = new.then_some(entry.unanswered);
             (pending, new, entry.known.clone().filter(|_| kept))
         };
-        if new {
-            self.start(host.to_string(), Arc::clone(&pending));
+        if let Some(unanswered) = new {
+            self.start(host.to_string(), Arc::clone(&pending), unanswered);
         }
         // No answer in time: the lookup goes on, and later calls share it.
         let found = tokio::time::timeout(RESOLVE_TIMEOUT, pending.wait())
@@ -248,12 +261,30 @@ impl Hosts {
 
     /// Look `host` up on a blocking thread (it goes on when every caller waiting for it has
     /// gone) and give what it found to `pending`; with [`LOOKUPS_AT_ONCE`] lookups running
-    /// already, it is not run but answered at once as unanswered.
-    fn start(&self, host: String, pending: Arc<Pending>) {
+    /// already, or for a host whose last lookup got no answer ([`LOOKUPS_UNANSWERED_MAX`] of
+    /// such hosts'), it is not run but answered at once as unanswered.
+    fn start(&self, host: String, pending: Arc<Pending>, unanswered: bool) {
         let inner = &self.0;
         inner.metrics.host_lookups.fetch_add(1, Ordering::Relaxed);
-        if inner.running.fetch_add(1, Ordering::AcqRel) >= LOOKUPS_AT_ONCE {
-            inner.running.fetch_sub(1, Ordering::AcqRel);
+        let slot = |running: &AtomicUsize, max| {
+            let got = running.fetch_add(1, Ordering::AcqRel) < max;
+            if !got {
+                running.fetch_sub(1, Ordering::AcqRel);
+            }
+            got
+        };
+        let run = if !unanswered {
+            slot(&inner.running, LOOKUPS_AT_ONCE)
+        } else if slot(&inner.running_unanswered, LOOKUPS_UNANSWERED_MAX) {
+            let got = slot(&inner.running, LOOKUPS_AT_ONCE);
+            if !got {
+                inner.running_unanswered.fetch_sub(1, Ordering::AcqRel);
+            }
+            got
+        } else {
+            false
+        };
+        if !run {
             self.found(&host, &pending, Err(LookupFailed::ResolverDown), false);
             return;
         }
@@ -261,6 +292,9 @@ impl Hosts {
         tokio::task::spawn_blocking(move || {
             let found: Found = (hosts.0.lookup)(&host).map(Into::into);
             hosts.0.running.fetch_sub(1, Ordering::AcqRel);
+            if unanswered {
+                hosts.0.running_unanswered.fetch_sub(1, Ordering::AcqRel);
+            }
             hosts.found(&host, &pending, found, true);
         });
     }
@@ -287,6 +321,9 @@ impl Hosts {
         };
         entry.pending = None;
         let failing = entry.failed.take().is_some();
+        if ran {
+            entry.unanswered = matches!(found, Err(LookupFailed::ResolverDown));
+        }
         match found {
             Ok(ips) => {
                 entry.known = Some((Arc::clone(ips), Instant::now()));
@@ -325,6 +362,11 @@ mod tests {
         /// Lookups running now, and the most that ever ran at once.
         running: Arc<AtomicUsize>,
         most: Arc<AtomicUsize>,
+        /// Hosts named `*.dead.test` get no answer, after this long.
+        dead_after: Arc<Mutex<Duration>>,
+        /// Lookups of those running now, and the most that ever ran at once.
+        dead_running: Arc<AtomicUsize>,
+        dead_most: Arc<AtomicUsize>,
     }
 
     impl Resolver {
@@ -335,6 +377,9 @@ mod tests {
                 asked: Arc::new(AtomicUsize::new(0)),
                 running: Arc::new(AtomicUsize::new(0)),
                 most: Arc::new(AtomicUsize::new(0)),
+                dead_after: Arc::new(Mutex::new(Duration::ZERO)),
+                dead_running: Arc::new(AtomicUsize::new(0)),
+                dead_most: Arc::new(AtomicUsize::new(0)),
             }
         }
 
@@ -350,14 +395,24 @@ mod tests {
                 Duration::from_millis(fresh_ms),
                 Duration::from_millis(stale_ms),
                 Arc::clone(&metrics),
-                Box::new(move |_host| {
+                Box::new(move |host| {
                     me.asked.fetch_add(1, Ordering::SeqCst);
                     let now = me.running.fetch_add(1, Ordering::SeqCst) + 1;
                     me.most.fetch_max(now, Ordering::SeqCst);
-                    let delay = *me.delay.lock().unwrap();
-                    std::thread::sleep(delay);
+                    let answer = if host.ends_with(".dead.test") {
+                        let now = me.dead_running.fetch_add(1, Ordering::SeqCst) + 1;
+                        me.dead_most.fetch_max(now, Ordering::SeqCst);
+                        let after = *me.dead_after.lock().unwrap();
+                        std::thread::sleep(after);
+                        me.dead_running.fetch_sub(1, Ordering::SeqCst);
+                        Err(LookupFailed::ResolverDown)
+                    } else {
+                        let delay = *me.delay.lock().unwrap();
+                        std::thread::sleep(delay);
+                        me.answer.lock().unwrap().clone()
+                    };
                     me.running.fetch_sub(1, Ordering::SeqCst);
-                    me.answer.lock().unwrap().clone()
+                    answer
                 }),
             );
             (hosts, metrics)
@@ -454,6 +509,51 @@ mod tests {
             ips(&hosts.find("h7.flood.test", false).await),
             ["192.0.2.1"]
         );
+    }
+
+    /// Hosts whose DNS died, asked again and again as their deliveries come due, hold at most
+    /// [`LOOKUPS_UNANSWERED_MAX`] lookups: hosts that answer are looked up at once meanwhile.
+    /// Before, 100 such hosts held all [`LOOKUPS_AT_ONCE`], and every other host without fresh
+    /// addresses was answered "unanswered" without a lookup (its deliveries waited, unsent).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn hosts_that_stopped_answering_leave_lookups_for_hosts_that_answer() {
+        let r = Resolver::new();
+        let (hosts, metrics) = r.hosts(30_000, 0);
+        let dead = |i| format!("h{i}.dead.test");
+        // Each dead host's first lookup ran and got no answer.
+        for i in 0..100 {
+            assert_eq!(
+                hosts.find(&dead(i), true).await,
+                Err(LookupFailed::ResolverDown)
+            );
+        }
+        *r.dead_after.lock().unwrap() = RESOLVE_TIMEOUT + Duration::from_secs(1);
+        tokio::time::sleep(FAILURE_KEPT).await;
+        let asked = r.asked();
+        let mut again = Vec::new();
+        for i in 0..100 {
+            let (hosts, host) = (hosts.clone(), dead(i));
+            again.push(tokio::spawn(async move { hosts.find(&host, true).await }));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(r.asked() - asked, LOOKUPS_UNANSWERED_MAX);
+        // Hosts that answer, none looked up before: each gets a lookup, at once.
+        let started = Instant::now();
+        for i in 0..16 {
+            let found = hosts.find(&format!("h{i}.live.test"), true).await;
+            assert_eq!(ips(&found), ["192.0.2.1"], "host {i}");
+        }
+        assert!(started.elapsed() < Duration::from_secs(1));
+        for t in again {
+            assert_eq!(t.await.unwrap(), Err(LookupFailed::ResolverDown));
+        }
+        assert_eq!(r.dead_most.load(Ordering::SeqCst), LOOKUPS_UNANSWERED_MAX);
+        // The lookups still running end and give their slots back.
+        tokio::time::sleep(Duration::from_millis(1500) + FAILURE_KEPT).await;
+        assert_eq!(hosts.0.running_unanswered.load(Ordering::SeqCst), 0);
+        assert_eq!(hosts.0.running.load(Ordering::SeqCst), 0);
+        // 100 first lookups, 32 run again and 68 not run: all unanswered.
+        assert_eq!(metrics.host_lookup_failures.load(Ordering::Relaxed), 200);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
