@@ -2,7 +2,6 @@
 //! `Config::query_jobs_running_max` at once, taking turns by tenant: [`Door`]) with a deadline of
 //! `db_timeout_ms`; its answer, a value, goes to the waiting core.
 
-use std::net::IpAddr;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
@@ -12,6 +11,7 @@ use tokio::runtime::Handle;
 use super::ctx::StoreCtx;
 use super::lanes::{Admitted, Lanes};
 use super::{endpoints, events, inbox, keys, rate, webhook};
+use crate::auth::throttle::AddressKey;
 use crate::auth::OrgInfo;
 use crate::config::{Config, READ_RUNS_MAX};
 use crate::flow::answer::{Answer, Completion, Outcome, Refusal, ReplyTo};
@@ -20,11 +20,13 @@ use crate::flow::sink::JobDoor;
 use crate::ids::OrgId;
 
 /// Whose turn a job waits for: its organization's, or for work asked without a key its client
-/// address's; the node's own reports have a lane of their own.
+/// address's (an IPv6 address's /64, as the throttles count: a host with a /64 sending from
+/// many of its addresses had a lane, and a turn in each round, per address); the node's own
+/// reports have a lane of their own.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Tenant {
     Org(OrgId),
-    Peer(IpAddr),
+    Peer(AddressKey),
     Node,
 }
 
@@ -33,7 +35,7 @@ fn tenant(job: &StoreJob) -> Tenant {
         StoreJob::Query { org, .. } => Tenant::Org(org.id),
         StoreJob::Auth { peer, .. }
         | StoreJob::RetryRotation { peer, .. }
-        | StoreJob::Generate { peer, .. } => Tenant::Peer(*peer),
+        | StoreJob::Generate { peer, .. } => Tenant::Peer(AddressKey::from(*peer)),
         StoreJob::RateReport { .. } => Tenant::Node,
     }
 }
@@ -369,5 +371,38 @@ async fn query_once(ctx: &StoreCtx, org: OrgId, query: &Query) -> Result<Answer,
         }
         // Not a read: `run_query` runs each of those itself.
         _ => Err(Refusal::Internal),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::auth::Tier;
+    use crate::flow::answer::SlotToken;
+    use crate::ids::CoreId;
+
+    fn key_asked_from(peer: &str) -> StoreJob {
+        StoreJob::Generate {
+            name: "n".into(),
+            tier: Tier::Free,
+            peer: peer.parse().unwrap(),
+            once: None,
+            reply: ReplyTo {
+                core: CoreId(0),
+                slot: SlotToken(0),
+            },
+        }
+    }
+
+    /// Work asked without a key takes turns by client address as the throttles count one: a host
+    /// asking from many addresses of its IPv6 /64 has one lane, not one (and a turn each round)
+    /// per address.
+    #[test]
+    fn keyless_work_takes_turns_by_ipv4_address_and_by_ipv6_64() {
+        let lane = |peer| tenant(&key_asked_from(peer));
+        assert_eq!(lane("2001:db8:1:2::1"), lane("2001:db8:1:2:ffff::9"));
+        assert_ne!(lane("2001:db8:1:2::1"), lane("2001:db8:1:3::1"));
+        assert_ne!(lane("192.0.2.1"), lane("192.0.2.2"));
+        assert_eq!(lane("::ffff:192.0.2.1"), lane("192.0.2.1"));
     }
 }
