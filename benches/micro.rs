@@ -26,6 +26,7 @@ use triggers::shard::dedup::DedupWindow;
 use triggers::shard::rate_limit::TokenBucket;
 use triggers::shard::state::Shard;
 use triggers::store::copy::{CopyEncoder, RowPlan};
+use triggers::store::lanes::{Admitted, Lanes};
 use triggers::url_policy::parse_url;
 
 const BASELINE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/benches/baseline.json");
@@ -309,6 +310,41 @@ fn main() {
                         rt.block_on(hosts.resolve(&url, true, Use::Connect))
                             .unwrap(),
                     );
+                },
+                1,
+            )
+        });
+    }
+
+    // A store job's turn (`store::lanes`, taken under a lock on the asking core): one job of a
+    // new tenant queued, started and finished while `tenants` others each have one waiting, as
+    // under a flood of tenants (keyless work by client address: a botnet's bad keys).
+    for (name, tenants) in [
+        ("lanes_turn_16_tenants", 16u32),
+        ("lanes_turn_4096_tenants", 4096),
+    ] {
+        run(name, &mut || {
+            let mut lanes = Lanes::new(64, 8, 4096);
+            let now = Instant::now();
+            for t in 0..tenants {
+                assert_eq!(lanes.admit(t, (), now), Admitted::Queued);
+            }
+            // Every slot busy but one, so each turn starts exactly the job just queued or one
+            // of the others: the walk's length is what is measured.
+            let mut running = Vec::new();
+            while running.len() < 63 {
+                let Some((t, _, ())) = lanes.start_next() else {
+                    break;
+                };
+                running.push(t);
+            }
+            let mut next = tenants;
+            measure(
+                || {
+                    next += 1;
+                    black_box(lanes.admit(next, (), now));
+                    let (t, _, ()) = lanes.start_next().unwrap();
+                    lanes.finished(t);
                 },
                 1,
             )

@@ -23,7 +23,7 @@ use crate::ids::OrgId;
 /// address's (an IPv6 address's /64, as the throttles count: a host with a /64 sending from
 /// many of its addresses had a lane, and a turn in each round, per address); the node's own
 /// reports have a lane of their own.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 enum Tenant {
     Org(OrgId),
     Peer(AddressKey),
