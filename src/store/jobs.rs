@@ -170,7 +170,9 @@ impl JobDoor for Door {
             return Err(Refusal::Unavailable);
         };
         let refused = &store.ctx.metrics.store_jobs_refused[0];
-        match turns.lanes().admit(tenant(&job), job, Instant::now()) {
+        // Bound first: the lanes' lock is not held while a displaced job is answered.
+        let admitted = turns.lanes().admit(tenant(&job), job, Instant::now());
+        match admitted {
             Admitted::Queued => {}
             Admitted::Displaced(out) => {
                 refused.fetch_add(1, Ordering::Relaxed);
