@@ -108,8 +108,11 @@ impl<L: Copy + Eq + Hash, J> Lanes<L, J> {
             displaced = self.take_waiting(longest, false).map(|(_, j)| j);
         }
         let i = self.slot_of(lane);
-        self.reckon(i, |l| l.waiting.push_back((now, job)));
+        let waiting = &mut self.slots[i].waiting;
+        let before = waiting.len();
+        waiting.push_back((now, job));
         self.waiting += 1;
+        self.relist(i, before);
         self.join_round_if_able(i);
         match displaced {
             Some(j) => Admitted::Displaced(j),
@@ -181,46 +184,43 @@ impl<L: Copy + Eq + Hash, J> Lanes<L, J> {
         i
     }
 
-    /// Change lane `i`'s waiting jobs with `change` (by one job), keeping `by_waiting` in step.
-    fn reckon<T>(&mut self, i: usize, change: impl FnOnce(&mut Lane<L, J>) -> T) -> T {
-        let before = self.slots[i].waiting.len();
-        let out = change(&mut self.slots[i]);
+    /// Lane `i` had `before` jobs waiting and now has one more or one fewer: move it to its
+    /// list in `by_waiting`.
+    fn relist(&mut self, i: usize, before: usize) {
         let after = self.slots[i].waiting.len();
-        if before != after {
-            if before > 0 {
-                let lanes = &mut self.by_waiting[before];
-                let place = self.slots[i].place;
-                lanes.swap_remove(place);
-                if let Some(&moved) = lanes.get(place) {
-                    self.slots[moved].place = place;
-                }
-            }
-            if after > 0 {
-                if self.by_waiting.len() <= after {
-                    self.by_waiting.resize_with(after + 1, Vec::new);
-                }
-                self.slots[i].place = self.by_waiting[after].len();
-                self.by_waiting[after].push(i);
-            }
-            self.most = self.most.max(after);
-            while self.most > 0 && self.by_waiting[self.most].is_empty() {
-                self.most -= 1;
+        if before > 0 {
+            let lanes = &mut self.by_waiting[before];
+            let place = self.slots[i].place;
+            lanes.swap_remove(place);
+            if let Some(&moved) = lanes.get(place) {
+                self.slots[moved].place = place;
             }
         }
-        out
+        if after > 0 {
+            if self.by_waiting.len() <= after {
+                self.by_waiting.resize_with(after + 1, Vec::new);
+            }
+            self.slots[i].place = self.by_waiting[after].len();
+            self.by_waiting[after].push(i);
+        }
+        self.most = self.most.max(after);
+        while self.most > 0 && self.by_waiting[self.most].is_empty() {
+            self.most -= 1;
+        }
     }
 
     /// Take lane `i`'s oldest waiting job (`oldest`), or its newest.
     fn take_waiting(&mut self, i: usize, oldest: bool) -> Option<(Instant, J)> {
-        let taken = self.reckon(i, |l| {
-            if oldest {
-                l.waiting.pop_front()
-            } else {
-                l.waiting.pop_back()
-            }
-        });
+        let waiting = &mut self.slots[i].waiting;
+        let before = waiting.len();
+        let taken = if oldest {
+            waiting.pop_front()
+        } else {
+            waiting.pop_back()
+        };
         if taken.is_some() {
             self.waiting -= 1;
+            self.relist(i, before);
         }
         taken
     }
