@@ -191,6 +191,11 @@ pub const LOOKUPS_AT_ONCE: usize = 64;
 /// Of [`LOOKUPS_AT_ONCE`], those that may run at once for hosts whose last lookup got no answer:
 /// the rest are kept for hosts that answer.
 pub const LOOKUPS_UNANSWERED_MAX: usize = LOOKUPS_AT_ONCE / 2;
+/// Of [`LOOKUPS_AT_ONCE`], those that may run at once for one organization's URL checks (a
+/// lookup holds its slot until the resolver gives up, after its check has: the system's resolver
+/// tries 5 s a server by default against the check's [`RESOLVE_TIMEOUT`]); one more check waits
+/// for one of them to end, within its [`RESOLVE_TIMEOUT`].
+pub const LOOKUPS_PER_ORG_MAX: usize = 4;
 /// Bytes of a receiver's response body read (and dropped) so its connection can be reused.
 pub const RESPONSE_BODY_READ_BYTES_MAX: usize = 64 * 1024;
 /// How long start-up waits for its port to be released before it calls it taken (a server

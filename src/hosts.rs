@@ -17,7 +17,12 @@
 //! threads that hash and check API keys. Of those, at most [`LOOKUPS_UNANSWERED_MAX`] are for
 //! hosts whose last lookup got no answer: endpoints whose DNS died, asked again as their
 //! deliveries come due, held every slot, and a host that answers but had no fresh addresses got
-//! none (its deliveries waited, unsent, for as long as such hosts were asked).
+//! none (its deliveries waited, unsent, for as long as such hosts were asked). And at most
+//! [`LOOKUPS_PER_ORG_MAX`] are for one organization's URL checks: names never asked before are
+//! not known to fail, and a few tenants creating endpoint after endpoint on new names under a
+//! domain whose DNS servers do not answer held all of them (each lookup for as long as the
+//! resolver tries, after its check had given up), so another organization's new endpoint on a
+//! host that answers was a 503 (its lookup not run).
 //!
 //! The SSRF policy ([`crate::url_policy`]) judges the addresses at every use: one kept here is
 //! judged again each time.
@@ -28,9 +33,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio::sync::Notify;
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
-use crate::config::{LOOKUPS_AT_ONCE, LOOKUPS_UNANSWERED_MAX};
+use crate::config::{LOOKUPS_AT_ONCE, LOOKUPS_PER_ORG_MAX, LOOKUPS_UNANSWERED_MAX};
+use crate::ids::OrgId;
 use crate::metrics::Metrics;
 use crate::url_policy::{
     allowed, unresolved, LookupFailed, Unresolved, WebhookUrl, RESOLVE_TIMEOUT,
@@ -93,7 +99,17 @@ struct Inner {
     /// Of those, lookups of hosts whose last lookup got no answer (at most
     /// [`LOOKUPS_UNANSWERED_MAX`]).
     running_unanswered: AtomicUsize,
+    /// Each organization's slots for the lookups of its URL checks ([`LOOKUPS_PER_ORG_MAX`]).
+    by_org: Mutex<Slots>,
     metrics: Arc<Metrics>,
+}
+
+/// Organizations' lookup slots: those with a lookup running or a check waiting, and others
+/// until the map is next swept.
+struct Slots {
+    orgs: HashMap<OrgId, Arc<Semaphore>>,
+    /// Sweep when the map reaches this many organizations.
+    sweep_at: usize,
 }
 
 struct Table {
@@ -111,8 +127,8 @@ pub struct Hosts(Arc<Inner>);
 pub enum Use {
     /// A new connection to the host.
     Connect,
-    /// A URL being configured: its host must resolve now.
-    Configure,
+    /// A URL being configured by this organization: its host must resolve now.
+    Configure(OrgId),
 }
 
 /// How [`Hosts::find`] came by its answer.
@@ -151,6 +167,10 @@ impl Hosts {
             lookup,
             running: AtomicUsize::new(0),
             running_unanswered: AtomicUsize::new(0),
+            by_org: Mutex::new(Slots {
+                orgs: HashMap::new(),
+                sweep_at: SWEEP_FIRST,
+            }),
             metrics,
         }))
     }
@@ -158,24 +178,62 @@ impl Hosts {
     /// The addresses of `url` the policy allows: for a new connection (`Use::Connect`), a
     /// host's kept addresses while fresh, else a lookup (waiting at most [`RESOLVE_TIMEOUT`]),
     /// else, while the resolver fails, its kept addresses within `stale`; for a URL being
-    /// configured (`Use::Configure`), a lookup (one under way is shared) and nothing kept.
+    /// configured (`Use::Configure`), a lookup (one under way is shared) and nothing kept,
+    /// within [`RESOLVE_TIMEOUT`] in all (waiting for one of the organization's slots included).
     pub async fn resolve(
         &self,
         url: &WebhookUrl,
         allow_private: bool,
         use_: Use,
     ) -> Result<Vec<SocketAddr>, Unresolved> {
-        match url.host.parse::<IpAddr>() {
-            Ok(ip) => allowed(url, &[ip], allow_private),
-            Err(_) => match self.find(&url.host, use_ == Use::Connect).await {
-                Ok((ips, _)) => allowed(url, &ips, allow_private),
-                Err(failed) => Err(unresolved(url, failed, allow_private)),
-            },
+        if let Ok(ip) = url.host.parse::<IpAddr>() {
+            return allowed(url, &[ip], allow_private);
+        }
+        let found = match use_ {
+            Use::Connect => self.find(&url.host, true, None).await,
+            Use::Configure(org) => {
+                let deadline = tokio::time::Instant::now() + RESOLVE_TIMEOUT;
+                let slots = self.org_slots(org);
+                match tokio::time::timeout_at(deadline, slots.acquire_owned()).await {
+                    Ok(Ok(slot)) => {
+                        let found = self.find(&url.host, false, Some(slot));
+                        tokio::time::timeout_at(deadline, found)
+                            .await
+                            .unwrap_or(Err(LookupFailed::ResolverDown))
+                    }
+                    _ => Err(LookupFailed::ResolverDown),
+                }
+            }
+        };
+        match found {
+            Ok((ips, _)) => allowed(url, &ips, allow_private),
+            Err(failed) => Err(unresolved(url, failed, allow_private)),
         }
     }
 
-    /// The addresses of `host` (a name): `kept` ones may serve (see [`Hosts::resolve`]).
-    async fn find(&self, host: &str, kept: bool) -> Result<(Arc<[IpAddr]>, Source), LookupFailed> {
+    /// The slots of `org`'s lookups for its URL checks.
+    fn org_slots(&self, org: OrgId) -> Arc<Semaphore> {
+        let mut slots = self.0.by_org.lock().unwrap_or_else(|e| e.into_inner());
+        if !slots.orgs.contains_key(&org) && slots.orgs.len() >= slots.sweep_at {
+            // Those no lookup or check holds.
+            slots.orgs.retain(|_, s| Arc::strong_count(s) > 1);
+            slots.sweep_at = (slots.orgs.len() * 2).max(SWEEP_FIRST);
+        }
+        let org_slots = slots
+            .orgs
+            .entry(org)
+            .or_insert_with(|| Arc::new(Semaphore::new(LOOKUPS_PER_ORG_MAX)));
+        Arc::clone(org_slots)
+    }
+
+    /// The addresses of `host` (a name): `kept` ones may serve (see [`Hosts::resolve`]). A
+    /// lookup started here holds `slot`, if given, until it ends.
+    async fn find(
+        &self,
+        host: &str,
+        kept: bool,
+        slot: Option<OwnedSemaphorePermit>,
+    ) -> Result<(Arc<[IpAddr]>, Source), LookupFailed> {
         let now = Instant::now();
         let (pending, new, known) = {
             let mut table = self.0.entries.lock().unwrap_or_else(|e| e.into_inner());
@@ -226,7 +284,7 @@ impl Hosts {
             (pending, new, entry.known.clone().filter(|_| kept))
         };
         if let Some(unanswered) = new {
-            self.start(host.to_string(), Arc::clone(&pending), unanswered);
+            self.start(host.to_string(), Arc::clone(&pending), unanswered, slot);
         }
         // No answer in time: the lookup goes on, and later calls share it.
         let found = tokio::time::timeout(RESOLVE_TIMEOUT, pending.wait())
@@ -262,8 +320,15 @@ impl Hosts {
     /// Look `host` up on a blocking thread (it goes on when every caller waiting for it has
     /// gone) and give what it found to `pending`; with [`LOOKUPS_AT_ONCE`] lookups running
     /// already, or for a host whose last lookup got no answer ([`LOOKUPS_UNANSWERED_MAX`] of
-    /// such hosts'), it is not run but answered at once as unanswered.
-    fn start(&self, host: String, pending: Arc<Pending>, unanswered: bool) {
+    /// such hosts'), it is not run but answered at once as unanswered. It holds `org_slot` (one of
+    /// an organization's) until it ends.
+    fn start(
+        &self,
+        host: String,
+        pending: Arc<Pending>,
+        unanswered: bool,
+        org_slot: Option<OwnedSemaphorePermit>,
+    ) {
         let inner = &self.0;
         inner.metrics.host_lookups.fetch_add(1, Ordering::Relaxed);
         let slot = |running: &AtomicUsize, max| {
@@ -296,6 +361,7 @@ impl Hosts {
                 hosts.0.running_unanswered.fetch_sub(1, Ordering::AcqRel);
             }
             hosts.found(&host, &pending, found, true);
+            drop(org_slot);
         });
     }
 
@@ -351,6 +417,9 @@ impl Hosts {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The organization configuring URLs, unless a test says otherwise.
+    const ORG: OrgId = OrgId(uuid::Uuid::from_u128(1));
 
     /// A resolver the test sets: what it answers now, how long it takes, and how often it was
     /// asked.
@@ -438,19 +507,19 @@ mod tests {
         let r = Resolver::new();
         let (hosts, metrics) = r.hosts(300, 0);
         for _ in 0..5 {
-            let found = hosts.find("a.test", true).await;
+            let found = hosts.find("a.test", true, None).await;
             assert_eq!(ips(&found), ["192.0.2.1"]);
             assert_eq!(found.unwrap().1, Source::Fresh);
         }
         assert_eq!(r.asked(), 1);
         // Another host has a lookup of its own.
-        hosts.find("b.test", true).await.unwrap();
+        hosts.find("b.test", true, None).await.unwrap();
         assert_eq!(r.asked(), 2);
         // Past `fresh`, the host is looked up again and its new addresses are used.
         r.answers(Ok(vec!["192.0.2.2", "2001:db8::2"]));
         tokio::time::sleep(Duration::from_millis(350)).await;
         assert_eq!(
-            ips(&hosts.find("a.test", true).await),
+            ips(&hosts.find("a.test", true, None).await),
             ["192.0.2.2", "2001:db8::2"]
         );
         assert_eq!(r.asked(), 3);
@@ -459,7 +528,7 @@ mod tests {
         // Fresh 0: a lookup each time.
         let (hosts, _) = r.hosts(0, 0);
         for _ in 0..3 {
-            hosts.find("a.test", true).await.unwrap();
+            hosts.find("a.test", true, None).await.unwrap();
         }
         assert_eq!(r.asked(), 6);
     }
@@ -477,7 +546,7 @@ mod tests {
         for i in 0..200 {
             let hosts = hosts.clone();
             tasks.push(tokio::spawn(async move {
-                hosts.find(&format!("h{i}.flood.test"), false).await
+                hosts.find(&format!("h{i}.flood.test"), false, None).await
             }));
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -506,7 +575,7 @@ mod tests {
         *r.delay.lock().unwrap() = Duration::ZERO;
         tokio::time::sleep(FAILURE_KEPT).await;
         assert_eq!(
-            ips(&hosts.find("h7.flood.test", false).await),
+            ips(&hosts.find("h7.flood.test", false, None).await),
             ["192.0.2.1"]
         );
     }
@@ -523,7 +592,7 @@ mod tests {
         // Each dead host's first lookup ran and got no answer.
         for i in 0..100 {
             assert_eq!(
-                hosts.find(&dead(i), true).await,
+                hosts.find(&dead(i), true, None).await,
                 Err(LookupFailed::ResolverDown)
             );
         }
@@ -533,14 +602,16 @@ mod tests {
         let mut again = Vec::new();
         for i in 0..100 {
             let (hosts, host) = (hosts.clone(), dead(i));
-            again.push(tokio::spawn(async move { hosts.find(&host, true).await }));
+            again.push(tokio::spawn(
+                async move { hosts.find(&host, true, None).await },
+            ));
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
         assert_eq!(r.asked() - asked, LOOKUPS_UNANSWERED_MAX);
         // Hosts that answer, none looked up before: each gets a lookup, at once.
         let started = Instant::now();
         for i in 0..16 {
-            let found = hosts.find(&format!("h{i}.live.test"), true).await;
+            let found = hosts.find(&format!("h{i}.live.test"), true, None).await;
             assert_eq!(ips(&found), ["192.0.2.1"], "host {i}");
         }
         assert!(started.elapsed() < Duration::from_secs(1));
@@ -556,6 +627,55 @@ mod tests {
         assert_eq!(metrics.host_lookup_failures.load(Ordering::Relaxed), 200);
     }
 
+    /// One organization configuring URLs on new names whose DNS servers do not answer runs at
+    /// most [`LOOKUPS_PER_ORG_MAX`] lookups (each holds its slot for as long as the resolver
+    /// tries, longer than its check waits); its other checks wait for one of them, within
+    /// [`RESOLVE_TIMEOUT`] in all. Another organization's checks and the connections' lookups
+    /// go on at once. Before, each check ran a lookup of its own, up to [`LOOKUPS_AT_ONCE`].
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn one_organizations_url_checks_run_a_bounded_number_of_lookups() {
+        let r = Resolver::new();
+        *r.dead_after.lock().unwrap() = RESOLVE_TIMEOUT + Duration::from_secs(1);
+        let (hosts, _) = r.hosts(30_000, 0);
+        let other = OrgId(uuid::Uuid::from_u128(2));
+        let url = |host: String| crate::url_policy::parse_url(&format!("https://{host}/")).unwrap();
+        let started = Instant::now();
+        let mut checks = Vec::new();
+        for i in 0..20 {
+            let (hosts, u) = (hosts.clone(), url(format!("h{i}.dead.test")));
+            checks.push(tokio::spawn(async move {
+                hosts.resolve(&u, true, Use::Configure(ORG)).await
+            }));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(r.dead_running.load(Ordering::SeqCst), LOOKUPS_PER_ORG_MAX);
+        // Another organization's checks and new connections' lookups, at once.
+        for i in 0..8 {
+            let u = url(format!("h{i}.other.test"));
+            hosts
+                .resolve(&u, true, Use::Configure(other))
+                .await
+                .unwrap();
+            let u = url(format!("h{i}.connect.test"));
+            hosts.resolve(&u, true, Use::Connect).await.unwrap();
+        }
+        assert!(started.elapsed() < Duration::from_secs(1));
+        for c in checks {
+            assert!(matches!(c.await.unwrap(), Err(Unresolved::ResolverDown(_))));
+        }
+        let waited = started.elapsed();
+        assert!(
+            waited >= RESOLVE_TIMEOUT && waited < RESOLVE_TIMEOUT + Duration::from_millis(900),
+            "{waited:?}"
+        );
+        assert_eq!(r.dead_most.load(Ordering::SeqCst), LOOKUPS_PER_ORG_MAX);
+        // Its lookups end and give the organization's slots back.
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+        let u = url("a.test".to_string());
+        hosts.resolve(&u, true, Use::Configure(ORG)).await.unwrap();
+        assert_eq!(r.asked(), LOOKUPS_PER_ORG_MAX + 16 + 1);
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn connections_needing_a_host_at_once_share_one_lookup() {
         let r = Resolver::new();
@@ -564,9 +684,9 @@ mod tests {
         let mut tasks = Vec::new();
         for _ in 0..32 {
             let hosts = hosts.clone();
-            tasks.push(tokio::spawn(
-                async move { hosts.find("a.test", true).await },
-            ));
+            tasks.push(tokio::spawn(async move {
+                hosts.find("a.test", true, None).await
+            }));
         }
         for t in tasks {
             assert_eq!(ips(&t.await.unwrap()), ["192.0.2.1"]);
@@ -584,9 +704,9 @@ mod tests {
         let mut tasks = Vec::new();
         for _ in 0..16 {
             let hosts = hosts.clone();
-            tasks.push(tokio::spawn(
-                async move { hosts.find("slow.test", true).await },
-            ));
+            tasks.push(tokio::spawn(async move {
+                hosts.find("slow.test", true, None).await
+            }));
         }
         for t in tasks {
             assert_eq!(t.await.unwrap(), Err(LookupFailed::ResolverDown));
@@ -598,13 +718,13 @@ mod tests {
         );
         // A connection after the callers gave up is not held for the lookup still under way.
         let asked_at = Instant::now();
-        let later = hosts.find("slow.test", true).await;
+        let later = hosts.find("slow.test", true, None).await;
         assert_eq!(later, Err(LookupFailed::ResolverDown));
         assert!(asked_at.elapsed() < Duration::from_millis(200));
         // A URL being configured waits for it, and its answer then serves connections.
-        let configured = hosts.find("slow.test", false).await;
+        let configured = hosts.find("slow.test", false, None).await;
         assert_eq!(configured.map(|f| f.1), Ok(Source::Fresh));
-        hosts.find("slow.test", true).await.unwrap();
+        hosts.find("slow.test", true, None).await.unwrap();
         assert_eq!(r.asked(), 1);
         assert_eq!(metrics.host_lookup_failures.load(Ordering::Relaxed), 0);
     }
@@ -613,41 +733,44 @@ mod tests {
     async fn while_the_resolver_fails_the_last_addresses_serve_until_stale_runs_out() {
         let r = Resolver::new();
         let (hosts, metrics) = r.hosts(100, 1500);
-        hosts.find("a.test", true).await.unwrap();
+        hosts.find("a.test", true, None).await.unwrap();
         r.answers(Err(LookupFailed::ResolverDown));
         tokio::time::sleep(Duration::from_millis(150)).await;
-        let found = hosts.find("a.test", true).await;
+        let found = hosts.find("a.test", true, None).await;
         assert_eq!(ips(&found), ["192.0.2.1"]);
         assert_eq!(found.unwrap().1, Source::Stale);
         assert_eq!(metrics.host_stale.load(Ordering::Relaxed), 1);
         assert_eq!(metrics.host_lookup_failures.load(Ordering::Relaxed), 1);
         // Within a second of the failure it is the answer: no lookup per connection.
-        assert_eq!(hosts.find("a.test", true).await.unwrap().1, Source::Stale);
+        assert_eq!(
+            hosts.find("a.test", true, None).await.unwrap().1,
+            Source::Stale
+        );
         assert_eq!(r.asked(), 2);
         // Past fresh + stale: the resolver's failure is the answer.
         tokio::time::sleep(Duration::from_millis(1500)).await;
         assert_eq!(
-            hosts.find("a.test", true).await,
+            hosts.find("a.test", true, None).await,
             Err(LookupFailed::ResolverDown)
         );
         assert_eq!(r.asked(), 3);
         // The resolver is back: fresh addresses again, a second after the last failure.
         r.answers(Ok(vec!["192.0.2.3"]));
         assert_eq!(
-            hosts.find("a.test", true).await,
+            hosts.find("a.test", true, None).await,
             Err(LookupFailed::ResolverDown)
         );
         tokio::time::sleep(FAILURE_KEPT).await;
-        assert_eq!(ips(&hosts.find("a.test", true).await), ["192.0.2.3"]);
+        assert_eq!(ips(&hosts.find("a.test", true, None).await), ["192.0.2.3"]);
         assert_eq!(r.asked(), 4);
 
         // Stale 0: a failure is a failure as soon as the addresses are not fresh.
         let (hosts, _) = r.hosts(100, 0);
-        hosts.find("a.test", true).await.unwrap();
+        hosts.find("a.test", true, None).await.unwrap();
         r.answers(Err(LookupFailed::ResolverDown));
         tokio::time::sleep(Duration::from_millis(150)).await;
         assert_eq!(
-            hosts.find("a.test", true).await,
+            hosts.find("a.test", true, None).await,
             Err(LookupFailed::ResolverDown)
         );
     }
@@ -656,17 +779,17 @@ mod tests {
     async fn a_host_found_to_have_no_address_loses_its_old_addresses() {
         let r = Resolver::new();
         let (hosts, _) = r.hosts(100, 60_000);
-        hosts.find("a.test", true).await.unwrap();
+        hosts.find("a.test", true, None).await.unwrap();
         tokio::time::sleep(Duration::from_millis(150)).await;
         r.answers(Err(LookupFailed::NoAddress));
         assert_eq!(
-            hosts.find("a.test", true).await,
+            hosts.find("a.test", true, None).await,
             Err(LookupFailed::NoAddress)
         );
         // Then the resolver fails: nothing old to serve.
         r.answers(Err(LookupFailed::ResolverDown));
         assert_eq!(
-            hosts.find("a.test", true).await,
+            hosts.find("a.test", true, None).await,
             Err(LookupFailed::ResolverDown)
         );
     }
@@ -676,7 +799,7 @@ mod tests {
         let r = Resolver::new();
         let (hosts, _) = r.hosts(30_000, 60_000);
         let url = crate::url_policy::parse_url("https://a.test/in").unwrap();
-        let configure = || hosts.resolve(&url, true, Use::Configure);
+        let configure = || hosts.resolve(&url, true, Use::Configure(ORG));
         assert_eq!(
             configure().await.unwrap(),
             ["192.0.2.1:443".parse().unwrap()]
@@ -700,7 +823,7 @@ mod tests {
         let r = Resolver::new();
         let (hosts, _) = r.hosts(0, 0);
         for n in 0..SWEEP_FIRST + 10 {
-            hosts.find(&format!("h{n}.test"), true).await.unwrap();
+            hosts.find(&format!("h{n}.test"), true, None).await.unwrap();
         }
         let table = hosts.0.entries.lock().unwrap();
         assert!(table.hosts.len() < 20, "{}", table.hosts.len());
@@ -721,7 +844,7 @@ mod tests {
         rt.block_on(async {
             let u = crate::url_policy::parse_url("http://127.0.0.1:9/x").unwrap();
             let refused = hosts
-                .resolve(&u, false, Use::Configure)
+                .resolve(&u, false, Use::Configure(ORG))
                 .await
                 .unwrap_err()
                 .to_string();
@@ -735,7 +858,7 @@ mod tests {
             let nx = crate::url_policy::parse_url("http://no-such-host.invalid/x").unwrap();
             let mut nx_refused = None;
             for _ in 0..3 {
-                match hosts.resolve(&nx, false, Use::Configure).await {
+                match hosts.resolve(&nx, false, Use::Configure(ORG)).await {
                     Err(Unresolved::Refused(m)) => {
                         nx_refused = Some(m);
                         break;
@@ -752,7 +875,7 @@ mod tests {
                 refused.replace("127.0.0.1", "H")
             );
             assert_eq!(
-                hosts.resolve(&u, true, Use::Configure).await.unwrap(),
+                hosts.resolve(&u, true, Use::Configure(ORG)).await.unwrap(),
                 vec!["127.0.0.1:9".parse().unwrap()]
             );
         });

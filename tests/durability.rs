@@ -869,6 +869,81 @@ async fn endpoint_urls_whose_dns_servers_do_not_answer_hold_up_no_other_request(
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// Tenants configuring endpoints on ever new host names whose DNS servers do not answer leave
+/// lookups for every other tenant: an organization's URL checks run at most
+/// `LOOKUPS_PER_ORG_MAX` (4) lookups at once, and a lookup holds its slot for as long as the
+/// resolver tries (here 10 s: two tries of 5 s), not only while its check waits (3 s). Before,
+/// four such tenants (8 checks each at once, their turns' limit) held all 64 lookups within 6 s,
+/// and another organization's endpoint on a host that answers at once was a 503: its lookup was
+/// not run. The DNS server here takes every query and answers none; `receiver.test` is in the
+/// server's `/etc/hosts`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_names_whose_dns_servers_do_not_answer_leave_lookups_for_other_tenants() {
+    if !namespaces_allowed() {
+        return;
+    }
+    let Ok(_silent) = std::net::UdpSocket::bind("127.0.2.54:53") else {
+        eprintln!("SKIPPED: no UDP port 53 to listen on (not root)");
+        return;
+    };
+    let names = OwnNames::with_dns(
+        "dns-new-names",
+        WITH_RECEIVER,
+        "nameserver 127.0.2.54\noptions timeout:5 attempts:2\n",
+    );
+    let s = Server::process_wrapped(
+        &names.wrapper(),
+        &["--allow-private-webhooks"],
+        &database_url(),
+    );
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut floods = Vec::new();
+    let mut tenants = Vec::new();
+    for t in 0..4 {
+        let (key, _) = new_org(s.addr, "enterprise").await;
+        tenants.push(key.clone());
+        // As many checks at once as the tenant's turns let run, each on a name never asked.
+        for c in 0..8 {
+            let (addr, key, stop) = (s.addr, key.clone(), Arc::clone(&stop));
+            floods.push(tokio::spawn(async move {
+                let mut codes = Vec::new();
+                let mut i = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    let url = format!("https://t{t}-c{c}-{i}.flood.test/in");
+                    let r = post(addr, &key, "/api/endpoints", &json!({ "url": url })).await;
+                    assert!(r.header("retry-after").is_some(), "{}", r.text());
+                    codes.push(r.status);
+                    i += 1;
+                }
+                codes
+            }));
+        }
+    }
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    let (other, _) = new_org(s.addr, "pro").await;
+    let asked = Instant::now();
+    let r = post(
+        s.addr,
+        &other,
+        "/api/endpoints",
+        &json!({"url": "http://receiver.test:9/in"}),
+    )
+    .await;
+    let took = asked.elapsed();
+    stop.store(true, Ordering::Relaxed);
+    assert_eq!(r.status, 201, "{}", r.text());
+    eprintln!("another organization's endpoint, during the flood: {took:?}");
+    assert!(took < Duration::from_secs(1), "{took:?}");
+    for f in floods {
+        let codes = f.await.unwrap();
+        assert!(codes.iter().all(|c| *c == 503), "{codes:?}");
+    }
+    for key in &tenants {
+        let list = get(s.addr, key, "/api/endpoints").await.json();
+        assert_eq!(list, json!({"endpoints": []}));
+    }
+}
+
 /// The server's view of names, in a mount namespace of its own: `/etc/hosts` (the test's, changed
 /// while the server runs: written in place, the bind mount sees it), then a DNS server at
 /// 127.0.0.1 where nothing listens (getaddrinfo: a temporary failure, at once).
@@ -879,6 +954,15 @@ struct OwnNames {
 
 impl OwnNames {
     fn new(name: &str, hosts: &str) -> OwnNames {
+        OwnNames::with_dns(
+            name,
+            hosts,
+            "nameserver 127.0.0.1\noptions timeout:1 attempts:1\n",
+        )
+    }
+
+    /// Names in `hosts`, the rest asked of the DNS servers `resolv_conf` names.
+    fn with_dns(name: &str, hosts: &str, resolv_conf: &str) -> OwnNames {
         let dir = std::env::temp_dir().join(format!("triggers-{name}-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let file = |name: &str, text: &str| {
@@ -887,10 +971,7 @@ impl OwnNames {
             path.to_str().unwrap().to_string()
         };
         let files = [
-            file(
-                "resolv.conf",
-                "nameserver 127.0.0.1\noptions timeout:1 attempts:1\n",
-            ),
+            file("resolv.conf", resolv_conf),
             file("nsswitch.conf", "hosts: files dns\n"),
             file("hosts", hosts),
         ];

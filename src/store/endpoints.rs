@@ -38,12 +38,22 @@ pub fn new_signing_secret() -> Result<String, Refusal> {
 }
 
 /// Resolve a URL's host and apply the SSRF policy (its shape was checked by ingress).
-pub async fn check_url(ctx: &StoreCtx, url: &str, field: &'static str) -> Result<(), Refusal> {
+/// The lookup is one of `org`'s ([`crate::config::LOOKUPS_PER_ORG_MAX`] at once).
+pub async fn check_url(
+    ctx: &StoreCtx,
+    org: OrgId,
+    url: &str,
+    field: &'static str,
+) -> Result<(), Refusal> {
     let invalid = |message: String| Refusal::Invalid { field, message };
     let parsed = url_policy::parse_url(url).map_err(invalid)?;
     let checked = ctx
         .hosts
-        .resolve(&parsed, ctx.config.allow_private_webhooks, Use::Configure)
+        .resolve(
+            &parsed,
+            ctx.config.allow_private_webhooks,
+            Use::Configure(org),
+        )
         .await;
     match checked {
         Ok(_) => Ok(()),
@@ -205,7 +215,7 @@ pub async fn create(
             return replay(&row, once, failures);
         }
     }
-    check_url(ctx, &spec.url, "url").await?;
+    check_url(ctx, org, &spec.url, "url").await?;
     let secret = match spec.signing_secret {
         Some(given) => given,
         None => new_signing_secret()?,
@@ -383,7 +393,7 @@ pub async fn patch(
     patch: EndpointPatch,
 ) -> Result<Answer, Refusal> {
     if let Some(url) = &patch.url {
-        check_url(ctx, url, "url").await?;
+        check_url(ctx, org, url, "url").await?;
     }
     let now = Micros::now().to_system_time();
     let rate = patch.rate_limit_per_second.map(|r| r.map(|r| r as i32));

@@ -11,7 +11,7 @@ use crate::ids::{new_v7, Micros, OrgId};
 /// Resolve the URL's host and apply the SSRF policy, then point the default endpoint at it
 /// (active again if it was paused, disabled or deleted).
 pub async fn set_webhook(ctx: &StoreCtx, org: OrgId, url: String) -> Result<Answer, Refusal> {
-    check_url(ctx, &url, "webhook_url").await?;
+    check_url(ctx, org, &url, "webhook_url").await?;
     let now = Micros::now();
     let secret: String = ctx
         .timed_reruns("set webhook", || async {
