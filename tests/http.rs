@@ -257,6 +257,75 @@ async fn framing_errors(addr: SocketAddr) {
     }
 }
 
+both_drivers!(a_request_says_its_host_once_and_who_asks_once, said_once);
+/// RFC 9112 (3.2): an HTTP/1.1 request without `Host`, or with two, is a 400. And a request that
+/// names its key twice, or its body's type twice, is a 400 too: a gateway in front that reads
+/// the first of two `Authorization` headers may let in a request the server would take for the
+/// second's organization. Each is answered and closed, and nothing is stored.
+async fn said_once(addr: SocketAddr) {
+    let (key, _) = new_org(addr, "pro").await;
+    let (other, _) = new_org(addr, "pro").await;
+    let body = r#"{"type":"a.b","payload":{}}"#;
+    let post = |headers: &str| {
+        format!(
+            "POST /api/events HTTP/1.1\r\n{headers}Content-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+    };
+    let json = "Content-Type: application/json\r\n";
+    for (wire, error) in [
+        (
+            post(&format!("Authorization: Bearer {key}\r\n{json}")),
+            "an HTTP/1.1 request needs a Host header",
+        ),
+        (
+            post(&format!(
+                "Host: t\r\nHost: u\r\nAuthorization: Bearer {key}\r\n{json}"
+            )),
+            "repeated Host header",
+        ),
+        (
+            post(&format!(
+                "Host: t\r\nAuthorization: Bearer {other}\r\nAuthorization: Bearer {key}\r\n{json}"
+            )),
+            "repeated Authorization header",
+        ),
+        (
+            post(&format!(
+                "Host: t\r\nX-API-Key: {other}\r\nX-API-Key: {key}\r\n{json}"
+            )),
+            "repeated X-API-Key header",
+        ),
+        (
+            post(&format!(
+                "Host: t\r\nX-API-Key: {key}\r\n{json}Content-Type: text/plain\r\n"
+            )),
+            "repeated Content-Type header",
+        ),
+    ] {
+        let mut c = Conn::open(addr).await;
+        c.send(wire.as_bytes()).await;
+        let r = c
+            .read()
+            .await
+            .unwrap_or_else(|| panic!("no answer to {wire:?}"));
+        assert_eq!(r.status, 400, "{wire:?}");
+        assert_eq!(error_code(&r), "bad_request");
+        assert_eq!(r.json()["error"], error);
+        assert_eq!(r.header("connection"), Some("close"));
+        assert!(c.closed_within(Duration::from_secs(2)).await);
+    }
+    for k in [&key, &other] {
+        let inbox = get(addr, k, "/api/inbox").await.json();
+        assert_eq!(inbox["events"], json!([]), "{inbox}");
+    }
+    // The same request, said once: taken.
+    let mut c = Conn::open(addr).await;
+    c.send(post(&format!("Host: t\r\nAuthorization: Bearer {key}\r\n{json}")).as_bytes())
+        .await;
+    assert_eq!(c.read().await.unwrap().status, 201);
+}
+
 both_drivers!(unknown_routes_and_methods_are_json, routing_errors);
 async fn routing_errors(addr: SocketAddr) {
     let r = call(addr, "GET", "/api/nothing", &[], None).await;

@@ -3,7 +3,11 @@
 //! The head is parsed with httparse into a fixed header array, only once it is complete; the few
 //! headers the server needs are kept as `Bytes` slices of the head (a refcount, no copy). Framing
 //! rules: `Content-Length` or `Transfer-Encoding: chunked` (both at once is refused, as is any other
-//! transfer coding), `Expect: 100-continue`, HTTP/1.0 and 1.1 keep-alive rules.
+//! transfer coding), `Expect: 100-continue`, HTTP/1.0 and 1.1 keep-alive rules. An HTTP/1.1
+//! request names one `Host` (RFC 9112, 3.2), and the headers that say who asks and what the body
+//! is (`Host`, `Authorization`, `X-API-Key`, `Content-Type`, `Idempotency-Key`) come at most once:
+//! a proxy or gateway in front that reads the first of two may judge a request the server would
+//! take by the last.
 
 use bytes::{Bytes, BytesMut};
 
@@ -151,9 +155,17 @@ pub fn parse_head(buf: &mut BytesMut) -> Result<Parsed, HeadError> {
     let (mut content_type, mut api_key, mut authorization, mut forwarded_for) =
         (None, None, None, None);
     let (mut traceparent, mut request_id, mut idempotency_key) = (None, None, None);
+    let mut hosts = 0u32;
+    // The one value of a header that must come at most once.
+    let once = |seen: &Option<std::ops::Range<usize>>, repeated: &'static str| match seen {
+        Some(_) => Err(HeadError::Bad(repeated)),
+        None => Ok(()),
+    };
     for h in req.headers.iter() {
         let name = h.name;
-        if name.eq_ignore_ascii_case("content-length") {
+        if name.eq_ignore_ascii_case("host") {
+            hosts += 1;
+        } else if name.eq_ignore_ascii_case("content-length") {
             let v = std::str::from_utf8(h.value)
                 .ok()
                 .map(str::trim)
@@ -188,10 +200,13 @@ pub fn parse_head(buf: &mut BytesMut) -> Result<Parsed, HeadError> {
                 return Err(HeadError::Bad("unsupported Expect header"));
             }
         } else if name.eq_ignore_ascii_case("content-type") {
+            once(&content_type, "repeated Content-Type header")?;
             content_type = Some(offset(h.value));
         } else if name.eq_ignore_ascii_case("x-api-key") {
+            once(&api_key, "repeated X-API-Key header")?;
             api_key = Some(offset(h.value));
         } else if name.eq_ignore_ascii_case("authorization") {
+            once(&authorization, "repeated Authorization header")?;
             authorization = Some(offset(h.value));
         } else if name.eq_ignore_ascii_case("x-forwarded-for") {
             // Several headers: the last one is the nearest proxy's.
@@ -201,8 +216,15 @@ pub fn parse_head(buf: &mut BytesMut) -> Result<Parsed, HeadError> {
         } else if name.eq_ignore_ascii_case("x-request-id") {
             request_id = Some(offset(h.value));
         } else if name.eq_ignore_ascii_case("idempotency-key") {
+            once(&idempotency_key, "repeated Idempotency-Key header")?;
             idempotency_key = Some(offset(h.value));
         }
+    }
+    if hosts > 1 {
+        return Err(HeadError::Bad("repeated Host header"));
+    }
+    if hosts == 0 && http11 {
+        return Err(HeadError::Bad("an HTTP/1.1 request needs a Host header"));
     }
     if chunked && content_length.is_some() {
         return Err(HeadError::Bad(
@@ -311,36 +333,84 @@ mod tests {
 
     #[test]
     fn keep_alive_rules() {
-        assert!(!complete("GET / HTTP/1.1\r\nConnection: close\r\n\r\n").keep_alive);
+        assert!(!complete("GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n").keep_alive);
         assert!(!complete("GET / HTTP/1.0\r\n\r\n").keep_alive);
         assert!(complete("GET / HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n").keep_alive);
-        assert!(complete("GET / HTTP/1.1\r\nConnection: upgrade, keep-alive\r\n\r\n").keep_alive);
+        assert!(
+            complete("GET / HTTP/1.1\r\nHost: a\r\nConnection: upgrade, keep-alive\r\n\r\n")
+                .keep_alive
+        );
     }
 
     #[test]
     fn framing_rules() {
-        assert_eq!(complete("POST / HTTP/1.1\r\n\r\n").framing, Framing::None);
         assert_eq!(
-            complete("POST / HTTP/1.1\r\nContent-Length: 0\r\n\r\n").framing,
+            complete("POST / HTTP/1.1\r\nHost: a\r\n\r\n").framing,
             Framing::None
         );
         assert_eq!(
-            complete("POST / HTTP/1.1\r\nTransfer-Encoding: Chunked\r\n\r\n").framing,
+            complete("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\n\r\n").framing,
+            Framing::None
+        );
+        assert_eq!(
+            complete("POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: Chunked\r\n\r\n").framing,
             Framing::Chunked
         );
-        let both = "POST / HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n";
+        let both =
+            "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n";
         assert_eq!(
             head(both).unwrap_err(),
             HeadError::Bad("Content-Length and Transfer-Encoding must not both be sent")
         );
-        assert!(head("POST / HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n").is_err());
-        assert!(head("POST / HTTP/1.1\r\nContent-Length: -1\r\n\r\n").is_err());
-        assert!(head("POST / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n").is_err());
+        assert!(head("POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip\r\n\r\n").is_err());
+        assert!(head("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: -1\r\n\r\n").is_err());
+        assert!(head(
+            "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n"
+        )
+        .is_err());
         assert_eq!(
-            complete("POST / HTTP/1.1\r\nContent-Length: 99999999999999999999999\r\n\r\n").framing,
+            complete(
+                "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 99999999999999999999999\r\n\r\n"
+            )
+            .framing,
             Framing::Length(usize::MAX)
         );
-        assert!(complete("POST / HTTP/1.1\r\nExpect: 100-continue\r\n\r\n").expect_continue);
+        assert!(
+            complete("POST / HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\n\r\n").expect_continue
+        );
+    }
+
+    #[test]
+    fn host_is_one_and_who_asks_is_said_once() {
+        let bad = |text: &str| head(text).unwrap_err();
+        assert_eq!(
+            bad("GET / HTTP/1.1\r\n\r\n"),
+            HeadError::Bad("an HTTP/1.1 request needs a Host header")
+        );
+        assert_eq!(
+            bad("GET / HTTP/1.1\r\nHost: a\r\nhost: b\r\n\r\n"),
+            HeadError::Bad("repeated Host header")
+        );
+        // HTTP/1.0 needs none (RFC 9112, 3.2), and may not send two.
+        assert!(!complete("GET / HTTP/1.0\r\n\r\n").keep_alive);
+        assert!(head("GET / HTTP/1.0\r\nHost: a\r\nHost: a\r\n\r\n").is_err());
+        for (name, error) in [
+            ("Authorization", "repeated Authorization header"),
+            ("x-api-key", "repeated X-API-Key header"),
+            ("Content-Type", "repeated Content-Type header"),
+            ("Idempotency-Key", "repeated Idempotency-Key header"),
+        ] {
+            // Even the same value twice: a proxy in front may have added one.
+            let wire = format!("POST / HTTP/1.1\r\nHost: a\r\n{name}: v\r\n{name}: v\r\n\r\n");
+            assert_eq!(bad(&wire), HeadError::Bad(error), "{name}");
+        }
+        // Headers that are lists may come more than once.
+        let h = complete(
+            "GET / HTTP/1.1\r\nHost: a\r\nX-Forwarded-For: 1.1.1.1\r\n\
+             X-Forwarded-For: 2.2.2.2\r\nConnection: keep-alive\r\nConnection: close\r\n\r\n",
+        );
+        assert_eq!(h.forwarded_for.as_deref(), Some(&b"2.2.2.2"[..]));
+        assert!(!h.keep_alive);
     }
 
     #[test]
@@ -350,12 +420,12 @@ mod tests {
             HeadError::Bad("malformed request head")
         );
         assert!(head("GET / HTTP/2.0\r\n\r\n").is_err());
-        assert!(head("GET http://x/ HTTP/1.1\r\n\r\n").is_err());
+        assert!(head("GET http://x/ HTTP/1.1\r\nHost: a\r\n\r\n").is_err());
         let many: String = (0..HEADERS_MAX + 1)
             .map(|i| format!("X-{i}: v\r\n"))
             .collect();
         assert_eq!(
-            head(&format!("GET / HTTP/1.1\r\n{many}\r\n")).unwrap_err(),
+            head(&format!("GET / HTTP/1.1\r\nHost: a\r\n{many}\r\n")).unwrap_err(),
             HeadError::TooManyHeaders
         );
     }
@@ -376,7 +446,7 @@ mod tests {
                 prop::collection::vec(1usize..40, 0..6),
             )
                 .prop_map(|(headers, body, chunked, chunks)| {
-                    let mut head = b"POST /api/events?q=1 HTTP/1.1\r\n".to_vec();
+                    let mut head = b"POST /api/events?q=1 HTTP/1.1\r\nHost: a\r\n".to_vec();
                     for (n, v) in headers {
                         let lower = n.to_ascii_lowercase();
                         if [
@@ -384,6 +454,11 @@ mod tests {
                             "transfer-encoding",
                             "expect",
                             "connection",
+                            "host",
+                            "content-type",
+                            "x-api-key",
+                            "authorization",
+                            "idempotency-key",
                         ]
                         .contains(&lower.as_str())
                         {
