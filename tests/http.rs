@@ -261,7 +261,8 @@ both_drivers!(a_request_says_its_host_once_and_who_asks_once, said_once);
 /// RFC 9112 (3.2): an HTTP/1.1 request without `Host`, or with two, is a 400. And a request that
 /// names its key twice, or its body's type twice, is a 400 too: a gateway in front that reads
 /// the first of two `Authorization` headers may let in a request the server would take for the
-/// second's organization. Each is answered and closed, and nothing is stored.
+/// second's organization; so is one whose `X-API-Key` and `Authorization: Bearer` name different
+/// keys. Each is answered 400, and nothing is stored.
 async fn said_once(addr: SocketAddr) {
     let (key, _) = new_org(addr, "pro").await;
     let (other, _) = new_org(addr, "pro").await;
@@ -315,15 +316,42 @@ async fn said_once(addr: SocketAddr) {
         assert_eq!(r.header("connection"), Some("close"));
         assert!(c.closed_within(Duration::from_secs(2)).await);
     }
+    // Each header once, but the two ways of sending a key name different keys.
+    let mut c = Conn::open(addr).await;
+    c.send(
+        post(&format!(
+            "Host: t\r\nX-API-Key: {other}\r\nAuthorization: Bearer {key}\r\n{json}"
+        ))
+        .as_bytes(),
+    )
+    .await;
+    let r = c.read().await.unwrap();
+    assert_eq!(r.status, 400);
+    assert_eq!(
+        r.json()["error"],
+        "X-API-Key and Authorization: Bearer name different keys; send one"
+    );
     for k in [&key, &other] {
         let inbox = get(addr, k, "/api/inbox").await.json();
         assert_eq!(inbox["events"], json!([]), "{inbox}");
     }
-    // The same request, said once: taken.
-    let mut c = Conn::open(addr).await;
-    c.send(post(&format!("Host: t\r\nAuthorization: Bearer {key}\r\n{json}")).as_bytes())
-        .await;
-    assert_eq!(c.read().await.unwrap().status, 201);
+    // Said once, the same key both ways, or a gateway's own token beside the key: taken.
+    for auth in [
+        String::new(),
+        format!("Authorization: Bearer {key}\r\n"),
+        "Authorization: Bearer eyJhbGciOiJIUzI1NiJ9.e30.sig\r\n".to_string(),
+    ] {
+        let mut c = Conn::open(addr).await;
+        c.send(post(&format!("Host: t\r\nX-API-Key: {key}\r\n{auth}{json}")).as_bytes())
+            .await;
+        assert_eq!(c.read().await.unwrap().status, 201, "{auth}");
+    }
+    let inbox = get(addr, &key, "/api/inbox").await.json();
+    assert_eq!(inbox["events"].as_array().unwrap().len(), 3, "{inbox}");
+    assert_eq!(
+        get(addr, &other, "/api/inbox").await.json()["events"],
+        json!([])
+    );
 }
 
 both_drivers!(unknown_routes_and_methods_are_json, routing_errors);

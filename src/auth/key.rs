@@ -165,9 +165,35 @@ pub fn key_from_headers<'a>(
     None
 }
 
+/// `X-API-Key` and `Authorization: Bearer` both name keys of this server's shape, different ones:
+/// a gateway in front that judged the request by one may have passed it for the other's
+/// organization, so neither is taken. A bearer token of another shape (a gateway's own) is not
+/// the server's to judge: `X-API-Key` is the key then.
+pub fn keys_disagree(api_key: Option<&[u8]>, authorization: Option<&[u8]>) -> bool {
+    let (Some(key), Some(bearer)) = (api_key, key_from_headers(None, authorization)) else {
+        return false;
+    };
+    bearer != key.trim_ascii() && ApiKey::parse(bearer).is_some()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn two_different_keys_in_one_request_disagree() {
+        let (a, b) = (ApiKey::generate().unwrap(), ApiKey::generate().unwrap());
+        let bearer = |k: &str| format!("Bearer {k}").into_bytes();
+        let disagree = |key: &str, auth: &[u8]| keys_disagree(Some(key.as_bytes()), Some(auth));
+        assert!(disagree(a.as_str(), &bearer(b.as_str())));
+        assert!(!disagree(a.as_str(), &bearer(a.as_str())));
+        assert!(!disagree(&format!(" {} ", a.as_str()), &bearer(a.as_str())));
+        // A gateway's own token, or another scheme, beside the key.
+        assert!(!disagree(a.as_str(), b"Bearer eyJhbGciOiJIUzI1NiJ9.e30.x"));
+        assert!(!disagree(a.as_str(), b"Basic dXNlcjpwYXNz"));
+        assert!(!keys_disagree(None, Some(&bearer(b.as_str()))));
+        assert!(!keys_disagree(Some(a.as_str().as_bytes()), None));
+    }
 
     #[test]
     fn generated_keys_have_the_documented_shape() {

@@ -15,5 +15,5 @@ pub mod throttle;
 pub mod verify;
 
 pub use cache::{Cached, Changes, KeyCache, KeyHash};
-pub use key::{key_from_headers, ApiKey, OrgInfo, Tier};
+pub use key::{key_from_headers, keys_disagree, ApiKey, OrgInfo, Tier};
 pub use verify::AuthFailure;

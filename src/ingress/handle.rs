@@ -11,7 +11,7 @@ use super::parse::{Head, Method};
 use super::request::Request;
 use super::router::{self, Route};
 use super::{admin, endpoints, events, inbox, ops};
-use crate::auth::{key_from_headers, OrgInfo};
+use crate::auth::{key_from_headers, keys_disagree, OrgInfo};
 use crate::error::ApiError;
 use crate::reply::Reply;
 
@@ -101,6 +101,11 @@ pub async fn prepare(ctx: &Rc<CoreCtx>, head: &Head, peer: IpAddr, metrics_only:
 
 /// The organization of the request's key (`X-API-Key` or `Authorization: Bearer`).
 async fn authenticate(ctx: &Rc<CoreCtx>, head: &Head, peer: IpAddr) -> Result<OrgInfo, ApiError> {
+    if keys_disagree(head.api_key.as_deref(), head.authorization.as_deref()) {
+        return Err(ApiError::BadRequest(
+            "X-API-Key and Authorization: Bearer name different keys; send one".into(),
+        ));
+    }
     let raw = key_from_headers(head.api_key.as_deref(), head.authorization.as_deref()).ok_or(
         ApiError::Unauthorized(
             "missing API key; send X-API-Key: <key> or Authorization: Bearer <key>",
