@@ -179,10 +179,11 @@ pub struct Metrics {
     /// Deliveries this node's claimer took from the database (due retries, handed-back and
     /// overflowed deliveries, other nodes' expired leases are taken over apart).
     pub deliveries_claimed: AtomicU64,
-    /// Store jobs (reads, acks, endpoint and key changes) answered 503 without being run: the
-    /// queue was full and theirs was the tenant with the most waiting (`[0]`), or they waited
-    /// for their turn too long (`[1]`).
-    pub store_jobs_refused: [AtomicU64; 2],
+    /// Store jobs (reads, acks, endpoint and key changes) answered 503 without being run because
+    /// the queue was full and theirs was the tenant with the most waiting.
+    pub store_jobs_refused_queue_full: AtomicU64,
+    /// Store jobs answered 503 without being run because they waited for their turn too long.
+    pub store_jobs_refused_waited_too_long: AtomicU64,
 }
 
 /// Why a delivery held in memory is waiting.
@@ -294,7 +295,8 @@ impl Metrics {
             host_lookup_failures: AtomicU64::new(0),
             host_stale: AtomicU64::new(0),
             deliveries_claimed: AtomicU64::new(0),
-            store_jobs_refused: std::array::from_fn(|_| AtomicU64::new(0)),
+            store_jobs_refused_queue_full: AtomicU64::new(0),
+            store_jobs_refused_waited_too_long: AtomicU64::new(0),
         })
     }
 
@@ -745,10 +747,10 @@ impl Metrics {
             "Reads, acks and endpoint or key changes answered 503 without being run: the queue was full and the tenant had the most waiting (queue_full), or the request waited for its turn longer than --db-timeout-ms (waited_too_long).",
             "counter",
         );
-        for (reason, n) in ["queue_full", "waited_too_long"]
-            .iter()
-            .zip(&self.store_jobs_refused)
-        {
+        for (reason, n) in [
+            ("queue_full", &self.store_jobs_refused_queue_full),
+            ("waited_too_long", &self.store_jobs_refused_waited_too_long),
+        ] {
             let _ = writeln!(out, "{name}{{reason=\"{reason}\"}} {}", load(n));
         }
         out

@@ -69,7 +69,11 @@ impl Turns {
                 return;
             };
             if came.elapsed() > self.patience && tenant != Tenant::Node {
-                store.ctx.metrics.store_jobs_refused[1].fetch_add(1, Ordering::Relaxed);
+                store
+                    .ctx
+                    .metrics
+                    .store_jobs_refused_waited_too_long
+                    .fetch_add(1, Ordering::Relaxed);
                 refuse(
                     &store.ctx,
                     job,
@@ -169,7 +173,7 @@ impl JobDoor for Door {
         let Some(store) = turns.store.get() else {
             return Err(Refusal::Unavailable);
         };
-        let refused = &store.ctx.metrics.store_jobs_refused[0];
+        let refused = &store.ctx.metrics.store_jobs_refused_queue_full;
         // Bound first: the lanes' lock is not held while a displaced job is answered.
         let admitted = turns.lanes().admit(tenant(&job), job, Instant::now());
         match admitted {
