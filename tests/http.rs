@@ -258,7 +258,8 @@ async fn framing_errors(addr: SocketAddr) {
 }
 
 both_drivers!(a_request_says_its_host_once_and_who_asks_once, said_once);
-/// RFC 9112 (3.2): an HTTP/1.1 request without `Host`, or with two, is a 400. And a request that
+/// RFC 9112 (3.2): an HTTP/1.1 request without `Host`, with two, or with one that is no host, is
+/// a 400. And a request that
 /// names its key twice, or its body's type twice, is a 400 too: a gateway in front that reads
 /// the first of two `Authorization` headers may let in a request the server would take for the
 /// second's organization; so is one whose `X-API-Key` and `Authorization: Bearer` name different
@@ -284,6 +285,12 @@ async fn said_once(addr: SocketAddr) {
                 "Host: t\r\nHost: u\r\nAuthorization: Bearer {key}\r\n{json}"
             )),
             "repeated Host header",
+        ),
+        (
+            post(&format!(
+                "Host: t/x\r\nAuthorization: Bearer {key}\r\n{json}"
+            )),
+            "invalid Host header",
         ),
         (
             post(&format!(

@@ -4,7 +4,7 @@
 //! headers the server needs are kept as `Bytes` slices of the head (a refcount, no copy). Framing
 //! rules: `Content-Length` or `Transfer-Encoding: chunked` (both at once is refused, as is any other
 //! transfer coding), `Expect: 100-continue`, HTTP/1.0 and 1.1 keep-alive rules. An HTTP/1.1
-//! request names one `Host` (RFC 9112, 3.2), and the headers that say who asks and what the body
+//! request names one `Host`, a valid one (RFC 9112, 3.2), and the headers that say who asks and what the body
 //! is (`Host`, `Authorization`, `X-API-Key`, `Content-Type`, `Idempotency-Key`) come at most once:
 //! a proxy or gateway in front that reads the first of two may judge a request the server would
 //! take by the last.
@@ -117,6 +117,16 @@ pub fn leading_blank_lines(buf: &[u8]) -> usize {
         .count()
 }
 
+/// A `Host` value as RFC 9110 (7.2) has it, `uri-host [ ":" port ]`, judged by its characters
+/// (those of a registered name, an IP literal, a port; empty is allowed): not a path, a query,
+/// user information, blanks inside or control characters.
+fn host_value_valid(value: &[u8]) -> bool {
+    value
+        .trim_ascii()
+        .iter()
+        .all(|&b| b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=%:[]".contains(&b))
+}
+
 /// Parse the head at the start of `buf`; on success the head's bytes are split off `buf`.
 pub fn parse_head(buf: &mut BytesMut) -> Result<Parsed, HeadError> {
     let mut headers = [httparse::EMPTY_HEADER; HEADERS_MAX];
@@ -164,6 +174,9 @@ pub fn parse_head(buf: &mut BytesMut) -> Result<Parsed, HeadError> {
     for h in req.headers.iter() {
         let name = h.name;
         if name.eq_ignore_ascii_case("host") {
+            if !host_value_valid(h.value) {
+                return Err(HeadError::Bad("invalid Host header"));
+            }
             hosts += 1;
         } else if name.eq_ignore_ascii_case("content-length") {
             let v = std::str::from_utf8(h.value)
@@ -391,6 +404,20 @@ mod tests {
             bad("GET / HTTP/1.1\r\nHost: a\r\nhost: b\r\n\r\n"),
             HeadError::Bad("repeated Host header")
         );
+        for value in ["a b", "a/b", "user@a", "a?b", "a#b", "a\\b", "a\"b"] {
+            let wire = format!("GET / HTTP/1.1\r\nHost: {value}\r\n\r\n");
+            assert_eq!(bad(&wire), HeadError::Bad("invalid Host header"), "{value}");
+        }
+        for value in [
+            "",
+            "a",
+            "example.com:8080",
+            "127.0.0.1:80",
+            "[::1]:9000",
+            "xn--n3h.test",
+        ] {
+            complete(&format!("GET / HTTP/1.1\r\nHost: {value}\r\n\r\n"));
+        }
         // HTTP/1.0 needs none (RFC 9112, 3.2), and may not send two.
         assert!(!complete("GET / HTTP/1.0\r\n\r\n").keep_alive);
         assert!(head("GET / HTTP/1.0\r\nHost: a\r\nHost: a\r\n\r\n").is_err());
