@@ -189,18 +189,13 @@ impl Hosts {
         if let Ok(ip) = url.host.parse::<IpAddr>() {
             return allowed(url, &[ip], allow_private);
         }
+        let deadline = tokio::time::Instant::now() + RESOLVE_TIMEOUT;
         let found = match use_ {
-            Use::Connect => self.find(&url.host, true, None).await,
+            Use::Connect => self.find(&url.host, true, None, deadline).await,
             Use::Configure(org) => {
-                let deadline = tokio::time::Instant::now() + RESOLVE_TIMEOUT;
                 let slots = self.org_slots(org);
                 match tokio::time::timeout_at(deadline, slots.acquire_owned()).await {
-                    Ok(Ok(slot)) => {
-                        let found = self.find(&url.host, false, Some(slot));
-                        tokio::time::timeout_at(deadline, found)
-                            .await
-                            .unwrap_or(Err(LookupFailed::ResolverDown))
-                    }
+                    Ok(Ok(slot)) => self.find(&url.host, false, Some(slot), deadline).await,
                     _ => Err(LookupFailed::ResolverDown),
                 }
             }
@@ -226,13 +221,15 @@ impl Hosts {
         Arc::clone(org_slots)
     }
 
-    /// The addresses of `host` (a name): `kept` ones may serve (see [`Hosts::resolve`]). A
-    /// lookup started here holds `slot`, if given, until it ends.
+    /// The addresses of `host` (a name): `kept` ones may serve (see [`Hosts::resolve`]), a
+    /// lookup's answer is waited for until `deadline`. A lookup started here holds `slot`, if
+    /// given, until it ends.
     async fn find(
         &self,
         host: &str,
         kept: bool,
         slot: Option<OwnedSemaphorePermit>,
+        deadline: tokio::time::Instant,
     ) -> Result<(Arc<[IpAddr]>, Source), LookupFailed> {
         let now = Instant::now();
         let (pending, new, known) = {
@@ -287,7 +284,7 @@ impl Hosts {
             self.start(host.to_string(), Arc::clone(&pending), unanswered, slot);
         }
         // No answer in time: the lookup goes on, and later calls share it.
-        let found = tokio::time::timeout(RESOLVE_TIMEOUT, pending.wait())
+        let found = tokio::time::timeout_at(deadline, pending.wait())
             .await
             .unwrap_or(Err(LookupFailed::ResolverDown));
         match found {
@@ -418,6 +415,11 @@ impl Hosts {
 mod tests {
     use super::*;
 
+    /// The deadline a caller of `find` has: [`RESOLVE_TIMEOUT`] from now.
+    fn soon() -> tokio::time::Instant {
+        tokio::time::Instant::now() + RESOLVE_TIMEOUT
+    }
+
     /// The organization configuring URLs, unless a test says otherwise.
     const ORG: OrgId = OrgId(uuid::Uuid::from_u128(1));
 
@@ -507,19 +509,19 @@ mod tests {
         let r = Resolver::new();
         let (hosts, metrics) = r.hosts(300, 0);
         for _ in 0..5 {
-            let found = hosts.find("a.test", true, None).await;
+            let found = hosts.find("a.test", true, None, soon()).await;
             assert_eq!(ips(&found), ["192.0.2.1"]);
             assert_eq!(found.unwrap().1, Source::Fresh);
         }
         assert_eq!(r.asked(), 1);
         // Another host has a lookup of its own.
-        hosts.find("b.test", true, None).await.unwrap();
+        hosts.find("b.test", true, None, soon()).await.unwrap();
         assert_eq!(r.asked(), 2);
         // Past `fresh`, the host is looked up again and its new addresses are used.
         r.answers(Ok(vec!["192.0.2.2", "2001:db8::2"]));
         tokio::time::sleep(Duration::from_millis(350)).await;
         assert_eq!(
-            ips(&hosts.find("a.test", true, None).await),
+            ips(&hosts.find("a.test", true, None, soon()).await),
             ["192.0.2.2", "2001:db8::2"]
         );
         assert_eq!(r.asked(), 3);
@@ -528,7 +530,7 @@ mod tests {
         // Fresh 0: a lookup each time.
         let (hosts, _) = r.hosts(0, 0);
         for _ in 0..3 {
-            hosts.find("a.test", true, None).await.unwrap();
+            hosts.find("a.test", true, None, soon()).await.unwrap();
         }
         assert_eq!(r.asked(), 6);
     }
@@ -546,7 +548,9 @@ mod tests {
         for i in 0..200 {
             let hosts = hosts.clone();
             tasks.push(tokio::spawn(async move {
-                hosts.find(&format!("h{i}.flood.test"), false, None).await
+                hosts
+                    .find(&format!("h{i}.flood.test"), false, None, soon())
+                    .await
             }));
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -575,7 +579,7 @@ mod tests {
         *r.delay.lock().unwrap() = Duration::ZERO;
         tokio::time::sleep(FAILURE_KEPT).await;
         assert_eq!(
-            ips(&hosts.find("h7.flood.test", false, None).await),
+            ips(&hosts.find("h7.flood.test", false, None, soon()).await),
             ["192.0.2.1"]
         );
     }
@@ -592,7 +596,7 @@ mod tests {
         // Each dead host's first lookup ran and got no answer.
         for i in 0..100 {
             assert_eq!(
-                hosts.find(&dead(i), true, None).await,
+                hosts.find(&dead(i), true, None, soon()).await,
                 Err(LookupFailed::ResolverDown)
             );
         }
@@ -602,16 +606,18 @@ mod tests {
         let mut again = Vec::new();
         for i in 0..100 {
             let (hosts, host) = (hosts.clone(), dead(i));
-            again.push(tokio::spawn(
-                async move { hosts.find(&host, true, None).await },
-            ));
+            again.push(tokio::spawn(async move {
+                hosts.find(&host, true, None, soon()).await
+            }));
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
         assert_eq!(r.asked() - asked, LOOKUPS_UNANSWERED_MAX);
         // Hosts that answer, none looked up before: each gets a lookup, at once.
         let started = Instant::now();
         for i in 0..16 {
-            let found = hosts.find(&format!("h{i}.live.test"), true, None).await;
+            let found = hosts
+                .find(&format!("h{i}.live.test"), true, None, soon())
+                .await;
             assert_eq!(ips(&found), ["192.0.2.1"], "host {i}");
         }
         assert!(started.elapsed() < Duration::from_secs(1));
@@ -685,7 +691,7 @@ mod tests {
         for _ in 0..32 {
             let hosts = hosts.clone();
             tasks.push(tokio::spawn(async move {
-                hosts.find("a.test", true, None).await
+                hosts.find("a.test", true, None, soon()).await
             }));
         }
         for t in tasks {
@@ -705,7 +711,7 @@ mod tests {
         for _ in 0..16 {
             let hosts = hosts.clone();
             tasks.push(tokio::spawn(async move {
-                hosts.find("slow.test", true, None).await
+                hosts.find("slow.test", true, None, soon()).await
             }));
         }
         for t in tasks {
@@ -718,13 +724,13 @@ mod tests {
         );
         // A connection after the callers gave up is not held for the lookup still under way.
         let asked_at = Instant::now();
-        let later = hosts.find("slow.test", true, None).await;
+        let later = hosts.find("slow.test", true, None, soon()).await;
         assert_eq!(later, Err(LookupFailed::ResolverDown));
         assert!(asked_at.elapsed() < Duration::from_millis(200));
         // A URL being configured waits for it, and its answer then serves connections.
-        let configured = hosts.find("slow.test", false, None).await;
+        let configured = hosts.find("slow.test", false, None, soon()).await;
         assert_eq!(configured.map(|f| f.1), Ok(Source::Fresh));
-        hosts.find("slow.test", true, None).await.unwrap();
+        hosts.find("slow.test", true, None, soon()).await.unwrap();
         assert_eq!(r.asked(), 1);
         assert_eq!(metrics.host_lookup_failures.load(Ordering::Relaxed), 0);
     }
@@ -733,44 +739,47 @@ mod tests {
     async fn while_the_resolver_fails_the_last_addresses_serve_until_stale_runs_out() {
         let r = Resolver::new();
         let (hosts, metrics) = r.hosts(100, 1500);
-        hosts.find("a.test", true, None).await.unwrap();
+        hosts.find("a.test", true, None, soon()).await.unwrap();
         r.answers(Err(LookupFailed::ResolverDown));
         tokio::time::sleep(Duration::from_millis(150)).await;
-        let found = hosts.find("a.test", true, None).await;
+        let found = hosts.find("a.test", true, None, soon()).await;
         assert_eq!(ips(&found), ["192.0.2.1"]);
         assert_eq!(found.unwrap().1, Source::Stale);
         assert_eq!(metrics.host_stale.load(Ordering::Relaxed), 1);
         assert_eq!(metrics.host_lookup_failures.load(Ordering::Relaxed), 1);
         // Within a second of the failure it is the answer: no lookup per connection.
         assert_eq!(
-            hosts.find("a.test", true, None).await.unwrap().1,
+            hosts.find("a.test", true, None, soon()).await.unwrap().1,
             Source::Stale
         );
         assert_eq!(r.asked(), 2);
         // Past fresh + stale: the resolver's failure is the answer.
         tokio::time::sleep(Duration::from_millis(1500)).await;
         assert_eq!(
-            hosts.find("a.test", true, None).await,
+            hosts.find("a.test", true, None, soon()).await,
             Err(LookupFailed::ResolverDown)
         );
         assert_eq!(r.asked(), 3);
         // The resolver is back: fresh addresses again, a second after the last failure.
         r.answers(Ok(vec!["192.0.2.3"]));
         assert_eq!(
-            hosts.find("a.test", true, None).await,
+            hosts.find("a.test", true, None, soon()).await,
             Err(LookupFailed::ResolverDown)
         );
         tokio::time::sleep(FAILURE_KEPT).await;
-        assert_eq!(ips(&hosts.find("a.test", true, None).await), ["192.0.2.3"]);
+        assert_eq!(
+            ips(&hosts.find("a.test", true, None, soon()).await),
+            ["192.0.2.3"]
+        );
         assert_eq!(r.asked(), 4);
 
         // Stale 0: a failure is a failure as soon as the addresses are not fresh.
         let (hosts, _) = r.hosts(100, 0);
-        hosts.find("a.test", true, None).await.unwrap();
+        hosts.find("a.test", true, None, soon()).await.unwrap();
         r.answers(Err(LookupFailed::ResolverDown));
         tokio::time::sleep(Duration::from_millis(150)).await;
         assert_eq!(
-            hosts.find("a.test", true, None).await,
+            hosts.find("a.test", true, None, soon()).await,
             Err(LookupFailed::ResolverDown)
         );
     }
@@ -779,17 +788,17 @@ mod tests {
     async fn a_host_found_to_have_no_address_loses_its_old_addresses() {
         let r = Resolver::new();
         let (hosts, _) = r.hosts(100, 60_000);
-        hosts.find("a.test", true, None).await.unwrap();
+        hosts.find("a.test", true, None, soon()).await.unwrap();
         tokio::time::sleep(Duration::from_millis(150)).await;
         r.answers(Err(LookupFailed::NoAddress));
         assert_eq!(
-            hosts.find("a.test", true, None).await,
+            hosts.find("a.test", true, None, soon()).await,
             Err(LookupFailed::NoAddress)
         );
         // Then the resolver fails: nothing old to serve.
         r.answers(Err(LookupFailed::ResolverDown));
         assert_eq!(
-            hosts.find("a.test", true, None).await,
+            hosts.find("a.test", true, None, soon()).await,
             Err(LookupFailed::ResolverDown)
         );
     }
@@ -823,7 +832,10 @@ mod tests {
         let r = Resolver::new();
         let (hosts, _) = r.hosts(0, 0);
         for n in 0..SWEEP_FIRST + 10 {
-            hosts.find(&format!("h{n}.test"), true, None).await.unwrap();
+            hosts
+                .find(&format!("h{n}.test"), true, None, soon())
+                .await
+                .unwrap();
         }
         let table = hosts.0.entries.lock().unwrap();
         assert!(table.hosts.len() < 20, "{}", table.hosts.len());
