@@ -31,26 +31,35 @@ unset TRIGGERS_SKIP_SCHEMATHESIS TRIGGERS_SKIP_FUZZ TRIGGERS_SKIP_LOADTEST TRIGG
 export TEST_DATABASE_URL=$(bash scripts/postgres.sh db triggers_test)
 # A test runs a node with its clock moved (libfaketime); it says SKIPPED without it.
 need_packages faketime faketime
-echo "== cargo fmt --check" >&2
+# Each stage says how long it took, and the run its whole time (CI's budget is 30 minutes).
+STAGE= STAGE_AT=$SECONDS
+stage() {
+  [ -n "$STAGE" ] && echo "   ($STAGE: $((SECONDS - STAGE_AT)) s)" >&2
+  STAGE=$1 STAGE_AT=$SECONDS
+  [ -n "$1" ] && echo "== $1" >&2
+  return 0
+}
+trap 'rc=$?; stage ""; echo "   (all: $SECONDS s, exit $rc)" >&2' EXIT
+stage "cargo fmt --check"
 cargo fmt --all -- --check
-echo "== import loops between files" >&2
+stage "import loops between files"
 python3 scripts/import-cycles.py
-echo "== cargo clippy" >&2
+stage "cargo clippy"
 cargo clippy --locked --all-targets -- -D warnings
-echo "== cargo test" >&2
+stage "cargo test"
 cargo test --locked --no-fail-fast -- --test-threads 4
-echo "== alert rules, Prometheus configuration and a live scrape (promtool); the systemd unit" >&2
+stage "alert rules, Prometheus configuration and a live scrape (promtool); the systemd unit"
 bash scripts/observability.sh
 if [ "$SKIP_SCHEMATHESIS" != "1" ]; then
-  echo "== schemathesis over /openapi.json" >&2
+  stage "schemathesis over /openapi.json"
   bash scripts/schemathesis.sh 100
 fi
 if [ "$SKIP_FUZZ" != "1" ]; then
-  echo "== fuzzing ($FUZZ_SECONDS s per target)" >&2
+  stage "fuzzing ($FUZZ_SECONDS s per target)"
   bash scripts/fuzz.sh "$FUZZ_SECONDS"
 fi
 if [ "$SKIP_LOADTEST" != "1" ]; then
-  echo "== load-test scenarios (smoke)" >&2
+  stage "load-test scenarios (smoke)"
   bash loadtest/run.sh all --smoke --report target/report
   # The report as a reader sees it: rendered by headless Chromium, every chart drawn.
   bash scripts/report-check.sh target/report latency achieved stalls sweep-cpu connections cpu lag
@@ -58,14 +67,14 @@ if [ "$SKIP_LOADTEST" != "1" ]; then
   bash loadtest/run.sh big-payloads --smoke
 fi
 if [ "$SKIP_FAULTS" != "1" ]; then
-  echo "== fault drills (smoke)" >&2
+  stage "fault drills (smoke)"
   bash loadtest/run.sh faults --smoke
 fi
 if [ "$SKIP_IMAGE" != "1" ]; then
-  echo "== container image (podman, from scratch)" >&2
+  stage "container image (podman, from scratch)"
   bash scripts/image.sh
 fi
 if [ "$ARM64" = "1" ]; then
-  echo "== aarch64 build, unit tests and smoke run under qemu" >&2
+  stage "aarch64 build, unit tests and smoke run under qemu"
   bash scripts/arm64.sh
 fi
