@@ -196,6 +196,10 @@ pub const LOOKUPS_UNANSWERED_MAX: usize = LOOKUPS_AT_ONCE / 2;
 /// tries 5 s a server by default against the check's [`RESOLVE_TIMEOUT`]); one more check waits
 /// for one of them to end, within its [`RESOLVE_TIMEOUT`].
 pub const LOOKUPS_PER_ORG_MAX: usize = 4;
+/// Of [`LOOKUPS_AT_ONCE`], those that may run at once for URL checks, all organizations'
+/// together: the rest are kept for the deliveries' connections. One more check is not run
+/// (a 503, as when the resolver fails).
+pub const LOOKUPS_CONFIGURE_MAX: usize = LOOKUPS_AT_ONCE / 2;
 /// Bytes of a receiver's response body read (and dropped) so its connection can be reused.
 pub const RESPONSE_BODY_READ_BYTES_MAX: usize = 64 * 1024;
 /// How long start-up waits for its port to be released before it calls it taken (a server

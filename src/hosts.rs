@@ -22,7 +22,9 @@
 //! not known to fail, and a few tenants creating endpoint after endpoint on new names under a
 //! domain whose DNS servers do not answer held all of them (each lookup for as long as the
 //! resolver tries, after its check had given up), so another organization's new endpoint on a
-//! host that answers was a 503 (its lookup not run).
+//! host that answers was a 503 (its lookup not run). All organizations' URL checks together run
+//! at most [`LOOKUPS_CONFIGURE_MAX`]: sixteen tenants doing so held all of them, and a delivery
+//! to a host with no addresses kept (a new endpoint, or any after a restart) waited unsent.
 //!
 //! The SSRF policy ([`crate::url_policy`]) judges the addresses at every use: one kept here is
 //! judged again each time.
@@ -35,7 +37,9 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
-use crate::config::{LOOKUPS_AT_ONCE, LOOKUPS_PER_ORG_MAX, LOOKUPS_UNANSWERED_MAX};
+use crate::config::{
+    LOOKUPS_AT_ONCE, LOOKUPS_CONFIGURE_MAX, LOOKUPS_PER_ORG_MAX, LOOKUPS_UNANSWERED_MAX,
+};
 use crate::ids::OrgId;
 use crate::metrics::Metrics;
 use crate::url_policy::{
@@ -99,6 +103,8 @@ struct Inner {
     /// Of those, lookups of hosts whose last lookup got no answer (at most
     /// [`LOOKUPS_UNANSWERED_MAX`]).
     running_unanswered: AtomicUsize,
+    /// Of those, lookups for URL checks (at most [`LOOKUPS_CONFIGURE_MAX`]).
+    running_configure: AtomicUsize,
     /// Each organization's slots for the lookups of its URL checks ([`LOOKUPS_PER_ORG_MAX`]).
     by_org: Mutex<Slots>,
     metrics: Arc<Metrics>,
@@ -167,6 +173,7 @@ impl Hosts {
             lookup,
             running: AtomicUsize::new(0),
             running_unanswered: AtomicUsize::new(0),
+            running_configure: AtomicUsize::new(0),
             by_org: Mutex::new(Slots {
                 orgs: HashMap::new(),
                 sweep_at: SWEEP_FIRST,
@@ -316,9 +323,10 @@ impl Hosts {
 
     /// Look `host` up on a blocking thread (it goes on when every caller waiting for it has
     /// gone) and give what it found to `pending`; with [`LOOKUPS_AT_ONCE`] lookups running
-    /// already, or for a host whose last lookup got no answer ([`LOOKUPS_UNANSWERED_MAX`] of
-    /// such hosts'), it is not run but answered at once as unanswered. It holds `org_slot` (one of
-    /// an organization's) until it ends.
+    /// already, for a host whose last lookup got no answer ([`LOOKUPS_UNANSWERED_MAX`] of such
+    /// hosts'), or for a URL check (`org_slot`: one of an organization's;
+    /// [`LOOKUPS_CONFIGURE_MAX`] of all checks'), it is not run but answered at once as
+    /// unanswered. It holds `org_slot` until it ends.
     fn start(
         &self,
         host: String,
@@ -328,38 +336,55 @@ impl Hosts {
     ) {
         let inner = &self.0;
         inner.metrics.host_lookups.fetch_add(1, Ordering::Relaxed);
-        let slot = |running: &AtomicUsize, max| {
-            let got = running.fetch_add(1, Ordering::AcqRel) < max;
-            if !got {
-                running.fetch_sub(1, Ordering::AcqRel);
-            }
-            got
-        };
-        let run = if !unanswered {
-            slot(&inner.running, LOOKUPS_AT_ONCE)
-        } else if slot(&inner.running_unanswered, LOOKUPS_UNANSWERED_MAX) {
-            let got = slot(&inner.running, LOOKUPS_AT_ONCE);
-            if !got {
-                inner.running_unanswered.fetch_sub(1, Ordering::AcqRel);
-            }
-            got
-        } else {
-            false
-        };
-        if !run {
+        let configure = org_slot.is_some();
+        if !self.take_slots(unanswered, configure) {
             self.found(&host, &pending, Err(LookupFailed::ResolverDown), false);
             return;
         }
         let hosts = self.clone();
         tokio::task::spawn_blocking(move || {
             let found: Found = (hosts.0.lookup)(&host).map(Into::into);
-            hosts.0.running.fetch_sub(1, Ordering::AcqRel);
-            if unanswered {
-                hosts.0.running_unanswered.fetch_sub(1, Ordering::AcqRel);
+            for (running, _) in hosts.bounds(unanswered, configure) {
+                running.fetch_sub(1, Ordering::AcqRel);
             }
             hosts.found(&host, &pending, found, true);
             drop(org_slot);
         });
+    }
+
+    /// The bounds a lookup counts against, with their limits: every lookup the whole
+    /// [`LOOKUPS_AT_ONCE`], one of a host that did not answer or for a URL check its part too.
+    fn bounds(
+        &self,
+        unanswered: bool,
+        configure: bool,
+    ) -> impl Iterator<Item = (&AtomicUsize, usize)> {
+        let inner = &self.0;
+        [
+            (true, &inner.running, LOOKUPS_AT_ONCE),
+            (
+                unanswered,
+                &inner.running_unanswered,
+                LOOKUPS_UNANSWERED_MAX,
+            ),
+            (configure, &inner.running_configure, LOOKUPS_CONFIGURE_MAX),
+        ]
+        .into_iter()
+        .filter_map(|(counts, running, max)| counts.then_some((running, max)))
+    }
+
+    /// A slot in each of the lookup's [`Hosts::bounds`], or none if one is full.
+    fn take_slots(&self, unanswered: bool, configure: bool) -> bool {
+        for (taken, (running, max)) in self.bounds(unanswered, configure).enumerate() {
+            if running.fetch_add(1, Ordering::AcqRel) >= max {
+                running.fetch_sub(1, Ordering::AcqRel);
+                for (running, _) in self.bounds(unanswered, configure).take(taken) {
+                    running.fetch_sub(1, Ordering::AcqRel);
+                }
+                return false;
+            }
+        }
+        true
     }
 
     /// Keep what a lookup of `host` found and give it to its callers (`ran`: false for one not
@@ -680,6 +705,50 @@ mod tests {
         let u = url("a.test".to_string());
         hosts.resolve(&u, true, Use::Configure(ORG)).await.unwrap();
         assert_eq!(r.asked(), LOOKUPS_PER_ORG_MAX + 16 + 1);
+    }
+
+    /// Many organizations configuring URLs on new names whose DNS servers do not answer run at
+    /// most [`LOOKUPS_CONFIGURE_MAX`] lookups together; a check beyond them is answered at once
+    /// as unanswered (a 503). Connections to hosts with no addresses kept still get lookups of
+    /// their own, at once. Before, twenty organizations' checks (four each) held all
+    /// [`LOOKUPS_AT_ONCE`] and such a connection's lookup was not run.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn many_organizations_url_checks_leave_lookups_for_connections() {
+        let r = Resolver::new();
+        *r.dead_after.lock().unwrap() = RESOLVE_TIMEOUT + Duration::from_secs(1);
+        let (hosts, _) = r.hosts(30_000, 0);
+        let url = |host: String| crate::url_policy::parse_url(&format!("https://{host}/")).unwrap();
+        let mut checks = Vec::new();
+        for org in 0..20u128 {
+            for i in 0..LOOKUPS_PER_ORG_MAX {
+                let (hosts, u) = (hosts.clone(), url(format!("h{org}-{i}.dead.test")));
+                checks.push(tokio::spawn(async move {
+                    hosts
+                        .resolve(&u, true, Use::Configure(OrgId(uuid::Uuid::from_u128(org))))
+                        .await
+                }));
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(r.dead_running.load(Ordering::SeqCst), LOOKUPS_CONFIGURE_MAX);
+        let started = Instant::now();
+        for i in 0..16 {
+            let u = url(format!("h{i}.connect.test"));
+            let found = hosts.resolve(&u, true, Use::Connect).await;
+            assert_eq!(found.unwrap().len(), 1, "connection {i}");
+        }
+        assert!(started.elapsed() < Duration::from_secs(1));
+        // Every check is a 503: those beyond the bound at once, the others after their wait.
+        for c in checks {
+            assert!(matches!(c.await.unwrap(), Err(Unresolved::ResolverDown(_))));
+        }
+        assert_eq!(r.dead_most.load(Ordering::SeqCst), LOOKUPS_CONFIGURE_MAX);
+        // The lookups end and give every slot back.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        assert_eq!(hosts.0.running_configure.load(Ordering::SeqCst), 0);
+        assert_eq!(hosts.0.running.load(Ordering::SeqCst), 0);
+        let u = url("a.test".to_string());
+        hosts.resolve(&u, true, Use::Configure(ORG)).await.unwrap();
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
