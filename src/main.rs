@@ -148,19 +148,31 @@ fn fit_connections(config: &mut Config, open_files: u64) {
 }
 
 /// Resolves at the first SIGTERM or SIGINT. Its handlers are installed when the server first
-/// polls it, before it reaches the database, so an early signal still drains.
+/// polls it, before it reaches the database, so an early signal still drains. SIGHUP is logged
+/// and otherwise ignored, as a reload with nothing to reload (the configuration is read at start
+/// only): its default action ended the process at once, without the drain, so logrotate's
+/// `postrotate`, an `ExecReload=kill -HUP` or the closing of the terminal that started the
+/// server cut its connections and, in fast-ack mode, lost the events it had queued.
 async fn signals() {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut terminate), Ok(mut interrupt)) = (
+    let (Ok(mut terminate), Ok(mut interrupt), Ok(mut hangup)) = (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
+        signal(SignalKind::hangup()),
     ) else {
         tracing::error!("could not install signal handlers; stop the server with SIGKILL");
         return std::future::pending().await;
     };
-    let name = tokio::select! {
-        _ = terminate.recv() => "SIGTERM",
-        _ = interrupt.recv() => "SIGINT",
+    let name = loop {
+        tokio::select! {
+            _ = terminate.recv() => break "SIGTERM",
+            _ = interrupt.recv() => break "SIGINT",
+            _ = hangup.recv() => tracing::info!(
+                signal = "SIGHUP",
+                "signal received and ignored: the configuration is read at start only (restart \
+                 to change it); SIGTERM or SIGINT stops the server"
+            ),
+        }
     };
     tracing::info!(signal = name, "signal received");
 }

@@ -590,6 +590,11 @@ impl Server {
         }
     }
 
+    /// SIGHUP, as logrotate or a closing terminal sends it.
+    pub fn hang_up(&self) {
+        self.signal(libc::SIGHUP);
+    }
+
     /// SIGCONT after [`Server::freeze`].
     pub fn thaw(&self) {
         self.signal(libc::SIGCONT);
