@@ -405,24 +405,38 @@ async fn access_log_lines_and_trace_context_reach_the_receiver() {
 
 /// SIGHUP (logrotate's `postrotate`, an `ExecReload=kill -HUP`, the terminal that started the
 /// server closing) neither stops the server nor cuts what it holds: it is logged and ignored,
-/// and SIGTERM still drains. Before, its default action ended the process at once: no drain,
-/// and in fast-ack mode the events queued were lost.
+/// and SIGTERM still drains. The events table is locked meanwhile, so the fast-ack events sit
+/// in the write queue when the signal comes. Before, its default action ended the process at
+/// once, and those events, acknowledged, were lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hang_up_signal_neither_stops_the_server_nor_loses_what_it_queued() {
-    let mut s = Server::process(&["--ack", "fast"]);
-    let (key, org) = new_org(s.addr, "pro").await;
-    let r = post_event(s.addr, &key, "t.before", json!(1), None).await;
-    assert_eq!(r.status, 202, "{}", r.text());
-    s.hang_up();
-    assert!(s.logged("SIGHUP").await, "the signal is logged");
-    for i in 0..3 {
-        let r = post_event(s.addr, &key, "t.after", json!(i), None).await;
+    let url = own_database("triggers_test_hang_up").await;
+    let mut s = Server::process_with_db(&["--ack", "fast"], &url);
+    let (key, _) = new_org(s.addr, "pro").await;
+    let mut locker = db_at(&url).await;
+    let lock = locker.transaction().await.unwrap();
+    lock.batch_execute("LOCK TABLE events IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    for i in 0..5 {
+        let r = post_event(s.addr, &key, "t.before", json!(i), None).await;
         assert_eq!(r.status, 202, "{}", r.text());
     }
+    s.hang_up();
+    assert!(s.logged("SIGHUP").await, "the signal is logged");
+    let r = post_event(s.addr, &key, "t.after", json!(5), None).await;
+    assert_eq!(r.status, 202, "{}", r.text());
+    lock.rollback().await.unwrap();
     let r = call(s.addr, "GET", "/health/ready", &[], None).await;
     assert_eq!(r.status, 200);
     assert_eq!(tokio::task::block_in_place(|| s.stop()), Some(0));
-    assert_eq!(count_events(&org).await, 4);
+    let stored = db_at(&url).await;
+    let n: i64 = stored
+        .query_one("SELECT count(*) FROM events", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 6);
 }
 
 /// The `application_name`s of a node's connections to its database (the test's own).
