@@ -26,6 +26,11 @@
 //! at most [`LOOKUPS_CONFIGURE_MAX`]: sixteen tenants doing so held all of them, and a delivery
 //! to a host with no addresses kept (a new endpoint, or any after a restart) waited unsent.
 //!
+//! The table keeps at most [`HOSTS_KEPT_MAX`] hosts: past three quarters of it, those only URL
+//! checks asked for go first, then those asked for longest ago. Before, every host looked up was
+//! kept for fresh + stale (an hour), and a tenant changing an endpoint's URL to ever new names
+//! (a wildcard DNS zone answers them all) grew the table without end.
+//!
 //! The SSRF policy ([`crate::url_policy`]) judges the addresses at every use: one kept here is
 //! judged again each time.
 
@@ -38,7 +43,8 @@ use std::time::{Duration, Instant};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
 use crate::config::{
-    LOOKUPS_AT_ONCE, LOOKUPS_CONFIGURE_MAX, LOOKUPS_PER_ORG_MAX, LOOKUPS_UNANSWERED_MAX,
+    HOSTS_KEPT_MAX, LOOKUPS_AT_ONCE, LOOKUPS_CONFIGURE_MAX, LOOKUPS_PER_ORG_MAX,
+    LOOKUPS_UNANSWERED_MAX,
 };
 use crate::ids::OrgId;
 use crate::metrics::Metrics;
@@ -71,6 +77,23 @@ struct Entry {
     /// The last lookup that ran got no answer: the host's next ones count against
     /// [`LOOKUPS_UNANSWERED_MAX`].
     unanswered: bool,
+    /// A connection asked for the host (not only a URL check).
+    connected: bool,
+    /// When the host was last asked for.
+    used: Option<Instant>,
+}
+
+impl Entry {
+    /// Whether the entry still serves, `keep` being how long addresses may: a lookup under way,
+    /// addresses young enough, or a failure lately (the host stays marked unanswered).
+    fn serves(&self, now: Instant, keep: Duration) -> bool {
+        self.pending.is_some()
+            || self
+                .known
+                .as_ref()
+                .is_some_and(|(_, at)| now.duration_since(*at) < keep)
+            || self.failed.is_some_and(|at| now.duration_since(at) < keep)
+    }
 }
 
 /// A lookup under way: its answer, once there, and the callers waiting for it.
@@ -122,6 +145,34 @@ struct Table {
     hosts: HashMap<String, Entry>,
     /// Sweep when the table reaches this many hosts.
     sweep_at: usize,
+    /// The most hosts kept ([`HOSTS_KEPT_MAX`]; tests set fewer).
+    kept_max: usize,
+}
+
+impl Table {
+    /// Make room for a new host: drop those whose addresses are too old to use (`keep`), and
+    /// when more than three quarters of `kept_max` are left, those only URL checks asked for,
+    /// then those asked for longest ago, down to three quarters. A lookup under way stays.
+    fn sweep(&mut self, now: Instant, keep: Duration) {
+        self.hosts.retain(|_, e| e.serves(now, keep));
+        let room = self.kept_max / 4 * 3;
+        if self.hosts.len() > room {
+            self.hosts.retain(|_, e| e.pending.is_some() || e.connected);
+        }
+        if self.hosts.len() > room {
+            let mut used: Vec<Instant> = (self.hosts.values())
+                .filter(|e| e.pending.is_none())
+                .filter_map(|e| e.used)
+                .collect();
+            let over = (self.hosts.len() - room).min(used.len());
+            if over > 0 {
+                let (_, &mut last, _) = used.select_nth_unstable(over - 1);
+                self.hosts
+                    .retain(|_, e| e.pending.is_some() || e.used.is_none_or(|at| at > last));
+            }
+        }
+        self.sweep_at = (self.hosts.len() * 2).max(SWEEP_FIRST).min(self.kept_max);
+    }
 }
 
 /// Webhook hosts' addresses (see the module's documentation). Cheap to clone.
@@ -168,7 +219,8 @@ impl Hosts {
             stale,
             entries: Mutex::new(Table {
                 hosts: HashMap::new(),
-                sweep_at: SWEEP_FIRST,
+                sweep_at: SWEEP_FIRST.min(HOSTS_KEPT_MAX),
+                kept_max: HOSTS_KEPT_MAX,
             }),
             lookup,
             running: AtomicUsize::new(0),
@@ -243,18 +295,11 @@ impl Hosts {
             let mut table = self.0.entries.lock().unwrap_or_else(|e| e.into_inner());
             let inner = &self.0;
             if !table.hosts.contains_key(host) && table.hosts.len() >= table.sweep_at {
-                let keep = inner.fresh.saturating_add(inner.stale);
-                // A host that failed lately is kept too: it stays marked unanswered.
-                table.hosts.retain(|_, e| {
-                    e.pending.is_some()
-                        || e.known
-                            .as_ref()
-                            .is_some_and(|(_, at)| now.duration_since(*at) < keep)
-                        || e.failed.is_some_and(|at| now.duration_since(at) < keep)
-                });
-                table.sweep_at = (table.hosts.len() * 2).max(SWEEP_FIRST);
+                table.sweep(now, inner.fresh.saturating_add(inner.stale));
             }
             let entry = table.hosts.entry(host.to_string()).or_default();
+            entry.used = Some(now);
+            entry.connected |= kept;
             if let Some((ips, at)) = entry.known.as_ref().filter(|_| kept) {
                 if now.duration_since(*at) < inner.fresh {
                     return Ok((Arc::clone(ips), Source::Fresh));
@@ -894,6 +939,51 @@ mod tests {
         r.answers(Err(LookupFailed::NoAddress));
         assert!(matches!(configure().await, Err(Unresolved::Refused(_))));
         assert_eq!(r.asked(), 3);
+    }
+
+    /// The hosts kept are bounded: past three quarters of the bound, hosts only URL checks asked
+    /// for go first, so a tenant changing its endpoint's URL to ever new names (each a URL check
+    /// whose answer was kept for fresh + stale, an hour) cannot grow the table without end nor
+    /// push out the hosts deliveries use; when those alone pass it, the ones asked for longest
+    /// ago go. Before, 5,010 hosts looked up within the hour were all kept.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_hosts_kept_are_bounded_and_those_deliveries_use_stay() {
+        let r = Resolver::new();
+        let (hosts, _) = r.hosts(30_000, 3_600_000);
+        {
+            let mut table = hosts.0.entries.lock().unwrap();
+            (table.kept_max, table.sweep_at) = (1000, 1000);
+        }
+        let url = |host: String| crate::url_policy::parse_url(&format!("https://{host}/")).unwrap();
+        let len = || hosts.0.entries.lock().unwrap().hosts.len();
+        let connect = |host: String| {
+            let (hosts, u) = (hosts.clone(), url(host));
+            async move { hosts.resolve(&u, true, Use::Connect).await }
+        };
+        for i in 0..10 {
+            connect(format!("h{i}.connect.test")).await.unwrap();
+        }
+        for i in 0..5000 {
+            let u = url(format!("h{i}.check.test"));
+            hosts.resolve(&u, true, Use::Configure(ORG)).await.unwrap();
+            assert!(len() <= 1000, "{}", len());
+        }
+        // The connections' hosts are still kept: answered without a lookup.
+        let asked = r.asked();
+        for i in 0..10 {
+            connect(format!("h{i}.connect.test")).await.unwrap();
+        }
+        assert_eq!(r.asked(), asked);
+        // Connections' hosts alone past the bound: those asked for longest ago go.
+        for i in 0..3000 {
+            connect(format!("h{i}.many.test")).await.unwrap();
+            assert!(len() <= 1000, "{}", len());
+        }
+        let asked = r.asked();
+        connect("h2999.many.test".to_string()).await.unwrap();
+        assert_eq!(r.asked(), asked, "the latest host is kept");
+        connect("h0.connect.test".to_string()).await.unwrap();
+        assert_eq!(r.asked(), asked + 1, "the oldest one went");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
