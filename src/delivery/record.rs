@@ -34,7 +34,7 @@ use crate::db::{connection_lost, copy::BinaryRows, describe, is_connection_error
 use crate::event_types::{DELIVERY_FAILED, ENDPOINT_DISABLED};
 use crate::flow::answer::EndpointStatus;
 use crate::flow::event::EventStatus;
-use crate::flow::ORG_CHANGED_CHANNEL;
+use crate::flow::{Change, ORG_CHANGED_CHANNEL};
 use crate::ids::{new_v7, EventId, Micros, OrgId};
 use crate::json::Obj;
 use futures_util::SinkExt;
@@ -830,9 +830,10 @@ async fn write_in(
         if let Some(row) = row {
             let org = OrgId(row.get(0));
             tracing::info!(endpoint = %o.endpoint, org = %org, reason = %reason, "endpoint disabled");
+            // Its endpoints changed, not its keys.
             tx.execute(
                 "SELECT pg_notify($1, $2)",
-                &[&ORG_CHANGED_CHANNEL, &org.to_string()],
+                &[&ORG_CHANGED_CHANNEL, &Change::Endpoints.payload(org)],
             )
             .await?;
             operational_event(tx, org, ENDPOINT_DISABLED, o.endpoint, None, reason).await?;

@@ -109,6 +109,12 @@ impl StoreCtx {
         self.cores.org_changed(org).await;
     }
 
+    /// Only an organization's endpoints changed: the delivery pool drops what it caches of
+    /// them; its keys stay verified on every core.
+    pub fn endpoints_changed(&self, org: OrgId) {
+        self.delivery.org_changed(Some(org));
+    }
+
     /// The refusal a failure becomes. The database's trouble is never the client's: it is a
     /// 503 (and lowers the health flag); a busy pool is `overloaded`, not "down"; a query of ours
     /// that the database refused for its data is a bug (500).

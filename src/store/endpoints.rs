@@ -20,6 +20,7 @@ use crate::flow::answer::{
 };
 use crate::flow::event::EventStatus;
 use crate::flow::job::{EndpointPatch, EndpointSpec, Once};
+use crate::flow::Change;
 use crate::hosts::Use;
 use crate::ids::{new_v7, Micros, OrgId};
 use crate::url_policy::Unresolved;
@@ -131,9 +132,9 @@ pub async fn check_room(
     Ok(())
 }
 
-/// Run `work` in a transaction that ends with a NOTIFY (again when PostgreSQL asks for it: a
-/// deadlock's victim), then wait until this node's cores and delivery pool dropped what they
-/// cached of the organization.
+/// Run `work` in a transaction that ends with a NOTIFY of a change to the organization's
+/// endpoints (again when PostgreSQL asks for it: a deadlock's victim), then drop what this
+/// node's delivery pool cached of them.
 macro_rules! org_change {
     ($ctx:expr, $org:expr, $what:expr, |$tx:ident| $body:block) => {{
         let out = $ctx
@@ -141,12 +142,12 @@ macro_rules! org_change {
                 let mut client = $ctx.pool.get().await?;
                 let $tx = begin(&mut client).await?;
                 let out = $body;
-                notify(&$tx, $org).await?;
+                notify(&$tx, $org, Change::Endpoints).await?;
                 $tx.commit().await?;
                 Ok(out)
             })
             .await?;
-        $ctx.org_changed(Some($org)).await;
+        $ctx.endpoints_changed($org);
         out
     }};
 }

@@ -17,8 +17,7 @@ use tokio_postgres::AsyncMessage;
 use super::ctx::StoreCtx;
 use crate::config::{LISTEN_HEARTBEAT_EVERY, LISTEN_HEARTBEAT_MISSED, LISTEN_RECONNECT_DELAY};
 use crate::db::{pg_config, Part};
-use crate::flow::ORG_CHANGED_CHANNEL;
-use crate::ids::OrgId;
+use crate::flow::{Change, ORG_CHANGED_CHANNEL};
 
 /// The payload prefix of a heartbeat (organization changes carry a UUID).
 const HEARTBEAT: &str = "heartbeat:";
@@ -144,15 +143,16 @@ async fn listen(ctx: &StoreCtx) -> String {
                 if payload.starts_with(HEARTBEAT) {
                     continue;
                 }
-                match payload.parse::<uuid::Uuid>() {
-                    Ok(id) => {
-                        // Not waited for: this node's own changes were applied before it answered.
-                        let org = Some(OrgId(id));
+                // Not waited for: this node's own changes were applied before it answered.
+                match Change::heard(&payload) {
+                    Some((org, Change::Any)) => {
+                        let org = Some(org);
                         ctx.verifier.org_changed(org);
                         ctx.delivery.org_changed(org);
                         ctx.cores.notify_org_changed(org);
                     }
-                    Err(_) => tracing::warn!(payload, "unexpected org-change notification"),
+                    Some((org, Change::Endpoints)) => ctx.endpoints_changed(org),
+                    None => tracing::warn!(payload, "unexpected org-change notification"),
                 }
             }
             _ = ticker.tick() => {

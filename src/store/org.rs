@@ -5,7 +5,7 @@ use tokio_postgres::{Row, Transaction};
 
 use super::ctx::{begin, StoreCtx};
 use crate::flow::answer::Refusal;
-use crate::flow::ORG_CHANGED_CHANNEL;
+use crate::flow::{Change, ORG_CHANGED_CHANNEL};
 use crate::ids::OrgId;
 
 /// Run `sql` (returning one row) and a NOTIFY in one transaction (again when PostgreSQL asks for
@@ -27,7 +27,7 @@ pub async fn change_org(
                 .query_opt(sql, params)
                 .await?
                 .ok_or(Refusal::NotFound("organization not found"))?;
-            notify(&tx, org).await?;
+            notify(&tx, org, Change::Any).await?;
             tx.commit().await?;
             Ok(row)
         })
@@ -36,11 +36,16 @@ pub async fn change_org(
     Ok(row)
 }
 
-/// Tell every node the organization changed (its key, its endpoints; delivered at COMMIT).
-pub async fn notify(tx: &Transaction<'_>, org: OrgId) -> Result<(), tokio_postgres::Error> {
+/// Tell every node the organization changed (delivered at COMMIT; the payload says what:
+/// [`Change::payload`]).
+pub async fn notify(
+    tx: &Transaction<'_>,
+    org: OrgId,
+    change: Change,
+) -> Result<(), tokio_postgres::Error> {
     tx.execute(
         "SELECT pg_notify($1, $2)",
-        &[&ORG_CHANGED_CHANNEL, &org.to_string()],
+        &[&ORG_CHANGED_CHANNEL, &change.payload(org)],
     )
     .await
     .map(|_| ())

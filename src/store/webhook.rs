@@ -6,6 +6,7 @@ use super::ctx::{begin, StoreCtx};
 use super::endpoints::{check_room, check_url, new_signing_secret, release_held, PARK};
 use super::org::notify;
 use crate::flow::answer::{Answer, EndpointStatus, Refusal, WebhookConfig};
+use crate::flow::Change;
 use crate::ids::{new_v7, Micros, OrgId};
 
 /// Resolve the URL's host and apply the SSRF policy, then point the default endpoint at it
@@ -59,12 +60,12 @@ pub async fn set_webhook(ctx: &StoreCtx, org: OrgId, url: String) -> Result<Answ
                     secret
                 }
             };
-            notify(&tx, org).await?;
+            notify(&tx, org, Change::Endpoints).await?;
             tx.commit().await?;
             Ok(secret)
         })
         .await?;
-    ctx.org_changed(Some(org)).await;
+    ctx.endpoints_changed(org);
     ctx.delivery.wake();
     Ok(Answer::WebhookSet(WebhookConfig {
         organization_id: org.0,
@@ -101,12 +102,12 @@ pub async fn delete_webhook(ctx: &StoreCtx, org: OrgId) -> Result<Answer, Refusa
             let id: uuid::Uuid = row.get(0);
             tx.execute(PARK, &[&id]).await?;
         }
-        notify(&tx, org).await?;
+        notify(&tx, org, Change::Endpoints).await?;
         tx.commit().await?;
         Ok(())
     })
     .await?;
-    ctx.org_changed(Some(org)).await;
+    ctx.endpoints_changed(org);
     Ok(Answer::WebhookDeleted(WebhookConfig {
         organization_id: org.0,
         webhook_url: None,
