@@ -186,7 +186,8 @@ pub const URL_CHARS_MAX: usize = 2048;
 pub const RESOLVE_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Webhook hosts whose addresses a node keeps (`crate::hosts`): past three quarters of it, hosts
-/// only URL checks asked for go first, then those asked for longest ago. About 200 bytes each.
+/// only URL checks asked for go first, then those asked for longest ago. About 250 bytes each
+/// (16 MB at most).
 pub const HOSTS_KEPT_MAX: usize = 65_536;
 /// Webhook host lookups running at once (each holds a blocking thread for as long as the host's
 /// DNS servers take to answer, or not); one more is not run (see `crate::hosts`).

@@ -152,24 +152,23 @@ struct Table {
 impl Table {
     /// Make room for a new host: drop those whose addresses are too old to use (`keep`), and
     /// when more than three quarters of `kept_max` are left, those only URL checks asked for,
-    /// then those asked for longest ago, down to three quarters. A lookup under way stays.
+    /// then those not asked for within a span halved until three quarters are left. A lookup
+    /// under way stays.
     fn sweep(&mut self, now: Instant, keep: Duration) {
         self.hosts.retain(|_, e| e.serves(now, keep));
         let room = self.kept_max / 4 * 3;
         if self.hosts.len() > room {
             self.hosts.retain(|_, e| e.pending.is_some() || e.connected);
         }
-        if self.hosts.len() > room {
-            let mut used: Vec<Instant> = (self.hosts.values())
-                .filter(|e| e.pending.is_none())
-                .filter_map(|e| e.used)
-                .collect();
-            let over = (self.hosts.len() - room).min(used.len());
-            if over > 0 {
-                let (_, &mut last, _) = used.select_nth_unstable(over - 1);
-                self.hosts
-                    .retain(|_, e| e.pending.is_some() || e.used.is_none_or(|at| at > last));
-            }
+        let age = |at: Instant| now.duration_since(at);
+        let mut within = (self.hosts.values().filter_map(|e| e.used))
+            .map(age)
+            .max()
+            .unwrap_or_default();
+        while self.hosts.len() > room && !within.is_zero() {
+            within /= 2;
+            self.hosts
+                .retain(|_, e| e.pending.is_some() || e.used.is_some_and(|at| age(at) < within));
         }
         self.sweep_at = (self.hosts.len() * 2).max(SWEEP_FIRST).min(self.kept_max);
     }
