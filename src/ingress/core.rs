@@ -330,7 +330,10 @@ impl CoreCtx {
                 Some(other) => return Err(unexpected(other)),
             }
         }
+        // The database is fine: its organization kept changing (key rotations back to back).
         tracing::warn!("key verification kept racing with changes to its organization");
-        Err(Refusal::Unavailable)
+        Err(Refusal::Overloaded(
+            "the organization kept changing during key verification",
+        ))
     }
 }
