@@ -167,7 +167,7 @@ async fn signals() {
         tokio::select! {
             _ = terminate.recv() => break "SIGTERM",
             _ = interrupt.recv() => break "SIGINT",
-            _ = hangup.recv() => tracing::info!(
+            Some(()) = hangup.recv() => tracing::info!(
                 signal = "SIGHUP",
                 "signal received and ignored: the configuration is read at start only (restart \
                  to change it); SIGTERM or SIGINT stops the server"
