@@ -728,3 +728,39 @@ async fn endpoint_changes_leave_the_organizations_key_verified() {
         "the key was verified again"
     );
 }
+
+/// An endpoint change made on one node reaches another node's deliveries: the other hears that
+/// only the organization's endpoints changed (the NOTIFY's braced payload) and drops the
+/// endpoints it had cached, while its cores keep the organization's key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endpoint_change_on_one_node_reaches_another_nodes_deliveries() {
+    let first = Receiver::start(|_, _| Answer::status(200)).await;
+    let second = Receiver::start(|_, _| Answer::status(200)).await;
+    let url = own_database("triggers_test_change_elsewhere").await;
+    let a = Server::start_with_db(&[PRIVATE], &url);
+    let b = Server::start_with_db(&[PRIVATE], &url);
+    let (key, _) = new_org(a.addr, "pro").await;
+    let ep = create_endpoint(a.addr, &key, json!({"url": first.url("/")})).await;
+    // b delivers an event of its own to the endpoint: it has the endpoints cached.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(post_typed(b.addr, &key, "t").await.len(), 36);
+    first
+        .wait_until(Duration::from_secs(10), |r| r.len() == 1)
+        .await;
+    let path = format!("/api/endpoints/{}", ep["id"].as_str().unwrap());
+    let r = patch(a.addr, &key, &path, &json!({"url": second.url("/")})).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let misses = metric(&b, "triggers_auth_cache_misses_total").await;
+    assert_eq!(post_typed(b.addr, &key, "t").await.len(), 36);
+    let got = second
+        .wait_until(Duration::from_secs(10), |r| !r.is_empty())
+        .await;
+    assert_eq!(got.len(), 1);
+    assert_eq!(first.received().len(), 1, "nothing more to the old URL");
+    assert_eq!(
+        metric(&b, "triggers_auth_cache_misses_total").await,
+        misses,
+        "b kept the key"
+    );
+}
