@@ -42,19 +42,243 @@ impl Parser {
         body: &[u8],
         f: impl FnOnce(&Body<'_>) -> R,
     ) -> Result<R, JsonError> {
+        self.copy(body, &[]);
+        let mut tape = Tape::null();
+        let first = fill(&mut self.scratch, body.len(), &mut self.buffers, &mut tape);
+        let refused = match first {
+            Ok(()) => return object(&tape, f),
+            Err(e) => e,
+        };
+        drop(tape);
+        // Numbers beyond a 64-bit float's range, which simd-json refuses (valid JSON all the
+        // same; stored and served as received): read as `1e300` in a second copy parsed.
+        self.widened(body, &refused)?;
+        let mut tape = Tape::null();
+        fill(&mut self.scratch, body.len(), &mut self.buffers, &mut tape)
+            .map_err(|e| JsonError::Invalid(describe(&e, body)))?;
+        object(&tape, f)
+    }
+
+    /// `body` into the scratch copy simd-json parses (and unescapes in place), its `wide`
+    /// numbers read as [`WIDE_AS`], padded as simd-json needs.
+    fn copy(&mut self, body: &[u8], wide: &[Range<usize>]) {
         self.scratch.clear();
         self.scratch.extend_from_slice(body);
+        for r in wide {
+            let sign = usize::from(self.scratch[r.start] == b'-');
+            let token = &mut self.scratch[r.start + sign..r.end];
+            token.fill(b' ');
+            token[..WIDE_AS.len()].copy_from_slice(WIDE_AS);
+        }
         self.scratch
             .resize(body.len() + simd_json::INPUT_PADDING, 0);
-        let mut tape = Tape::null();
-        simd_json::fill_tape_padded(&mut self.scratch, body.len(), &mut self.buffers, &mut tape)
-            .map_err(|e| JsonError::Invalid(describe(&e, body)))?;
-        let nodes = &tape.0;
-        match nodes.first() {
-            Some(Node::Object { .. }) => Ok(f(&Body { nodes })),
-            _ => Err(JsonError::NotAnObject),
+    }
+
+    /// For a `body` simd-json `refused` for a number: the scratch copy with its numbers too wide
+    /// for a float widened, to be parsed again, or why it is not JSON.
+    #[cold]
+    #[inline(never)]
+    fn widened(&mut self, body: &[u8], refused: &simd_json::Error) -> Result<(), JsonError> {
+        let number = matches!(
+            refused.error(),
+            simd_json::ErrorType::InvalidNumber
+                | simd_json::ErrorType::InvalidExponent
+                | simd_json::ErrorType::Overflow
+        );
+        let wide = if number {
+            wide_numbers(body)
+        } else {
+            Vec::new()
+        };
+        if wide.is_empty() {
+            return Err(JsonError::Invalid(describe(refused, body)));
+        }
+        self.copy(body, &wide);
+        Ok(())
+    }
+}
+
+/// simd-json's parse of `scratch[..len]` onto `tape`: out of line, called from each of
+/// [`Parser::with_object`]'s instances (one per kind of body), twice.
+#[inline(never)]
+fn fill<'de>(
+    scratch: &'de mut [u8],
+    len: usize,
+    buffers: &mut Buffers,
+    tape: &mut Tape<'de>,
+) -> simd_json::Result<()> {
+    simd_json::fill_tape_padded(scratch, len, buffers, tape)
+}
+
+/// `f` of the object a parse left on `tape`, or [`JsonError::NotAnObject`].
+fn object<R>(tape: &Tape<'_>, f: impl FnOnce(&Body<'_>) -> R) -> Result<R, JsonError> {
+    let nodes = &tape.0;
+    match nodes.first() {
+        Some(Node::Object { .. }) => Ok(f(&Body { nodes })),
+        _ => Err(JsonError::NotAnObject),
+    }
+}
+
+/// What a number too wide for a 64-bit float is read as (after its sign): as wide as the shortest
+/// such number (`1e309`), and still a number no field that is validated takes.
+const WIDE_AS: &[u8] = b"1e300";
+
+/// The numbers of `body` (outside its strings, as JSON's grammar has them) whose value is beyond
+/// a 64-bit float's range. Cold: only a body that simd-json refused for a number is scanned.
+#[cold]
+fn wide_numbers(body: &[u8]) -> Vec<Range<usize>> {
+    let mut wide = Vec::new();
+    let mut i = 0;
+    while i < body.len() {
+        match body[i] {
+            b'"' => i = string_end(body, i, |_| {}),
+            b'-' | b'0'..=b'9' => {
+                let end = body[i..]
+                    .iter()
+                    .position(|b| !matches!(b, b'0'..=b'9' | b'-' | b'+' | b'.' | b'e' | b'E'))
+                    .map_or(body.len(), |n| i + n);
+                let token = &body[i..end];
+                let sign = usize::from(token[0] == b'-');
+                if is_number(token)
+                    && magnitude(token) >= WIDE_FROM
+                    && token.len() >= sign + WIDE_AS.len()
+                {
+                    wide.push(i..end);
+                }
+                i = end;
+            }
+            _ => i += 1,
         }
     }
+    wide
+}
+
+/// The decimal magnitude a number at least this wide is taken as too wide for a 64-bit float from
+/// ([`magnitude`]: 1e308 and up; a float's largest is 1.797…e308, and the few finite ones taken
+/// as well are numbers all the same).
+const WIDE_FROM: i64 = 309;
+
+/// The decimal magnitude of `token`, a number ([`is_number`]): the `m` of `0.d… × 10^m` with its
+/// first digit `d` not zero (`i64::MIN` for zero); no float is parsed.
+fn magnitude(token: &[u8]) -> i64 {
+    let token = token.strip_prefix(b"-").unwrap_or(token);
+    let (mantissa, exponent) = match token.iter().position(|b| matches!(b, b'e' | b'E')) {
+        Some(e) => (&token[..e], &token[e + 1..]),
+        None => (token, &b""[..]),
+    };
+    let whole = mantissa
+        .iter()
+        .position(|&b| b == b'.')
+        .unwrap_or(mantissa.len());
+    let Some(first) = mantissa.iter().position(|b| matches!(b, b'1'..=b'9')) else {
+        return i64::MIN;
+    };
+    // Digits before the first one not zero, the point not counted.
+    let zeros = first - usize::from(first > whole);
+    let (negative, digits) = match exponent.split_first() {
+        Some((b'-', rest)) => (true, rest),
+        Some((b'+', rest)) => (false, rest),
+        _ => (false, exponent),
+    };
+    let exp = digits.iter().fold(0i64, |e, d| {
+        e.saturating_mul(10).saturating_add(i64::from(d - b'0'))
+    });
+    let exp = if negative { -exp } else { exp };
+    (whole as i64 - zeros as i64).saturating_add(exp)
+}
+
+/// Whether `token` is a number as JSON's grammar has it: `-`? (`0` | [1-9][0-9]*) (`.`[0-9]+)?
+/// ([eE][+-]?[0-9]+)?
+fn is_number(token: &[u8]) -> bool {
+    let digits = |at: usize| {
+        token[at.min(token.len())..]
+            .iter()
+            .take_while(|b| b.is_ascii_digit())
+            .count()
+    };
+    let mut i = usize::from(token.first() == Some(&b'-'));
+    match digits(i) {
+        0 => return false,
+        n if n > 1 && token[i] == b'0' => return false,
+        n => i += n,
+    }
+    if token.get(i) == Some(&b'.') {
+        match digits(i + 1) {
+            0 => return false,
+            n => i += 1 + n,
+        }
+    }
+    if matches!(token.get(i), Some(b'e' | b'E')) {
+        i += 1;
+        if matches!(token.get(i), Some(b'+' | b'-')) {
+            i += 1;
+        }
+        match digits(i) {
+            0 => return false,
+            n => i += n,
+        }
+    }
+    i == token.len()
+}
+
+/// Where the string that starts at `body[at]` (its opening quote) ends: after its closing quote,
+/// or at the end of `body`. `escape` is given where each `\u` escape in it starts.
+fn string_end(body: &[u8], at: usize, mut escape: impl FnMut(usize)) -> usize {
+    let mut i = at + 1;
+    while i < body.len() {
+        match body[i] {
+            b'"' => return i + 1,
+            b'\\' => {
+                if body.get(i + 1) == Some(&b'u') {
+                    escape(i);
+                }
+                i += 2;
+            }
+            _ => i += 1,
+        }
+    }
+    body.len()
+}
+
+/// Where the first `\u` escape of `body` that is half of a UTF-16 surrogate pair without its other
+/// half starts (a "lone surrogate": no character; I-JSON, RFC 7493, refuses it, as do many
+/// receivers' parsers and PostgreSQL's `jsonb`).
+#[cold]
+fn lone_surrogate(body: &[u8]) -> Option<usize> {
+    let unit = |at: usize| {
+        body.get(at + 2..at + 6).and_then(|h| {
+            h.iter()
+                .try_fold(0u32, |u, &b| char::from(b).to_digit(16).map(|d| u << 4 | d))
+        })
+    };
+    let mut i = 0;
+    while i < body.len() {
+        if body[i] != b'"' {
+            i += 1;
+            continue;
+        }
+        let mut lone = None;
+        // A high half waiting for its low half, which must be the very next escape.
+        let mut high: Option<usize> = None;
+        i = string_end(body, i, |at| {
+            let u = unit(at).unwrap_or(0);
+            match high.take() {
+                // The pair's low half.
+                Some(h) if at == h + 6 && (0xDC00..0xE000).contains(&u) => return,
+                Some(h) => _ = lone.get_or_insert(h),
+                None => {}
+            }
+            match u {
+                0xD800..=0xDBFF => high = Some(at),
+                0xDC00..=0xDFFF => _ = lone.get_or_insert(at),
+                _ => {}
+            }
+        });
+        if let Some(at) = lone.or(high) {
+            return Some(at);
+        }
+    }
+    None
 }
 
 fn describe(e: &simd_json::Error, body: &[u8]) -> String {
@@ -62,6 +286,15 @@ fn describe(e: &simd_json::Error, body: &[u8]) -> String {
         return "request body is empty; a JSON object was expected".into();
     }
     let at = e.index();
+    if matches!(e.error(), simd_json::ErrorType::InvalidUnicodeCodepoint) {
+        // simd-json does not say where (its index is 0).
+        if let Some(at) = lone_surrogate(body) {
+            return format!(
+                "request body is not valid JSON: a \\u escape is half of a UTF-16 surrogate pair \
+                 without the other half (no character) near byte {at}"
+            );
+        }
+    }
     // simd-json reports some syntax errors (a stray control byte, say) as its own "internal"
     // or "parser" error: to the client they are the body's fault, and read so.
     if matches!(
@@ -552,6 +785,122 @@ mod tests {
             invalid(b"  "),
             "request body is empty; a JSON object was expected"
         );
+    }
+
+    #[test]
+    fn numbers_beyond_a_float_are_valid_json_and_read_as_numbers() {
+        let huge = format!("-1{}.0e+0", "0".repeat(400));
+        let body = format!(
+            r#"{{"a":1e400,"b":[{huge},1.7976931348623159e308,7],"s":"1e400 \" 1e400","c":5,"d":-1E999}}"#
+        );
+        let mut p = Parser::default();
+        p.with_object(body.as_bytes(), |b| {
+            assert_eq!(b.get("a"), Some(Field::Number));
+            let items = b.array_items(b.get("b").unwrap());
+            assert_eq!(items, [Field::Number, Field::Number, Field::Int(7)]);
+            assert_eq!(b.get("s"), Some(Field::Str("1e400 \" 1e400")));
+            assert_eq!(b.get("c"), Some(Field::Int(5)));
+            assert_eq!(b.get("d"), Some(Field::Number));
+        })
+        .unwrap();
+        // The parser's state is as good after: the next body reads as itself.
+        p.with_object(br#"{"a":2}"#, |b| {
+            assert_eq!(b.get("a"), Some(Field::Int(2)))
+        })
+        .unwrap();
+        // Not numbers as the grammar has them, or wide numbers in a body wrong elsewhere: invalid.
+        for body in [
+            &br#"{"a":01e400}"#[..],
+            br#"{"a":1e400.5}"#,
+            br#"{"a":1.e400}"#,
+            br#"{"a":+1e400}"#,
+            br#"{"a":1e400,}"#,
+            br#"{"a":1e400 1e400}"#,
+            br#"{"a":[1e400}"#,
+            br#"{"a":"x\ud800","b":1e400}"#,
+        ] {
+            let m = invalid(body);
+            assert!(m.contains("near byte"), "{body:?}: {m}");
+        }
+    }
+
+    #[test]
+    fn a_lone_surrogate_is_found_where_it_is() {
+        assert_eq!(lone_surrogate(br#"{"a":"\ud83d\ude00"}"#), None);
+        assert_eq!(
+            lone_surrogate(br#"{"a":"\\ud800"}"#),
+            None,
+            "an escaped backslash"
+        );
+        assert_eq!(lone_surrogate(br#"{"a":"xy\ud800"}"#), Some(8));
+        assert_eq!(lone_surrogate(br#"{"a":"\udc00\ud800"}"#), Some(6));
+        assert_eq!(lone_surrogate(br#"{"a":"\ud800\u0041"}"#), Some(6));
+        assert_eq!(lone_surrogate(br#"{"a":"\ud800", "b":"\udc00"}"#), Some(6));
+        assert_eq!(lone_surrogate(br#"{"\ud800x":1}"#), Some(2), "a name");
+        assert_eq!(lone_surrogate(b"{\"a\":\"\\ud8"), None, "cut short");
+        let m = invalid(br#"{"a":["\ud83d\ude00","\ud83d"]}"#);
+        assert!(
+            m.contains("surrogate") && m.ends_with("near byte 22"),
+            "{m}"
+        );
+    }
+
+    #[test]
+    fn a_numbers_magnitude_is_read_from_its_text() {
+        for (number, m) in [
+            ("0.5", 0),
+            ("0.05", -1),
+            ("120", 3),
+            ("-1.5e2", 3),
+            ("1e309", 310),
+            ("99e307", 309),
+            ("9e307", 308),
+            ("1.7976931348623157e308", 309),
+            ("0.000123e+5", 2),
+            ("1e-400", -399),
+            ("1e99999999999999999999999", i64::MAX),
+            ("0.0e5", i64::MIN),
+            ("-0", i64::MIN),
+        ] {
+            assert_eq!(magnitude(number.as_bytes()), m, "{number}");
+        }
+        // Long, but within a float's range: read as they are, nothing widened.
+        let long = [
+            format!("0.{}1", "0".repeat(500)),
+            format!("{}e-790", "1".repeat(800)),
+            format!("{}.5", "9".repeat(307)),
+        ];
+        for number in long {
+            let body = format!(r#"{{"n":{number}}}"#);
+            assert!(wide_numbers(body.as_bytes()).is_empty(), "{number}");
+            Parser::default()
+                .with_object(body.as_bytes(), |b| {
+                    assert_eq!(b.get("n"), Some(Field::Number))
+                })
+                .unwrap();
+        }
+    }
+
+    #[test]
+    fn numbers_are_told_by_the_grammar() {
+        for yes in [
+            "0",
+            "-0",
+            "1",
+            "-12",
+            "0.5",
+            "1e5",
+            "1E+5",
+            "-1.25e-300",
+            "10",
+        ] {
+            assert!(is_number(yes.as_bytes()), "{yes}");
+        }
+        for no in [
+            "", "-", "01", "1.", ".5", "1e", "1e+", "+1", "1-2", "1.2.3", "1ee5", "--1",
+        ] {
+            assert!(!is_number(no.as_bytes()), "{no}");
+        }
     }
 
     fn spans(s: &str) -> Vec<&str> {

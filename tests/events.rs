@@ -122,6 +122,93 @@ async fn payload_is_stored_and_served_as_the_bytes_received() {
 }
 
 #[tokio::test]
+async fn numbers_beyond_a_float_are_json_and_a_lone_surrogate_is_refused_where_it_is() {
+    // Valid JSON whose numbers a 64-bit float cannot hold (Python's json.dumps writes 10**400
+    // so): stored and served as received, alone and in a batch. Before, a 400 `invalid_json`.
+    let s = server();
+    let (key, org) = new_org(s.addr, "pro").await;
+    let huge = format!("1{}", "0".repeat(400));
+    let payload = format!(
+        r#"{{"a":1e400, "b":-1.7976931348623159E+308,"c":[{huge}.5e-3],"d":"1e400","e":1e-400}}"#
+    );
+    let json_ct = [
+        ("X-API-Key", key.as_str()),
+        ("Content-Type", "application/json"),
+    ];
+    let body = format!(r#"{{"type":"t","payload":{payload}}}"#);
+    let r = call(
+        s.addr,
+        "POST",
+        "/api/events",
+        &json_ct,
+        Some(body.as_bytes()),
+    )
+    .await;
+    assert_eq!(r.status, 201, "{}", r.text());
+    let id = r.json()["id"].as_str().unwrap().to_string();
+    let text = get(s.addr, &key, &format!("/api/events/{id}")).await.text();
+    assert!(text.contains(&format!("\"payload\":{payload},")), "{text}");
+    let batch = format!(
+        r#"{{"events":[{{"type":"t","payload":{payload}}},{{"type":"t","payload":-9e999}}]}}"#
+    );
+    let r = call(
+        s.addr,
+        "POST",
+        "/api/events/batch",
+        &json_ct,
+        Some(batch.as_bytes()),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let results = r.json()["results"].as_array().unwrap().clone();
+    assert_eq!(results.len(), 2, "{results:?}");
+    for (result, sent) in results.iter().zip([payload.as_str(), "-9e999"]) {
+        assert_eq!(result["status"], 201, "{result}");
+        let id = result["id"].as_str().unwrap();
+        let text = get(s.addr, &key, &format!("/api/events/{id}")).await.text();
+        assert!(text.contains(&format!("\"payload\":{sent},")), "{text}");
+    }
+    // Half of a UTF-16 surrogate pair is no character (I-JSON refuses it, as do many receivers'
+    // parsers): refused, saying where it is (before: "near byte 0"), and nothing stored.
+    for (payload, half) in [
+        (r#"{"s":"ok \ud800 x"}"#, r#"\ud800"#),
+        (r#"["\ud83d\ude00", "\udc00\ud800"]"#, r#"\udc00"#),
+        (r#"{"s":"\ud83d\u0041", "n": 1e400}"#, r#"\ud83d"#),
+    ] {
+        let body = format!(r#"{{"type":"t","payload":{payload}}}"#);
+        let r = call(
+            s.addr,
+            "POST",
+            "/api/events",
+            &json_ct,
+            Some(body.as_bytes()),
+        )
+        .await;
+        assert_eq!(r.status, 400, "{body}: {}", r.text());
+        assert_eq!(error_code(&r), "invalid_json");
+        let at = body.find(half).unwrap();
+        let error = r.json()["error"].as_str().unwrap().to_string();
+        assert!(error.contains("surrogate"), "{error}");
+        assert!(
+            error.ends_with(&format!("near byte {at}")),
+            "{body}: {error}"
+        );
+    }
+    // A wide number is still a number where a field wants one in range.
+    let r = call(
+        s.addr,
+        "POST",
+        "/api/events",
+        &json_ct,
+        Some(br#"{"type":"t","payload":{},"dedup_id":1e400}"#),
+    )
+    .await;
+    assert_eq!(r.status, 422, "{}", r.text());
+    assert_eq!(r.json()["field"], "dedup_id");
+    assert_eq!(count_events(&org).await, 3);
+}
+
+#[tokio::test]
 async fn duplicate_dedup_id_is_409_with_the_first_events_id() {
     let s = server();
     let (key, _) = new_org(s.addr, "pro").await;
