@@ -131,7 +131,7 @@ fn wide_numbers(body: &[u8]) -> Vec<Range<usize>> {
     let mut i = 0;
     while i < body.len() {
         match body[i] {
-            b'"' => i = string_end(body, i, |_| {}),
+            b'"' => i = skip_string(body, i).unwrap_or(body.len()),
             b'-' | b'0'..=b'9' => {
                 let end = body[i..]
                     .iter()
@@ -221,25 +221,6 @@ fn is_number(token: &[u8]) -> bool {
     i == token.len()
 }
 
-/// Where the string that starts at `body[at]` (its opening quote) ends: after its closing quote,
-/// or at the end of `body`. `escape` is given where each `\u` escape in it starts.
-fn string_end(body: &[u8], at: usize, mut escape: impl FnMut(usize)) -> usize {
-    let mut i = at + 1;
-    while i < body.len() {
-        match body[i] {
-            b'"' => return i + 1,
-            b'\\' => {
-                if body.get(i + 1) == Some(&b'u') {
-                    escape(i);
-                }
-                i += 2;
-            }
-            _ => i += 1,
-        }
-    }
-    body.len()
-}
-
 /// Where the first `\u` escape of `body` that is half of a UTF-16 surrogate pair without its other
 /// half starts (a "lone surrogate": no character; I-JSON, RFC 7493, refuses it, as do many
 /// receivers' parsers and PostgreSQL's `jsonb`).
@@ -260,7 +241,7 @@ fn lone_surrogate(body: &[u8]) -> Option<usize> {
         let mut lone = None;
         // A high half waiting for its low half, which must be the very next escape.
         let mut high: Option<usize> = None;
-        i = string_end(body, i, |at| {
+        let end = string_end(body, i, |at| {
             let u = unit(at).unwrap_or(0);
             match high.take() {
                 // The pair's low half.
@@ -277,6 +258,7 @@ fn lone_surrogate(body: &[u8]) -> Option<usize> {
         if let Some(at) = lone.or(high) {
             return Some(at);
         }
+        i = end.unwrap_or(body.len());
     }
     None
 }
@@ -286,6 +268,13 @@ fn describe(e: &simd_json::Error, body: &[u8]) -> String {
         return "request body is empty; a JSON object was expected".into();
     }
     let at = e.index();
+    if matches!(e.error(), simd_json::ErrorType::DepthLimitExceeded) {
+        return format!(
+            "request body nests arrays and objects more than {} deep (the most this server \
+             reads) near byte {at}",
+            simd_json::DEFAULT_MAX_DEPTH
+        );
+    }
     if matches!(e.error(), simd_json::ErrorType::InvalidUnicodeCodepoint) {
         // simd-json does not say where (its index is 0).
         if let Some(at) = lone_surrogate(body) {
@@ -534,13 +523,24 @@ fn skip_ws(json: &[u8], mut i: usize) -> usize {
 
 /// `json[i]` is an opening quote; returns the index after the closing one.
 fn skip_string(json: &[u8], i: usize) -> Option<usize> {
+    string_end(json, i, |_| {})
+}
+
+/// `json[i]` is an opening quote; returns the index after the closing one, and gives `escape`
+/// where each `\u` escape in the string starts.
+fn string_end(json: &[u8], i: usize, mut escape: impl FnMut(usize)) -> Option<usize> {
     if *json.get(i)? != b'"' {
         return None;
     }
     let mut j = i + 1;
     loop {
         match *json.get(j)? {
-            b'\\' => j += 2,
+            b'\\' => {
+                if json.get(j + 1) == Some(&b'u') {
+                    escape(j);
+                }
+                j += 2;
+            }
             b'"' => return Some(j + 1),
             _ => j += 1,
         }
@@ -842,6 +842,20 @@ mod tests {
         assert!(
             m.contains("surrogate") && m.ends_with("near byte 22"),
             "{m}"
+        );
+    }
+
+    #[test]
+    fn nesting_past_the_limit_says_so() {
+        let deep = |n: usize| format!(r#"{{"p":{}1{}}}"#, "[".repeat(n), "]".repeat(n));
+        Parser::default()
+            .with_object(deep(1023).as_bytes(), |_| ())
+            .unwrap();
+        let m = invalid(deep(1024).as_bytes());
+        assert_eq!(
+            m,
+            "request body nests arrays and objects more than 1024 deep (the most this server \
+             reads) near byte 1028"
         );
     }
 
