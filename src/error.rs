@@ -59,6 +59,9 @@ pub enum ApiError {
     },
     /// 415 `unsupported_media_type`.
     UnsupportedMediaType,
+    /// 415 `unsupported_media_type`: the body came with a `Content-Encoding` (gzip, say); with
+    /// `Accept-Encoding: identity`.
+    UnsupportedEncoding,
     /// 503 `unavailable`: the database cannot be reached.
     Unavailable,
     /// 503 `overloaded`: a bounded queue is full.
@@ -121,7 +124,7 @@ impl ApiError {
             ApiError::RequestTimeout(_) => 408,
             ApiError::Duplicate { .. } | ApiError::NoWebhook => 409,
             ApiError::PayloadTooLarge(_) => 413,
-            ApiError::UnsupportedMediaType => 415,
+            ApiError::UnsupportedMediaType | ApiError::UnsupportedEncoding => 415,
             ApiError::Validation { .. } => 422,
             ApiError::RateLimited { .. }
             | ApiError::AuthThrottled { .. }
@@ -149,7 +152,9 @@ impl ApiError {
             | ApiError::KeyOpsLimited { .. } => "rate_limited",
             ApiError::NotFound(_) => "not_found",
             ApiError::MethodNotAllowed { .. } => "method_not_allowed",
-            ApiError::UnsupportedMediaType => "unsupported_media_type",
+            ApiError::UnsupportedMediaType | ApiError::UnsupportedEncoding => {
+                "unsupported_media_type"
+            }
             ApiError::Unavailable | ApiError::ResolverDown | ApiError::ClockOff => "unavailable",
             ApiError::Overloaded(_) => "overloaded",
             ApiError::RequestTimeout(_) => "request_timeout",
@@ -189,6 +194,10 @@ impl ApiError {
                 format!("method not allowed on this path; allowed: {allow}")
             }
             ApiError::UnsupportedMediaType => "Content-Type must be application/json".into(),
+            ApiError::UnsupportedEncoding => "a Content-Encoding (gzip, say) is not taken: send \
+                                              the body as it is, with no Content-Encoding or \
+                                              identity"
+                .into(),
             ApiError::Unavailable => "the database is unavailable; retry shortly".into(),
             ApiError::ResolverDown => "the webhook host could not be looked up now: the DNS \
                                        resolver failed or did not answer; retry shortly"
@@ -234,6 +243,7 @@ impl ApiError {
             | ApiError::ResolverDown
             | ApiError::ClockOff => extra.retry_after_s = Some(RETRY_AFTER_UNAVAILABLE_S),
             ApiError::MethodNotAllowed { allow } => extra.allow = Some(allow),
+            ApiError::UnsupportedEncoding => extra.identity_only = true,
             _ => {}
         }
         let mut reply = Reply::build(self.status(), |out| {

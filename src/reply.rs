@@ -15,6 +15,8 @@ pub struct Extra {
     pub www_authenticate: bool,
     /// `Allow: <methods>` on 405.
     pub allow: Option<&'static str>,
+    /// `Accept-Encoding: identity`: a body must come as it is (RFC 9110, 15.5.16).
+    pub identity_only: bool,
     /// Close the connection after this response.
     pub close: bool,
     /// `Idempotent-Replayed: true`: the answer of an earlier request with the same

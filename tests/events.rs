@@ -327,7 +327,7 @@ async fn validation_errors_name_the_field_and_change_nothing() {
 #[tokio::test]
 async fn invalid_json_and_content_type() {
     let s = server();
-    let (key, _) = new_org(s.addr, "pro").await;
+    let (key, org) = new_org(s.addr, "pro").await;
     let json_ct = [
         ("X-API-Key", key.as_str()),
         ("Content-Type", "application/json"),
@@ -379,6 +379,43 @@ async fn invalid_json_and_content_type() {
         r.status, 201,
         "content type is case-insensitive with parameters"
     );
+    // A body with a Content-Encoding (a client library that gzips, or a label that does not
+    // match the bytes): 415 naming it, with `Accept-Encoding: identity`, and nothing stored.
+    // Before: gzip's bytes were a 400 "not valid JSON: invalid utf8", and plain JSON labelled
+    // gzip was stored (a gateway in front that decodes would have read something else).
+    let before = count_events(&org).await;
+    let event = br#"{"type":"t","payload":1}"#;
+    let gzipped: &[u8] = &[
+        0x1f, 0x8b, 0x08, 0x00, 0x00, 0x00, 0x00, 0x00, 0x02, 0x03, 0xab, 0x56, 0x2a, 0xa9, 0x2c,
+        0x48, 0x55, 0xb2, 0x52, 0x2a, 0x51, 0xd2, 0x51, 0x2a, 0x48, 0xac, 0xcc, 0xc9, 0x4f, 0x4c,
+        0x51, 0xb2, 0x32, 0xac, 0x05, 0x00, 0x3a, 0xa3, 0xd8, 0x62, 0x18, 0x00, 0x00, 0x00,
+    ];
+    for (coding, body) in [
+        ("gzip", gzipped),
+        ("gzip", &event[..]),
+        ("identity, br", &event[..]),
+        ("x-custom", &event[..]),
+    ] {
+        let mut h = json_ct.to_vec();
+        h.push(("Content-Encoding", coding));
+        for path in ["/api/events", "/api/events/batch", "/api/endpoints"] {
+            let r = call(s.addr, "POST", path, &h, Some(body)).await;
+            assert_eq!(r.status, 415, "{coding} {path}: {}", r.text());
+            assert_eq!(error_code(&r), "unsupported_media_type");
+            assert!(r.json()["error"]
+                .as_str()
+                .unwrap()
+                .contains("Content-Encoding"));
+            assert_eq!(r.header("accept-encoding"), Some("identity"));
+        }
+    }
+    assert_eq!(count_events(&org).await, before, "nothing stored");
+    for coding in ["identity", "Identity", ""] {
+        let mut h = json_ct.to_vec();
+        h.push(("Content-Encoding", coding));
+        let r = call(s.addr, "POST", "/api/events", &h, Some(event)).await;
+        assert_eq!(r.status, 201, "{coding:?}: {}", r.text());
+    }
 }
 
 #[tokio::test]

@@ -70,6 +70,8 @@ pub struct Head {
     pub request_id: Option<Bytes>,
     /// `Idempotency-Key`, as sent; checked where it is used (`POST /api/endpoints`).
     pub idempotency_key: Option<Bytes>,
+    /// A `Content-Encoding` other than `identity` was sent: the body is not as it reads.
+    pub encoded: bool,
 }
 
 /// Why a head could not be used.
@@ -166,6 +168,7 @@ pub fn parse_head(buf: &mut BytesMut) -> Result<Parsed, HeadError> {
         (None, None, None, None);
     let (mut traceparent, mut request_id, mut idempotency_key) = (None, None, None);
     let mut hosts = 0u32;
+    let mut encoded = false;
     // The one value of a header that must come at most once.
     let once = |seen: &Option<std::ops::Range<usize>>, repeated: &'static str| match seen {
         Some(_) => Err(HeadError::Bad(repeated)),
@@ -228,6 +231,11 @@ pub fn parse_head(buf: &mut BytesMut) -> Result<Parsed, HeadError> {
             traceparent = Some(offset(h.value));
         } else if name.eq_ignore_ascii_case("x-request-id") {
             request_id = Some(offset(h.value));
+        } else if name.eq_ignore_ascii_case("content-encoding") {
+            encoded |= h.value.split(|&b| b == b',').any(|coding| {
+                let c = coding.trim_ascii();
+                !c.is_empty() && !c.eq_ignore_ascii_case(b"identity")
+            });
         } else if name.eq_ignore_ascii_case("idempotency-key") {
             once(&idempotency_key, "repeated Idempotency-Key header")?;
             idempotency_key = Some(offset(h.value));
@@ -279,6 +287,7 @@ pub fn parse_head(buf: &mut BytesMut) -> Result<Parsed, HeadError> {
         traceparent: traceparent.map(|r| head.slice(r)),
         request_id: request_id.map(|r| head.slice(r)),
         idempotency_key: idempotency_key.map(|r| head.slice(r)),
+        encoded,
     }))
 }
 
@@ -295,6 +304,21 @@ mod tests {
             Ok(Parsed::Complete(h)) => h,
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn a_body_with_a_content_encoding_is_told_apart() {
+        let encoded = |headers: &str| {
+            complete(&format!("POST / HTTP/1.1\r\nHost: x\r\n{headers}\r\n")).encoded
+        };
+        assert!(!encoded(""));
+        assert!(!encoded("Content-Encoding: identity\r\n"));
+        assert!(!encoded("Content-Encoding: IDENTITY , \r\n"));
+        assert!(encoded("Content-Encoding: gzip\r\n"));
+        assert!(encoded("Content-Encoding: identity, br\r\n"));
+        assert!(encoded(
+            "Content-Encoding: identity\r\nContent-Encoding: deflate\r\n"
+        ));
     }
 
     #[test]

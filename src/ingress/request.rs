@@ -37,8 +37,14 @@ pub fn client_addr(peer: IpAddr, head: &Head, trust: bool) -> IpAddr {
 }
 
 /// 415 unless the request says its body is JSON (`application/json` or `application/*+json`,
-/// parameters such as `charset` allowed).
+/// parameters such as `charset` allowed), and as it is: a `Content-Encoding` other than
+/// `identity` (a client library that gzips its bodies) is a 415 too, not the JSON error its bytes
+/// would get (and a body labelled gzip that is plain JSON is not stored as one thing and read by a
+/// gateway in front as another).
 pub fn require_json(req: &Request) -> Result<(), ApiError> {
+    if req.head.encoded {
+        return Err(ApiError::UnsupportedEncoding);
+    }
     let ok = req.head.content_type.as_deref().is_some_and(|ct| {
         let media = ct.split(|&b| b == b';').next().unwrap_or(b"");
         let media = std::str::from_utf8(media)

@@ -99,6 +99,9 @@ pub fn write_reply(out: &mut Vec<u8>, reply: &Reply, keep_alive: bool, date: &[u
         out.extend_from_slice(b"\r\nAllow: ");
         out.extend_from_slice(allow.as_bytes());
     }
+    if reply.extra.identity_only {
+        out.extend_from_slice(b"\r\nAccept-Encoding: identity");
+    }
     if reply.extra.replayed {
         out.extend_from_slice(b"\r\nIdempotent-Replayed: true");
     }
