@@ -6,8 +6,9 @@
 #   bash scripts/fuzz.sh 600        # a long run
 #
 # Targets (fuzz/fuzz_targets/): head (request head, incremental end search), chunked (chunked
-# decoder: limit and split invariance), event_body (event validator), inbox_query (inbox query
-# string and cursor), endpoint_body (endpoint create/patch/recover bodies, event-type patterns),
+# decoder: limit and split invariance), event_body (event validator; the JSON layer against
+# serde_json), inbox_query (inbox query string and cursor), endpoint_body (endpoint
+# create/patch/recover bodies, event-type patterns),
 # batch_body (the batch envelope and its items), values (API key, UUID path segment, RFC 3339
 # time, a receiver's Retry-After), answer (a webhook receiver's answer, as the delivery client
 # reads it: framing, limit and split invariance), config (the arguments and environment an

@@ -135,15 +135,11 @@ async fn numbers_beyond_a_float_are_json_and_a_lone_surrogate_is_refused_where_i
         ("X-API-Key", key.as_str()),
         ("Content-Type", "application/json"),
     ];
+    let post = |path: &'static str, body: Vec<u8>| async move {
+        call(s.addr, "POST", path, &json_ct, Some(&body)).await
+    };
     let body = format!(r#"{{"type":"t","payload":{payload}}}"#);
-    let r = call(
-        s.addr,
-        "POST",
-        "/api/events",
-        &json_ct,
-        Some(body.as_bytes()),
-    )
-    .await;
+    let r = post("/api/events", body.into_bytes()).await;
     assert_eq!(r.status, 201, "{}", r.text());
     let id = r.json()["id"].as_str().unwrap().to_string();
     let text = get(s.addr, &key, &format!("/api/events/{id}")).await.text();
@@ -151,14 +147,7 @@ async fn numbers_beyond_a_float_are_json_and_a_lone_surrogate_is_refused_where_i
     let batch = format!(
         r#"{{"events":[{{"type":"t","payload":{payload}}},{{"type":"t","payload":-9e999}}]}}"#
     );
-    let r = call(
-        s.addr,
-        "POST",
-        "/api/events/batch",
-        &json_ct,
-        Some(batch.as_bytes()),
-    )
-    .await;
+    let r = post("/api/events/batch", batch.into_bytes()).await;
     assert_eq!(r.status, 200, "{}", r.text());
     let results = r.json()["results"].as_array().unwrap().clone();
     assert_eq!(results.len(), 2, "{results:?}");
@@ -176,14 +165,7 @@ async fn numbers_beyond_a_float_are_json_and_a_lone_surrogate_is_refused_where_i
         (r#"{"s":"\ud83d\u0041", "n": 1e400}"#, r#"\ud83d"#),
     ] {
         let body = format!(r#"{{"type":"t","payload":{payload}}}"#);
-        let r = call(
-            s.addr,
-            "POST",
-            "/api/events",
-            &json_ct,
-            Some(body.as_bytes()),
-        )
-        .await;
+        let r = post("/api/events", body.clone().into_bytes()).await;
         assert_eq!(r.status, 400, "{body}: {}", r.text());
         assert_eq!(error_code(&r), "invalid_json");
         let at = body.find(half).unwrap();
@@ -195,12 +177,9 @@ async fn numbers_beyond_a_float_are_json_and_a_lone_surrogate_is_refused_where_i
         );
     }
     // A wide number is still a number where a field wants one in range.
-    let r = call(
-        s.addr,
-        "POST",
+    let r = post(
         "/api/events",
-        &json_ct,
-        Some(br#"{"type":"t","payload":{},"dedup_id":1e400}"#),
+        br#"{"type":"t","payload":{},"dedup_id":1e400}"#.to_vec(),
     )
     .await;
     assert_eq!(r.status, 422, "{}", r.text());
