@@ -3,7 +3,9 @@
 //! In: [`Body`] validates a request body with simd-json (on a padded scratch copy, since simd-json
 //! unescapes strings in place) and reads top-level members from its tape. [`member_value_spans`]
 //! finds where each top-level value sits in the *original* bytes, so an event payload is stored
-//! and served as the exact bytes that arrived: validated, never re-serialized.
+//! and served as the exact bytes that arrived: validated, never re-serialized. A number too wide
+//! for simd-json's 64-bit floats (`1e400`) is JSON all the same: such a body is parsed again with
+//! those numbers read as `1e300`.
 //!
 //! Out: [`Obj`] writes an object straight into a response buffer.
 
@@ -153,9 +155,9 @@ fn wide_numbers(body: &[u8]) -> Vec<Range<usize>> {
     wide
 }
 
-/// The decimal magnitude a number at least this wide is taken as too wide for a 64-bit float from
-/// ([`magnitude`]: 1e308 and up; a float's largest is 1.797…e308, and the few finite ones taken
-/// as well are numbers all the same).
+/// The decimal [`magnitude`] from which a number is taken as too wide for a 64-bit float: 1e308
+/// and up (a float's largest is 1.797…e308; the few finite ones taken too read as numbers all the
+/// same).
 const WIDE_FROM: i64 = 309;
 
 /// The decimal magnitude of `token`, a number ([`is_number`]): the `m` of `0.d… × 10^m` with its
