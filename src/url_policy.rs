@@ -35,6 +35,17 @@ pub fn parse_url(text: &str) -> Result<WebhookUrl, String> {
             "webhook_url must be at most {URL_CHARS_MAX} characters"
         ));
     }
+    // A URL as a browser shows it (`https://bücher.example/ü`) is one a browser has not yet
+    // encoded: IDNA and percent-encoding are the sender's to apply (IDNA needs Unicode tables
+    // this binary does not carry), so say what to do, not only that it is not a URL.
+    if !text.is_ascii() {
+        return Err(
+            "webhook_url has characters outside ASCII: write an internationalized host \
+                    name in its ASCII form (xn--…, as IDNA has it) and percent-encode the rest \
+                    (%C3%BC for ü)"
+                .into(),
+        );
+    }
     let uri: http::Uri = text
         .parse()
         .map_err(|_| "webhook_url is not a valid absolute URL".to_string())?;
@@ -284,6 +295,19 @@ mod tests {
             assert!(e.contains("1 to 65535"), "{port}: {e}");
         }
         assert_eq!(parse_url("http://127.0.0.1:65535/").unwrap().port, 65535);
+        for unicode in [
+            "https://bücher.example/x",
+            "https://example.com/ü",
+            "https://例え.jp/",
+        ] {
+            let e = parse_url(unicode).unwrap_err();
+            assert!(
+                e.contains("outside ASCII") && e.contains("xn--"),
+                "{unicode}: {e}"
+            );
+        }
+        let encoded = parse_url("https://xn--bcher-kva.example/%C3%BC").unwrap();
+        assert_eq!(encoded.host, "xn--bcher-kva.example");
     }
 
     #[test]

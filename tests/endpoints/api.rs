@@ -84,9 +84,11 @@ async fn the_endpoints_api_creates_reads_changes_and_deletes() {
     );
 
     // Shape checks: 422 naming the field, nothing created.
-    let bad: [(Value, &str); 11] = [
+    let bad: [(Value, &str); 13] = [
         (json!({}), "url"),
         (json!({"url": "ftp://x/"}), "url"),
+        // As a browser shows it: the message says to send the ASCII form (xn--…).
+        (json!({"url": "https://bücher.example/"}), "url"),
         (json!({"url": 7}), "url"),
         (
             json!({"url": "http://127.0.0.1:9/", "event_types": []}),
@@ -120,11 +122,31 @@ async fn the_endpoints_api_creates_reads_changes_and_deletes() {
             json!({"url": "http://127.0.0.1:9/", "rate_limit_per_second": 1.5}),
             "rate_limit_per_second",
         ),
+        // A number too wide for a float is JSON, and out of range here.
+        (
+            json!({"url": "http://127.0.0.1:9/", "rate_limit_per_second": "WIDE"}),
+            "rate_limit_per_second",
+        ),
     ];
     for (body, field) in bad {
-        let r = post(s.addr, &key, "/api/endpoints", &body).await;
-        assert_eq!(r.status, 422, "{body}: {}", r.text());
-        assert_eq!(r.json()["field"], field, "{body}");
+        let text = body.to_string().replace(r#""WIDE""#, "1e400");
+        let r = call(
+            s.addr,
+            "POST",
+            "/api/endpoints",
+            &[("X-API-Key", &key), ("Content-Type", "application/json")],
+            Some(text.as_bytes()),
+        )
+        .await;
+        assert_eq!(r.status, 422, "{text}: {}", r.text());
+        assert_eq!(r.json()["field"], field, "{text}");
+        if text.contains("bücher") {
+            let error = r.json()["error"].as_str().unwrap().to_string();
+            assert!(
+                error.starts_with("url has characters outside ASCII") && error.contains("xn--"),
+                "{error}"
+            );
+        }
     }
     let r = patch(s.addr, &key, &format!("/api/endpoints/{id}"), &json!({})).await;
     assert_eq!(r.status, 422);
