@@ -1023,13 +1023,18 @@ pub async fn get(addr: SocketAddr, key: &str, path: &str) -> Response {
 
 /// POST JSON with an API key.
 pub async fn post(addr: SocketAddr, key: &str, path: &str, body: &Value) -> Response {
-    let body = serde_json::to_vec(body).unwrap();
+    post_text(addr, key, path, &serde_json::to_vec(body).unwrap()).await
+}
+
+/// POST a JSON body given as its text (which `serde_json` could not write: `1e400`, say), with an
+/// API key.
+pub async fn post_text(addr: SocketAddr, key: &str, path: &str, body: &[u8]) -> Response {
     call(
         addr,
         "POST",
         path,
         &[("X-API-Key", key), ("Content-Type", "application/json")],
-        Some(&body),
+        Some(body),
     )
     .await
 }

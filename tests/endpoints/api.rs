@@ -130,14 +130,7 @@ async fn the_endpoints_api_creates_reads_changes_and_deletes() {
     ];
     for (body, field) in bad {
         let text = body.to_string().replace(r#""WIDE""#, "1e400");
-        let r = call(
-            s.addr,
-            "POST",
-            "/api/endpoints",
-            &[("X-API-Key", &key), ("Content-Type", "application/json")],
-            Some(text.as_bytes()),
-        )
-        .await;
+        let r = post_text(s.addr, &key, "/api/endpoints", text.as_bytes()).await;
         assert_eq!(r.status, 422, "{text}: {}", r.text());
         assert_eq!(r.json()["field"], field, "{text}");
         if text.contains("bücher") {
