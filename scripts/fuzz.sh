@@ -31,6 +31,26 @@ if ! command -v cargo-fuzz >/dev/null 2>&1; then
   cargo install -q cargo-fuzz --locked >&2
 fi
 targets=(head chunked event_body inbox_query endpoint_body batch_body values answer config certificate)
+# fuzz/Cargo.lock is committed and holds the server's own versions (Cargo.lock) of every crate the
+# two share, so what is fuzzed is what ships: refuse a lock that needs changing or has drifted.
+# After a dependency update: cp Cargo.lock fuzz/Cargo.lock && (cd fuzz && cargo +nightly fetch).
+(cd fuzz && cargo +nightly fetch --locked -q) || {
+  echo "fuzz: fuzz/Cargo.lock needs updating (see the comment above this line in scripts/fuzz.sh)" >&2
+  exit 1
+}
+drift=$(awk '
+  FNR == 1 || /^\[\[package\]\]/ { name = "" }
+  /^name = / { name = $3 }
+  /^version = / && name != "" { if (FILENAME == ARGV[1]) main[name "@" $3] = 1; else fuzz[name "@" $3] = 1 }
+  END {
+    for (k in main) { split(k, a, "@"); names[a[1]] = 1 }
+    for (k in fuzz) { split(k, a, "@"); if ((a[1] in names) && !(k in main)) print k }
+  }' Cargo.lock fuzz/Cargo.lock | tr -d '"' | sort)
+if [ -n "$drift" ]; then
+  echo "fuzz: fuzz/Cargo.lock has versions the server's Cargo.lock does not:" $drift >&2
+  echo "fuzz: cp Cargo.lock fuzz/Cargo.lock && (cd fuzz && cargo +nightly fetch)" >&2
+  exit 1
+fi
 echo "fuzz: building ${#targets[@]} targets" >&2
 # Optimized, with debug assertions and overflow checks (-a): an arithmetic overflow is a crash.
 (cd fuzz && cargo +nightly fuzz build -O -a >&2)
